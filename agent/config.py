@@ -1,0 +1,374 @@
+"""Typed, strict station configuration loaded from firmware-config/ YAML.
+
+A device file names a shared defaults file with ``extends:``; the two are deep
+merged (device wins) and validated as one ``AgentConfig``. Unknown keys are
+errors, so a typo never silently falls back to a default. Secrets never live in
+the YAML: the MQTT password comes from an environment variable or a file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; the message names the file and the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Roi(_Strict):
+    x: int = Field(0, ge=0, title="Left", description="Left edge of the region of interest, in pixels.")
+    y: int = Field(0, ge=0, title="Top", description="Top edge of the region of interest, in pixels.")
+    width: int = Field(..., gt=0, title="Width", description="Width of the region of interest, in pixels.")
+    height: int = Field(..., gt=0, title="Height", description="Height of the region of interest, in pixels.")
+
+
+class Thresholds(_Strict):
+    min_confidence: float | None = Field(
+        None, ge=0, le=1, title="Minimum confidence",
+        description="A frame whose top-1 probability is below this is low-confidence. None: the bundle's value.",
+    )
+    min_margin: float | None = Field(
+        None, ge=0, le=1, title="Minimum margin",
+        description="A frame whose top-1 minus top-2 probability is below this is low-confidence.",
+    )
+    max_entropy: float | None = Field(
+        None, ge=0, title="Maximum entropy",
+        description="A frame whose softmax entropy (natural log) is above this is low-confidence.",
+    )
+
+
+class Backoff(_Strict):
+    initial_s: float = Field(0.5, gt=0, title="Initial delay", description="First wait before a retry, seconds.")
+    max_s: float = Field(30.0, gt=0, title="Maximum delay", description="Cap of the exponential backoff, seconds.")
+    factor: float = Field(2.0, ge=1, title="Factor", description="Each failed retry multiplies the delay by this.")
+
+
+class CameraConfig(_Strict):
+    id: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$", title="Camera id",
+                    description="Short unique name, used in topics, payloads and metrics.")
+    uri: str = Field(..., min_length=1, title="Source URI", description=(
+        "file:///path.mp4 or a plain path (video), a folder of images, v4l2:///dev/video0, usb://0 or a bare "
+        "integer, rtsp://..., csi://0 (Jetson GStreamer nvarguscamerasrc), or gst://<pipeline>."))
+    loop: bool = Field(False, title="Loop", description="File and folder sources: start again at the end.")
+    fps: float | None = Field(None, gt=0, title="Target frame rate",
+                              description="Frames per second handed to the model; None: as fast as the source.")
+    roi: Roi | None = Field(None, title="Region of interest", description="Crop applied to every frame.")
+    queue_size: int = Field(2, ge=1, le=256, title="Queue size",
+                            description="Bounded frame queue; when full, the oldest frame is dropped and counted.")
+    backpressure: Literal["drop_oldest", "block"] = Field(
+        "drop_oldest", title="Backpressure",
+        description="drop_oldest: latest-frame semantics for live cameras; block: file sources wait (no drops).",
+    )
+    stall_timeout_s: float = Field(5.0, gt=0, title="Stall timeout",
+                                   description="No frame for this long: the watchdog reconnects the camera.")
+    reconnect: Backoff = Field(default_factory=Backoff, title="Reconnect backoff",
+                               description="Backoff between reconnect attempts of a lost camera.")
+    thresholds: Thresholds = Field(default_factory=Thresholds, title="Threshold overrides",
+                                   description="Per-camera low-confidence thresholds; unset ones come from the bundle.")
+    width: int | None = Field(None, gt=0, title="Capture width", description="Requested capture width (live cameras).")
+    height: int | None = Field(None, gt=0, title="Capture height", description="Requested capture height.")
+
+
+class ModelConfig(_Strict):
+    bundle: Path = Field(..., title="Bundle", description="Model bundle folder (or its manifest.json).")
+    public_key: Path | None = Field(None, title="Public key",
+                                    description="ed25519 public key; when set, unsigned bundles are refused.")
+    backend: Literal["auto", "onnxruntime", "tensorrt"] = Field(
+        "auto", title="Backend", description="auto: a deployable TensorRT engine when tensorrt is importable, else ONNX Runtime.")
+    prefer_int8: bool = Field(True, title="Prefer INT8", description="Run the INT8 ONNX model when the manifest marks it deployable.")
+    providers: list[Literal["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]] = Field(
+        default_factory=lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+        min_length=1, title="ONNX Runtime providers",
+        description="Preference order; the ones this onnxruntime build has are used.")
+    batch_size: int = Field(8, ge=1, le=256, title="Batch size", description="Most frames per inference call, across cameras.")
+    batch_timeout_ms: float = Field(5.0, ge=0, title="Batch timeout",
+                                    description="How long to wait for a batch to fill once one frame is ready, ms.")
+    intra_op_threads: int = Field(0, ge=0, title="Intra-op threads", description="ONNX Runtime threads; 0: its default.")
+    warmup_runs: int = Field(2, ge=0, title="Warm-up runs", description="Inference runs before the station reports ready.")
+    download_dir: Path = Field(Path("/tmp/agent-bundles"), title="Download folder",
+                               description="Where bundles named by a cmd/model URL are fetched to.")
+
+
+class TlsConfig(_Strict):
+    ca_file: Path | None = Field(None, title="CA file", description="CA certificate(s) that signed the broker's cert.")
+    cert_file: Path | None = Field(None, title="Client certificate", description="Client certificate for mutual TLS.")
+    key_file: Path | None = Field(None, title="Client key", description="Client private key file (a path, never the key).")
+    insecure: bool = Field(False, title="Skip hostname check", description="Do not check the broker's hostname. Lab use only.")
+
+    @model_validator(mode="after")
+    def _pair(self) -> "TlsConfig":
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file must be given together")
+        return self
+
+
+class MqttConfig(_Strict):
+    host: str = Field("127.0.0.1", title="Broker host", description="MQTT broker host name or address.")
+    port: int = Field(1883, ge=1, le=65535, title="Broker port", description="1883 plain, 8883 usually TLS.")
+    protocol: Literal["auto", "v5", "v311"] = Field(
+        "auto", title="Protocol", description="auto: MQTT v5, falling back to 3.1.1 when the broker refuses v5.")
+    client_id: str | None = Field(None, title="Client id", description="None: agent-<site>-<station>.")
+    keepalive_s: int = Field(30, ge=5, title="Keepalive", description="MQTT keepalive, seconds.")
+    username: str | None = Field(None, title="User name", description="MQTT user name.")
+    password_env: str | None = Field(None, title="Password variable", description="Environment variable holding the password.")
+    password_file: Path | None = Field(None, title="Password file", description="File holding the password (first line).")
+    tls: TlsConfig | None = Field(None, title="TLS", description="Enables TLS when set.")
+    topic_root: str | None = Field(None, title="Topic root", description="None: inventory/<site>/<station>.")
+    reconnect: Backoff = Field(default_factory=Backoff, title="Reconnect backoff", description="Backoff between connect attempts.")
+    max_inflight: int = Field(64, ge=1, le=1000, title="In-flight window", description="QoS 1 messages awaiting PUBACK at once.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_inline_secret(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "password" in data:
+            raise ValueError("password: secrets are not allowed in the YAML; use password_env or password_file")
+        return data
+
+    @model_validator(mode="after")
+    def _one_password_source(self) -> "MqttConfig":
+        if self.password_env and self.password_file:
+            raise ValueError("give password_env or password_file, not both")
+        return self
+
+    def password(self) -> str | None:
+        """The password from its variable or file, read when connecting (never stored in config)."""
+        if self.password_env:
+            value = os.environ.get(self.password_env)
+            if value is None:
+                raise ConfigError(f"mqtt.password_env: environment variable {self.password_env} is not set")
+            return value
+        if self.password_file:
+            try:
+                return self.password_file.read_text().splitlines()[0] if self.password_file.stat().st_size else ""
+            except OSError as exc:
+                raise ConfigError(f"{self.password_file}: mqtt.password_file cannot be read ({exc.strerror})") from exc
+        return None
+
+
+class OutboxConfig(_Strict):
+    path: Path = Field(Path("/var/lib/inventory-agent/outbox.sqlite"), title="Database file",
+                       description="SQLite file of the durable outbox.")
+    max_bytes: int = Field(256 * 1024 * 1024, ge=1024, title="Byte quota",
+                           description="Above this, frames then oldest messages are dropped and counted.")
+    max_age_s: float = Field(7 * 24 * 3600.0, gt=0, title="Age quota", description="Messages older than this are dropped and counted.")
+    synchronous: Literal["normal", "full"] = Field(
+        "normal", title="SQLite synchronous",
+        description="normal: survives process crash (kill -9); full: also power loss, slower.")
+
+
+class PresenceConfig(_Strict):
+    mode: Literal["off", "empty_class", "background", "both"] = Field(
+        "off", title="Presence detection",
+        description="How an item entering/leaving is seen: an 'empty' class, background difference, or both.")
+    empty_class: str | None = Field(None, title="Empty class", description="Label meaning no item in view.")
+    background_threshold: float = Field(12.0, gt=0, title="Background threshold",
+                                        description="Mean absolute gray difference (0..255) from the background meaning an item.")
+    background_alpha: float = Field(0.05, gt=0, le=1, title="Background learning rate",
+                                    description="How fast the background follows an empty scene.")
+    min_frames: int = Field(2, ge=1, title="Minimum frames", description="Frames an item must be seen to count as an item.")
+    gap_frames: int = Field(2, ge=1, title="Gap frames", description="Empty frames that end an item.")
+    max_frames: int = Field(300, ge=1, title="Maximum frames", description="An item seen longer is decided anyway.")
+
+    @model_validator(mode="after")
+    def _empty_class_needed(self) -> "PresenceConfig":
+        if self.mode in ("empty_class", "both") and not self.empty_class:
+            raise ValueError(f"empty_class: required when mode is {self.mode!r}")
+        return self
+
+
+class SortingConfig(_Strict):
+    lanes: dict[str, str] = Field(default_factory=dict, title="Lanes by label", description="Label -> sort lane/bin.")
+    default_lane: str = Field("default", title="Default lane", description="Lane for labels not listed.")
+    review_lane: str = Field("manual-review", title="Review lane", description="Lane for items decided with low confidence.")
+    min_agreement: float = Field(0.5, ge=0, le=1, title="Minimum agreement",
+                                 description="Share of an item's frames that must agree with its decision, else review.")
+
+
+class QcConfig(_Strict):
+    defect_classes: list[str] = Field(default_factory=list, title="Defect classes", description="Labels that raise an alert.")
+    min_confidence: float = Field(0.5, ge=0, le=1, title="Alert confidence", description="Minimum probability of a defect to alert.")
+    cooldown_s: float = Field(10.0, ge=0, title="Cooldown", description="Per camera and label, at most one frame alert in this time.")
+
+
+class DecisionsConfig(_Strict):
+    top_k: int = Field(3, ge=1, le=20, title="Top-k", description="Classes reported per result.")
+    presence: PresenceConfig = Field(default_factory=PresenceConfig, title="Presence", description="Item presence.")
+    sorting: SortingConfig = Field(default_factory=SortingConfig, title="Sorting", description="Lane mapping.")
+    qc: QcConfig = Field(default_factory=QcConfig, title="QC", description="Defect alerts.")
+    publish_results: bool = Field(True, title="Publish results", description="Publish every per-frame result.")
+
+
+class FramesConfig(_Strict):
+    enabled: bool = Field(True, title="Upload frames", description="Send low-confidence frames back for retraining.")
+    jpeg_quality: int = Field(90, ge=10, le=100, title="JPEG quality", description="Encoder quality 10..100.")
+    crop_roi: bool = Field(True, title="Crop to ROI", description="Send the ROI crop (True) or the full frame.")
+    min_interval_s: float = Field(2.0, ge=0, title="Rate limit", description="Per camera, at most one frame per this many seconds.")
+    dedupe_bits: int = Field(6, ge=0, le=64, title="Duplicate distance",
+                             description="dHash Hamming distance at or below which a frame counts as a near-duplicate.")
+    dedupe_window: int = Field(32, ge=0, title="Duplicate memory", description="Recent hashes per camera compared against.")
+
+
+class HealthConfig(_Strict):
+    stats_interval_s: float = Field(10.0, gt=0, title="Stats interval", description="Seconds between stats messages.")
+    prometheus_port: int | None = Field(None, ge=0, le=65535, title="Prometheus port",
+                                        description="Serve /metrics on this port; None: off; 0: any free port.")
+    prometheus_host: str = Field("127.0.0.1", title="Prometheus address", description="Address the endpoint binds to.")
+    latency_window: int = Field(2048, ge=16, title="Latency window", description="Recent samples used for percentiles.")
+
+
+class AgentConfig(_Strict):
+    site: str = Field(..., pattern=r"^[A-Za-z0-9_-]+$", title="Site", description="Warehouse site id.")
+    station: str = Field(..., pattern=r"^[A-Za-z0-9_-]+$", title="Station", description="Station id, unique per site.")
+    role: Literal["receiving", "sorting", "qc"] = Field("receiving", title="Role", description="What this station does.")
+    model: ModelConfig = Field(..., title="Model", description="Bundle and backend.")
+    cameras: list[CameraConfig] = Field(..., min_length=1, title="Cameras", description="One or more camera sources.")
+    mqtt: MqttConfig = Field(default_factory=MqttConfig, title="MQTT", description="Broker connection.")
+    outbox: OutboxConfig = Field(default_factory=OutboxConfig, title="Outbox", description="Durable queue.")
+    decisions: DecisionsConfig = Field(default_factory=DecisionsConfig, title="Decisions", description="Per-item logic.")
+    frames: FramesConfig = Field(default_factory=FramesConfig, title="Frames", description="Low-confidence uploads.")
+    health: HealthConfig = Field(default_factory=HealthConfig, title="Health", description="Stats and metrics.")
+    shutdown_flush_s: float = Field(5.0, ge=0, title="Shutdown flush", description="On SIGTERM, time allowed to drain the outbox.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", title="Log level", description="Root log level.")
+
+    @field_validator("cameras")
+    @classmethod
+    def _unique_ids(cls, cameras: list[CameraConfig]) -> list[CameraConfig]:
+        ids = [c.id for c in cameras]
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise ValueError(f"camera ids must be unique, repeated: {', '.join(dupes)}")
+        return cameras
+
+    @property
+    def topic_root(self) -> str:
+        return self.mqtt.topic_root or f"inventory/{self.site}/{self.station}"
+
+    @property
+    def client_id(self) -> str:
+        return self.mqtt.client_id or f"agent-{self.site}-{self.station}"
+
+
+# ---------------------------------------------------------------- loading
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Mappings merge key by key; anything else (lists included) is replaced by ``over``."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _resolve_paths(data: dict[str, Any], base_dir: Path) -> dict[str, Any]:
+    """Relative file paths in a layer are relative to that layer's file, not the working dir."""
+    pairs = [("model", "bundle"), ("model", "public_key"), ("model", "download_dir"),
+             ("outbox", "path"), ("mqtt", "password_file")]
+    out = dict(data)
+    for section, key in pairs:
+        block = out.get(section)
+        if isinstance(block, dict) and isinstance(block.get(key), str) and not Path(block[key]).is_absolute():
+            out[section] = {**block, key: str(base_dir / block[key])}
+    tls = out.get("mqtt", {}).get("tls") if isinstance(out.get("mqtt"), dict) else None
+    if isinstance(tls, dict):
+        fixed = {k: str(base_dir / v) if k.endswith("_file") and isinstance(v, str) and not Path(v).is_absolute() else v
+                 for k, v in tls.items()}
+        out["mqtt"] = {**out["mqtt"], "tls": fixed}
+    return out
+
+
+def load_layers(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The merged raw mapping of a file and the files it ``extends`` (paths relative to each file)."""
+    path = Path(path).resolve()
+    if path in _seen:
+        raise ConfigError(f"{path}: extends itself (cycle: {' -> '.join(map(str, _seen + (path,)))})")
+    data = _read_yaml(path)
+    parents = data.pop("extends", None)
+    if isinstance(parents, str):
+        parents = [parents]
+    if parents is not None and not (isinstance(parents, list) and all(isinstance(p, str) for p in parents)):
+        raise ConfigError(f"{path}: field extends: expected a path or a list of paths")
+    merged: dict[str, Any] = {}
+    for parent in parents or []:
+        merged = deep_merge(merged, load_layers(path.parent / parent, _seen + (path,)))
+    return deep_merge(merged, _resolve_paths(data, path.parent))
+
+
+def format_errors(path: Path, exc: ValidationError) -> list[str]:
+    """One line per problem: file, dotted field path, what was expected."""
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        got = err.get("input")
+        got_text = "" if isinstance(got, dict) or err["type"] == "missing" else f" (got {got!r})"
+        lines.append(f"{path}: field {where}: {err['msg']}{got_text}")
+    return lines
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> AgentConfig:
+    """Load, merge and validate a device config; raise ConfigError listing every problem."""
+    path = Path(path)
+    data = deep_merge(load_layers(path), overrides or {})
+    try:
+        return AgentConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError("\n".join(format_errors(path, exc))) from exc
+
+
+def is_defaults_layer(path: str | Path) -> bool:
+    """A shared defaults file: it does not name cameras and extends nothing, so it is only partly checkable."""
+    data = _read_yaml(Path(path))
+    return "cameras" not in data and "extends" not in data
+
+
+def validate_layer(path: str | Path) -> list[str]:
+    """Check a defaults file: every key it has must be a known section with valid values."""
+    path = Path(path)
+    data = _resolve_paths(_read_yaml(path), path.parent)
+    problems: list[str] = []
+    fields = AgentConfig.model_fields
+    for key, value in data.items():
+        if key not in fields:
+            problems.append(f"{path}: field {key}: unknown key (expected one of {', '.join(fields)})")
+            continue
+        try:
+            TypeAdapter(fields[key].annotation).validate_python(value)
+        except ValidationError as exc:
+            problems.extend(line.replace(f"{path}: field ", f"{path}: field {key}.", 1) for line in format_errors(path, exc))
+    return problems
+
+
+def validate_file(path: str | Path) -> list[str]:
+    """Problems of one file (empty list: valid). Device files are merged with what they extend."""
+    path = Path(path)
+    try:
+        if is_defaults_layer(path):
+            return validate_layer(path)
+        load_config(path)
+    except ConfigError as exc:
+        return str(exc).splitlines()
+    return []

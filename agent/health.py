@@ -1,0 +1,162 @@
+"""Counters, gauges and latency windows; the stats payload and a Prometheus endpoint.
+
+One ``Metrics`` object is shared by all threads; every update takes a short lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+Labels = tuple[tuple[str, str], ...]
+STAGES = ("queue", "preprocess", "inference", "decide", "publish", "capture_to_ack")
+
+
+class Metrics:
+    def __init__(self, window: int = 2048) -> None:
+        self._lock = threading.Lock()
+        self._counters: dict[tuple[str, Labels], float] = {}
+        self._gauges: dict[tuple[str, Labels], float] = {}
+        self._latency: dict[str, deque[float]] = {}
+        self._window = window
+        self._rate_base: tuple[float, dict[str, float]] = (time.monotonic(), {})
+        self.info: dict[str, str] = {}
+
+    def inc(self, name: str, value: float = 1.0, **labels: str) -> None:
+        key = (name, tuple(sorted(labels.items())))
+        with self._lock:
+            self._counters[key] = self._counters.get(key, 0.0) + value
+
+    def set(self, name: str, value: float, **labels: str) -> None:
+        with self._lock:
+            self._gauges[(name, tuple(sorted(labels.items())))] = float(value)
+
+    def observe(self, stage: str, seconds: float) -> None:
+        with self._lock:
+            self._latency.setdefault(stage, deque(maxlen=self._window)).append(seconds)
+
+    def counter(self, name: str, **labels: str) -> float:
+        with self._lock:
+            return self._counters.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    def counters_by(self, name: str, label: str) -> dict[str, float]:
+        with self._lock:
+            return {dict(k[1]).get(label, ""): v for k, v in self._counters.items() if k[0] == name}
+
+    def gauges_by(self, name: str, label: str) -> dict[str, float]:
+        with self._lock:
+            return {dict(k[1]).get(label, ""): v for k, v in self._gauges.items() if k[0] == name}
+
+    def percentiles(self, stage: str) -> dict[str, float] | None:
+        with self._lock:
+            values = list(self._latency.get(stage, ()))
+        if not values:
+            return None
+        p50, p95, p99 = np.percentile(np.asarray(values) * 1000.0, [50, 95, 99])
+        return {"p50_ms": round(float(p50), 3), "p95_ms": round(float(p95), 3), "p99_ms": round(float(p99), 3),
+                "n": len(values)}
+
+    def fps(self) -> dict[str, float]:
+        """Frames/s per camera since the previous call."""
+        now = time.monotonic()
+        counts = self.counters_by("frames_captured_total", "camera")
+        then, before = self._rate_base
+        self._rate_base = (now, counts)
+        span = max(now - then, 1e-6)
+        return {cam: round((n - before.get(cam, 0.0)) / span, 2) for cam, n in counts.items()}
+
+    def snapshot(self) -> dict[str, Any]:
+        """The body of a stats message (schema agent/schemas/mqtt/stats.v1.json)."""
+        classified = sum(self.counters_by("frames_classified_total", "camera").values())
+        low = sum(self.counters_by("frames_low_confidence_total", "camera").values())
+        return {
+            "fps": self.fps(),
+            "frames_captured": self.counters_by("frames_captured_total", "camera"),
+            "frames_dropped": self.counters_by("frames_dropped_total", "camera"),
+            "camera_reconnects": self.counters_by("camera_reconnects_total", "camera"),
+            "latency": {s: p for s in STAGES if (p := self.percentiles(s)) is not None},
+            "queue_depths": {k: int(v) for k, v in self.gauges_by("queue_depth", "queue").items()},
+            "outbox": {"depth": int(self._gauge("outbox_depth")), "bytes": int(self._gauge("outbox_bytes")),
+                       "dropped": self.counters_by("outbox_dropped_total", "reason")},
+            "low_confidence_rate": round(low / classified, 4) if classified else 0.0,
+            "frames_uploaded": int(sum(self.counters_by("frames_uploaded_total", "camera").values())),
+            "model_version": self.info.get("model_version", ""),
+        }
+
+    def _gauge(self, name: str) -> float:
+        with self._lock:
+            return self._gauges.get((name, ()), 0.0)
+
+    def prometheus_text(self) -> str:
+        """Prometheus exposition format (text 0.0.4)."""
+        lines: list[str] = []
+        with self._lock:
+            counters = dict(self._counters)
+            gauges = dict(self._gauges)
+        for kind, table in (("counter", counters), ("gauge", gauges)):
+            for name in sorted({k[0] for k in table}):
+                metric = f"agent_{name}"
+                lines.append(f"# TYPE {metric} {kind}")
+                for (n, labels), value in sorted(table.items()):
+                    if n == name:
+                        lines.append(f"{metric}{_labels(labels)} {value:g}")
+        lines.append("# TYPE agent_latency_seconds summary")
+        for stage in STAGES:
+            p = self.percentiles(stage)
+            if p:
+                for q, key in (("0.5", "p50_ms"), ("0.95", "p95_ms"), ("0.99", "p99_ms")):
+                    lines.append(f'agent_latency_seconds{{stage="{stage}",quantile="{q}"}} {p[key] / 1000.0:g}')
+        info = {"model_version": self.info.get("model_version", ""), "model_name": self.info.get("model_name", "")}
+        lines.append("# TYPE agent_model_info gauge")
+        lines.append(f"agent_model_info{_labels(tuple(sorted(info.items())))} 1")
+        return "\n".join(lines) + "\n"
+
+
+def _labels(labels: Labels) -> str:
+    if not labels:
+        return ""
+    body = ",".join(f'{k}="{str(v).replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"' for k, v in labels)
+    return "{" + body + "}"
+
+
+class PrometheusServer:
+    """/metrics over http.server in a daemon thread; no extra dependency on the device."""
+
+    def __init__(self, render: Callable[[], str], host: str, port: int) -> None:
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server API)
+                if self.path.split("?")[0] not in ("/metrics", "/"):
+                    self.send_error(404)
+                    return
+                body = render().encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, fmt: str, *args: Any) -> None:
+                log.debug("metrics: " + fmt, *args)
+
+        self._server = ThreadingHTTPServer((host, port), Handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="prometheus", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return self._server.server_address[1]
+
+    def start(self) -> None:
+        self._thread.start()
+        log.info("prometheus metrics on port %d", self.port)
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

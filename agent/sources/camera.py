@@ -1,0 +1,221 @@
+"""Camera threads: read, crop, pace, and hand frames to a bounded latest-frame hub.
+
+Each camera runs in its own thread so a lost or slow camera never stalls the
+others; a watchdog closes a stalled source so its thread reconnects with backoff.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from typing import Callable
+
+import numpy as np
+
+from agent.config import Backoff, CameraConfig, Roi
+from agent.health import Metrics
+from agent.sources import open_source
+from agent.sources.base import EndOfStream, Frame, FrameSource, SourceError
+
+log = logging.getLogger(__name__)
+
+
+class FrameHub:
+    """Per-camera bounded queues behind one condition, so inference can batch across cameras."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._cond = threading.Condition()
+        self._queues: dict[str, deque[Frame]] = {}
+        self._limits: dict[str, tuple[int, str]] = {}
+        self._order: list[str] = []
+        self._next = 0
+        self.metrics = metrics
+
+    def add_camera(self, camera_id: str, size: int, backpressure: str) -> None:
+        with self._cond:
+            self._queues[camera_id] = deque()
+            self._limits[camera_id] = (size, backpressure)
+            self._order.append(camera_id)
+
+    def put(self, frame: Frame, stop: threading.Event) -> None:
+        """Drop the oldest frame when full (counted), or wait for space in ``block`` mode."""
+        with self._cond:
+            queue = self._queues[frame.camera_id]
+            size, policy = self._limits[frame.camera_id]
+            while len(queue) >= size:
+                if policy == "drop_oldest":
+                    queue.popleft()
+                    self.metrics.inc("frames_dropped_total", camera=frame.camera_id)
+                elif stop.is_set():
+                    return
+                else:
+                    self._cond.wait(0.1)
+            queue.append(frame)
+            self._cond.notify_all()
+
+    def _available(self) -> int:
+        return sum(len(q) for q in self._queues.values())
+
+    def get_batch(self, max_n: int, fill_timeout_s: float, wait_s: float = 0.2) -> list[Frame]:
+        """Up to ``max_n`` frames, taken round-robin across cameras; [] if none arrived within ``wait_s``."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._available() > 0, wait_s):
+                return []
+            deadline = time.monotonic() + fill_timeout_s
+            while self._available() < max_n:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._cond.wait(left):
+                    break
+            batch = self._take(max_n)
+            self._cond.notify_all()
+            return batch
+
+    def _take(self, max_n: int) -> list[Frame]:
+        batch: list[Frame] = []
+        while len(batch) < max_n and self._available():
+            camera_id = self._order[self._next % len(self._order)]
+            self._next += 1
+            if self._queues[camera_id]:
+                batch.append(self._queues[camera_id].popleft())
+        return batch
+
+    def depths(self) -> dict[str, int]:
+        with self._cond:
+            return {cid: len(q) for cid, q in self._queues.items()}
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+
+def crop_roi(image: np.ndarray, roi: Roi | None) -> np.ndarray:
+    """The ROI clipped to the image; the full image if the ROI misses it entirely."""
+    if roi is None:
+        return image
+    h, w = image.shape[:2]
+    x0, y0 = min(roi.x, w), min(roi.y, h)
+    x1, y1 = min(roi.x + roi.width, w), min(roi.y + roi.height, h)
+    if x1 <= x0 or y1 <= y0:
+        return image
+    return image[y0:y1, x0:x1]
+
+
+def backoff_delays(cfg: Backoff):
+    """initial, initial*factor, ... capped at max: the waits between retries."""
+    delay = cfg.initial_s
+    while True:
+        yield delay
+        delay = min(cfg.max_s, delay * cfg.factor)
+
+
+class CameraWorker(threading.Thread):
+    """Runs one camera until stopped or (finite sources) the end of input."""
+
+    def __init__(self, cfg: CameraConfig, hub: FrameHub, metrics: Metrics, stop: threading.Event,
+                 source_factory: Callable[[CameraConfig], FrameSource] | None = None) -> None:
+        super().__init__(name=f"camera-{cfg.id}", daemon=True)
+        self.cfg = cfg
+        self.hub = hub
+        self.metrics = metrics
+        self.stop_event = stop
+        self.factory = source_factory or (lambda c: open_source(c.uri, name=c.id, loop=c.loop,
+                                                                width=c.width, height=c.height))
+        self.ended = threading.Event()
+        self.last_frame_mono = time.monotonic()
+        self.connected = False
+        self.live = False
+        self._source: FrameSource | None = None
+        self._seq = 0
+        self._next_due = 0.0
+
+    def run(self) -> None:
+        delays = backoff_delays(self.cfg.reconnect)
+        while not self.stop_event.is_set():
+            try:
+                self._open()
+                delays = backoff_delays(self.cfg.reconnect)
+                self._read_loop()
+            except EndOfStream:
+                log.info("camera %s: end of input after %d frames", self.cfg.id, self._seq)
+                break
+            except SourceError as exc:
+                self.metrics.inc("camera_reconnects_total", camera=self.cfg.id)
+                delay = next(delays)
+                log.warning("camera %s: %s; reconnecting in %.1fs", self.cfg.id, exc, delay)
+                self.stop_event.wait(delay)
+            finally:
+                self._close()
+        self.ended.set()
+        self.hub.wake()
+
+    def _open(self) -> None:
+        source = self.factory(self.cfg)
+        source.open()
+        self._source = source
+        self.live = not source.finite
+        self.connected = True
+        self.last_frame_mono = time.monotonic()
+        self.metrics.set("camera_connected", 1, camera=self.cfg.id)
+        log.info("camera %s: opened %s", self.cfg.id, self.cfg.uri)
+
+    def _close(self) -> None:
+        source, self._source = self._source, None
+        self.connected = False
+        self.metrics.set("camera_connected", 0, camera=self.cfg.id)
+        if source is not None:
+            source.close()
+
+    def _read_loop(self) -> None:
+        source = self._source
+        assert source is not None
+        while not self.stop_event.is_set():
+            image, ref = source.read()
+            now = time.monotonic()
+            self.last_frame_mono = now
+            if not self._due(now, source.finite):
+                continue
+            self._seq += 1
+            frame = Frame(self.cfg.id, self._seq, time.time(), now, crop_roi(image, self.cfg.roi), ref)
+            self.metrics.inc("frames_captured_total", camera=self.cfg.id)
+            self.hub.put(frame, self.stop_event)
+
+    def _due(self, now: float, finite: bool) -> bool:
+        """Target fps: a finite source is paced (sleep), a live one skips frames that come too early."""
+        if self.cfg.fps is None:
+            return True
+        period = 1.0 / self.cfg.fps
+        if now < self._next_due:
+            if not finite:
+                return False
+            self.stop_event.wait(self._next_due - now)
+        self._next_due = max(self._next_due + period, time.monotonic() - period)
+        return True
+
+    def kick(self) -> None:
+        """Close the source from the watchdog; the blocked read fails and the thread reconnects."""
+        source = self._source
+        if source is not None:
+            source.close()
+
+
+class Watchdog(threading.Thread):
+    """Closes cameras that delivered nothing for their stall timeout."""
+
+    def __init__(self, workers: list[CameraWorker], stop: threading.Event, period_s: float = 0.5) -> None:
+        super().__init__(name="camera-watchdog", daemon=True)
+        self.workers = workers
+        self.stop_event = stop
+        self.period_s = period_s
+
+    def run(self) -> None:
+        while not self.stop_event.wait(self.period_s):
+            now = time.monotonic()
+            for worker in self.workers:
+                stalled = now - worker.last_frame_mono > worker.cfg.stall_timeout_s
+                if worker.live and worker.connected and stalled and not worker.ended.is_set():
+                    log.warning("camera %s: no frame for %.1fs, reconnecting", worker.cfg.id, now - worker.last_frame_mono)
+                    worker.metrics.inc("camera_stalls_total", camera=worker.cfg.id)
+                    worker.last_frame_mono = now
+                    worker.kick()
