@@ -85,7 +85,7 @@ class Metrics:
             "latency": {s: p for s in STAGES if (p := self.percentiles(s)) is not None},
             "queue_depths": {k: int(v) for k, v in self.gauges_by("queue_depth", "queue").items()},
             "outbox": {"depth": int(self._gauge("outbox_depth")), "bytes": int(self._gauge("outbox_bytes")),
-                       "dropped": self.counters_by("outbox_dropped_total", "reason")},
+                       "dropped": {k: int(v) for k, v in self.gauges_by("outbox_dropped", "reason").items()}},
             "low_confidence_rate": round(low / classified, 4) if classified else 0.0,
             "frames_uploaded": int(sum(self.counters_by("frames_uploaded_total", "camera").values())),
             "model_version": self.info.get("model_version", ""),

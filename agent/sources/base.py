@@ -26,6 +26,7 @@ class Frame:
     captured_mono: float        # time.monotonic(), for in-process latencies
     image: np.ndarray = field(repr=False)   # HxWx3 uint8 RGB, ROI applied
     source_ref: str | None = None           # e.g. the file name of a folder source
+    full_image: np.ndarray | None = field(default=None, repr=False)  # before ROI, kept only when uploads want it
 
 
 class FrameSource(Protocol):

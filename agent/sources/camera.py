@@ -114,7 +114,7 @@ class CameraWorker(threading.Thread):
     """Runs one camera until stopped or (finite sources) the end of input."""
 
     def __init__(self, cfg: CameraConfig, hub: FrameHub, metrics: Metrics, stop: threading.Event,
-                 source_factory: Callable[[CameraConfig], FrameSource] | None = None) -> None:
+                 source_factory: Callable[[CameraConfig], FrameSource] | None = None, keep_full: bool = False) -> None:
         super().__init__(name=f"camera-{cfg.id}", daemon=True)
         self.cfg = cfg
         self.hub = hub
@@ -122,6 +122,7 @@ class CameraWorker(threading.Thread):
         self.stop_event = stop
         self.factory = source_factory or (lambda c: open_source(c.uri, name=c.id, loop=c.loop,
                                                                 width=c.width, height=c.height))
+        self.keep_full = keep_full and cfg.roi is not None
         self.ended = threading.Event()
         self.last_frame_mono = time.monotonic()
         self.connected = False
@@ -177,7 +178,8 @@ class CameraWorker(threading.Thread):
             if not self._due(now, source.finite):
                 continue
             self._seq += 1
-            frame = Frame(self.cfg.id, self._seq, time.time(), now, crop_roi(image, self.cfg.roi), ref)
+            frame = Frame(self.cfg.id, self._seq, time.time(), now, crop_roi(image, self.cfg.roi), ref,
+                          image if self.keep_full else None)
             self.metrics.inc("frames_captured_total", camera=self.cfg.id)
             self.hub.put(frame, self.stop_event)
 

@@ -1,0 +1,236 @@
+"""The one place that wires concrete adapters: cameras, model, outbox, MQTT, health.
+
+``Agent`` is what ``python -m agent run`` starts and what tests start in-process.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import signal
+import threading
+import time
+import uuid
+from typing import Any, Callable
+
+from agent.backends import BackendError, create_backend
+from agent.bundle import Bundle, BundleError, load_bundle, load_public_key
+from agent.config import AgentConfig, CameraConfig, ConfigError
+from agent.health import Metrics, PrometheusServer
+from agent.mqtt import MqttPublisher
+from agent.outbox import Outbox
+from agent.pipeline import InferenceStage, ModelHolder, ModelRuntime
+from agent.preprocess import Preprocessor
+from agent.sources.base import FrameSource
+from agent.sources.camera import CameraWorker, FrameHub, Watchdog
+from agent.update import ModelCommand, verify_command_bundle
+
+log = logging.getLogger(__name__)
+
+AGENT_VERSION = "0.1.0"
+
+
+class StartupError(Exception):
+    """The agent cannot start; the message names the file and the problem."""
+
+
+def check_labels(cfg: AgentConfig, bundle: Bundle) -> None:
+    """Labels the config refers to must exist in the bundle, else decisions would silently never fire."""
+    labels = set(bundle.labels)
+    refs = [(f"decisions.sorting.lanes.{k}", k) for k in cfg.decisions.sorting.lanes]
+    refs += [(f"decisions.qc.defect_classes[{i}]", k) for i, k in enumerate(cfg.decisions.qc.defect_classes)]
+    if cfg.decisions.presence.empty_class:
+        refs.append(("decisions.presence.empty_class", cfg.decisions.presence.empty_class))
+    missing = [f"field {where}: label {label!r} is not in the bundle" for where, label in refs if label not in labels]
+    if missing:
+        raise ConfigError(f"{bundle.root}: config and bundle disagree: " + "; ".join(missing))
+
+
+def build_runtime(cfg: AgentConfig, bundle: Bundle) -> ModelRuntime:
+    """Backend for the bundle, warmed up, so the first real frame is not the slow one."""
+    check_labels(cfg, bundle)
+    backend = create_backend(bundle, cfg.model)
+    backend.warmup(cfg.model.batch_size, cfg.model.warmup_runs)
+    return ModelRuntime(bundle, backend, Preprocessor(bundle.input_spec))
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig, *,
+                 source_factory: Callable[[CameraConfig], FrameSource] | None = None) -> None:
+        self.cfg = cfg
+        self.source_factory = source_factory
+        self.metrics = Metrics(cfg.health.latency_window)
+        self.stop_event = threading.Event()
+        self.started_at = time.monotonic()
+        self.last_update: dict[str, Any] | None = None
+        self.public_key = None
+        self.model: ModelHolder | None = None
+        self.outbox: Outbox | None = None
+        self.publisher: MqttPublisher | None = None
+        self.inference: InferenceStage | None = None
+        self.workers: list[CameraWorker] = []
+        self.prometheus: PrometheusServer | None = None
+        self._commands: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=16)
+        self._threads: list[threading.Thread] = []
+
+    # ------------------------------------------------------------ start
+
+    def load_model(self) -> None:
+        if self.cfg.model.public_key is not None:
+            self.public_key = load_public_key(self.cfg.model.public_key)
+        bundle = load_bundle(self.cfg.model.bundle, self.public_key)
+        self.model = ModelHolder(build_runtime(self.cfg, bundle))
+        log.info("model %s %s ready on %s", bundle.name, bundle.version, self.model.current.backend.name)
+
+    def start(self) -> None:
+        """Model first (a bad bundle stops here, before any camera opens), then the threads."""
+        try:
+            self.load_model()
+        except (BundleError, BackendError, ConfigError) as exc:
+            raise StartupError(str(exc)) from exc
+        assert self.model is not None
+        self.metrics.info.update(model_name=self.model.current.bundle.name,
+                                 model_version=self.model.current.bundle.version)
+        ocfg = self.cfg.outbox
+        self.outbox = Outbox(ocfg.path, max_bytes=ocfg.max_bytes, max_age_s=ocfg.max_age_s, synchronous=ocfg.synchronous)
+        self.publisher = MqttPublisher(self.cfg, self.outbox, self.metrics, self.status_body, self._enqueue_command)
+        hub = FrameHub(self.metrics)
+        keep_full = self.cfg.frames.enabled and not self.cfg.frames.crop_roi
+        for cam in self.cfg.cameras:
+            hub.add_camera(cam.id, cam.queue_size, cam.backpressure)
+            self.workers.append(CameraWorker(cam, hub, self.metrics, self.stop_event, self.source_factory, keep_full))
+        self.hub = hub
+        self.inference = InferenceStage(self.cfg, hub, self.model, self.outbox, self.metrics, self.cameras_done)
+        self._threads = [self.publisher, self.inference, *self.workers, Watchdog(self.workers, self.stop_event),
+                         threading.Thread(target=self._stats_loop, name="stats", daemon=True),
+                         threading.Thread(target=self._command_loop, name="commands", daemon=True)]
+        for thread in self._threads:
+            thread.start()
+        if self.cfg.health.prometheus_port is not None:
+            self.prometheus = PrometheusServer(self.metrics.prometheus_text, self.cfg.health.prometheus_host,
+                                               self.cfg.health.prometheus_port)
+            self.prometheus.start()
+
+    def cameras_done(self) -> bool:
+        return all(w.ended.is_set() for w in self.workers)
+
+    # ------------------------------------------------------------ status and stats
+
+    def status_body(self, state: str) -> dict[str, Any]:
+        runtime = self.model.current if self.model else None
+        return {"schema": "status.v1", "id": str(uuid.uuid4()), "state": state, "ts": round(time.time(), 6),
+                "site": self.cfg.site, "station": self.cfg.station, "role": self.cfg.role,
+                "agent_version": AGENT_VERSION,
+                "uptime_s": round(time.monotonic() - self.started_at, 3) if state == "online" else None,
+                "model": runtime.identity if runtime else None,
+                "cameras": {w.cfg.id: w.connected for w in self.workers},
+                "last_model_update": self.last_update}
+
+    def stats_body(self) -> dict[str, Any]:
+        assert self.outbox is not None
+        self.metrics.set("outbox_depth", self.outbox.depth())
+        self.metrics.set("outbox_bytes", self.outbox.bytes)
+        for reason, n in self.outbox.dropped().items():
+            self.metrics.set("outbox_dropped", n, reason=reason)
+        for cam, depth in self.hub.depths().items():
+            self.metrics.set("queue_depth", depth, queue=f"camera:{cam}")
+        return {"schema": "stats.v1", "id": str(uuid.uuid4()), "seq": self.outbox.next_seq(),
+                "ts": round(time.time(), 6), "site": self.cfg.site, "station": self.cfg.station,
+                **self.metrics.snapshot()}
+
+    def _stats_loop(self) -> None:
+        while not self.stop_event.wait(self.cfg.health.stats_interval_s):
+            if self.publisher is not None:
+                self.publisher.publish_stats(self.stats_body())
+
+    # ------------------------------------------------------------ commands
+
+    def _enqueue_command(self, verb: str, payload: bytes) -> None:
+        """Called on the MQTT thread: hand off, never block it."""
+        try:
+            self._commands.put_nowait((verb, payload))
+        except queue.Full:
+            log.error("command %s dropped: %d commands already waiting", verb, self._commands.qsize())
+
+    def _command_loop(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                verb, payload = self._commands.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if verb == "model":
+                self.reload_model(payload)
+            else:
+                log.warning("unknown command cmd/%s ignored", verb)
+
+    def reload_model(self, payload: bytes) -> bool:
+        """Verify, build and warm the new model off the hot path, then swap; on any failure keep the old one."""
+        assert self.model is not None
+        old = self.model.current.bundle
+        try:
+            cmd = ModelCommand.parse(payload)
+            bundle = verify_command_bundle(cmd, self.cfg.model.download_dir, self.public_key)
+            runtime = build_runtime(self.cfg, bundle)
+        except (BundleError, BackendError, ConfigError) as exc:
+            log.error("model update rejected, keeping %s %s: %s", old.name, old.version, exc)
+            self.last_update = {"ok": False, "reason": str(exc), "ts": round(time.time(), 6),
+                                "running": {"name": old.name, "version": old.version}}
+            self.metrics.inc("model_updates_rejected_total")
+        else:
+            self.model.swap(runtime)
+            self.metrics.info.update(model_name=bundle.name, model_version=bundle.version)
+            log.info("model switched from %s to %s %s", old.version, bundle.name, bundle.version)
+            self.last_update = {"ok": True, "reason": None, "ts": round(time.time(), 6),
+                                "running": {"name": bundle.name, "version": bundle.version}}
+            self.metrics.inc("model_updates_total")
+        if self.publisher is not None:
+            self.publisher.request_status()
+        return bool(self.last_update["ok"])
+
+    # ------------------------------------------------------------ stop
+
+    def wait(self, exit_at_end: bool) -> None:
+        """Until stopped, or (exit_at_end) until every finite source is processed."""
+        while not self.stop_event.is_set():
+            if exit_at_end and self.inference is not None and self.inference.finished.wait(0.2):
+                return
+            self.stop_event.wait(0.2)
+
+    def shutdown(self, flush_s: float) -> None:
+        """Cameras first, then the frames already queued, then the outbox (as far as flush_s allows), then offline."""
+        self.stop_event.set()
+        for worker in self.workers:
+            worker.join(timeout=5)
+        if self.inference is not None:
+            self.inference.stop_event.set()
+            self.inference.join(timeout=30)
+        if self.publisher is not None:
+            self.publisher.stop(flush_s)
+        if self.prometheus is not None:
+            self.prometheus.stop()
+        if self.outbox is not None:
+            left = self.outbox.depth()
+            if left:
+                log.warning("%d message(s) stay in the outbox %s for the next start", left, self.outbox.path)
+            self.outbox.close()
+
+
+def run(cfg: AgentConfig, *, exit_at_end: bool = False, flush_s: float | None = None) -> int:
+    """``python -m agent run``: start, wait for SIGTERM/SIGINT (or the end of input), shut down cleanly."""
+    agent = Agent(cfg)
+    try:
+        agent.start()
+    except StartupError as exc:
+        log.error("cannot start: %s", exc)
+        return 2
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("received %s, shutting down", signal.Signals(signum).name)
+        agent.stop_event.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    agent.wait(exit_at_end)
+    agent.shutdown(cfg.shutdown_flush_s if flush_s is None else flush_s)
+    return 0
+

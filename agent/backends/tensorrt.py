@@ -1,0 +1,121 @@
+"""Native TensorRT 10 engine backend, imported lazily: only Jetson images have tensorrt.
+
+Buffers are managed with cuda-python (``cuda.bindings.runtime`` or the older
+``cuda.cudart``); pycuda is used when cuda-python is absent.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from agent.backends.base import BackendError
+from agent.preprocess import InputSpec
+
+log = logging.getLogger(__name__)
+
+
+def _import_tensorrt():
+    try:
+        import tensorrt as trt  # type: ignore[import-not-found]
+    except ImportError as exc:
+        raise BackendError(
+            "backend 'tensorrt' chosen but the tensorrt Python package is not installed "
+            "(it ships with JetPack / the TensorRT wheels); use backend: onnxruntime or auto"
+        ) from exc
+    return trt
+
+
+class _CudaRuntime:
+    """The few CUDA calls needed: malloc, free, async copies, a stream."""
+
+    def __init__(self) -> None:
+        try:
+            try:
+                from cuda.bindings import runtime as cudart  # type: ignore[import-not-found]
+            except ImportError:
+                from cuda import cudart  # type: ignore[import-not-found]
+        except ImportError as exc:
+            raise BackendError("backend 'tensorrt' needs cuda-python (pip install cuda-python)") from exc
+        self.rt = cudart
+        self.stream = self._check(cudart.cudaStreamCreate())
+
+    def _check(self, result):
+        err, *rest = result if isinstance(result, tuple) else (result,)
+        if int(err) != 0:
+            raise BackendError(f"CUDA call failed: {err}")
+        return rest[0] if len(rest) == 1 else rest
+
+    def malloc(self, nbytes: int) -> int:
+        return int(self._check(self.rt.cudaMalloc(nbytes)))
+
+    def free(self, ptr: int) -> None:
+        self.rt.cudaFree(ptr)
+
+    def to_device(self, ptr: int, array: np.ndarray) -> None:
+        kind = self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice
+        self._check(self.rt.cudaMemcpyAsync(ptr, array.ctypes.data, array.nbytes, kind, self.stream))
+
+    def to_host(self, array: np.ndarray, ptr: int) -> None:
+        kind = self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        self._check(self.rt.cudaMemcpyAsync(array.ctypes.data, ptr, array.nbytes, kind, self.stream))
+
+    def synchronize(self) -> None:
+        self._check(self.rt.cudaStreamSynchronize(self.stream))
+
+
+class TensorRTBackend:
+    """Deserializes an engine built for this GPU and runs it with execute_async_v3."""
+
+    def __init__(self, engine_path: Path, spec: InputSpec, *, precision: str, max_batch: int) -> None:
+        trt = _import_tensorrt()
+        self.trt = trt
+        self.spec = spec
+        self.precision = precision
+        self.name = f"tensorrt:{trt.__version__}"
+        self.cuda = _CudaRuntime()
+        logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(logger)
+        self.engine = self.runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
+        if self.engine is None:
+            raise BackendError(f"{engine_path}: TensorRT cannot deserialize the engine (built for another GPU/version?)")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        mode = trt.TensorIOMode.INPUT
+        self.input_name = next(n for n in names if self.engine.get_tensor_mode(n) == mode)
+        self.output_name = next(n for n in names if self.engine.get_tensor_mode(n) != mode)
+        self.max_batch = max_batch
+        per_image_in = 3 * spec.height * spec.width * 4
+        self.num_classes = int(self.engine.get_tensor_shape(self.output_name)[-1])
+        self.d_input = self.cuda.malloc(per_image_in * max_batch)
+        self.d_output = self.cuda.malloc(self.num_classes * 4 * max_batch)
+        self.context.set_tensor_address(self.input_name, self.d_input)
+        self.context.set_tensor_address(self.output_name, self.d_output)
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        outputs = []
+        for start in range(0, len(batch), self.max_batch):
+            chunk = np.ascontiguousarray(batch[start:start + self.max_batch], dtype=np.float32)
+            self.context.set_input_shape(self.input_name, tuple(chunk.shape))
+            out = np.empty((len(chunk), self.num_classes), np.float32)
+            self.cuda.to_device(self.d_input, chunk)
+            if not self.context.execute_async_v3(self.cuda.stream):
+                raise BackendError("TensorRT execute_async_v3 failed")
+            self.cuda.to_host(out, self.d_output)
+            self.cuda.synchronize()
+            outputs.append(out)
+        return np.concatenate(outputs)
+
+    def warmup(self, batch_size: int, runs: int) -> None:
+        dummy = np.zeros((batch_size, 3, self.spec.height, self.spec.width), np.float32)
+        for _ in range(runs):
+            self.run(dummy)
+
+    def __del__(self) -> None:
+        cuda = getattr(self, "cuda", None)
+        if cuda is not None:
+            for ptr in (getattr(self, "d_input", None), getattr(self, "d_output", None)):
+                if ptr:
+                    cuda.free(ptr)

@@ -1,0 +1,230 @@
+"""Model bundle: read the manifest, verify hashes and signature, pick an artifact.
+
+The trainer writes bundles and verifies them with this module too, so there is
+one definition of "a valid bundle" (docs/bundle.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable
+
+from agent.preprocess import InputSpec
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+SIGNATURE = "manifest.json.sig"
+ROLE_FP32 = "onnx-fp32"
+ROLE_INT8 = "onnx-int8"
+ROLE_ENGINE = "tensorrt-engine"
+
+
+class BundleError(Exception):
+    """A bundle that must not be used; the message names the file and the problem."""
+
+
+@lru_cache(maxsize=None)
+def manifest_schema() -> dict[str, Any]:
+    text = resources.files("agent").joinpath("schemas/bundle/manifest.v1.json").read_text()
+    return json.loads(text)
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Artifact:
+    role: str
+    path: Path
+    sha256: str
+    size: int
+    precision: str
+    deployable: bool
+    reason: str | None = None
+    tensorrt_version: str | None = None
+    compute_capability: str | None = None
+
+
+@dataclass(frozen=True)
+class Bundle:
+    root: Path
+    manifest: dict[str, Any]
+    artifacts: tuple[Artifact, ...]
+    signed: bool = False
+    input_spec: InputSpec = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "input_spec", InputSpec.from_manifest(self.manifest["input"]))
+
+    @property
+    def name(self) -> str:
+        return self.manifest["name"]
+
+    @property
+    def version(self) -> str:
+        return self.manifest["version"]
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.manifest["labels"])
+
+    @property
+    def thresholds(self) -> dict[str, float]:
+        return dict(self.manifest.get("quality", {}).get("thresholds", {}))
+
+    def artifact(self, role: str) -> Artifact | None:
+        return next((a for a in self.artifacts if a.role == role), None)
+
+    def pick_onnx(self, prefer_int8: bool = True) -> Artifact:
+        """The ONNX artifact to run: INT8 when deployable (and preferred), else FP32."""
+        order = (ROLE_INT8, ROLE_FP32) if prefer_int8 else (ROLE_FP32, ROLE_INT8)
+        for role in order:
+            art = self.artifact(role)
+            if art is not None and art.deployable:
+                return art
+        raise BundleError(f"{self.root / MANIFEST}: no deployable ONNX artifact")
+
+    def engines(self) -> list[Artifact]:
+        return [a for a in self.artifacts if a.role == ROLE_ENGINE and a.deployable]
+
+
+def _validate_schema(manifest: Any, path: Path) -> None:
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(manifest_schema())
+    errors = sorted(validator.iter_errors(manifest), key=lambda e: list(e.absolute_path))
+    if errors:
+        err = errors[0]
+        where = "/".join(str(p) for p in err.absolute_path) or "(top level)"
+        raise BundleError(f"{path}: field {where}: {err.message}")
+
+
+def _check_labels_and_input(manifest: dict[str, Any], path: Path) -> None:
+    labels = manifest["labels"]
+    if len(set(labels)) != len(labels):
+        raise BundleError(f"{path}: field labels: class names must be unique")
+    try:
+        InputSpec.from_manifest(manifest["input"])
+    except (TypeError, ValueError) as exc:
+        raise BundleError(f"{path}: field input: {exc}") from exc
+
+
+def load_public_key(path: str | Path):
+    """An ed25519 public key from a PEM (SPKI) file or a raw 32-byte file."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise BundleError(f"{path}: cannot read public key ({exc.strerror or exc})") from exc
+    try:
+        if data.startswith(b"-----BEGIN"):
+            key = serialization.load_pem_public_key(data)
+        else:
+            key = Ed25519PublicKey.from_public_bytes(data)
+    except ValueError as exc:
+        raise BundleError(f"{path}: not an ed25519 public key ({exc})") from exc
+    if not isinstance(key, Ed25519PublicKey):
+        raise BundleError(f"{path}: not an ed25519 public key")
+    return key
+
+
+def _check_signature(root: Path, manifest_bytes: bytes, public_key: Any | None) -> bool:
+    from cryptography.exceptions import InvalidSignature
+
+    sig_path = root / SIGNATURE
+    if not sig_path.exists():
+        if public_key is not None:
+            raise BundleError(f"{sig_path}: missing, and a public key is configured (unsigned bundles are refused)")
+        return False
+    if public_key is None:
+        log.warning("%s: signature present but no public key configured; not checked", sig_path)
+        return False
+    try:
+        public_key.verify(sig_path.read_bytes(), manifest_bytes)
+    except InvalidSignature as exc:
+        raise BundleError(f"{sig_path}: signature does not match {root / MANIFEST}") from exc
+    return True
+
+
+def _artifacts(manifest: dict[str, Any], root: Path, verify_files: bool) -> tuple[Artifact, ...]:
+    out = []
+    for i, entry in enumerate(manifest["artifacts"]):
+        rel = Path(entry["path"])
+        if rel.is_absolute() or ".." in rel.parts:
+            raise BundleError(f"{root / MANIFEST}: field artifacts/{i}/path: must stay inside the bundle, got {rel}")
+        path = root / rel
+        if verify_files:
+            if not path.is_file():
+                raise BundleError(f"{path}: listed in {root / MANIFEST} but missing")
+            size = path.stat().st_size
+            if size != entry["size"]:
+                raise BundleError(f"{path}: size {size} bytes, manifest says {entry['size']} (tampered or truncated)")
+            digest = sha256_file(path)
+            if digest != entry["sha256"]:
+                raise BundleError(f"{path}: sha256 {digest} does not match the manifest's {entry['sha256']} (tampered)")
+        out.append(
+            Artifact(
+                role=entry["role"],
+                path=path,
+                sha256=entry["sha256"],
+                size=entry["size"],
+                precision=entry["precision"],
+                deployable=bool(entry.get("deployable", True)),
+                reason=entry.get("reason"),
+                tensorrt_version=entry.get("tensorrt_version"),
+                compute_capability=entry.get("compute_capability"),
+            )
+        )
+    return tuple(out)
+
+
+def load_bundle(path: str | Path, public_key: Any | None = None, *, verify_files: bool = True) -> Bundle:
+    """Load and verify a bundle folder (or its manifest.json); raise BundleError on any problem."""
+    path = Path(path)
+    root = path.parent if path.name == MANIFEST else path
+    manifest_path = root / MANIFEST
+    if not root.is_dir():
+        raise BundleError(f"{root}: bundle folder does not exist")
+    try:
+        manifest_bytes = manifest_path.read_bytes()
+    except OSError as exc:
+        raise BundleError(f"{manifest_path}: cannot read ({exc.strerror or exc})") from exc
+    try:
+        manifest = json.loads(manifest_bytes)
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{manifest_path}: not valid JSON ({exc})") from exc
+    _validate_schema(manifest, manifest_path)
+    _check_labels_and_input(manifest, manifest_path)
+    signed = _check_signature(root, manifest_bytes, public_key)
+    artifacts = _artifacts(manifest, root, verify_files)
+    return Bundle(root=root, manifest=manifest, artifacts=artifacts, signed=signed)
+
+
+def artifact_entry(path: Path, root: Path, **fields: Any) -> dict[str, Any]:
+    """A manifest artifact entry for a file inside ``root`` (used by the trainer)."""
+    return {
+        "path": path.relative_to(root).as_posix(),
+        "sha256": sha256_file(path),
+        "size": path.stat().st_size,
+        **fields,
+    }
+
+
+def find_bundles(models_dir: str | Path) -> Iterable[Path]:
+    """Every ``<name>/<version>/manifest.json`` folder under a models directory, sorted."""
+    return sorted(p.parent for p in Path(models_dir).glob(f"*/*/{MANIFEST}"))

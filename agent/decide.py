@@ -1,0 +1,280 @@
+"""Pure decision logic: probabilities, low-confidence policy, items, lanes, QC alerts.
+
+Nothing here reads a clock, a camera or the network: times are arguments, so
+tests are exact and the pipeline stays the only place with side effects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import cv2
+import numpy as np
+
+from agent.config import PresenceConfig, QcConfig, SortingConfig, Thresholds
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise, numerically stable (float64 so entropy of near-certain rows is exact enough)."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def entropy(probs: np.ndarray) -> float:
+    """Natural-log entropy of one probability row."""
+    p = np.clip(np.asarray(probs, dtype=np.float64), 1e-12, 1.0)
+    return float(-(p * np.log(p)).sum())
+
+
+@dataclass(frozen=True)
+class PolicyThresholds:
+    min_confidence: float | None = None
+    min_margin: float | None = None
+    max_entropy: float | None = None
+
+    @classmethod
+    def resolve(cls, bundle: Mapping[str, float], override: Thresholds | None = None) -> "PolicyThresholds":
+        """Per-camera override wins over the bundle's suggestion, field by field."""
+        def pick(name: str) -> float | None:
+            value = getattr(override, name, None) if override is not None else None
+            return value if value is not None else bundle.get(name)
+
+        return cls(pick("min_confidence"), pick("min_margin"), pick("max_entropy"))
+
+
+@dataclass(frozen=True)
+class Classification:
+    class_id: int
+    label: str
+    confidence: float
+    margin: float
+    entropy: float
+    top_k: tuple[tuple[str, float], ...]
+    reasons: tuple[str, ...]          # why it is low-confidence; empty when confident
+    probs: np.ndarray = field(repr=False, compare=False)
+
+    @property
+    def low_confidence(self) -> bool:
+        return bool(self.reasons)
+
+
+class LowConfidencePolicy:
+    """A frame is low-confidence when any configured threshold says so (docs/bundle.md)."""
+
+    def __init__(self, thresholds: PolicyThresholds) -> None:
+        self.thresholds = thresholds
+
+    def reasons(self, confidence: float, margin: float, ent: float) -> tuple[str, ...]:
+        t = self.thresholds
+        out = []
+        if t.min_confidence is not None and confidence < t.min_confidence:
+            out.append(f"confidence {confidence:.3f} < {t.min_confidence:g}")
+        if t.min_margin is not None and margin < t.min_margin:
+            out.append(f"margin {margin:.3f} < {t.min_margin:g}")
+        if t.max_entropy is not None and ent > t.max_entropy:
+            out.append(f"entropy {ent:.3f} > {t.max_entropy:g}")
+        return tuple(out)
+
+
+def classify(probs: np.ndarray, labels: Sequence[str], k: int, policy: LowConfidencePolicy) -> Classification:
+    """Top-k and the policy's verdict for one probability row."""
+    order = np.argsort(-probs, kind="stable")
+    top = int(order[0])
+    confidence = float(probs[top])
+    margin = confidence - (float(probs[order[1]]) if len(order) > 1 else 0.0)
+    ent = entropy(probs)
+    top_k = tuple((labels[int(i)], round(float(probs[int(i)]), 6)) for i in order[:k])
+    return Classification(top, labels[top], confidence, margin, ent, top_k, policy.reasons(confidence, margin, ent), probs)
+
+
+# ---------------------------------------------------------------- items
+
+def presence_signature(image: np.ndarray, size: int = 32) -> np.ndarray:
+    """A small float32 gray thumbnail; background difference is computed on it."""
+    gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    return cv2.resize(gray, (size, size), interpolation=cv2.INTER_AREA).astype(np.float32)
+
+
+class PresenceDetector:
+    """Is an item in view? By the 'empty' class, a background difference, or both."""
+
+    def __init__(self, cfg: PresenceConfig) -> None:
+        self.cfg = cfg
+        self.background: np.ndarray | None = None
+
+    def update(self, signature: np.ndarray | None, label: str) -> bool:
+        mode = self.cfg.mode
+        by_class = label != self.cfg.empty_class
+        if mode == "empty_class":
+            return by_class
+        by_background = self._background_differs(signature)
+        return by_background if mode == "background" else (by_background and by_class)
+
+    def _background_differs(self, signature: np.ndarray | None) -> bool:
+        """The first frame is taken as the empty scene; the background only learns while empty."""
+        if signature is None:
+            return False
+        if self.background is None:
+            self.background = signature.copy()
+            return False
+        differs = float(np.abs(signature - self.background).mean()) > self.cfg.background_threshold
+        if not differs:
+            a = self.cfg.background_alpha
+            self.background = (1 - a) * self.background + a * signature
+        return differs
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One frame of an item, as the tracker needs it."""
+
+    frame_seq: int
+    captured_at: float
+    classification: Classification
+
+
+@dataclass(frozen=True)
+class ItemDecision:
+    camera_id: str
+    item_seq: int
+    label: str
+    class_id: int
+    confidence: float
+    agreement: float
+    frames: int
+    first_seen: float
+    last_seen: float
+    lane: str
+    low_confidence: bool
+    reasons: tuple[str, ...]
+    top_k: tuple[tuple[str, float], ...]
+
+
+def consensus(observations: Sequence[Observation], labels: Sequence[str], k: int = 3
+              ) -> tuple[int, float, float, tuple[tuple[str, float], ...]]:
+    """Mean probability over the item's frames: (class id, its mean prob, share of frames agreeing, top-k)."""
+    mean = np.mean([o.classification.probs for o in observations], axis=0)
+    winner = int(np.argmax(mean))
+    agreement = sum(o.classification.class_id == winner for o in observations) / len(observations)
+    order = np.argsort(-mean, kind="stable")[:k]
+    return winner, float(mean[winner]), agreement, tuple((labels[int(i)], round(float(mean[i]), 6)) for i in order)
+
+
+class LaneMap:
+    def __init__(self, cfg: SortingConfig) -> None:
+        self.cfg = cfg
+
+    def lane_for(self, label: str, needs_review: bool) -> str:
+        if needs_review:
+            return self.cfg.review_lane
+        return self.cfg.lanes.get(label, self.cfg.default_lane)
+
+
+class ItemTracker:
+    """Groups one camera's frames into items and decides each item once, when it leaves."""
+
+    def __init__(self, camera_id: str, labels: Sequence[str], presence: PresenceConfig,
+                 lanes: LaneMap, policy: LowConfidencePolicy, top_k: int = 3) -> None:
+        self.camera_id = camera_id
+        self.labels = list(labels)
+        self.cfg = presence
+        self.lanes = lanes
+        self.policy = policy
+        self.top_k = top_k
+        self.items_seen = 0
+        self.noise_items = 0
+        self._frames: list[Observation] = []
+        self._gap = 0
+
+    def update(self, obs: Observation, present: bool) -> ItemDecision | None:
+        if present:
+            self._frames.append(obs)
+            self._gap = 0
+            return self._close() if len(self._frames) >= self.cfg.max_frames else None
+        if not self._frames:
+            return None
+        self._gap += 1
+        return self._close() if self._gap >= self.cfg.gap_frames else None
+
+    def flush(self) -> ItemDecision | None:
+        """End of input: decide an item still in view."""
+        return self._close() if self._frames else None
+
+    def _close(self) -> ItemDecision | None:
+        frames, self._frames, self._gap = self._frames, [], 0
+        if len(frames) < self.cfg.min_frames:
+            self.noise_items += 1
+            return None
+        self.items_seen += 1
+        class_id, confidence, agreement, top_k = consensus(frames, self.labels, self.top_k)
+        mean = np.mean([o.classification.probs for o in frames], axis=0)
+        ranked = np.sort(mean)[::-1]
+        reasons = self.policy.reasons(confidence, float(ranked[0] - ranked[1]), entropy(mean))
+        if agreement < self.lanes.cfg.min_agreement:
+            reasons = reasons + (f"agreement {agreement:.2f} < {self.lanes.cfg.min_agreement:g}",)
+        label = self.labels[class_id]
+        return ItemDecision(
+            camera_id=self.camera_id, item_seq=self.items_seen, label=label, class_id=class_id,
+            confidence=round(confidence, 6), agreement=round(agreement, 4), frames=len(frames),
+            first_seen=frames[0].captured_at, last_seen=frames[-1].captured_at,
+            lane=self.lanes.lane_for(label, bool(reasons)), low_confidence=bool(reasons), reasons=reasons, top_k=top_k,
+        )
+
+
+# ---------------------------------------------------------------- QC and uploads
+
+class QcAlerter:
+    """A defect class seen with enough confidence raises an alert, at most once per cooldown."""
+
+    def __init__(self, cfg: QcConfig) -> None:
+        self.cfg = cfg
+        self._last: dict[tuple[str, str], float] = {}
+
+    def check(self, camera_id: str, cls: Classification, now: float) -> bool:
+        if cls.label not in self.cfg.defect_classes or cls.confidence < self.cfg.min_confidence:
+            return False
+        key = (camera_id, cls.label)
+        last = self._last.get(key)
+        if last is not None and now - last < self.cfg.cooldown_s:
+            return False
+        self._last[key] = now
+        return True
+
+
+def dhash(image: np.ndarray, size: int = 8) -> int:
+    """64-bit difference hash: near-identical frames differ in few bits."""
+    gray = image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    small = cv2.resize(gray, (size + 1, size), interpolation=cv2.INTER_AREA)
+    bits = (small[:, 1:] > small[:, :-1]).flatten()
+    return int(sum(1 << i for i, b in enumerate(bits) if b))
+
+
+def hamming(a: int, b: int) -> int:
+    return (a ^ b).bit_count() if hasattr(int, "bit_count") else bin(a ^ b).count("1")
+
+
+class UploadGate:
+    """Per camera: a rate limit and near-duplicate suppression, so a stuck item does not flood the uplink."""
+
+    def __init__(self, min_interval_s: float, dedupe_bits: int, window: int) -> None:
+        self.min_interval_s = min_interval_s
+        self.dedupe_bits = dedupe_bits
+        self.window = window
+        self._last: dict[str, float] = {}
+        self._hashes: dict[str, list[int]] = {}
+
+    def admit(self, camera_id: str, frame_hash: int, now: float) -> str | None:
+        """None when the frame may go; else why it is held back ('rate' or 'duplicate')."""
+        last = self._last.get(camera_id)
+        if last is not None and now - last < self.min_interval_s:
+            return "rate"
+        recent = self._hashes.setdefault(camera_id, [])
+        if self.window and any(hamming(frame_hash, h) <= self.dedupe_bits for h in recent):
+            return "duplicate"
+        self._last[camera_id] = now
+        recent.append(frame_hash)
+        del recent[:-self.window or None]
+        return None

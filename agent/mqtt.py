@@ -1,0 +1,320 @@
+"""MQTT publisher: drains the outbox with QoS 1, deletes on PUBACK, owns status and commands.
+
+One thread owns the paho client and runs its network loop by hand, so nothing
+else touches the socket and no paho auto-reconnect can resend messages behind
+the outbox's back. Each connection attempt uses a fresh client: what was in
+flight when a connection died is simply re-sent from the outbox (the subscriber
+drops duplicates by id). A refused CONNACK is logged with its reason code and
+retried with backoff; only a successful CONNACK counts as connected.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import ssl
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import paho.mqtt.client as paho
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from agent.config import AgentConfig, MqttConfig
+from agent.health import Metrics
+from agent.outbox import Outbox, Record
+from agent.sources.camera import backoff_delays
+
+log = logging.getLogger(__name__)
+
+KIND_TOPIC = {"result": "result", "decision": "decision", "alert": "alert", "frame": "frames"}
+UNSUPPORTED_PROTOCOL = (1, 132)      # 3.1.1 return code / v5 reason code
+CONNACK_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class Topics:
+    root: str
+
+    def __getattr__(self, name: str) -> str:
+        if name in ("status", "result", "decision", "alert", "stats", "frames"):
+            return f"{self.root}/{name}"
+        raise AttributeError(name)
+
+    def for_kind(self, kind: str) -> str:
+        return f"{self.root}/{KIND_TOPIC[kind]}"
+
+    def cmd(self, verb: str = "#") -> str:
+        return f"{self.root}/cmd/{verb}"
+
+
+@dataclass
+class ConnectionState:
+    connected: bool = False
+    protocol: str = "v5"
+    connects: int = 0
+    refusals: int = 0
+    last_error: str | None = None
+    history: list[str] = field(default_factory=list)
+
+
+def frame_envelope(record: Record) -> bytes:
+    """MQTT 3.1.1 has no user properties: JSON with the metadata and the JPEG in base64."""
+    return json.dumps({"envelope": "frame.v1", "meta": record.body,
+                       "jpeg_b64": base64.b64encode(record.blob or b"").decode()}).encode()
+
+
+def encode(record: Record, v5: bool) -> tuple[bytes, Properties | None]:
+    """Payload and v5 properties of an outbox record for its topic."""
+    if record.kind != "frame":
+        props = None
+        if v5:
+            props = Properties(PacketTypes.PUBLISH)
+            props.ContentType = "application/json"
+        return json.dumps(record.body, separators=(",", ":")).encode(), props
+    if not v5:
+        return frame_envelope(record), None
+    props = Properties(PacketTypes.PUBLISH)
+    props.ContentType = "image/jpeg"
+    props.UserProperty = [("id", record.id), ("seq", str(record.seq)),
+                          ("meta", json.dumps(record.body, separators=(",", ":")))]
+    return record.blob or b"", props
+
+
+class MqttPublisher(threading.Thread):
+    """Connect, publish status, drain the outbox, hand commands to ``on_command``; reconnect forever."""
+
+    def __init__(self, cfg: AgentConfig, outbox: Outbox, metrics: Metrics,
+                 status_body: Callable[[str], dict[str, Any]],
+                 on_command: Callable[[str, bytes], None] | None = None) -> None:
+        super().__init__(name="mqtt-publisher", daemon=True)
+        self.cfg: MqttConfig = cfg.mqtt
+        self.client_id = cfg.client_id
+        self.topics = Topics(cfg.topic_root)
+        self.outbox = outbox
+        self.metrics = metrics
+        self.status_body = status_body
+        self.on_command = on_command
+        self.state = ConnectionState(protocol="v311" if self.cfg.protocol == "v311" else "v5")
+        self.connected = threading.Event()
+        self._stop_at: float | None = None
+        self._stopped = threading.Event()
+        self._stats: deque[dict[str, Any]] = deque(maxlen=8)
+        self._status_dirty = False
+        self._inflight: dict[int, Record] = {}
+        self._connack: Any = None
+
+    # ------------------------------------------------------------ API for other threads
+
+    def publish_stats(self, body: dict[str, Any]) -> None:
+        """QoS 0, not stored: when offline, the newest few wait and older ones are counted as dropped."""
+        if len(self._stats) == self._stats.maxlen:
+            self.metrics.inc("stats_dropped_total")
+        self._stats.append(body)
+
+    def request_status(self) -> None:
+        self._status_dirty = True
+
+    def stop(self, flush_s: float) -> None:
+        """Drain what can be sent within ``flush_s``, publish offline, disconnect; returns when done."""
+        self._stop_at = time.monotonic() + flush_s
+        self.join(flush_s + CONNACK_TIMEOUT_S + 5)
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self.connected.wait(timeout)
+
+    # ------------------------------------------------------------ thread
+
+    @property
+    def _stopping(self) -> bool:
+        return self._stop_at is not None
+
+    def run(self) -> None:
+        delays = backoff_delays(self.cfg.reconnect)
+        while not self._stopping:
+            if self._session():
+                delays = backoff_delays(self.cfg.reconnect)
+            if self._stopping:
+                break
+            delay = next(delays)
+            log.info("mqtt: reconnecting to %s:%d in %.1fs", self.cfg.host, self.cfg.port, delay)
+            self._sleep(delay)
+        self._stopped.set()
+
+    def _sleep(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while not self._stopping and time.monotonic() < end:
+            time.sleep(min(0.05, end - time.monotonic()) if end > time.monotonic() else 0)
+
+    def _make_client(self) -> paho.Client:
+        v5 = self.state.protocol == "v5"
+        client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=self.client_id,
+                             protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
+                             clean_session=None if v5 else True, reconnect_on_failure=False)
+        client.max_inflight_messages_set(self.cfg.max_inflight)
+        client.max_queued_messages_set(0)
+        password = self.cfg.password()
+        if self.cfg.username or password:
+            client.username_pw_set(self.cfg.username, password)
+        if self.cfg.tls is not None:
+            tls = self.cfg.tls
+            client.tls_set(ca_certs=str(tls.ca_file) if tls.ca_file else None,
+                           certfile=str(tls.cert_file) if tls.cert_file else None,
+                           keyfile=str(tls.key_file) if tls.key_file else None,
+                           cert_reqs=ssl.CERT_REQUIRED)
+            client.tls_insecure_set(tls.insecure)
+        will = dict(self.status_body("offline"), seq=self.outbox.next_seq())
+        client.will_set(self.topics.status, json.dumps(will), qos=1, retain=True)
+        client.on_connect = self._on_connect
+        client.on_publish = self._on_publish
+        client.on_message = self._on_message
+        return client
+
+    def _session(self) -> bool:
+        """One connection, from CONNECT to its end. True when it got connected."""
+        client = self._make_client()
+        where = f"{self.cfg.host}:{self.cfg.port}"
+        self._connack = None
+        try:
+            client.connect(self.cfg.host, self.cfg.port, self.cfg.keepalive_s)
+        except ssl.SSLError as exc:
+            return self._failed(f"TLS handshake with {where} failed: {exc.reason or exc}")
+        except OSError as exc:
+            return self._failed(f"cannot reach broker {where}: {exc.strerror or exc}")
+        if not self._await_connack(client, where):
+            return False
+        self._on_connected(client)
+        try:
+            self._pump(client)
+        finally:
+            self._disconnect(client)
+        return True
+
+    def _failed(self, message: str) -> bool:
+        self.state.last_error = message
+        self.state.history.append(message)
+        self.metrics.inc("mqtt_connect_failures_total")
+        log.error("mqtt: %s", message)
+        return False
+
+    def _await_connack(self, client: paho.Client, where: str) -> bool:
+        deadline = time.monotonic() + CONNACK_TIMEOUT_S
+        while self._connack is None and time.monotonic() < deadline and not self._stopping:
+            if client.loop(0.05) != paho.MQTT_ERR_SUCCESS:
+                break
+        rc = self._connack
+        if rc is not None and not rc.is_failure:
+            return True
+        client.disconnect()
+        if rc is None:
+            self._maybe_fall_back(None)
+            return self._failed(f"no CONNACK from {where} (connection closed or timed out)")
+        self.state.refusals += 1
+        self.metrics.inc("mqtt_connect_refused_total")
+        self._maybe_fall_back(rc.value)
+        return self._failed(f"connection refused by {where}: {rc} (reason code {rc.value})")
+
+    def _maybe_fall_back(self, code: int | None) -> None:
+        """auto: a broker that does not speak v5 refuses or drops a v5 CONNECT; try 3.1.1 next."""
+        if self.cfg.protocol == "auto" and self.state.protocol == "v5" and (code is None or code in UNSUPPORTED_PROTOCOL):
+            log.warning("mqtt: broker did not accept MQTT v5; falling back to 3.1.1")
+            self.state.protocol = "v311"
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        self._connack = reason_code
+
+    def _on_connected(self, client: paho.Client) -> None:
+        self.state.connected = True
+        self.state.connects += 1
+        self.state.last_error = None
+        self.state.history.append("connected")
+        self.connected.set()
+        self.metrics.set("mqtt_connected", 1)
+        log.info("mqtt: connected to %s:%d as %s (MQTT %s)", self.cfg.host, self.cfg.port, self.client_id,
+                 self.state.protocol)
+        client.subscribe(self.topics.cmd(), qos=1)
+        self._publish_status(client, "online")
+        self._inflight.clear()
+
+    def _disconnect(self, client: paho.Client) -> None:
+        if self.state.connected and not self._stopping:
+            log.warning("mqtt: disconnected from %s:%d", self.cfg.host, self.cfg.port)
+        self.state.connected = False
+        self.connected.clear()
+        self.metrics.set("mqtt_connected", 0)
+        try:
+            client.disconnect()
+        except Exception:  # the socket may already be gone
+            pass
+
+    def _publish_status(self, client: paho.Client, state: str) -> paho.MQTTMessageInfo:
+        self._status_dirty = False
+        body = dict(self.status_body(state), seq=self.outbox.next_seq())
+        return client.publish(self.topics.status, json.dumps(body), qos=1, retain=True)
+
+    # ------------------------------------------------------------ the drain loop
+
+    def _pump(self, client: paho.Client) -> None:
+        last_sent = 0
+        while True:
+            if client.loop(0.01) != paho.MQTT_ERR_SUCCESS:
+                return
+            if self._stopping and self._flush_done():
+                self._go_offline(client)
+                return
+            last_sent = self._fill_window(client, last_sent)
+            while self._stats:
+                client.publish(self.topics.stats, json.dumps(self._stats.popleft()), qos=0)
+            if self._status_dirty:
+                self._publish_status(client, "online")
+
+    def _flush_done(self) -> bool:
+        return time.monotonic() >= (self._stop_at or 0) or (not self._inflight and self.outbox.depth() == 0)
+
+    def _fill_window(self, client: paho.Client, last_sent: int) -> int:
+        room = self.cfg.max_inflight - len(self._inflight)
+        if room <= 0:
+            return last_sent
+        v5 = self.state.protocol == "v5"
+        for record in self.outbox.pending(after_seq=last_sent, limit=room):
+            payload, props = encode(record, v5)
+            info = client.publish(self.topics.for_kind(record.kind), payload, qos=1, properties=props)
+            if info.rc != paho.MQTT_ERR_SUCCESS:
+                break
+            self._inflight[info.mid] = record
+            last_sent = record.seq
+        return last_sent
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        record = self._inflight.pop(mid, None)
+        if record is None:
+            return
+        if reason_code is not None and getattr(reason_code, "is_failure", False):
+            self.metrics.inc("mqtt_publish_rejected_total", kind=record.kind)
+            log.error("mqtt: broker rejected %s seq %d: %s; kept in the outbox", record.kind, record.seq, reason_code)
+            return
+        self.outbox.ack(record.seq)
+        self.metrics.inc("mqtt_published_total", kind=record.kind)
+        now = time.time()
+        self.metrics.observe("publish", max(0.0, now - record.created))
+        captured = record.body.get("captured_at")
+        if isinstance(captured, (int, float)):
+            self.metrics.observe("capture_to_ack", max(0.0, now - captured))
+
+    def _on_message(self, client, userdata, message: paho.MQTTMessage) -> None:
+        prefix = self.topics.cmd("")
+        if message.topic.startswith(prefix) and self.on_command is not None:
+            self.on_command(message.topic[len(prefix):], message.payload)
+
+    def _go_offline(self, client: paho.Client) -> None:
+        """Retained offline status, then a clean disconnect (so the broker does not also send the will)."""
+        info = self._publish_status(client, "offline")
+        deadline = time.monotonic() + 2.0
+        while not info.is_published() and time.monotonic() < deadline:
+            if client.loop(0.05) != paho.MQTT_ERR_SUCCESS:
+                break
+        log.info("mqtt: published offline status; outbox depth %d", self.outbox.depth())

@@ -1,0 +1,188 @@
+"""Durable outbox: every message is on disk before it is published, and removed on PUBACK.
+
+SQLite in WAL mode. The per-station sequence number lives in the same database
+and is taken in the same transaction as the insert, so numbers are unique and
+increasing across restarts and crashes. Quotas (bytes, age) drop the
+lowest-value data first (frames, then the oldest messages) and count every drop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+log = logging.getLogger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    seq      INTEGER PRIMARY KEY,
+    id       TEXT NOT NULL UNIQUE,
+    kind     TEXT NOT NULL,
+    body     TEXT NOT NULL,
+    blob     BLOB,
+    created  REAL NOT NULL,
+    size     INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class Record:
+    seq: int
+    id: str
+    kind: str           # result, decision, alert, frame
+    body: dict[str, Any]
+    blob: bytes | None
+    created: float
+
+
+@dataclass(frozen=True)
+class Message:
+    """What a producer hands to the outbox; id and seq are added by ``put``."""
+
+    kind: str
+    body: dict[str, Any]
+    blob: bytes | None = None
+
+
+class Outbox:
+    def __init__(self, path: str | Path, *, max_bytes: int, max_age_s: float, synchronous: str = "normal",
+                 clock: Callable[[], float] = time.time) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.max_bytes = max_bytes
+        self.max_age_s = max_age_s
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
+        self._db.executescript(SCHEMA)
+        self.changed = threading.Condition()
+        self._bytes = self._db.execute("SELECT COALESCE(SUM(size), 0) FROM messages").fetchone()[0]
+
+    # ------------------------------------------------------------ writing
+
+    def put(self, message: Message) -> Record:
+        return self.put_many([message])[0]
+
+    def put_many(self, messages: Iterable[Message]) -> list[Record]:
+        """Give each message an id and the next sequence number, and store them in one transaction."""
+        now = self.clock()
+        records = []
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                seq = self._meta("next_seq", 1)
+                for msg in messages:
+                    body = {"id": str(uuid.uuid4()), "seq": seq, **msg.body}
+                    text = json.dumps(body, separators=(",", ":"))
+                    size = len(text) + len(msg.blob or b"")
+                    self._db.execute("INSERT INTO messages VALUES (?,?,?,?,?,?,?)",
+                                     (seq, body["id"], msg.kind, text, msg.blob, now, size))
+                    self._bytes += size
+                    records.append(Record(seq, body["id"], msg.kind, body, msg.blob, now))
+                    seq += 1
+                self._set_meta("next_seq", seq)
+                self._enforce_quota(now)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                self._bytes = self._db.execute("SELECT COALESCE(SUM(size), 0) FROM messages").fetchone()[0]
+                raise
+        self._notify()
+        return records
+
+    def next_seq(self) -> int:
+        """A sequence number for a message that is not stored (status, stats): same counter."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            seq = self._meta("next_seq", 1)
+            self._set_meta("next_seq", seq + 1)
+            self._db.execute("COMMIT")
+        return seq
+
+    def ack(self, seq: int) -> bool:
+        """The broker has it: delete. False when it was already gone (a duplicate PUBACK or dropped)."""
+        with self._lock:
+            row = self._db.execute("DELETE FROM messages WHERE seq=? RETURNING size", (seq,)).fetchone()
+            if row:
+                self._bytes -= row[0]
+        self._notify()
+        return row is not None
+
+    # ------------------------------------------------------------ reading
+
+    def pending(self, after_seq: int = 0, limit: int = 100) -> list[Record]:
+        """Unacknowledged messages in sequence order."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT seq, id, kind, body, blob, created FROM messages WHERE seq > ? ORDER BY seq LIMIT ?",
+                (after_seq, limit)).fetchall()
+        return [Record(r[0], r[1], r[2], json.loads(r[3]), r[4], r[5]) for r in rows]
+
+    def depth(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM messages").fetchone()[0]
+
+    @property
+    def bytes(self) -> int:
+        return self._bytes
+
+    def dropped(self) -> dict[str, int]:
+        """Persistent drop counters by reason and kind, e.g. {'bytes:frame': 3, 'age:result': 1}."""
+        with self._lock:
+            rows = self._db.execute("SELECT key, value FROM meta WHERE key LIKE 'dropped:%'").fetchall()
+        return {k[len("dropped:"):]: v for k, v in rows}
+
+    def wait_changed(self, timeout: float) -> None:
+        with self.changed:
+            self.changed.wait(timeout)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # ------------------------------------------------------------ internals
+
+    def _notify(self) -> None:
+        with self.changed:
+            self.changed.notify_all()
+
+    def _meta(self, key: str, default: int) -> int:
+        row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else default
+
+    def _set_meta(self, key: str, value: int) -> None:
+        self._db.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                         (key, value))
+
+    def _count_drop(self, reason: str, kind: str, n: int) -> None:
+        if n:
+            key = f"dropped:{reason}:{kind}"
+            self._set_meta(key, self._meta(key, 0) + n)
+            log.warning("outbox: dropped %d %s message(s) over the %s quota", n, kind, reason)
+
+    def _delete(self, where: str, args: tuple, reason: str) -> None:
+        rows = self._db.execute(f"DELETE FROM messages WHERE {where} RETURNING kind, size", args).fetchall()
+        for kind in {r[0] for r in rows}:
+            self._count_drop(reason, kind, sum(1 for r in rows if r[0] == kind))
+        self._bytes -= sum(r[1] for r in rows)
+
+    def _enforce_quota(self, now: float) -> None:
+        """Age first; then bytes: frames (largest, re-capturable) before results, oldest first."""
+        self._delete("created < ?", (now - self.max_age_s,), "age")
+        for kind_clause in ("kind = 'frame'", "1"):
+            while self._bytes > self.max_bytes:
+                row = self._db.execute(f"SELECT seq FROM messages WHERE {kind_clause} ORDER BY seq LIMIT 1").fetchone()
+                if row is None:
+                    break
+                self._delete("seq = ?", (row[0],), "bytes")

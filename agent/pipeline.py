@@ -1,0 +1,244 @@
+"""Inference stage: batches from the frame hub -> model -> decisions -> outbox.
+
+Runs in one thread between the camera threads and the publisher thread. It
+only ever writes to the outbox (local disk), so a slow or absent broker never
+backs up into the cameras. The model is read once per batch from
+``ModelHolder``, so a reload swaps it between two batches, atomically.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import cv2
+import numpy as np
+
+from agent.backends import Backend
+from agent.bundle import Bundle
+from agent.config import AgentConfig, CameraConfig
+from agent.decide import (Classification, ItemDecision, ItemTracker, LaneMap, LowConfidencePolicy, Observation,
+                          PolicyThresholds, PresenceDetector, QcAlerter, UploadGate, classify, dhash,
+                          presence_signature, softmax)
+from agent.health import Metrics
+from agent.outbox import Message, Outbox
+from agent.preprocess import Preprocessor
+from agent.sources.base import Frame
+from agent.sources.camera import FrameHub
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelRuntime:
+    """Everything that changes together on a model swap."""
+
+    bundle: Bundle
+    backend: Backend
+    preprocessor: Preprocessor
+
+    @property
+    def identity(self) -> dict[str, str]:
+        return {"name": self.bundle.name, "version": self.bundle.version,
+                "backend": self.backend.name, "precision": self.backend.precision}
+
+
+class ModelHolder:
+    """One reference, replaced whole; readers take it once per batch."""
+
+    def __init__(self, runtime: ModelRuntime) -> None:
+        self._runtime = runtime
+        self._lock = threading.Lock()
+
+    @property
+    def current(self) -> ModelRuntime:
+        return self._runtime
+
+    def swap(self, runtime: ModelRuntime) -> ModelRuntime:
+        with self._lock:
+            old, self._runtime = self._runtime, runtime
+        return old
+
+
+def encode_jpeg(image: np.ndarray, quality: int) -> bytes:
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise ValueError("JPEG encoding failed")
+    return buf.tobytes()
+
+
+def thumbnail_b64(image: np.ndarray, max_side: int = 128, quality: int = 80) -> str:
+    h, w = image.shape[:2]
+    scale = min(1.0, max_side / max(h, w))
+    small = cv2.resize(image, (max(1, int(w * scale)), max(1, int(h * scale))), interpolation=cv2.INTER_AREA)
+    return base64.b64encode(encode_jpeg(small, quality)).decode()
+
+
+def top_k_json(top_k: Sequence[tuple[str, float]]) -> list[dict[str, Any]]:
+    return [{"label": label, "p": p} for label, p in top_k]
+
+
+class CameraDecisions:
+    """Per-camera decision state: policy, presence, item tracker."""
+
+    def __init__(self, cam: CameraConfig, cfg: AgentConfig, bundle: Bundle) -> None:
+        self.policy = LowConfidencePolicy(PolicyThresholds.resolve(bundle.thresholds, cam.thresholds))
+        presence = cfg.decisions.presence
+        self.presence = PresenceDetector(presence) if presence.mode != "off" else None
+        self.tracker = (ItemTracker(cam.id, bundle.labels, presence, LaneMap(cfg.decisions.sorting), self.policy,
+                                    cfg.decisions.top_k) if self.presence else None)
+
+
+class InferenceStage(threading.Thread):
+    def __init__(self, cfg: AgentConfig, hub: FrameHub, model: ModelHolder, outbox: Outbox, metrics: Metrics,
+                 cameras_done: Callable[[], bool], clock: Callable[[], float] = time.time) -> None:
+        super().__init__(name="inference", daemon=True)
+        self.cfg = cfg
+        self.hub = hub
+        self.model = model
+        self.outbox = outbox
+        self.metrics = metrics
+        self.cameras_done = cameras_done
+        self.clock = clock
+        self.stop_event = threading.Event()
+        self.finished = threading.Event()
+        self.qc = QcAlerter(cfg.decisions.qc)
+        self.uploads = UploadGate(cfg.frames.min_interval_s, cfg.frames.dedupe_bits, cfg.frames.dedupe_window)
+        self._runtime: ModelRuntime | None = None
+        self._cameras: dict[str, CameraDecisions] = {}
+
+    def run(self) -> None:
+        try:
+            while not self.stop_event.is_set():
+                batch = self.hub.get_batch(self.cfg.model.batch_size, self.cfg.model.batch_timeout_ms / 1000.0)
+                if batch:
+                    self.process(batch)
+                elif self.cameras_done() and not any(self.hub.depths().values()):
+                    break
+            self._flush_items()
+        except Exception:
+            log.exception("inference stage failed")
+            raise
+        finally:
+            self.finished.set()
+
+    # ------------------------------------------------------------ one batch
+
+    def process(self, batch: list[Frame]) -> None:
+        runtime = self.model.current
+        if runtime is not self._runtime:
+            self._switch(runtime)
+        t0 = time.monotonic()
+        inputs = runtime.preprocessor.batch([f.image for f in batch])
+        t1 = time.monotonic()
+        probs = softmax(runtime.backend.run(inputs))
+        t2 = time.monotonic()
+        timings = {"preprocess": (t1 - t0) / len(batch), "inference": (t2 - t1) / len(batch)}
+        messages: list[Message] = []
+        for frame, row in zip(batch, probs):
+            messages.extend(self._decide(frame, row, runtime, timings, queue_s=t0 - frame.captured_mono))
+        self.metrics.observe("decide", (time.monotonic() - t2) / len(batch))
+        for stage, seconds in timings.items():
+            self.metrics.observe(stage, seconds)
+        if messages:
+            self.outbox.put_many(messages)
+
+    def _switch(self, runtime: ModelRuntime) -> None:
+        """A new model: decide items still open with the old one, then fresh per-camera state."""
+        self._flush_items()
+        self._runtime = runtime
+        self._cameras = {c.id: CameraDecisions(c, self.cfg, runtime.bundle) for c in self.cfg.cameras}
+        self.metrics.info.update(model_name=runtime.bundle.name, model_version=runtime.bundle.version)
+
+    def _flush_items(self) -> None:
+        messages = []
+        for state in self._cameras.values():
+            if state.tracker is not None and (decision := state.tracker.flush()) is not None:
+                messages.append(self._decision_message(decision))
+        if messages:
+            self.outbox.put_many(messages)
+
+    def _decide(self, frame: Frame, probs: np.ndarray, runtime: ModelRuntime, timings: dict[str, float],
+                queue_s: float) -> list[Message]:
+        state = self._cameras[frame.camera_id]
+        cls = classify(probs, runtime.bundle.labels, self.cfg.decisions.top_k, state.policy)
+        self.metrics.observe("queue", queue_s)
+        self.metrics.inc("frames_classified_total", camera=frame.camera_id)
+        out: list[Message] = []
+        if self.cfg.decisions.publish_results:
+            out.append(Message("result", self._result_body(frame, cls, runtime, timings, queue_s)))
+        if cls.low_confidence:
+            self.metrics.inc("frames_low_confidence_total", camera=frame.camera_id)
+            out.extend(self._maybe_upload(frame, cls, runtime))
+        now = self.clock()
+        if self.qc.check(frame.camera_id, cls, now):
+            out.append(Message("alert", self._alert_body(frame, cls, runtime)))
+        if state.presence is not None and state.tracker is not None:
+            signature = presence_signature(frame.image) if self.cfg.decisions.presence.mode != "empty_class" else None
+            present = state.presence.update(signature, cls.label)
+            decision = state.tracker.update(Observation(frame.seq, frame.captured_at, cls), present)
+            if decision is not None:
+                out.append(self._decision_message(decision))
+        return out
+
+    # ------------------------------------------------------------ payloads
+
+    def _common(self, frame: Frame, runtime: ModelRuntime) -> dict[str, Any]:
+        return {"ts": round(self.clock(), 6), "site": self.cfg.site, "station": self.cfg.station,
+                "camera": frame.camera_id, "frame_seq": frame.seq, "captured_at": round(frame.captured_at, 6),
+                "model": runtime.identity}
+
+    def _result_body(self, frame: Frame, cls: Classification, runtime: ModelRuntime,
+                     timings: dict[str, float], queue_s: float) -> dict[str, Any]:
+        body = {"schema": "result.v1", **self._common(frame, runtime), "label": cls.label, "class_id": cls.class_id,
+                "confidence": round(cls.confidence, 6), "top_k": top_k_json(cls.top_k),
+                "low_confidence": cls.low_confidence, "reasons": list(cls.reasons),
+                "latency_ms": {"queue": round(queue_s * 1000, 3),
+                               "preprocess": round(timings["preprocess"] * 1000, 3),
+                               "inference": round(timings["inference"] * 1000, 3)}}
+        if frame.source_ref is not None:
+            body["source_ref"] = frame.source_ref
+        return body
+
+    def _alert_body(self, frame: Frame, cls: Classification, runtime: ModelRuntime) -> dict[str, Any]:
+        log.warning("QC alert: camera %s saw %s (%.2f)", frame.camera_id, cls.label, cls.confidence)
+        return {"schema": "alert.v1", **self._common(frame, runtime), "defect": cls.label,
+                "confidence": round(cls.confidence, 6),
+                "evidence": {"top_k": top_k_json(cls.top_k), "frame_seq": frame.seq, "source_ref": frame.source_ref,
+                             "thumbnail_jpeg_b64": thumbnail_b64(frame.image)}}
+
+    def _decision_message(self, d: ItemDecision) -> Message:
+        runtime = self._runtime
+        body = {"schema": "decision.v1", "ts": round(self.clock(), 6), "site": self.cfg.site,
+                "station": self.cfg.station, "camera": d.camera_id, "item_seq": d.item_seq, "label": d.label,
+                "class_id": d.class_id, "confidence": d.confidence, "agreement": d.agreement, "frames": d.frames,
+                "first_seen": round(d.first_seen, 6), "last_seen": round(d.last_seen, 6), "lane": d.lane,
+                "low_confidence": d.low_confidence, "reasons": list(d.reasons), "top_k": top_k_json(d.top_k),
+                "model": runtime.identity if runtime else None}
+        self.metrics.inc("items_decided_total", camera=d.camera_id)
+        return Message("decision", body)
+
+    def _maybe_upload(self, frame: Frame, cls: Classification, runtime: ModelRuntime) -> list[Message]:
+        fcfg = self.cfg.frames
+        if not fcfg.enabled:
+            return []
+        image = frame.image if fcfg.crop_roi or frame.full_image is None else frame.full_image
+        held = self.uploads.admit(frame.camera_id, dhash(image), self.clock())
+        if held is not None:
+            self.metrics.inc("frames_upload_suppressed_total", camera=frame.camera_id, why=held)
+            return []
+        jpeg = encode_jpeg(image, fcfg.jpeg_quality)
+        self.metrics.inc("frames_uploaded_total", camera=frame.camera_id)
+        body = {"schema": "frame.v1", **self._common(frame, runtime), "label": cls.label,
+                "confidence": round(cls.confidence, 6), "top_k": top_k_json(cls.top_k),
+                "selected_because": list(cls.reasons), "source_ref": frame.source_ref,
+                "jpeg": {"width": int(image.shape[1]), "height": int(image.shape[0]), "quality": fcfg.jpeg_quality,
+                         "bytes": len(jpeg), "roi_crop": image is frame.image and self._has_roi(frame.camera_id)}}
+        return [Message("frame", body, jpeg)]
+
+    def _has_roi(self, camera_id: str) -> bool:
+        return any(c.id == camera_id and c.roi is not None for c in self.cfg.cameras)

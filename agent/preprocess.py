@@ -1,0 +1,157 @@
+"""Eval preprocessing from a bundle manifest, in numpy and OpenCV only.
+
+This is the single implementation of the bundle's ``input`` contract
+(docs/bundle.md). The trainer's eval transform calls it too, so the numbers a
+station feeds its model are the numbers the model was validated on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import cv2
+import numpy as np
+
+INTERPOLATIONS = {"bilinear": cv2.INTER_LINEAR, "area": cv2.INTER_AREA}
+
+
+class ImageDecodeError(ValueError):
+    """An image file or buffer that cannot be decoded; the message names it."""
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """The manifest's ``input`` block."""
+
+    height: int
+    width: int
+    resize_shorter: int
+    interpolation: str = "bilinear"
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    channel_order: str = "RGB"
+    layout: str = "NCHW"
+    dtype: str = "float32"
+    input_name: str = "input"
+    output_name: str = "logits"
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(
+                f"input.interpolation: expected one of {sorted(INTERPOLATIONS)}, got {self.interpolation!r}"
+            )
+        if self.resize_shorter < min(self.height, self.width):
+            raise ValueError(
+                f"input.resize_shorter ({self.resize_shorter}) must be >= the crop size "
+                f"({self.height}x{self.width})"
+            )
+        if self.channel_order != "RGB" or self.layout != "NCHW" or self.dtype != "float32":
+            raise ValueError("input: only channel_order=RGB, layout=NCHW, dtype=float32 are supported")
+
+    @classmethod
+    def from_manifest(cls, block: Mapping[str, Any]) -> "InputSpec":
+        fields = {k: block[k] for k in cls.__dataclass_fields__ if k in block}
+        for key in ("mean", "std"):
+            if key in fields:
+                fields[key] = tuple(float(v) for v in fields[key])
+        return cls(**fields)
+
+    def to_manifest(self) -> dict[str, Any]:
+        return {
+            "height": self.height,
+            "width": self.width,
+            "resize_shorter": self.resize_shorter,
+            "interpolation": self.interpolation,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "channel_order": self.channel_order,
+            "layout": self.layout,
+            "dtype": self.dtype,
+            "input_name": self.input_name,
+            "output_name": self.output_name,
+        }
+
+
+def to_rgb(image: np.ndarray, *, bgr: bool = False) -> np.ndarray:
+    """Return an HxWx3 uint8 RGB array from gray, gray+alpha, RGB(A) or BGR(A) input."""
+    if image.ndim == 2:
+        return np.repeat(image[:, :, None], 3, axis=2)
+    if image.ndim != 3 or image.shape[2] not in (1, 2, 3, 4):
+        raise ValueError(f"expected an HxW or HxWxC image with C in 1..4, got shape {image.shape}")
+    channels = image.shape[2]
+    if channels in (1, 2):
+        return np.repeat(image[:, :, :1], 3, axis=2)
+    rgb = image[:, :, :3]
+    if bgr:
+        rgb = rgb[:, :, ::-1]
+    return np.ascontiguousarray(rgb)
+
+
+def decode_image(data: bytes | np.ndarray, *, name: str = "<buffer>") -> np.ndarray:
+    """Decode encoded image bytes (JPEG, PNG, BMP, WebP, TIFF) to HxWx3 uint8 RGB."""
+    buf = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else data
+    if buf.size == 0:
+        raise ImageDecodeError(f"{name}: empty file")
+    image = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise ImageDecodeError(f"{name}: not a decodable image (corrupt or unsupported format)")
+    if image.dtype == np.uint16:
+        image = (image >> 8).astype(np.uint8)
+    if image.dtype != np.uint8:
+        raise ImageDecodeError(f"{name}: unsupported pixel type {image.dtype}")
+    return to_rgb(image, bgr=image.ndim == 3 and image.shape[2] >= 3)
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read an image file to HxWx3 uint8 RGB; raises ImageDecodeError naming the file."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ImageDecodeError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    return decode_image(data, name=str(path))
+
+
+def resized_size(height: int, width: int, shorter: int) -> tuple[int, int]:
+    """(new_height, new_width) with the shorter side equal to ``shorter``."""
+    if height <= width:
+        return shorter, max(shorter, int(round(width * shorter / height)))
+    return max(shorter, int(round(height * shorter / width))), shorter
+
+
+def resize_and_crop(rgb: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """Steps 1-3 of the contract: float32 HxWx3 in 0..255, resized and center-cropped."""
+    image = rgb.astype(np.float32, copy=False)
+    new_h, new_w = resized_size(image.shape[0], image.shape[1], spec.resize_shorter)
+    if (new_h, new_w) != image.shape[:2]:
+        image = cv2.resize(image, (new_w, new_h), interpolation=INTERPOLATIONS[spec.interpolation])
+    top = (new_h - spec.height) // 2
+    left = (new_w - spec.width) // 2
+    return image[top : top + spec.height, left : left + spec.width]
+
+
+class Preprocessor:
+    """Turns RGB uint8 frames into the model's NCHW float32 input."""
+
+    def __init__(self, spec: InputSpec) -> None:
+        self.spec = spec
+        mean = np.asarray(spec.mean, dtype=np.float32) * 255.0
+        std = np.asarray(spec.std, dtype=np.float32) * 255.0
+        # (x/255 - mean)/std == (x - 255*mean) / (255*std): one subtract and one multiply.
+        self._offset = mean.reshape(1, 1, 3)
+        self._scale = (1.0 / std).reshape(1, 1, 3)
+
+    def __call__(self, rgb: np.ndarray) -> np.ndarray:
+        """One image (HxWx3 uint8 RGB) to a 3xHxW float32 array."""
+        image = resize_and_crop(rgb, self.spec)
+        image = (image - self._offset) * self._scale
+        return np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)
+
+    def batch(self, frames: Sequence[np.ndarray]) -> np.ndarray:
+        """Several images to an Nx3xHxW float32 batch."""
+        out = np.empty((len(frames), 3, self.spec.height, self.spec.width), dtype=np.float32)
+        for i, frame in enumerate(frames):
+            out[i] = self(frame)
+        return out
