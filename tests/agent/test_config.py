@@ -1,0 +1,98 @@
+"""Config: every firmware-config file validates; bad files give messages naming the file and field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agent.__main__ import main
+from agent.config import ConfigError, load_config, validate_file
+
+REPO = Path(__file__).resolve().parents[2]
+FIRMWARE = sorted((REPO / "firmware-config").rglob("*.yaml"))
+
+
+def test_firmware_config_has_defaults_and_stations():
+    names = {p.name for p in FIRMWARE}
+    assert {"defaults.yaml", "receiving-01.yaml", "qc-01.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", FIRMWARE, ids=lambda p: p.name)
+def test_every_firmware_config_file_validates(path):
+    assert validate_file(path) == []
+
+
+def test_station_file_inherits_defaults_and_overrides():
+    cfg = load_config(REPO / "firmware-config/stations/receiving-01.yaml")
+    assert cfg.mqtt.port == 8883 and cfg.mqtt.username == "receiving-01"
+    assert cfg.mqtt.tls is not None and cfg.mqtt.tls.ca_file == Path("/etc/inventory-agent/ca.crt")
+    assert cfg.topic_root == "inventory/ber1/receiving-01"
+    assert [c.id for c in cfg.cameras] == ["dock-a", "dock-b"]
+    assert cfg.cameras[1].thresholds.min_confidence == 0.7
+
+
+def test_validate_config_cli_ok(capsys):
+    assert main(["validate-config", *map(str, FIRMWARE)]) == 0
+    assert "OK" in capsys.readouterr().out
+
+
+def _device(tmp_path: Path, body: str) -> Path:
+    (tmp_path / "defaults.yaml").write_text("mqtt: {host: broker.local}\n")
+    path = tmp_path / "dev.yaml"
+    path.write_text("extends: defaults.yaml\n" + body)
+    return path
+
+
+def test_unknown_key_and_bad_value_are_named(tmp_path, capsys):
+    path = _device(tmp_path, "site: s\nstation: t\nmodel: {bundle: b}\n"
+                             "cameras: [{id: a, uri: x.mp4, fps: -1, colour: red}]\n")
+    assert main(["validate-config", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert f"{path}: field cameras.0.fps: Input should be greater than 0" in err
+    assert f"{path}: field cameras.0.colour: Extra inputs are not permitted" in err
+
+
+def test_password_in_yaml_is_refused(tmp_path):
+    path = _device(tmp_path, "site: s\nstation: t\nmodel: {bundle: b}\ncameras: [{id: a, uri: x}]\n"
+                             "mqtt: {password: hunter2}\n")
+    with pytest.raises(ConfigError, match=r"dev.yaml: field mqtt: .*secrets are not allowed in the YAML"):
+        load_config(path)
+
+
+def test_password_comes_from_env_or_file(tmp_path, monkeypatch):
+    (tmp_path / "pw").write_text("s3cret\n")
+    path = _device(tmp_path, "site: s\nstation: t\nmodel: {bundle: b}\ncameras: [{id: a, uri: x}]\n"
+                             "mqtt: {password_file: pw}\n")
+    assert load_config(path).mqtt.password() == "s3cret"
+    path.write_text(path.read_text().replace("password_file: pw", "password_env: AGENT_TEST_PW"))
+    cfg = load_config(path)
+    with pytest.raises(ConfigError, match="AGENT_TEST_PW is not set"):
+        cfg.mqtt.password()
+    monkeypatch.setenv("AGENT_TEST_PW", "from-env")
+    assert cfg.mqtt.password() == "from-env"
+
+
+def test_duplicate_camera_ids_and_missing_fields(tmp_path):
+    path = _device(tmp_path, "site: s\ncameras: [{id: a, uri: x}, {id: a, uri: y}]\n")
+    problems = validate_file(path)
+    text = "\n".join(problems)
+    assert "field station: Field required" in text
+    assert "field model: Field required" in text
+    assert "camera ids must be unique, repeated: a" in text
+
+
+def test_defaults_layer_with_a_typo_is_reported(tmp_path):
+    path = tmp_path / "defaults.yaml"
+    path.write_text("mqtt: {hots: x}\nframes: {jpeg_quality: 5}\nbogus: 1\n")
+    text = "\n".join(validate_file(path))
+    assert "field mqtt.hots: Extra inputs are not permitted" in text
+    assert "field frames.jpeg_quality: Input should be greater than or equal to 10" in text
+    assert "field bogus: unknown key" in text
+
+
+def test_unreadable_yaml_names_the_file(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("site: [unclosed\n")
+    assert validate_file(path)[0].startswith(f"{path}: not valid YAML")
+    assert validate_file(tmp_path / "missing.yaml")[0].startswith(f"{tmp_path / 'missing.yaml'}: cannot read")

@@ -1,0 +1,146 @@
+"""Pure decision logic: exact, with clocks and inputs given by the test."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from agent.config import PresenceConfig, QcConfig, SortingConfig, Thresholds
+from agent.decide import (ItemTracker, LaneMap, LowConfidencePolicy, Observation, PolicyThresholds,
+                          PresenceDetector, QcAlerter, UploadGate, classify, consensus, dhash, entropy, hamming,
+                          presence_signature, softmax)
+
+LABELS = ["a", "b", "c"]
+
+
+def cls_of(p, policy=None):
+    return classify(np.asarray(p, dtype=np.float64), LABELS, 2, policy or LowConfidencePolicy(PolicyThresholds()))
+
+
+def test_softmax_is_stable_and_normalised():
+    p = softmax(np.array([[1000.0, 1000.0, -1000.0], [0.0, 0.0, 0.0]]))
+    assert np.allclose(p.sum(axis=1), 1.0)
+    assert np.allclose(p[0], [0.5, 0.5, 0.0]) and np.allclose(p[1], 1 / 3)
+
+
+def test_classify_top_k_margin_entropy():
+    c = cls_of([0.7, 0.2, 0.1])
+    assert (c.label, c.class_id) == ("a", 0)
+    assert c.top_k == (("a", 0.7), ("b", 0.2))
+    assert c.margin == pytest.approx(0.5)
+    assert c.entropy == pytest.approx(entropy(np.array([0.7, 0.2, 0.1])))
+    assert not c.low_confidence
+
+
+@pytest.mark.parametrize("probs, expected", [
+    ([0.5, 0.4, 0.1], ["confidence", "margin"]),
+    ([0.9, 0.05, 0.05], []),
+    ([0.34, 0.33, 0.33], ["confidence", "margin", "entropy"]),
+])
+def test_low_confidence_policy_names_each_reason(probs, expected):
+    policy = LowConfidencePolicy(PolicyThresholds(min_confidence=0.6, min_margin=0.2, max_entropy=1.0))
+    reasons = cls_of(probs, policy).reasons
+    assert [r.split()[0] for r in reasons] == expected
+
+
+def test_thresholds_default_from_bundle_and_override_per_camera():
+    bundle = {"min_confidence": 0.62, "min_margin": 0.21, "max_entropy": 0.95}
+    assert PolicyThresholds.resolve(bundle) == PolicyThresholds(0.62, 0.21, 0.95)
+    resolved = PolicyThresholds.resolve(bundle, Thresholds(min_confidence=0.8))
+    assert resolved == PolicyThresholds(0.8, 0.21, 0.95)
+
+
+def test_presence_by_background_difference_learns_only_empty_scenes():
+    det = PresenceDetector(PresenceConfig(mode="background", background_threshold=10))
+    empty = np.zeros((32, 32), np.float32)
+    item = empty.copy()
+    item[8:24, 8:24] = 200
+    assert det.update(empty, "x") is False         # first frame: the empty scene
+    assert det.update(item, "x") is True
+    assert det.update(item, "x") is True           # a standing item is not absorbed
+    assert det.update(empty + 1, "x") is False
+
+
+def test_presence_by_empty_class_and_both():
+    assert PresenceDetector(PresenceConfig(mode="empty_class", empty_class="empty")).update(None, "a") is True
+    both = PresenceDetector(PresenceConfig(mode="both", empty_class="a", background_threshold=10))
+    both.update(np.zeros((4, 4), np.float32), "b")
+    assert both.update(np.full((4, 4), 100, np.float32), "a") is False
+
+
+def test_presence_signature_is_small_gray():
+    sig = presence_signature(np.full((100, 60, 3), 255, np.uint8))
+    assert sig.shape == (32, 32) and sig.dtype == np.float32 and sig.max() == 255
+
+
+def _tracker(**presence):
+    cfg = PresenceConfig(mode="background", min_frames=2, gap_frames=2, **presence)
+    lanes = LaneMap(SortingConfig(lanes={"a": "lane-1"}, default_lane="lane-9", review_lane="review", min_agreement=0.6))
+    policy = LowConfidencePolicy(PolicyThresholds(min_confidence=0.5))
+    return ItemTracker("cam", LABELS, cfg, lanes, policy, top_k=2)
+
+
+def obs(i, p):
+    return Observation(i, 100.0 + i, cls_of(p))
+
+
+def test_one_decision_per_item_from_consensus_mapped_to_lane():
+    t = _tracker()
+    seen = [t.update(obs(1, [0.9, 0.05, 0.05]), True), t.update(obs(2, [0.4, 0.5, 0.1]), True),
+            t.update(obs(3, [0.8, 0.1, 0.1]), True), t.update(obs(4, [1, 0, 0]), False)]
+    assert seen == [None] * 4
+    d = t.update(obs(5, [1, 0, 0]), False)
+    assert d is not None and (d.label, d.lane, d.frames, d.item_seq) == ("a", "lane-1", 3, 1)
+    assert d.confidence == pytest.approx((0.9 + 0.4 + 0.8) / 3)
+    assert d.agreement == pytest.approx(2 / 3, abs=1e-4)
+    assert (d.first_seen, d.last_seen) == (101.0, 103.0)
+    assert t.update(obs(6, [1, 0, 0]), False) is None     # no second decision for the same item
+
+
+def test_short_blips_are_noise_and_uncertain_items_go_to_review():
+    t = _tracker()
+    t.update(obs(1, [0.9, 0.05, 0.05]), True)
+    t.update(obs(2, [0, 0, 1]), False)
+    assert t.update(obs(3, [0, 0, 1]), False) is None and t.noise_items == 1
+    t.update(obs(4, [0.4, 0.35, 0.25]), True)
+    t.update(obs(5, [0.2, 0.45, 0.35]), True)
+    d = t.flush()
+    assert d is not None and d.lane == "review" and d.low_confidence
+    assert any(r.startswith("confidence") for r in d.reasons)
+
+
+def test_item_longer_than_max_frames_is_decided_anyway():
+    t = _tracker(max_frames=3)
+    results = [t.update(obs(i, [0, 0.9, 0.1]), True) for i in range(3)]
+    assert results[:2] == [None, None] and results[2].label == "b" and results[2].lane == "lane-9"
+
+
+def test_consensus_uses_mean_probability_not_votes():
+    frames = [obs(1, [0.51, 0.49, 0]), obs(2, [0.51, 0.49, 0]), obs(3, [0.0, 1.0, 0])]
+    class_id, conf, agreement, top = consensus(frames, LABELS, 2)
+    assert LABELS[class_id] == "b" and agreement == pytest.approx(1 / 3) and top[0][0] == "b"
+
+
+def test_qc_alert_for_defect_class_with_cooldown():
+    qc = QcAlerter(QcConfig(defect_classes=["c"], min_confidence=0.6, cooldown_s=10))
+    defect, weak, other = cls_of([0.1, 0.1, 0.8]), cls_of([0.3, 0.2, 0.5]), cls_of([0.8, 0.1, 0.1])
+    assert qc.check("cam", other, 0.0) is False
+    assert qc.check("cam", weak, 0.0) is False
+    assert qc.check("cam", defect, 0.0) is True
+    assert qc.check("cam", defect, 5.0) is False
+    assert qc.check("cam2", defect, 5.0) is True
+    assert qc.check("cam", defect, 10.0) is True
+
+
+def test_dhash_sees_near_duplicates_and_upload_gate_limits():
+    rng = np.random.default_rng(0)
+    base = (rng.random((64, 64, 3)) * 255).astype(np.uint8)
+    noisy = np.clip(base.astype(int) + rng.integers(-3, 4, base.shape), 0, 255).astype(np.uint8)
+    other = (rng.random((64, 64, 3)) * 255).astype(np.uint8)
+    assert hamming(dhash(base), dhash(noisy)) <= 6 < hamming(dhash(base), dhash(other))
+    gate = UploadGate(min_interval_s=1.0, dedupe_bits=6, window=4)
+    assert gate.admit("cam", dhash(base), 0.0) is None
+    assert gate.admit("cam", dhash(other), 0.5) == "rate"
+    assert gate.admit("cam", dhash(noisy), 2.0) == "duplicate"
+    assert gate.admit("cam", dhash(other), 2.0) is None
+    assert gate.admit("cam2", dhash(base), 2.0) is None

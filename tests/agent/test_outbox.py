@@ -1,0 +1,76 @@
+"""Outbox: ids and sequence numbers, ack, order across reopen, quotas that count what they drop."""
+
+from __future__ import annotations
+
+import uuid
+
+from agent.outbox import Message, Outbox
+
+
+class Clock:
+    def __init__(self, t: float = 1000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def open_outbox(tmp_path, clock=None, **quota):
+    return Outbox(tmp_path / "ob.sqlite", max_bytes=quota.get("max_bytes", 10**9),
+                  max_age_s=quota.get("max_age_s", 3600), clock=clock or Clock())
+
+
+def test_put_assigns_uuid_and_increasing_seq_and_ack_deletes(tmp_path):
+    ob = open_outbox(tmp_path)
+    recs = ob.put_many([Message("result", {"n": i}) for i in range(3)])
+    assert [r.seq for r in recs] == [1, 2, 3]
+    assert all(uuid.UUID(r.id) and r.body["id"] == r.id and r.body["seq"] == r.seq for r in recs)
+    assert ob.ack(2) is True and ob.ack(2) is False
+    assert [r.body["n"] for r in ob.pending()] == [0, 2]
+    assert ob.depth() == 2
+
+
+def test_backlog_and_sequence_survive_reopen(tmp_path):
+    ob = open_outbox(tmp_path)
+    ob.put_many([Message("result", {"n": i}) for i in range(5)])
+    ob.ack(1)
+    status_seq = ob.next_seq()
+    ob.close()
+    again = open_outbox(tmp_path)
+    assert [r.seq for r in again.pending()] == [2, 3, 4, 5]
+    assert again.put(Message("decision", {})).seq == status_seq + 1
+    assert [r.seq for r in again.pending(after_seq=3, limit=2)] == [4, 5]
+
+
+def test_frames_keep_their_jpeg_blob(tmp_path):
+    ob = open_outbox(tmp_path)
+    ob.put(Message("frame", {"camera": "a"}, b"\xff\xd8jpeg"))
+    rec = ob.pending()[0]
+    assert rec.kind == "frame" and rec.blob == b"\xff\xd8jpeg" and rec.body["camera"] == "a"
+
+
+def test_byte_quota_drops_frames_first_then_oldest_and_counts(tmp_path):
+    ob = open_outbox(tmp_path, max_bytes=3000)
+    ob.put(Message("result", {"n": 0}))
+    ob.put(Message("frame", {"n": 1}, b"x" * 1500))
+    ob.put(Message("frame", {"n": 2}, b"x" * 1500))      # over: frame 1 goes
+    assert [r.body["n"] for r in ob.pending()] == [0, 2]
+    assert ob.dropped() == {"bytes:frame": 1}
+    for n in range(3, 60):
+        ob.put(Message("result", {"n": n, "pad": "y" * 40}))
+    kept = [r.body["n"] for r in ob.pending()]
+    assert 2 not in kept and kept == sorted(kept) and kept[-1] == 59
+    dropped = ob.dropped()
+    assert dropped["bytes:frame"] == 2 and dropped["bytes:result"] == 60 - len(kept) - 2
+    assert ob.bytes <= 3000
+
+
+def test_age_quota_drops_old_messages_and_counts_persistently(tmp_path):
+    clock = Clock()
+    ob = open_outbox(tmp_path, clock, max_age_s=60)
+    ob.put(Message("result", {"n": 0}))
+    clock.t += 61
+    ob.put(Message("alert", {"n": 1}))
+    assert [r.body["n"] for r in ob.pending()] == [1]
+    ob.close()
+    assert open_outbox(tmp_path, clock).dropped() == {"age:result": 1}
