@@ -112,19 +112,24 @@ class Received:
 class Subscriber:
     """A dashboard stand-in: collects everything under a topic root (QoS 1)."""
 
-    def __init__(self, host: str, port: int, root: str, *, client_id: str | None = None, clean: bool = True) -> None:
+    def __init__(self, host: str, port: int, root: str, *, client_id: str | None = None, clean: bool = True,
+                 v5: bool = True) -> None:
         import paho.mqtt.client as paho
 
         self.messages: list[Received] = []
         self.lock = threading.Lock()
         self.subscribed = threading.Event()
         self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id or f"dash-{os.getpid()}-{id(self)}",
-                                  protocol=paho.MQTTv5)
+                                  protocol=paho.MQTTv5 if v5 else paho.MQTTv311, clean_session=None if v5 else clean)
+        self.client.reconnect_delay_set(0.1, 0.5)
         self.root = root
         self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(f"{root}/#", qos=1) if not rc.is_failure else None
         self.client.on_subscribe = lambda c, u, mid, rcs, p: self.subscribed.set()
         self.client.on_message = self._on_message
-        self.client.connect(host, port, clean_start=clean)
+        if v5:
+            self.client.connect(host, port, clean_start=clean)
+        else:
+            self.client.connect(host, port)
         self.client.loop_start()
         if not self.subscribed.wait(10):
             raise RuntimeError(f"subscriber could not subscribe on {host}:{port}")
@@ -133,6 +138,14 @@ class Subscriber:
         props = dict(getattr(msg.properties, "UserProperty", []) or []) if msg.properties else {}
         with self.lock:
             self.messages.append(Received(msg.topic, bytes(msg.payload), props))
+
+    def wait_for(self, predicate, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate(self):
+                return True
+            time.sleep(0.05)
+        return predicate(self)
 
     def of(self, kind: str) -> list[Received]:
         with self.lock:

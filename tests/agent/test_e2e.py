@@ -1,0 +1,152 @@
+"""End to end through the CLI, exactly as a station runs it: video -> agent -> real mosquitto -> dashboard."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.demo import Subscriber
+from conftest import Broker, bundle_predictions, station_config, validate_message, video_frames, write_yaml
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.mqtt
+
+
+def agent_cli(*args: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "agent", *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def run_cli(*args: str, timeout: float = 120) -> tuple[int, str]:
+    proc = agent_cli(*args)
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+def dedupe(messages):
+    seen, out = set(), []
+    for m in messages:
+        body = m.json()
+        if body["id"] not in seen:
+            seen.add(body["id"])
+            out.append(body)
+    return out
+
+
+@pytest.mark.parametrize("bundle_fixture", ["tiny_bundle", "real_bundle"])
+def test_every_result_arrives_validates_and_matches_the_bundle(bundle_fixture, request, broker, fmnist_video,
+                                                               tmp_path):
+    bundle = request.getfixturevalue(bundle_fixture)
+    cfg = station_config(tmp_path, bundle, str(fmnist_video), broker.port,
+                         decisions={"presence": {"mode": "background", "min_frames": 1, "gap_frames": 1}})
+    config = write_yaml(tmp_path / "station.yaml", cfg)
+    dashboard = Subscriber(broker.host, broker.port, "inventory/test/st-01")
+    rc, out = run_cli("run", "--config", str(config), "--exit-at-end")
+    assert rc == 0, out
+    assert dashboard.wait_for(lambda d: any(json.loads(m.payload)["state"] == "offline" for m in d.of("status")), 10)
+    dashboard.close()
+
+    for msg in dashboard.messages:
+        body = msg.json()
+        validate_message(body["schema"], body)
+    results = dedupe(dashboard.of("result"))
+    assert len(results) == len(dashboard.of("result")) == 60
+    assert sorted(r["frame_seq"] for r in results) == list(range(1, 61))
+    expected = bundle_predictions(bundle, video_frames(fmnist_video))
+    assert [r["label"] for r in sorted(results, key=lambda r: r["frame_seq"])] == expected
+    seqs = [m.json()["seq"] for m in dashboard.messages if not m.topic.endswith(("/stats", "/status"))]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    uploads = dashboard.of("frames")
+    assert len(uploads) == sum(r["low_confidence"] for r in results)
+    for frame in uploads:
+        assert frame.payload[:2] == b"\xff\xd8" and frame.json()["jpeg"]["bytes"] == len(frame.payload)
+
+
+def test_bad_config_missing_and_tampered_bundles_name_the_file(tmp_path, tiny_bundle, fmnist_video):
+    bad = write_yaml(tmp_path / "bad.yaml", station_config(tmp_path, tiny_bundle, str(fmnist_video), 1883,
+                                                           mqtt={"port": "eighty"}))
+    rc, out = run_cli("run", "--config", str(bad))
+    assert rc == 2 and f"{bad}: field mqtt.port: Input should be a valid integer" in out
+
+    missing = write_yaml(tmp_path / "missing.yaml",
+                         station_config(tmp_path, tmp_path / "no-such-bundle", str(fmnist_video), 1883))
+    rc, out = run_cli("run", "--config", str(missing))
+    assert rc == 2 and f"{tmp_path / 'no-such-bundle'}: bundle folder does not exist" in out
+
+    tampered = tmp_path / "tampered"
+    shutil.copytree(tiny_bundle, tampered)
+    onnx = tampered / "model.fp32.onnx"
+    data = bytearray(onnx.read_bytes())
+    data[-10] ^= 0xFF
+    onnx.write_bytes(bytes(data))
+    cfg = write_yaml(tmp_path / "t.yaml", station_config(tmp_path, tampered, str(fmnist_video), 1883))
+    rc, out = run_cli("run", "--config", str(cfg))
+    assert rc == 2 and f"{onnx}: sha256" in out and "tampered" in out
+
+
+def test_sigterm_stops_cameras_flushes_and_publishes_offline(broker, tiny_bundle, fmnist_video, tmp_path):
+    cfg = station_config(tmp_path, tiny_bundle, str(fmnist_video), broker.port,
+                         cameras=[{"id": "cam-a", "uri": str(fmnist_video), "loop": True, "fps": 30}])
+    config = write_yaml(tmp_path / "station.yaml", cfg)
+    dashboard = Subscriber(broker.host, broker.port, "inventory/test/st-01")
+    proc = agent_cli("run", "--config", str(config))
+    assert dashboard.wait_for(lambda d: len(d.of("result")) >= 10, 30), proc.stdout
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert dashboard.wait_for(lambda d: json.loads(d.of("status")[-1].payload)["state"] == "offline", 5)
+    dashboard.close()
+    db = sqlite3.connect(tmp_path / "outbox.sqlite")
+    assert db.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 0
+    assert "received SIGTERM" in out
+
+
+def outbox_rows(path: Path) -> list[tuple[int, str]]:
+    db = sqlite3.connect(path)
+    try:
+        return db.execute("SELECT seq, id FROM messages ORDER BY seq").fetchall()
+    finally:
+        db.close()
+
+
+def test_kill_9_mid_run_loses_nothing_in_the_outbox(mosquitto_bin, tiny_bundle, fmnist_video, tmp_path):
+    (tmp_path / "broker").mkdir()
+    broker = Broker(tmp_path / "broker")            # not started yet: the station runs into an outage
+    cfg = station_config(tmp_path, tiny_bundle, str(fmnist_video), broker.port,
+                         cameras=[{"id": "cam-a", "uri": str(fmnist_video), "fps": 30, "backpressure": "block"}])
+    config = write_yaml(tmp_path / "station.yaml", cfg)
+    proc = agent_cli("run", "--config", str(config), "--exit-at-end")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(outbox_rows(tmp_path / "outbox.sqlite") if
+                                              (tmp_path / "outbox.sqlite").exists() else []) < 20:
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=10)
+    at_kill = outbox_rows(tmp_path / "outbox.sqlite")
+    assert len(at_kill) >= 20
+
+    broker.start()
+    try:
+        dashboard = Subscriber(broker.host, broker.port, "inventory/test/st-01")
+        rc, out = run_cli("run", "--config", str(config), "--exit-at-end")
+        assert rc == 0, out
+        wanted = {i for _, i in at_kill}
+        assert dashboard.wait_for(lambda d: wanted <= {m.json()["id"] for m in list(d.messages)}, 10)
+        dashboard.close()
+    finally:
+        broker.stop()
+    received = {m.json()["id"]: m.json() for m in dashboard.messages if not m.topic.endswith("/status")}
+    assert {i for _, i in at_kill} <= set(received), "a message in the outbox at kill -9 never arrived"
+    first_run = sorted(b["frame_seq"] for b in received.values() if b["seq"] <= at_kill[-1][0] and
+                       b["schema"] == "result.v1")
+    assert first_run == list(range(1, len(first_run) + 1))
+    assert outbox_rows(tmp_path / "outbox.sqlite") == []
