@@ -1,0 +1,52 @@
+"""Shared fixtures: real Fashion-MNIST product images and a real bundle exported by the trainer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def _require_fashion_mnist() -> None:
+    if not (FMNIST / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+
+
+@pytest.fixture(scope="session")
+def fmnist_dir(tmp_path_factory) -> Path:
+    """The first 1,000 train and 1,000 test Fashion-MNIST images as PNG class folders."""
+    _require_fashion_mnist()
+    from trainer.data import import_fashion_mnist
+
+    out = tmp_path_factory.mktemp("fashion-mnist")
+    import_fashion_mnist(out, FMNIST, limit=1000)
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained_run(fmnist_dir, tmp_path_factory) -> Path:
+    """A short real fine-tune of ImageNet MobileNetV2 on real images (32 px); the run folder."""
+    from trainer.config import TrainConfig
+    from trainer.engine import Trainer
+
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
+    cfg = TrainConfig(data=str(fmnist_dir / "train"), name="tiny", arch="mobilenet_v2", weights="imagenet",
+                      image_size=32, resize_shorter=32, epochs=2, batch_size=32, lr=1e-3, val_fraction=0.2,
+                      workers=0, seed=0)
+    Trainer(cfg, run_dir).fit()
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def real_bundle(trained_run, tmp_path_factory) -> Path:
+    """A bundle exported by the real trainer (ONNX FP32 + INT8 QDQ) from ``trained_run``."""
+    from trainer.export.bundle import ExportConfig, export_bundle
+    from trainer.export.quantize import QuantizeConfig
+
+    models = tmp_path_factory.mktemp("models")
+    result = export_bundle(ExportConfig(checkpoint=trained_run / "best.pt", models_dir=models, name="fashion-mnist",
+                                        version="1", quantize=QuantizeConfig(calibration_images=128),
+                                        tensorrt="off", workers=0))
+    return result.bundle_dir

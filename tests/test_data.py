@@ -1,0 +1,177 @@
+"""Dataset layouts, unreadable images, class checks, the split, and Fashion-MNIST import."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from agent.preprocess import decode_image, read_image
+from trainer import data as data_mod
+from trainer.data import DatasetError, load_dataset
+
+
+def _some_images(fmnist_dir: Path, per_class: int = 3) -> dict[str, list[Path]]:
+    """A few real images per class, keyed by display name."""
+    names = json.loads((fmnist_dir / "train" / "labels.json").read_text())
+    return {names[folder.name]: sorted(folder.glob("*.png"))[:per_class]
+            for folder in sorted((fmnist_dir / "train").iterdir()) if folder.is_dir()}
+
+
+def test_class_folders_use_display_names(fmnist_dir):
+    ds = load_dataset(fmnist_dir / "train")
+    assert ds.layout == "folders"
+    assert "T-shirt/top" in ds.classes and "Ankle boot" in ds.classes
+    assert len(ds.classes) == 10
+    assert len(ds.samples) == 1000
+    # labels follow the folders: every sample's folder maps to its class name
+    names = json.loads((fmnist_dir / "train" / "labels.json").read_text())
+    assert all(names[s.path.parent.name] == ds.classes[s.label] for s in ds.samples)
+
+
+def test_prefixed_files_layout(fmnist_dir, tmp_path):
+    for label, paths in _some_images(fmnist_dir).items():
+        for i, p in enumerate(paths):
+            shutil.copy(p, tmp_path / f"{data_mod.folder_name(label).replace('_', '-')}_{i}.png")
+    ds = load_dataset(tmp_path)
+    assert ds.layout == "prefixed"
+    assert Counter(ds.classes[s.label] for s in ds.samples) == {c: 3 for c in ds.classes}
+    assert "T-shirt-top" in ds.classes
+
+
+def test_prefixed_file_without_class_is_an_error(tmp_path, fmnist_dir):
+    src = next(iter(_some_images(fmnist_dir).values()))[0]
+    shutil.copy(src, tmp_path / "noclass.png")
+    with pytest.raises(DatasetError, match="noclass.png.*<class>_<anything>"):
+        load_dataset(tmp_path)
+
+
+def test_csv_layout_with_relative_paths(fmnist_dir, tmp_path):
+    rows = ["path,label"]
+    (tmp_path / "img").mkdir()
+    for label, paths in _some_images(fmnist_dir, 2).items():
+        for i, p in enumerate(paths):
+            dest = tmp_path / "img" / f"{data_mod.folder_name(label)}{i}.png"
+            shutil.copy(p, dest)
+            rows.append(f"img/{dest.name},{label}")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    ds = load_dataset(tmp_path / "labels.csv")
+    assert ds.layout == "csv"
+    assert len(ds.samples) == 20 and len(ds.classes) == 10
+    assert all(s.path.is_file() for s in ds.samples)
+
+
+def test_csv_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("file,class\na.png,x\n")
+    with pytest.raises(DatasetError, match=r"bad.csv.*path,label"):
+        load_dataset(bad)
+    bad.write_text("path,label\n,x\n")
+    with pytest.raises(DatasetError, match=r"bad.csv:2"):
+        load_dataset(bad)
+
+
+def test_corrupt_images_are_skipped_counted_and_listed(fmnist_dir, tmp_path):
+    root = tmp_path / "ds"
+    for label, paths in _some_images(fmnist_dir, 4).items():
+        (root / data_mod.folder_name(label)).mkdir(parents=True)
+        for p in paths:
+            shutil.copy(p, root / data_mod.folder_name(label) / p.name)
+    truncated = root / "Bag" / "truncated.png"
+    truncated.write_bytes(next((fmnist_dir / "train" / "Bag").glob("*.png")).read_bytes()[:40])
+    (root / "Coat" / "empty.jpg").write_bytes(b"")
+    (root / "Coat" / "text.png").write_text("not an image")
+    ds = load_dataset(root)
+    assert len(ds.samples) == 40
+    skipped = {Path(row["path"]).name: row["error"] for row in ds.skipped}
+    assert set(skipped) == {"truncated.png", "empty.jpg", "text.png"}
+    assert "empty file" in skipped["empty.jpg"] and str(root / "Coat" / "text.png") in skipped["text.png"]
+
+
+def test_class_with_only_corrupt_images_is_a_clear_error(fmnist_dir, tmp_path):
+    good = next(iter(_some_images(fmnist_dir).values()))[0]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    shutil.copy(good, tmp_path / "a" / "1.png")
+    (tmp_path / "b" / "1.png").write_bytes(b"\x89PNG garbage")
+    with pytest.raises(DatasetError, match=r"classes \['b'\] have no readable images"):
+        load_dataset(tmp_path)
+
+
+def test_empty_class_folder_and_single_class_are_errors(fmnist_dir, tmp_path):
+    good = next(iter(_some_images(fmnist_dir).values()))[0]
+    (tmp_path / "a").mkdir()
+    shutil.copy(good, tmp_path / "a" / "1.png")
+    with pytest.raises(DatasetError, match="need at least 2"):
+        load_dataset(tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match=r"empty: class folder holds no images"):
+        load_dataset(tmp_path)
+
+
+def test_missing_dataset_path(tmp_path):
+    with pytest.raises(DatasetError, match="does not exist"):
+        load_dataset(tmp_path / "nope")
+
+
+def test_grayscale_and_rgba_become_rgb(tmp_path):
+    gray = (np.arange(64 * 48) % 251).astype(np.uint8).reshape(48, 64)
+    rgba = np.dstack([gray, gray // 2, gray // 3, np.full_like(gray, 7)])  # RGBA order
+    cv2.imwrite(str(tmp_path / "g.png"), gray)
+    cv2.imwrite(str(tmp_path / "a.png"), cv2.cvtColor(rgba, cv2.COLOR_RGBA2BGRA))
+    g = read_image(tmp_path / "g.png")
+    a = read_image(tmp_path / "a.png")
+    assert g.shape == a.shape == (48, 64, 3) and g.dtype == np.uint8
+    assert (g[..., 0] == gray).all() and (g[..., 2] == gray).all()
+    np.testing.assert_array_equal(a, rgba[..., :3])  # alpha dropped, channel order RGB
+    with pytest.raises(ValueError, match="x.jpg: not a decodable image"):
+        decode_image(b"garbage bytes", name="x.jpg")
+
+
+def test_split_is_stratified_reproducible_and_saved(fmnist_dir, tmp_path):
+    ds = load_dataset(fmnist_dir / "train")
+    train, val = data_mod.stratified_split(ds.labels(), 0.2, seed=7)
+    assert not set(train) & set(val) and len(train) + len(val) == len(ds.samples)
+    per_class = Counter(ds.labels())
+    val_counts = Counter(ds.samples[i].label for i in val)
+    for label, n in per_class.items():
+        assert abs(val_counts[label] - 0.2 * n) <= 1
+    assert data_mod.stratified_split(ds.labels(), 0.2, seed=7) == (train, val)
+    assert data_mod.stratified_split(ds.labels(), 0.2, seed=8) != (train, val)
+    data_mod.save_split(tmp_path / "split.json", ds, train, val, seed=7)
+    assert data_mod.load_split(tmp_path / "split.json", ds) == (train, val)
+    saved = json.loads((tmp_path / "split.json").read_text())
+    assert saved["seed"] == 7 and len(saved["val"]) == len(val)
+
+
+def test_fingerprint_changes_with_labels(fmnist_dir, tmp_path):
+    shutil.copytree(fmnist_dir / "train", tmp_path / "d")
+    before = load_dataset(tmp_path / "d").fingerprint()
+    moved = next((tmp_path / "d" / "Bag").glob("*.png"))
+    moved.rename(tmp_path / "d" / "Coat" / moved.name)
+    assert load_dataset(tmp_path / "d").fingerprint() != before
+
+
+def test_fashion_mnist_import_matches_idx(fmnist_dir):
+    import gzip
+
+    with gzip.open(data_mod.FASHION_MNIST_DIR / "train-labels-idx1-ubyte.gz") as fh:
+        labels = np.frombuffer(fh.read()[8:], dtype=np.uint8)
+    with gzip.open(data_mod.FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz") as fh:
+        first = np.frombuffer(fh.read()[16 : 16 + 784], dtype=np.uint8).reshape(28, 28)
+    label = data_mod.FASHION_MNIST_CLASSES[labels[0]]
+    path = fmnist_dir / "train" / data_mod.folder_name(label) / "train_00000.png"
+    np.testing.assert_array_equal(read_image(path)[..., 0], first)
+    counts = load_dataset(fmnist_dir / "train").class_counts()
+    assert counts == {c: int((labels[:1000] == i).sum()) for i, c in enumerate(data_mod.FASHION_MNIST_CLASSES)}
+
+
+def test_bad_idx_file_is_named(tmp_path):
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(b"nope")
+    with pytest.raises(DatasetError, match="train-images-idx3-ubyte.gz"):
+        data_mod.import_fashion_mnist(tmp_path / "out", tmp_path)

@@ -1,0 +1,238 @@
+"""python -m trainer import-fashion-mnist|train|evaluate|export|verify|keygen|demo ..."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from trainer.augment import AugmentConfig
+
+log = logging.getLogger("trainer")
+
+BOOL = argparse.BooleanOptionalAction
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="class folders, <class>_*.ext files, or a path,label CSV")
+    p.add_argument("--out-dir", default="runs", help="runs are written to OUT_DIR/NAME")
+    p.add_argument("--name", default="model", help="run and bundle name")
+    p.add_argument("--arch", default="resnet50", choices=["resnet50", "resnet18", "mobilenet_v2"])
+    p.add_argument("--weights", default="imagenet", help="imagenet | none | PATH to a state dict")
+    p.add_argument("--image-size", type=int, default=224, help="model input (square)")
+    p.add_argument("--resize-shorter", type=int, default=None, help="eval resize before centre crop (default size*256/224)")
+    p.add_argument("--interpolation", default="bilinear", choices=["bilinear", "area"])
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--limit-per-class", type=int, default=None, help="use at most N images per class")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--optimizer", default="adam", choices=["adam", "adamw", "sgd"])
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--schedule", default="cosine", choices=["cosine", "step", "constant"])
+    p.add_argument("--warmup-epochs", type=float, default=0.0)
+    p.add_argument("--step-size", type=int, default=5, help="epochs between decays (--schedule step)")
+    p.add_argument("--gamma", type=float, default=0.1, help="decay factor (--schedule step)")
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--freeze-epochs", type=int, default=0, help="train only the head for the first N epochs")
+    p.add_argument("--amp", action=BOOL, default=True, help="mixed precision on CUDA")
+    p.add_argument("--channels-last", action=BOOL, default=True, help="channels_last memory format")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--workers", type=int, default=2, help="image decoding processes")
+    p.add_argument("--cache-images", action=BOOL, default=True, help="decode training images once into memory")
+    p.add_argument("--patience", type=int, default=None, help="early stop after N epochs without improvement")
+    p.add_argument("--metric", default="accuracy", choices=["accuracy", "macro_f1"], help="selects best.pt")
+    p.add_argument("--max-steps-per-epoch", type=int, default=None)
+    aug = AugmentConfig()
+    p.add_argument("--scale", type=float, nargs=2, default=aug.scale, help="random-resized-crop area range")
+    p.add_argument("--hflip", type=float, default=aug.hflip)
+    p.add_argument("--rotation", type=float, default=aug.rotation, help="max degrees")
+    p.add_argument("--jitter", type=float, default=aug.brightness, help="brightness/contrast/saturation strength")
+    p.add_argument("--erasing", type=float, default=aug.erasing, help="random erasing probability")
+
+
+def _add_export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--models-dir", default="models")
+    p.add_argument("--version", default=None, help="bundle version (default: UTC timestamp)")
+    p.add_argument("--calibration-images", type=int, default=512)
+    p.add_argument("--calibration-method", default="percentile", choices=["minmax", "percentile", "entropy"])
+    p.add_argument("--gate-margin", type=float, default=1.0, help="INT8 may lose at most this many top-1 points")
+    p.add_argument("--parity-images", type=int, default=256)
+    p.add_argument("--tensorrt", default="auto", choices=["auto", "on", "off"])
+    p.add_argument("--sign-key", type=Path, default=None, help="ed25519 private key to sign the manifest")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("import-fashion-mnist", help="write Fashion-MNIST as PNG class folders")
+    p.add_argument("--out", default="data/fashion-mnist")
+    p.add_argument("--source", default="/usr/share/datasets/fashion-mnist")
+
+    p = sub.add_parser("train", help="fine-tune a model on labelled images")
+    _add_train_args(p)
+    p.add_argument("--resume", type=Path, default=None, help="continue the run in this folder (its config wins)")
+
+    p = sub.add_parser("evaluate", help="metrics and plots for a checkpoint or an ONNX file of a bundle")
+    p.add_argument("model", type=Path, help="best.pt/last.pt, or a bundle's .onnx")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--limit-per-class", type=int, default=None)
+
+    p = sub.add_parser("export", help="checkpoint -> verified model bundle")
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("--name", default=None)
+    _add_export_args(p)
+
+    p = sub.add_parser("verify", help="check a bundle's schema, hashes and signature")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--public-key", type=Path, default=None)
+
+    p = sub.add_parser("keygen", help="write an ed25519 key pair for signing bundles")
+    p.add_argument("--private", type=Path, default=Path("keys/bundle-signing.key"))
+    p.add_argument("--public", type=Path, default=Path("keys/bundle-signing.pub"))
+
+    p = sub.add_parser("demo", help="import Fashion-MNIST, fine-tune MobileNetV2, export a bundle (the README's main job)")
+    p.add_argument("--data-dir", default="data/fashion-mnist")
+    p.add_argument("--out-dir", default="runs")
+    p.add_argument("--models-dir", default="models")
+    p.add_argument("--limit-per-class", type=int, default=1000)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--image-size", type=int, default=48)
+    p.add_argument("--arch", default="mobilenet_v2", choices=["resnet50", "resnet18", "mobilenet_v2"])
+    return parser
+
+
+def train_config_from_args(args: argparse.Namespace):
+    from trainer.config import TrainConfig
+
+    augment = AugmentConfig(scale=tuple(args.scale), hflip=args.hflip, rotation=args.rotation,
+                            brightness=args.jitter, contrast=args.jitter, saturation=args.jitter, erasing=args.erasing)
+    keys = [f for f in TrainConfig.__dataclass_fields__ if f != "augment" and hasattr(args, f)]
+    return TrainConfig(**{k: getattr(args, k) for k in keys}, augment=augment)
+
+
+def cmd_train(args) -> int:
+    from trainer.config import TrainConfig
+    from trainer.engine import Trainer
+
+    if args.resume:
+        run_dir = args.resume if args.resume.is_dir() else args.resume.parent
+        cfg = TrainConfig.load(run_dir / "config.json")
+    else:
+        cfg = train_config_from_args(args)
+        run_dir = Path(cfg.out_dir) / cfg.name
+        if (run_dir / "last.pt").exists():
+            log.error("%s already holds a run; pass --resume %s to continue it, or another --name", run_dir, run_dir)
+            return 2
+    result = Trainer(cfg, run_dir).fit()
+    print(f"best val {cfg.metric} {result.best_metric:.4f} at epoch {result.best_epoch}; "
+          f"checkpoint {run_dir / 'best.pt'}")
+    return 0
+
+
+def _export_config(args, checkpoint: Path):
+    from trainer.export.bundle import ExportConfig
+    from trainer.export.quantize import QuantizeConfig
+
+    return ExportConfig(
+        checkpoint=checkpoint, models_dir=Path(args.models_dir), name=getattr(args, "name", None), version=args.version,
+        parity_images=args.parity_images, gate_margin_points=args.gate_margin, tensorrt=args.tensorrt,
+        quantize=QuantizeConfig(calibration_images=args.calibration_images, method=args.calibration_method),
+        sign_key=args.sign_key,
+    )
+
+
+def print_export_summary(result) -> None:
+    q = result.manifest["quality"]
+    int8 = q["int8"]
+    print(f"bundle        {result.bundle_dir}")
+    print(f"FP32 val top-1 {q['val_accuracy'] * 100:.2f}%  macro-F1 {q['val_macro_f1']:.4f}  "
+          f"(ONNX vs PyTorch max |dlogit| {q['parity']['max_abs_logit_diff']:.2e}, top-1 agreement {q['parity']['top1_agreement']:.4f})")
+    print(f"INT8 val top-1 {int8['val_accuracy'] * 100:.2f}%  delta {int8['delta_top1_points']:+.2f} points  "
+          f"gate {'passed' if int8['passed'] else 'FAILED: ' + int8['reason']}")
+    print(f"TensorRT      {q['tensorrt']['engines']} engine(s)" + (f" ({q['tensorrt']['reason']})" if q["tensorrt"]["reason"] else ""))
+
+
+def cmd_export(args) -> int:
+    from trainer.export.bundle import export_bundle
+
+    print_export_summary(export_bundle(_export_config(args, args.checkpoint)))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from trainer.evaluate import evaluate
+
+    m = evaluate(args.model, args.data, args.out, limit=args.limit_per_class)
+    print(f"top-1 {m['accuracy'] * 100:.2f}%  macro-F1 {m['macro_f1']:.4f}  ECE {m['ece']:.4f}  "
+          f"on {m['images']} images; reports in {args.out}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from agent.bundle import BundleError
+    from trainer.export.bundle import verify
+
+    try:
+        bundle = verify(args.bundle, args.public_key)
+    except BundleError as exc:
+        print(f"INVALID: {exc}", file=sys.stderr)
+        return 1
+    print(f"OK {bundle.name} {bundle.version}: {len(bundle.artifacts)} artifacts verified"
+          + (", signature valid" if bundle.signed else ""))
+    return 0
+
+
+def cmd_keygen(args) -> int:
+    from trainer.signing import generate_keypair
+
+    generate_keypair(args.private, args.public)
+    print(f"private key {args.private} (keep it on the training server)\npublic key  {args.public} (give it to stations)")
+    return 0
+
+
+def cmd_import(args) -> int:
+    from trainer.data import import_fashion_mnist
+
+    counts = import_fashion_mnist(args.out, args.source)
+    print(f"Fashion-MNIST: {counts['train']} train and {counts['test']} test images in {args.out}/{{train,test}}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from trainer.pipeline import DemoConfig, run_demo
+
+    run_demo(DemoConfig(data_dir=Path(args.data_dir), out_dir=Path(args.out_dir), models_dir=Path(args.models_dir),
+                        limit_per_class=args.limit_per_class, epochs=args.epochs, image_size=args.image_size,
+                        arch=args.arch))
+    return 0
+
+
+COMMANDS = {"import-fashion-mnist": cmd_import, "train": cmd_train, "evaluate": cmd_evaluate, "export": cmd_export,
+            "verify": cmd_verify, "keygen": cmd_keygen, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("onnx_ir", "onnxscript", "torch.onnx", "root"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from trainer.data import DatasetError
+    from trainer.model import WeightsError
+
+    try:
+        return COMMANDS[args.command](args)
+    except (DatasetError, WeightsError, FileExistsError, ValueError) as exc:
+        log.error("%s", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""Train augmentation (batched, on the training device) and the eval transform.
+
+Training images are decoded once to a small uint8 "canvas" (shorter side
+resized to ``resize_shorter``, centre square), so the expensive part of a step
+is the model, not PIL. Augmentation then runs on whole batches: one affine
+warp per batch does random-resized-crop, flip and rotation together, followed
+by colour jitter and random erasing as tensor arithmetic. The same code runs on
+CPU and CUDA.
+
+The eval transform is the bundle's preprocessing (``agent.preprocess``), so
+validation figures are the figures a station will see.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from agent.preprocess import INTERPOLATIONS, InputSpec, Preprocessor, read_image, resized_size
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Train-time augmentation; defaults suit product photos (upright objects, varied lighting)."""
+
+    scale: tuple[float, float] = (0.6, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = 0.5
+    rotation: float = 10.0
+    brightness: float = 0.2
+    contrast: float = 0.2
+    saturation: float = 0.2
+    erasing: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def eval_spec(image_size: int, resize_shorter: int | None = None, interpolation: str = "bilinear") -> InputSpec:
+    """The manifest's input block for a square model input."""
+    return InputSpec(
+        height=image_size,
+        width=image_size,
+        resize_shorter=resize_shorter or image_size,
+        interpolation=interpolation,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+    )
+
+
+def load_canvas(path, spec: InputSpec) -> np.ndarray:
+    """Decode an image to the uint8 training canvas: 3 x S x S, S = resize_shorter."""
+    rgb = read_image(path)
+    side = spec.resize_shorter
+    new_h, new_w = resized_size(rgb.shape[0], rgb.shape[1], side)
+    if (new_h, new_w) != rgb.shape[:2]:
+        rgb = cv2.resize(rgb, (new_w, new_h), interpolation=INTERPOLATIONS[spec.interpolation])
+    top, left = (new_h - side) // 2, (new_w - side) // 2
+    return np.ascontiguousarray(rgb[top : top + side, left : left + side].transpose(2, 0, 1))
+
+
+def load_eval(path, preprocessor: Preprocessor) -> np.ndarray:
+    """The exact model input a station computes for this image (3 x H x W float32)."""
+    return preprocessor(read_image(path))
+
+
+class BatchAugment:
+    """Random augmentation of a uint8 canvas batch into a normalized float batch."""
+
+    def __init__(self, config: AugmentConfig, spec: InputSpec, generator: torch.Generator) -> None:
+        self.config = config
+        self.spec = spec
+        self.generator = generator
+        self.mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(spec.std).view(1, 3, 1, 1)
+
+    def _rand(self, n: int, low: float = 0.0, high: float = 1.0) -> torch.Tensor:
+        return torch.rand(n, generator=self.generator) * (high - low) + low
+
+    def _affine(self, n: int) -> torch.Tensor:
+        """Per-sample 2x3 matrices (normalized coords) for crop + flip + rotation."""
+        cfg = self.config
+        area = self._rand(n, *cfg.scale)
+        log_ratio = self._rand(n, math.log(cfg.ratio[0]), math.log(cfg.ratio[1]))
+        ratio = torch.exp(log_ratio)
+        # Crop width/height as fractions of the canvas, clamped inside it.
+        w = torch.sqrt(area * ratio).clamp(max=1.0)
+        h = torch.sqrt(area / ratio).clamp(max=1.0)
+        cx = (self._rand(n) * 2 - 1) * (1 - w)
+        cy = (self._rand(n) * 2 - 1) * (1 - h)
+        angle = self._rand(n, -cfg.rotation, cfg.rotation) * math.pi / 180
+        flip = torch.where(self._rand(n) < cfg.hflip, -1.0, 1.0)
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        theta = torch.zeros(n, 2, 3)
+        theta[:, 0, 0] = w * cos * flip
+        theta[:, 0, 1] = -h * sin
+        theta[:, 1, 0] = w * sin * flip
+        theta[:, 1, 1] = h * cos
+        theta[:, 0, 2] = cx
+        theta[:, 1, 2] = cy
+        return theta
+
+    def _jitter(self, x: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        n = x.shape[0]
+        shape = (n, 1, 1, 1)
+        if cfg.brightness:
+            x = x * self._rand(n, 1 - cfg.brightness, 1 + cfg.brightness).view(shape).to(x)
+        if cfg.contrast:
+            mean = x.mean(dim=(1, 2, 3), keepdim=True)
+            x = (x - mean) * self._rand(n, 1 - cfg.contrast, 1 + cfg.contrast).view(shape).to(x) + mean
+        if cfg.saturation:
+            gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+            x = (x - gray) * self._rand(n, 1 - cfg.saturation, 1 + cfg.saturation).view(shape).to(x) + gray
+        return x.clamp(0.0, 1.0)
+
+    def _erase(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        chosen = self._rand(n) < self.config.erasing
+        if not chosen.any():
+            return x
+        area = self._rand(n, 0.02, 0.25)
+        ratio = torch.exp(self._rand(n, math.log(0.3), math.log(3.3)))
+        eh = (torch.sqrt(area / ratio) * h).clamp(1, h).long()
+        ew = (torch.sqrt(area * ratio) * w).clamp(1, w).long()
+        top = (self._rand(n) * (h - eh + 1).float()).long()
+        left = (self._rand(n) * (w - ew + 1).float()).long()
+        rows = torch.arange(h).view(1, h, 1)
+        cols = torch.arange(w).view(1, 1, w)
+        mask = (
+            (rows >= top.view(n, 1, 1)) & (rows < (top + eh).view(n, 1, 1))
+            & (cols >= left.view(n, 1, 1)) & (cols < (left + ew).view(n, 1, 1))
+            & chosen.view(n, 1, 1)
+        )
+        noise = torch.rand(x.shape, generator=self.generator).to(x)
+        return torch.where(mask.unsqueeze(1).to(x.device), noise, x)
+
+    def __call__(self, canvas: torch.Tensor) -> torch.Tensor:
+        """uint8 N x 3 x S x S (any device) -> float N x 3 x H x W, normalized."""
+        n = canvas.shape[0]
+        x = canvas.float().div_(255.0)
+        theta = self._affine(n).to(x.device)
+        grid = F.affine_grid(theta, [n, 3, self.spec.height, self.spec.width], align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+        x = self._jitter(x)
+        if self.config.erasing:
+            x = self._erase(x)
+        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+
+
+def center_canvas(canvas: torch.Tensor, spec: InputSpec) -> torch.Tensor:
+    """Deterministic view of a canvas batch (centre crop, normalized): for quick train-set checks."""
+    side = canvas.shape[-1]
+    top, left = (side - spec.height) // 2, (side - spec.width) // 2
+    x = canvas[..., top : top + spec.height, left : left + spec.width].float().div_(255.0)
+    mean = torch.tensor(spec.mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std

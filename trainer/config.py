@@ -1,0 +1,86 @@
+"""The resolved training configuration, saved with every run."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from trainer.augment import AugmentConfig
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a training run; ``runs/<name>/config.json`` holds it resolved."""
+
+    data: str
+    out_dir: str = "runs"
+    name: str = "model"
+    arch: str = "resnet50"
+    weights: str = "imagenet"
+    image_size: int = 224
+    resize_shorter: int | None = None  # None: image_size * 256 / 224
+    interpolation: str = "bilinear"
+    val_fraction: float = 0.1
+    limit_per_class: int | None = None
+    seed: int = 0
+    epochs: int = 10
+    batch_size: int = 64
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+    step_size: int = 5
+    gamma: float = 0.1
+    label_smoothing: float = 0.0
+    freeze_epochs: int = 0
+    amp: bool = True
+    channels_last: bool = True
+    device: str = "auto"
+    workers: int = 2
+    cache_images: bool = True
+    patience: int | None = None
+    metric: str = "accuracy"
+    max_steps_per_epoch: int | None = None
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.augment, dict):
+            aug = dict(self.augment)
+            for key in ("scale", "ratio"):
+                if key in aug:
+                    aug[key] = tuple(aug[key])
+            self.augment = AugmentConfig(**aug)
+        checks = {
+            "optimizer": ("adam", "adamw", "sgd"),
+            "schedule": ("cosine", "step", "constant"),
+            "metric": ("accuracy", "macro_f1"),
+            "interpolation": ("bilinear", "area"),
+        }
+        for name, allowed in checks.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}: expected one of {allowed}, got {getattr(self, name)!r}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch_size must be >= 1")
+
+    @property
+    def resolved_resize_shorter(self) -> int:
+        return self.resize_shorter or round(self.image_size * 256 / 224)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_dict(), indent=2))
+
+    @classmethod
+    def load(cls, path: Path) -> "TrainConfig":
+        raw = json.loads(Path(path).read_text())
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown fields {unknown}")
+        return cls(**raw)

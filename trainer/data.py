@@ -1,0 +1,333 @@
+"""Labelled product images: three layouts, a stratified split, and Fashion-MNIST import.
+
+Layouts (``detect_layout`` picks one):
+
+- class folders: ``root/<class>/*.png`` (an optional ``root/labels.json`` maps
+  folder names to display names, for names a filesystem cannot hold);
+- flat files named ``<class>_<anything>.<ext>`` (the original design notes);
+- a CSV with a header ``path,label`` (paths relative to the CSV's folder).
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import json
+import logging
+import random
+import re
+import struct
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+LABELS_FILE = "labels.json"
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be trained on; the message names the file or folder."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    label: int
+
+
+@dataclass
+class Dataset:
+    """Samples with their class names; ``skipped`` lists files that could not be used."""
+
+    root: Path
+    classes: list[str]
+    samples: list[Sample]
+    layout: str
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+    def labels(self) -> list[int]:
+        return [s.label for s in self.samples]
+
+    def class_counts(self) -> dict[str, int]:
+        counts = Counter(s.label for s in self.samples)
+        return {name: counts.get(i, 0) for i, name in enumerate(self.classes)}
+
+    def relative(self, path: Path) -> str:
+        try:
+            return path.relative_to(self.root).as_posix()
+        except ValueError:
+            return str(path)
+
+    def fingerprint(self) -> str:
+        """sha256 over sorted (relative path, label, size): changes when any image or label does."""
+        digest = hashlib.sha256()
+        rows = sorted((self.relative(s.path), self.classes[s.label], s.path.stat().st_size) for s in self.samples)
+        for rel, label, size in rows:
+            digest.update(f"{rel}\t{label}\t{size}\n".encode())
+        return digest.hexdigest()
+
+    def subset(self, indices: Sequence[int]) -> "Dataset":
+        return Dataset(self.root, self.classes, [self.samples[i] for i in indices], self.layout, self.skipped)
+
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _display_names(root: Path) -> dict[str, str]:
+    path = root / LABELS_FILE
+    if not path.exists():
+        return {}
+    try:
+        names = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DatasetError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(names, dict) or not all(isinstance(v, str) for v in names.values()):
+        raise DatasetError(f"{path}: expected an object mapping folder names to class names")
+    return names
+
+
+def _from_pairs(root: Path, pairs: Iterable[tuple[Path, str]], layout: str, classes: Sequence[str] | None) -> Dataset:
+    pairs = list(pairs)
+    names = list(classes) if classes is not None else sorted({label for _, label in pairs})
+    index = {name: i for i, name in enumerate(names)}
+    unknown = sorted({label for _, label in pairs if label not in index})
+    if unknown:
+        raise DatasetError(f"{root}: labels {unknown} are not among the expected classes {names}")
+    return Dataset(root, names, [Sample(p, index[label]) for p, label in pairs], layout)
+
+
+def scan_class_folders(root: Path, classes: Sequence[str] | None = None) -> Dataset:
+    display = _display_names(root)
+    pairs = []
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    for folder in folders:
+        label = display.get(folder.name, folder.name)
+        files = sorted(p for p in folder.rglob("*") if _is_image(p))
+        if not files and classes is None:
+            raise DatasetError(f"{folder}: class folder holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+        pairs.extend((p, label) for p in files)
+    return _from_pairs(root, pairs, "folders", classes)
+
+
+_PREFIX = re.compile(r"^(?P<label>[^_]+)_.+$")
+
+
+def scan_prefixed_files(root: Path, classes: Sequence[str] | None = None) -> Dataset:
+    pairs = []
+    for path in sorted(p for p in root.iterdir() if _is_image(p)):
+        match = _PREFIX.match(path.stem)
+        if not match:
+            raise DatasetError(f"{path}: file name must look like <class>_<anything>{path.suffix}")
+        pairs.append((path, match["label"]))
+    return _from_pairs(root, pairs, "prefixed", classes)
+
+
+def read_csv(csv_path: Path, classes: Sequence[str] | None = None) -> Dataset:
+    base = csv_path.parent
+    pairs = []
+    with open(csv_path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        if reader.fieldnames is None or not {"path", "label"} <= set(reader.fieldnames):
+            raise DatasetError(f"{csv_path}: expected a header with columns 'path,label', got {reader.fieldnames}")
+        for line, row in enumerate(reader, start=2):
+            if not row["path"] or not row["label"]:
+                raise DatasetError(f"{csv_path}:{line}: empty path or label")
+            path = Path(row["path"])
+            pairs.append((path if path.is_absolute() else base / path, row["label"].strip()))
+    return _from_pairs(base, pairs, "csv", classes)
+
+
+def detect_layout(source: Path) -> str:
+    if source.is_file():
+        if source.suffix.lower() != ".csv":
+            raise DatasetError(f"{source}: a dataset file must be a .csv with columns path,label")
+        return "csv"
+    if not source.is_dir():
+        raise DatasetError(f"{source}: dataset path does not exist")
+    if any(p.is_dir() and not p.name.startswith(".") for p in source.iterdir()):
+        return "folders"
+    if any(_is_image(p) for p in source.iterdir()):
+        return "prefixed"
+    raise DatasetError(f"{source}: no class folders, no images and not a CSV")
+
+
+def load_dataset(source: str | Path, classes: Sequence[str] | None = None, *, check_images: bool = True) -> Dataset:
+    """Read a dataset in any layout, drop unreadable images (listed in ``skipped``), check classes.
+
+    ``classes`` fixes the class list (for a test split that must use the training classes).
+    """
+    source = Path(source)
+    layout = detect_layout(source)
+    scan = {"csv": read_csv, "folders": scan_class_folders, "prefixed": scan_prefixed_files}[layout]
+    dataset = scan(source, classes)
+    if check_images:
+        dataset = drop_unreadable(dataset)
+    if classes is None:
+        _check_classes(dataset)
+    log.info("%s: %d images in %d classes (%s layout)", source, len(dataset.samples), len(dataset.classes), layout)
+    return dataset
+
+
+def _check_classes(dataset: Dataset) -> None:
+    if len(dataset.classes) < 2:
+        raise DatasetError(f"{dataset.root}: found {len(dataset.classes)} class ({dataset.classes}); need at least 2")
+    empty = [name for name, n in dataset.class_counts().items() if n == 0]
+    if empty:
+        raise DatasetError(f"{dataset.root}: classes {empty} have no readable images")
+
+
+def drop_unreadable(dataset: Dataset, workers: int = 4) -> Dataset:
+    """Decode the header of every image; keep what decodes, list the rest by path with the reason."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from agent.preprocess import ImageDecodeError, read_image
+
+    def probe(sample: Sample) -> str | None:
+        try:
+            read_image(sample.path)
+        except ImageDecodeError as exc:
+            return str(exc)
+        return None
+
+    with ThreadPoolExecutor(workers) as pool:
+        errors = list(pool.map(probe, dataset.samples, chunksize=256))
+    kept = [s for s, err in zip(dataset.samples, errors) if err is None]
+    skipped = [{"path": str(s.path), "error": err} for s, err in zip(dataset.samples, errors) if err is not None]
+    for row in skipped:
+        log.warning("skipping unreadable image %s", row["error"])
+    return Dataset(dataset.root, dataset.classes, kept, dataset.layout, dataset.skipped + skipped)
+
+
+def stratified_split(labels: Sequence[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices (train, val): each class split in the same proportion, reproducibly for a seed."""
+    if not 0.0 < val_fraction < 1.0:
+        raise DatasetError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+    by_class: dict[int, list[int]] = defaultdict(list)
+    for i, label in enumerate(labels):
+        by_class[label].append(i)
+    rng = random.Random(seed)
+    train, val = [], []
+    for label in sorted(by_class):
+        idx = by_class[label]
+        rng.shuffle(idx)
+        n_val = max(1, round(len(idx) * val_fraction)) if len(idx) > 1 else 0
+        val.extend(idx[:n_val])
+        train.extend(idx[n_val:])
+    return sorted(train), sorted(val)
+
+
+def save_split(path: Path, dataset: Dataset, train: Sequence[int], val: Sequence[int], seed: int) -> None:
+    payload = {
+        "seed": seed,
+        "root": str(dataset.root),
+        "classes": dataset.classes,
+        "train": [[dataset.relative(dataset.samples[i].path), dataset.samples[i].label] for i in train],
+        "val": [[dataset.relative(dataset.samples[i].path), dataset.samples[i].label] for i in val],
+    }
+    path.write_text(json.dumps(payload))
+
+
+def load_split(path: Path, dataset: Dataset) -> tuple[list[int], list[int]]:
+    """Indices of a saved split in ``dataset``; a resumed run must see the same split."""
+    payload = json.loads(path.read_text())
+    where = {dataset.relative(s.path): i for i, s in enumerate(dataset.samples)}
+    try:
+        return [where[p] for p, _ in payload["train"]], [where[p] for p, _ in payload["val"]]
+    except KeyError as exc:
+        raise DatasetError(f"{path}: image {exc.args[0]} of the saved split is no longer in {dataset.root}") from exc
+
+
+def limit_per_class(dataset: Dataset, limit: int, seed: int) -> Dataset:
+    """At most ``limit`` images per class, chosen reproducibly (for quick runs and demos)."""
+    by_class: dict[int, list[int]] = defaultdict(list)
+    for i, s in enumerate(dataset.samples):
+        by_class[s.label].append(i)
+    rng = random.Random(seed)
+    keep = []
+    for label in sorted(by_class):
+        idx = by_class[label]
+        keep.extend(sorted(rng.sample(idx, min(limit, len(idx)))))
+    return dataset.subset(sorted(keep))
+
+
+# --- Fashion-MNIST --------------------------------------------------------------------------------
+
+
+def _read_idx(path: Path) -> "tuple[tuple[int, ...], bytes]":
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as fh:
+            data = fh.read()
+    except (OSError, EOFError) as exc:
+        raise DatasetError(f"{path}: cannot read IDX file ({exc})") from exc
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise DatasetError(f"{path}: not an unsigned-byte IDX file")
+    ndim = data[3]
+    dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    body = data[4 + 4 * ndim :]
+    expected = 1
+    for d in dims:
+        expected *= d
+    if len(body) != expected:
+        raise DatasetError(f"{path}: header says {dims} ({expected} bytes) but the body has {len(body)} bytes")
+    return dims, body
+
+
+def folder_name(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._ -]+", "_", label).strip() or "class"
+
+
+def import_fashion_mnist(out_dir: str | Path, source: str | Path = FASHION_MNIST_DIR, limit: int | None = None) -> dict[str, int]:
+    """Write Fashion-MNIST as PNG class folders ``out/train/<class>/`` and ``out/test/<class>/``.
+
+    Returns the number of images written per split. Idempotent: existing files are kept.
+    """
+    import cv2
+    import numpy as np
+
+    source, out_dir = Path(source), Path(out_dir)
+    if not source.is_dir():
+        raise DatasetError(
+            f"{source}: Fashion-MNIST not found; install it with 'apt-get install dataset-fashion-mnist'"
+        )
+    counts = {}
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        (dims, images), (_, labels) = (
+            _read_idx(source / f"{prefix}-images-idx3-ubyte.gz"),
+            _read_idx(source / f"{prefix}-labels-idx1-ubyte.gz"),
+        )
+        n, h, w = dims
+        pixels = np.frombuffer(images, dtype=np.uint8).reshape(n, h, w)
+        label_ids = np.frombuffer(labels, dtype=np.uint8)
+        root = out_dir / split
+        names = {folder_name(c): c for c in FASHION_MNIST_CLASSES}
+        for folder in names:
+            (root / folder).mkdir(parents=True, exist_ok=True)
+        (root / LABELS_FILE).write_text(json.dumps(names, indent=1))
+        written = 0
+        for i in range(n if limit is None else min(n, limit)):
+            path = root / folder_name(FASHION_MNIST_CLASSES[label_ids[i]]) / f"{split}_{i:05d}.png"
+            if not path.exists():
+                cv2.imwrite(str(path), pixels[i])
+            written += 1
+        counts[split] = written
+        log.info("Fashion-MNIST %s: %d images in %s", split, written, root)
+    return counts

@@ -1,0 +1,366 @@
+"""Training: data on the device, train/validate loops, checkpoints, resume, early stopping."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from agent.preprocess import InputSpec, Preprocessor
+from trainer import data as data_mod
+from trainer.augment import BatchAugment, eval_spec, load_canvas, load_eval
+from trainer.config import TrainConfig
+from trainer.model import build_model, set_backbone_frozen, train_mode
+
+log = logging.getLogger(__name__)
+
+CACHE_LIMIT_BYTES = int(float(os.environ.get("TRAINER_CACHE_GB", "8")) * 2**30)
+
+
+def select_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Images by path, each turned into an array by ``load`` (canvas or eval input)."""
+
+    def __init__(self, samples: Sequence[data_mod.Sample], load: Callable[[Path], np.ndarray]) -> None:
+        self.samples = list(samples)
+        self.load = load
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+        s = self.samples[i]
+        return self.load(s.path), s.label
+
+
+def _loader(files: ImageFiles, batch_size: int, workers: int, shuffle: bool = False,
+            generator: torch.Generator | None = None) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        files, batch_size=batch_size, shuffle=shuffle, generator=generator,
+        num_workers=workers, persistent_workers=workers > 0,
+    )
+
+
+def materialize(files: ImageFiles, workers: int, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode every image once into one tensor (with labels)."""
+    from tqdm import tqdm
+
+    xs, ys = [], []
+    for x, y in tqdm(_loader(files, 512, workers), desc=desc, unit="batch", leave=False):
+        xs.append(torch.as_tensor(x))
+        ys.append(torch.as_tensor(y))
+    return torch.cat(xs), torch.cat(ys)
+
+
+class TrainBatches:
+    """Shuffled uint8 canvas batches: from memory when they fit, else from worker processes."""
+
+    def __init__(self, samples, spec: InputSpec, cfg: TrainConfig, generator: torch.Generator) -> None:
+        self.files = ImageFiles(samples, lambda p: load_canvas(p, spec))
+        self.batch_size = cfg.batch_size
+        self.generator = generator
+        self.workers = cfg.workers
+        side = spec.resize_shorter
+        estimate = len(samples) * 3 * side * side
+        self.cached = None
+        if cfg.cache_images and estimate <= CACHE_LIMIT_BYTES:
+            self.cached = materialize(self.files, cfg.workers, "decode train images")
+        elif cfg.cache_images:
+            log.info("train images need %.1f GiB decoded; streaming from disk instead", estimate / 2**30)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.files) / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.cached is not None:
+            x, y = self.cached
+            order = torch.randperm(len(y), generator=self.generator)
+            for start in range(0, len(order), self.batch_size):
+                idx = order[start : start + self.batch_size]
+                yield x[idx], y[idx]
+        else:
+            yield from _loader(self.files, self.batch_size, self.workers, True, self.generator)
+
+
+def eval_inputs(samples, spec: InputSpec, workers: int, desc: str = "preprocess val images") -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact station inputs for ``samples`` (manifest preprocessing), with labels."""
+    pre = Preprocessor(spec)
+    return materialize(ImageFiles(samples, lambda p: load_eval(p, pre)), workers, desc)
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, inputs: torch.Tensor, device: torch.device, batch_size: int = 256,
+                   channels_last: bool = False) -> torch.Tensor:
+    model.eval()
+    out = []
+    for start in range(0, len(inputs), batch_size):
+        x = inputs[start : start + batch_size].to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        out.append(model(x).float().cpu())
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = list(model.parameters())
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
+
+
+def make_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step LR factor: linear warmup, then cosine to zero, step decay, or constant."""
+    warmup = cfg.warmup_epochs * steps_per_epoch
+    total = cfg.epochs * steps_per_epoch
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if cfg.schedule == "cosine":
+            progress = (step - warmup) / max(1, total - warmup)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        if cfg.schedule == "step":
+            return cfg.gamma ** ((step // steps_per_epoch) // cfg.step_size)
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def accuracy_and_f1(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[float, float]:
+    pred = logits.argmax(1)
+    acc = (pred == labels).float().mean().item() if len(labels) else 0.0
+    f1s = []
+    for c in range(num_classes):
+        tp = ((pred == c) & (labels == c)).sum().item()
+        fp = ((pred == c) & (labels != c)).sum().item()
+        fn = ((pred != c) & (labels == c)).sum().item()
+        f1s.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    return acc, float(np.mean(f1s))
+
+
+@dataclass
+class RunState:
+    """What a checkpoint holds besides the config: enough to continue exactly."""
+
+    epoch: int = 0  # epochs completed
+    best_metric: float = -1.0
+    best_epoch: int = -1
+    epochs_without_improvement: int = 0
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    best_metric: float
+    best_epoch: int
+    epochs_run: int
+    stopped_early: bool
+
+
+class Trainer:
+    """One training run in ``run_dir``; ``fit()`` continues from ``last.pt`` when it exists."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path,
+                 on_epoch_end: Callable[[int, dict], None] | None = None) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.on_epoch_end = on_epoch_end
+        self.device = select_device(cfg.device)
+        self.spec = eval_spec(cfg.image_size, cfg.resolved_resize_shorter, cfg.interpolation)
+        self.use_amp = cfg.amp and self.device.type == "cuda"
+        self.amp_dtype = torch.bfloat16 if self.use_amp and torch.cuda.is_bf16_supported() else torch.float16
+
+    # --- setup -------------------------------------------------------------------------------
+
+    def _dataset(self) -> tuple[data_mod.Dataset, list[int], list[int]]:
+        cfg = self.cfg
+        dataset = data_mod.load_dataset(cfg.data)
+        if cfg.limit_per_class:
+            dataset = data_mod.limit_per_class(dataset, cfg.limit_per_class, cfg.seed)
+        split_path = self.run_dir / "split.json"
+        if split_path.exists():
+            train_idx, val_idx = data_mod.load_split(split_path, dataset)
+        else:
+            train_idx, val_idx = data_mod.stratified_split(dataset.labels(), cfg.val_fraction, cfg.seed)
+            data_mod.save_split(split_path, dataset, train_idx, val_idx, cfg.seed)
+        report = {
+            "dataset": str(dataset.root), "layout": dataset.layout, "classes": dataset.classes,
+            "class_counts": dataset.class_counts(), "train_images": len(train_idx), "val_images": len(val_idx),
+            "skipped_images": dataset.skipped, "fingerprint": dataset.fingerprint(),
+        }
+        (self.run_dir / "data_report.json").write_text(json.dumps(report, indent=1))
+        if dataset.skipped:
+            log.warning("%d unreadable images skipped; listed in %s", len(dataset.skipped), self.run_dir / "data_report.json")
+        return dataset, train_idx, val_idx
+
+    def _checkpoint(self, name: str, model, optimizer, schedule, scaler, state: RunState, generator) -> None:
+        payload = {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+            "scaler": scaler.state_dict(), "state": state.__dict__, "generator": generator.get_state(),
+            "torch_rng": torch.get_rng_state(), "classes": self.classes, "config": self.cfg.to_dict(),
+            "input": self.spec.to_manifest(),
+        }
+        tmp = self.run_dir / f".{name}.tmp"
+        torch.save(payload, tmp)
+        os.replace(tmp, self.run_dir / name)  # a kill mid-save never leaves a half-written checkpoint
+
+    # --- loops -------------------------------------------------------------------------------
+
+    def _train_epoch(self, epoch, model, batches, augment, optimizer, schedule, scaler, criterion) -> dict:
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        train_mode(model, cfg.arch)
+        seen, correct, loss_sum, start = 0, 0, 0.0, time.perf_counter()
+        steps = min(len(batches), cfg.max_steps_per_epoch or len(batches))
+        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False)
+        for step, (canvas, labels) in enumerate(batches):
+            if step >= steps:
+                break
+            x = augment(canvas.to(self.device, non_blocking=True))
+            y = labels.to(self.device, non_blocking=True)
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
+                logits = model(x)
+                loss = criterion(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            schedule.step()
+            seen += len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+            loss_sum += loss.item() * len(y)
+            rate = seen / (time.perf_counter() - start)
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", img_s=f"{rate:.0f}")
+            bar.update()
+        bar.close()
+        elapsed = time.perf_counter() - start
+        return {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1),
+                "train_images_per_s": seen / elapsed, "train_seconds": elapsed}
+
+    def fit(self) -> RunResult:
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(self.run_dir / "config.json")
+        # Denormal floats (near-zero activations from dark backgrounds) make CPU kernels ~20x slower.
+        torch.set_flush_denormal(True)
+        torch.manual_seed(cfg.seed)
+        generator = torch.Generator().manual_seed(cfg.seed)
+        dataset, train_idx, val_idx = self._dataset()
+        self.classes = dataset.classes
+        last = self.run_dir / "last.pt"
+        resume = torch.load(last, map_location="cpu", weights_only=True) if last.exists() else None
+        model = build_model(cfg.arch, len(self.classes), "none" if resume else cfg.weights).to(self.device)
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        batches = TrainBatches([dataset.samples[i] for i in train_idx], self.spec, cfg, generator)
+        val_x, val_y = eval_inputs([dataset.samples[i] for i in val_idx], self.spec, cfg.workers)
+        optimizer = make_optimizer(model, cfg)
+        steps_per_epoch = min(len(batches), cfg.max_steps_per_epoch or len(batches))
+        schedule = make_schedule(optimizer, cfg, steps_per_epoch)
+        scaler = torch.amp.GradScaler(self.device.type, enabled=self.use_amp and self.amp_dtype == torch.float16)
+        state = RunState()
+        if resume:
+            model.load_state_dict(resume["model"])
+            optimizer.load_state_dict(resume["optimizer"])
+            schedule.load_state_dict(resume["schedule"])
+            scaler.load_state_dict(resume["scaler"])
+            state = RunState(**resume["state"])
+            generator.set_state(resume["generator"])
+            torch.set_rng_state(resume["torch_rng"])
+            log.info("resuming %s after epoch %d", self.run_dir, state.epoch)
+        augment = BatchAugment(cfg.augment, self.spec, generator)
+        criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        stopped_early = False
+        while state.epoch < cfg.epochs:
+            epoch = state.epoch
+            set_backbone_frozen(model, cfg.arch, epoch < cfg.freeze_epochs)
+            row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "frozen_backbone": epoch < cfg.freeze_epochs}
+            row.update(self._train_epoch(epoch, model, batches, augment, optimizer, schedule, scaler, criterion))
+            logits = predict_logits(model, val_x, self.device, channels_last=cfg.channels_last)
+            row["val_loss"] = nn.functional.cross_entropy(logits, val_y).item()
+            row["val_accuracy"], row["val_macro_f1"] = accuracy_and_f1(logits, val_y, len(self.classes))
+            metric = row["val_" + cfg.metric]
+            state.epoch = epoch + 1
+            if metric > state.best_metric:
+                state.best_metric, state.best_epoch, state.epochs_without_improvement = metric, epoch + 1, 0
+                self._checkpoint("best.pt", model, optimizer, schedule, scaler, state, generator)
+            else:
+                state.epochs_without_improvement += 1
+            self._checkpoint("last.pt", model, optimizer, schedule, scaler, state, generator)
+            with open(self.run_dir / "metrics.jsonl", "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            log.info("epoch %d: loss %.4f, train acc %.4f, val acc %.4f, val F1 %.4f, %.0f img/s",
+                     epoch + 1, row["train_loss"], row["train_accuracy"], row["val_accuracy"],
+                     row["val_macro_f1"], row["train_images_per_s"])
+            if self.on_epoch_end:
+                self.on_epoch_end(epoch + 1, row)
+            if cfg.patience is not None and state.epochs_without_improvement >= cfg.patience:
+                log.info("early stop: no improvement in val %s for %d epochs", cfg.metric, cfg.patience)
+                stopped_early = True
+                break
+        plot_curves(self.run_dir / "metrics.jsonl", self.run_dir / "curves.png")
+        return RunResult(self.run_dir, state.best_metric, state.best_epoch, state.epoch, stopped_early)
+
+
+def plot_curves(metrics_path: Path, out: Path) -> None:
+    """Loss and accuracy per epoch (train and val) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    if not rows:
+        return
+    epochs = [r["epoch"] for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot(epochs, [r["train_loss"] for r in rows], "o-", label="train")
+    ax1.plot(epochs, [r["val_loss"] for r in rows], "o-", label="val")
+    ax1.set(xlabel="epoch", ylabel="loss", title="loss")
+    ax2.plot(epochs, [r["train_accuracy"] for r in rows], "o-", label="train")
+    ax2.plot(epochs, [r["val_accuracy"] for r in rows], "o-", label="val")
+    ax2.plot(epochs, [r["val_macro_f1"] for r in rows], "s--", label="val macro-F1")
+    ax2.set(xlabel="epoch", ylabel="score", title="accuracy")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def load_checkpoint_model(path: str | Path, device: torch.device | None = None) -> tuple[nn.Module, dict]:
+    """A trained model and its checkpoint metadata (classes, config, input spec) from best.pt/last.pt."""
+    path = Path(path)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "classes" not in ckpt:
+        raise ValueError(f"{path}: not a trainer checkpoint (expected keys 'model' and 'classes')")
+    cfg = ckpt["config"]
+    model = build_model(cfg["arch"], len(ckpt["classes"]), "none")
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    if device is not None:
+        model.to(device)
+    return model, ckpt

