@@ -127,7 +127,12 @@ class Subscriber:
         self.client.on_subscribe = lambda c, u, mid, rcs, p: self.subscribed.set()
         self.client.on_message = self._on_message
         if v5:
-            self.client.connect(host, port, clean_start=clean)
+            from paho.mqtt.packettypes import PacketTypes
+            from paho.mqtt.properties import Properties
+
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = 0 if clean else 3600   # a persistent session survives a broker restart
+            self.client.connect(host, port, clean_start=clean, properties=props)
         else:
             self.client.connect(host, port)
         self.client.loop_start()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -30,6 +31,8 @@ class Broker:
         self.conf = workdir / "mosquitto.conf"
         (workdir / "mosq-data").mkdir(exist_ok=True)
         lines = [f"listener {self.port} 127.0.0.1"]
+        if os.geteuid() == 0:
+            lines.append("user root")     # else mosquitto drops to 'mosquitto' and cannot read the test's files
         lines += [extra_conf] if extra_conf else ["allow_anonymous true"]
         if persistence:
             lines += ["persistence true", f"persistence_location {workdir / 'mosq-data'}/", "autosave_interval 1"]

@@ -1,0 +1,199 @@
+"""MQTT against real mosquitto processes: outage and backlog, TLS + password, refused connects, 3.1.1 envelope."""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import ipaddress
+import json
+import logging
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.app import Agent
+from agent.config import AgentConfig
+from agent.demo import Subscriber
+from agent.health import Metrics
+from agent.mqtt import MqttPublisher
+from agent.outbox import Message, Outbox
+from conftest import Broker, as_config, station_config, validate_message
+
+pytestmark = pytest.mark.mqtt
+ROOT = "inventory/test/st-01"
+
+
+def test_broker_outage_mid_run_delivers_everything_in_order(broker, tiny_bundle, fmnist_video, tmp_path):
+    cfg = as_config(station_config(tmp_path, tiny_bundle, str(fmnist_video), broker.port,
+                                   cameras=[{"id": "cam-a", "uri": str(fmnist_video), "fps": 20,
+                                             "backpressure": "block"}]))
+    dashboard = Subscriber(broker.host, broker.port, ROOT, client_id="dash-persistent", clean=False)
+    agent = Agent(cfg)
+    agent.start()
+    try:
+        assert dashboard.wait_for(lambda d: len(d.of("result")) >= 5, 20)
+        broker.stop()
+        time.sleep(1.5)
+        assert agent.outbox.depth() > 0                       # produced while the broker was down
+        assert not agent.publisher.connected.is_set()
+        broker.start()
+        assert agent.inference.finished.wait(30)
+    finally:
+        agent.shutdown(20)
+    assert dashboard.wait_for(lambda d: len({m.json()["frame_seq"] for m in d.of("result")}) == 60, 15)
+    dashboard.close()
+
+    unique = {}
+    for msg in dashboard.messages:
+        body = msg.json()
+        if not msg.topic.endswith(("/stats", "/status")):
+            unique.setdefault(body["id"], body)
+    ordered = list(unique.values())
+    assert [b["seq"] for b in ordered] == sorted(b["seq"] for b in ordered), "sequence order broken"
+    results = [b for b in ordered if b["schema"] == "result.v1"]
+    assert sorted(b["frame_seq"] for b in results) == list(range(1, 61))
+    uploaded = agent.metrics.counter("frames_uploaded_total", camera="cam-a")
+    assert len([b for b in ordered if b["schema"] == "frame.v1"]) == uploaded > 0
+    assert agent.publisher.state.connects >= 2
+
+
+def test_v311_connection_sends_frames_as_a_json_envelope(broker, tiny_bundle, fmnist_video, tmp_path):
+    cfg = as_config(station_config(tmp_path, tiny_bundle, str(fmnist_video), broker.port,
+                                   mqtt={"protocol": "v311"}))
+    dashboard = Subscriber(broker.host, broker.port, ROOT, v5=False)
+    agent = Agent(cfg)
+    agent.start()
+    agent.wait(exit_at_end=True)
+    agent.shutdown(10)
+    assert dashboard.wait_for(lambda d: len(d.of("result")) == 60, 5)
+    dashboard.close()
+    frames = dashboard.of("frames")
+    assert frames
+    for msg in frames:
+        envelope = json.loads(msg.payload)
+        validate_message("frame-envelope.v1", envelope)
+        validate_message("frame.v1", envelope["meta"])
+        assert base64.b64decode(envelope["jpeg_b64"])[:2] == b"\xff\xd8"
+
+
+# ---------------------------------------------------------------- TLS and auth
+
+def _key():
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _cert(subject_cn, key, issuer_cn, issuer_key, *, ca=False, san=None):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (x509.CertificateBuilder()
+               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject_cn)]))
+               .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer_cn)]))
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if san:
+        builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def _write_pem(path: Path, obj) -> Path:
+    from cryptography.hazmat.primitives import serialization
+
+    if hasattr(obj, "private_bytes"):
+        data = obj.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                 serialization.NoEncryption())
+    else:
+        data = obj.public_bytes(serialization.Encoding.PEM)
+    path.write_bytes(data)
+    return path
+
+
+@pytest.fixture
+def pki(tmp_path):
+    """A CA, a broker cert for 127.0.0.1, a client cert; and a second, unrelated CA."""
+    from cryptography import x509
+
+    d = tmp_path / "pki"
+    d.mkdir()
+    ca_key, other_key, server_key, client_key = _key(), _key(), _key(), _key()
+    ca = _cert("test-ca", ca_key, "test-ca", ca_key, ca=True)
+    other = _cert("other-ca", other_key, "other-ca", other_key, ca=True)
+    server = _cert("127.0.0.1", server_key, "test-ca", ca_key,
+                   san=[x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")])
+    client = _cert("st-01", client_key, "test-ca", ca_key)
+    return {"ca": _write_pem(d / "ca.crt", ca), "other_ca": _write_pem(d / "other.crt", other),
+            "server_cert": _write_pem(d / "server.crt", server), "server_key": _write_pem(d / "server.key", server_key),
+            "client_cert": _write_pem(d / "client.crt", client), "client_key": _write_pem(d / "client.key", client_key)}
+
+
+@pytest.fixture
+def tls_broker(mosquitto_bin, pki, tmp_path):
+    workdir = tmp_path / "tls-broker"
+    workdir.mkdir()
+    passwd = workdir / "passwd"
+    subprocess.run(["mosquitto_passwd", "-c", "-b", str(passwd), "st-01", "right-password"], check=True,
+                   capture_output=True)
+    conf = (f"allow_anonymous false\npassword_file {passwd}\ncafile {pki['ca']}\ncertfile {pki['server_cert']}\n"
+            f"keyfile {pki['server_key']}\nrequire_certificate true\ntls_version tlsv1.2")
+    b = Broker(workdir, extra_conf=conf, persistence=False).start()
+    yield b
+    b.stop()
+
+
+def _publisher(tmp_path, port, pki, password_file: Path, ca: Path) -> tuple[MqttPublisher, Outbox]:
+    cfg = AgentConfig.model_validate({
+        "site": "test", "station": "st-01", "model": {"bundle": "unused"},
+        "cameras": [{"id": "cam-a", "uri": "unused"}],
+        "mqtt": {"host": "127.0.0.1", "port": port, "username": "st-01", "password_file": str(password_file),
+                 "tls": {"ca_file": str(ca), "cert_file": str(pki["client_cert"]), "key_file": str(pki["client_key"])},
+                 "reconnect": {"initial_s": 0.1, "max_s": 0.3}},
+    })
+    outbox = Outbox(tmp_path / f"ob-{password_file.name}-{ca.name}.sqlite", max_bytes=10**7, max_age_s=3600)
+    status = lambda state: {"schema": "status.v1", "id": "x", "state": state}  # noqa: E731
+    return MqttPublisher(cfg, outbox, Metrics(), status), outbox
+
+
+def test_tls_and_password_auth_publish_and_ack(tls_broker, pki, tmp_path):
+    (tmp_path / "pw").write_text("right-password\n")
+    publisher, outbox = _publisher(tmp_path, tls_broker.port, pki, tmp_path / "pw", pki["ca"])
+    outbox.put_many([Message("result", {"n": i}) for i in range(5)])
+    publisher.start()
+    assert publisher.wait_connected(10), publisher.state.history
+    deadline = time.monotonic() + 10
+    while outbox.depth() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    publisher.stop(2)
+    assert outbox.depth() == 0 and publisher.state.refusals == 0
+
+
+def test_wrong_password_is_refused_logged_and_retried_never_connected(tls_broker, pki, tmp_path, caplog):
+    (tmp_path / "pw").write_text("wrong-password\n")
+    publisher, outbox = _publisher(tmp_path, tls_broker.port, pki, tmp_path / "pw", pki["ca"])
+    outbox.put(Message("result", {"n": 1}))
+    with caplog.at_level(logging.ERROR, logger="agent.mqtt"):
+        publisher.start()
+        assert not publisher.wait_connected(2.0)
+        publisher.stop(0.5)
+    assert publisher.state.refusals >= 2 and publisher.state.connects == 0
+    assert "connected" not in publisher.state.history
+    assert "connection refused by 127.0.0.1" in caplog.text
+    assert "reason code 134" in caplog.text or "reason code 135" in caplog.text
+    assert outbox.depth() == 1
+
+
+def test_untrusted_broker_certificate_is_a_tls_error_never_connected(tls_broker, pki, tmp_path, caplog):
+    (tmp_path / "pw").write_text("right-password\n")
+    publisher, _ = _publisher(tmp_path, tls_broker.port, pki, tmp_path / "pw", pki["other_ca"])
+    with caplog.at_level(logging.ERROR, logger="agent.mqtt"):
+        publisher.start()
+        assert not publisher.wait_connected(1.5)
+        publisher.stop(0.5)
+    assert publisher.state.connects == 0 and len(publisher.state.history) >= 2
+    assert "TLS handshake with 127.0.0.1" in caplog.text and "CERTIFICATE_VERIFY_FAILED" in caplog.text
