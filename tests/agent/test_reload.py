@@ -1,0 +1,125 @@
+"""Model reload over cmd/model while cameras run; stats topic and the Prometheus endpoint."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import shutil
+import threading
+import urllib.request
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import paho.mqtt.client as paho
+import pytest
+
+from agent.app import Agent
+from agent.bundle import MANIFEST
+from agent.demo import Subscriber
+from conftest import as_config, station_config, validate_message
+
+pytestmark = pytest.mark.mqtt
+ROOT = "inventory/test/st-01"
+
+
+def bundle_version(src: Path, dest: Path, version: str) -> Path:
+    """A copy of a bundle under another version (same weights), as the trainer would publish it."""
+    shutil.copytree(src, dest)
+    manifest = json.loads((dest / MANIFEST).read_text())
+    manifest["version"] = version
+    (dest / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return dest
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256((path / MANIFEST).read_bytes()).hexdigest()
+
+
+def send(broker, verb: str, body: dict) -> None:
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="operator")
+    client.connect(broker.host, broker.port)
+    client.loop_start()
+    client.publish(f"{ROOT}/cmd/{verb}", json.dumps(body), qos=1).wait_for_publish(5)
+    client.loop_stop()
+    client.disconnect()
+
+
+def last_status(d: Subscriber) -> dict:
+    return json.loads(d.of("status")[-1].payload) if d.of("status") else {}
+
+
+@pytest.fixture
+def live_agent(broker, tiny_bundle, fmnist_video, tmp_path):
+    cfg = as_config(station_config(
+        tmp_path, tiny_bundle, str(fmnist_video), broker.port,
+        cameras=[{"id": "cam-a", "uri": str(fmnist_video), "loop": True, "fps": 25, "backpressure": "drop_oldest"}],
+        model={"download_dir": str(tmp_path / "downloads")},
+        health={"prometheus_port": 0, "stats_interval_s": 0.3}))
+    dashboard = Subscriber(broker.host, broker.port, ROOT)
+    agent = Agent(cfg)
+    agent.start()
+    yield agent, dashboard
+    agent.shutdown(5)
+    dashboard.close()
+
+
+def test_update_swaps_model_without_stopping_cameras_and_bad_updates_keep_it(live_agent, broker, tiny_bundle,
+                                                                                tmp_path):
+    agent, dashboard = live_agent
+    assert dashboard.wait_for(lambda d: len(d.of("result")) >= 5, 20)
+    v2 = bundle_version(tiny_bundle, tmp_path / "v2", "tiny-2")
+    send(broker, "model", {"bundle": str(v2), "sha256": sha(v2), "version": "tiny-2"})
+    assert dashboard.wait_for(lambda d: (last_status(d).get("model") or {}).get("version") == "tiny-2", 20)
+    assert last_status(dashboard)["last_model_update"]["ok"] is True
+    n = len(dashboard.of("result"))
+    assert dashboard.wait_for(lambda d: len(d.of("result")) >= n + 5, 10)
+    assert json.loads(dashboard.of("result")[-1].payload)["model"]["version"] == "tiny-2"
+
+    tampered = bundle_version(tiny_bundle, tmp_path / "v3", "tiny-3")
+    onnx = tampered / "model.fp32.onnx"
+    onnx.write_bytes(onnx.read_bytes()[:-1] + b"\x00")
+    send(broker, "model", {"bundle": f"file://{tampered}", "sha256": sha(tampered), "version": "tiny-3"})
+    assert dashboard.wait_for(lambda d: last_status(d).get("last_model_update", {}).get("ok") is False, 20)
+    status = last_status(dashboard)
+    assert str(onnx) in status["last_model_update"]["reason"] and "tampered" in status["last_model_update"]["reason"]
+    assert status["model"]["version"] == "tiny-2" and agent.model.current.bundle.version == "tiny-2"
+    validate_message("status.v1", status)
+
+    send(broker, "model", {"bundle": str(v2), "sha256": "0" * 64, "version": "tiny-2"})
+    assert dashboard.wait_for(lambda d: "does not match the command's" in
+                              (last_status(d).get("last_model_update") or {}).get("reason", ""), 20)
+    n = len(dashboard.of("result"))
+    assert dashboard.wait_for(lambda d: len(d.of("result")) >= n + 5, 10)
+    assert json.loads(dashboard.of("result")[-1].payload)["model"]["version"] == "tiny-2"
+    assert agent.metrics.counter("camera_reconnects_total", camera="cam-a") == 0
+
+
+def test_update_from_an_http_url(live_agent, broker, tiny_bundle, tmp_path):
+    agent, dashboard = live_agent
+    served = bundle_version(tiny_bundle, tmp_path / "www" / "tiny" / "tiny-4", "tiny-4")
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(tmp_path / "www"))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/tiny/tiny-4/"
+        send(broker, "model", {"bundle": url, "sha256": sha(served), "version": "tiny-4"})
+        assert dashboard.wait_for(lambda d: (last_status(d).get("model") or {}).get("version") == "tiny-4", 20), \
+            last_status(dashboard)
+    finally:
+        server.shutdown()
+    assert (tmp_path / "downloads" / "tiny-4" / "model.fp32.onnx").exists()
+
+
+def test_stats_topic_and_prometheus_endpoint(live_agent):
+    agent, dashboard = live_agent
+    assert dashboard.wait_for(lambda d: len(d.of("stats")) >= 2 and len(d.of("result")) >= 10, 20)
+    stats = json.loads(dashboard.of("stats")[-1].payload)
+    validate_message("stats.v1", stats)
+    assert stats["fps"]["cam-a"] > 0 and stats["model_version"] == "tiny-1"
+    assert {"queue", "preprocess", "inference"} <= set(stats["latency"])
+    assert "outbox" in stats and "camera:cam-a" in stats["queue_depths"]
+    text = urllib.request.urlopen(f"http://127.0.0.1:{agent.prometheus.port}/metrics", timeout=5).read().decode()
+    assert 'agent_frames_captured_total{camera="cam-a"}' in text
+    assert 'agent_latency_seconds{stage="inference",quantile="0.99"}' in text
+    assert 'agent_model_info{model_name="tiny",model_version="tiny-1"} 1' in text
