@@ -48,13 +48,18 @@ def fashion_mnist_test(root: Path = FASHION_MNIST_DIR, n: int | None = None) -> 
 
 
 def write_video(images: np.ndarray, path: Path, *, size: int = 112, fps: float = 10.0,
-                repeat: int = 1, blank_between: int = 0) -> list[int | None]:
-    """MJPG .avi of gray images scaled to ``size``; returns, per video frame, the image index (None: blank)."""
+                repeat: int = 1, blank_between: int = 0, lead_blank: int = 0) -> list[int | None]:
+    """MJPG .avi of gray images scaled to ``size``; returns, per video frame, the image index (None: blank).
+
+    ``lead_blank`` empty frames first: background presence learns the empty scene from the first frame.
+    """
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (size, size))
     if not writer.isOpened():
         raise RuntimeError(f"{path}: OpenCV cannot write MJPG video")
-    index: list[int | None] = []
     blank = np.zeros((size, size, 3), np.uint8)
+    for _ in range(lead_blank):
+        writer.write(blank)
+    index: list[int | None] = [None] * lead_blank
     for i, image in enumerate(images):
         frame = cv2.cvtColor(cv2.resize(image, (size, size), interpolation=cv2.INTER_NEAREST), cv2.COLOR_GRAY2BGR)
         for _ in range(repeat):
@@ -184,7 +189,7 @@ def run_demo(bundle: Path, *, host: str | None = None, port: int = 1883, images:
         workdir = Path(tmp)
         pics, _ = fashion_mnist_test(n=images)
         video = workdir / "sample.avi"
-        write_video(pics, video, repeat=3, blank_between=2)
+        write_video(pics, video, repeat=3, blank_between=2, lead_blank=2)
         with (local_mosquitto(workdir) if host is None else _given(port)) as broker_port:
             broker_host = host or "127.0.0.1"
             cfg = AgentConfig.model_validate(demo_config(bundle, video, workdir, broker_host, broker_port))

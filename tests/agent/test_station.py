@@ -1,0 +1,104 @@
+"""Station behaviour on real images: one decision per item with its lane, QC alerts, backends."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+
+from agent.app import Agent, StartupError
+from agent.backends import BackendError, create_backend
+from agent.backends.onnxruntime import pick_providers
+from agent.bundle import load_bundle
+from agent.config import ModelConfig
+from agent.demo import Subscriber, write_video
+from conftest import as_config, station_config, validate_message
+
+LANES = {"T-shirt/top": "lane-1", "Trouser": "lane-2", "Pullover": "lane-1", "Dress": "lane-2", "Coat": "lane-1",
+         "Sandal": "lane-4", "Shirt": "lane-1", "Sneaker": "lane-4", "Bag": "lane-5", "Ankle boot": "lane-4"}
+
+
+@pytest.fixture(scope="module")
+def items_video(fmnist_test_images, tmp_path_factory):
+    """12 real products, each in view for 3 frames with 2 empty frames between (a conveyor)."""
+    path = tmp_path_factory.mktemp("items") / "items.avi"
+    write_video(fmnist_test_images[0][:12], path, size=64, repeat=3, blank_between=2, lead_blank=2)
+    return path
+
+
+@pytest.mark.mqtt
+def test_receiving_station_one_decision_per_item_with_lane(broker, tiny_bundle, items_video, tmp_path):
+    cfg = as_config(station_config(
+        tmp_path, tiny_bundle, str(items_video), broker.port,
+        decisions={"presence": {"mode": "background", "min_frames": 2, "gap_frames": 2, "background_threshold": 8},
+                   "sorting": {"lanes": LANES, "default_lane": "lane-9", "min_agreement": 0.0},
+                   "qc": {"defect_classes": ["Bag", "Coat", "Dress"], "min_confidence": 0.0, "cooldown_s": 0}}))
+    dashboard = Subscriber(broker.host, broker.port, "inventory/test/st-01")
+    agent = Agent(cfg)
+    agent.start()
+    agent.wait(exit_at_end=True)
+    agent.shutdown(10)
+    assert dashboard.wait_for(lambda d: len(d.of("result")) == 2 + 12 * 5, 5)
+    dashboard.close()
+    decisions = [json.loads(m.payload) for m in dashboard.of("decision")]
+    assert [d["item_seq"] for d in decisions] == list(range(1, 13))
+    results = {r["frame_seq"]: r for r in (json.loads(m.payload) for m in dashboard.of("result"))}
+    for i, d in enumerate(decisions):
+        validate_message("decision.v1", d)
+        assert d["frames"] == 3 and d["first_seen"] == results[2 + i * 5 + 1]["captured_at"]
+        assert d["lane"] == ("manual-review" if d["low_confidence"] else LANES[d["label"]])
+    alerts = [json.loads(m.payload) for m in dashboard.of("alert")]
+    defect_frames = [r for r in results.values() if r["label"] in ("Bag", "Coat", "Dress")]
+    assert len(alerts) == len(defect_frames)
+    for alert in alerts:
+        validate_message("alert.v1", alert)
+        assert alert["evidence"]["thumbnail_jpeg_b64"]
+
+
+def test_config_labels_must_exist_in_the_bundle(tiny_bundle, items_video, tmp_path):
+    cfg = as_config(station_config(tmp_path, tiny_bundle, str(items_video), 1,
+                                   decisions={"qc": {"defect_classes": ["Scratch"]}}))
+    with pytest.raises(StartupError, match=r"field decisions.qc.defect_classes\[0\]: label 'Scratch' is not in"):
+        Agent(cfg).start()
+
+
+def test_onnxruntime_backend_batches_and_matches_single_runs(tiny_bundle):
+    bundle = load_bundle(tiny_bundle)
+    backend = create_backend(bundle, ModelConfig(bundle=tiny_bundle, backend="onnxruntime"))
+    assert backend.name == "onnxruntime:CPUExecutionProvider" and backend.precision == "fp32"
+    x = np.random.default_rng(0).standard_normal((5, 3, 28, 28)).astype(np.float32)
+    batched = backend.run(x)
+    single = np.concatenate([backend.run(x[i:i + 1]) for i in range(5)])
+    assert batched.shape == (5, 10) and np.allclose(batched, single, atol=1e-5)
+
+
+def test_provider_order_takes_the_available_ones():
+    assert pick_providers(["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+                          ["CUDAExecutionProvider", "CPUExecutionProvider"]) == ["CUDAExecutionProvider",
+                                                                                   "CPUExecutionProvider"]
+    assert pick_providers(["TensorrtExecutionProvider"], ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+
+
+def test_int8_is_picked_when_deployable(real_bundle):
+    bundle = load_bundle(real_bundle)
+    int8 = bundle.artifact("onnx-int8")
+    backend = create_backend(bundle, ModelConfig(bundle=real_bundle, backend="onnxruntime"))
+    assert backend.precision == ("int8" if int8 is not None and int8.deployable else "fp32")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="tensorrt is installed here")
+def test_tensorrt_chosen_but_absent_is_a_clear_error(tiny_bundle):
+    from agent.backends.tensorrt import TensorRTBackend
+
+    with pytest.raises(BackendError, match="tensorrt Python package is not installed"):
+        TensorRTBackend(tiny_bundle / "x.engine", load_bundle(tiny_bundle).input_spec, precision="fp16", max_batch=4)
+    with pytest.raises(BackendError, match="no deployable engine"):
+        create_backend(load_bundle(tiny_bundle), ModelConfig(bundle=tiny_bundle, backend="tensorrt"))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None,
+                    reason="TensorRT is not installable here (no GPU); the engine backend runs on Jetson images only")
+def test_tensorrt_engine_matches_onnx():  # pragma: no cover - needs a Jetson/GPU
+    pytest.skip("needs a bundle with an engine built for this GPU")
