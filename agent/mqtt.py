@@ -75,13 +75,12 @@ def encode(record: Record, v5: bool) -> tuple[bytes, Properties | None]:
         if v5:
             props = Properties(PacketTypes.PUBLISH)
             props.ContentType = "application/json"
-        return json.dumps(record.body, separators=(",", ":")).encode(), props
+        return record.text.encode(), props
     if not v5:
         return frame_envelope(record), None
     props = Properties(PacketTypes.PUBLISH)
     props.ContentType = "image/jpeg"
-    props.UserProperty = [("id", record.id), ("seq", str(record.seq)),
-                          ("meta", json.dumps(record.body, separators=(",", ":")))]
+    props.UserProperty = [("id", record.id), ("seq", str(record.seq)), ("meta", record.text)]
     return record.blob or b"", props
 
 
@@ -106,6 +105,7 @@ class MqttPublisher(threading.Thread):
         self._stats: deque[dict[str, Any]] = deque(maxlen=8)
         self._status_dirty = False
         self._inflight: dict[int, Record] = {}
+        self._acked: list[Record] = []
         self._connack: Any = None
 
     # ------------------------------------------------------------ API for other threads
@@ -261,7 +261,9 @@ class MqttPublisher(threading.Thread):
     def _pump(self, client: paho.Client) -> None:
         last_sent = 0
         while True:
-            if client.loop(0.01) != paho.MQTT_ERR_SUCCESS:
+            rc = client.loop(0.01)
+            self._commit_acks()
+            if rc != paho.MQTT_ERR_SUCCESS:
                 return
             if self._stopping and self._flush_done():
                 self._go_offline(client)
@@ -277,7 +279,7 @@ class MqttPublisher(threading.Thread):
 
     def _fill_window(self, client: paho.Client, last_sent: int) -> int:
         room = self.cfg.max_inflight - len(self._inflight)
-        if room <= 0:
+        if room <= 0 or self.outbox.last_seq <= last_sent:
             return last_sent
         v5 = self.state.protocol == "v5"
         for record in self.outbox.pending(after_seq=last_sent, limit=room):
@@ -297,13 +299,20 @@ class MqttPublisher(threading.Thread):
             self.metrics.inc("mqtt_publish_rejected_total", kind=record.kind)
             log.error("mqtt: broker rejected %s seq %d: %s; kept in the outbox", record.kind, record.seq, reason_code)
             return
-        self.outbox.ack(record.seq)
-        self.metrics.inc("mqtt_published_total", kind=record.kind)
+        self._acked.append(record)
+
+    def _commit_acks(self) -> None:
+        """PUBACKs of one loop turn, deleted from the outbox in one transaction."""
+        if not self._acked:
+            return
+        acked, self._acked = self._acked, []
+        self.outbox.ack_many(r.seq for r in acked)
         now = time.time()
-        self.metrics.observe("publish", max(0.0, now - record.created))
-        captured = record.body.get("captured_at")
-        if isinstance(captured, (int, float)):
-            self.metrics.observe("capture_to_ack", max(0.0, now - captured))
+        for record in acked:
+            self.metrics.inc("mqtt_published_total", kind=record.kind)
+            self.metrics.observe("publish", max(0.0, now - record.created))
+            if record.captured is not None:
+                self.metrics.observe("capture_to_ack", max(0.0, now - record.captured))
 
     def _on_message(self, client, userdata, message: paho.MQTTMessage) -> None:
         prefix = self.topics.cmd("")
@@ -315,6 +324,8 @@ class MqttPublisher(threading.Thread):
         info = self._publish_status(client, "offline")
         deadline = time.monotonic() + 2.0
         while not info.is_published() and time.monotonic() < deadline:
-            if client.loop(0.05) != paho.MQTT_ERR_SUCCESS:
+            rc = client.loop(0.05)
+            self._commit_acks()
+            if rc != paho.MQTT_ERR_SUCCESS:
                 break
         log.info("mqtt: published offline status; outbox depth %d", self.outbox.depth())

@@ -15,6 +15,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -28,20 +29,26 @@ CREATE TABLE IF NOT EXISTS messages (
     body     TEXT NOT NULL,
     blob     BLOB,
     created  REAL NOT NULL,
-    size     INTEGER NOT NULL
+    size     INTEGER NOT NULL,
+    captured REAL
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 
 
-@dataclass(frozen=True)
+@dataclass
 class Record:
     seq: int
     id: str
     kind: str           # result, decision, alert, frame
-    body: dict[str, Any]
+    text: str           # the JSON body exactly as stored (published as is)
     blob: bytes | None
     created: float
+    captured: float | None = None   # the frame's capture time, for capture->PUBACK latency
+
+    @cached_property
+    def body(self) -> dict[str, Any]:
+        return json.loads(self.text)
 
 
 @dataclass(frozen=True)
@@ -68,6 +75,7 @@ class Outbox:
         self._db.executescript(SCHEMA)
         self.changed = threading.Condition()
         self._bytes = self._db.execute("SELECT COALESCE(SUM(size), 0) FROM messages").fetchone()[0]
+        self._last_seq = self._meta("next_seq", 1) - 1
 
     # ------------------------------------------------------------ writing
 
@@ -86,14 +94,16 @@ class Outbox:
                     body = {"id": str(uuid.uuid4()), "seq": seq, **msg.body}
                     text = json.dumps(body, separators=(",", ":"))
                     size = len(text) + len(msg.blob or b"")
-                    self._db.execute("INSERT INTO messages VALUES (?,?,?,?,?,?,?)",
-                                     (seq, body["id"], msg.kind, text, msg.blob, now, size))
+                    captured = body.get("captured_at")
+                    self._db.execute("INSERT INTO messages VALUES (?,?,?,?,?,?,?,?)",
+                                     (seq, body["id"], msg.kind, text, msg.blob, now, size, captured))
                     self._bytes += size
-                    records.append(Record(seq, body["id"], msg.kind, body, msg.blob, now))
+                    records.append(Record(seq, body["id"], msg.kind, text, msg.blob, now, captured))
                     seq += 1
                 self._set_meta("next_seq", seq)
                 self._enforce_quota(now)
                 self._db.execute("COMMIT")
+                self._last_seq = seq - 1
             except BaseException:
                 self._db.execute("ROLLBACK")
                 self._bytes = self._db.execute("SELECT COALESCE(SUM(size), 0) FROM messages").fetchone()[0]
@@ -108,16 +118,29 @@ class Outbox:
             seq = self._meta("next_seq", 1)
             self._set_meta("next_seq", seq + 1)
             self._db.execute("COMMIT")
+            self._last_seq = seq
         return seq
 
     def ack(self, seq: int) -> bool:
         """The broker has it: delete. False when it was already gone (a duplicate PUBACK or dropped)."""
+        return self.ack_many([seq]) == 1
+
+    def ack_many(self, seqs: Iterable[int]) -> int:
+        """Delete several acknowledged messages in one transaction; returns how many were still there."""
+        seqs = list(seqs)
+        if not seqs:
+            return 0
         with self._lock:
-            row = self._db.execute("DELETE FROM messages WHERE seq=? RETURNING size", (seq,)).fetchone()
-            if row:
-                self._bytes -= row[0]
+            self._db.execute("BEGIN IMMEDIATE")
+            gone = 0
+            for seq in seqs:
+                row = self._db.execute("DELETE FROM messages WHERE seq=? RETURNING size", (seq,)).fetchone()
+                if row:
+                    self._bytes -= row[0]
+                    gone += 1
+            self._db.execute("COMMIT")
         self._notify()
-        return row is not None
+        return gone
 
     # ------------------------------------------------------------ reading
 
@@ -125,9 +148,14 @@ class Outbox:
         """Unacknowledged messages in sequence order."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT seq, id, kind, body, blob, created FROM messages WHERE seq > ? ORDER BY seq LIMIT ?",
+                "SELECT seq, id, kind, body, blob, created, captured FROM messages WHERE seq > ? ORDER BY seq LIMIT ?",
                 (after_seq, limit)).fetchall()
-        return [Record(r[0], r[1], r[2], json.loads(r[3]), r[4], r[5]) for r in rows]
+        return [Record(*r) for r in rows]
+
+    @property
+    def last_seq(self) -> int:
+        """The highest sequence number handed out so far (0: none); kept in memory, cheap to poll."""
+        return self._last_seq
 
     def depth(self) -> int:
         with self._lock:

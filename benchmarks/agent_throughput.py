@@ -1,0 +1,132 @@
+"""Agent throughput vs the bare model, in one run, with the same batch size and ONNX artifact.
+
+1. bare: ONNX Runtime on the bundle's deployable model (what the agent picks), pre-made batches.
+2. agent: the full station (video file camera -> preprocess -> model -> decisions -> SQLite outbox ->
+   MQTT QoS 1 -> PUBACK) against a local mosquitto; counted as PUBACK'd results per second.
+
+Prints images/s of both, their ratio, p50/p95 capture->PUBACK latency and resident memory growth
+between the end of warm-up and the end of the run.
+
+    .venv/bin/python benchmarks/agent_throughput.py --bundle models/fashion-mnist/<version> --duration 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from agent.app import Agent  # noqa: E402
+from agent.backends import create_backend  # noqa: E402
+from agent.bundle import find_bundles, load_bundle  # noqa: E402
+from agent.config import AgentConfig, ModelConfig  # noqa: E402
+from agent.demo import fashion_mnist_test, local_mosquitto, write_video  # noqa: E402
+from agent.preprocess import Preprocessor  # noqa: E402
+
+
+def rss_mib() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def bare_throughput(bundle_dir: Path, batch_size: int, seconds: float, threads: int) -> tuple[float, str]:
+    """Images/s of the deployable model on real preprocessed images, nothing else."""
+    bundle = load_bundle(bundle_dir)
+    backend = create_backend(bundle, ModelConfig(bundle=bundle_dir, backend="onnxruntime",
+                                                 intra_op_threads=threads))
+    images, _ = fashion_mnist_test(n=batch_size)
+    batch = Preprocessor(bundle.input_spec).batch([np.repeat(i[:, :, None], 3, axis=2) for i in images])
+    backend.warmup(batch_size, 5)
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        backend.run(batch)
+        n += batch_size
+    return n / (time.perf_counter() - start), f"{backend.name} {backend.precision}"
+
+
+def agent_config(bundle: Path, video: Path, workdir: Path, port: int, batch_size: int, threads: int) -> AgentConfig:
+    return AgentConfig.model_validate({
+        "site": "bench", "station": "st-01",
+        "model": {"bundle": str(bundle), "backend": "onnxruntime", "batch_size": batch_size,
+                  "batch_timeout_ms": 5, "intra_op_threads": threads},
+        "cameras": [{"id": "cam-a", "uri": str(video), "loop": True, "backpressure": "block",
+                     "queue_size": 2 * batch_size}],
+        "mqtt": {"host": "127.0.0.1", "port": port},
+        "outbox": {"path": str(workdir / "outbox.sqlite")},
+        "health": {"stats_interval_s": 5, "latency_window": 100_000},
+        "log_level": "WARNING",
+    })
+
+
+def agent_throughput(cfg: AgentConfig, seconds: float, warmup_s: float) -> dict[str, float]:
+    agent = Agent(cfg)
+    agent.start()
+    try:
+        agent.publisher.wait_connected(10)
+        time.sleep(warmup_s)
+        acked0 = agent.metrics.counter("mqtt_published_total", kind="result")
+        rss0, start = rss_mib(), time.perf_counter()
+        agent.metrics._latency.clear()          # percentiles over the measured window only
+        time.sleep(seconds)
+        elapsed = time.perf_counter() - start
+        acked = agent.metrics.counter("mqtt_published_total", kind="result") - acked0
+        rss1 = rss_mib()
+        lat = agent.metrics.percentiles("capture_to_ack") or {"p50_ms": float("nan"), "p95_ms": float("nan")}
+        dropped = sum(agent.metrics.counters_by("frames_dropped_total", "camera").values())
+        depth = agent.outbox.depth()
+    finally:
+        agent.shutdown(10)
+    return {"ips": acked / elapsed, "p50": lat["p50_ms"], "p95": lat["p95_ms"], "rss0": rss0, "rss1": rss1,
+            "dropped": dropped, "outbox_depth": depth, "acked": acked}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bundle", type=Path, default=None, help="bundle folder; default: the last one under models/")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--duration", type=float, default=60.0, help="seconds of measured agent run (600 for the RSS target)")
+    p.add_argument("--bare-seconds", type=float, default=10.0)
+    p.add_argument("--warmup", type=float, default=3.0)
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads for both (0: default)")
+    p.add_argument("--images", type=int, default=300, help="Fashion-MNIST test images in the looped video")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    bundle = args.bundle or next(iter(reversed(list(find_bundles(Path(__file__).resolve().parents[1] / "models")))),
+                                 None)
+    if bundle is None:
+        print("no bundle given and none under models/", file=sys.stderr)
+        return 2
+    bare_ips, backend = bare_throughput(bundle, args.batch_size, args.bare_seconds, args.threads)
+    with tempfile.TemporaryDirectory(prefix="agent-bench-") as tmp:
+        workdir = Path(tmp)
+        images, _ = fashion_mnist_test(n=args.images)
+        video = workdir / "bench.avi"
+        write_video(images, video, size=112)
+        with local_mosquitto(workdir) as port:
+            cfg = agent_config(bundle, video, workdir, port, args.batch_size, args.threads)
+            res = agent_throughput(cfg, args.duration, args.warmup)
+    growth = 100.0 * (res["rss1"] - res["rss0"]) / res["rss0"]
+    print(f"bundle            {bundle} ({backend}), batch size {args.batch_size}, {os.cpu_count()} CPUs")
+    print(f"bare ORT          {bare_ips:10.1f} images/s")
+    print(f"agent end-to-end  {res['ips']:10.1f} results/s acknowledged by the broker (PUBACK) over {args.duration:g}s")
+    print(f"ratio agent/bare  {res['ips'] / bare_ips:10.3f}")
+    print(f"capture->PUBACK   p50 {res['p50']:.1f} ms, p95 {res['p95']:.1f} ms")
+    print(f"RSS               {res['rss0']:.1f} MiB -> {res['rss1']:.1f} MiB ({growth:+.2f}%)")
+    print(f"frames dropped    {res['dropped']:.0f}; outbox depth at end {res['outbox_depth']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
