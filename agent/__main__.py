@@ -19,11 +19,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                      help="seconds to drain the outbox on exit (default: shutdown_flush_s from the config)")
     val = sub.add_parser("validate-config", help="check config files without starting anything")
     val.add_argument("files", nargs="+", type=Path)
+    sub.add_parser("config-reference", help="print the config reference (markdown) used in docs/agent.md")
     demo = sub.add_parser("demo", help="sample video -> agent -> MQTT; print what a dashboard receives")
     demo.add_argument("--bundle", required=True, type=Path, help="model bundle folder")
     demo.add_argument("--host", default=None, help="broker host; default: start a local mosquitto")
     demo.add_argument("--port", type=int, default=1883)
     demo.add_argument("--images", type=int, default=20, help="Fashion-MNIST test images in the sample video")
+    demo.add_argument("--json", action="store_true", help="print whole payloads instead of one line each")
     return parser
 
 
@@ -55,27 +57,54 @@ def run(args: argparse.Namespace) -> int:
     return run_agent(cfg, exit_at_end=args.exit_at_end, flush_s=args.flush_timeout)
 
 
+def summarize(kind: str, body: dict) -> str:
+    """One dashboard line per message."""
+    if kind == "status":
+        model = body.get("model") or {}
+        return f"{body['state']} model={model.get('name')}:{model.get('version')} ({model.get('precision')})"
+    if kind == "result":
+        flag = " LOW-CONFIDENCE" if body["low_confidence"] else ""
+        return f"{body['camera']} frame {body['frame_seq']}: {body['label']} {body['confidence']:.2f}{flag}"
+    if kind == "decision":
+        return (f"{body['camera']} item {body['item_seq']}: {body['label']} {body['confidence']:.2f} "
+                f"over {body['frames']} frames -> {body['lane']}")
+    if kind == "frames":
+        return f"{body['camera']} frame {body['frame_seq']} JPEG {body['jpeg']['bytes']} B, because {body['selected_because']}"
+    if kind == "alert":
+        return f"{body['camera']} frame {body['frame_seq']}: defect {body['defect']} {body['confidence']:.2f}"
+    return ", ".join(f"{k}={v}" for k, v in body.items() if k in ("fps", "low_confidence_rate", "outbox"))
+
+
 def demo(args: argparse.Namespace) -> int:
     from agent.demo import run_demo
 
     messages = run_demo(args.bundle, host=args.host, port=args.port, images=args.images)
+    counts: dict[str, int] = {}
     for msg in messages:
+        kind = msg.topic.rsplit("/", 1)[-1]
+        counts[kind] = counts.get(kind, 0) + 1
         body = msg.json()
-        if "thumbnail_jpeg_b64" in json.dumps(body):
+        if args.json:
             body.get("evidence", {}).pop("thumbnail_jpeg_b64", None)
-        extra = f"  (+{len(msg.payload)} bytes JPEG)" if msg.user_properties else ""
-        print(f"{msg.topic}  {json.dumps(body, separators=(',', ':'))}{extra}")
-    kinds = {}
-    for msg in messages:
-        kinds[msg.topic.rsplit("/", 1)[-1]] = kinds.get(msg.topic.rsplit("/", 1)[-1], 0) + 1
-    print("received: " + ", ".join(f"{k}={v}" for k, v in sorted(kinds.items())))
+            print(f"{msg.topic}  {json.dumps(body, separators=(',', ':'))}")
+        else:
+            print(f"{msg.topic:<40} {summarize(kind, body)}")
+    print("received: " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+    return 0
+
+
+def config_reference(args: argparse.Namespace) -> int:
+    from agent.config import config_reference_markdown
+
+    print(config_reference_markdown())
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    handlers = {"run": run, "validate-config": lambda a: validate_config(a.files), "demo": demo}
+    handlers = {"run": run, "validate-config": lambda a: validate_config(a.files), "demo": demo,
+                "config-reference": config_reference}
     return handlers[args.command](args)
 
 

@@ -372,3 +372,58 @@ def validate_file(path: str | Path) -> list[str]:
     except ConfigError as exc:
         return str(exc).splitlines()
     return []
+
+
+def _type_name(ann: Any) -> str:
+    import types
+    from typing import Union, get_args, get_origin
+
+    origin, args = get_origin(ann), get_args(ann)
+    if origin is Literal:
+        return " / ".join(f"`{a}`" for a in args)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if origin is list:
+        return f"list of {_type_name(args[0])}"
+    if origin is dict:
+        return "mapping"
+    return "null" if ann is type(None) else getattr(ann, "__name__", str(ann))
+
+
+def _default_text(value: Any) -> str:
+    if isinstance(value, Path):
+        return f"`{value}`"
+    if isinstance(value, BaseModel):
+        return "(section)"
+    return f"`{json_default(value)}`"
+
+
+def json_default(value: Any) -> str:
+    import json
+
+    try:
+        return json.dumps(value)
+    except TypeError:
+        return str(value)
+
+
+def config_reference_markdown() -> str:
+    """The config reference for docs/agent.md, from the same titles and descriptions the validator uses."""
+    lines = ["| key | type | default | description |", "|---|---|---|---|"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, info in model.model_fields.items():
+            key = f"{prefix}{name}"
+            ann = info.annotation
+            nested = next((a for a in (ann, *getattr(ann, "__args__", ())) if isinstance(a, type)
+                           and issubclass(a, BaseModel)), None)
+            default = "required" if info.is_required() else _default_text(info.get_default(call_default_factory=True))
+            type_name = _type_name(ann)
+            if nested is None or not key.startswith(("cameras", "mqtt.tls")) or key in ("cameras", "mqtt.tls"):
+                lines.append(f"| `{key}` | {type_name.replace('|', '&#124;')} | {default.replace('|', '&#124;')} | "
+                             f"{info.description or info.title or ''} |")
+            if nested is not None:
+                walk(nested, f"{key}[]." if key == "cameras" else f"{key}.")
+
+    walk(AgentConfig, "")
+    return "\n".join(lines)

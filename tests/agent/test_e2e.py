@@ -150,3 +150,11 @@ def test_kill_9_mid_run_loses_nothing_in_the_outbox(mosquitto_bin, tiny_bundle, 
                        b["schema"] == "result.v1")
     assert first_run == list(range(1, len(first_run) + 1))
     assert outbox_rows(tmp_path / "outbox.sqlite") == []
+
+
+def test_demo_command_prints_what_a_dashboard_receives(mosquitto_bin, tiny_bundle):
+    rc, out = run_cli("demo", "--bundle", str(tiny_bundle), "--images", "4")
+    assert rc == 0, out
+    assert "inventory/demo/receiving-01/status       online model=tiny:tiny-1" in out
+    summary = out.strip().splitlines()[-1]
+    assert summary.startswith("received: ") and "result=22" in summary and "decision=4" in summary
