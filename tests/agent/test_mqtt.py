@@ -197,3 +197,41 @@ def test_untrusted_broker_certificate_is_a_tls_error_never_connected(tls_broker,
         publisher.stop(0.5)
     assert publisher.state.connects == 0 and len(publisher.state.history) >= 2
     assert "TLS handshake with 127.0.0.1" in caplog.text and "CERTIFICATE_VERIFY_FAILED" in caplog.text
+
+
+def test_auto_protocol_falls_back_to_311_when_the_broker_refuses_v5(tmp_path):
+    """A hand-written 3.1.1-only broker: refuses a v5 CONNECT (protocol level 5), accepts level 4."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+    levels = []
+
+    def serve():
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            connect = conn.recv(1024)
+            levels.append(connect[8])
+            conn.sendall(bytes([0x20, 0x02, 0x00, 0x01 if connect[8] == 5 else 0x00]))
+            if connect[8] == 5:
+                conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    cfg = AgentConfig.model_validate({
+        "site": "test", "station": "st-01", "model": {"bundle": "unused"}, "cameras": [{"id": "a", "uri": "x"}],
+        "mqtt": {"port": server.getsockname()[1], "reconnect": {"initial_s": 0.1, "max_s": 0.2}}})
+    outbox = Outbox(tmp_path / "ob.sqlite", max_bytes=10**6, max_age_s=60)
+    publisher = MqttPublisher(cfg, outbox, Metrics(), lambda state: {"state": state})
+    publisher.start()
+    try:
+        assert publisher.wait_connected(5), publisher.state.history
+    finally:
+        publisher.stop(0.2)
+        server.close()
+    assert levels[:2] == [5, 4] and publisher.state.protocol == "v311"
+    assert "Unsupported protocol version" in publisher.state.history[0]
