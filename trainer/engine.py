@@ -86,17 +86,19 @@ class TrainBatches:
             log.info("train images need %.1f GiB decoded; streaming from disk instead", estimate / 2**30)
 
     def __len__(self) -> int:
-        return math.ceil(len(self.files) / self.batch_size)
+        # A ragged last batch is dropped: a batch of one breaks BatchNorm and skews the step size.
+        return max(1, len(self.files) // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.cached is not None:
             x, y = self.cached
             order = torch.randperm(len(y), generator=self.generator)
-            for start in range(0, len(order), self.batch_size):
-                idx = order[start : start + self.batch_size]
+            for step in range(len(self)):
+                idx = order[step * self.batch_size : (step + 1) * self.batch_size]
                 yield x[idx], y[idx]
         else:
-            yield from _loader(self.files, self.batch_size, self.workers, True, self.generator)
+            loader = _loader(self.files, self.batch_size, self.workers, True, self.generator)
+            yield from (batch for _, batch in zip(range(len(self)), loader))
 
 
 def eval_inputs(samples, spec: InputSpec, workers: int, desc: str = "preprocess val images") -> tuple[torch.Tensor, torch.Tensor]:

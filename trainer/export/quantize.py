@@ -84,7 +84,7 @@ def quantize_qdq(fp32_path: Path, out_path: Path, calibration: np.ndarray | None
 
 def int8_gate(fp32_accuracy: float, int8_accuracy: float, margin_points: float) -> tuple[bool, str | None]:
     """INT8 is deployable when its top-1 is within ``margin_points`` percentage points of FP32."""
-    delta = (int8_accuracy - fp32_accuracy) * 100
+    delta = round((int8_accuracy - fp32_accuracy) * 100, 9)  # 0.89 - 0.90 is not exactly -0.01 in floats
     if delta >= -margin_points:
         return True, None
     return False, (f"INT8 top-1 {int8_accuracy * 100:.2f}% is {-delta:.2f} points below FP32 "

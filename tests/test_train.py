@@ -1,0 +1,121 @@
+"""Training runs: what a run folder holds, resume after interruption, early stopping, ResNet50 on CPU."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from trainer.config import TrainConfig
+from trainer.engine import Trainer, make_schedule
+
+
+def _cfg(fmnist_dir, **kw) -> TrainConfig:
+    base = dict(data=str(fmnist_dir / "train"), arch="mobilenet_v2", weights="none", image_size=32, resize_shorter=32,
+                epochs=2, batch_size=32, limit_per_class=12, val_fraction=0.25, workers=0, seed=3,
+                max_steps_per_epoch=None)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_run_folder_holds_config_split_metrics_curves_and_checkpoints(trained_run):
+    for name in ("config.json", "split.json", "metrics.jsonl", "curves.png", "best.pt", "last.pt", "data_report.json"):
+        assert (trained_run / name).is_file(), name
+    rows = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert all(0.0 <= r["val_accuracy"] <= 1.0 and r["train_images_per_s"] > 0 for r in rows)
+    cfg = TrainConfig.load(trained_run / "config.json")
+    assert cfg.arch == "mobilenet_v2" and cfg.epochs == 2
+    ckpt = torch.load(trained_run / "last.pt", weights_only=True)
+    assert ckpt["state"]["epoch"] == 2 and len(ckpt["classes"]) == 10
+    # a real fine-tune of ImageNet weights on 800 real images learns something in 2 epochs
+    assert max(r["val_accuracy"] for r in rows) > 0.5
+
+
+def test_resume_after_interruption_continues_exactly(fmnist_dir, tmp_path):
+    """An interrupted run resumed from last.pt ends with the same weights as an uninterrupted one."""
+    full = Trainer(_cfg(fmnist_dir), tmp_path / "full")
+    full.fit()
+
+    def crash(epoch, row):
+        if epoch == 1:
+            raise KeyboardInterrupt  # power cut / preemption right after the epoch-1 checkpoint
+
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(_cfg(fmnist_dir), tmp_path / "cut", on_epoch_end=crash).fit()
+    assert torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["state"]["epoch"] == 1
+    resumed = Trainer(TrainConfig.load(tmp_path / "cut" / "config.json"), tmp_path / "cut").fit()
+    assert resumed.epochs_run == 2
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["model"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+    rows = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["epoch"] for r in rows] == [1, 2]
+
+
+def test_early_stopping_stops_when_val_stops_improving(fmnist_dir, tmp_path):
+    # lr 0 cannot improve after the first epoch: patience 1 must stop after epoch 2 of 5
+    result = Trainer(_cfg(fmnist_dir, epochs=5, lr=0.0, patience=1), tmp_path / "es").fit()
+    assert result.stopped_early and result.epochs_run == 2 and result.best_epoch == 1
+
+
+def test_resnet50_trains_on_cpu_with_tiny_images(fmnist_dir, tmp_path):
+    cfg = _cfg(fmnist_dir, arch="resnet50", epochs=1, limit_per_class=6, freeze_epochs=0, optimizer="adamw",
+               label_smoothing=0.1, warmup_epochs=0.5)
+    initial = Trainer(cfg, tmp_path / "unused")
+    torch.manual_seed(cfg.seed)
+    from trainer.model import build_model
+
+    start = build_model("resnet50", 10, "none").state_dict()["layer1.0.conv1.weight"]
+    result = Trainer(cfg, tmp_path / "r50").fit()
+    ckpt = torch.load(tmp_path / "r50" / "last.pt", weights_only=True)
+    assert ckpt["config"]["arch"] == "resnet50" and ckpt["model"]["fc.weight"].shape == (10, 2048)
+    assert result.epochs_run == 1 and initial.device.type == "cpu"
+    assert (ckpt["model"]["layer1.0.conv1.weight"] - start).abs().max() > 0  # the backbone was trained
+    assert torch.isfinite(ckpt["model"]["fc.weight"]).all()
+
+
+def test_linear_probe_then_fine_tune_changes_backbone_only_after_freeze(fmnist_dir, tmp_path):
+    seen = {}
+
+    def snapshot(epoch, row):
+        ckpt = torch.load(tmp_path / "lp" / "last.pt", weights_only=True)
+        seen[epoch] = (ckpt["model"]["features.0.0.weight"].clone(), ckpt["model"]["classifier.1.weight"].clone(), row)
+
+    Trainer(_cfg(fmnist_dir, weights="imagenet", freeze_epochs=1), tmp_path / "lp", on_epoch_end=snapshot).fit()
+    from trainer.model import imagenet_state_dict
+
+    pretrained = imagenet_state_dict("mobilenet_v2")["features.0.0.weight"]
+    torch.testing.assert_close(seen[1][0], pretrained, rtol=0, atol=0)  # frozen in epoch 1
+    assert (seen[2][0] - pretrained).abs().max() > 0  # trained in epoch 2
+    assert seen[1][2]["frozen_backbone"] and not seen[2][2]["frozen_backbone"]
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "step", "constant"])
+def test_schedules_with_warmup(schedule):
+    cfg = TrainConfig(data="x", epochs=4, lr=1.0, warmup_epochs=1, schedule=schedule, step_size=2, gamma=0.5)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = make_schedule(opt, cfg, steps_per_epoch=10)
+    lrs = []
+    for _ in range(40):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)  # linear warmup over epoch 1
+    if schedule == "cosine":
+        assert lrs[10] == pytest.approx(1.0) and lrs[39] < 0.01 and lrs[25] == pytest.approx(0.5 * (1 + math.cos(math.pi * 15 / 30)))
+    elif schedule == "step":
+        assert lrs[15] == 1.0 and lrs[25] == 0.5
+    else:
+        assert lrs[39] == 1.0
+
+
+def test_config_rejects_unknown_values_and_fields(tmp_path):
+    with pytest.raises(ValueError, match="optimizer"):
+        TrainConfig(data="x", optimizer="lion")
+    (tmp_path / "config.json").write_text(json.dumps({"data": "x", "bogus": 1}))
+    with pytest.raises(ValueError, match=r"config.json: unknown fields \['bogus'\]"):
+        TrainConfig.load(tmp_path / "config.json")
