@@ -7,7 +7,7 @@ tests are exact and the pipeline stays the only place with side effects.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import cv2
 import numpy as np
@@ -77,6 +77,27 @@ class LowConfidencePolicy:
         if t.max_entropy is not None and ent > t.max_entropy:
             out.append(f"entropy {ent:.3f} > {t.max_entropy:g}")
         return tuple(out)
+
+
+def entropies(probs: np.ndarray) -> np.ndarray:
+    """Row-wise natural-log entropy of a batch of probability rows."""
+    p = np.clip(np.asarray(probs, dtype=np.float64), 1e-12, 1.0)
+    return -(p * np.log(p)).sum(axis=-1)
+
+
+def classify_batch(probs: np.ndarray, labels: Sequence[str], k: int,
+                   policies: Sequence[LowConfidencePolicy]) -> list[Classification]:
+    """``classify`` for every row, with the sorting and entropy done once for the batch."""
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :max(k, 2)]
+    ents = entropies(probs)
+    out = []
+    for row, idx, ent, policy in zip(probs, order.tolist(), ents.tolist(), policies):
+        confidence = float(row[idx[0]])
+        margin = confidence - (float(row[idx[1]]) if len(idx) > 1 else 0.0)
+        top_k = tuple((labels[i], round(float(row[i]), 6)) for i in idx[:k])
+        out.append(Classification(idx[0], labels[idx[0]], confidence, margin, ent, top_k,
+                                  policy.reasons(confidence, margin, ent), row))
+    return out
 
 
 def classify(probs: np.ndarray, labels: Sequence[str], k: int, policy: LowConfidencePolicy) -> Classification:
@@ -266,11 +287,16 @@ class UploadGate:
         self._last: dict[str, float] = {}
         self._hashes: dict[str, list[int]] = {}
 
-    def admit(self, camera_id: str, frame_hash: int, now: float) -> str | None:
-        """None when the frame may go; else why it is held back ('rate' or 'duplicate')."""
+    def admit(self, camera_id: str, frame_hash: int | Callable[[], int], now: float) -> str | None:
+        """None when the frame may go; else why it is held back ('rate' or 'duplicate').
+
+        ``frame_hash`` may be a callable, so the hash is only computed for frames the rate limit lets through.
+        """
         last = self._last.get(camera_id)
         if last is not None and now - last < self.min_interval_s:
             return "rate"
+        if callable(frame_hash):
+            frame_hash = frame_hash()
         recent = self._hashes.setdefault(camera_id, [])
         if self.window and any(hamming(frame_hash, h) <= self.dedupe_bits for h in recent):
             return "duplicate"

@@ -71,11 +71,7 @@ def frame_envelope(record: Record) -> bytes:
 def encode(record: Record, v5: bool) -> tuple[bytes, Properties | None]:
     """Payload and v5 properties of an outbox record for its topic."""
     if record.kind != "frame":
-        props = None
-        if v5:
-            props = Properties(PacketTypes.PUBLISH)
-            props.ContentType = "application/json"
-        return record.text.encode(), props
+        return record.text.encode(), None     # JSON; no properties (paho builds them in Python, per message)
     if not v5:
         return frame_envelope(record), None
     props = Properties(PacketTypes.PUBLISH)

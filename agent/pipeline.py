@@ -22,7 +22,7 @@ from agent.backends import Backend
 from agent.bundle import Bundle
 from agent.config import AgentConfig, CameraConfig
 from agent.decide import (Classification, ItemDecision, ItemTracker, LaneMap, LowConfidencePolicy, Observation,
-                          PolicyThresholds, PresenceDetector, QcAlerter, UploadGate, classify, dhash,
+                          PolicyThresholds, PresenceDetector, QcAlerter, UploadGate, classify_batch, dhash,
                           presence_signature, softmax)
 from agent.health import Metrics
 from agent.outbox import Message, Outbox
@@ -138,9 +138,11 @@ class InferenceStage(threading.Thread):
         probs = softmax(runtime.backend.run(inputs))
         t2 = time.monotonic()
         timings = {"preprocess": (t1 - t0) / len(batch), "inference": (t2 - t1) / len(batch)}
+        states = [self._cameras[f.camera_id] for f in batch]
+        classes = classify_batch(probs, runtime.bundle.labels, self.cfg.decisions.top_k, [s.policy for s in states])
         messages: list[Message] = []
-        for frame, row in zip(batch, probs):
-            messages.extend(self._decide(frame, row, runtime, timings, queue_s=t0 - frame.captured_mono))
+        for frame, cls in zip(batch, classes):
+            messages.extend(self._decide(frame, cls, runtime, timings, queue_s=t0 - frame.captured_mono))
         self.metrics.observe("decide", (time.monotonic() - t2) / len(batch))
         for stage, seconds in timings.items():
             self.metrics.observe(stage, seconds)
@@ -162,10 +164,9 @@ class InferenceStage(threading.Thread):
         if messages:
             self.outbox.put_many(messages)
 
-    def _decide(self, frame: Frame, probs: np.ndarray, runtime: ModelRuntime, timings: dict[str, float],
+    def _decide(self, frame: Frame, cls: Classification, runtime: ModelRuntime, timings: dict[str, float],
                 queue_s: float) -> list[Message]:
         state = self._cameras[frame.camera_id]
-        cls = classify(probs, runtime.bundle.labels, self.cfg.decisions.top_k, state.policy)
         self.metrics.observe("queue", queue_s)
         self.metrics.inc("frames_classified_total", camera=frame.camera_id)
         out: list[Message] = []
@@ -227,7 +228,7 @@ class InferenceStage(threading.Thread):
         if not fcfg.enabled:
             return []
         image = frame.image if fcfg.crop_roi or frame.full_image is None else frame.full_image
-        held = self.uploads.admit(frame.camera_id, dhash(image), self.clock())
+        held = self.uploads.admit(frame.camera_id, lambda: dhash(image), self.clock())
         if held is not None:
             self.metrics.inc("frames_upload_suppressed_total", camera=frame.camera_id, why=held)
             return []

@@ -151,7 +151,10 @@ class Preprocessor:
 
     def batch(self, frames: Sequence[np.ndarray]) -> np.ndarray:
         """Several images to an Nx3xHxW float32 batch."""
-        out = np.empty((len(frames), 3, self.spec.height, self.spec.width), dtype=np.float32)
+        # Same arithmetic as __call__, with the normalisation and transpose done once for the batch.
+        hwc = np.empty((len(frames), self.spec.height, self.spec.width, 3), dtype=np.float32)
         for i, frame in enumerate(frames):
-            out[i] = self(frame)
-        return out
+            hwc[i] = resize_and_crop(frame, self.spec)
+        hwc -= self._offset
+        hwc *= self._scale
+        return np.ascontiguousarray(hwc.transpose(0, 3, 1, 2))

@@ -61,7 +61,7 @@ def agent_config(bundle: Path, video: Path, workdir: Path, port: int, batch_size
                      "queue_size": 2 * batch_size}],
         "mqtt": {"host": "127.0.0.1", "port": port},
         "outbox": {"path": str(workdir / "outbox.sqlite")},
-        "health": {"stats_interval_s": 5, "latency_window": 100_000},
+        "health": {"stats_interval_s": 5},
         "log_level": "WARNING",
     })
 

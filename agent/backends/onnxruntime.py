@@ -24,13 +24,17 @@ def pick_providers(preferred: Sequence[str], available: Sequence[str]) -> list[s
 
 class OnnxRuntimeBackend:
     def __init__(self, model_path: Path, spec: InputSpec, *, precision: str,
-                 providers: Sequence[str] = ("CPUExecutionProvider",), intra_op_threads: int = 0) -> None:
+                 providers: Sequence[str] = ("CPUExecutionProvider",), intra_op_threads: int = 0,
+                 spinning: bool = False) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if intra_op_threads:
             options.intra_op_num_threads = intra_op_threads
+        # ORT's pool threads busy-wait between runs by default; on a small CPU that steals the
+        # cores the camera, decision and MQTT threads need.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0" if not spinning else "1")
         chosen = pick_providers(providers, ort.get_available_providers())
         try:
             self.session = ort.InferenceSession(str(model_path), sess_options=options, providers=chosen)

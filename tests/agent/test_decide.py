@@ -144,3 +144,15 @@ def test_dhash_sees_near_duplicates_and_upload_gate_limits():
     assert gate.admit("cam", dhash(noisy), 2.0) == "duplicate"
     assert gate.admit("cam", dhash(other), 2.0) is None
     assert gate.admit("cam2", dhash(base), 2.0) is None
+
+
+def test_classify_batch_equals_classify_row_by_row():
+    from agent.decide import classify_batch
+
+    probs = softmax(np.random.default_rng(1).standard_normal((6, 3)) * 3)
+    policies = [LowConfidencePolicy(PolicyThresholds(min_confidence=0.6, min_margin=0.2, max_entropy=0.8))] * 6
+    batch = classify_batch(probs, LABELS, 2, policies)
+    for row, got in zip(probs, batch):
+        want = classify(row, LABELS, 2, policies[0])
+        assert (got.class_id, got.top_k, got.reasons) == (want.class_id, want.top_k, want.reasons)
+        assert got.margin == pytest.approx(want.margin) and got.entropy == pytest.approx(want.entropy)

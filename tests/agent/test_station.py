@@ -102,3 +102,13 @@ def test_tensorrt_chosen_but_absent_is_a_clear_error(tiny_bundle):
                     reason="TensorRT is not installable here (no GPU); the engine backend runs on Jetson images only")
 def test_tensorrt_engine_matches_onnx():  # pragma: no cover - needs a Jetson/GPU
     pytest.skip("needs a bundle with an engine built for this GPU")
+
+
+def test_batched_preprocessing_is_bit_identical_to_single_images(fmnist_test_images):
+    from agent.preprocess import InputSpec, Preprocessor
+
+    rgb = [np.repeat(img[:, :, None], 3, axis=2) for img in fmnist_test_images[0][:16]]
+    for spec in (InputSpec(height=32, width=32, resize_shorter=36), InputSpec(height=28, width=28, resize_shorter=28,
+                                                                             interpolation="area")):
+        pre = Preprocessor(spec)
+        assert np.array_equal(pre.batch(rgb), np.stack([pre(x) for x in rgb]))
