@@ -19,7 +19,7 @@ from agent.config import AgentConfig, CameraConfig, ConfigError
 from agent.health import Metrics, PrometheusServer
 from agent.mqtt import MqttPublisher
 from agent.outbox import Outbox
-from agent.pipeline import InferenceStage, ModelHolder, ModelRuntime
+from agent.pipeline import InferenceStage, ModelHolder, ModelRuntime, camera_preparer
 from agent.preprocess import Preprocessor
 from agent.sources.base import FrameSource
 from agent.sources.camera import CameraWorker, FrameHub, Watchdog
@@ -98,7 +98,8 @@ class Agent:
         keep_full = self.cfg.frames.enabled and not self.cfg.frames.crop_roi
         for cam in self.cfg.cameras:
             hub.add_camera(cam.id, cam.queue_size, cam.backpressure)
-            self.workers.append(CameraWorker(cam, hub, self.metrics, self.stop_event, self.source_factory, keep_full))
+            self.workers.append(CameraWorker(cam, hub, self.metrics, self.stop_event, self.source_factory, keep_full,
+                                             prepare=camera_preparer(self.model)))
         self.hub = hub
         self.inference = InferenceStage(self.cfg, hub, self.model, self.outbox, self.metrics, self.cameras_done)
         self._threads = [self.publisher, self.inference, *self.workers, Watchdog(self.workers, self.stop_event),

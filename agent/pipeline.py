@@ -82,6 +82,22 @@ def top_k_json(top_k: Sequence[tuple[str, float]]) -> list[dict[str, Any]]:
     return [{"label": label, "p": p} for label, p in top_k]
 
 
+def _prepare_seconds(batch: list[Frame]) -> float:
+    """Mean time the camera threads spent preparing these frames."""
+    spent = [f.prepared[2] for f in batch if f.prepared is not None]
+    return sum(spent) / len(batch) if spent else 0.0
+
+
+def camera_preparer(model: "ModelHolder") -> Callable[[np.ndarray], tuple[Preprocessor, np.ndarray, float]]:
+    """For a camera thread: the current model's preprocessing of one frame, tagged with the preprocessor used."""
+    def prepare(image: np.ndarray) -> tuple[Preprocessor, np.ndarray, float]:
+        start = time.monotonic()
+        preprocessor = model.current.preprocessor
+        return preprocessor, preprocessor(image), time.monotonic() - start
+
+    return prepare
+
+
 class CameraDecisions:
     """Per-camera decision state: policy, presence, item tracker."""
 
@@ -133,11 +149,12 @@ class InferenceStage(threading.Thread):
         if runtime is not self._runtime:
             self._switch(runtime)
         t0 = time.monotonic()
-        inputs = runtime.preprocessor.batch([f.image for f in batch])
+        inputs = self._inputs(batch, runtime)
         t1 = time.monotonic()
         probs = softmax(runtime.backend.run(inputs))
         t2 = time.monotonic()
-        timings = {"preprocess": (t1 - t0) / len(batch), "inference": (t2 - t1) / len(batch)}
+        timings = {"preprocess": (t1 - t0) / len(batch) + _prepare_seconds(batch),
+                   "inference": (t2 - t1) / len(batch)}
         states = [self._cameras[f.camera_id] for f in batch]
         classes = classify_batch(probs, runtime.bundle.labels, self.cfg.decisions.top_k, [s.policy for s in states])
         messages: list[Message] = []
@@ -148,6 +165,12 @@ class InferenceStage(threading.Thread):
             self.metrics.observe(stage, seconds)
         if messages:
             self.outbox.put_many(messages)
+
+    def _inputs(self, batch: list[Frame], runtime: ModelRuntime) -> np.ndarray:
+        """The model input: what the camera threads prepared, unless it was made for another model's input."""
+        if all(f.prepared is not None and f.prepared[0] is runtime.preprocessor for f in batch):
+            return np.stack([f.prepared[1] for f in batch])
+        return runtime.preprocessor.batch([f.image for f in batch])
 
     def _switch(self, runtime: ModelRuntime) -> None:
         """A new model: decide items still open with the old one, then fresh per-camera state."""

@@ -37,7 +37,13 @@ def rss_mib() -> float:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def bare_throughput(bundle_dir: Path, batch_size: int, seconds: float, threads: int) -> tuple[float, str]:
+def cpu_s() -> float:
+    """CPU seconds (user + system) of this process, all threads."""
+    t = os.times()
+    return t.user + t.system
+
+
+def bare_throughput(bundle_dir: Path, batch_size: int, seconds: float, threads: int) -> tuple[float, str, float]:
     """Images/s of the deployable model on real preprocessed images, nothing else."""
     bundle = load_bundle(bundle_dir)
     backend = create_backend(bundle, ModelConfig(bundle=bundle_dir, backend="onnxruntime",
@@ -45,11 +51,11 @@ def bare_throughput(bundle_dir: Path, batch_size: int, seconds: float, threads: 
     images, _ = fashion_mnist_test(n=batch_size)
     batch = Preprocessor(bundle.input_spec).batch([np.repeat(i[:, :, None], 3, axis=2) for i in images])
     backend.warmup(batch_size, 5)
-    n, start = 0, time.perf_counter()
+    n, start, cpu0 = 0, time.perf_counter(), cpu_s()
     while time.perf_counter() - start < seconds:
         backend.run(batch)
         n += batch_size
-    return n / (time.perf_counter() - start), f"{backend.name} {backend.precision}"
+    return n / (time.perf_counter() - start), f"{backend.name} {backend.precision}", 1000 * (cpu_s() - cpu0) / n
 
 
 def agent_config(bundle: Path, video: Path, workdir: Path, port: int, batch_size: int, threads: int) -> AgentConfig:
@@ -73,11 +79,12 @@ def agent_throughput(cfg: AgentConfig, seconds: float, warmup_s: float) -> dict[
         agent.publisher.wait_connected(10)
         time.sleep(warmup_s)
         acked0 = agent.metrics.counter("mqtt_published_total", kind="result")
-        rss0, start = rss_mib(), time.perf_counter()
+        rss0, start, cpu0 = rss_mib(), time.perf_counter(), cpu_s()
         agent.metrics._latency.clear()          # percentiles over the measured window only
         time.sleep(seconds)
         elapsed = time.perf_counter() - start
         acked = agent.metrics.counter("mqtt_published_total", kind="result") - acked0
+        cpu_ms = 1000 * (cpu_s() - cpu0) / max(acked, 1)
         rss1 = rss_mib()
         lat = agent.metrics.percentiles("capture_to_ack") or {"p50_ms": float("nan"), "p95_ms": float("nan")}
         dropped = sum(agent.metrics.counters_by("frames_dropped_total", "camera").values())
@@ -85,7 +92,7 @@ def agent_throughput(cfg: AgentConfig, seconds: float, warmup_s: float) -> dict[
     finally:
         agent.shutdown(10)
     return {"ips": acked / elapsed, "p50": lat["p50_ms"], "p95": lat["p95_ms"], "rss0": rss0, "rss1": rss1,
-            "dropped": dropped, "outbox_depth": depth, "acked": acked}
+            "dropped": dropped, "outbox_depth": depth, "acked": acked, "cpu_ms": cpu_ms}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -108,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     if bundle is None:
         print("no bundle given and none under models/", file=sys.stderr)
         return 2
-    bare_ips, backend = bare_throughput(bundle, args.batch_size, args.bare_seconds, args.threads)
+    bare_ips, backend, bare_cpu_ms = bare_throughput(bundle, args.batch_size, args.bare_seconds, args.threads)
     with tempfile.TemporaryDirectory(prefix="agent-bench-") as tmp:
         workdir = Path(tmp)
         images, _ = fashion_mnist_test(n=args.images)
@@ -122,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bare ORT          {bare_ips:10.1f} images/s")
     print(f"agent end-to-end  {res['ips']:10.1f} results/s acknowledged by the broker (PUBACK) over {args.duration:g}s")
     print(f"ratio agent/bare  {res['ips'] / bare_ips:10.3f}")
+    print(f"CPU per image     bare {bare_cpu_ms:.3f} ms, agent {res['cpu_ms']:.3f} ms (agent process, all threads)")
     print(f"capture->PUBACK   p50 {res['p50']:.1f} ms, p95 {res['p95']:.1f} ms")
     print(f"RSS               {res['rss0']:.1f} MiB -> {res['rss1']:.1f} MiB ({growth:+.2f}%)")
     print(f"frames dropped    {res['dropped']:.0f}; outbox depth at end {res['outbox_depth']}")

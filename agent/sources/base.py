@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -27,6 +27,7 @@ class Frame:
     image: np.ndarray = field(repr=False)   # HxWx3 uint8 RGB, ROI applied
     source_ref: str | None = None           # e.g. the file name of a folder source
     full_image: np.ndarray | None = field(default=None, repr=False)  # before ROI, kept only when uploads want it
+    prepared: Any = field(default=None, repr=False, compare=False)   # (key, model input) made on the camera thread
 
 
 class FrameSource(Protocol):

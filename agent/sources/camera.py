@@ -10,7 +10,7 @@ import logging
 import threading
 import time
 from collections import deque
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -114,7 +114,8 @@ class CameraWorker(threading.Thread):
     """Runs one camera until stopped or (finite sources) the end of input."""
 
     def __init__(self, cfg: CameraConfig, hub: FrameHub, metrics: Metrics, stop: threading.Event,
-                 source_factory: Callable[[CameraConfig], FrameSource] | None = None, keep_full: bool = False) -> None:
+                 source_factory: Callable[[CameraConfig], FrameSource] | None = None, keep_full: bool = False,
+                 prepare: Callable[[np.ndarray], Any] | None = None) -> None:
         super().__init__(name=f"camera-{cfg.id}", daemon=True)
         self.cfg = cfg
         self.hub = hub
@@ -123,6 +124,7 @@ class CameraWorker(threading.Thread):
         self.factory = source_factory or (lambda c: open_source(c.uri, name=c.id, loop=c.loop,
                                                                 width=c.width, height=c.height))
         self.keep_full = keep_full and cfg.roi is not None
+        self.prepare = prepare
         self.ended = threading.Event()
         self.last_frame_mono = time.monotonic()
         self.connected = False
@@ -178,8 +180,12 @@ class CameraWorker(threading.Thread):
             if not self._due(now, source.finite):
                 continue
             self._seq += 1
-            frame = Frame(self.cfg.id, self._seq, time.time(), now, crop_roi(image, self.cfg.roi), ref,
-                          image if self.keep_full else None)
+            cropped = crop_roi(image, self.cfg.roi)
+            # Preprocessing here runs in parallel across cameras (OpenCV releases the GIL) instead of
+            # serially on the inference thread.
+            prepared = self.prepare(cropped) if self.prepare is not None else None
+            frame = Frame(self.cfg.id, self._seq, time.time(), now, cropped, ref,
+                          image if self.keep_full else None, prepared)
             self.metrics.inc("frames_captured_total", camera=self.cfg.id)
             self.hub.put(frame, self.stop_event)
 

@@ -118,6 +118,14 @@ def outbox_rows(path: Path) -> list[tuple[int, str]]:
         db.close()
 
 
+def stored(path: Path) -> int:
+    """Rows in the outbox so far; 0 while the agent is still creating the database."""
+    try:
+        return len(outbox_rows(path)) if path.exists() else 0
+    except sqlite3.OperationalError:
+        return 0
+
+
 def test_kill_9_mid_run_loses_nothing_in_the_outbox(mosquitto_bin, tiny_bundle, fmnist_video, tmp_path):
     (tmp_path / "broker").mkdir()
     broker = Broker(tmp_path / "broker")            # not started yet: the station runs into an outage
@@ -126,8 +134,7 @@ def test_kill_9_mid_run_loses_nothing_in_the_outbox(mosquitto_bin, tiny_bundle, 
     config = write_yaml(tmp_path / "station.yaml", cfg)
     proc = agent_cli("run", "--config", str(config), "--exit-at-end")
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and len(outbox_rows(tmp_path / "outbox.sqlite") if
-                                              (tmp_path / "outbox.sqlite").exists() else []) < 20:
+    while time.monotonic() < deadline and stored(tmp_path / "outbox.sqlite") < 20:
         time.sleep(0.1)
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=10)
