@@ -28,7 +28,7 @@ class CalibrationError(ValueError):
 class QuantizeConfig:
     calibration_images: int = 512
     method: str = "percentile"
-    percentile: float = 99.999
+    percentile: float = 99.99
     per_channel: bool = True
     batch_size: int = 32
 
