@@ -144,7 +144,7 @@ class MqttPublisher(threading.Thread):
     def _sleep(self, seconds: float) -> None:
         end = time.monotonic() + seconds
         while not self._stopping and time.monotonic() < end:
-            time.sleep(min(0.05, end - time.monotonic()) if end > time.monotonic() else 0)
+            time.sleep(max(0.0, min(0.05, end - time.monotonic())))
 
     def _make_client(self) -> paho.Client:
         v5 = self.state.protocol == "v5"

@@ -132,17 +132,23 @@ class InferenceStage(threading.Thread):
             while not self.stop_event.is_set():
                 batch = self.hub.get_batch(self.cfg.model.batch_size, self.cfg.model.batch_timeout_ms / 1000.0)
                 if batch:
-                    self.process(batch)
+                    self._process_guarded(batch)
                 elif self.cameras_done() and not any(self.hub.depths().values()):
                     break
             self._flush_items()
-        except Exception:
-            log.exception("inference stage failed")
-            raise
         finally:
             self.finished.set()
 
     # ------------------------------------------------------------ one batch
+
+    def _process_guarded(self, batch: list[Frame]) -> None:
+        """A batch that fails (odd frame, backend error) is logged and counted; the next one still runs."""
+        try:
+            self.process(batch)
+        except Exception:
+            self.metrics.inc("inference_errors_total")
+            cams = sorted({f.camera_id for f in batch})
+            log.exception("inference failed on a batch of %d frames from %s; skipped", len(batch), ", ".join(cams))
 
     def process(self, batch: list[Frame]) -> None:
         runtime = self.model.current

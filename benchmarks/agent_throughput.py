@@ -64,7 +64,7 @@ def agent_config(bundle: Path, video: Path, workdir: Path, port: int, batch_size
         "model": {"bundle": str(bundle), "backend": "onnxruntime", "batch_size": batch_size,
                   "batch_timeout_ms": 5, "intra_op_threads": threads},
         "cameras": [{"id": "cam-a", "uri": str(video), "loop": True, "backpressure": "block",
-                     "queue_size": 2 * batch_size}],
+                     "queue_size": batch_size}],
         "mqtt": {"host": "127.0.0.1", "port": port},
         "outbox": {"path": str(workdir / "outbox.sqlite")},
         "health": {"stats_interval_s": 5},

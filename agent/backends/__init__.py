@@ -6,7 +6,7 @@ import importlib.util
 import logging
 
 from agent.backends.base import Backend, BackendError
-from agent.bundle import Bundle
+from agent.bundle import Artifact, Bundle
 from agent.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -18,9 +18,33 @@ def tensorrt_available() -> bool:
     return importlib.util.find_spec("tensorrt") is not None
 
 
+def compatible_engines(engines: list[Artifact], tensorrt_version: str | None,
+                       compute_capability: str | None = None) -> list[Artifact]:
+    """Engines built for this TensorRT major.minor (and GPU, when known): others fail to deserialize."""
+    if tensorrt_version is None:
+        return []
+    want = tensorrt_version.split(".")[:2]
+    return [e for e in engines if (e.tensorrt_version or "").split(".")[:2] == want
+            and (compute_capability is None or e.compute_capability == compute_capability)]
+
+
+def _installed_tensorrt_version() -> str | None:
+    if not tensorrt_available():
+        return None
+    import tensorrt  # type: ignore[import-not-found]
+
+    return str(tensorrt.__version__)
+
+
 def create_backend(bundle: Bundle, cfg: ModelConfig) -> Backend:
     """TensorRT engine when chosen (or auto and present), else ONNX Runtime on the INT8/FP32 pick."""
     engines = bundle.engines()
+    if engines and cfg.backend in ("auto", "tensorrt"):
+        usable = compatible_engines(engines, _installed_tensorrt_version())
+        if cfg.backend == "tensorrt" and tensorrt_available() and not usable:
+            raise BackendError(f"{bundle.root}: no engine built for TensorRT {_installed_tensorrt_version()} "
+                               f"(bundle has {', '.join(str(e.tensorrt_version) for e in engines)})")
+        engines = usable or (engines if cfg.backend == "tensorrt" else [])
     if cfg.backend == "tensorrt" or (cfg.backend == "auto" and engines and tensorrt_available()):
         from agent.backends.tensorrt import TensorRTBackend
 

@@ -112,3 +112,18 @@ def test_batched_preprocessing_is_bit_identical_to_single_images(fmnist_test_ima
                                                                              interpolation="area")):
         pre = Preprocessor(spec)
         assert np.array_equal(pre.batch(rgb), np.stack([pre(x) for x in rgb]))
+
+
+def test_only_engines_for_the_installed_tensorrt_are_used():
+    from pathlib import Path
+
+    from agent.backends import compatible_engines
+    from agent.bundle import Artifact
+
+    def engine(version, cc):
+        return Artifact("tensorrt-engine", Path("e"), "0" * 64, 1, "fp16", True, None, version, cc)
+
+    engines = [engine("10.3.0", "8.7"), engine("8.6.2", "8.7"), engine("10.3.1", "8.9")]
+    assert compatible_engines(engines, None) == []
+    assert compatible_engines(engines, "10.3.0.26") == [engines[0], engines[2]]
+    assert compatible_engines(engines, "10.3.0", "8.7") == [engines[0]]
