@@ -127,3 +127,32 @@ def test_only_engines_for_the_installed_tensorrt_are_used():
     assert compatible_engines(engines, None) == []
     assert compatible_engines(engines, "10.3.0.26") == [engines[0], engines[2]]
     assert compatible_engines(engines, "10.3.0", "8.7") == [engines[0]]
+
+
+@pytest.mark.mqtt
+def test_two_cameras_share_the_model_and_each_is_complete(broker, tiny_bundle, fmnist_video,
+                                                              fmnist_test_images, tmp_path):
+    import cv2
+
+    from conftest import bundle_predictions, video_frames
+
+    folder = tmp_path / "shelf"
+    folder.mkdir()
+    for i in range(25):
+        cv2.imwrite(str(folder / f"img{i:03d}.png"), fmnist_test_images[0][100 + i])
+    cfg = as_config(station_config(tmp_path, tiny_bundle, str(fmnist_video), broker.port, cameras=[
+        {"id": "dock", "uri": str(fmnist_video), "backpressure": "block", "queue_size": 8},
+        {"id": "shelf", "uri": f"file://{folder}", "backpressure": "block", "queue_size": 8}]))
+    dashboard = Subscriber(broker.host, broker.port, "inventory/test/st-01")
+    agent = Agent(cfg)
+    agent.start()
+    agent.wait(exit_at_end=True)
+    agent.shutdown(10)
+    assert dashboard.wait_for(lambda d: len(d.of("result")) == 85, 5)
+    dashboard.close()
+    results = [json.loads(m.payload) for m in dashboard.of("result")]
+    by_cam = {c: sorted((r for r in results if r["camera"] == c), key=lambda r: r["frame_seq"]) for c in ("dock", "shelf")}
+    assert [r["frame_seq"] for r in by_cam["shelf"]] == list(range(1, 26))
+    assert [r["source_ref"] for r in by_cam["shelf"]] == [f"img{i:03d}.png" for i in range(25)]
+    assert [r["label"] for r in by_cam["dock"]] == bundle_predictions(tiny_bundle, video_frames(fmnist_video))
+    assert agent.metrics.counter("frames_classified_total", camera="shelf") == 25
