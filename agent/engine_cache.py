@@ -1,0 +1,370 @@
+"""On-device TensorRT engines, built once from the bundle's ONNX and cached on disk.
+
+A TensorRT engine only runs on the TensorRT version and GPU (compute capability)
+it was built for, so a station builds its own on first start and keeps it in a
+cache folder that survives restarts and image upgrades (a volume or systemd's
+StateDirectory). The cache key is the sha256 of the ONNX file, the TensorRT
+version, the compute capability, the precision and the largest batch: any change
+gives another key, so a stale engine is never used, and a restart with the same
+key never rebuilds.
+
+Layout (one folder per key, created by an atomic rename, so a half-written
+entry is never visible)::
+
+    <cache_dir>/
+      fp16-sm87-trt10.3.0-<16 hex of the key digest>/
+        engine.plan     serialized engine
+        key.json        the full key, the engine's sha256, bundle name/version, build time
+      .lock-<digest>    flock: two processes never build the same key at once
+
+Only the pure parts (key, layout, lookup, atomic write) run without TensorRT;
+``build_with_tensorrt`` and ``probe_device`` import TensorRT and cuda-python
+lazily and exist only on Jetson/GPU machines. The builder is injectable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Literal
+
+from agent.bundle import ROLE_FP32, ROLE_INT8, Artifact, Bundle, sha256_file
+from agent.preprocess import InputSpec
+
+log = logging.getLogger(__name__)
+
+Precision = Literal["fp16", "int8"]
+ENGINE_FILE = "engine.plan"
+KEY_FILE = "key.json"
+KEY_FORMAT = 1
+
+
+class EngineCacheError(Exception):
+    """No engine can be had; the message names the file or field and what was wrong."""
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """What an engine is tied to on this machine."""
+
+    tensorrt_version: str
+    compute_capability: str  # "8.7" (Orin), "7.2" (Xavier), "9.0" (H100)
+
+
+@dataclass(frozen=True)
+class EngineKey:
+    onnx_sha256: str
+    tensorrt_version: str
+    compute_capability: str
+    precision: Precision
+    max_batch: int
+
+    def digest(self) -> str:
+        """sha256 over the canonical JSON of every field (and the key format)."""
+        body = json.dumps({"format": KEY_FORMAT, **asdict(self)}, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(body.encode()).hexdigest()
+
+    def folder_name(self) -> str:
+        cc = self.compute_capability.replace(".", "")
+        return f"{self.precision}-sm{cc}-trt{self.tensorrt_version}-{self.digest()[:16]}"
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    """Everything a builder needs; the builder returns the serialized engine."""
+
+    onnx_path: Path
+    key: EngineKey
+    input_spec: InputSpec
+    workspace_mib: int = 1024
+
+
+Builder = Callable[[BuildRequest], bytes]
+
+
+@dataclass(frozen=True)
+class EngineResult:
+    path: Path
+    key: EngineKey
+    source: Literal["bundle", "cache", "built"]
+    build_seconds: float = 0.0
+
+
+# ---------------------------------------------------------------- pure parts
+
+def choose_onnx(bundle: Bundle, precision: Precision) -> Artifact:
+    """int8 engines come from the QDQ model (scales inside, no calibrator); fp16 from the FP32 model."""
+    role = ROLE_INT8 if precision == "int8" else ROLE_FP32
+    art = bundle.artifact(role)
+    if art is None or not art.deployable:
+        why = f" ({art.reason})" if art is not None and art.reason else ""
+        raise EngineCacheError(f"{bundle.root / 'manifest.json'}: field artifacts: no deployable {role} "
+                               f"artifact to build a {precision} engine from{why}")
+    return art
+
+
+def resolve_precision(bundle: Bundle, precision: Literal["auto", "fp16", "int8"]) -> Precision:
+    """auto: INT8 when the bundle's INT8 model passed its accuracy gate, else FP16."""
+    if precision != "auto":
+        return precision
+    art = bundle.artifact(ROLE_INT8)
+    return "int8" if art is not None and art.deployable else "fp16"
+
+
+def engine_key(bundle: Bundle, device: DeviceInfo, precision: Precision, max_batch: int) -> EngineKey:
+    """The key hashes the ONNX file itself (not the manifest's claim), so a swapped file gets a new key."""
+    if max_batch < 1:
+        raise EngineCacheError(f"max_batch: expected >= 1, got {max_batch}")
+    onnx = choose_onnx(bundle, precision)
+    return EngineKey(onnx_sha256=sha256_file(onnx.path), tensorrt_version=device.tensorrt_version,
+                     compute_capability=device.compute_capability, precision=precision, max_batch=max_batch)
+
+
+def entry_dir(cache_dir: Path, key: EngineKey) -> Path:
+    return Path(cache_dir) / key.folder_name()
+
+
+def lookup(cache_dir: Path, key: EngineKey) -> Path | None:
+    """The cached engine for exactly this key, or None. A damaged entry is removed, never used."""
+    folder = entry_dir(cache_dir, key)
+    if not folder.is_dir():
+        return None
+    problem = _entry_problem(folder, key)
+    if problem is None:
+        return folder / ENGINE_FILE
+    log.warning("%s: discarding cache entry (%s)", folder, problem)
+    _remove(folder)
+    return None
+
+
+def _entry_problem(folder: Path, key: EngineKey) -> str | None:
+    try:
+        meta = json.loads((folder / KEY_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        return f"{KEY_FILE} unreadable: {exc}"
+    if meta.get("key") != asdict(key):
+        return f"{KEY_FILE} records another key"
+    engine = folder / ENGINE_FILE
+    if not engine.is_file() or engine.stat().st_size != meta.get("engine_size"):
+        return f"{ENGINE_FILE} missing or truncated"
+    if sha256_file(engine) != meta.get("engine_sha256"):
+        return f"{ENGINE_FILE} sha256 does not match {KEY_FILE}"
+    return None
+
+
+def write_entry(cache_dir: Path, key: EngineKey, engine: bytes, *, bundle: Bundle | None = None,
+                build_seconds: float = 0.0) -> Path:
+    """Write engine + key.json into a temporary folder, fsync, then rename it into place."""
+    final = entry_dir(cache_dir, key)
+    tmp = Path(cache_dir) / f".tmp-{final.name}-{os.getpid()}"
+    _remove(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        _write_synced(tmp / ENGINE_FILE, engine)
+        meta = {"key": asdict(key), "digest": key.digest(), "engine_sha256": hashlib.sha256(engine).hexdigest(),
+                "engine_size": len(engine), "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "build_seconds": round(build_seconds, 3),
+                "bundle": {"name": bundle.name, "version": bundle.version} if bundle else None}
+        _write_synced(tmp / KEY_FILE, json.dumps(meta, indent=2).encode())
+        _remove(final)
+        os.rename(tmp, final)
+        _fsync_dir(Path(cache_dir))
+    except BaseException:
+        _remove(tmp)
+        raise
+    return final / ENGINE_FILE
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
+        path.unlink()
+
+
+@contextlib.contextmanager
+def key_lock(cache_dir: Path, key: EngineKey) -> Iterator[None]:
+    """An exclusive flock per key: a second process (or thread) waits and then finds the entry built."""
+    lock_path = Path(cache_dir) / f".lock-{key.digest()[:16]}"
+    with open(lock_path, "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def bundle_engine(bundle: Bundle, key: EngineKey) -> Path | None:
+    """An engine shipped in the bundle for exactly this TensorRT version, GPU and precision."""
+    for art in bundle.engines():
+        if (art.tensorrt_version == key.tensorrt_version and art.compute_capability == key.compute_capability
+                and art.precision == key.precision):
+            return art.path
+    return None
+
+
+def ensure_engine(bundle: Bundle, cache_dir: str | Path, precision: Literal["auto", "fp16", "int8"] = "auto", *,
+                  max_batch: int = 8, device: DeviceInfo | None = None, builder: Builder | None = None,
+                  use_bundle_engines: bool = True) -> EngineResult:
+    """The engine to run for this bundle on this device: from the bundle, the cache, or built now.
+
+    ``device`` defaults to ``probe_device()`` and ``builder`` to ``build_with_tensorrt``
+    (both need TensorRT); tests pass their own.
+    """
+    device = device or probe_device()
+    cache_dir = Path(cache_dir)
+    _ensure_writable(cache_dir)
+    key = engine_key(bundle, device, resolve_precision(bundle, precision), max_batch)
+    if use_bundle_engines and (shipped := bundle_engine(bundle, key)) is not None:
+        log.info("using the bundle's engine %s (TensorRT %s, sm %s)", shipped, key.tensorrt_version,
+                 key.compute_capability)
+        return EngineResult(shipped, key, "bundle")
+    with key_lock(cache_dir, key):
+        if (cached := lookup(cache_dir, key)) is not None:
+            log.info("engine cache hit %s", cached)
+            return EngineResult(cached, key, "cache")
+        return _build(bundle, cache_dir, key, builder or build_with_tensorrt)
+
+
+def _build(bundle: Bundle, cache_dir: Path, key: EngineKey, builder: Builder) -> EngineResult:
+    onnx = choose_onnx(bundle, key.precision)
+    log.info("building a %s TensorRT engine from %s (TensorRT %s, sm %s, max batch %d); this takes minutes",
+             key.precision, onnx.path, key.tensorrt_version, key.compute_capability, key.max_batch)
+    start = time.monotonic()
+    engine = builder(BuildRequest(onnx_path=onnx.path, key=key, input_spec=bundle.input_spec))
+    if not engine:
+        raise EngineCacheError(f"{onnx.path}: the builder returned an empty engine")
+    seconds = time.monotonic() - start
+    path = write_entry(cache_dir, key, bytes(engine), bundle=bundle, build_seconds=seconds)
+    log.info("engine %s built in %.1f s", path, seconds)
+    return EngineResult(path, key, "built", seconds)
+
+
+def _ensure_writable(cache_dir: Path) -> None:
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EngineCacheError(f"{cache_dir}: engine cache folder cannot be created ({exc.strerror})") from exc
+    if not os.access(cache_dir, os.W_OK | os.X_OK):
+        raise EngineCacheError(f"{cache_dir}: engine cache folder is not writable by uid {os.getuid()}")
+
+
+def entries(cache_dir: str | Path) -> list[dict]:
+    """key.json of every complete entry (for status and pruning)."""
+    out = []
+    for meta_path in sorted(Path(cache_dir).glob(f"*/{KEY_FILE}")):
+        if meta_path.parent.name.startswith("."):
+            continue
+        try:
+            out.append({**json.loads(meta_path.read_text()), "folder": str(meta_path.parent)})
+        except (OSError, json.JSONDecodeError):
+            continue
+    return out
+
+
+def prune(cache_dir: str | Path, device: DeviceInfo, keep: Iterator[EngineKey] | list[EngineKey] = ()) -> list[Path]:
+    """Remove entries this device can never use again (other TensorRT version or GPU) and leftover temp folders.
+
+    Entries for the same device but other models stay (a rollback to the previous
+    bundle is then instant) unless ``keep`` is given, in which case only those stay.
+    """
+    keep_names = {k.folder_name() for k in keep}
+    removed = []
+    for meta in entries(cache_dir):
+        key = meta.get("key", {})
+        other_device = (key.get("tensorrt_version") != device.tensorrt_version
+                        or key.get("compute_capability") != device.compute_capability)
+        folder = Path(meta["folder"])
+        if other_device or (keep_names and folder.name not in keep_names):
+            _remove(folder)
+            removed.append(folder)
+    for tmp in Path(cache_dir).glob(".tmp-*"):
+        _remove(tmp)
+        removed.append(tmp)
+    return removed
+
+
+# ---------------------------------------------------------------- TensorRT (Jetson / GPU only)
+
+def _import_tensorrt():
+    try:
+        import tensorrt as trt  # type: ignore[import-not-found]
+    except ImportError as exc:
+        raise EngineCacheError("TensorRT is not installed (it ships with JetPack; the Jetson image has it); "
+                               "no engine can be built here") from exc
+    return trt
+
+
+def compute_capability(device_index: int = 0) -> str:
+    """'major.minor' of a CUDA GPU from cuda-python (the agent has no torch)."""
+    try:
+        try:
+            from cuda.bindings import runtime as cudart  # type: ignore[import-not-found]
+        except ImportError:
+            from cuda import cudart  # type: ignore[import-not-found]
+    except ImportError as exc:
+        raise EngineCacheError("cuda-python is not installed; cannot read the GPU's compute capability") from exc
+    attrs = cudart.cudaDeviceAttr
+    values = []
+    for attr in (attrs.cudaDevAttrComputeCapabilityMajor, attrs.cudaDevAttrComputeCapabilityMinor):
+        err, value = cudart.cudaDeviceGetAttribute(attr, device_index)
+        if int(err) != 0:
+            raise EngineCacheError(f"no CUDA GPU {device_index} visible ({err}); run the container with --runtime nvidia")
+        values.append(value)
+    return f"{values[0]}.{values[1]}"
+
+
+def probe_device() -> DeviceInfo:
+    """TensorRT version and GPU compute capability of this machine."""
+    trt = _import_tensorrt()
+    return DeviceInfo(tensorrt_version=str(trt.__version__), compute_capability=compute_capability())
+
+
+def build_with_tensorrt(request: BuildRequest) -> bytes:
+    """Parse the ONNX model and serialize an engine with a dynamic batch profile 1..max_batch (TensorRT 10)."""
+    trt = _import_tensorrt()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(request.onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise EngineCacheError(f"{request.onnx_path}: TensorRT could not parse the model: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, request.workspace_mib << 20)
+    config.set_flag(trt.BuilderFlag.FP16)  # INT8 engines keep unquantized layers in FP16
+    if request.key.precision == "int8":
+        config.set_flag(trt.BuilderFlag.INT8)  # scales come from the model's Q/DQ nodes
+    spec, key = request.input_spec, request.key
+    shape = lambda b: (b, 3, spec.height, spec.width)  # noqa: E731
+    profile = builder.create_optimization_profile()
+    opt = min(key.max_batch, max(1, key.max_batch // 2))
+    profile.set_shape(network.get_input(0).name, shape(1), shape(opt), shape(key.max_batch))
+    config.add_optimization_profile(profile)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise EngineCacheError(f"{request.onnx_path}: TensorRT failed to build a {key.precision} engine (see its log)")
+    return bytes(serialized)
