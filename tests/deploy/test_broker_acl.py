@@ -1,0 +1,237 @@
+"""The shipped central mosquitto config and ACL against a real broker.
+
+MQTT v5 lets the broker say no: a denied QoS 1 publish gets PUBACK reason code
+0x87 "Not authorized" (mosquitto 2.x). mosquitto's acl_file checks read access
+when it delivers a message, not at SUBSCRIBE (the SUBACK grants QoS 1 either
+way), so for reading the tests assert that nothing is delivered. Every denial
+is also shown from the receiving side: nothing denied reaches a subscriber.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import threading
+from dataclasses import dataclass, field
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.client import CallbackAPIVersion
+from paho.mqtt.reasoncodes import ReasonCode
+
+from deploy_support import USERS
+
+pytestmark = pytest.mark.mqtt
+TIMEOUT = 10.0
+NOT_AUTHORIZED = 0x87
+
+
+@dataclass
+class Probe:
+    """One paho 2.x v5 client whose callbacks set events, so tests wait on replies, not on sleeps."""
+
+    client: mqtt.Client
+    connack: ReasonCode | None = None
+    connected: threading.Event = field(default_factory=threading.Event)
+    closed: threading.Event = field(default_factory=threading.Event)
+    acks: dict[int, list] = field(default_factory=dict)
+    acked: threading.Condition = field(default_factory=threading.Condition)
+    received: list[mqtt.MQTTMessage] = field(default_factory=list)
+    got_message: threading.Condition = field(default_factory=threading.Condition)
+
+    def _ack(self, mid: int, codes: list) -> None:
+        with self.acked:
+            self.acks[mid] = codes
+            self.acked.notify_all()
+
+    def wait_ack(self, mid: int) -> list:
+        with self.acked:
+            assert self.acked.wait_for(lambda: mid in self.acks, TIMEOUT), f"no ack for mid {mid}"
+            return self.acks[mid]
+
+    def publish(self, topic: str, payload: bytes = b"{}") -> int:
+        """The PUBACK reason code of one QoS 1 publish."""
+        info = self.client.publish(topic, payload, qos=1)
+        return self.wait_ack(info.mid)[0].value
+
+    def subscribe(self, topic: str) -> int:
+        """The SUBACK reason code (granted QoS, or 0x87)."""
+        _, mid = self.client.subscribe(topic, options=mqtt.SubscribeOptions(qos=1))
+        return self.wait_ack(mid)[0].value
+
+    def wait_messages(self, n: int) -> list[mqtt.MQTTMessage]:
+        with self.got_message:
+            assert self.got_message.wait_for(lambda: len(self.received) >= n, TIMEOUT), \
+                f"received {[m.topic for m in self.received]}, expected {n}"
+            return list(self.received)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def make_probe(port: int, user: str | None, *, ca: str | None, transport: str = "tcp",
+               password: str | None = None) -> Probe:
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"probe-{(user or 'anon').replace('/', '-')}",
+                         protocol=mqtt.MQTTv5, transport=transport)
+    probe = Probe(client)
+    if ca:
+        client.tls_set(ca_certs=ca, cert_reqs=ssl.CERT_REQUIRED)
+    if user:
+        client.username_pw_set(user, password if password is not None else USERS[user])
+
+    def on_connect(c, userdata, flags, reason, props):
+        probe.connack = reason
+        probe.connected.set()
+
+    def on_disconnect(c, userdata, flags, reason, props):
+        probe.closed.set()
+
+    def on_message(c, userdata, msg):
+        with probe.got_message:
+            probe.received.append(msg)
+            probe.got_message.notify_all()
+
+    client.on_connect = on_connect
+    client.on_disconnect = on_disconnect
+    client.on_connect_fail = lambda c, userdata: probe.closed.set()   # TLS handshake or socket failure
+    client.on_message = on_message
+    client.on_publish = lambda c, u, mid, reason, props: probe._ack(mid, [reason])
+    client.on_subscribe = lambda c, u, mid, reasons, props: probe._ack(mid, list(reasons))
+    client.connect_async("127.0.0.1", port, keepalive=10)
+    client.loop_start()
+    return probe
+
+
+@pytest.fixture
+def connect(central_broker):
+    probes: list[Probe] = []
+
+    def _connect(user: str | None, **kw) -> Probe:
+        kw.setdefault("ca", str(central_broker.pki.ca_cert))
+        port = kw.pop("port", central_broker.tls_port)
+        probe = make_probe(port, user, **kw)
+        probes.append(probe)
+        return probe
+
+    yield _connect
+    for p in probes:
+        p.close()
+
+
+def connected(probe: Probe) -> Probe:
+    assert probe.connected.wait(TIMEOUT), "no CONNACK"
+    assert not probe.connack.is_failure, f"connect refused: {probe.connack}"
+    return probe
+
+
+# ---------------------------------------------------------------- ACL
+
+def test_a_station_publishes_on_its_own_topics_and_central_receives_them(connect):
+    # given the central ingest subscribed to everything and station receiving-01 at site ber1
+    central = connected(connect("central-ingest"))
+    assert central.subscribe("inventory/#") == 1
+    station = connected(connect("ber1/receiving-01"))
+    # when the station publishes each of its outbound kinds
+    kinds = ["status", "result", "decision", "alert", "frames", "stats"]
+    codes = [station.publish(f"inventory/ber1/receiving-01/{k}") for k in kinds]
+    # then every publish is accepted (0x00 Success or 0x10 No matching subscribers) and delivered
+    assert all(c in (0x00, 0x10) for c in codes), codes
+    assert [m.topic.rsplit("/", 1)[-1] for m in central.wait_messages(len(kinds))] == kinds
+
+
+@pytest.mark.parametrize("topic", [
+    "inventory/ber1/qc-01/result",          # another station at the same site
+    "inventory/muc2/receiving-01/result",   # a station of the same name at another site
+    "inventory/ber1/receiving-01/cmd/model",  # commands, even its own
+    "inventory/ber1/qc-01/cmd/model",       # commands to another station
+    "inventory/ber1/receiving-01/other",    # a kind the contract does not have
+    "inventory/ber1/result",                # outside the station's root
+])
+def test_a_station_cannot_publish_outside_its_own_topics(connect, topic):
+    central = connected(connect("central-ingest"))
+    central.subscribe("inventory/#")
+    station = connected(connect("ber1/receiving-01"))
+    # the broker refuses the publish with 0x87 ...
+    assert station.publish(topic) == NOT_AUTHORIZED
+    # ... and nothing reaches a subscriber: the allowed marker sent after it arrives alone
+    station.publish("inventory/ber1/receiving-01/stats", b"marker")
+    assert [m.topic for m in central.wait_messages(1)] == ["inventory/ber1/receiving-01/stats"]
+
+
+def test_central_sends_commands_and_only_the_addressed_station_reads_them(connect):
+    # mosquitto's acl_file checks read access when it delivers, not at SUBSCRIBE (the SUBACK grants
+    # QoS 1 either way), so the test shows that nothing is delivered to a station it is not meant for
+    station = connected(connect("ber1/receiving-01"))
+    other = connected(connect("ber1/qc-01"))
+    assert station.subscribe("inventory/ber1/receiving-01/cmd/#") == 1
+    other.subscribe("inventory/#")                      # tries to eavesdrop on everything
+    central = connected(connect("central-ingest"))
+    assert central.publish("inventory/ber1/receiving-01/cmd/model", b'{"version": "v2"}') == 0x00
+    assert central.publish("inventory/ber1/receiving-01/result") == NOT_AUTHORIZED   # central cannot fake results
+    assert central.publish("inventory/ber1/qc-01/cmd/model", b"marker") == 0x00     # its own cmd: readable
+    assert [m.payload for m in station.wait_messages(1)] == [b'{"version": "v2"}']
+    assert [(m.topic, m.payload) for m in other.wait_messages(1)] == [("inventory/ber1/qc-01/cmd/model", b"marker")]
+
+
+def test_the_dashboard_reads_results_but_cannot_publish_or_read_frames(connect):
+    dash = connected(connect("dashboard"))
+    dash.subscribe("inventory/#")
+    assert dash.publish("inventory/ber1/receiving-01/cmd/model") == NOT_AUTHORIZED
+    assert dash.publish("inventory/ber1/receiving-01/result") == NOT_AUTHORIZED
+    station = connected(connect("ber1/receiving-01"))
+    station.publish("inventory/ber1/receiving-01/frames", b"jpeg")
+    station.publish("inventory/ber1/receiving-01/result", b"result")
+    assert [m.payload for m in dash.wait_messages(1)] == [b"result"]
+
+
+def test_the_dashboard_websocket_listener_is_tls_and_delivers_results(connect, central_broker):
+    dash = connected(connect("dashboard", port=central_broker.ws_port, transport="websockets"))
+    assert dash.subscribe("inventory/+/+/result") == 1
+    station = connected(connect("ber1/receiving-01"))
+    station.publish("inventory/ber1/receiving-01/result", b'{"label": "Bag"}')
+    assert [m.payload for m in dash.wait_messages(1)] == [b'{"label": "Bag"}']
+
+
+# ---------------------------------------------------------------- TLS only, passwords
+
+def test_plain_mqtt_gets_no_connack_on_the_tls_listener(connect):
+    plain = connect("ber1/receiving-01", ca=None)
+    # the broker expects a TLS ClientHello and drops the connection: no CONNACK, ever
+    assert plain.closed.wait(TIMEOUT)
+    assert plain.connack is None
+
+
+def test_a_raw_tcp_client_reads_no_mqtt_bytes_from_the_tls_listener(central_broker):
+    connect_packet = bytes.fromhex("101000044d5154540502003c000003616263")  # CONNECT v5, client id "abc"
+    with socket.create_connection(("127.0.0.1", central_broker.tls_port), timeout=TIMEOUT) as sock:
+        sock.sendall(connect_packet)
+        try:
+            reply = sock.recv(16)
+        except ConnectionResetError:
+            reply = b""
+    assert not reply.startswith(b"\x20"), f"got a CONNACK in clear: {reply!r}"
+
+
+def test_the_shipped_config_has_no_listener_without_tls():
+    from deploy_support import SHIPPED_CONF
+
+    blocks = SHIPPED_CONF.read_text().split("\nlistener ")[1:]
+    assert blocks, "no listener"
+    for block in blocks:
+        assert "certfile " in block and "keyfile " in block, f"{SHIPPED_CONF}: listener {block.split()[0]} without TLS"
+
+
+def test_tls_with_a_ca_that_did_not_sign_the_server_fails(connect, tmp_path):
+    from deploy_support import make_pki
+
+    stranger = make_pki(tmp_path / "other-ca")
+    probe = connect("ber1/receiving-01", ca=str(stranger.ca_cert))
+    assert probe.closed.wait(TIMEOUT) and probe.connack is None
+
+
+@pytest.mark.parametrize("user,password", [("ber1/receiving-01", "wrong"), (None, None)])
+def test_wrong_password_and_anonymous_are_refused(connect, user, password):
+    probe = connect(user, password=password)
+    assert probe.connected.wait(TIMEOUT)
+    assert probe.connack.is_failure and probe.connack.value in (0x86, 0x87)
