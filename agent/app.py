@@ -85,6 +85,8 @@ class Agent:
     def start(self) -> None:
         """Model first (a bad bundle stops here, before any camera opens), then the threads."""
         try:
+            self.cfg.mqtt.password()          # a missing secret or TLS file is a startup error, not a retry loop
+            self.cfg.mqtt.check_files()
             self.load_model()
         except (BundleError, BackendError, ConfigError) as exc:
             raise StartupError(str(exc)) from exc

@@ -139,6 +139,15 @@ class MqttConfig(_Strict):
             raise ValueError("give password_env or password_file, not both")
         return self
 
+    def check_files(self) -> None:
+        """TLS files must be readable: ssl's own errors do not name the file."""
+        if self.tls is None:
+            return
+        for name in ("ca_file", "cert_file", "key_file"):
+            path = getattr(self.tls, name)
+            if path is not None and not os.access(path, os.R_OK):
+                raise ConfigError(f"{path}: mqtt.tls.{name} does not exist or cannot be read")
+
     def password(self) -> str | None:
         """The password from its variable or file, read when connecting (never stored in config)."""
         if self.password_env:

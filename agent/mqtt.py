@@ -24,7 +24,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.config import AgentConfig, MqttConfig
+from agent.config import AgentConfig, ConfigError, MqttConfig
 from agent.health import Metrics
 from agent.outbox import Outbox, Record
 from agent.sources.camera import backoff_delays
@@ -153,6 +153,7 @@ class MqttPublisher(threading.Thread):
                              clean_session=None if v5 else True, reconnect_on_failure=False)
         client.max_inflight_messages_set(self.cfg.max_inflight)
         client.max_queued_messages_set(0)
+        self.cfg.check_files()
         password = self.cfg.password()
         if self.cfg.username or password:
             client.username_pw_set(self.cfg.username, password)
@@ -172,8 +173,13 @@ class MqttPublisher(threading.Thread):
 
     def _session(self) -> bool:
         """One connection, from CONNECT to its end. True when it got connected."""
-        client = self._make_client()
         where = f"{self.cfg.host}:{self.cfg.port}"
+        try:
+            client = self._make_client()
+        except ConfigError as exc:
+            return self._failed(str(exc))
+        except (OSError, ValueError) as exc:      # e.g. a TLS file that is missing or not PEM
+            return self._failed(f"cannot set up the connection to {where}: {exc}")
         self._connack = None
         try:
             client.connect(self.cfg.host, self.cfg.port, self.cfg.keepalive_s)

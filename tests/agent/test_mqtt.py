@@ -235,3 +235,25 @@ def test_auto_protocol_falls_back_to_311_when_the_broker_refuses_v5(tmp_path):
         server.close()
     assert levels[:2] == [5, 4] and publisher.state.protocol == "v311"
     assert "Unsupported protocol version" in publisher.state.history[0]
+
+
+def test_missing_secret_or_tls_file_is_reported_not_a_crash(tiny_bundle, fmnist_video, tmp_path, caplog):
+    from agent.app import StartupError
+
+    cfg = as_config(station_config(tmp_path, tiny_bundle, str(fmnist_video), 1,
+                                   mqtt={"password_env": "AGENT_TEST_NO_SUCH_VAR"}))
+    with pytest.raises(StartupError, match="mqtt.password_env: environment variable AGENT_TEST_NO_SUCH_VAR"):
+        Agent(cfg).start()
+
+    cfg = AgentConfig.model_validate({
+        "site": "test", "station": "st-01", "model": {"bundle": "unused"}, "cameras": [{"id": "a", "uri": "x"}],
+        "mqtt": {"port": 1, "tls": {"ca_file": str(tmp_path / "missing-ca.crt")},
+                 "reconnect": {"initial_s": 0.05, "max_s": 0.1}}})
+    publisher = MqttPublisher(cfg, Outbox(tmp_path / "ob.sqlite", max_bytes=10**6, max_age_s=60), Metrics(),
+                              lambda state: {"state": state})
+    with caplog.at_level(logging.ERROR, logger="agent.mqtt"):
+        publisher.start()
+        time.sleep(0.5)
+        assert publisher.is_alive() and not publisher.connected.is_set()
+        publisher.stop(0.1)
+    assert f"{tmp_path / 'missing-ca.crt'}: mqtt.tls.ca_file does not exist or cannot be read" in caplog.text

@@ -1,0 +1,196 @@
+"""Station start-up for the container entrypoint and the systemd unit, then ``exec python -m agent run``.
+
+``python -m agent.startup start --config FILE`` checks what a station needs
+before the agent starts, so a broken station fails at once with one clear
+message (exit 2) instead of in a restart loop deep inside the pipeline:
+
+1. the config validates (the same loader as ``python -m agent run``);
+2. the folders the agent writes (outbox, bundle downloads, engine cache) exist
+   and are writable by this user;
+3. the bundle verifies (hashes, signature when a public key is configured);
+4. when a TensorRT engine will be used (``backend: tensorrt``, or ``auto`` on a
+   machine with TensorRT) the engine for this device is found in the bundle or
+   the cache, or built now (``agent.engine_cache``); engines of other TensorRT
+   versions or GPUs are pruned;
+5. it replaces itself (``exec``) with ``python -m agent run --config FILE``, with
+   the engine's path in ``INVENTORY_AGENT_ENGINE``, so signals from Docker or
+   systemd go straight to the agent.
+
+``python -m agent.startup healthcheck`` is the container's HEALTHCHECK: the
+agent's Prometheus endpoint answers with its metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import os
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Callable
+
+from agent.bundle import Bundle, BundleError, load_bundle, load_public_key
+from agent.config import AgentConfig, ConfigError, load_config
+from agent.engine_cache import (Builder, DeviceInfo, EngineCacheError, EngineResult, ensure_engine, probe_device,
+                                prune)
+
+log = logging.getLogger(__name__)
+
+ENV_CONFIG = "INVENTORY_AGENT_CONFIG"
+ENV_ENGINE_CACHE = "INVENTORY_ENGINE_CACHE"
+ENV_ENGINE = "INVENTORY_AGENT_ENGINE"
+ENV_ENGINE_PRECISION = "INVENTORY_AGENT_ENGINE_PRECISION"
+ENV_HEALTH_URL = "INVENTORY_HEALTH_URL"
+DEFAULT_ENGINE_CACHE = Path("/var/lib/inventory-agent/engines")
+DEFAULT_HEALTH_URL = "http://127.0.0.1:9108/metrics"
+EXIT_CANNOT_START = 2
+
+ExecFn = Callable[[str, list[str], dict[str, str]], None]
+
+
+class StartupError(Exception):
+    """The station cannot start; the message names the file and the field."""
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m agent.startup", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    start = sub.add_parser("start", help="check config, bundle and folders, ensure the engine, exec the agent")
+    start.add_argument("--config", type=Path, default=os.environ.get(ENV_CONFIG),
+                       help=f"device YAML (default: ${ENV_CONFIG})")
+    start.add_argument("--engine-cache", type=Path, default=Path(os.environ.get(ENV_ENGINE_CACHE, DEFAULT_ENGINE_CACHE)),
+                       help=f"engine cache folder, on a volume (default: ${ENV_ENGINE_CACHE} or {DEFAULT_ENGINE_CACHE})")
+    start.add_argument("--precision", choices=["auto", "fp16", "int8"], default=None,
+                       help="engine precision; default: auto when model.prefer_int8, else fp16")
+    start.add_argument("--dry-run", action="store_true", help="do the checks, print the agent command, do not exec")
+    start.add_argument("agent_args", nargs=argparse.REMAINDER,
+                       help="after --: extra arguments for python -m agent run")
+    health = sub.add_parser("healthcheck", help="exit 0 when the agent's Prometheus endpoint serves its metrics")
+    health.add_argument("--url", default=os.environ.get(ENV_HEALTH_URL, DEFAULT_HEALTH_URL))
+    health.add_argument("--timeout", type=float, default=3.0)
+    return parser
+
+
+# ---------------------------------------------------------------- checks
+
+def check_writable_dir(path: Path, field: str, config: Path) -> None:
+    """Create the folder if needed; fail naming the config field when this user cannot write it."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StartupError(f"{config}: field {field}: cannot create {path} ({exc.strerror})") from exc
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise StartupError(f"{config}: field {field}: {path} is not writable by uid {os.getuid()}")
+
+
+def load_checked(config: Path, engine_cache: Path) -> tuple[AgentConfig, Bundle]:
+    """Steps 1 to 3: the config, the folders, the bundle."""
+    try:
+        cfg = load_config(config)
+    except ConfigError as exc:
+        raise StartupError(str(exc)) from exc
+    check_writable_dir(cfg.outbox.path.parent, "outbox.path", config)
+    check_writable_dir(cfg.model.download_dir, "model.download_dir", config)
+    check_writable_dir(engine_cache, f"--engine-cache/${ENV_ENGINE_CACHE}", config)
+    try:
+        key = load_public_key(cfg.model.public_key) if cfg.model.public_key else None
+        bundle = load_bundle(cfg.model.bundle, public_key=key)
+    except BundleError as exc:
+        raise StartupError(f"{config}: field model.bundle: {exc}") from exc
+    return cfg, bundle
+
+
+def tensorrt_importable() -> bool:
+    return importlib.util.find_spec("tensorrt") is not None
+
+
+def engine_wanted(cfg: AgentConfig, tensorrt_present: bool) -> bool:
+    return cfg.model.backend == "tensorrt" or (cfg.model.backend == "auto" and tensorrt_present)
+
+
+def prepare_engine(cfg: AgentConfig, bundle: Bundle, cache_dir: Path, precision: str | None, *,
+                   device: DeviceInfo | None = None, builder: Builder | None = None) -> EngineResult | None:
+    """Step 4. With backend auto a failure is logged and the agent runs ONNX Runtime; with tensorrt it is fatal."""
+    precision = precision or ("auto" if cfg.model.prefer_int8 else "fp16")
+    try:
+        device = device or probe_device()
+        result = ensure_engine(bundle, cache_dir, precision, max_batch=cfg.model.batch_size, device=device,
+                               builder=builder)
+    except EngineCacheError as exc:
+        if cfg.model.backend == "tensorrt":
+            raise StartupError(f"model.backend tensorrt: {exc}") from exc
+        log.warning("no TensorRT engine (%s); the agent will run ONNX Runtime", exc)
+        return None
+    for removed in prune(cache_dir, device):
+        log.info("pruned %s (another TensorRT version or GPU)", removed)
+    return result
+
+
+def agent_command(config: Path, extra: list[str]) -> list[str]:
+    extra = extra[1:] if extra[:1] == ["--"] else extra
+    return [sys.executable, "-m", "agent", "run", "--config", str(config), *extra]
+
+
+def agent_environment(engine: EngineResult | None, base: dict[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in base.items() if k not in (ENV_ENGINE, ENV_ENGINE_PRECISION)}
+    if engine is not None:
+        env[ENV_ENGINE] = str(engine.path)
+        env[ENV_ENGINE_PRECISION] = engine.key.precision
+    return env
+
+
+# ---------------------------------------------------------------- commands
+
+def start(args: argparse.Namespace, *, exec_fn: ExecFn = os.execve, device: DeviceInfo | None = None,
+          builder: Builder | None = None, tensorrt_present: bool | None = None) -> int:
+    if args.config is None:
+        raise StartupError(f"no config: pass --config or set {ENV_CONFIG}")
+    cfg, bundle = load_checked(args.config, args.engine_cache)
+    present = tensorrt_importable() if tensorrt_present is None else tensorrt_present
+    engine = None
+    if engine_wanted(cfg, present):
+        engine = prepare_engine(cfg, bundle, args.engine_cache, args.precision, device=device, builder=builder)
+    argv = agent_command(args.config, args.agent_args)
+    env = agent_environment(engine, dict(os.environ))
+    log.info("station %s/%s: bundle %s %s, engine %s", cfg.site, cfg.station, bundle.name, bundle.version,
+             f"{engine.path} ({engine.source})" if engine else "none (ONNX Runtime)")
+    if args.dry_run:
+        sys.stdout.write(" ".join(argv) + "\n")
+        if engine is not None:
+            sys.stdout.write(f"{ENV_ENGINE}={engine.path}\n")
+        return 0
+    exec_fn(argv[0], argv, env)
+    return 0  # only reached when exec_fn is a test double
+
+
+def healthcheck(url: str, timeout: float) -> int:
+    """0 when the endpoint answers 200 with the agent's metrics; an MQTT outage is not unhealthy (the outbox holds)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (local http URL from config)
+            body = resp.read().decode(errors="replace")
+    except (urllib.error.URLError, OSError) as exc:
+        sys.stderr.write(f"unhealthy: {url}: {getattr(exc, 'reason', exc)}\n")
+        return 1
+    if "agent_model_info" not in body:
+        sys.stderr.write(f"unhealthy: {url}: no agent_model_info in the metrics\n")
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None, **inject) -> int:
+    args = get_args_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "healthcheck":
+        return healthcheck(args.url, args.timeout)
+    try:
+        return start(args, **inject)
+    except StartupError as exc:
+        log.error("cannot start: %s", exc)
+        return EXIT_CANNOT_START
+
+
+if __name__ == "__main__":
+    sys.exit(main())
