@@ -15,8 +15,11 @@ import shutil
 import socket
 import subprocess
 import time
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from agent.engine_cache import BuildRequest, DeviceInfo
 
 
 REPO = Path(__file__).resolve().parents[2]
@@ -200,3 +203,28 @@ def wait_listening(proc: subprocess.Popen, port: int, timeout: float = 10.0) -> 
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(f"mosquitto did not listen on {port}")
+
+
+# ---------------------------------------------------------------- a stand-in for TensorRT
+# What probe_device() reads on a Jetson Orin with JetPack 6.1.
+ORIN = DeviceInfo(tensorrt_version="10.3.0", compute_capability="8.7")
+
+
+class FakeTensorRT:
+    """Stands for TensorRT's builder (not installable here): counts builds, returns a recognisable engine."""
+
+    def __init__(self, fail: Exception | None = None) -> None:
+        self.requests: list[BuildRequest] = []
+        self.fail = fail
+        self.lock = threading.Lock()
+
+    def __call__(self, request: BuildRequest) -> bytes:
+        with self.lock:
+            self.requests.append(request)
+        if self.fail:
+            raise self.fail
+        return json.dumps({"engine-for": request.onnx_path.name, "key": request.key.digest()}).encode()
+
+    @property
+    def builds(self) -> int:
+        return len(self.requests)

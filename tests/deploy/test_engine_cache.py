@@ -15,32 +15,9 @@ from pathlib import Path
 import pytest
 
 from agent.bundle import load_bundle
-from agent.engine_cache import (ENGINE_FILE, KEY_FILE, BuildRequest, DeviceInfo, EngineCacheError, engine_key,
+from agent.engine_cache import (ENGINE_FILE, KEY_FILE, DeviceInfo, EngineCacheError, engine_key,
                                 ensure_engine, entries, lookup, probe_device, prune)
-from deploy_support import make_bundle
-
-ORIN = DeviceInfo(tensorrt_version="10.3.0", compute_capability="8.7")
-
-
-class FakeTensorRT:
-    """Stands for TensorRT's builder (not installable here): counts builds, returns a recognisable engine."""
-
-    def __init__(self, fail: Exception | None = None) -> None:
-        self.requests: list[BuildRequest] = []
-        self.fail = fail
-        self.lock = threading.Lock()
-
-    def __call__(self, request: BuildRequest) -> bytes:
-        with self.lock:
-            self.requests.append(request)
-        if self.fail:
-            raise self.fail
-        return json.dumps({"engine-for": request.onnx_path.name, "key": request.key.digest()}).encode()
-
-    @property
-    def builds(self) -> int:
-        return len(self.requests)
-
+from deploy_support import ORIN, FakeTensorRT, make_bundle
 
 @pytest.fixture
 def bundle(bundle_dir):

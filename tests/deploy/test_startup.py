@@ -1,0 +1,152 @@
+"""Start-up logic of the container/systemd entrypoint, outside any container.
+
+Where a TensorRT engine is involved, ``FakeTensorRT`` stands for TensorRT's
+builder (TensorRT cannot be installed on this machine) and ``ORIN`` for what
+``probe_device()`` reads on a Jetson Orin.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from agent.health import Metrics, PrometheusServer
+from agent.startup import ENV_ENGINE, ENV_ENGINE_PRECISION, main
+from deploy_support import ORIN, REPO, FakeTensorRT
+
+
+def station_yaml(tmp_path: Path, bundle: Path, **model) -> Path:
+    data = {"site": "ber1", "station": "receiving-01",
+            "model": {"bundle": str(bundle), "backend": "onnxruntime", "batch_size": 4,
+                      "download_dir": str(tmp_path / "state" / "bundles"), **model},
+            "cameras": [{"id": "dock-a", "uri": "rtsp://10.20.1.11:554/stream1"}],
+            "outbox": {"path": str(tmp_path / "state" / "outbox.sqlite")}}
+    path = tmp_path / "station.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+class Exec:
+    """Records the exec that would replace the start-up process."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, list[str], dict[str, str]]] = []
+
+    def __call__(self, path: str, argv: list[str], env: dict[str, str]) -> None:
+        self.calls.append((path, argv, env))
+
+
+def start(config: Path, cache: Path, *extra: str, **inject) -> tuple[int, Exec]:
+    exec_fn = Exec()
+    rc = main(["start", "--config", str(config), "--engine-cache", str(cache), *extra], exec_fn=exec_fn, **inject)
+    return rc, exec_fn
+
+
+def test_a_valid_station_execs_the_agent_with_its_config(tmp_path, bundle_dir):
+    config = station_yaml(tmp_path, bundle_dir)
+    rc, exec_fn = start(config, tmp_path / "engines", "--", "--flush-timeout", "10", tensorrt_present=False)
+    assert rc == 0
+    [(path, argv, env)] = exec_fn.calls
+    assert path == sys.executable
+    assert argv == [sys.executable, "-m", "agent", "run", "--config", str(config), "--flush-timeout", "10"]
+    assert ENV_ENGINE not in env
+    assert (tmp_path / "state").is_dir() and (tmp_path / "engines").is_dir()   # folders the agent writes exist
+
+
+def test_backend_tensorrt_builds_on_first_start_and_reuses_on_restart(tmp_path, bundle_dir):
+    config = station_yaml(tmp_path, bundle_dir, backend="tensorrt", prefer_int8=False)
+    trt = FakeTensorRT()
+    for _ in range(2):   # first start, then a restart of the container
+        rc, exec_fn = start(config, tmp_path / "engines", device=ORIN, builder=trt)
+        assert rc == 0
+    assert trt.builds == 1 and trt.requests[0].key.max_batch == 4
+    env = exec_fn.calls[0][2]
+    assert env[ENV_ENGINE_PRECISION] == "fp16"
+    assert Path(env[ENV_ENGINE]).parent.parent == tmp_path / "engines"
+    assert json.loads(Path(env[ENV_ENGINE]).read_bytes())["engine-for"] == "model.fp32.onnx"
+
+
+def test_a_jetpack_upgrade_rebuilds_and_prunes_the_old_engine(tmp_path, bundle_dir):
+    from agent.engine_cache import DeviceInfo, entries
+
+    config = station_yaml(tmp_path, bundle_dir, backend="tensorrt")
+    trt = FakeTensorRT()
+    start(config, tmp_path / "engines", device=ORIN, builder=trt)
+    start(config, tmp_path / "engines", device=DeviceInfo("10.4.0", "8.7"), builder=trt)
+    assert trt.builds == 2
+    assert [e["key"]["tensorrt_version"] for e in entries(tmp_path / "engines")] == ["10.4.0"]
+
+
+def test_backend_tensorrt_without_tensorrt_cannot_start(tmp_path, bundle_dir, caplog):
+    config = station_yaml(tmp_path, bundle_dir, backend="tensorrt")
+    rc, exec_fn = start(config, tmp_path / "engines")   # the real probe: no TensorRT here
+    assert rc == 2 and exec_fn.calls == []
+    assert "model.backend tensorrt: TensorRT is not installed" in caplog.text
+
+
+def test_backend_auto_falls_back_to_onnxruntime_when_the_build_fails(tmp_path, bundle_dir, caplog):
+    config = station_yaml(tmp_path, bundle_dir, backend="auto")
+    from agent.engine_cache import EngineCacheError
+
+    rc, exec_fn = start(config, tmp_path / "engines", device=ORIN, tensorrt_present=True,
+                        builder=FakeTensorRT(fail=EngineCacheError("model.int8.onnx: TensorRT could not parse")))
+    assert rc == 0 and ENV_ENGINE not in exec_fn.calls[0][2]
+    assert "will run ONNX Runtime" in caplog.text
+
+
+def test_a_tampered_bundle_is_named(tmp_path, bundle_dir, caplog):
+    (bundle_dir / "model.fp32.onnx").write_bytes(b"tampered!")
+    rc, exec_fn = start(station_yaml(tmp_path, bundle_dir), tmp_path / "engines", tensorrt_present=False)
+    assert rc == 2 and exec_fn.calls == []
+    assert "field model.bundle:" in caplog.text and "model.fp32.onnx" in caplog.text
+
+
+def test_an_outbox_folder_that_cannot_be_created_is_named(tmp_path, bundle_dir, caplog):
+    config = station_yaml(tmp_path, bundle_dir)
+    data = yaml.safe_load(config.read_text())
+    (tmp_path / "a-file").write_text("")
+    data["outbox"]["path"] = str(tmp_path / "a-file" / "outbox.sqlite")
+    config.write_text(yaml.safe_dump(data))
+    rc, _ = start(config, tmp_path / "engines", tensorrt_present=False)
+    assert rc == 2 and f"{config}: field outbox.path: cannot create" in caplog.text
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "agent.startup", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=60, env={**os.environ, **(env or {})})
+
+
+def test_cli_bad_config_exits_2_naming_file_and_field(tmp_path, bundle_dir):
+    config = station_yaml(tmp_path, bundle_dir)
+    config.write_text(config.read_text().replace("batch_size: 4", "batch_size: 0"))
+    proc = run_cli("start", "--engine-cache", str(tmp_path / "e"), env={"INVENTORY_AGENT_CONFIG": str(config)})
+    assert proc.returncode == 2
+    assert f"{config}: field model.batch_size: Input should be greater than or equal to 1" in proc.stderr
+
+
+def test_cli_really_execs_the_agent_cli(tmp_path, bundle_dir):
+    # exec into `python -m agent run --config ... --help`: the agent's own parser answers, so the
+    # process image was replaced by the agent with the arguments the start-up built
+    config = station_yaml(tmp_path, bundle_dir)
+    proc = run_cli("start", "--config", str(config), "--engine-cache", str(tmp_path / "e"), "--", "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert "usage: python -m agent run" in proc.stdout and "--exit-at-end" in proc.stdout
+
+
+def test_healthcheck_passes_while_the_agent_serves_metrics_and_fails_when_not(tmp_path):
+    metrics = Metrics()
+    metrics.info.update(model_name="demo", model_version="v1")
+    server = PrometheusServer(metrics.prometheus_text, "127.0.0.1", 0)
+    server.start()
+    try:
+        url = f"http://127.0.0.1:{server.port}/metrics"
+        assert main(["healthcheck", "--url", url]) == 0
+        assert main(["healthcheck", "--url", f"http://127.0.0.1:{server.port}/nothing"]) == 1
+    finally:
+        server.stop()
+    assert main(["healthcheck", "--url", url, "--timeout", "1"]) == 1
