@@ -108,51 +108,65 @@ class BatchAugment:
         theta[:, 1, 2] = cy
         return theta
 
-    def _jitter(self, x: torch.Tensor) -> torch.Tensor:
+    def sample(self, n: int) -> dict[str, torch.Tensor]:
+        """All random draws for a batch of ``n``, so that shards of one batch see the same draws."""
         cfg = self.config
-        n = x.shape[0]
-        shape = (n, 1, 1, 1)
-        if cfg.brightness:
-            x = x * self._rand(n, 1 - cfg.brightness, 1 + cfg.brightness).view(shape).to(x)
-        if cfg.contrast:
-            mean = x.mean(dim=(1, 2, 3), keepdim=True)
-            x = (x - mean) * self._rand(n, 1 - cfg.contrast, 1 + cfg.contrast).view(shape).to(x) + mean
-        if cfg.saturation:
-            gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
-            x = (x - gray) * self._rand(n, 1 - cfg.saturation, 1 + cfg.saturation).view(shape).to(x) + gray
+        params = {"theta": self._affine(n)}
+        for name in ("brightness", "contrast", "saturation"):
+            strength = getattr(cfg, name)
+            params[name] = self._rand(n, 1 - strength, 1 + strength) if strength else torch.ones(n)
+        if cfg.erasing:
+            params["erase"] = self._rand(n) < cfg.erasing
+            params["erase_area"] = self._rand(n, 0.02, 0.25)
+            params["erase_ratio"] = torch.exp(self._rand(n, math.log(0.3), math.log(3.3)))
+            params["erase_top"], params["erase_left"] = self._rand(n), self._rand(n)
+            params["erase_noise"] = torch.rand((n, 3, self.spec.height, self.spec.width), generator=self.generator)
+        return params
+
+    @staticmethod
+    def _jitter(x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        shape = (x.shape[0], 1, 1, 1)
+        x = x * p["brightness"].view(shape).to(x)
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        x = (x - mean) * p["contrast"].view(shape).to(x) + mean
+        gray = 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+        x = (x - gray) * p["saturation"].view(shape).to(x) + gray
         return x.clamp(0.0, 1.0)
 
-    def _erase(self, x: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _erase(x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
         n, _, h, w = x.shape
-        chosen = self._rand(n) < self.config.erasing
-        if not chosen.any():
-            return x
-        area = self._rand(n, 0.02, 0.25)
-        ratio = torch.exp(self._rand(n, math.log(0.3), math.log(3.3)))
+        area, ratio = p["erase_area"], p["erase_ratio"]
         eh = (torch.sqrt(area / ratio) * h).clamp(1, h).long()
         ew = (torch.sqrt(area * ratio) * w).clamp(1, w).long()
-        top = (self._rand(n) * (h - eh + 1).float()).long()
-        left = (self._rand(n) * (w - ew + 1).float()).long()
+        top = (p["erase_top"] * (h - eh + 1).float()).long()
+        left = (p["erase_left"] * (w - ew + 1).float()).long()
         rows = torch.arange(h).view(1, h, 1)
         cols = torch.arange(w).view(1, 1, w)
         mask = (
             (rows >= top.view(n, 1, 1)) & (rows < (top + eh).view(n, 1, 1))
             & (cols >= left.view(n, 1, 1)) & (cols < (left + ew).view(n, 1, 1))
-            & chosen.view(n, 1, 1)
+            & p["erase"].view(n, 1, 1)
         )
-        noise = torch.rand(x.shape, generator=self.generator).to(x)
-        return torch.where(mask.unsqueeze(1).to(x.device), noise, x)
+        return torch.where(mask.unsqueeze(1).to(x.device), p["erase_noise"].to(x), x)
 
-    def __call__(self, canvas: torch.Tensor) -> torch.Tensor:
-        """uint8 N x 3 x S x S (any device) -> float N x 3 x H x W, normalized."""
+    def __call__(self, canvas: torch.Tensor, shard: tuple[int, int] = (0, 1), total: int | None = None) -> torch.Tensor:
+        """uint8 N x 3 x S x S (any device) -> float N x 3 x H x W, normalized.
+
+        With ``shard=(rank, world)``, ``canvas`` holds rows rank, rank+world, ... of a batch
+        of ``total``: the draws are made for the whole batch, so every process of a
+        distributed run (and a single process) augments each image the same way.
+        """
+        rank, world = shard
+        params = self.sample(total or canvas.shape[0])
+        params = {k: v[rank::world] for k, v in params.items()}
         n = canvas.shape[0]
         x = canvas.float().div_(255.0)
-        theta = self._affine(n).to(x.device)
-        grid = F.affine_grid(theta, [n, 3, self.spec.height, self.spec.width], align_corners=False)
+        grid = F.affine_grid(params["theta"].to(x.device), [n, 3, self.spec.height, self.spec.width], align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-        x = self._jitter(x)
+        x = self._jitter(x, params)
         if self.config.erasing:
-            x = self._erase(x)
+            x = self._erase(x, params)
         return (x - self.mean.to(x.device)) / self.std.to(x.device)
 
 

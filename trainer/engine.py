@@ -19,6 +19,7 @@ from agent.preprocess import InputSpec, Preprocessor
 from trainer import data as data_mod
 from trainer.augment import BatchAugment, eval_spec, load_canvas, load_eval
 from trainer.config import TrainConfig
+from trainer.distributed import DistContext, init_distributed, shutdown
 from trainer.model import build_model, set_backbone_frozen, train_mode
 
 log = logging.getLogger(__name__)
@@ -70,13 +71,22 @@ def materialize(files: ImageFiles, workers: int, desc: str) -> tuple[torch.Tenso
 
 
 class TrainBatches:
-    """Shuffled uint8 canvas batches: from memory when they fit, else from worker processes."""
+    """Shuffled uint8 canvas batches: from memory when they fit, else from worker processes.
 
-    def __init__(self, samples, spec: InputSpec, cfg: TrainConfig, generator: torch.Generator) -> None:
+    In memory, every rank of a distributed run draws the same global batch and trains on
+    its rows of it (``sharded`` is False). Streaming from disk, a DistributedSampler
+    gives each rank its own share of the files and batches of batch_size / world.
+    """
+
+    def __init__(self, samples, spec: InputSpec, cfg: TrainConfig, generator: torch.Generator,
+                 dist: DistContext | None = None) -> None:
         self.files = ImageFiles(samples, lambda p: load_canvas(p, spec))
         self.batch_size = cfg.batch_size
         self.generator = generator
         self.workers = cfg.workers
+        self.dist = dist or DistContext()
+        self.seed = cfg.seed
+        self.sampler = None
         side = spec.resize_shorter
         estimate = len(samples) * 3 * side * side
         self.cached = None
@@ -84,6 +94,17 @@ class TrainBatches:
             self.cached = materialize(self.files, cfg.workers, "decode train images")
         elif cfg.cache_images:
             log.info("train images need %.1f GiB decoded; streaming from disk instead", estimate / 2**30)
+        if self.cached is None and self.dist.enabled:
+            self.sampler = torch.utils.data.DistributedSampler(
+                self.files, num_replicas=self.dist.world, rank=self.dist.rank, shuffle=True, seed=cfg.seed, drop_last=True)
+
+    @property
+    def sharded(self) -> bool:
+        return self.sampler is not None
+
+    def set_epoch(self, epoch: int) -> None:
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
 
     def __len__(self) -> int:
         # A ragged last batch is dropped: a batch of one breaks BatchNorm and skews the step size.
@@ -96,6 +117,10 @@ class TrainBatches:
             for step in range(len(self)):
                 idx = order[step * self.batch_size : (step + 1) * self.batch_size]
                 yield x[idx], y[idx]
+        elif self.sampler is not None:
+            loader = torch.utils.data.DataLoader(self.files, batch_size=self.batch_size // self.dist.world,
+                                                 sampler=self.sampler, num_workers=self.workers, drop_last=True)
+            yield from (batch for _, batch in zip(range(len(self)), loader))
         else:
             loader = _loader(self.files, self.batch_size, self.workers, True, self.generator)
             yield from (batch for _, batch in zip(range(len(self)), loader))
@@ -186,6 +211,7 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.on_epoch_end = on_epoch_end
+        self.dist = DistContext()
         self.device = select_device(cfg.device)
         self.spec = eval_spec(cfg.image_size, cfg.resolved_resize_shorter, cfg.interpolation)
         self.use_amp = cfg.amp and self.device.type == "cuda"
@@ -201,9 +227,12 @@ class Trainer:
         split_path = self.run_dir / "split.json"
         if split_path.exists():
             train_idx, val_idx = data_mod.load_split(split_path, dataset)
-        else:
+        else:  # the same on every rank of a distributed run: same data, same seed
             train_idx, val_idx = data_mod.stratified_split(dataset.labels(), cfg.val_fraction, cfg.seed)
-            data_mod.save_split(split_path, dataset, train_idx, val_idx, cfg.seed)
+            if self.dist.is_main:
+                data_mod.save_split(split_path, dataset, train_idx, val_idx, cfg.seed)
+        if not self.dist.is_main:
+            return dataset, train_idx, val_idx
         report = {
             "dataset": str(dataset.root), "layout": dataset.layout, "classes": dataset.classes,
             "class_counts": dataset.class_counts(), "train_images": len(train_idx), "val_images": len(val_idx),
@@ -215,8 +244,10 @@ class Trainer:
         return dataset, train_idx, val_idx
 
     def _checkpoint(self, name: str, model, optimizer, schedule, scaler, state: RunState, generator) -> None:
+        if not self.dist.is_main:
+            return
         payload = {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+            "model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
             "scaler": scaler.state_dict(), "state": state.__dict__, "generator": generator.get_state(),
             "torch_rng": torch.get_rng_state(), "classes": self.classes, "config": self.cfg.to_dict(),
             "input": self.spec.to_manifest(),
@@ -225,20 +256,38 @@ class Trainer:
         torch.save(payload, tmp)
         os.replace(tmp, self.run_dir / name)  # a kill mid-save never leaves a half-written checkpoint
 
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        """DistributedDataParallel across processes; SyncBatchNorm on GPUs (gloo CPU runs keep per-rank BN)."""
+        if not self.dist.enabled:
+            return model
+        if self.device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return nn.parallel.DistributedDataParallel(
+            model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            find_unused_parameters=self.cfg.freeze_epochs > 0,  # frozen backbone params get no grads
+        )
+
     # --- loops -------------------------------------------------------------------------------
 
     def _train_epoch(self, epoch, model, batches, augment, optimizer, schedule, scaler, criterion) -> dict:
         from tqdm import tqdm
 
         cfg = self.cfg
-        train_mode(model, cfg.arch)
+        rank, world = self.dist.rank, self.dist.world
+        train_mode(_unwrap(model), cfg.arch)
         seen, correct, loss_sum, start = 0, 0, 0.0, time.perf_counter()
         steps = min(len(batches), cfg.max_steps_per_epoch or len(batches))
-        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False)
+        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False,
+                   disable=not self.dist.is_main)
         for step, (canvas, labels) in enumerate(batches):
             if step >= steps:
                 break
-            x = augment(canvas.to(self.device, non_blocking=True))
+            if batches.sharded:  # already this rank's own batch
+                x = augment(canvas.to(self.device, non_blocking=True))
+            else:  # this rank trains on rows rank, rank + world, ... of the global batch
+                total = len(labels)
+                canvas, labels = canvas[rank::world], labels[rank::world]
+                x = augment(canvas.to(self.device, non_blocking=True), shard=(rank, world), total=total)
             y = labels.to(self.device, non_blocking=True)
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -253,18 +302,42 @@ class Trainer:
             seen += len(y)
             correct += (logits.argmax(1) == y).sum().item()
             loss_sum += loss.item() * len(y)
-            rate = seen / (time.perf_counter() - start)
+            rate = seen * world / (time.perf_counter() - start)
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", img_s=f"{rate:.0f}")
             bar.update()
         bar.close()
         elapsed = time.perf_counter() - start
         return {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1),
-                "train_images_per_s": seen / elapsed, "train_seconds": elapsed}
+                "train_images_per_s": seen * world / elapsed, "train_seconds": elapsed}
+
+    def _validate(self, model, val_x: torch.Tensor, val_y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and labels of the whole val set; each rank predicts its share."""
+        rank, world = self.dist.rank, self.dist.world
+        logits = predict_logits(_unwrap(model), val_x[rank::world], self.device, channels_last=self.cfg.channels_last)
+        if not self.dist.enabled:
+            return logits, val_y
+        parts = self.dist.gather_cat(logits)
+        labels = [val_y[r::world] for r in range(world)]
+        return torch.cat(parts), torch.cat(labels)
 
     def fit(self) -> RunResult:
+        self.dist, device = init_distributed(self.cfg.device)
+        if device is not None:
+            self.device = device
+            self.use_amp = self.cfg.amp and device.type == "cuda"
+        try:
+            return self._fit()
+        finally:
+            if self.dist.enabled:
+                shutdown()
+
+    def _fit(self) -> RunResult:
         cfg = self.cfg
+        if cfg.batch_size % self.dist.world:
+            raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of the {self.dist.world} processes")
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save(self.run_dir / "config.json")
+        if self.dist.is_main:
+            cfg.save(self.run_dir / "config.json")
         # Denormal floats (near-zero activations from dark backgrounds) make CPU kernels ~20x slower.
         torch.set_flush_denormal(True)
         torch.manual_seed(cfg.seed)
@@ -276,7 +349,10 @@ class Trainer:
         model = build_model(cfg.arch, len(self.classes), "none" if resume else cfg.weights).to(self.device)
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        batches = TrainBatches([dataset.samples[i] for i in train_idx], self.spec, cfg, generator)
+        if resume:
+            model.load_state_dict(resume["model"])
+        model = self._wrap(model)
+        batches = TrainBatches([dataset.samples[i] for i in train_idx], self.spec, cfg, generator, self.dist)
         val_x, val_y = eval_inputs([dataset.samples[i] for i in val_idx], self.spec, cfg.workers)
         optimizer = make_optimizer(model, cfg)
         steps_per_epoch = min(len(batches), cfg.max_steps_per_epoch or len(batches))
@@ -284,7 +360,6 @@ class Trainer:
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.use_amp and self.amp_dtype == torch.float16)
         state = RunState()
         if resume:
-            model.load_state_dict(resume["model"])
             optimizer.load_state_dict(resume["optimizer"])
             schedule.load_state_dict(resume["schedule"])
             scaler.load_state_dict(resume["scaler"])
@@ -297,12 +372,13 @@ class Trainer:
         stopped_early = False
         while state.epoch < cfg.epochs:
             epoch = state.epoch
-            set_backbone_frozen(model, cfg.arch, epoch < cfg.freeze_epochs)
+            set_backbone_frozen(_unwrap(model), cfg.arch, epoch < cfg.freeze_epochs)
+            batches.set_epoch(epoch)
             row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "frozen_backbone": epoch < cfg.freeze_epochs}
             row.update(self._train_epoch(epoch, model, batches, augment, optimizer, schedule, scaler, criterion))
-            logits = predict_logits(model, val_x, self.device, channels_last=cfg.channels_last)
-            row["val_loss"] = nn.functional.cross_entropy(logits, val_y).item()
-            row["val_accuracy"], row["val_macro_f1"] = accuracy_and_f1(logits, val_y, len(self.classes))
+            logits, val_labels = self._validate(model, val_x, val_y)
+            row["val_loss"] = nn.functional.cross_entropy(logits, val_labels).item()
+            row["val_accuracy"], row["val_macro_f1"] = accuracy_and_f1(logits, val_labels, len(self.classes))
             metric = row["val_" + cfg.metric]
             state.epoch = epoch + 1
             if metric > state.best_metric:
@@ -311,8 +387,10 @@ class Trainer:
             else:
                 state.epochs_without_improvement += 1
             self._checkpoint("last.pt", model, optimizer, schedule, scaler, state, generator)
-            with open(self.run_dir / "metrics.jsonl", "a") as fh:
-                fh.write(json.dumps(row) + "\n")
+            if self.dist.is_main:
+                with open(self.run_dir / "metrics.jsonl", "a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+            self.dist.barrier()  # nobody starts the next epoch (or a resume) before the checkpoint is on disk
             log.info("epoch %d: loss %.4f, train acc %.4f, val acc %.4f, val F1 %.4f, %.0f img/s",
                      epoch + 1, row["train_loss"], row["train_accuracy"], row["val_accuracy"],
                      row["val_macro_f1"], row["train_images_per_s"])
@@ -322,8 +400,13 @@ class Trainer:
                 log.info("early stop: no improvement in val %s for %d epochs", cfg.metric, cfg.patience)
                 stopped_early = True
                 break
-        plot_curves(self.run_dir / "metrics.jsonl", self.run_dir / "curves.png")
+        if self.dist.is_main:
+            plot_curves(self.run_dir / "metrics.jsonl", self.run_dir / "curves.png")
         return RunResult(self.run_dir, state.best_metric, state.best_epoch, state.epoch, stopped_early)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 def plot_curves(metrics_path: Path, out: Path) -> None:
