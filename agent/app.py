@@ -11,11 +11,15 @@ import signal
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any, Callable
+
+from pydantic import ValidationError
 
 from agent.backends import BackendError, create_backend
 from agent.bundle import Bundle, BundleError, load_bundle, load_public_key
-from agent.config import AgentConfig, CameraConfig, ConfigError
+from agent.config import (AgentConfig, CameraConfig, ConfigError, Thresholds, ThresholdsCommand,
+                          format_errors)
 from agent.health import Metrics, PrometheusServer
 from agent.mqtt import MqttPublisher
 from agent.outbox import Outbox
@@ -63,6 +67,7 @@ class Agent:
         self.stop_event = threading.Event()
         self.started_at = time.monotonic()
         self.last_update: dict[str, Any] | None = None
+        self.last_thresholds: dict[str, Any] | None = None
         self.public_key = None
         self.model: ModelHolder | None = None
         self.outbox: Outbox | None = None
@@ -127,7 +132,7 @@ class Agent:
                 "uptime_s": round(time.monotonic() - self.started_at, 3) if state == "online" else None,
                 "model": runtime.identity if runtime else None,
                 "cameras": {w.cfg.id: w.connected for w in self.workers},
-                "last_model_update": self.last_update}
+                "last_model_update": self.last_update, "last_thresholds_update": self.last_thresholds}
 
     def stats_body(self) -> dict[str, Any]:
         assert self.outbox is not None
@@ -163,8 +168,35 @@ class Agent:
                 continue
             if verb == "model":
                 self.reload_model(payload)
+            elif verb == "thresholds":
+                self.update_thresholds(payload)
             else:
                 log.warning("unknown command cmd/%s ignored", verb)
+
+    def update_thresholds(self, payload: bytes) -> bool:
+        """cmd/thresholds: validate with the config schema, apply to one camera or all; status says the outcome."""
+        assert self.inference is not None
+        known = [c.id for c in self.cfg.cameras]
+        try:
+            cmd = ThresholdsCommand.model_validate_json(payload)
+            if cmd.camera is not None and cmd.camera not in known:
+                raise ValueError(f"field camera: {cmd.camera!r} is not one of {', '.join(known)}")
+        except ValidationError as exc:
+            reason = "; ".join(line.replace("cmd/thresholds: field ", "field ", 1)
+                               for line in format_errors(Path("cmd/thresholds"), exc))
+            return self._thresholds_result(False, reason, None)
+        except ValueError as exc:
+            return self._thresholds_result(False, str(exc), None)
+        thresholds = Thresholds(**cmd.model_dump(exclude={"camera"}))
+        self.inference.set_thresholds([cmd.camera] if cmd.camera else known, thresholds)
+        return self._thresholds_result(True, None, cmd.model_dump())
+
+    def _thresholds_result(self, ok: bool, reason: str | None, applied: dict[str, Any] | None) -> bool:
+        (log.info if ok else log.error)("cmd/thresholds %s: %s", "applied" if ok else "rejected", applied or reason)
+        self.last_thresholds = {"ok": ok, "reason": reason, "ts": round(time.time(), 6), "applied": applied}
+        if self.publisher is not None:
+            self.publisher.request_status()
+        return ok
 
     def reload_model(self, payload: bytes) -> bool:
         """Verify, build and warm the new model off the hot path, then swap; on any failure keep the old one."""

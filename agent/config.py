@@ -46,6 +46,19 @@ class Thresholds(_Strict):
     )
 
 
+def merge_thresholds(base: Thresholds, over: Thresholds | None) -> Thresholds:
+    """``over``'s set fields win over ``base``'s."""
+    if over is None:
+        return base
+    return base.model_copy(update={k: v for k, v in over.model_dump().items() if v is not None})
+
+
+class ThresholdsCommand(Thresholds):
+    """Payload of cmd/thresholds: new low-confidence thresholds for one camera or all."""
+
+    camera: str | None = Field(None, title="Camera", description="Camera id; None: every camera.")
+
+
 class Backoff(_Strict):
     initial_s: float = Field(0.5, gt=0, title="Initial delay", description="First wait before a retry, seconds.")
     max_s: float = Field(30.0, gt=0, title="Maximum delay", description="Cap of the exponential backoff, seconds.")

@@ -3,7 +3,7 @@
 A TensorRT engine only runs on the TensorRT version and GPU (compute capability)
 it was built for, so a station builds its own on first start and keeps it in a
 cache folder that survives restarts and image upgrades (a volume or systemd's
-StateDirectory). The cache key is the sha256 of the ONNX file, the TensorRT
+CacheDirectory). The cache key is the sha256 of the ONNX file, the TensorRT
 version, the compute capability, the precision and the largest batch: any change
 gives another key, so a stale engine is never used, and a restart with the same
 key never rebuilds.

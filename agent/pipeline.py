@@ -20,7 +20,7 @@ import numpy as np
 
 from agent.backends import Backend
 from agent.bundle import Bundle
-from agent.config import AgentConfig, CameraConfig
+from agent.config import AgentConfig, CameraConfig, Thresholds, merge_thresholds
 from agent.decide import (Classification, ItemDecision, ItemTracker, LaneMap, LowConfidencePolicy, Observation,
                           PolicyThresholds, PresenceDetector, QcAlerter, UploadGate, classify_batch, dhash,
                           presence_signature, softmax)
@@ -101,8 +101,9 @@ def camera_preparer(model: "ModelHolder") -> Callable[[np.ndarray], tuple[Prepro
 class CameraDecisions:
     """Per-camera decision state: policy, presence, item tracker."""
 
-    def __init__(self, cam: CameraConfig, cfg: AgentConfig, bundle: Bundle) -> None:
-        self.policy = LowConfidencePolicy(PolicyThresholds.resolve(bundle.thresholds, cam.thresholds))
+    def __init__(self, cam: CameraConfig, cfg: AgentConfig, bundle: Bundle, override: Thresholds | None = None) -> None:
+        self.policy = LowConfidencePolicy(PolicyThresholds.resolve(bundle.thresholds,
+                                                                   merge_thresholds(cam.thresholds, override)))
         presence = cfg.decisions.presence
         self.presence = PresenceDetector(presence) if presence.mode != "off" else None
         self.tracker = (ItemTracker(cam.id, bundle.labels, presence, LaneMap(cfg.decisions.sorting), self.policy,
@@ -125,6 +126,7 @@ class InferenceStage(threading.Thread):
         self.qc = QcAlerter(cfg.decisions.qc)
         self.uploads = UploadGate(cfg.frames.min_interval_s, cfg.frames.dedupe_bits, cfg.frames.dedupe_window)
         self._runtime: ModelRuntime | None = None
+        self.threshold_overrides: dict[str, Thresholds] = {}
         self._cameras: dict[str, CameraDecisions] = {}
 
     def run(self) -> None:
@@ -182,8 +184,25 @@ class InferenceStage(threading.Thread):
         """A new model: decide items still open with the old one, then fresh per-camera state."""
         self._flush_items()
         self._runtime = runtime
-        self._cameras = {c.id: CameraDecisions(c, self.cfg, runtime.bundle) for c in self.cfg.cameras}
+        self._cameras = {c.id: CameraDecisions(c, self.cfg, runtime.bundle, self.threshold_overrides.get(c.id))
+                         for c in self.cfg.cameras}
         self.metrics.info.update(model_name=runtime.bundle.name, model_version=runtime.bundle.version)
+
+    def set_thresholds(self, camera_ids: list[str], thresholds: Thresholds) -> None:
+        """cmd/thresholds: new policy objects, swapped in by reference (the inference thread reads them per frame)."""
+        for cid in camera_ids:
+            self.threshold_overrides[cid] = merge_thresholds(self.threshold_overrides.get(cid, Thresholds()), thresholds)
+        runtime = self._runtime
+        if runtime is None:
+            return
+        cams = {c.id: c for c in self.cfg.cameras}
+        for cid in camera_ids:
+            state = self._cameras[cid]
+            merged = merge_thresholds(cams[cid].thresholds, self.threshold_overrides[cid])
+            policy = LowConfidencePolicy(PolicyThresholds.resolve(runtime.bundle.thresholds, merged))
+            state.policy = policy
+            if state.tracker is not None:
+                state.tracker.policy = policy
 
     def _flush_items(self) -> None:
         messages = []

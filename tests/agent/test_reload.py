@@ -123,3 +123,27 @@ def test_stats_topic_and_prometheus_endpoint(live_agent):
     assert 'agent_frames_captured_total{camera="cam-a"}' in text
     assert 'agent_latency_seconds{stage="inference",quantile="0.99"}' in text
     assert 'agent_model_info{model_name="tiny",model_version="tiny-1"} 1' in text
+
+
+def test_thresholds_command_changes_the_policy_live_and_bad_ones_are_rejected(live_agent, broker):
+    agent, dashboard = live_agent
+    assert dashboard.wait_for(lambda d: len(d.of("result")) >= 3, 20)
+    assert json.loads(dashboard.of("result")[-1].payload)["low_confidence"] is True   # random-weight model
+    body = {"camera": "cam-a", "min_confidence": 0.0, "min_margin": 0.0, "max_entropy": 100.0}
+    validate_message("cmd-thresholds.v1", body)
+    send(broker, "thresholds", body)
+    assert dashboard.wait_for(lambda d: (last_status(d).get("last_thresholds_update") or {}).get("ok") is True, 10)
+    n = len(dashboard.of("result"))
+    assert dashboard.wait_for(lambda d: len(d.of("result")) >= n + 5, 10)
+    assert json.loads(dashboard.of("result")[-1].payload)["low_confidence"] is False
+
+    send(broker, "thresholds", {"camera": "nope", "min_confidence": 0.5})
+    assert dashboard.wait_for(lambda d: "field camera: 'nope' is not one of cam-a" in
+                              ((last_status(d).get("last_thresholds_update") or {}).get("reason") or ""), 10)
+    send(broker, "thresholds", {"min_confidence": 2})
+    assert dashboard.wait_for(lambda d: "field min_confidence: Input should be less than or equal to 1" in
+                              ((last_status(d).get("last_thresholds_update") or {}).get("reason") or ""), 10)
+    validate_message("status.v1", last_status(dashboard))
+    n = len(dashboard.of("result"))
+    assert dashboard.wait_for(lambda d: len(d.of("result")) >= n + 3, 10)
+    assert json.loads(dashboard.of("result")[-1].payload)["low_confidence"] is False
