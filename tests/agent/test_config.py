@@ -96,3 +96,10 @@ def test_unreadable_yaml_names_the_file(tmp_path):
     path.write_text("site: [unclosed\n")
     assert validate_file(path)[0].startswith(f"{path}: not valid YAML")
     assert validate_file(tmp_path / "missing.yaml")[0].startswith(f"{tmp_path / 'missing.yaml'}: cannot read")
+
+
+def test_docs_config_reference_is_generated_from_the_schema():
+    from agent.config import config_reference_markdown
+
+    assert config_reference_markdown() in (REPO / "docs/agent.md").read_text(), \
+        "docs/agent.md is stale: paste the output of `python -m agent config-reference`"
