@@ -1,0 +1,73 @@
+"""deploy/central/compose.yaml: parsed by a Compose-spec parser (compose-spec, the Rust compose_spec crate)
+and checked against the broker config it mounts. No Docker engine runs here, so `docker compose config`
+cannot; the parser rejects unknown keys and wrong types the same way."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import yaml
+
+from deploy_support import REPO, SHIPPED_CONF
+
+COMPOSE = REPO / "deploy" / "central" / "compose.yaml"
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def parse(text: str):
+    compose_spec = pytest.importorskip("compose_spec", reason="pip install -e '.[test]' brings compose-spec")
+    return compose_spec.PyCompose.from_yaml(text)
+
+
+def test_the_compose_spec_parser_accepts_it():
+    parsed = parse(COMPOSE.read_text())
+    parsed.validate()
+    assert parsed.service_names() == ["mosquitto", "ingest", "review", "bundle-server"]
+
+
+def test_the_parser_is_strict_enough_to_catch_a_typo():
+    with pytest.raises(ValueError, match="restrat"):
+        parse(COMPOSE.read_text().replace("restart: unless-stopped", "restrat: unless-stopped", 1))
+
+
+def test_every_reference_is_declared(compose):
+    for name, svc in compose["services"].items():
+        for vol in svc.get("volumes", []):
+            source = vol.split(":")[0]
+            if not source.startswith((".", "/")):
+                assert source in compose["volumes"], f"{COMPOSE}: services.{name}.volumes: {source} not declared"
+        for secret in svc.get("secrets", []):
+            assert secret in compose["secrets"], f"{COMPOSE}: services.{name}.secrets: {secret} not declared"
+        for net in svc.get("networks", []):
+            assert net in compose["networks"], f"{COMPOSE}: services.{name}.networks: {net} not declared"
+
+
+def test_images_are_pinned(compose):
+    for name, svc in compose["services"].items():
+        image = svc["image"]
+        assert re.search(r":[\w.-]+$", image) and not image.endswith(":latest"), f"services.{name}.image: {image}"
+
+
+def test_the_broker_runs_the_shipped_config_and_publishes_only_its_tls_listeners(compose):
+    broker = compose["services"]["mosquitto"]
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in broker["volumes"]}
+    assert (COMPOSE.parent / mounts["/mosquitto/config/mosquitto.conf"]).resolve() == SHIPPED_CONF
+    assert (COMPOSE.parent / mounts["/mosquitto/config/acl"]).resolve() == SHIPPED_CONF.parent / "acl"
+    for path in re.findall(r"^(?:password_file|acl_file|cafile|certfile|keyfile) (\S+)", SHIPPED_CONF.read_text(), re.M):
+        assert any(path.startswith(target) for target in mounts), f"{SHIPPED_CONF}: {path} is not mounted"
+    listeners = set(re.findall(r"^listener (\d+)", SHIPPED_CONF.read_text(), re.M))
+    published = {p.split(":")[-1] for p in broker["ports"]}
+    assert published == listeners == {"8883", "8884"}                 # no plain 1883 anywhere
+    assert broker["ulimits"]["nofile"]["soft"] >= 10000                # thousands of station sockets
+
+
+def test_later_services_are_marked_placeholders_and_do_not_start_by_default(compose):
+    for name in ("ingest", "review", "bundle-server"):
+        svc = compose["services"][name]
+        assert svc["profiles"] == ["planned"] and svc["x-placeholder"].startswith("issue 4"), name
+    assert "profiles" not in compose["services"]["mosquitto"]
