@@ -109,8 +109,8 @@ def video_frames(path: Path) -> list[np.ndarray]:
     return frames
 
 
-def bundle_predictions(bundle_dir: Path, frames: list[np.ndarray]) -> list[str]:
-    """Labels the bundle's deployable ONNX model gives these frames, with plain ORT (no agent code path)."""
+def bundle_logits(bundle_dir: Path, frames: list[np.ndarray]) -> tuple[list[str], np.ndarray]:
+    """Labels and logits of the bundle's deployable ONNX model on these frames, one at a time with plain ORT."""
     import onnxruntime as ort
 
     from agent.bundle import load_bundle
@@ -121,7 +121,25 @@ def bundle_predictions(bundle_dir: Path, frames: list[np.ndarray]) -> list[str]:
     x = Preprocessor(bundle.input_spec).batch(frames)
     logits = np.concatenate([session.run(None, {session.get_inputs()[0].name: x[i:i + 1]})[0]
                              for i in range(len(x))])
-    return [bundle.labels[i] for i in logits.argmax(axis=1)]
+    return bundle.labels, logits
+
+
+def bundle_predictions(bundle_dir: Path, frames: list[np.ndarray]) -> list[str]:
+    """Labels the bundle's deployable ONNX model gives these frames, with plain ORT (no agent code path)."""
+    labels, logits = bundle_logits(bundle_dir, frames)
+    return [labels[i] for i in logits.argmax(axis=1)]
+
+
+def same_predictions(got: list[str], bundle_dir: Path, frames: list[np.ndarray], tie: float = 1e-3) -> list[int]:
+    """Frames whose label differs from the bundle's, ignoring exact near-ties (top-2 logits within ``tie``),
+    where batch size may legitimately flip the argmax of an INT8 model."""
+    labels, logits = bundle_logits(bundle_dir, frames)
+    bad = []
+    for i, (label, row) in enumerate(zip(got, logits)):
+        top2 = np.argsort(-row)[:2]
+        if label != labels[top2[0]] and not (label == labels[top2[1]] and row[top2[0]] - row[top2[1]] < tie):
+            bad.append(i)
+    return bad
 
 
 def station_config(tmp_path: Path, bundle: Path, uri: str, port: int, **sections: Any) -> dict[str, Any]:
