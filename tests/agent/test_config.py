@@ -25,7 +25,7 @@ def test_every_firmware_config_file_validates(path):
 
 def test_station_file_inherits_defaults_and_overrides():
     cfg = load_config(REPO / "firmware-config/stations/receiving-01.yaml")
-    assert cfg.mqtt.port == 8883 and cfg.mqtt.username == "receiving-01"
+    assert cfg.mqtt.port == 8883 and cfg.mqtt.username == "ber1/receiving-01"
     assert cfg.mqtt.tls is not None and cfg.mqtt.tls.ca_file == Path("/etc/inventory-agent/ca.crt")
     assert cfg.topic_root == "inventory/ber1/receiving-01"
     assert [c.id for c in cfg.cameras] == ["dock-a", "dock-b"]
