@@ -224,12 +224,14 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("onnx_ir", "onnxscript", "torch.onnx", "root"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from agent.bundle import BundleError
     from trainer.data import DatasetError
+    from trainer.export.tensorrt import TensorRTUnavailable
     from trainer.model import WeightsError
 
     try:
         return COMMANDS[args.command](args)
-    except (DatasetError, WeightsError, FileExistsError, ValueError) as exc:
+    except (DatasetError, WeightsError, BundleError, TensorRTUnavailable, FileExistsError, ValueError) as exc:
         log.error("%s", exc)
         return 2
 

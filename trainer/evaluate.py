@@ -214,8 +214,6 @@ def evaluate(model_path: str | Path, data: str | Path, out_dir: str | Path, *, c
     The class list and preprocessing come from the checkpoint, or from the
     bundle's manifest next to the ONNX file (or ``spec_source``).
     """
-    import torch
-
     from agent.bundle import load_bundle
     from agent.preprocess import InputSpec
     from trainer import data as data_mod
