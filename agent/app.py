@@ -6,13 +6,15 @@
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import signal
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from pydantic import ValidationError
 
@@ -50,18 +52,37 @@ def check_labels(cfg: AgentConfig, bundle: Bundle) -> None:
         raise ConfigError(f"{bundle.root}: config and bundle disagree: " + "; ".join(missing))
 
 
-def build_runtime(cfg: AgentConfig, bundle: Bundle) -> ModelRuntime:
+ENV_ENGINE = "INVENTORY_AGENT_ENGINE"                    # set by agent.startup: engine for this device
+ENV_ENGINE_PRECISION = "INVENTORY_AGENT_ENGINE_PRECISION"
+
+
+@dataclass(frozen=True)
+class DeviceEngine:
+    """A TensorRT engine built for this device outside the bundle; only used with the bundle it was built for."""
+
+    path: Path
+    precision: str | None = None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> "DeviceEngine | None":
+        path = environ.get(ENV_ENGINE)
+        return cls(Path(path), environ.get(ENV_ENGINE_PRECISION)) if path else None
+
+
+def build_runtime(cfg: AgentConfig, bundle: Bundle, engine: DeviceEngine | None = None) -> ModelRuntime:
     """Backend for the bundle, warmed up, so the first real frame is not the slow one."""
     check_labels(cfg, bundle)
-    backend = create_backend(bundle, cfg.model)
+    backend = create_backend(bundle, cfg.model, engine.path if engine else None, engine.precision if engine else None)
     backend.warmup(cfg.model.batch_size, cfg.model.warmup_runs)
     return ModelRuntime(bundle, backend, Preprocessor(bundle.input_spec))
 
 
 class Agent:
     def __init__(self, cfg: AgentConfig, *,
-                 source_factory: Callable[[CameraConfig], FrameSource] | None = None) -> None:
+                 source_factory: Callable[[CameraConfig], FrameSource] | None = None,
+                 engine: DeviceEngine | None = None) -> None:
         self.cfg = cfg
+        self.engine = engine
         self.source_factory = source_factory
         self.metrics = Metrics(cfg.health.latency_window)
         self.stop_event = threading.Event()
@@ -84,7 +105,8 @@ class Agent:
         if self.cfg.model.public_key is not None:
             self.public_key = load_public_key(self.cfg.model.public_key)
         bundle = load_bundle(self.cfg.model.bundle, self.public_key)
-        self.model = ModelHolder(build_runtime(self.cfg, bundle))
+        # The device engine belongs to the configured bundle; bundles from cmd/model use their own engines or ORT.
+        self.model = ModelHolder(build_runtime(self.cfg, bundle, self.engine))
         log.info("model %s %s ready on %s", bundle.name, bundle.version, self.model.current.backend.name)
 
     def start(self) -> None:
@@ -252,7 +274,7 @@ class Agent:
 
 def run(cfg: AgentConfig, *, exit_at_end: bool = False, flush_s: float | None = None) -> int:
     """``python -m agent run``: start, wait for SIGTERM/SIGINT (or the end of input), shut down cleanly."""
-    agent = Agent(cfg)
+    agent = Agent(cfg, engine=DeviceEngine.from_env(os.environ))
     try:
         agent.start()
     except StartupError as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from pathlib import Path
 
 from agent.backends.base import Backend, BackendError
 from agent.bundle import Artifact, Bundle
@@ -36,8 +37,20 @@ def _installed_tensorrt_version() -> str | None:
     return str(tensorrt.__version__)
 
 
-def create_backend(bundle: Bundle, cfg: ModelConfig) -> Backend:
-    """TensorRT engine when chosen (or auto and present), else ONNX Runtime on the INT8/FP32 pick."""
+def create_backend(bundle: Bundle, cfg: ModelConfig, engine: Path | None = None,
+                   engine_precision: str | None = None) -> Backend:
+    """TensorRT engine when chosen (or auto and present), else ONNX Runtime on the INT8/FP32 pick.
+
+    ``engine``: an engine for this device made outside the bundle (``agent.startup`` builds or reuses it
+    from its cache and passes it in ``INVENTORY_AGENT_ENGINE``); it wins over the bundle's engines.
+    """
+    if engine is not None and cfg.backend != "onnxruntime":
+        if cfg.backend == "tensorrt" or tensorrt_available():
+            from agent.backends.tensorrt import TensorRTBackend
+
+            return TensorRTBackend(engine, bundle.input_spec, precision=engine_precision or "fp16",
+                                   max_batch=cfg.batch_size)
+        log.warning("%s: engine given but tensorrt is not importable; using ONNX Runtime", engine)
     engines = bundle.engines()
     if engines and cfg.backend in ("auto", "tensorrt"):
         usable = compatible_engines(engines, _installed_tensorrt_version())

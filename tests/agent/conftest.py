@@ -1,68 +1,18 @@
-"""Agent fixtures: a real mosquitto per test, real Fashion-MNIST videos, the real bundle's predictions."""
+"""Agent fixtures: a real mosquitto per test, real Fashion-MNIST videos, small and real bundles.
+
+Helpers live in agent_support.py (tests import them from there, never from conftest).
+"""
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import socket
-import subprocess
-import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
-import cv2
 import numpy as np
 import pytest
 
-from agent.config import AgentConfig
-from agent.demo import FASHION_MNIST_DIR, fashion_mnist_test, free_port, write_video
-
-MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-
-
-class Broker:
-    """A mosquitto process on a fixed 127.0.0.1 port that tests can stop and start again."""
-
-    def __init__(self, workdir: Path, extra_conf: str = "", persistence: bool = True) -> None:
-        self.workdir = workdir
-        self.port = free_port()
-        self.host = "127.0.0.1"
-        self.conf = workdir / "mosquitto.conf"
-        (workdir / "mosq-data").mkdir(exist_ok=True)
-        lines = [f"listener {self.port} 127.0.0.1"]
-        if os.geteuid() == 0:
-            lines.append("user root")     # else mosquitto drops to 'mosquitto' and cannot read the test's files
-        lines += [extra_conf] if extra_conf else ["allow_anonymous true"]
-        if persistence:
-            lines += ["persistence true", f"persistence_location {workdir / 'mosq-data'}/", "autosave_interval 1"]
-        lines += [f"log_dest file {workdir / 'mosquitto.log'}", "log_type all"]
-        self.conf.write_text("\n".join(lines) + "\n")
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> "Broker":
-        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mosquitto exited: {self.proc.stderr.read().decode()}")
-            try:
-                socket.create_connection((self.host, self.port), timeout=0.2).close()
-                return self
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"mosquitto did not listen on {self.port}")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-        self.proc = None
-
-    def log(self) -> str:
-        path = self.workdir / "mosquitto.log"
-        return path.read_text() if path.exists() else ""
+from agent.demo import FASHION_MNIST_DIR, fashion_mnist_test, write_video
+from agent_support import MOSQUITTO, Broker, make_tiny_bundle
 
 
 @pytest.fixture
@@ -94,120 +44,6 @@ def fmnist_video(fmnist_test_images, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("video") / "fmnist60.avi"
     write_video(fmnist_test_images[0][:60], path, size=64)
     return path
-
-
-def video_frames(path: Path) -> list[np.ndarray]:
-    """The RGB frames OpenCV decodes from a video: exactly what a file camera hands the agent."""
-    cap = cv2.VideoCapture(str(path))
-    frames = []
-    while True:
-        ok, bgr = cap.read()
-        if not ok:
-            break
-        frames.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
-    cap.release()
-    return frames
-
-
-def bundle_logits(bundle_dir: Path, frames: list[np.ndarray]) -> tuple[list[str], np.ndarray]:
-    """Labels and logits of the bundle's deployable ONNX model on these frames, one at a time with plain ORT."""
-    import onnxruntime as ort
-
-    from agent.bundle import load_bundle
-    from agent.preprocess import Preprocessor
-
-    bundle = load_bundle(bundle_dir)
-    session = ort.InferenceSession(str(bundle.pick_onnx().path), providers=["CPUExecutionProvider"])
-    x = Preprocessor(bundle.input_spec).batch(frames)
-    logits = np.concatenate([session.run(None, {session.get_inputs()[0].name: x[i:i + 1]})[0]
-                             for i in range(len(x))])
-    return bundle.labels, logits
-
-
-def bundle_predictions(bundle_dir: Path, frames: list[np.ndarray]) -> list[str]:
-    """Labels the bundle's deployable ONNX model gives these frames, with plain ORT (no agent code path)."""
-    labels, logits = bundle_logits(bundle_dir, frames)
-    return [labels[i] for i in logits.argmax(axis=1)]
-
-
-def same_predictions(got: list[str], bundle_dir: Path, frames: list[np.ndarray], tie: float = 1e-3) -> list[int]:
-    """Frames whose label differs from the bundle's, ignoring exact near-ties (top-2 logits within ``tie``),
-    where batch size may legitimately flip the argmax of an INT8 model."""
-    labels, logits = bundle_logits(bundle_dir, frames)
-    bad = []
-    for i, (label, row) in enumerate(zip(got, logits)):
-        top2 = np.argsort(-row)[:2]
-        if label != labels[top2[0]] and not (label == labels[top2[1]] and row[top2[0]] - row[top2[1]] < tie):
-            bad.append(i)
-    return bad
-
-
-def station_config(tmp_path: Path, bundle: Path, uri: str, port: int, **sections: Any) -> dict[str, Any]:
-    """A device config as a station would have it, for the real AgentConfig schema."""
-    cfg: dict[str, Any] = {
-        "site": "test", "station": "st-01",
-        "model": {"bundle": str(bundle), "batch_size": 4, "warmup_runs": 1, "backend": "onnxruntime"},
-        "cameras": [{"id": "cam-a", "uri": uri, "backpressure": "block", "queue_size": 8}],
-        "mqtt": {"host": "127.0.0.1", "port": port, "reconnect": {"initial_s": 0.2, "max_s": 1.0}},
-        "outbox": {"path": str(tmp_path / "outbox.sqlite")},
-        "frames": {"min_interval_s": 0.0, "dedupe_bits": 0},
-        "health": {"stats_interval_s": 0.5},
-        "shutdown_flush_s": 15,
-    }
-    from agent.config import deep_merge
-
-    return deep_merge(cfg, sections)
-
-
-def write_yaml(path: Path, data: dict[str, Any]) -> Path:
-    import yaml
-
-    path.write_text(yaml.safe_dump(json.loads(json.dumps(data))))
-    return path
-
-
-def validate_message(schema_name: str, body: dict[str, Any]) -> None:
-    import jsonschema
-
-    from agent.messages import mqtt_schema
-
-    jsonschema.Draft202012Validator(mqtt_schema(schema_name)).validate(body)
-
-
-def as_config(data: dict[str, Any]) -> AgentConfig:
-    return AgentConfig.model_validate(data)
-
-
-def make_tiny_bundle(root: Path, version: str = "tiny-1") -> Path:
-    """A small random-weight CNN bundle per docs/bundle.md, for tests that need a bundle but not a trained one."""
-    import datetime
-
-    import torch
-
-    from agent.bundle import artifact_entry
-
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
-                                torch.nn.Flatten(), torch.nn.Linear(8, 10)).eval()
-    folder = root / "tiny" / version
-    folder.mkdir(parents=True)
-    onnx_path = folder / "model.fp32.onnx"
-    torch.onnx.export(model, torch.zeros(1, 3, 28, 28), str(onnx_path), input_names=["input"], output_names=["logits"],
-                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False)
-    labels = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
-    manifest = {
-        "schema_version": 1, "name": "tiny", "version": version,
-        "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(), "architecture": "tiny-cnn",
-        "frameworks": {"torch": torch.__version__}, "labels": labels,
-        "input": {"height": 28, "width": 28, "resize_shorter": 28, "interpolation": "bilinear",
-                  "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "channel_order": "RGB", "layout": "NCHW",
-                  "dtype": "float32", "input_name": "input", "output_name": "logits"},
-        "artifacts": [artifact_entry(onnx_path, folder, role="onnx-fp32", precision="fp32", deployable=True)],
-        "quality": {"thresholds": {"min_confidence": 0.5, "min_margin": 0.1, "max_entropy": 1.5}},
-        "provenance": {"code_version": "test"},
-    }
-    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    return folder
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from agent.demo import Subscriber
-from conftest import Broker, same_predictions, station_config, validate_message, video_frames, write_yaml
+from agent_support import Broker, same_predictions, station_config, validate_message, video_frames, write_yaml
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.mqtt

@@ -19,7 +19,7 @@ from agent.demo import Subscriber
 from agent.health import Metrics
 from agent.mqtt import MqttPublisher
 from agent.outbox import Message, Outbox
-from conftest import Broker, as_config, station_config, validate_message
+from agent_support import Broker, as_config, station_config, validate_message
 
 pytestmark = pytest.mark.mqtt
 ROOT = "inventory/test/st-01"

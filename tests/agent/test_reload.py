@@ -17,7 +17,7 @@ import pytest
 from agent.app import Agent
 from agent.bundle import MANIFEST
 from agent.demo import Subscriber
-from conftest import as_config, station_config, validate_message
+from agent_support import as_config, station_config, validate_message
 
 pytestmark = pytest.mark.mqtt
 ROOT = "inventory/test/st-01"

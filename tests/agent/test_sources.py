@@ -18,7 +18,7 @@ from agent.sources.camera import CameraWorker, FrameHub, Watchdog, crop_roi
 from agent.sources.folder import ImageFolderSource
 from agent.sources.opencv import OpenCVSource
 
-from conftest import video_frames
+from agent_support import video_frames
 
 
 def test_video_file_source_reads_every_frame_then_ends(fmnist_video):

@@ -14,7 +14,7 @@ from agent.backends.onnxruntime import pick_providers
 from agent.bundle import load_bundle
 from agent.config import ModelConfig
 from agent.demo import Subscriber, write_video
-from conftest import as_config, station_config, validate_message
+from agent_support import as_config, station_config, validate_message
 
 LANES = {"T-shirt/top": "lane-1", "Trouser": "lane-2", "Pullover": "lane-1", "Dress": "lane-2", "Coat": "lane-1",
          "Sandal": "lane-4", "Shirt": "lane-1", "Sneaker": "lane-4", "Bag": "lane-5", "Ankle boot": "lane-4"}
@@ -134,7 +134,7 @@ def test_two_cameras_share_the_model_and_each_is_complete(broker, tiny_bundle, f
                                                               fmnist_test_images, tmp_path):
     import cv2
 
-    from conftest import bundle_predictions, video_frames
+    from agent_support import bundle_predictions, video_frames
 
     folder = tmp_path / "shelf"
     folder.mkdir()
@@ -156,3 +156,18 @@ def test_two_cameras_share_the_model_and_each_is_complete(broker, tiny_bundle, f
     assert [r["source_ref"] for r in by_cam["shelf"]] == [f"img{i:03d}.png" for i in range(25)]
     assert [r["label"] for r in by_cam["dock"]] == bundle_predictions(tiny_bundle, video_frames(fmnist_video))
     assert agent.metrics.counter("frames_classified_total", camera="shelf") == 25
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="tensorrt is installed here")
+def test_device_engine_from_startup_is_used_only_when_a_tensorrt_backend_may_run(tiny_bundle, tmp_path):
+    from agent.app import DeviceEngine
+
+    engine = DeviceEngine.from_env({"INVENTORY_AGENT_ENGINE": str(tmp_path / "m.engine"),
+                                    "INVENTORY_AGENT_ENGINE_PRECISION": "int8"})
+    assert engine == DeviceEngine(tmp_path / "m.engine", "int8") and DeviceEngine.from_env({}) is None
+    bundle = load_bundle(tiny_bundle)
+    for backend in ("onnxruntime", "auto"):
+        chosen = create_backend(bundle, ModelConfig(bundle=tiny_bundle, backend=backend), engine.path, "int8")
+        assert chosen.name.startswith("onnxruntime")
+    with pytest.raises(BackendError, match="tensorrt Python package is not installed"):
+        create_backend(bundle, ModelConfig(bundle=tiny_bundle, backend="tensorrt"), engine.path, "int8")
