@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import shutil
+import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -319,14 +320,27 @@ def _import_tensorrt():
 
 
 def compute_capability(device_index: int = 0) -> str:
-    """'major.minor' of a CUDA GPU from cuda-python (the agent has no torch)."""
+    """'major.minor' of a CUDA GPU: cuda-python (Jetson image), else nvidia-smi (x86 GPU hosts). No torch."""
     try:
-        try:
-            from cuda.bindings import runtime as cudart  # type: ignore[import-not-found]
-        except ImportError:
-            from cuda import cudart  # type: ignore[import-not-found]
-    except ImportError as exc:
-        raise EngineCacheError("cuda-python is not installed; cannot read the GPU's compute capability") from exc
+        return _cc_from_cuda_python(device_index)
+    except ImportError:
+        pass
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        raise EngineCacheError("neither cuda-python nor nvidia-smi is present; cannot read the GPU's compute capability")
+    proc = subprocess.run([smi, "--query-gpu=compute_cap", "--format=csv,noheader", f"--id={device_index}"],
+                          capture_output=True, text=True, timeout=30)
+    value = proc.stdout.strip()
+    if proc.returncode != 0 or not value:
+        raise EngineCacheError(f"nvidia-smi: no CUDA GPU {device_index} ({proc.stderr.strip() or proc.returncode})")
+    return value
+
+
+def _cc_from_cuda_python(device_index: int) -> str:
+    try:
+        from cuda.bindings import runtime as cudart  # type: ignore[import-not-found]
+    except ImportError:
+        from cuda import cudart  # type: ignore[import-not-found]
     attrs = cudart.cudaDeviceAttr
     values = []
     for attr in (attrs.cudaDevAttrComputeCapabilityMajor, attrs.cudaDevAttrComputeCapabilityMinor):

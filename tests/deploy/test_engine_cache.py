@@ -158,3 +158,17 @@ def test_probing_the_device_without_tensorrt_says_so():
         pass
     with pytest.raises(EngineCacheError, match="TensorRT is not installed"):
         probe_device()
+
+
+def test_compute_capability_falls_back_to_nvidia_smi_without_cuda_python(tmp_path, monkeypatch):
+    import agent.engine_cache as engine_cache
+
+    def no_cuda_python(index):
+        raise ImportError("cuda-python absent")
+
+    fake = tmp_path / "nvidia-smi"     # stands for the driver's tool: prints what an Orin would report
+    fake.write_text("#!/bin/sh\necho 8.7\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(engine_cache, "_cc_from_cuda_python", no_cuda_python)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    assert engine_cache.compute_capability() == "8.7"
