@@ -35,7 +35,7 @@ import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Literal
+from typing import Callable, Iterable, Iterator, Literal
 
 from agent.bundle import ROLE_FP32, ROLE_INT8, Artifact, Bundle, sha256_file
 from agent.preprocess import InputSpec
@@ -219,7 +219,11 @@ def key_lock(cache_dir: Path, key: EngineKey) -> Iterator[None]:
 
 
 def bundle_engine(bundle: Bundle, key: EngineKey) -> Path | None:
-    """An engine shipped in the bundle for exactly this TensorRT version, GPU and precision."""
+    """An engine shipped in the bundle for exactly this TensorRT version, GPU and precision.
+
+    The manifest does not record an engine's batch profile (the trainer builds 1..32), so
+    a shipped engine is taken for any ``max_batch`` up to that.
+    """
     for art in bundle.engines():
         if (art.tensorrt_version == key.tensorrt_version and art.compute_capability == key.compute_capability
                 and art.precision == key.precision):
@@ -286,7 +290,7 @@ def entries(cache_dir: str | Path) -> list[dict]:
     return out
 
 
-def prune(cache_dir: str | Path, device: DeviceInfo, keep: Iterator[EngineKey] | list[EngineKey] = ()) -> list[Path]:
+def prune(cache_dir: str | Path, device: DeviceInfo, keep: Iterable[EngineKey] = ()) -> list[Path]:
     """Remove entries this device can never use again (other TensorRT version or GPU) and leftover temp folders.
 
     Entries for the same device but other models stay (a rollback to the previous
