@@ -7,7 +7,7 @@ from typing import Iterator
 
 import pytest
 
-from deploy_support import MOSQUITTO, MOSQUITTO_PASSWD, CentralBroker, Pki, make_bundle, make_pki
+from deploy_support import MOSQUITTO, MOSQUITTO_PASSWD, CentralBroker, Pki, Probe, make_bundle, make_pki, make_probe
 
 
 @pytest.fixture
@@ -34,3 +34,19 @@ def central_broker(mosquitto_bin, pki, tmp_path) -> Iterator[CentralBroker]:
     broker = CentralBroker(workdir, pki).start()
     yield broker
     broker.stop()
+
+
+@pytest.fixture
+def connect(central_broker):
+    probes: list[Probe] = []
+
+    def _connect(user: str | None, **kw) -> Probe:
+        kw.setdefault("ca", str(central_broker.pki.ca_cert))
+        port = kw.pop("port", central_broker.tls_port)
+        probe = make_probe(port, user, **kw)
+        probes.append(probe)
+        return probe
+
+    yield _connect
+    for p in probes:
+        p.close()

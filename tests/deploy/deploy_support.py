@@ -1,7 +1,8 @@
-"""Deployment test helpers: a hand-made bundle (no torch), TLS material, a real mosquitto with the shipped ACL.
+"""Deployment test helpers: hand-made bundles, TLS material, a real mosquitto running the shipped config,
+MQTT v5 probe clients, and a stand-in for TensorRT.
 
-The broker runs the repository's own deploy/central/acl file, so the test checks
-the ACL that ships, not a copy of it.
+The broker runs the repository's own deploy/central/mosquitto/{mosquitto.conf,acl},
+so the tests check what ships, not a copy of it.
 """
 
 from __future__ import annotations
@@ -13,14 +14,18 @@ import json
 import os
 import shutil
 import socket
+import ssl
 import subprocess
-import time
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.engine_cache import BuildRequest, DeviceInfo
+import paho.mqtt.client as mqtt
+from paho.mqtt.client import CallbackAPIVersion
+from paho.mqtt.reasoncodes import ReasonCode
 
+from agent.engine_cache import BuildRequest, DeviceInfo
 
 REPO = Path(__file__).resolve().parents[2]
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
@@ -228,3 +233,117 @@ class FakeTensorRT:
     @property
     def builds(self) -> int:
         return len(self.requests)
+
+
+# ---------------------------------------------------------------- a runnable bundle (torch, for the end-to-end test)
+
+def make_runnable_bundle(root: Path) -> Path:
+    """A small random-weight CNN exported to ONNX, so the real agent can classify with ONNX Runtime."""
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(8, len(LABELS))).eval()
+    folder = make_bundle(root, int8=None)
+    onnx_path = folder / "model.fp32.onnx"
+    torch.onnx.export(model, torch.zeros(1, 3, 48, 48), str(onnx_path), input_names=["input"], output_names=["logits"],
+                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["artifacts"] = [_entry(onnx_path, folder, role="onnx-fp32", precision="fp32", deployable=True)]
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return folder
+
+
+# ---------------------------------------------------------------- MQTT v5 probe clients
+
+TIMEOUT = 10.0
+
+
+@dataclass
+class Probe:
+    """One paho 2.x v5 client whose callbacks set events, so tests wait on replies, not on sleeps."""
+
+    client: mqtt.Client
+    connack: ReasonCode | None = None
+    connected: threading.Event = field(default_factory=threading.Event)
+    closed: threading.Event = field(default_factory=threading.Event)
+    acks: dict[int, list] = field(default_factory=dict)
+    acked: threading.Condition = field(default_factory=threading.Condition)
+    received: list[mqtt.MQTTMessage] = field(default_factory=list)
+    got_message: threading.Condition = field(default_factory=threading.Condition)
+
+    def _ack(self, mid: int, codes: list) -> None:
+        with self.acked:
+            self.acks[mid] = codes
+            self.acked.notify_all()
+
+    def wait_ack(self, mid: int) -> list:
+        with self.acked:
+            assert self.acked.wait_for(lambda: mid in self.acks, TIMEOUT), f"no ack for mid {mid}"
+            return self.acks[mid]
+
+    def publish(self, topic: str, payload: bytes = b"{}") -> int:
+        """The PUBACK reason code of one QoS 1 publish."""
+        info = self.client.publish(topic, payload, qos=1)
+        return self.wait_ack(info.mid)[0].value
+
+    def subscribe(self, topic: str) -> int:
+        """The SUBACK reason code (granted QoS, or 0x87)."""
+        _, mid = self.client.subscribe(topic, options=mqtt.SubscribeOptions(qos=1))
+        return self.wait_ack(mid)[0].value
+
+    def wait_messages(self, n: int) -> list[mqtt.MQTTMessage]:
+        with self.got_message:
+            assert self.got_message.wait_for(lambda: len(self.received) >= n, TIMEOUT), \
+                f"received {[m.topic for m in self.received]}, expected {n}"
+            return list(self.received)
+
+    def wait_until(self, done) -> list[mqtt.MQTTMessage]:
+        """Wait until ``done(received so far)`` is true."""
+        with self.got_message:
+            assert self.got_message.wait_for(lambda: done(self.received), TIMEOUT), \
+                f"gave up waiting; received {[m.topic for m in self.received]}"
+            return list(self.received)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def make_probe(port: int, user: str | None, *, ca: str | None, transport: str = "tcp",
+               password: str | None = None) -> Probe:
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"probe-{(user or 'anon').replace('/', '-')}",
+                         protocol=mqtt.MQTTv5, transport=transport)
+    probe = Probe(client)
+    if ca:
+        client.tls_set(ca_certs=ca, cert_reqs=ssl.CERT_REQUIRED)
+    if user:
+        client.username_pw_set(user, password if password is not None else USERS[user])
+
+    def on_connect(c, userdata, flags, reason, props):
+        probe.connack = reason
+        probe.connected.set()
+
+    def on_disconnect(c, userdata, flags, reason, props):
+        probe.closed.set()
+
+    def on_message(c, userdata, msg):
+        with probe.got_message:
+            probe.received.append(msg)
+            probe.got_message.notify_all()
+
+    client.on_connect = on_connect
+    client.on_disconnect = on_disconnect
+    client.on_connect_fail = lambda c, userdata: probe.closed.set()   # TLS handshake or socket failure
+    client.on_message = on_message
+    client.on_publish = lambda c, u, mid, reason, props: probe._ack(mid, [reason])
+    client.on_subscribe = lambda c, u, mid, reasons, props: probe._ack(mid, list(reasons))
+    client.connect_async("127.0.0.1", port, keepalive=10)
+    client.loop_start()
+    return probe
+
+
+def connected(probe: Probe) -> Probe:
+    assert probe.connected.wait(TIMEOUT), "no CONNACK"
+    assert not probe.connack.is_failure, f"connect refused: {probe.connack}"
+    return probe

@@ -10,119 +10,13 @@ is also shown from the receiving side: nothing denied reaches a subscriber.
 from __future__ import annotations
 
 import socket
-import ssl
-import threading
-from dataclasses import dataclass, field
 
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.client import CallbackAPIVersion
-from paho.mqtt.reasoncodes import ReasonCode
 
-from deploy_support import USERS
+from deploy_support import TIMEOUT, connected
 
 pytestmark = pytest.mark.mqtt
-TIMEOUT = 10.0
 NOT_AUTHORIZED = 0x87
-
-
-@dataclass
-class Probe:
-    """One paho 2.x v5 client whose callbacks set events, so tests wait on replies, not on sleeps."""
-
-    client: mqtt.Client
-    connack: ReasonCode | None = None
-    connected: threading.Event = field(default_factory=threading.Event)
-    closed: threading.Event = field(default_factory=threading.Event)
-    acks: dict[int, list] = field(default_factory=dict)
-    acked: threading.Condition = field(default_factory=threading.Condition)
-    received: list[mqtt.MQTTMessage] = field(default_factory=list)
-    got_message: threading.Condition = field(default_factory=threading.Condition)
-
-    def _ack(self, mid: int, codes: list) -> None:
-        with self.acked:
-            self.acks[mid] = codes
-            self.acked.notify_all()
-
-    def wait_ack(self, mid: int) -> list:
-        with self.acked:
-            assert self.acked.wait_for(lambda: mid in self.acks, TIMEOUT), f"no ack for mid {mid}"
-            return self.acks[mid]
-
-    def publish(self, topic: str, payload: bytes = b"{}") -> int:
-        """The PUBACK reason code of one QoS 1 publish."""
-        info = self.client.publish(topic, payload, qos=1)
-        return self.wait_ack(info.mid)[0].value
-
-    def subscribe(self, topic: str) -> int:
-        """The SUBACK reason code (granted QoS, or 0x87)."""
-        _, mid = self.client.subscribe(topic, options=mqtt.SubscribeOptions(qos=1))
-        return self.wait_ack(mid)[0].value
-
-    def wait_messages(self, n: int) -> list[mqtt.MQTTMessage]:
-        with self.got_message:
-            assert self.got_message.wait_for(lambda: len(self.received) >= n, TIMEOUT), \
-                f"received {[m.topic for m in self.received]}, expected {n}"
-            return list(self.received)
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
-def make_probe(port: int, user: str | None, *, ca: str | None, transport: str = "tcp",
-               password: str | None = None) -> Probe:
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"probe-{(user or 'anon').replace('/', '-')}",
-                         protocol=mqtt.MQTTv5, transport=transport)
-    probe = Probe(client)
-    if ca:
-        client.tls_set(ca_certs=ca, cert_reqs=ssl.CERT_REQUIRED)
-    if user:
-        client.username_pw_set(user, password if password is not None else USERS[user])
-
-    def on_connect(c, userdata, flags, reason, props):
-        probe.connack = reason
-        probe.connected.set()
-
-    def on_disconnect(c, userdata, flags, reason, props):
-        probe.closed.set()
-
-    def on_message(c, userdata, msg):
-        with probe.got_message:
-            probe.received.append(msg)
-            probe.got_message.notify_all()
-
-    client.on_connect = on_connect
-    client.on_disconnect = on_disconnect
-    client.on_connect_fail = lambda c, userdata: probe.closed.set()   # TLS handshake or socket failure
-    client.on_message = on_message
-    client.on_publish = lambda c, u, mid, reason, props: probe._ack(mid, [reason])
-    client.on_subscribe = lambda c, u, mid, reasons, props: probe._ack(mid, list(reasons))
-    client.connect_async("127.0.0.1", port, keepalive=10)
-    client.loop_start()
-    return probe
-
-
-@pytest.fixture
-def connect(central_broker):
-    probes: list[Probe] = []
-
-    def _connect(user: str | None, **kw) -> Probe:
-        kw.setdefault("ca", str(central_broker.pki.ca_cert))
-        port = kw.pop("port", central_broker.tls_port)
-        probe = make_probe(port, user, **kw)
-        probes.append(probe)
-        return probe
-
-    yield _connect
-    for p in probes:
-        p.close()
-
-
-def connected(probe: Probe) -> Probe:
-    assert probe.connected.wait(TIMEOUT), "no CONNACK"
-    assert not probe.connack.is_failure, f"connect refused: {probe.connack}"
-    return probe
 
 
 # ---------------------------------------------------------------- ACL
