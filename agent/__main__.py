@@ -40,7 +40,10 @@ def validate_config(files: list[Path]) -> int:
             for line in problems:
                 print(line, file=sys.stderr)
         else:
-            print(f"{path}: OK")
+            from agent.config import is_defaults_layer
+
+            print(f"{path}: OK" + (" (defaults layer: its keys checked; device files check the merge)"
+                                   if is_defaults_layer(path) else ""))
     return 1 if failed else 0
 
 
