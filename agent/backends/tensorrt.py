@@ -43,9 +43,10 @@ class _CudaRuntime:
         self.stream = self._check(cudart.cudaStreamCreate())
 
     def _check(self, result):
+        """cuda-python returns (error, value...) tuples; anything but success is a BackendError naming it."""
         err, *rest = result if isinstance(result, tuple) else (result,)
         if int(err) != 0:
-            raise BackendError(f"CUDA call failed: {err}")
+            raise BackendError(f"backend 'tensorrt': CUDA call failed: {getattr(err, 'name', err)} (is a GPU with a matching driver present?)")
         return rest[0] if len(rest) == 1 else rest
 
     def malloc(self, nbytes: int) -> int:
@@ -101,7 +102,7 @@ class TensorRTBackend:
             self.context.set_input_shape(self.input_name, tuple(chunk.shape))
             out = np.empty((len(chunk), self.num_classes), np.float32)
             self.cuda.to_device(self.d_input, chunk)
-            if not self.context.execute_async_v3(self.cuda.stream):
+            if not self.context.execute_async_v3(int(self.cuda.stream)):    # TensorRT takes the raw handle
                 raise BackendError("TensorRT execute_async_v3 failed")
             self.cuda.to_host(out, self.d_output)
             self.cuda.synchronize()

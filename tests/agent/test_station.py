@@ -171,3 +171,16 @@ def test_device_engine_from_startup_is_used_only_when_a_tensorrt_backend_may_run
         assert chosen.name.startswith("onnxruntime")
     with pytest.raises(BackendError, match="tensorrt Python package is not installed"):
         create_backend(bundle, ModelConfig(bundle=tiny_bundle, backend="tensorrt"), engine.path, "int8")
+
+
+def test_cuda_runtime_wrapper_reports_a_missing_gpu_clearly():
+    if importlib.util.find_spec("cuda") is None or importlib.util.find_spec("cuda.bindings") is None:
+        pytest.skip("cuda-python is not installed")
+    from cuda.bindings import runtime as cudart
+
+    if int(cudart.cudaGetDeviceCount()[0]) == 0 and cudart.cudaGetDeviceCount()[1] > 0:
+        pytest.skip("a GPU is present; this checks the no-GPU error path")
+    from agent.backends.tensorrt import _CudaRuntime
+
+    with pytest.raises(BackendError, match="CUDA call failed: cudaError"):
+        _CudaRuntime()
