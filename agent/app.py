@@ -54,6 +54,8 @@ def check_labels(cfg: AgentConfig, bundle: Bundle) -> None:
 
 ENV_ENGINE = "INVENTORY_AGENT_ENGINE"                    # set by agent.startup: engine for this device
 ENV_ENGINE_PRECISION = "INVENTORY_AGENT_ENGINE_PRECISION"
+ENV_ENGINE_CACHE_DIR = "INVENTORY_AGENT_ENGINE_CACHE"      # set by agent.startup: where cmd/model builds engines
+ENV_ENGINE_REQUEST = "INVENTORY_AGENT_ENGINE_REQUEST"      # the precision asked for (auto|fp16|int8)
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,45 @@ class DeviceEngine:
         return cls(Path(path), environ.get(ENV_ENGINE_PRECISION)) if path else None
 
 
+@dataclass(frozen=True)
+class EngineCachePolicy:
+    """Where and how bundles that arrive by cmd/model get their device engine (the start-up's cache)."""
+
+    cache_dir: Path
+    precision: str = "auto"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> "EngineCachePolicy | None":
+        path = environ.get(ENV_ENGINE_CACHE_DIR)
+        return cls(Path(path), environ.get(ENV_ENGINE_REQUEST) or "auto") if path else None
+
+    def engine_for(self, cfg: AgentConfig, bundle: Bundle, *, tensorrt_present: bool | None = None,
+                   device: Any = None, builder: Any = None) -> DeviceEngine | None:
+        """The cached or freshly built engine for ``bundle``; None where TensorRT is absent or not wanted.
+
+        With ``backend: auto`` a failed build means ONNX Runtime (logged); with ``backend: tensorrt`` it
+        rejects the update (BackendError), as it would stop a start. Runs off the hot path: the old model
+        keeps classifying while an engine builds (minutes on a Jetson).
+        """
+        from agent.backends import tensorrt_available
+        from agent.engine_cache import EngineCacheError, ensure_engine, probe_device
+
+        present = tensorrt_available() if tensorrt_present is None else tensorrt_present
+        if cfg.model.backend == "onnxruntime" or not (present or cfg.model.backend == "tensorrt"):
+            return None
+        try:
+            result = ensure_engine(bundle, self.cache_dir, self.precision, max_batch=cfg.model.batch_size,
+                                   device=device or probe_device(), builder=builder)
+        except EngineCacheError as exc:
+            if cfg.model.backend == "tensorrt":
+                raise BackendError(f"model.backend tensorrt: {exc}") from exc
+            log.warning("no TensorRT engine for %s %s (%s); it will run on ONNX Runtime",
+                        bundle.name, bundle.version, exc)
+            return None
+        log.info("engine for %s %s: %s (%s)", bundle.name, bundle.version, result.path, result.source)
+        return DeviceEngine(result.path, result.key.precision)
+
+
 def build_runtime(cfg: AgentConfig, bundle: Bundle, engine: DeviceEngine | None = None) -> ModelRuntime:
     """Backend for the bundle, warmed up, so the first real frame is not the slow one."""
     check_labels(cfg, bundle)
@@ -80,9 +121,10 @@ def build_runtime(cfg: AgentConfig, bundle: Bundle, engine: DeviceEngine | None 
 class Agent:
     def __init__(self, cfg: AgentConfig, *,
                  source_factory: Callable[[CameraConfig], FrameSource] | None = None,
-                 engine: DeviceEngine | None = None) -> None:
+                 engine: DeviceEngine | None = None, engine_cache: EngineCachePolicy | None = None) -> None:
         self.cfg = cfg
         self.engine = engine
+        self.engine_cache = engine_cache
         self.source_factory = source_factory
         self.metrics = Metrics(cfg.health.latency_window)
         self.stop_event = threading.Event()
@@ -227,7 +269,8 @@ class Agent:
         try:
             cmd = ModelCommand.parse(payload)
             bundle = verify_command_bundle(cmd, self.cfg.model.download_dir, self.public_key)
-            runtime = build_runtime(self.cfg, bundle)
+            engine = self.engine_cache.engine_for(self.cfg, bundle) if self.engine_cache is not None else None
+            runtime = build_runtime(self.cfg, bundle, engine)
         except (BundleError, BackendError, ConfigError) as exc:
             log.error("model update rejected, keeping %s %s: %s", old.name, old.version, exc)
             self.last_update = {"ok": False, "reason": str(exc), "ts": round(time.time(), 6),
@@ -274,7 +317,7 @@ class Agent:
 
 def run(cfg: AgentConfig, *, exit_at_end: bool = False, flush_s: float | None = None) -> int:
     """``python -m agent run``: start, wait for SIGTERM/SIGINT (or the end of input), shut down cleanly."""
-    agent = Agent(cfg, engine=DeviceEngine.from_env(os.environ))
+    agent = Agent(cfg, engine=DeviceEngine.from_env(os.environ), engine_cache=EngineCachePolicy.from_env(os.environ))
     try:
         agent.start()
     except StartupError as exc:

@@ -43,6 +43,8 @@ ENV_CONFIG = "INVENTORY_AGENT_CONFIG"
 ENV_ENGINE_CACHE = "INVENTORY_ENGINE_CACHE"
 ENV_ENGINE = "INVENTORY_AGENT_ENGINE"
 ENV_ENGINE_PRECISION = "INVENTORY_AGENT_ENGINE_PRECISION"
+ENV_ENGINE_CACHE_DIR = "INVENTORY_AGENT_ENGINE_CACHE"      # read by agent.app.EngineCachePolicy (cmd/model)
+ENV_ENGINE_REQUEST = "INVENTORY_AGENT_ENGINE_REQUEST"
 ENV_HEALTH_URL = "INVENTORY_HEALTH_URL"
 DEFAULT_ENGINE_CACHE = Path("/var/cache/inventory-agent/engines")
 DEFAULT_HEALTH_URL = "http://127.0.0.1:9108/metrics"
@@ -111,10 +113,14 @@ def engine_wanted(cfg: AgentConfig, tensorrt_present: bool) -> bool:
     return cfg.model.backend == "tensorrt" or (cfg.model.backend == "auto" and tensorrt_present)
 
 
+def engine_precision(cfg: AgentConfig, requested: str | None) -> str:
+    return requested or ("auto" if cfg.model.prefer_int8 else "fp16")
+
+
 def prepare_engine(cfg: AgentConfig, bundle: Bundle, cache_dir: Path, precision: str | None, *,
                    device: DeviceInfo | None = None, builder: Builder | None = None) -> EngineResult | None:
     """Step 4. With backend auto a failure is logged and the agent runs ONNX Runtime; with tensorrt it is fatal."""
-    precision = precision or ("auto" if cfg.model.prefer_int8 else "fp16")
+    precision = engine_precision(cfg, precision)
     try:
         device = device or probe_device()
         result = ensure_engine(bundle, cache_dir, precision, max_batch=cfg.model.batch_size, device=device,
@@ -134,11 +140,18 @@ def agent_command(config: Path, extra: list[str]) -> list[str]:
     return [sys.executable, "-m", "agent", "run", "--config", str(config), *extra]
 
 
-def agent_environment(engine: EngineResult | None, base: dict[str, str]) -> dict[str, str]:
-    env = {k: v for k, v in base.items() if k not in (ENV_ENGINE, ENV_ENGINE_PRECISION)}
+def agent_environment(engine: EngineResult | None, base: dict[str, str], *,
+                      cache_dir: Path | None = None, precision: str | None = None) -> dict[str, str]:
+    """The agent's environment: the engine for the configured bundle, and (``cache_dir``) the cache and
+    precision that bundles arriving by cmd/model get their engines from."""
+    ours = (ENV_ENGINE, ENV_ENGINE_PRECISION, ENV_ENGINE_CACHE_DIR, ENV_ENGINE_REQUEST)
+    env = {k: v for k, v in base.items() if k not in ours}
     if engine is not None:
         env[ENV_ENGINE] = str(engine.path)
         env[ENV_ENGINE_PRECISION] = engine.key.precision
+    if cache_dir is not None:
+        env[ENV_ENGINE_CACHE_DIR] = str(cache_dir)
+        env[ENV_ENGINE_REQUEST] = precision or "auto"
     return env
 
 
@@ -151,10 +164,12 @@ def start(args: argparse.Namespace, *, exec_fn: ExecFn = os.execve, device: Devi
     cfg, bundle = load_checked(args.config, args.engine_cache)
     present = tensorrt_importable() if tensorrt_present is None else tensorrt_present
     engine = None
-    if engine_wanted(cfg, present):
+    wanted = engine_wanted(cfg, present)
+    if wanted:
         engine = prepare_engine(cfg, bundle, args.engine_cache, args.precision, device=device, builder=builder)
     argv = agent_command(args.config, args.agent_args)
-    env = agent_environment(engine, dict(os.environ))
+    env = agent_environment(engine, dict(os.environ), cache_dir=args.engine_cache if wanted else None,
+                            precision=engine_precision(cfg, args.precision))
     log.info("station %s/%s: bundle %s %s, engine %s", cfg.site, cfg.station, bundle.name, bundle.version,
              f"{engine.path} ({engine.source})" if engine else "none (ONNX Runtime)")
     if args.dry_run:

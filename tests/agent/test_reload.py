@@ -147,3 +147,36 @@ def test_thresholds_command_changes_the_policy_live_and_bad_ones_are_rejected(li
     n = len(dashboard.of("result"))
     assert dashboard.wait_for(lambda d: len(d.of("result")) >= n + 3, 10)
     assert json.loads(dashboard.of("result")[-1].payload)["low_confidence"] is False
+
+
+class RecordingEnginePolicy:
+    """Stands for the start-up's engine cache (TensorRT cannot run here): records what reload_model asks for."""
+
+    def __init__(self, fail: Exception | None = None) -> None:
+        self.asked: list[str] = []
+        self.fail = fail
+
+    def engine_for(self, cfg, bundle):
+        self.asked.append(bundle.version)
+        if self.fail:
+            raise self.fail
+        return None   # no engine: the new bundle runs on ONNX Runtime
+
+
+@pytest.mark.parametrize("fail", [None, "model.backend tensorrt: TensorRT could not parse model.fp32.onnx"])
+def test_cmd_model_asks_the_engine_cache_before_the_swap(tiny_bundle, fmnist_video, tmp_path, fail):
+    from agent.backends import BackendError
+
+    cfg = as_config(station_config(tmp_path, tiny_bundle, str(fmnist_video), 1,
+                                   model={"download_dir": str(tmp_path / "downloads")}))
+    policy = RecordingEnginePolicy(BackendError(fail) if fail else None)
+    agent = Agent(cfg, engine_cache=policy)
+    agent.load_model()
+    v2 = bundle_version(tiny_bundle, tmp_path / "v2", "tiny-2")
+    ok = agent.reload_model(json.dumps({"bundle": str(v2), "sha256": sha(v2), "version": "tiny-2"}).encode())
+    assert policy.asked == ["tiny-2"]
+    running = agent.model.current.bundle.version
+    if fail:
+        assert not ok and running != "tiny-2" and fail in agent.last_update["reason"]
+    else:
+        assert ok and running == "tiny-2"

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from agent.health import Metrics, PrometheusServer
-from agent.startup import ENV_ENGINE, ENV_ENGINE_PRECISION, main
+from agent.startup import ENV_ENGINE, ENV_ENGINE_CACHE_DIR, ENV_ENGINE_PRECISION, ENV_ENGINE_REQUEST, main
 from deploy_support import ORIN, REPO, FakeTensorRT
 
 
@@ -71,6 +71,53 @@ def test_backend_tensorrt_builds_on_first_start_and_reuses_on_restart(tmp_path, 
     assert env[ENV_ENGINE_PRECISION] == "fp16"
     assert Path(env[ENV_ENGINE]).parent.parent == tmp_path / "engines"
     assert json.loads(Path(env[ENV_ENGINE]).read_bytes())["engine-for"] == "model.fp32.onnx"
+
+
+def test_the_agent_is_told_where_cmd_model_bundles_get_their_engines(tmp_path, bundle_dir):
+    config = station_yaml(tmp_path, bundle_dir, backend="auto", prefer_int8=True)
+    _, exec_fn = start(config, tmp_path / "engines", device=ORIN, builder=FakeTensorRT(), tensorrt_present=True)
+    env = exec_fn.calls[0][2]
+    assert env[ENV_ENGINE_CACHE_DIR] == str(tmp_path / "engines") and env[ENV_ENGINE_REQUEST] == "auto"
+    # without TensorRT there is no cache to pass on, and a stale value from the parent does not leak through
+    os.environ[ENV_ENGINE_CACHE_DIR] = "/stale"
+    try:
+        _, exec_fn = start(config, tmp_path / "engines", tensorrt_present=False)
+    finally:
+        del os.environ[ENV_ENGINE_CACHE_DIR]
+    assert ENV_ENGINE_CACHE_DIR not in exec_fn.calls[0][2]
+
+
+def test_a_bundle_from_cmd_model_gets_its_engine_from_the_same_cache(tmp_path, bundle_dir, caplog):
+    """agent.app.EngineCachePolicy, as Agent.reload_model uses it before the swap (FakeTensorRT: no TensorRT here)."""
+    from agent.app import DeviceEngine, EngineCachePolicy
+    from agent.backends import BackendError
+    from agent.bundle import load_bundle
+    from agent.config import load_config
+    from agent.engine_cache import EngineCacheError, entries
+
+    auto = load_config(station_yaml(tmp_path, bundle_dir, backend="auto", prefer_int8=False))
+    policy = EngineCachePolicy.from_env({ENV_ENGINE_CACHE_DIR: str(tmp_path / "engines"), ENV_ENGINE_REQUEST: "fp16"})
+    bundle = load_bundle(bundle_dir)
+    trt = FakeTensorRT()
+    engine = policy.engine_for(auto, bundle, tensorrt_present=True, device=ORIN, builder=trt)
+    assert isinstance(engine, DeviceEngine) and engine.precision == "fp16" and trt.builds == 1
+    assert json.loads(engine.path.read_bytes())["engine-for"] == "model.fp32.onnx"
+    again = policy.engine_for(auto, bundle, tensorrt_present=True, device=ORIN, builder=trt)
+    assert again == engine and trt.builds == 1 and len(entries(tmp_path / "engines")) == 1   # cache hit
+    # no TensorRT, or ONNX Runtime chosen: nothing is built
+    assert policy.engine_for(auto, bundle, tensorrt_present=False, device=ORIN, builder=trt) is None
+    ort = load_config(station_yaml(tmp_path, bundle_dir, backend="onnxruntime"))
+    assert policy.engine_for(ort, bundle, tensorrt_present=True, device=ORIN, builder=trt) is None
+    assert trt.builds == 1
+    # a failed build: auto runs ONNX Runtime, tensorrt rejects the update (the old model keeps running)
+    broken = FakeTensorRT(fail=EngineCacheError("model.fp32.onnx: TensorRT could not parse"))
+    other = EngineCachePolicy(tmp_path / "other-cache", "fp16")
+    assert other.engine_for(auto, bundle, tensorrt_present=True, device=ORIN, builder=broken) is None
+    assert "it will run on ONNX Runtime" in caplog.text
+    trt_cfg = load_config(station_yaml(tmp_path, bundle_dir, backend="tensorrt"))
+    with pytest.raises(BackendError, match="model.backend tensorrt: .*could not parse"):
+        other.engine_for(trt_cfg, bundle, tensorrt_present=True, device=ORIN, builder=broken)
+    assert EngineCachePolicy.from_env({}) is None
 
 
 def test_a_jetpack_upgrade_rebuilds_and_prunes_the_old_engine(tmp_path, bundle_dir):
