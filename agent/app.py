@@ -29,6 +29,7 @@ from agent.pipeline import InferenceStage, ModelHolder, ModelRuntime, camera_pre
 from agent.preprocess import Preprocessor
 from agent.sources.base import FrameSource
 from agent.sources.camera import CameraWorker, FrameHub, Watchdog
+from agent.state import STATE_FILE, StationState
 from agent.update import ModelCommand, verify_command_bundle
 
 log = logging.getLogger(__name__)
@@ -131,6 +132,7 @@ class Agent:
         self.started_at = time.monotonic()
         self.last_update: dict[str, Any] | None = None
         self.last_thresholds: dict[str, Any] | None = None
+        self.state: StationState | None = None
         self.public_key = None
         self.model: ModelHolder | None = None
         self.outbox: Outbox | None = None
@@ -144,12 +146,37 @@ class Agent:
     # ------------------------------------------------------------ start
 
     def load_model(self) -> None:
+        """The model cmd/model last installed (station-state.json), else the configured bundle."""
         if self.cfg.model.public_key is not None:
             self.public_key = load_public_key(self.cfg.model.public_key)
-        bundle = load_bundle(self.cfg.model.bundle, self.public_key)
-        # The device engine belongs to the configured bundle; bundles from cmd/model use their own engines or ORT.
-        self.model = ModelHolder(build_runtime(self.cfg, bundle, self.engine))
+        self.state = StationState.load(Path(self.cfg.outbox.path).parent / STATE_FILE, Path(self.cfg.model.bundle))
+        runtime = self._restore_model() if self.state.model else None
+        if runtime is None:
+            bundle = load_bundle(self.cfg.model.bundle, self.public_key)
+            # The device engine belongs to the configured bundle; others get theirs from the engine cache.
+            runtime = build_runtime(self.cfg, bundle, self.engine)
+        self.model = ModelHolder(runtime)
+        bundle = runtime.bundle
         log.info("model %s %s ready on %s", bundle.name, bundle.version, self.model.current.backend.name)
+
+    def _restore_model(self) -> ModelRuntime | None:
+        assert self.state is not None and self.state.model is not None
+        where, version = self.state.model.get("bundle"), self.state.model.get("version")
+        try:
+            bundle = load_bundle(str(where), self.public_key)
+            if bundle.version != version:
+                raise BundleError(f"{where}: field version: {bundle.version!r}, installed as {version!r}")
+            engine = self.engine_cache.engine_for(self.cfg, bundle) if self.engine_cache is not None else None
+            runtime = build_runtime(self.cfg, bundle, engine)
+        except (BundleError, BackendError, ConfigError) as exc:
+            log.error("the model installed by cmd/model (%s %s) cannot run: %s; running the configured bundle %s",
+                      version, where, exc, self.cfg.model.bundle)
+            self.state.model = None
+            self.state.save()
+            return None
+        log.info("running %s %s, installed by cmd/model before the restart (%s)", bundle.name, bundle.version,
+                 self.state.path)
+        return runtime
 
     def start(self) -> None:
         """Model first (a bad bundle stops here, before any camera opens), then the threads."""
@@ -173,6 +200,7 @@ class Agent:
                                              prepare=camera_preparer(self.model)))
         self.hub = hub
         self.inference = InferenceStage(self.cfg, hub, self.model, self.outbox, self.metrics, self.cameras_done)
+        self._restore_thresholds()
         self._threads = [self.publisher, self.inference, *self.workers, Watchdog(self.workers, self.stop_event),
                          threading.Thread(target=self._stats_loop, name="stats", daemon=True),
                          threading.Thread(target=self._command_loop, name="commands", daemon=True)]
@@ -182,6 +210,19 @@ class Agent:
             self.prometheus = PrometheusServer(self.metrics.prometheus_text, self.cfg.health.prometheus_host,
                                                self.cfg.health.prometheus_port)
             self.prometheus.start()
+
+    def _restore_thresholds(self) -> None:
+        assert self.inference is not None and self.state is not None
+        known = {c.id for c in self.cfg.cameras}
+        for cid, values in self.state.thresholds.items():
+            try:
+                if cid not in known:
+                    raise ValueError(f"camera {cid!r} is not in the config")
+                self.inference.set_thresholds([cid], Thresholds.model_validate(values))
+            except (ValueError, ValidationError) as exc:
+                log.error("%s: thresholds for %s not restored: %s", self.state.path, cid, exc)
+            else:
+                log.info("thresholds for camera %s restored from cmd/thresholds: %s", cid, values)
 
     def cameras_done(self) -> bool:
         return all(w.ended.is_set() for w in self.workers)
@@ -253,7 +294,18 @@ class Agent:
             return self._thresholds_result(False, str(exc), None)
         thresholds = Thresholds(**cmd.model_dump(exclude={"camera"}))
         self.inference.set_thresholds([cmd.camera] if cmd.camera else known, thresholds)
+        if self.state is not None:
+            self._save_state(lambda: self.state.set_thresholds(
+                {cid: t.model_dump(exclude_none=True) for cid, t in self.inference.threshold_overrides.items()}))
         return self._thresholds_result(True, None, cmd.model_dump())
+
+    def _save_state(self, write: Callable[[], None]) -> None:
+        """Persist what a command changed; a full disk is logged, the change still holds until the restart."""
+        try:
+            write()
+        except OSError as exc:
+            log.error("%s: cannot save the station state (%s); the change holds until the next restart",
+                      self.state.path if self.state else STATE_FILE, exc)
 
     def _thresholds_result(self, ok: bool, reason: str | None, applied: dict[str, Any] | None) -> bool:
         (log.info if ok else log.error)("cmd/thresholds %s: %s", "applied" if ok else "rejected", applied or reason)
@@ -278,6 +330,8 @@ class Agent:
             self.metrics.inc("model_updates_rejected_total")
         else:
             self.model.swap(runtime)
+            if self.state is not None:
+                self._save_state(lambda: self.state.set_model(bundle.root, bundle.version))
             self.metrics.info.update(model_name=bundle.name, model_version=bundle.version)
             log.info("model switched from %s to %s %s", old.version, bundle.name, bundle.version)
             self.last_update = {"ok": True, "reason": None, "ts": round(time.time(), 6),

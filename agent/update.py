@@ -12,8 +12,10 @@ import hashlib
 import json
 import logging
 import shutil
+import tempfile
 import urllib.error
 import urllib.request
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,10 +68,19 @@ def fetch_bundle(location: str, download_dir: Path, version: str | None) -> Path
     if parsed.scheme not in ("http", "https"):
         raise BundleError(f"{location}: unsupported bundle URL scheme {parsed.scheme!r} (path, file, http, https)")
     base = location if location.endswith("/") else location + "/"
-    target = download_dir / (version or hashlib.sha256(location.encode()).hexdigest()[:16])
-    if target.exists():
-        shutil.rmtree(target)
-    target.mkdir(parents=True)
+    # Into a fresh folder: a bundle already installed under this version (maybe the running one) stays
+    # intact until the new copy is verified (install_bundle).
+    download_dir.mkdir(parents=True, exist_ok=True)
+    target = Path(tempfile.mkdtemp(prefix=f".incoming-{version or 'bundle'}-", dir=download_dir))
+    try:
+        _fetch_into(base, location, target)
+    except BaseException:
+        shutil.rmtree(target, ignore_errors=True)
+        raise
+    return target
+
+
+def _fetch_into(base: str, location: str, target: Path) -> None:
     _download(urljoin(base, MANIFEST), target / MANIFEST)
     _download(urljoin(base, SIGNATURE), target / SIGNATURE, optional=True)
     try:
@@ -83,12 +94,41 @@ def fetch_bundle(location: str, download_dir: Path, version: str | None) -> Path
             raise BundleError(f"{location}/{MANIFEST}: artifact path {rel} leaves the bundle")
         dest.parent.mkdir(parents=True, exist_ok=True)
         _download(urljoin(base, rel), dest)
+
+
+def install_bundle(incoming: Path, download_dir: Path, version: str) -> Path:
+    """Move a verified download to ``download_dir/<version>``, replacing an older copy in one rename."""
+    target = download_dir / version
+    old = None
+    if target.exists():
+        old = download_dir / f".old-{version}-{uuid.uuid4().hex[:8]}"
+        target.rename(old)
+    incoming.rename(target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return target
 
 
 def verify_command_bundle(cmd: ModelCommand, download_dir: Path, public_key: Any | None) -> Bundle:
-    """Fetch and fully verify the bundle a command names; BundleError says why it is refused."""
+    """Fetch and fully verify the bundle a command names; BundleError says why it is refused.
+
+    A download is verified in a temporary folder and only then installed as ``download_dir/<version>``;
+    a refused one is deleted, so nothing already installed is touched.
+    """
+    downloaded = urlparse(cmd.bundle).scheme in ("http", "https")
     root = fetch_bundle(cmd.bundle, download_dir, cmd.version)
+    try:
+        bundle = _verify(cmd, root, public_key)
+    except BundleError:
+        if downloaded:
+            shutil.rmtree(root, ignore_errors=True)
+        raise
+    if not downloaded:
+        return bundle
+    return load_bundle(install_bundle(root, download_dir, bundle.version), public_key)
+
+
+def _verify(cmd: ModelCommand, root: Path, public_key: Any | None) -> Bundle:
     manifest_path = (root.parent if root.name == MANIFEST else root) / MANIFEST
     if cmd.sha256 is not None:
         try:

@@ -1,0 +1,133 @@
+"""What cmd/model and cmd/thresholds changed survives a restart (agent/state.py), and a bad state never
+stops a station: it falls back to the configured bundle and says why."""
+
+from __future__ import annotations
+
+import functools
+import json
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from agent.app import Agent
+from agent.demo import Subscriber
+from agent.state import STATE_FILE
+from agent_support import as_config, station_config
+from test_reload import ROOT, bundle_version, last_status, send, sha
+
+
+def config(tmp_path, bundle, video, port=1, **extra):
+    return as_config(station_config(tmp_path, bundle, str(video), port,
+                                    model={"download_dir": str(tmp_path / "downloads")}, **extra))
+
+
+def restarted(cfg) -> Agent:
+    agent = Agent(cfg)
+    agent.load_model()
+    return agent
+
+
+def update(agent: Agent, bundle, version: str, location: str | None = None) -> bool:
+    return agent.reload_model(json.dumps({"bundle": location or str(bundle), "sha256": sha(bundle),
+                                          "version": version}).encode())
+
+
+def test_a_model_installed_by_cmd_model_runs_again_after_a_restart(tiny_bundle, fmnist_video, tmp_path):
+    cfg = config(tmp_path, tiny_bundle, fmnist_video)
+    v2 = bundle_version(tiny_bundle, tmp_path / "v2", "tiny-2")
+    first = restarted(cfg)
+    assert update(first, v2, "tiny-2")
+    assert restarted(cfg).model.current.bundle.version == "tiny-2"
+    # a rollback is a model update like any other, and is kept too
+    assert update(restarted(cfg), tiny_bundle, "tiny-1")
+    assert restarted(cfg).model.current.bundle.version == "tiny-1"
+
+
+def test_a_new_config_bundle_wins_over_the_old_state(tiny_bundle, fmnist_video, tmp_path, caplog):
+    cfg = config(tmp_path, tiny_bundle, fmnist_video)
+    assert update(restarted(cfg), bundle_version(tiny_bundle, tmp_path / "v2", "tiny-2"), "tiny-2")
+    redeployed = bundle_version(tiny_bundle, tmp_path / "v9", "tiny-9")   # the operator ships a new config
+    agent = restarted(config(tmp_path, redeployed, fmnist_video))
+    assert agent.model.current.bundle.version == "tiny-9"
+    assert "made for another configured bundle" in caplog.text
+    assert (agent.state.path.parent / f"{STATE_FILE}.previous").exists()
+
+
+def test_a_damaged_state_or_a_vanished_bundle_falls_back_to_the_config(tiny_bundle, fmnist_video, tmp_path, caplog):
+    cfg = config(tmp_path, tiny_bundle, fmnist_video)
+    v2 = bundle_version(tiny_bundle, tmp_path / "v2", "tiny-2")
+    agent = restarted(cfg)
+    assert update(agent, v2, "tiny-2")
+    state_path = agent.state.path
+    # the installed bundle is tampered with while the station is off: it must not run
+    onnx = v2 / "model.fp32.onnx"
+    onnx.write_bytes(onnx.read_bytes()[:-1] + b"\x00")
+    again = restarted(cfg)
+    assert again.model.current.bundle.version == "tiny-1"
+    assert "cannot run" in caplog.text and str(onnx) in caplog.text
+    assert json.loads(state_path.read_text())["model"] is None     # not retried on every start
+    # a state file that is not JSON is set aside, never deleted, and the station starts
+    state_path.write_text("{not json")
+    assert restarted(cfg).model.current.bundle.version == "tiny-1"
+    assert (state_path.parent / f"{STATE_FILE}.bad").read_text() == "{not json"
+
+
+def test_a_refused_download_leaves_the_installed_copy_of_that_version_intact(tiny_bundle, fmnist_video, tmp_path):
+    www = tmp_path / "www"
+    served = bundle_version(tiny_bundle, www / "tiny-2", "tiny-2")
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(www))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/tiny-2/"
+    try:
+        cfg = config(tmp_path, tiny_bundle, fmnist_video)
+        agent = restarted(cfg)
+        good_sha = sha(served)
+        assert update(agent, served, "tiny-2", url)
+        installed = tmp_path / "downloads" / "tiny-2"
+        before = (installed / "model.fp32.onnx").read_bytes()
+        # the same version again, but the server's copy was tampered with: refused, and the running
+        # model's files on disk are untouched
+        onnx = served / "model.fp32.onnx"
+        onnx.write_bytes(onnx.read_bytes()[:-1] + b"\x00")
+        ok = agent.reload_model(json.dumps({"bundle": url, "sha256": good_sha, "version": "tiny-2"}).encode())
+        assert not ok and "model.fp32.onnx" in agent.last_update["reason"]
+        assert (installed / "model.fp32.onnx").read_bytes() == before
+        assert [p.name for p in (tmp_path / "downloads").iterdir()] == ["tiny-2"]   # no partial download left
+        assert restarted(cfg).model.current.bundle.version == "tiny-2"
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.mqtt
+def test_thresholds_set_by_command_survive_a_restart(broker, tiny_bundle, fmnist_video, tmp_path):
+    cfg = config(tmp_path, tiny_bundle, fmnist_video, broker.port,
+                 cameras=[{"id": "cam-a", "uri": str(fmnist_video), "loop": True, "fps": 25,
+                           "backpressure": "drop_oldest"}],
+                 health={"prometheus_port": None})
+    dashboard = Subscriber(broker.host, broker.port, ROOT)
+    agent = Agent(cfg)
+    agent.start()
+    try:
+        assert dashboard.wait_for(lambda d: len(d.of("result")) >= 3, 20)
+        assert json.loads(dashboard.of("result")[-1].payload)["low_confidence"] is True   # random-weight model
+        send(broker, "thresholds", {"camera": "cam-a", "min_confidence": 0.0, "min_margin": 0.0})
+        send(broker, "thresholds", {"max_entropy": 100.0})     # all cameras, one field: merges, keeps the others
+        assert dashboard.wait_for(lambda d: (last_status(d).get("last_thresholds_update") or {}).get("applied", {})
+                                  .get("max_entropy") == 100.0, 10)
+    finally:
+        agent.shutdown(5)
+    dashboard.close()
+    assert json.loads(agent.state.path.read_text())["thresholds"] == {
+        "cam-a": {"min_confidence": 0.0, "min_margin": 0.0, "max_entropy": 100.0}}
+
+    dashboard = Subscriber(broker.host, broker.port, ROOT)
+    again = Agent(cfg)
+    again.start()
+    try:
+        assert dashboard.wait_for(lambda d: len(d.of("result")) >= 5, 20)
+        assert all(json.loads(m.payload)["low_confidence"] is False for m in dashboard.of("result")[-3:])
+    finally:
+        again.shutdown(5)
+        dashboard.close()
