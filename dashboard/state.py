@@ -1,0 +1,526 @@
+"""The warehouse as the dashboard sees it, built only from MQTT messages.
+
+``WarehouseState.ingest(topic, payload)`` takes one message as the broker
+delivered it. Station messages are checked against the agent's JSON Schemas
+(agent/schemas/mqtt/*.json) and central rollout events against the
+``rollout-event.v1`` contract; a message that fails is counted and kept in a
+short list of recent problems, never raised to the caller. Messages are
+deduplicated by their ``id`` (QoS 1 redelivers after a lost PUBACK), so a
+redelivered result is counted once.
+
+The state is pure: the clock is an argument, so the stale rule and the views are
+exact in tests. It is thread-safe: the MQTT thread writes, HTTP threads read.
+Changes are collected as "dirty" marks that the server drains and pushes to the
+browsers (``drain_changes``).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import statistics
+import threading
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable
+
+log = logging.getLogger(__name__)
+
+STATION_KINDS = ("status", "result", "decision", "alert", "stats")
+CENTRAL_SITE = "_central"
+ROLLOUT_SCHEMA = "rollout-event.v1"
+ROLLOUT_ACTIONS = ("gate", "publish", "canary", "rollout", "rollback", "halt")
+MAX_PAYLOAD_BYTES = 1 << 20          # an alert with its thumbnail is a few KB; anything near this is wrong
+MAX_THUMBNAIL_B64 = 96 * 1024        # alert thumbnails kept for the page (128 px JPEG: ~5 KB)
+LATENCY_STAGES = ("queue", "preprocess", "inference", "decide", "publish", "capture_to_ack")
+
+
+class MessageError(ValueError):
+    """A message the dashboard cannot use; the text names the topic and the field."""
+
+
+@dataclass(frozen=True)
+class StateLimits:
+    """How much the dashboard keeps and when a quiet station counts as stale."""
+
+    recent: int = 20                 # results and decisions kept per station
+    alerts: int = 10                 # QC alerts kept per station
+    history: int = 120               # stats points per station (the low-confidence chart)
+    rollout_events: int = 50         # central rollout events kept
+    malformed_kept: int = 20         # recent malformed messages shown on the page
+    seen_ids: int = 100_000          # message ids remembered for deduplication
+    stale_factor: float = 3.0        # online, but no stats for this many stats intervals: stale
+    stale_min_s: float = 5.0         # ... and never sooner than this
+    default_stats_interval_s: float = 10.0   # the agent's default, until two stats show the real one
+
+
+# ---------------------------------------------------------------- validation
+
+@lru_cache(maxsize=None)
+def _station_validator(schema: str) -> Any:
+    import jsonschema
+
+    from agent.messages import mqtt_schema
+
+    return jsonschema.Draft202012Validator(mqtt_schema(schema))
+
+
+def rollout_schema_path() -> Path | None:
+    """trainer/loop/schemas/rollout-event.v1.json when the trainer's loop is installed beside the dashboard.
+
+    Found without importing the trainer (which would import torch on the central host).
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("trainer")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for folder in spec.submodule_search_locations:
+        path = Path(folder) / "loop" / "schemas" / f"{ROLLOUT_SCHEMA}.json"
+        if path.is_file():
+            return path
+    return None
+
+
+@lru_cache(maxsize=1)
+def _rollout_validator() -> Any:
+    import jsonschema
+
+    path = rollout_schema_path()
+    return jsonschema.Draft202012Validator(json.loads(path.read_text())) if path else None
+
+
+def _schema_error(topic: str, validator: Any, body: Any) -> None:
+    import jsonschema
+
+    error = jsonschema.exceptions.best_match(validator.iter_errors(body))
+    if error is not None:
+        where = "/".join(str(p) for p in error.absolute_path) or "(message)"
+        raise MessageError(f"{topic}: field {where}: {error.message}")
+
+
+def _check_rollout_contract(topic: str, body: dict[str, Any]) -> None:
+    """The fields the dashboard reads, per the agreed contract (used when no schema file is installed)."""
+    def need(name: str, ok: Callable[[Any], bool], what: str) -> Any:
+        if name not in body:
+            raise MessageError(f"{topic}: field {name}: missing")
+        if not ok(body[name]):
+            raise MessageError(f"{topic}: field {name}: expected {what}, got {body[name]!r}")
+        return body[name]
+
+    def is_str(v: Any) -> bool:
+        return isinstance(v, str)
+
+    need("id", is_str, "a uuid string")
+    need("ts", is_str, "an ISO-8601 time string")
+    model = need("model", lambda v: isinstance(v, dict), "an object with name and version")
+    for key in ("name", "version"):
+        if not is_str(model.get(key)):
+            raise MessageError(f"{topic}: field model/{key}: expected a string, got {model.get(key)!r}")
+    need("action", lambda v: v in ROLLOUT_ACTIONS, f"one of {', '.join(ROLLOUT_ACTIONS)}")
+    need("ok", lambda v: isinstance(v, bool), "true or false")
+    if body.get("reason") is not None and not is_str(body["reason"]):
+        raise MessageError(f"{topic}: field reason: expected a string or null, got {body['reason']!r}")
+    need("stations", lambda v: isinstance(v, list) and all(is_str(s) for s in v), "a list of '<site>/<station>'")
+    if body.get("figures") is not None and not isinstance(body["figures"], dict):
+        raise MessageError(f"{topic}: field figures: expected an object, got {body['figures']!r}")
+
+
+def parse_json(topic: str, payload: bytes) -> dict[str, Any]:
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise MessageError(f"{topic}: payload of {len(payload)} bytes is over the {MAX_PAYLOAD_BYTES} byte limit")
+    try:
+        body = json.loads(payload)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise MessageError(f"{topic}: not JSON ({exc})") from None
+    if not isinstance(body, dict):
+        raise MessageError(f"{topic}: expected a JSON object, got {type(body).__name__}")
+    return body
+
+
+def validate_station_message(topic: str, kind: str, site: str, station: str, body: dict[str, Any]) -> None:
+    expected = f"{kind}.v1"
+    if body.get("schema") != expected:
+        raise MessageError(f"{topic}: field schema: {body.get('schema')!r}, this dashboard reads {expected}")
+    _schema_error(topic, _station_validator(expected), body)
+    if (body["site"], body["station"]) != (site, station):
+        raise MessageError(f"{topic}: fields site/station: {body['site']}/{body['station']} "
+                           f"does not match the topic's {site}/{station}")
+
+
+def validate_rollout_event(topic: str, body: dict[str, Any]) -> None:
+    if body.get("schema") != ROLLOUT_SCHEMA:
+        raise MessageError(f"{topic}: field schema: {body.get('schema')!r}, this dashboard reads {ROLLOUT_SCHEMA}")
+    validator = _rollout_validator()
+    if validator is not None:
+        _schema_error(topic, validator, body)
+    _check_rollout_contract(topic, body)
+
+
+# ---------------------------------------------------------------- per-station views
+
+def _top_k(items: list[dict[str, Any]], n: int = 3) -> list[dict[str, Any]]:
+    return [{"label": t["label"], "p": t["p"]} for t in items[:n]]
+
+
+def result_view(body: dict[str, Any]) -> dict[str, Any]:
+    return {"id": body["id"], "seq": body["seq"], "ts": body["ts"], "camera": body["camera"],
+            "frame_seq": body["frame_seq"], "label": body["label"], "confidence": body["confidence"],
+            "low_confidence": body["low_confidence"], "reasons": list(body["reasons"]),
+            "model_version": body["model"]["version"], "top_k": _top_k(body["top_k"]),
+            "latency_ms": dict(body["latency_ms"])}
+
+
+def decision_view(body: dict[str, Any]) -> dict[str, Any]:
+    return {"id": body["id"], "seq": body["seq"], "ts": body["ts"], "camera": body["camera"],
+            "item_seq": body["item_seq"], "label": body["label"], "confidence": body["confidence"],
+            "agreement": body["agreement"], "frames": body["frames"], "lane": body["lane"],
+            "low_confidence": body["low_confidence"], "reasons": list(body["reasons"]),
+            "model_version": (body.get("model") or {}).get("version")}
+
+
+def _thumbnail(b64: str) -> str | None:
+    """The alert's JPEG thumbnail when it is one (base64 of bytes starting with the JPEG SOI marker)."""
+    if len(b64) > MAX_THUMBNAIL_B64:
+        return None
+    try:
+        raw = base64.b64decode(b64, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return b64 if raw[:2] == b"\xff\xd8" else None
+
+
+def alert_view(body: dict[str, Any]) -> dict[str, Any]:
+    evidence = body["evidence"]
+    return {"id": body["id"], "seq": body["seq"], "ts": body["ts"], "camera": body["camera"],
+            "defect": body["defect"], "confidence": body["confidence"], "frame_seq": body["frame_seq"],
+            "model_version": body["model"]["version"], "top_k": _top_k(evidence["top_k"]),
+            "source_ref": evidence.get("source_ref"), "thumbnail_jpeg_b64": _thumbnail(evidence["thumbnail_jpeg_b64"])}
+
+
+def stats_view(body: dict[str, Any]) -> dict[str, Any]:
+    outbox = body["outbox"]
+    return {"ts": body["ts"], "fps": dict(body["fps"]), "fps_total": round(sum(body["fps"].values()), 3),
+            "frames_dropped": dict(body["frames_dropped"]),
+            "frames_dropped_total": int(sum(body["frames_dropped"].values())),
+            "camera_reconnects": dict(body.get("camera_reconnects", {})),
+            "latency": {stage: dict(body["latency"][stage]) for stage in LATENCY_STAGES if stage in body["latency"]},
+            "queue_depths": dict(body["queue_depths"]),
+            "outbox": {"depth": outbox["depth"], "bytes": outbox["bytes"], "dropped": dict(outbox["dropped"]),
+                       "dropped_total": int(sum(outbox["dropped"].values()))},
+            "low_confidence_rate": body["low_confidence_rate"], "frames_uploaded": body.get("frames_uploaded"),
+            "model_version": body["model_version"]}
+
+
+def rollout_view(body: dict[str, Any], received_at: float) -> dict[str, Any]:
+    return {"id": body["id"], "ts": body["ts"], "received_at": received_at,
+            "model": {"name": body["model"]["name"], "version": body["model"]["version"]},
+            "action": body["action"], "ok": body["ok"], "reason": body.get("reason"),
+            "stations": list(body["stations"]), "figures": body.get("figures") or {}}
+
+
+@dataclass
+class Station:
+    """Everything known about one station; ``view`` is what the API and the page get."""
+
+    site: str
+    station: str
+    limits: StateLimits
+    state: str = "unknown"               # online | offline | unknown (no status seen yet)
+    status: dict[str, Any] | None = None
+    status_received_at: float | None = None
+    online_since: float | None = None    # receipt time of the status that said online
+    stats: dict[str, Any] | None = None
+    stats_received_at: float | None = None
+    stale: bool = False
+    counts: dict[str, int] = field(default_factory=lambda: {k: 0 for k in STATION_KINDS} | {"low_confidence": 0})
+    results: deque = field(init=False)
+    decisions: deque = field(init=False)
+    alerts: deque = field(init=False)
+    history: deque = field(init=False)
+    stats_ts: deque = field(default_factory=lambda: deque(maxlen=6))
+    window: list[int] = field(default_factory=lambda: [0, 0])   # [low-confidence, all] results since the last stats
+
+    def __post_init__(self) -> None:
+        self.results = deque(maxlen=self.limits.recent)
+        self.decisions = deque(maxlen=self.limits.recent)
+        self.alerts = deque(maxlen=self.limits.alerts)
+        self.history = deque(maxlen=self.limits.history)
+
+    @property
+    def key(self) -> str:
+        return f"{self.site}/{self.station}"
+
+    def stats_interval_s(self) -> float:
+        """The median gap between the station's last stats (its own clock), else the agent's default."""
+        gaps = [b - a for a, b in zip(self.stats_ts, list(self.stats_ts)[1:]) if b > a]
+        return statistics.median(gaps) if gaps else self.limits.default_stats_interval_s
+
+    def stale_after_s(self) -> float:
+        return max(self.limits.stale_factor * self.stats_interval_s(), self.limits.stale_min_s)
+
+    def is_stale(self, now: float) -> bool:
+        """Online, yet no stats for a few stats intervals: the process hangs or its uplink is cut."""
+        if self.state != "online":
+            return False
+        last = max(t for t in (self.stats_received_at, self.online_since, self.status_received_at, 0.0)
+                   if t is not None)
+        return now - last > self.stale_after_s()
+
+    @property
+    def health(self) -> str:
+        return "stale" if self.stale else self.state
+
+    def view(self, now: float) -> dict[str, Any]:
+        status = self.status or {}
+        online = self.state == "online"
+        uptime = status.get("uptime_s")
+        return {
+            "key": self.key, "site": self.site, "station": self.station, "role": status.get("role"),
+            "health": self.health, "state": self.state, "stale": self.stale,
+            "stale_after_s": round(self.stale_after_s(), 3),
+            "stats_interval_s": round(self.stats_interval_s(), 3),
+            "agent_version": status.get("agent_version"),
+            "status_ts": status.get("ts"), "status_received_at": self.status_received_at,
+            "uptime_s": uptime if online else None,
+            "uptime_now_s": round(uptime + now - self.status_received_at, 3)
+            if online and uptime is not None and self.status_received_at is not None else None,
+            "model": status.get("model"),
+            "cameras": status.get("cameras", {}),
+            "last_model_update": status.get("last_model_update"),
+            "last_thresholds_update": status.get("last_thresholds_update"),
+            "stats": self.stats, "stats_received_at": self.stats_received_at,
+            "history": list(self.history),
+            "results": list(self.results), "decisions": list(self.decisions), "alerts": list(self.alerts),
+            "counts": dict(self.counts),
+        }
+
+
+# ---------------------------------------------------------------- the warehouse
+
+@dataclass
+class Counters:
+    received: int = 0
+    applied: int = 0
+    duplicates: int = 0
+    malformed: int = 0
+    ignored: int = 0
+    malformed_by_kind: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"received": self.received, "applied": self.applied, "duplicates": self.duplicates,
+                "malformed": self.malformed, "ignored": self.ignored,
+                "malformed_by_kind": dict(self.malformed_by_kind)}
+
+
+class WarehouseState:
+    """Stations, their live data and the central rollout events, from ``ingest``ed MQTT messages."""
+
+    def __init__(self, *, topic_root: str = "inventory", limits: StateLimits | None = None,
+                 clock: Callable[[], float] | None = None) -> None:
+        import time
+
+        self.topic_root = topic_root.rstrip("/")
+        self.limits = limits or StateLimits()
+        self.clock = clock or time.time
+        self.stations: dict[str, Station] = {}
+        self.rollout: deque[dict[str, Any]] = deque(maxlen=self.limits.rollout_events)
+        self.rollout_by_station: dict[str, dict[str, Any]] = {}
+        self.counters = Counters()
+        self.malformed: deque[dict[str, Any]] = deque(maxlen=self.limits.malformed_kept)
+        self.broker: dict[str, Any] = {"connected": False, "detail": "not connected yet", "since": None}
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._lock = threading.Lock()
+        self._dirty: set[str] = set()
+        self._new_rollout: list[dict[str, Any]] = []
+        self._meta_dirty = False
+        self.version = 0
+
+    # ------------------------------------------------------------ input
+
+    def ingest(self, topic: str, payload: bytes, received_at: float | None = None) -> str:
+        """Apply one message; returns "applied", "duplicate", "malformed" or "ignored". Never raises on bad input."""
+        now = self.clock() if received_at is None else received_at
+        with self._lock:
+            self.counters.received += 1
+            self._meta_dirty = True
+            try:
+                outcome = self._apply(topic, payload, now)
+            except MessageError as exc:
+                self._malformed(topic, str(exc), now)
+                return "malformed"
+            except Exception as exc:   # noqa: BLE001 - a message must never take the dashboard down
+                log.exception("%s: unexpected error while applying a message", topic)
+                self._malformed(topic, f"{topic}: {type(exc).__name__}: {exc}", now)
+                return "malformed"
+            if outcome == "applied":
+                self.counters.applied += 1
+                self.version += 1
+            elif outcome == "duplicate":
+                self.counters.duplicates += 1
+            else:
+                self.counters.ignored += 1
+            return outcome
+
+    def set_broker(self, connected: bool, detail: str) -> None:
+        with self._lock:
+            self.broker = {"connected": connected, "detail": detail, "since": self.clock()}
+            self._meta_dirty = True
+
+    def _apply(self, topic: str, payload: bytes, now: float) -> str:
+        parts = topic.split("/")
+        root = self.topic_root.split("/")
+        if parts[:len(root)] != root:
+            return "ignored"
+        rest = parts[len(root):]
+        if rest == [CENTRAL_SITE, "rollout"]:
+            return self._apply_rollout(topic, parse_json(topic, payload), now)
+        if len(rest) != 3 or rest[2] not in STATION_KINDS or rest[0] == CENTRAL_SITE:
+            return "ignored"
+        site, station_id, kind = rest
+        body = parse_json(topic, payload)
+        validate_station_message(topic, kind, site, station_id, body)
+        if self._seen_before(body["id"]):
+            return "duplicate"
+        station = self._station(site, station_id)
+        getattr(self, f"_apply_{kind}")(station, body, now)
+        station.counts[kind] += 1
+        self._dirty.add(station.key)
+        return "applied"
+
+    def _seen_before(self, message_id: str) -> bool:
+        if message_id in self._seen:
+            return True
+        self._seen[message_id] = None
+        if len(self._seen) > self.limits.seen_ids:
+            self._seen.popitem(last=False)
+        return False
+
+    def _station(self, site: str, station_id: str) -> Station:
+        key = f"{site}/{station_id}"
+        if key not in self.stations:
+            self.stations[key] = Station(site, station_id, self.limits)
+            log.info("station %s appeared", key)
+        return self.stations[key]
+
+    def _apply_status(self, station: Station, body: dict[str, Any], now: float) -> None:
+        was = station.state
+        station.status = body
+        station.state = body["state"]
+        station.status_received_at = now
+        if station.state == "online" and (was != "online" or station.online_since is None):
+            station.online_since = now
+        if station.state != "online":
+            station.online_since = None
+            station.stale = False
+        update = body.get("last_model_update")
+        if update and not update["ok"]:
+            log.warning("station %s rejected a model update: %s", station.key, update["reason"])
+        if was != station.state:
+            log.info("station %s is %s", station.key, station.state)
+
+    def _apply_result(self, station: Station, body: dict[str, Any], now: float) -> None:
+        station.results.appendleft(result_view(body))
+        station.window[1] += 1
+        if body["low_confidence"]:
+            station.window[0] += 1
+            station.counts["low_confidence"] += 1
+
+    def _apply_decision(self, station: Station, body: dict[str, Any], now: float) -> None:
+        station.decisions.appendleft(decision_view(body))
+
+    def _apply_alert(self, station: Station, body: dict[str, Any], now: float) -> None:
+        station.alerts.appendleft(alert_view(body))
+
+    def _apply_stats(self, station: Station, body: dict[str, Any], now: float) -> None:
+        station.stats = stats_view(body)
+        station.stats_received_at = now
+        station.stats_ts.append(body["ts"])
+        low, total = station.window
+        station.window = [0, 0]
+        station.history.append({"ts": body["ts"], "low_confidence_rate": body["low_confidence_rate"],
+                                "recent_low_confidence_rate": round(low / total, 4) if total else None,
+                                "recent_results": total, "fps_total": station.stats["fps_total"],
+                                "outbox_depth": body["outbox"]["depth"]})
+        if station.stale:
+            station.stale = False
+            log.info("station %s sends stats again", station.key)
+
+    def _apply_rollout(self, topic: str, body: dict[str, Any], now: float) -> str:
+        validate_rollout_event(topic, body)
+        if self._seen_before(body["id"]):
+            return "duplicate"
+        event = rollout_view(body, now)
+        self.rollout.appendleft(event)
+        self._new_rollout.append(event)
+        for key in event["stations"]:
+            self.rollout_by_station[key] = event
+            if key in self.stations:
+                self._dirty.add(key)
+        (log.info if event["ok"] else log.warning)("rollout %s %s %s: %s", event["action"],
+                                                   event["model"]["version"], "ok" if event["ok"] else "FAILED",
+                                                   event["reason"] or "-")
+        return "applied"
+
+    def _malformed(self, topic: str, reason: str, now: float) -> None:
+        self.counters.malformed += 1
+        kind = topic.rsplit("/", 1)[-1]
+        self.counters.malformed_by_kind[kind] = self.counters.malformed_by_kind.get(kind, 0) + 1
+        self.malformed.appendleft({"at": now, "topic": topic, "reason": reason})
+        n = self.counters.malformed
+        if n <= 20 or n % 100 == 0:      # a flood of bad messages must not flood the log
+            log.warning("malformed message #%d ignored: %s", n, reason)
+
+    # ------------------------------------------------------------ time
+
+    def refresh(self, now: float | None = None) -> list[str]:
+        """Re-evaluate the stale rule; returns the stations whose health changed."""
+        now = self.clock() if now is None else now
+        changed = []
+        with self._lock:
+            for station in self.stations.values():
+                stale = station.is_stale(now)
+                if stale != station.stale:
+                    station.stale = stale
+                    changed.append(station.key)
+                    self._dirty.add(station.key)
+                    (log.warning if stale else log.info)(
+                        "station %s is %s", station.key,
+                        f"stale (no stats for over {station.stale_after_s():.1f} s)" if stale else "fresh again")
+        return changed
+
+    # ------------------------------------------------------------ output
+
+    def station_view(self, station: Station, now: float) -> dict[str, Any]:
+        view = station.view(now)
+        view["rollout"] = self.rollout_by_station.get(station.key)
+        return view
+
+    def snapshot(self, now: float | None = None) -> dict[str, Any]:
+        """The whole state as JSON-ready data (``/api/state``)."""
+        now = self.clock() if now is None else now
+        with self._lock:
+            return {"schema": "dashboard-state.v1", "server_time": now, "version": self.version,
+                    "topic_root": self.topic_root, "broker": dict(self.broker),
+                    "counters": self.counters.as_dict(), "malformed": list(self.malformed),
+                    "stations": [self.station_view(self.stations[k], now) for k in sorted(self.stations)],
+                    "rollout": list(self.rollout)}
+
+    def drain_changes(self, now: float | None = None) -> list[tuple[str, dict[str, Any]]]:
+        """What changed since the last call, as (event name, data) pairs for the page."""
+        now = self.clock() if now is None else now
+        self.refresh(now)
+        with self._lock:
+            out: list[tuple[str, dict[str, Any]]] = [("rollout", e) for e in self._new_rollout]
+            out += [("station", self.station_view(self.stations[k], now)) for k in sorted(self._dirty)]
+            if self._meta_dirty or out:
+                out.append(("meta", {"server_time": now, "version": self.version, "broker": dict(self.broker),
+                                     "counters": self.counters.as_dict(), "malformed": list(self.malformed)}))
+            self._new_rollout = []
+            self._dirty = set()
+            self._meta_dirty = False
+            return out
