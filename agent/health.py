@@ -87,6 +87,10 @@ class Metrics:
             "outbox": {"depth": int(self._gauge("outbox_depth")), "bytes": int(self._gauge("outbox_bytes")),
                        "dropped": {k: int(v) for k, v in self.gauges_by("outbox_dropped", "reason").items()}},
             "low_confidence_rate": round(low / classified, 4) if classified else 0.0,
+            # Cumulative since start: a watcher (the rollout canary) takes differences for its own window.
+            "frames_classified": int(classified),
+            "frames_low_confidence": int(low),
+            "inference_errors": int(self.counter("inference_errors_total")),
             "frames_uploaded": int(sum(self.counters_by("frames_uploaded_total", "camera").values())),
             "model_version": self.info.get("model_version", ""),
         }

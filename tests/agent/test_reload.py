@@ -119,6 +119,8 @@ def test_stats_topic_and_prometheus_endpoint(live_agent):
     assert stats["fps"]["cam-a"] > 0 and stats["model_version"] == "tiny-1"
     assert {"queue", "preprocess", "inference"} <= set(stats["latency"])
     assert "outbox" in stats and "camera:cam-a" in stats["queue_depths"]
+    assert stats["frames_classified"] >= 10 and 0 <= stats["frames_low_confidence"] <= stats["frames_classified"]
+    assert stats["inference_errors"] == 0
     text = urllib.request.urlopen(f"http://127.0.0.1:{agent.prometheus.port}/metrics", timeout=5).read().decode()
     assert 'agent_frames_captured_total{camera="cam-a"}' in text
     assert 'agent_latency_seconds{stage="inference",quantile="0.99"}' in text
