@@ -213,7 +213,9 @@ def stats_view(body: dict[str, Any]) -> dict[str, Any]:
             "outbox": {"depth": outbox["depth"], "bytes": outbox["bytes"], "dropped": dict(outbox["dropped"]),
                        "dropped_total": int(sum(outbox["dropped"].values()))},
             "low_confidence_rate": body["low_confidence_rate"], "frames_uploaded": body.get("frames_uploaded"),
-            "model_version": body["model_version"]}
+            "frames_classified": body.get("frames_classified"),
+            "frames_low_confidence": body.get("frames_low_confidence"),
+            "inference_errors": body.get("inference_errors"), "model_version": body["model_version"]}
 
 
 def rollout_view(body: dict[str, Any], received_at: float) -> dict[str, Any]:
@@ -221,6 +223,23 @@ def rollout_view(body: dict[str, Any], received_at: float) -> dict[str, Any]:
             "model": {"name": body["model"]["name"], "version": body["model"]["version"]},
             "action": body["action"], "ok": body["ok"], "reason": body.get("reason"),
             "stations": list(body["stations"]), "figures": body.get("figures") or {}}
+
+
+def interval_rate(station: "Station", stats: dict[str, Any]) -> tuple[float | None, int, str]:
+    """The low-confidence rate since the station's previous stats: (rate, frames, where it came from).
+
+    From the station's own cumulative counters when this and the previous stats carry them (exact, even
+    with ``publish_results`` off); else from the low_confidence flags of the results received in between.
+    A counter that went down means the agent restarted: that interval has no stats-based figure.
+    """
+    low_results, all_results = station.window
+    station.window = [0, 0]
+    now = (stats.get("frames_low_confidence"), stats.get("frames_classified"))
+    before, station.counted = station.counted, now if None not in now else None
+    if before is not None and None not in now and now[1] >= before[1] and now[0] >= before[0]:
+        low, frames = now[0] - before[0], now[1] - before[1]
+        return (round(low / frames, 4) if frames else None), frames, "stats"
+    return (round(low_results / all_results, 4) if all_results else None), all_results, "results"
 
 
 @dataclass
@@ -244,6 +263,7 @@ class Station:
     history: deque = field(init=False)
     stats_ts: deque = field(default_factory=lambda: deque(maxlen=6))
     window: list[int] = field(default_factory=lambda: [0, 0])   # [low-confidence, all] results since the last stats
+    counted: tuple[int, int] | None = None   # the last stats' cumulative (frames_low_confidence, frames_classified)
 
     def __post_init__(self) -> None:
         self.results = deque(maxlen=self.limits.recent)
@@ -440,12 +460,10 @@ class WarehouseState:
         station.stats = stats_view(body)
         station.stats_received_at = now
         station.stats_ts.append(body["ts"])
-        low, total = station.window
-        station.window = [0, 0]
+        rate, frames, source = interval_rate(station, body)
         station.history.append({"ts": body["ts"], "low_confidence_rate": body["low_confidence_rate"],
-                                "recent_low_confidence_rate": round(low / total, 4) if total else None,
-                                "recent_results": total, "fps_total": station.stats["fps_total"],
-                                "outbox_depth": body["outbox"]["depth"]})
+                                "recent_low_confidence_rate": rate, "recent_frames": frames, "recent_source": source,
+                                "fps_total": station.stats["fps_total"], "outbox_depth": body["outbox"]["depth"]})
         if station.stale:
             station.stale = False
             log.info("station %s sends stats again", station.key)

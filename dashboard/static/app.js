@@ -127,7 +127,7 @@ function renderStats(card, view) {
   const s = view.stats;
   if (!s) {
     for (const name of ["fps", "fps-detail", "lowconf-rate", "lowconf-detail", "outbox-depth", "outbox-detail",
-                        "frames-dropped", "stats-age"]) text(field(card, name), name.endsWith("detail") ? "" : "–");
+                        "frames-dropped", "errors"]) text(field(card, name), /detail|errors/.test(name) ? "" : "–");
     text(field(card, "stats-age"), "no stats yet");
     field(card, "latency").tBodies[0].replaceChildren();
     return;
@@ -137,13 +137,18 @@ function renderStats(card, view) {
   text(field(card, "lowconf-rate"), pct(s.low_confidence_rate));
   const last = (view.history || []).at(-1);
   text(field(card, "lowconf-detail"),
-       last && last.recent_low_confidence_rate !== null ? `last interval ${pct(last.recent_low_confidence_rate)}` : "");
+       last && last.recent_low_confidence_rate !== null
+         ? `last interval ${pct(last.recent_low_confidence_rate)} of ${last.recent_frames}` : "");
   const outbox = field(card, "outbox-depth");
   text(outbox, s.outbox.depth);
   outbox.dataset.depth = s.outbox.depth;
   text(field(card, "outbox-detail"), `${bytes(s.outbox.bytes)}, ${s.outbox.dropped_total} dropped` +
        (s.outbox.dropped_total ? ` (${Object.entries(s.outbox.dropped).map(([r, n]) => `${r} ${n}`).join(", ")})` : ""));
   text(field(card, "frames-dropped"), s.frames_dropped_total);
+  const errors = field(card, "errors");
+  errors.dataset.errors = String(s.inference_errors ?? "");
+  text(errors, s.inference_errors === null || s.inference_errors === undefined ? ""
+               : `${s.inference_errors} inference error${s.inference_errors === 1 ? "" : "s"}`);
   const rows = Object.entries(s.latency).map(([stage, p]) => {
     const tr = el("tr", { "data-stage": stage });
     tr.append(el("td", {}, stage), el("td", {}, num(p.p50_ms)), el("td", {}, num(p.p95_ms)), el("td", {}, num(p.p99_ms)));

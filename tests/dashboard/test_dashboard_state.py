@@ -88,17 +88,38 @@ def test_the_low_confidence_chart_has_the_rate_per_stats_interval(recorded):
     state = WarehouseState()
     replay(state, recorded)
     history = state.snapshot()["stations"][0]["history"]
-    # expected: the share of low-confidence results that arrived between two stats messages
+    # expected: from the station's cumulative counters between two stats; before the first stats the
+    # dashboard saw, the share of low-confidence results that arrived before it
+    stats = [m.json() for m in of_kind(recorded, "stats")]
+    first = recorded.index(of_kind(recorded, "stats")[0])
+    before = [m.json()["low_confidence"] for m in of_kind(recorded[:first], "result")]
+    expected = [round(sum(before) / len(before), 4) if before else None]
+    for a, b in zip(stats, stats[1:]):
+        frames = b["frames_classified"] - a["frames_classified"]
+        expected.append(round((b["frames_low_confidence"] - a["frames_low_confidence"]) / frames, 4) if frames else None)
+    assert [p["recent_low_confidence_rate"] for p in history] == expected
+    assert [p["recent_source"] for p in history] == ["results"] + ["stats"] * (len(stats) - 1)
+    assert any(v is not None for v in expected[1:])
+
+
+def test_without_counters_in_the_stats_the_chart_counts_the_results_in_between(recorded):
+    # an agent from before frames_classified/frames_low_confidence were in stats.v1 (they are optional)
+    state = WarehouseState()
     expected, low, total = [], 0, 0
     for message in recorded:
+        if message.kind == "stats":
+            body = {k: v for k, v in message.json().items() if k not in ("frames_classified", "frames_low_confidence")}
+            state.ingest(message.topic, json.dumps(body).encode())
+            expected.append(round(low / total, 4) if total else None)
+            low = total = 0
+            continue
+        state.ingest(message.topic, message.payload)
         if message.kind == "result":
             total += 1
             low += message.json()["low_confidence"]
-        elif message.kind == "stats":
-            expected.append(round(low / total, 4) if total else None)
-            low = total = 0
+    history = state.snapshot()["stations"][0]["history"]
     assert [p["recent_low_confidence_rate"] for p in history] == expected
-    assert any(v is not None for v in expected)
+    assert {p["recent_source"] for p in history} == {"results"} and any(v is not None for v in expected)
 
 
 def test_redelivered_messages_are_counted_once(recorded):
