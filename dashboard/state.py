@@ -291,6 +291,19 @@ class Station:
                    if t is not None)
         return now - last > self.stale_after_s()
 
+    def cameras_up(self) -> dict[str, bool]:
+        """Per camera: connected by the last status, or delivering frames by stats newer than it.
+
+        The agent publishes its status when it connects and on a command, not when a camera (re)connects,
+        so a camera that opened after the status still shows "false" there; its frame rate tells.
+        """
+        up = dict((self.status or {}).get("cameras", {}))
+        if self.stats is not None and self.state == "online" and (self.stats_received_at or 0) >= (
+                self.status_received_at or 0):
+            for camera, fps in self.stats["fps"].items():
+                up[camera] = up.get(camera, False) or fps > 0
+        return up
+
     @property
     def health(self) -> str:
         return "stale" if self.stale else self.state
@@ -311,6 +324,7 @@ class Station:
             if online and uptime is not None and self.status_received_at is not None else None,
             "model": status.get("model"),
             "cameras": status.get("cameras", {}),
+            "cameras_up": self.cameras_up(),
             "last_model_update": status.get("last_model_update"),
             "last_thresholds_update": status.get("last_thresholds_update"),
             "stats": self.stats, "stats_received_at": self.stats_received_at,

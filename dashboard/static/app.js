@@ -73,7 +73,7 @@ function renderStation(view) {
   text(field(card, "health"), view.health);
   text(field(card, "role"), view.role || "");
   renderModel(card, view);
-  renderCameras(card, view.cameras || {});
+  renderCameras(card, view.cameras_up || {});
   renderUpdate(card, view.last_model_update);
   renderRolloutFact(card, view.rollout);
   renderStats(card, view);
@@ -95,7 +95,7 @@ function renderModel(card, view) {
 function renderCameras(card, cameras) {
   const box = field(card, "cameras");
   box.replaceChildren(...Object.entries(cameras).sort().map(([id, ok]) =>
-    el("span", { class: "camera", "data-camera": id, "data-connected": ok }, ok ? id : `${id} (lost)`)));
+    el("span", { class: "camera", "data-camera": id, "data-connected": ok }, ok ? id : `${id} (down)`)));
   if (!box.children.length) text(box, "–");
 }
 
@@ -224,7 +224,16 @@ function renderChart(svg, history, card) {
     poly.setAttribute("points", pts.map(([i, v]) => `${x(i).toFixed(1)},${y(v).toFixed(1)}`).join(" "));
     return poly;
   };
-  svg.replaceChildren(line("since-start", (p) => p.low_confidence_rate),
+  const grid = [0, 0.5, 1].map((f) => {
+    const g = document.createElementNS(NS, "line");
+    g.setAttribute("class", "grid");
+    g.setAttribute("x1", "0");
+    g.setAttribute("x2", String(W));
+    g.setAttribute("y1", y(f * top).toFixed(1));
+    g.setAttribute("y2", y(f * top).toFixed(1));
+    return g;
+  });
+  svg.replaceChildren(...grid, line("since-start", (p) => p.low_confidence_rate),
                       line("recent", (p) => p.recent_low_confidence_rate));
   svg.dataset.points = String(history.length);
   text(field(card, "chart-scale"), history.length ? `0–${pct(top)}, ${history.length} points` : "no stats yet");

@@ -25,8 +25,9 @@ def test_a_running_station_is_shown_live_and_goes_offline_when_it_stops(tmp_path
     try:
         # then the dashboard shows it online with its model, results, decisions and stats
         view = dash.wait_station(agent.key, lambda s: online_with("tiny-1")(s) and len(s["results"]) >= 3
-                                 and len(s["history"]) >= 2 and s["decisions"], "online with results and stats")
-        assert view["cameras"] == {"dock-a": True} and view["role"] == "receiving"
+                                 and len(s["history"]) >= 2 and s["decisions"] and s["cameras_up"] == {"dock-a": True},
+                                 "online with results, stats and its camera up")
+        assert view["cameras"].keys() == {"dock-a"} and view["role"] == "receiving"
         assert view["uptime_s"] is not None and view["uptime_s"] >= 0
         assert {r["model_version"] for r in view["results"]} == {"tiny-1"}
         assert view["results"][0]["seq"] > view["results"][-1]["seq"]          # newest first

@@ -264,3 +264,18 @@ def test_an_alert_thumbnail_that_is_not_a_jpeg_is_not_passed_to_the_page(recorde
     alert["evidence"]["thumbnail_jpeg_b64"] = base64.b64encode(b"<svg onload=alert(1)>").decode()
     state.ingest(of_kind(recorded, "alert")[0].topic, json.dumps(alert).encode())
     assert state.snapshot()["stations"][0]["alerts"][0]["thumbnail_jpeg_b64"] is None
+
+
+def test_a_camera_that_opened_after_the_status_is_up_by_its_frame_rate(recorded):
+    # the agent publishes its status on connect, often before the camera opened: cameras {"cam-a": false}
+    state = WarehouseState()
+    status = next(m for m in of_kind(recorded, "status") if m.json()["state"] == "online")
+    stats = next(m for m in of_kind(recorded, "stats") if m.json()["fps"].get("cam-a", 0) > 0)
+    state.ingest(status.topic, retopic(status, "test", "st-01", cameras={"cam-a": False}).payload, received_at=1.0)
+    assert state.snapshot()["stations"][0]["cameras_up"] == {"cam-a": False}
+    state.ingest(stats.topic, stats.payload, received_at=2.0)
+    view = state.snapshot()["stations"][0]
+    assert view["cameras_up"] == {"cam-a": True} and view["cameras"] == {"cam-a": False}
+    stopped = retopic(stats, "test", "st-01", fps={"cam-a": 0.0})
+    state.ingest(stopped.topic, stopped.payload, received_at=3.0)
+    assert state.snapshot()["stations"][0]["cameras_up"] == {"cam-a": False}

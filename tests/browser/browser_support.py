@@ -1,0 +1,44 @@
+"""Explicit waits for the browser tests: poll the page (generous timeouts, a loaded 2-core machine), never sleep."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException, TimeoutException
+from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.remote.webelement import WebElement
+from selenium.webdriver.support.ui import WebDriverWait
+
+TIMEOUT = 60.0
+
+
+def wait(driver: WebDriver, check: Callable[[WebDriver], Any], what: str, timeout: float = TIMEOUT) -> Any:
+    """``check``'s first truthy value; on timeout an AssertionError that says what was awaited."""
+    try:
+        return WebDriverWait(driver, timeout, poll_frequency=0.2,
+                             ignored_exceptions=(NoSuchElementException, StaleElementReferenceException)
+                             ).until(check)
+    except TimeoutException:
+        body = driver.find_element(By.TAG_NAME, "body").text[:3000]
+        raise AssertionError(f"gave up after {timeout:.0f} s waiting for {what}; the page shows:\n{body}") from None
+
+
+def wait_css(driver: WebDriver, css: str, what: str | None = None, timeout: float = TIMEOUT,
+             where: Callable[[WebElement], bool] = lambda e: True) -> WebElement:
+    """The first element matching ``css`` (and ``where``)."""
+    def check(d: WebDriver) -> WebElement | None:
+        return next((e for e in d.find_elements(By.CSS_SELECTOR, css) if where(e)), None)
+    return wait(driver, check, what or css, timeout)
+
+
+def wait_count(driver: WebDriver, css: str, at_least: int, what: str, timeout: float = TIMEOUT) -> list[WebElement]:
+    def check(d: WebDriver) -> list[WebElement] | None:
+        found = d.find_elements(By.CSS_SELECTOR, css)
+        return found if len(found) >= at_least else None
+    return wait(driver, check, what, timeout)
+
+
+def text_of(element: WebElement) -> str:
+    """The element's text content (also when it is scrolled out of view, where .text is empty)."""
+    return element.get_attribute("textContent") or ""
