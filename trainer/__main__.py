@@ -15,8 +15,9 @@ log = logging.getLogger("trainer")
 BOOL = argparse.BooleanOptionalAction
 
 
-def _add_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, help="class folders, <class>_*.ext files, or a path,label CSV")
+def _add_train_args(p: argparse.ArgumentParser, *, data: bool = True) -> None:
+    if data:  # retrain builds its dataset from --base-data and --reviewed
+        p.add_argument("--data", required=True, help="class folders, <class>_*.ext files, or a path,label CSV")
     p.add_argument("--out-dir", default="runs", help="runs are written to OUT_DIR/NAME")
     p.add_argument("--name", default="model", help="run and bundle name")
     p.add_argument("--arch", default="resnet50", choices=["resnet50", "resnet18", "mobilenet_v2"])
@@ -105,6 +106,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--image-size", type=int, default=48)
     p.add_argument("--arch", default="mobilenet_v2", choices=["resnet50", "resnet18", "mobilenet_v2"])
+
+    from trainer.loop.retrain import add_retrain_parser
+    from trainer.loop.rollout import add_rollout_parsers
+
+    add_retrain_parser(sub, _add_train_args, _add_export_args)
+    add_rollout_parsers(sub)   # publish, serve-bundles, rollout, rollback
     return parser
 
 
@@ -214,8 +221,20 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _loop_command(module: str, function: str):
+    """A trainer.loop command, imported when it runs."""
+    def run(args) -> int:
+        import importlib
+
+        return getattr(importlib.import_module(f"trainer.loop.{module}"), function)(args)
+    return run
+
+
 COMMANDS = {"import-fashion-mnist": cmd_import, "train": cmd_train, "evaluate": cmd_evaluate, "export": cmd_export,
             "verify": cmd_verify, "keygen": cmd_keygen, "demo": cmd_demo}
+COMMANDS.update({"retrain": _loop_command("retrain", "cmd_retrain"), "publish": _loop_command("rollout", "cmd_publish"),
+                 "serve-bundles": _loop_command("rollout", "cmd_serve_bundles"),
+                 "rollout": _loop_command("rollout", "cmd_rollout"), "rollback": _loop_command("rollout", "cmd_rollback")})
 
 
 def main(argv: list[str] | None = None) -> int:
