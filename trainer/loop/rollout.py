@@ -541,6 +541,7 @@ class StationLink:
         self._stats_for: set[str] = set()
         self._cond = threading.Condition()
         self._subscribed = threading.Event()
+        self._subscribed_at = 0.0
         self.client = None
 
     # -- connection
@@ -556,7 +557,11 @@ class StationLink:
     def _subscribe(self, client) -> None:
         topics = [(self.options.station_topic("+/+", "status"), 1)]
         topics += [(self.options.station_topic(s, "stats"), 0) for s in sorted(self._stats_for)]
-        client.on_subscribe = lambda *_a: self._subscribed.set()
+        def subscribed(*_a) -> None:
+            self._subscribed_at = self.clock()
+            self._subscribed.set()
+
+        client.on_subscribe = subscribed
         client.subscribe(topics)
 
     def follow_stats(self, stations: Iterable[str]) -> None:
@@ -590,12 +595,13 @@ class StationLink:
     # -- reading
     def settle(self, quiet_s: float = 0.5, timeout_s: float = 10.0) -> None:
         """Wait for the subscription and the burst of retained statuses that follows it."""
-        self._subscribed.wait(timeout_s)
+        if not self._subscribed.wait(timeout_s):
+            raise RolloutError(f"MQTT broker {self.options.host}:{self.options.port}: no SUBACK within {timeout_s:.0f} s")
         deadline = self.clock() + timeout_s
         while self.clock() < deadline:
             with self._cond:
-                last = max((v.status_at for v in self.views.values()), default=0.0)
-            if self.clock() - max(last, 0.0) >= quiet_s:
+                last = max((v.status_at for v in self.views.values()), default=self._subscribed_at)
+            if self.clock() - max(last, self._subscribed_at) >= quiet_s:
                 return
             time.sleep(0.05)
 
