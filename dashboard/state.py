@@ -60,13 +60,57 @@ class StateLimits:
 
 # ---------------------------------------------------------------- validation
 
-@lru_cache(maxsize=None)
-def _station_validator(schema: str) -> Any:
-    import jsonschema
+ENGINES = ("fastjsonschema", "jsonschema")
 
+
+class SchemaCheck:
+    """One JSON Schema, checked by fastjsonschema or by jsonschema.
+
+    Every message of the fleet passes here, so the default is fastjsonschema: it compiles the schema
+    to Python, about 20x faster than jsonschema on these payloads (benchmarks/dashboard_ingest.py).
+    The schemas use only keywords that draft 7 (fastjsonschema's newest) and 2020-12 read alike;
+    tests/dashboard checks that both engines accept and refuse the same messages.
+    """
+
+    def __init__(self, schema: dict[str, Any], engine: str = "fastjsonschema") -> None:
+        if engine not in ENGINES:
+            raise ValueError(f"schema engine {engine!r} is not one of {', '.join(ENGINES)}")
+        self.engine = engine
+        if engine == "fastjsonschema":
+            import fastjsonschema
+
+            self._compiled = fastjsonschema.compile(schema, use_formats=False)
+            self._error_type = fastjsonschema.JsonSchemaValueException
+        else:
+            import jsonschema
+
+            self._validator = jsonschema.Draft202012Validator(schema)
+
+    def check(self, topic: str, body: Any) -> None:
+        """Raise MessageError naming the topic and the field when ``body`` does not follow the schema."""
+        if self.engine == "fastjsonschema":
+            try:
+                self._compiled(body)
+            except self._error_type as exc:
+                where = "/".join(str(p) for p in (exc.path or [])[1:]) or "(message)"
+                text = exc.message
+                if exc.name and text.startswith(exc.name):
+                    text = text[len(exc.name):].lstrip()
+                raise MessageError(f"{topic}: field {where}: {text}") from None
+            return
+        import jsonschema
+
+        error = jsonschema.exceptions.best_match(self._validator.iter_errors(body))
+        if error is not None:
+            where = "/".join(str(p) for p in error.absolute_path) or "(message)"
+            raise MessageError(f"{topic}: field {where}: {error.message}")
+
+
+@lru_cache(maxsize=None)
+def station_check(schema: str, engine: str = "fastjsonschema") -> SchemaCheck:
     from agent.messages import mqtt_schema
 
-    return jsonschema.Draft202012Validator(mqtt_schema(schema))
+    return SchemaCheck(mqtt_schema(schema), engine)
 
 
 def rollout_schema_path() -> Path | None:
@@ -86,21 +130,10 @@ def rollout_schema_path() -> Path | None:
     return None
 
 
-@lru_cache(maxsize=1)
-def _rollout_validator() -> Any:
-    import jsonschema
-
+@lru_cache(maxsize=None)
+def rollout_check(engine: str = "fastjsonschema") -> SchemaCheck | None:
     path = rollout_schema_path()
-    return jsonschema.Draft202012Validator(json.loads(path.read_text())) if path else None
-
-
-def _schema_error(topic: str, validator: Any, body: Any) -> None:
-    import jsonschema
-
-    error = jsonschema.exceptions.best_match(validator.iter_errors(body))
-    if error is not None:
-        where = "/".join(str(p) for p in error.absolute_path) or "(message)"
-        raise MessageError(f"{topic}: field {where}: {error.message}")
+    return SchemaCheck(json.loads(path.read_text()), engine) if path else None
 
 
 def _check_rollout_contract(topic: str, body: dict[str, Any]) -> None:
@@ -142,22 +175,23 @@ def parse_json(topic: str, payload: bytes) -> dict[str, Any]:
     return body
 
 
-def validate_station_message(topic: str, kind: str, site: str, station: str, body: dict[str, Any]) -> None:
+def validate_station_message(topic: str, kind: str, site: str, station: str, body: dict[str, Any],
+                             engine: str = "fastjsonschema") -> None:
     expected = f"{kind}.v1"
     if body.get("schema") != expected:
         raise MessageError(f"{topic}: field schema: {body.get('schema')!r}, this dashboard reads {expected}")
-    _schema_error(topic, _station_validator(expected), body)
+    station_check(expected, engine).check(topic, body)
     if (body["site"], body["station"]) != (site, station):
         raise MessageError(f"{topic}: fields site/station: {body['site']}/{body['station']} "
                            f"does not match the topic's {site}/{station}")
 
 
-def validate_rollout_event(topic: str, body: dict[str, Any]) -> None:
+def validate_rollout_event(topic: str, body: dict[str, Any], engine: str = "fastjsonschema") -> None:
     if body.get("schema") != ROLLOUT_SCHEMA:
         raise MessageError(f"{topic}: field schema: {body.get('schema')!r}, this dashboard reads {ROLLOUT_SCHEMA}")
-    validator = _rollout_validator()
-    if validator is not None:
-        _schema_error(topic, validator, body)
+    check = rollout_check(engine)
+    if check is not None:
+        check.check(topic, body)
     _check_rollout_contract(topic, body)
 
 
@@ -355,9 +389,12 @@ class WarehouseState:
     """Stations, their live data and the central rollout events, from ``ingest``ed MQTT messages."""
 
     def __init__(self, *, topic_root: str = "inventory", limits: StateLimits | None = None,
-                 clock: Callable[[], float] | None = None) -> None:
+                 clock: Callable[[], float] | None = None, engine: str = "fastjsonschema") -> None:
         import time
 
+        if engine not in ENGINES:
+            raise ValueError(f"schema engine {engine!r} is not one of {', '.join(ENGINES)}")
+        self.engine = engine
         self.topic_root = topic_root.rstrip("/")
         self.limits = limits or StateLimits()
         self.clock = clock or time.time
@@ -417,7 +454,7 @@ class WarehouseState:
             return "ignored"
         site, station_id, kind = rest
         body = parse_json(topic, payload)
-        validate_station_message(topic, kind, site, station_id, body)
+        validate_station_message(topic, kind, site, station_id, body, self.engine)
         if self._seen_before(body["id"]):
             return "duplicate"
         station = self._station(site, station_id)
@@ -483,7 +520,7 @@ class WarehouseState:
             log.info("station %s sends stats again", station.key)
 
     def _apply_rollout(self, topic: str, body: dict[str, Any], now: float) -> str:
-        validate_rollout_event(topic, body)
+        validate_rollout_event(topic, body, self.engine)
         if self._seen_before(body["id"]):
             return "duplicate"
         event = rollout_view(body, now)

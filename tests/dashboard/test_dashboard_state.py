@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from dashboard.state import StateLimits, WarehouseState
+from dashboard.state import ENGINES, StateLimits, WarehouseState, station_check
 from dashboard_support import Recorded, retopic, rollout_event
 
 KEY = "test/st-01"
@@ -135,17 +135,24 @@ def test_redelivered_messages_are_counted_once(recorded):
     assert after["counters"]["duplicates"] == len(recorded) and after["counters"]["applied"] == len(recorded)
 
 
-@pytest.mark.parametrize("case, expected", [
-    ("not json", "not JSON"),
-    ("array", "expected a JSON object"),
-    ("future schema", "field schema: 'result.v2'"),
-    ("missing label", "field (message): 'label' is a required property"),
-    ("confidence > 1", "field confidence"),
-    ("other station", "does not match the topic's test/st-02"),
-    ("huge", "over the 1048576 byte limit"),
-])
-def test_a_malformed_message_is_counted_with_its_reason_and_changes_nothing(recorded, case, expected):
-    state = WarehouseState()
+MUTATIONS = {
+    "not json": ("not JSON",),
+    "array": ("expected a JSON object",),
+    "future schema": ("field schema: 'result.v2'",),
+    "missing label": ("field (message)", "label"),
+    "confidence > 1": ("field confidence",),
+    "unknown field": ("field (message)", "colour"),
+    "bad id": ("field id",),
+    "other station": ("does not match the topic's test/st-02",),
+    "huge": ("over the 1048576 byte limit",),
+}
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("case", list(MUTATIONS))
+def test_a_malformed_message_is_counted_with_its_reason_and_changes_nothing(recorded, case, engine):
+    expected = MUTATIONS[case]
+    state = WarehouseState(engine=engine)
     replay(state, recorded)
     before = state.snapshot(now=5000.0)["stations"]
     result = of_kind(recorded, "result")[0]
@@ -157,6 +164,8 @@ def test_a_malformed_message_is_counted_with_its_reason_and_changes_nothing(reco
         "future schema": json.dumps(body | {"schema": "result.v2"}).encode(),
         "missing label": json.dumps({k: v for k, v in body.items() if k != "label"}).encode(),
         "confidence > 1": json.dumps(body | {"confidence": 1.5}).encode(),
+        "unknown field": json.dumps(body | {"colour": "red"}).encode(),
+        "bad id": json.dumps(body | {"id": "not-a-uuid"}).encode(),
         "other station": json.dumps(body).encode(),
         "huge": b" " * (1 << 20) + json.dumps(body).encode(),
     }[case]
@@ -165,7 +174,8 @@ def test_a_malformed_message_is_counted_with_its_reason_and_changes_nothing(reco
     assert state.ingest(topic, payload) == "malformed"
     snap = state.snapshot(now=5000.0)
     assert snap["counters"]["malformed"] == 1 and snap["counters"]["malformed_by_kind"] == {"result": 1}
-    assert snap["malformed"][0]["topic"] == topic and expected in snap["malformed"][0]["reason"], snap["malformed"]
+    reason = snap["malformed"][0]["reason"]
+    assert snap["malformed"][0]["topic"] == topic and all(e in reason for e in expected), reason
     assert snap["stations"] == before
     # and the next good message is applied as usual
     fresh = retopic(result, "test", "st-01")
@@ -279,3 +289,29 @@ def test_a_camera_that_opened_after_the_status_is_up_by_its_frame_rate(recorded)
     stopped = retopic(stats, "test", "st-01", fps={"cam-a": 0.0})
     state.ingest(stopped.topic, stopped.payload, received_at=3.0)
     assert state.snapshot()["stations"][0]["cameras_up"] == {"cam-a": False}
+
+
+def test_both_schema_engines_accept_and_refuse_the_same_messages(recorded):
+    # fastjsonschema (draft 7) checks the fleet's messages; jsonschema (2020-12) is the reference
+    from dashboard.state import MessageError
+
+    from agent.messages import mqtt_schema
+
+    bodies = [(m.json()["schema"], m.json()) for m in recorded]
+    mutated = []
+    for name, body in bodies[:40]:
+        for key in mqtt_schema(name)["required"]:
+            mutated.append((name, {k: v for k, v in body.items() if k != key}))     # each required field missing
+        mutated += [(name, body | change) for change in ({"seq": 0}, {"ts": "now"}, {"extra": 1}, {"site": "a b"})]
+    verdicts = {}
+    for engine in ENGINES:
+        outcome = []
+        for name, body in bodies + mutated:
+            try:
+                station_check(name, engine).check("t", body)
+                outcome.append(True)
+            except MessageError:
+                outcome.append(False)
+        verdicts[engine] = outcome
+    assert verdicts["fastjsonschema"] == verdicts["jsonschema"]
+    assert all(verdicts["jsonschema"][:len(bodies)]) and not any(verdicts["jsonschema"][len(bodies):])
