@@ -196,3 +196,71 @@ def trainer_cli(*args: str, timeout: float = 600.0, env: dict[str, str] | None =
 def copy_tree(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
+
+
+# ---------------------------------------------------------------- a real model that is weak on one class
+
+WEAK_CLASS = "Trouser"   # distinct enough that the reviewed frames teach it clearly
+
+
+@dataclass
+class WeakBase:
+    """A real MobileNetV2 fine-tuned (32 px, ImageNet start) on real Fashion-MNIST images, with only a
+    handful of ``WEAK_CLASS`` images, exported as a bundle; and real images it never saw."""
+
+    base: Path            # its training data: class folders (symlinks)
+    bundle: Path          # models/fmnist/1
+    models: Path
+    pool: dict[str, list[Path]]      # unseen train images per class (the stations' items, the reviewed frames)
+    holdout: Path         # held-out test images, class folders
+    run_dir: Path
+
+
+_WEAK: dict[str, WeakBase] = {}
+
+
+def weak_base(fmnist_dir: Path, root: Path, *, per_class: int = 25, weak: int = 3, weak_class: str = WEAK_CLASS,
+              epochs: int = 3) -> WeakBase:
+    """Built once per test session (the retrain and the end-to-end tests share it)."""
+    if "weak" in _WEAK:
+        return _WEAK["weak"]
+    from trainer.config import TrainConfig
+    from trainer.engine import Trainer
+    from trainer.export.bundle import ExportConfig, export_bundle
+    from trainer.export.quantize import QuantizeConfig
+
+    train = fmnist_dir / "train"
+    names = json.loads((train / "labels.json").read_text())          # folder -> class name
+    base = root / "base"
+    pool: dict[str, list[Path]] = {}
+    for folder, label in names.items():
+        files = sorted((train / folder).glob("*.png"))
+        keep = weak if label == weak_class else per_class
+        (base / folder).mkdir(parents=True)
+        for f in files[:keep]:
+            (base / folder / f.name).symlink_to(f)
+        pool[label] = files[keep:]
+    shutil.copy(train / "labels.json", base / "labels.json")
+    run_dir = root / "runs" / "fmnist-1"
+    cfg = TrainConfig(data=str(base), name="fmnist-1", arch="mobilenet_v2", weights="imagenet", image_size=32,
+                      resize_shorter=32, epochs=epochs, batch_size=16, lr=2e-3, val_fraction=0.1, workers=0, seed=0)
+    Trainer(cfg, run_dir).fit()
+    models = root / "models"
+    result = export_bundle(ExportConfig(checkpoint=run_dir / "best.pt", models_dir=models, name="fmnist", version="1",
+                                        parity_images=32, quantize=QuantizeConfig(calibration_images=64),
+                                        tensorrt="off", workers=0))
+    _WEAK["weak"] = WeakBase(base, result.bundle_dir, models, pool, fmnist_dir / "test", run_dir)
+    return _WEAK["weak"]
+
+
+def class_recall(bundle: Path, folder: Path, label: str) -> tuple[float, int]:
+    """Top-1 recall of the bundle's deployable ONNX model on one class's held-out images (ONNX Runtime)."""
+    from agent.bundle import load_bundle
+    from trainer.loop.retrain import Item, evaluate_bundle
+
+    names = json.loads((folder / "labels.json").read_text())
+    sub = next(k for k, v in names.items() if v == label)
+    items = [Item(p, label, "holdout") for p in sorted((folder / sub).glob("*.png"))]
+    loaded = load_bundle(bundle)
+    ev = evaluate_bundle(loaded, items, sorted(set(loaded.labels) | {label}), workers=0)
+    return ev.score.top1, ev.score.images

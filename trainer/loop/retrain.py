@@ -379,16 +379,15 @@ def retrain(cfg: RetrainConfig) -> RetrainResult:
     classes = sorted({i.label for i in base_train + reviewed_train} | set(current.labels)
                      | {i.label for i in holdout + reviewed_held})
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    data_csv = run_dir / "retrain-data.csv"
-    write_training_csv(data_csv, base_train + reviewed_train)
-
     weights = None
     if cfg.finetune_from_current:
         probe = holdout[:16] or reviewed_held[:16]
         probe_x = eval_inputs([_sample(i, classes) for i in probe], current.input_spec, 0, desc="checkpoint probe")[0]
         weights = str(current_checkpoint(current, probe_x.numpy()))
     resolved = resolve_train_config(train, current, weights=weights)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    data_csv = run_dir / "retrain-data.csv"
+    write_training_csv(data_csv, base_train + reviewed_train)
     resolved.update(data=str(data_csv), name=run_dir.name, out_dir=str(run_dir.parent), limit_per_class=None)
     train_cfg = TrainConfig(**resolved)
     log.info("training %s %s on %d base + %d reviewed images (%s)", name, version, len(base_train),
@@ -587,11 +586,27 @@ def add_retrain_parser(sub: argparse._SubParsersAction, add_train_args: Callable
     add_mqtt_args(p, required=False)
 
 
+def train_settings(**overrides: Any) -> dict[str, Any]:
+    """TrainConfig fields for ``RetrainConfig.train``; arch, input and weights left None come from the current."""
+    from trainer.config import TrainConfig
+
+    out = TrainConfig(data="").to_dict()
+    out.update({k: None for k in OPEN_FIELDS}, name=None, resize_shorter=None)
+    out.update(overrides)
+    return out
+
+
+OPEN_FIELDS = {"arch": "resnet50", "image_size": 224, "weights": "imagenet", "interpolation": "bilinear"}
+
+
 def cmd_retrain(args: argparse.Namespace) -> int:
     from trainer.__main__ import train_config_from_args
 
-    args.data = str(args.reviewed)      # placeholder: retrain writes the combined dataset and uses it
-    train = train_config_from_args_loose(train_config_from_args, args)
+    left_open = {k: getattr(args, k) for k in OPEN_FIELDS}
+    filled = argparse.Namespace(**{**vars(args), **{k: v if v is not None else OPEN_FIELDS[k] for k, v in left_open.items()},
+                                   "data": ""})
+    train = train_config_from_args(filled).to_dict()
+    train.update(left_open, name=args.name)
     cfg = RetrainConfig(
         base_data=args.base_data, reviewed=args.reviewed, current=args.current, report=args.report, train=train,
         export=ExportSettings(models_dir=Path(args.models_dir), version=args.version,
@@ -608,16 +623,5 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     return 0 if result.decision.promoted else 1
 
 
-def train_config_from_args_loose(build: Callable, args: argparse.Namespace) -> dict[str, Any]:
-    """The training flags as a dict; what is left open (None) is filled from the current version later."""
-    saved = {k: getattr(args, k) for k in ("arch", "image_size", "weights", "interpolation")}
-    args.arch, args.image_size, args.weights = "resnet50", 224, "imagenet"
-    args.interpolation = "bilinear"
-    out = build(args).to_dict()
-    out.update(saved)
-    out["name"] = args.name
-    return out
-
-
 __all__ = ["RetrainConfig", "RetrainError", "RetrainResult", "Score", "GateDecision", "gate_decision", "retrain",
-           "evaluate_bundle", "current_checkpoint", "render_markdown", "RolloutError"]
+           "train_settings", "evaluate_bundle", "current_checkpoint", "render_markdown", "RolloutError"]

@@ -1,0 +1,179 @@
+"""Retrain and gate: the rule on its own, then on real models trained on real Fashion-MNIST images.
+
+The current version is a real MobileNetV2 fine-tuned from ImageNet (32 px) on a few hundred
+images with only three of "Trouser" (rollout_support.weak_base, shared with the end-to-end
+test). Reviewed frames are real, unseen Fashion-MNIST images labelled with their ground truth.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from rollout_support import WEAK_CLASS, Recorder, broker, class_recall, weak_base  # noqa: F401
+
+from trainer.loop.retrain import (GateDecision, RetrainConfig, RetrainError, Score, ExportSettings, gate_decision,
+                                  retrain, train_settings)
+from trainer.loop.rollout import MqttOptions, RolloutError, manifest_sha256, publish_bundle, read_gate, validate_event
+
+
+# ---------------------------------------------------------------- the rule
+
+def decide(cur_all: int, new_all: int, cur_rev: int, new_rev: int, *, n: int = 200, m: int = 20,
+           tol: float = 0.0) -> GateDecision:
+    return gate_decision(Score(cur_all, n), Score(new_all, n), Score(cur_rev, m), Score(new_rev, m),
+                         overall_tolerance_points=tol)
+
+
+def test_promoted_when_as_good_overall_and_better_on_reviewed_frames():
+    d = decide(150, 150, 5, 6)
+    assert d.promoted and d.decision == "promoted"
+    assert d.reasons[0].startswith("overall top-1 75.00% vs 75.00% (+0.00 points")
+    assert "reviewed frames top-1 30.00% vs 25.00% on 20 held-out frames (+5.00 points" in d.reasons[1]
+
+
+def test_rejected_when_worse_overall_by_more_than_the_tolerance():
+    d = decide(150, 149, 5, 15)                          # -0.5 points overall, much better on reviewed frames
+    assert not d.promoted and d.reasons[0].endswith("worse") and "-0.50 points" in d.reasons[0]
+    assert decide(150, 149, 5, 15, tol=0.5).promoted     # within an explicit tolerance
+    assert not decide(150, 148, 5, 15, tol=0.5).promoted
+
+
+def test_rejected_when_not_strictly_better_on_the_reviewed_frames():
+    d = decide(150, 180, 12, 12)
+    assert not d.promoted and d.reasons[1].endswith("not better")
+    assert not decide(150, 180, 12, 11).promoted
+
+
+def test_rejected_without_held_out_reviewed_frames_and_refused_on_different_image_sets():
+    d = decide(150, 180, 0, 0, m=0)
+    assert not d.promoted and "cannot be shown" in d.reasons[1]
+    with pytest.raises(ValueError, match="same images"):
+        gate_decision(Score(1, 10), Score(1, 11), Score(1, 5), Score(2, 5))
+    with pytest.raises(ValueError, match="overall-tolerance"):
+        decide(1, 1, 1, 2, tol=-1)
+
+
+# ---------------------------------------------------------------- real models
+
+@pytest.fixture(scope="module")
+def weak(fmnist_dir, tmp_path_factory):
+    return weak_base(fmnist_dir, tmp_path_factory.mktemp("weak"))
+
+
+def reviewed_csv(path: Path, weak, *, shirts: int = 40, others: dict[str, int] | None = None,
+                 corrupt: bool = False) -> Path:
+    """Reviewed frames as 'trainer labels export' hands them over: path,label plus provenance columns."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for label, count in {WEAK_CLASS: shirts, **(others or {"Pullover": 5, "T-shirt/top": 5})}.items():
+        for i, image in enumerate(weak.pool[label][:count]):
+            rows.append({"path": str(image), "label": label, "frame_id": f"{label}-{i}", "station": "ber1/receiving-01",
+                         "model_version": "1"})
+    if corrupt:
+        bad = path.parent / "truncated.jpg"
+        bad.write_bytes(b"\xff\xd8\xff\xe0 not a whole jpeg")
+        rows.append({"path": str(bad), "label": WEAK_CLASS, "frame_id": "bad", "station": "ber1/receiving-01",
+                     "model_version": "1"})
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def config(weak, tmp: Path, reviewed: Path, *, version: str, finetune: bool, **train) -> RetrainConfig:
+    settings = train_settings(out_dir=str(tmp / "runs"), epochs=2, batch_size=16, lr=1e-3, workers=0, seed=0)
+    settings.update(train)
+    return RetrainConfig(base_data=weak.base, reviewed=reviewed, current=weak.bundle, report=tmp / f"report-{version}.json",
+                         train=settings, holdout=weak.holdout, finetune_from_current=finetune,
+                         export=ExportSettings(models_dir=weak.models, version=version, calibration_images=64,
+                                               parity_images=32, tensorrt="off"))
+
+
+@pytest.mark.slow
+def test_a_better_candidate_is_promoted_with_figures_and_can_be_published(weak, tmp_path):
+    reviewed = reviewed_csv(tmp_path / "reviewed" / "labels.csv", weak, corrupt=True)
+    result = retrain(config(weak, tmp_path, reviewed, version="2", finetune=True))
+    report = result.report
+    print(result.report_md.read_text())
+    assert result.decision.promoted, result.decision.reasons
+    f = report["figures"]
+    assert f["overall"]["candidate"]["correct"] >= f["overall"]["current"]["correct"]
+    assert f["reviewed"]["candidate"]["correct"] > f["reviewed"]["current"]["correct"]
+    assert f["overall"]["current"]["images"] == f["overall"]["candidate"]["images"] == 1000
+    assert set(f["overall"]["current"]) >= {"top1", "macro_f1", "per_class_recall"}
+    # the weak class is what the reviewed frames taught it
+    assert f["overall"]["candidate"]["per_class_recall"][WEAK_CLASS] > f["overall"]["current"]["per_class_recall"][WEAK_CLASS]
+    # held-out reviewed frames: stratified, seeded, recorded, never trained on
+    data = report["data"]["reviewed"]
+    assert (data["frames"], data["train"] + data["holdout"]) == (50, 50)
+    assert data["per_class_holdout"] == {"Pullover": 2, WEAK_CLASS: 12, "T-shirt/top": 2}
+    assert data["per_class_train"] == {"Pullover": 3, WEAK_CLASS: 28, "T-shirt/top": 3}
+    split = json.loads(Path(data["split_file"]).read_text())
+    held = {row["path"] for row in split["holdout"]}
+    assert len(held) == 16 and all(row["frame_id"] for row in split["holdout"])
+    trained_on = {row["path"] for row in csv.DictReader(open(report["training"]["dataset_csv"]))}
+    assert not held & trained_on and len(trained_on) == report["data"]["base"]["train_images"] + 34
+    assert report["training"]["finetuned_from_current"] and report["training"]["start"].endswith("best.pt")
+    assert [s["path"] for s in report["data"]["skipped_images"]] == [str(reviewed.parent / "truncated.jpg")]
+    # recorded beside the bundle, and publishable
+    gate = read_gate(result.bundle_dir)
+    assert gate["decision"] == "promoted" and gate["manifest_sha256"] == manifest_sha256(result.bundle_dir)
+    assert "PROMOTED" in result.report_md.read_text()
+    assert publish_bundle(result.bundle_dir, tmp_path / "served").decision == "promoted"
+
+
+@pytest.mark.slow
+@pytest.mark.mqtt
+def test_an_undertrained_candidate_is_rejected_recorded_and_never_published(weak, tmp_path, broker):
+    recorder = Recorder(broker.port, ["inventory/_central/rollout"])
+    reviewed = reviewed_csv(tmp_path / "reviewed.csv", weak)
+    cfg = config(weak, tmp_path, reviewed, version="3", finetune=False, epochs=1, max_steps_per_epoch=1)
+    cfg.mqtt = MqttOptions("127.0.0.1", broker.port)
+    try:
+        result = retrain(cfg)
+    finally:
+        recorder.close()
+    print(result.report_md.read_text())
+    assert not result.decision.promoted
+    assert any(r.endswith("worse") for r in result.report["reasons"]), result.report["reasons"]
+    assert read_gate(result.bundle_dir)["decision"] == "rejected"
+    with pytest.raises(RolloutError, match="rejected by the retrain gate"):
+        publish_bundle(result.bundle_dir, tmp_path / "served")
+    [event] = recorder.events()
+    validate_event(event)
+    assert (event["action"], event["ok"], event["model"]) == ("gate", False, {"name": "fmnist", "version": "3"})
+    assert event["reason"].startswith("rejected: overall top-1") and event["figures"]["current_version"] == "1"
+    assert "REJECTED" in result.report_md.read_text()
+
+
+@pytest.mark.slow
+def test_fine_tuning_needs_the_current_versions_checkpoint(weak, tmp_path):
+    copy = shutil.copytree(weak.bundle, tmp_path / "models" / "fmnist" / "1")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["provenance"]["checkpoint"] = str(tmp_path / "elsewhere" / "best.pt")
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    cfg = config(weak, tmp_path, reviewed_csv(tmp_path / "r.csv", weak, shirts=6), version="4", finetune=True)
+    cfg.current = copy
+    with pytest.raises(RetrainError, match=r"elsewhere/best.pt: the checkpoint fmnist 1 was exported from .*not on this "
+                                           "machine; bundles hold ONNX, not trainable weights"):
+        retrain(cfg)
+    del manifest["provenance"]["checkpoint"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(RetrainError, match="field provenance/checkpoint: absent"):
+        retrain(cfg)
+    assert not (weak.models / "fmnist" / "4").exists()
+
+
+@pytest.mark.slow
+def test_the_current_version_is_weak_on_the_class_it_barely_saw(weak):
+    from trainer.data import FASHION_MNIST_CLASSES
+
+    recall = {c: class_recall(weak.bundle, weak.holdout, c)[0] for c in FASHION_MNIST_CLASSES}
+    print("current version, recall per class on held-out images:", {c: f"{r:.0%}" for c, r in recall.items()})
+    others = [r for c, r in recall.items() if c != WEAK_CLASS]
+    assert recall[WEAK_CLASS] < 0.1 and sum(others) / len(others) > 0.3
