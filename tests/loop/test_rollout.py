@@ -10,7 +10,7 @@ tested with real trained models in test_retrain.py (here ``promote`` writes its 
 from __future__ import annotations
 
 import json
-import time
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -342,3 +342,25 @@ def test_rollback_without_a_known_previous_version_says_so(fleet_factory, bundle
     assert not summary.ok
     assert "has no version before v1 for this station" in summary.outcomes[0].reason
     assert events.sent[-1]["action"] == "halt" and fleet.commands_to(fleet.keys[0]) == []
+
+
+def test_the_server_speaks_https_with_the_given_certificate(bundles, tmp_path):
+    import ssl
+
+    sys.path.append(str(Path(__file__).resolve().parents[1] / "deploy"))
+    from deploy_support import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    served = tmp_path / "served"
+    publish_bundle(bundles["v1"], served, baseline=True)
+    server = BundleServer(served, tls_cert=pki.server_cert, tls_key=pki.server_key).start()
+    try:
+        assert server.url.startswith("https://127.0.0.1:")
+        trusted = ssl.create_default_context(cafile=str(pki.ca_cert))
+        body = urllib.request.urlopen(server.url + "tiny/v1/manifest.json", context=trusted, timeout=10).read()
+        assert json.loads(body)["version"] == "v1"
+        with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
+            urllib.request.urlopen(server.url + "tiny/v1/manifest.json", context=ssl.create_default_context(),
+                                   timeout=10)
+    finally:
+        server.stop()

@@ -772,7 +772,7 @@ class RolloutHistory:
 
     def location_of(self, version: str, station: str | None = None) -> str | None:
         """Where ``version`` was published: recorded directly, else beside a version of the same tree."""
-        for key, info in self.data["bundles"].items():
+        for info in self.data["bundles"].values():
             if info["version"] == version:
                 return info["bundle"]
         entries = self.entries(station) if station else [e for es in self.data["stations"].values() for e in es]
