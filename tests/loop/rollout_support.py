@@ -116,12 +116,14 @@ class Station:
     """``python -m agent run --config FILE``: a real station process on a looping folder of real images."""
 
     def __init__(self, workdir: Path, bundle: Path, images: Path, port: int, *, site: str = "test",
-                 station: str = "st-a", fps: float = 10.0, **sections: Any) -> None:
+                 station: str = "st-a", fps: float = 10.0, cameras: dict[str, Path] | None = None,
+                 **sections: Any) -> None:
         self.folder = workdir / f"{site}-{station}"
         self.folder.mkdir(parents=True)
         cfg = station_config(self.folder, bundle, str(images), port, **sections)
         cfg.update(site=site, station=station)
-        cfg["cameras"] = [{"id": "cam-a", "uri": str(images), "loop": True, "fps": fps, "queue_size": 2}]
+        cfg["cameras"] = [{"id": cam, "uri": str(folder), "loop": True, "fps": fps, "queue_size": 2}
+                          for cam, folder in (cameras or {"cam-a": images}).items()]
         cfg["model"]["download_dir"] = str(self.folder / "downloads")
         self.config = write_yaml(self.folder / "station.yaml", cfg)
         self.key = f"{site}/{station}"
