@@ -364,3 +364,18 @@ def test_the_server_speaks_https_with_the_given_certificate(bundles, tmp_path):
                                    timeout=10)
     finally:
         server.stop()
+
+
+def test_station_groups_are_read_from_a_file_and_bad_lines_are_named(tmp_path):
+    from trainer.loop.rollout import select_stations
+
+    link = StationLink(MqttOptions("127.0.0.1"))        # not connected: a group file needs no broker
+    group = tmp_path / "dock-stations.txt"
+    group.write_text("# receiving docks\nber1/receiving-01\nber1/receiving-02  # spare\n\nber1/receiving-01\n")
+    stations, skipped = select_stations(link, stations=["ber1/qc-01"], group=group)
+    assert stations == ["ber1/qc-01", "ber1/receiving-01", "ber1/receiving-02"] and skipped == {}
+    group.write_text("ber1/receiving-01\nreceiving-02\n")
+    with pytest.raises(RolloutError, match=r"dock-stations.txt:2: expected <site>/<station>, got 'receiving-02'"):
+        select_stations(link, group=group)
+    with pytest.raises(RolloutError, match="no stations"):
+        select_stations(link)
