@@ -1,4 +1,4 @@
-"""python -m trainer import-fashion-mnist|train|evaluate|export|verify|keygen|demo ..."""
+"""python -m trainer import-fashion-mnist|train|evaluate|export|verify|keygen|demo|ingest|review|labels|retrain|publish|serve-bundles|rollout|rollback ..."""
 
 from __future__ import annotations
 
@@ -102,14 +102,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default="data/fashion-mnist")
     p.add_argument("--out-dir", default="runs")
     p.add_argument("--models-dir", default="models")
-    p.add_argument("--limit-per-class", type=int, default=1000)
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--limit-per-class", type=int, default=2000, help="training images per class (default 2000)")
+    p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--image-size", type=int, default=48)
     p.add_argument("--arch", default="mobilenet_v2", choices=["resnet50", "resnet18", "mobilenet_v2"])
 
     from trainer.loop.retrain import add_retrain_parser
     from trainer.loop.rollout import add_rollout_parsers
 
+    from trainer.loop.api import add_review_parser
+    from trainer.loop.dataset import add_labels_parser
+    from trainer.loop.ingest import add_ingest_parser
+
+    add_ingest_parser(sub)
+    add_review_parser(sub)
+    add_labels_parser(sub)
     add_retrain_parser(sub, _add_train_args, _add_export_args)
     add_rollout_parsers(sub)   # publish, serve-bundles, rollout, rollback
     return parser
@@ -232,6 +239,8 @@ def _loop_command(module: str, function: str):
 
 COMMANDS = {"import-fashion-mnist": cmd_import, "train": cmd_train, "evaluate": cmd_evaluate, "export": cmd_export,
             "verify": cmd_verify, "keygen": cmd_keygen, "demo": cmd_demo}
+COMMANDS.update({"ingest": _loop_command("ingest", "cmd_ingest"), "review": _loop_command("api", "cmd_review"),
+                 "labels": _loop_command("dataset", "cmd_labels")})
 COMMANDS.update({"retrain": _loop_command("retrain", "cmd_retrain"), "publish": _loop_command("rollout", "cmd_publish"),
                  "serve-bundles": _loop_command("rollout", "cmd_serve_bundles"),
                  "rollout": _loop_command("rollout", "cmd_rollout"), "rollback": _loop_command("rollout", "cmd_rollback")})

@@ -1,0 +1,115 @@
+"""FrameStore: durable, deduplicated, quota'd, and reviews that name what was wrong."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from loop_support import LABELS, real_frames, truth_of
+
+from trainer.loop.dataset import export_reviewed
+from trainer.loop.store import FrameStore, StoreError, UnknownFrame
+
+
+def test_frames_are_stored_once_and_survive_a_reopen(tmp_path):
+    records = real_frames(5)
+    store = FrameStore(tmp_path / "s", labels=LABELS)
+    assert [store.add(r.body, r.blob).outcome for r in records] == ["stored"] * 5
+    assert store.add(records[2].body, records[2].blob).outcome == "duplicate"     # a QoS 1 redelivery
+    store.close()
+    again = FrameStore(tmp_path / "s", labels=LABELS)
+    frames, total = again.list(limit=10)
+    assert total == 5 and [f["id"] for f in frames] == [r.id for r in records]
+    first = again.get(records[0].id)
+    assert first["station"] == "receiving-01" and first["model_version"] == "1" and first["status"] == "pending"
+    assert first["top_k"][0]["label"] == records[0].body["label"]
+    assert again.image_path(records[0].id).read_bytes() == records[0].blob
+    assert again.stats()["counters"] == {"stored": 5, "duplicates": 1}
+
+
+def test_an_interrupted_write_leaves_no_trace_after_reopen(tmp_path, caplog):
+    store = FrameStore(tmp_path / "s")
+    [record] = real_frames(1)
+    store.add(record.body, record.blob)
+    orphan = tmp_path / "s" / "images" / "ber1" / "receiving-01" / "20261127" / "lost.jpg"
+    orphan.parent.mkdir(parents=True, exist_ok=True)
+    orphan.write_bytes(record.blob)           # a file written, the process died before its row committed
+    store.close()
+    with caplog.at_level(logging.WARNING):
+        again = FrameStore(tmp_path / "s")
+    assert not orphan.exists() and again.reconciled["orphan_images_removed"] == 1
+    assert again.list()[1] == 1 and again.image_path(record.id).is_file()
+
+
+def test_quota_warns_then_refuses_and_never_deletes(tmp_path, caplog):
+    records = real_frames(6)
+    size = len(records[0].blob)
+    store = FrameStore(tmp_path / "s", max_bytes=int(size * 3.5), warn_fraction=0.5)
+    with caplog.at_level(logging.WARNING):
+        outcomes = [store.add(r.body, r.blob).outcome for r in records]
+    assert outcomes[:3] == ["stored"] * 3 and "refused" in outcomes[3:]
+    assert "storage at" in caplog.text and "storage quota reached" in caplog.text
+    stats = store.stats()
+    assert stats["quota"]["warning"] is True and stats["counters"]["refused_quota"] == outcomes.count("refused")
+    assert stats["frames"] == outcomes.count("stored")
+    assert all((tmp_path / "s" / f["image"]).is_file() for f in store.list()[0])
+
+
+def test_bad_frames_are_refused_with_the_reason(tmp_path):
+    store = FrameStore(tmp_path / "s")
+    [record] = real_frames(1)
+    with pytest.raises(StoreError, match="not a decodable JPEG"):
+        store.add(record.body, b"\xff\xd8 not really a jpeg")
+    with pytest.raises(StoreError, match="field station"):
+        store.add({**record.body, "station": ""}, record.blob)
+    assert store.list()[1] == 0
+
+
+def test_reviews_filters_and_errors(tmp_path):
+    store = FrameStore(tmp_path / "s", labels=LABELS)
+    records = real_frames(4) + real_frames(2, station="qc-02", version="2", start=4)
+    for r in records:
+        store.add(r.body, r.blob)
+    assert store.list(station="qc-02")[1] == 2 and store.list(model_version="1")[1] == 4
+    a, b, c, d = (r.id for r in records[:4])
+    assert store.review(a, "label", label=truth_of(records[0]), reviewer="ana")["status"] == "labelled"
+    assert store.review(b, "skip")["status"] == "skipped"
+    assert store.review(c, "new_class", label="Scarf")["label"] == "Scarf"
+    assert "Scarf" in store.labels()["new_classes"]
+    assert store.review(d, "label", label="Scarf")["status"] == "labelled"     # a new class, once accepted
+    assert store.review(records[4].id, "defect", label="torn")["defect"] == "torn"
+    assert store.list(status="pending")[1] == 1
+    with pytest.raises(StoreError, match="field label: 'Hat' is not a known class"):
+        store.review(records[5].id, "label", label="Hat")
+    with pytest.raises(StoreError, match="field label: 'Bag' is already a class"):
+        store.review(records[5].id, "new_class", label="Bag")
+    with pytest.raises(StoreError, match="field action"):
+        store.review(records[5].id, "approve")
+    with pytest.raises(UnknownFrame, match="no such frame"):
+        store.review("nope", "skip")
+    with pytest.raises(StoreError, match="field status"):
+        store.list(status="done")
+    assert store.review(b, "undo")["status"] == "pending" and store.get(b)["reviewer"] is None
+
+
+def test_export_is_a_dataset_the_trainer_reads_with_provenance(tmp_path):
+    from trainer.data import load_dataset
+
+    store = FrameStore(tmp_path / "s", labels=LABELS)
+    records = real_frames(8)
+    for r in records:
+        store.add(r.body, r.blob)
+    for r in records[:6]:
+        store.review(r.id, "label", label=truth_of(r), reviewer="ana")
+    store.review(records[6].id, "skip")
+    store.review(records[7].id, "defect")            # no defect class: nothing to learn it as
+    summary = export_reviewed(store, tmp_path / "reviewed")
+    assert summary["frames"] == 6 and summary["left_out"] == {"skipped": 1, "defect without a class": 1}
+    dataset = load_dataset(tmp_path / "reviewed" / "reviewed.csv")
+    got = sorted((s.path.name, dataset.classes[s.label]) for s in dataset.samples)
+    assert got == sorted((f"{r.id}.jpg", truth_of(r)) for r in records[:6])
+    header = (tmp_path / "reviewed" / "reviewed.csv").read_text().splitlines()[0]
+    assert header.startswith("path,label,frame_id,site,station,camera,model_name,model_version,predicted")
+    with pytest.raises(StoreError, match="already exists"):
+        export_reviewed(store, tmp_path / "reviewed")
+    assert export_reviewed(store, tmp_path / "reviewed", force=True)["frames"] == 6

@@ -1,0 +1,219 @@
+"""The ingest service: every station's low-confidence frames from MQTT into the FrameStore.
+
+``python -m trainer ingest --store DIR --host H --port P``. MQTT v5, QoS 1, a persistent session
+(fixed client id, ``clean_start=False``, a session expiry), so frames published while the service is
+down are queued by the broker and arrive when it is back. A message is acknowledged (PUBACK) only
+after it is stored (paho's ``manual_ack``): a crash before the commit means the broker sends it again,
+and the store's message-id key makes that redelivery a no-op. A malformed message (bad metadata,
+not a JPEG, topic and station disagree) is logged with its topic and reason, counted, and
+acknowledged so that it does not come back forever; a message refused by the storage quota is also
+acknowledged (counted, with a logged error), because holding it would only stall every station.
+A failure to write (disk error) is not acknowledged: it comes back after the next reconnect.
+
+Both wire forms of docs/agent.md are read: v5 (JPEG payload, metadata in the ``meta`` user
+property) and the 3.1.1 envelope (``frame-envelope.v1`` JSON with ``jpeg_b64``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import json
+import logging
+import signal
+import ssl
+import threading
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from trainer.loop.store import FrameStore, StoreError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TOPIC = "inventory/+/+/frames"
+SESSION_EXPIRY_S = 7 * 24 * 3600   # the broker keeps our queue for a week of downtime
+
+
+class MalformedFrame(ValueError):
+    pass
+
+
+@lru_cache(maxsize=1)
+def _frame_validator():
+    import jsonschema
+
+    schema_path = Path(__file__).resolve().parents[2] / "agent" / "schemas" / "mqtt" / "frame.v1.json"
+    try:
+        from importlib.resources import files
+
+        schema = json.loads(files("agent").joinpath("schemas/mqtt/frame.v1.json").read_text())
+    except (ModuleNotFoundError, FileNotFoundError):
+        schema = json.loads(schema_path.read_text())
+    return jsonschema.Draft202012Validator(schema)
+
+
+def parse_frame(topic: str, payload: bytes, properties: Properties | None) -> tuple[dict[str, Any], bytes]:
+    """(frame.v1 metadata, JPEG bytes) of one ``frames`` message, or MalformedFrame saying why."""
+    user = dict(getattr(properties, "UserProperty", None) or []) if properties is not None else {}
+    if "meta" in user:
+        try:
+            meta = json.loads(user["meta"])
+        except ValueError as exc:
+            raise MalformedFrame(f"user property meta: not JSON ({exc})") from None
+        jpeg = bytes(payload)
+    else:
+        try:
+            envelope = json.loads(payload)
+        except (ValueError, UnicodeDecodeError):
+            raise MalformedFrame("no 'meta' user property (MQTT v5) and the payload is not a frame-envelope.v1 "
+                                 "JSON envelope (MQTT 3.1.1)") from None
+        if not isinstance(envelope, dict) or envelope.get("envelope") != "frame.v1":
+            raise MalformedFrame("field envelope: expected 'frame.v1'")
+        meta = envelope.get("meta")
+        try:
+            jpeg = base64.b64decode(envelope.get("jpeg_b64") or "", validate=True)
+        except (binascii.Error, TypeError) as exc:
+            raise MalformedFrame(f"field jpeg_b64: not base64 ({exc})") from None
+    if not isinstance(meta, dict):
+        raise MalformedFrame("field meta: not a JSON object")
+    errors = sorted(_frame_validator().iter_errors(meta), key=lambda e: list(e.path))
+    if errors:
+        first = errors[0]
+        where = ".".join(str(p) for p in first.path) or "(top level)"
+        raise MalformedFrame(f"frame.v1 field {where}: {first.message}")
+    parts = topic.split("/")
+    if len(parts) >= 3 and (parts[-3], parts[-2]) != (meta["site"], meta["station"]):
+        raise MalformedFrame(f"the topic names station {parts[-3]}/{parts[-2]} but the frame says "
+                             f"{meta['site']}/{meta['station']}")
+    if meta["jpeg"]["bytes"] != len(jpeg):
+        raise MalformedFrame(f"field jpeg.bytes: {meta['jpeg']['bytes']} but the JPEG has {len(jpeg)} bytes")
+    return meta, jpeg
+
+
+class IngestService:
+    """Subscribe, store, acknowledge; reconnect forever."""
+
+    def __init__(self, store: FrameStore, *, host: str = "127.0.0.1", port: int = 1883,
+                 topic: str = DEFAULT_TOPIC, shared_group: str | None = None, client_id: str = "central-ingest",
+                 username: str | None = None, password: str | None = None, tls_ca: Path | None = None,
+                 tls_cert: Path | None = None, tls_key: Path | None = None, tls_insecure: bool = False,
+                 keepalive_s: int = 30) -> None:
+        self.store = store
+        self.host, self.port, self.keepalive_s = host, port, keepalive_s
+        self.subscription = f"$share/{shared_group}/{topic}" if shared_group else topic
+        self.connected = threading.Event()
+        self.stopped = threading.Event()
+        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5,
+                                  manual_ack=True)
+        self.client.reconnect_delay_set(0.5, 30)
+        if tls_ca or tls_cert:
+            self.client.tls_set(ca_certs=str(tls_ca) if tls_ca else None, certfile=str(tls_cert) if tls_cert else None,
+                                keyfile=str(tls_key) if tls_key else None, cert_reqs=ssl.CERT_REQUIRED)
+            self.client.tls_insecure_set(tls_insecure)
+        if username or password:
+            self.client.username_pw_set(username, password)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+
+    def start(self) -> None:
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = SESSION_EXPIRY_S
+        log.info("ingest: connecting to %s:%d, storing into %s", self.host, self.port, self.store.root)
+        self.client.connect_async(self.host, self.port, self.keepalive_s, clean_start=False, properties=props)
+        self.client.loop_start()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.error("ingest: connection refused by %s:%d: %s (reason code %s)", self.host, self.port, reason_code,
+                      reason_code.value)
+            return
+        client.subscribe(self.subscription, options=paho.SubscribeOptions(qos=1))
+        self.connected.set()
+        log.info("ingest: connected (session %s); subscribed to %s",
+                 "resumed" if flags.session_present else "new", self.subscription)
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self.connected.clear()
+        if not self.stopped.is_set():
+            log.warning("ingest: disconnected from %s:%d (%s); reconnecting", self.host, self.port, reason_code)
+
+    def _on_message(self, client, userdata, message: paho.MQTTMessage) -> None:
+        try:
+            meta, jpeg = parse_frame(message.topic, message.payload, message.properties)
+            result = self.store.add(meta, jpeg)
+        except (MalformedFrame, StoreError) as exc:
+            log.error("ingest: %s: malformed frame message dropped: %s", message.topic, exc)
+            self.store.count("malformed")
+        except Exception:   # a disk error: not acknowledged, so the broker sends it again after a reconnect
+            log.exception("ingest: %s: could not store the frame; it stays unacknowledged", message.topic)
+            return
+        else:
+            if result.outcome == "stored":
+                log.debug("ingest: stored %s from %s", result.frame_id, message.topic)
+        client.ack(message.mid, message.qos)
+
+
+def add_ingest_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ingest", help="store every station's low-confidence frames from MQTT (a long-running service)")
+    p.add_argument("--store", required=True, type=Path, help="store folder (images + frames.sqlite)")
+    p.add_argument("--max-bytes", type=int, default=None, help="storage quota in bytes (default: none)")
+    p.add_argument("--warn-fraction", type=float, default=0.9, help="warn above this share of the quota")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=1883)
+    p.add_argument("--topic", default=DEFAULT_TOPIC, help=f"default {DEFAULT_TOPIC}")
+    p.add_argument("--shared-group", default=None,
+                   help="subscribe as $share/<group>/<topic>, to spread the load over several ingest processes")
+    p.add_argument("--client-id", default="central-ingest", help="fixed, so the broker keeps the session")
+    p.add_argument("--username", default=None)
+    p.add_argument("--password-file", type=Path, default=None, help="file whose first line is the password")
+    p.add_argument("--tls-ca", type=Path, default=None)
+    p.add_argument("--tls-cert", type=Path, default=None)
+    p.add_argument("--tls-key", type=Path, default=None)
+    p.add_argument("--tls-insecure", action="store_true", help="do not check the broker's host name")
+
+
+def read_password(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        line = path.read_text().splitlines()[0] if path.read_text() else ""
+    except OSError as exc:
+        raise SystemExit(f"--password-file: {path}: {exc.strerror or exc}") from None
+    if not line:
+        raise SystemExit(f"--password-file: {path}: the first line (the password) is empty")
+    return line
+
+
+def cmd_ingest(args) -> int:
+    for name in ("tls_ca", "tls_cert", "tls_key"):
+        path = getattr(args, name)
+        if path is not None and not path.is_file():
+            raise SystemExit(f"--{name.replace('_', '-')}: {path}: no such file")
+    store = FrameStore(args.store, max_bytes=args.max_bytes, warn_fraction=args.warn_fraction)
+    service = IngestService(store, host=args.host, port=args.port, topic=args.topic, shared_group=args.shared_group,
+                            client_id=args.client_id, username=args.username, password=read_password(args.password_file),
+                            tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                            tls_insecure=args.tls_insecure)
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    service.start()
+    print(f"ingest: storing frames from {args.host}:{args.port} ({service.subscription}) into {args.store}", flush=True)
+    done.wait()
+    service.stop()
+    stats = store.stats()
+    print(f"ingest: stopped; {stats['frames']} frames stored, counters {stats['counters']}", flush=True)
+    store.close()
+    return 0

@@ -1,0 +1,361 @@
+"""Durable store of low-confidence frames: JPEG files plus a SQLite index with their metadata and review.
+
+Layout under the store folder::
+
+    frames.sqlite                          index (WAL): one row per frame message id
+    images/<site>/<station>/<YYYYMMDD>/<id>.jpg
+
+A frame is written in this order: the JPEG to a temporary name, fsync, rename; then the row, in one
+transaction. A crash in between leaves at most an image without a row; ``FrameStore`` removes such
+orphans when it opens (the ingest service has not acknowledged that message, so the broker sends it
+again). Duplicates (a QoS 1 redelivery carries the same message id) are stored once. A byte quota:
+above ``warn_fraction`` a warning is logged and flagged in ``stats()``; at the quota new frames are
+refused and counted, and nothing already stored is ever deleted to make room.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sqlite3
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+log = logging.getLogger(__name__)
+
+DB_NAME = "frames.sqlite"
+STATUSES = ("pending", "labelled", "skipped", "new_class", "defect")
+ACTIONS = ("label", "skip", "new_class", "defect", "undo")
+FILTERS = ("status", "site", "station", "camera", "model_version", "predicted")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS frames (
+    id TEXT PRIMARY KEY,
+    seq INTEGER, site TEXT NOT NULL, station TEXT NOT NULL, camera TEXT NOT NULL, frame_seq INTEGER,
+    captured_at TEXT, ts TEXT,
+    model_name TEXT, model_version TEXT, predicted TEXT, confidence REAL,
+    top_k TEXT, selected_because TEXT, source_ref TEXT, meta TEXT NOT NULL,
+    received_at REAL NOT NULL, image TEXT NOT NULL, bytes INTEGER NOT NULL, sha256 TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'pending', label TEXT, defect TEXT, reviewer TEXT, reviewed_at REAL, note TEXT
+);
+CREATE INDEX IF NOT EXISTS frames_status ON frames(status, received_at);
+CREATE INDEX IF NOT EXISTS frames_station ON frames(site, station);
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS classes (name TEXT PRIMARY KEY, kind TEXT NOT NULL, added_at REAL NOT NULL);
+"""
+
+
+class StoreError(ValueError):
+    """Bad input to the store: names the frame or field and what was wrong."""
+
+
+class UnknownFrame(StoreError):
+    pass
+
+
+@dataclass(frozen=True)
+class AddResult:
+    outcome: str            # stored | duplicate | refused
+    frame_id: str
+    reason: str | None = None
+
+
+def _jpeg_ok(data: bytes) -> bool:
+    if len(data) < 4 or data[:2] != b"\xff\xd8":
+        return False
+    import cv2
+    import numpy as np
+
+    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) is not None
+
+
+def _safe(part: str) -> str:
+    """A path component from station-supplied text: no separators, no dot names."""
+    cleaned = "".join(c if c.isalnum() or c in "-_." else "_" for c in part).strip(".")
+    return cleaned or "_"
+
+
+class FrameStore:
+    def __init__(self, root: str | Path, *, max_bytes: int | None = None, warn_fraction: float = 0.9,
+                 labels: list[str] | None = None) -> None:
+        if max_bytes is not None and max_bytes <= 0:
+            raise StoreError(f"max_bytes must be positive, got {max_bytes}")
+        if not 0 < warn_fraction <= 1:
+            raise StoreError(f"warn_fraction must be in (0, 1], got {warn_fraction}")
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.images = self.root / "images"
+        self.max_bytes = max_bytes
+        self.warn_fraction = warn_fraction
+        self.base_labels = list(labels or [])
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(self.root / DB_NAME, check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+        self._used = int(self._db.execute("SELECT COALESCE(SUM(bytes), 0) FROM frames").fetchone()[0])
+        self._warned = False
+        self.reconciled = self._reconcile()
+
+    # ------------------------------------------------------------ integrity
+
+    def _reconcile(self) -> dict[str, int]:
+        """Images without a row (a crash between file and commit) are removed; rows without an image are reported."""
+        known = {row["image"] for row in self._db.execute("SELECT image FROM frames")}
+        orphans = 0
+        if self.images.is_dir():
+            for path in self.images.rglob("*"):
+                if not path.is_file():
+                    continue
+                rel = path.relative_to(self.root).as_posix()
+                if rel not in known:
+                    path.unlink()
+                    orphans += 1
+        missing = [row["id"] for row in self._db.execute("SELECT id, image FROM frames")
+                   if not (self.root / row["image"]).is_file()]
+        if orphans:
+            log.warning("%s: removed %d image file(s) without an index row (an interrupted write; the broker "
+                        "redelivers those frames)", self.root, orphans)
+        if missing:
+            log.error("%s: %d indexed frame(s) have lost their image file, e.g. %s", self.root, len(missing),
+                      missing[0])
+        return {"orphan_images_removed": orphans, "rows_without_image": len(missing)}
+
+    # ------------------------------------------------------------ counters
+
+    def _bump(self, name: str, by: int = 1) -> None:
+        self._db.execute("INSERT INTO counters(name, value) VALUES (?, ?) "
+                         "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value", (name, by))
+
+    def counters(self) -> dict[str, int]:
+        with self._lock:
+            return {r["name"]: r["value"] for r in self._db.execute("SELECT name, value FROM counters")}
+
+    def count(self, name: str, by: int = 1) -> None:
+        """Count an event outside ``add`` (the ingest service's malformed messages)."""
+        with self._lock:
+            self._bump(name, by)
+
+    # ------------------------------------------------------------ add
+
+    def add(self, meta: dict[str, Any], jpeg: bytes) -> AddResult:
+        """Store one frame message (``frame.v1`` metadata + JPEG bytes); idempotent by message id."""
+        frame_id = meta.get("id")
+        if not isinstance(frame_id, str) or not frame_id:
+            raise StoreError("frame metadata: field id: missing or not a string")
+        for name in ("site", "station", "camera"):
+            if not isinstance(meta.get(name), str) or not meta[name]:
+                raise StoreError(f"frame {frame_id}: field {name}: missing or not a string")
+        if not _jpeg_ok(jpeg):
+            raise StoreError(f"frame {frame_id}: the payload is not a decodable JPEG image ({len(jpeg)} bytes)")
+        with self._lock:
+            if self._db.execute("SELECT 1 FROM frames WHERE id = ?", (frame_id,)).fetchone():
+                self._bump("duplicates")
+                return AddResult("duplicate", frame_id)
+            if self.max_bytes is not None and self._used + len(jpeg) > self.max_bytes:
+                self._bump("refused_quota")
+                reason = (f"{self.root}: storage quota reached ({self._used} of {self.max_bytes} bytes used); "
+                          f"frame {frame_id} from {meta['site']}/{meta['station']} refused. Review and export "
+                          f"frames, or raise --max-bytes")
+                log.error(reason)
+                return AddResult("refused", frame_id, reason)
+            received = time.time()
+            day = time.strftime("%Y%m%d", time.gmtime(received))
+            rel = Path("images") / _safe(meta["site"]) / _safe(meta["station"]) / day / f"{_safe(frame_id)}.jpg"
+            self._write_atomic(self.root / rel, jpeg)
+            model = meta.get("model") or {}
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.execute(
+                    "INSERT INTO frames(id, seq, site, station, camera, frame_seq, captured_at, ts, model_name, "
+                    "model_version, predicted, confidence, top_k, selected_because, source_ref, meta, received_at, "
+                    "image, bytes, sha256) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (frame_id, meta.get("seq"), meta["site"], meta["station"], meta["camera"], meta.get("frame_seq"),
+                     _text(meta.get("captured_at")), _text(meta.get("ts")), model.get("name"), model.get("version"),
+                     meta.get("label"), meta.get("confidence"), json.dumps(meta.get("top_k") or []),
+                     json.dumps(meta.get("selected_because") or []), meta.get("source_ref"), json.dumps(meta),
+                     received, rel.as_posix(), len(jpeg), hashlib.sha256(jpeg).hexdigest()))
+                self._bump("stored")
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                (self.root / rel).unlink(missing_ok=True)
+                raise
+            self._used += len(jpeg)
+            self._check_quota()
+            return AddResult("stored", frame_id)
+
+    @staticmethod
+    def _write_atomic(path: Path, data: bytes) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".incoming-", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def _check_quota(self) -> None:
+        if self.max_bytes is None:
+            return
+        if self._used >= self.warn_fraction * self.max_bytes and not self._warned:
+            log.warning("%s: storage at %.0f%% of its quota (%d of %d bytes); at 100%% new frames are refused",
+                        self.root, 100 * self._used / self.max_bytes, self._used, self.max_bytes)
+            self._warned = True
+        elif self._used < self.warn_fraction * self.max_bytes:
+            self._warned = False
+
+    # ------------------------------------------------------------ read
+
+    def get(self, frame_id: str) -> dict[str, Any]:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM frames WHERE id = ?", (frame_id,)).fetchone()
+        if row is None:
+            raise UnknownFrame(f"frame {frame_id!r}: no such frame in {self.root}")
+        return _public(row)
+
+    def image_path(self, frame_id: str) -> Path:
+        return self.root / self.get(frame_id)["image"]
+
+    def list(self, *, limit: int = 50, offset: int = 0, order: str = "oldest", **filters: Any) -> tuple[list[dict], int]:
+        """Frames matching the filters (``FILTERS``), oldest first (or newest), and how many match in all."""
+        unknown = set(filters) - set(FILTERS)
+        if unknown:
+            raise StoreError(f"unknown filter(s) {', '.join(sorted(unknown))}; known: {', '.join(FILTERS)}")
+        if filters.get("status") not in (None, *STATUSES):
+            raise StoreError(f"field status: {filters['status']!r} is not one of {', '.join(STATUSES)}")
+        if not 1 <= limit <= 1000 or offset < 0:
+            raise StoreError("field limit: 1..1000, offset: >= 0")
+        where, args = [], []
+        for key, value in filters.items():
+            if value not in (None, ""):
+                where.append(f"{key} = ?")
+                args.append(value)
+        clause = (" WHERE " + " AND ".join(where)) if where else ""
+        direction = "DESC" if order == "newest" else "ASC"
+        with self._lock:
+            total = self._db.execute(f"SELECT COUNT(*) FROM frames{clause}", args).fetchone()[0]
+            rows = self._db.execute(f"SELECT * FROM frames{clause} ORDER BY received_at {direction}, id "
+                                    f"LIMIT ? OFFSET ?", [*args, limit, offset]).fetchall()
+        return [_public(r) for r in rows], int(total)
+
+    def iter_reviewed(self) -> Iterator[dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM frames WHERE status != 'pending' ORDER BY reviewed_at, id").fetchall()
+        for row in rows:
+            yield _public(row)
+
+    def facets(self) -> dict[str, list[str]]:
+        """Distinct values for the review page's filters."""
+        out = {}
+        with self._lock:
+            for key in ("site", "station", "camera", "model_version", "predicted"):
+                out[key] = [r[0] for r in self._db.execute(
+                    f"SELECT DISTINCT {key} FROM frames WHERE {key} IS NOT NULL ORDER BY {key}")]
+        return out
+
+    def labels(self) -> dict[str, list[str]]:
+        """Classes a reviewer can assign: the model's, plus new classes and defect classes accepted so far."""
+        with self._lock:
+            extra = self._db.execute("SELECT name, kind FROM classes ORDER BY added_at, name").fetchall()
+        return {"labels": list(self.base_labels), "new_classes": [r["name"] for r in extra if r["kind"] == "new_class"],
+                "defects": [r["name"] for r in extra if r["kind"] == "defect"]}
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            by_status = {s: 0 for s in STATUSES}
+            by_status.update({r[0]: r[1] for r in self._db.execute("SELECT status, COUNT(*) FROM frames GROUP BY status")})
+            by_station = {f"{r[0]}/{r[1]}": r[2] for r in self._db.execute(
+                "SELECT site, station, COUNT(*) FROM frames GROUP BY site, station")}
+            by_model = {str(r[0]): r[1] for r in self._db.execute(
+                "SELECT model_version, COUNT(*) FROM frames GROUP BY model_version")}
+            by_label = {str(r[0]): r[1] for r in self._db.execute(
+                "SELECT label, COUNT(*) FROM frames WHERE label IS NOT NULL GROUP BY label")}
+        quota = None
+        if self.max_bytes is not None:
+            fraction = self._used / self.max_bytes
+            quota = {"max_bytes": self.max_bytes, "used_bytes": self._used, "fraction": round(fraction, 4),
+                     "warning": fraction >= self.warn_fraction, "full": self._used >= self.max_bytes}
+        return {"frames": sum(by_status.values()), "by_status": by_status, "by_station": by_station,
+                "by_model_version": by_model, "by_label": by_label, "bytes": self._used, "quota": quota,
+                "counters": self.counters(), "reconciled": self.reconciled}
+
+    # ------------------------------------------------------------ review
+
+    def review(self, frame_id: str, action: str, *, label: str | None = None, reviewer: str | None = None,
+               note: str | None = None) -> dict[str, Any]:
+        """Apply a reviewer's decision. ``label``: a known class (label), a new class name (new_class), or the
+        defect class (defect, optional). ``undo`` puts the frame back to pending."""
+        if action not in ACTIONS:
+            raise StoreError(f"field action: {action!r} is not one of {', '.join(ACTIONS)}")
+        label = label.strip() if isinstance(label, str) else label
+        with self._lock:
+            self.get(frame_id)
+            known = self.labels()
+            if action == "label":
+                if not label or label not in known["labels"] + known["new_classes"]:
+                    raise StoreError(f"frame {frame_id}: field label: {label!r} is not a known class "
+                                     f"({', '.join(known['labels'] + known['new_classes'])}); use action new_class "
+                                     f"for a class the model does not have")
+                status = "labelled"
+            elif action == "new_class":
+                if not label:
+                    raise StoreError(f"frame {frame_id}: field label: a new class needs a name")
+                if label in known["labels"]:
+                    raise StoreError(f"frame {frame_id}: field label: {label!r} is already a class of the model; "
+                                     f"use action label")
+                status = "new_class"
+            elif action == "defect":
+                status = "defect"
+            elif action == "skip":
+                status, label = "skipped", None
+            else:
+                status, label = "pending", None
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                if action == "new_class":
+                    self._db.execute("INSERT OR IGNORE INTO classes(name, kind, added_at) VALUES (?, 'new_class', ?)",
+                                     (label, time.time()))
+                if action == "defect" and label:
+                    self._db.execute("INSERT OR IGNORE INTO classes(name, kind, added_at) VALUES (?, 'defect', ?)",
+                                     (label, time.time()))
+                undo = action == "undo"
+                self._db.execute(
+                    "UPDATE frames SET status = ?, label = ?, defect = ?, reviewer = ?, reviewed_at = ?, note = ? "
+                    "WHERE id = ?",
+                    (status, label if action in ("label", "new_class") else None,
+                     (label or "defect") if action == "defect" else None,
+                     None if undo else reviewer, None if undo else time.time(), None if undo else note, frame_id))
+                self._bump(f"reviews:{action}")
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return self.get(frame_id)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _public(row: sqlite3.Row) -> dict[str, Any]:
+    out = dict(row)
+    out["top_k"] = json.loads(out["top_k"] or "[]")
+    out["selected_because"] = json.loads(out["selected_because"] or "[]")
+    out["meta"] = json.loads(out["meta"])
+    return out
