@@ -108,6 +108,8 @@ def test_export_is_a_dataset_the_trainer_reads_with_provenance(tmp_path):
     dataset = load_dataset(tmp_path / "reviewed" / "reviewed.csv")
     got = sorted((s.path.name, dataset.classes[s.label]) for s in dataset.samples)
     assert got == sorted((f"{r.id}.jpg", truth_of(r)) for r in records[:6])
+    as_folders = load_dataset(tmp_path / "reviewed")          # the folder is a class-folder dataset too
+    assert sorted((s.path.name, as_folders.classes[s.label]) for s in as_folders.samples) == got
     header = (tmp_path / "reviewed" / "reviewed.csv").read_text().splitlines()[0]
     assert header.startswith("path,label,frame_id,site,station,camera,model_name,model_version,predicted")
     with pytest.raises(StoreError, match="already exists"):

@@ -6,8 +6,12 @@
                            and ignores the rest): frame_id, site, station, camera, model_name,
                            model_version, predicted, confidence, selected_because, status, reviewer,
                            reviewed_at, received_at, sha256
-    <out>/images/<label>/<frame_id>.jpg   copies of the JPEGs (hard links where the file system allows)
+    <out>/<class folder>/<frame_id>.jpg   the JPEGs (hard links where the file system allows)
+    <out>/labels.json      class folder -> class name (as ``import-fashion-mnist`` writes it)
     <out>/export.json      counts, what was left out and why, the store it came from
+
+So ``<out>`` is also a class-folder dataset: ``--data <out>`` and ``--data <out>/reviewed.csv`` read
+the same images with the same labels (the CSV adds the provenance).
 
 Labelled frames carry their label, new-class frames their new class name, defect frames their
 defect class (a defect without a class name is left out: there is nothing to learn it as). Skipped
@@ -28,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from trainer.data import LABELS_FILE, folder_name
 from trainer.loop.store import FrameStore, StoreError
 
 CSV_NAME = "reviewed.csv"
@@ -56,6 +61,7 @@ def export_reviewed(store: FrameStore, out: Path, *, force: bool = False) -> dic
     counts: dict[str, int] = {}
     left_out: dict[str, int] = {}
     rows = []
+    folders: dict[str, str] = {}
     try:
         for frame in store.iter_reviewed():
             label = training_label(frame)
@@ -67,7 +73,12 @@ def export_reviewed(store: FrameStore, out: Path, *, force: bool = False) -> dic
             if not src.is_file():
                 left_out["image file missing"] = left_out.get("image file missing", 0) + 1
                 continue
-            rel = Path("images") / _folder_name(label) / f"{_folder_name(frame['id'])}.jpg"
+            if label not in folders:
+                name = folder_name(label)
+                while name in folders.values() or name.startswith("."):
+                    name = "_" + name
+                folders[label] = name
+            rel = Path(folders[label]) / f"{_folder_name(frame['id'])}.jpg"
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             try:
                 os.link(src, tmp / rel)
@@ -88,6 +99,8 @@ def export_reviewed(store: FrameStore, out: Path, *, force: bool = False) -> dic
         summary = {"store": str(store.root.resolve()), "exported_at": _iso(time.time()), "frames": len(rows),
                    "by_label": dict(sorted(counts.items())), "left_out": left_out, "csv": CSV_NAME}
         (tmp / "export.json").write_text(json.dumps(summary, indent=2))
+        (tmp / LABELS_FILE).write_text(json.dumps({folder: label for label, folder in sorted(folders.items())},
+                                                  indent=2))
         if out.exists():
             old = out.with_name(f".{out.name}.old")
             shutil.rmtree(old, ignore_errors=True)
