@@ -252,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("onnx_ir", "onnxscript", "torch.onnx", "root"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    for ours in ("trainer", "agent"):   # the root logger is quietened above; our own INFO lines stay
+        logging.getLogger(ours).setLevel(logging.DEBUG if args.verbose else logging.INFO)
     from agent.bundle import BundleError
     from trainer.data import DatasetError
     from trainer.export.tensorrt import TensorRTUnavailable

@@ -1,0 +1,147 @@
+"""The ingest service against a real mosquitto: both wire forms, exactly once across kill -9, bad messages."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import time
+from pathlib import Path
+
+import paho.mqtt.client as paho
+import pytest
+from loop_support import ingest_process, real_frames
+
+from agent.mqtt import encode
+from agent_support import MOSQUITTO, Broker
+from trainer.loop.ingest import IngestService
+from trainer.loop.store import FrameStore
+
+TOPIC = "inventory/ber1/receiving-01/frames"
+pytestmark = pytest.mark.mqtt
+
+
+@pytest.fixture
+def broker(tmp_path):
+    if not Path(MOSQUITTO).exists():
+        pytest.skip("mosquitto is not installed (apt-get install mosquitto); ingest tests need a real broker")
+    (tmp_path / "broker").mkdir()
+    b = Broker(tmp_path / "broker").start()
+    yield b
+    b.stop()
+
+
+def station(broker, v5: bool = True) -> paho.Client:
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"station-{os.getpid()}-{time.time_ns()}",
+                         protocol=paho.MQTTv5 if v5 else paho.MQTTv311)
+    client.connect(broker.host, broker.port)
+    client.loop_start()
+    return client
+
+
+def publish(client: paho.Client, records, v5: bool = True, topic: str = TOPIC) -> None:
+    for record in records:
+        payload, props = encode(record, v5)           # the agent's own encoder
+        client.publish(topic, payload, qos=1, properties=props).wait_for_publish(10)
+
+
+def wait_for(predicate, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+def stored_ids(store_dir: Path) -> list[str]:
+    db = store_dir / "frames.sqlite"
+    if not db.exists():
+        return []
+    with sqlite3.connect(db) as conn:
+        return [r[0] for r in conn.execute("SELECT id FROM frames")]
+
+
+def test_both_wire_forms_are_stored_with_their_metadata(broker, tmp_path):
+    store = FrameStore(tmp_path / "store")
+    service = IngestService(store, host=broker.host, port=broker.port, client_id="ingest-test")
+    service.start()
+    assert service.connected.wait(10)
+    v5_records, v311_records = real_frames(3), real_frames(3, start=3)
+    publish(client := station(broker), v5_records)
+    publish(old := station(broker, v5=False), v311_records, v5=False)
+    assert wait_for(lambda: store.list()[1] == 6)
+    for record in v5_records + v311_records:
+        frame = store.get(record.id)
+        assert store.image_path(record.id).read_bytes() == record.blob
+        assert frame["predicted"] == record.body["label"] and frame["selected_because"] == record.body["selected_because"]
+        assert frame["meta"] == record.body
+    publish(client, v5_records[:2])                   # a redelivery: same ids
+    assert wait_for(lambda: store.counters().get("duplicates") == 2)
+    assert store.list()[1] == 6
+    service.stop()
+    for c in (client, old):
+        c.loop_stop()
+        c.disconnect()
+
+
+def test_malformed_messages_are_counted_and_never_stop_the_service(broker, tmp_path, caplog):
+    store = FrameStore(tmp_path / "store")
+    service = IngestService(store, host=broker.host, port=broker.port, client_id="ingest-test")
+    service.start()
+    assert service.connected.wait(10)
+    client = station(broker)
+    [good, other] = real_frames(2)
+    client.publish(TOPIC, b"not a frame", qos=1).wait_for_publish(10)
+    publish(client, [good], topic="inventory/ber1/someone-else/frames")       # station and topic disagree
+    payload, props = encode(other, True)
+    client.publish(TOPIC, payload[:100], qos=1, properties=props).wait_for_publish(10)   # cut JPEG
+    publish(client, [other])
+    assert wait_for(lambda: store.list()[1] == 1 and store.counters().get("malformed") == 3)
+    assert store.get(other.id)["id"] == other.id
+    assert "the topic names station ber1/someone-else but the frame says ber1/receiving-01" in caplog.text
+    assert "field jpeg.bytes" in caplog.text
+    service.stop()
+    client.loop_stop()
+    client.disconnect()
+
+
+def test_kill_9_and_downtime_lose_and_duplicate_nothing(broker, tmp_path):
+    """Frames published while ingest is dead wait in the broker (persistent session); none is stored twice."""
+    store_dir, log = tmp_path / "store", tmp_path / "ingest.log"
+    records = real_frames(120)
+    proc = ingest_process(store_dir, broker.port, log)
+    try:
+        assert wait_for(lambda: "subscribed to" in log.read_text(), 60), log.read_text()
+        client = station(broker)
+        publish(client, records[:40])
+        assert wait_for(lambda: len(stored_ids(store_dir)) >= 10, 30)
+        proc.send_signal(signal.SIGKILL)                 # mid-stream, no goodbye
+        proc.wait(10)
+        publish(client, records[40:80])                  # the central side is down: the broker queues them
+        proc = ingest_process(store_dir, broker.port, log)
+        publish(client, records[80:])
+        assert wait_for(lambda: len(stored_ids(store_dir)) >= 120, 90), \
+            f"{len(stored_ids(store_dir))} of 120 stored\n{log.read_text()[-3000:]}"
+        time.sleep(1.0)                                  # any straggling redelivery would land now
+        ids = stored_ids(store_dir)
+        assert sorted(ids) == sorted(r.id for r in records) and len(ids) == len(set(ids))
+        assert "session resumed" in log.read_text()
+        client.loop_stop()
+        client.disconnect()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert "frames stored" in log.read_text()           # SIGTERM: a clean stop with a summary
+
+
+def test_cli_names_a_missing_tls_file(tmp_path):
+    import subprocess
+    import sys
+
+    from loop_support import REPO
+
+    proc = subprocess.run([sys.executable, "-m", "trainer", "ingest", "--store", str(tmp_path / "s"),
+                           "--tls-ca", str(tmp_path / "nope.crt")], cwd=REPO, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode != 0 and f"--tls-ca: {tmp_path / 'nope.crt'}: no such file" in proc.stderr
