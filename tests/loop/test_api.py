@@ -1,0 +1,132 @@
+"""The review server's HTTP API on a real localhost port, over a real store of real frames."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from loop_support import LABELS, REPO, real_frames, truth_of
+
+from trainer.loop.api import ReviewServer, labels_from
+from trainer.loop.store import FrameStore, StoreError
+
+
+def call(url: str, body: dict | None = None, token: str | None = None) -> tuple[int, object]:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method="POST" if body is not None else "GET")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            raw = resp.read()
+            return resp.status, json.loads(raw) if resp.headers.get_content_type() == "application/json" else raw
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+@pytest.fixture
+def server(tmp_path):
+    store = FrameStore(tmp_path / "store", labels=LABELS)
+    records = real_frames(6) + real_frames(3, station="qc-02", version="2", start=6)
+    for r in records:
+        store.add(r.body, r.blob)
+    srv = ReviewServer(store, "127.0.0.1", 0).start()
+    yield srv, store, records
+    srv.stop()
+    store.close()
+
+
+def test_list_filter_show_and_label_through_http(server):
+    srv, store, records = server
+    status, body = call(srv.url + "api/frames?status=pending&station=qc-02")
+    assert status == 200 and body["total"] == 3 and {f["station"] for f in body["frames"]} == {"qc-02"}
+    status, body = call(srv.url + "api/frames?model_version=1&limit=2&offset=1")
+    assert body["total"] == 6 and [f["id"] for f in body["frames"]] == [records[1].id, records[2].id]
+    first = records[0]
+    status, frame = call(srv.url + f"api/frames/{first.id}")
+    assert frame["top_k"][0]["label"] == first.body["label"] and frame["selected_because"]
+    status, image = call(srv.url + f"api/frames/{first.id}/image")
+    assert status == 200 and image == first.blob
+    status, done = call(srv.url + f"api/frames/{first.id}/review",
+                        {"action": "label", "label": truth_of(first), "reviewer": "script"})
+    assert status == 200 and done["status"] == "labelled"
+    assert store.get(first.id)["label"] == truth_of(first) and store.get(first.id)["reviewer"] == "script"
+    status, stats = call(srv.url + "api/stats")
+    assert stats["by_status"]["labelled"] == 1 and stats["by_status"]["pending"] == 8
+    assert call(srv.url + "api/facets")[1]["station"] == ["qc-02", "receiving-01"]
+    assert call(srv.url + "api/labels")[1]["labels"] == LABELS
+    page = urllib.request.urlopen(srv.url, timeout=10).read().decode()
+    assert 'id="frame-image"' in page and "/static/review.js" in page
+
+
+def test_bad_requests_name_the_field_and_change_nothing(server):
+    srv, store, records = server
+    target = records[1].id
+    cases = [({"action": "label", "label": "Hat"}, "field label: 'Hat' is not a known class"),
+             ({"action": "approve"}, "field action: 'approve'"),
+             ({"label": "Bag"}, "field action: missing"),
+             ({"action": "label", "label": 3}, "field label: expected a string"),
+             ({"action": "skip", "colour": "red"}, "unknown field(s) colour")]
+    for body, message in cases:
+        status, err = call(srv.url + f"api/frames/{target}/review", body)
+        assert status == 400 and message in err["error"], (body, err)
+    assert call(srv.url + "api/frames/nope/review", {"action": "skip"})[0] == 404
+    assert call(srv.url + "api/frames?status=done")[0] == 400
+    assert call(srv.url + "api/frames?colour=red")[0] == 400
+    assert store.get(target)["status"] == "pending"
+
+
+def test_a_token_guards_the_api(tmp_path):
+    store = FrameStore(tmp_path / "store", labels=LABELS)
+    [record] = real_frames(1)
+    store.add(record.body, record.blob)
+    srv = ReviewServer(store, "127.0.0.1", 0, token="s3cret").start()
+    try:
+        assert call(srv.url + "api/frames")[0] == 401
+        assert call(srv.url + f"api/frames/{record.id}/review", {"action": "skip"}, token="wrong")[0] == 401
+        assert store.get(record.id)["status"] == "pending"
+        assert call(srv.url + "api/frames", token="s3cret")[1]["total"] == 1
+    finally:
+        srv.stop()
+
+
+def test_labels_come_from_a_bundle_manifest_or_a_labels_file(tmp_path, real_bundle):
+    manifest = json.loads((real_bundle / "manifest.json").read_text())
+    assert labels_from(real_bundle) == manifest["labels"] and sorted(manifest["labels"]) == sorted(LABELS)
+    (tmp_path / "labels.json").write_text(json.dumps({"T-shirt_top": "T-shirt/top", "Trouser": "Trouser"}))
+    assert labels_from(tmp_path / "labels.json") == ["T-shirt/top", "Trouser"]
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(StoreError, match="bad.json: not JSON"):
+        labels_from(tmp_path / "bad.json")
+
+
+def test_the_review_cli_serves_the_store(tmp_path, real_bundle):
+    store = FrameStore(tmp_path / "store")
+    for r in real_frames(2):
+        store.add(r.body, r.blob)
+    store.close()
+    from agent.demo import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", "review", "--store", str(tmp_path / "store"),
+                             "--labels-from", str(real_bundle), "--port", str(port)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                status, body = call(f"http://127.0.0.1:{port}/api/frames")
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert time.monotonic() < deadline and proc.poll() is None, "review server did not start"
+                time.sleep(0.2)
+        assert status == 200 and body["total"] == 2
+        assert sorted(call(f"http://127.0.0.1:{port}/api/labels")[1]["labels"]) == sorted(LABELS)
+    finally:
+        proc.terminate()
+        proc.wait(10)
