@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import time
 
 import pytest
 from loop_support import LABELS, real_frames, truth_of
@@ -34,10 +36,14 @@ def test_an_interrupted_write_leaves_no_trace_after_reopen(tmp_path, caplog):
     orphan = tmp_path / "s" / "images" / "ber1" / "receiving-01" / "20261127" / "lost.jpg"
     orphan.parent.mkdir(parents=True, exist_ok=True)
     orphan.write_bytes(record.blob)           # a file written, the process died before its row committed
+    fresh = orphan.with_name(".incoming-abc")
+    fresh.write_bytes(record.blob)            # another process writing right now: left alone
+    old = time.time() - 3600
+    os.utime(orphan, (old, old))
     store.close()
     with caplog.at_level(logging.WARNING):
         again = FrameStore(tmp_path / "s")
-    assert not orphan.exists() and again.reconciled["orphan_images_removed"] == 1
+    assert not orphan.exists() and fresh.exists() and again.reconciled["orphan_images_removed"] == 1
     assert again.list()[1] == 1 and again.image_path(record.id).is_file()
 
 

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 DB_NAME = "frames.sqlite"
 STATUSES = ("pending", "labelled", "skipped", "new_class", "defect")
 ACTIONS = ("label", "skip", "new_class", "defect", "undo")
+ORPHAN_AGE_S = 300.0
 FILTERS = ("status", "site", "station", "camera", "model_version", "predicted")
 
 SCHEMA = """
@@ -110,14 +111,20 @@ class FrameStore:
         """Images without a row (a crash between file and commit) are removed; rows without an image are reported."""
         known = {row["image"] for row in self._db.execute("SELECT image FROM frames")}
         orphans = 0
+        # Another process (ingest beside a review server) may be between its file and its commit right
+        # now: only files older than ORPHAN_AGE_S count as left behind by a crash.
+        cutoff = time.time() - ORPHAN_AGE_S
         if self.images.is_dir():
             for path in self.images.rglob("*"):
-                if not path.is_file():
+                try:
+                    if not path.is_file() or path.stat().st_mtime > cutoff:
+                        continue
+                    rel = path.relative_to(self.root).as_posix()
+                    if rel not in known:
+                        path.unlink()
+                        orphans += 1
+                except FileNotFoundError:
                     continue
-                rel = path.relative_to(self.root).as_posix()
-                if rel not in known:
-                    path.unlink()
-                    orphans += 1
         missing = [row["id"] for row in self._db.execute("SELECT id, image FROM frames")
                    if not (self.root / row["image"]).is_file()]
         if orphans:
