@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import logging
-import os
-import time
+import threading
 
 import pytest
 from loop_support import LABELS, real_frames, truth_of
@@ -36,15 +35,49 @@ def test_an_interrupted_write_leaves_no_trace_after_reopen(tmp_path, caplog):
     orphan = tmp_path / "s" / "images" / "ber1" / "receiving-01" / "20261127" / "lost.jpg"
     orphan.parent.mkdir(parents=True, exist_ok=True)
     orphan.write_bytes(record.blob)           # a file written, the process died before its row committed
-    fresh = orphan.with_name(".incoming-abc")
-    fresh.write_bytes(record.blob)            # another process writing right now: left alone
-    old = time.time() - 3600
-    os.utime(orphan, (old, old))
+    half = orphan.with_name(".incoming-abc")
+    half.write_bytes(record.blob[:100])       # died while writing the temporary file
     store.close()
     with caplog.at_level(logging.WARNING):
         again = FrameStore(tmp_path / "s")
-    assert not orphan.exists() and fresh.exists() and again.reconciled["orphan_images_removed"] == 1
+    assert not orphan.exists() and not half.exists() and again.reconciled["orphan_images_removed"] == 2
+    assert "removed 2 image file(s) without an index row" in caplog.text
     assert again.list()[1] == 1 and again.image_path(record.id).is_file()
+    again.image_path(record.id).unlink()      # a file lost behind the store's back: reported, the row kept
+    with caplog.at_level(logging.ERROR):
+        assert FrameStore(tmp_path / "s").reconciled["rows_without_image"] == 1
+    assert "lost their image file" in caplog.text
+
+
+def test_opening_beside_a_writer_never_takes_its_files(tmp_path):
+    """The review server opens the store while ingest writes: its reconcile must not see a write in progress
+    as a crash leftover (every add holds the write lock from its file to its commit)."""
+    records = real_frames(40)
+    writer = FrameStore(tmp_path / "s")
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            for r in records:
+                writer.add(r.body, r.blob)
+        except BaseException as exc:        # surfaced below
+            errors.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=write, daemon=True).start()
+    opens = 0
+    while not done.is_set() or opens == 0:
+        other = FrameStore(tmp_path / "s")      # a second handle: its own connection, SQLite's locking
+        assert other.reconciled == {"orphan_images_removed": 0, "rows_without_image": 0}
+        other.close()
+        opens += 1
+    assert not errors and opens > 1
+    frames, total = writer.list(limit=100)
+    assert total == 40 and all((tmp_path / "s" / f["image"]).read_bytes() == r.blob
+                               for f, r in zip(frames, records))
+    assert writer.stats()["bytes"] == sum(len(r.blob) for r in records)
 
 
 def test_quota_warns_then_refuses_and_never_deletes(tmp_path, caplog):
@@ -59,6 +92,9 @@ def test_quota_warns_then_refuses_and_never_deletes(tmp_path, caplog):
     assert stats["quota"]["warning"] is True and stats["counters"]["refused_quota"] == outcomes.count("refused")
     assert stats["frames"] == outcomes.count("stored")
     assert all((tmp_path / "s" / f["image"]).is_file() for f in store.list()[0])
+    other = FrameStore(tmp_path / "s", max_bytes=int(size * 3.5))   # a second worker on the same store
+    assert other.stats()["quota"]["used_bytes"] == stats["bytes"] == sum(len(r.blob) for r in records[:3])
+    assert other.add(records[5].body, records[5].blob).outcome == "refused"
 
 
 def test_bad_frames_are_refused_with_the_reason(tmp_path):

@@ -5,10 +5,12 @@ Layout under the store folder::
     frames.sqlite                          index (WAL): one row per frame message id
     images/<site>/<station>/<YYYYMMDD>/<id>.jpg
 
-A frame is written in this order: the JPEG to a temporary name, fsync, rename; then the row, in one
-transaction. A crash in between leaves at most an image without a row; ``FrameStore`` removes such
+A frame is written inside one write transaction (``BEGIN IMMEDIATE``: SQLite's write lock, held
+across processes): the duplicate and quota checks, the JPEG to a temporary name, fsync, rename, then
+the row, commit. A crash in between leaves at most an image without a row; ``FrameStore`` removes such
 orphans when it opens (the ingest service has not acknowledged that message, so the broker sends it
-again). Duplicates (a QoS 1 redelivery carries the same message id) are stored once. A byte quota:
+again). The open does that under the same lock, so it never takes a file that another process (a
+second ingest worker, the review server beside the ingest service) is still writing. Duplicates (a QoS 1 redelivery carries the same message id) are stored once. A byte quota:
 above ``warn_fraction`` a warning is logged and flagged in ``stats()``; at the quota new frames are
 refused and counted, and nothing already stored is ever deleted to make room.
 """
@@ -23,6 +25,7 @@ import sqlite3
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -32,14 +35,14 @@ log = logging.getLogger(__name__)
 DB_NAME = "frames.sqlite"
 STATUSES = ("pending", "labelled", "skipped", "new_class", "defect")
 ACTIONS = ("label", "skip", "new_class", "defect", "undo")
-ORPHAN_AGE_S = 300.0
+INTERNAL_COUNTERS = ("bytes_stored",)
 FILTERS = ("status", "site", "station", "camera", "model_version", "predicted")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS frames (
     id TEXT PRIMARY KEY,
     seq INTEGER, site TEXT NOT NULL, station TEXT NOT NULL, camera TEXT NOT NULL, frame_seq INTEGER,
-    captured_at TEXT, ts TEXT,
+    captured_at REAL, ts REAL,
     model_name TEXT, model_version TEXT, predicted TEXT, confidence REAL,
     top_k TEXT, selected_because TEXT, source_ref TEXT, meta TEXT NOT NULL,
     received_at REAL NOT NULL, image TEXT NOT NULL, bytes INTEGER NOT NULL, sha256 TEXT NOT NULL,
@@ -96,37 +99,35 @@ class FrameStore:
         self.warn_fraction = warn_fraction
         self.base_labels = list(labels or [])
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(self.root / DB_NAME, check_same_thread=False, isolation_level=None)
+        # timeout: how long to wait for another process's write lock (a busy store shared by several workers)
+        self._db = sqlite3.connect(self.root / DB_NAME, check_same_thread=False, isolation_level=None, timeout=60)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
-        self._used = int(self._db.execute("SELECT COALESCE(SUM(bytes), 0) FROM frames").fetchone()[0])
         self._warned = False
         self.reconciled = self._reconcile()
 
     # ------------------------------------------------------------ integrity
 
     def _reconcile(self) -> dict[str, int]:
-        """Images without a row (a crash between file and commit) are removed; rows without an image are reported."""
-        known = {row["image"] for row in self._db.execute("SELECT image FROM frames")}
+        """Images without a row (a crash between file and commit) are removed; rows without an image are reported.
+
+        Runs under the write lock: every writer holds it from before its file until its commit, so no file
+        found here can belong to a write still in progress."""
         orphans = 0
-        # Another process (ingest beside a review server) may be between its file and its commit right
-        # now: only files older than ORPHAN_AGE_S count as left behind by a crash.
-        cutoff = time.time() - ORPHAN_AGE_S
-        if self.images.is_dir():
-            for path in self.images.rglob("*"):
-                try:
-                    if not path.is_file() or path.stat().st_mtime > cutoff:
-                        continue
-                    rel = path.relative_to(self.root).as_posix()
-                    if rel not in known:
-                        path.unlink()
+        with self._lock, self._write():
+            known = {row["image"] for row in self._db.execute("SELECT image FROM frames")}
+            if self.images.is_dir():
+                for path in self.images.rglob("*"):
+                    if path.is_file() and path.relative_to(self.root).as_posix() not in known:
+                        path.unlink(missing_ok=True)
                         orphans += 1
-                except FileNotFoundError:
-                    continue
-        missing = [row["id"] for row in self._db.execute("SELECT id, image FROM frames")
-                   if not (self.root / row["image"]).is_file()]
+            missing = [row["id"] for row in self._db.execute("SELECT id, image FROM frames")
+                       if not (self.root / row["image"]).is_file()]
+            if self._db.execute("SELECT 1 FROM counters WHERE name = 'bytes_stored'").fetchone() is None:
+                self._bump("bytes_stored", int(self._db.execute("SELECT COALESCE(SUM(bytes), 0) FROM frames")
+                                               .fetchone()[0]))
         if orphans:
             log.warning("%s: removed %d image file(s) without an index row (an interrupted write; the broker "
                         "redelivers those frames)", self.root, orphans)
@@ -134,6 +135,17 @@ class FrameStore:
             log.error("%s: %d indexed frame(s) have lost their image file, e.g. %s", self.root, len(missing),
                       missing[0])
         return {"orphan_images_removed": orphans, "rows_without_image": len(missing)}
+
+    @contextmanager
+    def _write(self) -> Iterator[None]:
+        """One write transaction holding SQLite's write lock (shared with other processes on this store)."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
 
     # ------------------------------------------------------------ counters
 
@@ -143,11 +155,18 @@ class FrameStore:
 
     def counters(self) -> dict[str, int]:
         with self._lock:
-            return {r["name"]: r["value"] for r in self._db.execute("SELECT name, value FROM counters")}
+            return {r["name"]: r["value"] for r in self._db.execute("SELECT name, value FROM counters")
+                    if r["name"] not in INTERNAL_COUNTERS}
+
+    def used_bytes(self) -> int:
+        """Bytes of JPEG stored, as committed by every process writing to this store."""
+        with self._lock:
+            row = self._db.execute("SELECT value FROM counters WHERE name = 'bytes_stored'").fetchone()
+        return int(row[0]) if row else 0
 
     def count(self, name: str, by: int = 1) -> None:
         """Count an event outside ``add`` (the ingest service's malformed messages)."""
-        with self._lock:
+        with self._lock, self._write():
             self._bump(name, by)
 
     # ------------------------------------------------------------ add
@@ -162,42 +181,48 @@ class FrameStore:
                 raise StoreError(f"frame {frame_id}: field {name}: missing or not a string")
         if not _jpeg_ok(jpeg):
             raise StoreError(f"frame {frame_id}: the payload is not a decodable JPEG image ({len(jpeg)} bytes)")
+        model = meta.get("model") or {}
+        day = time.strftime("%Y%m%d", time.gmtime())
+        rel = Path("images") / _safe(meta["site"]) / _safe(meta["station"]) / day / f"{_safe(frame_id)}.jpg"
+        written = False
         with self._lock:
-            if self._db.execute("SELECT 1 FROM frames WHERE id = ?", (frame_id,)).fetchone():
-                self._bump("duplicates")
-                return AddResult("duplicate", frame_id)
-            if self.max_bytes is not None and self._used + len(jpeg) > self.max_bytes:
-                self._bump("refused_quota")
-                reason = (f"{self.root}: storage quota reached ({self._used} of {self.max_bytes} bytes used); "
-                          f"frame {frame_id} from {meta['site']}/{meta['station']} refused. Review and export "
-                          f"frames, or raise --max-bytes")
-                log.error(reason)
-                return AddResult("refused", frame_id, reason)
-            received = time.time()
-            day = time.strftime("%Y%m%d", time.gmtime(received))
-            rel = Path("images") / _safe(meta["site"]) / _safe(meta["station"]) / day / f"{_safe(frame_id)}.jpg"
-            self._write_atomic(self.root / rel, jpeg)
-            model = meta.get("model") or {}
             try:
-                self._db.execute("BEGIN IMMEDIATE")
-                self._db.execute(
-                    "INSERT INTO frames(id, seq, site, station, camera, frame_seq, captured_at, ts, model_name, "
-                    "model_version, predicted, confidence, top_k, selected_because, source_ref, meta, received_at, "
-                    "image, bytes, sha256) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    (frame_id, meta.get("seq"), meta["site"], meta["station"], meta["camera"], meta.get("frame_seq"),
-                     _text(meta.get("captured_at")), _text(meta.get("ts")), model.get("name"), model.get("version"),
-                     meta.get("label"), meta.get("confidence"), json.dumps(meta.get("top_k") or []),
-                     json.dumps(meta.get("selected_because") or []), meta.get("source_ref"), json.dumps(meta),
-                     received, rel.as_posix(), len(jpeg), hashlib.sha256(jpeg).hexdigest()))
-                self._bump("stored")
-                self._db.execute("COMMIT")
+                with self._write():
+                    if self._db.execute("SELECT 1 FROM frames WHERE id = ?", (frame_id,)).fetchone():
+                        self._bump("duplicates")
+                        return AddResult("duplicate", frame_id)
+                    used = self._stored_bytes()
+                    if self.max_bytes is not None and used + len(jpeg) > self.max_bytes:
+                        self._bump("refused_quota")
+                        reason = (f"{self.root}: storage quota reached ({used} of {self.max_bytes} bytes used); "
+                                  f"frame {frame_id} from {meta['site']}/{meta['station']} refused. Review and "
+                                  f"export frames, or raise --max-bytes")
+                        log.error(reason)
+                        return AddResult("refused", frame_id, reason)
+                    self._write_atomic(self.root / rel, jpeg)
+                    written = True
+                    self._db.execute(
+                        "INSERT INTO frames(id, seq, site, station, camera, frame_seq, captured_at, ts, model_name, "
+                        "model_version, predicted, confidence, top_k, selected_because, source_ref, meta, "
+                        "received_at, image, bytes, sha256) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                        (frame_id, meta.get("seq"), meta["site"], meta["station"], meta["camera"],
+                         meta.get("frame_seq"), _number(meta.get("captured_at")), _number(meta.get("ts")),
+                         model.get("name"), model.get("version"), meta.get("label"), meta.get("confidence"),
+                         json.dumps(meta.get("top_k") or []), json.dumps(meta.get("selected_because") or []),
+                         meta.get("source_ref"), json.dumps(meta), time.time(), rel.as_posix(), len(jpeg),
+                         hashlib.sha256(jpeg).hexdigest()))
+                    self._bump("stored")
+                    self._bump("bytes_stored", len(jpeg))
             except BaseException:
-                self._db.execute("ROLLBACK")
-                (self.root / rel).unlink(missing_ok=True)
+                if written:     # still under our lock: nobody else has committed a row for this file
+                    (self.root / rel).unlink(missing_ok=True)
                 raise
-            self._used += len(jpeg)
-            self._check_quota()
+            self._check_quota(used + len(jpeg))
             return AddResult("stored", frame_id)
+
+    def _stored_bytes(self) -> int:
+        row = self._db.execute("SELECT value FROM counters WHERE name = 'bytes_stored'").fetchone()
+        return int(row[0]) if row else 0
 
     @staticmethod
     def _write_atomic(path: Path, data: bytes) -> None:
@@ -213,14 +238,14 @@ class FrameStore:
             Path(tmp).unlink(missing_ok=True)
             raise
 
-    def _check_quota(self) -> None:
+    def _check_quota(self, used: int) -> None:
         if self.max_bytes is None:
             return
-        if self._used >= self.warn_fraction * self.max_bytes and not self._warned:
+        if used >= self.warn_fraction * self.max_bytes and not self._warned:
             log.warning("%s: storage at %.0f%% of its quota (%d of %d bytes); at 100%% new frames are refused",
-                        self.root, 100 * self._used / self.max_bytes, self._used, self.max_bytes)
+                        self.root, 100 * used / self.max_bytes, used, self.max_bytes)
             self._warned = True
-        elif self._used < self.warn_fraction * self.max_bytes:
+        elif used < self.warn_fraction * self.max_bytes:
             self._warned = False
 
     # ------------------------------------------------------------ read
@@ -289,13 +314,14 @@ class FrameStore:
                 "SELECT model_version, COUNT(*) FROM frames GROUP BY model_version")}
             by_label = {str(r[0]): r[1] for r in self._db.execute(
                 "SELECT label, COUNT(*) FROM frames WHERE label IS NOT NULL GROUP BY label")}
+        used = self.used_bytes()
         quota = None
         if self.max_bytes is not None:
-            fraction = self._used / self.max_bytes
-            quota = {"max_bytes": self.max_bytes, "used_bytes": self._used, "fraction": round(fraction, 4),
-                     "warning": fraction >= self.warn_fraction, "full": self._used >= self.max_bytes}
+            fraction = used / self.max_bytes
+            quota = {"max_bytes": self.max_bytes, "used_bytes": used, "fraction": round(fraction, 4),
+                     "warning": fraction >= self.warn_fraction, "full": used >= self.max_bytes}
         return {"frames": sum(by_status.values()), "by_status": by_status, "by_station": by_station,
-                "by_model_version": by_model, "by_label": by_label, "bytes": self._used, "quota": quota,
+                "by_model_version": by_model, "by_label": by_label, "bytes": used, "quota": quota,
                 "counters": self.counters(), "reconciled": self.reconciled}
 
     # ------------------------------------------------------------ review
@@ -329,8 +355,7 @@ class FrameStore:
                 status, label = "skipped", None
             else:
                 status, label = "pending", None
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
+            with self._write():
                 if action == "new_class":
                     self._db.execute("INSERT OR IGNORE INTO classes(name, kind, added_at) VALUES (?, 'new_class', ?)",
                                      (label, time.time()))
@@ -345,10 +370,6 @@ class FrameStore:
                      (label or "defect") if action == "defect" else None,
                      None if undo else reviewer, None if undo else time.time(), None if undo else note, frame_id))
                 self._bump(f"reviews:{action}")
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
         return self.get(frame_id)
 
     def close(self) -> None:
@@ -356,8 +377,8 @@ class FrameStore:
             self._db.close()
 
 
-def _text(value: Any) -> str | None:
-    return None if value is None else str(value)
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def _public(row: sqlite3.Row) -> dict[str, Any]:
