@@ -28,6 +28,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     mqtt.add_argument("--username", default=None, help="MQTT user (the central broker's ACL has 'dashboard')")
     mqtt.add_argument("--password-file", type=Path, default=None, help="file whose first line is the password")
     mqtt.add_argument("--password-env", default=None, help="environment variable holding the password")
+    mqtt.add_argument("--tls", action="store_true", help="TLS with the system's CA certificates (implied by --tls-ca)")
     mqtt.add_argument("--tls-ca", type=Path, default=None, help="CA certificate of the broker; enables TLS")
     mqtt.add_argument("--tls-cert", type=Path, default=None, help="client certificate (mutual TLS)")
     mqtt.add_argument("--tls-key", type=Path, default=None, help="client private key (mutual TLS)")
@@ -62,7 +63,7 @@ def build(args: argparse.Namespace) -> Any:
         raise ValueError("--push-interval and --stale-factor must be positive, --stale-min-s not negative")
     settings = MqttSettings(host=args.mqtt_host, port=args.mqtt_port, transport=args.transport, ws_path=args.ws_path,
                             username=args.username, password_file=args.password_file,
-                            password_env=args.password_env, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
+                            password_env=args.password_env, tls_enabled=args.tls, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
                             tls_key=args.tls_key, tls_insecure=args.tls_insecure, topic_root=args.topic_root,
                             client_id=args.client_id)
     limits = StateLimits(recent=args.recent, history=args.history, stale_factor=args.stale_factor,

@@ -39,6 +39,7 @@ class MqttSettings:
     username: str | None = None
     password_file: Path | None = None
     password_env: str | None = None
+    tls_enabled: bool = False           # TLS with the system's CA certificates (implied by tls_ca)
     tls_ca: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -77,7 +78,7 @@ class MqttSettings:
 
     @property
     def tls(self) -> bool:
-        return self.tls_ca is not None or self.tls_cert is not None
+        return self.tls_enabled or self.tls_ca is not None or self.tls_cert is not None
 
     def topics(self) -> list[str]:
         root = self.topic_root.rstrip("/")

@@ -10,7 +10,7 @@ import pytest
 from selenium.webdriver.common.by import By
 
 from browser_support import text_of, wait, wait_count, wait_css
-from dashboard_support import AgentProcess, DashboardProcess, publish, retopic, rollout_event
+from dashboard_support import AgentProcess, DashboardProcess, failed_gate_event, publish, publish_event, retopic
 
 pytestmark = pytest.mark.mqtt
 CARD = '.station[data-station="test/st-01"]'
@@ -46,9 +46,8 @@ def test_the_dashboard_shows_a_station_live_and_then_offline(browser, artifacts,
         assert text_of(browser.find_element(By.ID, "count-online")) == "1"
 
         # when central reports a failed gate and the station refuses an update with a wrong sha256
-        gate = rollout_event("gate", False, "not better on the reviewed frames: top-1 0.412 <= 0.440", [],
-                             figures={"reviewed_top1_new": 0.412, "reviewed_top1_current": 0.44})
-        publish(broker.port, [("inventory/_central/rollout", json.dumps(gate))], retain=True)
+        gate = failed_gate_event()
+        publish_event(broker.port, gate)
         publish(broker.port, [(f"{agent.cmd_topic}/model", json.dumps(
             {"bundle": str(models / "tiny-2"), "sha256": "e" * 64, "version": "tiny-2"}))])
 

@@ -9,7 +9,6 @@ docs/agent.md run them.
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import json
 import os
@@ -128,11 +127,30 @@ def retopic(message: Recorded, site: str, station: str, **changes: Any) -> Recor
 
 def rollout_event(action: str, ok: bool, reason: str | None, stations: list[str], *, version: str = "2",
                   name: str = "fashion-mnist", figures: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A rollout event per the agreed contract (topic inventory/_central/rollout, schema rollout-event.v1)."""
-    return {"schema": "rollout-event.v1", "id": str(uuid.uuid4()),
-            "ts": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-            "model": {"name": name, "version": version}, "action": action, "ok": ok, "reason": reason,
-            "stations": stations, "figures": figures or {}}
+    """A rollout event as the central tools build it (trainer.loop.rollout.make_event, rollout-event.v1)."""
+    from trainer.loop.rollout import make_event
+
+    return make_event(action, {"name": name, "version": version}, ok=ok, reason=reason, stations=stations,
+                      figures=figures)
+
+
+def failed_gate_event(version: str = "2") -> dict[str, Any]:
+    """The gate event ``python -m trainer retrain`` publishes for a candidate that is not better on the reviewed
+    frames: its own rule (trainer.loop.retrain.gate_decision) on counts, without the training."""
+    from trainer.loop.retrain import Score, gate_decision
+
+    decision = gate_decision(Score(880, 1000), Score(884, 1000), Score(44, 100), Score(41, 100))
+    assert not decision.promoted
+    return rollout_event("gate", False, decision.summary, [], version=version,
+                         figures={"overall_top1_current": 0.88, "overall_top1_candidate": 0.884,
+                                  "reviewed_top1_current": 0.44, "reviewed_top1_candidate": 0.41})
+
+
+def publish_event(port: int, event: dict[str, Any]) -> None:
+    """On the central rollout topic, the way the central tools send it (retained, QoS 1, PUBACK awaited)."""
+    from trainer.loop.rollout import MqttOptions, publish_event_once
+
+    publish_event_once(MqttOptions(host="127.0.0.1", port=port), event)
 
 
 def publish(port: int, messages: list[tuple[str, bytes | str]], *, retain: bool = False, **auth: Any) -> None:

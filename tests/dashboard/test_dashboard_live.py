@@ -9,7 +9,8 @@ import signal
 
 import pytest
 
-from dashboard_support import (AgentProcess, DashboardProcess, manifest_sha256, publish, retopic, rollout_event)
+from dashboard_support import (AgentProcess, DashboardProcess, failed_gate_event, manifest_sha256, publish,
+                               publish_event, retopic, rollout_event)
 
 pytestmark = pytest.mark.mqtt
 
@@ -113,12 +114,12 @@ def test_a_failed_gate_and_a_halted_rollout_are_listed_with_their_reasons(tmp_pa
         status = next(m for m in recorded if m.kind == "status" and m.json()["state"] == "online")
         publish(broker.port, [(status.topic, status.payload)], retain=True)
         dash.wait_station("test/st-01", lambda s: s["health"] == "online", "the station")
-        # when central publishes a failed gate, then a canary halted by the station's refusal (retained, QoS 1)
-        gate = rollout_event("gate", False, "not better on the reviewed frames: 0.412 <= 0.440", [],
-                             figures={"reviewed_top1_new": 0.412, "reviewed_top1_current": 0.44})
+        # when central publishes a failed gate (retrain's own rule and event code), then a canary halted by
+        # the station's refusal (retained, QoS 1, as the central tools send them)
+        gate = failed_gate_event()
         halt = rollout_event("halt", False, "test/st-01 rejected the update: sha256 mismatch", ["test/st-01"])
         for event in (gate, halt):
-            publish(broker.port, [("inventory/_central/rollout", json.dumps(event))], retain=True)
+            publish_event(broker.port, event)
         # then both are listed, newest first, with their reasons, and the station's card names the halt
         snap = dash.wait_state(lambda s: len(s["rollout"]) == 2, "two rollout events")
         assert [(e["action"], e["ok"], e["reason"]) for e in snap["rollout"]] == [

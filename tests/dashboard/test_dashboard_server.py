@@ -16,7 +16,8 @@ from dashboard.__main__ import main
 from dashboard.feed import MqttSettings
 from dashboard.server import Dashboard
 from dashboard.state import StateLimits
-from dashboard_support import DashboardProcess, get_json, publish, retopic, rollout_event
+from dashboard_support import (DashboardProcess, failed_gate_event, get_json, publish, publish_event, retopic,
+                               rollout_event)
 
 pytestmark = pytest.mark.mqtt
 
@@ -82,8 +83,8 @@ def test_the_stream_sends_the_state_then_each_change(dashboard, broker, recorded
         assert view["key"] == "test/st-01" and view["health"] == "online"
         assert view["results"][0]["id"] == result.json()["id"]
         # and a rollout event on its own
-        event = rollout_event("gate", False, "overall top-1 fell by 1.2 points", [])
-        publish(broker.port, [("inventory/_central/rollout", json.dumps(event))])
+        event = failed_gate_event()
+        publish_event(broker.port, event)
         events = stream.until(lambda n, d: n == "rollout")
         assert events[-1][1]["id"] == event["id"] and events[-1][1]["reason"] == event["reason"]
         metas = [d for n, d in stream.until(lambda n, d: n == "meta")]

@@ -11,7 +11,7 @@ import json
 import pytest
 
 from dashboard.state import ENGINES, StateLimits, WarehouseState, station_check
-from dashboard_support import Recorded, retopic, rollout_event
+from dashboard_support import Recorded, failed_gate_event, retopic, rollout_event
 
 KEY = "test/st-01"
 pytestmark = pytest.mark.mqtt
@@ -228,8 +228,7 @@ def test_stale_never_comes_sooner_than_the_minimum(recorded):
 def test_a_failed_gate_and_a_halted_canary_are_listed_with_their_reasons(recorded):
     state = WarehouseState()
     replay(state, recorded)
-    gate = rollout_event("gate", False, "reviewed frames top-1 0.41 is not above the current 0.44", [],
-                         figures={"reviewed_top1_new": 0.41, "reviewed_top1_current": 0.44})
+    gate = failed_gate_event()
     halt = rollout_event("halt", False, "test/st-01: sha256 mismatch (tampered)", [KEY])
     for event in (gate, halt, gate):          # the gate event arrives twice (QoS 1 redelivery)
         state.ingest("inventory/_central/rollout", json.dumps(event).encode())
