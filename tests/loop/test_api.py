@@ -64,6 +64,27 @@ def test_list_filter_show_and_label_through_http(server):
     assert 'id="frame-image"' in page and "/static/review.js" in page
 
 
+def test_relabel_undo_new_class_and_defect_through_http(server):
+    srv, store, records = server
+    post = lambda frame, body: call(srv.url + f"api/frames/{frame.id}/review", body)  # noqa: E731
+    a, b, c = records[:3]
+    assert post(a, {"action": "label", "label": "Bag", "reviewer": "ana"})[1]["label"] == "Bag"
+    status, again = post(a, {"action": "label", "label": truth_of(a), "reviewer": "bo"})     # relabel
+    assert status == 200 and again["label"] == truth_of(a) and again["reviewer"] == "bo"
+    assert post(b, {"action": "new_class", "label": "Scarf", "reviewer": "ana"})[1]["status"] == "new_class"
+    assert call(srv.url + "api/labels")[1]["new_classes"] == ["Scarf"]
+    assert post(c, {"action": "label", "label": "Scarf"})[1]["label"] == "Scarf"    # now a class to pick
+    status, bad = post(c, {"action": "defect", "label": "torn", "note": "seam open"})
+    assert status == 200 and bad["status"] == "defect" and bad["defect"] == "torn" and bad["note"] == "seam open"
+    status, back = post(c, {"action": "undo"})
+    assert status == 200 and back["status"] == "pending" and back["label"] is None and back["reviewer"] is None
+    stats = call(srv.url + "api/stats")[1]
+    assert stats["by_status"] == {"pending": 7, "labelled": 1, "skipped": 0, "new_class": 1, "defect": 0}
+    assert stats["by_label"] == {truth_of(a): 1, "Scarf": 1}
+    assert stats["by_station"] == {"ber1/receiving-01": 6, "ber1/qc-02": 3}
+    assert stats["by_model_version"] == {"1": 6, "2": 3}
+
+
 def test_bad_requests_name_the_field_and_change_nothing(server):
     srv, store, records = server
     target = records[1].id
@@ -91,6 +112,9 @@ def test_a_token_guards_the_api(tmp_path):
         assert call(srv.url + f"api/frames/{record.id}/review", {"action": "skip"}, token="wrong")[0] == 401
         assert store.get(record.id)["status"] == "pending"
         assert call(srv.url + "api/frames", token="s3cret")[1]["total"] == 1
+        assert call(srv.url + f"api/frames/{record.id}/image")[0] == 401
+        assert call(srv.url + f"api/frames/{record.id}/image", token="s3cret")[1] == record.blob
+        assert b'id="frame-image"' in urllib.request.urlopen(srv.url, timeout=10).read()   # the page itself is open
     finally:
         srv.stop()
 
@@ -106,7 +130,7 @@ def test_labels_come_from_a_bundle_manifest_or_a_labels_file(tmp_path, real_bund
 
 
 def test_the_review_cli_serves_the_store(tmp_path, real_bundle):
-    store = FrameStore(tmp_path / "store")
+    store = FrameStore(tmp_path / "store", max_bytes=10**9)      # as 'ingest --max-bytes' leaves it
     for r in real_frames(2):
         store.add(r.body, r.blob)
     store.close()
@@ -114,19 +138,21 @@ def test_the_review_cli_serves_the_store(tmp_path, real_bundle):
 
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "trainer", "review", "--store", str(tmp_path / "store"),
-                             "--labels-from", str(real_bundle), "--port", str(port)], cwd=REPO,
+                             "--labels-from", str(real_bundle), "--port", str(port), "--token", "t0ken"], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 60
         while True:
             try:
-                status, body = call(f"http://127.0.0.1:{port}/api/frames")
+                status, body = call(f"http://127.0.0.1:{port}/api/frames", token="t0ken")
                 break
             except (urllib.error.URLError, ConnectionError):
                 assert time.monotonic() < deadline and proc.poll() is None, "review server did not start"
                 time.sleep(0.2)
         assert status == 200 and body["total"] == 2
-        assert sorted(call(f"http://127.0.0.1:{port}/api/labels")[1]["labels"]) == sorted(LABELS)
+        assert sorted(call(f"http://127.0.0.1:{port}/api/labels", token="t0ken")[1]["labels"]) == sorted(LABELS)
+        assert call(f"http://127.0.0.1:{port}/api/stats")[0] == 401
+        assert call(f"http://127.0.0.1:{port}/api/stats", token="t0ken")[1]["quota"]["max_bytes"] == 10**9
     finally:
         proc.terminate()
         proc.wait(10)

@@ -56,10 +56,12 @@ def test_opening_beside_a_writer_never_takes_its_files(tmp_path):
     writer = FrameStore(tmp_path / "s")
     done = threading.Event()
     errors: list[BaseException] = []
+    opened = threading.Semaphore(0)
 
     def write() -> None:
         try:
             for r in records:
+                opened.acquire(timeout=10)      # interleave: at least one open between two adds
                 writer.add(r.body, r.blob)
         except BaseException as exc:        # surfaced below
             errors.append(exc)
@@ -68,12 +70,13 @@ def test_opening_beside_a_writer_never_takes_its_files(tmp_path):
 
     threading.Thread(target=write, daemon=True).start()
     opens = 0
-    while not done.is_set() or opens == 0:
+    while not done.is_set():
         other = FrameStore(tmp_path / "s")      # a second handle: its own connection, SQLite's locking
         assert other.reconciled == {"orphan_images_removed": 0, "rows_without_image": 0}
         other.close()
         opens += 1
-    assert not errors and opens > 1
+        opened.release()
+    assert not errors and opens >= len(records)
     frames, total = writer.list(limit=100)
     assert total == 40 and all((tmp_path / "s" / f["image"]).read_bytes() == r.blob
                                for f, r in zip(frames, records))
@@ -95,6 +98,14 @@ def test_quota_warns_then_refuses_and_never_deletes(tmp_path, caplog):
     other = FrameStore(tmp_path / "s", max_bytes=int(size * 3.5))   # a second worker on the same store
     assert other.stats()["quota"]["used_bytes"] == stats["bytes"] == sum(len(r.blob) for r in records[:3])
     assert other.add(records[5].body, records[5].blob).outcome == "refused"
+    other.close()
+    store.close()
+    with caplog.at_level(logging.WARNING):
+        reviewer_side = FrameStore(tmp_path / "s")     # no quota given: the one ingest set is kept and shown
+    assert reviewer_side.stats()["quota"]["max_bytes"] == int(size * 3.5)
+    assert reviewer_side.stats()["quota"]["warning"] is True and reviewer_side.warn_fraction == 0.5
+    assert FrameStore(tmp_path / "s", max_bytes=0).stats()["quota"] is None       # 0 removes it
+    assert len(list((tmp_path / "s" / "images").rglob("*.jpg"))) == 3
 
 
 def test_bad_frames_are_refused_with_the_reason(tmp_path):

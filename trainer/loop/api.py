@@ -14,8 +14,9 @@ library's ThreadingHTTPServer; JSON in and out. Endpoints (all under the server'
     GET  /api/stats                    counts by status, station, model version and label; quota
     GET  /api/facets                   distinct sites, stations, cameras, model versions, predicted labels
 
-With ``--token T`` every /api request needs ``Authorization: Bearer T`` (the page asks once and
-keeps it in the browser's session storage). Errors are JSON ``{"error": "..."}`` with 400 (bad
+With ``--token T`` (or ``--token-file F``) every /api request needs ``Authorization: Bearer T``
+(the page asks once, keeps it in the browser's session storage, and fetches images with it too).
+Errors are JSON ``{"error": "..."}`` with 400 (bad
 field, named), 401, 404 (no such frame) or 405.
 """
 
@@ -233,15 +234,18 @@ def add_review_parser(sub: argparse._SubParsersAction) -> None:
                    help="the classes a reviewer assigns: a bundle folder, a manifest.json or a labels.json")
     p.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (0.0.0.0 to serve the network)")
     p.add_argument("--port", type=int, default=8080, help="default 8080; 0: any free port")
-    p.add_argument("--token-file", type=Path, default=None,
-                   help="file whose first line is the API token (then every /api request needs it)")
+    token = p.add_mutually_exclusive_group()
+    token.add_argument("--token", default=None,
+                       help="API token: every /api request then needs 'Authorization: Bearer <token>' "
+                            "(visible in the process list: prefer --token-file)")
+    token.add_argument("--token-file", type=Path, default=None, help="file whose first line is the API token")
 
 
 def cmd_review(args) -> int:
     labels = labels_from(args.labels_from) if args.labels_from else []
     if not labels:
         log.warning("no --labels-from: reviewers can only add new classes, skip or mark defects")
-    token = None
+    token = args.token
     if args.token_file is not None:
         from trainer.loop.ingest import read_password
 

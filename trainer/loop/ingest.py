@@ -168,8 +168,10 @@ class IngestService:
 def add_ingest_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ingest", help="store every station's low-confidence frames from MQTT (a long-running service)")
     p.add_argument("--store", required=True, type=Path, help="store folder (images + frames.sqlite)")
-    p.add_argument("--max-bytes", type=int, default=None, help="storage quota in bytes (default: none)")
-    p.add_argument("--warn-fraction", type=float, default=0.9, help="warn above this share of the quota")
+    p.add_argument("--max-bytes", type=int, default=None,
+                   help="storage quota in bytes, kept in the store (default: the store's setting, none at first; "
+                        "0 removes it)")
+    p.add_argument("--warn-fraction", type=float, default=None, help="warn above this share of the quota (0.9)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=1883)
     p.add_argument("--topic", default=DEFAULT_TOPIC, help=f"default {DEFAULT_TOPIC}")

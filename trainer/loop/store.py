@@ -51,6 +51,7 @@ CREATE TABLE IF NOT EXISTS frames (
 CREATE INDEX IF NOT EXISTS frames_status ON frames(status, received_at);
 CREATE INDEX IF NOT EXISTS frames_station ON frames(site, station);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS settings (name TEXT PRIMARY KEY, value NOT NULL);
 CREATE TABLE IF NOT EXISTS classes (name TEXT PRIMARY KEY, kind TEXT NOT NULL, added_at REAL NOT NULL);
 """
 
@@ -86,17 +87,18 @@ def _safe(part: str) -> str:
 
 
 class FrameStore:
-    def __init__(self, root: str | Path, *, max_bytes: int | None = None, warn_fraction: float = 0.9,
+    def __init__(self, root: str | Path, *, max_bytes: int | None = None, warn_fraction: float | None = None,
                  labels: list[str] | None = None) -> None:
-        if max_bytes is not None and max_bytes <= 0:
-            raise StoreError(f"max_bytes must be positive, got {max_bytes}")
-        if not 0 < warn_fraction <= 1:
+        """``max_bytes``/``warn_fraction``: the quota, kept in the store for every process that opens it
+        (the review server shows what the ingest service enforces); ``None`` keeps the stored setting,
+        ``max_bytes=0`` removes the quota."""
+        if max_bytes is not None and max_bytes < 0:
+            raise StoreError(f"max_bytes must be positive (0: no quota), got {max_bytes}")
+        if warn_fraction is not None and not 0 < warn_fraction <= 1:
             raise StoreError(f"warn_fraction must be in (0, 1], got {warn_fraction}")
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.images = self.root / "images"
-        self.max_bytes = max_bytes
-        self.warn_fraction = warn_fraction
         self.base_labels = list(labels or [])
         self._lock = threading.RLock()
         # timeout: how long to wait for another process's write lock (a busy store shared by several workers)
@@ -106,7 +108,22 @@ class FrameStore:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
         self._warned = False
+        self.max_bytes, self.warn_fraction = self._quota_settings(max_bytes, warn_fraction)
         self.reconciled = self._reconcile()
+        self._check_quota(self.used_bytes())
+
+    def _quota_settings(self, max_bytes: int | None, warn_fraction: float | None) -> tuple[int | None, float]:
+        with self._lock, self._write():
+            if max_bytes == 0:
+                self._db.execute("DELETE FROM settings WHERE name = 'max_bytes'")
+            elif max_bytes is not None:
+                self._db.execute("INSERT OR REPLACE INTO settings(name, value) VALUES ('max_bytes', ?)", (max_bytes,))
+            if warn_fraction is not None:
+                self._db.execute("INSERT OR REPLACE INTO settings(name, value) VALUES ('warn_fraction', ?)",
+                                 (warn_fraction,))
+            stored = {r["name"]: r["value"] for r in self._db.execute("SELECT name, value FROM settings")}
+        return (int(stored["max_bytes"]) if "max_bytes" in stored else None,
+                float(stored.get("warn_fraction", 0.9)))
 
     # ------------------------------------------------------------ integrity
 

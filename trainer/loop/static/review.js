@@ -1,19 +1,32 @@
 // The review page: one pending frame at a time, one click or key per decision (docs/loop.md).
+//
+// Every action (a decision, undo, a filter change, the periodic refresh) runs through one queue, in the
+// order the reviewer gave them: an undo pressed while the decision before it is still on its way undoes
+// that decision, and a double click never decides the frame after the one that was meant.
 "use strict";
 
-const state = { labels: [], newClasses: [], frames: [], index: 0, history: [], token: sessionStorage.getItem("reviewToken") };
+const state = {
+  labels: [], newClasses: [], frames: [], total: 0, shownId: null, history: [],
+  token: sessionStorage.getItem("reviewToken"), queue: Promise.resolve(),
+};
 const $ = (id) => document.getElementById(id);
 
+function enqueue(job) {
+  state.queue = state.queue.then(job).catch((err) => say(err.message, false));
+  return state.queue;
+}
+
 async function api(path, options = {}) {
-  const headers = { "Content-Type": "application/json" };
-  if (state.token) headers.Authorization = `Bearer ${state.token}`;
+  const headers = { "Content-Type": "application/json" }, sent = state.token;
+  if (sent) headers.Authorization = `Bearer ${sent}`;
   const resp = await fetch(path, { ...options, headers });
   if (resp.status === 401) {
-    state.token = prompt("API token");
-    if (state.token) { sessionStorage.setItem("reviewToken", state.token); return api(path, options); }
+    if (state.token && state.token !== sent) return api(path, options);   // answered meanwhile: ask once only
+    const token = prompt("API token (the review server was started with --token or --token-file)");
+    if (token) { state.token = token; sessionStorage.setItem("reviewToken", token); return api(path, options); }
   }
   const body = await resp.json();
-  if (!resp.ok) throw new Error(body.error || `${resp.status}`);
+  if (!resp.ok) throw new Error(body.error || `HTTP ${resp.status}`);
   return body;
 }
 
@@ -32,6 +45,8 @@ function filters() {
 
 function fillSelect(id, values) {
   const select = $(id), keep = select.value;
+  const now = [...select.options].map((o) => o.value).slice(1);
+  if (now.length === values.length && now.every((v, i) => v === values[i])) return;
   select.replaceChildren(new Option("all", ""));
   for (const v of values) select.add(new Option(v, v));
   select.value = values.includes(keep) ? keep : "";
@@ -61,21 +76,30 @@ async function loadLabels() {
   });
 }
 
-async function loadFrames() {
+// The pending frames under the filters; the frame on screen stays unless it is gone (decided elsewhere),
+// then the oldest pending one is shown.
+async function loadFrames(prefer = null) {
   const body = await api(`/api/frames?${filters()}`);
   state.frames = body.frames;
-  state.index = Math.min(state.index, Math.max(0, state.frames.length - 1));
+  state.total = body.total;
   $("pending-count").textContent = String(body.total);
-  show();
+  const want = prefer || state.shownId;
+  const keep = state.frames.find((f) => f.id === want);
+  show(keep || state.frames[0] || null);
 }
 
-function show() {
-  const frame = state.frames[state.index];
+function current() {
+  return state.frames.find((f) => f.id === state.shownId) || null;
+}
+
+function show(frame) {
   $("empty").hidden = Boolean(frame);
   $("frame").hidden = !frame;
+  if ((frame && frame.id) === state.shownId && frame) return;    // same frame: no flicker, no image reload
+  state.shownId = frame ? frame.id : null;
   for (const id of ["topk", "why", "meta"]) $(id).replaceChildren();
-  if (!frame) { $("frame-id").textContent = ""; return; }
-  $("frame-image").src = `/api/frames/${encodeURIComponent(frame.id)}/image`;
+  if (!frame) { $("frame-id").textContent = ""; $("frame-image").removeAttribute("src"); return; }
+  showImage(frame.id).catch((err) => say(err.message, false));
   $("frame-id").textContent = frame.id;
   for (const k of frame.top_k) {
     const li = document.createElement("li");
@@ -93,45 +117,58 @@ function show() {
     li.textContent = reason;
     $("why").append(li);
   }
-  const captured = frame.captured_at ? new Date(Number(frame.captured_at) * 1000).toISOString() : "";
+  const captured = frame.captured_at != null ? new Date(Number(frame.captured_at) * 1000).toISOString() : "";
   const meta = { station: `${frame.site}/${frame.station}`, camera: frame.camera,
-                 model: `${frame.model_name || ""} ${frame.model_version || ""}`, captured,
+                 model: `${frame.model_name || ""} ${frame.model_version || ""}`.trim(), captured,
+                 predicted: `${frame.predicted} (${(100 * frame.confidence).toFixed(1)}%)`,
                  source: frame.source_ref || "" };
   for (const [k, v] of Object.entries(meta)) {
     const dt = document.createElement("dt"), dd = document.createElement("dd");
     dt.textContent = k; dd.textContent = v;
+    dt.dataset.field = k; dd.dataset.field = k;
     $("meta").append(dt, dd);
   }
 }
 
-async function decide(action, label) {
-  const frame = state.frames[state.index];
-  if (!frame) return;
-  const body = { action, reviewer: $("reviewer").value || null };
-  if (label !== undefined && label !== null) body.label = label;
-  try {
+// An <img> cannot send the Authorization header: with a token the JPEG is fetched and shown from a blob.
+async function showImage(id) {
+  const url = `/api/frames/${encodeURIComponent(id)}/image`, img = $("frame-image");
+  if (!state.token) { img.src = url; return; }
+  const resp = await fetch(url, { headers: { Authorization: `Bearer ${state.token}` } });
+  if (!resp.ok || state.shownId !== id) return;
+  const old = img.src;
+  img.src = URL.createObjectURL(await resp.blob());
+  if (old.startsWith("blob:")) URL.revokeObjectURL(old);
+}
+
+// Decide the frame on screen when the action was given (not whichever is shown when the queue gets to it).
+function decide(action, label) {
+  const frame = current();
+  if (!frame) { say("no frame to decide", false); return state.queue; }
+  const reviewer = $("reviewer").value.trim() || null;
+  return enqueue(async () => {
+    const body = { action, reviewer };
+    if (label !== undefined && label !== null) body.label = label;
     await api(`/api/frames/${encodeURIComponent(frame.id)}/review`, { method: "POST", body: JSON.stringify(body) });
     state.history.push(frame.id);
     say(`${frame.id.slice(0, 8)}: ${action}${label ? " " + label : ""}`);
     if (action === "new_class") await loadLabels();
-    await loadFrames();
-  } catch (err) {
-    say(err.message, false);
-  }
+    const next = state.frames[state.frames.findIndex((f) => f.id === frame.id) + 1];
+    await loadFrames(next ? next.id : null);
+    await loadStats();
+  });
 }
 
-async function undo() {
-  const id = state.history.pop();
-  if (!id) { say("nothing to undo", false); return; }
-  try {
+function undo() {
+  return enqueue(async () => {
+    const id = state.history.pop();
+    if (!id) { say("nothing to undo", false); return; }
     await api(`/api/frames/${encodeURIComponent(id)}/review`, { method: "POST", body: JSON.stringify({ action: "undo" }) });
     say(`${id.slice(0, 8)}: back to pending`);
-    await loadFrames();
-    const at = state.frames.findIndex((f) => f.id === id);
-    if (at >= 0) { state.index = at; show(); }
-  } catch (err) {
-    say(err.message, false);
-  }
+    state.shownId = null;
+    await loadFrames(id);
+    await loadStats();
+  });
 }
 
 function newClass() {
@@ -146,8 +183,24 @@ function defect() {
 
 function move(step) {
   if (!state.frames.length) return;
-  state.index = (state.index + step + state.frames.length) % state.frames.length;
-  show();
+  const at = state.frames.findIndex((f) => f.id === state.shownId);
+  show(state.frames[(at + step + state.frames.length) % state.frames.length]);
+}
+
+// Progress over the whole store, and the storage quota's warning (set by the ingest service's --max-bytes).
+async function loadStats() {
+  const stats = await api("/api/stats");
+  $("reviewed-count").textContent = String(stats.frames - stats.by_status.pending);
+  const quota = stats.quota, banner = $("quota-warning");
+  banner.hidden = !(quota && quota.warning);
+  if (quota && quota.warning) {
+    banner.textContent = `Frame storage at ${(100 * quota.fraction).toFixed(0)}% of its quota` +
+      (quota.full ? ": new frames are being refused." : ".");
+  }
+}
+
+function refresh() {
+  return enqueue(async () => { await loadFacets(); await loadFrames(); await loadStats(); });
 }
 
 document.addEventListener("keydown", (ev) => {
@@ -173,19 +226,16 @@ $("undo").addEventListener("click", undo);
 $("prev").addEventListener("click", () => move(-1));
 $("next").addEventListener("click", () => move(1));
 for (const id of ["filter-station", "filter-model", "filter-predicted"]) {
-  $(id).addEventListener("change", () => { state.index = 0; loadFrames().catch((e) => say(e.message, false)); });
+  $(id).addEventListener("change", () => enqueue(() => { state.shownId = null; return loadFrames(); }));
 }
 $("reviewer").value = localStorage.getItem("reviewer") || "";
-$("reviewer").addEventListener("change", () => localStorage.setItem("reviewer", $("reviewer").value));
+$("reviewer").addEventListener("change", () => localStorage.setItem("reviewer", $("reviewer").value.trim()));
 
-(async () => {
-  try {
-    await Promise.all([loadLabels(), loadFacets()]);
-    await loadFrames();
-    say("ready");
-  } catch (err) {
-    say(err.message, false);
-  }
-  // new frames keep arriving from ingest: refresh the queue and the filters while idle
-  setInterval(() => { loadFacets().then(loadFrames).catch((e) => say(e.message, false)); }, 5000);
-})();
+enqueue(async () => {
+  await Promise.all([loadLabels(), loadFacets()]);
+  await loadFrames();
+  await loadStats();
+  say("ready");
+});
+// New frames keep arriving from ingest: refresh the queue and the filters every few seconds.
+setInterval(refresh, 3000);
