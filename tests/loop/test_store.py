@@ -8,7 +8,6 @@ import threading
 import pytest
 from loop_support import LABELS, real_frames, truth_of
 
-from trainer.loop.dataset import export_reviewed
 from trainer.loop.store import FrameStore, StoreError, UnknownFrame
 
 
@@ -143,28 +142,3 @@ def test_reviews_filters_and_errors(tmp_path):
     with pytest.raises(StoreError, match="field status"):
         store.list(status="done")
     assert store.review(b, "undo")["status"] == "pending" and store.get(b)["reviewer"] is None
-
-
-def test_export_is_a_dataset_the_trainer_reads_with_provenance(tmp_path):
-    from trainer.data import load_dataset
-
-    store = FrameStore(tmp_path / "s", labels=LABELS)
-    records = real_frames(8)
-    for r in records:
-        store.add(r.body, r.blob)
-    for r in records[:6]:
-        store.review(r.id, "label", label=truth_of(r), reviewer="ana")
-    store.review(records[6].id, "skip")
-    store.review(records[7].id, "defect")            # no defect class: nothing to learn it as
-    summary = export_reviewed(store, tmp_path / "reviewed")
-    assert summary["frames"] == 6 and summary["left_out"] == {"skipped": 1, "defect without a class": 1}
-    dataset = load_dataset(tmp_path / "reviewed" / "reviewed.csv")
-    got = sorted((s.path.name, dataset.classes[s.label]) for s in dataset.samples)
-    assert got == sorted((f"{r.id}.jpg", truth_of(r)) for r in records[:6])
-    as_folders = load_dataset(tmp_path / "reviewed")          # the folder is a class-folder dataset too
-    assert sorted((s.path.name, as_folders.classes[s.label]) for s in as_folders.samples) == got
-    header = (tmp_path / "reviewed" / "reviewed.csv").read_text().splitlines()[0]
-    assert header.startswith("path,label,frame_id,site,station,camera,model_name,model_version,predicted")
-    with pytest.raises(StoreError, match="already exists"):
-        export_reviewed(store, tmp_path / "reviewed")
-    assert export_reviewed(store, tmp_path / "reviewed", force=True)["frames"] == 6

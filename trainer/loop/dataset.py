@@ -5,7 +5,7 @@
     <out>/reviewed.csv     path,label + provenance columns (the trainer's CSV layout reads path,label
                            and ignores the rest): frame_id, site, station, camera, model_name,
                            model_version, predicted, confidence, selected_because, status, reviewer,
-                           reviewed_at, received_at, sha256
+                           reviewed_at, received_at, sha256, captured_at, note
     <out>/<class folder>/<frame_id>.jpg   the JPEGs (hard links where the file system allows)
     <out>/labels.json      class folder -> class name (as ``import-fashion-mnist`` writes it)
     <out>/export.json      counts, what was left out and why, the store it came from
@@ -29,6 +29,7 @@ import os
 import shutil
 import tempfile
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,8 @@ from trainer.loop.store import FrameStore, StoreError
 
 CSV_NAME = "reviewed.csv"
 COLUMNS = ["path", "label", "frame_id", "site", "station", "camera", "model_name", "model_version", "predicted",
-           "confidence", "selected_because", "status", "reviewer", "reviewed_at", "received_at", "sha256"]
+           "confidence", "selected_because", "status", "reviewer", "reviewed_at", "received_at", "sha256",
+           "captured_at", "note"]
 
 
 def training_label(frame: dict[str, Any]) -> str | None:
@@ -91,7 +93,8 @@ def export_reviewed(store: FrameStore, out: Path, *, force: bool = False) -> dic
                          "confidence": frame["confidence"], "selected_because": "; ".join(frame["selected_because"]),
                          "status": frame["status"], "reviewer": frame["reviewer"] or "",
                          "reviewed_at": _iso(frame["reviewed_at"]), "received_at": _iso(frame["received_at"]),
-                         "sha256": frame["sha256"]})
+                         "sha256": frame["sha256"], "captured_at": _iso(frame["captured_at"]),
+                         "note": frame["note"] or ""})
         with open(tmp / CSV_NAME, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=COLUMNS)
             writer.writeheader()
@@ -116,7 +119,9 @@ def export_reviewed(store: FrameStore, out: Path, *, force: bool = False) -> dic
 
 
 def _iso(ts: float | None) -> str:
-    return "" if ts is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+    if ts is None:
+        return ""
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def add_labels_parser(sub: argparse._SubParsersAction) -> None:
