@@ -179,7 +179,7 @@ def over_broker(messages: list[tuple[str, bytes]], workdir: Path) -> dict[str, A
         dash = subprocess.Popen([sys.executable, "-m", "dashboard", "--mqtt-port", str(port), "--port", str(http_port),
                                  "--log-level", "WARNING"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         try:
-            url = f"http://127.0.0.1:{http_port}/api/state"
+            url = f"http://127.0.0.1:{http_port}/healthz"       # the counters, without the whole state
             counters = lambda: json.load(urllib.request.urlopen(url, timeout=30))["counters"]  # noqa: E731
             deadline = time.monotonic() + 60
             while True:

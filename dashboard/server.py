@@ -105,8 +105,7 @@ class DashboardHandler(BaseHTTPRequestHandler):
         elif path == "/events":
             self._events()
         elif path == "/healthz":
-            broker = self.server.state.snapshot()["broker"]
-            self._json(HTTPStatus.OK, {"ok": True, "broker_connected": broker["connected"],
+            self._json(HTTPStatus.OK, {"ok": True, **self.server.state.health(),
                                        "listeners": self.server.broadcaster.count})
         else:
             self._json(HTTPStatus.NOT_FOUND, {"error": f"no such path {path!r}",
@@ -206,7 +205,8 @@ class Dashboard:
     def _push_loop(self) -> None:
         while not self._stop.wait(self.push_interval_s):
             try:
-                for name, data in self.state.drain_changes():
+                # nobody watching: forget the changes (a new page starts from a snapshot anyway)
+                for name, data in self.state.drain_changes(watched=lambda: self.broadcaster.count > 0):
                     self.broadcaster.publish(sse(name, data, data.get("version")))
             except Exception:   # noqa: BLE001 - the page must keep updating
                 log.exception("dashboard: pushing changes failed")

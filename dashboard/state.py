@@ -579,11 +579,26 @@ class WarehouseState:
                     "stations": [self.station_view(self.stations[k], now) for k in sorted(self.stations)],
                     "rollout": list(self.rollout)}
 
-    def drain_changes(self, now: float | None = None) -> list[tuple[str, dict[str, Any]]]:
-        """What changed since the last call, as (event name, data) pairs for the page."""
+    def health(self) -> dict[str, Any]:
+        """The broker connection and the message counters: cheap, for /healthz and monitoring."""
+        with self._lock:
+            return {"broker_connected": self.broker["connected"], "stations": len(self.stations),
+                    "counters": self.counters.as_dict()}
+
+    def drain_changes(self, now: float | None = None, *,
+                      watched: Callable[[], bool] = lambda: True) -> list[tuple[str, dict[str, Any]]]:
+        """What changed since the last call, as (event name, data) pairs for the page.
+
+        When ``watched()`` says nobody is watching, the changes are forgotten without building the
+        views. It is asked under the state's lock, which a new watcher's snapshot also takes: a change
+        is either in that snapshot or pushed after it.
+        """
         now = self.clock() if now is None else now
         self.refresh(now)
         with self._lock:
+            if not watched():
+                self._new_rollout, self._dirty, self._meta_dirty = [], set(), False
+                return []
             out: list[tuple[str, dict[str, Any]]] = [("rollout", e) for e in self._new_rollout]
             out += [("station", self.station_view(self.stations[k], now)) for k in sorted(self._dirty)]
             if self._meta_dirty or out:

@@ -265,6 +265,10 @@ def test_changes_are_drained_once_per_station(recorded):
     event = rollout_event("canary", True, None, [KEY])
     state.ingest("inventory/_central/rollout", json.dumps(event).encode())
     assert [name for name, _ in state.drain_changes(now=1000.7)] == ["rollout", "station", "meta"]
+    # nobody watching: the changes are forgotten, not built (a new page starts from a snapshot)
+    replay(state, recorded[10:20], start=1001.0)
+    assert state.drain_changes(now=1002.0, watched=lambda: False) == []
+    assert state.drain_changes(now=1002.1) == []
 
 
 def test_an_alert_thumbnail_that_is_not_a_jpeg_is_not_passed_to_the_page(recorded):
