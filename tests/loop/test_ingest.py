@@ -106,6 +106,64 @@ def test_malformed_messages_are_counted_and_never_stop_the_service(broker, tmp_p
     client.disconnect()
 
 
+def test_a_frame_that_cannot_be_stored_is_never_acknowledged(broker, tmp_path, caplog):
+    """Disk full on one frame: the service stops without its PUBACK, and the broker sends it again to the next
+    ingest, which stores it; the frames before it are stored once."""
+    records = real_frames(4)
+    store = FrameStore(tmp_path / "store")
+    real_add = store.add
+
+    def disk_full_on_the_third(meta, jpeg):
+        if meta["id"] == records[2].id:
+            raise OSError(28, "No space left on device")
+        return real_add(meta, jpeg)
+
+    store.add = disk_full_on_the_third
+    service = IngestService(store, host=broker.host, port=broker.port, client_id="ingest-disk-test")
+    service.start()
+    assert service.connected.wait(10)
+    publish(client := station(broker), records)
+    assert service.failed.wait(30) and "No space left on device" in service.failure
+    service.stop()
+    assert {f["id"] for f in store.list()[0]} == {records[0].id, records[1].id}
+    assert "it stays unacknowledged" in caplog.text
+
+    store.add = real_add                          # space again: the restarted service, same client id
+    again = IngestService(store, host=broker.host, port=broker.port, client_id="ingest-disk-test")
+    again.start()
+    assert wait_for(lambda: store.list()[1] == 4), store.list()[1]
+    assert [f["id"] for f in store.list()[0]] == [r.id for r in records] and not again.failed.is_set()
+    again.stop()
+    client.loop_stop()
+    client.disconnect()
+
+
+def test_two_workers_share_the_subscription_and_the_store(broker, tmp_path):
+    """--shared-group: the broker spreads the frames over two ingest workers writing one store folder."""
+    records = real_frames(60)
+    workers, seen = [], {}
+    for name in ("a", "b"):
+        store = FrameStore(tmp_path / "store")
+        seen[name] = []
+        real_add = store.add
+        store.add = lambda meta, jpeg, _add=real_add, _seen=seen[name]: (_seen.append(meta["id"]), _add(meta, jpeg))[1]
+        worker = IngestService(store, host=broker.host, port=broker.port, client_id=f"ingest-{name}",
+                               shared_group="ingest")
+        worker.start()
+        workers.append(worker)
+    assert all(w.connected.wait(10) for w in workers)
+    publish(client := station(broker), records)
+    check = FrameStore(tmp_path / "store")
+    assert wait_for(lambda: check.list(limit=100)[1] == 60), check.list()[1]
+    assert sorted(f["id"] for f in check.list(limit=100)[0]) == sorted(r.id for r in records)
+    assert seen["a"] and seen["b"] and len(seen["a"]) + len(seen["b"]) == 60      # each frame went to one worker
+    assert all(check.image_path(r.id).read_bytes() == r.blob for r in records)
+    for w in workers:
+        w.stop()
+    client.loop_stop()
+    client.disconnect()
+
+
 def test_kill_9_and_downtime_lose_and_duplicate_nothing(broker, tmp_path):
     """Frames published while ingest is dead wait in the broker (persistent session); none is stored twice."""
     store_dir, log = tmp_path / "store", tmp_path / "ingest.log"

@@ -8,7 +8,9 @@ and the store's message-id key makes that redelivery a no-op. A malformed messag
 not a JPEG, topic and station disagree) is logged with its topic and reason, counted, and
 acknowledged so that it does not come back forever; a message refused by the storage quota is also
 acknowledged (counted, with a logged error), because holding it would only stall every station.
-A failure to write (disk error) is not acknowledged: it comes back after the next reconnect.
+A failure to write (disk full, database error) is not acknowledged and stops the service
+(``failed`` is set; the CLI exits with status 1 for its supervisor to restart it): the broker keeps
+the message in the session and sends it again when ingest is back, so it is stored, not lost.
 
 Both wire forms of docs/agent.md are read: v5 (JPEG payload, metadata in the ``meta`` user
 property) and the 3.1.1 envelope (``frame-envelope.v1`` JSON with ``jpeg_b64``).
@@ -23,6 +25,7 @@ import json
 import logging
 import signal
 import ssl
+import sys
 import threading
 from functools import lru_cache
 from pathlib import Path
@@ -109,6 +112,8 @@ class IngestService:
         self.subscription = f"$share/{shared_group}/{topic}" if shared_group else topic
         self.connected = threading.Event()
         self.stopped = threading.Event()
+        self.failed = threading.Event()          # a frame could not be stored: stop, it stays unacknowledged
+        self.failure: str | None = None
         self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5,
                                   manual_ack=True)
         self.client.reconnect_delay_set(0.5, 30)
@@ -150,14 +155,19 @@ class IngestService:
             log.warning("ingest: disconnected from %s:%d (%s); reconnecting", self.host, self.port, reason_code)
 
     def _on_message(self, client, userdata, message: paho.MQTTMessage) -> None:
+        if self.failed.is_set():       # stopping after a failed write: take nothing more
+            return
         try:
             meta, jpeg = parse_frame(message.topic, message.payload, message.properties)
             result = self.store.add(meta, jpeg)
         except (MalformedFrame, StoreError) as exc:
             log.error("ingest: %s: malformed frame message dropped: %s", message.topic, exc)
             self.store.count("malformed")
-        except Exception:   # a disk error: not acknowledged, so the broker sends it again after a reconnect
-            log.exception("ingest: %s: could not store the frame; it stays unacknowledged", message.topic)
+        except Exception as exc:   # disk or database: never acknowledged, so the broker sends it again
+            self.failure = f"{message.topic}: could not store the frame ({type(exc).__name__}: {exc})"
+            log.exception("ingest: %s; it stays unacknowledged and the service stops (restart it: the broker "
+                          "sends the frame again)", self.failure)
+            self.failed.set()
             return
         else:
             if result.outcome == "stored":
@@ -213,9 +223,14 @@ def cmd_ingest(args) -> int:
         signal.signal(sig, lambda *_: done.set())
     service.start()
     print(f"ingest: storing frames from {args.host}:{args.port} ({service.subscription}) into {args.store}", flush=True)
-    done.wait()
+    while not done.wait(0.5) and not service.failed.is_set():
+        pass
     service.stop()
     stats = store.stats()
     print(f"ingest: stopped; {stats['frames']} frames stored, counters {stats['counters']}", flush=True)
     store.close()
+    if service.failed.is_set():
+        print(f"ingest: {service.failure}; exiting with status 1 (the frame stays with the broker)", file=sys.stderr,
+              flush=True)
+        return 1
     return 0
