@@ -80,4 +80,9 @@ def browser(chromium, request) -> Iterator[object]:
         name = re.sub(r"[^A-Za-z0-9_.-]+", "-", request.node.name)
         chromium.save_screenshot(str(artifacts_dir() / f"failed-{name}.png"))
         (artifacts_dir() / f"failed-{name}.html").write_text(chromium.page_source)
+    try:
+        chromium.execute_script("sessionStorage.clear(); localStorage.clear();")   # e.g. a review token
+    except Exception:   # noqa: BLE001 - a page that is gone has nothing to clear
+        pass
+    chromium.delete_all_cookies()
     chromium.get("about:blank")
