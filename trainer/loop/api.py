@@ -16,8 +16,7 @@ library's ThreadingHTTPServer; JSON in and out. Endpoints (all under the server'
 
 With ``--token T`` (or ``--token-file F``) every /api request needs ``Authorization: Bearer T``
 (the page asks once, keeps it in the browser's session storage, and fetches images with it too).
-Errors are JSON ``{"error": "..."}`` with 400 (bad
-field, named), 401, 404 (no such frame) or 405.
+Errors are JSON ``{"error": "..."}`` with 400 (bad field, named), 401, 404 (no such frame) or 405.
 """
 
 from __future__ import annotations
