@@ -104,6 +104,9 @@ def test_quota_warns_then_refuses_and_never_deletes(tmp_path, caplog):
     assert reviewer_side.stats()["quota"]["max_bytes"] == int(size * 3.5)
     assert reviewer_side.stats()["quota"]["warning"] is True and reviewer_side.warn_fraction == 0.5
     assert FrameStore(tmp_path / "s", max_bytes=0).stats()["quota"] is None       # 0 removes it
+    assert reviewer_side.stats()["quota"] is None              # an open handle sees the change at once
+    FrameStore(tmp_path / "s", max_bytes=size)                  # another worker sets a lower quota ...
+    assert reviewer_side.add(records[4].body, records[4].blob).outcome == "refused"   # ... enforced here too
     assert len(list((tmp_path / "s" / "images").rglob("*.jpg"))) == 3
 
 

@@ -121,9 +121,14 @@ class FrameStore:
             if warn_fraction is not None:
                 self._db.execute("INSERT OR REPLACE INTO settings(name, value) VALUES ('warn_fraction', ?)",
                                  (warn_fraction,))
-            stored = {r["name"]: r["value"] for r in self._db.execute("SELECT name, value FROM settings")}
-        return (int(stored["max_bytes"]) if "max_bytes" in stored else None,
-                float(stored.get("warn_fraction", 0.9)))
+        return self._read_quota()
+
+    def _read_quota(self) -> tuple[int | None, float]:
+        """The quota as last set by any process on this store (another ingest worker may have changed it)."""
+        stored = {r["name"]: r["value"] for r in self._db.execute("SELECT name, value FROM settings")}
+        self.max_bytes = int(stored["max_bytes"]) if "max_bytes" in stored else None
+        self.warn_fraction = float(stored.get("warn_fraction", 0.9))
+        return self.max_bytes, self.warn_fraction
 
     # ------------------------------------------------------------ integrity
 
@@ -209,6 +214,7 @@ class FrameStore:
                         self._bump("duplicates")
                         return AddResult("duplicate", frame_id)
                     used = self._stored_bytes()
+                    self._read_quota()
                     if self.max_bytes is not None and used + len(jpeg) > self.max_bytes:
                         self._bump("refused_quota")
                         reason = (f"{self.root}: storage quota reached ({used} of {self.max_bytes} bytes used); "
@@ -332,6 +338,8 @@ class FrameStore:
             by_label = {str(r[0]): r[1] for r in self._db.execute(
                 "SELECT label, COUNT(*) FROM frames WHERE label IS NOT NULL GROUP BY label")}
         used = self.used_bytes()
+        with self._lock:
+            self._read_quota()
         quota = None
         if self.max_bytes is not None:
             fraction = used / self.max_bytes
