@@ -32,6 +32,7 @@ from trainer.loop.rollout import (RolloutError, add_mqtt_args, make_event, manif
 log = logging.getLogger(__name__)
 
 REPORT_SCHEMA = "retrain-report.v1"
+REVIEWED_CSV = "reviewed.csv"             # what 'python -m trainer labels export' writes (trainer/loop/dataset.py)
 
 
 class RetrainError(ValueError):
@@ -158,6 +159,8 @@ def _read_items(path: Path, source: str) -> tuple[list[Item], list[dict[str, str
     (a reviewed set may hold a single class)."""
     from trainer import data as data_mod
 
+    if path.is_dir() and (path / REVIEWED_CSV).is_file():
+        path = path / REVIEWED_CSV           # a 'labels export' folder: its CSV carries the provenance columns
     layout = data_mod.detect_layout(path)
     scan = {"csv": data_mod.read_csv, "folders": data_mod.scan_class_folders,
             "prefixed": data_mod.scan_prefixed_files}[layout]
