@@ -5,27 +5,32 @@ seed, and the same unlabelled pool (training images outside the seed). Each roun
 
 1. select ``--budget-per-round`` frames from the pool;
 2. "label" them from the ground truth (they leave the pool);
-3. retrain with the trainer (``trainer.engine.Trainer``, ImageNet MobileNetV2, same
-   recipe, same seed, same fixed validation split) on everything labelled so far;
-4. measure top-1 on the official test split (all 10,000 images of data/fashion-mnist/test).
+3. retrain with the trainer (``trainer.engine.Trainer``: MobileNetV2, the demo recipe,
+   same seed, same fixed validation split) on everything labelled so far, continuing
+   from the strategy's previous model (``--init previous``) or from ImageNet weights;
+4. measure top-1 of the model after its last epoch on the official test split (all
+   10,000 images of data/fashion-mnist/test).
 
 Low-confidence selection is what a station does: the round's checkpoint is exported as
 a real bundle (``trainer.export.bundle``: ONNX FP32 + INT8, thresholds suggested on the
 validation split), loaded and verified with ``agent.bundle``, run through the backend
 ``agent.backends.create_backend`` picks, on inputs from ``agent.preprocess``; the
 agent's ``classify_batch`` and ``LowConfidencePolicy`` (the bundle's thresholds) flag
-the frames a station would upload. The flagged frames are labelled lowest margin
-(top-1 minus top-2 probability) first; when fewer than the budget are flagged, the
-unflagged frames follow in the same margin order. Random selection draws the budget
-uniformly from the pool.
+the frames a station would upload. When more frames are flagged than the budget, the
+budget is a uniform draw from the flagged frames (``--rank flagged-random``, as a
+rate-limited station sends a sample of what it flags) or the flagged frames with the
+lowest margin, top-1 minus top-2 probability (``--rank margin``). When fewer are
+flagged, all of them are labelled and the unflagged frames follow by ascending margin.
+Random selection draws the budget uniformly from the pool.
 
-At the end it prints, for both strategies, the labels needed to first reach the random
-strategy's final test accuracy, and their ratio (target of issue "closing the loop":
-low-confidence needs at most 60% of random's labels). Labels count everything a person
-labelled: the seed (training and validation part) plus the frames selected so far.
+At the end it prints the labels each strategy needed to first reach the random
+strategy's final test accuracy, and their ratio (target of the "closing the loop"
+work: low-confidence needs at most 60% of random's labels). Labels count everything a
+person labelled: the seed (training and validation part) plus the frames selected so far.
+Figures and what was tried: docs/active_learning.md.
 
-    python benchmarks/active_learning.py
-    python benchmarks/active_learning.py --rounds 2 --pool 1000 --budget-per-round 50 --epochs 2   # quick look
+    python benchmarks/active_learning.py                   # the documented run, about 11 min on 2 cores
+    python benchmarks/active_learning.py --rounds 2 --pool 1000 --budget-per-round 50 --seed-per-class 10  # quick look
     python benchmarks/active_learning.py --json docs/figures/active_learning.json --plot docs/figures/active_learning.png
 """
 
@@ -44,7 +49,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
@@ -78,10 +83,22 @@ def rank_for_labelling(classifications: Sequence[Classification]) -> list[int]:
                   key=lambda i: (not classifications[i].low_confidence, classifications[i].margin, i))
 
 
-def select_low_confidence(classifications: Sequence[Classification], budget: int) -> Selection:
-    """The ``budget`` frames to label: flagged ones by lowest margin, topped up by the least certain others."""
+def select_low_confidence(classifications: Sequence[Classification], budget: int, *, rank: str = "margin",
+                          rng: random.Random | None = None) -> Selection:
+    """The ``budget`` frames to label: flagged ones first, topped up by the least certain others.
+
+    ``rank="margin"``: the flagged frames with the lowest margin. ``rank="flagged-random"``: a uniform draw
+    from the flagged frames (what a rate-limited station uploads when it flags more than it may send).
+    """
+    order = rank_for_labelling(classifications)
     flagged = sum(c.low_confidence for c in classifications)
-    return Selection(tuple(rank_for_labelling(classifications)[:budget]), flagged)
+    if rank == "flagged-random" and flagged > budget:
+        if rng is None:
+            raise ValueError("rank='flagged-random' needs an rng")
+        return Selection(tuple(sorted(rng.sample(order[:flagged], budget))), flagged)
+    if rank not in ("margin", "flagged-random"):
+        raise ValueError(f"rank: expected 'margin' or 'flagged-random', got {rank!r}")
+    return Selection(tuple(order[:budget]), flagged)
 
 
 def select_random(pool_size: int, budget: int, rng: random.Random) -> Selection:
@@ -192,11 +209,14 @@ class BenchConfig:
     data: Path = Path("data/fashion-mnist")
     seed_per_class: int = 20
     val_per_class: int = 10
-    pool: int = 10000
-    rounds: int = 6
-    budget_per_round: int = 200
+    pool: int = 30000
+    rounds: int = 10
+    budget_per_round: int = 500
     image_size: int = 32
-    epochs: int = 8
+    epochs: int = 2                 # per round; the model carries over between rounds (init="previous")
+    seed_epochs: int = 8
+    init: str = "previous"          # where each round's training starts: "previous" model or "imagenet"
+    rank: str = "flagged-random"    # which flagged frames fill the budget: "flagged-random" or "margin"
     batch_size: int = 32
     lr: float = 1e-3
     seed: int = 0
@@ -214,8 +234,8 @@ class Images:
     train_labels: np.ndarray
     seed: LabelState
     val: tuple[int, ...]
-    test_x: "object"            # torch.Tensor of station inputs
-    test_y: "object"
+    test_x: Any                 # torch.Tensor: the test split as station inputs
+    test_y: Any
     pool_rgb: dict[int, np.ndarray] = field(default_factory=dict)
 
 
@@ -264,22 +284,29 @@ class Lab:
         self.cfg = cfg
         self.images = images
         self.work_dir = work_dir
+        self.latest: dict[str, Path] = {}      # each strategy's newest model ("seed": the shared start)
 
-    def train_config(self, data: Path, name: str):
+    def train_config(self, data: Path, name: str, *, weights: str, epochs: int):
         from trainer.config import TrainConfig
 
         cfg = self.cfg
         # The demo recipe (trainer.pipeline), at the benchmark's size; workers=0: no extra processes on 2 cores.
-        return TrainConfig(data=str(data), out_dir=str(self.work_dir), name=name, arch=cfg.arch, weights="imagenet",
-                           image_size=cfg.image_size, resize_shorter=cfg.image_size, epochs=cfg.epochs,
+        return TrainConfig(data=str(data), out_dir=str(self.work_dir), name=name, arch=cfg.arch, weights=weights,
+                           image_size=cfg.image_size, resize_shorter=cfg.image_size, epochs=epochs,
                            batch_size=cfg.batch_size, optimizer="adam", lr=cfg.lr, warmup_epochs=0.2,
                            label_smoothing=0.1, seed=cfg.seed, workers=0)
 
     def train(self, strategy: str, round_no: int, state: LabelState) -> Path:
-        """A fresh fine-tune on all labels so far; the fixed validation split picks the best epoch."""
+        """Train on all labels so far; the model after the last epoch (end of the cosine schedule) is the result.
+
+        Round 0 (the seed model) fine-tunes ImageNet MobileNetV2 for ``seed_epochs``. Later rounds fine-tune
+        for ``epochs`` from ImageNet (``init="imagenet"``) or from this strategy's previous model
+        (``init="previous"``: its backbone; the trainer gives every run a new head).
+        """
         from trainer import data as data_mod
         from trainer.engine import Trainer
 
+        cfg = self.cfg
         run_dir = self.work_dir / f"{strategy}-round{round_no}"
         run_dir.mkdir(parents=True)
         images = self.images
@@ -295,9 +322,18 @@ class Lab:
             raise SystemExit(f"unreadable labelled images: {'; '.join(s['error'] for s in dataset.skipped[:3])}")
         n_train = len(state.labelled)
         data_mod.save_split(run_dir / "split.json", dataset, list(range(n_train)),
-                            list(range(n_train, len(rows))), self.cfg.seed)
-        Trainer(self.train_config(csv_path, run_dir.name), run_dir).fit()
-        return run_dir / "best.pt"
+                            list(range(n_train, len(rows))), cfg.seed)
+        previous = self.latest.get(strategy, self.latest.get("seed"))
+        if round_no == 0:
+            weights, epochs = "imagenet", cfg.seed_epochs
+        else:
+            weights, epochs = (str(previous) if cfg.init == "previous" else "imagenet"), cfg.epochs
+        Trainer(self.train_config(csv_path, run_dir.name, weights=weights, epochs=epochs), run_dir).fit()
+        model = run_dir / "last.pt"
+        if strategy in self.latest and self.latest[strategy].parent != run_dir:
+            shutil.rmtree(self.latest[strategy].parent, ignore_errors=True)   # checkpoints are 20 MB each
+        self.latest[strategy] = model
+        return model
 
     def evaluate(self, checkpoint: Path) -> float:
         """Top-1 of the checkpoint (PyTorch FP32) on the whole official test split."""
@@ -357,11 +393,14 @@ class LowConfidenceStrategy:
     name: str = LOW_CONFIDENCE
     details: list[dict] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.lab.cfg.seed)
+
     def select(self, model: Path, state: LabelState, budget: int, round_no: int) -> Selection:
         bundle_dir = self.lab.export_bundle(model, state, round_no)
         frames = [self.lab.images.pool_rgb[i] for i in state.pool]
         classes, info = score_pool(bundle_dir, frames, threads=self.lab.cfg.threads)
-        selection = select_low_confidence(classes, budget)
+        selection = select_low_confidence(classes, budget, rank=self.lab.cfg.rank, rng=self.rng)
         truth = self.lab.images.train_labels
         wrong = sum(classes[p].class_id != truth[state.pool[p]] for p in selection.positions)
         info.update(flagged_in_pool=selection.flagged_in_pool, pool=len(classes), selected_wrong=int(wrong))
@@ -442,6 +481,8 @@ def run(cfg: BenchConfig) -> dict:
     start = time.perf_counter()
     # One intra-op thread by default: on a small, shared CPU PyTorch's spinning pool slows down 10x under load.
     torch.set_num_threads(cfg.threads)
+    if cfg.work_dir is not None and cfg.work_dir.exists() and any(cfg.work_dir.iterdir()):
+        raise SystemExit(f"--work-dir {cfg.work_dir}: not empty; give a new or empty folder")
     images = load_images(cfg)
     with tempfile.TemporaryDirectory(prefix="active-learning-") as scratch:
         work_dir = cfg.work_dir or Path(scratch)
@@ -468,12 +509,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, default=d.data, help="folder with train/ and test/ class folders")
     p.add_argument("--seed-per-class", type=int, default=d.seed_per_class, help="labelled training images per class at the start")
     p.add_argument("--val-per-class", type=int, default=d.val_per_class,
-                   help="labelled validation images per class (best epoch, bundle thresholds); counted as labels")
+                   help="labelled validation images per class (the bundle's suggested thresholds); counted as labels")
     p.add_argument("--pool", type=int, default=d.pool, help="unlabelled training images to select from")
     p.add_argument("--rounds", type=int, default=d.rounds)
     p.add_argument("--budget-per-round", type=int, default=d.budget_per_round, help="frames labelled per round")
     p.add_argument("--image-size", type=int, default=d.image_size)
     p.add_argument("--epochs", type=int, default=d.epochs, help="epochs of every (re)training")
+    p.add_argument("--seed-epochs", type=int, default=d.seed_epochs, help="epochs of the seed model's training")
+    p.add_argument("--init", choices=("imagenet", "previous"), default=d.init,
+                   help="each round fine-tunes from ImageNet, or from the strategy's previous model")
+    p.add_argument("--rank", choices=("margin", "flagged-random"), default=d.rank,
+                   help="label the flagged frames lowest margin first, or a uniform draw of them")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--seed", type=int, default=d.seed, help="seed for the seed set, the pool, random selection and training")
@@ -488,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     log.setLevel(logging.INFO)
-    for name in ("seed_per_class", "val_per_class", "pool", "rounds", "budget_per_round", "epochs", "threads"):
+    for name in ("seed_per_class", "val_per_class", "pool", "rounds", "budget_per_round", "epochs", "seed_epochs", "threads"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
     cfg = BenchConfig(**{k: v for k, v in vars(args).items() if k in BenchConfig.__dataclass_fields__})

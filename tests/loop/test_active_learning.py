@@ -60,6 +60,24 @@ def test_flagged_frames_come_first_least_certain_first_then_the_least_certain_ot
     assert al.select_low_confidence(classes, 5).positions == (1, 4, 2, 3, 0)
 
 
+def test_flagged_random_draws_the_budget_from_the_flagged_frames_only():
+    probs = [[0.9, 0.1]] * 10 + [[0.55, 0.45]] * 6 + [[0.51, 0.49]] * 4   # 10 confident, 10 flagged
+    classes = classifications(probs, {"min_confidence": 0.6})
+    flagged = set(range(10, 20))
+    picks = [al.select_low_confidence(classes, 5, rank="flagged-random", rng=random.Random(seed)).positions
+             for seed in (0, 1)]
+    for p in picks:
+        assert len(p) == 5 and len(set(p)) == 5 and set(p) <= flagged
+    assert picks[0] != picks[1]                                       # a draw, not the margin order
+    again = al.select_low_confidence(classes, 5, rank="flagged-random", rng=random.Random(0)).positions
+    assert again == picks[0]
+    # fewer flagged than the budget: every flagged frame, then the others by margin, as with rank="margin"
+    assert (al.select_low_confidence(classes, 12, rank="flagged-random", rng=random.Random(0))
+            == al.select_low_confidence(classes, 12, rank="margin"))
+    with pytest.raises(ValueError, match="rank"):
+        al.select_low_confidence(classes, 5, rank="entropy")
+
+
 def test_random_selection_uses_the_budget_exactly_without_repeats():
     rng = random.Random(0)
     picks = [al.select_random(100, 30, rng).positions for _ in range(3)]
