@@ -40,7 +40,8 @@ def real_frames(n: int, *, site: str = "ber1", station: str = "receiving-01", ca
         top = np.argsort(-probs)[:3]
         frame_id = f"00000000-0000-4000-8000-{i:012d}"
         body = {"schema": "frame.v1", "id": frame_id, "seq": i + 1, "ts": 1_795_000_000.0 + i,
-                "site": site, "station": station, "camera": camera, "frame_seq": i + 1, "captured_at": 1_795_000_000.0 + i,
+                "site": site, "station": station, "camera": camera, "frame_seq": i + 1,
+                "captured_at": 1_795_000_000.0 + i,
                 "model": {"name": "fashion-mnist", "version": version, "backend": "onnxruntime", "precision": "fp32"},
                 "label": LABELS[guess], "confidence": float(probs[guess]),
                 "top_k": [{"label": LABELS[int(k)], "p": float(probs[k])} for k in top],

@@ -26,7 +26,8 @@ def reviewed_store(tmp_path):
     for r in records:
         store.add(r.body, r.blob)
     for r in records[:12]:
-        store.review(r.id, "label", label=truth_of(r), reviewer="ana", note="checked twice" if r is records[0] else None)
+        store.review(r.id, "label", label=truth_of(r), reviewer="ana",
+                     note="checked twice" if r is records[0] else None)
     for r in records[12:15]:
         store.review(r.id, "new_class", label="Scarf/shawl", reviewer="bo")
     store.review(records[15].id, "defect", label="torn", reviewer="bo", note="seam open")
@@ -96,7 +97,8 @@ def test_a_real_training_run_reads_the_export(reviewed_store, tmp_path):
     """``python -m trainer train --data <out>/reviewed.csv``: tiny (32 px, one short epoch), but the real trainer."""
     store, _ = reviewed_store
     export_reviewed(store, tmp_path / "reviewed")
-    run = subprocess.run([sys.executable, "-m", "trainer", "train", "--data", str(tmp_path / "reviewed" / "reviewed.csv"),
+    run = subprocess.run([sys.executable, "-m", "trainer", "train",
+                          "--data", str(tmp_path / "reviewed" / "reviewed.csv"),
                           "--out-dir", str(tmp_path / "runs"), "--name", "from-reviewed", "--arch", "mobilenet_v2",
                           "--image-size", "32", "--resize-shorter", "32", "--epochs", "1", "--batch-size", "8",
                           "--workers", "0", "--val-fraction", "0.2", "--max-steps-per-epoch", "2"],

@@ -74,7 +74,8 @@ def test_both_wire_forms_are_stored_with_their_metadata(broker, tmp_path):
     for record in v5_records + v311_records:
         frame = store.get(record.id)
         assert store.image_path(record.id).read_bytes() == record.blob
-        assert frame["predicted"] == record.body["label"] and frame["selected_because"] == record.body["selected_because"]
+        assert frame["predicted"] == record.body["label"]
+        assert frame["selected_because"] == record.body["selected_because"]
         assert frame["meta"] == record.body
     publish(client, v5_records[:2])                   # a redelivery: same ids
     assert wait_for(lambda: store.counters().get("duplicates") == 2)

@@ -215,7 +215,8 @@ def cmd_ingest(args) -> int:
             raise SystemExit(f"--{name.replace('_', '-')}: {path}: no such file")
     store = FrameStore(args.store, max_bytes=args.max_bytes, warn_fraction=args.warn_fraction)
     service = IngestService(store, host=args.host, port=args.port, topic=args.topic, shared_group=args.shared_group,
-                            client_id=args.client_id, username=args.username, password=read_password(args.password_file),
+                            client_id=args.client_id, username=args.username,
+                            password=read_password(args.password_file),
                             tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
                             tls_insecure=args.tls_insecure)
     done = threading.Event()

@@ -10,7 +10,8 @@ across processes): the duplicate and quota checks, the JPEG to a temporary name,
 the row, commit. A crash in between leaves at most an image without a row; ``FrameStore`` removes such
 orphans when it opens (the ingest service has not acknowledged that message, so the broker sends it
 again). The open does that under the same lock, so it never takes a file that another process (a
-second ingest worker, the review server beside the ingest service) is still writing. Duplicates (a QoS 1 redelivery carries the same message id) are stored once. A byte quota:
+second ingest worker, the review server beside the ingest service) is still writing. Duplicates
+(a QoS 1 redelivery carries the same message id) are stored once. A byte quota, kept in the store:
 above ``warn_fraction`` a warning is logged and flagged in ``stats()``; at the quota new frames are
 refused and counted, and nothing already stored is ever deleted to make room.
 """
@@ -283,7 +284,8 @@ class FrameStore:
     def image_path(self, frame_id: str) -> Path:
         return self.root / self.get(frame_id)["image"]
 
-    def list(self, *, limit: int = 50, offset: int = 0, order: str = "oldest", **filters: Any) -> tuple[list[dict], int]:
+    def list(self, *, limit: int = 50, offset: int = 0, order: str = "oldest",
+             **filters: Any) -> tuple[list[dict], int]:
         """Frames matching the filters (``FILTERS``), oldest first (or newest), and how many match in all."""
         unknown = set(filters) - set(FILTERS)
         if unknown:
@@ -307,7 +309,8 @@ class FrameStore:
 
     def iter_reviewed(self) -> Iterator[dict[str, Any]]:
         with self._lock:
-            rows = self._db.execute("SELECT * FROM frames WHERE status != 'pending' ORDER BY reviewed_at, id").fetchall()
+            rows = self._db.execute("SELECT * FROM frames WHERE status != 'pending' "
+                                    "ORDER BY reviewed_at, id").fetchall()
         for row in rows:
             yield _public(row)
 
@@ -330,7 +333,8 @@ class FrameStore:
     def stats(self) -> dict[str, Any]:
         with self._lock:
             by_status = {s: 0 for s in STATUSES}
-            by_status.update({r[0]: r[1] for r in self._db.execute("SELECT status, COUNT(*) FROM frames GROUP BY status")})
+            by_status.update({r[0]: r[1] for r in self._db.execute(
+                "SELECT status, COUNT(*) FROM frames GROUP BY status")})
             by_station = {f"{r[0]}/{r[1]}": r[2] for r in self._db.execute(
                 "SELECT site, station, COUNT(*) FROM frames GROUP BY site, station")}
             by_model = {str(r[0]): r[1] for r in self._db.execute(
