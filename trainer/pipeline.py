@@ -15,17 +15,21 @@ class DemoConfig:
     data_dir: Path = Path("data/fashion-mnist")
     out_dir: Path = Path("runs")
     models_dir: Path = Path("models")
-    limit_per_class: int | None = 1000
-    epochs: int = 3
+    limit_per_class: int | None = 2000
+    epochs: int = 4
     image_size: int = 48
     arch: str = "mobilenet_v2"
     name: str = "fashion-mnist"
 
 
 def demo_train_config(cfg: DemoConfig, run_name: str):
+    from trainer.augment import AugmentConfig
     from trainer.config import TrainConfig
 
-    return TrainConfig(
+    # The documented recipe's augmentation (docs/training.md): garments are centred and upright.
+    augment = AugmentConfig(scale=(0.75, 1.0), rotation=0.0, brightness=0.1, contrast=0.1, saturation=0.1,
+                            erasing=0.2)
+    return TrainConfig(augment=augment,
         data=str(cfg.data_dir / "train"), out_dir=str(cfg.out_dir), name=run_name, arch=cfg.arch, weights="imagenet",
         image_size=cfg.image_size, resize_shorter=cfg.image_size, limit_per_class=cfg.limit_per_class,
         epochs=cfg.epochs, batch_size=64, optimizer="adam", lr=1e-3, warmup_epochs=0.2, label_smoothing=0.1,
