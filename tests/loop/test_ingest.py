@@ -102,7 +102,47 @@ def test_malformed_messages_are_counted_and_never_stop_the_service(broker, tmp_p
     assert store.get(other.id)["id"] == other.id
     assert "the topic names station ber1/someone-else but the frame says ber1/receiving-01" in caplog.text
     assert "field jpeg.bytes" in caplog.text
+    [third] = real_frames(1, start=2)
+    payload, props = encode(third, True)
+    props.UserProperty = [("id", "00000000-0000-4000-8000-999999999999") if k == "id" else (k, v)
+                          for k, v in props.UserProperty]
+    client.publish(TOPIC, payload, qos=1, properties=props).wait_for_publish(10)   # properties and meta disagree
+    assert wait_for(lambda: store.counters().get("malformed") == 4)
+    assert f"user property id '00000000-0000-4000-8000-999999999999' but the frame's field id is '{third.id}'" \
+        in caplog.text
+    assert store.list()[1] == 1
     service.stop()
+    client.loop_stop()
+    client.disconnect()
+
+
+def test_a_malformed_message_that_cannot_be_counted_stops_the_service_unacknowledged(broker, tmp_path, caplog):
+    """The database fails while counting a malformed message: the service stops (it does not sit connected with
+    a dead network thread) and the message stays with the broker. The failure is injected, as a database that
+    fails on demand cannot be made here."""
+    import sqlite3 as sqlite
+
+    store = FrameStore(tmp_path / "store")
+    real_count = store.count
+
+    def database_fails(name, by=1):
+        raise sqlite.OperationalError("disk I/O error")
+
+    store.count = database_fails
+    service = IngestService(store, host=broker.host, port=broker.port, client_id="ingest-count-test")
+    service.start()
+    assert service.connected.wait(10)
+    client = station(broker)
+    client.publish(TOPIC, b"not a frame", qos=1).wait_for_publish(10)
+    assert service.failed.wait(30) and "disk I/O error" in service.failure
+    service.stop()
+    assert "malformed frame message dropped" in caplog.text
+
+    store.count = real_count                      # the restarted service gets the same message again
+    again = IngestService(store, host=broker.host, port=broker.port, client_id="ingest-count-test")
+    again.start()
+    assert wait_for(lambda: store.counters().get("malformed") == 1)
+    again.stop()
     client.loop_stop()
     client.disconnect()
 

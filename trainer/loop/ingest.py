@@ -90,6 +90,8 @@ def parse_frame(topic: str, payload: bytes, properties: Properties | None) -> tu
         first = errors[0]
         where = ".".join(str(p) for p in first.path) or "(top level)"
         raise MalformedFrame(f"frame.v1 field {where}: {first.message}")
+    if "id" in user and user["id"] != meta["id"]:
+        raise MalformedFrame(f"user property id {user['id']!r} but the frame's field id is {meta['id']!r}")
     parts = topic.split("/")
     if len(parts) >= 3 and (parts[-3], parts[-2]) != (meta["site"], meta["station"]):
         raise MalformedFrame(f"the topic names station {parts[-3]}/{parts[-2]} but the frame says "
@@ -157,21 +159,25 @@ class IngestService:
     def _on_message(self, client, userdata, message: paho.MQTTMessage) -> None:
         if self.failed.is_set():       # stopping after a failed write: take nothing more
             return
+        # Nothing may escape this callback: paho would end its network thread and the service would sit
+        # connected but deaf. Whatever cannot be recorded (the frame, or the count of a malformed one) stays
+        # unacknowledged and stops the service.
         try:
-            meta, jpeg = parse_frame(message.topic, message.payload, message.properties)
-            result = self.store.add(meta, jpeg)
-        except (MalformedFrame, StoreError) as exc:
-            log.error("ingest: %s: malformed frame message dropped: %s", message.topic, exc)
-            self.store.count("malformed")
+            try:
+                meta, jpeg = parse_frame(message.topic, message.payload, message.properties)
+                result = self.store.add(meta, jpeg)
+            except (MalformedFrame, StoreError) as exc:
+                log.error("ingest: %s: malformed frame message dropped: %s", message.topic, exc)
+                self.store.count("malformed")
+            else:
+                if result.outcome == "stored":
+                    log.debug("ingest: stored %s from %s", result.frame_id, message.topic)
         except Exception as exc:   # disk or database: never acknowledged, so the broker sends it again
             self.failure = f"{message.topic}: could not store the frame ({type(exc).__name__}: {exc})"
             log.exception("ingest: %s; it stays unacknowledged and the service stops (restart it: the broker "
                           "sends the frame again)", self.failure)
             self.failed.set()
             return
-        else:
-            if result.outcome == "stored":
-                log.debug("ingest: stored %s from %s", result.frame_id, message.topic)
         client.ack(message.mid, message.qos)
 
 
