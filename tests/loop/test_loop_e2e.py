@@ -139,7 +139,7 @@ def test_low_confidence_frames_to_a_better_model_on_the_station(weak, broker, tm
         done = trainer_cli("retrain", "--base-data", str(weak.base), "--reviewed", str(reviewed),
                            "--current", str(weak.bundle), "--finetune-from-current", "--holdout", str(weak.holdout),
                            "--epochs", "2", "--batch-size", "16", "--lr", "1e-3", "--workers", "0",
-                           "--out-dir", str(tmp_path / "runs"), "--models-dir", str(weak.models), "--version", "2",
+                           "--out-dir", str(tmp_path / "runs"), "--models-dir", str(tmp_path / "models"), "--version", "2",
                            "--calibration-images", "64", "--parity-images", "32", "--tensorrt", "off",
                            "--report", str(report), *mqtt)
         assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
@@ -147,7 +147,7 @@ def test_low_confidence_frames_to_a_better_model_on_the_station(weak, broker, tm
         assert gate["promoted"] and gate["data"]["reviewed"]["frames"] == labelled
 
         # 3. published, served, rolled out by MQTT; the station reports the new version
-        published = trainer_cli("publish", str(weak.models / "fmnist" / "2"), "--root", str(served),
+        published = trainer_cli("publish", str(tmp_path / "models" / "fmnist" / "2"), "--root", str(served),
                                 "--base-url", base_url, *mqtt)
         assert published.returncode == 0, published.stderr
         rolled = trainer_cli("rollout", "--bundle-url", base_url + "fmnist/2/", "--stations", station.key,

@@ -90,7 +90,7 @@ def config(weak, tmp: Path, reviewed: Path, *, version: str, finetune: bool, **t
     settings.update(train)
     return RetrainConfig(base_data=weak.base, reviewed=reviewed, current=weak.bundle, report=tmp / f"report-{version}.json",
                          train=settings, holdout=weak.holdout, finetune_from_current=finetune,
-                         export=ExportSettings(models_dir=weak.models, version=version, calibration_images=64,
+                         export=ExportSettings(models_dir=tmp / "models", version=version, calibration_images=64,
                                                parity_images=32, tensorrt="off"))
 
 
@@ -166,7 +166,17 @@ def test_fine_tuning_needs_the_current_versions_checkpoint(weak, tmp_path):
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(RetrainError, match="field provenance/checkpoint: absent"):
         retrain(cfg)
-    assert not (weak.models / "fmnist" / "4").exists()
+    assert not (tmp_path / "models" / "fmnist" / "4").exists()
+    # and nothing is trained for a version that cannot be written
+    cfg.current, cfg.finetune_from_current = weak.bundle, False
+    cfg.export.version = "1"
+    with pytest.raises(RetrainError, match="--version 1: that is the current version"):
+        retrain(cfg)
+    (tmp_path / "models" / "fmnist" / "5").mkdir()
+    cfg.export.version = "5"
+    with pytest.raises(RetrainError, match="fmnist/5: bundle version already exists"):
+        retrain(cfg)
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.slow

@@ -364,6 +364,9 @@ def retrain(cfg: RetrainConfig) -> RetrainResult:
     version = cfg.export.version or dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     if name == current.name and version == current.version:
         raise RetrainError(f"--version {version}: that is the current version; the next one needs another")
+    if (Path(cfg.export.models_dir) / name / version).exists():
+        raise RetrainError(f"{Path(cfg.export.models_dir) / name / version}: bundle version already exists; "
+                           "pass another --version")
     run_dir = Path(train.get("out_dir") or "runs") / f"{name}-{version}"
     if (run_dir / "last.pt").exists():
         raise RetrainError(f"{run_dir}: already holds a training run; pass another --version")
