@@ -255,9 +255,12 @@ def test_rollout_canary_then_rest_then_rollback_through_the_cli(fleet_factory, b
     assert "rollout tiny v2: done" in done.stdout and f"{rest}" in done.stdout
     assert fleet.recorder.version(canary) == fleet.recorder.version(rest) == "v2"
 
+    from dashboard.state import validate_rollout_event
+
     events = fleet.recorder.events()
     for event in events:
         validate_event(event)
+        validate_rollout_event("inventory/_central/rollout", event)     # what the dashboard accepts
     actions = [(e["action"], e["ok"]) for e in events]
     assert actions == [("canary", True), ("canary", True), ("rollout", True)], events
     passed = [m for m in fleet.recorder.of("/_central/rollout") if "passed the watch" in m.json()["reason"]][0]
