@@ -156,3 +156,36 @@ def test_the_review_cli_serves_the_store(tmp_path, real_bundle):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_a_store_failure_is_a_500_json_error_and_the_server_keeps_serving(server, caplog):
+    """The store's database fails on one request (injected: a failing disk cannot be made here): the client gets
+    a JSON 500 saying why instead of a dropped connection, and the next request is answered."""
+    import sqlite3
+
+    srv, store, records = server
+    real_stats = store.stats
+
+    def failing_stats():
+        raise sqlite3.OperationalError("disk I/O error")
+
+    store.stats = failing_stats
+    status, body = call(srv.url + "api/stats")
+    assert status == 500 and "disk I/O error" in body["error"]
+    assert "GET /api/stats failed" in caplog.text
+    store.stats = real_stats
+    status, body = call(srv.url + "api/stats")
+    assert status == 200 and body["frames"] == len(records)
+
+
+def test_the_review_cli_names_a_port_it_cannot_listen_on(tmp_path):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "trainer", "review", "--store", str(tmp_path / "store"),
+                               "--port", str(port)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert f"--host 127.0.0.1 --port {port}: cannot listen" in proc.stderr

@@ -16,7 +16,8 @@ library's ThreadingHTTPServer; JSON in and out. Endpoints (all under the server'
 
 With ``--token T`` (or ``--token-file F``) every /api request needs ``Authorization: Bearer T``
 (the page asks once, keeps it in the browser's session storage, and fetches images with it too).
-Errors are JSON ``{"error": "..."}`` with 400 (bad field, named), 401, 404 (no such frame) or 405.
+Errors are JSON ``{"error": "..."}`` with 400 (bad field, named), 401, 404 (no such frame), 405, or 500 (the
+store's database or disk failed; logged with the request).
 """
 
 from __future__ import annotations
@@ -161,6 +162,12 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(HTTPStatus.BAD_REQUEST, str(exc))
         except FileNotFoundError as exc:
             return self._error(HTTPStatus.NOT_FOUND, f"image file missing: {exc.filename}")
+        except Exception as exc:       # the store's database or disk: say so rather than drop the connection
+            return self._internal(exc)
+
+    def _internal(self, exc: Exception) -> None:
+        log.exception("review http: %s %s failed", self.command, self.path)
+        self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"the store could not answer ({type(exc).__name__}: {exc})")
 
     do_HEAD = do_GET
 
@@ -199,6 +206,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(HTTPStatus.NOT_FOUND, str(exc))
         except StoreError as exc:
             return self._error(HTTPStatus.BAD_REQUEST, str(exc))
+        except Exception as exc:
+            return self._internal(exc)
         return self._json(HTTPStatus.OK, frame)
 
     def _list(self, query: dict[str, list[str]]) -> None:
@@ -250,7 +259,11 @@ def cmd_review(args) -> int:
 
         token = read_password(args.token_file)
     store = FrameStore(args.store, labels=labels)
-    server = ReviewServer(store, args.host, args.port, token)
+    try:
+        server = ReviewServer(store, args.host, args.port, token)
+    except OSError as exc:
+        store.close()
+        raise StoreError(f"--host {args.host} --port {args.port}: cannot listen ({exc.strerror or exc})") from None
     print(f"review: {server.url} ({store.stats()['by_status']['pending']} frames pending in {args.store})", flush=True)
     try:
         server.httpd.serve_forever()
