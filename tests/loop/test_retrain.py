@@ -187,3 +187,33 @@ def test_the_current_version_is_weak_on_the_class_it_barely_saw(weak):
     print("current version, recall per class on held-out images:", {c: f"{r:.0%}" for c, r in recall.items()})
     others = [r for c, r in recall.items() if c != WEAK_CLASS]
     assert recall[WEAK_CLASS] < 0.1 and sum(others) / len(others) > 0.3
+
+
+@pytest.mark.slow
+def test_without_holdout_the_current_versions_own_validation_split_is_held_out(weak, tmp_path):
+    from agent.bundle import load_bundle
+    from trainer.loop.retrain import _read_items, overall_holdout
+
+    cfg = config(weak, tmp_path, tmp_path / "unused.csv", version="9", finetune=False)
+    cfg.holdout = None
+    current = load_bundle(weak.bundle)
+    base, _ = _read_items(weak.base, "base")
+    held, source, _ = overall_holdout(cfg, current, base, seed=0)
+    split = json.loads((weak.run_dir / "split.json").read_text())
+    assert "the current version's validation split" in source
+    assert sorted(str(i.path) for i in held) == sorted(str(Path(split["root"]) / rel) for rel, _ in split["val"])
+    # without that split (another machine), a seeded share of the base data, and the report says what that means
+    moved = shutil.copytree(weak.bundle, tmp_path / "elsewhere" / "fmnist" / "1")
+    manifest = json.loads((moved / "manifest.json").read_text())
+    manifest["provenance"]["run_dir"] = str(tmp_path / "gone")
+    (moved / "manifest.json").write_text(json.dumps(manifest))
+    held, source, _ = overall_holdout(cfg, load_bundle(moved), base, seed=0)
+    assert "may have trained on some of these images" in source
+    assert len(held) == sum(max(1, round(n * 0.1)) for n in _per_class(base).values())
+
+
+def _per_class(items) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for item in items:
+        out[item.label] = out.get(item.label, 0) + 1
+    return out
