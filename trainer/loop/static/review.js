@@ -204,7 +204,10 @@ function refresh() {
 }
 
 document.addEventListener("keydown", (ev) => {
-  if (ev.target instanceof HTMLInputElement || ev.ctrlKey || ev.metaKey || ev.altKey) return;
+  // Typing in the name field or picking a filter is not a decision, nor is a key held down (auto-repeat would
+  // label frame after frame the reviewer never saw).
+  if (ev.target instanceof HTMLInputElement || ev.target instanceof HTMLSelectElement) return;
+  if (ev.repeat || ev.ctrlKey || ev.metaKey || ev.altKey) return;
   const all = [...state.labels, ...state.newClasses];
   if (/^[0-9]$/.test(ev.key)) {
     const i = ev.key === "0" ? 9 : Number(ev.key) - 1;
