@@ -145,3 +145,37 @@ def test_reviews_filters_and_errors(tmp_path):
     with pytest.raises(StoreError, match="field status"):
         store.list(status="done")
     assert store.review(b, "undo")["status"] == "pending" and store.get(b)["reviewer"] is None
+
+
+def test_the_open_walks_the_images_without_the_write_lock_and_keeps_what_commits_meanwhile(tmp_path, monkeypatch):
+    """A large store's walk takes seconds: other workers keep writing meanwhile (the walk does not hold SQLite's
+    write lock), and a file whose row another worker commits during the walk is kept. The commit is made to
+    happen at the end of the walk by wrapping Path.rglob; the write itself is a real second connection."""
+    import sqlite3
+    from pathlib import Path
+
+    [record] = real_frames(1)
+    FrameStore(tmp_path / "s").close()
+    rel = "images/ber1/receiving-01/20261127/late.jpg"
+    (tmp_path / "s" / rel).parent.mkdir(parents=True)
+    (tmp_path / "s" / rel).write_bytes(record.blob)          # written; its row not committed yet
+    real_rglob = Path.rglob
+    committed = []
+
+    def walk_then_commit(self, pattern):
+        yield from real_rglob(self, pattern)
+        other = sqlite3.connect(tmp_path / "s" / "frames.sqlite", isolation_level=None, timeout=2)
+        other.execute("BEGIN IMMEDIATE")                    # fails ("database is locked") if the walk held it
+        other.execute("INSERT INTO frames(id, site, station, camera, meta, received_at, image, bytes, sha256) "
+                      "VALUES ('late', 'ber1', 'receiving-01', 'dock-a', '{}', 0, ?, ?, 'x')",
+                      (rel, len(record.blob)))
+        other.execute("COMMIT")
+        other.close()
+        committed.append(rel)
+
+    monkeypatch.setattr(Path, "rglob", walk_then_commit)
+    store = FrameStore(tmp_path / "s")
+    assert committed == [rel]
+    assert (tmp_path / "s" / rel).read_bytes() == record.blob
+    assert store.reconciled == {"orphan_images_removed": 0, "rows_without_image": 0}
+    assert store.get("late")["image"] == rel

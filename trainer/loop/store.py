@@ -9,8 +9,9 @@ A frame is written inside one write transaction (``BEGIN IMMEDIATE``: SQLite's w
 across processes): the duplicate and quota checks, the JPEG to a temporary name, fsync, rename, then
 the row, commit. A crash in between leaves at most an image without a row; ``FrameStore`` removes such
 orphans when it opens (the ingest service has not acknowledged that message, so the broker sends it
-again). The open does that under the same lock, so it never takes a file that another process (a
-second ingest worker, the review server beside the ingest service) is still writing. Duplicates
+again). The open walks the folders without the lock (other workers go on writing) and
+checks the files it found without a row again under it, so it never takes a file that another process
+(a second ingest worker, the review server beside the ingest service) is still writing. Duplicates
 (a QoS 1 redelivery carries the same message id) are stored once. A byte quota, kept in the store:
 above ``warn_fraction`` a warning is logged and flagged in ``stats()``; at the quota new frames are
 refused and counted, and nothing already stored is ever deleted to make room.
@@ -136,21 +137,31 @@ class FrameStore:
     def _reconcile(self) -> dict[str, int]:
         """Images without a row (a crash between file and commit) are removed; rows without an image are reported.
 
-        Runs under the write lock: every writer holds it from before its file until its commit, so no file
-        found here can belong to a write still in progress."""
+        The folders are walked without the write lock (a large store takes seconds, and other workers keep
+        writing meanwhile); only the files found without a row are checked again under it. Every writer holds
+        the lock from before its file until its commit, so a file that still has no row once we hold the lock
+        belongs to no write in progress: it is a crash's leftover."""
+        with self._lock:
+            known = {row["image"] for row in self._db.execute("SELECT image FROM frames")}
+        candidates = []
+        if self.images.is_dir():
+            candidates = [p for p in self.images.rglob("*")
+                          if p.is_file() and p.relative_to(self.root).as_posix() not in known]
         orphans = 0
         with self._lock, self._write():
-            known = {row["image"] for row in self._db.execute("SELECT image FROM frames")}
-            if self.images.is_dir():
-                for path in self.images.rglob("*"):
-                    if path.is_file() and path.relative_to(self.root).as_posix() not in known:
-                        path.unlink(missing_ok=True)
-                        orphans += 1
-            missing = [row["id"] for row in self._db.execute("SELECT id, image FROM frames")
-                       if not (self.root / row["image"]).is_file()]
+            for path in candidates:
+                rel = path.relative_to(self.root).as_posix()
+                if path.is_file() and self._db.execute("SELECT 1 FROM frames WHERE image = ?", (rel,)).fetchone() \
+                        is None:
+                    path.unlink(missing_ok=True)
+                    orphans += 1
             if self._db.execute("SELECT 1 FROM counters WHERE name = 'bytes_stored'").fetchone() is None:
                 self._bump("bytes_stored", int(self._db.execute("SELECT COALESCE(SUM(bytes), 0) FROM frames")
                                                .fetchone()[0]))
+        # rows are never deleted and their files never removed, so this needs no lock
+        with self._lock:
+            rows = self._db.execute("SELECT id, image FROM frames").fetchall()
+        missing = [row["id"] for row in rows if not (self.root / row["image"]).is_file()]
         if orphans:
             log.warning("%s: removed %d image file(s) without an index row (an interrupted write; the broker "
                         "redelivers those frames)", self.root, orphans)
