@@ -183,7 +183,11 @@ def interpolated_labels_to_reach(curve: Sequence[RoundResult], target: float) ->
 
 
 def summarize(curves: dict[str, list[RoundResult]]) -> dict:
-    """Random's final accuracy, the labels each strategy needed to reach it, and the ratio."""
+    """Random's final accuracy, the labels each strategy needed to reach it, and the ratios.
+
+    ``ratio`` divides by the labels random needed to first reach its final accuracy (the stricter
+    figure when random's curve wobbles); ``ratio_to_random_final_labels`` by all the labels random used.
+    """
     target = curves[RANDOM][-1].accuracy
     needed = {name: labels_to_reach(curve, target) for name, curve in curves.items()}
     interpolated = {name: interpolated_labels_to_reach(curve, target) for name, curve in curves.items()}
@@ -197,6 +201,7 @@ def summarize(curves: dict[str, list[RoundResult]]) -> dict:
         "ratio": ratio,
         "interpolated_labels_needed": interpolated,
         "interpolated_ratio": None if low_i is None or not rnd_i else low_i / rnd_i,
+        "ratio_to_random_final_labels": None if low is None else low / curves[RANDOM][-1].labels,
         "target_ratio": 0.6,
         "target_met": ratio is not None and ratio <= 0.6,
     }
@@ -441,6 +446,7 @@ def print_table(curves: dict[str, list[RoundResult]], summary: dict) -> None:
     if summary["ratio"] is not None:
         print(f"ratio low-confidence / random: {summary['ratio']:.2f} (interpolated between rounds: "
               f"{summary['interpolated_ratio']:.2f}); target <= 0.60: {'met' if summary['target_met'] else 'NOT met'}")
+        print(f"low-confidence labels / all of random's labels: {summary['ratio_to_random_final_labels']:.2f}")
     else:
         print("ratio: low-confidence selection did not reach random's final accuracy; target NOT met")
 

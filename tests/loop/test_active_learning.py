@@ -145,6 +145,12 @@ def test_summary_counts_the_labels_each_strategy_needed_for_randoms_final_accura
     curves[al.LOW_CONFIDENCE] = curve((100, 0.70), (200, 0.80), (300, 0.79), (400, 0.79))
     assert al.summarize(curves)["ratio"] == pytest.approx(0.5) and al.summarize(curves)["target_met"]
 
+    # random reaches its own final accuracy before its last round: the ratio divides by that, the other by 400
+    curves[al.RANDOM] = curve((100, 0.70), (200, 0.74), (300, 0.81), (400, 0.80))
+    s = al.summarize(curves)
+    assert s["labels_needed"] == {al.LOW_CONFIDENCE: 200, al.RANDOM: 300}
+    assert s["ratio"] == pytest.approx(2 / 3) and s["ratio_to_random_final_labels"] == pytest.approx(0.5)
+
     curves[al.LOW_CONFIDENCE] = curve((100, 0.70), (200, 0.75), (300, 0.79), (400, 0.79))
     s = al.summarize(curves)
     assert s["labels_needed"][al.LOW_CONFIDENCE] is None and s["ratio"] is None and not s["target_met"]
