@@ -179,3 +179,16 @@ def test_tensorrt_engines_build_where_present(real_bundle, tmp_path):
     bundle = load_bundle(real_bundle)
     built = build_engine(bundle.artifact("onnx-fp32").path, tmp_path, EngineSpec("fp16", 32, 32))
     assert built["path"].stat().st_size > 0 and built["tensorrt_version"]
+
+
+@pytest.mark.parametrize("count", [40, 37])
+def test_calibration_counts_that_are_not_a_multiple_of_the_batch_work(real_bundle, tmp_path, count):
+    """ONNX Runtime's calibrator fails on a shorter last batch; every image is still used, in equal batches."""
+    paths, _ = _val_images(real_bundle, count)
+    assert len(paths) == count
+    images = Preprocessor(load_bundle(real_bundle).input_spec).batch([read_image(p) for p in paths])
+    out = tmp_path / "int8.onnx"
+    quantize_qdq(real_bundle / "model.fp32.onnx", out, images, QuantizeConfig(calibration_images=count, batch_size=32))
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    logits = session.run(None, {session.get_inputs()[0].name: images[:4]})[0]
+    assert logits.shape == (4, 10) and np.isfinite(logits).all()

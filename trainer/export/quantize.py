@@ -38,7 +38,10 @@ class ArrayCalibrationReader:
 
     def __init__(self, input_name: str, images: np.ndarray, batch_size: int) -> None:
         self.input_name = input_name
-        self.batches = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
+        # Equal batches: ONNX Runtime's calibrator stacks the intermediate outputs of every batch and fails
+        # on a shorter last one, so the largest size <= batch_size that divides the image count is used.
+        size = max(b for b in range(1, max(1, min(batch_size, len(images))) + 1) if len(images) % b == 0)
+        self.batches = [images[i : i + size] for i in range(0, len(images), size)]
         self.position = 0
 
     def get_next(self):
