@@ -79,14 +79,14 @@ def free_port() -> int:
 
 
 @contextmanager
-def local_mosquitto(workdir: Path) -> Iterator[int]:
-    """A throwaway mosquitto on 127.0.0.1 (anonymous, persistence off)."""
+def local_mosquitto(workdir: Path, extra_conf: str = "") -> Iterator[int]:
+    """A throwaway mosquitto on 127.0.0.1 (anonymous, persistence off; ``extra_conf``: more config lines)."""
     binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     if not Path(binary).exists():
         raise RuntimeError("no broker given and mosquitto is not installed (apt-get install mosquitto)")
     port = free_port()
     conf = workdir / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n{extra_conf}")
     proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 10

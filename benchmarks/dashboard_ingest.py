@@ -27,17 +27,14 @@ import argparse
 import json
 import logging
 import multiprocessing as mp
-import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 import uuid
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -148,28 +145,10 @@ def _publish(port: int, messages: list[tuple[str, bytes]], started: Any) -> None
     client.loop_stop()
 
 
-@contextmanager
-def unbounded_mosquitto(workdir: Path) -> Iterator[int]:
+def unbounded_mosquitto(workdir: Path):
     """A local mosquitto that queues without limit for a slow subscriber, so the slower side is measured,
     not the broker's drop policy (mosquitto's default drops beyond 1000 queued messages per client)."""
-    port = free_port()
-    conf = workdir / "bench-mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                    "max_queued_messages 0\nmax_queued_bytes 0\n")
-    proc = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(conf)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.05)
-        yield port
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    return local_mosquitto(workdir, "max_queued_messages 0\nmax_queued_bytes 0\n")
 
 
 def over_broker(messages: list[tuple[str, bytes]], workdir: Path) -> dict[str, Any]:

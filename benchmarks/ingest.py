@@ -31,14 +31,13 @@ import sys
 import tempfile
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from agent.demo import fashion_mnist_test, free_port  # noqa: E402
+from agent.demo import fashion_mnist_test, local_mosquitto  # noqa: E402
 from agent.mqtt import encode  # noqa: E402
 from agent.outbox import Record  # noqa: E402
 from agent.pipeline import encode_jpeg  # noqa: E402
@@ -110,28 +109,9 @@ def bench_store(records: list[Record], workdir: Path) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- 2. over the broker
 
-@contextmanager
-def broker(workdir: Path) -> Iterator[int]:
-    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    port = free_port()
-    conf = workdir / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                    "max_inflight_messages 64\nmax_queued_messages 10000\n")
-    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        import socket
-
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.05)
-        yield port
-    finally:
-        proc.terminate()
-        proc.wait(5)
+def broker(workdir: Path):
+    """A local mosquitto with room for the whole burst (the agent's own demo broker, more queue)."""
+    return local_mosquitto(workdir, "max_inflight_messages 64\nmax_queued_messages 10000\n")
 
 
 def publisher(port: int, messages: list[tuple[str, bytes, list[tuple[str, str]]]], ready, go, out) -> None:
