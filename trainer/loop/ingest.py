@@ -206,7 +206,7 @@ def read_password(path: Path | None) -> str | None:
     if path is None:
         return None
     try:
-        line = path.read_text().splitlines()[0] if path.read_text() else ""
+        line = next(iter(path.read_text().splitlines()), "")
     except OSError as exc:
         raise SystemExit(f"--password-file: {path}: {exc.strerror or exc}") from None
     if not line:
