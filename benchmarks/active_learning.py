@@ -49,7 +49,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -143,17 +143,17 @@ class RoundResult:
     seconds: float = 0.0
 
 
-def run_rounds(strategy: Strategy, start: LabelState, start_model: Path, start_accuracy: float, *, rounds: int,
-               budget: int, val_labels: int, train: Callable[[str, int, LabelState], Path],
-               evaluate: Callable[[Path], float]) -> list[RoundResult]:
+def iter_rounds(strategy: Strategy, start: LabelState, start_model: Path, start_accuracy: float, *, rounds: int,
+                budget: int, val_labels: int, train: Callable[[str, int, LabelState], Path],
+                evaluate: Callable[[Path], float]) -> Iterator[RoundResult]:
     """Round 0 is the shared seed model; each later round selects, labels, retrains and evaluates."""
-    results = [RoundResult(0, val_labels + len(start.labelled), 0, start_accuracy)]
+    yield RoundResult(0, val_labels + len(start.labelled), 0, start_accuracy)
     state, model = start, start_model
     for round_no in range(1, rounds + 1):
         t0 = time.perf_counter()
         if not state.pool:
             log.warning("%s: the pool is empty after round %d; stopping", strategy.name, round_no - 1)
-            break
+            return
         selection = strategy.select(model, state, budget, round_no)
         state = state.label(selection.positions)
         model = train(strategy.name, round_no, state)
@@ -162,8 +162,13 @@ def run_rounds(strategy: Strategy, start: LabelState, start_model: Path, start_a
                              round(time.perf_counter() - t0, 1))
         log.info("%s round %d: %d labels, test top-1 %.4f (%.0f s)", strategy.name, round_no, result.labels,
                  result.accuracy, result.seconds)
-        results.append(result)
-    return results
+        yield result
+
+
+def run_rounds(strategy: Strategy, start: LabelState, start_model: Path, start_accuracy: float,
+               **kwargs: Any) -> list[RoundResult]:
+    """All rounds of one strategy (see ``iter_rounds``)."""
+    return list(iter_rounds(strategy, start, start_model, start_accuracy, **kwargs))
 
 
 def labels_to_reach(curve: Sequence[RoundResult], target: float) -> int | None:
@@ -227,6 +232,7 @@ class BenchConfig:
     seed: int = 0
     threads: int = 1
     arch: str = "mobilenet_v2"
+    device: str = "cpu"             # training and test evaluation: cpu, cuda or auto; the pool is scored on ORT CPU
     work_dir: Path | None = None
 
 
@@ -299,7 +305,7 @@ class Lab:
         return TrainConfig(data=str(data), out_dir=str(self.work_dir), name=name, arch=cfg.arch, weights=weights,
                            image_size=cfg.image_size, resize_shorter=cfg.image_size, epochs=epochs,
                            batch_size=cfg.batch_size, optimizer="adam", lr=cfg.lr, warmup_epochs=0.2,
-                           label_smoothing=0.1, seed=cfg.seed, workers=0)
+                           label_smoothing=0.1, seed=cfg.seed, workers=0, device=cfg.device)
 
     def train(self, strategy: str, round_no: int, state: LabelState) -> Path:
         """Train on all labels so far; the model after the last epoch (end of the cosine schedule) is the result.
@@ -347,8 +353,9 @@ class Lab:
         from trainer.engine import load_checkpoint_model, predict_logits
 
         model, _ = load_checkpoint_model(checkpoint)
-        model = model.to(memory_format=torch.channels_last)
-        logits = predict_logits(model, self.images.test_x, torch.device("cpu"), batch_size=256, channels_last=True)
+        device = torch.device(resolve_device(self.cfg.device))
+        model = model.to(device, memory_format=torch.channels_last)
+        logits = predict_logits(model, self.images.test_x, device, batch_size=256, channels_last=True).cpu()
         return float((logits.argmax(1) == self.images.test_y).float().mean())
 
     def export_bundle(self, checkpoint: Path, state: LabelState, round_no: int) -> Path:
@@ -481,7 +488,7 @@ def write_json(payload: dict, out: Path) -> None:
 
 # ------------------------------------------------------------------ main
 
-def run(cfg: BenchConfig) -> dict:
+def run(cfg: BenchConfig, progress: Callable[[dict], None] | None = None) -> dict:
     import torch
 
     start = time.perf_counter()
@@ -499,14 +506,36 @@ def run(cfg: BenchConfig) -> dict:
         log.info("seed model: test top-1 %.4f (%.0f s)", seed_accuracy, time.perf_counter() - t0)
         low = LowConfidenceStrategy(lab)
         strategies = [low, RandomStrategy(cfg.seed)]
-        curves = {s.name: run_rounds(s, images.seed, seed_model, seed_accuracy, rounds=cfg.rounds,
-                                     budget=cfg.budget_per_round, val_labels=len(images.val), train=lab.train,
-                                     evaluate=lab.evaluate) for s in strategies}
-    summary = summarize(curves)
+        # Both strategies advance round by round, so a run cut short still has comparable curves.
+        rounds = [iter_rounds(s, images.seed, seed_model, seed_accuracy, rounds=cfg.rounds,
+                              budget=cfg.budget_per_round, val_labels=len(images.val), train=lab.train,
+                              evaluate=lab.evaluate) for s in strategies]
+        curves: dict[str, list[RoundResult]] = {s.name: [] for s in strategies}
+        for results in zip(*rounds):
+            for s, result in zip(strategies, results):
+                curves[s.name].append(result)
+            if progress is not None:
+                progress(report(cfg, curves, low.details, start, finished=False))
+    return report(cfg, curves, low.details, start, finished=True)
+
+
+def report(cfg: BenchConfig, curves: dict[str, list[RoundResult]], details: list[dict], start: float, *,
+           finished: bool) -> dict:
     config = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
     return {"config": config, "curves": {k: [asdict(r) for r in v] for k, v in curves.items()},
-            "agent_selection": low.details, "summary": summary, "wall_seconds": round(time.perf_counter() - start, 1),
+            "agent_selection": list(details), "summary": summarize(curves), "finished": finished,
+            "wall_seconds": round(time.perf_counter() - start, 1),
             "command": " ".join(["python", "benchmarks/active_learning.py", *sys.argv[1:]])}
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: PyTorch sees no CUDA GPU here")
+    return name
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -530,6 +559,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--seed", type=int, default=d.seed, help="seed for the seed set, the pool, random selection and training")
     p.add_argument("--threads", type=int, default=d.threads, help="PyTorch and ONNX Runtime intra-op threads")
+    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default=d.device,
+                   help="where the trainer trains and the test split is evaluated (the pool is scored on the CPU, "
+                        "as a station's ONNX Runtime would)")
     p.add_argument("--work-dir", type=Path, default=None, help="keep runs and bundles here (default: a temp folder)")
     p.add_argument("--json", type=Path, default=None, help="write all figures here")
     p.add_argument("--plot", type=Path, default=None, help="write the accuracy-vs-labels plot here (PNG)")
@@ -544,7 +576,9 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
     cfg = BenchConfig(**{k: v for k, v in vars(args).items() if k in BenchConfig.__dataclass_fields__})
-    report = run(cfg)
+    resolve_device(cfg.device)
+    # With --json the figures so far are written after every round: a run cut short keeps them.
+    report = run(cfg, progress=(lambda partial: write_json(partial, args.json)) if args.json else None)
     print_table({k: [RoundResult(**r) for r in v] for k, v in report["curves"].items()}, report["summary"])
     print(f"wall time {report['wall_seconds']:.0f} s")
     if args.json:
