@@ -1,15 +1,21 @@
 """Inference stage: batches from the frame hub -> model -> decisions -> outbox.
 
-Runs in one thread between the camera threads and the publisher thread. It
-only ever writes to the outbox (local disk), so a slow or absent broker never
-backs up into the cameras. The model is read once per batch from
-``ModelHolder``, so a reload swaps it between two batches, atomically.
+Two threads between the camera threads and the publisher thread: ``inference``
+runs the model, ``decide`` turns its probabilities into messages in the outbox.
+They are linked by a queue of two batches, so the model runs on the next batch
+while the decisions, JSON and SQLite of the previous one are done (the model's
+runtime releases the GIL). The stage only ever writes to the outbox (local disk),
+so a slow or absent broker never backs up into the cameras. The model is read
+once per batch from ``ModelHolder`` and travels with the batch, so a reload
+swaps it between two batches, atomically, and every batch is decided with the
+model that classified it.
 """
 
 from __future__ import annotations
 
 import base64
 import logging
+import queue
 import threading
 import time
 from dataclasses import dataclass
@@ -110,7 +116,20 @@ class CameraDecisions:
                                     cfg.decisions.top_k) if self.presence else None)
 
 
+@dataclass
+class Inferred:
+    """One batch after the model, on its way to the decide thread."""
+
+    batch: list[Frame]
+    runtime: ModelRuntime
+    probs: np.ndarray
+    timings: dict[str, float]
+    started: float          # monotonic time the batch was taken from the hub
+
+
 class InferenceStage(threading.Thread):
+    DECIDE_QUEUE = 2        # batches between the model and the decisions: enough to overlap, little latency
+
     def __init__(self, cfg: AgentConfig, hub: FrameHub, model: ModelHolder, outbox: Outbox, metrics: Metrics,
                  cameras_done: Callable[[], bool], clock: Callable[[], float] = time.time) -> None:
         super().__init__(name="inference", daemon=True)
@@ -128,34 +147,53 @@ class InferenceStage(threading.Thread):
         self._runtime: ModelRuntime | None = None
         self.threshold_overrides: dict[str, Thresholds] = {}
         self._cameras: dict[str, CameraDecisions] = {}
+        self._inferred: queue.Queue[Inferred | None] = queue.Queue(self.DECIDE_QUEUE)
 
     def run(self) -> None:
+        decider = threading.Thread(target=self._decide_loop, name="decide", daemon=True)
+        decider.start()
         try:
             while not self.stop_event.is_set():
                 batch = self.hub.get_batch(self.cfg.model.batch_size, self.cfg.model.batch_timeout_ms / 1000.0)
                 if batch:
-                    self._process_guarded(batch)
+                    inferred = self._guarded(self.infer, batch)
+                    if inferred is not None:
+                        self._inferred.put(inferred)
                 elif self.cameras_done() and not any(self.hub.depths().values()):
                     break
-            self._flush_items()
         finally:
+            self._inferred.put(None)      # the decide thread finishes what is queued, then the open items
+            decider.join()
             self.finished.set()
+
+    def _decide_loop(self) -> None:
+        try:
+            while (inferred := self._inferred.get()) is not None:
+                self._guarded(self.decide, inferred, inferred.batch)
+        finally:
+            self._flush_items()
 
     # ------------------------------------------------------------ one batch
 
-    def _process_guarded(self, batch: list[Frame]) -> None:
+    def _guarded(self, step: Callable[..., Any], arg: Any, batch: list[Frame] | None = None) -> Any:
         """A batch that fails (odd frame, backend error) is logged and counted; the next one still runs."""
         try:
-            self.process(batch)
+            return step(arg)
         except Exception:
+            batch = batch if batch is not None else arg
             self.metrics.inc("inference_errors_total")
             cams = sorted({f.camera_id for f in batch})
-            log.exception("inference failed on a batch of %d frames from %s; skipped", len(batch), ", ".join(cams))
+            log.exception("%s failed on a batch of %d frames from %s; skipped", step.__name__, len(batch),
+                          ", ".join(cams))
+            return None
 
     def process(self, batch: list[Frame]) -> None:
+        """Model and decisions for one batch, in the caller's thread (the threaded stage splits the two)."""
+        self.decide(self.infer(batch))
+
+    def infer(self, batch: list[Frame]) -> Inferred:
+        """The model's probabilities for a batch, with the runtime that produced them."""
         runtime = self.model.current
-        if runtime is not self._runtime:
-            self._switch(runtime)
         t0 = time.monotonic()
         inputs = self._inputs(batch, runtime)
         t1 = time.monotonic()
@@ -163,16 +201,25 @@ class InferenceStage(threading.Thread):
         t2 = time.monotonic()
         timings = {"preprocess": (t1 - t0) / len(batch) + _prepare_seconds(batch),
                    "inference": (t2 - t1) / len(batch)}
+        return Inferred(batch, runtime, probs, timings, t0)
+
+    def decide(self, inferred: Inferred) -> None:
+        """Decisions, uploads and alerts for an inferred batch, stored in the outbox in one transaction."""
+        t2 = time.monotonic()
+        batch, runtime, timings = inferred.batch, inferred.runtime, inferred.timings
+        if runtime is not self._runtime:
+            self._switch(runtime)
         states = [self._cameras[f.camera_id] for f in batch]
-        classes = classify_batch(probs, runtime.bundle.labels, self.cfg.decisions.top_k, [s.policy for s in states])
+        classes = classify_batch(inferred.probs, runtime.bundle.labels, self.cfg.decisions.top_k,
+                                 [s.policy for s in states])
         messages: list[Message] = []
         for frame, cls in zip(batch, classes):
-            messages.extend(self._decide(frame, cls, runtime, timings, queue_s=t0 - frame.captured_mono))
+            messages.extend(self._decide(frame, cls, runtime, timings, queue_s=inferred.started - frame.captured_mono))
+        if messages:
+            self.outbox.put_many(messages)
         self.metrics.observe("decide", (time.monotonic() - t2) / len(batch))
         for stage, seconds in timings.items():
             self.metrics.observe(stage, seconds)
-        if messages:
-            self.outbox.put_many(messages)
 
     def _inputs(self, batch: list[Frame], runtime: ModelRuntime) -> np.ndarray:
         """The model input: what the camera threads prepared, unless it was made for another model's input."""

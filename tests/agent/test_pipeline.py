@@ -1,0 +1,132 @@
+"""The inference stage's two threads: the model runs on the next batch while the previous one is decided.
+
+Real parts: a bundle run by ONNX Runtime, real Fashion-MNIST frames, the SQLite outbox. The only
+stand-in is a gate inside ``Outbox.put_many`` that holds the decide thread, so the test can see
+what the model thread does meanwhile.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from agent.backends import create_backend
+from agent.bundle import load_bundle
+from agent.health import Metrics
+from agent.outbox import Outbox
+from agent.pipeline import InferenceStage, ModelHolder, ModelRuntime
+from agent.preprocess import Preprocessor
+from agent.sources.base import Frame
+from agent.sources.camera import FrameHub
+from agent_support import as_config, bundle_predictions, make_tiny_bundle, station_config
+
+
+class CountingBackend:
+    """The real backend, counting the batches it has run."""
+
+    def __init__(self, backend) -> None:
+        self.backend = backend
+        self.name, self.precision = backend.name, backend.precision
+        self.runs = 0
+        self.ran = threading.Condition()
+
+    def run(self, inputs: np.ndarray) -> np.ndarray:
+        out = self.backend.run(inputs)
+        with self.ran:
+            self.runs += 1
+            self.ran.notify_all()
+        return out
+
+
+class HeldOutbox(Outbox):
+    """A real outbox whose first write waits until the test opens the gate."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.gate = threading.Event()
+        self.writing = threading.Event()
+
+    def put_many(self, messages):
+        self.writing.set()
+        assert self.gate.wait(30), "the test never opened the gate"
+        return super().put_many(messages)
+
+
+def frames_from(images: np.ndarray, n: int) -> list[np.ndarray]:
+    return [np.repeat(images[i][:, :, None], 3, axis=2) for i in range(n)]
+
+
+def test_the_model_runs_on_later_batches_while_a_batch_is_being_written(tmp_path, tiny_bundle, fmnist_test_images):
+    cfg = as_config(station_config(tmp_path, tiny_bundle, str(tmp_path), 1883,
+                                   frames={"enabled": False}, model={"batch_size": 4}))
+    bundle = load_bundle(tiny_bundle)
+    backend = CountingBackend(create_backend(bundle, cfg.model))
+    runtime = ModelRuntime(bundle, backend, Preprocessor(bundle.input_spec))
+    outbox = HeldOutbox(cfg.outbox.path, max_bytes=cfg.outbox.max_bytes, max_age_s=cfg.outbox.max_age_s)
+    metrics = Metrics()
+    hub = FrameHub(metrics)
+    hub.add_camera("cam-a", 64, "block")
+    images = frames_from(fmnist_test_images[0], 24)
+    stop = threading.Event()
+    for i, image in enumerate(images):
+        hub.put(Frame("cam-a", i, 1000.0 + i, 0.0, image), stop)
+    stage = InferenceStage(cfg, hub, ModelHolder(runtime), outbox, metrics, cameras_done=lambda: True)
+
+    stage.start()
+    try:
+        # while the decide thread is held inside the outbox write of the first batch ...
+        assert outbox.writing.wait(30)
+        with backend.ran:
+            # ... the model thread goes on: the batch after it is classified and one more is in flight
+            assert backend.ran.wait_for(lambda: backend.runs >= 3, 30), f"model ran {backend.runs} batches"
+        assert outbox.depth() == 0
+    finally:
+        outbox.gate.set()
+    assert stage.finished.wait(30)
+    stage.join(5)
+
+    # every frame was decided once, in capture order, with the bundle's own prediction
+    results = [r.body for r in outbox.pending(limit=1000) if r.kind == "result"]
+    assert [b["frame_seq"] for b in results] == list(range(24))
+    assert [b["seq"] for b in results] == sorted(b["seq"] for b in results)
+    assert [b["label"] for b in results] == bundle_predictions(tiny_bundle, images)
+    assert backend.runs == 6 and metrics.counter("inference_errors_total") == 0
+    outbox.close()
+
+
+def test_a_batch_is_decided_with_the_model_that_classified_it_across_a_swap(tmp_path, tiny_bundle,
+                                                                            fmnist_test_images):
+    cfg = as_config(station_config(tmp_path, tiny_bundle, str(tmp_path), 1883,
+                                   frames={"enabled": False}, model={"batch_size": 4}))
+    bundle = load_bundle(tiny_bundle)
+    first = ModelRuntime(bundle, create_backend(bundle, cfg.model), Preprocessor(bundle.input_spec))
+    renamed = load_bundle(make_tiny_bundle(tmp_path / "models", version="tiny-2"))
+    second = ModelRuntime(renamed, create_backend(renamed, cfg.model), Preprocessor(renamed.input_spec))
+    outbox = HeldOutbox(cfg.outbox.path, max_bytes=cfg.outbox.max_bytes, max_age_s=cfg.outbox.max_age_s)
+    holder = ModelHolder(first)
+    metrics = Metrics()
+    hub = FrameHub(metrics)
+    hub.add_camera("cam-a", 64, "block")
+    stage = InferenceStage(cfg, hub, holder, outbox, metrics, cameras_done=lambda: True)
+    stop = threading.Event()
+    images = frames_from(fmnist_test_images[0], 8)
+    for i, image in enumerate(images[:4]):
+        hub.put(Frame("cam-a", i, 1000.0 + i, 0.0, image), stop)
+
+    stage.start()
+    try:
+        assert outbox.writing.wait(30)      # batch 1 (frames 0-3) classified by the first model, held in decide
+        holder.swap(second)                 # a cmd/model swap lands while it waits
+        for i, image in enumerate(images[4:], start=4):
+            hub.put(Frame("cam-a", i, 1000.0 + i, 0.0, image), stop)
+    finally:
+        outbox.gate.set()
+    assert stage.finished.wait(30)
+    stage.join(5)
+
+    versions = {r.body["frame_seq"]: r.body["model"]["version"] for r in outbox.pending(limit=100)
+                if r.kind == "result"}
+    assert versions == {0: "tiny-1", 1: "tiny-1", 2: "tiny-1", 3: "tiny-1",
+                        4: "tiny-2", 5: "tiny-2", 6: "tiny-2", 7: "tiny-2"}
+    outbox.close()
