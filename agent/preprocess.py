@@ -83,6 +83,12 @@ def to_rgb(image: np.ndarray, *, bgr: bool = False) -> np.ndarray:
     channels = image.shape[2]
     if channels in (1, 2):
         return np.repeat(image[:, :, :1], 3, axis=2)
+    if image.dtype == np.uint8:
+        # OpenCV's channel swap is several times faster than a numpy reversed-stride copy (camera threads
+        # run it on every frame).
+        if channels == 3:
+            return cv2.cvtColor(image, cv2.COLOR_BGR2RGB) if bgr else np.ascontiguousarray(image)
+        return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB if bgr else cv2.COLOR_RGBA2RGB)
     rgb = image[:, :, :3]
     if bgr:
         rgb = rgb[:, :, ::-1]
