@@ -130,3 +130,18 @@ def test_a_batch_is_decided_with_the_model_that_classified_it_across_a_swap(tmp_
     assert versions == {0: "tiny-1", 1: "tiny-1", 2: "tiny-1", 3: "tiny-1",
                         4: "tiny-2", 5: "tiny-2", 6: "tiny-2", 7: "tiny-2"}
     outbox.close()
+
+
+def test_auto_intra_op_threads_leave_half_the_cpus_to_the_pipeline(tmp_path, tiny_bundle, monkeypatch):
+    import agent.config as config
+
+    bundle = load_bundle(tiny_bundle)
+    for cpus, expected in ((1, 1), (2, 1), (6, 3), (12, 6)):
+        monkeypatch.setattr(config.os, "sched_getaffinity", lambda pid, n=cpus: set(range(n)))
+        cfg = as_config(station_config(tmp_path, tiny_bundle, str(tmp_path), 1883)).model
+        assert cfg.resolved_intra_op_threads() == expected
+        session = create_backend(bundle, cfg).session
+        assert session.get_session_options().intra_op_num_threads == expected
+    # an explicit count wins over auto
+    cfg = as_config(station_config(tmp_path, tiny_bundle, str(tmp_path), 1883, model={"intra_op_threads": 3})).model
+    assert create_backend(bundle, cfg).session.get_session_options().intra_op_num_threads == 3
