@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from agent.app import Agent  # noqa: E402
 from agent.backends import create_backend  # noqa: E402
 from agent.bundle import find_bundles, load_bundle  # noqa: E402
-from agent.config import AgentConfig, ModelConfig  # noqa: E402
+from agent.config import AgentConfig, ModelConfig, available_cpus  # noqa: E402
 from agent.demo import fashion_mnist_test, local_mosquitto, write_video  # noqa: E402
 from agent.preprocess import Preprocessor  # noqa: E402
 
@@ -58,13 +58,15 @@ def bare_throughput(bundle_dir: Path, batch_size: int, seconds: float, threads: 
     return n / (time.perf_counter() - start), f"{backend.name} {backend.precision}", 1000 * (cpu_s() - cpu0) / n
 
 
-def agent_config(bundle: Path, video: Path, workdir: Path, port: int, batch_size: int, threads: int) -> AgentConfig:
+def agent_config(bundle: Path, video: Path, workdir: Path, port: int, batch_size: int, threads: int,
+                 cameras: int = 1, queue_size: int | None = None) -> AgentConfig:
+    # block: no frame is dropped, the agent runs flat out; each camera may read ahead by queue_size frames.
     return AgentConfig.model_validate({
         "site": "bench", "station": "st-01",
         "model": {"bundle": str(bundle), "backend": "onnxruntime", "batch_size": batch_size,
                   "batch_timeout_ms": 5, "intra_op_threads": threads},
-        "cameras": [{"id": "cam-a", "uri": str(video), "loop": True, "backpressure": "block",
-                     "queue_size": batch_size}],
+        "cameras": [{"id": f"cam-{i + 1}", "uri": str(video), "loop": True, "backpressure": "block",
+                     "queue_size": queue_size or 2 * batch_size} for i in range(cameras)],
         "mqtt": {"host": "127.0.0.1", "port": port},
         "outbox": {"path": str(workdir / "outbox.sqlite")},
         "health": {"stats_interval_s": 5},
@@ -72,7 +74,13 @@ def agent_config(bundle: Path, video: Path, workdir: Path, port: int, batch_size
     })
 
 
-def agent_throughput(cfg: AgentConfig, seconds: float, warmup_s: float) -> dict[str, float]:
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of another process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def agent_throughput(cfg: AgentConfig, seconds: float, warmup_s: float, broker_pid: int | None = None) -> dict[str, float]:
     agent = Agent(cfg)
     agent.start()
     try:
@@ -80,11 +88,13 @@ def agent_throughput(cfg: AgentConfig, seconds: float, warmup_s: float) -> dict[
         time.sleep(warmup_s)
         acked0 = agent.metrics.counter("mqtt_published_total", kind="result")
         rss0, start, cpu0 = rss_mib(), time.perf_counter(), cpu_s()
+        broker0 = process_cpu_s(broker_pid) if broker_pid else 0.0
         agent.metrics._latency.clear()          # percentiles over the measured window only
         time.sleep(seconds)
         elapsed = time.perf_counter() - start
         acked = agent.metrics.counter("mqtt_published_total", kind="result") - acked0
         cpu_ms = 1000 * (cpu_s() - cpu0) / max(acked, 1)
+        broker_ms = 1000 * (process_cpu_s(broker_pid) - broker0) / max(acked, 1) if broker_pid else float("nan")
         rss1 = rss_mib()
         lat = agent.metrics.percentiles("capture_to_ack") or {"p50_ms": float("nan"), "p95_ms": float("nan")}
         dropped = sum(agent.metrics.counters_by("frames_dropped_total", "camera").values())
@@ -92,7 +102,19 @@ def agent_throughput(cfg: AgentConfig, seconds: float, warmup_s: float) -> dict[
     finally:
         agent.shutdown(10)
     return {"ips": acked / elapsed, "p50": lat["p50_ms"], "p95": lat["p95_ms"], "rss0": rss0, "rss1": rss1,
-            "dropped": dropped, "outbox_depth": depth, "acked": acked, "cpu_ms": cpu_ms}
+            "dropped": dropped, "outbox_depth": depth, "acked": acked, "cpu_ms": cpu_ms, "broker_ms": broker_ms}
+
+
+def broker_pid(workdir: Path) -> int | None:
+    """The local mosquitto's pid, found by its config file (for its CPU time)."""
+    conf = str(workdir / "mosquitto.conf")
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and conf.encode() in (proc / "cmdline").read_bytes():
+                return int(proc.name)
+        except OSError:
+            continue
+    return None
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -102,7 +124,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=60.0, help="seconds of measured agent run (600 for the RSS target)")
     p.add_argument("--bare-seconds", type=float, default=10.0)
     p.add_argument("--warmup", type=float, default=3.0)
-    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads for both (0: default)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="the agent's ONNX Runtime intra-op threads (0: the agent's auto, half the CPUs); the bare model "
+                        "is measured with these and with all CPUs, and the faster is the baseline")
+    p.add_argument("--cameras", type=int, default=1, help="cameras reading the looped video, batched together")
+    p.add_argument("--queue-size", type=int, default=None, help="frames each camera may read ahead (default 2x batch)")
     p.add_argument("--images", type=int, default=300, help="Fashion-MNIST test images in the looped video")
     return p
 
@@ -115,21 +141,29 @@ def main(argv: list[str] | None = None) -> int:
     if bundle is None:
         print("no bundle given and none under models/", file=sys.stderr)
         return 2
-    bare_ips, backend, bare_cpu_ms = bare_throughput(bundle, args.batch_size, args.bare_seconds, args.threads)
+    agent_threads = ModelConfig(bundle=bundle, intra_op_threads=args.threads).resolved_intra_op_threads()
+    bare = {t: bare_throughput(bundle, args.batch_size, args.bare_seconds, t)
+            for t in sorted({agent_threads, available_cpus()})}
+    best = max(bare, key=lambda t: bare[t][0])
+    bare_ips, backend, bare_cpu_ms = bare[best]
     with tempfile.TemporaryDirectory(prefix="agent-bench-") as tmp:
         workdir = Path(tmp)
         images, _ = fashion_mnist_test(n=args.images)
         video = workdir / "bench.avi"
         write_video(images, video, size=112)
         with local_mosquitto(workdir) as port:
-            cfg = agent_config(bundle, video, workdir, port, args.batch_size, args.threads)
-            res = agent_throughput(cfg, args.duration, args.warmup)
+            cfg = agent_config(bundle, video, workdir, port, args.batch_size, args.threads, args.cameras,
+                               args.queue_size)
+            res = agent_throughput(cfg, args.duration, args.warmup, broker_pid(workdir))
     growth = 100.0 * (res["rss1"] - res["rss0"]) / res["rss0"]
     print(f"bundle            {bundle} ({backend}), batch size {args.batch_size}, {os.cpu_count()} CPUs")
-    print(f"bare ORT          {bare_ips:10.1f} images/s")
-    print(f"agent end-to-end  {res['ips']:10.1f} results/s acknowledged by the broker (PUBACK) over {args.duration:g}s")
+    for t, (ips, _, cpu) in bare.items():
+        print(f"bare ORT          {ips:10.1f} images/s with {t} intra-op thread(s){' (baseline)' if t == best else ''}")
+    print(f"agent end-to-end  {res['ips']:10.1f} results/s acknowledged by the broker (PUBACK) over {args.duration:g}s, "
+          f"{args.cameras} camera(s), {agent_threads} intra-op thread(s)")
     print(f"ratio agent/bare  {res['ips'] / bare_ips:10.3f}")
-    print(f"CPU per image     bare {bare_cpu_ms:.3f} ms, agent {res['cpu_ms']:.3f} ms (agent process, all threads)")
+    print(f"CPU per image     bare {bare_cpu_ms:.3f} ms, agent {res['cpu_ms']:.3f} ms (agent process, all threads), "
+          f"broker {res['broker_ms']:.3f} ms (mosquitto on the same cores)")
     print(f"capture->PUBACK   p50 {res['p50']:.1f} ms, p95 {res['p95']:.1f} ms")
     print(f"RSS               {res['rss0']:.1f} MiB -> {res['rss1']:.1f} MiB ({growth:+.2f}%)")
     print(f"frames dropped    {res['dropped']:.0f}; outbox depth at end {res['outbox_depth']}")
