@@ -232,6 +232,7 @@ class BenchConfig:
     seed: int = 0
     threads: int = 1
     arch: str = "mobilenet_v2"
+    balance_classes: bool = False   # trainer option: every class equally often per epoch (both strategies)
     device: str = "cpu"             # training and test evaluation: cpu, cuda or auto; the pool is scored on ORT CPU
     work_dir: Path | None = None
 
@@ -305,7 +306,8 @@ class Lab:
         return TrainConfig(data=str(data), out_dir=str(self.work_dir), name=name, arch=cfg.arch, weights=weights,
                            image_size=cfg.image_size, resize_shorter=cfg.image_size, epochs=epochs,
                            batch_size=cfg.batch_size, optimizer="adam", lr=cfg.lr, warmup_epochs=0.2,
-                           label_smoothing=0.1, seed=cfg.seed, workers=0, device=cfg.device)
+                           label_smoothing=0.1, seed=cfg.seed, workers=0, device=cfg.device,
+                           balance_classes=cfg.balance_classes)
 
     def train(self, strategy: str, round_no: int, state: LabelState) -> Path:
         """Train on all labels so far; the model after the last epoch (end of the cosine schedule) is the result.
@@ -559,6 +561,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--seed", type=int, default=d.seed, help="seed for the seed set, the pool, random selection and training")
     p.add_argument("--threads", type=int, default=d.threads, help="PyTorch and ONNX Runtime intra-op threads")
+    p.add_argument("--balance-classes", action="store_true",
+                   help="train with the trainer's --balance-classes (both strategies): the agent's picks are "
+                        "skewed towards the classes it confuses")
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default=d.device,
                    help="where the trainer trains and the test split is evaluated (the pool is scored on the CPU, "
                         "as a station's ONNX Runtime would)")

@@ -119,3 +119,27 @@ def test_config_rejects_unknown_values_and_fields(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"data": "x", "bogus": 1}))
     with pytest.raises(ValueError, match=r"config.json: unknown fields \['bogus'\]"):
         TrainConfig.load(tmp_path / "config.json")
+
+
+@pytest.mark.parametrize("cache_images", [True, False])
+def test_balance_classes_draws_every_class_equally_often(fmnist_dir, cache_images):
+    """A training set skewed 10:1 towards a few classes (as reviewed low-confidence frames are)."""
+    from trainer import data as data_mod
+    from trainer.augment import eval_spec
+    from trainer.engine import TrainBatches
+
+    dataset = data_mod.load_dataset(fmnist_dir / "train", check_images=False)
+    per_class: dict[int, list] = {}
+    for s in dataset.samples:
+        per_class.setdefault(s.label, []).append(s)
+    skewed = [s for c, items in per_class.items() for s in items[: 40 if c < 3 else 4]]   # 120 + 28 images
+
+    def class_counts(balance: bool) -> torch.Tensor:
+        cfg = _cfg(fmnist_dir, balance_classes=balance, batch_size=37, cache_images=cache_images)
+        batches = TrainBatches(skewed, eval_spec(32, 32), cfg, torch.Generator().manual_seed(0))
+        labels = torch.cat([y for _ in range(20) for _, y in batches])
+        return torch.bincount(labels, minlength=10).float() / len(labels)
+
+    plain, balanced = class_counts(False), class_counts(True)
+    assert plain[:3].sum() == pytest.approx(120 / 148, abs=0.02)        # drawn as stored: 81% from 3 classes
+    assert balanced.min() > 0.08 and balanced.max() < 0.12               # every class ~10%

@@ -38,6 +38,9 @@ def _add_train_args(p: argparse.ArgumentParser, *, data: bool = True) -> None:
     p.add_argument("--step-size", type=int, default=5, help="epochs between decays (--schedule step)")
     p.add_argument("--gamma", type=float, default=0.1, help="decay factor (--schedule step)")
     p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--balance-classes", action=BOOL, default=False,
+                   help="draw every class equally often in each epoch (with replacement within a class); for "
+                        "training sets skewed towards the classes a station was unsure of")
     p.add_argument("--freeze-epochs", type=int, default=0, help="train only the head for the first N epochs")
     p.add_argument("--amp", action=BOOL, default=True, help="mixed precision on CUDA")
     p.add_argument("--channels-last", action=BOOL, default=True, help="channels_last memory format")

@@ -36,6 +36,7 @@ class TrainConfig:
     step_size: int = 5
     gamma: float = 0.1
     label_smoothing: float = 0.0
+    balance_classes: bool = False      # each epoch draws every class equally often (reviewed frames are skewed)
     freeze_epochs: int = 0
     amp: bool = True
     channels_last: bool = True

@@ -87,6 +87,8 @@ class TrainBatches:
         self.dist = dist or DistContext()
         self.seed = cfg.seed
         self.sampler = None
+        self.balance = cfg.balance_classes
+        self.labels = torch.tensor([s.label for s in samples], dtype=torch.long)
         side = spec.resize_shorter
         estimate = len(samples) * 3 * side * side
         self.cached = None
@@ -95,6 +97,9 @@ class TrainBatches:
         elif cfg.cache_images:
             log.info("train images need %.1f GiB decoded; streaming from disk instead", estimate / 2**30)
         if self.cached is None and self.dist.enabled:
+            if self.balance:
+                raise ValueError("balance_classes needs the training images in memory in a distributed run "
+                                 "(cache_images, and few enough images to fit)")
             self.sampler = torch.utils.data.DistributedSampler(
                 self.files, num_replicas=self.dist.world, rank=self.dist.rank, shuffle=True, seed=cfg.seed, drop_last=True)
 
@@ -110,16 +115,29 @@ class TrainBatches:
         # A ragged last batch is dropped: a batch of one breaks BatchNorm and skews the step size.
         return max(1, len(self.files) // self.batch_size)
 
+    def order(self) -> torch.Tensor:
+        """One epoch's sample order: a permutation, or with ``balance_classes`` as many draws as there are
+        images, each class equally likely and the images of a class equally likely within it."""
+        if not self.balance:
+            return torch.randperm(len(self.labels), generator=self.generator)
+        counts = torch.bincount(self.labels).float()
+        weights = 1.0 / counts[self.labels]
+        return torch.multinomial(weights, len(self.labels), replacement=True, generator=self.generator)
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.cached is not None:
             x, y = self.cached
-            order = torch.randperm(len(y), generator=self.generator)
+            order = self.order()
             for step in range(len(self)):
                 idx = order[step * self.batch_size : (step + 1) * self.batch_size]
                 yield x[idx], y[idx]
         elif self.sampler is not None:
             loader = torch.utils.data.DataLoader(self.files, batch_size=self.batch_size // self.dist.world,
                                                  sampler=self.sampler, num_workers=self.workers, drop_last=True)
+            yield from (batch for _, batch in zip(range(len(self)), loader))
+        elif self.balance:
+            loader = torch.utils.data.DataLoader(self.files, batch_size=self.batch_size, num_workers=self.workers,
+                                                 sampler=self.order().tolist())
             yield from (batch for _, batch in zip(range(len(self)), loader))
         else:
             loader = _loader(self.files, self.batch_size, self.workers, True, self.generator)
