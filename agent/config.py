@@ -106,20 +106,14 @@ class ModelConfig(_Strict):
     batch_timeout_ms: float = Field(5.0, ge=0, title="Batch timeout",
                                     description="How long to wait for a batch to fill once one frame is ready, ms.")
     intra_op_threads: int = Field(0, ge=0, title="Intra-op threads",
-                                  description="ONNX Runtime threads; 0: auto, half the CPUs the agent may use (at "
-                                              "least 1), leaving the rest to the cameras, decisions and MQTT.")
+                                  description="ONNX Runtime threads; 0: auto: on the CPU the model is timed with 1, half "
+                                              "and all of the CPUs when it loads, and the fastest is kept.")
     warmup_runs: int = Field(2, ge=0, title="Warm-up runs", description="Inference runs before the station reports ready.")
+    pipeline_nice: int = Field(10, ge=0, le=19, title="Pipeline nice",
+                               description="Nice value the camera, decide and MQTT threads add to their own, so on a "
+                                           "busy CPU the model's thread runs first; 0: all threads equal.")
     download_dir: Path = Field(Path("/tmp/agent-bundles"), title="Download folder",
                                description="Where bundles named by a cmd/model URL are fetched to.")
-
-    def resolved_intra_op_threads(self) -> int:
-        """The intra-op thread count ONNX Runtime is given.
-
-        Auto is half the CPUs: on a 2-core station one ONNX Runtime thread ran the model faster than two,
-        even alone, and with the camera, decide and MQTT threads beside it the agent reached 0.91 of the
-        bare model instead of 0.85 (docs/agent.md, Benchmark).
-        """
-        return self.intra_op_threads or max(1, available_cpus() // 2)
 
 
 def available_cpus() -> int:

@@ -69,4 +69,5 @@ def create_backend(bundle: Bundle, cfg: ModelConfig, engine: Path | None = None,
 
     artifact = bundle.pick_onnx(prefer_int8=cfg.prefer_int8)
     return OnnxRuntimeBackend(artifact.path, bundle.input_spec, precision=artifact.precision,
-                              providers=cfg.providers, intra_op_threads=cfg.resolved_intra_op_threads())
+                              providers=cfg.providers, intra_op_threads=cfg.intra_op_threads,
+                              tune_batch=cfg.batch_size)

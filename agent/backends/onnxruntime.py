@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from agent.backends.base import BackendError
+from agent.config import available_cpus
 from agent.preprocess import InputSpec
 
 log = logging.getLogger(__name__)
+
+
+def _available_providers() -> list[str]:
+    import onnxruntime as ort
+
+    return ort.get_available_providers()
 
 
 def pick_providers(preferred: Sequence[str], available: Sequence[str]) -> list[str]:
@@ -22,10 +30,52 @@ def pick_providers(preferred: Sequence[str], available: Sequence[str]) -> list[s
     return chosen
 
 
+def thread_candidates(cpus: int) -> list[int]:
+    """Intra-op thread counts auto mode tries: one, half and all of the CPUs."""
+    return sorted({1, max(1, cpus // 2), max(1, cpus)})
+
+
+def pick_fastest(candidates: Sequence[int], seconds_per_run: Callable[[int], float]) -> tuple[int, dict[int, float]]:
+    """The candidate with the shortest time per run (the first of equals), and every candidate's time."""
+    timings = {n: seconds_per_run(n) for n in candidates}
+    return min(candidates, key=lambda n: timings[n]), timings
+
+
 class OnnxRuntimeBackend:
     def __init__(self, model_path: Path, spec: InputSpec, *, precision: str,
                  providers: Sequence[str] = ("CPUExecutionProvider",), intra_op_threads: int = 0,
-                 spinning: bool = False) -> None:
+                 spinning: bool = False, tune_batch: int = 8, cpus: int | None = None) -> None:
+        """``intra_op_threads`` 0 is auto: on the CPU provider, the model is timed at ``tune_batch`` with
+        1, half and all of the ``cpus`` threads and the fastest is kept. A sub-millisecond model runs
+        faster on one thread (two threads spend more on handing work over than they save), a ResNet50
+        twice as fast on two (docs/agent.md, Benchmark)."""
+        self.spec = spec
+        self.precision = precision
+        self.model_path = model_path
+        self.spinning = spinning
+        self.chosen = pick_providers(providers, _available_providers())
+        self.tuning: dict[int, float] = {}
+        cpus = cpus or available_cpus()
+        if intra_op_threads or self.chosen[0] != "CPUExecutionProvider" or cpus == 1:
+            self.session = self._session(intra_op_threads)
+        else:
+            sessions: dict[int, Any] = {}
+
+            def seconds_per_run(threads: int) -> float:
+                sessions[threads] = self._session(threads)
+                return self._time(sessions[threads], tune_batch)
+
+            best, self.tuning = pick_fastest(thread_candidates(cpus), seconds_per_run)
+            self.session = sessions[best]
+            log.info("%s: %s ms per batch of %d with %s intra-op threads; using %d", model_path.name,
+                     "/".join(f"{1000 * t:.2f}" for t in self.tuning.values()), tune_batch,
+                     "/".join(str(n) for n in self.tuning), best)
+        self.threads = self.session.get_session_options().intra_op_num_threads
+        self.name = f"onnxruntime:{self.session.get_providers()[0]}"
+        log.info("%s: %s (%s), providers %s, %d intra-op thread(s)", model_path.name, self.name, precision,
+                 self.session.get_providers(), self.threads)
+
+    def _session(self, intra_op_threads: int):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -34,22 +84,31 @@ class OnnxRuntimeBackend:
             options.intra_op_num_threads = intra_op_threads
         # ORT's pool threads busy-wait between runs by default; on a small CPU that steals the
         # cores the camera, decision and MQTT threads need.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0" if not spinning else "1")
-        chosen = pick_providers(providers, ort.get_available_providers())
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spinning else "0")
         try:
-            self.session = ort.InferenceSession(str(model_path), sess_options=options, providers=chosen)
+            session = ort.InferenceSession(str(self.model_path), sess_options=options, providers=self.chosen)
         except Exception as exc:  # onnxruntime raises its own exception types
-            raise BackendError(f"{model_path}: ONNX Runtime cannot load the model ({exc})") from exc
-        self.spec = spec
-        self.precision = precision
-        inputs = {i.name: i for i in self.session.get_inputs()}
-        self.input_name = spec.input_name if spec.input_name in inputs else next(iter(inputs))
-        outputs = [o.name for o in self.session.get_outputs()]
-        self.output_name = spec.output_name if spec.output_name in outputs else outputs[0]
+            raise BackendError(f"{self.model_path}: ONNX Runtime cannot load the model ({exc})") from exc
+        inputs = {i.name: i for i in session.get_inputs()}
+        self.input_name = self.spec.input_name if self.spec.input_name in inputs else next(iter(inputs))
+        outputs = [o.name for o in session.get_outputs()]
+        self.output_name = self.spec.output_name if self.spec.output_name in outputs else outputs[0]
         batch_dim = inputs[self.input_name].shape[0]
         self.fixed_batch = batch_dim if isinstance(batch_dim, int) and batch_dim > 0 else None
-        self.name = f"onnxruntime:{self.session.get_providers()[0]}"
-        log.info("%s: %s (%s), providers %s", model_path.name, self.name, precision, self.session.get_providers())
+        return session
+
+    def _time(self, session, batch_size: int, runs: int = 5, budget_s: float = 2.0) -> float:
+        """Seconds per run of ``session`` on a zero batch: the median of up to ``runs`` after one warm-up."""
+        n = self.fixed_batch or batch_size
+        feed = {self.input_name: np.zeros((n, 3, self.spec.height, self.spec.width), np.float32)}
+        session.run([self.output_name], feed)
+        times: list[float] = []
+        deadline = time.perf_counter() + budget_s
+        while len(times) < runs and (not times or time.perf_counter() < deadline):
+            start = time.perf_counter()
+            session.run([self.output_name], feed)
+            times.append(time.perf_counter() - start)
+        return float(np.median(times))
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Logits for a batch; a model exported with a fixed batch size is fed in chunks."""

@@ -7,6 +7,7 @@ what the model thread does meanwhile.
 
 from __future__ import annotations
 
+import os
 import threading
 
 import numpy as np
@@ -32,6 +33,7 @@ class CountingBackend:
         self.ran = threading.Condition()
 
     def run(self, inputs: np.ndarray) -> np.ndarray:
+        self.nice = thread_nice()
         out = self.backend.run(inputs)
         with self.ran:
             self.runs += 1
@@ -48,9 +50,14 @@ class HeldOutbox(Outbox):
         self.writing = threading.Event()
 
     def put_many(self, messages):
+        self.nice = thread_nice()
         self.writing.set()
         assert self.gate.wait(30), "the test never opened the gate"
         return super().put_many(messages)
+
+
+def thread_nice() -> int:
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
 
 
 def frames_from(images: np.ndarray, n: int) -> list[np.ndarray]:
@@ -92,6 +99,8 @@ def test_the_model_runs_on_later_batches_while_a_batch_is_being_written(tmp_path
     assert [b["seq"] for b in results] == sorted(b["seq"] for b in results)
     assert [b["label"] for b in results] == bundle_predictions(tiny_bundle, images)
     assert backend.runs == 6 and metrics.counter("inference_errors_total") == 0
+    # the decide thread gave way to the model thread (model.pipeline_nice, default 10)
+    assert outbox.nice == backend.nice + cfg.model.pipeline_nice
     outbox.close()
 
 
@@ -132,16 +141,41 @@ def test_a_batch_is_decided_with_the_model_that_classified_it_across_a_swap(tmp_
     outbox.close()
 
 
-def test_auto_intra_op_threads_leave_half_the_cpus_to_the_pipeline(tmp_path, tiny_bundle, monkeypatch):
-    import agent.config as config
+def test_auto_threads_try_one_half_and_all_cpus_and_keep_the_fastest():
+    from agent.backends.onnxruntime import pick_fastest, thread_candidates
+
+    assert [thread_candidates(n) for n in (1, 2, 6, 12)] == [[1], [1, 2], [1, 3, 6], [1, 6, 12]]
+    assert pick_fastest([1, 3, 6], {1: 0.004, 3: 0.002, 6: 0.003}.get) == (3, {1: 0.004, 3: 0.002, 6: 0.003})
+    assert pick_fastest([1, 2], {1: 0.002, 2: 0.002}.get)[0] == 1          # equals: the fewer threads
+
+
+def test_auto_threads_time_the_real_model_and_run_it_with_the_fastest_count(tiny_bundle):
+    from agent.backends.onnxruntime import OnnxRuntimeBackend
 
     bundle = load_bundle(tiny_bundle)
-    for cpus, expected in ((1, 1), (2, 1), (6, 3), (12, 6)):
-        monkeypatch.setattr(config.os, "sched_getaffinity", lambda pid, n=cpus: set(range(n)))
-        cfg = as_config(station_config(tmp_path, tiny_bundle, str(tmp_path), 1883)).model
-        assert cfg.resolved_intra_op_threads() == expected
-        session = create_backend(bundle, cfg).session
-        assert session.get_session_options().intra_op_num_threads == expected
-    # an explicit count wins over auto
-    cfg = as_config(station_config(tmp_path, tiny_bundle, str(tmp_path), 1883, model={"intra_op_threads": 3})).model
-    assert create_backend(bundle, cfg).session.get_session_options().intra_op_num_threads == 3
+    artifact = bundle.pick_onnx(prefer_int8=False)
+    auto = OnnxRuntimeBackend(artifact.path, bundle.input_spec, precision="fp32", cpus=4, tune_batch=4)
+    assert list(auto.tuning) == [1, 2, 4] and all(t > 0 for t in auto.tuning.values())
+    assert auto.threads == min(auto.tuning, key=auto.tuning.get)
+    assert auto.session.get_session_options().intra_op_num_threads == auto.threads
+    assert auto.run(np.zeros((3, 3, bundle.input_spec.height, bundle.input_spec.width), np.float32)).shape == (3, 10)
+    # an explicit count is used as given, without timing
+    fixed = OnnxRuntimeBackend(artifact.path, bundle.input_spec, precision="fp32", intra_op_threads=3, cpus=4)
+    assert fixed.tuning == {} and fixed.threads == 3
+
+
+def test_lower_this_thread_changes_only_the_calling_thread():
+    from agent.priority import lower_this_thread
+
+    before, seen = thread_nice(), {}
+
+    def worker():
+        seen["ok"] = lower_this_thread(4)
+        seen["nice"] = thread_nice()
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    assert seen == {"ok": True, "nice": min(19, before + 4)}
+    assert thread_nice() == before
+    assert lower_this_thread(0) is False
