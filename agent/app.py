@@ -197,7 +197,7 @@ class Agent:
         for cam in self.cfg.cameras:
             hub.add_camera(cam.id, cam.queue_size, cam.backpressure)
             self.workers.append(CameraWorker(cam, hub, self.metrics, self.stop_event, self.source_factory, keep_full,
-                                             prepare=camera_preparer(self.model)))
+                                             prepare=camera_preparer(self.model), nice=self.cfg.model.pipeline_nice))
         self.hub = hub
         self.inference = InferenceStage(self.cfg, hub, self.model, self.outbox, self.metrics, self.cameras_done)
         self._restore_thresholds()

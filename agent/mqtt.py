@@ -27,6 +27,7 @@ from paho.mqtt.properties import Properties
 from agent.config import AgentConfig, ConfigError, MqttConfig
 from agent.health import Metrics
 from agent.outbox import Outbox, Record
+from agent.priority import lower_this_thread
 from agent.sources.camera import backoff_delays
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,7 @@ class MqttPublisher(threading.Thread):
                  on_command: Callable[[str, bytes], None] | None = None) -> None:
         super().__init__(name="mqtt-publisher", daemon=True)
         self.cfg: MqttConfig = cfg.mqtt
+        self.nice = cfg.model.pipeline_nice
         self.client_id = cfg.client_id
         self.topics = Topics(cfg.topic_root)
         self.outbox = outbox
@@ -130,6 +132,7 @@ class MqttPublisher(threading.Thread):
         return self._stop_at is not None
 
     def run(self) -> None:
+        lower_this_thread(self.nice)
         delays = backoff_delays(self.cfg.reconnect)
         while not self._stopping:
             if self._session():

@@ -33,6 +33,7 @@ from agent.decide import (Classification, ItemDecision, ItemTracker, LaneMap, Lo
 from agent.health import Metrics
 from agent.outbox import Message, Outbox
 from agent.preprocess import Preprocessor
+from agent.priority import lower_this_thread
 from agent.sources.base import Frame
 from agent.sources.camera import FrameHub
 
@@ -167,6 +168,7 @@ class InferenceStage(threading.Thread):
             self.finished.set()
 
     def _decide_loop(self) -> None:
+        lower_this_thread(self.cfg.model.pipeline_nice)
         try:
             while (inferred := self._inferred.get()) is not None:
                 self._guarded(self.decide, inferred, inferred.batch)

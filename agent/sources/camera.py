@@ -16,6 +16,7 @@ import numpy as np
 
 from agent.config import Backoff, CameraConfig, Roi
 from agent.health import Metrics
+from agent.priority import lower_this_thread
 from agent.sources import open_source
 from agent.sources.base import EndOfStream, Frame, FrameSource, SourceError
 
@@ -115,8 +116,9 @@ class CameraWorker(threading.Thread):
 
     def __init__(self, cfg: CameraConfig, hub: FrameHub, metrics: Metrics, stop: threading.Event,
                  source_factory: Callable[[CameraConfig], FrameSource] | None = None, keep_full: bool = False,
-                 prepare: Callable[[np.ndarray], Any] | None = None) -> None:
+                 prepare: Callable[[np.ndarray], Any] | None = None, nice: int = 0) -> None:
         super().__init__(name=f"camera-{cfg.id}", daemon=True)
+        self.nice = nice
         self.cfg = cfg
         self.hub = hub
         self.metrics = metrics
@@ -134,6 +136,7 @@ class CameraWorker(threading.Thread):
         self._next_due = 0.0
 
     def run(self) -> None:
+        lower_this_thread(self.nice)
         delays = backoff_delays(self.cfg.reconnect)
         while not self.stop_event.is_set():
             try:

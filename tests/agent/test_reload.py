@@ -113,8 +113,12 @@ def test_update_from_an_http_url(live_agent, broker, tiny_bundle, tmp_path):
 
 def test_stats_topic_and_prometheus_endpoint(live_agent):
     agent, dashboard = live_agent
-    assert dashboard.wait_for(lambda d: len(d.of("stats")) >= 2 and len(d.of("result")) >= 10, 20)
-    stats = json.loads(dashboard.of("stats")[-1].payload)
+    def counted(d) -> list[dict]:
+        """Stats messages published after the agent had classified at least 10 frames."""
+        return [s for s in (json.loads(m.payload) for m in d.of("stats")) if s["frames_classified"] >= 10]
+
+    assert dashboard.wait_for(lambda d: len(d.of("stats")) >= 2 and counted(d) and len(d.of("result")) >= 10, 20)
+    stats = counted(dashboard)[-1]
     validate_message("stats.v1", stats)
     assert stats["fps"]["cam-a"] > 0 and stats["model_version"] == "tiny-1"
     assert {"queue", "preprocess", "inference"} <= set(stats["latency"])
