@@ -150,8 +150,14 @@ def test_low_confidence_frames_to_a_better_model_on_the_station(weak, broker, tm
         published = trainer_cli("publish", str(tmp_path / "models" / "fmnist" / "2"), "--root", str(served),
                                 "--base-url", base_url, *mqtt)
         assert published.returncode == 0, published.stderr
+        # The canary's watch runs for real (frames counted, errors, a rise in the low-confidence rate), but
+        # with a wide allowed rise: the two versions flag frames by their own suggested thresholds, version 2
+        # depends on which frames the station happened to upload, and a 4 s watch sees ~100 frames of a
+        # scene made mostly of the weak class; under load its rate rose by 14.5 points once. The rate rule
+        # itself is tested in test_rollout.py.
         rolled = trainer_cli("rollout", "--bundle-url", base_url + "fmnist/2/", "--stations", station.key,
                              "--canary", station.key, "--watch-s", "4", "--baseline-s", "1", "--min-frames", "10",
+                             "--max-low-conf-increase", "0.5",
                              "--update-timeout-s", "120", "--history", str(tmp_path / "history.json"), *mqtt)
         assert rolled.returncode == 0, rolled.stdout + rolled.stderr
         status = recorder.status(station.key)
