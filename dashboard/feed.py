@@ -19,6 +19,7 @@ from typing import Callable
 
 import paho.mqtt.client as paho
 
+from agent.secrets import SecretFileError, first_line
 from dashboard.state import CENTRAL_SITE, STATION_KINDS, WarehouseState
 
 log = logging.getLogger(__name__)
@@ -63,12 +64,9 @@ class MqttSettings:
     def password(self) -> str | None:
         if self.password_file is not None:
             try:
-                lines = Path(self.password_file).read_text().splitlines()
-            except OSError as exc:
-                raise SettingsError(f"--password-file: {self.password_file}: {exc.strerror or exc}") from None
-            if not lines or not lines[0]:
-                raise SettingsError(f"--password-file: {self.password_file}: the first line (the password) is empty")
-            return lines[0]
+                return first_line(self.password_file)
+            except SecretFileError as exc:
+                raise SettingsError(f"--password-file: {exc}") from None
         if self.password_env is not None:
             value = os.environ.get(self.password_env)
             if not value:

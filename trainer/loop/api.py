@@ -255,9 +255,9 @@ def cmd_review(args) -> int:
         log.warning("no --labels-from: reviewers can only add new classes, skip or mark defects")
     token = args.token
     if args.token_file is not None:
-        from trainer.loop.ingest import read_password
+        from trainer.loop.ingest import read_secret
 
-        token = read_password(args.token_file)
+        token = read_secret(args.token_file, "--token-file")
     store = FrameStore(args.store, labels=labels)
     try:
         server = ReviewServer(store, args.host, args.port, token)

@@ -35,6 +35,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from agent.secrets import SecretFileError, first_line
 from trainer.loop.store import FrameStore, StoreError
 
 log = logging.getLogger(__name__)
@@ -202,16 +203,14 @@ def add_ingest_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tls-insecure", action="store_true", help="do not check the broker's host name")
 
 
-def read_password(path: Path | None) -> str | None:
+def read_secret(path: Path | None, option: str = "--password-file") -> str | None:
+    """The secret in a file named by a command-line option; exits with a message naming both."""
     if path is None:
         return None
     try:
-        line = next(iter(path.read_text().splitlines()), "")
-    except OSError as exc:
-        raise SystemExit(f"--password-file: {path}: {exc.strerror or exc}") from None
-    if not line:
-        raise SystemExit(f"--password-file: {path}: the first line (the password) is empty")
-    return line
+        return first_line(path)
+    except SecretFileError as exc:
+        raise SystemExit(f"{option}: {exc}") from None
 
 
 def cmd_ingest(args) -> int:
@@ -222,7 +221,7 @@ def cmd_ingest(args) -> int:
     store = FrameStore(args.store, max_bytes=args.max_bytes, warn_fraction=args.warn_fraction)
     service = IngestService(store, host=args.host, port=args.port, topic=args.topic, shared_group=args.shared_group,
                             client_id=args.client_id, username=args.username,
-                            password=read_password(args.password_file),
+                            password=read_secret(args.password_file),
                             tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
                             tls_insecure=args.tls_insecure)
     done = threading.Event()

@@ -37,6 +37,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 from urllib.parse import unquote, urljoin, urlparse
 
+from agent.secrets import SecretFileError, first_line
+
 log = logging.getLogger(__name__)
 
 EVENT_SCHEMA = "rollout-event.v1"
@@ -124,12 +126,9 @@ class MqttOptions:
         if self.password_file is None:
             return None
         try:
-            lines = self.password_file.read_text().splitlines()
-        except OSError as exc:
-            raise RolloutError(f"{self.password_file}: cannot read the MQTT password file ({exc.strerror or exc})") from exc
-        if not lines or not lines[0]:
-            raise RolloutError(f"{self.password_file}: the MQTT password file is empty (first line is the password)")
-        return lines[0]
+            return first_line(self.password_file)
+        except SecretFileError as exc:
+            raise RolloutError(f"--password-file: {exc}") from None
 
 
 def add_mqtt_args(p: argparse.ArgumentParser, *, required: bool) -> None:
