@@ -157,7 +157,7 @@ class InferenceStage(threading.Thread):
             while not self.stop_event.is_set():
                 batch = self.hub.get_batch(self.cfg.model.batch_size, self.cfg.model.batch_timeout_ms / 1000.0)
                 if batch:
-                    inferred = self._guarded(self.infer, batch)
+                    inferred = self._guarded(self.infer, batch, batch)
                     if inferred is not None:
                         self._inferred.put(inferred)
                 elif self.cameras_done() and not any(self.hub.depths().values()):
@@ -177,12 +177,12 @@ class InferenceStage(threading.Thread):
 
     # ------------------------------------------------------------ one batch
 
-    def _guarded(self, step: Callable[..., Any], arg: Any, batch: list[Frame] | None = None) -> Any:
-        """A batch that fails (odd frame, backend error) is logged and counted; the next one still runs."""
+    def _guarded(self, step: Callable[[Any], Any], arg: Any, batch: list[Frame]) -> Any:
+        """``step(arg)`` for ``batch``; a batch that fails (odd frame, backend error) is logged and counted,
+        None is returned, and the next batch still runs."""
         try:
             return step(arg)
         except Exception:
-            batch = batch if batch is not None else arg
             self.metrics.inc("inference_errors_total")
             cams = sorted({f.camera_id for f in batch})
             log.exception("%s failed on a batch of %d frames from %s; skipped", step.__name__, len(batch),
