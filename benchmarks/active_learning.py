@@ -352,10 +352,10 @@ class Lab:
         """Top-1 of the checkpoint (PyTorch FP32) on the whole official test split."""
         import torch
 
-        from trainer.engine import load_checkpoint_model, predict_logits
+        from trainer.engine import load_checkpoint_model, predict_logits, select_device
 
         model, _ = load_checkpoint_model(checkpoint)
-        device = torch.device(resolve_device(self.cfg.device))
+        device = select_device(self.cfg.device)
         model = model.to(device, memory_format=torch.channels_last)
         logits = predict_logits(model, self.images.test_x, device, batch_size=256, channels_last=True).cpu()
         return float((logits.argmax(1) == self.images.test_y).float().mean())
@@ -530,16 +530,6 @@ def report(cfg: BenchConfig, curves: dict[str, list[RoundResult]], details: list
             "command": " ".join(["python", "benchmarks/active_learning.py", *sys.argv[1:]])}
 
 
-def resolve_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: PyTorch sees no CUDA GPU here")
-    return name
-
-
 def get_args_parser() -> argparse.ArgumentParser:
     d = BenchConfig()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -581,7 +571,12 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
     cfg = BenchConfig(**{k: v for k, v in vars(args).items() if k in BenchConfig.__dataclass_fields__})
-    resolve_device(cfg.device)
+    from trainer.engine import select_device
+
+    try:
+        select_device(cfg.device)          # a missing GPU fails now, not after the data is loaded
+    except RuntimeError as exc:
+        raise SystemExit(str(exc)) from None
     # With --json the figures so far are written after every round: a run cut short keeps them.
     report = run(cfg, progress=(lambda partial: write_json(partial, args.json)) if args.json else None)
     print_table({k: [RoundResult(**r) for r in v] for k, v in report["curves"].items()}, report["summary"])
