@@ -21,9 +21,6 @@ import pytest
 from agent.decide import LowConfidencePolicy, PolicyThresholds, classify_batch
 
 REPO = Path(__file__).resolve().parents[2]
-FASHION_MNIST_TEST = REPO / "data" / "fashion-mnist" / "test"
-
-
 def load(name: str, path: Path):
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
@@ -160,12 +157,12 @@ def test_summary_counts_the_labels_each_strategy_needed_for_randoms_final_accura
 
 
 @pytest.fixture
-def pool_frames() -> list[np.ndarray]:
+def pool_frames(fmnist_dir) -> list[np.ndarray]:
+    """64 real Fashion-MNIST test images spread over the classes (tests/conftest.py imports 1,000)."""
     from agent.preprocess import read_image
 
-    files = sorted(FASHION_MNIST_TEST.glob("*/*.png"))[::97][:64]
-    if len(files) < 64:
-        pytest.skip("data/fashion-mnist/test is not imported (python -m trainer import-fashion-mnist)")
+    files = sorted((fmnist_dir / "test").glob("*/*.png"))[::15][:64]
+    assert len(files) == 64
     return [read_image(p) for p in files]
 
 
