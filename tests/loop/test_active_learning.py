@@ -21,6 +21,8 @@ import pytest
 from agent.decide import LowConfidencePolicy, PolicyThresholds, classify_batch
 
 REPO = Path(__file__).resolve().parents[2]
+
+
 def load(name: str, path: Path):
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
