@@ -234,6 +234,7 @@ class BenchConfig:
     arch: str = "mobilenet_v2"
     balance_classes: bool = False   # trainer option: every class equally often per epoch (both strategies)
     device: str = "cpu"             # training and test evaluation: cpu, cuda or auto; the pool is scored on ORT CPU
+    train: str = "full"             # "full": fine-tune the whole network; "head": the trainer's linear probe
     work_dir: Path | None = None
 
 
@@ -307,7 +308,8 @@ class Lab:
                            image_size=cfg.image_size, resize_shorter=cfg.image_size, epochs=epochs,
                            batch_size=cfg.batch_size, optimizer="adam", lr=cfg.lr, warmup_epochs=0.2,
                            label_smoothing=0.1, seed=cfg.seed, workers=0, device=cfg.device,
-                           balance_classes=cfg.balance_classes)
+                           balance_classes=cfg.balance_classes,
+                           freeze_epochs=epochs if cfg.train == "head" else 0)
 
     def train(self, strategy: str, round_no: int, state: LabelState) -> Path:
         """Train on all labels so far; the model after the last epoch (end of the cosine schedule) is the result.
@@ -554,6 +556,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--balance-classes", action="store_true",
                    help="train with the trainer's --balance-classes (both strategies): the agent's picks are "
                         "skewed towards the classes it confuses")
+    p.add_argument("--train", choices=("full", "head"), default=d.train,
+                   help="full: every training fine-tunes the whole network; head: only the classifier head is "
+                        "trained, on the frozen ImageNet backbone (the trainer's --freeze-epochs for every epoch)")
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default=d.device,
                    help="where the trainer trains and the test split is evaluated (the pool is scored on the CPU, "
                         "as a station's ONNX Runtime would)")

@@ -228,3 +228,36 @@ def test_low_confidence_selection_labels_exactly_what_the_agent_uploads(tmp_path
     # a bigger budget adds unflagged frames only after every uploaded one
     more = al.select_low_confidence(classes, len(uploaded) + 5).positions
     assert set(more[: len(uploaded)]) == uploaded and not set(more[len(uploaded):]) & uploaded
+
+
+# ------------------------------------------------------------------ the benchmark's training recipes
+
+
+@pytest.mark.parametrize("recipe", ["head", "full"])
+def test_head_recipe_trains_only_the_classifier_on_the_imagenet_backbone(tmp_path, fmnist_dir, recipe):
+    """--train head: every training (seed model and rounds) leaves the ImageNet backbone as it was."""
+    import torch
+
+    from trainer import data as data_mod
+    from trainer.model import imagenet_state_dict
+
+    train = data_mod.load_dataset(fmnist_dir / "train", check_images=False)
+    labels = np.array(train.labels())
+    cfg = al.BenchConfig(data=fmnist_dir, seed_per_class=3, val_per_class=2, pool=50, seed_epochs=1, epochs=1,
+                         train=recipe)
+    seed, val, pool = al.draw_split(labels, cfg)
+    images = al.Images(train.classes, [s.path for s in train.samples], labels, al.LabelState(seed, pool), val,
+                       test_x=None, test_y=None)
+    lab = al.Lab(cfg, images, tmp_path)
+    seed_model = lab.train("seed", 0, images.seed)
+    round_model = lab.train("random", 1, images.seed.label(range(10)))
+
+    imagenet = imagenet_state_dict("mobilenet_v2", allow_download=False)
+    for checkpoint in (seed_model, round_model):
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)["model"]
+        backbone = [k for k in state if not k.startswith("classifier.") and not k.endswith("num_batches_tracked")]
+        unchanged = [k for k in backbone if torch.equal(state[k], imagenet[k])]
+        if recipe == "head":
+            assert unchanged == backbone, f"{checkpoint}: backbone tensors changed"
+        else:
+            assert len(unchanged) < len(backbone) / 2, f"{checkpoint}: the full recipe left the backbone as it was"
