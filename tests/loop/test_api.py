@@ -99,6 +99,8 @@ def test_bad_requests_name_the_field_and_change_nothing(server):
     assert call(srv.url + "api/frames/nope/review", {"action": "skip"})[0] == 404
     assert call(srv.url + "api/frames?status=done")[0] == 400
     assert call(srv.url + "api/frames?colour=red")[0] == 400
+    status, err = call(srv.url + "api/frames?order=random")
+    assert status == 400 and "field order" in err["error"], err
     assert store.get(target)["status"] == "pending"
 
 

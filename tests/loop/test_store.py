@@ -179,3 +179,51 @@ def test_the_open_walks_the_images_without_the_write_lock_and_keeps_what_commits
     assert (tmp_path / "s" / rel).read_bytes() == record.blob
     assert store.reconciled == {"orphan_images_removed": 0, "rows_without_image": 0}
     assert store.get("late")["image"] == rel
+
+
+def with_margin(record, top: float, second: float) -> dict:
+    """The record's frame message with its top-2 probabilities set (the rest of its top-k below them)."""
+    body = dict(record.body)
+    body["top_k"] = [{"label": k["label"], "p": p} for k, p in zip(record.body["top_k"], (top, second, 0.01))]
+    return body
+
+
+def test_least_certain_first_orders_pending_frames_by_margin(tmp_path):
+    records = real_frames(5)
+    margins = [(0.50, 0.20), (0.40, 0.38), (0.90, 0.05), (0.45, 0.30), (0.34, 0.33)]   # 0.30 .02 .85 .15 .01
+    store = FrameStore(tmp_path / "s", labels=LABELS)
+    for r, (top, second) in zip(records, margins):
+        store.add(with_margin(r, top, second), r.blob)
+    no_top_k = dict(real_frames(6)[5].body, top_k=[])
+    store.add(no_top_k, real_frames(6)[5].blob)                 # no margin: last
+    frames, total = store.list(order="least-certain")
+    assert total == 6 and [f["id"] for f in frames] == [records[i].id for i in (4, 1, 3, 0, 2)] + [no_top_k["id"]]
+    assert frames[0]["margin"] == pytest.approx(0.01)
+    store.review(records[4].id, "label", label=truth_of(records[4]))
+    pending, _ = store.list(status="pending", order="least-certain", limit=2)
+    assert [f["id"] for f in pending] == [records[1].id, records[3].id]
+    assert [f["id"] for f in store.list(order="newest")[0]][:1] == [no_top_k["id"]]
+    with pytest.raises(StoreError, match="field order: 'random' is not one of oldest, newest, least-certain"):
+        store.list(order="random")
+
+
+def test_a_store_from_before_the_margin_column_gets_it_filled_on_open(tmp_path):
+    import sqlite3
+
+    records = real_frames(3)
+    store = FrameStore(tmp_path / "s", labels=LABELS)
+    for r, (top, second) in zip(records, [(0.6, 0.1), (0.4, 0.35), (0.5, 0.3)]):
+        store.add(with_margin(r, top, second), r.blob)
+    store.close()
+    db = sqlite3.connect(tmp_path / "s" / "frames.sqlite")     # the schema as it was: no margin column
+    db.execute("DROP INDEX frames_margin")
+    db.execute("ALTER TABLE frames DROP COLUMN margin")
+    db.commit()
+    db.close()
+    again = FrameStore(tmp_path / "s", labels=LABELS)
+    frames, total = again.list(order="least-certain")
+    assert total == 3 and [f["id"] for f in frames] == [records[i].id for i in (1, 2, 0)]
+    assert [round(f["margin"], 3) for f in frames] == [0.05, 0.2, 0.5]
+    assert again.get(records[0].id)["top_k"][0]["p"] == 0.6      # nothing else changed
+    again.close()
+    FrameStore(tmp_path / "s", labels=LABELS).close()           # a second open finds the column and adds nothing

@@ -15,6 +15,11 @@ checks the files it found without a row again under it, so it never takes a file
 (a QoS 1 redelivery carries the same message id) are stored once. A byte quota, kept in the store:
 above ``warn_fraction`` a warning is logged and flagged in ``stats()``; at the quota new frames are
 refused and counted, and nothing already stored is ever deleted to make room.
+
+Each row also keeps the frame's margin (top-1 minus top-2 probability of its ``top_k``), so a
+reviewer with a limited labelling budget can take the least certain frames first
+(``list(order="least-certain")``); stores written before the column existed get it, filled from
+their ``top_k``, the first time they are opened.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ STATUSES = ("pending", "labelled", "skipped", "new_class", "defect")
 ACTIONS = ("label", "skip", "new_class", "defect", "undo")
 INTERNAL_COUNTERS = ("bytes_stored",)
 FILTERS = ("status", "site", "station", "camera", "model_version", "predicted")
+ORDERS = ("oldest", "newest", "least-certain")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS frames (
@@ -48,7 +54,8 @@ CREATE TABLE IF NOT EXISTS frames (
     model_name TEXT, model_version TEXT, predicted TEXT, confidence REAL,
     top_k TEXT, selected_because TEXT, source_ref TEXT, meta TEXT NOT NULL,
     received_at REAL NOT NULL, image TEXT NOT NULL, bytes INTEGER NOT NULL, sha256 TEXT NOT NULL,
-    status TEXT NOT NULL DEFAULT 'pending', label TEXT, defect TEXT, reviewer TEXT, reviewed_at REAL, note TEXT
+    status TEXT NOT NULL DEFAULT 'pending', label TEXT, defect TEXT, reviewer TEXT, reviewed_at REAL, note TEXT,
+    margin REAL
 );
 CREATE INDEX IF NOT EXISTS frames_status ON frames(status, received_at);
 CREATE INDEX IF NOT EXISTS frames_station ON frames(site, station);
@@ -109,6 +116,7 @@ class FrameStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        self._add_margin_column()
         self._warned = False
         self.max_bytes, self.warn_fraction = self._quota_settings(max_bytes, warn_fraction)
         self.reconciled = self._reconcile()
@@ -131,6 +139,19 @@ class FrameStore:
         self.max_bytes = int(stored["max_bytes"]) if "max_bytes" in stored else None
         self.warn_fraction = float(stored.get("warn_fraction", 0.9))
         return self.max_bytes, self.warn_fraction
+
+    def _add_margin_column(self) -> None:
+        """Stores from before the margin column: add it and fill it from each row's top_k (once, under the
+        write lock, so two processes opening the same old store do not both try)."""
+        with self._lock, self._write():
+            columns = {r["name"] for r in self._db.execute("PRAGMA table_info(frames)")}
+            if "margin" not in columns:
+                self._db.execute("ALTER TABLE frames ADD COLUMN margin REAL")
+                rows = self._db.execute("SELECT id, top_k FROM frames").fetchall()
+                self._db.executemany("UPDATE frames SET margin = ? WHERE id = ?",
+                                     [(top_k_margin(json.loads(r["top_k"] or "[]")), r["id"]) for r in rows])
+                log.info("%s: added the margin column to %d stored frames", self.root, len(rows))
+            self._db.execute("CREATE INDEX IF NOT EXISTS frames_margin ON frames(status, margin)")
 
     # ------------------------------------------------------------ integrity
 
@@ -239,13 +260,13 @@ class FrameStore:
                     self._db.execute(
                         "INSERT INTO frames(id, seq, site, station, camera, frame_seq, captured_at, ts, model_name, "
                         "model_version, predicted, confidence, top_k, selected_because, source_ref, meta, "
-                        "received_at, image, bytes, sha256) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                        "received_at, image, bytes, sha256, margin) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                         (frame_id, meta.get("seq"), meta["site"], meta["station"], meta["camera"],
                          meta.get("frame_seq"), _number(meta.get("captured_at")), _number(meta.get("ts")),
                          model.get("name"), model.get("version"), meta.get("label"), meta.get("confidence"),
                          json.dumps(meta.get("top_k") or []), json.dumps(meta.get("selected_because") or []),
                          meta.get("source_ref"), json.dumps(meta), time.time(), rel.as_posix(), len(jpeg),
-                         hashlib.sha256(jpeg).hexdigest()))
+                         hashlib.sha256(jpeg).hexdigest(), top_k_margin(meta.get("top_k"))))
                     self._bump("stored")
                     self._bump("bytes_stored", len(jpeg))
             except BaseException:
@@ -297,7 +318,12 @@ class FrameStore:
 
     def list(self, *, limit: int = 50, offset: int = 0, order: str = "oldest",
              **filters: Any) -> tuple[list[dict], int]:
-        """Frames matching the filters (``FILTERS``), oldest first (or newest), and how many match in all."""
+        """Frames matching the filters (``FILTERS``) and how many match in all.
+
+        ``order``: ``oldest`` first (received), ``newest`` first, or ``least-certain``: lowest margin first,
+        the order that spends a labelling budget where the model is least sure; frames without a margin
+        (no usable ``top_k``) come last, oldest first.
+        """
         unknown = set(filters) - set(FILTERS)
         if unknown:
             raise StoreError(f"unknown filter(s) {', '.join(sorted(unknown))}; known: {', '.join(FILTERS)}")
@@ -305,17 +331,20 @@ class FrameStore:
             raise StoreError(f"field status: {filters['status']!r} is not one of {', '.join(STATUSES)}")
         if not 1 <= limit <= 1000 or offset < 0:
             raise StoreError("field limit: 1..1000, offset: >= 0")
+        if order not in ORDERS:
+            raise StoreError(f"field order: {order!r} is not one of {', '.join(ORDERS)}")
         where, args = [], []
         for key, value in filters.items():
             if value not in (None, ""):
                 where.append(f"{key} = ?")
                 args.append(value)
         clause = (" WHERE " + " AND ".join(where)) if where else ""
-        direction = "DESC" if order == "newest" else "ASC"
+        sort = {"oldest": "received_at ASC, id", "newest": "received_at DESC, id",
+                "least-certain": "margin IS NULL, margin ASC, received_at ASC, id"}[order]
         with self._lock:
             total = self._db.execute(f"SELECT COUNT(*) FROM frames{clause}", args).fetchone()[0]
-            rows = self._db.execute(f"SELECT * FROM frames{clause} ORDER BY received_at {direction}, id "
-                                    f"LIMIT ? OFFSET ?", [*args, limit, offset]).fetchall()
+            rows = self._db.execute(f"SELECT * FROM frames{clause} ORDER BY {sort} LIMIT ? OFFSET ?",
+                                    [*args, limit, offset]).fetchall()
         return [_public(r) for r in rows], int(total)
 
     def iter_reviewed(self) -> Iterator[dict[str, Any]]:
@@ -415,6 +444,19 @@ class FrameStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def top_k_margin(top_k: Any) -> float | None:
+    """Top-1 minus top-2 probability of a frame message's ``top_k`` (a list of ``{"label", "p"}``); with one
+    entry, its probability. ``None`` when there is no usable list."""
+    if not isinstance(top_k, list):
+        return None
+    probs = sorted((float(e["p"]) for e in top_k
+                    if isinstance(e, dict) and isinstance(e.get("p"), (int, float)) and not isinstance(e.get("p"), bool)),
+                   reverse=True)
+    if not probs:
+        return None
+    return probs[0] - (probs[1] if len(probs) > 1 else 0.0)
 
 
 def _number(value: Any) -> float | None:

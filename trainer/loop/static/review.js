@@ -40,6 +40,7 @@ function filters() {
   const q = new URLSearchParams({ status: "pending", limit: "200" });
   const add = (key, id) => { if ($(id).value) q.set(key, $(id).value); };
   add("station", "filter-station"); add("model_version", "filter-model"); add("predicted", "filter-predicted");
+  q.set("order", $("order").value);   // least certain first: a labelling budget goes where the model is least sure
   return q;
 }
 
@@ -76,8 +77,8 @@ async function loadLabels() {
   });
 }
 
-// The pending frames under the filters; the frame on screen stays unless it is gone (decided elsewhere),
-// then the oldest pending one is shown.
+// The pending frames under the filters, in the chosen order; the frame on screen stays unless it is gone
+// (decided elsewhere), then the first pending one is shown.
 async function loadFrames(prefer = null) {
   const body = await api(`/api/frames?${filters()}`);
   state.frames = body.frames;
@@ -228,9 +229,12 @@ $("defect").addEventListener("click", defect);
 $("undo").addEventListener("click", undo);
 $("prev").addEventListener("click", () => move(-1));
 $("next").addEventListener("click", () => move(1));
-for (const id of ["filter-station", "filter-model", "filter-predicted"]) {
+for (const id of ["filter-station", "filter-model", "filter-predicted", "order"]) {
   $(id).addEventListener("change", () => enqueue(() => { state.shownId = null; return loadFrames(); }));
 }
+const savedOrder = localStorage.getItem("order");
+if ([...$("order").options].some((o) => o.value === savedOrder)) $("order").value = savedOrder;
+$("order").addEventListener("change", () => localStorage.setItem("order", $("order").value));
 $("reviewer").value = localStorage.getItem("reviewer") || "";
 $("reviewer").addEventListener("change", () => localStorage.setItem("reviewer", $("reviewer").value.trim()));
 
