@@ -212,6 +212,32 @@ def summarize(curves: dict[str, list[RoundResult]]) -> dict:
     }
 
 
+def mean_curves(reports: Sequence[dict], *, source: Sequence[str] | None = None) -> dict[str, list[RoundResult]]:
+    """Each strategy's curve averaged over finished runs (e.g. several seeds) of one configuration.
+
+    The runs must have the same labels at every round; the mean curve's summary reads the target off
+    random's mean final accuracy, which is steadier than any one run's last round.
+    """
+    names = list(source or [f"run {i + 1}" for i in range(len(reports))])
+    if len(reports) < 2:
+        raise ValueError("--mean-of: give at least two runs")
+    for name, report in zip(names, reports):
+        if not report.get("finished"):
+            raise ValueError(f"{name}: the run did not finish (its JSON was written part-way)")
+    out: dict[str, list[RoundResult]] = {}
+    for strategy in (LOW_CONFIDENCE, RANDOM):
+        curves = [[RoundResult(**r) for r in report["curves"][strategy]] for report in reports]
+        labels = [[r.labels for r in c] for c in curves]
+        for name, other in zip(names[1:], labels[1:]):
+            if other != labels[0]:
+                raise ValueError(f"{name}: {strategy} labels per round {other} differ from {names[0]}'s {labels[0]}; "
+                                 "only runs of the same configuration can be averaged")
+        out[strategy] = [RoundResult(round=i, labels=n, selected=curves[0][i].selected,
+                                     accuracy=float(np.mean([c[i].accuracy for c in curves])))
+                         for i, n in enumerate(labels[0])]
+    return out
+
+
 # ------------------------------------------------------------------ the real parts
 
 @dataclass
@@ -229,6 +255,7 @@ class BenchConfig:
     rank: str = "flagged-random"    # which flagged frames fill the budget: "flagged-random" or "margin"
     batch_size: int = 32
     lr: float = 1e-3
+    label_smoothing: float = 0.1    # the demo recipe's; it flattens the margins the agent's selection ranks by
     seed: int = 0
     threads: int = 1
     arch: str = "mobilenet_v2"
@@ -307,7 +334,7 @@ class Lab:
         return TrainConfig(data=str(data), out_dir=str(self.work_dir), name=name, arch=cfg.arch, weights=weights,
                            image_size=cfg.image_size, resize_shorter=cfg.image_size, epochs=epochs,
                            batch_size=cfg.batch_size, optimizer="adam", lr=cfg.lr, warmup_epochs=0.2,
-                           label_smoothing=0.1, seed=cfg.seed, workers=0, device=cfg.device,
+                           label_smoothing=cfg.label_smoothing, seed=cfg.seed, workers=0, device=cfg.device,
                            balance_classes=cfg.balance_classes,
                            freeze_epochs=epochs if cfg.train == "head" else 0)
 
@@ -551,6 +578,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="label the flagged frames lowest margin first, or a uniform draw of them")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing,
+                   help="the trainer's label smoothing (both strategies)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed for the seed set, the pool, random selection and training")
     p.add_argument("--threads", type=int, default=d.threads, help="PyTorch and ONNX Runtime intra-op threads")
     p.add_argument("--balance-classes", action="store_true",
@@ -565,11 +594,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", type=Path, default=None, help="keep runs and bundles here (default: a temp folder)")
     p.add_argument("--json", type=Path, default=None, help="write all figures here")
     p.add_argument("--plot", type=Path, default=None, help="write the accuracy-vs-labels plot here (PNG)")
+    p.add_argument("--mean-of", type=Path, nargs="+", metavar="JSON",
+                   help="run nothing: average the curves of these finished runs' --json files (the same "
+                        "configuration, e.g. several seeds) and print the table and ratios of the mean curves")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
+    if args.mean_of:
+        return print_mean_of(args.mean_of, args.json, args.plot)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     log.setLevel(logging.INFO)
     for name in ("seed_per_class", "val_per_class", "pool", "rounds", "budget_per_round", "epochs", "seed_epochs", "threads"):
@@ -590,6 +624,32 @@ def main(argv: list[str] | None = None) -> int:
         write_json(report, args.json)
     if args.plot:
         plot({k: [RoundResult(**r) for r in v] for k, v in report["curves"].items()}, report["summary"], args.plot)
+    return 0
+
+
+def print_mean_of(paths: Sequence[Path], json_out: Path | None, plot_out: Path | None) -> int:
+    reports = []
+    for path in paths:
+        try:
+            reports.append(json.loads(path.read_text()))
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"{path}: cannot read a benchmark --json file: {exc}") from None
+    try:
+        curves = mean_curves(reports, source=[str(p) for p in paths])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SystemExit(f"--mean-of: {exc}") from None
+    summary = summarize(curves)
+    print(f"mean of {len(paths)} runs: {', '.join(str(p) for p in paths)}")
+    print_table(curves, summary)
+    print("per run: ratio / to all of random's labels: " + "; ".join(
+        f"{r['summary']['ratio'] if r['summary']['ratio'] is None else round(r['summary']['ratio'], 2)} / "
+        f"{r['summary']['ratio_to_random_final_labels'] if r['summary']['ratio_to_random_final_labels'] is None else round(r['summary']['ratio_to_random_final_labels'], 2)}"
+        for r in reports))
+    if json_out:
+        write_json({"mean_of": [str(p) for p in paths], "curves": {k: [asdict(r) for r in v] for k, v in curves.items()},
+                    "summary": summary, "per_run_summary": [r["summary"] for r in reports]}, json_out)
+    if plot_out:
+        plot(curves, summary, plot_out)
     return 0
 
 

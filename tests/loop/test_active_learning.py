@@ -261,3 +261,35 @@ def test_head_recipe_trains_only_the_classifier_on_the_imagenet_backbone(tmp_pat
             assert unchanged == backbone, f"{checkpoint}: backbone tensors changed"
         else:
             assert len(unchanged) < len(backbone) / 2, f"{checkpoint}: the full recipe left the backbone as it was"
+
+
+def finished_run(low: list[tuple[int, float]], rnd: list[tuple[int, float]]) -> dict:
+    return {"finished": True, "curves": {
+        "low-confidence": [{"round": i, "labels": n, "selected": 0, "accuracy": a} for i, (n, a) in enumerate(low)],
+        "random": [{"round": i, "labels": n, "selected": 0, "accuracy": a} for i, (n, a) in enumerate(rnd)]}}
+
+
+def test_mean_of_runs_averages_each_round_and_summarizes_the_mean_curves(tmp_path):
+    a = finished_run([(10, 0.5), (20, 0.8), (30, 0.9)], [(10, 0.5), (20, 0.6), (30, 0.7)])
+    b = finished_run([(10, 0.7), (20, 0.6), (30, 0.9)], [(10, 0.7), (20, 0.7), (30, 0.8)])
+    curves = al.mean_curves([a, b])
+    assert [r.accuracy for r in curves["low-confidence"]] == pytest.approx([0.6, 0.7, 0.9])
+    assert [r.accuracy for r in curves["random"]] == pytest.approx([0.6, 0.65, 0.75])
+    summary = al.summarize(curves)
+    assert summary["target_accuracy"] == pytest.approx(0.75)
+    assert summary["labels_needed"] == {"low-confidence": 30, "random": 30}   # a alone would say 20 vs 30
+
+    with pytest.raises(ValueError, match="run 2: random labels per round"):
+        al.mean_curves([a, finished_run([(10, 0.5), (20, 0.8), (30, 0.9)], [(10, 0.5), (25, 0.6), (30, 0.7)])])
+    with pytest.raises(ValueError, match="run 2: the run did not finish"):
+        al.mean_curves([a, dict(b, finished=False)])
+
+    paths = []
+    for i, report in enumerate((a, b)):
+        paths.append(tmp_path / f"s{i}.json")
+        paths[-1].write_text(json.dumps(dict(report, summary=al.summarize(al.mean_curves([report, report])))))
+    assert al.main(["--mean-of", *map(str, paths), "--json", str(tmp_path / "mean.json")]) == 0
+    written = json.loads((tmp_path / "mean.json").read_text())
+    assert written["summary"]["target_accuracy"] == pytest.approx(0.75) and written["mean_of"] == list(map(str, paths))
+    with pytest.raises(SystemExit, match="s9.json: cannot read"):
+        al.main(["--mean-of", str(paths[0]), str(tmp_path / "s9.json")])
