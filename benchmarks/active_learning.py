@@ -222,7 +222,7 @@ def mean_curves(reports: Sequence[dict], *, source: Sequence[str] | None = None)
     if len(reports) < 2:
         raise ValueError("--mean-of: give at least two runs")
     for name, report in zip(names, reports):
-        if not report.get("finished"):
+        if report.get("finished") is False:     # files from before the field existed were written at the end
             raise ValueError(f"{name}: the run did not finish (its JSON was written part-way)")
     out: dict[str, list[RoundResult]] = {}
     for strategy in (LOW_CONFIDENCE, RANDOM):
