@@ -641,9 +641,11 @@ def print_mean_of(paths: Sequence[Path], json_out: Path | None, plot_out: Path |
     summary = summarize(curves)
     print(f"mean of {len(paths)} runs: {', '.join(str(p) for p in paths)}")
     print_table(curves, summary)
+    def two_places(value: float | None) -> str:
+        return "not reached" if value is None else f"{value:.2f}"
+
     print("per run: ratio / to all of random's labels: " + "; ".join(
-        f"{r['summary']['ratio'] if r['summary']['ratio'] is None else round(r['summary']['ratio'], 2)} / "
-        f"{r['summary']['ratio_to_random_final_labels'] if r['summary']['ratio_to_random_final_labels'] is None else round(r['summary']['ratio_to_random_final_labels'], 2)}"
+        f"{two_places(r['summary']['ratio'])} / {two_places(r['summary']['ratio_to_random_final_labels'])}"
         for r in reports))
     if json_out:
         write_json({"mean_of": [str(p) for p in paths], "curves": {k: [asdict(r) for r in v] for k, v in curves.items()},
