@@ -194,8 +194,9 @@ def test_least_certain_first_orders_pending_frames_by_margin(tmp_path):
     store = FrameStore(tmp_path / "s", labels=LABELS)
     for r, (top, second) in zip(records, margins):
         store.add(with_margin(r, top, second), r.blob)
-    no_top_k = dict(real_frames(6)[5].body, top_k=[])
-    store.add(no_top_k, real_frames(6)[5].blob)                 # no margin: last
+    extra = real_frames(6)[5]
+    no_top_k = dict(extra.body, top_k=[])
+    store.add(no_top_k, extra.blob)                             # no margin: last
     frames, total = store.list(order="least-certain")
     assert total == 6 and [f["id"] for f in frames] == [records[i].id for i in (4, 1, 3, 0, 2)] + [no_top_k["id"]]
     assert frames[0]["margin"] == pytest.approx(0.01)
