@@ -13,7 +13,7 @@ import pytest
 
 from agent.bundle import BundleError, load_bundle, load_public_key
 from agent.preprocess import Preprocessor, read_image
-from trainer.export.quantize import CalibrationError, QuantizeConfig, int8_gate, quantize_qdq
+from trainer.export.quantize import CalibrationError, QuantizeConfig, int8_gate, keep_float_outputs, quantize_qdq
 
 
 def _val_images(bundle_dir: Path, count: int = 64):
@@ -52,6 +52,52 @@ def test_int8_model_has_explicit_symmetric_qdq(real_bundle):
     zero_points = [onnx.numpy_helper.to_array(inits[n.input[2]]) for n in model.graph.node
                    if n.op_type == "QuantizeLinear" and len(n.input) > 2 and n.input[2] in inits]
     assert zero_points and all(zp.dtype == np.int8 and not zp.any() for zp in zero_points)  # TensorRT wants zp 0
+
+
+def test_int8_logits_stay_float_so_margins_do_not_tie(real_bundle):
+    """Logits rounded to an INT8 grid tie the top two classes of many frames (margin exactly 0, argmax to the
+    lower class id), which skews the agent's least-certain ranking by class order."""
+    bundle = load_bundle(real_bundle)
+    model = onnx.load(str(bundle.artifact("onnx-int8").path))
+    producer = {out: n for n in model.graph.node for out in n.output}
+    assert producer["logits"].op_type == "Gemm"
+    assert bundle.manifest["quality"]["int8"]["calibration"]["float_outputs"] == ["logits"]
+    paths, _ = _val_images(real_bundle)
+    x = Preprocessor(bundle.input_spec).batch([read_image(p) for p in paths])
+    int8 = ort.InferenceSession(str(bundle.artifact("onnx-int8").path), providers=["CPUExecutionProvider"])
+    logits = int8.run(None, {"input": x})[0]
+    assert len(np.unique(logits)) > 255            # an INT8 grid holds at most 255 values
+    top2 = np.sort(logits, axis=1)[:, -2:]
+    assert (top2[:, 1] > top2[:, 0]).all()
+
+
+def _qdq_tail(extra_consumer: bool):
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Relu", ["x"], ["y"], name="relu"),
+             helper.make_node("QuantizeLinear", ["y", "s", "z"], ["y_q"], name="q"),
+             helper.make_node("DequantizeLinear", ["y_q", "s", "z"], ["out"], name="dq")]
+    outputs = [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 4])]
+    if extra_consumer:
+        nodes.append(helper.make_node("Neg", ["y"], ["other"], name="neg"))
+        outputs.append(helper.make_tensor_value_info("other", TensorProto.FLOAT, [1, 4]))
+    graph = helper.make_graph(nodes, "tail", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])], outputs,
+                              [helper.make_tensor("s", TensorProto.FLOAT, [], [0.1]),
+                               helper.make_tensor("z", TensorProto.INT8, [], [0])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_keep_float_outputs_removes_only_a_private_qdq_pair():
+    model = _qdq_tail(extra_consumer=False)
+    assert keep_float_outputs(model) == ["out"]
+    onnx.checker.check_model(model)
+    assert [n.op_type for n in model.graph.node] == ["Relu"] and model.graph.node[0].output[0] == "out"
+    x = np.array([[0.123, -1.0, 2.345, 0.05]], np.float32)
+    out = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(out, np.maximum(x, 0))     # not rounded to steps of 0.1
+
+    shared = _qdq_tail(extra_consumer=True)                    # y also feeds another node: leave the graph alone
+    assert keep_float_outputs(shared) == [] and len(shared.graph.node) == 4
 
 
 def _copy(bundle: Path, tmp_path: Path) -> Path:

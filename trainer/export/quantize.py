@@ -4,6 +4,12 @@ The INT8 model is what TensorRT builds its INT8 engine from, so it uses
 symmetric INT8 for weights (per channel) and activations: the Q/DQ form
 TensorRT's explicit quantization expects. Calibration always uses real images;
 without them there is no INT8 model (never random scales).
+
+The model's outputs (the logits) stay float: the classifier runs on INT8 inputs and
+weights, but its result is not rounded to an INT8 grid. Rounded logits move in steps
+of the output scale (about 0.1 for a small classifier), so many frames get exactly
+tied top-2 scores: their margin is 0, their argmax falls to the lower class index, and
+the agent's low-confidence ranking cannot tell them apart.
 """
 
 from __future__ import annotations
@@ -58,6 +64,7 @@ class ArrayCalibrationReader:
 def quantize_qdq(fp32_path: Path, out_path: Path, calibration: np.ndarray | None, cfg: QuantizeConfig,
                  input_name: str = "input") -> dict:
     """Write a QDQ INT8 model calibrated on ``calibration`` (N x 3 x H x W float32, preprocessed)."""
+    import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -80,9 +87,47 @@ def quantize_qdq(fp32_path: Path, out_path: Path, calibration: np.ndarray | None
             quant_format=QuantFormat.QDQ, per_channel=cfg.per_channel, activation_type=QuantType.QInt8,
             weight_type=QuantType.QInt8, calibrate_method=method, extra_options=extra,
         )
+    model = onnx.load(str(out_path))
+    float_outputs = keep_float_outputs(model)
+    if float_outputs:
+        onnx.save(model, str(out_path))
     log.info("INT8 QDQ model %s calibrated on %d images (%s)", out_path, len(calibration), cfg.method)
     return {"calibration_images": int(len(calibration)), "method": cfg.method, "per_channel": cfg.per_channel,
-            "activations": "int8 symmetric", "weights": "int8 symmetric" + (" per-channel" if cfg.per_channel else "")}
+            "activations": "int8 symmetric", "weights": "int8 symmetric" + (" per-channel" if cfg.per_channel else ""),
+            "float_outputs": float_outputs}
+
+
+def keep_float_outputs(model) -> list[str]:
+    """Drop the QuantizeLinear -> DequantizeLinear pair in front of each graph output, in place.
+
+    The node that computed the output (the classifier's Gemm) then writes it directly, in float.
+    Returns the outputs changed. A pair whose intermediate tensors feed anything else is left as it is.
+    """
+    nodes = model.graph.node
+    producer = {out: n for n in nodes for out in n.output}
+    consumers: dict[str, int] = {}
+    for n in nodes:
+        for name in n.input:
+            consumers[name] = consumers.get(name, 0) + 1
+    changed = []
+    for output in model.graph.output:
+        dq = producer.get(output.name)
+        if dq is None or dq.op_type != "DequantizeLinear":
+            continue
+        q = producer.get(dq.input[0])
+        if q is None or q.op_type != "QuantizeLinear" or consumers.get(q.output[0]) != 1:
+            continue
+        source = q.input[0]
+        computed_by = producer.get(source)
+        if computed_by is None or consumers.get(source) != 1:
+            continue
+        computed_by.output[list(computed_by.output).index(source)] = output.name
+        nodes.remove(q)
+        nodes.remove(dq)
+        changed.append(output.name)
+    if changed:
+        log.info("INT8 model: outputs %s stay float (no Q/DQ after the last layer)", changed)
+    return changed
 
 
 def int8_gate(fp32_accuracy: float, int8_accuracy: float, margin_points: float) -> tuple[bool, str | None]:
