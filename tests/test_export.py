@@ -92,6 +92,7 @@ def test_keep_float_outputs_removes_only_a_private_qdq_pair():
     assert keep_float_outputs(model) == ["out"]
     onnx.checker.check_model(model)
     assert [n.op_type for n in model.graph.node] == ["Relu"] and model.graph.node[0].output[0] == "out"
+    assert not model.graph.initializer                          # the pair's scale and zero point went with it
     x = np.array([[0.123, -1.0, 2.345, 0.05]], np.float32)
     out = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_array_equal(out, np.maximum(x, 0))     # not rounded to steps of 0.1

@@ -125,6 +125,11 @@ def keep_float_outputs(model) -> list[str]:
         nodes.remove(q)
         nodes.remove(dq)
         changed.append(output.name)
+        for name in set(q.input[1:]) | set(dq.input[1:]):        # their scale and zero point, if now unused
+            if not any(name in n.input for n in nodes):
+                dead = [i for i in model.graph.initializer if i.name == name]
+                for init in dead:
+                    model.graph.initializer.remove(init)
     if changed:
         log.info("INT8 model: outputs %s stay float (no Q/DQ after the last layer)", changed)
     return changed
