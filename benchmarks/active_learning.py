@@ -29,7 +29,9 @@ work: low-confidence needs at most 60% of random's labels). Labels count everyth
 person labelled: the seed (training and validation part) plus the frames selected so far.
 Figures and what was tried: docs/active_learning.md.
 
-    python benchmarks/active_learning.py                   # the documented run, about 11 min on 2 cores
+    python benchmarks/active_learning.py                   # full fine-tunes, about 11 min on 2 cores
+    python benchmarks/active_learning.py --train head --seed-epochs 20 --epochs 20 --lr 0.01 --rank margin --seed 0
+                                                           # head-only retraining, least certain first: the target run
     python benchmarks/active_learning.py --rounds 2 --pool 1000 --budget-per-round 50 --seed-per-class 10  # quick look
     python benchmarks/active_learning.py --json docs/figures/active_learning.json --plot docs/figures/active_learning.png
 """
