@@ -109,6 +109,7 @@ def keep_float_outputs(model) -> list[str]:
     for n in nodes:
         for name in n.input:
             consumers[name] = consumers.get(name, 0) + 1
+    graph_outputs = {o.name for o in model.graph.output}
     changed = []
     for output in model.graph.output:
         dq = producer.get(output.name)
@@ -119,7 +120,7 @@ def keep_float_outputs(model) -> list[str]:
             continue
         source = q.input[0]
         computed_by = producer.get(source)
-        if computed_by is None or consumers.get(source) != 1:
+        if computed_by is None or consumers.get(source) != 1 or source in graph_outputs:
             continue
         computed_by.output[list(computed_by.output).index(source)] = output.name
         nodes.remove(q)
