@@ -13,7 +13,7 @@ import pytest
 
 from agent.bundle import BundleError, load_bundle, load_public_key
 from agent.preprocess import Preprocessor, read_image
-from trainer.export.quantize import CalibrationError, QuantizeConfig, int8_gate, keep_float_outputs, quantize_qdq
+from trainer.export.quantize import CalibrationError, QuantizeConfig, int8_gate, quantize_qdq
 
 
 def _val_images(bundle_dir: Path, count: int = 64):
@@ -69,36 +69,6 @@ def test_int8_logits_stay_float_so_margins_do_not_tie(real_bundle):
     assert len(np.unique(logits)) > 255            # an INT8 grid holds at most 255 values
     top2 = np.sort(logits, axis=1)[:, -2:]
     assert (top2[:, 1] > top2[:, 0]).all()
-
-
-def _qdq_tail(extra_consumer: bool):
-    from onnx import TensorProto, helper
-
-    nodes = [helper.make_node("Relu", ["x"], ["y"], name="relu"),
-             helper.make_node("QuantizeLinear", ["y", "s", "z"], ["y_q"], name="q"),
-             helper.make_node("DequantizeLinear", ["y_q", "s", "z"], ["out"], name="dq")]
-    outputs = [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 4])]
-    if extra_consumer:
-        nodes.append(helper.make_node("Neg", ["y"], ["other"], name="neg"))
-        outputs.append(helper.make_tensor_value_info("other", TensorProto.FLOAT, [1, 4]))
-    graph = helper.make_graph(nodes, "tail", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])], outputs,
-                              [helper.make_tensor("s", TensorProto.FLOAT, [], [0.1]),
-                               helper.make_tensor("z", TensorProto.INT8, [], [0])])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-
-
-def test_keep_float_outputs_removes_only_a_private_qdq_pair():
-    model = _qdq_tail(extra_consumer=False)
-    assert keep_float_outputs(model) == ["out"]
-    onnx.checker.check_model(model)
-    assert [n.op_type for n in model.graph.node] == ["Relu"] and model.graph.node[0].output[0] == "out"
-    assert not model.graph.initializer                          # the pair's scale and zero point went with it
-    x = np.array([[0.123, -1.0, 2.345, 0.05]], np.float32)
-    out = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    np.testing.assert_array_equal(out, np.maximum(x, 0))     # not rounded to steps of 0.1
-
-    shared = _qdq_tail(extra_consumer=True)                    # y also feeds another node: leave the graph alone
-    assert keep_float_outputs(shared) == [] and len(shared.graph.node) == 4
 
 
 def _copy(bundle: Path, tmp_path: Path) -> Path:

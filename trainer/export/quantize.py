@@ -5,11 +5,12 @@ symmetric INT8 for weights (per channel) and activations: the Q/DQ form
 TensorRT's explicit quantization expects. Calibration always uses real images;
 without them there is no INT8 model (never random scales).
 
-The model's outputs (the logits) stay float: the classifier runs on INT8 inputs and
-weights, but its result is not rounded to an INT8 grid. Rounded logits move in steps
-of the output scale (about 0.1 for a small classifier), so many frames get exactly
-tied top-2 scores: their margin is 0, their argmax falls to the lower class index, and
-the agent's low-confidence ranking cannot tell them apart.
+The logits stay float: the classifier (the one Gemm of every supported architecture)
+runs on INT8 inputs and weights, but ONNX Runtime is told not to quantize its output
+(``OpTypesToExcludeOutputQuantization``). Rounded logits move in steps of the output
+scale (about 0.1 for a small classifier), so many frames get exactly tied top-2 scores:
+their margin is 0, their argmax falls to the lower class index, and the agent's
+low-confidence ranking cannot tell them apart.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def quantize_qdq(fp32_path: Path, out_path: Path, calibration: np.ndarray | None
         raise CalibrationError(f"calibration method: expected one of {CALIBRATION_METHODS}, got {cfg.method!r}")
     method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
               "entropy": CalibrationMethod.Entropy}[cfg.method]
-    extra = {"ActivationSymmetric": True, "WeightSymmetric": True}
+    extra = {"ActivationSymmetric": True, "WeightSymmetric": True, "OpTypesToExcludeOutputQuantization": ["Gemm"]}
     if cfg.method == "percentile":
         extra["CalibPercentile"] = cfg.percentile
     with tempfile.TemporaryDirectory() as tmp:
@@ -87,53 +88,13 @@ def quantize_qdq(fp32_path: Path, out_path: Path, calibration: np.ndarray | None
             quant_format=QuantFormat.QDQ, per_channel=cfg.per_channel, activation_type=QuantType.QInt8,
             weight_type=QuantType.QInt8, calibrate_method=method, extra_options=extra,
         )
-    model = onnx.load(str(out_path))
-    float_outputs = keep_float_outputs(model)
-    if float_outputs:
-        onnx.save(model, str(out_path))
+    graph = onnx.load(str(out_path)).graph
+    producer = {out: n.op_type for n in graph.node for out in n.output}
+    float_outputs = [o.name for o in graph.output if producer.get(o.name) != "DequantizeLinear"]
     log.info("INT8 QDQ model %s calibrated on %d images (%s)", out_path, len(calibration), cfg.method)
     return {"calibration_images": int(len(calibration)), "method": cfg.method, "per_channel": cfg.per_channel,
             "activations": "int8 symmetric", "weights": "int8 symmetric" + (" per-channel" if cfg.per_channel else ""),
             "float_outputs": float_outputs}
-
-
-def keep_float_outputs(model) -> list[str]:
-    """Drop the QuantizeLinear -> DequantizeLinear pair in front of each graph output, in place.
-
-    The node that computed the output (the classifier's Gemm) then writes it directly, in float.
-    Returns the outputs changed. A pair whose intermediate tensors feed anything else is left as it is.
-    """
-    nodes = model.graph.node
-    producer = {out: n for n in nodes for out in n.output}
-    consumers: dict[str, int] = {}
-    for n in nodes:
-        for name in n.input:
-            consumers[name] = consumers.get(name, 0) + 1
-    graph_outputs = {o.name for o in model.graph.output}
-    changed = []
-    for output in model.graph.output:
-        dq = producer.get(output.name)
-        if dq is None or dq.op_type != "DequantizeLinear":
-            continue
-        q = producer.get(dq.input[0])
-        if q is None or q.op_type != "QuantizeLinear" or consumers.get(q.output[0]) != 1:
-            continue
-        source = q.input[0]
-        computed_by = producer.get(source)
-        if computed_by is None or consumers.get(source) != 1 or source in graph_outputs:
-            continue
-        computed_by.output[list(computed_by.output).index(source)] = output.name
-        nodes.remove(q)
-        nodes.remove(dq)
-        changed.append(output.name)
-        for name in set(q.input[1:]) | set(dq.input[1:]):        # their scale and zero point, if now unused
-            if not any(name in n.input for n in nodes):
-                dead = [i for i in model.graph.initializer if i.name == name]
-                for init in dead:
-                    model.graph.initializer.remove(init)
-    if changed:
-        log.info("INT8 model: outputs %s stay float (no Q/DQ after the last layer)", changed)
-    return changed
 
 
 def int8_gate(fp32_accuracy: float, int8_accuracy: float, margin_points: float) -> tuple[bool, str | None]:
