@@ -63,6 +63,7 @@ log = logging.getLogger("active_learning")
 
 LOW_CONFIDENCE = "low-confidence"
 RANDOM = "random"
+RANKS = ("margin", "balanced", "flagged-random")
 
 
 # ------------------------------------------------------------------ selection (pure)
@@ -76,30 +77,45 @@ class Selection:
     wrong: int | None = None               # selected frames the model had misclassified
 
 
-def rank_for_labelling(classifications: Sequence[Classification]) -> list[int]:
+def rank_for_labelling(classifications: Sequence[Classification], *, balanced: bool = False) -> list[int]:
     """Pool positions in labelling order: frames the agent flags first, each group by ascending margin.
 
+    ``balanced``: within each group the predicted classes take turns, each giving its least certain frame
+    not yet taken (turn 1: every class's least certain frame, by ascending margin; then turn 2, ...).
+    The review queue's ``least-certain-by-class`` order (trainer/loop/store.py) is the same rule.
     Ties (equal margin) keep pool order, so the ranking is deterministic.
     """
+    def key(i: int) -> tuple:
+        return (not classifications[i].low_confidence, classifications[i].margin, i)
+
+    if not balanced:
+        return sorted(range(len(classifications)), key=key)
+    turn: dict[int, int] = {}
+    seen: dict[tuple[bool, int], int] = {}
+    for i in sorted(range(len(classifications)), key=key):
+        group = (classifications[i].low_confidence, classifications[i].class_id)
+        turn[i] = seen[group] = seen.get(group, -1) + 1
     return sorted(range(len(classifications)),
-                  key=lambda i: (not classifications[i].low_confidence, classifications[i].margin, i))
+                  key=lambda i: (not classifications[i].low_confidence, turn[i], classifications[i].margin, i))
 
 
 def select_low_confidence(classifications: Sequence[Classification], budget: int, *, rank: str = "margin",
                           rng: random.Random | None = None) -> Selection:
     """The ``budget`` frames to label: flagged ones first, topped up by the least certain others.
 
-    ``rank="margin"``: the flagged frames with the lowest margin. ``rank="flagged-random"``: a uniform draw
-    from the flagged frames (what a rate-limited station uploads when it flags more than it may send).
+    ``rank="margin"``: the flagged frames with the lowest margin. ``rank="balanced"``: the same, with the
+    predicted classes taking turns (``rank_for_labelling(balanced=True)``), so one confusion does not fill
+    the budget. ``rank="flagged-random"``: a uniform draw from the flagged frames (what a rate-limited
+    station uploads when it flags more than it may send).
     """
-    order = rank_for_labelling(classifications)
+    if rank not in RANKS:
+        raise ValueError(f"rank: expected one of {', '.join(RANKS)}, got {rank!r}")
+    order = rank_for_labelling(classifications, balanced=rank == "balanced")
     flagged = sum(c.low_confidence for c in classifications)
     if rank == "flagged-random" and flagged > budget:
         if rng is None:
             raise ValueError("rank='flagged-random' needs an rng")
         return Selection(tuple(sorted(rng.sample(order[:flagged], budget))), flagged)
-    if rank not in ("margin", "flagged-random"):
-        raise ValueError(f"rank: expected 'margin' or 'flagged-random', got {rank!r}")
     return Selection(tuple(order[:budget]), flagged)
 
 
@@ -254,7 +270,7 @@ class BenchConfig:
     epochs: int = 2                 # per round; the model carries over between rounds (init="previous")
     seed_epochs: int = 8
     init: str = "previous"          # where each round's training starts: "previous" model or "imagenet"
-    rank: str = "flagged-random"    # which flagged frames fill the budget: "flagged-random" or "margin"
+    rank: str = "flagged-random"    # which flagged frames fill the budget: one of RANKS
     batch_size: int = 32
     lr: float = 1e-3
     label_smoothing: float = 0.1    # the demo recipe's; it flattens the margins the agent's selection ranks by
@@ -576,8 +592,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed-epochs", type=int, default=d.seed_epochs, help="epochs of the seed model's training")
     p.add_argument("--init", choices=("imagenet", "previous"), default=d.init,
                    help="each round fine-tunes from ImageNet, or from the strategy's previous model")
-    p.add_argument("--rank", choices=("margin", "flagged-random"), default=d.rank,
-                   help="label the flagged frames lowest margin first, or a uniform draw of them")
+    p.add_argument("--rank", choices=RANKS, default=d.rank,
+                   help="label the flagged frames lowest margin first, lowest margin first with the predicted "
+                        "classes taking turns, or a uniform draw of them")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--label-smoothing", type=float, default=d.label_smoothing,

@@ -59,6 +59,25 @@ def test_flagged_frames_come_first_least_certain_first_then_the_least_certain_ot
     assert al.select_low_confidence(classes, 5).positions == (1, 4, 2, 3, 0)
 
 
+def test_balanced_rank_lets_the_predicted_classes_take_turns_among_the_flagged_frames():
+    # given: class 0 is predicted for the three least certain flagged frames
+    probs = [[0.50, 0.49, 0.01],   # 0 flagged, class 0, margin 0.01
+             [0.50, 0.48, 0.02],   # 1 flagged, class 0, margin 0.02
+             [0.50, 0.47, 0.03],   # 2 flagged, class 0, margin 0.03
+             [0.10, 0.50, 0.40],   # 3 flagged, class 1, margin 0.10
+             [0.05, 0.30, 0.55],   # 4 flagged, class 2, margin 0.25
+             [0.62, 0.37, 0.01],   # 5 unflagged, class 0, margin 0.25
+             [0.01, 0.34, 0.65]]   # 6 unflagged, class 2, margin 0.31
+    classes = classifications(probs, {"min_confidence": 0.6})
+    assert [c.class_id for c in classes] == [0, 0, 0, 1, 2, 0, 2]
+
+    # when / then: least certain first spends a budget of 3 on class 0; balanced takes each class's least certain
+    assert al.select_low_confidence(classes, 3, rank="margin").positions == (0, 1, 2)
+    assert al.select_low_confidence(classes, 3, rank="balanced") == al.Selection((0, 3, 4), flagged_in_pool=5)
+    # then the second turn (class 0 only has one left per turn), then the unflagged frames, also by turns
+    assert al.select_low_confidence(classes, 7, rank="balanced").positions == (0, 3, 4, 1, 2, 5, 6)
+
+
 def test_flagged_random_draws_the_budget_from_the_flagged_frames_only():
     probs = [[0.9, 0.1]] * 10 + [[0.55, 0.45]] * 6 + [[0.51, 0.49]] * 4   # 10 confident, 10 flagged
     classes = classifications(probs, {"min_confidence": 0.6})
