@@ -85,6 +85,20 @@ def test_relabel_undo_new_class_and_defect_through_http(server):
     assert stats["by_model_version"] == {"1": 6, "2": 3}
 
 
+def test_least_certain_by_class_over_http_shows_every_predicted_class_before_any_twice(server):
+    srv, store, records = server
+    predicted = [r.body["label"] for r in records]
+    classes = list(dict.fromkeys(predicted))
+    assert len(classes) < len(records)                      # some classes were predicted more than once
+    status, page = call(srv.url + "api/frames?status=pending&order=least-certain-by-class&limit=50")
+    assert status == 200 and page["total"] == len(records)
+    got = [f["predicted"] for f in page["frames"]]
+    assert sorted(got) == sorted(predicted)
+    assert len(set(got[:len(classes)])) == len(classes)     # turn 1: one frame of every class
+    oldest = [f["predicted"] for f in call(srv.url + "api/frames?status=pending&limit=50")[1]["frames"]]
+    assert len(set(oldest[:len(classes)])) < len(classes)   # the order it replaces repeats a class earlier
+
+
 def test_bad_requests_name_the_field_and_change_nothing(server):
     srv, store, records = server
     target = records[1].id

@@ -204,8 +204,39 @@ def test_least_certain_first_orders_pending_frames_by_margin(tmp_path):
     pending, _ = store.list(status="pending", order="least-certain", limit=2)
     assert [f["id"] for f in pending] == [records[1].id, records[3].id]
     assert [f["id"] for f in store.list(order="newest")[0]][:1] == [no_top_k["id"]]
-    with pytest.raises(StoreError, match="field order: 'random' is not one of oldest, newest, least-certain"):
+    with pytest.raises(StoreError, match="field order: 'random' is not one of oldest, newest, least-certain, least-certain-by-class"):
         store.list(order="random")
+
+
+def test_least_certain_by_class_lets_every_predicted_class_take_a_turn(tmp_path):
+    # given: the model predicts Shirt for most of its unsure frames, with the smallest margins
+    records = real_frames(8)
+    plan = [("Shirt", 0.40, 0.39), ("Shirt", 0.40, 0.38), ("Shirt", 0.40, 0.37), ("Coat", 0.40, 0.30),
+            ("Coat", 0.50, 0.30), ("Bag", 0.40, 0.35), ("Shirt", 0.40, 0.36)]     # margins .01 .02 .03 .10 .20 .05 .04
+    store = FrameStore(tmp_path / "s", labels=LABELS)
+    for r, (label, top, second) in zip(records, plan):
+        body = dict(r.body, label=label, top_k=[{"label": label, "p": top}, {"label": "Pullover", "p": second}])
+        store.add(body, r.blob)
+    no_margin = dict(records[7].body, label="Bag", top_k=[])
+    store.add(no_margin, records[7].blob)
+    ids = [r.id for r in records]
+
+    # when / then: turn 1 is each class's least certain frame (lowest margin first), then turn 2, ...
+    frames, total = store.list(order="least-certain-by-class")
+    assert total == 8
+    assert [f["id"] for f in frames] == [ids[0], ids[5], ids[3], ids[1], ids[4], ids[2], ids[6], no_margin["id"]]
+    assert "turn" not in frames[0] and frames[0]["predicted"] == "Shirt"
+    # plain least certain first would spend a budget of 4 on Shirt only
+    assert {f["predicted"] for f in store.list(order="least-certain", limit=4)[0]} == {"Shirt"}
+    assert {f["predicted"] for f in frames[:3]} == {"Shirt", "Bag", "Coat"}
+
+    # turns are counted among the frames that match: once Bag's frame is labelled, the pending queue is
+    # Shirt .01, Coat .10 | Shirt .02, Coat .20 | Shirt .03 | Shirt .04 | Bag's frame without a margin
+    store.review(ids[5], "label", label="Bag")
+    pending, total = store.list(status="pending", order="least-certain-by-class", limit=3, offset=1)
+    assert total == 7 and [f["id"] for f in pending] == [ids[3], ids[1], ids[4]]
+    only_coat, _ = store.list(predicted="Coat", order="least-certain-by-class")
+    assert [f["id"] for f in only_coat] == [ids[3], ids[4]]
 
 
 def test_a_store_from_before_the_margin_column_gets_it_filled_on_open(tmp_path):

@@ -5,7 +5,7 @@ library's ThreadingHTTPServer; JSON in and out. Endpoints (all under the server'
 
     GET  /                             the review page (trainer/loop/static/review.html)
     GET  /api/labels                   {"labels": [...model classes], "new_classes": [...], "defects": [...]}
-    GET  /api/frames?status=pending&site=&station=&camera=&model_version=&predicted=&limit=50&offset=0&order=oldest|newest|least-certain
+    GET  /api/frames?status=pending&site=&station=&camera=&model_version=&predicted=&limit=50&offset=0&order=oldest|newest|least-certain|least-certain-by-class
                                        {"frames": [...], "total": N}
     GET  /api/frames/<id>              one frame's metadata and review
     GET  /api/frames/<id>/image        its JPEG

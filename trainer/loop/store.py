@@ -18,8 +18,10 @@ refused and counted, and nothing already stored is ever deleted to make room.
 
 Each row also keeps the frame's margin (top-1 minus top-2 probability of its ``top_k``), so a
 reviewer with a limited labelling budget can take the least certain frames first
-(``list(order="least-certain")``); stores written before the column existed get it, filled from
-their ``top_k``, the first time they are opened.
+(``list(order="least-certain")``), or the same with the predicted classes taking turns
+(``order="least-certain-by-class"``: every class's least certain frame, then every class's second, ...),
+so that one confusion the model makes often does not use up the whole budget. Stores written before the
+column existed get it, filled from their ``top_k``, the first time they are opened.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ STATUSES = ("pending", "labelled", "skipped", "new_class", "defect")
 ACTIONS = ("label", "skip", "new_class", "defect", "undo")
 INTERNAL_COUNTERS = ("bytes_stored",)
 FILTERS = ("status", "site", "station", "camera", "model_version", "predicted")
-ORDERS = ("oldest", "newest", "least-certain")
+ORDERS = ("oldest", "newest", "least-certain", "least-certain-by-class")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS frames (
@@ -320,9 +322,11 @@ class FrameStore:
              **filters: Any) -> tuple[list[dict], int]:
         """Frames matching the filters (``FILTERS``) and how many match in all.
 
-        ``order``: ``oldest`` first (received), ``newest`` first, or ``least-certain``: lowest margin first,
-        the order that spends a labelling budget where the model is least sure; frames without a margin
-        (no usable ``top_k``) come last, oldest first.
+        ``order``: ``oldest`` first (received), ``newest`` first, ``least-certain``: lowest margin first,
+        the order that spends a labelling budget where the model is least sure, or ``least-certain-by-class``:
+        the predicted classes take turns, each giving its least certain frame not yet listed (the matching
+        frames of each class are ranked by margin; rank 1 of every class comes first, lowest margin first,
+        then rank 2, ...). Frames without a margin (no usable ``top_k``) come last, oldest first.
         """
         unknown = set(filters) - set(FILTERS)
         if unknown:
@@ -339,11 +343,15 @@ class FrameStore:
                 where.append(f"{key} = ?")
                 args.append(value)
         clause = (" WHERE " + " AND ".join(where)) if where else ""
-        sort = {"oldest": "received_at ASC, id", "newest": "received_at DESC, id",
-                "least-certain": "margin IS NULL, margin ASC, received_at ASC, id"}[order]
+        by_margin = "margin IS NULL, margin ASC, received_at ASC, id"
+        sort = {"oldest": "received_at ASC, id", "newest": "received_at DESC, id", "least-certain": by_margin,
+                "least-certain-by-class": f"margin IS NULL, turn, {by_margin}"}[order]
+        # the turn is counted among the frames that match the filters (the window runs after WHERE)
+        turn = (f", ROW_NUMBER() OVER (PARTITION BY predicted ORDER BY {by_margin}) AS turn"
+                if order == "least-certain-by-class" else "")
         with self._lock:
             total = self._db.execute(f"SELECT COUNT(*) FROM frames{clause}", args).fetchone()[0]
-            rows = self._db.execute(f"SELECT * FROM frames{clause} ORDER BY {sort} LIMIT ? OFFSET ?",
+            rows = self._db.execute(f"SELECT *{turn} FROM frames{clause} ORDER BY {sort} LIMIT ? OFFSET ?",
                                     [*args, limit, offset]).fetchall()
         return [_public(r) for r in rows], int(total)
 
@@ -465,6 +473,7 @@ def _number(value: Any) -> float | None:
 
 def _public(row: sqlite3.Row) -> dict[str, Any]:
     out = dict(row)
+    out.pop("turn", None)       # list(order="least-certain-by-class")'s sort key, not a stored field
     out["top_k"] = json.loads(out["top_k"] or "[]")
     out["selected_because"] = json.loads(out["selected_because"] or "[]")
     out["meta"] = json.loads(out["meta"])
