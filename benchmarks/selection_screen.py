@@ -36,7 +36,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.active_learning import (  # noqa: E402
-    BenchConfig, RANDOM, RoundResult, draw_split, interpolated_labels_to_reach, labels_to_reach, rank_for_labelling)
+    LOW_CONFIDENCE, RANDOM, BenchConfig, LabelState, RoundResult, draw_split, rank_for_labelling, summarize)
+from trainer.config import TrainConfig  # noqa: E402
+from trainer.engine import make_schedule  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -98,22 +100,18 @@ class Screen:
         index = torch.tensor(idx)
         y = torch.from_numpy(self.labels)[index]
         per_epoch = math.ceil(len(idx) / 32)
-        warmup, total = 0.2 * per_epoch, per_epoch * epochs
-        step = 0
+        schedule = make_schedule(opt, TrainConfig(data="", epochs=epochs, warmup_epochs=0.2), per_epoch)  # the trainer's
         for _ in range(epochs):
             order = torch.randperm(len(idx), generator=g)
             view = torch.randint(0, len(self.views), (len(idx),), generator=g)
             for b in range(per_epoch):
                 j = order[b * 32 : (b + 1) * 32]
-                f = (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-                for group in opt.param_groups:
-                    group["lr"] = self.lr * f
                 loss = torch.nn.functional.cross_entropy(head(self.views[view[j], index[j]]), y[j],
                                                          label_smoothing=self.smoothing)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-                step += 1
+                schedule.step()
         return head.eval()
 
     @torch.no_grad()
@@ -134,27 +132,24 @@ class Screen:
         out = {}
         for rank in [*ranks, RANDOM]:
             rng = np.random.default_rng(cfg.seed + 1)
-            labelled, pool, head, curve = list(seed), list(pool0), start, [first]
+            state, head, curve = LabelState(seed, pool0), start, [first]
             for r in range(1, cfg.rounds + 1):
                 if rank == RANDOM:
-                    pick = rng.choice(len(pool), cfg.budget_per_round, replace=False).tolist()
+                    pick = rng.choice(len(state.pool), cfg.budget_per_round, replace=False).tolist()
                 else:
-                    pick = rank_for_labelling(self.scored(head, pool), balanced=rank == "balanced")[: cfg.budget_per_round]
-                chosen = set(pick)
-                labelled += [pool[p] for p in pick]
-                pool = [x for i, x in enumerate(pool) if i not in chosen]
-                head = self.train_head(labelled, self.epochs)
-                curve.append(RoundResult(r, len(labelled) + len(val), len(pick), self.accuracy(head)))
+                    pick = rank_for_labelling(self.scored(head, list(state.pool)),
+                                              balanced=rank == "balanced")[: cfg.budget_per_round]
+                state = state.label(pick)
+                head = self.train_head(list(state.labelled), self.epochs)
+                curve.append(RoundResult(r, len(state.labelled) + len(val), len(pick), self.accuracy(head)))
             out[rank] = curve
         return out
 
 
 def ratio(curve: list[RoundResult], rnd: list[RoundResult], interpolate: bool = False) -> float | None:
-    """Labels to first reach random's final top-1, over the labels random itself first needed (the benchmark's ratio)."""
-    reach = interpolated_labels_to_reach if interpolate else labels_to_reach
-    target = rnd[-1].accuracy
-    mine, theirs = reach(curve, target), reach(rnd, target)
-    return None if mine is None or not theirs else mine / theirs
+    """The benchmark's ratio: labels to first reach random's final top-1, over the labels random first needed."""
+    summary = summarize({LOW_CONFIDENCE: curve, RANDOM: rnd})
+    return summary["interpolated_ratio" if interpolate else "ratio"]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -166,9 +161,9 @@ def run(args: argparse.Namespace) -> int:
         started = time.time()
         curves = Screen(args.features, cfg, args.lr, args.epochs, args.label_smoothing).curves(args.rank)
         results[s] = curves
+        reached = {rank: ratio(c, curves[RANDOM]) for rank, c in curves.items() if rank != RANDOM}
         print(f"seed {s} ({time.time() - started:.0f} s): " + ", ".join(
-            f"{rank} {ratio(c, curves[RANDOM]):.2f}" if ratio(c, curves[RANDOM]) else f"{rank} not reached"
-            for rank, c in curves.items() if rank != RANDOM), flush=True)
+            f"{rank} {r:.2f}" if r else f"{rank} not reached" for rank, r in reached.items()), flush=True)
     labels = [r.labels for r in results[args.seeds[0]][RANDOM]]
     mean = {rank: [RoundResult(i, n, 0, float(np.mean([results[s][rank][i].accuracy for s in args.seeds])))
                    for i, n in enumerate(labels)] for rank in [*args.rank, RANDOM]}
