@@ -15,6 +15,46 @@ import cv2
 import numpy as np
 
 INTERPOLATIONS = {"bilinear": cv2.INTER_LINEAR, "area": cv2.INTER_AREA}
+CROP_MODES = ("roi", "foreground")
+
+
+@dataclass(frozen=True)
+class CropPolicy:
+    """The manifest's ``input.crop`` block: what part of the camera's ROI the model is fed.
+
+    ``roi``: the whole ROI (a product photo, or an item that fills the view). ``foreground``: the
+    station finds the item's box in the ROI (its background model, ``agent.localize``), grows it by
+    ``margin`` of its longer side on every side, makes it square and keeps it inside the ROI; a box
+    whose longer side is under ``min_size`` pixels of the ROI is no item. The trainer renders and
+    evaluates station views through the same policy, so train/serve parity holds by construction.
+    """
+
+    mode: str = "roi"
+    margin: float = 0.1
+    min_size: int = 16
+
+    def __post_init__(self) -> None:
+        if self.mode not in CROP_MODES:
+            raise ValueError(f"input.crop.mode: expected one of {list(CROP_MODES)}, got {self.mode!r}")
+        if not (isinstance(self.margin, (int, float)) and 0.0 <= float(self.margin) <= 1.0):
+            raise ValueError(f"input.crop.margin: expected a number in 0..1, got {self.margin!r}")
+        if not (isinstance(self.min_size, int) and not isinstance(self.min_size, bool) and self.min_size >= 1):
+            raise ValueError(f"input.crop.min_size: expected an integer >= 1, got {self.min_size!r}")
+
+    @classmethod
+    def from_manifest(cls, block: Mapping[str, Any] | None) -> "CropPolicy":
+        """Older bundles have no crop block: they classify the whole ROI."""
+        if block is None:
+            return cls()
+        if not isinstance(block, Mapping):
+            raise ValueError(f"input.crop: expected an object, got {type(block).__name__}")
+        unknown = sorted(set(block) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"input.crop: unknown field(s) {unknown}")
+        return cls(**dict(block))
+
+    def to_manifest(self) -> dict[str, Any]:
+        return {"mode": self.mode, "margin": float(self.margin), "min_size": int(self.min_size)}
 
 
 class ImageDecodeError(ValueError):
@@ -36,6 +76,7 @@ class InputSpec:
     dtype: str = "float32"
     input_name: str = "input"
     output_name: str = "logits"
+    crop: CropPolicy = CropPolicy()
 
     def __post_init__(self) -> None:
         if self.interpolation not in INTERPOLATIONS:
@@ -56,6 +97,7 @@ class InputSpec:
         for key in ("mean", "std"):
             if key in fields:
                 fields[key] = tuple(float(v) for v in fields[key])
+        fields["crop"] = CropPolicy.from_manifest(block.get("crop"))
         return cls(**fields)
 
     def to_manifest(self) -> dict[str, Any]:
@@ -71,6 +113,7 @@ class InputSpec:
             "dtype": self.dtype,
             "input_name": self.input_name,
             "output_name": self.output_name,
+            "crop": self.crop.to_manifest(),
         }
 
 
