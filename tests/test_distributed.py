@@ -31,10 +31,10 @@ def _torchrun(args: list[str], extra: list[str]) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def _single(fmnist_dir: Path, out: Path, name: str, **kw) -> None:
+def _single(fmnist_dir: Path, out: Path, name: str, extra: tuple[str, ...] = (), **kw) -> None:
     from trainer.__main__ import get_args_parser, train_config_from_args
 
-    args = get_args_parser().parse_args(["train", *_args(fmnist_dir, out, name, **kw)])
+    args = get_args_parser().parse_args(["train", *_args(fmnist_dir, out, name, **kw), *extra])
     cfg = train_config_from_args(args)
     torch.set_num_threads(1)
     try:
@@ -53,32 +53,44 @@ def test_two_processes_equal_one_process_for_a_linear_probe(fmnist_dir, tmp_path
     _single(fmnist_dir, tmp_path, "one", **kw)
     _torchrun(_args(fmnist_dir, tmp_path, "two", **kw), [])
     one, two = _state(tmp_path / "one"), _state(tmp_path / "two")
-    assert (one["fc.weight"] - build_init_fc(tmp_path)).abs().max() > 1e-3  # the head did train
+    assert (one["fc.weight"] - _init_state(tmp_path)["fc.weight"]).abs().max() > 1e-3  # the head did train
     for key in one:
         torch.testing.assert_close(one[key], two[key], rtol=1e-4, atol=1e-5, msg=key)
     rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]  # written once, by rank 0
 
 
-def build_init_fc(tmp_path: Path) -> torch.Tensor:
-    """The head before training: the config's seed makes it reproducible."""
+def test_two_processes_equal_one_process_for_a_full_fine_tune_with_frozen_batchnorm(fmnist_dir, tmp_path):
+    """Every weight trains; BatchNorm normalizes with its running statistics (--frozen-bn), so each process's
+    half batch gives half of the one process's gradient: same global batch, same steps, same weights.
+    SGD, not Adam: Adam divides by the root of tiny second moments, so the all-reduce's float rounding can
+    flip near-zero updates; an SGD step is linear in the gradient and keeps the rounding at rounding size.
+
+    (With per-process BatchNorm statistics, the default on CPU where gloo has no SyncBatchNorm, the two runs
+    normalize different batches and nothing exact holds; that mode is not compared here.)
+    """
+    kw = {"--arch": "resnet18", "--weights": "none", "--limit-per-class": 12, "--optimizer": "sgd", "--lr": 0.05}
+    _single(fmnist_dir, tmp_path, "one", ["--frozen-bn"], **kw)
+    _torchrun(_args(fmnist_dir, tmp_path, "two", **kw), ["--frozen-bn"])
+    one, two = _state(tmp_path / "one"), _state(tmp_path / "two")
+    start = _init_state(tmp_path)
+    trained = [k for k in one if one[k].is_floating_point() and (one[k] - start[k]).abs().max() > 1e-4]
+    assert "conv1.weight" in trained and "layer4.1.conv2.weight" in trained and "fc.weight" in trained
+    for key in trained:  # the runs agree to 0.1% of what training moved each tensor (seen: under 0.01%)
+        moved = (one[key] - start[key]).abs().max()
+        assert (one[key] - two[key]).abs().max() <= 1e-3 * moved, key
+    assert all(torch.equal(one[k], start[k]) for k in one if "running_" in k)  # statistics frozen
+    rows = [[json.loads(line) for line in (tmp_path / n / "metrics.jsonl").read_text().splitlines()] for n in ("one", "two")]
+    assert [(r["epoch"], r["lr"]) for r in rows[0]] == [(r["epoch"], r["lr"]) for r in rows[1]]
+
+
+def _init_state(tmp_path: Path) -> dict:
+    """The weights before training: the config's seed makes them reproducible."""
     from trainer.model import build_model
 
     cfg = TrainConfig.load(tmp_path / "one" / "config.json")
     torch.manual_seed(cfg.seed)
-    return build_model("resnet18", 10, "none").fc.weight.detach()
-
-
-def test_two_processes_fine_tune_matches_one_process_within_tolerance(fmnist_dir, tmp_path):
-    """Full fine-tune: per-process BatchNorm statistics (gloo has no SyncBatchNorm) differ slightly."""
-    kw = {"--arch": "mobilenet_v2", "--weights": "imagenet", "--limit-per-class": 40, "--batch-size": 32}
-    _single(fmnist_dir, tmp_path, "one", **kw)
-    _torchrun(_args(fmnist_dir, tmp_path, "two", **kw), [])
-    m1 = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
-    m2 = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
-    assert m1[-1]["val_accuracy"] > 0.3 and m2[-1]["val_accuracy"] > 0.3  # both learned (chance is 0.1)
-    assert abs(m1[-1]["val_accuracy"] - m2[-1]["val_accuracy"]) <= 0.1
-    assert abs(m1[-1]["val_loss"] - m2[-1]["val_loss"]) <= 0.25
+    return build_model("resnet18", 10, "none").state_dict()
 
 
 def test_batch_must_split_evenly(fmnist_dir, tmp_path):

@@ -42,6 +42,9 @@ def _add_train_args(p: argparse.ArgumentParser, *, data: bool = True) -> None:
                    help="draw every class equally often in each epoch (with replacement within a class); for "
                         "training sets skewed towards the classes a station was unsure of")
     p.add_argument("--freeze-epochs", type=int, default=0, help="train only the head for the first N epochs")
+    p.add_argument("--frozen-bn", action=BOOL, default=False,
+                   help="BatchNorm keeps its (ImageNet) statistics: for small batches per process, and the setting "
+                        "where a distributed CPU run equals one process exactly")
     p.add_argument("--amp", action=BOOL, default=True, help="mixed precision on CUDA")
     p.add_argument("--channels-last", action=BOOL, default=True, help="channels_last memory format")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")

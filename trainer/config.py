@@ -38,6 +38,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     balance_classes: bool = False      # each epoch draws every class equally often (reviewed frames are skewed)
     freeze_epochs: int = 0
+    frozen_bn: bool = False            # BatchNorm normalizes with its running statistics and never updates them
     amp: bool = True
     channels_last: bool = True
     device: str = "auto"

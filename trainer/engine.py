@@ -292,7 +292,7 @@ class Trainer:
 
         cfg = self.cfg
         rank, world = self.dist.rank, self.dist.world
-        train_mode(_unwrap(model), cfg.arch)
+        train_mode(_unwrap(model), cfg.arch, cfg.frozen_bn)
         seen, correct, loss_sum, start = 0, 0, 0.0, time.perf_counter()
         steps = min(len(batches), cfg.max_steps_per_epoch or len(batches))
         bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False,

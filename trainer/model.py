@@ -158,10 +158,19 @@ def set_backbone_frozen(model: nn.Module, arch: str, frozen: bool) -> None:
     model._backbone_frozen = frozen  # read by train_mode()
 
 
-def train_mode(model: nn.Module, arch: str) -> None:
-    """model.train(), but a frozen backbone keeps its BatchNorm running statistics."""
+def train_mode(model: nn.Module, arch: str, frozen_bn: bool = False) -> None:
+    """model.train(), but BatchNorm keeps its running statistics where it must not learn them.
+
+    A frozen backbone keeps them; ``frozen_bn`` keeps them everywhere and normalizes with them. That is
+    the usual choice for small batches per process, and the one where a distributed CPU run (gloo has
+    no SyncBatchNorm) computes exactly what one process computes on the same global batch.
+    """
     model.train()
-    if getattr(model, "_backbone_frozen", False):
+    if frozen_bn:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+    elif getattr(model, "_backbone_frozen", False):
         head = _get(model, _archs()[arch].head_attr)
         for m in model.modules():
             if m is not head and isinstance(m, nn.modules.batchnorm._BatchNorm):
