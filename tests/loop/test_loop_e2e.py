@@ -132,13 +132,21 @@ def test_low_confidence_frames_to_a_better_model_on_the_station(weak, broker, tm
         frames = loop.frames()
         weak_frames = sum(1 for f in frames if f["camera"] == "dock" and dock[f["source_ref"]] == WEAK_CLASS)
         assert labelled == sum(f["camera"] == "dock" for f in frames) and skipped == len(frames) - labelled
-        assert weak_frames >= 30 and labelled > weak_frames       # mostly the weak class, some others
+        # What the station must upload: frames it flagged as low confidence, each image once. How many of the
+        # weak class get flagged depends on the weak model's arithmetic on this CPU (25-40 seen), so only a
+        # floor well under that is asserted; the retrain below must still lift the class.
+        flagged = _flagged(recorder, "1")
+        refs = [(f["camera"], f["source_ref"]) for f in frames]
+        assert set(refs) <= flagged and len(set(refs)) == len(refs)
+        assert weak_frames >= 10 and labelled > weak_frames       # many of the weak class, some others
 
-        # 2. the next version, trained from base + reviewed frames, gated
+        # 2. the next version, trained from base + reviewed frames, gated. Head only (--freeze-epochs = --epochs):
+        #    a full fine-tune of 250 images moved overall top-1 by -11 to +11 points between runs and CPUs, so the
+        #    gate's verdict was luck; retraining the classifier on kept features lifts the weak class every time.
         report = tmp_path / "reports" / "fmnist-2.json"
         done = trainer_cli("retrain", "--base-data", str(weak.base), "--reviewed", str(reviewed),
                            "--current", str(weak.bundle), "--finetune-from-current", "--holdout", str(weak.holdout),
-                           "--epochs", "2", "--batch-size", "16", "--lr", "1e-3", "--workers", "0",
+                           "--epochs", "2", "--freeze-epochs", "2", "--batch-size", "16", "--lr", "1e-3", "--workers", "0",
                            "--out-dir", str(tmp_path / "runs"), "--models-dir", str(tmp_path / "models"), "--version", "2",
                            "--calibration-images", "64", "--parity-images", "32", "--tensorrt", "off",
                            "--report", str(report), *mqtt)
@@ -199,6 +207,12 @@ def test_low_confidence_frames_to_a_better_model_on_the_station(weak, broker, tm
     assert n == n_after > 50
     assert recall_after >= recall_before + 0.3, figures
     assert after_live[0] / after_live[1] >= before_live[0] / before_live[1] + 0.3, figures
+
+
+def _flagged(recorder: Recorder, version: str) -> set[tuple[str, str]]:
+    """(camera, source_ref) of every result the station flagged as low confidence on a model version."""
+    return {(body["camera"], body["source_ref"]) for m in recorder.of("/result")
+            if (body := m.json())["model"]["version"] == version and body["low_confidence"] and body.get("source_ref")}
 
 
 def _free_port() -> int:

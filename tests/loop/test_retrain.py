@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from rollout_support import WEAK_CLASS, Recorder, broker, class_recall, weak_base  # noqa: F401
 
-from trainer.loop.retrain import (GateDecision, RetrainConfig, RetrainError, Score, ExportSettings, gate_decision,
+from trainer.loop.retrain import (GateDecision, Paired, RetrainConfig, RetrainError, Score, ExportSettings, gate_decision,
                                   retrain, train_settings)
 from trainer.loop.rollout import MqttOptions, RolloutError, manifest_sha256, publish_bundle, read_gate, validate_event
 
@@ -40,6 +40,30 @@ def test_rejected_when_worse_overall_by_more_than_the_tolerance():
     assert not d.promoted and d.reasons[0].endswith("worse") and "-0.50 points" in d.reasons[0]
     assert decide(150, 149, 5, 15, tol=0.5).promoted     # within an explicit tolerance
     assert not decide(150, 148, 5, 15, tol=0.5).promoted
+
+
+def test_the_overall_rule_allows_the_paired_comparisons_noise_and_no_more():
+    # The user's case: 10,000 test images, a 2-epoch retrain changed 300 answers (136 gained, 164 lost):
+    # -0.28 points. The paired standard error is sqrt(300/10000 - 0.0028^2)/sqrt(10000) = 0.173 points.
+    n, pairs = 10_000, Paired(lost=164, gained=136)
+    assert round(pairs.standard_error_points(n), 3) == 0.173
+    d = gate_decision(Score(9370, n), Score(9342, n), Score(5, 20), Score(9, 20), overall_pairs=pairs)
+    assert d.promoted, d.reasons                                     # 0.280 < 1.645 x 0.173 = 0.285
+    assert "may lose at most 0.28 = 0.00 + 1.645 x 0.17 paired standard error" in d.reasons[0]
+    assert not gate_decision(Score(9370, n), Score(9342, n), Score(5, 20), Score(9, 20), overall_pairs=pairs,
+                             overall_confidence=0.5).promoted       # no noise allowance: the old strict rule
+    # A real loss is refused: 3 points on 1,000 images, 60 lost and 30 gained (standard error 0.30 points)
+    worse = gate_decision(Score(900, 1000), Score(870, 1000), Score(5, 20), Score(15, 20), overall_pairs=Paired(60, 30))
+    assert not worse.promoted and worse.reasons[0].endswith("worse")
+    with pytest.raises(ValueError, match="overall-confidence"):
+        gate_decision(Score(1, 2), Score(1, 2), Score(1, 2), Score(2, 2), overall_confidence=1.0)
+
+
+def test_paired_counts_come_from_the_two_models_answers_on_the_same_images():
+    truth = ["a", "b", "c", "d"]
+    assert Paired.of(truth, ["a", "b", "x", "x"], ["a", "x", "c", "x"]) == Paired(lost=1, gained=1)
+    with pytest.raises(ValueError, match="same images"):
+        Paired.of(truth, ["a"], ["a"])
 
 
 def test_rejected_when_not_strictly_better_on_the_reviewed_frames():

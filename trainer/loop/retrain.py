@@ -6,7 +6,8 @@ version's checkpoint), exports it with ``export_bundle``, evaluates both bundles
 with ONNX Runtime on the same held-out images, and applies the gate rule (``gate_decision``):
 
 - overall top-1 on the held-out images at least the current's, within ``--overall-tolerance``
-  points (default 0.0), and
+  points (default 0.0) plus the noise of the paired comparison (``--overall-confidence``, default a
+  one-sided 95% bound: 1.645 standard errors of the per-image difference between the two models), and
 - top-1 on held-out reviewed frames (never trained on) strictly higher than the current's.
 
 The decision is written beside the bundle (``gate.json``, plus a line in
@@ -21,9 +22,11 @@ import csv
 import datetime as dt
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any, Callable, Sequence
 
 from trainer.loop.rollout import (RolloutError, add_mqtt_args, make_event, manifest_sha256, mqtt_options_from_args,
@@ -54,6 +57,30 @@ class Score:
 
 
 @dataclass(frozen=True)
+class Paired:
+    """How two models' answers on the same images differ: what the candidate lost and gained."""
+
+    lost: int       # the current right, the candidate wrong
+    gained: int     # the current wrong, the candidate right
+
+    @classmethod
+    def of(cls, truth: Sequence[str], current: Sequence[str], candidate: Sequence[str]) -> "Paired":
+        if not len(truth) == len(current) == len(candidate):
+            raise ValueError("paired predictions must cover the same images")
+        lost = sum(t == a and t != b for t, a, b in zip(truth, current, candidate))
+        gained = sum(t != a and t == b for t, a, b in zip(truth, current, candidate))
+        return cls(lost, gained)
+
+    def standard_error_points(self, images: int) -> float:
+        """Standard error of the paired top-1 difference, in points (the per-image differences' spread / sqrt n)."""
+        if images == 0:
+            return 0.0
+        mean = (self.gained - self.lost) / images
+        variance = (self.gained + self.lost) / images - mean * mean
+        return 100.0 * math.sqrt(max(variance, 0.0) / images)
+
+
+@dataclass(frozen=True)
 class GateDecision:
     promoted: bool
     reasons: list[str]
@@ -68,26 +95,37 @@ class GateDecision:
 
 
 def gate_decision(current_overall: Score, candidate_overall: Score, current_reviewed: Score,
-                  candidate_reviewed: Score, *, overall_tolerance_points: float = 0.0) -> GateDecision:
-    """Promote only if at least as good overall (within the tolerance) AND better on the reviewed frames.
+                  candidate_reviewed: Score, *, overall_tolerance_points: float = 0.0,
+                  overall_pairs: Paired | None = None, overall_confidence: float = 0.95) -> GateDecision:
+    """Promote only if no worse overall (within the tolerance and the comparison's noise) AND better on the
+    reviewed frames.
 
-    Both models must have been scored on the same images (same counts).
+    Both models must have been scored on the same images (same counts). With ``overall_pairs`` (the two
+    models' disagreements on those images) the candidate may also lose the one-sided ``overall_confidence``
+    bound of the paired difference's noise: a retrain that changes a few hundred answers of ten thousand
+    moves top-1 by a few tenths of a point by chance, and a gate below that noise rejects real improvements.
     """
     if current_overall.images != candidate_overall.images or current_reviewed.images != candidate_reviewed.images:
         raise ValueError("the gate compares two models on the same images; the image counts differ")
     if overall_tolerance_points < 0:
         raise ValueError(f"--overall-tolerance: must be >= 0 points, got {overall_tolerance_points}")
+    if not 0.5 <= overall_confidence < 1.0:
+        raise ValueError(f"--overall-confidence: must be in [0.5, 1), got {overall_confidence}")
     reasons, ok = [], True
     if current_overall.images == 0:
         ok = False
         reasons.append("no held-out images to compare overall accuracy on")
     else:
         delta = (candidate_overall.correct - current_overall.correct) * 100.0 / current_overall.images
-        overall_ok = delta >= -overall_tolerance_points - 1e-9
+        z = NormalDist().inv_cdf(overall_confidence)
+        noise = z * overall_pairs.standard_error_points(current_overall.images) if overall_pairs else 0.0
+        allowed = overall_tolerance_points + noise
+        overall_ok = delta >= -allowed - 1e-9
         ok &= overall_ok
+        how = (f"{allowed:.2f} = {overall_tolerance_points:.2f} + {z:.3f} x {noise / z:.2f} paired standard error"
+               if overall_pairs and z > 0 else f"{allowed:.2f}")
         reasons.append(f"overall top-1 {candidate_overall.top1:.2%} vs {current_overall.top1:.2%} "
-                       f"({delta:+.2f} points; may lose at most {overall_tolerance_points:.2f}): "
-                       + ("ok" if overall_ok else "worse"))
+                       f"({delta:+.2f} points; may lose at most {how}): " + ("ok" if overall_ok else "worse"))
     if current_reviewed.images == 0:
         ok = False
         reasons.append("no held-out reviewed frames, so 'better on the reviewed frames' cannot be shown "
@@ -129,6 +167,7 @@ class RetrainConfig:
     holdout_fraction: float = 0.1                # of the base data, when neither --holdout nor the current's split
     reviewed_holdout_fraction: float = 0.3
     overall_tolerance_points: float = 0.0
+    overall_confidence: float = 0.95             # one-sided bound on the paired difference's noise (0.5: none)
     finetune_from_current: bool = False
     prefer_int8: bool = True                     # evaluate what a station runs (agent default)
     public_key: Path | None = None
@@ -413,7 +452,10 @@ def retrain(cfg: RetrainConfig) -> RetrainResult:
           for who, b in (("current", current), ("candidate", candidate))}
     decision = gate_decision(ev["current"]["overall"].score, ev["candidate"]["overall"].score,
                              ev["current"]["reviewed"].score, ev["candidate"]["reviewed"].score,
-                             overall_tolerance_points=cfg.overall_tolerance_points)
+                             overall_tolerance_points=cfg.overall_tolerance_points,
+                             overall_pairs=Paired.of([i.label for i in holdout], ev["current"]["overall"].predictions,
+                                                     ev["candidate"]["overall"].predictions),
+                             overall_confidence=cfg.overall_confidence)
     report = build_report(cfg, current, candidate, decision, ev, holdout=holdout, holdout_source=holdout_source,
                           reviewed=reviewed, reviewed_train=reviewed_train, reviewed_held=reviewed_held,
                           base_train=base_train, skipped=base_skipped + reviewed_skipped + holdout_skipped,
@@ -488,6 +530,7 @@ def build_report(cfg: RetrainConfig, current, candidate, decision: GateDecision,
                           "candidate": figures["reviewed"]["candidate"]["top1"]},
         "holdout_images": len(holdout), "reviewed_holdout_frames": len(reviewed_held),
         "overall_tolerance_points": cfg.overall_tolerance_points,
+        "overall_confidence": cfg.overall_confidence,
     }
     return {
         "schema": REPORT_SCHEMA,
@@ -495,7 +538,8 @@ def build_report(cfg: RetrainConfig, current, candidate, decision: GateDecision,
         "promoted": decision.promoted,
         "reasons": decision.reasons,
         "rule": ("promoted only if overall top-1 on the held-out images is at least the current's minus "
-                 f"{cfg.overall_tolerance_points:.2f} points AND top-1 on the held-out reviewed frames is higher"),
+                 f"{cfg.overall_tolerance_points:.2f} points and minus the one-sided {cfg.overall_confidence:.0%} bound "
+                 "of the paired difference's noise, AND top-1 on the held-out reviewed frames is higher"),
         "current": {"name": current.name, "version": current.version, "bundle": str(current.root)},
         "candidate": {"name": candidate.name, "version": candidate.version, "bundle": str(candidate.root),
                       "manifest_sha256": manifest_sha256(candidate.root)},
@@ -582,7 +626,10 @@ def add_retrain_parser(sub: argparse._SubParsersAction, add_train_args: Callable
     p.add_argument("--reviewed-holdout-fraction", type=float, default=0.3,
                    help="share of the reviewed frames held out (stratified, seeded) for the comparison")
     p.add_argument("--overall-tolerance", type=float, default=0.0,
-                   help="overall top-1 points the candidate may lose and still be promoted")
+                   help="overall top-1 points the candidate may lose and still be promoted, beyond the noise")
+    p.add_argument("--overall-confidence", type=float, default=0.95,
+                   help="the candidate may also lose this one-sided bound of the paired comparison's noise "
+                        "(0.95: 1.645 standard errors of the per-image difference; 0.5: no noise allowance)")
     p.add_argument("--prefer-int8", action=argparse.BooleanOptionalAction, default=True,
                    help="evaluate the INT8 model where deployable (what a station runs by default)")
     p.add_argument("--public-key", type=Path, default=None, help="check the current bundle's signature")
@@ -621,6 +668,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
                               tensorrt=args.tensorrt, sign_key=args.sign_key),
         name=args.name, holdout=args.holdout, holdout_fraction=args.holdout_fraction,
         reviewed_holdout_fraction=args.reviewed_holdout_fraction, overall_tolerance_points=args.overall_tolerance,
+        overall_confidence=args.overall_confidence,
         finetune_from_current=args.finetune_from_current, prefer_int8=args.prefer_int8, public_key=args.public_key,
         mqtt=mqtt_options_from_args(args))
     result = retrain(cfg)
