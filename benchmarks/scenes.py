@@ -223,8 +223,9 @@ def plan_belt(images: np.ndarray, labels: np.ndarray, indices: list[int], seed: 
     for k, (idx, (width, angle, tint)) in enumerate(zip(indices, _item_looks(rng, len(indices)))):
         patch = make_patch(images[idx], width, angle, tint)
         ph, pw = patch.alpha.shape
-        phase = float(rng.uniform(0, speed))
-        x0 = roi.x - pw + phase                   # right edge just inside the ROI at ``frame``
+        cols = np.nonzero((patch.alpha > MASK_LEVEL).any(axis=0))[0]
+        phase = float(rng.uniform(1, speed - 1))  # margin for rounding to whole pixels
+        x0 = roi.x - cols[-1] + phase             # the mask's right edge just inside the ROI at ``frame``
         y = roi.y + roi.height / 2 - ph / 2 + float(rng.uniform(-12, 12))
         poses, t = {}, frame - int(math.ceil(roi.x / speed)) - 1   # from where it enters the camera frame
         while True:
@@ -234,7 +235,7 @@ def plan_belt(images: np.ndarray, labels: np.ndarray, indices: list[int], seed: 
             if x + pw > 0:
                 poses[t] = (x, y, 0.0)
             t += 1
-        last_in_roi = frame + int(math.ceil((roi.x + roi.width - x0) / speed)) - 1
+        last_in_roi = frame + int(math.ceil((roi.x + roi.width - cols[0] - x0) / speed)) - 1
         items.append(ItemPlan(k, int(idx), int(labels[idx]), width, angle, tint, poses))
         frame = last_in_roi + 1 + _gap(rng)
     params = {"speed_px_per_frame": round(speed, 3), "rib_period_px": 56, "blur_probability": 0.06}
@@ -434,6 +435,11 @@ def frame_truth(plan: ScenePlan, t: int, masks: dict[int, np.ndarray], blurred: 
     return {"frame": t, "file": frame_name(t), "visible": visible, "full": full, "blurred": blurred}
 
 
+def renderer_fingerprint() -> str:
+    """Hash of this file: a scene folder rendered by other code is re-rendered, not reused."""
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+
+
 def truth_document(plan: ScenePlan, frames: list[dict], digest: str) -> dict:
     """truth.json: the plan, and per item and per frame what the ROI shows."""
     items = []
@@ -446,6 +452,7 @@ def truth_document(plan: ScenePlan, frames: list[dict], digest: str) -> dict:
     return {"version": TRUTH_VERSION, "scene": plan.scene, "seed": plan.seed, "source": "fashion-mnist t10k",
             "frame_size": list(plan.frame_size), "roi": asdict(plan.roi), "n_frames": plan.n_frames,
             "jpeg_quality": plan.jpeg_quality, "params": plan.params, "frames_sha256": digest,
+            "renderer": renderer_fingerprint(),
             "items": items, "frames": frames}
 
 

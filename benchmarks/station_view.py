@@ -46,7 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.scenes import SCENES, TRUTH_VERSION, write_scene  # noqa: E402
+from benchmarks.scenes import SCENES, TRUTH_VERSION, renderer_fingerprint, write_scene  # noqa: E402
 
 log = logging.getLogger("station_view")
 
@@ -406,7 +406,8 @@ def ensure_scene(scene: str, root: Path, items: int, seed: int) -> dict:
     truth_path = root / scene / "truth.json"
     if truth_path.exists():
         truth = json.loads(truth_path.read_text())
-        if (truth.get("version"), truth.get("seed"), len(truth.get("items", []))) == (TRUTH_VERSION, seed, items) \
+        same = (truth.get("version"), truth.get("renderer"), truth.get("seed"), len(truth.get("items", [])))
+        if same == (TRUTH_VERSION, renderer_fingerprint(), seed, items) \
                 and len(list((root / scene).glob("frame_*.jpg"))) == truth["n_frames"]:
             return truth
     log.info("rendering %s: %d items, seed %d -> %s", scene, items, seed, root / scene)
@@ -430,7 +431,8 @@ def bench_scene(scene: str, args: argparse.Namespace, scenes_root: Path) -> dict
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "bundle": bundle_summary(args.bundle),
             "scene": {"name": scene, "seed": truth["seed"], "items": len(truth["items"]), "frames": truth["n_frames"],
-                      "frames_sha256": truth["frames_sha256"], "roi": truth["roi"], "params": truth["params"],
+                      "frames_sha256": truth["frames_sha256"], "renderer": truth["renderer"], "roi": truth["roi"],
+                      "params": truth["params"],
                       "frames_with_item_fully_in": sum(1 for f in truth["frames"] if f["full"]),
                       "frames_empty": sum(1 for f in truth["frames"] if not f["visible"])},
             "agent": {"returncode": run.returncode, "wall_s": run.wall_s, "outbox_left": run.outbox_left,
