@@ -51,6 +51,8 @@ from benchmarks.scenes import SCENES, TRUTH_VERSION, renderer_fingerprint, write
 log = logging.getLogger("station_view")
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+DEFAULT_RETRAIN_ARGS = ("--epochs 2 --limit-per-class 1000 --batch-size 64 --lr 1e-3 "
+                        "--calibration-images 256 --parity-images 64")
 EMPTY_LABELS = frozenset({"", "empty", "background", "none", "no item"})
 
 
@@ -232,12 +234,16 @@ def score_scene(truth: dict, results: Sequence[dict], decisions: Sequence[dict],
 
 # ================================================================ broker and collector
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @contextmanager
 def mosquitto(workdir: Path) -> Iterator[int]:
     """A throwaway mosquitto on 127.0.0.1 (anonymous, no persistence); yields its port."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     conf = workdir / "mosquitto.conf"
     lines = [f"listener {port} 127.0.0.1", "allow_anonymous true", "persistence false"]
     if os.geteuid() == 0:
@@ -332,6 +338,14 @@ def agent_config(scene_dir: Path, truth: dict, bundle: Path, workdir: Path, port
     }
 
 
+def merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Mappings merged key by key (``over`` wins); anything else replaced."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def apply_overrides(cfg: dict[str, Any], pairs: Sequence[str]) -> dict[str, Any]:
     """``a.b.c=VALUE`` (VALUE read as YAML) set into the config; cameras.* sets every camera."""
     import yaml
@@ -414,31 +428,49 @@ def ensure_scene(scene: str, root: Path, items: int, seed: int) -> dict:
     return write_scene(scene, root, items, seed)
 
 
-def bench_scene(scene: str, args: argparse.Namespace, scenes_root: Path) -> dict[str, Any]:
-    """Render (or reuse), run the agent, score: the JSON document for one scene."""
-    truth = ensure_scene(scene, scenes_root, args.items, args.seed)
-    with tempfile.TemporaryDirectory(prefix=f"station-view-{scene}-") as tmp:
+def measure(truth: dict, scene_dir: Path, bundle: Path, overrides: Sequence[str], port: int,
+            extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One agent run on a rendered scene against the broker on ``port``, scored: the scene's JSON document.
+
+    ``extra`` is merged into the generated config before the ``--set`` overrides (the loop turns uploads on).
+    """
+    with tempfile.TemporaryDirectory(prefix=f"station-view-{truth['scene']}-") as tmp:
         workdir = Path(tmp)
-        with mosquitto(workdir) as port:
-            cfg = apply_overrides(agent_config(scenes_root / scene, truth, args.bundle, workdir, port), args.set)
-            run = run_agent(cfg, workdir, port, timeout_s=120 + 0.5 * truth["n_frames"])
+        cfg = merged(agent_config(scene_dir, truth, bundle, workdir, port), extra or {})
+        cfg = apply_overrides(cfg, overrides)
+        run = run_agent(cfg, workdir, port, timeout_s=120 + 0.5 * truth["n_frames"])
     if run.returncode != 0:
-        log.error("agent exited with %d on %s:\n%s", run.returncode, scene, run.log_tail)
+        log.error("agent exited with %d on %s:\n%s", run.returncode, truth["scene"], run.log_tail)
     review_lane = cfg.get("decisions", {}).get("sorting", {}).get("review_lane", "manual-review")
     scores = score_scene(truth, run.messages["result"], run.messages["decision"], run.messages["stats"],
                          review_lane=review_lane)
-    return {"benchmark": "station_view", "command": " ".join(shlex.quote(a) for a in sys.argv),
+    stats = max(run.messages["stats"], key=lambda m: m.get("seq", 0)) if run.messages["stats"] else {}
+    return {"benchmark": "station_view", "command": command_line(),
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "bundle": bundle_summary(args.bundle),
-            "scene": {"name": scene, "seed": truth["seed"], "items": len(truth["items"]), "frames": truth["n_frames"],
-                      "frames_sha256": truth["frames_sha256"], "renderer": truth["renderer"], "roi": truth["roi"],
-                      "params": truth["params"],
-                      "frames_with_item_fully_in": sum(1 for f in truth["frames"] if f["full"]),
-                      "frames_empty": sum(1 for f in truth["frames"] if not f["visible"])},
+            "bundle": bundle_summary(bundle), "scene": scene_summary(truth),
             "agent": {"returncode": run.returncode, "wall_s": run.wall_s, "outbox_left": run.outbox_left,
-                      "overrides": list(args.set), "presence": cfg["decisions"]["presence"],
+                      "overrides": list(overrides), "presence": cfg["decisions"]["presence"],
+                      "frames_uploaded_last_stats": stats.get("frames_uploaded"),
                       "model": (run.messages["result"][0]["model"] if run.messages["result"] else None)},
             **scores}
+
+
+def command_line() -> str:
+    return " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
+
+
+def scene_summary(truth: dict) -> dict[str, Any]:
+    return {"name": truth["scene"], "seed": truth["seed"], "items": len(truth["items"]), "frames": truth["n_frames"],
+            "frames_sha256": truth["frames_sha256"], "renderer": truth["renderer"], "roi": truth["roi"],
+            "params": truth["params"], "frames_with_item_fully_in": sum(1 for f in truth["frames"] if f["full"]),
+            "frames_empty": sum(1 for f in truth["frames"] if not f["visible"])}
+
+
+def bench_scene(scene: str, args: argparse.Namespace, scenes_root: Path) -> dict[str, Any]:
+    """Render (or reuse), run the agent on its own throwaway broker, score."""
+    truth = ensure_scene(scene, scenes_root, args.items, args.seed)
+    with tempfile.TemporaryDirectory(prefix="station-view-broker-") as tmp, mosquitto(Path(tmp)) as port:
+        return measure(truth, scenes_root / scene, args.bundle, args.set, port)
 
 
 # ================================================================ output
@@ -489,6 +521,14 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="render scenes here and reuse them next time (default: a temporary folder)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="agent config override, YAML value, e.g. decisions.presence.gap_frames=1 (repeatable)")
+    loop = p.add_argument_group("loop (--loop: the first scene teaches through uploads, review and retrain; "
+                                "the second measures before/after)")
+    loop.add_argument("--loop", action="store_true")
+    loop.add_argument("--base-data", type=Path, default=REPO / "data" / "fashion-mnist" / "train",
+                      help="the retrain's base dataset (default: what 'trainer demo' imported)")
+    loop.add_argument("--models-dir", type=Path, default=REPO / "models", help="where the retrained bundle goes")
+    loop.add_argument("--retrain-args", default=DEFAULT_RETRAIN_ARGS,
+                      help=f"more 'trainer retrain' options, one string (default: {DEFAULT_RETRAIN_ARGS!r})")
     return p
 
 
@@ -517,12 +557,30 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="station-view-scenes-") as tmp:
         scenes_root = args.scenes_dir or Path(tmp)
+        if args.loop:
+            return loop_main(args, scenes_root)
         for scene in args.scenes:
             doc = bench_scene(scene, args, scenes_root)
             path = result_path(args.out, scene, args.tag)
             path.write_text(json.dumps(doc, indent=1) + "\n")
             print(table(doc))
             print(f"  -> {path}")
+    return 0
+
+
+def loop_main(args: argparse.Namespace, scenes_root: Path) -> int:
+    from benchmarks.station_view_loop import run_loop
+
+    doc = run_loop(args, scenes_root)
+    doc["command"] = command_line()
+    for key in ("teach", "before", "after"):
+        print(f"[{key}]\n{table(doc[key])}")
+    up, rt = doc["uploads"], doc["retrain"]
+    print(f"uploads: {up['stored']} stored, {up['labelled']} labelled, {up['skipped']} skipped; retrain exit "
+          f"{rt['exit_code']}, promoted {rt['promoted']}: {rt['reasons']}")
+    path = args.out / f"station_view_loop_{args.scenes[0]}-{args.scenes[1]}{'_' + args.tag if args.tag else ''}.json"
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"  -> {path}")
     return 0
 
 

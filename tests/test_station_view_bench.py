@@ -190,3 +190,15 @@ def test_overrides_set_nested_keys_and_every_camera():
     assert [c["fps"] for c in cfg["cameras"]] == [10, 10] and cfg["model"] == {"batch_size": 4}
     with pytest.raises(ValueError, match="KEY=VALUE"):
         sv.apply_overrides(cfg, ["nonsense"])
+
+
+def test_loop_reviewer_labels_only_frames_with_one_recognisable_item(truth):
+    from benchmarks.station_view_loop import label_for
+
+    items = {it["item"]: it for it in truth["items"]}
+    frames = {f["frame"]: f for f in truth["frames"]}
+    assert label_for(frames[5], items) == "A"          # item 0 fully in
+    assert label_for(frames[2], items) is None         # its first frame: a sliver at the ROI edge
+    assert label_for(frames[10], items) is None        # empty belt
+    two = {**frames[41], "visible": [3, 4], "full": []}
+    assert label_for(two, items) is None               # two items in view
