@@ -388,7 +388,8 @@ def run_agent(cfg: dict[str, Any], workdir: Path, port: int, timeout_s: float) -
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s)
         rc, err = proc.returncode, proc.stderr
     except subprocess.TimeoutExpired as exc:
-        rc, err = 124, (exc.stderr or b"").decode(errors="replace") if isinstance(exc.stderr, bytes) else str(exc.stderr)
+        log.error("the agent ran past %.0fs and was killed", timeout_s)
+        rc, err = 124, exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else (exc.stderr or "")
     wall = time.monotonic() - start
     collector.settle()
     collector.close()

@@ -137,11 +137,12 @@ def stable_count(review: Review, quiet_s: float = 3.0, timeout_s: float = 120.0)
 def retrain(args, work: Path, reviewed: Path) -> tuple[Path, dict, int]:
     """``trainer retrain`` from the current bundle; returns (new bundle, gate report, exit code)."""
     manifest = json.loads((args.bundle / "manifest.json").read_text())
-    version = f"{manifest['version']}-sv-{args.scenes[0]}"
+    version = f"{manifest['version']}-sv-{args.scenes[0]}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
     report = work / "retrain-report.json"
     cmd = [sys.executable, "-m", "trainer", "retrain", "--base-data", str(args.base_data), "--reviewed", str(reviewed),
            "--current", str(args.bundle), "--finetune-from-current", "--report", str(report),
            "--models-dir", str(args.models_dir), "--version", version, "--tensorrt", "off", "--workers", "0",
+           "--out-dir", str(work / "runs"),
            *shlex.split(args.retrain_args)]
     log.info("retraining: %s", " ".join(cmd))
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
