@@ -1,0 +1,202 @@
+"""The retraining loop on station views: scene A teaches, scene B (other items) measures before/after.
+
+1. The agent runs on scene A with its bundle and low-confidence uploads on (``frames.enabled``, no rate
+   limit); the real ``python -m trainer ingest`` stores what it uploads.
+2. Every stored frame is labelled through the real review server (``python -m trainer review``,
+   ``POST /api/frames/<id>/review``) from scene A's truth.json: the one item in view, or skipped where
+   none, two, or only a sliver of one is in view (what a reviewer could not label either).
+3. ``python -m trainer labels export`` and ``python -m trainer retrain`` (fine-tuned from the current
+   checkpoint, gated) make the next bundle.
+4. The agent runs on scene B with the old and then the new bundle; both are scored like any scene.
+
+Called by ``benchmarks/station_view.py --loop``; nothing here imports torch (the trainer runs as processes).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable
+
+from benchmarks.station_view import REPO, ensure_scene, measure, mosquitto
+
+log = logging.getLogger("station_view.loop")
+
+EDGE_FRAMES = 3      # the first/last frames of an item's pass show a sliver: not labelled unless fully in
+
+
+def label_for(frame: dict, items: dict[int, dict]) -> str | None:
+    """What a reviewer labels a frame of the scene: the one item in view, else nothing (skip)."""
+    if len(frame["visible"]) != 1:
+        return None
+    item = items[frame["visible"][0]]
+    vis = item["visible_frames"]
+    inner = vis[0] + EDGE_FRAMES <= frame["frame"] <= vis[-1] - EDGE_FRAMES
+    return item["label_name"] if frame["full"] or inner else None
+
+
+class Service:
+    """A ``python -m trainer ...`` process with its log file."""
+
+    def __init__(self, workdir: Path, name: str, *args: str) -> None:
+        self.log_path = workdir / f"{name}.log"
+        with open(self.log_path, "w") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "trainer", *args], cwd=REPO, stdout=out,
+                                         stderr=subprocess.STDOUT)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def check(self) -> None:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"{self.log_path.name}: the service exited:\n{self.log()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+def wait_until(what: str, predicate: Callable[[], Any], timeout_s: float) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise RuntimeError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+
+
+class Review:
+    """The review server's HTTP API."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def api(self, path: str, body: dict | None = None) -> dict:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            return json.loads(resp.read())
+
+    def up(self) -> bool:
+        try:
+            self.api("/api/stats")
+            return True
+        except OSError:
+            return False
+
+    def pending(self) -> list[dict]:
+        out: list[dict] = []
+        while True:
+            page = self.api(f"/api/frames?limit=500&offset={len(out)}&status=pending")
+            out += page["frames"]
+            if not page["frames"] or len(out) >= page["total"]:
+                return out
+
+    def label_from_truth(self, truth: dict) -> tuple[int, int]:
+        """Label every pending frame from the truth (by its source_ref); returns (labelled, skipped)."""
+        frames = {f["file"]: f for f in truth["frames"]}
+        items = {it["item"]: it for it in truth["items"]}
+        labelled = skipped = 0
+        for frame in self.pending():
+            scene_frame = frames.get(frame.get("source_ref"))
+            label = label_for(scene_frame, items) if scene_frame else None
+            body = {"action": "label", "label": label, "reviewer": "station-view"} if label else {"action": "skip"}
+            self.api(f"/api/frames/{frame['id']}/review", body)
+            labelled += bool(label)
+            skipped += not label
+        return labelled, skipped
+
+
+def stable_count(review: Review, quiet_s: float = 3.0, timeout_s: float = 120.0) -> int:
+    """The store's frame count once it stopped growing for ``quiet_s``."""
+    last, since = -1, time.monotonic()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        n = int(review.api("/api/stats")["frames"])
+        if n != last:
+            last, since = n, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            return n
+        time.sleep(0.3)
+    return last
+
+
+def retrain(args, work: Path, reviewed: Path) -> tuple[Path, dict, int]:
+    """``trainer retrain`` from the current bundle; returns (new bundle, gate report, exit code)."""
+    manifest = json.loads((args.bundle / "manifest.json").read_text())
+    version = f"{manifest['version']}-sv-{args.scenes[0]}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    report = work / "retrain-report.json"
+    cmd = [sys.executable, "-m", "trainer", "retrain", "--base-data", str(args.base_data), "--reviewed", str(reviewed),
+           "--current", str(args.bundle), "--finetune-from-current", "--report", str(report),
+           "--models-dir", str(args.models_dir), "--version", version, "--tensorrt", "off", "--workers", "0",
+           "--out-dir", str(work / "runs"),
+           *shlex.split(args.retrain_args)]
+    log.info("retraining: %s", " ".join(cmd))
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    (work / "retrain.log").write_text(done.stdout + done.stderr)
+    if not report.exists():
+        raise RuntimeError(f"trainer retrain wrote no report (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    return Path(args.models_dir) / manifest["name"] / version, json.loads(report.read_text()), done.returncode
+
+
+def run_loop(args, scenes_root: Path) -> dict[str, Any]:
+    """Scene A with uploads -> ingest -> review from truth -> retrain -> scene B before and after."""
+    if len(args.scenes) != 2:
+        raise SystemExit("--loop needs two scenes: --scenes A B (A teaches, B measures)")
+    scene_a, scene_b = args.scenes
+    truth_a = ensure_scene(scene_a, scenes_root, args.items, args.seed)
+    truth_b = ensure_scene(scene_b, scenes_root, args.items, args.seed)
+    uploads = {"frames": {"enabled": True, "min_interval_s": 0.0}}
+    with tempfile.TemporaryDirectory(prefix="station-view-loop-") as tmp, mosquitto(Path(tmp)) as port:
+        work = Path(tmp)
+        services = start_services(work, port, args.bundle)
+        try:
+            review = services[2]
+            on_a = measure(truth_a, scenes_root / scene_a, args.bundle, args.set, port, uploads)
+            stored = stable_count(review)
+            labelled, skipped = review.label_from_truth(truth_a)
+        finally:
+            for service in services[:2]:
+                service.stop()
+        export = subprocess.run([sys.executable, "-m", "trainer", "labels", "export", "--store", str(work / "frames"),
+                                 "--out", str(work / "reviewed")], cwd=REPO, capture_output=True, text=True)
+        if export.returncode != 0:
+            raise RuntimeError(f"trainer labels export failed:\n{export.stderr[-3000:]}")
+        new_bundle, gate, rc = retrain(args, work, work / "reviewed")
+        before = measure(truth_b, scenes_root / scene_b, args.bundle, args.set, port)
+        after = measure(truth_b, scenes_root / scene_b, new_bundle, args.set, port)
+    return {"benchmark": "station_view_loop", "teach_scene": scene_a, "measure_scene": scene_b,
+            "uploads": {"uploaded_last_stats": on_a["agent"]["frames_uploaded_last_stats"], "stored": stored,
+                        "labelled": labelled, "skipped": skipped},
+            "retrain": {"exit_code": rc, "promoted": gate.get("promoted"), "reasons": gate.get("reasons"),
+                        "bundle": str(new_bundle)},
+            "teach": on_a, "before": before, "after": after}
+
+
+def start_services(work: Path, port: int, bundle: Path) -> tuple[Service, Service, Review]:
+    """``trainer ingest`` on the broker and ``trainer review`` on a free port, both ready."""
+    from benchmarks.station_view import free_port
+
+    store = work / "frames"
+    ingest = Service(work, "ingest", "ingest", "--store", str(store), "--host", "127.0.0.1", "--port", str(port),
+                     "--client-id", "station-view-ingest")
+    http_port = free_port()
+    server = Service(work, "review", "review", "--store", str(store), "--labels-from", str(bundle),
+                     "--host", "127.0.0.1", "--port", str(http_port))
+    review = Review(f"http://127.0.0.1:{http_port}")
+    wait_until("the review server", lambda: server.check() or review.up(), 60)
+    wait_until("the ingest service", lambda: ingest.check() or "ingest: storing frames" in ingest.log(), 60)
+    return ingest, server, review
