@@ -104,7 +104,7 @@ def test_update_from_an_http_url(live_agent, broker, tiny_bundle, tmp_path):
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/tiny/tiny-4/"
         send(broker, "model", {"bundle": url, "sha256": sha(served), "version": "tiny-4"})
-        assert dashboard.wait_for(lambda d: (last_status(d).get("model") or {}).get("version") == "tiny-4", 20), \
+        assert dashboard.wait_for(lambda d: (last_status(d).get("model") or {}).get("version") == "tiny-4", 60), \
             last_status(dashboard)
     finally:
         server.shutdown()
