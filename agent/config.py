@@ -240,7 +240,7 @@ class PresenceConfig(_Strict):
     max_gain: float = _finite(1.6, ge=1, le=10, title="Light drift bound",
                               description="Global light changes up to this ratio (either way) are divided out "
                                           "before comparing with the background.")
-    warmup_frames: int = Field(5, ge=1, le=1000, title="Warm-up frames",
+    warmup_frames: int = Field(1, ge=1, le=1000, title="Warm-up frames",
                                description="The first frames of each camera are taken as the empty scene (start with "
                                            "the belt empty), unless an empty-scene image is given.")
     relearn_frames: int = Field(1800, ge=0, title="Relearn after",

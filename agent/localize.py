@@ -228,7 +228,7 @@ class LocalizerSettings:
     max_gain: float = 1.6
     alpha: float = 0.05
     busy_alpha: float = 0.005
-    warmup_frames: int = 5
+    warmup_frames: int = 1
     relearn_frames: int = 1800
 
     @classmethod

@@ -22,7 +22,7 @@ def sprites(images: np.ndarray, n: int, seed: int = 0) -> list:
                         tuple(float(c) for c in rng.uniform(0.6, 1.0, 3))) for i in range(n)]
 
 
-def warmed(scene: Scene, frames: int = 10, **settings) -> Localizer:
+def warmed(scene: Scene, frames: int = 3, **settings) -> Localizer:
     loc = Localizer(LocalizerSettings(**settings))
     for t in range(frames):
         loc.update(scene.render(t)[0])

@@ -51,7 +51,7 @@ def crop_bundle(src: Path, dst: Path, mode: str) -> Path:
 
 
 def belt_frames(images: np.ndarray, items: int = 3) -> list[tuple[str, np.ndarray]]:
-    """Six empty frames (the warm-up and one more), then each item for 3 frames with 3 empty frames after."""
+    """Six empty frames (the first is the warm-up), then each item for 3 frames with 3 empty frames after."""
     scene = Scene(seed=21)
     rng = np.random.default_rng(22)
     out, t = [], 0
