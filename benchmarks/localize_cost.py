@@ -43,12 +43,13 @@ def load_scenes():
 
 
 def belt_views(n: int, seed: int = 0) -> list[np.ndarray]:
-    """n frames: items riding across (about 3 in 4 frames hold one), gaps between them."""
+    """n frames: empty ones first, then items riding across (most frames hold one), gaps between them."""
     scenes = load_scenes()
     scene = scenes.Scene(seed=seed)
     images, _ = fashion_mnist_test(n=32)
     rng = np.random.default_rng(seed)
-    frames, t, k = [], 0, 0
+    frames = [scene.render(t)[0] for t in range(3)]        # the station starts with its belt empty (warm-up)
+    t, k = 3, 0
     while len(frames) < n:
         sprite = scenes.make_sprite(images[k % len(images)], int(rng.integers(170, 231)),
                                     float(rng.uniform(-20, 20)), (0.9, 0.8, 0.7))
