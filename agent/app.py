@@ -25,7 +25,8 @@ from agent.config import (AgentConfig, CameraConfig, ConfigError, Thresholds, Th
 from agent.health import Metrics, PrometheusServer
 from agent.mqtt import MqttPublisher
 from agent.outbox import Outbox
-from agent.pipeline import InferenceStage, ModelHolder, ModelRuntime, camera_preparer
+from agent.pipeline import InferenceStage, ModelHolder, ModelRuntime
+from agent.prepare import camera_preparer, load_empty_scene
 from agent.preprocess import Preprocessor
 from agent.sources.base import FrameSource
 from agent.sources.camera import CameraWorker, FrameHub, Watchdog
@@ -184,6 +185,7 @@ class Agent:
             self.cfg.mqtt.password()          # a missing secret or TLS file is a startup error, not a retry loop
             self.cfg.mqtt.check_files()
             self.load_model()
+            scenes = {cam.id: load_empty_scene(self.cfg, cam) for cam in self.cfg.cameras}
         except (BundleError, BackendError, ConfigError) as exc:
             raise StartupError(str(exc)) from exc
         assert self.model is not None
@@ -196,8 +198,9 @@ class Agent:
         keep_full = self.cfg.frames.enabled and not self.cfg.frames.crop_roi
         for cam in self.cfg.cameras:
             hub.add_camera(cam.id, cam.queue_size, cam.backpressure)
+            prepare = camera_preparer(self.model, self.cfg.decisions.presence, scenes[cam.id])
             self.workers.append(CameraWorker(cam, hub, self.metrics, self.stop_event, self.source_factory, keep_full,
-                                             prepare=camera_preparer(self.model), nice=self.cfg.model.pipeline_nice))
+                                             prepare=prepare, nice=self.cfg.model.pipeline_nice))
         self.hub = hub
         self.inference = InferenceStage(self.cfg, hub, self.model, self.outbox, self.metrics, self.cameras_done)
         self._restore_thresholds()

@@ -200,15 +200,56 @@ class OutboxConfig(_Strict):
         description="normal: survives process crash (kill -9); full: also power loss, slower.")
 
 
+def _finite(default: Any, **kw: Any) -> Any:
+    """A float field that refuses NaN and infinity (they would pass every bound check by comparison)."""
+    return Field(default, allow_inf_nan=False, **kw)
+
+
 class PresenceConfig(_Strict):
+    """Is an item in view, and where (agent/localize.py): the camera threads' background model of the empty scene.
+
+    With ``background`` or ``both`` the localizer decides presence before the model runs, and a frame with
+    no item is not classified at all (``background``) and never published as a product.
+    """
+
     mode: Literal["off", "empty_class", "background", "both"] = Field(
         "off", title="Presence detection",
-        description="How an item entering/leaving is seen: an 'empty' class, background difference, or both.")
+        description="How an item in view is seen: an 'empty' class of the model, the localizer's background "
+                    "model (agent/localize.py), or both (item when the localizer sees one and the model does not "
+                    "say empty).")
     empty_class: str | None = Field(None, title="Empty class", description="Label meaning no item in view.")
-    background_threshold: float = Field(12.0, gt=0, title="Background threshold",
-                                        description="Mean absolute gray difference (0..255) from the background meaning an item.")
-    background_alpha: float = Field(0.05, gt=0, le=1, title="Background learning rate",
-                                    description="How fast the background follows an empty scene.")
+    background_threshold: float = _finite(
+        25.0, gt=0, le=255, title="Foreground threshold",
+        description="Per-pixel colour difference (largest channel, 0..255) of the blurred, light-corrected frame "
+                    "from the background above which a pixel is foreground.")
+    background_alpha: float = _finite(0.05, gt=0, le=1, title="Background learning rate",
+                                      description="How fast the background follows the scene while it is empty.")
+    busy_alpha: float = _finite(0.005, ge=0, le=1, title="Background learning rate with an item",
+                                description="While an item is in view the background learns at this rate outside "
+                                            "the item's box (0: not at all).")
+    work_size: int = Field(96, ge=24, le=512, title="Working size",
+                           description="Longer side, px, of the shrunk copy of the ROI the background model works on.")
+    texture_px: float = _finite(12.0, ge=0, le=200, title="Texture period",
+                                description="Blur width in ROI px: about the period of the belt's ribs or texture, so "
+                                            "a moving belt and sensor noise do not read as an item (0: no blur).")
+    min_area: float = _finite(0.005, gt=0, le=1, title="Minimum item area",
+                              description="Foreground parts smaller than this share of the ROI are ignored.")
+    join_px: float = _finite(8.0, ge=0, le=1000, title="Join distance",
+                             description="Foreground parts within this many ROI px of the largest one belong to the "
+                                         "same item; farther parts are another item (the largest is reported).")
+    max_gain: float = _finite(1.6, ge=1, le=10, title="Light drift bound",
+                              description="Global light changes up to this ratio (either way) are divided out "
+                                          "before comparing with the background.")
+    warmup_frames: int = Field(1, ge=1, le=1000, title="Warm-up frames",
+                               description="The first frames of each camera are taken as the empty scene (start with "
+                                           "the belt empty), unless an empty-scene image is given.")
+    relearn_frames: int = Field(1800, ge=0, title="Relearn after",
+                                description="An item in view this many frames in a row is taken as a changed scene: the "
+                                            "background restarts from the current frame (0: never).")
+    empty_images: dict[str, Path] = Field(
+        default_factory=dict, title="Empty-scene images",
+        description="Camera id -> an image of that camera's empty ROI (or whole frame, cropped by the ROI); "
+                    "replaces the warm-up frames.")
     min_frames: int = Field(2, ge=1, title="Minimum frames", description="Frames an item must be seen to count as an item.")
     gap_frames: int = Field(2, ge=1, title="Gap frames", description="Empty frames that end an item.")
     max_frames: int = Field(300, ge=1, title="Maximum frames", description="An item seen longer is decided anyway.")
@@ -218,6 +259,11 @@ class PresenceConfig(_Strict):
         if self.mode in ("empty_class", "both") and not self.empty_class:
             raise ValueError(f"empty_class: required when mode is {self.mode!r}")
         return self
+
+    @property
+    def by_localizer(self) -> bool:
+        """Presence comes (at least partly) from the localizer, before the model."""
+        return self.mode in ("background", "both")
 
 
 class SortingConfig(_Strict):
@@ -240,6 +286,11 @@ class DecisionsConfig(_Strict):
     sorting: SortingConfig = Field(default_factory=SortingConfig, title="Sorting", description="Lane mapping.")
     qc: QcConfig = Field(default_factory=QcConfig, title="QC", description="Defect alerts.")
     publish_results: bool = Field(True, title="Publish results", description="Publish every per-frame result.")
+    empty_frames: Literal["skip", "publish"] = Field(
+        "skip", title="Empty frames",
+        description="A frame in which presence sees no item: skip (no result) or publish a result with "
+                    "present: false and no label. Either way it is counted (frames_empty_total), never "
+                    "low-confidence and never uploaded.")
 
 
 class FramesConfig(_Strict):
@@ -273,6 +324,13 @@ class AgentConfig(_Strict):
     health: HealthConfig = Field(default_factory=HealthConfig, title="Health", description="Stats and metrics.")
     shutdown_flush_s: float = Field(5.0, ge=0, title="Shutdown flush", description="On SIGTERM, time allowed to drain the outbox.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", title="Log level", description="Root log level.")
+
+    @model_validator(mode="after")
+    def _empty_images_name_cameras(self) -> "AgentConfig":
+        unknown = sorted(set(self.decisions.presence.empty_images) - {c.id for c in self.cameras})
+        if unknown:
+            raise ValueError(f"decisions.presence.empty_images: no camera with id {', '.join(unknown)}")
+        return self
 
     @field_validator("cameras")
     @classmethod
@@ -328,6 +386,11 @@ def _resolve_paths(data: dict[str, Any], base_dir: Path) -> dict[str, Any]:
         block = out.get(section)
         if isinstance(block, dict) and isinstance(block.get(key), str) and not Path(block[key]).is_absolute():
             out[section] = {**block, key: str(base_dir / block[key])}
+    presence = (out.get("decisions") or {}).get("presence") if isinstance(out.get("decisions"), dict) else None
+    if isinstance(presence, dict) and isinstance(presence.get("empty_images"), dict):
+        images = {k: str(base_dir / v) if isinstance(v, str) and not Path(v).is_absolute() else v
+                  for k, v in presence["empty_images"].items()}
+        out["decisions"] = {**out["decisions"], "presence": {**presence, "empty_images": images}}
     tls = out.get("mqtt", {}).get("tls") if isinstance(out.get("mqtt"), dict) else None
     if isinstance(tls, dict):
         fixed = {k: str(base_dir / v) if k.endswith("_file") and isinstance(v, str) and not Path(v).is_absolute() else v

@@ -113,39 +113,20 @@ def classify(probs: np.ndarray, labels: Sequence[str], k: int, policy: LowConfid
 
 # ---------------------------------------------------------------- items
 
-def presence_signature(image: np.ndarray, size: int = 32) -> np.ndarray:
-    """A small float32 gray thumbnail; background difference is computed on it."""
-    gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
-    return cv2.resize(gray, (size, size), interpolation=cv2.INTER_AREA).astype(np.float32)
+def item_present(cfg: PresenceConfig, localized: bool | None, label: str | None) -> bool | None:
+    """Is an item in view? None when presence is off.
 
-
-class PresenceDetector:
-    """Is an item in view? By the 'empty' class, a background difference, or both."""
-
-    def __init__(self, cfg: PresenceConfig) -> None:
-        self.cfg = cfg
-        self.background: np.ndarray | None = None
-
-    def update(self, signature: np.ndarray | None, label: str) -> bool:
-        mode = self.cfg.mode
-        by_class = label != self.cfg.empty_class
-        if mode == "empty_class":
-            return by_class
-        by_background = self._background_differs(signature)
-        return by_background if mode == "background" else (by_background and by_class)
-
-    def _background_differs(self, signature: np.ndarray | None) -> bool:
-        """The first frame is taken as the empty scene; the background only learns while empty."""
-        if signature is None:
-            return False
-        if self.background is None:
-            self.background = signature.copy()
-            return False
-        differs = float(np.abs(signature - self.background).mean()) > self.cfg.background_threshold
-        if not differs:
-            a = self.cfg.background_alpha
-            self.background = (1 - a) * self.background + a * signature
-        return differs
+    ``localized``: the localizer's verdict (None when the frame was not localized); ``label``: the model's
+    top-1 (None when the model did not run, which only happens when the localizer saw no item).
+    """
+    mode = cfg.mode
+    if mode == "off":
+        return None
+    by_class = label is not None and label != cfg.empty_class
+    if mode == "empty_class":
+        return by_class
+    by_background = bool(localized)
+    return by_background if mode == "background" else (by_background and by_class)
 
 
 @dataclass(frozen=True)
@@ -210,8 +191,9 @@ class ItemTracker:
         self._frames: list[Observation] = []
         self._gap = 0
 
-    def update(self, obs: Observation, present: bool) -> ItemDecision | None:
-        if present:
+    def update(self, obs: Observation | None, present: bool) -> ItemDecision | None:
+        """One frame; ``obs`` may be None for a frame without an item (the model did not run)."""
+        if present and obs is not None:
             self._frames.append(obs)
             self._gap = 0
             return self._close() if len(self._frames) >= self.cfg.max_frames else None

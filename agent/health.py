@@ -90,6 +90,7 @@ class Metrics:
             # Cumulative since start: a watcher (the rollout canary) takes differences for its own window.
             "frames_classified": int(classified),
             "frames_low_confidence": int(low),
+            "frames_empty": int(sum(self.counters_by("frames_empty_total", "camera").values())),
             "inference_errors": int(self.counter("inference_errors_total")),
             "frames_uploaded": int(sum(self.counters_by("frames_uploaded_total", "camera").values())),
             "model_version": self.info.get("model_version", ""),

@@ -18,7 +18,7 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
 import cv2
@@ -28,16 +28,20 @@ from agent.backends import Backend
 from agent.bundle import Bundle
 from agent.config import AgentConfig, CameraConfig, Thresholds, merge_thresholds
 from agent.decide import (Classification, ItemDecision, ItemTracker, LaneMap, LowConfidencePolicy, Observation,
-                          PolicyThresholds, PresenceDetector, QcAlerter, UploadGate, classify_batch, dhash,
-                          presence_signature, softmax)
+                          PolicyThresholds, QcAlerter, UploadGate, classify_batch, dhash, item_present, softmax)
 from agent.health import Metrics
 from agent.outbox import Message, Outbox
+from agent.localize import cut
+from agent.prepare import camera_preparer, fed_box, load_empty_scene, model_input_image
 from agent.preprocess import Preprocessor
 from agent.priority import lower_this_thread
 from agent.sources.base import Frame
 from agent.sources.camera import FrameHub
 
 log = logging.getLogger(__name__)
+
+CONTEXT_SIDE = 160      # longer side, px, of the ROI JPEG that travels with an uploaded item crop
+CONTEXT_QUALITY = 70
 
 
 @dataclass(frozen=True)
@@ -90,31 +94,20 @@ def top_k_json(top_k: Sequence[tuple[str, float]]) -> list[dict[str, Any]]:
 
 
 def _prepare_seconds(batch: list[Frame]) -> float:
-    """Mean time the camera threads spent preparing these frames."""
-    spent = [f.prepared[2] for f in batch if f.prepared is not None]
+    """Mean time the camera threads spent localizing and preprocessing these frames."""
+    spent = [f.prepared.seconds for f in batch if f.prepared is not None]
     return sum(spent) / len(batch) if spent else 0.0
 
 
-def camera_preparer(model: "ModelHolder") -> Callable[[np.ndarray], tuple[Preprocessor, np.ndarray, float]]:
-    """For a camera thread: the current model's preprocessing of one frame, tagged with the preprocessor used."""
-    def prepare(image: np.ndarray) -> tuple[Preprocessor, np.ndarray, float]:
-        start = time.monotonic()
-        preprocessor = model.current.preprocessor
-        return preprocessor, preprocessor(image), time.monotonic() - start
-
-    return prepare
-
-
 class CameraDecisions:
-    """Per-camera decision state: policy, presence, item tracker."""
+    """Per-camera decision state: policy and item tracker."""
 
     def __init__(self, cam: CameraConfig, cfg: AgentConfig, bundle: Bundle, override: Thresholds | None = None) -> None:
         self.policy = LowConfidencePolicy(PolicyThresholds.resolve(bundle.thresholds,
                                                                    merge_thresholds(cam.thresholds, override)))
         presence = cfg.decisions.presence
-        self.presence = PresenceDetector(presence) if presence.mode != "off" else None
         self.tracker = (ItemTracker(cam.id, bundle.labels, presence, LaneMap(cfg.decisions.sorting), self.policy,
-                                    cfg.decisions.top_k) if self.presence else None)
+                                    cfg.decisions.top_k) if presence.mode != "off" else None)
 
 
 @dataclass
@@ -123,9 +116,10 @@ class Inferred:
 
     batch: list[Frame]
     runtime: ModelRuntime
-    probs: np.ndarray
+    probs: np.ndarray       # one row per frame in ``chosen``
     timings: dict[str, float]
     started: float          # monotonic time the batch was taken from the hub
+    chosen: list[int]       # positions in ``batch`` the model ran on (the others had no item)
 
 
 class InferenceStage(threading.Thread):
@@ -148,6 +142,7 @@ class InferenceStage(threading.Thread):
         self._runtime: ModelRuntime | None = None
         self.threshold_overrides: dict[str, Thresholds] = {}
         self._cameras: dict[str, CameraDecisions] = {}
+        self._preparers: dict[str, Callable[[np.ndarray], Any]] = {}     # for frames that come unprepared
         self._inferred: queue.Queue[Inferred | None] = queue.Queue(self.DECIDE_QUEUE)
 
     def run(self) -> None:
@@ -194,16 +189,21 @@ class InferenceStage(threading.Thread):
         self.decide(self.infer(batch))
 
     def infer(self, batch: list[Frame]) -> Inferred:
-        """The model's probabilities for a batch, with the runtime that produced them."""
+        """The model's probabilities for a batch's frames with an item, with the runtime that produced them."""
         runtime = self.model.current
         t0 = time.monotonic()
-        inputs = self._inputs(batch, runtime)
+        batch = [self._localized(f, runtime) for f in batch]
+        chosen = [i for i, f in enumerate(batch) if self._needs_model(f)]
+        inputs = self._inputs([batch[i] for i in chosen], runtime) if chosen else None
         t1 = time.monotonic()
-        probs = softmax(runtime.backend.run(inputs))
+        if inputs is not None:
+            probs = softmax(runtime.backend.run(inputs))
+        else:
+            probs = np.zeros((0, len(runtime.bundle.labels)))
         t2 = time.monotonic()
         timings = {"preprocess": (t1 - t0) / len(batch) + _prepare_seconds(batch),
-                   "inference": (t2 - t1) / len(batch)}
-        return Inferred(batch, runtime, probs, timings, t0)
+                   "inference": (t2 - t1) / max(1, len(chosen))}
+        return Inferred(batch, runtime, probs, timings, t0, chosen)
 
     def decide(self, inferred: Inferred) -> None:
         """Decisions, uploads and alerts for an inferred batch, stored in the outbox in one transaction."""
@@ -211,23 +211,47 @@ class InferenceStage(threading.Thread):
         batch, runtime, timings = inferred.batch, inferred.runtime, inferred.timings
         if runtime is not self._runtime:
             self._switch(runtime)
-        states = [self._cameras[f.camera_id] for f in batch]
-        classes = classify_batch(inferred.probs, runtime.bundle.labels, self.cfg.decisions.top_k,
-                                 [s.policy for s in states])
+        policies = [self._cameras[batch[i].camera_id].policy for i in inferred.chosen]
+        classes = classify_batch(inferred.probs, runtime.bundle.labels, self.cfg.decisions.top_k, policies)
+        by_position = dict(zip(inferred.chosen, classes))
         messages: list[Message] = []
-        for frame, cls in zip(batch, classes):
-            messages.extend(self._decide(frame, cls, runtime, timings, queue_s=inferred.started - frame.captured_mono))
+        for i, frame in enumerate(batch):
+            messages.extend(self._decide(frame, by_position.get(i), runtime, timings,
+                                         queue_s=inferred.started - frame.captured_mono))
         if messages:
             self.outbox.put_many(messages)
         self.metrics.observe("decide", (time.monotonic() - t2) / len(batch))
         for stage, seconds in timings.items():
             self.metrics.observe(stage, seconds)
 
+    def _needs_model(self, frame: Frame) -> bool:
+        """False only for a frame the localizer saw empty, when presence comes from the localizer."""
+        located = frame.located
+        return not (self.cfg.decisions.presence.by_localizer and located is not None and not located.present)
+
+    def _localized(self, frame: Frame, runtime: ModelRuntime) -> Frame:
+        """A frame no camera thread prepared (built by hand) is localized here when anything needs it."""
+        if frame.prepared is not None or frame.located is not None:
+            return frame
+        if not (self.cfg.decisions.presence.by_localizer or runtime.preprocessor.spec.crop.mode == "foreground"):
+            return frame
+        prepare = self._preparers.get(frame.camera_id)
+        if prepare is None:
+            cam = next((c for c in self.cfg.cameras if c.id == frame.camera_id), None)
+            scene = load_empty_scene(self.cfg, cam) if cam is not None else None
+            prepare = self._preparers[frame.camera_id] = camera_preparer(self.model, self.cfg.decisions.presence,
+                                                                         scene)
+        prepared = prepare(frame.image)
+        return replace(frame, prepared=prepared, located=prepared.located)
+
     def _inputs(self, batch: list[Frame], runtime: ModelRuntime) -> np.ndarray:
-        """The model input: what the camera threads prepared, unless it was made for another model's input."""
-        if all(f.prepared is not None and f.prepared[0] is runtime.preprocessor for f in batch):
-            return np.stack([f.prepared[1] for f in batch])
-        return runtime.preprocessor.batch([f.image for f in batch])
+        """The model input: what the camera threads prepared, unless it was made for another model's input
+        (then the same crop rule is applied with this model's policy)."""
+        if all(f.prepared is not None and f.prepared.key is runtime.preprocessor and f.prepared.input is not None
+               for f in batch):
+            return np.stack([f.prepared.input for f in batch])
+        policy = runtime.preprocessor.spec.crop
+        return runtime.preprocessor.batch([model_input_image(f, policy) for f in batch])
 
     def _switch(self, runtime: ModelRuntime) -> None:
         """A new model: decide items still open with the old one, then fresh per-camera state."""
@@ -261,27 +285,50 @@ class InferenceStage(threading.Thread):
         if messages:
             self.outbox.put_many(messages)
 
-    def _decide(self, frame: Frame, cls: Classification, runtime: ModelRuntime, timings: dict[str, float],
+    def _decide(self, frame: Frame, cls: Classification | None, runtime: ModelRuntime, timings: dict[str, float],
                 queue_s: float) -> list[Message]:
         state = self._cameras[frame.camera_id]
         self.metrics.observe("queue", queue_s)
-        self.metrics.inc("frames_classified_total", camera=frame.camera_id)
-        out: list[Message] = []
-        if self.cfg.decisions.publish_results:
-            out.append(Message("result", self._result_body(frame, cls, runtime, timings, queue_s)))
-        if cls.low_confidence:
-            self.metrics.inc("frames_low_confidence_total", camera=frame.camera_id)
-            out.extend(self._maybe_upload(frame, cls, runtime))
-        now = self.clock()
-        if self.qc.check(frame.camera_id, cls, now):
-            out.append(Message("alert", self._alert_body(frame, cls, runtime)))
-        if state.presence is not None and state.tracker is not None:
-            signature = presence_signature(frame.image) if self.cfg.decisions.presence.mode != "empty_class" else None
-            present = state.presence.update(signature, cls.label)
-            decision = state.tracker.update(Observation(frame.seq, frame.captured_at, cls), present)
+        located = frame.located.present if frame.located is not None else None
+        present = item_present(self.cfg.decisions.presence, located, cls.label if cls is not None else None)
+        if present is False or cls is None:
+            out = self._empty_frame(frame, runtime, timings, queue_s)
+        else:
+            out = self._item_frame(frame, cls, runtime, timings, queue_s, present)
+        if state.tracker is not None:
+            obs = Observation(frame.seq, frame.captured_at, cls) if present and cls is not None else None
+            decision = state.tracker.update(obs, bool(present))
             if decision is not None:
                 out.append(self._decision_message(decision))
         return out
+
+    def _item_frame(self, frame: Frame, cls: Classification, runtime: ModelRuntime, timings: dict[str, float],
+                    queue_s: float, present: bool | None) -> list[Message]:
+        """A frame with an item (or with presence off): result, low-confidence upload, QC alert."""
+        self.metrics.inc("frames_classified_total", camera=frame.camera_id)
+        out: list[Message] = []
+        if self.cfg.decisions.publish_results:
+            out.append(Message("result", self._result_body(frame, cls, runtime, timings, queue_s, present)))
+        if cls.low_confidence:
+            self.metrics.inc("frames_low_confidence_total", camera=frame.camera_id)
+            out.extend(self._maybe_upload(frame, cls, runtime))
+        if self.qc.check(frame.camera_id, cls, self.clock()):
+            out.append(Message("alert", self._alert_body(frame, cls, runtime)))
+        return out
+
+    def _empty_frame(self, frame: Frame, runtime: ModelRuntime, timings: dict[str, float],
+                     queue_s: float) -> list[Message]:
+        """No item: no product label, never low-confidence, never uploaded; counted, published only on request."""
+        self.metrics.inc("frames_empty_total", camera=frame.camera_id)
+        if not (self.cfg.decisions.publish_results and self.cfg.decisions.empty_frames == "publish"):
+            return []
+        body = {"schema": "result.v1", **self._common(frame, runtime), "label": None, "class_id": None,
+                "confidence": None, "top_k": [], "low_confidence": False, "reasons": [],
+                "latency_ms": self._latency(timings, queue_s, ran_model=False), "present": False,
+                **self._localization(frame, runtime)}
+        if frame.source_ref is not None:
+            body["source_ref"] = frame.source_ref
+        return [Message("result", body)]
 
     # ------------------------------------------------------------ payloads
 
@@ -291,16 +338,32 @@ class InferenceStage(threading.Thread):
                 "model": runtime.identity}
 
     def _result_body(self, frame: Frame, cls: Classification, runtime: ModelRuntime,
-                     timings: dict[str, float], queue_s: float) -> dict[str, Any]:
+                     timings: dict[str, float], queue_s: float, present: bool | None = None) -> dict[str, Any]:
         body = {"schema": "result.v1", **self._common(frame, runtime), "label": cls.label, "class_id": cls.class_id,
                 "confidence": round(cls.confidence, 6), "top_k": top_k_json(cls.top_k),
                 "low_confidence": cls.low_confidence, "reasons": list(cls.reasons),
-                "latency_ms": {"queue": round(queue_s * 1000, 3),
-                               "preprocess": round(timings["preprocess"] * 1000, 3),
-                               "inference": round(timings["inference"] * 1000, 3)}}
+                "latency_ms": self._latency(timings, queue_s, ran_model=True)}
+        if present is not None:
+            body["present"] = present
+        body.update(self._localization(frame, runtime))
         if frame.source_ref is not None:
             body["source_ref"] = frame.source_ref
         return body
+
+    @staticmethod
+    def _latency(timings: dict[str, float], queue_s: float, ran_model: bool) -> dict[str, float]:
+        return {"queue": round(queue_s * 1000, 3), "preprocess": round(timings["preprocess"] * 1000, 3),
+                "inference": round(timings["inference"] * 1000, 3) if ran_model else 0.0}
+
+    @staticmethod
+    def _localization(frame: Frame, runtime: ModelRuntime) -> dict[str, Any]:
+        """Where the item is and what the model was fed (ROI pixels), for localized frames only."""
+        located = frame.located
+        if located is None:
+            return {}
+        crop = fed_box(frame, runtime.preprocessor.spec.crop) if located.present else None
+        return {"item_box": list(located.box) if located.box else None, "crop_box": list(crop) if crop else None,
+                "fg_fraction": round(float(located.fg_fraction), 4)}
 
     def _alert_body(self, frame: Frame, cls: Classification, runtime: ModelRuntime) -> dict[str, Any]:
         log.warning("QC alert: camera %s saw %s (%.2f)", frame.camera_id, cls.label, cls.confidence)
@@ -321,10 +384,17 @@ class InferenceStage(threading.Thread):
         return Message("decision", body)
 
     def _maybe_upload(self, frame: Frame, cls: Classification, runtime: ModelRuntime) -> list[Message]:
+        """The frame for retraining: the JPEG is what the model saw (the item crop when it was fed one; else
+        the ROI or the whole frame), and an item crop travels with a small ROI JPEG and its box for context."""
         fcfg = self.cfg.frames
         if not fcfg.enabled:
             return []
-        image = frame.image if fcfg.crop_roi or frame.full_image is None else frame.full_image
+        box = fed_box(frame, runtime.preprocessor.spec.crop)
+        item_crop = box != (0, 0, frame.image.shape[1], frame.image.shape[0])
+        if item_crop:
+            image = cut(frame.image, box)
+        else:
+            image = frame.image if fcfg.crop_roi or frame.full_image is None else frame.full_image
         held = self.uploads.admit(frame.camera_id, lambda: dhash(image), self.clock())
         if held is not None:
             self.metrics.inc("frames_upload_suppressed_total", camera=frame.camera_id, why=held)
@@ -335,7 +405,13 @@ class InferenceStage(threading.Thread):
                 "confidence": round(cls.confidence, 6), "top_k": top_k_json(cls.top_k),
                 "selected_because": list(cls.reasons), "source_ref": frame.source_ref,
                 "jpeg": {"width": int(image.shape[1]), "height": int(image.shape[0]), "quality": fcfg.jpeg_quality,
-                         "bytes": len(jpeg), "roi_crop": image is frame.image and self._has_roi(frame.camera_id)}}
+                         "bytes": len(jpeg), "roi_crop": item_crop or (image is frame.image
+                                                                       and self._has_roi(frame.camera_id)),
+                         "item_crop": item_crop}}
+        if item_crop:
+            body["context"] = {"crop_box": list(box), "roi_width": int(frame.image.shape[1]),
+                               "roi_height": int(frame.image.shape[0]),
+                               "roi_jpeg_b64": thumbnail_b64(frame.image, CONTEXT_SIDE, CONTEXT_QUALITY)}
         return [Message("frame", body, jpeg)]
 
     def _has_roi(self, camera_id: str) -> bool:

@@ -202,11 +202,12 @@ def _top_k(items: list[dict[str, Any]], n: int = 3) -> list[dict[str, Any]]:
 
 
 def result_view(body: dict[str, Any]) -> dict[str, Any]:
+    """A product result (an item in view, or presence off); ``present: false`` results never get here."""
     return {"id": body["id"], "seq": body["seq"], "ts": body["ts"], "camera": body["camera"],
             "frame_seq": body["frame_seq"], "label": body["label"], "confidence": body["confidence"],
             "low_confidence": body["low_confidence"], "reasons": list(body["reasons"]),
             "model_version": body["model"]["version"], "top_k": _top_k(body["top_k"]),
-            "latency_ms": dict(body["latency_ms"])}
+            "latency_ms": dict(body["latency_ms"]), "crop_box": body.get("crop_box")}
 
 
 def decision_view(body: dict[str, Any]) -> dict[str, Any]:
@@ -248,7 +249,7 @@ def stats_view(body: dict[str, Any]) -> dict[str, Any]:
                        "dropped_total": int(sum(outbox["dropped"].values()))},
             "low_confidence_rate": body["low_confidence_rate"], "frames_uploaded": body.get("frames_uploaded"),
             "frames_classified": body.get("frames_classified"),
-            "frames_low_confidence": body.get("frames_low_confidence"),
+            "frames_low_confidence": body.get("frames_low_confidence"), "frames_empty": body.get("frames_empty"),
             "inference_errors": body.get("inference_errors"), "model_version": body["model_version"]}
 
 
@@ -298,6 +299,7 @@ class Station:
     stats_ts: deque = field(default_factory=lambda: deque(maxlen=6))
     window: list[int] = field(default_factory=lambda: [0, 0])   # [low-confidence, all] results since the last stats
     counted: tuple[int, int] | None = None   # the last stats' cumulative (frames_low_confidence, frames_classified)
+    empty_frames: int = 0                    # present:false results received (no item in view)
 
     def __post_init__(self) -> None:
         self.results = deque(maxlen=self.limits.recent)
@@ -364,7 +366,7 @@ class Station:
             "stats": self.stats, "stats_received_at": self.stats_received_at,
             "history": list(self.history),
             "results": list(self.results), "decisions": list(self.decisions), "alerts": list(self.alerts),
-            "counts": dict(self.counts),
+            "counts": dict(self.counts), "empty_frames": self.empty_frames,
         }
 
 
@@ -495,6 +497,10 @@ class WarehouseState:
             log.info("station %s is %s", station.key, station.state)
 
     def _apply_result(self, station: Station, body: dict[str, Any], now: float) -> None:
+        if body.get("present") is False:
+            # An empty belt (decisions.empty_frames: publish): counted, but no product and no confidence.
+            station.empty_frames += 1
+            return
         station.results.appendleft(result_view(body))
         station.window[1] += 1
         if body["low_confidence"]:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from agent.localize import Located
 
 
 class SourceError(Exception):
@@ -14,6 +17,16 @@ class SourceError(Exception):
 
 class EndOfStream(Exception):
     """A finite source (file, folder) has no more frames."""
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What a camera thread made of a frame for the model (so the inference thread need not)."""
+
+    key: Any                        # the preprocessor it was made for; compared by identity after a swap
+    input: np.ndarray | None        # the model input; None: the frame needs no model run (presence saw no item)
+    seconds: float                  # time spent localizing and preprocessing
+    located: "Located | None" = None
 
 
 @dataclass(frozen=True)
@@ -27,7 +40,8 @@ class Frame:
     image: np.ndarray = field(repr=False)   # HxWx3 uint8 RGB, ROI applied
     source_ref: str | None = None           # e.g. the file name of a folder source
     full_image: np.ndarray | None = field(default=None, repr=False)  # before ROI, kept only when uploads want it
-    prepared: Any = field(default=None, repr=False, compare=False)   # (key, model input) made on the camera thread
+    prepared: Prepared | None = field(default=None, repr=False, compare=False)   # made on the camera thread
+    located: "Located | None" = field(default=None, compare=False)   # the item in the ROI (agent.localize)
 
 
 class FrameSource(Protocol):

@@ -10,7 +10,7 @@ import logging
 import threading
 import time
 from collections import deque
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
@@ -18,7 +18,7 @@ from agent.config import Backoff, CameraConfig, Roi
 from agent.health import Metrics
 from agent.priority import lower_this_thread
 from agent.sources import open_source
-from agent.sources.base import EndOfStream, Frame, FrameSource, SourceError
+from agent.sources.base import EndOfStream, Frame, FrameSource, Prepared, SourceError
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class CameraWorker(threading.Thread):
 
     def __init__(self, cfg: CameraConfig, hub: FrameHub, metrics: Metrics, stop: threading.Event,
                  source_factory: Callable[[CameraConfig], FrameSource] | None = None, keep_full: bool = False,
-                 prepare: Callable[[np.ndarray], Any] | None = None, nice: int = 0) -> None:
+                 prepare: Callable[[np.ndarray], Prepared] | None = None, nice: int = 0) -> None:
         super().__init__(name=f"camera-{cfg.id}", daemon=True)
         self.nice = nice
         self.cfg = cfg
@@ -184,11 +184,12 @@ class CameraWorker(threading.Thread):
                 continue
             self._seq += 1
             cropped = crop_roi(image, self.cfg.roi)
-            # Preprocessing here runs in parallel across cameras (OpenCV releases the GIL) instead of
-            # serially on the inference thread.
+            # Localization and preprocessing here run in parallel across cameras, and each camera's
+            # localizer (its background model) lives in its own thread.
             prepared = self.prepare(cropped) if self.prepare is not None else None
             frame = Frame(self.cfg.id, self._seq, time.time(), now, cropped, ref,
-                          image if self.keep_full else None, prepared)
+                          image if self.keep_full else None, prepared,
+                          prepared.located if isinstance(prepared, Prepared) else None)
             self.metrics.inc("frames_captured_total", camera=self.cfg.id)
             self.hub.put(frame, self.stop_event)
 

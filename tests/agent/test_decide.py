@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 
 from agent.config import PresenceConfig, QcConfig, SortingConfig, Thresholds
-from agent.decide import (ItemTracker, LaneMap, LowConfidencePolicy, Observation, PolicyThresholds,
-                          PresenceDetector, QcAlerter, UploadGate, classify, consensus, dhash, entropy, hamming,
-                          presence_signature, softmax)
+from agent.decide import (ItemTracker, LaneMap, LowConfidencePolicy, Observation, PolicyThresholds, QcAlerter,
+                          UploadGate, classify, consensus, dhash, entropy, hamming, item_present, softmax)
 
 LABELS = ["a", "b", "c"]
 
@@ -50,27 +49,27 @@ def test_thresholds_default_from_bundle_and_override_per_camera():
     assert resolved == PolicyThresholds(0.8, 0.21, 0.95)
 
 
-def test_presence_by_background_difference_learns_only_empty_scenes():
-    det = PresenceDetector(PresenceConfig(mode="background", background_threshold=10))
-    empty = np.zeros((32, 32), np.float32)
-    item = empty.copy()
-    item[8:24, 8:24] = 200
-    assert det.update(empty, "x") is False         # first frame: the empty scene
-    assert det.update(item, "x") is True
-    assert det.update(item, "x") is True           # a standing item is not absorbed
-    assert det.update(empty + 1, "x") is False
+def test_presence_comes_from_the_localizer_the_empty_class_or_both():
+    off = PresenceConfig(mode="off")
+    background = PresenceConfig(mode="background")
+    by_class = PresenceConfig(mode="empty_class", empty_class="empty")
+    both = PresenceConfig(mode="both", empty_class="empty")
+    assert item_present(off, True, "a") is None
+    assert [item_present(background, seen, label) for seen, label in [(True, "a"), (False, None), (None, "a")]] == [
+        True, False, False]
+    assert [item_present(by_class, None, label) for label in ("a", "empty")] == [True, False]
+    # both: the localizer must see an item and the model must not call it empty
+    assert [item_present(both, seen, label) for seen, label in [(True, "a"), (True, "empty"), (False, None)]] == [
+        True, False, False]
 
 
-def test_presence_by_empty_class_and_both():
-    assert PresenceDetector(PresenceConfig(mode="empty_class", empty_class="empty")).update(None, "a") is True
-    both = PresenceDetector(PresenceConfig(mode="both", empty_class="a", background_threshold=10))
-    both.update(np.zeros((4, 4), np.float32), "b")
-    assert both.update(np.full((4, 4), 100, np.float32), "a") is False
-
-
-def test_presence_signature_is_small_gray():
-    sig = presence_signature(np.full((100, 60, 3), 255, np.uint8))
-    assert sig.shape == (32, 32) and sig.dtype == np.float32 and sig.max() == 255
+def test_a_frame_without_an_item_ends_an_item_without_an_observation():
+    t = _tracker()
+    t.update(obs(1, [0.9, 0.05, 0.05]), True)
+    t.update(obs(2, [0.9, 0.05, 0.05]), True)
+    assert t.update(None, False) is None
+    d = t.update(None, False)
+    assert d is not None and d.frames == 2
 
 
 def _tracker(**presence):

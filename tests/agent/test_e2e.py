@@ -47,7 +47,8 @@ def test_every_result_arrives_validates_and_matches_the_bundle(bundle_fixture, r
                                                                tmp_path):
     bundle = request.getfixturevalue(bundle_fixture)
     cfg = station_config(tmp_path, bundle, str(fmnist_video), broker.port,
-                         decisions={"presence": {"mode": "background", "min_frames": 1, "gap_frames": 1}})
+                         decisions={"presence": {"mode": "background", "min_frames": 1, "gap_frames": 1},
+                                    "empty_frames": "publish"})
     config = write_yaml(tmp_path / "station.yaml", cfg)
     dashboard = Subscriber(broker.host, broker.port, "inventory/test/st-01")
     rc, out = run_cli("run", "--config", str(config), "--exit-at-end")
@@ -61,8 +62,11 @@ def test_every_result_arrives_validates_and_matches_the_bundle(bundle_fixture, r
     results = dedupe(dashboard.of("result"))
     assert len(results) == len(dashboard.of("result")) == 60
     assert sorted(r["frame_seq"] for r in results) == list(range(1, 61))
-    published = [r["label"] for r in sorted(results, key=lambda r: r["frame_seq"])]
-    assert same_predictions(published, bundle, video_frames(fmnist_video)) == []
+    # the first frame is the localizer's warm-up (taken as the empty scene): published with present false
+    ordered = sorted(results, key=lambda r: r["frame_seq"])
+    assert [r["present"] for r in ordered] == [False] + [True] * 59 and ordered[0]["label"] is None
+    published = [r["label"] for r in ordered[1:]]
+    assert same_predictions(published, bundle, video_frames(fmnist_video)[1:]) == []
     seqs = [m.json()["seq"] for m in dashboard.messages if not m.topic.endswith(("/stats", "/status"))]
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
     uploads = dashboard.of("frames")
@@ -164,4 +168,5 @@ def test_demo_command_prints_what_a_dashboard_receives(mosquitto_bin, tiny_bundl
     assert rc == 0, out
     assert "inventory/demo/receiving-01/status       online model=tiny:tiny-1" in out
     summary = out.strip().splitlines()[-1]
-    assert summary.startswith("received: ") and "result=22" in summary and "decision=4" in summary
+    # 2 lead blanks + 4 items x (3 frames + 2 blanks): only the 12 item frames are results
+    assert summary.startswith("received: ") and "result=12" in summary and "decision=4" in summary

@@ -40,7 +40,9 @@ def test_receiving_station_one_decision_per_item_with_lane(broker, tiny_bundle, 
     agent.start()
     agent.wait(exit_at_end=True)
     agent.shutdown(10)
-    assert dashboard.wait_for(lambda d: len(d.of("result")) == 2 + 12 * 5, 5)
+    # only frames with an item are results (decisions.empty_frames: skip): 12 items x 3 frames
+    assert dashboard.wait_for(lambda d: len(d.of("result")) == 12 * 3, 5)
+    assert agent.metrics.counter("frames_empty_total", camera="cam-a") == 2 + 12 * 2
     dashboard.close()
     decisions = [json.loads(m.payload) for m in dashboard.of("decision")]
     assert [d["item_seq"] for d in decisions] == list(range(1, 13))

@@ -1,0 +1,330 @@
+"""Where is the item? A per-camera background model of the empty scene, and the item's box in the ROI.
+
+The station classifies the item, not the belt: each camera thread runs a ``Localizer`` on its ROI before
+preprocessing, and with a bundle whose ``input.crop.mode`` is ``foreground`` the model is fed the square
+crop ``crop_box`` makes of the item's box (the rule of ``agent.preprocess.CropPolicy``).
+
+How a box is found (``foreground_box``, a pure function the trainer calls with a known background):
+
+1. Both the frame and the background are shrunk to a working copy (longer side ``work_size`` px, area
+   averaging) and blurred with a box filter about one belt texture period wide (``texture_px`` ROI px),
+   so a moving ribbed belt and sensor noise average out and do not count as foreground.
+2. Global light drift is divided out: the frame/background brightness ratio is taken where most
+   pixels agree (the mode of the per-pixel ratio, which the belt owns; an item's ratios scatter), within
+   ``1/max_gain .. max_gain``.
+3. A pixel is foreground where its largest per-channel difference from ``gain x background`` is over
+   ``threshold`` (0..255); the mask is opened (specks) and closed (holes), and connected components
+   under ``min_area`` of the ROI are dropped.
+4. The box is the largest component's, joined with the components within ``join_px`` ROI px of it (an
+   item the threshold cut in two). Items back to back further apart than that stay apart: the larger
+   one's box is reported, the other is seen when it is the larger (documented rule: largest wins).
+5. The box is mapped back to ROI pixels as ``(x0, y0, x1, y1)``, x1/y1 exclusive (slice bounds).
+
+The ``Localizer`` keeps the background: the first ``warmup_frames`` frames are taken as the empty scene
+(start a station with its belt empty, or give it a captured empty-scene image); afterwards the
+background learns at ``alpha`` while the scene is empty and at ``busy_alpha`` outside the item's grown box
+while an item is in view, so slow changes are followed without learning the item. An item in view for
+``relearn_frames`` frames in a row is taken as a changed scene (something left on the belt, or a start
+with an item in view): the background restarts from the current frame.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+
+from agent.preprocess import CropPolicy
+
+log = logging.getLogger(__name__)
+
+Box = tuple[int, int, int, int]          # x0, y0, x1, y1 in ROI pixels; x1, y1 exclusive
+
+
+@dataclass(frozen=True)
+class Located:
+    """One frame's localization: is an item in view, its box and the square crop the model is fed."""
+
+    present: bool
+    box: Box | None              # the item's foreground box in ROI pixels
+    crop_box: Box | None         # box grown/squared/kept inside the ROI by the crop policy (None: no item)
+    fg_fraction: float           # share of the ROI that differs from the background (all kept components)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"present": self.present, "box": list(self.box) if self.box else None,
+                "crop_box": list(self.crop_box) if self.crop_box else None,
+                "fg_fraction": round(self.fg_fraction, 4)}
+
+
+@dataclass(frozen=True)
+class Foreground:
+    """What ``foreground_box`` found: the box (None: nothing), the foreground share and the gain used."""
+
+    box: Box | None
+    fg_fraction: float
+    gain: float
+
+
+def crop_box(box: Box | None, roi_hw: tuple[int, int], policy: CropPolicy) -> Box | None:
+    """The square the model sees for an item box (the CropPolicy rule; ``policy.mode`` is not consulted).
+
+    Grows the box by ``margin`` x its longer side on every side, centred on the box, as a square; a square
+    larger than the ROI's shorter side becomes that side; the square is shifted to lie inside the ROI.
+    None for no box, or one whose longer side is under ``min_size`` pixels.
+    """
+    if box is None:
+        return None
+    x0, y0, x1, y1 = box
+    height, width = roi_hw
+    longer = max(x1 - x0, y1 - y0)
+    if longer < policy.min_size:
+        return None
+    side = min(int(round(longer * (1.0 + 2.0 * policy.margin))), height, width)
+    left = _place(x0 + x1, side, width)
+    top = _place(y0 + y1, side, height)
+    return left, top, left + side, top + side
+
+
+def _place(twice_centre: int, side: int, limit: int) -> int:
+    """Start of a ``side`` long span centred at ``twice_centre / 2``, shifted into ``0..limit``."""
+    start = int(np.floor((twice_centre - side) / 2.0 + 0.5))
+    return min(max(start, 0), limit - side)
+
+
+def cut(image: np.ndarray, box: Box) -> np.ndarray:
+    x0, y0, x1, y1 = box
+    return image[y0:y1, x0:x1]
+
+
+def model_view(roi_image: np.ndarray, crop: Box | None, policy: CropPolicy) -> np.ndarray:
+    """What the model is fed before preprocessing: the item's square crop with a ``foreground`` policy,
+    else (``roi`` policy, or no item found) the whole ROI."""
+    if policy.mode == "foreground" and crop is not None:
+        return cut(roi_image, crop)
+    return roi_image
+
+
+def work_copy(image: np.ndarray, work_size: int, texture_px: float) -> tuple[np.ndarray, float]:
+    """(float32 shrunk and blurred copy, shrink factor): what the background model compares."""
+    height, width = image.shape[:2]
+    scale = min(1.0, work_size / max(height, width))
+    small = image
+    if scale < 1.0:
+        size = (max(1, int(round(width * scale))), max(1, int(round(height * scale))))
+        small = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    small = small.astype(np.float32)
+    kernel = int(round(texture_px * scale))
+    if kernel >= 2:
+        small = cv2.blur(small, (kernel, kernel), borderType=cv2.BORDER_REFLECT)
+    return small, scale
+
+
+def estimate_gain(frame: np.ndarray, background: np.ndarray, max_gain: float,
+                  where: np.ndarray | None = None) -> float:
+    """Frame/background brightness ratio shared by most pixels (the empty scene's), within 1/max..max."""
+    f = cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY) if frame.ndim == 3 else frame
+    b = cv2.cvtColor(background, cv2.COLOR_RGB2GRAY) if background.ndim == 3 else background
+    ratio = np.log((f + 4.0) / (b + 4.0))
+    if where is not None:
+        ratio = ratio[where]
+    bound = float(np.log(max_gain))
+    step = 0.01
+    bins = np.floor((ratio.ravel() + bound) / step).astype(np.int64)
+    inside = (bins >= 0) & (bins < int(2 * bound / step))
+    if int(inside.sum()) < 16:
+        return 1.0
+    hist = np.convolve(np.bincount(bins[inside], minlength=int(2 * bound / step)), np.ones(3), mode="same")
+    peak = (int(hist.argmax()) + 0.5) * step - bound
+    near = ratio[np.abs(ratio - peak) <= 3 * step]
+    return float(np.exp(np.median(near))) if near.size else float(np.exp(peak))
+
+
+def foreground_mask(frame: np.ndarray, background: np.ndarray, gain: float, threshold: float,
+                    open_px: int = 3, close_px: int = 5) -> np.ndarray:
+    """uint8 0/1 mask of the working copy: largest per-channel difference from gain x background over threshold."""
+    diff = cv2.absdiff(frame, background * np.float32(gain) if gain != 1.0 else background)
+    if diff.ndim == 3:
+        diff = cv2.max(cv2.max(diff[:, :, 0], diff[:, :, 1]), diff[:, :, 2])
+    mask = (diff > threshold).astype(np.uint8)
+    if open_px > 1:
+        mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, np.ones((open_px, open_px), np.uint8))
+    if close_px > 1:
+        mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, np.ones((close_px, close_px), np.uint8))
+    return mask
+
+
+def item_box(mask: np.ndarray, min_area_px: float, join_px: float) -> tuple[tuple[int, int, int, int] | None, int]:
+    """(box of the largest component joined with those within ``join_px``, pixels of kept components).
+
+    Boxes here are in mask pixels, x1/y1 exclusive.
+    """
+    count, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    parts = [stats[i] for i in range(1, count) if stats[i, cv2.CC_STAT_AREA] >= min_area_px]
+    if not parts:
+        return None, 0
+    parts.sort(key=lambda s: -int(s[cv2.CC_STAT_AREA]))
+    x, y, w, h = (int(v) for v in parts[0][:4])
+    box = (x, y, x + w, y + h)
+    rest, changed = parts[1:], True
+    while changed:                      # a joined part may bring another within reach
+        changed, keep = False, []
+        for part in rest:
+            px, py, pw, ph = (int(v) for v in part[:4])
+            if max(px - box[2], box[0] - (px + pw), py - box[3], box[1] - (py + ph)) <= join_px:
+                box = (min(box[0], px), min(box[1], py), max(box[2], px + pw), max(box[3], py + ph))
+                changed = True
+            else:
+                keep.append(part)
+        rest = keep
+    return box, int(sum(int(s[cv2.CC_STAT_AREA]) for s in parts))
+
+
+def to_roi(box: tuple[int, int, int, int], scale: float, roi_hw: tuple[int, int]) -> Box:
+    """A working-copy box in ROI pixels (outward rounding, clipped)."""
+    height, width = roi_hw
+    x0, y0, x1, y1 = box
+    return (max(0, int(np.floor(x0 / scale))), max(0, int(np.floor(y0 / scale))),
+            min(width, int(np.ceil(x1 / scale))), min(height, int(np.ceil(y1 / scale))))
+
+
+def foreground_box(image: np.ndarray, background: np.ndarray, *, work_size: int = 96, texture_px: float = 12.0,
+                   threshold: float = 25.0, min_area: float = 0.005, join_px: float = 8.0, max_gain: float = 1.6,
+                   gain: float | None = None) -> Foreground:
+    """The item's box in ``image`` (HxWx3 uint8 RGB ROI) against ``background`` (the empty scene, same size).
+
+    The station's ``Localizer`` calls the same steps with its learned background; the trainer calls this
+    with a known background to crop exactly as the station does. ``gain``: the frame/background light
+    ratio when known (1.0 for a rendered scene); None estimates it. Parameters are those of
+    ``decisions.presence`` (docs/agent.md), with the same defaults.
+    """
+    if image.shape != background.shape:
+        raise ValueError(f"foreground_box: image {image.shape} and background {background.shape} differ in shape")
+    frame, scale = work_copy(image, work_size, texture_px)
+    back, _ = work_copy(background, work_size, texture_px)
+    return _locate(frame, back, scale, image.shape[:2], threshold=threshold, min_area=min_area, join_px=join_px,
+                   gain=gain if gain is not None else estimate_gain(frame, back, max_gain))[0]
+
+
+def _locate(frame: np.ndarray, back: np.ndarray, scale: float, roi_hw: tuple[int, int], *, threshold: float,
+            min_area: float, join_px: float, gain: float) -> tuple[Foreground, np.ndarray]:
+    mask = foreground_mask(frame, back, gain, threshold)
+    box, fg_pixels = item_box(mask, min_area * mask.size, join_px * scale)
+    fraction = fg_pixels / float(mask.size)
+    return Foreground(to_roi(box, scale, roi_hw) if box else None, fraction, gain), mask
+
+
+@dataclass(frozen=True)
+class LocalizerSettings:
+    """The localizer's knobs (``decisions.presence``, see agent/config.py for their meaning and bounds)."""
+
+    work_size: int = 96
+    texture_px: float = 12.0
+    threshold: float = 25.0
+    min_area: float = 0.005
+    join_px: float = 8.0
+    max_gain: float = 1.6
+    alpha: float = 0.05
+    busy_alpha: float = 0.005
+    warmup_frames: int = 1
+    relearn_frames: int = 1800
+
+    @classmethod
+    def from_config(cls, presence: Any) -> "LocalizerSettings":
+        return cls(work_size=presence.work_size, texture_px=presence.texture_px,
+                   threshold=presence.background_threshold, min_area=presence.min_area, join_px=presence.join_px,
+                   max_gain=presence.max_gain, alpha=presence.background_alpha, busy_alpha=presence.busy_alpha,
+                   warmup_frames=presence.warmup_frames, relearn_frames=presence.relearn_frames)
+
+
+class Localizer:
+    """One camera's background model and item finder; state lives in the camera's own thread."""
+
+    def __init__(self, settings: LocalizerSettings = LocalizerSettings(), policy: CropPolicy = CropPolicy(),
+                 empty_scene: np.ndarray | None = None) -> None:
+        self.settings = settings
+        self.policy = policy
+        self.background: np.ndarray | None = None
+        self.gain = 1.0
+        self._seen = 0                  # warm-up frames averaged into the background so far
+        self._busy = 0                  # consecutive frames with an item
+        self._last: Box | None = None
+        self._empty_scene = empty_scene
+        self.relearned = 0
+
+    def update(self, roi_image: np.ndarray, policy: CropPolicy | None = None) -> Located:
+        """Localize the item in one ROI frame and let the background learn from it."""
+        s = self.settings
+        policy = policy or self.policy
+        frame, scale = work_copy(roi_image, s.work_size, s.texture_px)
+        roi_hw = roi_image.shape[:2]
+        if self.background is None or self.background.shape != frame.shape:
+            self._start(frame, roi_image)
+        if self._seen < s.warmup_frames:
+            self._seen += 1
+            self.background += (frame - self.background) / self._seen
+            return Located(False, None, None, 0.0)
+        self.gain = self._gain(frame, scale)
+        found, mask = _locate(frame, self.background, scale, roi_hw, threshold=s.threshold, min_area=s.min_area,
+                              join_px=s.join_px, gain=self.gain)
+        crop = crop_box(found.box, roi_hw, policy)
+        present = crop is not None
+        self._learn(frame, present, found.box, scale)
+        self._last = found.box if present else None
+        return Located(present, found.box if present else None, crop, found.fg_fraction)
+
+    def _start(self, frame: np.ndarray, roi_image: np.ndarray) -> None:
+        """A new (or resized) scene: the captured empty image when it fits, else the coming warm-up frames."""
+        scene = self._empty_scene
+        if scene is not None and scene.shape[:2] != roi_image.shape[:2]:
+            scene = cv2.resize(scene, (roi_image.shape[1], roi_image.shape[0]), interpolation=cv2.INTER_AREA)
+        if scene is not None:
+            self.background = work_copy(scene, self.settings.work_size, self.settings.texture_px)[0]
+            self._seen = self.settings.warmup_frames
+        else:
+            self.background = np.zeros_like(frame)
+            self._seen = 0
+        self._busy, self._last, self.gain = 0, None, 1.0
+
+    def _gain(self, frame: np.ndarray, scale: float) -> float:
+        """Light drift, from the pixels away from the last item; kept when too few of them are left."""
+        assert self.background is not None
+        where = None
+        if self._last is not None:
+            where = np.ones(frame.shape[:2], bool)
+            x0, y0, x1, y1 = self._grown(self._last, scale, frame.shape[:2])
+            where[y0:y1, x0:x1] = False
+            if where.mean() < 0.15:
+                return self.gain
+        return estimate_gain(frame, self.background, self.settings.max_gain, where)
+
+    def _grown(self, box: Box, scale: float, hw: tuple[int, int]) -> tuple[int, int, int, int]:
+        """An ROI box in working-copy pixels, grown by the join distance and the blur."""
+        pad = (self.settings.join_px + self.settings.texture_px) * scale + 1
+        x0, y0, x1, y1 = box
+        return (max(0, int(x0 * scale - pad)), max(0, int(y0 * scale - pad)),
+                min(hw[1], int(np.ceil(x1 * scale + pad))), min(hw[0], int(np.ceil(y1 * scale + pad))))
+
+    def _learn(self, frame: np.ndarray, present: bool, box: Box | None, scale: float) -> None:
+        """Follow the empty scene; while an item is in view only outside its grown box, and slowly."""
+        s = self.settings
+        assert self.background is not None
+        if not present:
+            self._busy = 0
+            cv2.accumulateWeighted(frame, self.background, s.alpha)
+            return
+        self._busy += 1
+        if s.relearn_frames and self._busy >= s.relearn_frames:
+            log.warning("localizer: an item has been in view for %d frames; taking the scene as the new empty "
+                        "background", self._busy)
+            self.background = frame.copy()
+            self._busy, self._last, self.gain = 0, None, 1.0
+            self.relearned += 1
+            return
+        if s.busy_alpha > 0 and box is not None:
+            outside = np.full(frame.shape[:2], 255, np.uint8)
+            x0, y0, x1, y1 = self._grown(box, scale, frame.shape[:2])
+            outside[y0:y1, x0:x1] = 0
+            cv2.accumulateWeighted(frame, self.background, s.busy_alpha, mask=outside)

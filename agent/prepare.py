@@ -1,0 +1,82 @@
+"""A frame's model input, made on its camera's thread: localize the item, then preprocess what the model sees.
+
+Invariants:
+- Each camera has its own ``Localizer`` (its background model), created and updated only by the function
+  ``camera_preparer`` returns, which only that camera's thread calls. The inference stage keeps its own
+  preparers for frames that arrive unprepared (built by hand, e.g. by tests and benchmarks).
+- The part of the ROI the model is fed is ``fed_box(frame, policy)``, whichever thread prepares it and for
+  whichever model: the camera threads use it for the model of the moment, and the inference stage uses it
+  again when a swap brought a model with another crop policy.
+- With presence by the localizer (``decisions.presence.mode`` background or both) a frame in which it sees
+  no item gets no model input at all (``Prepared.input`` None): the model never runs on an empty belt.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+
+from agent.config import AgentConfig, CameraConfig, ConfigError, PresenceConfig
+from agent.localize import Box, Localizer, LocalizerSettings, crop_box, cut, model_view
+from agent.preprocess import CropPolicy, ImageDecodeError, read_image
+from agent.sources.base import Frame, Prepared
+
+if TYPE_CHECKING:
+    from agent.pipeline import ModelHolder
+
+
+def fed_box(frame: Frame, policy: CropPolicy) -> Box:
+    """The part of the frame's ROI the model is fed under ``policy``: the item's square crop, else the ROI."""
+    height, width = frame.image.shape[:2]
+    box = frame.located.box if frame.located is not None else None
+    crop = crop_box(box, (height, width), policy) if policy.mode == "foreground" else None
+    return crop or (0, 0, width, height)
+
+
+def model_input_image(frame: Frame, policy: CropPolicy) -> np.ndarray:
+    """The image the preprocessor gets for this frame under ``policy`` (a view, no copy)."""
+    box = fed_box(frame, policy)
+    return frame.image if box == (0, 0, frame.image.shape[1], frame.image.shape[0]) else cut(frame.image, box)
+
+
+def load_empty_scene(cfg: AgentConfig, cam: CameraConfig) -> np.ndarray | None:
+    """The camera's captured empty-scene image (decisions.presence.empty_images), cut to its ROI when it is a
+    whole frame; None when none is configured."""
+    path = cfg.decisions.presence.empty_images.get(cam.id)
+    if path is None:
+        return None
+    try:
+        image = read_image(path)
+    except ImageDecodeError as exc:
+        raise ConfigError(f"decisions.presence.empty_images.{cam.id}: {exc}") from exc
+    roi = cam.roi
+    if roi is not None and image.shape[0] >= roi.y + roi.height and image.shape[1] >= roi.x + roi.width:
+        image = image[roi.y : roi.y + roi.height, roi.x : roi.x + roi.width]
+    return np.ascontiguousarray(image)
+
+
+def camera_preparer(model: "ModelHolder", presence: PresenceConfig | None = None,
+                    empty_scene: np.ndarray | None = None) -> Callable[[np.ndarray], Prepared]:
+    """For one camera thread: its localizer and the current model's preprocessing of what the model sees."""
+    settings = LocalizerSettings.from_config(presence) if presence is not None else LocalizerSettings()
+    skip_empty = presence is not None and presence.by_localizer
+    localizer: Localizer | None = None
+
+    def prepare(image: np.ndarray) -> Prepared:
+        nonlocal localizer
+        start = time.monotonic()
+        preprocessor = model.current.preprocessor
+        policy = preprocessor.spec.crop
+        located = None
+        # Once started, the localizer sees every frame, so its background stays current across model swaps.
+        if localizer is not None or skip_empty or policy.mode == "foreground":
+            localizer = localizer or Localizer(settings, policy, empty_scene)
+            located = localizer.update(image, policy)
+        if skip_empty and located is not None and not located.present:
+            return Prepared(preprocessor, None, time.monotonic() - start, located)
+        view = model_view(image, located.crop_box if located is not None else None, policy)
+        return Prepared(preprocessor, preprocessor(view), time.monotonic() - start, located)
+
+    return prepare

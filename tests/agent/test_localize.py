@@ -1,0 +1,196 @@
+"""The localizer on synthetic station views: a moving ribbed belt, noise, uneven and drifting light, and real
+Fashion-MNIST items (upscaled to ~200 px, rotated, pasted with their mask) riding through.
+
+Given/when/then against the true boxes the scene knows (tests/agent/scenes.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from agent.localize import Located, Localizer, LocalizerSettings, crop_box, foreground_box, model_view
+from agent.preprocess import CropPolicy
+from scenes import Scene, make_sprite, iou
+
+ROI = 300
+
+
+def sprites(images: np.ndarray, n: int, seed: int = 0) -> list:
+    rng = np.random.default_rng(seed)
+    return [make_sprite(images[i], int(rng.integers(170, 231)), float(rng.uniform(-20, 20)),
+                        tuple(float(c) for c in rng.uniform(0.6, 1.0, 3))) for i in range(n)]
+
+
+def warmed(scene: Scene, frames: int = 3, **settings) -> Localizer:
+    loc = Localizer(LocalizerSettings(**settings))
+    for t in range(frames):
+        loc.update(scene.render(t)[0])
+    return loc
+
+
+@pytest.mark.parametrize("light", [False, True], ids=["dark-ribbed-belt", "light-bench"])
+def test_items_riding_through_are_boxed_like_the_truth(fmnist_test_images, light):
+    # given: a warmed-up station view and eight real items, each riding across on the belt
+    scene = Scene(light=light, seed=1)
+    loc = warmed(scene)
+    t, ious, empty_present = 10, [], 0
+    for sprite in sprites(fmnist_test_images[0], 8, seed=2):
+        h, w = sprite.mask.shape
+        top = (ROI - h) // 2
+        for left in range(-w + 40, ROI - 40, 30):
+            # when: a frame with the item (partly) in view is localized
+            image, truth = scene.render(t, [(sprite, left, top)])
+            got = loc.update(image)
+            t += 1
+            # then: an item is seen where it is, whenever a fair part of it is in view
+            if (truth[0][2] - truth[0][0]) >= 60:
+                assert got.present and got.box is not None, f"frame {t}: item missed"
+                ious.append(iou(got.box, truth[0]))
+        for _ in range(3):                                  # the gap to the next item
+            empty_present += loc.update(scene.render(t)[0]).present
+            t += 1
+    assert empty_present == 0
+    assert min(ious) >= 0.7 and float(np.mean(ious)) >= 0.85, (min(ious), float(np.mean(ious)))
+
+
+@pytest.mark.parametrize("light", [False, True], ids=["dark-ribbed-belt", "light-bench"])
+def test_a_moving_empty_belt_is_never_an_item(light):
+    # given: 300 frames of empty belt with moving ribs, noise and a blurred frame now and then
+    scene = Scene(light=light, seed=3)
+    loc = Localizer()
+    # when / then: none of them reads as an item
+    seen = [loc.update(scene.render(t)[0]) for t in range(300)]
+    assert not any(s.present for s in seen)
+    assert max(s.fg_fraction for s in seen) < 0.005
+
+
+@pytest.mark.parametrize("light", [False, True], ids=["dark-ribbed-belt", "light-bench"])
+def test_slow_light_drift_is_not_an_item(light):
+    # given: the light rising from gain 1.0 to 1.4 over 500 frames of empty belt
+    scene = Scene(light=light, seed=4)
+    loc = Localizer()
+    # when / then: no frame reads as an item
+    present = [loc.update(scene.render(t, gain=1.0 + 0.4 * t / 499)[0]).present for t in range(500)]
+    assert sum(present) == 0
+
+
+def test_drift_while_an_item_stands_in_view_is_divided_out(fmnist_test_images):
+    # given: an item standing in view while the light rises 20% (the background cannot learn under the item)
+    scene = Scene(light=True, seed=5)
+    loc = warmed(scene)
+    sprite = sprites(fmnist_test_images[0], 1, seed=6)[0]
+    ious = []
+    for t in range(10, 70):
+        image, truth = scene.render(t, [(sprite, 40, 40)], gain=1.0 + 0.2 * (t - 10) / 59)
+        got = loc.update(image)
+        assert got.present
+        ious.append(iou(got.box, truth[0]))
+    # then: the box stays on the item, it does not grow into the brightening belt
+    assert min(ious) >= 0.8 and loc.gain == pytest.approx(1.2, abs=0.05)
+
+
+def test_items_back_to_back_are_not_merged_and_the_larger_one_is_reported(fmnist_test_images):
+    # given: one item leaving at the right while the next enters at the left, 40 px apart
+    scene = Scene(seed=7)
+    loc = warmed(scene)
+    first, second = sprites(fmnist_test_images[0][10:], 2, seed=8)
+    t = 10
+    for shift in range(0, 200, 20):
+        left_a = 120 + shift
+        left_b = left_a - 40 - second.mask.shape[1]
+        image, truth = scene.render(t, [(first, left_a, 50), (second, left_b, 50)])
+        t += 1
+        got = loc.update(image)
+        # then: every frame has an item, and its box is the larger visible item's, not the union
+        assert got.present
+        largest = max(truth, key=lambda b: (b[2] - b[0]) * (b[3] - b[1]))
+        assert iou(got.box, largest) >= 0.7, (shift, got.box, truth)
+
+
+def test_an_item_larger_than_the_roi_is_the_whole_roi(fmnist_test_images):
+    # given: an item that covers the whole view
+    scene = Scene(seed=9)
+    loc = warmed(scene)
+    giant = make_sprite(fmnist_test_images[0][1], 700, 0.0, (0.9, 0.8, 0.7))   # a trouser, 700 px tall
+    h, w = giant.mask.shape
+    image, truth = scene.render(10, [(giant, (ROI - w) // 2, (ROI - h) // 2)])
+    assert truth[0] == (0, 0, ROI, ROI)
+    # when
+    got = loc.update(image, CropPolicy(mode="foreground"))
+    # then: the box is the ROI, and so is the crop
+    assert got.present and got.box == (0, 0, ROI, ROI) and got.crop_box == (0, 0, ROI, ROI)
+
+
+def test_crop_box_grows_squares_keeps_inside_and_drops_small_boxes():
+    policy = CropPolicy(mode="foreground", margin=0.1, min_size=16)
+    # a 100x60 box at the centre: longer side 100, +10 each side -> a 120 px square centred on the box
+    assert crop_box((100, 120, 200, 180), (300, 300), policy) == (90, 90, 210, 210)
+    # near the left/top corner: shifted in, not cut
+    assert crop_box((0, 10, 50, 40), (300, 300), policy) == (0, 0, 60, 60)
+    # near the right/bottom edge
+    assert crop_box((260, 270, 300, 300), (300, 300), policy) == (252, 252, 300, 300)
+    # larger than the ROI's shorter side (200 of a 300x200 ROI): that side, kept inside
+    assert crop_box((20, 10, 280, 190), (200, 300), policy) == (50, 0, 250, 200)
+    # a box whose longer side is under min_size is no item; no box, no crop
+    assert crop_box((10, 10, 25, 30), (300, 300), policy) == (6, 8, 30, 32)      # 20 px: a 24 px square
+    assert crop_box((10, 10, 25, 25), (300, 300), policy) is None
+    assert crop_box(None, (300, 300), policy) is None
+    # margin 0: the square of the longer side
+    assert crop_box((100, 100, 140, 180), (300, 300), CropPolicy("foreground", 0.0, 16)) == (80, 100, 160, 180)
+
+
+def test_model_view_is_the_crop_only_with_a_foreground_policy():
+    image = np.arange(300 * 300 * 3, dtype=np.uint32).reshape(300, 300, 3).astype(np.uint8)
+    crop = (90, 90, 210, 210)
+    assert model_view(image, crop, CropPolicy("foreground")).shape == (120, 120, 3)
+    assert np.array_equal(model_view(image, crop, CropPolicy("foreground")), image[90:210, 90:210])
+    assert model_view(image, crop, CropPolicy("roi")) is image
+    assert model_view(image, None, CropPolicy("foreground")) is image
+
+
+def test_foreground_box_with_a_known_background_matches_the_truth(fmnist_test_images):
+    # given: the trainer's case: a rendered view and the same empty scene behind it (no noise, same light)
+    scene = Scene(seed=10, noise=0.0, blur_every=0)
+    empty, _ = scene.render(5)
+    for sprite in sprites(fmnist_test_images[0][20:], 5, seed=11):
+        image, truth = scene.render(5, [(sprite, 30, 40)])
+        # when
+        found = foreground_box(image, empty, gain=1.0)
+        # then
+        assert found.box is not None and iou(found.box, truth[0]) >= 0.85
+        assert 0.05 < found.fg_fraction < 0.8
+    assert foreground_box(empty, empty).box is None
+    with pytest.raises(ValueError, match="differ in shape"):
+        foreground_box(empty, empty[:100])
+
+
+def test_warm_up_frames_are_the_empty_scene_unless_an_image_is_given(fmnist_test_images):
+    scene = Scene(seed=12)
+    sprite = sprites(fmnist_test_images[0][30:], 1, seed=13)[0]
+    with_item, _ = scene.render(0, [(sprite, 50, 50)])
+    # the first warmup_frames frames are taken as empty, whatever they show
+    loc = Localizer(LocalizerSettings(warmup_frames=3))
+    assert [loc.update(scene.render(t)[0]).present for t in range(3)] == [False] * 3
+    assert loc.update(with_item).present
+    # with a captured empty scene there is no warm-up: the first frame is already judged
+    loc = Localizer(LocalizerSettings(warmup_frames=3), empty_scene=scene.render(99)[0])
+    assert loc.update(with_item).present and not loc.update(scene.render(1)[0]).present
+
+
+def test_an_item_left_in_view_becomes_the_background_after_relearn_frames(fmnist_test_images):
+    # given: a station started with an item in view (it is learned as empty), which then leaves
+    scene = Scene(seed=14)
+    sprite = sprites(fmnist_test_images[0][40:], 1, seed=15)[0]
+    loc = Localizer(LocalizerSettings(warmup_frames=2, relearn_frames=20))
+    for t in range(2):
+        loc.update(scene.render(t, [(sprite, 50, 50)])[0])
+    # when: the belt is empty for relearn_frames frames, each reads as an item (the hole it left) ...
+    seen = [loc.update(scene.render(t)[0]).present for t in range(2, 40)]
+    # then: ... until the scene is relearned as the new empty background
+    assert seen[0] and not any(seen[25:]) and loc.relearned == 1
+
+
+def test_located_serializes_for_payloads():
+    located = Located(True, (1, 2, 3, 4), (0, 0, 5, 5), 0.123456)
+    assert located.to_json() == {"present": True, "box": [1, 2, 3, 4], "crop_box": [0, 0, 5, 5], "fg_fraction": 0.1235}

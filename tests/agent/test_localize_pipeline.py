@@ -1,0 +1,185 @@
+"""Localize, then classify, through the real inference stage: a real ONNX Runtime session, the real outbox,
+synthetic belt views with real Fashion-MNIST items, frames prepared by the camera threads' own function.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.backends import create_backend
+from agent.bundle import load_bundle
+from agent.health import Metrics
+from agent.localize import cut
+from agent.mqtt import frame_envelope
+from agent.outbox import Outbox
+from agent.pipeline import InferenceStage, ModelHolder, ModelRuntime
+from agent.prepare import camera_preparer
+from agent.preprocess import Preprocessor
+from agent.sources.base import Frame
+from agent_support import as_config, station_config, validate_message
+from scenes import Scene, make_sprite
+
+EMPTY, ITEM = "empty", "item"
+
+
+class RecordingBackend:
+    """The real backend, keeping every input it was given."""
+
+    def __init__(self, backend) -> None:
+        self.backend = backend
+        self.name, self.precision = backend.name, backend.precision
+        self.inputs: list[np.ndarray] = []
+
+    def run(self, inputs: np.ndarray) -> np.ndarray:
+        self.inputs.append(inputs.copy())
+        return self.backend.run(inputs)
+
+
+def crop_bundle(src: Path, dst: Path, mode: str) -> Path:
+    """A copy of ``src`` whose manifest asks for this crop mode (only the manifest's input.crop changes)."""
+    shutil.copytree(src, dst)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    manifest["input"]["crop"] = {"mode": mode, "margin": 0.1, "min_size": 16}
+    manifest["version"] = f"{manifest['version']}-{mode}"
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    return dst
+
+
+def belt_frames(images: np.ndarray, items: int = 3) -> list[tuple[str, np.ndarray]]:
+    """Six empty frames (the first is the warm-up), then each item for 3 frames with 3 empty frames after."""
+    scene = Scene(seed=21)
+    rng = np.random.default_rng(22)
+    out, t = [], 0
+    for _ in range(6):
+        out.append((EMPTY, scene.render(t)[0]))
+        t += 1
+    for i in range(items):
+        sprite = make_sprite(images[i], int(rng.integers(170, 231)), float(rng.uniform(-20, 20)), (0.9, 0.8, 0.7))
+        for left in (10, 30, 50):
+            out.append((ITEM, scene.render(t, [(sprite, left, 20)])[0]))
+            t += 1
+        for _ in range(3):
+            out.append((EMPTY, scene.render(t)[0]))
+            t += 1
+    return out
+
+
+def run_stage(tmp_path: Path, bundle_dir: Path, images: list[np.ndarray], prepared_for: Path | None = None,
+              **sections):
+    """The frames prepared by a camera thread's preparer (for ``prepared_for``'s model when given, i.e. just
+    before a swap), then decided by the stage running ``bundle_dir``'s model."""
+    cfg = as_config(station_config(tmp_path, bundle_dir, str(tmp_path), 1883, **sections))
+    bundle = load_bundle(bundle_dir)
+    backend = RecordingBackend(create_backend(bundle, cfg.model))
+    runtime = ModelRuntime(bundle, backend, Preprocessor(bundle.input_spec))
+    holder = ModelHolder(runtime)
+    if prepared_for is not None:
+        other = load_bundle(prepared_for)
+        holder = ModelHolder(ModelRuntime(other, backend, Preprocessor(other.input_spec)))
+    prepare = camera_preparer(holder, cfg.decisions.presence)
+    batch = []
+    for i, image in enumerate(images, start=1):
+        prepared = prepare(image)
+        batch.append(Frame("cam-a", i, 1000.0 + i, 0.0, image, None, None, prepared, prepared.located))
+    holder.swap(runtime)
+    outbox = Outbox(tmp_path / "outbox.sqlite", max_bytes=cfg.outbox.max_bytes, max_age_s=cfg.outbox.max_age_s)
+    metrics = Metrics()
+    stage = InferenceStage(cfg, hub=None, model=holder, outbox=outbox, metrics=metrics, cameras_done=lambda: True)
+    for start in range(0, len(batch), 4):
+        stage.process(batch[start : start + 4])
+    stage._flush_items()
+    records = outbox.pending(limit=10_000)
+    outbox.close()
+    return records, backend, metrics, batch
+
+
+PRESENCE = {"presence": {"mode": "background", "min_frames": 2, "gap_frames": 2}}
+
+
+@pytest.fixture(scope="module")
+def frames(fmnist_test_images) -> list[tuple[str, np.ndarray]]:
+    return belt_frames(fmnist_test_images[0])
+
+
+def test_empty_frames_are_not_classified_published_or_uploaded(tmp_path, tiny_bundle, frames):
+    # given: a station with presence from the localizer, uploading every low-confidence frame
+    kinds = [k for k, _ in frames]
+    records, backend, metrics, _ = run_stage(tmp_path, tiny_bundle, [f for _, f in frames], decisions=PRESENCE)
+
+    # then: the model ran on the item frames only
+    assert sum(len(x) for x in backend.inputs) == kinds.count(ITEM) == 9
+    results = [r.body for r in records if r.kind == "result"]
+    item_seqs = [i for i, k in enumerate(kinds, start=1) if k == ITEM]
+    assert [r["frame_seq"] for r in results] == item_seqs
+    for r in results:
+        validate_message("result.v1", r)
+        assert r["present"] is True and isinstance(r["label"], str) and len(r["crop_box"]) == 4
+    uploads = [r for r in records if r.kind == "frame"]
+    assert uploads and {u.body["frame_seq"] for u in uploads} <= set(item_seqs)
+    assert metrics.counter("frames_empty_total", camera="cam-a") == kinds.count(EMPTY)
+    assert metrics.counter("frames_classified_total", camera="cam-a") == 9
+    assert metrics.snapshot()["frames_empty"] == kinds.count(EMPTY)
+    # one decision per item, from the item frames
+    decisions = [r.body for r in records if r.kind == "decision"]
+    assert [d["frames"] for d in decisions] == [3, 3, 3]
+
+
+def test_empty_frames_are_published_without_a_label_when_configured(tmp_path, tiny_bundle, frames):
+    records, _, _, _ = run_stage(tmp_path, tiny_bundle, [f for _, f in frames],
+                                 decisions={**PRESENCE, "empty_frames": "publish"}, frames={"enabled": False})
+    results = [r.body for r in records if r.kind == "result"]
+    assert [r["present"] for r in results] == [k == ITEM for k, _ in frames]
+    for r in results:
+        validate_message("result.v1", r)
+        if not r["present"]:
+            assert (r["label"], r["class_id"], r["confidence"], r["top_k"], r["low_confidence"]) == (
+                None, None, None, [], False)
+            assert r["crop_box"] is None and r["latency_ms"]["inference"] == 0.0
+    # a present:false result that carries a label is not valid
+    bad = dict(next(r for r in results if not r["present"]), label="Sneaker")
+    with pytest.raises(Exception, match="not of type 'null'|None is not of type|'Sneaker'"):
+        validate_message("result.v1", bad)
+
+
+@pytest.mark.parametrize("prepared_for", [None, "roi"], ids=["prepared-for-this-model", "after-a-swap"])
+def test_a_foreground_bundle_is_fed_the_item_crop(tmp_path, tiny_bundle, frames, prepared_for):
+    # given: a bundle whose manifest asks for the item's crop (and, for the swap case, frames that the
+    # camera thread prepared for a whole-ROI bundle just before the swap)
+    fg = crop_bundle(tiny_bundle, tmp_path / "fg", "foreground")
+    before = crop_bundle(tiny_bundle, tmp_path / "roi", "roi") if prepared_for else None
+    records, backend, _, batch = run_stage(tmp_path, fg, [f for _, f in frames], prepared_for=before,
+                                           decisions=PRESENCE)
+    results = {r.body["frame_seq"]: r.body for r in records if r.kind == "result"}
+    fed = np.concatenate(backend.inputs)
+    # then: every model input is the station Preprocessor applied to the frame's crop box, nothing else
+    pre = Preprocessor(load_bundle(fg).input_spec)
+    expected = np.stack([pre(cut(f.image, tuple(results[f.seq]["crop_box"]))) for f in batch if f.seq in results])
+    assert fed.shape == expected.shape and np.allclose(fed, expected, atol=1e-5)
+    for body in results.values():
+        x0, y0, x1, y1 = body["crop_box"]
+        assert x1 - x0 == y1 - y0 < 300               # a square crop of the item, not the whole ROI
+
+
+def test_an_uploaded_item_frame_carries_the_crop_and_the_roi_for_context(tmp_path, tiny_bundle, frames):
+    from trainer.loop.ingest import parse_frame      # read-only: the central ingest accepts what the station sends
+
+    fg = crop_bundle(tiny_bundle, tmp_path / "fg", "foreground")
+    records, _, _, batch = run_stage(tmp_path, fg, [f for _, f in frames], decisions=PRESENCE)
+    uploads = [r for r in records if r.kind == "frame"]
+    assert uploads
+    by_seq = {f.seq: f for f in batch}
+    for record in uploads:
+        body = record.body
+        validate_message("frame.v1", body)
+        x0, y0, x1, y1 = body["context"]["crop_box"]
+        assert (body["jpeg"]["width"], body["jpeg"]["height"]) == (x1 - x0, y1 - y0)
+        assert body["jpeg"]["item_crop"] is True and record.blob[:2] == b"\xff\xd8"
+        assert (body["context"]["roi_width"], body["context"]["roi_height"]) == by_seq[body["frame_seq"]].image.shape[
+            1::-1]
+        meta, jpeg = parse_frame("inventory/test/st-01/frames", frame_envelope(record), None)
+        assert meta["context"]["crop_box"] == [x0, y0, x1, y1] and jpeg == record.blob
