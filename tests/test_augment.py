@@ -338,5 +338,8 @@ def test_train_flags_build_the_station_view_and_crop_policy():
                                         "--station-view-share", "0.5", "--backgrounds", "bg", "--crop-margin", "0.2"]))
     assert not off.augment.station_view.enabled and off.crop_policy == CropPolicy(mode="roi", margin=0.2)
     assert off.augment.station_view.share == 0.5 and off.augment.station_view.backgrounds == "bg"
+    assert off.augment.rotation == 0.0
+    upright = train_config_from_args(parse(["train", "--data", "d", "--plain-rotation", "0"]))
+    assert upright.augment.rotation == 0.0 and upright.augment.station_view.rotation == 20.0
     spec = eval_spec(48, 48, crop=on.crop_policy)
     assert spec.to_manifest()["crop"] == {"mode": "foreground", "margin": 0.1, "min_size": 16}

@@ -56,7 +56,9 @@ def _add_train_args(p: argparse.ArgumentParser, *, data: bool = True) -> None:
     p.add_argument("--hflip", type=float, default=aug.hflip)
     sv = StationViewConfig()
     p.add_argument("--rotation", type=float, default=sv.rotation,
-                   help="max degrees of in-plane rotation, station views and plain path")
+                   help="max degrees of in-plane rotation (station views; the plain path too unless --plain-rotation)")
+    p.add_argument("--plain-rotation", type=float, default=None,
+                   help="max degrees of rotation on the plain path (default: --rotation)")
     p.add_argument("--jitter", type=float, default=aug.brightness, help="brightness/contrast/saturation strength")
     p.add_argument("--erasing", type=float, default=aug.erasing, help="random erasing probability")
     p.add_argument("--station-view", default="on", choices=["on", "off"],
@@ -142,7 +144,8 @@ def train_config_from_args(args: argparse.Namespace):
     station = StationViewConfig(enabled=args.station_view == "on", share=args.station_view_share,
                                 rotation=args.rotation,
                                 backgrounds=str(args.backgrounds) if args.backgrounds else None)
-    augment = AugmentConfig(scale=tuple(args.scale), hflip=args.hflip, rotation=args.rotation,
+    plain_rotation = args.rotation if args.plain_rotation is None else args.plain_rotation
+    augment = AugmentConfig(scale=tuple(args.scale), hflip=args.hflip, rotation=plain_rotation,
                             brightness=args.jitter, contrast=args.jitter, saturation=args.jitter, erasing=args.erasing,
                             station_view=station)
     keys = [f for f in TrainConfig.__dataclass_fields__ if f != "augment" and hasattr(args, f)]
