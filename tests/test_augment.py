@@ -343,3 +343,15 @@ def test_train_flags_build_the_station_view_and_crop_policy():
     assert upright.augment.rotation == 0.0 and upright.augment.station_view.rotation == 20.0
     spec = eval_spec(48, 48, crop=on.crop_policy)
     assert spec.to_manifest()["crop"] == {"mode": "foreground", "margin": 0.1, "min_size": 16}
+
+
+def test_train_stops_before_decoding_when_a_background_frame_is_corrupt(fmnist_dir, tmp_path, caplog):
+    from trainer.__main__ import main
+
+    folder = tmp_path / "bg"
+    folder.mkdir()
+    (folder / "frame-0007.jpg").write_bytes(b"\xff\xd8 truncated")
+    rc = main(["train", "--data", str(fmnist_dir / "train"), "--out-dir", str(tmp_path / "runs"), "--workers", "0",
+               "--backgrounds", str(folder), "--arch", "mobilenet_v2", "--weights", "none"])
+    assert rc == 2 and "frame-0007.jpg" in caplog.text
+    assert not (tmp_path / "runs" / "model" / "split.json").exists()  # stopped before reading the dataset

@@ -362,6 +362,8 @@ class Trainer:
         torch.set_flush_denormal(True)
         torch.manual_seed(cfg.seed)
         generator = torch.Generator().manual_seed(cfg.seed)
+        # Built first (it draws nothing): a bad --backgrounds file stops the run before images are decoded.
+        augment = BatchAugment(cfg.augment, self.spec, generator)
         dataset, train_idx, val_idx = self._dataset()
         self.classes = dataset.classes
         last = self.run_dir / "last.pt"
@@ -387,7 +389,6 @@ class Trainer:
             generator.set_state(resume["generator"])
             torch.set_rng_state(resume["torch_rng"])
             log.info("resuming %s after epoch %d", self.run_dir, state.epoch)
-        augment = BatchAugment(cfg.augment, self.spec, generator)
         criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         stopped_early = False
         while state.epoch < cfg.epochs:
