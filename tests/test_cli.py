@@ -33,6 +33,9 @@ def test_train_export_verify_evaluate_through_the_cli(fmnist_dir, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "FP32 val top-1" in done.stdout and "INT8 val top-1" in done.stdout
     bundle = tmp_path / "models" / "cli" / "v1"
+    # trained on station views (the CLI default): the station must feed it its item crop
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["input"]["crop"] == {"mode": "foreground", "margin": 0.1, "min_size": 16}
 
     done = trainer("verify", bundle, "--public-key", "keys/k.pub", cwd=tmp_path)
     assert done.returncode == 0 and "signature valid" in done.stdout

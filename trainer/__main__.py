@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from trainer.augment import AugmentConfig
+from trainer.station_view import StationViewConfig
 
 log = logging.getLogger("trainer")
 
@@ -56,9 +57,21 @@ def _add_train_args(p: argparse.ArgumentParser, *, data: bool = True) -> None:
     aug = AugmentConfig()
     p.add_argument("--scale", type=float, nargs=2, default=aug.scale, help="random-resized-crop area range")
     p.add_argument("--hflip", type=float, default=aug.hflip)
-    p.add_argument("--rotation", type=float, default=aug.rotation, help="max degrees")
+    sv = StationViewConfig()
+    p.add_argument("--rotation", type=float, default=sv.rotation,
+                   help="max degrees of in-plane rotation (station views; the plain path too unless --plain-rotation)")
+    p.add_argument("--plain-rotation", type=float, default=None,
+                   help="max degrees of rotation on the plain path (default: --rotation)")
     p.add_argument("--jitter", type=float, default=aug.brightness, help="brightness/contrast/saturation strength")
     p.add_argument("--erasing", type=float, default=aug.erasing, help="random erasing probability")
+    p.add_argument("--station-view", default="on", choices=["on", "off"],
+                   help="render training images as the station's item crop (background, light, blur, ...)")
+    p.add_argument("--station-view-share", type=float, default=sv.share,
+                   help="share of training images rendered as station views; the rest take the plain path")
+    p.add_argument("--backgrounds", type=Path, default=None,
+                   help="folder of empty-scene frames from a station (jpg/png) to draw items on")
+    p.add_argument("--crop-margin", type=float, default=0.1,
+                   help="the station's item crop: foreground box grown by this x its longer side on every side")
 
 
 def _add_export_args(p: argparse.ArgumentParser) -> None:
@@ -131,8 +144,13 @@ def get_args_parser() -> argparse.ArgumentParser:
 def train_config_from_args(args: argparse.Namespace):
     from trainer.config import TrainConfig
 
-    augment = AugmentConfig(scale=tuple(args.scale), hflip=args.hflip, rotation=args.rotation,
-                            brightness=args.jitter, contrast=args.jitter, saturation=args.jitter, erasing=args.erasing)
+    station = StationViewConfig(enabled=args.station_view == "on", share=args.station_view_share,
+                                rotation=args.rotation,
+                                backgrounds=str(args.backgrounds) if args.backgrounds else None)
+    plain_rotation = args.rotation if args.plain_rotation is None else args.plain_rotation
+    augment = AugmentConfig(scale=tuple(args.scale), hflip=args.hflip, rotation=plain_rotation,
+                            brightness=args.jitter, contrast=args.jitter, saturation=args.jitter, erasing=args.erasing,
+                            station_view=station)
     keys = [f for f in TrainConfig.__dataclass_fields__ if f != "augment" and hasattr(args, f)]
     return TrainConfig(**{k: getattr(args, k) for k in keys}, augment=augment)
 

@@ -2,7 +2,9 @@
 
 Training images are decoded once to a small uint8 "canvas" (shorter side
 resized to ``resize_shorter``, centre square), so the expensive part of a step
-is the model, not PIL. Augmentation then runs on whole batches: one affine
+is the model, not PIL. Augmentation then runs on whole batches. A share of each
+batch (``StationViewConfig.share``) is rendered as the station's item crop would
+show it (``trainer.station_view``); the rest takes the plain path: one affine
 warp per batch does random-resized-crop, flip and rotation together, followed
 by colour jitter and random erasing as tensor arithmetic. The same code runs on
 CPU and CUDA.
@@ -14,22 +16,34 @@ validation figures are the figures a station will see.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
 
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from agent.preprocess import INTERPOLATIONS, InputSpec, Preprocessor, read_image, resized_size
+from agent.preprocess import INTERPOLATIONS, CropPolicy, InputSpec, Preprocessor, read_image, resized_size
+from trainer.station_view import MASK_SUFFIX, StationView, StationViewConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def _station_view_off() -> StationViewConfig:
+    return StationViewConfig(enabled=False)
+
+
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Train-time augmentation; defaults suit product photos (upright objects, varied lighting)."""
+    """Train-time augmentation; defaults suit product photos (upright objects, varied lighting).
+
+    The fields before ``station_view`` are the plain path's. ``station_view`` is off in a bare
+    ``AugmentConfig()`` (library callers, old runs' configs keep what they did); ``python -m trainer
+    train`` turns it on by default (``--station-view on|off``).
+    """
 
     scale: tuple[float, float] = (0.6, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
@@ -39,13 +53,27 @@ class AugmentConfig:
     contrast: float = 0.2
     saturation: float = 0.2
     erasing: float = 0.0
+    station_view: StationViewConfig = field(default_factory=_station_view_off)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> "AugmentConfig":
+        """From config.json: lists back to tuples; a config from before station views trains without them."""
+        aug = dict(raw)
+        for key in ("scale", "ratio"):
+            if key in aug:
+                aug[key] = tuple(aug[key])
+        station = aug.get("station_view")
+        aug["station_view"] = StationViewConfig.from_dict(station) if isinstance(station, Mapping) else (
+            station or _station_view_off())
+        return cls(**aug)
 
-def eval_spec(image_size: int, resize_shorter: int | None = None, interpolation: str = "bilinear") -> InputSpec:
-    """The manifest's input block for a square model input."""
+
+def eval_spec(image_size: int, resize_shorter: int | None = None, interpolation: str = "bilinear",
+              crop: CropPolicy | None = None) -> InputSpec:
+    """The manifest's input block for a square model input; ``crop`` is what the station feeds it."""
     return InputSpec(
         height=image_size,
         width=image_size,
@@ -53,18 +81,45 @@ def eval_spec(image_size: int, resize_shorter: int | None = None, interpolation:
         interpolation=interpolation,
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
+        crop=crop or CropPolicy(),
     )
 
 
-def load_canvas(path, spec: InputSpec) -> np.ndarray:
-    """Decode an image to the uint8 training canvas: 3 x S x S, S = resize_shorter."""
-    rgb = read_image(path)
+def mask_path(path: str | Path) -> Path:
+    """``<stem>.mask.png`` beside an image: its item mask for station views."""
+    path = Path(path)
+    return path.with_name(path.stem + MASK_SUFFIX)
+
+
+def _square(rgb: np.ndarray, spec: InputSpec, interpolation: int) -> np.ndarray:
     side = spec.resize_shorter
     new_h, new_w = resized_size(rgb.shape[0], rgb.shape[1], side)
     if (new_h, new_w) != rgb.shape[:2]:
-        rgb = cv2.resize(rgb, (new_w, new_h), interpolation=INTERPOLATIONS[spec.interpolation])
+        rgb = cv2.resize(rgb, (new_w, new_h), interpolation=interpolation)
     top, left = (new_h - side) // 2, (new_w - side) // 2
-    return np.ascontiguousarray(rgb[top : top + side, left : left + side].transpose(2, 0, 1))
+    return rgb[top : top + side, left : left + side]
+
+
+def load_canvas(path, spec: InputSpec, with_mask: bool = False) -> np.ndarray:
+    """Decode an image to the uint8 training canvas: 3 x S x S, S = resize_shorter.
+
+    ``with_mask`` adds a 4th channel: the image's mask file (``mask_path``, any non-zero pixel is
+    the item) resized the same way, or zeros when it has none (the renderer then finds the mask).
+    """
+    full = read_image(path)
+    rgb = _square(full, spec, INTERPOLATIONS[spec.interpolation])
+    planes = [rgb.transpose(2, 0, 1)]
+    if with_mask:
+        mask_file = mask_path(path)
+        mask = np.zeros(rgb.shape[:2], np.uint8)
+        if mask_file.exists():
+            raw = read_image(mask_file)
+            if raw.shape[:2] != full.shape[:2]:
+                raise ValueError(f"{mask_file}: mask is {raw.shape[1]}x{raw.shape[0]}, "
+                                 f"its image {full.shape[1]}x{full.shape[0]}")
+            mask = _square(np.where(raw.max(2) > 0, 255, 0).astype(np.uint8), spec, cv2.INTER_LINEAR)
+        planes.append(mask[None])
+    return np.ascontiguousarray(np.concatenate(planes))
 
 
 def load_eval(path, preprocessor: Preprocessor) -> np.ndarray:
@@ -73,7 +128,11 @@ def load_eval(path, preprocessor: Preprocessor) -> np.ndarray:
 
 
 class BatchAugment:
-    """Random augmentation of a uint8 canvas batch into a normalized float batch."""
+    """Random augmentation of a uint8 canvas batch into a normalized float batch.
+
+    With ``config.station_view.enabled`` each image is either rendered as a station view
+    (probability ``station_view.share``) or takes the plain path; the choice is one of the draws.
+    """
 
     def __init__(self, config: AugmentConfig, spec: InputSpec, generator: torch.Generator) -> None:
         self.config = config
@@ -81,6 +140,8 @@ class BatchAugment:
         self.generator = generator
         self.mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
         self.std = torch.tensor(spec.std).view(1, 3, 1, 1)
+        sv = config.station_view
+        self.station = StationView(sv, spec, generator, hflip=config.hflip) if sv.enabled else None
 
     def _rand(self, n: int, low: float = 0.0, high: float = 1.0) -> torch.Tensor:
         return torch.rand(n, generator=self.generator) * (high - low) + low
@@ -121,6 +182,9 @@ class BatchAugment:
             params["erase_ratio"] = torch.exp(self._rand(n, math.log(0.3), math.log(3.3)))
             params["erase_top"], params["erase_left"] = self._rand(n), self._rand(n)
             params["erase_noise"] = torch.rand((n, 3, self.spec.height, self.spec.width), generator=self.generator)
+        if self.station is not None:
+            params["station"] = self._rand(n) < cfg.station_view.share
+            params.update(self.station.sample(n))
         return params
 
     @staticmethod
@@ -151,7 +215,7 @@ class BatchAugment:
         return torch.where(mask.unsqueeze(1).to(x.device), p["erase_noise"].to(x), x)
 
     def __call__(self, canvas: torch.Tensor, shard: tuple[int, int] = (0, 1), total: int | None = None) -> torch.Tensor:
-        """uint8 N x 3 x S x S (any device) -> float N x 3 x H x W, normalized.
+        """uint8 N x 3|4 x S x S (any device; a 4th channel is a mask file's mask) -> float N x 3 x H x W, normalized.
 
         With ``shard=(rank, world)``, ``canvas`` holds rows rank, rank+world, ... of a batch
         of ``total``: the draws are made for the whole batch, so every process of a
@@ -160,21 +224,35 @@ class BatchAugment:
         rank, world = shard
         params = self.sample(total or canvas.shape[0])
         params = {k: v[rank::world] for k, v in params.items()}
-        n = canvas.shape[0]
         x = canvas.float().div_(255.0)
+        if self.station is None:
+            out = self.plain(x[:, :3], params)
+        else:
+            out = torch.empty(x.shape[0], 3, self.spec.height, self.spec.width, device=x.device)
+            routes = ((~params["station"], self.plain), (params["station"], self.station))
+            for chosen, path in routes:
+                rows = chosen.nonzero().squeeze(1)
+                if len(rows):
+                    dev_rows = rows.to(x.device)
+                    out[dev_rows] = path(x[dev_rows], {k: v[rows] for k, v in params.items()})
+        return (out - self.mean.to(out.device)) / self.std.to(out.device)
+
+    def plain(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The plain path on float canvases (0..1): crop/flip/rotate warp, colour jitter, erasing."""
+        n = x.shape[0]
         grid = F.affine_grid(params["theta"].to(x.device), [n, 3, self.spec.height, self.spec.width], align_corners=False)
-        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+        x = F.grid_sample(x[:, :3], grid, mode="bilinear", padding_mode="reflection", align_corners=False)
         x = self._jitter(x, params)
         if self.config.erasing:
             x = self._erase(x, params)
-        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+        return x
 
 
 def center_canvas(canvas: torch.Tensor, spec: InputSpec) -> torch.Tensor:
     """Deterministic view of a canvas batch (centre crop, normalized): for quick train-set checks."""
     side = canvas.shape[-1]
     top, left = (side - spec.height) // 2, (side - spec.width) // 2
-    x = canvas[..., top : top + spec.height, left : left + spec.width].float().div_(255.0)
+    x = canvas[:, :3, top : top + spec.height, left : left + spec.width].float().div_(255.0)
     mean = torch.tensor(spec.mean, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(spec.std, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from agent.preprocess import CROP_MODES, CropPolicy
 from trainer.augment import AugmentConfig
 
 
@@ -48,25 +49,32 @@ class TrainConfig:
     metric: str = "accuracy"
     max_steps_per_epoch: int | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    crop_margin: float = 0.1           # the station's item crop: foreground box grown by this x its longer side
+    crop_mode: str | None = None       # None: "foreground" with station views, "roi" without (resolved on load)
 
     def __post_init__(self) -> None:
         if isinstance(self.augment, dict):
-            aug = dict(self.augment)
-            for key in ("scale", "ratio"):
-                if key in aug:
-                    aug[key] = tuple(aug[key])
-            self.augment = AugmentConfig(**aug)
+            self.augment = AugmentConfig.from_dict(self.augment)
+        if self.crop_mode is None:
+            self.crop_mode = "foreground" if self.augment.station_view.enabled else "roi"
         checks = {
             "optimizer": ("adam", "adamw", "sgd"),
             "schedule": ("cosine", "step", "constant"),
             "metric": ("accuracy", "macro_f1"),
             "interpolation": ("bilinear", "area"),
+            "crop_mode": CROP_MODES,
         }
         for name, allowed in checks.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}: expected one of {allowed}, got {getattr(self, name)!r}")
+        self.crop_policy  # noqa: B018 -- raises ValueError naming input.crop.margin when it is out of range
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch_size must be >= 1")
+
+    @property
+    def crop_policy(self) -> CropPolicy:
+        """The item crop the station must feed this model (the checkpoint's and bundle's ``input.crop``)."""
+        return CropPolicy(mode=self.crop_mode, margin=self.crop_margin)
 
     @property
     def resolved_resize_shorter(self) -> int:

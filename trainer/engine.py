@@ -17,7 +17,7 @@ from torch import nn
 
 from agent.preprocess import InputSpec, Preprocessor
 from trainer import data as data_mod
-from trainer.augment import BatchAugment, eval_spec, load_canvas, load_eval
+from trainer.augment import BatchAugment, eval_spec, load_canvas, load_eval, mask_path
 from trainer.config import TrainConfig
 from trainer.distributed import DistContext, init_distributed, shutdown
 from trainer.model import build_model, set_backbone_frozen, train_mode
@@ -80,7 +80,9 @@ class TrainBatches:
 
     def __init__(self, samples, spec: InputSpec, cfg: TrainConfig, generator: torch.Generator,
                  dist: DistContext | None = None) -> None:
-        self.files = ImageFiles(samples, lambda p: load_canvas(p, spec))
+        # A 4th canvas channel carries mask files, only when station views use them and some exist.
+        with_mask = cfg.augment.station_view.enabled and any(mask_path(s.path).exists() for s in samples)
+        self.files = ImageFiles(samples, lambda p: load_canvas(p, spec, with_mask))
         self.batch_size = cfg.batch_size
         self.generator = generator
         self.workers = cfg.workers
@@ -90,7 +92,7 @@ class TrainBatches:
         self.balance = cfg.balance_classes
         self.labels = torch.tensor([s.label for s in samples], dtype=torch.long)
         side = spec.resize_shorter
-        estimate = len(samples) * 3 * side * side
+        estimate = len(samples) * (4 if with_mask else 3) * side * side
         self.cached = None
         if cfg.cache_images and estimate <= CACHE_LIMIT_BYTES:
             self.cached = materialize(self.files, cfg.workers, "decode train images")
@@ -231,7 +233,7 @@ class Trainer:
         self.on_epoch_end = on_epoch_end
         self.dist = DistContext()
         self.device = select_device(cfg.device)
-        self.spec = eval_spec(cfg.image_size, cfg.resolved_resize_shorter, cfg.interpolation)
+        self.spec = eval_spec(cfg.image_size, cfg.resolved_resize_shorter, cfg.interpolation, crop=cfg.crop_policy)
         self.use_amp = cfg.amp and self.device.type == "cuda"
         self.amp_dtype = torch.bfloat16 if self.use_amp and torch.cuda.is_bf16_supported() else torch.float16
 
@@ -360,6 +362,8 @@ class Trainer:
         torch.set_flush_denormal(True)
         torch.manual_seed(cfg.seed)
         generator = torch.Generator().manual_seed(cfg.seed)
+        # Built first (it draws nothing): a bad --backgrounds file stops the run before images are decoded.
+        augment = BatchAugment(cfg.augment, self.spec, generator)
         dataset, train_idx, val_idx = self._dataset()
         self.classes = dataset.classes
         last = self.run_dir / "last.pt"
@@ -385,7 +389,6 @@ class Trainer:
             generator.set_state(resume["generator"])
             torch.set_rng_state(resume["torch_rng"])
             log.info("resuming %s after epoch %d", self.run_dir, state.epoch)
-        augment = BatchAugment(cfg.augment, self.spec, generator)
         criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         stopped_early = False
         while state.epoch < cfg.epochs:
