@@ -150,3 +150,21 @@ def test_precision_config_and_the_older_prefer_int8(tmp_path):
     assert ModelConfig(bundle=tmp_path, prefer_int8=False, precision="int8").onnx_precision == "int8"
     with pytest.raises(ValueError, match="precision"):
         ModelConfig(bundle=tmp_path, precision="fp16")
+
+
+def test_the_status_says_which_artifact_runs_and_both_timings(both_deployable, tmp_path):
+    from agent.app import Agent, build_runtime
+    from agent.pipeline import ModelHolder
+    from agent_support import as_config, station_config, validate_message
+
+    cfg = as_config(station_config(tmp_path, both_deployable, "unused.avi", 1883,
+                                   model={"precision": "auto", "intra_op_threads": 1}))
+    agent = Agent(cfg)
+    agent.model = ModelHolder(build_runtime(cfg, load_bundle(both_deployable)))
+    status = {**agent.status_body("online"), "seq": 1}  # the publisher numbers messages
+    validate_message("status.v1", status)
+    choice = status["artifact_choice"]
+    assert set(choice["ms_per_batch"]) == {"fp32", "int8"} and choice["batch"] == 4 and choice["mode"] == "auto"
+    assert status["model"]["precision"] == choice["precision"]
+    agent.model = None
+    validate_message("status.v1", {**agent.status_body("offline"), "seq": 2})
