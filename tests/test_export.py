@@ -249,7 +249,7 @@ def test_streamed_ranges_equal_onnx_runtimes_one_shot_ranges(real_bundle, tmp_pa
     from onnxruntime.quantization.calibrate import create_calibrator
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from trainer.export.quantize import _ORT_METHODS, _calibrator_options, calibration_ranges
+    from trainer.export.quantize import _calibrator_options, calibration_ranges, ort_calibration_method
 
     images, _ = _real_calibration_images(real_bundle, 24)
     cfg = QuantizeConfig(method=method, batch_size=3)
@@ -258,7 +258,7 @@ def test_streamed_ranges_equal_onnx_runtimes_one_shot_ranges(real_bundle, tmp_pa
     streamed = calibration_ranges(prepared, tmp_path, images, cfg, "input")
     (tmp_path / "one").mkdir()
     one_shot = create_calibrator(prepared, None, augmented_model_path=str(tmp_path / "one" / "aug.onnx"),
-                                 calibrate_method=_ORT_METHODS[method](), extra_options=_calibrator_options(cfg))
+                                 calibrate_method=ort_calibration_method(method), extra_options=_calibrator_options(cfg))
     feeds = iter([{"input": images[i:i + 8]} for i in range(0, 24, 8)])
     one_shot.collect_data(type("AllBatches", (), {"get_next": lambda self: next(feeds, None)})())
     expected = one_shot.compute_data()
