@@ -120,6 +120,12 @@ def build_runtime(cfg: AgentConfig, bundle: Bundle, engine: DeviceEngine | None 
     return ModelRuntime(bundle, backend, Preprocessor(bundle.input_spec))
 
 
+def _choice_json(runtime: ModelRuntime | None) -> dict[str, Any] | None:
+    """How the running ONNX artifact was chosen (both timings), for the status; None for TensorRT."""
+    choice = getattr(runtime.backend, "choice", None) if runtime else None
+    return choice.as_json() if choice is not None else None
+
+
 class Agent:
     def __init__(self, cfg: AgentConfig, *,
                  source_factory: Callable[[CameraConfig], FrameSource] | None = None,
@@ -239,6 +245,7 @@ class Agent:
                 "agent_version": AGENT_VERSION,
                 "uptime_s": round(time.monotonic() - self.started_at, 3) if state == "online" else None,
                 "model": runtime.identity if runtime else None,
+                "artifact_choice": _choice_json(runtime),
                 "cameras": {w.cfg.id: w.connected for w in self.workers},
                 "last_model_update": self.last_update, "last_thresholds_update": self.last_thresholds}
 

@@ -97,7 +97,15 @@ class ModelConfig(_Strict):
                                     description="ed25519 public key; when set, unsigned bundles are refused.")
     backend: Literal["auto", "onnxruntime", "tensorrt"] = Field(
         "auto", title="Backend", description="auto: a deployable TensorRT engine when tensorrt is importable, else ONNX Runtime.")
-    prefer_int8: bool = Field(True, title="Prefer INT8", description="Run the INT8 ONNX model when the manifest marks it deployable.")
+    prefer_int8: bool = Field(True, title="Prefer INT8 (old)",
+                              description="Kept for old configs; precision replaces it and wins when set. "
+                                          "true: precision auto; false: precision fp32.")
+    precision: Literal["auto", "int8", "fp32"] | None = Field(
+        None, title="ONNX precision",
+        description="Which ONNX artifact ONNX Runtime runs. auto: every deployable one is timed at batch_size when the "
+                    "model loads and the fastest is kept (INT8 is slower than FP32 on CPUs without VNNI); int8 or "
+                    "fp32: pinned (INT8 only where the manifest marks it deployable, else FP32). "
+                    "Unset: from prefer_int8.")
     providers: list[Literal["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]] = Field(
         default_factory=lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
         min_length=1, title="ONNX Runtime providers",
@@ -114,6 +122,13 @@ class ModelConfig(_Strict):
                                            "busy CPU the model's thread runs first; 0: all threads equal.")
     download_dir: Path = Field(Path("/tmp/agent-bundles"), title="Download folder",
                                description="Where bundles named by a cmd/model URL are fetched to.")
+
+    @property
+    def onnx_precision(self) -> Literal["auto", "int8", "fp32"]:
+        """precision, or what the older prefer_int8 meant: INT8 where it helps (auto), or FP32."""
+        if self.precision is not None:
+            return self.precision
+        return "auto" if self.prefer_int8 else "fp32"
 
 
 def available_cpus() -> int:

@@ -39,7 +39,8 @@ def _installed_tensorrt_version() -> str | None:
 
 def create_backend(bundle: Bundle, cfg: ModelConfig, engine: Path | None = None,
                    engine_precision: str | None = None) -> Backend:
-    """TensorRT engine when chosen (or auto and present), else ONNX Runtime on the INT8/FP32 pick.
+    """TensorRT engine when chosen (or auto and present), else ONNX Runtime on the INT8 or FP32 artifact
+    ``model.precision`` picks (auto: the faster one here, measured at load; agent/backends/artifact_choice.py).
 
     ``engine``: an engine for this device made outside the bundle (``agent.startup`` builds or reuses it
     from its cache and passes it in ``INVENTORY_AGENT_ENGINE``); it wins over the bundle's engines.
@@ -65,9 +66,12 @@ def create_backend(bundle: Bundle, cfg: ModelConfig, engine: Path | None = None,
             raise BackendError(f"{bundle.root}: backend 'tensorrt' chosen but the bundle has no deployable engine")
         engine = engines[0]
         return TensorRTBackend(engine.path, bundle.input_spec, precision=engine.precision, max_batch=cfg.batch_size)
+    from agent.backends.artifact_choice import choose_onnx_backend
     from agent.backends.onnxruntime import OnnxRuntimeBackend
 
-    artifact = bundle.pick_onnx(prefer_int8=cfg.prefer_int8)
-    return OnnxRuntimeBackend(artifact.path, bundle.input_spec, precision=artifact.precision,
-                              providers=cfg.providers, intra_op_threads=cfg.intra_op_threads,
-                              tune_batch=cfg.batch_size)
+    def build(artifact: Artifact) -> Backend:
+        return OnnxRuntimeBackend(artifact.path, bundle.input_spec, precision=artifact.precision,
+                                  providers=cfg.providers, intra_op_threads=cfg.intra_op_threads,
+                                  tune_batch=cfg.batch_size)
+
+    return choose_onnx_backend(bundle, cfg.onnx_precision, cfg.batch_size, build)

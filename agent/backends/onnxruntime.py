@@ -55,6 +55,7 @@ class OnnxRuntimeBackend:
         self.spinning = spinning
         self.chosen = pick_providers(providers, _available_providers())
         self.tuning: dict[int, float] = {}
+        self.choice: Any = None  # set by artifact_choice: the ArtifactChoice that picked this model
         cpus = cpus or available_cpus()
         if intra_op_threads or self.chosen[0] != "CPUExecutionProvider" or cpus == 1:
             self.session = self._session(intra_op_threads)

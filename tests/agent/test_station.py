@@ -83,11 +83,14 @@ def test_provider_order_takes_the_available_ones():
     assert pick_providers(["TensorrtExecutionProvider"], ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
 
 
-def test_int8_is_picked_when_deployable(real_bundle):
+def test_the_station_runs_a_deployable_artifact_and_says_which(real_bundle):
+    """Default config (precision auto): the deployable ONNX artifacts are timed here; INT8 only if deployable."""
     bundle = load_bundle(real_bundle)
     int8 = bundle.artifact("onnx-int8")
     backend = create_backend(bundle, ModelConfig(bundle=real_bundle, backend="onnxruntime"))
-    assert backend.precision == ("int8" if int8 is not None and int8.deployable else "fp32")
+    deployable = {"fp32"} | ({"int8"} if int8 is not None and int8.deployable else set())
+    assert set(backend.choice.ms_per_batch) == deployable and backend.precision == backend.choice.precision
+    assert ("int8" in backend.choice.skipped) == ("int8" not in deployable)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="tensorrt is installed here")

@@ -77,7 +77,10 @@ def _split_samples(run_dir: Path, classes: list[str]) -> tuple[list, list]:
 
 
 def _calibration_inputs(train_samples: list, spec: InputSpec, count: int, workers: int) -> np.ndarray:
-    """``count`` training images spread over all classes, preprocessed like at a station."""
+    """``count`` training images spread over all classes, preprocessed like at a station.
+
+    They are held as one N x 3 x H x W float32 array (512 images at 224 px: 308 MB), fine next to the model;
+    what grew without bound was the calibrator's intermediate outputs, now one batch at a time (quantize.py)."""
     rng = np.random.default_rng(0)
     chosen = [train_samples[i] for i in sorted(rng.permutation(len(train_samples))[:count])]
     return eval_inputs(chosen, spec, workers, desc="preprocess calibration images")[0].numpy()
