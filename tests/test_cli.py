@@ -29,13 +29,18 @@ def test_train_export_verify_evaluate_through_the_cli(fmnist_dir, tmp_path):
 
     trainer("keygen", "--private", "keys/k.key", "--public", "keys/k.pub", cwd=tmp_path)
     done = trainer("export", "runs/cli/best.pt", "--version", "v1", "--calibration-images", 64,
-                   "--sign-key", "keys/k.key", cwd=tmp_path)
+                   "--station-val-images", 40, "--sign-key", "keys/k.key", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "FP32 val top-1" in done.stdout and "INT8 val top-1" in done.stdout
+    assert "FP32 val top-1" in done.stdout and "INT8 val top-1" in done.stdout and "station views" in done.stdout
     bundle = tmp_path / "models" / "cli" / "v1"
-    # trained on station views (the CLI default): the station must feed it its item crop
+    # trained on station views (the CLI default): the station must feed it its item crop, and export judged
+    # both models on validation images as the station's localizer crops them from a camera's view
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["input"]["crop"] == {"mode": "foreground", "margin": 0.1, "min_size": 16}
+    station = manifest["quality"]["station_view"]
+    assert station["images"] == station["item_found"] == 40 and 0.0 <= station["int8_val_accuracy"] <= 1.0
+    int8 = manifest["quality"]["int8"]
+    assert int8["passed"] == (station["int8_passed"] and int8["delta_top1_points"] >= -1.0 - 1e-9)
 
     done = trainer("verify", bundle, "--public-key", "keys/k.pub", cwd=tmp_path)
     assert done.returncode == 0 and "signature valid" in done.stdout

@@ -81,6 +81,9 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibration-method", default="percentile", choices=["minmax", "percentile", "entropy"])
     p.add_argument("--gate-margin", type=float, default=1.0, help="INT8 may lose at most this many top-1 points")
     p.add_argument("--parity-images", type=int, default=256)
+    p.add_argument("--station-val-images", type=int, default=1000,
+                   help="foreground-crop bundles: validation images also evaluated (and half the calibration "
+                        "images drawn) as a station camera shows them, cropped by the station's localizer; 0: off")
     p.add_argument("--tensorrt", default="auto", choices=["auto", "on", "off"])
     p.add_argument("--sign-key", type=Path, default=None, help="ed25519 private key to sign the manifest")
 
@@ -182,7 +185,7 @@ def _export_config(args, checkpoint: Path):
         checkpoint=checkpoint, models_dir=Path(args.models_dir), name=getattr(args, "name", None), version=args.version,
         parity_images=args.parity_images, gate_margin_points=args.gate_margin, tensorrt=args.tensorrt,
         quantize=QuantizeConfig(calibration_images=args.calibration_images, method=args.calibration_method),
-        sign_key=args.sign_key,
+        sign_key=args.sign_key, station_val_images=args.station_val_images,
     )
 
 
@@ -194,6 +197,10 @@ def print_export_summary(result) -> None:
           f"(ONNX vs PyTorch max |dlogit| {q['parity']['max_abs_logit_diff']:.2e}, top-1 agreement {q['parity']['top1_agreement']:.4f})")
     print(f"INT8 val top-1 {int8['val_accuracy'] * 100:.2f}%  delta {int8['delta_top1_points']:+.2f} points  "
           f"gate {'passed' if int8['passed'] else 'FAILED: ' + int8['reason']}")
+    if q.get("station_view"):
+        sv = q["station_view"]
+        print(f"station views {sv['images']} validation images on station surfaces, cropped by the station's localizer "
+              f"(item found in {sv['item_found']}): FP32 {sv['val_accuracy'] * 100:.2f}%, INT8 {sv['int8_val_accuracy'] * 100:.2f}%")
     print(f"TensorRT      {q['tensorrt']['engines']} engine(s)" + (f" ({q['tensorrt']['reason']})" if q["tensorrt"]["reason"] else ""))
 
 

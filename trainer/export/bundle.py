@@ -38,6 +38,7 @@ class ExportConfig:
     sign_key: Path | None = None
     workers: int = 2
     val_limit: int | None = None
+    station_val_images: int = 1000   # foreground-crop bundles: validation images also seen as a station sees them
 
 
 @dataclass
@@ -86,6 +87,34 @@ def _calibration_inputs(train_samples: list, spec: InputSpec, count: int, worker
     return eval_inputs(chosen, spec, workers, desc="preprocess calibration images")[0].numpy()
 
 
+def _station_sets(cfg: ExportConfig, spec: InputSpec, train_samples: list, val_samples: list) -> dict | None:
+    """For a foreground-crop bundle: validation images and half the calibration images as a station's camera
+    shows them, cropped by the station's own localizer (trainer.station_eval); None for a whole-ROI bundle."""
+    if spec.crop.mode != "foreground" or cfg.station_val_images <= 0:
+        return None
+    from trainer.station_eval import SceneConfig, station_views
+
+    val = val_samples[: cfg.station_val_images]
+    rng = np.random.default_rng(1)
+    calib = [train_samples[i] for i in rng.permutation(len(train_samples))[: cfg.quantize.calibration_images // 2]]
+    return {"val": station_views([s.path for s in val], [s.label for s in val], spec),
+            "calibration": station_views([s.path for s in calib], [s.label for s in calib], spec,
+                                         SceneConfig(seed=4321)).inputs}
+
+
+def _station_quality(views, fp32_path: Path, int8_path: Path, margin_points: float) -> tuple[dict, str | None]:
+    """Top-1 of both models on the station-view set, and the INT8 gate's verdict on it."""
+    fp32 = float((onnx_logits(fp32_path, views.inputs).argmax(1) == views.labels).mean())
+    int8 = float((onnx_logits(int8_path, views.inputs).argmax(1) == views.labels).mean())
+    passed, reason = int8_gate(fp32, int8, margin_points)
+    log.info("station-view validation (%d scenes, item found in %d): FP32 %.2f%%, INT8 %.2f%%",
+             len(views.labels), views.found, fp32 * 100, int8 * 100)
+    return ({"images": int(len(views.labels)), "item_found": int(views.found), "val_accuracy": fp32,
+             "int8_val_accuracy": int8, "int8_passed": passed,
+             "how": "validation images placed on station surfaces at a 300 px ROI, cropped by agent.localize"},
+            None if passed else f"station views: {reason}")
+
+
 def _build_engines(cfg: ExportConfig, tmp_dir: Path, spec: InputSpec, int8_ok: bool) -> tuple[list[dict], str | None]:
     from trainer.export import tensorrt as trt_export
 
@@ -128,7 +157,7 @@ def export_bundle(cfg: ExportConfig) -> ExportResult:
     tmp_dir.mkdir(parents=True)
     try:
         manifest, fp32_metrics, int8_metrics = _export_into(
-            cfg, tmp_dir, model, spec, classes, train_cfg, name, version, train_samples, val_x, val_y, run_dir)
+            cfg, tmp_dir, model, spec, classes, train_cfg, name, version, train_samples, val_samples, val_x, val_y, run_dir)
         (tmp_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
         if cfg.sign_key:
             from trainer.signing import sign_bundle
@@ -147,7 +176,8 @@ def export_bundle(cfg: ExportConfig) -> ExportResult:
     return ExportResult(final_dir, manifest, fp32_metrics, int8_metrics)
 
 
-def _export_into(cfg, tmp_dir, model, spec, classes, train_cfg, name, version, train_samples, val_x, val_y, run_dir):
+def _export_into(cfg, tmp_dir, model, spec, classes, train_cfg, name, version, train_samples, val_samples, val_x, val_y,
+                 run_dir):
     fp32_path = export_onnx(model, tmp_dir / "model.fp32.onnx", spec.height, spec.width,
                             input_name=spec.input_name, output_name=spec.output_name)
     parity_stats = parity(model, fp32_path, val_x[: cfg.parity_images])
@@ -157,12 +187,19 @@ def _export_into(cfg, tmp_dir, model, spec, classes, train_cfg, name, version, t
     artifacts = [artifact_entry(fp32_path, tmp_dir, role=ROLE_FP32, precision="fp32", deployable=True)]
 
     calibration = _calibration_inputs(train_samples, spec, cfg.quantize.calibration_images, cfg.workers)
+    station = _station_sets(cfg, spec, train_samples, val_samples)
+    if station is not None:  # half of the calibration images as the station crops them: the ranges it will see
+        calibration = np.concatenate([calibration[: len(calibration) - len(calibration) // 2], station["calibration"]])
     int8_path = tmp_dir / "model.int8.onnx"
     calib_info = quantize_qdq(fp32_path, int8_path, calibration, cfg.quantize, input_name=spec.input_name)
     int8_logits = onnx_logits(int8_path, val_x)
     int8_metrics = compute_metrics(int8_logits, val_y, classes)
     int8_metrics["_logits"] = int8_logits
     passed, reason = int8_gate(fp32_metrics["accuracy"], int8_metrics["accuracy"], cfg.gate_margin_points)
+    station_quality = None
+    if station is not None:
+        station_quality, station_reason = _station_quality(station["val"], fp32_path, int8_path, cfg.gate_margin_points)
+        passed, reason = passed and station_reason is None, reason or station_reason
     if not passed:
         log.warning("INT8 model kept but not deployable: %s", reason)
     artifacts.append(artifact_entry(int8_path, tmp_dir, role=ROLE_INT8, precision="int8", deployable=passed, reason=reason))
@@ -201,6 +238,7 @@ def _export_into(cfg, tmp_dir, model, spec, classes, train_cfg, name, version, t
                 "reason": reason,
                 "calibration": calib_info,
             },
+            "station_view": station_quality,
             "thresholds": fp32_metrics["thresholds"],
             "low_confidence": fp32_metrics["low_confidence"],
             "tensorrt": {"engines": len(engines), "reason": no_engine_reason},

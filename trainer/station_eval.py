@@ -1,0 +1,114 @@
+"""Station-view validation: what a station feeds the model, made by the station's own code.
+
+Export evaluates the model, and calibrates its INT8 twin, on two sets: the clean validation images
+(the dataset as it is), and the same images as a station camera shows them. For the second set each
+validation image is placed on a surface at a station's ROI size, rotated, under uneven light, with
+sensor noise (a *scene*), next to the same surface under the same light without the item (its *empty
+twin*, what a station's background model holds). The agent's ``foreground_box`` then finds the item
+against the twin, ``crop_box`` and ``model_view`` cut it out under the bundle's ``CropPolicy``, and
+the ``Preprocessor`` makes the model input. Those are the functions a station's camera thread runs
+(``agent.prepare``), so the figure is what the crop policy gives at a station, by construction: a
+localizer that misses, or a margin the model was not trained for, shows up here.
+
+The surfaces are the trainer's procedural backgrounds (``trainer.backgrounds``) from a seed of their
+own, not the training tiles; a station's captured empty scenes are not used here (they are few, and
+they are training material).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import cv2
+import numpy as np
+import torch
+
+from agent.localize import crop_box, foreground_box, model_view
+from agent.preprocess import InputSpec, Preprocessor, read_image
+from trainer.backgrounds import procedural_tiles
+from trainer.station_view import item_mask
+
+
+@dataclass(frozen=True, kw_only=True)
+class SceneConfig:
+    """A station's view of one item: the camera ROI and how the item lies in it."""
+
+    roi: int = 300                                    # ROI side, px
+    item_fraction: tuple[float, float] = (0.57, 0.77)  # item's longer side / ROI side (170-230 px of 300)
+    rotation: float = 20.0                            # max degrees either way
+    gain: tuple[float, float] = (0.75, 1.25)          # overall light
+    gradient: float = 0.25                            # light change across the ROI, either way
+    noise: float = 3.0                                # sensor noise std (0..255), on the scene only
+    seed: int = 1234
+
+
+@dataclass(frozen=True)
+class StationViews:
+    """Model inputs of the station-view set, their labels, and how often the localizer found the item."""
+
+    inputs: np.ndarray          # N x 3 x H x W float32
+    labels: np.ndarray          # N int64
+    found: int                  # scenes where foreground_box found a box
+
+
+def _surfaces(side: int, seed: int) -> np.ndarray:
+    """HxWx3 uint8 surfaces, from the procedural kinds, on a seed apart from the training tiles'."""
+    return procedural_tiles(side, per_kind=4, seed=seed + 7919).transpose(0, 2, 3, 1)
+
+
+def _light(side: int, rng: np.random.Generator, cfg: SceneConfig) -> np.ndarray:
+    """A gain field: overall light times a linear gradient in a random direction."""
+    angle = rng.uniform(0, 2 * np.pi)
+    ramp = np.cos(angle) * np.linspace(-1, 1, side)[None, :] + np.sin(angle) * np.linspace(-1, 1, side)[:, None]
+    field = rng.uniform(*cfg.gain) * (1 + cfg.gradient * rng.uniform(-1, 1) * ramp / np.sqrt(2))
+    return field.astype(np.float32)[..., None]
+
+
+def _placed_item(rgb: np.ndarray, rng: np.random.Generator, cfg: SceneConfig) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """The item scaled and rotated, its alpha, and its top-left corner in the ROI (fully inside)."""
+    canvas = torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255.0
+    alpha = item_mask(canvas)[0, 0].numpy()
+    longer = cfg.roi * rng.uniform(*cfg.item_fraction)
+    scale = longer / max(rgb.shape[:2])
+    angle = rng.uniform(-cfg.rotation, cfg.rotation)
+    h, w = rgb.shape[:2]
+    side = int(np.ceil(np.hypot(h, w) * scale)) + 2
+    matrix = cv2.getRotationMatrix2D((w / 2, h / 2), angle, scale)
+    matrix[:, 2] += (side / 2 - w / 2, side / 2 - h / 2)
+    item = cv2.warpAffine(rgb, matrix, (side, side), flags=cv2.INTER_LINEAR, borderValue=(0, 0, 0))
+    alpha = cv2.warpAffine(alpha, matrix, (side, side), flags=cv2.INTER_LINEAR, borderValue=0)
+    side = min(side, cfg.roi)
+    item, alpha = item[:side, :side], alpha[:side, :side]
+    top, left = (int(rng.integers(0, cfg.roi - side + 1)) for _ in range(2))
+    return item, alpha, top, left
+
+
+def render_scene(rgb: np.ndarray, surface: np.ndarray, rng: np.random.Generator,
+                 cfg: SceneConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(scene, empty twin): ``rgb`` (HxWx3 uint8, a product on a plain background) lying on ``surface``."""
+    light = _light(cfg.roi, rng, cfg)
+    ground = cv2.resize(surface, (cfg.roi, cfg.roi), interpolation=cv2.INTER_AREA).astype(np.float32)
+    scene = ground.copy()
+    item, alpha, top, left = _placed_item(rgb, rng, cfg)
+    window = scene[top : top + item.shape[0], left : left + item.shape[1]]
+    window[:] = alpha[..., None] * item + (1 - alpha[..., None]) * window
+    scene = scene * light + rng.normal(0, cfg.noise, scene.shape).astype(np.float32)
+    empty = ground * light
+    return (np.clip(scene, 0, 255).round().astype(np.uint8), np.clip(empty, 0, 255).round().astype(np.uint8))
+
+
+def station_views(paths: Sequence, labels: Sequence[int], spec: InputSpec, cfg: SceneConfig = SceneConfig()) -> StationViews:
+    """The station's model inputs for these images seen at a station (see the module docstring)."""
+    rng = np.random.default_rng(cfg.seed)
+    surfaces = _surfaces(256, cfg.seed)
+    preprocessor = Preprocessor(spec)
+    inputs = np.empty((len(paths), 3, spec.height, spec.width), np.float32)
+    found = 0
+    for i, path in enumerate(paths):
+        scene, empty = render_scene(read_image(path), surfaces[rng.integers(len(surfaces))], rng, cfg)
+        box = foreground_box(scene, empty, gain=1.0).box
+        found += box is not None
+        crop = crop_box(box, scene.shape[:2], spec.crop)
+        inputs[i] = preprocessor(model_view(scene, crop, spec.crop))
+    return StationViews(inputs, np.asarray(labels, np.int64), found)
