@@ -108,13 +108,20 @@ def model_view(roi_image: np.ndarray, crop: Box | None, policy: CropPolicy) -> n
 
 
 def work_copy(image: np.ndarray, work_size: int, texture_px: float) -> tuple[np.ndarray, float]:
-    """(float32 shrunk and blurred copy, shrink factor): what the background model compares."""
+    """(float32 shrunk and blurred copy, shrink factor): what the background model compares.
+
+    The shrink is by a whole factor (the one that brings the longer side nearest ``work_size``): OpenCV's
+    area averaging has a fast path for whole factors, about 3x faster than 300 -> 96 px, on every frame of
+    every camera. The last ``factor - 1`` rows and columns at most are left out.
+    """
     height, width = image.shape[:2]
-    scale = min(1.0, work_size / max(height, width))
+    factor = max(1, int(round(max(height, width) / work_size)))
+    factor = min(factor, height, width)
+    scale = 1.0 / factor
     small = image
-    if scale < 1.0:
-        size = (max(1, int(round(width * scale))), max(1, int(round(height * scale))))
-        small = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    if factor > 1:
+        rows, cols = height // factor, width // factor
+        small = cv2.resize(image[: rows * factor, : cols * factor], (cols, rows), interpolation=cv2.INTER_AREA)
     small = small.astype(np.float32)
     kernel = int(round(texture_px * scale))
     if kernel >= 2:
@@ -182,12 +189,16 @@ def item_box(mask: np.ndarray, min_area_px: float, join_px: float) -> tuple[tupl
     return box, int(sum(int(s[cv2.CC_STAT_AREA]) for s in parts))
 
 
-def to_roi(box: tuple[int, int, int, int], scale: float, roi_hw: tuple[int, int]) -> Box:
-    """A working-copy box in ROI pixels (outward rounding, clipped)."""
+def to_roi(box: tuple[int, int, int, int], scale: float, roi_hw: tuple[int, int],
+           work_hw: tuple[int, int] | None = None) -> Box:
+    """A working-copy box in ROI pixels (outward rounding, clipped); a box that reaches the working copy's
+    last row or column reaches the ROI's (the rows and columns the whole-factor shrink left out)."""
     height, width = roi_hw
     x0, y0, x1, y1 = box
+    x1 = width if work_hw is not None and x1 >= work_hw[1] else x1 / scale
+    y1 = height if work_hw is not None and y1 >= work_hw[0] else y1 / scale
     return (max(0, int(np.floor(x0 / scale))), max(0, int(np.floor(y0 / scale))),
-            min(width, int(np.ceil(x1 / scale))), min(height, int(np.ceil(y1 / scale))))
+            min(width, int(np.ceil(x1))), min(height, int(np.ceil(y1))))
 
 
 def foreground_box(image: np.ndarray, background: np.ndarray, *, work_size: int = 96, texture_px: float = 12.0,
@@ -213,7 +224,7 @@ def _locate(frame: np.ndarray, back: np.ndarray, scale: float, roi_hw: tuple[int
     mask = foreground_mask(frame, back, gain, threshold)
     box, fg_pixels = item_box(mask, min_area * mask.size, join_px * scale)
     fraction = fg_pixels / float(mask.size)
-    return Foreground(to_roi(box, scale, roi_hw) if box else None, fraction, gain), mask
+    return Foreground(to_roi(box, scale, roi_hw, mask.shape[:2]) if box else None, fraction, gain), mask
 
 
 @dataclass(frozen=True)
