@@ -159,3 +159,96 @@ def test_the_capture_rules_on_their_own():
     capture.request(["a"], 100, now=20.0)
     assert capture.pending("a") == 50
     assert capture.offer("a", False, 31.0).given_up == 50
+
+
+def send(broker, verb: str, payload: bytes) -> None:
+    import paho.mqtt.client as paho
+
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="operator")
+    client.connect(broker.host, broker.port)
+    client.loop_start()
+    client.publish(f"inventory/test/st-01/cmd/{verb}", payload, qos=1).wait_for_publish(5)
+    client.loop_stop()
+    client.disconnect()
+
+
+@pytest.mark.mqtt
+def test_cmd_capture_empty_end_to_end_and_bad_payloads_are_refused(broker, tiny_bundle, busy_then_empty, tmp_path):
+    """A real agent on a folder camera (a belt: empty, an item, empty, looping), a real mosquitto, the real
+    central ingest: the command's frames arrive in the store's empty scenes; bad payloads are refused in the
+    status and the command thread goes on."""
+    from agent.app import Agent
+    from agent.demo import Subscriber
+    from trainer.loop.ingest import IngestService
+    from trainer.loop.store import FrameStore
+
+    folder = tmp_path / "camera"
+    folder.mkdir()
+    for i, (_, image) in enumerate(busy_then_empty):
+        cv2.imwrite(str(folder / f"{i:04d}.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    store = FrameStore(tmp_path / "store")
+    ingest = IngestService(store, host=broker.host, port=broker.port, client_id="ingest-test")
+    ingest.start()
+    assert ingest.connected.wait(10)
+    cfg = as_config(station_config(tmp_path, tiny_bundle, str(folder), broker.port,
+                                   cameras=[{"id": "cam-a", "uri": str(folder), "loop": True, "fps": 20,
+                                             "backpressure": "drop_oldest"}],
+                                   frames={"empty_scene_interval_s": 0, "empty_scene_spacing_s": 0.2}))
+    dashboard = Subscriber(broker.host, broker.port, "inventory/test/st-01")
+    agent = Agent(cfg)
+    agent.start()
+    try:
+        def status() -> dict:
+            return (json.loads(dashboard.of("status")[-1].payload).get("last_capture_empty") or {}) \
+                if dashboard.of("status") else {}
+
+        bad = [(b"not json", "Invalid JSON"), (b'{"count": 0}', "field count: Input should be greater than or equal to 1"),
+               (b'{"cameras": ["cam-z"]}', "field cameras: 'cam-z' not among cam-a"),
+               (b'{"colour": "red"}', "field colour: Extra inputs are not permitted"),
+               (b'{"cameras": []}', "field cameras: List should have at least 1 item")]
+        for payload, reason in bad:
+            send(broker, "capture-empty", payload)
+            assert dashboard.wait_for(lambda d: reason in (status().get("reason") or ""), 10), (reason, status())
+            assert status()["ok"] is False and status()["requested"] is None
+            validate_message("status.v1", json.loads(dashboard.of("status")[-1].payload))
+        body = {"count": 2, "cameras": ["cam-a"]}
+        validate_message("cmd-capture-empty.v1", body)
+        send(broker, "capture-empty", json.dumps(body).encode())
+        assert dashboard.wait_for(lambda d: status().get("ok") is True, 10)
+        assert status()["requested"] == {"count": 2, "cameras": ["cam-a"]}
+        assert wait_until(lambda: len(store.list_empty_scenes()) == 2, 30), store.stats()
+        send(broker, "capture-empty", b"")                  # an empty payload: one frame from every camera
+        assert wait_until(lambda: len(store.list_empty_scenes()) == 3, 30)
+    finally:
+        agent.shutdown(5)
+        dashboard.close()
+        ingest.stop()
+    scenes = store.list_empty_scenes(station="st-01", camera="cam-a")
+    for scene in scenes:
+        validate_message("frame.v1", scene["meta"])       # the metadata as the real broker delivered it (v5)
+        assert scene["meta"]["kind"] == "empty-scene" and (scene["width"], scene["height"]) == (300, 300)
+    assert [s["trigger"] for s in scenes] == ["command"] * 3
+    assert store.list()[1] == store.stats()["counters"].get("stored", 0)   # none of them entered the review queue
+    assert not {s["id"] for s in scenes} & {f["id"] for f in store.list(limit=1000)[0]}
+    # what was sent is an empty belt: it matches the empty frames of the scene, not the ones with the item
+    empties = [img for kind, img in busy_then_empty if kind == EMPTY]
+    items = [img for kind, img in busy_then_empty if kind == ITEM]
+    for scene in scenes:
+        sent = cv2.cvtColor(cv2.imread(str(store.root / scene["image"])), cv2.COLOR_BGR2RGB).astype(np.float32)
+        near_empty = min(np.abs(sent - e).mean() for e in empties)
+        near_item = min(np.abs(sent - i).mean() for i in items)
+        assert near_empty < near_item
+    snapshot = agent.metrics.snapshot()
+    assert snapshot["empty_scenes_sent"] == 3
+    validate_message("stats.v1", {"schema": "stats.v1", "id": "00000000-0000-4000-8000-000000000000", "seq": 1,
+                                  "ts": 1.0, "site": "test", "station": "st-01", **snapshot})
+    store.close()
+
+
+def wait_until(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return predicate()
