@@ -20,8 +20,8 @@ from pydantic import ValidationError
 
 from agent.backends import BackendError, create_backend
 from agent.bundle import Bundle, BundleError, load_bundle, load_public_key
-from agent.config import (AgentConfig, CameraConfig, ConfigError, Thresholds, ThresholdsCommand,
-                          format_errors)
+from agent.config import (AgentConfig, CameraConfig, CaptureEmptyCommand, ConfigError, Thresholds,
+                          ThresholdsCommand, format_errors)
 from agent.health import Metrics, PrometheusServer
 from agent.mqtt import MqttPublisher
 from agent.outbox import Outbox
@@ -139,6 +139,7 @@ class Agent:
         self.started_at = time.monotonic()
         self.last_update: dict[str, Any] | None = None
         self.last_thresholds: dict[str, Any] | None = None
+        self.last_capture_empty: dict[str, Any] | None = None
         self.state: StationState | None = None
         self.public_key = None
         self.model: ModelHolder | None = None
@@ -204,7 +205,8 @@ class Agent:
         keep_full = self.cfg.frames.enabled and not self.cfg.frames.crop_roi
         for cam in self.cfg.cameras:
             hub.add_camera(cam.id, cam.queue_size, cam.backpressure)
-            prepare = camera_preparer(self.model, self.cfg.decisions.presence, scenes[cam.id])
+            prepare = camera_preparer(self.model, self.cfg.decisions.presence, scenes[cam.id],
+                                      watch_empty=self.cfg.frames.enabled)
             self.workers.append(CameraWorker(cam, hub, self.metrics, self.stop_event, self.source_factory, keep_full,
                                              prepare=prepare, nice=self.cfg.model.pipeline_nice))
         self.hub = hub
@@ -247,7 +249,8 @@ class Agent:
                 "model": runtime.identity if runtime else None,
                 "artifact_choice": _choice_json(runtime),
                 "cameras": {w.cfg.id: w.connected for w in self.workers},
-                "last_model_update": self.last_update, "last_thresholds_update": self.last_thresholds}
+                "last_model_update": self.last_update, "last_thresholds_update": self.last_thresholds,
+                "last_capture_empty": self.last_capture_empty}
 
     def stats_body(self) -> dict[str, Any]:
         assert self.outbox is not None
@@ -281,12 +284,48 @@ class Agent:
                 verb, payload = self._commands.get(timeout=0.2)
             except queue.Empty:
                 continue
-            if verb == "model":
-                self.reload_model(payload)
-            elif verb == "thresholds":
-                self.update_thresholds(payload)
-            else:
-                log.warning("unknown command cmd/%s ignored", verb)
+            try:
+                self._run_command(verb, payload)
+            except Exception:      # a bug in one command must not end the thread that runs them all
+                log.exception("command cmd/%s failed; the command thread goes on", verb)
+
+    def _run_command(self, verb: str, payload: bytes) -> None:
+        if verb == "model":
+            self.reload_model(payload)
+        elif verb == "thresholds":
+            self.update_thresholds(payload)
+        elif verb == "capture-empty":
+            self.capture_empty(payload)
+        else:
+            log.warning("unknown command cmd/%s ignored", verb)
+
+    def capture_empty(self, payload: bytes) -> bool:
+        """cmd/capture-empty: ask the decide thread for empty-scene frames; status says accepted or why not."""
+        known = [c.id for c in self.cfg.cameras]
+        try:
+            cmd = CaptureEmptyCommand.model_validate_json(payload or b"{}")
+            unknown = [c for c in cmd.cameras or [] if c not in known]
+            if unknown:
+                raise ValueError(f"field cameras: {', '.join(map(repr, unknown))} not among {', '.join(known)}")
+            if self.inference is None or self.inference.empty_scenes is None:
+                raise ValueError("frames.enabled is false: this station uploads no frames")
+        except ValidationError as exc:
+            reason = "; ".join(line.replace("cmd/capture-empty: field ", "field ", 1)
+                               for line in format_errors(Path("cmd/capture-empty"), exc))
+            return self._capture_empty_result(False, reason, None)
+        except ValueError as exc:
+            return self._capture_empty_result(False, str(exc), None)
+        cameras = cmd.cameras or known
+        self.inference.empty_scenes.request(cameras, cmd.count, self.inference.clock())
+        return self._capture_empty_result(True, None, {"count": cmd.count, "cameras": cameras})
+
+    def _capture_empty_result(self, ok: bool, reason: str | None, requested: dict[str, Any] | None) -> bool:
+        (log.info if ok else log.error)("cmd/capture-empty %s: %s", "accepted" if ok else "rejected",
+                                        requested or reason)
+        self.last_capture_empty = {"ok": ok, "reason": reason, "ts": round(time.time(), 6), "requested": requested}
+        if self.publisher is not None:
+            self.publisher.request_status()
+        return ok
 
     def update_thresholds(self, payload: bytes) -> bool:
         """cmd/thresholds: validate with the config schema, apply to one camera or all; status says the outcome."""

@@ -59,6 +59,15 @@ class ThresholdsCommand(Thresholds):
     camera: str | None = Field(None, title="Camera", description="Camera id; None: every camera.")
 
 
+class CaptureEmptyCommand(_Strict):
+    """Payload of cmd/capture-empty: send empty-scene frames (the ROI with nothing in view) for training."""
+
+    count: int = Field(1, ge=1, le=50, title="Frames per camera",
+                       description="Empty-scene frames to send from each camera named.")
+    cameras: list[str] | None = Field(None, min_length=1, title="Cameras",
+                                      description="Camera ids; None: every camera.")
+
+
 class Backoff(_Strict):
     initial_s: float = Field(0.5, gt=0, title="Initial delay", description="First wait before a retry, seconds.")
     max_s: float = Field(30.0, gt=0, title="Maximum delay", description="Cap of the exponential backoff, seconds.")
@@ -316,6 +325,17 @@ class FramesConfig(_Strict):
     dedupe_bits: int = Field(6, ge=0, le=64, title="Duplicate distance",
                              description="dHash Hamming distance at or below which a frame counts as a near-duplicate.")
     dedupe_window: int = Field(32, ge=0, title="Duplicate memory", description="Recent hashes per camera compared against.")
+    empty_scene_interval_s: float = _finite(
+        3600.0, ge=0, title="Empty-scene interval",
+        description="Per camera, send one empty-scene frame (the ROI when the localizer sees nothing in view) this "
+                    "often, for training on the station's real background; 0: only on cmd/capture-empty.")
+    empty_scene_wait_s: float = _finite(
+        600.0, gt=0, title="Empty-scene wait",
+        description="A requested or scheduled empty-scene frame waits at most this long for an empty scene; then it "
+                    "is given up and counted.")
+    empty_scene_spacing_s: float = _finite(
+        2.0, ge=0, title="Empty-scene spacing",
+        description="Per camera, at least this many seconds between the empty-scene frames of one command.")
 
 
 class HealthConfig(_Strict):

@@ -93,6 +93,8 @@ class Metrics:
             "frames_empty": int(sum(self.counters_by("frames_empty_total", "camera").values())),
             "inference_errors": int(self.counter("inference_errors_total")),
             "frames_uploaded": int(sum(self.counters_by("frames_uploaded_total", "camera").values())),
+            "empty_scenes_sent": int(sum(self.counters_by("empty_scenes_sent_total", "camera").values())),
+            "empty_scenes_given_up": int(sum(self.counters_by("empty_scenes_given_up_total", "camera").values())),
             "model_version": self.info.get("model_version", ""),
         }
 

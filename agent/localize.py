@@ -52,6 +52,12 @@ class Located:
     box: Box | None              # the item's foreground box in ROI pixels
     crop_box: Box | None         # box grown/squared/kept inside the ROI by the crop policy (None: no item)
     fg_fraction: float           # share of the ROI that differs from the background (all kept components)
+    settled: bool = True         # False during the warm-up: "no item" then means "taken as the empty scene"
+
+    @property
+    def scene_empty(self) -> bool:
+        """Nothing at all in view by a settled background: no item and no foreground part (empty-scene uploads)."""
+        return self.settled and not self.present and self.fg_fraction == 0.0
 
     def to_json(self) -> dict[str, Any]:
         return {"present": self.present, "box": list(self.box) if self.box else None,
@@ -276,7 +282,7 @@ class Localizer:
         if self._seen < s.warmup_frames:
             self._seen += 1
             self.background += (frame - self.background) / self._seen
-            return Located(False, None, None, 0.0)
+            return Located(False, None, None, 0.0, settled=False)
         self.gain = self._gain(frame, scale)
         found, mask = _locate(frame, self.background, scale, roi_hw, threshold=s.threshold, min_area=s.min_area,
                               join_px=s.join_px, gain=self.gain)

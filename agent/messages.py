@@ -8,7 +8,7 @@ from importlib import resources
 from typing import Any
 
 SCHEMAS = ("result.v1", "decision.v1", "alert.v1", "frame.v1", "stats.v1", "status.v1", "frame-envelope.v1",
-           "cmd-model.v1", "cmd-thresholds.v1")
+           "cmd-model.v1", "cmd-thresholds.v1", "cmd-capture-empty.v1")
 
 
 @lru_cache(maxsize=None)

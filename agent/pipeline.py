@@ -29,6 +29,7 @@ from agent.bundle import Bundle
 from agent.config import AgentConfig, CameraConfig, Thresholds, merge_thresholds
 from agent.decide import (Classification, ItemDecision, ItemTracker, LaneMap, LowConfidencePolicy, Observation,
                           PolicyThresholds, QcAlerter, UploadGate, classify_batch, dhash, item_present, softmax)
+from agent.empty_scene import EmptySceneCapture
 from agent.health import Metrics
 from agent.outbox import Message, Outbox
 from agent.localize import cut
@@ -139,6 +140,11 @@ class InferenceStage(threading.Thread):
         self.finished = threading.Event()
         self.qc = QcAlerter(cfg.decisions.qc)
         self.uploads = UploadGate(cfg.frames.min_interval_s, cfg.frames.dedupe_bits, cfg.frames.dedupe_window)
+        fcfg = cfg.frames
+        # empty-scene frames for training on this station's backgrounds (agent/empty_scene.py); uploads only
+        self.empty_scenes = (EmptySceneCapture([c.id for c in cfg.cameras], interval_s=fcfg.empty_scene_interval_s,
+                                               wait_s=fcfg.empty_scene_wait_s, spacing_s=fcfg.empty_scene_spacing_s,
+                                               now=clock()) if fcfg.enabled else None)
         self._runtime: ModelRuntime | None = None
         self.threshold_overrides: dict[str, Thresholds] = {}
         self._cameras: dict[str, CameraDecisions] = {}
@@ -233,14 +239,15 @@ class InferenceStage(threading.Thread):
         """A frame no camera thread prepared (built by hand) is localized here when anything needs it."""
         if frame.prepared is not None or frame.located is not None:
             return frame
-        if not (self.cfg.decisions.presence.by_localizer or runtime.preprocessor.spec.crop.mode == "foreground"):
+        if not (self.cfg.decisions.presence.by_localizer or runtime.preprocessor.spec.crop.mode == "foreground"
+                or self.empty_scenes is not None):
             return frame
         prepare = self._preparers.get(frame.camera_id)
         if prepare is None:
             cam = next((c for c in self.cfg.cameras if c.id == frame.camera_id), None)
             scene = load_empty_scene(self.cfg, cam) if cam is not None else None
-            prepare = self._preparers[frame.camera_id] = camera_preparer(self.model, self.cfg.decisions.presence,
-                                                                         scene)
+            prepare = self._preparers[frame.camera_id] = camera_preparer(
+                self.model, self.cfg.decisions.presence, scene, watch_empty=self.empty_scenes is not None)
         prepared = prepare(frame.image)
         return replace(frame, prepared=prepared, located=prepared.located)
 
@@ -289,6 +296,7 @@ class InferenceStage(threading.Thread):
                 queue_s: float) -> list[Message]:
         state = self._cameras[frame.camera_id]
         self.metrics.observe("queue", queue_s)
+        empty_scene = self._maybe_empty_scene(frame, runtime)
         located = frame.located.present if frame.located is not None else None
         present = item_present(self.cfg.decisions.presence, located, cls.label if cls is not None else None)
         if present is False or cls is None:
@@ -300,7 +308,7 @@ class InferenceStage(threading.Thread):
             decision = state.tracker.update(obs, bool(present))
             if decision is not None:
                 out.append(self._decision_message(decision))
-        return out
+        return out + empty_scene
 
     def _item_frame(self, frame: Frame, cls: Classification, runtime: ModelRuntime, timings: dict[str, float],
                     queue_s: float, present: bool | None) -> list[Message]:
@@ -412,6 +420,27 @@ class InferenceStage(threading.Thread):
             body["context"] = {"crop_box": list(box), "roi_width": int(frame.image.shape[1]),
                                "roi_height": int(frame.image.shape[0]),
                                "roi_jpeg_b64": thumbnail_b64(frame.image, CONTEXT_SIDE, CONTEXT_QUALITY)}
+        return [Message("frame", body, jpeg)]
+
+    def _maybe_empty_scene(self, frame: Frame, runtime: ModelRuntime) -> list[Message]:
+        """The ROI as an empty-scene frame, when one is wanted (command or schedule) and the localizer sees
+        nothing in view; never a frame with an item (agent/empty_scene.py)."""
+        if self.empty_scenes is None:
+            return []
+        scene_empty = frame.prepared.scene_empty if frame.prepared is not None else None
+        offer = self.empty_scenes.offer(frame.camera_id, scene_empty, self.clock())
+        if offer.given_up:
+            self.metrics.inc("empty_scenes_given_up_total", offer.given_up, camera=frame.camera_id)
+        if offer.trigger is None:
+            return []
+        quality = self.cfg.frames.jpeg_quality
+        jpeg = encode_jpeg(frame.image, quality)
+        self.metrics.inc("empty_scenes_sent_total", camera=frame.camera_id, trigger=offer.trigger)
+        log.info("camera %s: empty-scene frame %d sent (%s)", frame.camera_id, frame.seq, offer.trigger)
+        body = {"schema": "frame.v1", "kind": "empty-scene", "trigger": offer.trigger, **self._common(frame, runtime),
+                "source_ref": frame.source_ref,
+                "jpeg": {"width": int(frame.image.shape[1]), "height": int(frame.image.shape[0]), "quality": quality,
+                         "bytes": len(jpeg), "roi_crop": self._has_roi(frame.camera_id), "item_crop": False}}
         return [Message("frame", body, jpeg)]
 
     def _has_roi(self, camera_id: str) -> bool:

@@ -58,25 +58,35 @@ def load_empty_scene(cfg: AgentConfig, cam: CameraConfig) -> np.ndarray | None:
 
 
 def camera_preparer(model: "ModelHolder", presence: PresenceConfig | None = None,
-                    empty_scene: np.ndarray | None = None) -> Callable[[np.ndarray], Prepared]:
-    """For one camera thread: its localizer and the current model's preprocessing of what the model sees."""
+                    empty_scene: np.ndarray | None = None, watch_empty: bool = False) -> Callable[[np.ndarray], Prepared]:
+    """For one camera thread: its localizer and the current model's preprocessing of what the model sees.
+
+    ``watch_empty``: run the localizer on every frame even when neither presence nor the model's crop needs
+    it, so that ``Prepared.scene_empty`` can tell when the scene is empty (empty-scene uploads); the frame's
+    ``located`` is then reported only once presence or a crop has needed the localizer.
+    """
     settings = LocalizerSettings.from_config(presence) if presence is not None else LocalizerSettings()
     skip_empty = presence is not None and presence.by_localizer
     localizer: Localizer | None = None
+    needed = False
 
     def prepare(image: np.ndarray) -> Prepared:
-        nonlocal localizer
+        nonlocal localizer, needed
         start = time.monotonic()
         preprocessor = model.current.preprocessor
         policy = preprocessor.spec.crop
+        needed = needed or skip_empty or policy.mode == "foreground"
         located = None
         # Once started, the localizer sees every frame, so its background stays current across model swaps.
-        if localizer is not None or skip_empty or policy.mode == "foreground":
+        if localizer is not None or needed or watch_empty:
             localizer = localizer or Localizer(settings, policy, empty_scene)
             located = localizer.update(image, policy)
+        scene_empty = located.scene_empty if located is not None else None
+        if not needed:
+            located = None
         if skip_empty and located is not None and not located.present:
-            return Prepared(preprocessor, None, time.monotonic() - start, located)
+            return Prepared(preprocessor, None, time.monotonic() - start, located, scene_empty)
         view = model_view(image, located.crop_box if located is not None else None, policy)
-        return Prepared(preprocessor, preprocessor(view), time.monotonic() - start, located)
+        return Prepared(preprocessor, preprocessor(view), time.monotonic() - start, located, scene_empty)
 
     return prepare

@@ -1,4 +1,4 @@
-"""python -m trainer import-fashion-mnist|train|evaluate|export|verify|keygen|demo|ingest|review|labels|retrain|publish|serve-bundles|rollout|rollback ..."""
+"""python -m trainer import-fashion-mnist|train|evaluate|export|verify|keygen|demo|ingest|review|labels|backgrounds|retrain|publish|serve-bundles|rollout|rollback ..."""
 
 from __future__ import annotations
 
@@ -133,12 +133,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     from trainer.loop.rollout import add_rollout_parsers
 
     from trainer.loop.api import add_review_parser
+    from trainer.loop.backgrounds_export import add_backgrounds_parser
     from trainer.loop.dataset import add_labels_parser
     from trainer.loop.ingest import add_ingest_parser
 
     add_ingest_parser(sub)
     add_review_parser(sub)
     add_labels_parser(sub)
+    add_backgrounds_parser(sub)
     add_retrain_parser(sub, _add_train_args, _add_export_args)
     add_rollout_parsers(sub)   # publish, serve-bundles, rollout, rollback
     return parser
@@ -271,7 +273,8 @@ def _loop_command(module: str, function: str):
 COMMANDS = {"import-fashion-mnist": cmd_import, "train": cmd_train, "evaluate": cmd_evaluate, "export": cmd_export,
             "verify": cmd_verify, "keygen": cmd_keygen, "demo": cmd_demo}
 COMMANDS.update({"ingest": _loop_command("ingest", "cmd_ingest"), "review": _loop_command("api", "cmd_review"),
-                 "labels": _loop_command("dataset", "cmd_labels")})
+                 "labels": _loop_command("dataset", "cmd_labels"),
+                 "backgrounds": _loop_command("backgrounds_export", "cmd_backgrounds")})
 COMMANDS.update({"retrain": _loop_command("retrain", "cmd_retrain"), "publish": _loop_command("rollout", "cmd_publish"),
                  "serve-bundles": _loop_command("rollout", "cmd_serve_bundles"),
                  "rollout": _loop_command("rollout", "cmd_rollout"), "rollback": _loop_command("rollout", "cmd_rollback")})

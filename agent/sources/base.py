@@ -27,6 +27,7 @@ class Prepared:
     input: np.ndarray | None        # the model input; None: the frame needs no model run (presence saw no item)
     seconds: float                  # time spent localizing and preprocessing
     located: "Located | None" = None
+    scene_empty: bool | None = None  # the localizer, settled, sees nothing in view (None: not localized)
 
 
 @dataclass(frozen=True)

@@ -60,3 +60,43 @@ def truth_of(record: Record) -> str:
 def ingest_process(store: Path, port: int, log: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "trainer", "ingest", "--store", str(store), "--host", "127.0.0.1",
                              "--port", str(port), *extra], cwd=REPO, stdout=open(log, "a"), stderr=subprocess.STDOUT)
+
+
+def belt_view(seed: int = 0) -> np.ndarray:
+    """An empty station scene as a camera's ROI sees it (a moving ribbed belt, uneven light, noise)."""
+    from scenes import Scene
+
+    return Scene(size=160, seed=seed).render(seed)[0]
+
+
+def empty_scene_records(n: int, *, site: str = "ber1", station: str = "receiving-01", camera: str = "dock-a",
+                        start: int = 0) -> list[Record]:
+    """``frames`` outbox records of kind empty-scene, as the agent's inference stage writes them."""
+    from agent.pipeline import encode_jpeg
+
+    records = []
+    for i in range(start, start + n):
+        jpeg = encode_jpeg(belt_view(i), 90)
+        frame_id = f"00000000-0000-4000-9000-{i:012d}"
+        body = {"schema": "frame.v1", "kind": "empty-scene", "trigger": "command" if i % 2 else "schedule",
+                "id": frame_id, "seq": 1000 + i, "ts": 1_795_000_000.0 + i, "site": site, "station": station,
+                "camera": camera, "frame_seq": 500 + i, "captured_at": 1_795_000_000.0 + i,
+                "model": {"name": "fashion-mnist", "version": "1", "backend": "onnxruntime", "precision": "fp32"},
+                "source_ref": None,
+                "jpeg": {"width": 160, "height": 160, "quality": 90, "bytes": len(jpeg), "roi_crop": True,
+                         "item_crop": False}}
+        records.append(Record(seq=1000 + i, id=frame_id, kind="frame", text=json.dumps(body), blob=jpeg,
+                              created=time.time()))
+    return records
+
+
+def with_context(record: Record, roi_jpeg_b64: str | None = None) -> Record:
+    """The record as an item crop with its ROI context (the agent's thumbnail of a belt view unless given)."""
+    from agent.pipeline import thumbnail_b64
+
+    body = json.loads(record.text)
+    body["jpeg"]["item_crop"] = True
+    body["context"] = {"crop_box": [40, 30, 104, 94], "roi_width": 160, "roi_height": 160,
+                       "roi_jpeg_b64": roi_jpeg_b64 if roi_jpeg_b64 is not None else thumbnail_b64(belt_view(), 160, 70)}
+    return Record(seq=record.seq, id=record.id, kind="frame", text=json.dumps(body), blob=record.blob,
+                  created=record.created)

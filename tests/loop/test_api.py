@@ -205,3 +205,32 @@ def test_the_review_cli_names_a_port_it_cannot_listen_on(tmp_path):
                                "--port", str(port)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert f"--host 127.0.0.1 --port {port}: cannot listen" in proc.stderr
+
+
+def test_the_roi_context_is_served_beside_its_frame_and_the_page_shows_it(tmp_path):
+    import base64
+
+    from loop_support import empty_scene_records, with_context
+
+    store = FrameStore(tmp_path / "store", labels=LABELS)
+    plain, cropped = real_frames(2)
+    cropped = with_context(cropped)
+    for r in (plain, cropped, *empty_scene_records(2)):
+        store.add(r.body, r.blob)
+    srv = ReviewServer(store, "127.0.0.1", 0, token="t0k").start()
+    try:
+        status, context = call(srv.url + f"api/frames/{cropped.id}/context", token="t0k")
+        assert status == 200 and context == base64.b64decode(cropped.body["context"]["roi_jpeg_b64"])
+        status, frame = call(srv.url + f"api/frames/{cropped.id}", token="t0k")
+        assert frame["context_image"] and frame["meta"]["context"]["crop_box"] == [40, 30, 104, 94]
+        status, body = call(srv.url + f"api/frames/{plain.id}/context", token="t0k")
+        assert status == 404 and "no ROI context" in body["error"]
+        assert call(srv.url + f"api/frames/{cropped.id}/context")[0] == 401
+        status, body = call(srv.url + "api/frames?status=pending", token="t0k")
+        assert body["total"] == 2                                     # the empty scenes are not in the queue
+        assert call(srv.url + "api/stats", token="t0k")[1]["empty_scenes"]["total"] == 2
+        page = urllib.request.urlopen(srv.url, timeout=10).read().decode()
+        assert 'id="context-image"' in page and 'id="context-box"' in page
+    finally:
+        srv.stop()
+        store.close()

@@ -244,3 +244,62 @@ def test_cli_names_a_missing_tls_file(tmp_path):
                            "--tls-ca", str(tmp_path / "nope.crt")], cwd=REPO, capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode != 0 and f"--tls-ca: {tmp_path / 'nope.crt'}: no such file" in proc.stderr
+
+
+def test_empty_scenes_are_kept_apart_and_contexts_stored_as_checked_files(broker, tmp_path, caplog):
+    import base64
+    import json
+
+    import cv2
+    import numpy as np
+    from loop_support import empty_scene_records, with_context
+
+    from agent_support import validate_message
+    from agent.outbox import Record
+
+    store = FrameStore(tmp_path / "store")
+    service = IngestService(store, host=broker.host, port=broker.port, client_id="ingest-test")
+    service.start()
+    assert service.connected.wait(10)
+    scenes = empty_scene_records(3)
+    low = real_frames(3)
+    good_ctx, bad_ctx = with_context(low[0]), with_context(low[1], base64.b64encode(b"\xff\xd8 not a jpeg").decode())
+    for record in scenes + [good_ctx, bad_ctx]:
+        validate_message("frame.v1", record.body)
+    labelled_scene = json.loads(scenes[2].text)
+    labelled_scene.update(id="00000000-0000-4000-9000-999999999999", label="Shirt")     # an empty scene with a label
+    publish(client := station(broker), scenes[:2] + [good_ctx, bad_ctx, low[2]])
+    publish(old := station(broker, v5=False), scenes[2:], v5=False)
+    publish(client, [Record(9, labelled_scene["id"], "frame", json.dumps(labelled_scene), scenes[2].blob, 0.0)])
+    assert wait_for(lambda: len(store.list_empty_scenes()) == 3 and store.list()[1] == 3
+                    and store.counters().get("malformed") == 1)
+    # the empty scenes never enter the review queue; they are listed per camera with their JPEG as sent
+    assert {f["id"] for f in store.list(status="pending", limit=10)[0]} == {r.id for r in low}
+    listed = store.list_empty_scenes(station="receiving-01", camera="dock-a")
+    assert [s["id"] for s in listed] == [r.id for r in scenes]
+    for scene, record in zip(listed, scenes):
+        assert (store.root / scene["image"]).read_bytes() == record.blob
+        assert (scene["width"], scene["height"], scene["trigger"]) == (160, 160, record.body["trigger"])
+    assert store.list_empty_scenes(camera="dock-b") == []
+    stats = store.stats()
+    assert stats["empty_scenes"] == {"total": 3, "by_camera": {"ber1/receiving-01/dock-a": 3}}
+    # the ROI context is a file beside its frame, decodable; a bad one is refused and counted, the frame kept
+    context = store.context_path(good_ctx.id)
+    assert context is not None and context.parent == store.image_path(good_ctx.id).parent
+    assert context.read_bytes() == base64.b64decode(good_ctx.body["context"]["roi_jpeg_b64"])
+    assert cv2.imdecode(np.frombuffer(context.read_bytes(), np.uint8), cv2.IMREAD_COLOR).shape == (160, 160, 3)
+    assert "roi_jpeg_b64" not in store.get(good_ctx.id)["meta"]["context"]
+    assert store.get(good_ctx.id)["meta"]["context"]["crop_box"] == [40, 30, 104, 94]
+    assert store.context_path(bad_ctx.id) is None and store.context_path(low[2].id) is None
+    assert store.counters()["context_refused"] == 1
+    assert "field context.roi_jpeg_b64: not a decodable JPEG image" in caplog.text
+    assert "frame.v1 field (top level)" in caplog.text or "frame.v1 field" in caplog.text
+    service.stop()
+    store.close()
+    # a reopen keeps every file (none is taken for a crash's leftover)
+    again = FrameStore(tmp_path / "store")
+    assert again.reconciled == {"orphan_images_removed": 0, "rows_without_image": 0}
+    assert again.context_path(good_ctx.id).is_file() and len(again.list_empty_scenes()) == 3
+    for c in (client, old):
+        c.loop_stop()
+        c.disconnect()

@@ -259,3 +259,26 @@ def test_a_store_from_before_the_margin_column_gets_it_filled_on_open(tmp_path):
     assert again.get(records[0].id)["top_k"][0]["p"] == 0.6      # nothing else changed
     again.close()
     FrameStore(tmp_path / "s", labels=LABELS).close()           # a second open finds the column and adds nothing
+
+
+def test_a_context_too_large_or_not_a_jpeg_is_refused_and_counted_and_the_frame_kept(tmp_path, caplog):
+    import base64
+
+    import cv2
+    import numpy as np
+    from loop_support import with_context
+
+    rng = np.random.default_rng(0)
+    noisy = cv2.imencode(".jpg", rng.integers(0, 256, (400, 400, 3), dtype=np.uint8), [cv2.IMWRITE_JPEG_QUALITY, 100])[1]
+    huge = cv2.imencode(".jpg", np.zeros((1200, 1300, 3), np.uint8))[1]
+    cases = {"more than 65536": noisy.tobytes(), "1300x1200 px, larger than 1024": huge.tobytes(),
+             "not a decodable JPEG": b"\xff\xd8\xff\xe0 cut"}
+    store = FrameStore(tmp_path / "s")
+    records = [with_context(r, base64.b64encode(data).decode()) for r, data in zip(real_frames(3), cases.values())]
+    records.append(with_context(real_frames(1, start=3)[0], "%%% not base64"))
+    with caplog.at_level(logging.WARNING):
+        assert [store.add(r.body, r.blob).outcome for r in records] == ["stored"] * 4
+    assert all(store.context_path(r.id) is None for r in records)
+    assert store.counters()["context_refused"] == 4
+    for why in [*cases, "not base64"]:
+        assert why in caplog.text

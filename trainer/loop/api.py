@@ -9,6 +9,7 @@ library's ThreadingHTTPServer; JSON in and out. Endpoints (all under the server'
                                        {"frames": [...], "total": N}
     GET  /api/frames/<id>              one frame's metadata and review
     GET  /api/frames/<id>/image        its JPEG
+    GET  /api/frames/<id>/context      the ROI it was cut from, as the station sent it (404 when none)
     POST /api/frames/<id>/review       {"action": "label"|"skip"|"new_class"|"defect"|"undo",
                                         "label": "...", "reviewer": "...", "note": "..."}
     GET  /api/stats                    counts by status, station, model version and label; quota
@@ -155,6 +156,11 @@ class _Handler(BaseHTTPRequestHandler):
             if len(parts) == 4 and parts[:2] == ["api", "frames"] and parts[3] == "image":
                 data = store.image_path(parts[2]).read_bytes()
                 return self._send(HTTPStatus.OK, data, "image/jpeg")
+            if len(parts) == 4 and parts[:2] == ["api", "frames"] and parts[3] == "context":
+                path = store.context_path(parts[2])
+                if path is None:
+                    return self._error(HTTPStatus.NOT_FOUND, f"frame {parts[2]!r}: no ROI context was sent with it")
+                return self._send(HTTPStatus.OK, path.read_bytes(), "image/jpeg")
             return self._error(HTTPStatus.NOT_FOUND, f"{url.path}: not found")
         except UnknownFrame as exc:
             return self._error(HTTPStatus.NOT_FOUND, str(exc))

@@ -172,7 +172,8 @@ class IngestService:
                 self.store.count("malformed")
             else:
                 if result.outcome == "stored":
-                    log.debug("ingest: stored %s from %s", result.frame_id, message.topic)
+                    log.debug("ingest: stored %s %s from %s", meta.get("kind", "low-confidence"), result.frame_id,
+                              message.topic)
         except Exception as exc:   # disk or database: never acknowledged, so the broker sends it again
             self.failure = f"{message.topic}: could not store the frame ({type(exc).__name__}: {exc})"
             log.exception("ingest: %s; it stays unacknowledged and the service stops (restart it: the broker "

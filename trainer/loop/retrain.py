@@ -410,6 +410,9 @@ def retrain(cfg: RetrainConfig) -> RetrainResult:
     if (run_dir / "last.pt").exists():
         raise RetrainError(f"{run_dir}: already holds a training run; pass another --version")
 
+    augment = train.get("augment") or {}
+    augment = augment if isinstance(augment, dict) else augment.to_dict()
+    backgrounds = backgrounds_info((augment.get("station_view") or {}).get("backgrounds"))
     base, base_skipped = _read_items(cfg.base_data, "base")
     if train.get("limit_per_class"):
         base = _limit(base, int(train["limit_per_class"]), seed)
@@ -460,7 +463,7 @@ def retrain(cfg: RetrainConfig) -> RetrainResult:
                           reviewed=reviewed, reviewed_train=reviewed_train, reviewed_held=reviewed_held,
                           base_train=base_train, skipped=base_skipped + reviewed_skipped + holdout_skipped,
                           run_dir=run_dir, weights=weights, train_cfg=train_cfg, fit=fit,
-                          seconds=time.perf_counter() - started)
+                          seconds=time.perf_counter() - started, backgrounds=backgrounds)
     write_gate(candidate.root, {
         "decision": decision.decision, "name": name, "version": version,
         "manifest_sha256": manifest_sha256(candidate.root), "reason": decision.summary,
@@ -474,6 +477,30 @@ def retrain(cfg: RetrainConfig) -> RetrainResult:
                                             reason=decision.summary, figures=report["figures_short"]))
     log.info("%s %s %s", name, version, decision.summary)
     return RetrainResult(decision, candidate.root, report, report_json, report_md)
+
+
+def backgrounds_info(folder: str | None) -> dict[str, Any] | None:
+    """What ``--backgrounds`` gave the station views (for the report): the folder, its images, and the
+    cameras they came from when ``trainer backgrounds export`` wrote it. Checked before any training, so a
+    wrong folder stops the run at once."""
+    if not folder:
+        return None
+    from trainer.backgrounds import BACKGROUND_EXTENSIONS
+
+    path = Path(folder)
+    if not path.is_dir():
+        raise RetrainError(f"--backgrounds {folder}: not a folder")
+    images = sum(1 for p in path.rglob("*") if p.is_file() and p.suffix.lower() in BACKGROUND_EXTENSIONS)
+    if not images:
+        raise RetrainError(f"--backgrounds {folder}: no {'/'.join(sorted(BACKGROUND_EXTENSIONS))} images in it")
+    info: dict[str, Any] = {"folder": str(path.resolve()), "images": images}
+    summary = path / "backgrounds.json"
+    if summary.is_file():
+        try:
+            info["by_camera"] = json.loads(summary.read_text()).get("by_camera")
+        except ValueError:
+            pass
+    return info
 
 
 def _sample(item: Item, classes: Sequence[str]):
@@ -517,7 +544,7 @@ def _figures(e: Evaluation) -> dict[str, Any]:
 
 def build_report(cfg: RetrainConfig, current, candidate, decision: GateDecision, ev: dict, *, holdout, holdout_source,
                  reviewed, reviewed_train, reviewed_held, base_train, skipped, run_dir, weights, train_cfg, fit,
-                 seconds) -> dict[str, Any]:
+                 seconds, backgrounds=None) -> dict[str, Any]:
     figures = {side: {who: _figures(ev[who][side]) for who in ("current", "candidate")}
                for side in ("overall", "reviewed")}
     short = {
@@ -553,6 +580,7 @@ def build_report(cfg: RetrainConfig, current, candidate, decision: GateDecision,
                          "per_class_holdout": _counts(reviewed_held), "split_file": str(run_dir / "reviewed-split.json")},
             "base": {"source": str(cfg.base_data), "train_images": len(base_train), "per_class": _counts(base_train)},
             "skipped_images": skipped,
+            "backgrounds": backgrounds,
         },
         "training": {"run_dir": str(run_dir), "dataset_csv": str(run_dir / "retrain-data.csv"),
                      "start": weights or train_cfg.weights, "finetuned_from_current": weights is not None,
@@ -595,6 +623,10 @@ def render_markdown(report: dict[str, Any]) -> str:
               f"Training: {d['base']['train_images']} base + {d['reviewed']['train']} reviewed images, started from "
               f"{t['start']}, {t['epochs_run']} epoch(s), run folder {t['run_dir']}.",
               f"Skipped unreadable images: {len(d['skipped_images'])}. Took {report['seconds']:.0f} s."]
+    if d.get("backgrounds"):
+        b = d["backgrounds"]
+        lines.insert(-1, f"Station-view backgrounds: {b['images']} image(s) from {b['folder']}"
+                         + (f" ({', '.join(b['by_camera'])})." if b.get("by_camera") else "."))
     return "\n".join(lines) + "\n"
 
 

@@ -3,7 +3,9 @@
 Layout under the store folder::
 
     frames.sqlite                          index (WAL): one row per frame message id
-    images/<site>/<station>/<YYYYMMDD>/<id>.jpg
+    images/<site>/<station>/<YYYYMMDD>/<id>.jpg           a low-confidence frame (the review queue)
+    images/<site>/<station>/<YYYYMMDD>/<id>.context.jpg   its ROI context, when the station sent one
+    empty-scenes/<site>/<station>/<camera>/<YYYYMMDD>/<id>.jpg   an empty scene (a background, never reviewed)
 
 A frame is written inside one write transaction (``BEGIN IMMEDIATE``: SQLite's write lock, held
 across processes): the duplicate and quota checks, the JPEG to a temporary name, fsync, rename, then
@@ -26,6 +28,8 @@ column existed get it, filled from their ``top_k``, the first time they are open
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
 import logging
@@ -37,7 +41,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +51,9 @@ ACTIONS = ("label", "skip", "new_class", "defect", "undo")
 INTERNAL_COUNTERS = ("bytes_stored",)
 FILTERS = ("status", "site", "station", "camera", "model_version", "predicted")
 ORDERS = ("oldest", "newest", "least-certain", "least-certain-by-class")
+EMPTY_SCENES_DIR = "empty-scenes"
+MAX_CONTEXT_BYTES = 64 * 1024      # the ROI context JPEG (the station sends at most 160 px, a few kB)
+MAX_CONTEXT_SIDE = 1024
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS frames (
@@ -61,6 +68,14 @@ CREATE TABLE IF NOT EXISTS frames (
 );
 CREATE INDEX IF NOT EXISTS frames_status ON frames(status, received_at);
 CREATE INDEX IF NOT EXISTS frames_station ON frames(site, station);
+CREATE TABLE IF NOT EXISTS empty_scenes (
+    id TEXT PRIMARY KEY,
+    seq INTEGER, site TEXT NOT NULL, station TEXT NOT NULL, camera TEXT NOT NULL, frame_seq INTEGER,
+    captured_at REAL, ts REAL, model_name TEXT, model_version TEXT, trigger TEXT, source_ref TEXT,
+    meta TEXT NOT NULL, received_at REAL NOT NULL, image TEXT NOT NULL, bytes INTEGER NOT NULL,
+    sha256 TEXT NOT NULL, width INTEGER, height INTEGER
+);
+CREATE INDEX IF NOT EXISTS empty_scenes_camera ON empty_scenes(site, station, camera, captured_at);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS settings (name TEXT PRIMARY KEY, value NOT NULL);
 CREATE TABLE IF NOT EXISTS classes (name TEXT PRIMARY KEY, kind TEXT NOT NULL, added_at REAL NOT NULL);
@@ -83,12 +98,38 @@ class AddResult:
 
 
 def _jpeg_ok(data: bytes) -> bool:
+    return _jpeg_shape(data) is not None
+
+
+def _jpeg_shape(data: bytes) -> tuple[int, int] | None:
+    """(height, width) of a decodable JPEG, else None."""
     if len(data) < 4 or data[:2] != b"\xff\xd8":
-        return False
+        return None
     import cv2
     import numpy as np
 
-    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) is not None
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    return None if image is None else (int(image.shape[0]), int(image.shape[1]))
+
+
+def context_jpeg(meta: dict[str, Any]) -> tuple[bytes | None, str | None]:
+    """(the ROI context JPEG a frame carries in ``context.roi_jpeg_b64``, why it was refused); (None, None)
+    when the frame has none. Checked like the frame's own JPEG: base64, size, decodable, plausible size."""
+    context = meta.get("context")
+    if not isinstance(context, dict) or context.get("roi_jpeg_b64") in (None, ""):
+        return None, None
+    try:
+        data = base64.b64decode(context["roi_jpeg_b64"], validate=True)
+    except (binascii.Error, TypeError, ValueError) as exc:
+        return None, f"field context.roi_jpeg_b64: not base64 ({exc})"
+    if len(data) > MAX_CONTEXT_BYTES:
+        return None, f"field context.roi_jpeg_b64: {len(data)} bytes, more than {MAX_CONTEXT_BYTES}"
+    shape = _jpeg_shape(data)
+    if shape is None:
+        return None, f"field context.roi_jpeg_b64: not a decodable JPEG image ({len(data)} bytes)"
+    if max(shape) > MAX_CONTEXT_SIDE:
+        return None, f"field context.roi_jpeg_b64: {shape[1]}x{shape[0]} px, larger than {MAX_CONTEXT_SIDE} px"
+    return data, None
 
 
 def _safe(part: str) -> str:
@@ -119,6 +160,7 @@ class FrameStore:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
         self._add_margin_column()
+        self._add_context_columns()
         self._warned = False
         self.max_bytes, self.warn_fraction = self._quota_settings(max_bytes, warn_fraction)
         self.reconciled = self._reconcile()
@@ -155,6 +197,20 @@ class FrameStore:
                 log.info("%s: added the margin column to %d stored frames", self.root, len(rows))
             self._db.execute("CREATE INDEX IF NOT EXISTS frames_margin ON frames(status, margin)")
 
+    def _add_context_columns(self) -> None:
+        """Stores from before the ROI context file: the frame's context image and its size (None: none)."""
+        with self._lock, self._write():
+            columns = {r["name"] for r in self._db.execute("PRAGMA table_info(frames)")}
+            for name, kind in (("context_image", "TEXT"), ("context_bytes", "INTEGER")):
+                if name not in columns:
+                    self._db.execute(f"ALTER TABLE frames ADD COLUMN {name} {kind}")
+
+    def _known_files(self) -> set[str]:
+        """Every file a row names: frames, their context images, empty scenes."""
+        rows = self._db.execute("SELECT image FROM frames UNION ALL SELECT context_image FROM frames "
+                                "WHERE context_image IS NOT NULL UNION ALL SELECT image FROM empty_scenes")
+        return {row[0] for row in rows}
+
     # ------------------------------------------------------------ integrity
 
     def _reconcile(self) -> dict[str, int]:
@@ -165,25 +221,26 @@ class FrameStore:
         the lock from before its file until its commit, so a file that still has no row once we hold the lock
         belongs to no write in progress: it is a crash's leftover."""
         with self._lock:
-            known = {row["image"] for row in self._db.execute("SELECT image FROM frames")}
-        candidates = []
-        if self.images.is_dir():
-            candidates = [p for p in self.images.rglob("*")
-                          if p.is_file() and p.relative_to(self.root).as_posix() not in known]
+            known = self._known_files()
+        candidates = [p for folder in (self.images, self.root / EMPTY_SCENES_DIR) if folder.is_dir()
+                      for p in folder.rglob("*") if p.is_file() and p.relative_to(self.root).as_posix() not in known]
         orphans = 0
         with self._lock, self._write():
             for path in candidates:
                 rel = path.relative_to(self.root).as_posix()
-                if path.is_file() and self._db.execute("SELECT 1 FROM frames WHERE image = ?", (rel,)).fetchone() \
-                        is None:
+                if path.is_file() and not self._db.execute(
+                        "SELECT 1 FROM frames WHERE image = ?1 OR context_image = ?1 "
+                        "UNION ALL SELECT 1 FROM empty_scenes WHERE image = ?1", (rel,)).fetchone():
                     path.unlink(missing_ok=True)
                     orphans += 1
             if self._db.execute("SELECT 1 FROM counters WHERE name = 'bytes_stored'").fetchone() is None:
-                self._bump("bytes_stored", int(self._db.execute("SELECT COALESCE(SUM(bytes), 0) FROM frames")
-                                               .fetchone()[0]))
+                self._bump("bytes_stored", int(self._db.execute(
+                    "SELECT (SELECT COALESCE(SUM(bytes) + SUM(COALESCE(context_bytes, 0)), 0) FROM frames) + "
+                    "(SELECT COALESCE(SUM(bytes), 0) FROM empty_scenes)").fetchone()[0]))
         # rows are never deleted and their files never removed, so this needs no lock
         with self._lock:
-            rows = self._db.execute("SELECT id, image FROM frames").fetchall()
+            rows = self._db.execute("SELECT id, image FROM frames UNION ALL "
+                                    "SELECT id, image FROM empty_scenes").fetchall()
         missing = [row["id"] for row in rows if not (self.root / row["image"]).is_file()]
         if orphans:
             log.warning("%s: removed %d image file(s) without an index row (an interrupted write; the broker "
@@ -229,53 +286,103 @@ class FrameStore:
     # ------------------------------------------------------------ add
 
     def add(self, meta: dict[str, Any], jpeg: bytes) -> AddResult:
-        """Store one frame message (``frame.v1`` metadata + JPEG bytes); idempotent by message id."""
+        """Store one frame message (``frame.v1`` metadata + JPEG bytes); idempotent by message id.
+
+        A low-confidence frame goes to the review queue, with its ROI context (``context.roi_jpeg_b64``) as
+        a file beside it; a context that fails the checks is left out, logged and counted
+        (``context_refused``), and the frame is stored without it. An empty-scene frame (``kind:
+        empty-scene``) is kept apart (``list_empty_scenes``): it is never reviewed."""
         frame_id = meta.get("id")
         if not isinstance(frame_id, str) or not frame_id:
             raise StoreError("frame metadata: field id: missing or not a string")
         for name in ("site", "station", "camera"):
             if not isinstance(meta.get(name), str) or not meta[name]:
                 raise StoreError(f"frame {frame_id}: field {name}: missing or not a string")
-        if not _jpeg_ok(jpeg):
+        shape = _jpeg_shape(jpeg)
+        if shape is None:
             raise StoreError(f"frame {frame_id}: the payload is not a decodable JPEG image ({len(jpeg)} bytes)")
+        if meta.get("kind") == "empty-scene":
+            return self._add_empty_scene(frame_id, meta, jpeg, shape)
         model = meta.get("model") or {}
         day = time.strftime("%Y%m%d", time.gmtime())
         rel = Path("images") / _safe(meta["site"]) / _safe(meta["station"]) / day / f"{_safe(frame_id)}.jpg"
-        written = False
+        context, problem = context_jpeg(meta)
+        if problem:
+            log.warning("frame %s from %s/%s: ROI context refused, the frame is stored without it: %s", frame_id,
+                        meta["site"], meta["station"], problem)
+        context_rel = rel.with_name(f"{_safe(frame_id)}.context.jpg") if context is not None else None
+        kept = _without_context_jpeg(meta)
+
+        def insert() -> None:
+            self._db.execute(
+                "INSERT INTO frames(id, seq, site, station, camera, frame_seq, captured_at, ts, model_name, "
+                "model_version, predicted, confidence, top_k, selected_because, source_ref, meta, "
+                "received_at, image, bytes, sha256, margin, context_image, context_bytes) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (frame_id, meta.get("seq"), meta["site"], meta["station"], meta["camera"],
+                 meta.get("frame_seq"), _number(meta.get("captured_at")), _number(meta.get("ts")),
+                 model.get("name"), model.get("version"), meta.get("label"), meta.get("confidence"),
+                 json.dumps(meta.get("top_k") or []), json.dumps(meta.get("selected_because") or []),
+                 meta.get("source_ref"), json.dumps(kept), time.time(), rel.as_posix(), len(jpeg),
+                 hashlib.sha256(jpeg).hexdigest(), top_k_margin(meta.get("top_k")),
+                 context_rel.as_posix() if context_rel else None, len(context) if context is not None else None))
+            self._bump("stored")
+            if problem:
+                self._bump("context_refused")
+
+        files = [(rel, jpeg)] + ([(context_rel, context)] if context_rel is not None and context is not None else [])
+        return self._add_files("frames", frame_id, meta, files, insert)
+
+    def _add_empty_scene(self, frame_id: str, meta: dict[str, Any], jpeg: bytes, shape: tuple[int, int]) -> AddResult:
+        """An empty scene of a station's camera: a background for training, never in the review queue."""
+        model = meta.get("model") or {}
+        day = time.strftime("%Y%m%d", time.gmtime())
+        rel = (Path(EMPTY_SCENES_DIR) / _safe(meta["site"]) / _safe(meta["station"]) / _safe(meta["camera"]) / day
+               / f"{_safe(frame_id)}.jpg")
+
+        def insert() -> None:
+            self._db.execute(
+                "INSERT INTO empty_scenes(id, seq, site, station, camera, frame_seq, captured_at, ts, model_name, "
+                "model_version, trigger, source_ref, meta, received_at, image, bytes, sha256, width, height) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (frame_id, meta.get("seq"), meta["site"], meta["station"], meta["camera"], meta.get("frame_seq"),
+                 _number(meta.get("captured_at")), _number(meta.get("ts")), model.get("name"), model.get("version"),
+                 meta.get("trigger"), meta.get("source_ref"), json.dumps(meta), time.time(), rel.as_posix(),
+                 len(jpeg), hashlib.sha256(jpeg).hexdigest(), shape[1], shape[0]))
+            self._bump("empty_scenes_stored")
+
+        return self._add_files("empty_scenes", frame_id, meta, [(rel, jpeg)], insert)
+
+    def _add_files(self, table: str, frame_id: str, meta: dict[str, Any], files: list[tuple[Path, bytes]],
+                   insert: Callable[[], None]) -> AddResult:
+        """Duplicate and quota checks, the files (fsynced, renamed) and the row, in one write transaction."""
+        size = sum(len(data) for _, data in files)
+        written: list[Path] = []
         with self._lock:
             try:
                 with self._write():
-                    if self._db.execute("SELECT 1 FROM frames WHERE id = ?", (frame_id,)).fetchone():
+                    if self._db.execute(f"SELECT 1 FROM {table} WHERE id = ?", (frame_id,)).fetchone():
                         self._bump("duplicates")
                         return AddResult("duplicate", frame_id)
                     used = self._stored_bytes()
                     self._read_quota()
-                    if self.max_bytes is not None and used + len(jpeg) > self.max_bytes:
+                    if self.max_bytes is not None and used + size > self.max_bytes:
                         self._bump("refused_quota")
                         reason = (f"{self.root}: storage quota reached ({used} of {self.max_bytes} bytes used); "
                                   f"frame {frame_id} from {meta['site']}/{meta['station']} refused. Review and "
                                   f"export frames, or raise --max-bytes")
                         log.error(reason)
                         return AddResult("refused", frame_id, reason)
-                    self._write_atomic(self.root / rel, jpeg)
-                    written = True
-                    self._db.execute(
-                        "INSERT INTO frames(id, seq, site, station, camera, frame_seq, captured_at, ts, model_name, "
-                        "model_version, predicted, confidence, top_k, selected_because, source_ref, meta, "
-                        "received_at, image, bytes, sha256, margin) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                        (frame_id, meta.get("seq"), meta["site"], meta["station"], meta["camera"],
-                         meta.get("frame_seq"), _number(meta.get("captured_at")), _number(meta.get("ts")),
-                         model.get("name"), model.get("version"), meta.get("label"), meta.get("confidence"),
-                         json.dumps(meta.get("top_k") or []), json.dumps(meta.get("selected_because") or []),
-                         meta.get("source_ref"), json.dumps(meta), time.time(), rel.as_posix(), len(jpeg),
-                         hashlib.sha256(jpeg).hexdigest(), top_k_margin(meta.get("top_k"))))
-                    self._bump("stored")
-                    self._bump("bytes_stored", len(jpeg))
+                    for rel, data in files:
+                        self._write_atomic(self.root / rel, data)
+                        written.append(rel)
+                    insert()
+                    self._bump("bytes_stored", size)
             except BaseException:
-                if written:     # still under our lock: nobody else has committed a row for this file
+                for rel in written:     # still under our lock: nobody else has committed a row for this file
                     (self.root / rel).unlink(missing_ok=True)
                 raise
-            self._check_quota(used + len(jpeg))
+            self._check_quota(used + size)
             return AddResult("stored", frame_id)
 
     def _stored_bytes(self) -> int:
@@ -317,6 +424,24 @@ class FrameStore:
 
     def image_path(self, frame_id: str) -> Path:
         return self.root / self.get(frame_id)["image"]
+
+    def context_path(self, frame_id: str) -> Path | None:
+        """The frame's ROI context JPEG (what the station's crop was cut from); None when it has none."""
+        rel = self.get(frame_id).get("context_image")
+        return self.root / rel if rel else None
+
+    def list_empty_scenes(self, *, site: str | None = None, station: str | None = None,
+                          camera: str | None = None) -> list[dict[str, Any]]:
+        """The stored empty scenes (backgrounds), oldest capture first, optionally of one site/station/camera."""
+        where, args = [], []
+        for key, value in (("site", site), ("station", station), ("camera", camera)):
+            if value not in (None, ""):
+                where.append(f"{key} = ?")
+                args.append(value)
+        clause = (" WHERE " + " AND ".join(where)) if where else ""
+        with self._lock:
+            rows = self._db.execute(f"SELECT * FROM empty_scenes{clause} ORDER BY captured_at, id", args).fetchall()
+        return [dict(row, meta=json.loads(row["meta"])) for row in rows]
 
     def list(self, *, limit: int = 50, offset: int = 0, order: str = "oldest",
              **filters: Any) -> tuple[list[dict], int]:
@@ -389,6 +514,8 @@ class FrameStore:
                 "SELECT model_version, COUNT(*) FROM frames GROUP BY model_version")}
             by_label = {str(r[0]): r[1] for r in self._db.execute(
                 "SELECT label, COUNT(*) FROM frames WHERE label IS NOT NULL GROUP BY label")}
+            by_camera = {f"{r[0]}/{r[1]}/{r[2]}": r[3] for r in self._db.execute(
+                "SELECT site, station, camera, COUNT(*) FROM empty_scenes GROUP BY site, station, camera")}
         used = self.used_bytes()
         with self._lock:
             self._read_quota()
@@ -399,6 +526,7 @@ class FrameStore:
                      "warning": fraction >= self.warn_fraction, "full": used >= self.max_bytes}
         return {"frames": sum(by_status.values()), "by_status": by_status, "by_station": by_station,
                 "by_model_version": by_model, "by_label": by_label, "bytes": used, "quota": quota,
+                "empty_scenes": {"total": sum(by_camera.values()), "by_camera": by_camera},
                 "counters": self.counters(), "reconciled": self.reconciled}
 
     # ------------------------------------------------------------ review
@@ -465,6 +593,14 @@ def top_k_margin(top_k: Any) -> float | None:
     if not probs:
         return None
     return probs[0] - (probs[1] if len(probs) > 1 else 0.0)
+
+
+def _without_context_jpeg(meta: dict[str, Any]) -> dict[str, Any]:
+    """The metadata as kept in the index: the ROI context JPEG lives in its own file, not in the JSON."""
+    context = meta.get("context")
+    if not isinstance(context, dict) or "roi_jpeg_b64" not in context:
+        return meta
+    return {**meta, "context": {k: v for k, v in context.items() if k != "roi_jpeg_b64"}}
 
 
 def _number(value: Any) -> float | None:

@@ -99,8 +99,10 @@ function show(frame) {
   if ((frame && frame.id) === state.shownId && frame) return;    // same frame: no flicker, no image reload
   state.shownId = frame ? frame.id : null;
   for (const id of ["topk", "why", "meta"]) $(id).replaceChildren();
+  $("context").hidden = true;
   if (!frame) { $("frame-id").textContent = ""; $("frame-image").removeAttribute("src"); return; }
   showImage(frame.id).catch((err) => say(err.message, false));
+  showContext(frame).catch((err) => say(err.message, false));
   $("frame-id").textContent = frame.id;
   for (const k of frame.top_k) {
     const li = document.createElement("li");
@@ -131,9 +133,20 @@ function show(frame) {
   }
 }
 
+// The ROI the station cut the crop from (its frame.v1 context), with the crop's box drawn on it.
+async function showContext(frame) {
+  const ctx = frame.meta && frame.meta.context;
+  if (!frame.context_image || !ctx) return;
+  const [x0, y0, x1, y1] = ctx.crop_box, w = ctx.roi_width, h = ctx.roi_height, box = $("context-box");
+  Object.assign(box.style, { left: `${100 * x0 / w}%`, top: `${100 * y0 / h}%`,
+                             width: `${100 * (x1 - x0) / w}%`, height: `${100 * (y1 - y0) / h}%` });
+  await showImage(frame.id, "context", $("context-image"));
+  if (state.shownId === frame.id) $("context").hidden = false;
+}
+
 // An <img> cannot send the Authorization header: with a token the JPEG is fetched and shown from a blob.
-async function showImage(id) {
-  const url = `/api/frames/${encodeURIComponent(id)}/image`, img = $("frame-image");
+async function showImage(id, what = "image", img = $("frame-image")) {
+  const url = `/api/frames/${encodeURIComponent(id)}/${what}`;
   if (!state.token) { img.src = url; return; }
   const resp = await fetch(url, { headers: { Authorization: `Bearer ${state.token}` } });
   if (!resp.ok || state.shownId !== id) return;
