@@ -288,7 +288,7 @@ class Localizer:
                               join_px=s.join_px, gain=self.gain)
         crop = crop_box(found.box, roi_hw, policy)
         present = crop is not None
-        self._learn(frame, present, found.box, scale)
+        self._learn(frame, present, found.box, scale, mask)
         self._last = found.box if present else None
         return Located(present, found.box if present else None, crop, found.fg_fraction)
 
@@ -324,13 +324,27 @@ class Localizer:
         return (max(0, int(x0 * scale - pad)), max(0, int(y0 * scale - pad)),
                 min(hw[1], int(np.ceil(x1 * scale + pad))), min(hw[0], int(np.ceil(y1 * scale + pad))))
 
-    def _learn(self, frame: np.ndarray, present: bool, box: Box | None, scale: float) -> None:
-        """Follow the empty scene; while an item is in view only outside its grown box, and slowly."""
+    def _learn(self, frame: np.ndarray, present: bool, box: Box | None, scale: float, mask: np.ndarray) -> None:
+        """Follow the empty scene, never quickly where something differs from it.
+
+        Foreground that is not the item (the next item entering, the last one leaving, anything under
+        ``min_area`` or ``min_size``) is learned only at ``busy_alpha``, and only while no item is in view:
+        learned at the full rate it would leave a ghost of itself in the background, a ghost reads as an
+        item in every later frame, and an item never ends. While an item is in view the background
+        learns only away from it and from any other foreground, slowly.
+        """
         s = self.settings
         assert self.background is not None
+        pad = int(np.ceil(s.join_px * scale)) + 1
+        quiet = cv2.dilate(mask, np.ones((2 * pad + 1, 2 * pad + 1), np.uint8)) == 0
         if not present:
             self._busy = 0
-            cv2.accumulateWeighted(frame, self.background, s.alpha)
+            if quiet.all():
+                cv2.accumulateWeighted(frame, self.background, s.alpha)
+                return
+            cv2.accumulateWeighted(frame, self.background, s.alpha, mask=quiet.astype(np.uint8))
+            if s.busy_alpha > 0:
+                cv2.accumulateWeighted(frame, self.background, s.busy_alpha, mask=(~quiet).astype(np.uint8))
             return
         self._busy += 1
         if s.relearn_frames and self._busy >= s.relearn_frames:
@@ -341,7 +355,7 @@ class Localizer:
             self.relearned += 1
             return
         if s.busy_alpha > 0 and box is not None:
-            outside = np.full(frame.shape[:2], 255, np.uint8)
+            outside = quiet.astype(np.uint8)
             x0, y0, x1, y1 = self._grown(box, scale, frame.shape[:2])
             outside[y0:y1, x0:x1] = 0
             cv2.accumulateWeighted(frame, self.background, s.busy_alpha, mask=outside)

@@ -8,7 +8,14 @@ Prints images/s of both (the bare model before and after the agent run; the fast
 the baseline), their ratio, p50/p95 capture->PUBACK latency and resident memory growth
 between the end of warm-up and the end of the run.
 
+With ``--crop foreground`` the station localizes the item on every frame (its background model, on the
+camera thread) and feeds the model the item's square crop; the video then starts with two empty frames
+(the localizer's empty scene) and every frame holds an item, so each frame is classified and the ratio
+shows what localizing costs. ``--crop roi`` feeds the whole frame (no localizer), the old path. The
+bundle's own crop policy is overridden in a copy of the bundle (same artifacts).
+
     .venv/bin/python benchmarks/agent_throughput.py --bundle models/fashion-mnist/<version> --duration 60
+    .venv/bin/python benchmarks/agent_throughput.py --bundle B --crop foreground --duration 60
 """
 
 from __future__ import annotations
@@ -61,7 +68,8 @@ def bare_throughput(bundle_dir: Path, batch_size: int, seconds: float, threads: 
 
 
 def agent_config(bundle: Path, video: Path, workdir: Path, port: int, batch_size: int, threads: int,
-                 cameras: int = 1, queue_size: int | None = None, pipeline_nice: int = 10) -> AgentConfig:
+                 cameras: int = 1, queue_size: int | None = None, pipeline_nice: int = 10,
+                 localize: bool = False) -> AgentConfig:
     # block: no frame is dropped, the agent runs flat out; each camera may read ahead by queue_size frames.
     return AgentConfig.model_validate({
         "site": "bench", "station": "st-01",
@@ -73,7 +81,24 @@ def agent_config(bundle: Path, video: Path, workdir: Path, port: int, batch_size
         "outbox": {"path": str(workdir / "outbox.sqlite")},
         "health": {"stats_interval_s": 5},
         "log_level": "WARNING",
+        **({"decisions": {"presence": {"mode": "background", "warmup_frames": 2}}} if localize else {}),
     })
+
+
+def with_crop(bundle: Path, mode: str, workdir: Path) -> Path:
+    """A copy of the bundle whose manifest asks for ``mode`` (``bundle``: the bundle as it is)."""
+    if mode == "bundle":
+        return bundle
+    import json
+    import shutil
+
+    copy = workdir / "bundle"
+    shutil.copytree(bundle, copy)
+    (copy / "manifest.json.sig").unlink(missing_ok=True)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["input"]["crop"] = {**manifest["input"].get("crop", {}), "mode": mode}
+    (copy / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return copy
 
 
 def process_cpu_s(pid: int) -> float:
@@ -135,6 +160,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--cameras", type=int, default=1, help="cameras reading the looped video, batched together")
     p.add_argument("--queue-size", type=int, default=None, help="frames each camera may read ahead (default 2x batch)")
     p.add_argument("--images", type=int, default=300, help="Fashion-MNIST test images in the looped video")
+    p.add_argument("--crop", choices=["roi", "foreground", "bundle"], default="bundle",
+                   help="the station's crop: whole frame, or the localizer's item crop (default: the bundle's)")
     return p
 
 
@@ -156,10 +183,12 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(tmp)
         images, _ = fashion_mnist_test(n=args.images)
         video = workdir / "bench.avi"
-        write_video(images, video, size=112)
+        station_bundle = with_crop(bundle, args.crop, workdir)
+        localize = load_bundle(station_bundle).input_spec.crop.mode == "foreground"
+        write_video(images, video, size=112, lead_blank=2 if localize else 0)
         with local_mosquitto(workdir) as port:
-            cfg = agent_config(bundle, video, workdir, port, args.batch_size, args.threads, args.cameras,
-                               args.queue_size, args.pipeline_nice)
+            cfg = agent_config(station_bundle, video, workdir, port, args.batch_size, args.threads, args.cameras,
+                               args.queue_size, args.pipeline_nice, localize)
             res = agent_throughput(cfg, args.duration, args.warmup, broker_pid(workdir))
     # The bare model once more after the agent run: a machine whose speed drifted during the run shows,
     # and the faster of the two bare figures is the baseline.
@@ -167,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     bare_ips = max(bare_ips, after_ips)
     agent_threads = res["threads"]
     growth = 100.0 * (res["rss1"] - res["rss0"]) / res["rss0"]
-    print(f"bundle            {bundle} ({backend}), batch size {args.batch_size}, {os.cpu_count()} CPUs")
+    print(f"bundle            {bundle} ({backend}), batch size {args.batch_size}, {os.cpu_count()} CPUs, "
+          f"crop {'foreground (localizer on every frame)' if localize else 'roi (whole frame)'}")
     for t, (ips, _, cpu) in bare.items():
         print(f"bare ORT          {ips:10.1f} images/s with {t} intra-op thread(s), before the agent run")
     print(f"bare ORT          {after_ips:10.1f} images/s with {best} intra-op thread(s), after it")
