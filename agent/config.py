@@ -277,6 +277,15 @@ class PresenceConfig(_Strict):
     min_frames: int = Field(2, ge=1, title="Minimum frames", description="Frames an item must be seen to count as an item.")
     gap_frames: int = Field(2, ge=1, title="Gap frames", description="Empty frames that end an item.")
     max_frames: int = Field(300, ge=1, title="Maximum frames", description="An item seen longer is decided anyway.")
+    split_overlap: float = _finite(0.2, ge=0, le=1, title="Split overlap",
+                                   description="With the localizer: when an item's box overlaps the previous frame's by "
+                                               "less than this share of the smaller box, it is another item (one "
+                                               "taken away as the next is put down, with no empty frame between); "
+                                               "0: never split.")
+    whole_views: bool = Field(True, title="Decide on whole views",
+                              description="With the localizer: an item is decided on its frames whose box stays off "
+                                          "the ROI's edge (all of it in view), when it has any; else on all its "
+                                          "frames.")
 
     @model_validator(mode="after")
     def _empty_class_needed(self) -> "PresenceConfig":

@@ -136,6 +136,18 @@ class Observation:
     frame_seq: int
     captured_at: float
     classification: Classification
+    box: tuple[int, int, int, int] | None = None      # the item's box in the ROI, where the localizer found one
+    whole: bool = True                                # the box stays off the ROI's edge: all of the item in view
+
+
+def box_overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
+    """Intersection over the smaller box's area: 1 when one box holds the other (an item entering grows)."""
+    iw = min(a[2], b[2]) - max(a[0], b[0])
+    ih = min(a[3], b[3]) - max(a[1], b[1])
+    if iw <= 0 or ih <= 0:
+        return 0.0
+    smaller = min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
+    return iw * ih / smaller if smaller > 0 else 0.0
 
 
 @dataclass(frozen=True)
@@ -192,19 +204,40 @@ class ItemTracker:
         self._gap = 0
 
     def update(self, obs: Observation | None, present: bool) -> ItemDecision | None:
-        """One frame; ``obs`` may be None for a frame without an item (the model did not run)."""
+        """One frame; ``obs`` may be None for a frame without an item (the model did not run).
+
+        A frame whose box hardly overlaps the last one's (``split_overlap``) starts another item: the one
+        before is decided now, so two items with no empty frame between them are two decisions.
+        """
         if present and obs is not None:
+            decision = self._close() if self._another_item(obs) else None
             self._frames.append(obs)
             self._gap = 0
-            return self._close() if len(self._frames) >= self.cfg.max_frames else None
+            if len(self._frames) >= self.cfg.max_frames:
+                return self._close()
+            return decision
         if not self._frames:
             return None
         self._gap += 1
         return self._close() if self._gap >= self.cfg.gap_frames else None
 
+    def _another_item(self, obs: Observation) -> bool:
+        last = self._frames[-1].box if self._frames else None
+        if last is None or obs.box is None or self.cfg.split_overlap <= 0:
+            return False
+        return box_overlap(last, obs.box) < self.cfg.split_overlap
+
     def flush(self) -> ItemDecision | None:
         """End of input: decide an item still in view."""
         return self._close() if self._frames else None
+
+    def _deciding(self, frames: list[Observation]) -> list[Observation]:
+        """The frames an item is decided on: those that show all of it (``whole_views``), when there are any.
+
+        A frame of an item half out of view is a guess about another shape; averaged in, a few of them turn a
+        sure decision into a review."""
+        whole = [o for o in frames if o.whole] if self.cfg.whole_views else frames
+        return whole or frames
 
     def _close(self) -> ItemDecision | None:
         frames, self._frames, self._gap = self._frames, [], 0
@@ -212,6 +245,7 @@ class ItemTracker:
             self.noise_items += 1
             return None
         self.items_seen += 1
+        seen, frames = frames, self._deciding(frames)
         class_id, confidence, agreement, top_k = consensus(frames, self.labels, self.top_k)
         mean = np.mean([o.classification.probs for o in frames], axis=0)
         ranked = np.sort(mean)[::-1]
@@ -221,8 +255,8 @@ class ItemTracker:
         label = self.labels[class_id]
         return ItemDecision(
             camera_id=self.camera_id, item_seq=self.items_seen, label=label, class_id=class_id,
-            confidence=round(confidence, 6), agreement=round(agreement, 4), frames=len(frames),
-            first_seen=frames[0].captured_at, last_seen=frames[-1].captured_at,
+            confidence=round(confidence, 6), agreement=round(agreement, 4), frames=len(seen),
+            first_seen=seen[0].captured_at, last_seen=seen[-1].captured_at,
             lane=self.lanes.lane_for(label, bool(reasons)), low_confidence=bool(reasons), reasons=reasons, top_k=top_k,
         )
 

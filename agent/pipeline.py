@@ -304,7 +304,7 @@ class InferenceStage(threading.Thread):
         else:
             out = self._item_frame(frame, cls, runtime, timings, queue_s, present)
         if state.tracker is not None:
-            obs = Observation(frame.seq, frame.captured_at, cls) if present and cls is not None else None
+            obs = _observation(frame, cls) if present and cls is not None else None
             decision = state.tracker.update(obs, bool(present))
             if decision is not None:
                 out.append(self._decision_message(decision))
@@ -445,3 +445,14 @@ class InferenceStage(threading.Thread):
 
     def _has_roi(self, camera_id: str) -> bool:
         return any(c.id == camera_id and c.roi is not None for c in self.cfg.cameras)
+
+
+def _observation(frame: Frame, cls: Classification) -> Observation:
+    """What the item tracker keeps of a frame: with a localized item, its box and whether all of it is in view."""
+    located = frame.located
+    if located is None or located.box is None:
+        return Observation(frame.seq, frame.captured_at, cls)
+    height, width = frame.image.shape[:2]
+    x0, y0, x1, y1 = located.box
+    whole = x0 > 0 and y0 > 0 and x1 < width and y1 < height
+    return Observation(frame.seq, frame.captured_at, cls, located.box, whole)
