@@ -20,11 +20,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     val = sub.add_parser("validate-config", help="check config files without starting anything")
     val.add_argument("files", nargs="+", type=Path)
     sub.add_parser("config-reference", help="print the config reference (markdown) used in docs/agent.md")
-    demo = sub.add_parser("demo", help="sample video -> agent -> MQTT; print what a dashboard receives")
+    demo = sub.add_parser("demo", help="conveyor scene -> agent -> MQTT; print what a dashboard receives and "
+                                       "how the station did")
     demo.add_argument("--bundle", required=True, type=Path, help="model bundle folder")
     demo.add_argument("--host", default=None, help="broker host; default: start a local mosquitto")
     demo.add_argument("--port", type=int, default=1883)
-    demo.add_argument("--images", type=int, default=20, help="Fashion-MNIST test images in the sample video")
+    demo.add_argument("--items", "--images", dest="items", type=int, default=20,
+                      help="Fashion-MNIST test items riding the belt (default 20)")
+    demo.add_argument("--seed", type=int, default=0, help="the scene's seed: which items, how they look and move")
+    demo.add_argument("--scene-dir", type=Path, default=None,
+                      help="render the scene here and keep it (<dir>/belt/frame_*.jpg + truth.json); "
+                           "default: a temporary folder")
     demo.add_argument("--json", action="store_true", help="print whole payloads instead of one line each")
     return parser
 
@@ -79,11 +85,12 @@ def summarize(kind: str, body: dict) -> str:
 
 
 def demo(args: argparse.Namespace) -> int:
-    from agent.demo import run_demo
+    from agent.demo import run_scene_demo, summary_lines
 
-    messages = run_demo(args.bundle, host=args.host, port=args.port, images=args.images)
+    run = run_scene_demo(args.bundle, host=args.host, port=args.port, items=args.items, seed=args.seed,
+                         scene_dir=args.scene_dir)
     counts: dict[str, int] = {}
-    for msg in messages:
+    for msg in run.messages:
         kind = msg.topic.rsplit("/", 1)[-1]
         counts[kind] = counts.get(kind, 0) + 1
         body = msg.json()
@@ -93,6 +100,7 @@ def demo(args: argparse.Namespace) -> int:
         else:
             print(f"{msg.topic:<40} {summarize(kind, body)}")
     print("received: " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+    print("\n".join(summary_lines(run)))
     return 0
 
 

@@ -1,9 +1,9 @@
 """Station-view benchmark: the real agent on rendered station scenes, scored per item and per frame.
 
-Renders Fashion-MNIST *test* items as a station camera sees them (benchmarks/scenes.py: a moving
+Renders Fashion-MNIST *test* items as a station camera sees them (agent/sim/scenes.py: a moving
 belt, a tilted bench), runs ``python -m agent run --config <generated yaml> --exit-at-end`` on each
 scene's JPEG folder against a throwaway mosquitto, collects the station's result, decision and stats
-messages, and scores them against the scene's truth.json:
+messages, and scores them against the scene's truth.json (agent/sim/score.py):
 
 * items: decided correctly (exactly one decision, with the item's label), missed (no decision),
   split (more than one), merged decisions (one decision over two items), phantom decisions (over no
@@ -24,7 +24,6 @@ of its first/last frame, results map captured_at -> source_ref (the file name) -
 from __future__ import annotations
 
 import argparse
-import bisect
 import json
 import logging
 import os
@@ -46,191 +45,14 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.scenes import SCENES, TRUTH_VERSION, renderer_fingerprint, write_scene  # noqa: E402
+from agent.sim.scenes import SCENES, TRUTH_VERSION, renderer_fingerprint, write_scene  # noqa: E402
+from agent.sim.score import score_scene  # noqa: E402
 
 log = logging.getLogger("station_view")
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 DEFAULT_RETRAIN_ARGS = ("--epochs 2 --limit-per-class 1000 --batch-size 64 --lr 1e-3 "
                         "--calibration-images 256 --parity-images 64")
-EMPTY_LABELS = frozenset({"", "empty", "background", "none", "no item"})
-
-
-# ================================================================ scoring (pure)
-
-@dataclass(frozen=True)
-class FrameClock:
-    """captured_at -> frame index, learnt from results (they carry both captured_at and source_ref).
-
-    A time with no result of its own (a frame the station did not publish) is placed by linear
-    interpolation between its neighbours: frames are captured in order, one camera, one clock.
-    """
-
-    times: tuple[float, ...]
-    frames: tuple[int, ...]
-
-    @classmethod
-    def from_results(cls, results: Sequence[dict], frame_of_file: dict[str, int]) -> "FrameClock":
-        pairs = sorted({(round(float(r["captured_at"]), 6), frame_of_file[r["source_ref"]])
-                        for r in results if r.get("source_ref") in frame_of_file})
-        return cls(tuple(t for t, _ in pairs), tuple(f for _, f in pairs))
-
-    def frame_at(self, ts: float) -> int | None:
-        if not self.times:
-            return None
-        ts = round(float(ts), 6)
-        i = bisect.bisect_left(self.times, ts)
-        if i < len(self.times) and self.times[i] == ts:
-            return self.frames[i]
-        if i == 0:
-            return self.frames[0]
-        if i == len(self.times):
-            return self.frames[-1]
-        t0, t1, f0, f1 = self.times[i - 1], self.times[i], self.frames[i - 1], self.frames[i]
-        return int(round(f0 + (f1 - f0) * (ts - t0) / (t1 - t0)))
-
-
-def decision_spans(decisions: Sequence[dict], clock: FrameClock) -> list[tuple[int, int] | None]:
-    """Each decision's (first frame, last frame); None where the clock cannot place it."""
-    spans = []
-    for d in decisions:
-        a, b = clock.frame_at(d["first_seen"]), clock.frame_at(d["last_seen"])
-        spans.append(None if a is None or b is None else (min(a, b), max(a, b)))
-    return spans
-
-
-def overlaps(span: tuple[int, int], visible: dict[int, frozenset[int]]) -> dict[int, int]:
-    """Item -> how many of its visible frames lie in the span (items with none left out)."""
-    a, b = span
-    out = {}
-    for item, frames in visible.items():
-        n = sum(1 for f in frames if a <= f <= b)
-        if n:
-            out[item] = n
-    return out
-
-
-def match_decisions(spans: Sequence[tuple[int, int] | None], visible: dict[int, frozenset[int]]
-                    ) -> list[int | None]:
-    """Each decision's item: the one whose visible frames it overlaps most (ties: the earlier item);
-    None: a phantom (it overlaps no item's frames, or could not be placed)."""
-    out: list[int | None] = []
-    for span in spans:
-        hits = overlaps(span, visible) if span is not None else {}
-        out.append(min(hits, key=lambda item: (-hits[item], item)) if hits else None)
-    return out
-
-
-def is_review(decision: dict, review_lane: str) -> bool:
-    return bool(decision.get("low_confidence")) or decision.get("lane") == review_lane
-
-
-def score_items(items: Sequence[dict], decisions: Sequence[dict], spans: Sequence[tuple[int, int] | None],
-                review_lane: str = "manual-review", merge_min_frames: int = 3) -> dict[str, Any]:
-    """Per-item figures from truth items (item, label_name, visible_frames) and matched decisions."""
-    visible = {it["item"]: frozenset(it["visible_frames"]) for it in items}
-    owner = match_decisions(spans, visible)
-    by_item: dict[int, list[dict]] = {it["item"]: [] for it in items}
-    for d, item in zip(decisions, owner):
-        if item is not None:
-            by_item[item].append(d)
-    counts = dict(correct=0, missed=0, split=0, review=0, auto_sorted=0, auto_wrong=0, never_visible=0)
-    for it in items:
-        mine = by_item[it["item"]]
-        counts["never_visible"] += not it["visible_frames"]
-        counts["missed"] += not mine
-        counts["split"] += len(mine) > 1
-        counts["review"] += any(is_review(d, review_lane) for d in mine)
-        if len(mine) == 1:
-            counts["correct"] += mine[0]["label"] == it["label_name"]
-            if not is_review(mine[0], review_lane):
-                counts["auto_sorted"] += 1
-                counts["auto_wrong"] += mine[0]["label"] != it["label_name"]
-    n = len(items)
-    merged = sum(1 for s in spans if s is not None and sum(
-        k >= min(merge_min_frames, len(visible[i])) for i, k in overlaps(s, visible).items()) >= 2)
-    phantoms = sum(1 for o in owner if o is None)
-    return {"items": n, "decisions": len(decisions), **counts, "phantom_decisions": phantoms,
-            "merged_decisions": merged, "unplaced_decisions": sum(1 for s in spans if s is None),
-            "item_accuracy": _ratio(counts["correct"], n), "review_share": _ratio(counts["review"], n),
-            "missed_share": _ratio(counts["missed"], n), "split_share": _ratio(counts["split"], n),
-            "auto_sorted_accuracy": _ratio(counts["auto_sorted"] - counts["auto_wrong"], counts["auto_sorted"])}
-
-
-def score_frames(truth_frames: Sequence[dict], items: Sequence[dict], results: Sequence[dict],
-                 empty_labels: frozenset[str] = EMPTY_LABELS) -> dict[str, Any]:
-    """Per-frame figures: accuracy on fully-in and partly-in frames, and products reported on empty frames."""
-    label_of = {it["item"]: it["label_name"] for it in items}
-    result_of = {}
-    for r in results:
-        result_of.setdefault(r.get("source_ref"), r)
-    full = dict(frames=0, results=0, correct=0)
-    partial = dict(frames=0, results=0, correct=0)
-    empty = dict(frames=0, results=0, products=0)
-    for f in truth_frames:
-        r = result_of.get(f["file"])
-        if len(f["full"]) == 1:
-            _tally(full, r, {label_of[f["full"][0]]})
-        elif f["visible"] and not f["full"]:
-            _tally(partial, r, {label_of[i] for i in f["visible"]})
-        elif not f["visible"]:
-            empty["frames"] += 1
-            empty["results"] += r is not None
-            empty["products"] += r is not None and (r.get("label") or "").strip().lower() not in empty_labels
-    return {"full": {**full, "accuracy": _ratio(full["correct"], full["frames"]),
-                     "accuracy_of_published": _ratio(full["correct"], full["results"])},
-            "partial": {**partial, "accuracy": _ratio(partial["correct"], partial["frames"])},
-            "empty": {**empty, "product_rate": _ratio(empty["products"], empty["frames"])}}
-
-
-def _tally(acc: dict[str, int], result: dict | None, labels: set[str]) -> None:
-    acc["frames"] += 1
-    if result is not None:
-        acc["results"] += 1
-        acc["correct"] += result.get("label") in labels
-
-
-def _ratio(a: int, b: int) -> float | None:
-    return round(a / b, 4) if b else None
-
-
-def camera_counts(truth: dict, results: Sequence[dict], stats: Sequence[dict], camera: str) -> dict[str, Any]:
-    """Frames in the scene vs captured, dropped and classified (last stats message) and results received."""
-    last = max(stats, key=lambda s: s.get("seq", 0)) if stats else {}
-    seqs = sorted({int(r["frame_seq"]) for r in results})
-    return {"frames_in_scene": truth["n_frames"], "results_received": len(results),
-            "max_frame_seq": seqs[-1] if seqs else 0,
-            "frames_captured_last_stats": (last.get("frames_captured") or {}).get(camera),
-            "frames_dropped_last_stats": (last.get("frames_dropped") or {}).get(camera, 0) if last else None,
-            "frames_classified_last_stats": last.get("frames_classified")}
-
-
-def item_details(items: Sequence[dict], decisions: Sequence[dict], spans: Sequence[tuple[int, int] | None]
-                 ) -> dict[str, list]:
-    """Per item its visible span and the decisions matched to it; the phantom decisions: for reading a run."""
-    owner = match_decisions(spans, {it["item"]: frozenset(it["visible_frames"]) for it in items})
-    brief = lambda d, s: {"span": list(s) if s else None, "label": d["label"], "lane": d["lane"],  # noqa: E731
-                          "confidence": d["confidence"], "frames": d["frames"]}
-    per_item = [{"item": it["item"], "test_index": it["test_index"], "label": it["label_name"],
-                 "visible": [it["visible_frames"][0], it["visible_frames"][-1]] if it["visible_frames"] else None,
-                 "full_frames": len(it["full_frames"]),
-                 "decisions": [brief(d, s) for d, s, o in zip(decisions, spans, owner) if o == it["item"]]}
-                for it in items]
-    phantoms = [brief(d, s) for d, s, o in zip(decisions, spans, owner) if o is None]
-    return {"per_item": per_item, "phantoms": phantoms}
-
-
-def score_scene(truth: dict, results: Sequence[dict], decisions: Sequence[dict], stats: Sequence[dict] = (),
-                camera: str = "cam0", review_lane: str = "manual-review") -> dict[str, Any]:
-    """Everything the benchmark reports for one scene, from truth.json and the station's messages."""
-    frame_of_file = {f["file"]: f["frame"] for f in truth["frames"]}
-    clock = FrameClock.from_results(results, frame_of_file)
-    spans = decision_spans(decisions, clock)
-    return {"items": score_items(truth["items"], decisions, spans, review_lane),
-            "frames": score_frames(truth["frames"], truth["items"], results),
-            "camera": camera_counts(truth, results, stats, camera),
-            "details": item_details(truth["items"], decisions, spans)}
-
 
 # ================================================================ broker and collector
 

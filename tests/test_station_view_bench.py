@@ -1,4 +1,4 @@
-"""benchmarks/station_view.py and benchmarks/scenes.py: the renderer is deterministic, its truth matches
+"""agent/sim/scenes.py, agent/sim/score.py and benchmarks/station_view.py: the renderer is deterministic, its truth matches
 the masks it composited, and the scoring counts correct, missed, split, merged, phantom and review items
 exactly (the benchmark itself, with the agent, is not a test)."""
 
@@ -17,7 +17,8 @@ spec = importlib.util.spec_from_file_location("station_view", REPO / "benchmarks
 sv = importlib.util.module_from_spec(spec)
 sys.modules["station_view"] = sv
 spec.loader.exec_module(sv)
-from benchmarks import scenes  # noqa: E402  (station_view put the repo root on sys.path)
+from agent.sim import scenes  # noqa: E402
+from agent.sim import score  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not (scenes.FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists(),
                                 reason="Fashion-MNIST test split not installed")
@@ -136,7 +137,7 @@ def test_items_correct_missed_split_phantom_merged_and_review(truth):
     decisions = [decision(3, 8, "A"), decision(12, 15, "B"), decision(17, 20, "B"),
                  decision(35, 45, "A", review=True), decision(52, 55, "C")]
     # when scored
-    scores = sv.score_scene(truth, results, decisions)["items"]
+    scores = score.score_scene(truth, results, decisions)["items"]
     # then
     assert scores["correct"] == 2          # item 0, and item 3 (one decision, its label, though in review)
     assert scores["split"] == 1 and scores["missed"] == 2
@@ -148,14 +149,14 @@ def test_items_correct_missed_split_phantom_merged_and_review(truth):
 
 def test_confident_wrong_decision_counts_as_auto_sorted_wrong(truth):
     results = [result(t, "A") for t in range(60)]
-    scores = sv.score_scene(truth, results, [decision(24, 30, "A")])["items"]
+    scores = score.score_scene(truth, results, [decision(24, 30, "A")])["items"]
     assert scores["correct"] == 0 and scores["auto_wrong"] == 1 and scores["auto_sorted_accuracy"] == 0.0
 
 
 def test_decision_times_without_their_own_result_are_placed_between_neighbours(truth):
     # given results only on item frames (a station that no longer publishes empty frames)
     results = [result(t, "A") for f in truth["frames"] if f["visible"] for t in [f["frame"]]]
-    clock = sv.FrameClock.from_results(results, {f["file"]: f["frame"] for f in truth["frames"]})
+    clock = score.FrameClock.from_results(results, {f["file"]: f["frame"] for f in truth["frames"]})
     # then an exact time maps to its frame and a time between two results is interpolated
     assert clock.frame_at(at(5)) == 5
     assert clock.frame_at(at(10.5)) in (10, 11)
@@ -165,7 +166,7 @@ def test_decision_times_without_their_own_result_are_placed_between_neighbours(t
 def test_frame_scores_full_partial_and_products_on_empty_frames(truth):
     # given every frame classified: right on item 0's frames, "empty" on some empty frames, "B" elsewhere
     results = [result(t, "A" if 2 <= t <= 9 else ("empty" if t < 2 else "B")) for t in range(60)]
-    scores = sv.score_frames(truth["frames"], truth["items"], results)
+    scores = score.score_frames(truth["frames"], truth["items"], results)
     full_frames = sum(1 for f in truth["frames"] if len(f["full"]) == 1)
     assert scores["full"]["frames"] == full_frames
     # item 0 (A): 4 full frames right; items 1, 4 (B): 5 + 3 full right; 2 (C) and 3 (A) wrong
@@ -179,7 +180,7 @@ def test_frame_scores_full_partial_and_products_on_empty_frames(truth):
 
 def test_unpublished_frames_lower_frame_accuracy_but_not_accuracy_of_published(truth):
     results = [result(t, "A") for t in range(4, 8)]
-    full = sv.score_frames(truth["frames"], truth["items"], results)["full"]
+    full = score.score_frames(truth["frames"], truth["items"], results)["full"]
     assert full["results"] == 4 and full["accuracy_of_published"] == 1.0 and full["accuracy"] == round(4 / 18, 4)
 
 

@@ -25,11 +25,15 @@ class DemoConfig:
 def demo_train_config(cfg: DemoConfig, run_name: str):
     from trainer.augment import AugmentConfig
     from trainer.config import TrainConfig
+    from trainer.station_view import StationViewConfig
 
-    # The documented recipe's augmentation (docs/training.md): garments are centred and upright.
+    # Stations crop the item they localized (agent/localize.py), so the demo trains as ``python -m
+    # trainer train`` does by default: most images rendered as station views (StationViewConfig
+    # defaults, items rotated up to 20 degrees), the rest on the documented recipe's plain path
+    # (docs/training.md: centred and upright, --plain-rotation 0), and a foreground-crop bundle.
     augment = AugmentConfig(scale=(0.75, 1.0), rotation=0.0, brightness=0.1, contrast=0.1, saturation=0.1,
-                            erasing=0.2)
-    return TrainConfig(augment=augment,
+                            erasing=0.2, station_view=StationViewConfig())
+    return TrainConfig(augment=augment, crop_mode="foreground",
         data=str(cfg.data_dir / "train"), out_dir=str(cfg.out_dir), name=run_name, arch=cfg.arch, weights="imagenet",
         image_size=cfg.image_size, resize_shorter=cfg.image_size, limit_per_class=cfg.limit_per_class,
         epochs=cfg.epochs, batch_size=64, optimizer="adam", lr=1e-3, warmup_epochs=0.2, label_smoothing=0.1,

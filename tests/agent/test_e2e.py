@@ -163,10 +163,28 @@ def test_kill_9_mid_run_loses_nothing_in_the_outbox(mosquitto_bin, tiny_bundle, 
     assert outbox_rows(tmp_path / "outbox.sqlite") == []
 
 
-def test_demo_command_prints_what_a_dashboard_receives(mosquitto_bin, tiny_bundle):
-    rc, out = run_cli("demo", "--bundle", str(tiny_bundle), "--images", "4")
+def test_demo_command_runs_the_station_on_a_belt_scene_and_scores_it(mosquitto_bin, tiny_bundle, tmp_path):
+    # given a belt scene of 4 items with empty belt between them (seed 1), kept in tmp_path
+    rc, out = run_cli("demo", "--bundle", str(tiny_bundle), "--items", "4", "--seed", "1",
+                      "--scene-dir", str(tmp_path), "--json", timeout=240)
+    # then the run succeeds and every message the dashboard got is valid under its schema
     assert rc == 0, out
-    assert "inventory/demo/receiving-01/status       online model=tiny:tiny-1" in out
-    summary = out.strip().splitlines()[-1]
-    # 2 lead blanks + 4 items x (3 frames + 2 blanks): only the 12 item frames are results
-    assert summary.startswith("received: ") and "result=12" in summary and "decision=4" in summary
+    truth = json.loads((tmp_path / "belt" / "truth.json").read_text())
+    lines = [line for line in out.splitlines() if line.startswith("inventory/demo/receiving-01/")]
+    bodies = [json.loads(line.split("  ", 1)[1]) for line in lines]
+    for body in bodies:
+        validate_message(body["schema"], body)
+    results = [b for b in bodies if b["schema"] == "result.v1"]
+    decisions = [b for b in bodies if b["schema"] == "decision.v1"]
+    # no result on an empty belt: presence by the localizer skips frames with no item in the ROI
+    visible = {f["file"] for f in truth["frames"] if f["visible"]}
+    assert results and {r["source_ref"] for r in results} <= visible
+    # one decision per item: the localizer separates the items by the empty belt between them
+    assert len(decisions) == len(truth["items"]) == 4
+    # and the summary scores exactly these messages against the scene's truth
+    summary = out[out.index("received: "):].splitlines()
+    assert "decision=4" in summary[0] and f"result={len(results)}" in summary[0]
+    assert summary[1].startswith(f"scene belt (seed 1): 4 Fashion-MNIST test items, {truth['n_frames']} frames")
+    assert "missed / split        0 / 0" in out and "phantom decisions     0 of 4 decisions" in out
+    empty = sum(1 for f in truth["frames"] if not f["visible"])
+    assert f"empty frames published as products  0 of {empty}" in out

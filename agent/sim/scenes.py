@@ -1,4 +1,4 @@
-"""Station-view scenes for the benchmark: Fashion-MNIST *test* items as a station camera sees them.
+"""Station-view scenes: Fashion-MNIST *test* items as a station camera sees them (demo, benchmark, tests).
 
 Torch-free (numpy + OpenCV) and deterministic: a scene is planned once from ``(seed, scene)``, and
 frame ``t`` is rendered from the plan plus its own generator ``default_rng([seed, scene, t])``, so
@@ -12,7 +12,7 @@ Two scenes, each a camera frame larger than the station's ROI:
 * ``bench``: a light wooden bench under a tilted camera (the bench plane is warped by a
   homography); an item slides in, rests for 8-15 frames with slight jitter, and is taken away.
 
-Why not the trainer's compositor: a benchmark must not grade the trainer on its own generator, so
+Why not the trainer's compositor: the demo and benchmark must not grade the trainer on its own generator, so
 textures, light and motion are chosen here independently.
 
 The truth of a frame is computed from the very masks that were composited: an item is *visible*
