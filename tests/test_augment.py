@@ -21,7 +21,7 @@ SIDE = 48
 SPEC = eval_spec(SIDE, SIDE, crop=CropPolicy(mode="foreground", margin=0.1))
 # Every random effect off: geometry is exactly "item box fills 1/(1+2 margin), centred".
 STILL = dict(rotation=0.0, scale_jitter=0.0, position_jitter=0.0, out_of_view=0.0, tilt=0.0, gain=(1.0, 1.0),
-             white_balance=0.0, gradient=0.0, noise=0.0, blur=0.0, jpeg=0.0)
+             white_balance=0.0, gradient=0.0, noise=0.0, blur=0.0, jpeg=0.0, item_colour=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -170,6 +170,21 @@ def test_gain_and_gradient_light_the_view():
     half = SIDE // 2
     left_right = lit[:, :, :, half:].mean((1, 2, 3)) - lit[:, :, :, :half].mean((1, 2, 3))
     assert left_right[2] > 0.05 and left_right[3] < -0.05 and left_right[0].abs() < 1e-4
+
+
+def test_item_colour_tints_the_grey_item_and_not_the_background(canvas):
+    grey, tinted = station(seed=3), station(seed=3, item_colour=0.3)
+    p = tinted.sample(len(canvas))
+    assert (p["sv_colour"].mean(1) - 1).abs().max() < 1e-5 and p["sv_colour"].std(1).max() > 0.05
+    plain_view, alpha = grey.render(canvas, {**p, "sv_colour": torch.ones(len(canvas), 3)})
+    colour_view, _ = tinted.render(canvas, p)
+    item = (alpha > 0.99).expand(-1, 3, -1, -1)
+    spread = lambda v: (v.amax(1, keepdim=True) - v.amin(1, keepdim=True)).expand(-1, 3, -1, -1)[item]  # noqa: E731
+    assert spread(plain_view).max() < 0.02                        # a grey garment stays grey without it (edges: 1%
+    #                                                               of the surface shows through at alpha 0.99)
+    assert spread(colour_view).mean() > 0.05                      # and takes a colour with it
+    outside = (alpha < 0.01).expand(-1, 3, -1, -1)
+    assert torch.allclose(plain_view[outside], colour_view[outside], atol=0.01)  # the surface is not tinted
 
 
 def test_noise_raises_and_blur_lowers_high_frequency_energy(canvas):

@@ -84,6 +84,9 @@ class StationViewConfig:
     """Overall light gain range (log-uniform)."""
     white_balance: float = 0.06
     """Per-channel gain jitter (uniform +-)."""
+    item_colour: float = 0.3
+    """Maximum saturation of a random colour given to the item alone (a random hue; uniform 0..item_colour):
+    products come in colours that a grey catalogue image (Fashion-MNIST) does not show."""
     gradient: float = 0.3
     """Maximum brightness change from the view's centre to its edge along a random direction."""
     noise: float = 0.08
@@ -264,6 +267,7 @@ class StationView:
             "sv_bg_cx": r(n, -0.3, 0.3), "sv_bg_cy": r(n, -0.3, 0.3),
             "sv_gain": torch.exp(r(n, math.log(c.gain[0]), math.log(c.gain[1]))),
             "sv_wb": torch.rand(n, 3, generator=self.generator) * 2 * c.white_balance + 1 - c.white_balance,
+            "sv_colour": self._colours(n),
             "sv_grad": r(n, 0, c.gradient), "sv_grad_dir": r(n, 0, 2 * math.pi),
             "sv_noise_std": r(n, 0, c.noise),
             "sv_noise": torch.randn(n, 3, self.spec.height, self.spec.width, generator=self.generator),
@@ -277,6 +281,13 @@ class StationView:
         own = self.n_procedural + (r(n) * self.n_folder).long().clamp(max=max(self.n_folder - 1, 0))
         p["sv_tile"] = torch.where(folder & (self.n_folder > 0), own, proc)
         return p
+
+    def _colours(self, n: int) -> torch.Tensor:
+        """N x 3 per-channel factors of a random hue at saturation 0..item_colour (mean 1: brightness kept)."""
+        hue = self._rand(n, 0, 2 * math.pi).view(n, 1)
+        sat = self._rand(n, 0, self.config.item_colour).view(n, 1)
+        phase = torch.arange(3).view(1, 3) * (2 * math.pi / 3)
+        return 1 + sat * torch.cos(hue + phase)
 
     # --- geometry -------------------------------------------------------------------------------
 
@@ -347,7 +358,8 @@ class StationView:
         background = F.grid_sample(atlas.expand(n, -1, -1, -1), bg_grid, mode="bilinear", padding_mode="border",
                                    align_corners=False)
         alpha = item[:, 3:4]
-        return torch.lerp(background, item[:, :3], alpha), alpha
+        colour = p["sv_colour"].to(dev).view(n, 3, 1, 1)
+        return torch.lerp(background, (item[:, :3] * colour).clamp_(0.0, 1.0), alpha), alpha
 
     def light(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
         """Gain, white balance and a linear gradient across the view."""
