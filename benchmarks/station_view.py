@@ -347,6 +347,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     loop = p.add_argument_group("loop (--loop: the first scene teaches through uploads, review and retrain; "
                                 "the second measures before/after)")
     loop.add_argument("--loop", action="store_true")
+    loop.add_argument("--label-budget", type=int, default=300,
+                      help="frames a reviewer labels, least certain first, class by class (0: every uploaded frame)")
     loop.add_argument("--base-data", type=Path, default=REPO / "data" / "fashion-mnist" / "train",
                       help="the retrain's base dataset (default: what 'trainer demo' imported)")
     loop.add_argument("--models-dir", type=Path, default=REPO / "models", help="where the retrained bundle goes")

@@ -2,8 +2,9 @@
 
 1. The agent runs on scene A with its bundle and low-confidence uploads on (``frames.enabled``, no rate
    limit); the real ``python -m trainer ingest`` stores what it uploads.
-2. Every stored frame is labelled through the real review server (``python -m trainer review``,
-   ``POST /api/frames/<id>/review``) from scene A's truth.json: the one item in view, or skipped where
+2. Stored frames are labelled through the real review server (``python -m trainer review``,
+   ``POST /api/frames/<id>/review``) from scene A's truth.json, in the review queue's least-certain-by-class
+   order until ``--label-budget`` frames are labelled (default 300): the one item in view, or skipped where
    none, two, or only a sliver of one is in view (what a reviewer could not label either).
 3. ``python -m trainer labels export`` and ``python -m trainer retrain`` (fine-tuned from the current
    checkpoint, gated) make the next bundle.
@@ -98,19 +99,23 @@ class Review:
             return False
 
     def pending(self) -> list[dict]:
+        """Pending frames in the review page's least-certain-by-class order (what a reviewer works down)."""
         out: list[dict] = []
         while True:
-            page = self.api(f"/api/frames?limit=500&offset={len(out)}&status=pending")
+            page = self.api(f"/api/frames?limit=500&offset={len(out)}&status=pending&order=least-certain-by-class")
             out += page["frames"]
             if not page["frames"] or len(out) >= page["total"]:
                 return out
 
-    def label_from_truth(self, truth: dict) -> tuple[int, int]:
-        """Label every pending frame from the truth (by its source_ref); returns (labelled, skipped)."""
+    def label_from_truth(self, truth: dict, budget: int | None = None) -> tuple[int, int]:
+        """Label pending frames from the truth (by their source_ref) in queue order, until ``budget`` frames
+        are labelled (None: all); returns (labelled, skipped)."""
         frames = {f["file"]: f for f in truth["frames"]}
         items = {it["item"]: it for it in truth["items"]}
         labelled = skipped = 0
         for frame in self.pending():
+            if budget is not None and labelled >= budget:
+                break
             scene_frame = frames.get(frame.get("source_ref"))
             label = label_for(scene_frame, items) if scene_frame else None
             body = {"action": "label", "label": label, "reviewer": "station-view"} if label else {"action": "skip"}
@@ -167,7 +172,7 @@ def run_loop(args, scenes_root: Path) -> dict[str, Any]:
             review = services[2]
             on_a = measure(truth_a, scenes_root / scene_a, args.bundle, args.set, port, uploads)
             stored = stable_count(review)
-            labelled, skipped = review.label_from_truth(truth_a)
+            labelled, skipped = review.label_from_truth(truth_a, args.label_budget or None)
         finally:
             for service in services[:2]:
                 service.stop()
