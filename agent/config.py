@@ -264,6 +264,10 @@ class PresenceConfig(_Strict):
     max_gain: float = _finite(1.6, ge=1, le=10, title="Light drift bound",
                               description="Global light changes up to this ratio (either way) are divided out "
                                           "before comparing with the background.")
+    max_local_gain: float = _finite(1.4, ge=1, le=10, title="Local light bound",
+                                    description="Smooth local light changes (a spot light that moved, a gradient "
+                                                "that turned) up to this ratio either side of the global one are "
+                                                "divided out as a fitted gain field (1: one global gain only).")
     warmup_frames: int = Field(1, ge=1, le=1000, title="Warm-up frames",
                                description="The first frames of each camera are taken as the empty scene (start with "
                                            "the belt empty), unless an empty-scene image is given.")

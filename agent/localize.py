@@ -9,10 +9,14 @@ How a box is found (``foreground_box``, a pure function the trainer calls with a
 1. Both the frame and the background are shrunk to a working copy (longer side ``work_size`` px, area
    averaging) and blurred with a box filter about one belt texture period wide (``texture_px`` ROI px),
    so a moving ribbed belt and sensor noise average out and do not count as foreground.
-2. Global light drift is divided out: the frame/background brightness ratio is taken where most
-   pixels agree (the mode of the per-pixel ratio, which the belt owns; an item's ratios scatter), within
-   ``1/max_gain .. max_gain``.
-3. A pixel is foreground where its largest per-channel difference from ``gain x background`` is over
+2. Light changes are divided out as a smooth gain field (``estimate_light``): the global level is the
+   frame/background brightness ratio most pixels agree on (the mode of the per-pixel ratio, which the
+   belt owns; an item's ratios scatter), within ``1/max_gain .. max_gain``; a quadratic in x, y of the
+   log ratio is then fitted by least squares on the pixels near the field (refitted three times with a
+   narrowing band, so an item's pixels drop out), and kept within ``1/max_local_gain .. max_local_gain``
+   of the global level. A spot light that moved or a gradient that turned since the background learned
+   is light, not an item; ``max_local_gain`` 1 is one global gain.
+3. A pixel is foreground where its largest per-channel difference from ``field x background`` is over
    ``threshold`` (0..255); the mask is opened (specks) and closed (holes), and connected components
    under ``min_area`` of the ROI are dropped.
 4. The box is the largest component's, joined with the components within ``join_px`` ROI px of it (an
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import cv2
@@ -135,30 +140,148 @@ def work_copy(image: np.ndarray, work_size: int, texture_px: float) -> tuple[np.
     return small, scale
 
 
+def log_ratio(frame: np.ndarray, background: np.ndarray) -> np.ndarray:
+    """Per-pixel log brightness ratio frame/background of two working copies (+4 keeps black finite)."""
+    f = cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY) if frame.ndim == 3 else frame
+    b = cv2.cvtColor(background, cv2.COLOR_RGB2GRAY) if background.ndim == 3 else background
+    return np.log((f + 4.0) / (b + 4.0))
+
+
+def _mode_log(ratio: np.ndarray, max_gain: float) -> float | None:
+    """The log ratio most values share, within +-log(max_gain); None when too few values are in range."""
+    bound = float(np.log(max_gain))
+    step = 0.01
+    n_bins = max(1, int(2 * bound / step))
+    bins = np.floor((ratio.ravel() + bound) / step).astype(np.int64)
+    inside = (bins >= 0) & (bins < n_bins)
+    if int(inside.sum()) < 16:
+        return None
+    hist = np.convolve(np.bincount(bins[inside], minlength=n_bins), np.ones(3), mode="same")
+    peak = (int(hist.argmax()) + 0.5) * step - bound
+    near = ratio[np.abs(ratio - peak) <= 3 * step]
+    return float(np.median(near)) if near.size else peak
+
+
 def estimate_gain(frame: np.ndarray, background: np.ndarray, max_gain: float,
                   where: np.ndarray | None = None) -> float:
     """Frame/background brightness ratio shared by most pixels (the empty scene's), within 1/max..max."""
-    f = cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY) if frame.ndim == 3 else frame
-    b = cv2.cvtColor(background, cv2.COLOR_RGB2GRAY) if background.ndim == 3 else background
-    ratio = np.log((f + 4.0) / (b + 4.0))
-    if where is not None:
-        ratio = ratio[where]
+    ratio = log_ratio(frame, background)
+    level = _mode_log(ratio[where] if where is not None else ratio, max_gain)
+    return float(np.exp(level)) if level is not None else 1.0
+
+
+FIT_STEP = 2                        # the field is fitted on every 2nd row and column (a quarter of the pixels)
+FIT_BANDS = (0.15, 0.08, 0.05)      # log-ratio band around the field of the pixels each refit uses
+QUADRATIC_SUPPORT = 0.5             # share of the working copy that must fit a quadratic for its shape to count
+PLANE_SUPPORT = 0.2                 # ... a plane (else one global gain)
+
+
+@lru_cache(maxsize=8)
+def _basis(height: int, width: int, step: int = 1) -> np.ndarray:
+    """(rows*cols, 6) float32 quadratic terms 1, x, y, x^2, xy, y^2 of every ``step``-th row and column,
+    coordinates scaled to -1..1 over the whole working copy."""
+    y, x = np.mgrid[0:height:step, 0:width:step].astype(np.float32)
+    x = (2 * x - (width - 1)) / max(width - 1, 1)
+    y = (2 * y - (height - 1)) / max(height - 1, 1)
+    return np.stack([np.ones_like(x), x, y, x * x, x * y, y * y], axis=-1).reshape(-1, 6)
+
+
+@lru_cache(maxsize=8)
+def _products(height: int, width: int, step: int, n_terms: int) -> np.ndarray:
+    """(rows*cols, n_terms^2) float32 products of each grid pixel's terms: a weighted sum of its rows is
+    the least-squares normal matrix of the pixels weighted, with no per-frame selection."""
+    terms = _basis(height, width, step)[:, :n_terms]
+    return (terms[:, :, None] * terms[:, None, :]).reshape(len(terms), -1)
+
+
+def _fit(points: np.ndarray, valid: np.ndarray | None, level: float, n_terms: int,
+         hw: tuple[int, int]) -> tuple[np.ndarray | None, int]:
+    """(coefficients, pixels that fit them) of the log ratio on the ``FIT_STEP`` grid by least squares on
+    the (``valid``) pixels within each narrowing band of the last fit, starting from the global level;
+    None when too few pixels fit. ``hw``: the working copy's size (``points`` is its grid)."""
+    terms = _basis(hw[0], hw[1], FIT_STEP)[:, :n_terms]
+    products = _products(hw[0], hw[1], FIT_STEP, n_terms)
+    values = points.ravel()
+    fitted = np.full(values.shape, level, np.float32)
+    allowed = valid.ravel() if valid is not None else None
+    coef, count = None, 0
+    for band in FIT_BANDS:
+        use = np.abs(values - fitted) <= band
+        if allowed is not None:
+            use &= allowed
+        weight = use.astype(np.float32)
+        if float(weight.sum()) < max(32, values.size // 10):
+            break
+        normal = (weight @ products).reshape(n_terms, n_terms).astype(np.float64)
+        ok, solved = cv2.solve(normal, ((weight * values) @ terms).astype(np.float64).reshape(-1, 1),
+                               flags=cv2.DECOMP_CHOLESKY)
+        if not ok:
+            return None, 0
+        coef = solved.ravel().astype(np.float32)
+        fitted = terms @ coef
+        near = np.abs(values - fitted) <= FIT_BANDS[-1]
+        count = int((near & allowed).sum() if allowed is not None else near.sum())
+    return coef, count
+
+
+def estimate_light(frame: np.ndarray, background: np.ndarray, max_gain: float, max_local_gain: float,
+                   where: np.ndarray | None = None,
+                   prior: np.ndarray | None = None) -> tuple[float, np.ndarray | None]:
+    """(global gain, HxW float32 gain field or None): the smooth light change from background to frame.
+
+    The global gain is ``estimate_gain``'s; the field is a quadratic in x, y of the log ratio, fitted on
+    the pixels (``where``, if given: away from the last item) within a narrowing band of the current
+    field, starting from the global level, so the empty scene's pixels fit it and an item's fall out.
+    A quadratic fitted on a strip (an item covering most of the view) would be wild elsewhere, so its
+    shape counts only when ``QUADRATIC_SUPPORT`` of the whole working copy fits it; else the ``prior``
+    field (the last frame's) keeps its shape and only its level follows, or without one a plane (on
+    ``PLANE_SUPPORT``) or the global gain alone. The field stays within ``1/max_local_gain ..
+    max_local_gain`` of the global gain and ``1/max_gain .. max_gain`` overall. None: the global gain
+    alone (``max_local_gain`` 1, or too few pixels fit).
+    """
+    ratio = log_ratio(frame, background)
+    height, width = ratio.shape
+    points = ratio[::FIT_STEP, ::FIT_STEP]              # a quarter of the pixels: plenty for 6 terms, 4x cheaper
+    sub = where[::FIT_STEP, ::FIT_STEP] if where is not None else None
+    level = _mode_log(points[sub] if sub is not None else points, max_gain)
+    if level is None:
+        return 1.0, None
+    if max_local_gain <= 1.0:
+        return float(np.exp(level)), None
+    total = points.size
+    local = float(np.log(max_local_gain))
+    coef, count = _fit(points, sub, level, 6, (height, width))
+    if coef is None or count < QUADRATIC_SUPPORT * total:
+        if prior is not None:
+            shift = np.log(prior[::FIT_STEP, ::FIT_STEP])
+            shift = _mode_log((points - shift)[sub] if sub is not None else points - shift, max_local_gain)
+            return float(np.exp(level)), prior * np.float32(np.exp(shift)) if shift is not None else prior
+        coef, count = _fit(points, sub, level, 3, (height, width))
+        if coef is None or count < PLANE_SUPPORT * total:
+            return float(np.exp(level)), None
+        coef = np.concatenate([coef, np.zeros(3, np.float32)])
     bound = float(np.log(max_gain))
-    step = 0.01
-    bins = np.floor((ratio.ravel() + bound) / step).astype(np.int64)
-    inside = (bins >= 0) & (bins < int(2 * bound / step))
-    if int(inside.sum()) < 16:
-        return 1.0
-    hist = np.convolve(np.bincount(bins[inside], minlength=int(2 * bound / step)), np.ones(3), mode="same")
-    peak = (int(hist.argmax()) + 0.5) * step - bound
-    near = ratio[np.abs(ratio - peak) <= 3 * step]
-    return float(np.exp(np.median(near))) if near.size else float(np.exp(peak))
+    field = np.clip(_quadratic(coef, height, width), max(level - local, -bound), min(level + local, bound))
+    return float(np.exp(level)), np.exp(field)
+
+
+def _quadratic(coef: np.ndarray, height: int, width: int) -> np.ndarray:
+    """HxW float32 c0 + c1 x + c2 y + c3 x^2 + c4 xy + c5 y^2 (the ``_basis`` coordinates), by rows and columns."""
+    x = np.linspace(-1.0, 1.0, width, dtype=np.float32) if width > 1 else np.zeros(1, np.float32)
+    y = (np.linspace(-1.0, 1.0, height, dtype=np.float32) if height > 1 else np.zeros(1, np.float32))[:, None]
+    c = coef.astype(np.float32)
+    return (c[0] + c[1] * x + c[3] * x * x) + y * (c[2] + c[4] * x) + c[5] * y * y
 
 
 def foreground_mask(frame: np.ndarray, background: np.ndarray, gain: float, threshold: float,
-                    open_px: int = 3, close_px: int = 5) -> np.ndarray:
-    """uint8 0/1 mask of the working copy: largest per-channel difference from gain x background over threshold."""
-    diff = cv2.absdiff(frame, background * np.float32(gain) if gain != 1.0 else background)
+                    open_px: int = 3, close_px: int = 5, field: np.ndarray | None = None) -> np.ndarray:
+    """uint8 0/1 mask of the working copy: largest per-channel difference from the lit background over
+    threshold; lit by ``field`` (HxW gains) when given, else by the one ``gain``."""
+    if field is not None:
+        lit = background * (field[:, :, None] if background.ndim == 3 else field)
+    else:
+        lit = background * np.float32(gain) if gain != 1.0 else background
+    diff = cv2.absdiff(frame, lit)
     if diff.ndim == 3:
         diff = cv2.max(cv2.max(diff[:, :, 0], diff[:, :, 1]), diff[:, :, 2])
     mask = (diff > threshold).astype(np.uint8)
@@ -209,25 +332,30 @@ def to_roi(box: tuple[int, int, int, int], scale: float, roi_hw: tuple[int, int]
 
 def foreground_box(image: np.ndarray, background: np.ndarray, *, work_size: int = 96, texture_px: float = 12.0,
                    threshold: float = 25.0, min_area: float = 0.005, join_px: float = 8.0, max_gain: float = 1.6,
-                   gain: float | None = None) -> Foreground:
+                   gain: float | None = None, max_local_gain: float = 1.4) -> Foreground:
     """The item's box in ``image`` (HxWx3 uint8 RGB ROI) against ``background`` (the empty scene, same size).
 
     The station's ``Localizer`` calls the same steps with its learned background; the trainer calls this
     with a known background to crop exactly as the station does. ``gain``: the frame/background light
-    ratio when known (1.0 for a rendered scene); None estimates it. Parameters are those of
+    ratio when known (1.0 for a rendered scene: no light change at all); None estimates it, as a smooth
+    field when ``max_local_gain`` > 1 (``estimate_light``). Parameters are those of
     ``decisions.presence`` (docs/agent.md), with the same defaults.
     """
     if image.shape != background.shape:
         raise ValueError(f"foreground_box: image {image.shape} and background {background.shape} differ in shape")
     frame, scale = work_copy(image, work_size, texture_px)
     back, _ = work_copy(background, work_size, texture_px)
+    field = None
+    if gain is None:
+        gain, field = estimate_light(frame, back, max_gain, max_local_gain)
     return _locate(frame, back, scale, image.shape[:2], threshold=threshold, min_area=min_area, join_px=join_px,
-                   gain=gain if gain is not None else estimate_gain(frame, back, max_gain))[0]
+                   gain=gain, field=field)[0]
 
 
 def _locate(frame: np.ndarray, back: np.ndarray, scale: float, roi_hw: tuple[int, int], *, threshold: float,
-            min_area: float, join_px: float, gain: float) -> tuple[Foreground, np.ndarray]:
-    mask = foreground_mask(frame, back, gain, threshold)
+            min_area: float, join_px: float, gain: float,
+            field: np.ndarray | None = None) -> tuple[Foreground, np.ndarray]:
+    mask = foreground_mask(frame, back, gain, threshold, field=field)
     box, fg_pixels = item_box(mask, min_area * mask.size, join_px * scale)
     fraction = fg_pixels / float(mask.size)
     return Foreground(to_roi(box, scale, roi_hw, mask.shape[:2]) if box else None, fraction, gain), mask
@@ -243,6 +371,7 @@ class LocalizerSettings:
     min_area: float = 0.005
     join_px: float = 8.0
     max_gain: float = 1.6
+    max_local_gain: float = 1.4
     alpha: float = 0.05
     busy_alpha: float = 0.005
     warmup_frames: int = 1
@@ -252,7 +381,8 @@ class LocalizerSettings:
     def from_config(cls, presence: Any) -> "LocalizerSettings":
         return cls(work_size=presence.work_size, texture_px=presence.texture_px,
                    threshold=presence.background_threshold, min_area=presence.min_area, join_px=presence.join_px,
-                   max_gain=presence.max_gain, alpha=presence.background_alpha, busy_alpha=presence.busy_alpha,
+                   max_gain=presence.max_gain, max_local_gain=presence.max_local_gain,
+                   alpha=presence.background_alpha, busy_alpha=presence.busy_alpha,
                    warmup_frames=presence.warmup_frames, relearn_frames=presence.relearn_frames)
 
 
@@ -265,6 +395,7 @@ class Localizer:
         self.policy = policy
         self.background: np.ndarray | None = None
         self.gain = 1.0
+        self.light: np.ndarray | None = None     # the last frame's gain field (None: the one ``gain``)
         self._seen = 0                  # warm-up frames averaged into the background so far
         self._busy = 0                  # consecutive frames with an item
         self._last: Box | None = None
@@ -283,9 +414,9 @@ class Localizer:
             self._seen += 1
             self.background += (frame - self.background) / self._seen
             return Located(False, None, None, 0.0, settled=False)
-        self.gain = self._gain(frame, scale)
+        self.gain, self.light = self._light(frame, scale)
         found, mask = _locate(frame, self.background, scale, roi_hw, threshold=s.threshold, min_area=s.min_area,
-                              join_px=s.join_px, gain=self.gain)
+                              join_px=s.join_px, gain=self.gain, field=self.light)
         crop = crop_box(found.box, roi_hw, policy)
         present = crop is not None
         self._learn(frame, present, found.box, scale, mask)
@@ -303,10 +434,11 @@ class Localizer:
         else:
             self.background = np.zeros_like(frame)
             self._seen = 0
-        self._busy, self._last, self.gain = 0, None, 1.0
+        self._busy, self._last, self.gain, self.light = 0, None, 1.0, None
 
-    def _gain(self, frame: np.ndarray, scale: float) -> float:
-        """Light drift, from the pixels away from the last item; kept when too few of them are left."""
+    def _light(self, frame: np.ndarray, scale: float) -> tuple[float, np.ndarray | None]:
+        """Light change (global gain, field), from the pixels away from the last item; kept when too few
+        of them are left."""
         assert self.background is not None
         where = None
         if self._last is not None:
@@ -314,8 +446,9 @@ class Localizer:
             x0, y0, x1, y1 = self._grown(self._last, scale, frame.shape[:2])
             where[y0:y1, x0:x1] = False
             if where.mean() < 0.15:
-                return self.gain
-        return estimate_gain(frame, self.background, self.settings.max_gain, where)
+                return self.gain, self.light
+        return estimate_light(frame, self.background, self.settings.max_gain, self.settings.max_local_gain, where,
+                              self.light)
 
     def _grown(self, box: Box, scale: float, hw: tuple[int, int]) -> tuple[int, int, int, int]:
         """An ROI box in working-copy pixels, grown by the join distance and the blur."""
@@ -351,7 +484,7 @@ class Localizer:
             log.warning("localizer: an item has been in view for %d frames; taking the scene as the new empty "
                         "background", self._busy)
             self.background = frame.copy()
-            self._busy, self._last, self.gain = 0, None, 1.0
+            self._busy, self._last, self.gain, self.light = 0, None, 1.0, None
             self.relearned += 1
             return
         if s.busy_alpha > 0 and box is not None:

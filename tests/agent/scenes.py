@@ -67,9 +67,10 @@ class Scene:
         texture = strip[:, shift : shift + self.size]
         return self.base[None, None, :] + texture[:, :, None]
 
-    def render(self, t: int, items: list[tuple[Sprite, int, int]] = (), gain: float = 1.0
+    def render(self, t: int, items: list[tuple[Sprite, int, int]] = (), gain: float | np.ndarray = 1.0
                ) -> tuple[np.ndarray, list[tuple[int, int, int, int]]]:
-        """Frame ``t`` with each (sprite, left, top) pasted; the true boxes of the items in view."""
+        """Frame ``t`` with each (sprite, left, top) pasted; the true boxes of the items in view. ``gain``:
+        the light on top of the scene's own unevenness, one number or an HxWx1 field (a spot light)."""
         image = self.belt(t)
         boxes = []
         for sprite, left, top in items:

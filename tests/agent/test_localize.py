@@ -90,6 +90,36 @@ def test_drift_while_an_item_stands_in_view_is_divided_out(fmnist_test_images):
     assert min(ious) >= 0.8 and loc.gain == pytest.approx(1.2, abs=0.05)
 
 
+def spot(centre_x: float, centre_y: float, peak: float = 0.3, sigma: float = 50.0) -> np.ndarray:
+    """An HxWx1 light field: 1 plus a Gaussian bump of ``peak`` at the centre (a spot light)."""
+    yy, xx = np.mgrid[0:ROI, 0:ROI].astype(np.float32)
+    bump = np.exp(-((xx - centre_x) ** 2 + (yy - centre_y) ** 2) / (2 * sigma ** 2))
+    return (1.0 + peak * bump)[:, :, None].astype(np.float32)
+
+
+@pytest.mark.parametrize("light", [False, True], ids=["dark-ribbed-belt", "light-bench"])
+def test_a_spot_light_moving_across_an_empty_scene_is_not_an_item_and_items_are_still_found(
+        fmnist_test_images, light):
+    # given: an empty scene learned without the spot, then a spot light (gain 1.3 at its centre) drifting
+    # across it over 200 frames, faster than the background follows
+    scene = Scene(light=light, seed=14)
+    loc = warmed(scene)
+    path = [(-60 + 420 * k / 199, 80 + 140 * k / 199) for k in range(200)]
+    # when: the empty frames are localized
+    seen = [loc.update(scene.render(3 + k, gain=spot(x, y))[0]) for k, (x, y) in enumerate(path)]
+    # then: none of them reads as an item
+    assert not any(s.present for s in seen), [k for k, s in enumerate(seen) if s.present][:10]
+    # and: an item set down under the spot that has just stopped is boxed like the truth
+    sprite = sprites(fmnist_test_images[0][40:], 1, seed=15)[0]
+    last, ious = spot(*path[-1]), []
+    for t in range(203, 223):
+        image, truth = scene.render(t, [(sprite, 60, 50)], gain=last)
+        got = loc.update(image)
+        assert got.present, f"frame {t}: item missed"
+        ious.append(iou(got.box, truth[0]))
+    assert min(ious) > 0.8, ious
+
+
 def test_items_back_to_back_are_not_merged_and_the_larger_one_is_reported(fmnist_test_images):
     # given: one item leaving at the right while the next enters at the left, 40 px apart
     scene = Scene(seed=7)
