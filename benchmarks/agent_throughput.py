@@ -162,6 +162,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, default=300, help="Fashion-MNIST test images in the looped video")
     p.add_argument("--crop", choices=["roi", "foreground", "bundle"], default="bundle",
                    help="the station's crop: whole frame, or the localizer's item crop (default: the bundle's)")
+    p.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     return p
 
 
@@ -210,6 +211,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"capture->PUBACK   p50 {res['p50']:.1f} ms, p95 {res['p95']:.1f} ms")
     print(f"RSS               {res['rss0']:.1f} MiB -> {res['rss1']:.1f} MiB ({growth:+.2f}%)")
     print(f"frames dropped    {res['dropped']:.0f}; outbox depth at end {res['outbox_depth']}")
+    if args.json:
+        import json
+
+        args.json.write_text(json.dumps({
+            "command": "python " + " ".join(sys.argv), "bundle": str(bundle), "backend": backend,
+            "crop": "foreground" if localize else "roi", "batch_size": args.batch_size, "duration_s": args.duration,
+            "bare_images_per_s": {str(t): ips for t, (ips, _, _) in bare.items()}, "bare_after": after_ips,
+            "baseline_images_per_s": bare_ips, "agent_results_per_s": res["ips"], "ratio": res["ips"] / bare_ips,
+            "cpu_ms_per_image": {"bare": bare_cpu_ms, "agent": res["cpu_ms"], "broker": res["broker_ms"]},
+            "capture_to_puback_ms": {"p50": res["p50"], "p95": res["p95"]}, "rss_mib": [res["rss0"], res["rss1"]],
+            "frames_dropped": res["dropped"]}, indent=1))
     return 0
 
 
