@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from trainer.loop.dataset import _iso
+from trainer.loop.dataset import _iso, replace_folder
 from trainer.loop.store import FrameStore, StoreError, _safe
 
 SUMMARY = "backgrounds.json"
@@ -80,14 +80,7 @@ def export_backgrounds(store: FrameStore, out: Path, *, site: str | None = None,
                    "images": sum(counts.values()), "by_camera": dict(sorted(counts.items())), "filters": filters,
                    "per_camera": per_camera, "image_file_missing": missing}
         (tmp / SUMMARY).write_text(json.dumps(summary, indent=2))
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

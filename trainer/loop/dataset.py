@@ -104,18 +104,23 @@ def export_reviewed(store: FrameStore, out: Path, *, force: bool = False) -> dic
         (tmp / "export.json").write_text(json.dumps(summary, indent=2))
         (tmp / LABELS_FILE).write_text(json.dumps({folder: label for label, folder in sorted(folders.items())},
                                                   indent=2))
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return summary
+
+
+def replace_folder(tmp: Path, out: Path) -> None:
+    """Put a finished export ``tmp`` where ``out`` was: the old export goes only once the new one is in place."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
 
 
 def _iso(ts: float | None) -> str:
