@@ -213,7 +213,7 @@ class ItemTracker:
             decision = self._close() if self._another_item(obs) else None
             self._frames.append(obs)
             self._gap = 0
-            if len(self._frames) >= self.cfg.max_frames:
+            if decision is None and len(self._frames) >= self.cfg.max_frames:
                 return self._close()
             return decision
         if not self._frames:

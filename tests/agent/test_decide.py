@@ -114,6 +114,44 @@ def test_item_longer_than_max_frames_is_decided_anyway():
     assert results[:2] == [None, None] and results[2].label == "b" and results[2].lane == "lane-9"
 
 
+def boxed(i, p, box, whole=True):
+    return Observation(i, 100.0 + i, cls_of(p), box, whole)
+
+
+def test_an_item_whose_box_jumps_is_another_item_even_without_an_empty_frame():
+    """One item taken away as the next is put down elsewhere: two decisions; an item that moves or grows
+    as it enters (its boxes overlap) stays one."""
+    t = _tracker()
+    moving = [(0, 0, 40, 40), (10, 0, 60, 40), (30, 0, 90, 40)]           # overlaps 0.75, 0.67 of the smaller
+    assert [t.update(boxed(i, [0.9, 0.05, 0.05], b), True) for i, b in enumerate(moving)] == [None] * 3
+    first = t.update(boxed(3, [0.05, 0.9, 0.05], (150, 150, 200, 200)), True)
+    assert first is not None and (first.label, first.frames) == ("a", 3)
+    t.update(boxed(4, [0.05, 0.9, 0.05], (150, 150, 200, 200)), True)
+    second = t.flush()
+    assert second is not None and (second.label, second.frames, second.item_seq) == ("b", 2, 2)
+    never = _tracker(split_overlap=0.0)
+    decisions = [never.update(boxed(i, [0.9, 0.05, 0.05], b), True)
+                 for i, b in enumerate([(0, 0, 40, 40), (150, 150, 200, 200)])]
+    assert decisions == [None, None] and never.flush().frames == 2
+
+
+def test_an_item_is_decided_on_the_frames_that_show_all_of_it():
+    frames = [boxed(1, [0.1, 0.8, 0.1], (0, 0, 30, 30), whole=False),      # half out of view: looks like "b"
+              boxed(2, [0.1, 0.8, 0.1], (0, 0, 60, 60), whole=False),
+              boxed(3, [0.1, 0.8, 0.1], (0, 0, 90, 90), whole=False),
+              boxed(4, [0.7, 0.2, 0.1], (10, 10, 100, 100)), boxed(5, [0.7, 0.2, 0.1], (12, 10, 102, 100))]
+    t = _tracker()
+    for o in frames:
+        t.update(o, True)
+    d = t.flush()
+    assert (d.label, d.frames, d.first_seen, d.last_seen) == ("a", 5, 101.0, 105.0)
+    assert d.confidence == pytest.approx(0.7) and d.agreement == 1.0
+    every = _tracker(whole_views=False)
+    for o in frames:
+        every.update(o, True)
+    assert every.flush().label == "b"                                      # all five frames: "b" wins
+
+
 def test_consensus_uses_mean_probability_not_votes():
     frames = [obs(1, [0.51, 0.49, 0]), obs(2, [0.51, 0.49, 0]), obs(3, [0.0, 1.0, 0])]
     class_id, conf, agreement, top = consensus(frames, LABELS, 2)
