@@ -233,13 +233,14 @@ def test_calibration_holds_one_batch_of_intermediate_outputs_at_a_time(real_bund
     out = tmp_path / "int8.onnx"
     info = quantize_qdq(real_bundle / "model.fp32.onnx", out, images, QuantizeConfig(calibration_images=64, batch_size=4))
     assert max(seen) == 4 and sum(seen) == 64 and info["batch_size"] == 4
-    val, labels = _real_calibration_images(real_bundle, 200)
-    fp32 = ort.InferenceSession(str(real_bundle / "model.fp32.onnx"), providers=["CPUExecutionProvider"])
-    int8 = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    fp32_acc = float((fp32.run(None, {"input": val})[0].argmax(1) == labels).mean())
-    int8_logits = int8.run(None, {"input": val})[0]
-    assert np.isfinite(int8_logits).all()
-    assert int8_gate(fp32_acc, float((int8_logits.argmax(1) == labels).mean()), 1.0) == (True, None)
+    # ... and the model is the one all 64 images at once make: same scales, so the same logits. (Whether a
+    # 2-epoch 32 px model passes the 1-point gate depends on the CPU's arithmetic, so that is not asserted.)
+    whole = tmp_path / "int8-whole.onnx"
+    quantize_qdq(real_bundle / "model.fp32.onnx", whole, images, QuantizeConfig(calibration_images=64, batch_size=64))
+    val, _ = _real_calibration_images(real_bundle, 200)
+    logits = [ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": val})[0]
+              for path in (out, whole)]
+    assert np.isfinite(logits[0]).all() and np.array_equal(logits[0], logits[1])
 
 
 @pytest.mark.parametrize("method", ["minmax", "percentile", "entropy"])
