@@ -666,7 +666,7 @@ def add_retrain_parser(sub: argparse._SubParsersAction, add_train_args: Callable
                    help="evaluate the INT8 model where deployable (what a station runs by default)")
     p.add_argument("--public-key", type=Path, default=None, help="check the current bundle's signature")
     add_train_args(p, data=False)
-    p.set_defaults(name=None, arch=None, image_size=None, weights=None, interpolation=None)
+    p.set_defaults(name=None, arch=None, image_size=None, weights=None, interpolation=None, station_view=None)
     add_export_args(p)
     add_mqtt_args(p, required=False)
 
@@ -684,12 +684,23 @@ def train_settings(**overrides: Any) -> dict[str, Any]:
 OPEN_FIELDS = {"arch": "resnet50", "image_size": 224, "weights": "imagenet", "interpolation": "bilinear"}
 
 
+def _current_station_view(current: Path) -> str:
+    """``--station-view`` left open: the next version is trained for the crop the current one is fed (station
+    views for a foreground-crop bundle, the plain path for a whole-ROI one). An unreadable manifest is
+    reported when the bundle is loaded."""
+    try:
+        crop = json.loads((Path(current) / "manifest.json").read_text())["input"].get("crop") or {}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return "off"
+    return "on" if crop.get("mode") == "foreground" else "off"
+
+
 def cmd_retrain(args: argparse.Namespace) -> int:
     from trainer.__main__ import train_config_from_args
 
     left_open = {k: getattr(args, k) for k in OPEN_FIELDS}
     filled = argparse.Namespace(**{**vars(args), **{k: v if v is not None else OPEN_FIELDS[k] for k, v in left_open.items()},
-                                   "data": ""})
+                                   "data": "", "station_view": args.station_view or _current_station_view(args.current)})
     train = train_config_from_args(filled).to_dict()
     train.update(left_open, name=args.name)
     cfg = RetrainConfig(
