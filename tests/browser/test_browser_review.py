@@ -93,7 +93,9 @@ def test_review_page_labels_live_frames_by_click_and_key(browser, artifacts, tmp
         assert review_store.get(second.id)["status"] == "labelled"         # the earlier decision stands
         assert review_store.stats()["counters"]["reviews:skip"] == 1
 
-        # a label the server refuses is shown as an error and changes nothing
+        # a label the server refuses is shown as an error and changes nothing (once the undone frame is back
+        # on the page: before that there is no frame to decide, and a busy machine got there first once)
+        wait(browser, lambda d: text_of(d.find_element(By.ID, "frame-id")) == records[3].id, "the undone frame")
         browser.execute_script("""
             const b = document.createElement('button'); b.id = 'bogus'; b.dataset.label = 'Hat';
             b.onclick = () => decide('label', 'Hat'); document.getElementById('labels').append(b);""")
