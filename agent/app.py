@@ -310,8 +310,7 @@ class Agent:
             if self.inference is None or self.inference.empty_scenes is None:
                 raise ValueError("frames.enabled is false: this station uploads no frames")
         except ValidationError as exc:
-            reason = "; ".join(line.replace("cmd/capture-empty: field ", "field ", 1)
-                               for line in format_errors(Path("cmd/capture-empty"), exc))
+            reason = _command_errors("capture-empty", exc)
             return self._capture_empty_result(False, reason, None)
         except ValueError as exc:
             return self._capture_empty_result(False, str(exc), None)
@@ -336,8 +335,7 @@ class Agent:
             if cmd.camera is not None and cmd.camera not in known:
                 raise ValueError(f"field camera: {cmd.camera!r} is not one of {', '.join(known)}")
         except ValidationError as exc:
-            reason = "; ".join(line.replace("cmd/thresholds: field ", "field ", 1)
-                               for line in format_errors(Path("cmd/thresholds"), exc))
+            reason = _command_errors("thresholds", exc)
             return self._thresholds_result(False, reason, None)
         except ValueError as exc:
             return self._thresholds_result(False, str(exc), None)
@@ -437,3 +435,7 @@ def run(cfg: AgentConfig, *, exit_at_end: bool = False, flush_s: float | None = 
     agent.shutdown(cfg.shutdown_flush_s if flush_s is None else flush_s)
     return 0
 
+
+def _command_errors(verb: str, exc: ValidationError) -> str:
+    """A refused command payload's schema errors, one reason line naming each field."""
+    return "; ".join(line.replace(f"cmd/{verb}: field ", "field ", 1) for line in format_errors(Path(f"cmd/{verb}"), exc))
