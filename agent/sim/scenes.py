@@ -298,32 +298,52 @@ def _bench_roi_centre(roi: Roi) -> tuple[float, float]:
     return float(pt[0, 0, 0]), float(pt[0, 0, 1])
 
 
-class Renderer:
-    """Renders frames of one plan; textures and item patches are made once."""
+EFFECTS = ("shadow", "light", "blur", "noise", "colour", "rotation")
+"""Camera effects a diagnostic can switch off (``Renderer(off=...)``); JPEG is the caller's (``encode_jpeg``)."""
 
-    def __init__(self, plan: ScenePlan, images: np.ndarray) -> None:
+
+class Renderer:
+    """Renders frames of one plan; textures and item patches are made once.
+
+    ``off``: effects of ``EFFECTS`` left out (benchmarks/station_view_gap.py measures what each one costs);
+    the default renders them all, as the demo and the benchmark do.
+    """
+
+    def __init__(self, plan: ScenePlan, images: np.ndarray, off: frozenset[str] = frozenset()) -> None:
+        unknown = set(off) - set(EFFECTS)
+        if unknown:
+            raise ValueError(f"off: unknown effects {sorted(unknown)}; expected some of {', '.join(EFFECTS)}")
         self.plan = plan
         self.images = images
+        self.off = frozenset(off)
         w, h = plan.frame_size
         self.xn, self.yn = np.meshgrid(np.linspace(-1, 1, w, dtype=np.float32), np.linspace(-1, 1, h, dtype=np.float32))
         tex_rng = np.random.default_rng([plan.seed, SCENES.index(plan.scene), 2])
         self.texture = belt_texture(tex_rng, h, int(plan.params.get("rib_period_px", 56))) if plan.scene == "belt" \
             else bench_texture(tex_rng)
-        self.patches = {p.item: make_patch(images[p.test_index], p.width, p.angle, p.tint) for p in plan.items}
+        self.patches = {p.item: self._patch(p, 0.0) for p in plan.items}
         self.H = bench_homography() if plan.scene == "bench" else None
+
+    def _patch(self, item: ItemPlan, extra_angle: float) -> Patch:
+        angle = 0.0 if "rotation" in self.off else item.angle + extra_angle
+        tint = (1.0, 1.0, 1.0) if "colour" in self.off else item.tint
+        return make_patch(self.images[item.test_index], item.width, angle, tint)
 
     def render(self, t: int) -> tuple[np.ndarray, dict[int, np.ndarray], bool]:
         """Frame ``t`` as uint8 RGB, the masks (camera coordinates) of the items in it, and whether it is blurred."""
         rng = np.random.default_rng([self.plan.seed, SCENES.index(self.plan.scene), 1000 + t])
         canvas, masks = (self._belt(t) if self.plan.scene == "belt" else self._bench(t))
-        canvas = canvas * self._light(t)[..., None] * self._tint()
+        if "light" not in self.off:
+            canvas = canvas * self._light(t)[..., None] * self._tint()
         blurred = self.plan.scene == "belt" and rng.random() < self.plan.params["blur_probability"]
-        if blurred:
+        if blurred and "blur" not in self.off:
             n = int(rng.integers(7, 16))
             canvas = cv2.filter2D(canvas, -1, np.full((1, n), 1.0 / n, np.float32))
-        canvas = canvas + rng.normal(0, 3.0, canvas.shape).astype(np.float32) \
+        noise = rng.normal(0, 3.0, canvas.shape).astype(np.float32) \
             + np.sqrt(np.clip(canvas, 0, None)) * rng.normal(0, 0.35, canvas.shape).astype(np.float32)
-        return np.clip(canvas + 0.5, 0, 255).astype(np.uint8), masks, blurred
+        if "noise" not in self.off:
+            canvas = canvas + noise
+        return np.clip(canvas + 0.5, 0, 255).astype(np.uint8), masks, blurred and "blur" not in self.off
 
     def _belt(self, t: int) -> tuple[np.ndarray, dict[int, np.ndarray]]:
         w, h = self.plan.frame_size
@@ -337,7 +357,8 @@ class Renderer:
                 x, y, _ = item.poses[t]
                 # the item moves with the belt: same rounding as the texture offset
                 xi = int(round(x - speed * t)) + offset
-                masks[item.item] = composite(canvas, self.patches[item.item], xi, int(round(y)), (7, 9, 0.45))
+                masks[item.item] = composite(canvas, self.patches[item.item], xi, int(round(y)),
+                                             None if "shadow" in self.off else (7, 9, 0.45))
         return canvas, masks
 
     def _bench(self, t: int) -> tuple[np.ndarray, dict[int, np.ndarray]]:
@@ -347,9 +368,9 @@ class Renderer:
         for item in self.plan.items:
             if t in item.poses:
                 x, y, extra = item.poses[t]
-                patch = self.patches[item.item] if extra == 0 else make_patch(
-                    self.images[item.test_index], item.width, item.angle + extra, item.tint)
-                plane_mask = composite(plane, patch, int(round(x)), int(round(y)), (-6, 10, 0.35))
+                patch = self.patches[item.item] if extra == 0 else self._patch(item, extra)
+                plane_mask = composite(plane, patch, int(round(x)), int(round(y)),
+                                       None if "shadow" in self.off else (-6, 10, 0.35))
                 warped = cv2.warpPerspective(plane_mask.astype(np.float32), self.H, (w, h), flags=cv2.INTER_LINEAR)
                 masks[item.item] = warped > MASK_LEVEL
         canvas = cv2.warpPerspective(plane, self.H, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
