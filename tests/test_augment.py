@@ -15,13 +15,14 @@ import torch.nn.functional as F
 from agent.preprocess import CropPolicy, ImageDecodeError
 from trainer.augment import AugmentConfig, BatchAugment, eval_spec, load_canvas, mask_path
 from trainer.config import TrainConfig
-from trainer.station_view import StationView, StationViewConfig, item_mask, mask_boxes
+from trainer.station_view import StationView, StationViewConfig, enclosed_holes, item_mask, mask_boxes
 
 SIDE = 48
 SPEC = eval_spec(SIDE, SIDE, crop=CropPolicy(mode="foreground", margin=0.1))
 # Every random effect off: geometry is exactly "item box fills 1/(1+2 margin), centred".
 STILL = dict(rotation=0.0, scale_jitter=0.0, position_jitter=0.0, out_of_view=0.0, tilt=0.0, gain=(1.0, 1.0),
-             white_balance=0.0, gradient=0.0, noise=0.0, blur=0.0, jpeg=0.0, item_colour=0.0)
+             white_balance=0.0, gradient=0.0, noise=0.0, blur=0.0, jpeg=0.0, item_colour=0.0, item_gain=(1.0, 1.0),
+             fill_holes=0.0, shadow=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +156,77 @@ def test_out_of_view_puts_part_of_the_item_outside_the_crop(canvas):
     assert touching(1.0).all()
     assert touching(0.0).float().mean() < 0.3
 
+
+
+def forced(p: dict, n: int, **values) -> dict:
+    """``p`` with some draws set to one value for every image (bool for flags, float for amounts)."""
+    out = dict(p)
+    for key, value in values.items():
+        out[key] = torch.full((n,), value, dtype=torch.bool if isinstance(value, bool) else torch.float32)
+    return out
+
+
+def test_drop_shadow_darkens_the_surface_on_the_side_it_falls(canvas):
+    sv = station(shadow=1.0, shadow_in_box=0.0)
+    n = len(canvas)
+    p = forced(sv.sample(n), n, sv_shadow_strength=0.5, sv_shadow_len=14.0, sv_shadow_dir=0.0)  # falls to +x
+    lit, alpha = sv.render(canvas, forced(p, n, sv_shadow=False))
+    shaded, alpha_shaded = sv.render(canvas, p)
+    assert torch.equal(alpha, alpha_shaded)                       # the item itself does not move
+    surface = (alpha < 0.01).expand_as(lit)
+    darker = (lit - shaded).clamp(min=0) * surface
+    assert ((shaded - lit) * surface).max() <= 1e-6                # a shadow never lightens
+    # Beside the item, on the +x side (pixels whose left neighbour 2 px away is the item), the surface
+    # darkens; on the -x side it does not (or much less).
+    right = (F.pad(alpha, (2, 0))[..., :-2] > 0.5) & (alpha < 0.01)
+    left = (F.pad(alpha, (0, 2))[..., 2:] > 0.5) & (alpha < 0.01)
+    drop_right = darker.mean(1, keepdim=True)[right].mean()
+    drop_left = darker.mean(1, keepdim=True)[left].mean()
+    assert drop_right > 0.05 and drop_right > 3 * drop_left
+
+
+def test_a_shadow_in_the_station_box_puts_the_item_off_centre_and_smaller(canvas):
+    sv = station(shadow=1.0)
+    n = len(canvas)
+    p = forced(sv.sample(n), n, sv_shadow_len=14.0, sv_shadow_dir=0.0)
+    _, own = sv.render(canvas, forced(p, n, sv_shadow_in_box=False))
+    _, boxed = sv.render(canvas, forced(p, n, sv_shadow_in_box=True))
+    a, b = boxes_of(own), boxes_of(boxed)
+    shift = ((b[:, 0] + b[:, 2]) - (a[:, 0] + a[:, 2])) / 2
+    offset_px = 14.0 / 250 * SIDE                                  # the shadow's offset at the model's scale
+    assert shift.median() == pytest.approx(-offset_px / 2, abs=0.5)  # the union box is centred, not the item
+    width = lambda box: box[:, 2] - box[:, 0]                      # noqa: E731
+    grown = width(b) - width(a)                                    # whole pixels: +-1 is rounding
+    assert grown.max() <= 1 and (grown <= -2).float().mean() > 0.3 and grown.mean() < -1
+
+
+def test_filled_holes_show_the_image_inside_the_item_instead_of_the_surface():
+    ring = torch.zeros(1, 3, SIDE, SIDE)
+    ring[:, :, 10:38, 10:38] = 0.8
+    ring[:, :, 18:30, 18:30] = 0.0                                 # a dark hole the border rule leaves out
+    mask = item_mask(ring)
+    assert mask[0, 0, 24, 24] == 0 and enclosed_holes(mask)[0, 0, 24, 24] == 1
+    assert enclosed_holes(mask)[0, 0, 2, 2] == 0 and enclosed_holes(mask).sum() == 12 * 12
+    sv = station(fill_holes=1.0)
+    p = sv.sample(1)
+    open_view, open_alpha = sv.render(ring, forced(p, 1, sv_fill_holes=False))
+    filled_view, filled_alpha = sv.render(ring, p)
+    centre = (slice(None), slice(None), slice(20, 28), slice(20, 28))
+    assert open_alpha[centre].max() < 0.01 and filled_alpha[centre].min() > 0.99
+    assert filled_view[centre].max() < 0.02 < open_view[centre].mean()  # the image's black, not the surface
+
+
+def test_item_gain_changes_the_item_alone(canvas):
+    sv = station(item_gain=(0.6, 1.2))
+    n = len(canvas)
+    p = sv.sample(n)
+    assert p["sv_item_gain"].min() >= 0.6 and p["sv_item_gain"].max() <= 1.2 and p["sv_item_gain"].std() > 0.05
+    base, alpha = sv.render(canvas, forced(p, n, sv_item_gain=1.0))
+    dim, _ = sv.render(canvas, forced(p, n, sv_item_gain=0.6))
+    item = (alpha > 0.99).expand_as(base)
+    surface = (alpha < 0.01).expand_as(base)
+    torch.testing.assert_close(dim[item], base[item] * 0.6, atol=0.005, rtol=0)  # alpha > 0.99: 1% is surface
+    torch.testing.assert_close(dim[surface], base[surface], atol=0.001, rtol=0)  # alpha < 0.01: 1% is item
 
 # --- station view: light, noise, blur, JPEG --------------------------------------------------------
 
