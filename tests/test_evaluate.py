@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from trainer.evaluate import compute_metrics, evaluate, expected_calibration_error, flagged, softmax
+from trainer.evaluate import (compute_metrics, evaluate, expected_calibration_error, flagged, softmax,
+                              suggest_thresholds, within_review_budget)
 
 
 def test_metrics_on_known_predictions():
@@ -49,6 +50,27 @@ def test_suggested_thresholds_flag_the_uncertain_mistakes():
     assert lc["accuracy_unflagged"] > m["accuracy"]
     assert lc["flagged_fraction"] < 0.3
     assert flagged(softmax(logits), m["thresholds"]).mean() == pytest.approx(lc["flagged_fraction"])
+
+
+def test_review_budget_relaxes_thresholds_that_flag_too_much_and_keeps_those_that_fit():
+    rng = np.random.default_rng(1)
+    n = 4000
+    labels = rng.integers(0, 5, n)
+    logits = rng.normal(0, 1, (n, 5))
+    right = rng.random(n) < 0.7                      # a hard view: the mistakes' medians flag a third of all rows
+    logits[np.arange(n), labels] += np.where(right, rng.uniform(0.5, 6.0, n), 0.0)
+    probs = softmax(logits)
+    suggested = suggest_thresholds(probs, labels)
+    assert flagged(probs, suggested).mean() > 0.2
+    for budget in (0.05, 0.10, 0.2):
+        capped = within_review_budget(probs, suggested, budget)
+        share = flagged(probs, capped).mean()
+        assert budget - 0.01 < share <= budget           # uses the budget, and no more
+        assert capped["min_confidence"] <= suggested["min_confidence"] and capped["max_entropy"] >= suggested["max_entropy"]
+    generous = within_review_budget(probs, suggested, 0.9)
+    assert generous == suggested                      # within the budget already: kept as suggested
+    with pytest.raises(ValueError, match="review budget"):
+        within_review_budget(probs, suggested, 1.5)
 
 
 def test_checkpoint_and_onnx_evaluate_identically(trained_run, real_bundle, fmnist_dir, tmp_path):

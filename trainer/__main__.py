@@ -84,6 +84,10 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--station-val-images", type=int, default=1000,
                    help="foreground-crop bundles: validation images also evaluated (and half the calibration "
                         "images drawn) as a station camera shows them, cropped by the station's localizer; 0: off")
+    p.add_argument("--review-budget", type=float, default=0.10,
+                   help="the suggested low-confidence thresholds flag at most this share of the station-view set "
+                        "(of the validation set for a whole-ROI bundle): the share of items a station sends to "
+                        "manual review")
     p.add_argument("--tensorrt", default="auto", choices=["auto", "on", "off"])
     p.add_argument("--sign-key", type=Path, default=None, help="ed25519 private key to sign the manifest")
 
@@ -187,7 +191,7 @@ def _export_config(args, checkpoint: Path):
         checkpoint=checkpoint, models_dir=Path(args.models_dir), name=getattr(args, "name", None), version=args.version,
         parity_images=args.parity_images, gate_margin_points=args.gate_margin, tensorrt=args.tensorrt,
         quantize=QuantizeConfig(calibration_images=args.calibration_images, method=args.calibration_method),
-        sign_key=args.sign_key, station_val_images=args.station_val_images,
+        sign_key=args.sign_key, station_val_images=args.station_val_images, review_budget=args.review_budget,
     )
 
 

@@ -61,6 +61,47 @@ def suggest_thresholds(probs: np.ndarray, labels: np.ndarray) -> dict[str, float
             "max_entropy": float(np.median(entropy[wrong]))}
 
 
+def within_review_budget(probs: np.ndarray, thresholds: dict[str, float], budget: float) -> dict[str, float]:
+    """``thresholds`` relaxed, where needed, so that at most ``budget`` of these rows are flagged.
+
+    A station sends every flagged item to manual review; the median-of-mistakes rule flags what a model is
+    unsure about, and on a hard view that can be a third of all items. The budget finds the quantile level
+    q at which flagging conf < q-quantile, margin < q-quantile or entropy > (1-q)-quantile flags ``budget``
+    of the rows (bisection: the share grows with q), and each threshold becomes the less strict of the two:
+    a rule already within the budget is kept as it is.
+    """
+    if not 0.0 <= budget <= 1.0:
+        raise ValueError(f"review budget: expected a share in 0..1, got {budget!r}")
+    if flagged(probs, thresholds).mean() <= budget:
+        return dict(thresholds)
+    conf, margin, entropy = confidence_stats(probs)
+
+    def at(q: float) -> dict[str, float]:
+        return {"min_confidence": float(np.quantile(conf, q)), "min_margin": float(np.quantile(margin, q)),
+                "max_entropy": float(np.quantile(entropy, 1 - q))}
+
+    lo, hi = 0.0, budget
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if flagged(probs, at(mid)).mean() <= budget else (lo, mid)
+    cap = at(lo)
+    return {"min_confidence": min(thresholds["min_confidence"], cap["min_confidence"]),
+            "min_margin": min(thresholds["min_margin"], cap["min_margin"]),
+            "max_entropy": max(thresholds["max_entropy"], cap["max_entropy"])}
+
+
+def low_confidence_report(probs: np.ndarray, labels: np.ndarray, thresholds: dict[str, float]) -> dict[str, float]:
+    """Share of rows flagged, share of mistakes among them, accuracy of the rest."""
+    mask = flagged(probs, thresholds)
+    pred = probs.argmax(axis=1)
+    wrong = pred != labels
+    return {
+        "flagged_fraction": float(mask.mean()),
+        "errors_caught_fraction": float(mask[wrong].mean()) if wrong.any() else 0.0,
+        "accuracy_unflagged": float((pred[~mask] == labels[~mask]).mean()) if (~mask).any() else 0.0,
+    }
+
+
 def flagged(probs: np.ndarray, thresholds: dict[str, float]) -> np.ndarray:
     conf, margin, entropy = confidence_stats(probs)
     return (conf < thresholds["min_confidence"]) | (margin < thresholds["min_margin"]) | (entropy > thresholds["max_entropy"])
@@ -82,8 +123,6 @@ def compute_metrics(logits: np.ndarray, labels: np.ndarray, classes: Sequence[st
     topk = np.argsort(-logits, axis=1)[:, :k]
     ece, bins = expected_calibration_error(probs, labels)
     thresholds = suggest_thresholds(probs, labels)
-    mask = flagged(probs, thresholds)
-    wrong = pred != labels
     return {
         "images": int(len(labels)),
         "accuracy": float((pred == labels).mean()),
@@ -97,11 +136,7 @@ def compute_metrics(logits: np.ndarray, labels: np.ndarray, classes: Sequence[st
         "ece": ece,
         "calibration_bins": bins,
         "thresholds": thresholds,
-        "low_confidence": {
-            "flagged_fraction": float(mask.mean()),
-            "errors_caught_fraction": float(mask[wrong].mean()) if wrong.any() else 0.0,
-            "accuracy_unflagged": float((pred[~mask] == labels[~mask]).mean()) if (~mask).any() else 0.0,
-        },
+        "low_confidence": low_confidence_report(probs, labels, thresholds),
     }
 
 

@@ -18,7 +18,8 @@ from agent.bundle import MANIFEST, ROLE_ENGINE, ROLE_FP32, ROLE_INT8, artifact_e
 from agent.preprocess import InputSpec
 from trainer import data as data_mod
 from trainer.engine import eval_inputs, load_checkpoint_model
-from trainer.evaluate import compute_metrics, onnx_logits, write_reports
+from trainer.evaluate import (compute_metrics, low_confidence_report, onnx_logits, softmax, suggest_thresholds,
+                              within_review_budget, write_reports)
 from trainer.export.onnx import OPSET, export_onnx, parity
 from trainer.export.quantize import QuantizeConfig, int8_gate, quantize_qdq
 
@@ -39,6 +40,7 @@ class ExportConfig:
     workers: int = 2
     val_limit: int | None = None
     station_val_images: int = 1000   # foreground-crop bundles: validation images also seen as a station sees them
+    review_budget: float = 0.10      # suggested thresholds flag at most this share of the station-view (else val) set
 
 
 @dataclass
@@ -102,9 +104,11 @@ def _station_sets(cfg: ExportConfig, spec: InputSpec, train_samples: list, val_s
                                          SceneConfig(seed=4321)).inputs}
 
 
-def _station_quality(views, fp32_path: Path, int8_path: Path, margin_points: float) -> tuple[dict, str | None]:
-    """Top-1 of both models on the station-view set, and the INT8 gate's verdict on it."""
-    fp32 = float((onnx_logits(fp32_path, views.inputs).argmax(1) == views.labels).mean())
+def _station_quality(views, fp32_path: Path, int8_path: Path, margin_points: float
+                     ) -> tuple[dict, str | None, np.ndarray]:
+    """Top-1 of both models on the station-view set, the INT8 gate's verdict on it, and the FP32 logits."""
+    fp32_logits = onnx_logits(fp32_path, views.inputs)
+    fp32 = float((fp32_logits.argmax(1) == views.labels).mean())
     int8 = float((onnx_logits(int8_path, views.inputs).argmax(1) == views.labels).mean())
     passed, reason = int8_gate(fp32, int8, margin_points)
     log.info("station-view validation (%d scenes, item found in %d): FP32 %.2f%%, INT8 %.2f%%",
@@ -112,7 +116,20 @@ def _station_quality(views, fp32_path: Path, int8_path: Path, margin_points: flo
     return ({"images": int(len(views.labels)), "item_found": int(views.found), "val_accuracy": fp32,
              "int8_val_accuracy": int8, "int8_passed": passed,
              "how": "validation images placed on station surfaces at a 300 px ROI, cropped by agent.localize"},
-            None if passed else f"station views: {reason}")
+            None if passed else f"station views: {reason}", fp32_logits)
+
+
+def _thresholds(probs: np.ndarray, labels: np.ndarray, source: str, budget: float) -> dict:
+    """Low-confidence thresholds from the set the station's frames look like, within the review budget."""
+    suggested = suggest_thresholds(probs, labels)
+    thresholds = within_review_budget(probs, suggested, budget)
+    log.info("low-confidence thresholds from the %s set (review budget %.0f%%): %s", source, budget * 100,
+             {k: round(v, 4) for k, v in thresholds.items()})
+    return {"thresholds": thresholds,
+            "how": {"set": source, "images": int(len(labels)), "review_budget": budget,
+                    "rule": "median of the mistakes' confidence, margin and entropy, relaxed to flag at most the "
+                            "review budget", "suggested": suggested,
+                    **low_confidence_report(probs, labels, thresholds)}}
 
 
 def _build_engines(cfg: ExportConfig, tmp_dir: Path, spec: InputSpec, int8_ok: bool) -> tuple[list[dict], str | None]:
@@ -137,6 +154,8 @@ def _build_engines(cfg: ExportConfig, tmp_dir: Path, spec: InputSpec, int8_ok: b
 
 def export_bundle(cfg: ExportConfig) -> ExportResult:
     """Export, check and write a bundle; nothing appears under models/ unless all of it succeeded."""
+    if not 0.0 <= cfg.review_budget <= 1.0:
+        raise ValueError(f"review budget: expected a share in 0..1, got {cfg.review_budget!r}")
     checkpoint = Path(cfg.checkpoint)
     run_dir = checkpoint.parent
     model, ckpt = load_checkpoint_model(checkpoint)
@@ -197,9 +216,15 @@ def _export_into(cfg, tmp_dir, model, spec, classes, train_cfg, name, version, t
     int8_metrics["_logits"] = int8_logits
     passed, reason = int8_gate(fp32_metrics["accuracy"], int8_metrics["accuracy"], cfg.gate_margin_points)
     station_quality = None
+    review = None
     if station is not None:
-        station_quality, station_reason = _station_quality(station["val"], fp32_path, int8_path, cfg.gate_margin_points)
+        station_quality, station_reason, station_logits = _station_quality(station["val"], fp32_path, int8_path,
+                                                                           cfg.gate_margin_points)
         passed, reason = passed and station_reason is None, reason or station_reason
+        if len(station["val"].labels):
+            review = _thresholds(softmax(station_logits), station["val"].labels, "station_view", cfg.review_budget)
+    if review is None:
+        review = _thresholds(softmax(fp32_logits), val_y, "val", cfg.review_budget)
     if not passed:
         log.warning("INT8 model kept but not deployable: %s", reason)
     artifacts.append(artifact_entry(int8_path, tmp_dir, role=ROLE_INT8, precision="int8", deployable=passed, reason=reason))
@@ -239,8 +264,9 @@ def _export_into(cfg, tmp_dir, model, spec, classes, train_cfg, name, version, t
                 "calibration": calib_info,
             },
             "station_view": station_quality,
-            "thresholds": fp32_metrics["thresholds"],
-            "low_confidence": fp32_metrics["low_confidence"],
+            "thresholds": review["thresholds"],
+            "thresholds_from": review["how"],
+            "low_confidence": low_confidence_report(softmax(fp32_logits), val_y, review["thresholds"]),
             "tensorrt": {"engines": len(engines), "reason": no_engine_reason},
         },
         "provenance": {
