@@ -155,6 +155,39 @@ def test_int8_gate_refuses_a_badly_calibrated_model(trained_run, tmp_path, monke
     assert bundle.pick_onnx().role == "onnx-fp32"  # the station falls back to FP32
 
 
+def test_onnx_parity_gate_refuses_a_graph_that_is_not_the_trained_model(trained_run, tmp_path, monkeypatch):
+    """An ONNX graph whose weights drifted from the checkpoint (here: the classifier's bias shifted by 0.5,
+    as a broken exporter or a stale file would) must not be deployable, FP32 and the INT8 made from it."""
+    from trainer.export import bundle as bundle_mod
+    real_export = bundle_mod.export_onnx
+
+    def drifted_export(model, out, *args, **kwargs):
+        path = real_export(model, out, *args, **kwargs)
+        graph = onnx.load(str(path))
+        bias = next(i for i in graph.graph.initializer if tuple(i.dims) == (10,))  # the 10-class head's bias
+        values = onnx.numpy_helper.to_array(bias).copy()
+        values[0] += 0.5
+        bias.CopyFrom(onnx.numpy_helper.from_array(values, bias.name))
+        onnx.save(graph, str(path))
+        return path
+
+    monkeypatch.setattr(bundle_mod, "export_onnx", drifted_export)
+    result = bundle_mod.export_bundle(bundle_mod.ExportConfig(
+        checkpoint=trained_run / "best.pt", models_dir=tmp_path, name="drifted", version="1", tensorrt="off",
+        workers=0, station_val_images=0, quantize=QuantizeConfig(calibration_images=16)))
+    parity = result.manifest["quality"]["parity"]
+    assert not parity["passed"] and "differ from PyTorch by up to 0.5" in parity["reason"]
+    bundle = load_bundle(result.bundle_dir)
+    assert not bundle.artifact("onnx-fp32").deployable and not bundle.artifact("onnx-int8").deployable
+    with pytest.raises(BundleError, match="no deployable ONNX artifact"):
+        bundle.pick_onnx()
+
+
+def test_onnx_parity_of_a_faithful_export_passes(real_bundle):
+    parity = load_bundle(real_bundle).manifest["quality"]["parity"]
+    assert parity["passed"] and parity["reason"] is None and parity["max_abs_logit_diff"] <= parity["tolerance"]
+
+
 def test_quantize_without_calibration_images_is_an_error(real_bundle, tmp_path):
     fp32 = load_bundle(real_bundle).artifact("onnx-fp32").path
     with pytest.raises(CalibrationError, match="needs real images"):

@@ -200,7 +200,13 @@ def print_export_summary(result) -> None:
     int8 = q["int8"]
     print(f"bundle        {result.bundle_dir}")
     print(f"FP32 val top-1 {q['val_accuracy'] * 100:.2f}%  macro-F1 {q['val_macro_f1']:.4f}  "
-          f"(ONNX vs PyTorch max |dlogit| {q['parity']['max_abs_logit_diff']:.2e}, top-1 agreement {q['parity']['top1_agreement']:.4f})")
+          f"(ONNX vs PyTorch max |dlogit| {q['parity']['max_abs_logit_diff']:.2e}, top-1 agreement {q['parity']['top1_agreement']:.4f}"
+          f"{'' if q['parity'].get('passed', True) else ', parity FAILED'})")
+    th = q.get("thresholds_from")
+    if th:
+        print(f"thresholds    from the {th['set']} set: flag {th['flagged_fraction'] * 100:.1f}% of it "
+              f"(review budget {th['review_budget'] * 100:.0f}%), catching {th['errors_caught_fraction'] * 100:.0f}% "
+              f"of its mistakes")
     print(f"INT8 val top-1 {int8['val_accuracy'] * 100:.2f}%  delta {int8['delta_top1_points']:+.2f} points  "
           f"gate {'passed' if int8['passed'] else 'FAILED: ' + int8['reason']}")
     if q.get("station_view"):
@@ -213,7 +219,12 @@ def print_export_summary(result) -> None:
 def cmd_export(args) -> int:
     from trainer.export.bundle import export_bundle
 
-    print_export_summary(export_bundle(_export_config(args, args.checkpoint)))
+    result = export_bundle(_export_config(args, args.checkpoint))
+    print_export_summary(result)
+    parity = result.manifest["quality"]["parity"]
+    if not parity.get("passed", True):
+        print(f"export: the bundle in {result.bundle_dir} is not deployable: {parity['reason']}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -203,7 +203,10 @@ def _export_into(cfg, tmp_dir, model, spec, classes, train_cfg, name, version, t
     fp32_logits = onnx_logits(fp32_path, val_x)
     fp32_metrics = compute_metrics(fp32_logits, val_y, classes)
     fp32_metrics["_logits"] = fp32_logits
-    artifacts = [artifact_entry(fp32_path, tmp_dir, role=ROLE_FP32, precision="fp32", deployable=True)]
+    if not parity_stats["passed"]:
+        log.error("FP32 ONNX model kept but not deployable: %s", parity_stats["reason"])
+    artifacts = [artifact_entry(fp32_path, tmp_dir, role=ROLE_FP32, precision="fp32", deployable=parity_stats["passed"],
+                                reason=parity_stats["reason"])]
 
     calibration = _calibration_inputs(train_samples, spec, cfg.quantize.calibration_images, cfg.workers)
     station = _station_sets(cfg, spec, train_samples, val_samples)
@@ -215,6 +218,8 @@ def _export_into(cfg, tmp_dir, model, spec, classes, train_cfg, name, version, t
     int8_metrics = compute_metrics(int8_logits, val_y, classes)
     int8_metrics["_logits"] = int8_logits
     passed, reason = int8_gate(fp32_metrics["accuracy"], int8_metrics["accuracy"], cfg.gate_margin_points)
+    if not parity_stats["passed"]:  # quantized from a graph that is not the trained model
+        passed, reason = False, f"FP32 ONNX parity: {parity_stats['reason']}"
     station_quality = None
     review = None
     if station is not None:
