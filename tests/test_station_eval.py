@@ -38,7 +38,7 @@ def test_the_localizer_finds_each_item_on_every_surface(images):
     for i, rgb in enumerate(rgbs):
         scene, empty = render_scene(rgb, surfaces[i % len(surfaces)], rng, cfg)
         assert scene.shape == empty.shape == (cfg.roi, cfg.roi, 3)
-        found = foreground_box(scene, empty, gain=1.0).box
+        found = foreground_box(scene, empty).box
         assert found is not None
         ious.append(_iou(found, _true_box(scene, empty)))
     # a dark item on the dark belt can lose its darkest parts (2% of 400 scenes under IoU 0.6, none missed)
@@ -52,7 +52,7 @@ def test_the_crop_is_the_one_a_station_camera_thread_makes(images):
     for i, rgb in enumerate(rgbs[:8]):
         scene, empty = render_scene(rgb, surfaces[(3 * i) % len(surfaces)], rng, SceneConfig())
         station = Localizer(LocalizerSettings(), POLICY, empty_scene=empty).update(scene)
-        ours = crop_box(foreground_box(scene, empty, gain=1.0).box, scene.shape[:2], POLICY)
+        ours = crop_box(foreground_box(scene, empty).box, scene.shape[:2], POLICY)
         assert station.present and station.crop_box == ours
 
 
@@ -68,3 +68,38 @@ def test_station_views_are_model_inputs_of_the_item_crop(images):
     whole = station_views(paths, list(range(len(paths))), InputSpec(32, 32, 32, crop=CropPolicy("roi")))
     assert np.abs(whole.inputs - views.inputs).mean() > 0.1
     assert not np.array_equal(views.inputs[0], Preprocessor(spec)(rgbs[0]))
+
+
+def test_scenes_show_the_item_in_its_own_colour_with_a_shadow_the_empty_twin_lacks(images):
+    _, rgbs = images
+    surfaces = _surfaces(256, 1234)
+    light = surfaces[int(np.argmax(surfaces.reshape(len(surfaces), -1).mean(1)))]  # a shadow shows best on it
+    still = dict(noise=0.0, blur=0.0, jpeg_quality=(0, 0))
+    darker = 0
+    for i, rgb in enumerate(rgbs[:8]):
+        lit, twin = render_scene(rgb, light, np.random.default_rng(i), SceneConfig(shadow=0.0, **still))
+        shaded, twin2 = render_scene(rgb, light, np.random.default_rng(i), SceneConfig(shadow=1.0, **still))
+        assert np.array_equal(twin, twin2)                           # the empty scene has no shadow
+        drop = lit.astype(int) - shaded.astype(int)
+        assert drop.min() >= -1                                      # a shadow only darkens (rounding aside)
+        darker += (drop.max(2) > 10).sum() > 200                     # ... a visible patch beside the item
+    assert darker >= 6
+    grey = np.repeat(rgbs[0][..., :1], 3, axis=2)                    # a grey product takes a colour
+    gains = []
+    for seed in range(6):
+        views = [render_scene(grey, light, np.random.default_rng(seed), SceneConfig(shadow=0.0, item_colour=c, **still))
+                 for c in (0.0, 0.3)]
+        item = np.abs(views[0][0].astype(int) - views[0][1].astype(int)).max(2) > 40
+        spread = [(v[0].astype(int).max(2) - v[0].astype(int).min(2))[item].mean() for v in views]
+        assert spread[0] < 3                                         # grey stays grey without a colour
+        gains.append(spread[1] - spread[0])
+    assert np.mean(gains) > 8
+
+
+def test_scenes_come_through_the_camera_jpeg():
+    rgb = np.zeros((28, 28, 3), np.uint8)
+    rgb[6:22, 8:20] = 200
+    surface = _surfaces(256, 1234)[0]
+    raw, _ = render_scene(rgb, surface, np.random.default_rng(0), SceneConfig(jpeg_quality=(0, 0), noise=0.0))
+    coded, _ = render_scene(rgb, surface, np.random.default_rng(0), SceneConfig(jpeg_quality=(20, 20), noise=0.0))
+    assert 0.5 < np.abs(raw.astype(int) - coded.astype(int)).mean() < 20

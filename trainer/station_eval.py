@@ -2,8 +2,8 @@
 
 Export evaluates the model, and calibrates its INT8 twin, on two sets: the clean validation images
 (the dataset as it is), and the same images as a station camera shows them. For the second set each
-validation image is placed on a surface at a station's ROI size, rotated, under uneven light, with
-sensor noise (a *scene*), next to the same surface under the same light without the item (its *empty
+validation image is placed on a surface at a station's ROI size, rotated, in its own colour, sometimes
+with a shadow, under uneven light, with sensor noise, sometimes motion blur, through JPEG (a *scene*), next to the same surface under the same light without the item (its *empty
 twin*, what a station's background model holds). The agent's ``foreground_box`` then finds the item
 against the twin, ``crop_box`` and ``model_view`` cut it out under the bundle's ``CropPolicy``, and
 the ``Preprocessor`` makes the model input. Those are the functions a station's camera thread runs
@@ -40,6 +40,15 @@ class SceneConfig:
     gain: tuple[float, float] = (0.75, 1.25)          # overall light
     gradient: float = 0.25                            # light change across the ROI, either way
     noise: float = 3.0                                # sensor noise std (0..255), on the scene only
+    item_gain: tuple[float, float] = (0.65, 1.15)     # the product's own brightness...
+    item_colour: float = 0.3                          # ...and colour (saturation of a random hue)
+    shadow: float = 0.5                               # probability of a drop shadow beside the item
+    shadow_offset: tuple[float, float] = (4.0, 14.0)  # px, in a random direction
+    shadow_strength: tuple[float, float] = (0.2, 0.5)
+    shadow_softness: float = 6.0                      # Gaussian sigma, px
+    blur: float = 0.1                                 # probability of a motion-blurred frame
+    blur_px: tuple[int, int] = (7, 15)                # its length, px
+    jpeg_quality: tuple[int, int] = (75, 95)          # the camera stream's JPEG (scene and twin); 0: none
     seed: int = 1234
 
 
@@ -84,18 +93,62 @@ def _placed_item(rgb: np.ndarray, rng: np.random.Generator, cfg: SceneConfig) ->
     return item, alpha, top, left
 
 
+def _tint(rng: np.random.Generator, cfg: SceneConfig) -> np.ndarray:
+    """Per-channel factors: the item's own brightness times a random hue at a low saturation."""
+    hue, sat = rng.uniform(0, 2 * np.pi), rng.uniform(0, cfg.item_colour)
+    gain = np.exp(rng.uniform(np.log(cfg.item_gain[0]), np.log(cfg.item_gain[1])))
+    return (gain * (1 + sat * np.cos(hue + np.arange(3) * 2 * np.pi / 3))).astype(np.float32)
+
+
+def _shade(scene: np.ndarray, alpha: np.ndarray, top: int, left: int, rng: np.random.Generator,
+           cfg: SceneConfig) -> None:
+    """Darken the surface under the item's silhouette moved by a random offset and softened (in place)."""
+    length, angle = rng.uniform(*cfg.shadow_offset), rng.uniform(0, 2 * np.pi)
+    dy, dx = int(round(length * np.sin(angle))), int(round(length * np.cos(angle)))
+    strength = rng.uniform(*cfg.shadow_strength)
+    pad = int(3 * cfg.shadow_softness) + 1
+    soft = cv2.GaussianBlur(np.pad(alpha, pad), (0, 0), cfg.shadow_softness)
+    y0, x0 = top + dy - pad, left + dx - pad
+    ys, xs = slice(max(y0, 0), min(y0 + soft.shape[0], cfg.roi)), slice(max(x0, 0), min(x0 + soft.shape[1], cfg.roi))
+    if ys.start < ys.stop and xs.start < xs.stop:
+        part = soft[ys.start - y0 : ys.stop - y0, xs.start - x0 : xs.stop - x0]
+        scene[ys, xs] *= (1 - strength * part)[..., None]
+
+
+def _jpeg(image: np.ndarray, quality: int) -> np.ndarray:
+    ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise RuntimeError("OpenCV could not JPEG-encode a station-view scene")
+    return cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+
+
 def render_scene(rgb: np.ndarray, surface: np.ndarray, rng: np.random.Generator,
                  cfg: SceneConfig) -> tuple[np.ndarray, np.ndarray]:
-    """(scene, empty twin): ``rgb`` (HxWx3 uint8, a product on a plain background) lying on ``surface``."""
+    """(scene, empty twin): ``rgb`` (HxWx3 uint8, a product on a plain background) lying on ``surface``.
+
+    The product takes its own brightness and colour, sometimes casts a soft shadow, the frame is lit
+    unevenly, noisy, sometimes motion-blurred, and both frames come through the camera's JPEG; the twin
+    has the same surface and light without the item (what the station's background model holds).
+    """
     light = _light(cfg.roi, rng, cfg)
     ground = cv2.resize(surface, (cfg.roi, cfg.roi), interpolation=cv2.INTER_AREA).astype(np.float32)
     scene = ground.copy()
     item, alpha, top, left = _placed_item(rgb, rng, cfg)
+    item = item.astype(np.float32) * _tint(rng, cfg)
+    if rng.random() < cfg.shadow:
+        _shade(scene, alpha, top, left, rng, cfg)
     window = scene[top : top + item.shape[0], left : left + item.shape[1]]
     window[:] = alpha[..., None] * item + (1 - alpha[..., None]) * window
-    scene = scene * light + rng.normal(0, cfg.noise, scene.shape).astype(np.float32)
-    empty = ground * light
-    return (np.clip(scene, 0, 255).round().astype(np.uint8), np.clip(empty, 0, 255).round().astype(np.uint8))
+    scene = scene * light
+    if rng.random() < cfg.blur:
+        n = int(rng.integers(cfg.blur_px[0], cfg.blur_px[1] + 1))
+        scene = cv2.filter2D(scene, -1, np.full((1, n), 1.0 / n, np.float32), borderType=cv2.BORDER_REFLECT)
+    scene = scene + rng.normal(0, cfg.noise, scene.shape).astype(np.float32)
+    frames = [np.clip(f, 0, 255).round().astype(np.uint8) for f in (scene, ground * light)]
+    if cfg.jpeg_quality[1] > 0:
+        quality = int(rng.integers(cfg.jpeg_quality[0], cfg.jpeg_quality[1] + 1))
+        frames = [_jpeg(f, quality) for f in frames]
+    return frames[0], frames[1]
 
 
 def station_views(paths: Sequence, labels: Sequence[int], spec: InputSpec, cfg: SceneConfig = SceneConfig()) -> StationViews:
@@ -107,7 +160,7 @@ def station_views(paths: Sequence, labels: Sequence[int], spec: InputSpec, cfg: 
     found = 0
     for i, path in enumerate(paths):
         scene, empty = render_scene(read_image(path), surfaces[rng.integers(len(surfaces))], rng, cfg)
-        box = foreground_box(scene, empty, gain=1.0).box
+        box = foreground_box(scene, empty).box      # the light estimated, as a station does
         found += box is not None
         crop = crop_box(box, scene.shape[:2], spec.crop)
         inputs[i] = preprocessor(model_view(scene, crop, spec.crop))
