@@ -84,10 +84,10 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--station-val-images", type=int, default=1000,
                    help="foreground-crop bundles: validation images also evaluated (and half the calibration "
                         "images drawn) as a station camera shows them, cropped by the station's localizer; 0: off")
-    p.add_argument("--review-budget", type=float, default=0.10,
-                   help="the suggested low-confidence thresholds flag at most this share of the station-view set "
-                        "(of the validation set for a whole-ROI bundle): the share of items a station sends to "
-                        "manual review")
+    p.add_argument("--review-budget", type=float, default=None,
+                   help="the suggested low-confidence thresholds flag at most this share (0..1) of the station-view "
+                        "set (of the validation set for a whole-ROI bundle); default: no cap. The thresholds also "
+                        "choose the frames stations send back for retraining, so a cap sends fewer")
     p.add_argument("--tensorrt", default="auto", choices=["auto", "on", "off"])
     p.add_argument("--sign-key", type=Path, default=None, help="ed25519 private key to sign the manifest")
 
@@ -205,7 +205,8 @@ def print_export_summary(result) -> None:
     th = q.get("thresholds_from")
     if th:
         print(f"thresholds    from the {th['set']} set: flag {th['flagged_fraction'] * 100:.1f}% of it "
-              f"(review budget {th['review_budget'] * 100:.0f}%), catching {th['errors_caught_fraction'] * 100:.0f}% "
+              f"(review budget {'none' if th['review_budget'] is None else format(th['review_budget'], '.0%')}), "
+              f"catching {th['errors_caught_fraction'] * 100:.0f}% "
               f"of its mistakes")
     print(f"INT8 val top-1 {int8['val_accuracy'] * 100:.2f}%  delta {int8['delta_top1_points']:+.2f} points  "
           f"gate {'passed' if int8['passed'] else 'FAILED: ' + int8['reason']}")

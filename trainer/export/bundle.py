@@ -40,7 +40,8 @@ class ExportConfig:
     workers: int = 2
     val_limit: int | None = None
     station_val_images: int = 1000   # foreground-crop bundles: validation images also seen as a station sees them
-    review_budget: float = 0.10      # suggested thresholds flag at most this share of the station-view (else val) set
+    review_budget: float | None = None  # suggested thresholds flag at most this share of the station-view (else
+    #                                     val) set; None: no cap (the thresholds also pick the frames for retraining)
 
 
 @dataclass
@@ -119,16 +120,17 @@ def _station_quality(views, fp32_path: Path, int8_path: Path, margin_points: flo
             None if passed else f"station views: {reason}", fp32_logits)
 
 
-def _thresholds(probs: np.ndarray, labels: np.ndarray, source: str, budget: float) -> dict:
-    """Low-confidence thresholds from the set the station's frames look like, within the review budget."""
+def _thresholds(probs: np.ndarray, labels: np.ndarray, source: str, budget: float | None) -> dict:
+    """Low-confidence thresholds from the set the station's frames look like, within the review budget if any."""
     suggested = suggest_thresholds(probs, labels)
-    thresholds = within_review_budget(probs, suggested, budget)
-    log.info("low-confidence thresholds from the %s set (review budget %.0f%%): %s", source, budget * 100,
-             {k: round(v, 4) for k, v in thresholds.items()})
+    thresholds = suggested if budget is None else within_review_budget(probs, suggested, budget)
+    log.info("low-confidence thresholds from the %s set (review budget %s): %s", source,
+             "none" if budget is None else f"{budget:.0%}", {k: round(v, 4) for k, v in thresholds.items()})
     return {"thresholds": thresholds,
             "how": {"set": source, "images": int(len(labels)), "review_budget": budget,
-                    "rule": "median of the mistakes' confidence, margin and entropy, relaxed to flag at most the "
-                            "review budget", "suggested": suggested,
+                    "rule": "median of the mistakes' confidence, margin and entropy" + (
+                        "" if budget is None else ", relaxed to flag at most the review budget"),
+                    "suggested": suggested,
                     **low_confidence_report(probs, labels, thresholds)}}
 
 
@@ -154,7 +156,7 @@ def _build_engines(cfg: ExportConfig, tmp_dir: Path, spec: InputSpec, int8_ok: b
 
 def export_bundle(cfg: ExportConfig) -> ExportResult:
     """Export, check and write a bundle; nothing appears under models/ unless all of it succeeded."""
-    if not 0.0 <= cfg.review_budget <= 1.0:
+    if cfg.review_budget is not None and not 0.0 <= cfg.review_budget <= 1.0:
         raise ValueError(f"review budget: expected a share in 0..1, got {cfg.review_budget!r}")
     checkpoint = Path(cfg.checkpoint)
     run_dir = checkpoint.parent
