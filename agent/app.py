@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping
 from pydantic import ValidationError
 
 from agent.backends import BackendError, create_backend
-from agent.bundle import Bundle, BundleError, load_bundle, load_public_key
+from contract.bundle import Bundle, BundleError, load_bundle, load_public_key
 from agent.config import (AgentConfig, CameraConfig, CaptureEmptyCommand, ConfigError, Thresholds,
                           ThresholdsCommand, format_errors)
 from agent.health import Metrics, PrometheusServer
@@ -27,7 +27,7 @@ from agent.mqtt import MqttPublisher
 from agent.outbox import Outbox
 from agent.pipeline import InferenceStage, ModelHolder, ModelRuntime
 from agent.prepare import camera_preparer, load_empty_scene
-from agent.preprocess import Preprocessor
+from contract.preprocess import Preprocessor
 from agent.sources.base import FrameSource
 from agent.sources.camera import CameraWorker, FrameHub, Watchdog
 from agent.state import STATE_FILE, StationState
@@ -189,8 +189,7 @@ class Agent:
     def start(self) -> None:
         """Model first (a bad bundle stops here, before any camera opens), then the threads."""
         try:
-            self.cfg.mqtt.password()          # a missing secret or TLS file is a startup error, not a retry loop
-            self.cfg.mqtt.check_files()
+            self.cfg.mqtt.check()             # a missing secret or TLS file is a startup error, not a retry loop
             self.load_model()
             scenes = {cam.id: load_empty_scene(self.cfg, cam) for cam in self.cfg.cameras}
         except (BundleError, BackendError, ConfigError) as exc:

@@ -15,6 +15,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
+from contract.broker import BrokerSettings, BrokerSettingsError
+from contract.messages import station_root
+
 
 class ConfigError(Exception):
     """A config file that cannot be used; the message names the file and the field."""
@@ -189,28 +192,33 @@ class MqttConfig(_Strict):
             raise ValueError("give password_env or password_file, not both")
         return self
 
-    def check_files(self) -> None:
-        """TLS files must be readable: ssl's own errors do not name the file."""
-        if self.tls is None:
-            return
-        for name in ("ca_file", "cert_file", "key_file"):
-            path = getattr(self.tls, name)
-            if path is not None and not os.access(path, os.R_OK):
-                raise ConfigError(f"{path}: mqtt.tls.{name} does not exist or cannot be read")
+    def broker_settings(self) -> BrokerSettings:
+        """These settings as the contract's ``BrokerSettings`` (errors name the ``mqtt.*`` key)."""
+        tls = self.tls
+        return BrokerSettings(
+            host=self.host, port=self.port, username=self.username, password_file=self.password_file,
+            password_env=self.password_env, tls=tls is not None, tls_ca=tls.ca_file if tls else None,
+            tls_cert=tls.cert_file if tls else None, tls_key=tls.key_file if tls else None,
+            tls_insecure=bool(tls and tls.insecure),
+            client_id=self.client_id, keepalive_s=self.keepalive_s,
+            flags=(("host", "mqtt.host"), ("port", "mqtt.port"), ("username", "mqtt.username"),
+                   ("password_file", "mqtt.password_file"), ("password_env", "mqtt.password_env"),
+                   ("tls_ca", "mqtt.tls.ca_file"), ("tls_cert", "mqtt.tls.cert_file"),
+                   ("tls_key", "mqtt.tls.key_file")))
+
+    def check(self) -> None:
+        """Every file readable and the password there: a startup error, not a retry loop (names the key)."""
+        try:
+            self.broker_settings().check()
+        except BrokerSettingsError as exc:
+            raise ConfigError(str(exc)) from None
 
     def password(self) -> str | None:
         """The password from its variable or file, read when connecting (never stored in config)."""
-        if self.password_env:
-            value = os.environ.get(self.password_env)
-            if value is None:
-                raise ConfigError(f"mqtt.password_env: environment variable {self.password_env} is not set")
-            return value
-        if self.password_file:
-            try:
-                return self.password_file.read_text().splitlines()[0] if self.password_file.stat().st_size else ""
-            except OSError as exc:
-                raise ConfigError(f"{self.password_file}: mqtt.password_file cannot be read ({exc.strerror})") from exc
-        return None
+        try:
+            return self.broker_settings().password()
+        except BrokerSettingsError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 class OutboxConfig(_Strict):
@@ -391,7 +399,7 @@ class AgentConfig(_Strict):
 
     @property
     def topic_root(self) -> str:
-        return self.mqtt.topic_root or f"inventory/{self.site}/{self.station}"
+        return self.mqtt.topic_root or station_root(self.site, self.station)
 
     @property
     def client_id(self) -> str:

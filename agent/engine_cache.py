@@ -37,8 +37,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Literal
 
-from agent.bundle import ROLE_FP32, ROLE_INT8, Artifact, Bundle, sha256_file
-from agent.preprocess import InputSpec
+from contract.bundle import ROLE_FP32, ROLE_INT8, Artifact, Bundle, sha256_file
+from contract.preprocess import InputSpec
 
 log = logging.getLogger(__name__)
 

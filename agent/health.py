@@ -74,7 +74,7 @@ class Metrics:
         return {cam: round((n - before.get(cam, 0.0)) / span, 2) for cam, n in counts.items()}
 
     def snapshot(self) -> dict[str, Any]:
-        """The body of a stats message (schema agent/schemas/mqtt/stats.v1.json)."""
+        """The body of a stats message (schema contract/schemas/mqtt/stats.v1.json)."""
         classified = sum(self.counters_by("frames_classified_total", "camera").values())
         low = sum(self.counters_by("frames_low_confidence_total", "camera").values())
         return {

@@ -2,7 +2,7 @@
 
 The station classifies the item, not the belt: each camera thread runs a ``Localizer`` on its ROI before
 preprocessing, and with a bundle whose ``input.crop.mode`` is ``foreground`` the model is fed the square
-crop ``crop_box`` makes of the item's box (the rule of ``agent.preprocess.CropPolicy``).
+crop ``crop_box`` makes of the item's box (the rule of ``contract.preprocess.CropPolicy``).
 
 How a box is found (``foreground_box``, a pure function the trainer calls with a known background):
 
@@ -42,7 +42,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from agent.preprocess import CropPolicy
+from contract.preprocess import CropPolicy
 
 log = logging.getLogger(__name__)
 

@@ -29,28 +29,13 @@ from agent.health import Metrics
 from agent.outbox import Outbox, Record
 from agent.priority import lower_this_thread
 from agent.sources.camera import backoff_delays
+from contract.broker import BrokerSettingsError
+from contract.messages import Topics
 
 log = logging.getLogger(__name__)
 
-KIND_TOPIC = {"result": "result", "decision": "decision", "alert": "alert", "frame": "frames"}
 UNSUPPORTED_PROTOCOL = (1, 132)      # 3.1.1 return code / v5 reason code
 CONNACK_TIMEOUT_S = 10.0
-
-
-@dataclass(frozen=True)
-class Topics:
-    root: str
-
-    def __getattr__(self, name: str) -> str:
-        if name in ("status", "result", "decision", "alert", "stats", "frames"):
-            return f"{self.root}/{name}"
-        raise AttributeError(name)
-
-    def for_kind(self, kind: str) -> str:
-        return f"{self.root}/{KIND_TOPIC[kind]}"
-
-    def cmd(self, verb: str = "#") -> str:
-        return f"{self.root}/cmd/{verb}"
 
 
 @dataclass
@@ -156,17 +141,10 @@ class MqttPublisher(threading.Thread):
                              clean_session=None if v5 else True, reconnect_on_failure=False)
         client.max_inflight_messages_set(self.cfg.max_inflight)
         client.max_queued_messages_set(0)
-        self.cfg.check_files()
-        password = self.cfg.password()
-        if self.cfg.username or password:
-            client.username_pw_set(self.cfg.username, password)
-        if self.cfg.tls is not None:
-            tls = self.cfg.tls
-            client.tls_set(ca_certs=str(tls.ca_file) if tls.ca_file else None,
-                           certfile=str(tls.cert_file) if tls.cert_file else None,
-                           keyfile=str(tls.key_file) if tls.key_file else None,
-                           cert_reqs=ssl.CERT_REQUIRED)
-            client.tls_insecure_set(tls.insecure)
+        try:
+            self.cfg.broker_settings().check().configure(client)
+        except BrokerSettingsError as exc:
+            raise ConfigError(str(exc)) from None
         will = dict(self.status_body("offline"), seq=self.outbox.next_seq())
         client.will_set(self.topics.status, json.dumps(will), qos=1, retain=True)
         client.on_connect = self._on_connect

@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 
 from agent.backends import Backend
-from agent.bundle import Bundle
+from contract.bundle import Bundle
 from agent.config import AgentConfig, CameraConfig, Thresholds, merge_thresholds
 from agent.decide import (Classification, ItemDecision, ItemTracker, LaneMap, LowConfidencePolicy, Observation,
                           PolicyThresholds, QcAlerter, UploadGate, classify_batch, dhash, item_present, softmax)
@@ -34,7 +34,7 @@ from agent.health import Metrics
 from agent.outbox import Message, Outbox
 from agent.localize import cut
 from agent.prepare import camera_preparer, fed_box, load_empty_scene, model_input_image
-from agent.preprocess import Preprocessor
+from contract.preprocess import Preprocessor
 from agent.priority import lower_this_thread
 from agent.sources.base import Frame
 from agent.sources.camera import FrameHub

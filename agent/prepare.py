@@ -20,7 +20,7 @@ import numpy as np
 
 from agent.config import AgentConfig, CameraConfig, ConfigError, PresenceConfig
 from agent.localize import Box, Localizer, LocalizerSettings, crop_box, cut, model_view
-from agent.preprocess import CropPolicy, ImageDecodeError, read_image
+from contract.preprocess import CropPolicy, ImageDecodeError, read_image
 from agent.sources.base import Frame, Prepared
 
 if TYPE_CHECKING:

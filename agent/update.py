@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urljoin, urlparse
 
-from agent.bundle import MANIFEST, SIGNATURE, Bundle, BundleError, load_bundle
+from contract.bundle import MANIFEST, SIGNATURE, Bundle, BundleError, load_bundle
 
 log = logging.getLogger(__name__)
 FETCH_TIMEOUT_S = 60

@@ -13,8 +13,8 @@ seed, and the same unlabelled pool (training images outside the seed). Each roun
 
 Low-confidence selection is what a station does: the round's checkpoint is exported as
 a real bundle (``trainer.export.bundle``: ONNX FP32 + INT8, thresholds suggested on the
-validation split), loaded and verified with ``agent.bundle``, run through the backend
-``agent.backends.create_backend`` picks, on inputs from ``agent.preprocess``; the
+validation split), loaded and verified with ``contract.bundle``, run through the backend
+``agent.backends.create_backend`` picks, on inputs from ``contract.preprocess``; the
 agent's ``classify_batch`` and ``LowConfidencePolicy`` (the bundle's thresholds) flag
 the frames a station would upload. When more frames are flagged than the budget, the
 budget is a uniform draw from the flagged frames (``--rank flagged-random``, as a
@@ -316,7 +316,7 @@ def draw_split(labels: np.ndarray, cfg: BenchConfig) -> tuple[tuple[int, ...], t
 
 
 def load_images(cfg: BenchConfig) -> Images:
-    from agent.preprocess import read_image
+    from contract.preprocess import read_image
     from trainer import data as data_mod
     from trainer.augment import eval_spec
     from trainer.engine import eval_inputs
@@ -434,10 +434,10 @@ def score_pool(bundle_dir: Path, frames: Sequence[np.ndarray], *, threads: int =
     policy with the bundle's suggested thresholds.
     """
     from agent.backends import create_backend
-    from agent.bundle import load_bundle
+    from contract.bundle import load_bundle
     from agent.config import ModelConfig
     from agent.decide import LowConfidencePolicy, PolicyThresholds, classify_batch, softmax
-    from agent.preprocess import Preprocessor
+    from contract.preprocess import Preprocessor
 
     bundle = load_bundle(bundle_dir)
     backend = create_backend(bundle, ModelConfig(bundle=bundle.root, intra_op_threads=threads))

@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent.preprocess import CropPolicy  # noqa: E402
+from contract.preprocess import CropPolicy  # noqa: E402
 from trainer.augment import AugmentConfig, BatchAugment, eval_spec  # noqa: E402
 from trainer.data import _read_idx  # noqa: E402
 from trainer.station_view import StationViewConfig  # noqa: E402

@@ -193,8 +193,8 @@ def bench_bare_subscriber(port: int, messages) -> dict[str, Any]:
 def bench_ingest(port: int, messages, workdir: Path) -> dict[str, Any]:
     store = workdir / "ingest-store"
     log = workdir / "ingest.log"
-    ingest = subprocess.Popen([sys.executable, "-m", "trainer", "ingest", "--store", str(store), "--host", "127.0.0.1",
-                               "--port", str(port), "--client-id", "bench-ingest"], cwd=REPO,
+    ingest = subprocess.Popen([sys.executable, "-m", "trainer", "ingest", "--store", str(store), "--mqtt-host", "127.0.0.1",
+                               "--mqtt-port", str(port), "--client-id", "bench-ingest"], cwd=REPO,
                               stdout=open(log, "w"), stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 120

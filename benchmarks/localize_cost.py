@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from agent.demo import fashion_mnist_test  # noqa: E402
 from agent.localize import Localizer, model_view  # noqa: E402
-from agent.preprocess import CropPolicy, InputSpec, Preprocessor  # noqa: E402
+from contract.preprocess import CropPolicy, InputSpec, Preprocessor  # noqa: E402
 
 
 def load_scenes():

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from agent.localize import Localizer, LocalizerSettings  # noqa: E402
-from agent.preprocess import CropPolicy  # noqa: E402
+from contract.preprocess import CropPolicy  # noqa: E402
 
 
 def iou(a, b) -> float:

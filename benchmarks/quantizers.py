@@ -24,13 +24,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from agent.bundle import load_bundle  # noqa: E402
+from contract.bundle import load_bundle  # noqa: E402
 from trainer.engine import eval_inputs  # noqa: E402
 from trainer.evaluate import onnx_logits  # noqa: E402
 from trainer.export.bundle import _calibration_inputs, _split_samples  # noqa: E402

@@ -196,7 +196,7 @@ def start_services(work: Path, port: int, bundle: Path) -> tuple[Service, Servic
     from benchmarks.station_view import free_port
 
     store = work / "frames"
-    ingest = Service(work, "ingest", "ingest", "--store", str(store), "--host", "127.0.0.1", "--port", str(port),
+    ingest = Service(work, "ingest", "ingest", "--store", str(store), "--mqtt-host", "127.0.0.1", "--mqtt-port", str(port),
                      "--client-id", "station-view-ingest")
     http_port = free_port()
     server = Service(work, "review", "review", "--store", str(store), "--labels-from", str(bundle),

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent.bundle import load_bundle  # noqa: E402
+from contract.bundle import load_bundle  # noqa: E402
 from trainer import data as data_mod  # noqa: E402
 from trainer.augment import AugmentConfig, BatchAugment, eval_spec  # noqa: E402
 from trainer.engine import TrainBatches, eval_inputs, load_checkpoint_model  # noqa: E402

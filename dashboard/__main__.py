@@ -10,32 +10,16 @@ import logging
 import signal
 import sys
 import threading
-from pathlib import Path
 from typing import Any
+
+from contract.broker import add_broker_args, settings_from_args
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dashboard",
                                      description="Central dashboard: every station's status, results, decisions, "
                                                  "stats and QC alerts, and the rollout events, live from MQTT")
-    mqtt = parser.add_argument_group("MQTT broker")
-    mqtt.add_argument("--mqtt-host", default="127.0.0.1", help="broker host (default 127.0.0.1)")
-    mqtt.add_argument("--mqtt-port", type=int, default=1883,
-                      help="1883 plain, 8883 TLS, 8884 secure websockets on the central broker (default 1883)")
-    mqtt.add_argument("--transport", choices=["tcp", "websockets"], default="tcp",
-                      help="MQTT over TCP or over websockets (the central broker's 8884 listener)")
-    mqtt.add_argument("--ws-path", default="/mqtt", help="websocket path (default /mqtt)")
-    mqtt.add_argument("--username", default=None, help="MQTT user (the central broker's ACL has 'dashboard')")
-    mqtt.add_argument("--password-file", type=Path, default=None, help="file whose first line is the password")
-    mqtt.add_argument("--password-env", default=None, help="environment variable holding the password")
-    mqtt.add_argument("--tls", action="store_true", help="TLS with the system's CA certificates (implied by --tls-ca)")
-    mqtt.add_argument("--tls-ca", type=Path, default=None, help="CA certificate of the broker; enables TLS")
-    mqtt.add_argument("--tls-cert", type=Path, default=None, help="client certificate (mutual TLS)")
-    mqtt.add_argument("--tls-key", type=Path, default=None, help="client private key (mutual TLS)")
-    mqtt.add_argument("--tls-insecure", action=argparse.BooleanOptionalAction, default=False,
-                      help="do not check the broker's host name (lab use only)")
-    mqtt.add_argument("--topic-root", default="inventory", help="first topic level(s) (default inventory)")
-    mqtt.add_argument("--client-id", default=None, help="MQTT client id (default dashboard-<host>-<pid>)")
+    add_broker_args(parser, client_id_help="MQTT client id (default dashboard-<host>-<pid>)")
     web = parser.add_argument_group("web page")
     web.add_argument("--host", default="127.0.0.1", help="address the page is served on (default 127.0.0.1)")
     web.add_argument("--port", type=int, default=8090, help="port of the page (default 8090; 0: any free port)")
@@ -52,7 +36,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def build(args: argparse.Namespace) -> Any:
-    from dashboard.feed import MqttSettings
     from dashboard.server import Dashboard
     from dashboard.state import StateLimits
 
@@ -61,11 +44,7 @@ def build(args: argparse.Namespace) -> Any:
             raise ValueError(f"{flag}: must be at least 1, got {value}")
     if args.push_interval <= 0 or args.stale_factor <= 0 or args.stale_min_s < 0:
         raise ValueError("--push-interval and --stale-factor must be positive, --stale-min-s not negative")
-    settings = MqttSettings(host=args.mqtt_host, port=args.mqtt_port, transport=args.transport, ws_path=args.ws_path,
-                            username=args.username, password_file=args.password_file,
-                            password_env=args.password_env, tls_enabled=args.tls, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
-                            tls_key=args.tls_key, tls_insecure=args.tls_insecure, topic_root=args.topic_root,
-                            client_id=args.client_id)
+    settings = settings_from_args(args)
     limits = StateLimits(recent=args.recent, history=args.history, stale_factor=args.stale_factor,
                          stale_min_s=args.stale_min_s)
     return Dashboard(settings, host=args.host, port=args.port, limits=limits, push_interval_s=args.push_interval)
@@ -79,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"dashboard: cannot serve on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
         return 2
-    except ValueError as exc:          # SettingsError included: names the flag and the file
+    except ValueError as exc:          # BrokerSettingsError included: names the flag and the file
         print(f"dashboard: {exc}", file=sys.stderr)
         return 2
     stop = threading.Event()

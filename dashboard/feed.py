@@ -12,108 +12,38 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import ssl
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import paho.mqtt.client as paho
 
-from agent.secrets import SecretFileError, first_line
-from dashboard.state import CENTRAL_SITE, STATION_KINDS, WarehouseState
+from contract.broker import BrokerSettings
+from contract.messages import DASHBOARD_KINDS, fleet_subscription, rollout_topic
+from dashboard.state import WarehouseState
 
 log = logging.getLogger(__name__)
 
 
-class SettingsError(ValueError):
-    """A setting the dashboard cannot start with; the text names the flag or file."""
-
-
-@dataclass(frozen=True)
-class MqttSettings:
-    """How to reach the broker; see ``python -m dashboard --help``."""
-
-    host: str = "127.0.0.1"
-    port: int = 1883
-    transport: str = "tcp"              # tcp | websockets
-    ws_path: str = "/mqtt"
-    username: str | None = None
-    password_file: Path | None = None
-    password_env: str | None = None
-    tls_enabled: bool = False           # TLS with the system's CA certificates (implied by tls_ca)
-    tls_ca: Path | None = None
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    tls_insecure: bool = False
-    topic_root: str = "inventory"
-    client_id: str | None = None
-    keepalive_s: int = 30
-
-    def check(self) -> None:
-        """Every file the connection needs exists and the password is readable: fail at start, not in a retry loop."""
-        if self.transport not in ("tcp", "websockets"):
-            raise SettingsError(f"--transport: {self.transport!r} is not tcp or websockets")
-        for flag, path in (("--password-file", self.password_file), ("--tls-ca", self.tls_ca),
-                           ("--tls-cert", self.tls_cert), ("--tls-key", self.tls_key)):
-            if path is not None and not Path(path).is_file():
-                raise SettingsError(f"{flag}: {path}: no such file")
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise SettingsError("--tls-cert and --tls-key go together (client certificate and its key)")
-        self.password()
-
-    def password(self) -> str | None:
-        if self.password_file is not None:
-            try:
-                return first_line(self.password_file)
-            except SecretFileError as exc:
-                raise SettingsError(f"--password-file: {exc}") from None
-        if self.password_env is not None:
-            value = os.environ.get(self.password_env)
-            if not value:
-                raise SettingsError(f"--password-env: environment variable {self.password_env} is not set")
-            return value
-        return None
-
-    @property
-    def tls(self) -> bool:
-        return self.tls_enabled or self.tls_ca is not None or self.tls_cert is not None
-
-    def topics(self) -> list[str]:
-        root = self.topic_root.rstrip("/")
-        return [f"{root}/+/+/{kind}" for kind in STATION_KINDS] + [f"{root}/{CENTRAL_SITE}/rollout"]
-
-    def where(self) -> str:
-        scheme = {("tcp", False): "mqtt", ("tcp", True): "mqtts", ("websockets", False): "ws",
-                  ("websockets", True): "wss"}[(self.transport, self.tls)]
-        return f"{scheme}://{self.host}:{self.port}"
+def dashboard_topics(settings: BrokerSettings) -> list[str]:
+    """Every station's dashboard leaves and the central rollout events, under the settings' topic root."""
+    root = settings.topic_root
+    return [fleet_subscription(kind, root) for kind in DASHBOARD_KINDS] + [rollout_topic(root)]
 
 
 class StationFeed:
     """Subscribes and hands every message to ``state.ingest``; reports the connection to ``state.set_broker``."""
 
-    def __init__(self, settings: MqttSettings, state: WarehouseState,
+    def __init__(self, settings: BrokerSettings, state: WarehouseState,
                  client_factory: Callable[..., paho.Client] = paho.Client) -> None:
         self.settings = settings
         self.state = state
-        client_id = settings.client_id or f"dashboard-{socket.gethostname()}-{os.getpid()}"
         self._stopping = False
-        self.client = client_factory(paho.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5,
-                                     transport=settings.transport)
+        self.client = settings.new_client("dashboard", default_id=f"dashboard-{socket.gethostname()}-{os.getpid()}",
+                                          factory=client_factory)
+        self.client.reconnect_delay_set(0.5, 30)
         self._configure()
 
     def _configure(self) -> None:
-        s, client = self.settings, self.client
-        client.reconnect_delay_set(0.5, 30)
-        if s.transport == "websockets":
-            client.ws_set_options(path=s.ws_path)
-        if s.tls:
-            client.tls_set(ca_certs=str(s.tls_ca) if s.tls_ca else None,
-                           certfile=str(s.tls_cert) if s.tls_cert else None,
-                           keyfile=str(s.tls_key) if s.tls_key else None, cert_reqs=ssl.CERT_REQUIRED)
-            client.tls_insecure_set(s.tls_insecure)
-        password = s.password()
-        if s.username or password:
-            client.username_pw_set(s.username, password)
+        client = self.client
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_connect_fail = self._on_connect_fail
@@ -139,12 +69,12 @@ class StationFeed:
             log.error("dashboard: %s", detail)
             self.state.set_broker(False, detail)
             return
-        client.subscribe([(topic, paho.SubscribeOptions(qos=1)) for topic in self.settings.topics()])
+        client.subscribe([(topic, paho.SubscribeOptions(qos=1)) for topic in dashboard_topics(self.settings)])
         self.state.set_broker(True, f"connected to {where}")
-        log.info("dashboard: connected to %s; subscribing to %s", where, ", ".join(self.settings.topics()))
+        log.info("dashboard: connected to %s; subscribing to %s", where, ", ".join(dashboard_topics(self.settings)))
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
-        for topic, code in zip(self.settings.topics(), reason_codes):
+        for topic, code in zip(dashboard_topics(self.settings), reason_codes):
             if code.is_failure:
                 log.error("dashboard: subscription to %s refused: %s", topic, code)
 

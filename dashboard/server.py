@@ -23,7 +23,8 @@ from importlib import resources
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
-from dashboard.feed import MqttSettings, StationFeed
+from contract.broker import BrokerSettings
+from dashboard.feed import StationFeed
 from dashboard.state import StateLimits, WarehouseState
 
 log = logging.getLogger(__name__)
@@ -177,7 +178,7 @@ class DashboardHTTPServer(ThreadingHTTPServer):
 class Dashboard:
     """The one place that wires the MQTT feed, the state, the pusher and the HTTP server."""
 
-    def __init__(self, mqtt: MqttSettings, *, host: str = "127.0.0.1", port: int = 8090,
+    def __init__(self, mqtt: BrokerSettings, *, host: str = "127.0.0.1", port: int = 8090,
                  limits: StateLimits | None = None, push_interval_s: float = 0.25,
                  clock: Callable[[], float] = time.time) -> None:
         mqtt.check()

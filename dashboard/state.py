@@ -2,7 +2,7 @@
 
 ``WarehouseState.ingest(topic, payload)`` takes one message as the broker
 delivered it. Station messages are checked against the agent's JSON Schemas
-(agent/schemas/mqtt/*.json) and central rollout events against the
+(contract/schemas/mqtt/*.json) and central rollout events against the
 ``rollout-event.v1`` contract; a message that fails is counted and kept in a
 short list of recent problems, never raised to the caller. Messages are
 deduplicated by their ``id`` (QoS 1 redelivers after a lost PUBACK), so a
@@ -24,15 +24,13 @@ import statistics
 import threading
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from functools import lru_cache
-from pathlib import Path
 from typing import Any, Callable
+
+from contract.messages import CENTRAL_SITE, ENGINES, ROLLOUT_SCHEMA, checker
+from contract.messages import DASHBOARD_KINDS as STATION_KINDS
 
 log = logging.getLogger(__name__)
 
-STATION_KINDS = ("status", "result", "decision", "alert", "stats")
-CENTRAL_SITE = "_central"
-ROLLOUT_SCHEMA = "rollout-event.v1"
 ROLLOUT_ACTIONS = ("gate", "publish", "canary", "rollout", "rollback", "halt")
 MAX_PAYLOAD_BYTES = 1 << 20          # an alert with its thumbnail is a few KB; anything near this is wrong
 MAX_THUMBNAIL_B64 = 96 * 1024        # alert thumbnails kept for the page (128 px JPEG: ~5 KB)
@@ -60,109 +58,6 @@ class StateLimits:
 
 # ---------------------------------------------------------------- validation
 
-ENGINES = ("fastjsonschema", "jsonschema")
-
-
-class SchemaCheck:
-    """One JSON Schema, checked by fastjsonschema or by jsonschema.
-
-    Every message of the fleet passes here, so the default is fastjsonschema: it compiles the schema
-    to Python, about 20x faster than jsonschema on these payloads (benchmarks/dashboard_ingest.py).
-    The schemas use only keywords that draft 7 (fastjsonschema's newest) and 2020-12 read alike;
-    tests/dashboard checks that both engines accept and refuse the same messages.
-    """
-
-    def __init__(self, schema: dict[str, Any], engine: str = "fastjsonschema") -> None:
-        if engine not in ENGINES:
-            raise ValueError(f"schema engine {engine!r} is not one of {', '.join(ENGINES)}")
-        self.engine = engine
-        if engine == "fastjsonschema":
-            import fastjsonschema
-
-            self._compiled = fastjsonschema.compile(schema, use_formats=False)
-            self._error_type = fastjsonschema.JsonSchemaValueException
-        else:
-            import jsonschema
-
-            self._validator = jsonschema.Draft202012Validator(schema)
-
-    def check(self, topic: str, body: Any) -> None:
-        """Raise MessageError naming the topic and the field when ``body`` does not follow the schema."""
-        if self.engine == "fastjsonschema":
-            try:
-                self._compiled(body)
-            except self._error_type as exc:
-                where = "/".join(str(p) for p in (exc.path or [])[1:]) or "(message)"
-                text = exc.message
-                if exc.name and text.startswith(exc.name):
-                    text = text[len(exc.name):].lstrip()
-                raise MessageError(f"{topic}: field {where}: {text}") from None
-            return
-        import jsonschema
-
-        error = jsonschema.exceptions.best_match(self._validator.iter_errors(body))
-        if error is not None:
-            where = "/".join(str(p) for p in error.absolute_path) or "(message)"
-            raise MessageError(f"{topic}: field {where}: {error.message}")
-
-
-@lru_cache(maxsize=None)
-def station_check(schema: str, engine: str = "fastjsonschema") -> SchemaCheck:
-    from agent.messages import mqtt_schema
-
-    return SchemaCheck(mqtt_schema(schema), engine)
-
-
-def rollout_schema_path() -> Path | None:
-    """trainer/loop/schemas/rollout-event.v1.json when the trainer's loop is installed beside the dashboard.
-
-    Found without importing the trainer (which would import torch on the central host).
-    """
-    import importlib.util
-
-    spec = importlib.util.find_spec("trainer")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for folder in spec.submodule_search_locations:
-        path = Path(folder) / "loop" / "schemas" / f"{ROLLOUT_SCHEMA}.json"
-        if path.is_file():
-            return path
-    return None
-
-
-@lru_cache(maxsize=None)
-def rollout_check(engine: str = "fastjsonschema") -> SchemaCheck | None:
-    path = rollout_schema_path()
-    return SchemaCheck(json.loads(path.read_text()), engine) if path else None
-
-
-def _check_rollout_contract(topic: str, body: dict[str, Any]) -> None:
-    """The fields the dashboard reads, per the agreed contract (used when no schema file is installed)."""
-    def need(name: str, ok: Callable[[Any], bool], what: str) -> Any:
-        if name not in body:
-            raise MessageError(f"{topic}: field {name}: missing")
-        if not ok(body[name]):
-            raise MessageError(f"{topic}: field {name}: expected {what}, got {body[name]!r}")
-        return body[name]
-
-    def is_str(v: Any) -> bool:
-        return isinstance(v, str)
-
-    need("id", is_str, "a uuid string")
-    need("ts", is_str, "an ISO-8601 time string")
-    model = need("model", lambda v: isinstance(v, dict), "an object with name and version")
-    for key in ("name", "version"):
-        if not is_str(model.get(key)):
-            raise MessageError(f"{topic}: field model/{key}: expected a string, got {model.get(key)!r}")
-    need("action", lambda v: v in ROLLOUT_ACTIONS, f"one of {', '.join(ROLLOUT_ACTIONS)}")
-    need("ok", lambda v: isinstance(v, bool), "true or false")
-    if body.get("reason") is not None and not is_str(body["reason"]):
-        raise MessageError(f"{topic}: field reason: expected a string or null, got {body['reason']!r}")
-    need("stations", lambda v: isinstance(v, list) and all(is_str(s) for s in v), "a list of '<site>/<station>'")
-    if body.get("figures") is not None and not isinstance(body["figures"], dict):
-        raise MessageError(f"{topic}: field figures: expected an object, got {body['figures']!r}")
-
-
 def parse_json(topic: str, payload: bytes) -> dict[str, Any]:
     if len(payload) > MAX_PAYLOAD_BYTES:
         raise MessageError(f"{topic}: payload of {len(payload)} bytes is over the {MAX_PAYLOAD_BYTES} byte limit")
@@ -180,7 +75,7 @@ def validate_station_message(topic: str, kind: str, site: str, station: str, bod
     expected = f"{kind}.v1"
     if body.get("schema") != expected:
         raise MessageError(f"{topic}: field schema: {body.get('schema')!r}, this dashboard reads {expected}")
-    station_check(expected, engine).check(topic, body)
+    checker(expected, engine).check(topic, body, MessageError)
     if (body["site"], body["station"]) != (site, station):
         raise MessageError(f"{topic}: fields site/station: {body['site']}/{body['station']} "
                            f"does not match the topic's {site}/{station}")
@@ -189,10 +84,7 @@ def validate_station_message(topic: str, kind: str, site: str, station: str, bod
 def validate_rollout_event(topic: str, body: dict[str, Any], engine: str = "fastjsonschema") -> None:
     if body.get("schema") != ROLLOUT_SCHEMA:
         raise MessageError(f"{topic}: field schema: {body.get('schema')!r}, this dashboard reads {ROLLOUT_SCHEMA}")
-    check = rollout_check(engine)
-    if check is not None:
-        check.check(topic, body)
-    _check_rollout_contract(topic, body)
+    checker(ROLLOUT_SCHEMA, engine).check(topic, body, MessageError)
 
 
 # ---------------------------------------------------------------- per-station views

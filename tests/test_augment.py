@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from agent.preprocess import CropPolicy, ImageDecodeError
+from contract.preprocess import CropPolicy, ImageDecodeError
 from trainer.augment import AugmentConfig, BatchAugment, eval_spec, load_canvas, mask_path
 from trainer.config import TrainConfig
 from trainer.station_view import StationView, StationViewConfig, enclosed_holes, item_mask, mask_boxes

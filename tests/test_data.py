@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from agent.preprocess import decode_image, read_image
+from contract.preprocess import decode_image, read_image
 from trainer import data as data_mod
 from trainer.data import DatasetError, load_dataset
 

@@ -11,8 +11,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from agent.bundle import BundleError, load_bundle, load_public_key
-from agent.preprocess import Preprocessor, read_image
+from contract.bundle import BundleError, load_bundle, load_public_key
+from contract.preprocess import Preprocessor, read_image
 from trainer.export.quantize import CalibrationError, QuantizeConfig, int8_gate, quantize_qdq
 
 

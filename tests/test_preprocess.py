@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from agent.preprocess import InputSpec, Preprocessor, read_image
+from contract.preprocess import InputSpec, Preprocessor, read_image
 from trainer.augment import AugmentConfig, BatchAugment, eval_spec, load_canvas, load_eval
 
 

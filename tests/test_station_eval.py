@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from agent.localize import Localizer, LocalizerSettings, crop_box, foreground_box
-from agent.preprocess import CropPolicy, InputSpec, Preprocessor, read_image
+from contract.preprocess import CropPolicy, InputSpec, Preprocessor, read_image
 from trainer.station_eval import SceneConfig, _surfaces, render_scene, station_views
 
 POLICY = CropPolicy("foreground", 0.1, 16)

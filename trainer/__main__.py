@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -239,7 +238,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from agent.bundle import BundleError
+    from contract.bundle import BundleError
     from trainer.export.bundle import verify
 
     try:
@@ -304,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     for ours in ("trainer", "agent"):   # the root logger is quietened above; our own INFO lines stay
         logging.getLogger(ours).setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    from agent.bundle import BundleError
+    from contract.bundle import BundleError
     from trainer.data import DatasetError
     from trainer.export.tensorrt import TensorRTUnavailable
     from trainer.model import WeightsError

@@ -9,7 +9,7 @@ warp per batch does random-resized-crop, flip and rotation together, followed
 by colour jitter and random erasing as tensor arithmetic. The same code runs on
 CPU and CUDA.
 
-The eval transform is the bundle's preprocessing (``agent.preprocess``), so
+The eval transform is the bundle's preprocessing (``contract.preprocess``), so
 validation figures are the figures a station will see.
 """
 
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from agent.preprocess import INTERPOLATIONS, CropPolicy, InputSpec, Preprocessor, read_image, resized_size
+from contract.preprocess import INTERPOLATIONS, CropPolicy, InputSpec, Preprocessor, read_image, resized_size
 from trainer.station_view import MASK_SUFFIX, StationView, StationViewConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

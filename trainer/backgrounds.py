@@ -18,7 +18,7 @@ from typing import Callable
 import cv2
 import numpy as np
 
-from agent.preprocess import read_image
+from contract.preprocess import read_image
 
 log = logging.getLogger(__name__)
 

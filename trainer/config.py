@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from agent.preprocess import CROP_MODES, CropPolicy
+from contract.preprocess import CROP_MODES, CropPolicy
 from trainer.augment import AugmentConfig
 
 

@@ -198,7 +198,7 @@ def drop_unreadable(dataset: Dataset, workers: int = 4) -> Dataset:
     """Decode the header of every image; keep what decodes, list the rest by path with the reason."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from agent.preprocess import ImageDecodeError, read_image
+    from contract.preprocess import ImageDecodeError, read_image
 
     def probe(sample: Sample) -> str | None:
         try:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from agent.preprocess import InputSpec, Preprocessor
+from contract.preprocess import InputSpec, Preprocessor
 from trainer import data as data_mod
 from trainer.augment import BatchAugment, eval_spec, load_canvas, load_eval, mask_path
 from trainer.config import TrainConfig

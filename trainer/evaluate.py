@@ -190,7 +190,7 @@ def plot_reliability(metrics: dict, out: Path) -> None:
 def plot_worst_mistakes(paths: Sequence[Path], logits: np.ndarray, labels: np.ndarray, classes: Sequence[str],
                         out: Path, count: int = 16) -> list[dict]:
     """The most confident wrong predictions, with their images; returns them as rows."""
-    from agent.preprocess import read_image
+    from contract.preprocess import read_image
 
     probs = softmax(np.asarray(logits, dtype=np.float64))
     pred = probs.argmax(1)
@@ -249,8 +249,8 @@ def evaluate(model_path: str | Path, data: str | Path, out_dir: str | Path, *, c
     The class list and preprocessing come from the checkpoint, or from the
     bundle's manifest next to the ONNX file (or ``spec_source``).
     """
-    from agent.bundle import load_bundle
-    from agent.preprocess import InputSpec
+    from contract.bundle import load_bundle
+    from contract.preprocess import InputSpec
     from trainer import data as data_mod
     from trainer.engine import eval_inputs, load_checkpoint_model, predict_logits, select_device
 

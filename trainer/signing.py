@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from agent.bundle import MANIFEST, SIGNATURE
+from contract.bundle import MANIFEST, SIGNATURE
 
 
 def generate_keypair(private_path: Path, public_path: Path) -> None:

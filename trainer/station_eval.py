@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from agent.localize import crop_box, foreground_box, model_view
-from agent.preprocess import InputSpec, Preprocessor, read_image
+from contract.preprocess import InputSpec, Preprocessor, read_image
 from trainer.backgrounds import procedural_tiles
 from trainer.station_view import item_mask
 

@@ -1,6 +1,6 @@
 """Station-view rendering: a training image as the station's item crop would show it.
 
-The station crops each frame to the item (``agent.preprocess.CropPolicy``, mode ``foreground``:
+The station crops each frame to the item (``contract.preprocess.CropPolicy``, mode ``foreground``:
 the item's box grown by ``margin`` x its longer side on every side, square) and feeds that crop
 to the model. A dataset image (a garment centred on black, a product photo) looks nothing like
 it: the crop shows the item on a belt, bench, tote or cardboard, rotated, tilted, lit unevenly,
@@ -51,7 +51,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from agent.preprocess import InputSpec
+from contract.preprocess import InputSpec
 from trainer.backgrounds import TEXTURES, folder_tiles, procedural_tiles
 
 MASK_MODES = ("auto", "border", "paste")

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from agent.backends.base import Backend, BackendError
-from agent.bundle import Artifact, Bundle
+from contract.bundle import Artifact, Bundle
 from agent.config import ModelConfig
 
 log = logging.getLogger(__name__)

@@ -24,8 +24,8 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from agent.backends.base import Backend, BackendError
-from agent.bundle import ROLE_FP32, ROLE_INT8, Artifact, Bundle
-from agent.preprocess import InputSpec
+from contract.bundle import ROLE_FP32, ROLE_INT8, Artifact, Bundle
+from contract.preprocess import InputSpec
 
 log = logging.getLogger(__name__)
 

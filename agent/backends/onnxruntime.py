@@ -11,7 +11,7 @@ import numpy as np
 
 from agent.backends.base import BackendError
 from agent.config import available_cpus
-from agent.preprocess import InputSpec
+from contract.preprocess import InputSpec
 
 log = logging.getLogger(__name__)
 

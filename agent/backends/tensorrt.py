@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from agent.backends.base import BackendError
-from agent.preprocess import InputSpec
+from contract.preprocess import InputSpec
 
 log = logging.getLogger(__name__)
 

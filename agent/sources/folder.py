@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.preprocess import ImageDecodeError, read_image
+from contract.preprocess import ImageDecodeError, read_image
 from agent.sources.base import EndOfStream, SourceError
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ import threading
 import cv2
 import numpy as np
 
-from agent.preprocess import to_rgb
+from contract.preprocess import to_rgb
 from agent.sources.base import EndOfStream, SourceError
 
 log = logging.getLogger(__name__)

@@ -80,8 +80,8 @@ def bundle_logits(bundle_dir: Path, frames: list[np.ndarray]) -> tuple[list[str]
     """Labels and logits of the bundle's deployable ONNX model on these frames, one at a time with plain ORT."""
     import onnxruntime as ort
 
-    from agent.bundle import load_bundle
-    from agent.preprocess import Preprocessor
+    from contract.bundle import load_bundle
+    from contract.preprocess import Preprocessor
 
     bundle = load_bundle(bundle_dir)
     session = ort.InferenceSession(str(bundle.pick_onnx().path), providers=["CPUExecutionProvider"])
@@ -136,7 +136,7 @@ def write_yaml(path: Path, data: dict[str, Any]) -> Path:
 def validate_message(schema_name: str, body: dict[str, Any]) -> None:
     import jsonschema
 
-    from agent.messages import mqtt_schema
+    from contract.messages import mqtt_schema
 
     jsonschema.Draft202012Validator(mqtt_schema(schema_name)).validate(body)
 
@@ -151,7 +151,7 @@ def make_tiny_bundle(root: Path, version: str = "tiny-1") -> Path:
 
     import torch
 
-    from agent.bundle import artifact_entry
+    from contract.bundle import artifact_entry
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),

@@ -17,7 +17,7 @@ import pytest
 from agent.backends import BackendError, create_backend
 from agent.backends.artifact_choice import choose_onnx_backend, pick_precision
 from agent.backends.onnxruntime import OnnxRuntimeBackend
-from agent.bundle import load_bundle
+from contract.bundle import load_bundle
 from agent.config import ModelConfig
 
 

@@ -14,17 +14,18 @@ import numpy as np
 import pytest
 
 from agent.backends import create_backend
-from agent.bundle import load_bundle
+from contract.bundle import load_bundle
 from agent.empty_scene import EmptySceneCapture
 from agent.health import Metrics
 from agent.mqtt import frame_envelope
 from agent.outbox import Outbox
 from agent.pipeline import InferenceStage, ModelHolder, ModelRuntime
 from agent.prepare import camera_preparer
-from agent.preprocess import Preprocessor
+from contract.preprocess import Preprocessor
 from agent.sources.base import Frame
 from agent_support import as_config, station_config, validate_message
 from scenes import Scene, make_sprite
+from contract.broker import BrokerSettings
 
 EMPTY, ITEM = "empty", "item"
 
@@ -187,7 +188,7 @@ def test_cmd_capture_empty_end_to_end_and_bad_payloads_are_refused(broker, tiny_
     for i, (_, image) in enumerate(busy_then_empty):
         cv2.imwrite(str(folder / f"{i:04d}.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
     store = FrameStore(tmp_path / "store")
-    ingest = IngestService(store, host=broker.host, port=broker.port, client_id="ingest-test")
+    ingest = IngestService(store, BrokerSettings(host=broker.host, port=broker.port, client_id="ingest-test"))
     ingest.start()
     assert ingest.connected.wait(10)
     cfg = as_config(station_config(tmp_path, tiny_bundle, str(folder), broker.port,

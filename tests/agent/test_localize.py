@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from agent.localize import Located, Localizer, LocalizerSettings, crop_box, foreground_box, model_view
-from agent.preprocess import CropPolicy
+from contract.preprocess import CropPolicy
 from scenes import Scene, make_sprite, iou
 
 ROI = 300

@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 
 from agent.backends import create_backend
-from agent.bundle import load_bundle
+from contract.bundle import load_bundle
 from agent.health import Metrics
 from agent.localize import cut
 from agent.mqtt import frame_envelope
 from agent.outbox import Outbox
 from agent.pipeline import InferenceStage, ModelHolder, ModelRuntime
 from agent.prepare import camera_preparer
-from agent.preprocess import Preprocessor
+from contract.preprocess import Preprocessor
 from agent.sources.base import Frame
 from agent_support import as_config, station_config, validate_message
 from scenes import Scene, make_sprite

@@ -256,4 +256,4 @@ def test_missing_secret_or_tls_file_is_reported_not_a_crash(tiny_bundle, fmnist_
         time.sleep(0.5)
         assert publisher.is_alive() and not publisher.connected.is_set()
         publisher.stop(0.1)
-    assert f"{tmp_path / 'missing-ca.crt'}: mqtt.tls.ca_file does not exist or cannot be read" in caplog.text
+    assert f"mqtt.tls.ca_file: {tmp_path / 'missing-ca.crt'}: no such file, or it cannot be read" in caplog.text

@@ -13,11 +13,11 @@ import threading
 import numpy as np
 
 from agent.backends import create_backend
-from agent.bundle import load_bundle
+from contract.bundle import load_bundle
 from agent.health import Metrics
 from agent.outbox import Outbox
 from agent.pipeline import InferenceStage, ModelHolder, ModelRuntime
-from agent.preprocess import Preprocessor
+from contract.preprocess import Preprocessor
 from agent.sources.base import Frame
 from agent.sources.camera import FrameHub
 from agent_support import as_config, bundle_predictions, make_tiny_bundle, station_config

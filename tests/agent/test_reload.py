@@ -15,7 +15,7 @@ import paho.mqtt.client as paho
 import pytest
 
 from agent.app import Agent
-from agent.bundle import MANIFEST
+from contract.bundle import MANIFEST
 from agent.demo import Subscriber
 from agent_support import as_config, station_config, validate_message
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent.secrets import SecretFileError, first_line
+from contract.secrets import SecretFileError, first_line
 
 
 def test_the_first_line_is_the_secret(tmp_path):

@@ -11,7 +11,7 @@ import pytest
 from agent.app import Agent, StartupError
 from agent.backends import BackendError, create_backend
 from agent.backends.onnxruntime import pick_providers
-from agent.bundle import load_bundle
+from contract.bundle import load_bundle
 from agent.config import ModelConfig
 from agent.demo import Subscriber, write_video
 from agent_support import as_config, station_config, validate_message
@@ -111,7 +111,7 @@ def test_tensorrt_engine_matches_onnx(real_bundle, fmnist_test_images, tmp_path)
     FP16's rounding)."""
     from agent.backends.onnxruntime import OnnxRuntimeBackend
     from agent.backends.tensorrt import TensorRTBackend
-    from agent.preprocess import Preprocessor
+    from contract.preprocess import Preprocessor
     from trainer.export.tensorrt import EngineSpec, build_engine, compute_capability
 
     try:
@@ -136,7 +136,7 @@ def test_tensorrt_engine_matches_onnx(real_bundle, fmnist_test_images, tmp_path)
 
 
 def test_batched_preprocessing_is_bit_identical_to_single_images(fmnist_test_images):
-    from agent.preprocess import InputSpec, Preprocessor
+    from contract.preprocess import InputSpec, Preprocessor
 
     rgb = [np.repeat(img[:, :, None], 3, axis=2) for img in fmnist_test_images[0][:16]]
     for spec in (InputSpec(height=32, width=32, resize_shorter=36), InputSpec(height=28, width=28, resize_shorter=28,
@@ -149,7 +149,7 @@ def test_only_engines_for_the_installed_tensorrt_are_used():
     from pathlib import Path
 
     from agent.backends import compatible_engines
-    from agent.bundle import Artifact
+    from contract.bundle import Artifact
 
     def engine(version, cc):
         return Artifact("tensorrt-engine", Path("e"), "0" * 64, 1, "fp16", True, None, version, cc)

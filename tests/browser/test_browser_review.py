@@ -20,6 +20,7 @@ from agent.mqtt import encode  # noqa: E402
 from trainer.loop.api import ReviewServer  # noqa: E402
 from trainer.loop.ingest import IngestService  # noqa: E402
 from trainer.loop.store import FrameStore  # noqa: E402
+from contract.broker import BrokerSettings
 
 pytestmark = pytest.mark.mqtt
 
@@ -39,7 +40,7 @@ def publish(broker, records) -> None:
 def test_review_page_labels_live_frames_by_click_and_key(browser, artifacts, tmp_path, broker):
     store_dir = tmp_path / "store"
     ingest_store = FrameStore(store_dir)
-    ingest = IngestService(ingest_store, host=broker.host, port=broker.port, client_id="ingest-browser-test")
+    ingest = IngestService(ingest_store, BrokerSettings(host=broker.host, port=broker.port, client_id="ingest-browser-test"))
     ingest.start()
     review_store = FrameStore(store_dir, labels=LABELS)     # a second handle, as the two services are run
     server = ReviewServer(review_store, "127.0.0.1", 0).start()

@@ -148,9 +148,10 @@ def failed_gate_event(version: str = "2") -> dict[str, Any]:
 
 def publish_event(port: int, event: dict[str, Any]) -> None:
     """On the central rollout topic, the way the central tools send it (retained, QoS 1, PUBACK awaited)."""
-    from trainer.loop.rollout import MqttOptions, publish_event_once
+    from contract.broker import BrokerSettings
+    from trainer.loop.rollout import publish_event_once
 
-    publish_event_once(MqttOptions(host="127.0.0.1", port=port), event)
+    publish_event_once(BrokerSettings(host="127.0.0.1", port=port), event)
 
 
 def publish(port: int, messages: list[tuple[str, bytes | str]], *, retain: bool = False, **auth: Any) -> None:

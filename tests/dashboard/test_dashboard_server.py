@@ -13,7 +13,7 @@ import urllib.request
 import pytest
 
 from dashboard.__main__ import main
-from dashboard.feed import MqttSettings
+from contract.broker import BrokerSettings
 from dashboard.server import Dashboard
 from dashboard.state import StateLimits
 from dashboard_support import (DashboardProcess, failed_gate_event, get_json, publish, publish_event, retopic,
@@ -59,7 +59,7 @@ class EventStream:
 
 @pytest.fixture
 def dashboard(broker):
-    dash = Dashboard(MqttSettings(port=broker.port), port=0, push_interval_s=0.1,
+    dash = Dashboard(BrokerSettings(port=broker.port), port=0, push_interval_s=0.1,
                      limits=StateLimits(recent=5))
     dash.start()
     yield dash

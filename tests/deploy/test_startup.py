@@ -91,7 +91,7 @@ def test_a_bundle_from_cmd_model_gets_its_engine_from_the_same_cache(tmp_path, b
     """agent.app.EngineCachePolicy, as Agent.reload_model uses it before the swap (FakeTensorRT: no TensorRT here)."""
     from agent.app import DeviceEngine, EngineCachePolicy
     from agent.backends import BackendError
-    from agent.bundle import load_bundle
+    from contract.bundle import load_bundle
     from agent.config import load_config
     from agent.engine_cache import EngineCacheError, entries
 

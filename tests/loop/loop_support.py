@@ -58,8 +58,8 @@ def truth_of(record: Record) -> str:
 
 
 def ingest_process(store: Path, port: int, log: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "trainer", "ingest", "--store", str(store), "--host", "127.0.0.1",
-                             "--port", str(port), *extra], cwd=REPO, stdout=open(log, "a"), stderr=subprocess.STDOUT)
+    return subprocess.Popen([sys.executable, "-m", "trainer", "ingest", "--store", str(store), "--mqtt-host", "127.0.0.1",
+                             "--mqtt-port", str(port), *extra], cwd=REPO, stdout=open(log, "a"), stderr=subprocess.STDOUT)
 
 
 def belt_view(seed: int = 0) -> np.ndarray:

@@ -257,7 +257,7 @@ def weak_base(fmnist_dir: Path, root: Path, *, per_class: int = 25, weak: int = 
 
 def class_recall(bundle: Path, folder: Path, label: str) -> tuple[float, int]:
     """Top-1 recall of the bundle's deployable ONNX model on one class's held-out images (ONNX Runtime)."""
-    from agent.bundle import load_bundle
+    from contract.bundle import load_bundle
     from trainer.loop.retrain import Item, evaluate_bundle
 
     names = json.loads((folder / "labels.json").read_text())

@@ -180,7 +180,7 @@ def test_summary_counts_the_labels_each_strategy_needed_for_randoms_final_accura
 @pytest.fixture
 def pool_frames(fmnist_dir) -> list[np.ndarray]:
     """64 real Fashion-MNIST test images spread over the classes (tests/conftest.py imports 1,000)."""
-    from agent.preprocess import read_image
+    from contract.preprocess import read_image
 
     files = sorted((fmnist_dir / "test").glob("*/*.png"))[::15][:64]
     assert len(files) == 64
@@ -207,12 +207,12 @@ def bundle_that_flags_some(tmp_path, pool_frames) -> Path:
 def agent_uploads(tmp_path: Path, bundle_dir: Path, frames: list[np.ndarray]) -> set[int]:
     """Frame numbers the agent's inference stage puts in its outbox as low-confidence uploads."""
     from agent.backends import create_backend
-    from agent.bundle import load_bundle
+    from contract.bundle import load_bundle
     from agent.config import AgentConfig
     from agent.health import Metrics
     from agent.outbox import Outbox
     from agent.pipeline import InferenceStage, ModelHolder, ModelRuntime
-    from agent.preprocess import Preprocessor
+    from contract.preprocess import Preprocessor
     from agent.sources.base import Frame
 
     support = load("agent_support", REPO / "tests" / "agent" / "agent_support.py")

@@ -87,7 +87,7 @@ def weak(fmnist_dir, tmp_path_factory):
 def test_low_confidence_frames_to_a_better_model_on_the_station(weak, broker, tmp_path):
     started = time.monotonic()
     port = str(broker.port)
-    mqtt = ["--host", "127.0.0.1", "--port", port]
+    mqtt = ["--mqtt-host", "127.0.0.1", "--mqtt-port", port]
     names = json.loads((weak.holdout / "labels.json").read_text())
     weak_folder = next(k for k, v in names.items() if v == WEAK_CLASS)
     # The dock camera shows unseen items, most of them of the weak class; the check camera shows held-out
@@ -253,8 +253,8 @@ class LoopCore:
         self.store = workdir / "frames"
         port = _free_port()
         self.url = f"http://127.0.0.1:{port}"
-        self.ingest = Service(workdir, "ingest", "ingest", "--store", str(self.store), "--host", "127.0.0.1",
-                              "--port", str(mqtt_port), "--client-id", "e2e-ingest")
+        self.ingest = Service(workdir, "ingest", "ingest", "--store", str(self.store), "--mqtt-host", "127.0.0.1",
+                              "--mqtt-port", str(mqtt_port), "--client-id", "e2e-ingest")
         self.review = Service(workdir, "review", "review", "--store", str(self.store), "--labels-from", str(bundle),
                               "--host", "127.0.0.1", "--port", str(port))
         self.services = [self.ingest, self.review]

@@ -17,7 +17,8 @@ from rollout_support import WEAK_CLASS, Recorder, broker, class_recall, weak_bas
 
 from trainer.loop.retrain import (GateDecision, Paired, RetrainConfig, RetrainError, Score, ExportSettings, gate_decision,
                                   retrain, train_settings)
-from trainer.loop.rollout import MqttOptions, RolloutError, manifest_sha256, publish_bundle, read_gate, validate_event
+from contract.broker import BrokerSettings
+from trainer.loop.rollout import RolloutError, manifest_sha256, publish_bundle, read_gate, validate_event
 
 
 # ---------------------------------------------------------------- the rule
@@ -157,7 +158,7 @@ def test_an_undertrained_candidate_is_rejected_recorded_and_never_published(weak
     recorder = Recorder(broker.port, ["inventory/_central/rollout"])
     reviewed = reviewed_csv(tmp_path / "reviewed.csv", weak)
     cfg = config(weak, tmp_path, reviewed, version="3", finetune=False, epochs=1, max_steps_per_epoch=1)
-    cfg.mqtt = MqttOptions("127.0.0.1", broker.port)
+    cfg.mqtt = BrokerSettings("127.0.0.1", broker.port)
     try:
         result = retrain(cfg)
     finally:
@@ -215,7 +216,7 @@ def test_the_current_version_is_weak_on_the_class_it_barely_saw(weak):
 
 @pytest.mark.slow
 def test_without_holdout_the_current_versions_own_validation_split_is_held_out(weak, tmp_path):
-    from agent.bundle import load_bundle
+    from contract.bundle import load_bundle
     from trainer.loop.retrain import _read_items, overall_holdout
 
     cfg = config(weak, tmp_path, tmp_path / "unused.csv", version="9", finetune=False)

@@ -20,7 +20,8 @@ from rollout_support import (Recorder, Station, broker, image_folder, promote, t
                              trainer_cli, wait_online, wait_until)
 
 from trainer.loop import rollout as ro
-from trainer.loop.rollout import (BundleServer, EventSink, MqttOptions, RolloutError, RolloutHistory, RolloutPlan,
+from contract.broker import BrokerSettings
+from trainer.loop.rollout import (BundleServer, EventSink, RolloutError, RolloutHistory, RolloutPlan,
                                   StationLink, WatchPolicy, judge_canary, make_event, publish_bundle, resolve_bundle,
                                   run_rollback, run_rollout, validate_event, write_gate)
 
@@ -218,7 +219,7 @@ class Fleet:
         return [s.key for s in self.stations]
 
     def link(self) -> StationLink:
-        link = StationLink(MqttOptions("127.0.0.1", self.broker.port)).connect()
+        link = StationLink(BrokerSettings("127.0.0.1", self.broker.port)).connect()
         link.settle()
         return link
 
@@ -247,7 +248,7 @@ def fleet_factory(tmp_path, broker):
 def test_rollout_canary_then_rest_then_rollback_through_the_cli(fleet_factory, bundles, broker):
     fleet = fleet_factory(bundles)
     canary, rest = fleet.keys
-    common = ["--host", "127.0.0.1", "--port", str(broker.port), "--history", str(fleet.history)]
+    common = ["--mqtt-host", "127.0.0.1", "--mqtt-port", str(broker.port), "--history", str(fleet.history)]
     done = trainer_cli("rollout", "--bundle-url", fleet.url["v2"], "--stations", ",".join(fleet.keys),
                        "--canary", canary, "--watch-s", "3", "--baseline-s", "1", "--min-frames", "5",
                        "--update-timeout-s", "60", *common)
@@ -372,7 +373,7 @@ def test_the_server_speaks_https_with_the_given_certificate(bundles, tmp_path):
 def test_station_groups_are_read_from_a_file_and_bad_lines_are_named(tmp_path):
     from trainer.loop.rollout import select_stations
 
-    link = StationLink(MqttOptions("127.0.0.1"))        # not connected: a group file needs no broker
+    link = StationLink(BrokerSettings("127.0.0.1"))        # not connected: a group file needs no broker
     group = tmp_path / "dock-stations.txt"
     group.write_text("# receiving docks\nber1/receiving-01\nber1/receiving-02  # spare\n\nber1/receiving-01\n")
     stations, skipped = select_stations(link, stations=["ber1/qc-01"], group=group)

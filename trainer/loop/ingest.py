@@ -1,6 +1,6 @@
 """The ingest service: every station's low-confidence frames from MQTT into the FrameStore.
 
-``python -m trainer ingest --store DIR --host H --port P``. MQTT v5, QoS 1, a persistent session
+``python -m trainer ingest --store DIR --mqtt-host H --mqtt-port P``. MQTT v5, QoS 1, a persistent session
 (fixed client id, ``clean_start=False``, a session expiry), so frames published while the service is
 down are queued by the broker and arrive when it is back. A message is acknowledged (PUBACK) only
 after it is stored (paho's ``manual_ack``): a crash before the commit means the broker sends it again,
@@ -24,10 +24,8 @@ import binascii
 import json
 import logging
 import signal
-import ssl
 import sys
 import threading
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -35,31 +33,18 @@ import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.secrets import SecretFileError, first_line
+from contract.broker import BrokerSettings, BrokerSettingsError, add_broker_args, settings_from_args
+from contract.messages import checker, fleet_subscription
+from contract.secrets import SecretFileError, first_line
 from trainer.loop.store import FrameStore, StoreError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TOPIC = "inventory/+/+/frames"
 SESSION_EXPIRY_S = 7 * 24 * 3600   # the broker keeps our queue for a week of downtime
 
 
 class MalformedFrame(ValueError):
     pass
-
-
-@lru_cache(maxsize=1)
-def _frame_validator():
-    import jsonschema
-
-    schema_path = Path(__file__).resolve().parents[2] / "agent" / "schemas" / "mqtt" / "frame.v1.json"
-    try:
-        from importlib.resources import files
-
-        schema = json.loads(files("agent").joinpath("schemas/mqtt/frame.v1.json").read_text())
-    except (ModuleNotFoundError, FileNotFoundError):
-        schema = json.loads(schema_path.read_text())
-    return jsonschema.Draft202012Validator(schema)
 
 
 def parse_frame(topic: str, payload: bytes, properties: Properties | None) -> tuple[dict[str, Any], bytes]:
@@ -86,11 +71,7 @@ def parse_frame(topic: str, payload: bytes, properties: Properties | None) -> tu
             raise MalformedFrame(f"field jpeg_b64: not base64 ({exc})") from None
     if not isinstance(meta, dict):
         raise MalformedFrame("field meta: not a JSON object")
-    errors = sorted(_frame_validator().iter_errors(meta), key=lambda e: list(e.path))
-    if errors:
-        first = errors[0]
-        where = ".".join(str(p) for p in first.path) or "(top level)"
-        raise MalformedFrame(f"frame.v1 field {where}: {first.message}")
+    checker("frame.v1").check("frame.v1", meta, MalformedFrame)
     if "id" in user and user["id"] != meta["id"]:
         raise MalformedFrame(f"user property id {user['id']!r} but the frame's field id is {meta['id']!r}")
     parts = topic.split("/")
@@ -105,27 +86,19 @@ def parse_frame(topic: str, payload: bytes, properties: Properties | None) -> tu
 class IngestService:
     """Subscribe, store, acknowledge; reconnect forever."""
 
-    def __init__(self, store: FrameStore, *, host: str = "127.0.0.1", port: int = 1883,
-                 topic: str = DEFAULT_TOPIC, shared_group: str | None = None, client_id: str = "central-ingest",
-                 username: str | None = None, password: str | None = None, tls_ca: Path | None = None,
-                 tls_cert: Path | None = None, tls_key: Path | None = None, tls_insecure: bool = False,
-                 keepalive_s: int = 30) -> None:
+    def __init__(self, store: FrameStore, broker: BrokerSettings, *, topic: str | None = None,
+                 shared_group: str | None = None) -> None:
         self.store = store
-        self.host, self.port, self.keepalive_s = host, port, keepalive_s
+        self.broker = broker.check()
+        self.host, self.port, self.keepalive_s = broker.host, broker.port, broker.keepalive_s
+        topic = topic or fleet_subscription("frames", broker.topic_root)
         self.subscription = f"$share/{shared_group}/{topic}" if shared_group else topic
         self.connected = threading.Event()
         self.stopped = threading.Event()
         self.failed = threading.Event()          # a frame could not be stored: stop, it stays unacknowledged
         self.failure: str | None = None
-        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5,
-                                  manual_ack=True)
+        self.client = broker.new_client("central-ingest", default_id="central-ingest", manual_ack=True)
         self.client.reconnect_delay_set(0.5, 30)
-        if tls_ca or tls_cert:
-            self.client.tls_set(ca_certs=str(tls_ca) if tls_ca else None, certfile=str(tls_cert) if tls_cert else None,
-                                keyfile=str(tls_key) if tls_key else None, cert_reqs=ssl.CERT_REQUIRED)
-            self.client.tls_insecure_set(tls_insecure)
-        if username or password:
-            self.client.username_pw_set(username, password)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
@@ -190,18 +163,11 @@ def add_ingest_parser(sub: argparse._SubParsersAction) -> None:
                    help="storage quota in bytes, kept in the store (default: the store's setting, none at first; "
                         "0 removes it)")
     p.add_argument("--warn-fraction", type=float, default=None, help="warn above this share of the quota (0.9)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=1883)
-    p.add_argument("--topic", default=DEFAULT_TOPIC, help=f"default {DEFAULT_TOPIC}")
+    p.add_argument("--topic", default=None,
+                   help=f"subscription (default {fleet_subscription('frames')}, under --topic-root)")
     p.add_argument("--shared-group", default=None,
                    help="subscribe as $share/<group>/<topic>, to spread the load over several ingest processes")
-    p.add_argument("--client-id", default="central-ingest", help="fixed, so the broker keeps the session")
-    p.add_argument("--username", default=None)
-    p.add_argument("--password-file", type=Path, default=None, help="file whose first line is the password")
-    p.add_argument("--tls-ca", type=Path, default=None)
-    p.add_argument("--tls-cert", type=Path, default=None)
-    p.add_argument("--tls-key", type=Path, default=None)
-    p.add_argument("--tls-insecure", action="store_true", help="do not check the broker's host name")
+    add_broker_args(p, client_id_help="fixed, so the broker keeps the session (default central-ingest)")
 
 
 def read_secret(path: Path | None, option: str = "--password-file") -> str | None:
@@ -215,21 +181,17 @@ def read_secret(path: Path | None, option: str = "--password-file") -> str | Non
 
 
 def cmd_ingest(args) -> int:
-    for name in ("tls_ca", "tls_cert", "tls_key"):
-        path = getattr(args, name)
-        if path is not None and not path.is_file():
-            raise SystemExit(f"--{name.replace('_', '-')}: {path}: no such file")
+    try:
+        broker = settings_from_args(args).check()
+    except BrokerSettingsError as exc:
+        raise SystemExit(str(exc)) from None
     store = FrameStore(args.store, max_bytes=args.max_bytes, warn_fraction=args.warn_fraction)
-    service = IngestService(store, host=args.host, port=args.port, topic=args.topic, shared_group=args.shared_group,
-                            client_id=args.client_id, username=args.username,
-                            password=read_secret(args.password_file),
-                            tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
-                            tls_insecure=args.tls_insecure)
+    service = IngestService(store, broker, topic=args.topic, shared_group=args.shared_group)
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
     service.start()
-    print(f"ingest: storing frames from {args.host}:{args.port} ({service.subscription}) into {args.store}", flush=True)
+    print(f"ingest: storing frames from {broker.where()} ({service.subscription}) into {args.store}", flush=True)
     while not done.wait(0.5) and not service.failed.is_set():
         pass
     service.stop()

@@ -29,8 +29,9 @@ from pathlib import Path
 from statistics import NormalDist
 from typing import Any, Callable, Sequence
 
-from trainer.loop.rollout import (RolloutError, add_mqtt_args, make_event, manifest_sha256, mqtt_options_from_args,
-                                  publish_event_once, utc_now, write_gate, write_json_atomic)
+from contract.broker import settings_from_args
+from trainer.loop.rollout import (RolloutError, add_mqtt_args, make_event, manifest_sha256, publish_event_once,
+                                  utc_now, write_gate, write_json_atomic)
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +172,7 @@ class RetrainConfig:
     finetune_from_current: bool = False
     prefer_int8: bool = True                     # evaluate what a station runs (agent default)
     public_key: Path | None = None
-    mqtt: Any = None                             # MqttOptions: publish the gate event there
+    mqtt: Any = None                             # BrokerSettings: publish the gate event there
 
 
 @dataclass
@@ -279,7 +280,7 @@ def current_checkpoint(bundle, probe_inputs) -> Path:
     """
     import numpy as np
 
-    from agent.bundle import ROLE_FP32
+    from contract.bundle import ROLE_FP32
     from trainer.engine import load_checkpoint_model, predict_logits
     from trainer.evaluate import onnx_logits
 
@@ -385,7 +386,7 @@ def resolve_train_config(cfg_train, current, *, weights: str | None):
 
 def retrain(cfg: RetrainConfig) -> RetrainResult:
     """Train, export, evaluate both, decide, record; see the module docstring."""
-    from agent.bundle import BundleError, load_bundle, load_public_key
+    from contract.bundle import BundleError, load_bundle, load_public_key
     from trainer.config import TrainConfig
     from trainer.engine import Trainer, eval_inputs
     from trainer.export.bundle import ExportConfig, export_bundle
@@ -713,7 +714,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         reviewed_holdout_fraction=args.reviewed_holdout_fraction, overall_tolerance_points=args.overall_tolerance,
         overall_confidence=args.overall_confidence,
         finetune_from_current=args.finetune_from_current, prefer_int8=args.prefer_int8, public_key=args.public_key,
-        mqtt=mqtt_options_from_args(args))
+        mqtt=settings_from_args(args))
     result = retrain(cfg)
     print(render_markdown(result.report))
     print(f"bundle {result.bundle_dir} ({result.decision.decision}); report {result.report_json} and {result.report_md}")

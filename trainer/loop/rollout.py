@@ -3,7 +3,7 @@
 The steps, each a plain function the CLI and the tests call:
 
 - ``publish_bundle``: copy a bundle into a served tree ``<root>/<name>/<version>/`` after the
-  agent's own verification (``agent.bundle.load_bundle``) and the gate record written by
+  agent's own verification (``contract.bundle.load_bundle``) and the gate record written by
   ``python -m trainer retrain`` (``gate.json``): a rejected version is refused, always.
 - ``BundleServer``: that tree over HTTP (standard library), which is what ``cmd/model`` URLs name.
 - ``run_rollout``: ``cmd/model`` to a canary, wait for its retained status to report the new
@@ -37,12 +37,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 from urllib.parse import unquote, urljoin, urlparse
 
-from agent.secrets import SecretFileError, first_line
+from contract.broker import (BrokerError, BrokerSettings, BrokerSettingsError, add_broker_args, connect,
+                             settings_from_args)
+from contract.messages import CENTRAL_SITE, ROLLOUT_SCHEMA as EVENT_SCHEMA, checker, rollout_topic, station_topic
 
 log = logging.getLogger(__name__)
 
-EVENT_SCHEMA = "rollout-event.v1"
-CENTRAL_SITE = "_central"
 GATE_FILE = "gate.json"
 GATE_LOG = "gate-log.jsonl"
 INDEX_FILE = "index.json"
@@ -72,19 +72,9 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 # ---------------------------------------------------------------- events
 
-@functools.lru_cache(maxsize=None)
-def event_schema() -> dict[str, Any]:
-    return json.loads((Path(__file__).parent / "schemas" / f"{EVENT_SCHEMA}.json").read_text())
-
-
 def validate_event(event: dict[str, Any]) -> None:
     """Raise RolloutError naming the field when ``event`` breaks ``rollout-event.v1``."""
-    import jsonschema
-
-    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(event_schema()).iter_errors(event))
-    if error is not None:
-        where = "/".join(str(p) for p in error.absolute_path) or "(event)"
-        raise RolloutError(f"{EVENT_SCHEMA}: field {where}: {error.message}")
+    checker(EVENT_SCHEMA, "jsonschema").check(EVENT_SCHEMA, event, RolloutError)
 
 
 def make_event(action: str, model: dict[str, str], *, ok: bool, reason: str | None = None,
@@ -98,104 +88,18 @@ def make_event(action: str, model: dict[str, str], *, ok: bool, reason: str | No
 
 # ---------------------------------------------------------------- MQTT connection
 
-@dataclass(frozen=True)
-class MqttOptions:
-    """How the central tools reach the broker (the same flags for retrain, publish, rollout, rollback)."""
-
-    host: str
-    port: int = 1883
-    username: str | None = None
-    password_file: Path | None = None
-    tls_ca: Path | None = None
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    tls_insecure: bool = False
-    topic_root: str = "inventory"
-    client_id: str | None = None
-    keepalive_s: int = 30
-    connect_timeout_s: float = 15.0
-
-    @property
-    def event_topic(self) -> str:
-        return f"{self.topic_root}/{CENTRAL_SITE}/rollout"
-
-    def station_topic(self, station: str, leaf: str) -> str:
-        return f"{self.topic_root}/{station}/{leaf}"
-
-    def password(self) -> str | None:
-        if self.password_file is None:
-            return None
-        try:
-            return first_line(self.password_file)
-        except SecretFileError as exc:
-            raise RolloutError(f"--password-file: {exc}") from None
-
-
 def add_mqtt_args(p: argparse.ArgumentParser, *, required: bool) -> None:
-    g = p.add_argument_group("broker" + ("" if required else " (events are published when --host is given)"))
-    g.add_argument("--host", required=required, default=None, help="MQTT broker host")
-    g.add_argument("--port", type=int, default=1883)
-    g.add_argument("--username", default=None)
-    g.add_argument("--password-file", type=Path, default=None, help="first line: the MQTT password")
-    g.add_argument("--tls-ca", type=Path, default=None, help="CA file; enables TLS")
-    g.add_argument("--tls-cert", type=Path, default=None)
-    g.add_argument("--tls-key", type=Path, default=None)
-    g.add_argument("--tls-insecure", action="store_true", help="do not check the broker's host name (lab only)")
-    g.add_argument("--topic-root", default="inventory")
-    g.add_argument("--client-id", default=None)
+    add_broker_args(p, required=required, default_host=None,
+                    title="broker" + ("" if required else " (events are published when --mqtt-host is given)"))
 
 
-def mqtt_options_from_args(args: argparse.Namespace) -> MqttOptions | None:
-    if not getattr(args, "host", None):
-        return None
-    return MqttOptions(host=args.host, port=args.port, username=args.username, password_file=args.password_file,
-                       tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
-                       tls_insecure=args.tls_insecure, topic_root=args.topic_root, client_id=args.client_id)
-
-
-def mqtt_connect(options: MqttOptions, purpose: str, *, on_connect: Callable[[Any], None] | None = None,
+def mqtt_connect(options: BrokerSettings, purpose: str, *, on_connect: Callable[[Any], None] | None = None,
                  on_message: Callable[[Any, Any], None] | None = None):
     """A connected paho (2.x, MQTT v5) client with its network loop running; RolloutError if refused."""
-    import paho.mqtt.client as paho
-
-    client_id = options.client_id or f"trainer-{purpose}-{uuid.uuid4().hex[:8]}"
-    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
-    password = options.password()
-    if options.username or password:
-        client.username_pw_set(options.username, password)
-    if options.tls_ca or options.tls_cert:
-        for path in (options.tls_ca, options.tls_cert, options.tls_key):
-            if path is not None and not path.is_file():
-                raise RolloutError(f"{path}: TLS file does not exist")
-        client.tls_set(ca_certs=str(options.tls_ca) if options.tls_ca else None,
-                       certfile=str(options.tls_cert) if options.tls_cert else None,
-                       keyfile=str(options.tls_key) if options.tls_key else None)
-        client.tls_insecure_set(options.tls_insecure)
-    answered = threading.Event()
-    outcome: dict[str, Any] = {}
-
-    def connected(c, _userdata, _flags, reason_code, _props) -> None:
-        outcome["rc"] = reason_code
-        if not reason_code.is_failure and on_connect is not None:
-            on_connect(c)          # (re)subscribe on every connect
-        answered.set()
-
-    client.on_connect = connected
-    if on_message is not None:
-        client.on_message = on_message
-    where = f"{options.host}:{options.port}"
     try:
-        client.connect(options.host, options.port, options.keepalive_s)
-    except (OSError, ssl.SSLError) as exc:
-        raise RolloutError(f"MQTT broker {where}: cannot connect ({exc})") from exc
-    client.loop_start()
-    if not answered.wait(options.connect_timeout_s):
-        client.loop_stop()
-        raise RolloutError(f"MQTT broker {where}: no CONNACK within {options.connect_timeout_s:.0f} s")
-    if outcome["rc"].is_failure:
-        client.loop_stop()
-        raise RolloutError(f"MQTT broker {where}: connection refused ({outcome['rc']})")
-    return client
+        return connect(options, f"trainer-{purpose}", on_connect=on_connect, on_message=on_message)
+    except (BrokerError, BrokerSettingsError) as exc:
+        raise RolloutError(str(exc)) from None
 
 
 def mqtt_publish(client, topic: str, payload: dict[str, Any], *, retain: bool = False, timeout_s: float = 15.0) -> None:
@@ -227,14 +131,14 @@ class EventSink:
         self.sent.append(event)
 
 
-def publish_event_once(options: MqttOptions | None, event: dict[str, Any]) -> None:
+def publish_event_once(options: BrokerSettings | None, event: dict[str, Any]) -> None:
     """One event on its own short connection (retrain's gate, publish); only logged without a broker."""
     if options is None:
         EventSink().emit(event)
         return
     client = mqtt_connect(options, "events")
     try:
-        EventSink(client, options.event_topic).emit(event)
+        EventSink(client, rollout_topic(options.topic_root)).emit(event)
     finally:
         client.disconnect()
         client.loop_stop()
@@ -323,7 +227,7 @@ def _check_publishable(bundle_dir: Path, sha: str, root: Path, name: str, baseli
 def publish_bundle(bundle_dir: str | Path, root: str | Path, *, baseline: bool = False,
                    public_key: Path | None = None) -> PublishResult:
     """Copy a verified, promoted bundle into ``root/<name>/<version>/``; nothing appears there half-copied."""
-    from agent.bundle import MANIFEST, SIGNATURE, BundleError, load_bundle, load_public_key
+    from contract.bundle import MANIFEST, SIGNATURE, BundleError, load_bundle, load_public_key
 
     bundle_dir, root = Path(bundle_dir), Path(root)
     try:
@@ -442,7 +346,7 @@ class RemoteBundle:
         return {"name": self.name, "version": self.version}
 
     def command(self) -> dict[str, Any]:
-        """The cmd/model payload (agent/schemas/mqtt/cmd-model.v1.json)."""
+        """The cmd/model payload (contract/schemas/mqtt/cmd-model.v1.json)."""
         return {"bundle": self.location, "sha256": self.sha256, "version": self.version}
 
 
@@ -533,7 +437,7 @@ class StationView:
 class StationLink:
     """One MQTT connection: every station's retained status, the chosen stations' stats, commands out."""
 
-    def __init__(self, options: MqttOptions, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, options: BrokerSettings, clock: Callable[[], float] = time.monotonic) -> None:
         self.options = options
         self.clock = clock
         self.views: dict[str, StationView] = {}
@@ -554,8 +458,8 @@ class StationLink:
             self.client.loop_stop()
 
     def _subscribe(self, client) -> None:
-        topics = [(self.options.station_topic("+/+", "status"), 1)]
-        topics += [(self.options.station_topic(s, "stats"), 0) for s in sorted(self._stats_for)]
+        topics = [(station_topic("+/+", "status", self.options.topic_root), 1)]
+        topics += [(station_topic(s, "stats", self.options.topic_root), 0) for s in sorted(self._stats_for)]
         def subscribed(*_a) -> None:
             self._subscribed_at = self.clock()
             self._subscribed.set()
@@ -567,7 +471,7 @@ class StationLink:
         new = set(stations) - self._stats_for
         self._stats_for |= new
         if new and self.client is not None:
-            self.client.subscribe([(self.options.station_topic(s, "stats"), 0) for s in sorted(new)])
+            self.client.subscribe([(station_topic(s, "stats", self.options.topic_root), 0) for s in sorted(new)])
 
     def _on_message(self, _client, _userdata, msg) -> None:
         parts = msg.topic.split("/")
@@ -595,7 +499,7 @@ class StationLink:
     def settle(self, quiet_s: float = 0.5, timeout_s: float = 10.0) -> None:
         """Wait for the subscription and the burst of retained statuses that follows it."""
         if not self._subscribed.wait(timeout_s):
-            raise RolloutError(f"MQTT broker {self.options.host}:{self.options.port}: no SUBACK within {timeout_s:.0f} s")
+            raise RolloutError(f"MQTT broker {self.options.where()}: no SUBACK within {timeout_s:.0f} s")
         deadline = self.clock() + timeout_s
         while self.clock() < deadline:
             with self._cond:
@@ -631,13 +535,9 @@ class StationLink:
 
     # -- commands
     def send_model(self, station: str, bundle: RemoteBundle) -> None:
-        import jsonschema
-
-        from agent.messages import mqtt_schema
-
         payload = bundle.command()
-        jsonschema.Draft202012Validator(mqtt_schema("cmd-model.v1")).validate(payload)
-        mqtt_publish(self.client, self.options.station_topic(station, "cmd/model"), payload)
+        checker("cmd-model.v1").check(f"cmd/model for {station}", payload, RolloutError)
+        mqtt_publish(self.client, station_topic(station, "cmd/model", self.options.topic_root), payload)
 
 
 # ---------------------------------------------------------------- the canary watch (pure)
@@ -1133,7 +1033,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
           f"({result.decision}) at {result.path}")
     print(f"bundle URL  {url}\nsha256      {result.sha256}  (of manifest.json)")
     if not result.already:
-        publish_event_once(mqtt_options_from_args(args), make_event(
+        publish_event_once(settings_from_args(args), make_event(
             "publish", {"name": result.name, "version": result.version}, ok=True,
             reason=f"published ({result.decision}) as {url}",
             figures={"manifest_sha256": result.sha256, "decision": result.decision}))
@@ -1153,11 +1053,11 @@ def cmd_serve_bundles(args: argparse.Namespace) -> int:
 
 
 def _connect_link(args) -> tuple[StationLink, EventSink]:
-    options = mqtt_options_from_args(args)
+    options = settings_from_args(args)
     assert options is not None
     link = StationLink(options).connect()
     link.settle()
-    return link, EventSink(link.client, options.event_topic)
+    return link, EventSink(link.client, rollout_topic(options.topic_root))
 
 
 def cmd_rollout(args: argparse.Namespace) -> int:

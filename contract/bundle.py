@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable
 
-from agent.preprocess import InputSpec
+from contract.preprocess import InputSpec
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ class BundleError(Exception):
 
 @lru_cache(maxsize=None)
 def manifest_schema() -> dict[str, Any]:
-    text = resources.files("agent").joinpath("schemas/bundle/manifest.v1.json").read_text()
+    text = resources.files("contract").joinpath("schemas/bundle/manifest.v1.json").read_text()
     return json.loads(text)
 
 

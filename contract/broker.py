@@ -1,0 +1,213 @@
+"""How every part reaches the MQTT broker: one settings type, one set of flags, one connect.
+
+The station (agent config ``mqtt:``), ingest, the rollout commands and the dashboard all describe
+the broker with ``BrokerSettings``. Command-line tools take the same flags from ``add_broker_args``
+(``--mqtt-host``, ``--mqtt-port``, ``--transport``, ``--username``, ``--password-file`` ...) and
+build their paho client with ``BrokerSettings.new_client``: TLS, websockets and credentials are
+set up in one place. ``connect`` is the blocking variant for short-lived tools (publish, rollout):
+it returns a connected client with its network loop running, or raises ``BrokerError`` naming the
+broker and the reason.
+
+``BrokerSettings.check`` is the strictest of the checks the parts used to make on their own: every
+file exists and can be read, a client certificate comes with its key, the password can be read,
+and each error names the flag (or config key) and the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import ssl
+import threading
+import uuid
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from contract.messages import TOPIC_ROOT
+from contract.secrets import SecretFileError, first_line
+
+TRANSPORTS = ("tcp", "websockets")
+
+
+class BrokerSettingsError(ValueError):
+    """Broker settings that cannot work (a missing file, an unset password variable); names the flag."""
+
+
+class BrokerError(RuntimeError):
+    """The broker could not be reached or refused the connection; names the broker and why."""
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    """Where the broker is and how to authenticate; ``flags`` maps field names to what the user typed."""
+
+    host: str = "127.0.0.1"
+    port: int = 1883
+    transport: str = "tcp"
+    ws_path: str = "/mqtt"
+    username: str | None = None
+    password_file: Path | None = None
+    password_env: str | None = None
+    tls: bool = False                  # TLS with the system's CA certificates (implied by tls_ca / tls_cert)
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_insecure: bool = False
+    topic_root: str = TOPIC_ROOT
+    client_id: str | None = None
+    keepalive_s: int = 30
+    connect_timeout_s: float = 15.0
+    flags: tuple[tuple[str, str], ...] = ()   # (field, name to show in errors); default: the command-line flag
+
+    def _name(self, field: str) -> str:
+        return dict(self.flags).get(field, "--" + field.replace("_", "-"))
+
+    @property
+    def use_tls(self) -> bool:
+        return self.tls or self.tls_ca is not None or self.tls_cert is not None
+
+    def check(self) -> "BrokerSettings":
+        """Raise BrokerSettingsError naming the flag when a connection with these settings cannot work."""
+        if self.transport not in TRANSPORTS:
+            raise BrokerSettingsError(f"{self._name('transport')}: {self.transport!r} is not tcp or websockets")
+        if not 1 <= int(self.port) <= 65535:
+            raise BrokerSettingsError(f"{self._name('port')}: {self.port} is not a port number (1-65535)")
+        for field in ("password_file", "tls_ca", "tls_cert", "tls_key"):
+            path = getattr(self, field)
+            if path is not None and not (Path(path).is_file() and os.access(path, os.R_OK)):
+                raise BrokerSettingsError(f"{self._name(field)}: {path}: no such file, or it cannot be read")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise BrokerSettingsError(f"{self._name('tls_cert')} and {self._name('tls_key')} go together "
+                                      "(client certificate and its key)")
+        if self.password_file is not None and self.password_env is not None:
+            raise BrokerSettingsError(f"{self._name('password_file')} and {self._name('password_env')}: "
+                                      "give one password source, not both")
+        self.password()
+        return self
+
+    def password(self) -> str | None:
+        """The password from its file (first line) or environment variable; None without either."""
+        if self.password_file is not None:
+            try:
+                return first_line(self.password_file)
+            except SecretFileError as exc:
+                raise BrokerSettingsError(f"{self._name('password_file')}: {exc}") from None
+        if self.password_env is not None:
+            value = os.environ.get(self.password_env)
+            if not value:
+                raise BrokerSettingsError(f"{self._name('password_env')}: environment variable {self.password_env} "
+                                          "is not set")
+            return value
+        return None
+
+    def where(self) -> str:
+        scheme = {("tcp", False): "mqtt", ("tcp", True): "mqtts", ("websockets", False): "ws",
+                  ("websockets", True): "wss"}[(self.transport, self.use_tls)]
+        return f"{scheme}://{self.host}:{self.port}"
+
+    def configure(self, client: Any) -> Any:
+        """Set up TLS, websockets and credentials on a paho client (any protocol version); returns it."""
+        if self.transport == "websockets":
+            client.ws_set_options(path=self.ws_path)
+        if self.use_tls:
+            client.tls_set(ca_certs=str(self.tls_ca) if self.tls_ca else None,
+                           certfile=str(self.tls_cert) if self.tls_cert else None,
+                           keyfile=str(self.tls_key) if self.tls_key else None, cert_reqs=ssl.CERT_REQUIRED)
+            client.tls_insecure_set(self.tls_insecure)
+        password = self.password()
+        if self.username or password:
+            client.username_pw_set(self.username, password)
+        return client
+
+    def new_client(self, purpose: str, *, default_id: str | None = None, factory: Callable[..., Any] | None = None,
+                   **paho_kwargs: Any) -> Any:
+        """A configured paho 2.x MQTT v5 client (not connected); the client id is the settings', else
+        ``default_id``, else ``<purpose>-<random>``."""
+        import paho.mqtt.client as paho
+
+        make = factory or paho.Client
+        paho_kwargs.setdefault("protocol", paho.MQTTv5)
+        client = make(paho.CallbackAPIVersion.VERSION2, client_id=self.client_id or default_id or f"{purpose}-{uuid.uuid4().hex[:8]}",
+                      transport=self.transport, **paho_kwargs)
+        return self.configure(client)
+
+    def with_(self, **changes: Any) -> "BrokerSettings":
+        return replace(self, **changes)
+
+
+def add_broker_args(parser: argparse.ArgumentParser, *, required: bool = False, default_host: str | None = "127.0.0.1",
+                    title: str = "MQTT broker", client_id_help: str = "MQTT client id") -> None:
+    """The broker flags every command-line tool takes (read back with ``settings_from_args``)."""
+    g = parser.add_argument_group(title)
+    g.add_argument("--mqtt-host", required=required, default=None if required else default_host,
+                   help="broker host" + (f" (default {default_host})" if default_host and not required else ""))
+    g.add_argument("--mqtt-port", type=int, default=1883,
+                   help="1883 plain, 8883 TLS, 8884 secure websockets on the central broker (default 1883)")
+    g.add_argument("--transport", choices=TRANSPORTS, default="tcp",
+                   help="MQTT over TCP or over websockets (the central broker's 8884 listener)")
+    g.add_argument("--ws-path", default="/mqtt", help="websocket path (default /mqtt)")
+    g.add_argument("--username", default=None, help="MQTT user")
+    g.add_argument("--password-file", type=Path, default=None, help="file whose first line is the password")
+    g.add_argument("--password-env", default=None, help="environment variable holding the password")
+    g.add_argument("--tls", action="store_true", help="TLS with the system's CA certificates (implied by --tls-ca)")
+    g.add_argument("--tls-ca", type=Path, default=None, help="CA certificate of the broker; enables TLS")
+    g.add_argument("--tls-cert", type=Path, default=None, help="client certificate (mutual TLS)")
+    g.add_argument("--tls-key", type=Path, default=None, help="client private key (mutual TLS)")
+    g.add_argument("--tls-insecure", action=argparse.BooleanOptionalAction, default=False,
+                   help="do not check the broker's host name (lab use only)")
+    g.add_argument("--topic-root", default=TOPIC_ROOT, help=f"first topic level(s) (default {TOPIC_ROOT})")
+    g.add_argument("--client-id", default=None, help=client_id_help)
+
+
+_FLAG_FIELDS = {"mqtt_host": "host", "mqtt_port": "port", "transport": "transport", "ws_path": "ws_path",
+                "username": "username", "password_file": "password_file", "password_env": "password_env",
+                "tls": "tls", "tls_ca": "tls_ca", "tls_cert": "tls_cert", "tls_key": "tls_key",
+                "tls_insecure": "tls_insecure", "topic_root": "topic_root", "client_id": "client_id"}
+
+
+def settings_from_args(args: argparse.Namespace, **overrides: Any) -> BrokerSettings | None:
+    """The settings ``add_broker_args`` parsed; None when no host was given (the broker is optional there)."""
+    if getattr(args, "mqtt_host", None) is None:
+        return None
+    values = {field: getattr(args, dest) for dest, field in _FLAG_FIELDS.items() if hasattr(args, dest)}
+    values.update(overrides)
+    values["flags"] = (("host", "--mqtt-host"), ("port", "--mqtt-port"))
+    return BrokerSettings(**values)
+
+
+def connect(settings: BrokerSettings, purpose: str, *, on_connect: Callable[[Any], None] | None = None,
+            on_message: Callable[[Any, Any], None] | None = None, factory: Callable[..., Any] | None = None) -> Any:
+    """A connected paho client (MQTT v5) with its network loop running; BrokerError when refused or unreachable.
+
+    ``on_connect(client)`` runs on every (re)connect, so subscriptions come back after a broker restart.
+    """
+    try:
+        client = settings.check().new_client(purpose, factory=factory)
+    except (OSError, ssl.SSLError) as exc:
+        raise BrokerError(f"MQTT broker {settings.where()}: cannot set up the connection ({exc})") from exc
+    answered = threading.Event()
+    outcome: dict[str, Any] = {}
+
+    def connected(c: Any, _userdata: Any, _flags: Any, reason_code: Any, _props: Any) -> None:
+        outcome["rc"] = reason_code
+        if not reason_code.is_failure and on_connect is not None:
+            on_connect(c)
+        answered.set()
+
+    client.on_connect = connected
+    if on_message is not None:
+        client.on_message = on_message
+    where = settings.where()
+    try:
+        client.connect(settings.host, settings.port, settings.keepalive_s)
+    except (OSError, ssl.SSLError) as exc:
+        raise BrokerError(f"MQTT broker {where}: cannot connect ({exc})") from exc
+    client.loop_start()
+    if not answered.wait(settings.connect_timeout_s):
+        client.loop_stop()
+        raise BrokerError(f"MQTT broker {where}: no CONNACK within {settings.connect_timeout_s:.0f} s")
+    if outcome["rc"].is_failure:
+        client.loop_stop()
+        raise BrokerError(f"MQTT broker {where}: connection refused ({outcome['rc']})")
+    return client
