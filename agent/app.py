@@ -19,19 +19,26 @@ from typing import Any, Callable, Mapping
 from pydantic import ValidationError
 
 from agent.backends import BackendError, create_backend
-from contract.bundle import Bundle, BundleError, load_bundle, load_public_key
-from agent.config import (AgentConfig, CameraConfig, CaptureEmptyCommand, ConfigError, Thresholds,
-                          ThresholdsCommand, format_errors)
+from agent.config import (
+    AgentConfig,
+    CameraConfig,
+    CaptureEmptyCommand,
+    ConfigError,
+    Thresholds,
+    ThresholdsCommand,
+    format_errors,
+)
 from agent.health import Metrics, PrometheusServer
 from agent.mqtt import MqttPublisher
 from agent.outbox import Outbox
 from agent.pipeline import InferenceStage, ModelHolder, ModelRuntime
 from agent.prepare import camera_preparer, load_empty_scene
-from contract.preprocess import Preprocessor
 from agent.sources.base import FrameSource
 from agent.sources.camera import CameraWorker, FrameHub, Watchdog
 from agent.state import STATE_FILE, StationState
 from agent.update import ModelCommand, verify_command_bundle
+from contract.bundle import Bundle, BundleError, load_bundle, load_public_key
+from contract.preprocess import Preprocessor
 
 log = logging.getLogger(__name__)
 

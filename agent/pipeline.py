@@ -25,19 +25,32 @@ import cv2
 import numpy as np
 
 from agent.backends import Backend
-from contract.bundle import Bundle
 from agent.config import AgentConfig, CameraConfig, Thresholds, merge_thresholds
-from agent.decide import (Classification, ItemDecision, ItemTracker, LaneMap, LowConfidencePolicy, Observation,
-                          PolicyThresholds, QcAlerter, UploadGate, classify_batch, dhash, item_present, softmax)
+from agent.decide import (
+    Classification,
+    ItemDecision,
+    ItemTracker,
+    LaneMap,
+    LowConfidencePolicy,
+    Observation,
+    PolicyThresholds,
+    QcAlerter,
+    UploadGate,
+    classify_batch,
+    dhash,
+    item_present,
+    softmax,
+)
 from agent.empty_scene import EmptySceneCapture
 from agent.health import Metrics
-from agent.outbox import Message, Outbox
 from agent.localize import cut
+from agent.outbox import Message, Outbox
 from agent.prepare import camera_preparer, fed_box, load_empty_scene, model_input_image
-from contract.preprocess import Preprocessor
 from agent.priority import lower_this_thread
 from agent.sources.base import Frame
 from agent.sources.camera import FrameHub
+from contract.bundle import Bundle
+from contract.preprocess import Preprocessor
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ import numpy as np
 
 from agent.config import AgentConfig, CameraConfig, ConfigError, PresenceConfig
 from agent.localize import Box, Localizer, LocalizerSettings, crop_box, cut, model_view
-from contract.preprocess import CropPolicy, ImageDecodeError, read_image
 from agent.sources.base import Frame, Prepared
+from contract.preprocess import CropPolicy, ImageDecodeError, read_image
 
 if TYPE_CHECKING:
     from agent.pipeline import ModelHolder

@@ -32,10 +32,17 @@ import urllib.request
 from pathlib import Path
 from typing import Callable
 
-from contract.bundle import Bundle, BundleError, load_bundle, load_public_key
 from agent.config import AgentConfig, ConfigError, load_config
-from agent.engine_cache import (Builder, DeviceInfo, EngineCacheError, EngineResult, ensure_engine, probe_device,
-                                prune)
+from agent.engine_cache import (
+    Builder,
+    DeviceInfo,
+    EngineCacheError,
+    EngineResult,
+    ensure_engine,
+    probe_device,
+    prune,
+)
+from contract.bundle import Bundle, BundleError, load_bundle, load_public_key
 
 log = logging.getLogger(__name__)
 

@@ -84,7 +84,7 @@ def rank_for_labelling(classifications: Sequence[Classification], *, balanced: b
 
     ``balanced``: within each group the predicted classes take turns, each giving its least certain frame
     not yet taken (turn 1: every class's least certain frame, by ascending margin; then turn 2, ...).
-    The review queue's ``least-certain-by-class`` order (trainer/loop/store.py) is the same rule.
+    The review queue's ``least-certain-by-class`` order (central/review/store.py) is the same rule.
     Ties (equal margin) keep pool order, so the ranking is deterministic.
     """
     def key(i: int) -> tuple:
@@ -434,9 +434,14 @@ def score_pool(bundle_dir: Path, frames: Sequence[np.ndarray], *, threads: int =
     policy with the bundle's suggested thresholds.
     """
     from agent.backends import create_backend
-    from contract.bundle import load_bundle
     from agent.config import ModelConfig
-    from agent.decide import LowConfidencePolicy, PolicyThresholds, classify_batch, softmax
+    from agent.decide import (
+        LowConfidencePolicy,
+        PolicyThresholds,
+        classify_batch,
+        softmax,
+    )
+    from contract.bundle import load_bundle
     from contract.preprocess import Preprocessor
 
     bundle = load_bundle(bundle_dir)

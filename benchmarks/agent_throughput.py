@@ -34,10 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agent.app import Agent  # noqa: E402
 from agent.backends import create_backend  # noqa: E402
-from contract.bundle import find_bundles, load_bundle  # noqa: E402
 from agent.backends.onnxruntime import thread_candidates  # noqa: E402
 from agent.config import AgentConfig, ModelConfig, available_cpus  # noqa: E402
 from agent.demo import fashion_mnist_test, local_mosquitto, write_video  # noqa: E402
+from contract.bundle import find_bundles, load_bundle  # noqa: E402
 from contract.preprocess import Preprocessor  # noqa: E402
 
 

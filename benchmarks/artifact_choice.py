@@ -23,8 +23,8 @@ sys.path.insert(0, str(ROOT))
 from agent.backends import create_backend  # noqa: E402
 from agent.backends.artifact_choice import measure_ms, sample_batch  # noqa: E402
 from agent.backends.onnxruntime import OnnxRuntimeBackend  # noqa: E402
-from contract.bundle import ROLE_FP32, ROLE_INT8, load_bundle  # noqa: E402
 from agent.config import ModelConfig, available_cpus  # noqa: E402
+from contract.bundle import ROLE_FP32, ROLE_INT8, load_bundle  # noqa: E402
 
 
 def cpu_flags() -> list[str]:

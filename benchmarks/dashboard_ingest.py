@@ -9,7 +9,7 @@ bodies, new ids), in the recorded mix, ``--messages`` in all.
    - ``json.loads`` of every payload (the floor: nothing can be cheaper than parsing),
    - ``WarehouseState.ingest`` with the jsonschema engine (the reference implementation),
    - ``WarehouseState.ingest`` with the fastjsonschema engine (the dashboard's default).
-2. Over the broker: ``python -m dashboard`` (its own process) and a bare paho subscriber
+2. Over the broker: ``python -m central dashboard`` (its own process) and a bare paho subscriber
    that only counts (the baseline) both subscribe; a publisher process sends every message
    with QoS 1 as fast as the broker takes them. Rates are messages over the time from the
    first publish to the last message counted by each.
@@ -39,8 +39,14 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from agent.demo import Subscriber, fashion_mnist_test, free_port, local_mosquitto, write_video  # noqa: E402
-from dashboard.state import WarehouseState  # noqa: E402
+from agent.demo import (  # noqa: E402
+    Subscriber,
+    fashion_mnist_test,
+    free_port,
+    local_mosquitto,
+    write_video,
+)
+from central.dashboard.state import WarehouseState  # noqa: E402
 
 KINDS = ("status", "result", "decision", "alert", "stats")
 
@@ -155,7 +161,7 @@ def over_broker(messages: list[tuple[str, bytes]], workdir: Path) -> dict[str, A
     with unbounded_mosquitto(workdir) as port:
         http_port = free_port()
         log = open(workdir / "dashboard.log", "w")
-        dash = subprocess.Popen([sys.executable, "-m", "dashboard", "--mqtt-port", str(port), "--port", str(http_port),
+        dash = subprocess.Popen([sys.executable, "-m", "central", "dashboard", "--mqtt-port", str(port), "--port", str(http_port),
                                  "--log-level", "WARNING"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         try:
             url = f"http://127.0.0.1:{http_port}/healthz"       # the counters, without the whole state
@@ -195,7 +201,7 @@ def over_broker(messages: list[tuple[str, bytes]], workdir: Path) -> dict[str, A
             log.close()
     if bare_done is None or dash_done is None:
         raise RuntimeError(f"not everything arrived in time: bare {len(bare.messages)}, dashboard {final}")
-    return {"bare paho subscriber": n / (bare_done - started.value), "python -m dashboard": n / (dash_done - started.value),
+    return {"bare paho subscriber": n / (bare_done - started.value), "python -m central dashboard": n / (dash_done - started.value),
             "dashboard counters": final}
 
 
@@ -225,8 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         b = figures["over_broker_msgs_per_s"]
         print("\nover the broker (QoS 1, one publisher):")
         print(f"  bare paho subscriber         {b['bare paho subscriber']:10.0f} msg/s")
-        print(f"  python -m dashboard          {b['python -m dashboard']:10.0f} msg/s   "
-              f"{b['python -m dashboard'] / b['bare paho subscriber']:6.3f} x bare")
+        print(f"  python -m central dashboard          {b['python -m central dashboard']:10.0f} msg/s   "
+              f"{b['python -m central dashboard'] / b['bare paho subscriber']:6.3f} x bare")
         print(f"  dashboard counters: {b['dashboard counters']}")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))

@@ -25,8 +25,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from contract.bundle import Bundle, artifact_entry, load_bundle  # noqa: E402
 from agent.engine_cache import EngineCacheError, ensure_engine, probe_device  # noqa: E402
+from contract.bundle import Bundle, artifact_entry, load_bundle  # noqa: E402
 
 log = logging.getLogger("engine_cache_check")
 

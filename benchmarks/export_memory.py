@@ -51,7 +51,12 @@ def build_checkpoint(work: Path, size: int, train_images: int) -> Path:
 
 def legacy_quantize_qdq(fp32_path, out_path, calibration, cfg, input_name="input") -> dict:
     """The old path: quantize_static fed every batch (32 images) through one reader, ORT keeping all outputs."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     size = max(b for b in range(1, min(32, len(calibration)) + 1) if len(calibration) % b == 0)

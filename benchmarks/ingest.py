@@ -10,7 +10,7 @@ agent's own encoder (quality 90, as the agent's default), in the agent's own wir
 2. Over a local mosquitto (max_inflight_messages 64 and max_queued_messages 10000, as the shipped
    central broker): a publisher process sends ``--frames`` frames with QoS 1 as fast as the
    broker takes them, received once by a bare paho subscriber that only counts (the baseline),
-   once by ``python -m trainer ingest`` (its own process, acknowledging each frame only after
+   once by ``python -m central ingest`` (its own process, acknowledging each frame only after
    its row committed). Rates are frames over the time from the first publish to the last frame
    counted (subscriber) or committed (ingest, polled in the store's index).
 
@@ -85,7 +85,7 @@ def make_records(n: int, size: int) -> list[Record]:
 # ---------------------------------------------------------------- 1. in process
 
 def bench_store(records: list[Record], workdir: Path) -> dict[str, Any]:
-    from trainer.loop.store import FrameStore
+    from central.review.store import FrameStore
 
     floor_dir = workdir / "floor"
     floor_dir.mkdir()
@@ -193,7 +193,7 @@ def bench_bare_subscriber(port: int, messages) -> dict[str, Any]:
 def bench_ingest(port: int, messages, workdir: Path) -> dict[str, Any]:
     store = workdir / "ingest-store"
     log = workdir / "ingest.log"
-    ingest = subprocess.Popen([sys.executable, "-m", "trainer", "ingest", "--store", str(store), "--mqtt-host", "127.0.0.1",
+    ingest = subprocess.Popen([sys.executable, "-m", "central", "ingest", "--store", str(store), "--mqtt-host", "127.0.0.1",
                                "--mqtt-port", str(port), "--client-id", "bench-ingest"], cwd=REPO,
                               stdout=open(log, "w"), stderr=subprocess.STDOUT)
     try:
@@ -248,7 +248,7 @@ def main() -> int:
             figures["broker"] = {"bare_subscriber_per_s": bare["per_s"], "ingest_per_s": ing["per_s"],
                                  "ingest_vs_bare": ing["per_s"] / bare["per_s"], "frames": args.frames}
             print(f"over mosquitto, {args.frames} frames QoS 1: bare subscriber {bare['per_s']:.0f} frames/s; "
-                  f"python -m trainer ingest {ing['per_s']:.0f} frames/s stored "
+                  f"python -m central ingest {ing['per_s']:.0f} frames/s stored "
                   f"({ing['per_s'] / bare['per_s']:.2f}x the bare subscriber)")
         if args.json:
             args.json.write_text(json.dumps(figures, indent=2))

@@ -36,7 +36,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.active_learning import (  # noqa: E402
-    LOW_CONFIDENCE, RANDOM, BenchConfig, LabelState, RoundResult, draw_split, rank_for_labelling, summarize)
+    LOW_CONFIDENCE,
+    RANDOM,
+    BenchConfig,
+    LabelState,
+    RoundResult,
+    draw_split,
+    rank_for_labelling,
+    summarize,
+)
 from trainer.config import TrainConfig  # noqa: E402
 from trainer.engine import make_schedule  # noqa: E402
 

@@ -37,12 +37,18 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from contract.bundle import load_bundle  # noqa: E402
 from agent.config import PresenceConfig  # noqa: E402
 from agent.localize import Localizer, LocalizerSettings, crop_box, cut  # noqa: E402
+from agent.sim.scenes import (  # noqa: E402
+    EFFECTS,
+    SCENES,
+    Renderer,
+    encode_jpeg,
+    load_test_split,
+    plan_scene,
+)
+from contract.bundle import load_bundle  # noqa: E402
 from contract.preprocess import Preprocessor, decode_image  # noqa: E402
-from agent.sim.scenes import (EFFECTS, SCENES, Renderer, encode_jpeg, load_test_split,  # noqa: E402
-                              plan_scene)
 
 VARIANTS = ("shadow", "light", "blur", "noise", "colour", "rotation", "jpeg", "all")
 

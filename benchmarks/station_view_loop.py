@@ -1,12 +1,12 @@
 """The retraining loop on station views: scene A teaches, scene B (other items) measures before/after.
 
 1. The agent runs on scene A with its bundle and low-confidence uploads on (``frames.enabled``, no rate
-   limit); the real ``python -m trainer ingest`` stores what it uploads.
-2. Stored frames are labelled through the real review server (``python -m trainer review``,
+   limit); the real ``python -m central ingest`` stores what it uploads.
+2. Stored frames are labelled through the real review server (``python -m central review``,
    ``POST /api/frames/<id>/review``) from scene A's truth.json, in the review queue's least-certain-by-class
    order until ``--label-budget`` frames are labelled (default 300): the one item in view, or skipped where
    none, two, or only a sliver of one is in view (what a reviewer could not label either).
-3. ``python -m trainer labels export`` and ``python -m trainer retrain`` (fine-tuned from the current
+3. ``python -m central labels export`` and ``python -m trainer retrain`` (fine-tuned from the current
    checkpoint, gated) make the next bundle.
 4. The agent runs on scene B with the old and then the new bundle; both are scored like any scene.
 
@@ -176,7 +176,7 @@ def run_loop(args, scenes_root: Path) -> dict[str, Any]:
         finally:
             for service in services[:2]:
                 service.stop()
-        export = subprocess.run([sys.executable, "-m", "trainer", "labels", "export", "--store", str(work / "frames"),
+        export = subprocess.run([sys.executable, "-m", "central", "labels", "export", "--store", str(work / "frames"),
                                  "--out", str(work / "reviewed")], cwd=REPO, capture_output=True, text=True)
         if export.returncode != 0:
             raise RuntimeError(f"trainer labels export failed:\n{export.stderr[-3000:]}")
@@ -192,7 +192,7 @@ def run_loop(args, scenes_root: Path) -> dict[str, Any]:
 
 
 def start_services(work: Path, port: int, bundle: Path) -> tuple[Service, Service, Review]:
-    """``trainer ingest`` on the broker and ``trainer review`` on a free port, both ready."""
+    """``central ingest`` on the broker and ``central review`` on a free port, both ready."""
     from benchmarks.station_view import free_port
 
     store = work / "frames"

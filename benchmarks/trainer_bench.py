@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from contract.bundle import load_bundle  # noqa: E402
 from trainer import data as data_mod  # noqa: E402
 from trainer.augment import AugmentConfig, BatchAugment, eval_spec  # noqa: E402
+from trainer.config import TrainConfig  # noqa: E402
 from trainer.engine import TrainBatches, eval_inputs, load_checkpoint_model  # noqa: E402
 from trainer.evaluate import compute_metrics  # noqa: E402
-from trainer.config import TrainConfig  # noqa: E402
 from trainer.model import build_model  # noqa: E402
 
 

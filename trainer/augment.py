@@ -25,7 +25,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from contract.preprocess import INTERPOLATIONS, CropPolicy, InputSpec, Preprocessor, read_image, resized_size
+from contract.preprocess import (
+    INTERPOLATIONS,
+    CropPolicy,
+    InputSpec,
+    Preprocessor,
+    read_image,
+    resized_size,
+)
 from trainer.station_view import MASK_SUFFIX, StationView, StationViewConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

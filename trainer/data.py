@@ -23,23 +23,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from contract.dataset import (
+    FASHION_MNIST_CLASSES,
+    FASHION_MNIST_DIR,
+    LABELS_FILE,
+    folder_name,
+)
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
-LABELS_FILE = "labels.json"
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-FASHION_MNIST_CLASSES = (
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-)
 
 
 class DatasetError(ValueError):
@@ -289,10 +282,6 @@ def _read_idx(path: Path) -> "tuple[tuple[int, ...], bytes]":
     if len(body) != expected:
         raise DatasetError(f"{path}: header says {dims} ({expected} bytes) but the body has {len(body)} bytes")
     return dims, body
-
-
-def folder_name(label: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._ -]+", "_", label).strip() or "class"
 
 
 def import_fashion_mnist(out_dir: str | Path, source: str | Path = FASHION_MNIST_DIR, limit: int | None = None) -> dict[str, int]:

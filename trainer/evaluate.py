@@ -252,7 +252,12 @@ def evaluate(model_path: str | Path, data: str | Path, out_dir: str | Path, *, c
     from contract.bundle import load_bundle
     from contract.preprocess import InputSpec
     from trainer import data as data_mod
-    from trainer.engine import eval_inputs, load_checkpoint_model, predict_logits, select_device
+    from trainer.engine import (
+        eval_inputs,
+        load_checkpoint_model,
+        predict_logits,
+        select_device,
+    )
 
     model_path = Path(model_path)
     if model_path.suffix == ".onnx":

@@ -42,7 +42,7 @@ def demo_train_config(cfg: DemoConfig, run_name: str):
 
 def run_demo(cfg: DemoConfig):
     """Import Fashion-MNIST, fine-tune ImageNet MobileNetV2, export and verify a bundle; print the figures."""
-    from trainer.__main__ import print_export_summary
+    from trainer.cli import print_export_summary
     from trainer.data import import_fashion_mnist
     from trainer.engine import Trainer
     from trainer.export.bundle import ExportConfig, export_bundle

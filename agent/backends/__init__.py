@@ -7,8 +7,8 @@ import logging
 from pathlib import Path
 
 from agent.backends.base import Backend, BackendError
-from contract.bundle import Artifact, Bundle
 from agent.config import ModelConfig
+from contract.bundle import Artifact, Bundle
 
 log = logging.getLogger(__name__)
 

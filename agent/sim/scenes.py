@@ -32,9 +32,8 @@ from typing import Iterator
 import cv2
 import numpy as np
 
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+from contract.dataset import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR
+
 SCENES = ("belt", "bench")
 TRUTH_VERSION = 1
 MASK_LEVEL = 0.5          # alpha above this is "the item" for the truth

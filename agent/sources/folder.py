@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from contract.preprocess import ImageDecodeError, read_image
 from agent.sources.base import EndOfStream, SourceError
+from contract.preprocess import ImageDecodeError, read_image
 
 log = logging.getLogger(__name__)
 

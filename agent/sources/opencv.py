@@ -9,8 +9,8 @@ import threading
 import cv2
 import numpy as np
 
-from contract.preprocess import to_rgb
 from agent.sources.base import EndOfStream, SourceError
+from contract.preprocess import to_rgb
 
 log = logging.getLogger(__name__)
 

@@ -10,9 +10,9 @@ from typing import Iterator
 
 import numpy as np
 import pytest
+from agent_support import MOSQUITTO, Broker, make_tiny_bundle
 
 from agent.demo import FASHION_MNIST_DIR, fashion_mnist_test, write_video
-from agent_support import MOSQUITTO, Broker, make_tiny_bundle
 
 
 @pytest.fixture

@@ -17,8 +17,8 @@ import pytest
 from agent.backends import BackendError, create_backend
 from agent.backends.artifact_choice import choose_onnx_backend, pick_precision
 from agent.backends.onnxruntime import OnnxRuntimeBackend
-from contract.bundle import load_bundle
 from agent.config import ModelConfig
+from contract.bundle import load_bundle
 
 
 @pytest.fixture(scope="module")
@@ -153,9 +153,10 @@ def test_precision_config_and_the_older_prefer_int8(tmp_path):
 
 
 def test_the_status_says_which_artifact_runs_and_both_timings(both_deployable, tmp_path):
+    from agent_support import as_config, station_config, validate_message
+
     from agent.app import Agent, build_runtime
     from agent.pipeline import ModelHolder
-    from agent_support import as_config, station_config, validate_message
 
     cfg = as_config(station_config(tmp_path, both_deployable, "unused.avi", 1883,
                                    model={"precision": "auto", "intra_op_threads": 1}))

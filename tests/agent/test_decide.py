@@ -6,8 +6,22 @@ import numpy as np
 import pytest
 
 from agent.config import PresenceConfig, QcConfig, SortingConfig, Thresholds
-from agent.decide import (ItemTracker, LaneMap, LowConfidencePolicy, Observation, PolicyThresholds, QcAlerter,
-                          UploadGate, classify, consensus, dhash, entropy, hamming, item_present, softmax)
+from agent.decide import (
+    ItemTracker,
+    LaneMap,
+    LowConfidencePolicy,
+    Observation,
+    PolicyThresholds,
+    QcAlerter,
+    UploadGate,
+    classify,
+    consensus,
+    dhash,
+    entropy,
+    hamming,
+    item_present,
+    softmax,
+)
 
 LABELS = ["a", "b", "c"]
 

@@ -13,9 +13,16 @@ import time
 from pathlib import Path
 
 import pytest
+from agent_support import (
+    Broker,
+    same_predictions,
+    station_config,
+    validate_message,
+    video_frames,
+    write_yaml,
+)
 
 from agent.demo import Subscriber
-from agent_support import Broker, same_predictions, station_config, validate_message, video_frames, write_yaml
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.mqtt

@@ -12,20 +12,20 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from agent_support import as_config, station_config, validate_message
+from scenes import Scene, make_sprite
 
 from agent.backends import create_backend
-from contract.bundle import load_bundle
 from agent.empty_scene import EmptySceneCapture
 from agent.health import Metrics
 from agent.mqtt import frame_envelope
 from agent.outbox import Outbox
 from agent.pipeline import InferenceStage, ModelHolder, ModelRuntime
 from agent.prepare import camera_preparer
-from contract.preprocess import Preprocessor
 from agent.sources.base import Frame
-from agent_support import as_config, station_config, validate_message
-from scenes import Scene, make_sprite
 from contract.broker import BrokerSettings
+from contract.bundle import load_bundle
+from contract.preprocess import Preprocessor
 
 EMPTY, ITEM = "empty", "item"
 
@@ -85,7 +85,7 @@ def busy_then_empty(fmnist_test_images):
 
 def test_a_request_made_while_the_scene_is_busy_waits_for_the_next_empty_frames(tmp_path, tiny_bundle,
                                                                                 busy_then_empty):
-    from trainer.loop.ingest import parse_frame
+    from central.review.ingest import parse_frame
 
     # given: a station (presence off, a whole-ROI bundle: the localizer runs only to watch for empty scenes)
     station = Station(tmp_path, tiny_bundle, frames={"empty_scene_interval_s": 0, "empty_scene_spacing_s": 2.0})
@@ -180,8 +180,8 @@ def test_cmd_capture_empty_end_to_end_and_bad_payloads_are_refused(broker, tiny_
     status and the command thread goes on."""
     from agent.app import Agent
     from agent.demo import Subscriber
-    from trainer.loop.ingest import IngestService
-    from trainer.loop.store import FrameStore
+    from central.review.ingest import IngestService
+    from central.review.store import FrameStore
 
     folder = tmp_path / "camera"
     folder.mkdir()

@@ -8,10 +8,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scenes import Scene, iou, make_sprite
 
-from agent.localize import Located, Localizer, LocalizerSettings, crop_box, foreground_box, model_view
+from agent.localize import (
+    Localizer,
+    LocalizerSettings,
+    Located,
+    crop_box,
+    foreground_box,
+    model_view,
+)
 from contract.preprocess import CropPolicy
-from scenes import Scene, make_sprite, iou
 
 ROI = 300
 

@@ -10,19 +10,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from agent_support import as_config, station_config, validate_message
+from scenes import Scene, make_sprite
 
 from agent.backends import create_backend
-from contract.bundle import load_bundle
 from agent.health import Metrics
 from agent.localize import cut
 from agent.mqtt import frame_envelope
 from agent.outbox import Outbox
 from agent.pipeline import InferenceStage, ModelHolder, ModelRuntime
 from agent.prepare import camera_preparer
-from contract.preprocess import Preprocessor
 from agent.sources.base import Frame
-from agent_support import as_config, station_config, validate_message
-from scenes import Scene, make_sprite
+from contract.bundle import load_bundle
+from contract.preprocess import Preprocessor
 
 EMPTY, ITEM = "empty", "item"
 
@@ -166,7 +166,9 @@ def test_a_foreground_bundle_is_fed_the_item_crop(tmp_path, tiny_bundle, frames,
 
 
 def test_an_uploaded_item_frame_carries_the_crop_and_the_roi_for_context(tmp_path, tiny_bundle, frames):
-    from trainer.loop.ingest import parse_frame      # read-only: the central ingest accepts what the station sends
+    from central.review.ingest import (
+        parse_frame,  # read-only: the central ingest accepts what the station sends
+    )
 
     fg = crop_bundle(tiny_bundle, tmp_path / "fg", "foreground")
     records, _, _, batch = run_stage(tmp_path, fg, [f for _, f in frames], decisions=PRESENCE)

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from agent_support import Broker, as_config, station_config, validate_message
 
 from agent.app import Agent
 from agent.config import AgentConfig
@@ -19,7 +20,6 @@ from agent.demo import Subscriber
 from agent.health import Metrics
 from agent.mqtt import MqttPublisher
 from agent.outbox import Message, Outbox
-from agent_support import Broker, as_config, station_config, validate_message
 
 pytestmark = pytest.mark.mqtt
 ROOT = "inventory/test/st-01"

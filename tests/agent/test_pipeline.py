@@ -11,16 +11,21 @@ import os
 import threading
 
 import numpy as np
+from agent_support import (
+    as_config,
+    bundle_predictions,
+    make_tiny_bundle,
+    station_config,
+)
 
 from agent.backends import create_backend
-from contract.bundle import load_bundle
 from agent.health import Metrics
 from agent.outbox import Outbox
 from agent.pipeline import InferenceStage, ModelHolder, ModelRuntime
-from contract.preprocess import Preprocessor
 from agent.sources.base import Frame
 from agent.sources.camera import FrameHub
-from agent_support import as_config, bundle_predictions, make_tiny_bundle, station_config
+from contract.bundle import load_bundle
+from contract.preprocess import Preprocessor
 
 
 class CountingBackend:

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import paho.mqtt.client as paho
 import pytest
+from agent_support import as_config, station_config, validate_message
 
 from agent.app import Agent
-from contract.bundle import MANIFEST
 from agent.demo import Subscriber
-from agent_support import as_config, station_config, validate_message
+from contract.bundle import MANIFEST
 
 pytestmark = pytest.mark.mqtt
 ROOT = "inventory/test/st-01"

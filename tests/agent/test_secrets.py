@@ -26,7 +26,7 @@ def test_a_missing_or_empty_file_names_the_file(tmp_path, content):
 
 
 def test_each_tool_names_its_own_option(tmp_path):
-    from trainer.loop.ingest import read_secret
+    from central.review.ingest import read_secret
 
     with pytest.raises(SystemExit, match=r"^--token-file: .*token: No such file"):
         read_secret(tmp_path / "token", "--token-file")

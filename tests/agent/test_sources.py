@@ -9,6 +9,7 @@ import time
 import cv2
 import numpy as np
 import pytest
+from agent_support import video_frames
 
 from agent.config import CameraConfig, Roi
 from agent.health import Metrics
@@ -17,8 +18,6 @@ from agent.sources.base import EndOfStream, Frame, SourceError
 from agent.sources.camera import CameraWorker, FrameHub, Watchdog, crop_roi
 from agent.sources.folder import ImageFolderSource
 from agent.sources.opencv import OpenCVSource
-
-from agent_support import video_frames
 
 
 def test_video_file_source_reads_every_frame_then_ends(fmnist_video):

@@ -7,14 +7,14 @@ import json
 
 import numpy as np
 import pytest
+from agent_support import as_config, station_config, validate_message
 
 from agent.app import Agent, StartupError
 from agent.backends import BackendError, create_backend
 from agent.backends.onnxruntime import pick_providers
-from contract.bundle import load_bundle
 from agent.config import ModelConfig
 from agent.demo import Subscriber, write_video
-from agent_support import as_config, station_config, validate_message
+from contract.bundle import load_bundle
 
 LANES = {"T-shirt/top": "lane-1", "Trouser": "lane-2", "Pullover": "lane-1", "Dress": "lane-2", "Coat": "lane-1",
          "Sandal": "lane-4", "Shirt": "lane-1", "Sneaker": "lane-4", "Bag": "lane-5", "Ankle boot": "lane-4"}
@@ -164,7 +164,6 @@ def test_only_engines_for_the_installed_tensorrt_are_used():
 def test_two_cameras_share_the_model_and_each_is_complete(broker, tiny_bundle, fmnist_video,
                                                               fmnist_test_images, tmp_path):
     import cv2
-
     from agent_support import bundle_predictions, video_frames
 
     folder = tmp_path / "shelf"

@@ -9,12 +9,12 @@ import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from agent_support import as_config, station_config
+from test_reload import ROOT, bundle_version, last_status, send, sha
 
 from agent.app import Agent
 from agent.demo import Subscriber
 from agent.state import STATE_FILE
-from agent_support import as_config, station_config
-from test_reload import ROOT, bundle_version, last_status, send, sha
 
 
 def config(tmp_path, bundle, video, port=1, **extra):

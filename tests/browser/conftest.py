@@ -2,7 +2,7 @@
 selenium (never a downloaded browser). Screenshots go to test-artifacts/ at the repository root, or to
 $TEST_ARTIFACTS; a failing test leaves its screenshot and page source there too.
 
-The dashboard's helpers and fixtures are reused from tests/dashboard (and through them tests/agent).
+The dashboard's helpers and fixtures are reused from tests/central/dashboard (and through them tests/agent).
 """
 
 from __future__ import annotations
@@ -17,11 +17,18 @@ from typing import Iterator
 import pytest
 
 TESTS = Path(__file__).resolve().parents[1]
-for folder in (TESTS / "agent", TESTS / "deploy", TESTS / "dashboard", TESTS / "browser"):
+for folder in (TESTS / "agent", TESTS / "deploy", TESTS / "central" / "dashboard", TESTS / "browser"):
     if str(folder) not in sys.path:
         sys.path.append(str(folder))
 
-from dashboard_fixtures import broker, models, mosquitto_bin, recorded, tiny_bundle, video  # noqa: E402,F401
+from dashboard_fixtures import (  # noqa: E402,F401
+    broker,
+    models,
+    mosquitto_bin,
+    recorded,
+    tiny_bundle,
+    video,
+)
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")

@@ -1,4 +1,4 @@
-"""The dashboard page in headless Chromium, live from a real broker: ``python -m dashboard`` serving, the real
+"""The dashboard page in headless Chromium, live from a real broker: ``python -m central dashboard`` serving, the real
 agent process started after the page loaded, central rollout events, a refused model update, and the station
 going offline, all without a reload. Screenshots: test-artifacts/dashboard-live.png, dashboard-offline.png."""
 
@@ -7,10 +7,16 @@ from __future__ import annotations
 import json
 
 import pytest
-from selenium.webdriver.common.by import By
-
 from browser_support import text_of, wait, wait_count, wait_css
-from dashboard_support import AgentProcess, DashboardProcess, failed_gate_event, publish, publish_event, retopic
+from dashboard_support import (
+    AgentProcess,
+    DashboardProcess,
+    failed_gate_event,
+    publish,
+    publish_event,
+    retopic,
+)
+from selenium.webdriver.common.by import By
 
 pytestmark = pytest.mark.mqtt
 CARD = '.station[data-station="test/st-01"]'

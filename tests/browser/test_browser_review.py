@@ -9,17 +9,16 @@ from pathlib import Path
 
 import paho.mqtt.client as paho
 import pytest
+from browser_support import text_of, wait, wait_css
 from selenium.webdriver.common.by import By
 
-from browser_support import text_of, wait, wait_css
-
-sys.path.append(str(Path(__file__).resolve().parents[1] / "loop"))
+sys.path.append(str(Path(__file__).resolve().parents[1] / "central" / "loop"))
 from loop_support import LABELS, real_frames, truth_of  # noqa: E402
 
 from agent.mqtt import encode  # noqa: E402
-from trainer.loop.api import ReviewServer  # noqa: E402
-from trainer.loop.ingest import IngestService  # noqa: E402
-from trainer.loop.store import FrameStore  # noqa: E402
+from central.review.api import ReviewServer  # noqa: E402
+from central.review.ingest import IngestService  # noqa: E402
+from central.review.store import FrameStore  # noqa: E402
 from contract.broker import BrokerSettings
 
 pytestmark = pytest.mark.mqtt

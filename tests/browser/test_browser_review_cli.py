@@ -1,4 +1,4 @@
-"""The review page as docs/loop.md runs it: ``python -m trainer review --store ... --labels-from <bundle>
+"""The review page as docs/loop.md runs it: ``python -m central review --store ... --labels-from <bundle>
 --token-file ...`` on a store that already holds real frames. The page asks for the API token, shows the
 oldest pending frame (its JPEG fetched with the token), and a click and a key press label frames; the labels
 are read back through the HTTP API. Screenshot: test-artifacts/review-page-cli.png."""
@@ -13,12 +13,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from selenium.webdriver.common.by import By
-
 from browser_support import text_of, wait, wait_css
 from dashboard_support import REPO, wait_until
+from selenium.webdriver.common.by import By
 
-sys.path.append(str(Path(__file__).resolve().parents[1] / "loop"))
+sys.path.append(str(Path(__file__).resolve().parents[1] / "central" / "loop"))
 from loop_support import LABELS, real_frames, truth_of  # noqa: E402
 
 from agent.demo import free_port  # noqa: E402
@@ -35,7 +34,7 @@ def api(url: str, path: str, token: str | None = TOKEN) -> dict:
 
 @pytest.fixture
 def review_cli(tmp_path, tiny_bundle):
-    from trainer.loop.store import FrameStore
+    from central.review.store import FrameStore
 
     store_dir = tmp_path / "store"
     records = real_frames(4, station="receiving-07")
@@ -48,7 +47,7 @@ def review_cli(tmp_path, tiny_bundle):
     port = free_port()
     log = tmp_path / "review.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "trainer", "review", "--store", str(store_dir),
+        proc = subprocess.Popen([sys.executable, "-m", "central", "review", "--store", str(store_dir),
                                  "--labels-from", str(tiny_bundle), "--host", "127.0.0.1", "--port", str(port),
                                  "--token-file", str(token_file)], cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
@@ -58,7 +57,7 @@ def review_cli(tmp_path, tiny_bundle):
             raise AssertionError(f"review server exited with {proc.returncode}:\n{log.read_text()}")
         return urllib.request.urlopen(url, timeout=2).status == 200
     try:
-        wait_until(serving, 90, "python -m trainer review to serve")
+        wait_until(serving, 90, "python -m central review to serve")
         yield url, records
     finally:
         proc.terminate()

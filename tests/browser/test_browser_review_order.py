@@ -6,16 +6,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from browser_support import text_of, wait
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select
 
-from browser_support import text_of, wait
-
-sys.path.append(str(Path(__file__).resolve().parents[1] / "loop"))
+sys.path.append(str(Path(__file__).resolve().parents[1] / "central" / "loop"))
 from loop_support import LABELS, real_frames, truth_of  # noqa: E402
 
-from trainer.loop.api import ReviewServer  # noqa: E402
-from trainer.loop.store import FrameStore  # noqa: E402
+from central.review.api import ReviewServer  # noqa: E402
+from central.review.store import FrameStore  # noqa: E402
 
 
 def test_least_certain_first_shows_the_lowest_margin_frame_and_is_remembered(browser, tmp_path):

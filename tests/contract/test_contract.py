@@ -10,9 +10,23 @@ from pathlib import Path
 
 import pytest
 
-from contract.broker import BrokerSettings, BrokerSettingsError, add_broker_args, settings_from_args
-from contract.messages import (ENGINES, SchemaError, Topics, checker, fleet_subscription, rollout_topic,
-                               split_station_topic, station_root, station_topic)
+from contract.broker import (
+    BrokerSettings,
+    BrokerSettingsError,
+    add_broker_args,
+    settings_from_args,
+)
+from contract.messages import (
+    ENGINES,
+    SchemaError,
+    Topics,
+    checker,
+    fleet_subscription,
+    rollout_topic,
+    split_station_topic,
+    station_root,
+    station_topic,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -6,8 +6,16 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-
-from deploy_support import MOSQUITTO, MOSQUITTO_PASSWD, CentralBroker, Pki, Probe, make_bundle, make_pki, make_probe
+from deploy_support import (
+    MOSQUITTO,
+    MOSQUITTO_PASSWD,
+    CentralBroker,
+    Pki,
+    Probe,
+    make_bundle,
+    make_pki,
+    make_probe,
+)
 
 
 @pytest.fixture

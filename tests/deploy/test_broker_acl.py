@@ -12,7 +12,6 @@ from __future__ import annotations
 import socket
 
 import pytest
-
 from deploy_support import TIMEOUT, connected
 
 pytestmark = pytest.mark.mqtt

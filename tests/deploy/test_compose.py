@@ -8,7 +8,6 @@ import re
 
 import pytest
 import yaml
-
 from deploy_support import REPO, SHIPPED_CONF
 
 COMPOSE = REPO / "deploy" / "central" / "compose.yaml"

@@ -15,10 +15,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from deploy_support import REPO
 
 from agent.config import OutboxConfig
 from agent.startup import DEFAULT_ENGINE_CACHE, DEFAULT_HEALTH_URL, get_args_parser
-from deploy_support import REPO
 
 DOCKERFILE = REPO / "Dockerfile.jetson"
 REQUIREMENTS = REPO / "deploy" / "station" / "requirements-jetson.txt"

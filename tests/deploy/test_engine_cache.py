@@ -13,11 +13,22 @@ import threading
 from pathlib import Path
 
 import pytest
-
-from contract.bundle import load_bundle
-from agent.engine_cache import (ENGINE_FILE, KEY_FILE, DeviceInfo, EngineCacheError, engine_key,
-                                ensure_engine, entries, lookup, probe_device, prune)
 from deploy_support import ORIN, FakeTensorRT, make_bundle
+
+from agent.engine_cache import (
+    ENGINE_FILE,
+    KEY_FILE,
+    DeviceInfo,
+    EngineCacheError,
+    engine_key,
+    ensure_engine,
+    entries,
+    lookup,
+    probe_device,
+    prune,
+)
+from contract.bundle import load_bundle
+
 
 @pytest.fixture
 def bundle(bundle_dir):

@@ -6,7 +6,6 @@ import importlib.util
 import sys
 
 import pytest
-
 from deploy_support import REPO
 
 pytestmark = pytest.mark.mqtt

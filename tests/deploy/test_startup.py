@@ -16,10 +16,16 @@ from pathlib import Path
 
 import pytest
 import yaml
+from deploy_support import ORIN, REPO, FakeTensorRT
 
 from agent.health import Metrics, PrometheusServer
-from agent.startup import ENV_ENGINE, ENV_ENGINE_CACHE_DIR, ENV_ENGINE_PRECISION, ENV_ENGINE_REQUEST, main
-from deploy_support import ORIN, REPO, FakeTensorRT
+from agent.startup import (
+    ENV_ENGINE,
+    ENV_ENGINE_CACHE_DIR,
+    ENV_ENGINE_PRECISION,
+    ENV_ENGINE_REQUEST,
+    main,
+)
 
 
 def station_yaml(tmp_path: Path, bundle: Path, **model) -> Path:
@@ -91,9 +97,9 @@ def test_a_bundle_from_cmd_model_gets_its_engine_from_the_same_cache(tmp_path, b
     """agent.app.EngineCachePolicy, as Agent.reload_model uses it before the swap (FakeTensorRT: no TensorRT here)."""
     from agent.app import DeviceEngine, EngineCachePolicy
     from agent.backends import BackendError
-    from contract.bundle import load_bundle
     from agent.config import load_config
     from agent.engine_cache import EngineCacheError, entries
+    from contract.bundle import load_bundle
 
     auto = load_config(station_yaml(tmp_path, bundle_dir, backend="auto", prefer_int8=False))
     policy = EngineCachePolicy.from_env({ENV_ENGINE_CACHE_DIR: str(tmp_path / "engines"), ENV_ENGINE_REQUEST: "fp16"})

@@ -11,7 +11,6 @@ import sys
 
 import pytest
 import yaml
-
 from deploy_support import REPO, USERS, connected, make_runnable_bundle
 
 pytestmark = pytest.mark.mqtt

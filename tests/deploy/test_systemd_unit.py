@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from deploy_support import REPO
 
 from agent.config import OutboxConfig
 from agent.startup import DEFAULT_ENGINE_CACHE, ENV_CONFIG, ENV_ENGINE_CACHE
-from deploy_support import REPO
 
 UNIT = REPO / "deploy" / "station" / "inventory-agent.service"
 VENV_PYTHON = "/opt/inventory-agent/venv/bin/python"

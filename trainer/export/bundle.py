@@ -14,12 +14,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from contract.bundle import MANIFEST, ROLE_ENGINE, ROLE_FP32, ROLE_INT8, artifact_entry, load_bundle, load_public_key
+from contract.bundle import (
+    MANIFEST,
+    ROLE_ENGINE,
+    ROLE_FP32,
+    ROLE_INT8,
+    artifact_entry,
+    load_bundle,
+    load_public_key,
+)
 from contract.preprocess import InputSpec
 from trainer import data as data_mod
 from trainer.engine import eval_inputs, load_checkpoint_model
-from trainer.evaluate import (compute_metrics, low_confidence_report, onnx_logits, softmax, suggest_thresholds,
-                              within_review_budget, write_reports)
+from trainer.evaluate import (
+    compute_metrics,
+    low_confidence_report,
+    onnx_logits,
+    softmax,
+    suggest_thresholds,
+    within_review_budget,
+    write_reports,
+)
 from trainer.export.onnx import OPSET, export_onnx, parity
 from trainer.export.quantize import QuantizeConfig, int8_gate, quantize_qdq
 

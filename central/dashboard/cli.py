@@ -1,0 +1,88 @@
+"""``python -m central dashboard``: subscribe to the warehouse's MQTT topics and serve the live page.
+
+A thin CLI over ``central.dashboard.server.Dashboard``; docs/dashboard.md shows how to run it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from typing import Any
+
+from contract.broker import add_broker_args, settings_from_args
+
+DESCRIPTION = ("Central dashboard: every station's status, results, decisions, stats and QC alerts, and the "
+               "rollout events, live from MQTT")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m central dashboard", description=DESCRIPTION)
+    add_dashboard_args(parser)
+    return parser
+
+
+def add_dashboard_args(parser: argparse.ArgumentParser) -> None:
+    add_broker_args(parser, client_id_help="MQTT client id (default dashboard-<host>-<pid>)")
+    web = parser.add_argument_group("web page")
+    web.add_argument("--host", default="127.0.0.1", help="address the page is served on (default 127.0.0.1)")
+    web.add_argument("--port", type=int, default=8090, help="port of the page (default 8090; 0: any free port)")
+    web.add_argument("--push-interval", type=float, default=0.25,
+                     help="seconds between pushes to the page; changes in between are merged (default 0.25)")
+    keep = parser.add_argument_group("what is kept")
+    keep.add_argument("--recent", type=int, default=20, help="results and decisions kept per station (default 20)")
+    keep.add_argument("--history", type=int, default=120, help="stats points per station for the chart (default 120)")
+    keep.add_argument("--stale-factor", type=float, default=3.0,
+                      help="an online station is stale after this many stats intervals without stats (default 3)")
+    keep.add_argument("--stale-min-s", type=float, default=5.0, help="... and never sooner than this (default 5 s)")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def build(args: argparse.Namespace) -> Any:
+    from central.dashboard.server import Dashboard
+    from central.dashboard.state import StateLimits
+
+    for flag, value in (("--recent", args.recent), ("--history", args.history)):
+        if value < 1:
+            raise ValueError(f"{flag}: must be at least 1, got {value}")
+    if args.push_interval <= 0 or args.stale_factor <= 0 or args.stale_min_s < 0:
+        raise ValueError("--push-interval and --stale-factor must be positive, --stale-min-s not negative")
+    settings = settings_from_args(args)
+    limits = StateLimits(recent=args.recent, history=args.history, stale_factor=args.stale_factor,
+                         stale_min_s=args.stale_min_s)
+    return Dashboard(settings, host=args.host, port=args.port, limits=limits, push_interval_s=args.push_interval)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cmd_dashboard(get_args_parser().parse_args(argv))
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        dashboard = build(args)
+    except OSError as exc:
+        print(f"dashboard: cannot serve on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:          # BrokerSettingsError included: names the flag and the file
+        print(f"dashboard: {exc}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        logging.getLogger(__name__).info("received %s, stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    dashboard.start()
+    print(f"dashboard: {dashboard.url} (MQTT {dashboard.feed.settings.where()})", flush=True)
+    stop.wait()
+    dashboard.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

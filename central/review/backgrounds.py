@@ -1,0 +1,114 @@
+"""Stored empty scenes -> a folder of backgrounds that ``python -m trainer train --backgrounds DIR`` reads.
+
+``python -m central backgrounds export --store DIR --out DIR [--site S] [--station S] [--camera C]
+[--per-camera N] [--force]`` writes::
+
+    <out>/<site>/<station>/<camera>/<frame_id>.jpg   the empty-scene JPEGs as stations sent them (hard links
+                                                     where the file system allows)
+    <out>/backgrounds.json                           counts per camera, the filters, the store
+
+``trainer.backgrounds.folder_tiles`` walks the folder recursively and cuts random square crops of every
+image; it reads at most 64 files (sorted by path), so ``--per-camera`` keeps a store of many stations
+from filling that with the first cameras' frames. Written beside ``--out`` and renamed into place, like
+``labels export``: an interrupted export leaves the previous one whole; an existing ``--out`` is replaced
+only with ``--force``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from central.review.labels import _iso, replace_folder
+from central.review.store import FrameStore, StoreError, _safe
+
+SUMMARY = "backgrounds.json"
+
+
+def _newest(scenes: list[dict[str, Any]], per_camera: int | None) -> list[dict[str, Any]]:
+    """At most ``per_camera`` of each camera's scenes, the newest (the scene as it is now)."""
+    if not per_camera:
+        return scenes
+    by_camera: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for scene in scenes:
+        by_camera.setdefault((scene["site"], scene["station"], scene["camera"]), []).append(scene)
+    return [s for group in by_camera.values() for s in group[-per_camera:]]
+
+
+def export_backgrounds(store: FrameStore, out: Path, *, site: str | None = None, station: str | None = None,
+                       camera: str | None = None, per_camera: int | None = None,
+                       force: bool = False) -> dict[str, Any]:
+    """Write the store's empty scenes as a backgrounds folder; returns the ``backgrounds.json`` summary.
+
+    Raises StoreError when ``out`` exists without ``force`` or when no stored scene matches the filters
+    (an empty folder would only fail the training run later)."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise StoreError(f"--out {out}: already exists (pass --force to replace it)")
+    if per_camera is not None and per_camera < 1:
+        raise StoreError(f"--per-camera {per_camera}: must be at least 1")
+    scenes = _newest(store.list_empty_scenes(site=site, station=station, camera=camera), per_camera)
+    filters = {k: v for k, v in (("site", site), ("station", station), ("camera", camera)) if v}
+    if not scenes:
+        raise StoreError(f"--store {store.root}: no empty scenes stored" + (f" for {filters}" if filters else "")
+                         + " (stations send them on cmd/capture-empty and every frames.empty_scene_interval_s)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    counts: dict[str, int] = {}
+    missing = 0
+    try:
+        for scene in scenes:
+            src = store.root / scene["image"]
+            if not src.is_file():
+                missing += 1
+                continue
+            rel = Path(_safe(scene["site"])) / _safe(scene["station"]) / _safe(scene["camera"]) / f"{_safe(scene['id'])}.jpg"
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(src, tmp / rel)
+            except OSError:
+                shutil.copy2(src, tmp / rel)
+            key = f"{scene['site']}/{scene['station']}/{scene['camera']}"
+            counts[key] = counts.get(key, 0) + 1
+        summary = {"store": str(store.root.resolve()), "exported_at": _iso(time.time()),
+                   "images": sum(counts.values()), "by_camera": dict(sorted(counts.items())), "filters": filters,
+                   "per_camera": per_camera, "image_file_missing": missing}
+        (tmp / SUMMARY).write_text(json.dumps(summary, indent=2))
+        replace_folder(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return summary
+
+
+def add_backgrounds_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("backgrounds", help="stations' empty scenes -> a folder for train/retrain --backgrounds")
+    bg_sub = p.add_subparsers(dest="backgrounds_command", required=True)
+    e = bg_sub.add_parser("export", help="write the stored empty scenes as a backgrounds folder")
+    e.add_argument("--store", required=True, type=Path)
+    e.add_argument("--out", required=True, type=Path, help="folder to write (use it as --backgrounds)")
+    e.add_argument("--site", default=None)
+    e.add_argument("--station", default=None)
+    e.add_argument("--camera", default=None)
+    e.add_argument("--per-camera", type=int, default=None,
+                   help="at most the newest N scenes of each camera (the trainer reads at most 64 files)")
+    e.add_argument("--force", action="store_true", help="replace an existing --out")
+
+
+def cmd_backgrounds(args: argparse.Namespace) -> int:
+    if not (args.store / "frames.sqlite").is_file():
+        raise StoreError(f"--store {args.store}: no frames.sqlite (not a frame store)")
+    store = FrameStore(args.store)
+    try:
+        summary = export_backgrounds(store, args.out, site=args.site, station=args.station, camera=args.camera,
+                                     per_camera=args.per_camera, force=args.force)
+    finally:
+        store.close()
+    print(f"exported {summary['images']} empty scenes to {args.out}: {summary['by_camera']}")
+    return 0

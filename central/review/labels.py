@@ -1,0 +1,151 @@
+"""Reviewed frames -> a dataset the trainer reads directly, with each frame's provenance.
+
+``python -m central labels export --store DIR --out DIR`` writes::
+
+    <out>/reviewed.csv     path,label + provenance columns (the trainer's CSV layout reads path,label
+                           and ignores the rest): frame_id, site, station, camera, model_name,
+                           model_version, predicted, confidence, selected_because, status, reviewer,
+                           reviewed_at, received_at, sha256, captured_at, note
+    <out>/<class folder>/<frame_id>.jpg   the JPEGs (hard links where the file system allows)
+    <out>/labels.json      class folder -> class name (as ``import-fashion-mnist`` writes it)
+    <out>/export.json      counts, what was left out and why, the store it came from
+
+So ``<out>`` is also a class-folder dataset: ``--data <out>`` and ``--data <out>/reviewed.csv`` read
+the same images with the same labels (the CSV adds the provenance).
+
+Labelled frames carry their label, new-class frames their new class name, defect frames their
+defect class (a defect without a class name is left out: there is nothing to learn it as). Skipped
+and pending frames are left out. The export is written to a temporary folder and renamed into place,
+so an interrupted export never leaves a half-written dataset; an existing ``--out`` is replaced only
+with ``--force``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from central.review.store import FrameStore, StoreError
+from contract.dataset import LABELS_FILE, folder_name
+
+CSV_NAME = "reviewed.csv"
+COLUMNS = ["path", "label", "frame_id", "site", "station", "camera", "model_name", "model_version", "predicted",
+           "confidence", "selected_because", "status", "reviewer", "reviewed_at", "received_at", "sha256",
+           "captured_at", "note"]
+
+
+def training_label(frame: dict[str, Any]) -> str | None:
+    if frame["status"] in ("labelled", "new_class"):
+        return frame["label"]
+    if frame["status"] == "defect" and frame.get("defect") and frame["defect"] != "defect":
+        return frame["defect"]
+    return None
+
+
+def _folder_name(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in label).strip(".") or "_"
+
+
+def export_reviewed(store: FrameStore, out: Path, *, force: bool = False) -> dict[str, Any]:
+    out = Path(out)
+    if out.exists() and not force:
+        raise StoreError(f"--out {out}: already exists (pass --force to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    counts: dict[str, int] = {}
+    left_out: dict[str, int] = {}
+    rows = []
+    folders: dict[str, str] = {}
+    try:
+        for frame in store.iter_reviewed():
+            label = training_label(frame)
+            if label is None:
+                why = "defect without a class" if frame["status"] == "defect" else frame["status"]
+                left_out[why] = left_out.get(why, 0) + 1
+                continue
+            src = store.root / frame["image"]
+            if not src.is_file():
+                left_out["image file missing"] = left_out.get("image file missing", 0) + 1
+                continue
+            if label not in folders:
+                name = folder_name(label)
+                while name in folders.values() or name.startswith("."):
+                    name = "_" + name
+                folders[label] = name
+            rel = Path(folders[label]) / f"{_folder_name(frame['id'])}.jpg"
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(src, tmp / rel)
+            except OSError:
+                shutil.copy2(src, tmp / rel)
+            counts[label] = counts.get(label, 0) + 1
+            rows.append({"path": rel.as_posix(), "label": label, "frame_id": frame["id"], "site": frame["site"],
+                         "station": frame["station"], "camera": frame["camera"], "model_name": frame["model_name"],
+                         "model_version": frame["model_version"], "predicted": frame["predicted"],
+                         "confidence": frame["confidence"], "selected_because": "; ".join(frame["selected_because"]),
+                         "status": frame["status"], "reviewer": frame["reviewer"] or "",
+                         "reviewed_at": _iso(frame["reviewed_at"]), "received_at": _iso(frame["received_at"]),
+                         "sha256": frame["sha256"], "captured_at": _iso(frame["captured_at"]),
+                         "note": frame["note"] or ""})
+        with open(tmp / CSV_NAME, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+        summary = {"store": str(store.root.resolve()), "exported_at": _iso(time.time()), "frames": len(rows),
+                   "by_label": dict(sorted(counts.items())), "left_out": left_out, "csv": CSV_NAME}
+        (tmp / "export.json").write_text(json.dumps(summary, indent=2))
+        (tmp / LABELS_FILE).write_text(json.dumps({folder: label for label, folder in sorted(folders.items())},
+                                                  indent=2))
+        replace_folder(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return summary
+
+
+def replace_folder(tmp: Path, out: Path) -> None:
+    """Put a finished export ``tmp`` where ``out`` was: the old export goes only once the new one is in place."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
+def _iso(ts: float | None) -> str:
+    if ts is None:
+        return ""
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def add_labels_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("labels", help="reviewed frames -> a dataset the trainer reads")
+    labels_sub = p.add_subparsers(dest="labels_command", required=True)
+    e = labels_sub.add_parser("export", help="write reviewed.csv (path,label + provenance) and the images")
+    e.add_argument("--store", required=True, type=Path)
+    e.add_argument("--out", required=True, type=Path, help="dataset folder to write (reviewed.csv inside)")
+    e.add_argument("--force", action="store_true", help="replace an existing --out")
+
+
+def cmd_labels(args) -> int:
+    if not (args.store / "frames.sqlite").is_file():
+        raise StoreError(f"--store {args.store}: no frames.sqlite (not a frame store)")
+    store = FrameStore(args.store)
+    try:
+        summary = export_reviewed(store, args.out, force=args.force)
+    finally:
+        store.close()
+    print(f"exported {summary['frames']} reviewed frames to {args.out / CSV_NAME}: {summary['by_label']}"
+          + (f"; left out {summary['left_out']}" if summary["left_out"] else ""))
+    return 0

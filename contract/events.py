@@ -1,0 +1,153 @@
+"""Rollout events and gate records: what the trainer, the rollout and the dashboard agree on.
+
+``make_event`` builds a ``rollout-event.v1`` event (contract/schemas/rollout-event.v1.json) and checks it;
+``EventSink`` logs it and publishes it retained, QoS 1, on ``<topic root>/_central/rollout``;
+``publish_event_once`` does that on a short connection of its own (retrain's gate, publish).
+The gate record (``gate.json`` beside a bundle, one line per decision in the model's
+``gate-log.jsonl``) is written by ``retrain`` and read by ``publish``: a rejected version is never
+published.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Sequence
+
+from contract.broker import BrokerError, BrokerSettings, BrokerSettingsError, connect
+from contract.messages import ROLLOUT_SCHEMA as EVENT_SCHEMA
+from contract.messages import checker, rollout_topic
+
+log = logging.getLogger(__name__)
+
+GATE_FILE = "gate.json"
+GATE_LOG = "gate-log.jsonl"
+
+
+class RolloutError(ValueError):
+    """A publish, rollout or rollback that cannot go ahead; the message names the file, URL or station."""
+
+
+def utc_now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write, fsync, rename: a crash leaves the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "w") as fh:
+        json.dump(data, fh, indent=1)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- events
+
+def validate_event(event: dict[str, Any]) -> None:
+    """Raise RolloutError naming the field when ``event`` breaks ``rollout-event.v1``."""
+    checker(EVENT_SCHEMA, "jsonschema").check(EVENT_SCHEMA, event, RolloutError)
+
+
+def make_event(action: str, model: dict[str, str], *, ok: bool, reason: str | None = None,
+               stations: Sequence[str] = (), figures: dict[str, Any] | None = None) -> dict[str, Any]:
+    event = {"schema": EVENT_SCHEMA, "id": str(uuid.uuid4()), "ts": utc_now(),
+             "model": {"name": model["name"], "version": model["version"]}, "action": action, "ok": ok,
+             "reason": reason, "stations": sorted(stations), "figures": figures or {}}
+    validate_event(event)
+    return event
+
+def mqtt_publish(client, topic: str, payload: dict[str, Any], *, retain: bool = False, timeout_s: float = 15.0) -> None:
+    """QoS 1 and wait for the PUBACK, so "sent" means the broker has it."""
+    info = client.publish(topic, json.dumps(payload).encode(), qos=1, retain=retain)
+    try:
+        info.wait_for_publish(timeout_s)
+    except (RuntimeError, ValueError) as exc:
+        raise RolloutError(f"{topic}: publish failed ({exc})") from exc
+    if not info.is_published():
+        raise RolloutError(f"{topic}: no PUBACK from the broker within {timeout_s:.0f} s")
+
+
+class EventSink:
+    """Where events go: the broker's central rollout topic when one is configured, and always the log."""
+
+    def __init__(self, client=None, topic: str | None = None) -> None:
+        self.client = client
+        self.topic = topic
+        self.sent: list[dict[str, Any]] = []
+
+    def emit(self, event: dict[str, Any]) -> None:
+        validate_event(event)
+        (log.info if event["ok"] else log.warning)(
+            "event %s %s %s ok=%s: %s", event["action"], event["model"]["name"], event["model"]["version"],
+            event["ok"], event["reason"])
+        if self.client is not None and self.topic is not None:
+            mqtt_publish(self.client, self.topic, event, retain=True)
+        self.sent.append(event)
+
+
+def publish_event_once(options: BrokerSettings | None, event: dict[str, Any]) -> None:
+    """One event on its own short connection (retrain's gate, publish); only logged without a broker."""
+    if options is None:
+        EventSink().emit(event)
+        return
+    try:
+        client = connect(options, f"events-{uuid.uuid4().hex[:8]}")
+    except (BrokerError, BrokerSettingsError) as exc:
+        raise RolloutError(str(exc)) from None
+    try:
+        EventSink(client, rollout_topic(options.topic_root)).emit(event)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+# ---------------------------------------------------------------- gate records
+
+def read_gate(bundle_dir: Path) -> dict[str, Any] | None:
+    path = Path(bundle_dir) / GATE_FILE
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise RolloutError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(record, dict) or record.get("decision") not in ("promoted", "rejected", "baseline"):
+        raise RolloutError(f"{path}: field decision: expected promoted, rejected or baseline")
+    return record
+
+
+def manifest_sha256(bundle_dir: Path) -> str:
+    return hashlib.sha256((Path(bundle_dir) / "manifest.json").read_bytes()).hexdigest()
+
+
+def write_gate(bundle_dir: Path, record: dict[str, Any]) -> None:
+    """The gate decision beside the bundle, and one line in the model's append-only gate log."""
+    bundle_dir = Path(bundle_dir)
+    write_json_atomic(bundle_dir / GATE_FILE, record)
+    with open(bundle_dir.parent / GATE_LOG, "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def rejected_in_log(bundle_dir: Path, sha: str) -> dict[str, Any] | None:
+    """A rejection of this exact manifest in the model's gate log, even if gate.json went missing."""
+    path = Path(bundle_dir).parent / GATE_LOG
+    if not path.exists():
+        return None
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("manifest_sha256") == sha and record.get("decision") == "rejected":
+            return record
+    return None

@@ -1,0 +1,204 @@
+"""The dashboard's HTTP side (page, /api/state, the /events stream) and its CLI, against a real broker; and the
+dashboard on the shipped central broker (TLS, password, ACL; TCP and secure websockets)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from central.dashboard.__main__ import main
+from dashboard_support import (
+    DashboardProcess,
+    failed_gate_event,
+    get_json,
+    publish,
+    publish_event,
+    retopic,
+    rollout_event,
+)
+
+from central.dashboard.server import Dashboard
+from central.dashboard.state import StateLimits
+from contract.broker import BrokerSettings
+
+pytestmark = pytest.mark.mqtt
+
+
+class EventStream:
+    """A raw Server-Sent Events reader, as a browser's EventSource sees the stream."""
+
+    def __init__(self, url_host: str, port: int, timeout: float = 30.0) -> None:
+        self.conn = http.client.HTTPConnection(url_host, port, timeout=timeout)
+        self.conn.request("GET", "/events", headers={"Accept": "text/event-stream"})
+        self.response = self.conn.getresponse()
+
+    def next_event(self) -> tuple[str, dict]:
+        name, data = None, None
+        while True:
+            line = self.response.fp.readline().decode()
+            if not line:
+                raise EOFError("the stream ended")
+            line = line.rstrip("\n")
+            if line.startswith("event: "):
+                name = line[len("event: "):]
+            elif line.startswith("data: "):
+                data = json.loads(line[len("data: "):])
+            elif line == "" and name is not None:
+                return name, data
+
+    def until(self, predicate, timeout: float = 60.0) -> list[tuple[str, dict]]:
+        deadline = time.monotonic() + timeout
+        seen = []
+        while time.monotonic() < deadline:
+            seen.append(self.next_event())
+            if predicate(*seen[-1]):
+                return seen
+        raise AssertionError(f"no matching event in {[n for n, _ in seen]}")
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+@pytest.fixture
+def dashboard(broker):
+    dash = Dashboard(BrokerSettings(port=broker.port), port=0, push_interval_s=0.1,
+                     limits=StateLimits(recent=5))
+    dash.start()
+    yield dash
+    dash.stop()
+
+
+def test_the_stream_sends_the_state_then_each_change(dashboard, broker, recorded):
+    host, port = dashboard.http.server_address[:2]
+    stream = EventStream(host, port)
+    try:
+        # a browser connecting gets the whole state first
+        assert stream.response.getheader("Content-Type") == "text/event-stream"
+        name, snapshot = stream.next_event()
+        assert name == "snapshot" and snapshot["stations"] == [] and snapshot["schema"] == "dashboard-state.v1"
+        # when a station's status and a result arrive on the broker, the page is told: the station's new view
+        status = next(m for m in recorded if m.kind == "status" and m.json()["state"] == "online")
+        result = next(m for m in recorded if m.kind == "result")
+        publish(broker.port, [(status.topic, status.payload), (result.topic, result.payload)])
+        events = stream.until(lambda n, d: n == "station" and d["counts"]["result"] == 1)
+        view = events[-1][1]
+        assert view["key"] == "test/st-01" and view["health"] == "online"
+        assert view["results"][0]["id"] == result.json()["id"]
+        # and a rollout event on its own
+        event = failed_gate_event()
+        publish_event(broker.port, event)
+        events = stream.until(lambda n, d: n == "rollout")
+        assert events[-1][1]["id"] == event["id"] and events[-1][1]["reason"] == event["reason"]
+        metas = [d for n, d in stream.until(lambda n, d: n == "meta")]
+        assert metas[-1]["broker"]["connected"] is True and metas[-1]["counters"]["received"] == 3
+    finally:
+        stream.close()
+
+
+def test_a_burst_of_results_is_pushed_as_few_updates(dashboard, broker, recorded):
+    host, port = dashboard.http.server_address[:2]
+    stream = EventStream(host, port)
+    try:
+        stream.next_event()
+        results = [retopic(m, "test", "st-01") for m in recorded if m.kind == "result"][:40]
+        publish(broker.port, [(m.topic, m.payload) for m in results])
+        events = stream.until(lambda n, d: n == "station" and d["counts"]["result"] == len(results))
+        station_events = [d for n, d in events if n == "station"]
+        # merged per push interval: far fewer pushes than messages, and the last one holds the newest 5
+        assert len(station_events) < len(results)
+        assert [r["id"] for r in station_events[-1]["results"]] == [m.json()["id"] for m in results[::-1][:5]]
+    finally:
+        stream.close()
+
+
+def test_the_page_and_its_files_are_served_and_nothing_else(dashboard):
+    url = dashboard.url
+    with urllib.request.urlopen(url) as response:
+        page = response.read().decode()
+        assert response.headers["Content-Type"].startswith("text/html")
+    assert 'id="stations"' in page and 'id="rollout-events"' in page and "/static/app.js" in page
+    assert "http://" not in page and "https://" not in page            # no CDN: everything is served here
+    with urllib.request.urlopen(url + "static/app.js") as response:
+        assert response.headers["Content-Type"].startswith("text/javascript")
+        assert "EventSource" in response.read().decode()
+    for path in ["static/../state.py", "static/state.py", "static/%2e%2e/__init__.py", "nope"]:
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(url + path)
+        assert err.value.code == 404 and "error" in json.loads(err.value.read()), path
+    assert get_json(url + "healthz")["broker_connected"] in (True, False)
+    assert get_json(url + "api/state")["topic_root"] == "inventory"
+
+
+def test_the_cli_refuses_a_missing_password_file_naming_it(tmp_path, capsys):
+    missing = tmp_path / "nope.password"
+    assert main(["--password-file", str(missing), "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--password-file" in err and str(missing) in err
+
+
+def test_the_cli_says_when_its_port_is_taken(capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["--port", str(port), "--mqtt-port", "1"]) == 2
+    assert f"cannot serve on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+def test_the_dashboard_shows_the_broker_down_and_recovers(tmp_path, broker, recorded):
+    dash = DashboardProcess(tmp_path, broker.port)
+    try:
+        dash.wait_state(lambda s: s["broker"]["connected"], "connected")
+        broker.stop()
+        snap = dash.wait_state(lambda s: not s["broker"]["connected"], "the broker seen down")
+        assert str(broker.port) in snap["broker"]["detail"]
+        broker.start()
+        dash.wait_state(lambda s: s["broker"]["connected"], "reconnected", timeout=90)
+        status = next(m for m in recorded if m.kind == "status")
+        publish(broker.port, [(status.topic, status.payload)])
+        dash.wait_station("test/st-01", lambda s: s["counts"]["status"] == 1, "a message after the reconnect")
+    finally:
+        dash.stop()
+
+
+# ---------------------------------------------------------------- the shipped central broker
+
+@pytest.mark.parametrize("transport", ["tcp", "websockets"])
+def test_on_the_shipped_central_broker_as_user_dashboard(tmp_path, transport, recorded):
+    from deploy_support import MOSQUITTO_PASSWD, USERS, CentralBroker, make_pki
+
+    if not __import__("pathlib").Path(MOSQUITTO_PASSWD).exists():
+        pytest.skip("mosquitto_passwd is not installed (apt-get install mosquitto)")
+    central = CentralBroker(tmp_path / "central", make_pki(tmp_path / "pki"))
+    central.workdir.mkdir()
+    central.start()
+    password = tmp_path / "dashboard.password"
+    password.write_text(USERS["dashboard"] + "\n")
+    port = central.tls_port if transport == "tcp" else central.ws_port
+    dash = DashboardProcess(tmp_path, port, "--transport", transport, "--tls-ca", str(central.pki.ca_cert),
+                            "--username", "dashboard", "--password-file", str(password))
+    try:
+        dash.wait_state(lambda s: s["broker"]["connected"], "connected to the central broker")
+        # a station (user ber1/receiving-01) publishes its status and a result, as the agent builds them
+        station = {"username": "ber1/receiving-01", "password": USERS["ber1/receiving-01"],
+                   "ca": central.pki.ca_cert}
+        status = next(m for m in recorded if m.kind == "status" and m.json()["state"] == "online")
+        result = next(m for m in recorded if m.kind == "result")
+        messages = [retopic(status, "ber1", "receiving-01"), retopic(result, "ber1", "receiving-01")]
+        publish(central.tls_port, [(m.topic, m.payload) for m in messages], **station)
+        # central (user central-ingest) publishes a rollout event; the ACL lets the dashboard read it
+        event = rollout_event("canary", True, None, ["ber1/receiving-01"])
+        publish(central.tls_port, [("inventory/_central/rollout", json.dumps(event))], retain=True,
+                username="central-ingest", password=USERS["central-ingest"], ca=central.pki.ca_cert)
+        view = dash.wait_station("ber1/receiving-01", lambda s: s["counts"]["result"] == 1 and s["rollout"],
+                                 "the station's status, result and rollout event")
+        assert view["health"] == "online" and view["rollout"]["id"] == event["id"]
+        assert "Denied" not in central.log()
+    finally:
+        dash.stop()
+        central.stop()

@@ -1,0 +1,93 @@
+"""Stations' empty scenes -> a backgrounds folder: what ``central backgrounds export`` writes is what
+``trainer train --backgrounds`` draws items on (the real folder reader and a real, tiny training run)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from loop_support import REPO, empty_scene_records, real_frames
+
+from central.cli import main
+from central.review.backgrounds import export_backgrounds
+from central.review.store import FrameStore, StoreError
+from trainer.backgrounds import folder_tiles
+from trainer.retrain import RetrainError, backgrounds_info
+
+
+@pytest.fixture
+def scene_store(tmp_path):
+    """Empty scenes of three cameras at two stations, beside low-confidence frames under review."""
+    store = FrameStore(tmp_path / "store")
+    records = (empty_scene_records(4) + empty_scene_records(3, camera="dock-b", start=4)
+               + empty_scene_records(2, station="qc-02", camera="belt", start=7) + real_frames(3))
+    for r in records:
+        assert store.add(r.body, r.blob).outcome == "stored"
+    yield store, records
+    store.close()
+
+
+def test_the_export_writes_every_scene_and_the_trainer_reads_the_folder(scene_store, tmp_path):
+    store, records = scene_store
+    summary = export_backgrounds(store, tmp_path / "bg")
+    files = sorted((tmp_path / "bg").rglob("*.jpg"))
+    assert len(files) == summary["images"] == 9
+    assert summary["by_camera"] == {"ber1/qc-02/belt": 2, "ber1/receiving-01/dock-a": 4,
+                                    "ber1/receiving-01/dock-b": 3}
+    by_id = {r.id: r.blob for r in records}
+    assert all(f.read_bytes() == by_id[f.stem] for f in files)        # the JPEGs as the stations sent them
+    assert json.loads((tmp_path / "bg" / "backgrounds.json").read_text())["images"] == 9
+    tiles = folder_tiles(tmp_path / "bg", side=64, per_file=2, seed=0)
+    assert tiles.shape == (18, 3, 64, 64)
+    assert backgrounds_info(str(tmp_path / "bg"))["images"] == 9
+
+
+def test_filters_and_the_newest_per_camera(scene_store, tmp_path):
+    store, records = scene_store
+    one = export_backgrounds(store, tmp_path / "one", station="receiving-01", camera="dock-b")
+    assert one["by_camera"] == {"ber1/receiving-01/dock-b": 3}
+    newest = export_backgrounds(store, tmp_path / "newest", per_camera=1)
+    assert sorted(p.stem for p in (tmp_path / "newest").rglob("*.jpg")) == sorted(
+        [records[3].id, records[6].id, records[8].id])
+    assert newest["images"] == 3
+    with pytest.raises(StoreError, match="no empty scenes stored for {'station': 'nowhere'}"):
+        export_backgrounds(store, tmp_path / "none", station="nowhere")
+    with pytest.raises(StoreError, match="already exists"):
+        export_backgrounds(store, tmp_path / "one")
+    assert not (tmp_path / "none").exists()
+
+
+def test_the_backgrounds_cli(scene_store, tmp_path, capsys):
+    store, _ = scene_store
+    out = tmp_path / "bg"
+    assert main(["backgrounds", "export", "--store", str(store.root), "--out", str(out), "--station",
+                 "receiving-01"]) == 0
+    assert "exported 7 empty scenes" in capsys.readouterr().out
+    assert main(["backgrounds", "export", "--store", str(store.root), "--out", str(out)]) == 2
+    assert main(["backgrounds", "export", "--store", str(store.root), "--out", str(out), "--force"]) == 0
+    assert len(list(out.rglob("*.jpg"))) == 9
+    assert main(["backgrounds", "export", "--store", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RetrainError, match="no .* images in it"):
+        backgrounds_info(str(tmp_path / "empty"))
+    with pytest.raises(RetrainError, match="not a folder"):
+        backgrounds_info(str(tmp_path / "missing"))
+
+
+def test_train_draws_on_the_exported_backgrounds(scene_store, fmnist_dir, tmp_path):
+    """``python -m trainer train --backgrounds <export>``: tiny (32 px, two steps), but the real trainer."""
+    store, _ = scene_store
+    export_backgrounds(store, tmp_path / "bg")
+    run = subprocess.run([sys.executable, "-m", "trainer", "train", "--data", str(fmnist_dir / "train"),
+                          "--backgrounds", str(tmp_path / "bg"), "--station-view-share", "1.0",
+                          "--limit-per-class", "4", "--out-dir", str(tmp_path / "runs"), "--name", "bg",
+                          "--arch", "mobilenet_v2", "--weights", "none", "--image-size", "32",
+                          "--resize-shorter", "32", "--epochs", "1", "--batch-size", "8", "--workers", "0",
+                          "--val-fraction", "0.25", "--max-steps-per-epoch", "2"],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    config = json.loads((tmp_path / "runs" / "bg" / "config.json").read_text())
+    assert config["augment"]["station_view"]["backgrounds"] == str(tmp_path / "bg")
+    assert f"crops from 9 frames in {tmp_path / 'bg'}" in run.stdout + run.stderr

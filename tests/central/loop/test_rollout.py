@@ -1,0 +1,408 @@
+"""Publish, serve, roll out (canary, watch, rest) and roll back, against a real mosquitto and real agents.
+
+Stations are real ``python -m agent run`` processes on a looping folder of real Fashion-MNIST
+images; bundles are served by the real ``BundleServer`` over HTTP and verified by the agents
+themselves. The bundles are small random-weight models (agent_support.make_tiny_bundle): the
+rollout does not depend on what a model learnt, and the gate that normally promotes them is
+tested with real trained models in test_retrain.py (here ``promote`` writes its record).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from rollout_support import (  # noqa: F401
+    Recorder,
+    Station,
+    broker,
+    cli,
+    image_folder,
+    promote,
+    tiny_versions,
+    wait_online,
+    wait_until,
+)
+
+from central import rollout as ro
+from central.rollout import (
+    BundleServer,
+    EventSink,
+    RolloutError,
+    RolloutHistory,
+    RolloutPlan,
+    StationLink,
+    WatchPolicy,
+    judge_canary,
+    make_event,
+    publish_bundle,
+    resolve_bundle,
+    run_rollback,
+    run_rollout,
+    validate_event,
+    write_gate,
+)
+from contract.broker import BrokerSettings
+
+pytestmark = pytest.mark.mqtt
+
+
+def stats(version: str, classified: int, low: int, errors: int = 0) -> dict:
+    return {"model_version": version, "frames_classified": classified, "frames_low_confidence": low,
+            "inference_errors": errors, "low_confidence_rate": low / classified if classified else 0.0}
+
+
+# ---------------------------------------------------------------- the canary rule (pure)
+
+POLICY = WatchPolicy(watch_s=60, max_low_conf_increase=0.05, max_errors=0, min_frames=20, baseline_s=0)
+
+
+def test_canary_passes_when_the_rate_holds_and_there_are_no_errors():
+    before = [stats("1", 100, 30), stats("1", 200, 50)]            # 20 % over the baseline window
+    after = [stats("1", 210, 52), stats("2", 250, 60), stats("2", 350, 80)]   # 20 % on version 2
+    verdict = judge_canary(before, after, "2", POLICY)
+    assert verdict.ok, verdict.reason
+    assert verdict.figures["low_confidence_rate_before"] == 0.2
+    assert verdict.figures["low_confidence_rate_after"] == 0.2 and verdict.figures["frames_after"] == 100
+
+
+def test_canary_halts_on_a_rate_rise_beyond_the_allowance():
+    verdict = judge_canary([stats("1", 100, 10), stats("1", 200, 20)], [stats("2", 300, 30), stats("2", 400, 46)],
+                           "2", POLICY)
+    assert not verdict.ok and "rose from 10.0% to 16.0%" in verdict.reason and "+6.0 points" in verdict.reason
+
+
+def test_canary_halts_above_the_absolute_cap_even_without_a_baseline():
+    policy = WatchPolicy(60, max_low_conf_rate=0.3, min_frames=20)
+    verdict = judge_canary([], [stats("2", 100, 10), stats("2", 200, 50)], "2", policy)
+    assert not verdict.ok and "above --max-low-conf-rate 30.0%" in verdict.reason
+    assert verdict.figures["low_confidence_rate_before"] is None
+
+
+def test_canary_halts_on_inference_errors_counted_from_the_command():
+    before = [stats("1", 100, 10, errors=4)]                  # old errors do not count
+    verdict = judge_canary(before, [stats("2", 150, 15, errors=4), stats("2", 250, 25, errors=5)], "2", POLICY)
+    assert not verdict.ok and verdict.reason.startswith("1 inference error(s)")
+    allowed = judge_canary(before, [stats("2", 150, 15, errors=4), stats("2", 250, 25, errors=5)], "2",
+                           WatchPolicy(60, max_errors=1, min_frames=20))
+    assert allowed.ok, allowed.reason
+
+
+def test_canary_needs_frames_to_be_judged_unless_told_otherwise():
+    idle = [stats("2", 100, 10), stats("2", 105, 10)]
+    verdict = judge_canary([stats("1", 100, 10)], idle, "2", POLICY)
+    assert not verdict.ok and "classified 5 frame(s)" in verdict.reason
+    assert judge_canary([], [stats("2", 100, 10)], "2", WatchPolicy(60, min_frames=0)).ok
+
+
+def test_canary_restart_during_the_watch_halts():
+    verdict = judge_canary([], [stats("2", 500, 10), stats("2", 20, 1)], "2", POLICY)
+    assert not verdict.ok and "restarted" in verdict.reason
+
+
+# ---------------------------------------------------------------- events
+
+def test_events_follow_the_schema_and_the_dashboards_contract():
+    from central.dashboard.state import validate_rollout_event
+
+    event = make_event("halt", {"name": "fmnist", "version": "2"}, ok=False, reason="canary test/st-a: tampered",
+                       stations=["test/st-a"], figures={"not_sent": ["test/st-b"]})
+    validate_event(event)
+    validate_rollout_event("inventory/_central/rollout", event)
+    assert event["ts"].endswith("+00:00") and event["stations"] == ["test/st-a"]
+    with pytest.raises(RolloutError, match="field action"):
+        make_event("deploy", {"name": "fmnist", "version": "2"}, ok=True)
+    with pytest.raises(RolloutError, match="field stations/0"):
+        make_event("rollout", {"name": "fmnist", "version": "2"}, ok=True, stations=["st-a"])
+
+
+# ---------------------------------------------------------------- publish and serve
+
+@pytest.fixture
+def bundles(tmp_path):
+    return tiny_versions(tmp_path / "models", ["v1", "v2"])
+
+
+def test_publish_refuses_a_rejected_bundle_even_when_its_record_is_removed(bundles, tmp_path):
+    served = tmp_path / "served"
+    publish_bundle(bundles["v1"], served, baseline=True)
+    write_gate(bundles["v2"], {"decision": "rejected", "manifest_sha256": ro.manifest_sha256(bundles["v2"]),
+                               "reason": "reviewed frames top-1 40.00% vs 45.00%: not better"})
+    with pytest.raises(RolloutError, match="rejected by the retrain gate .*not better"):
+        publish_bundle(bundles["v2"], served)
+    (bundles["v2"] / "gate.json").unlink()            # the log beside the model still knows
+    with pytest.raises(RolloutError, match="rejected by the retrain gate"):
+        publish_bundle(bundles["v2"], served, baseline=True)
+    assert not (served / "tiny" / "v2").exists()
+
+
+def test_publish_refuses_unverifiable_ungated_and_changed_bundles(bundles, tmp_path):
+    served = tmp_path / "served"
+    onnx = bundles["v1"] / "model.fp32.onnx"
+    good = onnx.read_bytes()
+    onnx.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+    with pytest.raises(RolloutError, match=r"unverifiable bundle: .*model.fp32.onnx: sha256 .* \(tampered\)"):
+        publish_bundle(bundles["v1"], served, baseline=True)
+    onnx.write_bytes(good)
+    with pytest.raises(RolloutError, match="no gate.json"):
+        publish_bundle(bundles["v1"], served)
+    publish_bundle(bundles["v1"], served, baseline=True)
+    with pytest.raises(RolloutError, match="--baseline is only for the first version"):
+        publish_bundle(bundles["v2"], served, baseline=True)
+    promote(bundles["v2"])
+    manifest = json.loads((bundles["v2"] / "manifest.json").read_text())
+    manifest["quality"]["thresholds"]["min_confidence"] = 0.9        # changed after the gate decided
+    (bundles["v2"] / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(RolloutError, match="field manifest_sha256: .* the bundle changed after the gate"):
+        publish_bundle(bundles["v2"], served)
+
+
+def test_publish_copies_a_promoted_bundle_once_and_the_server_serves_only_published_files(bundles, tmp_path):
+    from agent.update import ModelCommand, verify_command_bundle
+
+    served = tmp_path / "served"
+    promote(bundles["v2"])
+    first = publish_bundle(bundles["v2"], served, baseline=False)
+    again = publish_bundle(bundles["v2"], served)
+    assert not first.already and again.already and first.sha256 == again.sha256 == ro.manifest_sha256(bundles["v2"])
+    index = json.loads((served / "tiny" / "index.json").read_text())
+    assert index["versions"]["v2"]["decision"] == "promoted"
+    (served / "tiny" / ".v3.partial-x").mkdir()
+    (served / "tiny" / ".v3.partial-x" / "manifest.json").write_text("{}")
+    server = BundleServer(served).start()
+    try:
+        url = server.url + first.url_path
+        remote = resolve_bundle(url)
+        assert (remote.name, remote.version, remote.sha256) == ("tiny", "v2", first.sha256)
+        for path, why in (("tiny/", "listing"), ("tiny/.v3.partial-x/manifest.json", "hidden"),
+                          ("tiny/v2/../../", "traversal"), ("tiny/v9/manifest.json", "absent")):
+            with pytest.raises(urllib.error.HTTPError) as err:
+                urllib.request.urlopen(server.url + path, timeout=10)
+            assert err.value.code == 404, why
+        # the agent's own fetch and verification, as a station does it
+        bundle = verify_command_bundle(ModelCommand(url, first.sha256, "v2"), tmp_path / "station-downloads", None)
+        assert bundle.version == "v2" and (tmp_path / "station-downloads" / "v2" / "model.fp32.onnx").exists()
+    finally:
+        server.stop()
+
+
+def test_resolve_refuses_what_the_gate_rejected_or_never_saw(bundles, tmp_path):
+    with pytest.raises(RolloutError, match="no gate.json; roll out only bundles published"):
+        resolve_bundle(str(bundles["v1"]))
+    write_gate(bundles["v1"], {"decision": "rejected", "manifest_sha256": ro.manifest_sha256(bundles["v1"]),
+                               "reason": "overall top-1 worse"})
+    with pytest.raises(RolloutError, match="was rejected by the retrain gate .*never rolled out"):
+        resolve_bundle(str(bundles["v1"]))
+
+
+def test_history_knows_each_stations_previous_version_and_where_it_lives(tmp_path):
+    history = RolloutHistory(tmp_path / "h.json")
+    v2 = ro.RemoteBundle("http://c:8070/tiny/v2/", "tiny", "v2", "a" * 64, {})
+    history.record("s/a", action="rollout", bundle=v2, from_version="v1", ok=True, reason=None)
+    history.record("s/b", action="rollout", bundle=v2, from_version="v0", ok=False, reason="refused")
+    reloaded = RolloutHistory(tmp_path / "h.json")
+    assert reloaded.previous_version("s/a", "v2") == "v1"
+    assert reloaded.previous_version("s/b", "v2") is None         # its switch failed: it never ran v2
+    assert reloaded.location_of("v2") == "http://c:8070/tiny/v2/"
+    assert reloaded.location_of("v1", "s/a") == "http://c:8070/tiny/v1/"   # same served tree
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(RolloutError, match="bad.json: rollout history is not valid JSON"):
+        RolloutHistory(tmp_path / "bad.json")
+
+
+# ---------------------------------------------------------------- against real stations
+
+class Fleet:
+    """Broker, served tree + HTTP server, two real stations on v1, and a recorder of everything."""
+
+    def __init__(self, tmp_path: Path, broker, versions: dict[str, Path]) -> None:
+        self.served = tmp_path / "served"
+        publish_bundle(versions["v1"], self.served, baseline=True)
+        for version in [v for v in versions if v != "v1"]:
+            promote(versions[version])
+            publish_bundle(versions[version], self.served)
+        self.server = BundleServer(self.served).start()
+        self.url = {v: f"{self.server.url}tiny/{v}/" for v in versions}
+        self.broker = broker
+        self.recorder = Recorder(broker.port, ["inventory/#"])
+        images = image_folder(tmp_path / "camera")
+        sections = {"health": {"stats_interval_s": 0.5}}
+        self.stations = [Station(tmp_path / "stations", versions["v1"], images, broker.port, station=name, **sections)
+                         for name in ("st-a", "st-b")]
+        for station in self.stations:
+            wait_online(self.recorder, station, "v1")
+        self.history = tmp_path / "history.json"
+
+    @property
+    def keys(self) -> list[str]:
+        return [s.key for s in self.stations]
+
+    def link(self) -> StationLink:
+        link = StationLink(BrokerSettings("127.0.0.1", self.broker.port)).connect()
+        link.settle()
+        return link
+
+    def commands_to(self, key: str) -> list:
+        return self.recorder.of(f"/{key}/cmd/model")
+
+    def close(self) -> None:
+        for station in self.stations:
+            station.stop()
+        self.recorder.close()
+        self.server.stop()
+
+
+@pytest.fixture
+def fleet_factory(tmp_path, broker):
+    made = []
+
+    def make(versions):
+        made.append(Fleet(tmp_path, broker, versions))
+        return made[-1]
+    yield make
+    for fleet in made:
+        fleet.close()
+
+
+def test_rollout_canary_then_rest_then_rollback_through_the_cli(fleet_factory, bundles, broker):
+    fleet = fleet_factory(bundles)
+    canary, rest = fleet.keys
+    common = ["--mqtt-host", "127.0.0.1", "--mqtt-port", str(broker.port), "--history", str(fleet.history)]
+    done = cli("rollout", "--bundle-url", fleet.url["v2"], "--stations", ",".join(fleet.keys),
+                       "--canary", canary, "--watch-s", "3", "--baseline-s", "1", "--min-frames", "5",
+                       "--update-timeout-s", "60", *common)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "rollout tiny v2: done" in done.stdout and f"{rest}" in done.stdout
+    assert fleet.recorder.version(canary) == fleet.recorder.version(rest) == "v2"
+
+    from central.dashboard.state import validate_rollout_event
+
+    events = fleet.recorder.events()
+    for event in events:
+        validate_event(event)
+        validate_rollout_event("inventory/_central/rollout", event)     # what the dashboard accepts
+    actions = [(e["action"], e["ok"]) for e in events]
+    assert actions == [("canary", True), ("canary", True), ("rollout", True)], events
+    passed = [m for m in fleet.recorder.of("/_central/rollout") if "passed the watch" in m.json()["reason"]][0]
+    figures = passed.json()["figures"]
+    assert figures["frames_after"] >= 5 and figures["inference_errors"] == 0
+    # the rest got its command only after the canary passed its watch
+    [to_rest] = fleet.commands_to(rest)
+    [to_canary] = fleet.commands_to(canary)
+    assert to_canary.at + 3 <= passed.at <= to_rest.at
+    assert to_rest.json() == {"bundle": fleet.url["v2"], "sha256": resolve_bundle(fleet.url["v2"]).sha256,
+                              "version": "v2"}
+
+    back = cli("rollback", "--to", "previous", "--all", "--update-timeout-s", "60", *common)
+    assert back.returncode == 0, back.stdout + back.stderr
+    assert fleet.recorder.version(canary) == fleet.recorder.version(rest) == "v1"
+    assert fleet.commands_to(rest)[-1].json()["bundle"] == fleet.url["v1"]     # found beside v2 in the tree
+    last = fleet.recorder.events()[-1]
+    assert last["action"] == "rollback" and last["ok"] and last["model"]["version"] == "v1"
+    assert sorted(last["stations"]) == sorted(fleet.keys)
+    history = json.loads(fleet.history.read_text())
+    assert [e["version"] for e in history["stations"][rest]] == ["v2", "v1"]
+
+
+def test_a_bad_hash_halts_the_rollout_and_changes_nothing(fleet_factory, bundles, tmp_path):
+    fleet = fleet_factory(bundles)
+    canary, rest = fleet.keys
+    served_onnx = fleet.served / "tiny" / "v2" / "model.fp32.onnx"
+    data = bytearray(served_onnx.read_bytes())
+    data[len(data) // 2] ^= 0xFF                                   # tampered on the server after publishing
+    served_onnx.write_bytes(bytes(data))
+    link = fleet.link()
+    events = EventSink(link.client, "inventory/_central/rollout")
+    try:
+        plan = RolloutPlan(resolve_bundle(fleet.url["v2"]), fleet.keys, canary,
+                           WatchPolicy(watch_s=3, min_frames=5, baseline_s=0.5), update_timeout_s=60)
+        summary = run_rollout(link, plan, RolloutHistory(fleet.history), events)
+    finally:
+        link.close()
+    assert not summary.ok and "refused v2" in summary.halted and "model.fp32.onnx: sha256" in summary.halted
+    assert "(tampered)" in summary.halted and f"not sent to {rest}" in events.sent[-1]["reason"]
+    # nothing changed: both stations on v1, the rest never got a command, the canary kept no copy of v2
+    status = fleet.recorder.status(canary)
+    assert status["model"]["version"] == "v1" and status["last_model_update"]["ok"] is False
+    assert fleet.recorder.version(rest) == "v1" and fleet.commands_to(rest) == []
+    assert not (fleet.stations[0].folder / "downloads" / "v2").exists()
+    halt = wait_until(lambda: [e for e in fleet.recorder.events() if e["action"] == "halt"], 10, "the halt event")[0]
+    assert not halt["ok"] and "tampered" in halt["reason"] and halt["figures"]["not_sent"] == [rest]
+    assert RolloutHistory(fleet.history).entries(canary)[-1]["ok"] is False
+
+
+def test_a_canary_whose_low_confidence_rate_rises_is_halted_and_rolled_back(fleet_factory, tmp_path):
+    never = {"min_confidence": 0.0, "min_margin": 0.0, "max_entropy": 100.0}
+    always = {"min_confidence": 1.0, "min_margin": 0.0, "max_entropy": 100.0}
+    fleet = fleet_factory(tiny_versions(tmp_path / "models", ["v1", "v2"], {"v1": never, "v2": always}))
+    canary, rest = fleet.keys
+    link = fleet.link()
+    events = EventSink(link.client, "inventory/_central/rollout")
+    try:
+        plan = RolloutPlan(resolve_bundle(fleet.url["v2"]), fleet.keys, canary,
+                           WatchPolicy(watch_s=3, min_frames=5, baseline_s=1.5), update_timeout_s=60)
+        summary = run_rollout(link, plan, RolloutHistory(fleet.history), events)
+    finally:
+        link.close()
+    assert summary.halted and "low-confidence rate rose from 0.0% to 100.0%" in summary.halted
+    assert "rolled back to v1" in summary.halted
+    assert summary.canary.figures["frames_after"] >= 5
+    wait_until(lambda: fleet.recorder.version(canary) == "v1", 30, "the canary back on v1")
+    assert fleet.recorder.version(rest) == "v1" and fleet.commands_to(rest) == []
+    assert [(e["action"], e["ok"]) for e in events.sent] == [("canary", True), ("rollback", True), ("halt", False)]
+    assert [m.json()["version"] for m in fleet.commands_to(canary)] == ["v2", "v1"]
+
+
+def test_rollback_without_a_known_previous_version_says_so(fleet_factory, bundles):
+    fleet = fleet_factory(bundles)
+    link = fleet.link()
+    events = EventSink(link.client, "inventory/_central/rollout")
+    try:
+        [summary] = run_rollback(link, RolloutHistory(fleet.history), events, fleet.keys[:1], "previous",
+                                 update_timeout_s=30)
+    finally:
+        link.close()
+    assert not summary.ok
+    assert "has no version before v1 for this station" in summary.outcomes[0].reason
+    assert events.sent[-1]["action"] == "halt" and fleet.commands_to(fleet.keys[0]) == []
+
+
+def test_the_server_speaks_https_with_the_given_certificate(bundles, tmp_path):
+    import ssl
+
+    sys.path.append(str(Path(__file__).resolve().parents[2] / "deploy"))
+    from deploy_support import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    served = tmp_path / "served"
+    publish_bundle(bundles["v1"], served, baseline=True)
+    server = BundleServer(served, tls_cert=pki.server_cert, tls_key=pki.server_key).start()
+    try:
+        assert server.url.startswith("https://127.0.0.1:")
+        trusted = ssl.create_default_context(cafile=str(pki.ca_cert))
+        body = urllib.request.urlopen(server.url + "tiny/v1/manifest.json", context=trusted, timeout=10).read()
+        assert json.loads(body)["version"] == "v1"
+        with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
+            urllib.request.urlopen(server.url + "tiny/v1/manifest.json", context=ssl.create_default_context(),
+                                   timeout=10)
+    finally:
+        server.stop()
+
+
+def test_station_groups_are_read_from_a_file_and_bad_lines_are_named(tmp_path):
+    from central.rollout import select_stations
+
+    link = StationLink(BrokerSettings("127.0.0.1"))        # not connected: a group file needs no broker
+    group = tmp_path / "dock-stations.txt"
+    group.write_text("# receiving docks\nber1/receiving-01\nber1/receiving-02  # spare\n\nber1/receiving-01\n")
+    stations, skipped = select_stations(link, stations=["ber1/qc-01"], group=group)
+    assert stations == ["ber1/qc-01", "ber1/receiving-01", "ber1/receiving-02"] and skipped == {}
+    group.write_text("ber1/receiving-01\nreceiving-02\n")
+    with pytest.raises(RolloutError, match=r"dock-stations.txt:2: expected <site>/<station>, got 'receiving-02'"):
+        select_stations(link, group=group)
+    with pytest.raises(RolloutError, match="no stations"):
+        select_stations(link)

@@ -1,0 +1,239 @@
+"""agent/sim/scenes.py, agent/sim/score.py and benchmarks/station_view.py: the renderer is deterministic, its truth matches
+the masks it composited, and the scoring counts correct, missed, split, merged, phantom and review items
+exactly (the benchmark itself, with the agent, is not a test)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+spec = importlib.util.spec_from_file_location("station_view", REPO / "benchmarks" / "station_view.py")
+sv = importlib.util.module_from_spec(spec)
+sys.modules["station_view"] = sv
+spec.loader.exec_module(sv)
+from agent.sim import (
+    scenes,  # noqa: E402
+    score,  # noqa: E402
+)
+
+pytestmark = pytest.mark.skipif(not (scenes.FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists(),
+                                reason="Fashion-MNIST test split not installed")
+
+
+@pytest.fixture(scope="module")
+def test_images() -> np.ndarray:
+    return scenes.load_test_split()[0]
+
+
+def rendered(scene: str, seed: int, frames: range, images: np.ndarray, items: int = 3):
+    plan = scenes.plan_scene(scene, items, seed)
+    return plan, list(scenes.render_frames(plan, images, frames))
+
+
+# ---------------------------------------------------------------- renderer
+
+@pytest.mark.parametrize("scene", scenes.SCENES)
+def test_same_seed_renders_the_same_bytes_and_another_seed_does_not(scene, test_images):
+    # given two renderers of the same plan, built independently
+    frames = range(8, 14)
+    # when both render the same frames
+    _, first = rendered(scene, 3, frames, test_images)
+    _, again = rendered(scene, 3, frames, test_images)
+    _, other = rendered(scene, 4, frames, test_images)
+    # then the JPEG bytes are identical, and a different seed gives different frames
+    assert [j for _, j, _, _ in first] == [j for _, j, _, _ in again]
+    assert [j for _, j, _, _ in first] != [j for _, j, _, _ in other]
+
+
+def test_frames_render_alike_in_any_order(test_images):
+    plan = scenes.plan_scene("belt", 2, 5)
+    forward = {t: j for t, j, _, _ in scenes.render_frames(plan, test_images, range(10, 13))}
+    backward = {t: j for t, j, _, _ in scenes.render_frames(plan, test_images, range(12, 9, -1))}
+    assert forward == backward
+
+
+@pytest.mark.parametrize("scene", scenes.SCENES)
+def test_each_effect_switched_off_changes_the_frame_and_nothing_else_of_the_scene(scene, test_images):
+    # given a frame with an item fully in the ROI, rendered with every effect and with each one off
+    plan = scenes.plan_scene(scene, 2, 0)
+    t = next(f for f in range(plan.n_frames)
+             if any(plan.roi.contains(m)[1] for m in scenes.Renderer(plan, test_images).render(f)[1].values()))
+    full, masks, _ = scenes.Renderer(plan, test_images).render(t)
+    effects = [e for e in scenes.EFFECTS if e != "blur"]   # few frames are blurred: the next test
+    for effect in effects:
+        off, off_masks, blurred = scenes.Renderer(plan, test_images, off=frozenset({effect})).render(t)
+        # then the frame differs (the effect did something), and the items stay where they were
+        assert np.abs(off.astype(int) - full.astype(int)).mean() > 0.2, effect
+        if effect not in ("rotation",):
+            assert masks.keys() == off_masks.keys() and all((masks[k] == off_masks[k]).all() for k in masks)
+    with pytest.raises(ValueError, match="unknown effects"):
+        scenes.Renderer(plan, test_images, off=frozenset({"fog"}))
+
+
+def test_blur_switched_off_leaves_a_blurred_frame_sharp(test_images):
+    plan = scenes.plan_scene("belt", 30, 0)
+    renderer = scenes.Renderer(plan, test_images, off=frozenset({"noise"}))
+    sharp = scenes.Renderer(plan, test_images, off=frozenset({"noise", "blur"}))
+    t = next(f for f in range(plan.n_frames) if renderer.render(f)[2])
+    blurred, _, _ = renderer.render(t)
+    plain, _, flag = sharp.render(t)
+    # a horizontal motion blur flattens column-to-column differences (noise off: it would hide them); off,
+    # the frame keeps them and is not reported blurred
+    def detail(img):
+        return np.abs(np.diff(img.astype(float), axis=1)).mean()
+    assert not flag and detail(plain) > 1.5 * detail(blurred)
+
+
+def test_scenes_draw_test_items_balanced_and_disjoint():
+    _, labels = scenes.load_test_split()
+    belt = scenes.pick_items(labels, 20, 0, "belt")
+    bench = scenes.pick_items(labels, 20, 0, "bench")
+    assert not set(belt) & set(bench)
+    assert sorted(np.bincount(labels[belt], minlength=10).tolist()) == [2] * 10
+
+
+@pytest.mark.parametrize("scene", scenes.SCENES)
+def test_truth_matches_the_composited_masks(scene, test_images):
+    # given a few items rendered with their masks
+    plan, frames = rendered(scene, 1, range(0, 70, 2), test_images)
+    roi = plan.roi
+    seen_full = 0
+    for t, _, masks, blurred in frames:
+        truth = scenes.frame_truth(plan, t, masks, blurred)
+        for item in truth["full"]:
+            # then an item marked fully in the ROI has no mask pixel outside it
+            outside = masks[item].copy()
+            outside[roi.y:roi.y + roi.height, roi.x:roi.x + roi.width] = False
+            assert masks[item].any() and not outside.any()
+            seen_full += 1
+        for item in truth["visible"]:
+            assert masks[item][roi.y:roi.y + roi.height, roi.x:roi.x + roi.width].any()
+        if t < scenes.LEAD_EMPTY_FRAMES:
+            assert truth["visible"] == [] and truth["full"] == []
+    assert seen_full > 0
+
+
+def test_written_scene_folder_sorts_in_frame_order_and_truth_is_consistent(tmp_path):
+    truth = scenes.write_scene("bench", tmp_path, 2, seed=2)
+    files = sorted(p.name for p in (tmp_path / "bench").glob("*.jpg"))
+    assert files == [f["file"] for f in truth["frames"]] and len(files) == truth["n_frames"]
+    on_disk = json.loads((tmp_path / "bench" / "truth.json").read_text())
+    assert on_disk["items"] == truth["items"]
+    for item in truth["items"]:
+        assert set(item["full_frames"]) <= set(item["visible_frames"])
+        assert item["label_name"] == scenes.FASHION_MNIST_CLASSES[item["label"]]
+    empty = [f for f in truth["frames"] if not f["visible"]]
+    assert empty and all(not f["full"] for f in empty)
+
+
+# ---------------------------------------------------------------- scoring
+
+def frame(t: int, visible=(), full=()) -> dict:
+    return {"frame": t, "file": f"f{t:03d}.jpg", "visible": list(visible), "full": list(full), "blurred": False}
+
+
+def at(t: int) -> float:
+    return round(1000.0 + 0.1 * t, 6)
+
+
+def result(t: int, label: str) -> dict:
+    return {"source_ref": f"f{t:03d}.jpg", "captured_at": at(t), "frame_seq": t + 1, "label": label}
+
+
+def decision(a: int, b: int, label: str, review: bool = False) -> dict:
+    return {"first_seen": at(a), "last_seen": at(b), "label": label, "low_confidence": review,
+            "lane": "manual-review" if review else "default", "confidence": 0.9, "frames": b - a + 1}
+
+
+@pytest.fixture()
+def truth() -> dict:
+    """Five items on 60 frames: 0 (A) 2-9, 1 (B) 12-20, 2 (C) 24-30, 3 (A) 34-40, 4 (B) 41-47 (back to back)."""
+    spans = {0: (2, 9, "A"), 1: (12, 20, "B"), 2: (24, 30, "C"), 3: (34, 40, "A"), 4: (41, 47, "B")}
+    items = [{"item": i, "test_index": 100 + i, "label_name": lab, "visible_frames": list(range(a, b + 1)),
+              "full_frames": list(range(a + 2, b - 1))} for i, (a, b, lab) in spans.items()]
+    frames = []
+    for t in range(60):
+        vis = [i for i, (a, b, _) in spans.items() if a <= t <= b]
+        frames.append(frame(t, vis, [i for i in vis if spans[i][0] + 2 <= t <= spans[i][1] - 2]))
+    return {"n_frames": 60, "items": items, "frames": frames}
+
+
+def test_items_correct_missed_split_phantom_merged_and_review(truth):
+    # given: item 0 decided right; item 1 split in two; item 2 missed; items 3 and 4 merged into one
+    # review decision (so 4 is missed too); a phantom after the last item
+    results = [result(t, "A") for t in range(60)]
+    decisions = [decision(3, 8, "A"), decision(12, 15, "B"), decision(17, 20, "B"),
+                 decision(35, 45, "A", review=True), decision(52, 55, "C")]
+    # when scored
+    scores = score.score_scene(truth, results, decisions)["items"]
+    # then
+    assert scores["correct"] == 2          # item 0, and item 3 (one decision, its label, though in review)
+    assert scores["split"] == 1 and scores["missed"] == 2
+    assert scores["phantom_decisions"] == 1 and scores["merged_decisions"] == 1
+    assert scores["review"] == 1 and scores["review_share"] == 0.2
+    assert scores["item_accuracy"] == 0.4
+    assert scores["auto_sorted"] == 1 and scores["auto_wrong"] == 0
+
+
+def test_confident_wrong_decision_counts_as_auto_sorted_wrong(truth):
+    results = [result(t, "A") for t in range(60)]
+    scores = score.score_scene(truth, results, [decision(24, 30, "A")])["items"]
+    assert scores["correct"] == 0 and scores["auto_wrong"] == 1 and scores["auto_sorted_accuracy"] == 0.0
+
+
+def test_decision_times_without_their_own_result_are_placed_between_neighbours(truth):
+    # given results only on item frames (a station that no longer publishes empty frames)
+    results = [result(t, "A") for f in truth["frames"] if f["visible"] for t in [f["frame"]]]
+    clock = score.FrameClock.from_results(results, {f["file"]: f["frame"] for f in truth["frames"]})
+    # then an exact time maps to its frame and a time between two results is interpolated
+    assert clock.frame_at(at(5)) == 5
+    assert clock.frame_at(at(10.5)) in (10, 11)
+    assert clock.frame_at(at(0)) == 2 and clock.frame_at(at(59)) == 47
+
+
+def test_frame_scores_full_partial_and_products_on_empty_frames(truth):
+    # given every frame classified: right on item 0's frames, "empty" on some empty frames, "B" elsewhere
+    results = [result(t, "A" if 2 <= t <= 9 else ("empty" if t < 2 else "B")) for t in range(60)]
+    scores = score.score_frames(truth["frames"], truth["items"], results)
+    full_frames = sum(1 for f in truth["frames"] if len(f["full"]) == 1)
+    assert scores["full"]["frames"] == full_frames
+    # item 0 (A): 4 full frames right; items 1, 4 (B): 5 + 3 full right; 2 (C) and 3 (A) wrong
+    assert scores["full"]["correct"] == 4 + 5 + 3
+    empty = [f["frame"] for f in truth["frames"] if not f["visible"]]
+    assert scores["empty"]["frames"] == len(empty)
+    assert scores["empty"]["products"] == len(empty) - 2          # frames 0 and 1 said "empty"
+    # partial frames: item 0's edges (2, 3, 8, 9) are A (right)
+    assert scores["partial"]["correct"] >= 4
+
+
+def test_unpublished_frames_lower_frame_accuracy_but_not_accuracy_of_published(truth):
+    results = [result(t, "A") for t in range(4, 8)]
+    full = score.score_frames(truth["frames"], truth["items"], results)["full"]
+    assert full["results"] == 4 and full["accuracy_of_published"] == 1.0 and full["accuracy"] == round(4 / 18, 4)
+
+
+def test_overrides_set_nested_keys_and_every_camera():
+    cfg = {"decisions": {"presence": {"mode": "background"}}, "cameras": [{"id": "a"}, {"id": "b"}]}
+    sv.apply_overrides(cfg, ["decisions.presence.gap_frames=1", "cameras.fps=10", "model.batch_size=4"])
+    assert cfg["decisions"]["presence"] == {"mode": "background", "gap_frames": 1}
+    assert [c["fps"] for c in cfg["cameras"]] == [10, 10] and cfg["model"] == {"batch_size": 4}
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        sv.apply_overrides(cfg, ["nonsense"])
+
+
+def test_loop_reviewer_labels_only_frames_with_one_recognisable_item(truth):
+    from benchmarks.station_view_loop import label_for
+
+    items = {it["item"]: it for it in truth["items"]}
+    frames = {f["frame"]: f for f in truth["frames"]}
+    assert label_for(frames[5], items) == "A"          # item 0 fully in
+    assert label_for(frames[2], items) is None         # its first frame: a sliver at the ROI edge
+    assert label_for(frames[10], items) is None        # empty belt
+    two = {**frames[41], "visible": [3, 4], "full": []}
+    assert label_for(two, items) is None               # two items in view

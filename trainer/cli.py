@@ -1,0 +1,307 @@
+"""``python -m trainer import-fashion-mnist | train | evaluate | export | verify | keygen | demo | retrain``.
+
+All of the trainer's argparse lives here; library modules take typed configs. The central services
+(ingest, review, labels, backgrounds, publish, serve-bundles, rollout, rollback, dashboard) are
+``python -m central <verb>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from trainer.augment import AugmentConfig
+from trainer.station_view import StationViewConfig
+
+log = logging.getLogger("trainer")
+
+BOOL = argparse.BooleanOptionalAction
+
+
+def _add_train_args(p: argparse.ArgumentParser, *, data: bool = True) -> None:
+    if data:  # retrain builds its dataset from --base-data and --reviewed
+        p.add_argument("--data", required=True, help="class folders, <class>_*.ext files, or a path,label CSV")
+    p.add_argument("--out-dir", default="runs", help="runs are written to OUT_DIR/NAME")
+    p.add_argument("--name", default="model", help="run and bundle name")
+    p.add_argument("--arch", default="resnet50", choices=["resnet50", "resnet18", "mobilenet_v2"])
+    p.add_argument("--weights", default="imagenet", help="imagenet | none | PATH to a state dict")
+    p.add_argument("--image-size", type=int, default=224, help="model input (square)")
+    p.add_argument("--resize-shorter", type=int, default=None, help="eval resize before centre crop (default size*256/224)")
+    p.add_argument("--interpolation", default="bilinear", choices=["bilinear", "area"])
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--limit-per-class", type=int, default=None, help="use at most N images per class")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--optimizer", default="adam", choices=["adam", "adamw", "sgd"])
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--schedule", default="cosine", choices=["cosine", "step", "constant"])
+    p.add_argument("--warmup-epochs", type=float, default=0.0)
+    p.add_argument("--step-size", type=int, default=5, help="epochs between decays (--schedule step)")
+    p.add_argument("--gamma", type=float, default=0.1, help="decay factor (--schedule step)")
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--balance-classes", action=BOOL, default=False,
+                   help="draw every class equally often in each epoch (with replacement within a class); for "
+                        "training sets skewed towards the classes a station was unsure of")
+    p.add_argument("--freeze-epochs", type=int, default=0, help="train only the head for the first N epochs")
+    p.add_argument("--frozen-bn", action=BOOL, default=False,
+                   help="BatchNorm keeps its (ImageNet) statistics: for small batches per process, and the setting "
+                        "where a distributed CPU run equals one process exactly")
+    p.add_argument("--amp", action=BOOL, default=True, help="mixed precision on CUDA")
+    p.add_argument("--channels-last", action=BOOL, default=True, help="channels_last memory format")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--workers", type=int, default=2, help="image decoding processes")
+    p.add_argument("--cache-images", action=BOOL, default=True, help="decode training images once into memory")
+    p.add_argument("--patience", type=int, default=None, help="early stop after N epochs without improvement")
+    p.add_argument("--metric", default="accuracy", choices=["accuracy", "macro_f1"], help="selects best.pt")
+    p.add_argument("--max-steps-per-epoch", type=int, default=None)
+    aug = AugmentConfig()
+    p.add_argument("--scale", type=float, nargs=2, default=aug.scale, help="random-resized-crop area range")
+    p.add_argument("--hflip", type=float, default=aug.hflip)
+    sv = StationViewConfig()
+    p.add_argument("--rotation", type=float, default=sv.rotation,
+                   help="max degrees of in-plane rotation (station views; the plain path too unless --plain-rotation)")
+    p.add_argument("--plain-rotation", type=float, default=None,
+                   help="max degrees of rotation on the plain path (default: --rotation)")
+    p.add_argument("--jitter", type=float, default=aug.brightness, help="brightness/contrast/saturation strength")
+    p.add_argument("--erasing", type=float, default=aug.erasing, help="random erasing probability")
+    p.add_argument("--station-view", default="on", choices=["on", "off"],
+                   help="render training images as the station's item crop (background, light, blur, ...)")
+    p.add_argument("--station-view-share", type=float, default=sv.share,
+                   help="share of training images rendered as station views; the rest take the plain path")
+    p.add_argument("--backgrounds", type=Path, default=None,
+                   help="folder of empty-scene frames from a station (jpg/png) to draw items on")
+    p.add_argument("--crop-margin", type=float, default=0.1,
+                   help="the station's item crop: foreground box grown by this x its longer side on every side")
+
+
+def _add_export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--models-dir", default="models")
+    p.add_argument("--version", default=None, help="bundle version (default: UTC timestamp)")
+    p.add_argument("--calibration-images", type=int, default=512)
+    p.add_argument("--calibration-method", default="percentile", choices=["minmax", "percentile", "entropy"])
+    p.add_argument("--gate-margin", type=float, default=1.0, help="INT8 may lose at most this many top-1 points")
+    p.add_argument("--parity-images", type=int, default=256)
+    p.add_argument("--station-val-images", type=int, default=1000,
+                   help="foreground-crop bundles: validation images also evaluated (and half the calibration "
+                        "images drawn) as a station camera shows them, cropped by the station's localizer; 0: off")
+    p.add_argument("--review-budget", type=float, default=None,
+                   help="the suggested low-confidence thresholds flag at most this share (0..1) of the station-view "
+                        "set (of the validation set for a whole-ROI bundle); default: no cap. The thresholds also "
+                        "choose the frames stations send back for retraining, so a cap sends fewer")
+    p.add_argument("--tensorrt", default="auto", choices=["auto", "on", "off"])
+    p.add_argument("--sign-key", type=Path, default=None, help="ed25519 private key to sign the manifest")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("import-fashion-mnist", help="write Fashion-MNIST as PNG class folders")
+    p.add_argument("--out", default="data/fashion-mnist")
+    p.add_argument("--source", default="/usr/share/datasets/fashion-mnist")
+
+    p = sub.add_parser("train", help="fine-tune a model on labelled images")
+    _add_train_args(p)
+    p.add_argument("--resume", type=Path, default=None, help="continue the run in this folder (its config wins)")
+
+    p = sub.add_parser("evaluate", help="metrics and plots for a checkpoint or an ONNX file of a bundle")
+    p.add_argument("model", type=Path, help="best.pt/last.pt, or a bundle's .onnx")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--limit-per-class", type=int, default=None)
+
+    p = sub.add_parser("export", help="checkpoint -> verified model bundle")
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("--name", default=None)
+    _add_export_args(p)
+
+    p = sub.add_parser("verify", help="check a bundle's schema, hashes and signature")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--public-key", type=Path, default=None)
+
+    p = sub.add_parser("keygen", help="write an ed25519 key pair for signing bundles")
+    p.add_argument("--private", type=Path, default=Path("keys/bundle-signing.key"))
+    p.add_argument("--public", type=Path, default=Path("keys/bundle-signing.pub"))
+
+    p = sub.add_parser("demo", help="import Fashion-MNIST, fine-tune MobileNetV2, export a bundle (the README's main job)")
+    p.add_argument("--data-dir", default="data/fashion-mnist")
+    p.add_argument("--out-dir", default="runs")
+    p.add_argument("--models-dir", default="models")
+    p.add_argument("--limit-per-class", type=int, default=2000, help="training images per class (default 2000)")
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--image-size", type=int, default=48)
+    p.add_argument("--arch", default="mobilenet_v2", choices=["resnet50", "resnet18", "mobilenet_v2"])
+
+    from trainer.retrain import add_retrain_parser
+
+    add_retrain_parser(sub, _add_train_args, _add_export_args)
+    return parser
+
+
+def train_config_from_args(args: argparse.Namespace):
+    from trainer.config import TrainConfig
+
+    station = StationViewConfig(enabled=args.station_view == "on", share=args.station_view_share,
+                                rotation=args.rotation,
+                                backgrounds=str(args.backgrounds) if args.backgrounds else None)
+    plain_rotation = args.rotation if args.plain_rotation is None else args.plain_rotation
+    augment = AugmentConfig(scale=tuple(args.scale), hflip=args.hflip, rotation=plain_rotation,
+                            brightness=args.jitter, contrast=args.jitter, saturation=args.jitter, erasing=args.erasing,
+                            station_view=station)
+    keys = [f for f in TrainConfig.__dataclass_fields__ if f != "augment" and hasattr(args, f)]
+    return TrainConfig(**{k: getattr(args, k) for k in keys}, augment=augment)
+
+
+def cmd_train(args) -> int:
+    from trainer.config import TrainConfig
+    from trainer.engine import Trainer
+
+    if args.resume:
+        run_dir = args.resume if args.resume.is_dir() else args.resume.parent
+        cfg = TrainConfig.load(run_dir / "config.json")
+    else:
+        cfg = train_config_from_args(args)
+        run_dir = Path(cfg.out_dir) / cfg.name
+        if (run_dir / "last.pt").exists():
+            log.error("%s already holds a run; pass --resume %s to continue it, or another --name", run_dir, run_dir)
+            return 2
+    result = Trainer(cfg, run_dir).fit()
+    print(f"best val {cfg.metric} {result.best_metric:.4f} at epoch {result.best_epoch}; "
+          f"checkpoint {run_dir / 'best.pt'}")
+    return 0
+
+
+def _export_config(args, checkpoint: Path):
+    from trainer.export.bundle import ExportConfig
+    from trainer.export.quantize import QuantizeConfig
+
+    return ExportConfig(
+        checkpoint=checkpoint, models_dir=Path(args.models_dir), name=getattr(args, "name", None), version=args.version,
+        parity_images=args.parity_images, gate_margin_points=args.gate_margin, tensorrt=args.tensorrt,
+        quantize=QuantizeConfig(calibration_images=args.calibration_images, method=args.calibration_method),
+        sign_key=args.sign_key, station_val_images=args.station_val_images, review_budget=args.review_budget,
+    )
+
+
+def print_export_summary(result) -> None:
+    q = result.manifest["quality"]
+    int8 = q["int8"]
+    print(f"bundle        {result.bundle_dir}")
+    print(f"FP32 val top-1 {q['val_accuracy'] * 100:.2f}%  macro-F1 {q['val_macro_f1']:.4f}  "
+          f"(ONNX vs PyTorch max |dlogit| {q['parity']['max_abs_logit_diff']:.2e}, top-1 agreement {q['parity']['top1_agreement']:.4f}"
+          f"{'' if q['parity'].get('passed', True) else ', parity FAILED'})")
+    th = q.get("thresholds_from")
+    if th:
+        print(f"thresholds    from the {th['set']} set: flag {th['flagged_fraction'] * 100:.1f}% of it "
+              f"(review budget {'none' if th['review_budget'] is None else format(th['review_budget'], '.0%')}), "
+              f"catching {th['errors_caught_fraction'] * 100:.0f}% "
+              f"of its mistakes")
+    print(f"INT8 val top-1 {int8['val_accuracy'] * 100:.2f}%  delta {int8['delta_top1_points']:+.2f} points  "
+          f"gate {'passed' if int8['passed'] else 'FAILED: ' + int8['reason']}")
+    if q.get("station_view"):
+        sv = q["station_view"]
+        print(f"station views {sv['images']} validation images on station surfaces, cropped by the station's localizer "
+              f"(item found in {sv['item_found']}): FP32 {sv['val_accuracy'] * 100:.2f}%, INT8 {sv['int8_val_accuracy'] * 100:.2f}%")
+    print(f"TensorRT      {q['tensorrt']['engines']} engine(s)" + (f" ({q['tensorrt']['reason']})" if q["tensorrt"]["reason"] else ""))
+
+
+def cmd_export(args) -> int:
+    from trainer.export.bundle import export_bundle
+
+    result = export_bundle(_export_config(args, args.checkpoint))
+    print_export_summary(result)
+    parity = result.manifest["quality"]["parity"]
+    if not parity.get("passed", True):
+        print(f"export: the bundle in {result.bundle_dir} is not deployable: {parity['reason']}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from trainer.evaluate import evaluate
+
+    m = evaluate(args.model, args.data, args.out, limit=args.limit_per_class)
+    print(f"top-1 {m['accuracy'] * 100:.2f}%  macro-F1 {m['macro_f1']:.4f}  ECE {m['ece']:.4f}  "
+          f"on {m['images']} images; reports in {args.out}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from contract.bundle import BundleError
+    from trainer.export.bundle import verify
+
+    try:
+        bundle = verify(args.bundle, args.public_key)
+    except BundleError as exc:
+        print(f"INVALID: {exc}", file=sys.stderr)
+        return 1
+    print(f"OK {bundle.name} {bundle.version}: {len(bundle.artifacts)} artifacts verified"
+          + (", signature valid" if bundle.signed else ""))
+    return 0
+
+
+def cmd_keygen(args) -> int:
+    from trainer.signing import generate_keypair
+
+    generate_keypair(args.private, args.public)
+    print(f"private key {args.private} (keep it on the training server)\npublic key  {args.public} (give it to stations)")
+    return 0
+
+
+def cmd_import(args) -> int:
+    from trainer.data import import_fashion_mnist
+
+    counts = import_fashion_mnist(args.out, args.source)
+    print(f"Fashion-MNIST: {counts['train']} train and {counts['test']} test images in {args.out}/{{train,test}}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from trainer.pipeline import DemoConfig, run_demo
+
+    run_demo(DemoConfig(data_dir=Path(args.data_dir), out_dir=Path(args.out_dir), models_dir=Path(args.models_dir),
+                        limit_per_class=args.limit_per_class, epochs=args.epochs, image_size=args.image_size,
+                        arch=args.arch))
+    return 0
+
+
+COMMANDS = {"import-fashion-mnist": cmd_import, "train": cmd_train, "evaluate": cmd_evaluate, "export": cmd_export,
+            "verify": cmd_verify, "keygen": cmd_keygen, "demo": cmd_demo}
+
+
+def cmd_retrain(args) -> int:
+    from trainer.retrain import cmd_retrain as run
+
+    return run(args)
+
+
+COMMANDS["retrain"] = cmd_retrain
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("onnx_ir", "onnxscript", "torch.onnx", "root"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    for ours in ("trainer", "agent"):   # the root logger is quietened above; our own INFO lines stay
+        logging.getLogger(ours).setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    from contract.bundle import BundleError
+    from trainer.data import DatasetError
+    from trainer.export.tensorrt import TensorRTUnavailable
+    from trainer.model import WeightsError
+
+    try:
+        return COMMANDS[args.command](args)
+    except (DatasetError, WeightsError, BundleError, TensorRTUnavailable, FileExistsError, ValueError) as exc:
+        log.error("%s", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,732 @@
+"""Retrain and gate: the next version from the base data plus the reviewed frames, promoted only if it earns it.
+
+``retrain`` (``python -m trainer retrain``) holds out images neither model trains on, trains
+the candidate with the trainer's own ``Trainer`` (optionally starting from the current
+version's checkpoint), exports it with ``export_bundle``, evaluates both bundles' ONNX models
+with ONNX Runtime on the same held-out images, and applies the gate rule (``gate_decision``):
+
+- overall top-1 on the held-out images at least the current's, within ``--overall-tolerance``
+  points (default 0.0) plus the noise of the paired comparison (``--overall-confidence``, default a
+  one-sided 95% bound: 1.645 standard errors of the per-image difference between the two models), and
+- top-1 on held-out reviewed frames (never trained on) strictly higher than the current's.
+
+The decision is written beside the bundle (``gate.json``, plus a line in
+``models/<name>/gate-log.jsonl``): ``central publish`` never publishes a rejected version and
+``central rollout`` never sends one. A report (JSON and Markdown) gives the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from statistics import NormalDist
+from typing import Any, Callable, Sequence
+
+from contract.broker import add_broker_args, settings_from_args
+from contract.events import (
+    RolloutError,
+    make_event,
+    manifest_sha256,
+    publish_event_once,
+    utc_now,
+    write_gate,
+    write_json_atomic,
+)
+
+log = logging.getLogger(__name__)
+
+REPORT_SCHEMA = "retrain-report.v1"
+REVIEWED_CSV = "reviewed.csv"             # what 'python -m central labels export' writes (central/review/labels.py)
+
+
+class RetrainError(ValueError):
+    """A retrain that cannot run as asked; the message names the file or flag."""
+
+
+# ---------------------------------------------------------------- the rule (pure)
+
+@dataclass(frozen=True)
+class Score:
+    """Top-1 of one model on one image set, as counts so that two models compare exactly."""
+
+    correct: int
+    images: int
+
+    @property
+    def top1(self) -> float:
+        return self.correct / self.images if self.images else 0.0
+
+
+@dataclass(frozen=True)
+class Paired:
+    """How two models' answers on the same images differ: what the candidate lost and gained."""
+
+    lost: int       # the current right, the candidate wrong
+    gained: int     # the current wrong, the candidate right
+
+    @classmethod
+    def of(cls, truth: Sequence[str], current: Sequence[str], candidate: Sequence[str]) -> "Paired":
+        if not len(truth) == len(current) == len(candidate):
+            raise ValueError("paired predictions must cover the same images")
+        lost = sum(t == a and t != b for t, a, b in zip(truth, current, candidate))
+        gained = sum(t != a and t == b for t, a, b in zip(truth, current, candidate))
+        return cls(lost, gained)
+
+    def standard_error_points(self, images: int) -> float:
+        """Standard error of the paired top-1 difference, in points (the per-image differences' spread / sqrt n)."""
+        if images == 0:
+            return 0.0
+        mean = (self.gained - self.lost) / images
+        variance = (self.gained + self.lost) / images - mean * mean
+        return 100.0 * math.sqrt(max(variance, 0.0) / images)
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    promoted: bool
+    reasons: list[str]
+
+    @property
+    def decision(self) -> str:
+        return "promoted" if self.promoted else "rejected"
+
+    @property
+    def summary(self) -> str:
+        return f"{self.decision}: " + "; ".join(self.reasons)
+
+
+def gate_decision(current_overall: Score, candidate_overall: Score, current_reviewed: Score,
+                  candidate_reviewed: Score, *, overall_tolerance_points: float = 0.0,
+                  overall_pairs: Paired | None = None, overall_confidence: float = 0.95) -> GateDecision:
+    """Promote only if no worse overall (within the tolerance and the comparison's noise) AND better on the
+    reviewed frames.
+
+    Both models must have been scored on the same images (same counts). With ``overall_pairs`` (the two
+    models' disagreements on those images) the candidate may also lose the one-sided ``overall_confidence``
+    bound of the paired difference's noise: a retrain that changes a few hundred answers of ten thousand
+    moves top-1 by a few tenths of a point by chance, and a gate below that noise rejects real improvements.
+    """
+    if current_overall.images != candidate_overall.images or current_reviewed.images != candidate_reviewed.images:
+        raise ValueError("the gate compares two models on the same images; the image counts differ")
+    if overall_tolerance_points < 0:
+        raise ValueError(f"--overall-tolerance: must be >= 0 points, got {overall_tolerance_points}")
+    if not 0.5 <= overall_confidence < 1.0:
+        raise ValueError(f"--overall-confidence: must be in [0.5, 1), got {overall_confidence}")
+    reasons, ok = [], True
+    if current_overall.images == 0:
+        ok = False
+        reasons.append("no held-out images to compare overall accuracy on")
+    else:
+        delta = (candidate_overall.correct - current_overall.correct) * 100.0 / current_overall.images
+        z = NormalDist().inv_cdf(overall_confidence)
+        noise = z * overall_pairs.standard_error_points(current_overall.images) if overall_pairs else 0.0
+        allowed = overall_tolerance_points + noise
+        overall_ok = delta >= -allowed - 1e-9
+        ok &= overall_ok
+        how = (f"{allowed:.2f} = {overall_tolerance_points:.2f} + {z:.3f} x {noise / z:.2f} paired standard error"
+               if overall_pairs and z > 0 else f"{allowed:.2f}")
+        reasons.append(f"overall top-1 {candidate_overall.top1:.2%} vs {current_overall.top1:.2%} "
+                       f"({delta:+.2f} points; may lose at most {how}): " + ("ok" if overall_ok else "worse"))
+    if current_reviewed.images == 0:
+        ok = False
+        reasons.append("no held-out reviewed frames, so 'better on the reviewed frames' cannot be shown "
+                       "(more reviewed frames, or a larger --reviewed-holdout-fraction)")
+    else:
+        delta = (candidate_reviewed.correct - current_reviewed.correct) * 100.0 / current_reviewed.images
+        reviewed_ok = candidate_reviewed.correct > current_reviewed.correct
+        ok &= reviewed_ok
+        reasons.append(f"reviewed frames top-1 {candidate_reviewed.top1:.2%} vs {current_reviewed.top1:.2%} "
+                       f"on {current_reviewed.images} held-out frames ({delta:+.2f} points; must be higher): "
+                       + ("ok" if reviewed_ok else "not better"))
+    return GateDecision(ok, reasons)
+
+
+# ---------------------------------------------------------------- configuration
+
+@dataclass
+class ExportSettings:
+    models_dir: Path = Path("models")
+    version: str | None = None
+    calibration_images: int = 512
+    calibration_method: str = "percentile"
+    gate_margin_points: float = 1.0
+    parity_images: int = 256
+    tensorrt: str = "auto"
+    sign_key: Path | None = None
+
+
+@dataclass
+class RetrainConfig:
+    base_data: Path
+    reviewed: Path
+    current: Path
+    report: Path
+    train: Any                                   # TrainConfig; ``data`` is replaced by the combined dataset
+    export: ExportSettings = field(default_factory=ExportSettings)
+    name: str | None = None                      # default: the current bundle's name
+    holdout: Path | None = None
+    holdout_fraction: float = 0.1                # of the base data, when neither --holdout nor the current's split
+    reviewed_holdout_fraction: float = 0.3
+    overall_tolerance_points: float = 0.0
+    overall_confidence: float = 0.95             # one-sided bound on the paired difference's noise (0.5: none)
+    finetune_from_current: bool = False
+    prefer_int8: bool = True                     # evaluate what a station runs (agent default)
+    public_key: Path | None = None
+    mqtt: Any = None                             # BrokerSettings: publish the gate event there
+
+
+@dataclass
+class RetrainResult:
+    decision: GateDecision
+    bundle_dir: Path
+    report: dict[str, Any]
+    report_json: Path
+    report_md: Path
+
+
+# ---------------------------------------------------------------- data
+
+@dataclass(frozen=True)
+class Item:
+    path: Path
+    label: str
+    source: str                 # base | reviewed | holdout
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+def _read_items(path: Path, source: str) -> tuple[list[Item], list[dict[str, str]]]:
+    """Images and labels in any trainer layout, unreadable ones dropped and listed; no class-count rules
+    (a reviewed set may hold a single class)."""
+    from trainer import data as data_mod
+
+    if path.is_dir() and (path / REVIEWED_CSV).is_file():
+        path = path / REVIEWED_CSV           # a 'labels export' folder: its CSV carries the provenance columns
+    layout = data_mod.detect_layout(path)
+    scan = {"csv": data_mod.read_csv, "folders": data_mod.scan_class_folders,
+            "prefixed": data_mod.scan_prefixed_files}[layout]
+    dataset = data_mod.drop_unreadable(scan(path))
+    extra = _csv_extra_columns(path) if layout == "csv" else {}
+    items = [Item(s.path, dataset.classes[s.label], source, extra.get(str(s.path.resolve()), {}))
+             for s in dataset.samples]
+    return items, dataset.skipped
+
+
+def _csv_extra_columns(csv_path: Path) -> dict[str, dict[str, str]]:
+    """Provenance columns beside path,label (frame id, station, reviewer, ...), by resolved image path."""
+    out = {}
+    with open(csv_path, newline="") as fh:
+        for row in csv.DictReader(fh):
+            rel = Path(row.get("path") or "")
+            image = rel if rel.is_absolute() else csv_path.parent / rel
+            out[str(image.resolve())] = {k: v for k, v in row.items() if k not in ("path", "label") and v}
+    return out
+
+
+def _stratified(items: Sequence[Item], fraction: float, seed: int) -> tuple[list[Item], list[Item]]:
+    from trainer.data import stratified_split
+
+    names = sorted({i.label for i in items})
+    labels = [names.index(i.label) for i in items]
+    if not items:
+        return [], []
+    train_idx, held_idx = stratified_split(labels, fraction, seed)
+    return [items[i] for i in train_idx], [items[i] for i in held_idx]
+
+
+def overall_holdout(cfg: RetrainConfig, current, base: list[Item], seed: int) -> tuple[list[Item], str, list[dict]]:
+    """Images neither model trains on: --holdout, else the current version's validation split, else a
+    seeded share of the base data (which the current version may have trained on: said in the report)."""
+    if cfg.holdout is not None:
+        items, skipped = _read_items(cfg.holdout, "holdout")
+        return items, f"--holdout {cfg.holdout}", skipped
+    provenance = current.manifest.get("provenance") or {}
+    split_path = Path(provenance.get("run_dir") or "/nonexistent") / "split.json"
+    if split_path.is_file():
+        split = json.loads(split_path.read_text())
+        root = Path(split["root"])
+        items = [Item(root / rel, split["classes"][label], "holdout") for rel, label in split["val"]]
+        present = [i for i in items if i.path.is_file()]
+        if present:
+            note = f"the current version's validation split ({split_path})"
+            if len(present) < len(items):
+                note += f"; {len(items) - len(present)} of its images are no longer on disk"
+            return present, note, []
+    _, held = _stratified(base, cfg.holdout_fraction, seed)
+    return ([Item(i.path, i.label, "holdout") for i in held],
+            f"a seeded {cfg.holdout_fraction:.0%} of --base-data (the current version's split is not available, "
+            "so it may have trained on some of these images, which favours it)", [])
+
+
+def write_training_csv(path: Path, items: Sequence[Item]) -> None:
+    """The combined dataset in the trainer's CSV layout (absolute paths), plus where each row came from."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "label", "source"])
+        for item in items:
+            writer.writerow([str(item.path.resolve()), item.label, item.source])
+    tmp.replace(path)
+
+
+# ---------------------------------------------------------------- models
+
+def current_checkpoint(bundle, probe_inputs) -> Path:
+    """The current version's training checkpoint, checked to be the one its ONNX model was exported from.
+
+    Bundles hold ONNX models, not trainable weights; the manifest records the checkpoint it came from
+    (``provenance.checkpoint``), which exists only on the machine (and while the run folder) it was
+    trained on.
+    """
+    import numpy as np
+
+    from contract.bundle import ROLE_FP32
+    from trainer.engine import load_checkpoint_model, predict_logits
+    from trainer.evaluate import onnx_logits
+
+    manifest = bundle.root / "manifest.json"
+    recorded = (bundle.manifest.get("provenance") or {}).get("checkpoint")
+    if not recorded:
+        raise RetrainError(f"{manifest}: field provenance/checkpoint: absent, so {bundle.name} {bundle.version} cannot "
+                           "be fine-tuned from (bundles hold ONNX, not trainable weights); retrain without "
+                           "--finetune-from-current (ImageNet start) or pass --weights PATH")
+    path = Path(recorded)
+    if not path.is_file():
+        raise RetrainError(f"{path}: the checkpoint {bundle.name} {bundle.version} was exported from "
+                           f"({manifest}: provenance/checkpoint) is not on this machine; bundles hold ONNX, not "
+                           "trainable weights, so retrain without --finetune-from-current or pass --weights PATH")
+    try:
+        model, ckpt = load_checkpoint_model(path)
+    except ValueError as exc:
+        raise RetrainError(str(exc)) from exc
+    if ckpt["classes"] != bundle.labels or ckpt["config"].get("arch") != bundle.manifest.get("architecture"):
+        raise RetrainError(f"{path}: classes or architecture differ from {manifest}; it is not this version's checkpoint")
+    fp32 = bundle.artifact(ROLE_FP32)
+    if fp32 is not None and len(probe_inputs):
+        import torch
+
+        torch_logits = predict_logits(model, torch.as_tensor(probe_inputs), torch.device("cpu")).numpy()
+        diff = float(np.abs(torch_logits - onnx_logits(fp32.path, probe_inputs)).max())
+        if diff > 1e-2:
+            raise RetrainError(f"{path}: its outputs differ from {fp32.path} by up to {diff:.3g} on "
+                               f"{len(probe_inputs)} images; it is not the checkpoint this version was exported from")
+    return path
+
+
+@dataclass
+class Evaluation:
+    score: Score
+    macro_f1: float
+    per_class_recall: dict[str, float]
+    per_class_support: dict[str, int]
+    artifact: str
+    predictions: list[str]
+
+
+def evaluate_bundle(bundle, items: Sequence[Item], classes: Sequence[str], *, prefer_int8: bool = True,
+                    workers: int = 2) -> Evaluation:
+    """The bundle's deployable ONNX model in ONNX Runtime on ``items``, with the station's preprocessing.
+
+    Classes the bundle does not have (a class new in the reviewed frames) count as never predicted.
+    """
+    import numpy as np
+
+    from trainer.data import Sample
+    from trainer.engine import eval_inputs
+    from trainer.evaluate import compute_metrics, onnx_logits
+
+    artifact = bundle.pick_onnx(prefer_int8)
+    if not items:
+        return Evaluation(Score(0, 0), 0.0, {}, {}, artifact.path.name, [])
+    index = {c: i for i, c in enumerate(classes)}
+    samples = [Sample(item.path, index[item.label]) for item in items]
+    x, y = eval_inputs(samples, bundle.input_spec, workers, desc=f"preprocess for {bundle.version}")
+    logits = onnx_logits(artifact.path, x.numpy())
+    full = np.full((len(items), len(classes)), -1e9)
+    full[:, [index[label] for label in bundle.labels]] = logits
+    truth = y.numpy()
+    metrics = compute_metrics(full, truth, list(classes))
+    pred = full.argmax(1)
+    present = [c for c, v in metrics["per_class"].items() if v["support"] > 0]
+    return Evaluation(
+        score=Score(int((pred == truth).sum()), len(items)),
+        macro_f1=float(np.mean([metrics["per_class"][c]["f1"] for c in present])),
+        per_class_recall={c: metrics["per_class"][c]["recall"] for c in present},
+        per_class_support={c: metrics["per_class"][c]["support"] for c in present},
+        artifact=artifact.path.name,
+        predictions=[classes[i] for i in pred],
+    )
+
+
+# ---------------------------------------------------------------- the whole step
+
+def resolve_train_config(cfg_train, current, *, weights: str | None):
+    """Fill what the user left open from the current version: architecture and input (the next
+    version of the same model), weights (ImageNet, or the current's checkpoint when fine-tuning)."""
+    spec = current.input_spec
+    arch = cfg_train.get("arch") or current.manifest.get("architecture")
+    if cfg_train.get("arch") and weights and cfg_train["arch"] != current.manifest.get("architecture"):
+        raise RetrainError(f"--arch {cfg_train['arch']}: --finetune-from-current needs the current's architecture "
+                           f"{current.manifest.get('architecture')}")
+    out = dict(cfg_train)
+    out["arch"] = arch
+    if not out.get("image_size"):
+        out["image_size"] = spec.height
+        out["resize_shorter"] = out.get("resize_shorter") or spec.resize_shorter
+        out["interpolation"] = out.get("interpolation") or spec.interpolation
+    out["interpolation"] = out.get("interpolation") or "bilinear"
+    if weights:
+        if out.get("weights") not in (None, "imagenet"):
+            raise RetrainError("--weights and --finetune-from-current both name the starting weights; pass one")
+        out["weights"] = weights
+    else:
+        out["weights"] = out.get("weights") or "imagenet"
+    return out
+
+
+def retrain(cfg: RetrainConfig) -> RetrainResult:
+    """Train, export, evaluate both, decide, record; see the module docstring."""
+    from contract.bundle import BundleError, load_bundle, load_public_key
+    from trainer.config import TrainConfig
+    from trainer.engine import Trainer, eval_inputs
+    from trainer.export.bundle import ExportConfig, export_bundle
+    from trainer.export.quantize import QuantizeConfig
+
+    started = time.perf_counter()
+    key = load_public_key(cfg.public_key) if cfg.public_key else None
+    try:
+        current = load_bundle(cfg.current, key)
+    except BundleError as exc:
+        raise RetrainError(f"--current: {exc}") from exc
+    train = dict(cfg.train) if isinstance(cfg.train, dict) else cfg.train.to_dict()
+    seed = int(train.get("seed") or 0)
+    name = cfg.name or current.name
+    version = cfg.export.version or dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    if name == current.name and version == current.version:
+        raise RetrainError(f"--version {version}: that is the current version; the next one needs another")
+    if (Path(cfg.export.models_dir) / name / version).exists():
+        raise RetrainError(f"{Path(cfg.export.models_dir) / name / version}: bundle version already exists; "
+                           "pass another --version")
+    run_dir = Path(train.get("out_dir") or "runs") / f"{name}-{version}"
+    if (run_dir / "last.pt").exists():
+        raise RetrainError(f"{run_dir}: already holds a training run; pass another --version")
+
+    augment = train.get("augment") or {}
+    augment = augment if isinstance(augment, dict) else augment.to_dict()
+    backgrounds = backgrounds_info((augment.get("station_view") or {}).get("backgrounds"))
+    base, base_skipped = _read_items(cfg.base_data, "base")
+    if train.get("limit_per_class"):
+        base = _limit(base, int(train["limit_per_class"]), seed)
+    reviewed, reviewed_skipped = _read_items(cfg.reviewed, "reviewed")
+    if not reviewed:
+        raise RetrainError(f"--reviewed {cfg.reviewed}: no readable reviewed frames")
+    holdout, holdout_source, holdout_skipped = overall_holdout(cfg, current, base, seed)
+    held = {str(i.path.resolve()) for i in holdout}
+    base_train = [i for i in base if str(i.path.resolve()) not in held]
+    reviewed_train, reviewed_held = _stratified(reviewed, cfg.reviewed_holdout_fraction, seed)
+    reviewed_train = [i for i in reviewed_train if str(i.path.resolve()) not in held]
+    classes = sorted({i.label for i in base_train + reviewed_train} | set(current.labels)
+                     | {i.label for i in holdout + reviewed_held})
+
+    weights = None
+    if cfg.finetune_from_current:
+        probe = holdout[:16] or reviewed_held[:16]
+        probe_x = eval_inputs([_sample(i, classes) for i in probe], current.input_spec, 0, desc="checkpoint probe")[0]
+        weights = str(current_checkpoint(current, probe_x.numpy()))
+    resolved = resolve_train_config(train, current, weights=weights)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    data_csv = run_dir / "retrain-data.csv"
+    write_training_csv(data_csv, base_train + reviewed_train)
+    resolved.update(data=str(data_csv), name=run_dir.name, out_dir=str(run_dir.parent), limit_per_class=None)
+    train_cfg = TrainConfig(**resolved)
+    log.info("training %s %s on %d base + %d reviewed images (%s)", name, version, len(base_train),
+             len(reviewed_train), f"from {weights}" if weights else f"from {train_cfg.weights}")
+    fit = Trainer(train_cfg, run_dir).fit()
+    e = cfg.export
+    exported = export_bundle(ExportConfig(
+        checkpoint=run_dir / "best.pt", models_dir=e.models_dir, name=name, version=version,
+        parity_images=e.parity_images, gate_margin_points=e.gate_margin_points, tensorrt=e.tensorrt,
+        quantize=QuantizeConfig(calibration_images=e.calibration_images, method=e.calibration_method),
+        sign_key=e.sign_key, workers=train_cfg.workers))
+    candidate = load_bundle(exported.bundle_dir, key)
+
+    workers = train_cfg.workers
+    ev = {who: {"overall": evaluate_bundle(b, holdout, classes, prefer_int8=cfg.prefer_int8, workers=workers),
+                "reviewed": evaluate_bundle(b, reviewed_held, classes, prefer_int8=cfg.prefer_int8, workers=workers)}
+          for who, b in (("current", current), ("candidate", candidate))}
+    decision = gate_decision(ev["current"]["overall"].score, ev["candidate"]["overall"].score,
+                             ev["current"]["reviewed"].score, ev["candidate"]["reviewed"].score,
+                             overall_tolerance_points=cfg.overall_tolerance_points,
+                             overall_pairs=Paired.of([i.label for i in holdout], ev["current"]["overall"].predictions,
+                                                     ev["candidate"]["overall"].predictions),
+                             overall_confidence=cfg.overall_confidence)
+    report = build_report(cfg, current, candidate, decision, ev, holdout=holdout, holdout_source=holdout_source,
+                          reviewed=reviewed, reviewed_train=reviewed_train, reviewed_held=reviewed_held,
+                          base_train=base_train, skipped=base_skipped + reviewed_skipped + holdout_skipped,
+                          run_dir=run_dir, weights=weights, train_cfg=train_cfg, fit=fit,
+                          seconds=time.perf_counter() - started, backgrounds=backgrounds)
+    write_gate(candidate.root, {
+        "decision": decision.decision, "name": name, "version": version,
+        "manifest_sha256": manifest_sha256(candidate.root), "reason": decision.summary,
+        "current": {"name": current.name, "version": current.version}, "report": str(cfg.report),
+        "figures": report["figures_short"], "ts": utc_now()})
+    write_json_atomic(run_dir / "reviewed-split.json", {
+        "seed": seed, "fraction": cfg.reviewed_holdout_fraction,
+        "train": [_row(i) for i in reviewed_train], "holdout": [_row(i) for i in reviewed_held]})
+    report_json, report_md = write_report(cfg.report, report)
+    publish_event_once(cfg.mqtt, make_event("gate", {"name": name, "version": version}, ok=decision.promoted,
+                                            reason=decision.summary, figures=report["figures_short"]))
+    log.info("%s %s %s", name, version, decision.summary)
+    return RetrainResult(decision, candidate.root, report, report_json, report_md)
+
+
+def backgrounds_info(folder: str | None) -> dict[str, Any] | None:
+    """What ``--backgrounds`` gave the station views (for the report): the folder, its images, and the
+    cameras they came from when ``central backgrounds export`` wrote it. Checked before any training, so a
+    wrong folder stops the run at once."""
+    if not folder:
+        return None
+    from trainer.backgrounds import BACKGROUND_EXTENSIONS
+
+    path = Path(folder)
+    if not path.is_dir():
+        raise RetrainError(f"--backgrounds {folder}: not a folder")
+    images = sum(1 for p in path.rglob("*") if p.is_file() and p.suffix.lower() in BACKGROUND_EXTENSIONS)
+    if not images:
+        raise RetrainError(f"--backgrounds {folder}: no {'/'.join(sorted(BACKGROUND_EXTENSIONS))} images in it")
+    info: dict[str, Any] = {"folder": str(path.resolve()), "images": images}
+    summary = path / "backgrounds.json"
+    if summary.is_file():
+        try:
+            info["by_camera"] = json.loads(summary.read_text()).get("by_camera")
+        except ValueError:
+            pass
+    return info
+
+
+def _sample(item: Item, classes: Sequence[str]):
+    from trainer.data import Sample
+
+    return Sample(item.path, list(classes).index(item.label))
+
+
+def _limit(items: list[Item], limit: int, seed: int) -> list[Item]:
+    import random
+
+    by_label: dict[str, list[Item]] = {}
+    for item in items:
+        by_label.setdefault(item.label, []).append(item)
+    rng = random.Random(seed)
+    kept = []
+    for label in sorted(by_label):
+        group = by_label[label]
+        kept.extend(rng.sample(group, min(limit, len(group))))
+    return sorted(kept, key=lambda i: str(i.path))
+
+
+def _row(item: Item) -> dict[str, Any]:
+    return {"path": str(item.path), "label": item.label, **item.extra}
+
+
+def _counts(items: Sequence[Item]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for item in items:
+        out[item.label] = out.get(item.label, 0) + 1
+    return dict(sorted(out.items()))
+
+
+# ---------------------------------------------------------------- report
+
+def _figures(e: Evaluation) -> dict[str, Any]:
+    return {"top1": round(e.score.top1, 6), "correct": e.score.correct, "images": e.score.images,
+            "macro_f1": round(e.macro_f1, 6), "per_class_recall": {c: round(v, 6) for c, v in e.per_class_recall.items()},
+            "artifact": e.artifact}
+
+
+def build_report(cfg: RetrainConfig, current, candidate, decision: GateDecision, ev: dict, *, holdout, holdout_source,
+                 reviewed, reviewed_train, reviewed_held, base_train, skipped, run_dir, weights, train_cfg, fit,
+                 seconds, backgrounds=None) -> dict[str, Any]:
+    figures = {side: {who: _figures(ev[who][side]) for who in ("current", "candidate")}
+               for side in ("overall", "reviewed")}
+    short = {
+        "current_version": current.version,
+        "overall_top1": {"current": figures["overall"]["current"]["top1"],
+                         "candidate": figures["overall"]["candidate"]["top1"]},
+        "overall_macro_f1": {"current": figures["overall"]["current"]["macro_f1"],
+                             "candidate": figures["overall"]["candidate"]["macro_f1"]},
+        "reviewed_top1": {"current": figures["reviewed"]["current"]["top1"],
+                          "candidate": figures["reviewed"]["candidate"]["top1"]},
+        "holdout_images": len(holdout), "reviewed_holdout_frames": len(reviewed_held),
+        "overall_tolerance_points": cfg.overall_tolerance_points,
+        "overall_confidence": cfg.overall_confidence,
+    }
+    return {
+        "schema": REPORT_SCHEMA,
+        "decision": decision.decision,
+        "promoted": decision.promoted,
+        "reasons": decision.reasons,
+        "rule": ("promoted only if overall top-1 on the held-out images is at least the current's minus "
+                 f"{cfg.overall_tolerance_points:.2f} points and minus the one-sided {cfg.overall_confidence:.0%} bound "
+                 "of the paired difference's noise, AND top-1 on the held-out reviewed frames is higher"),
+        "current": {"name": current.name, "version": current.version, "bundle": str(current.root)},
+        "candidate": {"name": candidate.name, "version": candidate.version, "bundle": str(candidate.root),
+                      "manifest_sha256": manifest_sha256(candidate.root)},
+        "figures": figures,
+        "figures_short": short,
+        "data": {
+            "holdout": {"source": holdout_source, "images": len(holdout), "per_class": _counts(holdout)},
+            "reviewed": {"source": str(cfg.reviewed), "frames": len(reviewed), "train": len(reviewed_train),
+                         "holdout": len(reviewed_held), "holdout_fraction": cfg.reviewed_holdout_fraction,
+                         "seed": train_cfg.seed, "per_class_train": _counts(reviewed_train),
+                         "per_class_holdout": _counts(reviewed_held), "split_file": str(run_dir / "reviewed-split.json")},
+            "base": {"source": str(cfg.base_data), "train_images": len(base_train), "per_class": _counts(base_train)},
+            "skipped_images": skipped,
+            "backgrounds": backgrounds,
+        },
+        "training": {"run_dir": str(run_dir), "dataset_csv": str(run_dir / "retrain-data.csv"),
+                     "start": weights or train_cfg.weights, "finetuned_from_current": weights is not None,
+                     "epochs_run": fit.epochs_run, "best_epoch": fit.best_epoch,
+                     "config": train_cfg.to_dict()},
+        "evaluated_with": "ONNX Runtime (CPU) on each bundle's deployable ONNX model, station preprocessing",
+        "seconds": round(seconds, 1),
+        "ts": utc_now(),
+    }
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    f, d = report["figures"], report["data"]
+    cur, cand = report["current"], report["candidate"]
+    lines = [f"# Retrain gate: {cand['name']} {cand['version']} **{report['decision'].upper()}**", "",
+             f"Current: {cur['name']} {cur['version']}. Rule: {report['rule']}.", ""]
+    lines += [f"- {r}" for r in report["reasons"]]
+    lines += ["", "| | current | candidate |", "|---|---|---|"]
+
+    def pct(x: float) -> str:
+        return f"{x * 100:.2f}%"
+
+    o, r = f["overall"], f["reviewed"]
+    lines += [f"| overall top-1 ({d['holdout']['images']} held-out images) | {pct(o['current']['top1'])} | "
+              f"{pct(o['candidate']['top1'])} |",
+              f"| overall macro-F1 | {o['current']['macro_f1']:.4f} | {o['candidate']['macro_f1']:.4f} |",
+              f"| reviewed frames top-1 ({d['reviewed']['holdout']} held out) | {pct(r['current']['top1'])} | "
+              f"{pct(r['candidate']['top1'])} |",
+              f"| ONNX model evaluated | {o['current']['artifact']} | {o['candidate']['artifact']} |", "",
+              "Per-class recall on the held-out images:", "", "| class | images | current | candidate |",
+              "|---|---|---|---|"]
+    for c, n in d["holdout"]["per_class"].items():
+        lines.append(f"| {c} | {n} | {pct(o['current']['per_class_recall'].get(c, 0.0))} | "
+                     f"{pct(o['candidate']['per_class_recall'].get(c, 0.0))} |")
+    t = report["training"]
+    lines += ["", f"Held-out images: {d['holdout']['source']}.",
+              f"Reviewed frames: {d['reviewed']['frames']} from {d['reviewed']['source']}; {d['reviewed']['train']} "
+              f"trained on, {d['reviewed']['holdout']} held out (stratified, seed {d['reviewed']['seed']}, listed in "
+              f"{d['reviewed']['split_file']}).",
+              f"Training: {d['base']['train_images']} base + {d['reviewed']['train']} reviewed images, started from "
+              f"{t['start']}, {t['epochs_run']} epoch(s), run folder {t['run_dir']}.",
+              f"Skipped unreadable images: {len(d['skipped_images'])}. Took {report['seconds']:.0f} s."]
+    if d.get("backgrounds"):
+        b = d["backgrounds"]
+        lines.insert(-1, f"Station-view backgrounds: {b['images']} image(s) from {b['folder']}"
+                         + (f" ({', '.join(b['by_camera'])})." if b.get("by_camera") else "."))
+    return "\n".join(lines) + "\n"
+
+
+def write_report(path: Path, report: dict[str, Any]) -> tuple[Path, Path]:
+    path = Path(path)
+    json_path = path if path.suffix == ".json" else path.with_suffix(".json")
+    md_path = json_path.with_suffix(".md")
+    write_json_atomic(json_path, report)
+    tmp = md_path.with_name(f".{md_path.name}.tmp")
+    tmp.write_text(render_markdown(report))
+    tmp.replace(md_path)
+    return json_path, md_path
+
+
+# ---------------------------------------------------------------- CLI
+
+def add_retrain_parser(sub: argparse._SubParsersAction, add_train_args: Callable, add_export_args: Callable) -> None:
+    p = sub.add_parser("retrain", help="train the next version from base + reviewed frames, and gate it")
+    p.add_argument("--base-data", type=Path, required=True, help="the base dataset (any trainer layout)")
+    p.add_argument("--reviewed", type=Path, required=True,
+                   help="reviewed frames: the CSV (or folder) 'trainer labels export' writes, or any path,label CSV")
+    p.add_argument("--current", type=Path, required=True, help="the current version's bundle, models/<name>/<version>")
+    p.add_argument("--report", type=Path, required=True, help="report path (.json; a .md is written beside it)")
+    p.add_argument("--finetune-from-current", action="store_true",
+                   help="start from the current version's checkpoint (where it is on this machine)")
+    p.add_argument("--holdout", type=Path, default=None, help="held-out images for the overall comparison")
+    p.add_argument("--holdout-fraction", type=float, default=0.1,
+                   help="share of --base-data held out when neither --holdout nor the current's split is there")
+    p.add_argument("--reviewed-holdout-fraction", type=float, default=0.3,
+                   help="share of the reviewed frames held out (stratified, seeded) for the comparison")
+    p.add_argument("--overall-tolerance", type=float, default=0.0,
+                   help="overall top-1 points the candidate may lose and still be promoted, beyond the noise")
+    p.add_argument("--overall-confidence", type=float, default=0.95,
+                   help="the candidate may also lose this one-sided bound of the paired comparison's noise "
+                        "(0.95: 1.645 standard errors of the per-image difference; 0.5: no noise allowance)")
+    p.add_argument("--prefer-int8", action=argparse.BooleanOptionalAction, default=True,
+                   help="evaluate the INT8 model where deployable (what a station runs by default)")
+    p.add_argument("--public-key", type=Path, default=None, help="check the current bundle's signature")
+    add_train_args(p, data=False)
+    p.set_defaults(name=None, arch=None, image_size=None, weights=None, interpolation=None, station_view=None)
+    add_export_args(p)
+    add_broker_args(p, default_host=None, title="broker (the gate event is published when --mqtt-host is given)")
+
+
+def train_settings(**overrides: Any) -> dict[str, Any]:
+    """TrainConfig fields for ``RetrainConfig.train``; arch, input and weights left None come from the current."""
+    from trainer.config import TrainConfig
+
+    out = TrainConfig(data="").to_dict()
+    out.update({k: None for k in OPEN_FIELDS}, name=None, resize_shorter=None)
+    out.update(overrides)
+    return out
+
+
+OPEN_FIELDS = {"arch": "resnet50", "image_size": 224, "weights": "imagenet", "interpolation": "bilinear"}
+
+
+def _current_station_view(current: Path) -> str:
+    """``--station-view`` left open: the next version is trained for the crop the current one is fed (station
+    views for a foreground-crop bundle, the plain path for a whole-ROI one). An unreadable manifest is
+    reported when the bundle is loaded."""
+    try:
+        crop = json.loads((Path(current) / "manifest.json").read_text())["input"].get("crop") or {}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return "off"
+    return "on" if crop.get("mode") == "foreground" else "off"
+
+
+def cmd_retrain(args: argparse.Namespace) -> int:
+    from trainer.cli import train_config_from_args
+
+    left_open = {k: getattr(args, k) for k in OPEN_FIELDS}
+    filled = argparse.Namespace(**{**vars(args), **{k: v if v is not None else OPEN_FIELDS[k] for k, v in left_open.items()},
+                                   "data": "", "station_view": args.station_view or _current_station_view(args.current)})
+    train = train_config_from_args(filled).to_dict()
+    train.update(left_open, name=args.name)
+    cfg = RetrainConfig(
+        base_data=args.base_data, reviewed=args.reviewed, current=args.current, report=args.report, train=train,
+        export=ExportSettings(models_dir=Path(args.models_dir), version=args.version,
+                              calibration_images=args.calibration_images, calibration_method=args.calibration_method,
+                              gate_margin_points=args.gate_margin, parity_images=args.parity_images,
+                              tensorrt=args.tensorrt, sign_key=args.sign_key),
+        name=args.name, holdout=args.holdout, holdout_fraction=args.holdout_fraction,
+        reviewed_holdout_fraction=args.reviewed_holdout_fraction, overall_tolerance_points=args.overall_tolerance,
+        overall_confidence=args.overall_confidence,
+        finetune_from_current=args.finetune_from_current, prefer_int8=args.prefer_int8, public_key=args.public_key,
+        mqtt=settings_from_args(args))
+    result = retrain(cfg)
+    print(render_markdown(result.report))
+    print(f"bundle {result.bundle_dir} ({result.decision.decision}); report {result.report_json} and {result.report_md}")
+    return 0 if result.decision.promoted else 1
+
+
+__all__ = ["RetrainConfig", "RetrainError", "RetrainResult", "Score", "GateDecision", "gate_decision", "retrain",
+           "train_settings", "evaluate_bundle", "current_checkpoint", "render_markdown", "RolloutError"]
