@@ -179,7 +179,7 @@ def run_loop(args, scenes_root: Path) -> dict[str, Any]:
         export = subprocess.run([sys.executable, "-m", "central", "labels", "export", "--store", str(work / "frames"),
                                  "--out", str(work / "reviewed")], cwd=REPO, capture_output=True, text=True)
         if export.returncode != 0:
-            raise RuntimeError(f"trainer labels export failed:\n{export.stderr[-3000:]}")
+            raise RuntimeError(f"central labels export failed:\n{export.stderr[-3000:]}")
         new_bundle, gate, rc = retrain(args, work, work / "reviewed")
         before = measure(truth_b, scenes_root / scene_b, args.bundle, args.set, port)
         after = measure(truth_b, scenes_root / scene_b, new_bundle, args.set, port)

@@ -655,7 +655,7 @@ def add_retrain_parser(sub: argparse._SubParsersAction, add_train_args: Callable
     p = sub.add_parser("retrain", help="train the next version from base + reviewed frames, and gate it")
     p.add_argument("--base-data", type=Path, required=True, help="the base dataset (any trainer layout)")
     p.add_argument("--reviewed", type=Path, required=True,
-                   help="reviewed frames: the CSV (or folder) 'trainer labels export' writes, or any path,label CSV")
+                   help="reviewed frames: the CSV (or folder) 'central labels export' writes, or any path,label CSV")
     p.add_argument("--current", type=Path, required=True, help="the current version's bundle, models/<name>/<version>")
     p.add_argument("--report", type=Path, required=True, help="report path (.json; a .md is written beside it)")
     p.add_argument("--finetune-from-current", action="store_true",

@@ -67,7 +67,7 @@ def resolve_bundle(location: str) -> RemoteBundle:
     """Read a published bundle's manifest and gate record where stations will fetch it.
 
     Refuses a version the gate rejected, one without a gate record (not published by
-    ``trainer publish``), and one whose manifest changed after the gate.
+    ``central publish``), and one whose manifest changed after the gate.
     """
     raw = _read_location(location, "manifest.json")
     assert raw is not None
@@ -79,7 +79,7 @@ def resolve_bundle(location: str) -> RemoteBundle:
     sha = hashlib.sha256(raw).hexdigest()
     gate_raw = _read_location(location, GATE_FILE, optional=True)
     if gate_raw is None:
-        raise RolloutError(f"{location}: no {GATE_FILE}; roll out only bundles published by 'python -m trainer publish'")
+        raise RolloutError(f"{location}: no {GATE_FILE}; roll out only bundles published by 'python -m central publish'")
     try:
         gate = json.loads(gate_raw)
     except json.JSONDecodeError as exc:

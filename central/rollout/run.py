@@ -178,14 +178,14 @@ class Rollout:
 
     def _rollback_canary(self, canary: str, before: str | None) -> str:
         if before is None:
-            return "its previous version is unknown: roll it back with 'python -m trainer rollback'"
+            return "its previous version is unknown: roll it back with 'python -m central rollback'"
         try:
             location = self.history.location_of(before, canary) or sibling_location(self.plan.bundle.location, before)
             previous = resolve_bundle(location)
             if previous.version != before:
                 raise RolloutError(f"{location} holds {previous.version}, not {before}")
         except RolloutError as exc:
-            return f"could not roll it back to {before} ({exc}); use 'python -m trainer rollback --to {before}'"
+            return f"could not roll it back to {before} ({exc}); use 'python -m central rollback --to {before}'"
         back = _SwitchTo(self, previous, "rollback").run([canary], "canary")[0]
         self._emit("rollback", back.ok, f"canary {canary} back on {before}" if back.ok else back.reason, [canary],
                    {"before": back.before, "after": back.after}, model=previous.model)

@@ -105,7 +105,7 @@ def weak(fmnist_dir, tmp_path_factory):
 
 def reviewed_csv(path: Path, weak, *, shirts: int = 40, others: dict[str, int] | None = None,
                  corrupt: bool = False) -> Path:
-    """Reviewed frames as 'trainer labels export' hands them over: path,label plus provenance columns."""
+    """Reviewed frames as 'central labels export' hands them over: path,label plus provenance columns."""
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     for label, count in {WEAK_CLASS: shirts, **(others or {"Pullover": 5, "T-shirt/top": 5})}.items():
