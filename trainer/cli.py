@@ -8,10 +8,12 @@ All of the trainer's argparse lives here; library modules take typed configs. Th
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
 
+from contract.broker import add_broker_args
 from trainer.augment import AugmentConfig
 from trainer.station_view import StationViewConfig
 
@@ -137,9 +139,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=48)
     p.add_argument("--arch", default="mobilenet_v2", choices=["resnet50", "resnet18", "mobilenet_v2"])
 
-    from trainer.retrain import add_retrain_parser
-
-    add_retrain_parser(sub, _add_train_args, _add_export_args)
+    _add_retrain_parser(sub)
     return parser
 
 
@@ -274,10 +274,69 @@ COMMANDS = {"import-fashion-mnist": cmd_import, "train": cmd_train, "evaluate": 
             "verify": cmd_verify, "keygen": cmd_keygen, "demo": cmd_demo}
 
 
-def cmd_retrain(args) -> int:
-    from trainer.retrain import cmd_retrain as run
+def _add_retrain_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("retrain", help="train the next version from base + reviewed frames, and gate it")
+    p.add_argument("--base-data", type=Path, required=True, help="the base dataset (any trainer layout)")
+    p.add_argument("--reviewed", type=Path, required=True,
+                   help="reviewed frames: the CSV (or folder) 'central labels export' writes, or any path,label CSV")
+    p.add_argument("--current", type=Path, required=True, help="the current version's bundle, models/<name>/<version>")
+    p.add_argument("--report", type=Path, required=True, help="report path (.json; a .md is written beside it)")
+    p.add_argument("--finetune-from-current", action="store_true",
+                   help="start from the current version's checkpoint (where it is on this machine)")
+    p.add_argument("--holdout", type=Path, default=None, help="held-out images for the overall comparison")
+    p.add_argument("--holdout-fraction", type=float, default=0.1,
+                   help="share of --base-data held out when neither --holdout nor the current's split is there")
+    p.add_argument("--reviewed-holdout-fraction", type=float, default=0.3,
+                   help="share of the reviewed frames held out (stratified, seeded) for the comparison")
+    p.add_argument("--overall-tolerance", type=float, default=0.0,
+                   help="overall top-1 points the candidate may lose and still be promoted, beyond the noise")
+    p.add_argument("--overall-confidence", type=float, default=0.95,
+                   help="the candidate may also lose this one-sided bound of the paired comparison's noise "
+                        "(0.95: 1.645 standard errors of the per-image difference; 0.5: no noise allowance)")
+    p.add_argument("--prefer-int8", action=argparse.BooleanOptionalAction, default=True,
+                   help="evaluate the INT8 model where deployable (what a station runs by default)")
+    p.add_argument("--public-key", type=Path, default=None, help="check the current bundle's signature")
+    _add_train_args(p, data=False)
+    p.set_defaults(name=None, arch=None, image_size=None, weights=None, interpolation=None, station_view=None)
+    _add_export_args(p)
+    add_broker_args(p, default_host=None, title="broker (the gate event is published when --mqtt-host is given)")
 
-    return run(args)
+
+def _current_station_view(current: Path) -> str:
+    """``--station-view`` left open: the next version is trained for the crop the current one is fed (station
+    views for a foreground-crop bundle, the plain path for a whole-ROI one). An unreadable manifest is
+    reported when the bundle is loaded."""
+    try:
+        crop = json.loads((Path(current) / "manifest.json").read_text())["input"].get("crop") or {}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return "off"
+    return "on" if crop.get("mode") == "foreground" else "off"
+
+
+def cmd_retrain(args: argparse.Namespace) -> int:
+    from contract.broker import settings_from_args
+    from trainer.retrain import OPEN_FIELDS, ExportSettings, RetrainConfig, render_markdown, retrain
+
+    left_open = {k: getattr(args, k) for k in OPEN_FIELDS}
+    filled = argparse.Namespace(**{**vars(args), **{k: v if v is not None else OPEN_FIELDS[k] for k, v in left_open.items()},
+                                   "data": "", "station_view": args.station_view or _current_station_view(args.current)})
+    train = train_config_from_args(filled).to_dict()
+    train.update(left_open, name=args.name)
+    cfg = RetrainConfig(
+        base_data=args.base_data, reviewed=args.reviewed, current=args.current, report=args.report, train=train,
+        export=ExportSettings(models_dir=Path(args.models_dir), version=args.version,
+                              calibration_images=args.calibration_images, calibration_method=args.calibration_method,
+                              gate_margin_points=args.gate_margin, parity_images=args.parity_images,
+                              tensorrt=args.tensorrt, sign_key=args.sign_key),
+        name=args.name, holdout=args.holdout, holdout_fraction=args.holdout_fraction,
+        reviewed_holdout_fraction=args.reviewed_holdout_fraction, overall_tolerance_points=args.overall_tolerance,
+        overall_confidence=args.overall_confidence,
+        finetune_from_current=args.finetune_from_current, prefer_int8=args.prefer_int8, public_key=args.public_key,
+        mqtt=settings_from_args(args))
+    result = retrain(cfg)
+    print(render_markdown(result.report))
+    print(f"bundle {result.bundle_dir} ({result.decision.decision}); report {result.report_json} and {result.report_md}")
+    return 0 if result.decision.promoted else 1
 
 
 COMMANDS["retrain"] = cmd_retrain

@@ -11,7 +11,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from central.dashboard.__main__ import main
+from central.dashboard.cli import main
 from dashboard_support import (
     DashboardProcess,
     failed_gate_event,

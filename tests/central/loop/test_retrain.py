@@ -261,7 +261,7 @@ def _per_class(items) -> dict[str, int]:
 def test_retrain_trains_for_the_crop_the_current_bundle_is_fed(tmp_path):
     """--station-view left open follows the current bundle: a whole-ROI bundle's next version is not trained
     on station views it would never be fed (its head learned little from the reviewed frames when it was)."""
-    from trainer.retrain import _current_station_view
+    from trainer.cli import _current_station_view
 
     for crop, expected in (({"mode": "foreground", "margin": 0.1}, "on"), ({"mode": "roi"}, "off"), (None, "off")):
         bundle = tmp_path / str(crop)
