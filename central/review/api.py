@@ -1,7 +1,8 @@
 """The review page and its HTTP API, over a FrameStore.
 
-``python -m central review --store DIR --labels-from models/<name>/<version>``. The standard
-library's ThreadingHTTPServer; JSON in and out. Endpoints (all under the server's root):
+``python -m central review --store DIR --labels-from models/<name>/<version>``. A FastAPI app on
+uvicorn (``central.http``); JSON in and out, its OpenAPI schema at ``/api/openapi.json``. Endpoints
+(all under the server's root):
 
     GET  /                             the review page (central/review/static/review.html)
     GET  /api/labels                   {"labels": [...model classes], "new_classes": [...], "defects": [...]}
@@ -17,8 +18,9 @@ library's ThreadingHTTPServer; JSON in and out. Endpoints (all under the server'
 
 With ``--token T`` (or ``--token-file F``) every /api request needs ``Authorization: Bearer T``
 (the page asks once, keeps it in the browser's session storage, and fetches images with it too).
-Errors are JSON ``{"error": "..."}`` with 400 (bad field, named), 401, 404 (no such frame), 405, or 500 (the
-store's database or disk failed; logged with the request).
+Errors are JSON ``{"error": "..."}`` with 400 (bad field, named), 401, 403 (a browser POST from another
+origin), 404 (no such frame), 405, 413 (a body over 64 KiB, whatever its Content-Length says), or 500 (the
+store's database or disk failed; logged with the request). ``--tls-cert``/``--tls-key`` serve HTTPS.
 """
 
 from __future__ import annotations
@@ -28,13 +30,17 @@ import hmac
 import json
 import logging
 import mimetypes
-import threading
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlparse
 
+from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from central.http import BodyTooLarge, Guard, Served, too_large_response
 from central.review.store import FILTERS, FrameStore, StoreError, UnknownFrame
 
 log = logging.getLogger(__name__)
@@ -62,181 +68,193 @@ def labels_from(source: Path) -> list[str]:
                      f"or a mapping folder -> class name")
 
 
-class ReviewServer:
-    """The HTTP server in a thread (tests, embedding) or in the foreground (``serve_forever``)."""
+REVIEW_FIELDS = ("action", "label", "reviewer", "note")
 
-    def __init__(self, store: FrameStore, host: str = "127.0.0.1", port: int = 8080, token: str | None = None):
+
+class ReviewBody(BaseModel):
+    """A review of one frame; the store checks the action and the label against the classes."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    action: str | None = Field(None, description="label | skip | new_class | defect | undo")
+    label: str | None = Field(None, description="the class (label), the new class name (new_class) or the defect")
+    reviewer: str | None = None
+    note: str | None = None
+
+
+def create_app(store: FrameStore, token: str | None = None) -> FastAPI:
+    """The review page and API over ``store`` (an ASGI app; ``ReviewServer`` serves it)."""
+
+    def authorised(authorization: str | None = Header(None)) -> None:
+        if not token:
+            return
+        given = authorization or ""
+        if not (given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), token.encode())):
+            raise HTTPException(HTTPStatus.UNAUTHORIZED, "missing or wrong token: send 'Authorization: Bearer <token>'")
+
+    app = FastAPI(title="Review API", version="1", openapi_url="/api/openapi.json", docs_url=None, redoc_url=None,
+                  description="Label the low-confidence frames stations sent back (docs/loop.md).")
+    api = APIRouter(prefix="/api", dependencies=[Depends(authorised)])
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_request: Request, exc: HTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error(HTTPStatus.BAD_REQUEST, _validation_message(exc.errors()))
+
+    app.add_exception_handler(BodyTooLarge, too_large_response)
+
+    @app.exception_handler(UnknownFrame)
+    async def unknown(_request: Request, exc: UnknownFrame) -> JSONResponse:
+        return _error(HTTPStatus.NOT_FOUND, str(exc))
+
+    @app.exception_handler(StoreError)
+    async def bad(_request: Request, exc: StoreError) -> JSONResponse:
+        return _error(HTTPStatus.BAD_REQUEST, str(exc))
+
+    @app.exception_handler(FileNotFoundError)
+    async def missing(_request: Request, exc: FileNotFoundError) -> JSONResponse:
+        return _error(HTTPStatus.NOT_FOUND, f"image file missing: {exc.filename}")
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception) -> JSONResponse:
+        # the store's database or disk: say so rather than drop the connection
+        log.error("review http: %s %s failed", request.method, request.url.path, exc_info=exc)
+        return _error(HTTPStatus.INTERNAL_SERVER_ERROR, f"the store could not answer ({type(exc).__name__}: {exc})")
+
+    @app.get("/", include_in_schema=False)
+    @app.get("/review", include_in_schema=False)
+    def page() -> Response:
+        return _static("review.html")
+
+    @app.get("/static/{name}", include_in_schema=False)
+    def static(name: str) -> Response:
+        return _static(name)
+
+    @api.get("/labels", summary="the classes a reviewer assigns, new classes so far, defects")
+    def labels() -> dict[str, Any]:
+        return store.labels()
+
+    @api.get("/stats", summary="counts by status, station, model version and label; the storage quota")
+    def stats() -> dict[str, Any]:
+        return store.stats()
+
+    @api.get("/facets", summary="distinct sites, stations, cameras, model versions, predicted labels")
+    def facets() -> dict[str, Any]:
+        return store.facets()
+
+    @api.get("/frames", summary="a page of frames, filtered and ordered")
+    def frames(request: Request, limit: str = "50", offset: str = "0", order: str = "oldest") -> dict[str, Any]:
+        query = request.query_params
+        unknown_keys = set(query) - set(FILTERS) - {"limit", "offset", "order"}
+        if unknown_keys:
+            raise StoreError(f"unknown query parameter(s) {', '.join(sorted(unknown_keys))}")
+        try:
+            limit_n, offset_n = int(limit), int(offset)
+        except ValueError:
+            raise StoreError("field limit/offset: not an integer") from None
+        filters = {k: query.getlist(k)[-1] for k in query if k in FILTERS}
+        page_frames, total = store.list(limit=limit_n, offset=offset_n, order=order, **filters)
+        return {"frames": page_frames, "total": total}
+
+    @api.get("/frames/{frame_id}", summary="one frame's metadata and review")
+    def frame(frame_id: str) -> dict[str, Any]:
+        return store.get(frame_id)
+
+    @api.get("/frames/{frame_id}/image", summary="the frame's JPEG", response_class=Response)
+    def image(frame_id: str) -> Response:
+        return Response(store.image_path(frame_id).read_bytes(), media_type="image/jpeg")
+
+    @api.get("/frames/{frame_id}/context", summary="the ROI the frame was cut from (404 when none was sent)",
+             response_class=Response)
+    def context(frame_id: str) -> Response:
+        path = store.context_path(frame_id)
+        if path is None:
+            raise HTTPException(HTTPStatus.NOT_FOUND, f"frame {frame_id!r}: no ROI context was sent with it")
+        return Response(path.read_bytes(), media_type="image/jpeg")
+
+    @api.post("/frames/{frame_id}/review", summary="label, skip, new class, defect or undo",
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/json": {"schema": ReviewBody.model_json_schema()}}}})
+    async def review(frame_id: str, request: Request) -> dict[str, Any]:
+        # Read as JSON whatever the Content-Type says (curl -d and urllib send form-urlencoded by default).
+        try:
+            body = ReviewBody.model_validate_json(await request.body() or b"{}")
+        except ValidationError as exc:
+            raise StoreError(_validation_message(exc.errors())) from None
+        if not body.action:
+            raise StoreError("field action: missing")
+        return await run_in_threadpool(store.review, frame_id, body.action, label=body.label,
+                                       reviewer=body.reviewer, note=body.note)
+
+    app.include_router(api)
+
+    @app.api_route("/api/{rest:path}", methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"],
+                   include_in_schema=False)
+    def not_found(rest: str, request: Request) -> Response:
+        authorised(request.headers.get("authorization"))
+        return _error(HTTPStatus.NOT_FOUND, f"{request.method} /api/{rest}: not found")
+
+    return Guard(app, MAX_BODY)
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=int(status), headers={"Cache-Control": "no-store"})
+
+
+def _validation_message(errors: list[dict[str, Any]]) -> str:
+    """FastAPI's validation errors in this API's words: the field and what was wrong."""
+    extra = sorted(str(e["loc"][-1]) for e in errors if e.get("type") == "extra_forbidden")
+    if extra:
+        return f"body: unknown field(s) {', '.join(extra)}"
+    first = errors[0] if errors else {"type": "", "loc": (), "msg": "invalid"}
+    kind, loc = first.get("type", ""), [str(p) for p in first.get("loc", ()) if p != "body"]
+    if kind == "json_invalid":
+        return f"body: not JSON ({first.get('ctx', {}).get('error', first.get('msg'))})"
+    if kind in ("model_attributes_type", "dict_type", "model_type") or not loc:
+        return "body: expected a JSON object"
+    if kind == "string_type":
+        return f"field {'/'.join(loc)}: expected a string"
+    return f"field {'/'.join(loc)}: {first.get('msg')}"
+
+
+def _static(name: str) -> Response:
+    path = (STATIC / name).resolve()
+    if STATIC.resolve() not in path.parents or not path.is_file():
+        return _error(HTTPStatus.NOT_FOUND, f"/static/{name}: not found")
+    kind = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    text = kind.startswith("text/") or kind.endswith("javascript")
+    return Response(path.read_bytes(), media_type=f"{kind}; charset=utf-8" if text else kind)
+
+
+class ReviewServer:
+    """The review app on uvicorn, in a thread (tests, embedding) or in the foreground (``serve_forever``)."""
+
+    def __init__(self, store: FrameStore, host: str = "127.0.0.1", port: int = 8080, token: str | None = None,
+                 *, tls_cert: Path | None = None, tls_key: Path | None = None):
         self.store = store
         self.token = token
-        handler = type("Handler", (_Handler,), {"server_ref": self})
-        self.httpd = ThreadingHTTPServer((host, port), handler)
-        self.httpd.daemon_threads = True
-        self._thread: threading.Thread | None = None
+        self.served = Served(create_app(store, token), host, port, name="review", tls_cert=tls_cert, tls_key=tls_key)
 
     @property
     def port(self) -> int:
-        return int(self.httpd.server_address[1])
+        return self.served.port
 
     @property
     def url(self) -> str:
-        host = self.httpd.server_address[0]
-        return f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{self.port}/"
+        return self.served.url
 
     def start(self) -> "ReviewServer":
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="review-http", daemon=True)
-        self._thread.start()
+        self.served.start()
         return self
 
+    def serve_forever(self) -> None:
+        self.served.serve_forever()
+
     def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server_ref: ReviewServer
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, fmt: str, *args: Any) -> None:
-        log.debug("review http: " + fmt, *args)
-
-    # ------------------------------------------------------------ plumbing
-
-    def _send(self, status: int, body: bytes, content_type: str, extra: dict[str, str] | None = None) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        for k, v in (extra or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    def _json(self, status: int, data: Any) -> None:
-        self._send(status, json.dumps(data).encode(), "application/json")
-
-    def _error(self, status: int, message: str) -> None:
-        self._json(status, {"error": message})
-
-    def _authorised(self) -> bool:
-        token = self.server_ref.token
-        if not token:
-            return True
-        given = self.headers.get("Authorization", "")
-        if given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), token.encode()):
-            return True
-        self._error(HTTPStatus.UNAUTHORIZED, "missing or wrong token: send 'Authorization: Bearer <token>'")
-        return False
-
-    # ------------------------------------------------------------ routes
-
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-        url = urlparse(self.path)
-        parts = [unquote(p) for p in url.path.split("/") if p]
-        try:
-            if not parts or parts == ["review"]:
-                return self._static("review.html")
-            if parts[0] == "static" and len(parts) == 2:
-                return self._static(parts[1])
-            if parts[0] != "api":
-                return self._error(HTTPStatus.NOT_FOUND, f"{url.path}: not found")
-            if not self._authorised():
-                return None
-            store = self.server_ref.store
-            if parts == ["api", "labels"]:
-                return self._json(HTTPStatus.OK, store.labels())
-            if parts == ["api", "stats"]:
-                return self._json(HTTPStatus.OK, store.stats())
-            if parts == ["api", "facets"]:
-                return self._json(HTTPStatus.OK, store.facets())
-            if parts == ["api", "frames"]:
-                return self._list(parse_qs(url.query))
-            if len(parts) == 3 and parts[:2] == ["api", "frames"]:
-                return self._json(HTTPStatus.OK, store.get(parts[2]))
-            if len(parts) == 4 and parts[:2] == ["api", "frames"] and parts[3] == "image":
-                data = store.image_path(parts[2]).read_bytes()
-                return self._send(HTTPStatus.OK, data, "image/jpeg")
-            if len(parts) == 4 and parts[:2] == ["api", "frames"] and parts[3] == "context":
-                path = store.context_path(parts[2])
-                if path is None:
-                    return self._error(HTTPStatus.NOT_FOUND, f"frame {parts[2]!r}: no ROI context was sent with it")
-                return self._send(HTTPStatus.OK, path.read_bytes(), "image/jpeg")
-            return self._error(HTTPStatus.NOT_FOUND, f"{url.path}: not found")
-        except UnknownFrame as exc:
-            return self._error(HTTPStatus.NOT_FOUND, str(exc))
-        except StoreError as exc:
-            return self._error(HTTPStatus.BAD_REQUEST, str(exc))
-        except FileNotFoundError as exc:
-            return self._error(HTTPStatus.NOT_FOUND, f"image file missing: {exc.filename}")
-        except Exception as exc:       # the store's database or disk: say so rather than drop the connection
-            return self._internal(exc)
-
-    def _internal(self, exc: Exception) -> None:
-        log.exception("review http: %s %s failed", self.command, self.path)
-        self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"the store could not answer ({type(exc).__name__}: {exc})")
-
-    do_HEAD = do_GET
-
-    def do_POST(self) -> None:  # noqa: N802
-        url = urlparse(self.path)
-        parts = [unquote(p) for p in url.path.split("/") if p]
-        if not (len(parts) == 4 and parts[:2] == ["api", "frames"] and parts[3] == "review"):
-            return self._error(HTTPStatus.NOT_FOUND if parts[:1] == ["api"] else HTTPStatus.METHOD_NOT_ALLOWED,
-                               f"POST {url.path}: not found")
-        if not self._authorised():
-            return None
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            return self._error(HTTPStatus.BAD_REQUEST, "header Content-Length: not a number")
-        if length > MAX_BODY:
-            return self._error(HTTPStatus.BAD_REQUEST, f"body: larger than {MAX_BODY} bytes")
-        try:
-            body = json.loads(self.rfile.read(length) or b"{}")
-        except ValueError as exc:
-            return self._error(HTTPStatus.BAD_REQUEST, f"body: not JSON ({exc})")
-        if not isinstance(body, dict):
-            return self._error(HTTPStatus.BAD_REQUEST, "body: expected a JSON object")
-        unknown = set(body) - {"action", "label", "reviewer", "note"}
-        if unknown:
-            return self._error(HTTPStatus.BAD_REQUEST, f"body: unknown field(s) {', '.join(sorted(unknown))}")
-        for key in ("action", "label", "reviewer", "note"):
-            if body.get(key) is not None and not isinstance(body[key], str):
-                return self._error(HTTPStatus.BAD_REQUEST, f"field {key}: expected a string")
-        if not body.get("action"):
-            return self._error(HTTPStatus.BAD_REQUEST, "field action: missing")
-        try:
-            frame = self.server_ref.store.review(parts[2], body["action"], label=body.get("label"),
-                                                 reviewer=body.get("reviewer"), note=body.get("note"))
-        except UnknownFrame as exc:
-            return self._error(HTTPStatus.NOT_FOUND, str(exc))
-        except StoreError as exc:
-            return self._error(HTTPStatus.BAD_REQUEST, str(exc))
-        except Exception as exc:
-            return self._internal(exc)
-        return self._json(HTTPStatus.OK, frame)
-
-    def _list(self, query: dict[str, list[str]]) -> None:
-        filters = {k: v[-1] for k, v in query.items() if k in FILTERS}
-        unknown = set(query) - set(FILTERS) - {"limit", "offset", "order"}
-        if unknown:
-            raise StoreError(f"unknown query parameter(s) {', '.join(sorted(unknown))}")
-        try:
-            limit = int(query.get("limit", ["50"])[-1])
-            offset = int(query.get("offset", ["0"])[-1])
-        except ValueError:
-            raise StoreError("field limit/offset: not an integer") from None
-        order = query.get("order", ["oldest"])[-1]
-        frames, total = self.server_ref.store.list(limit=limit, offset=offset, order=order, **filters)
-        self._json(HTTPStatus.OK, {"frames": frames, "total": total})
-
-    def _static(self, name: str) -> None:
-        path = (STATIC / name).resolve()
-        if STATIC.resolve() not in path.parents or not path.is_file():
-            return self._error(HTTPStatus.NOT_FOUND, f"/static/{name}: not found")
-        kind = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        self._send(HTTPStatus.OK, path.read_bytes(), f"{kind}; charset=utf-8" if kind.startswith("text/") or
-                   kind.endswith("javascript") else kind)
+        self.served.stop()
 
 
 def add_review_parser(sub: argparse._SubParsersAction) -> None:
@@ -251,6 +269,8 @@ def add_review_parser(sub: argparse._SubParsersAction) -> None:
                        help="API token: every /api request then needs 'Authorization: Bearer <token>' "
                             "(visible in the process list: prefer --token-file)")
     token.add_argument("--token-file", type=Path, default=None, help="file whose first line is the API token")
+    p.add_argument("--tls-cert", type=Path, default=None, help="serve HTTPS with this certificate (PEM)")
+    p.add_argument("--tls-key", type=Path, default=None, help="its private key (PEM)")
 
 
 def cmd_review(args) -> int:
@@ -264,16 +284,14 @@ def cmd_review(args) -> int:
         token = read_secret(args.token_file, "--token-file")
     store = FrameStore(args.store, labels=labels)
     try:
-        server = ReviewServer(store, args.host, args.port, token)
+        server = ReviewServer(store, args.host, args.port, token, tls_cert=args.tls_cert, tls_key=args.tls_key)
     except OSError as exc:
         store.close()
         raise StoreError(f"--host {args.host} --port {args.port}: cannot listen ({exc.strerror or exc})") from None
     print(f"review: {server.url} ({store.stats()['by_status']['pending']} frames pending in {args.store})", flush=True)
     try:
-        server.httpd.serve_forever()
-    except KeyboardInterrupt:
-        pass
+        server.serve_forever()
     finally:
-        server.httpd.server_close()
+        server.stop()
         store.close()
     return 0

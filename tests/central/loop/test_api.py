@@ -234,3 +234,46 @@ def test_the_roi_context_is_served_beside_its_frame_and_the_page_shows_it(tmp_pa
     finally:
         srv.stop()
         store.close()
+
+
+def test_hostile_requests_are_refused_and_the_api_describes_itself(server):
+    """A negative or lying Content-Length, an oversized body, a browser POST from another site: each refused with
+    a JSON error naming why, nothing changed, the next request served. The OpenAPI schema lists the API."""
+    import http.client
+
+    srv, store, records = server
+    target = records[2].id
+
+    def raw(method: str, path: str, headers: dict[str, str], body: bytes = b"") -> tuple[int, dict | str]:
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10)
+        conn.putrequest(method, path, skip_accept_encoding=True)
+        for k, v in headers.items():
+            conn.putheader(k, v)
+        conn.endheaders()
+        if body:
+            conn.send(body)
+        resp = conn.getresponse()
+        data = resp.read()
+        conn.close()
+        return resp.status, json.loads(data) if resp.getheader("Content-Type") == "application/json" else data.decode()
+
+    review = f"/api/frames/{target}/review"
+    status, err = raw("POST", review, {"Content-Length": "-1"})
+    assert status == 400                          # refused by the HTTP server itself, nothing read
+    status, err = raw("POST", review, {"Content-Length": str(1 << 20)})
+    assert status == 413 and "larger than" in err["error"]
+    big = json.dumps({"action": "skip", "note": "x" * 100_000}).encode()
+    status, err = raw("POST", review, {"Transfer-Encoding": "chunked"},
+                      f"{len(big):x}\r\n".encode() + big + b"\r\n0\r\n\r\n")
+    assert status == 413
+    body = json.dumps({"action": "skip"}).encode()
+    status, err = raw("POST", review, {"Content-Length": str(len(body)), "Origin": "http://evil.example",
+                                       "Content-Type": "application/json"}, body)
+    assert status == 403 and "another origin" in err["error"]
+    assert store.get(target)["status"] == "pending"
+    status, done = raw("POST", review, {"Content-Length": str(len(body)), "Origin": f"http://127.0.0.1:{srv.port}",
+                                        "Content-Type": "application/json"}, body)
+    assert status == 200 and done["status"] == "skipped"
+    status, schema = call(srv.url + "api/openapi.json")
+    assert status == 200 and "/api/frames/{frame_id}/review" in schema["paths"]
+    assert schema["paths"]["/api/frames/{frame_id}/review"]["post"]["requestBody"]["content"]["application/json"]

@@ -1,0 +1,169 @@
+"""Serving the central HTTP services: an ASGI app on uvicorn, in a thread or in the foreground.
+
+The review API, the dashboard and the bundle server are ASGI apps (FastAPI / Starlette); ``Served``
+binds the listening socket itself (so "cannot listen" is an ``OSError`` at construction, naming the
+address, not a log line from a server thread), then runs uvicorn on it. ``Guard`` refuses request
+bodies over a size, whatever the client claims: a ``Content-Length`` that is not a non-negative
+number, or larger than the limit, is answered 400/413 before the app reads anything, and a chunked
+body is cut off as soon as it passes the limit (``Guard``, which also refuses cross-site writes).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import ssl
+import threading
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+log = logging.getLogger(__name__)
+
+
+class Guard:
+    """ASGI middleware in front of a central app (pure ASGI, so a streamed response is never buffered).
+
+    - request bodies of at most ``max_bytes``: JSON ``{"error": ...}`` with 400 or 413 otherwise;
+    - ``same_origin_writes``: a POST/PUT/PATCH/DELETE whose ``Origin`` names another host than the request's
+      ``Host`` is refused with 403 (a browser on another site; scripts send no Origin);
+    - ``no_store``: every response carries ``Cache-Control: no-store`` unless it sets its own.
+    """
+
+    def __init__(self, app: Any, max_bytes: int, *, same_origin_writes: bool = True, no_store: bool = True) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.same_origin_writes = same_origin_writes
+        self.no_store = no_store
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        origin = headers.get(b"origin")
+        if (self.same_origin_writes and origin is not None and scope["method"] in ("POST", "PUT", "PATCH", "DELETE")
+                and urlparse(origin.decode("latin-1")).netloc.lower() != headers.get(b"host", b"").decode("latin-1").lower()):
+            await _error(send, 403, f"{scope['method']} from another origin ({origin.decode('latin-1')}) refused")
+            return
+        declared = headers.get(b"content-length")
+        if declared is not None:
+            text = declared.decode("latin-1").strip()
+            if not text.isdigit():
+                await _error(send, 400, f"header Content-Length: {text!r} is not a non-negative number")
+                return
+            if int(text) > self.max_bytes:
+                await _error(send, 413, f"body: larger than {self.max_bytes} bytes")
+                return
+        seen = 0
+        answered = False
+
+        async def limited() -> dict[str, Any]:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise BodyTooLarge(self.max_bytes)
+            return message
+
+        async def watched_send(message: dict[str, Any]) -> None:
+            nonlocal answered
+            if message["type"] == "http.response.start":
+                answered = True
+                if self.no_store and not any(k.lower() == b"cache-control" for k, _ in message.get("headers", [])):
+                    message = {**message, "headers": [*message.get("headers", []), (b"cache-control", b"no-store")]}
+            await send(message)
+
+        try:
+            await self.app(scope, limited, watched_send)
+        except BodyTooLarge:
+            if not answered:
+                await _error(send, 413, f"body: larger than {self.max_bytes} bytes")
+
+
+class BodyTooLarge(Exception):
+    """Raised from ``receive`` when a body passes the limit; apps answer it with 413 (``too_large_response``)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(f"body: larger than {max_bytes} bytes")
+
+
+def too_large_response(_request: Any, exc: BodyTooLarge) -> Any:
+    from starlette.responses import JSONResponse
+
+    return JSONResponse({"error": str(exc)}, status_code=413, headers={"Cache-Control": "no-store"})
+
+
+async def _error(send: Any, status: int, message: str) -> None:
+    body = json.dumps({"error": message}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"cache-control", b"no-store")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class Served:
+    """``app`` on uvicorn at ``host:port`` (0: any free port), plain or HTTPS (``tls_cert`` + ``tls_key``)."""
+
+    def __init__(self, app: Any, host: str, port: int, *, name: str, tls_cert: Path | None = None,
+                 tls_key: Path | None = None) -> None:
+        import uvicorn
+
+        if (tls_cert is None) != (tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together (certificate and its key)")
+        self.name = name
+        self.scheme = "https" if tls_cert else "http"
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self.sock.bind((host, port))
+            self.sock.listen(128)
+        except OSError:
+            self.sock.close()
+            raise
+        if tls_cert:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(str(tls_cert), str(tls_key))  # names a bad file now
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+                                timeout_graceful_shutdown=2, ssl_certfile=str(tls_cert) if tls_cert else None,
+                                ssl_keyfile=str(tls_key) if tls_key else None, server_header=False)
+        self.server = uvicorn.Server(config)
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return int(self.sock.getsockname()[1])
+
+    @property
+    def host(self) -> str:
+        return str(self.sock.getsockname()[0])
+
+    @property
+    def url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        return f"{self.scheme}://{host}:{self.port}/"
+
+    def start(self, timeout_s: float = 15.0) -> "Served":
+        """Serve in a daemon thread; returns once uvicorn accepts connections."""
+        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                        name=f"{self.name}-http", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name}: the HTTP server at {self.url} did not start (see the log)")
+            time.sleep(0.02)
+        return self
+
+    def serve_forever(self) -> None:
+        """Serve in this thread until SIGINT or SIGTERM (uvicorn's handlers)."""
+        self.server.run(sockets=[self.sock])
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(10)
+        self.sock.close()
