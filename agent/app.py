@@ -224,7 +224,7 @@ class Agent:
         for thread in self._threads:
             thread.start()
         if self.cfg.health.prometheus_port is not None:
-            self.prometheus = PrometheusServer(self.metrics.prometheus_text, self.cfg.health.prometheus_host,
+            self.prometheus = PrometheusServer(self.metrics, self.cfg.health.prometheus_host,
                                                self.cfg.health.prometheus_port)
             self.prometheus.start()
 

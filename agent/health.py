@@ -9,8 +9,7 @@ import logging
 import threading
 import time
 from collections import deque
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -102,63 +101,78 @@ class Metrics:
         with self._lock:
             return self._gauges.get((name, ()), 0.0)
 
-    def prometheus_text(self) -> str:
-        """Prometheus exposition format (text 0.0.4)."""
-        lines: list[str] = []
+    def collect(self) -> Iterator[Any]:
+        """Metric families for ``prometheus_client`` (a custom collector: our tables are the source of truth)."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
         with self._lock:
             counters = dict(self._counters)
             gauges = dict(self._gauges)
-        for kind, table in (("counter", counters), ("gauge", gauges)):
+        for family, table in ((CounterMetricFamily, counters), (GaugeMetricFamily, gauges)):
             for name in sorted({k[0] for k in table}):
-                metric = f"agent_{name}"
-                lines.append(f"# TYPE {metric} {kind}")
-                for (n, labels), value in sorted(table.items()):
-                    if n == name:
-                        lines.append(f"{metric}{_labels(labels)} {value:g}")
-        lines.append("# TYPE agent_latency_seconds summary")
+                rows = sorted((labels, value) for (n, labels), value in table.items() if n == name)
+                keys = sorted({k for labels, _ in rows for k, _ in labels})
+                metric = family(f"agent_{name}", f"agent {name.replace('_', ' ')}", labels=keys)
+                for labels, value in rows:
+                    given = dict(labels)
+                    metric.add_metric([given.get(k, "") for k in keys], value)
+                yield metric
+        latency = Metric("agent_latency_seconds", "per-stage latency over the recent window", "summary")
         for stage in STAGES:
             p = self.percentiles(stage)
             if p:
                 for q, key in (("0.5", "p50_ms"), ("0.95", "p95_ms"), ("0.99", "p99_ms")):
-                    lines.append(f'agent_latency_seconds{{stage="{stage}",quantile="{q}"}} {p[key] / 1000.0:g}')
-        info = {"model_version": self.info.get("model_version", ""), "model_name": self.info.get("model_name", "")}
-        lines.append("# TYPE agent_model_info gauge")
-        lines.append(f"agent_model_info{_labels(tuple(sorted(info.items())))} 1")
-        return "\n".join(lines) + "\n"
+                    latency.add_sample("agent_latency_seconds", {"stage": stage, "quantile": q}, p[key] / 1000.0)
+        yield latency
+        info = GaugeMetricFamily("agent_model_info", "the model this station runs", labels=["model_name", "model_version"])
+        info.add_metric([self.info.get("model_name", ""), self.info.get("model_version", "")], 1)
+        yield info
 
+    def prometheus_text(self) -> str:
+        """Prometheus exposition format (text 0.0.4), as ``/metrics`` serves it."""
+        from prometheus_client import generate_latest
 
-def _labels(labels: Labels) -> str:
-    if not labels:
-        return ""
-    body = ",".join(f'{k}="{str(v).replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"' for k, v in labels)
-    return "{" + body + "}"
+        return generate_latest(self.registry()).decode()
+
+    def registry(self) -> Any:
+        from prometheus_client import CollectorRegistry
+
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(self)
+        return registry
 
 
 class PrometheusServer:
-    """/metrics over http.server in a daemon thread; no extra dependency on the device."""
+    """``/metrics`` (and ``/``) rendered by ``prometheus_client`` over one ``Metrics``, in a daemon thread;
+    any other path is 404, so a health check aimed at the wrong URL fails."""
 
-    def __init__(self, render: Callable[[], str], host: str, port: int) -> None:
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server API)
-                if self.path.split("?")[0] not in ("/metrics", "/"):
-                    self.send_error(404)
-                    return
-                body = render().encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+    def __init__(self, metrics: Metrics, host: str, port: int) -> None:
+        from socketserver import ThreadingMixIn
+        from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+        from prometheus_client import make_wsgi_app
+
+        exposition = make_wsgi_app(metrics.registry())
+
+        def app(environ: dict[str, Any], start_response: Any) -> Any:
+            if environ.get("PATH_INFO") not in ("/metrics", "/"):
+                start_response("404 Not Found", [("Content-Type", "text/plain")])
+                return [b"not found: the metrics are at /metrics\n"]
+            return exposition(environ, start_response)
+
+        class Server(ThreadingMixIn, WSGIServer):
+            daemon_threads = True
+
+        class Quiet(WSGIRequestHandler):
             def log_message(self, fmt: str, *args: Any) -> None:
                 log.debug("metrics: " + fmt, *args)
 
-        self._server = ThreadingHTTPServer((host, port), Handler)
+        self._server = make_server(host, port, app, Server, handler_class=Quiet)
         self._thread = threading.Thread(target=self._server.serve_forever, name="prometheus", daemon=True)
 
     @property
     def port(self) -> int:
-        return self._server.server_address[1]
+        return int(self._server.server_address[1])
 
     def start(self) -> None:
         self._thread.start()

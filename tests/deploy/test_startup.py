@@ -198,7 +198,7 @@ def test_cli_really_execs_the_agent_cli(tmp_path, bundle_dir):
 def test_healthcheck_passes_while_the_agent_serves_metrics_and_fails_when_not(tmp_path):
     metrics = Metrics()
     metrics.info.update(model_name="demo", model_version="v1")
-    server = PrometheusServer(metrics.prometheus_text, "127.0.0.1", 0)
+    server = PrometheusServer(metrics, "127.0.0.1", 0)
     server.start()
     try:
         url = f"http://127.0.0.1:{server.port}/metrics"

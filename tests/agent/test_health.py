@@ -1,0 +1,44 @@
+"""The station's /metrics: prometheus_client's server over the agent's own tables, read back by its parser."""
+
+from __future__ import annotations
+
+import urllib.request
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from agent.health import Metrics, PrometheusServer
+
+
+def _scrape(port: int) -> dict[str, dict]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        assert resp.status == 200 and resp.headers.get_content_type() == "text/plain"
+        text = resp.read().decode()
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def test_metrics_endpoint_serves_counters_gauges_latency_and_model_info():
+    metrics = Metrics()
+    metrics.info.update(model_name="fmnist", model_version="3")
+    metrics.inc("frames_captured_total", 5, camera="dock-a")
+    metrics.inc("frames_captured_total", 2, camera='odd "cam"\\b')      # quotes and backslashes escaped
+    metrics.set("queue_depth", 4, queue="inference")
+    for ms in (1, 2, 3, 4, 100):
+        metrics.observe("inference", ms / 1000.0)
+    server = PrometheusServer(metrics, "127.0.0.1", 0)
+    server.start()
+    try:
+        families = _scrape(server.port)
+        captured = {s.labels["camera"]: s.value for s in families["agent_frames_captured"].samples
+                    if s.name == "agent_frames_captured_total"}
+        assert captured == {"dock-a": 5.0, 'odd "cam"\\b': 2.0}
+        assert families["agent_frames_captured"].type == "counter"
+        assert [(s.labels, s.value) for s in families["agent_queue_depth"].samples] == [({"queue": "inference"}, 4.0)]
+        quantiles = {s.labels["quantile"]: s.value for s in families["agent_latency_seconds"].samples}
+        assert quantiles["0.5"] == 0.003 and quantiles["0.99"] > 0.09
+        info = families["agent_model_info"].samples[0]
+        assert info.labels == {"model_name": "fmnist", "model_version": "3"} and info.value == 1
+        metrics.inc("frames_captured_total", 1, camera="dock-a")           # live: the next scrape sees it
+        again = _scrape(server.port)["agent_frames_captured"].samples
+        assert {s.labels["camera"]: s.value for s in again if s.name.endswith("_total")}["dock-a"] == 6.0
+    finally:
+        server.stop()
