@@ -122,7 +122,7 @@ class DashboardHandler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def _static(self, name: str) -> None:
-        item = resources.files("dashboard").joinpath("static", name) if STATIC_NAME.match(name) else None
+        item = resources.files("central.dashboard").joinpath("static", name) if STATIC_NAME.match(name) else None
         if item is None or not item.is_file():
             self._json(HTTPStatus.NOT_FOUND, {"error": f"no static file {name!r}"})
             return
