@@ -1,30 +1,33 @@
 """HTTP side of the dashboard: the page, ``/api/state`` and the ``/events`` stream (Server-Sent Events).
 
-Standard library only (``ThreadingHTTPServer``). One pusher thread drains the
-state's changes every ``push_interval_s`` and broadcasts them, so a burst of
-results becomes one update per station per interval, whatever the message rate.
-Each browser gets the whole state first (``snapshot``), then the changes; one
-that cannot keep up is cut off and its EventSource reconnects to a fresh
-snapshot, so a slow browser never holds up the others or grows memory.
+A Starlette app on uvicorn (``central.http``). One pusher thread drains the state's changes every
+``push_interval_s`` and broadcasts them, so a burst of results becomes one update per station per
+interval, whatever the message rate. Each browser gets the whole state first (``snapshot``), then the
+changes; one that cannot keep up is cut off and its EventSource reconnects to a fresh snapshot, so a slow
+browser never holds up the others or grows memory. A stream waits on an asyncio queue of its own (no
+thread per browser); the pusher hands it chunks with ``call_soon_threadsafe``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-import queue
 import re
 import threading
 import time
 from dataclasses import dataclass, field
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
-from typing import Any, Callable
-from urllib.parse import urlsplit
+from typing import Any, AsyncIterator, Callable
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
 
 from central.dashboard.feed import StationFeed
 from central.dashboard.state import StateLimits, WarehouseState
+from central.http import Guard, Served
 from contract.broker import BrokerSettings
 
 log = logging.getLogger(__name__)
@@ -33,6 +36,8 @@ STATIC_NAME = re.compile(r"^[a-z0-9_-]+\.(html|js|css|svg)$")
 CONTENT_TYPES = {"html": "text/html; charset=utf-8", "js": "text/javascript; charset=utf-8",
                  "css": "text/css; charset=utf-8", "svg": "image/svg+xml"}
 KEEPALIVE_S = 15.0
+QUEUE_EVENTS = 512
+PATHS = ["/", "/api/state", "/events", "/healthz"]
 
 
 def sse(event: str, data: Any, event_id: int | None = None) -> bytes:
@@ -43,20 +48,30 @@ def sse(event: str, data: Any, event_id: int | None = None) -> bytes:
 
 @dataclass(eq=False)
 class Listener:
-    """One connected browser: a bounded queue of encoded events."""
+    """One connected browser: a bounded queue of encoded events on the server's event loop."""
 
-    events: queue.Queue = field(default_factory=lambda: queue.Queue(maxsize=512))
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=lambda: asyncio.Queue(maxsize=QUEUE_EVENTS))
     cut: bool = False
+
+    def offer(self, chunk: bytes) -> None:
+        """On the loop: queue ``chunk``, or cut the listener off when it is full (it reconnects)."""
+        try:
+            self.events.put_nowait(chunk)
+        except asyncio.QueueFull:
+            self.cut = True              # its generator sees it at the next chunk and ends the stream
 
 
 class Broadcaster:
+    """Every connected stream; ``publish`` and ``close`` may be called from any thread."""
+
     def __init__(self) -> None:
         self._listeners: set[Listener] = set()
         self._lock = threading.Lock()
         self.closed = threading.Event()
 
-    def add(self) -> Listener:
-        listener = Listener()
+    def add(self, loop: asyncio.AbstractEventLoop) -> Listener:
+        listener = Listener(loop)
         with self._lock:
             self._listeners.add(listener)
         return listener
@@ -75,104 +90,67 @@ class Broadcaster:
             listeners = list(self._listeners)
         for listener in listeners:
             try:
-                listener.events.put_nowait(chunk)
-            except queue.Full:
-                listener.cut = True      # it reconnects and starts again from a snapshot
-
-    def close(self) -> None:
-        """End every stream now (an empty chunk wakes its handler), not at its next keepalive."""
-        self.closed.set()
-        with self._lock:
-            listeners = list(self._listeners)
-        for listener in listeners:
-            try:
-                listener.events.put_nowait(b"")
-            except queue.Full:
+                listener.loop.call_soon_threadsafe(listener.offer, chunk)
+            except RuntimeError:         # its loop is closed: the server is stopping
                 listener.cut = True
 
-
-class DashboardHandler(BaseHTTPRequestHandler):
-    server: "DashboardHTTPServer"
-    protocol_version = "HTTP/1.1"
-
-    def do_GET(self) -> None:  # noqa: N802 (http.server API)
-        path = urlsplit(self.path).path
-        if path in ("/", "/index.html"):
-            self._static("index.html")
-        elif path.startswith("/static/"):
-            self._static(path[len("/static/"):])
-        elif path == "/api/state":
-            self._json(HTTPStatus.OK, self.server.state.snapshot())
-        elif path == "/events":
-            self._events()
-        elif path == "/healthz":
-            self._json(HTTPStatus.OK, {"ok": True, **self.server.state.health(),
-                                       "listeners": self.server.broadcaster.count})
-        else:
-            self._json(HTTPStatus.NOT_FOUND, {"error": f"no such path {path!r}",
-                                              "paths": ["/", "/api/state", "/events", "/healthz"]})
-
-    def _json(self, status: HTTPStatus, body: Any) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _static(self, name: str) -> None:
-        item = resources.files("central.dashboard").joinpath("static", name) if STATIC_NAME.match(name) else None
-        if item is None or not item.is_file():
-            self._json(HTTPStatus.NOT_FOUND, {"error": f"no static file {name!r}"})
-            return
-        data = item.read_bytes()
-        self.send_response(HTTPStatus.OK)
-        self.send_header("Content-Type", CONTENT_TYPES[name.rsplit(".", 1)[1]])
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("Cache-Control", "no-cache")
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _events(self) -> None:
-        broadcaster = self.server.broadcaster
-        listener = broadcaster.add()       # before the snapshot: no change falls between the two
-        try:
-            self.send_response(HTTPStatus.OK)
-            self.send_header("Content-Type", "text/event-stream")
-            self.send_header("Cache-Control", "no-store")
-            self.send_header("Connection", "close")
-            self.send_header("X-Accel-Buffering", "no")       # a reverse proxy must not buffer the stream
-            self.end_headers()
-            self.close_connection = True
-            snapshot = self.server.state.snapshot()
-            self.wfile.write(b"retry: 2000\n" + sse("snapshot", snapshot, snapshot["version"]))
-            self.wfile.flush()
-            while not broadcaster.closed.is_set() and not listener.cut:
-                try:
-                    chunk = listener.events.get(timeout=KEEPALIVE_S)
-                except queue.Empty:
-                    chunk = b": keepalive\n\n"
-                if not chunk:
-                    break
-                self.wfile.write(chunk)
-                self.wfile.flush()
-        except (BrokenPipeError, ConnectionResetError, TimeoutError):
-            pass                            # the browser went away
-        finally:
-            broadcaster.remove(listener)
-
-    def log_message(self, fmt: str, *args: Any) -> None:
-        log.debug("http %s: " + fmt, self.address_string(), *args)
+    def close(self) -> None:
+        """End every stream now (an empty chunk wakes its generator), not at its next keepalive."""
+        self.closed.set()
+        self.publish(b"")
 
 
-class DashboardHTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
+def create_app(state: WarehouseState, broadcaster: Broadcaster) -> Any:
+    """The dashboard's ASGI app over ``state``; streams get their changes from ``broadcaster``."""
 
-    def __init__(self, address: tuple[str, int], state: WarehouseState, broadcaster: Broadcaster) -> None:
-        self.state = state
-        self.broadcaster = broadcaster
-        super().__init__(address, DashboardHandler)
+    async def page(_request: Request) -> Response:
+        return _static("index.html")
+
+    async def static(request: Request) -> Response:
+        return _static(request.path_params["name"])
+
+    async def api_state(_request: Request) -> Response:
+        return JSONResponse(state.snapshot())
+
+    async def healthz(_request: Request) -> Response:
+        return JSONResponse({"ok": True, **state.health(), "listeners": broadcaster.count})
+
+    async def events(request: Request) -> Response:
+        listener = broadcaster.add(asyncio.get_running_loop())   # before the snapshot: no change falls between
+        snapshot = state.snapshot()
+
+        async def stream() -> AsyncIterator[bytes]:
+            try:
+                yield b"retry: 2000\n" + sse("snapshot", snapshot, snapshot["version"])
+                while not broadcaster.closed.is_set() and not listener.cut:
+                    try:
+                        chunk = await asyncio.wait_for(listener.events.get(), KEEPALIVE_S)
+                    except asyncio.TimeoutError:
+                        chunk = b": keepalive\n\n"
+                    if not chunk or listener.cut:
+                        break
+                    yield chunk
+            finally:
+                broadcaster.remove(listener)
+
+        return StreamingResponse(stream(), headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
+                                                    "X-Accel-Buffering": "no"})   # a proxy must not buffer it
+
+    async def not_found(request: Request, _exc: Exception) -> Response:
+        return JSONResponse({"error": f"no such path {request.url.path!r}", "paths": PATHS}, status_code=404)
+
+    app = Starlette(routes=[Route("/", page), Route("/index.html", page), Route("/static/{name:path}", static),
+                            Route("/api/state", api_state), Route("/healthz", healthz), Route("/events", events)],
+                    exception_handlers={404: not_found})
+    return Guard(app, max_bytes=4096)
+
+
+def _static(name: str) -> Response:
+    item = resources.files("central.dashboard").joinpath("static", name) if STATIC_NAME.match(name) else None
+    if item is None or not item.is_file():
+        return JSONResponse({"error": f"no static file {name!r}"}, status_code=404)
+    return Response(item.read_bytes(), media_type=CONTENT_TYPES[name.rsplit(".", 1)[1]],
+                    headers={"Cache-Control": "no-cache"})
 
 
 class Dashboard:
@@ -186,19 +164,22 @@ class Dashboard:
         self.feed = StationFeed(mqtt, self.state)
         self.broadcaster = Broadcaster()
         self.push_interval_s = push_interval_s
-        self.http = DashboardHTTPServer((host, port), self.state, self.broadcaster)
+        self.http = Served(create_app(self.state, self.broadcaster), host, port, name="dashboard")
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
     @property
+    def address(self) -> tuple[str, int]:
+        return self.http.host, self.http.port
+
+    @property
     def url(self) -> str:
-        host, port = self.http.server_address[:2]
-        return f"http://{host}:{port}/"
+        return f"http://{self.http.host}:{self.http.port}/"
 
     def start(self) -> None:
         self.feed.start()
-        self._threads = [threading.Thread(target=self.http.serve_forever, name="dashboard-http", daemon=True),
-                         threading.Thread(target=self._push_loop, name="dashboard-push", daemon=True)]
+        self.http.start()
+        self._threads = [threading.Thread(target=self._push_loop, name="dashboard-push", daemon=True)]
         for thread in self._threads:
             thread.start()
         log.info("dashboard: serving %s", self.url)
@@ -215,8 +196,7 @@ class Dashboard:
     def stop(self) -> None:
         self._stop.set()
         self.broadcaster.close()
-        self.http.shutdown()
-        self.http.server_close()
+        self.http.stop()
         self.feed.stop()
         for thread in self._threads:
             thread.join(timeout=5)

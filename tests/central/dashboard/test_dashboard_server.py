@@ -74,7 +74,7 @@ def dashboard(broker):
 
 
 def test_the_stream_sends_the_state_then_each_change(dashboard, broker, recorded):
-    host, port = dashboard.http.server_address[:2]
+    host, port = dashboard.address
     stream = EventStream(host, port)
     try:
         # a browser connecting gets the whole state first
@@ -101,7 +101,7 @@ def test_the_stream_sends_the_state_then_each_change(dashboard, broker, recorded
 
 
 def test_a_burst_of_results_is_pushed_as_few_updates(dashboard, broker, recorded):
-    host, port = dashboard.http.server_address[:2]
+    host, port = dashboard.address
     stream = EventStream(host, port)
     try:
         stream.next_event()
