@@ -106,14 +106,14 @@ async def _error(send: Any, status: int, message: str) -> None:
 
 
 class Served:
-    """``app`` on uvicorn at ``host:port`` (0: any free port), plain or HTTPS (``tls_cert`` + ``tls_key``)."""
+    """``app`` on uvicorn at ``host:port`` (0: any free port), plain or HTTPS (``tls_cert``, ``tls_key``)."""
 
     def __init__(self, app: Any, host: str, port: int, *, name: str, tls_cert: Path | None = None,
                  tls_key: Path | None = None) -> None:
         import uvicorn
 
-        if (tls_cert is None) != (tls_key is None):
-            raise ValueError("--tls-cert and --tls-key go together (certificate and its key)")
+        if tls_key is not None and tls_cert is None:
+            raise ValueError("--tls-key: give the certificate too (--tls-cert)")
         self.name = name
         self.scheme = "https" if tls_cert else "http"
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -126,7 +126,9 @@ class Served:
             self.sock.close()
             raise
         if tls_cert:
-            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(str(tls_cert), str(tls_key))  # names a bad file now
+            # a bad file is an error now, not in the server thread (tls_key None: the key is in the cert file)
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(str(tls_cert),
+                                                                                str(tls_key) if tls_key else None)
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=2, ssl_certfile=str(tls_cert) if tls_cert else None,
                                 ssl_keyfile=str(tls_key) if tls_key else None, server_header=False)

@@ -14,7 +14,7 @@ from central.rollout.publish import BundleServer, publish_bundle
 from central.rollout.remote import resolve_bundle
 from central.rollout.run import RolloutPlan, run_rollback, run_rollout, select_stations
 from contract.broker import add_broker_args, settings_from_args
-from contract.events import EventSink, make_event, publish_event_once
+from contract.events import EventSink, RolloutError, make_event, publish_event_once
 from contract.messages import rollout_topic
 
 log = logging.getLogger(__name__)
@@ -90,14 +90,15 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 
 def cmd_serve_bundles(args: argparse.Namespace) -> int:
-    server = BundleServer(args.root, args.host, args.port, tls_cert=args.tls_cert, tls_key=args.tls_key)
+    try:
+        server = BundleServer(args.root, args.host, args.port, tls_cert=args.tls_cert, tls_key=args.tls_key)
+    except OSError as exc:
+        raise RolloutError(f"--host {args.host} --port {args.port}: cannot listen ({exc.strerror or exc})") from None
     print(f"serving {args.root} at {server.url} (Ctrl-C stops)", flush=True)
     try:
-        server.httpd.serve_forever()
-    except KeyboardInterrupt:
-        pass
+        server.serve_forever()
     finally:
-        server.httpd.server_close()
+        server.stop()
     return 0
 
 

@@ -8,20 +8,17 @@ agent's own verification (``contract.bundle.load_bundle``) and the gate record w
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
 import shutil
-import ssl
-import threading
 import uuid
 from dataclasses import dataclass
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlparse
+from urllib.parse import unquote
 
+from central.http import Guard, Served
 from contract.events import (
     GATE_FILE,
     RolloutError,
@@ -127,57 +124,55 @@ def _update_index(model_dir: Path, version: str, sha: str, decision: str) -> Non
 
 # ---------------------------------------------------------------- serve
 
-class _BundleHandler(SimpleHTTPRequestHandler):
-    """Files of the served tree, GET/HEAD only; no directory listings, nothing hidden (half-copied bundles)."""
+def bundle_app(root: Path) -> Any:
+    """The served tree as an ASGI app: files only, GET/HEAD only, no directory listings, nothing hidden
+    (a half-copied bundle lives in a dot-folder until it is renamed into place)."""
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Mount
+    from starlette.staticfiles import StaticFiles
 
-    server_version = "inventory-bundles/1"
+    files = Starlette(routes=[Mount("/", app=StaticFiles(directory=str(root)))])   # its 404s become responses
 
-    def send_head(self):  # noqa: D401 (http.server API)
-        parts = [p for p in unquote(urlparse(self.path).path).split("/") if p]
-        if any(p.startswith(".") for p in parts):
-            self.send_error(404, "not found")
-            return None
-        return super().send_head()
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            parts = [p for p in unquote(scope["path"]).split("/") if p]
+            if scope["method"] not in ("GET", "HEAD"):
+                await PlainTextResponse("method not allowed", 405, headers={"Allow": "GET, HEAD"})(scope, receive, send)
+                return
+            if any(p.startswith(".") for p in parts):
+                await PlainTextResponse("not found", 404)(scope, receive, send)
+                return
+        await files(scope, receive, send)
 
-    def list_directory(self, path):  # noqa: ARG002 (http.server API)
-        self.send_error(404, "no directory listings")
-        return None
-
-    def log_message(self, fmt: str, *args: Any) -> None:
-        log.info("%s " + fmt, self.address_string(), *args)
+    return Guard(app, max_bytes=0, no_store=False)
 
 
 class BundleServer:
-    """The served tree over HTTP(S) with the standard library, in a background thread."""
+    """The served tree over HTTP(S) (Starlette's static files on uvicorn), in a background thread."""
 
     def __init__(self, root: str | Path, host: str = "127.0.0.1", port: int = 0, *,
                  tls_cert: Path | None = None, tls_key: Path | None = None) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
             raise RolloutError(f"{self.root}: served folder does not exist (publish a bundle into it first)")
-        handler = functools.partial(_BundleHandler, directory=str(self.root))
-        self.httpd = ThreadingHTTPServer((host, port), handler)
-        self.scheme = "http"
-        if tls_cert is not None:
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            context.load_cert_chain(str(tls_cert), str(tls_key) if tls_key else None)
-            self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
-            self.scheme = "https"
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="bundle-server", daemon=True)
+        self.served = Served(bundle_app(self.root), host, port, name="bundles", tls_cert=tls_cert, tls_key=tls_key)
+        self.scheme = self.served.scheme
 
     @property
     def port(self) -> int:
-        return self.httpd.server_address[1]
+        return self.served.port
 
     @property
     def url(self) -> str:
-        host = self.httpd.server_address[0]
-        return f"{self.scheme}://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{self.port}/"
+        return self.served.url
 
     def start(self) -> "BundleServer":
-        self._thread.start()
+        self.served.start()
         return self
 
+    def serve_forever(self) -> None:
+        self.served.serve_forever()
+
     def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.served.stop()
