@@ -44,12 +44,12 @@ def label_for(frame: dict, items: dict[int, dict]) -> str | None:
 
 
 class Service:
-    """A ``python -m trainer ...`` process with its log file."""
+    """A ``python -m central ...`` service process with its log file."""
 
     def __init__(self, workdir: Path, name: str, *args: str) -> None:
         self.log_path = workdir / f"{name}.log"
         with open(self.log_path, "w") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "trainer", *args], cwd=REPO, stdout=out,
+            self.proc = subprocess.Popen([sys.executable, "-m", "central", *args], cwd=REPO, stdout=out,
                                          stderr=subprocess.STDOUT)
 
     def log(self) -> str:

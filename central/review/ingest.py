@@ -89,7 +89,7 @@ def parse_frame(topic: str, payload: bytes, properties: Properties | None) -> tu
 
 
 class IngestService:
-    """Subscribe, store, acknowledge; reconnect forever."""
+    """Subscribe, store, acknowledge; reconnect forever. ``connected``: subscribed (the broker sent its SUBACK)."""
 
     def __init__(self, store: FrameStore, broker: BrokerSettings, *, topic: str | None = None,
                  shared_group: str | None = None) -> None:
@@ -106,6 +106,7 @@ class IngestService:
         self.client.reconnect_delay_set(0.5, 30)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
+        self.client.on_subscribe = self._on_subscribe
         self.client.on_message = self._on_message
 
     def start(self) -> None:
@@ -125,10 +126,18 @@ class IngestService:
             log.error("ingest: connection refused by %s:%d: %s (reason code %s)", self.host, self.port, reason_code,
                       reason_code.value)
             return
-        client.subscribe(self.subscription, options=paho.SubscribeOptions(qos=1))
-        self.connected.set()
-        log.info("ingest: connected (session %s); subscribed to %s",
+        # ``connected`` waits for the SUBACK: until the broker has the subscription, a new session gets nothing
+        log.info("ingest: connected (session %s); subscribing to %s",
                  "resumed" if flags.session_present else "new", self.subscription)
+        client.subscribe(self.subscription, options=paho.SubscribeOptions(qos=1))
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        refused = [code for code in reason_codes if code.is_failure]
+        if refused:
+            log.error("ingest: subscription to %s refused: %s", self.subscription, refused[0])
+            return
+        self.connected.set()
+        log.info("ingest: subscribed to %s", self.subscription)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self.connected.clear()

@@ -53,12 +53,12 @@ def camera_folder(folder: Path, images: list[tuple[Path, str]]) -> dict[str, str
 
 
 class Service:
-    """A ``python -m trainer ...`` service process with its log."""
+    """A ``python -m central ...`` service process with its log."""
 
     def __init__(self, workdir: Path, name: str, *args: str) -> None:
         self.log_path = workdir / f"{name}.log"
         with open(self.log_path, "w") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "trainer", *args], cwd=REPO, stdout=log,
+            self.proc = subprocess.Popen([sys.executable, "-m", "central", *args], cwd=REPO, stdout=log,
                                          stderr=subprocess.STDOUT)
 
     def log(self) -> str:
