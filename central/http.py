@@ -105,6 +105,37 @@ async def _error(send: Any, status: int, message: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+class BasicAuth:
+    """ASGI middleware: HTTP Basic authentication on every path but ``open_paths`` (a health check).
+
+    Browsers ask once and send the credentials with every same-origin request, the page's EventSource
+    included, which a bearer token in JavaScript could not do. Compared in constant time.
+    """
+
+    def __init__(self, app: Any, user: str, password: str, *, realm: str, open_paths: tuple[str, ...] = ()) -> None:
+        import base64
+
+        self.app = app
+        self.expected = b"Basic " + base64.b64encode(f"{user}:{password}".encode())
+        self.realm = realm
+        self.open_paths = open_paths
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        import hmac
+
+        if scope["type"] == "http" and scope["path"] not in self.open_paths:
+            given = dict(scope.get("headers") or []).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                body = json.dumps({"error": "authentication required"}).encode()
+                await send({"type": "http.response.start", "status": 401,
+                            "headers": [(b"content-type", b"application/json"),
+                                        (b"content-length", str(len(body)).encode()),
+                                        (b"www-authenticate", f'Basic realm="{self.realm}"'.encode())]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+
 class Served:
     """``app`` on uvicorn at ``host:port`` (0: any free port), plain or HTTPS (``tls_cert``, ``tls_key``)."""
 

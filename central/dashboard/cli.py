@@ -10,9 +10,11 @@ import logging
 import signal
 import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 from contract.broker import add_broker_args, settings_from_args
+from contract.secrets import SecretFileError, first_line
 
 DESCRIPTION = ("Central dashboard: every station's status, results, decisions, stats and QC alerts, and the "
                "rollout events, live from MQTT")
@@ -29,6 +31,12 @@ def add_dashboard_args(parser: argparse.ArgumentParser) -> None:
     web = parser.add_argument_group("web page")
     web.add_argument("--host", default="127.0.0.1", help="address the page is served on (default 127.0.0.1)")
     web.add_argument("--port", type=int, default=8090, help="port of the page (default 8090; 0: any free port)")
+    web.add_argument("--web-user", default="viewer", help="user name the page asks for (with --web-password-file)")
+    web.add_argument("--web-password-file", type=Path, default=None,
+                     help="file whose first line is the page's password: HTTP Basic authentication on every path "
+                          "but /healthz (default: none, for a page on 127.0.0.1)")
+    web.add_argument("--web-tls-cert", type=Path, default=None, help="serve the page over HTTPS with this certificate")
+    web.add_argument("--web-tls-key", type=Path, default=None, help="its private key")
     web.add_argument("--push-interval", type=float, default=0.25,
                      help="seconds between pushes to the page; changes in between are merged (default 0.25)")
     keep = parser.add_argument_group("what is kept")
@@ -52,7 +60,14 @@ def build(args: argparse.Namespace) -> Any:
     settings = settings_from_args(args)
     limits = StateLimits(recent=args.recent, history=args.history, stale_factor=args.stale_factor,
                          stale_min_s=args.stale_min_s)
-    return Dashboard(settings, host=args.host, port=args.port, limits=limits, push_interval_s=args.push_interval)
+    web_auth = None
+    if args.web_password_file is not None:
+        try:
+            web_auth = (args.web_user, first_line(args.web_password_file))
+        except SecretFileError as exc:
+            raise ValueError(f"--web-password-file: {exc}") from None
+    return Dashboard(settings, host=args.host, port=args.port, limits=limits, push_interval_s=args.push_interval,
+                     web_auth=web_auth, tls_cert=args.web_tls_cert, tls_key=args.web_tls_key)
 
 
 def main(argv: list[str] | None = None) -> int:

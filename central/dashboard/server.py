@@ -18,6 +18,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from importlib import resources
+from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
 from starlette.applications import Starlette
@@ -27,7 +28,7 @@ from starlette.routing import Route
 
 from central.dashboard.feed import StationFeed
 from central.dashboard.state import StateLimits, WarehouseState
-from central.http import Guard, Served
+from central.http import BasicAuth, Guard, Served
 from contract.broker import BrokerSettings
 
 log = logging.getLogger(__name__)
@@ -158,13 +159,17 @@ class Dashboard:
 
     def __init__(self, mqtt: BrokerSettings, *, host: str = "127.0.0.1", port: int = 8090,
                  limits: StateLimits | None = None, push_interval_s: float = 0.25,
+                 web_auth: tuple[str, str] | None = None, tls_cert: Path | None = None, tls_key: Path | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         mqtt.check()
         self.state = WarehouseState(topic_root=mqtt.topic_root, limits=limits, clock=clock)
         self.feed = StationFeed(mqtt, self.state)
         self.broadcaster = Broadcaster()
         self.push_interval_s = push_interval_s
-        self.http = Served(create_app(self.state, self.broadcaster), host, port, name="dashboard")
+        app = create_app(self.state, self.broadcaster)
+        if web_auth is not None:
+            app = BasicAuth(app, *web_auth, realm="inventory dashboard", open_paths=("/healthz",))
+        self.http = Served(app, host, port, name="dashboard", tls_cert=tls_cert, tls_key=tls_key)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -174,7 +179,7 @@ class Dashboard:
 
     @property
     def url(self) -> str:
-        return f"http://{self.http.host}:{self.http.port}/"
+        return f"{self.http.scheme}://{self.http.host}:{self.http.port}/"
 
     def start(self) -> None:
         self.feed.start()

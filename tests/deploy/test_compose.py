@@ -26,7 +26,7 @@ def parse(text: str):
 def test_the_compose_spec_parser_accepts_it():
     parsed = parse(COMPOSE.read_text())
     parsed.validate()
-    assert parsed.service_names() == ["mosquitto", "ingest", "review", "bundle-server"]
+    assert parsed.service_names() == ["mosquitto", "ingest", "review", "bundle-server", "dashboard"]
 
 
 def test_the_parser_is_strict_enough_to_catch_a_typo():
@@ -65,8 +65,20 @@ def test_the_broker_runs_the_shipped_config_and_publishes_only_its_tls_listeners
     assert broker["ulimits"]["nofile"]["soft"] >= 10000                # thousands of station sockets
 
 
-def test_later_services_are_marked_placeholders_and_do_not_start_by_default(compose):
-    for name in ("ingest", "review", "bundle-server"):
+def test_every_central_service_runs_the_central_image_with_a_command_it_parses(compose):
+    """One image, built from deploy/central/Dockerfile; each command is what ``python -m central`` (the image's
+    entrypoint) accepts, and the pages are served over HTTPS behind a token or a password."""
+    from central.cli import get_args_parser
+
+    built = compose["services"]["ingest"]["build"]
+    assert (COMPOSE.parent / built["context"] / built["dockerfile"]).resolve() == COMPOSE.parent / "Dockerfile"
+    parser = get_args_parser()
+    seen = {}
+    for name in ("ingest", "review", "bundle-server", "dashboard"):
         svc = compose["services"][name]
-        assert svc["profiles"] == ["planned"] and svc["x-placeholder"].startswith("issue 4"), name
-    assert "profiles" not in compose["services"]["mosquitto"]
+        assert svc["image"] == compose["services"]["ingest"]["image"] and "profiles" not in svc, name
+        seen[name] = parser.parse_args(svc["command"])
+    assert seen["review"].token_file and seen["review"].tls_cert and seen["review"].tls_key
+    assert seen["bundle-server"].tls_cert and seen["bundle-server"].tls_key
+    assert seen["dashboard"].web_password_file and seen["dashboard"].web_tls_cert and seen["dashboard"].tls_ca
+    assert seen["ingest"].tls_ca and seen["ingest"].password_file

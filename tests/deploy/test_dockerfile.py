@@ -95,3 +95,53 @@ def test_opencv_comes_with_gstreamer_and_onnxruntime_is_the_gpu_build():
             if line.strip() and not line.startswith("#")]
     assert not {"opencv-python", "opencv-python-headless", "onnxruntime", "tensorrt"} & set(pins)
     assert all("==" in line for line in REQUIREMENTS.read_text().splitlines() if line and not line.startswith("#"))
+
+
+# ---------------------------------------------------------------- the central image
+
+CENTRAL_DOCKERFILE = REPO / "deploy" / "central" / "Dockerfile"
+CENTRAL_REQUIREMENTS = REPO / "deploy" / "central" / "requirements-central.txt"
+IMPORT_TO_DIST = {"cv2": "opencv-python-headless", "paho": "paho-mqtt", "yaml": "PyYAML"}
+
+
+def central_instructions(name: str) -> list[str]:
+    text = re.sub(r"(?m)^\s*#.*\n", "", CENTRAL_DOCKERFILE.read_text()).replace("\\\n", " ")
+    return [m.group(1).strip() for m in re.finditer(rf"(?m)^{name}\s+(.*)$", text)]
+
+
+def test_the_central_image_lints_clean_runs_python_m_central_and_not_as_root():
+    findings = lint(CENTRAL_DOCKERFILE)
+    assert findings == [], "\n".join(f"{CENTRAL_DOCKERFILE.name}:{f['line']} {f['code']} {f['message']}" for f in findings)
+    [base] = central_instructions("FROM")
+    assert re.fullmatch(r"python:\d+\.\d+\.\d+-slim-\w+", base), base
+    assert json.loads(central_instructions("ENTRYPOINT")[0]) == ["python", "-m", "central"]
+    [user] = central_instructions("USER")
+    assert user.split(":")[0].isdigit() and int(user.split(":")[0]) != 0
+    copied = {line.split()[0] for line in central_instructions("COPY")}
+    assert {"contract", "central"} <= copied and not {"trainer", "agent"} & copied       # torch-free
+
+
+def test_the_central_image_pins_every_package_the_central_code_imports():
+    import ast
+    import sys as _sys
+
+    pins = {}
+    for line in CENTRAL_REQUIREMENTS.read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            assert version, f"{CENTRAL_REQUIREMENTS.name}: {line} is not pinned with =="
+            pins[name.lower()] = version
+    third_party = set()
+    for package in ("contract", "central"):
+        for path in (REPO / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else []
+                for name in names:
+                    top = name.split(".")[0]
+                    if top not in _sys.stdlib_module_names and top not in ("contract", "central"):
+                        third_party.add(top)
+    missing = {IMPORT_TO_DIST.get(t, t).lower() for t in third_party} - set(pins)
+    assert not missing, f"imported by contract/ or central/ but not in {CENTRAL_REQUIREMENTS.name}: {sorted(missing)}"
+    assert "torch" not in pins and "onnxruntime" not in pins
