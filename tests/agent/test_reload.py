@@ -125,10 +125,14 @@ def test_stats_topic_and_prometheus_endpoint(live_agent):
     assert "outbox" in stats and "camera:cam-a" in stats["queue_depths"]
     assert stats["frames_classified"] >= 10 and 0 <= stats["frames_low_confidence"] <= stats["frames_classified"]
     assert stats["inference_errors"] == 0
+    from prometheus_client.parser import text_string_to_metric_families
+
     text = urllib.request.urlopen(f"http://127.0.0.1:{agent.prometheus.port}/metrics", timeout=5).read().decode()
-    assert 'agent_frames_captured_total{camera="cam-a"}' in text
-    assert 'agent_latency_seconds{stage="inference",quantile="0.99"}' in text
-    assert 'agent_model_info{model_name="tiny",model_version="tiny-1"} 1' in text
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    assert samples[("agent_frames_captured_total", (("camera", "cam-a"),))] > 0
+    assert samples[("agent_latency_seconds", (("quantile", "0.99"), ("stage", "inference")))] > 0
+    assert samples[("agent_model_info", (("model_name", "tiny"), ("model_version", "tiny-1")))] == 1
 
 
 def test_thresholds_command_changes_the_policy_live_and_bad_ones_are_rejected(live_agent, broker):
