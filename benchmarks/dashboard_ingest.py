@@ -27,6 +27,7 @@ import argparse
 import json
 import logging
 import multiprocessing as mp
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -235,7 +236,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{b['python -m central dashboard'] / b['bare paho subscriber']:6.3f} x bare")
         print(f"  dashboard counters: {b['dashboard counters']}")
     if args.json:
-        args.json.write_text(json.dumps(figures, indent=2))
+        command = "python benchmarks/dashboard_ingest.py " + " ".join(
+            shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+        args.json.write_text(json.dumps({"benchmark": "dashboard_ingest", "command": command,
+                                         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                         **figures}, indent=2) + "\n")
     return 0
 
 

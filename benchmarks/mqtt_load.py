@@ -30,6 +30,7 @@ import os
 import queue
 import resource
 import selectors
+import shlex
 import shutil
 import socket
 import subprocess
@@ -345,6 +346,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--stations-per-site", type=int, default=50)
     p.add_argument("--drain", type=float, default=30.0, help="seconds to wait for PUBACKs and deliveries at the end")
     p.add_argument("--json", action="store_true", help="print the whole summary as JSON")
+    p.add_argument("--out", type=Path, default=None,
+                   help="also write the summary, with this command, as JSON (e.g. benchmarks/results/mqtt_load_1000x2.json)")
     return p
 
 
@@ -372,6 +375,12 @@ def main(argv: list[str] | None = None) -> int:
             broker.terminate()
             broker.wait(10)
             shutil.rmtree(workdir, ignore_errors=True)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"benchmark": "mqtt_load", "command": "python benchmarks/mqtt_load.py "
+                                        + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+                                        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                        **result}, indent=2) + "\n")
     if args.json:
         print(json.dumps(result, indent=2))
     else:
