@@ -229,32 +229,14 @@ def _static(name: str) -> Response:
     return Response(path.read_bytes(), media_type=f"{kind}; charset=utf-8" if text else kind)
 
 
-class ReviewServer:
-    """The review app on uvicorn, in a thread (tests, embedding) or in the foreground (``serve_forever``)."""
+class ReviewServer(Served):
+    """The review app on uvicorn, in a thread (``start``: tests, embedding) or in the foreground (``serve_forever``)."""
 
     def __init__(self, store: FrameStore, host: str = "127.0.0.1", port: int = 8080, token: str | None = None,
                  *, tls_cert: Path | None = None, tls_key: Path | None = None):
         self.store = store
         self.token = token
-        self.served = Served(create_app(store, token), host, port, name="review", tls_cert=tls_cert, tls_key=tls_key)
-
-    @property
-    def port(self) -> int:
-        return self.served.port
-
-    @property
-    def url(self) -> str:
-        return self.served.url
-
-    def start(self) -> "ReviewServer":
-        self.served.start()
-        return self
-
-    def serve_forever(self) -> None:
-        self.served.serve_forever()
-
-    def stop(self) -> None:
-        self.served.stop()
+        super().__init__(create_app(store, token), host, port, name="review", tls_cert=tls_cert, tls_key=tls_key)
 
 
 def add_review_parser(sub: argparse._SubParsersAction) -> None:

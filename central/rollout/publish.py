@@ -148,31 +148,12 @@ def bundle_app(root: Path) -> Any:
     return Guard(app, max_bytes=0, no_store=False)
 
 
-class BundleServer:
-    """The served tree over HTTP(S) (Starlette's static files on uvicorn), in a background thread."""
+class BundleServer(Served):
+    """The served tree over HTTP(S) (Starlette's static files on uvicorn), in a background thread (``start``)."""
 
     def __init__(self, root: str | Path, host: str = "127.0.0.1", port: int = 0, *,
                  tls_cert: Path | None = None, tls_key: Path | None = None) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
             raise RolloutError(f"{self.root}: served folder does not exist (publish a bundle into it first)")
-        self.served = Served(bundle_app(self.root), host, port, name="bundles", tls_cert=tls_cert, tls_key=tls_key)
-        self.scheme = self.served.scheme
-
-    @property
-    def port(self) -> int:
-        return self.served.port
-
-    @property
-    def url(self) -> str:
-        return self.served.url
-
-    def start(self) -> "BundleServer":
-        self.served.start()
-        return self
-
-    def serve_forever(self) -> None:
-        self.served.serve_forever()
-
-    def stop(self) -> None:
-        self.served.stop()
+        super().__init__(bundle_app(self.root), host, port, name="bundles", tls_cert=tls_cert, tls_key=tls_key)
