@@ -8,7 +8,7 @@ is ``inventory`` unless a deployment says otherwise): ``status``, ``result``, ``
 Schemas live in ``contract/schemas``: ``mqtt/<name>.json`` for station payloads and commands,
 ``rollout-event.v1.json`` for the central events, ``bundle/manifest.v1.json`` for bundles.
 ``SchemaCheck`` checks a body against one of them with fastjsonschema (the default: it compiles the
-schema to Python, about 8x faster than jsonschema on these payloads, benchmarks/dashboard_ingest.py)
+schema to Python, 7-8x faster than jsonschema on these payloads, benchmarks/dashboard_ingest.py)
 or jsonschema; the schemas use only keywords that draft 7 (fastjsonschema's newest) and 2020-12 read
 alike, and tests check that both engines accept and refuse the same messages.
 """
