@@ -128,12 +128,6 @@ class Metrics:
         info.add_metric([self.info.get("model_name", ""), self.info.get("model_version", "")], 1)
         yield info
 
-    def prometheus_text(self) -> str:
-        """Prometheus exposition format (text 0.0.4), as ``/metrics`` serves it."""
-        from prometheus_client import generate_latest
-
-        return generate_latest(self.registry()).decode()
-
     def registry(self) -> Any:
         from prometheus_client import CollectorRegistry
 

@@ -3,9 +3,10 @@
 The review API, the dashboard and the bundle server are ASGI apps (FastAPI / Starlette); ``Served``
 binds the listening socket itself (so "cannot listen" is an ``OSError`` at construction, naming the
 address, not a log line from a server thread), then runs uvicorn on it. ``Guard`` refuses request
-bodies over a size, whatever the client claims: a ``Content-Length`` that is not a non-negative
+bodies over a size, whatever the client claims (a ``Content-Length`` that is not a non-negative
 number, or larger than the limit, is answered 400/413 before the app reads anything, and a chunked
-body is cut off as soon as it passes the limit (``Guard``, which also refuses cross-site writes).
+body is cut off as soon as it passes the limit) and cross-site writes; ``BasicAuth`` asks for a
+password.
 """
 
 from __future__ import annotations
@@ -97,11 +98,12 @@ def too_large_response(_request: Any, exc: BodyTooLarge) -> Any:
     return JSONResponse({"error": str(exc)}, status_code=413, headers={"Cache-Control": "no-store"})
 
 
-async def _error(send: Any, status: int, message: str) -> None:
+async def _error(send: Any, status: int, message: str, *extra: tuple[bytes, bytes]) -> None:
+    """A JSON ``{"error": message}`` response straight from the middleware, with ``extra`` headers."""
     body = json.dumps({"error": message}).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"cache-control", b"no-store")]})
+                            (b"cache-control", b"no-store"), *extra]})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -126,12 +128,8 @@ class BasicAuth:
         if scope["type"] == "http" and scope["path"] not in self.open_paths:
             given = dict(scope.get("headers") or []).get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):
-                body = json.dumps({"error": "authentication required"}).encode()
-                await send({"type": "http.response.start", "status": 401,
-                            "headers": [(b"content-type", b"application/json"),
-                                        (b"content-length", str(len(body)).encode()),
-                                        (b"www-authenticate", f'Basic realm="{self.realm}"'.encode())]})
-                await send({"type": "http.response.body", "body": body})
+                await _error(send, 401, "authentication required",
+                             (b"www-authenticate", f'Basic realm="{self.realm}"'.encode()))
                 return
         await self.app(scope, receive, send)
 

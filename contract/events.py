@@ -17,7 +17,7 @@ import logging
 import os
 import uuid
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from contract.broker import BrokerError, BrokerSettings, BrokerSettingsError, connect
 from contract.messages import ROLLOUT_SCHEMA as EVENT_SCHEMA
@@ -93,15 +93,22 @@ class EventSink:
         self.sent.append(event)
 
 
+def mqtt_connect(options: BrokerSettings, purpose: str, *, on_connect: Callable[[Any], None] | None = None,
+                 on_message: Callable[[Any, Any], None] | None = None) -> Any:
+    """A connected paho (2.x, MQTT v5) client with its network loop running (client id ``trainer-<purpose>-<random>``
+    unless the settings name one); RolloutError naming the broker when it cannot be reached or refuses."""
+    try:
+        return connect(options, f"trainer-{purpose}", on_connect=on_connect, on_message=on_message)
+    except (BrokerError, BrokerSettingsError) as exc:
+        raise RolloutError(str(exc)) from None
+
+
 def publish_event_once(options: BrokerSettings | None, event: dict[str, Any]) -> None:
     """One event on its own short connection (retrain's gate, publish); only logged without a broker."""
     if options is None:
         EventSink().emit(event)
         return
-    try:
-        client = connect(options, f"events-{uuid.uuid4().hex[:8]}")
-    except (BrokerError, BrokerSettingsError) as exc:
-        raise RolloutError(str(exc)) from None
+    client = mqtt_connect(options, "events")
     try:
         EventSink(client, rollout_topic(options.topic_root)).emit(event)
     finally:

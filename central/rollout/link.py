@@ -10,20 +10,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from central.rollout.remote import RemoteBundle
-from contract.broker import BrokerError, BrokerSettings, BrokerSettingsError, connect
-from contract.events import RolloutError, mqtt_publish
+from contract.broker import BrokerSettings
+from contract.events import RolloutError, mqtt_connect, mqtt_publish
 from contract.messages import CENTRAL_SITE, checker, station_topic
 
 log = logging.getLogger(__name__)
-
-
-def mqtt_connect(options: BrokerSettings, purpose: str, *, on_connect: Callable[[Any], None] | None = None,
-                 on_message: Callable[[Any, Any], None] | None = None):
-    """A connected paho (2.x, MQTT v5) client with its network loop running; RolloutError if refused."""
-    try:
-        return connect(options, f"trainer-{purpose}", on_connect=on_connect, on_message=on_message)
-    except (BrokerError, BrokerSettingsError) as exc:
-        raise RolloutError(str(exc)) from None
 
 
 @dataclass
