@@ -16,6 +16,7 @@ alike, and tests check that both engines accept and refuse the same messages.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -77,6 +78,38 @@ class Topics:
 
     def cmd(self, verb: str = "#") -> str:
         return f"{self.root}/cmd/{verb}"
+
+
+# ---------------------------------------------------------------- strict JSON
+
+class NonFiniteError(ValueError):
+    """A JSON text or body carrying NaN or an infinity, which no payload, file or page may hold."""
+
+
+def _refuse_constant(name: str) -> Any:
+    raise NonFiniteError(f"{name} is not a JSON number (non-finite numbers are refused)")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise NonFiniteError(f"{text[:40]} is outside the range of a finite number")
+    return value
+
+
+def loads_finite(data: str | bytes | bytearray) -> Any:
+    """``json.loads`` that refuses ``NaN``, ``Infinity`` and numbers that overflow to infinity (``1e999``).
+
+    Raises ValueError (NonFiniteError for the numbers, json.JSONDecodeError for the syntax,
+    UnicodeDecodeError for bytes that are not UTF-8): every caller already treats ValueError as
+    "refuse this input".
+    """
+    return json.loads(data, parse_constant=_refuse_constant, parse_float=_finite_float)
+
+
+def dumps_finite(body: Any, **kwargs: Any) -> str:
+    """``json.dumps`` that refuses to write NaN or an infinity (ValueError) instead of emitting invalid JSON."""
+    return json.dumps(body, allow_nan=False, **kwargs)
 
 
 # ---------------------------------------------------------------- schemas

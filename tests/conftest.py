@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# Property tests (tests/*/test_hostile_*.py): the same examples on every run (derandomize), no per-example
+# deadline (the suite must pass while another process keeps a core busy), and no example database
+# written into the checkout. HYPOTHESIS_PROFILE=explore searches fresh random examples, many more of them.
+settings.register_profile("ci", derandomize=True, deadline=None, database=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+settings.register_profile("explore", parent=settings.get_profile("ci"), derandomize=False, max_examples=2000)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
