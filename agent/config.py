@@ -31,15 +31,31 @@ class ConfigError(Exception):
     """A config file that cannot be used; the message names the file and the field."""
 
 
+MAX_FRAME_SIDE = 16384      # pixels: larger than any camera a station has; bounds ROIs and capture sizes
+HOUR_S = 3600.0
+DAY_S = 24 * HOUR_S
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: NaN and infinity (``.nan``, ``.inf``, ``1e999`` in YAML) pass every bound check by
+    # comparison and then break the threads that wait on them, so no float field anywhere accepts them.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Roi(_Strict):
-    x: int = Field(0, ge=0, title="Left", description="Left edge of the region of interest, in pixels.")
-    y: int = Field(0, ge=0, title="Top", description="Top edge of the region of interest, in pixels.")
-    width: int = Field(..., gt=0, title="Width", description="Width of the region of interest, in pixels.")
-    height: int = Field(..., gt=0, title="Height", description="Height of the region of interest, in pixels.")
+    x: int = Field(0, ge=0, le=MAX_FRAME_SIDE, title="Left", description="Left edge of the region of interest, in pixels.")
+    y: int = Field(0, ge=0, le=MAX_FRAME_SIDE, title="Top", description="Top edge of the region of interest, in pixels.")
+    width: int = Field(..., gt=0, le=MAX_FRAME_SIDE, title="Width",
+                       description="Width of the region of interest, in pixels.")
+    height: int = Field(..., gt=0, le=MAX_FRAME_SIDE, title="Height",
+                        description="Height of the region of interest, in pixels.")
+
+    def fits(self, width: int, height: int) -> bool:
+        """The whole region lies inside a ``width`` x ``height`` frame."""
+        return self.x + self.width <= width and self.y + self.height <= height
+
+    def describe(self) -> str:
+        return f"x={self.x} y={self.y} width={self.width} height={self.height}"
 
 
 class Thresholds(_Strict):
@@ -80,9 +96,9 @@ class CaptureEmptyCommand(_Strict):
 
 
 class Backoff(_Strict):
-    initial_s: float = Field(0.5, gt=0, title="Initial delay", description="First wait before a retry, seconds.")
-    max_s: float = Field(30.0, gt=0, title="Maximum delay", description="Cap of the exponential backoff, seconds.")
-    factor: float = Field(2.0, ge=1, title="Factor", description="Each failed retry multiplies the delay by this.")
+    initial_s: float = Field(0.5, gt=0, le=HOUR_S, title="Initial delay", description="First wait before a retry, seconds.")
+    max_s: float = Field(30.0, gt=0, le=HOUR_S, title="Maximum delay", description="Cap of the exponential backoff, seconds.")
+    factor: float = Field(2.0, ge=1, le=10, title="Factor", description="Each failed retry multiplies the delay by this.")
 
 
 class CameraConfig(_Strict):
@@ -92,23 +108,35 @@ class CameraConfig(_Strict):
         "file:///path.mp4 or a plain path (video), a folder of images, v4l2:///dev/video0, usb://0 or a bare "
         "integer, rtsp://..., csi://0 (Jetson GStreamer nvarguscamerasrc), or gst://<pipeline>."))
     loop: bool = Field(False, title="Loop", description="File and folder sources: start again at the end.")
-    fps: float | None = Field(None, gt=0, title="Target frame rate",
+    fps: float | None = Field(None, gt=0, le=1000, title="Target frame rate",
                               description="Frames per second handed to the model; None: as fast as the source.")
-    roi: Roi | None = Field(None, title="Region of interest", description="Crop applied to every frame.")
+    roi: Roi | None = Field(None, title="Region of interest",
+                            description="Crop applied to every frame; it must lie inside the frame (inside "
+                                        "width x height when both are set), else the frame is refused and counted.")
     queue_size: int = Field(2, ge=1, le=256, title="Queue size",
                             description="Bounded frame queue; when full, the oldest frame is dropped and counted.")
     backpressure: Literal["drop_oldest", "block"] = Field(
         "drop_oldest", title="Backpressure",
         description="drop_oldest: latest-frame semantics for live cameras; block: file sources wait (no drops).",
     )
-    stall_timeout_s: float = Field(5.0, gt=0, title="Stall timeout",
+    stall_timeout_s: float = Field(5.0, gt=0, le=HOUR_S, title="Stall timeout",
                                    description="No frame for this long: the watchdog reconnects the camera.")
     reconnect: Backoff = Field(default_factory=Backoff, title="Reconnect backoff",
                                description="Backoff between reconnect attempts of a lost camera.")
     thresholds: Thresholds = Field(default_factory=Thresholds, title="Threshold overrides",
                                    description="Per-camera low-confidence thresholds; unset ones come from the bundle.")
-    width: int | None = Field(None, gt=0, title="Capture width", description="Requested capture width (live cameras).")
-    height: int | None = Field(None, gt=0, title="Capture height", description="Requested capture height.")
+    width: int | None = Field(None, gt=0, le=MAX_FRAME_SIDE, title="Capture width",
+                              description="Requested capture width (live cameras).")
+    height: int | None = Field(None, gt=0, le=MAX_FRAME_SIDE, title="Capture height",
+                               description="Requested capture height.")
+
+    @model_validator(mode="after")
+    def _roi_in_frame(self) -> "CameraConfig":
+        """With the frame size known here, an ROI outside it is a config error (at run time, a refused frame)."""
+        if self.roi is not None and self.width and self.height and not self.roi.fits(self.width, self.height):
+            raise ValueError(f"roi: {self.roi.describe()} does not fit the {self.width}x{self.height} frame "
+                             "(width, height)")
+        return self
 
 
 class ModelConfig(_Strict):
@@ -131,12 +159,12 @@ class ModelConfig(_Strict):
         min_length=1, title="ONNX Runtime providers",
         description="Preference order; the ones this onnxruntime build has are used.")
     batch_size: int = Field(8, ge=1, le=256, title="Batch size", description="Most frames per inference call, across cameras.")
-    batch_timeout_ms: float = Field(5.0, ge=0, title="Batch timeout",
+    batch_timeout_ms: float = Field(5.0, ge=0, le=10_000, title="Batch timeout",
                                     description="How long to wait for a batch to fill once one frame is ready, ms.")
-    intra_op_threads: int = Field(0, ge=0, title="Intra-op threads",
+    intra_op_threads: int = Field(0, ge=0, le=1024, title="Intra-op threads",
                                   description="ONNX Runtime threads; 0: auto: on the CPU the model is timed with 1, half "
                                               "and all of the CPUs when it loads, and the fastest is kept.")
-    warmup_runs: int = Field(2, ge=0, title="Warm-up runs", description="Inference runs before the station reports ready.")
+    warmup_runs: int = Field(2, ge=0, le=1000, title="Warm-up runs", description="Inference runs before the station reports ready.")
     pipeline_nice: int = Field(10, ge=0, le=19, title="Pipeline nice",
                                description="Nice value the camera, decide and MQTT threads add to their own, so on a "
                                            "busy CPU the model's thread runs first; 0: all threads equal.")
@@ -178,7 +206,7 @@ class MqttConfig(_Strict):
     protocol: Literal["auto", "v5", "v311"] = Field(
         "auto", title="Protocol", description="auto: MQTT v5, falling back to 3.1.1 when the broker refuses v5.")
     client_id: str | None = Field(None, title="Client id", description="None: agent-<site>-<station>.")
-    keepalive_s: int = Field(30, ge=5, title="Keepalive", description="MQTT keepalive, seconds.")
+    keepalive_s: int = Field(30, ge=5, le=65535, title="Keepalive", description="MQTT keepalive, seconds.")
     username: str | None = Field(None, title="User name", description="MQTT user name.")
     password_env: str | None = Field(None, title="Password variable", description="Environment variable holding the password.")
     password_file: Path | None = Field(None, title="Password file", description="File holding the password (first line).")
@@ -232,9 +260,9 @@ class MqttConfig(_Strict):
 class OutboxConfig(_Strict):
     path: Path = Field(Path("/var/lib/inventory-agent/outbox.sqlite"), title="Database file",
                        description="SQLite file of the durable outbox.")
-    max_bytes: int = Field(256 * 1024 * 1024, ge=1024, title="Byte quota",
+    max_bytes: int = Field(256 * 1024 * 1024, ge=1024, le=1 << 40, title="Byte quota",
                            description="Above this, frames then oldest messages are dropped and counted.")
-    max_age_s: float = Field(7 * 24 * 3600.0, gt=0, title="Age quota", description="Messages older than this are dropped and counted.")
+    max_age_s: float = Field(7 * DAY_S, gt=0, le=366 * DAY_S, title="Age quota", description="Messages older than this are dropped and counted.")
     synchronous: Literal["normal", "full"] = Field(
         "normal", title="SQLite synchronous",
         description="normal: survives process crash (kill -9); full: also power loss, slower.")
@@ -287,16 +315,16 @@ class PresenceConfig(_Strict):
     warmup_frames: int = Field(1, ge=1, le=1000, title="Warm-up frames",
                                description="The first frames of each camera are taken as the empty scene (start with "
                                            "the belt empty), unless an empty-scene image is given.")
-    relearn_frames: int = Field(1800, ge=0, title="Relearn after",
+    relearn_frames: int = Field(1800, ge=0, le=10_000_000, title="Relearn after",
                                 description="An item in view this many frames in a row is taken as a changed scene: the "
                                             "background restarts from the current frame (0: never).")
     empty_images: dict[str, Path] = Field(
         default_factory=dict, title="Empty-scene images",
         description="Camera id -> an image of that camera's empty ROI (or whole frame, cropped by the ROI); "
                     "replaces the warm-up frames.")
-    min_frames: int = Field(2, ge=1, title="Minimum frames", description="Frames an item must be seen to count as an item.")
-    gap_frames: int = Field(2, ge=1, title="Gap frames", description="Empty frames that end an item.")
-    max_frames: int = Field(300, ge=1, title="Maximum frames", description="An item seen longer is decided anyway.")
+    min_frames: int = Field(2, ge=1, le=10_000, title="Minimum frames", description="Frames an item must be seen to count as an item.")
+    gap_frames: int = Field(2, ge=1, le=10_000, title="Gap frames", description="Empty frames that end an item.")
+    max_frames: int = Field(300, ge=1, le=100_000, title="Maximum frames", description="An item seen longer is decided anyway.")
     split_overlap: float = _finite(0.2, ge=0, le=1, title="Split overlap",
                                    description="With the localizer: when an item's box overlaps the previous frame's by "
                                                "less than this share of the smaller box, it is another item (one "
@@ -330,7 +358,7 @@ class SortingConfig(_Strict):
 class QcConfig(_Strict):
     defect_classes: list[str] = Field(default_factory=list, title="Defect classes", description="Labels that raise an alert.")
     min_confidence: float = Field(0.5, ge=0, le=1, title="Alert confidence", description="Minimum probability of a defect to alert.")
-    cooldown_s: float = Field(10.0, ge=0, title="Cooldown", description="Per camera and label, at most one frame alert in this time.")
+    cooldown_s: float = Field(10.0, ge=0, le=DAY_S, title="Cooldown", description="Per camera and label, at most one frame alert in this time.")
 
 
 class DecisionsConfig(_Strict):
@@ -350,29 +378,30 @@ class FramesConfig(_Strict):
     enabled: bool = Field(True, title="Upload frames", description="Send low-confidence frames back for retraining.")
     jpeg_quality: int = Field(90, ge=10, le=100, title="JPEG quality", description="Encoder quality 10..100.")
     crop_roi: bool = Field(True, title="Crop to ROI", description="Send the ROI crop (True) or the full frame.")
-    min_interval_s: float = Field(2.0, ge=0, title="Rate limit", description="Per camera, at most one frame per this many seconds.")
+    min_interval_s: float = Field(2.0, ge=0, le=DAY_S, title="Rate limit", description="Per camera, at most one frame per this many seconds.")
     dedupe_bits: int = Field(6, ge=0, le=64, title="Duplicate distance",
                              description="dHash Hamming distance at or below which a frame counts as a near-duplicate.")
-    dedupe_window: int = Field(32, ge=0, title="Duplicate memory", description="Recent hashes per camera compared against.")
+    dedupe_window: int = Field(32, ge=0, le=4096, title="Duplicate memory", description="Recent hashes per camera compared against.")
     empty_scene_interval_s: float = _finite(
-        3600.0, ge=0, title="Empty-scene interval",
+        3600.0, ge=0, le=7 * DAY_S, title="Empty-scene interval",
         description="Per camera, send one empty-scene frame (the ROI when the localizer sees nothing in view) this "
                     "often, for training on the station's real background; 0: only on cmd/capture-empty.")
     empty_scene_wait_s: float = _finite(
-        600.0, gt=0, title="Empty-scene wait",
+        600.0, gt=0, le=DAY_S, title="Empty-scene wait",
         description="A requested or scheduled empty-scene frame waits at most this long for an empty scene; then it "
                     "is given up and counted.")
     empty_scene_spacing_s: float = _finite(
-        2.0, ge=0, title="Empty-scene spacing",
+        2.0, ge=0, le=HOUR_S, title="Empty-scene spacing",
         description="Per camera, at least this many seconds between the empty-scene frames of one command.")
 
 
 class HealthConfig(_Strict):
-    stats_interval_s: float = Field(10.0, gt=0, title="Stats interval", description="Seconds between stats messages.")
+    stats_interval_s: float = Field(10.0, ge=0.1, le=HOUR_S, title="Stats interval",
+                                    description="Seconds between stats messages.")
     prometheus_port: int | None = Field(None, ge=0, le=65535, title="Prometheus port",
                                         description="Serve /metrics on this port; None: off; 0: any free port.")
     prometheus_host: str = Field("127.0.0.1", title="Prometheus address", description="Address the endpoint binds to.")
-    latency_window: int = Field(2048, ge=16, title="Latency window", description="Recent samples used for percentiles.")
+    latency_window: int = Field(2048, ge=16, le=1_000_000, title="Latency window", description="Recent samples used for percentiles.")
 
 
 class AgentConfig(_Strict):
@@ -386,7 +415,7 @@ class AgentConfig(_Strict):
     decisions: DecisionsConfig = Field(default_factory=DecisionsConfig, title="Decisions", description="Per-item logic.")
     frames: FramesConfig = Field(default_factory=FramesConfig, title="Frames", description="Low-confidence uploads.")
     health: HealthConfig = Field(default_factory=HealthConfig, title="Health", description="Stats and metrics.")
-    shutdown_flush_s: float = Field(5.0, ge=0, title="Shutdown flush", description="On SIGTERM, time allowed to drain the outbox.")
+    shutdown_flush_s: float = Field(5.0, ge=0, le=HOUR_S, title="Shutdown flush", description="On SIGTERM, time allowed to drain the outbox.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", title="Log level", description="Root log level.")
 
     @model_validator(mode="after")
@@ -416,15 +445,34 @@ class AgentConfig(_Strict):
 
 # ---------------------------------------------------------------- loading
 
+MAX_CONFIG_BYTES = 1 << 20      # a station config is a few kB; a larger "config" is the wrong file
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
+    """One YAML file as a mapping; anything else (unreadable, not UTF-8, empty, a list) is a ConfigError."""
     try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: cannot read ({getattr(exc, 'strerror', None) or exc})") from exc
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes; not a station config")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}: {raw[exc.start:exc.start + 1]!r})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML ({where}{exc.problem or exc.context})") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid YAML (nested too deeply)") from None
     if data is None:
-        return {}
+        raise ConfigError(f"{path}: empty file (expected a mapping of config keys)")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     return data
@@ -465,7 +513,10 @@ def _resolve_paths(data: dict[str, Any], base_dir: Path) -> dict[str, Any]:
 
 def load_layers(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """The merged raw mapping of a file and the files it ``extends`` (paths relative to each file)."""
-    path = Path(path).resolve()
+    try:
+        path = Path(path).resolve()
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ConfigError(f"{path}: cannot read ({exc})") from exc
     if path in _seen:
         raise ConfigError(f"{path}: extends itself (cycle: {' -> '.join(map(str, _seen + (path,)))})")
     data = _read_yaml(path)
@@ -476,7 +527,11 @@ def load_layers(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any
         raise ConfigError(f"{path}: field extends: expected a path or a list of paths")
     merged: dict[str, Any] = {}
     for parent in parents or []:
-        merged = deep_merge(merged, load_layers(path.parent / parent, _seen + (path,)))
+        try:
+            layer = load_layers(path.parent / parent, _seen + (path,))
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: field extends: {exc}") from None
+        merged = deep_merge(merged, layer)
     return deep_merge(merged, _resolve_paths(data, path.parent))
 
 
@@ -501,10 +556,14 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ag
         raise ConfigError("\n".join(format_errors(path, exc))) from exc
 
 
+DEVICE_KEYS = ("site", "station", "cameras", "extends")
+
+
 def is_defaults_layer(path: str | Path) -> bool:
-    """A shared defaults file: it does not name cameras and extends nothing, so it is only partly checkable."""
+    """A shared defaults file: it names no site, station or cameras and extends nothing, so it is only partly
+    checkable. A file with any of those is a station's file and must be complete (cameras included)."""
     data = _read_yaml(Path(path))
-    return "cameras" not in data and "extends" not in data
+    return not any(key in data for key in DEVICE_KEYS)
 
 
 def validate_layer(path: str | Path) -> list[str]:
