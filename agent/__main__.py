@@ -56,6 +56,7 @@ def validate_config(files: list[Path]) -> int:
 def run(args: argparse.Namespace) -> int:
     from agent.app import run as run_agent
     from agent.config import ConfigError, load_config
+    from agent.outbox import OutboxError, check_outbox_path
 
     try:
         cfg = load_config(args.config)
@@ -63,7 +64,12 @@ def run(args: argparse.Namespace) -> int:
         print(exc, file=sys.stderr)
         return 2
     logging.getLogger().setLevel(cfg.log_level)
-    return run_agent(cfg, exit_at_end=args.exit_at_end, flush_s=args.flush_timeout)
+    try:
+        check_outbox_path(cfg.outbox.path)      # before the model loads: a wrong path fails at once
+        return run_agent(cfg, exit_at_end=args.exit_at_end, flush_s=args.flush_timeout)
+    except OutboxError as exc:
+        print(f"{args.config}: field outbox.path: {exc}", file=sys.stderr)
+        return 2
 
 
 def summarize(kind: str, body: dict) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -34,6 +35,29 @@ CREATE TABLE IF NOT EXISTS messages (
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
+
+
+class OutboxError(Exception):
+    """The outbox database cannot be opened where it is configured; the message names the path."""
+
+
+def check_outbox_path(path: str | Path) -> None:
+    """Fail before anything starts when the database cannot live at ``path``: its folder cannot be created or
+    written (SQLite writes its -wal and -shm files beside it), or the path is not a regular file."""
+    path = Path(path)
+    folder = path.parent
+    if path.exists() and not path.is_file():
+        raise OutboxError(f"{path}: is a {'folder' if path.is_dir() else 'special file'}, not a database file")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise OutboxError(f"{path}: cannot create the folder {folder} (a file of that name is in the way)") from None
+    except OSError as exc:
+        raise OutboxError(f"{path}: cannot create the folder {folder} ({exc.strerror or exc})") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutboxError(f"{path}: the folder {folder} is not writable by uid {os.getuid()}")
+    if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+        raise OutboxError(f"{path}: not readable and writable by uid {os.getuid()}")
 
 
 @dataclass
@@ -64,18 +88,30 @@ class Outbox:
     def __init__(self, path: str | Path, *, max_bytes: int, max_age_s: float, synchronous: str = "normal",
                  clock: Callable[[], float] = time.time) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        check_outbox_path(self.path)
         self.max_bytes = max_bytes
         self.max_age_s = max_age_s
         self.clock = clock
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
-        self._db.executescript(SCHEMA)
         self.changed = threading.Condition()
-        self._bytes = self._db.execute("SELECT COALESCE(SUM(size), 0) FROM messages").fetchone()[0]
-        self._last_seq = self._meta("next_seq", 1) - 1
+        self._db = self._open(synchronous)
+
+    def _open(self, synchronous: str) -> sqlite3.Connection:
+        """Connect and read the totals; a file that is not our database is refused, never overwritten."""
+        db = None
+        try:
+            db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(f"PRAGMA synchronous={synchronous.upper()}")
+            db.executescript(SCHEMA)
+            self._bytes = db.execute("SELECT COALESCE(SUM(size), 0) FROM messages").fetchone()[0]
+            row = db.execute("SELECT value FROM meta WHERE key='next_seq'").fetchone()
+        except (sqlite3.Error, OSError) as exc:
+            if db is not None:
+                db.close()
+            raise OutboxError(f"{self.path}: cannot open the outbox database ({exc})") from exc
+        self._last_seq = (row[0] if row else 1) - 1
+        return db
 
     # ------------------------------------------------------------ writing
 

@@ -42,6 +42,7 @@ from agent.engine_cache import (
     probe_device,
     prune,
 )
+from agent.outbox import OutboxError, check_outbox_path
 from contract.bundle import Bundle, BundleError, load_bundle, load_public_key
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,10 @@ def load_checked(config: Path, engine_cache: Path) -> tuple[AgentConfig, Bundle]
         cfg = load_config(config)
     except ConfigError as exc:
         raise StartupError(str(exc)) from exc
-    check_writable_dir(cfg.outbox.path.parent, "outbox.path", config)
+    try:
+        check_outbox_path(cfg.outbox.path)
+    except OutboxError as exc:
+        raise StartupError(f"{config}: field outbox.path: {exc}") from exc
     check_writable_dir(cfg.model.download_dir, "model.download_dir", config)
     check_writable_dir(engine_cache, f"--engine-cache/${ENV_ENGINE_CACHE}", config)
     try:

@@ -13,13 +13,14 @@ the configured bundle runs; nothing is lost by a bad state file (it is kept as `
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from contract.messages import dumps_finite, loads_finite
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ class StationState:
         configured = manifest_sha256(configured_bundle)
         fresh = cls(path, configured)
         try:
-            raw = json.loads(path.read_text())
+            raw = _read(path)
         except FileNotFoundError:
             return fresh
         except (OSError, ValueError) as exc:
@@ -56,9 +57,9 @@ class StationState:
                       path.name)
             _set_aside(path, ".bad")
             return fresh
-        if not isinstance(raw, dict) or raw.get("schema") != SCHEMA:
-            log.error("%s: field schema: expected %s; kept as %s.bad, starting from the config", path, SCHEMA,
-                      path.name)
+        problem = _problem(raw)
+        if problem is not None:
+            log.error("%s: %s; kept as %s.bad, starting from the config", path, problem, path.name)
             _set_aside(path, ".bad")
             return fresh
         if raw.get("configured_sha256") != configured:
@@ -66,9 +67,7 @@ class StationState:
                         "thresholds win, the old state is kept as %s.previous", path, path.name)
             _set_aside(path, ".previous")
             return fresh
-        model = raw.get("model") if isinstance(raw.get("model"), dict) else None
-        thresholds = {str(k): v for k, v in (raw.get("thresholds") or {}).items() if isinstance(v, dict)}
-        return cls(path, configured, model, thresholds)
+        return cls(path, configured, raw.get("model"), dict(raw.get("thresholds") or {}))
 
     def set_model(self, bundle_root: Path, version: str) -> None:
         self.model = {"bundle": str(bundle_root), "version": version, "sha256": manifest_sha256(bundle_root)}
@@ -86,13 +85,51 @@ class StationState:
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
         try:
             with os.fdopen(fd, "w") as fh:
-                json.dump(body, fh, indent=2)
+                fh.write(dumps_finite(body, indent=2))
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, self.path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+MAX_STATE_BYTES = 1 << 20      # a bundle path, a version and a few thresholds: a few kB at most
+
+
+def _read(path: Path) -> Any:
+    """The file's JSON; ValueError for a file that is too large, not UTF-8, not JSON, or holds NaN/Infinity."""
+    with open(path, "rb") as fh:
+        data = fh.read(MAX_STATE_BYTES + 1)
+    if len(data) > MAX_STATE_BYTES:
+        raise ValueError(f"larger than {MAX_STATE_BYTES} bytes")
+    return loads_finite(data)
+
+
+def _problem(raw: Any) -> str | None:
+    """What makes a parsed state unusable (naming the field), or None."""
+    if not isinstance(raw, dict) or raw.get("schema") != SCHEMA:
+        return f"field schema: expected {SCHEMA}"
+    sha = raw.get("configured_sha256")
+    if sha is not None and not isinstance(sha, str):
+        return "field configured_sha256: expected a string or null"
+    model = raw.get("model")
+    if model is not None:
+        if not isinstance(model, dict):
+            return "field model: expected an object or null"
+        for key in ("bundle", "version"):
+            if not isinstance(model.get(key), str) or not model[key]:
+                return f"field model.{key}: expected a non-empty string"
+        if model.get("sha256") is not None and not isinstance(model["sha256"], str):
+            return "field model.sha256: expected a string or null"
+    thresholds = raw.get("thresholds")
+    if thresholds is not None:
+        if not isinstance(thresholds, dict):
+            return "field thresholds: expected an object of camera id -> thresholds"
+        for cid, values in thresholds.items():
+            if not isinstance(values, dict):
+                return f"field thresholds.{cid}: expected an object"
+    return None
 
 
 def _set_aside(path: Path, suffix: str) -> None:

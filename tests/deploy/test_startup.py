@@ -170,7 +170,8 @@ def test_an_outbox_folder_that_cannot_be_created_is_named(tmp_path, bundle_dir, 
     data["outbox"]["path"] = str(tmp_path / "a-file" / "outbox.sqlite")
     config.write_text(yaml.safe_dump(data))
     rc, _ = start(config, tmp_path / "engines", tensorrt_present=False)
-    assert rc == 2 and f"{config}: field outbox.path: cannot create" in caplog.text
+    outbox = tmp_path / "a-file" / "outbox.sqlite"
+    assert rc == 2 and f"{config}: field outbox.path: {outbox}: cannot create the folder" in caplog.text
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
