@@ -14,7 +14,14 @@ __all__ = ["EndOfStream", "Frame", "FrameSource", "SourceError", "open_source", 
 
 def open_source(uri: str, *, name: str, loop: bool = False, width: int | None = None,
                 height: int | None = None) -> FrameSource:
-    """A (not yet opened) source for a camera URI; see CameraConfig.uri for the forms."""
+    """A (not yet opened) source for a camera URI; see CameraConfig.uri for the forms. SourceError names a bad one."""
+    try:
+        return _source_for(uri, name=name, loop=loop, width=width, height=height)
+    except ValueError as exc:     # e.g. usb://x (not a device number), a NUL in a path, a bad port
+        raise SourceError(f"{uri}: not a camera URI ({exc})") from None
+
+
+def _source_for(uri: str, *, name: str, loop: bool, width: int | None, height: int | None) -> FrameSource:
     if uri.isdigit():
         return OpenCVSource(int(uri), kind="v4l2", name=name)
     parsed = urlparse(uri)

@@ -2,6 +2,13 @@
 
 Each camera runs in its own thread so a lost or slow camera never stalls the
 others; a watchdog closes a stalled source so its thread reconnects with backoff.
+
+Invariants:
+- A camera thread ends only when stopped or at the end of a finite source. Whatever a source does
+  (raises anything from open, read or close, returns None, a frame of another shape or dtype) is
+  counted in ``camera_errors_total{camera,kind}``, logged (the first time per distinct problem), and
+  the thread skips the frame or reconnects with backoff.
+- A frame the ROI does not fit in is refused and counted (kind ``roi``), never classified whole.
 """
 
 from __future__ import annotations
@@ -21,6 +28,14 @@ from agent.sources import open_source
 from agent.sources.base import EndOfStream, Frame, FrameSource, Prepared, SourceError
 
 log = logging.getLogger(__name__)
+
+
+BAD_FRAMES_BEFORE_RECONNECT = 50     # a source that returns only bad frames is reconnected, not spun on
+MAX_DISTINCT_REPORTS = 64            # distinct problems logged per camera; later ones only counted
+
+
+class RoiError(ValueError):
+    """The camera's ROI does not lie inside the frame it delivered."""
 
 
 class FrameHub:
@@ -92,15 +107,29 @@ class FrameHub:
 
 
 def crop_roi(image: np.ndarray, roi: Roi | None) -> np.ndarray:
-    """The ROI clipped to the image; the full image if the ROI misses it entirely."""
+    """The ROI of the image (a view). RoiError when any of it lies outside the frame: the model would otherwise
+    see another region than the one configured (a camera whose resolution changed, a wrong config)."""
     if roi is None:
         return image
     h, w = image.shape[:2]
-    x0, y0 = min(roi.x, w), min(roi.y, h)
-    x1, y1 = min(roi.x + roi.width, w), min(roi.y + roi.height, h)
-    if x1 <= x0 or y1 <= y0:
-        return image
-    return image[y0:y1, x0:x1]
+    if not roi.fits(w, h):
+        raise RoiError(f"roi {roi.describe()} does not fit the {w}x{h} frame; its frames are refused")
+    return image[roi.y : roi.y + roi.height, roi.x : roi.x + roi.width]
+
+
+def frame_problem(image: object) -> str | None:
+    """Why a source's frame cannot be used (a height x width x 3 uint8 RGB array), or None."""
+    if image is None:
+        return "the source returned no image (None)"
+    if not isinstance(image, np.ndarray):
+        return f"the source returned a {type(image).__name__}, not an image array"
+    if image.dtype != np.uint8:
+        return f"frame of dtype {image.dtype}, expected uint8"
+    if image.ndim != 3 or image.shape[2] != 3:
+        return f"frame of shape {image.shape}, expected height x width x 3 (RGB)"
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        return f"empty frame of shape {image.shape}"
+    return None
 
 
 def backoff_delays(cfg: Backoff):
@@ -134,6 +163,9 @@ class CameraWorker(threading.Thread):
         self._source: FrameSource | None = None
         self._seq = 0
         self._next_due = 0.0
+        self._bad_in_a_row = 0
+        self._reported: set[tuple[str, str]] = set()
+        self.last_error: str | None = None     # the newest problem, for status and tests
 
     def run(self) -> None:
         lower_this_thread(self.nice)
@@ -147,14 +179,31 @@ class CameraWorker(threading.Thread):
                 log.info("camera %s: end of input after %d frames", self.cfg.id, self._seq)
                 break
             except SourceError as exc:
-                self.metrics.inc("camera_reconnects_total", camera=self.cfg.id)
-                delay = next(delays)
-                log.warning("camera %s: %s; reconnecting in %.1fs", self.cfg.id, exc, delay)
-                self.stop_event.wait(delay)
+                self._reconnect_after(str(exc), next(delays))
+            except Exception as exc:  # noqa: BLE001 (a source's own bug must not end the camera thread)
+                self.report("source", f"{type(exc).__name__}: {exc}", exc)
+                self._reconnect_after(f"{type(exc).__name__}: {exc}", next(delays))
             finally:
                 self._close()
         self.ended.set()
         self.hub.wake()
+
+    def _reconnect_after(self, why: str, delay: float) -> None:
+        self.metrics.inc("camera_reconnects_total", camera=self.cfg.id)
+        log.warning("camera %s: %s; reconnecting in %.1fs", self.cfg.id, why, delay)
+        self.stop_event.wait(delay)
+
+    def report(self, kind: str, message: str, exc: BaseException | None = None) -> None:
+        """Count a problem (camera_errors_total{camera,kind}); log it the first time it is seen on this camera."""
+        self.metrics.inc("camera_errors_total", camera=self.cfg.id, kind=kind)
+        self.last_error = f"{kind}: {message}"
+        key = (kind, message)
+        if key in self._reported or len(self._reported) >= MAX_DISTINCT_REPORTS:
+            log.debug("camera %s: %s (again)", self.cfg.id, message)
+            return
+        self._reported.add(key)
+        log.error("camera %s: %s (counted in camera_errors_total, kind %s; reported once)", self.cfg.id, message,
+                  kind, exc_info=exc)
 
     def _open(self) -> None:
         source = self.factory(self.cfg)
@@ -171,27 +220,60 @@ class CameraWorker(threading.Thread):
         self.connected = False
         self.metrics.set("camera_connected", 0, camera=self.cfg.id)
         if source is not None:
-            source.close()
+            try:
+                source.close()
+            except Exception as exc:  # noqa: BLE001
+                self.report("source", f"close failed: {type(exc).__name__}: {exc}", exc)
 
     def _read_loop(self) -> None:
         source = self._source
         assert source is not None
         while not self.stop_event.is_set():
-            image, ref = source.read()
+            image, ref = self._read(source)
+            if image is None:
+                continue
             now = time.monotonic()
             self.last_frame_mono = now
             if not self._due(now, source.finite):
                 continue
+            try:
+                cropped = crop_roi(image, self.cfg.roi)
+            except RoiError as exc:
+                self.report("roi", str(exc))
+                continue
             self._seq += 1
-            cropped = crop_roi(image, self.cfg.roi)
-            # Localization and preprocessing here run in parallel across cameras, and each camera's
-            # localizer (its background model) lives in its own thread.
-            prepared = self.prepare(cropped) if self.prepare is not None else None
+            try:
+                # Localization and preprocessing here run in parallel across cameras, and each camera's
+                # localizer (its background model) lives in its own thread.
+                prepared = self.prepare(cropped) if self.prepare is not None else None
+            except Exception as exc:  # noqa: BLE001 (one frame the preprocessing cannot take is skipped)
+                self.report("prepare", f"frame {self._seq} not prepared: {type(exc).__name__}: {exc}", exc)
+                continue
             frame = Frame(self.cfg.id, self._seq, time.time(), now, cropped, ref,
                           image if self.keep_full else None, prepared,
                           prepared.located if isinstance(prepared, Prepared) else None)
             self.metrics.inc("frames_captured_total", camera=self.cfg.id)
             self.hub.put(frame, self.stop_event)
+
+    def _read(self, source: FrameSource) -> tuple[np.ndarray | None, str | None]:
+        """The next usable frame, or (None, None) for one that is not (counted); many in a row: reconnect."""
+        result = source.read()
+        try:
+            image, ref = result
+        except (TypeError, ValueError):
+            image, ref = None, None
+            problem: str | None = f"read() returned a {type(result).__name__}, expected (image, name)"
+        else:
+            problem = frame_problem(image)
+        if problem is None:
+            self._bad_in_a_row = 0
+            return image, ref if isinstance(ref, str) or ref is None else str(ref)
+        self.report("frame", problem)
+        self._bad_in_a_row += 1
+        if self._bad_in_a_row >= BAD_FRAMES_BEFORE_RECONNECT:
+            self._bad_in_a_row = 0
+            raise SourceError(f"{self.cfg.id}: {BAD_FRAMES_BEFORE_RECONNECT} unusable frames in a row ({problem})")
+        return None, None
 
     def _due(self, now: float, finite: bool) -> bool:
         """Target fps: a finite source is paced (sleep), a live one skips frames that come too early."""
@@ -225,9 +307,16 @@ class Watchdog(threading.Thread):
         while not self.stop_event.wait(self.period_s):
             now = time.monotonic()
             for worker in self.workers:
-                stalled = now - worker.last_frame_mono > worker.cfg.stall_timeout_s
-                if worker.live and worker.connected and stalled and not worker.ended.is_set():
-                    log.warning("camera %s: no frame for %.1fs, reconnecting", worker.cfg.id, now - worker.last_frame_mono)
-                    worker.metrics.inc("camera_stalls_total", camera=worker.cfg.id)
-                    worker.last_frame_mono = now
-                    worker.kick()
+                try:
+                    self._check(worker, now)
+                except Exception as exc:  # noqa: BLE001 (one camera's broken close must not end the watchdog)
+                    worker.report("source", f"watchdog reconnect failed: {type(exc).__name__}: {exc}", exc)
+
+    @staticmethod
+    def _check(worker: CameraWorker, now: float) -> None:
+        stalled = now - worker.last_frame_mono > worker.cfg.stall_timeout_s
+        if worker.live and worker.connected and stalled and not worker.ended.is_set():
+            log.warning("camera %s: no frame for %.1fs, reconnecting", worker.cfg.id, now - worker.last_frame_mono)
+            worker.metrics.inc("camera_stalls_total", camera=worker.cfg.id)
+            worker.last_frame_mono = now
+            worker.kick()

@@ -15,7 +15,7 @@ from agent.config import CameraConfig, Roi
 from agent.health import Metrics
 from agent.sources import open_source
 from agent.sources.base import EndOfStream, Frame, SourceError
-from agent.sources.camera import CameraWorker, FrameHub, Watchdog, crop_roi
+from agent.sources.camera import CameraWorker, FrameHub, RoiError, Watchdog, crop_roi
 from agent.sources.folder import ImageFolderSource
 from agent.sources.opencv import OpenCVSource
 
@@ -73,10 +73,13 @@ def test_rtsp_uses_tcp_transport(monkeypatch):
     assert os.environ["OPENCV_FFMPEG_CAPTURE_OPTIONS"].startswith("rtsp_transport;tcp")
 
 
-def test_roi_is_clipped_to_the_image():
+def test_roi_inside_the_frame_is_cut_and_one_outside_it_is_refused():
     img = np.arange(10 * 20 * 3, dtype=np.uint8).reshape(10, 20, 3)
-    assert crop_roi(img, Roi(x=15, y=5, width=10, height=10)).shape == (5, 5, 3)
+    assert np.array_equal(crop_roi(img, Roi(x=15, y=5, width=5, height=5)), img[5:10, 15:20])
     assert crop_roi(img, None) is img
+    for roi in (Roi(x=15, y=5, width=10, height=10), Roi(x=30, y=0, width=5, height=5)):
+        with pytest.raises(RoiError, match=r"does not fit the 20x10 frame"):
+            crop_roi(img, roi)
 
 
 def _frame(cam, seq):
