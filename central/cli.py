@@ -3,6 +3,7 @@
 The commands and what they run:
 
 - ``ingest``: store every station's low-confidence frames from MQTT (central.review.ingest)
+- ``quarantine``: the frame messages ingest refused and kept, and why (central.review.ingest)
 - ``review``: the review page and API over a store (central.review.api)
 - ``labels export``: reviewed frames -> a dataset the trainer reads (central.review.labels)
 - ``backgrounds export``: stations' empty-scene frames -> a training background folder (central.review.backgrounds)
@@ -24,6 +25,7 @@ from typing import Callable
 # verb -> (module, command function)
 COMMANDS: dict[str, tuple[str, str]] = {
     "ingest": ("central.review.ingest", "cmd_ingest"),
+    "quarantine": ("central.review.ingest", "cmd_quarantine"),
     "review": ("central.review.api", "cmd_review"),
     "labels": ("central.review.labels", "cmd_labels"),
     "backgrounds": ("central.review.backgrounds", "cmd_backgrounds"),
@@ -39,7 +41,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     from central.dashboard.cli import DESCRIPTION, add_dashboard_args
     from central.review.api import add_review_parser
     from central.review.backgrounds import add_backgrounds_parser
-    from central.review.ingest import add_ingest_parser
+    from central.review.ingest import add_ingest_parser, add_quarantine_parser
     from central.review.labels import add_labels_parser
     from central.rollout.cli import add_rollout_parsers
 
@@ -48,6 +50,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     add_ingest_parser(sub)
+    add_quarantine_parser(sub)
     add_review_parser(sub)
     add_labels_parser(sub)
     add_backgrounds_parser(sub)

@@ -4,13 +4,23 @@
 (fixed client id, ``clean_start=False``, a session expiry), so frames published while the service is
 down are queued by the broker and arrive when it is back. A message is acknowledged (PUBACK) only
 after it is stored (paho's ``manual_ack``): a crash before the commit means the broker sends it again,
-and the store's message-id key makes that redelivery a no-op. A malformed message (bad metadata,
-not a JPEG, topic and station disagree) is logged with its topic and reason, counted, and
-acknowledged so that it does not come back forever; a message refused by the storage quota is also
-acknowledged (counted, with a logged error), because holding it would only stall every station.
-A failure to write (disk full, database error) is not acknowledged and stops the service
-(``failed`` is set; the CLI exits with status 1 for its supervisor to restart it): the broker keeps
-the message in the session and sends it again when ingest is back, so it is stored, not lost.
+and the store's message-id key makes that redelivery a no-op.
+
+A message refused for what it holds is quarantined: its topic, payload (the first 64 kB), user
+properties and the reason go to the store's quarantine (``FrameStore.quarantine``: the newest 1,000
+kept, every one counted as ``malformed``), it is logged, and acknowledged, so that it never comes
+back. That is every exception while reading or storing one message except a storage failure: bad
+metadata (not JSON, NaN or 1e999, the schema, a ``seq`` beyond 64 bits), a payload over
+``--max-payload-bytes``, a JPEG whose header declares more than ``--max-pixels`` (refused before
+anything decodes it) or that does not decode, topic and station disagreeing, and anything the
+parser did not foresee. ``python -m central quarantine --store DIR`` and the review API's
+``/api/quarantine`` list them. A message refused by the storage quota is acknowledged (counted,
+with a logged error), because holding it would only stall every station.
+
+A storage failure (``OSError``: disk full, permissions; a SQLite error that is not about the values
+bound) is not acknowledged and stops the service (``failed`` is set; the CLI exits with status 1 for its
+supervisor to restart it): the broker keeps the message in the session and sends it again when ingest
+is back, so it is stored, not lost.
 
 Both wire forms of docs/agent.md are read: v5 (JPEG payload, metadata in the ``meta`` user
 property) and the 3.1.1 envelope (``frame-envelope.v1`` JSON with ``jpeg_b64``).
@@ -24,8 +34,10 @@ import binascii
 import json
 import logging
 import signal
+import sqlite3
 import sys
 import threading
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +45,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from central.review.checks import MAX_JPEG_BYTES, MAX_PIXELS
 from central.review.store import FrameStore, StoreError
 from contract.broker import (
     BrokerSettings,
@@ -40,39 +53,64 @@ from contract.broker import (
     add_broker_args,
     settings_from_args,
 )
-from contract.messages import checker, fleet_subscription
+from contract.messages import checker, fleet_subscription, loads_finite
 from contract.secrets import SecretFileError, first_line
 
 log = logging.getLogger(__name__)
 
 SESSION_EXPIRY_S = 7 * 24 * 3600   # the broker keeps our queue for a week of downtime
+MAX_PAYLOAD_BYTES = 16 * 1024 * 1024   # a frame message (the JPEG, or its base64 envelope), read before parsing
 
 
 class MalformedFrame(ValueError):
     pass
 
 
+def is_storage_failure(exc: BaseException) -> bool:
+    """The store could not write (disk, permissions, the database itself): the message is not to blame.
+    SQLite's errors about the values bound (DataError, IntegrityError, InterfaceError) are the message's."""
+    if isinstance(exc, (sqlite3.DataError, sqlite3.IntegrityError, sqlite3.InterfaceError)):
+        return False
+    return isinstance(exc, (OSError, sqlite3.Error))
+
+
+def describe(exc: BaseException) -> str:
+    """The reason a message was refused: our own refusals as written, anything else with its type."""
+    try:
+        text = str(exc)
+    except Exception:       # a hostile value can make even the message fail to render
+        text = "(no message)"
+    return text if isinstance(exc, (MalformedFrame, StoreError)) else f"{type(exc).__name__}: {text}"
+
+
+def _json(text: str | bytes, what: str) -> object:
+    try:
+        return loads_finite(text)
+    except (ValueError, RecursionError) as exc:     # RecursionError: nesting deeper than the parser goes
+        raise MalformedFrame(f"{what}: not JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
+
+
 def parse_frame(topic: str, payload: bytes, properties: Properties | None) -> tuple[dict[str, Any], bytes]:
     """(frame.v1 metadata, JPEG bytes) of one ``frames`` message, or MalformedFrame saying why."""
     user = dict(getattr(properties, "UserProperty", None) or []) if properties is not None else {}
     if "meta" in user:
-        try:
-            meta = json.loads(user["meta"])
-        except ValueError as exc:
-            raise MalformedFrame(f"user property meta: not JSON ({exc})") from None
+        meta = _json(user["meta"], "user property meta")
         jpeg = bytes(payload)
     else:
         try:
-            envelope = json.loads(payload)
-        except (ValueError, UnicodeDecodeError):
+            envelope = loads_finite(payload)
+        except (ValueError, RecursionError) as exc:
             raise MalformedFrame("no 'meta' user property (MQTT v5) and the payload is not a frame-envelope.v1 "
-                                 "JSON envelope (MQTT 3.1.1)") from None
+                                 f"JSON envelope (MQTT 3.1.1): {type(exc).__name__}: {str(exc)[:200]}") from None
         if not isinstance(envelope, dict) or envelope.get("envelope") != "frame.v1":
             raise MalformedFrame("field envelope: expected 'frame.v1'")
         meta = envelope.get("meta")
+        encoded = envelope.get("jpeg_b64")
+        if not isinstance(encoded, str):
+            raise MalformedFrame(f"field jpeg_b64: expected a base64 string, got {type(encoded).__name__}")
         try:
-            jpeg = base64.b64decode(envelope.get("jpeg_b64") or "", validate=True)
-        except (binascii.Error, TypeError) as exc:
+            jpeg = base64.b64decode(encoded, validate=True)
+        except (binascii.Error, ValueError) as exc:      # ValueError: non-ASCII characters
             raise MalformedFrame(f"field jpeg_b64: not base64 ({exc})") from None
     if not isinstance(meta, dict):
         raise MalformedFrame("field meta: not a JSON object")
@@ -92,8 +130,9 @@ class IngestService:
     """Subscribe, store, acknowledge; reconnect forever. ``connected``: subscribed (the broker sent its SUBACK)."""
 
     def __init__(self, store: FrameStore, broker: BrokerSettings, *, topic: str | None = None,
-                 shared_group: str | None = None) -> None:
+                 shared_group: str | None = None, max_payload_bytes: int = MAX_PAYLOAD_BYTES) -> None:
         self.store = store
+        self.max_payload_bytes = max_payload_bytes
         self.broker = broker.check()
         self.host, self.port, self.keepalive_s = broker.host, broker.port, broker.keepalive_s
         topic = topic or fleet_subscription("frames", broker.topic_root)
@@ -144,30 +183,51 @@ class IngestService:
         if not self.stopped.is_set():
             log.warning("ingest: disconnected from %s:%d (%s); reconnecting", self.host, self.port, reason_code)
 
+    def handle(self, topic: str, payload: bytes, properties: Properties | None) -> str:
+        """Store one frame message, or quarantine it: ``stored``, ``duplicate``, ``refused`` (the quota) or
+        ``quarantined``. Raises only for a storage failure (``is_storage_failure``)."""
+        try:
+            if len(payload) > self.max_payload_bytes:
+                raise MalformedFrame(f"the payload has {len(payload)} bytes, more than --max-payload-bytes "
+                                     f"{self.max_payload_bytes}")
+            meta, jpeg = parse_frame(topic, payload, properties)
+            result = self.store.add(meta, jpeg)
+        except Exception as exc:
+            if is_storage_failure(exc):
+                raise
+            reason = describe(exc)
+            log.error("ingest: %s: frame message quarantined: %s", topic, reason)
+            user = list(getattr(properties, "UserProperty", None) or []) if properties is not None else []
+            self.store.quarantine(topic, payload, user, reason)
+            return "quarantined"
+        if result.outcome == "stored":
+            log.debug("ingest: stored %s %s from %s", meta.get("kind", "low-confidence"), result.frame_id, topic)
+        return result.outcome
+
     def _on_message(self, client, userdata, message: paho.MQTTMessage) -> None:
         if self.failed.is_set():       # stopping after a failed write: take nothing more
             return
         # Nothing may escape this callback: paho would end its network thread and the service would sit
-        # connected but deaf. Whatever cannot be recorded (the frame, or the count of a malformed one) stays
-        # unacknowledged and stops the service.
+        # connected but deaf. Whatever cannot be recorded (the frame, or the quarantine of a refused one)
+        # stays unacknowledged and stops the service.
+        topic = _topic(message)
         try:
-            try:
-                meta, jpeg = parse_frame(message.topic, message.payload, message.properties)
-                result = self.store.add(meta, jpeg)
-            except (MalformedFrame, StoreError) as exc:
-                log.error("ingest: %s: malformed frame message dropped: %s", message.topic, exc)
-                self.store.count("malformed")
-            else:
-                if result.outcome == "stored":
-                    log.debug("ingest: stored %s %s from %s", meta.get("kind", "low-confidence"), result.frame_id,
-                              message.topic)
+            self.handle(topic, message.payload, message.properties)
         except Exception as exc:   # disk or database: never acknowledged, so the broker sends it again
-            self.failure = f"{message.topic}: could not store the frame ({type(exc).__name__}: {exc})"
+            self.failure = f"{topic}: could not store the frame ({type(exc).__name__}: {exc})"
             log.exception("ingest: %s; it stays unacknowledged and the service stops (restart it: the broker "
                           "sends the frame again)", self.failure)
             self.failed.set()
             return
         client.ack(message.mid, message.qos)
+
+
+def _topic(message: paho.MQTTMessage) -> str:
+    """The message's topic as text, whatever bytes it came with."""
+    try:
+        return message.topic
+    except UnicodeDecodeError:
+        return bytes(message._topic).decode("utf-8", "backslashreplace")
 
 
 def add_ingest_parser(sub: argparse._SubParsersAction) -> None:
@@ -177,6 +237,12 @@ def add_ingest_parser(sub: argparse._SubParsersAction) -> None:
                    help="storage quota in bytes, kept in the store (default: the store's setting, none at first; "
                         "0 removes it)")
     p.add_argument("--warn-fraction", type=float, default=None, help="warn above this share of the quota (0.9)")
+    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
+                   help=f"refuse (quarantine) a JPEG whose header declares more pixels, before decoding it "
+                        f"(default {MAX_PIXELS}: 8192x8192)")
+    p.add_argument("--max-payload-bytes", type=int, default=MAX_PAYLOAD_BYTES,
+                   help=f"refuse (quarantine) a frame message larger than this (default {MAX_PAYLOAD_BYTES}); "
+                        f"its JPEG may have at most {MAX_JPEG_BYTES} bytes")
     p.add_argument("--topic", default=None,
                    help=f"subscription (default {fleet_subscription('frames')}, under --topic-root)")
     p.add_argument("--shared-group", default=None,
@@ -199,8 +265,13 @@ def cmd_ingest(args) -> int:
         broker = settings_from_args(args).check()
     except BrokerSettingsError as exc:
         raise SystemExit(str(exc)) from None
-    store = FrameStore(args.store, max_bytes=args.max_bytes, warn_fraction=args.warn_fraction)
-    service = IngestService(store, broker, topic=args.topic, shared_group=args.shared_group)
+    if args.max_pixels < 1 or args.max_payload_bytes < 1:
+        raise SystemExit(f"--max-pixels {args.max_pixels}, --max-payload-bytes {args.max_payload_bytes}: "
+                         f"must be positive")
+    store = FrameStore(args.store, max_bytes=args.max_bytes, warn_fraction=args.warn_fraction,
+                       max_pixels=args.max_pixels)
+    service = IngestService(store, broker, topic=args.topic, shared_group=args.shared_group,
+                            max_payload_bytes=args.max_payload_bytes)
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
@@ -216,4 +287,31 @@ def cmd_ingest(args) -> int:
         print(f"ingest: {service.failure}; exiting with status 1 (the frame stays with the broker)", file=sys.stderr,
               flush=True)
         return 1
+    return 0
+
+
+def add_quarantine_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("quarantine", help="the frame messages ingest refused and kept (newest first)")
+    p.add_argument("--store", required=True, type=Path, help="store folder (as written by 'ingest')")
+    p.add_argument("--limit", type=int, default=20, help="how many to show (1..1000, default 20)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line, with the kept payload in base64")
+
+
+def cmd_quarantine(args) -> int:
+    if not (args.store / "frames.sqlite").is_file():
+        raise StoreError(f"--store {args.store}: no frames.sqlite (not a frame store)")
+    store = FrameStore(args.store)
+    try:
+        entries, kept = store.list_quarantine(limit=args.limit, payload=args.json)
+        refused = store.counters().get("malformed", 0)
+    finally:
+        store.close()
+    if args.json:
+        for entry in entries:
+            print(json.dumps(entry))
+        return 0
+    print(f"{args.store}: {refused} frame message(s) refused, the newest {kept} kept in quarantine")
+    for e in entries:
+        when = datetime.fromtimestamp(e["received_at"], timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+        print(f"#{e['seq']} {when} {e['topic']} ({e['bytes']} bytes): {e['reason']}")
     return 0

@@ -43,6 +43,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from central.review import checks
+from central.review.checks import MAX_JPEG_BYTES, MAX_PIXELS, FrameCheckError
+
 log = logging.getLogger(__name__)
 
 DB_NAME = "frames.sqlite"
@@ -54,6 +57,9 @@ ORDERS = ("oldest", "newest", "least-certain", "least-certain-by-class")
 EMPTY_SCENES_DIR = "empty-scenes"
 MAX_CONTEXT_BYTES = 64 * 1024      # the ROI context JPEG (the station sends at most 160 px, a few kB)
 MAX_CONTEXT_SIDE = 1024
+QUARANTINE_MAX_ROWS = 1000         # the newest refused messages kept; older ones go (the counter keeps counting)
+QUARANTINE_MAX_PAYLOAD = 64 * 1024  # bytes of each refused payload kept (its full size is recorded)
+QUARANTINE_MAX_PROPERTY = 16 * 1024  # characters of each of its MQTT user property values kept
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS frames (
@@ -79,6 +85,10 @@ CREATE INDEX IF NOT EXISTS empty_scenes_camera ON empty_scenes(site, station, ca
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS settings (name TEXT PRIMARY KEY, value NOT NULL);
 CREATE TABLE IF NOT EXISTS classes (name TEXT PRIMARY KEY, kind TEXT NOT NULL, added_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS quarantine (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, received_at REAL NOT NULL, topic TEXT NOT NULL, reason TEXT NOT NULL,
+    bytes INTEGER NOT NULL, payload BLOB NOT NULL, properties TEXT NOT NULL
+);
 """
 
 
@@ -97,38 +107,25 @@ class AddResult:
     reason: str | None = None
 
 
-def _jpeg_ok(data: bytes) -> bool:
-    return _jpeg_shape(data) is not None
-
-
-def _jpeg_shape(data: bytes) -> tuple[int, int] | None:
-    """(height, width) of a decodable JPEG, else None."""
-    if len(data) < 4 or data[:2] != b"\xff\xd8":
-        return None
-    import cv2
-    import numpy as np
-
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    return None if image is None else (int(image.shape[0]), int(image.shape[1]))
-
-
 def context_jpeg(meta: dict[str, Any]) -> tuple[bytes | None, str | None]:
     """(the ROI context JPEG a frame carries in ``context.roi_jpeg_b64``, why it was refused); (None, None)
-    when the frame has none. Checked like the frame's own JPEG: base64, size, decodable, plausible size."""
+    when the frame has none. Checked like the frame's own JPEG: base64, size, header size, decodable."""
     context = meta.get("context")
     if not isinstance(context, dict) or context.get("roi_jpeg_b64") in (None, ""):
         return None, None
+    what = "field context.roi_jpeg_b64"
     try:
         data = base64.b64decode(context["roi_jpeg_b64"], validate=True)
     except (binascii.Error, TypeError, ValueError) as exc:
-        return None, f"field context.roi_jpeg_b64: not base64 ({exc})"
-    if len(data) > MAX_CONTEXT_BYTES:
-        return None, f"field context.roi_jpeg_b64: {len(data)} bytes, more than {MAX_CONTEXT_BYTES}"
-    shape = _jpeg_shape(data)
-    if shape is None:
-        return None, f"field context.roi_jpeg_b64: not a decodable JPEG image ({len(data)} bytes)"
-    if max(shape) > MAX_CONTEXT_SIDE:
-        return None, f"field context.roi_jpeg_b64: {shape[1]}x{shape[0]} px, larger than {MAX_CONTEXT_SIDE} px"
+        return None, f"{what}: not base64 ({exc})"
+    try:
+        # the side bounds the pixels (MAX_CONTEXT_SIDE squared) before anything decodes
+        width, height = checks.check_jpeg_header(data, what, max_pixels=2 ** 32, max_bytes=MAX_CONTEXT_BYTES)
+        if max(width, height) > MAX_CONTEXT_SIDE:
+            return None, f"{what}: {width}x{height} px, larger than {MAX_CONTEXT_SIDE} px"
+        checks.decoded_shape(data, what)
+    except FrameCheckError as exc:
+        return None, str(exc)
     return data, None
 
 
@@ -140,14 +137,19 @@ def _safe(part: str) -> str:
 
 class FrameStore:
     def __init__(self, root: str | Path, *, max_bytes: int | None = None, warn_fraction: float | None = None,
-                 labels: list[str] | None = None) -> None:
+                 labels: list[str] | None = None, max_pixels: int = MAX_PIXELS,
+                 max_jpeg_bytes: int = MAX_JPEG_BYTES) -> None:
         """``max_bytes``/``warn_fraction``: the quota, kept in the store for every process that opens it
         (the review server shows what the ingest service enforces); ``None`` keeps the stored setting,
-        ``max_bytes=0`` removes the quota."""
+        ``max_bytes=0`` removes the quota. ``max_pixels``/``max_jpeg_bytes``: the largest frame JPEG taken
+        (its header's width x height, checked before decoding; its size)."""
         if max_bytes is not None and max_bytes < 0:
             raise StoreError(f"max_bytes must be positive (0: no quota), got {max_bytes}")
         if warn_fraction is not None and not 0 < warn_fraction <= 1:
             raise StoreError(f"warn_fraction must be in (0, 1], got {warn_fraction}")
+        if max_pixels < 1 or max_jpeg_bytes < 1:
+            raise StoreError(f"max_pixels and max_jpeg_bytes must be positive, got {max_pixels}, {max_jpeg_bytes}")
+        self.max_pixels, self.max_jpeg_bytes = max_pixels, max_jpeg_bytes
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.images = self.root / "images"
@@ -279,9 +281,45 @@ class FrameStore:
         return int(row[0]) if row else 0
 
     def count(self, name: str, by: int = 1) -> None:
-        """Count an event outside ``add`` (the ingest service's malformed messages)."""
+        """Count an event outside ``add``."""
         with self._lock, self._write():
             self._bump(name, by)
+
+    # ------------------------------------------------------------ quarantine
+
+    def quarantine(self, topic: str, payload: bytes, properties: list[tuple[str, str]], reason: str) -> int:
+        """Keep a refused message (its topic, the first ``QUARANTINE_MAX_PAYLOAD`` bytes of its payload, its
+        user properties, why) and count it (``malformed``); the newest ``QUARANTINE_MAX_ROWS`` are kept.
+        Returns its number in the quarantine."""
+        kept = [[_printable(k, 256), _printable(v, QUARANTINE_MAX_PROPERTY)] for k, v in properties]
+        with self._lock, self._write():
+            seq = self._db.execute(
+                "INSERT INTO quarantine(received_at, topic, reason, bytes, payload, properties) VALUES (?,?,?,?,?,?)",
+                (time.time(), _printable(topic, 1024), _printable(reason, 4096), len(payload),
+                 bytes(payload[:QUARANTINE_MAX_PAYLOAD]), json.dumps(kept))).lastrowid
+            self._db.execute("DELETE FROM quarantine WHERE seq <= ?", (seq - QUARANTINE_MAX_ROWS,))
+            self._bump("malformed")
+        return int(seq)
+
+    def list_quarantine(self, *, limit: int = 50, offset: int = 0,
+                        payload: bool = False) -> tuple[list[dict[str, Any]], int]:
+        """The quarantined messages kept, newest first, and how many are kept in all (the ``malformed``
+        counter counts every one ever refused). ``payload``: include the kept bytes as ``payload_b64``."""
+        if not 1 <= limit <= 1000 or offset < 0:
+            raise StoreError("field limit: 1..1000, offset: >= 0")
+        with self._lock:
+            total = self._db.execute("SELECT COUNT(*) FROM quarantine").fetchone()[0]
+            rows = self._db.execute("SELECT * FROM quarantine ORDER BY seq DESC LIMIT ? OFFSET ?",
+                                    (limit, offset)).fetchall()
+        out = []
+        for row in rows:
+            entry = {"seq": row["seq"], "received_at": row["received_at"], "topic": row["topic"],
+                     "reason": row["reason"], "bytes": row["bytes"], "kept_bytes": len(row["payload"]),
+                     "properties": checks.stored_json(row["properties"], [], f"quarantine {row['seq']}")}
+            if payload:
+                entry["payload_b64"] = base64.b64encode(row["payload"]).decode()
+            out.append(entry)
+        return out, int(total)
 
     # ------------------------------------------------------------ add
 
@@ -292,18 +330,30 @@ class FrameStore:
         a file beside it; a context that fails the checks is left out, logged and counted
         (``context_refused``), and the frame is stored without it. An empty-scene frame (``kind:
         empty-scene``) is kept apart (``list_empty_scenes``): it is never reviewed."""
+        if not isinstance(meta, dict):
+            raise StoreError(f"frame metadata: expected an object, got {type(meta).__name__}")
         frame_id = meta.get("id")
         if not isinstance(frame_id, str) or not frame_id:
             raise StoreError("frame metadata: field id: missing or not a string")
-        for name in ("site", "station", "camera"):
-            if not isinstance(meta.get(name), str) or not meta[name]:
-                raise StoreError(f"frame {frame_id}: field {name}: missing or not a string")
-        shape = _jpeg_shape(jpeg)
-        if shape is None:
-            raise StoreError(f"frame {frame_id}: the payload is not a decodable JPEG image ({len(jpeg)} bytes)")
+        try:
+            checks.text(frame_id, "id", 128)
+            for name in ("site", "station", "camera"):
+                if not checks.text(meta.get(name), name, 256):
+                    raise StoreError(f"frame {frame_id}: field {name}: missing or not a string")
+            shape = self._checked_jpeg(meta, jpeg)
+            common = self._common_values(meta)
+        except FrameCheckError as exc:
+            raise StoreError(f"frame {frame_id}: {exc}") from None
         if meta.get("kind") == "empty-scene":
-            return self._add_empty_scene(frame_id, meta, jpeg, shape)
-        model = meta.get("model") or {}
+            return self._add_empty_scene(frame_id, meta, jpeg, shape, common)
+        try:
+            label = checks.text(meta.get("label"), "label")
+            confidence = checks.real(meta.get("confidence"), "confidence")
+            top_k = checks.json_text(meta.get("top_k") or [], "top_k")
+            selected_because = checks.json_text(meta.get("selected_because") or [], "selected_because")
+            margin = checks.real(top_k_margin(meta.get("top_k")), "top_k")
+        except FrameCheckError as exc:
+            raise StoreError(f"frame {frame_id}: {exc}") from None
         day = time.strftime("%Y%m%d", time.gmtime())
         rel = Path("images") / _safe(meta["site"]) / _safe(meta["station"]) / day / f"{_safe(frame_id)}.jpg"
         context, problem = context_jpeg(meta)
@@ -311,7 +361,11 @@ class FrameStore:
             log.warning("frame %s from %s/%s: ROI context refused, the frame is stored without it: %s", frame_id,
                         meta["site"], meta["station"], problem)
         context_rel = rel.with_name(f"{_safe(frame_id)}.context.jpg") if context is not None else None
-        kept = _without_context_jpeg(meta)
+        try:
+            kept = checks.json_text(_without_context_jpeg(meta), "meta")
+        except FrameCheckError as exc:
+            raise StoreError(f"frame {frame_id}: {exc}") from None
+        seq, frame_seq, captured_at, ts, model_name, model_version, source_ref = common
 
         def insert() -> None:
             self._db.execute(
@@ -319,12 +373,9 @@ class FrameStore:
                 "model_version, predicted, confidence, top_k, selected_because, source_ref, meta, "
                 "received_at, image, bytes, sha256, margin, context_image, context_bytes) "
                 "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (frame_id, meta.get("seq"), meta["site"], meta["station"], meta["camera"],
-                 meta.get("frame_seq"), _number(meta.get("captured_at")), _number(meta.get("ts")),
-                 model.get("name"), model.get("version"), meta.get("label"), meta.get("confidence"),
-                 json.dumps(meta.get("top_k") or []), json.dumps(meta.get("selected_because") or []),
-                 meta.get("source_ref"), json.dumps(kept), time.time(), rel.as_posix(), len(jpeg),
-                 hashlib.sha256(jpeg).hexdigest(), top_k_margin(meta.get("top_k")),
+                (frame_id, seq, meta["site"], meta["station"], meta["camera"], frame_seq, captured_at, ts,
+                 model_name, model_version, label, confidence, top_k, selected_because, source_ref, kept,
+                 time.time(), rel.as_posix(), len(jpeg), hashlib.sha256(jpeg).hexdigest(), margin,
                  context_rel.as_posix() if context_rel else None, len(context) if context is not None else None))
             self._bump("stored")
             if problem:
@@ -333,9 +384,36 @@ class FrameStore:
         files = [(rel, jpeg)] + ([(context_rel, context)] if context_rel is not None and context is not None else [])
         return self._add_files("frames", frame_id, meta, files, insert)
 
-    def _add_empty_scene(self, frame_id: str, meta: dict[str, Any], jpeg: bytes, shape: tuple[int, int]) -> AddResult:
+    def _checked_jpeg(self, meta: dict[str, Any], jpeg: bytes) -> tuple[int, int]:
+        """(height, width) of the frame's JPEG: its size and header bounded, its header agreeing with the
+        metadata's ``jpeg.width``/``jpeg.height``, then decoded (only once all that holds)."""
+        width, height = checks.check_jpeg_header(jpeg, "the payload", max_pixels=self.max_pixels,
+                                                 max_bytes=self.max_jpeg_bytes)
+        declared = meta.get("jpeg")
+        if isinstance(declared, dict) and "width" in declared and "height" in declared \
+                and (declared["width"], declared["height"]) != (width, height):
+            raise FrameCheckError(f"field jpeg.width/height: {declared['width']!r}x{declared['height']!r} but the "
+                                  f"JPEG's header declares {width}x{height} px")
+        return checks.decoded_shape(jpeg, "the payload")
+
+    @staticmethod
+    def _common_values(meta: dict[str, Any]) -> tuple[Any, ...]:
+        """seq, frame_seq, captured_at, ts, model name, model version, source_ref: checked for their columns."""
+        model = checks.mapping(meta.get("model"), "model")
+        return (checks.integer(meta.get("seq"), "seq"), checks.integer(meta.get("frame_seq"), "frame_seq"),
+                checks.real(meta.get("captured_at"), "captured_at"), checks.real(meta.get("ts"), "ts"),
+                checks.text(model.get("name"), "model.name"), checks.text(model.get("version"), "model.version"),
+                checks.text(meta.get("source_ref"), "source_ref"))
+
+    def _add_empty_scene(self, frame_id: str, meta: dict[str, Any], jpeg: bytes, shape: tuple[int, int],
+                         common: tuple[Any, ...]) -> AddResult:
         """An empty scene of a station's camera: a background for training, never in the review queue."""
-        model = meta.get("model") or {}
+        try:
+            trigger = checks.text(meta.get("trigger"), "trigger")
+            kept = checks.json_text(meta, "meta")
+        except FrameCheckError as exc:
+            raise StoreError(f"frame {frame_id}: {exc}") from None
+        seq, frame_seq, captured_at, ts, model_name, model_version, source_ref = common
         day = time.strftime("%Y%m%d", time.gmtime())
         rel = (Path(EMPTY_SCENES_DIR) / _safe(meta["site"]) / _safe(meta["station"]) / _safe(meta["camera"]) / day
                / f"{_safe(frame_id)}.jpg")
@@ -345,10 +423,9 @@ class FrameStore:
                 "INSERT INTO empty_scenes(id, seq, site, station, camera, frame_seq, captured_at, ts, model_name, "
                 "model_version, trigger, source_ref, meta, received_at, image, bytes, sha256, width, height) "
                 "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (frame_id, meta.get("seq"), meta["site"], meta["station"], meta["camera"], meta.get("frame_seq"),
-                 _number(meta.get("captured_at")), _number(meta.get("ts")), model.get("name"), model.get("version"),
-                 meta.get("trigger"), meta.get("source_ref"), json.dumps(meta), time.time(), rel.as_posix(),
-                 len(jpeg), hashlib.sha256(jpeg).hexdigest(), shape[1], shape[0]))
+                (frame_id, seq, meta["site"], meta["station"], meta["camera"], frame_seq, captured_at, ts, model_name,
+                 model_version, trigger, source_ref, kept, time.time(), rel.as_posix(), len(jpeg),
+                 hashlib.sha256(jpeg).hexdigest(), shape[1], shape[0]))
             self._bump("empty_scenes_stored")
 
         return self._add_files("empty_scenes", frame_id, meta, [(rel, jpeg)], insert)
@@ -441,7 +518,8 @@ class FrameStore:
         clause = (" WHERE " + " AND ".join(where)) if where else ""
         with self._lock:
             rows = self._db.execute(f"SELECT * FROM empty_scenes{clause} ORDER BY captured_at, id", args).fetchall()
-        return [dict(row, meta=json.loads(row["meta"])) for row in rows]
+        return [checks.finite(dict(row, meta=checks.stored_json(row["meta"], {}, f"empty scene {row['id']}")))
+                for row in rows]
 
     def list(self, *, limit: int = 50, offset: int = 0, order: str = "oldest",
              **filters: Any) -> tuple[list[dict], int]:
@@ -587,12 +665,21 @@ def top_k_margin(top_k: Any) -> float | None:
     entry, its probability. ``None`` when there is no usable list."""
     if not isinstance(top_k, list):
         return None
-    probs = sorted((float(e["p"]) for e in top_k
-                    if isinstance(e, dict) and isinstance(e.get("p"), (int, float)) and not isinstance(e.get("p"), bool)),
-                   reverse=True)
+    probs = sorted((p for p in (_probability(e) for e in top_k) if p is not None), reverse=True)
     if not probs:
         return None
     return probs[0] - (probs[1] if len(probs) > 1 else 0.0)
+
+
+def _probability(entry: Any) -> float | None:
+    """A ``top_k`` entry's finite ``p``, else None."""
+    p = entry.get("p") if isinstance(entry, dict) else None
+    if not isinstance(p, (int, float)) or isinstance(p, bool):
+        return None
+    try:
+        return checks.real(p, "top_k.p")
+    except FrameCheckError:
+        return None
 
 
 def _without_context_jpeg(meta: dict[str, Any]) -> dict[str, Any]:
@@ -603,14 +690,18 @@ def _without_context_jpeg(meta: dict[str, Any]) -> dict[str, Any]:
     return {**meta, "context": {k: v for k, v in context.items() if k != "roi_jpeg_b64"}}
 
 
-def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+def _printable(value: str, limit: int) -> str:
+    """Station-sent text kept for people to read: at most ``limit`` characters, lone surrogates escaped."""
+    value = str(value)[:limit]
+    return value.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _public(row: sqlite3.Row) -> dict[str, Any]:
-    out = dict(row)
+    """A frame row as the API shows it: strict JSON whatever an older version stored (NaN becomes null)."""
+    out = checks.finite(dict(row))
     out.pop("turn", None)       # list(order="least-certain-by-class")'s sort key, not a stored field
-    out["top_k"] = json.loads(out["top_k"] or "[]")
-    out["selected_because"] = json.loads(out["selected_because"] or "[]")
-    out["meta"] = json.loads(out["meta"])
+    where = f"frame {out.get('id')}"
+    out["top_k"] = checks.stored_json(out["top_k"] or "[]", [], where)
+    out["selected_because"] = checks.stored_json(out["selected_because"] or "[]", [], where)
+    out["meta"] = checks.stored_json(out["meta"], {}, where)
     return out

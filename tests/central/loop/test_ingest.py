@@ -117,19 +117,19 @@ def test_malformed_messages_are_counted_and_never_stop_the_service(broker, tmp_p
     client.disconnect()
 
 
-def test_a_malformed_message_that_cannot_be_counted_stops_the_service_unacknowledged(broker, tmp_path, caplog):
-    """The database fails while counting a malformed message: the service stops (it does not sit connected with
-    a dead network thread) and the message stays with the broker. The failure is injected, as a database that
-    fails on demand cannot be made here."""
+def test_a_malformed_message_that_cannot_be_quarantined_stops_the_service_unacknowledged(broker, tmp_path, caplog):
+    """The database fails while quarantining a malformed message: the service stops (it does not sit connected
+    with a dead network thread) and the message stays with the broker. The failure is injected, as a database
+    that fails on demand cannot be made here."""
     import sqlite3 as sqlite
 
     store = FrameStore(tmp_path / "store")
-    real_count = store.count
+    real_quarantine = store.quarantine
 
-    def database_fails(name, by=1):
+    def database_fails(topic, payload, properties, reason):
         raise sqlite.OperationalError("disk I/O error")
 
-    store.count = database_fails
+    store.quarantine = database_fails
     service = IngestService(store, BrokerSettings(host=broker.host, port=broker.port, client_id="ingest-count-test"))
     service.start()
     assert service.connected.wait(10)
@@ -137,12 +137,13 @@ def test_a_malformed_message_that_cannot_be_counted_stops_the_service_unacknowle
     client.publish(TOPIC, b"not a frame", qos=1).wait_for_publish(10)
     assert service.failed.wait(30) and "disk I/O error" in service.failure
     service.stop()
-    assert "malformed frame message dropped" in caplog.text
+    assert "frame message quarantined" in caplog.text
 
-    store.count = real_count                      # the restarted service gets the same message again
+    store.quarantine = real_quarantine            # the restarted service gets the same message again
     again = IngestService(store, BrokerSettings(host=broker.host, port=broker.port, client_id="ingest-count-test"))
     again.start()
     assert wait_for(lambda: store.counters().get("malformed") == 1)
+    assert [(e["topic"], e["bytes"]) for e in store.list_quarantine()[0]] == [(TOPIC, len(b"not a frame"))]
     again.stop()
     client.loop_stop()
     client.disconnect()
