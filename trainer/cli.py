@@ -357,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return COMMANDS[args.command](args)
-    except (DatasetError, WeightsError, BundleError, TensorRTUnavailable, FileExistsError, ValueError) as exc:
+    except (DatasetError, WeightsError, BundleError, TensorRTUnavailable, ValueError, OSError) as exc:
+        # OSError: a folder or file given on the command line that cannot be read or written (it names the path)
         log.error("%s", exc)
         return 2
 

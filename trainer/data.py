@@ -6,6 +6,11 @@ Layouts (``detect_layout`` picks one):
   folder names to display names, for names a filesystem cannot hold);
 - flat files named ``<class>_<anything>.<ext>`` (the original design notes);
 - a CSV with a header ``path,label`` (paths relative to the CSV's folder).
+
+Hostile or damaged input never ends in a traceback: a problem that makes the dataset wrong (a class name
+that is not UTF-8 text, a labels file of the wrong shape, a CSV that is not UTF-8, a truncated IDX file) is
+a DatasetError naming the file; a single image that cannot be used (corrupt, unreadable, a file name that
+is not UTF-8) is skipped and listed in ``Dataset.skipped`` with the reason.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import logging
 import random
 import re
 import struct
+import unicodedata
+import zlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,22 +91,62 @@ def _is_image(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
 
 
+def shown(path: Path | str) -> str:
+    """A path as printable text: bytes of a name that is not UTF-8 appear as ``\\xNN``."""
+    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def check_class_name(name: object, where: Path | str) -> str:
+    """A class name as it will travel in manifests and payloads: non-empty UTF-8 text without control characters."""
+    if not isinstance(name, str):
+        raise DatasetError(f"{shown(where)}: class name {name!r} is a {type(name).__name__}, expected text")
+    if not _is_utf8(name):
+        raise DatasetError(f"{shown(where)}: class name '{shown(name)}' is not valid UTF-8; rename it")
+    if not name.strip() or any(unicodedata.category(c) == "Cc" for c in name):
+        raise DatasetError(f"{shown(where)}: class name {name!r} is empty or holds control characters")
+    return name
+
+
+def _listdir(folder: Path) -> list[Path]:
+    try:
+        return sorted(folder.iterdir())
+    except OSError as exc:
+        raise DatasetError(f"{shown(folder)}: cannot list ({exc.strerror or exc})") from exc
+
+
 def _display_names(root: Path) -> dict[str, str]:
     path = root / LABELS_FILE
     if not path.exists():
         return {}
     try:
-        names = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DatasetError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(names, dict) or not all(isinstance(v, str) for v in names.values()):
-        raise DatasetError(f"{path}: expected an object mapping folder names to class names")
+        names = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise DatasetError(f"{shown(path)}: cannot read ({exc.strerror or exc})") from exc
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{shown(path)}: not UTF-8 text (byte {exc.start})") from exc
+    except (ValueError, RecursionError) as exc:
+        raise DatasetError(f"{shown(path)}: not valid JSON ({exc})") from exc
+    if not isinstance(names, dict):
+        raise DatasetError(f"{shown(path)}: expected an object mapping folder names to class names, "
+                           f"got {type(names).__name__}")
+    for folder, name in names.items():
+        check_class_name(name, f"{shown(path)}: field {folder}")
     return names
 
 
 def _from_pairs(root: Path, pairs: Iterable[tuple[Path, str]], layout: str, classes: Sequence[str] | None) -> Dataset:
     pairs = list(pairs)
     names = list(classes) if classes is not None else sorted({label for _, label in pairs})
+    for name in names:
+        check_class_name(name, root)
     index = {name: i for i, name in enumerate(names)}
     unknown = sorted({label for _, label in pairs if label not in index})
     if unknown:
@@ -107,17 +154,41 @@ def _from_pairs(root: Path, pairs: Iterable[tuple[Path, str]], layout: str, clas
     return Dataset(root, names, [Sample(p, index[label]) for p, label in pairs], layout)
 
 
+def _usable_names(files: list[Path], root: Path) -> tuple[list[Path], list[dict[str, str]]]:
+    """Files whose names are UTF-8 (they travel in split files, reports and manifests), and the others as
+    skipped rows."""
+    kept, skipped = [], []
+    for path in files:
+        if _is_utf8(str(path.relative_to(root))):
+            kept.append(path)
+        else:
+            skipped.append({"path": shown(path), "error": f"{shown(path)}: file name is not valid UTF-8"})
+    for row in skipped:
+        log.warning("skipping %s", row["error"])
+    return kept, skipped
+
+
+def _images_under(folder: Path) -> list[Path]:
+    try:
+        return sorted(p for p in folder.rglob("*") if _is_image(p))
+    except OSError as exc:
+        raise DatasetError(f"{shown(folder)}: cannot list ({exc.strerror or exc})") from exc
+
+
 def scan_class_folders(root: Path, classes: Sequence[str] | None = None) -> Dataset:
     display = _display_names(root)
-    pairs = []
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    pairs, skipped = [], []
+    folders = [p for p in _listdir(root) if p.is_dir() and not p.name.startswith(".")]
     for folder in folders:
-        label = display.get(folder.name, folder.name)
-        files = sorted(p for p in folder.rglob("*") if _is_image(p))
+        label = check_class_name(display.get(folder.name, folder.name), folder)
+        files, bad = _usable_names(_images_under(folder), root)
+        skipped.extend(bad)
         if not files and classes is None:
             raise DatasetError(f"{folder}: class folder holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
         pairs.extend((p, label) for p in files)
-    return _from_pairs(root, pairs, "folders", classes)
+    dataset = _from_pairs(root, pairs, "folders", classes)
+    dataset.skipped.extend(skipped)
+    return dataset
 
 
 _PREFIX = re.compile(r"^(?P<label>[^_]+)_.+$")
@@ -125,26 +196,41 @@ _PREFIX = re.compile(r"^(?P<label>[^_]+)_.+$")
 
 def scan_prefixed_files(root: Path, classes: Sequence[str] | None = None) -> Dataset:
     pairs = []
-    for path in sorted(p for p in root.iterdir() if _is_image(p)):
+    files, skipped = _usable_names([p for p in _listdir(root) if _is_image(p)], root)
+    for path in files:
         match = _PREFIX.match(path.stem)
         if not match:
             raise DatasetError(f"{path}: file name must look like <class>_<anything>{path.suffix}")
         pairs.append((path, match["label"]))
-    return _from_pairs(root, pairs, "prefixed", classes)
+    dataset = _from_pairs(root, pairs, "prefixed", classes)
+    dataset.skipped.extend(skipped)
+    return dataset
 
 
 def read_csv(csv_path: Path, classes: Sequence[str] | None = None) -> Dataset:
     base = csv_path.parent
     pairs = []
-    with open(csv_path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        if reader.fieldnames is None or not {"path", "label"} <= set(reader.fieldnames):
-            raise DatasetError(f"{csv_path}: expected a header with columns 'path,label', got {reader.fieldnames}")
-        for line, row in enumerate(reader, start=2):
-            if not row["path"] or not row["label"]:
-                raise DatasetError(f"{csv_path}:{line}: empty path or label")
-            path = Path(row["path"])
-            pairs.append((path if path.is_absolute() else base / path, row["label"].strip()))
+    line = 1
+    try:
+        with open(csv_path, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            if reader.fieldnames is None or not {"path", "label"} <= set(reader.fieldnames):
+                raise DatasetError(f"{csv_path}: expected a header with columns 'path,label', got {reader.fieldnames}")
+            for line, row in enumerate(reader, start=2):
+                if not isinstance(row["path"], str) or not row["path"] or not isinstance(row["label"], str) \
+                        or not row["label"].strip():
+                    raise DatasetError(f"{csv_path}:{line}: empty path or label")
+                if "\0" in row["path"]:
+                    raise DatasetError(f"{csv_path}:{line}: field path holds a NUL character")
+                path = Path(row["path"])
+                label = check_class_name(row["label"].strip(), f"{csv_path}:{line}: field label")
+                pairs.append((path if path.is_absolute() else base / path, label))
+    except OSError as exc:
+        raise DatasetError(f"{shown(csv_path)}: cannot read ({exc.strerror or exc})") from exc
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{csv_path}: not UTF-8 text (near line {line + 1})") from exc
+    except csv.Error as exc:
+        raise DatasetError(f"{csv_path}:{line + 1}: not valid CSV ({exc})") from exc
     return _from_pairs(base, pairs, "csv", classes)
 
 
@@ -155,9 +241,10 @@ def detect_layout(source: Path) -> str:
         return "csv"
     if not source.is_dir():
         raise DatasetError(f"{source}: dataset path does not exist")
-    if any(p.is_dir() and not p.name.startswith(".") for p in source.iterdir()):
+    entries = _listdir(source)
+    if any(p.is_dir() and not p.name.startswith(".") for p in entries):
         return "folders"
-    if any(_is_image(p) for p in source.iterdir()):
+    if any(_is_image(p) for p in entries):
         return "prefixed"
     raise DatasetError(f"{source}: no class folders, no images and not a CSV")
 
@@ -197,13 +284,15 @@ def drop_unreadable(dataset: Dataset, workers: int = 4) -> Dataset:
         try:
             read_image(sample.path)
         except ImageDecodeError as exc:
-            return str(exc)
+            return shown(str(exc))
+        except Exception as exc:  # noqa: BLE001 (any file the decoder chokes on is skipped and listed, not fatal)
+            return f"{shown(sample.path)}: cannot decode ({type(exc).__name__}: {shown(str(exc))})"
         return None
 
     with ThreadPoolExecutor(workers) as pool:
         errors = list(pool.map(probe, dataset.samples, chunksize=256))
     kept = [s for s, err in zip(dataset.samples, errors) if err is None]
-    skipped = [{"path": str(s.path), "error": err} for s, err in zip(dataset.samples, errors) if err is not None]
+    skipped = [{"path": shown(s.path), "error": err} for s, err in zip(dataset.samples, errors) if err is not None]
     for row in skipped:
         log.warning("skipping unreadable image %s", row["error"])
     return Dataset(dataset.root, dataset.classes, kept, dataset.layout, dataset.skipped + skipped)
@@ -240,11 +329,18 @@ def save_split(path: Path, dataset: Dataset, train: Sequence[int], val: Sequence
 
 def load_split(path: Path, dataset: Dataset) -> tuple[list[int], list[int]]:
     """Indices of a saved split in ``dataset``; a resumed run must see the same split."""
-    payload = json.loads(path.read_text())
+    try:
+        payload = json.loads(path.read_bytes().decode("utf-8"))
+        rows = {part: [p for p, _ in payload[part]] for part in ("train", "val")}
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot read the saved split ({exc.strerror or exc})") from exc
+    except (ValueError, TypeError, KeyError) as exc:
+        raise DatasetError(f"{path}: not a saved split (expected JSON with train and val lists of "
+                           f"[path, label]; {type(exc).__name__}: {exc})") from exc
     where = {dataset.relative(s.path): i for i, s in enumerate(dataset.samples)}
     try:
-        return [where[p] for p, _ in payload["train"]], [where[p] for p, _ in payload["val"]]
-    except KeyError as exc:
+        return [where[p] for p in rows["train"]], [where[p] for p in rows["val"]]
+    except (KeyError, TypeError) as exc:
         raise DatasetError(f"{path}: image {exc.args[0]} of the saved split is no longer in {dataset.root}") from exc
 
 
@@ -264,16 +360,20 @@ def limit_per_class(dataset: Dataset, limit: int, seed: int) -> Dataset:
 # --- Fashion-MNIST --------------------------------------------------------------------------------
 
 
-def _read_idx(path: Path) -> "tuple[tuple[int, ...], bytes]":
+def _read_idx(path: Path, ndim_expected: int) -> "tuple[tuple[int, ...], bytes]":
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as fh:
             data = fh.read()
-    except (OSError, EOFError) as exc:
+    except (OSError, EOFError, zlib.error) as exc:
         raise DatasetError(f"{path}: cannot read IDX file ({exc})") from exc
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise DatasetError(f"{path}: not an unsigned-byte IDX file")
     ndim = data[3]
+    if ndim != ndim_expected:
+        raise DatasetError(f"{path}: IDX header says {ndim} dimensions, expected {ndim_expected}")
+    if len(data) < 4 + 4 * ndim:
+        raise DatasetError(f"{path}: truncated IDX header ({len(data)} bytes)")
     dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     body = data[4 + 4 * ndim :]
     expected = 1
@@ -299,23 +399,29 @@ def import_fashion_mnist(out_dir: str | Path, source: str | Path = FASHION_MNIST
         )
     counts = {}
     for split, prefix in (("train", "train"), ("test", "t10k")):
-        (dims, images), (_, labels) = (
-            _read_idx(source / f"{prefix}-images-idx3-ubyte.gz"),
-            _read_idx(source / f"{prefix}-labels-idx1-ubyte.gz"),
-        )
+        images_path, labels_path = source / f"{prefix}-images-idx3-ubyte.gz", source / f"{prefix}-labels-idx1-ubyte.gz"
+        (dims, images), (label_dims, labels) = _read_idx(images_path, 3), _read_idx(labels_path, 1)
         n, h, w = dims
+        if label_dims[0] != n:
+            raise DatasetError(f"{labels_path}: {label_dims[0]} labels for the {n} images of {images_path}")
         pixels = np.frombuffer(images, dtype=np.uint8).reshape(n, h, w)
         label_ids = np.frombuffer(labels, dtype=np.uint8)
+        if n and int(label_ids.max()) >= len(FASHION_MNIST_CLASSES):
+            raise DatasetError(f"{labels_path}: label {int(label_ids.max())} is not one of the "
+                               f"{len(FASHION_MNIST_CLASSES)} Fashion-MNIST classes (0..{len(FASHION_MNIST_CLASSES) - 1})")
         root = out_dir / split
         names = {folder_name(c): c for c in FASHION_MNIST_CLASSES}
-        for folder in names:
-            (root / folder).mkdir(parents=True, exist_ok=True)
-        (root / LABELS_FILE).write_text(json.dumps(names, indent=1))
+        try:
+            for folder in names:
+                (root / folder).mkdir(parents=True, exist_ok=True)
+            (root / LABELS_FILE).write_text(json.dumps(names, indent=1))
+        except OSError as exc:
+            raise DatasetError(f"{root}: cannot write the imported images here ({exc.strerror or exc})") from exc
         written = 0
         for i in range(n if limit is None else min(n, limit)):
             path = root / folder_name(FASHION_MNIST_CLASSES[label_ids[i]]) / f"{split}_{i:05d}.png"
-            if not path.exists():
-                cv2.imwrite(str(path), pixels[i])
+            if not path.exists() and not cv2.imwrite(str(path), pixels[i]):
+                raise DatasetError(f"{path}: cannot write the image")
             written += 1
         counts[split] = written
         log.info("Fashion-MNIST %s: %d images in %s", split, written, root)
