@@ -15,12 +15,17 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
+
+from contract.messages import loads_finite
 from contract.preprocess import InputSpec
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.json.sig"
+MANIFEST_MAX_BYTES = 1 << 20       # a manifest is a few kB; more is not a manifest (and is not read into memory)
+SIGNATURE_MAX_BYTES = 4096         # an ed25519 signature is 64 bytes
 ROLE_FP32 = "onnx-fp32"
 ROLE_INT8 = "onnx-int8"
 ROLE_ENGINE = "tensorrt-engine"
@@ -100,7 +105,7 @@ class Bundle:
         return [a for a in self.artifacts if a.role == ROLE_ENGINE and a.deployable]
 
 
-def _validate_schema(manifest: Any, path: Path) -> None:
+def _validate_schema(manifest: Any, path: str | Path) -> None:
     import jsonschema
 
     validator = jsonschema.Draft202012Validator(manifest_schema())
@@ -111,13 +116,29 @@ def _validate_schema(manifest: Any, path: Path) -> None:
         raise BundleError(f"{path}: field {where}: {err.message}")
 
 
-def _check_labels_and_input(manifest: dict[str, Any], path: Path) -> None:
+def parse_manifest(data: bytes, path: str | Path) -> dict[str, Any]:
+    """A manifest's bytes as a checked manifest: strict UTF-8 JSON without NaN or infinities, the schema,
+    unique labels, a usable input block. Anything else is a BundleError naming ``path`` (the file or URL)."""
+    if len(data) > MANIFEST_MAX_BYTES:
+        raise BundleError(f"{path}: {len(data)} bytes, more than a manifest's {MANIFEST_MAX_BYTES}")
+    try:
+        manifest = loads_finite(data.decode("utf-8"))   # strict: json.loads would let lone surrogates through
+    except UnicodeDecodeError as exc:
+        raise BundleError(f"{path}: not UTF-8 (byte {exc.start}: {exc.reason})") from exc
+    except (ValueError, RecursionError) as exc:
+        raise BundleError(f"{path}: not valid JSON ({exc})") from exc
+    _validate_schema(manifest, path)
+    _check_labels_and_input(manifest, path)
+    return manifest
+
+
+def _check_labels_and_input(manifest: dict[str, Any], path: str | Path) -> None:
     labels = manifest["labels"]
     if len(set(labels)) != len(labels):
         raise BundleError(f"{path}: field labels: class names must be unique")
     try:
         InputSpec.from_manifest(manifest["input"])
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise BundleError(f"{path}: field input: {exc}") from exc
 
 
@@ -155,7 +176,11 @@ def _check_signature(root: Path, manifest_bytes: bytes, public_key: Any | None) 
         log.warning("%s: signature present but no public key configured; not checked", sig_path)
         return False
     try:
+        if sig_path.stat().st_size > SIGNATURE_MAX_BYTES:
+            raise BundleError(f"{sig_path}: more than {SIGNATURE_MAX_BYTES} bytes, not an ed25519 signature")
         public_key.verify(sig_path.read_bytes(), manifest_bytes)
+    except OSError as exc:
+        raise BundleError(f"{sig_path}: cannot read ({exc.strerror or exc})") from exc
     except InvalidSignature as exc:
         raise BundleError(f"{sig_path}: signature does not match {root / MANIFEST}") from exc
     return True
@@ -165,16 +190,19 @@ def _artifacts(manifest: dict[str, Any], root: Path, verify_files: bool) -> tupl
     out = []
     for i, entry in enumerate(manifest["artifacts"]):
         rel = Path(entry["path"])
-        if rel.is_absolute() or ".." in rel.parts:
+        if rel.is_absolute() or ".." in rel.parts or "\x00" in entry["path"]:
             raise BundleError(f"{root / MANIFEST}: field artifacts/{i}/path: must stay inside the bundle, got {rel}")
         path = root / rel
         if verify_files:
             if not path.is_file():
                 raise BundleError(f"{path}: listed in {root / MANIFEST} but missing")
-            size = path.stat().st_size
+            try:
+                size = path.stat().st_size
+                digest = sha256_file(path) if size == entry["size"] else ""
+            except OSError as exc:
+                raise BundleError(f"{path}: cannot read ({exc.strerror or exc})") from exc
             if size != entry["size"]:
                 raise BundleError(f"{path}: size {size} bytes, manifest says {entry['size']} (tampered or truncated)")
-            digest = sha256_file(path)
             if digest != entry["sha256"]:
                 raise BundleError(f"{path}: sha256 {digest} does not match the manifest's {entry['sha256']} (tampered)")
         out.append(
@@ -201,15 +229,13 @@ def load_bundle(path: str | Path, public_key: Any | None = None, *, verify_files
     if not root.is_dir():
         raise BundleError(f"{root}: bundle folder does not exist")
     try:
+        if manifest_path.stat().st_size > MANIFEST_MAX_BYTES:
+            raise BundleError(f"{manifest_path}: {manifest_path.stat().st_size} bytes, more than a manifest's "
+                              f"{MANIFEST_MAX_BYTES}")
         manifest_bytes = manifest_path.read_bytes()
     except OSError as exc:
         raise BundleError(f"{manifest_path}: cannot read ({exc.strerror or exc})") from exc
-    try:
-        manifest = json.loads(manifest_bytes)
-    except json.JSONDecodeError as exc:
-        raise BundleError(f"{manifest_path}: not valid JSON ({exc})") from exc
-    _validate_schema(manifest, manifest_path)
-    _check_labels_and_input(manifest, manifest_path)
+    manifest = parse_manifest(manifest_bytes, manifest_path)
     signed = _check_signature(root, manifest_bytes, public_key)
     artifacts = _artifacts(manifest, root, verify_files)
     return Bundle(root=root, manifest=manifest, artifacts=artifacts, signed=signed)
@@ -228,3 +254,67 @@ def artifact_entry(path: Path, root: Path, **fields: Any) -> dict[str, Any]:
 def find_bundles(models_dir: str | Path) -> Iterable[Path]:
     """Every ``<name>/<version>/manifest.json`` folder under a models directory, sorted."""
     return sorted(p.parent for p in Path(models_dir).glob(f"*/*/{MANIFEST}"))
+
+
+# ---------------------------------------------------------------- what the model must be able to do
+
+def sample_input(spec: InputSpec, batch: int) -> np.ndarray:
+    """A fixed image-like batch: uniform pixels normalized as the station does, so ranges are realistic."""
+    rng = np.random.default_rng(0)
+    pixels = rng.uniform(0.0, 1.0, size=(batch, spec.height, spec.width, 3))
+    normalized = (pixels - np.asarray(spec.mean)) / np.asarray(spec.std)
+    return np.ascontiguousarray(normalized.transpose(0, 3, 1, 2), dtype=np.float32)
+
+
+def check_outputs(bundle: Bundle, model: str, outputs: Any, batch: int) -> None:
+    """A model's outputs on a sample batch: one finite logit per label for each image, else BundleError.
+
+    A labels list that does not match the model's classes would lose every frame as an inference error; a
+    model that outputs NaN would publish ``confidence: NaN`` as a confident result."""
+    shape = tuple(getattr(outputs, "shape", ()))
+    want = (batch, len(bundle.labels))
+    where = f"{bundle.root / MANIFEST}: {model}"
+    if len(shape) != 2 or shape[0] != batch:
+        raise BundleError(f"{where}: outputs shape {shape} on a batch of {batch}, expected {want}")
+    if shape[1] != len(bundle.labels):
+        raise BundleError(f"{where}: {shape[1]} outputs per image but field labels has {len(bundle.labels)}")
+    if not np.isfinite(outputs).all():
+        raise BundleError(f"{where}: non-finite outputs (NaN or infinity) on the sample batch")
+
+
+def check_input_shape(bundle: Bundle, model: str, shape: Iterable[Any]) -> None:
+    """The model's input (N, 3, H, W; symbolic dimensions match anything) against the manifest's field input."""
+    dims = list(shape)
+    spec = bundle.input_spec
+    want = [None, 3, spec.height, spec.width]
+    if len(dims) != 4 or any(isinstance(d, int) and w is not None and d != w for d, w in zip(dims, want)):
+        raise BundleError(f"{bundle.root / MANIFEST}: {model}: input shape {dims}, but field input says "
+                          f"(N, 3, {spec.height}, {spec.width})")
+
+
+def check_onnx_artifact(bundle: Bundle, artifact: Artifact, batch: int = 2) -> None:
+    """Load one ONNX artifact in ONNX Runtime (CPU) and check its input and its outputs on a sample batch."""
+    import onnxruntime as ort
+
+    try:
+        session = ort.InferenceSession(str(artifact.path), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise BundleError(f"{artifact.path}: ONNX Runtime cannot load the model ({exc})") from exc
+    inputs = {i.name: i for i in session.get_inputs()}
+    name = bundle.input_spec.input_name if bundle.input_spec.input_name in inputs else next(iter(inputs))
+    check_input_shape(bundle, artifact.path.name, inputs[name].shape)
+    fixed = inputs[name].shape[0]
+    n = fixed if isinstance(fixed, int) and fixed > 0 else batch
+    try:
+        outputs = session.run(None, {name: sample_input(bundle.input_spec, n)})[0]
+    except Exception as exc:
+        raise BundleError(f"{artifact.path}: ONNX Runtime cannot run the model on a sample batch ({exc})") from exc
+    check_outputs(bundle, artifact.path.name, outputs, n)
+
+
+def check_model_runs(bundle: Bundle) -> None:
+    """Every deployable ONNX artifact of ``bundle`` takes the manifest's input and gives one finite output per
+    label (``verify`` and the export run this; the station checks the backend it builds the same way)."""
+    for artifact in bundle.artifacts:
+        if artifact.role in (ROLE_FP32, ROLE_INT8) and artifact.deployable:
+            check_onnx_artifact(bundle, artifact)

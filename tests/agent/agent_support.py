@@ -175,3 +175,62 @@ def make_tiny_bundle(root: Path, version: str = "tiny-1") -> Path:
     }
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return folder
+
+
+def make_onnx_bundle(root: Path, *, classes: int = 4, labels: int | None = None, size: int = 16,
+                     model_size: int | None = None, nan: str | None = None, version: str = "1") -> Path:
+    """A bundle around a tiny real ONNX model built with onnx.helper: global average pool, then a linear head.
+
+    ``labels``: how many labels the manifest lists (default: ``classes``, the model's outputs);
+    ``model_size``: the model's fixed input height and width (default: the manifest's ``size``);
+    ``nan``: ``"always"`` adds NaN to every logit; ``"bright"`` gives NaN only for frames whose mean
+    normalized pixel is above 1 (a white frame), finite for the warm-up and sample batches."""
+    import datetime
+
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from contract.bundle import artifact_entry
+
+    side = model_size or size
+    rng = np.random.default_rng(0)
+    weights = numpy_helper.from_array(rng.normal(size=(3, classes)).astype(np.float32), "w")
+    bias = numpy_helper.from_array(np.zeros(classes, np.float32), "b")
+    nodes = [helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
+             helper.make_node("Flatten", ["pooled"], ["flat"]),
+             helper.make_node("Gemm", ["flat", "w", "b"], ["head" if nan else "logits"])]
+    inits = [weights, bias]
+    if nan == "always":
+        inits.append(numpy_helper.from_array(np.array([np.nan], np.float32), "nan"))
+        nodes.append(helper.make_node("Add", ["head", "nan"], ["logits"]))
+    elif nan == "bright":       # 0 * log(1 - mean): 0 below 1, NaN above
+        inits += [numpy_helper.from_array(np.array([1.0], np.float32), "one"),
+                  numpy_helper.from_array(np.array([0.0], np.float32), "zero")]
+        nodes += [helper.make_node("ReduceMean", ["flat"], ["mean"], axes=[1], keepdims=1),
+                  helper.make_node("Sub", ["one", "mean"], ["room"]),
+                  helper.make_node("Log", ["room"], ["log"]),
+                  helper.make_node("Mul", ["log", "zero"], ["poison"]),
+                  helper.make_node("Add", ["head", "poison"], ["logits"])]
+    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                           ["batch", 3, side, side])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    folder = root / "onnx-tiny" / version
+    folder.mkdir(parents=True)
+    onnx.save(model, str(folder / "model.fp32.onnx"))
+    manifest = {
+        "schema_version": 1, "name": "onnx-tiny", "version": version,
+        "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(), "architecture": "gap-linear",
+        "labels": [f"class-{i}" for i in range(classes if labels is None else labels)],
+        "input": {"height": size, "width": size, "resize_shorter": size, "interpolation": "bilinear",
+                  "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "channel_order": "RGB", "layout": "NCHW",
+                  "dtype": "float32", "input_name": "input", "output_name": "logits"},
+        "artifacts": [artifact_entry(folder / "model.fp32.onnx", folder, role="onnx-fp32", precision="fp32",
+                                     deployable=True)],
+        "quality": {"thresholds": {"min_confidence": 0.5}},
+        "provenance": {"code_version": "test"},
+    }
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return folder

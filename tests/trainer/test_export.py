@@ -311,3 +311,15 @@ def test_streamed_ranges_equal_onnx_runtimes_one_shot_ranges(real_bundle, tmp_pa
     assert set(streamed.data) == set(expected.data)
     for name in expected.data:
         np.testing.assert_allclose(streamed[name].range_value, expected[name].range_value, rtol=1e-6, err_msg=name)
+
+
+def test_a_model_with_non_finite_logits_is_not_deployable():
+    """The export gate's check: INT8 logits with NaN or infinity make the INT8 artifact not deployable (and
+    FP32 ones stop the export), with a reason counting the images."""
+    from trainer.export.bundle import non_finite_reason
+
+    logits = np.zeros((5, 3), np.float32)
+    assert non_finite_reason("INT8", logits) is None
+    logits[1, 2], logits[3, 0] = np.nan, np.inf
+    assert non_finite_reason("INT8", logits) == ("INT8 model gives non-finite logits (NaN or infinity) on 2 of 5 "
+                                                 "validation images")

@@ -20,9 +20,11 @@ from contract.bundle import (
     ROLE_FP32,
     ROLE_INT8,
     artifact_entry,
+    check_model_runs,
     load_bundle,
     load_public_key,
 )
+from contract.messages import dumps_finite
 from contract.preprocess import InputSpec
 from trainer import data as data_mod
 from trainer.engine import eval_inputs, load_checkpoint_model
@@ -194,12 +196,17 @@ def export_bundle(cfg: ExportConfig) -> ExportResult:
     try:
         manifest, fp32_metrics, int8_metrics = _export_into(
             cfg, tmp_dir, model, spec, classes, train_cfg, name, version, train_samples, val_samples, val_x, val_y, run_dir)
-        (tmp_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        try:
+            text = dumps_finite(manifest, indent=1)
+        except ValueError as exc:
+            raise ValueError(f"{tmp_dir / MANIFEST}: a figure of the manifest is not finite ({exc}); not exported") \
+                from exc
+        (tmp_dir / MANIFEST).write_text(text)
         if cfg.sign_key:
             from trainer.signing import sign_bundle
 
             sign_bundle(tmp_dir, cfg.sign_key)
-        load_bundle(tmp_dir)  # the agent's own verification, before anything is published
+        check_model_runs(load_bundle(tmp_dir))  # the agent's own verification, before anything is published
         os.replace(tmp_dir, final_dir)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -212,12 +219,25 @@ def export_bundle(cfg: ExportConfig) -> ExportResult:
     return ExportResult(final_dir, manifest, fp32_metrics, int8_metrics)
 
 
+def non_finite_reason(model: str, logits: np.ndarray) -> str | None:
+    """Why a model that gives NaN or infinite logits on validation images is not deployable; None when all are finite.
+
+    At the station such a model would publish ``confidence: NaN`` as a confident result."""
+    bad = int((~np.isfinite(logits)).any(axis=1).sum()) if len(logits) else 0
+    if not bad:
+        return None
+    return f"{model} model gives non-finite logits (NaN or infinity) on {bad} of {len(logits)} validation images"
+
+
 def _export_into(cfg, tmp_dir, model, spec, classes, train_cfg, name, version, train_samples, val_samples, val_x, val_y,
                  run_dir):
     fp32_path = export_onnx(model, tmp_dir / "model.fp32.onnx", spec.height, spec.width,
                             input_name=spec.input_name, output_name=spec.output_name)
     parity_stats = parity(model, fp32_path, val_x[: cfg.parity_images])
     fp32_logits = onnx_logits(fp32_path, val_x)
+    if (fp32_reason := non_finite_reason("FP32", fp32_logits)) is not None:
+        raise ValueError(f"{cfg.checkpoint}: {fp32_reason}; not exported (a model that outputs NaN cannot be "
+                         "deployed, nor quantized)")
     fp32_metrics = compute_metrics(fp32_logits, val_y, classes)
     fp32_metrics["_logits"] = fp32_logits
     if not parity_stats["passed"]:
@@ -235,6 +255,8 @@ def _export_into(cfg, tmp_dir, model, spec, classes, train_cfg, name, version, t
     int8_metrics = compute_metrics(int8_logits, val_y, classes)
     int8_metrics["_logits"] = int8_logits
     passed, reason = int8_gate(fp32_metrics["accuracy"], int8_metrics["accuracy"], cfg.gate_margin_points)
+    if (int8_reason := non_finite_reason("INT8", int8_logits)) is not None:
+        passed, reason = False, int8_reason
     if not parity_stats["passed"]:  # quantized from a graph that is not the trained model
         passed, reason = False, f"FP32 ONNX parity: {parity_stats['reason']}"
     station_quality = None
@@ -306,5 +328,8 @@ def _export_into(cfg, tmp_dir, model, spec, classes, train_cfg, name, version, t
 
 
 def verify(bundle_dir: Path, public_key: Path | None = None):
-    """The agent's verification of a bundle, from the trainer's CLI."""
-    return load_bundle(bundle_dir, load_public_key(public_key) if public_key else None)
+    """The agent's verification of a bundle, from the trainer's CLI: files, hashes, signature, and what each
+    deployable model must do (take the manifest's input, one finite output per label on a sample)."""
+    bundle = load_bundle(bundle_dir, load_public_key(public_key) if public_key else None)
+    check_model_runs(bundle)
+    return bundle
