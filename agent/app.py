@@ -5,7 +5,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import queue
 import signal
@@ -36,13 +38,16 @@ from agent.prepare import camera_preparer, load_empty_scene
 from agent.sources.base import FrameSource
 from agent.sources.camera import CameraWorker, FrameHub, Watchdog
 from agent.state import STATE_FILE, StationState
-from agent.update import ModelCommand, verify_command_bundle
-from contract.bundle import Bundle, BundleError, load_bundle, load_public_key
+from agent.update import FETCH_DEADLINE_S, ModelCommand, verify_command_bundle
+from contract.bundle import Bundle, BundleError, check_outputs, load_bundle, load_public_key, sample_input
 from contract.preprocess import Preprocessor
 
 log = logging.getLogger(__name__)
 
 AGENT_VERSION = "0.1.0"
+COMMAND_QUEUE = 16              # commands waiting for the command thread; more are refused (and say so)
+COMMAND_MAX_BYTES = 64 * 1024   # cmd/thresholds and cmd/capture-empty are a few fields
+LAST_RESULT = {"model": "last_update", "thresholds": "last_thresholds", "capture-empty": "last_capture_empty"}
 
 
 class StartupError(Exception):
@@ -120,11 +125,25 @@ class EngineCachePolicy:
 
 
 def build_runtime(cfg: AgentConfig, bundle: Bundle, engine: DeviceEngine | None = None) -> ModelRuntime:
-    """Backend for the bundle, warmed up, so the first real frame is not the slow one."""
+    """Backend for the bundle, warmed up (so the first real frame is not the slow one) and checked for what
+    it must do: one finite output per label on an image-like sample, else the bundle is refused."""
     check_labels(cfg, bundle)
     backend = create_backend(bundle, cfg.model, engine.path if engine else None, engine.precision if engine else None)
     backend.warmup(cfg.model.batch_size, cfg.model.warmup_runs)
+    check_backend(bundle, backend, cfg.model.batch_size)
     return ModelRuntime(bundle, backend, Preprocessor(bundle.input_spec))
+
+
+def check_backend(bundle: Bundle, backend: Any, batch: int) -> None:
+    """The backend on the bundle's sample batch: ``batch`` rows of ``len(labels)`` finite logits (BundleError)."""
+    try:
+        outputs = backend.run(sample_input(bundle.input_spec, batch))
+    except BackendError:
+        raise
+    except Exception as exc:  # a runtime's own exception types
+        raise BackendError(f"{bundle.root}: {backend.name} cannot run bundle {bundle.name} {bundle.version} "
+                           f"on a sample batch ({exc})") from exc
+    check_outputs(bundle, f"{backend.name} ({backend.precision})", outputs, batch)
 
 
 def _choice_json(runtime: ModelRuntime | None) -> dict[str, Any] | None:
@@ -147,6 +166,7 @@ class Agent:
         self.last_update: dict[str, Any] | None = None
         self.last_thresholds: dict[str, Any] | None = None
         self.last_capture_empty: dict[str, Any] | None = None
+        self.fetch_deadline_s = FETCH_DEADLINE_S        # a bundle download's whole time (agent/update.py)
         self.state: StationState | None = None
         self.public_key = None
         self.model: ModelHolder | None = None
@@ -155,7 +175,7 @@ class Agent:
         self.inference: InferenceStage | None = None
         self.workers: list[CameraWorker] = []
         self.prometheus: PrometheusServer | None = None
-        self._commands: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=16)
+        self._commands: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=COMMAND_QUEUE)
         self._threads: list[threading.Thread] = []
 
     # ------------------------------------------------------------ start
@@ -183,7 +203,7 @@ class Agent:
                 raise BundleError(f"{where}: field version: {bundle.version!r}, installed as {version!r}")
             engine = self.engine_cache.engine_for(self.cfg, bundle) if self.engine_cache is not None else None
             runtime = build_runtime(self.cfg, bundle, engine)
-        except (BundleError, BackendError, ConfigError) as exc:
+        except Exception as exc:   # whatever is wrong with it, the configured bundle runs instead
             log.error("the model installed by cmd/model (%s %s) cannot run: %s; running the configured bundle %s",
                       version, where, exc, self.cfg.model.bundle)
             self.state.model = None
@@ -272,17 +292,23 @@ class Agent:
 
     def _stats_loop(self) -> None:
         while not self.stop_event.wait(self.cfg.health.stats_interval_s):
-            if self.publisher is not None:
-                self.publisher.publish_stats(self.stats_body())
+            try:
+                if self.publisher is not None:
+                    self.publisher.publish_stats(self.stats_body())
+            except Exception:      # one bad round (a full disk, a bug) must not end the stats for good
+                self.metrics.inc("stats_errors_total")
+                log.exception("stats round failed; the stats thread goes on")
 
     # ------------------------------------------------------------ commands
 
     def _enqueue_command(self, verb: str, payload: bytes) -> None:
-        """Called on the MQTT thread: hand off, never block it."""
+        """Called on the MQTT thread: hand off, never block it; a command that finds the queue full is
+        refused in the status like any other refused command."""
         try:
             self._commands.put_nowait((verb, payload))
         except queue.Full:
-            log.error("command %s dropped: %d commands already waiting", verb, self._commands.qsize())
+            self.metrics.inc("commands_dropped_total")
+            self._command_failed(verb, f"cmd/{verb}: dropped, {COMMAND_QUEUE} commands already waiting; send it again")
 
     def _command_loop(self) -> None:
         while not self.stop_event.is_set():
@@ -292,8 +318,25 @@ class Agent:
                 continue
             try:
                 self._run_command(verb, payload)
-            except Exception:      # a bug in one command must not end the thread that runs them all
+            except Exception as exc:  # a bug in one command must not end the thread that runs them all
                 log.exception("command cmd/%s failed; the command thread goes on", verb)
+                self._command_failed(verb, f"cmd/{verb}: failed ({type(exc).__name__}: {exc})")
+
+    def _command_failed(self, verb: str, reason: str) -> None:
+        """A command refused outside its own handler: the status says so under the command's own field."""
+        log.error("%s", reason)
+        self.metrics.inc("commands_rejected_total", command=verb if verb in LAST_RESULT else "unknown")
+        if verb not in LAST_RESULT:
+            return
+        result: dict[str, Any] = {"ok": False, "reason": reason[:2000], "ts": round(time.time(), 6)}
+        if verb == "model":
+            running = self.model.current.bundle if self.model else None
+            result["running"] = {"name": running.name, "version": running.version} if running else None
+        else:
+            result["applied" if verb == "thresholds" else "requested"] = None
+        setattr(self, LAST_RESULT[verb], result)
+        if self.publisher is not None:
+            self.publisher.request_status()
 
     def _run_command(self, verb: str, payload: bytes) -> None:
         if verb == "model":
@@ -309,7 +352,7 @@ class Agent:
         """cmd/capture-empty: ask the decide thread for empty-scene frames; status says accepted or why not."""
         known = [c.id for c in self.cfg.cameras]
         try:
-            cmd = CaptureEmptyCommand.model_validate_json(payload or b"{}")
+            cmd = CaptureEmptyCommand.model_validate(command_json("capture-empty", payload or b"{}"))
             unknown = [c for c in cmd.cameras or [] if c not in known]
             if unknown:
                 raise ValueError(f"field cameras: {', '.join(map(repr, unknown))} not among {', '.join(known)}")
@@ -328,6 +371,8 @@ class Agent:
         (log.info if ok else log.error)("cmd/capture-empty %s: %s", "accepted" if ok else "rejected",
                                         requested or reason)
         self.last_capture_empty = {"ok": ok, "reason": reason, "ts": round(time.time(), 6), "requested": requested}
+        if not ok:
+            self.metrics.inc("commands_rejected_total", command="capture-empty")
         if self.publisher is not None:
             self.publisher.request_status()
         return ok
@@ -337,7 +382,7 @@ class Agent:
         assert self.inference is not None
         known = [c.id for c in self.cfg.cameras]
         try:
-            cmd = ThresholdsCommand.model_validate_json(payload)
+            cmd = ThresholdsCommand.model_validate(command_json("thresholds", payload))
             if cmd.camera is not None and cmd.camera not in known:
                 raise ValueError(f"field camera: {cmd.camera!r} is not one of {', '.join(known)}")
         except ValidationError as exc:
@@ -363,6 +408,8 @@ class Agent:
     def _thresholds_result(self, ok: bool, reason: str | None, applied: dict[str, Any] | None) -> bool:
         (log.info if ok else log.error)("cmd/thresholds %s: %s", "applied" if ok else "rejected", applied or reason)
         self.last_thresholds = {"ok": ok, "reason": reason, "ts": round(time.time(), 6), "applied": applied}
+        if not ok:
+            self.metrics.inc("commands_rejected_total", command="thresholds")
         if self.publisher is not None:
             self.publisher.request_status()
         return ok
@@ -373,14 +420,19 @@ class Agent:
         old = self.model.current.bundle
         try:
             cmd = ModelCommand.parse(payload)
-            bundle = verify_command_bundle(cmd, self.cfg.model.download_dir, self.public_key)
+            bundle = verify_command_bundle(cmd, self.cfg.model.download_dir, self.public_key,
+                                           self.fetch_deadline_s)
             engine = self.engine_cache.engine_for(self.cfg, bundle) if self.engine_cache is not None else None
             runtime = build_runtime(self.cfg, bundle, engine)
-        except (BundleError, BackendError, ConfigError) as exc:
-            log.error("model update rejected, keeping %s %s: %s", old.name, old.version, exc)
-            self.last_update = {"ok": False, "reason": str(exc), "ts": round(time.time(), 6),
+        except Exception as exc:  # whatever the payload or the bundle does, the old model stays and the status says why
+            expected = isinstance(exc, (BundleError, BackendError, ConfigError))
+            reason = str(exc) if expected else f"cmd/model: {type(exc).__name__}: {exc}"
+            (log.error if expected else log.exception)("model update rejected, keeping %s %s: %s", old.name,
+                                                        old.version, reason)
+            self.last_update = {"ok": False, "reason": reason[:2000], "ts": round(time.time(), 6),
                                 "running": {"name": old.name, "version": old.version}}
             self.metrics.inc("model_updates_rejected_total")
+            self.metrics.inc("commands_rejected_total", command="model")
         else:
             self.model.swap(runtime)
             if self.state is not None:
@@ -445,3 +497,33 @@ def run(cfg: AgentConfig, *, exit_at_end: bool = False, flush_s: float | None = 
 def _command_errors(verb: str, exc: ValidationError) -> str:
     """A refused command payload's schema errors, one reason line naming each field."""
     return "; ".join(line.replace(f"cmd/{verb}: field ", "field ", 1) for line in format_errors(Path(f"cmd/{verb}"), exc))
+
+
+def command_json(verb: str, payload: bytes) -> Any:
+    """A command payload as JSON: at most COMMAND_MAX_BYTES of UTF-8, no NaN or infinity (1e999 included).
+
+    Raises ValueError naming the payload or the field, which the command's handler publishes as its refusal."""
+    if len(payload) > COMMAND_MAX_BYTES:
+        raise ValueError(f"payload: {len(payload)} bytes, more than {COMMAND_MAX_BYTES}")
+    try:
+        data = json.loads(payload.decode("utf-8"))    # strict UTF-8: json.loads(bytes) guesses UTF-16 and more
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"payload: not UTF-8 (byte {exc.start}: {exc.reason})") from None
+    except (ValueError, RecursionError) as exc:
+        raise ValueError(f"payload: not JSON ({exc})") from None
+    where = _non_finite(data)
+    if where is not None:
+        raise ValueError(f"field {where or '(top level)'}: not a finite number (NaN, Infinity and 1e999 are refused)")
+    return data
+
+
+def _non_finite(data: Any, where: str = "") -> str | None:
+    """The dotted path of the first NaN or infinity in parsed JSON, None when every number is finite."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return where
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
+    for key, value in items:
+        found = _non_finite(value, f"{where}.{key}" if where else str(key))
+        if found is not None:
+            return found
+    return None

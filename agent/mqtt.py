@@ -30,7 +30,7 @@ from agent.outbox import Outbox, Record
 from agent.priority import lower_this_thread
 from agent.sources.camera import backoff_delays
 from contract.broker import BrokerSettingsError
-from contract.messages import Topics
+from contract.messages import Topics, dumps_finite
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class MqttPublisher(threading.Thread):
         self.connected = threading.Event()
         self._stop_at: float | None = None
         self._stopped = threading.Event()
-        self._stats: deque[dict[str, Any]] = deque(maxlen=8)
+        self._stats: deque[str] = deque(maxlen=8)
         self._status_dirty = False
         self._inflight: dict[int, Record] = {}
         self._acked: list[Record] = []
@@ -94,10 +94,14 @@ class MqttPublisher(threading.Thread):
     # ------------------------------------------------------------ API for other threads
 
     def publish_stats(self, body: dict[str, Any]) -> None:
-        """QoS 0, not stored: when offline, the newest few wait and older ones are counted as dropped."""
+        """QoS 0, not stored: when offline, the newest few wait and older ones are counted as dropped.
+
+        Serialized here, in the caller's thread: a body with NaN or an infinity raises ValueError there,
+        never invalid JSON on the wire and never an exception in the MQTT thread."""
+        text = dumps_finite(body)
         if len(self._stats) == self._stats.maxlen:
             self.metrics.inc("stats_dropped_total")
-        self._stats.append(body)
+        self._stats.append(text)
 
     def request_status(self) -> None:
         self._status_dirty = True
@@ -253,7 +257,7 @@ class MqttPublisher(threading.Thread):
                 return
             last_sent = self._fill_window(client, last_sent)
             while self._stats:
-                client.publish(self.topics.stats, json.dumps(self._stats.popleft()), qos=0)
+                client.publish(self.topics.stats, self._stats.popleft(), qos=0)
             if self._status_dirty:
                 self._publish_status(client, "online")
 
@@ -298,9 +302,15 @@ class MqttPublisher(threading.Thread):
                 self.metrics.observe("capture_to_ack", max(0.0, now - record.captured))
 
     def _on_message(self, client, userdata, message: paho.MQTTMessage) -> None:
-        prefix = self.topics.cmd("")
-        if message.topic.startswith(prefix) and self.on_command is not None:
-            self.on_command(message.topic[len(prefix):], message.payload)
+        """Commands go to ``on_command``; whatever a message holds, the network loop goes on."""
+        try:
+            prefix = self.topics.cmd("")
+            topic = message.topic
+            if topic.startswith(prefix) and self.on_command is not None:
+                self.on_command(topic[len(prefix):], message.payload)
+        except Exception:
+            self.metrics.inc("commands_rejected_total", command="unreadable")
+            log.exception("mqtt: message on %r not handed to the command thread", message._topic[:200])
 
     def _go_offline(self, client: paho.Client) -> None:
         """Retained offline status, then a clean disconnect (so the broker does not also send the will)."""

@@ -205,24 +205,48 @@ class InferenceStage(threading.Thread):
 
     def process(self, batch: list[Frame]) -> None:
         """Model and decisions for one batch, in the caller's thread (the threaded stage splits the two)."""
-        self.decide(self.infer(batch))
+        inferred = self.infer(batch)
+        if inferred is not None:
+            self.decide(inferred)
 
-    def infer(self, batch: list[Frame]) -> Inferred:
-        """The model's probabilities for a batch's frames with an item, with the runtime that produced them."""
+    def infer(self, batch: list[Frame]) -> Inferred | None:
+        """The model's probabilities for a batch's frames with an item, with the runtime that produced them.
+
+        A frame whose logits are not finite is an inference error: counted, logged and left out (no result
+        with ``confidence: NaN``); None when no frame of the batch is left."""
         runtime = self.model.current
         t0 = time.monotonic()
         batch = [self._localized(f, runtime) for f in batch]
         chosen = [i for i, f in enumerate(batch) if self._needs_model(f)]
         inputs = self._inputs([batch[i] for i in chosen], runtime) if chosen else None
         t1 = time.monotonic()
-        if inputs is not None:
-            probs = softmax(runtime.backend.run(inputs))
-        else:
-            probs = np.zeros((0, len(runtime.bundle.labels)))
+        classes = len(runtime.bundle.labels)
+        logits = np.asarray(runtime.backend.run(inputs)) if inputs is not None else np.zeros((0, classes))
+        if logits.shape != (len(chosen), classes):
+            raise ValueError(f"{runtime.bundle.name} {runtime.bundle.version}: outputs shape {logits.shape} for "
+                             f"{len(chosen)} frames and {classes} labels")
         t2 = time.monotonic()
         timings = {"preprocess": (t1 - t0) / len(batch) + _prepare_seconds(batch),
                    "inference": (t2 - t1) / max(1, len(chosen))}
-        return Inferred(batch, runtime, probs, timings, t0, chosen)
+        finite = np.isfinite(logits).all(axis=1)
+        if not finite.all():
+            batch, chosen = self._drop_non_finite(batch, chosen, finite, runtime)
+            logits = logits[finite]
+            if not batch:
+                return None
+        return Inferred(batch, runtime, softmax(logits), timings, t0, chosen)
+
+    def _drop_non_finite(self, batch: list[Frame], chosen: list[int], finite: np.ndarray,
+                         runtime: ModelRuntime) -> tuple[list[Frame], list[int]]:
+        """The batch without the frames whose logits are not finite, and the model's rows' new positions."""
+        bad = {chosen[i] for i in np.flatnonzero(~finite)}
+        for i in sorted(bad):
+            self.metrics.inc("inference_errors_total")
+            log.error("camera %s frame %d: %s %s gave non-finite logits; frame skipped", batch[i].camera_id,
+                      batch[i].seq, runtime.bundle.name, runtime.bundle.version)
+        keep = [i for i in range(len(batch)) if i not in bad]
+        position = {old: new for new, old in enumerate(keep)}
+        return [batch[i] for i in keep], [position[i] for i in chosen if i not in bad]
 
     def decide(self, inferred: Inferred) -> None:
         """Decisions, uploads and alerts for an inferred batch, stored in the outbox in one transaction."""

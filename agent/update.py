@@ -4,15 +4,24 @@ A bundle URL points at the bundle folder; manifest.json (and manifest.json.sig
 when present) and every artifact the manifest lists are fetched relative to it.
 The sha256 in the command is of manifest.json, which in turn pins every
 artifact's sha256, so one hash covers the whole bundle.
+
+A download is bounded, whatever the server does: the manifest is at most
+``MANIFEST_MAX_BYTES`` and its hash is checked against the command before any
+artifact is fetched; each artifact stops at the size the manifest declares (one
+byte more and the bundle is refused); and the whole fetch has one deadline
+(``FETCH_DEADLINE_S``), so a server that drips a byte every few seconds holds the
+command thread until the deadline, not for as long as it likes.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
+import http.client
 import logging
+import re
 import shutil
 import tempfile
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -21,10 +30,24 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urljoin, urlparse
 
-from contract.bundle import MANIFEST, SIGNATURE, Bundle, BundleError, load_bundle
+from contract.bundle import (
+    MANIFEST,
+    MANIFEST_MAX_BYTES,
+    SIGNATURE,
+    SIGNATURE_MAX_BYTES,
+    Bundle,
+    BundleError,
+    load_bundle,
+    parse_manifest,
+)
+from contract.messages import loads_finite
 
 log = logging.getLogger(__name__)
-FETCH_TIMEOUT_S = 60
+FETCH_TIMEOUT_S = 60            # one read; a server silent this long is given up on
+FETCH_DEADLINE_S = 600          # the whole bundle: manifest, signature and every artifact
+COMMAND_MAX_BYTES = 64 * 1024   # a cmd/model payload is a location, a hash and a version
+READ_CHUNK = 64 * 1024
+VERSION_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")   # the manifest's, so it is a safe folder name
 
 
 @dataclass(frozen=True)
@@ -35,65 +58,135 @@ class ModelCommand:
 
     @classmethod
     def parse(cls, payload: bytes) -> "ModelCommand":
+        """The command's fields, each checked for type and form; BundleError names the field."""
+        if len(payload) > COMMAND_MAX_BYTES:
+            raise BundleError(f"cmd/model: payload of {len(payload)} bytes, more than {COMMAND_MAX_BYTES}")
         try:
-            data: Any = json.loads(payload)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            text = payload.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise BundleError(f"cmd/model: payload is not UTF-8 (byte {exc.start}: {exc.reason})") from None
+        try:
+            data: Any = loads_finite(text)
+        except (ValueError, RecursionError) as exc:     # not JSON, NaN or 1e999
             raise BundleError(f"cmd/model: payload is not JSON ({exc})") from exc
-        if not isinstance(data, dict) or not isinstance(data.get("bundle"), str):
+        if not isinstance(data, dict):
+            raise BundleError(f"cmd/model: expected a JSON object, got {type(data).__name__}")
+        location = data.get("bundle")
+        if not isinstance(location, str) or not location or "\x00" in location or len(location) > 4096:
             raise BundleError("cmd/model: field bundle: expected a bundle path or URL string")
         sha = data.get("sha256")
-        if sha is not None and (not isinstance(sha, str) or len(sha) != 64):
+        if sha is not None and (not isinstance(sha, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", sha)):
             raise BundleError("cmd/model: field sha256: expected the 64-hex sha256 of manifest.json")
-        return cls(data["bundle"], sha, data.get("version"))
+        version = data.get("version")
+        if version is not None and (not isinstance(version, str) or not VERSION_PATTERN.match(version)):
+            raise BundleError(f"cmd/model: field version: expected a bundle version such as '20240601-1200', "
+                              f"got {str(version)[:80]!r}")
+        try:
+            parsed = urlparse(location)
+        except ValueError as exc:             # e.g. 'http://[::1' (an unclosed IPv6 host)
+            raise BundleError(f"cmd/model: field bundle: {location[:200]!r} is not a URL ({exc})") from exc
+        if parsed.scheme in ("http", "https") and not parsed.hostname:
+            raise BundleError(f"cmd/model: field bundle: {location[:200]!r} names no host")
+        return cls(location, sha.lower() if sha else None, version)
 
 
-def _download(url: str, dest: Path, *, optional: bool = False) -> bool:
+class _Deadline:
+    """The one deadline of a bundle fetch; each read waits at most what is left of it."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.at = time.monotonic() + seconds
+
+    def left(self, url: str) -> float:
+        left = self.at - time.monotonic()
+        if left <= 0:
+            raise BundleError(f"{url}: bundle download not finished within its {self.seconds:g} s deadline")
+        return left
+
+
+def _download(url: str, dest: Path, max_bytes: int, deadline: _Deadline, *, optional: bool = False,
+              exact: bool = False) -> bool:
+    """``url`` into ``dest``, refused as soon as more than ``max_bytes`` arrive or the deadline passes.
+
+    ``exact``: the artifact must be exactly ``max_bytes`` long (the manifest's size)."""
+    got = 0
     try:
-        with urllib.request.urlopen(url, timeout=FETCH_TIMEOUT_S) as resp, open(dest, "wb") as fh:
-            shutil.copyfileobj(resp, fh)
-        return True
+        with urllib.request.urlopen(url, timeout=min(FETCH_TIMEOUT_S, deadline.left(url))) as resp, \
+                open(dest, "wb") as fh:
+            declared = resp.headers.get("Content-Length")
+            if declared is not None and declared.strip().isdigit() and int(declared) > max_bytes:
+                raise BundleError(f"{url}: server announces {int(declared)} bytes, more than the {max_bytes} expected")
+            while True:
+                deadline.left(url)
+                block = resp.read1(READ_CHUNK)
+                if not block:
+                    break
+                got += len(block)
+                if got > max_bytes:
+                    raise BundleError(f"{url}: more than the {max_bytes} bytes expected; download stopped")
+                fh.write(block)
     except urllib.error.HTTPError as exc:
         if optional and exc.code == 404:
             return False
         raise BundleError(f"{url}: download failed (HTTP {exc.code})") from exc
-    except (urllib.error.URLError, OSError) as exc:
+    except TimeoutError as exc:
+        raise BundleError(f"{url}: download stalled ({exc}); {got} bytes received") from exc
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
         raise BundleError(f"{url}: download failed ({exc})") from exc
+    if exact and got != max_bytes:
+        raise BundleError(f"{url}: {got} bytes received, the manifest says {max_bytes} (truncated)")
+    return True
 
 
-def fetch_bundle(location: str, download_dir: Path, version: str | None) -> Path:
-    """A local bundle folder for a path, file:// URL or http(s):// URL."""
-    parsed = urlparse(location)
+def fetch_bundle(location: str, download_dir: Path, version: str | None, *, sha256: str | None = None,
+                 deadline_s: float = FETCH_DEADLINE_S) -> Path:
+    """A local bundle folder for a path, file:// URL or http(s):// URL.
+
+    For a URL: ``sha256`` (of manifest.json) is checked before any artifact is fetched, and the whole
+    download must finish within ``deadline_s``."""
+    try:
+        parsed = urlparse(location)
+    except ValueError as exc:
+        raise BundleError(f"{location[:200]!r}: not a bundle path or URL ({exc})") from exc
     if parsed.scheme in ("", "file"):
         return Path(unquote(parsed.path) if parsed.scheme == "file" else location)
     if parsed.scheme not in ("http", "https"):
         raise BundleError(f"{location}: unsupported bundle URL scheme {parsed.scheme!r} (path, file, http, https)")
+    if version is not None and not VERSION_PATTERN.match(version):
+        raise BundleError(f"{location}: version {version[:80]!r} is not a bundle version")
     base = location if location.endswith("/") else location + "/"
     # Into a fresh folder: a bundle already installed under this version (maybe the running one) stays
     # intact until the new copy is verified (install_bundle).
-    download_dir.mkdir(parents=True, exist_ok=True)
-    target = Path(tempfile.mkdtemp(prefix=f".incoming-{version or 'bundle'}-", dir=download_dir))
     try:
-        _fetch_into(base, location, target)
+        download_dir.mkdir(parents=True, exist_ok=True)
+        target = Path(tempfile.mkdtemp(prefix=f".incoming-{version or 'bundle'}-", dir=download_dir))
+    except OSError as exc:
+        raise BundleError(f"{download_dir}: cannot make a download folder ({exc.strerror or exc})") from exc
+    try:
+        _fetch_into(base, target, sha256, _Deadline(deadline_s))
     except BaseException:
         shutil.rmtree(target, ignore_errors=True)
         raise
     return target
 
 
-def _fetch_into(base: str, location: str, target: Path) -> None:
-    _download(urljoin(base, MANIFEST), target / MANIFEST)
-    _download(urljoin(base, SIGNATURE), target / SIGNATURE, optional=True)
-    try:
-        manifest = json.loads((target / MANIFEST).read_bytes())
-        paths = [a["path"] for a in manifest["artifacts"]]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise BundleError(f"{location}/{MANIFEST}: not a bundle manifest ({exc})") from exc
-    for rel in paths:
+def _fetch_into(base: str, target: Path, sha256: str | None, deadline: _Deadline) -> None:
+    manifest_url = urljoin(base, MANIFEST)
+    _download(manifest_url, target / MANIFEST, MANIFEST_MAX_BYTES, deadline)
+    data = (target / MANIFEST).read_bytes()
+    if sha256 is not None and (digest := hashlib.sha256(data).hexdigest()) != sha256:
+        raise BundleError(f"{manifest_url}: sha256 {digest} does not match the command's {sha256}; "
+                          "no artifact fetched")
+    manifest = parse_manifest(data, manifest_url)
+    _download(urljoin(base, SIGNATURE), target / SIGNATURE, SIGNATURE_MAX_BYTES, deadline, optional=True)
+    root = target.resolve()
+    for i, entry in enumerate(manifest["artifacts"]):
+        rel = entry["path"]
         dest = (target / rel).resolve()
-        if target.resolve() not in dest.parents:
-            raise BundleError(f"{location}/{MANIFEST}: artifact path {rel} leaves the bundle")
+        if root not in dest.parents or "\x00" in rel or dest in (root / MANIFEST, root / SIGNATURE):
+            raise BundleError(f"{manifest_url}: field artifacts/{i}/path: {rel!r} leaves the bundle")
         dest.parent.mkdir(parents=True, exist_ok=True)
-        _download(urljoin(base, rel), dest)
+        _download(urljoin(base, rel), dest, entry["size"], deadline, exact=True)
 
 
 def install_bundle(incoming: Path, download_dir: Path, version: str) -> Path:
@@ -109,29 +202,37 @@ def install_bundle(incoming: Path, download_dir: Path, version: str) -> Path:
     return target
 
 
-def verify_command_bundle(cmd: ModelCommand, download_dir: Path, public_key: Any | None) -> Bundle:
+def verify_command_bundle(cmd: ModelCommand, download_dir: Path, public_key: Any | None,
+                          deadline_s: float = FETCH_DEADLINE_S) -> Bundle:
     """Fetch and fully verify the bundle a command names; BundleError says why it is refused.
 
     A download is verified in a temporary folder and only then installed as ``download_dir/<version>``;
     a refused one is deleted, so nothing already installed is touched.
     """
     downloaded = urlparse(cmd.bundle).scheme in ("http", "https")
-    root = fetch_bundle(cmd.bundle, download_dir, cmd.version)
+    root = fetch_bundle(cmd.bundle, download_dir, cmd.version, sha256=cmd.sha256, deadline_s=deadline_s)
     try:
         bundle = _verify(cmd, root, public_key)
-    except BundleError:
+    except BaseException:
         if downloaded:
             shutil.rmtree(root, ignore_errors=True)
         raise
     if not downloaded:
         return bundle
-    return load_bundle(install_bundle(root, download_dir, bundle.version), public_key)
+    try:
+        installed = install_bundle(root, download_dir, bundle.version)
+    except OSError as exc:
+        shutil.rmtree(root, ignore_errors=True)
+        raise BundleError(f"{download_dir / bundle.version}: cannot install the bundle ({exc.strerror or exc})") from exc
+    return load_bundle(installed, public_key)
 
 
 def _verify(cmd: ModelCommand, root: Path, public_key: Any | None) -> Bundle:
     manifest_path = (root.parent if root.name == MANIFEST else root) / MANIFEST
     if cmd.sha256 is not None:
         try:
+            if manifest_path.stat().st_size > MANIFEST_MAX_BYTES:
+                raise BundleError(f"{manifest_path}: more than a manifest's {MANIFEST_MAX_BYTES} bytes")
             digest = hashlib.sha256(manifest_path.read_bytes()).hexdigest()
         except OSError as exc:
             raise BundleError(f"{manifest_path}: cannot read ({exc.strerror or exc})") from exc

@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from agent.backends.base import Backend, BackendError
-from contract.bundle import ROLE_FP32, ROLE_INT8, Artifact, Bundle
+from contract.bundle import ROLE_FP32, ROLE_INT8, Artifact, Bundle, sample_input
 from contract.preprocess import InputSpec
 
 log = logging.getLogger(__name__)
@@ -76,15 +76,19 @@ def onnx_candidates(bundle: Bundle) -> tuple[dict[str, Artifact], dict[str, str]
 
 def sample_batch(spec: InputSpec, batch: int) -> np.ndarray:
     """A fixed image-like batch: uniform pixels normalized as the station does, so ranges are realistic."""
-    rng = np.random.default_rng(0)
-    pixels = rng.uniform(0.0, 1.0, size=(batch, spec.height, spec.width, 3))
-    normalized = (pixels - np.asarray(spec.mean)) / np.asarray(spec.std)
-    return np.ascontiguousarray(normalized.transpose(0, 3, 1, 2), dtype=np.float32)
+    return sample_input(spec, batch)
 
 
 def check_finite(backend: Backend, sample: np.ndarray) -> None:
-    """The warm-up run on the sample; logits that are not finite make the model unusable here."""
-    if not np.isfinite(backend.run(sample)).all():
+    """The warm-up run on the sample; logits that are not finite (or a model that cannot take the sample)
+    make the model unusable here."""
+    try:
+        logits = np.asarray(backend.run(sample))
+    except BackendError:
+        raise
+    except Exception as exc:  # onnxruntime raises its own exception types, e.g. for a wrong input shape
+        raise BackendError(f"{backend.name} ({backend.precision}): cannot run the warm-up sample ({exc})") from exc
+    if not np.isfinite(logits).all():
         raise BackendError(f"{backend.name} ({backend.precision}): non-finite logits on the warm-up sample")
 
 

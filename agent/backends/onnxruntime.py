@@ -9,7 +9,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from agent.backends.base import BackendError
+from agent.backends.base import BackendError, check_warmup_outputs
 from agent.config import available_cpus
 from contract.preprocess import InputSpec
 
@@ -94,7 +94,12 @@ class OnnxRuntimeBackend:
         self.input_name = self.spec.input_name if self.spec.input_name in inputs else next(iter(inputs))
         outputs = [o.name for o in session.get_outputs()]
         self.output_name = self.spec.output_name if self.spec.output_name in outputs else outputs[0]
-        batch_dim = inputs[self.input_name].shape[0]
+        shape = list(inputs[self.input_name].shape)
+        want = [None, 3, self.spec.height, self.spec.width]
+        if len(shape) != 4 or any(isinstance(d, int) and w is not None and d != w for d, w in zip(shape, want)):
+            raise BackendError(f"{self.model_path}: model input {self.input_name!r} has shape {shape}, but the "
+                               f"manifest's field input says (N, 3, {self.spec.height}, {self.spec.width})")
+        batch_dim = shape[0]
         self.fixed_batch = batch_dim if isinstance(batch_dim, int) and batch_dim > 0 else None
         return session
 
@@ -128,4 +133,8 @@ class OnnxRuntimeBackend:
         """First runs allocate and (with TensorRT EP) build engines; do it before reporting ready."""
         dummy = np.zeros((batch_size, 3, self.spec.height, self.spec.width), np.float32)
         for _ in range(runs):
-            self.run(dummy)
+            try:
+                outputs = self.run(dummy)
+            except Exception as exc:  # onnxruntime raises its own exception types
+                raise BackendError(f"{self.model_path}: ONNX Runtime cannot run the warm-up batch ({exc})") from exc
+            check_warmup_outputs(str(self.model_path), outputs, batch_size)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.backends.base import BackendError
+from agent.backends.base import BackendError, check_warmup_outputs
 from contract.preprocess import InputSpec
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,11 @@ class TensorRTBackend:
         mode = trt.TensorIOMode.INPUT
         self.input_name = next(n for n in names if self.engine.get_tensor_mode(n) == mode)
         self.output_name = next(n for n in names if self.engine.get_tensor_mode(n) != mode)
+        shape = list(self.engine.get_tensor_shape(self.input_name))
+        if len(shape) != 4 or [d for d in shape[1:] if d > 0] != [d for d, s in zip((3, spec.height, spec.width),
+                                                                                      shape[1:]) if s > 0]:
+            raise BackendError(f"{engine_path}: engine input {self.input_name!r} has shape {shape}, but the "
+                               f"manifest's field input says (N, 3, {spec.height}, {spec.width})")
         self.max_batch = max_batch
         per_image_in = 3 * spec.height * spec.width * 4
         self.num_classes = int(self.engine.get_tensor_shape(self.output_name)[-1])
@@ -112,7 +117,7 @@ class TensorRTBackend:
     def warmup(self, batch_size: int, runs: int) -> None:
         dummy = np.zeros((batch_size, 3, self.spec.height, self.spec.width), np.float32)
         for _ in range(runs):
-            self.run(dummy)
+            check_warmup_outputs(f"{self.name} engine", self.run(dummy), batch_size)
 
     def __del__(self) -> None:
         cuda = getattr(self, "cuda", None)
