@@ -21,7 +21,7 @@ import numpy as np
 import paho.mqtt.client as paho
 import pytest
 from agent_support import as_config, make_onnx_bundle, station_config, validate_message
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from agent.app import COMMAND_QUEUE, Agent
@@ -238,6 +238,8 @@ commands = st.one_of(
 
 @settings(max_examples=25)
 @given(batch=st.lists(commands, min_size=1, max_size=6))
+@example(batch=[("model", b'{"bundle": "http://[::1"}'), ("model", b'{"bundle": "https://user@:99999/"}'),
+                ("thresholds", b'{"max_entropy": 1e999}'), ("model", b'{"bundle": "x", "version": "../.."}')])
 def test_any_command_payloads_leave_the_command_thread_serving(station, batch):
     agent, dashboard, operator = station
     marker = getattr(agent, "_test_marker", None) or Marker()
