@@ -206,7 +206,7 @@ def test_cmd_capture_empty_end_to_end_and_bad_payloads_are_refused(broker, tiny_
         # online: the agent subscribed to cmd/# before it published that status (one connection, in order)
         assert dashboard.wait_for(lambda d: any(json.loads(m.payload).get("state") == "online"
                                                 for m in d.of("status")), 30)
-        bad = [(b"not json", "Invalid JSON"), (b'{"count": 0}', "field count: Input should be greater than or equal to 1"),
+        bad = [(b"not json", "payload: not JSON"), (b'{"count": 0}', "field count: Input should be greater than or equal to 1"),
                (b'{"cameras": ["cam-z"]}', "field cameras: 'cam-z' not among cam-a"),
                (b'{"colour": "red"}', "field colour: Extra inputs are not permitted"),
                (b'{"cameras": []}', "field cameras: List should have at least 1 item")]
