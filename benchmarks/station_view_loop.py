@@ -82,12 +82,14 @@ def wait_until(what: str, predicate: Callable[[], Any], timeout_s: float) -> Any
 class Review:
     """The review server's HTTP API."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, token: str) -> None:
         self.url = url
+        self.token = token
 
     def api(self, path: str, body: dict | None = None) -> dict:
         data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json",
+                                                                               "Authorization": f"Bearer {self.token}"})
         with urllib.request.urlopen(request, timeout=30) as resp:
             return json.loads(resp.read())
 
@@ -199,9 +201,11 @@ def start_services(work: Path, port: int, bundle: Path) -> tuple[Service, Servic
     ingest = Service(work, "ingest", "ingest", "--store", str(store), "--mqtt-host", "127.0.0.1", "--mqtt-port", str(port),
                      "--client-id", "station-view-ingest")
     http_port = free_port()
+    token = "station-view-review-token"
+    (work / "review.token").write_text(token + "\n")
     server = Service(work, "review", "review", "--store", str(store), "--labels-from", str(bundle),
-                     "--host", "127.0.0.1", "--port", str(http_port))
-    review = Review(f"http://127.0.0.1:{http_port}")
+                     "--host", "127.0.0.1", "--port", str(http_port), "--token-file", str(work / "review.token"))
+    review = Review(f"http://127.0.0.1:{http_port}", token)
     wait_until("the review server", lambda: server.check() or review.up(), 60)
     wait_until("the ingest service", lambda: ingest.check() or "ingest: storing frames" in ingest.log(), 60)
     return ingest, server, review

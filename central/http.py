@@ -6,13 +6,16 @@ address, not a log line from a server thread), then runs uvicorn on it. ``Guard`
 bodies over a size, whatever the client claims (a ``Content-Length`` that is not a non-negative
 number, or larger than the limit, is answered 400/413 before the app reads anything, and a chunked
 body is cut off as soon as it passes the limit) and cross-site writes; ``BasicAuth`` asks for a
-password.
+password. The services are authenticated unless the operator opts out: with no secret given, one is
+made at start (``generated_secret``) and written to a file only its owner can read.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import secrets
 import socket
 import ssl
 import threading
@@ -29,7 +32,8 @@ class Guard:
 
     - request bodies of at most ``max_bytes``: JSON ``{"error": ...}`` with 400 or 413 otherwise;
     - ``same_origin_writes``: a POST/PUT/PATCH/DELETE whose ``Origin`` names another host than the request's
-      ``Host`` is refused with 403 (a browser on another site; scripts send no Origin);
+      ``Host``, or that a browser marks ``Sec-Fetch-Site: cross-site``, is refused with 403 (a page on another
+      site; scripts send neither header);
     - ``no_store``: every response carries ``Cache-Control: no-store`` unless it sets its own.
     """
 
@@ -44,18 +48,17 @@ class Guard:
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])
-        origin = headers.get(b"origin")
-        if (self.same_origin_writes and origin is not None and scope["method"] in ("POST", "PUT", "PATCH", "DELETE")
-                and urlparse(origin.decode("latin-1")).netloc.lower() != headers.get(b"host", b"").decode("latin-1").lower()):
-            await _error(send, 403, f"{scope['method']} from another origin ({origin.decode('latin-1')}) refused")
+        refused = self._cross_site(scope["method"], headers) if self.same_origin_writes else None
+        if refused:
+            await _error(send, 403, refused)
             return
         declared = headers.get(b"content-length")
         if declared is not None:
             text = declared.decode("latin-1").strip()
-            if not text.isdigit():
-                await _error(send, 400, f"header Content-Length: {text!r} is not a non-negative number")
+            if not (text.isascii() and text.isdigit()):      # "-1", "1e3", "²" (a latin-1 digit): refused
+                await _error(send, 400, f"header Content-Length: {text[:40]!r} is not a non-negative number")
                 return
-            if int(text) > self.max_bytes:
+            if len(text.lstrip("0")) > 18 or int(text) > self.max_bytes:   # no int() of a 5,000-digit number
                 await _error(send, 413, f"body: larger than {self.max_bytes} bytes")
                 return
         seen = 0
@@ -85,6 +88,25 @@ class Guard:
                 await _error(send, 413, f"body: larger than {self.max_bytes} bytes")
 
 
+    @staticmethod
+    def _cross_site(method: str, headers: dict[bytes, bytes]) -> str | None:
+        """Why a state-changing request comes from another site's page, or None."""
+        if method not in ("POST", "PUT", "PATCH", "DELETE"):
+            return None
+        origin = headers.get(b"origin")
+        if origin is not None:
+            host = headers.get(b"host", b"").decode("latin-1").lower()
+            try:
+                netloc = urlparse(origin.decode("latin-1")).netloc.lower()
+            except ValueError:          # e.g. "http://[" : not an origin this server has
+                netloc = None
+            if netloc != host:
+                return f"header Origin: {method} from another origin ({origin.decode('latin-1')!r}) refused"
+        if headers.get(b"sec-fetch-site", b"").strip().lower() == b"cross-site":
+            return f"header Sec-Fetch-Site: {method} from another site's page refused"
+        return None
+
+
 class BodyTooLarge(Exception):
     """Raised from ``receive`` when a body passes the limit; apps answer it with 413 (``too_large_response``)."""
 
@@ -105,6 +127,35 @@ async def _error(send: Any, status: int, message: str, *extra: tuple[bytes, byte
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             (b"cache-control", b"no-store"), *extra]})
     await send({"type": "http.response.body", "body": body})
+
+
+def generated_secret(path: Path) -> str:
+    """A fresh random secret (32 random bytes, URL-safe text), written to ``path`` readable by its owner only.
+
+    The file is created with mode 0600 under a temporary name and renamed into place, so the secret is
+    never readable by others, not even for a moment. OSError (naming ``path``) when it cannot be written.
+    """
+    secret = secrets.token_urlsafe(32)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    partial.unlink(missing_ok=True)
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(secret + "\n")
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return secret
+
+
+def warn_no_auth(service: str, host: str) -> None:
+    """Say loudly that ``service`` runs open to anyone who can reach ``host``."""
+    where = "this machine" if host in ("127.0.0.1", "::1", "localhost") else f"anyone who can reach {host}"
+    log.warning("%s: --no-auth: NO AUTHENTICATION; %s can read and change everything it serves "
+                "(for local development only)", service, where)
 
 
 class BasicAuth:

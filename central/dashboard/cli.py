@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -31,10 +32,17 @@ def add_dashboard_args(parser: argparse.ArgumentParser) -> None:
     web = parser.add_argument_group("web page")
     web.add_argument("--host", default="127.0.0.1", help="address the page is served on (default 127.0.0.1)")
     web.add_argument("--port", type=int, default=8090, help="port of the page (default 8090; 0: any free port)")
-    web.add_argument("--web-user", default="viewer", help="user name the page asks for (with --web-password-file)")
-    web.add_argument("--web-password-file", type=Path, default=None,
-                     help="file whose first line is the page's password: HTTP Basic authentication on every path "
-                          "but /healthz (default: none, for a page on 127.0.0.1)")
+    web.add_argument("--web-user", default="viewer", help="user name the page asks for (default viewer)")
+    auth = web.add_mutually_exclusive_group()
+    auth.add_argument("--web-password-file", type=Path, default=None,
+                      help="file whose first line is the page's password: HTTP Basic authentication on every path "
+                           "but /healthz (default: a random password, made at start and written to "
+                           "--web-password-out)")
+    auth.add_argument("--no-auth", action="store_true",
+                      help="serve the page to anyone who can reach it, without a password (local development only)")
+    web.add_argument("--web-password-out", type=Path, default=None,
+                     help="where the password made at start is written, mode 0600 (default "
+                          "$XDG_STATE_HOME/inventory/dashboard-web.password, else ~/.local/state/inventory/...)")
     web.add_argument("--web-tls-cert", type=Path, default=None, help="serve the page over HTTPS with this certificate")
     web.add_argument("--web-tls-key", type=Path, default=None, help="its private key")
     web.add_argument("--push-interval", type=float, default=0.25,
@@ -66,8 +74,29 @@ def build(args: argparse.Namespace) -> Any:
             web_auth = (args.web_user, first_line(args.web_password_file))
         except SecretFileError as exc:
             raise ValueError(f"--web-password-file: {exc}") from None
+    elif not args.no_auth:
+        web_auth = (args.web_user, made_password(args.web_password_out or default_password_out(), args.web_user))
     return Dashboard(settings, host=args.host, port=args.port, limits=limits, push_interval_s=args.push_interval,
-                     web_auth=web_auth, tls_cert=args.web_tls_cert, tls_key=args.web_tls_key)
+                     web_auth=web_auth, no_auth=args.no_auth, tls_cert=args.web_tls_cert, tls_key=args.web_tls_key)
+
+
+def default_password_out() -> Path:
+    state = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return Path(state) / "inventory" / "dashboard-web.password"
+
+
+def made_password(path: Path, user: str) -> str:
+    """A random page password, written to ``path`` (0600) for the operator to read; ValueError naming the file."""
+    from central.http import generated_secret
+
+    try:
+        password = generated_secret(path)
+    except OSError as exc:
+        raise ValueError(f"--web-password-out {path}: cannot write the page's password ({exc.strerror or exc}); "
+                         "give one with --web-password-file") from None
+    logging.getLogger(__name__).warning("dashboard: the page asks for user %r and the password written to %s "
+                                        "(mode 0600)", user, path)
+    return password
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,7 +122,8 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     dashboard.start()
-    print(f"dashboard: {dashboard.url} (MQTT {dashboard.feed.settings.where()})", flush=True)
+    who = f"user {dashboard.web_auth[0]!r}" if dashboard.web_auth else "NO AUTHENTICATION"
+    print(f"dashboard: {dashboard.url} ({who}; MQTT {dashboard.feed.settings.where()})", flush=True)
     stop.wait()
     dashboard.stop()
     return 0

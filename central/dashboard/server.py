@@ -6,14 +6,18 @@ interval, whatever the message rate. Each browser gets the whole state first (``
 changes; one that cannot keep up is cut off and its EventSource reconnects to a fresh snapshot, so a slow
 browser never holds up the others or grows memory. A stream waits on an asyncio queue of its own (no
 thread per browser); the pusher hands it chunks with ``call_soon_threadsafe``.
+
+Every path but ``/healthz`` asks for a password (HTTP Basic, which the page's EventSource sends too):
+the one given, or one made at start (``web_auth``), unless ``no_auth``. Every answer is strict JSON
+(``dumps_finite``), errors included (``{"error": ...}`` naming the path or the method).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -22,14 +26,16 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from central.dashboard.feed import StationFeed
 from central.dashboard.state import StateLimits, WarehouseState
-from central.http import BasicAuth, Guard, Served
+from central.http import BasicAuth, Guard, Served, warn_no_auth
 from contract.broker import BrokerSettings
+from contract.messages import dumps_finite
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +45,20 @@ CONTENT_TYPES = {"html": "text/html; charset=utf-8", "js": "text/javascript; cha
 KEEPALIVE_S = 15.0
 QUEUE_EVENTS = 512
 PATHS = ["/", "/api/state", "/events", "/healthz"]
+WEB_USER = "viewer"
+
+
+class StrictJSONResponse(JSONResponse):
+    """JSON that is valid for every browser: NaN or an infinity is an error here, never sent."""
+
+    def render(self, content: Any) -> bytes:
+        return dumps_finite(content, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def sse(event: str, data: Any, event_id: int | None = None) -> bytes:
-    """One Server-Sent Event; JSON has no raw newlines, so it is one ``data:`` line."""
+    """One Server-Sent Event; JSON has no raw newlines, so it is one ``data:`` line (strict: no NaN)."""
     head = f"id: {event_id}\n" if event_id is not None else ""
-    return f"{head}event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+    return f"{head}event: {event}\ndata: {dumps_finite(data, separators=(',', ':'))}\n\n".encode()
 
 
 @dataclass(eq=False)
@@ -111,10 +125,10 @@ def create_app(state: WarehouseState, broadcaster: Broadcaster) -> Any:
         return _static(request.path_params["name"])
 
     async def api_state(_request: Request) -> Response:
-        return JSONResponse(state.snapshot())
+        return StrictJSONResponse(state.snapshot())
 
     async def healthz(_request: Request) -> Response:
-        return JSONResponse({"ok": True, **state.health(), "listeners": broadcaster.count})
+        return StrictJSONResponse({"ok": True, **state.health(), "listeners": broadcaster.count})
 
     async def events(request: Request) -> Response:
         listener = broadcaster.add(asyncio.get_running_loop())   # before the snapshot: no change falls between
@@ -138,18 +152,24 @@ def create_app(state: WarehouseState, broadcaster: Broadcaster) -> Any:
                                                     "X-Accel-Buffering": "no"})   # a proxy must not buffer it
 
     async def not_found(request: Request, _exc: Exception) -> Response:
-        return JSONResponse({"error": f"no such path {request.url.path!r}", "paths": PATHS}, status_code=404)
+        return StrictJSONResponse({"error": f"no such path {request.url.path!r}", "paths": PATHS}, status_code=404)
 
-    app = Starlette(routes=[Route("/", page), Route("/index.html", page), Route("/static/{name:path}", static),
-                            Route("/api/state", api_state), Route("/healthz", healthz), Route("/events", events)],
-                    exception_handlers={404: not_found})
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        detail = f"method {request.method} not allowed on {request.url.path!r} (GET or HEAD)" \
+            if exc.status_code == 405 else f"{request.url.path!r}: {exc.detail}"
+        return StrictJSONResponse({"error": detail}, status_code=exc.status_code, headers=exc.headers)
+
+    routes = [Route(path, endpoint, methods=["GET", "HEAD"]) for path, endpoint in (
+        ("/", page), ("/index.html", page), ("/static/{name:path}", static), ("/api/state", api_state),
+        ("/healthz", healthz), ("/events", events))]
+    app = Starlette(routes=routes, exception_handlers={404: not_found, HTTPException: http_error})
     return Guard(app, max_bytes=4096)
 
 
 def _static(name: str) -> Response:
     item = resources.files("central.dashboard").joinpath("static", name) if STATIC_NAME.match(name) else None
     if item is None or not item.is_file():
-        return JSONResponse({"error": f"no static file {name!r}"}, status_code=404)
+        return StrictJSONResponse({"error": f"no static file {name[:200]!r}"}, status_code=404)
     return Response(item.read_bytes(), media_type=CONTENT_TYPES[name.rsplit(".", 1)[1]],
                     headers={"Cache-Control": "no-cache"})
 
@@ -159,17 +179,24 @@ class Dashboard:
 
     def __init__(self, mqtt: BrokerSettings, *, host: str = "127.0.0.1", port: int = 8090,
                  limits: StateLimits | None = None, push_interval_s: float = 0.25,
-                 web_auth: tuple[str, str] | None = None, tls_cert: Path | None = None, tls_key: Path | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 web_auth: tuple[str, str] | None = None, no_auth: bool = False, tls_cert: Path | None = None,
+                 tls_key: Path | None = None, clock: Callable[[], float] = time.time) -> None:
+        """``web_auth`` (user, password) None: a random password for user ``viewer`` (``self.web_auth``),
+        unless ``no_auth``, which serves the page to anyone who can reach it (logged as a warning)."""
+        if no_auth and web_auth is not None:
+            raise ValueError("give a web password or no_auth, not both")
         mqtt.check()
         self.state = WarehouseState(topic_root=mqtt.topic_root, limits=limits, clock=clock)
         self.feed = StationFeed(mqtt, self.state)
         self.broadcaster = Broadcaster()
         self.push_interval_s = push_interval_s
         app = create_app(self.state, self.broadcaster)
-        if web_auth is not None:
-            app = BasicAuth(app, *web_auth, realm="inventory dashboard", open_paths=("/healthz",))
+        self.web_auth = None if no_auth else web_auth or (WEB_USER, secrets.token_urlsafe(24))
+        if self.web_auth is not None:
+            app = BasicAuth(app, *self.web_auth, realm="inventory dashboard", open_paths=("/healthz",))
         self.http = Served(app, host, port, name="dashboard", tls_cert=tls_cert, tls_key=tls_key)
+        if no_auth:
+            warn_no_auth("dashboard", host)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 

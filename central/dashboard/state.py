@@ -4,7 +4,11 @@
 delivered it. Station messages are checked against the agent's JSON Schemas
 (contract/schemas/mqtt/*.json) and central rollout events against the
 ``rollout-event.v1`` contract; a message that fails is counted and kept in a
-short list of recent problems, never raised to the caller. Messages are
+short list of recent problems, never raised to the caller. Numbers are finite
+going in and coming out: a message with NaN, Infinity or 1e999 (valid JSON to
+most parsers) is refused like any malformed one, and a view that would still
+hold a non-finite number (a sum or a gap of huge ones) shows null there, so the
+page's JSON is always valid and one station never blanks the others. Messages are
 deduplicated by their ``id`` (QoS 1 redelivers after a lost PUBACK), so a
 redelivered result is counted once.
 
@@ -18,15 +22,15 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import logging
+import math
 import statistics
 import threading
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from contract.messages import CENTRAL_SITE, ENGINES, ROLLOUT_SCHEMA, checker
+from contract.messages import CENTRAL_SITE, ENGINES, ROLLOUT_SCHEMA, checker, dumps_finite, loads_finite
 from contract.messages import DASHBOARD_KINDS as STATION_KINDS
 
 log = logging.getLogger(__name__)
@@ -62,8 +66,8 @@ def parse_json(topic: str, payload: bytes) -> dict[str, Any]:
     if len(payload) > MAX_PAYLOAD_BYTES:
         raise MessageError(f"{topic}: payload of {len(payload)} bytes is over the {MAX_PAYLOAD_BYTES} byte limit")
     try:
-        body = json.loads(payload)
-    except (UnicodeDecodeError, ValueError) as exc:
+        body = loads_finite(payload)
+    except (UnicodeDecodeError, ValueError) as exc:       # NaN, Infinity and 1e999 included
         raise MessageError(f"{topic}: not JSON ({exc})") from None
     if not isinstance(body, dict):
         raise MessageError(f"{topic}: expected a JSON object, got {type(body).__name__}")
@@ -85,6 +89,44 @@ def validate_rollout_event(topic: str, body: dict[str, Any], engine: str = "fast
     if body.get("schema") != ROLLOUT_SCHEMA:
         raise MessageError(f"{topic}: field schema: {body.get('schema')!r}, this dashboard reads {ROLLOUT_SCHEMA}")
     checker(ROLLOUT_SCHEMA, engine).check(topic, body, MessageError)
+
+
+def non_finite_at(value: Any, where: str = "") -> str | None:
+    """The path (``/stats/fps_total``) of the first NaN or infinity in ``value``, or None."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else (where or "/")
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        found = non_finite_at(item, f"{where}/{key}")
+        if found:
+            return found
+    return None
+
+
+def finite(value: Any, what: str) -> Any:
+    """``value`` with every NaN or infinity replaced by None (logged, naming ``what`` and the path)."""
+    try:
+        dumps_finite(value)
+        return value
+    except ValueError:
+        pass
+    log.warning("%s: non-finite number at %s shown as null", what, non_finite_at(value))
+
+    def clean(item: Any) -> Any:
+        if isinstance(item, float) and not math.isfinite(item):
+            return None
+        if isinstance(item, dict):
+            return {k: clean(v) for k, v in item.items()}
+        if isinstance(item, (list, tuple)):
+            return [clean(v) for v in item]
+        return item
+
+    return clean(value)
 
 
 # ---------------------------------------------------------------- per-station views
@@ -349,6 +391,9 @@ class WarehouseState:
         site, station_id, kind = rest
         body = parse_json(topic, payload)
         validate_station_message(topic, kind, site, station_id, body, self.engine)
+        where = non_finite_at(stats_view(body)) if kind == "stats" else None
+        if where:              # finite parts whose sum is not (fps 1e308 on two cameras): refused, nothing kept
+            raise MessageError(f"{topic}: field {where.lstrip('/')}: not a finite number")
         if self._seen_before(body["id"]):
             return "duplicate"
         station = self._station(site, station_id)
@@ -465,7 +510,7 @@ class WarehouseState:
     def station_view(self, station: Station, now: float) -> dict[str, Any]:
         view = station.view(now)
         view["rollout"] = self.rollout_by_station.get(station.key)
-        return view
+        return finite(view, f"station {station.key}")
 
     def snapshot(self, now: float | None = None) -> dict[str, Any]:
         """The whole state as JSON-ready data (``/api/state``)."""

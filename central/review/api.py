@@ -15,11 +15,18 @@ uvicorn (``central.http``); JSON in and out, its OpenAPI schema at ``/api/openap
                                         "label": "...", "reviewer": "...", "note": "..."}
     GET  /api/stats                    counts by status, station, model version and label; quota
     GET  /api/facets                   distinct sites, stations, cameras, model versions, predicted labels
+    GET  /api/quarantine?limit=50&offset=0   frame messages ingest refused, newest first:
+                                       {"messages": [{seq, received_at, topic, reason, bytes, ...}], "kept", "refused"}
 
-With ``--token T`` (or ``--token-file F``) every /api request needs ``Authorization: Bearer T``
-(the page asks once, keeps it in the browser's session storage, and fetches images with it too).
+Every /api request needs ``Authorization: Bearer <token>``: ``--token-file F`` (or ``--token T``) gives
+it; without either, a random token is made at start and written to ``<store>/review.token`` (mode 0600),
+and the URL printed to open carries it after ``#token=`` (a fragment: never sent to the server or logged).
+The page reads it there, or asks once, keeps it in the browser's session storage, and fetches images with
+it too; the page itself (HTML, script, style) holds no data and is served to anyone. ``--no-auth`` serves
+the API to anyone who can reach it (local development; logged as a warning). Every JSON answer is strict
+JSON: a non-finite number that reached the store is answered as null (and logged), never as NaN.
 Errors are JSON ``{"error": "..."}`` with 400 (bad field, named), 401, 403 (a browser POST from another
-origin), 404 (no such frame), 405, 413 (a body over 64 KiB, whatever its Content-Length says), or 500 (the
+origin or site), 404 (no such frame), 405, 413 (a body over 64 KiB, whatever its Content-Length says), or 500 (the
 store's database or disk failed; logged with the request). ``--tls-cert``/``--tls-key`` serve HTTPS.
 """
 
@@ -29,7 +36,10 @@ import argparse
 import hmac
 import json
 import logging
+import math
 import mimetypes
+import re
+import secrets
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -39,14 +49,45 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from central.http import BodyTooLarge, Guard, Served, too_large_response
+from central.http import BodyTooLarge, Guard, Served, generated_secret, too_large_response, warn_no_auth
 from central.review.store import FILTERS, FrameStore, StoreError, UnknownFrame
+from contract.messages import dumps_finite, loads_finite
 
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).with_name("static")
 MAX_BODY = 64 * 1024
+TOKEN_FILE = "review.token"          # in the store folder: the token made at start when none is given
+MAX_OFFSET = 2 ** 62                 # SQLite's integers are 64-bit
+
+
+class FiniteJSONResponse(JSONResponse):
+    """Strict JSON out, always: a non-finite number (a frame stored before schemas refused them) becomes null.
+
+    One bad frame must not turn the whole queue into a 500; the value is logged with where it was found.
+    """
+
+    def render(self, content: Any) -> bytes:
+        try:
+            return dumps_finite(content, ensure_ascii=False, separators=(",", ":")).encode()
+        except ValueError:
+            found: list[str] = []
+            cleaned = _finite_or_null(content, "", found)
+            log.warning("review http: non-finite number(s) answered as null at %s", ", ".join(found[:5]))
+            return dumps_finite(cleaned, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _finite_or_null(value: Any, where: str, found: list[str]) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        found.append(where or "/")
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v, f"{where}/{k}", found) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v, f"{where}/{i}", found) for i, v in enumerate(value)]
+    return value
 
 
 def labels_from(source: Path) -> list[str]:
@@ -82,8 +123,8 @@ class ReviewBody(BaseModel):
     note: str | None = None
 
 
-def create_app(store: FrameStore, token: str | None = None) -> FastAPI:
-    """The review page and API over ``store`` (an ASGI app; ``ReviewServer`` serves it)."""
+def create_app(store: FrameStore, token: str | None) -> FastAPI:
+    """The review page and API over ``store`` (an ASGI app; ``ReviewServer`` serves it); ``token`` None: open."""
 
     def authorised(authorization: str | None = Header(None)) -> None:
         if not token:
@@ -93,12 +134,15 @@ def create_app(store: FrameStore, token: str | None = None) -> FastAPI:
             raise HTTPException(HTTPStatus.UNAUTHORIZED, "missing or wrong token: send 'Authorization: Bearer <token>'")
 
     app = FastAPI(title="Review API", version="1", openapi_url="/api/openapi.json", docs_url=None, redoc_url=None,
-                  description="Label the low-confidence frames stations sent back (docs/loop.md).")
+                  default_response_class=FiniteJSONResponse, description="Label the low-confidence frames stations sent back (docs/loop.md).")
     api = APIRouter(prefix="/api", dependencies=[Depends(authorised)])
 
-    @app.exception_handler(HTTPException)
-    async def http_error(_request: Request, exc: HTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail))
+    @app.exception_handler(StarletteHTTPException)      # the router's own 404/405 too (a path with a newline)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        where = f"{request.method} {request.url.path[:200]!r}"
+        detail = {"Not Found": f"{where}: not found", "Method Not Allowed": f"{where}: method not allowed"}.get(
+            str(exc.detail), str(exc.detail))
+        return _error(exc.status_code, detail)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -145,16 +189,24 @@ def create_app(store: FrameStore, token: str | None = None) -> FastAPI:
     def facets() -> dict[str, Any]:
         return store.facets()
 
+    @api.get("/quarantine", summary="the frame messages ingest refused (newest first) and why; read-only")
+    def quarantine(limit: str = "50", offset: str = "0") -> dict[str, Any]:
+        try:
+            limit_n, offset_n = int(limit), int(offset)
+        except ValueError:
+            raise StoreError("field limit/offset: not an integer") from None
+        entries, kept = store.list_quarantine(limit=limit_n, offset=offset_n)
+        return {"messages": entries, "kept": kept, "refused": store.counters().get("malformed", 0)}
+
     @api.get("/frames", summary="a page of frames, filtered and ordered")
     def frames(request: Request, limit: str = "50", offset: str = "0", order: str = "oldest") -> dict[str, Any]:
         query = request.query_params
         unknown_keys = set(query) - set(FILTERS) - {"limit", "offset", "order"}
         if unknown_keys:
             raise StoreError(f"unknown query parameter(s) {', '.join(sorted(unknown_keys))}")
-        try:
-            limit_n, offset_n = int(limit), int(offset)
-        except ValueError:
-            raise StoreError("field limit/offset: not an integer") from None
+        limit_n, offset_n = _integer("limit", limit), _integer("offset", offset)
+        if not 0 <= offset_n <= MAX_OFFSET:
+            raise StoreError(f"field offset: {offset_n} is not in 0..{MAX_OFFSET}")
         filters = {k: query.getlist(k)[-1] for k in query if k in FILTERS}
         page_frames, total = store.list(limit=limit_n, offset=offset_n, order=order, **filters)
         return {"frames": page_frames, "total": total}
@@ -181,7 +233,11 @@ def create_app(store: FrameStore, token: str | None = None) -> FastAPI:
     async def review(frame_id: str, request: Request) -> dict[str, Any]:
         # Read as JSON whatever the Content-Type says (curl -d and urllib send form-urlencoded by default).
         try:
-            body = ReviewBody.model_validate_json(await request.body() or b"{}")
+            data = loads_finite(await request.body() or b"{}")
+        except ValueError as exc:           # NaN, Infinity and 1e999 included
+            raise StoreError(f"body: not JSON ({exc})") from None
+        try:
+            body = ReviewBody.model_validate(data)
         except ValidationError as exc:
             raise StoreError(_validation_message(exc.errors())) from None
         if not body.action:
@@ -198,6 +254,12 @@ def create_app(store: FrameStore, token: str | None = None) -> FastAPI:
         return _error(HTTPStatus.NOT_FOUND, f"{request.method} /api/{rest}: not found")
 
     return Guard(app, MAX_BODY)
+
+
+def _integer(field: str, text: str) -> int:
+    if not re.fullmatch(r"-?[0-9]{1,19}", text.strip()):
+        raise StoreError(f"field {field}: {text[:40]!r} is not an integer")
+    return int(text)
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -233,10 +295,21 @@ class ReviewServer(Served):
     """The review app on uvicorn, in a thread (``start``: tests, embedding) or in the foreground (``serve_forever``)."""
 
     def __init__(self, store: FrameStore, host: str = "127.0.0.1", port: int = 8080, token: str | None = None,
-                 *, tls_cert: Path | None = None, tls_key: Path | None = None):
+                 *, no_auth: bool = False, tls_cert: Path | None = None, tls_key: Path | None = None):
+        """``token`` None: a random one is made (``self.token``; ``page_url`` carries it), unless ``no_auth``."""
+        if no_auth and token:
+            raise ValueError("give a token or no_auth, not both")
         self.store = store
-        self.token = token
-        super().__init__(create_app(store, token), host, port, name="review", tls_cert=tls_cert, tls_key=tls_key)
+        self.token = None if no_auth else token or secrets.token_urlsafe(32)
+        super().__init__(create_app(store, self.token), host, port, name="review", tls_cert=tls_cert,
+                         tls_key=tls_key)
+        if no_auth:
+            warn_no_auth("review", host)
+
+    @property
+    def page_url(self) -> str:
+        """The page's URL with the token in its fragment, which the page keeps and the browser never sends."""
+        return f"{self.url}#token={self.token}" if self.token else self.url
 
 
 def add_review_parser(sub: argparse._SubParsersAction) -> None:
@@ -248,9 +321,13 @@ def add_review_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8080, help="default 8080; 0: any free port")
     token = p.add_mutually_exclusive_group()
     token.add_argument("--token", default=None,
-                       help="API token: every /api request then needs 'Authorization: Bearer <token>' "
+                       help="API token: every /api request needs 'Authorization: Bearer <token>' "
                             "(visible in the process list: prefer --token-file)")
-    token.add_argument("--token-file", type=Path, default=None, help="file whose first line is the API token")
+    token.add_argument("--token-file", type=Path, default=None,
+                       help=f"file whose first line is the API token (default: a random token, made at start and "
+                            f"written to <store>/{TOKEN_FILE}, mode 0600)")
+    token.add_argument("--no-auth", action="store_true",
+                       help="serve the API to anyone who can reach it, without a token (local development only)")
     p.add_argument("--tls-cert", type=Path, default=None, help="serve HTTPS with this certificate (PEM)")
     p.add_argument("--tls-key", type=Path, default=None, help="its private key (PEM)")
 
@@ -265,12 +342,23 @@ def cmd_review(args) -> int:
 
         token = read_secret(args.token_file, "--token-file")
     store = FrameStore(args.store, labels=labels)
+    made = not token and not args.no_auth
     try:
-        server = ReviewServer(store, args.host, args.port, token, tls_cert=args.tls_cert, tls_key=args.tls_key)
+        if made:
+            token = generated_secret(store.root / TOKEN_FILE)
+        server = ReviewServer(store, args.host, args.port, token, no_auth=args.no_auth, tls_cert=args.tls_cert,
+                              tls_key=args.tls_key)
     except OSError as exc:
         store.close()
+        if made and exc.filename and TOKEN_FILE in str(exc.filename):
+            raise StoreError(f"{exc.filename}: cannot write the API token ({exc.strerror or exc}); "
+                             "give one with --token-file") from None
         raise StoreError(f"--host {args.host} --port {args.port}: cannot listen ({exc.strerror or exc})") from None
-    print(f"review: {server.url} ({store.stats()['by_status']['pending']} frames pending in {args.store})", flush=True)
+    if made:
+        log.warning("review: API token written to %s (mode 0600); open %s#token=<that token>",
+                    store.root / TOKEN_FILE, server.url)
+    print(f"review: {server.page_url if made else server.url} "
+          f"({store.stats()['by_status']['pending']} frames pending in {args.store})", flush=True)
     try:
         server.serve_forever()
     finally:

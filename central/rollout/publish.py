@@ -124,28 +124,78 @@ def _update_index(model_dir: Path, version: str, sha: str, decision: str) -> Non
 
 # ---------------------------------------------------------------- serve
 
+MAX_RANGES = 8        # more byte ranges than a downloader asks for: the Range header is ignored (RFC 9110 14.2)
+
+
 def bundle_app(root: Path) -> Any:
     """The served tree as an ASGI app: files only, GET/HEAD only, no directory listings, nothing hidden
-    (a half-copied bundle lives in a dot-folder until it is renamed into place)."""
+    (a half-copied bundle lives in a dot-folder until it is renamed into place).
+
+    Whatever a client sends, the answer is a file, a byte range of one, or a JSON ``{"error": ...}`` naming
+    the path, the method or the header (404, 405, 400/416 for a bad Range, 413 for a body); never a 500.
+    """
     from starlette.applications import Starlette
-    from starlette.responses import PlainTextResponse
+    from starlette.exceptions import HTTPException
+    from starlette.responses import JSONResponse
     from starlette.routing import Mount
     from starlette.staticfiles import StaticFiles
 
-    files = Starlette(routes=[Mount("/", app=StaticFiles(directory=str(root)))])   # its 404s become responses
+    def error(status: int, message: str, headers: dict[str, str] | None = None) -> Any:
+        return JSONResponse({"error": message}, status, headers={"Cache-Control": "no-store", **(headers or {})})
+
+    async def http_error(request: Any, exc: HTTPException) -> Any:
+        path = request.url.path[:200]
+        if exc.status_code == 404:
+            return error(404, f"{path}: not found")
+        return error(exc.status_code, f"{path}: header Range: {exc.detail}" if exc.status_code in (400, 416)
+                     else f"{path}: {exc.detail}", exc.headers)
+
+    files = Starlette(routes=[Mount("/", app=StaticFiles(directory=str(root)))],
+                      exception_handlers={HTTPException: http_error})
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http":
-            parts = [p for p in unquote(scope["path"]).split("/") if p]
+            path = scope["path"]
+            parts = [p for p in unquote(path).split("/") if p]
             if scope["method"] not in ("GET", "HEAD"):
-                await PlainTextResponse("method not allowed", 405, headers={"Allow": "GET, HEAD"})(scope, receive, send)
+                await error(405, f"method {scope['method']} not allowed on {path[:200]} (GET or HEAD)",
+                            {"Allow": "GET, HEAD"})(scope, receive, send)
                 return
-            if any(p.startswith(".") for p in parts):
-                await PlainTextResponse("not found", 404)(scope, receive, send)
+            if any(p.startswith(".") or "\x00" in p for p in parts):
+                await error(404, f"{path[:200]}: not found")(scope, receive, send)
                 return
+            headers = scope.get("headers") or []
+            ranges = [v for k, v in headers if k.lower() == b"range"]
+            if ranges and (len(ranges) > 1 or ranges[0].count(b",") >= MAX_RANGES):
+                scope = {**scope, "headers": [(k, v) for k, v in headers if k.lower() != b"range"]}
+            send = _json_errors(send, path)
         await files(scope, receive, send)
 
     return Guard(app, max_bytes=0, no_store=False)
+
+
+def _json_errors(send: Any, path: str) -> Any:
+    """``send`` with StaticFiles' own plain-text errors (416 for a range past the end) rewritten as JSON."""
+    held: dict[str, Any] = {}
+
+    async def wrapped(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start" and message["status"] >= 400 and not any(
+                k == b"content-type" and v.startswith(b"application/json") for k, v in message.get("headers", [])):
+            held["start"] = message
+            return
+        if "start" in held and message["type"] == "http.response.body":
+            start = held.pop("start")
+            text = message.get("body", b"").decode("utf-8", "replace").strip() or "range not satisfiable"
+            what = f"header Range: {text}" if start["status"] in (400, 416) else text
+            body = json.dumps({"error": f"{path[:200]}: {what}"}).encode()
+            kept = [(k, v) for k, v in start.get("headers", []) if k not in (b"content-type", b"content-length")]
+            await send({**start, "headers": [*kept, (b"content-type", b"application/json"),
+                                              (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        await send(message)
+
+    return wrapped
 
 
 class BundleServer(Served):

@@ -46,7 +46,7 @@ def test_review_page_labels_live_frames_by_click_and_key(browser, artifacts, tmp
     records = real_frames(3) + real_frames(2, station="qc-02", start=3)
     try:
         assert ingest.connected.wait(20)
-        browser.get(server.url)
+        browser.get(server.page_url)     # the token rides in the URL fragment, as the CLI prints it
         wait_css(browser, "#empty", "the empty queue", where=lambda e: e.is_displayed())
         assert text_of(browser.find_element(By.ID, "pending-count")) == "0"
 

@@ -30,7 +30,7 @@ def test_held_keys_and_keys_in_a_filter_decide_nothing(browser, tmp_path):
         store.add(r.body, r.blob)
     server = ReviewServer(store, "127.0.0.1", 0).start()
     try:
-        browser.get(server.url)
+        browser.get(server.page_url)     # the token rides in the URL fragment, as the CLI prints it
         wait(browser, lambda d: text_of(d.find_element(By.ID, "frame-id")) == records[0].id, "the oldest frame")
         key(browser, "1", repeat=True)                       # auto-repeat of a held '1'
         key(browser, "s", on="filter-station")               # typing into a filter

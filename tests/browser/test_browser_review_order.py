@@ -26,7 +26,7 @@ def test_least_certain_first_shows_the_lowest_margin_frame_and_is_remembered(bro
     server = ReviewServer(store, "127.0.0.1", 0).start()
     shown = lambda d: text_of(d.find_element(By.ID, "frame-id"))  # noqa: E731
     try:
-        browser.get(server.url)
+        browser.get(server.page_url)     # the token rides in the URL fragment, as the CLI prints it
         wait(browser, lambda d: shown(d) == records[0].id, "the oldest frame (the default order)")
         Select(browser.find_element(By.ID, "order")).select_by_value("least-certain")
         wait(browser, lambda d: shown(d) == records[1].id, "the frame with the lowest margin (0.02)")

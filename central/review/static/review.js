@@ -5,9 +5,19 @@
 // that decision, and a double click never decides the frame after the one that was meant.
 "use strict";
 
+// The URL the server prints carries the API token after "#token=" (a fragment: browsers never send it):
+// keep it in this tab's session storage and take it out of the address bar and the history.
+function tokenFromUrl() {
+  const given = new URLSearchParams(location.hash.slice(1)).get("token");
+  if (!given) return sessionStorage.getItem("reviewToken");
+  sessionStorage.setItem("reviewToken", given);
+  history.replaceState(null, "", location.pathname + location.search);
+  return given;
+}
+
 const state = {
   labels: [], newClasses: [], frames: [], total: 0, shownId: null, history: [],
-  token: sessionStorage.getItem("reviewToken"), queue: Promise.resolve(),
+  token: tokenFromUrl(), queue: Promise.resolve(),
 };
 const $ = (id) => document.getElementById(id);
 
@@ -22,7 +32,7 @@ async function api(path, options = {}) {
   const resp = await fetch(path, { ...options, headers });
   if (resp.status === 401) {
     if (state.token && state.token !== sent) return api(path, options);   // answered meanwhile: ask once only
-    const token = prompt("API token (the review server was started with --token or --token-file)");
+    const token = prompt("API token (--token-file, or the review.token file in the store folder)");
     if (token) { state.token = token; sessionStorage.setItem("reviewToken", token); return api(path, options); }
   }
   const body = await resp.json();

@@ -196,6 +196,8 @@ class DashboardProcess:
         self.log_path = workdir / f"dashboard-{self.port}.log"
         self.command = [sys.executable, "-m", "central", "dashboard", "--mqtt-host", "127.0.0.1", "--mqtt-port", str(mqtt_port),
                         "--host", "127.0.0.1", "--port", str(self.port), "--push-interval", "0.1", *args]
+        if "--web-password-file" not in args and "--web-password-out" not in args:
+            self.command.append("--no-auth")      # these tests read the page's JSON; auth: test_hostile_dashboard
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(self.command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                          env={**os.environ, **(env or {})})

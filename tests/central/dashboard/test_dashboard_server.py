@@ -67,7 +67,7 @@ class EventStream:
 @pytest.fixture
 def dashboard(broker):
     dash = Dashboard(BrokerSettings(port=broker.port), port=0, push_interval_s=0.1,
-                     limits=StateLimits(recent=5))
+                     limits=StateLimits(recent=5), no_auth=True)
     dash.start()
     yield dash
     dash.stop()

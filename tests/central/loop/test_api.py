@@ -15,8 +15,10 @@ from loop_support import LABELS, REPO, real_frames, truth_of
 from central.review.api import ReviewServer, labels_from
 from central.review.store import FrameStore, StoreError
 
+TOKEN = "t0ken-for-the-tests"
 
-def call(url: str, body: dict | None = None, token: str | None = None) -> tuple[int, object]:
+
+def call(url: str, body: dict | None = None, token: str | None = TOKEN) -> tuple[int, object]:
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, method="POST" if body is not None else "GET")
     if token:
@@ -35,7 +37,7 @@ def server(tmp_path):
     records = real_frames(6) + real_frames(3, station="qc-02", version="2", start=6)
     for r in records:
         store.add(r.body, r.blob)
-    srv = ReviewServer(store, "127.0.0.1", 0).start()
+    srv = ReviewServer(store, "127.0.0.1", 0, token=TOKEN).start()
     yield srv, store, records
     srv.stop()
     store.close()
@@ -247,6 +249,7 @@ def test_hostile_requests_are_refused_and_the_api_describes_itself(server):
     def raw(method: str, path: str, headers: dict[str, str], body: bytes = b"") -> tuple[int, dict | str]:
         conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10)
         conn.putrequest(method, path, skip_accept_encoding=True)
+        conn.putheader("Authorization", f"Bearer {TOKEN}")
         for k, v in headers.items():
             conn.putheader(k, v)
         conn.endheaders()

@@ -265,10 +265,12 @@ class LoopCore:
         self.url = f"http://127.0.0.1:{port}"
         self.ingest = Service(workdir, "ingest", "ingest", "--store", str(self.store), "--mqtt-host", "127.0.0.1",
                               "--mqtt-port", str(mqtt_port), "--client-id", "e2e-ingest")
+        self.token = "e2e-review-token"
+        (workdir / "review.token").write_text(self.token + "\n")
         self.review = Service(workdir, "review", "review", "--store", str(self.store), "--labels-from", str(bundle),
-                              "--host", "127.0.0.1", "--port", str(port))
+                              "--host", "127.0.0.1", "--port", str(port), "--token-file", str(workdir / "review.token"))
         self.services = [self.ingest, self.review]
-        wait_until(lambda: self.review.alive() and self.ingest.alive() and _http_ok(self.url + "/api/stats"), 60,
+        wait_until(lambda: self.review.alive() and self.ingest.alive() and _http_ok(self.url + "/"), 60,
                    "the review server")
         wait_until(lambda: "ingest: storing frames" in self.ingest.log(), 60, "the ingest service")
 
@@ -276,7 +278,8 @@ class LoopCore:
         import urllib.request
 
         request = urllib.request.Request(self.url + path, data=None if body is None else json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
+                                         headers={"Content-Type": "application/json",
+                                                  "Authorization": f"Bearer {self.token}"})
         with urllib.request.urlopen(request, timeout=30) as resp:
             return json.loads(resp.read())
 
