@@ -191,10 +191,9 @@ def create_app(store: FrameStore, token: str | None) -> FastAPI:
 
     @api.get("/quarantine", summary="the frame messages ingest refused (newest first) and why; read-only")
     def quarantine(limit: str = "50", offset: str = "0") -> dict[str, Any]:
-        try:
-            limit_n, offset_n = int(limit), int(offset)
-        except ValueError:
-            raise StoreError("field limit/offset: not an integer") from None
+        limit_n, offset_n = _integer("limit", limit), _integer("offset", offset)
+        if not 0 <= offset_n <= MAX_OFFSET:
+            raise StoreError(f"field offset: {offset_n} is not in 0..{MAX_OFFSET}")
         entries, kept = store.list_quarantine(limit=limit_n, offset=offset_n)
         return {"messages": entries, "kept": kept, "refused": store.counters().get("malformed", 0)}
 

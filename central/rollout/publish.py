@@ -8,6 +8,7 @@ agent's own verification (``contract.bundle.load_bundle``) and the gate record w
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -76,6 +77,7 @@ def publish_bundle(bundle_dir: str | Path, root: str | Path, *, baseline: bool =
         MANIFEST,
         SIGNATURE,
         BundleError,
+        check_model_runs,
         load_bundle,
         load_public_key,
     )
@@ -83,6 +85,10 @@ def publish_bundle(bundle_dir: str | Path, root: str | Path, *, baseline: bool =
     bundle_dir, root = Path(bundle_dir), Path(root)
     try:
         bundle = load_bundle(bundle_dir, load_public_key(public_key) if public_key else None)
+        if importlib.util.find_spec("onnxruntime") is not None:
+            check_model_runs(bundle)   # what verify and every station refuse is never offered to them
+        else:                          # the central image runs no model; the export ran the same check
+            log.info("%s: onnxruntime is not installed here; the model check is the export's", bundle_dir)
     except BundleError as exc:
         raise RolloutError(f"refusing to publish an unverifiable bundle: {exc}") from exc
     bundle_dir = bundle.root

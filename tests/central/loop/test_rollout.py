@@ -406,3 +406,14 @@ def test_station_groups_are_read_from_a_file_and_bad_lines_are_named(tmp_path):
         select_stations(link, group=group)
     with pytest.raises(RolloutError, match="no stations"):
         select_stations(link)
+
+
+def test_a_bundle_whose_model_outputs_nan_is_never_published(tmp_path):
+    """publish runs the same model check as verify and the station: a NaN model never reaches a station."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "agent"))
+    from agent_support import make_onnx_bundle
+
+    bundle = make_onnx_bundle(tmp_path / "nan-bundle", nan="always")
+    with pytest.raises(RolloutError, match="unverifiable bundle: .*manifest.json.*(NaN|finite)"):
+        ro.publish_bundle(bundle, tmp_path / "published", baseline=True)
+    assert not (tmp_path / "published").exists() or not any((tmp_path / "published").rglob("manifest.json"))
