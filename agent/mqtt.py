@@ -42,6 +42,7 @@ CONNACK_TIMEOUT_S = 10.0
 class ConnectionState:
     connected: bool = False
     protocol: str = "v5"
+    v5_accepted: bool = False            # this broker has accepted a v5 CONNECT: it speaks v5
     connects: int = 0
     refusals: int = 0
     last_error: str | None = None
@@ -206,8 +207,13 @@ class MqttPublisher(threading.Thread):
         return self._failed(f"connection refused by {where}: {rc} (reason code {rc.value})")
 
     def _maybe_fall_back(self, code: int | None) -> None:
-        """auto: a broker that does not speak v5 refuses or drops a v5 CONNECT; try 3.1.1 next."""
-        if self.cfg.protocol == "auto" and self.state.protocol == "v5" and (code is None or code in UNSUPPORTED_PROTOCOL):
+        """auto: a broker that does not speak v5 refuses or drops a v5 CONNECT; try 3.1.1 next.
+
+        A connection lost before the CONNACK proves nothing about a broker that has already accepted v5 (a
+        link cut mid-handshake): only a refusal code moves such a station to 3.1.1."""
+        dropped_unproven = code is None and not self.state.v5_accepted
+        if (self.cfg.protocol == "auto" and self.state.protocol == "v5"
+                and (dropped_unproven or code in UNSUPPORTED_PROTOCOL)):
             log.warning("mqtt: broker did not accept MQTT v5; falling back to 3.1.1")
             self.state.protocol = "v311"
 
@@ -217,6 +223,7 @@ class MqttPublisher(threading.Thread):
     def _on_connected(self, client: paho.Client) -> None:
         self.state.connected = True
         self.state.connects += 1
+        self.state.v5_accepted = self.state.v5_accepted or self.state.protocol == "v5"
         self.state.last_error = None
         self.state.history.append("connected")
         self.connected.set()

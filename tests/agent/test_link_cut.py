@@ -86,8 +86,6 @@ def connack(level: int) -> bytes:
     return bytes([0x20, 0x03, 0x00, 0x00, 0x00]) if level == 5 else bytes([0x20, 0x02, 0x00, 0x00])
 
 
-@pytest.mark.xfail(strict=True, reason="agent/mqtt.py takes any connection lost before CONNACK for a broker "
-                                       "without MQTT v5 and stays on 3.1.1 for good (issue 13, link-cut soak)")
 def test_a_cut_before_connack_does_not_downgrade_a_v5_station_to_311(tmp_path):
     """A broker that answered v5 once speaks v5: a link cut during a later handshake is a cut, not a protocol refusal."""
     from agent.config import AgentConfig
