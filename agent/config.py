@@ -535,6 +535,11 @@ def load_layers(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any
     return deep_merge(merged, _resolve_paths(data, path.parent))
 
 
+def printable(text: str) -> str:
+    """``text`` on one line: control characters (a key such as ``"a\\nb"`` in a file) escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def format_errors(path: Path, exc: ValidationError) -> list[str]:
     """One line per problem: file, dotted field path, what was expected."""
     lines = []
@@ -542,7 +547,7 @@ def format_errors(path: Path, exc: ValidationError) -> list[str]:
         where = ".".join(str(p) for p in err["loc"]) or "(top level)"
         got = err.get("input")
         got_text = "" if isinstance(got, dict) or err["type"] == "missing" else f" (got {got!r})"
-        lines.append(f"{path}: field {where}: {err['msg']}{got_text}")
+        lines.append(f"{path}: field {printable(where)}: {printable(err['msg'] + got_text)}")
     return lines
 
 
@@ -574,7 +579,7 @@ def validate_layer(path: str | Path) -> list[str]:
     fields = AgentConfig.model_fields
     for key, value in data.items():
         if key not in fields:
-            problems.append(f"{path}: field {key}: unknown key (expected one of {', '.join(fields)})")
+            problems.append(f"{path}: field {printable(str(key))}: unknown key (expected one of {', '.join(fields)})")
             continue
         try:
             TypeAdapter(fields[key].annotation).validate_python(value)
