@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -582,10 +582,20 @@ def validate_layer(path: str | Path) -> list[str]:
             problems.append(f"{path}: field {printable(str(key))}: unknown key (expected one of {', '.join(fields)})")
             continue
         try:
-            TypeAdapter(fields[key].annotation).validate_python(value)
+            _layer_adapter(key).validate_python(value)
         except ValidationError as exc:
-            problems.extend(line.replace(f"{path}: field ", f"{path}: field {key}.", 1) for line in format_errors(path, exc))
+            for line in format_errors(path, exc):
+                inner = line.replace(f"{path}: field (top level)", f"{path}: field {key}", 1)
+                problems.append(inner if inner != line else line.replace(f"{path}: field ", f"{path}: field {key}.", 1))
     return problems
+
+
+def _layer_adapter(key: str) -> TypeAdapter:
+    """A validator for one top-level key with the field's own bounds (and, like the models, no NaN or infinity)."""
+    info = AgentConfig.model_fields[key]
+    ann = info.annotation
+    is_model = isinstance(ann, type) and issubclass(ann, BaseModel)
+    return TypeAdapter(Annotated[ann, info], config=None if is_model else ConfigDict(allow_inf_nan=False))
 
 
 def validate_file(path: str | Path) -> list[str]:

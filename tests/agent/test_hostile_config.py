@@ -36,7 +36,7 @@ from agent.state import STATE_FILE, StationState
 REPO = Path(__file__).resolve().parents[2]
 STATIONS = sorted((REPO / "firmware-config" / "stations").glob("*.yaml"))
 # The firmware-config station files, each merged with its defaults: the valid documents the mutations start from.
-BASES = [load_layers(path) for path in STATIONS]
+BASES = [load_layers(path) for path in STATIONS] + [yaml.safe_load((REPO / "firmware-config/defaults.yaml").read_text())]
 
 
 def _device(tmp_path: Path, body: str, name: str = "dev.yaml") -> Path:
@@ -141,6 +141,17 @@ def test_no_float_field_accepts_a_non_finite_number(tmp_path, field, literal):
     path = tmp_path / "dev.yaml"
     path.write_text(yaml.safe_dump(data).replace("'@@'", literal))
     assert any(line.startswith(f"{path}: field {_dotted(field)}: ") for line in _refused(path))
+
+
+@pytest.mark.parametrize("body, expected", [
+    ("shutdown_flush_s: .inf\n", "field shutdown_flush_s: Input should be a finite number (got inf)"),
+    ("shutdown_flush_s: -5\n", "field shutdown_flush_s: Input should be greater than or equal to 0 (got -5)"),
+    ("health: {stats_interval_s: .nan}\n", "field health.stats_interval_s: Input should be a finite number (got nan)"),
+], ids=["inf", "negative", "nested-nan"])
+def test_a_defaults_layer_is_held_to_the_same_bounds(tmp_path, body, expected):
+    path = tmp_path / "defaults.yaml"
+    path.write_text("log_level: INFO\n" + body)
+    assert _refused(path) == [f"{path}: {expected}"]
 
 
 @pytest.mark.parametrize("field, value", [
