@@ -248,7 +248,7 @@ class MqttPublisher(threading.Thread):
     def _publish_status(self, client: paho.Client, state: str) -> paho.MQTTMessageInfo:
         self._status_dirty = False
         body = dict(self.status_body(state), seq=self.outbox.next_seq())
-        return client.publish(self.topics.status, json.dumps(body), qos=1, retain=True)
+        return client.publish(self.topics.status, dumps_finite(body), qos=1, retain=True)
 
     # ------------------------------------------------------------ the drain loop
 

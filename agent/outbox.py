@@ -20,6 +20,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from contract.messages import dumps_finite
+
 log = logging.getLogger(__name__)
 
 SCHEMA = """
@@ -116,10 +118,17 @@ class Outbox:
     # ------------------------------------------------------------ writing
 
     def put(self, message: Message) -> Record:
-        return self.put_many([message])[0]
+        """Store one message; ValueError when its body holds NaN or an infinity (counted as dropped, non-finite)."""
+        stored = self.put_many([message])
+        if not stored:
+            raise ValueError(f"outbox: {message.kind} message refused: a non-finite number in its body")
+        return stored[0]
 
     def put_many(self, messages: Iterable[Message]) -> list[Record]:
-        """Give each message an id and the next sequence number, and store them in one transaction."""
+        """Give each message an id and the next sequence number, and store them in one transaction.
+
+        A message whose body holds NaN or an infinity is left out (logged, counted as dropped ``non-finite``):
+        no subscriber can parse it, and it must not cost the other messages of the batch."""
         now = self.clock()
         records = []
         with self._lock:
@@ -128,7 +137,12 @@ class Outbox:
                 seq = self._meta("next_seq", 1)
                 for msg in messages:
                     body = {"id": str(uuid.uuid4()), "seq": seq, **msg.body}
-                    text = json.dumps(body, separators=(",", ":"))
+                    try:
+                        text = dumps_finite(body, separators=(",", ":"))
+                    except ValueError as exc:     # NaN or infinity: never stored, never sent; the rest are
+                        self._count_drop("non-finite", msg.kind, 1)
+                        log.error("outbox: %s message refused: %s", msg.kind, exc)
+                        continue
                     size = len(text) + len(msg.blob or b"")
                     captured = body.get("captured_at")
                     self._db.execute("INSERT INTO messages VALUES (?,?,?,?,?,?,?,?)",
@@ -233,7 +247,8 @@ class Outbox:
         if n:
             key = f"dropped:{reason}:{kind}"
             self._set_meta(key, self._meta(key, 0) + n)
-            log.warning("outbox: dropped %d %s message(s) over the %s quota", n, kind, reason)
+            if reason != "non-finite":
+                log.warning("outbox: dropped %d %s message(s) over the %s quota", n, kind, reason)
 
     def _delete(self, where: str, args: tuple, reason: str) -> None:
         rows = self._db.execute(f"DELETE FROM messages WHERE {where} RETURNING kind, size", args).fetchall()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import uuid
+
+import pytest
 
 from agent.outbox import Message, Outbox
 
@@ -74,3 +77,19 @@ def test_age_quota_drops_old_messages_and_counts_persistently(tmp_path):
     assert [r.body["n"] for r in ob.pending()] == [1]
     ob.close()
     assert open_outbox(tmp_path, clock).dropped() == {"age:result": 1}
+
+
+def test_a_non_finite_body_is_refused_alone_and_counted(tmp_path):
+    """NaN or infinity never enters the outbox (no subscriber could parse it); the rest of the batch is stored."""
+    ob = Outbox(tmp_path / "outbox.db", max_bytes=1 << 20, max_age_s=3600)
+    stored = ob.put_many([Message("result", {"n": 1, "confidence": 0.9}),
+                          Message("result", {"n": 2, "confidence": float("nan")}),
+                          Message("decision", {"n": 3, "scores": [1.0, float("inf")]}),
+                          Message("result", {"n": 4, "confidence": 0.8})])
+    assert [json.loads(r.text)["n"] for r in stored] == [1, 4]
+    assert ob.depth() == 2
+    assert ob.dropped() == {"non-finite:result": 1, "non-finite:decision": 1}
+    with pytest.raises(ValueError, match="result message refused: a non-finite number"):
+        ob.put(Message("result", {"confidence": float("-inf")}))
+    assert ob.put(Message("result", {"n": 5})).seq == stored[-1].seq + 1     # and the next good one is stored
+    ob.close()
