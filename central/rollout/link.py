@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -12,7 +11,7 @@ from typing import Any, Callable, Iterable
 from central.rollout.remote import RemoteBundle
 from contract.broker import BrokerSettings
 from contract.events import RolloutError, mqtt_connect, mqtt_publish
-from contract.messages import CENTRAL_SITE, checker, station_topic
+from contract.messages import CENTRAL_SITE, checker, loads_finite, station_topic
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +47,7 @@ class StationLink:
         self._subscribed = threading.Event()
         self._subscribed_at = 0.0
         self.client = None
+        self.refused = 0         # station messages refused: not strict JSON, against the schema, or misaddressed
 
     # -- connection
     def connect(self) -> "StationLink":
@@ -83,11 +83,13 @@ class StationLink:
         if not msg.payload:          # a cleared retained status
             return
         try:
-            body = json.loads(msg.payload)
-        except (UnicodeDecodeError, ValueError):
-            log.warning("%s: not JSON; ignored", msg.topic)
-            return
-        if not isinstance(body, dict):
+            body = loads_finite(msg.payload)       # NaN, Infinity, 1e999 and non-UTF-8 refused too
+            checker(f"{leaf}.v1").check(msg.topic, body)
+            if (body.get("site"), body.get("station")) != (parts[-3], parts[-2]):
+                raise ValueError(f"{msg.topic}: fields site/station name another station")
+        except (KeyError, ValueError) as exc:     # one station's bad message never reaches the canary's arithmetic
+            self.refused += 1
+            log.warning("%s: message refused (%s)", msg.topic, exc)
             return
         with self._cond:
             view = self.views.setdefault(station, StationView())

@@ -16,6 +16,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from rollout_support import (  # noqa: F401
     Recorder,
     Station,
@@ -47,6 +49,7 @@ from central.rollout import (
     write_gate,
 )
 from contract.broker import BrokerSettings
+from contract.messages import checker, loads_finite
 
 pytestmark = pytest.mark.mqtt
 
@@ -417,3 +420,45 @@ def test_a_bundle_whose_model_outputs_nan_is_never_published(tmp_path):
     with pytest.raises(RolloutError, match="unverifiable bundle: .*manifest.json.*(NaN|finite)"):
         ro.publish_bundle(bundle, tmp_path / "published", baseline=True)
     assert not (tmp_path / "published").exists() or not any((tmp_path / "published").rglob("manifest.json"))
+
+
+def _status(site: str = "s1", station: str = "st1", **over) -> dict:
+    body = {"schema": "status.v1", "id": "0" * 8 + "-0000-0000-0000-" + "0" * 12, "seq": 1, "ts": 1.0,
+            "site": site, "station": station, "state": "online", "model": None, "last_model_update": None}
+    return {**body, **over}
+
+
+@given(payload=st.one_of(
+    st.binary(min_size=1, max_size=64),          # (an empty payload is a cleared retained status: ignored)
+    st.sampled_from([b'{"state": NaN}', b"[1e999]", b'"online"', b"\xff\xfe{}",
+                     json.dumps(_status(seq=float("nan"))).encode(),          # NaN in a field the schema types
+                     json.dumps(_status(ts=10.0**300)).encode(),              # far past the schema's bound
+                     json.dumps(_status(site="other")).encode(),              # names another station
+                     json.dumps(_status(model={"version": 7})).encode()]),     # wrong type where the canary reads
+    st.builds(lambda k, v: json.dumps(_status(**{k: v})).encode(),
+              st.sampled_from(["seq", "ts", "state", "model", "last_model_update", "uptime_s"]),
+              st.one_of(st.text(max_size=8), st.integers(), st.floats(), st.lists(st.integers(), max_size=2),
+                        st.dictionaries(st.text(max_size=3), st.integers(), max_size=2)))))
+@settings(max_examples=150)
+def test_the_rollout_link_refuses_a_hostile_status_and_keeps_serving(payload):
+    """A station message the canary would choke on (not strict JSON, off-schema, misaddressed) is refused and
+    counted; the views keep what they had, and the next good status is taken."""
+    from types import SimpleNamespace
+
+    link = StationLink(BrokerSettings("127.0.0.1", 1))
+    link._on_message(None, None, SimpleNamespace(topic="inventory/s1/st1/status",
+                                                  payload=json.dumps(_status(seq=1)).encode()))
+    before = link.views["s1/st1"].status
+    try:
+        body = loads_finite(payload)
+        good = checker("status.v1").error(body) is None and body.get("site") == "s1" and body.get("station") == "st1"
+    except ValueError:
+        good = False
+    link._on_message(None, None, SimpleNamespace(topic="inventory/s1/st1/status", payload=payload))
+    if good:                         # hypothesis may build a valid status too: then it is taken
+        assert link.refused == 0
+    else:
+        assert link.refused == 1 and link.views["s1/st1"].status is before
+    link._on_message(None, None, SimpleNamespace(topic="inventory/s1/st1/status",
+                                                  payload=json.dumps(_status(seq=2, state="offline")).encode()))
+    assert link.views["s1/st1"].status["seq"] == 2 and not link.views["s1/st1"].online
