@@ -207,6 +207,8 @@ class CuttingProxy:
         try:
             await asyncio.gather(self._pipe(client_reader, server_writer, link, up=True),
                                  self._pipe(server_reader, client_writer, link, up=False))
+        except asyncio.CancelledError:
+            pass       # the proxy is stopping; on Python 3.11 a cancelled handler is logged as an error by asyncio
         finally:
             self._links.discard(link)
             link.abort()
