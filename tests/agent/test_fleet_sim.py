@@ -1,0 +1,252 @@
+"""The fleet simulator (agent/sim/fleet.py): what it publishes follows the contract, and a small fleet through
+the shipped central broker (TLS, a password per station, the ACL) reaches the dashboard state and ingest whole.
+
+The broker is deploy/central/mosquitto/{mosquitto.conf,acl} as benchmarks/fleet.py runs it (paths and ports in a
+temporary folder, a throw-away CA). The dashboard is the real ``StationFeed`` + ``WarehouseState`` in this
+process, ingest the real ``IngestService`` + ``FrameStore``, each logged in as its deploy user.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import ssl
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import paho.mqtt.client as paho
+import pytest
+
+from agent.mqtt import encode
+from agent.sim.fleet import (
+    Fleet,
+    FleetConfig,
+    ItemImages,
+    StationSim,
+    classify,
+    read_credentials,
+    station_names,
+    troubled,
+    write_credentials,
+)
+from central.dashboard.feed import StationFeed
+from central.dashboard.state import WarehouseState
+from central.review.ingest import IngestService, parse_frame
+from central.review.store import FrameStore
+from contract.broker import BrokerSettings
+from contract.messages import checker, loads_finite
+
+REPO = Path(__file__).resolve().parents[2]
+TIMEOUT = 90.0
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("fleet_benchmark", REPO / "benchmarks" / "fleet.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["fleet_benchmark"] = module      # dataclasses look their module up while the class is created
+    spec.loader.exec_module(module)
+    return module
+
+
+def wait_until(what: str, done, timeout: float = TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(0.05)
+
+
+def check_wire(topic: str, payload: bytes, props) -> str:
+    """Check one message as a subscriber gets it; returns its schema name."""
+    leaf = topic.rsplit("/", 1)[-1]
+    if leaf == "frames":
+        meta, jpeg = parse_frame(topic, payload, props)      # frame.v1 metadata in the v5 user property
+        assert jpeg[:2] == b"\xff\xd8"
+        return "frame.v1"
+    body = loads_finite(payload)
+    checker(body["schema"]).check(topic, body)
+    assert body["schema"] == f"{leaf}.v1"
+    return body["schema"]
+
+
+# ---------------------------------------------------------------- the messages, without a network
+
+def test_every_kind_a_station_publishes_follows_its_schema():
+    """Given a QC station whose model is often unsure, when it classifies 300 frames and goes through a rollout
+    that one station refuses, then its results, decisions, alerts, frames, stats and statuses all follow their
+    schemas as they go on the wire (frames: JPEG payload, frame.v1 metadata in the v5 user property)."""
+    cfg = FleetConfig(sites=1, per_site=2, qc_every=1, defect_label="Bag", alert_cooldown_s=0.0,
+                      frame_interval_s=0.0, hard_items=0.5)
+    images = ItemImages(cfg.labels, cfg.jpeg_side)
+    stations = [StationSim(cfg, "site-00", name, i, images, np.random.default_rng([3, i]))
+                for i, (_site, name) in enumerate(station_names(cfg))]
+    checked: dict[str, int] = {}
+    for _ in range(150):
+        logits = [s.next_logits(s.cameras[0]) for s in stations]
+        for station, cls in zip(stations, classify(stations, logits, cfg.labels)):
+            for kind, body, blob in station.frame_messages(station.cameras[0], cls):
+                record = station.record(kind, body, blob)
+                payload, props = encode(record, True)
+                name = check_wire(f"{station.topics.root}/{'frames' if kind == 'frame' else kind}", payload, props)
+                checked[name] = checked.get(name, 0) + 1
+    stations[0].update_model(refuse=False)
+    stations[1].update_model(refuse=True)
+    for station in stations:
+        for body in (station.status_body("online"), station.status_body("offline"), station.stats_body(3)):
+            checker(body["schema"]).check(station.key, body)
+            checked[body["schema"]] = checked.get(body["schema"], 0) + 1
+    assert set(checked) == {"result.v1", "decision.v1", "alert.v1", "frame.v1", "status.v1", "stats.v1"}, checked
+    assert checked["result.v1"] == 300
+    assert stations[0].version == cfg.model_to and stations[1].version == cfg.model_from
+    assert stations[1].status_body("online")["last_model_update"]["ok"] is False
+    assert stations[0].stats_body(0)["model_version"] == cfg.model_to
+
+
+def test_credentials_are_a_password_per_station_and_a_mosquitto_password_file(tmp_path):
+    cfg = FleetConfig(sites=2, per_site=3)
+    plain, passwd = write_credentials(cfg, tmp_path, {"dashboard": "pw"})
+    users = read_credentials(plain)
+    assert sorted(users) == sorted(f"{site}/{station}" for site, station in station_names(cfg))
+    assert len(set(users.values())) == 6
+    hashed = dict(line.split(":", 1) for line in passwd.read_text().splitlines())
+    assert set(hashed) == set(users) | {"dashboard"}
+    assert all(h.startswith("$7$") for h in hashed.values())          # mosquitto 2's PBKDF2-SHA512
+    assert plain.stat().st_mode & 0o777 == 0o600
+
+
+# ---------------------------------------------------------------- a small fleet through the deployed broker
+
+@pytest.fixture
+def deployed(tmp_path):
+    bench = load_benchmark()
+    cfg = FleetConfig(sites=2, per_site=3, results_per_s=5.0, stats_interval_s=1.0, frame_interval_s=0.5,
+                      qc_every=3, alert_cooldown_s=1.0, offline=1, stale=1, trouble_after_s=3.0,
+                      rollout_share=0.5, rollout_over_s=3.0, loops=2)
+    plain, passwd = write_credentials(cfg, tmp_path / "secrets", bench.CENTRAL_USERS, bench.MOSQUITTO_PASSWD)
+    broker = bench.FleetBroker(tmp_path / "broker", bench.make_pki(tmp_path / "pki"), passwd=passwd)
+    broker.workdir.mkdir()
+    broker.start()
+    settings = BrokerSettings(host="127.0.0.1", port=broker.tls_port, tls_ca=broker.pki.ca_cert)
+    yield cfg, settings, read_credentials(plain), bench.CENTRAL_USERS, tmp_path
+    broker.stop()
+
+
+class Wiretap:
+    """Every station message on the broker, read as the central services read them (user central-ingest)."""
+
+    def __init__(self, settings: BrokerSettings, password: str) -> None:
+        self.messages: list[tuple[str, bytes, object]] = []
+        self.subscribed = threading.Event()
+        self.lock = threading.Lock()
+        client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="fleet-test-wiretap", protocol=paho.MQTTv5)
+        client.tls_set(ca_certs=str(settings.tls_ca), cert_reqs=ssl.CERT_REQUIRED)
+        client.username_pw_set("central-ingest", password)
+        client.on_connect = lambda c, *_: c.subscribe("inventory/+/+/+", qos=1)
+        client.on_subscribe = lambda *_: self.subscribed.set()
+        client.on_message = self._on_message
+        client.connect(settings.host, settings.port)
+        client.loop_start()
+        self.client = client
+
+    def _on_message(self, client, userdata, message) -> None:
+        with self.lock:
+            self.messages.append((message.topic, bytes(message.payload), message.properties))
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def test_a_small_fleet_through_the_deployed_broker_reaches_dashboard_and_ingest(deployed):
+    """Given 2 sites x 3 stations logged in with their own passwords over TLS, one dropping off (its will), one
+    going quiet and half of them switching model, when they publish for a while, then every message on the wire
+    follows its schema, the dashboard counts nothing malformed and shows each station as it is (online, offline
+    by its will, stale; the model version each runs), every acknowledged message is applied once, and ingest
+    stores every frame."""
+    cfg, settings, passwords, central, tmp_path = deployed
+    state = WarehouseState()
+    feed = StationFeed(settings.with_(username="dashboard", password_env=None), state)
+    feed.client.username_pw_set("dashboard", central["dashboard"])
+    store = FrameStore(tmp_path / "store")
+    ingest = IngestService(store, settings.with_(username="central-ingest", client_id="central-ingest"))
+    ingest.client.username_pw_set("central-ingest", central["central-ingest"])
+    tap = Wiretap(settings, central["central-ingest"])
+    feed.start()
+    ingest.start()
+    fleet = Fleet(cfg, settings, passwords)
+    try:
+        wait_until("the dashboard, ingest and the wiretap subscribed",
+                   lambda: state.health()["broker_connected"] and ingest.connected.is_set() and tap.subscribed.is_set())
+        fleet.start()
+        trouble = troubled(cfg)
+        offline = next(k for k, v in trouble.items() if v == "offline")
+        stale = next(k for k, v in trouble.items() if v == "stale")
+
+        def health() -> dict[str, str]:
+            state.refresh()
+            return {key: station.health for key, station in state.stations.items()}
+
+        wait_until("the dropped station offline, the quiet one stale, the rollout done",
+                   lambda: health().get(offline) == "offline" and health().get(stale) == "stale"
+                   and all(c.sim.version == cfg.model_to for c in fleet.clients
+                           if c.sim.last_update is not None and c.sim.last_update["ok"]))
+        seen = health()
+        assert len(seen) == 6
+        assert {k: v for k, v in seen.items() if k not in trouble} == dict.fromkeys(set(seen) - set(trouble), "online")
+        assert state.stations[offline].status["state"] == "offline"
+        assert state.stations[offline].status["id"] == next(c.will["id"] for c in fleet.clients if c.sim.key == offline)
+        versions = {c.sim.key: c.sim.version for c in fleet.clients}
+        assert {k: s.status["model"]["version"] for k, s in state.stations.items() if k != offline} == \
+            {k: v for k, v in versions.items() if k != offline}
+        assert cfg.model_to in versions.values()
+    finally:
+        fleet.stop(goodbye=False)
+    report = fleet.report()
+    assert not report["errors"] and not report["refused"]
+    expected = {key: {**s["acked"], "status": s["acked"].get("status", 0) + s["wills"]}
+                for key, s in report["per_station"].items()}
+    kinds = ("status", "result", "decision", "alert", "stats")
+    wait_until("every acknowledged message applied by the dashboard",
+               lambda: all(state.stations[k].counts[kind] >= want.get(kind, 0)
+                           for k, want in expected.items() for kind in kinds))
+    wait_until("every frame stored", lambda: store.stats()["frames"] >= report["acked"].get("frame", 0))
+    try:
+        counters = state.health()["counters"]
+        assert counters["malformed"] == 0 and counters["duplicates"] == 0
+        assert {k: {kind: state.stations[k].counts[kind] for kind in kinds if state.stations[k].counts[kind]}
+                for k in expected} == {k: {kind: n for kind, n in want.items() if kind in kinds and n}
+                                       for k, want in expected.items()}
+        stats = store.stats()
+        assert stats["frames"] == report["acked"]["frame"] > 0
+        assert stats["counters"].get("malformed", 0) == 0
+        with tap.lock:
+            wire = list(tap.messages)
+        names = {check_wire(topic, payload, props) for topic, payload, props in wire}
+        assert {"status.v1", "result.v1", "decision.v1", "stats.v1", "frame.v1"} <= names
+        assert len(wire) >= sum(report["acked"].values())
+    finally:
+        tap.close()
+        ingest.stop()
+        feed.stop()
+        store.close()
+
+
+def test_the_fleet_benchmark_runs_the_deployed_stack_and_reports_nothing_lost(tmp_path):
+    """benchmarks/fleet.py as the docs run it, on 3 stations for a few seconds: the deployed broker, the real
+    ``python -m central dashboard`` and ``ingest`` processes, the simulator processes; exit 0, and the JSON says
+    what was published, applied, stored, lost (0) and malformed (0), with the command."""
+    import json
+    import subprocess
+
+    out = tmp_path / "fleet.json"
+    proc = subprocess.run([sys.executable, "benchmarks/fleet.py", "--sites", "1", "--per-site", "3", "--duration", "4",
+                           "--offline", "1", "--stale", "0", "--watch", "1", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["stations"] == 3 and result["lost_total"] == 0 and result["malformed"] == 0
+    assert result["published"]["acked"]["result"] == result["dashboard"]["applied_by_kind"]["result"] > 0
+    assert result["dashboard"]["troubled_health_after_goodbye"] == {"site-00/st-002": "offline"}
+    assert result["command"].startswith("python benchmarks/fleet.py --sites 1")
+    assert set(result["cost"]) == {"mosquitto", "dashboard", "ingest", "simulator"}
