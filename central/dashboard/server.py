@@ -1,15 +1,18 @@
-"""HTTP side of the dashboard: the page, ``/api/state`` and the ``/events`` stream (Server-Sent Events).
+"""HTTP side of the dashboard: the page, the JSON API and the ``/events`` stream (Server-Sent Events).
 
-A Starlette app on uvicorn (``central.http``). One pusher thread drains the state's changes every
-``push_interval_s`` and broadcasts them, so a burst of results becomes one update per station per
-interval, whatever the message rate. Each browser gets the whole state first (``snapshot``), then the
-changes; one that cannot keep up is cut off and its EventSource reconnects to a fresh snapshot, so a slow
+A Starlette app on uvicorn (``central.http``). ``/api/overview`` is the fleet summary, ``/api/stations``
+one page of the searched and filtered station list (degraded first), ``/api/stations/{site}/{station}``
+one station's card, ``/api/state`` everything (every station's whole view; for scripts and tests, large
+with a big fleet). One pusher thread (``Pusher``) wakes every ``push_interval_s`` and sends each open page
+only what it shows and what changed: the overview, its page of the list, its open card. A stream's query
+(``/events?site=&state=&model=&q=&limit=&offset=&station=``) says what it shows; the page reconnects when
+that changes. One that cannot keep up is cut off and its EventSource reconnects to fresh views, so a slow
 browser never holds up the others or grows memory. A stream waits on an asyncio queue of its own (no
 thread per browser); the pusher hands it chunks with ``call_soon_threadsafe``.
 
 Every path but ``/healthz`` asks for a password (HTTP Basic, which the page's EventSource sends too):
 the one given, or one made at start (``web_auth``), unless ``no_auth``. Every answer is strict JSON
-(``dumps_finite``), errors included (``{"error": ...}`` naming the path or the method).
+(``dumps_finite``), errors included (``{"error": ...}`` naming the path, the parameter or the method).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from central.dashboard.feed import StationFeed
+from central.dashboard.overview import QueryError, parse_query
 from central.dashboard.state import StateLimits, WarehouseState
 from central.http import BasicAuth, Guard, Served, warn_no_auth
 from contract.broker import BrokerSettings
@@ -44,7 +48,9 @@ CONTENT_TYPES = {"html": "text/html; charset=utf-8", "js": "text/javascript; cha
                  "css": "text/css; charset=utf-8", "svg": "image/svg+xml"}
 KEEPALIVE_S = 15.0
 QUEUE_EVENTS = 512
-PATHS = ["/", "/api/state", "/events", "/healthz"]
+REFRESH_S = 5.0          # views are rebuilt at least this often (rolling windows, ages), changes or not
+PATHS = ["/", "/api/overview", "/api/stations", "/api/stations/{site}/{station}", "/api/state", "/events",
+         "/healthz"]
 WEB_USER = "viewer"
 
 
@@ -63,11 +69,16 @@ def sse(event: str, data: Any, event_id: int | None = None) -> bytes:
 
 @dataclass(eq=False)
 class Listener:
-    """One connected browser: a bounded queue of encoded events on the server's event loop."""
+    """One connected page: what it shows (its station-list query and open card), a bounded queue of encoded
+    events on the server's event loop, and what was last sent to it (touched only by the pusher thread)."""
 
     loop: asyncio.AbstractEventLoop
+    query: dict[str, Any] = field(default_factory=lambda: parse_query({}))
+    card: str | None = None
     events: asyncio.Queue = field(default_factory=lambda: asyncio.Queue(maxsize=QUEUE_EVENTS))
     cut: bool = False
+    fresh: bool = True
+    sent: dict[str, Any] = field(default_factory=dict)
 
     def offer(self, chunk: bytes) -> None:
         """On the loop: queue ``chunk``, or cut the listener off when it is full (it reconnects)."""
@@ -76,19 +87,27 @@ class Listener:
         except asyncio.QueueFull:
             self.cut = True              # its generator sees it at the next chunk and ends the stream
 
+    def send(self, chunk: bytes) -> None:
+        """From any thread."""
+        try:
+            self.loop.call_soon_threadsafe(self.offer, chunk)
+        except RuntimeError:             # its loop is closed: the server is stopping
+            self.cut = True
+
 
 class Broadcaster:
-    """Every connected stream; ``publish`` and ``close`` may be called from any thread."""
+    """Every connected stream; may be called from any thread. ``wake`` tells the pusher a page is waiting."""
 
     def __init__(self) -> None:
         self._listeners: set[Listener] = set()
         self._lock = threading.Lock()
         self.closed = threading.Event()
+        self.wake = threading.Event()
 
-    def add(self, loop: asyncio.AbstractEventLoop) -> Listener:
-        listener = Listener(loop)
+    def add(self, listener: Listener) -> Listener:
         with self._lock:
             self._listeners.add(listener)
+        self.wake.set()
         return listener
 
     def remove(self, listener: Listener) -> None:
@@ -100,19 +119,82 @@ class Broadcaster:
         with self._lock:
             return len(self._listeners)
 
-    def publish(self, chunk: bytes) -> None:
+    def listeners(self) -> list[Listener]:
         with self._lock:
-            listeners = list(self._listeners)
-        for listener in listeners:
-            try:
-                listener.loop.call_soon_threadsafe(listener.offer, chunk)
-            except RuntimeError:         # its loop is closed: the server is stopping
-                listener.cut = True
+            return list(self._listeners)
+
+    def publish(self, chunk: bytes) -> None:
+        for listener in self.listeners():
+            listener.send(chunk)
 
     def close(self) -> None:
         """End every stream now (an empty chunk wakes its generator), not at its next keepalive."""
         self.closed.set()
         self.publish(b"")
+
+
+class Pusher:
+    """Builds what each open page needs and sends only what changed for it.
+
+    Once per round: the station rows (one pass over the stations), the overview (shared by every page),
+    one station-list page per distinct query, and the card of each station a page has open when that
+    station changed. A page gets ``overview`` when it differs from the one it has, ``stations`` (the whole
+    page: rows, order, total) when the page's keys or total changed, else ``rows`` with only the rows that
+    changed, and ``station`` (the card). So the stream follows what one page shows, not the fleet size.
+    """
+
+    def __init__(self, state: WarehouseState, broadcaster: Broadcaster, clock: Callable[[], float]) -> None:
+        self.state, self.broadcaster, self.clock = state, broadcaster, clock
+        self._built_at = 0.0
+
+    def round(self) -> int:
+        """One push round; returns the bytes queued for all pages."""
+        changes = self.state.drain_changes(watched=lambda: self.broadcaster.count > 0)
+        listeners = [lst for lst in self.broadcaster.listeners() if not lst.cut]
+        now = self.clock()
+        fresh = [lst for lst in listeners if lst.fresh]
+        if not listeners or not (changes or fresh or now - self._built_at >= REFRESH_S):
+            return 0
+        self._built_at = now
+        rows = self.state.rows(now)
+        overview = sse("overview", self.state.overview(now, rows))
+        pages: dict[tuple, dict[str, Any]] = {}
+        sent = 0
+        for listener in listeners:
+            key = tuple(sorted(listener.query.items()))
+            if key not in pages:
+                pages[key] = self.state.station_page(listener.query, now, rows)
+            chunks = self._for(listener, overview, pages[key], changes.stations, now)
+            listener.fresh = False
+            for chunk in chunks:
+                listener.send(chunk)
+                sent += len(chunk)
+        return sent
+
+    def _for(self, listener: Listener, overview: bytes, page: dict[str, Any], changed: set[str],
+             now: float) -> list[bytes]:
+        chunks = []
+        if listener.fresh or listener.sent.get("overview") != overview:
+            listener.sent["overview"] = overview
+            chunks.append(overview)
+        rows = {row["key"]: row for row in page["stations"]}
+        before: dict[str, Any] = listener.sent.get("rows") or {}
+        if listener.fresh or list(rows) != list(before) or page["total"] != listener.sent.get("total"):
+            chunks.append(sse("stations", page))
+        else:
+            differ = [row for key, row in rows.items() if before.get(key) != row]
+            if differ:
+                chunks.append(sse("rows", {"stations": differ}))
+        listener.sent.update(rows=rows, total=page["total"])
+        if listener.card and (listener.fresh or listener.card in changed):
+            card = self.state.station_card(listener.card, now)
+            chunks.append(sse("station", card if card is not None else missing_station(listener.card, self.state)))
+        return chunks
+
+
+def missing_station(key: str, state: WarehouseState) -> dict[str, Any]:
+    return {"key": key, "error": f"no station {key[:200]!r}: it has sent nothing this dashboard has seen "
+                                 f"({len(state.stations)} stations known)"}
 
 
 def create_app(state: WarehouseState, broadcaster: Broadcaster) -> Any:
@@ -127,16 +209,41 @@ def create_app(state: WarehouseState, broadcaster: Broadcaster) -> Any:
     async def api_state(_request: Request) -> Response:
         return StrictJSONResponse(state.snapshot())
 
+    async def api_overview(_request: Request) -> Response:
+        return StrictJSONResponse(state.overview())
+
+    async def api_stations(request: Request) -> Response:
+        try:
+            query = parse_query(dict(request.query_params))
+        except QueryError as exc:
+            return StrictJSONResponse({"error": f"{request.url.path}: {exc}"}, status_code=400)
+        return StrictJSONResponse(state.station_page(query))
+
+    async def api_station(request: Request) -> Response:
+        key = f"{request.path_params['site']}/{request.path_params['station']}"
+        card = state.station_card(key)
+        if card is None:
+            return StrictJSONResponse({"error": missing_station(key, state)["error"]}, status_code=404)
+        return StrictJSONResponse(card)
+
     async def healthz(_request: Request) -> Response:
         return StrictJSONResponse({"ok": True, **state.health(), "listeners": broadcaster.count})
 
     async def events(request: Request) -> Response:
-        listener = broadcaster.add(asyncio.get_running_loop())   # before the snapshot: no change falls between
-        snapshot = state.snapshot()
+        params = dict(request.query_params)
+        try:
+            query = parse_query(params)
+        except QueryError as exc:
+            return StrictJSONResponse({"error": f"{request.url.path}: {exc}"}, status_code=400)
+        card = params.get("station") or None
+        if card is not None and len(card) > 300:
+            return StrictJSONResponse({"error": "/events: parameter station: longer than 300 characters"},
+                                      status_code=400)
+        listener = broadcaster.add(Listener(asyncio.get_running_loop(), query, card))   # the pusher sends all first
 
         async def stream() -> AsyncIterator[bytes]:
             try:
-                yield b"retry: 2000\n" + sse("snapshot", snapshot, snapshot["version"])
+                yield b"retry: 2000\n\n"
                 while not broadcaster.closed.is_set() and not listener.cut:
                     try:
                         chunk = await asyncio.wait_for(listener.events.get(), KEEPALIVE_S)
@@ -161,7 +268,8 @@ def create_app(state: WarehouseState, broadcaster: Broadcaster) -> Any:
 
     routes = [Route(path, endpoint, methods=["GET", "HEAD"]) for path, endpoint in (
         ("/", page), ("/index.html", page), ("/static/{name:path}", static), ("/api/state", api_state),
-        ("/healthz", healthz), ("/events", events))]
+        ("/api/overview", api_overview), ("/api/stations", api_stations),
+        ("/api/stations/{site}/{station}", api_station), ("/healthz", healthz), ("/events", events))]
     app = Starlette(routes=routes, exception_handlers={404: not_found, HTTPException: http_error})
     return Guard(app, max_bytes=4096)
 
@@ -189,6 +297,7 @@ class Dashboard:
         self.state = WarehouseState(topic_root=mqtt.topic_root, limits=limits, clock=clock)
         self.feed = StationFeed(mqtt, self.state)
         self.broadcaster = Broadcaster()
+        self.pusher = Pusher(self.state, self.broadcaster, clock)
         self.push_interval_s = push_interval_s
         app = create_app(self.state, self.broadcaster)
         self.web_auth = None if no_auth else web_auth or (WEB_USER, secrets.token_urlsafe(24))
@@ -217,16 +326,20 @@ class Dashboard:
         log.info("dashboard: serving %s", self.url)
 
     def _push_loop(self) -> None:
-        while not self._stop.wait(self.push_interval_s):
+        wake = self.broadcaster.wake
+        while not self._stop.is_set():
+            wake.wait(self.push_interval_s)      # a new page is served at once, changes once per interval
+            wake.clear()
+            if self._stop.is_set():
+                break
             try:
-                # nobody watching: forget the changes (a new page starts from a snapshot anyway)
-                for name, data in self.state.drain_changes(watched=lambda: self.broadcaster.count > 0):
-                    self.broadcaster.publish(sse(name, data, data.get("version")))
+                self.pusher.round()
             except Exception:   # noqa: BLE001 - the page must keep updating
                 log.exception("dashboard: pushing changes failed")
 
     def stop(self) -> None:
         self._stop.set()
+        self.broadcaster.wake.set()
         self.broadcaster.close()
         self.http.stop()
         self.feed.stop()

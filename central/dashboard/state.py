@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import datetime as dt
 import logging
 import math
 import statistics
@@ -30,6 +31,16 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from central.dashboard.overview import (
+    FleetTally,
+    build_overview,
+    degraded_reasons,
+    model_version,
+    row_order,
+    select_rows,
+    station_row,
+    station_tally_view,
+)
 from contract.messages import CENTRAL_SITE, ENGINES, ROLLOUT_SCHEMA, checker, dumps_finite, loads_finite
 from contract.messages import DASHBOARD_KINDS as STATION_KINDS
 
@@ -58,6 +69,18 @@ class StateLimits:
     stale_factor: float = 3.0        # online, but no stats for this many stats intervals: stale
     stale_min_s: float = 5.0         # ... and never sooner than this
     default_stats_interval_s: float = 10.0   # the agent's default, until two stats show the real one
+    # the degraded rule (central/dashboard/overview.py, docs/dashboard.md)
+    outbox_backlog: int = 1000       # outbox depth at or over this
+    low_confidence_rate: float = 0.25   # low-confidence share of the rolling hour's frames at or over this ...
+    low_confidence_min_frames: int = 200    # ... over at least this many frames
+    qc_alerts: int = 1               # QC alerts in the rolling hour
+    # what the overview keeps and shows (bounded whatever the fleet size)
+    lanes_kept: int = 32             # distinct lanes counted per site (more: "(other)")
+    labels_kept: int = 500           # distinct labels counted per site per day
+    sites_shown: int = 100
+    models_shown: int = 20
+    labels_shown: int = 60
+    events_shown: int = 10
 
 
 # ---------------------------------------------------------------- validation
@@ -194,8 +217,8 @@ def rollout_view(body: dict[str, Any], received_at: float) -> dict[str, Any]:
             "stations": list(body["stations"]), "figures": body.get("figures") or {}}
 
 
-def interval_rate(station: "Station", stats: dict[str, Any]) -> tuple[float | None, int, str]:
-    """The low-confidence rate since the station's previous stats: (rate, frames, where it came from).
+def interval_counts(station: "Station", stats: dict[str, Any]) -> tuple[int, int, str]:
+    """Low-confidence and classified frames since the station's previous stats: (low, frames, where from).
 
     From the station's own cumulative counters when this and the previous stats carry them (exact, even
     with ``publish_results`` off); else from the low_confidence flags of the results received in between.
@@ -206,9 +229,8 @@ def interval_rate(station: "Station", stats: dict[str, Any]) -> tuple[float | No
     now = (stats.get("frames_low_confidence"), stats.get("frames_classified"))
     before, station.counted = station.counted, now if None not in now else None
     if before is not None and None not in now and now[1] >= before[1] and now[0] >= before[0]:
-        low, frames = now[0] - before[0], now[1] - before[1]
-        return (round(low / frames, 4) if frames else None), frames, "stats"
-    return (round(low_results / all_results, 4) if all_results else None), all_results, "results"
+        return now[0] - before[0], now[1] - before[1], "stats"
+    return low_results, all_results, "results"
 
 
 @dataclass
@@ -234,6 +256,7 @@ class Station:
     window: list[int] = field(default_factory=lambda: [0, 0])   # [low-confidence, all] results since the last stats
     counted: tuple[int, int] | None = None   # the last stats' cumulative (frames_low_confidence, frames_classified)
     empty_frames: int = 0                    # present:false results received (no item in view)
+    last_message_at: float | None = None     # receipt time of its newest message of any kind
 
     def __post_init__(self) -> None:
         self.results = deque(maxlen=self.limits.recent)
@@ -325,7 +348,9 @@ class WarehouseState:
     """Stations, their live data and the central rollout events, from ``ingest``ed MQTT messages."""
 
     def __init__(self, *, topic_root: str = "inventory", limits: StateLimits | None = None,
-                 clock: Callable[[], float] | None = None, engine: str = "fastjsonschema") -> None:
+                 clock: Callable[[], float] | None = None, engine: str = "fastjsonschema",
+                 tz: dt.tzinfo | None = None) -> None:
+        """``tz``: where "today" starts for the overview's daily counts (None: the local time zone)."""
         import time
 
         if engine not in ENGINES:
@@ -346,6 +371,7 @@ class WarehouseState:
         self._new_rollout: list[dict[str, Any]] = []
         self._meta_dirty = False
         self.version = 0
+        self.tally = FleetTally(lanes_kept=self.limits.lanes_kept, labels_kept=self.limits.labels_kept, tz=tz)
 
     # ------------------------------------------------------------ input
 
@@ -397,6 +423,7 @@ class WarehouseState:
         if self._seen_before(body["id"]):
             return "duplicate"
         station = self._station(site, station_id)
+        station.last_message_at = now
         getattr(self, f"_apply_{kind}")(station, body, now)
         station.counts[kind] += 1
         self._dirty.add(station.key)
@@ -446,15 +473,19 @@ class WarehouseState:
 
     def _apply_decision(self, station: Station, body: dict[str, Any], now: float) -> None:
         station.decisions.appendleft(decision_view(body))
+        self.tally.on_decision(station.site, station.key, (station.status or {}).get("role"), body, now)
 
     def _apply_alert(self, station: Station, body: dict[str, Any], now: float) -> None:
         station.alerts.appendleft(alert_view(body))
+        self.tally.on_alert(station.site, station.key, body, now)
 
     def _apply_stats(self, station: Station, body: dict[str, Any], now: float) -> None:
         station.stats = stats_view(body)
         station.stats_received_at = now
         station.stats_ts.append(body["ts"])
-        rate, frames, source = interval_rate(station, body)
+        low, frames, source = interval_counts(station, body)
+        rate = round(low / frames, 4) if frames else None
+        self.tally.on_frames(station.site, station.key, float(body["ts"]), low, frames, now)
         station.history.append({"ts": body["ts"], "low_confidence_rate": body["low_confidence_rate"],
                                 "recent_low_confidence_rate": rate, "recent_frames": frames, "recent_source": source,
                                 "fps_total": station.stats["fps_total"], "outbox_depth": body["outbox"]["depth"]})
@@ -528,26 +559,69 @@ class WarehouseState:
             return {"broker_connected": self.broker["connected"], "stations": len(self.stations),
                     "counters": self.counters.as_dict()}
 
-    def drain_changes(self, now: float | None = None, *,
-                      watched: Callable[[], bool] = lambda: True) -> list[tuple[str, dict[str, Any]]]:
-        """What changed since the last call, as (event name, data) pairs for the page.
+    def rows(self, now: float | None = None) -> list[dict[str, Any]]:
+        """Every station's list row, degraded first (``overview.row_order``)."""
+        now = self.clock() if now is None else now
+        with self._lock:
+            return self._rows(now)
 
-        When ``watched()`` says nobody is watching, the changes are forgotten without building the
-        views. It is asked under the state's lock, which a new watcher's snapshot also takes: a change
-        is either in that snapshot or pushed after it.
+    def _rows(self, now: float) -> list[dict[str, Any]]:
+        rows = [station_row(st, self.tally.stations.get(key), now, self.limits) for key, st in self.stations.items()]
+        rows.sort(key=row_order)
+        return rows
+
+    def overview(self, now: float | None = None, rows: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """The fleet summary (``/api/overview``): per site, models, rollout progress, received labels today."""
+        now = self.clock() if now is None else now
+        with self._lock:
+            rows = self._rows(now) if rows is None else rows
+            body = build_overview(rows=rows, stations=self.stations, tally=self.tally, now=now,
+                                  rollout=list(self.rollout), limits=self.limits)
+            body.update(version=self.version, topic_root=self.topic_root, broker=dict(self.broker),
+                        counters=self.counters.as_dict(), malformed=list(self.malformed)[:5])
+            return finite(body, "the overview")
+
+    def station_page(self, query: dict[str, Any], now: float | None = None,
+                     rows: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """One page of the station list (``/api/stations``); ``query`` from ``overview.parse_query``."""
+        return select_rows(self.rows(now) if rows is None else rows, query)
+
+    def station_card(self, key: str, now: float | None = None) -> dict[str, Any] | None:
+        """One station's whole view plus its degraded reasons and rolling-hour figures; None if unknown."""
+        now = self.clock() if now is None else now
+        with self._lock:
+            station = self.stations.get(key)
+            if station is None:
+                return None
+            tally = self.tally.stations.get(key)
+            hour = tally.hour(now) if tally else [0] * 5
+            reasons = degraded_reasons(station, hour, self.limits)
+            view = station.view(now)
+            view.update(rollout=self.rollout_by_station.get(key), degraded=bool(reasons), reasons=reasons,
+                        model_version=model_version(station), tally=station_tally_view(tally, now))
+            return finite(view, f"station {key}")
+
+    def drain_changes(self, now: float | None = None, *, watched: Callable[[], bool] = lambda: True) -> "Changes":
+        """What changed since the last call: the stations, whether rollout events or counters did.
+
+        When ``watched()`` says nobody is watching, the changes are forgotten. It is asked under the state's
+        lock, which a new watcher's first views also take: a change is either in them or reported after.
         """
         now = self.clock() if now is None else now
         self.refresh(now)
         with self._lock:
-            if not watched():
-                self._new_rollout, self._dirty, self._meta_dirty = [], set(), False
-                return []
-            out: list[tuple[str, dict[str, Any]]] = [("rollout", e) for e in self._new_rollout]
-            out += [("station", self.station_view(self.stations[k], now)) for k in sorted(self._dirty)]
-            if self._meta_dirty or out:
-                out.append(("meta", {"server_time": now, "version": self.version, "broker": dict(self.broker),
-                                     "counters": self.counters.as_dict(), "malformed": list(self.malformed)}))
-            self._new_rollout = []
-            self._dirty = set()
-            self._meta_dirty = False
-            return out
+            changes = Changes(stations=self._dirty, rollout=bool(self._new_rollout), meta=self._meta_dirty)
+            self._new_rollout, self._dirty, self._meta_dirty = [], set(), False
+            return changes if watched() else Changes()
+
+
+@dataclass
+class Changes:
+    """What ``drain_changes`` found: the keys of the stations that changed, and whether anything else did."""
+
+    stations: set[str] = field(default_factory=set)
+    rollout: bool = False
+    meta: bool = False
+
+    def __bool__(self) -> bool:
+        return bool(self.stations) or self.rollout or self.meta

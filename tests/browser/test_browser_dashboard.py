@@ -1,5 +1,5 @@
 """The dashboard page in headless Chromium, live from a real broker: ``python -m central dashboard`` serving, the real
-agent process started after the page loaded, central rollout events, a refused model update, and the station
+agent process started after the page loaded with the station's card open at its URL (#/station/test/st-01), central rollout events, a refused model update, and the station
 going offline, all without a reload. Screenshots: test-artifacts/dashboard-live.png, dashboard-offline.png."""
 
 from __future__ import annotations
@@ -33,6 +33,9 @@ def test_the_dashboard_shows_a_station_live_and_then_offline(browser, artifacts,
         wait_css(browser, '#broker-status[data-connected="true"]', "the dashboard's broker connection")
         assert browser.find_element(By.ID, "no-stations").is_displayed()
         browser.execute_script("window.loadedOnce = 'yes'")       # gone if the page ever reloads
+        # and the station's card opened at its URL before the station exists: it says so
+        browser.execute_script("location.hash = '#/station/test/st-01'")
+        wait(browser, lambda d: "test/st-01" in text_of(d.find_element(By.ID, "card-error")), "no such station yet")
 
         # when a real station starts
         agent = AgentProcess(tmp_path, models / "tiny-1", video, broker.port)

@@ -1,12 +1,17 @@
-// Warehouse dashboard page: one EventSource on /events; the server sends the whole state first
-// ("snapshot"), then "station" (one station's full view), "rollout" (one central event) and "meta"
-// (counters, broker connection). Everything from the network is put in the page with textContent,
-// never as HTML. Element ids and data-attributes are documented in docs/dashboard.md.
+// Warehouse dashboard page. One EventSource on /events?<the list's query>&station=<open card>; the server sends
+// "overview" (the fleet summary), "stations" (this page of the station list: rows, total), "rows" (only the
+// rows of that page that changed) and "station" (the open card's whole view). When the filters, the page or
+// the open card change, the page reconnects with the new query. Everything from the network is put in the
+// page with textContent, never as HTML. Element ids are documented in docs/dashboard.md.
 "use strict";
 
 const page = {
-  stations: new Map(),     // key -> latest view
-  rollout: new Map(),      // id -> event (kept in arrival order, newest shown first)
+  query: { q: "", site: "", state: "", model: "", offset: 0, limit: 25 },
+  card: null,              // "site/station" open on #/station/<site>/<station>, else null
+  cardView: null,
+  rows: new Map(),         // key -> row of the page shown
+  total: 0,
+  stream: null,
   clockOffset: 0,          // server time - browser time, seconds
 };
 
@@ -50,28 +55,237 @@ function clockTime(epoch) {
 }
 function serverNow() { return Date.now() / 1000 + page.clockOffset; }
 
-// ------------------------------------------------------------------ stations
+// ------------------------------------------------------------------ overview
 
-function stationCard(key) {
-  let card = document.querySelector(`.station[data-station="${CSS.escape(key)}"]`);
-  if (card) return card;
-  card = $("#station-template").content.firstElementChild.cloneNode(true);
-  card.dataset.station = key;
-  card.id = `station-${key.replace(/[^A-Za-z0-9_-]/g, "-")}`;
-  const container = $("#stations");
-  const after = [...container.children].find((c) => c.dataset.station > key);
-  container.insertBefore(card, after || null);
-  return card;
+const HEALTH = ["online", "stale", "offline", "unknown"];
+
+function renderOverview(o) {
+  page.clockOffset = o.server_time - Date.now() / 1000;
+  const f = o.fleet;
+  text($("#count-stations"), f.stations);
+  for (const h of ["online", "stale", "offline", "degraded"]) text($(`#count-${h}`), f[h]);
+  text($("#count-received"), o.counters.received);
+  text($("#count-duplicates"), o.counters.duplicates);
+  text($("#count-malformed"), o.counters.malformed);
+  const broker = $("#broker-status");
+  broker.dataset.connected = String(o.broker.connected);
+  text(broker, o.broker.connected ? "broker: connected" : "broker: DISCONNECTED");
+  broker.title = o.broker.detail || "";
+  $("#no-stations").hidden = f.stations > 0;
+  text($("#fleet-decided-hour"), f.decided_hour);
+  text($("#fleet-lanes-hour"), lanes(f.lanes_hour));
+  text($("#fleet-review-share"), pct(f.review_share_hour));
+  text($("#fleet-review-hour"), `${f.review_hour} items`);
+  text($("#fleet-lowconf"), pct(f.low_confidence_rate_hour));
+  renderTrend($("#fleet-lowconf-trend"), f.low_confidence_rate_hour, f.low_confidence_rate_prev_hour);
+  renderSpark($("#fleet-lowconf-chart"), f.low_confidence_series);
+  text($("#fleet-alerts-hour"), f.alerts_hour);
+  text($("#fleet-reasons"), Object.entries(f.reasons).filter(([, n]) => n).map(([c, n]) => `${n} ${c}`).join(", "));
+  // each part is rebuilt only when its data changed, so what a reader (or a test) holds stays in place
+  changed("sites", o.sites, () => renderSites(o.sites, o.sites_hidden));
+  changed("hours", [f.decided_by_hour, f.review_by_hour], () => renderHours(f.decided_by_hour, f.review_by_hour, f.hour_starts));
+  changed("models", o.models, () => renderModels(o.models));
+  changed("rollout", o.rollout, () => renderProgress(o.rollout));
+  changed("received", o.received_today, () => renderReceived(o.received_today));
+  renderList($("#rollout-events"), o.rollout_events, rolloutItem);
+  changed("malformed", o.malformed, () => $("#malformed").replaceChildren(...o.malformed.map((m) =>
+    el("li", { "data-topic": m.topic }, `${clockTime(m.at)} ${m.reason}`))));
+  fillSelect($("#filter-site"), o.sites.map((s) => s.site), "every site");
+  fillSelect($("#filter-model"), o.models.map((m) => m.version).filter((v) => v), "every model");
+  document.body.dataset.version = String(o.version);
+  if ($("#overview").dataset.ready !== "true") {
+    $("#overview").dataset.ready = "true";
+    // ms from navigation start to the first overview on screen (benchmarks/dashboard_browser.py reads it)
+    document.body.dataset.firstViewMs = performance.now().toFixed(1);
+  }
 }
 
-function renderStation(view) {
-  page.stations.set(view.key, view);
-  const card = stationCard(view.key);
+const memo = new Map();
+function changed(key, data, render) {
+  const json = JSON.stringify(data);
+  if (memo.get(key) === json) return;
+  memo.set(key, json);
+  render();
+}
+
+function lanes(counts) {
+  return Object.entries(counts || {}).sort((a, b) => b[1] - a[1]).map(([l, n]) => `${l} ${n}`).join(", ");
+}
+
+function renderTrend(node, now, before) {
+  let trend = "none";
+  if (now !== null && before !== null) trend = now > before * 1.1 + 0.005 ? "up" : now < before * 0.9 - 0.005 ? "down" : "flat";
+  node.dataset.trend = trend;
+  text(node, before === null ? "no figure for the hour before" : `hour before ${pct(before)} ${{ up: "↑", down: "↓", flat: "→" }[trend] || ""}`);
+}
+
+function renderSpark(svg, series) {
+  const NS = "http://www.w3.org/2000/svg";
+  const values = series.filter((v) => v !== null);
+  const top = Math.min(1, Math.max(0.05, ...values) * 1.1);
+  const pts = series.map((v, i) => [i, v]).filter(([, v]) => v !== null)
+    .map(([i, v]) => `${((i / (series.length - 1)) * 120).toFixed(1)},${(22 - (v / top) * 20).toFixed(1)}`);
+  const line = document.createElementNS(NS, "polyline");
+  line.setAttribute("points", pts.join(" "));
+  svg.replaceChildren(line);
+  svg.dataset.points = String(pts.length);
+}
+
+function renderSites(sites, hidden) {
+  const body = $("#sites").tBodies[0];
+  const rows = sites.map((s) => {
+    const tr = el("tr", { "data-site": s.site, "data-degraded": s.degraded });
+    const cells = [s.site, s.stations, s.online, s.stale, s.offline, s.degraded, s.decided_hour,
+                   pct(s.review_share_hour),
+                   `${pct(s.low_confidence_rate_hour)} (${pct(s.low_confidence_rate_prev_hour)})`, s.alerts_hour];
+    const names = ["site", "stations", "online", "stale", "offline", "degraded", "decided-hour", "review-share",
+                   "lowconf", "alerts-hour"];
+    cells.forEach((c, i) => tr.append(el("td", { "data-field": names[i] }, c)));
+    tr.addEventListener("click", () => setQuery({ site: s.site, offset: 0 }));
+    return tr;
+  });
+  body.replaceChildren(...rows);
+  const note = $("#sites-hidden");
+  note.hidden = !hidden;
+  text(note, hidden ? `${hidden} more sites: search or filter the station list` : "");
+}
+
+function renderHours(decided, review, starts) {
+  const box = $("#hours-today");
+  const top = Math.max(1, ...decided);
+  box.replaceChildren(...decided.map((n, i) => {
+    const hour = new Date(starts[i] * 1000).getHours();
+    const bar = el("div", { class: "bar", "data-hour": hour, "data-decided": n,
+                            title: `${hour}:00 ${n} decided, ${review[i]} to review` });
+    bar.append(el("span", { class: "fill", style: `height:${(100 * n / top).toFixed(0)}%` }), el("span", { class: "tick" }, hour));
+    return bar;
+  }));
+}
+
+function renderModels(models) {
+  $("#models").replaceChildren(...models.map((m) => {
+    const li = el("li", { "data-version": m.version ?? "", "data-stations": m.stations },
+                  `${m.name || "no model"} ${m.version || ""}: ${m.stations} station${m.stations === 1 ? "" : "s"} (${m.online} online)`);
+    li.addEventListener("click", () => { if (m.version) setQuery({ model: m.version, offset: 0 }); });
+    return li;
+  }));
+}
+
+function renderProgress(r) {
+  const box = $("#rollout-progress");
+  box.hidden = !r;
+  if (!r) { box.dataset.action = "none"; return; }
+  box.dataset.action = r.action;
+  box.dataset.ok = String(r.ok);
+  box.dataset.share = String(r.share ?? "");
+  text($(".action", box), r.action);
+  text($(".model", box), `${r.model.name} ${r.model.version}`);
+  text($(".outcome", box), r.ok ? "ok" : "FAILED");
+  $(".fill", box).style.width = `${(100 * (r.share || 0)).toFixed(1)}%`;
+  text($(".figures", box), `${r.stations_on_target} of ${r.stations_with_model} stations run ${r.model.version} (${pct(r.share)})`);
+  text($(".reason", box), r.reason || "");
+  $(".per-site", box).replaceChildren(...r.sites.map((s) =>
+    el("li", { "data-site": s.site }, `${s.site}: ${s.on_target}/${s.stations}`)));
+}
+
+function renderReceived(r) {
+  $("#received-today").tBodies[0].replaceChildren(...r.labels.map((l) => {
+    const tr = el("tr", { "data-label": l.label, "data-count": l.count });
+    tr.append(el("th", {}, l.label), el("td", {}, l.count));
+    return tr;
+  }));
+  text($("#received-total"), r.total + (r.labels_hidden ? ` (${r.labels_hidden} labels not listed)` : ""));
+}
+
+function fillSelect(select, values, all) {
+  const want = ["", ...new Set(values)].sort();
+  const have = [...select.options].map((o) => o.value);
+  if (select.value && !want.includes(select.value)) want.push(select.value);
+  if (want.length === have.length && want.every((v, i) => v === have[i])) return;
+  const keep = select.value;
+  select.replaceChildren(...want.map((v) => el("option", { value: v }, v || all)));
+  select.value = keep;
+}
+
+// ------------------------------------------------------------------ the station list
+
+function rowItem(r) {
+  const tr = el("tr", { class: "station-row", "data-station": r.key, "data-health": r.health,
+                        "data-degraded": r.degraded, "data-reasons": r.reasons.join(" "),
+                        "data-model-version": r.model_version ?? "" });
+  const link = el("a", { href: `#/station/${encodeURIComponent(r.site)}/${encodeURIComponent(r.station)}` }, r.key);
+  const name = el("td", { "data-field": "name" });
+  name.append(link);
+  tr.append(name, el("td", { "data-field": "health" }, r.health), el("td", { "data-field": "reason" }, r.reason || ""),
+            el("td", { "data-field": "model-version" }, r.model_version || "–"),
+            el("td", { "data-field": "decided-hour" }, r.decided_hour),
+            el("td", { "data-field": "review-share" }, pct(r.review_share_hour)),
+            el("td", { "data-field": "lowconf" }, pct(r.low_confidence_rate_hour)),
+            el("td", { "data-field": "outbox" }, r.outbox_depth ?? "–"));
+  return tr;
+}
+
+function renderPage(p) {
+  page.rows = new Map(p.stations.map((r) => [r.key, r]));
+  page.total = p.total;
+  $("#stations").tBodies[0].replaceChildren(...p.stations.map(rowItem));
+  const info = $("#page-info");
+  info.dataset.total = String(p.total);
+  info.dataset.offset = String(p.offset);
+  text(info, p.total ? `${p.offset + 1}–${p.offset + p.stations.length} of ${p.total}` : "no station matches");
+  $("#page-prev").disabled = p.offset === 0;
+  $("#page-next").disabled = p.offset + p.stations.length >= p.total;
+}
+
+function renderRows(changed) {
+  const body = $("#stations").tBodies[0];
+  for (const r of changed.stations) {
+    const old = body.querySelector(`tr[data-station="${CSS.escape(r.key)}"]`);
+    if (!old) continue;
+    page.rows.set(r.key, r);
+    old.replaceWith(rowItem(r));
+  }
+}
+
+function setQuery(change) {
+  Object.assign(page.query, change);
+  $("#filter-q").value = page.query.q;
+  $("#filter-site").value = page.query.site;
+  $("#filter-state").value = page.query.state;
+  $("#filter-model").value = page.query.model;
+  if (page.card) location.hash = "#/"; else reconnect();
+}
+
+// ------------------------------------------------------------------ one station's card
+
+function renderCard(view) {
+  if (view.error) {
+    text($("#card-error"), view.error);
+    $("#card").replaceChildren();
+    document.body.dataset.card = "missing";
+    return;
+  }
+  text($("#card-error"), "");
+  page.cardView = view;
+  let card = $("#card .station");
+  if (!card || card.dataset.station !== view.key) {
+    card = $("#station-template").content.firstElementChild.cloneNode(true);
+    card.dataset.station = view.key;
+    card.id = `station-${view.key.replace(/[^A-Za-z0-9_-]/g, "-")}`;
+    $("#card").replaceChildren(card);
+  }
   card.dataset.health = view.health;
+  card.dataset.degraded = String(view.degraded);
   card.dataset.modelVersion = view.model ? view.model.version : "";
   text(field(card, "name"), view.key);
   text(field(card, "health"), view.health);
   text(field(card, "role"), view.role || "");
+  field(card, "reasons").replaceChildren(...view.reasons.map((r) => el("li", { "data-code": r.code }, r.text)));
+  const t = view.tally;
+  text(field(card, "hour"), `${t.decided_hour} decided, ${pct(t.review_share_hour)} to review, ` +
+       `${pct(t.low_confidence_rate_hour)} low-confidence frames (hour before ${pct(t.low_confidence_rate_prev_hour)}), ` +
+       `${t.alerts_hour} QC alerts`);
+  text(field(card, "lanes-hour"), lanes(t.lanes_hour) || "–");
   renderModel(card, view);
   renderCameras(card, view.cameras_up || {});
   renderUpdate(card, view.last_model_update);
@@ -82,7 +296,7 @@ function renderStation(view) {
   renderList(field(card, "decisions"), view.decisions, decisionItem);
   renderList(field(card, "alerts"), view.alerts, alertItem);
   renderUptime(card, view);
-  renderTotals();
+  document.body.dataset.card = view.key;
 }
 
 function renderModel(card, view) {
@@ -239,15 +453,6 @@ function renderChart(svg, history, card) {
   text(field(card, "chart-scale"), history.length ? `0–${pct(top)}, ${history.length} points` : "no stats yet");
 }
 
-function renderTotals() {
-  const views = [...page.stations.values()];
-  text($("#count-stations"), views.length);
-  for (const h of ["online", "stale", "offline"]) text($(`#count-${h}`), views.filter((v) => v.health === h).length);
-  $("#no-stations").hidden = views.length > 0;
-}
-
-// ------------------------------------------------------------------ rollout events, counters
-
 function rolloutItem(e) {
   const li = el("li", { class: "rollout-event", "data-id": e.id, "data-action": e.action, "data-ok": e.ok,
                         "data-model-version": e.model.version });
@@ -265,66 +470,71 @@ function rolloutItem(e) {
   return li;
 }
 
-function renderRollout(event) {
-  if (page.rollout.has(event.id)) return;
-  page.rollout.set(event.id, event);
-  $("#rollout-events").prepend(rolloutItem(event));
-  const list = $("#rollout-events");
-  while (list.children.length > 50) list.lastElementChild.remove();
+// ------------------------------------------------------------------ routes and the stream
+
+function route() {
+  const m = /^#\/station\/([^/]+)\/([^/]+)$/.exec(location.hash);
+  page.card = m ? `${decodeURIComponent(m[1])}/${decodeURIComponent(m[2])}` : null;
+  $("#card-section").hidden = !page.card;
+  $("#overview").hidden = !!page.card;
+  $("#station-list").hidden = !!page.card;
+  if (!page.card) {
+    $("#card").replaceChildren();
+    page.cardView = null;
+    document.body.dataset.card = "";
+  }
+  reconnect();
 }
 
-function renderMeta(meta) {
-  page.clockOffset = meta.server_time - Date.now() / 1000;
-  const broker = $("#broker-status");
-  broker.dataset.connected = String(meta.broker.connected);
-  text(broker, meta.broker.connected ? "broker: connected" : "broker: DISCONNECTED");
-  broker.title = meta.broker.detail || "";
-  const c = meta.counters;
-  text($("#count-received"), c.received);
-  text($("#count-duplicates"), c.duplicates);
-  text($("#count-malformed"), c.malformed);
-  $("#malformed").replaceChildren(...meta.malformed.map((m) =>
-    el("li", { "data-topic": m.topic }, `${clockTime(m.at)} ${m.reason}`)));
-  document.body.dataset.version = String(meta.version);
+function streamUrl() {
+  const params = new URLSearchParams();
+  for (const [k, v] of Object.entries(page.query)) if (v !== "" && v !== null) params.set(k, String(v));
+  if (page.card) params.set("station", page.card);
+  return `/events?${params}`;
 }
 
-function renderSnapshot(snap) {
-  page.stations.clear();
-  page.rollout.clear();
-  $("#stations").replaceChildren();
-  $("#rollout-events").replaceChildren();
-  renderMeta(snap);
-  for (const view of snap.stations) renderStation(view);
-  for (const event of [...snap.rollout].reverse()) renderRollout(event);
-  renderTotals();
-}
-
-// ------------------------------------------------------------------ the stream
-
-function connect() {
-  const stream = new EventSource("/events");
+function reconnect() {
+  if (page.stream) page.stream.close();
+  const stream = new EventSource(streamUrl());
+  page.stream = stream;
   const status = $("#stream-status");
   const on = (name, fn) => stream.addEventListener(name, (msg) => {
+    if (page.stream !== stream) return;
     try { fn(JSON.parse(msg.data)); } catch (err) { console.error(`dashboard: bad ${name} event`, err); }
   });
+  document.body.dataset.stream = "connecting";
   stream.onopen = () => {
     status.dataset.connected = "true";
     text(status, "live");
     document.body.dataset.stream = "open";
   };
   stream.onerror = () => {
+    if (page.stream !== stream) return;
     status.dataset.connected = "false";
     text(status, "live: reconnecting…");
     document.body.dataset.stream = "reconnecting";
   };
-  on("snapshot", renderSnapshot);
-  on("station", renderStation);
-  on("rollout", renderRollout);
-  on("meta", renderMeta);
+  on("overview", renderOverview);
+  on("stations", renderPage);
+  on("rows", renderRows);
+  on("station", renderCard);
 }
 
+let typing = null;
+$("#filter-q").addEventListener("input", (e) => {
+  clearTimeout(typing);
+  typing = setTimeout(() => setQuery({ q: e.target.value.trim(), offset: 0 }), 250);
+});
+for (const name of ["site", "state", "model"]) {
+  $(`#filter-${name}`).addEventListener("change", (e) => setQuery({ [name]: e.target.value, offset: 0 }));
+}
+$("#page-prev").addEventListener("click", () => setQuery({ offset: Math.max(0, page.query.offset - page.query.limit) }));
+$("#page-next").addEventListener("click", () => setQuery({ offset: page.query.offset + page.query.limit }));
+window.addEventListener("hashchange", route);
+
 setInterval(() => {
-  for (const view of page.stations.values()) renderUptime(stationCard(view.key), view);
+  const card = $("#card .station");
+  if (card && page.cardView) renderUptime(card, page.cardView);
 }, 1000);
 
-connect();
+route();

@@ -11,7 +11,6 @@ import urllib.error
 import urllib.request
 
 import pytest
-from central.dashboard.cli import main
 from dashboard_support import (
     DashboardProcess,
     failed_gate_event,
@@ -20,8 +19,10 @@ from dashboard_support import (
     publish_event,
     retopic,
     rollout_event,
+    wait_until,
 )
 
+from central.dashboard.cli import main
 from central.dashboard.server import Dashboard
 from central.dashboard.state import StateLimits
 from contract.broker import BrokerSettings
@@ -32,15 +33,18 @@ pytestmark = pytest.mark.mqtt
 class EventStream:
     """A raw Server-Sent Events reader, as a browser's EventSource sees the stream."""
 
-    def __init__(self, url_host: str, port: int, timeout: float = 30.0) -> None:
+    def __init__(self, url_host: str, port: int, query: str = "", timeout: float = 30.0) -> None:
         self.conn = http.client.HTTPConnection(url_host, port, timeout=timeout)
-        self.conn.request("GET", "/events", headers={"Accept": "text/event-stream"})
+        self.conn.request("GET", "/events" + query, headers={"Accept": "text/event-stream"})
         self.response = self.conn.getresponse()
+        self.bytes = 0
 
     def next_event(self) -> tuple[str, dict]:
         name, data = None, None
         while True:
-            line = self.response.fp.readline().decode()
+            raw = self.response.fp.readline()
+            self.bytes += len(raw)
+            line = raw.decode()
             if not line:
                 raise EOFError("the stream ended")
             line = line.rstrip("\n")
@@ -73,45 +77,69 @@ def dashboard(broker):
     dash.stop()
 
 
-def test_the_stream_sends_the_state_then_each_change(dashboard, broker, recorded):
+def test_the_stream_sends_the_overview_and_the_page_then_what_changed(dashboard, broker, recorded):
     host, port = dashboard.address
-    stream = EventStream(host, port)
+    stream = EventStream(host, port, "?station=test/st-01")
     try:
-        # a browser connecting gets the whole state first
+        # a browser connecting gets the overview, its page of the station list and its open card first
         assert stream.response.getheader("Content-Type") == "text/event-stream"
-        name, snapshot = stream.next_event()
-        assert name == "snapshot" and snapshot["stations"] == [] and snapshot["schema"] == "dashboard-state.v1"
-        # when a station's status and a result arrive on the broker, the page is told: the station's new view
+        first = dict([stream.next_event() for _ in range(3)])
+        assert first["overview"]["schema"] == "dashboard-overview.v1" and first["overview"]["fleet"]["stations"] == 0
+        assert first["stations"]["total"] == 0 and first["stations"]["stations"] == []
+        assert "no station 'test/st-01'" in first["station"]["error"]
+        # when a station's status and a result arrive on the broker: the overview, the page and the card
         status = next(m for m in recorded if m.kind == "status" and m.json()["state"] == "online")
         result = next(m for m in recorded if m.kind == "result")
         publish(broker.port, [(status.topic, status.payload), (result.topic, result.payload)])
-        events = stream.until(lambda n, d: n == "station" and d["counts"]["result"] == 1)
+        events = stream.until(lambda n, d: n == "station" and d.get("counts", {}).get("result") == 1)
         view = events[-1][1]
         assert view["key"] == "test/st-01" and view["health"] == "online"
+        # the agent's first status is sent before its camera opens; a result shows no frame rate yet
+        down = [c for c, up in status.json()["cameras"].items() if not up]
+        assert [r["code"] for r in view["reasons"]] == (["camera-down"] if down else [])
         assert view["results"][0]["id"] == result.json()["id"]
-        # and a rollout event on its own
+        pages = [d for n, d in events if n == "stations"]
+        assert pages and pages[-1]["stations"][0]["key"] == "test/st-01"
+        # and a rollout event, in the overview
         event = failed_gate_event()
         publish_event(broker.port, event)
-        events = stream.until(lambda n, d: n == "rollout")
-        assert events[-1][1]["id"] == event["id"] and events[-1][1]["reason"] == event["reason"]
-        metas = [d for n, d in stream.until(lambda n, d: n == "meta")]
-        assert metas[-1]["broker"]["connected"] is True and metas[-1]["counters"]["received"] == 3
+        events = stream.until(lambda n, d: n == "overview" and d["rollout_events"])
+        overview = events[-1][1]
+        assert overview["rollout_events"][0]["id"] == event["id"]
+        assert overview["broker"]["connected"] is True and overview["counters"]["received"] == 3
     finally:
         stream.close()
 
 
 def test_a_burst_of_results_is_pushed_as_few_updates(dashboard, broker, recorded):
     host, port = dashboard.address
-    stream = EventStream(host, port)
+    stream = EventStream(host, port, "?station=test/st-01")
     try:
-        stream.next_event()
         results = [retopic(m, "test", "st-01") for m in recorded if m.kind == "result"][:40]
         publish(broker.port, [(m.topic, m.payload) for m in results])
-        events = stream.until(lambda n, d: n == "station" and d["counts"]["result"] == len(results))
-        station_events = [d for n, d in events if n == "station"]
+        events = stream.until(lambda n, d: n == "station" and d.get("counts", {}).get("result") == len(results))
+        station_events = [d for n, d in events if n == "station" and "counts" in d]
         # merged per push interval: far fewer pushes than messages, and the last one holds the newest 5
         assert len(station_events) < len(results)
         assert [r["id"] for r in station_events[-1]["results"]] == [m.json()["id"] for m in results[::-1][:5]]
+    finally:
+        stream.close()
+
+
+def test_a_page_that_shows_other_stations_is_not_sent_a_stations_card(dashboard, broker, recorded):
+    host, port = dashboard.address
+    status = next(m for m in recorded if m.kind == "status" and m.json()["state"] == "online")
+    publish(broker.port, [(m.topic, m.payload) for m in (retopic(status, "a", "st-01"), retopic(status, "b", "st-01"))])
+    wait_until(lambda: get_json(dashboard.url + "api/overview")["fleet"]["stations"] == 2, 30, "two stations")
+    stream = EventStream(host, port, "?site=a")
+    try:
+        first = dict([stream.next_event() for _ in range(2)])
+        assert [r["key"] for r in first["stations"]["stations"]] == ["a/st-01"]
+        # a result from site b changes the overview, never this page's rows, and sends no card
+        result = next(m for m in recorded if m.kind == "result")
+        publish(broker.port, [(m.topic, m.payload) for m in (retopic(result, "b", "st-01"),)])
+        events = stream.until(lambda n, d: n == "overview" and d["counters"]["received"] == 3)
+        assert {n for n, _ in events} == {"overview"}
     finally:
         stream.close()
 

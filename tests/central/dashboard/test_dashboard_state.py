@@ -259,17 +259,16 @@ def test_changes_are_drained_once_per_station(recorded):
     state = WarehouseState()
     replay(state, recorded[:10])
     changes = state.drain_changes(now=1000.5)
-    names = [name for name, _ in changes]
-    assert names == ["station", "meta"] and changes[0][1]["key"] == KEY
-    assert changes[-1][1]["counters"]["received"] == 10
-    assert state.drain_changes(now=1000.6) == []          # nothing new, nothing pushed
+    assert changes.stations == {KEY} and changes.meta and not changes.rollout
+    assert not state.drain_changes(now=1000.6)            # nothing new, nothing pushed
     event = rollout_event("canary", True, None, [KEY])
     state.ingest("inventory/_central/rollout", json.dumps(event).encode())
-    assert [name for name, _ in state.drain_changes(now=1000.7)] == ["rollout", "station", "meta"]
-    # nobody watching: the changes are forgotten, not built (a new page starts from a snapshot)
+    changes = state.drain_changes(now=1000.7)
+    assert changes.rollout and changes.stations == {KEY}  # the event names the station: its card changes
+    # nobody watching: the changes are forgotten (a new page starts from fresh views)
     replay(state, recorded[10:20], start=1001.0)
-    assert state.drain_changes(now=1002.0, watched=lambda: False) == []
-    assert state.drain_changes(now=1002.1) == []
+    assert not state.drain_changes(now=1002.0, watched=lambda: False)
+    assert not state.drain_changes(now=1002.1)
 
 
 def test_an_alert_thumbnail_that_is_not_a_jpeg_is_not_passed_to_the_page(recorded):

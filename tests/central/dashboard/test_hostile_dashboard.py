@@ -115,7 +115,10 @@ def test_hostile_station_messages_are_refused_counted_and_the_snapshot_stays_str
     if how in ("non-finite", "huge", "random bytes", "not an object"):
         assert outcome == "malformed", (how, payload[:200])
     assert [s for s in snap["stations"] if s["key"] == GOOD] == good_before
-    for name, change in state.drain_changes(now=5000.0):
+    state.drain_changes(now=5000.0)
+    rows = state.rows(now=5000.0)
+    for name, change in (("overview", state.overview(5000.0, rows)), ("stations", {"stations": rows}),
+                         ("station", state.station_card(GOOD, 5000.0))):
         loads_finite(sse(name, change).split(b"data: ", 1)[1])
     message = retopic(station_messages["result"], *GOOD.split("/"))
     assert state.ingest(message.topic, message.payload, received_at=1002.0) == "applied"
@@ -129,6 +132,9 @@ def test_a_view_that_cannot_be_finite_shows_null_and_the_other_stations_still_sh
     snap = strict_snapshot(state)
     shown = {s["key"]: s for s in snap["stations"]}
     assert set(shown) == {GOOD, "test/other-01"} and shown[GOOD]["stats"]["fps_total"] is None
+    rows = {r["key"]: r for r in loads_finite(dumps_finite(state.rows(now=5000.0)))}
+    assert set(rows) == {GOOD, "test/other-01"} and rows[GOOD]["fps_total"] is None
+    assert loads_finite(dumps_finite(state.station_card(GOOD, 5000.0)))["stats"]["fps_total"] is None
 
 
 # ---------------------------------------------------------------- over HTTP and a real broker
@@ -144,7 +150,8 @@ def test_the_page_needs_a_password_by_default_and_health_stays_open(broker):
     try:
         user, password = dash.web_auth
         assert user == "viewer" and len(password) >= 24
-        for path in ("/", "/api/state", "/events", "/static/app.js"):
+        for path in ("/", "/api/state", "/api/overview", "/api/stations", "/api/stations/a/b", "/events",
+                     "/static/app.js"):
             response = httpx.get(dash.url.rstrip("/") + path, timeout=10)
             assert response.status_code == 401 and response.json()["error"] == "authentication required", path
             assert response.headers["www-authenticate"].startswith("Basic")
@@ -175,7 +182,8 @@ def test_the_cli_writes_the_password_it_made_to_a_file_only_its_owner_reads(brok
 
 METHODS = st.sampled_from(["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"])
 PATHS = st.sampled_from(["/", "/index.html", "/api/state", "/healthz", "/static/app.js", "/static/../x",
-                         "/static/%2e%2e/state.py", "/static/a%00.js", "/api", "/api/state/x", "/nope"]) | st.text(
+                         "/static/%2e%2e/state.py", "/static/a%00.js", "/api", "/api/state/x", "/nope", "/api/overview",
+                         "/api/stations", "/api/stations/a/b", "/api/stations/a"]) | st.text(
     alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7e, exclude_characters="?#"), max_size=60).map(
     lambda p: "/" + p)
 
@@ -233,7 +241,7 @@ def test_over_a_real_broker_bad_messages_are_counted_and_the_page_still_lists_th
         assert [s["key"] for s in snap["stations"]] == [GOOD] and snap["counters"]["malformed"] == 4
         with httpx.stream("GET", dash.url + "events", timeout=10) as stream:
             lines = stream.iter_lines()
-            data = next(line for line in lines if line.startswith("data: "))
+            data = next(line for line in lines if line.startswith("data: ") and '"offset"' in line)
             assert loads_finite(data[6:])["stations"][0]["key"] == GOOD
     finally:
         dash.stop()
