@@ -289,7 +289,17 @@ class PresenceConfig(_Strict):
     background_threshold: float = _finite(
         25.0, gt=0, le=255, title="Foreground threshold",
         description="Per-pixel colour difference (largest channel, 0..255) of the blurred, light-corrected frame "
-                    "from the background above which a pixel is foreground.")
+                    "from the background above which a pixel is foreground; with background_noise_k, the "
+                    "most it may be.")
+    background_noise_k: float = _finite(
+        0.0, ge=0, le=50, title="Threshold from the scene's noise",
+        description="0: the fixed background_threshold. Above 0: each frame's threshold is this many times the "
+                    "scene's own residual noise (from the lower quartile of the difference image), between "
+                    "background_min_threshold and background_threshold: a dark, quiet belt gets a lower one, so "
+                    "dark items on it are found whole.")
+    background_min_threshold: float = _finite(
+        8.0, gt=0, le=255, title="Lowest threshold from the noise",
+        description="The lowest threshold background_noise_k may give.")
     background_alpha: float = _finite(0.05, gt=0, le=1, title="Background learning rate",
                                       description="How fast the background follows the scene while it is empty.")
     busy_alpha: float = _finite(0.005, ge=0, le=1, title="Background learning rate with an item",

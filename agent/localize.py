@@ -273,10 +273,27 @@ def _quadratic(coef: np.ndarray, height: int, width: int) -> np.ndarray:
     return (c[0] + c[1] * x + c[3] * x * x) + y * (c[2] + c[4] * x) + c[5] * y * y
 
 
+NOISE_QUANTILE = 0.25          # of the difference image: the belt's own, while an item covers under 3/4 of the ROI
+HALF_NORMAL_Q25 = 0.3186       # the 25th percentile of |N(0, 1)|
+
+
+def noise_threshold(diff: np.ndarray, threshold: float, noise_k: float, min_threshold: float) -> float:
+    """The threshold this frame needs: ``noise_k`` x the scene's own residual noise (sigma from the lower
+    quartile of the difference image, which the empty scene owns), between ``min_threshold`` and ``threshold``.
+    A dark, quiet belt gets a low threshold (a dark item differs from it by little), a bright or busy scene
+    keeps the full one. ``noise_k`` 0: the fixed ``threshold``."""
+    if noise_k <= 0:
+        return threshold
+    sigma = float(np.quantile(diff, NOISE_QUANTILE)) / HALF_NORMAL_Q25
+    return float(min(threshold, max(min_threshold, noise_k * sigma)))
+
+
 def foreground_mask(frame: np.ndarray, background: np.ndarray, gain: float, threshold: float,
-                    open_px: int = 3, close_px: int = 5, field: np.ndarray | None = None) -> np.ndarray:
+                    open_px: int = 3, close_px: int = 5, field: np.ndarray | None = None,
+                    noise_k: float = 0.0, min_threshold: float = 8.0) -> np.ndarray:
     """uint8 0/1 mask of the working copy: largest per-channel difference from the lit background over
-    threshold; lit by ``field`` (HxW gains) when given, else by the one ``gain``."""
+    threshold (or over ``noise_threshold``'s when ``noise_k`` > 0); lit by ``field`` (HxW gains) when given,
+    else by the one ``gain``."""
     if field is not None:
         lit = background * (field[:, :, None] if background.ndim == 3 else field)
     else:
@@ -284,7 +301,7 @@ def foreground_mask(frame: np.ndarray, background: np.ndarray, gain: float, thre
     diff = cv2.absdiff(frame, lit)
     if diff.ndim == 3:
         diff = cv2.max(cv2.max(diff[:, :, 0], diff[:, :, 1]), diff[:, :, 2])
-    mask = (diff > threshold).astype(np.uint8)
+    mask = (diff > noise_threshold(diff, threshold, noise_k, min_threshold)).astype(np.uint8)
     if open_px > 1:
         mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, np.ones((open_px, open_px), np.uint8))
     if close_px > 1:
@@ -332,7 +349,8 @@ def to_roi(box: tuple[int, int, int, int], scale: float, roi_hw: tuple[int, int]
 
 def foreground_box(image: np.ndarray, background: np.ndarray, *, work_size: int = 96, texture_px: float = 12.0,
                    threshold: float = 25.0, min_area: float = 0.005, join_px: float = 8.0, max_gain: float = 1.6,
-                   gain: float | None = None, max_local_gain: float = 1.4) -> Foreground:
+                   gain: float | None = None, max_local_gain: float = 1.4, noise_k: float = 0.0,
+                   min_threshold: float = 8.0) -> Foreground:
     """The item's box in ``image`` (HxWx3 uint8 RGB ROI) against ``background`` (the empty scene, same size).
 
     The station's ``Localizer`` calls the same steps with its learned background; the trainer calls this
@@ -349,13 +367,13 @@ def foreground_box(image: np.ndarray, background: np.ndarray, *, work_size: int 
     if gain is None:
         gain, field = estimate_light(frame, back, max_gain, max_local_gain)
     return _locate(frame, back, scale, image.shape[:2], threshold=threshold, min_area=min_area, join_px=join_px,
-                   gain=gain, field=field)[0]
+                   gain=gain, field=field, noise_k=noise_k, min_threshold=min_threshold)[0]
 
 
 def _locate(frame: np.ndarray, back: np.ndarray, scale: float, roi_hw: tuple[int, int], *, threshold: float,
-            min_area: float, join_px: float, gain: float,
-            field: np.ndarray | None = None) -> tuple[Foreground, np.ndarray]:
-    mask = foreground_mask(frame, back, gain, threshold, field=field)
+            min_area: float, join_px: float, gain: float, field: np.ndarray | None = None,
+            noise_k: float = 0.0, min_threshold: float = 8.0) -> tuple[Foreground, np.ndarray]:
+    mask = foreground_mask(frame, back, gain, threshold, field=field, noise_k=noise_k, min_threshold=min_threshold)
     box, fg_pixels = item_box(mask, min_area * mask.size, join_px * scale)
     fraction = fg_pixels / float(mask.size)
     return Foreground(to_roi(box, scale, roi_hw, mask.shape[:2]) if box else None, fraction, gain), mask
@@ -368,6 +386,8 @@ class LocalizerSettings:
     work_size: int = 96
     texture_px: float = 12.0
     threshold: float = 25.0
+    noise_k: float = 0.0
+    min_threshold: float = 8.0
     min_area: float = 0.005
     join_px: float = 8.0
     max_gain: float = 1.6
@@ -380,7 +400,8 @@ class LocalizerSettings:
     @classmethod
     def from_config(cls, presence: Any) -> "LocalizerSettings":
         return cls(work_size=presence.work_size, texture_px=presence.texture_px,
-                   threshold=presence.background_threshold, min_area=presence.min_area, join_px=presence.join_px,
+                   threshold=presence.background_threshold, noise_k=presence.background_noise_k,
+                   min_threshold=presence.background_min_threshold, min_area=presence.min_area, join_px=presence.join_px,
                    max_gain=presence.max_gain, max_local_gain=presence.max_local_gain,
                    alpha=presence.background_alpha, busy_alpha=presence.busy_alpha,
                    warmup_frames=presence.warmup_frames, relearn_frames=presence.relearn_frames)
@@ -416,7 +437,8 @@ class Localizer:
             return Located(False, None, None, 0.0, settled=False)
         self.gain, self.light = self._light(frame, scale)
         found, mask = _locate(frame, self.background, scale, roi_hw, threshold=s.threshold, min_area=s.min_area,
-                              join_px=s.join_px, gain=self.gain, field=self.light)
+                              join_px=s.join_px, gain=self.gain, field=self.light, noise_k=s.noise_k,
+                              min_threshold=s.min_threshold)
         crop = crop_box(found.box, roi_hw, policy)
         present = crop is not None
         self._learn(frame, present, found.box, scale, mask)

@@ -17,6 +17,7 @@ from agent.localize import (
     crop_box,
     foreground_box,
     model_view,
+    noise_threshold,
 )
 from contract.preprocess import CropPolicy
 
@@ -200,6 +201,37 @@ def test_foreground_box_with_a_known_background_matches_the_truth(fmnist_test_im
     assert foreground_box(empty, empty).box is None
     with pytest.raises(ValueError, match="differ in shape"):
         foreground_box(empty, empty[:100])
+
+
+def _dark_belt(rng: np.random.Generator, noise: float) -> np.ndarray:
+    return np.clip(35 + rng.normal(0, noise, (ROI, ROI, 3)), 0, 255).astype(np.uint8)
+
+
+def test_a_threshold_from_the_scene_noise_finds_a_dark_item_on_a_quiet_dark_belt_whole():
+    # given: a dark garment (brightness 17) on a dark, quiet belt (35): it differs by less than the default 25
+    rng = np.random.default_rng(4)
+    empty = _dark_belt(rng, 2.0)
+    image = _dark_belt(rng, 2.0)
+    image[100:220, 80:190] = np.clip(17 + rng.normal(0, 2.0, (120, 110, 3)), 0, 255).astype(np.uint8)
+    truth = (80, 100, 190, 220)
+    # when / then: the fixed threshold loses the item, the scene's own noise sets one that finds it whole
+    fixed = foreground_box(image, empty, gain=1.0, threshold=25.0)
+    assert fixed.box is None or iou(fixed.box, truth) < 0.5
+    adaptive = foreground_box(image, empty, gain=1.0, threshold=25.0, noise_k=4.0)
+    assert adaptive.box is not None and iou(adaptive.box, truth) >= 0.85
+    # and the empty belt is still empty under it
+    assert foreground_box(_dark_belt(rng, 2.0), empty, gain=1.0, noise_k=4.0).box is None
+
+
+def test_the_noise_threshold_stays_between_its_bounds():
+    rng = np.random.default_rng(5)
+    quiet = np.abs(rng.normal(0, 1.0, (96, 96))).astype(np.float32)
+    busy = np.abs(rng.normal(0, 20.0, (96, 96))).astype(np.float32)
+    assert noise_threshold(quiet, 25.0, 0.0, 8.0) == 25.0              # off: the fixed threshold
+    assert noise_threshold(quiet, 25.0, 4.0, 8.0) == 8.0               # quiet: the floor
+    assert noise_threshold(busy, 25.0, 4.0, 8.0) == 25.0               # busy: the ceiling
+    mid = np.abs(rng.normal(0, 4.0, (96, 96))).astype(np.float32)
+    assert 12.0 < noise_threshold(mid, 25.0, 4.0, 8.0) < 20.0          # 4 x sigma 4, from the lower quartile
 
 
 def test_warm_up_frames_are_the_empty_scene_unless_an_image_is_given(fmnist_test_images):
