@@ -256,8 +256,17 @@ def _measure(args, cfg, work, plain, broker, procs, logs, base, store, streams, 
             "cards_open": watch, "connects": sum(s.connects for s in streams),
             "mib": round(sum(s.bytes for s in streams) / 2**20, 1), "ids_seen": len(first_seen)},
         "cost": usage, "cost_per_1000_stations": per_1000,
-        "machine": {"cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2)},
+        "machine": {"cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2)}, "code": _code(),
     }
+
+
+def _code() -> dict[str, Any]:
+    """The commit measured, and whether the dashboard or ingest code had changes not yet committed."""
+    def git(*argv: str) -> str:
+        return subprocess.run(["git", *argv], cwd=REPO, capture_output=True, text=True).stdout.rstrip("\n")
+
+    return {"commit": git("rev-parse", "HEAD"),
+            "uncommitted": git("status", "--porcelain", "central", "agent", "contract").splitlines()}
 
 
 def _health(base: str) -> dict[str, Any]:
