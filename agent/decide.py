@@ -6,6 +6,7 @@ tests are exact and the pipeline stays the only place with side effects.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
@@ -187,6 +188,9 @@ class LaneMap:
         return self.cfg.lanes.get(label, self.cfg.default_lane)
 
 
+REVIEW_BUDGET_MIN_ITEMS = 10     # recent items the review budget needs before it ranks
+
+
 class ItemTracker:
     """Groups one camera's frames into items and decides each item once, when it leaves."""
 
@@ -200,6 +204,8 @@ class ItemTracker:
         self.top_k = top_k
         self.items_seen = 0
         self.noise_items = 0
+        self.spared = 0                  # flagged items the review budget sorted by their label
+        self._recent: deque[float] = deque(maxlen=lanes.cfg.review_window)   # decided items' confidences
         self._frames: list[Observation] = []
         self._gap = 0
 
@@ -239,6 +245,19 @@ class ItemTracker:
         whole = [o for o in frames if o.whole] if self.cfg.whole_views else frames
         return whole or frames
 
+    def _over_budget(self, confidence: float) -> bool:
+        """With ``review_budget``: is this flagged item more certain than the budget's share of recent items?
+
+        The thresholds say which items are unsure; the budget keeps the review lane to about that share of the
+        station's own items, the least certain first (a scene less certain than the export's validation set
+        would otherwise send most items to review). Until ``REVIEW_BUDGET_MIN_ITEMS`` items are seen, the
+        thresholds alone decide."""
+        budget = self.lanes.cfg.review_budget
+        if budget is None or len(self._recent) < REVIEW_BUDGET_MIN_ITEMS:
+            return False
+        less_certain = sum(c < confidence for c in self._recent) / len(self._recent)
+        return less_certain >= budget
+
     def _close(self) -> ItemDecision | None:
         frames, self._frames, self._gap = self._frames, [], 0
         if len(frames) < self.cfg.min_frames:
@@ -252,6 +271,10 @@ class ItemTracker:
         reasons = self.policy.reasons(confidence, float(ranked[0] - ranked[1]), entropy(mean))
         if agreement < self.lanes.cfg.min_agreement:
             reasons = reasons + (f"agreement {agreement:.2f} < {self.lanes.cfg.min_agreement:g}",)
+        if reasons and self._over_budget(confidence):
+            self.spared += 1
+            reasons = ()
+        self._recent.append(confidence)
         label = self.labels[class_id]
         return ItemDecision(
             camera_id=self.camera_id, item_seq=self.items_seen, label=label, class_id=class_id,

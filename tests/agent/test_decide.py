@@ -207,3 +207,36 @@ def test_classify_batch_equals_classify_row_by_row():
         want = classify(row, LABELS, 2, policies[0])
         assert (got.class_id, got.top_k, got.reasons) == (want.class_id, want.top_k, want.reasons)
         assert got.margin == pytest.approx(want.margin) and got.entropy == pytest.approx(want.entropy)
+
+
+def _decide_item(t: ItemTracker, top: float, start: int):
+    rest = (1.0 - top) / 2
+    t.update(obs(start, [top, rest, rest]), True)
+    t.update(obs(start + 1, [top, rest, rest]), True)
+    return t.flush()
+
+
+def test_the_review_budget_sends_only_the_least_certain_share_of_recent_items_to_review():
+    # given: a scene where every item is below the 0.5 threshold, at confidences spread 0.36-0.49
+    cfg = PresenceConfig(mode="background", min_frames=2, gap_frames=2)
+    policy = LowConfidencePolicy(PolicyThresholds(min_confidence=0.5))
+    confidences = np.random.default_rng(0).permutation(np.linspace(0.36, 0.49, 100))
+    plain = ItemTracker("cam", LABELS, cfg, LaneMap(SortingConfig(review_lane="review")), policy)
+    budget = ItemTracker("cam", LABELS, cfg, LaneMap(SortingConfig(review_lane="review", review_budget=0.1,
+                                                                    review_window=50)), policy)
+    # when
+    without = [_decide_item(plain, c, 10 * i) for i, c in enumerate(confidences)]
+    within = [_decide_item(budget, c, 10 * i) for i, c in enumerate(confidences)]
+    # then: without a budget all 100 go to review; with one, the first 10 (too few seen to rank) and then about
+    # a tenth, each less certain than 90% of the 50 items before it
+    assert all(d.lane == "review" for d in without)
+    reviewed = [d for d in within if d.lane == "review"]
+    assert all(d.low_confidence and d.reasons for d in reviewed)
+    assert all(not d.low_confidence and not d.reasons and d.lane == "default" for d in within if d not in reviewed)
+    later = [d for d in within[10:] if d.lane == "review"]
+    assert 3 <= len(later) <= 18 and budget.spared == 100 - len(reviewed)
+    for i, d in enumerate(within[10:], start=10):
+        recent = confidences[max(0, i - 50):i]
+        assert (d.lane == "review") == (np.mean(recent < confidences[i]) < 0.1)
+    # a confident item is never sent to review, budget or not
+    assert _decide_item(budget, 0.95, 5000).lane == "default"
