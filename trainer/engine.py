@@ -348,6 +348,9 @@ class Trainer:
         try:
             return self._fit()
         finally:
+            # Flushing denormals is process-wide CPU state (DAZ/FTZ): set for the fit only, so the code that runs
+            # after it in the same process (an export, an evaluation, a test) sees IEEE floats again.
+            torch.set_flush_denormal(False)
             if self.dist.enabled:
                 shutdown()
 

@@ -143,3 +143,10 @@ def test_balance_classes_draws_every_class_equally_often(fmnist_dir, cache_image
     plain, balanced = class_counts(False), class_counts(True)
     assert plain[:3].sum() == pytest.approx(120 / 148, abs=0.02)        # drawn as stored: 81% from 3 classes
     assert balanced.min() > 0.08 and balanced.max() < 0.12               # every class ~10%
+
+
+def test_a_fit_leaves_the_process_with_ieee_floats(trained_run):
+    """The fit flushes denormals for speed (process-wide CPU state); after it, subnormal numbers exist again
+    for whatever runs next in the process (an export, an evaluation, property tests drawing floats)."""
+    smallest = math.ulp(0.0)          # 5e-324, a subnormal: compares as zero while denormals are flushed
+    assert smallest > 0.0 and smallest * 2 > smallest
