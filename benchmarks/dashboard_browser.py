@@ -298,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(text + "\n")
+    if not result["meets_targets"]:          # a gate: the figures the docs promise, or exit 1
+        print("FAIL: a target is missed", file=sys.stderr)
+        return 1
     return 0
 
 
