@@ -26,15 +26,17 @@ from agent.config import (
     CameraConfig,
     CaptureEmptyCommand,
     ConfigError,
+    ExpectCommand,
     Thresholds,
     ThresholdsCommand,
     format_errors,
 )
 from agent.health import Metrics, PrometheusServer
 from agent.mqtt import MqttPublisher
-from agent.outbox import Outbox
+from agent.outbox import Message, Outbox
 from agent.pipeline import InferenceStage, ModelHolder, ModelRuntime
 from agent.prepare import camera_preparer, load_empty_scene
+from agent.receiving import Shipment, ShipmentError, receipt_body
 from agent.sources.base import FrameSource
 from agent.sources.camera import CameraWorker, FrameHub, Watchdog
 from agent.state import STATE_FILE, StationState
@@ -46,8 +48,10 @@ log = logging.getLogger(__name__)
 
 AGENT_VERSION = "0.1.0"
 COMMAND_QUEUE = 16              # commands waiting for the command thread; more are refused (and say so)
-COMMAND_MAX_BYTES = 64 * 1024   # cmd/thresholds and cmd/capture-empty are a few fields
-LAST_RESULT = {"model": "last_update", "thresholds": "last_thresholds", "capture-empty": "last_capture_empty"}
+COMMAND_MAX_BYTES = 64 * 1024   # cmd/thresholds and cmd/capture-empty are a few fields, cmd/expect up to 1,000 lines
+LAST_RESULT = {"model": "last_update", "thresholds": "last_thresholds", "capture-empty": "last_capture_empty",
+               "expect": "last_expect"}
+RESULT_FIELD = {"thresholds": "applied", "capture-empty": "requested", "expect": "shipment"}  # the refused result's
 
 
 class StartupError(Exception):
@@ -166,6 +170,8 @@ class Agent:
         self.last_update: dict[str, Any] | None = None
         self.last_thresholds: dict[str, Any] | None = None
         self.last_capture_empty: dict[str, Any] | None = None
+        self.last_expect: dict[str, Any] | None = None
+        self._shipment_lock = threading.Lock()      # the desk read and the state written as one step
         self.fetch_deadline_s = FETCH_DEADLINE_S        # a bundle download's whole time (agent/update.py)
         self.state: StationState | None = None
         self.public_key = None
@@ -238,6 +244,8 @@ class Agent:
         self.hub = hub
         self.inference = InferenceStage(self.cfg, hub, self.model, self.outbox, self.metrics, self.cameras_done)
         self._restore_thresholds()
+        self._restore_shipment()
+        self.inference.on_receipt = self._save_shipment
         self._threads = [self.publisher, self.inference, *self.workers, Watchdog(self.workers, self.stop_event),
                          threading.Thread(target=self._stats_loop, name="stats", daemon=True),
                          threading.Thread(target=self._command_loop, name="commands", daemon=True)]
@@ -261,6 +269,26 @@ class Agent:
             else:
                 log.info("thresholds for camera %s restored from cmd/thresholds: %s", cid, values)
 
+    def _restore_shipment(self) -> None:
+        assert self.inference is not None and self.state is not None
+        if self.state.shipment is None:
+            return
+        try:
+            shipment = Shipment.from_json(self.state.shipment)
+        except ShipmentError as exc:
+            log.error("%s: open shipment not restored: %s", self.state.path, exc)
+            return
+        self.inference.receiving.restore(shipment)
+        log.info("shipment %s restored from cmd/expect: %d line(s), %d item(s) received so far", shipment.id,
+                 len(shipment.expected), sum(shipment.received.values()) + shipment.review)
+
+    def _save_shipment(self) -> None:
+        """The open shipment (or none) into station-state.json, as the desk holds it at this moment."""
+        if self.state is None or self.inference is None:
+            return
+        with self._shipment_lock:
+            self._save_state(lambda: self.state.set_shipment(self.inference.receiving.saved()))
+
     def cameras_done(self) -> bool:
         return all(w.ended.is_set() for w in self.workers)
 
@@ -276,7 +304,7 @@ class Agent:
                 "artifact_choice": _choice_json(runtime),
                 "cameras": {w.cfg.id: w.connected for w in self.workers},
                 "last_model_update": self.last_update, "last_thresholds_update": self.last_thresholds,
-                "last_capture_empty": self.last_capture_empty}
+                "last_capture_empty": self.last_capture_empty, "last_expect_update": self.last_expect}
 
     def stats_body(self) -> dict[str, Any]:
         assert self.outbox is not None
@@ -333,7 +361,7 @@ class Agent:
             running = self.model.current.bundle if self.model else None
             result["running"] = {"name": running.name, "version": running.version} if running else None
         else:
-            result["applied" if verb == "thresholds" else "requested"] = None
+            result[RESULT_FIELD[verb]] = None
         setattr(self, LAST_RESULT[verb], result)
         if self.publisher is not None:
             self.publisher.request_status()
@@ -345,6 +373,8 @@ class Agent:
             self.update_thresholds(payload)
         elif verb == "capture-empty":
             self.capture_empty(payload)
+        elif verb == "expect":
+            self.expect(payload)
         else:
             log.warning("unknown command cmd/%s ignored", verb)
 
@@ -373,6 +403,41 @@ class Agent:
         self.last_capture_empty = {"ok": ok, "reason": reason, "ts": round(time.time(), 6), "requested": requested}
         if not ok:
             self.metrics.inc("commands_rejected_total", command="capture-empty")
+        if self.publisher is not None:
+            self.publisher.request_status()
+        return ok
+
+    def expect(self, payload: bytes) -> bool:
+        """cmd/expect: open a shipment (decisions weigh its lines, receipts count against them) or close it with
+        a final receipt; the status says which, or why not."""
+        assert self.inference is not None and self.model is not None
+        desk = self.inference.receiving
+        try:
+            cmd = ExpectCommand.model_validate(command_json("expect", payload))
+            if cmd.close:
+                shipment = desk.close(cmd.shipment)
+            else:
+                shipment = desk.open(cmd, self.model.current.bundle.labels)
+        except ValidationError as exc:
+            return self._expect_result(False, _command_errors("expect", exc), None)
+        except ValueError as exc:        # ShipmentError included
+            return self._expect_result(False, str(exc), None)
+        if cmd.close:
+            body = receipt_body(shipment.receipt(), site=self.cfg.site, station=self.cfg.station, ts=time.time(),
+                                final=True)
+            assert self.outbox is not None
+            self.outbox.put(Message("receipt", body))
+            self.metrics.inc("receipts_total")
+        self._save_shipment()
+        summary = {"id": shipment.id, "state": "closed" if cmd.close else "open", "lines": len(shipment.expected)}
+        return self._expect_result(True, None, summary)
+
+    def _expect_result(self, ok: bool, reason: str | None, shipment: dict[str, Any] | None) -> bool:
+        (log.info if ok else log.error)("cmd/expect %s: %s", "applied" if ok else "rejected", shipment or reason)
+        self.last_expect = {"ok": ok, "reason": reason[:2000] if reason else None, "ts": round(time.time(), 6),
+                            "shipment": shipment}
+        if not ok:
+            self.metrics.inc("commands_rejected_total", command="expect")
         if self.publisher is not None:
             self.publisher.request_status()
         return ok

@@ -95,6 +95,34 @@ class CaptureEmptyCommand(_Strict):
                                       description="Camera ids; None: every camera.")
 
 
+SHIPMENT_ID = r"^[A-Za-z0-9_.:-]+$"
+MAX_SHIPMENT_LINES = 1000           # expected labels of one shipment (contract/schemas/mqtt/cmd-expect.v1.json)
+MAX_LINE_COUNT = 1_000_000          # items expected of one label
+
+
+class ExpectCommand(_Strict):
+    """Payload of cmd/expect: open a shipment with its expected lines (label -> count), or close it."""
+
+    shipment: str = Field(..., min_length=1, max_length=64, pattern=SHIPMENT_ID, title="Shipment",
+                          description="The shipment's id, as the dock's system knows it.")
+    lines: dict[str, int] | None = Field(None, min_length=1, max_length=MAX_SHIPMENT_LINES, title="Expected lines",
+                                         description="Label -> items expected; required to open, absent to close.")
+    close: bool = Field(False, title="Close", description="True: close the open shipment of this id.")
+
+    @model_validator(mode="after")
+    def _open_or_close(self) -> "ExpectCommand":
+        if self.close and self.lines is not None:
+            raise ValueError("field lines: not allowed with close: true (a close names only the shipment)")
+        if not self.close and self.lines is None:
+            raise ValueError("field lines: required to open a shipment (or send close: true)")
+        for label, count in (self.lines or {}).items():
+            if not 0 < len(label) <= 256:
+                raise ValueError(f"field lines: label {label[:40]!r} must be 1 to 256 characters")
+            if not 1 <= count <= MAX_LINE_COUNT:
+                raise ValueError(f"field lines.{label}: {count} is not between 1 and {MAX_LINE_COUNT}")
+        return self
+
+
 class Backoff(_Strict):
     initial_s: float = Field(0.5, gt=0, le=HOUR_S, title="Initial delay", description="First wait before a retry, seconds.")
     max_s: float = Field(30.0, gt=0, le=HOUR_S, title="Maximum delay", description="Cap of the exponential backoff, seconds.")
@@ -372,6 +400,23 @@ class SortingConfig(_Strict):
                                description="Recent items per camera the review budget ranks an item among.")
 
 
+class ReceivingConfig(_Strict):
+    """Receiving against a shipment's expected lines (cmd/expect, agent/receiving.py)."""
+
+    expected_weight: float = _finite(
+        2.0, ge=1, le=1000, title="Expected-label weight",
+        description="While a shipment is open, an item's consensus probabilities are multiplied by this for "
+                    "labels the shipment still expects (1 for the others) and renormalized before it is decided. "
+                    "1: the shipment does not sway decisions.")
+    receipt_interval_s: float = _finite(
+        0.0, ge=0, le=HOUR_S, title="Receipt interval",
+        description="0: a receipt after every decided item; above 0: at most one receipt in this time (the "
+                    "items between are in the next one). Closing a shipment always publishes the final receipt.")
+    max_refs: int = Field(50, ge=1, le=100, title="References per line",
+                          description="Decisions listed behind each discrepancy of a receipt (the newest; the "
+                                      "others are counted in refs_left_off).")
+
+
 class QcConfig(_Strict):
     defect_classes: list[str] = Field(default_factory=list, title="Defect classes", description="Labels that raise an alert.")
     min_confidence: float = Field(0.5, ge=0, le=1, title="Alert confidence", description="Minimum probability of a defect to alert.")
@@ -383,6 +428,8 @@ class DecisionsConfig(_Strict):
     presence: PresenceConfig = Field(default_factory=PresenceConfig, title="Presence", description="Item presence.")
     sorting: SortingConfig = Field(default_factory=SortingConfig, title="Sorting", description="Lane mapping.")
     qc: QcConfig = Field(default_factory=QcConfig, title="QC", description="Defect alerts.")
+    receiving: ReceivingConfig = Field(default_factory=ReceivingConfig, title="Receiving",
+                                       description="Decisions and receipts while a shipment is open (cmd/expect).")
     publish_results: bool = Field(True, title="Publish results", description="Publish every per-frame result.")
     empty_frames: Literal["skip", "publish"] = Field(
         "skip", title="Empty frames",

@@ -166,14 +166,28 @@ class ItemDecision:
     low_confidence: bool
     reasons: tuple[str, ...]
     top_k: tuple[tuple[str, float], ...]
+    frame_seqs: tuple[int, int] | None = None     # the first and last frame the item was seen in
+    prior: bool = False                           # decided with a shipment's expected-label weights
 
 
-def consensus(observations: Sequence[Observation], labels: Sequence[str], k: int = 3
-              ) -> tuple[int, float, float, tuple[tuple[str, float], ...]]:
-    """Mean probability over the item's frames: (class id, its mean prob, share of frames agreeing, top-k)."""
-    mean = np.mean([o.classification.probs for o in observations], axis=0)
+def weighted(probs: np.ndarray, prior: np.ndarray | None) -> np.ndarray:
+    """Probability rows times ``prior`` (per label), renormalized; the rows unchanged without a prior."""
+    if prior is None:
+        return probs
+    out = np.asarray(probs, dtype=np.float64) * prior
+    return out / out.sum(axis=-1, keepdims=True)
+
+
+def consensus(observations: Sequence[Observation], labels: Sequence[str], k: int = 3,
+              prior: np.ndarray | None = None) -> tuple[int, float, float, tuple[tuple[str, float], ...]]:
+    """Mean probability over the item's frames: (class id, its mean prob, share of frames agreeing, top-k).
+
+    ``prior`` (per-label weights, agent/receiving.py) weighs every frame's probabilities before the mean, so
+    the agreement counts frames whose weighted top-1 is the winner."""
+    rows = weighted(np.array([o.classification.probs for o in observations]), prior)
+    mean = rows.mean(axis=0)
     winner = int(np.argmax(mean))
-    agreement = sum(o.classification.class_id == winner for o in observations) / len(observations)
+    agreement = float((rows.argmax(axis=1) == winner).sum()) / len(observations)
     order = np.argsort(-mean, kind="stable")[:k]
     return winner, float(mean[winner]), agreement, tuple((labels[int(i)], round(float(mean[i]), 6)) for i in order)
 
@@ -195,13 +209,15 @@ class ItemTracker:
     """Groups one camera's frames into items and decides each item once, when it leaves."""
 
     def __init__(self, camera_id: str, labels: Sequence[str], presence: PresenceConfig,
-                 lanes: LaneMap, policy: LowConfidencePolicy, top_k: int = 3) -> None:
+                 lanes: LaneMap, policy: LowConfidencePolicy, top_k: int = 3,
+                 prior: Callable[[Sequence[str]], np.ndarray | None] | None = None) -> None:
         self.camera_id = camera_id
         self.labels = list(labels)
         self.cfg = presence
         self.lanes = lanes
         self.policy = policy
         self.top_k = top_k
+        self.prior = prior               # per-label weights of the open shipment, asked once per item
         self.items_seen = 0
         self.noise_items = 0
         self.spared = 0                  # flagged items the review budget sorted by their label
@@ -265,8 +281,9 @@ class ItemTracker:
             return None
         self.items_seen += 1
         seen, frames = frames, self._deciding(frames)
-        class_id, confidence, agreement, top_k = consensus(frames, self.labels, self.top_k)
-        mean = np.mean([o.classification.probs for o in frames], axis=0)
+        prior = self.prior(self.labels) if self.prior is not None else None
+        class_id, confidence, agreement, top_k = consensus(frames, self.labels, self.top_k, prior)
+        mean = weighted(np.array([o.classification.probs for o in frames]), prior).mean(axis=0)
         ranked = np.sort(mean)[::-1]
         reasons = self.policy.reasons(confidence, float(ranked[0] - ranked[1]), entropy(mean))
         if agreement < self.lanes.cfg.min_agreement:
@@ -281,6 +298,7 @@ class ItemTracker:
             confidence=round(confidence, 6), agreement=round(agreement, 4), frames=len(seen),
             first_seen=seen[0].captured_at, last_seen=seen[-1].captured_at,
             lane=self.lanes.lane_for(label, bool(reasons)), low_confidence=bool(reasons), reasons=reasons, top_k=top_k,
+            frame_seqs=(seen[0].frame_seq, seen[-1].frame_seq), prior=prior is not None,
         )
 
 

@@ -18,6 +18,7 @@ import logging
 import queue
 import threading
 import time
+import uuid
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
@@ -47,6 +48,7 @@ from agent.localize import cut
 from agent.outbox import Message, Outbox
 from agent.prepare import camera_preparer, fed_box, load_empty_scene, model_input_image
 from agent.priority import lower_this_thread
+from agent.receiving import ReceivingDesk, receipt_body
 from agent.sources.base import Frame
 from agent.sources.camera import FrameHub
 from contract.bundle import Bundle
@@ -116,12 +118,14 @@ def _prepare_seconds(batch: list[Frame]) -> float:
 class CameraDecisions:
     """Per-camera decision state: policy and item tracker."""
 
-    def __init__(self, cam: CameraConfig, cfg: AgentConfig, bundle: Bundle, override: Thresholds | None = None) -> None:
+    def __init__(self, cam: CameraConfig, cfg: AgentConfig, bundle: Bundle, override: Thresholds | None = None,
+                 receiving: ReceivingDesk | None = None) -> None:
         self.policy = LowConfidencePolicy(PolicyThresholds.resolve(bundle.thresholds,
                                                                    merge_thresholds(cam.thresholds, override)))
         presence = cfg.decisions.presence
+        prior = receiving.prior if receiving is not None else None
         self.tracker = (ItemTracker(cam.id, bundle.labels, presence, LaneMap(cfg.decisions.sorting), self.policy,
-                                    cfg.decisions.top_k) if presence.mode != "off" else None)
+                                    cfg.decisions.top_k, prior) if presence.mode != "off" else None)
 
 
 @dataclass
@@ -158,6 +162,9 @@ class InferenceStage(threading.Thread):
         self.empty_scenes = (EmptySceneCapture([c.id for c in cfg.cameras], interval_s=fcfg.empty_scene_interval_s,
                                                wait_s=fcfg.empty_scene_wait_s, spacing_s=fcfg.empty_scene_spacing_s,
                                                now=clock()) if fcfg.enabled else None)
+        # the open shipment (cmd/expect): weighs item decisions, tallied into receipts (agent/receiving.py)
+        self.receiving = ReceivingDesk(cfg.decisions.receiving, clock)
+        self.on_receipt: Callable[[], None] | None = None    # after a receipt is stored: the agent saves its state
         self._runtime: ModelRuntime | None = None
         self.threshold_overrides: dict[str, Thresholds] = {}
         self._cameras: dict[str, CameraDecisions] = {}
@@ -261,8 +268,10 @@ class InferenceStage(threading.Thread):
         for i, frame in enumerate(batch):
             messages.extend(self._decide(frame, by_position.get(i), runtime, timings,
                                          queue_s=inferred.started - frame.captured_mono))
+        messages.extend(self._due_receipt())
         if messages:
             self.outbox.put_many(messages)
+            self._receipt_stored(messages)
         self.metrics.observe("decide", (time.monotonic() - t2) / len(batch))
         for stage, seconds in timings.items():
             self.metrics.observe(stage, seconds)
@@ -301,8 +310,8 @@ class InferenceStage(threading.Thread):
         """A new model: decide items still open with the old one, then fresh per-camera state."""
         self._flush_items()
         self._runtime = runtime
-        self._cameras = {c.id: CameraDecisions(c, self.cfg, runtime.bundle, self.threshold_overrides.get(c.id))
-                         for c in self.cfg.cameras}
+        self._cameras = {c.id: CameraDecisions(c, self.cfg, runtime.bundle, self.threshold_overrides.get(c.id),
+                                               self.receiving) for c in self.cfg.cameras}
         self.metrics.info.update(model_name=runtime.bundle.name, model_version=runtime.bundle.version)
 
     def set_thresholds(self, camera_ids: list[str], thresholds: Thresholds) -> None:
@@ -326,8 +335,24 @@ class InferenceStage(threading.Thread):
         for state in self._cameras.values():
             if state.tracker is not None and (decision := state.tracker.flush()) is not None:
                 messages.append(self._decision_message(decision))
+        messages.extend(self._due_receipt())
         if messages:
             self.outbox.put_many(messages)
+            self._receipt_stored(messages)
+
+    def _due_receipt(self) -> list[Message]:
+        """The open shipment's receipt, when items were decided since the last one and its interval allows."""
+        now = self.clock()
+        receipt = self.receiving.due_receipt(now)
+        if receipt is None:
+            return []
+        self.metrics.inc("receipts_total")
+        return [Message("receipt", receipt_body(receipt, site=self.cfg.site, station=self.cfg.station, ts=now,
+                                                final=False))]
+
+    def _receipt_stored(self, messages: list[Message]) -> None:
+        if self.on_receipt is not None and messages[-1].kind == "receipt":
+            self.on_receipt()
 
     def _decide(self, frame: Frame, cls: Classification | None, runtime: ModelRuntime, timings: dict[str, float],
                 queue_s: float) -> list[Message]:
@@ -418,8 +443,11 @@ class InferenceStage(threading.Thread):
                              "thumbnail_jpeg_b64": thumbnail_b64(frame.image)}}
 
     def _decision_message(self, d: ItemDecision) -> Message:
+        """The decision, its id set here (the outbox keeps it) so the shipment's tally can name it."""
         runtime = self._runtime
-        body = {"schema": "decision.v1", "ts": round(self.clock(), 6), "site": self.cfg.site,
+        decision_id = str(uuid.uuid4())
+        self.receiving.record(d, decision_id)
+        body = {"schema": "decision.v1", "id": decision_id, "ts": round(self.clock(), 6), "site": self.cfg.site,
                 "station": self.cfg.station, "camera": d.camera_id, "item_seq": d.item_seq, "label": d.label,
                 "class_id": d.class_id, "confidence": d.confidence, "agreement": d.agreement, "frames": d.frames,
                 "first_seen": round(d.first_seen, 6), "last_seen": round(d.last_seen, 6), "lane": d.lane,

@@ -1,7 +1,8 @@
 """What a station was told at run time and must keep across restarts.
 
-``cmd/model`` installs a verified bundle and ``cmd/thresholds`` tunes the low-confidence policy
-while the agent runs. Both are written to ``station-state.json`` beside the outbox database (the
+``cmd/model`` installs a verified bundle, ``cmd/thresholds`` tunes the low-confidence policy and
+``cmd/expect`` opens a shipment (its tally is saved with each receipt, agent/receiving.py) while the
+agent runs. All are written to ``station-state.json`` beside the outbox database (the
 folder a station keeps on a volume), atomically, after they took effect; the next start applies
 them again, so a reboot or a container restart does not put a rolled-out station back on the
 config's bundle. The state records the sha256 of the configured bundle's manifest it was made on:
@@ -16,6 +17,7 @@ import hashlib
 import logging
 import os
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,8 @@ class StationState:
     configured_sha256: str | None = None
     model: dict[str, Any] | None = None            # {"bundle": path, "version": ..., "sha256": ...}
     thresholds: dict[str, dict[str, Any]] = field(default_factory=dict)   # camera id -> cmd/thresholds overrides
+    shipment: dict[str, Any] | None = None         # the open shipment (agent/receiving.py Shipment.to_json)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @classmethod
     def load(cls, path: Path, configured_bundle: Path) -> "StationState":
@@ -67,7 +71,7 @@ class StationState:
                         "thresholds win, the old state is kept as %s.previous", path, path.name)
             _set_aside(path, ".previous")
             return fresh
-        return cls(path, configured, raw.get("model"), dict(raw.get("thresholds") or {}))
+        return cls(path, configured, raw.get("model"), dict(raw.get("thresholds") or {}), raw.get("shipment"))
 
     def set_model(self, bundle_root: Path, version: str) -> None:
         self.model = {"bundle": str(bundle_root), "version": version, "sha256": manifest_sha256(bundle_root)}
@@ -78,9 +82,18 @@ class StationState:
         self.thresholds = overrides
         self.save()
 
+    def set_shipment(self, shipment: dict[str, Any] | None) -> None:
+        """The open shipment and its tally (None once it is closed); saved by the decide and command threads."""
+        self.shipment = shipment
+        self.save()
+
     def save(self) -> None:
-        body = {"schema": SCHEMA, "configured_sha256": self.configured_sha256, "model": self.model,
-                "thresholds": self.thresholds}
+        """Atomically; one writer at a time, each writing every field as it is now (none undoes another's)."""
+        with self._lock:
+            self._write({"schema": SCHEMA, "configured_sha256": self.configured_sha256, "model": self.model,
+                         "thresholds": self.thresholds, "shipment": self.shipment})
+
+    def _write(self, body: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
         try:
@@ -94,7 +107,7 @@ class StationState:
             raise
 
 
-MAX_STATE_BYTES = 1 << 20      # a bundle path, a version and a few thresholds: a few kB at most
+MAX_STATE_BYTES = 8 << 20      # a bundle path, thresholds, an open shipment's lines and refs: well under this
 
 
 def _read(path: Path) -> Any:
@@ -129,6 +142,9 @@ def _problem(raw: Any) -> str | None:
         for cid, values in thresholds.items():
             if not isinstance(values, dict):
                 return f"field thresholds.{cid}: expected an object"
+    shipment = raw.get("shipment")
+    if shipment is not None and not isinstance(shipment, dict):
+        return "field shipment: expected an object or null"
     return None
 
 

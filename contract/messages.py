@@ -2,7 +2,7 @@
 
 Topics (ARCHITECTURE.md section 4): a station publishes under ``<root>/<site>/<station>/`` (``root``
 is ``inventory`` unless a deployment says otherwise): ``status``, ``result``, ``decision``, ``alert``,
-``stats``, ``frames``, and listens on ``cmd/#``; central rollout events go to
+``stats``, ``frames``, ``receipt`` (against a shipment opened by ``cmd/expect``), and listens on ``cmd/#``; central rollout events go to
 ``<root>/_central/rollout``.
 
 Schemas live in ``contract/schemas``: ``mqtt/<name>.json`` for station payloads and commands,
@@ -23,7 +23,7 @@ from importlib import resources
 from typing import Any
 
 SCHEMAS = ("result.v1", "decision.v1", "alert.v1", "frame.v1", "stats.v1", "status.v1", "frame-envelope.v1",
-           "cmd-model.v1", "cmd-thresholds.v1", "cmd-capture-empty.v1")
+           "cmd-model.v1", "cmd-thresholds.v1", "cmd-capture-empty.v1", "cmd-expect.v1", "receipt.v1")
 ROLLOUT_SCHEMA = "rollout-event.v1"
 ENGINES = ("fastjsonschema", "jsonschema")
 
@@ -31,9 +31,10 @@ ENGINES = ("fastjsonschema", "jsonschema")
 
 TOPIC_ROOT = "inventory"
 CENTRAL_SITE = "_central"                 # the "site" of central publishers (rollout events)
-STATION_LEAVES = ("status", "result", "decision", "alert", "stats", "frames")
+STATION_LEAVES = ("status", "result", "decision", "alert", "stats", "frames", "receipt")
 DASHBOARD_KINDS = ("status", "result", "decision", "alert", "stats")   # what a dashboard follows
-KIND_TOPIC = {"result": "result", "decision": "decision", "alert": "alert", "frame": "frames"}  # outbox kind -> leaf
+KIND_TOPIC = {"result": "result", "decision": "decision", "alert": "alert", "frame": "frames",   # outbox kind -> leaf
+              "receipt": "receipt"}
 
 
 def station_root(site: str, station: str, root: str = TOPIC_ROOT) -> str:

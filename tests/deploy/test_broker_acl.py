@@ -26,7 +26,7 @@ def test_a_station_publishes_on_its_own_topics_and_central_receives_them(connect
     assert central.subscribe("inventory/#") == 1
     station = connected(connect("ber1/receiving-01"))
     # when the station publishes each of its outbound kinds
-    kinds = ["status", "result", "decision", "alert", "frames", "stats"]
+    kinds = ["status", "result", "decision", "alert", "frames", "stats", "receipt"]
     codes = [station.publish(f"inventory/ber1/receiving-01/{k}") for k in kinds]
     # then every publish is accepted (0x00 Success or 0x10 No matching subscribers) and delivered
     assert all(c in (0x00, 0x10) for c in codes), codes

@@ -1,0 +1,215 @@
+"""Receiving against a shipment's expected lines: the prior on decisions and the receipt.
+
+``cmd/expect`` opens a shipment (its id and label -> expected count) or closes it. While one is open,
+every item decision (``ItemTracker``) multiplies its consensus probabilities by ``expected_weight`` for
+the labels the shipment still expects (1 for every other label), renormalizes and decides as without a
+shipment: an item the model is sure is something else stays that, only a borderline one leans towards what
+was expected. Each decided item is tallied; a ``receipt.v1`` message says, per label, how many were expected
+and received and whether the line is matched, over, short or unexpected, with the decisions behind each
+discrepancy, and how many items went to the review lane (or were decided ``unknown``).
+
+Invariants: one shipment at a time per station (opening another closes nothing: it is refused until the
+open one is closed; reopening the same id with the same lines is a no-op). The desk is shared by the command
+thread (open, close) and the decide thread (prior, record) under one lock. Receipts go through the outbox
+(QoS 1, kept while offline); the open shipment and its tally are saved in station-state.json with each
+receipt, so a restart goes on counting from the last receipt.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from agent.config import ExpectCommand, ReceivingConfig
+from agent.decide import ItemDecision
+
+UNKNOWN_LABEL = "unknown"     # the label of an item the unknown score rejects (decided, never sorted)
+
+
+class ShipmentError(ValueError):
+    """A cmd/expect that cannot be applied; the text names the field."""
+
+
+def is_review(decision: ItemDecision) -> bool:
+    """Counted as review/unknown, not as a received label: sent to the review lane or decided unknown."""
+    return decision.low_confidence or decision.label == UNKNOWN_LABEL
+
+
+def item_ref(decision: ItemDecision, decision_id: str) -> dict[str, Any]:
+    """What a receipt lists behind a discrepancy: the decision message's id and the frames it was decided on."""
+    first, last = decision.frame_seqs or (None, None)
+    return {"decision": decision_id, "camera": decision.camera_id, "item_seq": decision.item_seq,
+            "label": decision.label, "confidence": decision.confidence, "lane": decision.lane,
+            "frames": {"first_seq": first, "last_seq": last, "count": decision.frames}}
+
+
+def prior_weights(labels: Sequence[str], still_expected: set[str], weight: float) -> np.ndarray:
+    """``weight`` for each label still expected, 1 for the others (multiplied into probabilities, renormalized)."""
+    return np.array([weight if label in still_expected else 1.0 for label in labels], dtype=np.float64)
+
+
+@dataclass
+class Shipment:
+    """One shipment's expected lines and what has been received against them."""
+
+    id: str
+    expected: dict[str, int]
+    opened_at: float
+    closed_at: float | None = None
+    received: dict[str, int] = field(default_factory=dict)
+    review: int = 0
+    refs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)   # label (or "" for review) -> newest refs
+    refs_seen: dict[str, int] = field(default_factory=dict)
+
+    def still_expected(self) -> set[str]:
+        return {label for label, n in self.expected.items() if self.received.get(label, 0) < n}
+
+    def record(self, decision: ItemDecision, decision_id: str, max_refs: int) -> None:
+        key = "" if is_review(decision) else decision.label
+        if key:
+            self.received[key] = self.received.get(key, 0) + 1
+        else:
+            self.review += 1
+        refs = self.refs.setdefault(key, [])
+        refs.append(item_ref(decision, decision_id))
+        del refs[:-max_refs]
+        self.refs_seen[key] = self.refs_seen.get(key, 0) + 1
+
+    def lines(self) -> list[dict[str, Any]]:
+        """Per label, expected first (in the command's order), then the unexpected ones by name."""
+        labels = list(self.expected) + sorted(set(self.received) - set(self.expected))
+        return [self._line(label) for label in labels]
+
+    def _line(self, label: str) -> dict[str, Any]:
+        expected, received = self.expected.get(label, 0), self.received.get(label, 0)
+        if expected == 0:
+            status = "unexpected"
+        else:
+            status = "matched" if received == expected else "over" if received > expected else "short"
+        refs = list(self.refs.get(label, [])) if status in ("over", "unexpected") else []
+        return {"label": label, "expected": expected, "received": received, "status": status,
+                "matched": min(expected, received), "over": max(0, received - expected) if expected else 0,
+                "short": max(0, expected - received), "unexpected": received if not expected else 0,
+                "refs": refs, "refs_left_off": self.refs_seen.get(label, 0) - len(refs) if refs else 0}
+
+    def receipt(self) -> dict[str, Any]:
+        """The body of a receipt.v1 message without the station's fields (id, seq, ts, site, station)."""
+        lines = self.lines()
+        review_refs = list(self.refs.get("", []))
+        totals = {k: sum(line[k] for line in lines) for k in ("matched", "over", "short", "unexpected")}
+        totals["review"] = self.review
+        totals["discrepancies"] = totals["over"] + totals["short"] + totals["unexpected"] + self.review
+        return {"shipment": self.id, "state": "closed" if self.closed_at is not None else "open",
+                "opened_at": round(self.opened_at, 6),
+                "closed_at": round(self.closed_at, 6) if self.closed_at is not None else None,
+                "items": sum(self.received.values()) + self.review, "lines": lines,
+                "review": {"count": self.review, "refs": review_refs,
+                           "refs_left_off": self.refs_seen.get("", 0) - len(review_refs)},
+                "totals": totals}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "expected": self.expected, "opened_at": self.opened_at, "received": self.received,
+                "review": self.review, "refs": self.refs, "refs_seen": self.refs_seen}
+
+    @classmethod
+    def from_json(cls, raw: Any) -> "Shipment":
+        """A shipment saved in station-state.json; ShipmentError naming the field when it is not one."""
+        if not isinstance(raw, dict):
+            raise ShipmentError("field shipment: expected an object")
+        try:
+            cmd = ExpectCommand.model_validate({"shipment": raw.get("id"), "lines": raw.get("expected")})
+        except ValueError as exc:
+            raise ShipmentError(f"field shipment: not a shipment ({exc})") from None
+        received, refs, seen = raw.get("received") or {}, raw.get("refs") or {}, raw.get("refs_seen") or {}
+        review, opened = raw.get("review", 0), raw.get("opened_at")
+        if not (isinstance(received, dict) and all(isinstance(v, int) and v >= 0 for v in received.values())):
+            raise ShipmentError("field shipment.received: expected label -> count")
+        if not (isinstance(refs, dict) and all(isinstance(v, list) for v in refs.values())):
+            raise ShipmentError("field shipment.refs: expected label -> list")
+        if not (isinstance(seen, dict) and all(isinstance(v, int) and v >= 0 for v in seen.values())):
+            raise ShipmentError("field shipment.refs_seen: expected label -> count")
+        if not isinstance(review, int) or review < 0 or not isinstance(opened, (int, float)):
+            raise ShipmentError("field shipment.review or shipment.opened_at: expected numbers")
+        return cls(cmd.shipment, dict(cmd.lines or {}), float(opened), None, dict(received), review,
+                   {k: list(v) for k, v in refs.items()}, dict(seen))
+
+
+class ReceivingDesk:
+    """The station's open shipment, shared by the command thread and the decide thread."""
+
+    def __init__(self, cfg: ReceivingConfig, clock: Callable[[], float] = time.time) -> None:
+        self.cfg = cfg
+        self.clock = clock
+        self.shipment: Shipment | None = None
+        self._lock = threading.Lock()
+        self._dirty = False
+        self._last_receipt = float("-inf")
+
+    def open(self, cmd: ExpectCommand, labels: Sequence[str]) -> Shipment:
+        """Open ``cmd``'s shipment; ShipmentError when another is open or a line names a label the model lacks."""
+        lines = dict(cmd.lines or {})
+        missing = [label for label in lines if label not in labels]
+        if missing:
+            raise ShipmentError(f"field lines.{missing[0]}: not a label of the running model "
+                                f"({len(missing)} line(s) unknown: {', '.join(map(repr, missing[:5]))})")
+        with self._lock:
+            if self.shipment is not None:
+                if self.shipment.id == cmd.shipment and self.shipment.expected == lines:
+                    return self.shipment     # the same command again (QoS 1 may deliver it twice)
+                raise ShipmentError(f"field shipment: {self.shipment.id!r} is open; close it before opening "
+                                    f"{cmd.shipment!r}")
+            self.shipment = Shipment(cmd.shipment, lines, self.clock())
+            self._dirty = True
+            return self.shipment
+
+    def close(self, shipment_id: str) -> Shipment:
+        """Close the open shipment ``shipment_id``; ShipmentError when it is not the one open."""
+        with self._lock:
+            if self.shipment is None or self.shipment.id != shipment_id:
+                open_now = repr(self.shipment.id) if self.shipment else "none"
+                raise ShipmentError(f"field shipment: {shipment_id!r} is not open (open: {open_now})")
+            closed, self.shipment = self.shipment, None
+            closed.closed_at = self.clock()
+            return closed
+
+    def restore(self, shipment: Shipment) -> None:
+        with self._lock:
+            self.shipment = shipment
+
+    def prior(self, labels: Sequence[str]) -> np.ndarray | None:
+        """The weights an item decision multiplies its probabilities by; None when no shipment is open."""
+        with self._lock:
+            if self.shipment is None or self.cfg.expected_weight == 1:
+                return None
+            return prior_weights(labels, self.shipment.still_expected(), self.cfg.expected_weight)
+
+    def record(self, decision: ItemDecision, decision_id: str) -> None:
+        with self._lock:
+            if self.shipment is not None:
+                self.shipment.record(decision, decision_id, self.cfg.max_refs)
+                self._dirty = True
+
+    def due_receipt(self, now: float) -> dict[str, Any] | None:
+        """The open shipment's receipt when items were recorded and the interval allows one, else None."""
+        with self._lock:
+            if self.shipment is None or not self._dirty or now - self._last_receipt < self.cfg.receipt_interval_s:
+                return None
+            self._dirty = False
+            self._last_receipt = now
+            return self.shipment.receipt()
+
+    def saved(self) -> dict[str, Any] | None:
+        """What station-state.json keeps of the open shipment."""
+        with self._lock:
+            return self.shipment.to_json() if self.shipment is not None else None
+
+
+def receipt_body(receipt: dict[str, Any], *, site: str, station: str, ts: float, final: bool) -> dict[str, Any]:
+    """A receipt.v1 body (the outbox adds seq; id is set here so a caller can name it)."""
+    return {"schema": "receipt.v1", "id": str(uuid.uuid4()), "ts": round(ts, 6), "site": site, "station": station,
+            "final": final, **receipt}

@@ -1,0 +1,289 @@
+"""Receiving against a shipment's expected lines: cmd/expect, the prior on item decisions, receipt.v1.
+
+Real parts: mosquitto, ONNX Runtime (the tiny bundle, built and checked by the agent; one item classified by
+it), the SQLite outbox, station-state.json across a restart. The stand-in: most items are decided from
+probability rows the test writes (``Inferred`` handed to the inference stage), because a random-weight model
+cannot be made to produce a borderline Shirt/T-shirt item or a sure Trouser on demand. The camera's source
+ends at once, so the stage's own threads are idle and only the test's items are decided.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import paho.mqtt.client as paho
+import pytest
+from agent_support import as_config, station_config, validate_message
+
+from agent.app import Agent
+from agent.config import ExpectCommand, PresenceConfig, ReceivingConfig, SortingConfig
+from agent.decide import (
+    ItemDecision,
+    ItemTracker,
+    LaneMap,
+    LowConfidencePolicy,
+    Observation,
+    PolicyThresholds,
+    classify,
+)
+from agent.demo import Subscriber
+from agent.pipeline import Inferred
+from agent.receiving import ReceivingDesk, Shipment
+from agent.sources.base import EndOfStream, Frame
+from contract.messages import ENGINES, checker, loads_finite
+
+ROOT = "inventory/test/st-01"
+LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+
+
+def row(**probs: float) -> np.ndarray:
+    """A probability row over LABELS: the named labels (underscores for '/' and '-'), the rest shared evenly."""
+    named = {label: probs[key] for label in LABELS if (key := label.replace("/", "_").replace("-", "_")) in probs}
+    rest = (1.0 - sum(named.values())) / (len(LABELS) - len(named))
+    return np.array([named.get(label, rest) for label in LABELS])
+
+
+SURE_SHIRT = row(Shirt=0.9, T_shirt_top=0.05)
+BORDERLINE_SHIRT = row(Shirt=0.42, T_shirt_top=0.38)
+
+
+# ------------------------------------------------------------------ the prior, on the tracker alone
+
+def decide_one(probs: np.ndarray, prior: np.ndarray | None):
+    tracker = ItemTracker("cam", LABELS, PresenceConfig(min_frames=1, max_frames=1), LaneMap(SortingConfig()),
+                          LowConfidencePolicy(PolicyThresholds()), prior=lambda labels: prior)
+    cls = classify(probs, LABELS, 3, tracker.policy)
+    return tracker.update(Observation(1, 1.0, cls), True)
+
+
+def test_the_prior_moves_a_borderline_item_to_the_expected_label_but_not_a_sure_other_one():
+    desk = ReceivingDesk(ReceivingConfig(expected_weight=2.0))
+    desk.open(ExpectCommand(shipment="S-1", lines={"T-shirt/top": 1}), LABELS)
+    prior = desk.prior(LABELS)
+    assert decide_one(BORDERLINE_SHIRT, None).label == "Shirt"
+    assert decide_one(BORDERLINE_SHIRT, prior).label == "T-shirt/top"
+    assert decide_one(SURE_SHIRT, prior).label == "Shirt"
+    decided = decide_one(BORDERLINE_SHIRT, prior)
+    assert decided.prior and decided.confidence == pytest.approx(0.76 / 1.38, abs=1e-6)
+    desk.record(decided, "00000000-0000-4000-8000-000000000001")
+    assert desk.prior(LABELS) is not None and not (desk.prior(LABELS) != 1).any(), \
+        "a line already received in full weighs no more than any other label"
+
+
+# ------------------------------------------------------------------ a running station
+
+class EndedCamera:
+    """A source that ends at once: the station runs, and only the test's items reach the decisions."""
+
+    name, finite = "ended", True
+
+    def open(self) -> None: ...
+
+    def read(self):
+        raise EndOfStream("no frames in this test")
+
+    def close(self) -> None: ...
+
+
+class Operator:
+    def __init__(self, broker) -> None:
+        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="operator")
+        self.client.connect(broker.host, broker.port)
+        self.client.loop_start()
+
+    def send(self, verb: str, body: dict | bytes) -> None:
+        payload = body if isinstance(body, bytes) else json.dumps(body).encode()
+        self.client.publish(f"{ROOT}/cmd/{verb}", payload, qos=1).wait_for_publish(5)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def station_cfg(tmp_path, broker, tiny_bundle, fmnist_video):
+    return as_config(station_config(
+        tmp_path, tiny_bundle, str(fmnist_video), broker.port, frames={"enabled": False},
+        decisions={"presence": {"mode": "empty_class", "empty_class": "Bag", "min_frames": 1, "max_frames": 1,
+                                "gap_frames": 1},
+                   "receiving": {"expected_weight": 2.0, "max_refs": 5}}))
+
+
+def start(cfg) -> Agent:
+    agent = Agent(cfg, source_factory=lambda cam: EndedCamera())
+    agent.start()
+    assert agent.inference.finished.wait(30), "the stage's threads did not finish after the source ended"
+    return agent
+
+
+def item(agent: Agent, probs: np.ndarray, seq: int) -> None:
+    """One item of one frame (max_frames: 1), decided from ``probs`` by the station's own inference stage."""
+    frame = Frame("cam-a", seq, time.time(), time.monotonic(), np.zeros((28, 28, 3), np.uint8))
+    agent.inference.decide(Inferred([frame], agent.model.current, np.array([probs]),
+                                    {"preprocess": 0.0, "inference": 0.0}, time.monotonic(), [0]))
+
+
+def real_item(agent: Agent, images: np.ndarray, seq: int) -> None:
+    """One item classified by the real model (ONNX Runtime): the first Fashion-MNIST image it does not take for
+    the empty class (Bag), which would be no item at all."""
+    for image in images[:50]:
+        rgb = np.repeat(image[:, :, None], 3, axis=2)
+        inferred = agent.inference.infer([Frame("cam-a", seq, time.time(), time.monotonic(), rgb)])
+        if LABELS[int(np.argmax(inferred.probs[0]))] != "Bag":
+            agent.inference.decide(inferred)
+            return
+    raise AssertionError("the model took 50 images for the empty class")
+
+
+def bodies(d: Subscriber, leaf: str) -> list[dict]:
+    return [loads_finite(m.payload) for m in d.of(leaf)]
+
+
+def last_expect(d: Subscriber) -> dict:
+    status = bodies(d, "status")
+    return (status[-1].get("last_expect_update") or {}) if status else {}
+
+
+def receipt_with(d: Subscriber, test, timeout: float = 20) -> dict:
+    assert d.wait_for(lambda s: any(test(r) for r in bodies(s, "receipt")), timeout), bodies(d, "receipt")[-1:]
+    return [r for r in bodies(d, "receipt") if test(r)][-1]
+
+
+def lines_of(receipt: dict) -> dict[str, tuple[int, int, str]]:
+    return {line["label"]: (line["expected"], line["received"], line["status"]) for line in receipt["lines"]}
+
+
+def check_receipt(body: dict) -> None:
+    validate_message("receipt.v1", body)
+    for engine in ENGINES:
+        checker("receipt.v1", engine).check("receipt", body)
+
+
+def test_a_shipment_over_mqtt_receipts_count_every_class_and_survive_a_restart(broker, tiny_bundle, fmnist_video,
+                                                                                fmnist_test_images, tmp_path):
+    cfg = station_cfg(tmp_path, broker, tiny_bundle, fmnist_video)
+    dash = Subscriber(broker.host, broker.port, ROOT)
+    operator = Operator(broker)
+    agent = start(cfg)
+    try:
+        # given: a shipment opened over MQTT (the command checked against its schema)
+        opening = {"shipment": "PO-4711", "lines": {"T-shirt/top": 2, "Trouser": 1, "Dress": 2}}
+        validate_message("cmd-expect.v1", opening)
+        operator.send("expect", opening)
+        assert dash.wait_for(lambda d: last_expect(d).get("ok") is True, 20), last_expect(dash)
+        assert last_expect(dash)["shipment"] == {"id": "PO-4711", "state": "open", "lines": 3}
+        validate_message("status.v1", bodies(dash, "status")[-1])
+
+        # when: items are decided
+        item(agent, SURE_SHIRT, 1)                       # sure of Shirt while T-shirt is expected: stays Shirt
+        item(agent, row(T_shirt_top=0.91), 2)
+        item(agent, BORDERLINE_SHIRT, 3)                 # borderline: the prior makes it the expected T-shirt
+        item(agent, row(Trouser=0.92), 4)
+        item(agent, row(Trouser=0.93), 5)                # one Trouser more than expected
+        item(agent, row(Sneaker=0.95), 6)                # not on the shipment
+        item(agent, row(Coat=0.2, Pullover=0.19), 7)     # unsure: the review lane
+        receipt = receipt_with(dash, lambda r: r["items"] == 7)
+        check_receipt(receipt)
+
+        # then: every line has its class and the decisions behind each discrepancy are named
+        assert lines_of(receipt) == {"T-shirt/top": (2, 2, "matched"), "Trouser": (1, 2, "over"),
+                                     "Dress": (2, 0, "short"), "Shirt": (0, 1, "unexpected"),
+                                     "Sneaker": (0, 1, "unexpected")}
+        assert receipt["totals"] == {"matched": 3, "over": 1, "short": 2, "unexpected": 2, "review": 1,
+                                     "discrepancies": 6}
+        assert receipt["state"] == "open" and receipt["final"] is False and receipt["shipment"] == "PO-4711"
+        assert dash.wait_for(lambda d: len(d.of("decision")) >= 7, 20)
+        decisions = {d["id"]: d for d in bodies(dash, "decision")}
+        by_label = {line["label"]: line for line in receipt["lines"]}
+        trouser_refs = [ref["decision"] for ref in by_label["Trouser"]["refs"]]
+        assert len(trouser_refs) == 2 and all(decisions[r]["label"] == "Trouser" for r in trouser_refs)
+        assert [decisions[r["decision"]]["label"] for r in by_label["Sneaker"]["refs"]] == ["Sneaker"]
+        assert by_label["Dress"]["refs"] == [] and by_label["T-shirt/top"]["refs"] == []
+        review = receipt["review"]["refs"]
+        assert receipt["review"]["count"] == 1 and decisions[review[0]["decision"]]["low_confidence"] is True
+        assert review[0]["frames"] == {"first_seq": 7, "last_seq": 7, "count": 1}
+        borderline = next(d for d in decisions.values() if d["item_seq"] == 3)
+        assert borderline["label"] == "T-shirt/top" and borderline["low_confidence"] is False
+
+        # an item the real model classifies is counted where its decision says
+        real_item(agent, fmnist_test_images[0], 8)
+        receipt = receipt_with(dash, lambda r: r["items"] == 8)
+        check_receipt(receipt)
+        real = next(d for d in bodies(dash, "decision") if d["item_seq"] == 8)
+        if real["low_confidence"]:
+            assert receipt["review"]["count"] == 2
+        else:
+            before = {"T-shirt/top": 2, "Trouser": 2, "Shirt": 1, "Sneaker": 1}.get(real["label"], 0)
+            assert lines_of(receipt)[real["label"]][1] == before + 1
+        counts_before_restart = lines_of(receipt)
+    finally:
+        agent.shutdown(10)
+
+    # the open shipment survives a restart: counting goes on from the last receipt
+    state = json.loads((tmp_path / "station-state.json").read_text())
+    assert state["shipment"]["id"] == "PO-4711"
+    agent = start(cfg)
+    try:
+        assert agent.inference.receiving.shipment is not None and agent.inference.receiving.shipment.id == "PO-4711"
+        item(agent, row(Dress=0.9), 9)
+        receipt = receipt_with(dash, lambda r: r["items"] == 9)
+        check_receipt(receipt)
+        assert lines_of(receipt)["Dress"] == (2, 1, "short")
+        assert {k: v for k, v in lines_of(receipt).items() if k != "Dress"} == \
+            {k: v for k, v in counts_before_restart.items() if k != "Dress"}
+
+        # a bad cmd/expect is refused by name and counted; the open shipment stays as it was
+        for bad, field in [({"shipment": "PO-4711", "lines": {"Jacket": 1}}, "field lines.Jacket"),
+                           ({"shipment": "PO 9", "lines": {"Dress": 1}}, "field shipment"),
+                           ({"shipment": "PO-9", "lines": {"Dress": 0}}, "field lines.Dress"),
+                           ({"shipment": "PO-9", "lines": {"Dress": 1}}, "field shipment: 'PO-4711' is open"),
+                           ({"shipment": "PO-9", "close": True}, "field shipment: 'PO-9' is not open"),
+                           ({"shipment": "PO-4711", "lines": {"Dress": 1}, "close": True}, "field lines"),
+                           ({"shipment": "PO-4711", "extra": 1}, "field extra")]:
+            operator.send("expect", bad)
+            assert dash.wait_for(lambda d: field in (last_expect(d).get("reason") or ""), 20), \
+                (bad, last_expect(dash))
+            assert last_expect(dash)["ok"] is False and last_expect(dash)["shipment"] is None
+        operator.send("expect", b'{"shipment": "PO-4711", "lines": {"Dress": NaN}}')
+        assert dash.wait_for(lambda d: "field lines.Dress: not a finite number" in
+                             (last_expect(d).get("reason") or ""), 20), last_expect(dash)
+        assert agent.metrics.counter("commands_rejected_total", command="expect") == 8
+        validate_message("status.v1", bodies(dash, "status")[-1])
+        assert agent.inference.receiving.shipment.id == "PO-4711"
+
+        # closing publishes the final receipt, and the station has no shipment open after another restart
+        operator.send("expect", {"shipment": "PO-4711", "close": True})
+        final = receipt_with(dash, lambda r: r["final"] is True)
+        check_receipt(final)
+        assert final["state"] == "closed" and final["closed_at"] >= final["opened_at"] and final["items"] == 9
+        assert lines_of(final)["Dress"] == (2, 1, "short")
+        assert last_expect(dash)["shipment"] == {"id": "PO-4711", "state": "closed", "lines": 3}
+    finally:
+        agent.shutdown(10)
+    assert json.loads((tmp_path / "station-state.json").read_text())["shipment"] is None
+    agent = start(cfg)
+    try:
+        assert agent.inference.receiving.shipment is None
+        receipts = len(dash.of("receipt"))
+        item(agent, row(Dress=0.9), 10)                  # no shipment: decided as ever, no receipt
+        assert dash.wait_for(lambda d: len(d.of("decision")) >= 10, 20)
+        assert bodies(dash, "decision")[-1]["label"] == "Dress" and len(dash.of("receipt")) == receipts
+    finally:
+        agent.shutdown(10)
+        operator.close()
+        dash.close()
+
+
+def test_a_receipt_lists_at_most_max_refs_per_line_and_counts_the_rest():
+    shipment = Shipment("S-1", dict(ExpectCommand(shipment="S-1", lines={"Dress": 1}).lines), 1.0)
+    for n in range(1, 9):
+        shipment.record(ItemDecision("cam", n, "Coat", 4, 0.9, 1.0, 1, 1.0, 1.0, "default", False, (), (("Coat", 0.9),),
+                                     (n, n)), f"00000000-0000-4000-8000-{n:012d}", max_refs=5)
+    body = {"schema": "receipt.v1", "id": "00000000-0000-4000-8000-000000000000", "seq": 1, "ts": 2.0,
+            "site": "test", "station": "st-01", "final": False, **shipment.receipt()}
+    check_receipt(body)
+    coat = next(line for line in body["lines"] if line["label"] == "Coat")
+    assert coat["status"] == "unexpected" and coat["received"] == 8
+    assert [r["item_seq"] for r in coat["refs"]] == [4, 5, 6, 7, 8] and coat["refs_left_off"] == 3
+    assert Shipment.from_json(json.loads(json.dumps(shipment.to_json()))).receipt() == shipment.receipt()
