@@ -422,12 +422,12 @@ class Agent:
             return self._expect_result(False, _command_errors("expect", exc), None)
         except ValueError as exc:        # ShipmentError included
             return self._expect_result(False, str(exc), None)
-        if cmd.close:
-            body = receipt_body(shipment.receipt(), site=self.cfg.site, station=self.cfg.station, ts=time.time(),
-                                final=True)
-            assert self.outbox is not None
-            self.outbox.put(Message("receipt", body))
-            self.metrics.inc("receipts_total")
+        # the first receipt (every line short) on opening, the final one on closing
+        body = receipt_body(shipment.receipt(), site=self.cfg.site, station=self.cfg.station, ts=time.time(),
+                            final=cmd.close)
+        assert self.outbox is not None
+        self.outbox.put(Message("receipt", body))
+        self.metrics.inc("receipts_total")
         self._save_shipment()
         summary = {"id": shipment.id, "state": "closed" if cmd.close else "open", "lines": len(shipment.expected)}
         return self._expect_result(True, None, summary)

@@ -164,7 +164,7 @@ class ReceivingDesk:
                 raise ShipmentError(f"field shipment: {self.shipment.id!r} is open; close it before opening "
                                     f"{cmd.shipment!r}")
             self.shipment = Shipment(cmd.shipment, lines, self.clock())
-            self._dirty = True
+            self._dirty, self._last_receipt = False, self.shipment.opened_at   # its first receipt: Agent.expect
             return self.shipment
 
     def close(self, shipment_id: str) -> Shipment:

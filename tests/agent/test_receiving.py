@@ -173,6 +173,10 @@ def test_a_shipment_over_mqtt_receipts_count_every_class_and_survive_a_restart(b
         operator.send("expect", opening)
         assert dash.wait_for(lambda d: last_expect(d).get("ok") is True, 20), last_expect(dash)
         assert last_expect(dash)["shipment"] == {"id": "PO-4711", "state": "open", "lines": 3}
+        first = receipt_with(dash, lambda r: r["items"] == 0)
+        check_receipt(first)
+        assert lines_of(first) == {"T-shirt/top": (2, 0, "short"), "Trouser": (1, 0, "short"),
+                                   "Dress": (2, 0, "short")} and first["totals"]["short"] == 5
         validate_message("status.v1", bodies(dash, "status")[-1])
 
         # when: items are decided
@@ -287,3 +291,37 @@ def test_a_receipt_lists_at_most_max_refs_per_line_and_counts_the_rest():
     assert coat["status"] == "unexpected" and coat["received"] == 8
     assert [r["item_seq"] for r in coat["refs"]] == [4, 5, 6, 7, 8] and coat["refs_left_off"] == 3
     assert Shipment.from_json(json.loads(json.dumps(shipment.to_json()))).receipt() == shipment.receipt()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_the_cmd_expect_schema_and_the_agent_agree_on_what_a_command_is(engine):
+    good = [{"shipment": "PO-4711", "lines": {"T-shirt/top": 2, "Dress": 1}},
+            {"shipment": "PO-4711", "lines": {"Dress": 1}, "close": False},
+            {"shipment": "PO-4711", "close": True}]
+    bad = [{"shipment": "PO 9", "lines": {"Dress": 1}}, {"shipment": "PO-9", "lines": {"Dress": 0}},
+           {"shipment": "PO-9", "lines": {}}, {"shipment": "PO-9"}, {"shipment": "PO-9", "close": False},
+           {"shipment": "PO-9", "lines": {"Dress": 1}, "close": True}, {"shipment": "PO-9", "close": True, "x": 1},
+           {"shipment": "x" * 65, "close": True}, {"shipment": "PO-9", "lines": {"": 1}},
+           {"shipment": "PO-9", "lines": {"Dress": 1_000_001}}]
+    check = checker("cmd-expect.v1", engine)
+    for body in good:
+        assert check.error(body) is None, body
+        ExpectCommand.model_validate(body)
+    for body in bad:
+        assert check.error(body) is not None, body
+        with pytest.raises(ValueError):
+            ExpectCommand.model_validate(body)
+
+
+def test_receipts_come_at_most_once_per_interval_and_only_after_new_items():
+    now = [100.0]
+    desk = ReceivingDesk(ReceivingConfig(receipt_interval_s=10), clock=lambda: now[0])
+    desk.open(ExpectCommand(shipment="S-1", lines={"Dress": 2}), LABELS)
+    dress = ItemDecision("cam", 1, "Dress", 3, 0.9, 1.0, 1, 1.0, 1.0, "default", False, (), (("Dress", 0.9),), (1, 1))
+    assert desk.due_receipt(now[0]) is None                      # the opening's receipt is the command's (Agent.expect)
+    desk.record(dress, "00000000-0000-4000-8000-000000000001")
+    assert desk.due_receipt(105.0) is None                       # within the interval: folded into the next
+    assert desk.due_receipt(110.0)["lines"][0]["received"] == 1
+    assert desk.due_receipt(200.0) is None                       # nothing new since
+    closed = desk.close("S-1")
+    assert closed.receipt()["state"] == "closed" and desk.due_receipt(300.0) is None and desk.prior(LABELS) is None
