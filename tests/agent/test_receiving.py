@@ -110,10 +110,15 @@ def station_cfg(tmp_path, broker, tiny_bundle, fmnist_video):
                    "receiving": {"expected_weight": 2.0, "max_refs": 5}}))
 
 
-def start(cfg) -> Agent:
+def start(cfg, dash: Subscriber) -> Agent:
+    """A station whose camera ends at once, online: it subscribes to cmd/# before it publishes "online" on the same
+    connection, so a command sent after that status is never lost to a late connect on a loaded machine."""
+    seen = len(dash.of("status"))
     agent = Agent(cfg, source_factory=lambda cam: EndedCamera())
     agent.start()
     assert agent.inference.finished.wait(30), "the stage's threads did not finish after the source ended"
+    assert dash.wait_for(lambda d: any(json.loads(m.payload).get("state") == "online" for m in d.of("status")[seen:]),
+                         60), "the station never came online"
     return agent
 
 
@@ -165,7 +170,7 @@ def test_a_shipment_over_mqtt_receipts_count_every_class_and_survive_a_restart(b
     cfg = station_cfg(tmp_path, broker, tiny_bundle, fmnist_video)
     dash = Subscriber(broker.host, broker.port, ROOT)
     operator = Operator(broker)
-    agent = start(cfg)
+    agent = start(cfg, dash)
     try:
         # given: a shipment opened over MQTT (the command checked against its schema)
         opening = {"shipment": "PO-4711", "lines": {"T-shirt/top": 2, "Trouser": 1, "Dress": 2}}
@@ -227,7 +232,7 @@ def test_a_shipment_over_mqtt_receipts_count_every_class_and_survive_a_restart(b
     # the open shipment survives a restart: counting goes on from the last receipt
     state = json.loads((tmp_path / "station-state.json").read_text())
     assert state["shipment"]["id"] == "PO-4711"
-    agent = start(cfg)
+    agent = start(cfg, dash)
     try:
         assert agent.inference.receiving.shipment is not None and agent.inference.receiving.shipment.id == "PO-4711"
         item(agent, row(Dress=0.9), 9)
@@ -266,7 +271,7 @@ def test_a_shipment_over_mqtt_receipts_count_every_class_and_survive_a_restart(b
     finally:
         agent.shutdown(10)
     assert json.loads((tmp_path / "station-state.json").read_text())["shipment"] is None
-    agent = start(cfg)
+    agent = start(cfg, dash)
     try:
         assert agent.inference.receiving.shipment is None
         receipts = len(dash.of("receipt"))

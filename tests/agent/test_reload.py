@@ -59,6 +59,9 @@ def live_agent(broker, tiny_bundle, fmnist_video, tmp_path):
     dashboard = Subscriber(broker.host, broker.port, ROOT)
     agent = Agent(cfg)
     agent.start()
+    # The station subscribes to cmd/# before it publishes "online" on the same connection: once the status is
+    # here a command cannot arrive before the subscription (a loaded machine connects late otherwise).
+    assert dashboard.wait_for(lambda d: last_status(d).get("state") == "online", 60), "the station never came online"
     yield agent, dashboard
     agent.shutdown(5)
     dashboard.close()
