@@ -24,9 +24,11 @@ log = logging.getLogger(__name__)
 
 
 def dashboard_topics(settings: BrokerSettings) -> list[str]:
-    """Every station's dashboard leaves and the central rollout events, under the settings' topic root."""
+    """Every station's dashboard leaves, its shipment receipts and the central rollout events, under the
+    settings' topic root."""
     root = settings.topic_root
-    return [fleet_subscription(kind, root) for kind in DASHBOARD_KINDS] + [rollout_topic(root)]
+    return ([fleet_subscription(kind, root) for kind in DASHBOARD_KINDS + ("receipt",)]
+            + [rollout_topic(root)])
 
 
 class StationFeed:

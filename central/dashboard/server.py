@@ -2,7 +2,8 @@
 
 A Starlette app on uvicorn (``central.http``). ``/api/overview`` is the fleet summary, ``/api/stations``
 one page of the searched and filtered station list (degraded first), ``/api/stations/{site}/{station}``
-one station's card, ``/api/state`` everything (every station's whole view; for scripts and tests, large
+one station's card (with its open shipment), ``/api/shipments`` the open and recently closed shipments
+(receipt.v1), ``/api/state`` everything (every station's whole view; for scripts and tests, large
 with a big fleet). One pusher thread (``Pusher``) wakes every ``push_interval_s`` and sends each open page
 only what it shows and what changed: the overview, its page of the list, its open card. A stream's query
 (``/events?site=&state=&model=&q=&limit=&offset=&station=``) says what it shows; the page reconnects when
@@ -49,8 +50,8 @@ CONTENT_TYPES = {"html": "text/html; charset=utf-8", "js": "text/javascript; cha
 KEEPALIVE_S = 15.0
 QUEUE_EVENTS = 512
 REFRESH_S = 5.0          # views are rebuilt at least this often (rolling windows, ages), changes or not
-PATHS = ["/", "/api/overview", "/api/stations", "/api/stations/{site}/{station}", "/api/state", "/events",
-         "/healthz"]
+PATHS = ["/", "/api/overview", "/api/shipments", "/api/stations", "/api/stations/{site}/{station}", "/api/state",
+         "/events", "/healthz"]
 WEB_USER = "viewer"
 
 
@@ -212,6 +213,9 @@ def create_app(state: WarehouseState, broadcaster: Broadcaster) -> Any:
     async def api_overview(_request: Request) -> Response:
         return StrictJSONResponse(state.overview())
 
+    async def api_shipments(_request: Request) -> Response:
+        return StrictJSONResponse(state.shipment_list())
+
     async def api_stations(request: Request) -> Response:
         try:
             query = parse_query(dict(request.query_params))
@@ -268,7 +272,7 @@ def create_app(state: WarehouseState, broadcaster: Broadcaster) -> Any:
 
     routes = [Route(path, endpoint, methods=["GET", "HEAD"]) for path, endpoint in (
         ("/", page), ("/index.html", page), ("/static/{name:path}", static), ("/api/state", api_state),
-        ("/api/overview", api_overview), ("/api/stations", api_stations),
+        ("/api/overview", api_overview), ("/api/shipments", api_shipments), ("/api/stations", api_stations),
         ("/api/stations/{site}/{station}", api_station), ("/healthz", healthz), ("/events", events))]
     app = Starlette(routes=routes, exception_handlers={404: not_found, HTTPException: http_error})
     return Guard(app, max_bytes=4096)

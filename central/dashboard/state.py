@@ -41,8 +41,12 @@ from central.dashboard.overview import (
     station_row,
     station_tally_view,
 )
+from central.dashboard.shipments import ShipmentBook
 from contract.messages import CENTRAL_SITE, ENGINES, ROLLOUT_SCHEMA, checker, dumps_finite, loads_finite
 from contract.messages import DASHBOARD_KINDS as STATION_KINDS
+
+RECEIPT_KIND = "receipt"                      # receipt.v1: kept per shipment (shipments.py), not per station
+FOLLOWED_KINDS = STATION_KINDS + (RECEIPT_KIND,)
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +85,10 @@ class StateLimits:
     models_shown: int = 20
     labels_shown: int = 60
     events_shown: int = 10
+    # shipments (receipt.v1, central/dashboard/shipments.py)
+    shipments_open_kept: int = 200   # open shipments kept (the newest receipts)
+    shipments_closed_kept: int = 50  # closed shipments kept (the most recently closed)
+    shipments_shown: int = 10        # open shipments in the overview's panel
 
 
 # ---------------------------------------------------------------- validation
@@ -371,6 +379,8 @@ class WarehouseState:
         self._new_rollout: list[dict[str, Any]] = []
         self._meta_dirty = False
         self.version = 0
+        self.shipments = ShipmentBook(open_kept=self.limits.shipments_open_kept,
+                                      closed_kept=self.limits.shipments_closed_kept)
         self.tally = FleetTally(lanes_kept=self.limits.lanes_kept, labels_kept=self.limits.labels_kept, tz=tz)
 
     # ------------------------------------------------------------ input
@@ -412,7 +422,7 @@ class WarehouseState:
         rest = parts[len(root):]
         if rest == [CENTRAL_SITE, "rollout"]:
             return self._apply_rollout(topic, parse_json(topic, payload), now)
-        if len(rest) != 3 or rest[2] not in STATION_KINDS or rest[0] == CENTRAL_SITE:
+        if len(rest) != 3 or rest[2] not in FOLLOWED_KINDS or rest[0] == CENTRAL_SITE:
             return "ignored"
         site, station_id, kind = rest
         body = parse_json(topic, payload)
@@ -424,9 +434,12 @@ class WarehouseState:
             return "duplicate"
         station = self._station(site, station_id)
         station.last_message_at = now
+        self._dirty.add(station.key)
+        if kind == RECEIPT_KIND:
+            self.shipments.on_receipt(body, now)     # an older seq than the one kept changes nothing
+            return "applied"
         getattr(self, f"_apply_{kind}")(station, body, now)
         station.counts[kind] += 1
-        self._dirty.add(station.key)
         return "applied"
 
     def _seen_before(self, message_id: str) -> bool:
@@ -551,7 +564,7 @@ class WarehouseState:
                     "topic_root": self.topic_root, "broker": dict(self.broker),
                     "counters": self.counters.as_dict(), "malformed": list(self.malformed),
                     "stations": [self.station_view(self.stations[k], now) for k in sorted(self.stations)],
-                    "rollout": list(self.rollout)}
+                    "rollout": list(self.rollout), "shipments": self.shipments.listing()}
 
     def health(self) -> dict[str, Any]:
         """The broker connection and the message counters: cheap, for /healthz and monitoring."""
@@ -578,8 +591,14 @@ class WarehouseState:
             body = build_overview(rows=rows, stations=self.stations, tally=self.tally, now=now,
                                   rollout=list(self.rollout), limits=self.limits)
             body.update(version=self.version, topic_root=self.topic_root, broker=dict(self.broker),
-                        counters=self.counters.as_dict(), malformed=list(self.malformed)[:5])
+                        counters=self.counters.as_dict(), malformed=list(self.malformed)[:5],
+                        shipments=self.shipments.overview(self.limits.shipments_shown))
             return finite(body, "the overview")
+
+    def shipment_list(self) -> dict[str, Any]:
+        """``/api/shipments``: open shipments first (newest receipt first), then the recently closed."""
+        with self._lock:
+            return finite(self.shipments.listing(), "the shipments")
 
     def station_page(self, query: dict[str, Any], now: float | None = None,
                      rows: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -598,7 +617,8 @@ class WarehouseState:
             reasons = degraded_reasons(station, hour, self.limits)
             view = station.view(now)
             view.update(rollout=self.rollout_by_station.get(key), degraded=bool(reasons), reasons=reasons,
-                        model_version=model_version(station), tally=station_tally_view(tally, now))
+                        model_version=model_version(station), tally=station_tally_view(tally, now),
+                        shipment=self.shipments.open_at(key))
             return finite(view, f"station {key}")
 
     def drain_changes(self, now: float | None = None, *, watched: Callable[[], bool] = lambda: True) -> "Changes":

@@ -67,15 +67,17 @@ def test_central_sends_commands_and_only_the_addressed_station_reads_them(connec
     assert [(m.topic, m.payload) for m in other.wait_messages(1)] == [("inventory/ber1/qc-01/cmd/model", b"marker")]
 
 
-def test_the_dashboard_reads_results_but_cannot_publish_or_read_frames(connect):
+def test_the_dashboard_reads_results_and_receipts_but_cannot_publish_or_read_frames(connect):
     dash = connected(connect("dashboard"))
     dash.subscribe("inventory/#")
     assert dash.publish("inventory/ber1/receiving-01/cmd/model") == NOT_AUTHORIZED
     assert dash.publish("inventory/ber1/receiving-01/result") == NOT_AUTHORIZED
+    assert dash.publish("inventory/ber1/receiving-01/receipt") == NOT_AUTHORIZED
     station = connected(connect("ber1/receiving-01"))
     station.publish("inventory/ber1/receiving-01/frames", b"jpeg")
     station.publish("inventory/ber1/receiving-01/result", b"result")
-    assert [m.payload for m in dash.wait_messages(1)] == [b"result"]
+    station.publish("inventory/ber1/receiving-01/receipt", b"receipt")
+    assert [m.payload for m in dash.wait_messages(2)] == [b"result", b"receipt"]
 
 
 def test_the_dashboard_websocket_listener_is_tls_and_delivers_results(connect, central_broker):

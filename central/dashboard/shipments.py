@@ -1,0 +1,129 @@
+"""Shipments as the dashboard sees them: the newest ``receipt.v1`` of each (station, shipment).
+
+A station publishes the whole tally of its open shipment now and then (agent/receiving.py), and once more
+with ``final: true`` when the shipment is closed. Each receipt replaces the one before it: the dashboard keeps,
+per (station, shipment), only the receipt with the highest ``seq`` (the station's outbox sequence), so a
+receipt that arrives late (the outbox resends after a reconnect) never undoes a newer one; duplicates are
+dropped by ``id`` before this (WarehouseState). What is kept is the trimmed view (``shipment_view``), never
+the receipt (up to 2,000 lines with 100 refs each): the book's memory is bounded by its limits, not by the
+stations.
+
+Bounds: ``open_kept`` open shipments (the newest receipts; an older one is dropped, and logged, when more are
+open) and ``closed_kept`` closed ones (the most recently closed).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+DISCREPANT = ("over", "short", "unexpected")
+
+
+def _ref_view(ref: dict[str, Any]) -> dict[str, Any]:
+    return {"decision": ref["decision"], "camera": ref["camera"], "item_seq": ref["item_seq"],
+            "label": ref["label"], "confidence": ref["confidence"], "lane": ref["lane"]}
+
+
+def _refs(refs: list[dict[str, Any]], left_off: int, shown: int) -> dict[str, Any]:
+    """The newest ``shown`` refs (the agent appends, so the newest are last) and how many are left off."""
+    kept = refs[-shown:] if shown else []
+    return {"refs": [_ref_view(r) for r in reversed(kept)], "refs_left_off": left_off + len(refs) - len(kept)}
+
+
+def shipment_view(body: dict[str, Any], received_at: float, *, lines_shown: int = 50,
+                  refs_shown: int = 10) -> dict[str, Any]:
+    """What the API and the page show of one receipt: its totals and its discrepant lines (over, short,
+    unexpected; the most items first), and the review/unknown items, each with the newest decision refs."""
+    discrepant = [line for line in body["lines"] if line["status"] in DISCREPANT]
+    discrepant.sort(key=lambda line: (-(line["over"] + line["short"] + line["unexpected"]), line["label"]))
+    lines = [{"label": line["label"], "status": line["status"], "expected": line["expected"],
+              "received": line["received"], "over": line["over"], "short": line["short"],
+              "unexpected": line["unexpected"], **_refs(line["refs"], line["refs_left_off"], refs_shown)}
+             for line in discrepant[:lines_shown]]
+    review = body["review"]
+    totals = dict(body["totals"])
+    return {"key": f"{body['site']}/{body['station']}/{body['shipment']}", "station": f"{body['site']}/{body['station']}",
+            "site": body["site"], "shipment": body["shipment"], "state": body["state"], "final": body["final"],
+            "seq": body["seq"], "ts": body["ts"], "received_at": received_at, "opened_at": body["opened_at"],
+            "closed_at": body["closed_at"], "items": body["items"], "lines_total": len(body["lines"]),
+            "expected_total": sum(line["expected"] for line in body["lines"]), "totals": totals,
+            "discrepant": totals["discrepancies"] > 0, "lines": lines,
+            "lines_left_off": max(0, len(discrepant) - lines_shown),
+            "review": {"count": review["count"], **_refs(review["refs"], review["refs_left_off"], refs_shown)}}
+
+
+def brief_view(view: dict[str, Any], lines: int = 5) -> dict[str, Any]:
+    """A shipment for the overview and the station card: totals and its first discrepant lines, no refs."""
+    return {**{k: v for k, v in view.items() if k not in ("lines", "review")},
+            "review_count": view["review"]["count"],
+            "lines": [{k: v for k, v in line.items() if k not in ("refs", "refs_left_off")}
+                      for line in view["lines"][:lines]],
+            "lines_left_off": view["lines_left_off"] + max(0, len(view["lines"]) - lines)}
+
+
+def is_closed(body: dict[str, Any]) -> bool:
+    return bool(body["final"]) or body["state"] == "closed"
+
+
+class ShipmentBook:
+    """The newest receipt's view of each (station, shipment); not thread-safe (WarehouseState's lock)."""
+
+    def __init__(self, *, open_kept: int = 200, closed_kept: int = 50, lines_shown: int = 50,
+                 refs_shown: int = 10) -> None:
+        self.open_kept, self.closed_kept = open_kept, closed_kept
+        self.lines_shown, self.refs_shown = lines_shown, refs_shown
+        self.open: OrderedDict[str, dict[str, Any]] = OrderedDict()     # key -> view, oldest receipt first
+        self.closed: OrderedDict[str, dict[str, Any]] = OrderedDict()   # key -> view, oldest closing first
+        self.superseded = 0                # receipts older (by seq) than the one kept: not applied
+        self.dropped = 0                   # open shipments dropped over open_kept
+
+    def on_receipt(self, body: dict[str, Any], received_at: float) -> bool:
+        """Keep ``body`` (a checked receipt.v1) if it is the newest of its shipment; False when it is older."""
+        key = f"{body['site']}/{body['station']}/{body['shipment']}"
+        kept = self.open.get(key) or self.closed.get(key)
+        if kept is not None and body["seq"] <= kept["seq"]:
+            self.superseded += 1
+            return False
+        view = shipment_view(body, received_at, lines_shown=self.lines_shown, refs_shown=self.refs_shown)
+        self.open.pop(key, None)
+        self.closed.pop(key, None)
+        if is_closed(body):
+            self.closed[key] = view
+            while len(self.closed) > self.closed_kept:
+                self.closed.popitem(last=False)
+        else:
+            self.open[key] = view
+            while len(self.open) > self.open_kept:
+                gone, old = self.open.popitem(last=False)
+                self.dropped += 1
+                log.warning("shipment %s dropped from the dashboard: over %d open shipments (its last receipt "
+                            "came at %.0f)", gone, self.open_kept, old["received_at"])
+        return True
+
+    def listing(self) -> dict[str, Any]:
+        """``/api/shipments``: open shipments (newest receipt first), then the recently closed (newest first)."""
+        open_now = list(reversed(self.open.values()))
+        return {"schema": "dashboard-shipments.v1", **self.counts(),
+                "shipments": open_now + list(reversed(self.closed.values()))}
+
+    def counts(self) -> dict[str, int]:
+        return {"open": len(self.open), "open_with_discrepancies": sum(v["discrepant"] for v in self.open.values()),
+                "closed": len(self.closed), "superseded": self.superseded, "dropped": self.dropped,
+                "open_kept": self.open_kept, "closed_kept": self.closed_kept}
+
+    def overview(self, shown: int = 10) -> dict[str, Any]:
+        """The overview's figure and the page's panel: counts and the ``shown`` newest open shipments."""
+        open_now = list(reversed(self.open.values()))
+        return {**self.counts(), "newest": [brief_view(v) for v in open_now[:shown]],
+                "hidden": max(0, len(open_now) - shown)}
+
+    def open_at(self, station_key: str) -> dict[str, Any] | None:
+        """The station's open shipment (its newest receipt, if it had several open), brief; None if none."""
+        for view in reversed(self.open.values()):
+            if view["station"] == station_key:
+                return brief_view(view)
+        return None

@@ -1,0 +1,192 @@
+"""Shipments on the dashboard: receipt.v1 messages as the agent builds them (agent/receiving.py), kept per
+(station, shipment) by seq, bounded, shown in /api/shipments, the overview and the station card."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from dashboard_support import get_json, publish, wait_until
+
+from agent.decide import ItemDecision
+from agent.receiving import Shipment, receipt_body
+from central.dashboard.feed import dashboard_topics
+from central.dashboard.server import Dashboard
+from central.dashboard.shipments import ShipmentBook
+from central.dashboard.state import StateLimits, WarehouseState
+from contract.broker import BrokerSettings
+from contract.messages import ENGINES, checker, dumps_finite
+
+SITE, STATION = "ber1", "receiving-01"
+TOPIC = f"inventory/{SITE}/{STATION}/receipt"
+
+
+def item(label: str, n: int, *, low: bool = False) -> ItemDecision:
+    return ItemDecision("cam-1", n, label, 0, 0.55 if low else 0.93, 1.0, 3, 1.0, 1.0,
+                        "manual-review" if low else "default", low, (), ((label, 0.93),), (3 * n, 3 * n + 2))
+
+
+def decision_id(n: int) -> str:
+    return f"00000000-0000-4000-8000-{n:012d}"
+
+
+def receipt(shipment: Shipment, seq: int, *, site: str = SITE, station: str = STATION, final: bool = False,
+            ts: float = 1000.0) -> dict:
+    """A receipt.v1 body exactly as the agent sends it (the outbox adds seq), checked against the schema."""
+    body = {**receipt_body(shipment.receipt(), site=site, station=station, ts=ts, final=final), "seq": seq}
+    checker("receipt.v1").check("test receipt", body)
+    return body
+
+
+def payload(body: dict) -> bytes:
+    return dumps_finite(body).encode()
+
+
+def mixed_shipment(name: str = "PO-1") -> Shipment:
+    """Coats over by one, a dress short, a shirt matched, a bag nobody expected and one item for review."""
+    shipment = Shipment(name, {"Coat": 2, "Dress": 1, "Shirt": 1}, opened_at=900.0)
+    for n, label in enumerate(["Coat", "Coat", "Coat", "Shirt", "Bag"], start=1):
+        shipment.record(item(label, n), decision_id(n), max_refs=100)
+    shipment.record(item("Sandal", 6, low=True), decision_id(6), max_refs=100)
+    return shipment
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_an_open_shipment_shows_its_discrepant_lines_with_the_decisions_behind_them(engine):
+    state = WarehouseState(engine=engine)
+    assert state.ingest(TOPIC, payload(receipt(mixed_shipment(), seq=4)), received_at=1001.0) == "applied"
+
+    listing = state.shipment_list()
+    assert (listing["open"], listing["open_with_discrepancies"], listing["closed"]) == (1, 1, 0)
+    shown = listing["shipments"][0]
+    assert (shown["station"], shown["shipment"], shown["state"], shown["seq"]) == (f"{SITE}/{STATION}", "PO-1",
+                                                                                  "open", 4)
+    assert shown["totals"] == {"matched": 3, "over": 1, "short": 1, "unexpected": 1, "review": 1,
+                               "discrepancies": 4}
+    assert (shown["items"], shown["lines_total"], shown["expected_total"]) == (6, 4, 4)
+    lines = {line["label"]: line for line in shown["lines"]}
+    assert {label: line["status"] for label, line in lines.items()} == {"Coat": "over", "Dress": "short",
+                                                                        "Bag": "unexpected"}
+    # the decisions behind an over or unexpected line, newest first; a short line has none (nothing came)
+    assert [r["decision"] for r in lines["Coat"]["refs"]] == [decision_id(3), decision_id(2), decision_id(1)]
+    assert [r["decision"] for r in lines["Bag"]["refs"]] == [decision_id(5)] and lines["Dress"]["refs"] == []
+    assert shown["review"] == {"count": 1, "refs_left_off": 0, "refs": [
+        {"decision": decision_id(6), "camera": "cam-1", "item_seq": 6, "label": "Sandal", "confidence": 0.55,
+         "lane": "manual-review"}]}
+    # the overview's figure and panel, and the station's card
+    overview = state.overview(now=1002.0)["shipments"]
+    assert (overview["open"], overview["open_with_discrepancies"], overview["hidden"]) == (1, 1, 0)
+    assert overview["newest"][0]["shipment"] == "PO-1" and overview["newest"][0]["review_count"] == 1
+    assert "refs" not in overview["newest"][0]["lines"][0]
+    card = state.station_card(f"{SITE}/{STATION}", now=1002.0)
+    assert card["shipment"]["shipment"] == "PO-1" and card["shipment"]["totals"]["discrepancies"] == 4
+    assert card["counts"]["result"] == 0 and "receipt" not in card["counts"]   # station counts are unchanged
+    json.loads(dumps_finite(state.snapshot(now=1002.0)))                       # strict JSON all through
+
+
+def test_the_newest_receipt_by_seq_replaces_the_earlier_and_a_late_or_repeated_one_changes_nothing():
+    state = WarehouseState()
+    shipment = Shipment("PO-2", {"Coat": 2}, opened_at=900.0)
+    first = receipt(shipment, seq=5)                         # every line short: sent when the shipment opens
+    shipment.record(item("Coat", 1), decision_id(1), 100)
+    late = receipt(shipment, seq=6)
+    shipment.record(item("Coat", 2), decision_id(2), 100)
+    newest = receipt(shipment, seq=7)
+
+    assert state.ingest(TOPIC, payload(first)) == "applied"
+    assert state.ingest(TOPIC, payload(newest)) == "applied"
+    assert state.ingest(TOPIC, payload(late)) == "applied"           # valid, but older than the one kept
+    assert state.ingest(TOPIC, payload(newest)) == "duplicate"       # QoS 1 redelivery, by id
+    listing = state.shipment_list()
+    assert len(listing["shipments"]) == 1 and listing["superseded"] == 1
+    shown = listing["shipments"][0]
+    assert shown["seq"] == 7 and shown["totals"]["matched"] == 2 and shown["discrepant"] is False
+    assert shown["lines"] == [] and listing["open_with_discrepancies"] == 0
+    assert state.counters.duplicates == 1
+
+
+def test_a_final_receipt_closes_the_shipment_and_open_ones_are_listed_first():
+    state = WarehouseState()
+    done = mixed_shipment("PO-3")
+    state.ingest("inventory/ber1/receiving-02/receipt", payload(receipt(done, seq=10, station="receiving-02")))
+    state.ingest(TOPIC, payload(receipt(mixed_shipment("PO-4"), seq=3)))
+    done.closed_at = 1500.0
+    final = receipt(done, seq=11, station="receiving-02", final=True)
+    assert final["state"] == "closed"
+    state.ingest("inventory/ber1/receiving-02/receipt", payload(final))
+    # a late open receipt of the closed shipment does not reopen it
+    state.ingest("inventory/ber1/receiving-02/receipt", payload(receipt(done, seq=9, station="receiving-02")))
+
+    listing = state.shipment_list()
+    assert [(s["shipment"], s["state"]) for s in listing["shipments"]] == [("PO-4", "open"), ("PO-3", "closed")]
+    assert (listing["open"], listing["closed"], listing["superseded"]) == (1, 1, 1)
+    assert listing["shipments"][1]["closed_at"] == 1500.0 and listing["shipments"][1]["final"] is True
+    assert state.station_card("ber1/receiving-02")["shipment"] is None
+    assert state.station_card(f"{SITE}/{STATION}")["shipment"]["shipment"] == "PO-4"
+    assert state.overview()["shipments"]["open"] == 1
+
+
+def test_malformed_receipts_are_refused_and_counted_and_keep_nothing():
+    state = WarehouseState()
+    good = receipt(mixed_shipment(), seq=2)
+    no_totals = {k: v for k, v in good.items() if k != "totals"}
+    extra = {**good, "note": "x"}
+    wrong_station = {**good, "station": "receiving-09"}
+    bad_status = {**good, "lines": [{**good["lines"][0], "status": "lost"}]}
+    zero_seq = {**good, "seq": 0}
+    bodies = [payload(b) for b in (no_totals, extra, wrong_station, bad_status, zero_seq)]
+    nan = payload(good).replace(b'"items": 6', b'"items": NaN')
+    assert nan != payload(good)
+    bodies += [nan, b"[1, 2]", b"{not json"]
+    for body in bodies:
+        assert state.ingest(TOPIC, body) == "malformed", body[:80]
+    assert state.counters.malformed == len(bodies) and state.counters.malformed_by_kind == {"receipt": len(bodies)}
+    assert state.shipment_list()["shipments"] == [] and state.overview()["shipments"]["open"] == 0
+    assert state.ingest(TOPIC, payload(good)) == "applied"
+
+
+def test_the_shipments_kept_are_bounded_and_a_huge_receipt_is_trimmed():
+    state = WarehouseState(limits=StateLimits(shipments_open_kept=3, shipments_closed_kept=2, shipments_shown=2))
+    for n in range(5):
+        state.ingest(TOPIC, payload(receipt(Shipment(f"open-{n}", {"Coat": 1}, 900.0), seq=n + 1)))
+    for n in range(4):
+        closed = Shipment(f"closed-{n}", {"Coat": 1}, 900.0, closed_at=950.0)
+        state.ingest(TOPIC, payload(receipt(closed, seq=100 + n, final=True)))
+    listing = state.shipment_list()
+    assert [s["shipment"] for s in listing["shipments"]] == ["open-4", "open-3", "open-2", "closed-3", "closed-2"]
+    assert listing["dropped"] == 2
+    overview = state.overview()["shipments"]
+    assert [s["shipment"] for s in overview["newest"]] == ["open-4", "open-3"] and overview["hidden"] == 1
+
+    book = ShipmentBook(lines_shown=50, refs_shown=10)
+    big = Shipment("PO-big", {}, 900.0)
+    for n in range(1, 61):
+        big.record(item(f"label-{n:02d}", n), decision_id(n), 100)
+    for n in range(61, 81):
+        big.record(item("label-01", n), decision_id(n), 100)
+    book.on_receipt(receipt(big, seq=1), 1000.0)
+    view = book.listing()["shipments"][0]
+    assert len(view["lines"]) == 50 and view["lines_left_off"] == 10
+    first = view["lines"][0]          # the line with the most items first, its 10 newest refs
+    assert first["label"] == "label-01" and first["unexpected"] == 21
+    assert len(first["refs"]) == 10 and first["refs_left_off"] == 11 and first["refs"][0]["decision"] == decision_id(80)
+
+
+def test_the_dashboard_subscribes_to_receipts_and_serves_them(broker):
+    settings = BrokerSettings(port=broker.port)
+    assert "inventory/+/+/receipt" in dashboard_topics(settings)
+    dash = Dashboard(settings, port=0, push_interval_s=0.1, no_auth=True)
+    dash.start()
+    try:
+        host, port = dash.address
+        publish(broker.port, [(TOPIC, payload(receipt(mixed_shipment(), seq=1)))])
+        body = wait_until(lambda: (lambda b: b if b["shipments"] else None)(
+            get_json(f"http://{host}:{port}/api/shipments")), 30, "the receipt in /api/shipments")
+        assert body["schema"] == "dashboard-shipments.v1" and body["open_with_discrepancies"] == 1
+        assert body["shipments"][0]["shipment"] == "PO-1"
+        assert {line["label"] for line in body["shipments"][0]["lines"]} == {"Coat", "Dress", "Bag"}
+        assert get_json(f"http://{host}:{port}/api/overview")["shipments"]["open"] == 1
+        card = get_json(f"http://{host}:{port}/api/stations/{SITE}/{STATION}")
+        assert card["shipment"]["shipment"] == "PO-1"
+    finally:
+        dash.stop()
