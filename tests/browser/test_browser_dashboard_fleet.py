@@ -9,6 +9,7 @@ the updates travel through a real mosquitto and the dashboard's own MQTT subscri
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -17,6 +18,8 @@ from dashboard_support import publish
 from fleet_messages import FleetStation
 from selenium.webdriver.common.by import By
 
+from agent.decide import ItemDecision
+from agent.receiving import Shipment, receipt_body
 from central.dashboard.server import Dashboard
 from contract.broker import BrokerSettings
 
@@ -116,6 +119,16 @@ def test_a_search_finds_one_station_and_its_url_opens_its_card(browser, artifact
     wait(browser, lambda d: "site-9/nope" in text_of(d.find_element(By.ID, "card-error")), "the missing station named")
 
 
+def shipment_receipt(st: FleetStation, now: float) -> tuple[str, bytes]:
+    """A receipt.v1 as the agent builds it (agent/receiving.py): two Coats expected, three came, a Dress short."""
+    shipment = Shipment("PO-7", {"Coat": 2, "Dress": 1}, opened_at=now - 60)
+    for n in range(1, 4):
+        shipment.record(ItemDecision("cam-1", n, "Coat", 0, 0.9, 1.0, 3, now, now, "default", False, (),
+                                     (("Coat", 0.9),), (n, n)), f"00000000-0000-4000-8000-{n:012d}", 100)
+    body = {**receipt_body(shipment.receipt(), site=st.site, station=st.station, ts=now, final=False), "seq": 1}
+    return f"inventory/{st.key}/receipt", json.dumps(body).encode()
+
+
 def test_an_update_over_the_broker_arrives_on_the_open_page(browser, artifacts, fleet_dashboard, broker):
     dash, fleet = fleet_dashboard
     browser.get(dash.url)
@@ -126,13 +139,19 @@ def test_an_update_over_the_broker_arrives_on_the_open_page(browser, artifacts, 
     gone, dock = fleet["site-0/st-0500"], fleet["site-1/st-0501"]
     now = time.time()
     publish(broker.port, [gone.message("status", gone.status(now, "offline")),
-                          dock.message("decision", dock.decision(now, "Sandal"))])
+                          dock.message("decision", dock.decision(now, "Sandal")), shipment_receipt(dock, now)])
     # then the open page shows both without a reload: the counts, the list (degraded first), received today
     wait(browser, lambda d: text_of(d.find_element(By.ID, "count-offline")) == "4", "four offline")
     row = wait_css(browser, '#stations tr.station-row[data-station="site-0/st-0500"]', "the station in the list")
     assert row.get_attribute("data-health") == "offline" and row.get_attribute("data-degraded") == "true"
     sandal = wait_css(browser, '#received-today tr[data-label="Sandal"]', "Sandal received today")
     assert sandal.get_attribute("data-count") == "1"
+    # and the receiving station's open shipment, its discrepancies highlighted
+    shipment = wait_css(browser, '#shipments li.shipment[data-shipment="PO-7"]', "the shipment in its panel")
+    assert shipment.get_attribute("data-discrepant") == "true" and shipment.get_attribute("data-station") == dock.key
+    assert [li.get_attribute("data-status") for li in shipment.find_elements(By.CSS_SELECTOR, ".lines li")] == \
+        ["over", "short"]
+    assert text_of(browser.find_element(By.ID, "count-shipments-discrepant")) == "1"
     assert browser.execute_script("return window.loadedOnce") == "yes"
     assert page_height(browser) < HEIGHT_BOUND
     browser.save_screenshot(str(artifacts / "dashboard-fleet-update.png"))

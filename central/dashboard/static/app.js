@@ -88,6 +88,11 @@ function renderOverview(o) {
   changed("rollout", o.rollout, () => renderProgress(o.rollout));
   changed("received", o.received_today, () => renderReceived(o.received_today));
   renderList($("#rollout-events"), o.rollout_events, rolloutItem);
+  const sh = o.shipments;
+  text($("#count-shipments-open"), sh.open);
+  text($("#count-shipments-discrepant"), sh.open_with_discrepancies);
+  $("#count-shipments-discrepant").dataset.count = String(sh.open_with_discrepancies);
+  changed("shipments", [sh.newest, sh.hidden], () => renderShipments(sh.newest, sh.hidden));
   changed("malformed", o.malformed, () => $("#malformed").replaceChildren(...o.malformed.map((m) =>
     el("li", { "data-topic": m.topic }, `${clockTime(m.at)} ${m.reason}`))));
   fillSelect($("#filter-site"), o.sites.map((s) => s.site), "every site");
@@ -290,6 +295,7 @@ function renderCard(view) {
   renderCameras(card, view.cameras_up || {});
   renderUpdate(card, view.last_model_update);
   renderRolloutFact(card, view.rollout);
+  renderShipmentFact(card, view.shipment);
   renderStats(card, view);
   renderChart(field(card, "lowconf-chart"), view.history || [], card);
   renderList(field(card, "results"), view.results, resultItem);
@@ -468,6 +474,50 @@ function rolloutItem(e) {
   }
   li.append(el("div", { class: "when" }, e.ts));
   return li;
+}
+
+// A shipment's discrepancies in one line: "over 1, short 1, unexpected 1, review 1" (the non-zero ones).
+function discrepancies(totals) {
+  const parts = ["over", "short", "unexpected", "review"].filter((k) => totals[k]).map((k) => `${k} ${totals[k]}`);
+  return parts.length ? parts.join(", ") : "no discrepancies";
+}
+
+function shipmentLine(l) {
+  const n = l.status === "over" ? `+${l.over}` : l.status === "short" ? `−${l.short}` : `+${l.unexpected}`;
+  return el("li", { "data-label": l.label, "data-status": l.status },
+            `${l.label}: ${l.status} ${n} (expected ${l.expected}, received ${l.received})`);
+}
+
+function shipmentItem(s) {
+  const li = el("li", { class: "shipment", "data-id": s.key, "data-station": s.station, "data-shipment": s.shipment,
+                        "data-state": s.state, "data-discrepant": s.discrepant,
+                        title: `opened ${clockTime(s.opened_at)}, last receipt ${clockTime(s.ts)} (seq ${s.seq})` });
+  const head = el("div", { class: "head" });
+  head.append(el("a", { href: `#/station/${s.station}`, class: "station-link" }, s.station),
+              el("span", { class: "name" }, ` ${s.shipment}`),
+              el("span", { class: "items" }, ` ${s.items} items of ${s.expected_total} expected`));
+  li.append(head, el("div", { class: "totals", "data-field": "totals" }, discrepancies(s.totals)));
+  if (s.lines.length) {
+    const lines = el("ul", { class: "lines" });
+    lines.append(...s.lines.map(shipmentLine));
+    if (s.lines_left_off) lines.append(el("li", { class: "muted" }, `… ${s.lines_left_off} more lines`));
+    li.append(lines);
+  }
+  return li;
+}
+
+function renderShipments(newest, hidden) {
+  $("#shipments").replaceChildren(...newest.map(shipmentItem));
+  $("#no-shipments").hidden = newest.length > 0;
+  const more = $("#shipments-hidden");
+  more.hidden = !hidden;
+  text(more, hidden ? `${hidden} more open shipments (GET /api/shipments lists them all)` : "");
+}
+
+function renderShipmentFact(card, s) {
+  const node = field(card, "shipment");
+  node.dataset.discrepant = s ? String(s.discrepant) : "none";
+  text(node, s ? `${s.shipment}: ${s.items} items of ${s.expected_total} expected, ${discrepancies(s.totals)}` : "none open");
 }
 
 // ------------------------------------------------------------------ routes and the stream
