@@ -100,6 +100,9 @@ def record_agent_session(workdir: Path, bundle: Path, video: Path) -> list[Recor
         agent = Agent(cfg)
         agent.start()
         try:
+            # online first, so the first online status is a clean one and a later one carries the refusal
+            wait_until(lambda: any(json.loads(m.payload)["state"] == "online" for m in subscriber.of("status")), 60,
+                       "the agent's online status")
             agent.reload_model(json.dumps({"bundle": str(bundle), "sha256": "0" * 64,
                                            "version": "never-installed"}).encode())
             agent.wait(exit_at_end=True)
