@@ -15,27 +15,50 @@ from typing import Iterable
 OTHER = "(other)"
 
 
-class Buckets:
-    """``slots`` consecutive periods of ``width_s`` seconds, each a fixed list of ``fields`` integer counts."""
+class _Ring:
+    """``slots`` consecutive periods of ``width_s`` seconds; subclasses say what a slot counts and how it clears."""
 
     __slots__ = ("width_s", "slots", "period", "counts")
 
-    def __init__(self, slots: int, width_s: float, fields: int) -> None:
+    def __init__(self, slots: int, width_s: float, counts: list) -> None:
         self.width_s = width_s
         self.slots = slots
         self.period = [-1] * slots
-        self.counts = [[0] * fields for _ in range(slots)]
+        self.counts = counts
 
-    def add(self, t: float, field: int, n: int = 1) -> bool:
+    def _slot(self, t: float) -> int | None:
+        """The slot of ``t``'s period, cleared first when it still holds an older one; None when it holds a newer
+        one (``t`` is older than the window: late)."""
         period = int(t // self.width_s)
         slot = period % self.slots
         if self.period[slot] != period:
             if self.period[slot] > period:
-                return False
+                return None
             self.period[slot] = period
-            counts = self.counts[slot]
-            for i in range(len(counts)):
-                counts[i] = 0
+            self._clear(slot)
+        return slot
+
+    def _clear(self, slot: int) -> None:
+        raise NotImplementedError
+
+
+class Buckets(_Ring):
+    """``slots`` consecutive periods of ``width_s`` seconds, each a fixed list of ``fields`` integer counts."""
+
+    __slots__ = ()
+
+    def __init__(self, slots: int, width_s: float, fields: int) -> None:
+        super().__init__(slots, width_s, [[0] * fields for _ in range(slots)])
+
+    def _clear(self, slot: int) -> None:
+        counts = self.counts[slot]
+        for i in range(len(counts)):
+            counts[i] = 0
+
+    def add(self, t: float, field: int, n: int = 1) -> bool:
+        slot = self._slot(t)
+        if slot is None:
+            return False
         self.counts[slot][field] += n
         return True
 
@@ -58,27 +81,23 @@ class Buckets:
         return [list(by_period.get(p, empty)) for p in range(last - periods + 1, last + 1)]
 
 
-class KeyedBuckets:
+class KeyedBuckets(_Ring):
     """Like ``Buckets``, but each slot counts per key (a lane, a label); at most ``max_keys`` distinct keys."""
 
-    __slots__ = ("width_s", "slots", "period", "counts", "keys", "max_keys")
+    __slots__ = ("keys", "max_keys")
 
     def __init__(self, slots: int, width_s: float, max_keys: int) -> None:
-        self.width_s = width_s
-        self.slots = slots
-        self.period = [-1] * slots
-        self.counts: list[dict[str, int]] = [{} for _ in range(slots)]
+        super().__init__(slots, width_s, [{} for _ in range(slots)])
         self.keys: set[str] = set()
         self.max_keys = max_keys
 
+    def _clear(self, slot: int) -> None:
+        self.counts[slot] = {}
+
     def add(self, t: float, key: str, n: int = 1) -> bool:
-        period = int(t // self.width_s)
-        slot = period % self.slots
-        if self.period[slot] != period:
-            if self.period[slot] > period:
-                return False
-            self.period[slot] = period
-            self.counts[slot] = {}
+        slot = self._slot(t)
+        if slot is None:
+            return False
         if key not in self.keys:
             if len(self.keys) >= self.max_keys:
                 key = OTHER
