@@ -29,6 +29,7 @@ SIGNATURE_MAX_BYTES = 4096         # an ed25519 signature is 64 bytes
 ROLE_FP32 = "onnx-fp32"
 ROLE_INT8 = "onnx-int8"
 ROLE_ENGINE = "tensorrt-engine"
+ROLE_OPEN_SET = "open-set"      # open_set.npz: class statistics and enrolled rows (contract/openset.py)
 
 
 class BundleError(Exception):
@@ -69,9 +70,11 @@ class Bundle:
     artifacts: tuple[Artifact, ...]
     signed: bool = False
     input_spec: InputSpec = field(init=False)
+    open_set: Any = field(init=False)   # contract.openset.OpenSet, or None for a bundle without an open_set block
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "input_spec", InputSpec.from_manifest(self.manifest["input"]))
+        object.__setattr__(self, "open_set", _open_set(self))
 
     @property
     def name(self) -> str:
@@ -84,6 +87,17 @@ class Bundle:
     @property
     def labels(self) -> list[str]:
         return list(self.manifest["labels"])
+
+    @property
+    def model_labels(self) -> list[str]:
+        """The labels the model's logits are for: all but the enrolled ones (appended from the embedding)."""
+        enrolled = len(self.open_set.enrolled.labels) if self.open_set is not None else 0
+        return self.labels[: len(self.labels) - enrolled]
+
+    @property
+    def embedding_name(self) -> str | None:
+        """The model's embedding output, where the bundle has one (every bundle with an open_set block)."""
+        return self.manifest["open_set"].get("embedding_name", "embedding") if self.open_set is not None else None
 
     @property
     def thresholds(self) -> dict[str, float]:
@@ -103,6 +117,20 @@ class Bundle:
 
     def engines(self) -> list[Artifact]:
         return [a for a in self.artifacts if a.role == ROLE_ENGINE and a.deployable]
+
+
+def _open_set(bundle: "Bundle"):
+    """The manifest's open_set block with its npz (hash-checked like every artifact), or None."""
+    block = bundle.manifest.get("open_set")
+    if block is None:
+        return None
+    from contract import openset
+
+    art = bundle.artifact(ROLE_OPEN_SET)
+    try:
+        return openset.load(block, art.path if art is not None else None, bundle.labels, block.get("embedding_dim"))
+    except openset.OpenSetError as exc:
+        raise BundleError(f"{bundle.root / MANIFEST}: field open_set: {exc}") from exc
 
 
 def _validate_schema(manifest: Any, path: str | Path) -> None:
@@ -272,14 +300,29 @@ def check_outputs(bundle: Bundle, model: str, outputs: Any, batch: int) -> None:
     A labels list that does not match the model's classes would lose every frame as an inference error; a
     model that outputs NaN would publish ``confidence: NaN`` as a confident result."""
     shape = tuple(getattr(outputs, "shape", ()))
-    want = (batch, len(bundle.labels))
+    labels = bundle.model_labels
+    want = (batch, len(labels))
     where = f"{bundle.root / MANIFEST}: {model}"
     if len(shape) != 2 or shape[0] != batch:
         raise BundleError(f"{where}: outputs shape {shape} on a batch of {batch}, expected {want}")
-    if shape[1] != len(bundle.labels):
-        raise BundleError(f"{where}: {shape[1]} outputs per image but field labels has {len(bundle.labels)}")
+    if shape[1] != len(labels):
+        enrolled = len(bundle.labels) - len(labels)
+        raise BundleError(f"{where}: {shape[1]} outputs per image but field labels has {len(labels)}"
+                          + (f" trained labels (and {enrolled} enrolled)" if enrolled else ""))
     if not np.isfinite(outputs).all():
         raise BundleError(f"{where}: non-finite outputs (NaN or infinity) on the sample batch")
+
+
+def check_embedding(bundle: Bundle, model: str, embedding: Any, batch: int) -> None:
+    """A model's embedding output on a sample batch: one finite vector of the statistics' size per image."""
+    shape = tuple(getattr(embedding, "shape", ()))
+    stats = bundle.open_set.stats if bundle.open_set is not None else None
+    dim = bundle.manifest["open_set"].get("embedding_dim") or (stats.dim if stats is not None else None)
+    where = f"{bundle.root / MANIFEST}: {model}"
+    if len(shape) != 2 or shape[0] != batch or (dim is not None and shape[1] != dim):
+        raise BundleError(f"{where}: embedding shape {shape} on a batch of {batch}, expected ({batch}, {dim})")
+    if not np.isfinite(embedding).all():
+        raise BundleError(f"{where}: non-finite embedding (NaN or infinity) on the sample batch")
 
 
 def check_input_shape(bundle: Bundle, model: str, shape: Iterable[Any]) -> None:
@@ -305,11 +348,21 @@ def check_onnx_artifact(bundle: Bundle, artifact: Artifact, batch: int = 2) -> N
     check_input_shape(bundle, artifact.path.name, inputs[name].shape)
     fixed = inputs[name].shape[0]
     n = fixed if isinstance(fixed, int) and fixed > 0 else batch
+    names = [o.name for o in session.get_outputs()]
+    logits_name = bundle.input_spec.output_name if bundle.input_spec.output_name in names else names[0]
+    wanted = [logits_name]
+    if bundle.embedding_name is not None:
+        if bundle.embedding_name not in names:
+            raise BundleError(f"{artifact.path}: no output {bundle.embedding_name!r} (the embedding field open_set "
+                              f"needs); the model's outputs are {names}")
+        wanted.append(bundle.embedding_name)
     try:
-        outputs = session.run(None, {name: sample_input(bundle.input_spec, n)})[0]
+        outputs = session.run(wanted, {name: sample_input(bundle.input_spec, n)})
     except Exception as exc:
         raise BundleError(f"{artifact.path}: ONNX Runtime cannot run the model on a sample batch ({exc})") from exc
-    check_outputs(bundle, artifact.path.name, outputs, n)
+    check_outputs(bundle, artifact.path.name, outputs[0], n)
+    if len(outputs) > 1:
+        check_embedding(bundle, artifact.path.name, outputs[1], n)
 
 
 def check_model_runs(bundle: Bundle) -> None:

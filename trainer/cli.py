@@ -94,6 +94,13 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
                    help="the suggested low-confidence thresholds flag at most this share (0..1) of the station-view "
                         "set (of the validation set for a whole-ROI bundle); default: no cap. The thresholds also "
                         "choose the frames stations send back for retraining, so a cap sends fewer")
+    p.add_argument("--unknown-score", default="mahalanobis",
+                   choices=["msp", "max_logit", "energy", "mahalanobis", "cosine", "knn"],
+                   help="the unknown score the bundle carries (docs/open-set.md; chosen by benchmarks/open_set.py)")
+    p.add_argument("--unknown-keep", type=float, default=0.95,
+                   help="share of known items the unknown threshold keeps (calibrated on the station-view or val set)")
+    p.add_argument("--open-set-images", type=int, default=2000,
+                   help="training images the unknown score's class statistics are fitted on")
     p.add_argument("--tensorrt", default="auto", choices=["auto", "on", "off"])
     p.add_argument("--sign-key", type=Path, default=None, help="ed25519 private key to sign the manifest")
 
@@ -185,6 +192,7 @@ def _export_config(args, checkpoint: Path):
         parity_images=args.parity_images, gate_margin_points=args.gate_margin, tensorrt=args.tensorrt,
         quantize=QuantizeConfig(calibration_images=args.calibration_images, method=args.calibration_method),
         sign_key=args.sign_key, station_val_images=args.station_val_images, review_budget=args.review_budget,
+        unknown_score=args.unknown_score, unknown_keep=args.unknown_keep, open_set_images=args.open_set_images,
     )
 
 

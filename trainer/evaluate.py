@@ -231,6 +231,12 @@ def write_reports(out_dir: Path, metrics: dict, paths: Sequence[Path], logits: n
 
 def onnx_logits(onnx_path: str | Path, inputs: np.ndarray, batch_size: int = 256, threads: int | None = None) -> np.ndarray:
     """Logits from an ONNX file in ONNX Runtime (CPU), batch by batch."""
+    return onnx_outputs(onnx_path, inputs, batch_size, threads)[0]
+
+
+def onnx_outputs(onnx_path: str | Path, inputs: np.ndarray, batch_size: int = 256,
+                 threads: int | None = None) -> list[np.ndarray]:
+    """Every output of an ONNX file (logits first, then the embedding where it has one), batch by batch."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -238,8 +244,11 @@ def onnx_logits(onnx_path: str | Path, inputs: np.ndarray, batch_size: int = 256
         opts.intra_op_num_threads = threads
     session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
-    out = [session.run(None, {name: inputs[i : i + batch_size]})[0] for i in range(0, len(inputs), batch_size)]
-    return np.concatenate(out)
+    count = len(session.get_outputs())
+    parts = [session.run(None, {name: inputs[i : i + batch_size]}) for i in range(0, len(inputs), batch_size)]
+    if not parts:
+        return [np.zeros((0, 0), np.float32)] * count
+    return [np.concatenate([p[k] for p in parts]) for k in range(count)]
 
 
 def evaluate(model_path: str | Path, data: str | Path, out_dir: str | Path, *, classes: Sequence[str] | None = None,

@@ -175,3 +175,33 @@ def train_mode(model: nn.Module, arch: str, frozen_bn: bool = False) -> None:
         for m in model.modules():
             if m is not head and isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.eval()
+
+
+class WithEmbedding(nn.Module):
+    """``model`` giving ``(logits, embedding)``: the embedding is what its classifier reads (the pooled
+    backbone features), the second output of every exported bundle model (contract/openset.py)."""
+
+    def __init__(self, model: nn.Module, arch: str) -> None:
+        super().__init__()
+        import copy
+
+        head_attr = _archs()[arch].head_attr
+        self.head = _get(model, head_attr)
+        self.body = copy.copy(model)          # shallow: the same layers, but its own head slot
+        self.body._modules = dict(model._modules)
+        parent, _, name = head_attr.rpartition(".")
+        if parent:                            # e.g. classifier.1: copy the container whose slot is replaced
+            container = copy.copy(_get(model, parent))
+            container._modules = dict(container._modules)
+            container._modules[name] = nn.Identity()
+            _set(self.body, parent, container)
+        else:
+            self.body._modules[name] = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        embedding = torch.flatten(self.body(x), 1)
+        return self.head(embedding), embedding
+
+
+def embedding_dim(model: nn.Module, arch: str) -> int:
+    return int(_get(model, _archs()[arch].head_attr).in_features)

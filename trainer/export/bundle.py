@@ -14,11 +14,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from contract import openset
 from contract.bundle import (
     MANIFEST,
     ROLE_ENGINE,
     ROLE_FP32,
     ROLE_INT8,
+    ROLE_OPEN_SET,
     artifact_entry,
     check_model_runs,
     load_bundle,
@@ -32,12 +34,13 @@ from trainer.evaluate import (
     compute_metrics,
     low_confidence_report,
     onnx_logits,
+    onnx_outputs,
     softmax,
     suggest_thresholds,
     within_review_budget,
     write_reports,
 )
-from trainer.export.onnx import OPSET, export_onnx, parity
+from trainer.export.onnx import EMBEDDING_NAME, OPSET, export_onnx, parity
 from trainer.export.quantize import QuantizeConfig, int8_gate, quantize_qdq
 
 log = logging.getLogger(__name__)
@@ -59,6 +62,9 @@ class ExportConfig:
     station_val_images: int = 1000   # foreground-crop bundles: validation images also seen as a station sees them
     review_budget: float | None = None  # suggested thresholds flag at most this share of the station-view (else
     #                                     val) set; None: no cap (the thresholds also pick the frames for retraining)
+    unknown_score: str = "mahalanobis"  # contract.openset.SCORES; chosen by benchmarks/open_set.py
+    unknown_keep: float = openset.DEFAULT_KEEP  # share of known items the unknown threshold keeps
+    open_set_images: int = 2000          # training images the class statistics are fitted on
 
 
 @dataclass
@@ -119,7 +125,7 @@ def _station_sets(cfg: ExportConfig, spec: InputSpec, train_samples: list, val_s
     calib = [train_samples[i] for i in rng.permutation(len(train_samples))[: cfg.quantize.calibration_images // 2]]
     return {"val": station_views([s.path for s in val], [s.label for s in val], spec),
             "calibration": station_views([s.path for s in calib], [s.label for s in calib], spec,
-                                         SceneConfig(seed=4321)).inputs}
+                                         SceneConfig(seed=4321))}
 
 
 def _station_quality(views, fp32_path: Path, int8_path: Path, margin_points: float
@@ -231,10 +237,11 @@ def non_finite_reason(model: str, logits: np.ndarray) -> str | None:
 
 def _export_into(cfg, tmp_dir, model, spec, classes, train_cfg, name, version, train_samples, val_samples, val_x, val_y,
                  run_dir):
+    arch = train_cfg["arch"]
     fp32_path = export_onnx(model, tmp_dir / "model.fp32.onnx", spec.height, spec.width,
-                            input_name=spec.input_name, output_name=spec.output_name)
-    parity_stats = parity(model, fp32_path, val_x[: cfg.parity_images])
-    fp32_logits = onnx_logits(fp32_path, val_x)
+                            input_name=spec.input_name, output_name=spec.output_name, arch=arch)
+    parity_stats = parity(model, fp32_path, val_x[: cfg.parity_images], arch=arch)
+    fp32_logits, fp32_emb = onnx_outputs(fp32_path, val_x)
     if (fp32_reason := non_finite_reason("FP32", fp32_logits)) is not None:
         raise ValueError(f"{cfg.checkpoint}: {fp32_reason}; not exported (a model that outputs NaN cannot be "
                          "deployed, nor quantized)")
@@ -248,10 +255,11 @@ def _export_into(cfg, tmp_dir, model, spec, classes, train_cfg, name, version, t
     calibration = _calibration_inputs(train_samples, spec, cfg.quantize.calibration_images, cfg.workers)
     station = _station_sets(cfg, spec, train_samples, val_samples)
     if station is not None:  # half of the calibration images as the station crops them: the ranges it will see
-        calibration = np.concatenate([calibration[: len(calibration) - len(calibration) // 2], station["calibration"]])
+        calibration = np.concatenate([calibration[: len(calibration) - len(calibration) // 2],
+                                      station["calibration"].inputs])
     int8_path = tmp_dir / "model.int8.onnx"
     calib_info = quantize_qdq(fp32_path, int8_path, calibration, cfg.quantize, input_name=spec.input_name)
-    int8_logits = onnx_logits(int8_path, val_x)
+    int8_logits, int8_emb = onnx_outputs(int8_path, val_x)
     int8_metrics = compute_metrics(int8_logits, val_y, classes)
     int8_metrics["_logits"] = int8_logits
     passed, reason = int8_gate(fp32_metrics["accuracy"], int8_metrics["accuracy"], cfg.gate_margin_points)
@@ -269,10 +277,17 @@ def _export_into(cfg, tmp_dir, model, spec, classes, train_cfg, name, version, t
             review = _thresholds(softmax(station_logits), station["val"].labels, "station_view", cfg.review_budget)
     if review is None:
         review = _thresholds(softmax(fp32_logits), val_y, "val", cfg.review_budget)
+    open_set, open_set_arrays, open_set_reason = _open_set(cfg, spec, fp32_path, int8_path, train_samples, station,
+                                                           (val_x, val_y, fp32_logits, fp32_emb, int8_logits, int8_emb),
+                                                           len(classes))
+    passed, reason = passed and open_set_reason is None, reason or open_set_reason
+    npz_path = tmp_dir / "open_set.npz"
+    openset.save_npz(npz_path, open_set_arrays)
     if not passed:
         log.warning("INT8 model kept but not deployable: %s", reason)
     artifacts.append(artifact_entry(int8_path, tmp_dir, role=ROLE_INT8, precision="int8", deployable=passed, reason=reason))
 
+    artifacts.append(artifact_entry(npz_path, tmp_dir, role=ROLE_OPEN_SET, precision="fp32", deployable=True))
     engines, no_engine_reason = _build_engines(cfg, tmp_dir, spec, passed)
     for engine in engines:
         artifacts.append(artifact_entry(engine["path"], tmp_dir, role=ROLE_ENGINE, precision=engine["precision"],
@@ -290,6 +305,7 @@ def _export_into(cfg, tmp_dir, model, spec, classes, train_cfg, name, version, t
         "labels": list(classes),
         "input": spec.to_manifest(),
         "artifacts": artifacts,
+        "open_set": open_set,
         "quality": {
             "val_images": int(len(val_y)),
             "val_accuracy": fp32_metrics["accuracy"],
@@ -325,6 +341,47 @@ def _export_into(cfg, tmp_dir, model, spec, classes, train_cfg, name, version, t
         },
     }
     return manifest, fp32_metrics, int8_metrics
+
+
+def _open_set(cfg: ExportConfig, spec: InputSpec, fp32_path: Path, int8_path: Path, train_samples: list,
+              station: dict | None, val: tuple, classes: int) -> tuple[dict, openset.OpenSet, str | None]:
+    """The unknown score: class statistics from training images (and their station views), the threshold that
+    keeps ``unknown_keep`` of the known items of the set a station's frames look like (station views, else
+    val), and the INT8 model's verdict under it (gated: it must keep within the INT8 gate's margin)."""
+    val_x, val_y, fp32_logits, fp32_emb, int8_logits, int8_emb = val
+    rng = np.random.default_rng(2)
+    chosen = [train_samples[i] for i in sorted(rng.permutation(len(train_samples))[: cfg.open_set_images])]
+    fit_x, fit_y = eval_inputs(chosen, spec, cfg.workers, desc="preprocess open-set images")
+    fit_emb = onnx_outputs(fp32_path, fit_x.numpy())[1]
+    fit_labels = fit_y.numpy()
+    if station is not None and len(station["calibration"].labels):
+        fit_emb = np.concatenate([fit_emb, onnx_outputs(fp32_path, station["calibration"].inputs)[1]])
+        fit_labels = np.concatenate([fit_labels, station["calibration"].labels])
+    stats = openset.fit_embedding_stats(fit_emb, fit_labels, classes)
+    if station is not None and len(station["val"].labels):
+        source, (cal_logits, cal_emb) = "station_view", onnx_outputs(fp32_path, station["val"].inputs)
+        int8_cal_logits, int8_cal_emb = onnx_outputs(int8_path, station["val"].inputs)
+    else:
+        source, cal_logits, cal_emb, int8_cal_logits, int8_cal_emb = "val", fp32_logits, fp32_emb, int8_logits, int8_emb
+    score = cfg.unknown_score
+    model = openset.OpenSet(score, 0.0, cfg.unknown_keep, stats)
+    fp32_scores = model.scores(cal_logits, cal_emb)
+    threshold = openset.threshold_for_keep(fp32_scores, cfg.unknown_keep)
+    int8_kept = float((model.scores(int8_cal_logits, int8_cal_emb) <= threshold).mean())
+    cosine = np.sum(openset.unit(fp32_emb) * openset.unit(int8_emb), axis=1) if len(fp32_emb) else np.ones(1)
+    reason = None
+    if round((int8_kept - cfg.unknown_keep) * 100, 9) < -cfg.gate_margin_points:
+        reason = (f"INT8 keeps {int8_kept:.2%} of known items under the unknown threshold, more than "
+                  f"{cfg.gate_margin_points:.2f} points below the {cfg.unknown_keep:.0%} it was calibrated for")
+    log.info("unknown score %s: threshold %.4g keeps %.1f%% of the %s set (INT8 %.1f%%); INT8 embedding cosine "
+             "median %.4f", score, threshold, cfg.unknown_keep * 100, source, int8_kept * 100, float(np.median(cosine)))
+    block = {"score": score, "threshold": threshold, "keep": cfg.unknown_keep, "embedding_name": EMBEDDING_NAME,
+             "embedding_dim": stats.dim, "enrolled": [],
+             "calibration": {"set": source, "images": int(len(fp32_scores)), "fit_images": int(len(fit_labels)),
+                             "known_kept_fp32": float((fp32_scores <= threshold).mean()), "known_kept_int8": int8_kept,
+                             "int8_embedding_cosine_median": float(np.median(cosine)),
+                             "int8_embedding_cosine_min": float(np.min(cosine)), "int8_passed": reason is None}}
+    return block, openset.OpenSet(score, threshold, cfg.unknown_keep, stats), reason
 
 
 def verify(bundle_dir: Path, public_key: Path | None = None):

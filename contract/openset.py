@@ -1,0 +1,329 @@
+"""Unknown items and enrolled classes: what a bundle's embedding output is used for (docs/open-set.md).
+
+A bundle's model gives two outputs per image: the logits, one per trained label, and the embedding, the
+vector the classifier reads (the backbone's pooled features). This module is the numpy side of both uses:
+
+- **The unknown score**: how far an image is from everything the bundle knows; higher is more unknown. The
+  bundle names its score and carries a threshold calibrated on validation images of the known classes, so
+  that a stated share of them (``keep``, e.g. 95%) score below it. Scores (``SCORES``): ``msp`` (one minus the
+  top softmax probability, the baseline), ``max_logit`` and ``energy`` (from the logits), ``mahalanobis``
+  (the smallest distance to a class mean under the shared covariance of the classes), ``cosine`` (one minus
+  the largest cosine between the centred embedding and a centred class mean) and ``knn`` (one minus the
+  cosine to the k-th nearest training embedding).
+- **Enrolled classes**: a class added after training (``python -m trainer enroll``), without touching the
+  backbone: one more row of the classifier, ``w . embedding + b``, fitted on a few examples' embeddings, and
+  its class mean for the distance scores. Its logit is appended to the model's, so every consumer sees one
+  logit per label.
+
+The statistics live in the bundle's ``open_set.npz`` (read with ``allow_pickle=False``: arrays only), its
+hash in the manifest like every artifact. Everything here is float64 numpy and torch-free, so the station,
+the trainer and the central side compute the same numbers.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+SCORES = ("msp", "max_logit", "energy", "mahalanobis", "cosine", "knn")
+EMBEDDING_SCORES = ("mahalanobis", "cosine", "knn")
+UNKNOWN_LABEL = "unknown"
+DEFAULT_KEEP = 0.95
+MAX_COMPONENTS = 512        # principal directions kept of the shared covariance (the rest: one mean variance)
+KNN_K = 10
+KNN_BANK_PER_CLASS = 200    # training embeddings kept per class for the knn score
+NPZ_MAX_BYTES = 256 << 20
+
+
+class OpenSetError(ValueError):
+    """Statistics that cannot be used; the message names the file and the problem."""
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _logsumexp(logits: np.ndarray) -> np.ndarray:
+    z = np.asarray(logits, dtype=np.float64)
+    top = z.max(axis=-1, keepdims=True)
+    return (top + np.log(np.exp(z - top).sum(axis=-1, keepdims=True)))[:, 0]
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+@dataclass(frozen=True)
+class EmbeddingStats:
+    """Class means and the shared covariance's principal directions, from training embeddings.
+
+    ``means``: one row per label (trained and enrolled); ``centre``: the mean of the class means;
+    ``components`` (D x K) and ``variances`` (K) the covariance's top directions, ``rest_variance`` the mean
+    variance of the directions left out (so the distance still counts them). ``bank``: unit-length training
+    embeddings with ``bank_labels``, for the knn score (may be empty)."""
+
+    means: np.ndarray
+    centre: np.ndarray
+    components: np.ndarray
+    variances: np.ndarray
+    rest_variance: float
+    bank: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    bank_labels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+    @property
+    def dim(self) -> int:
+        return int(self.means.shape[1])
+
+    def mahalanobis(self, emb: np.ndarray) -> np.ndarray:
+        """Squared distances to every class mean, N x C, under the shared covariance."""
+        emb = np.asarray(emb, dtype=np.float64)
+        diff = emb[:, None, :] - self.means[None, :, :]                     # N x C x D
+        proj = diff @ self.components                                        # N x C x K
+        inside = (proj ** 2 / self.variances).sum(-1)
+        rest = ((diff ** 2).sum(-1) - (proj ** 2).sum(-1)).clip(min=0) / self.rest_variance
+        return inside + rest
+
+    def cosines(self, emb: np.ndarray) -> np.ndarray:
+        """Cosine of the centred embedding with every centred class mean, N x C."""
+        return unit(np.asarray(emb, np.float64) - self.centre) @ unit(self.means - self.centre).T
+
+    def knn_distance(self, emb: np.ndarray, k: int = KNN_K) -> np.ndarray:
+        if not len(self.bank):
+            raise OpenSetError("the knn score needs a bank of training embeddings, and this bundle has none")
+        sims = unit(emb) @ self.bank.T
+        k = min(k, sims.shape[1])
+        return 1.0 - np.sort(sims, axis=1)[:, -k]
+
+    def with_class(self, mean: np.ndarray, examples: np.ndarray | None = None) -> "EmbeddingStats":
+        """These statistics with one more class mean (an enrolled class; the covariance is the old one)."""
+        means = np.vstack([self.means, np.asarray(mean, np.float64)[None, :]])
+        bank, bank_labels = self.bank, self.bank_labels
+        if examples is not None and len(bank):
+            bank = np.vstack([bank, unit(examples)])
+            bank_labels = np.concatenate([bank_labels, np.full(len(examples), len(self.means))])
+        return replace(self, means=means, bank=bank, bank_labels=bank_labels)
+
+
+def fit_embedding_stats(emb: np.ndarray, labels: np.ndarray, classes: int, *, max_components: int = MAX_COMPONENTS,
+                        bank_per_class: int = KNN_BANK_PER_CLASS, seed: int = 0) -> EmbeddingStats:
+    """Class means and shared covariance (shrunk a little towards its mean variance) of labelled embeddings."""
+    emb = np.asarray(emb, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    if emb.ndim != 2 or len(emb) != len(labels) or not len(emb):
+        raise OpenSetError(f"embeddings {emb.shape} and labels {labels.shape} do not match")
+    if not np.isfinite(emb).all():
+        raise OpenSetError("embeddings are not all finite")
+    missing = [c for c in range(classes) if not (labels == c).any()]
+    if missing:
+        raise OpenSetError(f"no embedding of class(es) {missing}")
+    means = np.stack([emb[labels == c].mean(0) for c in range(classes)])
+    within = emb - means[labels]
+    cov = within.T @ within / max(1, len(emb) - classes)
+    mean_var = float(np.trace(cov)) / cov.shape[0]
+    cov = 0.9 * cov + 0.1 * mean_var * np.eye(cov.shape[0])                    # shrinkage: few images, many dims
+    values, vectors = np.linalg.eigh(cov)
+    order = np.argsort(values)[::-1]
+    k = min(max_components, len(values))
+    kept, rest = order[:k], order[k:]
+    rest_var = float(values[rest].mean()) if len(rest) else float(values[kept].min())
+    rng = np.random.default_rng(seed)
+    pick = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:bank_per_class] for c in range(classes)])
+    return EmbeddingStats(means, means.mean(0), vectors[:, kept], np.maximum(values[kept], 1e-12),
+                          max(rest_var, 1e-12), unit(emb[pick]) if bank_per_class else np.zeros((0, emb.shape[1])),
+                          labels[pick] if bank_per_class else np.zeros(0, np.int64))
+
+
+def unknown_scores(kind: str, logits: np.ndarray, emb: np.ndarray | None = None,
+                   stats: EmbeddingStats | None = None) -> np.ndarray:
+    """The unknown score of each row (higher: more unknown)."""
+    if kind == "msp":
+        return 1.0 - _softmax(logits).max(-1)
+    if kind == "max_logit":
+        return -np.asarray(logits, np.float64).max(-1)
+    if kind == "energy":
+        return -_logsumexp(logits)
+    if kind not in EMBEDDING_SCORES:
+        raise OpenSetError(f"unknown score {kind!r}: expected one of {', '.join(SCORES)}")
+    if emb is None or stats is None:
+        raise OpenSetError(f"the {kind} score needs the model's embedding and the bundle's statistics")
+    if kind == "mahalanobis":
+        return stats.mahalanobis(emb).min(-1)
+    if kind == "cosine":
+        return 1.0 - stats.cosines(emb).max(-1)
+    return stats.knn_distance(emb)
+
+
+def threshold_for_keep(known_scores: np.ndarray, keep: float = DEFAULT_KEEP) -> float:
+    """The score below which ``keep`` of the known items fall (they are kept; above it: unknown)."""
+    scores = np.asarray(known_scores, np.float64)
+    if not len(scores) or not np.isfinite(scores).all():
+        raise OpenSetError("no finite known-item scores to calibrate on")
+    if not 0.0 < keep <= 1.0:
+        raise OpenSetError(f"keep: expected a share in (0, 1], got {keep!r}")
+    return float(np.quantile(scores, keep, method="higher"))
+
+
+def auroc(known_scores: np.ndarray, unknown_scores_: np.ndarray) -> float:
+    """Probability that an unknown item scores above a known one (ties count half)."""
+    known = np.asarray(known_scores, np.float64)
+    unknown = np.asarray(unknown_scores_, np.float64)
+    if not len(known) or not len(unknown):
+        return float("nan")
+    both = np.concatenate([known, unknown])
+    order = both.argsort(kind="mergesort")
+    ranks = np.empty(len(both))
+    sorted_vals = both[order]
+    # average ranks of ties
+    _, first, counts = np.unique(sorted_vals, return_index=True, return_counts=True)
+    avg = first + (counts - 1) / 2.0 + 1.0
+    ranks[order] = np.repeat(avg, counts)
+    u = ranks[len(known):].sum() - len(unknown) * (len(unknown) + 1) / 2.0
+    return float(u / (len(known) * len(unknown)))
+
+
+def false_accept_rate(known_scores: np.ndarray, unknown_scores_: np.ndarray, keep: float = DEFAULT_KEEP) -> float:
+    """Share of unknown items scoring below the threshold that keeps ``keep`` of the known ones."""
+    t = threshold_for_keep(known_scores, keep)
+    return float((np.asarray(unknown_scores_) <= t).mean())
+
+
+@dataclass(frozen=True)
+class EnrolledHead:
+    """Rows appended to the model's classifier: one logit per enrolled class, ``emb @ weights.T + bias``."""
+
+    labels: tuple[str, ...] = ()
+    weights: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    bias: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+    def logits(self, emb: np.ndarray) -> np.ndarray:
+        if not self.labels:
+            return np.zeros((len(emb), 0))
+        return np.asarray(emb, np.float64) @ self.weights.T + self.bias
+
+    def with_class(self, label: str, weight: np.ndarray, bias: float) -> "EnrolledHead":
+        w = np.asarray(weight, np.float64)[None, :]
+        weights = w if not self.labels else np.vstack([self.weights, w])
+        return EnrolledHead(self.labels + (label,), weights, np.append(self.bias, float(bias)))
+
+
+@dataclass(frozen=True)
+class OpenSet:
+    """A bundle's unknown score and enrolled classes: the manifest's ``open_set`` block and its npz."""
+
+    score: str
+    threshold: float
+    keep: float
+    stats: EmbeddingStats | None
+    enrolled: EnrolledHead = field(default_factory=EnrolledHead)
+
+    @property
+    def needs_embedding(self) -> bool:
+        return self.score in EMBEDDING_SCORES or bool(self.enrolled.labels)
+
+    def full_logits(self, logits: np.ndarray, emb: np.ndarray | None) -> np.ndarray:
+        """The model's logits with the enrolled classes' appended (one per label of the bundle)."""
+        if not self.enrolled.labels:
+            return np.asarray(logits)
+        if emb is None:
+            raise OpenSetError("enrolled classes need the model's embedding output")
+        return np.concatenate([np.asarray(logits, np.float64), self.enrolled.logits(emb)], axis=1)
+
+    def scores(self, full_logits: np.ndarray, emb: np.ndarray | None) -> np.ndarray:
+        return unknown_scores(self.score, full_logits, emb, self.stats)
+
+
+def save_npz(path: Path, openset: OpenSet) -> None:
+    """The arrays of ``openset`` (statistics and enrolled rows) as an npz, float32 to keep bundles small."""
+    arrays: dict[str, np.ndarray] = {}
+    if openset.stats is not None:
+        s = openset.stats
+        arrays.update(means=s.means, centre=s.centre, components=s.components, variances=s.variances,
+                      rest_variance=np.array([s.rest_variance]), bank=s.bank, bank_labels=s.bank_labels)
+    if openset.enrolled.labels:
+        arrays.update(enrolled_weights=openset.enrolled.weights, enrolled_bias=openset.enrolled.bias)
+    buf = io.BytesIO()
+    np.savez(buf, **{k: (v.astype(np.float32) if v.dtype.kind == "f" else v) for k, v in arrays.items()})
+    Path(path).write_bytes(buf.getvalue())
+
+
+def load(block: Mapping, npz_path: Path | None, labels: Sequence[str], dim: int | None = None) -> OpenSet:
+    """The manifest's ``open_set`` block with its npz, checked against the bundle's labels; OpenSetError names the
+    file and what is wrong."""
+    where = str(npz_path) if npz_path is not None else "manifest open_set"
+    score = block.get("score")
+    if score not in SCORES:
+        raise OpenSetError(f"{where}: score {score!r} is not one of {', '.join(SCORES)}")
+    threshold, keep = block.get("threshold"), block.get("keep", DEFAULT_KEEP)
+    if not isinstance(threshold, (int, float)) or not np.isfinite(threshold):
+        raise OpenSetError(f"{where}: threshold {threshold!r} is not a finite number")
+    enrolled_labels = tuple(block.get("enrolled", ()))
+    stats, enrolled = None, EnrolledHead()
+    if npz_path is not None:
+        arrays = _read_npz(npz_path)
+        stats = _stats_from(arrays, npz_path) if "means" in arrays else None
+        if enrolled_labels:
+            w, b = arrays.get("enrolled_weights"), arrays.get("enrolled_bias")
+            if w is None or b is None or w.shape[0] != len(enrolled_labels) or b.shape != (len(enrolled_labels),):
+                raise OpenSetError(f"{npz_path}: enrolled rows do not match the {len(enrolled_labels)} enrolled label(s)")
+            enrolled = EnrolledHead(enrolled_labels, w.astype(np.float64), b.astype(np.float64))
+    elif enrolled_labels:
+        raise OpenSetError(f"{where}: enrolled classes without their npz")
+    if score in EMBEDDING_SCORES and stats is None:
+        raise OpenSetError(f"{where}: the {score} score needs class statistics, and there are none")
+    if stats is not None:
+        if stats.means.shape[0] != len(labels):
+            raise OpenSetError(f"{npz_path}: {stats.means.shape[0]} class means for {len(labels)} labels")
+        if dim is not None and stats.dim != dim:
+            raise OpenSetError(f"{npz_path}: statistics of {stats.dim}-d embeddings, the model gives {dim}-d")
+        if score == "knn" and not len(stats.bank):
+            raise OpenSetError(f"{npz_path}: the knn score needs a bank of training embeddings")
+    if enrolled_labels and tuple(labels[len(labels) - len(enrolled_labels):]) != enrolled_labels:
+        raise OpenSetError(f"{where}: enrolled labels {list(enrolled_labels)} are not the last of the bundle's labels")
+    if enrolled.labels and stats is not None and enrolled.weights.shape[1] != stats.dim:
+        raise OpenSetError(f"{npz_path}: enrolled rows of {enrolled.weights.shape[1]}-d, statistics of {stats.dim}-d")
+    return OpenSet(score, float(threshold), float(keep), stats, enrolled)
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > NPZ_MAX_BYTES:
+            raise OpenSetError(f"{path}: {size} bytes, more than {NPZ_MAX_BYTES}")
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except OpenSetError:
+        raise
+    except Exception as exc:  # zipfile, numpy and OS errors: any of them means "not our npz"
+        raise OpenSetError(f"{path}: cannot read as an npz of arrays ({type(exc).__name__}: {exc})") from exc
+    for name, arr in arrays.items():
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise OpenSetError(f"{path}: array {name} holds NaN or infinity")
+    return arrays
+
+
+def _stats_from(arrays: Mapping[str, np.ndarray], path: Path) -> EmbeddingStats:
+    try:
+        means, centre = arrays["means"].astype(np.float64), arrays["centre"].astype(np.float64)
+        components, variances = arrays["components"].astype(np.float64), arrays["variances"].astype(np.float64)
+        rest = float(arrays["rest_variance"].reshape(-1)[0])
+        bank = arrays.get("bank", np.zeros((0, means.shape[1]))).astype(np.float64)
+        bank_labels = arrays.get("bank_labels", np.zeros(0, np.int64)).astype(np.int64)
+    except (KeyError, IndexError, ValueError, TypeError) as exc:
+        raise OpenSetError(f"{path}: class statistics incomplete ({exc})") from exc
+    d = means.shape[1] if means.ndim == 2 else -1
+    ok = (means.ndim == 2 and centre.shape == (d,) and components.ndim == 2 and components.shape[0] == d
+          and variances.shape == (components.shape[1],) and (variances > 0).all() and rest > 0
+          and (not len(bank) or (bank.ndim == 2 and bank.shape[1] == d and len(bank_labels) == len(bank))))
+    if not ok:
+        raise OpenSetError(f"{path}: class statistics of inconsistent shapes (means {means.shape}, components "
+                           f"{components.shape}, variances {variances.shape}, bank {bank.shape})")
+    return EmbeddingStats(means, centre, components, variances, rest, bank, bank_labels)
