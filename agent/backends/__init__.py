@@ -6,13 +6,13 @@ import importlib.util
 import logging
 from pathlib import Path
 
-from agent.backends.base import Backend, BackendError
+from agent.backends.base import Backend, BackendError, outputs_of
 from agent.config import ModelConfig
 from contract.bundle import Artifact, Bundle
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Backend", "BackendError", "create_backend"]
+__all__ = ["Backend", "BackendError", "create_backend", "outputs_of"]
 
 
 def tensorrt_available() -> bool:
@@ -42,6 +42,8 @@ def create_backend(bundle: Bundle, cfg: ModelConfig, engine: Path | None = None,
     """TensorRT engine when chosen (or auto and present), else ONNX Runtime on the INT8 or FP32 artifact
     ``model.precision`` picks (auto: the faster one here, measured at load; agent/backends/artifact_choice.py).
 
+    A bundle with ``open_set`` gets a backend that also gives its embedding output (``run_outputs``).
+
     ``engine``: an engine for this device made outside the bundle (``agent.startup`` builds or reuses it
     from its cache and passes it in ``INVENTORY_AGENT_ENGINE``); it wins over the bundle's engines.
     """
@@ -50,7 +52,7 @@ def create_backend(bundle: Bundle, cfg: ModelConfig, engine: Path | None = None,
             from agent.backends.tensorrt import TensorRTBackend
 
             return TensorRTBackend(engine, bundle.input_spec, precision=engine_precision or "fp16",
-                                   max_batch=cfg.batch_size)
+                                   max_batch=cfg.batch_size, embedding_name=bundle.embedding_name)
         log.warning("%s: engine given but tensorrt is not importable; using ONNX Runtime", engine)
     engines = bundle.engines()
     if engines and cfg.backend in ("auto", "tensorrt"):
@@ -65,13 +67,14 @@ def create_backend(bundle: Bundle, cfg: ModelConfig, engine: Path | None = None,
         if not engines:
             raise BackendError(f"{bundle.root}: backend 'tensorrt' chosen but the bundle has no deployable engine")
         engine = engines[0]
-        return TensorRTBackend(engine.path, bundle.input_spec, precision=engine.precision, max_batch=cfg.batch_size)
+        return TensorRTBackend(engine.path, bundle.input_spec, precision=engine.precision, max_batch=cfg.batch_size,
+                               embedding_name=bundle.embedding_name)
     from agent.backends.artifact_choice import choose_onnx_backend
     from agent.backends.onnxruntime import OnnxRuntimeBackend
 
     def build(artifact: Artifact) -> Backend:
         return OnnxRuntimeBackend(artifact.path, bundle.input_spec, precision=artifact.precision,
                                   providers=cfg.providers, intra_op_threads=cfg.intra_op_threads,
-                                  tune_batch=cfg.batch_size)
+                                  tune_batch=cfg.batch_size, embedding_name=bundle.embedding_name)
 
     return choose_onnx_backend(bundle, cfg.onnx_precision, cfg.batch_size, build)

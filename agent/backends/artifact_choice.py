@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from agent.backends.base import Backend, BackendError
+from agent.backends.base import Backend, BackendError, outputs_of
 from contract.bundle import ROLE_FP32, ROLE_INT8, Artifact, Bundle, sample_input
 from contract.preprocess import InputSpec
 
@@ -80,16 +80,23 @@ def sample_batch(spec: InputSpec, batch: int) -> np.ndarray:
 
 
 def check_finite(backend: Backend, sample: np.ndarray) -> None:
-    """The warm-up run on the sample; logits that are not finite (or a model that cannot take the sample)
-    make the model unusable here."""
+    """The warm-up run on the sample; logits or an embedding that are not finite (or a model that cannot take
+    the sample) make the model unusable here."""
     try:
-        logits = np.asarray(backend.run(sample))
+        logits, embedding = outputs_of(backend, sample)
     except BackendError:
         raise
     except Exception as exc:  # onnxruntime raises its own exception types, e.g. for a wrong input shape
         raise BackendError(f"{backend.name} ({backend.precision}): cannot run the warm-up sample ({exc})") from exc
     if not np.isfinite(logits).all():
         raise BackendError(f"{backend.name} ({backend.precision}): non-finite logits on the warm-up sample")
+    if embedding is None:
+        return
+    if embedding.ndim != 2 or len(embedding) != len(sample):
+        raise BackendError(f"{backend.name} ({backend.precision}): embedding shape {embedding.shape} on the warm-up "
+                           f"sample of {len(sample)}, expected ({len(sample)}, dim)")
+    if not np.isfinite(embedding).all():
+        raise BackendError(f"{backend.name} ({backend.precision}): non-finite embedding on the warm-up sample")
 
 
 def measure_ms(backends: Mapping[str, Backend], sample: np.ndarray, budget_s: float = 1.0, min_runs: int = 5,
@@ -98,7 +105,7 @@ def measure_ms(backends: Mapping[str, Backend], sample: np.ndarray, budget_s: fl
     burst on a shared CPU slows both alike; at least ``min_runs`` each, then until ``budget_s`` is spent.
     Five separate runs each were not enough: a 0.3 ms model read 0.8 ms and INT8 won on noise."""
     for backend in backends.values():
-        backend.run(sample)
+        outputs_of(backend, sample)
     times: dict[str, list[float]] = {p: [] for p in backends}
     deadline = time.perf_counter() + budget_s
     while True:
@@ -107,7 +114,7 @@ def measure_ms(backends: Mapping[str, Backend], sample: np.ndarray, budget_s: fl
             break
         for precision, backend in backends.items():
             start = time.perf_counter()
-            backend.run(sample)
+            outputs_of(backend, sample)             # what the pipeline runs: with the embedding, where there is one
             times[precision].append(time.perf_counter() - start)
     return {p: 1000.0 * float(np.median(t)) for p, t in times.items()}
 

@@ -1,4 +1,8 @@
-"""ONNX Runtime backend with a configurable execution-provider order."""
+"""ONNX Runtime backend with a configurable execution-provider order.
+
+With an ``embedding_name`` (a bundle with ``open_set``), ``run_outputs`` fetches the logits and the embedding
+in one ``session.run``; ``run`` still gives the logits alone.
+"""
 
 from __future__ import annotations
 
@@ -44,7 +48,8 @@ def pick_fastest(candidates: Sequence[int], seconds_per_run: Callable[[int], flo
 class OnnxRuntimeBackend:
     def __init__(self, model_path: Path, spec: InputSpec, *, precision: str,
                  providers: Sequence[str] = ("CPUExecutionProvider",), intra_op_threads: int = 0,
-                 spinning: bool = False, tune_batch: int = 8, cpus: int | None = None) -> None:
+                 spinning: bool = False, tune_batch: int = 8, cpus: int | None = None,
+                 embedding_name: str | None = None) -> None:
         """``intra_op_threads`` 0 is auto: on the CPU provider, the model is timed at ``tune_batch`` with
         1, half and all of the ``cpus`` threads and the fastest is kept. A sub-millisecond model runs
         faster on one thread (two threads spend more on handing work over than they save), a ResNet50
@@ -53,6 +58,7 @@ class OnnxRuntimeBackend:
         self.precision = precision
         self.model_path = model_path
         self.spinning = spinning
+        self.embedding_name = embedding_name
         self.chosen = pick_providers(providers, _available_providers())
         self.tuning: dict[int, float] = {}
         self.choice: Any = None  # set by artifact_choice: the ArtifactChoice that picked this model
@@ -94,6 +100,12 @@ class OnnxRuntimeBackend:
         self.input_name = self.spec.input_name if self.spec.input_name in inputs else next(iter(inputs))
         outputs = [o.name for o in session.get_outputs()]
         self.output_name = self.spec.output_name if self.spec.output_name in outputs else outputs[0]
+        self.output_names = [self.output_name]
+        if self.embedding_name is not None:
+            if self.embedding_name not in outputs or self.embedding_name == self.output_name:
+                raise BackendError(f"{self.model_path}: no output {self.embedding_name!r} for the embedding the "
+                                   f"manifest's field open_set names; the model's outputs are {outputs}")
+            self.output_names.append(self.embedding_name)
         shape = list(inputs[self.input_name].shape)
         want = [None, 3, self.spec.height, self.spec.width]
         if len(shape) != 4 or any(isinstance(d, int) and w is not None and d != w for d, w in zip(shape, want)):
@@ -107,34 +119,44 @@ class OnnxRuntimeBackend:
         """Seconds per run of ``session`` on a zero batch: the median of up to ``runs`` after one warm-up."""
         n = self.fixed_batch or batch_size
         feed = {self.input_name: np.zeros((n, 3, self.spec.height, self.spec.width), np.float32)}
-        session.run([self.output_name], feed)
+        session.run(self.output_names, feed)
         times: list[float] = []
         deadline = time.perf_counter() + budget_s
         while len(times) < runs and (not times or time.perf_counter() < deadline):
             start = time.perf_counter()
-            session.run([self.output_name], feed)
+            session.run(self.output_names, feed)
             times.append(time.perf_counter() - start)
         return float(np.median(times))
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        """Logits for a batch; a model exported with a fixed batch size is fed in chunks."""
+        """Logits for a batch."""
+        return self._run([self.output_name], batch)[0]
+
+    def run_outputs(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Logits and embedding for a batch from one ``session.run``; no embedding without ``embedding_name``."""
+        outputs = self._run(self.output_names, batch)
+        return outputs[0], outputs[1] if len(outputs) > 1 else None
+
+    def _run(self, names: list[str], batch: np.ndarray) -> list[np.ndarray]:
+        """The named outputs for a batch; a model exported with a fixed batch size is fed in chunks."""
         if self.fixed_batch is None or len(batch) == self.fixed_batch:
-            return self.session.run([self.output_name], {self.input_name: batch})[0]
-        parts = []
+            return self.session.run(names, {self.input_name: batch})
+        parts: list[list[np.ndarray]] = []
         for start in range(0, len(batch), self.fixed_batch):
             chunk = batch[start:start + self.fixed_batch]
             pad = self.fixed_batch - len(chunk)
             if pad:
                 chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
-            parts.append(self.session.run([self.output_name], {self.input_name: chunk})[0][: self.fixed_batch - pad])
-        return np.concatenate(parts)
+            outs = self.session.run(names, {self.input_name: chunk})
+            parts.append([out[: self.fixed_batch - pad] for out in outs])
+        return [np.concatenate([p[i] for p in parts]) for i in range(len(names))]
 
     def warmup(self, batch_size: int, runs: int) -> None:
         """First runs allocate and (with TensorRT EP) build engines; do it before reporting ready."""
         dummy = np.zeros((batch_size, 3, self.spec.height, self.spec.width), np.float32)
         for _ in range(runs):
             try:
-                outputs = self.run(dummy)
+                logits, embedding = self.run_outputs(dummy)
             except Exception as exc:  # onnxruntime raises its own exception types
                 raise BackendError(f"{self.model_path}: ONNX Runtime cannot run the warm-up batch ({exc})") from exc
-            check_warmup_outputs(str(self.model_path), outputs, batch_size)
+            check_warmup_outputs(str(self.model_path), logits, batch_size, embedding)

@@ -2,6 +2,10 @@
 
 Buffers are managed with cuda-python (``cuda.bindings.runtime`` or the older
 ``cuda.cudart``); pycuda is used when cuda-python is absent.
+
+Every output tensor of the engine gets a device buffer (TensorRT 10 needs an address for each I/O tensor
+before ``execute_async_v3``). The logits are the manifest's ``output_name`` (else the first output that is
+not the embedding); with an ``embedding_name`` (a bundle with ``open_set``) that tensor is copied back too.
 """
 
 from __future__ import annotations
@@ -70,12 +74,14 @@ class _CudaRuntime:
 class TensorRTBackend:
     """Deserializes an engine built for this GPU and runs it with execute_async_v3."""
 
-    def __init__(self, engine_path: Path, spec: InputSpec, *, precision: str, max_batch: int) -> None:
+    def __init__(self, engine_path: Path, spec: InputSpec, *, precision: str, max_batch: int,
+                 embedding_name: str | None = None) -> None:
         trt = _import_tensorrt()
         self.trt = trt
         self.spec = spec
         self.precision = precision
         self.name = f"tensorrt:{trt.__version__}"
+        self.d_outputs: dict[str, int] = {}
         self.cuda = _CudaRuntime()
         logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(logger)
@@ -86,42 +92,76 @@ class TensorRTBackend:
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         mode = trt.TensorIOMode.INPUT
         self.input_name = next(n for n in names if self.engine.get_tensor_mode(n) == mode)
-        self.output_name = next(n for n in names if self.engine.get_tensor_mode(n) != mode)
+        outputs = [n for n in names if self.engine.get_tensor_mode(n) != mode]
+        self.output_name = self._logits_name(engine_path, outputs, embedding_name)
+        self.embedding_name = embedding_name
         shape = list(self.engine.get_tensor_shape(self.input_name))
         if len(shape) != 4 or [d for d in shape[1:] if d > 0] != [d for d, s in zip((3, spec.height, spec.width),
                                                                                       shape[1:]) if s > 0]:
             raise BackendError(f"{engine_path}: engine input {self.input_name!r} has shape {shape}, but the "
                                f"manifest's field input says (N, 3, {spec.height}, {spec.width})")
         self.max_batch = max_batch
-        per_image_in = 3 * spec.height * spec.width * 4
-        self.num_classes = int(self.engine.get_tensor_shape(self.output_name)[-1])
-        self.d_input = self.cuda.malloc(per_image_in * max_batch)
-        self.d_output = self.cuda.malloc(self.num_classes * 4 * max_batch)
+        self.d_input = self.cuda.malloc(3 * spec.height * spec.width * 4 * max_batch)
         self.context.set_tensor_address(self.input_name, self.d_input)
-        self.context.set_tensor_address(self.output_name, self.d_output)
+        self.per_image: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+        for name in outputs:
+            dims = tuple(int(d) for d in self.engine.get_tensor_shape(name))[1:]
+            if any(d < 1 for d in dims):
+                raise BackendError(f"{engine_path}: engine output {name!r} has shape {dims} per image; only the "
+                                   "batch dimension may be dynamic")
+            dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(name)))
+            self.per_image[name] = (dims, dtype)
+            self.d_outputs[name] = self.cuda.malloc(int(np.prod(dims, dtype=np.int64)) * dtype.itemsize * max_batch)
+            self.context.set_tensor_address(name, self.d_outputs[name])
+        self.num_classes = int(self.per_image[self.output_name][0][-1])
+
+    def _logits_name(self, engine_path: Path, outputs: list[str], embedding_name: str | None) -> str:
+        if embedding_name is not None and embedding_name not in outputs:
+            raise BackendError(f"{engine_path}: no output {embedding_name!r} for the embedding the manifest's field "
+                               f"open_set names; the engine's outputs are {outputs}")
+        if self.spec.output_name in outputs and self.spec.output_name != embedding_name:
+            return self.spec.output_name
+        others = [n for n in outputs if n != embedding_name]
+        if not others:
+            raise BackendError(f"{engine_path}: the engine has no logits output (outputs: {outputs})")
+        return others[0]
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        outputs = []
+        """Logits for a batch."""
+        return self._run(batch, (self.output_name,))[0]
+
+    def run_outputs(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Logits and embedding for a batch from one execution; no embedding without ``embedding_name``."""
+        if self.embedding_name is None:
+            return self.run(batch), None
+        logits, embedding = self._run(batch, (self.output_name, self.embedding_name))
+        return logits, embedding
+
+    def _run(self, batch: np.ndarray, names: tuple[str, ...]) -> list[np.ndarray]:
+        """The named outputs (float32) for a batch, in chunks of at most ``max_batch`` images."""
+        parts: list[list[np.ndarray]] = []
         for start in range(0, len(batch), self.max_batch):
             chunk = np.ascontiguousarray(batch[start:start + self.max_batch], dtype=np.float32)
             self.context.set_input_shape(self.input_name, tuple(chunk.shape))
-            out = np.empty((len(chunk), self.num_classes), np.float32)
+            outs = [np.empty((len(chunk), *self.per_image[n][0]), self.per_image[n][1]) for n in names]
             self.cuda.to_device(self.d_input, chunk)
             if not self.context.execute_async_v3(int(self.cuda.stream)):    # TensorRT takes the raw handle
                 raise BackendError("TensorRT execute_async_v3 failed")
-            self.cuda.to_host(out, self.d_output)
+            for name, out in zip(names, outs):
+                self.cuda.to_host(out, self.d_outputs[name])
             self.cuda.synchronize()
-            outputs.append(out)
-        return np.concatenate(outputs)
+            parts.append([out.astype(np.float32, copy=False) for out in outs])
+        return [np.concatenate([p[i] for p in parts]) for i in range(len(names))]
 
     def warmup(self, batch_size: int, runs: int) -> None:
         dummy = np.zeros((batch_size, 3, self.spec.height, self.spec.width), np.float32)
         for _ in range(runs):
-            check_warmup_outputs(f"{self.name} engine", self.run(dummy), batch_size)
+            logits, embedding = self.run_outputs(dummy)
+            check_warmup_outputs(f"{self.name} engine", logits, batch_size, embedding)
 
     def __del__(self) -> None:
         cuda = getattr(self, "cuda", None)
         if cuda is not None:
-            for ptr in (getattr(self, "d_input", None), getattr(self, "d_output", None)):
+            for ptr in (getattr(self, "d_input", None), *getattr(self, "d_outputs", {}).values()):
                 if ptr:
                     cuda.free(ptr)
