@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping
 
 from pydantic import ValidationError
 
-from agent.backends import BackendError, create_backend
+from agent.backends import BackendError, create_backend, outputs_of
 from agent.config import (
     AgentConfig,
     CameraConfig,
@@ -41,7 +41,15 @@ from agent.sources.base import FrameSource
 from agent.sources.camera import CameraWorker, FrameHub, Watchdog
 from agent.state import STATE_FILE, StationState
 from agent.update import FETCH_DEADLINE_S, ModelCommand, verify_command_bundle
-from contract.bundle import Bundle, BundleError, check_outputs, load_bundle, load_public_key, sample_input
+from contract.bundle import (
+    Bundle,
+    BundleError,
+    check_embedding,
+    check_outputs,
+    load_bundle,
+    load_public_key,
+    sample_input,
+)
 from contract.preprocess import Preprocessor
 
 log = logging.getLogger(__name__)
@@ -139,15 +147,18 @@ def build_runtime(cfg: AgentConfig, bundle: Bundle, engine: DeviceEngine | None 
 
 
 def check_backend(bundle: Bundle, backend: Any, batch: int) -> None:
-    """The backend on the bundle's sample batch: ``batch`` rows of ``len(labels)`` finite logits (BundleError)."""
+    """The backend on the bundle's sample batch: ``batch`` rows of finite logits, one per trained label, and with
+    ``open_set`` one finite embedding of the statistics' size per image (BundleError)."""
     try:
-        outputs = backend.run(sample_input(bundle.input_spec, batch))
+        outputs, embedding = outputs_of(backend, sample_input(bundle.input_spec, batch))
     except BackendError:
         raise
     except Exception as exc:  # a runtime's own exception types
         raise BackendError(f"{bundle.root}: {backend.name} cannot run bundle {bundle.name} {bundle.version} "
                            f"on a sample batch ({exc})") from exc
     check_outputs(bundle, f"{backend.name} ({backend.precision})", outputs, batch)
+    if bundle.embedding_name is not None:
+        check_embedding(bundle, f"{backend.name} ({backend.precision})", embedding, batch)
 
 
 def _choice_json(runtime: ModelRuntime | None) -> dict[str, Any] | None:
