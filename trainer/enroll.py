@@ -1,0 +1,477 @@
+"""A new product from a few examples: one more class in a bundle, without training the backbone (docs/enrol.md).
+
+The bundle's model gives an embedding beside its logits. An enrolled class is one more classifier row on that
+embedding (``contract.openset.EnrolledHead``): its logit is computed in numpy and appended to the model's, so the
+ONNX models and TensorRT engines of the bundle serve unchanged, byte for byte. The row is imprinted from the
+examples' mean (scaled like the model's own rows), then fitted by gradient descent on softmax cross-entropy over
+[old logits, new logit] with the examples and half of the gate images, pulled towards the imprint. Its bias is
+capped so that half loses at most half the allowed drop to the new class; the other half, never used for the
+fit, is the gate: if the old classes lose more than ``max_drop_points`` there, nothing is written.
+
+Torch-free (numpy, OpenCV, ONNX Runtime and ``contract``) so the central side can enrol from reviewed frames.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from contract import openset
+from contract.bundle import (
+    MANIFEST,
+    ROLE_FP32,
+    ROLE_OPEN_SET,
+    Bundle,
+    BundleError,
+    artifact_entry,
+    check_model_runs,
+    load_bundle,
+    load_public_key,
+)
+from contract.messages import dumps_finite
+from contract.preprocess import ImageDecodeError, Preprocessor, read_image
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+FIT_STEPS = 300
+FIT_L2 = 0.05            # pull of the fitted row towards the imprinted one (on unit-scale embeddings)
+GATE_Z = 1.645           # one-sided 95%: the held-out drop's noise the gate allows
+CAP_SHARE = 0.5          # the bias cap lets the fit half lose this share of max_drop_points (the gate half: all of it)
+BATCH = 256
+
+
+class EnrolError(ValueError):
+    """An enrolment that cannot be done or did not pass its gate; the message names the file or field and what
+    was wrong. ``report`` holds the figures when the gate refused it (else None)."""
+
+    def __init__(self, message: str, report: dict | None = None) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+@dataclass
+class EnrolConfig:
+    bundle: Path
+    label: str
+    images: Path | list[Path]          # a folder of images, or the files (what the station sees: item crops)
+    models_dir: Path | None = None     # default: the bundle's own models dir (bundle.root.parent.parent)
+    version: str | None = None         # default: a UTC timestamp
+    sign_key: Path | None = None
+    public_key: Path | None = None     # verify the source bundle's signature
+    gate_data: Path | None = None      # labelled images of the old classes (class folders); default: the validation
+    #                                    rows of the run named in the bundle's provenance (run_dir/split.json)
+    gate_images: int = 1000
+    max_drop_points: float = 0.5
+    min_examples: int = 5
+    seed: int = 0
+
+
+@dataclass
+class EnrolResult:
+    bundle_dir: Path
+    manifest: dict
+    report: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- inputs
+
+def _source_bundle(cfg: EnrolConfig) -> Bundle:
+    try:
+        bundle = load_bundle(cfg.bundle, load_public_key(cfg.public_key) if cfg.public_key else None)
+        check_model_runs(bundle)
+    except BundleError as exc:
+        raise EnrolError(f"source bundle: {exc}") from exc
+    where = bundle.root / MANIFEST
+    if bundle.open_set is None or bundle.open_set.stats is None:
+        raise EnrolError(f"{where}: no field open_set (the model's embedding and class statistics): enrolment needs "
+                         f"them; export the bundle again with this version (python -m trainer export)")
+    label = cfg.label.strip() if isinstance(cfg.label, str) else cfg.label
+    if not label or label != cfg.label:
+        raise EnrolError(f"--class: expected a non-empty label without surrounding spaces, got {cfg.label!r}")
+    if label in bundle.labels or label == openset.UNKNOWN_LABEL:
+        raise EnrolError(f"{where}: field labels already has {label!r}" if label in bundle.labels
+                         else f"--class: {label!r} is the unknown verdict, not a product")
+    if bundle.artifact(ROLE_FP32) is None:
+        raise EnrolError(f"{where}: no FP32 ONNX model to compute embeddings with")
+    return bundle
+
+
+def image_files(images: Path | Sequence[Path]) -> list[Path]:
+    """The example images: the image files of a folder (sorted), or the given files."""
+    if isinstance(images, (str, Path)):
+        folder = Path(images)
+        if not folder.is_dir():
+            raise EnrolError(f"{folder}: not a folder of images")
+        return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return [Path(p) for p in images]
+
+
+def _read(paths: Sequence[Path], pre: Preprocessor) -> tuple[np.ndarray, list[int], list[str]]:
+    """Preprocessed inputs of the readable images, their indices, and a line per unreadable one."""
+    inputs, kept, bad = [], [], []
+    for i, path in enumerate(paths):
+        try:
+            inputs.append(pre(read_image(path)))
+            kept.append(i)
+        except (ImageDecodeError, ValueError) as exc:
+            bad.append(str(exc))
+    shape = (0, 3, pre.spec.height, pre.spec.width)
+    return (np.stack(inputs) if inputs else np.zeros(shape, np.float32)), kept, bad
+
+
+def _examples(cfg: EnrolConfig, pre: Preprocessor) -> tuple[np.ndarray, list[Path]]:
+    paths = image_files(cfg.images)
+    inputs, kept, bad = _read(paths, pre)
+    if len(kept) < cfg.min_examples:
+        source = cfg.images if isinstance(cfg.images, (str, Path)) else f"{len(paths)} files"
+        detail = f"; unreadable: {'; '.join(bad)}" if bad else ""
+        raise EnrolError(f"{source}: {len(kept)} readable image(s) of {cfg.label!r}, at least {cfg.min_examples} "
+                         f"needed{detail}")
+    if bad:
+        log.warning("%d example image(s) skipped: %s", len(bad), "; ".join(bad))
+    return inputs, [paths[i] for i in kept]
+
+
+def _resolve(path: str, bases: Sequence[Path]) -> Path | None:
+    p = Path(path)
+    if p.is_absolute():
+        return p if p.exists() else None
+    return next((b / p for b in bases if (b / p).exists()), None)
+
+
+def _split_gate_rows(bundle: Bundle) -> tuple[list[Path], list[int], str]:
+    """Validation rows of the run the bundle was exported from (labels index the model's labels)."""
+    run_dir = bundle.manifest.get("provenance", {}).get("run_dir")
+    hint = "pass --gate-data (class folders of the old classes' images)"
+    if not isinstance(run_dir, str):
+        raise EnrolError(f"{bundle.root / MANIFEST}: field provenance.run_dir missing; {hint}")
+    bases = [Path.cwd(), bundle.root.parent.parent.parent]   # where `python -m trainer` ran (models/<name>/<version>)
+    found = _resolve(run_dir, bases)
+    split_path = found / "split.json" if found is not None else None
+    if split_path is None or not split_path.is_file():
+        raise EnrolError(f"{run_dir}/split.json (provenance.run_dir of {bundle.root / MANIFEST}): not found here; {hint}")
+    try:
+        split = json.loads(split_path.read_text())
+        root, classes, rows = split["root"], split["classes"], split["val"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise EnrolError(f"{split_path}: not a run's split ({exc}); {hint}") from exc
+    if classes != bundle.model_labels:
+        raise EnrolError(f"{split_path}: field classes {classes} differ from the bundle's model labels; {hint}")
+    data_root = _resolve(root, [found.parent.parent, *bases])
+    if data_root is None:
+        raise EnrolError(f"{split_path}: field root {root!r} not found here; {hint}")
+    return [data_root / p for p, _ in rows], [int(c) for _, c in rows], str(split_path)
+
+
+def _folder_gate_rows(folder: Path, bundle: Bundle, new_label: str) -> tuple[list[Path], list[int], str]:
+    if not folder.is_dir():
+        raise EnrolError(f"{folder}: --gate-data is not a folder of class folders")
+    paths, labels = [], []
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        if sub.name == new_label:
+            log.info("%s: the new class's folder is not gate data; skipped", sub)
+            continue
+        if sub.name not in bundle.labels:
+            raise EnrolError(f"{sub}: folder name is not one of the bundle's labels {bundle.labels}")
+        files = sorted(p for p in sub.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        paths += files
+        labels += [bundle.labels.index(sub.name)] * len(files)
+    return paths, labels, str(folder)
+
+
+def _gate_set(cfg: EnrolConfig, bundle: Bundle, pre: Preprocessor) -> tuple[np.ndarray, np.ndarray, str]:
+    """Up to ``gate_images`` labelled images of the old classes, preprocessed, with their label indices."""
+    paths, labels, source = (_folder_gate_rows(Path(cfg.gate_data), bundle, cfg.label) if cfg.gate_data is not None
+                             else _split_gate_rows(bundle))
+    order = np.random.default_rng(cfg.seed).permutation(len(paths))[: cfg.gate_images]
+    inputs, kept, bad = _read([paths[i] for i in order], pre)
+    if bad:
+        log.warning("%s: %d gate image(s) unreadable, skipped (first: %s)", source, len(bad), bad[0])
+    need = 2 * math.ceil(100.0 / cfg.max_drop_points)
+    if len(kept) < need:
+        raise EnrolError(f"{source}: {len(kept)} readable gate image(s); at least {need} needed to measure a drop of "
+                         f"{cfg.max_drop_points} points (two halves, one image at most that much of each)")
+    return inputs, np.asarray([labels[order[i]] for i in kept], np.int64), source
+
+
+def model_outputs(model_path: Path, inputs: np.ndarray, embedding_name: str, logits_name: str
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and embeddings of ``inputs`` from an ONNX model in ONNX Runtime (CPU)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    logits, emb = [], []
+    for i in range(0, len(inputs), BATCH):
+        out = session.run([logits_name, embedding_name], {name: inputs[i : i + BATCH]})
+        logits.append(out[0])
+        emb.append(out[1])
+    return np.concatenate(logits).astype(np.float64), np.concatenate(emb).astype(np.float64)
+
+
+# ---------------------------------------------------------------- the new row
+
+@dataclass(frozen=True)
+class Whitening:
+    """``u = Sigma^-1/2 (emb - centre) / scale`` under the bundle's shared covariance, ``scale`` making the fit
+    images' mean square length 1. The classes are round here: the new class's mean direction is its
+    discriminant (the raw embedding's mean direction is dominated by high-variance directions every class shares,
+    and an enrolled Trouser row imprinted there catches no Trouser), and gradient descent is well conditioned."""
+
+    centre: np.ndarray
+    components: np.ndarray
+    inv_sqrt_var: np.ndarray
+    inv_sqrt_rest: float
+    scale: float = 1.0
+
+    @classmethod
+    def of(cls, stats: openset.EmbeddingStats, fit_emb: np.ndarray) -> "Whitening":
+        w = cls(stats.centre, stats.components, 1.0 / np.sqrt(stats.variances), 1.0 / math.sqrt(stats.rest_variance))
+        u = w(fit_emb)
+        return replace(w, scale=float(np.sqrt(np.mean(np.sum(u * u, 1)))) or 1.0)
+
+    def _linear(self, v: np.ndarray) -> np.ndarray:
+        p = v @ self.components
+        return ((p * self.inv_sqrt_var) @ self.components.T + (v - p @ self.components.T) * self.inv_sqrt_rest) \
+            / self.scale
+
+    def __call__(self, emb: np.ndarray) -> np.ndarray:
+        return self._linear(np.asarray(emb, np.float64) - self.centre)
+
+    def row(self, w: np.ndarray, b: float) -> tuple[np.ndarray, float]:
+        """A row on ``u`` as a row on raw embeddings (the map is symmetric): ``w.u + b = weight.emb + bias``."""
+        weight = self._linear(w)
+        return weight, float(b - self.centre @ weight)
+
+
+@dataclass(frozen=True)
+class FitHalf:
+    """The gate images a row is fitted on (``u``: whitened embeddings; ``old``: their full old logits).
+
+    ``row_norm``: the model's rows' typical length on ``u`` (least squares from the images' own logits);
+    ``top``: their mean top logit. ``gram``: ``u @ u.T``; gradient descent runs in its span (``w = w0 + u.T @ a``:
+    the same iterates as in the embedding space, N x N instead of N x D)."""
+
+    u: np.ndarray
+    old: np.ndarray
+    labels: np.ndarray
+    row_norm: float
+    top: float
+    gram: np.ndarray
+
+    @classmethod
+    def of(cls, u: np.ndarray, old: np.ndarray, labels: np.ndarray, model_logits: np.ndarray) -> "FitHalf":
+        gram = u @ u.T
+        # model logits ~ u @ W.T + b, ridge in the dual (bias: a column of ones); |W_c|^2 = coef_c . gram . coef_c
+        coef = np.linalg.solve(gram + 1.0 + 1e-3 * len(u) * np.eye(len(u)), model_logits)
+        row_norm = float(np.median(np.sqrt(np.maximum(np.sum(coef * (gram @ coef), 0), 0.0))))
+        return cls(u, old, labels, row_norm, float(model_logits.max(1).mean()), gram)
+
+
+def _fit_row(u_new: np.ndarray, old_new: np.ndarray, half: FitHalf, steps: int = FIT_STEPS
+             ) -> tuple[np.ndarray, float]:
+    """w, b from the imprint (the examples' mean direction at the model's row length, the bias putting the
+    examples' logit at the typical top logit), then class-balanced softmax cross-entropy over [old logits,
+    u.w + b] (examples: the new class; gate images: their own) plus ``FIT_L2 * |w - w0|^2 / 2``, by Nesterov
+    gradient descent."""
+    w0 = half.row_norm * openset.unit(u_new.mean(0))
+    b = float(half.top - (u_new @ w0).mean())
+    u = np.vstack([u_new, half.u])
+    cross = u_new @ half.u.T
+    gram = np.block([[u_new @ u_new.T, cross], [cross.T, half.gram]])
+    z0 = u @ w0
+    old_lse = openset._logsumexp(np.vstack([old_new, half.old]))
+    target = np.concatenate([np.ones(len(u_new)), np.zeros(len(half.u))])
+    weight = np.concatenate([np.full(len(u_new), 0.5 / len(u_new)), np.full(len(half.u), 0.5 / len(half.u))])
+    lr = 1.0 / (0.25 * float((weight * (np.diag(gram) + 1)).sum()) + FIT_L2)
+    a, va, vb = np.zeros(len(u)), np.zeros(len(u)), 0.0
+    for _ in range(steps):
+        la, lb = a + 0.9 * va, b + 0.9 * vb
+        z = z0 + gram @ la + lb
+        p_new = 1.0 / (1.0 + np.exp(np.clip(old_lse - z, -50, 50)))      # softmax share of the new logit
+        g = weight * (p_new - target)
+        va, vb = 0.9 * va - lr * (g + FIT_L2 * la), 0.9 * vb - lr * float(g.sum())
+        a, b = a + va, b + vb
+    return w0 + u.T @ a, b
+
+
+def bias_cap(z_wo_bias: np.ndarray, old_logits: np.ndarray, labels: np.ndarray, max_drop_points: float) -> float:
+    """The largest bias at which at most ``max_drop_points`` of these images, decided right by the old logits,
+    are decided as the new class instead (new logit strictly above the old top one; ties stay old)."""
+    right = old_logits.argmax(1) == labels
+    margins = np.sort(old_logits.max(1)[right] - z_wo_bias[right])   # lost when bias > margin
+    allowed = int(math.floor(max_drop_points / 100.0 * len(labels) + 1e-9))
+    return float(margins[allowed]) if allowed < len(margins) else float("inf")
+
+
+def fit_row(u_new: np.ndarray, old_new: np.ndarray, half: FitHalf, max_drop_points: float
+            ) -> tuple[np.ndarray, float, float, float]:
+    """The enrolled row on whitened embeddings (w, bias, fitted bias, cap), from the examples' ``u`` and full old
+    logits, fitted on ``half``; its bias capped so that ``half`` loses at most ``CAP_SHARE`` of
+    ``max_drop_points`` to it (the fit sees ``half``, so its own losses there underestimate those elsewhere)."""
+    w, b = _fit_row(u_new, old_new, half)
+    cap = bias_cap(half.u @ w, half.old, half.labels, max_drop_points * CAP_SHARE)
+    return w, min(b, cap), b, cap
+
+
+def _decide(old_logits: np.ndarray, new_logit: np.ndarray) -> np.ndarray:
+    return np.hstack([old_logits, new_logit[:, None]]).argmax(1)
+
+
+def leave_one_out_recall(u_new: np.ndarray, old_new: np.ndarray, half: FitHalf, max_drop_points: float) -> float:
+    """Share of the examples decided as the new class by a row fitted without them (one at a time)."""
+    hits = 0
+    for i in range(len(u_new)):
+        rest = np.arange(len(u_new)) != i
+        w, bias, _, _ = fit_row(u_new[rest], old_new[rest], half, max_drop_points)
+        hits += int(_decide(old_new[i : i + 1], u_new[i : i + 1] @ w + bias)[0] == old_new.shape[1])
+    return hits / len(u_new)
+
+
+def gate_verdict(lost: np.ndarray, max_drop_points: float) -> dict:
+    """The old classes' drop on the held-out half (``lost``: 1 where an image decided right is now decided as the
+    new class) and its one-sided 95% lower bound: the gate refuses when even that is above ``max_drop_points``.
+    A few hundred images measure a drop of half a point to about +-0.3 points; the bias cap on the fit half
+    keeps the expected drop under the allowance, and this catches a row that fails to carry over."""
+    n = len(lost)
+    drop = float(lost.mean()) * 100.0
+    bound = max(0.0, drop - GATE_Z * math.sqrt(max(drop / 100.0 * (1 - drop / 100.0), 0.0) / n) * 100.0)
+    return {"drop_points": round(drop, 9), "drop_lower_bound_points": round(bound, 9),
+            "max_drop_points": max_drop_points, "passed": bound <= max_drop_points}
+
+
+# ---------------------------------------------------------------- writing the new version
+
+def _new_manifest(bundle: Bundle, cfg: EnrolConfig, version: str, artifacts: list[dict], report: dict) -> dict:
+    m = json.loads(json.dumps(bundle.manifest))
+    m["version"] = version
+    m["created_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    m["labels"] = bundle.labels + [cfg.label]
+    m["artifacts"] = artifacts
+    m["open_set"]["enrolled"] = list(m["open_set"].get("enrolled", [])) + [cfg.label]
+    enrolment = dict(m["quality"].get("enrolment") or {})
+    enrolment[cfg.label] = dict(report)
+    m["quality"]["enrolment"] = enrolment
+    m["provenance"]["enrolled_from"] = {"name": bundle.name, "version": bundle.version, "label": cfg.label}
+    return m
+
+
+def _write(bundle: Bundle, cfg: EnrolConfig, new_open_set: openset.OpenSet, report: dict) -> tuple[Path, dict]:
+    """The new version in ``<models_dir>/<name>/<version>``: the model files linked (same bytes, same hashes),
+    the new open_set.npz and manifest, signed when a key is given, verified, then moved into place."""
+    models_dir = Path(cfg.models_dir) if cfg.models_dir is not None else bundle.root.parent.parent
+    version = cfg.version or dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    final_dir = models_dir / bundle.name / version
+    if final_dir.exists():
+        raise EnrolError(f"{final_dir}: bundle version already exists; pass another --version")
+    tmp_dir = final_dir.parent / f".{version}.partial"
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_dir.mkdir(parents=True)
+    try:
+        artifacts = []
+        for entry in bundle.manifest["artifacts"]:
+            src = bundle.root / entry["path"]
+            dst = tmp_dir / entry["path"]
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if entry["role"] == ROLE_OPEN_SET:
+                openset.save_npz(dst, new_open_set)
+                artifacts.append({**entry, **artifact_entry(dst, tmp_dir)})
+                continue
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copy2(src, dst)
+            artifacts.append(dict(entry))
+        manifest = _new_manifest(bundle, cfg, version, artifacts, report)
+        (tmp_dir / MANIFEST).write_text(dumps_finite(manifest, indent=1))
+        if cfg.sign_key:
+            from trainer.signing import sign_bundle
+
+            sign_bundle(tmp_dir, cfg.sign_key)
+        check_model_runs(load_bundle(tmp_dir))
+        os.replace(tmp_dir, final_dir)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    return final_dir, manifest
+
+
+# ---------------------------------------------------------------- the whole enrolment
+
+def _halves(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two halves of the gate images, each class split evenly: fit (row and bias cap) and gate."""
+    rng = np.random.default_rng(seed + 1)
+    fit = np.zeros(len(labels), bool)
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        fit[idx[: (len(idx) + 1) // 2]] = True
+    return np.flatnonzero(fit), np.flatnonzero(~fit)
+
+
+def enroll(cfg: EnrolConfig) -> EnrolResult:
+    """Add ``cfg.label`` to a bundle from a few images of it; the new bundle version, or EnrolError (nothing
+    written)."""
+    started = time.monotonic()
+    if not 0.0 < cfg.max_drop_points < 100.0:
+        raise EnrolError(f"max_drop_points: expected points in (0, 100), got {cfg.max_drop_points!r}")
+    bundle = _source_bundle(cfg)
+    pre = Preprocessor(bundle.input_spec)
+    ex_inputs, ex_paths = _examples(cfg, pre)
+    gate_inputs, y_gate, gate_source = _gate_set(cfg, bundle, pre)
+    os_ = bundle.open_set
+    fp32, logits_name = bundle.artifact(ROLE_FP32), bundle.input_spec.output_name
+    model_ex, emb_ex = model_outputs(fp32.path, ex_inputs, bundle.embedding_name, logits_name)
+    model_gate, emb_gate = model_outputs(fp32.path, gate_inputs, bundle.embedding_name, logits_name)
+    old_ex, old_gate = os_.full_logits(model_ex, emb_ex), os_.full_logits(model_gate, emb_gate)
+    fit_idx, held_idx = _halves(y_gate, cfg.seed)
+    white = Whitening.of(os_.stats, emb_gate[fit_idx])
+    half = FitHalf.of(white(emb_gate[fit_idx]), old_gate[fit_idx], y_gate[fit_idx], model_gate[fit_idx])
+    u_ex = white(emb_ex)
+    w, bias, fitted_bias, _ = fit_row(u_ex, old_ex, half, cfg.max_drop_points)
+    weight, raw_bias = white.row(w, bias)
+    new_index = len(bundle.labels)
+    recall = float((_decide(old_ex, u_ex @ w + bias) == new_index).mean())
+    loo = leave_one_out_recall(u_ex, old_ex, half, cfg.max_drop_points)
+    held_old, held_y = old_gate[held_idx], y_gate[held_idx]
+    after = _decide(held_old, emb_gate[held_idx] @ weight + raw_bias)
+    verdict = gate_verdict((held_old.argmax(1) == held_y) & (after != held_y), cfg.max_drop_points)
+    report = {
+        "examples": len(ex_paths), "recall_examples": recall, "recall_leave_one_out": loo,
+        "gate": {"source": gate_source, "fit_images": int(len(fit_idx)), "held_out_images": int(len(held_idx)),
+                 "accuracy_before": float((held_old.argmax(1) == held_y).mean()),
+                 "accuracy_after": float((after == held_y).mean()), **verdict},
+        "bias": {"value": raw_bias, "capped": bias < fitted_bias,
+                 "cap_drop_points_on_fit_half": cfg.max_drop_points * CAP_SHARE},
+        "how": "row imprinted from the examples' whitened mean and fitted with the fit half; bias capped on the fit "
+               "half; gate on the held-out half (trainer/enroll.py, docs/enrol.md)",
+    }
+    if not verdict["passed"]:
+        raise EnrolError(f"{gate_source}: the old classes lose {verdict['drop_points']:.2f} points on the "
+                         f"{len(held_idx)} held-out gate images (at least {verdict['drop_lower_bound_points']:.2f} "
+                         f"beyond noise; at most {cfg.max_drop_points} allowed); {cfg.label!r} not enrolled",
+                         report)
+    if loo < 0.5:
+        log.warning("%r is recognised in only %.0f%% of its examples (leave-one-out): the old classes' allowance caps "
+                    "it; it may look like one of them, or the examples may differ from what stations see",
+                    cfg.label, loo * 100)
+    new_open_set = openset.OpenSet(os_.score, os_.threshold, os_.keep,
+                                   os_.stats.with_class(emb_ex.mean(0), emb_ex),
+                                   os_.enrolled.with_class(cfg.label, weight, raw_bias))
+    bundle_dir, manifest = _write(bundle, cfg, new_open_set, report)
+    report["seconds"] = time.monotonic() - started
+    log.info("enrolled %r into %s: recall %.1f%% on its examples (leave-one-out %.1f%%), old classes %.2f%% -> "
+             "%.2f%% on %d held-out images, %.1f s", cfg.label, bundle_dir, recall * 100, loo * 100,
+             report["gate"]["accuracy_before"] * 100, report["gate"]["accuracy_after"] * 100, len(held_idx),
+             report["seconds"])
+    return EnrolResult(bundle_dir, manifest, report)
