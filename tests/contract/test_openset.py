@@ -1,0 +1,162 @@
+"""contract/openset.py: the unknown scores, the threshold, the npz a bundle carries, and what is refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from contract import openset
+from contract.bundle import BundleError, load_bundle, sha256_file
+
+
+def _clusters(rng, classes=4, dim=6, per_class=200, spread=0.3):
+    centres = rng.normal(0, 3, size=(classes, dim))
+    y = np.repeat(np.arange(classes), per_class)
+    return centres, centres[y] + rng.normal(0, spread, size=(len(y), dim)), y
+
+
+def test_mahalanobis_equals_the_textbook_distance_when_every_direction_is_kept():
+    rng = np.random.default_rng(0)
+    _, emb, y = _clusters(rng)
+    stats = openset.fit_embedding_stats(emb, y, 4, bank_per_class=0)
+    within = emb - stats.means[y]
+    cov = within.T @ within / (len(emb) - 4)
+    cov = 0.9 * cov + 0.1 * np.trace(cov) / cov.shape[0] * np.eye(cov.shape[0])
+    precision = np.linalg.inv(cov)
+    x = rng.normal(0, 3, size=(5, 6))
+    want = np.array([[(xi - m) @ precision @ (xi - m) for m in stats.means] for xi in x])
+    np.testing.assert_allclose(stats.mahalanobis(x), want, rtol=1e-6)
+
+
+def test_directions_left_out_still_count_through_the_rest_variance():
+    rng = np.random.default_rng(1)
+    _, emb, y = _clusters(rng, dim=8)
+    few = openset.fit_embedding_stats(emb, y, 4, max_components=3, bank_per_class=0)
+    e = np.ones(8)
+    off = e - few.components @ (few.components.T @ e)          # orthogonal to every kept direction
+    off /= np.linalg.norm(off)
+    d = few.mahalanobis(few.means[:1] + 5.0 * off)[0, 0]
+    assert d == pytest.approx(25.0 / few.rest_variance, rel=1e-6)
+
+
+@pytest.mark.parametrize("kind", openset.SCORES)
+def test_every_score_ranks_a_far_point_above_the_known_ones(kind):
+    rng = np.random.default_rng(2)
+    centres, emb, y = _clusters(rng)
+    stats = openset.fit_embedding_stats(emb, y, 4)
+    head = np.linalg.lstsq(np.c_[emb, np.ones(len(emb))], np.eye(4)[y] * 10, rcond=None)[0]
+    logits = lambda e: np.c_[e, np.ones(len(e))] @ head  # noqa: E731
+    known = centres[y[::50]] + rng.normal(0, 0.3, size=(len(y[::50]), 6))
+    far = centres.mean(0) + rng.normal(0, 0.3, size=(10, 6))      # between the classes: no class claims it
+    k = openset.unknown_scores(kind, logits(known), known, stats)
+    u = openset.unknown_scores(kind, logits(far), far, stats)
+    assert openset.auroc(k, u) > 0.9
+
+
+def test_auroc_matches_the_pairwise_definition_with_ties():
+    rng = np.random.default_rng(3)
+    k = rng.integers(0, 5, 40).astype(float)
+    u = rng.integers(2, 7, 30).astype(float)
+    pairs = (u[:, None] > k[None, :]).mean() + 0.5 * (u[:, None] == k[None, :]).mean()
+    assert openset.auroc(k, u) == pytest.approx(pairs)
+
+
+def test_threshold_keeps_at_least_the_share_asked_for():
+    scores = np.random.default_rng(4).normal(size=1001)
+    for keep in (0.5, 0.9, 0.95, 1.0):
+        t = openset.threshold_for_keep(scores, keep)
+        assert (scores <= t).mean() >= keep
+    with pytest.raises(openset.OpenSetError):
+        openset.threshold_for_keep(np.array([1.0, np.nan]), 0.95)
+    with pytest.raises(openset.OpenSetError):
+        openset.threshold_for_keep(scores, 0.0)
+
+
+def test_npz_round_trip_with_an_enrolled_class(tmp_path):
+    rng = np.random.default_rng(5)
+    _, emb, y = _clusters(rng)
+    stats = openset.fit_embedding_stats(emb, y, 4)
+    head = openset.EnrolledHead().with_class("new", rng.normal(size=6), 0.5)
+    model = openset.OpenSet("mahalanobis", 3.0, 0.95, stats.with_class(rng.normal(size=6)), head)
+    openset.save_npz(tmp_path / "o.npz", model)
+    block = {"score": "mahalanobis", "threshold": 3.0, "keep": 0.95, "embedding_name": "embedding",
+             "enrolled": ["new"]}
+    back = openset.load(block, tmp_path / "o.npz", ["a", "b", "c", "d", "new"], 6)
+    x = rng.normal(size=(3, 6))
+    np.testing.assert_allclose(back.full_logits(np.zeros((3, 4)), x)[:, 4], x @ head.weights[0] + 0.5, rtol=1e-5)
+    np.testing.assert_allclose(back.scores(np.zeros((3, 5)), x), model.scores(np.zeros((3, 5)), x), rtol=1e-4)
+    with pytest.raises(openset.OpenSetError, match="last of the bundle's labels"):
+        openset.load(block, tmp_path / "o.npz", ["a", "b", "c", "new", "d"], 6)
+    with pytest.raises(openset.OpenSetError, match="5 class means for 4 labels|class means"):
+        openset.load({**block, "enrolled": []}, tmp_path / "o.npz", ["a", "b", "c", "d"], 6)
+
+
+def test_an_npz_with_nan_or_a_pickle_is_refused(tmp_path):
+    np.savez(tmp_path / "nan.npz", means=np.array([[np.nan, 1.0]]))
+    block = {"score": "mahalanobis", "threshold": 1.0, "keep": 0.95, "embedding_name": "embedding"}
+    with pytest.raises(openset.OpenSetError, match="nan.npz: array means holds NaN"):
+        openset.load(block, tmp_path / "nan.npz", ["a"], None)
+    np.save(tmp_path / "obj.npy", np.array([{"x": 1}], dtype=object), allow_pickle=True)
+    shutil.copy(tmp_path / "obj.npy", tmp_path / "obj.npz")
+    with pytest.raises(openset.OpenSetError, match="obj.npz: cannot read"):
+        openset.load(block, tmp_path / "obj.npz", ["a"], None)
+
+
+# ---------------------------------------------------------------- the bundle the trainer exports
+
+def _edit(bundle_dir, tmp_path, change):
+    copy = tmp_path / "b"
+    shutil.copytree(bundle_dir, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    change(copy, manifest)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    return copy
+
+
+def test_exported_bundle_carries_an_unknown_score_that_keeps_the_known_share(real_bundle):
+    bundle = load_bundle(real_bundle)
+    block = bundle.manifest["open_set"]
+    assert bundle.open_set is not None and bundle.open_set.score == block["score"]
+    assert bundle.embedding_name == "embedding" and block["embedding_dim"] == bundle.open_set.stats.dim
+    assert block["calibration"]["known_kept_fp32"] >= block["keep"]
+    assert bundle.artifact("open-set").path.name == "open_set.npz"
+    assert bundle.manifest["quality"]["parity"]["max_abs_embedding_diff"] <= \
+        bundle.manifest["quality"]["parity"]["embedding_tolerance"]
+
+
+def test_a_tampered_npz_or_a_bad_open_set_block_fails_verification(real_bundle, tmp_path):
+    def tamper(root, manifest):
+        with open(root / "open_set.npz", "ab") as fh:
+            fh.write(b"x")
+    with pytest.raises(BundleError, match="open_set.npz: size"):
+        load_bundle(_edit(real_bundle, tmp_path / "1", tamper))
+
+    def bad_score(root, manifest):
+        manifest["open_set"]["score"] = "vibes"
+    with pytest.raises(BundleError, match="field open_set/score"):
+        load_bundle(_edit(real_bundle, tmp_path / "2", bad_score))
+
+    def no_npz(root, manifest):
+        manifest["artifacts"] = [a for a in manifest["artifacts"] if a["role"] != "open-set"]
+    with pytest.raises(BundleError, match="needs class statistics"):
+        load_bundle(_edit(real_bundle, tmp_path / "3", no_npz))
+
+    def wrong_dim(root, manifest):
+        manifest["open_set"]["embedding_dim"] = 7
+    with pytest.raises(BundleError, match="statistics of .*-d embeddings, the model gives 7-d"):
+        load_bundle(_edit(real_bundle, tmp_path / "4", wrong_dim))
+
+
+def test_a_swapped_npz_with_a_matching_hash_is_checked_against_the_labels(real_bundle, tmp_path):
+    def fewer_means(root, manifest):
+        with np.load(root / "open_set.npz") as npz:
+            arrays = {k: npz[k] for k in npz.files}
+        arrays["means"] = arrays["means"][:-1]
+        np.savez(root / "open_set.npz", **arrays)
+        entry = next(a for a in manifest["artifacts"] if a["role"] == "open-set")
+        entry.update(sha256=sha256_file(root / "open_set.npz"), size=(root / "open_set.npz").stat().st_size)
+    with pytest.raises(BundleError, match="class means for 10 labels"):
+        load_bundle(_edit(real_bundle, tmp_path, fewer_means))
