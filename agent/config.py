@@ -58,6 +58,9 @@ class Roi(_Strict):
         return f"x={self.x} y={self.y} width={self.width} height={self.height}"
 
 
+MAX_UNKNOWN_SCORE = 1e6   # no unknown score comes near it (probabilities, logits, distances of a few thousand)
+
+
 class Thresholds(_Strict):
     min_confidence: float | None = Field(
         None, ge=0, le=1, title="Minimum confidence",
@@ -70,6 +73,13 @@ class Thresholds(_Strict):
     max_entropy: float | None = Field(
         None, ge=0, title="Maximum entropy",
         description="A frame whose softmax entropy (natural log) is above this is low-confidence.",
+    )
+    max_unknown_score: float | None = Field(
+        None, ge=-MAX_UNKNOWN_SCORE, le=MAX_UNKNOWN_SCORE, strict=True, title="Maximum unknown score",
+        description="A frame (an item: the median of its frames) whose unknown score is above this is decided "
+                    "'unknown' and goes to review. The score's scale is the bundle's open_set score (energy and "
+                    "max_logit are negative numbers). None: the bundle's calibrated threshold; ignored for a "
+                    "bundle without open_set.",
     )
 
 
