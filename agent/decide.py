@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 
 from agent.config import PresenceConfig, QcConfig, SortingConfig, Thresholds
+from contract.openset import UNKNOWN_LABEL
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -35,31 +36,44 @@ class PolicyThresholds:
     min_confidence: float | None = None
     min_margin: float | None = None
     max_entropy: float | None = None
+    max_unknown_score: float | None = None     # None: no unknown verdict (a bundle without open_set)
 
     @classmethod
-    def resolve(cls, bundle: Mapping[str, float], override: Thresholds | None = None) -> "PolicyThresholds":
-        """Per-camera override wins over the bundle's suggestion, field by field."""
-        def pick(name: str) -> float | None:
-            value = getattr(override, name, None) if override is not None else None
-            return value if value is not None else bundle.get(name)
+    def resolve(cls, bundle: Mapping[str, float], override: Thresholds | None = None,
+                unknown_threshold: float | None = None) -> "PolicyThresholds":
+        """Per-camera override wins over the bundle's suggestion, field by field.
 
-        return cls(pick("min_confidence"), pick("min_margin"), pick("max_entropy"))
+        ``unknown_threshold``: the bundle's calibrated open_set threshold; None for a bundle without open_set,
+        which has no unknown score, so an override of it is ignored too."""
+        def pick(name: str, default: float | None) -> float | None:
+            value = getattr(override, name, None) if override is not None else None
+            return value if value is not None else default
+
+        unknown = pick("max_unknown_score", unknown_threshold) if unknown_threshold is not None else None
+        return cls(pick("min_confidence", bundle.get("min_confidence")), pick("min_margin", bundle.get("min_margin")),
+                   pick("max_entropy", bundle.get("max_entropy")), unknown)
 
 
 @dataclass(frozen=True)
 class Classification:
-    class_id: int
-    label: str
-    confidence: float
+    class_id: int | None              # None when the frame is decided unknown
+    label: str                        # the top-1 label, or UNKNOWN_LABEL
+    confidence: float                 # the top-1 probability (also for an unknown frame)
     margin: float
     entropy: float
     top_k: tuple[tuple[str, float], ...]
     reasons: tuple[str, ...]          # why it is low-confidence; empty when confident
     probs: np.ndarray = field(repr=False, compare=False)
+    unknown_score: float | None = None    # the bundle's unknown score; None without open_set
 
     @property
     def low_confidence(self) -> bool:
         return bool(self.reasons)
+
+    @property
+    def top_label(self) -> str:
+        """The model's most probable label, also when the frame is decided unknown (presence reads it)."""
+        return self.top_k[0][0]
 
 
 class LowConfidencePolicy:
@@ -79,6 +93,14 @@ class LowConfidencePolicy:
             out.append(f"entropy {ent:.3f} > {t.max_entropy:g}")
         return tuple(out)
 
+    def unknown(self, score: float | None, what: str = "") -> str | None:
+        """Why a frame (or an item, ``what`` says how its score was made) is unknown: its score is above the
+        threshold; None when it is not, or there is no score or threshold."""
+        limit = self.thresholds.max_unknown_score
+        if score is None or limit is None or not score > limit:
+            return None
+        return f"unknown score {score:.4g}{what} > {limit:.4g}"
+
 
 def entropies(probs: np.ndarray) -> np.ndarray:
     """Row-wise natural-log entropy of a batch of probability rows."""
@@ -86,22 +108,35 @@ def entropies(probs: np.ndarray) -> np.ndarray:
     return -(p * np.log(p)).sum(axis=-1)
 
 
-def classify_batch(probs: np.ndarray, labels: Sequence[str], k: int,
-                   policies: Sequence[LowConfidencePolicy]) -> list[Classification]:
+def classify_batch(probs: np.ndarray, labels: Sequence[str], k: int, policies: Sequence[LowConfidencePolicy],
+                   unknown_scores: Sequence[float] | None = None) -> list[Classification]:
     """``classify`` for every row, with the sorting and entropy done once for the batch."""
     order = np.argsort(-probs, axis=1, kind="stable")[:, :max(k, 2)]
     ents = entropies(probs)
+    scores = [None] * len(probs) if unknown_scores is None else [float(x) for x in unknown_scores]
     out = []
-    for row, idx, ent, policy in zip(probs, order.tolist(), ents.tolist(), policies):
+    for row, idx, ent, policy, score in zip(probs, order.tolist(), ents.tolist(), policies, scores):
         confidence = float(row[idx[0]])
         margin = confidence - (float(row[idx[1]]) if len(idx) > 1 else 0.0)
         top_k = tuple((labels[i], round(float(row[i]), 6)) for i in idx[:k])
-        out.append(Classification(idx[0], labels[idx[0]], confidence, margin, ent, top_k,
-                                  policy.reasons(confidence, margin, ent), row))
+        out.append(_verdict(idx[0], labels, confidence, margin, ent, top_k, policy, row, score))
     return out
 
 
-def classify(probs: np.ndarray, labels: Sequence[str], k: int, policy: LowConfidencePolicy) -> Classification:
+def _verdict(top: int, labels: Sequence[str], confidence: float, margin: float, ent: float,
+             top_k: tuple[tuple[str, float], ...], policy: LowConfidencePolicy, probs: np.ndarray,
+             score: float | None) -> Classification:
+    """The frame's classification: its top-1 label, or unknown (no class, sent for labelling) when its unknown
+    score is above the threshold."""
+    reasons = policy.reasons(confidence, margin, ent)
+    unknown = policy.unknown(score)
+    if unknown is not None:
+        return Classification(None, UNKNOWN_LABEL, confidence, margin, ent, top_k, (unknown, *reasons), probs, score)
+    return Classification(top, labels[top], confidence, margin, ent, top_k, reasons, probs, score)
+
+
+def classify(probs: np.ndarray, labels: Sequence[str], k: int, policy: LowConfidencePolicy,
+             unknown_score: float | None = None) -> Classification:
     """Top-k and the policy's verdict for one probability row."""
     order = np.argsort(-probs, kind="stable")
     top = int(order[0])
@@ -109,7 +144,7 @@ def classify(probs: np.ndarray, labels: Sequence[str], k: int, policy: LowConfid
     margin = confidence - (float(probs[order[1]]) if len(order) > 1 else 0.0)
     ent = entropy(probs)
     top_k = tuple((labels[int(i)], round(float(probs[int(i)]), 6)) for i in order[:k])
-    return Classification(top, labels[top], confidence, margin, ent, top_k, policy.reasons(confidence, margin, ent), probs)
+    return _verdict(top, labels, confidence, margin, ent, top_k, policy, probs, unknown_score)
 
 
 # ---------------------------------------------------------------- items
@@ -155,8 +190,8 @@ def box_overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> f
 class ItemDecision:
     camera_id: str
     item_seq: int
-    label: str
-    class_id: int
+    label: str                                    # UNKNOWN_LABEL when the item's unknown score is above the threshold
+    class_id: int | None                          # None for an unknown item
     confidence: float
     agreement: float
     frames: int
@@ -168,6 +203,7 @@ class ItemDecision:
     top_k: tuple[tuple[str, float], ...]
     frame_seqs: tuple[int, int] | None = None     # the first and last frame the item was seen in
     prior: bool = False                           # decided with a shipment's expected-label weights
+    unknown_score: float | None = None            # median unknown score of the deciding frames; None without open_set
 
 
 def weighted(probs: np.ndarray, prior: np.ndarray | None) -> np.ndarray:
@@ -288,18 +324,32 @@ class ItemTracker:
         reasons = self.policy.reasons(confidence, float(ranked[0] - ranked[1]), entropy(mean))
         if agreement < self.lanes.cfg.min_agreement:
             reasons = reasons + (f"agreement {agreement:.2f} < {self.lanes.cfg.min_agreement:g}",)
-        if reasons and self._over_budget(confidence):
+        score = median_unknown_score(frames)
+        unknown = self.policy.unknown(score, f" (median of {len(frames)} frames)")
+        if unknown is not None:
+            reasons = (unknown, *reasons)       # never spared by the review budget: no label's lane fits it
+        elif reasons and self._over_budget(confidence):
             self.spared += 1
             reasons = ()
         self._recent.append(confidence)
-        label = self.labels[class_id]
+        label, decided_id = (UNKNOWN_LABEL, None) if unknown is not None else (self.labels[class_id], class_id)
         return ItemDecision(
-            camera_id=self.camera_id, item_seq=self.items_seen, label=label, class_id=class_id,
+            camera_id=self.camera_id, item_seq=self.items_seen, label=label, class_id=decided_id,
             confidence=round(confidence, 6), agreement=round(agreement, 4), frames=len(seen),
             first_seen=seen[0].captured_at, last_seen=seen[-1].captured_at,
             lane=self.lanes.lane_for(label, bool(reasons)), low_confidence=bool(reasons), reasons=reasons, top_k=top_k,
             frame_seqs=(seen[0].frame_seq, seen[-1].frame_seq), prior=prior is not None,
+            unknown_score=round(score, 6) if score is not None else None,
         )
+
+
+def median_unknown_score(frames: Sequence[Observation]) -> float | None:
+    """The item's unknown score: the median of its frames' (one odd frame, a hand or a glare, does not make a
+    known item unknown, nor the reverse); None when its frames have no score (a bundle without open_set)."""
+    scores = [o.classification.unknown_score for o in frames]
+    if not scores or any(x is None for x in scores):
+        return None
+    return float(np.median(scores))
 
 
 # ---------------------------------------------------------------- QC and uploads

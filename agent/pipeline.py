@@ -9,6 +9,12 @@ so a slow or absent broker never backs up into the cameras. The model is read
 once per batch from ``ModelHolder`` and travels with the batch, so a reload
 swaps it between two batches, atomically, and every batch is decided with the
 model that classified it.
+
+A bundle with ``open_set`` gives each frame an unknown score (contract/openset.py) from its logits and its
+embedding; the model's logits get the enrolled classes' appended first, so probabilities cover every label
+of the bundle. A frame, or an item (the median of its frames), whose score is above the camera's threshold
+is decided ``unknown``: no class, sent to the review lane and uploaded for labelling. A bundle without
+``open_set`` has no score, and decides as before.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from typing import Any, Callable, Sequence
 import cv2
 import numpy as np
 
-from agent.backends import Backend
+from agent.backends import Backend, outputs_of
 from agent.config import AgentConfig, CameraConfig, Thresholds, merge_thresholds
 from agent.decide import (
     Classification,
@@ -115,13 +121,20 @@ def _prepare_seconds(batch: list[Frame]) -> float:
     return sum(spent) / len(batch) if spent else 0.0
 
 
+def camera_policy(bundle: Bundle, cam: CameraConfig, override: Thresholds | None) -> LowConfidencePolicy:
+    """A camera's policy: cmd/thresholds over the camera's config over the bundle's thresholds (the unknown
+    score's: the bundle's calibrated open_set threshold)."""
+    unknown = bundle.open_set.threshold if bundle.open_set is not None else None
+    return LowConfidencePolicy(PolicyThresholds.resolve(bundle.thresholds, merge_thresholds(cam.thresholds, override),
+                                                        unknown))
+
+
 class CameraDecisions:
     """Per-camera decision state: policy and item tracker."""
 
     def __init__(self, cam: CameraConfig, cfg: AgentConfig, bundle: Bundle, override: Thresholds | None = None,
                  receiving: ReceivingDesk | None = None) -> None:
-        self.policy = LowConfidencePolicy(PolicyThresholds.resolve(bundle.thresholds,
-                                                                   merge_thresholds(cam.thresholds, override)))
+        self.policy = camera_policy(bundle, cam, override)
         presence = cfg.decisions.presence
         prior = receiving.prior if receiving is not None else None
         self.tracker = (ItemTracker(cam.id, bundle.labels, presence, LaneMap(cfg.decisions.sorting), self.policy,
@@ -134,10 +147,11 @@ class Inferred:
 
     batch: list[Frame]
     runtime: ModelRuntime
-    probs: np.ndarray       # one row per frame in ``chosen``
+    probs: np.ndarray       # one row per frame in ``chosen``, over every label of the bundle
     timings: dict[str, float]
     started: float          # monotonic time the batch was taken from the hub
     chosen: list[int]       # positions in ``batch`` the model ran on (the others had no item)
+    unknown_scores: np.ndarray | None = None    # one per row of ``probs``; None for a bundle without open_set
 
 
 class InferenceStage(threading.Thread):
@@ -217,31 +231,58 @@ class InferenceStage(threading.Thread):
             self.decide(inferred)
 
     def infer(self, batch: list[Frame]) -> Inferred | None:
-        """The model's probabilities for a batch's frames with an item, with the runtime that produced them.
+        """The model's probabilities (and unknown scores) for a batch's frames with an item, with the runtime
+        that produced them.
 
-        A frame whose logits are not finite is an inference error: counted, logged and left out (no result
-        with ``confidence: NaN``); None when no frame of the batch is left."""
+        A frame whose logits, embedding or unknown score are not finite is an inference error: counted, logged
+        and left out (no result with ``confidence: NaN``); None when no frame of the batch is left."""
         runtime = self.model.current
         t0 = time.monotonic()
         batch = [self._localized(f, runtime) for f in batch]
         chosen = [i for i, f in enumerate(batch) if self._needs_model(f)]
         inputs = self._inputs([batch[i] for i in chosen], runtime) if chosen else None
         t1 = time.monotonic()
-        classes = len(runtime.bundle.labels)
-        logits = np.asarray(runtime.backend.run(inputs)) if inputs is not None else np.zeros((0, classes))
-        if logits.shape != (len(chosen), classes):
-            raise ValueError(f"{runtime.bundle.name} {runtime.bundle.version}: outputs shape {logits.shape} for "
-                             f"{len(chosen)} frames and {classes} labels")
+        logits, scores = self._model_outputs(runtime, inputs, len(chosen))
         t2 = time.monotonic()
         timings = {"preprocess": (t1 - t0) / len(batch) + _prepare_seconds(batch),
                    "inference": (t2 - t1) / max(1, len(chosen))}
-        finite = np.isfinite(logits).all(axis=1)
+        finite = np.isfinite(logits).all(axis=1) & (np.isfinite(scores) if scores is not None else True)
         if not finite.all():
             batch, chosen = self._drop_non_finite(batch, chosen, finite, runtime)
             logits = logits[finite]
+            scores = scores[finite] if scores is not None else None
             if not batch:
                 return None
-        return Inferred(batch, runtime, softmax(logits), timings, t0, chosen)
+        return Inferred(batch, runtime, softmax(logits), timings, t0, chosen, scores)
+
+    @staticmethod
+    def _model_outputs(runtime: ModelRuntime, inputs: np.ndarray | None,
+                       frames: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """One logit per label of the bundle for each frame (the enrolled classes' appended from the embedding),
+        and each frame's unknown score (None without open_set). A frame whose embedding is not finite gets NaN
+        logits and score, so it is dropped like a frame with non-finite logits."""
+        bundle = runtime.bundle
+        where = f"{bundle.name} {bundle.version}"
+        trained = len(bundle.model_labels)
+        if inputs is None:
+            return np.zeros((0, len(bundle.labels))), (np.zeros(0) if bundle.open_set is not None else None)
+        logits, emb = outputs_of(runtime.backend, inputs)
+        if logits.shape != (frames, trained):
+            raise ValueError(f"{where}: outputs shape {logits.shape} for {frames} frames and {trained} trained labels")
+        open_set = bundle.open_set
+        if open_set is None:
+            return logits, None
+        if emb is None and open_set.needs_embedding:
+            raise ValueError(f"{where}: field open_set needs the model's embedding output "
+                             f"{bundle.embedding_name!r}, and the backend gave none")
+        if emb is not None and (emb.ndim != 2 or len(emb) != frames):
+            raise ValueError(f"{where}: embedding shape {emb.shape} for {frames} frames")
+        with np.errstate(all="ignore"):      # a row that is not finite is dropped by the caller, not warned about
+            bad = ~np.isfinite(emb).all(axis=1) if emb is not None else np.zeros(frames, bool)
+            full = np.asarray(open_set.full_logits(logits, emb), np.float64)
+            scores = np.asarray(open_set.scores(full, emb), np.float64)
+        full[bad], scores[bad] = np.nan, np.nan
+        return full, scores
 
     def _drop_non_finite(self, batch: list[Frame], chosen: list[int], finite: np.ndarray,
                          runtime: ModelRuntime) -> tuple[list[Frame], list[int]]:
@@ -249,8 +290,8 @@ class InferenceStage(threading.Thread):
         bad = {chosen[i] for i in np.flatnonzero(~finite)}
         for i in sorted(bad):
             self.metrics.inc("inference_errors_total")
-            log.error("camera %s frame %d: %s %s gave non-finite logits; frame skipped", batch[i].camera_id,
-                      batch[i].seq, runtime.bundle.name, runtime.bundle.version)
+            log.error("camera %s frame %d: %s %s gave non-finite logits, embedding or unknown score; frame skipped",
+                      batch[i].camera_id, batch[i].seq, runtime.bundle.name, runtime.bundle.version)
         keep = [i for i in range(len(batch)) if i not in bad]
         position = {old: new for new, old in enumerate(keep)}
         return [batch[i] for i in keep], [position[i] for i in chosen if i not in bad]
@@ -262,7 +303,8 @@ class InferenceStage(threading.Thread):
         if runtime is not self._runtime:
             self._switch(runtime)
         policies = [self._cameras[batch[i].camera_id].policy for i in inferred.chosen]
-        classes = classify_batch(inferred.probs, runtime.bundle.labels, self.cfg.decisions.top_k, policies)
+        classes = classify_batch(inferred.probs, runtime.bundle.labels, self.cfg.decisions.top_k, policies,
+                                 inferred.unknown_scores)
         by_position = dict(zip(inferred.chosen, classes))
         messages: list[Message] = []
         for i, frame in enumerate(batch):
@@ -324,8 +366,7 @@ class InferenceStage(threading.Thread):
         cams = {c.id: c for c in self.cfg.cameras}
         for cid in camera_ids:
             state = self._cameras[cid]
-            merged = merge_thresholds(cams[cid].thresholds, self.threshold_overrides[cid])
-            policy = LowConfidencePolicy(PolicyThresholds.resolve(runtime.bundle.thresholds, merged))
+            policy = camera_policy(runtime.bundle, cams[cid], self.threshold_overrides[cid])
             state.policy = policy
             if state.tracker is not None:
                 state.tracker.policy = policy
@@ -360,7 +401,7 @@ class InferenceStage(threading.Thread):
         self.metrics.observe("queue", queue_s)
         empty_scene = self._maybe_empty_scene(frame, runtime)
         located = frame.located.present if frame.located is not None else None
-        present = item_present(self.cfg.decisions.presence, located, cls.label if cls is not None else None)
+        present = item_present(self.cfg.decisions.presence, located, cls.top_label if cls is not None else None)
         if present is False or cls is None:
             out = self._empty_frame(frame, runtime, timings, queue_s)
         else:
@@ -379,6 +420,8 @@ class InferenceStage(threading.Thread):
         out: list[Message] = []
         if self.cfg.decisions.publish_results:
             out.append(Message("result", self._result_body(frame, cls, runtime, timings, queue_s, present)))
+        if cls.class_id is None:
+            self.metrics.inc("frames_unknown_total", camera=frame.camera_id)
         if cls.low_confidence:
             self.metrics.inc("frames_low_confidence_total", camera=frame.camera_id)
             out.extend(self._maybe_upload(frame, cls, runtime))
@@ -413,6 +456,8 @@ class InferenceStage(threading.Thread):
                 "confidence": round(cls.confidence, 6), "top_k": top_k_json(cls.top_k),
                 "low_confidence": cls.low_confidence, "reasons": list(cls.reasons),
                 "latency_ms": self._latency(timings, queue_s, ran_model=True)}
+        if cls.unknown_score is not None:
+            body["unknown_score"] = round(cls.unknown_score, 6)
         if present is not None:
             body["present"] = present
         body.update(self._localization(frame, runtime))
@@ -453,6 +498,10 @@ class InferenceStage(threading.Thread):
                 "first_seen": round(d.first_seen, 6), "last_seen": round(d.last_seen, 6), "lane": d.lane,
                 "low_confidence": d.low_confidence, "reasons": list(d.reasons), "top_k": top_k_json(d.top_k),
                 "model": runtime.identity if runtime else None}
+        if d.unknown_score is not None:
+            body["unknown_score"] = d.unknown_score
+        if d.class_id is None:
+            self.metrics.inc("items_unknown_total", camera=d.camera_id)
         self.metrics.inc("items_decided_total", camera=d.camera_id)
         return Message("decision", body)
 
@@ -481,6 +530,8 @@ class InferenceStage(threading.Thread):
                          "bytes": len(jpeg), "roi_crop": item_crop or (image is frame.image
                                                                        and self._has_roi(frame.camera_id)),
                          "item_crop": item_crop}}
+        if cls.unknown_score is not None:
+            body["unknown_score"] = round(cls.unknown_score, 6)
         if item_crop:
             body["context"] = {"crop_box": list(box), "roi_width": int(frame.image.shape[1]),
                                "roi_height": int(frame.image.shape[0]),

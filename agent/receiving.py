@@ -27,8 +27,7 @@ import numpy as np
 
 from agent.config import ExpectCommand, ReceivingConfig
 from agent.decide import ItemDecision
-
-UNKNOWN_LABEL = "unknown"     # the label of an item the unknown score rejects (decided, never sorted)
+from contract.openset import UNKNOWN_LABEL  # the label of an item the unknown score rejects (never sorted)
 
 
 class ShipmentError(ValueError):
