@@ -234,3 +234,99 @@ def make_onnx_bundle(root: Path, *, classes: int = 4, labels: int | None = None,
     }
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return folder
+
+
+OPEN_SET_COLOURS = {"belt": (30, 30, 30), "red": (220, 40, 40), "green": (40, 200, 60),   # the known classes
+                    "blue": (40, 60, 220)}
+ENROLLED_COLOUR = ("yellow", (230, 220, 40))          # a class added after training (an EnrolledHead row)
+
+
+def colour_embeddings(rgb: tuple[int, int, int], n: int, rng: np.random.Generator, jitter: float = 10.0) -> np.ndarray:
+    """Embeddings of ``n`` frames of one colour (pixel noise ``jitter``) as the open-set bundle's model gives them:
+    the channel means normalized with mean 0.5 and std 0.25."""
+    pixels = np.clip(np.asarray(rgb, np.float64) + rng.normal(0, jitter, (n, 3)), 0, 255) / 255.0
+    return (pixels - 0.5) / 0.25
+
+
+def make_open_set_bundle(root: Path, *, score: str = "mahalanobis", keep: float = 0.95, enrolled: bool = False,
+                         size: int = 16, version: str = "1", nan_embedding_when_bright: bool = False) -> Path:
+    """A bundle around a real two-output ONNX model (onnx.helper): global average pool -> ``embedding`` (N x 3,
+    the normalized colour) -> linear head -> ``logits`` (nearest class mean over OPEN_SET_COLOURS), with an
+    ``open_set`` block: class statistics fitted with contract.openset.fit_embedding_stats on synthetic colour
+    embeddings of the known classes, the threshold from threshold_for_keep on other ones.
+
+    ``enrolled``: ENROLLED_COLOUR is added as an enrolled class (its label appended to the bundle's labels, an
+    EnrolledHead row and its class mean), as ``trainer enroll`` would. ``nan_embedding_when_bright``: the
+    embedding (not the logits) is NaN for frames whose mean normalized pixel is above 1 (a white frame), finite
+    for the warm-up and sample batches."""
+    import datetime
+
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from contract import openset
+    from contract.bundle import ROLE_OPEN_SET, artifact_entry
+
+    labels = list(OPEN_SET_COLOURS)
+    means = np.stack([colour_embeddings(OPEN_SET_COLOURS[c], 1, np.random.default_rng(0), 0)[0] for c in labels])
+    weights, bias = means.T.astype(np.float32), (-0.5 * (means ** 2).sum(1)).astype(np.float32)
+    inits = [numpy_helper.from_array(weights, "w"), numpy_helper.from_array(bias, "b")]
+    nodes = [helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
+             helper.make_node("Flatten", ["pooled"], ["flat"]),
+             helper.make_node("Gemm", ["flat", "w", "b"], ["logits"])]
+    if nan_embedding_when_bright:       # flat + 0 * log(1 - mean): flat below 1, NaN above
+        inits += [numpy_helper.from_array(np.array([1.0], np.float32), "one"),
+                  numpy_helper.from_array(np.array([0.0], np.float32), "zero")]
+        nodes += [helper.make_node("ReduceMean", ["flat"], ["mean"], axes=[1], keepdims=1),
+                  helper.make_node("Sub", ["one", "mean"], ["room"]),
+                  helper.make_node("Log", ["room"], ["log"]),
+                  helper.make_node("Mul", ["log", "zero"], ["poison"]),
+                  helper.make_node("Add", ["flat", "poison"], ["embedding"])]
+    else:
+        nodes.append(helper.make_node("Identity", ["flat"], ["embedding"]))
+    graph = helper.make_graph(
+        nodes, "colour", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", len(labels)]),
+         helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+
+    rng = np.random.default_rng(1)
+    fit = np.concatenate([colour_embeddings(OPEN_SET_COLOURS[c], 300, rng) for c in labels])
+    stats = openset.fit_embedding_stats(fit, np.repeat(np.arange(len(labels)), 300), len(labels))
+    head = openset.EnrolledHead()
+    if enrolled:
+        name, rgb = ENROLLED_COLOUR
+        examples = colour_embeddings(rgb, 10, rng)
+        mean = examples.mean(0)
+        stats = stats.with_class(mean, examples)
+        head = head.with_class(name, mean, -0.5 * float(mean @ mean))
+        labels.append(name)
+    held_out = np.concatenate([colour_embeddings(OPEN_SET_COLOURS[c], 200, rng) for c in OPEN_SET_COLOURS])
+    trained = held_out @ weights + bias
+    known = openset.OpenSet(score, 0.0, keep, stats, head)
+    threshold = openset.threshold_for_keep(known.scores(known.full_logits(trained, held_out), held_out), keep)
+
+    folder = root / "colours" / version
+    folder.mkdir(parents=True)
+    onnx.save(model, str(folder / "model.fp32.onnx"))
+    openset.save_npz(folder / "open_set.npz", openset.OpenSet(score, threshold, keep, stats, head))
+    manifest = {
+        "schema_version": 1, "name": "colours", "version": version,
+        "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(), "architecture": "gap-linear",
+        "labels": labels,
+        "input": {"height": size, "width": size, "resize_shorter": size, "interpolation": "bilinear",
+                  "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "channel_order": "RGB", "layout": "NCHW",
+                  "dtype": "float32", "input_name": "input", "output_name": "logits"},
+        "artifacts": [artifact_entry(folder / "model.fp32.onnx", folder, role="onnx-fp32", precision="fp32",
+                                     deployable=True),
+                      artifact_entry(folder / "open_set.npz", folder, role=ROLE_OPEN_SET, precision="fp32",
+                                     deployable=True)],
+        "open_set": {"score": score, "threshold": threshold, "keep": keep, "embedding_name": "embedding",
+                     "embedding_dim": 3, "enrolled": list(head.labels)},
+        "quality": {"thresholds": {"min_confidence": 0.3}},
+        "provenance": {"code_version": "test"},
+    }
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return folder
