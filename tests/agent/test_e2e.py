@@ -23,6 +23,7 @@ from agent_support import (
 )
 
 from agent.demo import Subscriber
+from contract.bundle import load_bundle
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.mqtt
@@ -72,7 +73,10 @@ def test_every_result_arrives_validates_and_matches_the_bundle(bundle_fixture, r
     # the first frame is the localizer's warm-up (taken as the empty scene): published with present false
     ordered = sorted(results, key=lambda r: r["frame_seq"])
     assert [r["present"] for r in ordered] == [False] + [True] * 59 and ordered[0]["label"] is None
-    published = [r["label"] for r in ordered[1:]]
+    # an unknown frame (its score above the bundle's open_set threshold) is compared by the model's top label
+    published = [r["top_k"][0]["label"] if r["label"] == "unknown" else r["label"] for r in ordered[1:]]
+    open_set = load_bundle(bundle).open_set
+    assert all(r["unknown_score"] > open_set.threshold for r in ordered[1:] if r["label"] == "unknown")
     assert same_predictions(published, bundle, video_frames(fmnist_video)[1:]) == []
     seqs = [m.json()["seq"] for m in dashboard.messages if not m.topic.endswith(("/stats", "/status"))]
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
