@@ -174,19 +174,36 @@ def _split_gate_rows(bundle: Bundle) -> tuple[list[Path], list[int], str]:
     return [data_root / p for p, _ in rows], [int(c) for _, c in rows], str(split_path)
 
 
+def _folder_names(folder: Path) -> dict[str, str]:
+    """The optional ``labels.json`` of a class-folder dataset (folder -> class name, as the trainer reads it:
+    class names such as ``T-shirt/top`` cannot be folder names)."""
+    path = folder / "labels.json"
+    if not path.is_file():
+        return {}
+    try:
+        names = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise EnrolError(f"{path}: not readable as JSON ({exc})") from exc
+    if not isinstance(names, dict) or not all(isinstance(v, str) for v in names.values()):
+        raise EnrolError(f"{path}: expected a mapping folder -> class name")
+    return names
+
+
 def _folder_gate_rows(folder: Path, bundle: Bundle, new_label: str) -> tuple[list[Path], list[int], str]:
     if not folder.is_dir():
         raise EnrolError(f"{folder}: --gate-data is not a folder of class folders")
+    names = _folder_names(folder)
     paths, labels = [], []
     for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
-        if sub.name == new_label:
+        name = names.get(sub.name, sub.name)
+        if name == new_label:
             log.info("%s: the new class's folder is not gate data; skipped", sub)
             continue
-        if sub.name not in bundle.labels:
-            raise EnrolError(f"{sub}: folder name is not one of the bundle's labels {bundle.labels}")
+        if name not in bundle.labels:
+            raise EnrolError(f"{sub}: class {name!r} is not one of the bundle's labels {bundle.labels}")
         files = sorted(p for p in sub.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         paths += files
-        labels += [bundle.labels.index(sub.name)] * len(files)
+        labels += [bundle.labels.index(name)] * len(files)
     return paths, labels, str(folder)
 
 

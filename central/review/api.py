@@ -17,6 +17,8 @@ uvicorn (``central.http``); JSON in and out, its OpenAPI schema at ``/api/openap
     GET  /api/facets                   distinct sites, stations, cameras, model versions, predicted labels
     GET  /api/quarantine?limit=50&offset=0   frame messages ingest refused, newest first:
                                        {"messages": [{seq, received_at, topic, reason, bytes, ...}], "kept", "refused"}
+    POST /api/enrol                    {"label": "...", "reviewer": "..."}: a new bundle version with that new class,
+                                       from its reviewed frames (``--enrol-bundle``; central/review/enrol.py)
 
 Every /api request needs ``Authorization: Bearer <token>``: ``--token-file F`` (or ``--token T``) gives
 it; without either, a random token is made at start and written to ``<store>/review.token`` (mode 0600),
@@ -123,8 +125,18 @@ class ReviewBody(BaseModel):
     note: str | None = None
 
 
-def create_app(store: FrameStore, token: str | None) -> FastAPI:
-    """The review page and API over ``store`` (an ASGI app; ``ReviewServer`` serves it); ``token`` None: open."""
+class EnrolBody(BaseModel):
+    """Enrol a new class from its reviewed frames (docs/enrol.md)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    label: str | None = Field(None, description="the new class, as the frames were reviewed")
+    reviewer: str | None = None
+
+
+def create_app(store: FrameStore, token: str | None, enroller: Any = None) -> FastAPI:
+    """The review page and API over ``store`` (an ASGI app; ``ReviewServer`` serves it); ``token`` None: open.
+    ``enroller``: a ``central.review.enrol.ReviewEnroller``, or None (``POST /api/enrol`` answers 409)."""
 
     def authorised(authorization: str | None = Header(None)) -> None:
         if not token:
@@ -244,6 +256,27 @@ def create_app(store: FrameStore, token: str | None) -> FastAPI:
         return await run_in_threadpool(store.review, frame_id, body.action, label=body.label,
                                        reviewer=body.reviewer, note=body.note)
 
+    @api.post("/enrol", summary="a new bundle version with a new class, from its reviewed frames (docs/enrol.md)",
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/json": {"schema": EnrolBody.model_json_schema()}}}})
+    async def enrol(request: Request) -> dict[str, Any]:
+        from central.review.enrol import EnrolBusy
+
+        try:
+            body = EnrolBody.model_validate(loads_finite(await request.body() or b"{}"))
+        except ValueError as exc:           # not JSON, or not this body (pydantic's error is a ValueError)
+            raise StoreError(_validation_message(exc.errors()) if isinstance(exc, ValidationError)
+                             else f"body: not JSON ({exc})") from None
+        if not body.label:
+            raise StoreError("field label: missing")
+        if enroller is None:
+            raise HTTPException(HTTPStatus.CONFLICT, "enrolment is not configured: start 'python -m central review' "
+                                                     "with --enrol-bundle")
+        try:
+            return await run_in_threadpool(enroller.enrol, body.label, body.reviewer)
+        except EnrolBusy as exc:
+            raise HTTPException(HTTPStatus.CONFLICT, str(exc)) from None
+
     app.include_router(api)
 
     @app.api_route("/api/{rest:path}", methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"],
@@ -294,13 +327,14 @@ class ReviewServer(Served):
     """The review app on uvicorn, in a thread (``start``: tests, embedding) or in the foreground (``serve_forever``)."""
 
     def __init__(self, store: FrameStore, host: str = "127.0.0.1", port: int = 8080, token: str | None = None,
-                 *, no_auth: bool = False, tls_cert: Path | None = None, tls_key: Path | None = None):
+                 *, no_auth: bool = False, tls_cert: Path | None = None, tls_key: Path | None = None,
+                 enroller: Any = None):
         """``token`` None: a random one is made (``self.token``; ``page_url`` carries it), unless ``no_auth``."""
         if no_auth and token:
             raise ValueError("give a token or no_auth, not both")
         self.store = store
         self.token = None if no_auth else token or secrets.token_urlsafe(32)
-        super().__init__(create_app(store, self.token), host, port, name="review", tls_cert=tls_cert,
+        super().__init__(create_app(store, self.token, enroller), host, port, name="review", tls_cert=tls_cert,
                          tls_key=tls_key)
         if no_auth:
             warn_no_auth("review", host)
@@ -329,6 +363,23 @@ def add_review_parser(sub: argparse._SubParsersAction) -> None:
                        help="serve the API to anyone who can reach it, without a token (local development only)")
     p.add_argument("--tls-cert", type=Path, default=None, help="serve HTTPS with this certificate (PEM)")
     p.add_argument("--tls-key", type=Path, default=None, help="its private key (PEM)")
+    p.add_argument("--enrol-bundle", type=Path, default=None,
+                   help="enable POST /api/enrol: new classes are enrolled into this bundle from their reviewed "
+                        "frames, each a new version beside it (docs/enrol.md; needs onnxruntime)")
+    p.add_argument("--enrol-sign-key", type=Path, default=None, help="sign enrolled versions with this key")
+    p.add_argument("--enrol-public-key", type=Path, default=None, help="check the bundle's signature first")
+    p.add_argument("--enrol-gate-data", type=Path, default=None,
+                   help="class folders of the old classes' images for the enrolment gate (default: the bundle's "
+                        "training run's validation split)")
+
+
+def _enroller(store: FrameStore, args) -> Any:
+    if getattr(args, "enrol_bundle", None) is None:
+        return None
+    from central.review.enrol import EnrolSettings, ReviewEnroller
+
+    return ReviewEnroller(store, EnrolSettings(bundle=args.enrol_bundle, sign_key=args.enrol_sign_key,
+                                               public_key=args.enrol_public_key, gate_data=args.enrol_gate_data))
 
 
 def cmd_review(args) -> int:
@@ -343,10 +394,14 @@ def cmd_review(args) -> int:
     store = FrameStore(args.store, labels=labels)
     made = not token and not args.no_auth
     try:
+        enroller = _enroller(store, args)
         if made:
             token = generated_secret(store.root / TOKEN_FILE)
         server = ReviewServer(store, args.host, args.port, token, no_auth=args.no_auth, tls_cert=args.tls_cert,
-                              tls_key=args.tls_key)
+                              tls_key=args.tls_key, enroller=enroller)
+    except StoreError:
+        store.close()
+        raise
     except OSError as exc:
         store.close()
         if made and exc.filename and TOKEN_FILE in str(exc.filename):

@@ -179,7 +179,7 @@ def test_refusals_name_the_problem_and_write_nothing(bundle8, gate8, fmnist_dir,
              "unreadable", "torn.png", "empty.jpg", "4 readable")
     # gate data with folders the bundle has no label for (the new class's own folder alone would be skipped)
     _refused(EnrolConfig(bundle=bundle8, label="Sock", images=five, gate_data=fmnist_dir / "test"), models,
-             str(fmnist_dir / "test" / "Bag"), "not one of the bundle's labels")
+             str(fmnist_dir / "test" / "Bag"), "class 'Bag' is not one of the bundle's labels")
     _refused(EnrolConfig(bundle=bundle8, label="Trouser", images=five, gate_data=gate8, gate_images=300), models,
              "300 readable gate image(s)", "at least 400")
 

@@ -205,6 +205,21 @@ function defect() {
   if (name !== null) decide("defect", name.trim() || null);
 }
 
+// A new bundle version with a new class, from the frames reviewed as it (the server's --enrol-bundle).
+function enrol() {
+  const name = prompt("Enrol which new class? (its reviewed frames are the examples; at least 5)");
+  if (!name || !name.trim()) return state.queue;
+  const reviewer = $("reviewer").value.trim() || null;
+  say(`enrolling ${name.trim()}...`);
+  return enqueue(async () => {
+    const body = await api("/api/enrol", { method: "POST", body: JSON.stringify({ label: name.trim(), reviewer }) });
+    const gate = body.figures.gate;
+    say(`${name.trim()} enrolled from ${body.frames} frames: bundle ${body.name} ${body.version}; recall ` +
+        `${(body.figures.recall_leave_one_out * 100).toFixed(0)}% (leave-one-out), old classes ` +
+        `${(gate.accuracy_before * 100).toFixed(2)}% -> ${(gate.accuracy_after * 100).toFixed(2)}%`);
+  });
+}
+
 function move(step) {
   if (!state.frames.length) return;
   const at = state.frames.findIndex((f) => f.id === state.shownId);
@@ -250,6 +265,7 @@ $("skip").addEventListener("click", () => decide("skip"));
 $("new-class").addEventListener("click", newClass);
 $("defect").addEventListener("click", defect);
 $("undo").addEventListener("click", undo);
+$("enrol").addEventListener("click", enrol);
 $("prev").addEventListener("click", () => move(-1));
 $("next").addEventListener("click", () => move(1));
 for (const id of ["filter-station", "filter-model", "filter-predicted", "order"]) {

@@ -1,0 +1,83 @@
+"""Enrol a new class from the review page: its reviewed frames become the examples (docs/enrol.md).
+
+A reviewer marks frames of a product the model does not know as a new class (and labels more frames with it);
+``POST /api/enrol {"label": ...}`` hands the stored frames of that class (item crops, as the station sent
+them) to ``trainer.enroll``, which writes a new verified bundle version beside the configured one. The next
+enrolment builds on the version just written, so several new classes accumulate. One enrolment at a time;
+enrolment needs ONNX Runtime on the review host (the central image has none unless installed).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from central.review.store import FrameStore, StoreError
+
+log = logging.getLogger(__name__)
+
+EXAMPLE_STATUSES = ("labelled", "new_class")
+
+
+class EnrolBusy(RuntimeError):
+    """Another enrolment is running."""
+
+
+@dataclass
+class EnrolSettings:
+    bundle: Path                      # the bundle new classes are added to (then the latest enrolled version)
+    models_dir: Path | None = None    # default: the bundle's own models dir
+    sign_key: Path | None = None
+    public_key: Path | None = None
+    gate_data: Path | None = None     # class folders of the old classes; default: the run's validation split
+    min_examples: int = 5
+
+
+class ReviewEnroller:
+    """Turns the store's reviewed frames of a new class into a new bundle version, one enrolment at a time."""
+
+    def __init__(self, store: FrameStore, settings: EnrolSettings) -> None:
+        if importlib.util.find_spec("onnxruntime") is None:
+            raise StoreError("--enrol-bundle: enrolment runs the bundle's model and needs onnxruntime on this host "
+                             "(pip install onnxruntime)")
+        if not (Path(settings.bundle) / "manifest.json").is_file():
+            raise StoreError(f"--enrol-bundle {settings.bundle}: no manifest.json there")
+        self.store = store
+        self.settings = settings
+        self.bundle = Path(settings.bundle)
+        self._lock = threading.Lock()
+
+    def examples(self, label: str) -> list[Path]:
+        """Image files of the frames reviewed as ``label`` (labelled with it, or marked as that new class)."""
+        return [self.store.image_path(f["id"]) for f in self.store.iter_reviewed()
+                if f.get("status") in EXAMPLE_STATUSES and f.get("label") == label]
+
+    def enrol(self, label: str, reviewer: str | None = None) -> dict[str, Any]:
+        from trainer.enroll import EnrolConfig, EnrolError, enroll
+
+        if not self._lock.acquire(blocking=False):
+            raise EnrolBusy("another enrolment is running; try again when it has finished")
+        try:
+            paths = self.examples(label)
+            if len(paths) < self.settings.min_examples:
+                raise StoreError(f"field label: {label!r} has {len(paths)} reviewed frame(s), at least "
+                                 f"{self.settings.min_examples} needed to enrol it")
+            s = self.settings
+            try:
+                result = enroll(EnrolConfig(bundle=self.bundle, label=label, images=paths, models_dir=s.models_dir,
+                                            sign_key=s.sign_key, public_key=s.public_key, gate_data=s.gate_data,
+                                            min_examples=s.min_examples))
+            except EnrolError as exc:
+                raise StoreError(str(exc)) from None
+            log.info("review: %s enrolled %r from %d reviewed frames into %s", reviewer or "a reviewer", label,
+                     len(paths), result.bundle_dir)
+            self.bundle = result.bundle_dir
+            return {"bundle": str(result.bundle_dir), "name": result.manifest["name"],
+                    "version": result.manifest["version"], "labels": result.manifest["labels"],
+                    "frames": len(paths), "figures": result.report}
+        finally:
+            self._lock.release()

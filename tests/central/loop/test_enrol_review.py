@@ -1,0 +1,106 @@
+"""Enrolment from the review page's API: reviewed frames of a new class become a new bundle version.
+
+Real frames (Fashion-MNIST test images as the agent sends them) are reviewed over HTTP as a new product,
+"Tote", and ``POST /api/enrol`` enrols it into the real bundle (trainer export, real ONNX Runtime). The product
+is Bag images under another name: enough for the plumbing (frames -> examples -> verified version); that an
+enrolled class is recognised is tests/trainer/test_enroll.py's."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+
+import pytest
+from loop_support import LABELS, real_frames, truth_of
+
+from central.review.api import ReviewServer
+from central.review.enrol import EnrolSettings, ReviewEnroller
+from central.review.store import FrameStore
+from contract.bundle import check_model_runs, load_bundle
+
+TOKEN = "enrol-test-token"
+
+
+def call(url: str, body: dict | None = None) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=json.dumps(body).encode() if body is not None else None,
+                                 method="POST" if body is not None else "GET")
+    req.add_header("Authorization", f"Bearer {TOKEN}")
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+@pytest.fixture
+def reviewed(tmp_path, real_bundle, fmnist_dir):
+    """A review server with enrolment into a copy of the real bundle's models dir, and the Bag frames."""
+    import shutil
+
+    models = tmp_path / "models"
+    shutil.copytree(real_bundle.parent.parent, models)
+    source = models / real_bundle.parent.name / real_bundle.name
+    store = FrameStore(tmp_path / "store", labels=LABELS)
+    records = real_frames(150)
+    for r in records:
+        store.add(r.body, r.blob)
+    enroller = ReviewEnroller(store, EnrolSettings(bundle=source, gate_data=fmnist_dir / "test"))
+    srv = ReviewServer(store, "127.0.0.1", 0, token=TOKEN, enroller=enroller).start()
+    bags = [r for r in records if truth_of(r) == "Bag"]
+    assert len(bags) >= 8
+    yield srv, store, bags, source, models
+    srv.stop()
+    store.close()
+
+
+def _review_as_tote(srv, frames) -> None:
+    first, *rest = frames
+    status, _ = call(srv.url + f"api/frames/{first.id}/review", {"action": "new_class", "label": "Tote", "reviewer": "ana"})
+    assert status == 200
+    for r in rest:
+        status, _ = call(srv.url + f"api/frames/{r.id}/review", {"action": "label", "label": "Tote", "reviewer": "ana"})
+        assert status == 200
+
+
+def _versions(models, name) -> list[str]:
+    return sorted(p.name for p in (models / name).iterdir())
+
+
+def test_reviewed_frames_of_a_new_class_enrol_into_a_new_verified_version(reviewed):
+    srv, store, bags, source, models = reviewed
+    _review_as_tote(srv, bags[:4])
+    before = _versions(models, source.parent.name)
+    status, body = call(srv.url + "api/enrol", {"label": "Tote", "reviewer": "ana"})
+    assert status == 400 and "'Tote' has 4 reviewed frame(s), at least 5" in body["error"]
+    assert _versions(models, source.parent.name) == before
+
+    _review_as_tote(srv, bags[4:8])
+    status, body = call(srv.url + "api/enrol", {"label": "Tote", "reviewer": "ana"})
+    assert status == 200, body
+    assert body["frames"] == 8 and body["figures"]["examples"] == 8 and body["labels"][-1] == "Tote"
+    bundle = load_bundle(body["bundle"])
+    check_model_runs(bundle)
+    assert bundle.labels == load_bundle(source).labels + ["Tote"]
+    assert bundle.manifest["open_set"]["enrolled"] == ["Tote"]
+    assert bundle.root.parent == source.parent and bundle.version == body["version"]
+
+    status, body = call(srv.url + "api/enrol", {"label": "Tote"})
+    assert status == 400 and "labels already has 'Tote'" in body["error"]  # the next enrolment builds on it
+
+
+def test_enrol_requests_that_cannot_be_served_are_refused_by_field(reviewed, tmp_path):
+    srv, store, _bags, _source, _models = reviewed
+    assert call(srv.url + "api/enrol", {"reviewer": "ana"}) == (400, {"error": "field label: missing"})
+    status, body = call(srv.url + "api/enrol", {"label": "Tote", "colour": "red"})
+    assert status == 400 and "unknown field(s) colour" in body["error"]
+    status, body = call(srv.url + "api/enrol", {"label": "Sock"})
+    assert status == 400 and "'Sock' has 0 reviewed frame(s)" in body["error"]
+
+    plain = ReviewServer(FrameStore(tmp_path / "plain", labels=LABELS), "127.0.0.1", 0, token=TOKEN).start()
+    try:
+        status, body = call(plain.url + "api/enrol", {"label": "Tote"})
+        assert status == 409 and "--enrol-bundle" in body["error"]
+    finally:
+        plain.stop()
+        plain.store.close()
