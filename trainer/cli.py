@@ -1,4 +1,4 @@
-"""``python -m trainer import-fashion-mnist | train | evaluate | export | verify | keygen | demo | retrain``.
+"""``python -m trainer import-fashion-mnist | train | evaluate | export | verify | keygen | demo | retrain | enroll``.
 
 All of the trainer's argparse lives here; library modules take typed configs. The central services
 (ingest, review, labels, backgrounds, publish, serve-bundles, rollout, rollback, dashboard) are
@@ -94,7 +94,7 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
                    help="the suggested low-confidence thresholds flag at most this share (0..1) of the station-view "
                         "set (of the validation set for a whole-ROI bundle); default: no cap. The thresholds also "
                         "choose the frames stations send back for retraining, so a cap sends fewer")
-    p.add_argument("--unknown-score", default="mahalanobis",
+    p.add_argument("--unknown-score", default="knn",
                    choices=["msp", "max_logit", "energy", "mahalanobis", "cosine", "knn"],
                    help="the unknown score the bundle carries (docs/open-set.md; chosen by benchmarks/open_set.py)")
     p.add_argument("--unknown-keep", type=float, default=0.95,
@@ -147,6 +147,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", default="mobilenet_v2", choices=["resnet50", "resnet18", "mobilenet_v2"])
 
     _add_retrain_parser(sub)
+    _add_enroll_parser(sub)
     return parser
 
 
@@ -348,6 +349,59 @@ def cmd_retrain(args: argparse.Namespace) -> int:
 
 
 COMMANDS["retrain"] = cmd_retrain
+
+
+def _add_enroll_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("enroll", help="add a class to a bundle from a few images of it (no training; docs/enrol.md)")
+    p.add_argument("--bundle", type=Path, required=True, help="the bundle to extend, models/<name>/<version>")
+    p.add_argument("--class", dest="label", required=True, help="the new class's label")
+    p.add_argument("--images", type=Path, required=True, help="folder of its images (item crops, as a station sees them)")
+    p.add_argument("--models-dir", type=Path, default=None, help="default: the bundle's own models dir")
+    p.add_argument("--version", default=None, help="the new bundle version (default: UTC timestamp)")
+    p.add_argument("--sign-key", type=Path, default=None, help="ed25519 private key to sign the new manifest")
+    p.add_argument("--public-key", type=Path, default=None, help="check the source bundle's signature")
+    p.add_argument("--gate-data", type=Path, default=None,
+                   help="class folders of the old classes' images for the gate (default: the validation split of the "
+                        "run the bundle was exported from)")
+    p.add_argument("--gate-images", type=int, default=1000, help="gate images used (half fit, half held out)")
+    p.add_argument("--max-drop", type=float, default=0.5,
+                   help="top-1 points the old classes may lose on the held-out gate images")
+    p.add_argument("--min-examples", type=int, default=5)
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    import time
+
+    from trainer.enroll import EnrolConfig, EnrolError, enroll
+
+    started = time.monotonic()
+    cfg = EnrolConfig(bundle=args.bundle, label=args.label, images=args.images, models_dir=args.models_dir,
+                      version=args.version, sign_key=args.sign_key, public_key=args.public_key,
+                      gate_data=args.gate_data, gate_images=args.gate_images, max_drop_points=args.max_drop,
+                      min_examples=args.min_examples)
+    try:
+        result = enroll(cfg)
+    except EnrolError as exc:
+        if exc.report:
+            _print_enrolment(exc.report)
+        print(f"enroll: {exc}", file=sys.stderr)
+        return 1
+    _print_enrolment(result.report)
+    print(f"bundle        {result.bundle_dir} ({len(result.manifest['labels'])} labels, verified"
+          + (", signed" if args.sign_key else "") + f") in {time.monotonic() - started:.1f} s")
+    return 0
+
+
+def _print_enrolment(report: dict) -> None:
+    gate = report["gate"]
+    print(f"new class     recall {report['recall_examples'] * 100:.1f}% on its {report['examples']} examples "
+          f"(leave-one-out {report['recall_leave_one_out'] * 100:.1f}%)")
+    print(f"old classes   {gate['accuracy_before'] * 100:.2f}% -> {gate['accuracy_after'] * 100:.2f}% on "
+          f"{gate['held_out_images']} held-out gate images ({gate['drop_points']:+.2f} points lost, at most "
+          f"{gate['max_drop_points']}): {'passed' if gate['passed'] else 'FAILED'}")
+
+
+COMMANDS["enroll"] = cmd_enroll
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,7 @@ Torch-free (numpy, OpenCV, ONNX Runtime and ``contract``) so the central side ca
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -506,9 +507,8 @@ def enroll(cfg: EnrolConfig) -> EnrolResult:
                     "allowance; before enrolment they were mostly decided as %r: it may look like that class, or "
                     "the examples may differ from what stations see", cfg.label, loo * 100,
                     report["examples_decided_before_as"])
-    new_open_set = openset.OpenSet(os_.score, os_.threshold, os_.keep,
-                                   os_.stats.with_class(emb_ex.mean(0), emb_ex),
-                                   os_.enrolled.with_class(cfg.label, weight, raw_bias))
+    new_open_set = dataclasses.replace(os_, stats=os_.stats.with_class(emb_ex.mean(0), emb_ex),
+                                       enrolled=os_.enrolled.with_class(cfg.label, weight, raw_bias))
     bundle_dir, manifest = _write(bundle, cfg, new_open_set, report)
     _record_gate(bundle_dir, bundle, cfg.label, report)
     report["seconds"] = time.monotonic() - started
