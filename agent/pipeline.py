@@ -121,10 +121,11 @@ def _prepare_seconds(batch: list[Frame]) -> float:
     return sum(spent) / len(batch) if spent else 0.0
 
 
-def camera_policy(bundle: Bundle, cam: CameraConfig, override: Thresholds | None) -> LowConfidencePolicy:
+def camera_policy(bundle: Bundle, cam: CameraConfig, override: Thresholds | None,
+                  precision: str = "fp32") -> LowConfidencePolicy:
     """A camera's policy: cmd/thresholds over the camera's config over the bundle's thresholds (the unknown
-    score's: the bundle's calibrated open_set threshold)."""
-    unknown = bundle.open_set.threshold if bundle.open_set is not None else None
+    score's: the bundle's open_set threshold calibrated for the precision of the artifact running)."""
+    unknown = bundle.open_set.threshold_for(precision) if bundle.open_set is not None else None
     return LowConfidencePolicy(PolicyThresholds.resolve(bundle.thresholds, merge_thresholds(cam.thresholds, override),
                                                         unknown))
 
@@ -133,8 +134,8 @@ class CameraDecisions:
     """Per-camera decision state: policy and item tracker."""
 
     def __init__(self, cam: CameraConfig, cfg: AgentConfig, bundle: Bundle, override: Thresholds | None = None,
-                 receiving: ReceivingDesk | None = None) -> None:
-        self.policy = camera_policy(bundle, cam, override)
+                 receiving: ReceivingDesk | None = None, precision: str = "fp32") -> None:
+        self.policy = camera_policy(bundle, cam, override, precision)
         presence = cfg.decisions.presence
         prior = receiving.prior if receiving is not None else None
         self.tracker = (ItemTracker(cam.id, bundle.labels, presence, LaneMap(cfg.decisions.sorting), self.policy,
@@ -353,7 +354,7 @@ class InferenceStage(threading.Thread):
         self._flush_items()
         self._runtime = runtime
         self._cameras = {c.id: CameraDecisions(c, self.cfg, runtime.bundle, self.threshold_overrides.get(c.id),
-                                               self.receiving) for c in self.cfg.cameras}
+                                               self.receiving, runtime.backend.precision) for c in self.cfg.cameras}
         self.metrics.info.update(model_name=runtime.bundle.name, model_version=runtime.bundle.version)
 
     def set_thresholds(self, camera_ids: list[str], thresholds: Thresholds) -> None:
@@ -366,7 +367,7 @@ class InferenceStage(threading.Thread):
         cams = {c.id: c for c in self.cfg.cameras}
         for cid in camera_ids:
             state = self._cameras[cid]
-            policy = camera_policy(runtime.bundle, cams[cid], self.threshold_overrides[cid])
+            policy = camera_policy(runtime.bundle, cams[cid], self.threshold_overrides[cid], runtime.backend.precision)
             state.policy = policy
             if state.tracker is not None:
                 state.tracker.policy = policy

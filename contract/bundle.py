@@ -126,6 +126,9 @@ def _open_set(bundle: "Bundle"):
         return None
     from contract import openset
 
+    if openset.UNKNOWN_LABEL in bundle.labels:
+        raise BundleError(f"{bundle.root / MANIFEST}: field labels: {openset.UNKNOWN_LABEL!r} is the verdict of the "
+                          "unknown score (field open_set), not a label a bundle with one may have")
     art = bundle.artifact(ROLE_OPEN_SET)
     try:
         return openset.load(block, art.path if art is not None else None, bundle.labels, block.get("embedding_dim"))

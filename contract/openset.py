@@ -219,10 +219,15 @@ class OpenSet:
     """A bundle's unknown score and enrolled classes: the manifest's ``open_set`` block and its npz."""
 
     score: str
-    threshold: float
+    threshold: float              # calibrated on the FP32 model's scores (FP32 and FP16 artifacts use it)
     keep: float
     stats: EmbeddingStats | None
     enrolled: EnrolledHead = field(default_factory=EnrolledHead)
+    int8_threshold: float | None = None   # calibrated on the INT8 model's own scores, the same share kept
+
+    def threshold_for(self, precision: str) -> float:
+        """The threshold of the artifact a station runs: an INT8 model's scores shift a little, so it has its own."""
+        return self.int8_threshold if precision == "int8" and self.int8_threshold is not None else self.threshold
 
     @property
     def needs_embedding(self) -> bool:
@@ -249,8 +254,10 @@ def save_npz(path: Path, openset: OpenSet) -> None:
                       rest_variance=np.array([s.rest_variance]), bank=s.bank, bank_labels=s.bank_labels)
     if openset.enrolled.labels:
         arrays.update(enrolled_weights=openset.enrolled.weights, enrolled_bias=openset.enrolled.bias)
+    small = {k: (v.astype(np.float16 if k == "bank" else np.float32) if v.dtype.kind == "f" else v)
+             for k, v in arrays.items()}       # the bank holds unit vectors: float16 is exact enough, half the size
     buf = io.BytesIO()
-    np.savez(buf, **{k: (v.astype(np.float32) if v.dtype.kind == "f" else v) for k, v in arrays.items()})
+    np.savez(buf, **small)
     Path(path).write_bytes(buf.getvalue())
 
 
@@ -262,8 +269,11 @@ def load(block: Mapping, npz_path: Path | None, labels: Sequence[str], dim: int 
     if score not in SCORES:
         raise OpenSetError(f"{where}: score {score!r} is not one of {', '.join(SCORES)}")
     threshold, keep = block.get("threshold"), block.get("keep", DEFAULT_KEEP)
-    if not isinstance(threshold, (int, float)) or not np.isfinite(threshold):
-        raise OpenSetError(f"{where}: threshold {threshold!r} is not a finite number")
+    int8_threshold = block.get("threshold_int8")
+    for name, value in (("threshold", threshold), ("threshold_int8", int8_threshold)):
+        if (value is not None or name == "threshold") and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value)):
+            raise OpenSetError(f"{where}: {name} {value!r} is not a finite number")
     enrolled_labels = tuple(block.get("enrolled", ()))
     stats, enrolled = None, EnrolledHead()
     if npz_path is not None:
@@ -289,7 +299,8 @@ def load(block: Mapping, npz_path: Path | None, labels: Sequence[str], dim: int 
         raise OpenSetError(f"{where}: enrolled labels {list(enrolled_labels)} are not the last of the bundle's labels")
     if enrolled.labels and stats is not None and enrolled.weights.shape[1] != stats.dim:
         raise OpenSetError(f"{npz_path}: enrolled rows of {enrolled.weights.shape[1]}-d, statistics of {stats.dim}-d")
-    return OpenSet(score, float(threshold), float(keep), stats, enrolled)
+    return OpenSet(score, float(threshold), float(keep), stats, enrolled,
+                   float(int8_threshold) if int8_threshold is not None else None)
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
