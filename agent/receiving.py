@@ -35,8 +35,9 @@ class ShipmentError(ValueError):
 
 
 def is_review(decision: ItemDecision) -> bool:
-    """Counted as review/unknown, not as a received label: sent to the review lane or decided unknown."""
-    return decision.low_confidence or decision.label == UNKNOWN_LABEL
+    """Counted as review, not as a received label: sent to the review lane, and not decided unknown (an unknown
+    item is counted apart: a product the model does not know)."""
+    return decision.low_confidence and decision.label != UNKNOWN_LABEL
 
 
 def item_ref(decision: ItemDecision, decision_id: str) -> dict[str, Any]:
@@ -62,15 +63,18 @@ class Shipment:
     closed_at: float | None = None
     received: dict[str, int] = field(default_factory=dict)
     review: int = 0
-    refs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)   # label (or "" for review) -> newest refs
+    refs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)   # label ("" review, "unknown") -> newest refs
     refs_seen: dict[str, int] = field(default_factory=dict)
+    unknown: int = 0              # items decided unknown: a product the model does not know
 
     def still_expected(self) -> set[str]:
         return {label for label, n in self.expected.items() if self.received.get(label, 0) < n}
 
     def record(self, decision: ItemDecision, decision_id: str, max_refs: int) -> None:
         key = "" if is_review(decision) else decision.label
-        if key:
+        if key == UNKNOWN_LABEL:
+            self.unknown += 1
+        elif key:
             self.received[key] = self.received.get(key, 0) + 1
         else:
             self.review += 1
@@ -99,21 +103,23 @@ class Shipment:
     def receipt(self) -> dict[str, Any]:
         """The body of a receipt.v1 message without the station's fields (id, seq, ts, site, station)."""
         lines = self.lines()
-        review_refs = list(self.refs.get("", []))
+        review_refs, unknown_refs = list(self.refs.get("", [])), list(self.refs.get(UNKNOWN_LABEL, []))
         totals = {k: sum(line[k] for line in lines) for k in ("matched", "over", "short", "unexpected")}
-        totals["review"] = self.review
-        totals["discrepancies"] = totals["over"] + totals["short"] + totals["unexpected"] + self.review
+        totals["review"], totals["unknown"] = self.review, self.unknown
+        totals["discrepancies"] = totals["over"] + totals["short"] + totals["unexpected"] + self.review + self.unknown
         return {"shipment": self.id, "state": "closed" if self.closed_at is not None else "open",
                 "opened_at": round(self.opened_at, 6),
                 "closed_at": round(self.closed_at, 6) if self.closed_at is not None else None,
-                "items": sum(self.received.values()) + self.review, "lines": lines,
+                "items": sum(self.received.values()) + self.review + self.unknown, "lines": lines,
                 "review": {"count": self.review, "refs": review_refs,
                            "refs_left_off": self.refs_seen.get("", 0) - len(review_refs)},
+                "unknown": {"count": self.unknown, "refs": unknown_refs,
+                            "refs_left_off": self.refs_seen.get(UNKNOWN_LABEL, 0) - len(unknown_refs)},
                 "totals": totals}
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "expected": self.expected, "opened_at": self.opened_at, "received": self.received,
-                "review": self.review, "refs": self.refs, "refs_seen": self.refs_seen}
+                "review": self.review, "unknown": self.unknown, "refs": self.refs, "refs_seen": self.refs_seen}
 
     @classmethod
     def from_json(cls, raw: Any) -> "Shipment":
@@ -125,17 +131,17 @@ class Shipment:
         except ValueError as exc:
             raise ShipmentError(f"field shipment: not a shipment ({exc})") from None
         received, refs, seen = raw.get("received") or {}, raw.get("refs") or {}, raw.get("refs_seen") or {}
-        review, opened = raw.get("review", 0), raw.get("opened_at")
+        review, unknown, opened = raw.get("review", 0), raw.get("unknown", 0), raw.get("opened_at")
         if not (isinstance(received, dict) and all(isinstance(v, int) and v >= 0 for v in received.values())):
             raise ShipmentError("field shipment.received: expected label -> count")
         if not (isinstance(refs, dict) and all(isinstance(v, list) for v in refs.values())):
             raise ShipmentError("field shipment.refs: expected label -> list")
         if not (isinstance(seen, dict) and all(isinstance(v, int) and v >= 0 for v in seen.values())):
             raise ShipmentError("field shipment.refs_seen: expected label -> count")
-        if not isinstance(review, int) or review < 0 or not isinstance(opened, (int, float)):
-            raise ShipmentError("field shipment.review or shipment.opened_at: expected numbers")
+        if not all(isinstance(n, int) and n >= 0 for n in (review, unknown)) or not isinstance(opened, (int, float)):
+            raise ShipmentError("field shipment.review, shipment.unknown or shipment.opened_at: expected numbers")
         return cls(cmd.shipment, dict(cmd.lines or {}), float(opened), None, dict(received), review,
-                   {k: list(v) for k, v in refs.items()}, dict(seen))
+                   {k: list(v) for k, v in refs.items()}, dict(seen), unknown)
 
 
 class ReceivingDesk:

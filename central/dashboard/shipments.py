@@ -45,7 +45,8 @@ def shipment_view(body: dict[str, Any], received_at: float, *, lines_shown: int 
               "unexpected": line["unexpected"], **_refs(line["refs"], line["refs_left_off"], refs_shown)}
              for line in discrepant[:lines_shown]]
     review = body["review"]
-    totals = dict(body["totals"])
+    unknown = body.get("unknown") or {"count": 0, "refs": [], "refs_left_off": 0}   # stations before it: none
+    totals = {"unknown": 0, **body["totals"]}
     return {"key": f"{body['site']}/{body['station']}/{body['shipment']}", "station": f"{body['site']}/{body['station']}",
             "site": body["site"], "shipment": body["shipment"], "state": body["state"], "final": body["final"],
             "seq": body["seq"], "ts": body["ts"], "received_at": received_at, "opened_at": body["opened_at"],
@@ -53,13 +54,14 @@ def shipment_view(body: dict[str, Any], received_at: float, *, lines_shown: int 
             "expected_total": sum(line["expected"] for line in body["lines"]), "totals": totals,
             "discrepant": totals["discrepancies"] > 0, "lines": lines,
             "lines_left_off": max(0, len(discrepant) - lines_shown),
-            "review": {"count": review["count"], **_refs(review["refs"], review["refs_left_off"], refs_shown)}}
+            "review": {"count": review["count"], **_refs(review["refs"], review["refs_left_off"], refs_shown)},
+            "unknown": {"count": unknown["count"], **_refs(unknown["refs"], unknown["refs_left_off"], refs_shown)}}
 
 
 def brief_view(view: dict[str, Any], lines: int = 5) -> dict[str, Any]:
     """A shipment for the overview and the station card: totals and its first discrepant lines, no refs."""
-    return {**{k: v for k, v in view.items() if k not in ("lines", "review")},
-            "review_count": view["review"]["count"],
+    return {**{k: v for k, v in view.items() if k not in ("lines", "review", "unknown")},
+            "review_count": view["review"]["count"], "unknown_count": view["unknown"]["count"],
             "lines": [{k: v for k, v in line.items() if k not in ("refs", "refs_left_off")}
                       for line in view["lines"][:lines]],
             "lines_left_off": view["lines_left_off"] + max(0, len(view["lines"]) - lines)}

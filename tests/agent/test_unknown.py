@@ -218,14 +218,15 @@ def test_a_far_colour_is_unknown_sent_to_review_uploaded_and_counted_in_the_rece
         assert grey_item["reasons"][0].startswith("unknown score") and "(median of 3 frames)" in grey_item["reasons"][0]
         assert grey_item["top_k"][0]["label"] in OPEN_SET_COLOURS
 
-        # the receipt counts the grey item as unknown/review, never as a received label
+        # the receipt counts the grey item as unknown (a discrepancy of its own), never as a received label
         assert dash.wait_for(lambda d: any(r["items"] == 2 for r in bodies(d, "receipt")), 20)
         receipt = [r for r in bodies(dash, "receipt") if r["items"] == 2][-1]
         check(receipt)
         lines = {line["label"]: (line["received"], line["status"]) for line in receipt["lines"]}
         assert lines == {"red": (1, "matched"), "green": (0, "short")}
-        assert receipt["review"]["count"] == 1 and receipt["totals"]["review"] == 1
-        ref = receipt["review"]["refs"][0]
+        assert receipt["unknown"]["count"] == 1 and receipt["totals"]["unknown"] == 1
+        assert receipt["review"]["count"] == 0 and receipt["totals"]["discrepancies"] == 2   # green short, grey
+        ref = receipt["unknown"]["refs"][0]
         assert (ref["decision"], ref["label"], ref["lane"]) == (grey_item["id"], UNKNOWN_LABEL, "manual-review")
         assert agent.metrics.counter("items_unknown_total", camera="cam-a") == 1
         assert agent.metrics.counter("frames_unknown_total", camera="cam-a") == 3

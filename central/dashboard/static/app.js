@@ -476,9 +476,9 @@ function rolloutItem(e) {
   return li;
 }
 
-// A shipment's discrepancies in one line: "over 1, short 1, unexpected 1, review 1" (the non-zero ones).
+// A shipment's discrepancies in one line: "over 1, short 1, unexpected 1, review 1, unknown 1" (the non-zero ones).
 function discrepancies(totals) {
-  const parts = ["over", "short", "unexpected", "review"].filter((k) => totals[k]).map((k) => `${k} ${totals[k]}`);
+  const parts = ["over", "short", "unexpected", "review", "unknown"].filter((k) => totals[k]).map((k) => `${k} ${totals[k]}`);
   return parts.length ? parts.join(", ") : "no discrepancies";
 }
 

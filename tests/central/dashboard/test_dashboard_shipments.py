@@ -62,7 +62,7 @@ def test_an_open_shipment_shows_its_discrepant_lines_with_the_decisions_behind_t
     assert (shown["station"], shown["shipment"], shown["state"], shown["seq"]) == (f"{SITE}/{STATION}", "PO-1",
                                                                                   "open", 4)
     assert shown["totals"] == {"matched": 3, "over": 1, "short": 1, "unexpected": 1, "review": 1,
-                               "discrepancies": 4}
+                               "unknown": 0, "discrepancies": 4}
     assert (shown["items"], shown["lines_total"], shown["expected_total"]) == (6, 4, 4)
     lines = {line["label"]: line for line in shown["lines"]}
     assert {label: line["status"] for label, line in lines.items()} == {"Coat": "over", "Dress": "short",
