@@ -330,3 +330,39 @@ def make_open_set_bundle(root: Path, *, score: str = "mahalanobis", keep: float 
     }
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return folder
+
+
+class EndedCamera:
+    """A source that ends at once: the station runs, and only the frames or items a test hands it directly
+    reach the model and the decisions."""
+
+    name, finite = "ended", True
+
+    def open(self) -> None: ...
+
+    def read(self):
+        from agent.sources.base import EndOfStream
+
+        raise EndOfStream("no frames in this test")
+
+    def close(self) -> None: ...
+
+
+class Operator:
+    """Sends commands to a station over a real broker: ``send("expect", body)`` publishes ``<root>/cmd/expect``."""
+
+    def __init__(self, broker, root: str) -> None:
+        import paho.mqtt.client as paho
+
+        self.root = root
+        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="operator")
+        self.client.connect(broker.host, broker.port)
+        self.client.loop_start()
+
+    def send(self, verb: str, body: dict | bytes) -> None:
+        payload = body if isinstance(body, bytes) else json.dumps(body).encode()
+        self.client.publish(f"{self.root}/cmd/{verb}", payload, qos=1).wait_for_publish(5)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()

@@ -13,9 +13,8 @@ import json
 import time
 
 import numpy as np
-import paho.mqtt.client as paho
 import pytest
-from agent_support import as_config, station_config, validate_message
+from agent_support import EndedCamera, Operator, as_config, station_config, validate_message
 
 from agent.app import Agent
 from agent.config import ExpectCommand, PresenceConfig, ReceivingConfig, SortingConfig
@@ -31,7 +30,7 @@ from agent.decide import (
 from agent.demo import Subscriber
 from agent.pipeline import Inferred
 from agent.receiving import ReceivingDesk, Shipment
-from agent.sources.base import EndOfStream, Frame
+from agent.sources.base import Frame
 from contract.messages import ENGINES, checker, loads_finite
 
 ROOT = "inventory/test/st-01"
@@ -73,34 +72,6 @@ def test_the_prior_moves_a_borderline_item_to_the_expected_label_but_not_a_sure_
 
 
 # ------------------------------------------------------------------ a running station
-
-class EndedCamera:
-    """A source that ends at once: the station runs, and only the test's items reach the decisions."""
-
-    name, finite = "ended", True
-
-    def open(self) -> None: ...
-
-    def read(self):
-        raise EndOfStream("no frames in this test")
-
-    def close(self) -> None: ...
-
-
-class Operator:
-    def __init__(self, broker) -> None:
-        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="operator")
-        self.client.connect(broker.host, broker.port)
-        self.client.loop_start()
-
-    def send(self, verb: str, body: dict | bytes) -> None:
-        payload = body if isinstance(body, bytes) else json.dumps(body).encode()
-        self.client.publish(f"{ROOT}/cmd/{verb}", payload, qos=1).wait_for_publish(5)
-
-    def close(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
-
 
 def station_cfg(tmp_path, broker, tiny_bundle, fmnist_video):
     return as_config(station_config(
@@ -169,7 +140,7 @@ def test_a_shipment_over_mqtt_receipts_count_every_class_and_survive_a_restart(b
                                                                                 fmnist_test_images, tmp_path):
     cfg = station_cfg(tmp_path, broker, tiny_bundle, fmnist_video)
     dash = Subscriber(broker.host, broker.port, ROOT)
-    operator = Operator(broker)
+    operator = Operator(broker, ROOT)
     agent = start(cfg, dash)
     try:
         # given: a shipment opened over MQTT (the command checked against its schema)

@@ -16,11 +16,12 @@ import math
 import time
 
 import numpy as np
-import paho.mqtt.client as paho
 import pytest
 from agent_support import (
     ENROLLED_COLOUR,
     OPEN_SET_COLOURS,
+    EndedCamera,
+    Operator,
     as_config,
     bundle_predictions,
     make_onnx_bundle,
@@ -44,7 +45,7 @@ from agent.demo import Subscriber
 from agent.health import Metrics
 from agent.outbox import Outbox
 from agent.pipeline import InferenceStage, ModelHolder, camera_policy
-from agent.sources.base import EndOfStream, Frame
+from agent.sources.base import Frame
 from agent.sources.camera import FrameHub
 from contract.bundle import load_bundle
 from contract.messages import ENGINES, checker, loads_finite
@@ -59,34 +60,6 @@ def image(rgb: tuple[int, int, int], side: int = 32) -> np.ndarray:
 
 
 # ------------------------------------------------------------------ a running station
-
-class EndedCamera:
-    """A source that ends at once: the station runs, and only the test's frames reach the model."""
-
-    name, finite = "ended", True
-
-    def open(self) -> None: ...
-
-    def read(self):
-        raise EndOfStream("no frames in this test")
-
-    def close(self) -> None: ...
-
-
-class Operator:
-    def __init__(self, broker) -> None:
-        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="operator")
-        self.client.connect(broker.host, broker.port)
-        self.client.loop_start()
-
-    def send(self, verb: str, body: dict | bytes) -> None:
-        payload = body if isinstance(body, bytes) else json.dumps(body).encode()
-        self.client.publish(f"{ROOT}/cmd/{verb}", payload, qos=1).wait_for_publish(5)
-
-    def close(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
-
 
 def colour_station(tmp_path, broker, bundle):
     """Two cameras; presence by the bundle's belt class, so a belt frame ends an item; every low-confidence
@@ -169,7 +142,7 @@ def test_a_far_colour_is_unknown_sent_to_review_uploaded_and_counted_in_the_rece
     bundle_dir = make_open_set_bundle(tmp_path / "models")
     threshold = load_bundle(bundle_dir).open_set.threshold
     dash = Subscriber(broker.host, broker.port, ROOT)
-    operator = Operator(broker)
+    operator = Operator(broker, ROOT)
     agent = start(colour_station(tmp_path, broker, bundle_dir), dash)
     feed = Feeder(agent)
     try:
@@ -240,7 +213,7 @@ def test_cmd_thresholds_moves_the_unknown_threshold_of_one_camera_and_a_bundle_s
     bundle_dir = make_open_set_bundle(tmp_path / "models")
     cfg = colour_station(tmp_path, broker, bundle_dir)
     dash = Subscriber(broker.host, broker.port, ROOT)
-    operator = Operator(broker)
+    operator = Operator(broker, ROOT)
     agent = start(cfg, dash)
     feed = Feeder(agent)
     try:
