@@ -9,7 +9,7 @@ vector the classifier reads (the backbone's pooled features). This module is the
   top softmax probability, the baseline), ``max_logit`` and ``energy`` (from the logits), ``mahalanobis``
   (the smallest distance to a class mean under the shared covariance of the classes), ``cosine`` (one minus
   the largest cosine between the centred embedding and a centred class mean) and ``knn`` (one minus the
-  cosine to the k-th nearest training embedding).
+  cosine to the k-th nearest training embedding of the nearest class).
 - **Enrolled classes**: a class added after training (``python -m trainer enroll``), without touching the
   backbone: one more row of the classifier, ``w . embedding + b``, fitted on a few examples' embeddings, and
   its class mean for the distance scores. Its logit is appended to the model's, so every consumer sees one
@@ -96,11 +96,16 @@ class EmbeddingStats:
         return unit(np.asarray(emb, np.float64) - self.centre) @ unit(self.means - self.centre).T
 
     def knn_distance(self, emb: np.ndarray, k: int = KNN_K) -> np.ndarray:
+        """One minus the cosine to the k-th nearest bank embedding of the nearest class, each class's k capped at
+        its count (an enrolled class of 5 examples is judged by its 5th, not by other classes' embeddings)."""
         if not len(self.bank):
             raise OpenSetError("the knn score needs a bank of training embeddings, and this bundle has none")
         sims = unit(emb) @ self.bank.T
-        k = min(k, sims.shape[1])
-        return 1.0 - np.sort(sims, axis=1)[:, -k]
+        best = np.full(len(sims), np.inf)
+        for c in np.unique(self.bank_labels):
+            own = np.sort(sims[:, self.bank_labels == c], axis=1)
+            best = np.minimum(best, 1.0 - own[:, -min(k, own.shape[1])])
+        return best
 
     def with_class(self, mean: np.ndarray, examples: np.ndarray | None = None) -> "EmbeddingStats":
         """These statistics with one more class mean (an enrolled class; the covariance is the old one)."""

@@ -160,3 +160,15 @@ def test_a_swapped_npz_with_a_matching_hash_is_checked_against_the_labels(real_b
         entry.update(sha256=sha256_file(root / "open_set.npz"), size=(root / "open_set.npz").stat().st_size)
     with pytest.raises(BundleError, match="class means for 10 labels"):
         load_bundle(_edit(real_bundle, tmp_path, fewer_means))
+
+
+def test_knn_judges_an_enrolled_class_of_few_examples_by_its_own_examples():
+    rng = np.random.default_rng(6)
+    _, emb, y = _clusters(rng, classes=3, per_class=100, spread=0.05)
+    stats = openset.fit_embedding_stats(emb, y, 3)
+    new_centre = rng.normal(0, 3, size=6)
+    examples = new_centre + rng.normal(0, 0.05, size=(5, 6))          # 5 examples, fewer than k = 10
+    enrolled = stats.with_class(examples.mean(0), examples)
+    probe = new_centre + rng.normal(0, 0.05, size=(4, 6))
+    assert (enrolled.knn_distance(probe) < 0.05).all()                  # near its own 5th example
+    assert (stats.knn_distance(probe) > enrolled.knn_distance(probe)).all()
