@@ -122,10 +122,12 @@ def _prepare_seconds(batch: list[Frame]) -> float:
 
 
 def camera_policy(bundle: Bundle, cam: CameraConfig, override: Thresholds | None,
-                  precision: str = "fp32") -> LowConfidencePolicy:
+                  precision: str = "fp32", unknown_items: bool = True) -> LowConfidencePolicy:
     """A camera's policy: cmd/thresholds over the camera's config over the bundle's thresholds (the unknown
-    score's: the bundle's open_set threshold calibrated for the precision of the artifact running)."""
-    unknown = bundle.open_set.threshold_for(precision) if bundle.open_set is not None else None
+    score's: the bundle's open_set threshold calibrated for the precision of the artifact running; none when
+    ``unknown_items`` is off: the score is published, it decides nothing)."""
+    unknown = (bundle.open_set.threshold_for(precision) if bundle.open_set is not None and unknown_items
+               else None)
     return LowConfidencePolicy(PolicyThresholds.resolve(bundle.thresholds, merge_thresholds(cam.thresholds, override),
                                                         unknown))
 
@@ -135,7 +137,7 @@ class CameraDecisions:
 
     def __init__(self, cam: CameraConfig, cfg: AgentConfig, bundle: Bundle, override: Thresholds | None = None,
                  receiving: ReceivingDesk | None = None, precision: str = "fp32") -> None:
-        self.policy = camera_policy(bundle, cam, override, precision)
+        self.policy = camera_policy(bundle, cam, override, precision, cfg.decisions.unknown_items)
         presence = cfg.decisions.presence
         prior = receiving.prior if receiving is not None else None
         self.tracker = (ItemTracker(cam.id, bundle.labels, presence, LaneMap(cfg.decisions.sorting), self.policy,
@@ -367,7 +369,8 @@ class InferenceStage(threading.Thread):
         cams = {c.id: c for c in self.cfg.cameras}
         for cid in camera_ids:
             state = self._cameras[cid]
-            policy = camera_policy(runtime.bundle, cams[cid], self.threshold_overrides[cid], runtime.backend.precision)
+            policy = camera_policy(runtime.bundle, cams[cid], self.threshold_overrides[cid], runtime.backend.precision,
+                                   self.cfg.decisions.unknown_items)
             state.policy = policy
             if state.tracker is not None:
                 state.tracker.policy = policy

@@ -69,7 +69,8 @@ def colour_station(tmp_path, broker, bundle):
         cameras=[{"id": "cam-a", "uri": "unused"}, {"id": "cam-b", "uri": "unused"}],
         frames={"enabled": True, "min_interval_s": 0, "dedupe_window": 0, "empty_scene_interval_s": 0},
         decisions={"presence": {"mode": "empty_class", "empty_class": "belt", "min_frames": 1, "gap_frames": 1},
-                   "sorting": {"lanes": {"red": "lane-red"}, "review_lane": "manual-review"}}))
+                   "sorting": {"lanes": {"red": "lane-red"}, "review_lane": "manual-review"},
+                   "unknown_items": True}))
 
 
 def start(cfg, dash: Subscriber) -> Agent:
@@ -327,11 +328,33 @@ def test_a_bundle_without_open_set_decides_as_before_with_no_unknown_score(broke
 
 # ------------------------------------------------------------------ the inference stage alone
 
+def test_with_unknown_items_off_the_score_is_published_and_decides_nothing(tmp_path):
+    """The default (decisions.unknown_items: false): a far colour keeps the model's top label and is not made
+    low-confidence by its score, yet its result carries the score, above the threshold."""
+    bundle_dir = make_open_set_bundle(tmp_path / "models")
+    bundle = load_bundle(bundle_dir)
+    cfg = as_config(station_config(tmp_path, bundle_dir, "unused", 1, frames={"enabled": False}))
+    assert cfg.decisions.unknown_items is False
+    runtime = build_runtime(cfg, bundle)
+    outbox = Outbox(cfg.outbox.path, max_bytes=cfg.outbox.max_bytes, max_age_s=cfg.outbox.max_age_s)
+    metrics = Metrics()
+    stage = InferenceStage(cfg, FrameHub(metrics), ModelHolder(runtime), outbox, metrics, cameras_done=lambda: True)
+    stage.process([Frame("cam-a", 1, 1000.0, 0.0, image(GREY)), Frame("cam-a", 2, 1001.0, 0.0,
+                                                                         image(OPEN_SET_COLOURS["red"]))])
+    grey, red = [r.body for r in outbox.pending(limit=10) if r.kind == "result"]
+    threshold = bundle.open_set.threshold_for(runtime.backend.precision)
+    assert grey["label"] != UNKNOWN_LABEL and grey["class_id"] is not None and grey["unknown_score"] > threshold
+    assert not any(reason.startswith("unknown score") for reason in grey["reasons"])
+    assert red["label"] == "red" and red["unknown_score"] < threshold
+    assert metrics.counter("frames_unknown_total", camera="cam-a") == 0
+
+
 def test_a_frame_whose_embedding_is_not_finite_is_an_inference_error(tmp_path):
     """A model whose logits are finite but whose embedding is NaN on some frames (here: white ones): those
     frames are counted as inference errors and never published; the others are classified with a score."""
     bundle_dir = make_open_set_bundle(tmp_path / "models", nan_embedding_when_bright=True)
-    cfg = as_config(station_config(tmp_path, bundle_dir, "unused", 1, frames={"enabled": False}))
+    cfg = as_config(station_config(tmp_path, bundle_dir, "unused", 1, frames={"enabled": False},
+                                   decisions={"unknown_items": True}))
     runtime = build_runtime(cfg, load_bundle(bundle_dir))       # the warm-up passes: NaN only on bright frames
     outbox = Outbox(cfg.outbox.path, max_bytes=cfg.outbox.max_bytes, max_age_s=cfg.outbox.max_age_s)
     metrics = Metrics()
@@ -396,6 +419,8 @@ def test_a_camera_config_sets_its_own_unknown_threshold_and_bad_ones_are_refused
     assert camera_policy(bundle, own, Thresholds(min_confidence=0.9)).thresholds.max_unknown_score == -3.5
     no_open_set = load_bundle(make_onnx_bundle(tmp_path / "plain"))
     assert camera_policy(no_open_set, own, None).thresholds.max_unknown_score is None
+    # decisions.unknown_items off: no verdict, whatever the camera says
+    assert camera_policy(bundle, own, None, unknown_items=False).thresholds.max_unknown_score is None
     for value, reason in [(".nan", "max_unknown_score"), (".inf", "max_unknown_score"), ("1e12", "max_unknown_score")]:
         path = tmp_path / f"bad-{reason}-{value}.yaml"
         path.write_text(f"site: s\nstation: t\nmodel: {{bundle: {tmp_path}}}\ncameras:\n"
