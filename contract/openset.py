@@ -96,15 +96,18 @@ class EmbeddingStats:
         return unit(np.asarray(emb, np.float64) - self.centre) @ unit(self.means - self.centre).T
 
     def knn_distance(self, emb: np.ndarray, k: int = KNN_K) -> np.ndarray:
-        """One minus the cosine to the k-th nearest bank embedding of the nearest class, each class's k capped at
-        its count (an enrolled class of 5 examples is judged by its 5th, not by other classes' embeddings)."""
+        """One minus the cosine to the k-th nearest bank embedding of the nearest class, k scaled to the class's
+        share of the bank (the fullest class uses ``k``, an enrolled class of 5 examples among 200 its nearest): the
+        k-th neighbour's distance measures density only among equally many samples."""
         if not len(self.bank):
             raise OpenSetError("the knn score needs a bank of training embeddings, and this bundle has none")
         sims = unit(emb) @ self.bank.T
+        classes, counts = np.unique(self.bank_labels, return_counts=True)
         best = np.full(len(sims), np.inf)
-        for c in np.unique(self.bank_labels):
+        for c, n in zip(classes, counts):
             own = np.sort(sims[:, self.bank_labels == c], axis=1)
-            best = np.minimum(best, 1.0 - own[:, -min(k, own.shape[1])])
+            kc = min(n, max(1, int(round(k * n / counts.max()))))
+            best = np.minimum(best, 1.0 - own[:, -kc])
         return best
 
     def with_class(self, mean: np.ndarray, examples: np.ndarray | None = None) -> "EmbeddingStats":
