@@ -1,0 +1,373 @@
+"""Unknown items, enrolment and receiving on Fashion-MNIST: leave-two-classes-out folds (issue 17).
+
+Each fold trains the documented recipe (MobileNetV2, 48 px, station-view augmentation; fewer images and
+epochs, the same for every fold) on 8 classes and exports a real bundle; the 2 classes left out are the
+unknowns. Then, with the bundle's own ONNX model in ONNX Runtime (the artifact a station runs):
+
+1. **Unknown score**: every score of ``contract.openset.SCORES`` on the test split's images (never seen in
+   training) and on the same images as a station camera shows them (``trainer.station_eval``): AUROC, and
+   the share of unknown items accepted at the threshold that keeps 95% of the known ones, plus the share
+   the bundle's own threshold (calibrated on validation images) keeps and accepts.
+2. **Enrolment**: each held-out class enrolled from 5, 10 and 20 of its training images with
+   ``trainer.enroll`` (no backbone training): its recall on the test split, and the old classes' accuracy
+   before and after; beside the recall a model trained with all its data reaches (the 10-class reference
+   run).
+3. **Receiving**: a simulated shipment through ``agent.receiving`` (known items, 5% unexpected known
+   labels, 5% unknown items): how many of the discrepancies the receipt reports, and false discrepancies on
+   expected items decided with confidence.
+
+Usage (about 25 min on 2 cores; trained folds are kept under --work and reused):
+
+    PYTHONPATH=. .venv/bin/python benchmarks/open_set.py --data data/fashion-mnist \
+        --work runs/open-set --out benchmarks/results/open_set.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from contract import openset  # noqa: E402
+
+log = logging.getLogger("open_set")
+
+CLASSES = ["T-shirt_top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FOLDS = [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)]
+
+
+def fold_data(data: Path, work: Path, held: tuple[int, int]) -> Path:
+    """A training folder of the 8 kept classes (links to the dataset's class folders)."""
+    root = work / "data"
+    root.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(CLASSES):
+        link = root / name
+        if i in held:
+            continue
+        if not link.exists():
+            os.symlink((data / "train" / name).resolve(), link)
+    return root
+
+
+def train_fold(data_dir: Path, run_dir: Path, args) -> Path:
+    from trainer.cli import _add_train_args, train_config_from_args
+    from trainer.engine import Trainer
+
+    if (run_dir / "best.pt").exists():
+        return run_dir
+    parser = argparse.ArgumentParser()
+    _add_train_args(parser)     # the CLI's defaults: station-view augmentation on, as the documented recipe
+    cfg = train_config_from_args(parser.parse_args([
+        "--data", str(data_dir), "--name", run_dir.name, "--arch", "mobilenet_v2", "--image-size", "48",
+        "--resize-shorter", "48", "--epochs", str(args.epochs), "--warmup-epochs", "0.3", "--label-smoothing", "0.1",
+        "--limit-per-class", str(args.limit_per_class), "--workers", "2"]))
+    t0 = time.time()
+    Trainer(cfg, run_dir).fit()
+    log.info("%s trained in %.0f s", run_dir, time.time() - t0)
+    return run_dir
+
+
+def folder(label: str) -> str:
+    """The class folder of a label in the trainer's Fashion-MNIST import ("T-shirt/top" -> "T-shirt_top")."""
+    return label.replace("/", "_")
+
+
+def test_samples(data: Path, classes: list[str], per_class: int, split: str = "test") -> tuple[list[Path], np.ndarray]:
+    paths, labels = [], []
+    for i, name in enumerate(classes):
+        files = sorted((data / split / folder(name)).iterdir())[:per_class]
+        paths += files
+        labels += [i] * len(files)
+    return paths, np.array(labels)
+
+
+def export_fold(run_dir: Path, models_dir: Path, name: str, args) -> Path:
+    """The fold's bundle, exported once by the real exporter (kept under --work)."""
+    from trainer.export.bundle import ExportConfig, export_bundle
+    from trainer.export.quantize import QuantizeConfig
+
+    bundle_dir = models_dir / name / "1"
+    if (bundle_dir / "manifest.json").exists():
+        return bundle_dir
+    export_bundle(ExportConfig(checkpoint=run_dir / "best.pt", models_dir=models_dir, name=name, version="1",
+                               tensorrt="off", station_val_images=args.station_val_images, workers=2,
+                               quantize=QuantizeConfig(calibration_images=256), unknown_score=args.score))
+    return bundle_dir
+
+
+def bundle_outputs(bundle, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(full logits, embedding) of the artifact a station runs (INT8 where deployable), enrolled classes included."""
+    from trainer.evaluate import onnx_outputs
+
+    logits, emb = onnx_outputs(bundle.pick_onnx(prefer_int8=True).path, inputs)
+    return bundle.open_set.full_logits(logits, emb), emb
+
+
+def preprocessed(spec, paths: list[Path]) -> np.ndarray:
+    from contract.preprocess import Preprocessor, read_image
+
+    pre = Preprocessor(spec)
+    return np.stack([pre(read_image(p)) for p in paths])
+
+
+def score_table(bundle, known: tuple, unknown: tuple, unknown_y: np.ndarray, keep: float) -> dict:
+    """Per score: AUROC, false accepts at the threshold keeping ``keep`` of these known items, per held class."""
+    stats = bundle.open_set.stats
+    out = {}
+    for kind in openset.SCORES:
+        k = openset.unknown_scores(kind, known[0], known[1], stats)
+        u = openset.unknown_scores(kind, unknown[0], unknown[1], stats)
+        out[kind] = {"auroc": round(openset.auroc(k, u), 4),
+                     "false_accept_at_keep": round(openset.false_accept_rate(k, u, keep), 4),
+                     "auroc_per_held_class": [round(openset.auroc(k, u[unknown_y == c]), 4)
+                                              for c in np.unique(unknown_y)]}
+    t = bundle.open_set.threshold_for(bundle.pick_onnx(prefer_int8=True).precision)
+    k = bundle.open_set.scores(*known)
+    u = bundle.open_set.scores(*unknown)
+    out["bundle_threshold"] = {"score": bundle.open_set.score, "threshold": t,
+                               "known_kept": round(float((k <= t).mean()), 4),
+                               "unknown_accepted": round(float((u <= t).mean()), 4)}
+    return out
+
+
+def fold_outputs(fold: int, bundle, known_names: list[str], held_names: list[str], args) -> dict:
+    """The bundle's outputs on the test split (known and held-out classes), clean and as a station sees them."""
+    from trainer.station_eval import station_views
+
+    cache = args.work / f"fold{fold}" / "outputs.npz"
+    if cache.exists():
+        return dict(np.load(cache))
+    spec = bundle.input_spec
+    k_paths, k_y = test_samples(args.data, known_names, args.test_per_class)
+    u_paths, u_y = test_samples(args.data, held_names, args.test_per_class)
+    out = {"k_y": k_y, "u_y": u_y}
+    out["k_logits"], out["k_emb"] = bundle_outputs(bundle, preprocessed(spec, k_paths))
+    out["u_logits"], out["u_emb"] = bundle_outputs(bundle, preprocessed(spec, u_paths))
+    step = max(1, args.test_per_class // args.station_per_class)
+    ks = station_views(k_paths[::step], k_y[::step], spec)
+    us = station_views(u_paths[::step], u_y[::step], spec)
+    out["ks_y"], out["us_y"] = ks.labels, us.labels
+    out["ks_logits"], out["ks_emb"] = bundle_outputs(bundle, ks.inputs)
+    out["us_logits"], out["us_emb"] = bundle_outputs(bundle, us.inputs)
+    np.savez(cache, **out)
+    return out
+
+
+def enrolment(fold: int, bundle_dir: Path, held_names: list[str], outputs: dict, reference: dict | None,
+              args) -> list[dict]:
+    """Each held-out class enrolled from 5, 10 and 20 training images: its recall and the old classes' accuracy."""
+    from contract.bundle import load_bundle
+    from trainer.enroll import EnrolConfig, EnrolError, enroll
+
+    rows = []
+    enrolled_dir = args.work / f"fold{fold}" / "enrolled"
+    shutil.rmtree(enrolled_dir, ignore_errors=True)           # each run enrols afresh
+    base = load_bundle(bundle_dir)
+    old_before = float((outputs["k_logits"].argmax(1) == outputs["k_y"]).mean())
+    known_x = preprocessed(base.input_spec, test_samples(args.data, base.labels, args.test_per_class)[0])
+    for c, name in enumerate(held_names):
+        train_files = sorted((args.data / "train" / name).iterdir())
+        test_files = sorted((args.data / "test" / name).iterdir())[: args.test_per_class]
+        for n in args.shots:
+            row = {"class": name, "examples": n}
+            t0 = time.perf_counter()
+            try:
+                result = enroll(EnrolConfig(bundle=bundle_dir, label=name, images=train_files[:n],
+                                            models_dir=enrolled_dir,
+                                            version=f"{name.replace(' ', '_')}-{n}"))
+            except EnrolError as exc:
+                row.update(refused=str(exc), seconds=round(time.perf_counter() - t0, 2))
+                rows.append(row)
+                continue
+            row["seconds"] = round(time.perf_counter() - t0, 2)
+            new = load_bundle(result.bundle_dir)
+            index = new.labels.index(name)
+            logits, emb = bundle_outputs(new, preprocessed(new.input_spec, test_files))
+            threshold = new.open_set.threshold_for(new.pick_onnx(prefer_int8=True).precision)
+            unknown = new.open_set.scores(logits, emb) > threshold
+            k_logits, _ = bundle_outputs(new, known_x)
+            row.update(recall=round(float((logits.argmax(1) == index).mean()), 4),
+                       recall_with_unknown_verdict=round(float(((logits.argmax(1) == index) & ~unknown).mean()), 4),
+                       old_accuracy_before=round(old_before, 4),
+                       old_accuracy_after=round(float((k_logits.argmax(1) == outputs["k_y"]).mean()), 4),
+                       reference_recall_all_data=(reference or {}).get(name))
+            row["old_drop_points"] = round((row["old_accuracy_before"] - row["old_accuracy_after"]) * 100, 2)
+            rows.append(row)
+            log.info("fold %d enrol %s from %d: %s", fold, name, n, json.dumps(row))
+    return rows
+
+
+def receiving(bundle, outputs: dict, known_names: list[str], rng: np.random.Generator, items: int = 200) -> dict:
+    """A shipment of ``items`` station views: 90% of the expected labels, 5% a known label not expected, 5% an item
+    of a class the bundle does not know. Decided per item like a station (unknown score, low-confidence policy,
+    the shipment's prior), tallied by agent.receiving; which discrepancies the receipt names."""
+    from agent.config import ExpectCommand, ReceivingConfig
+    from agent.decide import ItemDecision, LowConfidencePolicy, PolicyThresholds, classify, weighted
+    from agent.receiving import ReceivingDesk
+
+    n_odd = items // 20
+    expected_labels = rng.choice(len(known_names), 3, replace=False)
+    other = [c for c in range(len(known_names)) if c not in expected_labels]
+    ks_y = outputs["ks_y"]
+    pick = lambda pool, n: rng.choice(np.flatnonzero(np.isin(ks_y, pool)), n, replace=False)  # noqa: E731
+    plan = ([("expected", i) for i in pick(expected_labels, items - 2 * n_odd)]
+            + [("unexpected", i) for i in pick(other, n_odd)]
+            + [("unknown", i) for i in rng.choice(len(outputs["us_y"]), n_odd, replace=False)])
+    order = rng.permutation(len(plan))
+    plan = [plan[i] for i in order]
+    counts = {}
+    for kind, i in plan:
+        if kind == "expected":
+            counts[known_names[ks_y[i]]] = counts.get(known_names[ks_y[i]], 0) + 1
+    desk = ReceivingDesk(ReceivingConfig(max_refs=100), clock=lambda: 0.0)
+    desk.open(ExpectCommand(shipment="sim-1", lines=counts), bundle.labels)
+    threshold = bundle.open_set.threshold_for(bundle.pick_onnx(prefer_int8=True).precision)
+    policy = LowConfidencePolicy(PolicyThresholds.resolve(bundle.thresholds, None, threshold))
+    plain = LowConfidencePolicy(PolicyThresholds.resolve(bundle.thresholds))     # the probabilities' verdict alone
+    truth = {}
+    for n, (kind, i) in enumerate(plan):
+        src = "us" if kind == "unknown" else "ks"
+        logits, emb = outputs[f"{src}_logits"][i:i + 1], outputs[f"{src}_emb"][i:i + 1]
+        probs = weighted(openset._softmax(logits), desk.prior(bundle.labels))[0]
+        score = float(bundle.open_set.scores(logits, emb)[0])
+        cls = classify(probs, bundle.labels, 3, policy, score)      # the station's own frame verdict
+        decision = ItemDecision("cam", n, cls.label, cls.class_id, cls.confidence, 1.0, 1, 0.0, 0.0,
+                                "review" if cls.low_confidence else cls.label, cls.low_confidence, cls.reasons,
+                                cls.top_k, (n, n), unknown_score=score)
+        desk.record(decision, f"d{n}")
+        sure = classify(probs, bundle.labels, 3, plain)
+        truth[f"d{n}"] = (kind, None if kind == "unknown" else known_names[ks_y[i]], cls.label,
+                          not sure.low_confidence and sure.label == (known_names[ks_y[i]] if kind != "unknown" else None))
+    receipt = desk.close("sim-1").receipt()
+    named = {ref["decision"] for line in receipt["lines"] for ref in line["refs"]}
+    named |= {ref["decision"] for part in ("review", "unknown") for ref in receipt[part]["refs"]}
+    odd = [d for d, t in truth.items() if t[0] != "expected"]
+    # expected items the model decided right and sure (its probabilities alone): a discrepancy named on one of
+    # them is false (the only way: the unknown score rejecting it)
+    sure_right = [d for d, t in truth.items() if t[0] == "expected" and t[3]]
+    flagged = {ref["decision"] for part in ("review", "unknown") for ref in receipt[part]["refs"]}
+    flagged |= {ref["decision"] for line in receipt["lines"] if line["status"] == "unexpected" for ref in line["refs"]}
+    assert all(len(receipt[part]["refs"]) == receipt[part]["count"] for part in ("review", "unknown")), \
+        "raise ReceivingConfig.max_refs: the receipt left refs off"
+    return {"items": items, "unexpected_items": n_odd, "unknown_items": n_odd,
+            "unexpected_reported": sum(d in named for d in odd if truth[d][0] == "unexpected"),
+            "unknown_reported": sum(d in named for d in odd if truth[d][0] == "unknown"),
+            "unknown_decided_unknown": sum(truth[d][2] == openset.UNKNOWN_LABEL for d in odd
+                                           if truth[d][0] == "unknown"),
+            "false_discrepancies_on_confident_expected": sum(d in flagged for d in sure_right),
+            "confident_expected_items": len(sure_right),
+            "lines_misreported": sum(line["status"] in ("over", "short") for line in receipt["lines"]),
+            "lines": len(counts),
+            "totals": receipt["totals"]}
+
+
+def reference_recall(path: Path | None, args) -> dict | None:
+    """Per-class test recall of a bundle trained on all 10 classes with all their data (the documented recipe)."""
+    if path is None:
+        return None
+    from contract.bundle import load_bundle
+    from trainer.evaluate import onnx_logits
+
+    bundle = load_bundle(path)
+    paths, y = test_samples(args.data, bundle.labels, args.test_per_class)
+    pred = onnx_logits(bundle.pick_onnx(prefer_int8=True).path, preprocessed(bundle.input_spec, paths)).argmax(1)
+    return {folder(name): round(float((pred[y == i] == i).mean()), 4) for i, name in enumerate(bundle.labels)}
+
+
+def run_fold(fold: int, args, reference: dict | None) -> dict:
+    from contract.bundle import load_bundle
+
+    held = FOLDS[fold]
+    work = args.work / f"fold{fold}"
+    data_dir = fold_data(args.data, work, held)
+    t0 = time.perf_counter()
+    run_dir = train_fold(data_dir, work / "run", args)
+    bundle_dir = export_fold(run_dir, work / "models", f"fold{fold}", args)
+    bundle = load_bundle(bundle_dir)
+    held_names = [CLASSES[i] for i in held]
+    out = fold_outputs(fold, bundle, bundle.labels, held_names, args)
+    result = {"fold": fold, "held_out": held_names, "bundle": str(bundle_dir),
+              "known_test_accuracy": round(float((out["k_logits"].argmax(1) == out["k_y"]).mean()), 4),
+              "known_station_view_accuracy": round(float((out["ks_logits"].argmax(1) == out["ks_y"]).mean()), 4),
+              "test_split": score_table(bundle, (out["k_logits"], out["k_emb"]), (out["u_logits"], out["u_emb"]),
+                                        out["u_y"], args.keep),
+              "station_view": score_table(bundle, (out["ks_logits"], out["ks_emb"]),
+                                          (out["us_logits"], out["us_emb"]), out["us_y"], args.keep)}
+    if args.shots:
+        result["enrolment"] = enrolment(fold, bundle_dir, held_names, out, reference, args)
+    result["receiving"] = receiving(bundle, out, bundle.labels, np.random.default_rng(fold))
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    log.info("fold %d %s: test AUROC %s", fold, held_names,
+             json.dumps({k: v["auroc"] for k, v in result["test_split"].items() if "auroc" in v}))
+    log.info("fold %d station AUROC %s", fold,
+             json.dumps({k: v["auroc"] for k, v in result["station_view"].items() if "auroc" in v}))
+    return result
+
+
+def summary(folds: list[dict]) -> dict:
+    out = {}
+    for view in ("test_split", "station_view"):
+        msp = [f[view]["msp"]["auroc"] for f in folds]
+        out[view] = {kind: {"mean_auroc": round(float(np.mean([f[view][kind]["auroc"] for f in folds])), 4),
+                            "mean_false_accept_at_keep": round(float(np.mean(
+                                [f[view][kind]["false_accept_at_keep"] for f in folds])), 4),
+                            "beats_msp_on_every_fold": all(f[view][kind]["auroc"] > m for f, m in zip(folds, msp))}
+                     for kind in openset.SCORES}
+    keys = ("unexpected_items", "unexpected_reported", "unknown_items", "unknown_reported", "unknown_decided_unknown",
+            "false_discrepancies_on_confident_expected", "confident_expected_items", "lines_misreported", "lines")
+    out["receiving"] = {k: sum(f["receiving"][k] for f in folds) for k in keys}
+    rows = [r for f in folds for r in f.get("enrolment", []) if "recall" in r]
+    for n in sorted({r["examples"] for r in rows}):
+        at = [r for r in rows if r["examples"] == n]
+        out[f"enrolment_{n}"] = {
+            "mean_recall": round(float(np.mean([r["recall"] for r in at])), 4),
+            "classes_within_10_points_of_all_data": sum(
+                r["reference_recall_all_data"] is not None and r["recall"] >= r["reference_recall_all_data"] - 0.10
+                for r in at),
+            "classes": len(at),
+            "worst_old_drop_points": max(r["old_drop_points"] for r in at),
+            "old_drop_within_0.5": sum(r["old_drop_points"] <= 0.5 for r in at),
+            "slowest_seconds": max(r["seconds"] for r in at)}
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=Path("data/fashion-mnist"), help="trainer import (train/, test/)")
+    p.add_argument("--work", type=Path, default=Path("runs/open-set"))
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/open_set.json"))
+    p.add_argument("--folds", default="0,1,2,3,4")
+    p.add_argument("--limit-per-class", type=int, default=600)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--test-per-class", type=int, default=500)
+    p.add_argument("--station-per-class", type=int, default=100)
+    p.add_argument("--keep", type=float, default=openset.DEFAULT_KEEP)
+    p.add_argument("--score", default="knn", choices=openset.SCORES, help="the score the fold bundles carry")
+    p.add_argument("--station-val-images", type=int, default=400)
+    p.add_argument("--shots", default="5,10,20", help="enrolment examples per held-out class; empty: no enrolment")
+    p.add_argument("--reference-bundle", type=Path, default=None,
+                   help="a bundle trained on all 10 classes with all their data (the documented recipe's)")
+    args = p.parse_args(argv)
+    args.shots = [int(n) for n in args.shots.split(",") if n]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    reference = reference_recall(args.reference_bundle, args)
+    folds = [run_fold(int(f), args, reference) for f in args.folds.split(",")]
+    out = {"command": " ".join(sys.argv), "keep": args.keep, "reference_recall_all_data": reference,
+           "summary": summary(folds), "folds": folds}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=1))
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
