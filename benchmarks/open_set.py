@@ -38,6 +38,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from contract import openset  # noqa: E402
+from contract.dataset import folder_name  # noqa: E402
 
 log = logging.getLogger("open_set")
 
@@ -76,15 +77,10 @@ def train_fold(data_dir: Path, run_dir: Path, args) -> Path:
     return run_dir
 
 
-def folder(label: str) -> str:
-    """The class folder of a label in the trainer's Fashion-MNIST import ("T-shirt/top" -> "T-shirt_top")."""
-    return label.replace("/", "_")
-
-
 def test_samples(data: Path, classes: list[str], per_class: int, split: str = "test") -> tuple[list[Path], np.ndarray]:
     paths, labels = [], []
     for i, name in enumerate(classes):
-        files = sorted((data / split / folder(name)).iterdir())[:per_class]
+        files = sorted((data / split / folder_name(name)).iterdir())[:per_class]
         paths += files
         labels += [i] * len(files)
     return paths, np.array(labels)
@@ -280,7 +276,7 @@ def reference_recall(path: Path | None, args) -> dict | None:
     bundle = load_bundle(path)
     paths, y = test_samples(args.data, bundle.labels, args.test_per_class)
     pred = onnx_logits(bundle.pick_onnx(prefer_int8=True).path, preprocessed(bundle.input_spec, paths)).argmax(1)
-    return {folder(name): round(float((pred[y == i] == i).mean()), 4) for i, name in enumerate(bundle.labels)}
+    return {folder_name(name): round(float((pred[y == i] == i).mean()), 4) for i, name in enumerate(bundle.labels)}
 
 
 def run_fold(fold: int, args, reference: dict | None) -> dict:

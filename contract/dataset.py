@@ -15,6 +15,9 @@ FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 
 
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}   # what a dataset or camera folder reads
+
+
 def folder_name(label: str) -> str:
     """A class folder name for ``label``: characters a file system may refuse become ``_``."""
     return re.sub(r"[^A-Za-z0-9._ -]+", "_", label).strip() or "class"

@@ -33,14 +33,12 @@ from typing import Iterable, Sequence
 from contract.dataset import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_DIR,
+    IMAGE_EXTENSIONS,
     LABELS_FILE,
     folder_name,
 )
 
 log = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
-
 
 class DatasetError(ValueError):
     """A dataset that cannot be trained on; the message names the file or folder."""

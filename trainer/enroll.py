@@ -40,12 +40,12 @@ from contract.bundle import (
     load_bundle,
     load_public_key,
 )
+from contract.dataset import IMAGE_EXTENSIONS
 from contract.messages import dumps_finite
 from contract.preprocess import ImageDecodeError, Preprocessor, read_image
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 FIT_STEPS = 300
 FIT_L2 = 0.05            # pull of the fitted row towards the imprinted one (on unit-scale embeddings)
 CAP_SHARE = 0.5          # the bias cap lets the gate images lose this share of max_drop_points
@@ -114,7 +114,7 @@ def image_files(images: Path | Sequence[Path]) -> list[Path]:
         folder = Path(images)
         if not folder.is_dir():
             raise EnrolError(f"{folder}: not a folder of images")
-        return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
     return [Path(p) for p in images]
 
 
@@ -202,7 +202,7 @@ def _folder_gate_rows(folder: Path, bundle: Bundle, new_label: str) -> tuple[lis
             continue
         if name not in bundle.labels:
             raise EnrolError(f"{sub}: class {name!r} is not one of the bundle's labels {bundle.labels}")
-        files = sorted(p for p in sub.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(p for p in sub.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
         paths += files
         labels += [bundle.labels.index(name)] * len(files)
     return paths, labels, str(folder)

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 
 from agent.sources.base import EndOfStream, SourceError
+from contract.dataset import IMAGE_EXTENSIONS
 from contract.preprocess import ImageDecodeError, read_image
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 
 
 class ImageFolderSource:
@@ -27,9 +27,9 @@ class ImageFolderSource:
     def open(self) -> None:
         if not self.folder.is_dir():
             raise SourceError(f"{self.folder}: image folder does not exist")
-        self._files = sorted(p for p in self.folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        self._files = sorted(p for p in self.folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
         if not self._files:
-            raise SourceError(f"{self.folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            raise SourceError(f"{self.folder}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
 
     def read(self) -> tuple[np.ndarray, str | None]:
         while True:

@@ -177,6 +177,20 @@ def make_tiny_bundle(root: Path, version: str = "tiny-1") -> Path:
     return folder
 
 
+def _nan_when_bright(source: str, out: str, inits: list, nodes: list) -> None:
+    """Nodes for ``out = source + 0 * log(1 - mean(flat))``: ``source`` for frames whose mean normalized pixel is
+    below 1, NaN above (a white frame); finite for warm-up and sample batches."""
+    from onnx import helper, numpy_helper
+
+    inits += [numpy_helper.from_array(np.array([1.0], np.float32), "one"),
+              numpy_helper.from_array(np.array([0.0], np.float32), "zero")]
+    nodes += [helper.make_node("ReduceMean", ["flat"], ["mean"], axes=[1], keepdims=1),
+              helper.make_node("Sub", ["one", "mean"], ["room"]),
+              helper.make_node("Log", ["room"], ["log"]),
+              helper.make_node("Mul", ["log", "zero"], ["poison"]),
+              helper.make_node("Add", [source, "poison"], [out])]
+
+
 def make_onnx_bundle(root: Path, *, classes: int = 4, labels: int | None = None, size: int = 16,
                      model_size: int | None = None, nan: str | None = None, version: str = "1") -> Path:
     """A bundle around a tiny real ONNX model built with onnx.helper: global average pool, then a linear head.
@@ -203,14 +217,8 @@ def make_onnx_bundle(root: Path, *, classes: int = 4, labels: int | None = None,
     if nan == "always":
         inits.append(numpy_helper.from_array(np.array([np.nan], np.float32), "nan"))
         nodes.append(helper.make_node("Add", ["head", "nan"], ["logits"]))
-    elif nan == "bright":       # 0 * log(1 - mean): 0 below 1, NaN above
-        inits += [numpy_helper.from_array(np.array([1.0], np.float32), "one"),
-                  numpy_helper.from_array(np.array([0.0], np.float32), "zero")]
-        nodes += [helper.make_node("ReduceMean", ["flat"], ["mean"], axes=[1], keepdims=1),
-                  helper.make_node("Sub", ["one", "mean"], ["room"]),
-                  helper.make_node("Log", ["room"], ["log"]),
-                  helper.make_node("Mul", ["log", "zero"], ["poison"]),
-                  helper.make_node("Add", ["head", "poison"], ["logits"])]
+    elif nan == "bright":
+        _nan_when_bright("head", "logits", inits, nodes)
     graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
                                                                            ["batch", 3, side, side])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])], inits)
@@ -274,14 +282,8 @@ def make_open_set_bundle(root: Path, *, score: str = "mahalanobis", keep: float 
     nodes = [helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
              helper.make_node("Flatten", ["pooled"], ["flat"]),
              helper.make_node("Gemm", ["flat", "w", "b"], ["logits"])]
-    if nan_embedding_when_bright:       # flat + 0 * log(1 - mean): flat below 1, NaN above
-        inits += [numpy_helper.from_array(np.array([1.0], np.float32), "one"),
-                  numpy_helper.from_array(np.array([0.0], np.float32), "zero")]
-        nodes += [helper.make_node("ReduceMean", ["flat"], ["mean"], axes=[1], keepdims=1),
-                  helper.make_node("Sub", ["one", "mean"], ["room"]),
-                  helper.make_node("Log", ["room"], ["log"]),
-                  helper.make_node("Mul", ["log", "zero"], ["poison"]),
-                  helper.make_node("Add", ["flat", "poison"], ["embedding"])]
+    if nan_embedding_when_bright:
+        _nan_when_bright("flat", "embedding", inits, nodes)
     else:
         nodes.append(helper.make_node("Identity", ["flat"], ["embedding"]))
     graph = helper.make_graph(
