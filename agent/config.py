@@ -338,6 +338,13 @@ class PresenceConfig(_Strict):
     background_min_threshold: float = _finite(
         8.0, gt=0, le=255, title="Lowest threshold from the noise",
         description="The lowest threshold background_noise_k may give.")
+    background_grow_threshold: float = _finite(
+        12.0, ge=0, le=255, title="Grow threshold",
+        description="Below background_threshold: pixels differing by more than this that connect to a foreground "
+                    "part large enough to be an item by itself (min_area) are foreground too (hysteresis), so a "
+                    "dark item on a dark belt is found whole from its brighter parts, while dim differences with "
+                    "no such part (noise, light residue) stay background: growing never makes an item out of an "
+                    "empty scene. 0 (or at least the threshold): off.")
     background_alpha: float = _finite(0.05, gt=0, le=1, title="Background learning rate",
                                       description="How fast the background follows the scene while it is empty.")
     busy_alpha: float = _finite(0.005, ge=0, le=1, title="Background learning rate with an item",

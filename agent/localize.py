@@ -17,8 +17,9 @@ How a box is found (``foreground_box``, a pure function the trainer calls with a
    of the global level. A spot light that moved or a gradient that turned since the background learned
    is light, not an item; ``max_local_gain`` 1 is one global gain.
 3. A pixel is foreground where its largest per-channel difference from ``field x background`` is over
-   ``threshold`` (0..255); the mask is opened (specks) and closed (holes), and connected components
-   under ``min_area`` of the ROI are dropped.
+   ``threshold`` (0..255), or over ``grow_threshold`` where it connects to a foreground part that is an
+   item by itself (hysteresis: a dark item's dim body joins its bright collar); the mask is opened (specks)
+   and closed (holes), and connected components under ``min_area`` of the ROI are dropped.
 4. The box is the largest component's, joined with the components within ``join_px`` ROI px of it (an
    item the threshold cut in two). Items back to back further apart than that stay apart: the larger
    one's box is reported, the other is seen when it is the larger (documented rule: largest wins).
@@ -273,6 +274,7 @@ def _quadratic(coef: np.ndarray, height: int, width: int) -> np.ndarray:
     return (c[0] + c[1] * x + c[3] * x * x) + y * (c[2] + c[4] * x) + c[5] * y * y
 
 
+GROW_THRESHOLD = 12.0          # decisions.presence.background_grow_threshold's default (0: off)
 NOISE_QUANTILE = 0.25          # of the difference image: the belt's own, while an item covers under 3/4 of the ROI
 HALF_NORMAL_Q25 = 0.3186       # the 25th percentile of |N(0, 1)|
 
@@ -288,12 +290,27 @@ def noise_threshold(diff: np.ndarray, threshold: float, noise_k: float, min_thre
     return float(min(threshold, max(min_threshold, noise_k * sigma)))
 
 
+def grow(strong: np.ndarray, weak: np.ndarray) -> np.ndarray:
+    """uint8 0/1: the 8-connected parts of ``weak`` that hold a pixel of ``strong`` (hysteresis)."""
+    count, labels = cv2.connectedComponents(weak, connectivity=8)
+    keep = np.zeros(count, np.uint8)
+    keep[labels[strong.astype(bool)]] = 1
+    keep[0] = 0
+    return keep[labels]
+
+
 def foreground_mask(frame: np.ndarray, background: np.ndarray, gain: float, threshold: float,
                     open_px: int = 3, close_px: int = 5, field: np.ndarray | None = None,
-                    noise_k: float = 0.0, min_threshold: float = 8.0) -> np.ndarray:
+                    noise_k: float = 0.0, min_threshold: float = 8.0, grow_threshold: float = 0.0,
+                    bridge_px: int = 0, seed_px: float = 0.0) -> np.ndarray:
     """uint8 0/1 mask of the working copy: largest per-channel difference from the lit background over
     threshold (or over ``noise_threshold``'s when ``noise_k`` > 0); lit by ``field`` (HxW gains) when given,
-    else by the one ``gain``."""
+    else by the one ``gain``. With ``grow_threshold`` (below the threshold), the parts over it that touch a
+    foreground part of at least ``seed_px`` pixels (after the opening), or come within ``bridge_px`` of one,
+    are foreground too: a dark item's dim parts join its bright ones, while dim differences with no bright
+    part that would count as an item by itself (noise, light residue, specks) stay background, so growing
+    never makes an item out of an empty scene. (Between an item's parts brighter and darker than the
+    background the blurred difference passes through zero, hence the bridge.)"""
     if field is not None:
         lit = background * (field[:, :, None] if background.ndim == 3 else field)
     else:
@@ -301,9 +318,23 @@ def foreground_mask(frame: np.ndarray, background: np.ndarray, gain: float, thre
     diff = cv2.absdiff(frame, lit)
     if diff.ndim == 3:
         diff = cv2.max(cv2.max(diff[:, :, 0], diff[:, :, 1]), diff[:, :, 2])
-    mask = (diff > noise_threshold(diff, threshold, noise_k, min_threshold)).astype(np.uint8)
+    level = noise_threshold(diff, threshold, noise_k, min_threshold)
+    mask = (diff > level).astype(np.uint8)
     if open_px > 1:
         mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, np.ones((open_px, open_px), np.uint8))
+    if 0 < grow_threshold < level and mask.any():
+        weak = (diff > grow_threshold).astype(np.uint8)
+        if open_px > 1:
+            weak = cv2.morphologyEx(weak, cv2.MORPH_OPEN, np.ones((open_px, open_px), np.uint8)) | mask
+        seeds = mask
+        if seed_px > 0:
+            count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+            big = (stats[:, cv2.CC_STAT_AREA] >= seed_px).astype(np.uint8)
+            big[0] = 0
+            seeds = big[labels]
+        if bridge_px > 0:
+            seeds = cv2.dilate(seeds, np.ones((2 * bridge_px + 1,) * 2, np.uint8))
+        mask = grow(seeds & weak, weak) | mask
     if close_px > 1:
         mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, np.ones((close_px, close_px), np.uint8))
     return mask
@@ -350,7 +381,7 @@ def to_roi(box: tuple[int, int, int, int], scale: float, roi_hw: tuple[int, int]
 def foreground_box(image: np.ndarray, background: np.ndarray, *, work_size: int = 96, texture_px: float = 12.0,
                    threshold: float = 25.0, min_area: float = 0.005, join_px: float = 8.0, max_gain: float = 1.6,
                    gain: float | None = None, max_local_gain: float = 1.4, noise_k: float = 0.0,
-                   min_threshold: float = 8.0) -> Foreground:
+                   min_threshold: float = 8.0, grow_threshold: float = GROW_THRESHOLD) -> Foreground:
     """The item's box in ``image`` (HxWx3 uint8 RGB ROI) against ``background`` (the empty scene, same size).
 
     The station's ``Localizer`` calls the same steps with its learned background; the trainer calls this
@@ -367,13 +398,17 @@ def foreground_box(image: np.ndarray, background: np.ndarray, *, work_size: int 
     if gain is None:
         gain, field = estimate_light(frame, back, max_gain, max_local_gain)
     return _locate(frame, back, scale, image.shape[:2], threshold=threshold, min_area=min_area, join_px=join_px,
-                   gain=gain, field=field, noise_k=noise_k, min_threshold=min_threshold)[0]
+                   gain=gain, field=field, noise_k=noise_k, min_threshold=min_threshold,
+                   grow_threshold=grow_threshold)[0]
 
 
 def _locate(frame: np.ndarray, back: np.ndarray, scale: float, roi_hw: tuple[int, int], *, threshold: float,
             min_area: float, join_px: float, gain: float, field: np.ndarray | None = None,
-            noise_k: float = 0.0, min_threshold: float = 8.0) -> tuple[Foreground, np.ndarray]:
-    mask = foreground_mask(frame, back, gain, threshold, field=field, noise_k=noise_k, min_threshold=min_threshold)
+            noise_k: float = 0.0, min_threshold: float = 8.0,
+            grow_threshold: float = 0.0) -> tuple[Foreground, np.ndarray]:
+    mask = foreground_mask(frame, back, gain, threshold, field=field, noise_k=noise_k, min_threshold=min_threshold,
+                           grow_threshold=grow_threshold, bridge_px=int(round(join_px * scale)) + 1,
+                           seed_px=min_area * frame.shape[0] * frame.shape[1])
     box, fg_pixels = item_box(mask, min_area * mask.size, join_px * scale)
     fraction = fg_pixels / float(mask.size)
     return Foreground(to_roi(box, scale, roi_hw, mask.shape[:2]) if box else None, fraction, gain), mask
@@ -388,6 +423,7 @@ class LocalizerSettings:
     threshold: float = 25.0
     noise_k: float = 0.0
     min_threshold: float = 8.0
+    grow_threshold: float = GROW_THRESHOLD
     min_area: float = 0.005
     join_px: float = 8.0
     max_gain: float = 1.6
@@ -401,7 +437,8 @@ class LocalizerSettings:
     def from_config(cls, presence: Any) -> "LocalizerSettings":
         return cls(work_size=presence.work_size, texture_px=presence.texture_px,
                    threshold=presence.background_threshold, noise_k=presence.background_noise_k,
-                   min_threshold=presence.background_min_threshold, min_area=presence.min_area, join_px=presence.join_px,
+                   min_threshold=presence.background_min_threshold,
+                   grow_threshold=presence.background_grow_threshold, min_area=presence.min_area, join_px=presence.join_px,
                    max_gain=presence.max_gain, max_local_gain=presence.max_local_gain,
                    alpha=presence.background_alpha, busy_alpha=presence.busy_alpha,
                    warmup_frames=presence.warmup_frames, relearn_frames=presence.relearn_frames)
@@ -438,7 +475,7 @@ class Localizer:
         self.gain, self.light = self._light(frame, scale)
         found, mask = _locate(frame, self.background, scale, roi_hw, threshold=s.threshold, min_area=s.min_area,
                               join_px=s.join_px, gain=self.gain, field=self.light, noise_k=s.noise_k,
-                              min_threshold=s.min_threshold)
+                              min_threshold=s.min_threshold, grow_threshold=s.grow_threshold)
         crop = crop_box(found.box, roi_hw, policy)
         present = crop is not None
         self._learn(frame, present, found.box, scale, mask)

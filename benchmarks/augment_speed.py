@@ -35,7 +35,7 @@ def canvases(count: int, side: int) -> torch.Tensor:
     """The first ``count`` Fashion-MNIST train images as uint8 canvases (3 x side x side)."""
     import cv2
 
-    dims, body = _read_idx(FMNIST)
+    dims, body = _read_idx(FMNIST, 3)
     images = np.frombuffer(body, np.uint8).reshape(dims)[:count]
     out = np.stack([cv2.resize(im, (side, side), interpolation=cv2.INTER_LINEAR) for im in images])
     return torch.from_numpy(np.repeat(out[:, None], 3, axis=1))

@@ -62,7 +62,8 @@ def box_iou(a: tuple[int, int, int, int] | None, b: tuple[int, int, int, int]) -
     return ix / union if union else 0.0
 
 
-def run(bundle_dir: Path, items: int, thresholds: list[float], seed: int, noise_ks: tuple[float, ...] = ()) -> dict:
+def run(bundle_dir: Path, items: int, thresholds: list[float], seed: int, noise_ks: tuple[float, ...] = (),
+        grows: tuple[float, ...] = ()) -> dict:
     import onnxruntime as ort
 
     import trainer.station_eval as station_eval
@@ -113,15 +114,17 @@ def run(bundle_dir: Path, items: int, thresholds: list[float], seed: int, noise_
 
     right_true = classify(true_boxes)
     rows = []
-    settings = [(t, 0.0) for t in thresholds] + [(thresholds[0], k) for k in noise_ks]
-    for threshold, noise_k in settings:
-        found = [foreground_box(scene, empty, threshold=threshold, noise_k=noise_k).box for scene, empty in scenes]
+    settings = [(t, 0.0, 0.0) for t in thresholds] + [(thresholds[0], k, 0.0) for k in noise_ks] \
+        + [(thresholds[0], 0.0, g) for g in grows]
+    for threshold, noise_k, grow in settings:
+        found = [foreground_box(scene, empty, threshold=threshold, noise_k=noise_k, grow_threshold=grow).box
+                 for scene, empty in scenes]
         right_station = classify(found)
         iou = np.array([box_iou(f, t) for f, t in zip(found, true_boxes)])
         for low, high in (*BANDS, (0, 256)):
             band = (brightness >= low) & (brightness < high)
             if band.any():
-                rows.append({"threshold": threshold, "noise_k": noise_k, "brightness": f"{low}-{high}" if high < 256 or low else "all",
+                rows.append({"threshold": threshold, "noise_k": noise_k, "grow": grow, "brightness": f"{low}-{high}" if high < 256 or low else "all",
                              "items": int(band.sum()), "station": round(float(right_station[band].mean()), 4),
                              "true_crop": round(float(right_true[band].mean()), 4),
                              "median_iou": round(float(np.median(iou[band])), 3),
@@ -137,12 +140,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--noise-k", type=float, nargs="*", default=[],
                    help="also the threshold from the scene's noise (decisions.presence.background_noise_k), each k "
                         "with the first --threshold as its ceiling")
+    p.add_argument("--grow", type=float, nargs="*", default=[],
+                   help="also hysteresis from each grow threshold (decisions.presence.background_grow_threshold), with "
+                        "the first --threshold as the seed threshold")
     p.add_argument("--seed", type=int, default=5)
     p.add_argument("--tag", default="run")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = p.parse_args(argv)
     started = time.time()
-    result = run(args.bundle, args.items, args.threshold, args.seed, tuple(args.noise_k))
+    result = run(args.bundle, args.items, args.threshold, args.seed, tuple(args.noise_k), tuple(args.grow))
     result.update(benchmark="station_view_dark", seconds=round(time.time() - started, 1),
                   created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                   command="python benchmarks/station_view_dark.py " + " ".join(
@@ -150,9 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"station_view_dark_{args.tag}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{'threshold':>9} {'noise k':>7} {'brightness':>10} {'items':>5} {'station':>8} {'true crop':>9} {'IoU med':>7} {'IoU<0.7':>7}")
+    print(f"{'threshold':>9} {'noise k':>7} {'grow':>5} {'brightness':>10} {'items':>5} {'station':>8} {'true crop':>9} {'IoU med':>7} {'IoU<0.7':>7}")
     for r in result["rows"]:
-        print(f"{r['threshold']:9.0f} {r['noise_k']:7.1f} {r['brightness']:>10} {r['items']:5d} {r['station']:8.1%} {r['true_crop']:9.1%} "
+        print(f"{r['threshold']:9.0f} {r['noise_k']:7.1f} {r['grow']:5.0f} {r['brightness']:>10} {r['items']:5d} {r['station']:8.1%} {r['true_crop']:9.1%} "
               f"{r['median_iou']:7.2f} {r['iou_below_0.7']:7.0%}")
     print(f"-> {path}")
     return 0

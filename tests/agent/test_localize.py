@@ -223,6 +223,34 @@ def test_a_threshold_from_the_scene_noise_finds_a_dark_item_on_a_quiet_dark_belt
     assert foreground_box(_dark_belt(rng, 2.0), empty, gain=1.0, noise_k=4.0).box is None
 
 
+def test_a_grow_threshold_finds_a_dark_item_whole_from_its_bright_parts_and_leaves_dim_residue_alone():
+    # given: a dark jacket (16 below a 35 belt: under the default 25) with a bright collar (+60), and apart
+    # from it a dim patch of light residue (+16) with nothing bright in it
+    rng = np.random.default_rng(6)
+    empty = _dark_belt(rng, 2.0)
+    image = _dark_belt(rng, 2.0)
+    image[100:220, 60:170] = np.clip(19 + rng.normal(0, 2.0, (120, 110, 3)), 0, 255).astype(np.uint8)
+    image[100:125, 95:135] = 95                               # the collar
+    image[30:90, 220:290] = np.clip(51 + rng.normal(0, 2.0, (60, 70, 3)), 0, 255).astype(np.uint8)
+    truth = (60, 100, 170, 220)
+    # when / then: the threshold alone boxes the collar only
+    plain = foreground_box(image, empty, gain=1.0, threshold=25.0, grow_threshold=0.0)
+    assert plain.box is not None and iou(plain.box, truth) < 0.3
+    # with the grow threshold (the default, 12) the jacket's dim body joins its collar: the whole item,
+    # not the residue
+    grown = foreground_box(image, empty, gain=1.0, threshold=25.0)
+    assert grown.box is not None and iou(grown.box, truth) >= 0.85
+    # the residue alone, even with a bright speck in it too small to be an item, is not an item under either
+    residue = image.copy()
+    residue[100:220, 60:170] = empty[100:220, 60:170]
+    residue[50:65, 245:260] = 95
+    assert foreground_box(residue, empty, gain=1.0, threshold=25.0, grow_threshold=0.0).box is None
+    assert foreground_box(residue, empty, gain=1.0, threshold=25.0, grow_threshold=10.0).box is None
+    # and a grow threshold at or above the threshold changes nothing
+    same = foreground_box(image, empty, gain=1.0, threshold=25.0, grow_threshold=25.0)
+    assert same.box == plain.box
+
+
 def test_the_noise_threshold_stays_between_its_bounds():
     rng = np.random.default_rng(5)
     quiet = np.abs(rng.normal(0, 1.0, (96, 96))).astype(np.float32)
