@@ -28,7 +28,8 @@ def _add_train_args(p: argparse.ArgumentParser, *, data: bool = True) -> None:
     p.add_argument("--out-dir", default="runs", help="runs are written to OUT_DIR/NAME")
     p.add_argument("--name", default="model", help="run and bundle name")
     p.add_argument("--arch", default="resnet50", choices=["resnet50", "resnet18", "mobilenet_v2"])
-    p.add_argument("--weights", default="imagenet", help="imagenet | none | PATH to a state dict")
+    p.add_argument("--weights", default="imagenet", help="imagenet | none | PATH to a state dict (one of our checkpoints also gives "
+                                                          "its head rows to the classes it knows)")
     p.add_argument("--image-size", type=int, default=224, help="model input (square)")
     p.add_argument("--resize-shorter", type=int, default=None, help="eval resize before centre crop (default size*256/224)")
     p.add_argument("--interpolation", default="bilinear", choices=["bilinear", "area"])

@@ -371,7 +371,8 @@ class Trainer:
         self.classes = dataset.classes
         last = self.run_dir / "last.pt"
         resume = torch.load(last, map_location="cpu", weights_only=True) if last.exists() else None
-        model = build_model(cfg.arch, len(self.classes), "none" if resume else cfg.weights).to(self.device)
+        model = build_model(cfg.arch, len(self.classes), "none" if resume else cfg.weights,
+                            classes=self.classes).to(self.device)
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
         if resume:

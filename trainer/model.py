@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -115,19 +116,59 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def build_model(arch: str, num_classes: int, weights: str = "imagenet") -> nn.Module:
-    """``arch`` with pretrained backbone weights (``imagenet``, ``none`` or a file) and a new head."""
+def build_model(arch: str, num_classes: int, weights: str = "imagenet",
+                classes: Sequence[str] | None = None) -> nn.Module:
+    """``arch`` with pretrained backbone weights (``imagenet``, ``none`` or a file) and a head for ``num_classes``.
+
+    The head is new, except when ``weights`` is one of our training checkpoints (it names its classes) and
+    ``classes`` are given: then each class the checkpoint knows keeps its head row (weights and bias), so
+    fine-tuning a model starts from that model's own predictions, not from a random head whose first
+    gradients would wreck the features it is fine-tuned from. Classes it does not know get new rows.
+    """
     if arch not in ARCHS:
         raise ValueError(f"--arch: expected one of {ARCHS}, got {arch!r}")
     spec = _archs()[arch]
     model = spec.build(weights=None)
+    state = None
     if weights == "imagenet":
         _load_backbone(model, imagenet_state_dict(arch), spec.head_attr, source=f"ImageNet {arch}")
     elif weights != "none":
-        _load_backbone(model, load_state_dict_file(weights), spec.head_attr, source=str(weights))
+        state = load_state_dict_file(weights)
+        _load_backbone(model, state, spec.head_attr, source=str(weights))
     old_head = _get(model, spec.head_attr)
-    _set(model, spec.head_attr, nn.Linear(old_head.in_features, num_classes))
+    head = nn.Linear(old_head.in_features, num_classes)
+    if state is not None and classes is not None:
+        carried = carry_head_rows(head, state, spec.head_attr, checkpoint_classes(weights), list(classes))
+        if carried:
+            log.info("%s: head rows of %d of %d classes carried over", weights, carried, num_classes)
+    _set(model, spec.head_attr, head)
     return model
+
+
+def checkpoint_classes(path: str | Path) -> list[str] | None:
+    """The class names a training checkpoint of ours records; None for any other weights file."""
+    try:
+        obj = torch.load(Path(path), map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 -- load_state_dict_file has already reported an unreadable file
+        return None
+    names = obj.get("classes") if isinstance(obj, dict) else None
+    return list(names) if isinstance(names, list) and all(isinstance(n, str) for n in names) else None
+
+
+def carry_head_rows(head: nn.Linear, state: dict[str, torch.Tensor], head_attr: str,
+                    old_classes: Sequence[str] | None, classes: Sequence[str]) -> int:
+    """Copy the rows of ``state``'s head for the classes both lists name into ``head``; returns how many."""
+    weight, bias = state.get(head_attr + ".weight"), state.get(head_attr + ".bias")
+    if old_classes is None or weight is None or bias is None or weight.shape != (len(old_classes), head.in_features):
+        return 0
+    carried = 0
+    with torch.no_grad():
+        for row, name in enumerate(classes):
+            if name in old_classes:
+                head.weight[row] = weight[old_classes.index(name)]
+                head.bias[row] = bias[old_classes.index(name)]
+                carried += 1
+    return carried
 
 
 def _load_backbone(model: nn.Module, state: dict[str, torch.Tensor], head_attr: str, *, source: str) -> None:

@@ -73,6 +73,29 @@ def test_weights_path_accepts_our_checkpoint(tmp_path):
     assert model.classifier[1].out_features == 2
 
 
+def test_a_model_built_from_our_checkpoint_with_its_classes_predicts_as_the_checkpoint_did(tmp_path):
+    # given: a checkpoint of ours whose head is not the default initialization
+    torch.manual_seed(0)
+    trained = build_model("mobilenet_v2", 3, "none")
+    with torch.no_grad():
+        trained.classifier[1].weight.normal_(0, 0.5)
+        trained.classifier[1].bias.copy_(torch.tensor([0.3, -0.2, 0.1]))
+    torch.save({"model": trained.state_dict(), "classes": ["bag", "coat", "shirt"]}, tmp_path / "best.pt")
+    x = torch.rand(2, 3, 32, 32)
+    before = trained.eval()(x)
+    # when: fine-tuning starts from it with the same classes, and with one class gone and one new
+    same = build_model("mobilenet_v2", 3, str(tmp_path / "best.pt"), classes=["bag", "coat", "shirt"]).eval()
+    grown = build_model("mobilenet_v2", 3, str(tmp_path / "best.pt"), classes=["coat", "hat", "shirt"]).eval()
+    # then: the same classes give the same outputs: the head came along, not a random one
+    torch.testing.assert_close(same(x), before)
+    out = grown(x)
+    torch.testing.assert_close(out[:, [0, 2]], before[:, [1, 2]])   # coat and shirt keep their rows
+    assert not torch.allclose(out[:, 1], before[:, 0])               # hat is new
+    # and without class names (a plain state dict, or no classes given) the head is new as before
+    fresh = build_model("mobilenet_v2", 3, str(tmp_path / "best.pt")).eval()
+    assert not torch.allclose(fresh(x), before)
+
+
 def test_unknown_arch():
     with pytest.raises(ValueError, match="--arch"):
         build_model("vgg16", 3, "none")
