@@ -345,6 +345,11 @@ class PresenceConfig(_Strict):
                     "dark item on a dark belt is found whole from its brighter parts, while dim differences with "
                     "no such part (noise, light residue) stay background: growing never makes an item out of an "
                     "empty scene. 0 (or at least the threshold): off.")
+    background_grow_relative: float = _finite(
+        0.12, ge=0, le=1, title="Grow threshold, relative to the light",
+        description="A pixel grows (background_grow_threshold) only where its difference is also over this "
+                    "share of the lit background's brightness there: light residue is proportional to the "
+                    "light, so a light bench needs more than a dark belt. 0: the grow threshold alone.")
     background_alpha: float = _finite(0.05, gt=0, le=1, title="Background learning rate",
                                       description="How fast the background follows the scene while it is empty.")
     busy_alpha: float = _finite(0.005, ge=0, le=1, title="Background learning rate with an item",

@@ -275,6 +275,7 @@ def _quadratic(coef: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 GROW_THRESHOLD = 12.0          # decisions.presence.background_grow_threshold's default (0: off)
+GROW_RELATIVE = 0.12           # decisions.presence.background_grow_relative's default
 NOISE_QUANTILE = 0.25          # of the difference image: the belt's own, while an item covers under 3/4 of the ROI
 HALF_NORMAL_Q25 = 0.3186       # the 25th percentile of |N(0, 1)|
 
@@ -302,14 +303,17 @@ def grow(strong: np.ndarray, weak: np.ndarray) -> np.ndarray:
 def foreground_mask(frame: np.ndarray, background: np.ndarray, gain: float, threshold: float,
                     open_px: int = 3, close_px: int = 5, field: np.ndarray | None = None,
                     noise_k: float = 0.0, min_threshold: float = 8.0, grow_threshold: float = 0.0,
-                    bridge_px: int = 0, seed_px: float = 0.0) -> np.ndarray:
+                    bridge_px: int = 0, seed_px: float = 0.0, grow_relative: float = 0.0) -> np.ndarray:
     """uint8 0/1 mask of the working copy: largest per-channel difference from the lit background over
     threshold (or over ``noise_threshold``'s when ``noise_k`` > 0); lit by ``field`` (HxW gains) when given,
     else by the one ``gain``. With ``grow_threshold`` (below the threshold), the parts over it that touch a
     foreground part of at least ``seed_px`` pixels (after the opening), or come within ``bridge_px`` of one,
     are foreground too: a dark item's dim parts join its bright ones, while dim differences with no bright
     part that would count as an item by itself (noise, light residue, specks) stay background, so growing
-    never makes an item out of an empty scene. (Between an item's parts brighter and darker than the
+    never makes an item out of an empty scene. ``grow_relative``: a pixel grows only where its difference
+    is also over this share of the lit background's brightness there (light residue is proportional to
+    the light: on a light bench a 10% light error is as large as the grow threshold, on a dark belt it is
+    a third of it). (Between an item's parts brighter and darker than the
     background the blurred difference passes through zero, hence the bridge.)"""
     if field is not None:
         lit = background * (field[:, :, None] if background.ndim == 3 else field)
@@ -323,7 +327,11 @@ def foreground_mask(frame: np.ndarray, background: np.ndarray, gain: float, thre
     if open_px > 1:
         mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, np.ones((open_px, open_px), np.uint8))
     if 0 < grow_threshold < level and mask.any():
-        weak = (diff > grow_threshold).astype(np.uint8)
+        floor = grow_threshold
+        if grow_relative > 0:
+            bright = cv2.max(cv2.max(lit[:, :, 0], lit[:, :, 1]), lit[:, :, 2]) if lit.ndim == 3 else lit
+            floor = np.maximum(floor, np.float32(grow_relative) * bright)
+        weak = (diff > floor).astype(np.uint8)
         if open_px > 1:
             weak = cv2.morphologyEx(weak, cv2.MORPH_OPEN, np.ones((open_px, open_px), np.uint8)) | mask
         seeds = mask
@@ -381,7 +389,8 @@ def to_roi(box: tuple[int, int, int, int], scale: float, roi_hw: tuple[int, int]
 def foreground_box(image: np.ndarray, background: np.ndarray, *, work_size: int = 96, texture_px: float = 12.0,
                    threshold: float = 25.0, min_area: float = 0.005, join_px: float = 8.0, max_gain: float = 1.6,
                    gain: float | None = None, max_local_gain: float = 1.4, noise_k: float = 0.0,
-                   min_threshold: float = 8.0, grow_threshold: float = GROW_THRESHOLD) -> Foreground:
+                   min_threshold: float = 8.0, grow_threshold: float = GROW_THRESHOLD,
+                   grow_relative: float = GROW_RELATIVE) -> Foreground:
     """The item's box in ``image`` (HxWx3 uint8 RGB ROI) against ``background`` (the empty scene, same size).
 
     The station's ``Localizer`` calls the same steps with its learned background; the trainer calls this
@@ -399,16 +408,16 @@ def foreground_box(image: np.ndarray, background: np.ndarray, *, work_size: int 
         gain, field = estimate_light(frame, back, max_gain, max_local_gain)
     return _locate(frame, back, scale, image.shape[:2], threshold=threshold, min_area=min_area, join_px=join_px,
                    gain=gain, field=field, noise_k=noise_k, min_threshold=min_threshold,
-                   grow_threshold=grow_threshold)[0]
+                   grow_threshold=grow_threshold, grow_relative=grow_relative)[0]
 
 
 def _locate(frame: np.ndarray, back: np.ndarray, scale: float, roi_hw: tuple[int, int], *, threshold: float,
             min_area: float, join_px: float, gain: float, field: np.ndarray | None = None,
             noise_k: float = 0.0, min_threshold: float = 8.0,
-            grow_threshold: float = 0.0) -> tuple[Foreground, np.ndarray]:
+            grow_threshold: float = 0.0, grow_relative: float = 0.0) -> tuple[Foreground, np.ndarray]:
     mask = foreground_mask(frame, back, gain, threshold, field=field, noise_k=noise_k, min_threshold=min_threshold,
                            grow_threshold=grow_threshold, bridge_px=int(round(join_px * scale)) + 1,
-                           seed_px=min_area * frame.shape[0] * frame.shape[1])
+                           seed_px=min_area * frame.shape[0] * frame.shape[1], grow_relative=grow_relative)
     box, fg_pixels = item_box(mask, min_area * mask.size, join_px * scale)
     fraction = fg_pixels / float(mask.size)
     return Foreground(to_roi(box, scale, roi_hw, mask.shape[:2]) if box else None, fraction, gain), mask
@@ -424,6 +433,7 @@ class LocalizerSettings:
     noise_k: float = 0.0
     min_threshold: float = 8.0
     grow_threshold: float = GROW_THRESHOLD
+    grow_relative: float = GROW_RELATIVE
     min_area: float = 0.005
     join_px: float = 8.0
     max_gain: float = 1.6
@@ -438,7 +448,8 @@ class LocalizerSettings:
         return cls(work_size=presence.work_size, texture_px=presence.texture_px,
                    threshold=presence.background_threshold, noise_k=presence.background_noise_k,
                    min_threshold=presence.background_min_threshold,
-                   grow_threshold=presence.background_grow_threshold, min_area=presence.min_area, join_px=presence.join_px,
+                   grow_threshold=presence.background_grow_threshold,
+                   grow_relative=presence.background_grow_relative, min_area=presence.min_area, join_px=presence.join_px,
                    max_gain=presence.max_gain, max_local_gain=presence.max_local_gain,
                    alpha=presence.background_alpha, busy_alpha=presence.busy_alpha,
                    warmup_frames=presence.warmup_frames, relearn_frames=presence.relearn_frames)
@@ -475,7 +486,8 @@ class Localizer:
         self.gain, self.light = self._light(frame, scale)
         found, mask = _locate(frame, self.background, scale, roi_hw, threshold=s.threshold, min_area=s.min_area,
                               join_px=s.join_px, gain=self.gain, field=self.light, noise_k=s.noise_k,
-                              min_threshold=s.min_threshold, grow_threshold=s.grow_threshold)
+                              min_threshold=s.min_threshold, grow_threshold=s.grow_threshold,
+                              grow_relative=s.grow_relative)
         crop = crop_box(found.box, roi_hw, policy)
         present = crop is not None
         self._learn(frame, present, found.box, scale, mask)

@@ -251,6 +251,24 @@ def test_a_grow_threshold_finds_a_dark_item_whole_from_its_bright_parts_and_leav
     assert same.box == plain.box
 
 
+def test_on_a_light_bench_an_item_does_not_grow_into_the_light_residue_beside_it():
+    # given: a light bench (170) with a bright item (+60) and, touching it, a patch the light model left 9%
+    # too bright (+15: over the grow threshold 12, but light residue, proportional to the light)
+    rng = np.random.default_rng(7)
+    empty = np.clip(170 + rng.normal(0, 2.0, (ROI, ROI, 3)), 0, 255).astype(np.uint8)
+    image = np.clip(170 + rng.normal(0, 2.0, (ROI, ROI, 3)), 0, 255).astype(np.uint8)
+    image[100:200, 60:150] = 230                               # the item
+    image[90:230, 150:260] += 15                               # the residue beside it
+    truth = (60, 100, 150, 200)
+    # when / then: the grow threshold alone takes the residue in; relative to the light (the default) not
+    alone = foreground_box(image, empty, gain=1.0, grow_relative=0.0)
+    assert alone.box is not None and iou(alone.box, truth) < 0.6
+    relative = foreground_box(image, empty, gain=1.0)
+    assert relative.box is not None and iou(relative.box, truth) >= 0.85
+    # and on a dark belt the same share of its light is under the grow threshold: the dark jacket still
+    # grows whole (test above, with the defaults)
+
+
 def test_the_noise_threshold_stays_between_its_bounds():
     rng = np.random.default_rng(5)
     quiet = np.abs(rng.normal(0, 1.0, (96, 96))).astype(np.float32)
