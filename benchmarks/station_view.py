@@ -51,7 +51,7 @@ from agent.sim.score import score_scene  # noqa: E402
 log = logging.getLogger("station_view")
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-DEFAULT_RETRAIN_ARGS = ("--epochs 2 --limit-per-class 1000 --batch-size 64 --lr 1e-3 "
+DEFAULT_RETRAIN_ARGS = ("--epochs 2 --limit-per-class 1000 --batch-size 64 "
                         "--calibration-images 256 --parity-images 64")
 
 # ================================================================ broker and collector

@@ -307,7 +307,7 @@ def _add_retrain_parser(sub: argparse._SubParsersAction) -> None:
                    help="evaluate the INT8 model where deployable (what a station runs by default)")
     p.add_argument("--public-key", type=Path, default=None, help="check the current bundle's signature")
     _add_train_args(p, data=False)
-    p.set_defaults(name=None, arch=None, image_size=None, weights=None, interpolation=None, station_view=None)
+    p.set_defaults(name=None, arch=None, image_size=None, weights=None, interpolation=None, station_view=None, lr=None)
     _add_export_args(p)
     add_broker_args(p, default_host=None, title="broker (the gate event is published when --mqtt-host is given)")
 

@@ -368,7 +368,8 @@ def evaluate_bundle(bundle, items: Sequence[Item], classes: Sequence[str], *, pr
 
 def resolve_train_config(cfg_train, current, *, weights: str | None):
     """Fill what the user left open from the current version: architecture and input (the next
-    version of the same model), weights (ImageNet, or the current's checkpoint when fine-tuning)."""
+    version of the same model), weights (ImageNet, or the current's checkpoint when fine-tuning) and the
+    learning rate (``FINETUNE_LR`` when fine-tuning, else training's)."""
     spec = current.input_spec
     arch = cfg_train.get("arch") or current.manifest.get("architecture")
     if cfg_train.get("arch") and weights and cfg_train["arch"] != current.manifest.get("architecture"):
@@ -376,6 +377,8 @@ def resolve_train_config(cfg_train, current, *, weights: str | None):
                            f"{current.manifest.get('architecture')}")
     out = dict(cfg_train)
     out["arch"] = arch
+    if out.get("lr") is None:
+        out["lr"] = FINETUNE_LR if weights else OPEN_FIELDS["lr"]
     if not out.get("image_size"):
         out["image_size"] = spec.height
         out["resize_shorter"] = out.get("resize_shorter") or spec.resize_shorter
@@ -658,7 +661,12 @@ def train_settings(**overrides: Any) -> dict[str, Any]:
     return out
 
 
-OPEN_FIELDS = {"arch": "resnet50", "image_size": 224, "weights": "imagenet", "interpolation": "bilinear"}
+OPEN_FIELDS = {"arch": "resnet50", "image_size": 224, "weights": "imagenet", "interpolation": "bilinear", "lr": 1e-3}
+FINETUNE_LR = 1e-4
+"""The learning rate left open with --finetune-from-current: a tenth of training's. The current model has
+converged (its schedule ended near zero); at the training rate, 2 epochs on a tenth of the base data lost
+2.6 points of it and the gate refused the round, at this rate they lost 0.2 (within the noise) while the
+reviewed frames gained 12 points (docs/benchmarks.md, the retraining loop)."""
 
 
 __all__ = ["RetrainConfig", "RetrainError", "RetrainResult", "Score", "GateDecision", "gate_decision", "retrain",

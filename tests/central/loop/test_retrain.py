@@ -269,3 +269,23 @@ def test_retrain_trains_for_the_crop_the_current_bundle_is_fed(tmp_path):
         (bundle / "manifest.json").write_text(json.dumps({"input": {"crop": crop} if crop else {}}))
         assert _current_station_view(bundle) == expected
     assert _current_station_view(tmp_path / "missing") == "off"
+
+
+def test_fine_tuning_from_the_current_version_defaults_to_a_tenth_of_the_training_learning_rate():
+    """A converged model fine-tuned at the training rate forgets the base data (2 epochs lost 2.6 points and the
+    gate refused the round); left open, --lr is 1e-4 when fine-tuning from the current and 1e-3 from ImageNet,
+    and a rate the user gives is kept either way."""
+    from types import SimpleNamespace
+
+    from trainer.cli import get_args_parser
+    from trainer.retrain import FINETUNE_LR, resolve_train_config
+
+    current = SimpleNamespace(input_spec=SimpleNamespace(height=48, resize_shorter=48, interpolation="bilinear"),
+                              manifest={"architecture": "mobilenet_v2"})
+    assert resolve_train_config(train_settings(), current, weights="runs/x/best.pt")["lr"] == FINETUNE_LR == 1e-4
+    assert resolve_train_config(train_settings(), current, weights=None)["lr"] == 1e-3
+    assert resolve_train_config(train_settings(lr=3e-4), current, weights="runs/x/best.pt")["lr"] == 3e-4
+    # the command line leaves it open unless --lr is given
+    base = ["retrain", "--base-data", "b", "--reviewed", "r", "--current", "c", "--report", "x.json"]
+    assert get_args_parser().parse_args(base).lr is None
+    assert get_args_parser().parse_args(base + ["--lr", "5e-4"]).lr == 5e-4
