@@ -306,7 +306,9 @@ def table(doc: dict[str, Any]) -> str:
     rows = [
         f"scene {doc['scene']['name']}: {it['items']} items, {doc['scene']['frames']} frames   "
         f"bundle {b['name']}/{b['version']} (val acc {pct(b['val_accuracy'])}, crop {(b['crop'] or {}).get('mode')})",
-        f"  item accuracy          {pct(it['item_accuracy'])}  ({it['correct']}/{it['items']})",
+        f"  item accuracy          {pct(it['item_accuracy'])}  ({it['correct']}/{it['items']}"
+        + (f"; 95% CI {pct(it['item_accuracy_ci95'][0]).strip()}-{pct(it['item_accuracy_ci95'][1]).strip()})"
+           if it.get("item_accuracy_ci95") else ")"),
         f"  missed / split         {it['missed']} / {it['split']}    merged decisions {it['merged_decisions']}",
         f"  phantom decisions      {it['phantom_decisions']} of {it['decisions']} decisions",
         f"  sent to review         {pct(it['review_share'])}    auto-sorted accuracy {pct(it['auto_sorted_accuracy'])} "

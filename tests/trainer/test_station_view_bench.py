@@ -178,7 +178,16 @@ def test_items_correct_missed_split_phantom_merged_and_review(truth):
     assert scores["phantom_decisions"] == 1 and scores["merged_decisions"] == 1
     assert scores["review"] == 1 and scores["review_share"] == 0.2
     assert scores["item_accuracy"] == 0.4
+    low, high = scores["item_accuracy_ci95"]              # 2 of 5: the interval says how little 5 items tell
+    assert low < 0.4 < high and high - low > 0.5
     assert scores["auto_sorted"] == 1 and scores["auto_wrong"] == 0
+
+
+def test_the_item_accuracy_interval_is_wilsons_and_narrows_with_more_items():
+    assert score.wilson(52, 60) == [0.7583, 0.9309]           # the belt's 86.7%: about -11/+6 points
+    assert score.wilson(184, 200) == [0.874, 0.9502]
+    assert score.wilson(0, 10)[0] == 0.0 and score.wilson(10, 10)[1] == 1.0
+    assert score.wilson(0, 0) is None
 
 
 def test_confident_wrong_decision_counts_as_auto_sorted_wrong(truth):
