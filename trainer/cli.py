@@ -307,7 +307,10 @@ def _add_retrain_parser(sub: argparse._SubParsersAction) -> None:
                    help="evaluate the INT8 model where deployable (what a station runs by default)")
     p.add_argument("--public-key", type=Path, default=None, help="check the current bundle's signature")
     _add_train_args(p, data=False)
-    p.set_defaults(name=None, arch=None, image_size=None, weights=None, interpolation=None, station_view=None, lr=None)
+    p.set_defaults(name=None, arch=None, image_size=None, weights=None, interpolation=None, station_view=None, lr=None,
+                   # the recipe (trainer.retrain.RECIPE_FIELDS): left open, fine-tuning takes the current run's
+                   scale=None, hflip=None, rotation=None, jitter=None, erasing=None, station_view_share=None,
+                   label_smoothing=None)
     _add_export_args(p)
     add_broker_args(p, default_host=None, title="broker (the gate event is published when --mqtt-host is given)")
 
@@ -325,12 +328,26 @@ def _current_station_view(current: Path) -> str:
 
 def cmd_retrain(args: argparse.Namespace) -> int:
     from contract.broker import settings_from_args
-    from trainer.retrain import OPEN_FIELDS, ExportSettings, RetrainConfig, render_markdown, retrain
+    from trainer.retrain import (
+        OPEN_FIELDS,
+        RECIPE_FIELDS,
+        ExportSettings,
+        RetrainConfig,
+        open_recipe,
+        render_markdown,
+        retrain,
+    )
 
     left_open = {k: getattr(args, k) for k in OPEN_FIELDS}
+    recipe_open = {k for k in RECIPE_FIELDS if getattr(args, k) is None}
+    if args.rotation is not None:
+        recipe_open.discard("plain_rotation")          # the plain path follows a given --rotation, as in train
+    training = argparse.ArgumentParser(add_help=False)
+    _add_train_args(training, data=False)
     filled = argparse.Namespace(**{**vars(args), **{k: v if v is not None else OPEN_FIELDS[k] for k, v in left_open.items()},
+                                   **{k: training.get_default(k) for k in recipe_open},
                                    "data": "", "station_view": args.station_view or _current_station_view(args.current)})
-    train = train_config_from_args(filled).to_dict()
+    train = open_recipe(train_config_from_args(filled).to_dict(), recipe_open)
     train.update(left_open, name=args.name)
     cfg = RetrainConfig(
         base_data=args.base_data, reviewed=args.reviewed, current=args.current, report=args.report, train=train,

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import NormalDist
-from typing import Any, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from contract.broker import BrokerSettings
 from contract.events import (
@@ -366,19 +366,75 @@ def evaluate_bundle(bundle, items: Sequence[Item], classes: Sequence[str], *, pr
 
 # ---------------------------------------------------------------- the whole step
 
-def resolve_train_config(cfg_train, current, *, weights: str | None):
+RECIPE_FIELDS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "scale": (("augment", "scale"),),
+    "hflip": (("augment", "hflip"),),
+    "plain_rotation": (("augment", "rotation"),),
+    "rotation": (("augment", "station_view", "rotation"),),
+    "jitter": (("augment", "brightness"), ("augment", "contrast"), ("augment", "saturation")),
+    "erasing": (("augment", "erasing"),),
+    "station_view_share": (("augment", "station_view", "share"),),
+    "label_smoothing": (("label_smoothing",),),
+}
+"""The training recipe a retrain may leave open (``trainer train`` option -> its places in the config dict):
+fine-tuning takes the current run's, so the next version learns under the augmentation its weights were
+trained for; otherwise the training defaults."""
+
+
+def _get_path(tree: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+    for key in path:
+        if not isinstance(tree, Mapping) or key not in tree:
+            return None
+        tree = tree[key]
+    return tree
+
+
+def _set_path(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def open_recipe(train: dict[str, Any], names: Iterable[str]) -> dict[str, Any]:
+    """``train`` (a config dict) with the recipe options ``names`` (``RECIPE_FIELDS`` keys) left open (None)."""
+    out = json.loads(json.dumps(train))
+    for name in names:
+        for path in RECIPE_FIELDS[name]:
+            _set_path(out, path, None)
+    return out
+
+
+def checkpoint_config(path: str | Path) -> dict[str, Any] | None:
+    """The training config a checkpoint of ours records; None when it records none."""
+    import torch
+
+    ckpt = torch.load(Path(path), map_location="cpu", weights_only=True)
+    config = ckpt.get("config") if isinstance(ckpt, dict) else None
+    return config if isinstance(config, dict) else None
+
+
+def resolve_train_config(cfg_train, current, *, weights: str | None, current_config: Mapping[str, Any] | None = None):
     """Fill what the user left open from the current version: architecture and input (the next
-    version of the same model), weights (ImageNet, or the current's checkpoint when fine-tuning) and the
-    learning rate (``FINETUNE_LR`` when fine-tuning, else training's)."""
+    version of the same model), weights (ImageNet, or the current's checkpoint when fine-tuning), the
+    learning rate (``FINETUNE_LR`` when fine-tuning, else training's) and the recipe (``RECIPE_FIELDS``: the
+    current run's ``current_config`` when fine-tuning, else the training defaults)."""
+    from trainer.config import TrainConfig
+
+    defaults = TrainConfig(data="").to_dict()
     spec = current.input_spec
     arch = cfg_train.get("arch") or current.manifest.get("architecture")
     if cfg_train.get("arch") and weights and cfg_train["arch"] != current.manifest.get("architecture"):
         raise RetrainError(f"--arch {cfg_train['arch']}: --finetune-from-current needs the current's architecture "
                            f"{current.manifest.get('architecture')}")
-    out = dict(cfg_train)
+    out = json.loads(json.dumps(cfg_train))
     out["arch"] = arch
     if out.get("lr") is None:
         out["lr"] = FINETUNE_LR if weights else OPEN_FIELDS["lr"]
+    for paths in RECIPE_FIELDS.values():
+        for path in paths:
+            if _get_path(out, path) is None:
+                inherited = _get_path(current_config, path) if weights and current_config else None
+                _set_path(out, path, inherited if inherited is not None else _get_path(defaults, path))
     if not out.get("image_size"):
         out["image_size"] = spec.height
         out["resize_shorter"] = out.get("resize_shorter") or spec.resize_shorter
@@ -442,7 +498,8 @@ def retrain(cfg: RetrainConfig) -> RetrainResult:
         probe = holdout[:16] or reviewed_held[:16]
         probe_x = eval_inputs([_sample(i, classes) for i in probe], current.input_spec, 0, desc="checkpoint probe")[0]
         weights = str(current_checkpoint(current, probe_x.numpy()))
-    resolved = resolve_train_config(train, current, weights=weights)
+    resolved = resolve_train_config(train, current, weights=weights,
+                                    current_config=checkpoint_config(weights) if weights else None)
     run_dir.mkdir(parents=True, exist_ok=True)
     data_csv = run_dir / "retrain-data.csv"
     write_training_csv(data_csv, base_train + reviewed_train)
@@ -655,7 +712,7 @@ def train_settings(**overrides: Any) -> dict[str, Any]:
     """TrainConfig fields for ``RetrainConfig.train``; arch, input and weights left None come from the current."""
     from trainer.config import TrainConfig
 
-    out = TrainConfig(data="").to_dict()
+    out = open_recipe(TrainConfig(data="").to_dict(), RECIPE_FIELDS)
     out.update({k: None for k in OPEN_FIELDS}, name=None, resize_shorter=None)
     out.update(overrides)
     return out

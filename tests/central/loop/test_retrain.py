@@ -289,3 +289,45 @@ def test_fine_tuning_from_the_current_version_defaults_to_a_tenth_of_the_trainin
     base = ["retrain", "--base-data", "b", "--reviewed", "r", "--current", "c", "--report", "x.json"]
     assert get_args_parser().parse_args(base).lr is None
     assert get_args_parser().parse_args(base + ["--lr", "5e-4"]).lr == 5e-4
+
+
+def test_fine_tuning_keeps_the_current_runs_training_recipe_unless_told_otherwise():
+    """The next version is fine-tuned under the augmentation its weights were trained for (the recipe's 50%
+    station views, no plain rotation, milder crops, label smoothing), not the training defaults; an option
+    given is kept; without fine-tuning (an ImageNet start) the training defaults apply."""
+    from types import SimpleNamespace
+
+    from trainer.config import TrainConfig
+    from trainer.retrain import resolve_train_config
+
+    current = SimpleNamespace(input_spec=SimpleNamespace(height=48, resize_shorter=48, interpolation="bilinear"),
+                              manifest={"architecture": "mobilenet_v2"})
+    recipe = TrainConfig(data="").to_dict()
+    recipe["label_smoothing"] = 0.1
+    recipe["augment"].update(scale=[0.75, 1.0], rotation=0.0, brightness=0.1, contrast=0.1, saturation=0.1, erasing=0.2)
+    recipe["augment"]["station_view"].update(share=0.5, rotation=15.0)
+    defaults = TrainConfig(data="").to_dict()
+
+    tuned = resolve_train_config(train_settings(), current, weights="runs/x/best.pt", current_config=recipe)
+    assert tuned["label_smoothing"] == 0.1
+    assert {k: tuned["augment"][k] for k in ("scale", "rotation", "brightness", "erasing")} == \
+        {"scale": [0.75, 1.0], "rotation": 0.0, "brightness": 0.1, "erasing": 0.2}
+    assert tuned["augment"]["station_view"]["share"] == 0.5 and tuned["augment"]["station_view"]["rotation"] == 15.0
+    TrainConfig(**{**tuned, "data": "x"})                                   # a config the trainer takes
+
+    given = train_settings()
+    given["augment"]["erasing"] = 0.0
+    assert resolve_train_config(given, current, weights="runs/x/best.pt", current_config=recipe)["augment"]["erasing"] == 0.0
+
+    fresh = resolve_train_config(train_settings(), current, weights=None, current_config=recipe)
+    assert fresh["label_smoothing"] == defaults["label_smoothing"]
+    assert fresh["augment"]["scale"] == defaults["augment"]["scale"]
+    assert fresh["augment"]["station_view"]["share"] == defaults["augment"]["station_view"]["share"]
+
+    # the command line leaves the recipe open unless an option is given
+    from trainer.cli import get_args_parser
+
+    base = ["retrain", "--base-data", "b", "--reviewed", "r", "--current", "c", "--report", "x.json"]
+    args = get_args_parser().parse_args(base)
+    assert args.scale is None and args.station_view_share is None and args.label_smoothing is None
+    assert get_args_parser().parse_args(base + ["--scale", "0.5", "1"]).scale == [0.5, 1.0]
