@@ -326,22 +326,16 @@ def _current_station_view(current: Path) -> str:
     return "on" if crop.get("mode") == "foreground" else "off"
 
 
-def cmd_retrain(args: argparse.Namespace) -> int:
-    from contract.broker import settings_from_args
-    from trainer.retrain import (
-        OPEN_FIELDS,
-        RECIPE_FIELDS,
-        ExportSettings,
-        RetrainConfig,
-        open_recipe,
-        render_markdown,
-        retrain,
-    )
+def retrain_train_settings(args: argparse.Namespace) -> dict:
+    """The TrainConfig dict a retrain command line asks for, with what it left open as None: architecture,
+    input, weights and learning rate (trainer.retrain.OPEN_FIELDS), and the recipe (RECIPE_FIELDS), which
+    fine-tuning takes from the current run. The plain path's rotation follows a given --rotation, as in train."""
+    from trainer.retrain import OPEN_FIELDS, RECIPE_FIELDS, open_recipe
 
     left_open = {k: getattr(args, k) for k in OPEN_FIELDS}
     recipe_open = {k for k in RECIPE_FIELDS if getattr(args, k) is None}
     if args.rotation is not None:
-        recipe_open.discard("plain_rotation")          # the plain path follows a given --rotation, as in train
+        recipe_open.discard("plain_rotation")
     training = argparse.ArgumentParser(add_help=False)
     _add_train_args(training, data=False)
     filled = argparse.Namespace(**{**vars(args), **{k: v if v is not None else OPEN_FIELDS[k] for k, v in left_open.items()},
@@ -349,8 +343,16 @@ def cmd_retrain(args: argparse.Namespace) -> int:
                                    "data": "", "station_view": args.station_view or _current_station_view(args.current)})
     train = open_recipe(train_config_from_args(filled).to_dict(), recipe_open)
     train.update(left_open, name=args.name)
+    return train
+
+
+def cmd_retrain(args: argparse.Namespace) -> int:
+    from contract.broker import settings_from_args
+    from trainer.retrain import ExportSettings, RetrainConfig, render_markdown, retrain
+
     cfg = RetrainConfig(
-        base_data=args.base_data, reviewed=args.reviewed, current=args.current, report=args.report, train=train,
+        base_data=args.base_data, reviewed=args.reviewed, current=args.current, report=args.report,
+        train=retrain_train_settings(args),
         export=ExportSettings(models_dir=Path(args.models_dir), version=args.version,
                               calibration_images=args.calibration_images, calibration_method=args.calibration_method,
                               gate_margin_points=args.gate_margin, parity_images=args.parity_images,

@@ -331,3 +331,15 @@ def test_fine_tuning_keeps_the_current_runs_training_recipe_unless_told_otherwis
     args = get_args_parser().parse_args(base)
     assert args.scale is None and args.station_view_share is None and args.label_smoothing is None
     assert get_args_parser().parse_args(base + ["--scale", "0.5", "1"]).scale == [0.5, 1.0]
+    from trainer.cli import retrain_train_settings
+
+    left = retrain_train_settings(args)
+    assert left["lr"] is None and left["label_smoothing"] is None
+    assert left["augment"]["scale"] is None and left["augment"]["rotation"] is None
+    assert left["augment"]["station_view"]["share"] is None and left["augment"]["station_view"]["rotation"] is None
+    given = retrain_train_settings(get_args_parser().parse_args(base + ["--rotation", "10", "--erasing", "0.3"]))
+    assert given["augment"]["station_view"]["rotation"] == 10.0 and given["augment"]["rotation"] == 10.0
+    assert given["augment"]["erasing"] == 0.3 and given["augment"]["scale"] is None
+    tuned = resolve_train_config(given, current, weights="runs/x/best.pt", current_config=recipe)
+    assert tuned["augment"]["rotation"] == 10.0 and tuned["augment"]["erasing"] == 0.3      # given: kept
+    assert tuned["augment"]["scale"] == [0.75, 1.0] and tuned["label_smoothing"] == 0.1     # open: the current's
