@@ -308,7 +308,7 @@ def _add_retrain_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--public-key", type=Path, default=None, help="check the current bundle's signature")
     _add_train_args(p, data=False)
     p.set_defaults(name=None, arch=None, image_size=None, weights=None, interpolation=None, station_view=None, lr=None,
-                   # the recipe (trainer.retrain.RECIPE_FIELDS): left open, fine-tuning takes the current run's
+                   # the recipe (trainer.retrain.RECIPE_FIELDS): left open, it is the current run's where known
                    scale=None, hflip=None, rotation=None, jitter=None, erasing=None, station_view_share=None,
                    label_smoothing=None)
     _add_export_args(p)

@@ -413,11 +413,25 @@ def checkpoint_config(path: str | Path) -> dict[str, Any] | None:
     return config if isinstance(config, dict) else None
 
 
+def recorded_config(bundle) -> dict[str, Any] | None:
+    """The training config of the run a bundle was exported from, where its checkpoint
+    (``provenance.checkpoint``) is on this machine and readable; None otherwise (the recipe then falls back to
+    the training defaults)."""
+    recorded = (bundle.manifest.get("provenance") or {}).get("checkpoint")
+    if not recorded or not Path(recorded).is_file():
+        return None
+    try:
+        return checkpoint_config(recorded)
+    except Exception as exc:  # noqa: BLE001 -- an unreadable checkpoint only costs the recipe, said in the log
+        log.warning("%s: cannot read its training config (%s); the recipe is the training defaults", recorded, exc)
+        return None
+
+
 def resolve_train_config(cfg_train, current, *, weights: str | None, current_config: Mapping[str, Any] | None = None):
     """Fill what the user left open from the current version: architecture and input (the next
     version of the same model), weights (ImageNet, or the current's checkpoint when fine-tuning), the
     learning rate (``FINETUNE_LR`` when fine-tuning, else training's) and the recipe (``RECIPE_FIELDS``: the
-    current run's ``current_config`` when fine-tuning, else the training defaults)."""
+    current run's ``current_config`` where it is known, else the training defaults)."""
     from trainer.config import TrainConfig
 
     defaults = TrainConfig(data="").to_dict()
@@ -433,7 +447,7 @@ def resolve_train_config(cfg_train, current, *, weights: str | None, current_con
     for paths in RECIPE_FIELDS.values():
         for path in paths:
             if _get_path(out, path) is None:
-                inherited = _get_path(current_config, path) if weights and current_config else None
+                inherited = _get_path(current_config, path) if current_config else None
                 _set_path(out, path, inherited if inherited is not None else _get_path(defaults, path))
     if not out.get("image_size"):
         out["image_size"] = spec.height
@@ -499,7 +513,7 @@ def retrain(cfg: RetrainConfig) -> RetrainResult:
         probe_x = eval_inputs([_sample(i, classes) for i in probe], current.input_spec, 0, desc="checkpoint probe")[0]
         weights = str(current_checkpoint(current, probe_x.numpy()))
     resolved = resolve_train_config(train, current, weights=weights,
-                                    current_config=checkpoint_config(weights) if weights else None)
+                                    current_config=checkpoint_config(weights) if weights else recorded_config(current))
     run_dir.mkdir(parents=True, exist_ok=True)
     data_csv = run_dir / "retrain-data.csv"
     write_training_csv(data_csv, base_train + reviewed_train)

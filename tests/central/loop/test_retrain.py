@@ -291,10 +291,10 @@ def test_fine_tuning_from_the_current_version_defaults_to_a_tenth_of_the_trainin
     assert get_args_parser().parse_args(base + ["--lr", "5e-4"]).lr == 5e-4
 
 
-def test_fine_tuning_keeps_the_current_runs_training_recipe_unless_told_otherwise():
-    """The next version is fine-tuned under the augmentation its weights were trained for (the recipe's 50%
-    station views, no plain rotation, milder crops, label smoothing), not the training defaults; an option
-    given is kept; without fine-tuning (an ImageNet start) the training defaults apply."""
+def test_retrain_keeps_the_current_runs_training_recipe_unless_told_otherwise():
+    """The next version is trained under the augmentation the current one was (the recipe's 50% station views,
+    no plain rotation, milder crops, label smoothing), not the training defaults; an option given is kept;
+    where the current run's config is not known, the training defaults apply."""
     from types import SimpleNamespace
 
     from trainer.config import TrainConfig
@@ -319,7 +319,9 @@ def test_fine_tuning_keeps_the_current_runs_training_recipe_unless_told_otherwis
     given["augment"]["erasing"] = 0.0
     assert resolve_train_config(given, current, weights="runs/x/best.pt", current_config=recipe)["augment"]["erasing"] == 0.0
 
-    fresh = resolve_train_config(train_settings(), current, weights=None, current_config=recipe)
+    scratch = resolve_train_config(train_settings(), current, weights=None, current_config=recipe)
+    assert scratch["augment"]["scale"] == [0.75, 1.0] and scratch["lr"] == 1e-3    # the recipe, training's rate
+    fresh = resolve_train_config(train_settings(), current, weights=None, current_config=None)
     assert fresh["label_smoothing"] == defaults["label_smoothing"]
     assert fresh["augment"]["scale"] == defaults["augment"]["scale"]
     assert fresh["augment"]["station_view"]["share"] == defaults["augment"]["station_view"]["share"]
