@@ -310,11 +310,11 @@ def foreground_mask(frame: np.ndarray, background: np.ndarray, gain: float, thre
     foreground part of at least ``seed_px`` pixels (after the opening), or come within ``bridge_px`` of one,
     are foreground too: a dark item's dim parts join its bright ones, while dim differences with no bright
     part that would count as an item by itself (noise, light residue, specks) stay background, so growing
-    never makes an item out of an empty scene. ``grow_relative``: a pixel grows only where its difference
-    is also over this share of the lit background's brightness there (light residue is proportional to
-    the light: on a light bench a 10% light error is as large as the grow threshold, on a dark belt it is
-    a third of it). (Between an item's parts brighter and darker than the
-    background the blurred difference passes through zero, hence the bridge.)"""
+    never makes an item out of an empty scene. (Between an item's parts brighter and darker than the
+    background the blurred difference passes through zero, hence the bridge.) ``grow_relative``: a pixel
+    grows only where its difference is also over this share of the lit background's brightness there
+    (light residue is proportional to the light: on a light bench a 10% light error is as large as the
+    grow threshold, on a dark belt it is a third of it)."""
     if field is not None:
         lit = background * (field[:, :, None] if background.ndim == 3 else field)
     else:
