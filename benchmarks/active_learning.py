@@ -433,7 +433,7 @@ def score_pool(bundle_dir: Path, frames: Sequence[np.ndarray], *, threads: int =
     manifest marks it deployable), the manifest's preprocessing, softmax, top-k and the low-confidence
     policy with the bundle's suggested thresholds.
     """
-    from agent.backends import create_backend
+    from agent.backends import create_backend, outputs_of
     from agent.config import ModelConfig
     from agent.decide import (
         LowConfidencePolicy,
@@ -448,7 +448,13 @@ def score_pool(bundle_dir: Path, frames: Sequence[np.ndarray], *, threads: int =
     backend = create_backend(bundle, ModelConfig(bundle=bundle.root, intra_op_threads=threads))
     policy = LowConfidencePolicy(PolicyThresholds.resolve(bundle.thresholds))
     preprocess = Preprocessor(bundle.input_spec)
-    probs = np.concatenate([softmax(backend.run(preprocess.batch(frames[i : i + batch_size])))
+
+    def logits(batch: np.ndarray) -> np.ndarray:
+        """One logit per bundle label, as the station computes them (enrolled classes appended)."""
+        model_logits, emb = outputs_of(backend, batch)
+        return bundle.open_set.full_logits(model_logits, emb) if bundle.open_set is not None else model_logits
+
+    probs = np.concatenate([softmax(logits(preprocess.batch(frames[i : i + batch_size])))
                             for i in range(0, len(frames), batch_size)])
     classes = classify_batch(probs, bundle.labels, 3, [policy] * len(frames))
     return classes, {"bundle": bundle.version, "backend": backend.name, "precision": backend.precision,
