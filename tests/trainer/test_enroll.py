@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -125,6 +126,27 @@ def test_enrolled_class_is_recognised_on_held_out_images_and_old_classes_stay_wi
     assert (before - after) * 100 <= 0.25 + 100 / len(old_paths)
     assert abs(after - gate["all_accuracy_after"]) <= 1 / len(old_paths)
     assert after <= before
+
+
+def test_the_active_learning_benchmark_scores_an_enrolled_bundle_as_the_station_does(enrolled, fmnist_dir):
+    """benchmarks/active_learning.py's pool scoring (the agent's backend and decide code) gives the enrolled
+    class its own probability column, and its top-1 is the station's decision."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "active_learning", Path(__file__).resolve().parents[2] / "benchmarks" / "active_learning.py")
+    al = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = al                      # its dataclasses look their module up
+    spec.loader.exec_module(al)
+    result, _ = enrolled
+    bundle = load_bundle(result.bundle_dir)
+    paths = sorted((fmnist_dir / "test" / "Trouser").iterdir())[:20] + sorted((fmnist_dir / "test" / "Coat").iterdir())[:20]
+    classes, _ = al.score_pool(result.bundle_dir, [read_image(p) for p in paths], batch_size=16)
+    assert len(classes) == len(paths) and all(len(c.probs) == len(bundle.labels) for c in classes)
+    station = _decide(result.bundle_dir, paths)
+    agree = np.mean([bundle.labels.index(c.label) == int(d) for c, d in zip(classes, station)])
+    assert agree >= 0.95, f"benchmark and station agree on {agree:.0%} of 40 images (INT8 vs FP32 may differ)"
+    assert any(c.label == "Trouser" for c in classes)
 
 
 def test_a_second_class_enrols_on_top_of_an_enrolled_one(enrolled, fmnist_dir, gate8, tmp_path):
