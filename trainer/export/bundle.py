@@ -33,7 +33,6 @@ from trainer.engine import eval_inputs, load_checkpoint_model
 from trainer.evaluate import (
     compute_metrics,
     low_confidence_report,
-    onnx_logits,
     onnx_outputs,
     softmax,
     suggest_thresholds,
@@ -131,18 +130,21 @@ def _station_sets(cfg: ExportConfig, spec: InputSpec, train_samples: list, val_s
 
 
 def _station_quality(views, fp32_path: Path, int8_path: Path, margin_points: float
-                     ) -> tuple[dict, str | None, np.ndarray]:
-    """Top-1 of both models on the station-view set, the INT8 gate's verdict on it, and the FP32 logits."""
-    fp32_logits = onnx_logits(fp32_path, views.inputs)
+                     ) -> tuple[dict, str | None, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """Top-1 of both models on the station-view set, the INT8 gate's verdict on it, and both models' outputs
+    on it (FP32 logits and embedding, INT8 logits and embedding: the unknown score is calibrated on the same
+    run, not a second one)."""
+    fp32_logits, fp32_emb = onnx_outputs(fp32_path, views.inputs)
+    int8_logits, int8_emb = onnx_outputs(int8_path, views.inputs)
     fp32 = float((fp32_logits.argmax(1) == views.labels).mean())
-    int8 = float((onnx_logits(int8_path, views.inputs).argmax(1) == views.labels).mean())
+    int8 = float((int8_logits.argmax(1) == views.labels).mean())
     passed, reason = int8_gate(fp32, int8, margin_points)
     log.info("station-view validation (%d scenes, item found in %d): FP32 %.2f%%, INT8 %.2f%%",
              len(views.labels), views.found, fp32 * 100, int8 * 100)
     return ({"images": int(len(views.labels)), "item_found": int(views.found), "val_accuracy": fp32,
              "int8_val_accuracy": int8, "int8_passed": passed,
              "how": "validation images placed on station surfaces at a 300 px ROI, cropped by agent.localize"},
-            None if passed else f"station views: {reason}", fp32_logits)
+            None if passed else f"station views: {reason}", (fp32_logits, fp32_emb, int8_logits, int8_emb))
 
 
 def _thresholds(probs: np.ndarray, labels: np.ndarray, source: str, budget: float | None) -> dict:
@@ -270,16 +272,18 @@ def _export_into(cfg, tmp_dir, model, spec, classes, train_cfg, name, version, t
     if not parity_stats["passed"]:  # quantized from a graph that is not the trained model
         passed, reason = False, f"FP32 ONNX parity: {parity_stats['reason']}"
     station_quality = None
+    station_outputs = None
     review = None
     if station is not None:
-        station_quality, station_reason, station_logits = _station_quality(station["val"], fp32_path, int8_path,
-                                                                           cfg.gate_margin_points)
+        station_quality, station_reason, station_outputs = _station_quality(station["val"], fp32_path, int8_path,
+                                                                            cfg.gate_margin_points)
         passed, reason = passed and station_reason is None, reason or station_reason
         if len(station["val"].labels):
-            review = _thresholds(softmax(station_logits), station["val"].labels, "station_view", cfg.review_budget)
+            review = _thresholds(softmax(station_outputs[0]), station["val"].labels, "station_view", cfg.review_budget)
     if review is None:
         review = _thresholds(softmax(fp32_logits), val_y, "val", cfg.review_budget)
-    open_set, open_set_arrays, open_set_reason = _open_set(cfg, spec, fp32_path, int8_path, train_samples, station,
+    open_set, open_set_arrays, open_set_reason = _open_set(cfg, spec, fp32_path, train_samples, station,
+                                                           station_outputs,
                                                            (val_x, val_y, fp32_logits, fp32_emb, int8_logits, int8_emb),
                                                            len(classes))
     passed, reason = passed and open_set_reason is None, reason or open_set_reason
@@ -345,8 +349,8 @@ def _export_into(cfg, tmp_dir, model, spec, classes, train_cfg, name, version, t
     return manifest, fp32_metrics, int8_metrics
 
 
-def _open_set(cfg: ExportConfig, spec: InputSpec, fp32_path: Path, int8_path: Path, train_samples: list,
-              station: dict | None, val: tuple, classes: int) -> tuple[dict, openset.OpenSet, str | None]:
+def _open_set(cfg: ExportConfig, spec: InputSpec, fp32_path: Path, train_samples: list, station: dict | None,
+              station_outputs: tuple | None, val: tuple, classes: int) -> tuple[dict, openset.OpenSet, str | None]:
     """The unknown score: class statistics from training images (and their station views), and the thresholds that
     keep ``unknown_keep`` of the known items of the set a station's frames look like (station views, else val), one
     on the FP32 model's scores and one on the INT8 model's. The INT8 gate covers the embedding: its median cosine
@@ -361,9 +365,8 @@ def _open_set(cfg: ExportConfig, spec: InputSpec, fp32_path: Path, int8_path: Pa
         fit_emb = np.concatenate([fit_emb, onnx_outputs(fp32_path, station["calibration"].inputs)[1]])
         fit_labels = np.concatenate([fit_labels, station["calibration"].labels])
     stats = openset.fit_embedding_stats(fit_emb, fit_labels, classes)
-    if station is not None and len(station["val"].labels):
-        source, (cal_logits, cal_emb) = "station_view", onnx_outputs(fp32_path, station["val"].inputs)
-        int8_cal_logits, int8_cal_emb = onnx_outputs(int8_path, station["val"].inputs)
+    if station is not None and station_outputs is not None and len(station["val"].labels):
+        source, (cal_logits, cal_emb, int8_cal_logits, int8_cal_emb) = "station_view", station_outputs
     else:
         source, cal_logits, cal_emb, int8_cal_logits, int8_cal_emb = "val", fp32_logits, fp32_emb, int8_logits, int8_emb
     score = cfg.unknown_score
