@@ -5,7 +5,9 @@ Per frame, on synthetic belt views (moving ribs, noise, uneven light) with real 
 
 1. preprocess: the station's Preprocessor on the whole ROI (what a ``roi`` bundle costs today);
 2. localize + crop + preprocess: ``Localizer.update`` then the Preprocessor on the item's crop
-   (what a ``foreground`` bundle costs), empty frames included as on a belt (they skip preprocessing).
+   (what a ``foreground`` bundle costs), empty frames included as on a belt (they skip preprocessing);
+3. the localizer alone, with its defaults and with the grow off (``background_grow_threshold`` 0): what
+   growing a dark item's box from its bright parts costs.
 
 Prints ms per frame of both and their ratio, for a 224 px model input (resize 256) and the 28 px one of
 the test bundles. With ``--model-ms`` (the bare model's time per image on the target) it also prints the
@@ -31,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from agent.demo import fashion_mnist_test  # noqa: E402
-from agent.localize import Localizer, model_view  # noqa: E402
+from agent.localize import Localizer, LocalizerSettings, model_view  # noqa: E402
 from contract.preprocess import CropPolicy, InputSpec, Preprocessor  # noqa: E402
 
 
@@ -90,9 +92,17 @@ def measure(spec: InputSpec, frames: list[np.ndarray], repeats: int) -> dict[str
         for frame in frames:
             localized(frame, loc)
         best = min(best, (time.perf_counter() - start) / len(frames))
-    loc_only = [Localizer()]
-    localize_ms = per_frame_ms(lambda f: loc_only[0].update(f, policy), frames, repeats)
+    localize_ms, no_grow_ms = float("inf"), float("inf")
+    for _ in range(repeats):          # interleaved, so a slow spell of the machine hits both alike
+        for settings in (LocalizerSettings(), LocalizerSettings(grow_threshold=0.0)):
+            loc = Localizer(settings)
+            ms = per_frame_ms(lambda f: loc.update(f, policy), frames, 1)
+            if settings.grow_threshold:
+                localize_ms = min(localize_ms, ms)
+            else:
+                no_grow_ms = min(no_grow_ms, ms)
     return {"preprocess_ms": round(whole, 4), "localize_ms": round(localize_ms, 4),
+            "localize_without_grow_ms": round(no_grow_ms, 4), "grow_ratio": round(localize_ms / no_grow_ms, 3),
             "localize_crop_preprocess_ms": round(best * 1000, 4), "ratio": round(best * 1000 / whole, 3)}
 
 
@@ -117,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
                        "28": InputSpec(height=28, width=28, resize_shorter=28)}.items():
         row = measure(spec, frames, args.repeats)
         report[f"input_{name}"] = row
-        print(f"input {name:>3} px: preprocess {row['preprocess_ms']:.3f} ms/frame, localize {row['localize_ms']:.3f}, "
+        print(f"input {name:>3} px: preprocess {row['preprocess_ms']:.3f} ms/frame, localize {row['localize_ms']:.3f} "
+              f"(without the grow {row['localize_without_grow_ms']:.3f}: x{row['grow_ratio']:.2f}), "
               f"localize+crop+preprocess {row['localize_crop_preprocess_ms']:.3f} (ratio {row['ratio']:.2f})")
     if args.model_ms:
         bound = args.model_ms / (args.model_ms + report["input_224"]["localize_ms"])
