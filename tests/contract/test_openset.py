@@ -162,6 +162,31 @@ def test_a_swapped_npz_with_a_matching_hash_is_checked_against_the_labels(real_b
         load_bundle(_edit(real_bundle, tmp_path, fewer_means))
 
 
+def test_knn_distance_is_the_kth_nearest_cosine_of_the_nearest_class():
+    """Against a brute-force float64 reading of the rule (sorted cosines per class, k scaled to the class's
+    share of the bank), with classes of unequal size and an enrolled class of 5 examples."""
+    rng = np.random.default_rng(11)
+    _, emb, y = _clusters(rng, classes=3, per_class=60, spread=0.3)
+    keep = np.concatenate([np.flatnonzero(y == 0), np.flatnonzero(y == 1)[:25], np.flatnonzero(y == 2)[:40]])
+    stats = openset.fit_embedding_stats(emb[keep], y[keep], 3, bank_per_class=200)
+    examples = rng.normal(0, 3, size=6) + rng.normal(0, 0.2, size=(5, 6))
+    stats = stats.with_class(examples.mean(0), examples)
+    probe = rng.normal(0, 2, size=(30, 6))
+
+    def brute(x: np.ndarray, k: int = openset.KNN_K) -> np.ndarray:
+        sims = openset.unit(x) @ stats.bank.T
+        counts = {c: int((stats.bank_labels == c).sum()) for c in np.unique(stats.bank_labels)}
+        out = np.full(len(x), np.inf)
+        for c, n in counts.items():
+            kc = min(n, max(1, int(round(k * n / max(counts.values())))))
+            out = np.minimum(out, 1.0 - np.sort(sims[:, stats.bank_labels == c], axis=1)[:, -kc])
+        return out
+
+    assert sorted(int((stats.bank_labels == c).sum()) for c in range(4)) == [5, 25, 40, 60]
+    np.testing.assert_allclose(stats.knn_distance(probe), brute(probe), atol=1e-5)
+    np.testing.assert_allclose(stats.knn_distance(probe, k=3), brute(probe, k=3), atol=1e-5)
+
+
 def test_knn_judges_an_enrolled_class_of_few_examples_by_its_own_examples():
     rng = np.random.default_rng(6)
     _, emb, y = _clusters(rng, classes=3, per_class=100, spread=0.05)
