@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+import cv2
 from pydantic import ValidationError
 
 from agent.backends import BackendError, create_backend, outputs_of
@@ -239,6 +240,7 @@ class Agent:
         except (BundleError, BackendError, ConfigError) as exc:
             raise StartupError(str(exc)) from exc
         assert self.model is not None
+        cv2.setNumThreads(self.cfg.model.opencv_threads or -1)        # OpenCV: -1 is its default, 0 would be 1
         self.metrics.info.update(model_name=self.model.current.bundle.name,
                                  model_version=self.model.current.bundle.version)
         ocfg = self.cfg.outbox

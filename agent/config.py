@@ -202,6 +202,11 @@ class ModelConfig(_Strict):
     intra_op_threads: int = Field(0, ge=0, le=1024, title="Intra-op threads",
                                   description="ONNX Runtime threads; 0: auto: on the CPU the model is timed with 1, half "
                                               "and all of the CPUs when it loads, and the fastest is kept.")
+    opencv_threads: int = Field(1, ge=0, le=1024, title="OpenCV threads",
+                                description="Threads OpenCV may split one call across (decoding, resizing, "
+                                            "localizing a frame); 0: OpenCV's default, all CPUs. 1: each camera "
+                                            "thread works on one core and leaves the rest to the model: OpenCV's "
+                                            "parallel loops on a 300 px ROI cost more CPU than they save.")
     warmup_runs: int = Field(2, ge=0, le=1000, title="Warm-up runs", description="Inference runs before the station reports ready.")
     pipeline_nice: int = Field(10, ge=0, le=19, title="Pipeline nice",
                                description="Nice value the camera, decide and MQTT threads add to their own, so on a "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 
+import cv2
 import numpy as np
 import pytest
 from agent_support import as_config, station_config, validate_message
@@ -36,8 +37,10 @@ def test_receiving_station_one_decision_per_item_with_lane(broker, tiny_bundle, 
                    "sorting": {"lanes": LANES, "default_lane": "lane-9", "min_agreement": 0.0},
                    "qc": {"defect_classes": ["Bag", "Coat", "Dress"], "min_confidence": 0.0, "cooldown_s": 0}}))
     dashboard = Subscriber(broker.host, broker.port, "inventory/test/st-01")
+    cv2.setNumThreads(-1)                       # OpenCV's default (all CPUs); the station sets its own
     agent = Agent(cfg)
     agent.start()
+    assert cv2.getNumThreads() == 1             # model.opencv_threads: each camera thread on one core
     agent.wait(exit_at_end=True)
     agent.shutdown(10)
     # only frames with an item are results (decisions.empty_frames: skip): 12 items x 3 frames
@@ -163,7 +166,6 @@ def test_only_engines_for_the_installed_tensorrt_are_used():
 @pytest.mark.mqtt
 def test_two_cameras_share_the_model_and_each_is_complete(broker, tiny_bundle, fmnist_video,
                                                               fmnist_test_images, tmp_path):
-    import cv2
     from agent_support import bundle_predictions, video_frames
 
     folder = tmp_path / "shelf"
@@ -172,10 +174,15 @@ def test_two_cameras_share_the_model_and_each_is_complete(broker, tiny_bundle, f
         cv2.imwrite(str(folder / f"img{i:03d}.png"), fmnist_test_images[0][100 + i])
     cfg = as_config(station_config(tmp_path, tiny_bundle, str(fmnist_video), broker.port, cameras=[
         {"id": "dock", "uri": str(fmnist_video), "backpressure": "block", "queue_size": 8},
-        {"id": "shelf", "uri": f"file://{folder}", "backpressure": "block", "queue_size": 8}]))
+        {"id": "shelf", "uri": f"file://{folder}", "backpressure": "block", "queue_size": 8}],
+        model={"opencv_threads": 0}))
     dashboard = Subscriber(broker.host, broker.port, "inventory/test/st-01")
+    cv2.setNumThreads(-1)
+    default_threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
     agent = Agent(cfg)
     agent.start()
+    assert cv2.getNumThreads() == default_threads       # opencv_threads 0: OpenCV's own default again
     agent.wait(exit_at_end=True)
     agent.shutdown(10)
     assert dashboard.wait_for(lambda d: len(d.of("result")) == 85, 5)
