@@ -28,8 +28,9 @@ import json
 import shlex
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -83,13 +84,14 @@ def true_box(mask: np.ndarray, roi) -> tuple[int, int, int, int]:
 
 
 def measure(model: Model, scene: str, items: int, seed: int, without: str, images: np.ndarray,
-            settings: LocalizerSettings) -> dict[str, Any]:
+            settings: LocalizerSettings, margins: Sequence[float] = ()) -> dict[str, Any]:
     plan = plan_scene(scene, items, seed)
     off = frozenset(EFFECTS) if without == "all" else frozenset({without} & set(EFFECTS))
     renderer = Renderer(plan, images, off=off)
     roi = plan.roi
     localizer = Localizer(settings, model.policy)
     station, truth, labels, clean_idx, found = [], [], [], [], 0
+    kept_views: list[tuple[np.ndarray, tuple[int, int, int, int], Any]] = []     # for --margins
     label_of = {p.item: p.label for p in plan.items}
     index_of = {p.item: p.test_index for p in plan.items}
     for t in range(plan.n_frames):
@@ -105,6 +107,8 @@ def measure(model: Model, scene: str, items: int, seed: int, without: str, image
         item = inside[0]
         box = crop_box(true_box(masks[item], roi), view.shape[:2], model.policy)
         truth.append(cut(view, box))
+        if margins:
+            kept_views.append((view, true_box(masks[item], roi), located.box))
         if located.crop_box is not None:
             found += 1
             station.append(cut(view, located.crop_box))
@@ -123,10 +127,31 @@ def measure(model: Model, scene: str, items: int, seed: int, without: str, image
     clean_views = [np.repeat(images[i][..., None], 3, axis=2) for i in clean_idx]
     pred_clean = model.predict(clean_views)
     n = len(labels)
-    return {"scene": scene, "without": without, "frames": n, "station_found": found,
-            "station": round(float((pred_station == want).mean()), 4) if n else None,
-            "truth_crop": round(float((pred_truth == want).mean()), 4) if n else None,
-            "clean": round(float((pred_clean == want).mean()), 4) if n else None}
+    row = {"scene": scene, "without": without, "frames": n, "station_found": found,
+           "station": round(float((pred_station == want).mean()), 4) if n else None,
+           "truth_crop": round(float((pred_truth == want).mean()), 4) if n else None,
+           "clean": round(float((pred_clean == want).mean()), 4) if n else None}
+    if margins and n:
+        row["margins"] = margin_sweep(model, kept_views, want, margins)
+    return row
+
+
+def margin_sweep(model: Model, kept: list[tuple[np.ndarray, Any, Any]], want: np.ndarray,
+                 margins: Sequence[float]) -> dict[str, dict[str, float]]:
+    """Frame accuracy through the crop policy with other margins, around the true box and the station's box
+    (a frame whose item the station did not find counts wrong): how much the crop's margin costs or gains."""
+    out = {}
+    for margin in margins:
+        policy = replace(model.policy, margin=margin)
+        truth = [cut(view, crop_box(box, view.shape[:2], policy)) for view, box, _ in kept]
+        found = [i for i, (_, _, box) in enumerate(kept) if box is not None]
+        pred = np.full(len(kept), -1)
+        if found:
+            pred[found] = model.predict([cut(kept[i][0], crop_box(kept[i][2], kept[i][0].shape[:2], policy))
+                                         for i in found])
+        out[f"{margin:g}"] = {"truth_crop": round(float((model.predict(truth) == want).mean()), 4),
+                              "station": round(float((pred == want).mean()), 4)}
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--without", nargs="*", default=[], choices=list(VARIANTS),
                    help="also measure with each of these effects off (one at a time; all: every effect off)")
     p.add_argument("--int8", action="store_true", help="the INT8 model (default: FP32)")
+    p.add_argument("--margins", nargs="*", type=float, default=[],
+                   help="also classify the scene as benchmarked through crops of these margins (0..1), around the "
+                        "true box and the station's box")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     p.add_argument("--tag", default=None)
     args = p.parse_args(argv)
@@ -148,11 +176,15 @@ def main(argv: list[str] | None = None) -> int:
     for scene in args.scenes:
         for without in ["none", *args.without]:
             start = time.monotonic()
-            row = measure(model, scene, args.items, args.seed, without, images, settings)
+            row = measure(model, scene, args.items, args.seed, without, images, settings,
+                          args.margins if without == "none" else ())
             row["seconds"] = round(time.monotonic() - start, 1)
             rows.append(row)
             print(f"{scene:6s} without {without:9s} frames {row['frames']:4d}  station {row['station']:.3f}  "
                   f"truth crop {row['truth_crop']:.3f}  clean {row['clean']:.3f}", flush=True)
+            for margin, figures in row.get("margins", {}).items():
+                print(f"{scene:6s}   crop margin {margin:5s}  station {figures['station']:.3f}  "
+                      f"truth crop {figures['truth_crop']:.3f}", flush=True)
     doc = {"benchmark": "station_view_gap",
            "command": "python benchmarks/station_view_gap.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from contract.broker import add_broker_args
 from trainer.augment import AugmentConfig
+from trainer.config import TrainConfig
 from trainer.station_view import StationViewConfig
 
 log = logging.getLogger("trainer")
@@ -77,8 +78,9 @@ def _add_train_args(p: argparse.ArgumentParser, *, data: bool = True) -> None:
                    help="share of training images rendered as station views; the rest take the plain path")
     p.add_argument("--backgrounds", type=Path, default=None,
                    help="folder of empty-scene frames from a station (jpg/png) to draw items on")
-    p.add_argument("--crop-margin", type=float, default=0.1,
-                   help="the station's item crop: foreground box grown by this x its longer side on every side")
+    p.add_argument("--crop-margin", type=float, default=TrainConfig.crop_margin,
+                   help="the station's item crop: foreground box grown by this x its longer side on every side "
+                        "(default 0: the box itself, squared)")
 
 
 def _add_export_args(p: argparse.ArgumentParser) -> None:

@@ -49,7 +49,9 @@ class TrainConfig:
     metric: str = "accuracy"
     max_steps_per_epoch: int | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    crop_margin: float = 0.1           # the station's item crop: foreground box grown by this x its longer side
+    crop_margin: float = 0.0           # the station's item crop: foreground box grown by this x its longer side
+    #                                    (0: the box itself, squared; a tighter crop gives the item more of the
+    #                                    model's pixels, docs/benchmarks.md "The crop's margin")
     crop_mode: str | None = None       # None: "foreground" with station views, "roi" without (resolved on load)
 
     def __post_init__(self) -> None:

@@ -407,7 +407,7 @@ def test_plain_random_erasing_replaces_a_rectangle_with_noise(canvas):
 
 def test_station_view_config_round_trips_and_old_configs_load(tmp_path):
     cfg = TrainConfig(data="d", augment=AugmentConfig(station_view=StationViewConfig(rotation=15.0, backgrounds="bg")))
-    assert cfg.crop_mode == "foreground" and cfg.crop_policy == CropPolicy(mode="foreground", margin=0.1)
+    assert cfg.crop_mode == "foreground" and cfg.crop_policy == CropPolicy(mode="foreground", margin=0.0)
     cfg.save(tmp_path / "config.json")
     again = TrainConfig.load(tmp_path / "config.json")
     assert again == cfg and again.augment.station_view.gain == (0.6, 1.4)
@@ -432,7 +432,7 @@ def test_train_flags_build_the_station_view_and_crop_policy():
     parse = get_args_parser().parse_args
     on = train_config_from_args(parse(["train", "--data", "d"]))
     assert on.augment.station_view.enabled and on.augment.station_view.rotation == 20.0 and on.augment.rotation == 20.0
-    assert on.crop_mode == "foreground"
+    assert on.crop_mode == "foreground" and on.crop_margin == 0.0      # the box itself, squared
     off = train_config_from_args(parse(["train", "--data", "d", "--station-view", "off", "--rotation", "0",
                                         "--station-view-share", "0.5", "--backgrounds", "bg", "--crop-margin", "0.2"]))
     assert not off.augment.station_view.enabled and off.crop_policy == CropPolicy(mode="roi", margin=0.2)
@@ -441,7 +441,7 @@ def test_train_flags_build_the_station_view_and_crop_policy():
     upright = train_config_from_args(parse(["train", "--data", "d", "--plain-rotation", "0"]))
     assert upright.augment.rotation == 0.0 and upright.augment.station_view.rotation == 20.0
     spec = eval_spec(48, 48, crop=on.crop_policy)
-    assert spec.to_manifest()["crop"] == {"mode": "foreground", "margin": 0.1, "min_size": 16}
+    assert spec.to_manifest()["crop"] == {"mode": "foreground", "margin": 0.0, "min_size": 16}
 
 
 def test_train_stops_before_decoding_when_a_background_frame_is_corrupt(fmnist_dir, tmp_path, caplog):

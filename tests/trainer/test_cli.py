@@ -36,7 +36,7 @@ def test_train_export_verify_evaluate_through_the_cli(fmnist_dir, tmp_path):
     # trained on station views (the CLI default): the station must feed it its item crop, and export judged
     # both models on validation images as the station's localizer crops them from a camera's view
     manifest = json.loads((bundle / "manifest.json").read_text())
-    assert manifest["input"]["crop"] == {"mode": "foreground", "margin": 0.1, "min_size": 16}
+    assert manifest["input"]["crop"] == {"mode": "foreground", "margin": 0.0, "min_size": 16}
     station = manifest["quality"]["station_view"]
     assert station["images"] == station["item_found"] == 40 and 0.0 <= station["int8_val_accuracy"] <= 1.0
     int8 = manifest["quality"]["int8"]
