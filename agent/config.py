@@ -419,10 +419,12 @@ class SortingConfig(_Strict):
     min_agreement: float = Field(0.5, ge=0, le=1, title="Minimum agreement",
                                  description="Share of an item's frames that must agree with its decision, else review.")
     review_budget: float | None = _finite(
-        None, gt=0, le=1, title="Review budget",
+        0.1, gt=0, le=1, title="Review budget",
         description="At most about this share of items to the review lane: an item the thresholds flag goes there "
                     "only while fewer than this share of the camera's last review_window items were less certain; "
-                    "the others are sorted by their label. None: every flagged item goes to review.")
+                    "the others are sorted by their label (an unknown item always goes to review). null: every "
+                    "flagged item goes to review, however many (15-45% of the station-view benchmark's items, "
+                    "docs/benchmarks.md).")
     review_window: int = Field(200, ge=10, le=100_000, title="Review budget window",
                                description="Recent items per camera the review budget ranks an item among.")
 

@@ -221,9 +221,9 @@ def test_the_review_budget_sends_only_the_least_certain_share_of_recent_items_to
     cfg = PresenceConfig(mode="background", min_frames=2, gap_frames=2)
     policy = LowConfidencePolicy(PolicyThresholds(min_confidence=0.5))
     confidences = np.random.default_rng(0).permutation(np.linspace(0.36, 0.49, 100))
-    plain = ItemTracker("cam", LABELS, cfg, LaneMap(SortingConfig(review_lane="review")), policy)
-    budget = ItemTracker("cam", LABELS, cfg, LaneMap(SortingConfig(review_lane="review", review_budget=0.1,
-                                                                    review_window=50)), policy)
+    plain = ItemTracker("cam", LABELS, cfg, LaneMap(SortingConfig(review_lane="review", review_budget=None)), policy)
+    budget = ItemTracker("cam", LABELS, cfg, LaneMap(SortingConfig(review_lane="review", review_window=50)), policy)
+    assert SortingConfig().review_budget == 0.1          # on by default; null turns it off
     # when
     without = [_decide_item(plain, c, 10 * i) for i, c in enumerate(confidences)]
     within = [_decide_item(budget, c, 10 * i) for i, c in enumerate(confidences)]
