@@ -158,7 +158,7 @@ class FrameStore:
         # timeout: how long to wait for another process's write lock (a busy store shared by several workers)
         self._db = sqlite3.connect(self.root / DB_NAME, check_same_thread=False, isolation_level=None, timeout=60)
         self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
+        self._wal(deadline=time.monotonic() + 60)
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
         self._add_margin_column()
@@ -167,6 +167,19 @@ class FrameStore:
         self.max_bytes, self.warn_fraction = self._quota_settings(max_bytes, warn_fraction)
         self.reconciled = self._reconcile()
         self._check_quota(self.used_bytes())
+
+    def _wal(self, deadline: float) -> None:
+        """Switch the store to WAL, waiting for another process's write to end: SQLite refuses the switch at
+        once ("database is locked", no busy wait) while another connection is in a write transaction on a
+        store still in its first journal mode, e.g. the review server and ingest opening a new store together."""
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def _quota_settings(self, max_bytes: int | None, warn_fraction: float | None) -> tuple[int | None, float]:
         with self._lock, self._write():

@@ -82,6 +82,37 @@ def test_opening_beside_a_writer_never_takes_its_files(tmp_path):
     assert writer.stats()["bytes"] == sum(len(r.blob) for r in records)
 
 
+def test_a_new_store_opens_while_another_process_is_writing_to_it(tmp_path):
+    """The review server and ingest open a new store together: while one is in a write transaction on it
+    (still in SQLite's first journal mode), the other's switch to WAL is refused at once, without SQLite's busy
+    wait; the open waits for the write to end instead of failing with "database is locked"."""
+    import sqlite3
+    import time
+
+    from central.review.store import DB_NAME
+
+    tmp_path.mkdir(exist_ok=True)
+    other = sqlite3.connect(tmp_path / DB_NAME, isolation_level=None, check_same_thread=False)
+    other.execute("CREATE TABLE other_process(a)")
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("INSERT INTO other_process VALUES (1)")
+    ended = threading.Event()
+
+    def finish() -> None:
+        other.execute("COMMIT")
+        ended.set()
+
+    timer = threading.Timer(0.3, finish)
+    timer.start()
+    started = time.monotonic()
+    store = FrameStore(tmp_path, labels=LABELS)
+    assert ended.is_set() and time.monotonic() - started >= 0.25      # it waited for the other's commit
+    assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert other.execute("SELECT count(*) FROM other_process").fetchone()[0] == 1
+    timer.join()
+    other.close()
+
+
 def test_quota_warns_then_refuses_and_never_deletes(tmp_path, caplog):
     records = real_frames(6)
     size = len(records[0].blob)
