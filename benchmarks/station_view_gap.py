@@ -105,10 +105,10 @@ def measure(model: Model, scene: str, items: int, seed: int, without: str, image
         if len(inside) != 1 or len(seen) != 1:
             continue
         item = inside[0]
-        box = crop_box(true_box(masks[item], roi), view.shape[:2], model.policy)
-        truth.append(cut(view, box))
+        item_box = true_box(masks[item], roi)
+        truth.append(cut(view, crop_box(item_box, view.shape[:2], model.policy)))
         if margins:
-            kept_views.append((view, true_box(masks[item], roi), located.box))
+            kept_views.append((view, item_box, located.box))
         if located.crop_box is not None:
             found += 1
             station.append(cut(view, located.crop_box))
@@ -141,10 +141,10 @@ def margin_sweep(model: Model, kept: list[tuple[np.ndarray, Any, Any]], want: np
     """Frame accuracy through the crop policy with other margins, around the true box and the station's box
     (a frame whose item the station did not find counts wrong): how much the crop's margin costs or gains."""
     out = {}
+    found = [i for i, (_, _, box) in enumerate(kept) if box is not None]
     for margin in margins:
         policy = replace(model.policy, margin=margin)
         truth = [cut(view, crop_box(box, view.shape[:2], policy)) for view, box, _ in kept]
-        found = [i for i, (_, _, box) in enumerate(kept) if box is not None]
         pred = np.full(len(kept), -1)
         if found:
             pred[found] = model.predict([cut(kept[i][0], crop_box(kept[i][2], kept[i][0].shape[:2], policy))

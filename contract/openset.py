@@ -108,8 +108,9 @@ class EmbeddingStats:
         bank_t, blocks = self._knn_index
         sims = unit(emb).astype(np.float32) @ bank_t                         # N x bank, grouped by class
         best = np.full(len(sims), np.inf)
+        fullest = max(n for _, _, n in blocks)
         for start, stop, n in blocks:
-            kc = min(n, max(1, int(round(k * n / max(b[2] for b in blocks)))))
+            kc = min(n, max(1, int(round(k * n / fullest))))
             own = sims[:, start:stop]
             kth = np.partition(own, n - kc, axis=1)[:, n - kc]              # the kc-th largest cosine
             best = np.minimum(best, 1.0 - kth.astype(np.float64))
@@ -119,7 +120,7 @@ class EmbeddingStats:
     def _knn_index(self) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
         """(D x bank float32 bank, columns grouped by class; (start, stop, count) of each class's columns)."""
         order = np.argsort(self.bank_labels, kind="stable")
-        classes, starts, counts = np.unique(self.bank_labels[order], return_index=True, return_counts=True)
+        _, starts, counts = np.unique(self.bank_labels[order], return_index=True, return_counts=True)
         bank_t = np.ascontiguousarray(np.asarray(self.bank, np.float32)[order].T)
         return bank_t, [(int(s), int(s + n), int(n)) for s, n in zip(starts, counts)]
 

@@ -155,7 +155,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def train_config_from_args(args: argparse.Namespace):
-    from trainer.config import TrainConfig
 
     station = StationViewConfig(enabled=args.station_view == "on", share=args.station_view_share,
                                 rotation=args.rotation,
@@ -169,7 +168,6 @@ def train_config_from_args(args: argparse.Namespace):
 
 
 def cmd_train(args) -> int:
-    from trainer.config import TrainConfig
     from trainer.engine import Trainer
 
     if args.resume:

@@ -55,6 +55,7 @@ INTERNAL_COUNTERS = ("bytes_stored",)
 FILTERS = ("status", "site", "station", "camera", "model_version", "predicted")
 ORDERS = ("oldest", "newest", "least-certain", "least-certain-by-class")
 EMPTY_SCENES_DIR = "empty-scenes"
+LOCK_WAIT_S = 60                   # how long an open or a write waits for another process's lock on the store
 MAX_CONTEXT_BYTES = 64 * 1024      # the ROI context JPEG (the station sends at most 160 px, a few kB)
 MAX_CONTEXT_SIDE = 1024
 QUARANTINE_MAX_ROWS = 1000         # the newest refused messages kept; older ones go (the counter keeps counting)
@@ -156,9 +157,10 @@ class FrameStore:
         self.base_labels = list(labels or [])
         self._lock = threading.RLock()
         # timeout: how long to wait for another process's write lock (a busy store shared by several workers)
-        self._db = sqlite3.connect(self.root / DB_NAME, check_same_thread=False, isolation_level=None, timeout=60)
+        self._db = sqlite3.connect(self.root / DB_NAME, check_same_thread=False, isolation_level=None,
+                                   timeout=LOCK_WAIT_S)
         self._db.row_factory = sqlite3.Row
-        self._wal(deadline=time.monotonic() + 60)
+        self._wal(deadline=time.monotonic() + LOCK_WAIT_S)
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
         self._add_margin_column()
