@@ -463,9 +463,15 @@ class DecisionsConfig(_Strict):
         False, title="Unknown items",
         description="Decide a frame or item whose unknown score is above the threshold 'unknown' (the review lane, "
                     "uploaded for labelling, counted apart in receipts). Off: the score is still computed and "
-                    "published (unknown_score) but never changes a decision. Off by default: at the bundle's 95% "
+                    "not computed (see unknown_score) and never changes a decision. Off by default: at the bundle's 95% "
                     "keep it cost the documented recipe 8-22 points of item accuracy on the station-view scenes "
                     "(docs/open-set.md); turn it on where unknown products arrive, e.g. receiving docks.")
+    unknown_score: bool = Field(
+        False, title="Unknown score when off",
+        description="With unknown_items off, still compute each frame's unknown score and publish it "
+                    "(unknown_score), to watch it before turning the verdict on. Off by default: on a CPU station "
+                    "with a small model the bundle's knn score costs about as much as the model's forward pass "
+                    "(docs/agent.md). With unknown_items on the score is always computed.")
     publish_results: bool = Field(True, title="Publish results", description="Publish every per-frame result.")
     empty_frames: Literal["skip", "publish"] = Field(
         "skip", title="Empty frames",

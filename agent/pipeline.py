@@ -13,8 +13,9 @@ model that classified it.
 A bundle with ``open_set`` gives each frame an unknown score (contract/openset.py) from its logits and its
 embedding; the model's logits get the enrolled classes' appended first, so probabilities cover every label
 of the bundle. A frame, or an item (the median of its frames), whose score is above the camera's threshold
-is decided ``unknown``: no class, sent to the review lane and uploaded for labelling. A bundle without
-``open_set`` has no score, and decides as before.
+is decided ``unknown``: no class, sent to the review lane and uploaded for labelling. With
+``decisions.unknown_items`` off the score is not computed (``decisions.unknown_score`` computes and
+publishes it anyway). A bundle without ``open_set`` has no score, and decides as before.
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ def camera_policy(bundle: Bundle, cam: CameraConfig, override: Thresholds | None
                   precision: str = "fp32", unknown_items: bool = True) -> LowConfidencePolicy:
     """A camera's policy: cmd/thresholds over the camera's config over the bundle's thresholds (the unknown
     score's: the bundle's open_set threshold calibrated for the precision of the artifact running; none when
-    ``unknown_items`` is off: the score is published, it decides nothing)."""
+    ``unknown_items`` is off: the score, if computed at all, decides nothing)."""
     unknown = (bundle.open_set.threshold_for(precision) if bundle.open_set is not None and unknown_items
                else None)
     return LowConfidencePolicy(PolicyThresholds.resolve(bundle.thresholds, merge_thresholds(cam.thresholds, override),
@@ -245,7 +246,9 @@ class InferenceStage(threading.Thread):
         chosen = [i for i, f in enumerate(batch) if self._needs_model(f)]
         inputs = self._inputs([batch[i] for i in chosen], runtime) if chosen else None
         t1 = time.monotonic()
-        logits, scores = self._model_outputs(runtime, inputs, len(chosen))
+        decisions = self.cfg.decisions
+        logits, scores = self._model_outputs(runtime, inputs, len(chosen),
+                                             with_scores=decisions.unknown_items or decisions.unknown_score)
         t2 = time.monotonic()
         timings = {"preprocess": (t1 - t0) / len(batch) + _prepare_seconds(batch),
                    "inference": (t2 - t1) / max(1, len(chosen))}
@@ -259,20 +262,20 @@ class InferenceStage(threading.Thread):
         return Inferred(batch, runtime, softmax(logits), timings, t0, chosen, scores)
 
     @staticmethod
-    def _model_outputs(runtime: ModelRuntime, inputs: np.ndarray | None,
-                       frames: int) -> tuple[np.ndarray, np.ndarray | None]:
+    def _model_outputs(runtime: ModelRuntime, inputs: np.ndarray | None, frames: int,
+                       with_scores: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
         """One logit per label of the bundle for each frame (the enrolled classes' appended from the embedding),
-        and each frame's unknown score (None without open_set). A frame whose embedding is not finite gets NaN
-        logits and score, so it is dropped like a frame with non-finite logits."""
+        and each frame's unknown score (None without open_set or ``with_scores``). A frame whose embedding is not
+        finite gets NaN logits and score, so it is dropped like a frame with non-finite logits."""
         bundle = runtime.bundle
         where = f"{bundle.name} {bundle.version}"
         trained = len(bundle.model_labels)
+        open_set = bundle.open_set
         if inputs is None:
-            return np.zeros((0, len(bundle.labels))), (np.zeros(0) if bundle.open_set is not None else None)
+            return np.zeros((0, len(bundle.labels))), (np.zeros(0) if open_set is not None and with_scores else None)
         logits, emb = outputs_of(runtime.backend, inputs)
         if logits.shape != (frames, trained):
             raise ValueError(f"{where}: outputs shape {logits.shape} for {frames} frames and {trained} trained labels")
-        open_set = bundle.open_set
         if open_set is None:
             return logits, None
         if emb is None and open_set.needs_embedding:
@@ -283,8 +286,10 @@ class InferenceStage(threading.Thread):
         with np.errstate(all="ignore"):      # a row that is not finite is dropped by the caller, not warned about
             bad = ~np.isfinite(emb).all(axis=1) if emb is not None else np.zeros(frames, bool)
             full = np.asarray(open_set.full_logits(logits, emb), np.float64)
-            scores = np.asarray(open_set.scores(full, emb), np.float64)
-        full[bad], scores[bad] = np.nan, np.nan
+            scores = np.asarray(open_set.scores(full, emb), np.float64) if with_scores else None
+        full[bad] = np.nan
+        if scores is not None:
+            scores[bad] = np.nan
         return full, scores
 
     def _drop_non_finite(self, batch: list[Frame], chosen: list[int], finite: np.ndarray,

@@ -44,10 +44,10 @@ from agent.decide import ItemTracker, LaneMap, LowConfidencePolicy, Observation,
 from agent.demo import Subscriber
 from agent.health import Metrics
 from agent.outbox import Outbox
-from agent.pipeline import InferenceStage, ModelHolder, camera_policy
+from agent.pipeline import InferenceStage, ModelHolder, ModelRuntime, camera_policy
 from agent.sources.base import Frame
 from agent.sources.camera import FrameHub
-from contract.bundle import load_bundle
+from contract.bundle import Bundle, load_bundle
 from contract.messages import ENGINES, checker, loads_finite
 from contract.openset import UNKNOWN_LABEL
 
@@ -328,12 +328,12 @@ def test_a_bundle_without_open_set_decides_as_before_with_no_unknown_score(broke
 
 # ------------------------------------------------------------------ the inference stage alone
 
-def test_with_unknown_items_off_the_score_is_published_and_decides_nothing(tmp_path):
-    """The default (decisions.unknown_items: false): a far colour keeps the model's top label and is not made
-    low-confidence by its score, yet its result carries the score, above the threshold."""
+def run_two_frames(tmp_path, **decisions) -> tuple[dict, dict, Bundle, ModelRuntime, Metrics]:
+    """A far colour (grey) and a known one (red) through the inference stage alone: their results."""
     bundle_dir = make_open_set_bundle(tmp_path / "models")
     bundle = load_bundle(bundle_dir)
-    cfg = as_config(station_config(tmp_path, bundle_dir, "unused", 1, frames={"enabled": False}))
+    cfg = as_config(station_config(tmp_path, bundle_dir, "unused", 1, frames={"enabled": False},
+                                   **({"decisions": decisions} if decisions else {})))
     assert cfg.decisions.unknown_items is False
     runtime = build_runtime(cfg, bundle)
     outbox = Outbox(cfg.outbox.path, max_bytes=cfg.outbox.max_bytes, max_age_s=cfg.outbox.max_age_s)
@@ -342,6 +342,24 @@ def test_with_unknown_items_off_the_score_is_published_and_decides_nothing(tmp_p
     stage.process([Frame("cam-a", 1, 1000.0, 0.0, image(GREY)), Frame("cam-a", 2, 1001.0, 0.0,
                                                                          image(OPEN_SET_COLOURS["red"]))])
     grey, red = [r.body for r in outbox.pending(limit=10) if r.kind == "result"]
+    outbox.close()
+    return grey, red, bundle, runtime, metrics
+
+
+def test_with_unknown_items_off_the_score_is_not_computed_and_decides_nothing(tmp_path):
+    """The default (decisions.unknown_items and unknown_score false): a far colour keeps the model's top label,
+    is not made low-confidence, and no result carries a score (none was computed)."""
+    grey, red, _, _, metrics = run_two_frames(tmp_path)
+    assert grey["label"] != UNKNOWN_LABEL and grey["class_id"] is not None and red["label"] == "red"
+    assert "unknown_score" not in grey and "unknown_score" not in red
+    assert not any(reason.startswith("unknown score") for reason in grey["reasons"])
+    assert metrics.counter("frames_unknown_total", camera="cam-a") == 0
+
+
+def test_with_unknown_score_on_the_score_is_published_and_decides_nothing(tmp_path):
+    """decisions.unknown_score with unknown_items off: the far colour's result carries its score, above the
+    threshold, and still keeps the model's top label."""
+    grey, red, bundle, runtime, metrics = run_two_frames(tmp_path, unknown_score=True)
     threshold = bundle.open_set.threshold_for(runtime.backend.precision)
     assert grey["label"] != UNKNOWN_LABEL and grey["class_id"] is not None and grey["unknown_score"] > threshold
     assert not any(reason.startswith("unknown score") for reason in grey["reasons"])
