@@ -98,11 +98,6 @@ class StationViewConfig:
     """Probability that the item's enclosed holes (the dark inside of a bag's handle, between a sandal's
     straps) are part of the item, shown as the image has them, instead of showing the surface: a station's
     segmentation (or a product photo's mask) may or may not fill them."""
-    rim: float = 0.3
-    """Probability that the item's mask has a hard edge: every pixel off the border colour is the item, so the
-    image's dark anti-aliased rim shows as a thin outline around it instead of fading into the surface. A
-    cut-out product photo or a station's segmentation keeps such a fringe; on a light surface it is what
-    the camera shows around every item."""
     shadow: float = 0.5
     """Probability of a drop shadow: the item's silhouette, offset, softened and darkening the surface."""
     shadow_strength: tuple[float, float] = (0.2, 0.5)
@@ -148,8 +143,7 @@ class StationViewConfig:
     """Render at this multiple of the canvas side (capped at 256 px) and area-downsample; 2 costs ~4x the time."""
 
     def __post_init__(self) -> None:
-        for name in ("share", "out_of_view", "blur", "jpeg", "folder_share", "fill_holes", "rim", "shadow",
-                     "shadow_in_box"):
+        for name in ("share", "out_of_view", "blur", "jpeg", "folder_share", "fill_holes", "shadow", "shadow_in_box"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"station_view.{name}: expected a probability in 0..1, got {getattr(self, name)!r}")
         if self.mask not in MASK_MODES:
@@ -188,7 +182,7 @@ def render_side_for(side: int, supersample: float = 1.0) -> int:
     return max(side, min(round(side * supersample), 256))
 
 
-def item_mask(canvas: torch.Tensor, mode: str = "auto", hard: bool = False) -> torch.Tensor:
+def item_mask(canvas: torch.Tensor, mode: str = "auto") -> torch.Tensor:
     """N x 1 x S x S item mask in 0..1 for a float canvas batch (N x 3|4 x S x S, 0..1).
 
     A 4th channel that is not all zero is a mask file's mask. The border rule takes the median
@@ -196,8 +190,7 @@ def item_mask(canvas: torch.Tensor, mode: str = "auto", hard: bool = False) -> t
     at BORDER_RAMP further, so the item's dark anti-aliased rim fades into the new background instead
     of leaving a halo; holes that a 3x3 closing fills (dark details inside the item) are opaque. In
     ``auto`` mode the rule applies when most of the border (BORDER_PLAIN) is that colour, else the
-    image is pasted whole. ``hard``: no ramp, every pixel past BORDER_THRESHOLD is fully the item, so
-    the rim stays (``StationViewConfig.rim``). An empty result falls back to all ones.
+    image is pasted whole. An empty result falls back to all ones.
     """
     n, _, s, _ = canvas.shape
     rgb = canvas[:, :3]
@@ -208,10 +201,9 @@ def item_mask(canvas: torch.Tensor, mode: str = "auto", hard: bool = False) -> t
     ref = border.median(dim=2).values
     plain = ((border - ref[..., None]).abs().amax(1) <= BORDER_THRESHOLD).float().mean(1) >= BORDER_PLAIN
     diff = (rgb - ref[..., None, None]).abs().amax(1, keepdim=True)
-    off = (diff > BORDER_THRESHOLD).float()
-    closed = -F.max_pool2d(-F.max_pool2d(off, 3, 1, 1), 3, 1, 1)
-    edge = off if hard else ((diff - BORDER_THRESHOLD) / BORDER_RAMP).clamp(0, 1)
-    mask = torch.maximum(edge, closed * (1 - off))
+    hard = (diff > BORDER_THRESHOLD).float()
+    closed = -F.max_pool2d(-F.max_pool2d(hard, 3, 1, 1), 3, 1, 1)
+    mask = torch.maximum(((diff - BORDER_THRESHOLD) / BORDER_RAMP).clamp(0, 1), closed * (1 - hard))
     if mode == "auto":
         mask = torch.where(plain.view(n, 1, 1, 1), mask, ones)
     if canvas.shape[1] == 4:
@@ -334,7 +326,7 @@ class StationView:
             "sv_wb": torch.rand(n, 3, generator=self.generator) * 2 * c.white_balance + 1 - c.white_balance,
             "sv_colour": self._colours(n),
             "sv_item_gain": torch.exp(r(n, math.log(c.item_gain[0]), math.log(c.item_gain[1]))),
-            "sv_fill_holes": r(n) < c.fill_holes, "sv_rim": r(n) < c.rim,
+            "sv_fill_holes": r(n) < c.fill_holes,
             "sv_shadow": r(n) < c.shadow, "sv_shadow_in_box": r(n) < c.shadow_in_box,
             "sv_shadow_strength": r(n, *c.shadow_strength),
             "sv_shadow_len": r(n, 0.3, 1.0) * c.shadow_offset_px, "sv_shadow_dir": r(n, 0, 2 * math.pi),
@@ -427,9 +419,6 @@ class StationView:
         """(view, item mask) at render size, 0..1, before blur/JPEG/noise: N x 3|1 x R x R."""
         n, dev = canvas.shape[0], canvas.device
         mask = item_mask(canvas, self.config.mask)
-        if bool(p["sv_rim"].any()):
-            rim = p["sv_rim"].to(dev).view(n, 1, 1, 1)
-            mask = torch.where(rim, item_mask(canvas, self.config.mask, hard=True), mask)
         if bool(p["sv_fill_holes"].any()):
             fill = p["sv_fill_holes"].to(dev).view(n, 1, 1, 1)
             mask = torch.where(fill, torch.maximum(mask, enclosed_holes(mask)), mask)

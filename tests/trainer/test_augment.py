@@ -34,7 +34,7 @@ SPEC = eval_spec(SIDE, SIDE, crop=CropPolicy(mode="foreground", margin=0.1))
 # Every random effect off: geometry is exactly "item box fills 1/(1+2 margin), centred".
 STILL = dict(rotation=0.0, scale_jitter=0.0, position_jitter=0.0, out_of_view=0.0, tilt=0.0, gain=(1.0, 1.0),
              white_balance=0.0, gradient=0.0, noise=0.0, blur=0.0, jpeg=0.0, item_colour=0.0, item_gain=(1.0, 1.0),
-             fill_holes=0.0, rim=0.0, shadow=0.0)
+             fill_holes=0.0, shadow=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -226,27 +226,6 @@ def test_filled_holes_show_the_image_inside_the_item_instead_of_the_surface():
     centre = (slice(None), slice(None), slice(20, 28), slice(20, 28))
     assert open_alpha[centre].max() < 0.01 and filled_alpha[centre].min() > 0.99
     assert filled_view[centre].max() < 0.02 < open_view[centre].mean()  # the image's black, not the surface
-
-
-def test_rim_keeps_the_images_dark_fringe_as_an_outline_on_a_light_surface():
-    item = torch.zeros(1, 3, SIDE, SIDE)
-    item[:, :, 8:40, 8:40] = 0.12                                  # a dark anti-aliased fringe ...
-    item[:, :, 11:37, 11:37] = 0.8                                 # ... around a light item
-    soft, hard = item_mask(item), item_mask(item, hard=True)
-    assert soft[0, 0, 9, 24] == pytest.approx((0.12 - 0.06) / 0.15) and hard[0, 0, 9, 24] == 1
-    assert torch.equal(soft[..., 11:37, 11:37], hard[..., 11:37, 11:37]) and hard[..., :7, :].max() == 0
-    sv = station(rim=1.0, textures=("bench",))
-    p = sv.sample(1)
-    plain, plain_alpha = sv.render(item, forced(p, 1, sv_rim=False))
-    rimmed, rim_alpha = sv.render(item, p)
-    def outer_band(alpha: torch.Tensor) -> torch.Tensor:            # the item's outermost 2 px, all round
-        on = (alpha > 0.5).float()
-        return ((on - -F.max_pool2d(-on, 5, 1, 2)) > 0).expand(-1, 3, -1, -1)
-
-    band, plain_band = outer_band(rim_alpha), outer_band(plain_alpha)
-    assert band.sum() > 3 * 4 * 20 and plain_band.sum() > 3 * 4 * 20
-    assert rimmed[band].mean() < 0.25 and plain[plain_band].mean() > 0.45  # a dark outline vs the item's own edge
-    assert station(rim=0.3).sample(2000)["sv_rim"].float().mean() == pytest.approx(0.3, abs=0.04)
 
 
 def test_item_gain_changes_the_item_alone(canvas):
