@@ -32,6 +32,15 @@ def test_station_file_inherits_defaults_and_overrides():
     assert cfg.cameras[1].thresholds.min_confidence == 0.7
 
 
+def test_qc_station_reviews_every_flagged_item_and_receiving_keeps_the_budget():
+    """A null in a station file overrides a default that is not null: QC's strict thresholds alone decide."""
+    qc = load_config(REPO / "firmware-config/stations/qc-01.yaml")
+    receiving = load_config(REPO / "firmware-config/stations/receiving-01.yaml")
+    assert qc.decisions.sorting.review_budget is None and qc.cameras[0].thresholds.min_confidence == 0.8
+    assert receiving.decisions.sorting.review_budget == 0.1
+    assert qc.decisions.sorting.review_lane == receiving.decisions.sorting.review_lane == "manual-review"
+
+
 def test_validate_config_cli_ok(capsys):
     assert main(["validate-config", *map(str, FIRMWARE)]) == 0
     assert "OK" in capsys.readouterr().out
