@@ -462,8 +462,8 @@ class DecisionsConfig(_Strict):
     unknown_items: bool = Field(
         False, title="Unknown items",
         description="Decide a frame or item whose unknown score is above the threshold 'unknown' (the review lane, "
-                    "uploaded for labelling, counted apart in receipts). Off: the score is still computed and "
-                    "not computed (see unknown_score) and never changes a decision. Off by default: at the bundle's 95% "
+                    "uploaded for labelling, counted apart in receipts). Off: the score is not computed (unless "
+                    "unknown_score asks for it) and never changes a decision. Off by default: at the bundle's 95% "
                     "keep it cost the documented recipe 8-22 points of item accuracy on the station-view scenes "
                     "(docs/open-set.md); turn it on where unknown products arrive, e.g. receiving docks.")
     unknown_score: bool = Field(

@@ -262,8 +262,8 @@ class InferenceStage(threading.Thread):
         return Inferred(batch, runtime, softmax(logits), timings, t0, chosen, scores)
 
     @staticmethod
-    def _model_outputs(runtime: ModelRuntime, inputs: np.ndarray | None, frames: int,
-                       with_scores: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    def _model_outputs(runtime: ModelRuntime, inputs: np.ndarray | None, frames: int, *,
+                       with_scores: bool) -> tuple[np.ndarray, np.ndarray | None]:
         """One logit per label of the bundle for each frame (the enrolled classes' appended from the embedding),
         and each frame's unknown score (None without open_set or ``with_scores``). A frame whose embedding is not
         finite gets NaN logits and score, so it is dropped like a frame with non-finite logits."""

@@ -155,7 +155,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def train_config_from_args(args: argparse.Namespace):
-
     station = StationViewConfig(enabled=args.station_view == "on", share=args.station_view_share,
                                 rotation=args.rotation,
                                 backgrounds=str(args.backgrounds) if args.backgrounds else None)

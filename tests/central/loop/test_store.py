@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
+import time
 
 import pytest
 from loop_support import LABELS, real_frames, truth_of
 
-from central.review.store import FrameStore, StoreError, UnknownFrame
+from central.review.store import DB_NAME, FrameStore, StoreError, UnknownFrame
 
 
 def test_frames_are_stored_once_and_survive_a_reopen(tmp_path):
@@ -86,11 +88,6 @@ def test_a_new_store_opens_while_another_process_is_writing_to_it(tmp_path):
     """The review server and ingest open a new store together: while one is in a write transaction on it
     (still in SQLite's first journal mode), the other's switch to WAL is refused at once, without SQLite's busy
     wait; the open waits for the write to end instead of failing with "database is locked"."""
-    import sqlite3
-    import time
-
-    from central.review.store import DB_NAME
-
     tmp_path.mkdir(exist_ok=True)
     other = sqlite3.connect(tmp_path / DB_NAME, isolation_level=None, check_same_thread=False)
     other.execute("CREATE TABLE other_process(a)")
@@ -182,7 +179,6 @@ def test_the_open_walks_the_images_without_the_write_lock_and_keeps_what_commits
     """A large store's walk takes seconds: other workers keep writing meanwhile (the walk does not hold SQLite's
     write lock), and a file whose row another worker commits during the walk is kept. The commit is made to
     happen at the end of the walk by wrapping Path.rglob; the write itself is a real second connection."""
-    import sqlite3
     from pathlib import Path
 
     [record] = real_frames(1)
@@ -271,8 +267,6 @@ def test_least_certain_by_class_lets_every_predicted_class_take_a_turn(tmp_path)
 
 
 def test_a_store_from_before_the_margin_column_gets_it_filled_on_open(tmp_path):
-    import sqlite3
-
     records = real_frames(3)
     store = FrameStore(tmp_path / "s", labels=LABELS)
     for r, (top, second) in zip(records, [(0.6, 0.1), (0.4, 0.35), (0.5, 0.3)]):
