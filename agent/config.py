@@ -207,6 +207,10 @@ class ModelConfig(_Strict):
                                             "localizing a frame); 0: OpenCV's default, all CPUs. 1: each camera "
                                             "thread works on one core and leaves the rest to the model: OpenCV's "
                                             "parallel loops on a 300 px ROI cost more CPU than they save.")
+    flip_average: bool = Field(
+        False, title="Flip average",
+        description="Classify each crop and its mirror image and average the two views' logits (two model runs per "
+                    "batch). The unknown score stays the unflipped view's, as its threshold was calibrated.")
     warmup_runs: int = Field(2, ge=0, le=1000, title="Warm-up runs", description="Inference runs before the station reports ready.")
     pipeline_nice: int = Field(10, ge=0, le=19, title="Pipeline nice",
                                description="Nice value the camera, decide and MQTT threads add to their own, so on a "

@@ -248,7 +248,8 @@ class InferenceStage(threading.Thread):
         t1 = time.monotonic()
         decisions = self.cfg.decisions
         logits, scores = self._model_outputs(runtime, inputs, len(chosen),
-                                             with_scores=decisions.unknown_items or decisions.unknown_score)
+                                             with_scores=decisions.unknown_items or decisions.unknown_score,
+                                             flip=self.cfg.model.flip_average)
         t2 = time.monotonic()
         timings = {"preprocess": (t1 - t0) / len(batch) + _prepare_seconds(batch),
                    "inference": (t2 - t1) / max(1, len(chosen))}
@@ -263,10 +264,14 @@ class InferenceStage(threading.Thread):
 
     @staticmethod
     def _model_outputs(runtime: ModelRuntime, inputs: np.ndarray | None, frames: int, *,
-                       with_scores: bool) -> tuple[np.ndarray, np.ndarray | None]:
+                       with_scores: bool, flip: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         """One logit per label of the bundle for each frame (the enrolled classes' appended from the embedding),
         and each frame's unknown score (None without open_set or ``with_scores``). A frame whose embedding is not
-        finite gets NaN logits and score, so it is dropped like a frame with non-finite logits."""
+        finite gets NaN logits and score, so it is dropped like a frame with non-finite logits.
+
+        ``flip`` (model.flip_average): the mirrored inputs run as a second batch of the same shape (an engine's
+        batch profile holds it) and the two views' full logits are averaged; the score is the unflipped view's,
+        the one its threshold was calibrated on."""
         bundle = runtime.bundle
         where = f"{bundle.name} {bundle.version}"
         trained = len(bundle.model_labels)
@@ -276,8 +281,10 @@ class InferenceStage(threading.Thread):
         logits, emb = outputs_of(runtime.backend, inputs)
         if logits.shape != (frames, trained):
             raise ValueError(f"{where}: outputs shape {logits.shape} for {frames} frames and {trained} trained labels")
+        if flip:
+            mirrored, mirrored_emb = outputs_of(runtime.backend, np.ascontiguousarray(inputs[..., ::-1]))
         if open_set is None:
-            return logits, None
+            return (logits + mirrored) / 2 if flip else logits, None
         if emb is None and open_set.needs_embedding:
             raise ValueError(f"{where}: field open_set needs the model's embedding output "
                              f"{bundle.embedding_name!r}, and the backend gave none")
@@ -287,6 +294,8 @@ class InferenceStage(threading.Thread):
             bad = ~np.isfinite(emb).all(axis=1) if emb is not None else np.zeros(frames, bool)
             full = np.asarray(open_set.full_logits(logits, emb), np.float64)
             scores = np.asarray(open_set.scores(full, emb), np.float64) if with_scores else None
+            if flip:
+                full = (full + np.asarray(open_set.full_logits(mirrored, mirrored_emb), np.float64)) / 2
         full[bad] = np.nan
         if scores is not None:
             scores[bad] = np.nan

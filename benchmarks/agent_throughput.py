@@ -69,12 +69,13 @@ def bare_throughput(bundle_dir: Path, batch_size: int, seconds: float, threads: 
 
 def agent_config(bundle: Path, video: Path, workdir: Path, port: int, batch_size: int, threads: int,
                  cameras: int = 1, queue_size: int | None = None, pipeline_nice: int = 10,
-                 localize: bool = False) -> AgentConfig:
+                 localize: bool = False, flip_average: bool = False) -> AgentConfig:
     # block: no frame is dropped, the agent runs flat out; each camera may read ahead by queue_size frames.
     return AgentConfig.model_validate({
         "site": "bench", "station": "st-01",
         "model": {"bundle": str(bundle), "backend": "onnxruntime", "batch_size": batch_size,
-                  "batch_timeout_ms": 5, "intra_op_threads": threads, "pipeline_nice": pipeline_nice},
+                  "batch_timeout_ms": 5, "intra_op_threads": threads, "pipeline_nice": pipeline_nice,
+                  "flip_average": flip_average},
         "cameras": [{"id": f"cam-{i + 1}", "uri": str(video), "loop": True, "backpressure": "block",
                      "queue_size": queue_size or 2 * batch_size} for i in range(cameras)],
         "mqtt": {"host": "127.0.0.1", "port": port},
@@ -162,6 +163,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, default=300, help="Fashion-MNIST test images in the looped video")
     p.add_argument("--crop", choices=["roi", "foreground", "bundle"], default="bundle",
                    help="the station's crop: whole frame, or the localizer's item crop (default: the bundle's)")
+    p.add_argument("--flip-average", action="store_true",
+                   help="model.flip_average of the agent: each crop and its mirror through the model (the bare "
+                        "baseline stays one run per image)")
     p.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     return p
 
@@ -189,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         write_video(images, video, size=112, lead_blank=2 if localize else 0)
         with local_mosquitto(workdir) as port:
             cfg = agent_config(station_bundle, video, workdir, port, args.batch_size, args.threads, args.cameras,
-                               args.queue_size, args.pipeline_nice, localize)
+                               args.queue_size, args.pipeline_nice, localize, args.flip_average)
             res = agent_throughput(cfg, args.duration, args.warmup, broker_pid(workdir))
     # The bare model once more after the agent run: a machine whose speed drifted during the run shows,
     # and the faster of the two bare figures is the baseline.
@@ -204,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bare ORT          {after_ips:10.1f} images/s with {best} intra-op thread(s), after it")
     print(f"baseline          {bare_ips:10.1f} images/s (the fastest bare figure)")
     print(f"agent end-to-end  {res['ips']:10.1f} results/s acknowledged by the broker (PUBACK) over {args.duration:g}s, "
-          f"{args.cameras} camera(s), {agent_threads} intra-op thread(s), pipeline nice {args.pipeline_nice}")
+          f"{args.cameras} camera(s), {agent_threads} intra-op thread(s), pipeline nice {args.pipeline_nice}"
+          + (", flip average" if args.flip_average else ""))
     print(f"ratio agent/bare  {res['ips'] / bare_ips:10.3f}")
     print(f"CPU per image     bare {bare_cpu_ms:.3f} ms, agent {res['cpu_ms']:.3f} ms (agent process, all threads), "
           f"broker {res['broker_ms']:.3f} ms (mosquitto on the same cores)")
@@ -216,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
 
         args.json.write_text(json.dumps({
             "command": "python " + " ".join(sys.argv), "bundle": str(bundle), "backend": backend,
-            "crop": "foreground" if localize else "roi", "batch_size": args.batch_size, "duration_s": args.duration,
+            "crop": "foreground" if localize else "roi", "flip_average": args.flip_average, "batch_size": args.batch_size, "duration_s": args.duration,
             "bare_images_per_s": {str(t): ips for t, (ips, _, _) in bare.items()}, "bare_after": after_ips,
             "baseline_images_per_s": bare_ips, "agent_results_per_s": res["ips"], "ratio": res["ips"] / bare_ips,
             "cpu_ms_per_image": {"bare": bare_cpu_ms, "agent": res["cpu_ms"], "broker": res["broker_ms"]},

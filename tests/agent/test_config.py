@@ -41,6 +41,15 @@ def test_qc_station_reviews_every_flagged_item_and_receiving_keeps_the_budget():
     assert qc.decisions.sorting.review_lane == receiving.decisions.sorting.review_lane == "manual-review"
 
 
+def test_the_fleet_defaults_turn_flip_average_on_and_the_schema_leaves_it_off(tmp_path):
+    """firmware-config/defaults.yaml turns model.flip_average on for every station that extends it; a config
+    without it (and so the benchmarks' generated configs) keeps the schema's off."""
+    for station in ("qc-01", "receiving-01"):
+        assert load_config(REPO / f"firmware-config/stations/{station}.yaml").model.flip_average is True
+    assert load_config(_device(tmp_path, "site: s\nstation: t\nmodel: {bundle: b}\ncameras: [{id: a, uri: x}]\n")
+                       ).model.flip_average is False
+
+
 def test_validate_config_cli_ok(capsys):
     assert main(["validate-config", *map(str, FIRMWARE)]) == 0
     assert "OK" in capsys.readouterr().out
