@@ -221,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
 
         args.json.write_text(json.dumps({
             "command": "python " + " ".join(sys.argv), "bundle": str(bundle), "backend": backend,
-            "crop": "foreground" if localize else "roi", "flip_average": args.flip_average, "batch_size": args.batch_size, "duration_s": args.duration,
+            "crop": "foreground" if localize else "roi", "flip_average": args.flip_average,
+            "batch_size": args.batch_size, "duration_s": args.duration,
             "bare_images_per_s": {str(t): ips for t, (ips, _, _) in bare.items()}, "bare_after": after_ips,
             "baseline_images_per_s": bare_ips, "agent_results_per_s": res["ips"], "ratio": res["ips"] / bare_ips,
             "cpu_ms_per_image": {"bare": bare_cpu_ms, "agent": res["cpu_ms"], "broker": res["broker_ms"]},

@@ -1,8 +1,9 @@
 """Unknown items, enrolment and receiving on Fashion-MNIST: leave-two-classes-out folds (issue 17).
 
 Each fold trains the documented recipe (MobileNetV2, 48 px, its augmentation and station views; 2,000 images
-per class and 5 epochs instead of all and 10, the same for every fold) on 8 classes and exports a real bundle;
-the 2 classes left out are the unknowns. Then, with the bundle's own ONNX model in ONNX Runtime (the artifact a station runs):
+per class and 5 epochs instead of all and 10, the same for every fold) on 8 classes and exports a real
+bundle; the 2 classes left out are the unknowns. Then, with the bundle's own ONNX model in ONNX Runtime (the
+artifact a station runs):
 
 1. **Unknown score**: every score of ``contract.openset.SCORES`` on the test split's images (never seen in
    training) and on the same images as a station camera shows them (``trainer.station_eval``): AUROC, and
