@@ -281,10 +281,9 @@ class InferenceStage(threading.Thread):
         logits, emb = outputs_of(runtime.backend, inputs)
         if logits.shape != (frames, trained):
             raise ValueError(f"{where}: outputs shape {logits.shape} for {frames} frames and {trained} trained labels")
-        if flip:
-            mirrored, mirrored_emb = outputs_of(runtime.backend, np.ascontiguousarray(inputs[..., ::-1]))
+        mirror = outputs_of(runtime.backend, np.ascontiguousarray(inputs[..., ::-1])) if flip else None
         if open_set is None:
-            return (logits + mirrored) / 2 if flip else logits, None
+            return logits if mirror is None else (logits + mirror[0]) / 2, None
         if emb is None and open_set.needs_embedding:
             raise ValueError(f"{where}: field open_set needs the model's embedding output "
                              f"{bundle.embedding_name!r}, and the backend gave none")
@@ -294,8 +293,8 @@ class InferenceStage(threading.Thread):
             bad = ~np.isfinite(emb).all(axis=1) if emb is not None else np.zeros(frames, bool)
             full = np.asarray(open_set.full_logits(logits, emb), np.float64)
             scores = np.asarray(open_set.scores(full, emb), np.float64) if with_scores else None
-            if flip:
-                full = (full + np.asarray(open_set.full_logits(mirrored, mirrored_emb), np.float64)) / 2
+            if mirror is not None:
+                full = (full + np.asarray(open_set.full_logits(*mirror), np.float64)) / 2
         full[bad] = np.nan
         if scores is not None:
             scores[bad] = np.nan
