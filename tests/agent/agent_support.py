@@ -126,6 +126,23 @@ def station_config(tmp_path: Path, bundle: Path, uri: str, port: int, **sections
     return deep_merge(cfg, sections)
 
 
+def inference_stage(cfg: AgentConfig, bundle_dir: Path) -> tuple[Any, Any, Any, Any]:
+    """The station's inference stage alone, on a real runtime of the bundle (its warm-up run), with no camera:
+    (stage, outbox, metrics, runtime). A test hands ``stage.process`` its frames and reads ``outbox.pending``."""
+    from agent.app import build_runtime
+    from agent.health import Metrics
+    from agent.outbox import Outbox
+    from agent.pipeline import InferenceStage, ModelHolder
+    from agent.sources.camera import FrameHub
+    from contract.bundle import load_bundle
+
+    runtime = build_runtime(cfg, load_bundle(bundle_dir))
+    outbox = Outbox(cfg.outbox.path, max_bytes=cfg.outbox.max_bytes, max_age_s=cfg.outbox.max_age_s)
+    metrics = Metrics()
+    stage = InferenceStage(cfg, FrameHub(metrics), ModelHolder(runtime), outbox, metrics, cameras_done=lambda: True)
+    return stage, outbox, metrics, runtime
+
+
 def write_yaml(path: Path, data: dict[str, Any]) -> Path:
     import yaml
 

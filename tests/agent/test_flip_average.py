@@ -8,14 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnxruntime as ort
-from agent_support import as_config, make_tiny_bundle, station_config
+from agent_support import as_config, inference_stage, make_tiny_bundle, station_config
 
-from agent.app import build_runtime
-from agent.health import Metrics
-from agent.outbox import Outbox
-from agent.pipeline import InferenceStage, ModelHolder
+from agent.decide import softmax
 from agent.sources.base import Frame
-from agent.sources.camera import FrameHub
 from contract.bundle import load_bundle
 from contract.preprocess import Preprocessor
 
@@ -28,18 +24,11 @@ def lopsided(side: int = 32) -> np.ndarray:
     return img
 
 
-def softmax(z: np.ndarray) -> np.ndarray:
-    e = np.exp(z - z.max())
-    return e / e.sum()
-
-
 def result_probs(tmp_path, bundle_dir, labels: list[str], frame_image: np.ndarray, flip: bool) -> np.ndarray:
     cfg = as_config(station_config(tmp_path, bundle_dir, "unused", 1, frames={"enabled": False},
                                    model={"flip_average": flip}, decisions={"top_k": len(labels)}))
     assert cfg.model.flip_average is flip
-    runtime = build_runtime(cfg, load_bundle(bundle_dir))
-    outbox = Outbox(cfg.outbox.path, max_bytes=cfg.outbox.max_bytes, max_age_s=cfg.outbox.max_age_s)
-    stage = InferenceStage(cfg, FrameHub(Metrics()), ModelHolder(runtime), outbox, Metrics(), cameras_done=lambda: True)
+    stage, outbox, _, _ = inference_stage(cfg, bundle_dir)
     stage.process([Frame("cam-a", 1, 1000.0, 0.0, frame_image)])
     (result,) = [r.body for r in outbox.pending(limit=10) if r.kind == "result"]
     outbox.close()

@@ -20,18 +20,14 @@ from typing import Callable
 import numpy as np
 import paho.mqtt.client as paho
 import pytest
-from agent_support import as_config, make_onnx_bundle, station_config, validate_message
+from agent_support import as_config, inference_stage, make_onnx_bundle, station_config, validate_message
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from agent.app import COMMAND_QUEUE, Agent
 from agent.backends import BackendError
 from agent.demo import Subscriber
-from agent.health import Metrics
-from agent.outbox import Outbox
-from agent.pipeline import InferenceStage, ModelHolder
 from agent.sources.base import Frame
-from agent.sources.camera import FrameHub
 from agent.update import ModelCommand, fetch_bundle, verify_command_bundle
 from contract.bundle import MANIFEST, BundleError, load_bundle
 from contract.messages import loads_finite
@@ -262,14 +258,9 @@ def test_any_command_payloads_leave_the_command_thread_serving(station, batch):
 def test_a_frame_with_non_finite_logits_is_an_inference_error_and_the_next_frame_is_classified(tmp_path):
     """A model that passed its warm-up but gives NaN on some frames (here: bright ones): those frames are
     counted as inference errors, never published with ``confidence: NaN``; the others are classified."""
-    from agent.app import build_runtime
-
     bundle_dir = make_onnx_bundle(tmp_path / "models", nan="bright")
     cfg = as_config(station_config(tmp_path, bundle_dir, str(tmp_path), 1, frames={"enabled": False}))
-    runtime = build_runtime(cfg, load_bundle(bundle_dir))       # the warm-up passes: NaN only on bright frames
-    outbox = Outbox(cfg.outbox.path, max_bytes=cfg.outbox.max_bytes, max_age_s=cfg.outbox.max_age_s)
-    metrics = Metrics()
-    stage = InferenceStage(cfg, FrameHub(metrics), ModelHolder(runtime), outbox, metrics, cameras_done=lambda: True)
+    stage, outbox, metrics, _ = inference_stage(cfg, bundle_dir)    # the warm-up passes: NaN only on bright frames
     white = np.full((32, 32, 3), 255, np.uint8)
     dark = np.full((32, 32, 3), 60, np.uint8)
     frames = [Frame("cam-a", i, 1000.0 + i, 0.0, image) for i, image in enumerate([dark, white, dark, white])]

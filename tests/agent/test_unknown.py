@@ -24,6 +24,7 @@ from agent_support import (
     Operator,
     as_config,
     bundle_predictions,
+    inference_stage,
     make_onnx_bundle,
     make_open_set_bundle,
     station_config,
@@ -43,10 +44,8 @@ from agent.config import (
 from agent.decide import ItemTracker, LaneMap, LowConfidencePolicy, Observation, PolicyThresholds, classify
 from agent.demo import Subscriber
 from agent.health import Metrics
-from agent.outbox import Outbox
-from agent.pipeline import InferenceStage, ModelHolder, ModelRuntime, camera_policy
+from agent.pipeline import ModelRuntime, camera_policy
 from agent.sources.base import Frame
-from agent.sources.camera import FrameHub
 from contract.bundle import Bundle, load_bundle
 from contract.messages import ENGINES, checker, loads_finite
 from contract.openset import UNKNOWN_LABEL
@@ -335,10 +334,7 @@ def run_two_frames(tmp_path, **decisions) -> tuple[dict, dict, Bundle, ModelRunt
     cfg = as_config(station_config(tmp_path, bundle_dir, "unused", 1, frames={"enabled": False},
                                    **({"decisions": decisions} if decisions else {})))
     assert cfg.decisions.unknown_items is False
-    runtime = build_runtime(cfg, bundle)
-    outbox = Outbox(cfg.outbox.path, max_bytes=cfg.outbox.max_bytes, max_age_s=cfg.outbox.max_age_s)
-    metrics = Metrics()
-    stage = InferenceStage(cfg, FrameHub(metrics), ModelHolder(runtime), outbox, metrics, cameras_done=lambda: True)
+    stage, outbox, metrics, runtime = inference_stage(cfg, bundle_dir)
     stage.process([Frame("cam-a", 1, 1000.0, 0.0, image(GREY)), Frame("cam-a", 2, 1001.0, 0.0,
                                                                          image(OPEN_SET_COLOURS["red"]))])
     grey, red = [r.body for r in outbox.pending(limit=10) if r.kind == "result"]
@@ -373,10 +369,7 @@ def test_a_frame_whose_embedding_is_not_finite_is_an_inference_error(tmp_path):
     bundle_dir = make_open_set_bundle(tmp_path / "models", nan_embedding_when_bright=True)
     cfg = as_config(station_config(tmp_path, bundle_dir, "unused", 1, frames={"enabled": False},
                                    decisions={"unknown_items": True}))
-    runtime = build_runtime(cfg, load_bundle(bundle_dir))       # the warm-up passes: NaN only on bright frames
-    outbox = Outbox(cfg.outbox.path, max_bytes=cfg.outbox.max_bytes, max_age_s=cfg.outbox.max_age_s)
-    metrics = Metrics()
-    stage = InferenceStage(cfg, FrameHub(metrics), ModelHolder(runtime), outbox, metrics, cameras_done=lambda: True)
+    stage, outbox, metrics, _ = inference_stage(cfg, bundle_dir)    # the warm-up passes: NaN only on bright frames
     colours = [OPEN_SET_COLOURS["red"], WHITE, GREY, WHITE]
     frames = [Frame("cam-a", i + 1, 1000.0 + i, 0.0, image(rgb)) for i, rgb in enumerate(colours)]
     stage.process(frames[:2])
