@@ -238,17 +238,19 @@ def bundle_summary(bundle: Path) -> dict[str, Any]:
 
 # ================================================================ scenes on disk
 
-def ensure_scene(scene: str, root: Path, items: int, seed: int) -> dict:
-    """``root/<scene>`` rendered for (items, seed), reused when its truth.json already says so."""
+def ensure_scene(scene: str, root: Path, items: int, seed: int, exclude: Sequence[int] = ()) -> dict:
+    """``root/<scene>`` rendered for (items, seed, exclude), reused when its truth.json already says so."""
     truth_path = root / scene / "truth.json"
+    excluded = sorted({int(i) for i in exclude})
     if truth_path.exists():
         truth = json.loads(truth_path.read_text())
-        same = (truth.get("version"), truth.get("renderer"), truth.get("seed"), len(truth.get("items", [])))
-        if same == (TRUTH_VERSION, renderer_fingerprint(), seed, items) \
+        same = (truth.get("version"), truth.get("renderer"), truth.get("seed"), len(truth.get("items", [])),
+                truth.get("excluded_test_indices", []))
+        if same == (TRUTH_VERSION, renderer_fingerprint(), seed, items, excluded) \
                 and len(list((root / scene).glob("frame_*.jpg"))) == truth["n_frames"]:
             return truth
     log.info("rendering %s: %d items, seed %d -> %s", scene, items, seed, root / scene)
-    return write_scene(scene, root, items, seed)
+    return write_scene(scene, root, items, seed, exclude=excluded)
 
 
 def measure(truth: dict, scene_dir: Path, bundle: Path, overrides: Sequence[str], port: int,
@@ -356,6 +358,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     loop.add_argument("--models-dir", type=Path, default=REPO / "models", help="where the retrained bundle goes")
     loop.add_argument("--retrain-args", default=DEFAULT_RETRAIN_ARGS,
                       help=f"more 'trainer retrain' options, one string (default: {DEFAULT_RETRAIN_ARGS!r})")
+    loop.add_argument("--measure-seed", type=int, default=None,
+                      help="seed of the measured scene (default: --seed when the two scenes differ, --seed + 1 when "
+                           "they are the same station, so B shows other items)")
+    loop.add_argument("--measure-items", type=int, default=None, help="items in the measured scene (default: --items)")
     return p
 
 

@@ -1,5 +1,8 @@
 """The retraining loop on station views: scene A teaches, scene B (other items) measures before/after.
 
+Scene B is another scene, or the same station with other items (``--scenes belt belt``: another
+seed, ``--measure-seed``, ``--measure-items``).
+
 1. The agent runs on scene A with its bundle and low-confidence uploads on (``frames.enabled``, no rate
    limit); the real ``python -m central ingest`` stores what it uploads.
 2. Stored frames are labelled through the real review server (``python -m central review``,
@@ -159,13 +162,28 @@ def retrain(args, work: Path, reviewed: Path) -> tuple[Path, dict, int]:
     return Path(args.models_dir) / manifest["name"] / version, json.loads(report.read_text()), done.returncode
 
 
+def measured_scene(args, scenes_root: Path) -> tuple[Path, int, int]:
+    """Where scene B renders, its seed and its item count.
+
+    The same scene twice is one station: B is then another draw (``--seed + 1`` unless
+    ``--measure-seed`` says) that skips A's items, in a folder of its own so it never overwrites A's frames.
+    """
+    scene_a, scene_b = args.scenes
+    same_station = scene_a == scene_b
+    seed = args.measure_seed if args.measure_seed is not None else args.seed + (1 if same_station else 0)
+    return (scenes_root / "measure" if same_station else scenes_root), seed, args.measure_items or args.items
+
+
 def run_loop(args, scenes_root: Path) -> dict[str, Any]:
     """Scene A with uploads -> ingest -> review from truth -> retrain -> scene B before and after."""
     if len(args.scenes) != 2:
         raise SystemExit("--loop needs two scenes: --scenes A B (A teaches, B measures)")
     scene_a, scene_b = args.scenes
     truth_a = ensure_scene(scene_a, scenes_root, args.items, args.seed)
-    truth_b = ensure_scene(scene_b, scenes_root, args.items, args.seed)
+    root_b, seed_b, items_b = measured_scene(args, scenes_root)
+    same_station = scene_a == scene_b
+    truth_b = ensure_scene(scene_b, root_b, items_b, seed_b,
+                           exclude=[item["test_index"] for item in truth_a["items"]] if same_station else ())
     uploads = {"frames": {"enabled": True, "min_interval_s": 0.0}}
     with tempfile.TemporaryDirectory(prefix="station-view-loop-") as tmp, mosquitto(Path(tmp)) as port:
         work = Path(tmp)
@@ -183,8 +201,8 @@ def run_loop(args, scenes_root: Path) -> dict[str, Any]:
         if export.returncode != 0:
             raise RuntimeError(f"central labels export failed:\n{export.stderr[-3000:]}")
         new_bundle, gate, rc = retrain(args, work, work / "reviewed")
-        before = measure(truth_b, scenes_root / scene_b, args.bundle, args.set, port)
-        after = measure(truth_b, scenes_root / scene_b, new_bundle, args.set, port)
+        before = measure(truth_b, root_b / scene_b, args.bundle, args.set, port)
+        after = measure(truth_b, root_b / scene_b, new_bundle, args.set, port)
     return {"benchmark": "station_view_loop", "teach_scene": scene_a, "measure_scene": scene_b,
             "uploads": {"uploaded_last_stats": on_a["agent"]["frames_uploaded_last_stats"], "stored": stored,
                         "labelled": labelled, "skipped": skipped},

@@ -27,7 +27,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import cv2
 import numpy as np
@@ -63,12 +63,14 @@ def load_test_split(root: Path = FASHION_MNIST_DIR) -> tuple[np.ndarray, np.ndar
     return images, labels
 
 
-def pick_items(labels: np.ndarray, n: int, seed: int, scene: str) -> list[int]:
+def pick_items(labels: np.ndarray, n: int, seed: int, scene: str, exclude: Iterable[int] = ()) -> list[int]:
     """``n`` test indices, classes balanced (round robin), disjoint between scenes of one seed.
 
     Every scene draws from its own stretch of one seeded permutation, so scene A's items are never
-    scene B's: the loop can train on A and measure on B.
+    scene B's: the loop can train on A and measure on B. Two draws of one scene (other seeds) may
+    share items; ``exclude`` skips given test indices (the loop's same-station scene B skips A's).
     """
+    skip = {int(i) for i in exclude}
     order = np.random.default_rng(seed).permutation(len(labels))
     stretch = order[SCENES.index(scene) * (len(labels) // len(SCENES)):][: len(labels) // len(SCENES)]
     quota = math.ceil(n / len(FASHION_MNIST_CLASSES))
@@ -76,7 +78,7 @@ def pick_items(labels: np.ndarray, n: int, seed: int, scene: str) -> list[int]:
     out: list[int] = []
     for idx in stretch.tolist():
         label = int(labels[idx])
-        if taken.get(label, 0) < quota:
+        if idx not in skip and taken.get(label, 0) < quota:
             taken[label] = taken.get(label, 0) + 1
             out.append(idx)
             if len(out) == n:
@@ -267,9 +269,10 @@ def plan_bench(images: np.ndarray, labels: np.ndarray, indices: list[int], seed:
     return ScenePlan("bench", seed, (480, 400), roi, frame + LEAD_EMPTY_FRAMES, int(rng.integers(80, 93)), items, params)
 
 
-def plan_scene(scene: str, n_items: int, seed: int, root: Path = FASHION_MNIST_DIR) -> ScenePlan:
+def plan_scene(scene: str, n_items: int, seed: int, root: Path = FASHION_MNIST_DIR,
+               exclude: Iterable[int] = ()) -> ScenePlan:
     images, labels = load_test_split(root)
-    indices = pick_items(labels, n_items, seed, scene)
+    indices = pick_items(labels, n_items, seed, scene, exclude)
     if scene == "belt":
         return plan_belt(images, labels, indices, seed)
     if scene == "bench":
@@ -460,8 +463,8 @@ def renderer_fingerprint() -> str:
     return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
 
 
-def truth_document(plan: ScenePlan, frames: list[dict], digest: str) -> dict:
-    """truth.json: the plan, and per item and per frame what the ROI shows."""
+def truth_document(plan: ScenePlan, frames: list[dict], digest: str, exclude: Iterable[int] = ()) -> dict:
+    """truth.json: the plan, and per item and per frame what the ROI shows (and the test indices the draw skipped)."""
     items = []
     for item in plan.items:
         vis = [f["frame"] for f in frames if item.item in f["visible"]]
@@ -473,12 +476,18 @@ def truth_document(plan: ScenePlan, frames: list[dict], digest: str) -> dict:
             "frame_size": list(plan.frame_size), "roi": asdict(plan.roi), "n_frames": plan.n_frames,
             "jpeg_quality": plan.jpeg_quality, "params": plan.params, "frames_sha256": digest,
             "renderer": renderer_fingerprint(),
+            **({"excluded_test_indices": sorted({int(i) for i in exclude})} if exclude else {}),
             "items": items, "frames": frames}
 
 
-def write_scene(scene: str, out: Path, n_items: int, seed: int, root: Path = FASHION_MNIST_DIR) -> dict:
-    """Render ``scene`` into ``out/<scene>/`` (JPEG frames + truth.json); returns the truth document."""
-    plan = plan_scene(scene, n_items, seed, root)
+def write_scene(scene: str, out: Path, n_items: int, seed: int, root: Path = FASHION_MNIST_DIR,
+                exclude: Iterable[int] = ()) -> dict:
+    """Render ``scene`` into ``out/<scene>/`` (JPEG frames + truth.json); returns the truth document.
+
+    ``exclude``: test indices the scene must not show (see ``pick_items``).
+    """
+    exclude = sorted({int(i) for i in exclude})
+    plan = plan_scene(scene, n_items, seed, root, exclude)
     images, _ = load_test_split(root)
     folder = out / scene
     folder.mkdir(parents=True, exist_ok=True)
@@ -490,6 +499,6 @@ def write_scene(scene: str, out: Path, n_items: int, seed: int, root: Path = FAS
         (folder / frame_name(t)).write_bytes(jpeg)
         sha.update(jpeg)
         frames.append(frame_truth(plan, t, masks, blurred))
-    truth = truth_document(plan, frames, sha.hexdigest())
+    truth = truth_document(plan, frames, sha.hexdigest(), exclude)
     (folder / "truth.json").write_text(json.dumps(truth, separators=(",", ":")))
     return truth

@@ -98,6 +98,33 @@ def test_scenes_draw_test_items_balanced_and_disjoint():
     assert sorted(np.bincount(labels[belt], minlength=10).tolist()) == [2] * 10
 
 
+def test_a_second_draw_of_one_station_skips_the_first_draws_items():
+    # given two draws of one scene that share items (seeds 0 and 1, 200 items each)
+    _, labels = scenes.load_test_split()
+    first = scenes.pick_items(labels, 200, 0, "belt")
+    assert set(first) & set(scenes.pick_items(labels, 200, 1, "belt"))
+    # when the second skips the first's items (the loop's same-station scene B)
+    second = scenes.pick_items(labels, 200, 1, "belt", exclude=first)
+    # then none is shown twice and the classes stay balanced
+    assert not set(first) & set(second) and len(second) == 200
+    assert sorted(np.bincount(labels[second], minlength=10).tolist()) == [20] * 10
+
+
+def test_ensure_scene_renders_again_when_the_exclusion_changes(tmp_path):
+    # given a bench draw rendered without exclusions (its truth.json has no exclusion key, as before)
+    plain = sv.ensure_scene("bench", tmp_path, 2, 3)
+    assert "excluded_test_indices" not in plain
+    skip = [item["test_index"] for item in plain["items"]]
+    # when the same draw is asked for without those items
+    other = sv.ensure_scene("bench", tmp_path, 2, 3, exclude=skip)
+    # then it is rendered again, shows other items and records what it skipped
+    assert other["excluded_test_indices"] == sorted(skip)
+    assert not {item["test_index"] for item in other["items"]} & set(skip)
+    assert json.loads((tmp_path / "bench" / "truth.json").read_text())["excluded_test_indices"] == sorted(skip)
+    # and asking again with the same exclusion reuses it
+    assert sv.ensure_scene("bench", tmp_path, 2, 3, exclude=skip)["frames_sha256"] == other["frames_sha256"]
+
+
 @pytest.mark.parametrize("scene", scenes.SCENES)
 def test_truth_matches_the_composited_masks(scene, test_images):
     # given a few items rendered with their masks
