@@ -176,6 +176,10 @@ class Observation:
     whole: bool = True                                # the box stays off the ROI's edge: all of the item in view
 
 
+def box_area(box: tuple[int, int, int, int]) -> int:
+    return max(0, box[2] - box[0]) * max(0, box[3] - box[1])
+
+
 def box_overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
     """Intersection over the smaller box's area: 1 when one box holds the other (an item entering grows)."""
     iw = min(a[2], b[2]) - max(a[0], b[0])
@@ -260,16 +264,20 @@ class ItemTracker:
         self._recent: deque[float] = deque(maxlen=lanes.cfg.review_window)   # decided items' confidences
         self._frames: list[Observation] = []
         self._gap = 0
+        self._peak_area = 0              # the current item's largest box area
+        self._low_area: int | None = None  # its smallest edge-cut area since it fell under half the peak (leaving)
 
     def update(self, obs: Observation | None, present: bool) -> ItemDecision | None:
         """One frame; ``obs`` may be None for a frame without an item (the model did not run).
 
-        A frame whose box hardly overlaps the last one's (``split_overlap``) starts another item: the one
-        before is decided now, so two items with no empty frame between them are two decisions.
+        A frame whose box hardly overlaps the last one's (``split_overlap``), or that grows again at the ROI's
+        edge after the item shrank there (``regrow_split``), starts another item: the one before is decided
+        now, so two items with no empty frame between them are two decisions.
         """
         if present and obs is not None:
-            decision = self._close() if self._another_item(obs) else None
+            decision = self._close() if self._another_item(obs) or self._regrown(obs) else None
             self._frames.append(obs)
+            self._track_area(obs)
             self._gap = 0
             if decision is None and len(self._frames) >= self.cfg.max_frames:
                 return self._close()
@@ -284,6 +292,30 @@ class ItemTracker:
         if last is None or obs.box is None or self.cfg.split_overlap <= 0:
             return False
         return box_overlap(last, obs.box) < self.cfg.split_overlap
+
+    def _regrown(self, obs: Observation) -> bool:
+        """Another item coming in where one is going out: one box follows both, and no frame is empty.
+
+        The item going out shrinks at the ROI's edge; the one coming in grows there. The box overlaps from
+        frame to frame, so only its area tells them apart: cut by the edge, under half the item's largest
+        area, then ``regrow_split`` times larger again, over a quarter of it. An item moved about in the
+        middle of the view, or one whose mask flickers there, is never cut by the edge; a sliver flickering
+        on its way out never gets back to a quarter of the item."""
+        ratio = self.cfg.regrow_split
+        if ratio <= 0 or obs.box is None or obs.whole or self._low_area is None:
+            return False
+        area = box_area(obs.box)
+        return area >= ratio * self._low_area and area >= self._peak_area / 4
+
+    def _track_area(self, obs: Observation) -> None:
+        if obs.box is None:
+            return
+        area = box_area(obs.box)
+        self._peak_area = max(self._peak_area, area)
+        if obs.whole:
+            self._low_area = None
+        elif area <= self._peak_area / 2:
+            self._low_area = area if self._low_area is None else min(self._low_area, area)
 
     def flush(self) -> ItemDecision | None:
         """End of input: decide an item still in view."""
@@ -312,6 +344,7 @@ class ItemTracker:
 
     def _close(self) -> ItemDecision | None:
         frames, self._frames, self._gap = self._frames, [], 0
+        self._peak_area, self._low_area = 0, None
         if len(frames) < self.cfg.min_frames:
             self.noise_items += 1
             return None

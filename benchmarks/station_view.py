@@ -18,6 +18,7 @@ of its first/last frame, results map captured_at -> source_ref (the file name) -
 
     python benchmarks/station_view.py --bundle models/fashion-mnist/<version> [--scenes belt bench]
         [--items 60] [--seed 0] [--out benchmarks/results] [--tag NAME] [--set KEY=VALUE ...]
+    python benchmarks/station_view.py --bundle ... --scenes A B --loop [--measure-seed N] [--measure-items N]
     python benchmarks/station_view.py render --out DIR [--scenes ...] [--items 60] [--seed 0]
 """
 

@@ -149,6 +149,50 @@ def test_an_item_whose_box_jumps_is_another_item_even_without_an_empty_frame():
     assert decisions == [None, None] and never.flush().frames == 2
 
 
+# The bench benchmark's two merges (localizer boxes in a 300 px ROI, margin 0): a bag at rest, cut by the
+# bottom edge, taken out to the right while a shirt comes in from the bottom, no empty frame between.
+BAG_OUT_SHIRT_IN = [((36, 45, 249, 300), "a"), ((36, 48, 246, 300), "a"), ((198, 48, 300, 300), "a"),
+                    ((87, 258, 258, 300), "b"), ((72, 192, 273, 300), "b"), ((54, 129, 279, 300), "b"),
+                    ((48, 27, 276, 300), "b"), ((48, 27, 276, 300), "b")]
+
+
+def edge_cut(i, label, box):
+    return boxed(i, {"a": [0.9, 0.05, 0.05], "b": [0.05, 0.9, 0.05]}[label], box, whole=False)
+
+
+def test_an_item_going_out_as_the_next_comes_in_at_the_edge_is_two_items():
+    # given boxes that overlap from frame to frame (the split by overlap does not fire) but shrink to a sliver
+    # at the edge and grow again
+    t = _tracker()
+    decisions = [t.update(edge_cut(i, label, box), True) for i, (box, label) in enumerate(BAG_OUT_SHIRT_IN)]
+    # then the bag is decided when the shirt has grown back over a quarter of the bag, and the shirt alone after
+    first = [d for d in decisions if d is not None]
+    assert len(first) == 1 and (first[0].label, first[0].frames) == ("a", 4)
+    second = t.flush()
+    assert second is not None and (second.label, second.frames, second.item_seq) == ("b", 4, 2)
+    # and with regrow_split 0 they are one item, as before the rule
+    off = _tracker(regrow_split=0.0)
+    assert [off.update(edge_cut(i, label, box), True) for i, (box, label) in enumerate(BAG_OUT_SHIRT_IN)] == [None] * 8
+    assert off.flush().frames == 8
+
+
+@pytest.mark.parametrize("boxes, whole", [
+    # an item in the middle of the view whose mask flickers to a third and back: never cut by the edge
+    ([(50, 50, 250, 250), (120, 120, 240, 240), (50, 50, 250, 250)], [True, True, True]),
+    # ... and then moves on to the edge: its small frame was in full view, not an item going out
+    ([(50, 50, 250, 250), (120, 120, 240, 240), (100, 50, 300, 250)], [True, True, False]),
+    # an item pushed mostly out of view and pulled back into full view
+    ([(50, 50, 250, 250), (200, 50, 300, 250), (260, 50, 300, 250), (90, 50, 290, 250)], [True, False, False, True]),
+    # an item going out whose sliver flickers (x2) but never gets back to a quarter of the item
+    ([(50, 50, 250, 250), (200, 50, 300, 250), (280, 50, 300, 250), (260, 50, 300, 250), (280, 50, 300, 250)],
+     [True, False, False, False, False]),
+])
+def test_a_flickering_or_leaving_item_stays_one_item(boxes, whole):
+    t = _tracker()
+    seen = [t.update(boxed(i, [0.9, 0.05, 0.05], box, whole=w), True) for i, (box, w) in enumerate(zip(boxes, whole))]
+    assert seen == [None] * len(boxes) and t.flush().frames == len(boxes)
+
+
 def test_an_item_is_decided_on_the_frames_that_show_all_of_it():
     frames = [boxed(1, [0.1, 0.8, 0.1], (0, 0, 30, 30), whole=False),      # half out of view: looks like "b"
               boxed(2, [0.1, 0.8, 0.1], (0, 0, 60, 60), whole=False),
