@@ -400,11 +400,11 @@ class PresenceConfig(_Strict):
                                                "taken away as the next is put down, with no empty frame between); "
                                                "0: never split.")
     regrow_split: float = _finite(2.0, ge=0, le=100, title="Regrow split",
-                                  description="With the localizer: an item whose box, cut by the ROI's edge, shrank "
-                                              "under half its largest area (it is leaving) and grows again at the "
-                                              "edge by this factor, back over a quarter of that area, is another item "
-                                              "coming in as the first goes out, with no empty frame between; 0: "
-                                              "never split this way.")
+                                  description="With the localizer: once an item's box, under half its largest "
+                                              "area, reaches an ROI edge its largest box did not (it is going out), "
+                                              "a box cut by the edge and this many times the smallest since, back "
+                                              "over a quarter of the largest, is another item coming in as the "
+                                              "first goes out, with no empty frame between; 0: never split this way.")
     whole_views: bool = Field(True, title="Decide on whole views",
                               description="With the localizer: an item is decided on its frames whose box stays off "
                                           "the ROI's edge (all of it in view), when it has any; else on all its "

@@ -173,7 +173,19 @@ class Observation:
     captured_at: float
     classification: Classification
     box: tuple[int, int, int, int] | None = None      # the item's box in the ROI, where the localizer found one
-    whole: bool = True                                # the box stays off the ROI's edge: all of the item in view
+    edges: frozenset[str] = frozenset()               # the ROI edges the box reaches: left, top, right, bottom
+
+    @property
+    def whole(self) -> bool:
+        """The box stays off the ROI's edge: all of the item is in view."""
+        return not self.edges
+
+
+def roi_edges(box: tuple[int, int, int, int], width: int, height: int) -> frozenset[str]:
+    """The edges of a ``width`` x ``height`` ROI that ``box`` reaches."""
+    x0, y0, x1, y1 = box
+    return frozenset(name for name, reached in (("left", x0 <= 0), ("top", y0 <= 0), ("right", x1 >= width),
+                                                ("bottom", y1 >= height)) if reached)
 
 
 def box_area(box: tuple[int, int, int, int]) -> int:
@@ -264,8 +276,8 @@ class ItemTracker:
         self._recent: deque[float] = deque(maxlen=lanes.cfg.review_window)   # decided items' confidences
         self._frames: list[Observation] = []
         self._gap = 0
-        self._peak_area = 0              # the current item's largest box area
-        self._low_area: int | None = None  # its smallest edge-cut area since it fell under half the peak (leaving)
+        self._peak: tuple[int, frozenset[str]] = (0, frozenset())   # the current item's largest box: area, edges
+        self._low_area: int | None = None  # its smallest edge-cut area since it began to go out (None: it has not)
 
     def update(self, obs: Observation | None, present: bool) -> ItemDecision | None:
         """One frame; ``obs`` may be None for a frame without an item (the model did not run).
@@ -297,25 +309,30 @@ class ItemTracker:
         """Another item coming in where one is going out: one box follows both, and no frame is empty.
 
         The item going out shrinks at the ROI's edge; the one coming in grows there. The box overlaps from
-        frame to frame, so only its area tells them apart: cut by the edge, under half the item's largest
-        area, then ``regrow_split`` times larger again, over a quarter of it. An item moved about in the
-        middle of the view, or one whose mask flickers there, is never cut by the edge; a sliver flickering
-        on its way out never gets back to a quarter of the item."""
+        frame to frame, so only its area tells them apart. The item begins to go out when its box, under half
+        its largest area, reaches an edge that its largest box did not (it crosses that edge); from then on the
+        smallest edge-cut area is kept, and a box ``regrow_split`` times that, back over a quarter of the
+        largest, is the next item. An item moved about in full view, or whose mask flickers (even one that
+        rests against an edge: it reaches no new one), never begins to go out; a sliver flickering on its way
+        out never gets back to a quarter of the item."""
         ratio = self.cfg.regrow_split
         if ratio <= 0 or obs.box is None or obs.whole or self._low_area is None:
             return False
         area = box_area(obs.box)
-        return area >= ratio * self._low_area and area >= self._peak_area / 4
+        return area >= ratio * self._low_area and area >= self._peak[0] / 4
 
     def _track_area(self, obs: Observation) -> None:
         if obs.box is None:
             return
         area = box_area(obs.box)
-        self._peak_area = max(self._peak_area, area)
+        if area > self._peak[0]:
+            self._peak = (area, obs.edges)
         if obs.whole:
             self._low_area = None
-        elif area <= self._peak_area / 2:
-            self._low_area = area if self._low_area is None else min(self._low_area, area)
+        elif self._low_area is not None:
+            self._low_area = min(self._low_area, area)
+        elif area <= self._peak[0] / 2 and obs.edges - self._peak[1]:
+            self._low_area = area
 
     def flush(self) -> ItemDecision | None:
         """End of input: decide an item still in view."""
@@ -344,7 +361,7 @@ class ItemTracker:
 
     def _close(self) -> ItemDecision | None:
         frames, self._frames, self._gap = self._frames, [], 0
-        self._peak_area, self._low_area = 0, None
+        self._peak, self._low_area = (0, frozenset()), None
         if len(frames) < self.cfg.min_frames:
             self.noise_items += 1
             return None

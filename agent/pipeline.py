@@ -47,6 +47,7 @@ from agent.decide import (
     classify_batch,
     dhash,
     item_present,
+    roi_edges,
     softmax,
 )
 from agent.empty_scene import EmptySceneCapture
@@ -586,6 +587,4 @@ def _observation(frame: Frame, cls: Classification) -> Observation:
     if located is None or located.box is None:
         return Observation(frame.seq, frame.captured_at, cls)
     height, width = frame.image.shape[:2]
-    x0, y0, x1, y1 = located.box
-    whole = x0 > 0 and y0 > 0 and x1 < width and y1 < height
-    return Observation(frame.seq, frame.captured_at, cls, located.box, whole)
+    return Observation(frame.seq, frame.captured_at, cls, located.box, roi_edges(located.box, width, height))
