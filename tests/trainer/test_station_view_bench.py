@@ -125,6 +125,18 @@ def test_ensure_scene_renders_again_when_the_exclusion_changes(tmp_path):
     assert sv.ensure_scene("bench", tmp_path, 2, 3, exclude=skip)["frames_sha256"] == other["frames_sha256"]
 
 
+def test_the_loop_measures_the_same_station_on_another_draw_in_its_own_folder(tmp_path):
+    from benchmarks.station_view_loop import measured_scene
+
+    args = sv.get_args_parser().parse_args(["--bundle", "b", "--loop", "--scenes", "bench", "bench", "--seed", "4",
+                                            "--items", "60", "--measure-items", "200"])
+    assert measured_scene(args, tmp_path) == (tmp_path / "measure", 5, 200)
+    args = sv.get_args_parser().parse_args(["--bundle", "b", "--loop", "--scenes", "belt", "bench", "--seed", "4"])
+    assert measured_scene(args, tmp_path) == (tmp_path, 4, 60)      # another station: its own stretch, as before
+    args = sv.get_args_parser().parse_args(["--bundle", "b", "--loop", "--scenes", "belt", "belt", "--measure-seed", "9"])
+    assert measured_scene(args, tmp_path) == (tmp_path / "measure", 9, 60)
+
+
 @pytest.mark.parametrize("scene", scenes.SCENES)
 def test_truth_matches_the_composited_masks(scene, test_images):
     # given a few items rendered with their masks
