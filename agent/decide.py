@@ -198,7 +198,7 @@ def box_overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> f
     ih = min(a[3], b[3]) - max(a[1], b[1])
     if iw <= 0 or ih <= 0:
         return 0.0
-    smaller = min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
+    smaller = min(box_area(a), box_area(b))
     return iw * ih / smaller if smaller > 0 else 0.0
 
 

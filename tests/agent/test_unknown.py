@@ -330,7 +330,6 @@ def test_a_bundle_without_open_set_decides_as_before_with_no_unknown_score(broke
 def run_two_frames(tmp_path, **decisions) -> tuple[dict, dict, Bundle, ModelRuntime, Metrics]:
     """A far colour (grey) and a known one (red) through the inference stage alone: their results."""
     bundle_dir = make_open_set_bundle(tmp_path / "models")
-    bundle = load_bundle(bundle_dir)
     cfg = as_config(station_config(tmp_path, bundle_dir, "unused", 1, frames={"enabled": False},
                                    **({"decisions": decisions} if decisions else {})))
     assert cfg.decisions.unknown_items is False
@@ -339,7 +338,7 @@ def run_two_frames(tmp_path, **decisions) -> tuple[dict, dict, Bundle, ModelRunt
                                                                          image(OPEN_SET_COLOURS["red"]))])
     grey, red = [r.body for r in outbox.pending(limit=10) if r.kind == "result"]
     outbox.close()
-    return grey, red, bundle, runtime, metrics
+    return grey, red, runtime.bundle, runtime, metrics
 
 
 def test_with_unknown_items_off_the_score_is_not_computed_and_decides_nothing(tmp_path):
