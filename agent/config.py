@@ -498,6 +498,11 @@ class FramesConfig(_Strict):
     dedupe_bits: int = Field(6, ge=0, le=64, title="Duplicate distance",
                              description="dHash Hamming distance at or below which a frame counts as a near-duplicate.")
     dedupe_window: int = Field(32, ge=0, le=4096, title="Duplicate memory", description="Recent hashes per camera compared against.")
+    item_views: bool = Field(
+        True, title="Item views",
+        description="With item decisions: also send the best view of each item decided unsure (review or unknown), "
+                    "all of it in view where a frame shows it so, once per item and not held back by the rate limit "
+                    "(a near-duplicate of a recent upload is); it names the item's decision.")
     empty_scene_interval_s: float = _finite(
         3600.0, ge=0, le=7 * DAY_S, title="Empty-scene interval",
         description="Per camera, send one empty-scene frame (the ROI when the localizer sees nothing in view) this "

@@ -7,8 +7,8 @@ tests are exact and the pipeline stays the only place with side effects.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Mapping, Sequence
 
 import cv2
 import numpy as np
@@ -174,11 +174,16 @@ class Observation:
     classification: Classification
     box: tuple[int, int, int, int] | None = None      # the item's box in the ROI, where the localizer found one
     edges: frozenset[str] = frozenset()               # the ROI edges the box reaches: left, top, right, bottom
+    view: Any = field(default=None, compare=False, repr=False)   # the caller's frame, kept for the item's best view
 
     @property
     def whole(self) -> bool:
         """The box stays off the ROI's edge: all of the item is in view."""
         return not self.edges
+
+    def view_rank(self) -> tuple[bool, int]:
+        """How well this frame shows the item to a reviewer: all of it in view first, then the larger box."""
+        return self.whole, box_area(self.box) if self.box is not None else 0
 
 
 def roi_edges(box: tuple[int, int, int, int], width: int, height: int) -> frozenset[str]:
@@ -220,6 +225,8 @@ class ItemDecision:
     frame_seqs: tuple[int, int] | None = None     # the first and last frame the item was seen in
     prior: bool = False                           # decided with a shipment's expected-label weights
     unknown_score: float | None = None            # median unknown score of the deciding frames; None without open_set
+    view: Any = field(default=None, compare=False, repr=False)   # the best view's payload (Observation.view)
+    view_seq: int | None = None                   # the frame the best view is of
 
 
 def weighted(probs: np.ndarray, prior: np.ndarray | None) -> np.ndarray:
@@ -278,6 +285,7 @@ class ItemTracker:
         self._gap = 0
         self._peak: tuple[int, frozenset[str]] = (0, frozenset())   # the current item's largest box: area, edges
         self._low_area: int | None = None  # its smallest edge-cut area since it began to go out (None: it has not)
+        self._best: Observation | None = None   # the current item's best view (Observation.view_rank), its view kept
 
     def update(self, obs: Observation | None, present: bool) -> ItemDecision | None:
         """One frame; ``obs`` may be None for a frame without an item (the model did not run).
@@ -288,7 +296,8 @@ class ItemTracker:
         """
         if present and obs is not None:
             decision = self._close() if self._another_item(obs) or self._regrown(obs) else None
-            self._frames.append(obs)
+            self._keep_view(obs)
+            self._frames.append(replace(obs, view=None) if obs.view is not None else obs)
             self._track_area(obs)
             self._gap = 0
             if decision is None and len(self._frames) >= self.cfg.max_frames:
@@ -320,6 +329,12 @@ class ItemTracker:
             return False
         area = box_area(obs.box)
         return area >= ratio * self._low_area and area >= self._peak[0] / 4
+
+    def _keep_view(self, obs: Observation) -> None:
+        """Keep the frame that shows the item best (the first of equals): the one view of it kept in memory, the
+        one a reviewer is sent when the item is decided unsure. The other frames are kept without their view."""
+        if self._best is None or obs.view_rank() > self._best.view_rank():
+            self._best = obs
 
     def _track_area(self, obs: Observation) -> None:
         if obs.box is None:
@@ -361,6 +376,7 @@ class ItemTracker:
 
     def _close(self) -> ItemDecision | None:
         frames, self._frames, self._gap = self._frames, [], 0
+        best, self._best = self._best, None
         self._peak, self._low_area = (0, frozenset()), None
         if len(frames) < self.cfg.min_frames:
             self.noise_items += 1
@@ -390,6 +406,7 @@ class ItemTracker:
             lane=self.lanes.lane_for(label, bool(reasons)), low_confidence=bool(reasons), reasons=reasons, top_k=top_k,
             frame_seqs=(seen[0].frame_seq, seen[-1].frame_seq), prior=prior is not None,
             unknown_score=round(score, 6) if score is not None else None,
+            view=best.view if best is not None else None, view_seq=best.frame_seq if best is not None else None,
         )
 
 
@@ -444,20 +461,24 @@ class UploadGate:
         self._last: dict[str, float] = {}
         self._hashes: dict[str, list[int]] = {}
 
-    def admit(self, camera_id: str, frame_hash: int | Callable[[], int], now: float) -> str | None:
+    def admit(self, camera_id: str, frame_hash: int | Callable[[], int], now: float,
+              rate_limited: bool = True) -> str | None:
         """None when the frame may go; else why it is held back ('rate' or 'duplicate').
 
         ``frame_hash`` may be a callable, so the hash is only computed for frames the rate limit lets through.
+        ``rate_limited=False`` (an item's one best view): only a near-duplicate is held back, and the frame does
+        not count towards the rate limit.
         """
         last = self._last.get(camera_id)
-        if last is not None and now - last < self.min_interval_s:
+        if rate_limited and last is not None and now - last < self.min_interval_s:
             return "rate"
         if callable(frame_hash):
             frame_hash = frame_hash()
         recent = self._hashes.setdefault(camera_id, [])
         if self.window and any(hamming(frame_hash, h) <= self.dedupe_bits for h in recent):
             return "duplicate"
-        self._last[camera_id] = now
+        if rate_limited:
+            self._last[camera_id] = now
         recent.append(frame_hash)
         del recent[:-self.window or None]
         return None

@@ -393,7 +393,7 @@ class InferenceStage(threading.Thread):
         messages = []
         for state in self._cameras.values():
             if state.tracker is not None and (decision := state.tracker.flush()) is not None:
-                messages.append(self._decision_message(decision))
+                messages.extend(self._decision_messages(decision))
         messages.extend(self._due_receipt())
         if messages:
             self.outbox.put_many(messages)
@@ -425,10 +425,10 @@ class InferenceStage(threading.Thread):
         else:
             out = self._item_frame(frame, cls, runtime, timings, queue_s, present)
         if state.tracker is not None:
-            obs = _observation(frame, cls) if present and cls is not None else None
+            obs = _observation(frame, cls, self._item_views) if present and cls is not None else None
             decision = state.tracker.update(obs, bool(present))
             if decision is not None:
-                out.append(self._decision_message(decision))
+                out.extend(self._decision_messages(decision))
         return out + empty_scene
 
     def _item_frame(self, frame: Frame, cls: Classification, runtime: ModelRuntime, timings: dict[str, float],
@@ -505,8 +505,14 @@ class InferenceStage(threading.Thread):
                 "evidence": {"top_k": top_k_json(cls.top_k), "frame_seq": frame.seq, "source_ref": frame.source_ref,
                              "thumbnail_jpeg_b64": thumbnail_b64(frame.image)}}
 
-    def _decision_message(self, d: ItemDecision) -> Message:
-        """The decision, its id set here (the outbox keeps it) so the shipment's tally can name it."""
+    @property
+    def _item_views(self) -> bool:
+        """Whether the item tracker keeps each item's best view (to upload it when the item is decided unsure)."""
+        return self.cfg.frames.enabled and self.cfg.frames.item_views
+
+    def _decision_messages(self, d: ItemDecision) -> list[Message]:
+        """The decision, its id set here (the outbox keeps it) so the shipment's tally and the item's view can
+        name it; then, for an item decided unsure (review or unknown), its best view for labelling."""
         runtime = self._runtime
         decision_id = str(uuid.uuid4())
         self.receiving.record(d, decision_id)
@@ -521,11 +527,24 @@ class InferenceStage(threading.Thread):
         if d.class_id is None:
             self.metrics.inc("items_unknown_total", camera=d.camera_id)
         self.metrics.inc("items_decided_total", camera=d.camera_id)
-        return Message("decision", body)
+        out = [Message("decision", body)]
+        if d.low_confidence and d.view is not None and self._item_views and runtime is not None:
+            out.extend(self._upload(d.view, runtime, d.label, d.confidence, d.top_k, d.reasons, d.unknown_score,
+                                    item={"decision": decision_id, "item_seq": d.item_seq, "frames": d.frames}))
+        return out
 
     def _maybe_upload(self, frame: Frame, cls: Classification, runtime: ModelRuntime) -> list[Message]:
+        """A low-confidence frame for retraining, unless the upload gate holds it back."""
+        return self._upload(frame, runtime, cls.label, cls.confidence, cls.top_k, cls.reasons, cls.unknown_score)
+
+    def _upload(self, frame: Frame, runtime: ModelRuntime, label: str, confidence: float,
+                top_k: Sequence[tuple[str, float]], reasons: Sequence[str], unknown_score: float | None,
+                item: dict[str, Any] | None = None) -> list[Message]:
         """The frame for retraining: the JPEG is what the model saw (the item crop when it was fed one; else
-        the ROI or the whole frame), and an item crop travels with a small ROI JPEG and its box for context."""
+        the ROI or the whole frame), and an item crop travels with a small ROI JPEG and its box for context.
+
+        ``item``: the frame is the best view of an item decided unsure (``frames.item_views``), sent once per
+        item: the rate limit does not hold it back, a near-duplicate of a recent upload does."""
         fcfg = self.cfg.frames
         if not fcfg.enabled:
             return []
@@ -535,21 +554,25 @@ class InferenceStage(threading.Thread):
             image = cut(frame.image, box)
         else:
             image = frame.image if fcfg.crop_roi or frame.full_image is None else frame.full_image
-        held = self.uploads.admit(frame.camera_id, lambda: dhash(image), self.clock())
+        held = self.uploads.admit(frame.camera_id, lambda: dhash(image), self.clock(), rate_limited=item is None)
         if held is not None:
             self.metrics.inc("frames_upload_suppressed_total", camera=frame.camera_id, why=held)
             return []
         jpeg = encode_jpeg(image, fcfg.jpeg_quality)
         self.metrics.inc("frames_uploaded_total", camera=frame.camera_id)
-        body = {"schema": "frame.v1", **self._common(frame, runtime), "label": cls.label,
-                "confidence": round(cls.confidence, 6), "top_k": top_k_json(cls.top_k),
-                "selected_because": list(cls.reasons), "source_ref": frame.source_ref,
+        if item is not None:
+            self.metrics.inc("item_views_uploaded_total", camera=frame.camera_id)
+        body = {"schema": "frame.v1", **self._common(frame, runtime), "label": label,
+                "confidence": round(confidence, 6), "top_k": top_k_json(top_k),
+                "selected_because": list(reasons), "source_ref": frame.source_ref,
                 "jpeg": {"width": int(image.shape[1]), "height": int(image.shape[0]), "quality": fcfg.jpeg_quality,
                          "bytes": len(jpeg), "roi_crop": item_crop or (image is frame.image
                                                                        and self._has_roi(frame.camera_id)),
                          "item_crop": item_crop}}
-        if cls.unknown_score is not None:
-            body["unknown_score"] = round(cls.unknown_score, 6)
+        if unknown_score is not None:
+            body["unknown_score"] = round(unknown_score, 6)
+        if item is not None:
+            body["item"] = item
         if item_crop:
             body["context"] = {"crop_box": list(box), "roi_width": int(frame.image.shape[1]),
                                "roi_height": int(frame.image.shape[0]),
@@ -581,10 +604,12 @@ class InferenceStage(threading.Thread):
         return any(c.id == camera_id and c.roi is not None for c in self.cfg.cameras)
 
 
-def _observation(frame: Frame, cls: Classification) -> Observation:
-    """What the item tracker keeps of a frame: with a localized item, its box and whether all of it is in view."""
+def _observation(frame: Frame, cls: Classification, keep_view: bool = False) -> Observation:
+    """What the item tracker keeps of a frame: with a localized item, its box and whether all of it is in view;
+    with ``keep_view``, the frame itself for the item's best view (the tracker keeps one per item)."""
+    view = frame if keep_view else None
     located = frame.located
     if located is None or located.box is None:
-        return Observation(frame.seq, frame.captured_at, cls)
+        return Observation(frame.seq, frame.captured_at, cls, view=view)
     height, width = frame.image.shape[:2]
-    return Observation(frame.seq, frame.captured_at, cls, located.box, roi_edges(located.box, width, height))
+    return Observation(frame.seq, frame.captured_at, cls, located.box, roi_edges(located.box, width, height), view)

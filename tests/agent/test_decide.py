@@ -243,6 +243,43 @@ def test_dhash_sees_near_duplicates_and_upload_gate_limits():
     assert gate.admit("cam2", dhash(base), 2.0) is None
 
 
+def test_an_items_one_best_view_is_its_largest_frame_in_full_view_and_goes_with_its_decision():
+    # given: an item coming in over the left edge (edge-cut, then bigger than any whole view), resting whole,
+    # whole and larger once, then going out; then a second item seen only edge-cut
+    t = _tracker(split_overlap=0.0, regrow_split=0.0)
+    seen = [((0, 50, 90, 150), "enter"), ((0, 40, 160, 160), "big but cut"), ((20, 50, 120, 150), "whole"),
+            ((20, 45, 125, 155), "whole, larger"), ((22, 50, 122, 150), "whole"), ((0, 50, 60, 150), "leave")]
+    for i, (box, view) in enumerate(seen, start=1):
+        assert t.update(Observation(i, 100.0 + i, cls_of([0.4, 0.35, 0.25]), box, roi_edges(box, 300, 300), view),
+                        True) is None
+    # then: only the best view is kept with its payload; the frames the item is decided on keep none
+    assert all(o.view is None for o in t._frames)
+    d = t.flush()
+    assert d.low_confidence and (d.view, d.view_seq) == ("whole, larger", 4)
+    # a second item never whole: its largest edge-cut frame (the first of equals), nothing of the first item
+    for i, box in enumerate([(0, 0, 40, 100), (0, 0, 80, 100), (0, 0, 80, 100)], start=10):
+        t.update(Observation(i, 100.0 + i, cls_of([0.9, 0.05, 0.05]), box, roi_edges(box, 300, 300), f"v{i}"), True)
+    d = t.flush()
+    assert (d.view, d.view_seq) == ("v11", 11) and not d.low_confidence
+    # frames without a box (no localizer) keep the first frame
+    t.update(Observation(20, 120.0, cls_of([0.9, 0.05, 0.05]), view="first"), True)
+    t.update(Observation(21, 121.0, cls_of([0.9, 0.05, 0.05]), view="second"), True)
+    assert t.flush().view == "first"
+
+
+def test_an_item_view_skips_the_rate_limit_but_not_the_duplicate_check():
+    rng = np.random.default_rng(3)
+    base, other, third = ((rng.random((64, 64, 3)) * 255).astype(np.uint8) for _ in range(3))
+    gate = UploadGate(min_interval_s=10.0, dedupe_bits=6, window=4)
+    assert gate.admit("cam", dhash(base), 0.0) is None
+    assert gate.admit("cam", dhash(other), 1.0) == "rate"
+    assert gate.admit("cam", dhash(other), 1.0, rate_limited=False) is None     # an item's view goes
+    assert gate.admit("cam", dhash(base), 2.0, rate_limited=False) == "duplicate"
+    # it did not restart the rate limit's clock, and it is remembered as a recent upload
+    assert gate.admit("cam", dhash(third), 10.5) is None
+    assert gate.admit("cam", dhash(other), 30.0) == "duplicate"
+
+
 def test_classify_batch_equals_classify_row_by_row():
     from agent.decide import classify_batch
 

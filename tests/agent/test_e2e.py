@@ -81,7 +81,11 @@ def test_every_result_arrives_validates_and_matches_the_bundle(bundle_fixture, r
     seqs = [m.json()["seq"] for m in dashboard.messages if not m.topic.endswith(("/stats", "/status"))]
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
     uploads = dashboard.of("frames")
-    assert len(uploads) == sum(r["low_confidence"] for r in results)
+    # every low-confidence frame, and the best view of items decided unsure, each naming its decision
+    assert len([f for f in uploads if "item" not in f.json()]) == sum(r["low_confidence"] for r in results)
+    unsure = {d["id"] for d in dedupe(dashboard.of("decision")) if d["low_confidence"]}
+    views = [f.json()["item"]["decision"] for f in uploads if "item" in f.json()]
+    assert views and set(views) <= unsure and len(set(views)) == len(views)
     for frame in uploads:
         assert frame.payload[:2] == b"\xff\xd8" and frame.json()["jpeg"]["bytes"] == len(frame.payload)
 

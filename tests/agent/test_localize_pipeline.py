@@ -185,3 +185,52 @@ def test_an_uploaded_item_frame_carries_the_crop_and_the_roi_for_context(tmp_pat
             1::-1]
         meta, jpeg = parse_frame("inventory/test/st-01/frames", frame_envelope(record), None)
         assert meta["context"]["crop_box"] == [x0, y0, x1, y1] and jpeg == record.blob
+
+
+def test_an_item_decided_unsure_sends_its_best_view_naming_its_decision(tmp_path, tiny_bundle, frames):
+    from central.review.ingest import parse_frame
+
+    # given: a bundle fed the item's crop, every item unsure (min_confidence 1), and the rate limit holding back
+    # every low-confidence frame after the first
+    fg = crop_bundle(tiny_bundle, tmp_path / "fg", "foreground")
+    images = [f for _, f in frames]
+    unsure = [{"id": "cam-a", "uri": str(tmp_path), "backpressure": "block", "queue_size": 8,
+               "thresholds": {"min_confidence": 1.0}}]
+    records, _, metrics, batch = run_stage(tmp_path / "on", fg, images, decisions=PRESENCE, cameras=unsure,
+                                           frames={"min_interval_s": 3600.0})
+    decisions = [r.body for r in records if r.kind == "decision"]
+    views = [r for r in records if r.kind == "frame" and "item" in r.body]
+    # then: one view per item, after its decision, naming it and carrying the item's verdict
+    assert len(decisions) == 3 and all(d["low_confidence"] for d in decisions)
+    kinds = [(r.kind, r.body.get("item", {}).get("decision") or r.body.get("id")) for r in records
+             if r.kind == "decision" or "item" in r.body]
+    assert kinds == [k for d in decisions for k in (("decision", d["id"]), ("frame", d["id"]))]
+    results = {r.body["frame_seq"]: r.body for r in records if r.kind == "result"}
+    height, width = batch[0].image.shape[:2]
+    for view, d in zip(views, decisions):
+        body = view.body
+        validate_message("frame.v1", body)
+        assert body["item"] == {"decision": d["id"], "item_seq": d["item_seq"], "frames": d["frames"]}
+        assert (body["label"], body["confidence"], body["selected_because"]) == (d["label"], d["confidence"],
+                                                                                 d["reasons"])
+        # the item's frame showing it whole with the largest box
+        seqs = [s for s, r in results.items() if d["first_seen"] <= r["captured_at"] <= d["last_seen"]]
+        box = lambda s: results[s]["item_box"]  # noqa: E731
+        rank = lambda s: (box(s)[0] > 0 and box(s)[1] > 0 and box(s)[2] < width and box(s)[3] < height,  # noqa: E731
+                          (box(s)[2] - box(s)[0]) * (box(s)[3] - box(s)[1]))
+        assert body["frame_seq"] == max(seqs, key=rank)
+        x0, y0, x1, y1 = body["context"]["crop_box"]
+        assert [x0, y0, x1, y1] == results[body["frame_seq"]]["crop_box"] and body["jpeg"]["item_crop"]
+        assert (body["jpeg"]["width"], body["jpeg"]["height"]) == (x1 - x0, y1 - y0)
+        meta, jpeg = parse_frame("inventory/test/st-01/frames", frame_envelope(view), None)
+        assert meta["item"]["decision"] == d["id"] and jpeg == view.blob
+    assert metrics.counter("item_views_uploaded_total", camera="cam-a") == 3
+    per_frame = [r for r in records if r.kind == "frame" and "item" not in r.body]
+    assert len(per_frame) == 1 and metrics.counter("frames_upload_suppressed_total", camera="cam-a", why="rate") > 0
+
+    # with item_views off: the same per-frame upload, and no item's view
+    records, _, metrics, _ = run_stage(tmp_path / "off", fg, images, decisions=PRESENCE, cameras=unsure,
+                                       frames={"min_interval_s": 3600.0, "item_views": False})
+    uploads = [r.body for r in records if r.kind == "frame"]
+    assert len(uploads) == 1 and "item" not in uploads[0]
+    assert len([r for r in records if r.kind == "decision"]) == 3

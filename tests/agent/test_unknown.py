@@ -168,10 +168,13 @@ def test_a_far_colour_is_unknown_sent_to_review_uploaded_and_counted_in_the_rece
             assert body["confidence"] == pytest.approx(body["top_k"][0]["p"], abs=1e-6)
             assert {k["label"] for k in body["top_k"]} <= set(OPEN_SET_COLOURS)
 
-        # their frames go back for labelling, with the score; the red ones are not uploaded
-        assert dash.wait_for(lambda d: len({m.json()["id"] for m in d.of("frames")}) >= 3, 20)
+        # their frames go back for labelling, with the score, and so does the item's one view (no box here: its
+        # first frame); the red ones are not uploaded
+        assert dash.wait_for(lambda d: len({m.json()["id"] for m in d.of("frames")}) >= 4, 20)
         uploads = {m.json()["id"]: m for m in dash.of("frames")}.values()
-        assert sorted(m.json()["frame_seq"] for m in uploads) == grey
+        assert sorted(m.json()["frame_seq"] for m in uploads if "item" not in m.json()) == grey
+        views = [m.json() for m in uploads if "item" in m.json()]
+        assert [v["frame_seq"] for v in views] == grey[:1]
         for m in uploads:
             meta = m.json()
             check(meta)
@@ -190,6 +193,7 @@ def test_a_far_colour_is_unknown_sent_to_review_uploaded_and_counted_in_the_rece
         assert grey_item["low_confidence"] is True and grey_item["unknown_score"] > threshold
         assert grey_item["reasons"][0].startswith("unknown score") and "(median of 3 frames)" in grey_item["reasons"][0]
         assert grey_item["top_k"][0]["label"] in OPEN_SET_COLOURS
+        assert views[0]["item"] == {"decision": grey_item["id"], "item_seq": grey_item["item_seq"], "frames": 3}
 
         # the receipt counts the grey item as unknown (a discrepancy of its own), never as a received label
         assert dash.wait_for(lambda d: any(r["items"] == 2 for r in bodies(d, "receipt")), 20)

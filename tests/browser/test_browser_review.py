@@ -4,7 +4,10 @@ Screenshot: test-artifacts/review-page.png."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import sys
+import uuid
 from pathlib import Path
 
 import paho.mqtt.client as paho
@@ -44,6 +47,8 @@ def test_review_page_labels_live_frames_by_click_and_key(browser, artifacts, tmp
     review_store = FrameStore(store_dir, labels=LABELS)     # a second handle, as the two services are run
     server = ReviewServer(review_store, "127.0.0.1", 0).start()
     records = real_frames(3) + real_frames(2, station="qc-02", start=3)
+    item_view = dict(records[1].body, item={"decision": str(uuid.uuid4()), "item_seq": 7, "frames": 12})
+    records[1] = dataclasses.replace(records[1], text=json.dumps(item_view))     # an unsure item's best view
     try:
         assert ingest.connected.wait(20)
         browser.get(server.page_url)     # the token rides in the URL fragment, as the CLI prints it
@@ -72,6 +77,8 @@ def test_review_page_labels_live_frames_by_click_and_key(browser, artifacts, tmp
         # a key press labels the next one (keys 1..9, 0 follow the label buttons' order)
         second = records[1]
         wait(browser, lambda d: text_of(d.find_element(By.ID, "frame-id")) == second.id, "the next frame")
+        assert "#7: its best view of 12 frames, decided unsure" in text_of(browser.find_element(By.ID, "meta"))
+        assert "best view" not in text_of(browser.find_element(By.ID, "why"))
         key = str((LABELS.index(truth_of(second)) + 1) % 10)
         browser.find_element(By.TAG_NAME, "body").send_keys(key)
         wait(browser, lambda d: review_store.get(second.id)["status"] == "labelled", "the key's label in the store")

@@ -135,6 +135,8 @@ function show(frame) {
                  model: `${frame.model_name || ""} ${frame.model_version || ""}`.trim(), captured,
                  predicted: `${frame.predicted} (${(100 * frame.confidence).toFixed(1)}%)`,
                  source: frame.source_ref || "" };
+  const item = frame.meta && frame.meta.item;     // the best view of an item the station decided unsure
+  if (item) meta.item = `#${item.item_seq}: its best view of ${item.frames} frames, decided unsure`;
   for (const [k, v] of Object.entries(meta)) {
     const dt = document.createElement("dt"), dd = document.createElement("dd");
     dt.textContent = k; dd.textContent = v;
