@@ -480,8 +480,8 @@ class DecisionsConfig(_Strict):
         False, title="Unknown score when off",
         description="With unknown_items off, still compute each frame's unknown score and publish it "
                     "(unknown_score), to watch it before turning the verdict on. Off by default: on a CPU station "
-                    "with a small model the bundle's knn score costs about as much as the model's forward pass "
-                    "(docs/agent.md). With unknown_items on the score is always computed.")
+                    "with a small model an embedding score (knn, mahalanobis) costs about as much as the model's "
+                    "forward pass (docs/agent.md). With unknown_items on the score is always computed.")
     publish_results: bool = Field(True, title="Publish results", description="Publish every per-frame result.")
     empty_frames: Literal["skip", "publish"] = Field(
         "skip", title="Empty frames",

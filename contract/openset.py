@@ -1,7 +1,9 @@
 """Unknown items and enrolled classes: what a bundle's embedding output is used for (docs/open-set.md).
 
-A bundle's model gives two outputs per image: the logits, one per trained label, and the embedding, the
-vector the classifier reads (the backbone's pooled features). This module is the numpy side of both uses:
+A bundle's model gives two outputs per image: the logits, one per trained label, and the embedding: the
+backbone's pooled features, those the classifier reads and (bundles exported since 2026-12-05) before them
+those of earlier stages, each part of unit length (trainer.model.WithEmbedding). This module is the numpy side
+of both uses:
 
 - **The unknown score**: how far an image is from everything the bundle knows; higher is more unknown. The
   bundle names its score and carries a threshold calibrated on validation images of the known classes, so
@@ -84,13 +86,21 @@ class EmbeddingStats:
         return int(self.means.shape[1])
 
     def mahalanobis(self, emb: np.ndarray) -> np.ndarray:
-        """Squared distances to every class mean, N x C, under the shared covariance."""
+        """Squared distances to every class mean, N x C, under the shared covariance.
+
+        Expanded so that no N x C x D array is made: the projections ``(x - m) P = xP - mP`` and the squared
+        lengths ``|x - m|^2 = |x|^2 - 2 x.m + |m|^2`` (this runs on every frame a station classifies)."""
         emb = np.asarray(emb, dtype=np.float64)
-        diff = emb[:, None, :] - self.means[None, :, :]                     # N x C x D
-        proj = diff @ self.components                                        # N x C x K
+        means_proj, means_sq = self._means_projected
+        proj = (emb @ self.components)[:, None, :] - means_proj[None, :, :]   # N x C x K
+        sq = (emb * emb).sum(1)[:, None] - 2.0 * emb @ self.means.T + means_sq[None, :]
         inside = (proj ** 2 / self.variances).sum(-1)
-        rest = ((diff ** 2).sum(-1) - (proj ** 2).sum(-1)).clip(min=0) / self.rest_variance
+        rest = (sq - (proj ** 2).sum(-1)).clip(min=0) / self.rest_variance
         return inside + rest
+
+    @cached_property
+    def _means_projected(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.means @ self.components, (self.means * self.means).sum(1)
 
     def cosines(self, emb: np.ndarray) -> np.ndarray:
         """Cosine of the centred embedding with every centred class mean, N x C."""

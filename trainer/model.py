@@ -26,20 +26,43 @@ class WeightsError(RuntimeError):
     """Pretrained weights that cannot be found or loaded; the message says what to do."""
 
 
+Taps = Callable[[nn.Module, torch.Tensor], tuple[list[torch.Tensor], torch.Tensor]]
+
+
+MOBILENET_V2_TAPS = (13, 16)     # features[13] (96 channels, stride 16) and [16] (160, stride 32)
+
+
+def _mobilenet_v2_taps(body: nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The feature maps after ``MOBILENET_V2_TAPS`` and the last one (what the classifier pools)."""
+    taps = []
+    for i, layer in enumerate(body.features):
+        x = layer(x)
+        if i in MOBILENET_V2_TAPS:
+            taps.append(x)
+    return taps, x
+
+
+def _resnet_taps(body: nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The feature map after layer3 and the last one (after layer4)."""
+    x = body.layer3(body.layer2(body.layer1(body.maxpool(body.relu(body.bn1(body.conv1(x)))))))
+    return [x], body.layer4(x)
+
+
 @dataclass(frozen=True)
 class Arch:
     build: Callable[..., nn.Module]
     weights_enum: str
     head_attr: str  # dotted path of the final Linear layer
+    taps: Taps | None = None     # the backbone's earlier feature maps that the embedding pools beside the last
 
 
 def _archs() -> dict[str, Arch]:
     from torchvision import models
 
     return {
-        "resnet50": Arch(models.resnet50, "ResNet50_Weights", "fc"),
-        "resnet18": Arch(models.resnet18, "ResNet18_Weights", "fc"),
-        "mobilenet_v2": Arch(models.mobilenet_v2, "MobileNet_V2_Weights", "classifier.1"),
+        "resnet50": Arch(models.resnet50, "ResNet50_Weights", "fc", _resnet_taps),
+        "resnet18": Arch(models.resnet18, "ResNet18_Weights", "fc", _resnet_taps),
+        "mobilenet_v2": Arch(models.mobilenet_v2, "MobileNet_V2_Weights", "classifier.1", _mobilenet_v2_taps),
     }
 
 
@@ -219,14 +242,22 @@ def train_mode(model: nn.Module, arch: str, frozen_bn: bool = False) -> None:
 
 
 class WithEmbedding(nn.Module):
-    """``model`` giving ``(logits, embedding)``: the embedding is what its classifier reads (the pooled
-    backbone features), the second output of every exported bundle model (contract/openset.py)."""
+    """``model`` giving ``(logits, embedding)``, the two outputs of every exported bundle model
+    (contract/openset.py).
 
-    def __init__(self, model: nn.Module, arch: str) -> None:
+    The embedding is what the classifier reads (the last feature map, pooled) and, for an arch with taps,
+    before it the pooled feature maps of earlier stages (MobileNetV2: blocks 13 and 16; ResNet: layer3), each
+    part scaled to unit length so that none outweighs the others. The last stage is trained to tell the
+    trained classes apart and little else; the earlier ones still see shape and texture that a class added
+    later by a few examples (trainer/enroll.py) differs by (docs/open-set.md, "Embedding"). ``taps=False``:
+    the classifier's input alone, as bundles exported before 2026-12-05 have it."""
+
+    def __init__(self, model: nn.Module, arch: str, taps: bool = True) -> None:
         super().__init__()
         import copy
 
         head_attr = _archs()[arch].head_attr
+        self.taps = _archs()[arch].taps if taps else None
         self.head = _get(model, head_attr)
         self.body = copy.copy(model)          # shallow: the same layers, but its own head slot
         self.body._modules = dict(model._modules)
@@ -240,9 +271,12 @@ class WithEmbedding(nn.Module):
             self.body._modules[name] = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        embedding = torch.flatten(self.body(x), 1)
-        return self.head(embedding), embedding
+        if self.taps is None:
+            embedding = torch.flatten(self.body(x), 1)
+            return self.head(embedding), embedding
+        earlier, last = self.taps(self.body, x)
+        pooled = torch.flatten(nn.functional.adaptive_avg_pool2d(last, 1), 1)
+        parts = [torch.flatten(nn.functional.adaptive_avg_pool2d(t, 1), 1) for t in earlier] + [pooled]
+        return self.head(pooled), torch.cat([nn.functional.normalize(p, dim=1) for p in parts], 1)
 
 
-def embedding_dim(model: nn.Module, arch: str) -> int:
-    return int(_get(model, _archs()[arch].head_attr).in_features)

@@ -118,14 +118,15 @@ def test_enrolled_class_is_recognised_on_held_out_images_and_old_classes_stay_wi
 
     old_paths = sorted(p for d in gate8.iterdir() for p in d.iterdir())
     truth = np.array([new.labels.index(p.parent.name) for p in old_paths])
-    before = float((_decide(bundle8, old_paths) == truth).mean())
-    after = float((_decide(result.bundle_dir, old_paths) == truth).mean())
+    right_before = int((_decide(bundle8, old_paths) == truth).sum())
+    right_after = int((_decide(result.bundle_dir, old_paths) == truth).sum())
     gate = result.report["gate"]
     assert gate["passed"] and gate["drop_points"] <= 0.5 and gate["images"] == len(old_paths)
     # the bias is capped on these 800 images at a quarter point (2 images); the station's arithmetic agrees
-    assert (before - after) * 100 <= 0.25 + 100 / len(old_paths)
-    assert abs(after - gate["all_accuracy_after"]) <= 1 / len(old_paths)
-    assert after <= before
+    # within one image (counted in images: 0.25 + 0.125 points is not exact in floating point)
+    assert right_before - right_after <= 2 + 1
+    assert abs(right_after / len(old_paths) - gate["all_accuracy_after"]) <= 1 / len(old_paths)
+    assert right_after <= right_before
 
 
 def test_the_active_learning_benchmark_scores_an_enrolled_bundle_as_the_station_does(enrolled, fmnist_dir):

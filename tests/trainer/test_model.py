@@ -111,3 +111,26 @@ def test_freeze_backbone_trains_only_the_head():
     model_mod.set_backbone_frozen(model, "mobilenet_v2", False)
     model_mod.train_mode(model, "mobilenet_v2")
     assert model.features[0][1].training and all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("arch, parts", [("mobilenet_v2", [96, 160, 1280]), ("resnet18", [256, 512])])
+def test_the_embedding_is_the_classifiers_input_beside_earlier_stages_each_of_unit_length(arch, parts):
+    from trainer.model import WithEmbedding
+
+    torch.manual_seed(0)
+    model = build_model(arch, 4, "none").eval()
+    x = torch.randn(3, 3, 48, 48)
+    with torch.no_grad():
+        logits, emb = WithEmbedding(model, arch)(x)
+        bare_logits, bare = WithEmbedding(model, arch, taps=False)(x)
+        reference = model(x)
+    # the logits are the model's own; the embedding's last part is what the classifier reads, scaled to unit
+    torch.testing.assert_close(logits, reference, rtol=0, atol=1e-6)
+    torch.testing.assert_close(bare_logits, reference, rtol=0, atol=1e-6)
+    assert emb.shape == (3, sum(parts)) and bare.shape == (3, parts[-1])
+    torch.testing.assert_close(emb[:, -parts[-1]:], torch.nn.functional.normalize(bare, dim=1), rtol=0, atol=1e-6)
+    # every part is unit length, and the earlier ones are not copies of the last
+    bounds = torch.tensor([0, *parts]).cumsum(0)
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        torch.testing.assert_close(emb[:, start:stop].norm(dim=1), torch.ones(3), rtol=0, atol=1e-5)
+    assert not torch.allclose(emb[:, : parts[0]].mean(0), emb[:, -parts[0]:].mean(0))

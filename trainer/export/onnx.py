@@ -20,7 +20,7 @@ EMBEDDING_NAME = "embedding"
 def export_onnx(model: nn.Module, out: Path, height: int, width: int, *, input_name: str = "input",
                 output_name: str = "logits", arch: str | None = None, embedding_name: str = EMBEDDING_NAME) -> Path:
     """Write ``model`` as ONNX with a dynamic batch dimension; given its ``arch``, with a second output, the
-    embedding its classifier reads (trainer.model.WithEmbedding)."""
+    embedding (trainer.model.WithEmbedding: what its classifier reads, beside earlier stages' pooled features)."""
     model = model.eval().to("cpu", memory_format=torch.contiguous_format)
     outputs = [output_name]
     if arch is not None:
