@@ -474,8 +474,9 @@ class DecisionsConfig(_Strict):
         description="Decide a frame or item whose unknown score is above the threshold 'unknown' (the review lane, "
                     "uploaded for labelling, counted apart in receipts). Off: the score is not computed (unless "
                     "unknown_score asks for it) and never changes a decision. Off by default: at the bundle's 95% "
-                    "keep it cost the documented recipe 8-22 points of item accuracy on the station-view scenes "
-                    "(docs/open-set.md); turn it on where unknown products arrive, e.g. receiving docks.")
+                    "keep it costs the documented recipe's bundle 3-4.5 points of item accuracy on the 200-item "
+                    "station-view scenes (its Mahalanobis score; 6-11 with knn; docs/open-set.md); turn it on "
+                    "where unknown products arrive, e.g. receiving docks.")
     unknown_score: bool = Field(
         False, title="Unknown score when off",
         description="With unknown_items off, still compute each frame's unknown score and publish it "

@@ -80,6 +80,7 @@ class EmbeddingStats:
     rest_variance: float
     bank: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
     bank_labels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    class_scale: np.ndarray | None = None   # per class, what its Mahalanobis distances are multiplied by (None: 1s)
 
     @property
     def dim(self) -> int:
@@ -89,14 +90,16 @@ class EmbeddingStats:
         """Squared distances to every class mean, N x C, under the shared covariance.
 
         Expanded so that no N x C x D array is made: the projections ``(x - m) P = xP - mP`` and the squared
-        lengths ``|x - m|^2 = |x|^2 - 2 x.m + |m|^2`` (this runs on every frame a station classifies)."""
+        lengths ``|x - m|^2 = |x|^2 - 2 x.m + |m|^2`` (this runs on every frame a station classifies).
+        An enrolled class's distances are scaled by its ``class_scale`` (``enrolled_scale``)."""
         emb = np.asarray(emb, dtype=np.float64)
         means_proj, means_sq = self._means_projected
         proj = (emb @ self.components)[:, None, :] - means_proj[None, :, :]   # N x C x K
         sq = (emb * emb).sum(1)[:, None] - 2.0 * emb @ self.means.T + means_sq[None, :]
         inside = (proj ** 2 / self.variances).sum(-1)
         rest = (sq - (proj ** 2).sum(-1)).clip(min=0) / self.rest_variance
-        return inside + rest
+        distances = inside + rest
+        return distances if self.class_scale is None else distances * self.class_scale[None, :]
 
     @cached_property
     def _means_projected(self) -> tuple[np.ndarray, np.ndarray]:
@@ -134,14 +137,45 @@ class EmbeddingStats:
         bank_t = np.ascontiguousarray(np.asarray(self.bank, np.float32)[order].T)
         return bank_t, [(int(s), int(s + n), int(n)) for s, n in zip(starts, counts)]
 
-    def with_class(self, mean: np.ndarray, examples: np.ndarray | None = None) -> "EmbeddingStats":
-        """These statistics with one more class mean (an enrolled class; the covariance is the old one)."""
+    def with_class(self, mean: np.ndarray, examples: np.ndarray | None = None, scale: float = 1.0) -> "EmbeddingStats":
+        """These statistics with one more class mean (an enrolled class; the covariance is the old one), its
+        Mahalanobis distances multiplied by ``scale`` (``enrolled_scale``)."""
         means = np.vstack([self.means, np.asarray(mean, np.float64)[None, :]])
         bank, bank_labels = self.bank, self.bank_labels
         if examples is not None and len(bank):
             bank = np.vstack([bank, unit(examples)])
             bank_labels = np.concatenate([bank_labels, np.full(len(examples), len(self.means))])
-        return replace(self, means=means, bank=bank, bank_labels=bank_labels)
+        old_scale = self.class_scale if self.class_scale is not None else np.ones(len(self.means))
+        class_scale = None if scale == 1.0 and self.class_scale is None else np.append(old_scale, float(scale))
+        return replace(self, means=means, bank=bank, bank_labels=bank_labels, class_scale=class_scale)
+
+    def distances_to(self, emb: np.ndarray, mean: np.ndarray) -> np.ndarray:
+        """Squared Mahalanobis distances of ``emb`` to one ``mean`` under these statistics' covariance."""
+        one = replace(self, means=np.asarray(mean, np.float64)[None, :], class_scale=None)
+        return one.mahalanobis(emb)[:, 0]
+
+
+def enrolled_scale(stats: EmbeddingStats, examples: np.ndarray, known: np.ndarray, known_labels: np.ndarray) -> float:
+    """What an enrolled class's Mahalanobis distances are multiplied by, so that its items are as near their
+    class as known items are to theirs (at most 1: never stricter than a trained class).
+
+    The covariance is the trained classes': a new class spreads in directions they hardly vary in, so its own
+    items lie far from its mean and the ``mahalanobis`` score would reject most of them as unknown. Its typical
+    distance is estimated leave-one-out from the examples (each against the mean of the others, corrected by
+    ``(n + 1)(n - 1) / n^2`` to a new item against the mean of all ``n``), the known items' as the median
+    distance of ``known`` (labelled images of the trained classes) to their own class mean."""
+    examples = np.asarray(examples, np.float64)
+    n = len(examples)
+    if n < 2:
+        return 1.0
+    total = examples.sum(0)
+    loo = np.array([stats.distances_to(examples[i:i + 1], (total - examples[i]) / (n - 1))[0] for i in range(n)])
+    typical_new = float(np.median(loo)) * (n + 1) * (n - 1) / n ** 2
+    own = stats.mahalanobis(known)[np.arange(len(known)), np.asarray(known_labels, np.int64)]
+    typical_known = float(np.median(own))
+    if not (np.isfinite(typical_new) and typical_new > 0 and np.isfinite(typical_known)):
+        return 1.0
+    return float(min(1.0, typical_known / typical_new))
 
 
 def fit_embedding_stats(emb: np.ndarray, labels: np.ndarray, classes: int, *, max_components: int = MAX_COMPONENTS,
@@ -284,6 +318,8 @@ def save_npz(path: Path, openset: OpenSet) -> None:
         s = openset.stats
         arrays.update(means=s.means, centre=s.centre, components=s.components, variances=s.variances,
                       rest_variance=np.array([s.rest_variance]), bank=s.bank, bank_labels=s.bank_labels)
+        if s.class_scale is not None:
+            arrays["class_scale"] = s.class_scale
     if openset.enrolled.labels:
         arrays.update(enrolled_weights=openset.enrolled.weights, enrolled_bias=openset.enrolled.bias)
     small = {k: (v.astype(np.float16 if k == "bank" else np.float32) if v.dtype.kind == "f" else v)
@@ -360,13 +396,16 @@ def _stats_from(arrays: Mapping[str, np.ndarray], path: Path) -> EmbeddingStats:
         rest = float(arrays["rest_variance"].reshape(-1)[0])
         bank = arrays.get("bank", np.zeros((0, means.shape[1]))).astype(np.float64)
         bank_labels = arrays.get("bank_labels", np.zeros(0, np.int64)).astype(np.int64)
+        class_scale = arrays["class_scale"].astype(np.float64) if "class_scale" in arrays else None
     except (KeyError, IndexError, ValueError, TypeError) as exc:
         raise OpenSetError(f"{path}: class statistics incomplete ({exc})") from exc
     d = means.shape[1] if means.ndim == 2 else -1
     ok = (means.ndim == 2 and centre.shape == (d,) and components.ndim == 2 and components.shape[0] == d
           and variances.shape == (components.shape[1],) and (variances > 0).all() and rest > 0
-          and (not len(bank) or (bank.ndim == 2 and bank.shape[1] == d and len(bank_labels) == len(bank))))
+          and (not len(bank) or (bank.ndim == 2 and bank.shape[1] == d and len(bank_labels) == len(bank)))
+          and (class_scale is None or (class_scale.shape == (len(means),) and (class_scale > 0).all())))
     if not ok:
-        raise OpenSetError(f"{path}: class statistics of inconsistent shapes (means {means.shape}, components "
-                           f"{components.shape}, variances {variances.shape}, bank {bank.shape})")
-    return EmbeddingStats(means, centre, components, variances, rest, bank, bank_labels)
+        raise OpenSetError(f"{path}: class statistics of inconsistent shapes or values (means {means.shape}, "
+                           f"components {components.shape}, variances {variances.shape}, bank {bank.shape}, "
+                           f"class_scale {None if class_scale is None else class_scale.shape})")
+    return EmbeddingStats(means, centre, components, variances, rest, bank, bank_labels, class_scale)

@@ -97,7 +97,7 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
                    help="the suggested low-confidence thresholds flag at most this share (0..1) of the station-view "
                         "set (of the validation set for a whole-ROI bundle); default: no cap. The thresholds also "
                         "choose the frames stations send back for retraining, so a cap sends fewer")
-    p.add_argument("--unknown-score", default="knn",
+    p.add_argument("--unknown-score", default="mahalanobis",
                    choices=["msp", "max_logit", "energy", "mahalanobis", "cosine", "knn"],
                    help="the unknown score the bundle carries (docs/open-set.md; chosen by benchmarks/open_set.py)")
     p.add_argument("--unknown-keep", type=float, default=0.95,

@@ -507,7 +507,9 @@ def enroll(cfg: EnrolConfig) -> EnrolResult:
                     "allowance; before enrolment they were mostly decided as %r: it may look like that class, or "
                     "the examples may differ from what stations see", cfg.label, loo * 100,
                     report["examples_decided_before_as"])
-    new_open_set = dataclasses.replace(os_, stats=os_.stats.with_class(emb_ex.mean(0), emb_ex),
+    scale = openset.enrolled_scale(os_.stats, emb_ex, emb_gate, y_gate)
+    report["mahalanobis_scale"] = scale
+    new_open_set = dataclasses.replace(os_, stats=os_.stats.with_class(emb_ex.mean(0), emb_ex, scale),
                                        enrolled=os_.enrolled.with_class(cfg.label, weight, raw_bias))
     bundle_dir, manifest = _write(bundle, cfg, new_open_set, report)
     _record_gate(bundle_dir, bundle, cfg.label, report)

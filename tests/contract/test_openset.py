@@ -197,3 +197,46 @@ def test_knn_judges_an_enrolled_class_of_few_examples_by_its_own_examples():
     probe = new_centre + rng.normal(0, 0.05, size=(4, 6))
     assert (enrolled.knn_distance(probe) < 0.05).all()                  # near its own 5th example
     assert (stats.knn_distance(probe) > enrolled.knn_distance(probe)).all()
+
+
+def test_mahalanobis_judges_an_enrolled_class_that_spreads_where_the_known_ones_do_not_by_its_own_spread(tmp_path):
+    # given: known classes tight in the first 3 directions and tighter still in the last 3; a new class that
+    # varies along the last 3, where the shared covariance says nothing varies
+    rng = np.random.default_rng(7)
+    scale = np.array([0.3, 0.3, 0.3, 0.02, 0.02, 0.02])
+    centres = rng.normal(0, 3, size=(3, 6))
+    y = np.repeat(np.arange(3), 200)
+    known = centres[y] + rng.normal(size=(600, 6)) * scale
+    stats = openset.fit_embedding_stats(known, y, 3)
+    new_centre = rng.normal(0, 3, size=6)
+    new_scale = np.array([0.3, 0.3, 0.3, 0.3, 0.3, 0.3])
+    examples = new_centre + rng.normal(size=(10, 6)) * new_scale
+    probe = new_centre + rng.normal(size=(200, 6)) * new_scale
+    threshold = openset.threshold_for_keep(stats.mahalanobis(known).min(1), 0.95)
+
+    plain = stats.with_class(examples.mean(0), examples)
+    s = openset.enrolled_scale(stats, examples, known, y)
+    scaled = stats.with_class(examples.mean(0), examples, s)
+    # then: without the scale nearly all of the new class's items are "unknown"; with it, most pass, like
+    # the known items, and the trained classes' distances are untouched
+    assert 0 < s < 0.2
+    assert (plain.mahalanobis(probe).min(1) <= threshold).mean() < 0.1
+    assert (scaled.mahalanobis(probe).min(1) <= threshold).mean() > 0.8
+    np.testing.assert_allclose(scaled.mahalanobis(known)[:, :3], stats.mahalanobis(known), rtol=1e-9)
+    # a class shaped like the known ones is judged like them: the scale stays at (or is capped to) 1
+    like_known = new_centre + rng.normal(size=(10, 6)) * scale
+    assert openset.enrolled_scale(stats, like_known, known, y) > 0.5
+    assert openset.enrolled_scale(stats, like_known * 0 + new_centre, known, y) == 1.0   # no spread: never stricter
+
+    # the scale travels in the bundle's npz; a negative or misshapen one is refused, naming the file
+    model = openset.OpenSet("mahalanobis", threshold, 0.95, scaled)
+    openset.save_npz(tmp_path / "o.npz", model)
+    back = openset.load({"score": "mahalanobis", "threshold": threshold}, tmp_path / "o.npz", ["a", "b", "c", "n"], 6)
+    np.testing.assert_allclose(back.stats.class_scale, [1, 1, 1, s], rtol=1e-6)
+    np.testing.assert_allclose(back.scores(np.zeros((5, 4)), probe[:5]), model.scores(np.zeros((5, 4)), probe[:5]),
+                               rtol=1e-4)
+    arrays = dict(np.load(tmp_path / "o.npz"))
+    for bad in (np.array([1.0, 1.0, 1.0, -0.5]), np.array([1.0, 1.0])):
+        np.savez(tmp_path / "bad.npz", **{**arrays, "class_scale": bad})
+        with pytest.raises(openset.OpenSetError, match="bad.npz: class statistics of inconsistent shapes or values"):
+            openset.load({"score": "mahalanobis", "threshold": 1.0}, tmp_path / "bad.npz", ["a", "b", "c", "n"], 6)

@@ -129,6 +129,29 @@ def test_enrolled_class_is_recognised_on_held_out_images_and_old_classes_stay_wi
     assert right_after <= right_before
 
 
+def test_an_enrolled_class_is_not_judged_unknown_by_the_bundles_mahalanobis_score(bundle8, enrolled, fmnist_dir):
+    """The bundle's score (Mahalanobis, the default) uses the trained classes' covariance; the enrolled class's
+    distances are scaled by its own spread (contract.openset.enrolled_scale), so its items pass the unknown
+    threshold about as often as they are recognised."""
+    result, _ = enrolled
+    new = load_bundle(result.bundle_dir)
+    assert new.open_set.score == "mahalanobis" and 0 < result.report["mahalanobis_scale"] <= 1
+    held_out = sorted((fmnist_dir / "test" / "Trouser").iterdir())
+    inputs = Preprocessor(new.input_spec).batch([read_image(p) for p in held_out])
+    logits, emb = model_outputs(new.artifact("onnx-fp32").path, inputs, new.embedding_name, "logits")
+    full = new.open_set.full_logits(logits, emb)
+    recognised = full.argmax(1) == new.labels.index("Trouser")
+    passes = new.open_set.scores(full, emb) <= new.open_set.threshold
+    assert (recognised & passes).sum() >= 0.8 * recognised.sum(), (recognised.sum(), (recognised & passes).sum())
+    # the scale the report names is the one the bundle's statistics carry, for the new class only
+    scale = new.open_set.stats.class_scale
+    expected = [1.0] * (len(new.labels) - 1) + [result.report["mahalanobis_scale"]]
+    if scale is None:          # a scale of 1 is not stored
+        assert result.report["mahalanobis_scale"] == 1.0
+    else:
+        np.testing.assert_allclose(scale, expected, rtol=1e-6)
+
+
 def test_the_active_learning_benchmark_scores_an_enrolled_bundle_as_the_station_does(enrolled, fmnist_dir):
     """benchmarks/active_learning.py's pool scoring (the agent's backend and decide code) gives the enrolled
     class its own probability column, and its top-1 is the station's decision."""
