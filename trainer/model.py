@@ -249,8 +249,8 @@ class WithEmbedding(nn.Module):
     before it the pooled feature maps of earlier stages (MobileNetV2: blocks 13 and 16; ResNet: layer3), each
     part scaled to unit length so that none outweighs the others. The last stage is trained to tell the
     trained classes apart and little else; the earlier ones still see shape and texture that a class added
-    later by a few examples (trainer/enroll.py) differs by (docs/open-set.md, "Embedding"). ``taps=False``:
-    the classifier's input alone, as bundles exported before 2026-12-05 have it."""
+    later by a few examples (trainer/enroll.py) differs by (docs/open-set.md, "The embedding output").
+    ``taps=False``: the classifier's input alone, as bundles exported before 2026-12-05 have it."""
 
     def __init__(self, model: nn.Module, arch: str, taps: bool = True) -> None:
         super().__init__()
