@@ -356,7 +356,8 @@ def main(argv=None) -> int:
     p.add_argument("--test-per-class", type=int, default=500)
     p.add_argument("--station-per-class", type=int, default=100)
     p.add_argument("--keep", type=float, default=openset.DEFAULT_KEEP)
-    p.add_argument("--score", default="mahalanobis", choices=openset.SCORES, help="the score the fold bundles carry")
+    p.add_argument("--score", default=openset.DEFAULT_SCORE, choices=openset.SCORES,
+                   help="the score the fold bundles carry")
     p.add_argument("--station-val-images", type=int, default=400)
     p.add_argument("--shots", default="5,10,20", help="enrolment examples per held-out class; empty: no enrolment")
     p.add_argument("--reference-bundle", type=Path, default=None,

@@ -36,6 +36,7 @@ SCORES = ("msp", "max_logit", "energy", "mahalanobis", "cosine", "knn")
 EMBEDDING_SCORES = ("mahalanobis", "cosine", "knn")
 UNKNOWN_LABEL = "unknown"
 DEFAULT_KEEP = 0.95
+DEFAULT_SCORE = "mahalanobis"   # the score a bundle carries unless export says (docs/open-set.md: chosen by measurement)
 MAX_COMPONENTS = 512        # principal directions kept of the shared covariance (the rest: one mean variance)
 KNN_K = 10
 KNN_BANK_PER_CLASS = 200    # training embeddings kept per class for the knn score

@@ -13,6 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
+from contract import openset
 from contract.broker import add_broker_args
 from trainer.augment import AugmentConfig
 from trainer.config import TrainConfig
@@ -97,10 +98,9 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
                    help="the suggested low-confidence thresholds flag at most this share (0..1) of the station-view "
                         "set (of the validation set for a whole-ROI bundle); default: no cap. The thresholds also "
                         "choose the frames stations send back for retraining, so a cap sends fewer")
-    p.add_argument("--unknown-score", default="mahalanobis",
-                   choices=["msp", "max_logit", "energy", "mahalanobis", "cosine", "knn"],
+    p.add_argument("--unknown-score", default=openset.DEFAULT_SCORE, choices=openset.SCORES,
                    help="the unknown score the bundle carries (docs/open-set.md; chosen by benchmarks/open_set.py)")
-    p.add_argument("--unknown-keep", type=float, default=0.95,
+    p.add_argument("--unknown-keep", type=float, default=openset.DEFAULT_KEEP,
                    help="share of known items the unknown threshold keeps (calibrated on the station-view or val set)")
     p.add_argument("--open-set-images", type=int, default=2000,
                    help="training images the unknown score's class statistics are fitted on")

@@ -63,7 +63,7 @@ class ExportConfig:
     station_val_images: int = 1000   # foreground-crop bundles: validation images also seen as a station sees them
     review_budget: float | None = None  # suggested thresholds flag at most this share of the station-view (else
     #                                     val) set; None: no cap (the thresholds also pick the frames for retraining)
-    unknown_score: str = "mahalanobis"  # contract.openset.SCORES; chosen by benchmarks/open_set.py
+    unknown_score: str = openset.DEFAULT_SCORE  # contract.openset.SCORES; chosen by benchmarks/open_set.py
     unknown_keep: float = openset.DEFAULT_KEEP  # share of known items the unknown threshold keeps
     open_set_images: int = 2000          # training images the class statistics are fitted on
 
