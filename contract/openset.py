@@ -41,6 +41,8 @@ MAX_COMPONENTS = 512        # principal directions kept of the shared covariance
 KNN_K = 10
 KNN_BANK_PER_CLASS = 200    # training embeddings kept per class for the knn score
 NPZ_MAX_BYTES = 256 << 20
+KEEP_CURVE = (0.9, 0.95, 0.975, 0.99, 0.995, 0.999, 1.0)   # shares of known items the export lists thresholds for
+MAX_CURVE_POINTS = 64
 
 
 class OpenSetError(ValueError):
@@ -238,6 +240,12 @@ def threshold_for_keep(known_scores: np.ndarray, keep: float = DEFAULT_KEEP) -> 
     return float(np.quantile(scores, keep, method="higher"))
 
 
+def keep_curve(known_scores: np.ndarray, keeps: Sequence[float] = KEEP_CURVE) -> tuple[tuple[float, float], ...]:
+    """(keep, threshold) for each share in ``keeps``: the calibration set's thresholds beyond the bundle's own, so
+    a station can judge with another share kept (receiving: an item its shipment expects) without the images."""
+    return tuple((float(k), threshold_for_keep(known_scores, k)) for k in keeps)
+
+
 def auroc(known_scores: np.ndarray, unknown_scores_: np.ndarray) -> float:
     """Probability that an unknown item scores above a known one (ties count half)."""
     known = np.asarray(known_scores, np.float64)
@@ -291,10 +299,18 @@ class OpenSet:
     stats: EmbeddingStats | None
     enrolled: EnrolledHead = field(default_factory=EnrolledHead)
     int8_threshold: float | None = None   # calibrated on the INT8 model's own scores, the same share kept
+    keep_thresholds: Mapping[str, tuple[tuple[float, float], ...]] = field(default_factory=dict)  # "fp32", "int8"
 
     def threshold_for(self, precision: str) -> float:
         """The threshold of the artifact a station runs: an INT8 model's scores shift a little, so it has its own."""
         return self.int8_threshold if precision == "int8" and self.int8_threshold is not None else self.threshold
+
+    def threshold_at(self, keep: float, precision: str) -> float | None:
+        """The threshold that kept at least ``keep`` of the calibration set's known items: the listed share nearest
+        at or above ``keep`` (``keep_thresholds``, the INT8 model's own when it runs); None for a bundle exported
+        without the list, or when no listed share reaches ``keep``."""
+        curve = self.keep_thresholds.get("int8" if precision == "int8" else "fp32") or self.keep_thresholds.get("fp32")
+        return next((t for k, t in curve or () if k >= keep - 1e-12), None)
 
     @property
     def needs_embedding(self) -> bool:
@@ -343,6 +359,7 @@ def load(block: Mapping, npz_path: Path | None, labels: Sequence[str], dim: int 
         if (value is not None or name == "threshold") and (
                 isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value)):
             raise OpenSetError(f"{where}: {name} {value!r} is not a finite number")
+    curves = _keep_thresholds(block.get("keep_thresholds"), "manifest open_set")  # a manifest field, not the npz's
     enrolled_labels = tuple(block.get("enrolled", ()))
     stats, enrolled = None, EnrolledHead()
     if npz_path is not None:
@@ -369,7 +386,34 @@ def load(block: Mapping, npz_path: Path | None, labels: Sequence[str], dim: int 
     if enrolled.labels and stats is not None and enrolled.weights.shape[1] != stats.dim:
         raise OpenSetError(f"{npz_path}: enrolled rows of {enrolled.weights.shape[1]}-d, statistics of {stats.dim}-d")
     return OpenSet(score, float(threshold), float(keep), stats, enrolled,
-                   float(int8_threshold) if int8_threshold is not None else None)
+                   float(int8_threshold) if int8_threshold is not None else None, curves)
+
+
+def _keep_thresholds(raw, where: str) -> dict[str, tuple[tuple[float, float], ...]]:
+    """The manifest's ``keep_thresholds`` ({"fp32": [[keep, threshold], ...], "int8": [...]}; absent in bundles
+    exported before it): shares in (0, 1] rising, thresholds finite and not falling."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping) or not raw or set(raw) - {"fp32", "int8"}:
+        raise OpenSetError(f"{where}: keep_thresholds must map fp32 and/or int8 to [[keep, threshold], ...]")
+    out = {}
+    for name, points in raw.items():
+        field_name = f"keep_thresholds.{name}"
+        if not isinstance(points, list) or not 0 < len(points) <= MAX_CURVE_POINTS:
+            raise OpenSetError(f"{where}: {field_name} must be a list of 1 to {MAX_CURVE_POINTS} [keep, threshold] pairs")
+        pairs = []
+        for i, point in enumerate(points):
+            if not (isinstance(point, list) and len(point) == 2 and all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in point)):
+                raise OpenSetError(f"{where}: {field_name}[{i}] {point!r} is not a pair of finite numbers")
+            keep, threshold = float(point[0]), float(point[1])
+            if not 0.0 < keep <= 1.0:
+                raise OpenSetError(f"{where}: {field_name}[{i}]: keep {keep!r} is not a share in (0, 1]")
+            if pairs and (keep <= pairs[-1][0] or threshold < pairs[-1][1]):
+                raise OpenSetError(f"{where}: {field_name}[{i}]: shares must rise and thresholds not fall")
+            pairs.append((keep, threshold))
+        out[name] = tuple(pairs)
+    return out
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:

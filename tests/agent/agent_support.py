@@ -278,7 +278,8 @@ def make_open_set_bundle(root: Path, *, score: str = "mahalanobis", keep: float 
     """A bundle around a real two-output ONNX model (onnx.helper): global average pool -> ``embedding`` (N x 3,
     the normalized colour) -> linear head -> ``logits`` (nearest class mean over OPEN_SET_COLOURS), with an
     ``open_set`` block: class statistics fitted with contract.openset.fit_embedding_stats on synthetic colour
-    embeddings of the known classes, the threshold from threshold_for_keep on other ones.
+    embeddings of the known classes, the threshold from threshold_for_keep on other ones and, as the exporter
+    writes them, the thresholds at the other shares of ``keep_curve``.
 
     ``enrolled``: ENROLLED_COLOUR is added as an enrolled class (its label appended to the bundle's labels, an
     EnrolledHead row and its class mean), as ``trainer enroll`` would. ``nan_embedding_when_bright``: the
@@ -325,7 +326,8 @@ def make_open_set_bundle(root: Path, *, score: str = "mahalanobis", keep: float 
     held_out = np.concatenate([colour_embeddings(OPEN_SET_COLOURS[c], 200, rng) for c in OPEN_SET_COLOURS])
     trained = held_out @ weights + bias
     known = openset.OpenSet(score, 0.0, keep, stats, head)
-    threshold = openset.threshold_for_keep(known.scores(known.full_logits(trained, held_out), held_out), keep)
+    known_scores = known.scores(known.full_logits(trained, held_out), held_out)
+    threshold = openset.threshold_for_keep(known_scores, keep)
 
     folder = root / "colours" / version
     folder.mkdir(parents=True)
@@ -343,7 +345,8 @@ def make_open_set_bundle(root: Path, *, score: str = "mahalanobis", keep: float 
                       artifact_entry(folder / "open_set.npz", folder, role=ROLE_OPEN_SET, precision="fp32",
                                      deployable=True)],
         "open_set": {"score": score, "threshold": threshold, "keep": keep, "embedding_name": "embedding",
-                     "embedding_dim": 3, "enrolled": list(head.labels)},
+                     "embedding_dim": 3, "enrolled": list(head.labels),
+                     "keep_thresholds": {"fp32": [list(point) for point in openset.keep_curve(known_scores)]}},
         "quality": {"thresholds": {"min_confidence": 0.3}},
         "provenance": {"code_version": "test"},
     }

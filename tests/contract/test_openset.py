@@ -75,6 +75,40 @@ def test_threshold_keeps_at_least_the_share_asked_for():
         openset.threshold_for_keep(scores, 0.0)
 
 
+def test_the_keep_list_gives_the_threshold_that_keeps_at_least_a_share_of_the_calibration_set():
+    scores = np.random.default_rng(6).normal(size=2000)
+    curve = openset.keep_curve(scores)
+    assert [k for k, _ in curve] == list(openset.KEEP_CURVE)
+    for keep, t in curve:
+        assert t == openset.threshold_for_keep(scores, keep) and (scores <= t).mean() >= keep
+    int8 = tuple((k, t + 1.0) for k, t in curve)
+    model = openset.OpenSet("msp", curve[1][1], 0.95, None, keep_thresholds={"fp32": curve, "int8": int8})
+    assert model.threshold_at(0.999, "fp32") == dict(curve)[0.999]
+    assert model.threshold_at(0.999, "int8") == dict(int8)[0.999]          # the INT8 model's own scores
+    assert model.threshold_at(0.996, "fp32") == dict(curve)[0.999]         # the listed share at or above it
+    assert model.threshold_at(0.95, "fp16") == curve[1][1]                  # FP16 runs on FP32's list
+    only_fp32 = openset.OpenSet("msp", 1.0, 0.95, None, keep_thresholds={"fp32": curve[:3]})
+    assert only_fp32.threshold_at(0.9, "int8") == curve[0][1]
+    assert only_fp32.threshold_at(0.99, "fp32") is None                     # no listed share reaches it
+    assert openset.OpenSet("msp", 1.0, 0.95, None).threshold_at(0.9, "fp32") is None   # exported before the list
+
+
+@pytest.mark.parametrize("curve, reason", [
+    ({"fp32": [[0.9, 1.0], [0.95, 0.5]]}, r"keep_thresholds\.fp32\[1\]: shares must rise and thresholds not fall"),
+    ({"fp32": [[0.95, 1.0], [0.9, 2.0]]}, r"keep_thresholds\.fp32\[1\]: shares must rise"),
+    ({"int8": [[0.9, float("nan")]]}, r"keep_thresholds\.int8\[0\] \[0\.9, nan\] is not a pair of finite numbers"),
+    ({"int8": [[1.5, 1.0]]}, r"keep_thresholds\.int8\[0\]: keep 1\.5 is not a share"),
+    ({"int8": [[0.9, True]]}, r"keep_thresholds\.int8\[0\] .* not a pair of finite numbers"),
+    ({"fp32": []}, r"keep_thresholds\.fp32 must be a list of 1 to"),
+    ({"fp16": [[0.9, 1.0]]}, r"keep_thresholds must map fp32 and/or int8"),
+    ([[0.9, 1.0]], r"keep_thresholds must map fp32 and/or int8"),
+])
+def test_a_bad_keep_list_is_refused_by_name(curve, reason):
+    block = {"score": "msp", "threshold": 0.5, "keep": 0.95, "embedding_name": "embedding", "keep_thresholds": curve}
+    with pytest.raises(openset.OpenSetError, match="manifest open_set: " + reason):
+        openset.load(block, None, ["a", "b"], None)
+
+
 def test_npz_round_trip_with_an_enrolled_class(tmp_path):
     rng = np.random.default_rng(5)
     _, emb, y = _clusters(rng)
@@ -122,6 +156,13 @@ def test_exported_bundle_carries_an_unknown_score_that_keeps_the_known_share(rea
     assert bundle.open_set is not None and bundle.open_set.score == block["score"]
     assert bundle.embedding_name == "embedding" and block["embedding_dim"] == bundle.open_set.stats.dim
     assert block["calibration"]["known_kept_fp32"] >= block["keep"]
+    # the list of thresholds at other shares kept holds the bundle's own, for each precision
+    assert bundle.open_set.threshold_at(block["keep"], "fp32") == block["threshold"]
+    assert bundle.open_set.threshold_at(block["keep"], "int8") == block["threshold_int8"]
+    for precision in ("fp32", "int8"):
+        points = block["keep_thresholds"][precision]
+        assert [k for k, _ in points] == list(openset.KEEP_CURVE)
+        assert all(a[1] <= b[1] for a, b in zip(points, points[1:]))
     assert bundle.artifact("open-set").path.name == "open_set.npz"
     assert bundle.manifest["quality"]["parity"]["max_abs_embedding_diff"] <= \
         bundle.manifest["quality"]["parity"]["embedding_tolerance"]
@@ -143,6 +184,16 @@ def test_a_tampered_npz_or_a_bad_open_set_block_fails_verification(real_bundle, 
         manifest["artifacts"] = [a for a in manifest["artifacts"] if a["role"] != "open-set"]
     with pytest.raises(BundleError, match="needs class statistics"):
         load_bundle(_edit(real_bundle, tmp_path / "3", no_npz))
+
+    def falling_list(root, manifest):
+        manifest["open_set"]["keep_thresholds"]["int8"][-1][1] = -1e9
+    with pytest.raises(BundleError, match=r"field open_set: manifest open_set: keep_thresholds\.int8\[6\]"):
+        load_bundle(_edit(real_bundle, tmp_path / "5", falling_list))
+
+    def not_pairs(root, manifest):
+        manifest["open_set"]["keep_thresholds"]["fp32"] = [[0.9, 1.0, 2.0]]
+    with pytest.raises(BundleError, match="field open_set/keep_thresholds/fp32/0"):
+        load_bundle(_edit(real_bundle, tmp_path / "6", not_pairs))
 
     def wrong_dim(root, manifest):
         manifest["open_set"]["embedding_dim"] = 7

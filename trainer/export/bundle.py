@@ -384,7 +384,9 @@ def _open_set(cfg: ExportConfig, spec: InputSpec, fp32_path: Path, train_samples
     log.info("unknown score %s: threshold %.4g (INT8 %.4g) keeps %.0f%% of the %s set; unknown verdicts agree on "
              "%.1f%%; INT8 embedding cosine median %.4f", score, threshold, int8_threshold, cfg.unknown_keep * 100,
              source, agree * 100, float(np.median(cosine)))
+    curves = {"fp32": openset.keep_curve(fp32_scores), "int8": openset.keep_curve(int8_scores)}
     block = {"score": score, "threshold": threshold, "threshold_int8": int8_threshold, "keep": cfg.unknown_keep,
+             "keep_thresholds": {k: [list(point) for point in v] for k, v in curves.items()},
              "embedding_name": EMBEDDING_NAME, "embedding_dim": stats.dim, "enrolled": [],
              "calibration": {"set": source, "images": int(len(fp32_scores)), "fit_images": int(len(fit_labels)),
                              "known_kept_fp32": float((fp32_scores <= threshold).mean()),
@@ -392,7 +394,8 @@ def _open_set(cfg: ExportConfig, spec: InputSpec, fp32_path: Path, train_samples
                              "int8_fp32_verdicts_agree": agree,
                              "int8_embedding_cosine_median": float(np.median(cosine)),
                              "int8_embedding_cosine_min": float(np.min(cosine)), "int8_passed": reason is None}}
-    return block, openset.OpenSet(score, threshold, cfg.unknown_keep, stats, int8_threshold=int8_threshold), reason
+    return block, openset.OpenSet(score, threshold, cfg.unknown_keep, stats, int8_threshold=int8_threshold,
+                                  keep_thresholds=curves), reason
 
 
 def verify(bundle_dir: Path, public_key: Path | None = None):
