@@ -79,15 +79,36 @@ class Thresholds(_Strict):
         description="A frame (an item: the median of its frames) whose unknown score is above this is decided "
                     "'unknown' and goes to review. The score's scale is the bundle's open_set score (energy and "
                     "max_logit are negative numbers). None: the bundle's calibrated threshold; ignored for a "
-                    "bundle without open_set.",
+                    "bundle without open_set. Not with unknown_keep (each sets the unknown threshold).",
     )
+    unknown_keep: float | None = Field(
+        None, gt=0, le=1, strict=True, title="Known items kept",
+        description="The unknown threshold as the share of known items it keeps: the bundle's threshold at this "
+                    "share of its calibration set (open_set.keep_thresholds, the listed share at or above it), "
+                    "looked up again for every bundle the station runs, so it carries over a model update as a "
+                    "raw score cannot. A bundle without the list keeps its own threshold. Not with "
+                    "max_unknown_score.",
+    )
+
+    @model_validator(mode="after")
+    def _one_unknown_threshold(self) -> "Thresholds":
+        if self.max_unknown_score is not None and self.unknown_keep is not None:
+            raise ValueError("field unknown_keep: not with max_unknown_score (each sets the unknown threshold; "
+                             "give one)")
+        return self
+
+
+UNKNOWN_THRESHOLD_FIELDS = ("max_unknown_score", "unknown_keep")   # one setting, as a score or as a share kept
 
 
 def merge_thresholds(base: Thresholds, over: Thresholds | None) -> Thresholds:
-    """``over``'s set fields win over ``base``'s."""
+    """``over``'s set fields win over ``base``'s; the unknown threshold set in one form clears the other."""
     if over is None:
         return base
-    return base.model_copy(update={k: v for k, v in over.model_dump().items() if v is not None})
+    update = {k: v for k, v in over.model_dump().items() if v is not None}
+    if any(k in update for k in UNKNOWN_THRESHOLD_FIELDS):
+        update = {**{k: None for k in UNKNOWN_THRESHOLD_FIELDS}, **update}
+    return base.model_copy(update=update)
 
 
 class ThresholdsCommand(Thresholds):
@@ -447,6 +468,14 @@ class ReceivingConfig(_Strict):
         description="While a shipment is open, an item's consensus probabilities are multiplied by this for "
                     "labels the shipment still expects (1 for the others) and renormalized before it is decided. "
                     "1: the shipment does not sway decisions.")
+    expected_unknown_keep: float | None = _finite(
+        0.999, gt=0, le=1, title="Unknown verdict on expected items",
+        description="While a shipment is open, an item decided sure (no low-confidence reason) on a label the "
+                    "shipment still expects is decided 'unknown' only when its score is above the bundle's threshold "
+                    "that keeps this share of known items (the export's keep_thresholds, at or above it; the "
+                    "camera's own threshold when that is higher): the shipment vouches for it, so the 5% of known "
+                    "items the usual threshold rejects are not reported as discrepancies. null, or a bundle exported "
+                    "without keep_thresholds: the camera's threshold for every item.")
     receipt_interval_s: float = _finite(
         0.0, ge=0, le=HOUR_S, title="Receipt interval",
         description="0: a receipt after every decided item; above 0: at most one receipt in this time (the "

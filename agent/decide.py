@@ -93,10 +93,13 @@ class LowConfidencePolicy:
             out.append(f"entropy {ent:.3f} > {t.max_entropy:g}")
         return tuple(out)
 
-    def unknown(self, score: float | None, what: str = "") -> str | None:
+    def unknown(self, score: float | None, what: str = "", at_least: float | None = None) -> str | None:
         """Why a frame (or an item, ``what`` says how its score was made) is unknown: its score is above the
-        threshold; None when it is not, or there is no score or threshold."""
+        threshold (raised to ``at_least``: an item its shipment vouches for); None when it is not, or there is no
+        score or threshold."""
         limit = self.thresholds.max_unknown_score
+        if limit is not None and at_least is not None:
+            limit = max(limit, at_least)
         if score is None or limit is None or not score > limit:
             return None
         return f"unknown score {score:.4g}{what} > {limit:.4g}"
@@ -227,6 +230,7 @@ class ItemDecision:
     unknown_score: float | None = None            # median unknown score of the deciding frames; None without open_set
     view: Any = field(default=None, compare=False, repr=False)   # the best view's payload (Observation.view)
     view_seq: int | None = None                   # the frame the best view is of
+    vouched: bool = False                         # not unknown only because the open shipment vouched for it
 
 
 def weighted(probs: np.ndarray, prior: np.ndarray | None) -> np.ndarray:
@@ -269,7 +273,8 @@ class ItemTracker:
 
     def __init__(self, camera_id: str, labels: Sequence[str], presence: PresenceConfig,
                  lanes: LaneMap, policy: LowConfidencePolicy, top_k: int = 3,
-                 prior: Callable[[Sequence[str]], np.ndarray | None] | None = None) -> None:
+                 prior: Callable[[Sequence[str]], np.ndarray | None] | None = None,
+                 vouched: Callable[[str], float | None] | None = None) -> None:
         self.camera_id = camera_id
         self.labels = list(labels)
         self.cfg = presence
@@ -277,6 +282,7 @@ class ItemTracker:
         self.policy = policy
         self.top_k = top_k
         self.prior = prior               # per-label weights of the open shipment, asked once per item
+        self.vouched = vouched           # label -> the looser unknown threshold while a shipment expects it, or None
         self.items_seen = 0
         self.noise_items = 0
         self.spared = 0                  # flagged items the review budget sorted by their label
@@ -391,7 +397,10 @@ class ItemTracker:
         if agreement < self.lanes.cfg.min_agreement:
             reasons = reasons + (f"agreement {agreement:.2f} < {self.lanes.cfg.min_agreement:g}",)
         score = median_unknown_score(frames)
-        unknown = self.policy.unknown(score, f" (median of {len(frames)} frames)")
+        # decided sure on a label the open shipment still expects: judged at the shipment's looser threshold
+        at_least = self.vouched(self.labels[class_id]) if self.vouched is not None and not reasons else None
+        unknown = self.policy.unknown(score, f" (median of {len(frames)} frames)", at_least)
+        vouched = unknown is None and at_least is not None and self.policy.unknown(score) is not None
         if unknown is not None:
             reasons = (unknown, *reasons)       # never spared by the review budget: no label's lane fits it
         elif reasons and self._over_budget(confidence):
@@ -407,6 +416,7 @@ class ItemTracker:
             frame_seqs=(seen[0].frame_seq, seen[-1].frame_seq), prior=prior is not None,
             unknown_score=round(score, 6) if score is not None else None,
             view=best.view if best is not None else None, view_seq=best.frame_seq if best is not None else None,
+            vouched=vouched,
         )
 
 

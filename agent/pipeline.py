@@ -126,12 +126,21 @@ def _prepare_seconds(batch: list[Frame]) -> float:
 def camera_policy(bundle: Bundle, cam: CameraConfig, override: Thresholds | None,
                   precision: str = "fp32", unknown_items: bool = True) -> LowConfidencePolicy:
     """A camera's policy: cmd/thresholds over the camera's config over the bundle's thresholds (the unknown
-    score's: the bundle's open_set threshold calibrated for the precision of the artifact running; none when
-    ``unknown_items`` is off: the score, if computed at all, decides nothing)."""
-    unknown = (bundle.open_set.threshold_for(precision) if bundle.open_set is not None and unknown_items
-               else None)
-    return LowConfidencePolicy(PolicyThresholds.resolve(bundle.thresholds, merge_thresholds(cam.thresholds, override),
-                                                        unknown))
+    score's: the bundle's open_set threshold calibrated for the precision of the artifact running, or at the
+    share kept ``unknown_keep`` asks for; none when ``unknown_items`` is off: the score, if computed at all,
+    decides nothing)."""
+    merged = merge_thresholds(cam.thresholds, override)
+    unknown = None
+    if bundle.open_set is not None and unknown_items:
+        unknown = bundle.open_set.threshold_for(precision)
+        if merged.unknown_keep is not None:
+            at_keep = bundle.open_set.threshold_at(merged.unknown_keep, precision)
+            if at_keep is None:
+                log.warning("camera %s: unknown_keep %g: bundle %s lists no threshold at that share kept; its own "
+                            "threshold (keep %g) decides", cam.id, merged.unknown_keep, bundle.version,
+                            bundle.open_set.keep)
+            unknown = at_keep if at_keep is not None else unknown
+    return LowConfidencePolicy(PolicyThresholds.resolve(bundle.thresholds, merged, unknown))
 
 
 class CameraDecisions:
@@ -143,7 +152,21 @@ class CameraDecisions:
         presence = cfg.decisions.presence
         prior = receiving.prior if receiving is not None else None
         self.tracker = (ItemTracker(cam.id, bundle.labels, presence, LaneMap(cfg.decisions.sorting), self.policy,
-                                    cfg.decisions.top_k, prior) if presence.mode != "off" else None)
+                                    cfg.decisions.top_k, prior, vouched_threshold(bundle, cfg, receiving, precision))
+                        if presence.mode != "off" else None)
+
+
+def vouched_threshold(bundle: Bundle, cfg: AgentConfig, receiving: ReceivingDesk | None,
+                      precision: str) -> Callable[[str], float | None] | None:
+    """label -> the bundle's threshold at ``receiving.expected_unknown_keep`` while the open shipment still expects
+    the label, else None; None altogether without a shipment desk, an unknown verdict, or the bundle's keep list."""
+    keep = cfg.decisions.receiving.expected_unknown_keep
+    if receiving is None or keep is None or bundle.open_set is None or not cfg.decisions.unknown_items:
+        return None
+    looser = bundle.open_set.threshold_at(keep, precision)
+    if looser is None:
+        return None
+    return lambda label: looser if receiving.vouches(label) else None
 
 
 @dataclass
@@ -524,6 +547,9 @@ class InferenceStage(threading.Thread):
                 "model": runtime.identity if runtime else None}
         if d.unknown_score is not None:
             body["unknown_score"] = d.unknown_score
+        if d.vouched:
+            body["vouched"] = True
+            self.metrics.inc("items_vouched_total", camera=d.camera_id)
         if d.class_id is None:
             self.metrics.inc("items_unknown_total", camera=d.camera_id)
         self.metrics.inc("items_decided_total", camera=d.camera_id)

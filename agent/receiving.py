@@ -4,7 +4,9 @@
 every item decision (``ItemTracker``) multiplies its consensus probabilities by ``expected_weight`` for
 the labels the shipment still expects (1 for every other label), renormalizes and decides as without a
 shipment: an item the model is sure is something else stays that, only a borderline one leans towards what
-was expected. Each decided item is tallied; a ``receipt.v1`` message says, per label, how many were expected
+was expected. An item decided sure on a label still expected is judged unknown against the bundle's looser
+threshold at ``expected_unknown_keep`` (the shipment vouches for it): the usual threshold rejects about 5% of
+known items, and each would be a false discrepancy. Each decided item is tallied; a ``receipt.v1`` message says, per label, how many were expected
 and received and whether the line is matched, over, short or unexpected, with the decisions behind each
 discrepancy, and how many items went to the review lane (or were decided ``unknown``).
 
@@ -192,6 +194,13 @@ class ReceivingDesk:
             if self.shipment is None or self.cfg.expected_weight == 1:
                 return None
             return prior_weights(labels, self.shipment.still_expected(), self.cfg.expected_weight)
+
+    def vouches(self, label: str) -> bool:
+        """Whether the open shipment still expects ``label`` and ``expected_unknown_keep`` is set: an item decided
+        sure on it is judged unknown against the looser threshold (ItemTracker)."""
+        with self._lock:
+            return (self.shipment is not None and self.cfg.expected_unknown_keep is not None
+                    and label in self.shipment.still_expected())
 
     def record(self, decision: ItemDecision, decision_id: str) -> None:
         with self._lock:

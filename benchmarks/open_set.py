@@ -38,6 +38,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from agent.config import ReceivingConfig  # noqa: E402
 from contract import openset  # noqa: E402
 from contract.dataset import folder_name  # noqa: E402
 
@@ -206,11 +207,13 @@ def enrolment(fold: int, bundle_dir: Path, held_names: list[str], outputs: dict,
     return rows
 
 
-def receiving(bundle, outputs: dict, known_names: list[str], rng: np.random.Generator, items: int = 200) -> dict:
+def receiving(bundle, outputs: dict, known_names: list[str], rng: np.random.Generator, items: int = 200,
+              expected_unknown_keep: float | None = None) -> dict:
     """A shipment of ``items`` station views: 90% of the expected labels, 5% a known label not expected, 5% an item
     of a class the bundle does not know. Decided per item like a station (unknown score, low-confidence policy,
-    the shipment's prior), tallied by agent.receiving; which discrepancies the receipt names."""
-    from agent.config import ExpectCommand, ReceivingConfig
+    the shipment's prior and, with ``expected_unknown_keep``, its looser threshold for a sure item it still
+    expects), tallied by agent.receiving; which discrepancies the receipt names."""
+    from agent.config import ExpectCommand
     from agent.decide import ItemDecision, LowConfidencePolicy, PolicyThresholds, classify, weighted
     from agent.receiving import ReceivingDesk
 
@@ -228,9 +231,11 @@ def receiving(bundle, outputs: dict, known_names: list[str], rng: np.random.Gene
     for kind, i in plan:
         if kind == "expected":
             counts[known_names[ks_y[i]]] = counts.get(known_names[ks_y[i]], 0) + 1
-    desk = ReceivingDesk(ReceivingConfig(max_refs=100), clock=lambda: 0.0)
+    desk = ReceivingDesk(ReceivingConfig(max_refs=100, expected_unknown_keep=expected_unknown_keep), clock=lambda: 0.0)
     desk.open(ExpectCommand(shipment="sim-1", lines=counts), bundle.labels)
-    threshold = bundle.open_set.threshold_for(bundle.pick_onnx(prefer_int8=True).precision)
+    precision = bundle.pick_onnx(prefer_int8=True).precision
+    threshold = bundle.open_set.threshold_for(precision)
+    looser = bundle.open_set.threshold_at(expected_unknown_keep, precision) if expected_unknown_keep else None
     policy = LowConfidencePolicy(PolicyThresholds.resolve(bundle.thresholds, None, threshold))
     plain = LowConfidencePolicy(PolicyThresholds.resolve(bundle.thresholds))     # the probabilities' verdict alone
     truth = {}
@@ -239,12 +244,17 @@ def receiving(bundle, outputs: dict, known_names: list[str], rng: np.random.Gene
         logits, emb = outputs[f"{src}_logits"][i:i + 1], outputs[f"{src}_emb"][i:i + 1]
         probs = weighted(openset._softmax(logits), desk.prior(bundle.labels))[0]
         score = float(bundle.open_set.scores(logits, emb)[0])
-        cls = classify(probs, bundle.labels, 3, policy, score)      # the station's own frame verdict
-        decision = ItemDecision("cam", n, cls.label, cls.class_id, cls.confidence, 1.0, 1, 0.0, 0.0,
-                                "review" if cls.low_confidence else cls.label, cls.low_confidence, cls.reasons,
-                                cls.top_k, (n, n), unknown_score=score)
-        desk.record(decision, f"d{n}")
         sure = classify(probs, bundle.labels, 3, plain)
+        # as ItemTracker decides an item: sure on a label the shipment still expects, the looser threshold
+        at_least = looser if looser is not None and not sure.low_confidence and desk.vouches(sure.label) else None
+        unknown = policy.unknown(score, "", at_least)
+        label, class_id = (openset.UNKNOWN_LABEL, None) if unknown else (sure.label, sure.class_id)
+        reasons = (unknown, *sure.reasons) if unknown else sure.reasons
+        decision = ItemDecision("cam", n, label, class_id, sure.confidence, 1.0, 1, 0.0, 0.0,
+                                "review" if reasons else label, bool(reasons), reasons,
+                                sure.top_k, (n, n), unknown_score=score)
+        desk.record(decision, f"d{n}")
+        cls = decision
         truth[f"d{n}"] = (kind, None if kind == "unknown" else known_names[ks_y[i]], cls.label,
                           not sure.low_confidence and sure.label == (known_names[ks_y[i]] if kind != "unknown" else None))
     receipt = desk.close("sim-1").receipt()
@@ -259,6 +269,7 @@ def receiving(bundle, outputs: dict, known_names: list[str], rng: np.random.Gene
     assert all(len(receipt[part]["refs"]) == receipt[part]["count"] for part in ("review", "unknown")), \
         "raise ReceivingConfig.max_refs: the receipt left refs off"
     return {"items": items, "unexpected_items": n_odd, "unknown_items": n_odd,
+            "threshold": threshold, "expected_unknown_keep": expected_unknown_keep, "looser_threshold": looser,
             "unexpected_reported": sum(d in named for d in odd if truth[d][0] == "unexpected"),
             "unknown_reported": sum(d in named for d in odd if truth[d][0] == "unknown"),
             "unknown_decided_unknown": sum(truth[d][2] == openset.UNKNOWN_LABEL for d in odd
@@ -304,7 +315,8 @@ def run_fold(fold: int, args, reference: dict | None) -> dict:
                                           (out["us_logits"], out["us_emb"]), out["us_y"], args.keep)}
     if args.shots:
         result["enrolment"] = enrolment(fold, bundle_dir, held_names, out, reference, args)
-    result["receiving"] = receiving(bundle, out, bundle.labels, np.random.default_rng(fold))
+    result["receiving"] = receiving(bundle, out, bundle.labels, np.random.default_rng(fold),
+                                    expected_unknown_keep=args.expected_unknown_keep)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     log.info("fold %d %s: test AUROC %s", fold, held_names,
              json.dumps({k: v["auroc"] for k, v in result["test_split"].items() if "auroc" in v}))
@@ -358,6 +370,10 @@ def main(argv=None) -> int:
     p.add_argument("--keep", type=float, default=openset.DEFAULT_KEEP)
     p.add_argument("--score", default=openset.DEFAULT_SCORE, choices=openset.SCORES,
                    help="the score the fold bundles carry")
+    p.add_argument("--expected-unknown-keep", type=lambda v: None if v == "none" else float(v),
+                   default=ReceivingConfig().expected_unknown_keep,
+                   help="receiving: the share kept of the looser threshold for sure items the shipment still expects "
+                        "(the agent's decisions.receiving.expected_unknown_keep); none: the bundle's threshold")
     p.add_argument("--station-val-images", type=int, default=400)
     p.add_argument("--shots", default="5,10,20", help="enrolment examples per held-out class; empty: no enrolment")
     p.add_argument("--reference-bundle", type=Path, default=None,

@@ -71,6 +71,34 @@ def test_the_prior_moves_a_borderline_item_to_the_expected_label_but_not_a_sure_
         "a line already received in full weighs no more than any other label"
 
 
+def test_a_shipment_vouches_only_for_a_sure_item_on_a_label_it_still_expects():
+    """The looser unknown threshold (20 here; the camera's is 10) holds for an item decided sure on a label the
+    open shipment still expects, and for nothing else: an unsure item, another label, a line received in full, a
+    score beyond it, a station with expected_unknown_keep null."""
+    desk = ReceivingDesk(ReceivingConfig())
+    desk.open(ExpectCommand(shipment="S-1", lines={"Shirt": 1}), LABELS)
+    policy = LowConfidencePolicy(PolicyThresholds(min_confidence=0.8, max_unknown_score=10.0))
+    tracker = ItemTracker("cam", LABELS, PresenceConfig(min_frames=1, max_frames=1), LaneMap(SortingConfig()), policy,
+                          prior=desk.prior, vouched=lambda label: 20.0 if desk.vouches(label) else None)
+
+    def decide(probs: np.ndarray, score: float):
+        return tracker.update(Observation(1, 1.0, classify(probs, LABELS, 3, policy, score)), True)
+
+    vouched = decide(SURE_SHIRT, 15.0)
+    assert (vouched.label, vouched.vouched) == ("Shirt", True)
+    assert decide(SURE_SHIRT, 5.0).vouched is False                # below the camera's own threshold anyway
+    unsure = decide(row(Shirt=0.4, Coat=0.3), 15.0)          # 0.57 after the prior: flagged, so not vouched for
+    assert unsure.label == "unknown" and unsure.reasons[0] == "unknown score 15 (median of 1 frames) > 10"
+    beyond = decide(SURE_SHIRT, 25.0)
+    assert beyond.label == "unknown" and beyond.reasons == ("unknown score 25 (median of 1 frames) > 20",)
+    assert decide(row(Trouser=0.95), 15.0).label == "unknown"    # not on the shipment
+    desk.record(decide(SURE_SHIRT, 15.0), "00000000-0000-4000-8000-000000000002")
+    assert decide(SURE_SHIRT, 15.0).label == "unknown"           # the Shirt line is received in full
+    off = ReceivingDesk(ReceivingConfig(expected_unknown_keep=None))
+    off.open(ExpectCommand(shipment="S-2", lines={"Shirt": 1}), LABELS)
+    assert not off.vouches("Shirt") and desk.vouches("Shirt") is False and not ReceivingDesk(ReceivingConfig()).vouches("Shirt")
+
+
 # ------------------------------------------------------------------ a running station
 
 def station_cfg(tmp_path, broker, tiny_bundle, fmnist_video):

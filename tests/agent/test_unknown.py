@@ -35,7 +35,9 @@ from agent.app import Agent, build_runtime
 from agent.config import (
     CameraConfig,
     ConfigError,
+    ExpectCommand,
     PresenceConfig,
+    ReceivingConfig,
     SortingConfig,
     Thresholds,
     ThresholdsCommand,
@@ -44,7 +46,8 @@ from agent.config import (
 from agent.decide import ItemTracker, LaneMap, LowConfidencePolicy, Observation, PolicyThresholds, classify
 from agent.demo import Subscriber
 from agent.health import Metrics
-from agent.pipeline import ModelRuntime, camera_policy
+from agent.pipeline import ModelRuntime, camera_policy, vouched_threshold
+from agent.receiving import ReceivingDesk
 from agent.sources.base import Frame
 from contract.bundle import Bundle, load_bundle
 from contract.messages import ENGINES, checker, loads_finite
@@ -213,6 +216,84 @@ def test_a_far_colour_is_unknown_sent_to_review_uploaded_and_counted_in_the_rece
         dash.close()
 
 
+OFF_RED, ORANGE = (220, 72, 40), (220, 96, 40)    # red for the model, sure; beyond the 95% threshold, far beyond
+
+
+def test_a_shipment_vouches_for_a_sure_item_it_still_expects_and_no_further(broker, tmp_path):
+    """While a shipment expects red, a sure red item scored beyond the bundle's threshold (95% of known items kept)
+    but within the one keeping 99.9% is red, not unknown: the usual threshold rejects about one known item in
+    twenty, each a false discrepancy on the receipt. Once the red line is full, or far beyond, it is unknown."""
+    bundle_dir = make_open_set_bundle(tmp_path / "models")
+    open_set = load_bundle(bundle_dir).open_set
+    threshold, looser = open_set.threshold, open_set.threshold_at(0.999, "fp32")
+    dash = Subscriber(broker.host, broker.port, ROOT)
+    operator = Operator(broker, ROOT)
+    agent = start(colour_station(tmp_path, broker, bundle_dir), dash)
+    feed = Feeder(agent)
+    try:
+        operator.send("expect", {"shipment": "S-2", "lines": {"red": 1, "green": 1}})
+        assert dash.wait_for(lambda d: any(r["items"] == 0 for r in bodies(d, "receipt")), 20)
+
+        # when: an orange item while red is expected, then an off-red one, then another once red is received
+        feed.item("cam-a", ORANGE)
+        off_red = feed.item("cam-a", OFF_RED)
+        feed.item("cam-a", OFF_RED)
+
+        # then: each frame on its own is unknown at the camera's threshold (the shipment vouches for items)
+        for body in results_for(dash, "cam-a", off_red):
+            assert body["label"] == UNKNOWN_LABEL and threshold < body["unknown_score"] <= looser
+        assert dash.wait_for(lambda d: len(bodies(d, "decision")) >= 3, 20)
+        orange, vouched, over = sorted(bodies(dash, "decision"), key=lambda b: b["item_seq"])
+        for body in (orange, vouched, over):
+            check(body)
+        # far beyond even the looser threshold: unknown though red is expected
+        assert orange["label"] == UNKNOWN_LABEL and orange["unknown_score"] > looser
+        assert orange["reasons"][0].endswith(f"> {looser:.4g}")
+        # the expected, sure off-red item is red, sorted to its lane
+        assert (vouched["label"], vouched["lane"], vouched["low_confidence"]) == ("red", "lane-red", False)
+        assert threshold < vouched["unknown_score"] <= looser and vouched["vouched"] is True
+        assert "vouched" not in orange and "vouched" not in over
+        assert agent.metrics.counter("items_vouched_total", camera="cam-a") == 1
+        # the same again, with the red line received in full: the camera's own threshold decides
+        assert over["label"] == UNKNOWN_LABEL and threshold < over["unknown_score"] <= looser
+        assert over["reasons"][0].endswith(f"> {threshold:.4g}")
+
+        assert dash.wait_for(lambda d: any(r["items"] == 3 for r in bodies(d, "receipt")), 20)
+        receipt = [r for r in bodies(dash, "receipt") if r["items"] == 3][-1]
+        check(receipt)
+        assert {line["label"]: line["status"] for line in receipt["lines"]} == {"red": "matched", "green": "short"}
+        assert [ref["decision"] for ref in receipt["unknown"]["refs"]] == [orange["id"], over["id"]]
+    finally:
+        agent.shutdown(10)
+        operator.close()
+        dash.close()
+
+
+def test_the_looser_threshold_comes_from_the_bundle_keep_list_and_only_when_it_can_apply(tmp_path):
+    bundle_dir = make_open_set_bundle(tmp_path / "models")
+    bundle = load_bundle(bundle_dir)
+    desk = ReceivingDesk(ReceivingConfig())
+    desk.open(ExpectCommand(shipment="S-1", lines={"red": 2}), bundle.labels)
+
+    def config(**decisions):
+        return as_config(station_config(tmp_path, bundle_dir, "unused", 1883, decisions=decisions))
+
+    vouched = vouched_threshold(bundle, config(unknown_items=True), desk, "fp32")
+    assert vouched("red") == bundle.open_set.threshold_at(0.999, "fp32") > bundle.open_set.threshold
+    assert vouched("green") is None
+    keep_99 = vouched_threshold(bundle, config(unknown_items=True, receiving={"expected_unknown_keep": 0.99}), desk,
+                                "fp32")
+    assert keep_99("red") == bundle.open_set.threshold_at(0.99, "fp32") < vouched("red")
+    assert vouched_threshold(bundle, config(unknown_items=False), desk, "fp32") is None        # no unknown verdict
+    assert vouched_threshold(bundle, config(unknown_items=True, receiving={"expected_unknown_keep": None}), desk,
+                             "fp32") is None
+    assert vouched_threshold(bundle, config(unknown_items=True), None, "fp32") is None
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    del manifest["open_set"]["keep_thresholds"]                      # a bundle exported before the list
+    (bundle_dir / "manifest.json").write_text(json.dumps(manifest))
+    assert vouched_threshold(load_bundle(bundle_dir), config(unknown_items=True), desk, "fp32") is None
+
+
 def test_cmd_thresholds_moves_the_unknown_threshold_of_one_camera_and_a_bundle_swap_keeps_it(broker, tmp_path):
     bundle_dir = make_open_set_bundle(tmp_path / "models")
     cfg = colour_station(tmp_path, broker, bundle_dir)
@@ -263,6 +344,56 @@ def test_cmd_thresholds_moves_the_unknown_threshold_of_one_camera_and_a_bundle_s
                 (payload, last_thresholds(dash))
         assert agent.metrics.counter("commands_rejected_total", command="thresholds") == 3
         assert agent.inference.threshold_overrides["cam-b"].max_unknown_score == command["max_unknown_score"]
+    finally:
+        agent.shutdown(10)
+        operator.close()
+        dash.close()
+
+
+def test_cmd_thresholds_sets_a_share_kept_that_is_looked_up_again_in_the_next_bundle(broker, tmp_path):
+    bundle_dir = make_open_set_bundle(tmp_path / "models")
+    open_set = load_bundle(bundle_dir).open_set
+    cfg = colour_station(tmp_path, broker, bundle_dir)
+    dash = Subscriber(broker.host, broker.port, ROOT)
+    operator = Operator(broker, ROOT)
+    agent = start(cfg, dash)
+    feed = Feeder(agent)
+    try:
+        # when: cam-b keeps 99.9% of known items, whatever score that is in the running bundle
+        command = {"camera": "cam-b", "unknown_keep": 0.999}
+        check_command(command)
+        operator.send("thresholds", command)
+        assert dash.wait_for(lambda d: (last_thresholds(d).get("applied") or {}).get("unknown_keep") == 0.999, 20), \
+            last_thresholds(dash)
+
+        # then: an off-red frame, beyond the bundle's 95% threshold, is red on cam-b and unknown on cam-a
+        off_a, off_b = feed.show("cam-a", OFF_RED), feed.show("cam-b", OFF_RED)
+        on_b = results_for(dash, "cam-b", off_b)[0]
+        assert on_b["label"] == "red" and open_set.threshold < on_b["unknown_score"] <= open_set.threshold_at(0.999, "fp32")
+        assert [b["label"] for b in results_for(dash, "cam-a", off_a)] == [UNKNOWN_LABEL]
+        assert json.loads((tmp_path / "station-state.json").read_text())["thresholds"]["cam-b"] == {"unknown_keep": 0.999}
+
+        # a new bundle whose calibration keeps 99.9% at its 95% threshold: the share is looked up there, so
+        # off-red is unknown on cam-b too (a raw score would have carried the old bundle's number over)
+        second = make_open_set_bundle(tmp_path / "models-2", version="2")
+        manifest = json.loads((second / "manifest.json").read_text())
+        curve = manifest["open_set"]["keep_thresholds"]["fp32"]
+        manifest["open_set"]["keep_thresholds"]["fp32"] = [[k, t if k < 0.95 else manifest["open_set"]["threshold"]]
+                                                           for k, t in curve]
+        (second / "manifest.json").write_text(json.dumps(manifest))
+        agent.model.swap(build_runtime(cfg, load_bundle(second)))
+        after = results_for(dash, "cam-b", feed.show("cam-b", OFF_RED))[0]
+        assert after["model"]["version"] == "2" and after["label"] == UNKNOWN_LABEL
+
+        # a score set later replaces the share, and both at once are refused by name
+        operator.send("thresholds", {"camera": "cam-b", "max_unknown_score": 1e5})
+        assert dash.wait_for(lambda d: (last_thresholds(d).get("applied") or {}).get("max_unknown_score") == 1e5, 20)
+        assert agent.inference.threshold_overrides["cam-b"].unknown_keep is None
+        assert results_for(dash, "cam-b", feed.show("cam-b", GREY))[0]["label"] != UNKNOWN_LABEL
+        operator.send("thresholds", {"camera": "cam-b", "unknown_keep": 0.99, "max_unknown_score": 3.0})
+        assert dash.wait_for(lambda d: "field unknown_keep: not with max_unknown_score" in
+                             (last_thresholds(d).get("reason") or ""), 20), last_thresholds(dash)
+        assert agent.inference.threshold_overrides["cam-b"].max_unknown_score == 1e5
     finally:
         agent.shutdown(10)
         operator.close()
@@ -410,14 +541,17 @@ def check_command(body: dict) -> None:
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_the_cmd_thresholds_schema_and_the_agent_agree_on_max_unknown_score(engine):
+def test_the_cmd_thresholds_schema_and_the_agent_agree_on_the_unknown_threshold(engine):
     check = checker("cmd-thresholds.v1", engine)
     for good in [{"max_unknown_score": 37.5}, {"max_unknown_score": -8.25, "camera": "cam-a"},
-                 {"max_unknown_score": None}, {"max_unknown_score": 0}, {"max_unknown_score": -1e6}]:
+                 {"max_unknown_score": None}, {"max_unknown_score": 0}, {"max_unknown_score": -1e6},
+                 {"unknown_keep": 0.99}, {"unknown_keep": 1}, {"unknown_keep": None, "max_unknown_score": 3.0},
+                 {"unknown_keep": 0.975, "max_unknown_score": None}]:
         assert check.error(good) is None, good
         ThresholdsCommand.model_validate(good)
     for bad in [{"max_unknown_score": 1e12}, {"max_unknown_score": -1e7}, {"max_unknown_score": "high"},
-                {"max_unknown_score": True}]:
+                {"max_unknown_score": True}, {"unknown_keep": 0}, {"unknown_keep": 1.01}, {"unknown_keep": "0.9"},
+                {"unknown_keep": True}, {"unknown_keep": 0.99, "max_unknown_score": 3.0}]:
         assert check.error(bad) is not None, bad
         with pytest.raises(ValueError):
             ThresholdsCommand.model_validate(bad)
@@ -435,10 +569,23 @@ def test_a_camera_config_sets_its_own_unknown_threshold_and_bad_ones_are_refused
     assert camera_policy(no_open_set, own, None).thresholds.max_unknown_score is None
     # decisions.unknown_items off: no verdict, whatever the camera says
     assert camera_policy(bundle, own, None, unknown_items=False).thresholds.max_unknown_score is None
-    for value, reason in [(".nan", "max_unknown_score"), (".inf", "max_unknown_score"), ("1e12", "max_unknown_score")]:
+    # as a share kept: the bundle's threshold at that share; the newer form of the two replaces the other
+    kept = CameraConfig(id="cam-c", uri="x", thresholds={"unknown_keep": 0.99})
+    at_99 = bundle.open_set.threshold_at(0.99, "fp32")
+    assert at_99 > bundle.open_set.threshold
+    assert camera_policy(bundle, kept, None).thresholds.max_unknown_score == at_99
+    assert camera_policy(bundle, kept, Thresholds(max_unknown_score=2.0)).thresholds.max_unknown_score == 2.0
+    assert camera_policy(bundle, own, Thresholds(unknown_keep=0.99)).thresholds.max_unknown_score == at_99
+    assert camera_policy(bundle, own, Thresholds(unknown_keep=0.99, min_confidence=0.5)).thresholds.min_confidence == 0.5
+    manifest = json.loads((bundle.root / "manifest.json").read_text())
+    del manifest["open_set"]["keep_thresholds"]                   # exported before the list: its own threshold
+    (bundle.root / "manifest.json").write_text(json.dumps(manifest))
+    assert camera_policy(load_bundle(bundle.root), kept, None).thresholds.max_unknown_score == bundle.open_set.threshold
+    for value, reason in [(".nan", "max_unknown_score"), (".inf", "max_unknown_score"), ("1e12", "max_unknown_score"),
+                          ("0", "unknown_keep"), ("1.5", "unknown_keep"), ("'0.9'", "unknown_keep")]:
         path = tmp_path / f"bad-{reason}-{value}.yaml"
         path.write_text(f"site: s\nstation: t\nmodel: {{bundle: {tmp_path}}}\ncameras:\n"
-                        f"  - {{id: cam-a, uri: x, thresholds: {{max_unknown_score: {value}}}}}\n")
+                        f"  - {{id: cam-a, uri: x, thresholds: {{{reason}: {value}}}}}\n")
         with pytest.raises(ConfigError, match=rf"field cameras\.0\.thresholds\.{reason}"):
             load_config(path)
 
