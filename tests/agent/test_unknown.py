@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -107,6 +108,24 @@ class Feeder:
         return seqs
 
 
+@contextmanager
+def colour_agent(tmp_path, broker, bundle_dir, shipment: dict | None = None):
+    """The colour station running over mosquitto: (dashboard, operator, agent, feeder), stopped after; with
+    ``shipment`` ({"shipment", "lines"}) opened over cmd/expect first (its first receipt seen)."""
+    dash = Subscriber(broker.host, broker.port, ROOT)
+    operator = Operator(broker, ROOT)
+    agent = start(colour_station(tmp_path, broker, bundle_dir), dash)
+    try:
+        if shipment is not None:
+            operator.send("expect", shipment)
+            assert dash.wait_for(lambda d: any(r["items"] == 0 for r in bodies(d, "receipt")), 20)
+        yield dash, operator, agent, Feeder(agent)
+    finally:
+        agent.shutdown(10)
+        operator.close()
+        dash.close()
+
+
 def bodies(d: Subscriber, leaf: str) -> list[dict]:
     """The bodies published on a leaf, each once (QoS 1 may deliver a message twice)."""
     seen: dict[str, dict] = {}
@@ -144,15 +163,9 @@ def last_thresholds(d: Subscriber) -> dict:
 def test_a_far_colour_is_unknown_sent_to_review_uploaded_and_counted_in_the_receipt(broker, tmp_path):
     bundle_dir = make_open_set_bundle(tmp_path / "models")
     threshold = load_bundle(bundle_dir).open_set.threshold
-    dash = Subscriber(broker.host, broker.port, ROOT)
-    operator = Operator(broker, ROOT)
-    agent = start(colour_station(tmp_path, broker, bundle_dir), dash)
-    feed = Feeder(agent)
-    try:
-        # given: a shipment expecting one red and one green item
-        operator.send("expect", {"shipment": "S-1", "lines": {"red": 1, "green": 1}})
-        assert dash.wait_for(lambda d: any(r["items"] == 0 for r in bodies(d, "receipt")), 20)
-
+    # given: a shipment expecting one red and one green item
+    with colour_agent(tmp_path, broker, bundle_dir, {"shipment": "S-1", "lines": {"red": 1, "green": 1}}) as (
+            dash, operator, agent, feed):
         # when: a red item, then a grey one (no class of the bundle is near grey)
         red = feed.item("cam-a", OPEN_SET_COLOURS["red"])
         grey = feed.item("cam-a", GREY)
@@ -210,10 +223,6 @@ def test_a_far_colour_is_unknown_sent_to_review_uploaded_and_counted_in_the_rece
         assert (ref["decision"], ref["label"], ref["lane"]) == (grey_item["id"], UNKNOWN_LABEL, "manual-review")
         assert agent.metrics.counter("items_unknown_total", camera="cam-a") == 1
         assert agent.metrics.counter("frames_unknown_total", camera="cam-a") == 3
-    finally:
-        agent.shutdown(10)
-        operator.close()
-        dash.close()
 
 
 OFF_RED, ORANGE = (220, 72, 40), (220, 96, 40)    # red for the model, sure; beyond the 95% threshold, far beyond
@@ -226,14 +235,8 @@ def test_a_shipment_vouches_for_a_sure_item_it_still_expects_and_no_further(brok
     bundle_dir = make_open_set_bundle(tmp_path / "models")
     open_set = load_bundle(bundle_dir).open_set
     threshold, looser = open_set.threshold, open_set.threshold_at(0.999, "fp32")
-    dash = Subscriber(broker.host, broker.port, ROOT)
-    operator = Operator(broker, ROOT)
-    agent = start(colour_station(tmp_path, broker, bundle_dir), dash)
-    feed = Feeder(agent)
-    try:
-        operator.send("expect", {"shipment": "S-2", "lines": {"red": 1, "green": 1}})
-        assert dash.wait_for(lambda d: any(r["items"] == 0 for r in bodies(d, "receipt")), 20)
-
+    with colour_agent(tmp_path, broker, bundle_dir, {"shipment": "S-2", "lines": {"red": 1, "green": 1}}) as (
+            dash, operator, agent, feed):
         # when: an orange item while red is expected, then an off-red one, then another once red is received
         feed.item("cam-a", ORANGE)
         off_red = feed.item("cam-a", OFF_RED)
@@ -263,10 +266,6 @@ def test_a_shipment_vouches_for_a_sure_item_it_still_expects_and_no_further(brok
         check(receipt)
         assert {line["label"]: line["status"] for line in receipt["lines"]} == {"red": "matched", "green": "short"}
         assert [ref["decision"] for ref in receipt["unknown"]["refs"]] == [orange["id"], over["id"]]
-    finally:
-        agent.shutdown(10)
-        operator.close()
-        dash.close()
 
 
 def test_the_looser_threshold_comes_from_the_bundle_keep_list_and_only_when_it_can_apply(tmp_path):
@@ -353,12 +352,7 @@ def test_cmd_thresholds_moves_the_unknown_threshold_of_one_camera_and_a_bundle_s
 def test_cmd_thresholds_sets_a_share_kept_that_is_looked_up_again_in_the_next_bundle(broker, tmp_path):
     bundle_dir = make_open_set_bundle(tmp_path / "models")
     open_set = load_bundle(bundle_dir).open_set
-    cfg = colour_station(tmp_path, broker, bundle_dir)
-    dash = Subscriber(broker.host, broker.port, ROOT)
-    operator = Operator(broker, ROOT)
-    agent = start(cfg, dash)
-    feed = Feeder(agent)
-    try:
+    with colour_agent(tmp_path, broker, bundle_dir) as (dash, operator, agent, feed):
         # when: cam-b keeps 99.9% of known items, whatever score that is in the running bundle
         command = {"camera": "cam-b", "unknown_keep": 0.999}
         check_command(command)
@@ -381,7 +375,7 @@ def test_cmd_thresholds_sets_a_share_kept_that_is_looked_up_again_in_the_next_bu
         manifest["open_set"]["keep_thresholds"]["fp32"] = [[k, t if k < 0.95 else manifest["open_set"]["threshold"]]
                                                            for k, t in curve]
         (second / "manifest.json").write_text(json.dumps(manifest))
-        agent.model.swap(build_runtime(cfg, load_bundle(second)))
+        agent.model.swap(build_runtime(colour_station(tmp_path, broker, bundle_dir), load_bundle(second)))
         after = results_for(dash, "cam-b", feed.show("cam-b", OFF_RED))[0]
         assert after["model"]["version"] == "2" and after["label"] == UNKNOWN_LABEL
 
@@ -394,10 +388,6 @@ def test_cmd_thresholds_sets_a_share_kept_that_is_looked_up_again_in_the_next_bu
         assert dash.wait_for(lambda d: "field unknown_keep: not with max_unknown_score" in
                              (last_thresholds(d).get("reason") or ""), 20), last_thresholds(dash)
         assert agent.inference.threshold_overrides["cam-b"].max_unknown_score == 1e5
-    finally:
-        agent.shutdown(10)
-        operator.close()
-        dash.close()
 
 
 def test_an_enrolled_class_is_decided_by_its_appended_logit(broker, tmp_path):
