@@ -6,9 +6,10 @@ the labels the shipment still expects (1 for every other label), renormalizes an
 shipment: an item the model is sure is something else stays that, only a borderline one leans towards what
 was expected. An item decided sure on a label still expected is judged unknown against the bundle's looser
 threshold at ``expected_unknown_keep`` (the shipment vouches for it): the usual threshold rejects about 5% of
-known items, and each would be a false discrepancy. Each decided item is tallied; a ``receipt.v1`` message says, per label, how many were expected
-and received and whether the line is matched, over, short or unexpected, with the decisions behind each
-discrepancy, and how many items went to the review lane (or were decided ``unknown``).
+known items, and each would be a false discrepancy. Each decided item is tallied; a ``receipt.v1`` message
+says, per label, how many were expected and received and whether the line is matched, over, short or
+unexpected, with the decisions behind each discrepancy, and how many items went to the review lane (or were
+decided ``unknown``).
 
 Invariants: one shipment at a time per station (opening another closes nothing: it is refused until the
 open one is closed; reopening the same id with the same lines is a no-op). The desk is shared by the command

@@ -400,7 +400,8 @@ def _keep_thresholds(raw, where: str) -> dict[str, tuple[tuple[float, float], ..
     for name, points in raw.items():
         field_name = f"keep_thresholds.{name}"
         if not isinstance(points, list) or not 0 < len(points) <= MAX_CURVE_POINTS:
-            raise OpenSetError(f"{where}: {field_name} must be a list of 1 to {MAX_CURVE_POINTS} [keep, threshold] pairs")
+            raise OpenSetError(f"{where}: {field_name} must be a list of 1 to {MAX_CURVE_POINTS} "
+                               "[keep, threshold] pairs")
         pairs = []
         for i, point in enumerate(points):
             if not (isinstance(point, list) and len(point) == 2 and all(
