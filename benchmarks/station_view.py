@@ -97,7 +97,7 @@ def _wait_listening(proc: subprocess.Popen, port: int, timeout: float = 10) -> N
 class Collector:
     """Subscribes (QoS 1) to a station's result, decision and stats topics; drops redeliveries by id."""
 
-    KINDS = ("result", "decision", "stats")
+    KINDS = ("result", "decision", "stats", "receipt")
 
     def __init__(self, port: int, root: str) -> None:
         import paho.mqtt.client as paho
@@ -254,16 +254,39 @@ def ensure_scene(scene: str, root: Path, items: int, seed: int, exclude: Sequenc
     return write_scene(scene, root, items, seed, exclude=excluded)
 
 
+def open_shipment(truth: dict, bundle: Path, workdir: Path) -> dict[str, int]:
+    """A shipment listing exactly the scene's items (label -> count), open when the station starts: written into
+    its station-state.json, as a station restarting with a shipment open finds it (agent/state.py)."""
+    from agent.receiving import Shipment
+    from agent.state import STATE_FILE, StationState, manifest_sha256
+
+    lines: dict[str, int] = {}
+    for item in truth["items"]:
+        lines[item["label_name"]] = lines.get(item["label_name"], 0) + 1
+    shipment = Shipment(f"sv-{truth['scene']}", lines, time.time())
+    StationState(workdir / STATE_FILE, manifest_sha256(bundle.resolve()), shipment=shipment.to_json()).save()
+    return lines
+
+
+def shipment_summary(lines: dict[str, int], run: "AgentRun") -> dict[str, Any]:
+    """The shipment's last receipt's totals and the decisions it vouched for."""
+    receipts = sorted(run.messages["receipt"], key=lambda m: m.get("seq", 0))
+    return {"lines": lines, "receipts": len(receipts), "totals": receipts[-1]["totals"] if receipts else None,
+            "vouched_items": sum(1 for d in run.messages["decision"] if d.get("vouched"))}
+
+
 def measure(truth: dict, scene_dir: Path, bundle: Path, overrides: Sequence[str], port: int,
-            extra: dict[str, Any] | None = None) -> dict[str, Any]:
+            extra: dict[str, Any] | None = None, shipment: bool = False) -> dict[str, Any]:
     """One agent run on a rendered scene against the broker on ``port``, scored: the scene's JSON document.
 
     ``extra`` is merged into the generated config before the ``--set`` overrides (the loop turns uploads on).
+    ``shipment``: the station starts with a shipment of exactly the scene's items open (``open_shipment``).
     """
     with tempfile.TemporaryDirectory(prefix=f"station-view-{truth['scene']}-") as tmp:
         workdir = Path(tmp)
         cfg = merged(agent_config(scene_dir, truth, bundle, workdir, port), extra or {})
         cfg = apply_overrides(cfg, overrides)
+        lines = open_shipment(truth, bundle, workdir) if shipment else None
         run = run_agent(cfg, workdir, port, timeout_s=120 + 0.5 * truth["n_frames"])
     if run.returncode != 0:
         log.error("agent exited with %d on %s:\n%s", run.returncode, truth["scene"], run.log_tail)
@@ -278,6 +301,7 @@ def measure(truth: dict, scene_dir: Path, bundle: Path, overrides: Sequence[str]
                       "overrides": list(overrides), "presence": cfg["decisions"]["presence"],
                       "frames_uploaded_last_stats": stats.get("frames_uploaded"),
                       "model": (run.messages["result"][0]["model"] if run.messages["result"] else None)},
+            **({"shipment": shipment_summary(lines, run)} if lines is not None else {}),
             **scores}
 
 
@@ -296,7 +320,7 @@ def bench_scene(scene: str, args: argparse.Namespace, scenes_root: Path) -> dict
     """Render (or reuse), run the agent on its own throwaway broker, score."""
     truth = ensure_scene(scene, scenes_root, args.items, args.seed)
     with tempfile.TemporaryDirectory(prefix="station-view-broker-") as tmp, mosquitto(Path(tmp)) as port:
-        return measure(truth, scenes_root / scene, args.bundle, args.set, port)
+        return measure(truth, scenes_root / scene, args.bundle, args.set, port, shipment=args.shipment)
 
 
 # ================================================================ output
@@ -347,6 +371,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--tag", default=None, help="suffix of the result files: station_view_<scene>_<tag>.json")
     p.add_argument("--scenes-dir", type=Path, default=None,
                    help="render scenes here and reuse them next time (default: a temporary folder)")
+    p.add_argument("--shipment", action="store_true",
+                   help="start the station with a shipment of exactly the scene's items open (receiving: its prior "
+                        "and, with decisions.unknown_items on, its vouching for sure items it still expects)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="agent config override, YAML value, e.g. decisions.presence.gap_frames=1 (repeatable)")
     loop = p.add_argument_group("loop (--loop: the first scene teaches through uploads, review and retrain; "

@@ -275,6 +275,24 @@ def test_overrides_set_nested_keys_and_every_camera():
         sv.apply_overrides(cfg, ["nonsense"])
 
 
+def test_a_shipment_of_the_scenes_items_is_open_when_the_station_starts(tmp_path):
+    """--shipment writes the station's state file; the agent's own loader finds the shipment open, with one line
+    per label of the scene's items and nothing received yet."""
+    from agent.receiving import Shipment
+    from agent.state import STATE_FILE, StationState
+
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "manifest.json").write_text(json.dumps({"name": "b", "version": "1"}))
+    truth = {"scene": "belt", "items": [{"label_name": "Bag"}, {"label_name": "Shirt"}, {"label_name": "Bag"}]}
+    assert sv.open_shipment(truth, bundle, tmp_path) == {"Bag": 2, "Shirt": 1}
+    state = StationState.load(tmp_path / STATE_FILE, bundle)
+    shipment = Shipment.from_json(state.shipment)
+    assert (shipment.id, shipment.expected, shipment.received, shipment.closed_at) == \
+        ("sv-belt", {"Bag": 2, "Shirt": 1}, {}, None)
+    assert shipment.still_expected() == {"Bag", "Shirt"}
+
+
 def test_loop_reviewer_labels_only_frames_with_one_recognisable_item(truth):
     from benchmarks.station_view_loop import label_for
 
