@@ -38,6 +38,9 @@ def test_qc_station_reviews_every_flagged_item_and_receiving_keeps_the_budget():
     receiving = load_config(REPO / "firmware-config/stations/receiving-01.yaml")
     assert qc.decisions.sorting.review_budget is None and qc.cameras[0].thresholds.min_confidence == 0.8
     assert receiving.decisions.sorting.review_budget == 0.1
+    # the dock decides unknown products (the shipment vouches for sure items it expects); QC does not
+    assert receiving.decisions.unknown_items is True and qc.decisions.unknown_items is False
+    assert receiving.decisions.receiving.expected_unknown_keep == 0.999
     assert qc.decisions.sorting.review_lane == receiving.decisions.sorting.review_lane == "manual-review"
 
 
