@@ -95,7 +95,7 @@ def _wait_listening(proc: subprocess.Popen, port: int, timeout: float = 10) -> N
 
 
 class Collector:
-    """Subscribes (QoS 1) to a station's result, decision and stats topics; drops redeliveries by id."""
+    """Subscribes (QoS 1) to a station's result, decision, stats and receipt topics; drops redeliveries by id."""
 
     KINDS = ("result", "decision", "stats", "receipt")
 
