@@ -69,6 +69,8 @@ class Shipment:
     refs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)   # label ("" review, "unknown") -> newest refs
     refs_seen: dict[str, int] = field(default_factory=dict)
     unknown: int = 0              # items decided unknown: a product the model does not know
+    vouched: int = 0              # items received only because the shipment vouched for them (not discrepancies)
+    vouched_refs: list[dict[str, Any]] = field(default_factory=list)   # the newest of them
 
     def still_expected(self) -> set[str]:
         return {label for label, n in self.expected.items() if self.received.get(label, 0) < n}
@@ -85,6 +87,10 @@ class Shipment:
         refs.append(item_ref(decision, decision_id))
         del refs[:-max_refs]
         self.refs_seen[key] = self.refs_seen.get(key, 0) + 1
+        if decision.vouched:
+            self.vouched += 1
+            self.vouched_refs.append(item_ref(decision, decision_id))
+            del self.vouched_refs[:-max_refs]
 
     def lines(self) -> list[dict[str, Any]]:
         """Per label, expected first (in the command's order), then the unexpected ones by name."""
@@ -118,11 +124,14 @@ class Shipment:
                            "refs_left_off": self.refs_seen.get("", 0) - len(review_refs)},
                 "unknown": {"count": self.unknown, "refs": unknown_refs,
                             "refs_left_off": self.refs_seen.get(UNKNOWN_LABEL, 0) - len(unknown_refs)},
+                "vouched": {"count": self.vouched, "refs": list(self.vouched_refs),
+                            "refs_left_off": self.vouched - len(self.vouched_refs)},
                 "totals": totals}
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "expected": self.expected, "opened_at": self.opened_at, "received": self.received,
-                "review": self.review, "unknown": self.unknown, "refs": self.refs, "refs_seen": self.refs_seen}
+                "review": self.review, "unknown": self.unknown, "refs": self.refs, "refs_seen": self.refs_seen,
+                "vouched": self.vouched, "vouched_refs": self.vouched_refs}
 
     @classmethod
     def from_json(cls, raw: Any) -> "Shipment":
@@ -143,8 +152,12 @@ class Shipment:
             raise ShipmentError("field shipment.refs_seen: expected label -> count")
         if not all(isinstance(n, int) and n >= 0 for n in (review, unknown)) or not isinstance(opened, (int, float)):
             raise ShipmentError("field shipment.review, shipment.unknown or shipment.opened_at: expected numbers")
+        vouched, vouched_refs = raw.get("vouched", 0), raw.get("vouched_refs") or []   # absent: saved before them
+        if not (isinstance(vouched, int) and vouched >= 0 and isinstance(vouched_refs, list)
+                and len(vouched_refs) <= vouched):
+            raise ShipmentError("field shipment.vouched or shipment.vouched_refs: expected a count and its refs")
         return cls(cmd.shipment, dict(cmd.lines or {}), float(opened), None, dict(received), review,
-                   {k: list(v) for k, v in refs.items()}, dict(seen), unknown)
+                   {k: list(v) for k, v in refs.items()}, dict(seen), unknown, vouched, list(vouched_refs))
 
 
 class ReceivingDesk:

@@ -29,7 +29,7 @@ from agent.decide import (
 )
 from agent.demo import Subscriber
 from agent.pipeline import Inferred
-from agent.receiving import ReceivingDesk, Shipment
+from agent.receiving import ReceivingDesk, Shipment, ShipmentError
 from agent.sources.base import Frame
 from contract.messages import ENGINES, checker, loads_finite
 
@@ -94,6 +94,17 @@ def test_a_shipment_vouches_only_for_a_sure_item_on_a_label_it_still_expects():
     assert decide(row(Trouser=0.95), 15.0).label == "unknown"    # not on the shipment
     desk.record(decide(SURE_SHIRT, 15.0), "00000000-0000-4000-8000-000000000002")
     assert decide(SURE_SHIRT, 15.0).label == "unknown"           # the Shirt line is received in full
+    # the receipt counts the vouched item on its line and names it apart; a restart keeps both
+    for shipment in (desk.shipment, Shipment.from_json(json.loads(json.dumps(desk.shipment.to_json())))):
+        receipt = shipment.receipt()
+        assert receipt["lines"][0]["received"] == 1 and receipt["vouched"]["count"] == 1
+        assert [r["decision"] for r in receipt["vouched"]["refs"]] == ["00000000-0000-4000-8000-000000000002"]
+    saved = desk.shipment.to_json()
+    for bad in ({"vouched": -1}, {"vouched": 0}, {"vouched_refs": "x"}):
+        with pytest.raises(ShipmentError, match="field shipment.vouched"):
+            Shipment.from_json({**saved, **bad})
+    older = {k: v for k, v in saved.items() if k not in ("vouched", "vouched_refs")}   # saved before the count
+    assert Shipment.from_json(older).receipt()["vouched"] == {"count": 0, "refs": [], "refs_left_off": 0}
     off = ReceivingDesk(ReceivingConfig(expected_unknown_keep=None))
     off.open(ExpectCommand(shipment="S-2", lines={"Shirt": 1}), LABELS)
     assert not off.vouches("Shirt") and desk.vouches("Shirt") is False

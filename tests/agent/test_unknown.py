@@ -266,6 +266,10 @@ def test_a_shipment_vouches_for_a_sure_item_it_still_expects_and_no_further(brok
         check(receipt)
         assert {line["label"]: line["status"] for line in receipt["lines"]} == {"red": "matched", "green": "short"}
         assert [ref["decision"] for ref in receipt["unknown"]["refs"]] == [orange["id"], over["id"]]
+        # the vouched item is received on its line, and the receipt names it apart, not as a discrepancy
+        assert receipt["vouched"]["count"] == 1 and receipt["vouched"]["refs_left_off"] == 0
+        assert [ref["decision"] for ref in receipt["vouched"]["refs"]] == [vouched["id"]]
+        assert receipt["totals"]["discrepancies"] == 3          # green short, orange and the second off-red
 
 
 def test_the_looser_threshold_comes_from_the_bundle_keep_list_and_only_when_it_can_apply(tmp_path):
