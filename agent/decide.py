@@ -274,7 +274,7 @@ class ItemTracker:
     def __init__(self, camera_id: str, labels: Sequence[str], presence: PresenceConfig,
                  lanes: LaneMap, policy: LowConfidencePolicy, top_k: int = 3,
                  prior: Callable[[Sequence[str]], np.ndarray | None] | None = None,
-                 vouched: Callable[[str], float | None] | None = None) -> None:
+                 vouched_threshold: Callable[[str], float | None] | None = None) -> None:
         self.camera_id = camera_id
         self.labels = list(labels)
         self.cfg = presence
@@ -282,7 +282,7 @@ class ItemTracker:
         self.policy = policy
         self.top_k = top_k
         self.prior = prior               # per-label weights of the open shipment, asked once per item
-        self.vouched = vouched           # label -> the looser unknown threshold while a shipment expects it, or None
+        self.vouched_threshold = vouched_threshold   # label -> the open shipment's looser unknown threshold, or None
         self.items_seen = 0
         self.noise_items = 0
         self.spared = 0                  # flagged items the review budget sorted by their label
@@ -398,7 +398,8 @@ class ItemTracker:
             reasons = reasons + (f"agreement {agreement:.2f} < {self.lanes.cfg.min_agreement:g}",)
         score = median_unknown_score(frames)
         # decided sure on a label the open shipment still expects: judged at the shipment's looser threshold
-        at_least = self.vouched(self.labels[class_id]) if self.vouched is not None and not reasons else None
+        at_least = (self.vouched_threshold(self.labels[class_id])
+                    if self.vouched_threshold is not None and not reasons else None)
         unknown = self.policy.unknown(score, f" (median of {len(frames)} frames)", at_least)
         vouched = unknown is None and at_least is not None and self.policy.unknown(score) is not None
         if unknown is not None:

@@ -83,13 +83,14 @@ class Shipment:
             self.received[key] = self.received.get(key, 0) + 1
         else:
             self.review += 1
+        ref = item_ref(decision, decision_id)
         refs = self.refs.setdefault(key, [])
-        refs.append(item_ref(decision, decision_id))
+        refs.append(ref)
         del refs[:-max_refs]
         self.refs_seen[key] = self.refs_seen.get(key, 0) + 1
         if decision.vouched:
             self.vouched += 1
-            self.vouched_refs.append(item_ref(decision, decision_id))
+            self.vouched_refs.append(ref)
             del self.vouched_refs[:-max_refs]
 
     def lines(self) -> list[dict[str, Any]]:

@@ -254,8 +254,7 @@ def receiving(bundle, outputs: dict, known_names: list[str], rng: np.random.Gene
                                 "review" if reasons else label, bool(reasons), reasons,
                                 sure.top_k, (n, n), unknown_score=score)
         desk.record(decision, f"d{n}")
-        cls = decision
-        truth[f"d{n}"] = (kind, None if kind == "unknown" else known_names[ks_y[i]], cls.label,
+        truth[f"d{n}"] = (kind, None if kind == "unknown" else known_names[ks_y[i]], decision.label,
                           not sure.low_confidence and sure.label == (known_names[ks_y[i]] if kind != "unknown" else None))
     receipt = desk.close("sim-1").receipt()
     named = {ref["decision"] for line in receipt["lines"] for ref in line["refs"]}

@@ -79,7 +79,8 @@ def test_a_shipment_vouches_only_for_a_sure_item_on_a_label_it_still_expects():
     desk.open(ExpectCommand(shipment="S-1", lines={"Shirt": 1}), LABELS)
     policy = LowConfidencePolicy(PolicyThresholds(min_confidence=0.8, max_unknown_score=10.0))
     tracker = ItemTracker("cam", LABELS, PresenceConfig(min_frames=1, max_frames=1), LaneMap(SortingConfig()), policy,
-                          prior=desk.prior, vouched=lambda label: 20.0 if desk.vouches(label) else None)
+                          prior=desk.prior,
+                          vouched_threshold=lambda label: 20.0 if desk.vouches(label) else None)
 
     def decide(probs: np.ndarray, score: float):
         return tracker.update(Observation(1, 1.0, classify(probs, LABELS, 3, policy, score)), True)
