@@ -382,10 +382,12 @@ def _add_enroll_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gate-data", type=Path, default=None,
                    help="class folders of the old classes' images for the gate (default: the validation split of the "
                         "run the bundle was exported from)")
-    p.add_argument("--gate-images", type=int, default=1000, help="gate images used (half fit, half held out)")
+    p.add_argument("--gate-images", type=int, default=2000, help="gate images used (half fit, half held out)")
     p.add_argument("--max-drop", type=float, default=0.5,
                    help="top-1 points the old classes may lose on the held-out gate images")
     p.add_argument("--min-examples", type=int, default=5)
+    p.add_argument("--mirror", choices=["auto", "on", "off"], default="auto",
+                   help="fit on the examples' mirror images too (auto: when the model was trained with flips)")
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
@@ -397,7 +399,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     cfg = EnrolConfig(bundle=args.bundle, label=args.label, images=args.images, models_dir=args.models_dir,
                       version=args.version, sign_key=args.sign_key, public_key=args.public_key,
                       gate_data=args.gate_data, gate_images=args.gate_images, max_drop_points=args.max_drop,
-                      min_examples=args.min_examples)
+                      min_examples=args.min_examples, mirror={"auto": None, "on": True, "off": False}[args.mirror])
     try:
         result = enroll(cfg)
     except EnrolError as exc:
@@ -414,7 +416,8 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 def _print_enrolment(report: dict) -> None:
     gate = report["gate"]
     print(f"new class     recall {report['recall_examples'] * 100:.1f}% on its {report['examples']} examples "
-          f"(leave-one-out {report['recall_leave_one_out'] * 100:.1f}%)")
+          f"(leave-one-out {report['recall_leave_one_out'] * 100:.1f}%)"
+          + (", fitted with their mirror images" if report.get("mirrored") else ""))
     print(f"old classes   {gate['accuracy_before'] * 100:.2f}% -> {gate['accuracy_after'] * 100:.2f}% on "
           f"{gate['held_out_images']} held-out gate images ({gate['drop_points']:+.2f} points lost, at most "
           f"{gate['max_drop_points']}): {'passed' if gate['passed'] else 'FAILED'}")
