@@ -293,6 +293,19 @@ def reference_recall(path: Path | None, args) -> dict | None:
     return {folder_name(name): round(float((pred[y == i] == i).mean()), 4) for i, name in enumerate(bundle.labels)}
 
 
+def reference_from(path: Path) -> dict:
+    """The reference recalls an earlier run measured (its ``reference_recall_all_data``)."""
+    try:
+        reference = json.loads(path.read_text()).get("reference_recall_all_data")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise SystemExit(f"{path}: not a result of this benchmark ({exc})") from exc
+    if not (isinstance(reference, dict) and reference and all(
+            isinstance(v, float) and 0.0 <= v <= 1.0 for v in reference.values())):
+        raise SystemExit(f"{path}: field reference_recall_all_data holds no per-class recalls (run with "
+                         f"--reference-bundle)")
+    return reference
+
+
 def run_fold(fold: int, args, reference: dict | None) -> dict:
     from contract.bundle import load_bundle
 
@@ -375,12 +388,16 @@ def main(argv=None) -> int:
                         "(the agent's decisions.receiving.expected_unknown_keep); none: the bundle's threshold")
     p.add_argument("--station-val-images", type=int, default=400)
     p.add_argument("--shots", default="5,10,20", help="enrolment examples per held-out class; empty: no enrolment")
-    p.add_argument("--reference-bundle", type=Path, default=None,
-                   help="a bundle trained on all 10 classes with all their data (the documented recipe's)")
+    ref = p.add_mutually_exclusive_group()
+    ref.add_argument("--reference-bundle", type=Path, default=None,
+                     help="a bundle trained on all 10 classes with all their data (the documented recipe's)")
+    ref.add_argument("--reference-from", type=Path, default=None,
+                     help="an earlier result of this benchmark: its reference recalls (where that bundle is not here)")
     args = p.parse_args(argv)
     args.shots = [int(n) for n in args.shots.split(",") if n]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    reference = reference_recall(args.reference_bundle, args)
+    reference = (reference_from(args.reference_from) if args.reference_from is not None
+                 else reference_recall(args.reference_bundle, args))
     folds = [run_fold(int(f), args, reference) for f in args.folds.split(",")]
     out = {"command": " ".join(sys.argv), "keep": args.keep, "reference_recall_all_data": reference,
            "summary": summary(folds), "folds": folds}
