@@ -14,11 +14,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import trainer.enroll as enroll_module
 from contract.bundle import MANIFEST, ROLE_OPEN_SET, check_model_runs, load_bundle, load_public_key
 from contract.preprocess import Preprocessor, read_image
-import trainer.enroll as enroll_module
-from trainer.enroll import CAP_SHARE, CapSet, EnrolConfig, EnrolError, FitHalf, bias_cap, enroll, fit_row, \
-    leave_one_out_recall, model_outputs
+from trainer.enroll import (
+    CAP_SHARE,
+    CapSet,
+    EnrolConfig,
+    EnrolError,
+    FitHalf,
+    bias_cap,
+    enroll,
+    fit_row,
+    leave_one_out_recall,
+    model_outputs,
+)
 
 LEFT_OUT = ("Trouser", "Bag")
 
