@@ -37,7 +37,9 @@ def _refs(refs: list[dict[str, Any]], left_off: int, shown: int) -> dict[str, An
 def shipment_view(body: dict[str, Any], received_at: float, *, lines_shown: int = 50,
                   refs_shown: int = 10) -> dict[str, Any]:
     """What the API and the page show of one receipt: its totals and its discrepant lines (over, short,
-    unexpected; the most items first), and the review/unknown items, each with the newest decision refs."""
+    unexpected; the most items first), the review/unknown items, each with the newest decision refs, and the items
+    the shipment vouched for (received on an expected line though scored beyond the unknown threshold: not
+    discrepancies, but what a dock checks first if a line looks wrong)."""
     discrepant = [line for line in body["lines"] if line["status"] in DISCREPANT]
     discrepant.sort(key=lambda line: (-(line["over"] + line["short"] + line["unexpected"]), line["label"]))
     lines = [{"label": line["label"], "status": line["status"], "expected": line["expected"],
@@ -45,7 +47,9 @@ def shipment_view(body: dict[str, Any], received_at: float, *, lines_shown: int 
               "unexpected": line["unexpected"], **_refs(line["refs"], line["refs_left_off"], refs_shown)}
              for line in discrepant[:lines_shown]]
     review = body["review"]
-    unknown = body.get("unknown") or {"count": 0, "refs": [], "refs_left_off": 0}   # stations before it: none
+    none = {"count": 0, "refs": [], "refs_left_off": 0}
+    unknown = body.get("unknown") or none            # stations before it: none
+    vouched = body.get("vouched") or none
     totals = {"unknown": 0, **body["totals"]}
     return {"key": f"{body['site']}/{body['station']}/{body['shipment']}", "station": f"{body['site']}/{body['station']}",
             "site": body["site"], "shipment": body["shipment"], "state": body["state"], "final": body["final"],
@@ -55,13 +59,15 @@ def shipment_view(body: dict[str, Any], received_at: float, *, lines_shown: int 
             "discrepant": totals["discrepancies"] > 0, "lines": lines,
             "lines_left_off": max(0, len(discrepant) - lines_shown),
             "review": {"count": review["count"], **_refs(review["refs"], review["refs_left_off"], refs_shown)},
-            "unknown": {"count": unknown["count"], **_refs(unknown["refs"], unknown["refs_left_off"], refs_shown)}}
+            "unknown": {"count": unknown["count"], **_refs(unknown["refs"], unknown["refs_left_off"], refs_shown)},
+            "vouched": {"count": vouched["count"], **_refs(vouched["refs"], vouched["refs_left_off"], refs_shown)}}
 
 
 def brief_view(view: dict[str, Any], lines: int = 5) -> dict[str, Any]:
     """A shipment for the overview and the station card: totals and its first discrepant lines, no refs."""
-    return {**{k: v for k, v in view.items() if k not in ("lines", "review", "unknown")},
+    return {**{k: v for k, v in view.items() if k not in ("lines", "review", "unknown", "vouched")},
             "review_count": view["review"]["count"], "unknown_count": view["unknown"]["count"],
+            "vouched_count": view["vouched"]["count"],
             "lines": [{k: v for k, v in line.items() if k not in ("refs", "refs_left_off")}
                       for line in view["lines"][:lines]],
             "lines_left_off": view["lines_left_off"] + max(0, len(view["lines"]) - lines)}

@@ -120,11 +120,13 @@ def test_a_search_finds_one_station_and_its_url_opens_its_card(browser, artifact
 
 
 def shipment_receipt(st: FleetStation, now: float) -> tuple[str, bytes]:
-    """A receipt.v1 as the agent builds it (agent/receiving.py): two Coats expected, three came, a Dress short."""
+    """A receipt.v1 as the agent builds it (agent/receiving.py): two Coats expected, three came (the first vouched
+    for by the shipment), a Dress short."""
     shipment = Shipment("PO-7", {"Coat": 2, "Dress": 1}, opened_at=now - 60)
     for n in range(1, 4):
         shipment.record(ItemDecision("cam-1", n, "Coat", 0, 0.9, 1.0, 3, now, now, "default", False, (),
-                                     (("Coat", 0.9),), (n, n)), f"00000000-0000-4000-8000-{n:012d}", 100)
+                                     (("Coat", 0.9),), (n, n), vouched=n == 1),
+                        f"00000000-0000-4000-8000-{n:012d}", 100)
     body = {**receipt_body(shipment.receipt(), site=st.site, station=st.station, ts=now, final=False), "seq": 1}
     return f"inventory/{st.key}/receipt", json.dumps(body).encode()
 
@@ -151,6 +153,8 @@ def test_an_update_over_the_broker_arrives_on_the_open_page(browser, artifacts, 
     assert shipment.get_attribute("data-discrepant") == "true" and shipment.get_attribute("data-station") == dock.key
     assert [li.get_attribute("data-status") for li in shipment.find_elements(By.CSS_SELECTOR, ".lines li")] == \
         ["over", "short"]
+    vouched = shipment.find_element(By.CSS_SELECTOR, '[data-field="vouched"]')     # apart from the discrepancies
+    assert vouched.get_attribute("data-count") == "1" and text_of(vouched) == "1 vouched for by the shipment"
     assert text_of(browser.find_element(By.ID, "count-shipments-discrepant")) == "1"
     assert browser.execute_script("return window.loadedOnce") == "yes"
     assert page_height(browser) < HEIGHT_BOUND

@@ -497,6 +497,11 @@ function shipmentItem(s) {
               el("span", { class: "name" }, ` ${s.shipment}`),
               el("span", { class: "items" }, ` ${s.items} items of ${s.expected_total} expected`));
   li.append(head, el("div", { class: "totals", "data-field": "totals" }, discrepancies(s.totals)));
+  if (s.vouched_count) {
+    li.append(el("div", { class: "vouched muted", "data-field": "vouched", "data-count": String(s.vouched_count),
+                          title: "received on an expected line though scored beyond the unknown threshold: the shipment vouched for them" },
+                 `${s.vouched_count} vouched for by the shipment`));
+  }
   if (s.lines.length) {
     const lines = el("ul", { class: "lines" });
     lines.append(...s.lines.map(shipmentLine));
@@ -517,7 +522,8 @@ function renderShipments(newest, hidden) {
 function renderShipmentFact(card, s) {
   const node = field(card, "shipment");
   node.dataset.discrepant = s ? String(s.discrepant) : "none";
-  text(node, s ? `${s.shipment}: ${s.items} items of ${s.expected_total} expected, ${discrepancies(s.totals)}` : "none open");
+  text(node, s ? `${s.shipment}: ${s.items} items of ${s.expected_total} expected, ${discrepancies(s.totals)}` +
+              (s.vouched_count ? `; ${s.vouched_count} vouched for` : "") : "none open");
 }
 
 // ------------------------------------------------------------------ routes and the stream

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -82,6 +83,27 @@ def test_an_open_shipment_shows_its_discrepant_lines_with_the_decisions_behind_t
     assert card["shipment"]["shipment"] == "PO-1" and card["shipment"]["totals"]["discrepancies"] == 4
     assert card["counts"]["result"] == 0 and "receipt" not in card["counts"]   # station counts are unchanged
     json.loads(dumps_finite(state.snapshot(now=1002.0)))                       # strict JSON all through
+
+
+def test_items_the_shipment_vouched_for_are_shown_apart_from_its_discrepancies():
+    shipment = Shipment("PO-5", {"Coat": 3}, opened_at=900.0)
+    shipment.record(item("Coat", 1), decision_id(1), max_refs=100)
+    for n in (2, 3):
+        shipment.record(dataclasses.replace(item("Coat", n), vouched=True), decision_id(n), max_refs=100)
+    state = WarehouseState()
+    assert state.ingest(TOPIC, payload(receipt(shipment, seq=1))) == "applied"
+    shown = state.shipment_list()["shipments"][0]
+    assert shown["totals"]["matched"] == 3 and shown["discrepant"] is False and shown["lines"] == []
+    assert shown["vouched"]["count"] == 2 and shown["vouched"]["refs_left_off"] == 0
+    assert [r["decision"] for r in shown["vouched"]["refs"]] == [decision_id(3), decision_id(2)]   # newest first
+    assert state.overview()["shipments"]["newest"][0]["vouched_count"] == 2
+    assert state.station_card(f"{SITE}/{STATION}")["shipment"]["vouched_count"] == 2
+    assert "vouched" not in state.overview()["shipments"]["newest"][0]                      # no refs in the brief
+    # a receipt from a station before the block: none vouched
+    older = receipt(shipment, seq=2)
+    older.pop("vouched")
+    assert state.ingest(TOPIC, payload(older)) == "applied"
+    assert state.shipment_list()["shipments"][0]["vouched"] == {"count": 0, "refs": [], "refs_left_off": 0}
 
 
 def test_the_newest_receipt_by_seq_replaces_the_earlier_and_a_late_or_repeated_one_changes_nothing():
