@@ -49,8 +49,8 @@ log = logging.getLogger(__name__)
 
 FIT_STEPS = 300
 FIT_L2 = 5e-4            # pull of the fitted row towards the imprinted one (on unit-scale embeddings); 0.05 kept
-#                          the row so near the imprint that 10 examples gave 40.7% recall on the open-set folds
-#                          against 59.2% now (docs/benchmarks.md, "Enrolment fitted, not imprinted")
+#                          the row so near the imprint that most of what the examples teach went unused
+#                          (docs/benchmarks.md, "Enrolment fitted, not imprinted")
 CAP_SHARE = 0.4          # the bias is set where the gate images lose this share of max_drop_points
 BATCH = 256
 
@@ -353,9 +353,8 @@ def fit_row(u_new: np.ndarray, old_new: np.ndarray, half: FitHalf, caps: CapSet,
     fitted on ``half``, its bias set at the cap: the largest at which ``caps`` loses at most ``CAP_SHARE`` of
     ``max_drop_points`` (the fitted bias where no finite cap exists).
 
-    At the cap, not below it: the fitted bias balances a few examples against hundreds of gate images and left
-    recall the old classes' allowance would have paid for (Bag from 10 examples: 83% at the fitted bias, 91% at
-    the cap, on the open-set folds). A share of the allowance: the cap is the k-th smallest margin of images
+    At the cap, not below it: the fitted bias balances a few examples against hundreds of gate images and leaves
+    recall that the old classes' allowance would pay for. A share of the allowance: the cap is the k-th smallest margin of images
     that include those the row was fitted on, a noisy and optimistic estimate; at the full allowance the old
     classes lost 0.6-0.8 points of test images."""
     w, b = _fit_row(u_new, old_new, half)
