@@ -102,7 +102,7 @@ def our_loop_rate(samples, image_size: int, batch: int, warmup: int, steps: int)
 
     def forever():
         while True:
-            yield from batches
+            yield from ((canvas, y) for canvas, y, _ in batches)
 
     return _timed_steps(step, forever(), warmup, steps)
 

@@ -221,16 +221,21 @@ class BatchAugment:
         )
         return torch.where(mask.unsqueeze(1).to(x.device), p["erase_noise"].to(x), x)
 
-    def __call__(self, canvas: torch.Tensor, shard: tuple[int, int] = (0, 1), total: int | None = None) -> torch.Tensor:
+    def __call__(self, canvas: torch.Tensor, shard: tuple[int, int] = (0, 1), total: int | None = None,
+                 as_seen: torch.Tensor | None = None) -> torch.Tensor:
         """uint8 N x 3|4 x S x S (any device; a 4th channel is a mask file's mask) -> float N x 3 x H x W, normalized.
 
         With ``shard=(rank, world)``, ``canvas`` holds rows rank, rank+world, ... of a batch
         of ``total``: the draws are made for the whole batch, so every process of a
         distributed run (and a single process) augments each image the same way.
+        ``as_seen`` (N booleans): rows that are a station's view already (``Sample.as_seen``) take the plain path
+        whatever their draw; the draws stay the same, so a batch without such rows is augmented as before.
         """
         rank, world = shard
         params = self.sample(total or canvas.shape[0])
         params = {k: v[rank::world] for k, v in params.items()}
+        if as_seen is not None and "station" in params:
+            params["station"] = params["station"] & ~as_seen.to(params["station"].device, torch.bool)
         x = canvas.float().div_(255.0)
         if self.station is None:
             out = self.plain(x[:, :3], params)

@@ -48,6 +48,8 @@ class DatasetError(ValueError):
 class Sample:
     path: Path
     label: int
+    as_seen: bool = False   # already a station's view (an item crop it sent back): trained as it is, never rendered
+    #                         onto a surface again as a station view (a CSV row with view=station)
 
 
 @dataclass
@@ -140,8 +142,10 @@ def _display_names(root: Path) -> dict[str, str]:
     return names
 
 
-def _from_pairs(root: Path, pairs: Iterable[tuple[Path, str]], layout: str, classes: Sequence[str] | None) -> Dataset:
+def _from_pairs(root: Path, pairs: Iterable[tuple[Path, str]], layout: str, classes: Sequence[str] | None,
+                seen: Sequence[bool] | None = None) -> Dataset:
     pairs = list(pairs)
+    seen = list(seen) if seen is not None else [False] * len(pairs)
     names = list(classes) if classes is not None else sorted({label for _, label in pairs})
     for name in names:
         check_class_name(name, root)
@@ -149,7 +153,8 @@ def _from_pairs(root: Path, pairs: Iterable[tuple[Path, str]], layout: str, clas
     unknown = sorted({label for _, label in pairs if label not in index})
     if unknown:
         raise DatasetError(f"{root}: labels {unknown} are not among the expected classes {names}")
-    return Dataset(root, names, [Sample(p, index[label]) for p, label in pairs], layout)
+    return Dataset(root, names, [Sample(p, index[label], as_seen) for (p, label), as_seen in zip(pairs, seen)],
+                   layout)
 
 
 def _usable_names(files: list[Path], root: Path) -> tuple[list[Path], list[dict[str, str]]]:
@@ -205,9 +210,14 @@ def scan_prefixed_files(root: Path, classes: Sequence[str] | None = None) -> Dat
     return dataset
 
 
+VIEWS = ("", "canvas", "station")   # a CSV's optional view column: render station views from it, or it is one
+
+
 def read_csv(csv_path: Path, classes: Sequence[str] | None = None) -> Dataset:
+    """``path,label`` rows; an optional ``view`` column says ``station`` for a frame a station sent (its item crop:
+    trained as it is) and ``canvas`` or nothing for a product image (rendered as station views when they are on)."""
     base = csv_path.parent
-    pairs = []
+    pairs, seen = [], []
     line = 1
     try:
         with open(csv_path, newline="", encoding="utf-8") as fh:
@@ -222,14 +232,20 @@ def read_csv(csv_path: Path, classes: Sequence[str] | None = None) -> Dataset:
                     raise DatasetError(f"{csv_path}:{line}: field path holds a NUL character")
                 path = Path(row["path"])
                 label = check_class_name(row["label"].strip(), f"{csv_path}:{line}: field label")
+                view = row.get("view")
+                view = view.strip() if isinstance(view, str) else ""
+                if view not in VIEWS:
+                    raise DatasetError(f"{csv_path}:{line}: field view: expected 'station' (a station's frame) or "
+                                       f"'canvas' or nothing, got {view!r}")
                 pairs.append((path if path.is_absolute() else base / path, label))
+                seen.append(view == "station")
     except OSError as exc:
         raise DatasetError(f"{shown(csv_path)}: cannot read ({exc.strerror or exc})") from exc
     except UnicodeDecodeError as exc:
         raise DatasetError(f"{csv_path}: not UTF-8 text (near line {line + 1})") from exc
     except csv.Error as exc:
         raise DatasetError(f"{csv_path}:{line + 1}: not valid CSV ({exc})") from exc
-    return _from_pairs(base, pairs, "csv", classes)
+    return _from_pairs(base, pairs, "csv", classes, seen)
 
 
 def detect_layout(source: Path) -> str:

@@ -37,18 +37,21 @@ def select_device(name: str = "auto") -> torch.device:
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Images by path, each turned into an array by ``load`` (canvas or eval input)."""
+    """Images by path, each turned into an array by ``load`` (canvas or eval input); with ``with_index`` each item
+    also carries its index (what a batch's rows were)."""
 
-    def __init__(self, samples: Sequence[data_mod.Sample], load: Callable[[Path], np.ndarray]) -> None:
+    def __init__(self, samples: Sequence[data_mod.Sample], load: Callable[[Path], np.ndarray],
+                 with_index: bool = False) -> None:
         self.samples = list(samples)
         self.load = load
+        self.with_index = with_index
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+    def __getitem__(self, i: int) -> tuple:
         s = self.samples[i]
-        return self.load(s.path), s.label
+        return (self.load(s.path), s.label, i) if self.with_index else (self.load(s.path), s.label)
 
 
 def _loader(files: ImageFiles, batch_size: int, workers: int, shuffle: bool = False,
@@ -64,14 +67,15 @@ def materialize(files: ImageFiles, workers: int, desc: str) -> tuple[torch.Tenso
     from tqdm import tqdm
 
     xs, ys = [], []
-    for x, y in tqdm(_loader(files, 512, workers), desc=desc, unit="batch", leave=False):
+    for x, y, *_ in tqdm(_loader(files, 512, workers), desc=desc, unit="batch", leave=False):
         xs.append(torch.as_tensor(x))
         ys.append(torch.as_tensor(y))
     return torch.cat(xs), torch.cat(ys)
 
 
 class TrainBatches:
-    """Shuffled uint8 canvas batches: from memory when they fit, else from worker processes.
+    """Shuffled uint8 canvas batches with their labels and which rows are as seen (``Sample.as_seen``): from memory
+    when they fit, else from worker processes.
 
     In memory, every rank of a distributed run draws the same global batch and trains on
     its rows of it (``sharded`` is False). Streaming from disk, a DistributedSampler
@@ -82,7 +86,7 @@ class TrainBatches:
                  dist: DistContext | None = None) -> None:
         # A 4th canvas channel carries mask files, only when station views use them and some exist.
         with_mask = cfg.augment.station_view.enabled and any(mask_path(s.path).exists() for s in samples)
-        self.files = ImageFiles(samples, lambda p: load_canvas(p, spec, with_mask))
+        self.files = ImageFiles(samples, lambda p: load_canvas(p, spec, with_mask), with_index=True)
         self.batch_size = cfg.batch_size
         self.generator = generator
         self.workers = cfg.workers
@@ -91,6 +95,7 @@ class TrainBatches:
         self.sampler = None
         self.balance = cfg.balance_classes
         self.labels = torch.tensor([s.label for s in samples], dtype=torch.long)
+        self.as_seen = torch.tensor([s.as_seen for s in samples], dtype=torch.bool)
         side = spec.resize_shorter
         estimate = len(samples) * (4 if with_mask else 3) * side * side
         self.cached = None
@@ -126,24 +131,23 @@ class TrainBatches:
         weights = 1.0 / counts[self.labels]
         return torch.multinomial(weights, len(self.labels), replacement=True, generator=self.generator)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         if self.cached is not None:
             x, y = self.cached
             order = self.order()
             for step in range(len(self)):
                 idx = order[step * self.batch_size : (step + 1) * self.batch_size]
-                yield x[idx], y[idx]
-        elif self.sampler is not None:
+                yield x[idx], y[idx], self.as_seen[idx]
+            return
+        if self.sampler is not None:
             loader = torch.utils.data.DataLoader(self.files, batch_size=self.batch_size // self.dist.world,
                                                  sampler=self.sampler, num_workers=self.workers, drop_last=True)
-            yield from (batch for _, batch in zip(range(len(self)), loader))
         elif self.balance:
             loader = torch.utils.data.DataLoader(self.files, batch_size=self.batch_size, num_workers=self.workers,
                                                  sampler=self.order().tolist())
-            yield from (batch for _, batch in zip(range(len(self)), loader))
         else:
             loader = _loader(self.files, self.batch_size, self.workers, True, self.generator)
-            yield from (batch for _, batch in zip(range(len(self)), loader))
+        yield from ((x, y, self.as_seen[i]) for _, (x, y, i) in zip(range(len(self)), loader))
 
 
 def eval_inputs(samples, spec: InputSpec, workers: int, desc: str = "preprocess val images") -> tuple[torch.Tensor, torch.Tensor]:
@@ -299,15 +303,16 @@ class Trainer:
         steps = min(len(batches), cfg.max_steps_per_epoch or len(batches))
         bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False,
                    disable=not self.dist.is_main)
-        for step, (canvas, labels) in enumerate(batches):
+        for step, (canvas, labels, as_seen) in enumerate(batches):
             if step >= steps:
                 break
             if batches.sharded:  # already this rank's own batch
-                x = augment(canvas.to(self.device, non_blocking=True))
+                x = augment(canvas.to(self.device, non_blocking=True), as_seen=as_seen)
             else:  # this rank trains on rows rank, rank + world, ... of the global batch
                 total = len(labels)
-                canvas, labels = canvas[rank::world], labels[rank::world]
-                x = augment(canvas.to(self.device, non_blocking=True), shard=(rank, world), total=total)
+                canvas, labels, as_seen = canvas[rank::world], labels[rank::world], as_seen[rank::world]
+                x = augment(canvas.to(self.device, non_blocking=True), shard=(rank, world), total=total,
+                            as_seen=as_seen)
             y = labels.to(self.device, non_blocking=True)
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)

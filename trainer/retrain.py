@@ -264,14 +264,17 @@ def overall_holdout(cfg: RetrainConfig, current, base: list[Item], seed: int) ->
 
 
 def write_training_csv(path: Path, items: Sequence[Item]) -> None:
-    """The combined dataset in the trainer's CSV layout (absolute paths), plus where each row came from."""
+    """The combined dataset in the trainer's CSV layout (absolute paths), plus where each row came from. A reviewed
+    frame is the item crop a station sent: ``view=station`` trains it as it is; rendering it onto another surface
+    as a station view would shrink the crop, its own surface included, into the middle of a new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".csv.tmp")
     with open(tmp, "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["path", "label", "source"])
+        writer.writerow(["path", "label", "source", "view"])
         for item in items:
-            writer.writerow([str(item.path.resolve()), item.label, item.source])
+            writer.writerow([str(item.path.resolve()), item.label, item.source,
+                             "station" if item.source == "reviewed" else "canvas"])
     tmp.replace(path)
 
 

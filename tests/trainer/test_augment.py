@@ -343,6 +343,30 @@ def test_station_view_share_routes_images_between_the_two_paths(canvas):
         torch.testing.assert_close(out, (expected - mean) / std, atol=1e-4, rtol=0)
 
 
+def test_rows_already_a_station_view_take_the_plain_path_whatever_their_draw(canvas):
+    """A station's frame (Sample.as_seen) is trained as it is: with every row drawn for a station view, the rows
+    marked as seen come out of the plain path with their own draws, the others as station views, and a batch
+    with no row marked is augmented exactly as without the argument."""
+    u8 = (canvas[:16] * 255).round().byte()
+    seen = torch.arange(16) % 3 == 0
+    gen = torch.Generator().manual_seed(7)
+    aug = BatchAugment(AugmentConfig(station_view=StationViewConfig(share=1.0, jpeg=0.0)), SPEC, gen)
+    state = gen.get_state()
+    out = aug(u8, as_seen=seen)
+    gen.set_state(state)
+    p = aug.sample(16)
+    assert bool(p["station"].all())                                   # every row drew the station path
+    mean, std = torch.tensor(SPEC.mean).view(1, 3, 1, 1), torch.tensor(SPEC.std).view(1, 3, 1, 1)
+    for rows, path in ((seen.nonzero().squeeze(1), aug.plain), ((~seen).nonzero().squeeze(1), aug.station)):
+        expected = path(canvas[rows], {k: v[rows] for k, v in p.items()})
+        torch.testing.assert_close(out[rows], (expected - mean) / std, atol=1e-4, rtol=0)
+    gen.set_state(state)
+    unmarked = aug(u8, as_seen=torch.zeros(16, dtype=torch.bool))
+    gen.set_state(state)
+    torch.testing.assert_close(unmarked, aug(u8), atol=0, rtol=0)
+    assert (unmarked[seen] - out[seen]).abs().amax() > 0.5            # the marked rows did change path
+
+
 def test_every_shard_renders_its_rows_exactly_as_the_whole_batch(canvas):
     u8 = (canvas[:32] * 255).round().byte()
     cfg = AugmentConfig(station_view=StationViewConfig(jpeg=0.0))  # libjpeg is exact too, but keep it quick

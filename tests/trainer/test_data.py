@@ -66,6 +66,26 @@ def test_csv_layout_with_relative_paths(fmnist_dir, tmp_path):
     assert all(s.path.is_file() for s in ds.samples)
 
 
+def test_a_csv_view_column_marks_station_frames_as_seen(fmnist_dir, tmp_path):
+    """view=station: a frame a station sent (its item crop), trained as it is; canvas or nothing: a product image,
+    rendered as station views. The retrain's own training CSV marks its reviewed frames so."""
+    from trainer.retrain import Item, write_training_csv
+
+    (coat,), (bag,) = _some_images(fmnist_dir, 1)["Coat"], _some_images(fmnist_dir, 1)["Bag"]
+    (tmp_path / "labels.csv").write_text(f"path,label,view\n{coat},Coat,station\n{bag},Bag,canvas\n{coat},Coat,\n")
+    ds = load_dataset(tmp_path / "labels.csv")
+    assert [s.as_seen for s in ds.samples] == [True, False, False]
+    (tmp_path / "plain.csv").write_text(f"path,label\n{coat},Coat\n{bag},Bag\n")          # no column: none
+    assert not any(s.as_seen for s in load_dataset(tmp_path / "plain.csv").samples)
+    (tmp_path / "bad.csv").write_text(f"path,label,view\n{coat},Coat,station\n{bag},Bag,photo\n")
+    with pytest.raises(DatasetError, match=r"bad.csv:3: field view: .*'photo'"):
+        load_dataset(tmp_path / "bad.csv")
+
+    write_training_csv(tmp_path / "retrain.csv", [Item(bag, "Bag", "base"), Item(coat, "Coat", "reviewed")])
+    ds = load_dataset(tmp_path / "retrain.csv")
+    assert [(ds.classes[s.label], s.as_seen) for s in ds.samples] == [("Bag", False), ("Coat", True)]
+
+
 def test_csv_errors_name_the_file(tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("file,class\na.png,x\n")

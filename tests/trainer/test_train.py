@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -122,6 +123,21 @@ def test_config_rejects_unknown_values_and_fields(tmp_path):
 
 
 @pytest.mark.parametrize("cache_images", [True, False])
+def test_each_row_of_a_batch_carries_its_samples_as_seen_flag(fmnist_dir, cache_images):
+    """From memory and streamed from disk alike: the flag is what routes a station's frame past station views."""
+    from trainer import data as data_mod
+    from trainer.augment import eval_spec
+    from trainer.engine import TrainBatches
+
+    samples = data_mod.load_dataset(fmnist_dir / "train", check_images=False).samples[::50]
+    marked = [dataclasses.replace(s, as_seen=s.label == 1) for s in samples]
+    batches = TrainBatches(marked, eval_spec(32, 32), _cfg(fmnist_dir, batch_size=16, cache_images=cache_images),
+                           torch.Generator().manual_seed(0))
+    rows = [(y, seen) for _ in range(3) for _, y, seen in batches]
+    assert all(torch.equal(seen, y == 1) for y, seen in rows) and any(bool(seen.any()) for _, seen in rows)
+
+
+@pytest.mark.parametrize("cache_images", [True, False])
 def test_balance_classes_draws_every_class_equally_often(fmnist_dir, cache_images):
     """A training set skewed 10:1 towards a few classes (as reviewed low-confidence frames are)."""
     from trainer import data as data_mod
@@ -137,7 +153,7 @@ def test_balance_classes_draws_every_class_equally_often(fmnist_dir, cache_image
     def class_counts(balance: bool) -> torch.Tensor:
         cfg = _cfg(fmnist_dir, balance_classes=balance, batch_size=37, cache_images=cache_images)
         batches = TrainBatches(skewed, eval_spec(32, 32), cfg, torch.Generator().manual_seed(0))
-        labels = torch.cat([y for _ in range(20) for _, y in batches])
+        labels = torch.cat([y for _ in range(20) for _, y, _ in batches])
         return torch.bincount(labels, minlength=10).float() / len(labels)
 
     plain, balanced = class_counts(False), class_counts(True)
