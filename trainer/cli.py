@@ -51,6 +51,9 @@ def _add_train_args(p: argparse.ArgumentParser, *, data: bool = True) -> None:
     p.add_argument("--balance-classes", action=BOOL, default=False,
                    help="draw every class equally often in each epoch (with replacement within a class); for "
                         "training sets skewed towards the classes a station was unsure of")
+    p.add_argument("--station-frame-repeat", type=int, default=1,
+                   help="draw each frame a station sent (a CSV's view=station rows: retrain's reviewed frames) this "
+                        "many times per epoch")
     p.add_argument("--freeze-epochs", type=int, default=0, help="train only the head for the first N epochs")
     p.add_argument("--frozen-bn", action=BOOL, default=False,
                    help="BatchNorm keeps its (ImageNet) statistics: for small batches per process, and the setting "

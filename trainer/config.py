@@ -38,6 +38,8 @@ class TrainConfig:
     gamma: float = 0.1
     label_smoothing: float = 0.0
     balance_classes: bool = False      # each epoch draws every class equally often (reviewed frames are skewed)
+    station_frame_repeat: int = 1      # each training frame a station sent (Sample.as_seen, a CSV's view=station)
+    #                                    is drawn this many times per epoch: a few hundred among thousands of images
     freeze_epochs: int = 0
     frozen_bn: bool = False            # BatchNorm normalizes with its running statistics and never updates them
     amp: bool = True
@@ -72,6 +74,9 @@ class TrainConfig:
         self.crop_policy  # noqa: B018 -- raises ValueError naming input.crop.margin when it is out of range
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch_size must be >= 1")
+        if isinstance(self.station_frame_repeat, bool) or not isinstance(self.station_frame_repeat, int) \
+                or self.station_frame_repeat < 1:
+            raise ValueError(f"station_frame_repeat: expected a whole number >= 1, got {self.station_frame_repeat!r}")
 
     @property
     def crop_policy(self) -> CropPolicy:

@@ -73,6 +73,14 @@ def materialize(files: ImageFiles, workers: int, desc: str) -> tuple[torch.Tenso
     return torch.cat(xs), torch.cat(ys)
 
 
+def station_frames_repeated(samples: Sequence[data_mod.Sample], repeat: int) -> list[data_mod.Sample]:
+    """The training samples with each station frame (``as_seen``) ``repeat`` times in all: a station's few hundred
+    reviewed frames among thousands of base images are otherwise drawn too rarely to teach its view. Only the
+    training split is repeated; validation sees each frame once."""
+    samples = list(samples)
+    return samples + [s for s in samples if s.as_seen for _ in range(repeat - 1)]
+
+
 class TrainBatches:
     """Shuffled uint8 canvas batches with their labels and which rows are as seen (``Sample.as_seen``): from memory
     when they fit, else from worker processes.
@@ -383,7 +391,8 @@ class Trainer:
         if resume:
             model.load_state_dict(resume["model"])
         model = self._wrap(model)
-        batches = TrainBatches([dataset.samples[i] for i in train_idx], self.spec, cfg, generator, self.dist)
+        train = station_frames_repeated([dataset.samples[i] for i in train_idx], cfg.station_frame_repeat)
+        batches = TrainBatches(train, self.spec, cfg, generator, self.dist)
         val_x, val_y = eval_inputs([dataset.samples[i] for i in val_idx], self.spec, cfg.workers)
         optimizer = make_optimizer(model, cfg)
         steps_per_epoch = min(len(batches), cfg.max_steps_per_epoch or len(batches))

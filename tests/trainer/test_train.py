@@ -122,6 +122,24 @@ def test_config_rejects_unknown_values_and_fields(tmp_path):
         TrainConfig.load(tmp_path / "config.json")
 
 
+def test_station_frames_are_repeated_in_training_and_the_setting_is_checked(fmnist_dir):
+    from trainer import data as data_mod
+    from trainer.cli import get_args_parser, train_config_from_args
+    from trainer.engine import station_frames_repeated
+
+    base = [data_mod.Sample(fmnist_dir / f"{i}.png", i % 3) for i in range(6)]
+    frames = [data_mod.Sample(fmnist_dir / f"f{i}.png", 1, as_seen=True) for i in range(2)]
+    out = station_frames_repeated(base + frames, 4)
+    assert out[:8] == base + frames and len(out) == 6 + 2 * 4
+    assert sorted(str(s.path) for s in out if s.as_seen) == sorted([str(f.path) for f in frames] * 4)
+    assert station_frames_repeated(base + frames, 1) == base + frames
+    for bad in (0, -2, 1.5, True, "3"):
+        with pytest.raises(ValueError, match=r"station_frame_repeat: expected a whole number >= 1"):
+            TrainConfig(data="x", station_frame_repeat=bad)
+    args = get_args_parser().parse_args(["train", "--data", "x", "--station-frame-repeat", "5"])
+    assert train_config_from_args(args).station_frame_repeat == 5
+
+
 @pytest.mark.parametrize("cache_images", [True, False])
 def test_each_row_of_a_batch_carries_its_samples_as_seen_flag(fmnist_dir, cache_images):
     """From memory and streamed from disk alike: the flag is what routes a station's frame past station views."""
