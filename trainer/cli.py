@@ -286,6 +286,9 @@ COMMANDS = {"import-fashion-mnist": cmd_import, "train": cmd_train, "evaluate": 
             "verify": cmd_verify, "keygen": cmd_keygen, "demo": cmd_demo}
 
 
+RETRAIN_STATION_FRAME_REPEAT = 10
+
+
 def _add_retrain_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("retrain", help="train the next version from base + reviewed frames, and gate it")
     p.add_argument("--base-data", type=Path, required=True, help="the base dataset (any trainer layout)")
@@ -312,7 +315,10 @@ def _add_retrain_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(name=None, arch=None, image_size=None, weights=None, interpolation=None, station_view=None, lr=None,
                    # the recipe (trainer.retrain.RECIPE_FIELDS): left open, it is the current run's where known
                    scale=None, hflip=None, rotation=None, jitter=None, erasing=None, station_view_share=None,
-                   label_smoothing=None)
+                   label_smoothing=None,
+                   # a few hundred reviewed frames among thousands of base images: drawn once an epoch they barely
+                   # teach (docs/benchmarks.md, "A bench round with its labels")
+                   station_frame_repeat=RETRAIN_STATION_FRAME_REPEAT)
     _add_export_args(p)
     add_broker_args(p, default_host=None, title="broker (the gate event is published when --mqtt-host is given)")
 

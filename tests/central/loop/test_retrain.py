@@ -337,6 +337,11 @@ def test_retrain_keeps_the_current_runs_training_recipe_unless_told_otherwise():
 
     left = retrain_train_settings(args)
     assert left["lr"] is None and left["label_smoothing"] is None
+    # reviewed frames are drawn 10 times an epoch unless asked otherwise (train's own default stays 1)
+    assert left["station_frame_repeat"] == 10 and get_args_parser().parse_args(["train", "--data", "x"]) \
+        .station_frame_repeat == 1
+    assert retrain_train_settings(get_args_parser().parse_args(base + ["--station-frame-repeat", "1"])) \
+        ["station_frame_repeat"] == 1
     assert left["augment"]["scale"] is None and left["augment"]["rotation"] is None
     assert left["augment"]["station_view"]["share"] is None and left["augment"]["station_view"]["rotation"] is None
     given = retrain_train_settings(get_args_parser().parse_args(base + ["--rotation", "10", "--erasing", "0.3"]))
