@@ -34,6 +34,12 @@ def _refs(refs: list[dict[str, Any]], left_off: int, shown: int) -> dict[str, An
     return {"refs": [_ref_view(r) for r in reversed(kept)], "refs_left_off": left_off + len(refs) - len(kept)}
 
 
+def _counted(block: dict[str, Any] | None, shown: int) -> dict[str, Any]:
+    """A receipt's counted list (review, unknown, vouched) with its newest refs; absent (stations before it): none."""
+    block = block or {"count": 0, "refs": [], "refs_left_off": 0}
+    return {"count": block["count"], **_refs(block["refs"], block["refs_left_off"], shown)}
+
+
 def shipment_view(body: dict[str, Any], received_at: float, *, lines_shown: int = 50,
                   refs_shown: int = 10) -> dict[str, Any]:
     """What the API and the page show of one receipt: its totals and its discrepant lines (over, short,
@@ -46,10 +52,6 @@ def shipment_view(body: dict[str, Any], received_at: float, *, lines_shown: int 
               "received": line["received"], "over": line["over"], "short": line["short"],
               "unexpected": line["unexpected"], **_refs(line["refs"], line["refs_left_off"], refs_shown)}
              for line in discrepant[:lines_shown]]
-    review = body["review"]
-    none = {"count": 0, "refs": [], "refs_left_off": 0}
-    unknown = body.get("unknown") or none            # stations before it: none
-    vouched = body.get("vouched") or none
     totals = {"unknown": 0, **body["totals"]}
     return {"key": f"{body['site']}/{body['station']}/{body['shipment']}", "station": f"{body['site']}/{body['station']}",
             "site": body["site"], "shipment": body["shipment"], "state": body["state"], "final": body["final"],
@@ -58,9 +60,8 @@ def shipment_view(body: dict[str, Any], received_at: float, *, lines_shown: int 
             "expected_total": sum(line["expected"] for line in body["lines"]), "totals": totals,
             "discrepant": totals["discrepancies"] > 0, "lines": lines,
             "lines_left_off": max(0, len(discrepant) - lines_shown),
-            "review": {"count": review["count"], **_refs(review["refs"], review["refs_left_off"], refs_shown)},
-            "unknown": {"count": unknown["count"], **_refs(unknown["refs"], unknown["refs_left_off"], refs_shown)},
-            "vouched": {"count": vouched["count"], **_refs(vouched["refs"], vouched["refs_left_off"], refs_shown)}}
+            "review": _counted(body["review"], refs_shown), "unknown": _counted(body.get("unknown"), refs_shown),
+            "vouched": _counted(body.get("vouched"), refs_shown)}
 
 
 def brief_view(view: dict[str, Any], lines: int = 5) -> dict[str, Any]:
