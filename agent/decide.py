@@ -6,6 +6,7 @@ tests are exact and the pipeline stays the only place with side effects.
 
 from __future__ import annotations
 
+import uuid
 from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping, Sequence
@@ -231,6 +232,7 @@ class ItemDecision:
     view: Any = field(default=None, compare=False, repr=False)   # the best view's payload (Observation.view)
     view_seq: int | None = None                   # the frame the best view is of
     vouched: bool = False                         # not unknown only because the open shipment vouched for it
+    track: str | None = None                      # the id every frame of this item was given (ItemTracker.track)
 
 
 def weighted(probs: np.ndarray, prior: np.ndarray | None) -> np.ndarray:
@@ -274,7 +276,8 @@ class ItemTracker:
     def __init__(self, camera_id: str, labels: Sequence[str], presence: PresenceConfig,
                  lanes: LaneMap, policy: LowConfidencePolicy, top_k: int = 3,
                  prior: Callable[[Sequence[str]], np.ndarray | None] | None = None,
-                 vouched_threshold: Callable[[str], float | None] | None = None) -> None:
+                 vouched_threshold: Callable[[str], float | None] | None = None,
+                 new_track: Callable[[], str] | None = None) -> None:
         self.camera_id = camera_id
         self.labels = list(labels)
         self.cfg = presence
@@ -292,6 +295,9 @@ class ItemTracker:
         self._peak: tuple[int, frozenset[str]] = (0, frozenset())   # the current item's largest box: area, edges
         self._low_area: int | None = None  # its smallest edge-cut area since it began to go out (None: it has not)
         self._best: Observation | None = None   # the current item's best view (Observation.view_rank), its view kept
+        self._new_track = new_track or (lambda: str(uuid.uuid4()))
+        self._track: str | None = None   # the current item's id, given at its first frame
+        self.track: str | None = None    # the id of the item the last frame given to update() belongs to (None: none)
 
     def update(self, obs: Observation | None, present: bool) -> ItemDecision | None:
         """One frame; ``obs`` may be None for a frame without an item (the model did not run).
@@ -299,9 +305,17 @@ class ItemTracker:
         A frame whose box hardly overlaps the last one's (``split_overlap``), or that grows again at the ROI's
         edge after the item shrank there (``regrow_split``), starts another item: the one before is decided
         now, so two items with no empty frame between them are two decisions.
+
+        Each item gets an id (``track``) at its first frame; after the call, ``self.track`` is the id of the item
+        this frame belongs to (None for a frame without one), so the frames a station uploads can be told apart
+        by item, as the item's decision is.
         """
+        self.track = None
         if present and obs is not None:
             decision = self._close() if self._another_item(obs) or self._regrown(obs) else None
+            if self._track is None:
+                self._track = self._new_track()
+            self.track = self._track
             self._keep_view(obs)
             self._frames.append(replace(obs, view=None) if obs.view is not None else obs)
             self._track_area(obs)
@@ -383,6 +397,7 @@ class ItemTracker:
     def _close(self) -> ItemDecision | None:
         frames, self._frames, self._gap = self._frames, [], 0
         best, self._best = self._best, None
+        track, self._track = self._track, None
         self._peak, self._low_area = (0, frozenset()), None
         if len(frames) < self.cfg.min_frames:
             self.noise_items += 1
@@ -417,7 +432,7 @@ class ItemTracker:
             frame_seqs=(seen[0].frame_seq, seen[-1].frame_seq), prior=prior is not None,
             unknown_score=round(score, 6) if score is not None else None,
             view=best.view if best is not None else None, view_seq=best.frame_seq if best is not None else None,
-            vouched=vouched,
+            vouched=vouched, track=track,
         )
 
 

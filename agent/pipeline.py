@@ -443,20 +443,22 @@ class InferenceStage(threading.Thread):
         empty_scene = self._maybe_empty_scene(frame, runtime)
         located = frame.located.present if frame.located is not None else None
         present = item_present(self.cfg.decisions.presence, located, cls.top_label if cls is not None else None)
+        decision, track = None, None
+        if state.tracker is not None:        # first, so that the frame's upload carries its item's track
+            obs = _observation(frame, cls, self._item_views) if present and cls is not None else None
+            decision, track = state.tracker.update(obs, bool(present)), state.tracker.track
         if present is False or cls is None:
             out = self._empty_frame(frame, runtime, timings, queue_s)
         else:
-            out = self._item_frame(frame, cls, runtime, timings, queue_s, present)
-        if state.tracker is not None:
-            obs = _observation(frame, cls, self._item_views) if present and cls is not None else None
-            decision = state.tracker.update(obs, bool(present))
-            if decision is not None:
-                out.extend(self._decision_messages(decision))
+            out = self._item_frame(frame, cls, runtime, timings, queue_s, present, track)
+        if decision is not None:
+            out.extend(self._decision_messages(decision))
         return out + empty_scene
 
     def _item_frame(self, frame: Frame, cls: Classification, runtime: ModelRuntime, timings: dict[str, float],
-                    queue_s: float, present: bool | None) -> list[Message]:
-        """A frame with an item (or with presence off): result, low-confidence upload, QC alert."""
+                    queue_s: float, present: bool | None, track: str | None = None) -> list[Message]:
+        """A frame with an item (or with presence off): result, low-confidence upload, QC alert. ``track``: the id
+        of the item the frame shows (``ItemTracker.track``), carried by its upload."""
         self.metrics.inc("frames_classified_total", camera=frame.camera_id)
         out: list[Message] = []
         if self.cfg.decisions.publish_results:
@@ -465,7 +467,7 @@ class InferenceStage(threading.Thread):
             self.metrics.inc("frames_unknown_total", camera=frame.camera_id)
         if cls.low_confidence:
             self.metrics.inc("frames_low_confidence_total", camera=frame.camera_id)
-            out.extend(self._maybe_upload(frame, cls, runtime))
+            out.extend(self._maybe_upload(frame, cls, runtime, track))
         if self.qc.check(frame.camera_id, cls, self.clock()):
             out.append(Message("alert", self._alert_body(frame, cls, runtime)))
         return out
@@ -547,6 +549,8 @@ class InferenceStage(threading.Thread):
                 "model": runtime.identity if runtime else None}
         if d.unknown_score is not None:
             body["unknown_score"] = d.unknown_score
+        if d.track is not None:
+            body["track"] = d.track
         if d.vouched:
             body["vouched"] = True
             self.metrics.inc("items_vouched_total", camera=d.camera_id)
@@ -556,21 +560,26 @@ class InferenceStage(threading.Thread):
         out = [Message("decision", body)]
         if d.low_confidence and d.view is not None and self._item_views and runtime is not None:
             out.extend(self._upload(d.view, runtime, d.label, d.confidence, d.top_k, d.reasons, d.unknown_score,
-                                    item={"decision": decision_id, "item_seq": d.item_seq, "frames": d.frames}))
+                                    item={"decision": decision_id, "item_seq": d.item_seq, "frames": d.frames},
+                                    track=d.track))
         return out
 
-    def _maybe_upload(self, frame: Frame, cls: Classification, runtime: ModelRuntime) -> list[Message]:
+    def _maybe_upload(self, frame: Frame, cls: Classification, runtime: ModelRuntime,
+                      track: str | None = None) -> list[Message]:
         """A low-confidence frame for retraining, unless the upload gate holds it back."""
-        return self._upload(frame, runtime, cls.label, cls.confidence, cls.top_k, cls.reasons, cls.unknown_score)
+        return self._upload(frame, runtime, cls.label, cls.confidence, cls.top_k, cls.reasons, cls.unknown_score,
+                            track=track)
 
     def _upload(self, frame: Frame, runtime: ModelRuntime, label: str, confidence: float,
                 top_k: Sequence[tuple[str, float]], reasons: Sequence[str], unknown_score: float | None,
-                item: dict[str, Any] | None = None) -> list[Message]:
+                item: dict[str, Any] | None = None, track: str | None = None) -> list[Message]:
         """The frame for retraining: the JPEG is what the model saw (the item crop when it was fed one; else
         the ROI or the whole frame), and an item crop travels with a small ROI JPEG and its box for context.
 
         ``item``: the frame is the best view of an item decided unsure (``frames.item_views``), sent once per
-        item: the rate limit does not hold it back, a near-duplicate of a recent upload does."""
+        item: the rate limit does not hold it back, a near-duplicate of a recent upload does. ``track``: the id of
+        the item in view, the same on all its frames and its decision (central keeps an item's frames on one side
+        of a retrain's split)."""
         fcfg = self.cfg.frames
         if not fcfg.enabled:
             return []
@@ -599,6 +608,8 @@ class InferenceStage(threading.Thread):
             body["unknown_score"] = round(unknown_score, 6)
         if item is not None:
             body["item"] = item
+        if track is not None:
+            body["track"] = track
         if item_crop:
             body["context"] = {"crop_box": list(box), "roi_width": int(frame.image.shape[1]),
                                "roi_height": int(frame.image.shape[0]),

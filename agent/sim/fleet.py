@@ -275,6 +275,8 @@ class StationSim:
         common = {"ts": round(now, 6), "site": self.site, "station": self.station, "camera": camera,
                   "frame_seq": seq, "captured_at": round(now - 0.02, 6), "model": self.identity}
         self._count(camera)
+        tracker = self.trackers[camera]
+        tracker.update(Observation(seq, now, cls), True)        # first: the frame's upload names its item's track
         out: list[tuple[str, dict[str, Any], bytes | None]] = [("result", {
             "schema": "result.v1", **common, "label": cls.label, "class_id": cls.class_id,
             "confidence": round(cls.confidence, 6), "top_k": top_k_json(cls.top_k),
@@ -283,17 +285,16 @@ class StationSim:
         if cls.low_confidence:
             self.metrics.inc("frames_low_confidence_total", camera=camera)
             if self.uploads.admit(camera, lambda: dhash(item.image), time.monotonic()) is None:
-                out.append(self._frame(common, cls, item.image))
+                out.append(self._frame(common, cls, item.image, tracker.track))
         if self.qc.check(camera, cls, time.monotonic()):
             out.append(("alert", {"schema": "alert.v1", **common, "defect": cls.label,
                                   "confidence": round(cls.confidence, 6),
                                   "evidence": {"top_k": top_k_json(cls.top_k), "frame_seq": seq, "source_ref": None,
                                                "thumbnail_jpeg_b64": thumbnail_b64(item.image)}}, None))
-        self.trackers[camera].update(Observation(seq, now, cls), True)
         item.frames_left -= 1
         if item.frames_left <= 0:
             self.items[camera] = None
-            decision = self.trackers[camera].flush()
+            decision = tracker.flush()
             if decision is not None:
                 out.append(("decision", self._decision(decision), None))
         return out
@@ -306,13 +307,17 @@ class StationSim:
         for stage, ms in (("queue", 1.0), ("preprocess", 2.5), ("inference", self.inference_ms), ("decide", 0.4)):
             m.observe(stage, ms * jitter / 1000.0)
 
-    def _frame(self, common: dict[str, Any], cls: Any, image: np.ndarray) -> tuple[str, dict[str, Any], bytes]:
+    def _frame(self, common: dict[str, Any], cls: Any, image: np.ndarray,
+               track: str | None) -> tuple[str, dict[str, Any], bytes]:
         jpeg = encode_jpeg(image, 85)
         self.metrics.inc("frames_uploaded_total", camera=common["camera"])
-        return ("frame", {"schema": "frame.v1", **common, "label": cls.label, "confidence": round(cls.confidence, 6),
-                          "top_k": top_k_json(cls.top_k), "selected_because": list(cls.reasons), "source_ref": None,
-                          "jpeg": {"width": int(image.shape[1]), "height": int(image.shape[0]), "quality": 85,
-                                   "bytes": len(jpeg), "roi_crop": False, "item_crop": False}}, jpeg)
+        body = {"schema": "frame.v1", **common, "label": cls.label, "confidence": round(cls.confidence, 6),
+                "top_k": top_k_json(cls.top_k), "selected_because": list(cls.reasons), "source_ref": None,
+                "jpeg": {"width": int(image.shape[1]), "height": int(image.shape[0]), "quality": 85,
+                         "bytes": len(jpeg), "roi_crop": False, "item_crop": False}}
+        if track is not None:
+            body["track"] = track
+        return ("frame", body, jpeg)
 
     def _decision(self, d: Any) -> dict[str, Any]:
         self.metrics.inc("items_decided_total", camera=d.camera_id)
@@ -321,7 +326,7 @@ class StationSim:
                 "confidence": d.confidence, "agreement": d.agreement, "frames": d.frames,
                 "first_seen": round(d.first_seen, 6), "last_seen": round(d.last_seen, 6), "lane": d.lane,
                 "low_confidence": d.low_confidence, "reasons": list(d.reasons), "top_k": top_k_json(d.top_k),
-                "model": self.identity}
+                "model": self.identity, **({"track": d.track} if d.track is not None else {})}
 
     def record(self, kind: str, body: dict[str, Any], blob: bytes | None) -> Record:
         """An outbox record, as ``Outbox.put_many`` makes it (id and seq first)."""

@@ -151,6 +151,36 @@ def test_an_item_whose_box_jumps_is_another_item_even_without_an_empty_frame():
     assert decisions == [None, None] and never.flush().frames == 2
 
 
+def test_every_frame_of_an_item_is_given_the_items_track_and_the_next_item_another():
+    # given: tracks numbered in order, an item of 3 frames, an empty frame, a noise blip, then two items back to
+    # back (the box jumps) and one cut by max_frames
+    ids = iter(f"track-{n}" for n in range(1, 10))
+    t = _tracker(max_frames=3)
+    t._new_track = lambda: next(ids)
+    seen = []
+    for i, (box, present) in enumerate([((0, 0, 40, 40), True), ((5, 0, 45, 40), True), ((10, 0, 50, 40), True),
+                                         (None, False), (None, False), ((0, 0, 40, 40), True), (None, False),
+                                         (None, False), ((0, 0, 40, 40), True), ((0, 0, 40, 40), True),
+                                         ((150, 150, 200, 200), True), ((150, 150, 200, 200), True)], start=1):
+        o = boxed(i, [0.9, 0.05, 0.05], box) if box is not None else None
+        d = t.update(o, present)
+        seen.append((t.track, d.track if d is not None else None))
+    # then: each frame is told its item's track (an empty frame none), and each decision carries the track its
+    # frames were given: the third frame closes its own item (max_frames), a jump closes the item before
+    assert seen == [("track-1", None), ("track-1", None), ("track-1", "track-1"), (None, None), (None, None),
+                    ("track-2", None), (None, None), (None, None),        # a one-frame blip: noise, no decision
+                    ("track-3", None), ("track-3", None), ("track-4", "track-3"), ("track-4", None)]
+    assert t.flush().track == "track-4"
+    # by default a track is a fresh UUID for each item
+    u = _tracker()
+    u.update(obs(1, [0.9, 0.05, 0.05]), True)
+    first = u.track
+    u.update(obs(2, [0.9, 0.05, 0.05]), True)
+    assert u.track == first and u.flush().track == first
+    u.update(obs(3, [0.9, 0.05, 0.05]), True)
+    assert u.track != first and len(u.track) == 36 and u.track.count("-") == 4
+
+
 # The bench benchmark's two merges (localizer boxes in a 300 px ROI, margin 0): a bag at rest against the
 # bottom edge, taken out over the right edge while a shirt comes in over the bottom one, no empty frame between.
 BAG_OUT_SHIRT_IN = [((36, 45, 249, 300), "a"), ((36, 48, 246, 300), "a"), ((198, 48, 300, 300), "a"),

@@ -82,10 +82,13 @@ def test_every_kind_a_station_publishes_follows_its_schema():
     stations = [StationSim(cfg, "site-00", name, i, images, np.random.default_rng([3, i]))
                 for i, (_site, name) in enumerate(station_names(cfg))]
     checked: dict[str, int] = {}
+    tracks: dict[str, set[str]] = {"frame": set(), "decision": set()}
     for _ in range(150):
         logits = [s.next_logits(s.cameras[0]) for s in stations]
         for station, cls in zip(stations, classify(stations, logits, cfg.labels)):
             for kind, body, blob in station.frame_messages(station.cameras[0], cls):
+                if kind in tracks:
+                    tracks[kind].add(body["track"])
                 record = station.record(kind, body, blob)
                 payload, props = encode(record, True)
                 name = check_wire(f"{station.topics.root}/{'frames' if kind == 'frame' else kind}", payload, props)
@@ -98,6 +101,8 @@ def test_every_kind_a_station_publishes_follows_its_schema():
             checked[body["schema"]] = checked.get(body["schema"], 0) + 1
     assert set(checked) == {"result.v1", "decision.v1", "alert.v1", "frame.v1", "status.v1", "stats.v1"}, checked
     assert checked["result.v1"] == 300
+    # an uploaded frame names its item as the item's decision does (the last items may still be in view)
+    assert len(tracks["frame"] - tracks["decision"]) <= 2 < len(tracks["frame"] & tracks["decision"])
     assert stations[0].version == cfg.model_to and stations[1].version == cfg.model_from
     assert stations[1].status_body("online")["last_model_update"]["ok"] is False
     assert stations[0].stats_body(0)["model_version"] == cfg.model_to

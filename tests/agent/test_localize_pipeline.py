@@ -187,6 +187,33 @@ def test_an_uploaded_item_frame_carries_the_crop_and_the_roi_for_context(tmp_pat
         assert meta["context"]["crop_box"] == [x0, y0, x1, y1] and jpeg == record.blob
 
 
+def test_every_uploaded_frame_names_the_item_it_shows_as_its_decision_does(tmp_path, tiny_bundle, frames):
+    from central.review.ingest import parse_frame
+
+    # given: every frame unsure (min_confidence 1) and nothing held back (no rate limit, no duplicate check)
+    fg = crop_bundle(tiny_bundle, tmp_path / "fg", "foreground")
+    unsure = [{"id": "cam-a", "uri": str(tmp_path), "backpressure": "block", "queue_size": 8,
+               "thresholds": {"min_confidence": 1.0}}]
+    records, _, _, _ = run_stage(tmp_path, fg, [f for _, f in frames], decisions=PRESENCE, cameras=unsure,
+                                 frames={"min_interval_s": 0.0, "dedupe_bits": 0, "item_views": False})
+    decisions = [r.body for r in records if r.kind == "decision"]
+    results = {r.body["frame_seq"]: r.body for r in records if r.kind == "result"}
+    uploads = [r for r in records if r.kind == "frame"]
+    # then: each of the 3 items has its own track, and each uploaded frame carries the track of the decision whose
+    # frames it lies among, as the central ingest reads it
+    assert len(decisions) == 3 and len({d["track"] for d in decisions}) == 3
+    assert len(uploads) == len(results) == 9
+    for record in uploads:
+        validate_message("frame.v1", record.body)
+        at = results[record.body["frame_seq"]]["captured_at"]
+        owner = [d for d in decisions if d["first_seen"] <= at <= d["last_seen"]]
+        assert len(owner) == 1 and record.body["track"] == owner[0]["track"]
+        meta, _ = parse_frame("inventory/test/st-01/frames", frame_envelope(record), None)
+        assert meta["track"] == owner[0]["track"]
+    for d in decisions:
+        validate_message("decision.v1", d)
+
+
 def test_an_item_decided_unsure_sends_its_best_view_naming_its_decision(tmp_path, tiny_bundle, frames):
     from central.review.ingest import parse_frame
 
@@ -227,6 +254,9 @@ def test_an_item_decided_unsure_sends_its_best_view_naming_its_decision(tmp_path
     assert metrics.counter("item_views_uploaded_total", camera="cam-a") == 3
     per_frame = [r for r in records if r.kind == "frame" and "item" not in r.body]
     assert len(per_frame) == 1 and metrics.counter("frames_upload_suppressed_total", camera="cam-a", why="rate") > 0
+
+    assert len({d["track"] for d in decisions}) == 3 and all(v.body["track"] == d["track"]
+                                                             for v, d in zip(views, decisions))
 
     # with item_views off: the same per-frame upload, and no item's view
     records, _, metrics, _ = run_stage(tmp_path / "off", fg, images, decisions=PRESENCE, cameras=unsure,
