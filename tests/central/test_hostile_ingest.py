@@ -252,6 +252,7 @@ def test_every_hostile_message_is_quarantined_by_name_and_the_next_good_one_stor
     ("confidence", "NaN", "NaN is not a JSON number"),
     ("captured_at", 10 ** 20, "field captured_at"),
     ("label", "x" * 5000, "field label"),
+    ("track", "../../etc/passwd", "field track"),
 ])
 def test_the_reason_names_the_field(tmp_path, field, value, expected):
     store = FrameStore(tmp_path / "store")
