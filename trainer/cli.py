@@ -302,7 +302,8 @@ def _add_retrain_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--holdout-fraction", type=float, default=0.1,
                    help="share of --base-data held out when neither --holdout nor the current's split is there")
     p.add_argument("--reviewed-holdout-fraction", type=float, default=0.3,
-                   help="share of the reviewed frames held out (stratified, seeded) for the comparison")
+                   help="share of the reviewed items held out for the comparison, with all their frames "
+                        "(by the labels export's track column; stratified by label, seeded)")
     p.add_argument("--overall-tolerance", type=float, default=0.0,
                    help="overall top-1 points the candidate may lose and still be promoted, beyond the noise")
     p.add_argument("--overall-confidence", type=float, default=0.95,

@@ -28,7 +28,7 @@ import zlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Hashable, Iterable, Sequence
 
 from contract.dataset import (
     FASHION_MNIST_CLASSES,
@@ -327,6 +327,35 @@ def stratified_split(labels: Sequence[int], val_fraction: float, seed: int) -> t
         n_val = max(1, round(len(idx) * val_fraction)) if len(idx) > 1 else 0
         val.extend(idx[:n_val])
         train.extend(idx[n_val:])
+    return sorted(train), sorted(val)
+
+
+def grouped_split(labels: Sequence[int], groups: Sequence[Hashable], val_fraction: float,
+                  seed: int) -> tuple[list[int], list[int]]:
+    """Indices (train, val) with each group wholly on one side: the frames of one item never on both.
+
+    A group counts under its most common label (the smallest of equals); within each label the groups are split
+    as ``stratified_split`` splits images: ``round(groups x val_fraction)``, at least one when there are two or
+    more. With every group a single image it is ``stratified_split``, index for index."""
+    if not 0.0 < val_fraction < 1.0:
+        raise DatasetError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+    if len(groups) != len(labels):
+        raise ValueError(f"{len(groups)} groups for {len(labels)} labels")
+    members: dict[Hashable, list[int]] = {}
+    for i, group in enumerate(groups):
+        members.setdefault(group, []).append(i)
+    by_class: dict[int, list[Hashable]] = defaultdict(list)
+    for group, idx in members.items():      # in order of each group's first index, as stratified_split's images
+        votes = Counter(labels[i] for i in idx)
+        by_class[min(votes, key=lambda c: (-votes[c], c))].append(group)
+    rng = random.Random(seed)
+    train, val = [], []
+    for label in sorted(by_class):
+        keys = by_class[label]
+        rng.shuffle(keys)
+        n_val = max(1, round(len(keys) * val_fraction)) if len(keys) > 1 else 0
+        val.extend(i for key in keys[:n_val] for i in members[key])
+        train.extend(i for key in keys[n_val:] for i in members[key])
     return sorted(train), sorted(val)
 
 

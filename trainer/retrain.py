@@ -239,6 +239,25 @@ def _stratified(items: Sequence[Item], fraction: float, seed: int) -> tuple[list
     return [items[i] for i in train_idx], [items[i] for i in held_idx]
 
 
+def reviewed_split(items: Sequence[Item], fraction: float, seed: int) -> tuple[list[Item], list[Item]]:
+    """Reviewed frames (train, held out) by item: the frames of one item (the export's ``track`` column, the id
+    the station's tracker gave it) all on one side, so the gate's held-out frames show items the candidate never
+    trained on. A frame without a track is an item of its own."""
+    from trainer.data import grouped_split
+
+    if not items:
+        return [], []
+    names = sorted({i.label for i in items})
+    groups = [("track", i.extra["track"]) if i.extra.get("track") else ("frame", str(i.path)) for i in items]
+    train_idx, held_idx = grouped_split([names.index(i.label) for i in items], groups, fraction, seed)
+    return [items[i] for i in train_idx], [items[i] for i in held_idx]
+
+
+def item_count(items: Sequence[Item]) -> int:
+    """How many items the frames show: each track once, each frame without one as an item of its own."""
+    return len({i.extra.get("track") or str(i.path) for i in items})
+
+
 def overall_holdout(cfg: RetrainConfig, current, base: list[Item], seed: int) -> tuple[list[Item], str, list[dict]]:
     """Images neither model trains on: --holdout, else the current version's validation split, else a
     seeded share of the base data (which the current version may have trained on: said in the report)."""
@@ -505,7 +524,7 @@ def retrain(cfg: RetrainConfig) -> RetrainResult:
     holdout, holdout_source, holdout_skipped = overall_holdout(cfg, current, base, seed)
     held = {str(i.path.resolve()) for i in holdout}
     base_train = [i for i in base if str(i.path.resolve()) not in held]
-    reviewed_train, reviewed_held = _stratified(reviewed, cfg.reviewed_holdout_fraction, seed)
+    reviewed_train, reviewed_held = reviewed_split(reviewed, cfg.reviewed_holdout_fraction, seed)
     reviewed_train = [i for i in reviewed_train if str(i.path.resolve()) not in held]
     classes = sorted({i.label for i in base_train + reviewed_train} | set(current.labels)
                      | {i.label for i in holdout + reviewed_held})
@@ -660,6 +679,8 @@ def build_report(cfg: RetrainConfig, current, candidate, decision: GateDecision,
             "holdout": {"source": holdout_source, "images": len(holdout), "per_class": _counts(holdout)},
             "reviewed": {"source": str(cfg.reviewed), "frames": len(reviewed), "train": len(reviewed_train),
                          "holdout": len(reviewed_held), "holdout_fraction": cfg.reviewed_holdout_fraction,
+                         "items": item_count(reviewed), "train_items": item_count(reviewed_train),
+                         "holdout_items": item_count(reviewed_held), "split_by": "item",
                          "seed": train_cfg.seed, "per_class_train": _counts(reviewed_train),
                          "per_class_holdout": _counts(reviewed_held), "split_file": str(run_dir / "reviewed-split.json")},
             "base": {"source": str(cfg.base_data), "train_images": len(base_train), "per_class": _counts(base_train)},
@@ -702,7 +723,9 @@ def render_markdown(report: dict[str, Any]) -> str:
     t = report["training"]
     lines += ["", f"Held-out images: {d['holdout']['source']}.",
               f"Reviewed frames: {d['reviewed']['frames']} from {d['reviewed']['source']}; {d['reviewed']['train']} "
-              f"trained on, {d['reviewed']['holdout']} held out (stratified, seed {d['reviewed']['seed']}, listed in "
+              f"trained on, {d['reviewed']['holdout']} held out; split by item, {d['reviewed']['train_items']} "
+              f"items trained on and {d['reviewed']['holdout_items']} others held out (a frame without a track is "
+              f"an item of its own; stratified by label, seed {d['reviewed']['seed']}, listed in "
               f"{d['reviewed']['split_file']}).",
               f"Training: {d['base']['train_images']} base + {d['reviewed']['train']} reviewed images, started from "
               f"{t['start']}, {t['epochs_run']} epoch(s), run folder {t['run_dir']}.",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -151,6 +152,32 @@ def test_grayscale_and_rgba_become_rgb(tmp_path):
     np.testing.assert_array_equal(a, rgba[..., :3])  # alpha dropped, channel order RGB
     with pytest.raises(ValueError, match="x.jpg: not a decodable image"):
         decode_image(b"garbage bytes", name="x.jpg")
+
+
+def test_a_grouped_split_keeps_each_group_on_one_side_and_is_the_stratified_split_for_single_images():
+    # given: 60 frames of 24 items (1 to 4 frames each) in three classes, one item labelled two ways
+    rng = random.Random(5)
+    labels, groups = [], []
+    for item in range(24):
+        for _ in range(rng.randint(1, 4)):
+            labels.append(item % 3)
+            groups.append(f"item-{item}")
+    labels[groups.index("item-4")] = 2          # item 4 (class 1): its first frame labelled 2, the rest 1
+    train, val = data_mod.grouped_split(labels, groups, 0.25, seed=3)
+    # then: every frame on one side, no item on both, and a quarter of each class's items held out
+    assert sorted(train + val) == list(range(len(labels)))
+    held = {groups[i] for i in val}
+    assert not held & {groups[i] for i in train}
+    assert len(held) == 6 and all(sum(g in held for g in {f"item-{i}" for i in range(c, 24, 3)}) == 2
+                                  for c in range(3))
+    assert data_mod.grouped_split(labels, groups, 0.25, seed=3) == (train, val)
+    assert data_mod.grouped_split(labels, groups, 0.25, seed=4) != (train, val)
+    # every frame its own group: the stratified split, index for index
+    singles = list(range(len(labels)))
+    for seed in range(5):
+        assert data_mod.grouped_split(labels, singles, 0.25, seed) == data_mod.stratified_split(labels, 0.25, seed)
+    with pytest.raises(DatasetError, match="val_fraction"):
+        data_mod.grouped_split(labels, groups, 1.0, seed=3)
 
 
 def test_split_is_stratified_reproducible_and_saved(fmnist_dir, tmp_path):

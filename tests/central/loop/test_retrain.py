@@ -28,12 +28,32 @@ from trainer.retrain import (
     GateDecision,
     Paired,
     RetrainConfig,
+    Item,
     RetrainError,
     Score,
     gate_decision,
+    item_count,
     retrain,
+    reviewed_split,
     train_settings,
 )
+
+# ---------------------------------------------------------------- the reviewed frames' split
+
+def test_the_gates_reviewed_frames_are_items_the_candidate_never_trained_on():
+    # given: 10 items of 6 frames each as the labels export names them (track), and 8 frames without a track
+    items = [Item(Path(f"/r/{label}-{n}-{f}.jpg"), label, "reviewed", {"track": f"{label}-{n}", "frame_id": "x"})
+             for label in ("Shirt", "Bag") for n in range(5) for f in range(6)]
+    items += [Item(Path(f"/r/loose-{n}.jpg"), "Shirt", "reviewed", {"frame_id": "y"}) for n in range(8)]
+    train, held = reviewed_split(items, 0.3, seed=0)
+    # then: all of an item's frames on one side; a frame without a track is an item of its own
+    tracked = lambda part: {i.extra["track"] for i in part if "track" in i.extra}  # noqa: E731
+    assert not tracked(train) & tracked(held) and len(train) + len(held) == 68
+    assert item_count(items) == 18 and item_count(train) + item_count(held) == 18
+    # a stratified 30% of each label's items: Bag 2 of 5 (12 frames), Shirt 4 of 13 (5 items and 8 loose frames)
+    assert item_count(held) == 6 and sum(i.label == "Bag" for i in held) == 12
+    assert reviewed_split(items, 0.3, seed=0) == (train, held)
+
 
 # ---------------------------------------------------------------- the rule
 
@@ -152,6 +172,7 @@ def test_a_better_candidate_is_promoted_with_figures_and_can_be_published(weak, 
     assert (data["frames"], data["train"] + data["holdout"]) == (50, 50)
     assert data["per_class_holdout"] == {"Pullover": 2, WEAK_CLASS: 12, "T-shirt/top": 2}
     assert data["per_class_train"] == {"Pullover": 3, WEAK_CLASS: 28, "T-shirt/top": 3}
+    assert (data["split_by"], data["items"], data["holdout_items"]) == ("item", 50, 16)   # no tracks: a frame each
     split = json.loads(Path(data["split_file"]).read_text())
     held = {row["path"] for row in split["holdout"]}
     assert len(held) == 16 and all(row["frame_id"] for row in split["holdout"])
