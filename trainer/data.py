@@ -367,6 +367,9 @@ def save_split(path: Path, dataset: Dataset, train: Sequence[int], val: Sequence
         "train": [[dataset.relative(dataset.samples[i].path), dataset.samples[i].label] for i in train],
         "val": [[dataset.relative(dataset.samples[i].path), dataset.samples[i].label] for i in val],
     }
+    seen = sorted(dataset.relative(s.path) for s in dataset.samples if s.as_seen)
+    if seen:        # a station's frames (Sample.as_seen): the export never renders them as station views again
+        payload["as_seen"] = seen
     path.write_text(json.dumps(payload))
 
 

@@ -323,3 +323,35 @@ def test_a_model_with_non_finite_logits_is_not_deployable():
     logits[1, 2], logits[3, 0] = np.nan, np.inf
     assert non_finite_reason("INT8", logits) == ("INT8 model gives non-finite logits (NaN or infinity) on 2 of 5 "
                                                  "validation images")
+
+
+def test_a_stations_own_frames_are_never_rendered_again_as_station_views(tmp_path, monkeypatch):
+    # given: a run whose split holds a station's frames (a retrain's reviewed crops, saved as_seen) among images
+    from trainer import data as data_mod
+    from trainer import station_eval
+    from trainer.export import bundle as bundle_mod
+    from trainer.export.quantize import QuantizeConfig
+
+    samples = [data_mod.Sample(tmp_path / f"img/{i}.png", i % 2, as_seen=i % 3 == 0) for i in range(30)]
+    dataset = data_mod.Dataset(tmp_path, ["a", "b"], samples, "csv")
+    train, val = list(range(0, 30, 2)), list(range(1, 30, 2))
+    data_mod.save_split(tmp_path / "split.json", dataset, train, val, seed=0)
+    loaded_train, loaded_val = bundle_mod._split_samples(tmp_path, ["a", "b"])
+    assert [s.as_seen for s in loaded_train + loaded_val] == [samples[i].as_seen for i in train + val]
+    rendered = []
+    monkeypatch.setattr(station_eval, "station_views", lambda paths, labels, spec, cfg=None: rendered.append(paths))
+    spec = type("Spec", (), {"crop": type("Crop", (), {"mode": "foreground"})()})()
+    cfg = bundle_mod.ExportConfig(checkpoint=tmp_path / "best.pt", station_val_images=1000,
+                                  quantize=QuantizeConfig(calibration_images=64))
+    bundle_mod._station_sets(cfg, spec, loaded_train, loaded_val)
+    # then: the station-view validation and calibration sets render only the other images, all of them here
+    seen = {str(tmp_path / f"img/{i}.png") for i in range(0, 30, 3)}
+    val_paths, calib_paths = ({str(p) for p in paths} for paths in rendered)
+    assert not (val_paths | calib_paths) & seen
+    assert val_paths == {str(tmp_path / f"img/{i}.png") for i in val} - seen
+    assert calib_paths == {str(tmp_path / f"img/{i}.png") for i in train} - seen
+    # a split saved before the mark (no as_seen list) loads every image as a plain one
+    old = json.loads((tmp_path / "split.json").read_text())
+    del old["as_seen"]
+    (tmp_path / "split.json").write_text(json.dumps(old))
+    assert not any(s.as_seen for part in bundle_mod._split_samples(tmp_path, ["a", "b"]) for s in part)

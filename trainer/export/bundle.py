@@ -95,10 +95,11 @@ def _versions() -> dict:
 
 
 def _split_samples(run_dir: Path, classes: list[str]) -> tuple[list, list]:
-    """Train and val samples of the run, from its saved split."""
+    """Train and val samples of the run, from its saved split (a station's frames marked ``as_seen``)."""
     split = json.loads((run_dir / "split.json").read_text())
     root = Path(split["root"])
-    to_samples = lambda rows: [data_mod.Sample(root / p, label) for p, label in rows]  # noqa: E731
+    seen = set(split.get("as_seen") or ())
+    to_samples = lambda rows: [data_mod.Sample(root / p, label, p in seen) for p, label in rows]  # noqa: E731
     if split["classes"] != classes:
         raise ValueError(f"{run_dir / 'split.json'}: classes differ from the checkpoint's")
     return to_samples(split["train"]), to_samples(split["val"])
@@ -116,12 +117,16 @@ def _calibration_inputs(train_samples: list, spec: InputSpec, count: int, worker
 
 def _station_sets(cfg: ExportConfig, spec: InputSpec, train_samples: list, val_samples: list) -> dict | None:
     """For a foreground-crop bundle: validation images and half the calibration images as a station's camera
-    shows them, cropped by the station's own localizer (trainer.station_eval); None for a whole-ROI bundle."""
+    shows them, cropped by the station's own localizer (trainer.station_eval); None for a whole-ROI bundle.
+
+    A station's own frames (a retrain's reviewed frames, ``as_seen``) are left out: each is already the item crop
+    a camera sent, and rendering it again would paste that crop, its surface included, onto another surface."""
     if spec.crop.mode != "foreground" or cfg.station_val_images <= 0:
         return None
     from trainer.station_eval import SceneConfig, station_views
 
-    val = val_samples[: cfg.station_val_images]
+    val = [s for s in val_samples if not s.as_seen][: cfg.station_val_images]
+    train_samples = [s for s in train_samples if not s.as_seen]
     rng = np.random.default_rng(1)
     calib = [train_samples[i] for i in rng.permutation(len(train_samples))[: cfg.quantize.calibration_images // 2]]
     return {"val": station_views([s.path for s in val], [s.label for s in val], spec),
