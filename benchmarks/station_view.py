@@ -439,6 +439,8 @@ def loop_main(args: argparse.Namespace, scenes_root: Path) -> int:
     up, rt = doc["uploads"], doc["retrain"]
     print(f"uploads: {up['stored']} stored, {up['labelled']} labelled, {up['skipped']} skipped; retrain exit "
           f"{rt['exit_code']}, promoted {rt['promoted']}: {rt['reasons']}")
+    if rt.get("reviewed_split"):
+        print(f"reviewed split: {rt['reviewed_split']}")
     path = args.out / f"station_view_loop_{args.scenes[0]}-{args.scenes[1]}{'_' + args.tag if args.tag else ''}.json"
     path.write_text(json.dumps(doc, indent=1) + "\n")
     print(f"  -> {path}")

@@ -201,14 +201,30 @@ def run_loop(args, scenes_root: Path) -> dict[str, Any]:
         if export.returncode != 0:
             raise RuntimeError(f"central labels export failed:\n{export.stderr[-3000:]}")
         new_bundle, gate, rc = retrain(args, work, work / "reviewed")
+        split = reviewed_split(gate)            # the split file lives in this temporary folder
         before = measure(truth_b, root_b / scene_b, args.bundle, args.set, port)
         after = measure(truth_b, root_b / scene_b, new_bundle, args.set, port)
     return {"benchmark": "station_view_loop", "teach_scene": scene_a, "measure_scene": scene_b,
             "uploads": {"uploaded_last_stats": on_a["agent"]["frames_uploaded_last_stats"], "stored": stored,
                         "labelled": labelled, "skipped": skipped},
             "retrain": {"exit_code": rc, "promoted": gate.get("promoted"), "reasons": gate.get("reasons"),
-                        "bundle": str(new_bundle)},
+                        "bundle": str(new_bundle), "reviewed_split": split},
             "teach": on_a, "before": before, "after": after}
+
+
+def reviewed_split(gate: dict) -> dict[str, Any]:
+    """How the retrain split the labelled frames: frames and items each side, and what the split file shows:
+    frames without a track, and items (tracks) with frames on both sides (0 when the split is by item)."""
+    data = (gate.get("data") or {}).get("reviewed") or {}
+    out = {k: data.get(k) for k in ("split_by", "frames", "items", "train", "train_items", "holdout",
+                                    "holdout_items")}
+    path = Path(data.get("split_file") or "/nonexistent")
+    if path.is_file():
+        split = json.loads(path.read_text())
+        tracks = {side: {row.get("track") for row in split[side]} - {None, ""} for side in ("train", "holdout")}
+        out["frames_without_track"] = sum(not row.get("track") for side in ("train", "holdout") for row in split[side])
+        out["items_on_both_sides"] = len(tracks["train"] & tracks["holdout"])
+    return out
 
 
 def start_services(work: Path, port: int, bundle: Path) -> tuple[Service, Service, Review]:

@@ -303,3 +303,21 @@ def test_loop_reviewer_labels_only_frames_with_one_recognisable_item(truth):
     assert label_for(frames[10], items) is None        # empty belt
     two = {**frames[41], "visible": [3, 4], "full": []}
     assert label_for(two, items) is None               # two items in view
+
+
+def test_the_loop_records_how_the_retrain_split_its_labelled_frames(tmp_path):
+    from benchmarks.station_view_loop import reviewed_split
+
+    # given: a gate report and its split file, one item's frames on both sides and one frame without a track
+    split = {"train": [{"path": "a", "track": "t1"}, {"path": "b", "track": "t2"}, {"path": "c", "track": ""}],
+             "holdout": [{"path": "d", "track": "t2"}, {"path": "e", "track": "t3"}]}
+    (tmp_path / "reviewed-split.json").write_text(json.dumps(split))
+    gate = {"data": {"reviewed": {"split_by": "item", "frames": 5, "items": 4, "train": 3, "train_items": 3,
+                                  "holdout": 2, "holdout_items": 2,
+                                  "split_file": str(tmp_path / "reviewed-split.json")}}}
+    # then: the report's counts, and what the file shows
+    out = reviewed_split(gate)
+    assert (out["frames"], out["train_items"], out["holdout_items"]) == (5, 3, 2)
+    assert (out["frames_without_track"], out["items_on_both_sides"]) == (1, 1)
+    # a report without a split file (an older retrain): its counts only
+    assert "items_on_both_sides" not in reviewed_split({"data": {"reviewed": {"frames": 5}}})
