@@ -390,6 +390,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                       help="seed of the measured scene (default: --seed when the two scenes differ, --seed + 1 when "
                            "they are the same station, so B shows other items)")
     loop.add_argument("--measure-items", type=int, default=None, help="items in the measured scene (default: --items)")
+    clean = REPO / "data" / "fashion-mnist" / "test"
+    loop.add_argument("--clean-test", type=Path, default=clean if clean.is_dir() else None,
+                      help="a clean test split both bundles are scored on, to compare with scene B (default: "
+                           "data/fashion-mnist/test where it is)")
     return p
 
 
@@ -441,6 +445,8 @@ def loop_main(args: argparse.Namespace, scenes_root: Path) -> int:
           f"{rt['exit_code']}, promoted {rt['promoted']}: {rt['reasons']}")
     if rt.get("reviewed_split"):
         print(f"reviewed split: {rt['reviewed_split']}")
+    if doc.get("clean_test"):
+        print(f"clean test split: {doc['clean_test']}")
     path = args.out / f"station_view_loop_{args.scenes[0]}-{args.scenes[1]}{'_' + args.tag if args.tag else ''}.json"
     path.write_text(json.dumps(doc, indent=1) + "\n")
     print(f"  -> {path}")

@@ -209,7 +209,33 @@ def run_loop(args, scenes_root: Path) -> dict[str, Any]:
                         "labelled": labelled, "skipped": skipped},
             "retrain": {"exit_code": rc, "promoted": gate.get("promoted"), "reasons": gate.get("reasons"),
                         "bundle": str(new_bundle), "reviewed_split": split},
-            "teach": on_a, "before": before, "after": after}
+            "teach": on_a, "before": before, "after": after,
+            "clean_test": clean_test(args.clean_test, args.bundle, new_bundle, after) if args.clean_test else None}
+
+
+def clean_test(data: Path, current: Path, candidate: Path, after: dict) -> dict[str, Any]:
+    """Both bundles' top-1 on the clean test split (the INT8 model where deployable, with the station's
+    preprocessing, as ``trainer retrain`` evaluates), against the new bundle's item accuracy on scene B: the
+    camera should cost it at most a point."""
+    from contract.bundle import load_bundle
+    from trainer.data import load_dataset
+    from trainer.retrain import Item, evaluate_bundle
+
+    dataset = load_dataset(data)
+    items = [Item(s.path, dataset.classes[s.label], "holdout") for s in dataset.samples]
+    out: dict[str, Any] = {"data": str(data), "images": len(items)}
+    for who, path in (("before", current), ("after", candidate)):
+        if not (path / "manifest.json").is_file():
+            continue                # a rejected candidate that the retrain did not keep
+        bundle = load_bundle(path)
+        ev = evaluate_bundle(bundle, items, dataset.classes, prefer_int8=True, workers=0)
+        out[who] = {"artifact": ev.artifact, "top1": round(ev.score.top1, 4)}
+    if "after" in out:
+        scene_b = after["items"]["item_accuracy"]
+        out["scene_b_after"] = scene_b
+        out["gap_points"] = round((out["after"]["top1"] - scene_b) * 100, 2)
+        out["within_1_point"] = out["gap_points"] <= 1.0
+    return out
 
 
 def reviewed_split(gate: dict) -> dict[str, Any]:

@@ -321,3 +321,25 @@ def test_the_loop_records_how_the_retrain_split_its_labelled_frames(tmp_path):
     assert (out["frames_without_track"], out["items_on_both_sides"]) == (1, 1)
     # a report without a split file (an older retrain): its counts only
     assert "items_on_both_sides" not in reviewed_split({"data": {"reviewed": {"frames": 5}}})
+
+
+def test_the_loop_compares_scene_b_with_the_new_bundles_clean_test_split(real_bundle, fmnist_dir, tmp_path):
+    from benchmarks.station_view_loop import clean_test
+    from contract.bundle import load_bundle
+    from trainer.data import load_dataset
+    from trainer.retrain import Item, evaluate_bundle
+
+    # given: a real bundle as both the current and the candidate, scored on 1,000 real test images
+    after = {"items": {"item_accuracy": 0.5}}
+    out = clean_test(fmnist_dir / "test", real_bundle, real_bundle, after)
+    dataset = load_dataset(fmnist_dir / "test")
+    items = [Item(s.path, dataset.classes[s.label], "holdout") for s in dataset.samples]
+    top1 = evaluate_bundle(load_bundle(real_bundle), items, dataset.classes, workers=0).score.top1
+    # then: the deployable model's top-1 (INT8 where its gate passed), and scene B's distance from it in points
+    assert out["images"] == 1000 and out["before"] == out["after"]
+    deployable = load_bundle(real_bundle).pick_onnx(prefer_int8=True).path.name
+    assert out["after"]["artifact"] == deployable and out["after"]["top1"] == round(top1, 4)
+    assert out["gap_points"] == round((round(top1, 4) - 0.5) * 100, 2)
+    assert out["within_1_point"] is (out["gap_points"] <= 1.0)
+    # a candidate the retrain did not keep: the current bundle's figure only
+    assert "after" not in clean_test(fmnist_dir / "test", real_bundle, tmp_path / "gone", after)
