@@ -390,6 +390,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                       help="seed of the measured scene (default: --seed when the two scenes differ, --seed + 1 when "
                            "they are the same station, so B shows other items)")
     loop.add_argument("--measure-items", type=int, default=None, help="items in the measured scene (default: --items)")
+    loop.add_argument("--station-backgrounds", type=int, default=0, metavar="N",
+                      help="the station sends empty scenes during scene A, and the retrain draws its station views on "
+                           "the newest N (central backgrounds export --per-camera N; retrain --backgrounds); 0: off")
     clean = REPO / "data" / "fashion-mnist" / "test"
     loop.add_argument("--clean-test", type=Path, default=clean if clean.is_dir() else None,
                       help="a clean test split both bundles are scored on, to compare with scene B (default: "

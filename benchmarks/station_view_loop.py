@@ -144,15 +144,19 @@ def stable_count(review: Review, quiet_s: float = 3.0, timeout_s: float = 120.0)
     return last
 
 
-def retrain(args, work: Path, reviewed: Path) -> tuple[Path, dict, int]:
-    """``trainer retrain`` from the current bundle; returns (new bundle, gate report, exit code)."""
+EMPTY_SCENE_INTERVAL_S = 0.5      # scene A plays in seconds to a minute: a few empty scenes a second at most
+
+
+def retrain(args, work: Path, reviewed: Path, backgrounds: Path | None = None) -> tuple[Path, dict, int]:
+    """``trainer retrain`` from the current bundle (its station views drawn on ``backgrounds`` too, when given);
+    returns (new bundle, gate report, exit code)."""
     manifest = json.loads((args.bundle / "manifest.json").read_text())
     version = f"{manifest['version']}-sv-{args.scenes[0]}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
     report = work / "retrain-report.json"
     cmd = [sys.executable, "-m", "trainer", "retrain", "--base-data", str(args.base_data), "--reviewed", str(reviewed),
            "--current", str(args.bundle), "--finetune-from-current", "--report", str(report),
            "--models-dir", str(args.models_dir), "--version", version, "--tensorrt", "off", "--workers", "0",
-           "--out-dir", str(work / "runs"),
+           "--out-dir", str(work / "runs"), *(["--backgrounds", str(backgrounds)] if backgrounds else []),
            *shlex.split(args.retrain_args)]
     log.info("retraining: %s", " ".join(cmd))
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
@@ -184,7 +188,9 @@ def run_loop(args, scenes_root: Path) -> dict[str, Any]:
     same_station = scene_a == scene_b
     truth_b = ensure_scene(scene_b, root_b, items_b, seed_b,
                            exclude=[item["test_index"] for item in truth_a["items"]] if same_station else ())
-    uploads = {"frames": {"enabled": True, "min_interval_s": 0.0}}
+    uploads: dict[str, Any] = {"frames": {"enabled": True, "min_interval_s": 0.0}}
+    if args.station_backgrounds:          # the station's empty scenes, on its schedule, for the retrain to draw on
+        uploads["frames"]["empty_scene_interval_s"] = EMPTY_SCENE_INTERVAL_S
     with tempfile.TemporaryDirectory(prefix="station-view-loop-") as tmp, mosquitto(Path(tmp)) as port:
         work = Path(tmp)
         services = start_services(work, port, args.bundle)
@@ -200,13 +206,16 @@ def run_loop(args, scenes_root: Path) -> dict[str, Any]:
                                  "--out", str(work / "reviewed")], cwd=REPO, capture_output=True, text=True)
         if export.returncode != 0:
             raise RuntimeError(f"central labels export failed:\n{export.stderr[-3000:]}")
-        new_bundle, gate, rc = retrain(args, work, work / "reviewed")
+        backgrounds = station_backgrounds(work, args.station_backgrounds) if args.station_backgrounds else None
+        scenes = json.loads((backgrounds / "backgrounds.json").read_text())["images"] if backgrounds else None
+        new_bundle, gate, rc = retrain(args, work, work / "reviewed", backgrounds)
         split = reviewed_split(gate)            # the split file lives in this temporary folder
         before = measure(truth_b, root_b / scene_b, args.bundle, args.set, port)
         after = measure(truth_b, root_b / scene_b, new_bundle, args.set, port)
     return {"benchmark": "station_view_loop", "teach_scene": scene_a, "measure_scene": scene_b,
             "uploads": {"uploaded_last_stats": on_a["agent"]["frames_uploaded_last_stats"], "stored": stored,
-                        "labelled": labelled, "skipped": skipped},
+                        "labelled": labelled, "skipped": skipped,
+                        "backgrounds": scenes},
             "retrain": {"exit_code": rc, "promoted": gate.get("promoted"), "reasons": gate.get("reasons"),
                         "bundle": str(new_bundle), "reviewed_split": split},
             "teach": on_a, "before": before, "after": after,
@@ -235,6 +244,16 @@ def clean_test(data: Path, current: Path, candidate: Path, after: dict) -> dict[
         out["scene_b_after"] = scene_b
         out["gap_points"] = round((out["after"]["top1"] - scene_b) * 100, 2)
         out["within_1_point"] = out["gap_points"] <= 1.0
+    return out
+
+
+def station_backgrounds(work: Path, per_camera: int) -> Path:
+    """The empty scenes the station sent during scene A, as ``central backgrounds export`` writes them."""
+    out = work / "backgrounds"
+    done = subprocess.run([sys.executable, "-m", "central", "backgrounds", "export", "--store", str(work / "frames"),
+                           "--out", str(out), "--per-camera", str(per_camera)], cwd=REPO, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"central backgrounds export failed:\n{done.stderr[-3000:]}")
     return out
 
 
