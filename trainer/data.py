@@ -313,21 +313,9 @@ def drop_unreadable(dataset: Dataset, workers: int = 4) -> Dataset:
 
 
 def stratified_split(labels: Sequence[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Indices (train, val): each class split in the same proportion, reproducibly for a seed."""
-    if not 0.0 < val_fraction < 1.0:
-        raise DatasetError(f"val_fraction must be between 0 and 1, got {val_fraction}")
-    by_class: dict[int, list[int]] = defaultdict(list)
-    for i, label in enumerate(labels):
-        by_class[label].append(i)
-    rng = random.Random(seed)
-    train, val = [], []
-    for label in sorted(by_class):
-        idx = by_class[label]
-        rng.shuffle(idx)
-        n_val = max(1, round(len(idx) * val_fraction)) if len(idx) > 1 else 0
-        val.extend(idx[:n_val])
-        train.extend(idx[n_val:])
-    return sorted(train), sorted(val)
+    """Indices (train, val): each class split in the same proportion, reproducibly for a seed: the grouped split
+    with every image a group of its own."""
+    return grouped_split(labels, range(len(labels)), val_fraction, seed)
 
 
 def grouped_split(labels: Sequence[int], groups: Sequence[Hashable], val_fraction: float,
@@ -336,7 +324,7 @@ def grouped_split(labels: Sequence[int], groups: Sequence[Hashable], val_fractio
 
     A group counts under its most common label (the smallest of equals); within each label the groups are split
     as ``stratified_split`` splits images: ``round(groups x val_fraction)``, at least one when there are two or
-    more. With every group a single image it is ``stratified_split``, index for index."""
+    more. With every group a single image it is ``stratified_split``."""
     if not 0.0 < val_fraction < 1.0:
         raise DatasetError(f"val_fraction must be between 0 and 1, got {val_fraction}")
     if len(groups) != len(labels):

@@ -154,7 +154,7 @@ def test_grayscale_and_rgba_become_rgb(tmp_path):
         decode_image(b"garbage bytes", name="x.jpg")
 
 
-def test_a_grouped_split_keeps_each_group_on_one_side_and_is_the_stratified_split_for_single_images():
+def test_a_grouped_split_keeps_each_group_on_one_side_stratified_by_label():
     # given: 60 frames of 24 items (1 to 4 frames each) in three classes, one item labelled two ways
     rng = random.Random(5)
     labels, groups = [], []
@@ -172,10 +172,6 @@ def test_a_grouped_split_keeps_each_group_on_one_side_and_is_the_stratified_spli
                                   for c in range(3))
     assert data_mod.grouped_split(labels, groups, 0.25, seed=3) == (train, val)
     assert data_mod.grouped_split(labels, groups, 0.25, seed=4) != (train, val)
-    # every frame its own group: the stratified split, index for index
-    singles = list(range(len(labels)))
-    for seed in range(5):
-        assert data_mod.grouped_split(labels, singles, 0.25, seed) == data_mod.stratified_split(labels, 0.25, seed)
     with pytest.raises(DatasetError, match="val_fraction"):
         data_mod.grouped_split(labels, groups, 1.0, seed=3)
 
