@@ -8,11 +8,14 @@ uvicorn (``central.http``); JSON in and out, its OpenAPI schema at ``/api/openap
     GET  /api/labels                   {"labels": [...model classes], "new_classes": [...], "defects": [...]}
     GET  /api/frames?status=pending&site=&station=&camera=&model_version=&predicted=&limit=50&offset=0&order=oldest|newest|least-certain|least-certain-by-class
                                        {"frames": [...], "total": N}
-    GET  /api/frames/<id>              one frame's metadata and review
+    GET  /api/frames/<id>              one frame's metadata and review (``track``: the item it shows;
+                                       ``item_pending``: that item's pending frames, 0 without a track)
     GET  /api/frames/<id>/image        its JPEG
     GET  /api/frames/<id>/context      the ROI it was cut from, as the station sent it (404 when none)
     POST /api/frames/<id>/review       {"action": "label"|"skip"|"new_class"|"defect"|"undo",
-                                        "label": "...", "reviewer": "...", "note": "..."}
+                                        "label": "...", "reviewer": "...", "note": "...", "item": false}
+                                       item: true decides every pending frame of the frame's item too
+                                       (frame.v1 track); the answer lists them in item_frames
     GET  /api/stats                    counts by status, station, model version and label; quota
     GET  /api/facets                   distinct sites, stations, cameras, model versions, predicted labels
     GET  /api/quarantine?limit=50&offset=0   frame messages ingest refused, newest first:
@@ -123,6 +126,8 @@ class ReviewBody(BaseModel):
     label: str | None = Field(None, description="the class (label), the new class name (new_class) or the defect")
     reviewer: str | None = None
     note: str | None = None
+    item: bool = Field(False, description="the same decision for the other pending frames of the frame's item (its "
+                                          "station, camera and track); with undo, back to pending with it")
 
 
 class EnrolBody(BaseModel):
@@ -254,7 +259,7 @@ def create_app(store: FrameStore, token: str | None, enroller: Any = None) -> Fa
         if not body.action:
             raise StoreError("field action: missing")
         return await run_in_threadpool(store.review, frame_id, body.action, label=body.label,
-                                       reviewer=body.reviewer, note=body.note)
+                                       reviewer=body.reviewer, note=body.note, item=body.item)
 
     @api.post("/enrol", summary="a new bundle version with a new class, from its reviewed frames (docs/enrol.md)",
               openapi_extra={"requestBody": {"required": True, "content": {

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -136,6 +137,19 @@ def text(value: Any, field: str, max_length: int = MAX_TEXT) -> str | None:
         value.encode("utf-8")
     except UnicodeEncodeError:
         raise FrameCheckError(f"field {field}: not valid Unicode text (it holds a lone surrogate)") from None
+    return value
+
+
+TRACK = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def track(value: Any, field: str = "track") -> str | None:
+    """The item a frame shows (``frame.v1`` ``track``): None, or the id a station's tracker gave it (a UUID)."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not TRACK.fullmatch(value):
+        shown = value[:64] if isinstance(value, str) else type(value).__name__
+        raise FrameCheckError(f"field {field}: {shown!r} is not an item's track id (a lower-case UUID)")
     return value
 
 

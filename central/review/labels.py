@@ -27,7 +27,6 @@ import argparse
 import csv
 import json
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -39,7 +38,6 @@ from central.review.store import FrameStore, StoreError
 from contract.dataset import LABELS_FILE, folder_name
 
 CSV_NAME = "reviewed.csv"
-TRACK = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 COLUMNS = ["path", "label", "frame_id", "site", "station", "camera", "model_name", "model_version", "predicted",
            "confidence", "selected_because", "status", "reviewer", "reviewed_at", "received_at", "sha256",
            "captured_at", "note", "track"]
@@ -51,14 +49,6 @@ def training_label(frame: dict[str, Any]) -> str | None:
     if frame["status"] == "defect" and frame.get("defect") and frame["defect"] != "defect":
         return frame["defect"]
     return None
-
-
-def frame_track(frame: dict[str, Any]) -> str:
-    """The item the frame shows (``frame.v1`` ``track``), or "" when the station sent none: an older agent, or a
-    frame outside an item. Only a schema-shaped id is trusted: the metadata of a store from before the schema
-    check may hold anything."""
-    track = (frame.get("meta") or {}).get("track")
-    return track if isinstance(track, str) and TRACK.fullmatch(track) else ""
 
 
 def _folder_name(label: str) -> str:
@@ -105,7 +95,7 @@ def export_reviewed(store: FrameStore, out: Path, *, force: bool = False) -> dic
                          "status": frame["status"], "reviewer": frame["reviewer"] or "",
                          "reviewed_at": _iso(frame["reviewed_at"]), "received_at": _iso(frame["received_at"]),
                          "sha256": frame["sha256"], "captured_at": _iso(frame["captured_at"]),
-                         "note": frame["note"] or "", "track": frame_track(frame)})
+                         "note": frame["note"] or "", "track": frame["track"] or ""})
         with open(tmp / CSV_NAME, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=COLUMNS)
             writer.writeheader()

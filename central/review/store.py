@@ -51,6 +51,10 @@ log = logging.getLogger(__name__)
 DB_NAME = "frames.sqlite"
 STATUSES = ("pending", "labelled", "skipped", "new_class", "defect")
 ACTIONS = ("label", "skip", "new_class", "defect", "undo")
+# the pending frames of a frame's item (its station, camera and track; this frame too while pending); 0 without one
+ITEM_PENDING = ("(SELECT COUNT(*) FROM frames AS g WHERE f.track IS NOT NULL AND g.site = f.site AND "
+                "g.station = f.station AND g.camera = f.camera AND g.track = f.track AND g.status = 'pending') "
+                "AS item_pending")
 INTERNAL_COUNTERS = ("bytes_stored",)
 FILTERS = ("status", "site", "station", "camera", "model_version", "predicted")
 ORDERS = ("oldest", "newest", "least-certain", "least-certain-by-class")
@@ -165,6 +169,7 @@ class FrameStore:
         self._db.executescript(SCHEMA)
         self._add_margin_column()
         self._add_context_columns()
+        self._add_track_column()
         self._warned = False
         self.max_bytes, self.warn_fraction = self._quota_settings(max_bytes, warn_fraction)
         self.reconciled = self._reconcile()
@@ -221,6 +226,20 @@ class FrameStore:
             for name, kind in (("context_image", "TEXT"), ("context_bytes", "INTEGER")):
                 if name not in columns:
                     self._db.execute(f"ALTER TABLE frames ADD COLUMN {name} {kind}")
+
+    def _add_track_column(self) -> None:
+        """Stores from before the track column: add it, filled from each row's metadata where that holds a
+        track id (anything else stays NULL: a frame of no known item)."""
+        with self._lock, self._write():
+            columns = {r["name"] for r in self._db.execute("PRAGMA table_info(frames)")}
+            if "track" not in columns:
+                self._db.execute("ALTER TABLE frames ADD COLUMN track TEXT")
+                rows = self._db.execute("SELECT id, meta FROM frames").fetchall()
+                filled = [(t, r["id"]) for r in rows if (t := _stored_track(r["meta"])) is not None]
+                self._db.executemany("UPDATE frames SET track = ? WHERE id = ?", filled)
+                log.info("%s: added the track column (%d of %d stored frames name their item)", self.root,
+                         len(filled), len(rows))
+            self._db.execute("CREATE INDEX IF NOT EXISTS frames_track ON frames(site, station, camera, track)")
 
     def _known_files(self) -> set[str]:
         """Every file a row names: frames, their context images, empty scenes."""
@@ -367,6 +386,7 @@ class FrameStore:
             top_k = checks.json_text(meta.get("top_k") or [], "top_k")
             selected_because = checks.json_text(meta.get("selected_because") or [], "selected_because")
             margin = checks.real(top_k_margin(meta.get("top_k")), "top_k")
+            track = checks.track(meta.get("track"))
         except FrameCheckError as exc:
             raise StoreError(f"frame {frame_id}: {exc}") from None
         day = time.strftime("%Y%m%d", time.gmtime())
@@ -386,12 +406,13 @@ class FrameStore:
             self._db.execute(
                 "INSERT INTO frames(id, seq, site, station, camera, frame_seq, captured_at, ts, model_name, "
                 "model_version, predicted, confidence, top_k, selected_because, source_ref, meta, "
-                "received_at, image, bytes, sha256, margin, context_image, context_bytes) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "received_at, image, bytes, sha256, margin, context_image, context_bytes, track) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (frame_id, seq, meta["site"], meta["station"], meta["camera"], frame_seq, captured_at, ts,
                  model_name, model_version, label, confidence, top_k, selected_because, source_ref, kept,
                  time.time(), rel.as_posix(), len(jpeg), hashlib.sha256(jpeg).hexdigest(), margin,
-                 context_rel.as_posix() if context_rel else None, len(context) if context is not None else None))
+                 context_rel.as_posix() if context_rel else None, len(context) if context is not None else None,
+                 track))
             self._bump("stored")
             if problem:
                 self._bump("context_refused")
@@ -509,7 +530,7 @@ class FrameStore:
 
     def get(self, frame_id: str) -> dict[str, Any]:
         with self._lock:
-            row = self._db.execute("SELECT * FROM frames WHERE id = ?", (frame_id,)).fetchone()
+            row = self._db.execute(f"SELECT *, {ITEM_PENDING} FROM frames AS f WHERE id = ?", (frame_id,)).fetchone()
         if row is None:
             raise UnknownFrame(f"frame {frame_id!r}: no such frame in {self.root}")
         return _public(row)
@@ -569,8 +590,8 @@ class FrameStore:
                 if order == "least-certain-by-class" else "")
         with self._lock:
             total = self._db.execute(f"SELECT COUNT(*) FROM frames{clause}", args).fetchone()[0]
-            rows = self._db.execute(f"SELECT *{turn} FROM frames{clause} ORDER BY {sort} LIMIT ? OFFSET ?",
-                                    [*args, limit, offset]).fetchall()
+            rows = self._db.execute(f"SELECT *{turn}, {ITEM_PENDING} FROM frames AS f{clause} ORDER BY {sort} "
+                                    "LIMIT ? OFFSET ?", [*args, limit, offset]).fetchall()
         return [_public(r) for r in rows], int(total)
 
     def iter_reviewed(self) -> Iterator[dict[str, Any]]:
@@ -625,14 +646,18 @@ class FrameStore:
     # ------------------------------------------------------------ review
 
     def review(self, frame_id: str, action: str, *, label: str | None = None, reviewer: str | None = None,
-               note: str | None = None) -> dict[str, Any]:
+               note: str | None = None, item: bool = False) -> dict[str, Any]:
         """Apply a reviewer's decision. ``label``: a known class (label), a new class name (new_class), or the
-        defect class (defect, optional). ``undo`` puts the frame back to pending."""
+        defect class (defect, optional). ``undo`` puts the frame back to pending.
+
+        ``item``: the same decision for every other frame of the frame's item (same station, camera and track)
+        that is still pending; with ``undo``, every other frame of the item that carries the frame's decision
+        goes back to pending too. The frame is returned with ``item_frames``: the other frames decided."""
         if action not in ACTIONS:
             raise StoreError(f"field action: {action!r} is not one of {', '.join(ACTIONS)}")
         label = label.strip() if isinstance(label, str) else label
         with self._lock:
-            self.get(frame_id)
+            frame = self.get(frame_id)
             known = self.labels()
             if action == "label":
                 if not label or label not in known["labels"] + known["new_classes"]:
@@ -661,14 +686,30 @@ class FrameStore:
                     self._db.execute("INSERT OR IGNORE INTO classes(name, kind, added_at) VALUES (?, 'defect', ?)",
                                      (label, time.time()))
                 undo = action == "undo"
-                self._db.execute(
+                others = self._item_frames(frame, undo) if item else []
+                self._db.executemany(
                     "UPDATE frames SET status = ?, label = ?, defect = ?, reviewer = ?, reviewed_at = ?, note = ? "
                     "WHERE id = ?",
-                    (status, label if action in ("label", "new_class") else None,
-                     (label or "defect") if action == "defect" else None,
-                     None if undo else reviewer, None if undo else time.time(), None if undo else note, frame_id))
-                self._bump(f"reviews:{action}")
-        return self.get(frame_id)
+                    [(status, label if action in ("label", "new_class") else None,
+                      (label or "defect") if action == "defect" else None,
+                      None if undo else reviewer, None if undo else time.time(), None if undo else note, fid)
+                     for fid in [frame_id, *others]])
+                self._bump(f"reviews:{action}", 1 + len(others))
+        return {**self.get(frame_id), "item_frames": others}
+
+    def _item_frames(self, frame: dict[str, Any], undo: bool) -> list[str]:
+        """The other frames of ``frame``'s item an item-wide decision applies to: the pending ones, or for undo
+        those that carry this frame's decision. None without a track."""
+        if frame["track"] is None:
+            return []
+        same = ("status = 'pending'" if not undo else
+                "status = ? AND label IS ? AND defect IS ? AND status != 'pending'")
+        args = [] if not undo else [frame["status"], frame["label"], frame["defect"]]
+        rows = self._db.execute(
+            f"SELECT id FROM frames WHERE site = ? AND station = ? AND camera = ? AND track = ? AND id != ? AND {same} "
+            "ORDER BY received_at, id", [frame["site"], frame["station"], frame["camera"], frame["track"], frame["id"],
+                                         *args]).fetchall()
+        return [r["id"] for r in rows]
 
     def close(self) -> None:
         with self._lock:
@@ -694,6 +735,15 @@ def _probability(entry: Any) -> float | None:
     try:
         return checks.real(p, "top_k.p")
     except FrameCheckError:
+        return None
+
+
+def _stored_track(meta_text: str | None) -> str | None:
+    """The track id in a stored row's metadata, or None (none, or not an id)."""
+    try:
+        meta = json.loads(meta_text or "{}")
+        return checks.track(meta.get("track")) if isinstance(meta, dict) else None
+    except (ValueError, FrameCheckError):
         return None
 
 

@@ -46,3 +46,10 @@ def wait_count(driver: WebDriver, css: str, at_least: int, what: str, timeout: f
 def text_of(element: WebElement) -> str:
     """The element's text content (also when it is scrolled out of view, where .text is empty)."""
     return element.get_attribute("textContent") or ""
+
+
+def key(browser: WebDriver, name: str, *, repeat: bool = False, on: str = "document") -> None:
+    """A keydown as the browser fires it (``repeat`` is what a held key sends; WebDriver cannot hold one)."""
+    target = "document" if on == "document" else f"document.getElementById('{on}')"
+    browser.execute_script(f"{target}.dispatchEvent(new KeyboardEvent('keydown', "
+                           f"{{key: arguments[0], repeat: arguments[1], bubbles: true}}));", name, repeat)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from browser_support import text_of, wait
+from browser_support import key, text_of, wait
 from selenium.webdriver.common.by import By
 
 sys.path.append(str(Path(__file__).resolve().parents[1] / "central" / "loop"))
@@ -14,13 +14,6 @@ from loop_support import LABELS, real_frames  # noqa: E402
 
 from central.review.api import ReviewServer  # noqa: E402
 from central.review.store import FrameStore  # noqa: E402
-
-
-def key(browser, name: str, *, repeat: bool = False, on: str = "document") -> None:
-    """A keydown as the browser fires it (``repeat`` is what a held key sends; WebDriver cannot hold one)."""
-    target = "document" if on == "document" else f"document.getElementById('{on}')"
-    browser.execute_script(f"{target}.dispatchEvent(new KeyboardEvent('keydown', "
-                           f"{{key: arguments[0], repeat: arguments[1], bubbles: true}}));", name, repeat)
 
 
 def test_held_keys_and_keys_in_a_filter_decide_nothing(browser, tmp_path):

@@ -105,6 +105,8 @@ function current() {
 
 function show(frame) {
   $("empty").hidden = Boolean(frame);
+  $("whole-item-wrap").hidden = !(frame && frame.item_pending > 1);     // kept current as frames of it arrive
+  $("item-pending").textContent = String((frame && frame.item_pending) || 0);
   $("frame").hidden = !frame;
   if ((frame && frame.id) === state.shownId && frame) return;    // same frame: no flicker, no image reload
   state.shownId = frame ? frame.id : null;
@@ -137,6 +139,8 @@ function show(frame) {
                  source: frame.source_ref || "" };
   const item = frame.meta && frame.meta.item;     // the best view of an item the station decided unsure
   if (item) meta.item = `#${item.item_seq}: its best view of ${item.frames} frames, decided unsure`;
+  // the item the frame shows (its station's track): with other pending frames, one decision can take them all
+  if (frame.track) meta.track = `${frame.track.slice(0, 8)}: ${frame.item_pending} pending frame(s) of this item`;
   for (const [k, v] of Object.entries(meta)) {
     const dt = document.createElement("dt"), dd = document.createElement("dd");
     dt.textContent = k; dd.textContent = v;
@@ -168,18 +172,27 @@ async function showImage(id, what = "image", img = $("frame-image")) {
 }
 
 // Decide the frame on screen when the action was given (not whichever is shown when the queue gets to it).
+// With "all pending frames of this item" ticked, a label, new class or defect decides the item's other pending
+// frames too (a skip is about this frame only: a sliver of an item says nothing of its whole views).
 function decide(action, label) {
   const frame = current();
   if (!frame) { say("no frame to decide", false); return state.queue; }
   const reviewer = $("reviewer").value.trim() || null;
+  const item = action !== "skip" && !$("whole-item-wrap").hidden && $("whole-item").checked;
   return enqueue(async () => {
     const body = { action, reviewer };
     if (label !== undefined && label !== null) body.label = label;
-    await api(`/api/frames/${encodeURIComponent(frame.id)}/review`, { method: "POST", body: JSON.stringify(body) });
-    state.history.push(frame.id);
-    say(`${frame.id.slice(0, 8)}: ${action}${label ? " " + label : ""}`);
+    if (item) body.item = true;
+    const done = await api(`/api/frames/${encodeURIComponent(frame.id)}/review`,
+                           { method: "POST", body: JSON.stringify(body) });
+    const also = done.item_frames || [];
+    state.history.push({ id: frame.id, item });
+    say(`${frame.id.slice(0, 8)}${also.length ? ` and ${also.length} more of its item` : ""}: ` +
+        `${action}${label ? " " + label : ""}`);
     if (action === "new_class") await loadLabels();
-    const next = state.frames[state.frames.findIndex((f) => f.id === frame.id) + 1];
+    const gone = new Set([frame.id, ...also]);
+    const at = state.frames.findIndex((f) => f.id === frame.id);
+    const next = state.frames.slice(at + 1).find((f) => !gone.has(f.id));
     await loadFrames(next ? next.id : null);
     await loadStats();
   });
@@ -187,10 +200,12 @@ function decide(action, label) {
 
 function undo() {
   return enqueue(async () => {
-    const id = state.history.pop();
-    if (!id) { say("nothing to undo", false); return; }
-    await api(`/api/frames/${encodeURIComponent(id)}/review`, { method: "POST", body: JSON.stringify({ action: "undo" }) });
-    say(`${id.slice(0, 8)}: back to pending`);
+    const last = state.history.pop();
+    if (!last) { say("nothing to undo", false); return; }
+    const { id, item } = last;
+    const body = item ? { action: "undo", item: true } : { action: "undo" };
+    await api(`/api/frames/${encodeURIComponent(id)}/review`, { method: "POST", body: JSON.stringify(body) });
+    say(`${id.slice(0, 8)}${item ? " and its item" : ""}: back to pending`);
     state.shownId = null;
     await loadFrames(id);
     await loadStats();
@@ -257,6 +272,7 @@ document.addEventListener("keydown", (ev) => {
   else if (ev.key === "n") newClass();
   else if (ev.key === "d") defect();
   else if (ev.key === "u") undo();
+  else if (ev.key === "i" && !$("whole-item-wrap").hidden) wholeItem(!$("whole-item").checked);
   else if (ev.key === "ArrowRight") move(1);
   else if (ev.key === "ArrowLeft") move(-1);
   else return;
@@ -276,6 +292,13 @@ for (const id of ["filter-station", "filter-model", "filter-predicted", "order"]
 const savedOrder = localStorage.getItem("order");
 if ([...$("order").options].some((o) => o.value === savedOrder)) $("order").value = savedOrder;
 $("order").addEventListener("change", () => localStorage.setItem("order", $("order").value));
+// the choice to decide whole items is kept, like the order; the box gives the keys back once clicked
+function wholeItem(on) {
+  $("whole-item").checked = on;
+  localStorage.setItem("wholeItem", on ? "1" : "0");
+}
+wholeItem(localStorage.getItem("wholeItem") === "1");
+$("whole-item").addEventListener("change", (ev) => { wholeItem(ev.target.checked); ev.target.blur(); });
 $("reviewer").value = localStorage.getItem("reviewer") || "";
 $("reviewer").addEventListener("change", () => localStorage.setItem("reviewer", $("reviewer").value.trim()));
 

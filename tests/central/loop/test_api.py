@@ -87,6 +87,31 @@ def test_relabel_undo_new_class_and_defect_through_http(server):
     assert stats["by_model_version"] == {"1": 6, "2": 3}
 
 
+def test_an_items_frames_are_labelled_in_one_request(tmp_path):
+    # given: three frames of one item (one track) and one of another, as a station sends them
+    store = FrameStore(tmp_path / "store", labels=LABELS)
+    records = real_frames(4)
+    tracks = ["6f1c0f8e-1d2b-4c3a-9e8f-0a1b2c3d4e5f"] * 3 + ["0d9e8f7a-6b5c-4d3e-8f1a-2b3c4d5e6f7a"]
+    for r, track in zip(records, tracks):
+        store.add({**r.body, "track": track}, r.blob)
+    srv = ReviewServer(store, "127.0.0.1", 0, token=TOKEN).start()
+    try:
+        listed = call(srv.url + "api/frames?status=pending")[1]["frames"]
+        assert [(f["track"], f["item_pending"]) for f in listed] == [(tracks[0], 3)] * 3 + [(tracks[3], 1)]
+        # when: the first is labelled for its item
+        status, done = call(srv.url + f"api/frames/{records[0].id}/review",
+                            {"action": "label", "label": "Bag", "reviewer": "ana", "item": True})
+        # then: its item's other frames are labelled with it, and the other item's frame is not
+        assert status == 200 and done["item_frames"] == [records[1].id, records[2].id]
+        assert [store.get(r.id)["status"] for r in records] == ["labelled"] * 3 + ["pending"]
+        status, undone = call(srv.url + f"api/frames/{records[0].id}/review", {"action": "undo", "item": True})
+        assert status == 200 and len(undone["item_frames"]) == 2
+        assert call(srv.url + "api/frames?status=pending")[1]["total"] == 4
+    finally:
+        srv.stop()
+        store.close()
+
+
 def test_least_certain_by_class_over_http_shows_every_predicted_class_before_any_twice(server):
     srv, store, records = server
     predicted = [r.body["label"] for r in records]
@@ -108,7 +133,8 @@ def test_bad_requests_name_the_field_and_change_nothing(server):
              ({"action": "approve"}, "field action: 'approve'"),
              ({"label": "Bag"}, "field action: missing"),
              ({"action": "label", "label": 3}, "field label: expected a string"),
-             ({"action": "skip", "colour": "red"}, "unknown field(s) colour")]
+             ({"action": "skip", "colour": "red"}, "unknown field(s) colour"),
+             ({"action": "skip", "item": "yes"}, "field item")]
     for body, message in cases:
         status, err = call(srv.url + f"api/frames/{target}/review", body)
         assert status == 400 and message in err["error"], (body, err)

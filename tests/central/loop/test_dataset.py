@@ -79,11 +79,10 @@ def test_the_export_carries_each_frames_label_and_provenance(reviewed_store, tmp
 
 
 def test_the_export_names_the_item_each_frame_shows(tmp_path):
-    # given: frames of two items as a station names them (frame.v1 track), one from an older agent (no track),
-    # and one whose stored metadata holds a track that is not an id (a store from before the schema check)
+    # given: frames of two items as a station names them (frame.v1 track), and one from an older agent (no track)
     store = FrameStore(tmp_path / "store", labels=LABELS)
     first, second = "6f1c0f8e-1d2b-4c3a-9e8f-0a1b2c3d4e5f", "0d9e8f7a-6b5c-4d3e-8f1a-2b3c4d5e6f7a"
-    tracks = [first, first, second, None, "../../etc"]
+    tracks = [first, first, second, None]
     records = real_frames(len(tracks))
     for r, track in zip(records, tracks):
         body = {**r.body, **({"track": track} if track is not None else {})}
@@ -91,9 +90,9 @@ def test_the_export_names_the_item_each_frame_shows(tmp_path):
         store.review(r.id, "label", label=truth_of(r), reviewer="ana")
     export_reviewed(store, tmp_path / "reviewed")
     store.close()
-    # then: the track column names each frame's item, empty where the station named none or no id was stored
+    # then: the track column names each frame's item, empty where the station named none
     by_id = rows(tmp_path / "reviewed" / "reviewed.csv")
-    assert [by_id[r.id]["track"] for r in records] == [first, first, second, "", ""]
+    assert [by_id[r.id]["track"] for r in records] == [first, first, second, ""]
 
 
 def test_the_trainer_reads_the_export_as_csv_and_as_class_folders(reviewed_store, tmp_path):

@@ -307,3 +307,66 @@ def test_a_context_too_large_or_not_a_jpeg_is_refused_and_counted_and_the_frame_
     assert store.counters()["context_refused"] == 4
     for why in [*cases, "not base64"]:
         assert why in caplog.text
+
+
+TRACK_A, TRACK_B = "6f1c0f8e-1d2b-4c3a-9e8f-0a1b2c3d4e5f", "0d9e8f7a-6b5c-4d3e-8f1a-2b3c4d5e6f7a"
+
+
+def tracked(record, track, **fields):
+    return {**record.body, **fields, **({"track": track} if track else {})}
+
+
+def test_an_item_is_decided_in_one_review_and_undone_in_one(tmp_path):
+    # given: item A's four frames (one already skipped), item B's frame, a frame with A's track from another
+    # camera (another item: tracks are per station camera), and a frame of no item
+    records = real_frames(7)
+    store = FrameStore(tmp_path / "s", labels=LABELS)
+    layout = [(TRACK_A, {}), (TRACK_A, {}), (TRACK_A, {}), (TRACK_A, {}), (TRACK_B, {}),
+              (TRACK_A, {"camera": "dock-b"}), (None, {})]
+    for r, (track, fields) in zip(records, layout):
+        assert store.add(tracked(r, track, **fields), r.blob).outcome == "stored"
+    a = [r.id for r in records[:4]]
+    store.review(a[3], "skip", reviewer="ana")
+    frames = {f["id"]: f for f in store.list(limit=10, status="pending")[0]}
+    assert [frames[i]["item_pending"] for i in a[:3]] == [3, 3, 3]
+    assert frames[records[4].id]["item_pending"] == 1 and frames[records[6].id]["item_pending"] == 0
+    # when: the first frame of A is labelled for its whole item
+    done = store.review(a[0], "label", label="Bag", reviewer="bo", item=True)
+    # then: A's pending frames take the label and the reviewer; the skipped one, B and the other camera do not
+    assert done["status"] == "labelled" and done["item_frames"] == a[1:3] and done["item_pending"] == 0
+    assert [store.get(i)["label"] for i in a[:3]] == ["Bag"] * 3
+    assert {store.get(i)["reviewer"] for i in a[:3]} == {"bo"}
+    assert store.get(a[3])["status"] == "skipped"
+    assert [store.get(r.id)["status"] for r in records[4:]] == ["pending"] * 3
+    assert store.stats()["counters"]["reviews:label"] == 3
+    # undo for the item: back to pending, the skipped frame left as it was
+    undone = store.review(a[1], "undo", item=True)
+    assert sorted(undone["item_frames"]) == sorted([a[0], a[2]])
+    assert [store.get(i)["status"] for i in a] == ["pending", "pending", "pending", "skipped"]
+    # without item, one frame; a frame of no item decides only itself
+    assert store.review(a[0], "label", label="Bag")["item_frames"] == []
+    assert store.get(a[1])["status"] == "pending"
+    assert store.review(records[6].id, "label", label="Bag", item=True)["item_frames"] == []
+    store.close()
+
+
+def test_a_track_that_is_not_an_id_is_refused_and_an_old_store_gets_the_column_on_open(tmp_path):
+    records = real_frames(3)
+    store = FrameStore(tmp_path / "s", labels=LABELS)
+    with pytest.raises(StoreError, match=r"field track: '\.\./etc' is not an item's track id"):
+        store.add(tracked(records[0], "../etc"), records[0].blob)
+    with pytest.raises(StoreError, match="field track: 'int' is not"):
+        store.add(tracked(records[0], 7), records[0].blob)
+    for r, track in zip(records, [TRACK_A, TRACK_A, None]):
+        store.add(tracked(r, track), r.blob)
+    store.close()
+    db = sqlite3.connect(tmp_path / "s" / "frames.sqlite")     # the schema as it was: no track column, and a
+    db.execute("DROP INDEX frames_track")                       # metadata track no schema checked
+    db.execute("ALTER TABLE frames DROP COLUMN track")
+    db.execute("UPDATE frames SET meta = json_set(meta, '$.track', 'not-an-id') WHERE id = ?", (records[2].id,))
+    db.commit()
+    db.close()
+    again = FrameStore(tmp_path / "s", labels=LABELS)
+    assert [again.get(r.id)["track"] for r in records] == [TRACK_A, TRACK_A, None]
+    assert again.get(records[0].id)["item_pending"] == 2
+    again.close()
