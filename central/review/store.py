@@ -687,12 +687,13 @@ class FrameStore:
                                      (label, time.time()))
                 undo = action == "undo"
                 others = self._item_frames(frame, undo) if item else []
+                now = time.time()           # one decision: one time for all its frames
                 self._db.executemany(
                     "UPDATE frames SET status = ?, label = ?, defect = ?, reviewer = ?, reviewed_at = ?, note = ? "
                     "WHERE id = ?",
                     [(status, label if action in ("label", "new_class") else None,
                       (label or "defect") if action == "defect" else None,
-                      None if undo else reviewer, None if undo else time.time(), None if undo else note, fid)
+                      None if undo else reviewer, None if undo else now, None if undo else note, fid)
                      for fid in [frame_id, *others]])
                 self._bump(f"reviews:{action}", 1 + len(others))
         return {**self.get(frame_id), "item_frames": others}

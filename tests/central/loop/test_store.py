@@ -335,7 +335,7 @@ def test_an_item_is_decided_in_one_review_and_undone_in_one(tmp_path):
     # then: A's pending frames take the label and the reviewer; the skipped one, B and the other camera do not
     assert done["status"] == "labelled" and done["item_frames"] == a[1:3] and done["item_pending"] == 0
     assert [store.get(i)["label"] for i in a[:3]] == ["Bag"] * 3
-    assert {store.get(i)["reviewer"] for i in a[:3]} == {"bo"}
+    assert {(store.get(i)["reviewer"], store.get(i)["reviewed_at"]) for i in a[:3]} == {("bo", done["reviewed_at"])}
     assert store.get(a[3])["status"] == "skipped"
     assert [store.get(r.id)["status"] for r in records[4:]] == ["pending"] * 3
     assert store.stats()["counters"]["reviews:label"] == 3
