@@ -347,6 +347,17 @@ def grouped_split(labels: Sequence[int], groups: Sequence[Hashable], val_fractio
     return sorted(train), sorted(val)
 
 
+def station_frames_trained(dataset: Dataset, train: Sequence[int], val: Sequence[int]) -> tuple[list[int], list[int]]:
+    """The split with a station's own frames (``Sample.as_seen``: a retrain's reviewed frames) all on the training
+    side: they are few and labelled by hand, so they are trained on, never spent on choosing the epoch (a retrain
+    holds out its own share of them, by item, for its gate). Unchanged when they are all the validation has."""
+    seen = [i for i in val if dataset.samples[i].as_seen]
+    if not seen or len(seen) == len(val):
+        return list(train), list(val)
+    moved = set(seen)
+    return sorted([*train, *seen]), [i for i in val if i not in moved]
+
+
 def save_split(path: Path, dataset: Dataset, train: Sequence[int], val: Sequence[int], seed: int) -> None:
     payload = {
         "seed": seed,

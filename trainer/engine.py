@@ -261,6 +261,7 @@ class Trainer:
             train_idx, val_idx = data_mod.load_split(split_path, dataset)
         else:  # the same on every rank of a distributed run: same data, same seed
             train_idx, val_idx = data_mod.stratified_split(dataset.labels(), cfg.val_fraction, cfg.seed)
+            train_idx, val_idx = data_mod.station_frames_trained(dataset, train_idx, val_idx)
             if self.dist.is_main:
                 data_mod.save_split(split_path, dataset, train_idx, val_idx, cfg.seed)
         if not self.dist.is_main:

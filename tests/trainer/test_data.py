@@ -176,6 +176,21 @@ def test_a_grouped_split_keeps_each_group_on_one_side_stratified_by_label():
         data_mod.grouped_split(labels, groups, 1.0, seed=3)
 
 
+def test_a_stations_own_frames_are_all_trained_on_never_spent_on_validation(tmp_path):
+    # given: 200 images, every fifth a station's frame (as_seen), split 20% for validation
+    samples = [data_mod.Sample(tmp_path / f"{i}.png", i % 4, as_seen=i % 5 == 0) for i in range(200)]
+    dataset = data_mod.Dataset(tmp_path, list("abcd"), samples, "csv")
+    train, val = data_mod.stratified_split(dataset.labels(), 0.2, seed=1)
+    assert any(samples[i].as_seen for i in val)                 # the plain split spends some on validation
+    kept_train, kept_val = data_mod.station_frames_trained(dataset, train, val)
+    # then: every station frame trains, the other validation images stay where they were
+    assert {i for i in range(200) if samples[i].as_seen} <= set(kept_train)
+    assert kept_val == [i for i in val if not samples[i].as_seen] and sorted(kept_train + kept_val) == list(range(200))
+    # a validation split of station frames only is left as it is (it would be empty)
+    only = data_mod.Dataset(tmp_path, list("abcd"), [data_mod.Sample(s.path, s.label, True) for s in samples], "csv")
+    assert data_mod.station_frames_trained(only, train, val) == (train, val)
+
+
 def test_split_is_stratified_reproducible_and_saved(fmnist_dir, tmp_path):
     ds = load_dataset(fmnist_dir / "train")
     train, val = data_mod.stratified_split(ds.labels(), 0.2, seed=7)

@@ -178,6 +178,10 @@ def test_a_better_candidate_is_promoted_with_figures_and_can_be_published(weak, 
     assert len(held) == 16 and all(row["frame_id"] for row in split["holdout"])
     trained_on = {row["path"] for row in csv.DictReader(open(report["training"]["dataset_csv"]))}
     assert not held & trained_on and len(trained_on) == report["data"]["base"]["train_images"] + 34
+    # every reviewed frame of the training side is trained on: none spent on the run's own validation
+    run_split = json.loads((Path(report["training"]["run_dir"]) / "split.json").read_text())
+    run_val = {str((Path(run_split["root"]) / p).resolve()) for p, _ in run_split["val"]}
+    assert run_val and not run_val & {str(Path(row["path"]).resolve()) for row in split["train"]}
     assert report["training"]["finetuned_from_current"] and report["training"]["start"].endswith("best.pt")
     assert [s["path"] for s in report["data"]["skipped_images"]] == [str(reviewed.parent / "truncated.jpg")]
     # recorded beside the bundle, and publishable
