@@ -167,9 +167,7 @@ class FrameStore:
         self._wal(deadline=time.monotonic() + LOCK_WAIT_S)
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
-        self._add_margin_column()
-        self._add_context_columns()
-        self._add_track_column()
+        self._add_columns()
         self._warned = False
         self.max_bytes, self.warn_fraction = self._quota_settings(max_bytes, warn_fraction)
         self.reconciled = self._reconcile()
@@ -206,39 +204,27 @@ class FrameStore:
         self.warn_fraction = float(stored.get("warn_fraction", 0.9))
         return self.max_bytes, self.warn_fraction
 
-    def _add_margin_column(self) -> None:
-        """Stores from before the margin column: add it and fill it from each row's top_k (once, under the
-        write lock, so two processes opening the same old store do not both try)."""
+    def _add_columns(self) -> None:
+        """Stores from before a column: add it, once, under the write lock (so two processes opening the same old
+        store do not both try); a column filled from another is computed from each stored row (None stays NULL):
+        ``margin`` from the row's top_k, ``track`` from its metadata where that holds a track id. Then the indexes."""
+        added = (("margin", "REAL", ("top_k", lambda raw: top_k_margin(json.loads(raw or "[]")))),
+                 ("context_image", "TEXT", None), ("context_bytes", "INTEGER", None),
+                 ("track", "TEXT", ("meta", _stored_track)))
         with self._lock, self._write():
             columns = {r["name"] for r in self._db.execute("PRAGMA table_info(frames)")}
-            if "margin" not in columns:
-                self._db.execute("ALTER TABLE frames ADD COLUMN margin REAL")
-                rows = self._db.execute("SELECT id, top_k FROM frames").fetchall()
-                self._db.executemany("UPDATE frames SET margin = ? WHERE id = ?",
-                                     [(top_k_margin(json.loads(r["top_k"] or "[]")), r["id"]) for r in rows])
-                log.info("%s: added the margin column to %d stored frames", self.root, len(rows))
+            for name, kind, filled_from in added:
+                if name in columns:
+                    continue
+                self._db.execute(f"ALTER TABLE frames ADD COLUMN {name} {kind}")
+                if filled_from is not None:
+                    source, compute = filled_from
+                    rows = self._db.execute(f"SELECT id, {source} FROM frames").fetchall()
+                    values = [(v, r["id"]) for r in rows if (v := compute(r[source])) is not None]
+                    self._db.executemany(f"UPDATE frames SET {name} = ? WHERE id = ?", values)
+                    log.info("%s: added the %s column, filled for %d of %d stored frames", self.root, name,
+                             len(values), len(rows))
             self._db.execute("CREATE INDEX IF NOT EXISTS frames_margin ON frames(status, margin)")
-
-    def _add_context_columns(self) -> None:
-        """Stores from before the ROI context file: the frame's context image and its size (None: none)."""
-        with self._lock, self._write():
-            columns = {r["name"] for r in self._db.execute("PRAGMA table_info(frames)")}
-            for name, kind in (("context_image", "TEXT"), ("context_bytes", "INTEGER")):
-                if name not in columns:
-                    self._db.execute(f"ALTER TABLE frames ADD COLUMN {name} {kind}")
-
-    def _add_track_column(self) -> None:
-        """Stores from before the track column: add it, filled from each row's metadata where that holds a
-        track id (anything else stays NULL: a frame of no known item)."""
-        with self._lock, self._write():
-            columns = {r["name"] for r in self._db.execute("PRAGMA table_info(frames)")}
-            if "track" not in columns:
-                self._db.execute("ALTER TABLE frames ADD COLUMN track TEXT")
-                rows = self._db.execute("SELECT id, meta FROM frames").fetchall()
-                filled = [(t, r["id"]) for r in rows if (t := _stored_track(r["meta"])) is not None]
-                self._db.executemany("UPDATE frames SET track = ? WHERE id = ?", filled)
-                log.info("%s: added the track column (%d of %d stored frames name their item)", self.root,
-                         len(filled), len(rows))
             self._db.execute("CREATE INDEX IF NOT EXISTS frames_track ON frames(site, station, camera, track)")
 
     def _known_files(self) -> set[str]:
