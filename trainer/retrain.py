@@ -228,34 +228,37 @@ def _csv_extra_columns(csv_path: Path) -> dict[str, dict[str, str]]:
     return out
 
 
-def _stratified(items: Sequence[Item], fraction: float, seed: int) -> tuple[list[Item], list[Item]]:
-    from trainer.data import stratified_split
-
-    names = sorted({i.label for i in items})
-    labels = [names.index(i.label) for i in items]
-    if not items:
-        return [], []
-    train_idx, held_idx = stratified_split(labels, fraction, seed)
-    return [items[i] for i in train_idx], [items[i] for i in held_idx]
-
-
-def reviewed_split(items: Sequence[Item], fraction: float, seed: int) -> tuple[list[Item], list[Item]]:
-    """Reviewed frames (train, held out) by item: the frames of one item (the export's ``track`` column, the id
-    the station's tracker gave it) all on one side, so the gate's held-out frames show items the candidate never
-    trained on. A frame without a track is an item of its own."""
+def _split_items(items: Sequence[Item], groups: Sequence, fraction: float, seed: int) -> tuple[list[Item], list[Item]]:
+    """(train, held out): ``trainer.data.grouped_split`` over the items' labels, each group wholly on one side."""
     from trainer.data import grouped_split
 
     if not items:
         return [], []
-    names = sorted({i.label for i in items})
-    groups = [("track", i.extra["track"]) if i.extra.get("track") else ("frame", str(i.path)) for i in items]
-    train_idx, held_idx = grouped_split([names.index(i.label) for i in items], groups, fraction, seed)
+    index = {name: i for i, name in enumerate(sorted({i.label for i in items}))}
+    train_idx, held_idx = grouped_split([index[i.label] for i in items], groups, fraction, seed)
     return [items[i] for i in train_idx], [items[i] for i in held_idx]
 
 
+def _stratified(items: Sequence[Item], fraction: float, seed: int) -> tuple[list[Item], list[Item]]:
+    return _split_items(items, range(len(items)), fraction, seed)
+
+
+def item_key(item: Item) -> tuple[str, str]:
+    """The item a frame shows: its track (the export's ``track`` column, the id the station's tracker gave it), or
+    the frame itself when it has none."""
+    track = item.extra.get("track")
+    return ("track", track) if track else ("frame", str(item.path))
+
+
+def reviewed_split(items: Sequence[Item], fraction: float, seed: int) -> tuple[list[Item], list[Item]]:
+    """Reviewed frames (train, held out) by item (``item_key``): the frames of one item all on one side, so the
+    gate's held-out frames show items the candidate never trained on."""
+    return _split_items(items, [item_key(i) for i in items], fraction, seed)
+
+
 def item_count(items: Sequence[Item]) -> int:
-    """How many items the frames show: each track once, each frame without one as an item of its own."""
-    return len({i.extra.get("track") or str(i.path) for i in items})
+    """How many items the frames show (``item_key``)."""
+    return len({item_key(i) for i in items})
 
 
 def overall_holdout(cfg: RetrainConfig, current, base: list[Item], seed: int) -> tuple[list[Item], str, list[dict]]:
