@@ -309,6 +309,10 @@ def _add_retrain_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overall-confidence", type=float, default=0.95,
                    help="the candidate may also lose this one-sided bound of the paired comparison's noise "
                         "(0.95: 1.645 standard errors of the per-image difference; 0.5: no noise allowance)")
+    p.add_argument("--reviewed-confidence", type=float, default=0.5,
+                   help="the candidate's gain on the held-out reviewed frames must also clear this one-sided bound "
+                        "of its noise, by item (0.95: 1.645 item-clustered standard errors; 0.5, the default: "
+                        "more frames right is enough)")
     p.add_argument("--prefer-int8", action=argparse.BooleanOptionalAction, default=True,
                    help="evaluate the INT8 model where deployable (what a station runs by default)")
     p.add_argument("--public-key", type=Path, default=None, help="check the current bundle's signature")
@@ -369,6 +373,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         name=args.name, holdout=args.holdout, holdout_fraction=args.holdout_fraction,
         reviewed_holdout_fraction=args.reviewed_holdout_fraction, overall_tolerance_points=args.overall_tolerance,
         overall_confidence=args.overall_confidence,
+        reviewed_confidence=args.reviewed_confidence,
         finetune_from_current=args.finetune_from_current, prefer_int8=args.prefer_int8, public_key=args.public_key,
         mqtt=settings_from_args(args))
     result = retrain(cfg)

@@ -8,7 +8,9 @@ with ONNX Runtime on the same held-out images, and applies the gate rule (``gate
 - overall top-1 on the held-out images at least the current's, within ``--overall-tolerance``
   points (default 0.0) plus the noise of the paired comparison (``--overall-confidence``, default a
   one-sided 95% bound: 1.645 standard errors of the per-image difference between the two models), and
-- top-1 on held-out reviewed frames (never trained on) strictly higher than the current's.
+- top-1 on held-out reviewed frames (never trained on) strictly higher than the current's (and, with
+  ``--reviewed-confidence`` above 0.5, by more than that one-sided bound of the comparison's noise, counted
+  by item: a station's frames of one item are not independent evidence).
 
 The decision is written beside the bundle (``gate.json``, plus a line in
 ``models/<name>/gate-log.jsonl``): ``central publish`` never publishes a rejected version and
@@ -65,26 +67,47 @@ class Score:
 
 @dataclass(frozen=True)
 class Paired:
-    """How two models' answers on the same images differ: what the candidate lost and gained."""
+    """How two models' answers on the same images differ: what the candidate lost and gained.
+
+    ``groups`` (optional) holds, per item the images show (frames of one item: ``item_key``), the candidate's net
+    gain on it and its frame count. Frames of one item are decided alike, so they are not independent evidence:
+    with groups the noise is the item-clustered one, without it every image is its own item.
+    """
 
     lost: int       # the current right, the candidate wrong
     gained: int     # the current wrong, the candidate right
+    groups: tuple[tuple[int, int], ...] = ()     # (net gain, frames) per item; empty: one item per image
 
     @classmethod
-    def of(cls, truth: Sequence[str], current: Sequence[str], candidate: Sequence[str]) -> "Paired":
-        if not len(truth) == len(current) == len(candidate):
+    def of(cls, truth: Sequence[str], current: Sequence[str], candidate: Sequence[str],
+           groups: Sequence[Any] | None = None) -> "Paired":
+        if not len(truth) == len(current) == len(candidate) or (groups is not None and len(groups) != len(truth)):
             raise ValueError("paired predictions must cover the same images")
-        lost = sum(t == a and t != b for t, a, b in zip(truth, current, candidate))
-        gained = sum(t != a and t == b for t, a, b in zip(truth, current, candidate))
-        return cls(lost, gained)
+        diffs = [(t == b) - (t == a) for t, a, b in zip(truth, current, candidate)]
+        per_item: dict[Any, list[int]] = {}
+        for key, d in zip(groups if groups is not None else range(len(diffs)), diffs):
+            net_frames = per_item.setdefault(key, [0, 0])
+            net_frames[0] += d
+            net_frames[1] += 1
+        return cls(diffs.count(-1), diffs.count(1),
+                   tuple((net, n) for net, n in per_item.values()) if groups is not None else ())
+
+    @property
+    def items(self) -> int | None:
+        return len(self.groups) if self.groups else None
 
     def standard_error_points(self, images: int) -> float:
-        """Standard error of the paired top-1 difference, in points (the per-image differences' spread / sqrt n)."""
+        """Standard error of the paired top-1 difference, in points: the per-item net gains' spread around the
+        mean gain (the cluster-robust sandwich, with every image its own item: the per-image differences' spread
+        / sqrt n)."""
         if images == 0:
             return 0.0
         mean = (self.gained - self.lost) / images
-        variance = (self.gained + self.lost) / images - mean * mean
-        return 100.0 * math.sqrt(max(variance, 0.0) / images)
+        if self.groups:
+            spread = sum((net - frames * mean) ** 2 for net, frames in self.groups)
+        else:
+            spread = (self.gained + self.lost) - images * mean * mean
+        return 100.0 * math.sqrt(max(spread, 0.0)) / images
 
 
 @dataclass(frozen=True)
@@ -103,7 +126,8 @@ class GateDecision:
 
 def gate_decision(current_overall: Score, candidate_overall: Score, current_reviewed: Score,
                   candidate_reviewed: Score, *, overall_tolerance_points: float = 0.0,
-                  overall_pairs: Paired | None = None, overall_confidence: float = 0.95) -> GateDecision:
+                  overall_pairs: Paired | None = None, overall_confidence: float = 0.95,
+                  reviewed_pairs: Paired | None = None, reviewed_confidence: float = 0.5) -> GateDecision:
     """Promote only if no worse overall (within the tolerance and the comparison's noise) AND better on the
     reviewed frames.
 
@@ -111,13 +135,19 @@ def gate_decision(current_overall: Score, candidate_overall: Score, current_revi
     models' disagreements on those images) the candidate may also lose the one-sided ``overall_confidence``
     bound of the paired difference's noise: a retrain that changes a few hundred answers of ten thousand
     moves top-1 by a few tenths of a point by chance, and a gate below that noise rejects real improvements.
+
+    On the reviewed frames the candidate must be right on more of them; with ``reviewed_pairs`` (by item) the
+    reason also gives that comparison's noise, and a ``reviewed_confidence`` above 0.5 makes the gain clear its
+    one-sided bound too (0.5, the default: more frames right is enough).
     """
     if current_overall.images != candidate_overall.images or current_reviewed.images != candidate_reviewed.images:
         raise ValueError("the gate compares two models on the same images; the image counts differ")
     if overall_tolerance_points < 0:
         raise ValueError(f"--overall-tolerance: must be >= 0 points, got {overall_tolerance_points}")
-    if not 0.5 <= overall_confidence < 1.0:
-        raise ValueError(f"--overall-confidence: must be in [0.5, 1), got {overall_confidence}")
+    for flag, confidence in (("--overall-confidence", overall_confidence),
+                             ("--reviewed-confidence", reviewed_confidence)):
+        if not 0.5 <= confidence < 1.0:
+            raise ValueError(f"{flag}: must be in [0.5, 1), got {confidence}")
     reasons, ok = [], True
     if current_overall.images == 0:
         ok = False
@@ -138,11 +168,17 @@ def gate_decision(current_overall: Score, candidate_overall: Score, current_revi
         reasons.append("no held-out reviewed frames, so 'better on the reviewed frames' cannot be shown "
                        "(more reviewed frames, or a larger --reviewed-holdout-fraction)")
     else:
-        delta = (candidate_reviewed.correct - current_reviewed.correct) * 100.0 / current_reviewed.images
-        reviewed_ok = candidate_reviewed.correct > current_reviewed.correct
+        frames = current_reviewed.images
+        delta = (candidate_reviewed.correct - current_reviewed.correct) * 100.0 / frames
+        z = NormalDist().inv_cdf(reviewed_confidence)
+        error = reviewed_pairs.standard_error_points(frames) if reviewed_pairs else 0.0
+        reviewed_ok = candidate_reviewed.correct > current_reviewed.correct and delta > z * error + 1e-9
         ok &= reviewed_ok
+        items = f", {reviewed_pairs.items} items" if reviewed_pairs and reviewed_pairs.items else ""
+        noise = f"; paired standard error {error:.2f} points" if reviewed_pairs else ""
+        must = f"must be higher by more than {z:.3f} x {error:.2f}" if z > 0 else "must be higher"
         reasons.append(f"reviewed frames top-1 {candidate_reviewed.top1:.2%} vs {current_reviewed.top1:.2%} "
-                       f"on {current_reviewed.images} held-out frames ({delta:+.2f} points; must be higher): "
+                       f"on {frames} held-out frames{items} ({delta:+.2f} points{noise}; {must}): "
                        + ("ok" if reviewed_ok else "not better"))
     return GateDecision(ok, reasons)
 
@@ -175,6 +211,7 @@ class RetrainConfig:
     reviewed_holdout_fraction: float = 0.3
     overall_tolerance_points: float = 0.0
     overall_confidence: float = 0.95             # one-sided bound on the paired difference's noise (0.5: none)
+    reviewed_confidence: float = 0.5             # the reviewed frames' gain must clear this bound (0.5: none)
     finetune_from_current: bool = False
     prefer_int8: bool = True                     # evaluate what a station runs (agent default)
     public_key: Path | None = None
@@ -564,7 +601,12 @@ def retrain(cfg: RetrainConfig) -> RetrainResult:
                              overall_tolerance_points=cfg.overall_tolerance_points,
                              overall_pairs=Paired.of([i.label for i in holdout], ev["current"]["overall"].predictions,
                                                      ev["candidate"]["overall"].predictions),
-                             overall_confidence=cfg.overall_confidence)
+                             overall_confidence=cfg.overall_confidence,
+                             reviewed_pairs=Paired.of([i.label for i in reviewed_held],
+                                                      ev["current"]["reviewed"].predictions,
+                                                      ev["candidate"]["reviewed"].predictions,
+                                                      [item_key(i) for i in reviewed_held]),
+                             reviewed_confidence=cfg.reviewed_confidence)
     report = build_report(cfg, current, candidate, decision, ev, holdout=holdout, holdout_source=holdout_source,
                           reviewed=reviewed, reviewed_train=reviewed_train, reviewed_held=reviewed_held,
                           base_train=base_train, skipped=base_skipped + reviewed_skipped + holdout_skipped,
@@ -664,6 +706,7 @@ def build_report(cfg: RetrainConfig, current, candidate, decision: GateDecision,
         "holdout_images": len(holdout), "reviewed_holdout_frames": len(reviewed_held),
         "overall_tolerance_points": cfg.overall_tolerance_points,
         "overall_confidence": cfg.overall_confidence,
+        "reviewed_confidence": cfg.reviewed_confidence,
     }
     return {
         "schema": REPORT_SCHEMA,
@@ -672,7 +715,9 @@ def build_report(cfg: RetrainConfig, current, candidate, decision: GateDecision,
         "reasons": decision.reasons,
         "rule": ("promoted only if overall top-1 on the held-out images is at least the current's minus "
                  f"{cfg.overall_tolerance_points:.2f} points and minus the one-sided {cfg.overall_confidence:.0%} bound "
-                 "of the paired difference's noise, AND top-1 on the held-out reviewed frames is higher"),
+                 "of the paired difference's noise, AND top-1 on the held-out reviewed frames is higher"
+                 + (f" by more than the one-sided {cfg.reviewed_confidence:.0%} bound of its noise (by item)"
+                    if cfg.reviewed_confidence > 0.5 else "")),
         "current": {"name": current.name, "version": current.version, "bundle": str(current.root)},
         "candidate": {"name": candidate.name, "version": candidate.version, "bundle": str(candidate.root),
                       "manifest_sha256": manifest_sha256(candidate.root)},

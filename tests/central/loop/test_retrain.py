@@ -101,6 +101,46 @@ def test_paired_counts_come_from_the_two_models_answers_on_the_same_images():
         Paired.of(truth, ["a"], ["a"])
 
 
+def test_the_reviewed_frames_noise_is_counted_by_item():
+    # 100 held-out frames of 10 items, 10 frames each. Frames of one item are decided alike: a gain of 20 frames
+    # on 2 items is two pieces of evidence, not twenty.
+    truth = ["a"] * 100
+    items = [i // 10 for i in range(100)]
+    current = ["x"] * 100
+    two_items = ["a" if i < 20 else "x" for i in range(100)]            # items 0 and 1 gained, whole
+    by_item = Paired.of(truth, current, two_items, items)
+    by_frame = Paired.of(truth, current, two_items)
+    assert (by_item.lost, by_item.gained, by_item.items) == (0, 20, 10) and by_frame.items is None
+    assert round(by_frame.standard_error_points(100), 2) == 4.0         # sqrt(20 - 100 x 0.2^2) / 100
+    assert round(by_item.standard_error_points(100), 2) == 12.65        # sqrt(2 x 8^2 + 8 x 2^2) / 100
+    # one item per frame: the same as without items
+    assert Paired.of(truth, current, two_items, list(range(100))).standard_error_points(100) == \
+        pytest.approx(by_frame.standard_error_points(100))
+    one_each = ["a" if i % 10 == 0 else "x" for i in range(100)]        # one more frame right on every item
+    every_item = Paired.of(truth, current, one_each, items)
+    assert every_item.standard_error_points(100) == pytest.approx(0.0)
+
+    def gate(candidate_right: int, pairs: Paired, confidence: float):
+        return gate_decision(Score(900, 1000), Score(900, 1000), Score(0, 100), Score(candidate_right, 100),
+                             reviewed_pairs=pairs, reviewed_confidence=confidence)
+
+    # the default: more frames right is enough, and the reason gives the noise by item
+    d = gate(20, by_item, 0.5)
+    assert d.promoted, d.reasons
+    assert "on 100 held-out frames, 10 items (+20.00 points; paired standard error 12.65 points; must be higher)" \
+        in d.reasons[1]
+    # asked for a 95% bound: two items are not enough (1.645 x 12.65 = 20.8 > 20), the same gain counted by frame
+    # would have been (6.6), and a smaller gain on every item is
+    strict = gate(20, by_item, 0.95)
+    assert not strict.promoted and strict.reasons[1].endswith("must be higher by more than 1.645 x 12.65): not better")
+    assert gate(20, by_frame, 0.95).promoted
+    assert gate(10, every_item, 0.95).promoted
+    with pytest.raises(ValueError, match="reviewed-confidence"):
+        gate(20, by_item, 1.0)
+    with pytest.raises(ValueError, match="same images"):
+        Paired.of(truth, current, two_items, items[:-1])
+
+
 def test_rejected_when_not_strictly_better_on_the_reviewed_frames():
     d = decide(150, 180, 12, 12)
     assert not d.promoted and d.reasons[1].endswith("not better")
@@ -173,6 +213,8 @@ def test_a_better_candidate_is_promoted_with_figures_and_can_be_published(weak, 
     assert data["per_class_holdout"] == {"Pullover": 2, WEAK_CLASS: 12, "T-shirt/top": 2}
     assert data["per_class_train"] == {"Pullover": 3, WEAK_CLASS: 28, "T-shirt/top": 3}
     assert (data["split_by"], data["items"], data["holdout_items"]) == ("item", 50, 16)   # no tracks: a frame each
+    assert "on 16 held-out frames, 16 items (" in result.decision.reasons[1]          # the noise, counted by item
+    assert report["figures_short"]["reviewed_confidence"] == 0.5
     split = json.loads(Path(data["split_file"]).read_text())
     held = {row["path"] for row in split["holdout"]}
     assert len(held) == 16 and all(row["frame_id"] for row in split["holdout"])
