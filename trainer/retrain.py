@@ -124,6 +124,17 @@ class GateDecision:
         return f"{self.decision}: " + "; ".join(self.reasons)
 
 
+def check_gate_settings(overall_tolerance_points: float, overall_confidence: float,
+                        reviewed_confidence: float) -> None:
+    """ValueError naming the flag for a gate setting out of range (checked before any training, and by the rule)."""
+    if not (math.isfinite(overall_tolerance_points) and overall_tolerance_points >= 0):
+        raise ValueError(f"--overall-tolerance: must be >= 0 points, got {overall_tolerance_points}")
+    for flag, confidence in (("--overall-confidence", overall_confidence),
+                             ("--reviewed-confidence", reviewed_confidence)):
+        if not 0.5 <= confidence < 1.0:
+            raise ValueError(f"{flag}: must be in [0.5, 1), got {confidence}")
+
+
 def gate_decision(current_overall: Score, candidate_overall: Score, current_reviewed: Score,
                   candidate_reviewed: Score, *, overall_tolerance_points: float = 0.0,
                   overall_pairs: Paired | None = None, overall_confidence: float = 0.95,
@@ -142,12 +153,7 @@ def gate_decision(current_overall: Score, candidate_overall: Score, current_revi
     """
     if current_overall.images != candidate_overall.images or current_reviewed.images != candidate_reviewed.images:
         raise ValueError("the gate compares two models on the same images; the image counts differ")
-    if overall_tolerance_points < 0:
-        raise ValueError(f"--overall-tolerance: must be >= 0 points, got {overall_tolerance_points}")
-    for flag, confidence in (("--overall-confidence", overall_confidence),
-                             ("--reviewed-confidence", reviewed_confidence)):
-        if not 0.5 <= confidence < 1.0:
-            raise ValueError(f"{flag}: must be in [0.5, 1), got {confidence}")
+    check_gate_settings(overall_tolerance_points, overall_confidence, reviewed_confidence)
     reasons, ok = [], True
     if current_overall.images == 0:
         ok = False
@@ -534,6 +540,10 @@ def retrain(cfg: RetrainConfig) -> RetrainResult:
     from trainer.export.quantize import QuantizeConfig
 
     started = time.perf_counter()
+    try:
+        check_gate_settings(cfg.overall_tolerance_points, cfg.overall_confidence, cfg.reviewed_confidence)
+    except ValueError as exc:
+        raise RetrainError(str(exc)) from None
     key = load_public_key(cfg.public_key) if cfg.public_key else None
     try:
         current = load_bundle(cfg.current, key)

@@ -141,6 +141,17 @@ def test_the_reviewed_frames_noise_is_counted_by_item():
         Paired.of(truth, current, two_items, items[:-1])
 
 
+@pytest.mark.parametrize("setting, flag", [({"reviewed_confidence": 1.0}, "--reviewed-confidence"),
+                                           ({"overall_confidence": 0.2}, "--overall-confidence"),
+                                           ({"overall_tolerance_points": float("nan")}, "--overall-tolerance")])
+def test_a_gate_setting_out_of_range_is_refused_before_anything_is_trained(tmp_path, setting, flag):
+    cfg = RetrainConfig(base_data=tmp_path / "base", reviewed=tmp_path / "reviewed", current=tmp_path / "current",
+                        report=tmp_path / "report.json", train={"out_dir": str(tmp_path / "runs")}, **setting)
+    with pytest.raises(RetrainError, match=flag):
+        retrain(cfg)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_rejected_when_not_strictly_better_on_the_reviewed_frames():
     d = decide(150, 180, 12, 12)
     assert not d.promoted and d.reasons[1].endswith("not better")
