@@ -114,6 +114,7 @@ class Paired:
 class GateDecision:
     promoted: bool
     reasons: list[str]
+    noise: dict[str, Any] = field(default_factory=dict)    # the comparisons' standard errors (points), item count
 
     @property
     def decision(self) -> str:
@@ -186,7 +187,12 @@ def gate_decision(current_overall: Score, candidate_overall: Score, current_revi
         reasons.append(f"reviewed frames top-1 {candidate_reviewed.top1:.2%} vs {current_reviewed.top1:.2%} "
                        f"on {frames} held-out frames{items} ({delta:+.2f} points{noise}; {must}): "
                        + ("ok" if reviewed_ok else "not better"))
-    return GateDecision(ok, reasons)
+    noise = {"overall_standard_error_points": round(overall_pairs.standard_error_points(current_overall.images), 4)
+             if overall_pairs else None,
+             "reviewed_standard_error_points": round(reviewed_pairs.standard_error_points(current_reviewed.images), 4)
+             if reviewed_pairs else None,
+             "reviewed_holdout_items": reviewed_pairs.items if reviewed_pairs else None}
+    return GateDecision(ok, reasons, noise)
 
 
 # ---------------------------------------------------------------- configuration
@@ -717,6 +723,7 @@ def build_report(cfg: RetrainConfig, current, candidate, decision: GateDecision,
         "overall_tolerance_points": cfg.overall_tolerance_points,
         "overall_confidence": cfg.overall_confidence,
         "reviewed_confidence": cfg.reviewed_confidence,
+        **decision.noise,
     }
     return {
         "schema": REPORT_SCHEMA,

@@ -129,6 +129,8 @@ def test_the_reviewed_frames_noise_is_counted_by_item():
     assert d.promoted, d.reasons
     assert "on 100 held-out frames, 10 items (+20.00 points; paired standard error 12.65 points; must be higher)" \
         in d.reasons[1]
+    assert d.noise == {"overall_standard_error_points": None, "reviewed_standard_error_points": 12.6491,
+                       "reviewed_holdout_items": 10}
     # asked for a 95% bound: two items are not enough (1.645 x 12.65 = 20.8 > 20), the same gain counted by frame
     # would have been (6.6), and a smaller gain on every item is
     strict = gate(20, by_item, 0.95)
@@ -225,7 +227,10 @@ def test_a_better_candidate_is_promoted_with_figures_and_can_be_published(weak, 
     assert data["per_class_train"] == {"Pullover": 3, WEAK_CLASS: 28, "T-shirt/top": 3}
     assert (data["split_by"], data["items"], data["holdout_items"]) == ("item", 50, 16)   # no tracks: a frame each
     assert "on 16 held-out frames, 16 items (" in result.decision.reasons[1]          # the noise, counted by item
-    assert report["figures_short"]["reviewed_confidence"] == 0.5
+    short = report["figures_short"]
+    assert short["reviewed_confidence"] == 0.5 and short["reviewed_holdout_items"] == 16
+    assert short["reviewed_standard_error_points"] > 0 and short["overall_standard_error_points"] > 0
+    assert read_gate(result.bundle_dir)["figures"]["reviewed_holdout_items"] == 16
     split = json.loads(Path(data["split_file"]).read_text())
     held = {row["path"] for row in split["holdout"]}
     assert len(held) == 16 and all(row["frame_id"] for row in split["holdout"])
