@@ -155,6 +155,8 @@ def gate_decision(current_overall: Score, candidate_overall: Score, current_revi
     if current_overall.images != candidate_overall.images or current_reviewed.images != candidate_reviewed.images:
         raise ValueError("the gate compares two models on the same images; the image counts differ")
     check_gate_settings(overall_tolerance_points, overall_confidence, reviewed_confidence)
+    overall_error = overall_pairs.standard_error_points(current_overall.images) if overall_pairs else None
+    reviewed_error = reviewed_pairs.standard_error_points(current_reviewed.images) if reviewed_pairs else None
     reasons, ok = [], True
     if current_overall.images == 0:
         ok = False
@@ -162,12 +164,11 @@ def gate_decision(current_overall: Score, candidate_overall: Score, current_revi
     else:
         delta = (candidate_overall.correct - current_overall.correct) * 100.0 / current_overall.images
         z = NormalDist().inv_cdf(overall_confidence)
-        noise = z * overall_pairs.standard_error_points(current_overall.images) if overall_pairs else 0.0
-        allowed = overall_tolerance_points + noise
+        allowed = overall_tolerance_points + (z * overall_error if overall_error is not None else 0.0)
         overall_ok = delta >= -allowed - 1e-9
         ok &= overall_ok
-        how = (f"{allowed:.2f} = {overall_tolerance_points:.2f} + {z:.3f} x {noise / z:.2f} paired standard error"
-               if overall_pairs and z > 0 else f"{allowed:.2f}")
+        how = (f"{allowed:.2f} = {overall_tolerance_points:.2f} + {z:.3f} x {overall_error:.2f} paired standard error"
+               if overall_error is not None and z > 0 else f"{allowed:.2f}")
         reasons.append(f"overall top-1 {candidate_overall.top1:.2%} vs {current_overall.top1:.2%} "
                        f"({delta:+.2f} points; may lose at most {how}): " + ("ok" if overall_ok else "worse"))
     if current_reviewed.images == 0:
@@ -178,19 +179,17 @@ def gate_decision(current_overall: Score, candidate_overall: Score, current_revi
         frames = current_reviewed.images
         delta = (candidate_reviewed.correct - current_reviewed.correct) * 100.0 / frames
         z = NormalDist().inv_cdf(reviewed_confidence)
-        error = reviewed_pairs.standard_error_points(frames) if reviewed_pairs else 0.0
+        error = reviewed_error if reviewed_error is not None else 0.0
         reviewed_ok = candidate_reviewed.correct > current_reviewed.correct and delta > z * error + 1e-9
         ok &= reviewed_ok
         items = f", {reviewed_pairs.items} items" if reviewed_pairs and reviewed_pairs.items else ""
-        noise = f"; paired standard error {error:.2f} points" if reviewed_pairs else ""
+        spread = f"; paired standard error {error:.2f} points" if reviewed_error is not None else ""
         must = f"must be higher by more than {z:.3f} x {error:.2f}" if z > 0 else "must be higher"
         reasons.append(f"reviewed frames top-1 {candidate_reviewed.top1:.2%} vs {current_reviewed.top1:.2%} "
-                       f"on {frames} held-out frames{items} ({delta:+.2f} points{noise}; {must}): "
+                       f"on {frames} held-out frames{items} ({delta:+.2f} points{spread}; {must}): "
                        + ("ok" if reviewed_ok else "not better"))
-    noise = {"overall_standard_error_points": round(overall_pairs.standard_error_points(current_overall.images), 4)
-             if overall_pairs else None,
-             "reviewed_standard_error_points": round(reviewed_pairs.standard_error_points(current_reviewed.images), 4)
-             if reviewed_pairs else None,
+    noise = {"overall_standard_error_points": round(overall_error, 4) if overall_error is not None else None,
+             "reviewed_standard_error_points": round(reviewed_error, 4) if reviewed_error is not None else None,
              "reviewed_holdout_items": reviewed_pairs.items if reviewed_pairs else None}
     return GateDecision(ok, reasons, noise)
 
