@@ -82,14 +82,15 @@ def fold_aurocs(work: Path, data: Path, fold: int, test_per_class: int, station_
         "station_view": (station_views(k_paths[::step], k_y[::step], spec).inputs,
                          station_views(u_paths[::step], u_y[::step], spec).inputs),
     }
+    stats = {name: openset.fit_embedding_stats(joined(fit, taps), np.array(fit_y), len(known), bank_per_class=0)
+             for name, taps in BLOCK_SETS.items()}            # one fit per block set, for both views
     out: dict = {"held_out": held}
     for view, (k_in, u_in) in views.items():
         k_blocks, u_blocks = pooled_blocks(model, k_in), pooled_blocks(model, u_in)
         out[view] = {}
         for name, taps in BLOCK_SETS.items():
-            stats = openset.fit_embedding_stats(joined(fit, taps), np.array(fit_y), len(known), bank_per_class=0)
-            k = stats.mahalanobis(joined(k_blocks, taps)).min(-1)
-            u = stats.mahalanobis(joined(u_blocks, taps)).min(-1)
+            k = stats[name].mahalanobis(joined(k_blocks, taps)).min(-1)
+            u = stats[name].mahalanobis(joined(u_blocks, taps)).min(-1)
             out[view][name] = round(openset.auroc(k, u), 4)
     return out
 
