@@ -85,12 +85,11 @@ class Paired:
             raise ValueError("paired predictions must cover the same images")
         diffs = [(t == b) - (t == a) for t, a, b in zip(truth, current, candidate)]
         per_item: dict[Any, list[int]] = {}
-        for key, d in zip(groups if groups is not None else range(len(diffs)), diffs):
+        for key, d in zip(groups if groups is not None else (), diffs):   # none: one item per image, as counted
             net_frames = per_item.setdefault(key, [0, 0])
             net_frames[0] += d
             net_frames[1] += 1
-        return cls(diffs.count(-1), diffs.count(1),
-                   tuple((net, n) for net, n in per_item.values()) if groups is not None else ())
+        return cls(diffs.count(-1), diffs.count(1), tuple((net, n) for net, n in per_item.values()))
 
     @property
     def items(self) -> int | None:
