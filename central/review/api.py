@@ -376,6 +376,9 @@ def add_review_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--enrol-gate-data", type=Path, default=None,
                    help="class folders of the old classes' images for the enrolment gate (default: the bundle's "
                         "training run's validation split)")
+    p.add_argument("--enrol-max-drop", type=float, default=0.5,
+                   help="points of the old classes' accuracy an enrolment may cost (default 0.5; a product that "
+                        "looks like a trained one needs more to be recognised: docs/enrol.md, 'How much to allow')")
 
 
 def _enroller(store: FrameStore, args) -> Any:
@@ -384,7 +387,8 @@ def _enroller(store: FrameStore, args) -> Any:
     from central.review.enrol import EnrolSettings, ReviewEnroller
 
     return ReviewEnroller(store, EnrolSettings(bundle=args.enrol_bundle, sign_key=args.enrol_sign_key,
-                                               public_key=args.enrol_public_key, gate_data=args.enrol_gate_data))
+                                               public_key=args.enrol_public_key, gate_data=args.enrol_gate_data,
+                                               max_drop_points=args.enrol_max_drop))
 
 
 def cmd_review(args) -> int:

@@ -35,6 +35,7 @@ class EnrolSettings:
     public_key: Path | None = None
     gate_data: Path | None = None     # class folders of the old classes; default: the run's validation split
     min_examples: int = 5
+    max_drop_points: float = 0.5      # the old classes' allowance (trainer enroll --max-drop)
 
 
 class ReviewEnroller:
@@ -46,6 +47,8 @@ class ReviewEnroller:
                              "(pip install onnxruntime)")
         if not (Path(settings.bundle) / "manifest.json").is_file():
             raise StoreError(f"--enrol-bundle {settings.bundle}: no manifest.json there")
+        if not 0.0 < settings.max_drop_points < 100.0:          # NaN fails too
+            raise StoreError(f"--enrol-max-drop: expected points in (0, 100), got {settings.max_drop_points!r}")
         self.store = store
         self.settings = settings
         self.bundle = Path(settings.bundle)
@@ -70,7 +73,7 @@ class ReviewEnroller:
             try:
                 result = enroll(EnrolConfig(bundle=self.bundle, label=label, images=paths, models_dir=s.models_dir,
                                             sign_key=s.sign_key, public_key=s.public_key, gate_data=s.gate_data,
-                                            min_examples=s.min_examples))
+                                            min_examples=s.min_examples, max_drop_points=s.max_drop_points))
             except EnrolError as exc:
                 raise StoreError(str(exc)) from None
             log.info("review: %s enrolled %r from %d reviewed frames into %s", reviewer or "a reviewer", label,

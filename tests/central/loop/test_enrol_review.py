@@ -16,7 +16,7 @@ from loop_support import LABELS, real_frames, truth_of
 
 from central.review.api import ReviewServer
 from central.review.enrol import EnrolSettings, ReviewEnroller
-from central.review.store import FrameStore
+from central.review.store import FrameStore, StoreError
 from contract.bundle import check_model_runs, load_bundle
 
 TOKEN = "enrol-test-token"
@@ -45,7 +45,7 @@ def reviewed(tmp_path, real_bundle, fmnist_dir):
     records = real_frames(150)
     for r in records:
         store.add(r.body, r.blob)
-    enroller = ReviewEnroller(store, EnrolSettings(bundle=source, gate_data=fmnist_dir / "test"))
+    enroller = ReviewEnroller(store, EnrolSettings(bundle=source, gate_data=fmnist_dir / "test", max_drop_points=1.5))
     srv = ReviewServer(store, "127.0.0.1", 0, token=TOKEN, enroller=enroller).start()
     bags = [r for r in records if truth_of(r) == "Bag"]
     assert len(bags) >= 8
@@ -79,6 +79,9 @@ def test_reviewed_frames_of_a_new_class_enrol_into_a_new_verified_version(review
     status, body = call(srv.url + "api/enrol", {"label": "Tote", "reviewer": "ana"})
     assert status == 200, body
     assert body["frames"] == 8 and body["figures"]["examples"] == 8 and body["labels"][-1] == "Tote"
+    gate = body["figures"]["gate"]               # the server's allowance (--enrol-max-drop), not the default 0.5
+    assert gate["max_drop_points"] == 1.5 and body["figures"]["bias"]["cap_drop_points"] == pytest.approx(0.6)
+    assert gate["drop_points"] <= 1.5
     bundle = load_bundle(body["bundle"])
     check_model_runs(bundle)
     assert bundle.labels == load_bundle(source).labels + ["Tote"]
@@ -104,3 +107,13 @@ def test_enrol_requests_that_cannot_be_served_are_refused_by_field(reviewed, tmp
     finally:
         plain.stop()
         plain.store.close()
+
+
+@pytest.mark.parametrize("allowance", [0.0, -1.0, 100.0, float("nan"), float("inf")])
+def test_an_allowance_out_of_range_is_refused_when_the_server_starts(tmp_path, real_bundle, allowance):
+    store = FrameStore(tmp_path / "store", labels=LABELS)
+    try:
+        with pytest.raises(StoreError, match=r"--enrol-max-drop: expected points in \(0, 100\)"):
+            ReviewEnroller(store, EnrolSettings(bundle=real_bundle, max_drop_points=allowance))
+    finally:
+        store.close()
