@@ -436,6 +436,11 @@ def _print_enrolment(report: dict) -> None:
     print(f"old classes   {gate['accuracy_before'] * 100:.2f}% -> {gate['accuracy_after'] * 100:.2f}% on "
           f"{gate['held_out_images']} held-out gate images ({gate['drop_points']:+.2f} points lost, at most "
           f"{gate['max_drop_points']}): {'passed' if gate['passed'] else 'FAILED'}")
+    curve = report.get("allowances") or []
+    if curve:      # for a product like a trained one, the allowance decides its recall (docs/enrol.md)
+        print("by --max-drop  " + "; ".join(
+            f"{c['max_drop_points']:g}{'*' if c['max_drop_points'] == gate['max_drop_points'] else ''}: "
+            f"{c['recall_leave_one_out'] * 100:.0f}% leave-one-out, {c['drop_points']:+.2f} points" for c in curve))
 
 
 COMMANDS["enroll"] = cmd_enroll

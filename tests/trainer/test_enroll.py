@@ -27,6 +27,7 @@ from trainer.enroll import (
     enroll,
     fit_row,
     leave_one_out_recall,
+    leave_one_out_recalls,
     model_outputs,
 )
 
@@ -267,6 +268,7 @@ def test_cli_enrolls_end_to_end_and_reports_the_time(bundle8, gate8, fmnist_dir,
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "recall" in out and "held-out gate images" in out and "passed" in out
+    assert "by --max-drop  0.5*: " in out and "; 5: " in out
     assert f"bundle        {tmp_path / 'models' / 'eight' / 'cli'}" in out and " s\n" in out
     assert load_bundle(tmp_path / "models" / "eight" / "cli").labels[-1] == "Trouser"
 
@@ -320,17 +322,46 @@ def test_leave_one_out_leaves_an_example_out_with_its_mirror_image(monkeypatch):
     half, caps, u_new, old_new = _toy_row_inputs()
     fitted_on = []
 
+    real_fit = enroll_module._fit_row
+
     def recording_fit(u, old, *args):
         fitted_on.append({tuple(np.round(row, 12)) for row in u})
-        return fit_row(u, old, *args)
+        return real_fit(u, old, *args)
 
-    monkeypatch.setattr(enroll_module, "fit_row", recording_fit)
+    monkeypatch.setattr(enroll_module, "_fit_row", recording_fit)
     views = np.vstack([u_new, u_new[:, ::-1]])               # rows 10-19: a view of examples 0-9
     recall = leave_one_out_recall(views, np.vstack([old_new, old_new]), half, caps, 5.0, examples=10)
     assert len(fitted_on) == 10 and 0.0 <= recall <= 1.0
     for i, rows in enumerate(fitted_on):
         assert tuple(np.round(views[i], 12)) not in rows and tuple(np.round(views[i + 10], 12)) not in rows
         assert len(rows) == 18
+
+
+def test_leave_one_out_at_several_allowances_fits_each_row_once_and_rises_with_the_allowance(monkeypatch):
+    half, caps, u_new, old_new = _toy_row_inputs()
+    # old logits that favour old class 0 strongly: at a small allowance few examples win, at a large one more
+    old_new = old_new + np.array([4.0, 0.0, 0.0])
+    allowances = (0.5, 2.0, 10.0, 40.0)
+    fits = []
+    real_fit = enroll_module._fit_row
+    monkeypatch.setattr(enroll_module, "_fit_row", lambda *a: fits.append(1) or real_fit(*a))
+    recalls = leave_one_out_recalls(u_new, old_new, half, caps, allowances)
+    assert len(fits) == 10                      # one fit per example, whatever the number of allowances
+    assert recalls == sorted(recalls) and recalls[0] < recalls[-1]
+    assert recalls == [leave_one_out_recall(u_new, old_new, half, caps, a) for a in allowances]
+
+
+def test_the_report_shows_what_a_larger_allowance_buys(enrolled):
+    result, _work = enrolled
+    report = result.report
+    curve = report["allowances"]
+    assert [c["max_drop_points"] for c in curve] == [0.5, 1.0, 2.0, 5.0]
+    at_setting = next(c for c in curve if c["max_drop_points"] == report["gate"]["max_drop_points"])
+    assert at_setting["recall_leave_one_out"] == report["recall_leave_one_out"]
+    assert at_setting["drop_points"] == report["gate"]["drop_points"]
+    recalls, drops = [c["recall_leave_one_out"] for c in curve], [c["drop_points"] for c in curve]
+    assert recalls == sorted(recalls) and drops == sorted(drops)
+    assert load_bundle(result.bundle_dir).manifest["quality"]["enrolment"]["Trouser"]["allowances"] == curve
 
 
 def test_mirror_images_only_when_the_model_was_trained_with_flips_or_asked(bundle8, gate8, fmnist_dir, tmp_path):
