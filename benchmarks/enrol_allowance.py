@@ -3,7 +3,7 @@
 Issue 17 asks two things of enrolment at once: a new class's recall from 10 examples within 10 points of its
 recall when trained with all its data, and the old classes losing at most 0.5 points. This script measures
 how far apart those are, on a finished ``benchmarks/open_set.py`` run, with the product's own row fitting
-(``trainer.enroll``: whitening, ``fit_row``, the bias set at ``CAP_SHARE`` of the allowance) on the fold's
+(``trainer.enroll``: ``GateFit``, ``fit_row``, the bias set at ``CAP_SHARE`` of the allowance) on the fold's
 cached INT8 outputs (``<work>/fold<N>/outputs.npz``), without exporting anything:
 
 * each held-out class's 500 test images are split: up to 250 are the examples (``--shots``, several random
@@ -53,11 +53,8 @@ def fold_allowances(work: Path, fold: int, shots: list[int], allowances: list[fl
     k_emb, k_model, k_y = out["k_emb"], out["k_logits"].astype(np.float64), out["k_y"].astype(np.int64)
     u_emb, u_model, u_y = out["u_emb"], out["u_logits"].astype(np.float64), out["u_y"].astype(np.int64)
     old_k, old_u = os_.full_logits(k_model, k_emb), os_.full_logits(u_model, u_emb)
-    fit_idx, held_idx = enroll._halves(k_y, 0)
-    white = enroll.Whitening.of(os_.stats, k_emb[fit_idx])
-    u_k, u_u = white(k_emb), white(u_emb)
-    half = enroll.FitHalf.of(u_k[fit_idx], old_k[fit_idx], k_y[fit_idx], k_model[fit_idx])
-    caps = enroll.CapSet(u_k, old_k, k_y)
+    gf = enroll.GateFit.of(os_.stats, k_emb, k_model, old_k, k_y, 0)
+    u_u = gf.white(u_emb)
     new_index = old_k.shape[1]
     held_names = [open_set.CLASSES[i] for i in open_set.FOLDS[fold]]
     classes = {}
@@ -65,20 +62,25 @@ def fold_allowances(work: Path, fold: int, shots: list[int], allowances: list[fl
         pool = np.flatnonzero(u_y == c)
         rows = []
         for n in shots:
+            recalls: dict[float, list[float]] = {a: [] for a in allowances}
+            drops: dict[float, list[float]] = {a: [] for a in allowances}
+            for draw in range(draws if n < POOL else 1):
+                order = np.random.default_rng(1000 * fold + 10 * c + draw).permutation(pool)
+                ex, ev = order[:n], order[POOL:]
+                # the row does not depend on the allowance, only its bias (the cap) does: one fit per draw
+                w, _, fitted = enroll.fit_row(u_u[ex], old_u[ex], gf.half, gf.caps, allowances[0])
+                z_gate, z_ev = gf.caps.u @ w, u_u[ev] @ w
+                for allowance in allowances:
+                    bias = enroll._capped_bias(z_gate, fitted, gf.caps, allowance)
+                    recalls[allowance].append(float((enroll._decide(old_u[ev], z_ev + bias) == new_index).mean()))
+                    before, after = gf.held_accuracy(z_gate, bias)
+                    drops[allowance].append((before - after) * 100.0)
             for allowance in allowances:
-                recalls, drops = [], []
-                for draw in range(draws if n < POOL else 1):
-                    order = np.random.default_rng(1000 * fold + 10 * c + draw).permutation(pool)
-                    ex, ev = order[:n], order[POOL:]
-                    w, bias, _ = enroll.fit_row(u_u[ex], old_u[ex], half, caps, allowance)
-                    decided = enroll._decide(old_u[ev], u_u[ev] @ w + bias)
-                    recalls.append(float((decided == new_index).mean()))
-                    before, after = enroll._accuracy(old_k[held_idx], u_k[held_idx] @ w + bias, k_y[held_idx])
-                    drops.append((before - after) * 100.0)
-                rows.append({"examples": n, "allowance_points": allowance, "draws": len(recalls),
-                             "recall": round(float(np.mean(recalls)), 4),
-                             "recall_range": [round(min(recalls), 4), round(max(recalls), 4)],
-                             "old_classes_lost_points": round(float(np.mean(drops)), 3)})
+                got = recalls[allowance]
+                rows.append({"examples": n, "allowance_points": allowance, "draws": len(got),
+                             "recall": round(float(np.mean(got)), 4),
+                             "recall_range": [round(min(got), 4), round(max(got), 4)],
+                             "old_classes_lost_points": round(float(np.mean(drops[allowance])), 3)})
         classes[name] = rows
     known_names = [n for i, n in enumerate(open_set.CLASSES) if i not in open_set.FOLDS[fold]]
     return {"fold": fold, "held_out": held_names, "known": known_names,

@@ -395,14 +395,36 @@ def leave_one_out_recalls(u_new: np.ndarray, old_new: np.ndarray, half: FitHalf,
     return [float(h) / n for h in hits]
 
 
-def leave_one_out_recall(u_new: np.ndarray, old_new: np.ndarray, half: FitHalf, caps: CapSet,
-                         max_drop_points: float, examples: int | None = None) -> float:
-    """``leave_one_out_recalls`` at one allowance."""
-    return leave_one_out_recalls(u_new, old_new, half, caps, (max_drop_points,), examples)[0]
-
-
 def _accuracy(old: np.ndarray, new_logit: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
     return float((old.argmax(1) == labels).mean()), float((_decide(old, new_logit) == labels).mean())
+
+
+@dataclass(frozen=True)
+class GateFit:
+    """The gate images (old-class images, labelled) as a row is fitted and judged on them: split in two halves
+    (``_halves``), the whitening and the fit from one, the bias cap on all (``caps``), the gate on the other
+    (``held``: its indices). ``enroll`` and ``benchmarks/enrol_allowance.py`` both build it here."""
+
+    white: Whitening
+    half: FitHalf
+    caps: CapSet
+    held: np.ndarray
+
+    @classmethod
+    def of(cls, stats: openset.EmbeddingStats, emb: np.ndarray, model_logits: np.ndarray, old: np.ndarray,
+           labels: np.ndarray, seed: int) -> "GateFit":
+        """``model_logits``: the model's own; ``old``: full old logits (enrolled classes' appended)."""
+        fit_idx, held_idx = _halves(labels, seed)
+        white = Whitening.of(stats, emb[fit_idx])
+        u = white(emb)
+        return cls(white, FitHalf.of(u[fit_idx], old[fit_idx], labels[fit_idx], model_logits[fit_idx]),
+                   CapSet(u, old, labels), held_idx)
+
+    def held_accuracy(self, z: np.ndarray, bias: float) -> tuple[float, float]:
+        """The old classes' accuracy on the held half before and after a row (``z``: its logits on every gate
+        image without bias) is added."""
+        h = self.held
+        return _accuracy(self.caps.old[h], z[h] + bias, self.caps.labels[h])
 
 
 # ---------------------------------------------------------------- writing the new version
@@ -520,32 +542,29 @@ def enroll(cfg: EnrolConfig) -> EnrolResult:
     model_ex, emb_ex = model_outputs(fp32.path, ex_inputs, bundle.embedding_name, logits_name)
     model_gate, emb_gate = model_outputs(fp32.path, gate_inputs, bundle.embedding_name, logits_name)
     old_ex, old_gate = os_.full_logits(model_ex, emb_ex), os_.full_logits(model_gate, emb_gate)
-    fit_idx, held_idx = _halves(y_gate, cfg.seed)
-    white = Whitening.of(os_.stats, emb_gate[fit_idx])
-    u_gate, u_ex = white(emb_gate), white(emb_ex)
-    half = FitHalf.of(u_gate[fit_idx], old_gate[fit_idx], y_gate[fit_idx], model_gate[fit_idx])
-    caps = CapSet(u_gate, old_gate, y_gate)
-    w, bias, fitted_bias = fit_row(u_ex, old_ex, half, caps, cfg.max_drop_points)
-    weight, raw_bias = white.row(w, bias)
+    gf = GateFit.of(os_.stats, emb_gate, model_gate, old_gate, y_gate, cfg.seed)
+    u_ex = gf.white(emb_ex)
+    w, bias, fitted_bias = fit_row(u_ex, old_ex, gf.half, gf.caps, cfg.max_drop_points)
+    weight, raw_bias = gf.white.row(w, bias)
     new_index = len(bundle.labels)
     recall = float((_decide(old_ex[:n_ex], u_ex[:n_ex] @ w + bias) == new_index).mean())
     allowances = sorted({*ALLOWANCE_CURVE, cfg.max_drop_points})
-    loos = leave_one_out_recalls(u_ex, old_ex, half, caps, allowances, examples=n_ex)
+    loos = leave_one_out_recalls(u_ex, old_ex, gf.half, gf.caps, allowances, examples=n_ex)
     loo = loos[allowances.index(cfg.max_drop_points)]
-    before, after = _accuracy(old_gate[held_idx], u_gate[held_idx] @ w + bias, y_gate[held_idx])
-    curve, z_gate = [], u_gate @ w
+    z_gate = gf.caps.u @ w
+    before, after = gf.held_accuracy(z_gate, bias)
+    curve = []
     for allowance, recall_at in zip(allowances, loos):
-        at = _accuracy(old_gate[held_idx], z_gate[held_idx] + _capped_bias(z_gate, fitted_bias, caps, allowance),
-                       y_gate[held_idx])[1]
+        at = gf.held_accuracy(z_gate, _capped_bias(z_gate, fitted_bias, gf.caps, allowance))[1]
         curve.append({"max_drop_points": allowance, "recall_leave_one_out": recall_at,
                       "drop_points": round((before - at) * 100.0, 9)})
-    all_before, all_after = _accuracy(old_gate, u_gate @ w + bias, y_gate)
+    all_before, all_after = _accuracy(old_gate, z_gate + bias, y_gate)
     drop = round((before - after) * 100.0, 9)
     decided_as = np.bincount(old_ex[:n_ex].argmax(1), minlength=len(bundle.labels))
     report = {
         "examples": len(ex_paths), "mirrored": mirror, "recall_examples": recall, "recall_leave_one_out": loo,
         "examples_decided_before_as": bundle.labels[int(decided_as.argmax())],
-        "gate": {"source": gate_source, "images": int(len(y_gate)), "held_out_images": int(len(held_idx)),
+        "gate": {"source": gate_source, "images": int(len(y_gate)), "held_out_images": int(len(gf.held)),
                  "accuracy_before": before, "accuracy_after": after, "drop_points": drop,
                  "all_accuracy_before": all_before, "all_accuracy_after": all_after,
                  "max_drop_points": cfg.max_drop_points, "passed": drop <= cfg.max_drop_points},
@@ -557,7 +576,7 @@ def enroll(cfg: EnrolConfig) -> EnrolResult:
                f"{CAP_SHARE:g} of the allowance (trainer/enroll.py, docs/enrol.md)",
     }
     if drop > cfg.max_drop_points:
-        raise EnrolError(f"{gate_source}: the old classes lose {drop:.2f} points on the {len(held_idx)} held-out gate "
+        raise EnrolError(f"{gate_source}: the old classes lose {drop:.2f} points on the {len(gf.held)} held-out gate "
                          f"images (at most {cfg.max_drop_points} allowed); {cfg.label!r} not enrolled", report)
     if loo < 0.5:
         log.warning("%r is recognised in only %.0f%% of its examples (leave-one-out) within the old classes' "
@@ -574,6 +593,6 @@ def enroll(cfg: EnrolConfig) -> EnrolResult:
     report["seconds"] = time.monotonic() - started
     log.info("enrolled %r into %s: recall %.1f%% on its examples (leave-one-out %.1f%%), old classes %.2f%% -> "
              "%.2f%% on %d held-out images, %.1f s", cfg.label, bundle_dir, recall * 100, loo * 100,
-             report["gate"]["accuracy_before"] * 100, report["gate"]["accuracy_after"] * 100, len(held_idx),
+             report["gate"]["accuracy_before"] * 100, report["gate"]["accuracy_after"] * 100, len(gf.held),
              report["seconds"])
     return EnrolResult(bundle_dir, manifest, report)

@@ -26,7 +26,6 @@ from trainer.enroll import (
     bias_cap,
     enroll,
     fit_row,
-    leave_one_out_recall,
     leave_one_out_recalls,
     model_outputs,
 )
@@ -330,7 +329,7 @@ def test_leave_one_out_leaves_an_example_out_with_its_mirror_image(monkeypatch):
 
     monkeypatch.setattr(enroll_module, "_fit_row", recording_fit)
     views = np.vstack([u_new, u_new[:, ::-1]])               # rows 10-19: a view of examples 0-9
-    recall = leave_one_out_recall(views, np.vstack([old_new, old_new]), half, caps, 5.0, examples=10)
+    recall = leave_one_out_recalls(views, np.vstack([old_new, old_new]), half, caps, (5.0,), examples=10)[0]
     assert len(fitted_on) == 10 and 0.0 <= recall <= 1.0
     for i, rows in enumerate(fitted_on):
         assert tuple(np.round(views[i], 12)) not in rows and tuple(np.round(views[i + 10], 12)) not in rows
@@ -348,7 +347,7 @@ def test_leave_one_out_at_several_allowances_fits_each_row_once_and_rises_with_t
     recalls = leave_one_out_recalls(u_new, old_new, half, caps, allowances)
     assert len(fits) == 10                      # one fit per example, whatever the number of allowances
     assert recalls == sorted(recalls) and recalls[0] < recalls[-1]
-    assert recalls == [leave_one_out_recall(u_new, old_new, half, caps, a) for a in allowances]
+    assert recalls == [leave_one_out_recalls(u_new, old_new, half, caps, (a,))[0] for a in allowances]   # alone
 
 
 def test_the_report_shows_what_a_larger_allowance_buys(enrolled):
