@@ -403,6 +403,8 @@ def _add_enroll_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-examples", type=int, default=5)
     p.add_argument("--mirror", choices=["auto", "on", "off"], default="auto",
                    help="fit on the examples' mirror images too (auto: when the model was trained with flips)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the figures (the recall and the old classes' loss at each allowance) and write nothing")
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
@@ -414,7 +416,8 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     cfg = EnrolConfig(bundle=args.bundle, label=args.label, images=args.images, models_dir=args.models_dir,
                       version=args.version, sign_key=args.sign_key, public_key=args.public_key,
                       gate_data=args.gate_data, gate_images=args.gate_images, max_drop_points=args.max_drop,
-                      min_examples=args.min_examples, mirror={"auto": None, "on": True, "off": False}[args.mirror])
+                      min_examples=args.min_examples, mirror={"auto": None, "on": True, "off": False}[args.mirror],
+                      dry_run=args.dry_run)
     try:
         result = enroll(cfg)
     except EnrolError as exc:
@@ -423,6 +426,9 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         print(f"enroll: {exc}", file=sys.stderr)
         return 1
     _print_enrolment(result.report)
+    if result.bundle_dir is None:
+        print(f"dry run       nothing written ({time.monotonic() - started:.1f} s); enrol with the --max-drop chosen")
+        return 0
     print(f"bundle        {result.bundle_dir} ({len(result.manifest['labels'])} labels, verified"
           + (", signed" if args.sign_key else "") + f") in {time.monotonic() - started:.1f} s")
     return 0

@@ -84,12 +84,13 @@ class EnrolConfig:
     seed: int = 0
     mirror: bool | None = None         # fit on the examples' mirror images too; None: when the bundle's model was
     #                                    trained with flips (provenance.training_config.augment.hflip > 0)
+    dry_run: bool = False              # measure and report only: no version written, a failed gate not raised
 
 
 @dataclass
 class EnrolResult:
-    bundle_dir: Path
-    manifest: dict
+    bundle_dir: Path | None            # None for a dry run
+    manifest: dict | None
     report: dict = field(default_factory=dict)
 
 
@@ -525,7 +526,8 @@ def _halves(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def enroll(cfg: EnrolConfig) -> EnrolResult:
     """Add ``cfg.label`` to a bundle from a few images of it; the new bundle version, or EnrolError (nothing
-    written)."""
+    written). With ``cfg.dry_run``: the report alone (the gate's verdict in ``report["gate"]["passed"]``), nothing
+    written; the figures are those the real enrolment at the same allowance gives."""
     started = time.monotonic()
     if not 0.0 < cfg.max_drop_points < 100.0:
         raise EnrolError(f"max_drop_points: expected points in (0, 100), got {cfg.max_drop_points!r}")
@@ -575,6 +577,9 @@ def enroll(cfg: EnrolConfig) -> EnrolResult:
                f"held out){' and the examples mirrored' if mirror else ''}; bias set at the cap on all gate images, "
                f"{CAP_SHARE:g} of the allowance (trainer/enroll.py, docs/enrol.md)",
     }
+    if cfg.dry_run:                         # a preview: the same figures, nothing written (the review page's)
+        report["seconds"] = time.monotonic() - started
+        return EnrolResult(None, None, report)
     if drop > cfg.max_drop_points:
         raise EnrolError(f"{gate_source}: the old classes lose {drop:.2f} points on the {len(gf.held)} held-out gate "
                          f"images (at most {cfg.max_drop_points} allowed); {cfg.label!r} not enrolled", report)

@@ -363,6 +363,29 @@ def test_the_report_shows_what_a_larger_allowance_buys(enrolled):
     assert load_bundle(result.bundle_dir).manifest["quality"]["enrolment"]["Trouser"]["allowances"] == curve
 
 
+def test_a_dry_run_reports_the_real_enrolments_figures_and_writes_nothing(bundle8, gate8, fmnist_dir, enrolled,
+                                                                           tmp_path, capsys):
+    from trainer.cli import main
+
+    result, work = enrolled
+    models = tmp_path / "models"
+    source_tree = _tree(bundle8.parent.parent)
+    dry = enroll(EnrolConfig(bundle=bundle8, label="Trouser", images=work / "trouser", models_dir=models,
+                             gate_data=gate8, dry_run=True))
+    assert dry.bundle_dir is None and dry.manifest is None
+    assert not models.exists() and _tree(bundle8.parent.parent) == source_tree
+    # the figures of the enrolment that wrote a version from the same examples, at the same allowance
+    for key in ("examples", "recall_examples", "recall_leave_one_out", "gate", "allowances", "bias"):
+        assert dry.report[key] == result.report[key], key
+
+    rc = main(["enroll", "--bundle", str(bundle8), "--class", "Trouser", "--images", str(work / "trouser"),
+               "--gate-data", str(gate8), "--models-dir", str(models), "--max-drop", "2", "--dry-run"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "by --max-drop  0.5: " in out and "; 2*: " in out and "dry run       nothing written" in out
+    assert not models.exists()
+
+
 def test_mirror_images_only_when_the_model_was_trained_with_flips_or_asked(bundle8, gate8, fmnist_dir, tmp_path):
     images = _examples(fmnist_dir, "Trouser", 5, tmp_path / "five")
     off = enroll(EnrolConfig(bundle=bundle8, label="Trouser", images=images, gate_data=gate8, version="off",
