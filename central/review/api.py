@@ -20,8 +20,9 @@ uvicorn (``central.http``); JSON in and out, its OpenAPI schema at ``/api/openap
     GET  /api/facets                   distinct sites, stations, cameras, model versions, predicted labels
     GET  /api/quarantine?limit=50&offset=0   frame messages ingest refused, newest first:
                                        {"messages": [{seq, received_at, topic, reason, bytes, ...}], "kept", "refused"}
-    POST /api/enrol                    {"label": "...", "reviewer": "..."}: a new bundle version with that new class,
-                                       from its reviewed frames (``--enrol-bundle``; central/review/enrol.py)
+    POST /api/enrol                    {"label": "...", "reviewer": "...", "max_drop_points": null, "dry_run": false}:
+                                       a new bundle version with that new class, from its reviewed frames
+                                       (``--enrol-bundle``; central/review/enrol.py); dry_run: its figures only
 
 Every /api request needs ``Authorization: Bearer <token>``: ``--token-file F`` (or ``--token T``) gives
 it; without either, a random token is made at start and written to ``<store>/review.token`` (mode 0600),
@@ -137,6 +138,10 @@ class EnrolBody(BaseModel):
 
     label: str | None = Field(None, description="the new class, as the frames were reviewed")
     reviewer: str | None = None
+    max_drop_points: float | None = Field(None, description="the old classes' allowance in points (default: the "
+                                                            "server's --enrol-max-drop; at most its limit)")
+    dry_run: bool = Field(False, description="the figures (recall and old classes' loss by allowance) only; "
+                                             "nothing written")
 
 
 def create_app(store: FrameStore, token: str | None, enroller: Any = None) -> FastAPI:
@@ -173,6 +178,10 @@ def create_app(store: FrameStore, token: str | None, enroller: Any = None) -> Fa
 
     @app.exception_handler(StoreError)
     async def bad(_request: Request, exc: StoreError) -> JSONResponse:
+        details = getattr(exc, "details", None)           # an enrolment the gate refused: its figures too
+        if details:
+            return JSONResponse({"error": str(exc), **details}, status_code=HTTPStatus.BAD_REQUEST,
+                                headers={"Cache-Control": "no-store"})
         return _error(HTTPStatus.BAD_REQUEST, str(exc))
 
     @app.exception_handler(FileNotFoundError)
@@ -278,7 +287,8 @@ def create_app(store: FrameStore, token: str | None, enroller: Any = None) -> Fa
             raise HTTPException(HTTPStatus.CONFLICT, "enrolment is not configured: start 'python -m central review' "
                                                      "with --enrol-bundle")
         try:
-            return await run_in_threadpool(enroller.enrol, body.label, body.reviewer)
+            return await run_in_threadpool(enroller.enrol, body.label, body.reviewer, body.max_drop_points,
+                                           body.dry_run)
         except EnrolBusy as exc:
             raise HTTPException(HTTPStatus.CONFLICT, str(exc)) from None
 
@@ -379,6 +389,9 @@ def add_review_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--enrol-max-drop", type=float, default=0.5,
                    help="points of the old classes' accuracy an enrolment may cost (default 0.5; a product that "
                         "looks like a trained one needs more to be recognised: docs/enrol.md, 'How much to allow')")
+    p.add_argument("--enrol-max-drop-limit", type=float, default=None,
+                   help="the most a reviewer may choose for one enrolment on the page, after seeing its figures "
+                        "(default: --enrol-max-drop, no choice)")
 
 
 def _enroller(store: FrameStore, args) -> Any:
@@ -388,7 +401,8 @@ def _enroller(store: FrameStore, args) -> Any:
 
     return ReviewEnroller(store, EnrolSettings(bundle=args.enrol_bundle, sign_key=args.enrol_sign_key,
                                                public_key=args.enrol_public_key, gate_data=args.enrol_gate_data,
-                                               max_drop_points=args.enrol_max_drop))
+                                               max_drop_points=args.enrol_max_drop,
+                                               max_drop_limit=args.enrol_max_drop_limit))
 
 
 def cmd_review(args) -> int:

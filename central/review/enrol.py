@@ -27,6 +27,15 @@ class EnrolBusy(RuntimeError):
     """Another enrolment is running."""
 
 
+class EnrolRefused(StoreError):
+    """The gate refused the enrolment; ``details`` (its report as ``figures``, and ``allowance``) go in the answer
+    beside the message."""
+
+    def __init__(self, message: str, details: dict) -> None:
+        super().__init__(message)
+        self.details = details
+
+
 @dataclass
 class EnrolSettings:
     bundle: Path                      # the bundle new classes are added to (then the latest enrolled version)
@@ -35,7 +44,12 @@ class EnrolSettings:
     public_key: Path | None = None
     gate_data: Path | None = None     # class folders of the old classes; default: the run's validation split
     min_examples: int = 5
-    max_drop_points: float = 0.5      # the old classes' allowance (trainer enroll --max-drop)
+    max_drop_points: float = 0.5      # the old classes' allowance (trainer enroll --max-drop), unless a request asks
+    max_drop_limit: float | None = None   # the most a request may ask for (None: max_drop_points, no choice)
+
+    @property
+    def limit(self) -> float:
+        return self.max_drop_points if self.max_drop_limit is None else self.max_drop_limit
 
 
 class ReviewEnroller:
@@ -49,6 +63,9 @@ class ReviewEnroller:
             raise StoreError(f"--enrol-bundle {settings.bundle}: no manifest.json there")
         if not 0.0 < settings.max_drop_points < 100.0:          # NaN fails too
             raise StoreError(f"--enrol-max-drop: expected points in (0, 100), got {settings.max_drop_points!r}")
+        if not settings.max_drop_points <= settings.limit < 100.0:
+            raise StoreError(f"--enrol-max-drop-limit: expected points in [--enrol-max-drop "
+                             f"{settings.max_drop_points:g}, 100), got {settings.max_drop_limit!r}")
         self.store = store
         self.settings = settings
         self.bundle = Path(settings.bundle)
@@ -59,28 +76,46 @@ class ReviewEnroller:
         return [self.store.image_path(f["id"]) for f in self.store.iter_reviewed()
                 if f.get("status") in EXAMPLE_STATUSES and f.get("label") == label]
 
-    def enrol(self, label: str, reviewer: str | None = None) -> dict[str, Any]:
+    def enrol(self, label: str, reviewer: str | None = None, max_drop_points: float | None = None,
+              dry_run: bool = False) -> dict[str, Any]:
+        """Enrol ``label`` from its reviewed frames at ``max_drop_points`` (None: the server's allowance; at most
+        its limit); ``dry_run``: the figures only, nothing written (the page's preview)."""
         from trainer.enroll import EnrolConfig, EnrolError, enroll
 
+        s = self.settings
+        allowance = s.max_drop_points if max_drop_points is None else max_drop_points
+        if not 0.0 < allowance <= s.limit:
+            raise StoreError(f"field max_drop_points: expected points in (0, {s.limit:g}] (the server's "
+                             f"--enrol-max-drop-limit), got {max_drop_points!r}")
         if not self._lock.acquire(blocking=False):
             raise EnrolBusy("another enrolment is running; try again when it has finished")
         try:
             paths = self.examples(label)
-            if len(paths) < self.settings.min_examples:
+            if len(paths) < s.min_examples:
                 raise StoreError(f"field label: {label!r} has {len(paths)} reviewed frame(s), at least "
-                                 f"{self.settings.min_examples} needed to enrol it")
-            s = self.settings
+                                 f"{s.min_examples} needed to enrol it")
             try:
                 result = enroll(EnrolConfig(bundle=self.bundle, label=label, images=paths, models_dir=s.models_dir,
                                             sign_key=s.sign_key, public_key=s.public_key, gate_data=s.gate_data,
-                                            min_examples=s.min_examples, max_drop_points=s.max_drop_points))
+                                            min_examples=s.min_examples, max_drop_points=allowance,
+                                            dry_run=dry_run))
             except EnrolError as exc:
+                if exc.report:
+                    raise EnrolRefused(str(exc), {"figures": exc.report, **self._allowance(allowance)}) from None
                 raise StoreError(str(exc)) from None
-            log.info("review: %s enrolled %r from %d reviewed frames into %s", reviewer or "a reviewer", label,
-                     len(paths), result.bundle_dir)
+            answer = {"frames": len(paths), "figures": result.report, **self._allowance(allowance),
+                      "written": not dry_run}
+            if dry_run:
+                return {"bundle": str(self.bundle), "label": label, **answer}
+            log.info("review: %s enrolled %r from %d reviewed frames at %g points into %s", reviewer or "a reviewer",
+                     label, len(paths), allowance, result.bundle_dir)
             self.bundle = result.bundle_dir
             return {"bundle": str(result.bundle_dir), "name": result.manifest["name"],
-                    "version": result.manifest["version"], "labels": result.manifest["labels"],
-                    "frames": len(paths), "figures": result.report}
+                    "version": result.manifest["version"], "labels": result.manifest["labels"], "label": label,
+                    **answer}
         finally:
             self._lock.release()
+
+    def _allowance(self, used: float) -> dict:
+        """The allowance used, and what this server lets a request ask for (the page offers those)."""
+        return {"allowance": {"used": used, "default": self.settings.max_drop_points, "limit": self.settings.limit}}

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import subprocess
+import sys
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 from selenium.common.exceptions import (
     NoSuchElementException,
@@ -48,8 +53,41 @@ def text_of(element: WebElement) -> str:
     return element.get_attribute("textContent") or ""
 
 
+def alert(driver: WebDriver) -> Any:
+    """The page's open prompt or alert, or None (for ``wait``)."""
+    from selenium.common.exceptions import NoAlertPresentException
+
+    try:
+        return driver.switch_to.alert
+    except NoAlertPresentException:
+        return None
+
+
 def key(browser: WebDriver, name: str, *, repeat: bool = False, on: str = "document") -> None:
     """A keydown as the browser fires it (``repeat`` is what a held key sends; WebDriver cannot hold one)."""
     target = "document" if on == "document" else f"document.getElementById('{on}')"
     browser.execute_script(f"{target}.dispatchEvent(new KeyboardEvent('keydown', "
                            f"{{key: arguments[0], repeat: arguments[1], bubbles: true}}));", name, repeat)
+
+
+@contextmanager
+def review_server(args: list[str], log: Path, port: int) -> Iterator[str]:
+    """``python -m central review <args> --host 127.0.0.1 --port <port>`` as a user starts it; its URL once it
+    serves the page (its output in ``log``, shown if it exits)."""
+    from dashboard_support import REPO, wait_until
+
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "central", "review", *args, "--host", "127.0.0.1",
+                                 "--port", str(port)], cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+
+    def serving() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"review server exited with {proc.returncode}:\n{log.read_text()}")
+        return urllib.request.urlopen(url, timeout=2).status == 200
+    try:
+        wait_until(serving, 90, "python -m central review to serve")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -6,15 +6,13 @@ are read back through the HTTP API. Screenshot: test-artifacts/review-page-cli.p
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
-from browser_support import text_of, wait, wait_css
-from dashboard_support import REPO, wait_until
+from browser_support import alert, review_server, text_of, wait, wait_css
 from selenium.webdriver.common.by import By
 
 sys.path.append(str(Path(__file__).resolve().parents[1] / "central" / "loop"))
@@ -44,24 +42,9 @@ def review_cli(tmp_path, tiny_bundle):
     store.close()
     token_file = tmp_path / "review-token"
     token_file.write_text(TOKEN + "\n")
-    port = free_port()
-    log = tmp_path / "review.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "central", "review", "--store", str(store_dir),
-                                 "--labels-from", str(tiny_bundle), "--host", "127.0.0.1", "--port", str(port),
-                                 "--token-file", str(token_file)], cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-
-    def serving() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"review server exited with {proc.returncode}:\n{log.read_text()}")
-        return urllib.request.urlopen(url, timeout=2).status == 200
-    try:
-        wait_until(serving, 90, "python -m central review to serve")
+    with review_server(["--store", str(store_dir), "--labels-from", str(tiny_bundle), "--token-file", str(token_file)],
+                       tmp_path / "review.log", free_port()) as url:
         yield url, records
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 def test_the_review_page_from_the_cli_labels_by_click_and_key_with_a_token(browser, artifacts, review_cli):
@@ -73,7 +56,7 @@ def test_the_review_page_from_the_cli_labels_by_click_and_key_with_a_token(brows
 
     # the page asks for the token once, then shows the oldest pending frame with its image and top-k
     browser.get(url)
-    prompt = wait(browser, lambda d: _alert(d), "the token prompt")
+    prompt = wait(browser, alert, "the token prompt")
     prompt.send_keys(TOKEN)
     prompt.accept()
     first, second = records[0], records[1]
@@ -103,12 +86,3 @@ def test_the_review_page_from_the_cli_labels_by_click_and_key_with_a_token(brows
     assert (review["status"], review["label"]) == ("labelled", truth_of(second)), review
     assert api(url, f"api/frames/{records[2].id}")["status"] == "pending"
     assert api(url, "api/frames?status=labelled")["total"] == 2
-
-
-def _alert(driver):
-    from selenium.common.exceptions import NoAlertPresentException
-
-    try:
-        return driver.switch_to.alert
-    except NoAlertPresentException:
-        return None

@@ -36,7 +36,7 @@ async function api(path, options = {}) {
     if (token) { state.token = token; sessionStorage.setItem("reviewToken", token); return api(path, options); }
   }
   const body = await resp.json();
-  if (!resp.ok) throw new Error(body.error || `HTTP ${resp.status}`);
+  if (!resp.ok) throw Object.assign(new Error(body.error || `HTTP ${resp.status}`), { body });
   return body;
 }
 
@@ -222,19 +222,71 @@ function defect() {
   if (name !== null) decide("defect", name.trim() || null);
 }
 
-// A new bundle version with a new class, from the frames reviewed as it (the server's --enrol-bundle).
+// A new bundle version with a new class, from the frames reviewed as it (the server's --enrol-bundle). First its
+// figures (a dry run: recall and the old classes' loss at each allowance), then the reviewer enrols it at one of
+// the allowances the server allows: for a product like a trained one the allowance decides its recall.
 function enrol() {
   const name = prompt("Enrol which new class? (its reviewed frames are the examples; at least 5)");
   if (!name || !name.trim()) return state.queue;
-  const reviewer = $("reviewer").value.trim() || null;
-  say(`enrolling ${name.trim()}...`);
+  const label = name.trim(), reviewer = $("reviewer").value.trim() || null;
+  say(`measuring ${label} from its reviewed frames...`);
   return enqueue(async () => {
-    const body = await api("/api/enrol", { method: "POST", body: JSON.stringify({ label: name.trim(), reviewer }) });
+    const body = await api("/api/enrol", { method: "POST", body: JSON.stringify({ label, reviewer, dry_run: true }) });
+    showEnrolment(body);
+    say(`${label}: measured from ${body.frames} frames; choose how much the old classes may lose, or close`);
+  });
+}
+
+function enrolAt(label, points) {
+  const reviewer = $("reviewer").value.trim() || null;
+  say(`enrolling ${label} at ${pointsText(points)}...`);
+  return enqueue(async () => {
+    let body;
+    try {
+      body = await api("/api/enrol", { method: "POST",
+                                       body: JSON.stringify({ label, reviewer, max_drop_points: points }) });
+    } catch (err) {
+      if (err.body && err.body.figures) showEnrolment({ ...err.body, label, written: false });
+      throw err;
+    }
+    showEnrolment(body);
     const gate = body.figures.gate;
-    say(`${name.trim()} enrolled from ${body.frames} frames: bundle ${body.name} ${body.version}; recall ` +
-        `${(body.figures.recall_leave_one_out * 100).toFixed(0)}% (leave-one-out), old classes ` +
+    say(`${label} enrolled from ${body.frames} frames at ${pointsText(points)}: bundle ${body.name} ${body.version}; ` +
+        `recall ${pct(body.figures.recall_leave_one_out)} (leave-one-out), old classes ` +
         `${(gate.accuracy_before * 100).toFixed(2)}% -> ${(gate.accuracy_after * 100).toFixed(2)}%`);
   });
+}
+
+const pct = (share) => `${(share * 100).toFixed(0)}%`;
+const pointsText = (points) => `${points} point${Number(points) === 1 ? "" : "s"}`;
+
+// The enrolment's figures by allowance; before it is written, a button per allowance the server allows.
+function showEnrolment(body) {
+  const figures = body.figures, allowance = body.allowance, rows = $("enrol-curve").tBodies[0];
+  $("enrol-title").textContent = body.written
+    ? `${body.label} enrolled at ${pointsText(allowance.used)}: bundle ${body.name} ${body.version}`
+    : `${body.label}: ${figures.examples} reviewed frames, not enrolled`;
+  rows.replaceChildren();
+  for (const at of figures.allowances) {
+    const points = at.max_drop_points, tr = rows.insertRow();
+    tr.dataset.points = String(points);
+    tr.classList.toggle("used", body.written && points === allowance.used);
+    for (const text of [pointsText(points), pct(at.recall_leave_one_out), pointsText(at.drop_points.toFixed(2))]) {
+      tr.insertCell().textContent = text;
+    }
+    const cell = tr.insertCell();
+    if (!body.written && points <= allowance.limit) {
+      const button = document.createElement("button");
+      button.className = "enrol-at";
+      button.textContent = `Enrol at ${points}`;
+      button.addEventListener("click", () => enrolAt(body.label, points));
+      cell.append(button);
+    }
+  }
+  $("enrol-note").textContent = allowance.limit > allowance.default
+    ? `This server lets a reviewer choose up to ${pointsText(allowance.limit)} (default ${allowance.default}).`
+    : `This server allows ${pointsText(allowance.limit)}; more needs its --enrol-max-drop-limit.`;
+  $("enrol-panel").hidden = false;
 }
 
 function move(step) {
@@ -284,6 +336,7 @@ $("new-class").addEventListener("click", newClass);
 $("defect").addEventListener("click", defect);
 $("undo").addEventListener("click", undo);
 $("enrol").addEventListener("click", enrol);
+$("enrol-close").addEventListener("click", () => { $("enrol-panel").hidden = true; });
 $("prev").addEventListener("click", () => move(-1));
 $("next").addEventListener("click", () => move(1));
 for (const id of ["filter-station", "filter-model", "filter-predicted", "order"]) {
