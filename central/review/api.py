@@ -20,6 +20,7 @@ uvicorn (``central.http``); JSON in and out, its OpenAPI schema at ``/api/openap
     GET  /api/facets                   distinct sites, stations, cameras, model versions, predicted labels
     GET  /api/quarantine?limit=50&offset=0   frame messages ingest refused, newest first:
                                        {"messages": [{seq, received_at, topic, reason, bytes, ...}], "kept", "refused"}
+    GET  /api/enrol                    {"enabled": bool, "bundle", "min_examples", "allowance": {"default", "limit"}}
     POST /api/enrol                    {"label": "...", "reviewer": "...", "max_drop_points": null, "dry_run": false}:
                                        a new bundle version with that new class, from its reviewed frames
                                        (``--enrol-bundle``; central/review/enrol.py); dry_run: its figures only
@@ -269,6 +270,10 @@ def create_app(store: FrameStore, token: str | None, enroller: Any = None) -> Fa
             raise StoreError("field action: missing")
         return await run_in_threadpool(store.review, frame_id, body.action, label=body.label,
                                        reviewer=body.reviewer, note=body.note, item=body.item)
+
+    @api.get("/enrol", summary="whether this server enrols new classes, into which bundle, at what allowance")
+    def enrol_settings() -> dict[str, Any]:
+        return enroller.describe() if enroller is not None else {"enabled": False}
 
     @api.post("/enrol", summary="a new bundle version with a new class, from its reviewed frames (docs/enrol.md)",
               openapi_extra={"requestBody": {"required": True, "content": {

@@ -71,6 +71,13 @@ class ReviewEnroller:
         self.bundle = Path(settings.bundle)
         self._lock = threading.Lock()
 
+    def describe(self) -> dict[str, Any]:
+        """What the page needs to offer enrolment: the bundle new classes go into, the examples needed, the
+        allowance."""
+        s = self.settings
+        return {"enabled": True, "bundle": str(self.bundle), "min_examples": s.min_examples,
+                "allowance": {"default": s.max_drop_points, "limit": s.limit}}
+
     def examples(self, label: str) -> list[Path]:
         """Image files of the frames reviewed as ``label`` (labelled with it, or marked as that new class)."""
         return [self.store.image_path(f["id"]) for f in self.store.iter_reviewed()

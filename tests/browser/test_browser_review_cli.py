@@ -71,6 +71,7 @@ def test_the_review_page_from_the_cli_labels_by_click_and_key_with_a_token(brows
     # the label buttons are the bundle's classes, in its order (the keys 1..9, 0 follow it)
     buttons = [b.get_attribute("data-label") for b in browser.find_elements(By.CSS_SELECTOR, "#labels button[data-label]")]
     assert buttons[:len(LABELS)] == LABELS
+    assert not browser.find_element(By.ID, "enrol").is_displayed()     # started without --enrol-bundle
     browser.save_screenshot(str(artifacts / "review-page-cli.png"))
 
     # a click labels the shown frame; the API says so

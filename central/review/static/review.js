@@ -355,8 +355,13 @@ $("whole-item").addEventListener("change", (ev) => { wholeItem(ev.target.checked
 $("reviewer").value = localStorage.getItem("reviewer") || "";
 $("reviewer").addEventListener("change", () => localStorage.setItem("reviewer", $("reviewer").value.trim()));
 
+// Enrolment is offered only by a server started with --enrol-bundle.
+async function loadEnrolment() {
+  $("enrol").hidden = !(await api("/api/enrol")).enabled;
+}
+
 enqueue(async () => {
-  await Promise.all([loadLabels(), loadFacets()]);
+  await Promise.all([loadLabels(), loadFacets(), loadEnrolment()]);
   await loadFrames();
   await loadStats();
   say("ready");

@@ -103,7 +103,7 @@ def test_reviewed_frames_of_a_new_class_enrol_into_a_new_verified_version(review
 
 
 def test_enrol_requests_that_cannot_be_served_are_refused_by_field(reviewed, tmp_path):
-    srv, store, _bags, _source, _models = reviewed
+    srv, store, _bags, source, _models = reviewed
     assert call(srv.url + "api/enrol", {"reviewer": "ana"}) == (400, {"error": "field label: missing"})
     status, body = call(srv.url + "api/enrol", {"label": "Tote", "colour": "red"})
     assert status == 400 and "unknown field(s) colour" in body["error"]
@@ -115,8 +115,12 @@ def test_enrol_requests_that_cannot_be_served_are_refused_by_field(reviewed, tmp
     status, body = call(srv.url + "api/enrol", {"label": "Tote", "dry_run": "yes"})
     assert status == 400 and "dry_run" in body["error"]
 
+    status, body = call(srv.url + "api/enrol")          # what the page offers
+    assert status == 200 and body["enabled"] is True and body["min_examples"] == 5
+    assert body["allowance"] == {"default": 1.5, "limit": 3.0} and body["bundle"].endswith(str(source))
     plain = ReviewServer(FrameStore(tmp_path / "plain", labels=LABELS), "127.0.0.1", 0, token=TOKEN).start()
     try:
+        assert call(plain.url + "api/enrol") == (200, {"enabled": False})
         status, body = call(plain.url + "api/enrol", {"label": "Tote"})
         assert status == 409 and "--enrol-bundle" in body["error"]
     finally:
