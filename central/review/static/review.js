@@ -258,7 +258,7 @@ function enrolAt(label, points) {
 }
 
 const pct = (share) => `${(share * 100).toFixed(0)}%`;
-const pointsText = (points) => `${points} point${Number(points) === 1 ? "" : "s"}`;
+const pointsText = (points) => `${points} point${String(points) === "1" ? "" : "s"}`;
 
 // The enrolment's figures by allowance; before it is written, a button per allowance the server allows.
 function showEnrolment(body) {
@@ -279,7 +279,10 @@ function showEnrolment(body) {
       const button = document.createElement("button");
       button.className = "enrol-at";
       button.textContent = `Enrol at ${points}`;
-      button.addEventListener("click", () => enrolAt(body.label, points));
+      button.addEventListener("click", () => {      // one enrolment per preview: a second click would be refused
+        for (const b of rows.querySelectorAll("button.enrol-at")) b.disabled = true;
+        enrolAt(body.label, points);
+      });
       cell.append(button);
     }
   }
