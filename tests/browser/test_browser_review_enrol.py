@@ -8,6 +8,7 @@ Screenshot: test-artifacts/review-page-enrol.png."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 import urllib.request
@@ -91,6 +92,9 @@ def test_the_page_shows_a_new_products_figures_then_enrols_it_at_the_allowance_c
     cells = [text_of(td) for td in rows[2.0].find_elements(By.TAG_NAME, "td")]
     assert cells[0] == "2 points" and cells[1].endswith("%") and cells[2].endswith(" points"), cells
     assert "up to 2 points (default 0.5)" in text_of(browser.find_element(By.ID, "enrol-note"))
+    # the trained product the model took the frames for (Bag, for this bundle: the Tote frames are Bag images)
+    like = re.search(r"took most of its frames for (.+?); ", text_of(browser.find_element(By.ID, "enrol-like")))
+    assert like and like.group(1) in LABELS
     assert _versions(source) == versions        # the figures wrote nothing
     browser.save_screenshot(str(artifacts / "review-page-enrol.png"))
 

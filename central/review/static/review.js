@@ -266,6 +266,10 @@ function showEnrolment(body) {
   $("enrol-title").textContent = body.written
     ? `${body.label} enrolled at ${pointsText(allowance.used)}: bundle ${body.name} ${body.version}`
     : `${body.label}: ${figures.examples} reviewed frames, not enrolled`;
+  // what the model took its frames for: the trained product it resembles, whose items it will compete with
+  $("enrol-like").textContent = "Before enrolment the model took most of its frames for " +
+    `${figures.examples_decided_before_as}; the more alike the two, the more the old classes must give up for it ` +
+    "to be recognised.";
   rows.replaceChildren();
   for (const at of figures.allowances) {
     const points = at.max_drop_points, tr = rows.insertRow();
