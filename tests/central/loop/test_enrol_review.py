@@ -161,8 +161,9 @@ def test_a_limit_below_the_allowance_or_out_of_range_is_refused_when_the_server_
 
 
 def test_a_refused_enrolment_answers_with_its_figures(reviewed, monkeypatch):
-    """The gate's refusal is faked here (the report is a real dry run's, marked failed): at the cap the held-out
-    loss stays under the allowance, so a real bundle hardly ever fails it. What is tested is the answer."""
+    """The gate's refusal is faked here (the report is a real dry run's, marked failed): the bias is capped on all
+    gate images at 0.4 of the allowance, so the held-out half (about half of them) loses at most about 0.8 of it
+    and a real enrolment does not fail the gate. What is tested is the answer, should it ever refuse."""
     import trainer.enroll as enroll_module
 
     srv, _store, bags, source, models = reviewed
