@@ -59,6 +59,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from central.http import BodyTooLarge, Guard, Served, generated_secret, too_large_response, warn_no_auth
+from central.review.enrol import EnrolBusy, EnrolRefused
 from central.review.store import FILTERS, FrameStore, StoreError, UnknownFrame
 from contract.messages import dumps_finite, loads_finite
 
@@ -179,11 +180,11 @@ def create_app(store: FrameStore, token: str | None, enroller: Any = None) -> Fa
 
     @app.exception_handler(StoreError)
     async def bad(_request: Request, exc: StoreError) -> JSONResponse:
-        details = getattr(exc, "details", None)           # an enrolment the gate refused: its figures too
-        if details:
-            return JSONResponse({"error": str(exc), **details}, status_code=HTTPStatus.BAD_REQUEST,
-                                headers={"Cache-Control": "no-store"})
         return _error(HTTPStatus.BAD_REQUEST, str(exc))
+
+    @app.exception_handler(EnrolRefused)
+    async def refused(_request: Request, exc: EnrolRefused) -> JSONResponse:
+        return _error(HTTPStatus.BAD_REQUEST, str(exc), exc.details)     # the gate's figures beside the reason
 
     @app.exception_handler(FileNotFoundError)
     async def missing(_request: Request, exc: FileNotFoundError) -> JSONResponse:
@@ -279,8 +280,6 @@ def create_app(store: FrameStore, token: str | None, enroller: Any = None) -> Fa
               openapi_extra={"requestBody": {"required": True, "content": {
                   "application/json": {"schema": EnrolBody.model_json_schema()}}}})
     async def enrol(request: Request) -> dict[str, Any]:
-        from central.review.enrol import EnrolBusy
-
         try:
             body = EnrolBody.model_validate(loads_finite(await request.body() or b"{}"))
         except ValueError as exc:           # not JSON, or not this body (pydantic's error is a ValueError)
@@ -314,8 +313,9 @@ def _integer(field: str, text: str) -> int:
     return int(text)
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=int(status), headers={"Cache-Control": "no-store"})
+def _error(status: int, message: str, details: dict[str, Any] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message, **(details or {})}, status_code=int(status),
+                        headers={"Cache-Control": "no-store"})
 
 
 def _validation_message(errors: list[dict[str, Any]]) -> str:

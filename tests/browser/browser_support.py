@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from selenium.common.exceptions import (
+    NoAlertPresentException,
     NoSuchElementException,
     StaleElementReferenceException,
     TimeoutException,
@@ -55,8 +56,6 @@ def text_of(element: WebElement) -> str:
 
 def alert(driver: WebDriver) -> Any:
     """The page's open prompt or alert, or None (for ``wait``)."""
-    from selenium.common.exceptions import NoAlertPresentException
-
     try:
         return driver.switch_to.alert
     except NoAlertPresentException:
