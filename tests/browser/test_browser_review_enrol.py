@@ -2,7 +2,9 @@
 --enrol-bundle <bundle> --enrol-max-drop 0.5 --enrol-max-drop-limit 2``, with the real bundle of tests/conftest.py
 (trainer export, real ONNX Runtime) and real frames as the agent sends them, eight of them (Bag images) reviewed as
 a new product "Tote". Enrol new class first shows the product's figures by allowance and writes nothing; the
-reviewer then enrols it at 2 points with the button of that row, and the new version's manifest says 2.
+reviewer then enrols it at 2 points with the button of that row, and the new version's manifest says 2. A
+click refused before any figures (here: another reviewer undid frames meanwhile) writes nothing and gives the
+buttons back.
 Screenshot: test-artifacts/review-page-enrol.png."""
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ def enrol_page(tmp_path, real_bundle, fmnist_dir):
         post(url, f"api/frames/{bags[0].id}/review", {"action": "new_class", "label": "Tote", "reviewer": "ana"})
         for r in bags[1:]:
             post(url, f"api/frames/{r.id}/review", {"action": "label", "label": "Tote", "reviewer": "ana"})
-        yield url, source
+        yield url, source, bags
 
 
 def _versions(source: Path) -> list[str]:
@@ -71,7 +73,7 @@ def _rows(browser) -> dict[float, object]:
 
 def test_the_page_shows_a_new_products_figures_then_enrols_it_at_the_allowance_chosen(browser, artifacts,
                                                                                        enrol_page):
-    url, source = enrol_page
+    url, source, bags = enrol_page
     versions = _versions(source)
     browser.get(url + f"#token={TOKEN}")
     wait(browser, lambda d: text_of(d.find_element(By.ID, "status")) == "ready", "the page to load")
@@ -98,7 +100,20 @@ def test_the_page_shows_a_new_products_figures_then_enrols_it_at_the_allowance_c
     assert _versions(source) == versions        # the figures wrote nothing
     browser.save_screenshot(str(artifacts / "review-page-enrol.png"))
 
+    # meanwhile another reviewer sends four of the eight frames back to pending: the enrolment is refused before
+    # any figures (too few frames), nothing is written, and the buttons come back for another try
+    for r in bags[4:]:
+        post(url, f"api/frames/{r.id}/review", {"action": "undo", "reviewer": "ben"})
     rows[2.0].find_element(By.CSS_SELECTOR, "button.enrol-at").click()
+    wait(browser, lambda d: "at least" in text_of(d.find_element(By.ID, "status")), "the refusal")
+    assert "'Tote' has 4 reviewed frame(s)" in text_of(browser.find_element(By.ID, "status"))
+    wait(browser, lambda d: all(b.is_enabled() for b in d.find_elements(By.CSS_SELECTOR, "button.enrol-at")),
+         "the buttons to come back")
+    assert _versions(source) == versions
+    for r in bags[4:]:
+        post(url, f"api/frames/{r.id}/review", {"action": "label", "label": "Tote", "reviewer": "ana"})
+
+    _rows(browser)[2.0].find_element(By.CSS_SELECTOR, "button.enrol-at").click()
     wait(browser, lambda d: text_of(d.find_element(By.ID, "enrol-title")).startswith("Tote enrolled at 2 points"),
          "the enrolment at 2 points")
     new = sorted(set(_versions(source)) - set(versions))

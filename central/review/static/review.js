@@ -247,6 +247,7 @@ function enrolAt(label, points) {
                                        body: JSON.stringify({ label, reviewer, max_drop_points: points }) });
     } catch (err) {
       if (err.body && err.body.figures) showEnrolment({ ...err.body, label, written: false });
+      else enrolButtons(true);       // refused before any figures (busy, too few frames): nothing written, try again
       throw err;
     }
     showEnrolment(body);
@@ -255,6 +256,10 @@ function enrolAt(label, points) {
         `recall ${pct(body.figures.recall_leave_one_out)} (leave-one-out), old classes ` +
         `${(gate.accuracy_before * 100).toFixed(2)}% -> ${(gate.accuracy_after * 100).toFixed(2)}%`);
   });
+}
+
+function enrolButtons(enabled) {
+  for (const b of $("enrol-curve").querySelectorAll("button.enrol-at")) b.disabled = !enabled;
 }
 
 const pct = (share) => `${(share * 100).toFixed(0)}%`;
@@ -284,7 +289,7 @@ function showEnrolment(body) {
       button.className = "enrol-at";
       button.textContent = `Enrol at ${points}`;
       button.addEventListener("click", () => {      // one enrolment per preview: a second click would be refused
-        for (const b of rows.querySelectorAll("button.enrol-at")) b.disabled = true;
+        enrolButtons(false);
         enrolAt(body.label, points);
       });
       cell.append(button);
