@@ -481,8 +481,9 @@ class ReceivingConfig(_Strict):
         description="0: a receipt after every decided item; above 0: at most one receipt in this time (the "
                     "items between are in the next one). Closing a shipment always publishes the final receipt.")
     max_refs: int = Field(50, ge=1, le=100, title="References per line",
-                          description="Decisions listed behind each discrepancy of a receipt (the newest; the "
-                                      "others are counted in refs_left_off).")
+                          description="Decisions listed behind each discrepancy of a receipt (a line's most "
+                                      "doubtful, review and unknown items the newest; the others are counted in "
+                                      "refs_left_off).")
 
 
 class QcConfig(_Strict):

@@ -9,7 +9,9 @@ threshold at ``expected_unknown_keep`` (the shipment vouches for it): the usual 
 known items, and each would be a false discrepancy. Each decided item is tallied; a ``receipt.v1`` message
 says, per label, how many were expected and received and whether the line is matched, over, short or
 unexpected, with the decisions behind each discrepancy, and how many items went to the review lane (or were
-decided ``unknown``).
+decided ``unknown``). A line's refs are its most doubtful decisions, most doubtful first (``doubt``: the lowest
+confidence, then the highest unknown score): when a line is over, the items a dock should check are the ones
+the model was least sure were that product, and in a large shipment the newest would leave them off.
 
 Invariants: one shipment at a time per station (opening another closes nothing: it is refused until the
 open one is closed; reopening the same id with the same lines is a no-op). The desk is shared by the command
@@ -20,6 +22,7 @@ receipt, so a restart goes on counting from the last receipt.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 import uuid
@@ -48,7 +51,34 @@ def item_ref(decision: ItemDecision, decision_id: str) -> dict[str, Any]:
     first, last = decision.frame_seqs or (None, None)
     return {"decision": decision_id, "camera": decision.camera_id, "item_seq": decision.item_seq,
             "label": decision.label, "confidence": decision.confidence, "lane": decision.lane,
-            "frames": {"first_seq": first, "last_seq": last, "count": decision.frames}}
+            "frames": {"first_seq": first, "last_seq": last, "count": decision.frames},
+            "unknown_score": decision.unknown_score}
+
+
+def doubt(ref: dict[str, Any]) -> tuple[float, float]:
+    """How doubtful a received item is, for ranking a line's refs (higher: more): one minus its confidence, then
+    its unknown score (None: below every score). Confidence first, by measurement: among the items that reach a
+    line (sure, and under the unknown threshold) it puts the wrongly decided ones, unknown products included,
+    first far better than the unknown score does (docs/benchmarks.md, "Which received items a receipt lists")."""
+    score = ref.get("unknown_score")
+    return (1.0 - float(ref["confidence"]), -math.inf if score is None else float(score))
+
+
+def add_ranked(refs: list[dict[str, Any]], ref: dict[str, Any], max_refs: int) -> None:
+    """``ref`` into ``refs`` (most doubtful first; among equals the newest first), keeping at most ``max_refs``."""
+    rank = doubt(ref)
+    refs.insert(next((i for i, r in enumerate(refs) if doubt(r) <= rank), len(refs)), ref)
+    del refs[max_refs:]
+
+
+def ranked(refs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Refs kept newest last (a station before the ranking saved them so) in ``add_ranked``'s order."""
+    return sorted(reversed(refs), key=doubt, reverse=True)
+
+
+def received_line(key: str) -> bool:
+    """Whether a refs key is a received label's line (not the review lane's "" nor the unknown items')."""
+    return key not in ("", UNKNOWN_LABEL)
 
 
 def prior_weights(labels: Sequence[str], still_expected: set[str], weight: float) -> np.ndarray:
@@ -66,7 +96,8 @@ class Shipment:
     closed_at: float | None = None
     received: dict[str, int] = field(default_factory=dict)
     review: int = 0
-    refs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)   # label ("" review, "unknown") -> newest refs
+    # label -> its most doubtful refs, most doubtful first; "" (review) and "unknown" -> the newest, newest last
+    refs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     refs_seen: dict[str, int] = field(default_factory=dict)
     unknown: int = 0              # items decided unknown: a product the model does not know
     vouched: int = 0              # items received only because the shipment vouched for them (not discrepancies)
@@ -85,8 +116,11 @@ class Shipment:
             self.review += 1
         ref = item_ref(decision, decision_id)
         refs = self.refs.setdefault(key, [])
-        refs.append(ref)
-        del refs[:-max_refs]
+        if received_line(key):
+            add_ranked(refs, ref, max_refs)
+        else:
+            refs.append(ref)
+            del refs[:-max_refs]
         self.refs_seen[key] = self.refs_seen.get(key, 0) + 1
         if decision.vouched:
             self.vouched += 1
@@ -123,6 +157,7 @@ class Shipment:
                 "items": sum(self.received.values()) + self.review + self.unknown, "lines": lines,
                 "review": {"count": self.review, "refs": review_refs,
                            "refs_left_off": self.refs_seen.get("", 0) - len(review_refs)},
+                "line_refs": "most_doubtful",
                 "unknown": {"count": self.unknown, "refs": unknown_refs,
                             "refs_left_off": self.refs_seen.get(UNKNOWN_LABEL, 0) - len(unknown_refs)},
                 "vouched": {"count": self.vouched, "refs": list(self.vouched_refs),
@@ -132,6 +167,7 @@ class Shipment:
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "expected": self.expected, "opened_at": self.opened_at, "received": self.received,
                 "review": self.review, "unknown": self.unknown, "refs": self.refs, "refs_seen": self.refs_seen,
+                "line_refs_ranked": True,
                 "vouched": self.vouched, "vouched_refs": self.vouched_refs}
 
     @classmethod
@@ -157,8 +193,20 @@ class Shipment:
         if not (isinstance(vouched, int) and vouched >= 0 and isinstance(vouched_refs, list)
                 and len(vouched_refs) <= vouched):
             raise ShipmentError("field shipment.vouched or shipment.vouched_refs: expected a count and its refs")
+        refs = {k: list(v) for k, v in refs.items()}
+        for key, kept in refs.items():
+            if not received_line(key):
+                continue
+            try:
+                ranks = [doubt(ref) for ref in kept]
+            except (KeyError, TypeError, ValueError, AttributeError):
+                ranks = [(math.nan, 0.0)]     # refused below
+            if not all(math.isfinite(rank[0]) and (math.isfinite(rank[1]) or rank[1] == -math.inf) for rank in ranks):
+                raise ShipmentError(f"field shipment.refs.{key}: a ref without a finite confidence and unknown score")
+            if not raw.get("line_refs_ranked"):    # saved before the ranking (newest last): ranked from now on
+                refs[key] = ranked(kept)
         return cls(cmd.shipment, dict(cmd.lines or {}), float(opened), None, dict(received), review,
-                   {k: list(v) for k, v in refs.items()}, dict(seen), unknown, vouched, list(vouched_refs))
+                   refs, dict(seen), unknown, vouched, list(vouched_refs))
 
 
 class ReceivingDesk:

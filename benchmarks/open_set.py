@@ -215,7 +215,7 @@ def receiving(bundle, outputs: dict, known_names: list[str], rng: np.random.Gene
     expects), tallied by agent.receiving; which discrepancies the receipt names."""
     from agent.config import ExpectCommand
     from agent.decide import ItemDecision, LowConfidencePolicy, PolicyThresholds, classify, weighted
-    from agent.receiving import ReceivingDesk
+    from agent.receiving import ReceivingDesk, received_line
 
     n_odd = items // 20
     expected_labels = rng.choice(len(known_names), 3, replace=False)
@@ -256,7 +256,8 @@ def receiving(bundle, outputs: dict, known_names: list[str], rng: np.random.Gene
         desk.record(decision, f"d{n}")
         truth[f"d{n}"] = (kind, None if kind == "unknown" else known_names[ks_y[i]], decision.label,
                           not sure.low_confidence and sure.label == (known_names[ks_y[i]] if kind != "unknown" else None))
-    receipt = desk.close("sim-1").receipt()
+    shipment = desk.close("sim-1")
+    receipt = shipment.receipt()
     named = {ref["decision"] for line in receipt["lines"] for ref in line["refs"]}
     named |= {ref["decision"] for part in ("review", "unknown") for ref in receipt[part]["refs"]}
     odd = [d for d, t in truth.items() if t[0] != "expected"]
@@ -267,6 +268,28 @@ def receiving(bundle, outputs: dict, known_names: list[str], rng: np.random.Gene
     flagged |= {ref["decision"] for line in receipt["lines"] if line["status"] == "unexpected" for ref in line["refs"]}
     assert all(len(receipt[part]["refs"]) == receipt[part]["count"] for part in ("review", "unknown")), \
         "raise ReceivingConfig.max_refs: the receipt left refs off"
+    # an over line by k: the k items a dock checks first, as the receipt ranks them (most doubtful first) and as
+    # the newest k would be; how many of them were decided wrong (an unknown item, or another known product)
+    wrong = {d for d, t in truth.items() if t[2] != t[1] and t[2] != openset.UNKNOWN_LABEL}
+    over = [line for line in receipt["lines"] if line["status"] == "over"]
+    assert all(not line["refs_left_off"] for line in over), "raise ReceivingConfig.max_refs: an over line left refs off"
+    order = {d: n for n, d in enumerate(truth)}
+    # every line's items (as the station keeps them, ranked): how well the ranking's keys put the wrong ones first
+    kept = [r for key, refs in shipment.refs.items() if received_line(key) for r in refs]
+    assert len(kept) == sum(shipment.received.values()), "raise ReceivingConfig.max_refs: a line left refs off"
+    is_wrong = np.array([r["decision"] in wrong for r in kept])
+    scores, doubt_conf = (np.array([r["unknown_score"] for r in kept], float),
+                          np.array([1.0 - r["confidence"] for r in kept]))
+    ranking_keys = {"line_items": len(kept), "line_items_wrong": int(is_wrong.sum()),
+                    "wrong_first_auroc_unknown_score": round(openset.auroc(scores[~is_wrong], scores[is_wrong]), 4),
+                    "wrong_first_auroc_confidence": round(openset.auroc(doubt_conf[~is_wrong], doubt_conf[is_wrong]),
+                                                          4)}
+    ranking = {"over_lines": len(over), "over_items": sum(line["over"] for line in over),
+               "wrong_on_over_lines": sum(r["decision"] in wrong for line in over for r in line["refs"]),
+               "wrong_in_first_over_refs": sum(r["decision"] in wrong for line in over
+                                               for r in line["refs"][:line["over"]]),
+               "wrong_in_newest_over_refs": sum(d in wrong for line in over for d in sorted(
+                   (r["decision"] for r in line["refs"]), key=order.get)[-line["over"]:])}
     return {"items": items, "unexpected_items": n_odd, "unknown_items": n_odd,
             "threshold": threshold, "expected_unknown_keep": expected_unknown_keep, "looser_threshold": looser,
             "unexpected_reported": sum(d in named for d in odd if truth[d][0] == "unexpected"),
@@ -276,7 +299,7 @@ def receiving(bundle, outputs: dict, known_names: list[str], rng: np.random.Gene
             "false_discrepancies_on_confident_expected": sum(d in flagged for d in sure_right),
             "confident_expected_items": len(sure_right),
             "lines_misreported": sum(line["status"] in ("over", "short") for line in receipt["lines"]),
-            "lines": len(counts),
+            "lines": len(counts), **ranking, **ranking_keys,
             "totals": receipt["totals"]}
 
 
@@ -347,8 +370,12 @@ def summary(folds: list[dict]) -> dict:
                             "beats_msp_on_every_fold": all(f[view][kind]["auroc"] > m for f, m in zip(folds, msp))}
                      for kind in openset.SCORES}
     keys = ("unexpected_items", "unexpected_reported", "unknown_items", "unknown_reported", "unknown_decided_unknown",
-            "false_discrepancies_on_confident_expected", "confident_expected_items", "lines_misreported", "lines")
+            "false_discrepancies_on_confident_expected", "confident_expected_items", "lines_misreported", "lines",
+            "over_lines", "over_items", "wrong_on_over_lines", "wrong_in_first_over_refs", "wrong_in_newest_over_refs",
+            "line_items", "line_items_wrong")
     out["receiving"] = {k: sum(f["receiving"][k] for f in folds) for k in keys}
+    for k in ("wrong_first_auroc_unknown_score", "wrong_first_auroc_confidence"):
+        out["receiving"][f"mean_{k}"] = round(float(np.mean([f["receiving"][k] for f in folds])), 4)
     rows = [r for f in folds for r in f.get("enrolment", []) if "recall" in r]
     for n in sorted({r["examples"] for r in rows}):
         at = [r for r in rows if r["examples"] == n]

@@ -25,13 +25,15 @@ DISCREPANT = ("over", "short", "unexpected")
 
 def _ref_view(ref: dict[str, Any]) -> dict[str, Any]:
     return {"decision": ref["decision"], "camera": ref["camera"], "item_seq": ref["item_seq"],
-            "label": ref["label"], "confidence": ref["confidence"], "lane": ref["lane"]}
+            "label": ref["label"], "confidence": ref["confidence"], "lane": ref["lane"],
+            "unknown_score": ref.get("unknown_score")}
 
 
-def _refs(refs: list[dict[str, Any]], left_off: int, shown: int) -> dict[str, Any]:
-    """The newest ``shown`` refs (the agent appends, so the newest are last) and how many are left off."""
-    kept = refs[-shown:] if shown else []
-    return {"refs": [_ref_view(r) for r in reversed(kept)], "refs_left_off": left_off + len(refs) - len(kept)}
+def _refs(refs: list[dict[str, Any]], left_off: int, shown: int, ranked: bool = False) -> dict[str, Any]:
+    """The first ``shown`` refs of a ``ranked`` list (a line's most doubtful, most doubtful first), else the newest
+    ``shown`` (the agent appends, so the newest are last) newest first; and how many are left off."""
+    kept = (refs[:shown] if ranked else list(reversed(refs[-shown:]))) if shown else []
+    return {"refs": [_ref_view(r) for r in kept], "refs_left_off": left_off + len(refs) - len(kept)}
 
 
 def _counted(block: dict[str, Any] | None, shown: int) -> dict[str, Any]:
@@ -43,14 +45,16 @@ def _counted(block: dict[str, Any] | None, shown: int) -> dict[str, Any]:
 def shipment_view(body: dict[str, Any], received_at: float, *, lines_shown: int = 50,
                   refs_shown: int = 10) -> dict[str, Any]:
     """What the API and the page show of one receipt: its totals and its discrepant lines (over, short,
-    unexpected; the most items first), the review/unknown items, each with the newest decision refs, and the items
+    unexpected; the most items first) with their most doubtful decision refs (the newest from stations before the
+    ranking), the review/unknown items with their newest, and the items
     the shipment vouched for (received on an expected line though scored beyond the unknown threshold: not
     discrepancies, but what a dock checks first if a line looks wrong)."""
+    ranked = body.get("line_refs") == "most_doubtful"       # absent (stations before it): the newest
     discrepant = [line for line in body["lines"] if line["status"] in DISCREPANT]
     discrepant.sort(key=lambda line: (-(line["over"] + line["short"] + line["unexpected"]), line["label"]))
     lines = [{"label": line["label"], "status": line["status"], "expected": line["expected"],
               "received": line["received"], "over": line["over"], "short": line["short"],
-              "unexpected": line["unexpected"], **_refs(line["refs"], line["refs_left_off"], refs_shown)}
+              "unexpected": line["unexpected"], **_refs(line["refs"], line["refs_left_off"], refs_shown, ranked)}
              for line in discrepant[:lines_shown]]
     totals = {"unknown": 0, **body["totals"]}
     return {"key": f"{body['site']}/{body['station']}/{body['shipment']}", "station": f"{body['site']}/{body['station']}",

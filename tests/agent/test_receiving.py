@@ -307,8 +307,50 @@ def test_a_receipt_lists_at_most_max_refs_per_line_and_counts_the_rest():
     check_receipt(body)
     coat = next(line for line in body["lines"] if line["label"] == "Coat")
     assert coat["status"] == "unexpected" and coat["received"] == 8
-    assert [r["item_seq"] for r in coat["refs"]] == [4, 5, 6, 7, 8] and coat["refs_left_off"] == 3
+    # all as doubtful as each other (same confidence, no unknown score): the newest first
+    assert [r["item_seq"] for r in coat["refs"]] == [8, 7, 6, 5, 4] and coat["refs_left_off"] == 3
     assert Shipment.from_json(json.loads(json.dumps(shipment.to_json()))).receipt() == shipment.receipt()
+
+
+def coat(n: int, confidence: float, score: float | None) -> ItemDecision:
+    return ItemDecision("cam", n, "Coat", 4, confidence, 1.0, 1, 1.0, 1.0, "default", False, (), (("Coat", 0.9),),
+                        (n, n), unknown_score=score)
+
+
+def test_an_over_line_lists_its_most_doubtful_items_first_not_the_newest():
+    """Six coats where two were expected, at most three refs: the three least confident (the items a dock checks
+    first), whatever their order; between equally confident ones the higher unknown score first. A restart keeps
+    the ranking; a state saved before it (refs newest last, no scores) is ranked when it is read; a saved ref
+    without a finite confidence or score is refused, naming the line."""
+    items = {1: (0.95, 1.0), 2: (0.70, 2.0), 3: (0.90, 9.0), 4: (0.80, 1.0), 5: (0.99, 8.0), 6: (0.80, 3.0)}
+    shipment = Shipment("S-1", {"Coat": 2}, 1.0)
+    for n, (confidence, score) in items.items():
+        shipment.record(coat(n, confidence, score), f"00000000-0000-4000-8000-{n:012d}", max_refs=3)
+    body = {"schema": "receipt.v1", "id": "00000000-0000-4000-8000-000000000000", "seq": 1, "ts": 2.0,
+            "site": "test", "station": "st-01", "final": False, **shipment.receipt()}
+    check_receipt(body)
+    line = body["lines"][0]
+    assert (line["status"], line["over"], body["line_refs"]) == ("over", 4, "most_doubtful")
+    assert [(r["item_seq"], r["unknown_score"]) for r in line["refs"]] == [(2, 2.0), (6, 3.0), (4, 1.0)]
+    assert line["refs_left_off"] == 3
+    assert Shipment.from_json(json.loads(json.dumps(shipment.to_json()))).receipt() == shipment.receipt()
+
+    unscored = Shipment("S-2", {"Coat": 1}, 1.0)
+    for n, confidence in ((1, 0.97), (2, 0.81), (3, 0.99), (4, 0.86), (5, 0.86)):
+        unscored.record(coat(n, confidence, None), f"00000000-0000-4000-8000-{n:012d}", max_refs=3)
+    assert [r["item_seq"] for r in unscored.receipt()["lines"][0]["refs"]] == [2, 5, 4]   # equals: the newest first
+
+    older = shipment.to_json()
+    del older["line_refs_ranked"]
+    older["refs"] = {"Coat": [{k: v for k, v in ref.items() if k != "unknown_score"}
+                              for ref in sorted(older["refs"]["Coat"], key=lambda r: r["item_seq"])]}
+    restored = Shipment.from_json(older).receipt()["lines"][0]["refs"]
+    assert [r["item_seq"] for r in restored] == [2, 6, 4]      # 4 and 6 equal without scores: the newest first
+    for bad in ({"confidence": float("nan")}, {"confidence": "high"}, {"unknown_score": float("inf")}):
+        broken = json.loads(json.dumps(shipment.to_json()))
+        broken["refs"]["Coat"][1].update(bad)
+        with pytest.raises(ShipmentError, match="field shipment.refs.Coat"):
+            Shipment.from_json(broken)
 
 
 @pytest.mark.parametrize("engine", ENGINES)

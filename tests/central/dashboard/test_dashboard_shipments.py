@@ -73,7 +73,7 @@ def test_an_open_shipment_shows_its_discrepant_lines_with_the_decisions_behind_t
     assert [r["decision"] for r in lines["Bag"]["refs"]] == [decision_id(5)] and lines["Dress"]["refs"] == []
     assert shown["review"] == {"count": 1, "refs_left_off": 0, "refs": [
         {"decision": decision_id(6), "camera": "cam-1", "item_seq": 6, "label": "Sandal", "confidence": 0.55,
-         "lane": "manual-review"}]}
+         "lane": "manual-review", "unknown_score": None}]}
     # the overview's figure and panel, and the station's card
     overview = state.overview(now=1002.0)["shipments"]
     assert (overview["open"], overview["open_with_discrepancies"], overview["hidden"]) == (1, 1, 0)
@@ -192,6 +192,34 @@ def test_the_shipments_kept_are_bounded_and_a_huge_receipt_is_trimmed():
     first = view["lines"][0]          # the line with the most items first, its 10 newest refs
     assert first["label"] == "label-01" and first["unexpected"] == 21
     assert len(first["refs"]) == 10 and first["refs_left_off"] == 11 and first["refs"][0]["decision"] == decision_id(80)
+
+
+def test_an_over_line_shows_its_most_doubtful_decisions_and_an_older_stations_its_newest():
+    """A station's receipt ranks a line's refs (agent/receiving.py, ``line_refs: most_doubtful``): the dashboard
+    shows its first ``refs_shown`` as they come. A receipt without ``line_refs`` (a station before the ranking)
+    lists them newest last: the dashboard shows the newest, newest first, as before."""
+    shipment = Shipment("PO-9", {"Coat": 1}, opened_at=900.0)
+    for n, (confidence, score) in enumerate([(0.9, 2.0), (0.6, 7.0), (0.95, 1.0), (0.7, 5.0)], start=1):
+        shipment.record(dataclasses.replace(item("Coat", n), confidence=confidence, unknown_score=score),
+                        decision_id(n), max_refs=100)
+    book = ShipmentBook(lines_shown=50, refs_shown=2)
+    body = receipt(shipment, seq=1)
+    book.on_receipt(body, 1000.0)
+    line = book.listing()["shipments"][0]["lines"][0]
+    assert [(r["item_seq"], r["unknown_score"]) for r in line["refs"]] == [(2, 7.0), (4, 5.0)]
+    assert line["refs_left_off"] == 2
+
+    older = json.loads(json.dumps(body))
+    del older["line_refs"]
+    for part in ("lines", ):
+        for kept in older[part]:
+            kept["refs"] = [{k: v for k, v in ref.items() if k != "unknown_score"}
+                            for ref in sorted(kept["refs"], key=lambda r: r["item_seq"])]
+    older["seq"], older["shipment"] = 2, "PO-8"
+    checker("receipt.v1").check("a receipt from a station before the ranking", older)
+    book.on_receipt(older, 1001.0)
+    line = next(s for s in book.listing()["shipments"] if s["shipment"] == "PO-8")["lines"][0]
+    assert [(r["item_seq"], r["unknown_score"]) for r in line["refs"]] == [(4, None), (3, None)]
 
 
 def test_the_dashboard_subscribes_to_receipts_and_serves_them(broker):
