@@ -54,7 +54,7 @@ from agent.sim.fleet import FleetConfig, troubled, write_credentials  # noqa: E4
 
 log = logging.getLogger("fleet")
 ID = re.compile(rb'"id":"([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})"')
-DASHBOARD_KINDS = ("status", "result", "decision", "alert", "stats")
+DASHBOARD_KINDS = ("status", "result", "decision", "alert", "stats", "receipt")
 CENTRAL_USERS = {"central-ingest": "pw-ingest-fleet", "dashboard": "pw-dashboard-fleet"}
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -145,7 +145,8 @@ def watched_stations(cfg: FleetConfig, n: int) -> list[str]:
 # ---------------------------------------------------------------- the run
 
 def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    cfg = FleetConfig(sites=args.sites, per_site=args.per_site, offline=args.offline, stale=args.stale)
+    cfg = FleetConfig(sites=args.sites, per_site=args.per_site, offline=args.offline, stale=args.stale,
+                      shipment_items=args.shipment_items)
     secrets = work / "secrets"
     plain, passwd = write_credentials(cfg, secrets, CENTRAL_USERS, MOSQUITTO_PASSWD)
     broker = FleetBroker(work / "broker", make_pki(work / "pki"), passwd=passwd)
@@ -195,7 +196,8 @@ def _measure(args, cfg, work, plain, broker, procs, logs, base, store, streams, 
                  str(broker.tls_port), "--tls-ca", str(broker.pki.ca_cert), "--duration", str(args.duration),
                  "--results-per-s", str(args.results_per_s), "--stats-interval", str(args.stats_interval),
                  "--offline", str(args.offline), "--stale", str(args.stale), "--trouble-after",
-                 str(args.duration / 3), "--rollout-share", str(args.rollout_share), "--parts", str(args.procs)]
+                 str(args.duration / 3), "--rollout-share", str(args.rollout_share), "--parts", str(args.procs),
+                 "--shipment-items", str(args.shipment_items), "--receipt-interval", str(args.receipt_interval)]
     began = time.monotonic()
     sims = [subprocess.Popen(fleet_cmd + ["--part", str(k), "--report", str(reports[k])], cwd=REPO,
                              stdout=logs["fleet"], stderr=subprocess.STDOUT) for k in range(args.procs)]
@@ -222,6 +224,7 @@ def _measure(args, cfg, work, plain, broker, procs, logs, base, store, streams, 
     for stream in streams:
         stream.stop.set()
     state = httpx.get(f"{base}/api/state", auth=("viewer", "fleet-viewer"), timeout=60).json()
+    shipments = _shipments(base, published)
     procs["ingest"].terminate()
     procs["ingest"].wait(30)
     stored = _store_stats(store)
@@ -249,6 +252,7 @@ def _measure(args, cfg, work, plain, broker, procs, logs, base, store, streams, 
                       "stale": sorted(k for k, v in trouble.items() if v == "stale"),
                       "troubled_health_before_the_end": health_before_end,
                       "troubled_health_after_goodbye": {k: health.get(k) for k in trouble}},
+        "shipments": shipments,
         "ingest": {"stored": stored["frames"], "expected": frames_expected, "malformed": stored["malformed"]},
         "malformed": counters["malformed"] + stored["malformed"], "lost": lost,
         "lost_total": sum(lost["qos1"].values()) + lost["frames"],
@@ -285,14 +289,26 @@ def _card_health(base: str, key: str) -> str | None:
         return None
 
 
+def _shipments(base: str, published: dict[str, Any]) -> dict[str, Any]:
+    """The docks' shipments as the simulator opened them, and as the dashboard's book holds them (bounded:
+    ``/api/shipments``' open, closed, superseded and dropped, and the open ones with discrepancies)."""
+    book = httpx.get(f"{base}/api/shipments", auth=("viewer", "fleet-viewer"), timeout=60).json()
+    return {"docks": published["docks"], "opened": published["shipments"],
+            "dashboard": {k: book.get(k) for k in ("open", "open_with_discrepancies", "closed", "superseded",
+                                                   "dropped", "open_kept", "closed_kept")}}
+
+
 def _merge(reports: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {"sent": {}, "acked": {}, "refused": {}, "wills": 0, "errors": [], "per_station": {},
-                           "result_times": [], "connect_s": max((r["connect_s"] for r in reports), default=None)}
+                           "result_times": [], "connect_s": max((r["connect_s"] for r in reports), default=None),
+                           "shipments": 0, "docks": 0}
     for r in reports:
         for key in ("sent", "acked", "refused"):
             for kind, n in r[key].items():
                 out[key][kind] = out[key].get(kind, 0) + n
         out["wills"] += r["wills"]
+        out["shipments"] += r.get("shipments", 0)
+        out["docks"] += r.get("docks", 0)
         out["errors"] += r["errors"]
         out["per_station"].update(r["per_station"])
         out["result_times"] += r["result_times"]
@@ -377,6 +393,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--rollout-share", type=float, default=0.25, help="share of stations moved to the new model")
     p.add_argument("--watch", type=int, default=4, help="pages open on the dashboard, each on one station's card")
     p.add_argument("--procs", type=int, default=None, help="simulator processes (default: 1 per 500 stations)")
+    p.add_argument("--shipment-items", type=int, default=0,
+                   help="receiving stations are docks receiving shipments of this many items (default 0: none)")
+    p.add_argument("--receipt-interval", type=float, default=0.0,
+                   help="a dock's receipts: at most one per this many seconds (default 0: after every item)")
     p.add_argument("--out", type=Path, default=None, help="write the figures and the command here (JSON)")
     p.add_argument("--keep", type=Path, default=None, help="work in this folder and keep it (logs, store)")
     return p

@@ -18,7 +18,12 @@ test image as JPEG) and, on QC stations, an alert. After ``trouble_after_s`` the
 stations drop their connection without a DISCONNECT (the broker publishes their will) and the next
 ``stale`` ones stop publishing but stay connected. A rollout moves ``rollout_share`` of the fleet from
 ``model_from`` to ``model_to`` over ``rollout_over_s`` (status with ``last_model_update``; one in ten
-refuses it and keeps its model, as a station with a bad download does).
+refuses it and keeps its model, as a station with a bad download does). With ``shipment_items`` set, every
+receiving station is a dock: it opens a shipment of that many items (2-5 expected lines; about 5% of the items
+arriving are a label not on it), its items are drawn from the shipment, decided with the shipment's prior
+and tallied by the agent's ``ReceivingDesk``, a ``receipt.v1`` goes out as the agent sends it (one on opening,
+after decided items at ``receipt_interval_s``, the final one on closing), and the next shipment opens when
+the last item of one has arrived.
 
 Cheap per station: ``loops`` threads, each multiplexing its share of paho clients on one selector (paho's
 external-loop API), one TLS context for all; ``--part K --parts P`` splits a fleet over processes.
@@ -47,7 +52,7 @@ import cv2
 import numpy as np
 import paho.mqtt.client as paho
 
-from agent.config import PresenceConfig, QcConfig, SortingConfig
+from agent.config import ExpectCommand, PresenceConfig, QcConfig, ReceivingConfig, SortingConfig
 from agent.decide import (
     ItemTracker,
     LaneMap,
@@ -64,6 +69,7 @@ from agent.health import Metrics
 from agent.mqtt import encode
 from agent.outbox import Record
 from agent.pipeline import encode_jpeg, thumbnail_b64, top_k_json
+from agent.receiving import ReceivingDesk, receipt_body
 from contract.broker import BrokerSettings, add_broker_args, settings_from_args
 from contract.dataset import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR
 from contract.messages import Topics, dumps_finite, station_root
@@ -72,9 +78,9 @@ log = logging.getLogger(__name__)
 
 AGENT_VERSION = "0.1.0-sim"
 THRESHOLDS = {"min_confidence": 0.5, "min_margin": 0.1, "max_entropy": 1.5}   # a trained bundle's suggestion
-QOS = {"status": 1, "result": 1, "decision": 1, "alert": 1, "frame": 1, "stats": 0}
+QOS = {"status": 1, "result": 1, "decision": 1, "alert": 1, "frame": 1, "stats": 0, "receipt": 1}
 KIND_LEAF = {"status": "status", "result": "result", "decision": "decision", "alert": "alert", "frame": "frames",
-             "stats": "stats"}
+             "stats": "stats", "receipt": "receipt"}
 
 
 @dataclass(frozen=True)
@@ -101,6 +107,9 @@ class FleetConfig:
     labels: tuple[str, ...] = FASHION_MNIST_CLASSES
     thresholds: dict[str, float] = field(default_factory=lambda: dict(THRESHOLDS))
     jpeg_side: int = 96
+    shipment_items: int = 0               # receiving stations: items per shipment (0: no shipments)
+    receipt_interval_s: float = 0.0       # decisions.receiving.receipt_interval_s (0: after every decided item)
+    unexpected_share: float = 0.05        # items of a shipment whose label is not on it
     loops: int = 2
     seed: int = 0
     part: int = 0
@@ -200,7 +209,14 @@ class StationSim:
         self.policy = LowConfidencePolicy(PolicyThresholds.resolve(cfg.thresholds))
         lanes = LaneMap(SortingConfig(lanes={label: f"lane-{i % 4 + 1}" for i, label in enumerate(cfg.labels)}))
         presence = PresenceConfig(mode="background", min_frames=2)
-        self.trackers = {cam: ItemTracker(cam, cfg.labels, presence, lanes, self.policy) for cam in self.cameras}
+        self.desk = (ReceivingDesk(ReceivingConfig(receipt_interval_s=cfg.receipt_interval_s), clock=time.time)
+                     if self.role == "receiving" and cfg.shipment_items > 0 else None)
+        self.shipments = 0                    # opened so far; the open one is desk.shipment
+        self.arriving: list[int] = []         # the open shipment's items still to come (class ids)
+        self.queued: list[tuple[str, dict[str, Any], bytes | None]] = []   # receipts of an opening and a closing
+        prior = self.desk.prior if self.desk is not None else None
+        self.trackers = {cam: ItemTracker(cam, cfg.labels, presence, lanes, self.policy, prior=prior)
+                         for cam in self.cameras}
         defects = [cfg.defect_label] if self.role == "qc" else []
         self.qc = QcAlerter(QcConfig(defect_classes=defects, min_confidence=0.5, cooldown_s=cfg.alert_cooldown_s))
         self.uploads = UploadGate(cfg.frame_interval_s, dedupe_bits=6, window=16)
@@ -256,7 +272,7 @@ class StationSim:
         item = self.items[camera]
         if item is None:
             lo, hi = self.cfg.item_frames
-            class_id = int(self.rng.integers(len(self.cfg.labels)))
+            class_id = self._next_arrival() if self.desk is not None else int(self.rng.integers(len(self.cfg.labels)))
             hard = self.rng.random() < self.cfg.hard_items
             strength = float(self.rng.uniform(0.5, 3.0) if hard else self.rng.uniform(4.0, 8.0))
             item = self.items[camera] = Item(class_id, strength, int(self.rng.integers(lo, hi + 1)),
@@ -265,8 +281,47 @@ class StationSim:
         logits[item.class_id] += item.strength
         return logits
 
+    # ------------------------------------------------------------ shipments (a receiving dock)
+
+    def _next_arrival(self) -> int:
+        """The class of the next item off the truck: the open shipment's next, or, when all of it has arrived, the
+        first of the next shipment (the open one is closed with its final receipt and the next opened)."""
+        assert self.desk is not None
+        if not self.arriving:
+            now = time.time()
+            if self.desk.shipment is not None:
+                self.queued.append(self._receipt(self.desk.close(self.desk.shipment.id).receipt(), now, final=True))
+            self._open_shipment(now)
+        return self.arriving.pop()
+
+    def _open_shipment(self, now: float) -> None:
+        """2-5 expected lines over ``shipment_items`` items; ``unexpected_share`` of the items that arrive are
+        another label (a line may then come short); the order of arrival shuffled."""
+        assert self.desk is not None
+        cfg, rng = self.cfg, self.rng
+        n = cfg.shipment_items
+        picked = rng.choice(len(cfg.labels), size=min(int(rng.integers(2, 6)), len(cfg.labels), n), replace=False)
+        counts = 1 + rng.multinomial(n - len(picked), np.full(len(picked), 1.0 / len(picked)))
+        arriving = [int(c) for c, k in zip(picked, counts) for _ in range(int(k))]
+        others = [c for c in range(len(cfg.labels)) if c not in set(picked.tolist())]
+        for i in np.flatnonzero(rng.random(n) < cfg.unexpected_share) if others else []:
+            arriving[i] = int(rng.choice(others))
+        rng.shuffle(arriving)
+        self.arriving = arriving
+        self.shipments += 1
+        lines = {cfg.labels[int(c)]: int(k) for c, k in zip(picked, counts)}
+        shipment = self.desk.open(ExpectCommand(shipment=f"{self.station}-{self.shipments:05d}", lines=lines),
+                                  cfg.labels)
+        self.queued.append(self._receipt(shipment.receipt(), now, final=False))    # every line short
+
+    def _receipt(self, receipt: dict[str, Any], now: float, final: bool) -> tuple[str, dict[str, Any], None]:
+        return ("receipt", receipt_body(receipt, site=self.site, station=self.station, ts=now, final=final), None)
+
+    # ------------------------------------------------------------ frames
+
     def frame_messages(self, camera: str, cls: Any) -> list[tuple[str, dict[str, Any], bytes | None]]:
-        """One classified frame, as ``InferenceStage._item_frame`` and the item tracker make it."""
+        """One classified frame, as ``InferenceStage._item_frame`` and the item tracker make it (and a dock's
+        receipts, as ``InferenceStage`` and ``Agent.expect`` send them)."""
         item = self.items[camera]
         assert item is not None
         now = time.time()
@@ -296,8 +351,15 @@ class StationSim:
             self.items[camera] = None
             decision = tracker.flush()
             if decision is not None:
-                out.append(("decision", self._decision(decision), None))
-        return out
+                body = self._decision(decision)
+                out.append(("decision", body, None))
+                if self.desk is not None:
+                    self.desk.record(decision, body["id"])
+                    receipt = self.desk.due_receipt(time.time())
+                    if receipt is not None:
+                        out.append(self._receipt(receipt, time.time(), final=False))
+        queued, self.queued = self.queued, []
+        return queued + out
 
     def _count(self, camera: str) -> None:
         m = self.metrics
@@ -321,7 +383,8 @@ class StationSim:
 
     def _decision(self, d: Any) -> dict[str, Any]:
         self.metrics.inc("items_decided_total", camera=d.camera_id)
-        return {"schema": "decision.v1", "ts": round(time.time(), 6), "site": self.site, "station": self.station,
+        return {"schema": "decision.v1", "id": str(uuid.uuid4()), "ts": round(time.time(), 6), "site": self.site,
+                "station": self.station,
                 "camera": d.camera_id, "item_seq": d.item_seq, "label": d.label, "class_id": d.class_id,
                 "confidence": d.confidence, "agreement": d.agreement, "frames": d.frames,
                 "first_seen": round(d.first_seen, 6), "last_seen": round(d.last_seen, 6), "lane": d.lane,
@@ -631,9 +694,11 @@ class Fleet:
             acked.update(t.acked)
             refused.update(t.refused)
             stations[c.sim.key] = {"acked": dict(t.acked), "wills": t.wills, "state": c.state,
-                                   "model_version": c.sim.version}
+                                   "model_version": c.sim.version, "shipments": c.sim.shipments}
         return {"stations": len(self.clients), "sent": dict(sent), "acked": dict(acked), "refused": dict(refused),
                 "wills": sum(c.tally.wills for c in self.clients),
+                "shipments": sum(c.sim.shipments for c in self.clients),
+                "docks": sum(c.sim.desk is not None for c in self.clients),
                 "errors": [e for loop in self.loops for e in loop.errors], "per_station": stations,
                 "result_times": [rt for c in self.clients for rt in c.result_times]}
 
@@ -663,6 +728,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     run.add_argument("--rollout-share", type=float, default=0.25, help="share of stations moved to the new model")
     run.add_argument("--rollout-over", type=float, default=None, help="seconds the rollout takes (default: --duration)")
     run.add_argument("--bundle", type=Path, default=None, help="take labels, name and thresholds from this bundle")
+    run.add_argument("--shipment-items", type=int, default=0,
+                     help="receiving stations are docks: items per shipment (default 0: no shipments)")
+    run.add_argument("--receipt-interval", type=float, default=0.0,
+                     help="a dock's receipts: at most one per this many seconds (default 0: after every item)")
     run.add_argument("--loops", type=int, default=2, help="threads, each with its share of stations (default 2)")
     run.add_argument("--part", type=int, default=0, help="this process runs stations i with i %% parts == part")
     run.add_argument("--parts", type=int, default=1)
@@ -693,7 +762,8 @@ def config_from_args(args: argparse.Namespace) -> FleetConfig:
                        stats_interval_s=args.stats_interval, frame_interval_s=args.frame_interval,
                        offline=args.offline, stale=args.stale, trouble_after_s=args.trouble_after,
                        rollout_share=args.rollout_share, rollout_over_s=args.rollout_over or args.duration,
-                       loops=args.loops, seed=args.seed, part=args.part, parts=args.parts, **extra)
+                       loops=args.loops, seed=args.seed, part=args.part, parts=args.parts,
+                       shipment_items=args.shipment_items, receipt_interval_s=args.receipt_interval, **extra)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -255,7 +255,7 @@ class Station:
     stats: dict[str, Any] | None = None
     stats_received_at: float | None = None
     stale: bool = False
-    counts: dict[str, int] = field(default_factory=lambda: {k: 0 for k in STATION_KINDS} | {"low_confidence": 0})
+    counts: dict[str, int] = field(default_factory=lambda: {k: 0 for k in FOLLOWED_KINDS} | {"low_confidence": 0})
     results: deque = field(init=False)
     decisions: deque = field(init=False)
     alerts: deque = field(init=False)
@@ -437,6 +437,7 @@ class WarehouseState:
         self._dirty.add(station.key)
         if kind == RECEIPT_KIND:
             self.shipments.on_receipt(body, now)     # an older seq than the one kept changes nothing
+            station.counts[kind] += 1
             return "applied"
         getattr(self, f"_apply_{kind}")(station, body, now)
         station.counts[kind] += 1

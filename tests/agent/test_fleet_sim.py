@@ -108,6 +108,52 @@ def test_every_kind_a_station_publishes_follows_its_schema():
     assert stations[0].stats_body(0)["model_version"] == cfg.model_to
 
 
+def test_a_dock_receives_shipment_after_shipment_and_its_receipts_count_what_arrived():
+    """Given receiving stations with shipments of 12 items, when each classifies 400 frames, then every receipt
+    follows its schema; each shipment opens with a receipt where every line is short and closes with a final one
+    that counts its 12 items (received, review or unknown) against lines that add up to 12; the next one opens
+    with a new id; and every ref in a receipt names a decision the station published, with that decision's label."""
+    cfg = FleetConfig(sites=1, per_site=2, qc_every=0, shipment_items=12, hard_items=0.2)
+    images = ItemImages(cfg.labels, cfg.jpeg_side)
+    docks = [StationSim(cfg, "site-00", name, i, images, np.random.default_rng([5, i]))
+             for i, (_site, name) in enumerate(station_names(cfg))]
+    decisions: dict[str, dict] = {}
+    receipts: dict[str, list[dict]] = {d.key: [] for d in docks}
+    for _ in range(200):
+        logits = [d.next_logits(d.cameras[0]) for d in docks]
+        for dock, cls in zip(docks, classify(docks, logits, cfg.labels)):
+            for kind, body, blob in dock.frame_messages(dock.cameras[0], cls):
+                record = dock.record(kind, body, blob)
+                payload, props = encode(record, True)
+                check_wire(f"{dock.topics.root}/{kind if kind != 'frame' else 'frames'}", payload, props)
+                sent = loads_finite(payload) if kind != "frame" else None
+                if kind == "decision":
+                    decisions[sent["id"]] = sent
+                elif kind == "receipt":
+                    receipts[dock.key].append(sent)
+    for dock in docks:
+        mine = receipts[dock.key]
+        finals = [r for r in mine if r["final"]]
+        assert dock.shipments >= 3 and len(finals) == dock.shipments - 1, (dock.shipments, len(finals))
+        opened = [r for r in mine if r["items"] == 0]
+        assert [r["shipment"] for r in opened] == [f"{dock.station}-{n:05d}" for n in range(1, dock.shipments + 1)]
+        assert all(line["status"] == "short" for r in opened for line in r["lines"])
+        for final in finals:
+            assert final["state"] == "closed" and final["items"] == 12
+            assert sum(line["expected"] for line in final["lines"]) == 12
+            counted = final["totals"]
+            assert counted["matched"] + counted["over"] + counted["unexpected"] + counted["review"] \
+                + counted["unknown"] == 12
+        seqs = [r["seq"] for r in mine]
+        assert seqs == sorted(seqs)
+        for r in mine:
+            for line in r["lines"]:
+                for ref in line["refs"]:
+                    assert decisions[ref["decision"]]["label"] == line["label"] == ref["label"]
+            for ref in r["review"]["refs"]:
+                assert decisions[ref["decision"]]["low_confidence"]
+
+
 def test_credentials_are_a_password_per_station_and_a_mosquitto_password_file(tmp_path):
     cfg = FleetConfig(sites=2, per_site=3)
     plain, passwd = write_credentials(cfg, tmp_path, {"dashboard": "pw"})
@@ -246,12 +292,18 @@ def test_the_fleet_benchmark_runs_the_deployed_stack_and_reports_nothing_lost(tm
 
     out = tmp_path / "fleet.json"
     proc = subprocess.run([sys.executable, "benchmarks/fleet.py", "--sites", "1", "--per-site", "3", "--duration", "4",
-                           "--offline", "1", "--stale", "0", "--watch", "1", "--out", str(out)],
+                           "--offline", "1", "--stale", "0", "--watch", "1", "--shipment-items", "2",
+                           "--results-per-s", "4",
+                           "--out", str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["stations"] == 3 and result["lost_total"] == 0 and result["malformed"] == 0
     assert result["published"]["acked"]["result"] == result["dashboard"]["applied_by_kind"]["result"] > 0
+    # the docks' receipts (shipments of 2 items): each one the broker acknowledged, applied by the dashboard
+    assert result["published"]["acked"]["receipt"] == result["dashboard"]["applied_by_kind"]["receipt"] > 0
+    assert result["lost"]["qos1"]["receipt"] == 0 and result["shipments"]["docks"] == 3
+    assert result["shipments"]["opened"] > 3 and result["shipments"]["dashboard"]["closed"] > 0
     assert result["dashboard"]["troubled_health_after_goodbye"] == {"site-00/st-002": "offline"}
     assert result["command"].startswith("python benchmarks/fleet.py --sites 1")
     assert set(result["cost"]) == {"mosquitto", "dashboard", "ingest", "simulator"}

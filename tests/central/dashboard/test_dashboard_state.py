@@ -52,6 +52,7 @@ def test_a_replayed_session_shows_the_station_with_what_it_sent(recorded):
     assert view["model"] == results[-1].json()["model"]
     assert view["counts"] == {"status": len(of_kind(recorded, "status")), "result": len(results),
                               "decision": len(decisions), "alert": len(alerts), "stats": len(stats),
+                              "receipt": len(of_kind(recorded, "receipt")),
                               "low_confidence": sum(r.json()["low_confidence"] for r in results)}
     # the most recent N, newest first, each as the agent sent it
     assert [r["id"] for r in view["results"]] == [m.json()["id"] for m in results[::-1][:5]]
