@@ -8,8 +8,12 @@ dropped by ``id`` before this (WarehouseState). What is kept is the trimmed view
 the receipt (up to 2,000 lines with 100 refs each): the book's memory is bounded by its limits, not by the
 stations.
 
-Bounds: ``open_kept`` open shipments (the newest receipts; an older one is dropped, and logged, when more are
-open) and ``closed_kept`` closed ones (the most recently closed).
+Bounds, two tiers for open shipments: every open shipment up to ``open_counted`` is counted and kept brief
+(totals and its first lines, no refs: the overview's figures and panel and its station's card read these),
+and the newest ``open_kept`` of them in full (``/api/shipments``). A dock fleet easily has more open than
+``open_kept`` (900 docks in the fleet benchmark): the older ones then stay counted and on their station's card,
+only their refs are not listed. Over ``open_counted`` the shipment with the oldest receipt is dropped, logged
+and counted; ``closed_kept`` closed ones (the most recently closed) are kept in full.
 """
 
 from __future__ import annotations
@@ -85,14 +89,17 @@ def is_closed(body: dict[str, Any]) -> bool:
 class ShipmentBook:
     """The newest receipt's view of each (station, shipment); not thread-safe (WarehouseState's lock)."""
 
-    def __init__(self, *, open_kept: int = 200, closed_kept: int = 50, lines_shown: int = 50,
-                 refs_shown: int = 10) -> None:
-        self.open_kept, self.closed_kept = open_kept, closed_kept
+    def __init__(self, *, open_kept: int = 200, open_counted: int = 5000, closed_kept: int = 50,
+                 lines_shown: int = 50, refs_shown: int = 10) -> None:
+        if open_counted < open_kept:
+            raise ValueError(f"open_counted ({open_counted}) below open_kept ({open_kept})")
+        self.open_kept, self.open_counted, self.closed_kept = open_kept, open_counted, closed_kept
         self.lines_shown, self.refs_shown = lines_shown, refs_shown
-        self.open: OrderedDict[str, dict[str, Any]] = OrderedDict()     # key -> view, oldest receipt first
+        self.open: OrderedDict[str, dict[str, Any]] = OrderedDict()     # key -> brief, oldest receipt first
+        self.detail: OrderedDict[str, dict[str, Any]] = OrderedDict()   # the newest open_kept: key -> view
         self.closed: OrderedDict[str, dict[str, Any]] = OrderedDict()   # key -> view, oldest closing first
         self.superseded = 0                # receipts older (by seq) than the one kept: not applied
-        self.dropped = 0                   # open shipments dropped over open_kept
+        self.dropped = 0                   # open shipments dropped over open_counted
 
     def on_receipt(self, body: dict[str, Any], received_at: float) -> bool:
         """Keep ``body`` (a checked receipt.v1) if it is the newest of its shipment; False when it is older."""
@@ -103,40 +110,45 @@ class ShipmentBook:
             return False
         view = shipment_view(body, received_at, lines_shown=self.lines_shown, refs_shown=self.refs_shown)
         self.open.pop(key, None)
+        self.detail.pop(key, None)
         self.closed.pop(key, None)
         if is_closed(body):
             self.closed[key] = view
             while len(self.closed) > self.closed_kept:
                 self.closed.popitem(last=False)
-        else:
-            self.open[key] = view
-            while len(self.open) > self.open_kept:
-                gone, old = self.open.popitem(last=False)
-                self.dropped += 1
-                log.warning("shipment %s dropped from the dashboard: over %d open shipments (its last receipt "
-                            "came at %.0f)", gone, self.open_kept, old["received_at"])
+            return True
+        self.open[key] = brief_view(view)
+        self.detail[key] = view
+        while len(self.detail) > self.open_kept:      # still open, counted and on its card: only its refs go
+            self.detail.popitem(last=False)
+        while len(self.open) > self.open_counted:
+            gone, old = self.open.popitem(last=False)
+            self.detail.pop(gone, None)
+            self.dropped += 1
+            log.warning("shipment %s dropped from the dashboard: over %d open shipments (its last receipt "
+                        "came at %.0f)", gone, self.open_counted, old["received_at"])
         return True
 
     def listing(self) -> dict[str, Any]:
-        """``/api/shipments``: open shipments (newest receipt first), then the recently closed (newest first)."""
-        open_now = list(reversed(self.open.values()))
+        """``/api/shipments``: the newest ``open_kept`` open shipments in full (newest receipt first), then the
+        recently closed (newest first); ``open`` counts them all."""
         return {"schema": "dashboard-shipments.v1", **self.counts(),
-                "shipments": open_now + list(reversed(self.closed.values()))}
+                "shipments": list(reversed(self.detail.values())) + list(reversed(self.closed.values()))}
 
     def counts(self) -> dict[str, int]:
         return {"open": len(self.open), "open_with_discrepancies": sum(v["discrepant"] for v in self.open.values()),
-                "closed": len(self.closed), "superseded": self.superseded, "dropped": self.dropped,
-                "open_kept": self.open_kept, "closed_kept": self.closed_kept}
+                "open_listed": len(self.detail), "closed": len(self.closed), "superseded": self.superseded,
+                "dropped": self.dropped, "open_kept": self.open_kept, "open_counted": self.open_counted,
+                "closed_kept": self.closed_kept}
 
     def overview(self, shown: int = 10) -> dict[str, Any]:
         """The overview's figure and the page's panel: counts and the ``shown`` newest open shipments."""
-        open_now = list(reversed(self.open.values()))
-        return {**self.counts(), "newest": [brief_view(v) for v in open_now[:shown]],
-                "hidden": max(0, len(open_now) - shown)}
+        newest = [v for _, v in zip(range(shown), reversed(self.open.values()))]
+        return {**self.counts(), "newest": newest, "hidden": max(0, len(self.open) - len(newest))}
 
     def open_at(self, station_key: str) -> dict[str, Any] | None:
         """The station's open shipment (its newest receipt, if it had several open), brief; None if none."""
-        for view in reversed(self.open.values()):
-            if view["station"] == station_key:
-                return brief_view(view)
+        for brief in reversed(self.open.values()):
+            if brief["station"] == station_key:
+                return brief
         return None

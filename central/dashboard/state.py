@@ -86,7 +86,8 @@ class StateLimits:
     labels_shown: int = 60
     events_shown: int = 10
     # shipments (receipt.v1, central/dashboard/shipments.py)
-    shipments_open_kept: int = 200   # open shipments kept (the newest receipts)
+    shipments_open_kept: int = 200   # open shipments kept in full, refs and all (the newest receipts)
+    shipments_open_counted: int = 5000   # open shipments counted and kept brief (overview, station cards)
     shipments_closed_kept: int = 50  # closed shipments kept (the most recently closed)
     shipments_shown: int = 10        # open shipments in the overview's panel
 
@@ -380,6 +381,7 @@ class WarehouseState:
         self._meta_dirty = False
         self.version = 0
         self.shipments = ShipmentBook(open_kept=self.limits.shipments_open_kept,
+                                      open_counted=self.limits.shipments_open_counted,
                                       closed_kept=self.limits.shipments_closed_kept)
         self.tally = FleetTally(lanes_kept=self.limits.lanes_kept, labels_kept=self.limits.labels_kept, tz=tz)
 

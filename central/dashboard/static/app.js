@@ -92,7 +92,7 @@ function renderOverview(o) {
   text($("#count-shipments-open"), sh.open);
   text($("#count-shipments-discrepant"), sh.open_with_discrepancies);
   $("#count-shipments-discrepant").dataset.count = String(sh.open_with_discrepancies);
-  changed("shipments", [sh.newest, sh.hidden], () => renderShipments(sh.newest, sh.hidden));
+  changed("shipments", [sh.newest, sh.hidden], () => renderShipments(sh.newest, sh.hidden, sh.open_listed));
   changed("malformed", o.malformed, () => $("#malformed").replaceChildren(...o.malformed.map((m) =>
     el("li", { "data-topic": m.topic }, `${clockTime(m.at)} ${m.reason}`))));
   fillSelect($("#filter-site"), o.sites.map((s) => s.site), "every site");
@@ -511,12 +511,12 @@ function shipmentItem(s) {
   return li;
 }
 
-function renderShipments(newest, hidden) {
+function renderShipments(newest, hidden, listed) {
   $("#shipments").replaceChildren(...newest.map(shipmentItem));
   $("#no-shipments").hidden = newest.length > 0;
   const more = $("#shipments-hidden");
   more.hidden = !hidden;
-  text(more, hidden ? `${hidden} more open shipments (GET /api/shipments lists them all)` : "");
+  text(more, hidden ? `${hidden} more open shipments (GET /api/shipments lists the ${listed} newest in full)` : "");
 }
 
 function renderShipmentFact(card, s) {

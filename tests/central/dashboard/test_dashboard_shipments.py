@@ -168,7 +168,8 @@ def test_malformed_receipts_are_refused_and_counted_and_keep_nothing():
 
 
 def test_the_shipments_kept_are_bounded_and_a_huge_receipt_is_trimmed():
-    state = WarehouseState(limits=StateLimits(shipments_open_kept=3, shipments_closed_kept=2, shipments_shown=2))
+    state = WarehouseState(limits=StateLimits(shipments_open_kept=3, shipments_open_counted=3,
+                                              shipments_closed_kept=2, shipments_shown=2))
     for n in range(5):
         state.ingest(TOPIC, payload(receipt(Shipment(f"open-{n}", {"Coat": 1}, 900.0), seq=n + 1)))
     for n in range(4):
@@ -220,6 +221,33 @@ def test_an_over_line_shows_its_most_doubtful_decisions_and_an_older_stations_it
     book.on_receipt(older, 1001.0)
     line = next(s for s in book.listing()["shipments"] if s["shipment"] == "PO-8")["lines"][0]
     assert [(r["item_seq"], r["unknown_score"]) for r in line["refs"]] == [(4, None), (3, None)]
+
+
+def test_more_open_shipments_than_listed_in_full_stay_counted_and_on_their_station_cards():
+    """A dock fleet has more open shipments than the dashboard lists in full (``shipments_open_kept``): the
+    older ones stay counted in the overview (open, with discrepancies), on their station's card and in the
+    seq check (a late older receipt changes nothing); only their refs leave /api/shipments. Over
+    ``shipments_open_counted`` the one with the oldest receipt is dropped and counted."""
+    state = WarehouseState(limits=StateLimits(shipments_open_kept=2, shipments_open_counted=4, shipments_shown=3))
+    for n in range(5):
+        state.ingest(f"inventory/{SITE}/dock-{n}/receipt",
+                     payload(receipt(mixed_shipment(f"PO-{n}"), seq=10, station=f"dock-{n}", ts=1000.0 + n)))
+    listing = state.shipment_list()
+    assert [s["shipment"] for s in listing["shipments"]] == ["PO-4", "PO-3"]          # in full, refs and all
+    assert (listing["open"], listing["open_listed"], listing["open_with_discrepancies"], listing["dropped"]) == \
+        (4, 2, 4, 1)
+    overview = state.overview()["shipments"]
+    assert overview["open"] == 4 and overview["open_with_discrepancies"] == 4
+    assert [s["shipment"] for s in overview["newest"]] == ["PO-4", "PO-3", "PO-2"] and overview["hidden"] == 1
+    card = state.station_card(f"{SITE}/dock-1")
+    assert card["shipment"]["shipment"] == "PO-1" and card["shipment"]["totals"]["discrepancies"] == 4
+    assert "refs" not in card["shipment"]["lines"][0]
+    assert state.station_card(f"{SITE}/dock-0")["shipment"] is None           # dropped: over 4 counted
+    late = receipt(mixed_shipment("PO-1"), seq=9, station="dock-1")
+    assert state.ingest(f"inventory/{SITE}/dock-1/receipt", payload(late)) == "applied"
+    assert state.shipment_list()["superseded"] == 1 and state.shipment_list()["open"] == 4
+    with pytest.raises(ValueError, match="open_counted"):
+        ShipmentBook(open_kept=10, open_counted=5)
 
 
 def test_the_dashboard_subscribes_to_receipts_and_serves_them(broker):
