@@ -293,15 +293,16 @@ def _shipments(base: str, published: dict[str, Any]) -> dict[str, Any]:
     """The docks' shipments as the simulator opened them, and as the dashboard's book holds them (bounded:
     ``/api/shipments``' open, closed, superseded and dropped, and the open ones with discrepancies)."""
     book = httpx.get(f"{base}/api/shipments", auth=("viewer", "fleet-viewer"), timeout=60).json()
-    return {"docks": published["docks"], "opened": published["shipments"],
-            "dashboard": {k: book.get(k) for k in ("open", "open_with_discrepancies", "closed", "superseded",
-                                                   "dropped", "open_kept", "closed_kept")}}
+    return {"docks": published["docks"], "opened": published["shipments"], "open_at_the_end": published["docks_open"],
+            "dashboard": {k: book.get(k) for k in ("open", "open_with_discrepancies", "open_listed", "closed",
+                                                   "superseded", "dropped", "open_kept", "open_counted",
+                                                   "closed_kept")}}
 
 
 def _merge(reports: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {"sent": {}, "acked": {}, "refused": {}, "wills": 0, "errors": [], "per_station": {},
                            "result_times": [], "connect_s": max((r["connect_s"] for r in reports), default=None),
-                           "shipments": 0, "docks": 0}
+                           "shipments": 0, "docks": 0, "docks_open": 0}
     for r in reports:
         for key in ("sent", "acked", "refused"):
             for kind, n in r[key].items():
@@ -309,6 +310,7 @@ def _merge(reports: list[dict[str, Any]]) -> dict[str, Any]:
         out["wills"] += r["wills"]
         out["shipments"] += r.get("shipments", 0)
         out["docks"] += r.get("docks", 0)
+        out["docks_open"] += r.get("docks_open", 0)
         out["errors"] += r["errors"]
         out["per_station"].update(r["per_station"])
         out["result_times"] += r["result_times"]

@@ -699,6 +699,7 @@ class Fleet:
                 "wills": sum(c.tally.wills for c in self.clients),
                 "shipments": sum(c.sim.shipments for c in self.clients),
                 "docks": sum(c.sim.desk is not None for c in self.clients),
+                "docks_open": sum(c.sim.desk is not None and c.sim.desk.shipment is not None for c in self.clients),
                 "errors": [e for loop in self.loops for e in loop.errors], "per_station": stations,
                 "result_times": [rt for c in self.clients for rt in c.result_times]}
 
