@@ -48,7 +48,9 @@ def _counted(block: dict[str, Any] | None, shown: int) -> dict[str, Any]:
 
 def shipment_view(body: dict[str, Any], received_at: float, *, lines_shown: int = 50,
                   refs_shown: int = 10) -> dict[str, Any]:
-    """What the API and the page show of one receipt: its totals and its discrepant lines (over, short,
+    """What the API and the page show of one receipt: its totals, whether it is ``discrepant`` (open: an over,
+    unexpected, review or unknown item; closed: any discrepancy, short lines included) and how many items an
+    open one still ``awaiting``, its discrepant lines (over, short,
     unexpected; the most items first) with their most doubtful decision refs (the newest from stations before the
     ranking), the review/unknown items with their newest, and the items
     the shipment vouched for (received on an expected line though scored beyond the unknown threshold: not
@@ -61,12 +63,17 @@ def shipment_view(body: dict[str, Any], received_at: float, *, lines_shown: int 
               "unexpected": line["unexpected"], **_refs(line["refs"], line["refs_left_off"], refs_shown, ranked)}
              for line in discrepant[:lines_shown]]
     totals = {"unknown": 0, **body["totals"]}
+    # while a shipment is open, a short line is still arriving: it flags the shipment only once it is closed;
+    # over, unexpected, review and unknown items are wrong whatever comes next
+    still_open = not is_closed(body)
+    wrong_now = totals["over"] + totals["unexpected"] + totals["review"] + totals["unknown"]
     return {"key": f"{body['site']}/{body['station']}/{body['shipment']}", "station": f"{body['site']}/{body['station']}",
             "site": body["site"], "shipment": body["shipment"], "state": body["state"], "final": body["final"],
             "seq": body["seq"], "ts": body["ts"], "received_at": received_at, "opened_at": body["opened_at"],
             "closed_at": body["closed_at"], "items": body["items"], "lines_total": len(body["lines"]),
             "expected_total": sum(line["expected"] for line in body["lines"]), "totals": totals,
-            "discrepant": totals["discrepancies"] > 0, "lines": lines,
+            "discrepant": (wrong_now if still_open else totals["discrepancies"]) > 0,
+            "awaiting": totals["short"] if still_open else 0, "lines": lines,
             "lines_left_off": max(0, len(discrepant) - lines_shown),
             "review": _counted(body["review"], refs_shown), "unknown": _counted(body.get("unknown"), refs_shown),
             "vouched": _counted(body.get("vouched"), refs_shown)}

@@ -477,9 +477,12 @@ function rolloutItem(e) {
 }
 
 // A shipment's discrepancies in one line: "over 1, short 1, unexpected 1, review 1, unknown 1" (the non-zero ones).
-function discrepancies(totals) {
-  const parts = ["over", "short", "unexpected", "review", "unknown"].filter((k) => totals[k]).map((k) => `${k} ${totals[k]}`);
-  return parts.length ? parts.join(", ") : "no discrepancies";
+// An open shipment's short lines are still arriving ("N still expected"), not a discrepancy until it closes.
+function discrepancies(totals, open) {
+  const kinds = open ? ["over", "unexpected", "review", "unknown"] : ["over", "short", "unexpected", "review", "unknown"];
+  const parts = kinds.filter((k) => totals[k]).map((k) => `${k} ${totals[k]}`);
+  const text = parts.length ? parts.join(", ") : "no discrepancies";
+  return open && totals.short ? `${text}; ${totals.short} still expected` : text;
 }
 
 function shipmentLine(l) {
@@ -496,7 +499,7 @@ function shipmentItem(s) {
   head.append(el("a", { href: `#/station/${s.station}`, class: "station-link" }, s.station),
               el("span", { class: "name" }, ` ${s.shipment}`),
               el("span", { class: "items" }, ` ${s.items} items of ${s.expected_total} expected`));
-  li.append(head, el("div", { class: "totals", "data-field": "totals" }, discrepancies(s.totals)));
+  li.append(head, el("div", { class: "totals", "data-field": "totals" }, discrepancies(s.totals, s.state === "open")));
   if (s.vouched_count) {
     li.append(el("div", { class: "vouched muted", "data-field": "vouched", "data-count": String(s.vouched_count),
                           title: "received on an expected line though scored beyond the unknown threshold: the shipment vouched for them" },
@@ -522,7 +525,7 @@ function renderShipments(newest, hidden, listed) {
 function renderShipmentFact(card, s) {
   const node = field(card, "shipment");
   node.dataset.discrepant = s ? String(s.discrepant) : "none";
-  text(node, s ? `${s.shipment}: ${s.items} items of ${s.expected_total} expected, ${discrepancies(s.totals)}` +
+  text(node, s ? `${s.shipment}: ${s.items} items of ${s.expected_total} expected, ${discrepancies(s.totals, s.state === "open")}` +
               (s.vouched_count ? `; ${s.vouched_count} vouched for` : "") : "none open");
 }
 

@@ -223,6 +223,28 @@ def test_an_over_line_shows_its_most_doubtful_decisions_and_an_older_stations_it
     assert [(r["item_seq"], r["unknown_score"]) for r in line["refs"]] == [(4, None), (3, None)]
 
 
+def test_an_open_shipments_short_lines_are_awaited_and_become_discrepancies_when_it_closes():
+    """Two coats and a dress expected, one coat in so far: open, it is not discrepant (2 items still awaited),
+    so neither red nor counted in the top bar; closed like that, it is (short 2). An open one with an item for
+    review is discrepant at once."""
+    state = WarehouseState()
+    shipment = Shipment("PO-5", {"Coat": 2, "Dress": 1}, opened_at=900.0)
+    shipment.record(item("Coat", 1), decision_id(1), max_refs=100)
+    state.ingest(TOPIC, payload(receipt(shipment, seq=1)))
+    shown = state.shipment_list()["shipments"][0]
+    assert (shown["discrepant"], shown["awaiting"], shown["totals"]["discrepancies"]) == (False, 2, 2)
+    assert state.overview()["shipments"]["open_with_discrepancies"] == 0
+    assert state.station_card(f"{SITE}/{STATION}")["shipment"]["discrepant"] is False
+    shipment.closed_at = 990.0
+    state.ingest(TOPIC, payload(receipt(shipment, seq=2, final=True)))
+    closed = state.shipment_list()["shipments"][0]
+    assert (closed["state"], closed["discrepant"], closed["awaiting"]) == ("closed", True, 0)
+    other = Shipment("PO-6", {"Coat": 2}, opened_at=900.0)
+    other.record(item("Coat", 3, low=True), decision_id(3), max_refs=100)
+    state.ingest(TOPIC, payload(receipt(other, seq=3)))
+    assert state.overview()["shipments"]["open_with_discrepancies"] == 1
+
+
 def test_more_open_shipments_than_listed_in_full_stay_counted_and_on_their_station_cards():
     """A dock fleet has more open shipments than the dashboard lists in full (``shipments_open_kept``): the
     older ones stay counted in the overview (open, with discrepancies), on their station's card and in the
