@@ -18,6 +18,7 @@ and counted; ``closed_kept`` closed ones (the most recently closed) are kept in 
 
 from __future__ import annotations
 
+import heapq
 import logging
 from collections import OrderedDict
 from typing import Any
@@ -72,7 +73,7 @@ def shipment_view(body: dict[str, Any], received_at: float, *, lines_shown: int 
             "seq": body["seq"], "ts": body["ts"], "received_at": received_at, "opened_at": body["opened_at"],
             "closed_at": body["closed_at"], "items": body["items"], "lines_total": len(body["lines"]),
             "expected_total": sum(line["expected"] for line in body["lines"]), "totals": totals,
-            "discrepant": (wrong_now if still_open else totals["discrepancies"]) > 0,
+            "discrepant": (wrong_now if still_open else totals["discrepancies"]) > 0, "wrong_so_far": wrong_now,
             "awaiting": totals["short"] if still_open else 0, "lines": lines,
             "lines_left_off": max(0, len(discrepant) - lines_shown),
             "review": _counted(body["review"], refs_shown), "unknown": _counted(body.get("unknown"), refs_shown),
@@ -149,9 +150,14 @@ class ShipmentBook:
                 "closed_kept": self.closed_kept}
 
     def overview(self, shown: int = 10) -> dict[str, Any]:
-        """The overview's figure and the page's panel: counts and the ``shown`` newest open shipments."""
+        """The overview's figure and the page's panel: counts, the ``shown`` newest open shipments, and the
+        ``shown`` open ones that need attention: discrepant, the most wrong items so far first (ties by key, so
+        the list holds still while receipts come in)."""
         newest = [v for _, v in zip(range(shown), reversed(self.open.values()))]
-        return {**self.counts(), "newest": newest, "hidden": max(0, len(self.open) - len(newest))}
+        attention = heapq.nsmallest(shown, (v for v in self.open.values() if v["discrepant"]),
+                                    key=lambda v: (-v["wrong_so_far"], v["key"]))
+        return {**self.counts(), "newest": newest, "attention": attention,
+                "hidden": max(0, len(self.open) - len(newest))}
 
     def open_at(self, station_key: str) -> dict[str, Any] | None:
         """The station's open shipment (its newest receipt, if it had several open), brief; None if none."""

@@ -119,6 +119,13 @@ def test_a_search_finds_one_station_and_its_url_opens_its_card(browser, artifact
     wait(browser, lambda d: "site-9/nope" in text_of(d.find_element(By.ID, "card-error")), "the missing station named")
 
 
+def arriving_receipt(st: FleetStation, now: float, name: str) -> tuple[str, bytes]:
+    """An open shipment's first receipt (agent/receiving.py): nothing in yet, every line still expected."""
+    shipment = Shipment(name, {"Coat": 2, "Dress": 1}, opened_at=now - 1)
+    body = {**receipt_body(shipment.receipt(), site=st.site, station=st.station, ts=now, final=False), "seq": 1}
+    return f"inventory/{st.key}/receipt", json.dumps(body).encode()
+
+
 def shipment_receipt(st: FleetStation, now: float) -> tuple[str, bytes]:
     """A receipt.v1 as the agent builds it (agent/receiving.py): two Coats expected, three came (the first vouched
     for by the shipment), a Dress short."""
@@ -158,6 +165,16 @@ def test_an_update_over_the_broker_arrives_on_the_open_page(browser, artifacts, 
     vouched = shipment.find_element(By.CSS_SELECTOR, '[data-field="vouched"]')     # apart from the discrepancies
     assert vouched.get_attribute("data-count") == "1" and text_of(vouched) == "1 vouched for by the shipment"
     assert text_of(browser.find_element(By.ID, "count-shipments-discrepant")) == "1"
+    # twelve other docks then open shipments (newer receipts, nothing wrong yet): the one that needs attention
+    # stays first in the panel, the newest fill the other nine places, the rest are counted below
+    docks = [fleet[f"site-{n % 5}/st-{n:04d}"] for n in range(600, 612)]
+    publish(broker.port, [arriving_receipt(d, time.time(), f"PO-{100 + i}") for i, d in enumerate(docks)])
+    wait(browser, lambda d: text_of(d.find_element(By.ID, "count-shipments-open")) == "13", "13 open shipments")
+    listed = wait(browser, lambda d: [li.get_attribute("data-shipment") for li in
+                                      d.find_elements(By.CSS_SELECTOR, "#shipments li.shipment")] or None, "the list")
+    assert listed[0] == "PO-7" and len(listed) == 10, listed
+    assert text_of(browser.find_element(By.ID, "count-shipments-discrepant")) == "1"
+    assert text_of(browser.find_element(By.ID, "shipments-hidden")).startswith("3 more open shipments")
     assert browser.execute_script("return window.loadedOnce") == "yes"
     assert page_height(browser) < HEIGHT_BOUND
     browser.save_screenshot(str(artifacts / "dashboard-fleet-update.png"))

@@ -92,7 +92,7 @@ function renderOverview(o) {
   text($("#count-shipments-open"), sh.open);
   text($("#count-shipments-discrepant"), sh.open_with_discrepancies);
   $("#count-shipments-discrepant").dataset.count = String(sh.open_with_discrepancies);
-  changed("shipments", [sh.newest, sh.hidden], () => renderShipments(sh.newest, sh.hidden, sh.open_listed));
+  changed("shipments", [sh.attention, sh.newest, sh.open], () => renderShipments(sh));
   changed("malformed", o.malformed, () => $("#malformed").replaceChildren(...o.malformed.map((m) =>
     el("li", { "data-topic": m.topic }, `${clockTime(m.at)} ${m.reason}`))));
   fillSelect($("#filter-site"), o.sites.map((s) => s.site), "every site");
@@ -514,12 +514,17 @@ function shipmentItem(s) {
   return li;
 }
 
-function renderShipments(newest, hidden, listed) {
-  $("#shipments").replaceChildren(...newest.map(shipmentItem));
-  $("#no-shipments").hidden = newest.length > 0;
-  const more = $("#shipments-hidden");
+// Those that need attention first (discrepant, the most wrong items first; the server keeps their order still),
+// then the newest receipts, ten in all; at a thousand docks the newest alone would change at every push.
+function renderShipments(sh) {
+  const cap = Math.max(sh.newest.length, sh.attention.length);
+  const first = new Set(sh.attention.map((s) => s.key));
+  const listed = [...sh.attention, ...sh.newest.filter((s) => !first.has(s.key))].slice(0, cap);
+  $("#shipments").replaceChildren(...listed.map(shipmentItem));
+  $("#no-shipments").hidden = listed.length > 0;
+  const hidden = sh.open - listed.length, more = $("#shipments-hidden");
   more.hidden = !hidden;
-  text(more, hidden ? `${hidden} more open shipments (GET /api/shipments lists the ${listed} newest in full)` : "");
+  text(more, hidden ? `${hidden} more open shipments (GET /api/shipments lists the ${sh.open_listed} newest in full)` : "");
 }
 
 function renderShipmentFact(card, s) {

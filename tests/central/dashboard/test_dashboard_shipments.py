@@ -245,6 +245,24 @@ def test_an_open_shipments_short_lines_are_awaited_and_become_discrepancies_when
     assert state.overview()["shipments"]["open_with_discrepancies"] == 1
 
 
+def test_the_open_shipments_needing_attention_come_most_wrong_first_and_hold_still():
+    """``attention``: the open shipments with discrepancies, the most wrong items so far first, ties by key (not
+    by receipt time, so the panel does not reorder at every receipt); awaited short lines do not count."""
+    state = WarehouseState(limits=StateLimits(shipments_shown=3))
+    wrong = {"dock-a": 1, "dock-b": 3, "dock-c": 0, "dock-d": 1, "dock-e": 2}
+    for n, (dock, extra) in enumerate(wrong.items()):
+        shipment = Shipment(f"PO-{dock}", {"Coat": 5}, opened_at=900.0)
+        for k in range(1, 2 + extra):             # one coat, then `extra` bags nobody expected
+            shipment.record(item("Coat" if k == 1 else "Bag", k), decision_id(k), max_refs=100)
+        state.ingest(f"inventory/{SITE}/{dock}/receipt",
+                     payload(receipt(shipment, seq=1 + n, station=dock, ts=1000.0 + n)))
+    shipments = state.overview()["shipments"]
+    assert [s["shipment"] for s in shipments["attention"]] == ["PO-dock-b", "PO-dock-e", "PO-dock-a"]
+    assert [s["wrong_so_far"] for s in shipments["attention"]] == [3, 2, 1]
+    assert [s["shipment"] for s in shipments["newest"]] == ["PO-dock-e", "PO-dock-d", "PO-dock-c"]
+    assert shipments["open_with_discrepancies"] == 4
+
+
 def test_more_open_shipments_than_listed_in_full_stay_counted_and_on_their_station_cards():
     """A dock fleet has more open shipments than the dashboard lists in full (``shipments_open_kept``): the
     older ones stay counted in the overview (open, with discrepancies), on their station's card and in the
