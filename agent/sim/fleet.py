@@ -383,10 +383,10 @@ class StationSim:
 
     def _decision(self, d: Any) -> dict[str, Any]:
         self.metrics.inc("items_decided_total", camera=d.camera_id)
-        return {"schema": "decision.v1", "id": str(uuid.uuid4()), "ts": round(time.time(), 6), "site": self.site,
-                "station": self.station,
-                "camera": d.camera_id, "item_seq": d.item_seq, "label": d.label, "class_id": d.class_id,
-                "confidence": d.confidence, "agreement": d.agreement, "frames": d.frames,
+        return {"schema": "decision.v1", "id": str(uuid.uuid4()),     # the id a receipt's refs name
+                "ts": round(time.time(), 6), "site": self.site, "station": self.station, "camera": d.camera_id,
+                "item_seq": d.item_seq, "label": d.label, "class_id": d.class_id, "confidence": d.confidence,
+                "agreement": d.agreement, "frames": d.frames,
                 "first_seen": round(d.first_seen, 6), "last_seen": round(d.last_seen, 6), "lane": d.lane,
                 "low_confidence": d.low_confidence, "reasons": list(d.reasons), "top_k": top_k_json(d.top_k),
                 "model": self.identity, **({"track": d.track} if d.track is not None else {})}

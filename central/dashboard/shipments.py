@@ -49,13 +49,13 @@ def _counted(block: dict[str, Any] | None, shown: int) -> dict[str, Any]:
 
 def shipment_view(body: dict[str, Any], received_at: float, *, lines_shown: int = 50,
                   refs_shown: int = 10) -> dict[str, Any]:
-    """What the API and the page show of one receipt: its totals, whether it is ``discrepant`` (open: an over,
-    unexpected, review or unknown item; closed: any discrepancy, short lines included) and how many items an
-    open one still ``awaiting``, its discrepant lines (over, short,
-    unexpected; the most items first) with their most doubtful decision refs (the newest from stations before the
-    ranking), the review/unknown items with their newest, and the items
-    the shipment vouched for (received on an expected line though scored beyond the unknown threshold: not
-    discrepancies, but what a dock checks first if a line looks wrong)."""
+    """What the API and the page show of one receipt: its totals; whether it is ``discrepant`` (open: an over,
+    unexpected, review or unknown item so far, ``wrong_so_far``; closed: any discrepancy, short lines included)
+    and how many items an open one is still ``awaiting``; its discrepant lines (over, short, unexpected; the most
+    items first) with their most doubtful decision refs (the newest from stations before the ranking); the
+    review/unknown items with their newest; and the items the shipment vouched for (received on an expected line
+    though scored beyond the unknown threshold: not discrepancies, but what a dock checks first if a line looks
+    wrong)."""
     ranked = body.get("line_refs") == "most_doubtful"       # absent (stations before it): the newest
     discrepant = [line for line in body["lines"] if line["status"] in DISCREPANT]
     discrepant.sort(key=lambda line: (-(line["over"] + line["short"] + line["unexpected"]), line["label"]))
