@@ -273,7 +273,6 @@ def receiving(bundle, outputs: dict, known_names: list[str], rng: np.random.Gene
     wrong = {d for d, t in truth.items() if t[2] != t[1] and t[2] != openset.UNKNOWN_LABEL}
     over = [line for line in receipt["lines"] if line["status"] == "over"]
     assert all(not line["refs_left_off"] for line in over), "raise ReceivingConfig.max_refs: an over line left refs off"
-    order = {d: n for n, d in enumerate(truth)}
     # every line's items (as the station keeps them, ranked): how well the ranking's keys put the wrong ones first
     kept = [r for key, refs in shipment.refs.items() if received_line(key) for r in refs]
     assert len(kept) == sum(shipment.received.values()), "raise ReceivingConfig.max_refs: a line left refs off"
@@ -284,6 +283,7 @@ def receiving(bundle, outputs: dict, known_names: list[str], rng: np.random.Gene
                     "wrong_first_auroc_unknown_score": round(openset.auroc(scores[~is_wrong], scores[is_wrong]), 4),
                     "wrong_first_auroc_confidence": round(openset.auroc(doubt_conf[~is_wrong], doubt_conf[is_wrong]),
                                                           4)}
+    order = {d: n for n, d in enumerate(truth)}       # decided in this order: the newest last
     ranking = {"over_lines": len(over), "over_items": sum(line["over"] for line in over),
                "wrong_on_over_lines": sum(r["decision"] in wrong for line in over for r in line["refs"]),
                "wrong_in_first_over_refs": sum(r["decision"] in wrong for line in over
