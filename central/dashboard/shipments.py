@@ -150,13 +150,14 @@ class ShipmentBook:
                 "closed_kept": self.closed_kept}
 
     def overview(self, shown: int = 10) -> dict[str, Any]:
-        """The overview's figure and the page's panel: counts, the ``shown`` newest open shipments, and the
-        ``shown`` open ones that need attention: discrepant, the most wrong items so far first (ties by key, so
-        the list holds still while receipts come in)."""
+        """The overview's figure and the page's panel: counts, the ``shown`` newest open shipments, the ``shown``
+        open ones that need attention (discrepant, the most wrong items so far first; ties by key, so the list
+        holds still while receipts come in) and the ``shown`` most recently closed (their final receipts)."""
         newest = [v for _, v in zip(range(shown), reversed(self.open.values()))]
         attention = heapq.nsmallest(shown, (v for v in self.open.values() if v["discrepant"]),
                                     key=lambda v: (-v["wrong_so_far"], v["key"]))
-        return {**self.counts(), "newest": newest, "attention": attention,
+        closed = [brief_view(v) for _, v in zip(range(shown), reversed(self.closed.values()))]
+        return {**self.counts(), "newest": newest, "attention": attention, "closed_recent": closed,
                 "hidden": max(0, len(self.open) - len(newest))}
 
     def open_at(self, station_key: str) -> dict[str, Any] | None:

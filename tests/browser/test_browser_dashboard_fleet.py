@@ -126,15 +126,16 @@ def arriving_receipt(st: FleetStation, now: float, name: str) -> tuple[str, byte
     return f"inventory/{st.key}/receipt", json.dumps(body).encode()
 
 
-def shipment_receipt(st: FleetStation, now: float) -> tuple[str, bytes]:
+def shipment_receipt(st: FleetStation, now: float, final: bool = False) -> tuple[str, bytes]:
     """A receipt.v1 as the agent builds it (agent/receiving.py): two Coats expected, three came (the first vouched
-    for by the shipment), a Dress short."""
-    shipment = Shipment("PO-7", {"Coat": 2, "Dress": 1}, opened_at=now - 60)
+    for by the shipment), a Dress short; ``final``: the shipment closed like that."""
+    shipment = Shipment("PO-7", {"Coat": 2, "Dress": 1}, opened_at=now - 60, closed_at=now if final else None)
     for n in range(1, 4):
         shipment.record(ItemDecision("cam-1", n, "Coat", 0, 0.9, 1.0, 3, now, now, "default", False, (),
                                      (("Coat", 0.9),), (n, n), vouched=n == 1),
                         f"00000000-0000-4000-8000-{n:012d}", 100)
-    body = {**receipt_body(shipment.receipt(), site=st.site, station=st.station, ts=now, final=False), "seq": 1}
+    body = {**receipt_body(shipment.receipt(), site=st.site, station=st.station, ts=now, final=final),
+            "seq": 2 if final else 1}
     return f"inventory/{st.key}/receipt", json.dumps(body).encode()
 
 
@@ -175,6 +176,15 @@ def test_an_update_over_the_broker_arrives_on_the_open_page(browser, artifacts, 
     assert listed[0] == "PO-7" and len(listed) == 10, listed
     assert text_of(browser.find_element(By.ID, "count-shipments-discrepant")) == "1"
     assert text_of(browser.find_element(By.ID, "shipments-hidden")).startswith("3 more open shipments")
+    # when the dock closes it short, it leaves the open list for the recently closed, where short counts now
+    assert not browser.find_element(By.ID, "shipments-closed-title").is_displayed()
+    publish(broker.port, [shipment_receipt(dock, time.time(), final=True)])
+    closed = wait_css(browser, '#shipments-closed li.shipment[data-shipment="PO-7"]', "the closed shipment")
+    assert closed.get_attribute("data-state") == "closed" and closed.get_attribute("data-discrepant") == "true"
+    assert text_of(closed.find_element(By.CSS_SELECTOR, ".totals")) == "over 1, short 1"
+    assert browser.find_element(By.ID, "shipments-closed-title").is_displayed()
+    assert not browser.find_elements(By.CSS_SELECTOR, '#shipments li.shipment[data-shipment="PO-7"]')
+    assert text_of(browser.find_element(By.ID, "count-shipments-discrepant")) == "0"
     assert browser.execute_script("return window.loadedOnce") == "yes"
     assert page_height(browser) < HEIGHT_BOUND
     browser.save_screenshot(str(artifacts / "dashboard-fleet-update.png"))

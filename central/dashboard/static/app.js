@@ -93,6 +93,7 @@ function renderOverview(o) {
   text($("#count-shipments-discrepant"), sh.open_with_discrepancies);
   $("#count-shipments-discrepant").dataset.count = String(sh.open_with_discrepancies);
   changed("shipments", [sh.attention, sh.newest, sh.open], () => renderShipments(sh));
+  changed("shipments-closed", sh.closed_recent, () => renderClosedShipments(sh.closed_recent));
   changed("malformed", o.malformed, () => $("#malformed").replaceChildren(...o.malformed.map((m) =>
     el("li", { "data-topic": m.topic }, `${clockTime(m.at)} ${m.reason}`))));
   fillSelect($("#filter-site"), o.sites.map((s) => s.site), "every site");
@@ -525,6 +526,12 @@ function renderShipments(sh) {
   const hidden = sh.open - listed.length, more = $("#shipments-hidden");
   more.hidden = !hidden;
   text(more, hidden ? `${hidden} more open shipments (GET /api/shipments lists the ${sh.open_listed} newest in full)` : "");
+}
+
+// The final receipts of the most recently closed shipments: what a dock claims against (short lines count now).
+function renderClosedShipments(closed) {
+  $("#shipments-closed").replaceChildren(...closed.map(shipmentItem));
+  $("#shipments-closed-title").hidden = closed.length === 0;
 }
 
 function renderShipmentFact(card, s) {

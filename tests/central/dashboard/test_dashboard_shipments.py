@@ -180,6 +180,8 @@ def test_the_shipments_kept_are_bounded_and_a_huge_receipt_is_trimmed():
     assert listing["dropped"] == 2
     overview = state.overview()["shipments"]
     assert [s["shipment"] for s in overview["newest"]] == ["open-4", "open-3"] and overview["hidden"] == 1
+    assert [s["shipment"] for s in overview["closed_recent"]] == ["closed-3", "closed-2"]     # most recent first
+    assert "refs" not in overview["closed_recent"][0]["lines"][0]
 
     book = ShipmentBook(lines_shown=50, refs_shown=10)
     big = Shipment("PO-big", {}, 900.0)
