@@ -149,16 +149,20 @@ class ShipmentBook:
                 "dropped": self.dropped, "open_kept": self.open_kept, "open_counted": self.open_counted,
                 "closed_kept": self.closed_kept}
 
-    def overview(self, shown: int = 10) -> dict[str, Any]:
-        """The overview's figure and the page's panel: counts, the ``shown`` newest open shipments, the ``shown``
-        open ones that need attention (discrepant, the most wrong items so far first; ties by key, so the list
-        holds still while receipts come in) and the ``shown`` most recently closed (their final receipts)."""
-        newest = [v for _, v in zip(range(shown), reversed(self.open.values()))]
+    def overview(self, shown: int = 10, closed_shown: int = 5) -> dict[str, Any]:
+        """The overview's figures and the page's panel (brief views, what the page shows and no more: at a
+        thousand docks the overview goes to every page at every change): ``listed``, the ``shown`` open
+        shipments, those that need attention first (discrepant, the most wrong items so far first; ties by
+        key, so they hold still while receipts come in), then the newest receipts; and ``closed_recent``, the
+        ``closed_shown`` most recently closed (their final receipts)."""
         attention = heapq.nsmallest(shown, (v for v in self.open.values() if v["discrepant"]),
                                     key=lambda v: (-v["wrong_so_far"], v["key"]))
-        closed = [brief_view(v) for _, v in zip(range(shown), reversed(self.closed.values()))]
-        return {**self.counts(), "newest": newest, "attention": attention, "closed_recent": closed,
-                "hidden": max(0, len(self.open) - len(newest))}
+        first = {v["key"] for v in attention}
+        newest = (v for v in reversed(self.open.values()) if v["key"] not in first)
+        listed = attention + [v for _, v in zip(range(shown - len(attention)), newest)]
+        closed = [brief_view(v) for _, v in zip(range(closed_shown), reversed(self.closed.values()))]
+        return {**self.counts(), "listed": listed, "closed_recent": closed,
+                "hidden": max(0, len(self.open) - len(listed))}
 
     def open_at(self, station_key: str) -> dict[str, Any] | None:
         """The station's open shipment (its newest receipt, if it had several open), brief; None if none."""

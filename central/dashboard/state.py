@@ -90,6 +90,7 @@ class StateLimits:
     shipments_open_counted: int = 5000   # open shipments counted and kept brief (overview, station cards)
     shipments_closed_kept: int = 50  # closed shipments kept (the most recently closed)
     shipments_shown: int = 10        # open shipments in the overview's panel
+    shipments_closed_shown: int = 5  # recently closed shipments in it
 
 
 # ---------------------------------------------------------------- validation
@@ -595,7 +596,8 @@ class WarehouseState:
                                   rollout=list(self.rollout), limits=self.limits)
             body.update(version=self.version, topic_root=self.topic_root, broker=dict(self.broker),
                         counters=self.counters.as_dict(), malformed=list(self.malformed)[:5],
-                        shipments=self.shipments.overview(self.limits.shipments_shown))
+                        shipments=self.shipments.overview(self.limits.shipments_shown,
+                                                          self.limits.shipments_closed_shown))
             return finite(body, "the overview")
 
     def shipment_list(self) -> dict[str, Any]:

@@ -92,7 +92,7 @@ function renderOverview(o) {
   text($("#count-shipments-open"), sh.open);
   text($("#count-shipments-discrepant"), sh.open_with_discrepancies);
   $("#count-shipments-discrepant").dataset.count = String(sh.open_with_discrepancies);
-  changed("shipments", [sh.attention, sh.newest, sh.open], () => renderShipments(sh));
+  changed("shipments", [sh.listed, sh.open], () => renderShipments(sh));
   changed("shipments-closed", sh.closed_recent, () => renderClosedShipments(sh.closed_recent));
   changed("malformed", o.malformed, () => $("#malformed").replaceChildren(...o.malformed.map((m) =>
     el("li", { "data-topic": m.topic }, `${clockTime(m.at)} ${m.reason}`))));
@@ -515,15 +515,12 @@ function shipmentItem(s) {
   return li;
 }
 
-// Those that need attention first (discrepant, the most wrong items first; the server keeps their order still),
-// then the newest receipts, ten in all; at a thousand docks the newest alone would change at every push.
+// As the server lists them: those that need attention first (discrepant, the most wrong items first, held still),
+// then the newest receipts; at a thousand docks the newest alone would change at every push.
 function renderShipments(sh) {
-  const cap = Math.max(sh.newest.length, sh.attention.length);
-  const first = new Set(sh.attention.map((s) => s.key));
-  const listed = [...sh.attention, ...sh.newest.filter((s) => !first.has(s.key))].slice(0, cap);
-  $("#shipments").replaceChildren(...listed.map(shipmentItem));
-  $("#no-shipments").hidden = listed.length > 0;
-  const hidden = sh.open - listed.length, more = $("#shipments-hidden");
+  $("#shipments").replaceChildren(...sh.listed.map(shipmentItem));
+  $("#no-shipments").hidden = sh.listed.length > 0;
+  const hidden = sh.hidden, more = $("#shipments-hidden");
   more.hidden = !hidden;
   text(more, hidden ? `${hidden} more open shipments (GET /api/shipments lists the ${sh.open_listed} newest in full)` : "");
 }

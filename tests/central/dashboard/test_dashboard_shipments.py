@@ -77,8 +77,8 @@ def test_an_open_shipment_shows_its_discrepant_lines_with_the_decisions_behind_t
     # the overview's figure and panel, and the station's card
     overview = state.overview(now=1002.0)["shipments"]
     assert (overview["open"], overview["open_with_discrepancies"], overview["hidden"]) == (1, 1, 0)
-    assert overview["newest"][0]["shipment"] == "PO-1" and overview["newest"][0]["review_count"] == 1
-    assert "refs" not in overview["newest"][0]["lines"][0]
+    assert overview["listed"][0]["shipment"] == "PO-1" and overview["listed"][0]["review_count"] == 1
+    assert "refs" not in overview["listed"][0]["lines"][0]
     card = state.station_card(f"{SITE}/{STATION}", now=1002.0)
     assert card["shipment"]["shipment"] == "PO-1" and card["shipment"]["totals"]["discrepancies"] == 4
     assert card["counts"]["result"] == 0 and card["counts"]["receipt"] == 1     # counted as its own kind
@@ -96,9 +96,9 @@ def test_items_the_shipment_vouched_for_are_shown_apart_from_its_discrepancies()
     assert shown["totals"]["matched"] == 3 and shown["discrepant"] is False and shown["lines"] == []
     assert shown["vouched"]["count"] == 2 and shown["vouched"]["refs_left_off"] == 0
     assert [r["decision"] for r in shown["vouched"]["refs"]] == [decision_id(3), decision_id(2)]   # newest first
-    assert state.overview()["shipments"]["newest"][0]["vouched_count"] == 2
+    assert state.overview()["shipments"]["listed"][0]["vouched_count"] == 2
     assert state.station_card(f"{SITE}/{STATION}")["shipment"]["vouched_count"] == 2
-    assert "vouched" not in state.overview()["shipments"]["newest"][0]                      # no refs in the brief
+    assert "vouched" not in state.overview()["shipments"]["listed"][0]                      # no refs in the brief
     # a receipt from a station before the block: none vouched
     older = receipt(shipment, seq=2)
     older.pop("vouched")
@@ -179,7 +179,7 @@ def test_the_shipments_kept_are_bounded_and_a_huge_receipt_is_trimmed():
     assert [s["shipment"] for s in listing["shipments"]] == ["open-4", "open-3", "open-2", "closed-3", "closed-2"]
     assert listing["dropped"] == 2
     overview = state.overview()["shipments"]
-    assert [s["shipment"] for s in overview["newest"]] == ["open-4", "open-3"] and overview["hidden"] == 1
+    assert [s["shipment"] for s in overview["listed"]] == ["open-4", "open-3"] and overview["hidden"] == 1
     assert [s["shipment"] for s in overview["closed_recent"]] == ["closed-3", "closed-2"]     # most recent first
     assert "refs" not in overview["closed_recent"][0]["lines"][0]
 
@@ -248,9 +248,10 @@ def test_an_open_shipments_short_lines_are_awaited_and_become_discrepancies_when
 
 
 def test_the_open_shipments_needing_attention_come_most_wrong_first_and_hold_still():
-    """``attention``: the open shipments with discrepancies, the most wrong items so far first, ties by key (not
-    by receipt time, so the panel does not reorder at every receipt); awaited short lines do not count."""
-    state = WarehouseState(limits=StateLimits(shipments_shown=3))
+    """``listed``: the open shipments with discrepancies first, the most wrong items so far first, ties by key (not
+    by receipt time, so the panel does not reorder at every receipt; awaited short lines do not count), then the
+    newest receipts of the others."""
+    state = WarehouseState(limits=StateLimits(shipments_shown=5))
     wrong = {"dock-a": 1, "dock-b": 3, "dock-c": 0, "dock-d": 1, "dock-e": 2}
     for n, (dock, extra) in enumerate(wrong.items()):
         shipment = Shipment(f"PO-{dock}", {"Coat": 5}, opened_at=900.0)
@@ -259,10 +260,12 @@ def test_the_open_shipments_needing_attention_come_most_wrong_first_and_hold_sti
         state.ingest(f"inventory/{SITE}/{dock}/receipt",
                      payload(receipt(shipment, seq=1 + n, station=dock, ts=1000.0 + n)))
     shipments = state.overview()["shipments"]
-    assert [s["shipment"] for s in shipments["attention"]] == ["PO-dock-b", "PO-dock-e", "PO-dock-a"]
-    assert [s["wrong_so_far"] for s in shipments["attention"]] == [3, 2, 1]
-    assert [s["shipment"] for s in shipments["newest"]] == ["PO-dock-e", "PO-dock-d", "PO-dock-c"]
-    assert shipments["open_with_discrepancies"] == 4
+    assert [s["shipment"] for s in shipments["listed"]] == ["PO-dock-b", "PO-dock-e", "PO-dock-a", "PO-dock-d",
+                                                             "PO-dock-c"]
+    assert [s["wrong_so_far"] for s in shipments["listed"]] == [3, 2, 1, 1, 0]
+    assert shipments["open_with_discrepancies"] == 4 and shipments["hidden"] == 0
+    fewer = state.shipments.overview(shown=2, closed_shown=0)
+    assert [s["shipment"] for s in fewer["listed"]] == ["PO-dock-b", "PO-dock-e"] and fewer["hidden"] == 3
 
 
 def test_more_open_shipments_than_listed_in_full_stay_counted_and_on_their_station_cards():
@@ -280,7 +283,8 @@ def test_more_open_shipments_than_listed_in_full_stay_counted_and_on_their_stati
         (4, 2, 4, 1)
     overview = state.overview()["shipments"]
     assert overview["open"] == 4 and overview["open_with_discrepancies"] == 4
-    assert [s["shipment"] for s in overview["newest"]] == ["PO-4", "PO-3", "PO-2"] and overview["hidden"] == 1
+    # all four as wrong as each other (mixed_shipment): by key, so the panel holds still
+    assert [s["shipment"] for s in overview["listed"]] == ["PO-1", "PO-2", "PO-3"] and overview["hidden"] == 1
     card = state.station_card(f"{SITE}/dock-1")
     assert card["shipment"]["shipment"] == "PO-1" and card["shipment"]["totals"]["discrepancies"] == 4
     assert "refs" not in card["shipment"]["lines"][0]
