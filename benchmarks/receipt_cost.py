@@ -8,6 +8,8 @@ refs are capped (``max_refs`` per line and per list). Receipts here are built by
 as a simulated station publishes it (``agent.sim.fleet.StationSim``). Each message is given a new id and a
 higher seq, and ``WarehouseState.ingest`` (the dashboard's whole path: strict JSON, schema, dedupe, apply)
 takes ``--repeat`` of them, in one thread, for each schema engine; the figure is the median of ``--rounds``.
+Last, the size of the overview every open page gets at every change, with ``--overview-docks`` docks each
+holding an open 60-item shipment and 10 shipments closed.
 
     .venv/bin/python benchmarks/receipt_cost.py --out benchmarks/results/receipt_cost.json
 """
@@ -82,11 +84,30 @@ def per_message_us(body: dict, kind: str, engine: str, repeat: int, rounds: int)
     return statistics.median(times)
 
 
+def overview_bytes(docks: int, items: int, closed: int, rng: np.random.Generator) -> dict:
+    """The dashboard overview's size (what every open page gets at every change) with ``docks`` docks each
+    holding an open shipment of ``items`` items and ``closed`` of them closed since: all of it and its
+    shipments part."""
+    state = WarehouseState()
+    for n in range(docks + closed):
+        dock = n % docks
+        body = {**receipt_of(items, rng), "station": f"dock-{dock:04d}", "shipment": f"PO-{n}", "seq": n + 1}
+        if n < closed:
+            body.update(final=True, state="closed", closed_at=2.0)
+        if state.ingest(f"inventory/{SITE}/dock-{dock:04d}/receipt", dumps_finite(body).encode(), 3.0) != "applied":
+            raise SystemExit("a receipt was not applied")
+    overview = state.overview(now=4.0)
+    return {"docks": docks, "items": items, "closed": closed, "overview_bytes": len(dumps_finite(overview)),
+            "shipments_bytes": len(dumps_finite(overview["shipments"])),
+            "listed": len(overview["shipments"]["listed"]), "closed_listed": len(overview["shipments"]["closed_recent"])}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--items", default="20,100,500,2000", help="shipment sizes (items), comma-separated")
     p.add_argument("--repeat", type=int, default=300, help="messages ingested per round")
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--overview-docks", type=int, default=900, help="docks for the overview's size (default 900)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     rng = np.random.default_rng(0)
@@ -104,8 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         print(f"{row['message']:28s} {row['bytes']:7d} B  " + "  ".join(
             f"{e} {row[f'{e}_us']:8.1f} us ({row[f'{e}_ratio']:.2f}x a decision)" for e in ENGINES), flush=True)
+    size = overview_bytes(args.overview_docks, 60, 10, rng)
+    print(f"overview with {size['docks']} docks' open 60-item shipments and 10 closed: {size['overview_bytes']} B "
+          f"({size['shipments_bytes']} B of shipments: {size['listed']} open and {size['closed_listed']} closed listed)")
     if args.out is not None:
-        args.out.write_text(json.dumps({"benchmark": "receipt_cost", "rows": rows, "repeat": args.repeat,
+        args.out.write_text(json.dumps({"benchmark": "receipt_cost", "rows": rows, "overview": size,
+                                        "repeat": args.repeat,
                                         "rounds": args.rounds,
                                         "command": "python benchmarks/receipt_cost.py " + " ".join(argv or sys.argv[1:])},
                                        indent=1) + "\n")

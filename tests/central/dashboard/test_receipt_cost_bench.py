@@ -39,8 +39,12 @@ def test_the_receipts_are_a_docks_and_stop_growing_at_the_refs_cap(tmp_path):
     assert sizes[100] < sizes[2000] and sizes[4000] < 1.5 * sizes[2000]
 
     out = tmp_path / "cost.json"
-    assert bench.main(["--items", "20", "--repeat", "3", "--rounds", "1", "--out", str(out)]) == 0
+    assert bench.main(["--items", "20", "--repeat", "3", "--rounds", "1", "--overview-docks", "12",
+                       "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert [row["message"] for row in result["rows"]] == ["decision.v1", "receipt.v1 after 20 items"]
     assert all(row[f"{e}_us"] > 0 and row[f"{e}_ratio"] > 0 for row in result["rows"] for e in ENGINES)
     assert result["command"].startswith("python benchmarks/receipt_cost.py --items 20")
+    # the overview lists 10 open shipments of the 12 and 5 closed, whatever the number of docks
+    assert (result["overview"]["listed"], result["overview"]["closed_listed"]) == (10, 5)
+    assert 0 < result["overview"]["shipments_bytes"] < result["overview"]["overview_bytes"]
