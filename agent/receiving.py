@@ -197,11 +197,11 @@ class Shipment:
         for key, kept in refs.items():
             if not received_line(key):
                 continue
-            try:
-                ranks = [doubt(ref) for ref in kept]
+            try:        # each ref's doubt: a finite confidence, and a finite score or none (-inf)
+                finite = all(math.isfinite(c) and (math.isfinite(u) or u == -math.inf) for c, u in map(doubt, kept))
             except (KeyError, TypeError, ValueError, AttributeError):
-                ranks = [(math.nan, 0.0)]     # refused below
-            if not all(math.isfinite(rank[0]) and (math.isfinite(rank[1]) or rank[1] == -math.inf) for rank in ranks):
+                finite = False
+            if not finite:
                 raise ShipmentError(f"field shipment.refs.{key}: a ref without a finite confidence and unknown score")
             if not raw.get("line_refs_ranked"):    # saved before the ranking (newest last): ranked from now on
                 refs[key] = ranked(kept)

@@ -355,9 +355,9 @@ class StationSim:
                 out.append(("decision", body, None))
                 if self.desk is not None:
                     self.desk.record(decision, body["id"])
-                    receipt = self.desk.due_receipt(time.time())
+                    receipt = self.desk.due_receipt(now)
                     if receipt is not None:
-                        out.append(self._receipt(receipt, time.time(), final=False))
+                        out.append(self._receipt(receipt, now, final=False))
         queued, self.queued = self.queued, []
         return queued + out
 

@@ -440,9 +440,8 @@ class WarehouseState:
         self._dirty.add(station.key)
         if kind == RECEIPT_KIND:
             self.shipments.on_receipt(body, now)     # an older seq than the one kept changes nothing
-            station.counts[kind] += 1
-            return "applied"
-        getattr(self, f"_apply_{kind}")(station, body, now)
+        else:
+            getattr(self, f"_apply_{kind}")(station, body, now)
         station.counts[kind] += 1
         return "applied"
 
