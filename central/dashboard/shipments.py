@@ -107,13 +107,17 @@ class ShipmentBook:
         self.detail: OrderedDict[str, dict[str, Any]] = OrderedDict()   # the newest open_kept: key -> view
         self.closed: OrderedDict[str, dict[str, Any]] = OrderedDict()   # key -> view, oldest closing first
         self.superseded = 0                # receipts older (by seq) than the one kept: not applied
+        # station -> (seq, ts) of its newest closing receipt applied: a station has one shipment open at a time, so
+        # an open receipt older than that (a late resend) is of a shipment already closed, kept or not
+        self.station_closed: OrderedDict[str, tuple[int, float]] = OrderedDict()
         self.dropped = 0                   # open shipments dropped over open_counted
 
     def on_receipt(self, body: dict[str, Any], received_at: float) -> bool:
         """Keep ``body`` (a checked receipt.v1) if it is the newest of its shipment; False when it is older."""
         key = f"{body['site']}/{body['station']}/{body['shipment']}"
         kept = self.open.get(key) or self.closed.get(key)
-        if kept is not None and body["seq"] <= kept["seq"]:
+        station = f"{body['site']}/{body['station']}"
+        if kept is not None and body["seq"] <= kept["seq"] or kept is None and self._closed_since(station, body):
             self.superseded += 1
             return False
         view = shipment_view(body, received_at, lines_shown=self.lines_shown, refs_shown=self.refs_shown)
@@ -124,6 +128,10 @@ class ShipmentBook:
             self.closed[key] = view
             while len(self.closed) > self.closed_kept:
                 self.closed.popitem(last=False)
+            self.station_closed.pop(station, None)
+            self.station_closed[station] = (body["seq"], body["ts"])
+            while len(self.station_closed) > self.open_counted:
+                self.station_closed.popitem(last=False)
             return True
         self.open[key] = brief_view(view)
         self.detail[key] = view
@@ -136,6 +144,15 @@ class ShipmentBook:
             log.warning("shipment %s dropped from the dashboard: over %d open shipments (its last receipt "
                         "came at %.0f)", gone, self.open_counted, old["received_at"])
         return True
+
+    def _closed_since(self, station: str, body: dict[str, Any]) -> bool:
+        """Whether ``body``, an open receipt of a shipment the book does not hold, is older than its station's newest
+        closing: a resend of a shipment closed since, whose closing receipt is no longer among the ``closed_kept``
+        (at a thousand docks, within seconds). Older means a lower seq and an earlier ``ts``, both the station's
+        own: a station whose outbox was replaced starts its seq again, and its receipts are newer by ``ts``."""
+        last = self.station_closed.get(station)
+        return (last is not None and not is_closed(body) and body["seq"] < last[0]
+                and body["ts"] <= last[1])
 
     def listing(self) -> dict[str, Any]:
         """``/api/shipments``: the newest ``open_kept`` open shipments in full (newest receipt first), then the

@@ -148,6 +148,31 @@ def test_a_final_receipt_closes_the_shipment_and_open_ones_are_listed_first():
     assert state.overview()["shipments"]["open"] == 1
 
 
+def test_a_late_open_receipt_does_not_reopen_a_shipment_whose_closing_is_no_longer_kept():
+    book = ShipmentBook(closed_kept=2)
+    first = Shipment("PO-A", {"Coat": 1}, opened_at=900.0)
+    late = receipt(first, seq=4, ts=1000.0)                   # resent minutes later, after a reconnect
+    first.record(item("Coat", 1), decision_id(1), 100)
+    first.closed_at = 1010.0
+    assert book.on_receipt(receipt(first, seq=5, ts=1010.0, final=True), 1010.0)
+    for n in range(3):                                       # other docks close theirs: PO-A's closing rolls out
+        other = Shipment(f"PO-{n}", {"Coat": 1}, 900.0, closed_at=1020.0)
+        book.on_receipt(receipt(other, seq=1, station=f"receiving-1{n}", ts=1020.0, final=True), 1020.0)
+    assert f"{SITE}/{STATION}/PO-A" not in book.closed
+
+    assert book.on_receipt(late, 1100.0) is False
+    assert book.counts()["open"] == 0 and book.superseded == 1 and book.open_at(f"{SITE}/{STATION}") is None
+    following = Shipment("PO-B", {"Dress": 1}, opened_at=1030.0)          # the station's next shipment counts
+    assert book.on_receipt(receipt(following, seq=6, ts=1030.0), 1030.0)
+    assert book.open_at(f"{SITE}/{STATION}")["shipment"] == "PO-B"
+    # a station whose outbox was replaced starts its seq again: newer by ts, its receipts count
+    other_station = Shipment("PO-C", {"Bag": 1}, opened_at=900.0, closed_at=950.0)
+    book.on_receipt(receipt(other_station, seq=40, station="receiving-20", ts=950.0, final=True), 950.0)
+    again = Shipment("PO-D", {"Bag": 2}, opened_at=2000.0)
+    assert book.on_receipt(receipt(again, seq=1, station="receiving-20", ts=2000.0), 2000.0)
+    assert book.open_at(f"{SITE}/receiving-20")["shipment"] == "PO-D" and book.counts()["open"] == 2
+
+
 def test_malformed_receipts_are_refused_and_counted_and_keep_nothing():
     state = WarehouseState()
     good = receipt(mixed_shipment(), seq=2)
