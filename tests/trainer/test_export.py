@@ -355,3 +355,34 @@ def test_a_stations_own_frames_are_never_rendered_again_as_station_views(tmp_pat
     del old["as_seen"]
     (tmp_path / "split.json").write_text(json.dumps(old))
     assert not any(s.as_seen for part in bundle_mod._split_samples(tmp_path, ["a", "b"]) for s in part)
+
+
+def test_the_station_view_set_is_drawn_from_every_class_of_a_split_listed_class_by_class(tmp_path, monkeypatch):
+    # given: a split that lists its validation images class by class, as every run saves it, and a station-view
+    # set of a fifth of them (the export's default: 1,000 of the recipe's 6,000)
+    from trainer import data as data_mod
+    from trainer import station_eval
+    from trainer.export import bundle as bundle_mod
+    from trainer.export.quantize import QuantizeConfig
+
+    classes = ["a", "b", "c", "d", "e"]
+    samples = [data_mod.Sample(tmp_path / f"img/{c}-{i}.png", k) for k, c in enumerate(classes) for i in range(60)]
+    dataset = data_mod.Dataset(tmp_path, classes, samples, "folders")
+    val = list(range(len(samples)))                          # class by class
+    data_mod.save_split(tmp_path / "split.json", dataset, val[:5], val, seed=0)
+    train, loaded_val = bundle_mod._split_samples(tmp_path, classes)
+    rendered = []
+    monkeypatch.setattr(station_eval, "station_views",
+                        lambda paths, labels, spec, cfg=None: rendered.append(list(labels)))
+    spec = type("Spec", (), {"crop": type("Crop", (), {"mode": "foreground"})()})()
+    cfg = bundle_mod.ExportConfig(checkpoint=tmp_path / "best.pt", station_val_images=60,
+                                  quantize=QuantizeConfig(calibration_images=4))
+    bundle_mod._station_sets(cfg, spec, train, loaded_val)
+    # then: its unknown threshold, review thresholds and INT8 gate see every class, about equally, not the first one
+    counts = np.bincount(rendered[0], minlength=len(classes))
+    assert counts.sum() == 60 and counts.min() >= 6 and counts.max() <= 20, counts
+    # the same draw for the parity images and --val-limit: spread, in order, all when asked for more
+    picked = bundle_mod.spread(len(samples), 60)
+    assert picked == sorted(set(picked)) and len(picked) == 60
+    assert np.bincount([samples[i].label for i in picked], minlength=len(classes)).min() >= 6
+    assert bundle_mod.spread(10, None) == bundle_mod.spread(10, 50) == list(range(10))

@@ -94,6 +94,15 @@ def _versions() -> dict:
             "onnxruntime": onnxruntime.__version__, "opset": OPSET}
 
 
+def spread(count: int, take: int | None, seed: int = 3) -> list[int]:
+    """Indices of ``take`` of ``count`` items drawn at random with ``seed`` (all of them when ``take`` is None or
+    not smaller), in their order. A run's split lists its validation images class by class, so its first
+    thousand are one or two classes: every subset of it the export measures on is drawn with this."""
+    if take is None or take >= count:
+        return list(range(count))
+    return sorted(np.random.default_rng(seed).permutation(count)[: max(0, take)].tolist())
+
+
 def _split_samples(run_dir: Path, classes: list[str]) -> tuple[list, list]:
     """Train and val samples of the run, from its saved split (a station's frames marked ``as_seen``)."""
     split = json.loads((run_dir / "split.json").read_text())
@@ -125,7 +134,8 @@ def _station_sets(cfg: ExportConfig, spec: InputSpec, train_samples: list, val_s
         return None
     from trainer.station_eval import SceneConfig, station_views
 
-    val = [s for s in val_samples if not s.as_seen][: cfg.station_val_images]
+    rendered = [s for s in val_samples if not s.as_seen]
+    val = [rendered[i] for i in spread(len(rendered), cfg.station_val_images)]
     train_samples = [s for s in train_samples if not s.as_seen]
     rng = np.random.default_rng(1)
     calib = [train_samples[i] for i in rng.permutation(len(train_samples))[: cfg.quantize.calibration_images // 2]]
@@ -202,7 +212,7 @@ def export_bundle(cfg: ExportConfig) -> ExportResult:
         raise FileExistsError(f"{final_dir}: bundle version already exists; pass another --version")
     train_samples, val_samples = _split_samples(run_dir, classes)
     if cfg.val_limit:
-        val_samples = val_samples[: cfg.val_limit]
+        val_samples = [val_samples[i] for i in spread(len(val_samples), cfg.val_limit)]
     val_x, val_y = eval_inputs(val_samples, spec, cfg.workers)
     val_x, val_y = val_x.numpy(), val_y.numpy()
     tmp_dir = final_dir.parent / f".{version}.partial"
@@ -249,7 +259,7 @@ def _export_into(cfg, tmp_dir, model, spec, classes, train_cfg, name, version, t
     arch = train_cfg["arch"]
     fp32_path = export_onnx(model, tmp_dir / "model.fp32.onnx", spec.height, spec.width,
                             input_name=spec.input_name, output_name=spec.output_name, arch=arch)
-    parity_stats = parity(model, fp32_path, val_x[: cfg.parity_images], arch=arch)
+    parity_stats = parity(model, fp32_path, val_x[spread(len(val_x), cfg.parity_images)], arch=arch)
     fp32_logits, fp32_emb = onnx_outputs(fp32_path, val_x)
     if (fp32_reason := non_finite_reason("FP32", fp32_logits)) is not None:
         raise ValueError(f"{cfg.checkpoint}: {fp32_reason}; not exported (a model that outputs NaN cannot be "
