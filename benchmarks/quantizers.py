@@ -31,7 +31,7 @@ if str(REPO) not in sys.path:
 from contract.bundle import load_bundle  # noqa: E402
 from trainer.engine import eval_inputs  # noqa: E402
 from trainer.evaluate import onnx_logits  # noqa: E402
-from trainer.export.bundle import _calibration_inputs, _split_samples  # noqa: E402
+from trainer.export.bundle import _calibration_inputs, _split_samples, spread  # noqa: E402
 from trainer.export.quantize import QuantizeConfig, quantize_qdq  # noqa: E402
 
 
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-dir", type=Path, default=None,
                    help="the bundle's training run (default: its manifest's provenance.run_dir, which is relative to "
                         "where export ran)")
-    p.add_argument("--val-limit", type=int, default=None, help="score on the first N validation images only")
+    p.add_argument("--val-limit", type=int, default=None, help="score on N validation images only, drawn over the whole split as the export draws them")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     p.add_argument("--tag", default=None)
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"{run_dir / 'split.json'}: not found; pass the bundle's training run with --run-dir")
     train_samples, val_samples = _split_samples(run_dir, list(bundle.labels))
     if args.val_limit:
-        val_samples = val_samples[: args.val_limit]
+        val_samples = [val_samples[i] for i in spread(len(val_samples), args.val_limit)]
     val_x, val_y = (t.numpy() for t in eval_inputs(val_samples, spec, args.workers))
     calibration = _calibration_inputs(train_samples, spec, args.calibration_images, args.workers)
     fp32_path = bundle.artifact("onnx-fp32").path
