@@ -120,8 +120,11 @@ def preprocessed(spec, paths: list[Path]) -> np.ndarray:
     return np.stack([pre(read_image(p)) for p in paths])
 
 
-def score_table(bundle, known: tuple, unknown: tuple, unknown_y: np.ndarray, keep: float) -> dict:
-    """Per score: AUROC, false accepts at the threshold keeping ``keep`` of these known items, per held class."""
+def score_table(bundle, known: tuple, unknown: tuple, unknown_y: np.ndarray, keep: float,
+                known_y: np.ndarray | None = None) -> dict:
+    """Per score: AUROC, false accepts at the threshold keeping ``keep`` of these known items, per held class;
+    and the bundle's own threshold: the known items it keeps (per class too, with ``known_y``) and the unknown
+    items it accepts."""
     stats = bundle.open_set.stats
     out = {}
     for kind in openset.SCORES:
@@ -137,6 +140,9 @@ def score_table(bundle, known: tuple, unknown: tuple, unknown_y: np.ndarray, kee
     out["bundle_threshold"] = {"score": bundle.open_set.score, "threshold": t,
                                "known_kept": round(float((k <= t).mean()), 4),
                                "unknown_accepted": round(float((u <= t).mean()), 4)}
+    if known_y is not None:
+        out["bundle_threshold"]["known_kept_per_class"] = {
+            bundle.labels[c]: round(float((k[known_y == c] <= t).mean()), 4) for c in np.unique(known_y)}
     return out
 
 
@@ -345,9 +351,9 @@ def run_fold(fold: int, args, reference: dict | None) -> dict:
               "known_test_accuracy": round(float((out["k_logits"].argmax(1) == out["k_y"]).mean()), 4),
               "known_station_view_accuracy": round(float((out["ks_logits"].argmax(1) == out["ks_y"]).mean()), 4),
               "test_split": score_table(bundle, (out["k_logits"], out["k_emb"]), (out["u_logits"], out["u_emb"]),
-                                        out["u_y"], args.keep),
+                                        out["u_y"], args.keep, out["k_y"]),
               "station_view": score_table(bundle, (out["ks_logits"], out["ks_emb"]),
-                                          (out["us_logits"], out["us_emb"]), out["us_y"], args.keep)}
+                                          (out["us_logits"], out["us_emb"]), out["us_y"], args.keep, out["ks_y"])}
     if args.shots:
         result["enrolment"] = enrolment(fold, bundle_dir, held_names, out, reference, args)
     result["receiving"] = receiving(bundle, out, bundle.labels, np.random.default_rng(fold),
