@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-dir", type=Path, default=None,
                    help="the bundle's training run (default: its manifest's provenance.run_dir, which is relative to "
                         "where export ran)")
-    p.add_argument("--val-limit", type=int, default=None, help="score on N validation images only, drawn over the whole split as the export draws them")
+    p.add_argument("--val-limit", type=int, default=None,
+                   help="score on N validation images only, drawn over the whole split as the export draws them")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     p.add_argument("--tag", default=None)

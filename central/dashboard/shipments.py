@@ -106,7 +106,8 @@ class ShipmentBook:
         self.open: OrderedDict[str, dict[str, Any]] = OrderedDict()     # key -> brief, oldest receipt first
         self.detail: OrderedDict[str, dict[str, Any]] = OrderedDict()   # the newest open_kept: key -> view
         self.closed: OrderedDict[str, dict[str, Any]] = OrderedDict()   # key -> view, oldest closing first
-        self.superseded = 0                # receipts older (by seq) than the one kept: not applied
+        self.superseded = 0                # receipts older (by seq) than the one kept, or than their station's
+        #                                    newest closing (``_closed_since``): not applied
         # station -> (seq, ts) of its newest closing receipt applied: a station has one shipment open at a time, so
         # an open receipt older than that (a late resend) is of a shipment already closed, kept or not
         self.station_closed: OrderedDict[str, tuple[int, float]] = OrderedDict()
