@@ -102,7 +102,8 @@ def procedural_tiles(side: int, per_kind: int, seed: int, kinds: tuple[str, ...]
 
 
 def folder_tiles(folder: str | Path, side: int, per_file: int, seed: int, limit: int = 64) -> np.ndarray:
-    """Random square crops (30-100% of the shorter side) of the jpg/png frames in ``folder``.
+    """Random square crops (30-100% of the shorter side) of the jpg/png frames in ``folder`` (at most ``limit`` of
+    them, drawn at random over all its subfolders).
 
     Raises ValueError naming the folder when it holds no such image, and ImageDecodeError naming
     the file when one cannot be decoded (a half-copied frame should stop a run, not thin the bank).
@@ -113,10 +114,12 @@ def folder_tiles(folder: str | Path, side: int, per_file: int, seed: int, limit:
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in BACKGROUND_EXTENSIONS)
     if not files:
         raise ValueError(f"--backgrounds {folder}: no {'/'.join(sorted(BACKGROUND_EXTENSIONS))} images in it")
+    if len(files) > limit:      # drawn over the folder: sorted by path, the first would be the first cameras' only
+        files = [files[i] for i in sorted(np.random.default_rng(seed + 1).permutation(len(files))[:limit])]
     rng = np.random.default_rng(seed)
     per_file = max(1, min(per_file, limit // len(files)))
     tiles = []
-    for path in files[:limit]:
+    for path in files:
         rgb = read_image(path)
         short = min(rgb.shape[:2])
         for _ in range(per_file):
@@ -126,5 +129,5 @@ def folder_tiles(folder: str | Path, side: int, per_file: int, seed: int, limit:
             window = rgb[top : top + crop, left : left + crop]
             interp = cv2.INTER_AREA if crop > side else cv2.INTER_LINEAR
             tiles.append(cv2.resize(window, (side, side), interpolation=interp).transpose(2, 0, 1))
-    log.info("backgrounds: %d crops from %d frames in %s", len(tiles), min(len(files), limit), folder)
+    log.info("backgrounds: %d crops from %d frames in %s", len(tiles), len(files), folder)
     return np.ascontiguousarray(np.stack(tiles))

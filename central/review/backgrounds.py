@@ -8,8 +8,9 @@
     <out>/backgrounds.json                           counts per camera, the filters, the store
 
 ``trainer.backgrounds.folder_tiles`` walks the folder recursively and cuts random square crops of every
-image; it reads at most 64 files (sorted by path), so ``--per-camera`` keeps a store of many stations
-from filling that with the first cameras' frames. Written beside ``--out`` and renamed into place, like
+image; it reads at most 64 files, drawn at random over the folder (before 2026-12-06 the first 64 by path,
+the first cameras' only). ``--per-camera`` keeps each camera's newest, so old scenes do not outnumber the
+current ones. Written beside ``--out`` and renamed into place, like
 ``labels export``: an interrupted export leaves the previous one whole; an existing ``--out`` is replaced
 only with ``--force``.
 """

@@ -324,6 +324,29 @@ def test_backgrounds_folder_pixels_appear_and_a_bad_file_is_named(canvas, tmp_pa
         station(backgrounds=str(empty))
 
 
+def test_a_backgrounds_folder_of_many_cameras_gives_crops_of_every_camera_not_the_first_ones(tmp_path):
+    # given: an exported backgrounds folder (<site>/<station>/<camera>/<id>.jpg) with more frames than the reader
+    # takes: 40 from each of three cameras, each camera's surface one flat colour
+    import cv2
+
+    from trainer.backgrounds import folder_tiles
+
+    colours = {"cam-a": (200, 30, 30), "cam-b": (30, 200, 30), "cam-c": (30, 30, 200)}
+    for camera, bgr in colours.items():
+        folder = tmp_path / "bg" / "ber1" / "dock" / camera
+        folder.mkdir(parents=True)
+        for i in range(40):
+            cv2.imwrite(str(folder / f"{i:03d}.png"), np.full((48, 64, 3), bgr, np.uint8))
+    # when: the trainer reads at most 64 of the 120
+    tiles = folder_tiles(tmp_path / "bg", side=16, per_file=1, seed=0, limit=64)
+    # then: 64 crops, from all three cameras in about equal shares (sorted by path, the first 64 are cam-a and cam-b)
+    assert len(tiles) == 64
+    rgb = {camera: np.array(bgr[::-1]) for camera, bgr in colours.items()}
+    means = tiles.reshape(len(tiles), 3, -1).mean(2)
+    counts = {camera: int((np.abs(means - c).max(1) < 5).sum()) for camera, c in rgb.items()}
+    assert sum(counts.values()) == 64 and min(counts.values()) >= 12, counts
+
+
 def test_station_view_share_routes_images_between_the_two_paths(canvas):
     u8 = (canvas * 255).round().byte()
     for share in (0.0, 0.5, 1.0):
