@@ -29,9 +29,10 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from contract.bundle import load_bundle  # noqa: E402
+from trainer.data import spread  # noqa: E402
 from trainer.engine import eval_inputs  # noqa: E402
 from trainer.evaluate import onnx_logits  # noqa: E402
-from trainer.export.bundle import _calibration_inputs, _split_samples, spread  # noqa: E402
+from trainer.export.bundle import _calibration_inputs, _split_samples  # noqa: E402
 from trainer.export.quantize import QuantizeConfig, quantize_qdq  # noqa: E402
 
 

@@ -99,7 +99,8 @@ def overview_bytes(docks: int, items: int, closed: int, rng: np.random.Generator
     overview = state.overview(now=4.0)
     return {"docks": docks, "items": items, "closed": closed, "overview_bytes": len(dumps_finite(overview)),
             "shipments_bytes": len(dumps_finite(overview["shipments"])),
-            "listed": len(overview["shipments"]["listed"]), "closed_listed": len(overview["shipments"]["closed_recent"])}
+            "listed": len(overview["shipments"]["listed"]),
+            "closed_listed": len(overview["shipments"]["closed_recent"])}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{e} {row[f'{e}_us']:8.1f} us ({row[f'{e}_ratio']:.2f}x a decision)" for e in ENGINES), flush=True)
     size = overview_bytes(args.overview_docks, 60, 10, rng)
     print(f"overview with {size['docks']} docks' open 60-item shipments and 10 closed: {size['overview_bytes']} B "
-          f"({size['shipments_bytes']} B of shipments: {size['listed']} open and {size['closed_listed']} closed listed)")
+          f"({size['shipments_bytes']} B of shipments: {size['listed']} open and {size['closed_listed']} closed "
+          "listed)")
     if args.out is not None:
         args.out.write_text(json.dumps({"benchmark": "receipt_cost", "rows": rows, "overview": size,
                                         "repeat": args.repeat,

@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 
 from contract.preprocess import read_image
+from trainer.data import spread
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +115,7 @@ def folder_tiles(folder: str | Path, side: int, per_file: int, seed: int, limit:
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in BACKGROUND_EXTENSIONS)
     if not files:
         raise ValueError(f"--backgrounds {folder}: no {'/'.join(sorted(BACKGROUND_EXTENSIONS))} images in it")
-    if len(files) > limit:      # drawn over the folder: sorted by path, the first would be the first cameras' only
-        files = [files[i] for i in sorted(np.random.default_rng(seed + 1).permutation(len(files))[:limit])]
+    files = [files[i] for i in spread(len(files), limit, seed + 1)]     # sorted by path, the first are one camera's
     rng = np.random.default_rng(seed)
     per_file = max(1, min(per_file, limit // len(files)))
     tiles = []

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Hashable, Iterable, Sequence
 
+import numpy as np
+
 from contract.dataset import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_DIR,
@@ -387,6 +389,16 @@ def load_split(path: Path, dataset: Dataset) -> tuple[list[int], list[int]]:
         return [where[p] for p in rows["train"]], [where[p] for p in rows["val"]]
     except (KeyError, TypeError) as exc:
         raise DatasetError(f"{path}: image {exc.args[0]} of the saved split is no longer in {dataset.root}") from exc
+
+
+def spread(count: int, take: int | None, seed: int = 3) -> list[int]:
+    """Indices of ``take`` of ``count`` items drawn at random with ``seed`` (all of them when ``take`` is None or
+    not smaller), in their order. A run's split lists its validation images class by class, and a backgrounds
+    folder its frames camera by camera, so their first N are a few classes' or cameras': every subset of them
+    the export or the trainer takes is drawn with this."""
+    if take is None or take >= count:
+        return list(range(count))
+    return sorted(np.random.default_rng(seed).permutation(count)[: max(0, take)].tolist())
 
 
 def limit_per_class(dataset: Dataset, limit: int, seed: int) -> Dataset:

@@ -115,10 +115,10 @@ class ShipmentBook:
 
     def on_receipt(self, body: dict[str, Any], received_at: float) -> bool:
         """Keep ``body`` (a checked receipt.v1) if it is the newest of its shipment; False when it is older."""
-        key = f"{body['site']}/{body['station']}/{body['shipment']}"
-        kept = self.open.get(key) or self.closed.get(key)
         station = f"{body['site']}/{body['station']}"
-        if kept is not None and body["seq"] <= kept["seq"] or kept is None and self._closed_since(station, body):
+        key = f"{station}/{body['shipment']}"
+        kept = self.open.get(key) or self.closed.get(key)
+        if body["seq"] <= kept["seq"] if kept is not None else self._closed_since(station, body):
             self.superseded += 1
             return False
         view = shipment_view(body, received_at, lines_shown=self.lines_shown, refs_shown=self.refs_shown)

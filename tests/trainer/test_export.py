@@ -382,7 +382,7 @@ def test_the_station_view_set_is_drawn_from_every_class_of_a_split_listed_class_
     counts = np.bincount(rendered[0], minlength=len(classes))
     assert counts.sum() == 60 and counts.min() >= 6 and counts.max() <= 20, counts
     # the same draw for the parity images and --val-limit: spread, in order, all when asked for more
-    picked = bundle_mod.spread(len(samples), 60)
+    picked = data_mod.spread(len(samples), 60)
     assert picked == sorted(set(picked)) and len(picked) == 60
     assert np.bincount([samples[i].label for i in picked], minlength=len(classes)).min() >= 6
-    assert bundle_mod.spread(10, None) == bundle_mod.spread(10, 50) == list(range(10))
+    assert data_mod.spread(10, None) == data_mod.spread(10, 50) == list(range(10))

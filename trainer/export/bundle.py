@@ -29,6 +29,7 @@ from contract.bundle import (
 from contract.messages import dumps_finite
 from contract.preprocess import InputSpec
 from trainer import data as data_mod
+from trainer.data import spread
 from trainer.engine import eval_inputs, load_checkpoint_model
 from trainer.evaluate import (
     compute_metrics,
@@ -94,15 +95,6 @@ def _versions() -> dict:
             "onnxruntime": onnxruntime.__version__, "opset": OPSET}
 
 
-def spread(count: int, take: int | None, seed: int = 3) -> list[int]:
-    """Indices of ``take`` of ``count`` items drawn at random with ``seed`` (all of them when ``take`` is None or
-    not smaller), in their order. A run's split lists its validation images class by class, so its first
-    thousand are one or two classes: every subset of it the export measures on is drawn with this."""
-    if take is None or take >= count:
-        return list(range(count))
-    return sorted(np.random.default_rng(seed).permutation(count)[: max(0, take)].tolist())
-
-
 def _split_samples(run_dir: Path, classes: list[str]) -> tuple[list, list]:
     """Train and val samples of the run, from its saved split (a station's frames marked ``as_seen``)."""
     split = json.loads((run_dir / "split.json").read_text())
@@ -119,8 +111,7 @@ def _calibration_inputs(train_samples: list, spec: InputSpec, count: int, worker
 
     They are held as one N x 3 x H x W float32 array (512 images at 224 px: 308 MB), fine next to the model;
     what grew without bound was the calibrator's intermediate outputs, now one batch at a time (quantize.py)."""
-    rng = np.random.default_rng(0)
-    chosen = [train_samples[i] for i in sorted(rng.permutation(len(train_samples))[:count])]
+    chosen = [train_samples[i] for i in spread(len(train_samples), count, seed=0)]
     return eval_inputs(chosen, spec, workers, desc="preprocess calibration images")[0].numpy()
 
 
@@ -371,8 +362,7 @@ def _open_set(cfg: ExportConfig, spec: InputSpec, fp32_path: Path, train_samples
     on the FP32 model's scores and one on the INT8 model's. The INT8 gate covers the embedding: its median cosine
     to the FP32 embedding on validation images must reach EMBEDDING_COSINE_GATE."""
     val_x, val_y, fp32_logits, fp32_emb, int8_logits, int8_emb = val
-    rng = np.random.default_rng(2)
-    chosen = [train_samples[i] for i in sorted(rng.permutation(len(train_samples))[: cfg.open_set_images])]
+    chosen = [train_samples[i] for i in spread(len(train_samples), cfg.open_set_images, seed=2)]
     fit_x, fit_y = eval_inputs(chosen, spec, cfg.workers, desc="preprocess open-set images")
     fit_emb = onnx_outputs(fp32_path, fit_x.numpy())[1]
     fit_labels = fit_y.numpy()
