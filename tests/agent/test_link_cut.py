@@ -6,30 +6,21 @@ seeded random moments and sometimes stops listening; a subscriber straight on th
 
 from __future__ import annotations
 
-import importlib.util
 import socket
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from benchmark_script import load
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.mqtt
 
 
-def load_soak():
-    spec = importlib.util.spec_from_file_location("link_cut_soak", REPO / "benchmarks" / "link_cut_soak.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["link_cut_soak"] = module     # dataclasses look their module up while the class is created
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_a_station_whose_link_is_cut_every_1_to_2_s_delivers_every_message(mosquitto_bin, tiny_bundle, fmnist_video,
                                                                            tmp_path):
-    soak = load_soak()
+    soak = load("link_cut_soak")
     # given a proxy that cuts every 1-2 s and, after 30% of the cuts (seed 1: 5 in the first 20 s), refuses connects
     plan = soak.CutPlan(cut_every_s=(1.0, 2.0), refuse_chance=0.3, refuse_for_s=(0.2, 2.0), seed=1)
     cfg = soak.SoakConfig(duration_s=20.0, fps=20.0, plan=plan, drain_timeout_s=120.0, deliver_timeout_s=30.0)
@@ -57,7 +48,7 @@ def test_the_soak_catches_a_station_that_deletes_on_send_instead_of_on_puback(mo
     that forgets a message once it is handed to the socket (at most once) loses some at almost every cut."""
     from agent.mqtt import MqttPublisher
 
-    soak = load_soak()
+    soak = load("link_cut_soak")
     send = MqttPublisher._fill_window
 
     def delete_on_send(self, client, last_sent):

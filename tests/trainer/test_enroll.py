@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -169,13 +168,9 @@ def test_an_enrolled_class_is_not_judged_unknown_by_the_bundles_mahalanobis_scor
 def test_the_active_learning_benchmark_scores_an_enrolled_bundle_as_the_station_does(enrolled, fmnist_dir):
     """benchmarks/active_learning.py's pool scoring (the agent's backend and decide code) gives the enrolled
     class its own probability column, and its top-1 is the station's decision."""
-    import importlib.util
+    from benchmark_script import load
 
-    spec = importlib.util.spec_from_file_location(
-        "active_learning", Path(__file__).resolve().parents[2] / "benchmarks" / "active_learning.py")
-    al = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = al                      # its dataclasses look their module up
-    spec.loader.exec_module(al)
+    al = load("active_learning")
     result, _ = enrolled
     bundle = load_bundle(result.bundle_dir)
     paths = sorted((fmnist_dir / "test" / "Trouser").iterdir())[:20] + sorted((fmnist_dir / "test" / "Coat").iterdir())[:20]

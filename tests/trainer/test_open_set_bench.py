@@ -4,18 +4,12 @@ by name."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from benchmark_script import load
 
-REPO = Path(__file__).resolve().parents[2]
-spec = importlib.util.spec_from_file_location("open_set_bench", REPO / "benchmarks" / "open_set.py")
-bench = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = bench
-spec.loader.exec_module(bench)
+bench = load("open_set")
 
 
 def test_reference_recalls_come_from_an_earlier_result(tmp_path):

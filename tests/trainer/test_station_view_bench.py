@@ -4,23 +4,15 @@ exactly (the benchmark itself, with the agent, is not a test)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from benchmark_script import load
 
-REPO = Path(__file__).resolve().parents[2]
-spec = importlib.util.spec_from_file_location("station_view", REPO / "benchmarks" / "station_view.py")
-sv = importlib.util.module_from_spec(spec)
-sys.modules["station_view"] = sv
-spec.loader.exec_module(sv)
-from agent.sim import (
-    scenes,  # noqa: E402
-    score,  # noqa: E402
-)
+from agent.sim import scenes, score
+
+sv = load("station_view")
 
 pytestmark = pytest.mark.skipif(not (scenes.FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists(),
                                 reason="Fashion-MNIST test split not installed")

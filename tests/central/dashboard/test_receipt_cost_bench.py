@@ -4,28 +4,19 @@ with its items, and the script writes every row with its ratio to a decision and
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
+from benchmark_script import load
 
 from contract.messages import ENGINES, checker, dumps_finite
 
 REPO = Path(__file__).resolve().parents[3]
 
 
-def load():
-    spec = importlib.util.spec_from_file_location("receipt_cost", REPO / "benchmarks" / "receipt_cost.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["receipt_cost"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_receipts_are_a_docks_and_stop_growing_at_the_refs_cap(tmp_path):
-    bench = load()
+    bench = load("receipt_cost")
     rng = np.random.default_rng(1)
     sizes = {}
     for items in (100, 2000, 4000):

@@ -9,29 +9,20 @@ because a real retraining per round is the benchmark's minutes-long job.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from benchmark_script import load
 
 from agent.decide import LowConfidencePolicy, PolicyThresholds, classify_batch
 
 REPO = Path(__file__).resolve().parents[3]
 
 
-def load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module   # dataclasses look their module up while the class is created
-    spec.loader.exec_module(module)
-    return module
-
-
-al = load("active_learning", REPO / "benchmarks" / "active_learning.py")
+al = load("active_learning")
 
 
 def classifications(probs: list[list[float]], thresholds: dict[str, float]):
