@@ -87,6 +87,10 @@ class NonFiniteError(ValueError):
     """A JSON text or body carrying NaN or an infinity, which no payload, file or page may hold."""
 
 
+class NestingError(ValueError):
+    """A JSON text nested deeper than the parser goes (its RecursionError, as bad input)."""
+
+
 def _refuse_constant(name: str) -> Any:
     raise NonFiniteError(f"{name} is not a JSON number (non-finite numbers are refused)")
 
@@ -102,10 +106,13 @@ def loads_finite(data: str | bytes | bytearray) -> Any:
     """``json.loads`` that refuses ``NaN``, ``Infinity`` and numbers that overflow to infinity (``1e999``).
 
     Raises ValueError (NonFiniteError for the numbers, json.JSONDecodeError for the syntax,
-    UnicodeDecodeError for bytes that are not UTF-8): every caller already treats ValueError as
-    "refuse this input".
+    UnicodeDecodeError for bytes that are not UTF-8, NestingError for arrays or objects nested deeper than
+    the parser goes): every caller already treats ValueError as "refuse this input".
     """
-    return json.loads(data, parse_constant=_refuse_constant, parse_float=_finite_float)
+    try:
+        return json.loads(data, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except RecursionError:      # "[[[[..." in a few dozen kB: refused like any other bad input, not a crash
+        raise NestingError("arrays or objects nested deeper than the JSON parser goes") from None
 
 
 def dumps_finite(body: Any, **kwargs: Any) -> str:

@@ -400,8 +400,7 @@ class WarehouseState:
                 self._malformed(topic, str(exc), now)
                 return "malformed"
             except Exception as exc:   # noqa: BLE001 - a message must never take the dashboard down
-                log.exception("%s: unexpected error while applying a message", topic)
-                self._malformed(topic, f"{topic}: {type(exc).__name__}: {exc}", now)
+                self._malformed(topic, f"{topic}: {type(exc).__name__}: {exc}", now, unexpected=exc)
                 return "malformed"
             if outcome == "applied":
                 self.counters.applied += 1
@@ -525,14 +524,19 @@ class WarehouseState:
                                                    event["reason"] or "-")
         return "applied"
 
-    def _malformed(self, topic: str, reason: str, now: float) -> None:
+    def _malformed(self, topic: str, reason: str, now: float, unexpected: Exception | None = None) -> None:
+        """Count and keep a refused message; ``unexpected``: an error no check named (logged with its traceback)."""
         self.counters.malformed += 1
         kind = topic.rsplit("/", 1)[-1]
         self.counters.malformed_by_kind[kind] = self.counters.malformed_by_kind.get(kind, 0) + 1
         self.malformed.appendleft({"at": now, "topic": topic, "reason": reason})
         n = self.counters.malformed
         if n <= 20 or n % 100 == 0:      # a flood of bad messages must not flood the log
-            log.warning("malformed message #%d ignored: %s", n, reason)
+            if unexpected is not None:
+                log.error("malformed message #%d ignored, unexpected error while applying it: %s", n, reason,
+                          exc_info=unexpected)
+            else:
+                log.warning("malformed message #%d ignored: %s", n, reason)
 
     # ------------------------------------------------------------ time
 

@@ -66,6 +66,7 @@ from contract.messages import dumps_finite, loads_finite
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).with_name("static")
+STATIC_FILES = frozenset(p.name for p in STATIC.iterdir() if p.is_file())
 MAX_BODY = 64 * 1024
 TOKEN_FILE = "review.token"          # in the store folder: the token made at start when none is given
 MAX_OFFSET = 2 ** 62                 # SQLite's integers are 64-bit
@@ -79,12 +80,14 @@ class FiniteJSONResponse(JSONResponse):
 
     def render(self, content: Any) -> bytes:
         try:
-            return dumps_finite(content, ensure_ascii=False, separators=(",", ":")).encode()
+            text = dumps_finite(content, ensure_ascii=False, separators=(",", ":"))
         except ValueError:
             found: list[str] = []
             cleaned = _finite_or_null(content, "", found)
             log.warning("review http: non-finite number(s) answered as null at %s", ", ".join(found[:5]))
-            return dumps_finite(cleaned, ensure_ascii=False, separators=(",", ":")).encode()
+            text = dumps_finite(cleaned, ensure_ascii=False, separators=(",", ":"))
+        # a lone surrogate (a request's field name echoed in an error) goes out as its JSON escape, \udXXX
+        return text.encode("utf-8", "backslashreplace")
 
 
 def _finite_or_null(value: Any, where: str, found: list[str]) -> Any:
@@ -314,8 +317,8 @@ def _integer(field: str, text: str) -> int:
 
 
 def _error(status: int, message: str, details: dict[str, Any] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message, **(details or {})}, status_code=int(status),
-                        headers={"Cache-Control": "no-store"})
+    return FiniteJSONResponse({"error": message, **(details or {})}, status_code=int(status),
+                              headers={"Cache-Control": "no-store"})
 
 
 def _validation_message(errors: list[dict[str, Any]]) -> str:
@@ -335,9 +338,9 @@ def _validation_message(errors: list[dict[str, Any]]) -> str:
 
 
 def _static(name: str) -> Response:
-    path = (STATIC / name).resolve()
-    if STATIC.resolve() not in path.parents or not path.is_file():
-        return _error(HTTPStatus.NOT_FOUND, f"/static/{name}: not found")
+    path = STATIC / name if name in STATIC_FILES else None     # the page's own files only, by name
+    if path is None or not path.is_file():
+        return _error(HTTPStatus.NOT_FOUND, f"/static/{name[:64]!r}: not found")
     kind = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
     text = kind.startswith("text/") or kind.endswith("javascript")
     return Response(path.read_bytes(), media_type=f"{kind}; charset=utf-8" if text else kind)

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from central.review.labels import _iso, replace_folder
+from central.review.labels import _iso, check_out, replace_folder
 from central.review.store import FrameStore, StoreError, _safe
 
 SUMMARY = "backgrounds.json"
@@ -50,8 +50,7 @@ def export_backgrounds(store: FrameStore, out: Path, *, site: str | None = None,
     Raises StoreError when ``out`` exists without ``force`` or when no stored scene matches the filters
     (an empty folder would only fail the training run later)."""
     out = Path(out)
-    if out.exists() and not force:
-        raise StoreError(f"--out {out}: already exists (pass --force to replace it)")
+    check_out(store, out, SUMMARY, force)
     if per_camera is not None and per_camera < 1:
         raise StoreError(f"--per-camera {per_camera}: must be at least 1")
     scenes = _newest(store.list_empty_scenes(site=site, station=station, camera=camera), per_camera)

@@ -38,6 +38,7 @@ from central.review.store import FrameStore, StoreError
 from contract.dataset import LABELS_FILE, folder_name
 
 CSV_NAME = "reviewed.csv"
+SUMMARY = "export.json"
 COLUMNS = ["path", "label", "frame_id", "site", "station", "camera", "model_name", "model_version", "predicted",
            "confidence", "selected_because", "status", "reviewer", "reviewed_at", "received_at", "sha256",
            "captured_at", "note", "track"]
@@ -57,8 +58,7 @@ def _folder_name(label: str) -> str:
 
 def export_reviewed(store: FrameStore, out: Path, *, force: bool = False) -> dict[str, Any]:
     out = Path(out)
-    if out.exists() and not force:
-        raise StoreError(f"--out {out}: already exists (pass --force to replace it)")
+    check_out(store, out, SUMMARY, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     counts: dict[str, int] = {}
@@ -102,7 +102,7 @@ def export_reviewed(store: FrameStore, out: Path, *, force: bool = False) -> dic
             writer.writerows(rows)
         summary = {"store": str(store.root.resolve()), "exported_at": _iso(time.time()), "frames": len(rows),
                    "by_label": dict(sorted(counts.items())), "left_out": left_out, "csv": CSV_NAME}
-        (tmp / "export.json").write_text(json.dumps(summary, indent=2))
+        (tmp / SUMMARY).write_text(json.dumps(summary, indent=2))
         (tmp / LABELS_FILE).write_text(json.dumps({folder: label for label, folder in sorted(folders.items())},
                                                   indent=2))
         replace_folder(tmp, out)
@@ -110,6 +110,23 @@ def export_reviewed(store: FrameStore, out: Path, *, force: bool = False) -> dic
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return summary
+
+
+def check_out(store: FrameStore, out: Path, summary: str, force: bool) -> None:
+    """An export may write ``out`` only away from the store, and replace (``force``) only an earlier export of its
+    kind (``summary`` in it) or an empty folder: a mistyped ``--out`` must never delete the frames or a folder
+    of someone else's."""
+    target, root = out.resolve(), store.root.resolve()
+    if target == root or target in root.parents or root in target.parents:
+        raise StoreError(f"--out {out}: is, holds or lies inside the frame store {store.root}; write the export to a "
+                         f"folder of its own")
+    if not out.exists() and not out.is_symlink():
+        return
+    if not force:
+        raise StoreError(f"--out {out}: already exists (pass --force to replace it)")
+    if not out.is_dir() or out.is_symlink() or (any(out.iterdir()) and not (out / summary).is_file()):
+        raise StoreError(f"--out {out}: exists and is not an earlier export (no {summary} in it); --force replaces "
+                         f"only an earlier export or an empty folder")
 
 
 def replace_folder(tmp: Path, out: Path) -> None:

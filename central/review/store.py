@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 DB_NAME = "frames.sqlite"
 STATUSES = ("pending", "labelled", "skipped", "new_class", "defect")
 ACTIONS = ("label", "skip", "new_class", "defect", "undo")
+MAX_CLASS_NAME = 128            # characters of a new class's or a defect's name (an exported dataset's folder name)
 # the pending frames of a frame's item (its station, camera and track; this frame too while pending); 0 without one
 ITEM_PENDING = ("(SELECT COUNT(*) FROM frames AS g WHERE f.track IS NOT NULL AND g.site = f.site AND "
                 "g.station = f.station AND g.camera = f.camera AND g.track = f.track AND g.status = 'pending') "
@@ -641,6 +642,11 @@ class FrameStore:
         goes back to pending too. The frame is returned with ``item_frames``: the other frames decided."""
         if action not in ACTIONS:
             raise StoreError(f"field action: {action!r} is not one of {', '.join(ACTIONS)}")
+        try:        # stored as text and exported as folder names and CSV cells: valid Unicode, bounded
+            label = checks.text(label, "label", MAX_CLASS_NAME)
+            reviewer, note = checks.text(reviewer, "reviewer", 256), checks.text(note, "note")
+        except FrameCheckError as exc:
+            raise StoreError(f"frame {frame_id}: {exc}") from None
         label = label.strip() if isinstance(label, str) else label
         with self._lock:
             frame = self.get(frame_id)
@@ -657,8 +663,15 @@ class FrameStore:
                 if label in known["labels"]:
                     raise StoreError(f"frame {frame_id}: field label: {label!r} is already a class of the model; "
                                      f"use action label")
+                if label in known["defects"]:
+                    raise StoreError(f"frame {frame_id}: field label: {label!r} is already a defect class; a new "
+                                     f"product needs another name")
                 status = "new_class"
             elif action == "defect":
+                # a defect class trains as its own class (central.review.labels): never a product's name
+                if label and label in known["labels"] + known["new_classes"]:
+                    raise StoreError(f"frame {frame_id}: field label: {label!r} is a product class; a defect class "
+                                     f"needs a name of its own")
                 status = "defect"
             elif action == "skip":
                 status, label = "skipped", None

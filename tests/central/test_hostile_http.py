@@ -24,7 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from loop_support import LABELS, REPO, real_frames
 
-from central.review.api import TOKEN_FILE, ReviewServer
+from central.review.api import STATIC, TOKEN_FILE, ReviewServer
 from central.review.store import FrameStore
 from central.rollout.publish import BundleServer
 from contract.messages import loads_finite
@@ -258,9 +258,19 @@ NON_FINITE = ("NaN", "Infinity", "-Infinity", "1e999", "-1e400")
 def review_bodies(draw) -> bytes:
     """A review body that must be refused: wrong types, unknown fields, non-finite numbers, bad JSON."""
     kind = draw(st.sampled_from(["wrong type", "unknown field", "non-finite", "not an object", "not JSON",
-                                 "unknown action", "unknown label"]))
+                                 "unknown action", "unknown label", "lone surrogate", "too long", "nested too deeply"]))
     body: dict = {"action": "label", "label": LABELS[0]}
-    if kind == "wrong type":
+    if kind == "lone surrogate":      # valid JSON (json.dumps escapes it), not valid Unicode text to store
+        field = draw(st.sampled_from(["label", "reviewer", "note"]))
+        body.update({"action": draw(st.sampled_from(["label", "new_class", "defect", "skip"])),
+                     field: draw(st.text(max_size=8)) + chr(draw(st.integers(0xD800, 0xDFFF)))})
+    elif kind == "too long":
+        field, limit = draw(st.sampled_from([("label", 128), ("reviewer", 256), ("note", 4096)]))
+        body.update({"action": draw(st.sampled_from(["new_class", "defect", "skip"])), field: "x" * (limit + 1)})
+    elif kind == "nested too deeply":  # deeper than the JSON parser goes, well under the body limit
+        depth = draw(st.sampled_from([5_000, 30_000]))
+        return (b'{"action": "skip", "note": ' + b"[" * depth + b"]" * depth + b"}")
+    elif kind == "wrong type":
         field = draw(st.sampled_from(FIELDS))
         body[field] = draw(JSON_VALUES.filter(lambda v: not isinstance(v, str) and v is not None))
     elif kind == "unknown field":
@@ -300,6 +310,46 @@ def test_a_malformed_review_is_a_400_naming_the_field_and_changes_nothing(review
     assert response.status_code == 400 and re.search(r"\bfield \w+|\bbody\b", error), error
     assert store.get(target) == before
     still_serves_review(client, records)
+
+
+def test_a_nested_body_and_an_odd_static_name_are_4xx_on_every_endpoint_and_the_next_request_is_served(review):
+    server, store, records, client = review
+    nested = b"[" * 30_000 + b"]" * 30_000
+    for path in (review_path(records[1].id), "/api/enrol"):
+        response = client.post(path, content=b'{"label": ' + nested + b"}")
+        assert response.status_code == 400 and "nested" in json_error(response), (path, response.text[:200])
+    for name in ("%00", "a" * 5000, "review.html%00.js", "%2e%2e%2fapi.py", "REVIEW.JS"):
+        response = client.get(f"/static/{name}")
+        assert response.status_code == 404 and json_error(response), (name, response.status_code)
+        assert str(STATIC.resolve()) not in response.text       # the install path stays unsaid
+    assert client.get("/static/review.js").status_code == 200
+    assert store.get(records[1].id)["status"] == "pending"
+    still_serves_review(client, records)
+
+
+def test_a_refused_enrolment_with_a_non_finite_figure_answers_400_with_null(tmp_path):
+    """Fake enroller (the real gate's figures come from a trained bundle; tests/central/loop/test_enrol_review.py):
+    a refusal whose figures hold NaN is still a 400 carrying them, the NaN as null, not a 500."""
+    from central.review.enrol import EnrolRefused
+
+    class Refusing:
+        def describe(self):
+            return {"enabled": True}
+
+        def enrol(self, label, reviewer, max_drop_points, dry_run):
+            raise EnrolRefused("gate refused", {"figures": {"gate": {"drop_points": math.nan, "old": 0.9}}})
+
+    store = FrameStore(tmp_path / "store", labels=LABELS)
+    server = ReviewServer(store, "127.0.0.1", 0, token=TOKEN, enroller=Refusing()).start()
+    try:
+        response = httpx.post(server.url.rstrip("/") + "/api/enrol", json={"label": "Scarf"},
+                              headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
+        assert response.status_code == 400, response.text[:300]
+        body = loads_finite(response.content)
+        assert body["error"] == "gate refused" and body["figures"]["gate"] == {"drop_points": None, "old": 0.9}
+    finally:
+        server.stop()
+        store.close()
 
 
 @settings(max_examples=100)

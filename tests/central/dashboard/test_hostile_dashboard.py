@@ -5,6 +5,7 @@ JSON listing the good stations, and the page is authenticated unless the operato
 from __future__ import annotations
 
 import json
+import logging
 import re
 import subprocess
 import sys
@@ -120,6 +121,27 @@ def test_hostile_station_messages_are_refused_counted_and_the_snapshot_stays_str
     for name, change in (("overview", state.overview(5000.0, rows)), ("stations", {"stations": rows}),
                          ("station", state.station_card(GOOD, 5000.0))):
         loads_finite(sse(name, change).split(b"data: ", 1)[1])
+    message = retopic(station_messages["result"], *GOOD.split("/"))
+    assert state.ingest(message.topic, message.payload, received_at=1002.0) == "applied"
+
+
+def test_deep_nesting_and_negative_counts_are_refused_by_name_and_a_flood_logs_no_traceback(station_messages,
+                                                                                          caplog):
+    """A payload nested deeper than the JSON parser goes, and counters the schema bounds below (two cameras'
+    -1e308 frames dropped would overflow the station's total): refused as named bad input, and a flood of
+    them logs its first 20 and every 100th, without a traceback each."""
+    state = fresh_state(station_messages)
+    stats = json.loads(retopic(station_messages["stats"], *BAD.split("/")).payload)
+    negative = json.dumps({**stats, "frames_dropped": {"a": -1e308, "b": -1e308}}).encode()
+    deep = b"[" * 30_000 + b"]" * 30_000
+    with caplog.at_level(logging.WARNING, logger="central.dashboard.state"):
+        for _ in range(150):
+            assert state.ingest(f"inventory/{BAD}/status", deep, received_at=1001.0) == "malformed"
+            assert state.ingest(f"inventory/{BAD}/stats", negative, received_at=1001.0) == "malformed"
+    snap = strict_snapshot(state)
+    assert snap["counters"]["malformed"] == 300
+    assert "nested deeper" in snap["malformed"][1]["reason"] and "frames_dropped" in snap["malformed"][0]["reason"]
+    assert not [r for r in caplog.records if r.exc_info] and len(caplog.records) == 20 + 3
     message = retopic(station_messages["result"], *GOOD.split("/"))
     assert state.ingest(message.topic, message.payload, received_at=1002.0) == "applied"
 

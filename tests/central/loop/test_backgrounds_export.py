@@ -59,6 +59,29 @@ def test_filters_and_the_newest_per_camera(scene_store, tmp_path):
     assert not (tmp_path / "none").exists()
 
 
+def test_an_out_folder_is_never_the_store_nor_a_folder_that_is_not_an_export(scene_store, tmp_path):
+    """``--force`` replaces an earlier export or an empty folder; never the store, a folder holding it or one
+    inside it, nor a folder of other files (the labels export follows the same rule)."""
+    from central.review.labels import export_reviewed
+
+    store, records = scene_store
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    for export, summary in ((export_backgrounds, "backgrounds.json"), (export_reviewed, "export.json")):
+        for out in (store.root, store.root.parent, store.root / "images", tmp_path / "store" / "new"):
+            with pytest.raises(StoreError, match="is, holds or lies inside the frame store"):
+                export(store, out, force=True)
+        with pytest.raises(StoreError, match=f"is not an earlier export \\(no {summary} in it\\)"):
+            export(store, mine, force=True)
+        (tmp_path / f"empty-{summary}").mkdir()
+        export(store, tmp_path / f"empty-{summary}", force=True)
+        export(store, tmp_path / f"empty-{summary}", force=True)         # an earlier export: replaced
+    assert (mine / "notes.txt").read_text() == "keep me" and sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    assert len(store.list_empty_scenes()) == 9 and store.list()[1] == 3
+    assert all((store.root / s["image"]).is_file() for s in store.list_empty_scenes())
+
+
 def test_the_backgrounds_cli(scene_store, tmp_path, capsys):
     store, _ = scene_store
     out = tmp_path / "bg"

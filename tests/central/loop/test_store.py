@@ -175,6 +175,33 @@ def test_reviews_filters_and_errors(tmp_path):
     assert store.review(b, "undo")["status"] == "pending" and store.get(b)["reviewer"] is None
 
 
+def test_a_class_name_is_one_kind_and_review_text_is_valid_bounded_unicode(tmp_path):
+    """A defect class and a new product class train as separate class folders (central.review.labels): one name
+    is never both, nor a defect a model class. Fields that are not valid Unicode text (a lone surrogate passes
+    JSON) or are too long are refused naming the field; the frame keeps its review."""
+    store = FrameStore(tmp_path / "s", labels=LABELS)
+    records = real_frames(4)
+    for r in records:
+        store.add(r.body, r.blob)
+    a, b, c, d = (r.id for r in records)
+    store.review(a, "defect", label="Torn-Box")
+    with pytest.raises(StoreError, match="field label: 'Torn-Box' is already a defect class"):
+        store.review(b, "new_class", label="Torn-Box")
+    store.review(b, "new_class", label="Scarf")
+    for taken in ("Scarf", LABELS[0]):
+        with pytest.raises(StoreError, match=f"field label: '{taken}' is a product class"):
+            store.review(c, "defect", label=taken)
+    assert store.labels()["new_classes"] == ["Scarf"] and store.labels()["defects"] == ["Torn-Box"]
+    for field, value, why in (("label", "Hat\ud800", "not valid Unicode"), ("note", "\udfff", "not valid Unicode"),
+                              ("reviewer", "ana\udc00", "not valid Unicode"), ("label", "x" * 129, "more than 128"),
+                              ("reviewer", "r" * 257, "more than 256"), ("note", "n" * 4097, "more than 4096")):
+        action = "new_class" if field == "label" else "skip"
+        with pytest.raises(StoreError, match=f"frame {d}: field {field}: .*{why}"):
+            store.review(d, action, **{field: value})
+    assert store.get(d)["status"] == "pending" and store.labels()["new_classes"] == ["Scarf"]
+    assert store.review(d, "new_class", label="x" * 128, note="n" * 4096)["label"] == "x" * 128
+
+
 def test_the_open_walks_the_images_without_the_write_lock_and_keeps_what_commits_meanwhile(tmp_path, monkeypatch):
     """A large store's walk takes seconds: other workers keep writing meanwhile (the walk does not hold SQLite's
     write lock), and a file whose row another worker commits during the walk is kept. The commit is made to
