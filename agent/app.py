@@ -425,21 +425,26 @@ class Agent:
         a final receipt; the status says which, or why not."""
         assert self.inference is not None and self.model is not None
         desk = self.inference.receiving
+        assert self.outbox is not None
         try:
             cmd = ExpectCommand.model_validate(command_json("expect", payload))
-            if cmd.close:
-                shipment = desk.close(cmd.shipment)
-            else:
-                shipment = desk.open(cmd, self.model.current.bundle.labels)
         except ValidationError as exc:
             return self._expect_result(False, _command_errors("expect", exc), None)
-        except ValueError as exc:        # ShipmentError included
+        except ValueError as exc:
             return self._expect_result(False, str(exc), None)
-        # the first receipt (every line short) on opening, the final one on closing
-        body = receipt_body(shipment.receipt(), site=self.cfg.site, station=self.cfg.station, ts=time.time(),
-                            final=cmd.close)
-        assert self.outbox is not None
-        self.outbox.put(Message("receipt", body))
+        with desk.storing:      # no receipt the decide thread worked out before this one is stored after it
+            try:
+                shipment = desk.close(cmd.shipment) if cmd.close else desk.open(cmd, self.model.current.bundle.labels)
+            except ShipmentError as exc:
+                refused = str(exc)
+            else:
+                refused = None
+                # the first receipt (every line short) on opening, the final one on closing
+                body = receipt_body(desk.receipt_of(shipment), site=self.cfg.site, station=self.cfg.station,
+                                    ts=time.time(), final=cmd.close)
+                self.outbox.put(Message("receipt", body))
+        if refused is not None:
+            return self._expect_result(False, refused, None)
         self.metrics.inc("receipts_total")
         self._save_shipment()
         summary = {"id": shipment.id, "state": "closed" if cmd.close else "open", "lines": len(shipment.expected)}

@@ -425,7 +425,8 @@ class PresenceConfig(_Strict):
                                               "area, reaches an ROI edge its largest box did not (it is going out), "
                                               "a box cut by the edge and this many times the smallest since, back "
                                               "over a quarter of the largest, is another item coming in as the "
-                                              "first goes out, with no empty frame between; 0: never split this way.")
+                                              "first goes out, with no empty frame between; 0: never split this way "
+                                              "(else more than 1).")
     whole_views: bool = Field(True, title="Decide on whole views",
                               description="With the localizer: an item is decided on its frames whose box stays off "
                                           "the ROI's edge (all of it in view), when it has any; else on all its "
@@ -435,6 +436,12 @@ class PresenceConfig(_Strict):
     def _empty_class_needed(self) -> "PresenceConfig":
         if self.mode in ("empty_class", "both") and not self.empty_class:
             raise ValueError(f"empty_class: required when mode is {self.mode!r}")
+        if self.min_frames > self.max_frames:       # every item would be cut at max_frames and dropped as noise
+            raise ValueError(f"min_frames: {self.min_frames} is more than max_frames ({self.max_frames}): no item "
+                             f"could ever be decided")
+        if 0 < self.regrow_split <= 1:      # a box shrinking out of view would "regrow" at once: one item split
+            raise ValueError(f"regrow_split: {self.regrow_split} must be 0 (off) or more than 1 (the box grows back "
+                             f"to that many times its smallest)")
         return self
 
     @property

@@ -350,10 +350,7 @@ class InferenceStage(threading.Thread):
         for i, frame in enumerate(batch):
             messages.extend(self._decide(frame, by_position.get(i), runtime, timings,
                                          queue_s=inferred.started - frame.captured_mono))
-        messages.extend(self._due_receipt())
-        if messages:
-            self.outbox.put_many(messages)
-            self._receipt_stored(messages)
+        self._store(messages)
         self.metrics.observe("decide", (time.monotonic() - t2) / len(batch))
         for stage, seconds in timings.items():
             self.metrics.observe(stage, seconds)
@@ -417,9 +414,16 @@ class InferenceStage(threading.Thread):
         for state in self._cameras.values():
             if state.tracker is not None and (decision := state.tracker.flush()) is not None:
                 messages.extend(self._decision_messages(decision))
-        messages.extend(self._due_receipt())
+        self._store(messages)
+
+    def _store(self, messages: list[Message]) -> None:
+        """A batch's messages and the receipt due with them, in one outbox transaction; the receipt is worked out
+        and stored under the desk's ``storing`` lock, as cmd/expect's are (agent/receiving.py)."""
+        with self.receiving.storing:
+            messages = messages + self._due_receipt()
+            if messages:
+                self.outbox.put_many(messages)
         if messages:
-            self.outbox.put_many(messages)
             self._receipt_stored(messages)
 
     def _due_receipt(self) -> list[Message]:

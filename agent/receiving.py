@@ -16,8 +16,9 @@ the model was least sure were that product, and in a large shipment the newest w
 Invariants: one shipment at a time per station (opening another closes nothing: it is refused until the
 open one is closed; reopening the same id with the same lines is a no-op). The desk is shared by the command
 thread (open, close) and the decide thread (prior, record) under one lock. Receipts go through the outbox
-(QoS 1, kept while offline); the open shipment and its tally are saved in station-state.json with each
-receipt, so a restart goes on counting from the last receipt.
+(QoS 1, kept while offline), each worked out and stored under ``storing``, so they are stored in the order
+they describe (never an open receipt after the final one); the open shipment and its tally are saved in
+station-state.json with each receipt, so a restart goes on counting from the last receipt.
 """
 
 from __future__ import annotations
@@ -165,10 +166,12 @@ class Shipment:
                 "totals": totals}
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "expected": self.expected, "opened_at": self.opened_at, "received": self.received,
-                "review": self.review, "unknown": self.unknown, "refs": self.refs, "refs_seen": self.refs_seen,
-                "line_refs_ranked": True,
-                "vouched": self.vouched, "vouched_refs": self.vouched_refs}
+        """A copy to save (the desk calls it under its lock): the decide thread goes on recording into the live
+        dicts while the copy is written out."""
+        return {"id": self.id, "expected": dict(self.expected), "opened_at": self.opened_at,
+                "received": dict(self.received), "review": self.review, "unknown": self.unknown,
+                "refs": {k: list(v) for k, v in self.refs.items()}, "refs_seen": dict(self.refs_seen),
+                "line_refs_ranked": True, "vouched": self.vouched, "vouched_refs": list(self.vouched_refs)}
 
     @classmethod
     def from_json(cls, raw: Any) -> "Shipment":
@@ -187,8 +190,10 @@ class Shipment:
             raise ShipmentError("field shipment.refs: expected label -> list")
         if not (isinstance(seen, dict) and all(isinstance(v, int) and v >= 0 for v in seen.values())):
             raise ShipmentError("field shipment.refs_seen: expected label -> count")
-        if not all(isinstance(n, int) and n >= 0 for n in (review, unknown)) or not isinstance(opened, (int, float)):
-            raise ShipmentError("field shipment.review, shipment.unknown or shipment.opened_at: expected numbers")
+        if not all(isinstance(n, int) and n >= 0 for n in (review, unknown)):
+            raise ShipmentError("field shipment.review or shipment.unknown: expected counts")
+        if isinstance(opened, bool) or not isinstance(opened, (int, float)) or not (0 <= opened < 1e11):
+            raise ShipmentError(f"field shipment.opened_at: {str(opened)[:40]} is not a time in seconds")
         vouched, vouched_refs = raw.get("vouched", 0), raw.get("vouched_refs") or []   # absent: saved before them
         if not (isinstance(vouched, int) and vouched >= 0 and isinstance(vouched_refs, list)
                 and len(vouched_refs) <= vouched):
@@ -199,7 +204,7 @@ class Shipment:
                 continue
             try:        # each ref's doubt: a finite confidence, and a finite score or none (-inf)
                 finite = all(math.isfinite(c) and (math.isfinite(u) or u == -math.inf) for c, u in map(doubt, kept))
-            except (KeyError, TypeError, ValueError, AttributeError):
+            except (KeyError, TypeError, ValueError, AttributeError, OverflowError):    # 10**400: no float
                 finite = False
             if not finite:
                 raise ShipmentError(f"field shipment.refs.{key}: a ref without a finite confidence and unknown score")
@@ -217,6 +222,10 @@ class ReceivingDesk:
         self.clock = clock
         self.shipment: Shipment | None = None
         self._lock = threading.Lock()
+        # held from working out a receipt until it is in the outbox (the decide thread's, and the command
+        # thread's on open and close): an open receipt worked out before a close is stored before the final one
+        # or not at all, so the final receipt always has the higher seq
+        self.storing = threading.Lock()
         self._dirty = False
         self._last_receipt = float("-inf")
 
@@ -270,6 +279,11 @@ class ReceivingDesk:
             if self.shipment is not None:
                 self.shipment.record(decision, decision_id, self.cfg.max_refs)
                 self._dirty = True
+
+    def receipt_of(self, shipment: Shipment) -> dict[str, Any]:
+        """``shipment``'s receipt now (the open one's, or one just closed), read under the desk's lock."""
+        with self._lock:
+            return shipment.receipt()
 
     def due_receipt(self, now: float) -> dict[str, Any] | None:
         """The open shipment's receipt when items were recorded and the interval allows one, else None."""

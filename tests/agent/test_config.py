@@ -103,6 +103,19 @@ def test_duplicate_camera_ids_and_missing_fields(tmp_path):
     assert "camera ids must be unique, repeated: a" in text
 
 
+def test_presence_settings_that_could_never_decide_an_item_or_would_split_every_one_are_refused(tmp_path):
+    """min_frames above max_frames: every item cut at max_frames and dropped as noise, the station decides
+    nothing. regrow_split at or under 1: a box shrinking out of view "regrows" at once, one item split in two."""
+    base = "site: s\nstation: t\nmodel: {bundle: b}\ncameras: [{id: a, uri: x}]\n"
+    for presence, field in (("{min_frames: 5, max_frames: 4}", "min_frames: 5 is more than max_frames (4)"),
+                            ("{regrow_split: 0.5}", "regrow_split: 0.5 must be 0 (off) or more than 1"),
+                            ("{regrow_split: 1}", "regrow_split: 1.0 must be 0 (off) or more than 1")):
+        path = _device(tmp_path, base + f"decisions: {{presence: {presence}}}\n")
+        assert any(field in problem for problem in validate_file(path)), (presence, validate_file(path))
+    for fine in ("{min_frames: 4, max_frames: 4}", "{regrow_split: 0}", "{regrow_split: 1.01}"):
+        assert validate_file(_device(tmp_path, base + f"decisions: {{presence: {fine}}}\n")) == [], fine
+
+
 def test_defaults_layer_with_a_typo_is_reported(tmp_path):
     path = tmp_path / "defaults.yaml"
     path.write_text("mqtt: {hots: x}\nframes: {jpeg_quality: 5}\nbogus: 1\n")

@@ -10,6 +10,7 @@ ends at once, so the stage's own threads are idle and only the test's items are 
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import numpy as np
@@ -295,6 +296,68 @@ def test_a_shipment_over_mqtt_receipts_count_every_class_and_survive_a_restart(b
         agent.shutdown(10)
         operator.close()
         dash.close()
+
+
+def test_a_receipt_worked_out_before_a_close_is_never_stored_after_the_final_one(broker, tiny_bundle, fmnist_video,
+                                                                                 tmp_path, monkeypatch):
+    """The decide thread works out a receipt, then stores it with its batch; a cmd/expect close in between must
+    not store the final receipt first (the dashboard keeps the highest seq: the shipment would show open for
+    good). The decide thread's write is held (as a slow fsync would) until the close has had its chance."""
+    cfg = station_cfg(tmp_path, broker, tiny_bundle, fmnist_video)
+    dash = Subscriber(broker.host, broker.port, ROOT)
+    agent = start(cfg, dash)
+    try:
+        assert agent.expect(json.dumps({"shipment": "PO-1", "lines": {"Dress": 2}}).encode())
+        outbox, held, go = agent.outbox, threading.Event(), threading.Event()
+        real_put_many = outbox.put_many
+
+        def slow_put_many(messages):
+            if threading.current_thread() is decider and any(m.kind == "receipt" for m in messages):
+                held.set()
+                assert go.wait(30)
+            return real_put_many(messages)
+
+        monkeypatch.setattr(outbox, "put_many", slow_put_many)
+        decider = threading.Thread(target=item, args=(agent, row(Dress=0.9), 1))
+        decider.start()
+        assert held.wait(30), "the decide thread stored no receipt"
+        closed = []
+        closer = threading.Thread(target=lambda: closed.append(agent.expect(b'{"shipment": "PO-1", "close": true}')))
+        closer.start()
+        closer.join(0.5)
+        assert closer.is_alive(), "the close stored its final receipt while an earlier receipt was being stored"
+        go.set()
+        decider.join(30)
+        closer.join(30)
+        assert closed == [True]
+        final = receipt_with(dash, lambda r: r["final"] is True)
+        assert final["items"] == 1 and final["state"] == "closed"
+        receipts = [r for r in bodies(dash, "receipt") if r["shipment"] == "PO-1"]
+        assert [r["final"] for r in sorted(receipts, key=lambda r: r["seq"])] == [False, False, True], receipts
+    finally:
+        agent.shutdown(10)
+        dash.close()
+
+
+def test_a_saved_shipment_is_a_copy_and_a_bad_one_is_refused_by_name():
+    """station-state.json gets a copy made under the desk's lock (the decide thread records on while it is
+    written out); a saved shipment with numbers no float holds, or a time that is not one, is refused naming
+    the field, never an OverflowError at start-up."""
+    desk = ReceivingDesk(ReceivingConfig())
+    desk.open(ExpectCommand(shipment="S-1", lines={"Shirt": 1}), LABELS)
+    saved = desk.saved()
+    shirt = ItemDecision("cam", 1, "Shirt", 6, 0.9, 1.0, 1, 1.0, 1.0, "default", False, (), (("Shirt", 0.9),), (1, 1))
+    desk.record(shirt, "00000000-0000-4000-8000-000000000001")
+    desk.record(coat(2, 0.9, None), "00000000-0000-4000-8000-000000000002")
+    assert saved["received"] == {} and saved["refs"] == {} and desk.saved()["received"] == {"Shirt": 1, "Coat": 1}
+    good = desk.saved()
+    assert Shipment.from_json(good).receipt()["items"] == 2
+    ref = good["refs"]["Coat"][0]
+    for bad, field in (({"opened_at": 10 ** 400}, "opened_at"), ({"opened_at": True}, "opened_at"),
+                       ({"opened_at": -5.0}, "opened_at"), ({"opened_at": "today"}, "opened_at"),
+                       ({"refs": {**good["refs"], "Coat": [{**ref, "confidence": 10 ** 400}]}}, "refs.Coat")):
+        with pytest.raises(ShipmentError, match=f"field shipment.{field}"):
+            Shipment.from_json({**good, **bad})
 
 
 def test_a_receipt_lists_at_most_max_refs_per_line_and_counts_the_rest():
