@@ -14,7 +14,7 @@ import signal
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -41,7 +41,7 @@ from agent.receiving import Shipment, ShipmentError, receipt_body
 from agent.sources.base import FrameSource
 from agent.sources.camera import CameraWorker, FrameHub, Watchdog
 from agent.state import STATE_FILE, StationState
-from agent.update import FETCH_DEADLINE_S, ModelCommand, verify_command_bundle
+from agent.update import FETCH_DEADLINE_S, ModelCommand, fetch_verified
 from contract.bundle import (
     Bundle,
     BundleError,
@@ -119,7 +119,7 @@ class EngineCachePolicy:
         keeps classifying while an engine builds (minutes on a Jetson).
         """
         from agent.backends import tensorrt_available
-        from agent.engine_cache import EngineCacheError, ensure_engine, probe_device
+        from agent.engine_cache import ensure_engine, probe_device
 
         present = tensorrt_available() if tensorrt_present is None else tensorrt_present
         if cfg.model.backend == "onnxruntime" or not (present or cfg.model.backend == "tensorrt"):
@@ -127,7 +127,7 @@ class EngineCachePolicy:
         try:
             result = ensure_engine(bundle, self.cache_dir, self.precision, max_batch=cfg.model.batch_size,
                                    device=device or probe_device(), builder=builder)
-        except EngineCacheError as exc:
+        except Exception as exc:    # EngineCacheError, and the builder's or the disk's own (CUDA, ENOSPC)
             if cfg.model.backend == "tensorrt":
                 raise BackendError(f"model.backend tensorrt: {exc}") from exc
             log.warning("no TensorRT engine for %s %s (%s); it will run on ONNX Runtime",
@@ -219,6 +219,9 @@ class Agent:
             bundle = load_bundle(str(where), self.public_key)
             if bundle.version != version:
                 raise BundleError(f"{where}: field version: {bundle.version!r}, installed as {version!r}")
+            pinned = self.state.model.get("sha256")
+            if pinned and bundle.manifest_sha256 != pinned:     # its folder was replaced since it was installed
+                raise BundleError(f"{where}: manifest sha256 {bundle.manifest_sha256}, installed as {pinned}")
             engine = self.engine_cache.engine_for(self.cfg, bundle) if self.engine_cache is not None else None
             runtime = build_runtime(self.cfg, bundle, engine)
         except Exception as exc:   # whatever is wrong with it, the configured bundle runs instead
@@ -501,17 +504,23 @@ class Agent:
         """Verify, build and warm the new model off the hot path, then swap; on any failure keep the old one."""
         assert self.model is not None
         old = self.model.current.bundle
+        incoming = None
         try:
             cmd = ModelCommand.parse(payload)
-            bundle = verify_command_bundle(cmd, self.cfg.model.download_dir, self.public_key,
-                                           self.fetch_deadline_s)
-            engine = self.engine_cache.engine_for(self.cfg, bundle) if self.engine_cache is not None else None
-            runtime = build_runtime(self.cfg, bundle, engine)
+            incoming = fetch_verified(cmd, self.cfg.model.download_dir, self.public_key, self.fetch_deadline_s)
+            engine = (self.engine_cache.engine_for(self.cfg, incoming.bundle) if self.engine_cache is not None
+                      else None)
+            runtime = build_runtime(self.cfg, incoming.bundle, engine)
+            # installed only once it runs: a refused bundle never replaces an installed (or the running) copy
+            bundle = incoming.install(self.cfg.model.download_dir, self.public_key)
+            runtime = replace(runtime, bundle=bundle)
         except Exception as exc:  # whatever the payload or the bundle does, the old model stays and the status says why
             expected = isinstance(exc, (BundleError, BackendError, ConfigError))
             reason = str(exc) if expected else f"cmd/model: {type(exc).__name__}: {exc}"
             (log.error if expected else log.exception)("model update rejected, keeping %s %s: %s", old.name,
                                                         old.version, reason)
+            if incoming is not None:
+                incoming.discard()
             self.last_update = {"ok": False, "reason": reason[:2000], "ts": round(time.time(), 6),
                                 "running": {"name": old.name, "version": old.version}}
             self.metrics.inc("model_updates_rejected_total")

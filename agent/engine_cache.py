@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 Precision = Literal["fp16", "int8"]
 ENGINE_FILE = "engine.plan"
 KEY_FILE = "key.json"
-KEY_FORMAT = 1
+KEY_FORMAT = 2         # 2: the input's height and width in the key (an ONNX model with symbolic H and W)
 
 
 class EngineCacheError(Exception):
@@ -67,6 +67,8 @@ class EngineKey:
     compute_capability: str
     precision: Precision
     max_batch: int
+    input_height: int = 0       # the optimization profile's input (the manifest's), for a model with symbolic H, W
+    input_width: int = 0
 
     def digest(self) -> str:
         """sha256 over the canonical JSON of every field (and the key format)."""
@@ -126,7 +128,8 @@ def engine_key(bundle: Bundle, device: DeviceInfo, precision: Precision, max_bat
         raise EngineCacheError(f"max_batch: expected >= 1, got {max_batch}")
     onnx = choose_onnx(bundle, precision)
     return EngineKey(onnx_sha256=sha256_file(onnx.path), tensorrt_version=device.tensorrt_version,
-                     compute_capability=device.compute_capability, precision=precision, max_batch=max_batch)
+                     compute_capability=device.compute_capability, precision=precision, max_batch=max_batch,
+                     input_height=bundle.input_spec.height, input_width=bundle.input_spec.width)
 
 
 def entry_dir(cache_dir: Path, key: EngineKey) -> Path:

@@ -36,7 +36,6 @@ from agent.config import AgentConfig, ConfigError, load_config
 from agent.engine_cache import (
     Builder,
     DeviceInfo,
-    EngineCacheError,
     EngineResult,
     ensure_engine,
     probe_device,
@@ -136,7 +135,7 @@ def prepare_engine(cfg: AgentConfig, bundle: Bundle, cache_dir: Path, precision:
         device = device or probe_device()
         result = ensure_engine(bundle, cache_dir, precision, max_batch=cfg.model.batch_size, device=device,
                                builder=builder)
-    except EngineCacheError as exc:
+    except Exception as exc:    # EngineCacheError, and the builder's or the disk's own (CUDA, ENOSPC)
         if cfg.model.backend == "tensorrt":
             raise StartupError(f"model.backend tensorrt: {exc}") from exc
         log.warning("no TensorRT engine (%s); the agent will run ONNX Runtime", exc)

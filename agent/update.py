@@ -189,12 +189,13 @@ def _fetch_into(base: str, target: Path, sha256: str | None, deadline: _Deadline
         _download(urljoin(base, rel), dest, entry["size"], deadline, exact=True)
 
 
-def install_bundle(incoming: Path, download_dir: Path, version: str) -> Path:
-    """Move a verified download to ``download_dir/<version>``, replacing an older copy in one rename."""
-    target = download_dir / version
+def install_bundle(incoming: Path, download_dir: Path, name: str, version: str) -> Path:
+    """Move a verified download to ``download_dir/<name>/<version>``, replacing an older copy in one rename."""
+    target = download_dir / name / version
+    target.parent.mkdir(parents=True, exist_ok=True)
     old = None
     if target.exists():
-        old = download_dir / f".old-{version}-{uuid.uuid4().hex[:8]}"
+        old = download_dir / f".old-{name}-{version}-{uuid.uuid4().hex[:8]}"
         target.rename(old)
     incoming.rename(target)
     if old is not None:
@@ -202,43 +203,67 @@ def install_bundle(incoming: Path, download_dir: Path, version: str) -> Path:
     return target
 
 
-def verify_command_bundle(cmd: ModelCommand, download_dir: Path, public_key: Any | None,
-                          deadline_s: float = FETCH_DEADLINE_S) -> Bundle:
-    """Fetch and fully verify the bundle a command names; BundleError says why it is refused.
+@dataclass(frozen=True)
+class Incoming:
+    """A bundle a command named, verified where it lies (a download: its own ``.incoming-*`` folder), not yet
+    installed: the station builds and warms its model from here, and only a bundle that runs is installed."""
 
-    A download is verified in a temporary folder and only then installed as ``download_dir/<version>``;
-    a refused one is deleted, so nothing already installed is touched.
-    """
+    bundle: Bundle
+    downloaded: bool
+
+    def install(self, download_dir: Path, public_key: Any | None) -> Bundle:
+        """The bundle from its installed place (a path named in the command stays where it is)."""
+        if not self.downloaded:
+            return self.bundle
+        name, version = self.bundle.name, self.bundle.version
+        try:
+            installed = install_bundle(self.bundle.root, download_dir, name, version)
+        except OSError as exc:
+            self.discard()
+            raise BundleError(f"{download_dir / name / version}: cannot install the bundle "
+                              f"({exc.strerror or exc})") from exc
+        bundle = load_bundle(installed, public_key)
+        if bundle.manifest_sha256 != self.bundle.manifest_sha256:
+            raise BundleError(f"{installed}: its manifest changed while it was installed")
+        return bundle
+
+    def discard(self) -> None:
+        """A refused download goes; nothing installed was touched."""
+        if self.downloaded:
+            shutil.rmtree(self.bundle.root, ignore_errors=True)
+
+
+def fetch_verified(cmd: ModelCommand, download_dir: Path, public_key: Any | None,
+                   deadline_s: float = FETCH_DEADLINE_S) -> Incoming:
+    """Fetch and fully verify the bundle a command names, without installing it; BundleError says why not."""
     downloaded = urlparse(cmd.bundle).scheme in ("http", "https")
     root = fetch_bundle(cmd.bundle, download_dir, cmd.version, sha256=cmd.sha256, deadline_s=deadline_s)
     try:
-        bundle = _verify(cmd, root, public_key)
+        return Incoming(_verify(cmd, root, public_key), downloaded)
     except BaseException:
         if downloaded:
             shutil.rmtree(root, ignore_errors=True)
         raise
-    if not downloaded:
-        return bundle
-    try:
-        installed = install_bundle(root, download_dir, bundle.version)
-    except OSError as exc:
-        shutil.rmtree(root, ignore_errors=True)
-        raise BundleError(f"{download_dir / bundle.version}: cannot install the bundle ({exc.strerror or exc})") from exc
-    return load_bundle(installed, public_key)
+
+
+def verify_command_bundle(cmd: ModelCommand, download_dir: Path, public_key: Any | None,
+                          deadline_s: float = FETCH_DEADLINE_S) -> Bundle:
+    """Fetch, fully verify and install the bundle a command names; BundleError says why it is refused.
+
+    A download is verified in a temporary folder and only then installed as ``download_dir/<name>/<version>``;
+    a refused one is deleted, so nothing already installed is touched. The station itself installs only after
+    the model has been built and warmed (``fetch_verified``, ``Incoming.install``)."""
+    return fetch_verified(cmd, download_dir, public_key, deadline_s).install(download_dir, public_key)
 
 
 def _verify(cmd: ModelCommand, root: Path, public_key: Any | None) -> Bundle:
-    manifest_path = (root.parent if root.name == MANIFEST else root) / MANIFEST
-    if cmd.sha256 is not None:
-        try:
-            if manifest_path.stat().st_size > MANIFEST_MAX_BYTES:
-                raise BundleError(f"{manifest_path}: more than a manifest's {MANIFEST_MAX_BYTES} bytes")
-            digest = hashlib.sha256(manifest_path.read_bytes()).hexdigest()
-        except OSError as exc:
-            raise BundleError(f"{manifest_path}: cannot read ({exc.strerror or exc})") from exc
-        if digest != cmd.sha256:
-            raise BundleError(f"{manifest_path}: sha256 {digest} does not match the command's {cmd.sha256}")
+    """The bundle at ``root``, its manifest checked against the command's sha256 on the very bytes it was parsed
+    from (a folder that changes between a check and a load cannot slip another manifest in)."""
     bundle = load_bundle(root, public_key)
+    manifest_path = bundle.root / MANIFEST
+    if cmd.sha256 is not None and bundle.manifest_sha256 != cmd.sha256:
+        raise BundleError(f"{manifest_path}: sha256 {bundle.manifest_sha256} does not match the command's "
+                          f"{cmd.sha256}")
     if cmd.version is not None and bundle.version != cmd.version:
         raise BundleError(f"{manifest_path}: field version: {bundle.version!r}, the command expects {cmd.version!r}")
     return bundle

@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import stat
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
@@ -42,6 +44,19 @@ def manifest_schema() -> dict[str, Any]:
     return json.loads(text)
 
 
+def read_small_file(path: Path, limit: int, what: str) -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes (OSError for an unreadable one, BundleError for one
+    too large or not a regular file: a FIFO or a link to /dev/zero reports size 0 and would never end a read)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))     # a FIFO opens at once, then is refused
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise BundleError(f"{path}: not a regular file")
+        data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise BundleError(f"{path}: more than {what}'s {limit} bytes")
+    return data
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -69,6 +84,7 @@ class Bundle:
     manifest: dict[str, Any]
     artifacts: tuple[Artifact, ...]
     signed: bool = False
+    manifest_sha256: str = ""       # of the manifest bytes this bundle was parsed from (what cmd/model pins)
     input_spec: InputSpec = field(init=False)
     open_set: Any = field(init=False)   # contract.openset.OpenSet, or None for a bundle without an open_set block
 
@@ -207,9 +223,7 @@ def _check_signature(root: Path, manifest_bytes: bytes, public_key: Any | None) 
         log.warning("%s: signature present but no public key configured; not checked", sig_path)
         return False
     try:
-        if sig_path.stat().st_size > SIGNATURE_MAX_BYTES:
-            raise BundleError(f"{sig_path}: more than {SIGNATURE_MAX_BYTES} bytes, not an ed25519 signature")
-        public_key.verify(sig_path.read_bytes(), manifest_bytes)
+        public_key.verify(read_small_file(sig_path, SIGNATURE_MAX_BYTES, "an ed25519 signature"), manifest_bytes)
     except OSError as exc:
         raise BundleError(f"{sig_path}: cannot read ({exc.strerror or exc})") from exc
     except InvalidSignature as exc:
@@ -260,16 +274,14 @@ def load_bundle(path: str | Path, public_key: Any | None = None, *, verify_files
     if not root.is_dir():
         raise BundleError(f"{root}: bundle folder does not exist")
     try:
-        if manifest_path.stat().st_size > MANIFEST_MAX_BYTES:
-            raise BundleError(f"{manifest_path}: {manifest_path.stat().st_size} bytes, more than a manifest's "
-                              f"{MANIFEST_MAX_BYTES}")
-        manifest_bytes = manifest_path.read_bytes()
+        manifest_bytes = read_small_file(manifest_path, MANIFEST_MAX_BYTES, "a manifest")
     except OSError as exc:
         raise BundleError(f"{manifest_path}: cannot read ({exc.strerror or exc})") from exc
     manifest = parse_manifest(manifest_bytes, manifest_path)
     signed = _check_signature(root, manifest_bytes, public_key)
     artifacts = _artifacts(manifest, root, verify_files)
-    return Bundle(root=root, manifest=manifest, artifacts=artifacts, signed=signed)
+    return Bundle(root=root, manifest=manifest, artifacts=artifacts, signed=signed,
+                  manifest_sha256=hashlib.sha256(manifest_bytes).hexdigest())
 
 
 def artifact_entry(path: Path, root: Path, **fields: Any) -> dict[str, Any]:

@@ -49,9 +49,14 @@ class RolloutHistory:
         return None
 
     def location_of(self, version: str, station: str | None = None) -> str | None:
-        """Where ``version`` was published: recorded directly, else beside a version of the same tree."""
-        for info in self.data["bundles"].values():
-            if info["version"] == version:
-                return info["bundle"]
+        """Where ``version`` was published: where the station itself got it (the model it ran), else the one
+        bundle of that version recorded (None when several models have it: which one is not known), else beside
+        a version of the same tree."""
+        for entry in reversed(self.entries(station) if station else []):
+            if entry["version"] == version:
+                return entry["bundle"]
+        found = {info["bundle"] for info in self.data["bundles"].values() if info["version"] == version}
+        if found:
+            return found.pop() if len(found) == 1 else None
         entries = self.entries(station) if station else [e for es in self.data["stations"].values() for e in es]
         return sibling_location(entries[-1]["bundle"], version) if entries else None

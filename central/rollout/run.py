@@ -142,6 +142,12 @@ class Rollout:
         if not outcome.ok:
             self._halt(f"canary {canary}: {outcome.reason}", [canary])
             return False
+        if plan.policy is not None and outcome.before == plan.bundle.version:
+            # already on it (an earlier run reached it): its stats judge the version against itself, and a
+            # failed watch would "roll back" to the same version
+            self._halt(f"canary {canary} already runs {plan.bundle.version}: its stats are no baseline for it; "
+                       f"name another canary, or roll it back first ('python -m central rollback')", [canary])
+            return False
         self._emit("canary", True, f"{canary} runs {plan.bundle.version}"
                    + (f"; watching it for {plan.policy.watch_s:.0f} s" if plan.policy else ""), [canary],
                    {"before": outcome.before, "after": outcome.after})
@@ -177,7 +183,7 @@ class Rollout:
         return judge_canary(self._baseline, after, self.plan.bundle.version, policy)
 
     def _rollback_canary(self, canary: str, before: str | None) -> str:
-        if before is None:
+        if before is None or before == self.plan.bundle.version:
             return "its previous version is unknown: roll it back with 'python -m central rollback'"
         try:
             location = self.history.location_of(before, canary) or sibling_location(self.plan.bundle.location, before)

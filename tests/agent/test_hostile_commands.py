@@ -461,4 +461,4 @@ def test_a_good_served_bundle_still_installs(http_bundles, tmp_path):
     url = http_bundles.add_bundle("good", tmp_path)
     bundle = verify_command_bundle(command(url, manifest_sha(http_bundles, "good"), "good"), tmp_path / "dl", None,
                                    deadline_s=30)
-    assert bundle.root == tmp_path / "dl" / "good" and bundle.version == "good"
+    assert bundle.root == tmp_path / "dl" / bundle.name / "good" and bundle.version == "good"

@@ -111,7 +111,7 @@ def test_update_from_an_http_url(live_agent, broker, tiny_bundle, tmp_path):
             last_status(dashboard)
     finally:
         server.shutdown()
-    assert (tmp_path / "downloads" / "tiny-4" / "model.fp32.onnx").exists()
+    assert (tmp_path / "downloads" / "tiny" / "tiny-4" / "model.fp32.onnx").exists()
 
 
 def test_stats_topic_and_prometheus_endpoint(live_agent):

@@ -9,7 +9,7 @@ import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from agent_support import as_config, station_config
+from agent_support import as_config, make_onnx_bundle, station_config
 from test_reload import ROOT, bundle_version, last_status, send, sha
 
 from agent.app import Agent
@@ -85,7 +85,7 @@ def test_a_refused_download_leaves_the_installed_copy_of_that_version_intact(tin
         agent = restarted(cfg)
         good_sha = sha(served)
         assert update(agent, served, "tiny-2", url)
-        installed = tmp_path / "downloads" / "tiny-2"
+        installed = tmp_path / "downloads" / "tiny" / "tiny-2"
         before = (installed / "model.fp32.onnx").read_bytes()
         # the same version again, but the server's copy was tampered with: refused, and the running
         # model's files on disk are untouched
@@ -94,13 +94,46 @@ def test_a_refused_download_leaves_the_installed_copy_of_that_version_intact(tin
         ok = agent.reload_model(json.dumps({"bundle": url, "sha256": good_sha, "version": "tiny-2"}).encode())
         assert not ok and "model.fp32.onnx" in agent.last_update["reason"]
         assert (installed / "model.fp32.onnx").read_bytes() == before
-        assert [p.name for p in (tmp_path / "downloads").iterdir()] == ["tiny-2"]   # no partial download left
+        assert [p.name for p in (tmp_path / "downloads").iterdir()] == ["tiny"]     # no partial download left
         assert restarted(cfg).model.current.bundle.version == "tiny-2"
     finally:
         server.shutdown()
 
 
 @pytest.mark.mqtt
+def test_a_bundle_refused_at_warm_up_never_replaces_an_installed_one_nor_runs_after_a_restart(tiny_bundle,
+                                                                                              fmnist_video, tmp_path):
+    """A download verifies, but its model fails the warm-up (NaN logits): it is refused, and it was never installed
+    over the running copy of the same version (another model, onnx-tiny, of version tiny-2 here). Installed
+    bundles are kept per name and version, and a restart runs what the state's manifest sha256 pinned."""
+    www = tmp_path / "www"
+    good = bundle_version(tiny_bundle, www / "tiny" / "tiny-2", "tiny-2")
+    bad = make_onnx_bundle(www, nan="always", version="tiny-2")              # www/onnx-tiny/tiny-2
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(www))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        cfg = config(tmp_path, tiny_bundle, fmnist_video)
+        agent = restarted(cfg)
+        assert agent.reload_model(json.dumps({"bundle": f"{url}/tiny/tiny-2/", "sha256": sha(good),
+                                              "version": "tiny-2"}).encode())
+        installed = tmp_path / "downloads" / "tiny" / "tiny-2"
+        before = (installed / "manifest.json").read_bytes()
+        ok = agent.reload_model(json.dumps({"bundle": f"{url}/onnx-tiny/tiny-2/", "sha256": sha(bad),
+                                            "version": "tiny-2"}).encode())
+        assert not ok and "non-finite" in agent.last_update["reason"]
+        assert (installed / "manifest.json").read_bytes() == before
+        assert sorted(p.name for p in (tmp_path / "downloads").iterdir()) == ["tiny"]    # the refused one: gone
+        again = restarted(cfg)
+        assert (again.model.current.bundle.name, again.model.current.bundle.version) == ("tiny", "tiny-2")
+        # the installed folder replaced behind the station's back (another manifest): not run after a restart
+        (installed / "manifest.json").write_bytes(before.replace(b'"tiny-2"', b'"tiny-2" ', 1))
+        assert restarted(cfg).model.current.bundle.version == "tiny-1"
+    finally:
+        server.shutdown()
+
+
 def test_thresholds_set_by_command_survive_a_restart(broker, tiny_bundle, fmnist_video, tmp_path):
     cfg = config(tmp_path, tiny_bundle, fmnist_video, broker.port,
                  cameras=[{"id": "cam-a", "uri": str(fmnist_video), "loop": True, "fps": 25,

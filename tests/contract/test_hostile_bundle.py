@@ -117,6 +117,23 @@ def test_huge_and_deeply_nested_manifests_are_refused(good_bundle):
         load_bundle(path.parent)
 
 
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero"])
+def test_a_manifest_or_signature_that_is_not_a_regular_file_is_refused_at_once(good_bundle, kind):
+    """A FIFO or a link to /dev/zero reports size 0, so a size check passes and a read would never end (a hung
+    command thread, memory without bound): refused naming the file, before any read."""
+    import os
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    for name in (MANIFEST, "manifest.json.sig"):
+        path = load_with(good_bundle, (good_bundle / MANIFEST).read_bytes()).parent / name
+        path.unlink(missing_ok=True)
+        os.mkfifo(path) if kind == "fifo" else path.symlink_to("/dev/zero")
+        key = Ed25519PrivateKey.generate().public_key() if name != MANIFEST else None
+        with pytest.raises(BundleError, match=f"{path}: not a regular file"):
+            load_bundle(path.parent, key)
+
+
 def test_an_input_size_no_station_can_allocate_is_refused(good_bundle):
     manifest = manifest_of(good_bundle)
     manifest["input"]["height"] = 10**12

@@ -51,7 +51,7 @@ def test_first_start_builds_and_a_restart_with_the_same_key_does_not(bundle, tmp
     assert trt.requests[0].input_spec.height == 48
 
 
-@pytest.mark.parametrize("change", ["tensorrt", "gpu", "onnx", "precision", "batch"])
+@pytest.mark.parametrize("change", ["tensorrt", "gpu", "onnx", "precision", "batch", "input size"])
 def test_any_change_of_the_key_rebuilds_and_never_serves_the_stale_engine(change, bundle, tmp_path):
     cache, trt = tmp_path / "engines", FakeTensorRT()
     old = ensure_engine(bundle, cache, "fp16", max_batch=8, device=ORIN, builder=trt)
@@ -64,6 +64,12 @@ def test_any_change_of_the_key_rebuilds_and_never_serves_the_stale_engine(change
         other = load_bundle(make_bundle(tmp_path / "m2", version="v2", onnx_bytes=b"retrained"))
     elif change == "precision":
         precision = "int8"
+    elif change == "input size":     # the same ONNX bytes (symbolic H and W), a manifest asking for 64 px
+        folder = make_bundle(tmp_path / "m3")
+        manifest = json.loads((folder / "manifest.json").read_text())
+        manifest["input"].update(height=64, width=64, resize_shorter=64)
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+        other = load_bundle(folder)
     else:
         batch = 16
     new = ensure_engine(other, cache, precision, max_batch=batch, device=device, builder=trt)

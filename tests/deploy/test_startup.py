@@ -146,14 +146,32 @@ def test_backend_tensorrt_without_tensorrt_cannot_start(tmp_path, bundle_dir, ca
     assert "model.backend tensorrt: TensorRT is not installed" in caplog.text
 
 
-def test_backend_auto_falls_back_to_onnxruntime_when_the_build_fails(tmp_path, bundle_dir, caplog):
-    config = station_yaml(tmp_path, bundle_dir, backend="auto")
+@pytest.mark.parametrize("fail", ["parse", "cuda", "disk"])
+def test_backend_auto_falls_back_to_onnxruntime_when_the_build_fails(tmp_path, bundle_dir, caplog, fail):
+    """Whatever the build raises (the cache's own error, TensorRT's RuntimeError, a full disk): auto runs ONNX
+    Runtime, at start and on cmd/model; tensorrt refuses."""
+    from agent.app import EngineCachePolicy
+    from agent.backends import BackendError
+    from agent.config import load_config
     from agent.engine_cache import EngineCacheError
+    from contract.bundle import load_bundle
 
+    error = {"parse": EngineCacheError("model.int8.onnx: TensorRT could not parse"),
+             "cuda": RuntimeError("[TRT] CUDA out of memory"),
+             "disk": OSError(28, "No space left on device")}[fail]
+    config = station_yaml(tmp_path, bundle_dir, backend="auto")
     rc, exec_fn = start(config, tmp_path / "engines", device=ORIN, tensorrt_present=True,
-                        builder=FakeTensorRT(fail=EngineCacheError("model.int8.onnx: TensorRT could not parse")))
+                        builder=FakeTensorRT(fail=error))
     assert rc == 0 and ENV_ENGINE not in exec_fn.calls[0][2]
     assert "will run ONNX Runtime" in caplog.text
+    bundle = load_bundle(bundle_dir)
+    policy = EngineCachePolicy(tmp_path / "update-cache", "fp16")
+    auto = load_config(station_yaml(tmp_path, bundle_dir, backend="auto"))
+    assert policy.engine_for(auto, bundle, tensorrt_present=True, device=ORIN,
+                             builder=FakeTensorRT(fail=error)) is None
+    with pytest.raises(BackendError, match="model.backend tensorrt: "):
+        policy.engine_for(load_config(station_yaml(tmp_path, bundle_dir, backend="tensorrt")), bundle,
+                          tensorrt_present=True, device=ORIN, builder=FakeTensorRT(fail=error))
 
 
 def test_a_tampered_bundle_is_named(tmp_path, bundle_dir, caplog):

@@ -188,7 +188,8 @@ def test_publish_copies_a_promoted_bundle_once_and_the_server_serves_only_publis
             assert err.value.code == 404, why
         # the agent's own fetch and verification, as a station does it
         bundle = verify_command_bundle(ModelCommand(url, first.sha256, "v2"), tmp_path / "station-downloads", None)
-        assert bundle.version == "v2" and (tmp_path / "station-downloads" / "v2" / "model.fp32.onnx").exists()
+        assert bundle.version == "v2"
+        assert (tmp_path / "station-downloads" / bundle.name / "v2" / "model.fp32.onnx").exists()
     finally:
         server.stop()
 
@@ -215,6 +216,41 @@ def test_history_knows_each_stations_previous_version_and_where_it_lives(tmp_pat
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(RolloutError, match="bad.json: rollout history is not valid JSON"):
         RolloutHistory(tmp_path / "bad.json")
+    # two models with a version of the same name: a station's own record says which one it ran; without one,
+    # which is not known, and no location is guessed
+    shelf = ro.RemoteBundle("http://c:8070/shelf/v2/", "shelf", "v2", "b" * 64, {})
+    history.record("s/c", action="rollout", bundle=shelf, from_version="v1", ok=True, reason=None)
+    assert history.location_of("v2", "s/c") == "http://c:8070/shelf/v2/"
+    assert history.location_of("v2", "s/a") == "http://c:8070/tiny/v2/"
+    assert history.location_of("v2") is None and history.location_of("v2", "s/new") is None
+
+
+def test_a_rerun_whose_canary_already_runs_the_version_halts_instead_of_judging_it_against_itself(tmp_path):
+    """Central restarted during a watch and the rollout is run again: the canary reports the new version already.
+    Its stats are that version's own, no baseline; and a failed watch would "roll back" to the same version.
+    The rollout halts, sends nothing, and says what to do. (A fake link: the real one is tested below.)"""
+    class Link(StationLink):
+        def __init__(self):
+            super().__init__(options=None)
+            self.sent = []
+
+        def follow_stats(self, stations):
+            pass
+
+        def send_model(self, station, bundle):
+            self.sent.append((station, bundle.version))
+
+    link = Link()
+    for station, version in (("s/a", "v2"), ("s/b", "v1")):
+        link.views[station] = ro.StationView(status={"state": "online", "site": "s", "station": station[2:],
+                                                          "model": {"name": "tiny", "version": version}})
+    v2 = ro.RemoteBundle(str(tmp_path / "tiny" / "v2"), "tiny", "v2", "a" * 64, {})
+    history = RolloutHistory(tmp_path / "h.json")
+    history.record("s/a", action="rollout", bundle=v2, from_version="v1", ok=True, reason=None)
+    plan = RolloutPlan(v2, ["s/a", "s/b"], "s/a", WatchPolicy(watch_s=0.2, min_frames=1, baseline_s=0), 2.0)
+    summary = run_rollout(link, plan, history, EventSink())
+    assert summary.halted and "canary s/a already runs v2: its stats are no baseline" in summary.halted
+    assert link.sent == []
 
 
 # ---------------------------------------------------------------- against real stations
