@@ -125,6 +125,12 @@ class CaptureEmptyCommand(_Strict):
     cameras: list[str] | None = Field(None, min_length=1, title="Cameras",
                                       description="Camera ids; None: every camera.")
 
+    @field_validator("cameras")
+    @classmethod
+    def _each_once(cls, cameras: list[str] | None) -> list[str] | None:
+        """A camera named twice is asked once (count frames, not count per mention)."""
+        return list(dict.fromkeys(cameras)) if cameras is not None else None
+
 
 SHIPMENT_ID = r"^[A-Za-z0-9_.:-]+$"
 MAX_SHIPMENT_LINES = 1000           # expected labels of one shipment (contract/schemas/mqtt/cmd-expect.v1.json)
@@ -439,6 +445,9 @@ class PresenceConfig(_Strict):
         if self.min_frames > self.max_frames:       # every item would be cut at max_frames and dropped as noise
             raise ValueError(f"min_frames: {self.min_frames} is more than max_frames ({self.max_frames}): no item "
                              f"could ever be decided")
+        if 0 < self.relearn_frames <= self.min_frames:     # a resting item learned into the scene before it counts
+            raise ValueError(f"relearn_frames: {self.relearn_frames} must be 0 (never) or more than min_frames "
+                             f"({self.min_frames}): an item at rest would become the background before it is one")
         if 0 < self.regrow_split <= 1:      # a box shrinking out of view would "regrow" at once: one item split
             raise ValueError(f"regrow_split: {self.regrow_split} must be 0 (off) or more than 1 (the box grows back "
                              f"to that many times its smallest)")

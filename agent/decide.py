@@ -123,7 +123,8 @@ def classify_batch(probs: np.ndarray, labels: Sequence[str], k: int, policies: S
         confidence = float(row[idx[0]])
         margin = confidence - (float(row[idx[1]]) if len(idx) > 1 else 0.0)
         top_k = tuple((labels[i], round(float(row[i]), 6)) for i in idx[:k])
-        out.append(_verdict(idx[0], labels, confidence, margin, ent, top_k, policy, row, score))
+        # its own copy: a tracker keeps up to max_frames rows, and a view would keep the whole batch alive
+        out.append(_verdict(idx[0], labels, confidence, margin, ent, top_k, policy, row.copy(), score))
     return out
 
 
@@ -459,7 +460,7 @@ class QcAlerter:
             return False
         key = (camera_id, cls.label)
         last = self._last.get(key)
-        if last is not None and now - last < self.cfg.cooldown_s:
+        if last is not None and 0 <= now - last < self.cfg.cooldown_s:     # < 0: the clock stepped back (NTP)
             return False
         self._last[key] = now
         return True
@@ -496,7 +497,7 @@ class UploadGate:
         not count towards the rate limit.
         """
         last = self._last.get(camera_id)
-        if rate_limited and last is not None and now - last < self.min_interval_s:
+        if rate_limited and last is not None and 0 <= now - last < self.min_interval_s:   # < 0: clock stepped back
             return "rate"
         if callable(frame_hash):
             frame_hash = frame_hash()

@@ -70,6 +70,10 @@ class EmptySceneCapture:
             cam = self._cams.get(camera_id)
             if cam is None:
                 return Offer(None)
+            if cam.due is not None and cam.due > now + self.interval_s:    # the clock stepped back (NTP): no
+                cam.due = now + self.interval_s                             # wait longer than one interval
+            cam.not_before = min(cam.not_before, now + self.spacing_s)
+            cam.wanted_until = min(cam.wanted_until, now + self.wait_s)
             given_up = self._expire(camera_id, cam, now)
             if scene_empty is not True:
                 return Offer(None, given_up)

@@ -210,6 +210,7 @@ class InferenceStage(threading.Thread):
         self._runtime: ModelRuntime | None = None
         self.threshold_overrides: dict[str, Thresholds] = {}
         self._cameras: dict[str, CameraDecisions] = {}
+        self._policy_lock = threading.Lock()     # the overrides and the per-camera policies built from them
         self._preparers: dict[str, Callable[[np.ndarray], Any]] = {}     # for frames that come unprepared
         self._inferred: queue.Queue[Inferred | None] = queue.Queue(self.DECIDE_QUEUE)
 
@@ -386,28 +387,35 @@ class InferenceStage(threading.Thread):
         return runtime.preprocessor.batch([model_input_image(f, policy) for f in batch])
 
     def _switch(self, runtime: ModelRuntime) -> None:
-        """A new model: decide items still open with the old one, then fresh per-camera state."""
+        """A new model: decide items still open with the old one, then fresh per-camera state (built from the
+        overrides under ``_policy_lock``, so a cmd/thresholds arriving meanwhile is in it or applied after)."""
         self._flush_items()
-        self._runtime = runtime
-        self._cameras = {c.id: CameraDecisions(c, self.cfg, runtime.bundle, self.threshold_overrides.get(c.id),
-                                               self.receiving, runtime.backend.precision) for c in self.cfg.cameras}
+        with self._policy_lock:
+            self._cameras = {c.id: CameraDecisions(c, self.cfg, runtime.bundle, self.threshold_overrides.get(c.id),
+                                                   self.receiving, runtime.backend.precision)
+                             for c in self.cfg.cameras}
+            self._runtime = runtime
         self.metrics.info.update(model_name=runtime.bundle.name, model_version=runtime.bundle.version)
 
     def set_thresholds(self, camera_ids: list[str], thresholds: Thresholds) -> None:
-        """cmd/thresholds: new policy objects, swapped in by reference (the inference thread reads them per frame)."""
-        for cid in camera_ids:
-            self.threshold_overrides[cid] = merge_thresholds(self.threshold_overrides.get(cid, Thresholds()), thresholds)
-        runtime = self._runtime
-        if runtime is None:
-            return
-        cams = {c.id: c for c in self.cfg.cameras}
-        for cid in camera_ids:
-            state = self._cameras[cid]
-            policy = camera_policy(runtime.bundle, cams[cid], self.threshold_overrides[cid], runtime.backend.precision,
-                                   self.cfg.decisions.unknown_items)
-            state.policy = policy
-            if state.tracker is not None:
-                state.tracker.policy = policy
+        """cmd/thresholds: new policy objects, swapped in by reference (the inference thread reads them per frame).
+        Under ``_policy_lock`` with a model swap's rebuild of the per-camera state: never applied to a state the
+        swap then throws away, nor to one it has not made yet."""
+        with self._policy_lock:
+            for cid in camera_ids:
+                self.threshold_overrides[cid] = merge_thresholds(self.threshold_overrides.get(cid, Thresholds()),
+                                                                 thresholds)
+            runtime = self._runtime
+            if runtime is None:
+                return
+            cams = {c.id: c for c in self.cfg.cameras}
+            for cid in camera_ids:
+                state = self._cameras[cid]
+                policy = camera_policy(runtime.bundle, cams[cid], self.threshold_overrides[cid],
+                                       runtime.backend.precision, self.cfg.decisions.unknown_items)
+                state.policy = policy
+                if state.tracker is not None:
+                    state.tracker.policy = policy
 
     def _flush_items(self) -> None:
         messages = []

@@ -32,16 +32,20 @@ class ImageFolderSource:
             raise SourceError(f"{self.folder}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
 
     def read(self) -> tuple[np.ndarray, str | None]:
+        skipped = 0
         while True:
             if self._index >= len(self._files):
                 if not self.loop:
                     raise EndOfStream(self.name)
                 self._index = 0
+            if skipped >= len(self._files):     # a whole pass without one readable image: not a camera
+                raise SourceError(f"{self.folder}: none of its {len(self._files)} image(s) can be read")
             path = self._files[self._index]
             self._index += 1
             try:
                 return read_image(path), path.name
             except ImageDecodeError as exc:
+                skipped += 1
                 log.warning("camera %s: skipping %s", self.name, exc)
 
     def close(self) -> None:

@@ -109,10 +109,12 @@ def test_presence_settings_that_could_never_decide_an_item_or_would_split_every_
     base = "site: s\nstation: t\nmodel: {bundle: b}\ncameras: [{id: a, uri: x}]\n"
     for presence, field in (("{min_frames: 5, max_frames: 4}", "min_frames: 5 is more than max_frames (4)"),
                             ("{regrow_split: 0.5}", "regrow_split: 0.5 must be 0 (off) or more than 1"),
-                            ("{regrow_split: 1}", "regrow_split: 1.0 must be 0 (off) or more than 1")):
+                            ("{regrow_split: 1}", "regrow_split: 1.0 must be 0 (off) or more than 1"),
+                            ("{relearn_frames: 2}", "relearn_frames: 2 must be 0 (never) or more than min_frames")):
         path = _device(tmp_path, base + f"decisions: {{presence: {presence}}}\n")
         assert any(field in problem for problem in validate_file(path)), (presence, validate_file(path))
-    for fine in ("{min_frames: 4, max_frames: 4}", "{regrow_split: 0}", "{regrow_split: 1.01}"):
+    for fine in ("{min_frames: 4, max_frames: 4}", "{regrow_split: 0}", "{regrow_split: 1.01}", "{relearn_frames: 0}",
+                 "{relearn_frames: 3}"):
         assert validate_file(_device(tmp_path, base + f"decisions: {{presence: {fine}}}\n")) == [], fine
 
 

@@ -257,6 +257,21 @@ def test_qc_alert_for_defect_class_with_cooldown():
     assert qc.check("cam", defect, 5.0) is False
     assert qc.check("cam2", defect, 5.0) is True
     assert qc.check("cam", defect, 10.0) is True
+    assert qc.check("cam", defect, 10.0 - 3600) is True     # the clock stepped back an hour (NTP): not muted
+
+
+def test_a_clock_stepped_back_never_holds_uploads_or_empty_scenes_for_the_size_of_the_step():
+    from agent.empty_scene import EmptySceneCapture
+
+    gate = UploadGate(min_interval_s=1.0, dedupe_bits=0, window=0)
+    assert gate.admit("cam", 1, 5000.0) is None
+    assert gate.admit("cam", 2, 5000.5) == "rate"
+    assert gate.admit("cam", 3, 1400.0) is None                # an hour back: due, not an hour of "rate"
+    assert gate.admit("cam", 4, 1400.5) == "rate"
+    capture = EmptySceneCapture(["cam"], interval_s=60.0, wait_s=10.0, spacing_s=1.0, now=5000.0)
+    assert capture.offer("cam", True, 5061.0).trigger == "schedule"       # due again at 5121
+    assert capture.offer("cam", True, 1500.0).trigger is None             # an hour back: due within one interval
+    assert capture.offer("cam", True, 1561.0).trigger == "schedule"
 
 
 def test_dhash_sees_near_duplicates_and_upload_gate_limits():
@@ -308,6 +323,19 @@ def test_an_item_view_skips_the_rate_limit_but_not_the_duplicate_check():
     # it did not restart the rate limit's clock, and it is remembered as a recent upload
     assert gate.admit("cam", dhash(third), 10.5) is None
     assert gate.admit("cam", dhash(other), 30.0) == "duplicate"
+
+
+def test_a_classification_keeps_its_own_row_not_a_view_of_the_batch():
+    """A tracker keeps up to max_frames classifications per camera; a view into the batch's array would keep
+    every batch it came from alive (8 cameras in a batch: 8 times the memory)."""
+    from agent.decide import classify_batch
+
+    probs = np.full((8, 1000), 1e-3)
+    probs[:, 0] = 0.001 + 1 - probs.sum(axis=1)
+    policy = LowConfidencePolicy(PolicyThresholds(min_confidence=0.5))
+    rows = classify_batch(probs, [f"c{i}" for i in range(1000)], 3, [policy] * 8)
+    assert all(r.probs.base is None and r.probs.shape == (1000,) for r in rows)
+    np.testing.assert_array_equal(rows[3].probs, probs[3])
 
 
 def test_classify_batch_equals_classify_row_by_row():

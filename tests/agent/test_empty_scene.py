@@ -160,6 +160,13 @@ def test_the_capture_rules_on_their_own():
     capture.request(["a"], 100, now=20.0)
     assert capture.pending("a") == 50
     assert capture.offer("a", False, 31.0).given_up == 50
+    # a camera named three times in one command is asked once
+    from agent.config import CaptureEmptyCommand
+
+    command = CaptureEmptyCommand.model_validate({"count": 1, "cameras": ["a", "a", "b", "a"]})
+    assert command.cameras == ["a", "b"]
+    capture.request(command.cameras, command.count, now=40.0)
+    assert capture.pending("a") == 1 and capture.pending("b") == 1
 
 
 def send(broker, verb: str, payload: bytes) -> None:

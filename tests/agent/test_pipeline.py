@@ -184,3 +184,50 @@ def test_lower_this_thread_changes_only_the_calling_thread():
     assert seen == {"ok": True, "nice": min(19, before + 4)}
     assert thread_nice() == before
     assert lower_this_thread(0) is False
+
+
+def test_a_thresholds_command_during_a_model_swap_is_in_force_after_it(tmp_path, monkeypatch):
+    """cmd/thresholds (command thread) while a swap (decide thread) rebuilds the per-camera state: the command
+    waits for the rebuild and lands on the new state. Without the lock it failed (no camera yet, on the first
+    swap) or was applied to the old state the swap then dropped. The rebuild is held open on purpose."""
+    import agent.pipeline as pipeline
+    from agent_support import inference_stage
+
+    from agent.config import Thresholds
+
+    bundle = make_tiny_bundle(tmp_path / "b")
+    stage, _, _, runtime = inference_stage(as_config(station_config(tmp_path, bundle, str(tmp_path), 1)), bundle)
+    for first_swap in (True, False):
+        if not first_swap:
+            stage._switch(runtime)
+        building, go = threading.Event(), threading.Event()
+        real = pipeline.CameraDecisions
+
+        class Held(real):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                building.set()
+                assert go.wait(30)
+
+        monkeypatch.setattr(pipeline, "CameraDecisions", Held)
+        swap = threading.Thread(target=stage._switch, args=(runtime,))
+        swap.start()
+        assert building.wait(30)
+        errors = []
+
+        def command_thread():
+            try:
+                stage.set_thresholds(["cam-a"], Thresholds(min_confidence=0.9 + first_swap * 0.05))
+            except Exception as exc:     # noqa: BLE001 - the assertion below names it
+                errors.append(exc)
+
+        command = threading.Thread(target=command_thread)
+        command.start()
+        command.join(0.3)
+        go.set()
+        swap.join(30)
+        command.join(30)
+        monkeypatch.setattr(pipeline, "CameraDecisions", real)
+        want = 0.9 + first_swap * 0.05
+        assert errors == [] and stage._cameras["cam-a"].policy.thresholds.min_confidence == want
+

@@ -53,6 +53,20 @@ def test_image_folder_skips_corrupt_files(tmp_path, fmnist_test_images):
         src.read()
 
 
+def test_a_looping_folder_with_no_readable_image_is_a_source_error_not_an_endless_loop(tmp_path,
+                                                                                      fmnist_test_images):
+    """Every file unreadable (or gone since open): the read ends with SourceError after one pass, so the camera
+    worker backs off and reconnects (and sees stop), instead of spinning on the same files forever."""
+    for i in range(3):
+        (tmp_path / f"{i:02d}.jpg").write_bytes(b"not a jpeg")
+    src = ImageFolderSource(tmp_path, name="f", loop=True)
+    src.open()
+    with pytest.raises(SourceError, match=f"{tmp_path}: none of its 3 image"):
+        src.read()
+    cv2.imwrite(str(tmp_path / "01.jpg"), fmnist_test_images[0][0])          # one readable again: served
+    assert [src.read()[1] for _ in range(2)] == ["01.jpg", "01.jpg"]
+
+
 def test_uri_forms_pick_the_right_backend(tmp_path):
     assert open_source("rtsp://cam/stream", name="r").kind == "rtsp"
     assert open_source("v4l2:///dev/video3", name="v").target == "/dev/video3"
