@@ -62,6 +62,19 @@ class AugmentConfig:
     erasing: float = 0.0
     station_view: StationViewConfig = field(default_factory=_station_view_off)
 
+    def __post_init__(self) -> None:
+        """ValueError naming the field for a number that is not finite or out of range (a NaN trains "fine"
+        and leaves a run that can never be exported)."""
+        for name, low, high in (("hflip", 0.0, 1.0), ("rotation", 0.0, 180.0), ("brightness", 0.0, 1.0),
+                                ("contrast", 0.0, 1.0), ("saturation", 0.0, 1.0), ("erasing", 0.0, 1.0)):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and low <= value <= high):
+                raise ValueError(f"augment.{name}: expected a finite number in [{low:g}, {high:g}], got {value!r}")
+        for name in ("scale", "ratio"):
+            pair = getattr(self, name)
+            if not (len(pair) == 2 and all(math.isfinite(v) and v > 0 for v in pair) and pair[0] <= pair[1]):
+                raise ValueError(f"augment.{name}: expected two finite numbers > 0, low first, got {pair!r}")
+
     def to_dict(self) -> dict:
         return asdict(self)
 

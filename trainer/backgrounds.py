@@ -123,7 +123,7 @@ def folder_tiles(folder: str | Path, side: int, per_file: int, seed: int, limit:
         rgb = read_image(path)
         short = min(rgb.shape[:2])
         for _ in range(per_file):
-            crop = int(short * rng.uniform(0.3, 1.0))
+            crop = max(1, int(short * rng.uniform(0.3, 1.0)))      # a frame of a few px still gives a tile
             top = rng.integers(0, rgb.shape[0] - crop + 1)
             left = rng.integers(0, rgb.shape[1] - crop + 1)
             window = rgb[top : top + crop, left : left + crop]

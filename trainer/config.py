@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,18 @@ class TrainConfig:
         self.crop_policy  # noqa: B018 -- raises ValueError naming input.crop.margin when it is out of range
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch_size must be >= 1")
+        # a NaN here trains "fine" and the run can then never be exported (a manifest figure not finite)
+        for name, low, high in (("lr", 0.0, 10.0), ("weight_decay", 0.0, 10.0), ("momentum", 0.0, 1.0),
+                                ("warmup_epochs", 0.0, 1e6), ("gamma", 0.0, 1e6), ("label_smoothing", 0.0, 1.0),
+                                ("val_fraction", 0.0, 1.0)):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and low <= value <= high):
+                raise ValueError(f"{name}: expected a finite number in [{low:g}, {high:g}], got {value!r}")
+        if self.image_size < 1 or (self.resize_shorter is not None and self.resize_shorter < 1):
+            raise ValueError(f"image_size and resize_shorter: expected >= 1 px, got {self.image_size}, "
+                             f"{self.resize_shorter}")
+        if self.limit_per_class is not None and self.limit_per_class < 1:
+            raise ValueError(f"limit_per_class: expected at least 1 image (or none for all), got {self.limit_per_class}")
         if isinstance(self.station_frame_repeat, bool) or not isinstance(self.station_frame_repeat, int) \
                 or self.station_frame_repeat < 1:
             raise ValueError(f"station_frame_repeat: expected a whole number >= 1, got {self.station_frame_repeat!r}")

@@ -222,7 +222,7 @@ def read_csv(csv_path: Path, classes: Sequence[str] | None = None) -> Dataset:
     pairs, seen = [], []
     line = 1
     try:
-        with open(csv_path, newline="", encoding="utf-8") as fh:
+        with open(csv_path, newline="", encoding="utf-8-sig") as fh:      # -sig: the BOM a spreadsheet writes
             reader = csv.DictReader(fh)
             if reader.fieldnames is None or not {"path", "label"} <= set(reader.fieldnames):
                 raise DatasetError(f"{csv_path}: expected a header with columns 'path,label', got {reader.fieldnames}")
@@ -343,7 +343,7 @@ def grouped_split(labels: Sequence[int], groups: Sequence[Hashable], val_fractio
     for label in sorted(by_class):
         keys = by_class[label]
         rng.shuffle(keys)
-        n_val = max(1, round(len(keys) * val_fraction)) if len(keys) > 1 else 0
+        n_val = min(len(keys) - 1, max(1, round(len(keys) * val_fraction))) if len(keys) > 1 else 0   # keep one
         val.extend(i for key in keys[:n_val] for i in members[key])
         train.extend(i for key in keys[n_val:] for i in members[key])
     return sorted(train), sorted(val)
@@ -433,6 +433,8 @@ def _read_idx(path: Path, ndim_expected: int) -> "tuple[tuple[int, ...], bytes]"
         raise DatasetError(f"{path}: truncated IDX header ({len(data)} bytes)")
     dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     body = data[4 + 4 * ndim :]
+    if ndim > 1 and 0 in dims[1:]:      # images of 0 px: nothing to write, and an encoder's assertion if tried
+        raise DatasetError(f"{path}: IDX header says images of {' x '.join(map(str, dims[1:]))} px")
     expected = 1
     for d in dims:
         expected *= d

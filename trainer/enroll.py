@@ -23,6 +23,7 @@ import math
 import os
 import shutil
 import time
+import unicodedata
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
@@ -38,6 +39,7 @@ from contract.bundle import (
     BundleError,
     artifact_entry,
     check_model_runs,
+    check_name_version,
     load_bundle,
     load_public_key,
 )
@@ -109,6 +111,9 @@ def _source_bundle(cfg: EnrolConfig) -> Bundle:
     label = cfg.label.strip() if isinstance(cfg.label, str) else cfg.label
     if not label or label != cfg.label:
         raise EnrolError(f"--class: expected a non-empty label without surrounding spaces, got {cfg.label!r}")
+    # published in every decision of a station: the dataset's rule for class names (trainer.data.check_class_name)
+    if any(unicodedata.category(c) in ("Cc", "Cs") for c in label) or len(label) > 128:
+        raise EnrolError(f"--class: {label[:80]!r} holds control characters or is longer than 128 characters")
     if label in bundle.labels or label == openset.UNKNOWN_LABEL:
         raise EnrolError(f"{where}: field labels already has {label!r}" if label in bundle.labels
                          else f"--class: {label!r} is the unknown verdict, not a product")
@@ -531,6 +536,14 @@ def enroll(cfg: EnrolConfig) -> EnrolResult:
     started = time.monotonic()
     if not 0.0 < cfg.max_drop_points < 100.0:
         raise EnrolError(f"max_drop_points: expected points in (0, 100), got {cfg.max_drop_points!r}")
+    if cfg.min_examples < 2:        # leave-one-out needs one example left to fit on
+        raise EnrolError(f"--min-examples: expected at least 2, got {cfg.min_examples!r}")
+    if cfg.gate_images < 1:
+        raise EnrolError(f"--gate-images: expected at least 1, got {cfg.gate_images!r}")
+    try:
+        check_name_version("x", cfg.version)
+    except ValueError as exc:
+        raise EnrolError(str(exc)) from None
     bundle = _source_bundle(cfg)
     pre = Preprocessor(bundle.input_spec)
     ex_inputs, ex_paths = _examples(cfg, pre)
@@ -545,6 +558,9 @@ def enroll(cfg: EnrolConfig) -> EnrolResult:
     model_gate, emb_gate = model_outputs(fp32.path, gate_inputs, bundle.embedding_name, logits_name)
     old_ex, old_gate = os_.full_logits(model_ex, emb_ex), os_.full_logits(model_gate, emb_gate)
     gf = GateFit.of(os_.stats, emb_gate, model_gate, old_gate, y_gate, cfg.seed)
+    if len(gf.held) == 0:       # the old classes' loss could not be measured: NaN, which no comparison refuses
+        raise EnrolError(f"{gate_source}: {len(y_gate)} gate image(s) leave none held out to judge the old classes "
+                         f"on; give more labelled images of them")
     u_ex = gf.white(emb_ex)
     w, bias, fitted_bias = fit_row(u_ex, old_ex, gf.half, gf.caps, cfg.max_drop_points)
     weight, raw_bias = gf.white.row(w, bias)
@@ -569,7 +585,7 @@ def enroll(cfg: EnrolConfig) -> EnrolResult:
         "gate": {"source": gate_source, "images": int(len(y_gate)), "held_out_images": int(len(gf.held)),
                  "accuracy_before": before, "accuracy_after": after, "drop_points": drop,
                  "all_accuracy_before": all_before, "all_accuracy_after": all_after,
-                 "max_drop_points": cfg.max_drop_points, "passed": drop <= cfg.max_drop_points},
+                 "max_drop_points": cfg.max_drop_points, "passed": bool(drop <= cfg.max_drop_points)},
         "allowances": curve,
         "bias": {"value": raw_bias, "capped": bool(bias < fitted_bias), "raised": bool(bias > fitted_bias),
                  "cap_drop_points": cfg.max_drop_points * CAP_SHARE},
@@ -580,7 +596,7 @@ def enroll(cfg: EnrolConfig) -> EnrolResult:
     if cfg.dry_run:                         # a preview: the same figures, nothing written (the review page's)
         report["seconds"] = time.monotonic() - started
         return EnrolResult(None, None, report)
-    if drop > cfg.max_drop_points:
+    if not drop <= cfg.max_drop_points:
         raise EnrolError(f"{gate_source}: the old classes lose {drop:.2f} points on the {len(gf.held)} held-out gate "
                          f"images (at most {cfg.max_drop_points} allowed); {cfg.label!r} not enrolled", report)
     if loo < 0.5:

@@ -24,6 +24,7 @@ import datetime as dt
 import json
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,6 +95,14 @@ class Paired:
     @property
     def items(self) -> int | None:
         return len(self.groups) if self.groups else None
+
+    def sign_p(self) -> float:
+        """One-sided sign test over items: the chance that, among the items whose net gain is not zero, at least
+        this many would gain were each as likely to gain as to lose (each image its own item without groups).
+        The standard error alone is 0 for one item, or for a few items that all gained alike."""
+        nets = [net for net, _ in self.groups] if self.groups else [1] * self.gained + [-1] * self.lost
+        wins, n = sum(net > 0 for net in nets), sum(net != 0 for net in nets)
+        return sum(math.comb(n, k) for k in range(wins, n + 1)) / 2 ** n
 
     def standard_error_points(self, images: int) -> float:
         """Standard error of the paired top-1 difference, in points: the per-item net gains' spread around the
@@ -180,16 +189,23 @@ def gate_decision(current_overall: Score, candidate_overall: Score, current_revi
         z = NormalDist().inv_cdf(reviewed_confidence)
         error = reviewed_error if reviewed_error is not None else 0.0
         reviewed_ok = candidate_reviewed.correct > current_reviewed.correct and delta > z * error + 1e-9
+        # above 0.5 the gain must also not be a few items' luck: a standard error of 0 (one item, or a few that
+        # all gained alike) would let a frame or two through
+        sign_p = reviewed_pairs.sign_p() if reviewed_pairs and z > 0 else None
+        reviewed_ok &= sign_p is None or sign_p <= 1.0 - reviewed_confidence + 1e-12
         ok &= reviewed_ok
         items = f", {reviewed_pairs.items} items" if reviewed_pairs and reviewed_pairs.items else ""
         spread = f"; paired standard error {error:.2f} points" if reviewed_error is not None else ""
         must = f"must be higher by more than {z:.3f} x {error:.2f}" if z > 0 else "must be higher"
+        if sign_p is not None:
+            must += f", and the items' sign test p {sign_p:.3f} at most {1 - reviewed_confidence:.3f}"
         reasons.append(f"reviewed frames top-1 {candidate_reviewed.top1:.2%} vs {current_reviewed.top1:.2%} "
                        f"on {frames} held-out frames{items} ({delta:+.2f} points{spread}; {must}): "
                        + ("ok" if reviewed_ok else "not better"))
     noise = {"overall_standard_error_points": round(overall_error, 4) if overall_error is not None else None,
              "reviewed_standard_error_points": round(reviewed_error, 4) if reviewed_error is not None else None,
-             "reviewed_holdout_items": reviewed_pairs.items if reviewed_pairs else None}
+             "reviewed_holdout_items": reviewed_pairs.items if reviewed_pairs else None,
+             "reviewed_sign_p": round(reviewed_pairs.sign_p(), 6) if reviewed_pairs else None}
     return GateDecision(ok, reasons, noise)
 
 
@@ -317,9 +333,13 @@ def overall_holdout(cfg: RetrainConfig, current, base: list[Item], seed: int) ->
     provenance = current.manifest.get("provenance") or {}
     split_path = Path(provenance.get("run_dir") or "/nonexistent") / "split.json"
     if split_path.is_file():
-        split = json.loads(split_path.read_text())
-        root = Path(split["root"])
-        items = [Item(root / rel, split["classes"][label], "holdout") for rel, label in split["val"]]
+        try:
+            split = json.loads(split_path.read_text())
+            root = Path(split["root"])
+            items = [Item(root / rel, split["classes"][label], "holdout") for rel, label in split["val"]]
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+            raise RetrainError(f"{split_path}: not the current version's split ({type(exc).__name__}: {exc}); "
+                               f"pass --holdout") from None
         present = [i for i in items if i.path.is_file()]
         if present:
             note = f"the current version's validation split ({split_path})"
@@ -411,7 +431,7 @@ def evaluate_bundle(bundle, items: Sequence[Item], classes: Sequence[str], *, pr
 
     from trainer.data import Sample
     from trainer.engine import eval_inputs
-    from trainer.evaluate import compute_metrics, onnx_logits
+    from trainer.evaluate import compute_metrics, onnx_outputs
 
     artifact = bundle.pick_onnx(prefer_int8)
     if not items:
@@ -419,7 +439,10 @@ def evaluate_bundle(bundle, items: Sequence[Item], classes: Sequence[str], *, pr
     index = {c: i for i, c in enumerate(classes)}
     samples = [Sample(item.path, index[item.label]) for item in items]
     x, y = eval_inputs(samples, bundle.input_spec, workers, desc=f"preprocess for {bundle.version}")
-    logits = onnx_logits(artifact.path, x.numpy())
+    outputs = onnx_outputs(artifact.path, x.numpy())
+    # one logit per label of the bundle, as a station has them: the model's, then its enrolled classes'
+    logits = (bundle.open_set.full_logits(outputs[0], outputs[1] if len(outputs) > 1 else None)
+              if bundle.open_set is not None else outputs[0])
     full = np.full((len(items), len(classes)), -1e9)
     full[:, [index[label] for label in bundle.labels]] = logits
     truth = y.numpy()
@@ -537,8 +560,9 @@ def resolve_train_config(cfg_train, current, *, weights: str | None, current_con
 
 def retrain(cfg: RetrainConfig) -> RetrainResult:
     """Train, export, evaluate both, decide, record; see the module docstring."""
-    from contract.bundle import BundleError, load_bundle, load_public_key
+    from contract.bundle import BundleError, check_name_version, load_bundle, load_public_key
     from trainer.config import TrainConfig
+    from trainer.data import spread
     from trainer.engine import Trainer, eval_inputs
     from trainer.export.bundle import ExportConfig, export_bundle
     from trainer.export.quantize import QuantizeConfig
@@ -546,8 +570,13 @@ def retrain(cfg: RetrainConfig) -> RetrainResult:
     started = time.perf_counter()
     try:
         check_gate_settings(cfg.overall_tolerance_points, cfg.overall_confidence, cfg.reviewed_confidence)
+        check_name_version(cfg.name or "x", cfg.export.version)  # before training, not at the export's end
     except ValueError as exc:
         raise RetrainError(str(exc)) from None
+    for flag, fraction in (("--holdout-fraction", cfg.holdout_fraction),
+                           ("--reviewed-holdout-fraction", cfg.reviewed_holdout_fraction)):
+        if not (isinstance(fraction, (int, float)) and 0.0 < fraction < 1.0):
+            raise RetrainError(f"{flag}: expected a share in (0, 1), got {fraction!r}")
     key = load_public_key(cfg.public_key) if cfg.public_key else None
     try:
         current = load_bundle(cfg.current, key)
@@ -585,7 +614,8 @@ def retrain(cfg: RetrainConfig) -> RetrainResult:
 
     weights = None
     if cfg.finetune_from_current:
-        probe = holdout[:16] or reviewed_held[:16]
+        pool = holdout or reviewed_held         # 16 drawn over every class (the list is by class)
+        probe = [pool[i] for i in spread(len(pool), 16)]
         probe_x = eval_inputs([_sample(i, classes) for i in probe], current.input_spec, 0, desc="checkpoint probe")[0]
         weights = str(current_checkpoint(current, probe_x.numpy()))
     resolved = resolve_train_config(train, current, weights=weights,
@@ -597,6 +627,11 @@ def retrain(cfg: RetrainConfig) -> RetrainResult:
     train_cfg = TrainConfig(**resolved)
     log.info("training %s %s on %d base + %d reviewed images (%s)", name, version, len(base_train),
              len(reviewed_train), f"from {weights}" if weights else f"from {train_cfg.weights}")
+    workers = train_cfg.workers
+    # the current bundle first: a bundle it cannot be scored on fails here, before a candidate version exists
+    current_ev = {"overall": evaluate_bundle(current, holdout, classes, prefer_int8=cfg.prefer_int8, workers=workers),
+                  "reviewed": evaluate_bundle(current, reviewed_held, classes, prefer_int8=cfg.prefer_int8,
+                                              workers=workers)}
     fit = Trainer(train_cfg, run_dir).fit()
     e = cfg.export
     exported = export_bundle(ExportConfig(
@@ -604,12 +639,16 @@ def retrain(cfg: RetrainConfig) -> RetrainResult:
         parity_images=e.parity_images, gate_margin_points=e.gate_margin_points, tensorrt=e.tensorrt,
         quantize=QuantizeConfig(calibration_images=e.calibration_images, method=e.calibration_method),
         sign_key=e.sign_key, workers=train_cfg.workers))
-    candidate = load_bundle(exported.bundle_dir, key)
-
-    workers = train_cfg.workers
-    ev = {who: {"overall": evaluate_bundle(b, holdout, classes, prefer_int8=cfg.prefer_int8, workers=workers),
-                "reviewed": evaluate_bundle(b, reviewed_held, classes, prefer_int8=cfg.prefer_int8, workers=workers)}
-          for who, b in (("current", current), ("candidate", candidate))}
+    try:
+        candidate = load_bundle(exported.bundle_dir, key)
+        ev = {"current": current_ev,
+              "candidate": {"overall": evaluate_bundle(candidate, holdout, classes, prefer_int8=cfg.prefer_int8,
+                                                       workers=workers),
+                            "reviewed": evaluate_bundle(candidate, reviewed_held, classes,
+                                                        prefer_int8=cfg.prefer_int8, workers=workers)}}
+    except BaseException:       # no gate record could be written: the half-judged version goes, its number is free
+        shutil.rmtree(exported.bundle_dir, ignore_errors=True)
+        raise
     decision = gate_decision(ev["current"]["overall"].score, ev["candidate"]["overall"].score,
                              ev["current"]["reviewed"].score, ev["candidate"]["reviewed"].score,
                              overall_tolerance_points=cfg.overall_tolerance_points,

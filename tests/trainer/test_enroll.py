@@ -182,6 +182,47 @@ def test_the_active_learning_benchmark_scores_an_enrolled_bundle_as_the_station_
     assert any(c.label == "Trouser" for c in classes)
 
 
+def test_the_retrain_gate_scores_an_enrolled_bundle_as_the_station_does(enrolled, fmnist_dir):
+    """retrain's evaluate_bundle on a bundle with an enrolled class: one logit per label (the model's, then the
+    enrolled rows'), so retraining from an enrolled current bundle is judged, not a shape error after export."""
+    from trainer.retrain import Item, evaluate_bundle
+
+    result, _ = enrolled
+    bundle = load_bundle(result.bundle_dir)
+    paths = sorted((fmnist_dir / "test" / "Trouser").iterdir())[:20] + sorted((fmnist_dir / "test" / "Coat").iterdir())[:20]
+    items = [Item(p, "Trouser" if "Trouser" in str(p) else "Coat", "test") for p in paths]
+    ev = evaluate_bundle(bundle, items, bundle.labels, prefer_int8=False, workers=0)
+    station = [bundle.labels[int(d)] for d in _decide(result.bundle_dir, paths)]
+    agree = np.mean([a == b for a, b in zip(ev.predictions, station)])
+    assert agree >= 0.95, f"the gate and the station agree on {agree:.0%} of 40 images"
+    assert "Trouser" in ev.predictions and ev.score.images == 40
+
+
+def test_settings_that_could_not_judge_an_enrolment_are_refused_and_nothing_is_written(bundle8, fmnist_dir, tmp_path):
+    """A class name with a control character (it would travel in every decision), fewer than 2 examples (the
+    leave-one-out fit has none left), no gate images, a version that is no folder name, and a gate so small that
+    no image is held out (the old classes' loss would be NaN, which "drop > allowance" lets through)."""
+    import shutil
+
+    images = _examples(fmnist_dir, "Trouser", 6, tmp_path / "trouser")
+    tiny_gate = tmp_path / "gate"
+    for folder in sorted(p for p in (fmnist_dir / "test").iterdir() if p.is_dir() and p.name not in LEFT_OUT):
+        (tiny_gate / folder.name).mkdir(parents=True)
+        shutil.copy(next(iter(sorted(folder.iterdir()))), tiny_gate / folder.name)
+    models = tmp_path / "models"
+    for bad, match in ((dict(label="To\x07te"), "--class: .* control characters"),
+                       (dict(min_examples=1), "--min-examples: expected at least 2"),
+                       (dict(gate_images=0), "--gate-images: expected at least 1"),
+                       (dict(version="a/b"), "--version: 'a/b' is not a bundle version"),
+                       (dict(gate_data=tiny_gate, max_drop_points=50.0), "leave none held out"),
+                       (dict(gate_data=tiny_gate, max_drop_points=50.0, dry_run=True), "leave none held out")):
+        cfg = EnrolConfig(**{"bundle": bundle8, "label": "Trouser", "images": images, "models_dir": models,
+                             "gate_data": tiny_gate, **bad})
+        with pytest.raises(EnrolError, match=match):
+            enroll(cfg)
+    assert not models.exists()
+
+
 def test_a_second_class_enrols_on_top_of_an_enrolled_one(enrolled, fmnist_dir, gate8, tmp_path):
     result, _ = enrolled
     images = _examples(fmnist_dir, "Bag", 8, tmp_path / "bag")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -23,6 +24,7 @@ from contract.bundle import (
     ROLE_OPEN_SET,
     artifact_entry,
     check_model_runs,
+    check_name_version,
     load_bundle,
     load_public_key,
 )
@@ -187,17 +189,38 @@ def _build_engines(cfg: ExportConfig, tmp_dir: Path, spec: InputSpec, int8_ok: b
     return engines, None
 
 
-def export_bundle(cfg: ExportConfig) -> ExportResult:
-    """Export, check and write a bundle; nothing appears under models/ unless all of it succeeded."""
+def check_export_settings(cfg: ExportConfig) -> None:
+    """ValueError naming the setting, before any work: each would otherwise fail only at the end of an export (a
+    figure of the manifest not finite) or with an error that names nothing (an empty list of tensors)."""
     if cfg.review_budget is not None and not 0.0 <= cfg.review_budget <= 1.0:
         raise ValueError(f"review budget: expected a share in 0..1, got {cfg.review_budget!r}")
+    for flag, count in (("--calibration-images", cfg.quantize.calibration_images),
+                        ("--parity-images", cfg.parity_images), ("--open-set-images", cfg.open_set_images)):
+        if not (isinstance(count, int) and count >= 1):
+            raise ValueError(f"{flag}: expected at least 1 image, got {count!r}")
+    if not (math.isfinite(cfg.gate_margin_points) and cfg.gate_margin_points >= 0):
+        raise ValueError(f"--gate-margin: expected finite points >= 0, got {cfg.gate_margin_points!r}")
+    if not 0.0 < cfg.unknown_keep <= 1.0:
+        raise ValueError(f"--unknown-keep: expected a share in (0, 1], got {cfg.unknown_keep!r}")
+    check_name_version(cfg.name, cfg.version)
+
+
+def export_bundle(cfg: ExportConfig) -> ExportResult:
+    """Export, check and write a bundle; nothing appears under models/ unless all of it succeeded."""
+    check_export_settings(cfg)
     checkpoint = Path(cfg.checkpoint)
     run_dir = checkpoint.parent
-    model, ckpt = load_checkpoint_model(checkpoint)
-    classes, train_cfg = ckpt["classes"], ckpt["config"]
-    spec = InputSpec.from_manifest(ckpt["input"])
-    name = cfg.name or train_cfg["name"]
+    try:
+        model, ckpt = load_checkpoint_model(checkpoint)
+        classes, train_cfg = ckpt["classes"], ckpt["config"]
+        spec = InputSpec.from_manifest(ckpt["input"])
+        name = cfg.name or train_cfg["name"]
+    except (FileNotFoundError, ValueError):
+        raise
+    except Exception as exc:    # an empty file, a text file, another program's pickle
+        raise ValueError(f"{checkpoint}: not a trainer checkpoint ({type(exc).__name__}: {exc})") from None
     version = cfg.version or dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    check_name_version(name, version)
     final_dir = Path(cfg.models_dir) / name / version
     if final_dir.exists():
         raise FileExistsError(f"{final_dir}: bundle version already exists; pass another --version")

@@ -130,13 +130,24 @@ def test_the_reviewed_frames_noise_is_counted_by_item():
     assert "on 100 held-out frames, 10 items (+20.00 points; paired standard error 12.65 points; must be higher)" \
         in d.reasons[1]
     assert d.noise == {"overall_standard_error_points": None, "reviewed_standard_error_points": 12.6491,
-                       "reviewed_holdout_items": 10}
+                       "reviewed_holdout_items": 10, "reviewed_sign_p": 0.25}
     # asked for a 95% bound: two items are not enough (1.645 x 12.65 = 20.8 > 20), the same gain counted by frame
     # would have been (6.6), and a smaller gain on every item is
     strict = gate(20, by_item, 0.95)
-    assert not strict.promoted and strict.reasons[1].endswith("must be higher by more than 1.645 x 12.65): not better")
+    assert not strict.promoted and strict.reasons[1].endswith(
+        "must be higher by more than 1.645 x 12.65, and the items' sign test p 0.250 at most 0.050): not better")
     assert gate(20, by_frame, 0.95).promoted
     assert gate(10, every_item, 0.95).promoted
+    # one held-out item, or a few that all gained alike, have a standard error of 0: the sign test over items
+    # keeps a frame or two from promoting at 0.95 (one item: p 0.5; four of four: 0.0625), and five of five pass
+    for gained_items, promoted in ((1, False), (4, False), (5, True)):
+        few = Paired.of(["a"] * gained_items, ["x"] * gained_items, ["a"] * gained_items, list(range(gained_items)))
+        assert few.standard_error_points(gained_items) == 0.0
+        d = gate_decision(Score(900, 1000), Score(900, 1000), Score(0, gained_items), Score(gained_items, gained_items),
+                          reviewed_pairs=few, reviewed_confidence=0.95)
+        assert d.promoted is promoted, (gained_items, d.reasons)
+        assert gate_decision(Score(900, 1000), Score(900, 1000), Score(0, gained_items),
+                             Score(gained_items, gained_items), reviewed_pairs=few).promoted     # the default
     with pytest.raises(ValueError, match="reviewed-confidence"):
         gate(20, by_item, 1.0)
     with pytest.raises(ValueError, match="same images"):
