@@ -41,7 +41,7 @@ from agent.receiving import Shipment, ShipmentError, receipt_body
 from agent.sources.base import FrameSource
 from agent.sources.camera import CameraWorker, FrameHub, Watchdog
 from agent.state import STATE_FILE, StationState
-from agent.update import FETCH_DEADLINE_S, ModelCommand, fetch_verified
+from agent.update import FETCH_DEADLINE_S, ModelCommand, fetch_verified, prune_installed
 from contract.bundle import (
     Bundle,
     BundleError,
@@ -529,6 +529,8 @@ class Agent:
             self.model.swap(runtime)
             if self.state is not None:
                 self._save_state(lambda: self.state.set_model(bundle.root, bundle.version))
+            for gone in prune_installed(self.cfg.model.download_dir, [bundle.root, old.root]):
+                log.info("removed %s: installed by an earlier cmd/model, no longer running", gone)
             self.metrics.info.update(model_name=bundle.name, model_version=bundle.version)
             log.info("model switched from %s to %s %s", old.version, bundle.name, bundle.version)
             self.last_update = {"ok": True, "reason": None, "ts": round(time.time(), 6),

@@ -289,6 +289,17 @@ class MqttConfig(_Strict):
     reconnect: Backoff = Field(default_factory=Backoff, title="Reconnect backoff", description="Backoff between connect attempts.")
     max_inflight: int = Field(64, ge=1, le=1000, title="In-flight window", description="QoS 1 messages awaiting PUBACK at once.")
 
+    @field_validator("topic_root")
+    @classmethod
+    def _a_topic_prefix(cls, root: str | None) -> str | None:
+        """A prefix every topic is published under: no wildcard (a broker refuses to publish to it, and the station
+        would retry for good), no empty level, at most 200 characters."""
+        if root is not None and (not root or len(root) > 200 or any(c in root for c in "+#\x00")
+                                 or "" in root.split("/")):
+            raise ValueError(f"{root[:80]!r} is not a topic prefix: levels of text between single '/', no '+', '#' "
+                             f"or NUL, no '/' at either end")
+        return root
+
     @model_validator(mode="before")
     @classmethod
     def _no_inline_secret(cls, data: Any) -> Any:

@@ -158,6 +158,8 @@ class PrometheusServer:
             daemon_threads = True
 
         class Quiet(WSGIRequestHandler):
+            timeout = 10        # a client that opens a connection and sends nothing does not keep a thread for good
+
             def log_message(self, fmt: str, *args: Any) -> None:
                 log.debug("metrics: " + fmt, *args)
 

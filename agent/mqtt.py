@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 UNSUPPORTED_PROTOCOL = (1, 132)      # 3.1.1 return code / v5 reason code
 CONNACK_TIMEOUT_S = 10.0
+REFUSED_RETRY_S = (5.0, 300.0)       # a refused message sent again after 5 s, doubling to 5 min while refusals go on
 
 
 @dataclass
@@ -90,6 +91,11 @@ class MqttPublisher(threading.Thread):
         self._status_dirty = False
         self._inflight: dict[int, Record] = {}
         self._acked: list[Record] = []
+        # a message the broker refused (a PUBACK with a failure code: an ACL, a quota) stays in the outbox and is
+        # sent again from the lowest refused seq once the window is empty, after a growing pause
+        self._refused_seq: int | None = None
+        self._retry_at = 0.0
+        self._retry_delay = REFUSED_RETRY_S[0]
         self._connack: Any = None
 
     # ------------------------------------------------------------ API for other threads
@@ -125,7 +131,13 @@ class MqttPublisher(threading.Thread):
         lower_this_thread(self.nice)
         delays = backoff_delays(self.cfg.reconnect)
         while not self._stopping:
-            if self._session():
+            try:
+                connected = self._session()
+            except Exception as exc:     # noqa: BLE001 - the outbox's disk or database: never the end of the thread
+                self.metrics.inc("mqtt_session_errors_total")
+                log.exception("mqtt: the session ended on an error (%s); reconnecting", exc)
+                connected = False
+            if connected:
                 delays = backoff_delays(self.cfg.reconnect)
             if self._stopping:
                 break
@@ -262,6 +274,9 @@ class MqttPublisher(threading.Thread):
             if self._stopping and self._flush_done():
                 self._go_offline(client)
                 return
+            if self._refused_seq is not None and not self._inflight and time.monotonic() >= self._retry_at:
+                last_sent = min(last_sent, self._refused_seq - 1)       # the refused ones, and on from there
+                self._refused_seq = None
             last_sent = self._fill_window(client, last_sent)
             while self._stats:
                 client.publish(self.topics.stats, self._stats.popleft(), qos=0)
@@ -291,8 +306,15 @@ class MqttPublisher(threading.Thread):
             return
         if reason_code is not None and getattr(reason_code, "is_failure", False):
             self.metrics.inc("mqtt_publish_rejected_total", kind=record.kind)
-            log.error("mqtt: broker rejected %s seq %d: %s; kept in the outbox", record.kind, record.seq, reason_code)
+            first = self._refused_seq is None
+            self._refused_seq = record.seq if first else min(self._refused_seq, record.seq)
+            if first:
+                self._retry_at = time.monotonic() + self._retry_delay
+                self._retry_delay = min(self._retry_delay * 2, REFUSED_RETRY_S[1])
+            log.error("mqtt: broker rejected %s seq %d: %s; kept in the outbox, sent again in %.0f s", record.kind,
+                      record.seq, reason_code, max(0.0, self._retry_at - time.monotonic()))
             return
+        self._retry_delay = REFUSED_RETRY_S[0] if self._refused_seq is None else self._retry_delay
         self._acked.append(record)
 
     def _commit_acks(self) -> None:

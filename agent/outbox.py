@@ -15,10 +15,11 @@ import sqlite3
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from contract.messages import dumps_finite
 
@@ -86,14 +87,21 @@ class Message:
     blob: bytes | None = None
 
 
+STEP_S = 60.0       # a wall clock ahead of the monotonic one by more than this since the last put: a step (NTP)
+
+
 class Outbox:
     def __init__(self, path: str | Path, *, max_bytes: int, max_age_s: float, synchronous: str = "normal",
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, monotonic: Callable[[], float] | None = None) -> None:
+        """``monotonic``: the clock a wall-clock step is measured against (default: time.monotonic with the real
+        clock; a test's own ``clock`` stands for both, so it never steps)."""
         self.path = Path(path)
         check_outbox_path(self.path)
         self.max_bytes = max_bytes
         self.max_age_s = max_age_s
         self.clock = clock
+        self.monotonic = monotonic or (time.monotonic if clock is time.time else clock)
+        self._last_put: tuple[float, float] | None = None      # (wall, monotonic) at the last put
         self._lock = threading.Lock()
         self.changed = threading.Condition()
         self._db = self._open(synchronous)
@@ -118,10 +126,12 @@ class Outbox:
     # ------------------------------------------------------------ writing
 
     def put(self, message: Message) -> Record:
-        """Store one message; ValueError when its body holds NaN or an infinity (counted as dropped, non-finite)."""
+        """Store one message; ValueError when its body holds NaN or an infinity (counted as dropped, non-finite)
+        or it is larger than the whole outbox may hold (counted as dropped, too-large)."""
         stored = self.put_many([message])
         if not stored:
-            raise ValueError(f"outbox: {message.kind} message refused: a non-finite number in its body")
+            raise ValueError(f"outbox: {message.kind} message refused: a non-finite number in its body, or larger "
+                             f"than the outbox's {self.max_bytes} bytes")
         return stored[0]
 
     def put_many(self, messages: Iterable[Message]) -> list[Record]:
@@ -134,6 +144,7 @@ class Outbox:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
+                self._rebase_after_clock_step(now)
                 seq = self._meta("next_seq", 1)
                 for msg in messages:
                     body = {"id": str(uuid.uuid4()), "seq": seq, **msg.body}
@@ -144,6 +155,11 @@ class Outbox:
                         log.error("outbox: %s message refused: %s", msg.kind, exc)
                         continue
                     size = len(text) + len(msg.blob or b"")
+                    if size > self.max_bytes:   # stored first, it would push every other message out, then itself
+                        self._count_drop("too-large", msg.kind, 1)
+                        log.error("outbox: %s message of %d bytes refused: more than the outbox's %d", msg.kind,
+                                  size, self.max_bytes)
+                        continue
                     captured = body.get("captured_at")
                     self._db.execute("INSERT INTO messages VALUES (?,?,?,?,?,?,?,?)",
                                      (seq, body["id"], msg.kind, text, msg.blob, now, size, captured))
@@ -161,13 +177,25 @@ class Outbox:
         self._notify()
         return records
 
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """BEGIN IMMEDIATE ... COMMIT, rolled back on any error: a failed write never leaves the connection inside
+        a transaction (every later put would fail with "cannot start a transaction within a transaction")."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            self._bytes = self._db.execute("SELECT COALESCE(SUM(size), 0) FROM messages").fetchone()[0]
+            raise
+
     def next_seq(self) -> int:
         """A sequence number for a message that is not stored (status, stats): same counter."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+        with self._lock, self._transaction():
             seq = self._meta("next_seq", 1)
             self._set_meta("next_seq", seq + 1)
-            self._db.execute("COMMIT")
             self._last_seq = seq
         return seq
 
@@ -180,15 +208,13 @@ class Outbox:
         seqs = list(seqs)
         if not seqs:
             return 0
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+        with self._lock, self._transaction():
             gone = 0
             for seq in seqs:
                 row = self._db.execute("DELETE FROM messages WHERE seq=? RETURNING size", (seq,)).fetchone()
                 if row:
                     self._bytes -= row[0]
                     gone += 1
-            self._db.execute("COMMIT")
         self._notify()
         return gone
 
@@ -255,6 +281,21 @@ class Outbox:
         for kind in {r[0] for r in rows}:
             self._count_drop(reason, kind, sum(1 for r in rows if r[0] == kind))
         self._bytes -= sum(r[1] for r in rows)
+
+    def _rebase_after_clock_step(self, now: float) -> None:
+        """A wall clock that stepped forward (a station without a clock battery boots near 2000, stores offline,
+        and NTP sets the clock later) would age out the whole backlog stored before the step. The step is the
+        wall clock's advance since the last put beyond the monotonic clock's; the backlog's times move by it, so
+        each message keeps its real age."""
+        mono, last = self.monotonic(), self._last_put
+        self._last_put = (now, mono)
+        if last is None:
+            return
+        step = (now - last[0]) - (mono - last[1])
+        if step > STEP_S:
+            self._db.execute("UPDATE messages SET created = created + ?", (step,))
+            log.warning("outbox: the wall clock stepped %.0f s forward; the stored messages' times moved with it "
+                        "(none dropped for an age they do not have)", step)
 
     def _enforce_quota(self, now: float) -> None:
         """Age first; then bytes: frames (largest, re-capturable) before results, oldest first."""

@@ -98,7 +98,7 @@ class StationState:
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
         try:
             with os.fdopen(fd, "w") as fh:
-                fh.write(dumps_finite(body, indent=2))
+                fh.write(dumps_finite(body, separators=(",", ":")))    # compact: a full shipment fits the limit
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, self.path)
@@ -107,7 +107,7 @@ class StationState:
             raise
 
 
-MAX_STATE_BYTES = 8 << 20      # a bundle path, thresholds, an open shipment's lines and refs: well under this
+MAX_STATE_BYTES = 64 << 20     # a bundle path, thresholds, an open shipment of 1,000 lines with 50 refs each
 
 
 def _read(path: Path) -> Any:

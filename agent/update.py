@@ -27,7 +27,7 @@ import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 from urllib.parse import unquote, urljoin, urlparse
 
 from contract.bundle import (
@@ -201,6 +201,32 @@ def install_bundle(incoming: Path, download_dir: Path, name: str, version: str) 
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def prune_installed(download_dir: Path, keep: Sequence[Path]) -> list[Path]:
+    """Remove what cmd/model left in ``download_dir`` that no longer runs: installed bundles
+    (``<name>/<version>/manifest.json``) other than ``keep`` (the running one and the one before it), and the
+    ``.incoming-*`` / ``.old-*`` folders a crash left. Returns what went. Disk stays bounded by two bundles."""
+    kept = {Path(p).resolve() for p in keep}
+    gone = []
+    try:
+        entries = list(download_dir.iterdir())
+    except OSError:
+        return gone
+    for entry in entries:
+        if entry.name.startswith((".incoming-", ".old-")) and entry.is_dir() and entry.resolve() not in kept:
+            gone.append(entry)
+        elif entry.is_dir() and not entry.name.startswith("."):
+            gone += [v for v in entry.iterdir() if (v / MANIFEST).is_file() and v.resolve() not in kept]
+    for path in gone:
+        shutil.rmtree(path, ignore_errors=True)
+    for entry in entries:
+        if entry.is_dir() and not entry.name.startswith("."):
+            try:
+                entry.rmdir()       # a model's folder left empty
+            except OSError:
+                pass
+    return gone
 
 
 @dataclass(frozen=True)

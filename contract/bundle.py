@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import stat
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -42,6 +43,18 @@ class BundleError(Exception):
 def manifest_schema() -> dict[str, Any]:
     text = resources.files("contract").joinpath("schemas/bundle/manifest.v1.json").read_text()
     return json.loads(text)
+
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")    # a bundle's name and version (manifest schema)
+
+
+def check_name_version(name: str, version: str | None) -> None:
+    """ValueError naming the flag when a bundle name or version could not be a folder and a manifest field:
+    checked before any work (the schema would refuse it only at the end, after a whole export)."""
+    for flag, value in (("--name", name), ("--version", version)):
+        if value is not None and not (isinstance(value, str) and NAME_PATTERN.fullmatch(value)):
+            raise ValueError(f"{flag}: {str(value)[:80]!r} is not a bundle {flag[2:]} (a letter or digit, then "
+                             f"letters, digits, '.', '_' or '-'; at most 128)")
 
 
 def read_small_file(path: Path, limit: int, what: str) -> bytes:

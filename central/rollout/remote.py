@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import urllib.error
 import urllib.request
@@ -13,7 +12,9 @@ from typing import Any
 from urllib.parse import unquote, urljoin, urlparse
 
 from central.rollout.publish import PUBLISHABLE
+from contract.bundle import MANIFEST_MAX_BYTES, BundleError, parse_manifest
 from contract.events import GATE_FILE, RolloutError
+from contract.messages import loads_finite
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,10 @@ def _read_location(location: str, rel: str, *, optional: bool = False) -> bytes 
         url = urljoin(base, rel)
         try:
             with urllib.request.urlopen(url, timeout=FETCH_TIMEOUT_S) as resp:
-                return resp.read()
+                data = resp.read(MANIFEST_MAX_BYTES + 1)     # a manifest or a gate record: never more
+            if len(data) > MANIFEST_MAX_BYTES:
+                raise RolloutError(f"{url}: more than {MANIFEST_MAX_BYTES} bytes, not a manifest or gate record")
+            return data
         except urllib.error.HTTPError as exc:
             if optional and exc.code == 404:
                 return None
@@ -72,18 +76,20 @@ def resolve_bundle(location: str) -> RemoteBundle:
     raw = _read_location(location, "manifest.json")
     assert raw is not None
     try:
-        manifest = json.loads(raw)
+        manifest = parse_manifest(raw, f"{location}: manifest.json")       # the schema a station checks
         name, version = manifest["name"], manifest["version"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise RolloutError(f"{location}: manifest.json is not a bundle manifest ({exc})") from exc
+    except BundleError as exc:
+        raise RolloutError(str(exc)) from exc
     sha = hashlib.sha256(raw).hexdigest()
     gate_raw = _read_location(location, GATE_FILE, optional=True)
     if gate_raw is None:
         raise RolloutError(f"{location}: no {GATE_FILE}; roll out only bundles published by 'python -m central publish'")
     try:
-        gate = json.loads(gate_raw)
-    except json.JSONDecodeError as exc:
+        gate = loads_finite(gate_raw)
+    except ValueError as exc:
         raise RolloutError(f"{location}{GATE_FILE}: not valid JSON ({exc})") from exc
+    if not isinstance(gate, dict):
+        raise RolloutError(f"{location}{GATE_FILE}: expected a JSON object, got {type(gate).__name__}")
     if gate.get("decision") not in PUBLISHABLE:
         raise RolloutError(f"{location}: {name} {version} was {gate.get('decision')} by the retrain gate "
                            f"({gate.get('reason')}); it is never rolled out")

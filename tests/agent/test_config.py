@@ -118,6 +118,16 @@ def test_presence_settings_that_could_never_decide_an_item_or_would_split_every_
         assert validate_file(_device(tmp_path, base + f"decisions: {{presence: {fine}}}\n")) == [], fine
 
 
+def test_a_topic_root_with_a_wildcard_or_an_empty_level_is_refused(tmp_path):
+    """A broker refuses to publish to '#' or '+' (the station would retry for good, saying only "no CONNACK"); an
+    empty level makes the dashboard read an empty station name."""
+    base = "site: s\nstation: t\nmodel: {bundle: b}\ncameras: [{id: a, uri: x}]\n"
+    for root in ("inventory/s/#", "inv/+/t", "inventory/s/", "/inventory", "a//b", "''"):
+        problems = validate_file(_device(tmp_path, base + f"mqtt: {{host: h, topic_root: {root}}}\n"))
+        assert any("field mqtt.topic_root" in p and "is not a topic prefix" in p for p in problems), (root, problems)
+    assert validate_file(_device(tmp_path, base + "mqtt: {host: h, topic_root: plant-7/dock/st-1}\n")) == []
+
+
 def test_defaults_layer_with_a_typo_is_reported(tmp_path):
     path = tmp_path / "defaults.yaml"
     path.write_text("mqtt: {hots: x}\nframes: {jpeg_quality: 5}\nbogus: 1\n")

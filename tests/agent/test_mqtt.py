@@ -257,3 +257,45 @@ def test_missing_secret_or_tls_file_is_reported_not_a_crash(tiny_bundle, fmnist_
         assert publisher.is_alive() and not publisher.connected.is_set()
         publisher.stop(0.1)
     assert f"mqtt.tls.ca_file: {tmp_path / 'missing-ca.crt'}: no such file, or it cannot be read" in caplog.text
+
+
+def test_a_message_the_broker_refuses_is_sent_again_and_delivered_once_it_is_allowed(mosquitto_bin, tmp_path,
+                                                                                     monkeypatch):
+    """A PUBACK with a failure code (here the broker's ACL, at first without the alert topic) keeps the message in
+    the outbox; it is sent again after a pause while the connection lasts, not only after a reconnect days later.
+    The ACL then allows it (mosquitto re-reads it on SIGHUP) and it is delivered, the others never held up."""
+    import signal
+
+    import agent.mqtt as mqtt
+
+    monkeypatch.setattr(mqtt, "REFUSED_RETRY_S", (0.3, 1.0))
+    acl = tmp_path / "acl"
+    allowed = "topic readwrite inventory/test/st-01/result\ntopic readwrite inventory/test/st-01/status\n"
+    acl.write_text(allowed)
+    broker = Broker(tmp_path, extra_conf=f"allow_anonymous true\nacl_file {acl}", persistence=False).start()
+    try:
+        cfg = AgentConfig.model_validate({
+            "site": "test", "station": "st-01", "model": {"bundle": "unused"},
+            "cameras": [{"id": "cam-a", "uri": "unused"}],
+            "mqtt": {"host": "127.0.0.1", "port": broker.port, "protocol": "v5",
+                     "reconnect": {"initial_s": 0.1, "max_s": 0.3}}})
+        outbox = Outbox(tmp_path / "ob.sqlite", max_bytes=10**7, max_age_s=3600)
+        metrics = Metrics()
+        publisher = MqttPublisher(cfg, outbox, metrics, lambda state: {"schema": "status.v1", "id": "x",
+                                                                       "state": state})
+        outbox.put_many([Message("result", {"n": 1}), Message("alert", {"n": 2}), Message("result", {"n": 3})])
+        publisher.start()
+        assert publisher.wait_connected(10), publisher.state.history
+        deadline = time.monotonic() + 20
+        while metrics.counter("mqtt_publish_rejected_total", kind="alert") < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert metrics.counter("mqtt_publish_rejected_total", kind="alert") >= 2     # refused, and tried again
+        assert [r.kind for r in outbox.pending()] == ["alert"] and publisher.state.connects == 1
+        acl.write_text(allowed + "topic readwrite inventory/test/st-01/alert\n")
+        broker.proc.send_signal(signal.SIGHUP)
+        while outbox.depth() and time.monotonic() < deadline + 10:
+            time.sleep(0.05)
+        assert outbox.depth() == 0 and publisher.state.connects == 1
+        publisher.stop(2)
+    finally:
+        broker.stop()

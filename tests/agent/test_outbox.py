@@ -93,3 +93,51 @@ def test_a_non_finite_body_is_refused_alone_and_counted(tmp_path):
         ob.put(Message("result", {"confidence": float("-inf")}))
     assert ob.put(Message("result", {"n": 5})).seq == stored[-1].seq + 1     # and the next good one is stored
     ob.close()
+
+
+def test_a_failed_write_rolls_back_and_the_outbox_keeps_working(tmp_path):
+    """One failed delete (a full disk, an I/O error: injected with a trigger) must not leave the connection inside
+    a transaction: before, every later put, ack and next_seq failed for good ("cannot start a transaction within
+    a transaction") and the publisher thread died."""
+    ob = open_outbox(tmp_path)
+    for n in range(3):
+        ob.put(Message("result", {"n": n}))
+    ob._db.executescript("CREATE TEMP TABLE flag(x); INSERT INTO flag VALUES (1); "
+                         "CREATE TEMP TRIGGER boom BEFORE DELETE ON main.messages WHEN (SELECT count(*) FROM temp.flag) "
+                         "> 0 BEGIN SELECT RAISE(ABORT, 'injected disk error'); END;")
+    with pytest.raises(Exception, match="injected disk error"):
+        ob.ack_many([1, 2])
+    assert not ob._db.in_transaction and ob.depth() == 3 and ob.bytes == sum(len(r.text) for r in ob.pending())
+    ob._db.execute("DELETE FROM temp.flag")             # the disk recovers
+    assert ob.put(Message("result", {"n": 3})).seq == 4 and ob.ack(1) and ob.next_seq() == 5
+    assert [r.body["n"] for r in ob.pending()] == [1, 2, 3]
+
+
+def test_a_message_larger_than_the_outbox_is_refused_alone_and_counted(tmp_path):
+    """Stored first, it pushed every older message out and then itself (20 decisions gone for one receipt)."""
+    ob = open_outbox(tmp_path, max_bytes=4096)
+    for n in range(20):
+        ob.put(Message("decision", {"n": n}))
+    with pytest.raises(ValueError, match="larger than the outbox's 4096 bytes"):
+        ob.put(Message("receipt", {"lines": "x" * 5000}))
+    assert [r.body["n"] for r in ob.pending()] == list(range(20)) and ob.dropped() == {"too-large:receipt": 1}
+    stored = ob.put_many([Message("frame", {"n": 20}, b"j" * 5000), Message("decision", {"n": 21})])
+    assert [r.kind for r in stored] == ["decision"] and ob.depth() == 21
+
+
+def test_a_wall_clock_step_forward_ages_nothing_that_is_not_old(tmp_path):
+    """A station without a clock battery stores offline at a wrong time; NTP steps the clock 26 years forward.
+    Measured against the monotonic clock the backlog is minutes old: kept. Real age still drops it."""
+    wall, mono = Clock(946_684_800.0), Clock(100.0)
+    ob = Outbox(tmp_path / "ob.sqlite", max_bytes=10**9, max_age_s=3600, clock=wall, monotonic=mono)
+    for n in range(50):
+        ob.put(Message("result", {"n": n}))
+        wall.t += 10
+        mono.t += 10
+    wall.t += 820_000_000                                   # the step: the monotonic clock does not move
+    ob.put(Message("result", {"n": 50}))
+    assert ob.depth() == 51 and ob.dropped() == {}
+    wall.t += 3595
+    mono.t += 3595                                          # an hour passes for real: the backlog is older
+    ob.put(Message("result", {"n": 51}))
+    assert [r.body["n"] for r in ob.pending()] == [50, 51] and ob.dropped() == {"age:result": 50}

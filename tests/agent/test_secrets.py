@@ -25,6 +25,12 @@ def test_a_missing_or_empty_file_names_the_file(tmp_path, content):
     assert reason == ("the first line (the secret) is empty" if content is not None else "No such file or directory")
 
 
+def test_a_secret_file_that_is_not_utf8_names_the_file(tmp_path):
+    (tmp_path / "pw").write_bytes(b"\xffsecret\n")
+    with pytest.raises(SecretFileError, match=f"{tmp_path / 'pw'}: not UTF-8 text"):
+        first_line(tmp_path / "pw")
+
+
 def test_each_tool_names_its_own_option(tmp_path):
     from central.review.ingest import read_secret
 

@@ -127,8 +127,22 @@ def test_a_bundle_refused_at_warm_up_never_replaces_an_installed_one_nor_runs_af
         assert sorted(p.name for p in (tmp_path / "downloads").iterdir()) == ["tiny"]    # the refused one: gone
         again = restarted(cfg)
         assert (again.model.current.bundle.name, again.model.current.bundle.version) == ("tiny", "tiny-2")
+        # a third and a fourth version: the station keeps the running bundle and the one before, no more
+        for n in (3, 4):
+            served = bundle_version(tiny_bundle, www / "tiny" / f"tiny-{n}", f"tiny-{n}")
+            assert again.reload_model(json.dumps({"bundle": f"{url}/tiny/tiny-{n}/", "sha256": sha(served),
+                                                  "version": f"tiny-{n}"}).encode())
+        (tmp_path / "downloads" / ".incoming-x-left-by-a-crash").mkdir()
+        served = bundle_version(tiny_bundle, www / "tiny" / "tiny-5", "tiny-5")
+        assert again.reload_model(json.dumps({"bundle": f"{url}/tiny/tiny-5/", "sha256": sha(served),
+                                              "version": "tiny-5"}).encode())
+        assert sorted(p.name for p in (tmp_path / "downloads" / "tiny").iterdir()) == ["tiny-4", "tiny-5"]
+        assert sorted(p.name for p in (tmp_path / "downloads").iterdir()) == ["tiny"]
+        installed = tmp_path / "downloads" / "tiny" / "tiny-5"
+        before = (installed / "manifest.json").read_bytes()
+        assert restarted(cfg).model.current.bundle.version == "tiny-5"
         # the installed folder replaced behind the station's back (another manifest): not run after a restart
-        (installed / "manifest.json").write_bytes(before.replace(b'"tiny-2"', b'"tiny-2" ', 1))
+        (installed / "manifest.json").write_bytes(before.replace(b'"tiny-5"', b'"tiny-5" ', 1))
         assert restarted(cfg).model.current.bundle.version == "tiny-1"
     finally:
         server.shutdown()
@@ -164,3 +178,29 @@ def test_thresholds_set_by_command_survive_a_restart(broker, tiny_bundle, fmnist
     finally:
         again.shutdown(5)
         dashboard.close()
+
+
+def test_the_largest_shipment_a_station_may_hold_is_saved_and_read_back(tmp_path):
+    """1,000 expected lines (cmd/expect's most) with 50 refs each (max_refs' default): the writer wrote it
+    indented, past the reader's limit, so the next start set the whole state aside (model, thresholds, shipment)."""
+    import uuid
+
+    from agent.state import STATE_FILE, StationState
+
+    (tmp_path / "manifest.json").write_text("{}")
+    state = StationState.load(tmp_path / STATE_FILE, tmp_path / "manifest.json")
+    labels = [f"sku-{i:04d}" for i in range(1000)]
+
+    def ref(label):
+        return {"decision": str(uuid.uuid4()), "camera": "cam-a", "item_seq": 123456, "label": label,
+                "confidence": 0.987654, "lane": "accept", "frames": {"first_seq": 1000, "last_seq": 1010, "count": 11},
+                "unknown_score": 3.21}
+
+    shipment = {"id": "PO-1", "expected": {label: 60 for label in labels}, "opened_at": 1.0,
+                "received": {label: 50 for label in labels}, "review": 0, "unknown": 0,
+                "refs": {label: [ref(label) for _ in range(50)] for label in labels},
+                "refs_seen": {label: 50 for label in labels}, "line_refs_ranked": True, "vouched": 0,
+                "vouched_refs": []}
+    state.set_shipment(shipment)
+    again = StationState.load(tmp_path / STATE_FILE, tmp_path / "manifest.json")
+    assert again.shipment == shipment and not (tmp_path / f"{STATE_FILE}.bad").exists()

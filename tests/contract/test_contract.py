@@ -98,3 +98,15 @@ def test_a_schema_check_names_the_field_and_never_changes_the_body(engine):
         checker("cmd-capture-empty.v1", engine).check("cmd/capture-empty", {"schema": "cmd-capture-empty.v1"})
     with pytest.raises(KeyError, match="no schema 'nope.v1'"):
         checker("nope.v1", engine)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_both_engines_refuse_a_trailing_newline_where_a_pattern_ends_the_string(engine):
+    """Python's re lets "$" match before a final newline; fastjsonschema does not. jsonschema now agrees with it,
+    so a station and a server never disagree on "PO-4711\\n"."""
+    body = {"shipment": "PO-4711", "lines": {"Shirt": 1}}
+    assert checker("cmd-expect.v1", engine).error(body) is None
+    for odd in ("PO-4711\n", "PO-4711\nX", "\nPO"):
+        problem = checker("cmd-expect.v1", engine).error({**body, "shipment": odd})
+        assert problem is not None and problem[0] == "shipment", (odd, problem)
+

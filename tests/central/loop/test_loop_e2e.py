@@ -183,7 +183,7 @@ def test_low_confidence_frames_to_a_better_model_on_the_station(weak, broker, tm
         assert status["last_model_update"]["ok"] is True
 
         # 4. accuracy on the weak class's held-out images rises: both bundles, and the station itself
-        installed = station.folder / "downloads" / "2"
+        [installed] = (station.folder / "downloads").glob("*/2")         # <name>/<version>
         recall_before, n = class_recall(weak.bundle, weak.holdout, WEAK_CLASS)
         recall_after, n_after = class_recall(installed, weak.holdout, WEAK_CLASS)
         after_live = wait_until(lambda: _enough(live_accuracy(recorder, "check", "2", check), len(check)), 120,

@@ -201,6 +201,17 @@ def test_resolve_refuses_what_the_gate_rejected_or_never_saw(bundles, tmp_path):
                                "reason": "overall top-1 worse"})
     with pytest.raises(RolloutError, match="was rejected by the retrain gate .*never rolled out"):
         resolve_bundle(str(bundles["v1"]))
+    # a gate record that is not an object, and a manifest a station would refuse: named, never a traceback
+    (bundles["v1"] / "gate.json").write_text("[1, 2]")
+    with pytest.raises(RolloutError, match="gate.json: expected a JSON object, got list"):
+        resolve_bundle(str(bundles["v1"]))
+    manifest = (bundles["v2"] / "manifest.json").read_text()
+    for bad in (manifest.replace('"version": "v2"', '"version": NaN'),
+                manifest.replace('"version": "v2"', '"version": "../../x"')):
+        assert bad != manifest
+        (bundles["v2"] / "manifest.json").write_text(bad)
+        with pytest.raises(RolloutError, match="manifest.json"):
+            resolve_bundle(str(bundles["v2"]))
 
 
 def test_history_knows_each_stations_previous_version_and_where_it_lives(tmp_path):
@@ -368,7 +379,7 @@ def test_a_bad_hash_halts_the_rollout_and_changes_nothing(fleet_factory, bundles
     status = fleet.recorder.status(canary)
     assert status["model"]["version"] == "v1" and status["last_model_update"]["ok"] is False
     assert fleet.recorder.version(rest) == "v1" and fleet.commands_to(rest) == []
-    assert not (fleet.stations[0].folder / "downloads" / "v2").exists()
+    assert not list((fleet.stations[0].folder / "downloads").glob("*/v2"))
     halt = wait_until(lambda: [e for e in fleet.recorder.events() if e["action"] == "halt"], 10, "the halt event")[0]
     assert not halt["ok"] and "tampered" in halt["reason"] and halt["figures"]["not_sent"] == [rest]
     assert RolloutHistory(fleet.history).entries(canary)[-1]["ok"] is False
