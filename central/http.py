@@ -189,11 +189,15 @@ class Served:
     """``app`` on uvicorn at ``host:port`` (0: any free port), plain or HTTPS (``tls_cert``, ``tls_key``)."""
 
     def __init__(self, app: Any, host: str, port: int, *, name: str, tls_cert: Path | None = None,
-                 tls_key: Path | None = None) -> None:
+                 tls_key: Path | None = None, tls_flags: tuple[str, str] = ("--tls-cert", "--tls-key")) -> None:
+        """``tls_flags``: the command's own names for the two files, for its errors."""
         import uvicorn
 
+        cert_flag, key_flag = tls_flags
         if tls_key is not None and tls_cert is None:
-            raise ValueError("--tls-key: give the certificate too (--tls-cert)")
+            raise ValueError(f"{key_flag}: give the certificate too ({cert_flag})")
+        if not (isinstance(port, int) and 0 <= port <= 65535):
+            raise ValueError(f"--port: {port} is not a TCP port (0-65535; 0: any free port)")
         self.name = name
         self.scheme = "https" if tls_cert else "http"
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -207,8 +211,13 @@ class Served:
             raise
         if tls_cert:
             # a bad file is an error now, not in the server thread (tls_key None: the key is in the cert file)
-            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(str(tls_cert),
-                                                                                str(tls_key) if tls_key else None)
+            try:
+                ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(str(tls_cert),
+                                                                                    str(tls_key) if tls_key else None)
+            except (OSError, ssl.SSLError) as exc:
+                self.sock.close()
+                raise ValueError(f"{cert_flag} {tls_cert}" + (f" / {key_flag} {tls_key}" if tls_key else "")
+                                 + f": cannot load the certificate and key ({exc.strerror or exc})") from None
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=2, ssl_certfile=str(tls_cert) if tls_cert else None,
                                 ssl_keyfile=str(tls_key) if tls_key else None, server_header=False)

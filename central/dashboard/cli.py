@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import sys
@@ -63,8 +64,11 @@ def build(args: argparse.Namespace) -> Any:
     for flag, value in (("--recent", args.recent), ("--history", args.history)):
         if value < 1:
             raise ValueError(f"{flag}: must be at least 1, got {value}")
-    if args.push_interval <= 0 or args.stale_factor <= 0 or args.stale_min_s < 0:
-        raise ValueError("--push-interval and --stale-factor must be positive, --stale-min-s not negative")
+    for flag, value, ok, want in (("--push-interval", args.push_interval, 0 < args.push_interval <= 60, "(0, 60]"),
+                                  ("--stale-factor", args.stale_factor, 0 < args.stale_factor <= 1000, "(0, 1000]"),
+                                  ("--stale-min-s", args.stale_min_s, 0 <= args.stale_min_s <= 86400, "[0, 86400]")):
+        if not (math.isfinite(value) and ok):     # NaN passed "<= 0": a busy push loop, no station ever stale
+            raise ValueError(f"{flag}: expected a finite number in {want}, got {value}")
     settings = settings_from_args(args)
     limits = StateLimits(recent=args.recent, history=args.history, stale_factor=args.stale_factor,
                          stale_min_s=args.stale_min_s)

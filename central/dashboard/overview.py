@@ -76,28 +76,30 @@ class FleetTally:
             self.sites[site] = SiteTally(self.lanes_kept, self.labels_kept)
         return self.sites[site], self.stations[key]
 
-    def _count(self, site: SiteTally, station: StationTally, at: float, field: int, n: int = 1) -> None:
-        if not station.five.add(at, field, n):
+    def _count(self, site: SiteTally, station: StationTally, at: float, field: int, n: int = 1,
+               now: float | None = None) -> None:
+        """``now``: a count from before the windows ending now is late, not counted into a slot no view shows."""
+        if not station.five.add(at, field, n, now):
             station.late += n
-        site.hours.add(at, field, n)
-        if not site.minute.add(at, field, n):
+        site.hours.add(at, field, n, now)
+        if not site.minute.add(at, field, n, now):
             site.late += n
 
     def on_decision(self, site: str, key: str, role: str | None, body: dict[str, Any], now: float) -> None:
         at = min(float(body["ts"]), now)
         s, st = self._of(site, key)
-        self._count(s, st, at, DECIDED)
-        st.lanes.add(at, body["lane"])
-        s.lanes_minute.add(at, body["lane"])
-        s.lanes_hour.add(at, body["lane"])
+        self._count(s, st, at, DECIDED, now=now)
+        st.lanes.add(at, body["lane"], now=now)
+        s.lanes_minute.add(at, body["lane"], now=now)
+        s.lanes_hour.add(at, body["lane"], now=now)
         if body["low_confidence"]:       # the agent sends exactly these items to its review lane
-            self._count(s, st, at, REVIEW)
+            self._count(s, st, at, REVIEW, now=now)
         if role == "receiving":
             s.received.add(day_start(at, self.tz), body["label"])
 
     def on_alert(self, site: str, key: str, body: dict[str, Any], now: float) -> None:
         s, st = self._of(site, key)
-        self._count(s, st, min(float(body["ts"]), now), ALERTS)
+        self._count(s, st, min(float(body["ts"]), now), ALERTS, now=now)
 
     def on_frames(self, site: str, key: str, ts: float, low: int, frames: int, now: float) -> None:
         """A stats interval's classified and low-confidence frames (from the station's counters or results)."""
@@ -105,8 +107,8 @@ class FleetTally:
             return
         s, st = self._of(site, key)
         at = min(ts, now)
-        self._count(s, st, at, FRAMES, frames)
-        self._count(s, st, at, LOW, low)
+        self._count(s, st, at, FRAMES, frames, now=now)
+        self._count(s, st, at, LOW, low, now=now)
 
 
 # ---------------------------------------------------------------- per station: the degraded rule and the row

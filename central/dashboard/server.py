@@ -49,6 +49,8 @@ CONTENT_TYPES = {"html": "text/html; charset=utf-8", "js": "text/javascript; cha
                  "css": "text/css; charset=utf-8", "svg": "image/svg+xml"}
 KEEPALIVE_S = 15.0
 QUEUE_EVENTS = 512
+QUEUE_BYTES = 4 << 20    # a page that has not taken this much is cut off (a full station list is ~100 kB an event)
+MAX_LISTENERS = 256      # open pages at once; more get a 503 (each holds a connection and its queue)
 REFRESH_S = 5.0          # views are rebuilt at least this often (rolling windows, ages), changes or not
 PATHS = ["/", "/api/overview", "/api/shipments", "/api/stations", "/api/stations/{site}/{station}", "/api/state",
          "/events", "/healthz"]
@@ -80,13 +82,27 @@ class Listener:
     cut: bool = False
     fresh: bool = True
     sent: dict[str, Any] = field(default_factory=dict)
+    queued_bytes: int = 0
 
     def offer(self, chunk: bytes) -> None:
-        """On the loop: queue ``chunk``, or cut the listener off when it is full (it reconnects)."""
-        try:
-            self.events.put_nowait(chunk)
-        except asyncio.QueueFull:
+        """On the loop: queue ``chunk``, or cut the listener off when it holds too many events or bytes (it
+        reconnects to fresh views). A cut listener's queue is emptied at once: a page that stopped reading
+        keeps nothing in memory while its connection waits for TCP to give up."""
+        if self.cut:
+            return
+        if self.queued_bytes + len(chunk) > QUEUE_BYTES or self.events.full():
             self.cut = True              # its generator sees it at the next chunk and ends the stream
+            while not self.events.empty():
+                self.events.get_nowait()
+            self.queued_bytes = 0
+            self.events.put_nowait(b"")  # wakes a generator waiting for a chunk
+            return
+        self.events.put_nowait(chunk)
+        self.queued_bytes += len(chunk)
+
+    def taken(self, chunk: bytes) -> None:
+        """On the loop: the generator took ``chunk`` off the queue."""
+        self.queued_bytes = max(0, self.queued_bytes - len(chunk))
 
     def send(self, chunk: bytes) -> None:
         """From any thread."""
@@ -243,6 +259,9 @@ def create_app(state: WarehouseState, broadcaster: Broadcaster) -> Any:
         if card is not None and len(card) > 300:
             return StrictJSONResponse({"error": "/events: parameter station: longer than 300 characters"},
                                       status_code=400)
+        if broadcaster.count >= MAX_LISTENERS:
+            return StrictJSONResponse({"error": f"/events: {MAX_LISTENERS} pages are open already; try again later"},
+                                      status_code=503, headers={"Retry-After": "10"})
         listener = broadcaster.add(Listener(asyncio.get_running_loop(), query, card))   # the pusher sends all first
 
         async def stream() -> AsyncIterator[bytes]:
@@ -251,6 +270,7 @@ def create_app(state: WarehouseState, broadcaster: Broadcaster) -> Any:
                 while not broadcaster.closed.is_set() and not listener.cut:
                     try:
                         chunk = await asyncio.wait_for(listener.events.get(), KEEPALIVE_S)
+                        listener.taken(chunk)
                     except asyncio.TimeoutError:
                         chunk = b": keepalive\n\n"
                     if not chunk or listener.cut:
@@ -307,7 +327,8 @@ class Dashboard:
         self.web_auth = None if no_auth else web_auth or (WEB_USER, secrets.token_urlsafe(24))
         if self.web_auth is not None:
             app = BasicAuth(app, *self.web_auth, realm="inventory dashboard", open_paths=("/healthz",))
-        self.http = Served(app, host, port, name="dashboard", tls_cert=tls_cert, tls_key=tls_key)
+        self.http = Served(app, host, port, name="dashboard", tls_cert=tls_cert, tls_key=tls_key,
+                           tls_flags=("--web-tls-cert", "--web-tls-key"))
         if no_auth:
             warn_no_auth("dashboard", host)
         self._stop = threading.Event()

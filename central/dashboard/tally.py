@@ -3,8 +3,9 @@
 Every bucket array has a fixed number of slots; a count lands in slot ``period % slots`` and a slot that
 still holds an older period is cleared first, so adding is O(1) and memory never grows with time. A count
 for a period older than what the slot now holds (a backlog older than the window) is refused (``add``
-returns False) and the caller counts it as late. Keys (lanes, labels) are capped per table: past the cap
-new keys are counted under ``OTHER``, so a station inventing lane names cannot grow the dashboard.
+returns False) and the caller counts it as late, as is one older than the window ending now. Keys (lanes,
+labels) are capped per table: past the cap new keys are counted under ``OTHER``, so a station inventing lane
+names cannot grow the dashboard; keys whose counts have left every slot no longer count towards the cap.
 """
 
 from __future__ import annotations
@@ -26,10 +27,12 @@ class _Ring:
         self.period = [-1] * slots
         self.counts = counts
 
-    def _slot(self, t: float) -> int | None:
+    def _slot(self, t: float, now: float | None = None) -> int | None:
         """The slot of ``t``'s period, cleared first when it still holds an older one; None when it holds a newer
-        one (``t`` is older than the window: late)."""
+        one, or (with ``now``) when ``t`` is before the window ending now: either way late, shown nowhere."""
         period = int(t // self.width_s)
+        if now is not None and period <= int(now // self.width_s) - self.slots:
+            return None
         slot = period % self.slots
         if self.period[slot] != period:
             if self.period[slot] > period:
@@ -55,8 +58,8 @@ class Buckets(_Ring):
         for i in range(len(counts)):
             counts[i] = 0
 
-    def add(self, t: float, field: int, n: int = 1) -> bool:
-        slot = self._slot(t)
+    def add(self, t: float, field: int, n: int = 1, now: float | None = None) -> bool:
+        slot = self._slot(t, now)
         if slot is None:
             return False
         self.counts[slot][field] += n
@@ -94,11 +97,15 @@ class KeyedBuckets(_Ring):
     def _clear(self, slot: int) -> None:
         self.counts[slot] = {}
 
-    def add(self, t: float, key: str, n: int = 1) -> bool:
-        slot = self._slot(t)
+    def add(self, t: float, key: str, n: int = 1, now: float | None = None) -> bool:
+        slot = self._slot(t, now)
         if slot is None:
             return False
         if key not in self.keys:
+            if len(self.keys) >= self.max_keys:      # the cap counts keys still in the window, not every one seen
+                newest = max(self.period)
+                self.keys = {k for p, counts in zip(self.period, self.counts) if p > newest - self.slots
+                             for k in counts if k != OTHER}
             if len(self.keys) >= self.max_keys:
                 key = OTHER
             else:

@@ -37,6 +37,7 @@ import signal
 import sqlite3
 import sys
 import threading
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -141,10 +142,12 @@ class IngestService:
         self.stopped = threading.Event()
         self.failed = threading.Event()          # a frame could not be stored: stop, it stays unacknowledged
         self.failure: str | None = None
+        self._last_connect_fail = float("-inf")
         self.client = broker.new_client("central-ingest", default_id="central-ingest", manual_ack=True)
         self.client.reconnect_delay_set(0.5, 30)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
+        self.client.on_connect_fail = self._on_connect_fail
         self.client.on_subscribe = self._on_subscribe
         self.client.on_message = self._on_message
 
@@ -177,6 +180,13 @@ class IngestService:
             return
         self.connected.set()
         log.info("ingest: subscribed to %s", self.subscription)
+
+    def _on_connect_fail(self, client, userdata) -> None:
+        """The broker cannot be reached (a wrong --mqtt-host, a broker down): said, at most once a minute."""
+        now = time.monotonic()
+        if now - self._last_connect_fail >= 60.0:
+            self._last_connect_fail = now
+            log.warning("ingest: cannot reach the broker at %s:%d; retrying", self.host, self.port)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self.connected.clear()
@@ -265,6 +275,8 @@ def cmd_ingest(args) -> int:
         broker = settings_from_args(args).check()
     except BrokerSettingsError as exc:
         raise SystemExit(str(exc)) from None
+    if args.max_bytes is not None and not 0 <= args.max_bytes < 2 ** 63:    # SQLite's integers
+        raise SystemExit(f"--max-bytes {args.max_bytes}: expected bytes from 0 to 2^63 - 1")
     if args.max_pixels < 1 or args.max_payload_bytes < 1:
         raise SystemExit(f"--max-pixels {args.max_pixels}, --max-payload-bytes {args.max_payload_bytes}: "
                          f"must be positive")

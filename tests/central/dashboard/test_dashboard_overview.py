@@ -196,3 +196,27 @@ def test_memory_per_station_is_bounded_whatever_it_sends():
     lanes = state.overview(NOON)["fleet"]["lanes_hour"]
     assert len(lanes) == 9 and lanes[OTHER] > 2900
     assert isinstance(tally, StationTally) and len(state.tally.stations) == 1
+
+
+def test_a_count_older_than_the_window_is_late_and_old_lanes_free_the_cap():
+    """A backlog from before the window ending now landed in an empty slot (or one older still) and was counted
+    nowhere, not even as late. And once 32 lane names had ever been seen, every new lane was "(other)" for the
+    life of the dashboard, even after the old counts had left every window."""
+    from central.dashboard.overview import FleetTally, station_tally_view
+
+    now = 1_700_000_000.0
+    tally = FleetTally(lanes_kept=32, labels_kept=500, tz=None)
+
+    def decided(site, key, ts, lane="ok", at=now):
+        tally.on_decision(site, key, None, {"ts": ts, "lane": lane, "low_confidence": False, "label": "x"}, at)
+
+    for i in range(10):
+        decided("s1", "s1/a", now - 2.5 * 3600 + i)              # before the station's 2 h of five-minute buckets
+    decided("s2", "s2/b", now - 3 * 3600)                        # a new station's first item, 3 h old
+    assert tally.stations["s1/a"].late == 10 and tally.sites["s1"].late == 10
+    assert tally.stations["s2/b"].late == 1 and station_tally_view(tally.stations["s2/b"], now)["decided_hour"] == 0
+    buckets = KeyedBuckets(slots=60, width_s=60.0, max_keys=32)
+    for n in range(32):
+        assert buckets.add(now, f"mistyped-{n}")
+    later = now + 3 * 86400 + 7 * 60                               # another slot than the old lanes'
+    assert buckets.add(later, "accept") and buckets.total(later, 60) == {"accept": 1}

@@ -147,6 +147,42 @@ def test_a_page_that_shows_other_stations_is_not_sent_a_stations_card(dashboard,
         stream.close()
 
 
+def test_a_page_that_stops_reading_is_cut_off_holding_nothing_and_open_pages_are_capped(broker, monkeypatch):
+    """A page whose connection stopped taking bytes kept up to 512 events of ~100 kB each (50 MB a page, any
+    number of pages). Now a page holding more than QUEUE_BYTES is cut off and its queue emptied at once; past
+    MAX_LISTENERS a new page gets a 503, and the open pages keep their streams."""
+    import asyncio
+
+    import central.dashboard.server as server
+
+    listener = server.Listener(asyncio.new_event_loop())
+    event = b"x" * (server.QUEUE_BYTES // 3)
+    for _ in range(3):
+        listener.offer(event)
+    assert not listener.cut and listener.queued_bytes == 3 * len(event)
+    listener.offer(event)
+    assert listener.cut and listener.queued_bytes == 0 and listener.events.qsize() == 1      # the wake-up only
+    listener.offer(event)
+    assert listener.events.qsize() == 1
+    monkeypatch.setattr(server, "MAX_LISTENERS", 2)
+    dash = Dashboard(BrokerSettings(port=broker.port), port=0, push_interval_s=0.1, no_auth=True)
+    dash.start()
+    try:
+        host, port = dash.address
+        pages = [EventStream(host, port) for _ in range(2)]
+        wait_until(lambda: dash.broadcaster.count == 2, 10, "two pages open")
+        third = http.client.HTTPConnection(host, port, timeout=10)
+        third.request("GET", "/events")
+        answer = third.getresponse()
+        assert answer.status == 503 and "2 pages are open already" in json.loads(answer.read())["error"]
+        assert pages[0].next_event()[0] in ("overview", "stations")
+        for page in pages:
+            page.close()
+        third.close()
+    finally:
+        dash.stop()
+
+
 def test_the_page_and_its_files_are_served_and_nothing_else(dashboard):
     url = dashboard.url
     with urllib.request.urlopen(url) as response:
@@ -179,6 +215,20 @@ def test_the_cli_says_when_its_port_is_taken(capsys):
         port = taken.getsockname()[1]
         assert main(["--port", str(port), "--mqtt-port", "1"]) == 2
     assert f"cannot serve on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--push-interval", "nan"], "--push-interval: expected a finite number in (0, 60], got nan"),
+    (["--push-interval", "inf"], "--push-interval"), (["--stale-factor", "nan"], "--stale-factor"),
+    (["--stale-min-s", "inf"], "--stale-min-s"), (["--port", "70000"], "--port: 70000 is not a TCP port"),
+    (["--port", "-1"], "--port: -1 is not a TCP port"),
+    (["--web-tls-cert", "/nonexistent/cert.pem"], "--web-tls-cert /nonexistent/cert.pem"),
+    (["--web-tls-key", "/nonexistent/key.pem"], "--web-tls-key: give the certificate too (--web-tls-cert)")])
+def test_the_cli_names_a_setting_that_could_not_work(args, named, tmp_path, capsys):
+    """NaN passed "<= 0" (a busy push loop, or no station ever stale), a port past 65535 was a traceback, and the
+    page's TLS errors named the MQTT flags or no file at all."""
+    assert main(["--no-auth", "--mqtt-port", "1", *(["--port", "0"] if "--port" not in args else []), *args]) == 2
+    assert named in capsys.readouterr().err
 
 
 def test_the_dashboard_shows_the_broker_down_and_recovers(tmp_path, broker, recorded):

@@ -305,3 +305,12 @@ def test_empty_scenes_are_kept_apart_and_contexts_stored_as_checked_files(broker
     for c in (client, old):
         c.loop_stop()
         c.disconnect()
+
+
+def test_ingest_refuses_a_quota_sqlite_cannot_hold_naming_the_flag(tmp_path):
+    """--max-bytes past SQLite's 64-bit integers was an OverflowError traceback from the store."""
+    from central.cli import main
+
+    with pytest.raises(SystemExit, match="--max-bytes 100000000000000000000: expected bytes from 0 to 2"):
+        main(["ingest", "--store", str(tmp_path / "store"), "--max-bytes", "1" + "0" * 20])
+    assert not (tmp_path / "store").exists()
