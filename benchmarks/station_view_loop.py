@@ -27,7 +27,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from benchmarks.station_view import REPO, ensure_scene, measure, mosquitto
 
@@ -219,20 +219,26 @@ def run_loop(args, scenes_root: Path) -> dict[str, Any]:
             "retrain": {"exit_code": rc, "promoted": gate.get("promoted"), "reasons": gate.get("reasons"),
                         "bundle": str(new_bundle), "reviewed_split": split},
             "teach": on_a, "before": before, "after": after,
-            "clean_test": clean_test(args.clean_test, args.bundle, new_bundle, after) if args.clean_test else None}
+            "clean_test": clean_test(args.clean_test, args.bundle, new_bundle, after,
+                                     [item["test_index"] for item in truth_a["items"]]) if args.clean_test else None}
 
 
-def clean_test(data: Path, current: Path, candidate: Path, after: dict) -> dict[str, Any]:
+def clean_test(data: Path, current: Path, candidate: Path, after: dict, teach: Sequence[int] = ()) -> dict[str, Any]:
     """Both bundles' top-1 on the clean test split (the INT8 model where deployable, with the station's
     preprocessing, as ``trainer retrain`` evaluates), against the new bundle's item accuracy on scene B: the
-    camera should cost it at most a point."""
+    camera should cost it at most a point. ``teach``: the test indices scene A showed (the candidate trained on
+    their frames), left out, as ``import-fashion-mnist`` names them (``test_<index>.png``); before 2026-12-06
+    they were scored too, which flattered the candidate's clean top-1 by at most their share of the split."""
     from contract.bundle import load_bundle
     from trainer.data import load_dataset
     from trainer.retrain import Item, evaluate_bundle
 
     dataset = load_dataset(data)
-    items = [Item(s.path, dataset.classes[s.label], "holdout") for s in dataset.samples]
-    out: dict[str, Any] = {"data": str(data), "images": len(items)}
+    taught = {f"test_{int(i):05d}" for i in teach}
+    items = [Item(s.path, dataset.classes[s.label], "holdout") for s in dataset.samples
+             if Path(s.path).stem not in taught]
+    out: dict[str, Any] = {"data": str(data), "images": len(items),
+                           "left_out_as_taught": len(dataset.samples) - len(items)}
     for who, path in (("before", current), ("after", candidate)):
         if not (path / "manifest.json").is_file():
             continue                # a rejected candidate that the retrain did not keep

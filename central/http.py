@@ -77,8 +77,11 @@ class Guard:
             nonlocal answered
             if message["type"] == "http.response.start":
                 answered = True
-                if self.no_store and not any(k.lower() == b"cache-control" for k, _ in message.get("headers", [])):
-                    message = {**message, "headers": [*message.get("headers", []), (b"cache-control", b"no-store")]}
+                given = {k.lower() for k, _ in message.get("headers", [])}
+                extra = [(k, v) for k, v in SECURITY_HEADERS if k not in given]
+                if self.no_store and b"cache-control" not in given:
+                    extra.append((b"cache-control", b"no-store"))
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
             await send(message)
 
         try:
@@ -105,6 +108,11 @@ class Guard:
         if headers.get(b"sec-fetch-site", b"").strip().lower() == b"cross-site":
             return f"header Sec-Fetch-Site: {method} from another site's page refused"
         return None
+
+
+# on every answer: no type sniffing, no framing (a page's one-click decisions cannot be clickjacked), no Referer
+SECURITY_HEADERS = ((b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
+                    (b"content-security-policy", b"frame-ancestors 'none'"), (b"referrer-policy", b"no-referrer"))
 
 
 class BodyTooLarge(Exception):

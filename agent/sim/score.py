@@ -103,7 +103,9 @@ def score_items(items: Sequence[dict], decisions: Sequence[dict], spans: Sequenc
     counts = dict(correct=0, missed=0, split=0, review=0, auto_sorted=0, auto_wrong=0, never_visible=0)
     for it in items:
         mine = by_item[it["item"]]
-        counts["never_visible"] += not it["visible_frames"]
+        if not it["visible_frames"]:          # no camera could decide it: neither missed nor in the shares
+            counts["never_visible"] += 1
+            continue
         counts["missed"] += not mine
         counts["split"] += len(mine) > 1
         counts["review"] += any(is_review(d, review_lane) for d in mine)
@@ -112,11 +114,11 @@ def score_items(items: Sequence[dict], decisions: Sequence[dict], spans: Sequenc
             if not is_review(mine[0], review_lane):
                 counts["auto_sorted"] += 1
                 counts["auto_wrong"] += mine[0]["label"] != it["label_name"]
-    n = len(items)
+    n = len(items) - counts["never_visible"]
     merged = sum(1 for s in spans if s is not None and sum(
         k >= min(merge_min_frames, len(visible[i])) for i, k in overlaps(s, visible).items()) >= 2)
     phantoms = sum(1 for o in owner if o is None)
-    return {"items": n, "decisions": len(decisions), **counts, "phantom_decisions": phantoms,
+    return {"items": len(items), "decisions": len(decisions), **counts, "phantom_decisions": phantoms,
             "merged_decisions": merged, "unplaced_decisions": sum(1 for s in spans if s is None),
             "item_accuracy": _ratio(counts["correct"], n), "item_accuracy_ci95": wilson(counts["correct"], n),
             "review_share": _ratio(counts["review"], n),

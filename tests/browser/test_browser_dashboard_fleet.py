@@ -188,3 +188,20 @@ def test_an_update_over_the_broker_arrives_on_the_open_page(browser, artifacts, 
     assert browser.execute_script("return window.loadedOnce") == "yes"
     assert page_height(browser) < HEIGHT_BOUND
     browser.save_screenshot(str(artifacts / "dashboard-fleet-update.png"))
+
+
+def test_a_page_turned_away_retries_until_it_is_let_in_and_a_mangled_link_still_loads(browser, fleet_dashboard,
+                                                                                      monkeypatch):
+    """The server answers 503 when too many pages are open; a browser's EventSource never retries after an HTTP
+    error, so the page said "reconnecting" for good. It retries on its own now and goes live once let in. A
+    mangled station link (#/station/s1/%E0) threw before the page connected; it opens the overview instead."""
+    import central.dashboard.server as server
+
+    dash, _ = fleet_dashboard
+    monkeypatch.setattr(server, "MAX_LISTENERS", 0)
+    browser.get(dash.url + "#/station/site-1/%E0")
+    wait(browser, lambda d: "retrying in" in text_of(d.find_element(By.ID, "stream-status")), "the page retrying")
+    assert browser.find_element(By.ID, "overview").get_attribute("data-ready") != "true"
+    monkeypatch.setattr(server, "MAX_LISTENERS", 256)
+    wait_css(browser, '#overview[data-ready="true"]', "the overview once a page may open", timeout=60)
+    assert text_of(browser.find_element(By.ID, "stream-status")) == "live"

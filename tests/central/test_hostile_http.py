@@ -526,3 +526,16 @@ def test_a_path_into_the_bundle_folder_itself_is_not_a_listing(bundles):
     for path in ("/", "/fashion", "/fashion/3/", "/fashion/3"):
         assert client.get(path).status_code == 404
     assert Path(server.root).is_dir()
+
+
+def test_every_answer_forbids_framing_sniffing_and_the_referer(review, bundles):
+    """Both pages' one-click decisions must not be clickjacked (with --no-auth a framing page could click them),
+    a served file is never sniffed as another type, and no URL leaves in a Referer."""
+    server, store, records, client = review
+    answers = [client.get("/"), client.get("/static/review.js"), client.get("/api/frames"), client.get("/api/nope"),
+               bundles[2].get("/fashion/3/manifest.json"), bundles[2].get("/nope")]
+    for answer in answers:
+        assert answer.headers["x-content-type-options"] == "nosniff", answer.url
+        assert answer.headers["x-frame-options"] == "DENY" and "frame-ancestors 'none'" in \
+            answer.headers["content-security-policy"]
+        assert answer.headers["referrer-policy"] == "no-referrer"

@@ -5,6 +5,7 @@ exactly (the benchmark itself, with the agent, is not a test)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -335,3 +336,17 @@ def test_the_loop_compares_scene_b_with_the_new_bundles_clean_test_split(real_bu
     assert out["within_1_point"] is (out["gap_points"] <= 1.0)
     # a candidate the retrain did not keep: the current bundle's figure only
     assert "after" not in clean_test(fmnist_dir / "test", real_bundle, tmp_path / "gone", after)
+    # the test images scene A showed (the candidate trained on their frames) are left out of the clean split
+    taught = sorted(int(Path(s.path).stem.split("_")[1]) for s in dataset.samples)[:25:5]
+    fewer = clean_test(fmnist_dir / "test", real_bundle, real_bundle, after, taught + [99_999])
+    assert fewer["images"] == 995 and fewer["left_out_as_taught"] == 5
+
+
+def test_an_item_no_camera_could_see_is_neither_missed_nor_in_the_shares():
+    """Counted as never_visible only: before, it was also missed and stayed in item accuracy's denominator."""
+    items = [{"item": 0, "label_name": "A", "visible_frames": [1, 2, 3]},
+             {"item": 1, "label_name": "B", "visible_frames": []}]
+    out = score.score_items(items, [{"first_seen": 1, "last_seen": 3, "label": "A", "low_confidence": False,
+                                     "lane": "x"}], [(1, 3)])
+    assert (out["items"], out["never_visible"], out["missed"], out["correct"]) == (2, 1, 0, 1)
+    assert out["item_accuracy"] == 1.0 and out["missed_share"] == 0.0

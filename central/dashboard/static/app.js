@@ -540,9 +540,14 @@ function renderShipmentFact(card, s) {
 
 // ------------------------------------------------------------------ routes and the stream
 
+function decoded(part) {
+  try { return decodeURIComponent(part); } catch (err) { return null; }   // a mangled link: no card, not a dead page
+}
+
 function route() {
   const m = /^#\/station\/([^/]+)\/([^/]+)$/.exec(location.hash);
-  page.card = m ? `${decodeURIComponent(m[1])}/${decodeURIComponent(m[2])}` : null;
+  const site = m && decoded(m[1]), station = m && decoded(m[2]);
+  page.card = site && station ? `${site}/${station}` : null;
   $("#card-section").hidden = !page.card;
   $("#overview").hidden = !!page.card;
   $("#station-list").hidden = !!page.card;
@@ -561,7 +566,11 @@ function streamUrl() {
   return `/events?${params}`;
 }
 
+let retryDelay = 2000;          // after an HTTP error the browser gives up on the stream: the page retries itself
+let retryTimer = null;
+
 function reconnect() {
+  clearTimeout(retryTimer);
   if (page.stream) page.stream.close();
   const stream = new EventSource(streamUrl());
   page.stream = stream;
@@ -575,12 +584,21 @@ function reconnect() {
     status.dataset.connected = "true";
     text(status, "live");
     document.body.dataset.stream = "open";
+    retryDelay = 2000;
   };
   stream.onerror = () => {
     if (page.stream !== stream) return;
     status.dataset.connected = "false";
-    text(status, "live: reconnecting…");
     document.body.dataset.stream = "reconnecting";
+    if (stream.readyState !== EventSource.CLOSED) {       // a network error: the browser retries on its own
+      text(status, "live: reconnecting…");
+      return;
+    }
+    // an HTTP answer (503: too many pages open, 401 after a restart, a proxy's 502): the browser will not retry
+    const wait = retryDelay * (0.75 + Math.random() / 2);
+    retryDelay = Math.min(retryDelay * 2, 30000);
+    text(status, `live: disconnected, retrying in ${Math.round(wait / 1000)} s`);
+    retryTimer = setTimeout(reconnect, wait);
   };
   on("overview", renderOverview);
   on("stations", renderPage);

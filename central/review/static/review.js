@@ -378,5 +378,11 @@ enqueue(async () => {
   await loadStats();
   say("ready");
 });
-// New frames keep arriving from ingest: refresh the queue and the filters every few seconds.
-setInterval(refresh, 3000);
+// New frames keep arriving from ingest: refresh the queue and the filters every few seconds; never a second
+// refresh queued behind one still waiting (a slow store would pile them up ahead of the reviewer's decisions).
+let refreshing = false;
+setInterval(() => {
+  if (refreshing) return;
+  refreshing = true;
+  refresh().finally(() => { refreshing = false; });
+}, 3000);
