@@ -73,13 +73,18 @@ def test_a_damaged_state_or_a_vanished_bundle_falls_back_to_the_config(tiny_bund
     assert (state_path.parent / f"{STATE_FILE}.bad").read_text() == "{not json"
 
 
+def serve_folder(www):
+    """``www`` over HTTP on a free port, as a bundle server would: (the server, its base URL)."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(SimpleHTTPRequestHandler, directory=str(www)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
 def test_a_refused_download_leaves_the_installed_copy_of_that_version_intact(tiny_bundle, fmnist_video, tmp_path):
     www = tmp_path / "www"
     served = bundle_version(tiny_bundle, www / "tiny-2", "tiny-2")
-    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(www))
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/tiny-2/"
+    server, base = serve_folder(www)
+    url = f"{base}/tiny-2/"
     try:
         cfg = config(tmp_path, tiny_bundle, fmnist_video)
         agent = restarted(cfg)
@@ -109,10 +114,7 @@ def test_a_bundle_refused_at_warm_up_never_replaces_an_installed_one_nor_runs_af
     www = tmp_path / "www"
     good = bundle_version(tiny_bundle, www / "tiny" / "tiny-2", "tiny-2")
     bad = make_onnx_bundle(www, nan="always", version="tiny-2")              # www/onnx-tiny/tiny-2
-    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(www))
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}"
+    server, url = serve_folder(www)
     try:
         cfg = config(tmp_path, tiny_bundle, fmnist_video)
         agent = restarted(cfg)
