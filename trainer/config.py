@@ -86,7 +86,8 @@ class TrainConfig:
             raise ValueError(f"image_size and resize_shorter: expected >= 1 px, got {self.image_size}, "
                              f"{self.resize_shorter}")
         if self.limit_per_class is not None and self.limit_per_class < 1:
-            raise ValueError(f"limit_per_class: expected at least 1 image (or none for all), got {self.limit_per_class}")
+            raise ValueError(f"limit_per_class: expected at least 1 image (or none for all), "
+                             f"got {self.limit_per_class}")
         if isinstance(self.station_frame_repeat, bool) or not isinstance(self.station_frame_repeat, int) \
                 or self.station_frame_repeat < 1:
             raise ValueError(f"station_frame_repeat: expected a whole number >= 1, got {self.station_frame_repeat!r}")
