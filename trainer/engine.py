@@ -193,7 +193,7 @@ def make_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_
 
     def factor(step: int) -> float:
         if warmup and step < warmup:
-            return (step + 1) / warmup
+            return min(1.0, (step + 1) / warmup)     # a fractional warmup never lifts the rate past lr
         if cfg.schedule == "cosine":
             progress = (step - warmup) / max(1, total - warmup)
             return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
@@ -409,8 +409,10 @@ class Trainer:
             torch.set_rng_state(resume["torch_rng"])
             log.info("resuming %s after epoch %d", self.run_dir, state.epoch)
         criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-        stopped_early = False
-        while state.epoch < cfg.epochs:
+        stopped_early = cfg.patience is not None and state.epochs_without_improvement >= cfg.patience
+        if stopped_early:           # a resumed run that had stopped early: nothing more to train
+            log.info("%s stopped early at epoch %d; nothing to resume", self.run_dir, state.epoch)
+        while state.epoch < cfg.epochs and not stopped_early:
             epoch = state.epoch
             set_backbone_frozen(_unwrap(model), cfg.arch, epoch < cfg.freeze_epochs)
             batches.set_epoch(epoch)
@@ -418,6 +420,10 @@ class Trainer:
             row.update(self._train_epoch(epoch, model, batches, augment, optimizer, schedule, scaler, criterion))
             logits, val_labels = self._validate(model, val_x, val_y)
             row["val_loss"] = nn.functional.cross_entropy(logits, val_labels).item()
+            if not (math.isfinite(row["train_loss"]) and math.isfinite(row["val_loss"])):
+                raise ValueError(f"{self.run_dir}: epoch {epoch + 1}: the loss is not finite (train "
+                                 f"{row['train_loss']}, val {row['val_loss']}): the weights diverged; lower --lr or "
+                                 f"--weight-decay. best.pt keeps the last finite epoch")
             row["val_accuracy"], row["val_macro_f1"] = accuracy_and_f1(logits, val_labels, len(self.classes))
             metric = row["val_" + cfg.metric]
             state.epoch = epoch + 1

@@ -61,6 +61,32 @@ def test_early_stopping_stops_when_val_stops_improving(fmnist_dir, tmp_path):
     # lr 0 cannot improve after the first epoch: patience 1 must stop after epoch 2 of 5
     result = Trainer(_cfg(fmnist_dir, epochs=5, lr=0.0, patience=1), tmp_path / "es").fit()
     assert result.stopped_early and result.epochs_run == 2 and result.best_epoch == 1
+    # resumed, a run that stopped early trains no further epoch (it trained a third before)
+    again = Trainer(TrainConfig.load(tmp_path / "es" / "config.json"), tmp_path / "es").fit()
+    assert again.stopped_early and again.epochs_run == 2
+    assert len((tmp_path / "es" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_a_loss_that_is_not_finite_stops_the_run_naming_it(fmnist_dir, tmp_path):
+    """A diverged run trained on for every remaining epoch and kept NaN weights as best.pt (its NaN logits'
+    argmax still "beat" the starting metric)."""
+    with pytest.raises(ValueError, match=r"epoch \d: the loss is not finite"):
+        Trainer(_cfg(fmnist_dir, epochs=4, optimizer="sgd", lr=10.0, weight_decay=10.0), tmp_path / "nan").fit()
+    best = tmp_path / "nan" / "best.pt"
+    assert not best.exists() or all(torch.isfinite(v).all() for v in torch.load(best, weights_only=True)["model"].values()
+                                    if v.is_floating_point())
+
+
+def test_a_fractional_warmup_never_lifts_the_rate_past_lr():
+    cfg = TrainConfig(data="x", epochs=5, lr=1.0, warmup_epochs=0.1, schedule="cosine")
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = make_schedule(opt, cfg, steps_per_epoch=3)          # warmup 0.3 steps: it used to start at 3.3 x lr
+    lrs = []
+    for _ in range(15):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert max(lrs) <= 1.0 and lrs[0] == 1.0
 
 
 def test_resnet50_trains_on_cpu_with_tiny_images(fmnist_dir, tmp_path):

@@ -285,11 +285,15 @@ def _export_into(cfg, tmp_dir, model, spec, classes, train_cfg, name, version, t
     artifacts = [artifact_entry(fp32_path, tmp_dir, role=ROLE_FP32, precision="fp32", deployable=parity_stats["passed"],
                                 reason=parity_stats["reason"])]
 
-    calibration = _calibration_inputs(train_samples, spec, cfg.quantize.calibration_images, cfg.workers)
     station = _station_sets(cfg, spec, train_samples, val_samples)
-    if station is not None:  # half of the calibration images as the station crops them: the ranges it will see
-        calibration = np.concatenate([calibration[: len(calibration) - len(calibration) // 2],
-                                      station["calibration"].inputs])
+    count = cfg.quantize.calibration_images
+    # half of the calibration images as the station crops them (the ranges it will see) and half as the dataset
+    # shows them, each drawn over every class (before 2026-12-06 the dataset half was the first half of a draw
+    # kept in the split's class order: the later classes were left out of it)
+    calibration = _calibration_inputs(train_samples, spec, count - count // 2 if station is not None else count,
+                                      cfg.workers)
+    if station is not None:
+        calibration = np.concatenate([calibration, station["calibration"].inputs])
     int8_path = tmp_dir / "model.int8.onnx"
     calib_info = quantize_qdq(fp32_path, int8_path, calibration, cfg.quantize, input_name=spec.input_name)
     int8_logits, int8_emb = onnx_outputs(int8_path, val_x)
