@@ -11,6 +11,7 @@ published.
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import hashlib
 import json
 import logging
@@ -21,7 +22,7 @@ from typing import Any, Callable, Sequence
 
 from contract.broker import BrokerError, BrokerSettings, BrokerSettingsError, connect
 from contract.messages import ROLLOUT_SCHEMA as EVENT_SCHEMA
-from contract.messages import checker, rollout_topic
+from contract.messages import checker, dumps_finite, rollout_topic
 
 log = logging.getLogger(__name__)
 
@@ -41,19 +42,39 @@ def write_json_atomic(path: Path, data: Any) -> None:
     """Write, fsync, rename: a crash leaves the old file or the new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    text = dumps_finite(data, indent=1)      # a record with NaN or an infinity is refused, never written
     with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=1)
-        fh.write("\n")
+        fh.write(text + "\n")
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder: Path) -> None:
+    """A rename or a new file survives a power cut only once its folder is synced too."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 # ---------------------------------------------------------------- events
 
 def validate_event(event: dict[str, Any]) -> None:
-    """Raise RolloutError naming the field when ``event`` breaks ``rollout-event.v1``."""
+    """Raise RolloutError naming the field when ``event`` breaks ``rollout-event.v1`` or holds NaN or an
+    infinity (no dashboard could read it)."""
     checker(EVENT_SCHEMA, "jsonschema").check(EVENT_SCHEMA, event, RolloutError)
+    try:
+        dumps_finite(event)
+    except ValueError as exc:
+        raise RolloutError(f"{EVENT_SCHEMA}: a figure is not finite ({exc})") from None
 
 
 def make_event(action: str, model: dict[str, str], *, ok: bool, reason: str | None = None,
@@ -66,7 +87,7 @@ def make_event(action: str, model: dict[str, str], *, ok: bool, reason: str | No
 
 def mqtt_publish(client, topic: str, payload: dict[str, Any], *, retain: bool = False, timeout_s: float = 15.0) -> None:
     """QoS 1 and wait for the PUBACK, so "sent" means the broker has it."""
-    info = client.publish(topic, json.dumps(payload).encode(), qos=1, retain=retain)
+    info = client.publish(topic, dumps_finite(payload).encode(), qos=1, retain=retain)
     try:
         info.wait_for_publish(timeout_s)
     except (RuntimeError, ValueError) as exc:
@@ -139,8 +160,15 @@ def write_gate(bundle_dir: Path, record: dict[str, Any]) -> None:
     """The gate decision beside the bundle, and one line in the model's append-only gate log."""
     bundle_dir = Path(bundle_dir)
     write_json_atomic(bundle_dir / GATE_FILE, record)
-    with open(bundle_dir.parent / GATE_LOG, "a") as fh:
-        fh.write(json.dumps(record) + "\n")
+    line = dumps_finite(record) + "\n"
+    with open(bundle_dir.parent / GATE_LOG, "a+b") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)          # two retrains of one model append whole lines, one at a time
+        fh.seek(0, os.SEEK_END)
+        if fh.tell():
+            fh.seek(-1, os.SEEK_END)
+            if fh.read(1) != b"\n":            # a line torn by a crash: this record starts on a line of its own
+                line = "\n" + line
+        fh.write(line.encode())
         fh.flush()
         os.fsync(fh.fileno())
 
@@ -150,11 +178,16 @@ def rejected_in_log(bundle_dir: Path, sha: str) -> dict[str, Any] | None:
     path = Path(bundle_dir).parent / GATE_LOG
     if not path.exists():
         return None
-    for line in path.read_text().splitlines():
+    for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
+            # a line a crash tore (an older writer glued the next record to it): a rejection of this manifest in
+            # it still counts, whatever else the line holds
+            if sha in line and '"rejected"' in line:
+                log.warning("%s:%d: not a whole JSON line; it names %s as rejected", path, n, sha[:12])
+                return {"decision": "rejected", "manifest_sha256": sha, "reason": f"{path}:{n} (a torn line)"}
             continue
-        if record.get("manifest_sha256") == sha and record.get("decision") == "rejected":
+        if isinstance(record, dict) and record.get("manifest_sha256") == sha and record.get("decision") == "rejected":
             return record
     return None

@@ -457,9 +457,8 @@ def _write(bundle: Bundle, cfg: EnrolConfig, new_open_set: openset.OpenSet, repo
     final_dir = models_dir / bundle.name / version
     if final_dir.exists():
         raise EnrolError(f"{final_dir}: bundle version already exists; pass another --version")
-    tmp_dir = final_dir.parent / f".{version}.partial"
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    tmp_dir.mkdir(parents=True)
+    tmp_dir = final_dir.parent / f".{version}.partial-{os.getpid()}-{time.monotonic_ns()}"   # its own: never
+    tmp_dir.mkdir(parents=True)                         # another enrolment's, in this process or another
     try:
         artifacts = []
         for entry in bundle.manifest["artifacts"]:
@@ -482,7 +481,11 @@ def _write(bundle: Bundle, cfg: EnrolConfig, new_open_set: openset.OpenSet, repo
 
             sign_bundle(tmp_dir, cfg.sign_key)
         check_model_runs(load_bundle(tmp_dir))
-        os.replace(tmp_dir, final_dir)
+        try:
+            os.rename(tmp_dir, final_dir)      # never onto a version another enrolment wrote meanwhile
+        except OSError as exc:
+            raise EnrolError(f"{final_dir}: written by another enrolment at the same moment ({exc.strerror}); "
+                             f"run it again") from None
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise

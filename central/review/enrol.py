@@ -10,6 +10,7 @@ enrolment needs ONNX Runtime on the review host (the central image has none unle
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import threading
 from dataclasses import dataclass
@@ -52,6 +53,29 @@ class EnrolSettings:
         return self.max_drop_points if self.max_drop_limit is None else self.max_drop_limit
 
 
+def latest_enrolled(configured: Path, models_dir: Path | None) -> Path:
+    """The newest version enrolled on top of ``configured`` (following ``provenance.enrolled_from``), else
+    ``configured``: a restarted server enrols onto the classes it enrolled before, not onto its first bundle."""
+    root = Path(models_dir) if models_dir is not None else configured.parent.parent
+    try:
+        head = json.loads((configured / "manifest.json").read_text())
+        name = head["name"]
+        children: dict[str, tuple[str, Path]] = {}
+        for manifest_path in (root / name).glob("*/manifest.json"):
+            manifest = json.loads(manifest_path.read_text())
+            parent = (manifest.get("provenance") or {}).get("enrolled_from") or {}
+            if parent.get("name") == name and isinstance(parent.get("version"), str):
+                children[parent["version"]] = max(children.get(parent["version"], ("", manifest_path.parent)),
+                                                  (manifest["version"], manifest_path.parent))
+    except (OSError, ValueError, KeyError, TypeError):
+        return configured              # the configured bundle is checked when an enrolment loads it
+    found, version, seen = configured, head["version"], set()
+    while version in children and version not in seen:
+        seen.add(version)
+        version, found = children[version]
+    return found
+
+
 class ReviewEnroller:
     """Turns the store's reviewed frames of a new class into a new bundle version, one enrolment at a time."""
 
@@ -68,7 +92,7 @@ class ReviewEnroller:
                              f"{settings.max_drop_points:g}, 100), got {settings.max_drop_limit!r}")
         self.store = store
         self.settings = settings
-        self.bundle = Path(settings.bundle)
+        self.bundle = latest_enrolled(Path(settings.bundle), settings.models_dir)
         self._lock = threading.Lock()
 
     def describe(self) -> dict[str, Any]:

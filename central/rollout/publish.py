@@ -8,6 +8,7 @@ agent's own verification (``contract.bundle.load_bundle``) and the gate record w
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import json
 import logging
@@ -23,6 +24,7 @@ from central.http import Guard, Served
 from contract.events import (
     GATE_FILE,
     RolloutError,
+    fsync_dir,
     manifest_sha256,
     read_gate,
     rejected_in_log,
@@ -61,8 +63,9 @@ def _check_publishable(bundle_dir: Path, sha: str, root: Path, name: str, baseli
     if not baseline:
         raise RolloutError(f"{bundle_dir}: no {GATE_FILE}: only a version promoted by 'python -m trainer retrain' is "
                            "published (pass --baseline for the first version of a model, exported by 'trainer export')")
-    others = [p.name for p in (root / name).iterdir() if p.is_dir() and not p.name.startswith(".")] \
-        if (root / name).is_dir() else []
+    version = json.loads((bundle_dir / "manifest.json").read_text())["version"]
+    others = [p.name for p in (root / name).iterdir() if p.is_dir() and not p.name.startswith(".")
+              and p.name != version] if (root / name).is_dir() else []     # the same baseline again: a no-op
     if others:
         raise RolloutError(f"{bundle_dir}: --baseline is only for the first version of {name!r}, and {root / name} "
                            f"already holds {', '.join(sorted(others))}; later versions go through the retrain gate")
@@ -98,6 +101,12 @@ def publish_bundle(bundle_dir: str | Path, root: str | Path, *, baseline: bool =
     url_path = f"{bundle.name}/{bundle.version}/"
     if target.exists():
         if (target / MANIFEST).exists() and manifest_sha256(target) == sha:
+            try:                # published whole? (a power cut can leave a renamed folder with empty files)
+                load_bundle(target, load_public_key(public_key) if public_key else None)
+            except BundleError as exc:
+                raise RolloutError(f"{target}: published before but damaged ({exc}); move it aside and publish "
+                                   f"again") from exc
+            _update_index(root / bundle.name, bundle.version, sha, gate["decision"])   # a crash may have missed it
             return PublishResult(bundle.name, bundle.version, target, url_path, sha, gate["decision"], already=True)
         raise RolloutError(f"{target}: version {bundle.version} is already published with another manifest; "
                            "a published version is never replaced (export a new version)")
@@ -109,9 +118,13 @@ def publish_bundle(bundle_dir: str | Path, root: str | Path, *, baseline: bool =
         for rel in files:
             (partial / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(bundle_dir / rel, partial / rel)
+            with open(partial / rel, "rb") as fh:         # on disk before the folder is renamed into place
+                os.fsync(fh.fileno())
         write_json_atomic(partial / GATE_FILE, gate)
         load_bundle(partial, load_public_key(public_key) if public_key else None)   # the copy, checked again
+        fsync_dir(partial)
         os.replace(partial, target)
+        fsync_dir(target.parent)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -121,11 +134,22 @@ def publish_bundle(bundle_dir: str | Path, root: str | Path, *, baseline: bool =
 
 
 def _update_index(model_dir: Path, version: str, sha: str, decision: str) -> None:
+    """Add ``version`` to the model's index.json, under a lock: two publishes at once both stay listed."""
     path = model_dir / INDEX_FILE
-    index = json.loads(path.read_text()) if path.exists() else {"versions": {}}
-    index["versions"][version] = {"path": f"{version}/", "manifest_sha256": sha, "decision": decision,
-                                  "published_at": utc_now()}
-    write_json_atomic(path, index)
+    with open(model_dir / ".index.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            index = json.loads(path.read_text()) if path.exists() else {"versions": {}}
+            if not isinstance(index, dict) or not isinstance(index.get("versions"), dict):
+                raise ValueError("expected {\"versions\": {...}}")
+        except ValueError as exc:
+            raise RolloutError(f"{path}: not a published index ({exc}); move it aside and publish again") from None
+        known = index["versions"].get(version)
+        if known and known.get("manifest_sha256") == sha:
+            return
+        index["versions"][version] = {"path": f"{version}/", "manifest_sha256": sha, "decision": decision,
+                                      "published_at": utc_now()}
+        write_json_atomic(path, index)
 
 
 # ---------------------------------------------------------------- serve

@@ -181,3 +181,26 @@ def test_a_refused_enrolment_answers_with_its_figures(reviewed, monkeypatch):
     assert body["figures"]["allowances"] == dry["figures"]["allowances"] and body["figures"]["gate"]["passed"] is False
     assert body["allowance"] == {"used": 2.0, "default": 1.5, "limit": 3.0}
     assert _versions(models, source.parent.name) == before
+
+
+def test_a_restarted_server_enrols_onto_the_newest_version_it_enrolled_before(tmp_path):
+    """The head of the enrolled chain was kept in memory only: after a restart with the same --enrol-bundle the
+    next class went onto the first bundle, and the newest version lacked the class enrolled before."""
+    import json
+
+    from central.review.enrol import latest_enrolled
+
+    def version(v, parent=None):
+        folder = tmp_path / "models" / "fashion" / v
+        folder.mkdir(parents=True)
+        provenance = {"enrolled_from": {"name": "fashion", "version": parent, "label": "x"}} if parent else {}
+        (folder / "manifest.json").write_text(json.dumps({"name": "fashion", "version": v, "provenance": provenance}))
+        return folder
+
+    first = version("1")
+    assert latest_enrolled(first, None) == first
+    version("20261206-101500", "1")
+    newest = version("20261206-111500", "20261206-101500")
+    version("2", None)                                   # a retrained version: not on the enrolled chain
+    assert latest_enrolled(first, None) == newest
+    assert latest_enrolled(tmp_path / "nowhere", None) == tmp_path / "nowhere"

@@ -143,6 +143,41 @@ def test_publish_refuses_a_rejected_bundle_even_when_its_record_is_removed(bundl
     assert not (served / "tiny" / "v2").exists()
 
 
+def test_a_torn_gate_log_line_still_refuses_the_rejection_after_it_and_the_same_baseline_republishes(bundles,
+                                                                                                   tmp_path):
+    """A crash mid-append left half a line in gate-log.jsonl; the next record was glued to it and the reader
+    skipped the whole line, so a rejected version published once its gate.json was gone. The writer starts a
+    record on a line of its own now, and the reader still finds a rejection in a torn line."""
+    served = tmp_path / "served"
+    log = bundles["v2"].parent / "gate-log.jsonl"
+    log.write_text('{"decision": "promoted", "manifest_sha25')              # torn by a crash
+    write_gate(bundles["v2"], {"decision": "rejected", "manifest_sha256": ro.manifest_sha256(bundles["v2"]),
+                               "reason": "worse"})
+    assert log.read_text().splitlines()[1].startswith('{"decision": "rejected"')
+    (bundles["v2"] / "gate.json").unlink()
+    with pytest.raises(RolloutError, match="rejected by the retrain gate"):
+        publish_bundle(bundles["v2"], served, baseline=True)
+    # an older writer's glued line: still a rejection of this manifest
+    log.write_text('{"decision": "promoted", "manifest_sha25{"decision": "rejected", "manifest_sha256": "'
+                   + ro.manifest_sha256(bundles["v2"]) + '", "reason": "worse"}\n')
+    with pytest.raises(RolloutError, match="rejected by the retrain gate"):
+        publish_bundle(bundles["v2"], served, baseline=True)
+    # the first version published as a baseline, again: a no-op that also repairs a missing index entry
+    first = publish_bundle(bundles["v1"], served, baseline=True)
+    (served / "tiny" / "index.json").unlink()
+    again = publish_bundle(bundles["v1"], served, baseline=True)
+    assert again.already and again.sha256 == first.sha256
+    assert list(json.loads((served / "tiny" / "index.json").read_text())["versions"]) == ["v1"]
+    (served / "tiny" / "index.json").write_text('{"versions": {')
+    with pytest.raises(RolloutError, match="index.json: not a published index"):
+        publish_bundle(bundles["v1"], served, baseline=True)
+
+
+def test_an_event_with_a_figure_that_is_not_finite_is_refused_by_name():
+    with pytest.raises(RolloutError, match="a figure is not finite"):
+        make_event("gate", {"name": "tiny", "version": "2"}, ok=True, figures={"top1": float("nan")})
+
+
 def test_publish_refuses_unverifiable_ungated_and_changed_bundles(bundles, tmp_path):
     served = tmp_path / "served"
     onnx = bundles["v1"] / "model.fp32.onnx"
