@@ -9,6 +9,7 @@ the YAML: the MQTT password comes from an environment variable or a file.
 from __future__ import annotations
 
 import os
+import types
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -769,11 +770,18 @@ def validate_layer(path: str | Path) -> list[str]:
     return problems
 
 
+def _is_model(annotation: Any) -> bool:
+    """A pydantic model class. On Python 3.10 (the Jetson image's) ``list[str]`` passes ``isinstance(_, type)`` and
+    then fails ``issubclass``: a generic alias is never a model."""
+    return (isinstance(annotation, type) and not isinstance(annotation, types.GenericAlias)
+            and issubclass(annotation, BaseModel))
+
+
 def _layer_adapter(key: str) -> TypeAdapter:
     """A validator for one top-level key with the field's own bounds (and, like the models, no NaN or infinity)."""
     info = AgentConfig.model_fields[key]
     ann = info.annotation
-    is_model = isinstance(ann, type) and issubclass(ann, BaseModel)
+    is_model = _is_model(ann)
     return TypeAdapter(Annotated[ann, info], config=None if is_model else ConfigDict(allow_inf_nan=False))
 
 
@@ -830,8 +838,7 @@ def config_reference_markdown() -> str:
         for name, info in model.model_fields.items():
             key = f"{prefix}{name}"
             ann = info.annotation
-            nested = next((a for a in (ann, *getattr(ann, "__args__", ())) if isinstance(a, type)
-                           and issubclass(a, BaseModel)), None)
+            nested = next((a for a in (ann, *getattr(ann, "__args__", ())) if _is_model(a)), None)
             default = "required" if info.is_required() else _default_text(info.get_default(call_default_factory=True))
             type_name = _type_name(ann)
             if nested is None or not key.startswith(("cameras", "mqtt.tls")) or key in ("cameras", "mqtt.tls"):

@@ -221,12 +221,18 @@ def key_lock(cache_dir: Path, key: EngineKey) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
+SHIPPED_MAX_BATCH = 32      # the batch profile trainer/export/tensorrt.py builds a bundle's engines with
+
+
 def bundle_engine(bundle: Bundle, key: EngineKey) -> Path | None:
     """An engine shipped in the bundle for exactly this TensorRT version, GPU and precision.
 
     The manifest does not record an engine's batch profile (the trainer builds 1..32), so
-    a shipped engine is taken for any ``max_batch`` up to that.
+    a shipped engine is taken for a ``max_batch`` up to that, and never for a larger one (its profile
+    would refuse the batch).
     """
+    if key.max_batch > SHIPPED_MAX_BATCH:
+        return None
     for art in bundle.engines():
         if (art.tensorrt_version == key.tensorrt_version and art.compute_capability == key.compute_capability
                 and art.precision == key.precision):

@@ -107,8 +107,15 @@ def load_checked(config: Path, engine_cache: Path) -> tuple[AgentConfig, Bundle]
         raise StartupError(f"{config}: field outbox.path: {exc}") from exc
     check_writable_dir(cfg.model.download_dir, "model.download_dir", config)
     check_writable_dir(engine_cache, f"--engine-cache/${ENV_ENGINE_CACHE}", config)
+    try:        # the broker's secret and TLS files: before an engine build of minutes, not after it
+        cfg.mqtt.check()
+    except ConfigError as exc:
+        raise StartupError(f"{config}: {exc}") from exc
     try:
         key = load_public_key(cfg.model.public_key) if cfg.model.public_key else None
+    except BundleError as exc:
+        raise StartupError(f"{config}: field model.public_key: {exc}") from exc
+    try:
         bundle = load_bundle(cfg.model.bundle, public_key=key)
     except BundleError as exc:
         raise StartupError(f"{config}: field model.bundle: {exc}") from exc

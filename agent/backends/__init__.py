@@ -29,6 +29,18 @@ def compatible_engines(engines: list[Artifact], tensorrt_version: str | None,
             and (compute_capability is None or e.compute_capability == compute_capability)]
 
 
+def _compute_capability() -> str | None:
+    """This device's GPU ("8.7"), or None where it cannot be probed (no TensorRT, no CUDA)."""
+    if not tensorrt_available():
+        return None
+    try:
+        from agent.engine_cache import probe_device
+
+        return probe_device().compute_capability
+    except Exception:   # noqa: BLE001 - no GPU to ask: no shipped engine is taken on a guess
+        return None
+
+
 def _installed_tensorrt_version() -> str | None:
     if not tensorrt_available():
         return None
@@ -56,7 +68,10 @@ def create_backend(bundle: Bundle, cfg: ModelConfig, engine: Path | None = None,
         log.warning("%s: engine given but tensorrt is not importable; using ONNX Runtime", engine)
     engines = bundle.engines()
     if engines and cfg.backend in ("auto", "tensorrt"):
-        usable = compatible_engines(engines, _installed_tensorrt_version())
+        gpu = _compute_capability()          # an engine built for another GPU does not deserialize
+        usable = compatible_engines(engines, _installed_tensorrt_version(), gpu)
+        if cfg.backend == "auto" and gpu is None:
+            usable = []                      # the GPU is not known: auto takes no chance on a shipped engine
         if cfg.backend == "tensorrt" and tensorrt_available() and not usable:
             raise BackendError(f"{bundle.root}: no engine built for TensorRT {_installed_tensorrt_version()} "
                                f"(bundle has {', '.join(str(e.tensorrt_version) for e in engines)})")
@@ -67,8 +82,13 @@ def create_backend(bundle: Bundle, cfg: ModelConfig, engine: Path | None = None,
         if not engines:
             raise BackendError(f"{bundle.root}: backend 'tensorrt' chosen but the bundle has no deployable engine")
         engine = engines[0]
-        return TensorRTBackend(engine.path, bundle.input_spec, precision=engine.precision, max_batch=cfg.batch_size,
-                               embedding_name=bundle.embedding_name)
+        try:
+            return TensorRTBackend(engine.path, bundle.input_spec, precision=engine.precision,
+                                   max_batch=cfg.batch_size, embedding_name=bundle.embedding_name)
+        except BackendError as exc:
+            if cfg.backend == "tensorrt":
+                raise
+            log.warning("%s: the bundle's engine cannot run here (%s); using ONNX Runtime", engine.path, exc)
     from agent.backends.artifact_choice import choose_onnx_backend
     from agent.backends.onnxruntime import OnnxRuntimeBackend
 

@@ -78,6 +78,7 @@ class TensorRTBackend:
                  embedding_name: str | None = None) -> None:
         trt = _import_tensorrt()
         self.trt = trt
+        self.engine_path = Path(engine_path)
         self.spec = spec
         self.precision = precision
         self.name = f"tensorrt:{trt.__version__}"
@@ -142,7 +143,9 @@ class TensorRTBackend:
         parts: list[list[np.ndarray]] = []
         for start in range(0, len(batch), self.max_batch):
             chunk = np.ascontiguousarray(batch[start:start + self.max_batch], dtype=np.float32)
-            self.context.set_input_shape(self.input_name, tuple(chunk.shape))
+            if not self.context.set_input_shape(self.input_name, tuple(chunk.shape)):   # outside the profile
+                raise BackendError(f"TensorRT engine {self.engine_path}: input shape {tuple(chunk.shape)} is outside its "
+                                   f"optimization profile (a batch size larger than it was built for?)")
             outs = [np.empty((len(chunk), *self.per_image[n][0]), self.per_image[n][1]) for n in names]
             self.cuda.to_device(self.d_input, chunk)
             if not self.context.execute_async_v3(int(self.cuda.stream)):    # TensorRT takes the raw handle
@@ -165,3 +168,4 @@ class TensorRTBackend:
             for ptr in (getattr(self, "d_input", None), *getattr(self, "d_outputs", {}).values()):
                 if ptr:
                     cuda.free(ptr)
+            cuda.rt.cudaStreamDestroy(cuda.stream)     # each model swap made one; none is left behind

@@ -105,7 +105,7 @@ def _float_fields(model: type[BaseModel], prefix: tuple = ()) -> list[tuple]:
         for arg in args:
             if get_origin(arg) is list and isinstance(get_args(arg)[0], type) and issubclass(get_args(arg)[0], BaseModel):
                 out += _float_fields(get_args(arg)[0], prefix + (name, 0))
-            elif isinstance(arg, type) and issubclass(arg, BaseModel):
+            elif isinstance(arg, type) and not isinstance(arg, types.GenericAlias) and issubclass(arg, BaseModel):
                 out += _float_fields(arg, prefix + (name,))
     return out
 

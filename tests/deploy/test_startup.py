@@ -226,3 +226,35 @@ def test_healthcheck_passes_while_the_agent_serves_metrics_and_fails_when_not(tm
     finally:
         server.stop()
     assert main(["healthcheck", "--url", url, "--timeout", "1"]) == 1
+
+
+def test_a_missing_broker_secret_or_public_key_stops_the_start_before_any_engine_is_built(tmp_path, bundle_dir,
+                                                                                         caplog):
+    """The MQTT password file was checked only by the agent itself, after start-up had built a TensorRT engine
+    (minutes); a missing public key was reported under model.bundle."""
+    config = station_yaml(tmp_path, bundle_dir)
+    data = yaml.safe_load(config.read_text())
+    data["mqtt"] = {"host": "broker.local", "password_file": str(tmp_path / "no-such-password")}
+    config.write_text(yaml.safe_dump(data))
+    trt = FakeTensorRT()
+    rc, exec_fn = start(config, tmp_path / "engines", device=ORIN, tensorrt_present=True, builder=trt)
+    assert rc == 2 and exec_fn.calls == [] and trt.builds == 0
+    assert "mqtt.password_file" in caplog.text and "no-such-password" in caplog.text
+    del data["mqtt"]
+    data["model"]["public_key"] = str(tmp_path / "missing.pub")
+    config.write_text(yaml.safe_dump(data))
+    caplog.clear()
+    rc, _ = start(config, tmp_path / "engines", tensorrt_present=False)
+    assert rc == 2 and "field model.public_key" in caplog.text and "missing.pub" in caplog.text
+
+
+def test_a_shipped_engine_is_never_taken_for_a_batch_larger_than_its_profile(tmp_path):
+    from deploy_support import make_bundle
+
+    from agent.engine_cache import SHIPPED_MAX_BATCH, bundle_engine, engine_key
+    from contract.bundle import load_bundle
+
+    bundle = load_bundle(make_bundle(tmp_path / "m", engines=[{"precision": "fp16", "tensorrt_version": "10.3.0",
+                                                                "compute_capability": "8.7"}]))
+    assert bundle_engine(bundle, engine_key(bundle, ORIN, "fp16", SHIPPED_MAX_BATCH)) is not None
+    assert bundle_engine(bundle, engine_key(bundle, ORIN, "fp16", SHIPPED_MAX_BATCH + 1)) is None
