@@ -144,7 +144,7 @@ class Outbox:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._rebase_after_clock_step(now)
+                mark = self._rebase_after_clock_step(now)
                 seq = self._meta("next_seq", 1)
                 for msg in messages:
                     body = {"id": str(uuid.uuid4()), "seq": seq, **msg.body}
@@ -170,6 +170,7 @@ class Outbox:
                 self._enforce_quota(now)
                 self._db.execute("COMMIT")
                 self._last_seq = seq - 1
+                self._last_put = mark
             except BaseException:
                 self._db.execute("ROLLBACK")
                 self._bytes = self._db.execute("SELECT COALESCE(SUM(size), 0) FROM messages").fetchone()[0]
@@ -282,20 +283,17 @@ class Outbox:
             self._count_drop(reason, kind, sum(1 for r in rows if r[0] == kind))
         self._bytes -= sum(r[1] for r in rows)
 
-    def _rebase_after_clock_step(self, now: float) -> None:
+    def _rebase_after_clock_step(self, now: float) -> tuple[float, float]:
         """A wall clock that stepped forward (a station without a clock battery boots near 2000, stores offline,
         and NTP sets the clock later) would age out the whole backlog stored before the step. The step is the
         wall clock's advance since the last put beyond the monotonic clock's; the backlog's times move by it, so
         each message keeps its real age."""
         mono, last = self.monotonic(), self._last_put
-        self._last_put = (now, mono)
-        if last is None:
-            return
-        step = (now - last[0]) - (mono - last[1])
-        if step > STEP_S:
+        if last is not None and (step := (now - last[0]) - (mono - last[1])) > STEP_S:
             self._db.execute("UPDATE messages SET created = created + ?", (step,))
             log.warning("outbox: the wall clock stepped %.0f s forward; the stored messages' times moved with it "
                         "(none dropped for an age they do not have)", step)
+        return now, mono            # the caller keeps it once the put commits (a rolled-back put moved nothing)
 
     def _enforce_quota(self, now: float) -> None:
         """Age first; then bytes: frames (largest, re-capturable) before results, oldest first."""
