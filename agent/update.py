@@ -33,6 +33,7 @@ from urllib.parse import unquote, urljoin, urlparse
 from contract.bundle import (
     MANIFEST,
     MANIFEST_MAX_BYTES,
+    NAME_PATTERN,
     SIGNATURE,
     SIGNATURE_MAX_BYTES,
     Bundle,
@@ -47,7 +48,6 @@ FETCH_TIMEOUT_S = 60            # one read; a server silent this long is given u
 FETCH_DEADLINE_S = 600          # the whole bundle: manifest, signature and every artifact
 COMMAND_MAX_BYTES = 64 * 1024   # a cmd/model payload is a location, a hash and a version
 READ_CHUNK = 64 * 1024
-VERSION_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")   # the manifest's, so it is a safe folder name
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ class ModelCommand:
         if sha is not None and (not isinstance(sha, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", sha)):
             raise BundleError("cmd/model: field sha256: expected the 64-hex sha256 of manifest.json")
         version = data.get("version")
-        if version is not None and (not isinstance(version, str) or not VERSION_PATTERN.match(version)):
+        if version is not None and (not isinstance(version, str) or not NAME_PATTERN.fullmatch(version)):
             raise BundleError(f"cmd/model: field version: expected a bundle version such as '20240601-1200', "
                               f"got {str(version)[:80]!r}")
         try:
@@ -152,7 +152,7 @@ def fetch_bundle(location: str, download_dir: Path, version: str | None, *, sha2
         return Path(unquote(parsed.path) if parsed.scheme == "file" else location)
     if parsed.scheme not in ("http", "https"):
         raise BundleError(f"{location}: unsupported bundle URL scheme {parsed.scheme!r} (path, file, http, https)")
-    if version is not None and not VERSION_PATTERN.match(version):
+    if version is not None and not NAME_PATTERN.fullmatch(version):
         raise BundleError(f"{location}: version {version[:80]!r} is not a bundle version")
     base = location if location.endswith("/") else location + "/"
     # Into a fresh folder: a bundle already installed under this version (maybe the running one) stays

@@ -146,6 +146,15 @@ def test_every_hostile_cmd_model_ends_in_a_rejection_naming_the_field(station, t
     Marker().send_and_wait(agent, dashboard, operator)
 
 
+@pytest.mark.parametrize("version", ["v1\n", "", ".hidden", "a/b", "x" * 129])
+def test_a_cmd_model_version_the_manifest_schema_would_refuse_is_refused_at_parse(version):
+    """The command's version is checked with the manifest's own name rule (contract.bundle.NAME_PATTERN),
+    whole: a trailing newline, which ``^...$`` with ``match`` lets through, is refused too."""
+    with pytest.raises(BundleError, match="field version"):
+        ModelCommand.parse(json.dumps({"bundle": "http://central/b/", "version": version}).encode())
+    assert ModelCommand.parse(json.dumps({"bundle": "http://central/b/", "version": "v1.2_rc-3"}).encode()).version
+
+
 def test_hostile_thresholds_and_capture_empty_are_refused_naming_the_field(station):
     agent, dashboard, operator = station
     cases = [
