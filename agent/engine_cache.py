@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Literal
 
 from contract.bundle import ROLE_FP32, ROLE_INT8, Artifact, Bundle, sha256_file
+from contract.events import fsync_dir
 from contract.preprocess import InputSpec
 
 log = logging.getLogger(__name__)
@@ -180,7 +181,7 @@ def write_entry(cache_dir: Path, key: EngineKey, engine: bytes, *, bundle: Bundl
         _write_synced(tmp / KEY_FILE, json.dumps(meta, indent=2).encode())
         _remove(final)
         os.rename(tmp, final)
-        _fsync_dir(Path(cache_dir))
+        fsync_dir(Path(cache_dir), strict=True)
     except BaseException:
         _remove(tmp)
         raise
@@ -192,14 +193,6 @@ def _write_synced(path: Path, data: bytes) -> None:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _remove(path: Path) -> None:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from contract.events import fsync_dir
 from contract.messages import dumps_finite, loads_finite
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,7 @@ class StationState:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        fsync_dir(self.path.parent)     # the rename itself survives a power cut (a Jetson's usual way to stop)
 
 
 MAX_STATE_BYTES = 64 << 20     # a bundle path, thresholds, an open shipment of 1,000 lines with 50 refs each

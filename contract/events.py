@@ -51,16 +51,20 @@ def write_json_atomic(path: Path, data: Any) -> None:
     fsync_dir(path.parent)
 
 
-def fsync_dir(folder: Path) -> None:
-    """A rename or a new file survives a power cut only once its folder is synced too."""
+def fsync_dir(folder: Path, *, strict: bool = False) -> None:
+    """A rename or a new file survives a power cut only once its folder is synced too. ``strict`` raises
+    the OSError; by default a folder that cannot be synced (some network file systems) is left as it is."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
+        if strict:
+            raise
         return
     try:
         os.fsync(fd)
     except OSError:
-        pass
+        if strict:
+            raise
     finally:
         os.close(fd)
 

@@ -110,3 +110,15 @@ def test_both_engines_refuse_a_trailing_newline_where_a_pattern_ends_the_string(
         problem = checker("cmd-expect.v1", engine).error({**body, "shipment": odd})
         assert problem is not None and problem[0] == "shipment", (odd, problem)
 
+
+
+def test_a_folder_that_cannot_be_synced_raises_only_when_strict(tmp_path):
+    """The engine cache must know its entry's rename is on disk (strict); a publish onto a file system
+    that cannot sync folders goes on (the default)."""
+    from contract.events import fsync_dir
+
+    fsync_dir(tmp_path, strict=True)                 # a real folder syncs either way
+    missing = tmp_path / "gone"
+    fsync_dir(missing)
+    with pytest.raises(FileNotFoundError):
+        fsync_dir(missing, strict=True)
