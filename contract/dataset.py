@@ -7,6 +7,7 @@ A dataset is class folders ``<root>/<class>/*.png|jpg`` (the folder name from ``
 from __future__ import annotations
 
 import re
+import unicodedata
 from pathlib import Path
 
 LABELS_FILE = "labels.json"
@@ -21,3 +22,20 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}  
 def folder_name(label: str) -> str:
     """A class folder name for ``label``: characters a file system may refuse become ``_``."""
     return re.sub(r"[^A-Za-z0-9._ -]+", "_", label).strip() or "class"
+
+
+CLASS_NAME_MAX = 128    # the review page's label limit; decision payloads allow 256
+
+
+def class_name_problem(name: object) -> str | None:
+    """What makes ``name`` unfit to travel as a class name in manifests and every decision's payload, or
+    None. One rule for the trainer's datasets, enrolment and the review page's labels."""
+    if not isinstance(name, str):
+        return f"is a {type(name).__name__}, expected text"
+    if any(unicodedata.category(c) == "Cs" for c in name):     # a lone surrogate: no UTF-8 encoding exists
+        return "is not valid UTF-8; rename it"
+    if not name.strip() or any(unicodedata.category(c) == "Cc" for c in name):
+        return "is empty or holds control characters"
+    if len(name) > CLASS_NAME_MAX:
+        return f"is {len(name)} characters long, more than {CLASS_NAME_MAX}"
+    return None

@@ -23,7 +23,6 @@ import logging
 import random
 import re
 import struct
-import unicodedata
 import zlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from contract.dataset import (
     FASHION_MNIST_DIR,
     IMAGE_EXTENSIONS,
     LABELS_FILE,
+    class_name_problem,
     folder_name,
 )
 
@@ -107,14 +107,12 @@ def _is_utf8(name: str) -> bool:
 
 
 def check_class_name(name: object, where: Path | str) -> str:
-    """A class name as it will travel in manifests and payloads: non-empty UTF-8 text without control characters."""
-    if not isinstance(name, str):
-        raise DatasetError(f"{shown(where)}: class name {name!r} is a {type(name).__name__}, expected text")
-    if not _is_utf8(name):
-        raise DatasetError(f"{shown(where)}: class name '{shown(name)}' is not valid UTF-8; rename it")
-    if not name.strip() or any(unicodedata.category(c) == "Cc" for c in name):
-        raise DatasetError(f"{shown(where)}: class name {name!r} is empty or holds control characters")
-    return name
+    """A class name as it will travel in manifests and payloads (contract.dataset.class_name_problem)."""
+    problem = class_name_problem(name)
+    if problem is not None:
+        quoted = f"'{shown(name)}'" if isinstance(name, str) and "not valid UTF-8" in problem else repr(name)
+        raise DatasetError(f"{shown(where)}: class name {quoted} {problem}")
+    return name  # type: ignore[return-value]
 
 
 def _listdir(folder: Path) -> list[Path]:

@@ -23,7 +23,6 @@ import math
 import os
 import shutil
 import time
-import unicodedata
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
@@ -43,7 +42,7 @@ from contract.bundle import (
     load_bundle,
     load_public_key,
 )
-from contract.dataset import IMAGE_EXTENSIONS
+from contract.dataset import IMAGE_EXTENSIONS, class_name_problem
 from contract.messages import dumps_finite
 from contract.preprocess import ImageDecodeError, Preprocessor, read_image
 
@@ -111,9 +110,9 @@ def _source_bundle(cfg: EnrolConfig) -> Bundle:
     label = cfg.label.strip() if isinstance(cfg.label, str) else cfg.label
     if not label or label != cfg.label:
         raise EnrolError(f"--class: expected a non-empty label without surrounding spaces, got {cfg.label!r}")
-    # published in every decision of a station: the dataset's rule for class names (trainer.data.check_class_name)
-    if any(unicodedata.category(c) in ("Cc", "Cs") for c in label) or len(label) > 128:
-        raise EnrolError(f"--class: {label[:80]!r} holds control characters or is longer than 128 characters")
+    problem = class_name_problem(label)     # published in every decision of a station: the dataset's rule
+    if problem is not None:
+        raise EnrolError(f"--class: {label[:80]!r} {problem}")
     if label in bundle.labels or label == openset.UNKNOWN_LABEL:
         raise EnrolError(f"{where}: field labels already has {label!r}" if label in bundle.labels
                          else f"--class: {label!r} is the unknown verdict, not a product")

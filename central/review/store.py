@@ -45,13 +45,14 @@ from typing import Any, Callable, Iterator
 
 from central.review import checks
 from central.review.checks import MAX_JPEG_BYTES, MAX_PIXELS, FrameCheckError
+from contract.dataset import CLASS_NAME_MAX, class_name_problem
 
 log = logging.getLogger(__name__)
 
 DB_NAME = "frames.sqlite"
 STATUSES = ("pending", "labelled", "skipped", "new_class", "defect")
 ACTIONS = ("label", "skip", "new_class", "defect", "undo")
-MAX_CLASS_NAME = 128            # characters of a new class's or a defect's name (an exported dataset's folder name)
+MAX_CLASS_NAME = CLASS_NAME_MAX  # characters of a new class's or a defect's name (an exported dataset's folder name)
 # the pending frames of a frame's item (its station, camera and track; this frame too while pending); 0 without one
 ITEM_PENDING = ("(SELECT COUNT(*) FROM frames AS g WHERE f.track IS NOT NULL AND g.site = f.site AND "
                 "g.station = f.station AND g.camera = f.camera AND g.track = f.track AND g.status = 'pending') "
@@ -648,6 +649,9 @@ class FrameStore:
         except FrameCheckError as exc:
             raise StoreError(f"frame {frame_id}: {exc}") from None
         label = label.strip() if isinstance(label, str) else label
+        if action in ("new_class", "defect") and label and (problem := class_name_problem(label)) is not None:
+            # it becomes a class of the next model, published in every decision: the trainer's rule, here
+            raise StoreError(f"frame {frame_id}: field label: {label[:80]!r} {problem}")
         with self._lock:
             frame = self.get(frame_id)
             known = self.labels()

@@ -211,6 +211,7 @@ def test_settings_that_could_not_judge_an_enrolment_are_refused_and_nothing_is_w
         shutil.copy(next(iter(sorted(folder.iterdir()))), tiny_gate / folder.name)
     models = tmp_path / "models"
     for bad, match in ((dict(label="To\x07te"), "--class: .* control characters"),
+                       (dict(label="x" * 129), "--class: .* 129 characters long, more than 128"),
                        (dict(min_examples=1), "--min-examples: expected at least 2"),
                        (dict(gate_images=0), "--gate-images: expected at least 1"),
                        (dict(version="a/b"), "--version: 'a/b' is not a bundle version"),

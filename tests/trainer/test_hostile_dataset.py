@@ -88,10 +88,11 @@ def test_an_empty_class_folder_is_refused_by_name(tmp_path):
     (b'{"bag": 5}', "labels.json: field bag: class name 5 is a int, expected text"),
     (b'{"bag": ""}', "labels.json: field bag: class name '' is empty or holds control characters"),
     (b'{"bag": "a\\u0000b"}', "labels.json: field bag: class name 'a\\x00b' is empty or holds control"),
+    (b'{"bag": "' + b"x" * 129 + b'"}', "xxx' is 129 characters long, more than 128"),
     (b'["bag", "shoe"]', "labels.json: expected an object mapping folder names to class names, got list"),
     (b'{"bag": "\xff"}', "labels.json: not UTF-8 text"),
     (b'{"bag": ', "labels.json: not valid JSON"),
-], ids=["int", "empty", "control", "list", "non-utf8", "truncated"])
+], ids=["int", "empty", "control", "long", "list", "non-utf8", "truncated"])
 def test_a_labels_file_of_the_wrong_shape_is_refused_naming_file_and_field(tmp_path, body, expected):
     _two_classes(tmp_path)
     (tmp_path / "labels.json").write_bytes(body)

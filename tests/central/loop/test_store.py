@@ -194,11 +194,14 @@ def test_a_class_name_is_one_kind_and_review_text_is_valid_bounded_unicode(tmp_p
     assert store.labels()["new_classes"] == ["Scarf"] and store.labels()["defects"] == ["Torn-Box"]
     for field, value, why in (("label", "Hat\ud800", "not valid Unicode"), ("note", "\udfff", "not valid Unicode"),
                               ("reviewer", "ana\udc00", "not valid Unicode"), ("label", "x" * 129, "more than 128"),
-                              ("reviewer", "r" * 257, "more than 256"), ("note", "n" * 4097, "more than 4096")):
+                              ("reviewer", "r" * 257, "more than 256"), ("note", "n" * 4097, "more than 4096"),
+                              ("label", "Tote\x07", "control characters")):   # the trainer would refuse it later
         action = "new_class" if field == "label" else "skip"
         with pytest.raises(StoreError, match=f"frame {d}: field {field}: .*{why}"):
             store.review(d, action, **{field: value})
     assert store.get(d)["status"] == "pending" and store.labels()["new_classes"] == ["Scarf"]
+    with pytest.raises(StoreError, match=f"frame {d}: field label: 'Dent\\\\n1' is empty or holds control"):
+        store.review(d, "defect", label="Dent\n1")
     assert store.review(d, "new_class", label="x" * 128, note="n" * 4096)["label"] == "x" * 128
 
 
