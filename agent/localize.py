@@ -43,6 +43,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from agent.decide import box_overlap
 from contract.preprocess import CropPolicy
 
 log = logging.getLogger(__name__)
@@ -423,6 +424,18 @@ def _locate(frame: np.ndarray, back: np.ndarray, scale: float, roi_hw: tuple[int
     return Foreground(to_roi(box, scale, roi_hw, mask.shape[:2]) if box else None, fraction, gain), mask
 
 
+STANDING_OVERLAP = 0.5         # of the run's first box (decide.box_overlap): an item standing still, not riding by
+BLANK_SPREAD = 6.0             # working-copy max - min under which a dark or saturated view shows nothing
+BLANK_DARK, BLANK_BRIGHT = 12.0, 243.0     # (0..255) the darkest scene the benchmarks light is 17 at gain 0.4
+
+
+def blank_view(frame: np.ndarray) -> bool:
+    """A working copy that shows nothing: all but black (lights off, a covered lens) or all but white (a
+    flash, a saturated sensor). Neither an item nor the empty scene: it is not localized and not learned."""
+    low, high = float(frame.min()), float(frame.max())
+    return high - low < BLANK_SPREAD and (high <= BLANK_DARK or low >= BLANK_BRIGHT)
+
+
 @dataclass(frozen=True)
 class LocalizerSettings:
     """The localizer's knobs (``decisions.presence``, see agent/config.py for their meaning and bounds)."""
@@ -466,10 +479,13 @@ class Localizer:
         self.gain = 1.0
         self.light: np.ndarray | None = None     # the last frame's gain field (None: the one ``gain``)
         self._seen = 0                  # warm-up frames averaged into the background so far
-        self._busy = 0                  # consecutive frames with an item
+        self._busy = 0                  # consecutive frames with an item standing where the run's first box was
+        self._busy_box: Box | None = None
         self._last: Box | None = None
         self._empty_scene = empty_scene
+        self._blank = False
         self.relearned = 0
+        self.blank_frames = 0           # frames that showed nothing (blank_view), counted
 
     def update(self, roi_image: np.ndarray, policy: CropPolicy | None = None) -> Located:
         """Localize the item in one ROI frame and let the background learn from it."""
@@ -479,6 +495,11 @@ class Localizer:
         roi_hw = roi_image.shape[:2]
         if self.background is None or self.background.shape != frame.shape:
             self._start(frame, roi_image)
+        if blank_view(frame):
+            return self._blank_frame(frame)
+        if self._blank:
+            log.info("localizer: the view shows the scene again after %d blank frames", self.blank_frames)
+            self._blank = False
         if self._seen < s.warmup_frames:
             self._seen += 1
             self.background += (frame - self.background) / self._seen
@@ -494,18 +515,32 @@ class Localizer:
         self._last = found.box if present else None
         return Located(present, found.box if present else None, crop, found.fg_fraction)
 
+    def _blank_frame(self, frame: np.ndarray) -> Located:
+        """No item and no scene to learn from: the item in view (if any) ends, the background stays as it was."""
+        self.blank_frames += 1
+        if not self._blank:
+            log.warning("localizer: the view is blank (mean %.0f of 255: lights off, a covered lens or a saturated "
+                        "sensor); no item is looked for until it shows the scene again", float(frame.mean()))
+            self._blank = True
+        self._busy, self._busy_box, self._last = 0, None, None
+        return Located(False, None, None, 0.0, settled=False)
+
     def _start(self, frame: np.ndarray, roi_image: np.ndarray) -> None:
         """A new (or resized) scene: the captured empty image when it fits, else the coming warm-up frames."""
         scene = self._empty_scene
         if scene is not None and scene.shape[:2] != roi_image.shape[:2]:
-            scene = cv2.resize(scene, (roi_image.shape[1], roi_image.shape[0]), interpolation=cv2.INTER_AREA)
+            # stretched to the ROI it would be another scene, read as an item everywhere it differs
+            log.warning("localizer: the empty-scene image is %dx%d px, the ROI %dx%d px; it is not used, the "
+                        "first frames are taken as the empty scene (capture it at the camera's resolution)",
+                        scene.shape[1], scene.shape[0], roi_image.shape[1], roi_image.shape[0])
+            scene = self._empty_scene = None
         if scene is not None:
             self.background = work_copy(scene, self.settings.work_size, self.settings.texture_px)[0]
             self._seen = self.settings.warmup_frames
         else:
             self.background = np.zeros_like(frame)
             self._seen = 0
-        self._busy, self._last, self.gain, self.light = 0, None, 1.0, None
+        self._busy, self._busy_box, self._last, self.gain, self.light = 0, None, None, 1.0, None
 
     def _light(self, frame: np.ndarray, scale: float) -> tuple[float, np.ndarray | None]:
         """Light change (global gain, field), from the pixels away from the last item; kept when too few
@@ -517,9 +552,23 @@ class Localizer:
             x0, y0, x1, y1 = self._grown(self._last, scale, frame.shape[:2])
             where[y0:y1, x0:x1] = False
             if where.mean() < 0.15:
-                return self.gain, self.light
+                return self._kept_light(frame, scale)
         return estimate_light(frame, self.background, self.settings.max_gain, self.settings.max_local_gain, where,
                               self.light)
+
+    def _kept_light(self, frame: np.ndarray, scale: float) -> tuple[float, np.ndarray | None]:
+        """The last light while the last item hid nearly all the scene, unless a fresh estimate on the whole
+        frame explains it with no item at all: the item has gone. Without that, a plain item that filled the
+        view in the frame it arrived (its brightness ratio taken for the light) kept the wrong light after it
+        left, and the empty scene read as an item until the background was relearned."""
+        s = self.settings
+        assert self.background is not None
+        gain, light = estimate_light(frame, self.background, s.max_gain, s.max_local_gain, None, self.light)
+        found, _ = _locate(frame, self.background, scale, frame.shape[:2], threshold=s.threshold,
+                           min_area=s.min_area, join_px=s.join_px, gain=gain, field=light, noise_k=s.noise_k,
+                           min_threshold=s.min_threshold, grow_threshold=s.grow_threshold,
+                           grow_relative=s.grow_relative)
+        return (gain, light) if found.box is None else (self.gain, self.light)
 
     def _grown(self, box: Box, scale: float, hw: tuple[int, int]) -> tuple[int, int, int, int]:
         """An ROI box in working-copy pixels, grown by the join distance and the blur."""
@@ -542,7 +591,7 @@ class Localizer:
         pad = int(np.ceil(s.join_px * scale)) + 1
         quiet = cv2.dilate(mask, np.ones((2 * pad + 1, 2 * pad + 1), np.uint8)) == 0
         if not present:
-            self._busy = 0
+            self._busy, self._busy_box = 0, None
             if quiet.all():
                 cv2.accumulateWeighted(frame, self.background, s.alpha)
                 return
@@ -550,12 +599,16 @@ class Localizer:
             if s.busy_alpha > 0:
                 cv2.accumulateWeighted(frame, self.background, s.busy_alpha, mask=(~quiet).astype(np.uint8))
             return
+        # Only something standing still counts towards a relearn: items back to back on a running belt, never
+        # an empty frame between them, are not a changed scene (a relearn then would learn one of them).
+        if self._busy_box is None or box is None or box_overlap(box, self._busy_box) < STANDING_OVERLAP:
+            self._busy, self._busy_box = 0, box
         self._busy += 1
         if s.relearn_frames and self._busy >= s.relearn_frames:
             log.warning("localizer: an item has been in view for %d frames; taking the scene as the new empty "
                         "background", self._busy)
             self.background = frame.copy()
-            self._busy, self._last, self.gain, self.light = 0, None, 1.0, None
+            self._busy, self._busy_box, self._last, self.gain, self.light = 0, None, None, 1.0, None
             self.relearned += 1
             return
         if s.busy_alpha > 0 and box is not None:

@@ -6,9 +6,11 @@ Given/when/then against the true boxes the scene knows (tests/agent/scenes.py).
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
-from scenes import Scene, iou, make_sprite
+from scenes import Scene, Sprite, iou, make_sprite
 
 from agent.localize import (
     Localizer,
@@ -304,6 +306,70 @@ def test_an_item_left_in_view_becomes_the_background_after_relearn_frames(fmnist
     seen = [loc.update(scene.render(t)[0]).present for t in range(2, 40)]
     # then: ... until the scene is relearned as the new empty background
     assert seen[0] and not any(seen[25:]) and loc.relearned == 1
+
+
+def test_a_plain_item_that_filled_the_view_on_arrival_leaves_no_wrong_light_behind():
+    # given: a plain grey carton (its colour a darker shade of the bench's, so it looks like less light) put
+    # down in one frame, covering most of the ROI: its brightness ratio is taken for the light
+    scene = Scene(seed=5, light=True)
+    loc = warmed(scene)
+    side, off = 230, (ROI - 230) // 2
+    carton = Sprite(np.full((side, side, 3), 150, np.float32), np.ones((side, side), np.uint8))
+    assert all(loc.update(scene.render(t, [(carton, off, off)])[0]).present for t in range(3, 8))
+    # when: it is taken away
+    after = [loc.update(scene.render(t)[0]).present for t in range(8, 38)]
+    # then: the bench is empty again at once, not an item until the background is relearned
+    assert not any(after) and loc.relearned == 0 and loc.gain == pytest.approx(1.0, abs=0.05)
+
+
+def test_items_back_to_back_for_longer_than_relearn_frames_are_not_learned_as_the_scene(fmnist_test_images):
+    # given: items riding through back to back, one always in view, for longer than relearn_frames
+    scene = Scene(seed=4)
+    loc = warmed(scene, relearn_frames=60)
+    items = [make_sprite(fmnist_test_images[0][i], 150, 0.0, (0.9, 0.8, 0.7)) for i in range(8)]
+    flow = [loc.update(scene.render(3 + k, [(it, -200 + 10 * k - 200 * j, 60) for j, it in enumerate(items)])[0])
+            for k in range(160)]
+    assert sum(f.present for f in flow) >= 150
+    # then: no relearn learned an item into the background, so the empty belt after the flow is empty
+    after = [loc.update(scene.render(163 + k)[0]).present for k in range(40)]
+    assert loc.relearned == 0 and not any(after)
+    # and: an item standing still for relearn_frames is still taken as a changed scene
+    assert all(loc.update(scene.render(203 + k, [(items[0], 60, 60)])[0]).present for k in range(59))
+    loc.update(scene.render(262, [(items[0], 60, 60)])[0])
+    assert loc.relearned == 1
+
+
+@pytest.mark.parametrize("level", [0, 255], ids=["lights-off", "saturated"])
+def test_a_blank_view_is_no_item_is_not_learned_and_is_counted(fmnist_test_images, level, caplog):
+    # given: a settled localizer, then an item in view
+    scene = Scene(seed=11)
+    loc = warmed(scene)
+    sprite = sprites(fmnist_test_images[0], 1, seed=3)[0]
+    assert loc.update(scene.render(3, [(sprite, 50, 50)])[0]).present
+    background = loc.background.copy()
+    # when: the view goes black (lights off, a covered lens) or white (a saturated sensor) for 20 frames
+    with caplog.at_level(logging.WARNING, logger="agent.localize"):
+        blank = [loc.update(np.full((ROI, ROI, 3), level, np.uint8)) for _ in range(20)]
+    # then: no item, not an empty scene either (no empty-scene upload), the background untouched, one warning
+    assert not any(b.present or b.scene_empty for b in blank) and loc.blank_frames == 20
+    assert np.array_equal(loc.background, background)
+    assert sum("the view is blank" in r.getMessage() for r in caplog.records) == 1
+    # and: when the scene shows again, the empty belt is empty and an item is found
+    assert not loc.update(scene.render(30)[0]).present
+    assert loc.update(scene.render(31, [(sprite, 50, 50)])[0]).present
+
+
+def test_an_empty_scene_image_of_another_size_is_not_stretched_onto_the_roi(fmnist_test_images, caplog):
+    # given: an empty-scene image captured at another resolution than the ROI
+    scene = Scene(seed=12)
+    other = np.ascontiguousarray(np.resize(scene.render(99)[0], (240, 320, 3)))
+    loc = Localizer(LocalizerSettings(warmup_frames=2), empty_scene=other)
+    # when: the station starts on an empty belt
+    with caplog.at_level(logging.WARNING, logger="agent.localize"):
+        seen = [loc.update(scene.render(t)[0]) for t in range(20)]
+    # then: the image is refused with a warning naming both sizes, the first frames are the empty scene
+    assert any("320x240 px, the ROI 300x300 px" in r.getMessage() for r in caplog.records)
+    assert [s.settled for s in seen[:3]] == [False, False, True] and not any(s.present for s in seen)
 
 
 def test_located_serializes_for_payloads():
