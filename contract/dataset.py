@@ -17,6 +17,13 @@ FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
 
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}   # what a dataset or camera folder reads
+MASK_SUFFIX = ".mask.png"     # ``<stem>.mask.png`` beside an image: the item's mask (station views), never a sample
+
+
+def is_sample_image(path: Path) -> bool:
+    """A sample's image file: an image that is not an item mask (``MASK_SUFFIX``) lying beside one."""
+    return (path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.lower().endswith(MASK_SUFFIX)
+            and path.is_file())
 
 
 def folder_name(label: str) -> str:

@@ -38,6 +38,7 @@ from contract.dataset import (
     LABELS_FILE,
     class_name_problem,
     folder_name,
+    is_sample_image,
 )
 
 log = logging.getLogger(__name__)
@@ -87,10 +88,6 @@ class Dataset:
 
     def subset(self, indices: Sequence[int]) -> "Dataset":
         return Dataset(self.root, self.classes, [self.samples[i] for i in indices], self.layout, self.skipped)
-
-
-def _is_image(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
 
 
 def shown(path: Path | str) -> str:
@@ -173,7 +170,7 @@ def _usable_names(files: list[Path], root: Path) -> tuple[list[Path], list[dict[
 
 def _images_under(folder: Path) -> list[Path]:
     try:
-        return sorted(p for p in folder.rglob("*") if _is_image(p))
+        return sorted(p for p in folder.rglob("*") if is_sample_image(p))
     except OSError as exc:
         raise DatasetError(f"{shown(folder)}: cannot list ({exc.strerror or exc})") from exc
 
@@ -199,7 +196,7 @@ _PREFIX = re.compile(r"^(?P<label>[^_]+)_.+$")
 
 def scan_prefixed_files(root: Path, classes: Sequence[str] | None = None) -> Dataset:
     pairs = []
-    files, skipped = _usable_names([p for p in _listdir(root) if _is_image(p)], root)
+    files, skipped = _usable_names([p for p in _listdir(root) if is_sample_image(p)], root)
     for path in files:
         match = _PREFIX.match(path.stem)
         if not match:
@@ -258,7 +255,7 @@ def detect_layout(source: Path) -> str:
     entries = _listdir(source)
     if any(p.is_dir() and not p.name.startswith(".") for p in entries):
         return "folders"
-    if any(_is_image(p) for p in entries):
+    if any(is_sample_image(p) for p in entries):
         return "prefixed"
     raise DatasetError(f"{source}: no class folders, no images and not a CSV")
 

@@ -42,7 +42,7 @@ from contract.bundle import (
     load_bundle,
     load_public_key,
 )
-from contract.dataset import IMAGE_EXTENSIONS, class_name_problem
+from contract.dataset import class_name_problem, is_sample_image
 from contract.messages import dumps_finite
 from contract.preprocess import ImageDecodeError, Preprocessor, read_image
 
@@ -127,7 +127,7 @@ def image_files(images: Path | Sequence[Path]) -> list[Path]:
         folder = Path(images)
         if not folder.is_dir():
             raise EnrolError(f"{folder}: not a folder of images")
-        return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        return sorted(p for p in folder.iterdir() if is_sample_image(p))
     return [Path(p) for p in images]
 
 
@@ -215,7 +215,7 @@ def _folder_gate_rows(folder: Path, bundle: Bundle, new_label: str) -> tuple[lis
             continue
         if name not in bundle.labels:
             raise EnrolError(f"{sub}: class {name!r} is not one of the bundle's labels {bundle.labels}")
-        files = sorted(p for p in sub.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        files = sorted(p for p in sub.iterdir() if is_sample_image(p))
         paths += files
         labels += [bundle.labels.index(name)] * len(files)
     return paths, labels, str(folder)

@@ -45,6 +45,24 @@ def test_prefixed_files_layout(fmnist_dir, tmp_path):
     assert "T-shirt-top" in ds.classes
 
 
+@pytest.mark.parametrize("layout", ["folders", "prefixed"])
+def test_item_mask_files_beside_images_are_never_samples(fmnist_dir, tmp_path, layout):
+    # given: each image with its <stem>.mask.png beside it (docs/training.md, station views' item mask)
+    for label, paths in _some_images(fmnist_dir, 2).items():
+        name = data_mod.folder_name(label).replace("_", "-")
+        folder = tmp_path / name if layout == "folders" else tmp_path
+        folder.mkdir(exist_ok=True)
+        for i, p in enumerate(paths):
+            stem = f"{name}{i}" if layout == "folders" else f"{name}_{i}"
+            shutil.copy(p, folder / f"{stem}.png")
+            cv2.imwrite(str(folder / f"{stem}.mask.png"), (read_image(p)[:, :, 0] > 0).astype(np.uint8) * 255)
+    # when
+    ds = load_dataset(tmp_path)
+    # then: only the images are samples, two per class; no mask is trained on or held out for validation
+    assert ds.layout == layout and len(ds.samples) == 20
+    assert not any(s.path.name.endswith(".mask.png") for s in ds.samples)
+
+
 def test_prefixed_file_without_class_is_an_error(tmp_path, fmnist_dir):
     src = next(iter(_some_images(fmnist_dir).values()))[0]
     shutil.copy(src, tmp_path / "noclass.png")
