@@ -57,7 +57,15 @@ log = logging.getLogger(__name__)
 
 AGENT_VERSION = "0.1.0"
 COMMAND_QUEUE = 16              # commands waiting for the command thread; more are refused (and say so)
-COMMAND_MAX_BYTES = 64 * 1024   # cmd/thresholds and cmd/capture-empty are a few fields, cmd/expect up to 1,000 lines
+COMMAND_MAX_BYTES = 64 * 1024   # cmd/thresholds and cmd/capture-empty: a few fields
+# cmd/expect: the largest command the schema allows (contract/schemas/mqtt/cmd-expect.v1.json), as a sender writes
+# it: 1,000 lines, each a label of up to 256 characters (12 bytes each at most: a character outside the BMP written
+# as an escaped surrogate pair, "\ud83d\ude00"; 4 in raw UTF-8) in quotes, ": ", a count of up to 7 digits and
+# ", " -> 1,000 * (2 + 256 * 12 + 2 + 7 + 2) = 3,085,000 bytes; plus the shipment id (64 characters), the keys and
+# braces (under 200 bytes) and room for whitespace: 3 MiB (3,145,728), under the broker's 4 MiB message_size_limit
+# (deploy/central/mosquitto/mosquitto.conf). The same command with ASCII labels is about 270 kB.
+EXPECT_MAX_LINE_BYTES = 2 + 256 * 12 + 2 + 7 + 2
+COMMAND_LIMITS = {"expect": 3 * 1024 * 1024}     # per verb where COMMAND_MAX_BYTES is too small
 LAST_RESULT = {"model": "last_update", "thresholds": "last_thresholds", "capture-empty": "last_capture_empty",
                "expect": "last_expect"}
 RESULT_FIELD = {"thresholds": "applied", "capture-empty": "requested", "expect": "shipment"}  # the refused result's
@@ -297,6 +305,18 @@ class Agent:
         self.inference.receiving.restore(shipment)
         log.info("shipment %s restored from cmd/expect: %d line(s), %d item(s) received so far", shipment.id,
                  len(shipment.expected), sum(shipment.received.values()) + shipment.review)
+        # restored as saved, whatever the model (its tally must not be lost), but a line the running model cannot
+        # decide stays short: the model changed since the shipment was opened (cmd/model, or a new bundle)
+        assert self.model is not None
+        bundle = self.model.current.bundle
+        known = set(bundle.labels)
+        lacking = [label for label in shipment.expected if label not in known]
+        lacking += [label for label in shipment.received if label not in known and label not in shipment.expected]
+        if lacking:
+            log.warning("shipment %s restored from %s names %d label(s) the running model %s %s lacks: %s; no item "
+                        "is received on them (an expected line stays short) until the shipment is closed",
+                        shipment.id, self.state.path, len(lacking), bundle.name, bundle.version,
+                        ", ".join(map(repr, lacking[:20])) + (" ..." if len(lacking) > 20 else ""))
 
     def _save_shipment(self) -> None:
         """The open shipment (or none) into station-state.json, as the desk holds it at this moment."""
@@ -594,21 +614,63 @@ def _command_errors(verb: str, exc: ValidationError) -> str:
 
 
 def command_json(verb: str, payload: bytes) -> Any:
-    """A command payload as JSON: at most COMMAND_MAX_BYTES of UTF-8, no NaN or infinity (1e999 included).
+    """A command payload as JSON: at most COMMAND_MAX_BYTES of UTF-8 (cmd/expect: COMMAND_LIMITS), no NaN or
+    infinity (1e999 included); for cmd/expect, no key given twice in one object (json.loads would keep the last
+    silently: ``{"Dress": 3, "Dress": 5}`` would expect 5 Dresses where the sender may have meant 8).
 
     Raises ValueError naming the payload or the field, which the command's handler publishes as its refusal."""
-    if len(payload) > COMMAND_MAX_BYTES:
-        raise ValueError(f"payload: {len(payload)} bytes, more than {COMMAND_MAX_BYTES}")
-    try:
-        data = json.loads(payload.decode("utf-8"))    # strict UTF-8: json.loads(bytes) guesses UTF-16 and more
+    limit = COMMAND_LIMITS.get(verb, COMMAND_MAX_BYTES)
+    if len(payload) > limit:
+        raise ValueError(f"payload: {len(payload)} bytes, more than {limit}")
+    twice: list[tuple[dict[str, Any], str]] = []
+    hook = _keys_once(twice) if verb == "expect" else None
+    try:     # strict UTF-8: json.loads(bytes) guesses UTF-16 and more
+        data = json.loads(payload.decode("utf-8"), object_pairs_hook=hook)
     except UnicodeDecodeError as exc:
         raise ValueError(f"payload: not UTF-8 (byte {exc.start}: {exc.reason})") from None
     except (ValueError, RecursionError) as exc:
         raise ValueError(f"payload: not JSON ({exc})") from None
+    if twice:
+        obj, key = twice[0]
+        where = _path_of(data, obj)
+        if where == "":
+            raise ValueError(f"field {key[:40]}: given twice")
+        if where == "lines":
+            raise ValueError(f"field lines: label {key[:40]!r} given twice")
+        raise ValueError(f"field {where}: key {key[:40]!r} given twice")
     where = _non_finite(data)
     if where is not None:
         raise ValueError(f"field {where or '(top level)'}: not a finite number (NaN, Infinity and 1e999 are refused)")
     return data
+
+
+def _keys_once(twice: list[tuple[dict[str, Any], str]]) -> Callable[[list[tuple[str, Any]]], dict[str, Any]]:
+    """An ``object_pairs_hook`` that builds each object as json.loads does and notes (object, key) in ``twice``
+    for an object that gives a key more than once (the first such key)."""
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        obj = dict(pairs)
+        if len(obj) != len(pairs):
+            seen: set[str] = set()
+            for key, _ in pairs:
+                if key in seen:
+                    twice.append((obj, key))
+                    break
+                seen.add(key)
+        return obj
+    return hook
+
+
+def _path_of(data: Any, target: Any) -> str:
+    """The dotted path of the object ``target`` (by identity) in parsed JSON; "" for the top level. Iterative: the
+    parser allows nesting deeper than a recursive walk would."""
+    stack: list[tuple[Any, str]] = [(data, "")]
+    while stack:
+        node, where = stack.pop()
+        if node is target:
+            return where
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        stack.extend((value, f"{where}.{key}" if where else str(key)) for key, value in items)
+    return "(somewhere)"
 
 
 def _non_finite(data: Any, where: str = "") -> str | None:

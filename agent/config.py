@@ -8,6 +8,7 @@ the YAML: the MQTT password comes from an environment variable or a file.
 
 from __future__ import annotations
 
+import numbers
 import os
 import types
 from pathlib import Path
@@ -16,8 +17,10 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
+    StrictBool,
     TypeAdapter,
     ValidationError,
     field_validator,
@@ -138,14 +141,34 @@ MAX_SHIPMENT_LINES = 1000           # expected labels of one shipment (contract/
 MAX_LINE_COUNT = 1_000_000          # items expected of one label
 
 
+def _json_integer(value: Any) -> int:
+    """An expected count as the cmd-expect schema reads one: a JSON integer (``3``, also ``3.0``, which JSON Schema
+    counts as one), never a string (``"3"``) nor a boolean (``true``), which pydantic's lax mode would turn into 3
+    and 1."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, float)):
+        kind = {bool: "a boolean", str: "a string", type(None): "null", list: "an array", dict: "an object"}
+        raise ValueError(f"expected an integer, not {kind.get(type(value), type(value).__name__)}")
+    if isinstance(value, float) and not value.is_integer():      # NaN, an infinity or a fraction
+        raise ValueError("expected an integer, not a number with a fraction")
+    return int(value)
+
+
+ExpectedCount = Annotated[int, BeforeValidator(_json_integer)]
+
+
 class ExpectCommand(_Strict):
-    """Payload of cmd/expect: open a shipment with its expected lines (label -> count), or close it."""
+    """Payload of cmd/expect: open a shipment with its expected lines (label -> count), or close it.
+
+    Types as the schema (contract/schemas/mqtt/cmd-expect.v1.json) has them, not pydantic's lax reading:
+    counts are integers (no ``"3"``, no ``true``), ``close`` a boolean (no ``"true"``, no ``1``). A label given
+    twice in one payload is refused before this (``agent.app.command_json``): a dict cannot hold both."""
 
     shipment: str = Field(..., min_length=1, max_length=64, pattern=SHIPMENT_ID, title="Shipment",
                           description="The shipment's id, as the dock's system knows it.")
-    lines: dict[str, int] | None = Field(None, min_length=1, max_length=MAX_SHIPMENT_LINES, title="Expected lines",
-                                         description="Label -> items expected; required to open, absent to close.")
-    close: bool = Field(False, title="Close", description="True: close the open shipment of this id.")
+    lines: dict[str, ExpectedCount] | None = Field(
+        None, min_length=1, max_length=MAX_SHIPMENT_LINES, title="Expected lines",
+        description="Label -> items expected; required to open, absent to close.")
+    close: StrictBool = Field(False, title="Close", description="True: close the open shipment of this id.")
 
     @model_validator(mode="after")
     def _open_or_close(self) -> "ExpectCommand":

@@ -36,6 +36,12 @@ from agent.config import ExpectCommand, ReceivingConfig
 from agent.decide import ItemDecision
 from contract.openset import UNKNOWN_LABEL  # the label of an item the unknown score rejects (never sorted)
 
+# A receipt is bounded whatever the shipment: the broker refuses a message over its message_size_limit (4 MiB,
+# deploy/central/mosquitto/mosquitto.conf), and an outbox message it refuses is never delivered.
+MAX_RECEIPT_LINES = 2000       # receipt.v1 lines maxItems: the expected lines (at most 1,000) and unexpected ones
+MAX_RECEIPT_LINE_REFS = 1000   # refs over all lines of one receipt (review, unknown, vouched: max_refs each)
+MAX_LABEL_CHARS = 256          # a line's label in receipt.v1 and cmd-expect.v1
+
 
 class ShipmentError(ValueError):
     """A cmd/expect that cannot be applied; the text names the field."""
@@ -77,9 +83,38 @@ def ranked(refs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(reversed(refs), key=doubt, reverse=True)
 
 
+def is_count(value: Any) -> bool:
+    """An integer >= 0 as JSON gives one (a boolean is an int in Python, and no count)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def received_line(key: str) -> bool:
     """Whether a refs key is a received label's line (not the review lane's "" nor the unknown items')."""
     return key not in ("", UNKNOWN_LABEL)
+
+
+def refs_share(wanted: Sequence[int], budget: int) -> list[int]:
+    """How many refs each line lists when all of them want more than ``budget``: an equal share (``cap``) for each,
+    a line that wants less keeps all of its own and leaves the rest to the others; what an equal split leaves
+    over goes one more to the first lines (in receipt order) that want more. Never more than a line wants."""
+    if sum(wanted) <= budget:
+        return list(wanted)
+    left, cap = budget, 0
+    for i, n in enumerate(sorted(wanted)):
+        lines_left = len(wanted) - i
+        if n * lines_left > left:
+            cap = left // lines_left
+            break
+        left -= n
+    share = [min(n, cap) for n in wanted]
+    extra = budget - sum(share)
+    for i, n in enumerate(wanted):
+        if extra <= 0:
+            break
+        if n > cap:
+            share[i] += 1
+            extra -= 1
+    return share
 
 
 def prior_weights(labels: Sequence[str], still_expected: set[str], weight: float) -> np.ndarray:
@@ -129,9 +164,24 @@ class Shipment:
             del self.vouched_refs[:-max_refs]
 
     def lines(self) -> list[dict[str, Any]]:
-        """Per label, expected first (in the command's order), then the unexpected ones by name."""
-        labels = list(self.expected) + sorted(set(self.received) - set(self.expected))
-        return [self._line(label) for label in labels]
+        """Per label, expected first (in the command's order), then the unexpected ones by name.
+
+        Bounded (a receipt must fit a broker's message): at most MAX_RECEIPT_LINES lines, every expected one and
+        the unexpected ones with the most items (the others are left off the list, still counted in the totals
+        and in ``items``), and at most MAX_RECEIPT_LINE_REFS refs over all lines, shared out by ``refs_share``
+        (each line's most doubtful kept; ``refs_left_off`` counts the rest)."""
+        unexpected = sorted(set(self.received) - set(self.expected))
+        room = max(0, MAX_RECEIPT_LINES - len(self.expected))
+        if len(unexpected) > room:
+            kept = set(sorted(unexpected, key=lambda label: (-self.received[label], label))[:room])
+            unexpected = [label for label in unexpected if label in kept]
+        lines = [self._line(label) for label in [*self.expected, *unexpected]]
+        shares = refs_share([len(line["refs"]) for line in lines], MAX_RECEIPT_LINE_REFS)
+        for line, share in zip(lines, shares):
+            if share < len(line["refs"]):
+                del line["refs"][share:]
+                line["refs_left_off"] = self.refs_seen.get(line["label"], 0) - share
+        return lines
 
     def _line(self, label: str) -> dict[str, Any]:
         expected, received = self.expected.get(label, 0), self.received.get(label, 0)
@@ -145,11 +195,19 @@ class Shipment:
                 "short": max(0, expected - received), "unexpected": received if not expected else 0,
                 "refs": refs, "refs_left_off": self.refs_seen.get(label, 0) - len(refs) if refs else 0}
 
+    def totals(self) -> dict[str, int]:
+        """matched, over, short and unexpected items over every line, also those a receipt leaves off its list."""
+        got = self.received
+        return {"matched": sum(min(n, got.get(label, 0)) for label, n in self.expected.items()),
+                "over": sum(max(0, got.get(label, 0) - n) for label, n in self.expected.items()),
+                "short": sum(max(0, n - got.get(label, 0)) for label, n in self.expected.items()),
+                "unexpected": sum(n for label, n in got.items() if label not in self.expected)}
+
     def receipt(self) -> dict[str, Any]:
         """The body of a receipt.v1 message without the station's fields (id, seq, ts, site, station)."""
         lines = self.lines()
         review_refs, unknown_refs = list(self.refs.get("", [])), list(self.refs.get(UNKNOWN_LABEL, []))
-        totals = {k: sum(line[k] for line in lines) for k in ("matched", "over", "short", "unexpected")}
+        totals: dict[str, int] = self.totals()
         totals["review"], totals["unknown"] = self.review, self.unknown
         totals["discrepancies"] = totals["over"] + totals["short"] + totals["unexpected"] + self.review + self.unknown
         return {"shipment": self.id, "state": "closed" if self.closed_at is not None else "open",
@@ -184,19 +242,26 @@ class Shipment:
             raise ShipmentError(f"field shipment: not a shipment ({exc})") from None
         received, refs, seen = raw.get("received") or {}, raw.get("refs") or {}, raw.get("refs_seen") or {}
         review, unknown, opened = raw.get("review", 0), raw.get("unknown", 0), raw.get("opened_at")
-        if not (isinstance(received, dict) and all(isinstance(v, int) and v >= 0 for v in received.values())):
-            raise ShipmentError("field shipment.received: expected label -> count")
+        if not (isinstance(received, dict) and all(is_count(v) for v in received.values())):
+            raise ShipmentError("field shipment.received: expected label -> count (an integer >= 0, not a boolean)")
+        for label in received:      # a received label is a line of the receipt: 1-256 characters, a product's
+            if not 0 < len(label) <= MAX_LABEL_CHARS or not received_line(label):
+                raise ShipmentError(f"field shipment.received: {label[:40]!r} is not a label (1-{MAX_LABEL_CHARS} "
+                                    f"characters; review and {UNKNOWN_LABEL!r} items are counted apart)")
         if not (isinstance(refs, dict) and all(isinstance(v, list) for v in refs.values())):
             raise ShipmentError("field shipment.refs: expected label -> list")
-        if not (isinstance(seen, dict) and all(isinstance(v, int) and v >= 0 for v in seen.values())):
-            raise ShipmentError("field shipment.refs_seen: expected label -> count")
-        if not all(isinstance(n, int) and n >= 0 for n in (review, unknown)):
+        if not (isinstance(seen, dict) and all(is_count(v) for v in seen.values())):
+            raise ShipmentError("field shipment.refs_seen: expected label -> count (an integer >= 0, not a boolean)")
+        for key, kept in refs.items():   # refs_left_off is refs_seen - refs: never below 0
+            if seen.get(key, 0) < len(kept):
+                raise ShipmentError(f"field shipment.refs_seen.{key[:40]}: {seen.get(key, 0)} is fewer than the "
+                                    f"{len(kept)} refs kept (expected at least as many)")
+        if not all(is_count(n) for n in (review, unknown)):
             raise ShipmentError("field shipment.review or shipment.unknown: expected counts")
         if isinstance(opened, bool) or not isinstance(opened, (int, float)) or not (0 <= opened < 1e11):
             raise ShipmentError(f"field shipment.opened_at: {str(opened)[:40]} is not a time in seconds")
         vouched, vouched_refs = raw.get("vouched", 0), raw.get("vouched_refs") or []   # absent: saved before them
-        if not (isinstance(vouched, int) and vouched >= 0 and isinstance(vouched_refs, list)
-                and len(vouched_refs) <= vouched):
+        if not (is_count(vouched) and isinstance(vouched_refs, list) and len(vouched_refs) <= vouched):
             raise ShipmentError("field shipment.vouched or shipment.vouched_refs: expected a count and its refs")
         refs = {k: list(v) for k, v in refs.items()}
         for key, kept in refs.items():

@@ -268,11 +268,14 @@ class StationSim:
     # ------------------------------------------------------------ frames
 
     def next_logits(self, camera: str) -> np.ndarray:
-        """The model's logits for the next frame of this camera's current item (a new item when none)."""
+        """The model's logits for the next frame of this camera's current item (a new item when none; an empty belt,
+        logits of no item, while a dock's camera waits for the other cameras to finish the shipment's last items)."""
         item = self.items[camera]
         if item is None:
             lo, hi = self.cfg.item_frames
             class_id = self._next_arrival() if self.desk is not None else int(self.rng.integers(len(self.cfg.labels)))
+            if class_id is None:
+                return self.rng.normal(0.0, 1.0, len(self.cfg.labels))
             hard = self.rng.random() < self.cfg.hard_items
             strength = float(self.rng.uniform(0.5, 3.0) if hard else self.rng.uniform(4.0, 8.0))
             item = self.items[camera] = Item(class_id, strength, int(self.rng.integers(lo, hi + 1)),
@@ -283,11 +286,15 @@ class StationSim:
 
     # ------------------------------------------------------------ shipments (a receiving dock)
 
-    def _next_arrival(self) -> int:
-        """The class of the next item off the truck: the open shipment's next, or, when all of it has arrived, the
-        first of the next shipment (the open one is closed with its final receipt and the next opened)."""
+    def _next_arrival(self) -> int | None:
+        """The class of the next item off the truck: the open shipment's next, or, when all of it has arrived and no
+        camera has one of its items in view any more, the first of the next shipment (the open one is closed with
+        its final receipt and the next opened). None while all of it has arrived but another camera still has one
+        of its items in view: closing now would record that item's decision into the next shipment."""
         assert self.desk is not None
         if not self.arriving:
+            if any(item is not None for item in self.items.values()):
+                return None
             now = time.time()
             if self.desk.shipment is not None:
                 self.queued.append(self._receipt(self.desk.close(self.desk.shipment.id).receipt(), now, final=True))
@@ -321,9 +328,17 @@ class StationSim:
 
     def frame_messages(self, camera: str, cls: Any) -> list[tuple[str, dict[str, Any], bytes | None]]:
         """One classified frame, as ``InferenceStage._item_frame`` and the item tracker make it (and a dock's
-        receipts, as ``InferenceStage`` and ``Agent.expect`` send them)."""
+        receipts, as ``InferenceStage`` and ``Agent.expect`` send them). A camera with no item (a dock's camera
+        waiting for the shipment's last items on the others) sends an empty frame: counted, not published, as the
+        agent's ``_empty_frame`` with ``decisions.empty_frames: skip``."""
         item = self.items[camera]
-        assert item is not None
+        if item is None:
+            self.frame_seq[camera] += 1
+            self.metrics.inc("frames_captured_total", camera=camera)
+            self.metrics.inc("frames_empty_total", camera=camera)
+            self.trackers[camera].update(None, False)
+            queued, self.queued = self.queued, []
+            return queued
         now = time.time()
         self.frame_seq[camera] += 1
         seq = self.frame_seq[camera]

@@ -3,9 +3,11 @@
 Used by ``python -m agent demo`` (its summary) and ``benchmarks/station_view.py`` (its JSON documents);
 nothing here touches a broker, a model or torch.
 
-* items: decided correctly (exactly one decision, with the item's label), missed (no decision),
-  split (more than one), merged decisions (one decision over two items), phantom decisions (over no
-  item's frames), share sent to manual review, confident-and-wrong (auto-sorted to a wrong lane);
+* items: decided correctly (exactly one decision, with the item's label), wrong (exactly one, with
+  another label, auto-sorted or sent to review), missed (no decision), split (more than one) or never
+  visible (no frame shows it): these five outcomes partition the items; besides them, merged decisions
+  (one decision over two items), phantom decisions (over no item's frames), share sent to manual review,
+  confident-and-wrong (auto-sorted to a wrong lane, a part of wrong);
 * frames: accuracy where the item is fully inside the ROI, where it is partly in, and results on
   frames with no item that still name a product (an empty belt reported as a product);
 * the camera: frames captured, dropped by the hub, classified (from the last stats message).
@@ -93,14 +95,16 @@ def is_review(decision: dict, review_lane: str) -> bool:
 
 def score_items(items: Sequence[dict], decisions: Sequence[dict], spans: Sequence[tuple[int, int] | None],
                 review_lane: str = "manual-review", merge_min_frames: int = 3) -> dict[str, Any]:
-    """Per-item figures from truth items (item, label_name, visible_frames) and matched decisions."""
+    """Per-item figures from truth items (item, label_name, visible_frames) and matched decisions.
+
+    Each item has exactly one outcome: correct + wrong + missed + split + never_visible == items."""
     visible = {it["item"]: frozenset(it["visible_frames"]) for it in items}
     owner = match_decisions(spans, visible)
     by_item: dict[int, list[dict]] = {it["item"]: [] for it in items}
     for d, item in zip(decisions, owner):
         if item is not None:
             by_item[item].append(d)
-    counts = dict(correct=0, missed=0, split=0, review=0, auto_sorted=0, auto_wrong=0, never_visible=0)
+    counts = dict(correct=0, wrong=0, missed=0, split=0, review=0, auto_sorted=0, auto_wrong=0, never_visible=0)
     for it in items:
         mine = by_item[it["item"]]
         if not it["visible_frames"]:          # no camera could decide it: neither missed nor in the shares
@@ -111,6 +115,7 @@ def score_items(items: Sequence[dict], decisions: Sequence[dict], spans: Sequenc
         counts["review"] += any(is_review(d, review_lane) for d in mine)
         if len(mine) == 1:
             counts["correct"] += mine[0]["label"] == it["label_name"]
+            counts["wrong"] += mine[0]["label"] != it["label_name"]
             if not is_review(mine[0], review_lane):
                 counts["auto_sorted"] += 1
                 counts["auto_wrong"] += mine[0]["label"] != it["label_name"]
@@ -123,6 +128,7 @@ def score_items(items: Sequence[dict], decisions: Sequence[dict], spans: Sequenc
             "item_accuracy": _ratio(counts["correct"], n), "item_accuracy_ci95": wilson(counts["correct"], n),
             "review_share": _ratio(counts["review"], n),
             "missed_share": _ratio(counts["missed"], n), "split_share": _ratio(counts["split"], n),
+            "wrong_share": _ratio(counts["wrong"], n),
             "auto_sorted_accuracy": _ratio(counts["auto_sorted"] - counts["auto_wrong"], counts["auto_sorted"])}
 
 

@@ -154,6 +154,32 @@ def test_a_dock_receives_shipment_after_shipment_and_its_receipts_count_what_arr
                 assert decisions[ref["decision"]]["low_confidence"]
 
 
+def test_a_dock_with_two_cameras_closes_a_shipment_only_when_its_last_item_is_decided():
+    """Two cameras taking items off one truck in turn (as ``FleetLoop._produce`` drives them): when the last item of
+    a shipment is on one camera, the other waits (empty frames, nothing published) instead of opening the next
+    shipment, so every final receipt counts exactly the shipment's 12 items, each decision in the shipment whose
+    items it was drawn from."""
+    cfg = FleetConfig(sites=1, per_site=1, qc_every=0, shipment_items=12, cameras=2)
+    dock = StationSim(cfg, "site-00", "st-000", 0, ItemImages(cfg.labels, cfg.jpeg_side), np.random.default_rng([5, 0]))
+    finals, decided, waited = [], 0, 0
+    for n in range(600):
+        camera = dock.cameras[n % 2]
+        cls = classify([dock], [dock.next_logits(camera)], cfg.labels)[0]
+        waited += dock.items[camera] is None
+        for kind, body, blob in dock.frame_messages(camera, cls):
+            payload, props = encode(dock.record(kind, body, blob), True)
+            check_wire(f"{dock.topics.root}/{kind if kind != 'frame' else 'frames'}", payload, props)
+            decided += kind == "decision"
+            if kind == "receipt" and body["final"]:
+                finals.append(body)
+    assert [f["items"] for f in finals] == [12] * len(finals)
+    assert len(finals) >= 8 and waited > 0
+    assert all(sum(line["expected"] for line in f["lines"]) == 12 for f in finals)
+    open_items = dock.desk.shipment.receipt()["items"] if dock.desk.shipment is not None else 0
+    assert decided == 12 * len(finals) + open_items      # no decision lost between shipments
+    assert dock.metrics.snapshot()["frames_empty"] == waited
+
+
 def test_credentials_are_a_password_per_station_and_a_mosquitto_password_file(tmp_path):
     cfg = FleetConfig(sites=2, per_site=3)
     plain, passwd = write_credentials(cfg, tmp_path, {"dashboard": "pw"})

@@ -10,6 +10,8 @@ ends at once, so the stage's own threads are idle and only the test's items are 
 from __future__ import annotations
 
 import json
+import logging
+import re
 import threading
 import time
 
@@ -17,7 +19,7 @@ import numpy as np
 import pytest
 from agent_support import EndedCamera, Operator, as_config, station_config, validate_message
 
-from agent.app import Agent
+from agent.app import COMMAND_LIMITS, COMMAND_MAX_BYTES, EXPECT_MAX_LINE_BYTES, Agent, command_json
 from agent.config import ExpectCommand, PresenceConfig, ReceivingConfig, SortingConfig
 from agent.decide import (
     ItemDecision,
@@ -30,9 +32,20 @@ from agent.decide import (
 )
 from agent.demo import Subscriber
 from agent.pipeline import Inferred
-from agent.receiving import ReceivingDesk, Shipment, ShipmentError
+from agent.receiving import (
+    MAX_RECEIPT_LINE_REFS,
+    MAX_RECEIPT_LINES,
+    ReceivingDesk,
+    Shipment,
+    ShipmentError,
+    item_ref,
+    receipt_body,
+    refs_share,
+)
 from agent.sources.base import Frame
-from contract.messages import ENGINES, checker, loads_finite
+from agent.state import STATE_FILE, StationState, manifest_sha256
+from contract.messages import ENGINES, checker, dumps_finite, loads_finite
+from contract.openset import UNKNOWN_LABEL
 
 ROOT = "inventory/test/st-01"
 LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -270,7 +283,13 @@ def test_a_shipment_over_mqtt_receipts_count_every_class_and_survive_a_restart(b
         operator.send("expect", b'{"shipment": "PO-4711", "lines": {"Dress": NaN}}')
         assert dash.wait_for(lambda d: "field lines.Dress: not a finite number" in
                              (last_expect(d).get("reason") or ""), 20), last_expect(dash)
-        assert agent.metrics.counter("commands_rejected_total", command="expect") == 8
+        operator.send("expect", b'{"shipment": "PO-9", "lines": {"Dress": 1, "Dress": 2}}')   # which count?
+        assert dash.wait_for(lambda d: "field lines: label 'Dress' given twice" in
+                             (last_expect(d).get("reason") or ""), 20), last_expect(dash)
+        operator.send("expect", {"shipment": "PO-9", "lines": {"Dress": True}})
+        assert dash.wait_for(lambda d: "field lines.Dress: Value error, expected an integer, not a boolean" in
+                             (last_expect(d).get("reason") or ""), 20), last_expect(dash)
+        assert agent.metrics.counter("commands_rejected_total", command="expect") == 10
         validate_message("status.v1", bodies(dash, "status")[-1])
         assert agent.inference.receiving.shipment.id == "PO-4711"
 
@@ -420,20 +439,42 @@ def test_an_over_line_lists_its_most_doubtful_items_first_not_the_newest():
 def test_the_cmd_expect_schema_and_the_agent_agree_on_what_a_command_is(engine):
     good = [{"shipment": "PO-4711", "lines": {"T-shirt/top": 2, "Dress": 1}},
             {"shipment": "PO-4711", "lines": {"Dress": 1}, "close": False},
-            {"shipment": "PO-4711", "close": True}]
+            {"shipment": "PO-4711", "close": True},
+            {"shipment": "PO-4711", "lines": {"Dress": 3.0}}]     # JSON Schema's integer: 3.0 is one
     bad = [{"shipment": "PO 9", "lines": {"Dress": 1}}, {"shipment": "PO-9", "lines": {"Dress": 0}},
            {"shipment": "PO-9", "lines": {}}, {"shipment": "PO-9"}, {"shipment": "PO-9", "close": False},
            {"shipment": "PO-9", "lines": {"Dress": 1}, "close": True}, {"shipment": "PO-9", "close": True, "x": 1},
            {"shipment": "x" * 65, "close": True}, {"shipment": "PO-9", "lines": {"": 1}},
-           {"shipment": "PO-9", "lines": {"Dress": 1_000_001}}]
+           {"shipment": "PO-9", "lines": {"Dress": 1_000_001}},
+           # what pydantic's lax mode would turn into 3, 1 and true
+           {"shipment": "PO-9", "lines": {"Dress": "3"}}, {"shipment": "PO-9", "lines": {"Dress": True}},
+           {"shipment": "PO-9", "lines": {"Dress": 2.5}}, {"shipment": "PO-9", "close": "true"},
+           {"shipment": "PO-9", "close": 1}, {"shipment": "PO-9", "lines": {"Dress": 1}, "close": 0}]
     check = checker("cmd-expect.v1", engine)
     for body in good:
         assert check.error(body) is None, body
         ExpectCommand.model_validate(body)
+        ExpectCommand.model_validate(command_json("expect", json.dumps(body).encode()))
     for body in bad:
         assert check.error(body) is not None, body
         with pytest.raises(ValueError):
             ExpectCommand.model_validate(body)
+        with pytest.raises(ValueError):
+            ExpectCommand.model_validate(command_json("expect", json.dumps(body).encode()))
+    # a key given twice: the schema sees only what a parser kept (the last), so the agent refuses it as it parses
+    for raw, field in [(b'{"shipment": "PO-9", "lines": {"Dress": 3, "Dress": 5}}', "field lines: label 'Dress' given"),
+                       (b'{"shipment": "PO-9", "lines": {"Dress": 3, "Coat": 1, "Dress": 3}}', "label 'Dress' given"),
+                       (b'{"shipment": "PO-9", "shipment": "PO-8", "close": true}', "field shipment: given twice"),
+                       (b'{"shipment": "PO-9", "close": true, "close": false}', "field close: given twice")]:
+        with pytest.raises(ValueError, match=field):
+            command_json("expect", raw)
+    # and still no NaN, infinity or 1e999, nor nesting deeper than the parser goes
+    for raw, field in [(b'{"shipment": "PO-9", "lines": {"Dress": NaN}}', "field lines.Dress: not a finite"),
+                       (b'{"shipment": "PO-9", "lines": {"Dress": 1e999}}', "field lines.Dress: not a finite"),
+                       (b'{"shipment": "PO-9", "lines": {"Dress": -Infinity}}', "field lines.Dress: not a finite"),
+                       (b'{"shipment": "PO-9", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}", "payload: not JSON")]:
+        with pytest.raises(ValueError, match=field):
+            command_json("expect", raw)
 
 
 def test_receipts_come_at_most_once_per_interval_and_only_after_new_items():
@@ -448,3 +489,148 @@ def test_receipts_come_at_most_once_per_interval_and_only_after_new_items():
     assert desk.due_receipt(200.0) is None                       # nothing new since
     closed = desk.close("S-1")
     assert closed.receipt()["state"] == "closed" and desk.due_receipt(300.0) is None and desk.prior(LABELS) is None
+
+
+# ------------------------------------------------------------------ receipts and commands at the schema's limits
+
+def test_a_shipment_line_shares_a_receipt_wide_refs_budget_equally_and_never_gets_more_than_it_has():
+    assert refs_share([3, 2], 10) == [3, 2]                               # under the budget: all of them
+    assert refs_share([1, 50, 50, 2], 20) == [1, 9, 8, 2]                 # the small keep theirs, the rest share
+    assert refs_share([100] * 3, 10) == [4, 3, 3]                         # what an equal split leaves: the first
+    assert refs_share([5] * 30, 10) == [1] * 10 + [0] * 20
+    for wanted, budget in (([7, 0, 3, 100, 100, 1], 50), ([2] * 2000, 1000), ([100] * 2000, 1000)):
+        share = refs_share(wanted, budget)
+        assert sum(share) == min(budget, sum(wanted)) and all(0 <= s <= w for s, w in zip(share, wanted))
+
+
+def decided(n: int, label: str, confidence: float = 0.9, camera: str = "cam-a", lane: str = "default") -> ItemDecision:
+    return ItemDecision(camera, n, label, 1, confidence, 1.0, 3, 1.0, 2.0, lane, False, (), ((label, confidence),),
+                        (n, n + 2), unknown_score=1.5)
+
+
+def receipt_message(shipment: Shipment) -> tuple[dict, int]:
+    """A whole receipt.v1 as the outbox sends it (its largest seq and station fields) and its size on the wire."""
+    body = {**receipt_body(shipment.receipt(), site="s" * 64, station="t" * 64, ts=1e9, final=True),
+            "seq": 9007199254740991}
+    return body, len(dumps_finite(body, separators=(",", ":")).encode())
+
+
+def test_a_receipt_stays_within_the_schema_and_the_broker_whatever_the_shipment():
+    """1,000 expected lines each one over and 1,600 labels not on the shipment: the receipt lists every expected
+    line and the 1,000 unexpected ones with the most items (2,000 lines, the schema's maxItems), at most
+    MAX_RECEIPT_LINE_REFS refs over all of them (refs_left_off counts the rest, line by line), totals and items
+    still count every item; it follows the schema and stays well under 1 MiB. At the schema's limits (256-character
+    labels and lanes, 100 refs kept per label) it stays under the broker's 4 MiB message_size_limit."""
+    expected = {f"SKU-{i:05d} Brand Product 42 Blue": 1 for i in range(1000)}
+    shipment = Shipment("PO-4711", expected, 1.0)
+    n = 0
+    for label in expected:                        # two of each: one over
+        for _ in range(2):
+            n += 1
+            shipment.record(decided(n, label, 0.9 - n * 1e-6), f"00000000-0000-4000-8000-{n:012d}", max_refs=50)
+    others = [f"OTHER-{i:05d} Brand Product 42 Red" for i in range(1600)]
+    for i, label in enumerate(others):            # the first 1,000 of them twice, the rest once
+        for _ in range(2 if i < 1000 else 1):
+            n += 1
+            shipment.record(decided(n, label), f"00000000-0000-4000-8000-{n:012d}", max_refs=50)
+    body, size = receipt_message(shipment)
+    check_receipt(body)
+    lines = body["lines"]
+    assert len(lines) == MAX_RECEIPT_LINES == 2000
+    assert [line["label"] for line in lines[:1000]] == list(expected)
+    assert {line["label"] for line in lines[1000:]} == set(others[:1000])          # the smallest left off
+    assert sum(len(line["refs"]) for line in lines) == MAX_RECEIPT_LINE_REFS
+    for line in lines:
+        assert len(line["refs"]) + line["refs_left_off"] == line["received"] == 2
+    assert body["items"] == n == 2000 + 2000 + 600
+    assert (body["totals"]["unexpected"], body["totals"]["over"], body["totals"]["matched"]) == (2600, 1000, 1000)
+    assert body["totals"]["unexpected"] - sum(line["unexpected"] for line in lines) == 600   # the lines left off
+    assert size < 768 * 1024, size                   # about 550 kB
+    assert Shipment.from_json(json.loads(json.dumps(shipment.to_json()))).receipt() == shipment.receipt()
+
+    # the schema's limits: every string as long as it may be, every count as large, max_refs 100 everywhere
+    def ref(k: int, label: str) -> dict:
+        return item_ref(decided(10 ** 15 + k, label, 0.123456789, camera="c" * 64, lane="l" * 256),
+                        f"00000000-0000-4000-8000-{k:012d}")
+    label = lambda i: f"{i:05d}".ljust(256, "x")     # noqa: E731
+    huge = Shipment("S" * 64, {label(i): 1_000_000 for i in range(1000)}, 1e9)
+    for i in range(2600):
+        huge.received[label(i)] = huge.refs_seen[label(i)] = 10 ** 12      # the sums stay within 2**53
+        huge.refs[label(i)] = [ref(k, label(i)) for k in range(100)]
+    for key in ("", UNKNOWN_LABEL):
+        huge.refs[key], huge.refs_seen[key] = [ref(k, label(0)) for k in range(100)], 10 ** 12
+    huge.review = huge.unknown = huge.vouched = 10 ** 12
+    huge.vouched_refs = [ref(k, label(0)) for k in range(100)]
+    body, size = receipt_message(huge)
+    for engine in ENGINES:
+        checker("receipt.v1", engine).check("receipt", body)
+    assert len(body["lines"]) == 2000 and sum(len(line["refs"]) for line in body["lines"]) == 1000
+    assert size < 2 * 1024 * 1024, size            # the broker's limit is 4 MiB
+
+
+def test_the_largest_cmd_expect_the_schema_allows_is_read_and_one_byte_more_is_refused():
+    """1,000 lines of 256-character labels, each expecting 1,000,000: with ASCII labels about 270 kB, with labels of
+    characters outside the BMP written as JSON escapes (12 bytes each) about 3 MB; both are read. The other
+    commands keep their 64 KiB."""
+    check = checker("cmd-expect.v1")
+    for char in ("x", "\U0001F600"):
+        lines = {(f"{i:04d}" + char * 256)[:256]: 1_000_000 for i in range(1000)}
+        body = {"shipment": "S" * 64, "lines": lines, "close": False}
+        assert check.error(body) is None
+        raw = json.dumps(body).encode()
+        cmd = ExpectCommand.model_validate(command_json("expect", raw))
+        assert cmd.lines == lines
+    assert len(raw) > 3_000_000 and 1000 * EXPECT_MAX_LINE_BYTES < COMMAND_LIMITS["expect"] < 4 * 1024 * 1024
+    too_big = b'{"shipment": "S", "close": true' + b" " * (COMMAND_LIMITS["expect"] - 31) + b"}"
+    assert len(too_big) == COMMAND_LIMITS["expect"] + 1
+    with pytest.raises(ValueError, match=f"payload: {len(too_big)} bytes, more than {COMMAND_LIMITS['expect']}"):
+        command_json("expect", too_big)
+    assert ExpectCommand.model_validate(command_json("expect", too_big[:-2] + b"}")).close is True
+    with pytest.raises(ValueError, match=f"more than {COMMAND_MAX_BYTES}"):
+        command_json("thresholds", b'{"min_confidence": 0.5' + b" " * COMMAND_MAX_BYTES + b"}")
+
+
+def test_a_saved_shipment_with_a_boolean_count_too_few_refs_seen_or_an_empty_label_is_refused_by_name():
+    desk = ReceivingDesk(ReceivingConfig())
+    desk.open(ExpectCommand(shipment="S-1", lines={"Dress": 1}), LABELS)
+    for n in (1, 2):
+        desk.record(coat(n, 0.9, None), f"00000000-0000-4000-8000-{n:012d}")
+    desk.record(ItemDecision("cam", 3, "Coat", 4, 0.3, 1.0, 1, 1.0, 1.0, "manual-review", True, ("low",),
+                             (("Coat", 0.3),), (3, 3)), "00000000-0000-4000-8000-000000000003")
+    good = json.loads(json.dumps(desk.saved()))
+    assert Shipment.from_json(good).receipt() == desk.shipment.receipt()
+    for bad, field in [({"received": {"Dress": True, "Coat": 2}}, "field shipment.received: expected label -> count"),
+                       ({"received": {"Coat": 2.0}}, "field shipment.received"),
+                       ({"received": {"": 3, "Coat": 2}}, "field shipment.received: '' is not a label"),
+                       ({"received": {"x" * 257: 1, "Coat": 2}}, "field shipment.received: 'xxx"),
+                       ({"received": {UNKNOWN_LABEL: 1, "Coat": 2}}, "field shipment.received: 'unknown'"),
+                       ({"refs_seen": {"Coat": 1, "": 1}}, "field shipment.refs_seen.Coat: 1 is fewer than the 2"),
+                       ({"refs_seen": {"Coat": 2, "": 0}}, "field shipment.refs_seen.: 0 is fewer than the 1"),
+                       ({"refs_seen": {"Coat": True, "": 1}}, "field shipment.refs_seen: expected label -> count"),
+                       ({"review": True}, "field shipment.review"), ({"vouched": False}, "field shipment.vouched"),
+                       ({"expected": {"Dress": True}}, "field shipment: not a shipment")]:
+        with pytest.raises(ShipmentError, match=re.escape(field)):
+            Shipment.from_json({**good, **bad})
+
+
+def test_a_restored_shipment_naming_labels_the_model_lacks_is_kept_and_warned_about(broker, tiny_bundle,
+                                                                                    fmnist_video, tmp_path, caplog):
+    """A shipment saved under another model (opened before a cmd/model, say) is restored as saved, its tally
+    intact, with a warning naming the labels the running model lacks."""
+    cfg = station_cfg(tmp_path, broker, tiny_bundle, fmnist_video)
+    shipment = Shipment("PO-7", {"Dress": 2, "Jacket": 1}, 100.0)
+    shipment.record(decided(1, "Dress"), "00000000-0000-4000-8000-000000000001", max_refs=5)
+    shipment.record(decided(2, "Scarf"), "00000000-0000-4000-8000-000000000002", max_refs=5)
+    StationState(tmp_path / STATE_FILE, manifest_sha256(tiny_bundle), shipment=shipment.to_json()).save()
+    dash = Subscriber(broker.host, broker.port, ROOT)
+    caplog.set_level(logging.INFO, logger="agent.app")
+    agent = start(cfg, dash)
+    try:
+        restored = agent.inference.receiving.shipment
+        assert restored is not None and restored.receipt() == shipment.receipt()
+        warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "PO-7" in r.getMessage()]
+        assert len(warned) == 1 and "2 label(s)" in warned[0] and "'Jacket', 'Scarf'" in warned[0], warned
+        assert "'Dress'" not in warned[0]
+    finally:
+        agent.shutdown(10)
+        dash.close()
