@@ -20,7 +20,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from contract.messages import loads_finite
+from contract.dataset import class_name_problem
+from contract.messages import _strict_patterns, loads_finite
 from contract.preprocess import InputSpec
 
 log = logging.getLogger(__name__)
@@ -166,9 +167,8 @@ def _open_set(bundle: "Bundle"):
 
 
 def _validate_schema(manifest: Any, path: str | Path) -> None:
-    import jsonschema
-
-    validator = jsonschema.Draft202012Validator(manifest_schema())
+    # the strict validator: its ``pattern`` does not let "$" match before a final newline ("m\n" is no name)
+    validator = _strict_patterns()(manifest_schema())
     errors = sorted(validator.iter_errors(manifest), key=lambda e: list(e.absolute_path))
     if errors:
         err = errors[0]
@@ -194,6 +194,12 @@ def parse_manifest(data: bytes, path: str | Path) -> dict[str, Any]:
 
 def _check_labels_and_input(manifest: dict[str, Any], path: str | Path) -> None:
     labels = manifest["labels"]
+    for i, label in enumerate(labels):
+        # the rule of every class name (contract.dataset): a label no decision payload can carry (too long,
+        # control characters) would make every decision about that class fail its schema at the station
+        problem = class_name_problem(label)
+        if problem is not None:
+            raise BundleError(f"{path}: field labels/{i}: {str(label)[:40]!r} {problem}")
     if len(set(labels)) != len(labels):
         raise BundleError(f"{path}: field labels: class names must be unique")
     try:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import datetime as dt
 import fcntl
 import hashlib
-import json
 import logging
 import os
 import uuid
@@ -22,7 +21,7 @@ from typing import Any, Callable, Sequence
 
 from contract.broker import BrokerError, BrokerSettings, BrokerSettingsError, connect
 from contract.messages import ROLLOUT_SCHEMA as EVENT_SCHEMA
-from contract.messages import checker, dumps_finite, rollout_topic
+from contract.messages import checker, dumps_finite, loads_finite, rollout_topic
 
 log = logging.getLogger(__name__)
 
@@ -144,12 +143,19 @@ def publish_event_once(options: BrokerSettings | None, event: dict[str, Any]) ->
 # ---------------------------------------------------------------- gate records
 
 def read_gate(bundle_dir: Path) -> dict[str, Any] | None:
+    """The gate record beside a bundle, or None where there is none; RolloutError naming the file when it
+    cannot be read, is not UTF-8 JSON (NaN, infinities and nesting past the parser's depth included) or names
+    no decision."""
     path = Path(bundle_dir) / GATE_FILE
     if not path.exists():
         return None
     try:
-        record = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        record = loads_finite(path.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise RolloutError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    except UnicodeDecodeError as exc:
+        raise RolloutError(f"{path}: not UTF-8 (byte {exc.start}: {exc.reason})") from exc
+    except ValueError as exc:       # JSONDecodeError, NonFiniteError, NestingError
         raise RolloutError(f"{path}: not valid JSON ({exc})") from exc
     if not isinstance(record, dict) or record.get("decision") not in ("promoted", "rejected", "baseline"):
         raise RolloutError(f"{path}: field decision: expected promoted, rejected or baseline")
@@ -182,12 +188,16 @@ def rejected_in_log(bundle_dir: Path, sha: str) -> dict[str, Any] | None:
     path = Path(bundle_dir).parent / GATE_LOG
     if not path.exists():
         return None
-    for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as exc:
+        raise RolloutError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    for n, line in enumerate(text.splitlines(), 1):
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            # a line a crash tore (an older writer glued the next record to it): a rejection of this manifest in
-            # it still counts, whatever else the line holds
+            record = loads_finite(line)
+        except ValueError:      # JSONDecodeError, NonFiniteError (NaN), NestingError ("[[[[...")
+            # a line a crash tore (an older writer glued the next record to it) or that is no record: a rejection
+            # of this manifest in it still counts, whatever else the line holds
             if sha in line and '"rejected"' in line:
                 log.warning("%s:%d: not a whole JSON line; it names %s as rejected", path, n, sha[:12])
                 return {"decision": "rejected", "manifest_sha256": sha, "reason": f"{path}:{n} (a torn line)"}

@@ -25,6 +25,7 @@ bank stored as float16) and torch-free, so the station, the trainer and the cent
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
@@ -43,6 +44,11 @@ KNN_BANK_PER_CLASS = 200    # training embeddings kept per class for the knn sco
 NPZ_MAX_BYTES = 256 << 20
 KEEP_CURVE = (0.9, 0.95, 0.975, 0.99, 0.995, 0.999, 1.0)   # shares of known items the export lists thresholds for
 MAX_CURVE_POINTS = 64
+NPZ_KINDS = "biuf"          # dtype kinds an npz may hold: real numbers (and booleans); never complex, text or records
+MAX_ABS = 1e6               # class means, centre, directions and bank: embeddings are unit-length parts, so far less
+MAX_ABS_WEIGHT = 1e12       # enrolled rows and bias: a whitened row mapped back may be long, never this long
+MIN_VARIANCE = 1e-30        # fit_embedding_stats keeps at least 1e-12; below this a distance may become infinite
+MAX_VARIANCE = 1e30
 
 
 class OpenSetError(ValueError):
@@ -355,36 +361,30 @@ def load(block: Mapping, npz_path: Path | None, labels: Sequence[str], dim: int 
         raise OpenSetError(f"{where}: score {score!r} is not one of {', '.join(SCORES)}")
     threshold, keep = block.get("threshold"), block.get("keep", DEFAULT_KEEP)
     int8_threshold = block.get("threshold_int8")
-    for name, value in (("threshold", threshold), ("threshold_int8", int8_threshold)):
-        if (value is not None or name == "threshold") and (
-                isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value)):
-            raise OpenSetError(f"{where}: {name} {value!r} is not a finite number")
+    for name, value in (("threshold", threshold), ("threshold_int8", int8_threshold)):     # manifest fields
+        if (value is not None or name == "threshold") and not _finite_number(value):
+            raise OpenSetError(f"manifest open_set: {name} {_show(value)} is not a finite number")
+    if not (_finite_number(keep) and 0.0 < float(keep) <= 1.0):
+        raise OpenSetError(f"manifest open_set: keep {_show(keep)} is not a share in (0, 1]")
     curves = _keep_thresholds(block.get("keep_thresholds"), "manifest open_set")  # a manifest field, not the npz's
     enrolled_labels = tuple(block.get("enrolled", ()))
     stats, enrolled = None, EnrolledHead()
     if npz_path is not None:
         arrays = _read_npz(npz_path)
-        stats = _stats_from(arrays, npz_path) if "means" in arrays else None
+        stats = _stats_from(arrays, npz_path, len(labels)) if "means" in arrays else None
         if enrolled_labels:
-            w, b = arrays.get("enrolled_weights"), arrays.get("enrolled_bias")
-            if w is None or b is None or w.shape[0] != len(enrolled_labels) or b.shape != (len(enrolled_labels),):
-                raise OpenSetError(f"{npz_path}: enrolled rows do not match the {len(enrolled_labels)} enrolled label(s)")
-            enrolled = EnrolledHead(enrolled_labels, w.astype(np.float64), b.astype(np.float64))
+            enrolled = _enrolled_from(arrays, npz_path, enrolled_labels, stats.dim if stats is not None else dim)
     elif enrolled_labels:
         raise OpenSetError(f"{where}: enrolled classes without their npz")
     if score in EMBEDDING_SCORES and stats is None:
         raise OpenSetError(f"{where}: the {score} score needs class statistics, and there are none")
     if stats is not None:
-        if stats.means.shape[0] != len(labels):
-            raise OpenSetError(f"{npz_path}: {stats.means.shape[0]} class means for {len(labels)} labels")
         if dim is not None and stats.dim != dim:
             raise OpenSetError(f"{npz_path}: statistics of {stats.dim}-d embeddings, the model gives {dim}-d")
         if score == "knn" and not len(stats.bank):
             raise OpenSetError(f"{npz_path}: the knn score needs a bank of training embeddings")
     if enrolled_labels and tuple(labels[len(labels) - len(enrolled_labels):]) != enrolled_labels:
         raise OpenSetError(f"{where}: enrolled labels {list(enrolled_labels)} are not the last of the bundle's labels")
-    if enrolled.labels and stats is not None and enrolled.weights.shape[1] != stats.dim:
-        raise OpenSetError(f"{npz_path}: enrolled rows of {enrolled.weights.shape[1]}-d, statistics of {stats.dim}-d")
     return OpenSet(score, float(threshold), float(keep), stats, enrolled,
                    float(int8_threshold) if int8_threshold is not None else None, curves)
 
@@ -404,9 +404,8 @@ def _keep_thresholds(raw, where: str) -> dict[str, tuple[tuple[float, float], ..
                                "[keep, threshold] pairs")
         pairs = []
         for i, point in enumerate(points):
-            if not (isinstance(point, list) and len(point) == 2 and all(
-                    isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in point)):
-                raise OpenSetError(f"{where}: {field_name}[{i}] {point!r} is not a pair of finite numbers")
+            if not (isinstance(point, list) and len(point) == 2 and all(_finite_number(v) for v in point)):
+                raise OpenSetError(f"{where}: {field_name}[{i}] {_show(point)} is not a pair of finite numbers")
             keep, threshold = float(point[0]), float(point[1])
             if not 0.0 < keep <= 1.0:
                 raise OpenSetError(f"{where}: {field_name}[{i}]: keep {keep!r} is not a share in (0, 1]")
@@ -415,6 +414,23 @@ def _keep_thresholds(raw, where: str) -> dict[str, tuple[tuple[float, float], ..
             pairs.append((keep, threshold))
         out[name] = tuple(pairs)
     return out
+
+
+def _finite_number(value) -> bool:
+    """A JSON number (not a bool) that is finite as a float: an integer literal like 10**400 is not (no float holds
+    it; ``np.isfinite`` would raise TypeError on it)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
+def _show(value, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters (a 400-digit integer in an error message helps nobody)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
@@ -430,28 +446,104 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
     except Exception as exc:  # zipfile, numpy and OS errors: any of them means "not our npz"
         raise OpenSetError(f"{path}: cannot read as an npz of arrays ({type(exc).__name__}: {exc})") from exc
     for name, arr in arrays.items():
+        # numbers only: complex numbers (which the finite check below would not look at, and which every score
+        # would turn into NaN), text, bytes, dates and records are no statistics
+        if arr.dtype.kind not in NPZ_KINDS:
+            raise OpenSetError(f"{path}: array {name} is of type {arr.dtype}, expected real numbers")
         if arr.dtype.kind == "f" and not np.isfinite(arr).all():
             raise OpenSetError(f"{path}: array {name} holds NaN or infinity")
     return arrays
 
 
-def _stats_from(arrays: Mapping[str, np.ndarray], path: Path) -> EmbeddingStats:
-    try:
-        means, centre = arrays["means"].astype(np.float64), arrays["centre"].astype(np.float64)
-        components, variances = arrays["components"].astype(np.float64), arrays["variances"].astype(np.float64)
-        rest = float(arrays["rest_variance"].reshape(-1)[0])
-        bank = arrays.get("bank", np.zeros((0, means.shape[1]))).astype(np.float64)
-        bank_labels = arrays.get("bank_labels", np.zeros(0, np.int64)).astype(np.int64)
-        class_scale = arrays["class_scale"].astype(np.float64) if "class_scale" in arrays else None
-    except (KeyError, IndexError, ValueError, TypeError) as exc:
-        raise OpenSetError(f"{path}: class statistics incomplete ({exc})") from exc
-    d = means.shape[1] if means.ndim == 2 else -1
-    ok = (means.ndim == 2 and centre.shape == (d,) and components.ndim == 2 and components.shape[0] == d
-          and variances.shape == (components.shape[1],) and (variances > 0).all() and rest > 0
-          and (not len(bank) or (bank.ndim == 2 and bank.shape[1] == d and len(bank_labels) == len(bank)))
-          and (class_scale is None or (class_scale.shape == (len(means),) and (class_scale > 0).all())))
-    if not ok:
-        raise OpenSetError(f"{path}: class statistics of inconsistent shapes or values (means {means.shape}, "
-                           f"components {components.shape}, variances {variances.shape}, bank {bank.shape}, "
-                           f"class_scale {None if class_scale is None else class_scale.shape})")
-    return EmbeddingStats(means, centre, components, variances, rest, bank, bank_labels, class_scale)
+def _array(arrays: Mapping[str, np.ndarray], name: str, path: Path, ndim: int, *, limit: float = MAX_ABS,
+           kinds: str = "fiu") -> np.ndarray:
+    """The npz's array ``name`` as float64, checked: ``ndim`` dimensions, numbers of ``kinds``, every value's
+    magnitude at most ``limit`` (finite statistics of that size give finite scores)."""
+    arr = arrays.get(name)
+    if arr is None:
+        raise OpenSetError(f"{path}: array {name} is missing")
+    if arr.ndim != ndim:
+        raise OpenSetError(f"{path}: array {name} has shape {arr.shape}, expected {ndim} dimension(s)")
+    if arr.dtype.kind not in kinds:
+        raise OpenSetError(f"{path}: array {name} is of type {arr.dtype}, expected real numbers")
+    out = arr.astype(np.float64)
+    if out.size and not np.abs(out).max() <= limit:
+        raise OpenSetError(f"{path}: array {name} holds a value of magnitude {np.abs(out).max():.3g}, "
+                           f"more than {limit:.0g}")
+    return out
+
+
+def _stats_from(arrays: Mapping[str, np.ndarray], path: Path, classes: int | None = None) -> EmbeddingStats:
+    """The class statistics of the npz, each array's shape and values checked against the others (the means
+    against ``classes``, the bundle's label count): OpenSetError naming the file and the array otherwise, never
+    an array that fails only at the first frame."""
+    means = _array(arrays, "means", path, 2)
+    c, d = means.shape
+    if classes is not None and c != classes:
+        raise OpenSetError(f"{path}: {c} class means for {classes} labels")
+    if d < 1:
+        raise OpenSetError(f"{path}: array means has shape {means.shape}, expected one row of at least 1 number "
+                           "per class")
+    centre = _array(arrays, "centre", path, 1)
+    components = _array(arrays, "components", path, 2)
+    variances = _array(arrays, "variances", path, 1, limit=MAX_VARIANCE)
+    raw_rest = arrays.get("rest_variance")
+    rest = _array(arrays, "rest_variance", path, 0 if raw_rest is not None and raw_rest.ndim == 0 else 1,
+                  limit=MAX_VARIANCE)
+    if centre.shape != (d,):
+        raise OpenSetError(f"{path}: array centre has shape {centre.shape}, expected ({d},) (means {means.shape})")
+    if components.shape[0] != d:
+        raise OpenSetError(f"{path}: array components has shape {components.shape}, expected ({d}, K) "
+                           f"(means {means.shape})")
+    k = components.shape[1]
+    if variances.shape != (k,):
+        raise OpenSetError(f"{path}: array variances has shape {variances.shape}, expected ({k},) "
+                           f"(components {components.shape})")
+    if rest.size != 1:
+        raise OpenSetError(f"{path}: array rest_variance has shape {rest.shape}, expected one number")
+    for name, values in (("variances", variances), ("rest_variance", rest)):
+        if values.size and not values.min() >= MIN_VARIANCE:
+            raise OpenSetError(f"{path}: array {name} holds {values.min():.3g}, expected variances of at least "
+                               f"{MIN_VARIANCE:.0g}")
+    if "bank" in arrays:
+        bank = _array(arrays, "bank", path, 2)
+        bank_labels = _array(arrays, "bank_labels", path, 1, kinds="iuf")
+    else:
+        bank, bank_labels = np.zeros((0, d)), np.zeros(0)
+    if len(bank) and bank.shape[1] != d:
+        raise OpenSetError(f"{path}: array bank has shape {bank.shape}, expected (n, {d}) (means {means.shape})")
+    if bank_labels.shape != (len(bank),):
+        raise OpenSetError(f"{path}: array bank_labels has shape {bank_labels.shape}, expected ({len(bank)},) "
+                           f"(bank {bank.shape})")
+    if len(bank_labels) and not (np.array_equal(bank_labels, np.round(bank_labels))
+                                 and bank_labels.min() >= 0 and bank_labels.max() < c):
+        raise OpenSetError(f"{path}: array bank_labels holds values other than class indices 0..{c - 1} "
+                           f"(means {means.shape})")
+    class_scale = None
+    if "class_scale" in arrays:
+        class_scale = _array(arrays, "class_scale", path, 1)
+        if class_scale.shape != (c,) or not (class_scale > 0).all():
+            raise OpenSetError(f"{path}: class statistics of inconsistent shapes or values (array class_scale "
+                               f"{class_scale.shape}, expected ({c},) of positive numbers; means {means.shape})")
+    return EmbeddingStats(means, centre, components, variances, float(rest.reshape(-1)[0]),
+                          bank if len(bank) else np.zeros((0, d)), bank_labels.astype(np.int64), class_scale)
+
+
+def _enrolled_from(arrays: Mapping[str, np.ndarray], path: Path, labels: tuple[str, ...],
+                   dim: int | None) -> EnrolledHead:
+    """The enrolled rows of the npz: weights ``(len(labels), dim)`` (``dim``: the statistics' or the manifest's
+    embedding_dim; any width where neither is known), bias ``(len(labels),)``."""
+    n = len(labels)
+    if "enrolled_weights" not in arrays or "enrolled_bias" not in arrays:
+        raise OpenSetError(f"{path}: enrolled rows do not match the {n} enrolled label(s) (array enrolled_weights "
+                           "or enrolled_bias is missing)")
+    w = _array(arrays, "enrolled_weights", path, 2, limit=MAX_ABS_WEIGHT)
+    b = _array(arrays, "enrolled_bias", path, 1, limit=MAX_ABS_WEIGHT)
+    want = f"({n}, {dim})" if dim is not None else f"({n}, D)"
+    if w.shape[0] != n or w.shape[1] < 1 or (dim is not None and w.shape[1] != dim):
+        raise OpenSetError(f"{path}: enrolled rows do not match the {n} enrolled label(s): array enrolled_weights "
+                           f"has shape {w.shape}, expected {want} (the embedding's size)")
+    if b.shape != (n,):
+        raise OpenSetError(f"{path}: enrolled rows do not match the {n} enrolled label(s): array enrolled_bias "
+                           f"has shape {b.shape}, expected ({n},)")
+    return EnrolledHead(labels, w, b)

@@ -16,6 +16,8 @@ import numpy as np
 
 INTERPOLATIONS = {"bilinear": cv2.INTER_LINEAR, "area": cv2.INTER_AREA}
 CROP_MODES = ("roi", "foreground")
+MIN_STD = 1e-6          # input.std below this (as float32) scales a pixel step past float32's range
+MAX_NORM = 1e6          # input.mean and input.std magnitudes: a pixel's mean and spread are a few units at most
 
 
 @dataclass(frozen=True)
@@ -83,11 +85,17 @@ class InputSpec:
             raise ValueError(
                 f"input.interpolation: expected one of {sorted(INTERPOLATIONS)}, got {self.interpolation!r}"
             )
-        if self.resize_shorter < min(self.height, self.width):
+        if self.resize_shorter < max(self.height, self.width):
+            # the shorter side of the resized image is resize_shorter; a crop side longer than that (a square
+            # frame, a wide crop) would be cut short and the model fed a smaller tensor than its input
             raise ValueError(
                 f"input.resize_shorter ({self.resize_shorter}) must be >= the crop size "
-                f"({self.height}x{self.width})"
+                f"({self.height}x{self.width}), its longer side included"
             )
+        _check_normalization("input.mean", self.mean, lambda v: abs(v) <= MAX_NORM,
+                             f"a finite number of magnitude at most {MAX_NORM:.0g}")
+        _check_normalization("input.std", self.std, lambda v: MIN_STD <= v <= MAX_NORM,
+                             f"a number from {MIN_STD:.0g} to {MAX_NORM:.0g}")
         if self.channel_order != "RGB" or self.layout != "NCHW" or self.dtype != "float32":
             raise ValueError("input: only channel_order=RGB, layout=NCHW, dtype=float32 are supported")
 
@@ -96,7 +104,11 @@ class InputSpec:
         fields = {k: block[k] for k in cls.__dataclass_fields__ if k in block}
         for key in ("mean", "std"):
             if key in fields:
-                fields[key] = tuple(float(v) for v in fields[key])
+                try:
+                    fields[key] = tuple(float(v) for v in fields[key])
+                except (TypeError, ValueError, OverflowError) as exc:
+                    raise ValueError(f"input.{key}: expected 3 finite numbers, got {str(fields[key])[:80]} "
+                                     f"({exc})") from None
         fields["crop"] = CropPolicy.from_manifest(block.get("crop"))
         return cls(**fields)
 
@@ -117,8 +129,30 @@ class InputSpec:
         }
 
 
+def _check_normalization(name: str, values: object, ok, expected: str) -> None:
+    """``values``: 3 real numbers, each ``ok`` as the float32 the Preprocessor computes with (a std of 1e-50 is
+    0 there, and its scale infinite), else ValueError naming the field."""
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__len__") or len(values) != 3:
+        raise ValueError(f"{name}: expected 3 numbers (one per channel), got {str(values)[:80]}")
+    for i, value in enumerate(values):
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+            raise ValueError(f"{name}/{i}: expected a number, got {str(value)[:80]!r}")
+        try:
+            with np.errstate(over="ignore"):
+                as32 = float(np.float32(value))
+        except OverflowError:     # an integer no float holds
+            as32 = float("nan")
+        if not (np.isfinite(as32) and ok(as32)):
+            raise ValueError(f"{name}/{i}: expected {expected}, got {str(value)[:80]}")
+
+
 def to_rgb(image: np.ndarray, *, bgr: bool = False) -> np.ndarray:
-    """Return an HxWx3 uint8 RGB array from gray, gray+alpha, RGB(A) or BGR(A) input."""
+    """Return an HxWx3 RGB array from gray, gray+alpha, RGB(A) or BGR(A) input: uint8 for uint8 input and for
+    16-bit input (shifted down to 8 bits, as ``decode_image`` does). Other pixel types keep their type, for the
+    caller to refuse as a frame (``agent.sources.camera.frame_problem`` counts it): a ValueError here would end
+    the source's read instead."""
+    if image.dtype == np.uint16:
+        image = (image >> 8).astype(np.uint8)
     if image.ndim == 2:
         return np.repeat(image[:, :, None], 3, axis=2)
     if image.ndim != 3 or image.shape[2] not in (1, 2, 3, 4):

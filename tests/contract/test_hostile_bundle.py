@@ -174,3 +174,35 @@ def test_verify_runs_the_model(tmp_path):
     verify(make_onnx_bundle(tmp_path / "ok"))
     with pytest.raises(BundleError, match="outputs per image but field labels has"):
         verify(make_onnx_bundle(tmp_path / "bad", classes=3, labels=4))
+
+
+@pytest.mark.parametrize("field, value", [("name", "onnx-tiny\n"), ("version", "tiny-1\n"), ("name", "onnx-tiny\nX")])
+def test_a_name_or_version_with_a_newline_is_refused_naming_the_field(good_bundle, field, value):
+    """Python's re lets "$" match before a final newline: the manifest schema is checked with the strict pattern
+    the MQTT schemas use (contract.messages), so "m\\n" is no bundle name (it would be no folder name either)."""
+    manifest = manifest_of(good_bundle)
+    manifest[field] = value
+    path = load_with(good_bundle, json.dumps(manifest).encode())
+    with pytest.raises(BundleError, match=f"field {field}: .* does not match") as err:
+        load_bundle(path.parent)
+    assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("label, problem", [
+    ("x" * 300, "is 300 characters long, more than 128"),
+    ("tab\there", "is empty or holds control characters"),
+    ("line\n", "is empty or holds control characters"),
+    ("   ", "is empty or holds control characters"),
+    ("\ud800", "is not valid UTF-8"),
+])
+def test_a_label_no_decision_could_carry_is_refused_naming_it(good_bundle, label, problem):
+    """The class-name rule of the trainer's datasets and enrolment (contract.dataset.class_name_problem): a label
+    that breaks it would make every decision about that class fail decision.v1 at the station."""
+    manifest = manifest_of(good_bundle)
+    manifest["labels"][2] = label
+    path = load_with(good_bundle, json.dumps(manifest).encode())
+    with pytest.raises(BundleError, match=f"field labels/2: .*{problem}") as err:
+        load_bundle(path.parent)
+    assert str(path) in str(err.value)
+    manifest["labels"][2] = "T-shirt/top (a label with room: 128 characters at most)".ljust(128, ".")
+    load_bundle(load_with(good_bundle, json.dumps(manifest).encode()).parent)

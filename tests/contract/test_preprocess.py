@@ -101,3 +101,68 @@ def test_input_spec_rejects_bad_manifest_values():
         InputSpec(height=32, width=32, resize_shorter=32, interpolation="nearest")
     with pytest.raises(ValueError, match="resize_shorter"):
         InputSpec(height=32, width=32, resize_shorter=16)
+
+
+@pytest.mark.parametrize("field, values, reason", [
+    ("std", (1e-50, 0.25, 0.25), r"input\.std/0: expected a number from 1e-06"),       # 0 as float32: scale inf
+    ("std", (0.25, 1e-7, 0.25), r"input\.std/1: expected a number from 1e-06"),
+    ("std", (0.25, 0.25, 1e300), r"input\.std/2: expected a number from"),
+    ("mean", (1e300, 0.5, 0.5), r"input\.mean/0: expected a finite number of magnitude at most"),   # -inf input
+    ("mean", (0.5, float("nan"), 0.5), r"input\.mean/1: expected a finite number"),
+    ("mean", (0.5, 0.5), r"input\.mean: expected 3 numbers"),
+])
+def test_input_spec_refuses_a_normalization_that_gives_non_finite_model_input(field, values, reason):
+    with pytest.raises(ValueError, match=reason):
+        InputSpec(height=16, width=16, resize_shorter=16, **{field: values})
+
+
+def test_a_manifest_normalization_that_gives_non_finite_model_input_is_a_bundle_error(tmp_path):
+    """Through the manifest (the schema only says std > 0), naming the manifest and the field."""
+    from contract.bundle import BundleError, load_bundle
+    from tests.agent.agent_support import make_onnx_bundle
+
+    bundle = make_onnx_bundle(tmp_path)
+    text = (bundle / "manifest.json").read_text()
+    for literal, reason in (("1e-50", r"field input: input\.std/0"), ("1" + "0" * 400, r"field input: input\.std")):
+        (bundle / "manifest.json").write_text(text.replace('"std": [\n      0.25', f'"std": [\n      {literal}', 1))
+        with pytest.raises(BundleError, match=f"{bundle / 'manifest.json'}: {reason}"):
+            load_bundle(bundle)
+    (bundle / "manifest.json").write_text(text)
+    spec = load_bundle(bundle).input_spec
+    out = Preprocessor(spec)(np.full((20, 20, 3), 255, np.uint8))
+    assert np.isfinite(out).all()
+
+
+def test_resize_shorter_must_cover_the_longer_side_of_the_crop():
+    """The resized image's shorter side is resize_shorter: a 16x24 crop from a square frame resized to 16 would be
+    16x16, and the model fed (3, 16, 16) for its (3, 16, 24)."""
+    with pytest.raises(ValueError, match=r"input\.resize_shorter \(16\) must be >= the crop size \(16x24\)"):
+        InputSpec(height=16, width=24, resize_shorter=16)
+    with pytest.raises(ValueError, match=r"input\.resize_shorter \(20\) must be >= the crop size \(24x16\)"):
+        InputSpec(height=24, width=16, resize_shorter=20)
+    spec = InputSpec(height=16, width=24, resize_shorter=24)
+    for frame in (np.zeros((40, 40, 3), np.uint8), np.zeros((30, 90, 3), np.uint8), np.zeros((90, 30, 3), np.uint8)):
+        assert Preprocessor(spec)(frame).shape == (3, 16, 24)
+        assert Preprocessor(spec).batch([frame]).shape == (1, 3, 16, 24)
+    # what the trainer writes: a square input, resize_shorter at least its side
+    assert eval_spec(32).resize_shorter == 32 and eval_spec(224, 256).resize_shorter == 256
+
+
+def test_a_16_bit_frame_is_shifted_to_8_bits_like_a_decoded_16_bit_image():
+    """decode_image shifts 16-bit pixels down to 8 bits; to_rgb (what an OpenCV source's frames go through) does
+    the same, so a 16-bit camera frame is the picture the model saw in training, not 257 times brighter."""
+    import cv2
+
+    from contract.preprocess import decode_image, to_rgb
+
+    rgb = np.random.default_rng(0).integers(0, 256, (12, 10, 3), dtype=np.uint8)
+    wide = rgb.astype(np.uint16) * 257                       # the same picture in 16 bits
+    ok, png = cv2.imencode(".png", cv2.cvtColor(wide, cv2.COLOR_RGB2BGR))
+    assert ok
+    decoded = decode_image(png.tobytes())
+    for got in (to_rgb(wide), to_rgb(wide[:, :, ::-1], bgr=True), to_rgb(np.dstack([wide, wide[:, :, :1]]))):
+        assert got.dtype == np.uint8 and np.array_equal(got, rgb) and np.array_equal(got, decoded)
+    gray = to_rgb(wide[:, :, 0])
+    assert gray.dtype == np.uint8 and np.array_equal(gray[:, :, 1], rgb[:, :, 0])
+    # other pixel types are left for the caller to refuse as a frame (the camera counts it, it does not reconnect)
+    assert to_rgb(rgb.astype(np.float32)).dtype == np.float32
