@@ -177,7 +177,11 @@ def decode_image(data: bytes | np.ndarray, *, name: str = "<buffer>") -> np.ndar
     buf = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else data
     if buf.size == 0:
         raise ImageDecodeError(f"{name}: empty file")
-    image = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    try:
+        image = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    except cv2.error as exc:     # e.g. a header that declares more pixels than OpenCV decodes
+        reason = (str(exc).strip().splitlines() or ["OpenCV error"])[-1][:200]
+        raise ImageDecodeError(f"{name}: not a decodable image ({reason})") from None
     if image is None:
         raise ImageDecodeError(f"{name}: not a decodable image (corrupt or unsupported format)")
     if image.dtype == np.uint16:

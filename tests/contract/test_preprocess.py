@@ -166,3 +166,21 @@ def test_a_16_bit_frame_is_shifted_to_8_bits_like_a_decoded_16_bit_image():
     assert gray.dtype == np.uint8 and np.array_equal(gray[:, :, 1], rgb[:, :, 0])
     # other pixel types are left for the caller to refuse as a frame (the camera counts it, it does not reconnect)
     assert to_rgb(rgb.astype(np.float32)).dtype == np.float32
+
+
+def test_an_image_whose_header_declares_more_pixels_than_opencv_decodes_is_an_image_decode_error(tmp_path):
+    """cv2.imdecode raises cv2.error (not None) for a PNG declaring 60000 x 60000: every reader of images (a
+    dataset, a camera folder, enrolment) must get the one error it skips and counts, naming the file."""
+    import struct
+    import zlib
+
+    from contract.preprocess import ImageDecodeError
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 60000, 60000, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b""))
+    with pytest.raises(ImageDecodeError, match=f"{bomb}: not a decodable image"):
+        read_image(bomb)
