@@ -251,6 +251,7 @@ class Agent:
         except (BundleError, BackendError, ConfigError) as exc:
             raise StartupError(str(exc)) from exc
         assert self.model is not None
+        self._listen_for_metrics()
         cv2.setNumThreads(self.cfg.model.opencv_threads or -1)        # OpenCV: -1 is its default, 0 would be 1
         self.metrics.info.update(model_name=self.model.current.bundle.name,
                                  model_version=self.model.current.bundle.version)
@@ -275,10 +276,20 @@ class Agent:
                          threading.Thread(target=self._command_loop, name="commands", daemon=True)]
         for thread in self._threads:
             thread.start()
-        if self.cfg.health.prometheus_port is not None:
-            self.prometheus = PrometheusServer(self.metrics, self.cfg.health.prometheus_host,
-                                               self.cfg.health.prometheus_port)
+        if self.prometheus is not None:
             self.prometheus.start()
+
+    def _listen_for_metrics(self) -> None:
+        """Bind the metrics port before any thread starts: a port another process holds is a startup error
+        naming the field (exit 2), not a traceback after the cameras opened."""
+        health = self.cfg.health
+        if health.prometheus_port is None:
+            return
+        try:
+            self.prometheus = PrometheusServer(self.metrics, health.prometheus_host, health.prometheus_port)
+        except OSError as exc:
+            raise StartupError(f"health.prometheus_port: cannot listen on {health.prometheus_host}:"
+                               f"{health.prometheus_port} ({exc.strerror or exc})") from exc
 
     def _restore_thresholds(self) -> None:
         assert self.inference is not None and self.state is not None

@@ -206,3 +206,25 @@ def test_the_largest_shipment_a_station_may_hold_is_saved_and_read_back(tmp_path
     state.set_shipment(shipment)
     again = StationState.load(tmp_path / STATE_FILE, tmp_path / "manifest.json")
     assert again.shipment == shipment and not (tmp_path / f"{STATE_FILE}.bad").exists()
+
+
+def test_a_metrics_port_another_process_holds_is_a_startup_error_before_any_thread_starts(tiny_bundle, fmnist_video,
+                                                                                          tmp_path):
+    """Bound before the threads (cameras, MQTT) start: a taken port is a named startup error (exit 2), not a
+    traceback after the cameras opened (and a restart loop under systemd)."""
+    import socket
+
+    from agent.app import StartupError
+
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    try:
+        agent = Agent(config(tmp_path, tiny_bundle, fmnist_video,
+                             health={"prometheus_port": port, "prometheus_host": "127.0.0.1"}))
+        with pytest.raises(StartupError, match=f"health.prometheus_port: cannot listen on 127.0.0.1:{port}"):
+            agent.start()
+        assert agent._threads == [] and agent.workers == []
+    finally:
+        holder.close()
