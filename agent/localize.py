@@ -495,7 +495,7 @@ class Localizer:
         roi_hw = roi_image.shape[:2]
         if self.background is None or self.background.shape != frame.shape:
             self._start(frame, roi_image)
-        if blank_view(frame):
+        if self._blanked(frame):
             return self._blank_frame(frame)
         if self._blank:
             log.info("localizer: the view shows the scene again after %d blank frames", self.blank_frames)
@@ -514,6 +514,15 @@ class Localizer:
         self._learn(frame, present, found.box, scale, mask)
         self._last = found.box if present else None
         return Located(present, found.box if present else None, crop, found.fg_fraction)
+
+    def _blanked(self, frame: np.ndarray) -> bool:
+        """A blank view (``blank_view``) of a scene that is not itself blank: a scene learned black and
+        featureless (items shown on black) is its own empty view. During the warm-up there is no scene yet."""
+        if self._seen < self.settings.warmup_frames or not blank_view(frame):
+            return False
+        back = self.background
+        assert back is not None
+        return not (blank_view(back) and abs(float(back.mean()) - float(frame.mean())) < BLANK_SPREAD)
 
     def _blank_frame(self, frame: np.ndarray) -> Located:
         """No item and no scene to learn from: the item in view (if any) ends, the background stays as it was."""

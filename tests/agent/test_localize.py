@@ -375,3 +375,16 @@ def test_an_empty_scene_image_of_another_size_is_not_stretched_onto_the_roi(fmni
 def test_located_serializes_for_payloads():
     located = Located(True, (1, 2, 3, 4), (0, 0, 5, 5), 0.123456)
     assert located.to_json() == {"present": True, "box": [1, 2, 3, 4], "crop_box": [0, 0, 5, 5], "fg_fraction": 0.1235}
+
+
+def test_a_scene_learned_black_is_its_own_empty_view_and_items_on_it_are_found(fmnist_test_images):
+    # given: items shown on black (a Fashion-MNIST video, a dark featureless belt): the empty scene is black
+    black = np.zeros((ROI, ROI, 3), np.uint8)
+    loc = Localizer()
+    assert not loc.update(black).present and not loc.update(black).present
+    # when: an item comes and goes
+    item = black.copy()
+    item[60:228, 60:228] = np.repeat(fmnist_test_images[0][0][:, :, None], 3, 2).repeat(6, 0).repeat(6, 1)
+    seen = [loc.update(item).present, loc.update(black).present, loc.update(black).scene_empty]
+    # then: the item is found, and the black frames are the empty scene, not a blank view
+    assert seen == [True, False, True] and loc.blank_frames == 0
