@@ -1,11 +1,16 @@
 """Counters, gauges and latency windows; the stats payload and a Prometheus endpoint.
 
-One ``Metrics`` object is shared by all threads; every update takes a short lock.
+One ``Metrics`` object is shared by all threads; every update takes a short lock. A value that is not a
+finite number (NaN, an infinity, a non-number, a sum that would overflow) is refused: counted in
+``metrics_refused_total{metric}`` and logged the first time per metric, never stored, so neither
+/metrics nor the stats payload ever carries NaN or Inf.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import sys
 import threading
 import time
 from collections import deque
@@ -31,16 +36,39 @@ class Metrics:
 
     def inc(self, name: str, value: float = 1.0, **labels: str) -> None:
         key = (name, tuple(sorted(labels.items())))
+        number = _finite(value)
         with self._lock:
-            self._counters[key] = self._counters.get(key, 0.0) + value
+            total = self._counters.get(key, 0.0) + number if number is not None else None
+            if total is not None and math.isfinite(total):
+                self._counters[key] = total
+                return
+        self._refuse(name, value)
 
     def set(self, name: str, value: float, **labels: str) -> None:
+        number = _finite(value)
+        if number is None:
+            self._refuse(name, value)
+            return
         with self._lock:
-            self._gauges[(name, tuple(sorted(labels.items())))] = float(value)
+            self._gauges[(name, tuple(sorted(labels.items())))] = number
 
     def observe(self, stage: str, seconds: float) -> None:
+        number = _finite(seconds)
+        if number is None:
+            self._refuse(f"latency:{stage}", seconds)
+            return
         with self._lock:
-            self._latency.setdefault(stage, deque(maxlen=self._window)).append(seconds)
+            self._latency.setdefault(stage, deque(maxlen=self._window)).append(number)
+
+    def _refuse(self, metric: str, value: object) -> None:
+        """Count a value that is not a finite number; log it the first time for this metric."""
+        key = ("metrics_refused_total", (("metric", metric),))
+        with self._lock:
+            first = key not in self._counters
+            self._counters[key] = self._counters.get(key, 0.0) + 1.0
+        if first:
+            log.error("metric %s: refused %s, not a finite number (counted in metrics_refused_total; logged once)",
+                      metric, str(value)[:80])
 
     def counter(self, name: str, **labels: str) -> float:
         with self._lock:
@@ -124,7 +152,8 @@ class Metrics:
                 for q, key in (("0.5", "p50_ms"), ("0.95", "p95_ms"), ("0.99", "p99_ms")):
                     latency.add_sample("agent_latency_seconds", {"stage": stage, "quantile": q}, p[key] / 1000.0)
         yield latency
-        info = GaugeMetricFamily("agent_model_info", "the model this station runs", labels=["model_name", "model_version"])
+        info = GaugeMetricFamily("agent_model_info", "the model this station runs",
+                                 labels=["model_name", "model_version"])
         info.add_metric([self.info.get("model_name", ""), self.info.get("model_version", "")], 1)
         yield info
 
@@ -134,6 +163,18 @@ class Metrics:
         registry = CollectorRegistry(auto_describe=False)
         registry.register(self)
         return registry
+
+
+def _finite(value: object) -> float | None:
+    """``value`` as a finite float (a bool is 0 or 1), or None: NaN, an infinity, a string, an int beyond
+    float's range, anything else."""
+    if isinstance(value, (str, bytes)):
+        return None
+    try:
+        number = float(value)   # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return number if math.isfinite(number) else None
 
 
 class PrometheusServer:
@@ -156,6 +197,11 @@ class PrometheusServer:
 
         class Server(ThreadingMixIn, WSGIServer):
             daemon_threads = True
+
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                # A client that connects and sends nothing (its read times out), or hangs up mid-request: not
+                # the agent's problem, and no traceback on stderr for each one.
+                log.debug("metrics: client %s: %s", client_address, sys.exc_info()[1])
 
         class Quiet(WSGIRequestHandler):
             timeout = 10        # a client that opens a connection and sends nothing does not keep a thread for good

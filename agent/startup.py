@@ -17,16 +17,22 @@ message (exit 2) instead of in a restart loop deep inside the pipeline:
    systemd go straight to the agent.
 
 ``python -m agent.startup healthcheck`` is the container's HEALTHCHECK: the
-agent's Prometheus endpoint answers with its metrics.
+agent's Prometheus endpoint answers with its metrics (exit 0), else one line on
+stderr saying why and exit 1: an endpoint that is down, answers something else
+than HTTP, a truncated or oversized body, or no complete answer within
+``--timeout`` seconds in all (connect, headers and body together).
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import importlib.util
 import logging
+import math
 import os
 import sys
+import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -55,6 +61,7 @@ ENV_ENGINE_REQUEST = "INVENTORY_AGENT_ENGINE_REQUEST"
 ENV_HEALTH_URL = "INVENTORY_HEALTH_URL"
 DEFAULT_ENGINE_CACHE = Path("/var/cache/inventory-agent/engines")
 DEFAULT_HEALTH_URL = "http://127.0.0.1:9108/metrics"
+MAX_HEALTH_BODY = 16 << 20      # the metrics of a station are tens of kB; more is not the agent answering
 EXIT_CANNOT_START = 2
 
 ExecFn = Callable[[str, list[str], dict[str, str]], None]
@@ -70,8 +77,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     start = sub.add_parser("start", help="check config, bundle and folders, ensure the engine, exec the agent")
     start.add_argument("--config", type=Path, default=os.environ.get(ENV_CONFIG),
                        help=f"device YAML (default: ${ENV_CONFIG})")
-    start.add_argument("--engine-cache", type=Path, default=Path(os.environ.get(ENV_ENGINE_CACHE, DEFAULT_ENGINE_CACHE)),
-                       help=f"engine cache folder, on a volume (default: ${ENV_ENGINE_CACHE} or {DEFAULT_ENGINE_CACHE})")
+    start.add_argument("--engine-cache", type=Path,
+                       default=Path(os.environ.get(ENV_ENGINE_CACHE, DEFAULT_ENGINE_CACHE)),
+                       help=f"engine cache folder, on a volume (default: ${ENV_ENGINE_CACHE} or "
+                            f"{DEFAULT_ENGINE_CACHE})")
     start.add_argument("--precision", choices=["auto", "fp16", "int8"], default=None,
                        help="engine precision; default: auto when model.prefer_int8, else fp16")
     start.add_argument("--dry-run", action="store_true", help="do the checks, print the agent command, do not exec")
@@ -79,8 +88,20 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="after --: extra arguments for python -m agent run")
     health = sub.add_parser("healthcheck", help="exit 0 when the agent's Prometheus endpoint serves its metrics")
     health.add_argument("--url", default=os.environ.get(ENV_HEALTH_URL, DEFAULT_HEALTH_URL))
-    health.add_argument("--timeout", type=float, default=3.0)
+    health.add_argument("--timeout", type=seconds, default=3.0,
+                        help="seconds for the whole check (connect, headers, body); default 3")
     return parser
+
+
+def seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds > 0 (argparse names the option in its error)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds > 0, got {text!r}")
+    return value
 
 
 # ---------------------------------------------------------------- checks
@@ -198,14 +219,51 @@ def start(args: argparse.Namespace, *, exec_fn: ExecFn = os.execve, device: Devi
     return 0  # only reached when exec_fn is a test double
 
 
-def healthcheck(url: str, timeout: float) -> int:
-    """0 when the endpoint answers 200 with the agent's metrics; an MQTT outage is not unhealthy (the outbox holds)."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (local http URL from config)
-            body = resp.read().decode(errors="replace")
-    except (urllib.error.URLError, OSError) as exc:
-        sys.stderr.write(f"unhealthy: {url}: {getattr(exc, 'reason', exc)}\n")
+def _fetch(url: str, timeout: float, max_bytes: int) -> bytes:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (local http URL from config)
+        body = resp.read(max_bytes + 1)
+        if len(body) > max_bytes:
+            raise ValueError(f"a body of more than {max_bytes} bytes")
+        if resp.length:     # the connection ended before the Content-Length it announced (read(n) does not say)
+            raise http.client.IncompleteRead(body, resp.length)
+    return body
+
+
+def healthcheck(url: str, timeout: float, max_bytes: int = MAX_HEALTH_BODY) -> int:
+    """0 when the endpoint answers 200 with the agent's metrics within ``timeout`` seconds in all; else 1, with
+    the reason on stderr. An MQTT outage is not unhealthy (the outbox holds)."""
+    outcome: list[bytes | BaseException] = []
+
+    def fetch() -> None:
+        try:
+            outcome.append(_fetch(url, timeout, max_bytes))
+        except BaseException as exc:  # noqa: BLE001 (reported below, on the main thread)
+            outcome.append(exc)
+
+    # A thread bounds the whole exchange: a socket timeout bounds each read only, and an endpoint that drips
+    # a byte at a time would keep the check (and Docker's HEALTHCHECK) waiting for as long as it likes.
+    worker = threading.Thread(target=fetch, name="healthcheck", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if not outcome:
+        sys.stderr.write(f"unhealthy: {url}: no complete answer within {timeout:g}s\n")
         return 1
+    result = outcome[0]
+    if isinstance(result, BaseException):
+        text = " ".join(str(result).split())[:200]     # one line: a bad status line may hold CR LF
+        if isinstance(result, urllib.error.HTTPError):
+            why = f"HTTP {result.code} {result.reason}"
+        elif isinstance(result, urllib.error.URLError):
+            why = str(result.reason)
+        elif isinstance(result, http.client.HTTPException):     # a bad status line, a truncated body
+            why = f"not a complete HTTP answer ({type(result).__name__}: {text})"
+        elif isinstance(result, (OSError, ValueError)):         # refused, reset, timed out; a malformed URL
+            why = f"{type(result).__name__}: {text}"
+        else:
+            why = f"unexpected {type(result).__name__}: {text}"
+        sys.stderr.write(f"unhealthy: {url}: {why}\n")
+        return 1
+    body = result.decode(errors="replace")
     if "agent_model_info" not in body:
         sys.stderr.write(f"unhealthy: {url}: no agent_model_info in the metrics\n")
         return 1

@@ -7,8 +7,12 @@ folder a station keeps on a volume), atomically, after they took effect; the nex
 them again, so a reboot or a container restart does not put a rolled-out station back on the
 config's bundle. The state records the sha256 of the configured bundle's manifest it was made on:
 when an operator deploys a config with another bundle, that config wins and the old state is set
-aside (logged). A state file that is unreadable, or a bundle that no longer verifies, is logged and
-the configured bundle runs; nothing is lost by a bad state file (it is kept as ``.bad``).
+aside (logged). A configured bundle whose manifest cannot be read at start (a volume not mounted yet)
+proves no change of config: the state is then used as it is and its file left untouched (logged).
+A state file that is unreadable, or a bundle that no longer verifies, is logged and the configured
+bundle runs; nothing is lost by a bad state file (it is kept as ``.bad``). A file set aside never
+replaces an earlier one: the newest is ``.bad`` (``.previous``), the ones before it are renamed with
+the UTC time they were displaced (``.bad.20260102T030405.678901Z``), the newest ``KEEP_SET_ASIDE`` kept.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +34,7 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "station-state.json"
 SCHEMA = "station-state.v1"
+KEEP_SET_ASIDE = 5      # set-aside copies kept per kind (.bad, .previous): the newest and the 4 before it
 
 
 def manifest_sha256(bundle_root: Path) -> str | None:
@@ -53,6 +59,10 @@ class StationState:
         """The state for this config; a fresh one when there is none, it is damaged, or the config changed."""
         configured = manifest_sha256(configured_bundle)
         fresh = cls(path, configured)
+        if configured is None and path.exists():
+            log.warning("%s: the configured bundle's manifest (%s) cannot be read; the station state could not be "
+                        "checked against it and is used as it is (its file is left untouched)", path,
+                        configured_bundle)
         try:
             raw = _read(path)
         except FileNotFoundError:
@@ -67,6 +77,9 @@ class StationState:
             log.error("%s: %s; kept as %s.bad, starting from the config", path, problem, path.name)
             _set_aside(path, ".bad")
             return fresh
+        if configured is None:       # nothing to compare with: keep the state and the sha it was made for
+            return cls(path, raw.get("configured_sha256"), raw.get("model"), dict(raw.get("thresholds") or {}),
+                       raw.get("shipment"))
         if raw.get("configured_sha256") != configured:
             log.warning("%s: made for another configured bundle (the config changed); the config's bundle and "
                         "thresholds win, the old state is kept as %s.previous", path, path.name)
@@ -150,8 +163,39 @@ def _problem(raw: Any) -> str | None:
     return None
 
 
-def _set_aside(path: Path, suffix: str) -> None:
+def _set_aside(path: Path, suffix: str, keep: int = KEEP_SET_ASIDE) -> None:
+    """``path`` becomes ``path<suffix>``; a copy already there is renamed ``path<suffix>.<UTC time>Z`` first,
+    and of those only the newest ``keep - 1`` stay."""
+    target = path.with_name(path.name + suffix)
     try:
-        os.replace(path, path.with_name(path.name + suffix))
+        if target.exists():
+            now = time.time()
+            stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}Z"
+            older = target.with_name(f"{target.name}.{stamp}")
+            n = 1
+            while older.exists():       # two in the same microsecond, or a clock stepped back
+                older = target.with_name(f"{target.name}.{stamp}-{n}")
+                n += 1
+            os.replace(target, older)
+        os.replace(path, target)
     except OSError as exc:
         log.error("%s: cannot set aside (%s)", path, exc)
+        return
+    _prune_set_aside(target, keep)
+
+
+def _prune_set_aside(target: Path, keep: int) -> None:
+    """Delete the oldest timestamped copies of ``target`` beyond ``keep - 1`` (``target`` itself is the newest)."""
+    prefix = target.name + "."
+    try:
+        stamped = sorted(p for p in target.parent.iterdir() if p.name.startswith(prefix) and p.name[len(prefix):][:1]
+                         .isdigit())
+    except OSError as exc:
+        log.error("%s: cannot list the older set-aside copies (%s)", target, exc)
+        return
+    for old in stamped[:max(0, len(stamped) - (keep - 1))]:
+        try:
+            old.unlink()
+            log.info("%s: removed (only the newest %d set-aside copies are kept)", old, keep)
+        except OSError as exc:
+            log.error("%s: cannot remove an old set-aside copy (%s)", old, exc)

@@ -7,40 +7,55 @@ from urllib.parse import unquote, urlparse
 
 from agent.sources.base import EndOfStream, Frame, FrameSource, SourceError
 from agent.sources.folder import ImageFolderSource
-from agent.sources.opencv import OpenCVSource, csi_pipeline
+from agent.sources.opencv import DEFAULT_TIMEOUT_S, OpenCVSource, csi_pipeline
 
 __all__ = ["EndOfStream", "Frame", "FrameSource", "SourceError", "open_source", "ImageFolderSource", "OpenCVSource"]
 
 
 def open_source(uri: str, *, name: str, loop: bool = False, width: int | None = None,
-                height: int | None = None) -> FrameSource:
-    """A (not yet opened) source for a camera URI; see CameraConfig.uri for the forms. SourceError names a bad one."""
+                height: int | None = None, timeout_s: float | None = DEFAULT_TIMEOUT_S) -> FrameSource:
+    """A (not yet opened) source for a camera URI; see CameraConfig.uri for the forms. SourceError names a bad one.
+    ``timeout_s`` bounds a live capture's read (the camera's ``stall_timeout_s``)."""
     try:
-        return _source_for(uri, name=name, loop=loop, width=width, height=height)
+        return _source_for(uri, name=name, loop=loop, width=width, height=height, timeout_s=timeout_s)
     except ValueError as exc:     # e.g. usb://x (not a device number), a NUL in a path, a bad port
         raise SourceError(f"{uri}: not a camera URI ({exc})") from None
 
 
-def _source_for(uri: str, *, name: str, loop: bool, width: int | None, height: int | None) -> FrameSource:
-    if uri.isdigit():
-        return OpenCVSource(int(uri), kind="v4l2", name=name)
+def _local_path(uri: str, scheme: str, netloc: str, path: str) -> str:
+    """The path of a file:// or v4l2:// URI: absolute, after three slashes. A host part (file://x/a.mp4) would
+    otherwise be dropped silently and another path opened (/a.mp4); ``localhost`` is the local host (RFC 8089)."""
+    if netloc and not (scheme == "file" and netloc.lower() == "localhost"):
+        raise SourceError(f"{uri}: a {scheme}:// URI takes an absolute path after three slashes "
+                          f"({scheme}:///{netloc}{path}), not a host name ({netloc!r})")
+    return unquote(path)
+
+
+def _source_for(uri: str, *, name: str, loop: bool, width: int | None, height: int | None,
+                timeout_s: float | None) -> FrameSource:
+    if uri.isdigit():       # a bare device number, the same camera as usb://N
+        return OpenCVSource(int(uri), kind="v4l2", name=name, width=width, height=height, timeout_s=timeout_s)
     parsed = urlparse(uri)
     scheme = parsed.scheme.lower()
     if scheme in ("", "file"):
-        path = Path(unquote(parsed.path) if scheme == "file" else uri)
+        path = Path(_local_path(uri, scheme, parsed.netloc, parsed.path) if scheme == "file" else uri)
         if path.is_dir():
             return ImageFolderSource(path, name=name, loop=loop)
         return OpenCVSource(str(path), kind="file", name=name, loop=loop)
     if scheme == "usb":
         return OpenCVSource(int(parsed.netloc or parsed.path.strip("/") or 0), kind="v4l2", name=name,
-                            width=width, height=height)
+                            width=width, height=height, timeout_s=timeout_s)
     if scheme == "v4l2":
-        return OpenCVSource(parsed.path, kind="v4l2", name=name, width=width, height=height)
+        return OpenCVSource(_local_path(uri, scheme, parsed.netloc, parsed.path), kind="v4l2", name=name,
+                            width=width, height=height, timeout_s=timeout_s)
     if scheme in ("rtsp", "rtsps"):
-        return OpenCVSource(uri, kind="rtsp", name=name)
+        return OpenCVSource(uri, kind="rtsp", name=name, timeout_s=timeout_s)
     if scheme == "csi":
         sensor = int(parsed.netloc or parsed.path.strip("/") or 0)
-        return OpenCVSource(csi_pipeline(sensor, width or 1920, height or 1080), kind="gstreamer", name=name)
+        return OpenCVSource(csi_pipeline(sensor, width or 1920, height or 1080), kind="gstreamer", name=name,
+                            timeout_s=timeout_s)
     if scheme == "gst":
-        return OpenCVSource(uri[len("gst://"):], kind="gstreamer", name=name)
+        pipeline = uri[len(parsed.scheme) + 1:]        # gst://<pipeline>, also gst:<pipeline>
+        pipeline = pipeline[2:] if pipeline.startswith("//") else pipeline
+        return OpenCVSource(pipeline, kind="gstreamer", name=name, timeout_s=timeout_s)
     raise SourceError(f"{uri}: unknown camera URI scheme {scheme!r} (file, v4l2, usb, rtsp, csi, gst)")

@@ -1,7 +1,8 @@
 """Camera threads: read, crop, pace, and hand frames to a bounded latest-frame hub.
 
 Each camera runs in its own thread so a lost or slow camera never stalls the
-others; a watchdog closes a stalled source so its thread reconnects with backoff.
+others; a watchdog flags a stalled camera, and its thread reconnects with backoff once its read
+returns (the capture's own read timeout bounds that read; see agent/sources/opencv.py).
 
 Invariants:
 - A camera thread ends only when stopped or at the end of a finite source. Whatever a source does
@@ -9,6 +10,12 @@ Invariants:
   counted in ``camera_errors_total{camera,kind}``, logged (the first time per distinct problem), and
   the thread skips the frame or reconnects with backoff.
 - A frame the ROI does not fit in is refused and counted (kind ``roi``), never classified whole.
+- A source is opened, read and closed by its camera thread only: a capture released by another thread
+  while its read runs crashes the process. ``kick`` (the watchdog) only sets a flag.
+- The reconnect backoff starts again from ``reconnect.initial_s`` at the first usable frame after an
+  open, not at the open: a camera that opens and then fails backs off like one that does not open.
+- A finite source (file, folder) is opened again, not made anew, on a reconnect: it continues where it
+  stopped instead of replaying its input from the start.
 """
 
 from __future__ import annotations
@@ -152,8 +159,8 @@ class CameraWorker(threading.Thread):
         self.hub = hub
         self.metrics = metrics
         self.stop_event = stop
-        self.factory = source_factory or (lambda c: open_source(c.uri, name=c.id, loop=c.loop,
-                                                                width=c.width, height=c.height))
+        self.factory = source_factory or (lambda c: open_source(c.uri, name=c.id, loop=c.loop, width=c.width,
+                                                                height=c.height, timeout_s=c.stall_timeout_s))
         self.keep_full = keep_full and cfg.roi is not None
         self.prepare = prepare
         self.ended = threading.Event()
@@ -161,6 +168,9 @@ class CameraWorker(threading.Thread):
         self.connected = False
         self.live = False
         self._source: FrameSource | None = None
+        self._finite_source: FrameSource | None = None     # kept across reconnects: it resumes where it stopped
+        self._kicked = threading.Event()                    # set by the watchdog; this thread reconnects
+        self._delays = backoff_delays(cfg.reconnect)
         self._seq = 0
         self._next_due = 0.0
         self._bad_in_a_row = 0
@@ -169,20 +179,19 @@ class CameraWorker(threading.Thread):
 
     def run(self) -> None:
         lower_this_thread(self.nice)
-        delays = backoff_delays(self.cfg.reconnect)
+        self._delays = backoff_delays(self.cfg.reconnect)
         while not self.stop_event.is_set():
             try:
                 self._open()
-                delays = backoff_delays(self.cfg.reconnect)
-                self._read_loop()
+                self._read_loop()       # starts the backoff again at its first usable frame
             except EndOfStream:
                 log.info("camera %s: end of input after %d frames", self.cfg.id, self._seq)
                 break
             except SourceError as exc:
-                self._reconnect_after(str(exc), next(delays))
+                self._reconnect_after(str(exc), next(self._delays))
             except Exception as exc:  # noqa: BLE001 (a source's own bug must not end the camera thread)
                 self.report("source", f"{type(exc).__name__}: {exc}", exc)
-                self._reconnect_after(f"{type(exc).__name__}: {exc}", next(delays))
+                self._reconnect_after(f"{type(exc).__name__}: {exc}", next(self._delays))
             finally:
                 self._close()
         self.ended.set()
@@ -206,7 +215,12 @@ class CameraWorker(threading.Thread):
                   kind, exc_info=exc)
 
     def _open(self) -> None:
-        source = self.factory(self.cfg)
+        source = self._finite_source if self._finite_source is not None else self.factory(self.cfg)
+        if getattr(source, "finite", False):
+            self._finite_source = source
+        if hasattr(source, "on_skip") and getattr(source, "on_skip", None) is None:   # a folder's skipped files
+            source.on_skip = lambda message: self.report("file", message)
+        self._kicked.clear()
         source.open()
         self._source = source
         self.live = not source.finite
@@ -228,10 +242,17 @@ class CameraWorker(threading.Thread):
     def _read_loop(self) -> None:
         source = self._source
         assert source is not None
+        first = True
         while not self.stop_event.is_set():
+            if self._kicked.is_set():       # here, between reads: the source is released by this thread
+                raise SourceError(f"{self.cfg.id}: no frame for more than {self.cfg.stall_timeout_s}s "
+                                  "(the watchdog asked for a reconnect)")
             image, ref = self._read(source)
             if image is None:
                 continue
+            if first:       # the camera works again: the next failure is retried soon, then backed off again
+                first = False
+                self._delays = backoff_delays(self.cfg.reconnect)
             now = time.monotonic()
             self.last_frame_mono = now
             if not self._due(now, source.finite):
@@ -287,15 +308,19 @@ class CameraWorker(threading.Thread):
         self._next_due = max(self._next_due + period, time.monotonic() - period)
         return True
 
-    def kick(self) -> None:
-        """Close the source from the watchdog; the blocked read fails and the thread reconnects."""
-        source = self._source
-        if source is not None:
-            source.close()
+    def kick(self) -> bool:
+        """Ask this camera's thread to reconnect once its read returns (the watchdog's call). Nothing of the
+        source is touched from the calling thread: releasing a capture while its read runs crashes the process;
+        the capture's read timeout (``stall_timeout_s``) ends a stalled read. False when an earlier kick is still
+        waiting for that read."""
+        pending = self._kicked.is_set()
+        self._kicked.set()
+        return not pending
 
 
 class Watchdog(threading.Thread):
-    """Closes cameras that delivered nothing for their stall timeout."""
+    """Flags cameras that delivered nothing for their stall timeout (counted in ``camera_stalls_total``); their
+    threads reconnect once their read returns."""
 
     def __init__(self, workers: list[CameraWorker], stop: threading.Event, period_s: float = 0.5) -> None:
         super().__init__(name="camera-watchdog", daemon=True)
@@ -316,7 +341,11 @@ class Watchdog(threading.Thread):
     def _check(worker: CameraWorker, now: float) -> None:
         stalled = now - worker.last_frame_mono > worker.cfg.stall_timeout_s
         if worker.live and worker.connected and stalled and not worker.ended.is_set():
-            log.warning("camera %s: no frame for %.1fs, reconnecting", worker.cfg.id, now - worker.last_frame_mono)
+            silent = now - worker.last_frame_mono
             worker.metrics.inc("camera_stalls_total", camera=worker.cfg.id)
             worker.last_frame_mono = now
-            worker.kick()
+            if worker.kick():
+                log.warning("camera %s: no frame for %.1fs, reconnecting", worker.cfg.id, silent)
+            else:
+                log.warning("camera %s: still no frame %.1fs later; its read has not returned yet (it reconnects "
+                            "when it does)", worker.cfg.id, silent)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -42,3 +43,53 @@ def test_metrics_endpoint_serves_counters_gauges_latency_and_model_info():
         assert {s.labels["camera"]: s.value for s in again if s.name.endswith("_total")}["dock-a"] == 6.0
     finally:
         server.stop()
+
+
+def test_non_finite_values_are_refused_counted_and_never_served(caplog):
+    """NaN or an infinity used to be stored: /metrics served NaN/+Inf and snapshot() raised OverflowError."""
+    metrics = Metrics()
+    metrics.info.update(model_name="fmnist", model_version="3")
+    metrics.inc("frames_captured_total", 2, camera="a")
+    metrics.observe("inference", 0.004)
+    metrics.set("queue_depth", 3, queue="camera:a")
+    metrics.observe("inference", float("nan"))
+    metrics.set("queue_depth", float("inf"), queue="camera:a")
+    metrics.set("outbox_depth", "12")                                   # not a number either
+    metrics.inc("frames_dropped_total", float("nan"), camera="a")
+    metrics.inc("frames_captured_total", float("-inf"), camera="a")
+    metrics.inc("frames_captured_total", 1.7e308, camera="a")
+    metrics.inc("frames_captured_total", 1.7e308, camera="a")          # the sum would overflow to +Inf
+    snap = metrics.snapshot()                                           # raised OverflowError before
+    assert snap["queue_depths"] == {"camera:a": 3} and snap["frames_dropped"] == {}
+    assert snap["latency"]["inference"]["n"] == 1
+    assert snap["frames_captured"] == {"a": 2 + 1.7e308}
+    refused = metrics.counters_by("metrics_refused_total", "metric")
+    assert refused == {"latency:inference": 1, "queue_depth": 1, "outbox_depth": 1, "frames_dropped_total": 1,
+                       "frames_captured_total": 2}
+    assert caplog.text.count("metric frames_captured_total: refused") == 1        # logged once per metric
+    server = PrometheusServer(metrics, "127.0.0.1", 0)
+    server.start()
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+    finally:
+        server.stop()
+    assert "NaN" not in text and "Inf" not in text
+    assert 'agent_metrics_refused_total{metric="queue_depth"} 1.0' in text
+
+
+def test_a_client_error_on_the_metrics_server_is_logged_at_debug_not_printed(capsys, caplog):
+    """What the server does for a client that connected and sent nothing until its read timed out: before, the
+    socketserver default printed a traceback on stderr for each such client."""
+    server = PrometheusServer(Metrics(), "127.0.0.1", 0)
+    server.start()
+    try:
+        with caplog.at_level(logging.DEBUG, logger="agent.health"):
+            try:
+                raise TimeoutError("timed out")
+            except TimeoutError:
+                server._server.handle_error(None, ("127.0.0.1", 40000))
+    finally:
+        server.stop()
+    assert capsys.readouterr().err == ""
+    assert "metrics: client ('127.0.0.1', 40000): timed out" in caplog.text

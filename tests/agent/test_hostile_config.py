@@ -484,7 +484,9 @@ def test_a_preprocessing_error_skips_the_frame_and_the_camera_goes_on():
 
 
 class StallingCamera:
-    """A live camera that hangs on its first connection; its close() raises after releasing the read."""
+    """A live camera that hangs on its first connection (a fake: no camera device here); the hung read gives up
+    after 0.5 s, as a capture opened with a read timeout does (the watchdog never closes a source itself: its
+    camera thread does, after the read returned). Its close() raises."""
 
     finite = False
 
@@ -499,8 +501,8 @@ class StallingCamera:
 
     def read(self):
         if self.opens == 1:
-            self.released.wait()
-            raise SourceError("closed while reading")
+            self.released.wait(0.5)
+            raise SourceError("no frame within the read timeout")
         time.sleep(0.01)
         return GOOD, None
 

@@ -116,15 +116,19 @@ def test_hub_drops_oldest_counts_and_batches_across_cameras():
 
 
 class FakeCamera:
-    """A live camera that stalls (blocks) after ``stall_after`` frames on its first connection."""
+    """A live camera that stalls after ``stall_after`` frames on its first connection (a fake: no camera that
+    stalls exists on a test machine). A stalled read gives up after ``read_timeout_s``, as a capture opened
+    with CAP_PROP_READ_TIMEOUT_MSEC does; it records which thread closes it."""
 
     finite = False
 
-    def __init__(self, name, stall_after=None):
+    def __init__(self, name, stall_after=None, read_timeout_s=0.5):
         self.name = name
         self.stall_after = stall_after
+        self.read_timeout_s = read_timeout_s
         self.opens = 0
         self.closed = threading.Event()
+        self.closed_by: list[int] = []
         self.n = 0
 
     def open(self):
@@ -134,19 +138,28 @@ class FakeCamera:
     def read(self):
         self.n += 1
         if self.stall_after is not None and self.opens == 1 and self.n > self.stall_after:
-            self.closed.wait()
-            raise SourceError(f"{self.name}: closed while reading")
+            self.closed.wait(self.read_timeout_s)
+            raise SourceError(f"{self.name}: no frame within the read timeout")
         time.sleep(0.01)
         return np.zeros((4, 4, 3), np.uint8), None
 
     def close(self):
+        self.closed_by.append(threading.get_ident())
         self.closed.set()
+
+
+def wait_for(condition, timeout_s=30.0, what="the condition"):
+    """Poll ``condition`` until it holds; a generous deadline, so a busy machine is only slower, never failing."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} did not happen within {timeout_s}s"
+        time.sleep(0.01)
 
 
 def test_watchdog_reconnects_a_stalled_camera_while_the_other_keeps_running():
     metrics, stop = Metrics(), threading.Event()
     hub = FrameHub(metrics)
-    fakes = {"stuck": FakeCamera("stuck", stall_after=3), "fine": FakeCamera("fine")}
+    fakes = {"stuck": FakeCamera("stuck", stall_after=3, read_timeout_s=1.0), "fine": FakeCamera("fine")}
     workers = []
     for cid in fakes:
         cfg = CameraConfig(id=cid, uri="fake", stall_timeout_s=0.3, reconnect={"initial_s": 0.05})
@@ -155,11 +168,16 @@ def test_watchdog_reconnects_a_stalled_camera_while_the_other_keeps_running():
     dog = Watchdog(workers, stop, period_s=0.05)
     for t in (*workers, dog):
         t.start()
-    time.sleep(1.2)
-    fine_during = metrics.counter("frames_captured_total", camera="fine")
-    stop.set()
-    for t in (*workers, dog):
-        t.join(2)
-    assert metrics.counter("camera_stalls_total", camera="stuck") >= 1
-    assert fakes["stuck"].opens >= 2 and metrics.counter("frames_captured_total", camera="stuck") > 3
-    assert fine_during > 40
+    try:
+        wait_for(lambda: metrics.counter("camera_stalls_total", camera="stuck") >= 1, what="a counted stall")
+        fine_at_stall = metrics.counter("frames_captured_total", camera="fine")
+        wait_for(lambda: fakes["stuck"].opens >= 2 and metrics.counter("frames_captured_total", camera="stuck") > 3,
+                 what="the stalled camera's reconnect")
+        wait_for(lambda: metrics.counter("frames_captured_total", camera="fine") > fine_at_stall + 20,
+                 what="frames of the other camera")
+    finally:
+        stop.set()
+        for t in (*workers, dog):
+            t.join(5)
+    # the watchdog never closed a source itself: only the camera's own thread did (after its read returned)
+    assert fakes["stuck"].closed_by and set(fakes["stuck"].closed_by) == {workers[0].ident}
