@@ -60,3 +60,18 @@ def real_bundle(trained_run, tmp_path_factory) -> Path:
                                         version="1", quantize=QuantizeConfig(calibration_images=128),
                                         tensorrt="off", workers=0))
     return result.bundle_dir
+
+
+@pytest.fixture
+def metrics_server():
+    """A station's real /metrics server (agent.health) on a free local port, with a model named; its base URL."""
+    from agent.health import Metrics, PrometheusServer
+
+    metrics = Metrics()
+    metrics.info.update(model_name="demo", model_version="v1")
+    server = PrometheusServer(metrics, "127.0.0.1", 0)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{server.port}"
+    finally:
+        server.stop()

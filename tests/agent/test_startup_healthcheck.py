@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from agent.health import Metrics, PrometheusServer
 from agent.startup import healthcheck as startup_healthcheck
 from agent.startup import main
 
@@ -74,17 +73,10 @@ def test_a_dripping_endpoint_is_unhealthy_once_the_whole_timeout_is_spent():
     assert time.monotonic() - started < 60
 
 
-def test_an_oversized_body_is_unhealthy(capsys):
-    metrics = Metrics()
-    metrics.info.update(model_name="m", model_version="1")
-    server = PrometheusServer(metrics, "127.0.0.1", 0)
-    server.start()
-    try:
-        url = f"http://127.0.0.1:{server.port}/metrics"
-        assert startup_healthcheck(url, 10.0) == 0
-        assert startup_healthcheck(url, 10.0, max_bytes=100) == 1
-    finally:
-        server.stop()
+def test_an_oversized_body_is_unhealthy(capsys, metrics_server):
+    url = f"{metrics_server}/metrics"
+    assert startup_healthcheck(url, 10.0) == 0
+    assert startup_healthcheck(url, 10.0, max_bytes=100) == 1
     assert f"unhealthy: {url}: ValueError: a body of more than 100 bytes" in capsys.readouterr().err
 
 
