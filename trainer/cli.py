@@ -157,14 +157,30 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _augment_flag(field: str, args: argparse.Namespace) -> str | None:
+    """The train flag that set an augmentation config field (``station_view.rotation``, ``augment.scale``)."""
+    plain_rotation = "--rotation" if args.plain_rotation is None else "--plain-rotation"
+    return {"station_view.rotation": "--rotation", "station_view.share": "--station-view-share",
+            "augment.rotation": plain_rotation, "augment.scale": "--scale", "augment.hflip": "--hflip",
+            "augment.brightness": "--jitter", "augment.contrast": "--jitter", "augment.saturation": "--jitter",
+            "augment.erasing": "--erasing"}.get(field)
+
+
 def train_config_from_args(args: argparse.Namespace):
-    station = StationViewConfig(enabled=args.station_view == "on", share=args.station_view_share,
-                                rotation=args.rotation,
-                                backgrounds=str(args.backgrounds) if args.backgrounds else None)
+    """The TrainConfig of a train command line; a refused augmentation value names its flag and its field."""
     plain_rotation = args.rotation if args.plain_rotation is None else args.plain_rotation
-    augment = AugmentConfig(scale=tuple(args.scale), hflip=args.hflip, rotation=plain_rotation,
-                            brightness=args.jitter, contrast=args.jitter, saturation=args.jitter, erasing=args.erasing,
-                            station_view=station)
+    try:
+        station = StationViewConfig(enabled=args.station_view == "on", share=args.station_view_share,
+                                    rotation=args.rotation,
+                                    backgrounds=str(args.backgrounds) if args.backgrounds else None)
+        augment = AugmentConfig(scale=tuple(args.scale), hflip=args.hflip, rotation=plain_rotation,
+                                brightness=args.jitter, contrast=args.jitter, saturation=args.jitter,
+                                erasing=args.erasing, station_view=station)
+    except ValueError as exc:
+        flag = _augment_flag(str(exc).split(":", 1)[0], args)
+        if flag is None:
+            raise
+        raise ValueError(f"{flag}: {exc}") from exc
     keys = [f for f in TrainConfig.__dataclass_fields__ if f != "augment" and hasattr(args, f)]
     return TrainConfig(**{k: getattr(args, k) for k in keys}, augment=augment)
 

@@ -315,8 +315,10 @@ class Trainer:
         for step, (canvas, labels, as_seen) in enumerate(batches):
             if step >= steps:
                 break
-            if batches.sharded:  # already this rank's own batch
-                x = augment(canvas.to(self.device, non_blocking=True), as_seen=as_seen)
+            if batches.sharded:  # this rank's own rows (its DistributedSampler share): rows rank::world of the
+                # global batch, so the draws are made for the whole global batch, as in one process
+                x = augment(canvas.to(self.device, non_blocking=True), shard=(rank, world), total=len(labels) * world,
+                            as_seen=as_seen)
             else:  # this rank trains on rows rank, rank + world, ... of the global batch
                 total = len(labels)
                 canvas, labels, as_seen = canvas[rank::world], labels[rank::world], as_seen[rank::world]

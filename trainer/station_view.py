@@ -61,6 +61,42 @@ BORDER_RAMP = 0.15       # ... and is fully the item this much further
 BORDER_PLAIN = 0.6       # share of border pixels at the median colour for the border rule to apply (auto)
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) \
+        and math.isfinite(value)
+
+
+def _is_pair(value: Any) -> bool:
+    return isinstance(value, (tuple, list)) and len(value) == 2
+
+
+def _interval(low: float, high: float, low_open: bool, high_open: bool) -> str:
+    return f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+
+def _check_number(name: str, value: Any, low: float, high: float, *, what: str, low_open: bool = False,
+                  high_open: bool = False) -> None:
+    """ValueError naming ``station_view.<name>`` unless ``value`` is a finite number in the interval."""
+    inside = _is_number(value) and (low < value if low_open else low <= value) \
+        and (value < high if high_open else value <= high)
+    if not inside:
+        raise ValueError(f"station_view.{name}: expected a finite number in {_interval(low, high, low_open, high_open)}"
+                         f" ({what}), got {value!r}")
+
+
+def _check_range(name: str, pair: Any, low: float, high: float, *, low_open: bool = False) -> None:
+    """ValueError naming ``station_view.<name>`` unless ``pair`` is (lo, hi), finite, lo <= hi, both in the interval."""
+    inside = _is_pair(pair) and all(_is_number(v) for v in pair) and pair[0] <= pair[1] \
+        and (low < pair[0] if low_open else low <= pair[0]) and pair[1] <= high
+    if not inside:
+        bound = f"{low:g} {'<' if low_open else '<='} low <= high" + (f" <= {high:g}" if math.isfinite(high) else "")
+        raise ValueError(f"station_view.{name}: expected two finite numbers, {bound}, got {pair!r}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class StationViewConfig:
     """How training images are rendered as station crops; saved in the run's config.json."""
@@ -143,23 +179,43 @@ class StationViewConfig:
     """Render at this multiple of the canvas side (capped at 256 px) and area-downsample; 2 costs ~4x the time."""
 
     def __post_init__(self) -> None:
+        """ValueError naming ``station_view.<field>`` for a value that is not finite or out of range: a NaN renders
+        every view as NaN, a zero divides, and either would otherwise surface at the first batch, unnamed."""
         for name in ("share", "out_of_view", "blur", "jpeg", "folder_share", "fill_holes", "shadow", "shadow_in_box"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"station_view.{name}: expected a probability in 0..1, got {getattr(self, name)!r}")
+            _check_number(name, getattr(self, name), 0.0, 1.0, what="a probability")
+        _check_number("rotation", self.rotation, 0.0, 180.0, what="degrees")
+        # Each factor or shift below must keep what it scales positive (or inside the view) at its extreme.
+        _check_number("scale_jitter", self.scale_jitter, 0.0, 1.0, what="the box factor is 1/(1+j)..1+j")
+        _check_number("position_jitter", self.position_jitter, 0.0, 0.5, what="a fraction of the crop side")
+        _check_number("tilt", self.tilt, 0.0, 0.5, high_open=True,
+                      what="a perspective coefficient per axis (0.5 would fold the view's corner)")
+        _check_number("white_balance", self.white_balance, 0.0, 1.0, high_open=True,
+                      what="a channel gain jitter (1 would allow a zero gain)")
+        _check_number("item_colour", self.item_colour, 0.0, 1.0, high_open=True,
+                      what="a saturation (1 would allow a zero channel)")
+        _check_number("gradient", self.gradient, 0.0, 1.0, high_open=True,
+                      what="a brightness change centre to edge (1 would make an edge black)")
+        _check_number("noise", self.noise, 0.0, 1.0, what="a std in 0..1 pixel units")
+        _check_range("out_of_view_fraction", self.out_of_view_fraction, 0.0, 1.0)
+        _check_range("gain", self.gain, 0.0, math.inf, low_open=True)
+        _check_range("item_gain", self.item_gain, 0.0, math.inf, low_open=True)
+        _check_range("shadow_strength", self.shadow_strength, 0.0, 1.0)
+        if not (_is_int(self.camera_px) and self.camera_px > 0):
+            raise ValueError(f"station_view.camera_px: expected a whole number of pixels > 0, got {self.camera_px!r}")
+        for name in ("shadow_offset_px", "shadow_softness_px", "motion_blur_px", "defocus_px"):
+            _check_number(name, getattr(self, name), 0.0, float(self.camera_px),
+                          what="camera pixels, at most camera_px")
+        _check_number("supersample", self.supersample, 0.0, 256.0, low_open=True, what="a multiple of the canvas side")
+        q = self.jpeg_quality
+        if not (_is_pair(q) and all(_is_int(v) for v in q) and 1 <= q[0] <= q[1] <= 100):
+            raise ValueError(f"station_view.jpeg_quality: expected two whole numbers, 1 <= low <= high <= 100, "
+                             f"got {q!r}")
+        if not (_is_int(self.tiles_per_kind) and self.tiles_per_kind > 0):
+            raise ValueError(f"station_view.tiles_per_kind: expected a whole number > 0, got {self.tiles_per_kind!r}")
+        if not (_is_int(self.texture_seed) and self.texture_seed >= 0):
+            raise ValueError(f"station_view.texture_seed: expected a whole number >= 0, got {self.texture_seed!r}")
         if self.mask not in MASK_MODES:
             raise ValueError(f"station_view.mask: expected one of {MASK_MODES}, got {self.mask!r}")
-        lo, hi = self.jpeg_quality
-        if not 1 <= lo <= hi <= 100:
-            raise ValueError(f"station_view.jpeg_quality: expected 1 <= low <= high <= 100, got {self.jpeg_quality!r}")
-        lo_g, hi_g = self.item_gain
-        if not 0 < lo_g <= hi_g:
-            raise ValueError(f"station_view.item_gain: expected 0 < low <= high, got {self.item_gain!r}")
-        lo_s, hi_s = self.shadow_strength
-        if not 0 <= lo_s <= hi_s <= 1:
-            raise ValueError(f"station_view.shadow_strength: expected 0 <= low <= high <= 1, got {self.shadow_strength!r}")
-        if self.shadow_offset_px < 0 or self.shadow_softness_px < 0:
-            raise ValueError("station_view.shadow_offset_px and shadow_softness_px: expected >= 0, got "
-                             f"{self.shadow_offset_px!r} and {self.shadow_softness_px!r}")
         if not self.textures and not self.backgrounds:
             raise ValueError("station_view: no textures and no backgrounds folder: nothing to draw items on")
 

@@ -297,6 +297,226 @@ def test_jpeg_recompression_changes_the_view_a_little(canvas):
     assert errors[20] > errors[90] > 0.002
 
 
+# --- station view: every draw follows its setting (4,000 draws, fixed seed) ---------------------------
+
+N_DRAWS = 4000
+DRAW_SPEC = eval_spec(16, 16, crop=CropPolicy(mode="foreground", margin=0.1))  # the draws do not depend on size
+# Every setting away from its default, so a draw that ignores its setting (a constant, a default) shows.
+CUSTOM = dict(rotation=35.0, scale_jitter=0.3, position_jitter=0.1, out_of_view=0.4, out_of_view_fraction=(0.2, 0.5),
+              tilt=0.05, gain=(0.8, 1.1), white_balance=0.15, item_colour=0.5, item_gain=(0.5, 0.9), fill_holes=0.2,
+              shadow=0.7, shadow_strength=(0.1, 0.3), shadow_offset_px=30.0, shadow_in_box=0.25, gradient=0.1,
+              noise=0.03, blur=0.6, jpeg=0.7, jpeg_quality=(30, 60), tiles_per_kind=3)
+
+
+def assert_uniform(x: torch.Tensor, low: float, high: float, what: str) -> None:
+    """``x`` (thousands of draws) fills [low, high] evenly: in range, reaching both ends, mean and std of a uniform."""
+    x, span = x.double().flatten(), high - low
+    assert x.min() >= low - 1e-6 and x.max() <= high + 1e-6, (what, x.min().item(), x.max().item(), low, high)
+    assert x.min() < low + 0.02 * span and x.max() > high - 0.02 * span, (what, "does not fill its range")
+    assert abs(x.mean().item() - (low + high) / 2) < 0.05 * span, (what, x.mean().item(), (low + high) / 2)
+    assert abs(x.std().item() - span / math.sqrt(12)) < 0.05 * span, (what, x.std().item(), span / math.sqrt(12))
+
+
+def assert_rate(flags: torch.Tensor, p: float, what: str) -> None:
+    assert abs(flags.float().mean().item() - p) < 0.05, (what, flags.float().mean().item(), p)
+
+
+@pytest.mark.parametrize("settings, hflip", [({}, 0.5), (CUSTOM, 0.2)], ids=["defaults", "custom"])
+def test_every_station_view_draw_follows_its_setting(settings, hflip):
+    cfg = StationViewConfig(**settings)
+    sv = StationView(cfg, DRAW_SPEC, torch.Generator().manual_seed(11), hflip)
+    p = sv.sample(N_DRAWS)
+    assert all(len(v) == N_DRAWS for v in p.values())
+    # geometry: box factor (log-uniform), shift, rotation, flip, tilt, out of view
+    log_j = math.log(1 + cfg.scale_jitter)
+    assert_uniform(torch.log(p["sv_scale"]), -log_j, log_j, "scale_jitter")
+    for key in ("sv_dx", "sv_dy"):
+        assert_uniform(p[key], -cfg.position_jitter, cfg.position_jitter, key)
+    assert_uniform(torch.rad2deg(p["sv_angle"]), -cfg.rotation, cfg.rotation, "rotation")
+    assert set(p["sv_flip"].tolist()) <= {-1.0, 1.0}
+    assert_rate(p["sv_flip"] < 0, hflip, "hflip")
+    assert_uniform(p["sv_tilt_x"], -cfg.tilt, cfg.tilt, "tilt x")
+    assert_uniform(p["sv_tilt_y"], -cfg.tilt, cfg.tilt, "tilt y")
+    assert_rate(p["sv_out"], cfg.out_of_view, "out_of_view")
+    assert_rate(p["sv_out_axis"], 0.5, "out-of-view axis")
+    assert_rate(p["sv_out_sign"] < 0, 0.5, "out-of-view side")
+    assert_uniform(p["sv_out_frac"], *cfg.out_of_view_fraction, "out_of_view_fraction")
+    # the background window: zoom, angle and centre
+    assert_uniform(p["sv_bg_zoom"], 0.35, 0.6, "background zoom")
+    assert_uniform(p["sv_bg_angle"], 0, 2 * math.pi, "background angle")
+    assert_uniform(p["sv_bg_cx"], -0.3, 0.3, "background x")
+    assert_uniform(p["sv_bg_cy"], -0.3, 0.3, "background y")
+    # light: gain (log-uniform), white balance per channel (independent), gradient
+    assert_uniform(torch.log(p["sv_gain"]), math.log(cfg.gain[0]), math.log(cfg.gain[1]), "gain")
+    for ch in range(3):
+        assert_uniform(p["sv_wb"][:, ch], 1 - cfg.white_balance, 1 + cfg.white_balance, f"white balance {ch}")
+    corr = torch.corrcoef(p["sv_wb"].T)
+    assert (corr - torch.eye(3)).abs().max() < 0.1                      # each channel its own gain
+    assert_uniform(p["sv_grad"], 0, cfg.gradient, "gradient")
+    assert_uniform(p["sv_grad_dir"], 0, 2 * math.pi, "gradient direction")
+    # the item: colour (a hue at saturation 0..item_colour, brightness kept), brightness (log-uniform), holes
+    colour = p["sv_colour"]
+    assert (colour.mean(1) - 1).abs().max() < 1e-5
+    assert_uniform(torch.sqrt(((colour - 1) ** 2).sum(1) / 1.5), 0, cfg.item_colour, "item_colour")
+    assert_uniform(torch.log(p["sv_item_gain"]), math.log(cfg.item_gain[0]), math.log(cfg.item_gain[1]), "item_gain")
+    assert_rate(p["sv_fill_holes"], cfg.fill_holes, "fill_holes")
+    # shadow
+    assert_rate(p["sv_shadow"], cfg.shadow, "shadow")
+    assert_rate(p["sv_shadow_in_box"], cfg.shadow_in_box, "shadow_in_box")
+    assert_uniform(p["sv_shadow_strength"], *cfg.shadow_strength, "shadow_strength")
+    assert_uniform(p["sv_shadow_len"], 0.3 * cfg.shadow_offset_px, cfg.shadow_offset_px, "shadow_offset_px")
+    assert_uniform(p["sv_shadow_dir"], 0, 2 * math.pi, "shadow direction")
+    # noise, blur, JPEG
+    assert_uniform(p["sv_noise_std"], 0, cfg.noise, "noise")
+    assert abs(p["sv_noise"].mean().item()) < 0.01 and abs(p["sv_noise"].std().item() - 1) < 0.01
+    assert_rate(p["sv_blur"], cfg.blur, "blur")
+    assert_rate(p["sv_blur_motion"], 0.5, "motion or defocus")
+    assert_uniform(p["sv_blur_amount"], 0.3, 1.0, "blur amount")
+    assert_uniform(p["sv_blur_angle"], 0, math.pi, "blur angle")
+    assert_rate(p["sv_jpeg"], cfg.jpeg, "jpeg")
+    quality = p["sv_jpeg_quality"]
+    lo, hi = cfg.jpeg_quality
+    assert quality.min() == lo and quality.max() == hi                  # inclusive at both ends
+    assert_uniform(quality.float(), lo - 0.5, hi + 0.5, "jpeg_quality")  # integers: uniform over lo-0.5..hi+0.5
+    # surfaces: every procedural tile, about equally often
+    counts = torch.bincount(p["sv_tile"], minlength=sv.n_tiles)
+    assert len(counts) == sv.n_tiles == 4 * cfg.tiles_per_kind
+    assert (counts - N_DRAWS / sv.n_tiles).abs().max() < 0.4 * N_DRAWS / sv.n_tiles, counts.tolist()
+
+
+def test_the_plain_paths_hflip_is_the_station_views_flip():
+    for hflip in (0.0, 0.3, 1.0):
+        cfg = AugmentConfig(hflip=hflip, station_view=StationViewConfig())
+        p = BatchAugment(cfg, DRAW_SPEC, torch.Generator().manual_seed(2)).sample(N_DRAWS)
+        assert_rate(p["sv_flip"] < 0, hflip, "hflip")
+
+
+def test_a_backgrounds_folder_is_drawn_in_its_share_of_views(tmp_path):
+    import cv2
+
+    folder = tmp_path / "scenes"
+    folder.mkdir()
+    for i in range(2):
+        cv2.imwrite(str(folder / f"{i}.png"), np.full((40, 60, 3), 60 * (i + 1), np.uint8))
+    for share in (0.3, 0.8):
+        sv = StationView(StationViewConfig(backgrounds=str(folder), folder_share=share, tiles_per_kind=2), DRAW_SPEC,
+                         torch.Generator().manual_seed(4))
+        tile = sv.sample(N_DRAWS)["sv_tile"]
+        own = tile >= sv.n_procedural
+        assert sv.n_folder > 1 and sv.n_procedural == 8
+        assert_rate(own, share, "folder_share")
+        assert (torch.bincount(tile[own] - sv.n_procedural, minlength=sv.n_folder) > 0).all()   # every crop is used
+        assert (torch.bincount(tile[~own], minlength=sv.n_procedural) > 0).all()
+
+
+# --- station view: each drawn effect changes the rendered view (with and without it) -------------------
+
+
+def rendered(sv: StationView, canvas: torch.Tensor, p: dict, **values) -> torch.Tensor:
+    """The full render (``StationView.__call__``) with some draws set to one value for every image."""
+    return sv(canvas, forced(p, len(canvas), **values))
+
+
+def test_light_gain_and_white_balance_reach_the_rendered_view(canvas):
+    sv = station()
+    p = sv.sample(len(canvas))
+    base = rendered(sv, canvas, p)
+    unclipped = base < 0.7                                            # 1.3 x 0.7 stays under the clip at 1
+    gained = rendered(sv, canvas, p, sv_gain=1.3)
+    torch.testing.assert_close(gained[unclipped], 1.3 * base[unclipped], atol=2e-3, rtol=0)
+    assert gained.mean() > 1.15 * base.mean()
+    tinted = sv(canvas, {**p, "sv_wb": torch.tensor([1.1, 1.0, 0.9]).expand(len(canvas), 3)})
+    for ch, factor in enumerate((1.1, 1.0, 0.9)):
+        pixels = unclipped[:, ch]
+        torch.testing.assert_close(tinted[:, ch][pixels], factor * base[:, ch][pixels], atol=2e-3, rtol=0)
+    ratio = lambda v: v[:, 0].mean() / v[:, 2].mean()                  # noqa: E731
+    assert ratio(tinted) > 1.15 * ratio(base)                          # red over blue: 1.1 / 0.9 = 1.22
+    graded = rendered(sv, canvas, p, sv_grad=0.3, sv_grad_dir=0.0)   # brighter to the right
+    half = SIDE // 2
+    gain = graded.mean((0, 1, 2)) / base.mean((0, 1, 2))             # per column
+    assert gain[half:].mean() > 1.1 and gain[:half].mean() < 0.9
+
+
+def test_jpeg_recompression_runs_in_the_render_on_its_rows_only(canvas):
+    sv = station(jpeg=1.0)
+    n = len(canvas)
+    p = forced(sv.sample(n), n, sv_blur=False, sv_noise_std=0.0)
+    clean = rendered(sv, canvas, p, sv_jpeg=False)
+    coded = sv(canvas, {**p, "sv_jpeg": torch.arange(n) % 2 == 0, "sv_jpeg_quality": torch.full((n,), 30)})
+    change = (coded - clean).abs().mean((1, 2, 3))
+    assert (change[::2] > 0.003).all() and (change[1::2] == 0).all()
+    psnr = -10 * torch.log10(((coded[::2] - clean[::2]) ** 2).mean())
+    assert psnr > 22                                                  # a re-compression, not another image
+
+
+def test_station_flip_mirrors_the_item():
+    ell = torch.zeros(1, 3, SIDE, SIDE)
+    ell[..., 10:38, 12:20] = 0.8                                       # an L: not its own mirror image
+    ell[..., 30:38, 12:36] = 0.8
+    sv = station(hflip=0.5)
+    p = sv.sample(1)
+    _, upright = sv.render(ell, forced(p, 1, sv_flip=1.0))
+    _, mirrored = sv.render(ell, forced(p, 1, sv_flip=-1.0))
+    iou = lambda a, b: ((a > 0.5) & (b > 0.5)).sum().item() / ((a > 0.5) | (b > 0.5)).sum().item()  # noqa: E731
+    assert iou(mirrored.flip(-1), upright) > 0.95                      # the mirror image, centred as before
+    assert iou(mirrored, upright) < 0.6
+
+
+def test_out_of_view_fraction_is_the_share_of_the_item_outside_the_crop():
+    square = torch.zeros(1, 3, SIDE, SIDE)
+    square[..., 12:36, 12:36] = 0.8
+    sv = station()
+    p = forced(sv.sample(1), 1, sv_out_axis=True, sv_out_sign=1.0)
+
+    def visible_width(**values) -> float:
+        _, alpha = sv.render(square, forced(p, 1, **values))
+        return (alpha[0, 0] > 0.5).any(0).sum().item()
+
+    whole = visible_width(sv_out=False)
+    assert whole == pytest.approx(SIDE / 1.2, abs=1.5)                # the box fills 1/(1+2 margin)
+    for frac in (0.1, 0.35):
+        assert visible_width(sv_out=True, sv_out_frac=frac) / whole == pytest.approx(1 - frac, abs=0.05)
+
+
+def test_background_window_draws_move_the_surface_not_the_item(canvas):
+    sv = station()
+    n = len(canvas)
+    p = sv.sample(n)
+    base, alpha = sv.render(canvas, p)
+    item, surface = (alpha > 0.99).expand_as(base), (alpha < 0.01).expand_as(base)
+    for key, value in (("sv_bg_zoom", 0.6), ("sv_bg_angle", 1.0), ("sv_bg_cx", 0.3), ("sv_bg_cy", -0.3)):
+        moved, _ = sv.render(canvas, {**p, key: p[key] * 0 + value})
+        torch.testing.assert_close(moved[item], base[item], atol=0.01, rtol=0, msg=key)  # alpha > 0.99: 1% surface
+        assert (moved - base).abs()[surface].mean() > 0.02, key
+
+
+def test_sensor_noise_has_the_drawn_std_scaled_to_the_model_input(canvas):
+    sv = station(noise=0.1)
+    n = len(canvas)
+    p = sv.sample(n)
+    clean = rendered(sv, canvas, p, sv_noise_std=0.0)
+    noisy = rendered(sv, canvas, p, sv_noise_std=0.1)
+    unclipped = (clean > 0.1) & (clean < 0.9)
+    expected = 0.1 * SIDE / 250                                        # std at camera resolution, averaged down
+    assert (noisy - clean)[unclipped].std().item() == pytest.approx(expected, rel=0.05)
+
+
+def test_supersample_renders_at_a_multiple_of_the_canvas_and_area_downsamples(canvas):
+    fine, plain_sv = station(supersample=2.0), station()
+    assert (fine.render_side, plain_sv.render_side, station(supersample=8.0).render_side) == (2 * SIDE, SIDE, 256)
+    n = len(canvas)
+    p = fine.sample(n)
+    view, alpha = fine.render(canvas, p)
+    assert view.shape[-1] == alpha.shape[-1] == 2 * SIDE
+    out = fine(canvas, p)
+    assert out.shape[-1] == SIDE
+    torch.testing.assert_close(out, F.interpolate(fine.light(view, p), size=(SIDE, SIDE), mode="area"), atol=1e-5,
+                               rtol=0)
+    # the edges are anti-aliased: more pixels of the item's rim lie between the surface and the item
+    _, coarse = plain_sv.render(canvas, p)
+    rim = lambda a: ((a > 0.05) & (a < 0.95)).float().mean()           # noqa: E731
+    assert rim(F.interpolate(alpha, size=(SIDE, SIDE), mode="area")) > 1.2 * rim(coarse)   # seen: 1.4
+
 # --- station view: backgrounds folder, share, shards -------------------------------------------------
 
 
@@ -449,6 +669,66 @@ def test_plain_random_erasing_replaces_a_rectangle_with_noise(canvas):
             assert len(ys) / box.item() > 0.6
 
 
+def test_every_plain_path_draw_follows_its_setting():
+    cfg = AugmentConfig(scale=(0.2, 0.5), ratio=(0.6, 1.6), hflip=0.3, rotation=25.0, brightness=0.3, contrast=0.2,
+                        saturation=0.4, erasing=0.6)
+    p = BatchAugment(cfg, DRAW_SPEC, torch.Generator().manual_seed(8)).sample(N_DRAWS)
+    theta = p["theta"]
+    # theta = [[w cos f, -h sin, cx], [w sin f, h cos, cy]] (output -> input, normalized): w, h the crop's sides
+    w, h = torch.hypot(theta[:, 0, 0], theta[:, 1, 0]), torch.hypot(theta[:, 0, 1], theta[:, 1, 1])
+    assert_uniform(w * h, *cfg.scale, "scale (crop area)")
+    assert_uniform(torch.log(w / h), math.log(cfg.ratio[0]), math.log(cfg.ratio[1]), "ratio")
+    flipped = torch.linalg.det(theta[:, :, :2]) < 0
+    assert_rate(flipped, cfg.hflip, "hflip")
+    assert_uniform(torch.rad2deg(torch.atan2(-theta[:, 0, 1], theta[:, 1, 1])), -25.0, 25.0, "rotation")
+    assert (theta[:, 0, 2].abs() <= 1 - w + 1e-6).all() and (theta[:, 1, 2].abs() <= 1 - h + 1e-6).all()  # inside
+    assert theta[:, 0, 2].std() > 0.1 and theta[:, 1, 2].std() > 0.1                # the crop moves
+    for name in ("brightness", "contrast", "saturation"):
+        strength = getattr(cfg, name)
+        assert_uniform(p[name], 1 - strength, 1 + strength, name)
+    assert_rate(p["erase"], cfg.erasing, "erasing")
+    assert_uniform(p["erase_area"], 0.02, 0.25, "erase area")
+
+
+def test_plain_contrast_scales_each_images_spread_about_its_mean(canvas):
+    still, _ = plain(canvas)
+    jittered, p = plain(canvas, contrast=0.4)
+    spread = lambda x: (x - x.mean((1, 2, 3), keepdim=True)).abs().mean((1, 2, 3))  # noqa: E731
+    ratio = spread(jittered) / spread(still)
+    assert p["contrast"].std() > 0.15
+    lower = p["contrast"] < 1                                          # no clipping when the spread shrinks
+    torch.testing.assert_close(ratio[lower], p["contrast"][lower], atol=0.01, rtol=0)
+    assert (ratio[~lower] > 1.0).all()
+
+
+def test_plain_saturation_scales_each_images_colour(canvas):
+    tinted = canvas * torch.tensor([1.0, 0.7, 0.4]).view(1, 3, 1, 1)  # a coloured product (Fashion-MNIST is grey)
+
+    def chroma(x: torch.Tensor) -> torch.Tensor:
+        return (x - (0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])).abs().mean((1, 2, 3))
+
+    still, _ = plain(tinted)
+    jittered, p = plain(tinted, saturation=0.5)
+    ratio = chroma(jittered) / chroma(still)
+    assert p["saturation"].std() > 0.2
+    lower = p["saturation"] < 1
+    torch.testing.assert_close(ratio[lower], p["saturation"][lower], atol=0.01, rtol=0)
+    assert (ratio[~lower] > 1.0).all()
+
+
+def test_plain_random_resized_crop_zooms_into_the_canvas():
+    square = torch.zeros(64, 3, SIDE, SIDE)
+    square[..., 12:36, 12:36] = 0.8                                    # a quarter of the canvas
+    whole, _ = plain(square)
+    zoomed, p = plain(square, scale=(0.25, 0.25))                      # a crop of half the side: 2x zoom
+    cover = lambda x: (x.amax(1) > 0.4).float().mean((1, 2))          # noqa: E731
+    assert cover(whole).mean() == pytest.approx(0.25, abs=0.02)
+    # the crop's centre moves over the canvas: on average (1 - |cx|)(1 - |cy|) of it shows the square, 0.56
+    assert cover(zoomed).mean() == pytest.approx(0.56, abs=0.08)
+    shown = ((1 - p["theta"][:, 0, 2].abs()) * (1 - p["theta"][:, 1, 2].abs())).clamp(max=1)
+    assert (cover(zoomed) - shown).abs().max() < 0.08                  # each image: the share its crop holds
+
+
 # --- configuration ---------------------------------------------------------------------------------
 
 
@@ -501,3 +781,62 @@ def test_train_stops_before_decoding_when_a_background_frame_is_corrupt(fmnist_d
                "--backgrounds", str(folder), "--arch", "mobilenet_v2", "--weights", "none"])
     assert rc == 2 and "frame-0007.jpg" in caplog.text
     assert not (tmp_path / "runs" / "model" / "split.json").exists()  # stopped before reading the dataset
+
+
+@pytest.mark.parametrize("field, value", [
+    ("rotation", math.nan), ("rotation", math.inf), ("rotation", 181.0), ("rotation", -1.0), ("rotation", "20"),
+    ("scale_jitter", math.nan), ("scale_jitter", -1.0), ("position_jitter", math.nan), ("position_jitter", 0.6),
+    ("out_of_view_fraction", (0.5, 0.1)), ("out_of_view_fraction", (math.nan, 0.3)),
+    ("out_of_view_fraction", (0.1, 1.5)), ("tilt", math.nan), ("tilt", 0.5), ("tilt", 5.0), ("tilt", -0.1),
+    ("gain", (0.0, 1.0)), ("gain", (-1.0, 1.0)), ("gain", (math.nan, 1.0)), ("gain", (1.4, 0.6)),
+    ("gain", (0.6, math.inf)), ("gain", (1.0,)), ("white_balance", math.nan), ("white_balance", 1.0),
+    ("item_colour", math.nan), ("item_colour", 1.0), ("item_gain", (1.0, math.inf)), ("item_gain", (0.0, 1.0)),
+    ("gradient", math.nan), ("gradient", 1.0), ("noise", math.nan), ("noise", math.inf), ("noise", -0.1),
+    ("shadow_offset_px", math.nan), ("shadow_softness_px", -1.0), ("shadow_strength", (math.nan, 0.5)),
+    ("shadow_strength", (0.5, 0.2)), ("motion_blur_px", math.nan), ("motion_blur_px", -100.0),
+    ("defocus_px", math.inf), ("camera_px", 0), ("camera_px", 250.5), ("supersample", math.nan),
+    ("supersample", 0.0), ("tiles_per_kind", 0), ("texture_seed", -1), ("share", math.nan), ("blur", 1.5),
+    ("jpeg", math.nan), ("out_of_view", -0.1), ("jpeg_quality", (0, 90)), ("jpeg_quality", (90, 50)),
+    ("jpeg_quality", (50.5, 90)),
+])
+def test_a_station_view_setting_that_is_not_finite_or_in_range_is_refused_by_name(field, value):
+    with pytest.raises(ValueError, match=rf"^station_view\.{field}: expected "):
+        StationViewConfig(**{field: value})
+    saved = list(value) if isinstance(value, tuple) else value            # as a run's config.json holds it
+    with pytest.raises(ValueError, match=rf"^station_view\.{field}: expected "):
+        AugmentConfig.from_dict({"station_view": {field: saved}})
+
+
+def test_every_station_view_setting_the_repo_uses_is_accepted():
+    from trainer.cli import get_args_parser, train_config_from_args
+
+    for settings in ({}, STILL, CUSTOM, {"enabled": False}, {"share": 1.0, "jpeg": 0.0}, {"supersample": 2.0}):
+        StationViewConfig(**settings)
+    StationViewConfig(rotation=180.0, scale_jitter=1.0, position_jitter=0.5, tilt=0.49, gain=(1e-3, 100.0),
+                      white_balance=0.99, item_colour=0.99, gradient=0.99, noise=1.0, out_of_view_fraction=(0.0, 1.0),
+                      motion_blur_px=250.0, defocus_px=0.0, supersample=0.5, jpeg_quality=(1, 100), tiles_per_kind=1)
+    parse = get_args_parser().parse_args
+    recipe = ["--scale", "0.75", "1.0", "--plain-rotation", "0", "--jitter", "0.1", "--erasing", "0.2",
+              "--station-view-share", "0.5"]                             # README's, docs/training.md's, benchmarks'
+    for extra in ([], recipe, ["--station-view", "off", "--rotation", "0"]):
+        train_config_from_args(parse(["train", "--data", "d", *extra]))
+
+
+def test_train_flags_refuse_a_bad_augmentation_value_naming_the_flag_and_the_field(tmp_path, caplog):
+    from trainer.cli import get_args_parser, main, train_config_from_args
+
+    parse = get_args_parser().parse_args
+    for extra, message in (
+        (["--rotation", "nan", "--plain-rotation", "10"], r"^--rotation: station_view\.rotation: expected"),
+        (["--rotation", "nan", "--station-view", "off"], r"^--rotation: station_view\.rotation: expected"),
+        (["--rotation", "200"], r"^--rotation: station_view\.rotation: expected"),
+        (["--station-view-share", "1.5"], r"^--station-view-share: station_view\.share: expected"),
+        (["--plain-rotation", "nan"], r"^--plain-rotation: augment\.rotation: expected"),
+        (["--jitter", "2"], r"^--jitter: augment\.brightness: expected"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            train_config_from_args(parse(["train", "--data", "d", *extra]))
+    rc = main(["train", "--data", str(tmp_path), "--out-dir", str(tmp_path / "runs"), "--rotation", "nan",
+               "--plain-rotation", "10"])
+    assert rc == 2 and "--rotation: station_view.rotation: expected a finite number in [0, 180]" in caplog.text
+    assert not (tmp_path / "runs").exists()                                # stopped before anything was written

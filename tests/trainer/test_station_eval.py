@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 
@@ -103,3 +104,106 @@ def test_scenes_come_through_the_camera_jpeg():
     raw, _ = render_scene(rgb, surface, np.random.default_rng(0), SceneConfig(jpeg_quality=(0, 0), noise=0.0))
     coded, _ = render_scene(rgb, surface, np.random.default_rng(0), SceneConfig(jpeg_quality=(20, 20), noise=0.0))
     assert 0.5 < np.abs(raw.astype(int) - coded.astype(int)).mean() < 20
+
+
+# --- each effect of a scene: drawn as its setting says, and visible in the scene ----------------------------
+
+# Every effect off but the one a test turns on; a small ROI keeps a thousand scenes quick.
+STILL = dict(roi=64, gain=(1.0, 1.0), gradient=0.0, noise=0.0, item_gain=(1.0, 1.0), item_colour=0.0, shadow=0.0,
+             blur=0.0, jpeg_quality=(0, 0))
+
+
+def _bar() -> np.ndarray:
+    """A grey bar on black, much taller than wide: its axis shows the rotation."""
+    rgb = np.zeros((28, 28, 3), np.uint8)
+    rgb[4:24, 11:17] = 200
+    return rgb
+
+
+def _axis_degrees(alpha: np.ndarray) -> float:
+    """Principal-axis angle of a mask, degrees, x right / y down, in -90..90."""
+    ys, xs = np.nonzero(alpha > 0.5)
+    dx, dy = xs - xs.mean(), ys - ys.mean()
+    return float(np.degrees(0.5 * np.arctan2(2 * (dx * dy).mean(), (dx * dx).mean() - (dy * dy).mean())))
+
+
+def _scene_pair(rgb, surface, seed: int, **one_on) -> tuple[tuple, tuple]:
+    """(scenes without the effect, scenes with it): the same seed, so every other draw is the same."""
+    off = render_scene(rgb, surface, np.random.default_rng(seed), SceneConfig(**STILL))
+    on = render_scene(rgb, surface, np.random.default_rng(seed), SceneConfig(**{**STILL, **one_on}))
+    return off, on
+
+
+def test_the_item_turns_by_its_drawn_angle_within_the_rotation_setting():
+    from trainer.station_eval import _placed_item
+
+    cfg = SceneConfig(roi=300, rotation=20.0)
+    drawn, errors = [], []
+    for seed in range(60):
+        replay = np.random.default_rng(seed)
+        replay.uniform(*cfg.item_fraction)                         # _placed_item draws the size, then the angle
+        angle = replay.uniform(-cfg.rotation, cfg.rotation)
+        _, alpha, _, _ = _placed_item(_bar(), np.random.default_rng(seed), cfg)
+        # an upright bar's axis is at 90 degrees; OpenCV turns counter-clockwise as shown (y down)
+        errors.append((_axis_degrees(alpha) - (90 - angle) + 90) % 180 - 90)
+        drawn.append(angle)
+    assert np.abs(errors).max() < 1.5, errors
+    assert max(drawn) > 15 and min(drawn) < -15
+
+
+def test_light_gain_scales_the_scene_and_its_empty_twin():
+    surface = _surfaces(256, 1234)[0]
+    (scene, twin), (lit, lit_twin) = _scene_pair(_bar(), surface, 0, gain=(1.25, 1.25))
+    dark = (twin > 40) & (twin < 180)                                 # 1.25 x 180 < 255: not clipped
+    assert dark.mean() > 0.3
+    ratio = lit_twin[dark].astype(float) / np.maximum(twin[dark], 1)
+    assert np.median(ratio) == pytest.approx(1.25, abs=0.02)
+    assert lit.astype(float).mean() > 1.15 * scene.astype(float).mean()
+    left_right = []
+    for seed in range(20):                                            # a gradient: one side brighter than the other
+        (_, flat), (_, graded) = _scene_pair(_bar(), surface, seed, gradient=0.25)
+        change = graded.astype(float) / np.maximum(flat, 1)
+        left_right.append(abs(change[:, :32].mean() - change[:, 32:].mean())
+                          + abs(change[:32].mean() - change[32:].mean()))
+    assert np.mean(left_right) > 0.05
+
+
+def test_motion_blur_comes_in_its_share_of_scenes_and_smooths_them():
+    surface = _surfaces(256, 1234)[1]
+    blurred, sharpness = 0, []
+    for seed in range(1000):
+        (sharp, _), (maybe, _) = _scene_pair(_bar(), surface, seed, blur=0.3)
+        if np.array_equal(sharp, maybe):
+            continue
+        blurred += 1
+        if len(sharpness) < 50:                                       # along x: the blur is horizontal
+            sharpness.append(np.abs(np.diff(maybe.astype(float), axis=1)).mean()
+                             / np.abs(np.diff(sharp.astype(float), axis=1)).mean())
+    assert blurred / 1000 == pytest.approx(0.3, abs=0.05)
+    assert max(sharpness) < 0.8
+
+
+def test_sensor_noise_has_the_configured_std_on_the_scene_only():
+    surface = _surfaces(256, 1234)[2]
+    diffs = []
+    for seed in range(5):
+        (clean, twin), (noisy, noisy_twin) = _scene_pair(_bar(), surface, seed, noise=3.0)
+        assert np.array_equal(twin, noisy_twin)                       # the empty twin is the background model's
+        unclipped = (clean > 15) & (clean < 240)
+        diffs.append((noisy.astype(float) - clean)[unclipped])
+    assert np.concatenate(diffs).std() == pytest.approx(3.0, rel=0.08)
+
+
+def test_item_gain_darkens_the_item_and_not_the_surface():
+    surface = _surfaces(256, 1234)[0]
+    ratios = []
+    for seed in range(5):
+        (full, twin), (dim, dim_twin) = _scene_pair(_bar(), surface, seed, item_gain=(0.5, 0.5))
+        assert np.array_equal(twin, dim_twin)
+        item = np.abs(full.astype(int) - twin.astype(int)).max(2) > 40   # the pasted item (200 on the surface)
+        interior = item & (full.min(2) >= 190)                           # fully the item: not its blended rim
+        assert interior.sum() > 100
+        ratios.append(np.median(dim[interior].astype(float) / full[interior]))
+        away = cv2.dilate(item.astype(np.uint8), np.ones((5, 5), np.uint8), iterations=2) == 0
+        assert away.sum() > 1000 and np.array_equal(full[away], dim[away])  # the surface beside it is as it was
+    assert np.mean(ratios) == pytest.approx(0.5, abs=0.02)
