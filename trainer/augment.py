@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from contract.dataset import MASK_SUFFIX
 from contract.preprocess import (
     INTERPOLATIONS,
     CropPolicy,
@@ -33,7 +34,7 @@ from contract.preprocess import (
     read_image,
     resized_size,
 )
-from trainer.station_view import MASK_SUFFIX, StationView, StationViewConfig
+from trainer.station_view import StationView, StationViewConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

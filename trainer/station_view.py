@@ -55,7 +55,6 @@ from contract.preprocess import InputSpec
 from trainer.backgrounds import TEXTURES, folder_tiles, procedural_tiles
 
 MASK_MODES = ("auto", "border", "paste")
-MASK_SUFFIX = ".mask.png"
 BORDER_THRESHOLD = 0.06  # a pixel this far from the border colour (any channel, 0..1) starts to be the item
 BORDER_RAMP = 0.15       # ... and is fully the item this much further
 BORDER_PLAIN = 0.6       # share of border pixels at the median colour for the border rule to apply (auto)
