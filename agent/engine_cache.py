@@ -309,9 +309,25 @@ def prune(cache_dir: str | Path, device: DeviceInfo, keep: Iterable[EngineKey] =
             _remove(folder)
             removed.append(folder)
     for tmp in Path(cache_dir).glob(".tmp-*"):
+        if _writer_alive(tmp):      # another process's build, being written now: not a leftover
+            continue
         _remove(tmp)
         removed.append(tmp)
     return removed
+
+
+def _writer_alive(tmp: Path) -> bool:
+    """Whether the process that is writing ``tmp`` (``.tmp-<entry>-<pid>``, ``write_entry``) still runs."""
+    pid = tmp.name.rsplit("-", 1)[-1]
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:         # it runs, as another user
+        return True
+    return True
 
 
 # ---------------------------------------------------------------- TensorRT (Jetson / GPU only)
@@ -357,6 +373,14 @@ def _cc_from_cuda_python(device_index: int) -> str:
     return f"{values[0]}.{values[1]}"
 
 
+def explicit_batch_flags(trt) -> int:
+    """``create_network`` flags: explicit batch, the only mode of TensorRT 10 (where the flag is ignored) and the
+    only one the ONNX parser of TensorRT 8.6 (JetPack 6.0) takes, where 0 means the deprecated implicit batch."""
+    if int(str(trt.__version__).split(".")[0]) >= 10:
+        return 0
+    return 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+
+
 def probe_device() -> DeviceInfo:
     """TensorRT version and GPU compute capability of this machine."""
     trt = _import_tensorrt()
@@ -368,7 +392,7 @@ def build_with_tensorrt(request: BuildRequest) -> bytes:
     trt = _import_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    network = builder.create_network(explicit_batch_flags(trt))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(request.onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))

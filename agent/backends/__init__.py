@@ -49,6 +49,21 @@ def _installed_tensorrt_version() -> str | None:
     return str(tensorrt.__version__)
 
 
+def _engine_backend(path: Path, bundle: Bundle, cfg: ModelConfig, precision: str) -> Backend:
+    """A TensorRT engine backend; any failure of the binding (a null context, an AttributeError, a RuntimeError)
+    is a BackendError, which ``backend: auto`` answers with ONNX Runtime."""
+    from agent.backends.tensorrt import TensorRTBackend
+
+    try:
+        backend = TensorRTBackend(path, bundle.input_spec, precision=precision, max_batch=cfg.batch_size,
+                                  embedding_name=bundle.embedding_name)
+    except BackendError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a binding's own error (AttributeError, RuntimeError, ...)
+        raise BackendError(f"{path}: TensorRT cannot run the engine ({type(exc).__name__}: {exc})") from exc
+    return backend
+
+
 def create_backend(bundle: Bundle, cfg: ModelConfig, engine: Path | None = None,
                    engine_precision: str | None = None) -> Backend:
     """TensorRT engine when chosen (or auto and present), else ONNX Runtime on the INT8 or FP32 artifact
@@ -61,11 +76,14 @@ def create_backend(bundle: Bundle, cfg: ModelConfig, engine: Path | None = None,
     """
     if engine is not None and cfg.backend != "onnxruntime":
         if cfg.backend == "tensorrt" or tensorrt_available():
-            from agent.backends.tensorrt import TensorRTBackend
-
-            return TensorRTBackend(engine, bundle.input_spec, precision=engine_precision or "fp16",
-                                   max_batch=cfg.batch_size, embedding_name=bundle.embedding_name)
-        log.warning("%s: engine given but tensorrt is not importable; using ONNX Runtime", engine)
+            try:
+                return _engine_backend(engine, bundle, cfg, engine_precision or "fp16")
+            except Exception as exc:  # noqa: BLE001 - auto: whatever the engine does, ONNX Runtime runs instead
+                if cfg.backend == "tensorrt":
+                    raise
+                log.warning("%s: the device's engine cannot run here (%s); using ONNX Runtime", engine, exc)
+        else:
+            log.warning("%s: engine given but tensorrt is not importable; using ONNX Runtime", engine)
     engines = bundle.engines()
     if engines and cfg.backend in ("auto", "tensorrt"):
         gpu = _compute_capability()          # an engine built for another GPU does not deserialize
@@ -77,15 +95,12 @@ def create_backend(bundle: Bundle, cfg: ModelConfig, engine: Path | None = None,
                                f"(bundle has {', '.join(str(e.tensorrt_version) for e in engines)})")
         engines = usable or (engines if cfg.backend == "tensorrt" else [])
     if cfg.backend == "tensorrt" or (cfg.backend == "auto" and engines and tensorrt_available()):
-        from agent.backends.tensorrt import TensorRTBackend
-
         if not engines:
             raise BackendError(f"{bundle.root}: backend 'tensorrt' chosen but the bundle has no deployable engine")
         engine = engines[0]
         try:
-            return TensorRTBackend(engine.path, bundle.input_spec, precision=engine.precision,
-                                   max_batch=cfg.batch_size, embedding_name=bundle.embedding_name)
-        except BackendError as exc:
+            return _engine_backend(engine.path, bundle, cfg, engine.precision)
+        except Exception as exc:  # noqa: BLE001 - auto: whatever the engine does, ONNX Runtime runs instead
             if cfg.backend == "tensorrt":
                 raise
             log.warning("%s: the bundle's engine cannot run here (%s); using ONNX Runtime", engine.path, exc)

@@ -70,7 +70,11 @@ class OnnxRuntimeBackend:
 
             def seconds_per_run(threads: int) -> float:
                 sessions[threads] = self._session(threads)
-                return self._time(sessions[threads], tune_batch)
+                try:
+                    return self._time(sessions[threads], tune_batch)
+                except Exception as exc:  # noqa: BLE001 - ONNX Runtime's own errors: this model cannot run here
+                    raise BackendError(f"{model_path}: cannot run a batch of {tune_batch} "
+                                       f"({type(exc).__name__}: {exc})") from exc
 
             best, self.tuning = pick_fastest(thread_candidates(cpus), seconds_per_run)
             self.session = sessions[best]

@@ -1,7 +1,10 @@
 """Native TensorRT 10 engine backend, imported lazily: only Jetson images have tensorrt.
 
-Buffers are managed with cuda-python (``cuda.bindings.runtime`` or the older
-``cuda.cudart``); pycuda is used when cuda-python is absent.
+Buffers are managed with cuda-python (``cuda.bindings.runtime`` or the older ``cuda.cudart``), which the
+Jetson image installs; without it the backend is a BackendError (``backend: auto`` then runs ONNX Runtime).
+
+The batch the engine takes is its optimization profile's largest (``get_tensor_profile_shape``), never more
+than ``model.batch_size``: a larger batch is run in chunks, not refused by ``set_input_shape``.
 
 Every output tensor of the engine gets a device buffer (TensorRT 10 needs an address for each I/O tensor
 before ``execute_async_v3``). The logits are the manifest's ``output_name`` (else the first output that is
@@ -90,6 +93,8 @@ class TensorRTBackend:
         if self.engine is None:
             raise BackendError(f"{engine_path}: TensorRT cannot deserialize the engine (built for another GPU/version?)")
         self.context = self.engine.create_execution_context()
+        if self.context is None:        # TensorRT logs the cause (GPU out of memory) and returns no context
+            raise BackendError(f"{engine_path}: TensorRT could not create an execution context (GPU memory?)")
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         mode = trt.TensorIOMode.INPUT
         self.input_name = next(n for n in names if self.engine.get_tensor_mode(n) == mode)
@@ -101,7 +106,7 @@ class TensorRTBackend:
                                                                                       shape[1:]) if s > 0]:
             raise BackendError(f"{engine_path}: engine input {self.input_name!r} has shape {shape}, but the "
                                f"manifest's field input says (N, 3, {spec.height}, {spec.width})")
-        self.max_batch = max_batch
+        self.max_batch = min(max_batch, self._profile_max_batch(engine_path, shape))
         self.d_input = self.cuda.malloc(3 * spec.height * spec.width * 4 * max_batch)
         self.context.set_tensor_address(self.input_name, self.d_input)
         self.per_image: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
@@ -115,6 +120,18 @@ class TensorRTBackend:
             self.d_outputs[name] = self.cuda.malloc(int(np.prod(dims, dtype=np.int64)) * dtype.itemsize * max_batch)
             self.context.set_tensor_address(name, self.d_outputs[name])
         self.num_classes = int(self.per_image[self.output_name][0][-1])
+
+    def _profile_max_batch(self, engine_path: Path, shape: list[int]) -> int:
+        """The largest batch the engine's first optimization profile takes (a static batch: that one)."""
+        if shape[0] > 0:
+            return int(shape[0])
+        try:
+            largest = int(self.engine.get_tensor_profile_shape(self.input_name, 0)[2][0])
+        except Exception as exc:  # noqa: BLE001 - whatever the binding raises, the engine cannot be sized
+            raise BackendError(f"{engine_path}: cannot read the engine's optimization profile ({exc})") from exc
+        if largest < 1:
+            raise BackendError(f"{engine_path}: the engine's optimization profile takes batches of up to {largest}")
+        return largest
 
     def _logits_name(self, engine_path: Path, outputs: list[str], embedding_name: str | None) -> str:
         if embedding_name is not None and embedding_name not in outputs:

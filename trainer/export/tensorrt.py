@@ -12,6 +12,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.engine_cache import explicit_batch_flags
+
 log = logging.getLogger(__name__)
 
 
@@ -76,7 +78,7 @@ def build_engine(onnx_path: Path, out_dir: Path, spec: EngineSpec, input_name: s
     cc = compute_capability()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    network = builder.create_network(explicit_batch_flags(trt))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
