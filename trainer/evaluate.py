@@ -7,7 +7,6 @@ runs them through PyTorch or ONNX Runtime, and writes ``metrics.json``,
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Sequence
@@ -24,10 +23,11 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def confidence_stats(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per row: top-1 probability, top-1 minus top-2 margin, entropy (nats)."""
+    """Per row: top-1 probability, top-1 minus top-2 margin (a single class: its probability), entropy (nats)."""
     top2 = np.sort(probs, axis=1)[:, -2:]
+    second = top2[:, -2] if top2.shape[1] > 1 else np.zeros(len(probs))
     entropy = -(probs * np.log(np.clip(probs, 1e-12, 1.0))).sum(axis=1)
-    return top2[:, 1], top2[:, 1] - top2[:, 0], entropy
+    return top2[:, -1], top2[:, -1] - second, entropy
 
 
 def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> tuple[float, list[dict]]:
@@ -108,35 +108,58 @@ def flagged(probs: np.ndarray, thresholds: dict[str, float]) -> np.ndarray:
 
 
 def compute_metrics(logits: np.ndarray, labels: np.ndarray, classes: Sequence[str], top_k: int = 5) -> dict:
-    """Accuracy, top-k, macro-F1, per-class P/R/F1, confusion matrix, ECE, suggested thresholds."""
+    """Accuracy, top-k, macro-F1, per-class P/R/F1, confusion matrix, ECE, suggested thresholds.
+
+    ``logits``: one row per label, one column per class. A row with NaN or infinity predicts no class: it counts
+    as wrong (accuracy, top-k, recall), is in no column of the confusion matrix, is left out of the calibration
+    figures and thresholds, and ``non_finite_images`` counts such rows (with none finite, ``ece``, ``thresholds``
+    and ``low_confidence`` are None). ValueError for no rows, a shape that does not match, or a label that is not
+    a class index."""
     logits, labels = np.asarray(logits, dtype=np.float64), np.asarray(labels)
     n_cls = len(classes)
-    probs = softmax(logits)
-    pred = probs.argmax(axis=1)
+    if labels.ndim != 1 or logits.shape != (len(labels), n_cls):
+        raise ValueError(f"logits: expected {len(labels)} x {n_cls} (a row per label, a column per class), got "
+                         f"shape {logits.shape} for labels of shape {labels.shape}")
+    if not len(labels):
+        raise ValueError("no images to compute metrics on (0 rows of logits)")
+    if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() >= n_cls:
+        raise ValueError(f"labels: expected class indices 0..{n_cls - 1}, got values {labels.min()}..{labels.max()} "
+                         f"({labels.dtype})")
+    finite = np.isfinite(logits).all(axis=1)
+    probs = softmax(np.where(finite[:, None], logits, 0.0))
+    pred = np.where(finite, probs.argmax(axis=1), -1)            # -1: no class
     cm = np.zeros((n_cls, n_cls), dtype=np.int64)
-    np.add.at(cm, (labels, pred), 1)
+    np.add.at(cm, (labels[finite], pred[finite]), 1)
+    support = np.bincount(labels, minlength=n_cls)
     tp = np.diag(cm).astype(float)
     precision = np.divide(tp, cm.sum(0), out=np.zeros(n_cls), where=cm.sum(0) > 0)
-    recall = np.divide(tp, cm.sum(1), out=np.zeros(n_cls), where=cm.sum(1) > 0)
+    recall = np.divide(tp, support, out=np.zeros(n_cls), where=support > 0)
     f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(n_cls), where=(precision + recall) > 0)
     k = min(top_k, n_cls)
-    topk = np.argsort(-logits, axis=1)[:, :k]
-    ece, bins = expected_calibration_error(probs, labels)
-    thresholds = suggest_thresholds(probs, labels)
+    topk = np.argsort(-np.where(finite[:, None], logits, 0.0), axis=1)[:, :k]
+    if finite.any():
+        fprobs, flabels = probs[finite], labels[finite]
+        ece, bins = expected_calibration_error(fprobs, flabels)
+        thresholds = suggest_thresholds(fprobs, flabels)
+        low_confidence = low_confidence_report(fprobs, flabels, thresholds)
+    else:
+        ece, bins, thresholds, low_confidence = None, [], None, None
     return {
         "images": int(len(labels)),
+        "non_finite_images": int((~finite).sum()),
         "accuracy": float((pred == labels).mean()),
-        f"top{k}_accuracy": float((topk == labels[:, None]).any(axis=1).mean()),
+        f"top{k}_accuracy": float(((topk == labels[:, None]).any(axis=1) & finite).mean()),
         "macro_f1": float(f1.mean()),
         "per_class": {
-            c: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]), "support": int(cm[i].sum())}
+            c: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+                "support": int(support[i])}
             for i, c in enumerate(classes)
         },
         "confusion_matrix": {"classes": list(classes), "matrix": cm.tolist()},
         "ece": ece,
         "calibration_bins": bins,
         "thresholds": thresholds,
-        "low_confidence": low_confidence_report(probs, labels, thresholds),
+        "low_confidence": low_confidence,
     }
 
 
@@ -180,7 +203,9 @@ def plot_reliability(metrics: dict, out: Path) -> None:
     centers = [(b["low"] + b["high"]) / 2 for b in bins]
     ax.bar(centers, [b["accuracy"] for b in bins], width=1 / 15, edgecolor="k", alpha=0.7, label="accuracy")
     ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "ro-", ms=3, label="mean confidence")
-    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy", title=f"reliability (ECE {metrics['ece']:.4f})")
+    ece = metrics["ece"]
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy",
+           title="reliability (no finite logits)" if ece is None else f"reliability (ECE {ece:.4f})")
     ax.legend(loc="upper left")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
@@ -189,12 +214,15 @@ def plot_reliability(metrics: dict, out: Path) -> None:
 
 def plot_worst_mistakes(paths: Sequence[Path], logits: np.ndarray, labels: np.ndarray, classes: Sequence[str],
                         out: Path, count: int = 16) -> list[dict]:
-    """The most confident wrong predictions, with their images; returns them as rows."""
+    """The most confident wrong predictions, with their images; returns them as rows (rows of logits with NaN or
+    infinity have no prediction nor confidence: compute_metrics counts them)."""
     from contract.preprocess import read_image
 
-    probs = softmax(np.asarray(logits, dtype=np.float64))
+    logits = np.asarray(logits, dtype=np.float64)
+    finite = np.isfinite(logits).all(axis=1)
+    probs = softmax(np.where(finite[:, None], logits, 0.0))
     pred = probs.argmax(1)
-    wrong = np.flatnonzero(pred != labels)
+    wrong = np.flatnonzero((pred != labels) & finite)
     worst = wrong[np.argsort(-probs[wrong, pred[wrong]])][:count]
     rows = [{"path": str(paths[i]), "true": classes[labels[i]], "predicted": classes[pred[i]],
              "confidence": float(probs[i, pred[i]])} for i in worst]
@@ -215,12 +243,20 @@ def plot_worst_mistakes(paths: Sequence[Path], logits: np.ndarray, labels: np.nd
 
 
 def write_reports(out_dir: Path, metrics: dict, paths: Sequence[Path], logits: np.ndarray, labels: np.ndarray) -> dict:
+    """metrics.json (strict JSON: a figure that is not finite is a ValueError naming the file, never written as
+    NaN), confusion_matrix.json and the plots, in ``out_dir``."""
+    from contract.messages import dumps_finite
+
     out_dir.mkdir(parents=True, exist_ok=True)
     classes = metrics["confusion_matrix"]["classes"]
     metrics = dict(metrics)
     metrics["worst_mistakes"] = plot_worst_mistakes(paths, logits, labels, classes, out_dir / "worst_mistakes.png")
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    (out_dir / "confusion_matrix.json").write_text(json.dumps(metrics["confusion_matrix"], indent=1))
+    for name, body in (("metrics.json", metrics), ("confusion_matrix.json", metrics["confusion_matrix"])):
+        try:
+            text = dumps_finite(body, indent=1)
+        except ValueError as exc:
+            raise ValueError(f"{out_dir / name}: a figure is not finite ({exc}); not written") from exc
+        (out_dir / name).write_text(text)
     plot_confusion(metrics, out_dir / "confusion_matrix.png")
     plot_reliability(metrics, out_dir / "reliability.png")
     return metrics
@@ -256,11 +292,15 @@ def evaluate(model_path: str | Path, data: str | Path, out_dir: str | Path, *, c
     """Evaluate a checkpoint (.pt) or an ONNX file (of a bundle) on a labelled dataset.
 
     The class list and preprocessing come from the checkpoint, or from the
-    bundle's manifest next to the ONNX file (or ``spec_source``).
+    bundle's manifest next to the ONNX file (or ``spec_source``). A bundle's enrolled classes (its last labels)
+    are scored as a station scores them: their logits from the model's embedding output, appended
+    (``open_set.full_logits``). ValueError naming the model file when it gives NaN or infinite logits (nothing
+    is written), DatasetError naming ``data`` when it holds no readable image of the classes.
     """
     from contract.bundle import load_bundle
     from contract.preprocess import InputSpec
     from trainer import data as data_mod
+    from trainer.data import DatasetError
     from trainer.engine import (
         eval_inputs,
         load_checkpoint_model,
@@ -269,9 +309,11 @@ def evaluate(model_path: str | Path, data: str | Path, out_dir: str | Path, *, c
     )
 
     model_path = Path(model_path)
+    open_set = None
     if model_path.suffix == ".onnx":
         bundle = load_bundle(spec_source or model_path.parent, verify_files=False)
         spec, classes = bundle.input_spec, classes or bundle.labels
+        open_set = bundle.open_set
         model = None
     else:
         model, ckpt = load_checkpoint_model(model_path)
@@ -279,12 +321,29 @@ def evaluate(model_path: str | Path, data: str | Path, out_dir: str | Path, *, c
     dataset = data_mod.load_dataset(data, classes=classes)
     if limit:
         dataset = data_mod.limit_per_class(dataset, limit, seed=0)
+    if not dataset.samples:
+        unreadable = f"; {len(dataset.skipped)} unreadable image(s) skipped" if dataset.skipped else ""
+        raise DatasetError(f"{data}: no readable image of the classes {list(classes)} to evaluate on{unreadable}")
     x, y = eval_inputs(dataset.samples, spec, workers, desc=f"preprocess {Path(data).name}")
     if model is None:
-        logits = onnx_logits(model_path, x.numpy())
+        outputs = onnx_outputs(model_path, x.numpy())
+        logits = outputs[0]
+        if open_set is not None and open_set.enrolled.labels:   # as a station: the enrolled classes' logits appended
+            if len(outputs) < 2:
+                raise ValueError(f"{model_path}: the bundle's enrolled classes {list(open_set.enrolled.labels)} "
+                                 "are computed from the model's embedding output, and this file has none")
+            logits = open_set.full_logits(logits, outputs[1])
     else:
         device = select_device("auto")
         logits = predict_logits(model.to(device), x, device).numpy()
+    if logits.ndim != 2 or logits.shape[1] != len(classes):
+        raise ValueError(f"{model_path}: gives logits of shape {logits.shape}, expected one per class "
+                         f"({len(classes)}: {list(classes)})")
+    bad = np.flatnonzero(~np.isfinite(logits).all(axis=1))
+    if len(bad):
+        raise ValueError(f"{model_path}: gives non-finite logits (NaN or infinity) on {len(bad)} of {len(logits)} "
+                         f"images of {data} (e.g. {[str(dataset.samples[i].path) for i in bad[:3]]}); "
+                         "no metrics written")
     metrics = compute_metrics(logits, y.numpy(), classes)
     metrics["model"] = str(model_path)
     metrics["data"] = str(data)

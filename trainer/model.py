@@ -124,7 +124,8 @@ def imagenet_state_dict(arch: str, *, allow_download: bool = True) -> dict[str, 
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from a file, never executing pickled code; accepts our checkpoints too."""
+    """A state dict from a file, never executing pickled code; accepts our checkpoints too. WeightsError naming the
+    file for one that is not a state dict of tensors, or holds a floating tensor with NaN or infinity."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: weights file does not exist")
@@ -136,6 +137,12 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         obj = obj["model"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise WeightsError(f"{path}: expected a state dict of tensors")
+    # NaN or infinity in any weight or BatchNorm statistic makes every output NaN: refused here, by name, rather
+    # than an epoch later as a training run that "diverged"
+    bad = [key for key, value in obj.items() if value.is_floating_point() and not bool(torch.isfinite(value).all())]
+    if bad:
+        raise WeightsError(f"{path}: {len(bad)} tensor(s) hold NaN or infinite values (first: {bad[:3]}); expected "
+                           "finite weights (a checkpoint saved after training diverged?)")
     return obj
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ from trainer.evaluate import (
     softmax,
     suggest_thresholds,
     within_review_budget,
+    write_reports,
 )
 
 
@@ -93,3 +96,93 @@ def test_checkpoint_and_onnx_evaluate_identically(trained_run, real_bundle, fmni
         assert (tmp_path / "onnx" / name).stat().st_size > 0, name
     saved = json.loads((tmp_path / "onnx" / "metrics.json").read_text())
     assert saved["worst_mistakes"] and saved["worst_mistakes"][0]["true"] != saved["worst_mistakes"][0]["predicted"]
+
+
+def test_rows_of_non_finite_logits_count_as_wrong_and_no_nan_reaches_metrics_json(tmp_path):
+    """NaN rows used to be argmax class 0 (right for class-0 images: accuracy 1.0 with 2 of 3 rows NaN), and their
+    NaN made the thresholds NaN and metrics.json invalid JSON."""
+    from contract.messages import loads_finite
+
+    logits = np.array([[np.nan, np.nan, np.nan], [np.inf, 0.0, 0.0], [0.0, 5.0, 0.0], [5.0, 0.0, 0.0]])
+    labels = np.array([0, 0, 1, 0])
+    m = compute_metrics(logits, labels, ["a", "b", "c"])
+    assert m["accuracy"] == 0.5 and m["non_finite_images"] == 2 and m["top3_accuracy"] == 0.5
+    assert m["per_class"]["a"]["support"] == 3 and m["per_class"]["a"]["recall"] == pytest.approx(1 / 3)
+    assert m["confusion_matrix"]["matrix"] == [[1, 0, 0], [0, 1, 0], [0, 0, 0]]     # they predicted no class
+    assert all(np.isfinite(v) for v in m["thresholds"].values()) and np.isfinite(m["ece"])
+    write_reports(tmp_path / "out", m, [tmp_path / "unused.png"] * 4, logits, labels)
+    saved = loads_finite((tmp_path / "out" / "metrics.json").read_text())
+    assert saved["accuracy"] == 0.5 and saved["worst_mistakes"] == []
+    # no finite row at all: nothing to calibrate on, said with None, not NaN
+    none_finite = compute_metrics(np.full((2, 3), np.nan), np.array([0, 1]), ["a", "b", "c"])
+    assert none_finite["accuracy"] == 0.0 and none_finite["thresholds"] is None and none_finite["ece"] is None
+    # a figure that is not finite is refused, naming the file, and never written
+    with pytest.raises(ValueError, match=r"bad/metrics.json: a figure is not finite"):
+        write_reports(tmp_path / "bad", {**m, "ece": float("nan")}, [tmp_path / "unused.png"] * 4, logits, labels)
+    assert not (tmp_path / "bad" / "metrics.json").exists()
+
+
+def test_metrics_of_no_images_or_of_logits_that_do_not_match_the_classes_are_clear_errors():
+    abc = ["a", "b", "c"]
+    with pytest.raises(ValueError, match=r"no images to compute metrics on"):
+        compute_metrics(np.zeros((0, 3)), np.zeros(0, np.int64), abc)
+    with pytest.raises(ValueError, match=r"logits: expected 1 x 3 .*got shape \(1, 4\)"):
+        compute_metrics(np.zeros((1, 4)), np.array([0]), abc)
+    with pytest.raises(ValueError, match=r"labels: expected class indices 0..2"):
+        compute_metrics(np.zeros((1, 3)), np.array([-1]), abc)
+    single = compute_metrics(np.zeros((2, 1)), np.array([0, 0]), ["only"])   # one class: margin is its probability
+    assert single["accuracy"] == 1.0 and single["thresholds"]["min_margin"] == 1.0
+
+
+def _agent_support():
+    """tests/agent/agent_support.py: the agent tests' small real ONNX bundles."""
+    path = Path(__file__).resolve().parents[1] / "agent" / "agent_support.py"
+    spec = importlib.util.spec_from_file_location("agent_support_for_trainer_tests", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _colour_folders(root: Path, colours: dict, count: int = 3) -> Path:
+    from PIL import Image
+
+    for name, rgb in colours.items():
+        (root / name).mkdir(parents=True)
+        for i in range(count):
+            Image.fromarray(np.full((16, 16, 3), rgb, np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+def test_a_bundles_enrolled_classes_are_scored_as_a_station_scores_them(tmp_path):
+    # given: a bundle with an enrolled class (its logit computed from the embedding), and images of every label
+    support = _agent_support()
+    bundle = support.make_open_set_bundle(tmp_path / "models", enrolled=True)
+    name, rgb = support.ENROLLED_COLOUR
+    data = _colour_folders(tmp_path / "data", {**support.OPEN_SET_COLOURS, name: rgb})
+    # when: its ONNX model is evaluated
+    m = evaluate(bundle / "model.fp32.onnx", data, tmp_path / "out", workers=0)
+    # then: the enrolled class is predicted where a station predicts it (it had recall 0: raw logits only)
+    assert m["per_class"][name] == {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 3}
+    assert m["accuracy"] == 1.0 and m["confusion_matrix"]["classes"][-1] == name
+
+
+def test_evaluate_refuses_a_model_with_non_finite_logits_naming_the_file_and_count(tmp_path):
+    # given: a bundle whose embedding, so its enrolled class's logit, is NaN on white frames
+    support = _agent_support()
+    bundle = support.make_open_set_bundle(tmp_path / "models", enrolled=True, nan_embedding_when_bright=True)
+    data = _colour_folders(tmp_path / "data", {"red": support.OPEN_SET_COLOURS["red"], "belt": (255, 255, 255)}, 2)
+    # then: an error naming the model file and how many images, and no report that would count them
+    with pytest.raises(ValueError, match=r"model.fp32.onnx: gives non-finite logits \(NaN or infinity\) on 2 of 4 "
+                                         r"images of .*data \(e.g. \[.*belt"):
+        evaluate(bundle / "model.fp32.onnx", data, tmp_path / "out", workers=0)
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_evaluate_on_a_folder_without_a_readable_image_names_the_folder(tmp_path):
+    from trainer.data import DatasetError
+
+    bundle = _agent_support().make_open_set_bundle(tmp_path / "models")
+    (tmp_path / "data" / "red").mkdir(parents=True)
+    (tmp_path / "data" / "red" / "broken.png").write_bytes(b"not an image")
+    with pytest.raises(DatasetError, match=r"data: no readable image of the classes .* 1 unreadable image"):
+        evaluate(bundle / "model.fp32.onnx", tmp_path / "data", tmp_path / "out", workers=0)

@@ -178,8 +178,9 @@ def test_onnx_parity_gate_refuses_a_graph_that_is_not_the_trained_model(trained_
         return path
 
     monkeypatch.setattr(bundle_mod, "export_onnx", drifted_export)
+    built = _stub_tensorrt(monkeypatch)       # TensorRT present (stubbed: it cannot be installed here)
     result = bundle_mod.export_bundle(bundle_mod.ExportConfig(
-        checkpoint=trained_run / "best.pt", models_dir=tmp_path, name="drifted", version="1", tensorrt="off",
+        checkpoint=trained_run / "best.pt", models_dir=tmp_path, name="drifted", version="1", tensorrt="on",
         workers=0, station_val_images=0, quantize=QuantizeConfig(calibration_images=16)))
     parity = result.manifest["quality"]["parity"]
     assert not parity["passed"] and "differ from PyTorch by up to 0.5" in parity["reason"]
@@ -187,6 +188,111 @@ def test_onnx_parity_gate_refuses_a_graph_that_is_not_the_trained_model(trained_
     assert not bundle.artifact("onnx-fp32").deployable and not bundle.artifact("onnx-int8").deployable
     with pytest.raises(BundleError, match="no deployable ONNX artifact"):
         bundle.pick_onnx()
+    # nor an engine of that graph: a station runs engines first, and one built from it would run what the gate
+    # refused (before 2026-12-06 the FP16 engine was built from the FP32 graph whatever its parity, deployable)
+    assert built == [] and not bundle.engines()
+    assert not [a for a in bundle.manifest["artifacts"] if a["role"] == "tensorrt-engine"]
+    trt = result.manifest["quality"]["tensorrt"]
+    assert trt["engines"] == 0 and "FP32 ONNX parity" in trt["reason"] and set(trt["not_built"]) == {"fp16", "int8"}
+
+
+def _stub_tensorrt(monkeypatch) -> list[tuple[str, str]]:
+    """TensorRT as if present. It cannot be installed on this project's CI machines (no NVIDIA wheel host, no
+    GPU), so its builder is stubbed: an engine's bytes do not matter here, only which ONNX model it is built
+    from and what the manifest says of it. Returns the (precision, ONNX file) of each engine built."""
+    from trainer.export import tensorrt as trt_export
+
+    built: list[tuple[str, str]] = []
+
+    def build_engine(onnx_path, out_dir, spec, input_name="input"):
+        built.append((spec.precision, Path(onnx_path).name))
+        out = Path(out_dir) / f"model.{spec.precision}.sm87.trt10.3.engine"
+        out.write_bytes(b"stub engine from " + Path(onnx_path).name.encode())
+        return {"path": out, "precision": spec.precision, "tensorrt_version": "10.3.0", "compute_capability": "8.7"}
+
+    monkeypatch.setattr(trt_export, "require_tensorrt_gpu", lambda: None)
+    monkeypatch.setattr(trt_export, "build_engine", build_engine)
+    return built
+
+
+def test_tensorrt_engines_are_built_only_from_models_that_passed_their_gates(tmp_path, monkeypatch):
+    from contract.preprocess import InputSpec
+    from trainer.export.bundle import ExportConfig, _build_engines
+
+    built = _stub_tensorrt(monkeypatch)
+    cfg, spec = ExportConfig(checkpoint=tmp_path / "best.pt", tensorrt="on"), InputSpec(32, 32, 32)
+    # both models passed: an FP16 engine from the FP32 model, an INT8 one from the INT8 model
+    engines, reason, refused = _build_engines(cfg, tmp_path, spec, None, None)
+    assert built == [("fp16", "model.fp32.onnx"), ("int8", "model.int8.onnx")] and reason is None and refused == {}
+    assert [e["source"] for e in engines] == ["model.fp32.onnx", "model.int8.onnx"]
+    # the INT8 gate failed: the FP16 engine only, and the manifest says why there is no INT8 one
+    built.clear()
+    engines, reason, refused = _build_engines(cfg, tmp_path, spec, None, "INT8 5.00 points below FP32")
+    assert built == [("fp16", "model.fp32.onnx")] and reason is None
+    assert refused == {"int8": "model.int8.onnx not deployable (INT8 5.00 points below FP32)"}
+    # FP32 parity failed (so the INT8 model quantized from that graph too): no engine at all, and why
+    built.clear()
+    engines, reason, refused = _build_engines(cfg, tmp_path, spec, "FP32 ONNX parity: logits differ",
+                                              "FP32 ONNX parity: logits differ")
+    assert built == [] and engines == [] and set(refused) == {"fp16", "int8"}
+    assert reason.startswith("no engine built: model.fp32.onnx not deployable (FP32 ONNX parity: logits differ)")
+
+
+def _two_output_onnx(path: Path, logits_op: str) -> Path:
+    """A real ONNX model of a bundle's form (``logits`` and ``embedding``) on 3-number inputs: logits_op(input)."""
+    from onnx import TensorProto, helper
+
+    inputs = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3])
+    outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", 3]) for name in ("logits", "embedding")]
+    nodes = [helper.make_node(logits_op, ["input"], ["logits"]), helper.make_node("Identity", ["input"], ["embedding"])]
+    model = helper.make_model(helper.make_graph(nodes, "g", [inputs], outputs),
+                              opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    onnx.save(model, str(path))
+    return path
+
+
+def test_station_view_int8_logits_that_are_not_finite_fail_the_int8_gate(tmp_path):
+    from types import SimpleNamespace
+
+    from trainer.export.bundle import _station_quality
+
+    # given: station views on which the FP32 model is right everywhere, and the INT8 model (Log: NaN for a negative
+    # input) is NaN on all of 3 of 8 rows, whose argmax still says class 0, the true one
+    fp32, int8 = _two_output_onnx(tmp_path / "fp32.onnx", "Identity"), _two_output_onnx(tmp_path / "int8.onnx", "Log")
+    inputs = np.tile(np.array([[3.0, 2.0, 1.0]], np.float32), (8, 1))
+    inputs[:3] = [-1.0, -2.0, -3.0]
+    views = SimpleNamespace(inputs=inputs, labels=np.zeros(8, np.int64), found=8)
+    quality, reason, outputs = _station_quality(views, fp32, int8, 1.0)
+    # then: those count as wrong, and the INT8 model fails the gate, as on the validation images
+    assert quality["val_accuracy"] == 1.0 and quality["int8_val_accuracy"] == 5 / 8 and not quality["int8_passed"]
+    assert reason == "station views: INT8 model gives non-finite logits (NaN or infinity) on 3 of 8 validation images"
+    # and with no view at all (every validation image a station's own frame), there is no gate to apply
+    empty = SimpleNamespace(inputs=np.zeros((0, 3), np.float32), labels=np.zeros(0, np.int64), found=0)
+    assert _station_quality(empty, fp32, int8, 1.0) == (None, None, None)
+
+
+def test_onnx_parity_fails_where_the_pytorch_reference_is_not_finite(trained_run, real_bundle):
+    """A NaN in the reference made every comparison with it False, so the gate passed whatever ONNX gave."""
+    import torch
+
+    from trainer.engine import load_checkpoint_model
+    from trainer.export.onnx import parity
+
+    model, _ = load_checkpoint_model(trained_run / "best.pt")
+
+    class NaNOnFirstImage(torch.nn.Module):
+        def forward(self, x):
+            out = model(x).clone()
+            out[0, 0] = float("nan")
+            return out
+
+    images, _ = _real_calibration_images(real_bundle, 4)
+    assert parity(model.eval(), real_bundle / "model.fp32.onnx", images)["passed"]       # the reference itself
+    result = parity(NaNOnFirstImage(), real_bundle / "model.fp32.onnx", images)
+    assert not result["passed"]
+    assert result["reason"].startswith("PyTorch gives non-finite outputs (NaN or infinity) on 1 of 4 images")
+    assert np.isfinite(result["max_abs_logit_diff"]) and result["max_abs_logit_diff"] <= result["tolerance"]
 
 
 def test_onnx_parity_of_a_faithful_export_passes(real_bundle):
@@ -386,3 +492,90 @@ def test_the_station_view_set_is_drawn_from_every_class_of_a_split_listed_class_
     assert picked == sorted(set(picked)) and len(picked) == 60
     assert np.bincount([samples[i].label for i in picked], minlength=len(classes)).min() >= 6
     assert data_mod.spread(10, None) == data_mod.spread(10, 50) == list(range(10))
+
+
+def test_an_export_with_nothing_to_render_a_fallback_graph_and_a_nan_int8_model_publishes_safely(
+        trained_run, tmp_path, monkeypatch):
+    """One small export for what used to crash it or misreport it:
+
+    - a foreground-crop run whose validation images are all a station's own frames (``as_seen``): no station view
+      to render (the station gate's argmax on an empty array crashed the export); the gate is skipped, and said so;
+    - another export of the same version under way: its partial folder was deleted by this one;
+    - the reports were written after the bundle was published (a failure there left a published bundle behind an
+      error, and a rerun said "version already exists");
+    - the dynamo exporter failing: the TorchScript fallback writes opset 17, the manifest said 18;
+    - an INT8 model with NaN outputs on one validation image: its unknown-score threshold was NaN (the export
+      crashed); now it is not deployable, with the reason, and no NaN reaches the manifest or the reports."""
+    import dataclasses
+
+    import torch
+
+    from contract.messages import loads_finite
+    from contract.preprocess import CropPolicy, InputSpec
+    from trainer.export import bundle as bundle_mod
+    from trainer.export.onnx import written_opset
+
+    # given: the trained run as a foreground-crop run whose validation split is all station frames
+    run = tmp_path / "run"
+    run.mkdir()
+    ckpt = torch.load(trained_run / "best.pt", map_location="cpu", weights_only=True)
+    spec = InputSpec.from_manifest(ckpt["input"])
+    ckpt["input"] = dataclasses.replace(spec, crop=CropPolicy("foreground", 0.0)).to_manifest()
+    torch.save(ckpt, run / "best.pt")
+    split = json.loads((trained_run / "split.json").read_text())
+    split["as_seen"] = [path for path, _ in split["val"]]
+    (run / "split.json").write_text(json.dumps(split))
+    shutil.copy(trained_run / "data_report.json", run / "data_report.json")
+    other = tmp_path / "models" / "seen" / ".1.partial"                     # another export's, under way
+    other.mkdir(parents=True)
+    (other / "model.fp32.onnx").write_bytes(b"half written by another export")
+    real_export = torch.onnx.export
+
+    def no_dynamo(*args, **kwargs):
+        if kwargs.get("dynamo"):
+            raise RuntimeError("simulated: torch.export cannot trace this model")
+        return real_export(*args, **kwargs)
+
+    real_outputs = bundle_mod.onnx_outputs
+
+    def int8_nan_on_first_image(path, inputs, *args, **kwargs):
+        outputs = real_outputs(path, inputs, *args, **kwargs)
+        if Path(path).name == "model.int8.onnx" and len(outputs[0]):
+            outputs = [o.copy() for o in outputs]
+            outputs[0][0], outputs[1][0] = np.nan, np.nan
+        return outputs
+
+    final_dir = tmp_path / "models" / "seen" / "1"
+    published_when_reported = []
+    real_reports = bundle_mod.write_reports
+
+    def reports(out_dir, *args, **kwargs):
+        published_when_reported.append(final_dir.exists())
+        return real_reports(out_dir, *args, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", no_dynamo)
+    monkeypatch.setattr(bundle_mod, "onnx_outputs", int8_nan_on_first_image)
+    monkeypatch.setattr(bundle_mod, "write_reports", reports)
+    result = bundle_mod.export_bundle(bundle_mod.ExportConfig(
+        checkpoint=run / "best.pt", models_dir=tmp_path / "models", name="seen", version="1", tensorrt="off",
+        workers=0, val_limit=40, parity_images=8, open_set_images=64, quantize=QuantizeConfig(calibration_images=16)))
+    q = result.manifest["quality"]
+    # then: no station-view gate, and the manifest says why; the thresholds come from the validation images
+    assert q["station_view"] is None and "every validation image is a station's own frame" in q["station_view_skipped"]
+    assert q["thresholds_from"]["set"] == "val" and result.manifest["open_set"]["calibration"]["set"] == "val"
+    # the other export's folder is untouched, and this one's is gone
+    assert sorted(p.name for p in final_dir.parent.iterdir()) == [".1.partial", "1"]
+    assert (other / "model.fp32.onnx").read_bytes() == b"half written by another export"
+    # both reports written before the bundle appeared under models/
+    assert published_when_reported == [False, False]
+    # the opset of the file, not the exporter's default
+    assert written_opset(final_dir / "model.fp32.onnx") == 17 == result.manifest["frameworks"]["opset"]
+    # the INT8 model is not deployable, with the reason; it has no unknown threshold of its own
+    bundle = load_bundle(final_dir)
+    assert not bundle.artifact("onnx-int8").deployable and bundle.pick_onnx().role == "onnx-fp32"
+    assert q["int8"]["reason"] == "INT8 model gives non-finite logits (NaN or infinity) on 1 of 40 validation images"
+    assert "threshold_int8" not in result.manifest["open_set"] and bundle.open_set.int8_threshold is None
+    assert set(result.manifest["open_set"]["keep_thresholds"]) == {"fp32"}
+    # and its report counts the NaN image as a wrong one, in strict JSON
+    int8_report = loads_finite((run / "export-1" / "int8" / "metrics.json").read_text())
+    assert int8_report["non_finite_images"] == 1 and int8_report["images"] == 40

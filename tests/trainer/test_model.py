@@ -65,6 +65,20 @@ def test_weights_path_missing_wrong_arch_and_pickled_code(tmp_path):
         build_model("mobilenet_v2", 3, str(evil))
 
 
+def test_weights_with_nan_or_infinity_are_refused_naming_the_file_and_tensors(tmp_path):
+    """They loaded silently; training then failed after an epoch with "diverged; lower --lr"."""
+    state = build_model("resnet18", 3, "none").state_dict()
+    state["conv1.weight"][0, 0, 0, 0] = float("nan")
+    state["layer1.0.bn1.running_var"][:] = float("inf")
+    torch.save(state, tmp_path / "nan.pth")
+    with pytest.raises(WeightsError, match=r"nan.pth: 2 tensor\(s\) hold NaN or infinite values \(first: "
+                                           r"\['conv1.weight', 'layer1.0.bn1.running_var'\]\)"):
+        build_model("resnet18", 5, str(tmp_path / "nan.pth"))
+    torch.save({"model": state, "classes": ["a", "b", "c"]}, tmp_path / "best.pt")   # our checkpoint form too
+    with pytest.raises(WeightsError, match=r"best.pt: 2 tensor\(s\) hold NaN"):
+        model_mod.load_state_dict_file(tmp_path / "best.pt")
+
+
 def test_weights_path_accepts_our_checkpoint(tmp_path):
     trained = build_model("mobilenet_v2", 4, "none")
     torch.save({"model": trained.state_dict(), "classes": ["a", "b", "c", "d"]}, tmp_path / "best.pt")

@@ -9,6 +9,7 @@ import math
 import os
 import shutil
 import subprocess
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,7 +43,7 @@ from trainer.evaluate import (
     within_review_budget,
     write_reports,
 )
-from trainer.export.onnx import EMBEDDING_NAME, OPSET, export_onnx, parity
+from trainer.export.onnx import EMBEDDING_NAME, OPSET, export_onnx, parity, written_opset
 from trainer.export.quantize import QuantizeConfig, int8_gate, quantize_qdq
 
 log = logging.getLogger(__name__)
@@ -88,13 +89,15 @@ def code_version() -> str:
         return "unknown"
 
 
-def _versions() -> dict:
+def _versions(opset: int = OPSET) -> dict:
+    """The frameworks' versions, and ``opset``: the one the FP32 file was written with (read from it: the
+    TorchScript exporter, export_onnx's fallback, writes 17, not OPSET)."""
     import onnx
     import onnxruntime
     import torchvision
 
     return {"torch": torch.__version__, "torchvision": torchvision.__version__, "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__, "opset": OPSET}
+            "onnxruntime": onnxruntime.__version__, "opset": int(opset)}
 
 
 def _split_samples(run_dir: Path, classes: list[str]) -> tuple[list, list]:
@@ -137,16 +140,27 @@ def _station_sets(cfg: ExportConfig, spec: InputSpec, train_samples: list, val_s
                                          SceneConfig(seed=4321))}
 
 
+def _top1(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Top-1 accuracy; a row with NaN or infinity counts as wrong (its argmax would be class 0 or arbitrary)."""
+    return float(((logits.argmax(1) == labels) & np.isfinite(logits).all(axis=1)).mean())
+
+
 def _station_quality(views, fp32_path: Path, int8_path: Path, margin_points: float
-                     ) -> tuple[dict, str | None, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+                     ) -> tuple[dict | None, str | None, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None]:
     """Top-1 of both models on the station-view set, the INT8 gate's verdict on it, and both models' outputs
     on it (FP32 logits and embedding, INT8 logits and embedding: the unknown score is calibrated on the same
-    run, not a second one)."""
+    run, not a second one). INT8 logits with NaN or infinity fail the gate, as on the validation images.
+
+    An empty set (every validation image a station's own frame, none to render) gives ``(None, None, None)``:
+    there is no station-view gate to apply, and the caller records that it was skipped."""
+    if not len(views.labels):
+        return None, None, None
     fp32_logits, fp32_emb = onnx_outputs(fp32_path, views.inputs)
     int8_logits, int8_emb = onnx_outputs(int8_path, views.inputs)
-    fp32 = float((fp32_logits.argmax(1) == views.labels).mean())
-    int8 = float((int8_logits.argmax(1) == views.labels).mean())
+    fp32, int8 = _top1(fp32_logits, views.labels), _top1(int8_logits, views.labels)
     passed, reason = int8_gate(fp32, int8, margin_points)
+    if (int8_reason := non_finite_reason("INT8", int8_logits)) is not None:
+        passed, reason = False, int8_reason
     log.info("station-view validation (%d scenes, item found in %d): FP32 %.2f%%, INT8 %.2f%%",
              len(views.labels), views.found, fp32 * 100, int8 * 100)
     return ({"images": int(len(views.labels)), "item_found": int(views.found), "val_accuracy": fp32,
@@ -169,24 +183,41 @@ def _thresholds(probs: np.ndarray, labels: np.ndarray, source: str, budget: floa
                     **low_confidence_report(probs, labels, thresholds)}}
 
 
-def _build_engines(cfg: ExportConfig, tmp_dir: Path, spec: InputSpec, int8_ok: bool) -> tuple[list[dict], str | None]:
+ENGINE_SOURCES = (("fp16", "model.fp32.onnx"), ("int8", "model.int8.onnx"))   # engine precision, ONNX it is built from
+
+
+def _build_engines(cfg: ExportConfig, tmp_dir: Path, spec: InputSpec, fp32_reason: str | None,
+                   int8_reason: str | None) -> tuple[list[dict], str | None, dict[str, str]]:
+    """TensorRT engines from the ONNX models that passed their gates: the FP16 engine from the FP32 model unless
+    ``fp32_reason`` (why it is not deployable: parity), the INT8 one from the INT8 model unless ``int8_reason``.
+
+    A station runs an engine before any ONNX model, so an engine built from a graph a gate refused would put that
+    graph back into service: such an engine is not built. Returns the engines, why none was built at all (or
+    None), and per precision why its engine was not built because of a gate."""
     from trainer.export import tensorrt as trt_export
 
     if cfg.tensorrt == "off":
-        return [], "disabled (--tensorrt off)"
+        return [], "disabled (--tensorrt off)", {}
+    refused = {precision: f"{source} not deployable ({reason})" for (precision, source), reason
+               in zip(ENGINE_SOURCES, (fp32_reason, int8_reason)) if reason is not None}
+    wanted = [(precision, source) for precision, source in ENGINE_SOURCES if precision not in refused]
+    if not wanted:
+        return [], "no engine built: " + "; ".join(refused.values()), refused
     try:
         trt_export.require_tensorrt_gpu()
     except trt_export.TensorRTUnavailable as exc:
         if cfg.tensorrt == "on":
             raise
-        return [], str(exc)
+        return [], str(exc), refused
     engines = []
-    sources = [("fp16", tmp_dir / "model.fp32.onnx")] + ([("int8", tmp_dir / "model.int8.onnx")] if int8_ok else [])
-    for precision, onnx_path in sources:
-        built = trt_export.build_engine(onnx_path, tmp_dir, trt_export.EngineSpec(precision, spec.height, spec.width),
+    for precision, source in wanted:
+        built = trt_export.build_engine(tmp_dir / source, tmp_dir,
+                                        trt_export.EngineSpec(precision, spec.height, spec.width),
                                         input_name=spec.input_name)
-        engines.append(built)
-    return engines, None
+        engines.append({**built, "source": source})
+    for precision, why in refused.items():
+        log.warning("TensorRT %s engine not built: %s", precision, why)
+    return engines, None, refused
 
 
 def check_export_settings(cfg: ExportConfig) -> None:
@@ -229,8 +260,8 @@ def export_bundle(cfg: ExportConfig) -> ExportResult:
         val_samples = [val_samples[i] for i in spread(len(val_samples), cfg.val_limit)]
     val_x, val_y = eval_inputs(val_samples, spec, cfg.workers)
     val_x, val_y = val_x.numpy(), val_y.numpy()
-    tmp_dir = final_dir.parent / f".{version}.partial"
-    shutil.rmtree(tmp_dir, ignore_errors=True)
+    # this export's own folder: another export of the same version may be writing its own beside it
+    tmp_dir = final_dir.parent / f".{version}.partial-{uuid.uuid4().hex[:12]}"
     tmp_dir.mkdir(parents=True)
     try:
         manifest, fp32_metrics, int8_metrics = _export_into(
@@ -246,14 +277,20 @@ def export_bundle(cfg: ExportConfig) -> ExportResult:
 
             sign_bundle(tmp_dir, cfg.sign_key)
         check_model_runs(load_bundle(tmp_dir))  # the agent's own verification, before anything is published
+        # the reports before the bundle is published: a report that cannot be written (a full disk) fails the
+        # export with nothing under models/, and a rerun with the same version works
+        reports = run_dir / f"export-{version}"
+        paths = [s.path for s in val_samples]
+        write_reports(reports / "fp32", fp32_metrics, paths, fp32_metrics.pop("_logits"), val_y)
+        if int8_metrics is not None:
+            write_reports(reports / "int8", int8_metrics, paths, int8_metrics.pop("_logits"), val_y)
+        if final_dir.exists():    # another export of this version finished first (os.replace: "not empty")
+            raise FileExistsError(f"{final_dir}: bundle version already exists (written by another export while "
+                                  "this one ran); pass another --version")
         os.replace(tmp_dir, final_dir)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
-    reports = run_dir / f"export-{version}"
-    write_reports(reports / "fp32", fp32_metrics, [s.path for s in val_samples], fp32_metrics.pop("_logits"), val_y)
-    if int8_metrics is not None:
-        write_reports(reports / "int8", int8_metrics, [s.path for s in val_samples], int8_metrics.pop("_logits"), val_y)
     log.info("bundle %s written", final_dir)
     return ExportResult(final_dir, manifest, fp32_metrics, int8_metrics)
 
@@ -306,12 +343,21 @@ def _export_into(cfg, tmp_dir, model, spec, classes, train_cfg, name, version, t
         passed, reason = False, f"FP32 ONNX parity: {parity_stats['reason']}"
     station_quality = None
     station_outputs = None
+    station_skipped = None
     review = None
     if station is not None:
         station_quality, station_reason, station_outputs = _station_quality(station["val"], fp32_path, int8_path,
                                                                             cfg.gate_margin_points)
-        passed, reason = passed and station_reason is None, reason or station_reason
-        if len(station["val"].labels):
+        if station_outputs is None:
+            station_skipped = ("no station-view validation: every validation image is a station's own frame "
+                               "(as_seen), none to render; the INT8 gate, thresholds and unknown score use the "
+                               "validation images as they are")
+            log.warning("%s", station_skipped)
+        else:
+            if (fp32_station := non_finite_reason("FP32", station_outputs[0])) is not None:
+                raise ValueError(f"{cfg.checkpoint}: station views: {fp32_station}; not exported (a model that "
+                                 "outputs NaN cannot be deployed, nor quantized)")
+            passed, reason = passed and station_reason is None, reason or station_reason
             review = _thresholds(softmax(station_outputs[0]), station["val"].labels, "station_view", cfg.review_budget)
     if review is None:
         review = _thresholds(softmax(fp32_logits), val_y, "val", cfg.review_budget)
@@ -327,12 +373,13 @@ def _export_into(cfg, tmp_dir, model, spec, classes, train_cfg, name, version, t
     artifacts.append(artifact_entry(int8_path, tmp_dir, role=ROLE_INT8, precision="int8", deployable=passed, reason=reason))
 
     artifacts.append(artifact_entry(npz_path, tmp_dir, role=ROLE_OPEN_SET, precision="fp32", deployable=True))
-    engines, no_engine_reason = _build_engines(cfg, tmp_dir, spec, passed)
-    for engine in engines:
+    fp32_reason = None if parity_stats["passed"] else f"FP32 ONNX parity: {parity_stats['reason']}"
+    engines, no_engine_reason, engines_refused = _build_engines(cfg, tmp_dir, spec, fp32_reason,
+                                                                None if passed else reason)
+    for engine in engines:   # each from a model that passed its gates (_build_engines)
         artifacts.append(artifact_entry(engine["path"], tmp_dir, role=ROLE_ENGINE, precision=engine["precision"],
                                         deployable=True, tensorrt_version=engine["tensorrt_version"],
-                                        compute_capability=engine["compute_capability"],
-                                        source="model.int8.onnx" if engine["precision"] == "int8" else "model.fp32.onnx"))
+                                        compute_capability=engine["compute_capability"], source=engine["source"]))
     data_report = json.loads((run_dir / "data_report.json").read_text())
     manifest = {
         "schema_version": 1,
@@ -340,7 +387,7 @@ def _export_into(cfg, tmp_dir, model, spec, classes, train_cfg, name, version, t
         "version": version,
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "architecture": train_cfg["arch"],
-        "frameworks": _versions(),
+        "frameworks": _versions(written_opset(fp32_path)),
         "labels": list(classes),
         "input": spec.to_manifest(),
         "artifacts": artifacts,
@@ -363,10 +410,11 @@ def _export_into(cfg, tmp_dir, model, spec, classes, train_cfg, name, version, t
                 "calibration": calib_info,
             },
             "station_view": station_quality,
+            "station_view_skipped": station_skipped,
             "thresholds": review["thresholds"],
             "thresholds_from": review["how"],
             "low_confidence": low_confidence_report(softmax(fp32_logits), val_y, review["thresholds"]),
-            "tensorrt": {"engines": len(engines), "reason": no_engine_reason},
+            "tensorrt": {"engines": len(engines), "reason": no_engine_reason, "not_built": engines_refused},
         },
         "provenance": {
             "dataset_root": data_report["dataset"],
@@ -406,26 +454,43 @@ def _open_set(cfg: ExportConfig, spec: InputSpec, fp32_path: Path, train_samples
     fp32_scores = model.scores(cal_logits, cal_emb)
     int8_scores = model.scores(int8_cal_logits, int8_cal_emb)
     threshold = openset.threshold_for_keep(fp32_scores, cfg.unknown_keep)
-    int8_threshold = openset.threshold_for_keep(int8_scores, cfg.unknown_keep)   # its scores shift a little
-    agree = float(((fp32_scores > threshold) == (int8_scores > int8_threshold)).mean())
     cosine = np.sum(openset.unit(fp32_emb) * openset.unit(int8_emb), axis=1) if len(fp32_emb) else np.ones(1)
-    reason = None
-    if float(np.median(cosine)) < EMBEDDING_COSINE_GATE:
-        reason = (f"INT8 embedding: median cosine to FP32's {float(np.median(cosine)):.4f} on validation images, "
-                  f"below {EMBEDDING_COSINE_GATE} (the unknown score and enrolled classes read it)")
-    log.info("unknown score %s: threshold %.4g (INT8 %.4g) keeps %.0f%% of the %s set; unknown verdicts agree on "
-             "%.1f%%; INT8 embedding cosine median %.4f", score, threshold, int8_threshold, cfg.unknown_keep * 100,
-             source, agree * 100, float(np.median(cosine)))
-    curves = {"fp32": openset.keep_curve(fp32_scores), "int8": openset.keep_curve(int8_scores)}
+    reason = int8_threshold = agree = None
+    # an INT8 model with NaN or infinite outputs is not deployable (its logits' gate says so too); it gets no
+    # threshold of its own, and no figure of it that is not a number enters the manifest
+    if (bad := int((~np.isfinite(int8_scores)).sum())):
+        reason = (f"INT8 model gives non-finite unknown scores (NaN or infinity) on {bad} of {len(int8_scores)} "
+                  f"{source} images")
+    else:
+        int8_threshold = openset.threshold_for_keep(int8_scores, cfg.unknown_keep)   # its scores shift a little
+        agree = float(((fp32_scores > threshold) == (int8_scores > int8_threshold)).mean())
+    if (bad := int((~np.isfinite(cosine)).sum())):
+        reason = reason or f"INT8 embedding: non-finite (NaN or infinity) on {bad} of {len(cosine)} validation images"
+        cosine_median = cosine_min = None
+    else:
+        cosine_median, cosine_min = float(np.median(cosine)), float(np.min(cosine))
+        if cosine_median < EMBEDDING_COSINE_GATE:
+            reason = reason or (f"INT8 embedding: median cosine to FP32's {cosine_median:.4f} on validation images, "
+                                f"below {EMBEDDING_COSINE_GATE} (the unknown score and enrolled classes read it)")
+    log.info("unknown score %s: threshold %.4g (INT8 %s) keeps %.0f%% of the %s set; unknown verdicts agree on "
+             "%s; INT8 embedding cosine median %s", score, threshold,
+             "none" if int8_threshold is None else f"{int8_threshold:.4g}", cfg.unknown_keep * 100, source,
+             "-" if agree is None else f"{agree * 100:.1f}%", "-" if cosine_median is None else f"{cosine_median:.4f}")
+    curves = {"fp32": openset.keep_curve(fp32_scores)}
+    if int8_threshold is not None:
+        curves["int8"] = openset.keep_curve(int8_scores)
     block = {"score": score, "threshold": threshold, "threshold_int8": int8_threshold, "keep": cfg.unknown_keep,
              "keep_thresholds": {k: [list(point) for point in v] for k, v in curves.items()},
              "embedding_name": EMBEDDING_NAME, "embedding_dim": stats.dim, "enrolled": [],
              "calibration": {"set": source, "images": int(len(fp32_scores)), "fit_images": int(len(fit_labels)),
                              "known_kept_fp32": float((fp32_scores <= threshold).mean()),
-                             "known_kept_int8": float((int8_scores <= int8_threshold).mean()),
+                             "known_kept_int8": (None if int8_threshold is None
+                                                 else float((int8_scores <= int8_threshold).mean())),
                              "int8_fp32_verdicts_agree": agree,
-                             "int8_embedding_cosine_median": float(np.median(cosine)),
-                             "int8_embedding_cosine_min": float(np.min(cosine)), "int8_passed": reason is None}}
+                             "int8_embedding_cosine_median": cosine_median,
+                             "int8_embedding_cosine_min": cosine_min, "int8_passed": reason is None}}
+    if int8_threshold is None:
+        del block["threshold_int8"]   # a number where present (schema); a station then uses the FP32 threshold
     return block, openset.OpenSet(score, threshold, cfg.unknown_keep, stats, int8_threshold=int8_threshold,
                                   keep_thresholds=curves), reason
 

@@ -12,6 +12,7 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 OPSET = 18
+FALLBACK_OPSET = 17   # the TorchScript exporter's, when the dynamo exporter cannot trace a model
 
 
 EMBEDDING_NAME = "embedding"
@@ -36,9 +37,10 @@ def export_onnx(model: nn.Module, out: Path, height: int, width: int, *, input_n
         )
         program.save(str(out))
     except Exception as exc:  # the TorchScript exporter still handles models torch.export cannot trace
-        log.warning("dynamo ONNX export failed (%s); using the TorchScript exporter", exc)
+        log.warning("dynamo ONNX export failed (%s); using the TorchScript exporter (opset %d)", exc,
+                    FALLBACK_OPSET)
         torch.onnx.export(
-            model, example, str(out), dynamo=False, opset_version=17, input_names=[input_name],
+            model, example, str(out), dynamo=False, opset_version=FALLBACK_OPSET, input_names=[input_name],
             output_names=outputs, dynamic_axes={name: {0: "batch"} for name in [input_name, *outputs]},
         )
     import onnx
@@ -47,7 +49,24 @@ def export_onnx(model: nn.Module, out: Path, height: int, width: int, *, input_n
     return out
 
 
+def written_opset(path: Path) -> int:
+    """The default-domain (ai.onnx) opset an ONNX file was written with: what a manifest records, since the
+    exporter's fallback writes FALLBACK_OPSET, not OPSET."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    versions = [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")]
+    if not versions:
+        raise ValueError(f"{path}: imports no ai.onnx opset; not an exported classifier")
+    return int(versions[0])
+
+
 PARITY_RELATIVE_TOLERANCE = 1e-3   # of the largest |logit|, at least 1e-3 absolute
+
+
+def _finite_rows(*arrays: np.ndarray | None) -> np.ndarray:
+    """Per image (row): True where every given output is finite."""
+    return np.logical_and.reduce([np.isfinite(a.reshape(len(a), -1)).all(axis=1) for a in arrays if a is not None])
 
 
 def parity(model: nn.Module, onnx_path: Path, inputs: np.ndarray, batch_size: int = 64, arch: str | None = None) -> dict:
@@ -56,7 +75,8 @@ def parity(model: nn.Module, onnx_path: Path, inputs: np.ndarray, batch_size: in
     The gate (``passed``): every logit within ``PARITY_RELATIVE_TOLERANCE`` of the largest |logit| (float
     arithmetic in another order differs by ~1e-6 of it; a wrong graph by far more), and every top-1
     disagreement a near-tie that the difference itself explains (PyTorch's top-2 margin within twice the
-    max difference). A bundle that fails is not deployable.
+    max difference). A bundle that fails is not deployable. So does a PyTorch reference with NaN or infinity (no
+    difference to it can be measured); the figures are then over the images where both outputs are finite.
     """
     from trainer.evaluate import onnx_outputs
 
@@ -73,21 +93,26 @@ def parity(model: nn.Module, onnx_path: Path, inputs: np.ndarray, batch_size: in
     else:
         ref, ref_emb, got_emb = torch.cat(parts).numpy(), None, None
         got = onnx_outputs(onnx_path, inputs, batch_size)[0]
-    diff = float(np.abs(ref - got).max()) if len(ref) else 0.0
-    tolerance = PARITY_RELATIVE_TOLERANCE * max(1.0, float(np.abs(ref).max()) if len(ref) else 1.0)
+    ref_finite, got_finite = _finite_rows(ref, ref_emb), _finite_rows(got, got_emb)
+    both = ref_finite & got_finite        # the differences are measured here; any other row fails the gate below
+    diff = float(np.abs(ref[both] - got[both]).max()) if both.any() else 0.0
+    tolerance = PARITY_RELATIVE_TOLERANCE * max(1.0, float(np.abs(ref[both]).max()) if both.any() else 1.0)
     top2 = np.sort(ref, axis=1)[:, -2:] if len(ref) else np.zeros((0, 2))
     disagree = ref.argmax(1) != got.argmax(1)
-    unexplained = int((disagree & (top2[:, 1] - top2[:, 0] > 2 * diff)).sum())
+    unexplained = int((disagree & both & (top2[:, 1] - top2[:, 0] > 2 * diff)).sum())
     reason = None
     emb_diff = emb_tolerance = None
-    if ref_emb is not None and len(ref_emb):
-        emb_diff = float(np.abs(ref_emb - got_emb).max())
-        emb_tolerance = PARITY_RELATIVE_TOLERANCE * max(1.0, float(np.abs(ref_emb).max()))
-    if not np.isfinite(got).all() or (got_emb is not None and not np.isfinite(got_emb).all()):
+    if ref_emb is not None and both.any():
+        emb_diff = float(np.abs(ref_emb[both] - got_emb[both]).max())
+        emb_tolerance = PARITY_RELATIVE_TOLERANCE * max(1.0, float(np.abs(ref_emb[both]).max()))
+    if not ref_finite.all():
+        reason = (f"PyTorch gives non-finite outputs (NaN or infinity) on {int((~ref_finite).sum())} of {len(ref)} "
+                  "images; ONNX cannot be checked against them")
+    elif not got_finite.all():
         reason = "ONNX Runtime returned non-finite outputs"
-    elif emb_diff is not None and emb_diff > emb_tolerance:
+    elif emb_diff is not None and not emb_diff <= emb_tolerance:
         reason = f"ONNX embedding differs from PyTorch by up to {emb_diff:.3g} (tolerance {emb_tolerance:.3g})"
-    elif diff > tolerance:
+    elif not diff <= tolerance:
         reason = f"ONNX logits differ from PyTorch by up to {diff:.3g} (tolerance {tolerance:.3g})"
     elif unexplained:
         reason = f"ONNX top-1 differs from PyTorch on {unexplained} image(s) that are not near-ties"
