@@ -19,6 +19,8 @@ import math
 import re
 from typing import Any
 
+from contract.image_header import jpeg_dimensions
+
 log = logging.getLogger(__name__)
 
 MAX_PIXELS = 8192 * 8192            # declared width x height of a frame's JPEG, checked before it is decoded
@@ -26,44 +28,9 @@ MAX_JPEG_BYTES = 8 * 1024 * 1024    # a frame's JPEG (stations send ROI crops of
 MAX_TEXT = 4096                      # a text column (label, model name, source_ref ...)
 SQLITE_INT_MIN, SQLITE_INT_MAX = -(2 ** 63), 2 ** 63 - 1
 
-# start-of-frame markers (SOF0..SOF15 but DHT C4, JPG C8 and DAC CC): they carry the image's size
-_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
-_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})      # TEM and RSTn have no length field
-
 
 class FrameCheckError(ValueError):
     """A frame value the store refuses; the store re-raises it as its StoreError."""
-
-
-def jpeg_dimensions(data: bytes) -> tuple[int, int] | None:
-    """(width, height) that a JPEG's frame header (SOFn) declares, read from the markers without decoding;
-    None when the data is not a JPEG or has no frame header before its first scan."""
-    if data[:2] != b"\xff\xd8":
-        return None
-    i, end = 2, len(data)
-    while i + 4 <= end:
-        if data[i] != 0xFF:
-            return None
-        marker = data[i + 1]
-        if marker == 0xFF:                      # a fill byte before the marker
-            i += 1
-            continue
-        if marker in _STANDALONE:
-            i += 2
-            continue
-        if marker in (0xD9, 0xDA):              # end of image, or a scan before any frame header
-            return None
-        length = int.from_bytes(data[i + 2:i + 4], "big")
-        if length < 2:
-            return None
-        if marker in _SOF:
-            if i + 9 > end:
-                return None
-            height = int.from_bytes(data[i + 5:i + 7], "big")
-            width = int.from_bytes(data[i + 7:i + 9], "big")
-            return width, height
-        i += 2 + length
-    return None
 
 
 def check_jpeg_header(data: bytes, what: str, *, max_pixels: int, max_bytes: int) -> tuple[int, int]:

@@ -317,7 +317,7 @@ def test_the_header_reader_finds_the_size_opencv_decodes(tmp_path, ext, shape):
     path = tmp_path / f"x{ext}"
     assert cv2.imwrite(str(path), np.random.default_rng(1).integers(0, 255, (*shape, 3)).astype(np.uint8))
     with open(path, "rb") as fh:
-        assert image_size(fh, str(path)) == (shape[1], shape[0])
+        assert image_size(fh.read(), str(path)) == (shape[1], shape[0])
 
 
 def test_the_header_reader_finds_a_jpeg_size_behind_large_metadata(tmp_path):
@@ -326,11 +326,11 @@ def test_the_header_reader_finds_a_jpeg_size_behind_large_metadata(tmp_path):
     path = tmp_path / "x.jpg"
     path.write_bytes(jpeg[:2] + app * 3 + jpeg[2:])
     with open(path, "rb") as fh:
-        assert image_size(fh, str(path)) == (40, 30)
+        assert image_size(fh.read(), str(path)) == (40, 30)
     for data in (b"", b"GIF89a" + b"\0" * 40, jpeg[:2] + app[:100]):
         path.write_bytes(data)
         with open(path, "rb") as fh, pytest.raises(ImageHeaderError, match=str(path)):
-            image_size(fh, str(path))
+            image_size(fh.read(), str(path))
 
 
 def test_a_folder_source_resumes_where_it_stopped_after_a_reconnect(tmp_path):
