@@ -505,10 +505,7 @@ class Localizer:
             self.background += (frame - self.background) / self._seen
             return Located(False, None, None, 0.0, settled=False)
         self.gain, self.light = self._light(frame, scale)
-        found, mask = _locate(frame, self.background, scale, roi_hw, threshold=s.threshold, min_area=s.min_area,
-                              join_px=s.join_px, gain=self.gain, field=self.light, noise_k=s.noise_k,
-                              min_threshold=s.min_threshold, grow_threshold=s.grow_threshold,
-                              grow_relative=s.grow_relative)
+        found, mask = self._find(frame, scale, roi_hw, self.gain, self.light)
         crop = crop_box(found.box, roi_hw, policy)
         present = crop is not None
         self._learn(frame, present, found.box, scale, mask)
@@ -573,11 +570,17 @@ class Localizer:
         s = self.settings
         assert self.background is not None
         gain, light = estimate_light(frame, self.background, s.max_gain, s.max_local_gain, None, self.light)
-        found, _ = _locate(frame, self.background, scale, frame.shape[:2], threshold=s.threshold,
-                           min_area=s.min_area, join_px=s.join_px, gain=gain, field=light, noise_k=s.noise_k,
-                           min_threshold=s.min_threshold, grow_threshold=s.grow_threshold,
-                           grow_relative=s.grow_relative)
+        found, _ = self._find(frame, scale, frame.shape[:2], gain, light)
         return (gain, light) if found.box is None else (self.gain, self.light)
+
+    def _find(self, frame: np.ndarray, scale: float, roi_hw: tuple[int, int], gain: float,
+              light: np.ndarray | None) -> tuple[Foreground, np.ndarray]:
+        """``_locate`` against the learned background with these settings, under the given light."""
+        s = self.settings
+        assert self.background is not None
+        return _locate(frame, self.background, scale, roi_hw, threshold=s.threshold, min_area=s.min_area,
+                       join_px=s.join_px, gain=gain, field=light, noise_k=s.noise_k, min_threshold=s.min_threshold,
+                       grow_threshold=s.grow_threshold, grow_relative=s.grow_relative)
 
     def _grown(self, box: Box, scale: float, hw: tuple[int, int]) -> tuple[int, int, int, int]:
         """An ROI box in working-copy pixels, grown by the join distance and the blur."""
