@@ -77,15 +77,14 @@ class StationState:
             log.error("%s: %s; kept as %s.bad, starting from the config", path, problem, path.name)
             _set_aside(path, ".bad")
             return fresh
-        if configured is None:       # nothing to compare with: keep the state and the sha it was made for
-            return cls(path, raw.get("configured_sha256"), raw.get("model"), dict(raw.get("thresholds") or {}),
-                       raw.get("shipment"))
-        if raw.get("configured_sha256") != configured:
+        if configured is not None and raw.get("configured_sha256") != configured:
             log.warning("%s: made for another configured bundle (the config changed); the config's bundle and "
                         "thresholds win, the old state is kept as %s.previous", path, path.name)
             _set_aside(path, ".previous")
             return fresh
-        return cls(path, configured, raw.get("model"), dict(raw.get("thresholds") or {}), raw.get("shipment"))
+        # the sha it was made for: the configured bundle's, or kept as it was when that cannot be read
+        return cls(path, raw.get("configured_sha256"), raw.get("model"), dict(raw.get("thresholds") or {}),
+                   raw.get("shipment"))
 
     def set_model(self, bundle_root: Path, version: str) -> None:
         self.model = {"bundle": str(bundle_root), "version": version, "sha256": manifest_sha256(bundle_root)}
