@@ -7,6 +7,7 @@ station feeds its model are the numbers the model was validated on.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -14,10 +15,14 @@ from typing import Any, Mapping, Sequence
 import cv2
 import numpy as np
 
+from contract.image_header import ImageHeaderError, image_size
+
 INTERPOLATIONS = {"bilinear": cv2.INTER_LINEAR, "area": cv2.INTER_AREA}
 CROP_MODES = ("roi", "foreground")
 MIN_STD = 1e-6          # input.std below this (as float32) scales a pixel step past float32's range
 MAX_NORM = 1e6          # input.mean and input.std magnitudes: a pixel's mean and spread are a few units at most
+MAX_IMAGE_SIDE = 16384  # pixels on a side of an image file read_image decodes: more than any camera or product photo
+MAX_IMAGE_BYTES = 256 << 20   # an image file read_image reads; a 16384 x 16384 photo compresses far below
 
 
 @dataclass(frozen=True)
@@ -191,13 +196,29 @@ def decode_image(data: bytes | np.ndarray, *, name: str = "<buffer>") -> np.ndar
     return to_rgb(image, bgr=image.ndim == 3 and image.shape[2] >= 3)
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """Read an image file to HxWx3 uint8 RGB; raises ImageDecodeError naming the file."""
+def read_image(path: str | Path, max_side: int = MAX_IMAGE_SIDE) -> np.ndarray:
+    """Read an image file to HxWx3 uint8 RGB, its header checked before anything is decoded (a 1 MB PNG can
+    declare 60000 x 60000 pixels, 10 GB once decoded); raises ImageDecodeError naming the file for a file that
+    cannot be read, is over MAX_IMAGE_BYTES, has no JPEG/PNG/BMP/WebP/TIFF header, declares a side of 0 or more
+    than ``max_side`` pixels, or does not decode."""
     path = Path(path)
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size > MAX_IMAGE_BYTES:
+                raise ImageDecodeError(f"{path}: {size} bytes, more than {MAX_IMAGE_BYTES} (not read)")
+            data = fh.read(MAX_IMAGE_BYTES + 1)
     except OSError as exc:
         raise ImageDecodeError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    if not data:
+        raise ImageDecodeError(f"{path}: empty file")
+    try:
+        width, height = image_size(data, str(path))
+    except ImageHeaderError as exc:
+        raise ImageDecodeError(str(exc)) from None
+    if not (1 <= width <= max_side and 1 <= height <= max_side):
+        raise ImageDecodeError(f"{path}: its header declares {width}x{height} pixels; expected sides of 1 to "
+                               f"{max_side} (refused before decoding)")
     return decode_image(data, name=str(path))
 
 

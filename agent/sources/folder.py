@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import bisect
 import logging
-import os
 from pathlib import Path
 from typing import Callable
 
@@ -21,29 +20,9 @@ import numpy as np
 from agent.config import MAX_FRAME_SIDE
 from agent.sources.base import EndOfStream, SourceError
 from contract.dataset import IMAGE_EXTENSIONS
-from contract.image_header import ImageHeaderError, image_size  # noqa: F401  (the folder's refusals)
-from contract.preprocess import decode_image
+from contract.preprocess import read_image
 
 log = logging.getLogger(__name__)
-
-MAX_FILE_BYTES = 256 << 20      # an image file of a camera folder; a 16384 x 16384 camera frame compresses far below
-
-
-def read_bounded_image(path: Path, max_side: int = MAX_FRAME_SIDE) -> np.ndarray:
-    """The image file as HxWx3 uint8 RGB, its header checked before it is decoded: ImageHeaderError for a file
-    too large, without an image header, or declaring a side of 0 or more than ``max_side`` pixels; whatever the
-    decoder raises (ImageDecodeError, cv2.error) otherwise."""
-    with open(path, "rb") as fh:
-        size = os.fstat(fh.fileno()).st_size
-        if size > MAX_FILE_BYTES:
-            raise ImageHeaderError(f"{path}: {size} bytes, more than {MAX_FILE_BYTES}")
-        data = fh.read(MAX_FILE_BYTES + 1)
-    width, height = image_size(data, str(path))
-    if not (1 <= width <= max_side and 1 <= height <= max_side):
-        raise ImageHeaderError(f"{path}: its header declares {width}x{height} pixels; expected sides of 1 to "
-                               f"{max_side} (refused before decoding)")
-    return decode_image(data, name=str(path))
-
 
 class ImageFolderSource:
     def __init__(self, folder: str | Path, *, name: str, loop: bool = False,
@@ -83,7 +62,7 @@ class ImageFolderSource:
             self._index += 1
             self._last = path.name
             try:
-                return read_bounded_image(path), path.name
+                return read_image(path, MAX_FRAME_SIDE), path.name
             except Exception as exc:  # noqa: BLE001 (one file, whatever the decoder raises: skipped, counted)
                 skipped += 1
                 self._skip(path, exc)

@@ -25,7 +25,8 @@ from agent.health import Metrics
 from agent.sources import open_source
 from agent.sources.base import SourceError
 from agent.sources.camera import CameraWorker, FrameHub
-from agent.sources.folder import ImageFolderSource, ImageHeaderError, image_size
+from agent.sources.folder import ImageFolderSource
+from contract.image_header import ImageHeaderError, image_size
 from agent.sources.opencv import OpenCVSource, ffmpeg_socket_timeout_option
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -174,7 +174,7 @@ def test_an_image_whose_header_declares_more_pixels_than_opencv_decodes_is_an_im
     import struct
     import zlib
 
-    from contract.preprocess import ImageDecodeError
+    from contract.preprocess import ImageDecodeError, decode_image
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
@@ -183,4 +183,6 @@ def test_an_image_whose_header_declares_more_pixels_than_opencv_decodes_is_an_im
     bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 60000, 60000, 8, 2, 0, 0, 0))
                      + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b""))
     with pytest.raises(ImageDecodeError, match=f"{bomb}: not a decodable image"):
+        decode_image(bomb.read_bytes(), name=str(bomb))     # read_image refuses it from its header, before this
+    with pytest.raises(ImageDecodeError, match=f"{bomb}: its header declares 60000x60000 pixels"):
         read_image(bomb)

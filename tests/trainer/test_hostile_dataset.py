@@ -21,7 +21,7 @@ import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from contract.preprocess import read_image
+from contract.preprocess import MAX_IMAGE_SIDE, ImageDecodeError, read_image
 from trainer.data import DatasetError, import_fashion_mnist, load_dataset
 
 REPO = Path(__file__).resolve().parents[2]
@@ -75,6 +75,28 @@ def test_a_corrupt_or_unreadable_image_is_skipped_and_listed(tmp_path):
     assert len(dataset.samples) == 4
     assert sorted(Path(row["path"]).name for row in dataset.skipped) == ["3.png", "4.jpg"]
     assert all(row["error"].startswith(row["path"]) for row in dataset.skipped)
+
+
+def test_an_image_declaring_gigapixels_is_skipped_from_its_header_before_decoding(tmp_path):
+    """A 2 kB PNG whose header declares 60000 x 60000 pixels (10.8 GB once decoded) is listed by name with the
+    size it declares; the dataset's other images load. A side just over the limit, which OpenCV would decode
+    cheaply, is refused the same way: the check is the header's, not the decoder's."""
+    _two_classes(tmp_path)
+    huge = bytearray(PNG)
+    huge[16:24] = struct.pack(">II", 60000, 60000)
+    _write(tmp_path / "bag", b"3.png", bytes(huge))
+    cv2.imwrite(str(tmp_path / "shoe" / "3.png"), np.zeros((1, MAX_IMAGE_SIDE + 1, 3), np.uint8))
+    dataset = load_dataset(tmp_path)
+    assert len(dataset.samples) == 4
+    errors = {Path(row["path"]).parent.name: row["error"] for row in dataset.skipped}
+    assert errors["bag"] == (f"{tmp_path}/bag/3.png: its header declares 60000x60000 pixels; expected sides of 1 "
+                             f"to {MAX_IMAGE_SIDE} (refused before decoding)")
+    assert f"declares {MAX_IMAGE_SIDE + 1}x1 pixels" in errors["shoe"]
+    with pytest.raises(ImageDecodeError, match=f"{tmp_path}/bag/3.png: its header declares 60000x60000"):
+        read_image(tmp_path / "bag" / "3.png")
+    for name, data, reason in ((b"e.png", b"", "empty file"), (b"g.png", b"GIF89a" + b"\0" * 40, "no JPEG, PNG")):
+        with pytest.raises(ImageDecodeError, match=f"{tmp_path}/bag/{name.decode()}: {reason}"):
+            read_image(_write(tmp_path / "bag", name, data))
 
 
 def test_an_empty_class_folder_is_refused_by_name(tmp_path):
