@@ -626,15 +626,15 @@ def _command_errors(verb: str, exc: ValidationError) -> str:
 
 def command_json(verb: str, payload: bytes) -> Any:
     """A command payload as JSON: at most COMMAND_MAX_BYTES of UTF-8 (cmd/expect: COMMAND_LIMITS), no NaN or
-    infinity (1e999 included); for cmd/expect, no key given twice in one object (json.loads would keep the last
-    silently: ``{"Dress": 3, "Dress": 5}`` would expect 5 Dresses where the sender may have meant 8).
+    infinity (1e999 included), no key given twice in one object (json.loads would keep the last silently:
+    ``{"Dress": 3, "Dress": 5}`` would expect 5 Dresses where the sender may have meant 8).
 
     Raises ValueError naming the payload or the field, which the command's handler publishes as its refusal."""
     limit = COMMAND_LIMITS.get(verb, COMMAND_MAX_BYTES)
     if len(payload) > limit:
         raise ValueError(f"payload: {len(payload)} bytes, more than {limit}")
     twice: list[tuple[dict[str, Any], str]] = []
-    hook = _keys_once(twice) if verb == "expect" else None
+    hook = _keys_once(twice)
     try:     # strict UTF-8: json.loads(bytes) guesses UTF-16 and more
         data = json.loads(payload.decode("utf-8"), object_pairs_hook=hook)
     except UnicodeDecodeError as exc:

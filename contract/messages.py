@@ -91,6 +91,22 @@ class NestingError(ValueError):
     """A JSON text nested deeper than the parser goes (its RecursionError, as bad input)."""
 
 
+class DuplicateKeyError(ValueError):
+    """A JSON object that gives one key twice: ``json.loads`` keeps the last silently, where the writer may have
+    meant the first, or both (``{"bundle": "a", "bundle": "b"}``, ``{"Dress": 3, "Dress": 5}``)."""
+
+
+def _keys_once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise DuplicateKeyError(f"key {key[:40]!r} given twice in one object")
+            seen.add(key)
+    return obj
+
+
 def _refuse_constant(name: str) -> Any:
     raise NonFiniteError(f"{name} is not a JSON number (non-finite numbers are refused)")
 
@@ -103,14 +119,16 @@ def _finite_float(text: str) -> float:
 
 
 def loads_finite(data: str | bytes | bytearray) -> Any:
-    """``json.loads`` that refuses ``NaN``, ``Infinity`` and numbers that overflow to infinity (``1e999``).
+    """``json.loads`` that refuses ``NaN``, ``Infinity``, numbers that overflow to infinity (``1e999``) and an
+    object giving a key twice.
 
-    Raises ValueError (NonFiniteError for the numbers, json.JSONDecodeError for the syntax,
-    UnicodeDecodeError for bytes that are not UTF-8, NestingError for arrays or objects nested deeper than
-    the parser goes): every caller already treats ValueError as "refuse this input".
+    Raises ValueError (NonFiniteError for the numbers, DuplicateKeyError for a key given twice,
+    json.JSONDecodeError for the syntax, UnicodeDecodeError for bytes that are not UTF-8, NestingError for arrays
+    or objects nested deeper than the parser goes): every caller already treats ValueError as "refuse this input".
     """
     try:
-        return json.loads(data, parse_constant=_refuse_constant, parse_float=_finite_float)
+        return json.loads(data, parse_constant=_refuse_constant, parse_float=_finite_float,
+                          object_pairs_hook=_keys_once)
     except RecursionError:      # "[[[[..." in a few dozen kB: refused like any other bad input, not a crash
         raise NestingError("arrays or objects nested deeper than the JSON parser goes") from None
 

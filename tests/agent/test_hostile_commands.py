@@ -155,6 +155,14 @@ def test_a_cmd_model_version_the_manifest_schema_would_refuse_is_refused_at_pars
     assert ModelCommand.parse(json.dumps({"bundle": "http://central/b/", "version": "v1.2_rc-3"}).encode()).version
 
 
+def test_a_cmd_model_giving_a_field_twice_is_refused_at_parse():
+    """Two bundle locations in one command: the parser would keep the second, where the sender may have meant
+    the first. Refused by name, as every JSON the product reads (contract.messages.loads_finite)."""
+    raw = b'{"bundle": "http://central/a/", "version": "v1", "bundle": "http://central/b/"}'
+    with pytest.raises(BundleError, match="cmd/model: payload is not JSON \\(key 'bundle' given twice"):
+        ModelCommand.parse(raw)
+
+
 def test_hostile_thresholds_and_capture_empty_are_refused_naming_the_field(station):
     agent, dashboard, operator = station
     cases = [

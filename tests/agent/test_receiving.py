@@ -468,6 +468,14 @@ def test_the_cmd_expect_schema_and_the_agent_agree_on_what_a_command_is(engine):
                        (b'{"shipment": "PO-9", "close": true, "close": false}', "field close: given twice")]:
         with pytest.raises(ValueError, match=field):
             command_json("expect", raw)
+    # as is a key given twice in any command's payload
+    for verb, raw, field in [("thresholds", b'{"min_confidence": 0.5, "min_confidence": 0.9}',
+                              "field min_confidence: given twice"),
+                             ("thresholds", b'{"camera": "cam-1", "min_margin": 0.1, "camera": "cam-2"}',
+                              "field camera: given twice"),
+                             ("capture-empty", b'{"count": 1, "count": 5}', "field count: given twice")]:
+        with pytest.raises(ValueError, match=field):
+            command_json(verb, raw)
     # and still no NaN, infinity or 1e999, nor nesting deeper than the parser goes
     for raw, field in [(b'{"shipment": "PO-9", "lines": {"Dress": NaN}}', "field lines.Dress: not a finite"),
                        (b'{"shipment": "PO-9", "lines": {"Dress": 1e999}}', "field lines.Dress: not a finite"),

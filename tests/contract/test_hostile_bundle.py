@@ -108,6 +108,23 @@ def test_non_finite_numbers_in_a_manifest_are_refused(good_bundle, literal):
     assert str(path) in str(err.value)
 
 
+def test_a_key_given_twice_in_a_manifest_is_refused_naming_the_key(good_bundle):
+    """json.loads keeps the last of two equal keys: a manifest giving two thresholds would run on one of them
+    without a word. Every JSON the product reads refuses it (contract.messages.loads_finite)."""
+    from contract.messages import DuplicateKeyError, loads_finite
+
+    text = json.dumps(manifest_of(good_bundle)).replace('"min_confidence": 0.5',
+                                                        '"min_confidence": 0.5, "min_confidence": 0.9')
+    path = load_with(good_bundle, text.encode())
+    with pytest.raises(BundleError, match="not valid JSON.*key 'min_confidence' given twice") as err:
+        load_bundle(path.parent)
+    assert str(path) in str(err.value)
+    for raw, key in [('{"a": 1, "a": 1}', "a"), ('[{"x": {"b": 2, "c": 3, "b": 2}}]', "b")]:
+        with pytest.raises(DuplicateKeyError, match=f"key '{key}' given twice in one object"):
+            loads_finite(raw)
+    assert loads_finite('{"a": {"a": 1}, "b": [{"a": 2}, {"a": 3}]}') == {"a": {"a": 1}, "b": [{"a": 2}, {"a": 3}]}
+
+
 def test_huge_and_deeply_nested_manifests_are_refused(good_bundle):
     path = load_with(good_bundle, b"[" * 100_000 + b"]" * 100_000)
     with pytest.raises(BundleError, match="not valid JSON"):
