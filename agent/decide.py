@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 
 from agent.config import PresenceConfig, QcConfig, SortingConfig, Thresholds
-from contract.openset import UNKNOWN_LABEL
+from contract.openset import UNKNOWN_LABEL, carried_score
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -431,7 +431,7 @@ class ItemTracker:
             first_seen=seen[0].captured_at, last_seen=seen[-1].captured_at,
             lane=self.lanes.lane_for(label, bool(reasons)), low_confidence=bool(reasons), reasons=reasons, top_k=top_k,
             frame_seqs=(seen[0].frame_seq, seen[-1].frame_seq), prior=prior is not None,
-            unknown_score=round(score, 6) if score is not None else None,
+            unknown_score=carried_score(score) if score is not None else None,
             view=best.view if best is not None else None, view_seq=best.frame_seq if best is not None else None,
             vouched=vouched, track=track,
         )

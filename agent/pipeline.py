@@ -60,6 +60,7 @@ from agent.receiving import ReceivingDesk, receipt_body
 from agent.sources.base import Frame
 from agent.sources.camera import FrameHub
 from contract.bundle import Bundle
+from contract.openset import carried_score
 from contract.preprocess import Preprocessor
 
 log = logging.getLogger(__name__)
@@ -512,7 +513,7 @@ class InferenceStage(threading.Thread):
                 "low_confidence": cls.low_confidence, "reasons": list(cls.reasons),
                 "latency_ms": self._latency(timings, queue_s, ran_model=True)}
         if cls.unknown_score is not None:
-            body["unknown_score"] = round(cls.unknown_score, 6)
+            body["unknown_score"] = carried_score(cls.unknown_score)
         if present is not None:
             body["present"] = present
         body.update(self._localization(frame, runtime))
@@ -617,7 +618,7 @@ class InferenceStage(threading.Thread):
                                                                        and self._has_roi(frame.camera_id)),
                          "item_crop": item_crop}}
         if unknown_score is not None:
-            body["unknown_score"] = round(unknown_score, 6)
+            body["unknown_score"] = carried_score(unknown_score)
         if item is not None:
             body["item"] = item
         if track is not None:

@@ -173,7 +173,10 @@ def _validate_schema(manifest: Any, path: str | Path) -> None:
     if errors:
         err = errors[0]
         where = "/".join(str(p) for p in err.absolute_path) or "(top level)"
-        raise BundleError(f"{path}: field {where}: {err.message}")
+        text = err.message      # it quotes the value: a 400-digit number or a 1 MB string is cut in the middle
+        if len(text) > 240:
+            text = f"{text[:100]} ...({len(text) - 220} characters)... {text[-120:]}"
+        raise BundleError(f"{path}: field {where}: {text}")
 
 
 def parse_manifest(data: bytes, path: str | Path) -> dict[str, Any]:

@@ -49,6 +49,7 @@ MAX_ABS = 1e6               # class means, centre, directions and bank: embeddin
 MAX_ABS_WEIGHT = 1e12       # enrolled rows and bias: a whitened row mapped back may be long, never this long
 MIN_VARIANCE = 1e-30        # fit_embedding_stats keeps at least 1e-12; below this a distance may become infinite
 MAX_VARIANCE = 1e30
+SCORE_LIMIT = 1e12          # an unknown score as a message carries it, and a threshold's magnitude (carried_score)
 
 
 class OpenSetError(ValueError):
@@ -236,6 +237,14 @@ def unknown_scores(kind: str, logits: np.ndarray, emb: np.ndarray | None = None,
     return stats.knn_distance(emb)
 
 
+def carried_score(score: float) -> float:
+    """An unknown score as a message carries it: rounded to 6 places and within +-SCORE_LIMIT. A score beyond
+    the limit (an embedding far off every class, its distance scaled by a variance near the 1e-12 floor) is carried
+    as the limit: unknown at every threshold a bundle may hold, so no decision reads differently; the message stays
+    within its schema and within what every reader's float holds."""
+    return round(min(max(float(score), -SCORE_LIMIT), SCORE_LIMIT), 6)
+
+
 def threshold_for_keep(known_scores: np.ndarray, keep: float = DEFAULT_KEEP) -> float:
     """The score below which ``keep`` of the known items fall (they are kept; above it: unknown)."""
     scores = np.asarray(known_scores, np.float64)
@@ -364,6 +373,9 @@ def load(block: Mapping, npz_path: Path | None, labels: Sequence[str], dim: int 
     for name, value in (("threshold", threshold), ("threshold_int8", int8_threshold)):     # manifest fields
         if (value is not None or name == "threshold") and not _finite_number(value):
             raise OpenSetError(f"manifest open_set: {name} {_show(value)} is not a finite number")
+        if value is not None and abs(float(value)) > SCORE_LIMIT:
+            raise OpenSetError(f"manifest open_set: {name} {_show(value)} is beyond +-{SCORE_LIMIT:g}, the largest "
+                               "unknown score a message carries")
     if not (_finite_number(keep) and 0.0 < float(keep) <= 1.0):
         raise OpenSetError(f"manifest open_set: keep {_show(keep)} is not a share in (0, 1]")
     curves = _keep_thresholds(block.get("keep_thresholds"), "manifest open_set")  # a manifest field, not the npz's
@@ -409,6 +421,9 @@ def _keep_thresholds(raw, where: str) -> dict[str, tuple[tuple[float, float], ..
             keep, threshold = float(point[0]), float(point[1])
             if not 0.0 < keep <= 1.0:
                 raise OpenSetError(f"{where}: {field_name}[{i}]: keep {keep!r} is not a share in (0, 1]")
+            if abs(threshold) > SCORE_LIMIT:
+                raise OpenSetError(f"{where}: {field_name}[{i}]: threshold {threshold!r} is beyond "
+                                   f"+-{SCORE_LIMIT:g}, the largest unknown score a message carries")
             if pairs and (keep <= pairs[-1][0] or threshold < pairs[-1][1]):
                 raise OpenSetError(f"{where}: {field_name}[{i}]: shares must rise and thresholds not fall")
             pairs.append((keep, threshold))

@@ -493,6 +493,28 @@ def test_with_unknown_score_on_the_score_is_published_and_decides_nothing(tmp_pa
     assert metrics.counter("frames_unknown_total", camera="cam-a") == 0
 
 
+def test_a_score_beyond_the_carried_limit_is_published_as_the_limit_and_still_decides_unknown(tmp_path):
+    """A Mahalanobis score divides by the bundle's variances, which may be floored at 1e-12: an embedding far off
+    every class can score past 1e12 (here the variances are shrunk in place so the grey frame does). Its result
+    carries the schema's bound (SCORE_LIMIT, a number every reader's float holds), within result.v1, and the
+    frame is still decided unknown on its raw score."""
+    from contract.openset import SCORE_LIMIT
+
+    bundle_dir = make_open_set_bundle(tmp_path / "models")
+    cfg = as_config(station_config(tmp_path, bundle_dir, "unused", 1, frames={"enabled": False},
+                                   decisions={"unknown_items": True}))
+    stage, outbox, metrics, runtime = inference_stage(cfg, bundle_dir)
+    runtime.bundle.open_set.stats.variances[:] = 1e-12
+    stage.process([Frame("cam-a", 1, 1000.0, 0.0, image(GREY))])
+    grey = [r.body for r in outbox.pending(limit=10) if r.kind == "result"][0]
+    outbox.close()
+    assert grey["unknown_score"] == SCORE_LIMIT and grey["label"] == UNKNOWN_LABEL     # equal: cut at the limit
+    validate_message("result.v1", grey)
+    body = dict(grey, unknown_score=SCORE_LIMIT * 10)
+    with pytest.raises(Exception, match="1e|greater than"):
+        validate_message("result.v1", body)
+
+
 def test_a_frame_whose_embedding_is_not_finite_is_an_inference_error(tmp_path):
     """A model whose logits are finite but whose embedding is NaN on some frames (here: white ones): those
     frames are counted as inference errors and never published; the others are classified with a score."""

@@ -87,10 +87,12 @@ def test_the_unedited_bundles_load_and_score_finite(plain, enrolled, tmp_path):
 ])
 def test_an_integer_no_float_holds_in_the_open_set_block_is_refused_naming_the_field(plain, tmp_path, field, block,
                                                                                       literal):
-    """``10**400`` is valid JSON and a number to the schema; ``np.isfinite`` raised a bare TypeError on it."""
+    """``10**400`` is valid JSON and a number to the schema; ``np.isfinite`` raised a bare TypeError on it. The
+    schema's bound on thresholds (+-1e12, contract.openset.SCORE_LIMIT) now refuses it first, naming the field."""
     folder = _copy(plain, tmp_path, block=block, manifest_text=(literal, HUGE))
-    message = _refused(folder, f"field open_set: manifest open_set: {field} .*is not a (pair of )?finite number")
-    assert HUGE not in message                      # the number is cut short in the message
+    schema_field = field.replace(r"\.", "/").replace(r"\[0\]", "/0/1")
+    message = _refused(folder, f"field open_set/{schema_field}: 10000.* is greater than the maximum of 1000000000000")
+    assert HUGE not in message and len(message) < 600     # the number is cut short in the message
 
 
 def test_an_integer_no_float_holds_is_refused_by_openset_load_too():
@@ -98,6 +100,25 @@ def test_an_integer_no_float_holds_is_refused_by_openset_load_too():
                   {"threshold": 1.0, "keep": 10**400}):
         with pytest.raises(openset.OpenSetError, match="manifest open_set: (threshold|threshold_int8|keep) "):
             openset.load({"score": "msp", "embedding_name": "embedding", **block}, None, ["a", "b"])
+
+
+@pytest.mark.parametrize("block, field", [
+    ({"threshold": 2e12}, "threshold"), ({"threshold": 1.0, "threshold_int8": -2e12}, "threshold_int8"),
+    ({"threshold": 1.0, "keep_thresholds": {"int8": [[0.9, 1.0], [0.95, 2e12]]}}, r"keep_thresholds\.int8\[1\]"),
+])
+def test_a_threshold_beyond_the_carried_score_limit_is_refused_naming_the_field(block, field):
+    """Messages carry an unknown score within +-SCORE_LIMIT (carried_score): a threshold beyond it would judge
+    scores no message can show, so it is refused; at the limit it loads."""
+    with pytest.raises(openset.OpenSetError, match=f"manifest open_set: {field}.*beyond \\+-1e\\+12"):
+        openset.load({"score": "msp", **block}, None, ["a", "b"])
+    at_limit = json.loads(json.dumps(block).replace("2000000000000.0", "1000000000000.0"))
+    assert openset.load({"score": "msp", **at_limit}, None, ["a", "b"]).keep > 0
+
+
+def test_a_score_is_carried_rounded_and_within_the_limit():
+    limit = openset.SCORE_LIMIT
+    assert [openset.carried_score(x) for x in (0.1234567, -3.0, limit * 4.3, -1e300, limit)] == \
+        [0.123457, -3.0, limit, -limit, limit]
 
 
 @pytest.mark.parametrize("name", ["means", "centre", "components", "variances", "bank", "bank_labels"])
