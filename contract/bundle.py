@@ -321,6 +321,62 @@ def find_bundles(models_dir: str | Path) -> Iterable[Path]:
     return sorted(p.parent for p in Path(models_dir).glob(f"*/*/{MANIFEST}"))
 
 
+# ---------------------------------------------------------------- bundle folders written beside their place
+
+PARTIAL_MARK = ".partial-"
+
+
+def _host_tag() -> str:
+    import socket
+
+    return re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())[:32] or "host"
+
+
+def partial_dir(final: Path) -> Path:
+    """Where a bundle folder is written before it is renamed to ``final``: beside it, hidden, and named after this
+    host and process (``.<version>.partial-<host>-<pid>-<random>``), so that a later run can tell a leftover of a
+    killed writer from another writer's work in progress (sweep_partials). Not created."""
+    import uuid
+
+    return final.parent / f".{final.name}{PARTIAL_MARK}{_host_tag()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def sweep_partials(parent: Path) -> list[Path]:
+    """Remove what killed writers left in ``parent`` (an export, enrolment or publish stopped by ``kill -9`` or a
+    power cut never reaches its clean-up): ``partial_dir`` folders of this host whose process no longer runs.
+    Another host's folders (a models folder shared over the network) and live processes' are kept, as are
+    folders of another form. Returns what was removed; each removal is logged."""
+    import shutil
+
+    removed: list[Path] = []
+    prefix = f"{PARTIAL_MARK}{_host_tag()}-"
+    try:
+        entries = list(Path(parent).iterdir())
+    except OSError:         # no such folder yet: nothing left in it
+        return removed
+    for path in entries:
+        head, mark, rest = path.name.partition(prefix)
+        pid = rest.split("-", 1)[0]
+        if not (head.startswith(".") and mark and pid.isdigit()) or path.is_symlink() or not path.is_dir():
+            continue
+        if int(pid) == os.getpid() or _process_runs(int(pid)):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        log.warning("%s: removed, left by process %s on this host, which no longer runs", path, pid)
+        removed.append(path)
+    return removed
+
+
+def _process_runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:         # it runs, as another user
+        return True
+    return True
+
+
 # ---------------------------------------------------------------- what the model must be able to do
 
 def sample_input(spec: InputSpec, batch: int) -> np.ndarray:

@@ -41,6 +41,8 @@ from contract.bundle import (
     check_name_version,
     load_bundle,
     load_public_key,
+    partial_dir,
+    sweep_partials,
 )
 from contract.dataset import class_name_problem, is_sample_image
 from contract.messages import dumps_finite
@@ -456,8 +458,9 @@ def _write(bundle: Bundle, cfg: EnrolConfig, new_open_set: openset.OpenSet, repo
     final_dir = models_dir / bundle.name / version
     if final_dir.exists():
         raise EnrolError(f"{final_dir}: bundle version already exists; pass another --version")
-    tmp_dir = final_dir.parent / f".{version}.partial-{os.getpid()}-{time.monotonic_ns()}"   # its own: never
-    tmp_dir.mkdir(parents=True)                         # another enrolment's, in this process or another
+    sweep_partials(final_dir.parent)        # what enrolments killed before their clean-up left here
+    tmp_dir = partial_dir(final_dir)        # its own: never another enrolment's, in this process or another
+    tmp_dir.mkdir(parents=True)
     try:
         artifacts = []
         for entry in bundle.manifest["artifacts"]:

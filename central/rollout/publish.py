@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,6 +82,8 @@ def publish_bundle(bundle_dir: str | Path, root: str | Path, *, baseline: bool =
         check_model_runs,
         load_bundle,
         load_public_key,
+        partial_dir,
+        sweep_partials,
     )
 
     bundle_dir, root = Path(bundle_dir), Path(root)
@@ -110,7 +111,8 @@ def publish_bundle(bundle_dir: str | Path, root: str | Path, *, baseline: bool =
             return PublishResult(bundle.name, bundle.version, target, url_path, sha, gate["decision"], already=True)
         raise RolloutError(f"{target}: version {bundle.version} is already published with another manifest; "
                            "a published version is never replaced (export a new version)")
-    partial = target.parent / f".{bundle.version}.partial-{uuid.uuid4().hex[:8]}"
+    sweep_partials(target.parent)           # what publishes killed before their clean-up left here
+    partial = partial_dir(target)
     try:
         partial.mkdir(parents=True)
         files = [MANIFEST] + ([SIGNATURE] if (bundle_dir / SIGNATURE).exists() else [])

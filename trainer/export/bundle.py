@@ -9,7 +9,6 @@ import math
 import os
 import shutil
 import subprocess
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +27,8 @@ from contract.bundle import (
     check_name_version,
     load_bundle,
     load_public_key,
+    partial_dir,
+    sweep_partials,
 )
 from contract.messages import dumps_finite
 from contract.preprocess import InputSpec
@@ -261,7 +262,8 @@ def export_bundle(cfg: ExportConfig) -> ExportResult:
     val_x, val_y = eval_inputs(val_samples, spec, cfg.workers)
     val_x, val_y = val_x.numpy(), val_y.numpy()
     # this export's own folder: another export of the same version may be writing its own beside it
-    tmp_dir = final_dir.parent / f".{version}.partial-{uuid.uuid4().hex[:12]}"
+    sweep_partials(final_dir.parent)        # what exports killed before their clean-up left here
+    tmp_dir = partial_dir(final_dir)
     tmp_dir.mkdir(parents=True)
     try:
         manifest, fp32_metrics, int8_metrics = _export_into(

@@ -143,6 +143,36 @@ def test_publish_refuses_a_rejected_bundle_even_when_its_record_is_removed(bundl
     assert not (served / "tiny" / "v2").exists()
 
 
+def test_publish_removes_what_a_killed_publish_left_and_spares_live_ones(bundles, tmp_path):
+    """A publish killed by ``kill -9`` or a power cut never reaches its clean-up: its partial copy stayed beside
+    the published versions for good. The next publish removes those of processes of this host that are gone;
+    a live process's copy, another host's (a shared folder) and folders of another form stay."""
+    import subprocess
+    import sys
+
+    from contract.bundle import partial_dir
+
+    served = tmp_path / "served"
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        dead_copy = partial_dir(served / "tiny" / "v0")
+        tag = dead_copy.name.split(".partial-", 1)[1].split("-")[0]
+        dead_copy = dead_copy.with_name(f".v0.partial-{tag}-{int(gone.stdout)}-0a1b2c3d")
+        live_copy = dead_copy.with_name(f".v0.partial-{tag}-{live.pid}-0a1b2c3d")
+        elsewhere = dead_copy.with_name(f".v0.partial-another_host-{int(gone.stdout)}-0a1b2c3d")
+        other_form = dead_copy.with_name(".v0.partial")
+        for folder in (dead_copy, live_copy, elsewhere, other_form):
+            (folder / "model").mkdir(parents=True)
+            (folder / "model" / "model.fp32.onnx").write_bytes(b"half-copied")
+        publish_bundle(bundles["v1"], served, baseline=True)
+        assert sorted(p.name for p in (served / "tiny").iterdir() if p.name != ".index.lock") == sorted(
+            ["v1", "index.json", live_copy.name, elsewhere.name, other_form.name])
+    finally:
+        live.kill()
+        live.wait()
+
+
 def test_a_torn_gate_log_line_still_refuses_the_rejection_after_it_and_the_same_baseline_republishes(bundles,
                                                                                                    tmp_path):
     """A crash mid-append left half a line in gate-log.jsonl; the next record was glued to it and the reader
