@@ -34,6 +34,7 @@ import numpy as np
 
 from agent.config import ExpectCommand, ReceivingConfig
 from agent.decide import ItemDecision
+from contract.messages import dumps_finite
 from contract.openset import UNKNOWN_LABEL  # the label of an item the unknown score rejects (never sorted)
 
 # A receipt is bounded whatever the shipment: the broker refuses a message over its message_size_limit (4 MiB,
@@ -41,6 +42,11 @@ from contract.openset import UNKNOWN_LABEL  # the label of an item the unknown s
 MAX_RECEIPT_LINES = 2000       # receipt.v1 lines maxItems: the expected lines (at most 1,000) and unexpected ones
 MAX_RECEIPT_LINE_REFS = 1000   # refs over all lines of one receipt (review, unknown, vouched: max_refs each)
 MAX_LABEL_CHARS = 256          # a line's label in receipt.v1 and cmd-expect.v1
+# The receipt body as the outbox writes it (compact JSON, non-ASCII as escapes of 6-12 bytes a character), with
+# room for the station's fields (schema, id, seq, ts, site, station, final) under the broker's 4 MiB: refs and
+# then unexpected lines are left off until it fits (Shipment.receipt). The expected lines alone always fit: 1,000
+# labels of 256 characters outside the BMP written as escapes are about 3.2 MB.
+RECEIPT_MAX_BYTES = 4 * 1024 * 1024 - 64 * 1024
 
 
 class ShipmentError(ValueError):
@@ -163,25 +169,28 @@ class Shipment:
             self.vouched_refs.append(ref)
             del self.vouched_refs[:-max_refs]
 
-    def lines(self) -> list[dict[str, Any]]:
-        """Per label, expected first (in the command's order), then the unexpected ones by name.
+    def lines(self, line_room: int = MAX_RECEIPT_LINES,
+              line_refs: int = MAX_RECEIPT_LINE_REFS) -> tuple[list[dict[str, Any]], int]:
+        """Per label, expected first (in the command's order), then the unexpected ones by name; and how many
+        unexpected lines were left off.
 
-        Bounded (a receipt must fit a broker's message): at most MAX_RECEIPT_LINES lines, every expected one and
+        Bounded (a receipt must fit a broker's message): at most ``line_room`` lines, every expected one and
         the unexpected ones with the most items (the others are left off the list, still counted in the totals
-        and in ``items``), and at most MAX_RECEIPT_LINE_REFS refs over all lines, shared out by ``refs_share``
-        (each line's most doubtful kept; ``refs_left_off`` counts the rest)."""
+        and in ``items``), and at most ``line_refs`` refs over all lines, shared out by ``refs_share`` (each
+        line's most doubtful kept; ``refs_left_off`` counts the rest)."""
         unexpected = sorted(set(self.received) - set(self.expected))
-        room = max(0, MAX_RECEIPT_LINES - len(self.expected))
-        if len(unexpected) > room:
+        room = max(0, line_room - len(self.expected))
+        left_off = max(0, len(unexpected) - room)
+        if left_off:
             kept = set(sorted(unexpected, key=lambda label: (-self.received[label], label))[:room])
             unexpected = [label for label in unexpected if label in kept]
         lines = [self._line(label) for label in [*self.expected, *unexpected]]
-        shares = refs_share([len(line["refs"]) for line in lines], MAX_RECEIPT_LINE_REFS)
+        shares = refs_share([len(line["refs"]) for line in lines], line_refs)
         for line, share in zip(lines, shares):
             if share < len(line["refs"]):
                 del line["refs"][share:]
                 line["refs_left_off"] = self.refs_seen.get(line["label"], 0) - share
-        return lines
+        return lines, left_off
 
     def _line(self, label: str) -> dict[str, Any]:
         expected, received = self.expected.get(label, 0), self.received.get(label, 0)
@@ -203,10 +212,45 @@ class Shipment:
                 "short": sum(max(0, n - got.get(label, 0)) for label, n in self.expected.items()),
                 "unexpected": sum(n for label, n in got.items() if label not in self.expected)}
 
-    def receipt(self) -> dict[str, Any]:
-        """The body of a receipt.v1 message without the station's fields (id, seq, ts, site, station)."""
-        lines = self.lines()
+    def receipt(self, max_bytes: int = RECEIPT_MAX_BYTES) -> dict[str, Any]:
+        """The body of a receipt.v1 message without the station's fields (id, seq, ts, site, station): at most
+        ``max_bytes`` as the outbox writes it. Over that (labels and lanes of hundreds of non-ASCII characters, each
+        written as a 6-12 byte escape), the line refs are halved until none is left, then the review, unknown and
+        vouched refs, then the unexpected lines with the fewest items (``lines_left_off`` counts them); every
+        count and total still covers every item."""
+        def fits(body: dict[str, Any]) -> bool:
+            return len(dumps_finite(body, separators=(",", ":"))) <= max_bytes
+
+        line_refs, side_refs = MAX_RECEIPT_LINE_REFS, None
+        while True:
+            body = self._receipt(MAX_RECEIPT_LINES, line_refs, side_refs)
+            if fits(body):
+                return body
+            side = max(len(body[key]["refs"]) for key in ("review", "unknown", "vouched"))
+            if line_refs > 0:
+                line_refs //= 2
+            elif side > 0:
+                side_refs = side // 2
+            else:
+                break
+        # no refs left: the most unexpected lines that fit (a search: the size grows with each line listed)
+        best, low, high = None, 0, len(body["lines"]) - len(self.expected) - 1
+        while low <= high:
+            mid = (low + high) // 2
+            body = self._receipt(len(self.expected) + mid, 0, 0)
+            if fits(body):
+                best, low = body, mid + 1
+            else:
+                high = mid - 1
+        return best if best is not None else self._receipt(len(self.expected), 0, 0)  # the expected lines alone
+
+    def _receipt(self, line_room: int, line_refs: int, side_refs: int | None) -> dict[str, Any]:
+        lines, left_off = self.lines(line_room, line_refs)
         review_refs, unknown_refs = list(self.refs.get("", [])), list(self.refs.get(UNKNOWN_LABEL, []))
+        vouched_refs = list(self.vouched_refs)
+        if side_refs is not None:       # the most doubtful first (review, unknown) or the newest (vouched) kept
+            review_refs, unknown_refs = review_refs[:side_refs], unknown_refs[:side_refs]
+            vouched_refs = vouched_refs[max(0, len(vouched_refs) - side_refs):]
         totals: dict[str, int] = self.totals()
         totals["review"], totals["unknown"] = self.review, self.unknown
         totals["discrepancies"] = totals["over"] + totals["short"] + totals["unexpected"] + self.review + self.unknown
@@ -214,13 +258,13 @@ class Shipment:
                 "opened_at": round(self.opened_at, 6),
                 "closed_at": round(self.closed_at, 6) if self.closed_at is not None else None,
                 "items": sum(self.received.values()) + self.review + self.unknown, "lines": lines,
-                "line_refs": "most_doubtful",
+                "lines_left_off": left_off, "line_refs": "most_doubtful",
                 "review": {"count": self.review, "refs": review_refs,
                            "refs_left_off": self.refs_seen.get("", 0) - len(review_refs)},
                 "unknown": {"count": self.unknown, "refs": unknown_refs,
                             "refs_left_off": self.refs_seen.get(UNKNOWN_LABEL, 0) - len(unknown_refs)},
-                "vouched": {"count": self.vouched, "refs": list(self.vouched_refs),
-                            "refs_left_off": self.vouched - len(self.vouched_refs)},
+                "vouched": {"count": self.vouched, "refs": vouched_refs,
+                            "refs_left_off": self.vouched - len(vouched_refs)},
                 "totals": totals}
 
     def to_json(self) -> dict[str, Any]:

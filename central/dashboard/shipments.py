@@ -71,11 +71,12 @@ def shipment_view(body: dict[str, Any], received_at: float, *, lines_shown: int 
     return {"key": f"{body['site']}/{body['station']}/{body['shipment']}", "station": f"{body['site']}/{body['station']}",
             "site": body["site"], "shipment": body["shipment"], "state": body["state"], "final": body["final"],
             "seq": body["seq"], "ts": body["ts"], "received_at": received_at, "opened_at": body["opened_at"],
-            "closed_at": body["closed_at"], "items": body["items"], "lines_total": len(body["lines"]),
+            "closed_at": body["closed_at"], "items": body["items"],
+            "lines_total": len(body["lines"]) + body.get("lines_left_off", 0),   # with those the station left off
             "expected_total": sum(line["expected"] for line in body["lines"]), "totals": totals,
             "discrepant": (wrong_now if still_open else totals["discrepancies"]) > 0, "wrong_so_far": wrong_now,
             "awaiting": totals["short"] if still_open else 0, "lines": lines,
-            "lines_left_off": max(0, len(discrepant) - lines_shown),
+            "lines_left_off": max(0, len(discrepant) - lines_shown) + body.get("lines_left_off", 0),
             "review": _counted(body["review"], refs_shown), "unknown": _counted(body.get("unknown"), refs_shown),
             "vouched": _counted(body.get("vouched"), refs_shown)}
 

@@ -553,6 +553,7 @@ def test_a_receipt_stays_within_the_schema_and_the_broker_whatever_the_shipment(
     assert body["items"] == n == 2000 + 2000 + 600
     assert (body["totals"]["unexpected"], body["totals"]["over"], body["totals"]["matched"]) == (2600, 1000, 1000)
     assert body["totals"]["unexpected"] - sum(line["unexpected"] for line in lines) == 600   # the lines left off
+    assert body["lines_left_off"] == 600
     assert size < 768 * 1024, size                   # about 550 kB
     assert Shipment.from_json(json.loads(json.dumps(shipment.to_json()))).receipt() == shipment.receipt()
 
@@ -574,6 +575,50 @@ def test_a_receipt_stays_within_the_schema_and_the_broker_whatever_the_shipment(
         checker("receipt.v1", engine).check("receipt", body)
     assert len(body["lines"]) == 2000 and sum(len(line["refs"]) for line in body["lines"]) == 1000
     assert size < 2 * 1024 * 1024, size            # the broker's limit is 4 MiB
+
+
+def test_a_receipt_of_non_ascii_labels_at_the_schemas_limits_still_fits_the_broker():
+    """Labels and lanes of 256 characters outside the BMP, which the outbox writes as 12-byte escapes: listed
+    whole, the receipt below is about 10 MB, and the broker (4 MiB) would refuse it, so it would never arrive.
+    The refs are left off first (the line refs, then review, unknown and vouched), then the unexpected lines
+    with the fewest items (``lines_left_off``): it follows the schema, fits RECEIPT_MAX_BYTES, lists every
+    expected line, and its counts still cover every item."""
+    from agent.receiving import RECEIPT_MAX_BYTES
+
+    def ref(k: int, label: str) -> dict:
+        return item_ref(decided(10 ** 15 + k, label, 0.5 - k * 1e-4, camera="c" * 64, lane="\U0001F69A" * 256),
+                        f"00000000-0000-4000-8000-{k:012d}")
+    label = lambda i: (f"{i:05d}" + "\U0001F4E6" * 256)[:256]      # noqa: E731
+    wide = Shipment("S" * 64, {label(i): 1 for i in range(1000)}, 1e9)
+    for i in range(2000):                                               # 1,000 expected, 1,000 unexpected lines
+        wide.received[label(i)] = wide.refs_seen[label(i)] = 2 + (i >= 1000) * (i % 7)
+        wide.refs[label(i)] = [ref(k, label(i)) for k in range(2)]
+    for key in ("", UNKNOWN_LABEL):
+        wide.refs[key], wide.refs_seen[key] = [ref(k, label(0)) for k in range(100)], 100
+    wide.review = wide.unknown = wide.vouched = 100
+    wide.vouched_refs = [ref(k, label(0)) for k in range(100)]
+    whole = wide.receipt(max_bytes=10 ** 9)
+    assert len(dumps_finite(whole, separators=(",", ":"))) > 8 * 1024 * 1024      # what the station sent before
+    body, size = receipt_message(wide)
+    for engine in ENGINES:
+        checker("receipt.v1", engine).check("receipt", body)
+    assert size <= RECEIPT_MAX_BYTES + 1024 < 4 * 1024 * 1024, size
+    lines = body["lines"]
+    assert [line["label"] for line in lines[:1000]] == [label(i) for i in range(1000)]
+    assert sum(len(line["refs"]) for line in lines) == 0 and all(line["refs_left_off"] == line["received"]
+                                                                  for line in lines if line["status"] != "matched")
+    assert body["lines_left_off"] == 1000 - (len(lines) - 1000) > 0
+    listed = [wide.received[line["label"]] for line in lines[1000:]]
+    left = sorted(wide.received[label(i)] for i in range(1000, 2000))[:body["lines_left_off"]]
+    assert not listed or min(listed) >= max(left)                          # the fewest items were left off
+    assert (body["items"], body["totals"]["unexpected"]) == (whole["items"], whole["totals"]["unexpected"])
+    assert body["totals"] == whole["totals"]
+    for key in ("review", "unknown", "vouched"):
+        assert body[key]["count"] == 100 and len(body[key]["refs"]) + body[key]["refs_left_off"] == 100
+    # a receipt that fits is listed whole, as before
+    small = Shipment("PO-1", {label(0): 1}, 1.0)
+    small.record(decided(1, label(0)), "00000000-0000-4000-8000-000000000001", max_refs=50)
+    assert small.receipt() == small.receipt(max_bytes=10 ** 9) and small.receipt()["lines_left_off"] == 0
 
 
 def test_the_largest_cmd_expect_the_schema_allows_is_read_and_one_byte_more_is_refused():

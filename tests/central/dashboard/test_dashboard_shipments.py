@@ -53,6 +53,27 @@ def mixed_shipment(name: str = "PO-1") -> Shipment:
 
 
 @pytest.mark.parametrize("engine", ENGINES)
+def test_unexpected_lines_a_station_left_off_its_receipt_count_in_the_shipments_lines(engine):
+    """A receipt too large for the broker lists fewer unexpected lines (agent Shipment.receipt, its
+    lines_left_off): the dashboard counts them in lines_total and lines_left_off, and the totals stay whole."""
+    shipment = mixed_shipment()
+    for n, label in enumerate(["Hat", "Hat", "Scarf", "Belt"], start=7):
+        shipment.record(item(label, n), decision_id(n), max_refs=100)
+    whole = shipment.receipt()
+    cut = shipment.receipt(max_bytes=0)           # nothing fits: the expected lines alone
+    assert [line["label"] for line in cut["lines"]] == ["Coat", "Dress", "Shirt"] and cut["lines_left_off"] == 4
+    assert cut["totals"] == whole["totals"]
+    body = {**receipt_body(cut, site=SITE, station=STATION, ts=1000.0, final=False), "seq": 4}
+    checker("receipt.v1").check("test receipt", body)
+    state = WarehouseState(engine=engine)
+    assert state.ingest(TOPIC, payload(body), received_at=1001.0) == "applied"
+    shown = state.shipment_list()["shipments"][0]
+    assert shown["lines_total"] == len(whole["lines"]) == 7
+    assert len(shown["lines"]) + shown["lines_left_off"] == 6          # the discrepant lines: all but Shirt
+    assert shown["totals"]["unexpected"] == 5
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 def test_an_open_shipment_shows_its_discrepant_lines_with_the_decisions_behind_them(engine):
     state = WarehouseState(engine=engine)
     assert state.ingest(TOPIC, payload(receipt(mixed_shipment(), seq=4)), received_at=1001.0) == "applied"
