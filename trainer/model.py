@@ -208,10 +208,14 @@ def _load_backbone(model: nn.Module, state: dict[str, torch.Tensor], head_attr: 
     backbone = {k: v for k, v in state.items() if not k.startswith(head_prefix)}
     missing = [k for k in own if not k.startswith(head_prefix) and k not in backbone]
     mismatched = [k for k, v in backbone.items() if k in own and own[k].shape != v.shape]
-    if missing or mismatched or not backbone:
+    # tensors this architecture does not have: a deeper relative's file (ResNet34's into ResNet18) holds every
+    # tensor of the shallower one, shaped alike, and loaded into it silently
+    extra = [k for k in backbone if k not in own]
+    if missing or mismatched or extra or not backbone:
         raise WeightsError(
-            f"{source}: does not match this architecture "
-            f"({len(missing)} missing tensors, e.g. {missing[:2]}; {len(mismatched)} of another shape, e.g. {mismatched[:2]})"
+            f"{source}: does not match this architecture ({len(missing)} missing tensors, e.g. {missing[:2]}; "
+            f"{len(mismatched)} of another shape, e.g. {mismatched[:2]}; {len(extra)} it does not have, "
+            f"e.g. {extra[:2]})"
         )
     model.load_state_dict(backbone, strict=False)
 

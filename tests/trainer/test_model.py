@@ -54,6 +54,14 @@ def test_weights_path_missing_wrong_arch_and_pickled_code(tmp_path):
     torch.save(build_model("resnet18", 3, "none").state_dict(), other)
     with pytest.raises(WeightsError, match="resnet18.pth: does not match this architecture"):
         build_model("mobilenet_v2", 3, str(other))
+    # a deeper relative's file holds every tensor of ResNet18, shaped alike: it loaded silently
+    import torchvision
+
+    deeper = tmp_path / "resnet34.pth"
+    torch.save(torchvision.models.resnet34(weights=None).state_dict(), deeper)
+    with pytest.raises(WeightsError, match=r"resnet34.pth: does not match this architecture \(0 missing tensors.*"
+                                           r"0 of another shape.* it does not have, e.g. \['layer1.2"):
+        build_model("resnet18", 3, str(deeper))
 
     class Payload:  # arbitrary pickled object: weights_only loading must refuse it
         def __reduce__(self):
