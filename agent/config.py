@@ -309,7 +309,11 @@ class MqttConfig(_Strict):
     password_env: str | None = Field(None, title="Password variable", description="Environment variable holding the password.")
     password_file: Path | None = Field(None, title="Password file", description="File holding the password (first line).")
     tls: TlsConfig | None = Field(None, title="TLS", description="Enables TLS when set.")
-    topic_root: str | None = Field(None, title="Topic root", description="None: inventory/<site>/<station>.")
+    topic_root: str | None = Field(
+        None, title="Topic root",
+        description="The whole prefix of the station's topics. None: inventory/<site>/<station>. Central services "
+                    "take a root before <site>/<station> (--topic-root): with theirs at 'acme', set "
+                    "'acme/<site>/<station>'.")
     reconnect: Backoff = Field(default_factory=Backoff, title="Reconnect backoff", description="Backoff between connect attempts.")
     max_inflight: int = Field(64, ge=1, le=1000, title="In-flight window", description="QoS 1 messages awaiting PUBACK at once.")
 
@@ -864,9 +868,9 @@ def config_reference_markdown() -> str:
             nested = next((a for a in (ann, *getattr(ann, "__args__", ())) if _is_model(a)), None)
             default = "required" if info.is_required() else _default_text(info.get_default(call_default_factory=True))
             type_name = _type_name(ann)
-            if nested is None or not key.startswith(("cameras", "mqtt.tls")) or key in ("cameras", "mqtt.tls"):
-                lines.append(f"| `{key}` | {type_name.replace('|', '&#124;')} | {default.replace('|', '&#124;')} | "
-                             f"{info.description or info.title or ''} |")
+            # a section's own row too: it says whether the section may be left out (cameras[].roi: null)
+            lines.append(f"| `{key}` | {type_name.replace('|', '&#124;')} | {default.replace('|', '&#124;')} | "
+                         f"{info.description or info.title or ''} |")
             if nested is not None:
                 walk(nested, f"{key}[]." if key == "cameras" else f"{key}.")
 

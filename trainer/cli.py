@@ -26,7 +26,8 @@ BOOL = argparse.BooleanOptionalAction
 
 def _add_train_args(p: argparse.ArgumentParser, *, data: bool = True) -> None:
     if data:  # retrain builds its dataset from --base-data and --reviewed
-        p.add_argument("--data", required=True, help="class folders, <class>_*.ext files, or a path,label CSV")
+        p.add_argument("--data", default=None, help="class folders, <class>_*.ext files, or a path,label CSV "
+                                                    "(required, but with --resume: the run's own config names it)")
     p.add_argument("--out-dir", default="runs", help="runs are written to OUT_DIR/NAME")
     p.add_argument("--name", default="model", help="run and bundle name")
     p.add_argument("--arch", default="resnet50", choices=["resnet50", "resnet18", "mobilenet_v2"])
@@ -190,7 +191,13 @@ def cmd_train(args) -> int:
 
     if args.resume:
         run_dir = args.resume if args.resume.is_dir() else args.resume.parent
+        if not (run_dir / "config.json").is_file():
+            log.error("--resume %s: no run there (%s does not exist)", args.resume, run_dir / "config.json")
+            return 2
         cfg = TrainConfig.load(run_dir / "config.json")
+    elif args.data is None:
+        log.error("--data: required (the training images), unless --resume continues a run")
+        return 2
     else:
         cfg = train_config_from_args(args)
         run_dir = Path(cfg.out_dir) / cfg.name

@@ -26,6 +26,12 @@ def test_train_export_verify_evaluate_through_the_cli(fmnist_dir, tmp_path):
 
     again = trainer("train", "--data", fmnist_dir / "train", "--name", "cli", cwd=tmp_path)
     assert again.returncode == 2 and "--resume" in again.stderr  # never silently overwrites a run
+    # resumed as docs/training.md writes it, without --data (the run's config names it): nothing left to train
+    resumed = trainer("train", "--resume", "runs/cli", cwd=tmp_path)
+    assert resumed.returncode == 0 and "best val accuracy" in resumed.stdout, resumed.stderr[-2000:]
+    for args, reason in ((["--name", "x"], "--data: required"), (["--resume", "runs/nope"], "no run there")):
+        refused = trainer("train", *args, cwd=tmp_path)
+        assert refused.returncode == 2 and reason in refused.stderr, refused.stderr[-2000:]
 
     trainer("keygen", "--private", "keys/k.key", "--public", "keys/k.pub", cwd=tmp_path)
     done = trainer("export", "runs/cli/best.pt", "--version", "v1", "--calibration-images", 64,
