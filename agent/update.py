@@ -71,8 +71,12 @@ class ModelCommand:
             raise BundleError(f"cmd/model: payload is not JSON ({exc})") from exc
         if not isinstance(data, dict):
             raise BundleError(f"cmd/model: expected a JSON object, got {type(data).__name__}")
+        unknown = sorted(set(data) - {"bundle", "sha256", "version"})
+        if unknown:         # a misspelt "sha256" would otherwise install whatever the location serves, unchecked
+            raise BundleError(f"cmd/model: field {unknown[0][:40]!r}: not a field of cmd/model (bundle, sha256, "
+                              "version)")
         location = data.get("bundle")
-        if not isinstance(location, str) or not location or "\x00" in location or len(location) > 4096:
+        if not isinstance(location, str) or not location or "\x00" in location or len(location) > 2048:
             raise BundleError("cmd/model: field bundle: expected a bundle path or URL string")
         sha = data.get("sha256")
         if sha is not None and (not isinstance(sha, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", sha)):

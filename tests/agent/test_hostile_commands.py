@@ -30,7 +30,7 @@ from agent.demo import Subscriber
 from agent.sources.base import Frame
 from agent.update import ModelCommand, fetch_bundle, verify_command_bundle
 from contract.bundle import MANIFEST, BundleError, load_bundle
-from contract.messages import loads_finite
+from contract.messages import ENGINES, checker, loads_finite
 
 ROOT = "inventory/test/st-01"
 
@@ -161,6 +161,27 @@ def test_a_cmd_model_giving_a_field_twice_is_refused_at_parse():
     raw = b'{"bundle": "http://central/a/", "version": "v1", "bundle": "http://central/b/"}'
     with pytest.raises(BundleError, match="cmd/model: payload is not JSON \\(key 'bundle' given twice"):
         ModelCommand.parse(raw)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_the_cmd_model_schema_and_the_agent_agree_on_what_a_command_is(engine):
+    """A misspelt field ("sha265") was accepted by both, and the bundle then installed without its hash check."""
+    sha = "ab" * 32
+    good = [{"bundle": "http://central/b/"}, {"bundle": "/opt/b", "sha256": sha, "version": "v1.2_rc-3"},
+            {"bundle": "file:///opt/b", "sha256": sha.upper()}, {"bundle": "x" * 2048}]
+    bad = [{"bundle": "http://central/b/", "sha265": sha}, {"bundle": "http://central/b/", "extra": 1},
+           {"bundle": ""}, {"bundle": "x" * 2049}, {"bundle": "b", "sha256": "ab"}, {"bundle": "b", "version": "a/b"},
+           {"bundle": "b", "version": "v" * 129}, {"sha256": sha}, ["b"]]
+    check = checker("cmd-model.v1", engine)
+    for body in good:
+        assert check.error(body) is None, body
+        ModelCommand.parse(json.dumps(body).encode())
+    for body in bad:
+        assert check.error(body) is not None, body
+        with pytest.raises(BundleError, match="cmd/model: "):
+            ModelCommand.parse(json.dumps(body).encode())
+    with pytest.raises(BundleError, match="cmd/model: field 'sha265': not a field of cmd/model"):
+        ModelCommand.parse(json.dumps(bad[0]).encode())
 
 
 def test_hostile_thresholds_and_capture_empty_are_refused_naming_the_field(station):
