@@ -145,16 +145,32 @@ def camera_policy(bundle: Bundle, cam: CameraConfig, override: Thresholds | None
 
 
 class CameraDecisions:
-    """Per-camera decision state: policy and item tracker."""
+    """Per-camera decision state: policy and item tracker.
+
+    ``before``: the camera's state under the model running until now (a model swap). When the new bundle has the
+    same labels, its tracker goes on with the new policy: the item in view stays one item (its frames from both
+    models are probabilities over the same labels) and keeps its track id. With other labels a new tracker
+    starts, numbering items after the old one's (the caller decided its open item first): an ``item_seq`` is
+    never given twice by one camera in one process."""
 
     def __init__(self, cam: CameraConfig, cfg: AgentConfig, bundle: Bundle, override: Thresholds | None = None,
-                 receiving: ReceivingDesk | None = None, precision: str = "fp32") -> None:
+                 receiving: ReceivingDesk | None = None, precision: str = "fp32",
+                 before: CameraDecisions | None = None) -> None:
         self.policy = camera_policy(bundle, cam, override, precision, cfg.decisions.unknown_items)
         presence = cfg.decisions.presence
-        prior = receiving.prior if receiving is not None else None
-        self.tracker = (ItemTracker(cam.id, bundle.labels, presence, LaneMap(cfg.decisions.sorting), self.policy,
-                                    cfg.decisions.top_k, prior, vouched_threshold(bundle, cfg, receiving, precision))
-                        if presence.mode != "off" else None)
+        vouched = vouched_threshold(bundle, cfg, receiving, precision)
+        kept = before.tracker if before is not None else None
+        if presence.mode == "off":
+            self.tracker = None
+        elif kept is not None and kept.labels == list(bundle.labels):
+            kept.policy, kept.vouched_threshold = self.policy, vouched
+            self.tracker = kept
+        else:
+            prior = receiving.prior if receiving is not None else None
+            self.tracker = ItemTracker(cam.id, bundle.labels, presence, LaneMap(cfg.decisions.sorting), self.policy,
+                                       cfg.decisions.top_k, prior, vouched)
+            if kept is not None:
+                self.tracker.items_seen = kept.items_seen
 
 
 def vouched_threshold(bundle: Bundle, cfg: AgentConfig, receiving: ReceivingDesk | None,
@@ -184,10 +200,17 @@ class Inferred:
 
 
 class InferenceStage(threading.Thread):
+    """The inference thread (and its decide thread); ends at the end of input or after ``stop``.
+
+    At a stop the frames already queued in the hub are classified and decided before the thread ends, for at
+    most ``drain_s`` seconds; frames still queued then are dropped and counted (``frames_dropped_total``)."""
+
     DECIDE_QUEUE = 2        # batches between the model and the decisions: enough to overlap, little latency
+    DRAIN_S = 25.0          # at a stop: time left to the queued frames (the agent's join waits 5 s more)
 
     def __init__(self, cfg: AgentConfig, hub: FrameHub, model: ModelHolder, outbox: Outbox, metrics: Metrics,
-                 cameras_done: Callable[[], bool], clock: Callable[[], float] = time.time) -> None:
+                 cameras_done: Callable[[], bool], clock: Callable[[], float] = time.time,
+                 drain_s: float = DRAIN_S) -> None:
         super().__init__(name="inference", daemon=True)
         self.cfg = cfg
         self.hub = hub
@@ -197,6 +220,7 @@ class InferenceStage(threading.Thread):
         self.cameras_done = cameras_done
         self.clock = clock
         self.stop_event = threading.Event()
+        self.drain_s = drain_s
         self.finished = threading.Event()
         self.qc = QcAlerter(cfg.decisions.qc)
         self.uploads = UploadGate(cfg.frames.min_interval_s, cfg.frames.dedupe_bits, cfg.frames.dedupe_window)
@@ -215,12 +239,25 @@ class InferenceStage(threading.Thread):
         self._preparers: dict[str, Callable[[np.ndarray], Any]] = {}     # for frames that come unprepared
         self._inferred: queue.Queue[Inferred | None] = queue.Queue(self.DECIDE_QUEUE)
 
+    def stop(self) -> None:
+        """Classify what is queued (for at most ``drain_s``), decide the open items, end; the cameras stopped
+        first, so nothing new arrives meanwhile."""
+        self.stop_event.set()
+        self.hub.wake()
+
     def run(self) -> None:
         decider = threading.Thread(target=self._decide_loop, name="decide", daemon=True)
         decider.start()
+        drain_until: float | None = None
         try:
-            while not self.stop_event.is_set():
-                batch = self.hub.get_batch(self.cfg.model.batch_size, self.cfg.model.batch_timeout_ms / 1000.0)
+            while True:
+                if self.stop_event.is_set():
+                    drain_until = drain_until if drain_until is not None else time.monotonic() + self.drain_s
+                    if not any(self.hub.depths().values()) or time.monotonic() >= drain_until:
+                        break
+                # draining, a batch is not held back for frames that no camera will send
+                fill_s = 0.0 if drain_until is not None else self.cfg.model.batch_timeout_ms / 1000.0
+                batch = self.hub.get_batch(self.cfg.model.batch_size, fill_s)
                 if batch:
                     inferred = self._guarded(self.infer, batch, batch)
                     if inferred is not None:
@@ -228,9 +265,20 @@ class InferenceStage(threading.Thread):
                 elif self.cameras_done() and not any(self.hub.depths().values()):
                     break
         finally:
+            self._drop_left_behind()
             self._inferred.put(None)      # the decide thread finishes what is queued, then the open items
             decider.join()
             self.finished.set()
+
+    def _drop_left_behind(self) -> None:
+        """Frames still in the hub when the stage ends (at a stop, its drain time ran out): dropped, counted,
+        logged; never left behind uncounted."""
+        dropped = self.hub.drop_queued()
+        if dropped:
+            log.warning("%d queued frame(s) not classified when the inference stage ended (%s; at a stop it has "
+                        "%g s for the frames queued)",
+                        sum(dropped.values()), ", ".join(f"{cam} {n}" for cam, n in sorted(dropped.items())),
+                        self.drain_s)
 
     def _decide_loop(self) -> None:
         lower_this_thread(self.cfg.model.pipeline_nice)
@@ -388,12 +436,21 @@ class InferenceStage(threading.Thread):
         return runtime.preprocessor.batch([model_input_image(f, policy) for f in batch])
 
     def _switch(self, runtime: ModelRuntime) -> None:
-        """A new model: decide items still open with the old one, then fresh per-camera state (built from the
-        overrides under ``_policy_lock``, so a cmd/thresholds arriving meanwhile is in it or applied after)."""
-        self._flush_items()
+        """A new model: new per-camera policies (built from the overrides under ``_policy_lock``, so a
+        cmd/thresholds arriving meanwhile is in them or applied after), the item trackers carried over.
+
+        With the same labels (a routine rollout, or cmd/model re-sending the running bundle) an item in view
+        across the swap is one item and one decision: it is decided when it leaves, by the new model's policy on
+        the frames of both, and its decision names the new model (the one whose thresholds judged it; its frames'
+        results name the model that classified each). With other labels the items still open are decided with
+        the old model first; item numbers go on either way (``CameraDecisions``)."""
+        old = self._runtime
+        if old is not None and list(old.bundle.labels) != list(runtime.bundle.labels):
+            self._flush_items()
         with self._policy_lock:
             self._cameras = {c.id: CameraDecisions(c, self.cfg, runtime.bundle, self.threshold_overrides.get(c.id),
-                                                   self.receiving, runtime.backend.precision)
+                                                   self.receiving, runtime.backend.precision,
+                                                   before=self._cameras.get(c.id))
                              for c in self.cfg.cameras}
             self._runtime = runtime
         self.metrics.info.update(model_name=runtime.bundle.name, model_version=runtime.bundle.version)
@@ -550,7 +607,8 @@ class InferenceStage(threading.Thread):
 
     def _decision_messages(self, d: ItemDecision) -> list[Message]:
         """The decision, its id set here (the outbox keeps it) so the shipment's tally and the item's view can
-        name it; then, for an item decided unsure (review or unknown), its best view for labelling."""
+        name it; then, for an item decided unsure (review or unknown), its best view for labelling. Its ``model``
+        is the one running when the item is decided: for an item seen across a swap, the new model (``_switch``)."""
         runtime = self._runtime
         decision_id = str(uuid.uuid4())
         self.receiving.record(d, decision_id)

@@ -63,7 +63,8 @@ class FrameHub:
             self._order.append(camera_id)
 
     def put(self, frame: Frame, stop: threading.Event) -> None:
-        """Drop the oldest frame when full (counted), or wait for space in ``block`` mode."""
+        """Drop the oldest frame when full, or wait for space in ``block`` mode; a frame that still finds no
+        space when ``stop`` is set is dropped. Every dropped frame is counted (``frames_dropped_total``)."""
         with self._cond:
             queue = self._queues[frame.camera_id]
             size, policy = self._limits[frame.camera_id]
@@ -72,6 +73,7 @@ class FrameHub:
                     queue.popleft()
                     self.metrics.inc("frames_dropped_total", camera=frame.camera_id)
                 elif stop.is_set():
+                    self.metrics.inc("frames_dropped_total", camera=frame.camera_id)
                     return
                 else:
                     self._cond.wait(0.1)
@@ -107,6 +109,17 @@ class FrameHub:
     def depths(self) -> dict[str, int]:
         with self._cond:
             return {cid: len(q) for cid, q in self._queues.items()}
+
+    def drop_queued(self) -> dict[str, int]:
+        """Empty every queue (the inference stage ends with frames it had no time for): the frames dropped per
+        camera, each counted in ``frames_dropped_total``."""
+        with self._cond:
+            dropped = {cid: len(q) for cid, q in self._queues.items() if q}
+            for cid, n in dropped.items():
+                self._queues[cid].clear()
+                self.metrics.inc("frames_dropped_total", n, camera=cid)
+            self._cond.notify_all()
+            return dropped
 
     def wake(self) -> None:
         with self._cond:
