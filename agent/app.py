@@ -57,6 +57,10 @@ log = logging.getLogger(__name__)
 
 AGENT_VERSION = "0.1.0"
 COMMAND_QUEUE = 16              # commands waiting for the command thread; more are refused (and say so)
+MODEL_UPDATE_QUEUE = COMMAND_QUEUE  # cmd/model waiting behind the one being installed; more are refused (and say so)
+REASON_MAX_CHARS = 2000         # a refusal's reason in the status (status.v1 allows 16384); longer ones are cut
+ECHO_MAX_CHARS = 64             # a value from the payload (a camera id) quoted in a reason
+COMMAND_JOIN_S = 5.0            # at shutdown: how long the command threads get to finish what they are doing
 COMMAND_MAX_BYTES = 64 * 1024   # cmd/thresholds and cmd/capture-empty: a few fields
 # cmd/expect: the largest command the schema allows (contract/schemas/mqtt/cmd-expect.v1.json), as a sender writes
 # it: 1,000 lines, each a label of up to 256 characters (12 bytes each at most: a character outside the BMP written
@@ -202,6 +206,7 @@ class Agent:
         self.workers: list[CameraWorker] = []
         self.prometheus: PrometheusServer | None = None
         self._commands: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=COMMAND_QUEUE)
+        self._model_updates: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=MODEL_UPDATE_QUEUE)
         self._threads: list[threading.Thread] = []
 
     # ------------------------------------------------------------ start
@@ -273,7 +278,8 @@ class Agent:
         self.inference.on_receipt = self._save_shipment
         self._threads = [self.publisher, self.inference, *self.workers, Watchdog(self.workers, self.stop_event),
                          threading.Thread(target=self._stats_loop, name="stats", daemon=True),
-                         threading.Thread(target=self._command_loop, name="commands", daemon=True)]
+                         threading.Thread(target=self._command_loop, name="commands", daemon=True),
+                         threading.Thread(target=self._model_update_loop, name="model-updates", daemon=True)]
         for thread in self._threads:
             thread.start()
         if self.prometheus is not None:
@@ -386,24 +392,48 @@ class Agent:
             self._command_failed(verb, f"cmd/{verb}: dropped, {COMMAND_QUEUE} commands already waiting; send it again")
 
     def _command_loop(self) -> None:
+        self._serve(self._commands, self._run_command)
+
+    def _model_update_loop(self) -> None:
+        """cmd/model, one at a time, on a thread of its own: a download has 600 s and an engine build takes minutes
+        on a Jetson, and the short commands (cmd/thresholds, cmd/expect) must not wait behind them."""
+        self._serve(self._model_updates, lambda _verb, payload: self.reload_model(payload))
+
+    def _serve(self, waiting: queue.Queue[tuple[str, bytes]], run: Callable[[str, bytes], Any]) -> None:
+        """Run the commands of one queue in arrival order until the agent stops."""
         while not self.stop_event.is_set():
             try:
-                verb, payload = self._commands.get(timeout=0.2)
+                verb, payload = waiting.get(timeout=0.2)
             except queue.Empty:
                 continue
             try:
-                self._run_command(verb, payload)
+                run(verb, payload)
             except Exception as exc:  # a bug in one command must not end the thread that runs them all
-                log.exception("command cmd/%s failed; the command thread goes on", verb)
+                log.exception("command cmd/%s failed; thread %s goes on", verb, threading.current_thread().name)
                 self._command_failed(verb, f"cmd/{verb}: failed ({type(exc).__name__}: {exc})")
+
+    def _queue_model_update(self, payload: bytes) -> None:
+        """Hand cmd/model to the model-update thread. An update that arrives while one is being installed waits
+        behind it, never refused for that alone: each one's outcome is published in turn, so the last outcome in
+        the status is that of the last update sent. One that finds MODEL_UPDATE_QUEUE already waiting (as many as
+        the command queue holds, so none it hands on is lost) is refused in the status, as a full command queue
+        is."""
+        try:
+            self._model_updates.put_nowait(("model", payload))
+        except queue.Full:
+            self.metrics.inc("commands_dropped_total")
+            self._command_failed("model", f"cmd/model: dropped, {MODEL_UPDATE_QUEUE} model updates already waiting "
+                                          "behind the one being installed; send it again once last_model_update "
+                                          "shows their outcome")
 
     def _command_failed(self, verb: str, reason: str) -> None:
         """A command refused outside its own handler: the status says so under the command's own field."""
+        reason = reason_text(reason)
         log.error("%s", reason)
         self.metrics.inc("commands_rejected_total", command=verb if verb in LAST_RESULT else "unknown")
         if verb not in LAST_RESULT:
             return
-        result: dict[str, Any] = {"ok": False, "reason": reason[:2000], "ts": round(time.time(), 6)}
+        result: dict[str, Any] = {"ok": False, "reason": reason, "ts": round(time.time(), 6)}
         if verb == "model":
             running = self.model.current.bundle if self.model else None
             result["running"] = {"name": running.name, "version": running.version} if running else None
@@ -415,7 +445,7 @@ class Agent:
 
     def _run_command(self, verb: str, payload: bytes) -> None:
         if verb == "model":
-            self.reload_model(payload)
+            self._queue_model_update(payload)
         elif verb == "thresholds":
             self.update_thresholds(payload)
         elif verb == "capture-empty":
@@ -432,7 +462,7 @@ class Agent:
             cmd = CaptureEmptyCommand.model_validate(command_json("capture-empty", payload or b"{}"))
             unknown = [c for c in cmd.cameras or [] if c not in known]
             if unknown:
-                raise ValueError(f"field cameras: {', '.join(map(repr, unknown))} not among {', '.join(known)}")
+                raise ValueError(f"field cameras: {echo_list(unknown)} not among {', '.join(known)}")
             if self.inference is None or self.inference.empty_scenes is None:
                 raise ValueError("frames.enabled is false: this station uploads no frames")
         except ValidationError as exc:
@@ -445,6 +475,7 @@ class Agent:
         return self._capture_empty_result(True, None, {"count": cmd.count, "cameras": cameras})
 
     def _capture_empty_result(self, ok: bool, reason: str | None, requested: dict[str, Any] | None) -> bool:
+        reason = reason_text(reason)
         (log.info if ok else log.error)("cmd/capture-empty %s: %s", "accepted" if ok else "rejected",
                                         requested or reason)
         self.last_capture_empty = {"ok": ok, "reason": reason, "ts": round(time.time(), 6), "requested": requested}
@@ -485,8 +516,9 @@ class Agent:
         return self._expect_result(True, None, summary)
 
     def _expect_result(self, ok: bool, reason: str | None, shipment: dict[str, Any] | None) -> bool:
+        reason = reason_text(reason)
         (log.info if ok else log.error)("cmd/expect %s: %s", "applied" if ok else "rejected", shipment or reason)
-        self.last_expect = {"ok": ok, "reason": reason[:2000] if reason else None, "ts": round(time.time(), 6),
+        self.last_expect = {"ok": ok, "reason": reason, "ts": round(time.time(), 6),
                             "shipment": shipment}
         if not ok:
             self.metrics.inc("commands_rejected_total", command="expect")
@@ -501,7 +533,7 @@ class Agent:
         try:
             cmd = ThresholdsCommand.model_validate(command_json("thresholds", payload))
             if cmd.camera is not None and cmd.camera not in known:
-                raise ValueError(f"field camera: {cmd.camera!r} is not one of {', '.join(known)}")
+                raise ValueError(f"field camera: {echo(cmd.camera)} is not one of {', '.join(known)}")
         except ValidationError as exc:
             reason = _command_errors("thresholds", exc)
             return self._thresholds_result(False, reason, None)
@@ -523,6 +555,7 @@ class Agent:
                       self.state.path if self.state else STATE_FILE, exc)
 
     def _thresholds_result(self, ok: bool, reason: str | None, applied: dict[str, Any] | None) -> bool:
+        reason = reason_text(reason)
         (log.info if ok else log.error)("cmd/thresholds %s: %s", "applied" if ok else "rejected", applied or reason)
         self.last_thresholds = {"ok": ok, "reason": reason, "ts": round(time.time(), 6), "applied": applied}
         if not ok:
@@ -547,12 +580,12 @@ class Agent:
             runtime = replace(runtime, bundle=bundle)
         except Exception as exc:  # whatever the payload or the bundle does, the old model stays and the status says why
             expected = isinstance(exc, (BundleError, BackendError, ConfigError))
-            reason = str(exc) if expected else f"cmd/model: {type(exc).__name__}: {exc}"
+            reason = reason_text(str(exc) if expected else f"cmd/model: {type(exc).__name__}: {exc}")
             (log.error if expected else log.exception)("model update rejected, keeping %s %s: %s", old.name,
                                                         old.version, reason)
             if incoming is not None:
                 incoming.discard()
-            self.last_update = {"ok": False, "reason": reason[:2000], "ts": round(time.time(), 6),
+            self.last_update = {"ok": False, "reason": reason, "ts": round(time.time(), 6),
                                 "running": {"name": old.name, "version": old.version}}
             self.metrics.inc("model_updates_rejected_total")
             self.metrics.inc("commands_rejected_total", command="model")
@@ -573,6 +606,19 @@ class Agent:
 
     # ------------------------------------------------------------ stop
 
+    def _join_command_threads(self) -> None:
+        """The command threads end after the command each is running (they take no new one once stopped), so no
+        command writes to the outbox after it is closed. A model update still downloading or building after
+        COMMAND_JOIN_S is left to end with the process: a bundle is installed only once verified and warmed, the
+        state file names the model the next start runs, and a half-fetched folder goes at the next swap."""
+        for thread in self._threads:
+            if thread.name not in ("commands", "model-updates"):
+                continue
+            thread.join(timeout=COMMAND_JOIN_S)
+            if thread.is_alive():
+                log.warning("thread %s still running a command %g s after the stop; left to end with the process "
+                            "(a cmd/model not swapped in yet is lost: send it again)", thread.name, COMMAND_JOIN_S)
+
     def wait(self, exit_at_end: bool) -> None:
         """Until stopped, or (exit_at_end) until every finite source is processed."""
         while not self.stop_event.is_set():
@@ -581,13 +627,15 @@ class Agent:
             self.stop_event.wait(0.2)
 
     def shutdown(self, flush_s: float) -> None:
-        """Cameras first, then the frames already queued, then the outbox (as far as flush_s allows), then offline."""
+        """Cameras first, then the frames already queued (for at most the stage's ``drain_s``), then the commands
+        under way, then the outbox (as far as flush_s allows), then offline."""
         self.stop_event.set()
         for worker in self.workers:
             worker.join(timeout=5)
         if self.inference is not None:
-            self.inference.stop_event.set()
-            self.inference.join(timeout=30)
+            self.inference.stop()
+            self.inference.join(timeout=self.inference.drain_s + 5)
+        self._join_command_threads()
         if self.publisher is not None:
             self.publisher.stop(flush_s)
         if self.prometheus is not None:
@@ -617,6 +665,28 @@ def run(cfg: AgentConfig, *, exit_at_end: bool = False, flush_s: float | None = 
     agent.wait(exit_at_end)
     agent.shutdown(cfg.shutdown_flush_s if flush_s is None else flush_s)
     return 0
+
+
+def reason_text(reason: str | None) -> str | None:
+    """A refusal's reason as the status carries it: at most REASON_MAX_CHARS (a reason quotes what was refused,
+    and a payload of 64 KiB would make a status that status.v1, and so the dashboard, refuses)."""
+    if reason is None or len(reason) <= REASON_MAX_CHARS:
+        return reason
+    kept = REASON_MAX_CHARS - 40        # room for the note that says how much was cut
+    return f"{reason[:kept]} ... ({len(reason) - kept} characters more)"
+
+
+def echo(value: str) -> str:
+    """A value from a command payload, quoted in a reason: at most ECHO_MAX_CHARS of it."""
+    if len(value) <= ECHO_MAX_CHARS:
+        return repr(value)
+    return f"{value[:ECHO_MAX_CHARS]!r}... ({len(value)} characters)"
+
+
+def echo_list(values: list[str], most: int = 10) -> str:
+    """Values from a command payload, quoted in a reason: the first ``most``, each cut by ``echo``."""
+    shown = ", ".join(echo(v) for v in values[:most])
+    return shown + (f" and {len(values) - most} more" if len(values) > most else "")
 
 
 def _command_errors(verb: str, exc: ValidationError) -> str:
