@@ -8,7 +8,8 @@ softmax cross-entropy over [old logits, new logit] with the examples (and their 
 with flips) and half of the gate images (labelled images of the old classes), pulled lightly towards the imprint.
 Its bias is then set at the cap: the largest at which the gate images lose at most ``CAP_SHARE`` of
 ``max_drop_points`` of accuracy to the new class. The gate: the old classes' accuracy on the half the row was not
-fitted on may drop by at most ``max_drop_points``, else nothing is written.
+fitted on may drop by at most ``max_drop_points``, else nothing is written. Classes enrolled before are old classes
+too: without gate images of them the enrolment is refused (the run's validation split has none).
 
 Torch-free (numpy, OpenCV, ONNX Runtime and ``contract``) so the central side can enrol from reviewed frames.
 """
@@ -25,7 +26,7 @@ import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -59,6 +60,12 @@ ALLOWANCE_CURVE = (0.5, 1.0, 2.0, 5.0)   # allowances (points) the report also g
 #                          product like a trained one the allowance decides the recall more than the examples do
 #                          (docs/enrol.md, "How much to allow")
 BATCH = 256
+MAX_FIT_EXAMPLES = 256   # examples the row is fitted on (more: that many, evenly spread): a fit costs FIT_STEPS x
+#                          (views + gate images / 2)^2, and the review page hands over every frame of a class; 256
+#                          keeps the 250 examples of docs/benchmarks.md ("The allowance binds") whole
+LOO_FOLDS = 20           # up to this many fitted examples, leave-one-out; more: this many folds, each example decided
+#                          by a row fitted without its fold. One fit per example took 300 examples to 95 s
+MIN_GATE_ROWS_ENROLLED = 2   # gate images of each class enrolled before: one in each half (fit and gate)
 
 
 class EnrolError(ValueError):
@@ -88,6 +95,9 @@ class EnrolConfig:
     mirror: bool | None = None         # fit on the examples' mirror images too; None: when the bundle's model was
     #                                    trained with flips (provenance.training_config.augment.hflip > 0)
     dry_run: bool = False              # measure and report only: no version written, a failed gate not raised
+    enrolled_gate: Mapping[str, Sequence[Path]] | None = None   # images of classes enrolled before (label -> files),
+    #                                    gate images of their class beside gate_data's: the run's validation split has
+    #                                    none of them (the review page passes the frames reviewed as them)
 
 
 @dataclass
@@ -120,7 +130,26 @@ def _source_bundle(cfg: EnrolConfig) -> Bundle:
                          else f"--class: {label!r} is the unknown verdict, not a product")
     if bundle.artifact(ROLE_FP32) is None:
         raise EnrolError(f"{where}: no FP32 ONNX model to compute embeddings with")
+    _refuse_rejected(bundle)
     return bundle
+
+
+def _refuse_rejected(bundle: Bundle) -> None:
+    """EnrolError for a source the retrain gate rejected (its gate.json, or a line of the model's gate log for
+    this manifest), as ``central publish`` refuses it: the enrolled version links the same model files and gets a
+    promoted gate record of its own, so it would publish the rejected models."""
+    from contract.events import RolloutError, manifest_sha256, read_gate, rejected_in_log
+
+    try:
+        gate = read_gate(bundle.root)
+        logged = rejected_in_log(bundle.root, manifest_sha256(bundle.root))
+    except (RolloutError, OSError) as exc:
+        raise EnrolError(f"source bundle {bundle.root}: its gate record cannot be read ({exc})") from None
+    rejection = gate if gate is not None and gate["decision"] == "rejected" else logged
+    if rejection is not None:
+        why = str(rejection.get("reason") or "see its retrain report")[:300]
+        raise EnrolError(f"source bundle {bundle.root}: rejected by the retrain gate ({why}); a rejected version is "
+                         f"never published, nor a class enrolled onto it: enrol onto a promoted version")
 
 
 def image_files(images: Path | Sequence[Path]) -> list[Path]:
@@ -223,19 +252,62 @@ def _folder_gate_rows(folder: Path, bundle: Bundle, new_label: str) -> tuple[lis
     return paths, labels, str(folder)
 
 
-def _gate_set(cfg: EnrolConfig, bundle: Bundle, pre: Preprocessor) -> tuple[np.ndarray, np.ndarray, str]:
-    """Up to ``gate_images`` labelled images of the old classes, preprocessed, with their label indices."""
+def _enrolled_gate_rows(cfg: EnrolConfig, bundle: Bundle) -> tuple[list[Path], list[int], str]:
+    """``cfg.enrolled_gate``: images of classes the bundle has (enrolled before), as gate rows of their class."""
+    paths, labels, named = [], [], []
+    for label, files in (cfg.enrolled_gate or {}).items():
+        if label not in bundle.labels:       # the new label is not (_source_bundle refused it)
+            raise EnrolError(f"enrolled_gate: {label!r} is not one of the bundle's labels {bundle.labels}")
+        files = [Path(f) for f in files]
+        paths += files
+        labels += [bundle.labels.index(label)] * len(files)
+        named.append(f"{len(files)} of {label!r}")
+    return paths, labels, f" (and images of classes enrolled before: {', '.join(named)})" if named else ""
+
+
+def _gate_set(cfg: EnrolConfig, bundle: Bundle, pre: Preprocessor
+              ) -> tuple[np.ndarray, np.ndarray, list[Path], str]:
+    """Up to ``gate_images`` labelled images of the bundle's classes, preprocessed, with their label indices and
+    files. Those of classes enrolled before come first: they are few, and without them the gate cannot see a new
+    class take an enrolled one's items."""
     paths, labels, source = (_folder_gate_rows(Path(cfg.gate_data), bundle, cfg.label) if cfg.gate_data is not None
                              else _split_gate_rows(bundle))
-    order = np.random.default_rng(cfg.seed).permutation(len(paths))[: cfg.gate_images]
+    more_paths, more_labels, more = _enrolled_gate_rows(cfg, bundle)
+    paths, labels, source = paths + more_paths, labels + more_labels, source + more
+    enrolled = np.isin(labels, [bundle.labels.index(label) for label in bundle.open_set.enrolled.labels])
+    order = np.random.default_rng(cfg.seed).permutation(len(paths))
+    order = order[np.argsort(~enrolled[order], kind="stable")][: cfg.gate_images]   # unchanged without enrolled
     inputs, kept, bad = _read([paths[i] for i in order], pre)
     if bad:
         log.warning("%s: %d gate image(s) unreadable, skipped (first: %s)", source, len(bad), bad[0])
-    need = 2 * math.ceil(100.0 / cfg.max_drop_points)
-    if len(kept) < need:
-        raise EnrolError(f"{source}: {len(kept)} readable gate image(s); at least {need} needed to measure a drop of "
-                         f"{cfg.max_drop_points} points (two halves, one image at most that much of each)")
-    return inputs, np.asarray([labels[order[i]] for i in kept], np.int64), source
+    y = np.asarray([labels[order[i]] for i in kept], np.int64)
+    _check_gate_rows(y, cfg, bundle, source)
+    return inputs, y, [paths[order[i]] for i in kept], source
+
+
+def gate_images_needed(max_drop_points: float) -> float:
+    """Gate images needed to measure a drop of ``max_drop_points``: two halves in which one image is at most that
+    many points (infinite where ``100 / max_drop_points`` overflows a float)."""
+    per_half = 100.0 / max_drop_points
+    return float(2 * math.ceil(per_half)) if math.isfinite(per_half) else math.inf
+
+
+def _check_gate_rows(labels: np.ndarray, cfg: EnrolConfig, bundle: Bundle, source: str) -> None:
+    """EnrolError when the gate images could not judge the enrolment: too few to measure the allowance, or too
+    few of a class enrolled before (the run's validation split has none: a new class could take all its items
+    and the gate would report nothing lost)."""
+    need = gate_images_needed(cfg.max_drop_points)
+    if len(labels) < need:
+        raise EnrolError(f"{source}: {len(labels)} usable gate image(s); at least {need:.0f} needed to measure a drop "
+                         f"of {cfg.max_drop_points} points (two halves, one image at most that much of each)")
+    for label in bundle.open_set.enrolled.labels:
+        have = int((labels == bundle.labels.index(label)).sum())
+        if have < MIN_GATE_ROWS_ENROLLED:
+            raise EnrolError(
+                f"{source}: {have} gate image(s) of {label!r}, a class enrolled before; at least "
+                f"{MIN_GATE_ROWS_ENROLLED} needed (one in each half) so that the gate sees whether {cfg.label!r} "
+                f"takes its items: add a folder of its images to --gate-data (the review server's --enrol-gate-data; "
+                f"named {label!r} or mapped to it in labels.json), or on the review page review frames as it")
 
 
 def model_outputs(model_path: Path, inputs: np.ndarray, embedding_name: str, logits_name: str
@@ -384,21 +456,24 @@ def _decide(old_logits: np.ndarray, new_logit: np.ndarray) -> np.ndarray:
 
 def leave_one_out_recalls(u_new: np.ndarray, old_new: np.ndarray, half: FitHalf, caps: CapSet,
                           allowances: Sequence[float], examples: int | None = None) -> list[float]:
-    """Share of the examples decided as the new class by a row fitted without them (one at a time), at each of
-    ``allowances`` (points, as ``max_drop_points``): the fit does not depend on the allowance, only the bias cap
-    does, so each example's row is fitted once. With ``examples`` = n, the rows are n examples followed by views
-    of them (row ``k`` is a view of example ``k % n``): each example is left out with its views, and decided on
-    its own row."""
+    """Share of the examples decided as the new class by a row fitted without them, at each of ``allowances``
+    (points, as ``max_drop_points``): the fit does not depend on the allowance, only the bias cap does, so each
+    row is fitted once. Up to ``LOO_FOLDS`` examples each is left out on its own (leave-one-out); more are left
+    out in ``LOO_FOLDS`` folds (example ``i`` in fold ``i % LOO_FOLDS``), so the cost stops growing with them.
+    With ``examples`` = n, the rows are n examples followed by views of them (row ``k`` is a view of example
+    ``k % n``): each example is left out with its views, and decided on its own row."""
     n = len(u_new) if examples is None else examples
     of = np.arange(len(u_new)) % n
+    folds = min(n, LOO_FOLDS)
     hits = np.zeros(len(allowances), np.int64)
-    for i in range(n):
-        rest = of != i
+    for fold in range(folds):
+        rest = of % folds != fold
+        own = np.flatnonzero(np.arange(n) % folds == fold)        # the fold's examples as taken, not their views
         w, fitted = _fit_row(u_new[rest], old_new[rest], half)
-        z_caps, z_own = caps.u @ w, u_new[i : i + 1] @ w
+        z_caps, z_own = caps.u @ w, u_new[own] @ w
         for j, allowance in enumerate(allowances):
             bias = _capped_bias(z_caps, fitted, caps, allowance)
-            hits[j] += int(_decide(old_new[i : i + 1], z_own + bias)[0] == old_new.shape[1])
+            hits[j] += int((_decide(old_new[own], z_own + bias) == old_new.shape[1]).sum())
     return [float(h) / n for h in hits]
 
 
@@ -481,7 +556,10 @@ def _write(bundle: Bundle, cfg: EnrolConfig, new_open_set: openset.OpenSet, repo
         if cfg.sign_key:
             from trainer.signing import sign_bundle
 
-            sign_bundle(tmp_dir, cfg.sign_key)
+            try:
+                sign_bundle(tmp_dir, cfg.sign_key)
+            except (OSError, ValueError, TypeError) as exc:     # checked at the start; changed since
+                raise EnrolError(f"--sign-key {cfg.sign_key}: cannot sign with it ({exc})") from None
         check_model_runs(load_bundle(tmp_dir))
         try:
             os.rename(tmp_dir, final_dir)      # never onto a version another enrolment wrote meanwhile
@@ -534,45 +612,128 @@ def _halves(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return np.flatnonzero(fit), np.flatnonzero(~fit)
 
 
-def enroll(cfg: EnrolConfig) -> EnrolResult:
-    """Add ``cfg.label`` to a bundle from a few images of it; the new bundle version, or EnrolError (nothing
-    written). With ``cfg.dry_run``: the report alone (the gate's verdict in ``report["gate"]["passed"]``), nothing
-    written; the figures are those the real enrolment at the same allowance gives."""
-    started = time.monotonic()
+def _check_settings(cfg: EnrolConfig) -> None:
+    """EnrolError naming the field or flag for settings no enrolment could be judged or written with: checked
+    before anything is read or computed."""
     if not 0.0 < cfg.max_drop_points < 100.0:
         raise EnrolError(f"max_drop_points: expected points in (0, 100), got {cfg.max_drop_points!r}")
     if cfg.min_examples < 2:        # leave-one-out needs one example left to fit on
         raise EnrolError(f"--min-examples: expected at least 2, got {cfg.min_examples!r}")
     if cfg.gate_images < 1:
         raise EnrolError(f"--gate-images: expected at least 1, got {cfg.gate_images!r}")
+    need = gate_images_needed(cfg.max_drop_points)
+    if need > cfg.gate_images:
+        shown = f"at least {need:.0f}" if need < 1e12 else "more than any gate holds"
+        raise EnrolError(f"max_drop_points (--max-drop) {cfg.max_drop_points!r}: too small to measure on at most "
+                         f"{cfg.gate_images} gate images (--gate-images): a drop of that many points needs {shown} "
+                         f"(two halves, one image at most that much of each)")
     try:
         check_name_version("x", cfg.version)
     except ValueError as exc:
         raise EnrolError(str(exc)) from None
+    if cfg.sign_key:
+        check_sign_key(Path(cfg.sign_key))
+
+
+def check_sign_key(path: Path, flag: str = "--sign-key") -> None:
+    """EnrolError naming ``flag`` and the file unless it holds an unencrypted ed25519 private key: checked before
+    an enrolment computes anything (and when the review server starts), not when the new version is signed."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+
+    from trainer.signing import load_private_key
+
+    try:
+        load_private_key(Path(path))
+    except OSError as exc:
+        raise EnrolError(f"{flag} {path}: cannot read the private key ({exc.strerror or exc})") from None
+    except ValueError as exc:       # load_private_key names the file
+        raise EnrolError(f"{flag}: {exc}") from None
+    except (TypeError, UnsupportedAlgorithm) as exc:     # TypeError: an encrypted key (no password given)
+        raise EnrolError(f"{flag} {path}: not an unencrypted ed25519 private key ({exc})") from None
+
+
+def _fit_rows(examples: int, views: int) -> tuple[np.ndarray, int]:
+    """Rows of the examples' outputs (``views`` blocks of ``examples``: as taken, then mirrored) the row is fitted
+    on, and how many examples they are: all of them up to ``MAX_FIT_EXAMPLES``, else that many evenly spread (the
+    same on every run: the dry run's figures are the enrolment's)."""
+    if examples <= MAX_FIT_EXAMPLES:
+        return np.arange(examples * views), examples
+    picked = np.unique(np.linspace(0, examples - 1, MAX_FIT_EXAMPLES).round().astype(np.int64))
+    return np.concatenate([picked + v * examples for v in range(views)]), len(picked)
+
+
+def _finite_rows(logits: np.ndarray, emb: np.ndarray) -> np.ndarray:
+    return np.isfinite(logits).all(1) & np.isfinite(emb).all(1)
+
+
+def _example_outputs(cfg: EnrolConfig, bundle: Bundle, inputs: np.ndarray, paths: list[Path], mirror: bool
+                     ) -> tuple[np.ndarray, np.ndarray, list[Path]]:
+    """The model's logits and embeddings of the examples (then of their mirror images), and the examples kept: an
+    example whose outputs (or its mirror image's) are not finite is skipped and named, like an unreadable one; a
+    NaN would make the row NaN and the gate refuse for a loss the old classes never had."""
+    if mirror:                                        # NCHW: the last axis is the width
+        inputs = np.concatenate([inputs, np.ascontiguousarray(inputs[..., ::-1])])
+    logits, emb = model_outputs(bundle.artifact(ROLE_FP32).path, inputs, bundle.embedding_name,
+                                bundle.input_spec.output_name)
+    finite = _finite_rows(logits, emb).reshape(-1, len(paths)).all(0)
+    if finite.all():
+        return logits, emb, paths
+    bad = [f"{paths[i]}: the model's embedding or logits are not finite" for i in np.flatnonzero(~finite)]
+    kept = [p for p, ok in zip(paths, finite) if ok]
+    if len(kept) < cfg.min_examples:
+        source = cfg.images if isinstance(cfg.images, (str, Path)) else f"{len(paths)} readable files"
+        raise EnrolError(f"{source}: {len(kept)} usable image(s) of {cfg.label!r}, at least {cfg.min_examples} "
+                         f"needed; {'; '.join(bad)}")
+    log.warning("%d example image(s) skipped: %s", len(bad), "; ".join(bad))
+    rows = np.tile(finite, len(logits) // len(paths))
+    return logits[rows], emb[rows], kept
+
+
+def _gate_outputs(cfg: EnrolConfig, bundle: Bundle, inputs: np.ndarray, labels: np.ndarray, paths: list[Path],
+                  source: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The model's logits and embeddings of the gate images, and their labels; an image whose outputs are not
+    finite is skipped and named, like an unreadable one (its NaN would take the bias cap with it)."""
+    logits, emb = model_outputs(bundle.artifact(ROLE_FP32).path, inputs, bundle.embedding_name,
+                                bundle.input_spec.output_name)
+    finite = _finite_rows(logits, emb)
+    if finite.all():
+        return logits, emb, labels
+    first = paths[int(np.flatnonzero(~finite)[0])]
+    log.warning("%s: %d gate image(s) skipped: the model's embedding or logits are not finite (first: %s)", source,
+                int((~finite).sum()), first)
+    _check_gate_rows(labels[finite], cfg, bundle, source)
+    return logits[finite], emb[finite], labels[finite]
+
+
+def enroll(cfg: EnrolConfig) -> EnrolResult:
+    """Add ``cfg.label`` to a bundle from a few images of it; the new bundle version, or EnrolError (nothing
+    written). With ``cfg.dry_run``: the report alone (the gate's verdict in ``report["gate"]["passed"]``), nothing
+    written; the figures are those the real enrolment at the same allowance gives."""
+    started = time.monotonic()
+    _check_settings(cfg)
     bundle = _source_bundle(cfg)
     pre = Preprocessor(bundle.input_spec)
     ex_inputs, ex_paths = _examples(cfg, pre)
-    gate_inputs, y_gate, gate_source = _gate_set(cfg, bundle, pre)
+    gate_inputs, y_gate, gate_paths, gate_source = _gate_set(cfg, bundle, pre)
     os_ = bundle.open_set
-    fp32, logits_name = bundle.artifact(ROLE_FP32), bundle.input_spec.output_name
-    n_ex = len(ex_inputs)
     mirror = _mirrors(cfg, bundle)
-    if mirror:                                        # NCHW: the last axis is the width
-        ex_inputs = np.concatenate([ex_inputs, np.ascontiguousarray(ex_inputs[..., ::-1])])
-    model_ex, emb_ex = model_outputs(fp32.path, ex_inputs, bundle.embedding_name, logits_name)
-    model_gate, emb_gate = model_outputs(fp32.path, gate_inputs, bundle.embedding_name, logits_name)
+    model_ex, emb_ex, ex_paths = _example_outputs(cfg, bundle, ex_inputs, ex_paths, mirror)
+    n_ex = len(ex_paths)
+    model_gate, emb_gate, y_gate = _gate_outputs(cfg, bundle, gate_inputs, y_gate, gate_paths, gate_source)
     old_ex, old_gate = os_.full_logits(model_ex, emb_ex), os_.full_logits(model_gate, emb_gate)
     gf = GateFit.of(os_.stats, emb_gate, model_gate, old_gate, y_gate, cfg.seed)
     if len(gf.held) == 0:       # the old classes' loss could not be measured: NaN, which no comparison refuses
         raise EnrolError(f"{gate_source}: {len(y_gate)} gate image(s) leave none held out to judge the old classes "
                          f"on; give more labelled images of them")
     u_ex = gf.white(emb_ex)
-    w, bias, fitted_bias = fit_row(u_ex, old_ex, gf.half, gf.caps, cfg.max_drop_points)
+    fit_rows, fitted_examples = _fit_rows(n_ex, len(u_ex) // n_ex)
+    u_fit, old_fit = u_ex[fit_rows], old_ex[fit_rows]
+    w, bias, fitted_bias = fit_row(u_fit, old_fit, gf.half, gf.caps, cfg.max_drop_points)
     weight, raw_bias = gf.white.row(w, bias)
     new_index = len(bundle.labels)
     recall = float((_decide(old_ex[:n_ex], u_ex[:n_ex] @ w + bias) == new_index).mean())
     allowances = sorted({*ALLOWANCE_CURVE, cfg.max_drop_points})
-    loos = leave_one_out_recalls(u_ex, old_ex, gf.half, gf.caps, allowances, examples=n_ex)
+    loos = leave_one_out_recalls(u_fit, old_fit, gf.half, gf.caps, allowances, examples=fitted_examples)
     loo = loos[allowances.index(cfg.max_drop_points)]
     z_gate = gf.caps.u @ w
     before, after = gf.held_accuracy(z_gate, bias)
@@ -585,7 +746,8 @@ def enroll(cfg: EnrolConfig) -> EnrolResult:
     drop = round((before - after) * 100.0, 9)
     decided_as = np.bincount(old_ex[:n_ex].argmax(1), minlength=len(bundle.labels))
     report = {
-        "examples": len(ex_paths), "mirrored": mirror, "recall_examples": recall, "recall_leave_one_out": loo,
+        "examples": len(ex_paths), "fitted_examples": fitted_examples, "mirrored": mirror,
+        "recall_examples": recall, "recall_leave_one_out": loo,
         "examples_decided_before_as": bundle.labels[int(decided_as.argmax())],
         "gate": {"source": gate_source, "images": int(len(y_gate)), "held_out_images": int(len(gf.held)),
                  "accuracy_before": before, "accuracy_after": after, "drop_points": drop,

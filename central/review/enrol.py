@@ -9,9 +9,12 @@ enrolment needs ONNX Runtime on the review host (the central image has none unle
 
 from __future__ import annotations
 
+import datetime as dt
 import importlib.util
 import json
 import logging
+import math
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,26 +56,76 @@ class EnrolSettings:
         return self.max_drop_points if self.max_drop_limit is None else self.max_drop_limit
 
 
+def _read_manifest(path: Path) -> dict | None:
+    """The manifest at ``path`` as a dict, or None (logged) when it cannot be read or is no JSON object."""
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        log.warning("%s: not read while looking for enrolled versions, skipped (%s)", path, exc)
+        return None
+    if not isinstance(manifest, dict):
+        log.warning("%s: not a JSON object, skipped while looking for enrolled versions", path)
+        return None
+    return manifest
+
+
+def _version_order(version: str) -> tuple:
+    """A version's sort key: its digit runs as numbers ("10" after "9"), the rest as text."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", version))
+
+
+def _created_order(created_at: Any) -> float:
+    """``created_at`` (ISO 8601; without a zone: UTC) as seconds, or -inf where it is missing or not a time."""
+    try:
+        when = dt.datetime.fromisoformat(created_at)
+        return (when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)).timestamp()
+    except (TypeError, ValueError, OverflowError):
+        return -math.inf
+
+
+def _enrolled_child(folder: Path, name: str) -> tuple[str, str, tuple] | None:
+    """(parent version, version, sort key) of a version of ``name`` enrolled onto another, else None (a retrained
+    or exported version, a folder without a manifest, one that cannot be read)."""
+    if not (folder / "manifest.json").exists():
+        return None
+    manifest = _read_manifest(folder / "manifest.json")
+    provenance = manifest.get("provenance") if manifest is not None else None
+    parent = provenance.get("enrolled_from") if isinstance(provenance, dict) else None
+    if not (isinstance(parent, dict) and parent.get("name") == name and manifest.get("name") == name
+            and isinstance(parent.get("version"), str) and isinstance(manifest.get("version"), str)):
+        return None
+    version = manifest["version"]
+    return parent["version"], version, (_created_order(manifest.get("created_at")), _version_order(version))
+
+
 def latest_enrolled(configured: Path, models_dir: Path | None) -> Path:
     """The newest version enrolled on top of ``configured`` (following ``provenance.enrolled_from``), else
-    ``configured``: a restarted server enrols onto the classes it enrolled before, not onto its first bundle."""
+    ``configured``: a restarted server enrols onto the classes it enrolled before, not onto its first bundle.
+
+    Of several versions enrolled onto one, the newest by ``created_at`` (then by version, numbers as numbers).
+    Hidden folders (an enrolment's ``.<version>.partial-*``, half written) are never taken; a manifest that
+    cannot be read is skipped and logged, not a reason to forget the chain."""
     root = Path(models_dir) if models_dir is not None else configured.parent.parent
-    try:
-        head = json.loads((configured / "manifest.json").read_text())
-        name = head["name"]
-        children: dict[str, tuple[str, Path]] = {}
-        for manifest_path in (root / name).glob("*/manifest.json"):
-            manifest = json.loads(manifest_path.read_text())
-            parent = (manifest.get("provenance") or {}).get("enrolled_from") or {}
-            if parent.get("name") == name and isinstance(parent.get("version"), str):
-                children[parent["version"]] = max(children.get(parent["version"], ("", manifest_path.parent)),
-                                                  (manifest["version"], manifest_path.parent))
-    except (OSError, ValueError, KeyError, TypeError):
+    head = _read_manifest(configured / "manifest.json")
+    if head is None or not isinstance(head.get("name"), str) or not isinstance(head.get("version"), str):
         return configured              # the configured bundle is checked when an enrolment loads it
+    name = head["name"]
+    try:
+        folders = sorted(p for p in (root / name).iterdir() if p.is_dir() and not p.name.startswith("."))
+    except FileNotFoundError:          # nothing enrolled into this models dir yet
+        return configured
+    except OSError as exc:
+        log.warning("%s: cannot list its versions (%s); enrolling onto %s", root / name, exc, configured)
+        return configured
+    children: dict[str, tuple[tuple, str, Path]] = {}     # parent version -> (order, version, folder) of its newest
+    for folder in folders:
+        child = _enrolled_child(folder, name)
+        if child is not None and (child[0] not in children or child[2] > children[child[0]][0]):
+            children[child[0]] = (child[2], child[1], folder)
     found, version, seen = configured, head["version"], set()
     while version in children and version not in seen:
         seen.add(version)
-        version, found = children[version]
+        _, version, found = children[version]
     return found
 
 
@@ -90,6 +143,13 @@ class ReviewEnroller:
         if not settings.max_drop_points <= settings.limit < 100.0:
             raise StoreError(f"--enrol-max-drop-limit: expected points in [--enrol-max-drop "
                              f"{settings.max_drop_points:g}, 100), got {settings.max_drop_limit!r}")
+        if settings.sign_key is not None:      # at start, not after the first enrolment has computed everything
+            from trainer.enroll import EnrolError, check_sign_key
+
+            try:
+                check_sign_key(Path(settings.sign_key), "--enrol-sign-key")
+            except EnrolError as exc:
+                raise StoreError(str(exc)) from None
         self.store = store
         self.settings = settings
         self.bundle = latest_enrolled(Path(settings.bundle), settings.models_dir)
@@ -106,6 +166,17 @@ class ReviewEnroller:
         """Image files of the frames reviewed as ``label`` (labelled with it, or marked as that new class)."""
         return [self.store.image_path(f["id"]) for f in self.store.iter_reviewed()
                 if f.get("status") in EXAMPLE_STATUSES and f.get("label") == label]
+
+    def enrolled_gate(self) -> dict[str, list[Path]]:
+        """The frames reviewed as each class enrolled into the current bundle (``open_set.enrolled``): gate images
+        of their class, so that a new class cannot take an enrolled one's items unseen (the run's validation
+        split has none of them). Its frames are mostly those it was enrolled from, so the protection is
+        optimistic; its images in ``--enrol-gate-data`` add others."""
+        manifest = _read_manifest(Path(self.bundle) / "manifest.json") or {}
+        open_set = manifest.get("open_set")
+        enrolled = open_set.get("enrolled") if isinstance(open_set, dict) else None
+        labels = [label for label in enrolled if isinstance(label, str)] if isinstance(enrolled, list) else []
+        return {label: self.examples(label) for label in labels}
 
     def enrol(self, label: str, reviewer: str | None = None, max_drop_points: float | None = None,
               dry_run: bool = False) -> dict[str, Any]:
@@ -129,7 +200,7 @@ class ReviewEnroller:
                 result = enroll(EnrolConfig(bundle=self.bundle, label=label, images=paths, models_dir=s.models_dir,
                                             sign_key=s.sign_key, public_key=s.public_key, gate_data=s.gate_data,
                                             min_examples=s.min_examples, max_drop_points=allowance,
-                                            dry_run=dry_run))
+                                            dry_run=dry_run, enrolled_gate=self.enrolled_gate()))
             except EnrolError as exc:
                 if exc.report:
                     raise EnrolRefused(str(exc), {"figures": exc.report, **self._allowance(allowance)}) from None

@@ -229,7 +229,12 @@ def test_settings_that_could_not_judge_an_enrolment_are_refused_and_nothing_is_w
 def test_a_second_class_enrols_on_top_of_an_enrolled_one(enrolled, fmnist_dir, gate8, tmp_path):
     result, _ = enrolled
     images = _examples(fmnist_dir, "Bag", 8, tmp_path / "bag")
-    second = enroll(EnrolConfig(bundle=result.bundle_dir, label="Bag", images=images, version="3", gate_data=gate8))
+    # the gate needs images of Trouser, enrolled before: the old classes' images alone cannot show Bag taking it
+    _refused(EnrolConfig(bundle=result.bundle_dir, label="Bag", images=images, version="3", gate_data=gate8),
+             result.bundle_dir.parent, "0 gate image(s) of 'Trouser', a class enrolled before", "--gate-data")
+    gate = _class_folders(gate8, tmp_path / "gate", ())
+    (gate / "Trouser").symlink_to(fmnist_dir / "test" / "Trouser", target_is_directory=True)
+    second = enroll(EnrolConfig(bundle=result.bundle_dir, label="Bag", images=images, version="3", gate_data=gate))
     bundle = load_bundle(second.bundle_dir)
     check_model_runs(bundle)
     assert bundle.labels[-2:] == ["Trouser", "Bag"]
@@ -279,8 +284,9 @@ def test_refusals_name_the_problem_and_write_nothing(bundle8, gate8, fmnist_dir,
     # gate data with folders the bundle has no label for (the new class's own folder alone would be skipped)
     _refused(EnrolConfig(bundle=bundle8, label="Sock", images=five, gate_data=fmnist_dir / "test"), models,
              str(fmnist_dir / "test" / "Bag"), "class 'Bag' is not one of the bundle's labels")
+    # an allowance of 0.5 points needs 400 gate images (two halves of 200): refused before any is read
     _refused(EnrolConfig(bundle=bundle8, label="Trouser", images=five, gate_data=gate8, gate_images=300), models,
-             "300 readable gate image(s)", "at least 400")
+             "max_drop_points (--max-drop) 0.5", "--gate-images", "at least 400")
 
 
 def test_a_bundle_without_open_set_is_refused(bundle8, gate8, fmnist_dir, tmp_path):
@@ -441,3 +447,197 @@ def test_mirror_images_only_when_the_model_was_trained_with_flips_or_asked(bundl
                                mirror=True))
     assert auto.report["mirrored"] is False and asked.report["mirrored"] is True
     assert asked.report["examples"] == 5          # the examples taken, not the views fitted on
+
+
+# ---------------------------------------------------------------- a small colour bundle (tests/agent/agent_support.py)
+
+def _agent_support():
+    """tests/agent/agent_support.py: a bundle around a real two-output ONNX model that classifies colours."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "agent" / "agent_support.py"
+    spec = importlib.util.spec_from_file_location("agent_support_for_enrol_tests", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+YELLOW, GOLD = (230, 220, 40), (240, 210, 60)        # GOLD: a product that looks like the enrolled yellow
+
+
+def _colour_images(folder: Path, rgb: tuple[int, int, int], count: int, seed: int) -> list[Path]:
+    """``count`` 16 px PNG frames of one colour, each a little off it (seeded)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(count):
+        colour = np.clip(np.asarray(rgb, float) + rng.normal(0, 10.0, 3), 0, 255)
+        pixels = np.tile(colour, (16, 16, 1)) + rng.integers(0, 3, (16, 16, 3))
+        paths.append(folder / f"{i:04d}.png")
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(paths[-1])
+    return paths
+
+
+@pytest.fixture
+def colours(tmp_path):
+    """The colour bundle (belt, red, green, blue), 150 gate images of each class, 10 yellow examples."""
+    support = _agent_support()
+    bundle = support.make_open_set_bundle(tmp_path / "models")
+    gate = tmp_path / "gate"
+    for k, (name, rgb) in enumerate(support.OPEN_SET_COLOURS.items()):
+        _colour_images(gate / name, rgb, 150, seed=k + 10)
+    _colour_images(tmp_path / "yellow", YELLOW, 10, seed=99)
+    return support, bundle, gate, tmp_path / "yellow"
+
+
+def test_a_version_the_retrain_gate_rejected_is_not_enrolled_onto(colours):
+    """An enrolled version links the source's model files and gets a promoted gate record of its own: enrolled
+    onto a rejected version, it would publish the rejected models."""
+    from contract.events import GATE_FILE, manifest_sha256, utc_now, write_gate
+
+    _support, bundle, gate, yellow = colours
+    write_gate(bundle, {"decision": "rejected", "name": "colours", "version": "1",
+                        "manifest_sha256": manifest_sha256(bundle), "reason": "overall top-1 worse",
+                        "current": {"name": "colours", "version": "0"}, "report": None, "figures": {},
+                        "ts": utc_now()})
+    cfg = EnrolConfig(bundle=bundle, label="yellow", images=yellow, gate_data=gate, version="2")
+    _refused(cfg, bundle.parent, str(bundle), "rejected by the retrain gate (overall top-1 worse)")
+    # the model's gate log says so too when gate.json is gone
+    (bundle / GATE_FILE).unlink()
+    _refused(cfg, bundle.parent, "rejected by the retrain gate (overall top-1 worse)")
+
+
+def test_an_enrolled_class_is_in_the_gate_of_the_next_enrolment(colours, tmp_path):
+    """Gold enrolled after yellow, from frames that look like it: without images of yellow the gate cannot see gold
+    take it (it took all 50 yellow frames while the gate reported 0 points lost), so it is refused; with them the
+    cap keeps yellow's frames yellow."""
+    _support, bundle, gate, yellow = colours
+    v2 = enroll(EnrolConfig(bundle=bundle, label="yellow", images=yellow, gate_data=gate, version="2")).bundle_dir
+    gold = tmp_path / "gold"
+    _colour_images(gold, GOLD, 10, seed=8)
+    yellow_frames = _colour_images(tmp_path / "yellow_test", YELLOW, 50, seed=7)
+    _refused(EnrolConfig(bundle=v2, label="gold", images=gold, gate_data=gate, version="3"), bundle.parent,
+             "0 gate image(s) of 'yellow', a class enrolled before", "--gate-data", "'gold'")
+
+    with_yellow = _class_folders(gate, tmp_path / "gate_with_yellow", ())
+    _colour_images(with_yellow / "yellow", YELLOW, 150, seed=9)
+    third = enroll(EnrolConfig(bundle=v2, label="gold", images=gold, gate_data=with_yellow, version="3"))
+    labels = load_bundle(third.bundle_dir).labels
+    assert labels[-2:] == ["yellow", "gold"] and third.report["gate"]["images"] == 750
+    decided = _decide(third.bundle_dir, yellow_frames)
+    assert (decided == labels.index("yellow")).sum() >= 45, [labels[i] for i in decided]
+
+    # the review page's way: images of the enrolled class given beside the gate data (its reviewed frames)
+    dry = enroll(EnrolConfig(bundle=v2, label="gold", images=gold, gate_data=gate, dry_run=True,
+                             enrolled_gate={"yellow": sorted(yellow.iterdir())}))
+    assert dry.report["gate"]["images"] == 610 and "10 of 'yellow'" in dry.report["gate"]["source"]
+    _refused(EnrolConfig(bundle=v2, label="gold", images=gold, gate_data=gate, enrolled_gate={"cyan": []}),
+             bundle.parent, "enrolled_gate: 'cyan' is not one of the bundle's labels")
+
+
+def test_an_image_the_model_gives_no_finite_outputs_for_is_skipped_and_named(tmp_path, caplog):
+    """A NaN embedding made the row (or the bias cap) NaN and the gate refused for 100 points the old classes never
+    lost; such an image is skipped and named like an unreadable one."""
+    support = _agent_support()
+    bundle = support.make_open_set_bundle(tmp_path / "models", nan_embedding_when_bright=True)
+    gate = tmp_path / "gate"
+    for k, (name, rgb) in enumerate(support.OPEN_SET_COLOURS.items()):
+        _colour_images(gate / name, rgb, 150, seed=k + 10)
+    examples = tmp_path / "yellow"
+    _colour_images(examples, YELLOW, 10, seed=99)
+    _colour_images(tmp_path / "white", (255, 255, 255), 1, seed=0)[0].rename(examples / "white.png")
+    caplog.set_level("WARNING", logger="trainer.enroll")
+    result = enroll(EnrolConfig(bundle=bundle, label="yellow", images=examples, gate_data=gate, version="2"))
+    assert result.report["examples"] == 10 and result.report["gate"]["passed"]
+    assert f"{examples / 'white.png'}: the model's embedding or logits are not finite" in caplog.text
+
+    (examples / "white.png").rename(gate / "belt" / "white.png")          # now a gate image
+    dry = enroll(EnrolConfig(bundle=bundle, label="yellow", images=examples, gate_data=gate, dry_run=True))
+    assert dry.report["gate"]["images"] == 600 and dry.report["gate"]["drop_points"] <= 0.5
+    assert f"first: {gate / 'belt' / 'white.png'}" in caplog.text
+
+    few = tmp_path / "few"                                                # 4 examples and a white one
+    few.mkdir()
+    for path in sorted(examples.iterdir())[:4]:
+        shutil.copy(path, few / path.name)
+    _colour_images(tmp_path / "white2", (255, 255, 255), 1, seed=0)[0].rename(few / "white.png")
+    _refused(EnrolConfig(bundle=bundle, label="yellow", images=few, gate_data=gate), bundle.parent,
+             "4 usable image(s) of 'yellow', at least 5", f"{few / 'white.png'}: the model's embedding or logits")
+
+
+@pytest.mark.parametrize("allowance", [1e-300, 1e-320])
+def test_an_allowance_too_small_for_any_gate_is_refused_by_name(colours, allowance):
+    _support, bundle, gate, yellow = colours
+    _refused(EnrolConfig(bundle=bundle, label="yellow", images=yellow, gate_data=gate, max_drop_points=allowance),
+             bundle.parent, f"max_drop_points (--max-drop) {allowance!r}: too small to measure",
+             "more than any gate holds")
+
+
+def test_a_sign_key_that_cannot_sign_is_refused_before_anything_is_computed(colours, tmp_path, monkeypatch):
+    from trainer.signing import generate_keypair
+
+    _support, bundle, gate, yellow = colours
+    not_a_key = tmp_path / "not.key"
+    not_a_key.write_text("not a key\n")
+    generate_keypair(tmp_path / "k.key", tmp_path / "k.pub")
+
+    def no_model(*_args, **_kwargs):
+        raise AssertionError("the model ran before the signing key was checked")
+
+    monkeypatch.setattr(enroll_module, "model_outputs", no_model)
+    for key, needles in ((tmp_path / "missing.key", ("--sign-key", "missing.key", "cannot read the private key")),
+                         (not_a_key, ("--sign-key", str(not_a_key), "not an unencrypted ed25519 private key")),
+                         (tmp_path / "k.pub", ("--sign-key", "k.pub", "not an unencrypted ed25519 private key"))):
+        _refused(EnrolConfig(bundle=bundle, label="yellow", images=yellow, gate_data=gate, sign_key=key),
+                 bundle.parent, *needles)
+
+
+def test_many_examples_are_fitted_on_an_even_spread_of_them_in_folds(colours, tmp_path, monkeypatch):
+    """Leave-one-out refitted the row once per example, each fit on all of them: 300 examples took 95 s. Past
+    MAX_FIT_EXAMPLES (256; 30 here, to keep the test small) the row is fitted on that many, and leave-one-out runs
+    in LOO_FOLDS folds; the recall on the examples is still on all of them."""
+    from trainer.enroll import LOO_FOLDS, MAX_FIT_EXAMPLES
+
+    assert MAX_FIT_EXAMPLES == 256 and LOO_FOLDS == 20
+    monkeypatch.setattr(enroll_module, "MAX_FIT_EXAMPLES", 30)
+    _support, bundle, gate, _yellow = colours
+    many = tmp_path / "many"
+    _colour_images(many, YELLOW, 40, seed=5)
+    fitted_on = []
+    real_fit = enroll_module._fit_row
+
+    def recording_fit(u, old, *args):
+        fitted_on.append(len(u))
+        return real_fit(u, old, *args)
+
+    monkeypatch.setattr(enroll_module, "_fit_row", recording_fit)
+    dry = enroll(EnrolConfig(bundle=bundle, label="yellow", images=many, gate_data=gate, dry_run=True))
+    assert dry.report["examples"] == 40 and dry.report["fitted_examples"] == 30
+    assert len(fitted_on) == 1 + LOO_FOLDS and fitted_on[0] == 30
+    assert sorted(fitted_on[1:]) == [28] * 10 + [29] * 10       # 30 in 20 folds: each leaves one or two out
+    assert dry.report["recall_examples"] == 1.0 and dry.report["recall_leave_one_out"] == 1.0
+
+
+def test_leave_one_out_past_the_fold_count_decides_each_example_once_on_a_row_fitted_without_it(monkeypatch):
+    from trainer.enroll import LOO_FOLDS
+
+    half, caps, _u_new, _old_new = _toy_row_inputs()
+    rng = np.random.default_rng(3)
+    u_new = np.eye(16)[5] + 0.3 * rng.standard_normal((30, 16))
+    old_new = u_new @ (5 * np.eye(16)[:3]).T
+    fitted_on = []
+    real_fit = enroll_module._fit_row
+
+    def recording_fit(u, old, *args):
+        fitted_on.append({tuple(np.round(row, 12)) for row in u})
+        return real_fit(u, old, *args)
+
+    monkeypatch.setattr(enroll_module, "_fit_row", recording_fit)
+    recall = leave_one_out_recalls(u_new, old_new, half, caps, (5.0,))[0]
+    assert len(fitted_on) == LOO_FOLDS == 20 and recall * 30 == round(recall * 30)
+    for fold, rows in enumerate(fitted_on):
+        left_out = [i for i in range(30) if i % LOO_FOLDS == fold]
+        assert len(rows) == 30 - len(left_out)
+        assert not any(tuple(np.round(u_new[i], 12)) in rows for i in left_out)

@@ -204,3 +204,138 @@ def test_a_restarted_server_enrols_onto_the_newest_version_it_enrolled_before(tm
     version("2", None)                                   # a retrained version: not on the enrolled chain
     assert latest_enrolled(first, None) == newest
     assert latest_enrolled(tmp_path / "nowhere", None) == tmp_path / "nowhere"
+
+
+def test_the_newest_enrolled_version_is_found_past_broken_hidden_and_oddly_numbered_folders(tmp_path, caplog):
+    """One unreadable manifest under models/<name>/ made the server forget the chain (the next class went onto the
+    first bundle, the classes enrolled before lost), a manifest that is a JSON list stopped it starting, a
+    half-written ``.<version>.partial-*`` folder was taken, and "9" came after "10"."""
+    import json
+
+    from central.review.enrol import latest_enrolled
+
+    models = tmp_path / "models" / "fashion"
+
+    def version(folder, v, parent=None, created_at=None):
+        (models / folder).mkdir(parents=True)
+        manifest = {"name": "fashion", "version": v,
+                    "provenance": {"enrolled_from": {"name": "fashion", "version": parent, "label": "x"}} if parent
+                    else {}}
+        if created_at:
+            manifest["created_at"] = created_at
+        (models / folder / "manifest.json").write_text(json.dumps(manifest))
+        return models / folder
+
+    first = version("1", "1")
+    second = version("2", "2", "1", "2026-12-06T10:00:00+00:00")
+    (models / "old-backup").mkdir()
+    (models / "old-backup" / "manifest.json").write_text('{"name": "fashion", ')      # a copy cut short
+    (models / "listed").mkdir()
+    (models / "listed" / "manifest.json").write_text("[]")
+    version(".3.partial-host-999999-abcd", "3", "2", "2026-12-06T12:00:00+00:00")     # a killed enrolment's
+    caplog.set_level("WARNING", logger="central.review.enrol")
+    assert latest_enrolled(first, None) == second
+    assert "old-backup/manifest.json: not read" in caplog.text
+    assert "listed/manifest.json: not a JSON object" in caplog.text
+
+    nine = version("9", "9", "2", "2026-12-06T11:00:00+00:00")
+    ten = version("10", "10", "2", "2026-12-06T11:00:00+00:00")      # the same second: the version decides
+    assert latest_enrolled(first, None) == ten
+    eleven = version("11", "11", "2", "2026-12-06T09:00:00+00:00")   # a higher version written earlier
+    assert latest_enrolled(first, None) == ten and eleven.is_dir() and nine.is_dir()
+
+
+# ---------------------------------------------------------------- the colour bundle (tests/agent/agent_support.py)
+
+class FolderEnroller(ReviewEnroller):
+    """The review enroller with the frames reviewed as a class read from a folder of that name: the store's part
+    is test_reviewed_frames_of_a_new_class_enrol_into_a_new_verified_version's."""
+
+    def __init__(self, store: FrameStore, settings: EnrolSettings, frames) -> None:
+        super().__init__(store, settings)
+        self.frames = frames
+
+    def examples(self, label: str) -> list:
+        folder = self.frames / label
+        return sorted(folder.glob("*.png")) if folder.is_dir() else []
+
+
+def _colour_frames(folder, rgb, count: int, seed: int):
+    """``count`` 16 px PNG frames of one colour, each a little off it (seeded)."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        colour = np.clip(np.asarray(rgb, float) + rng.normal(0, 10.0, 3), 0, 255)
+        pixels = np.tile(colour, (16, 16, 1)) + rng.integers(0, 3, (16, 16, 3))
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"{i:04d}.png")
+    return folder
+
+
+@pytest.fixture
+def colours(tmp_path):
+    """The colour bundle (belt, red, green, blue), 150 gate images of each, and frames of yellow and of gold (a
+    product that looks like yellow), 10 each; a store for the enroller."""
+    from agent_support import OPEN_SET_COLOURS, make_open_set_bundle
+
+    bundle = make_open_set_bundle(tmp_path / "models")
+    gate = tmp_path / "gate"
+    for k, (name, rgb) in enumerate(OPEN_SET_COLOURS.items()):
+        _colour_frames(gate / name, rgb, 150, seed=k + 10)
+    frames = tmp_path / "frames"
+    _colour_frames(frames / "yellow", (230, 220, 40), 10, seed=99)
+    _colour_frames(frames / "gold", (240, 210, 60), 10, seed=8)
+    store = FrameStore(tmp_path / "store", labels=list(OPEN_SET_COLOURS))
+    yield bundle, gate, frames, store
+    store.close()
+
+
+def test_a_second_class_is_gated_on_the_frames_reviewed_as_the_class_enrolled_before(colours):
+    """The run's validation split (the page's default gate) has no images of a class enrolled from the page: the
+    frames reviewed as it are its gate images, else the second enrolment is refused naming it."""
+    import shutil
+
+    bundle, gate, frames, store = colours
+    enroller = FolderEnroller(store, EnrolSettings(bundle=bundle, gate_data=gate), frames)
+    assert enroller.enrol("yellow", "ana")["labels"][-1] == "yellow"
+    second = enroller.enrol("gold", "ana")
+    assert second["labels"][-2:] == ["yellow", "gold"]
+    gate_figures = second["figures"]["gate"]
+    assert gate_figures["images"] == 610 and "10 of 'yellow'" in gate_figures["source"]
+
+    shutil.rmtree(frames / "yellow")        # enrolled, then its frames gone from the store: refused, by name
+    shutil.copytree(frames / "gold", frames / "amber")
+    with pytest.raises(StoreError, match="0 gate image\\(s\\) of 'yellow', a class enrolled before"):
+        enroller.enrol("amber", "ana")
+
+
+def test_enrolling_onto_a_version_the_retrain_gate_rejected_is_refused_with_400(colours):
+    from contract.events import manifest_sha256, utc_now, write_gate
+
+    bundle, gate, frames, store = colours
+    write_gate(bundle, {"decision": "rejected", "name": "colours", "version": "1",
+                        "manifest_sha256": manifest_sha256(bundle), "reason": "overall top-1 worse",
+                        "current": {"name": "colours", "version": "0"}, "report": None, "figures": {},
+                        "ts": utc_now()})
+    srv = ReviewServer(store, "127.0.0.1", 0, token=TOKEN,
+                       enroller=FolderEnroller(store, EnrolSettings(bundle=bundle, gate_data=gate), frames)).start()
+    try:
+        status, body = call(srv.url + "api/enrol", {"label": "yellow", "reviewer": "ana"})
+    finally:
+        srv.stop()
+    assert status == 400 and "rejected by the retrain gate (overall top-1 worse)" in body["error"], body
+    assert sorted(p.name for p in bundle.parent.iterdir()) == ["1", "gate-log.jsonl"]
+
+
+def test_a_signing_key_that_cannot_sign_stops_the_server_at_start(colours, tmp_path):
+    """It was read only when the first enrolment had computed everything, and answered 404 'image file missing'
+    (or 500 for a file that is no key)."""
+    bundle, gate, _frames, store = colours
+    not_a_key = tmp_path / "not.key"
+    not_a_key.write_text("not a key\n")
+    for key, match in ((tmp_path / "missing.key", "--enrol-sign-key .*missing.key: cannot read the private key"),
+                       (not_a_key, "--enrol-sign-key: .*not.key: not an unencrypted ed25519 private key")):
+        with pytest.raises(StoreError, match=match):
+            ReviewEnroller(store, EnrolSettings(bundle=bundle, gate_data=gate, sign_key=key))
