@@ -281,9 +281,12 @@ def _read_items(path: Path, source: str) -> tuple[list[Item], list[dict[str, str
 
 
 def _csv_extra_columns(csv_path: Path) -> dict[str, dict[str, str]]:
-    """Provenance columns beside path,label (frame id, station, reviewer, ...), by resolved image path."""
+    """Provenance columns beside path,label (frame id, station, reviewer, ...), by resolved image path. Read as
+    ``trainer.data.read_csv`` reads the file (utf-8-sig): with a spreadsheet's byte order mark the first column
+    would be named "\\ufeffpath", every row would lose its columns, and the reviewed frames (their ``track``) would
+    be split frame by frame, an item's frames on both sides of the gate."""
     out = {}
-    with open(csv_path, newline="") as fh:
+    with open(csv_path, newline="", encoding="utf-8-sig") as fh:
         for row in csv.DictReader(fh):
             rel = Path(row.get("path") or "")
             image = rel if rel.is_absolute() else csv_path.parent / rel
@@ -397,7 +400,8 @@ def current_checkpoint(bundle, probe_inputs) -> Path:
         model, ckpt = load_checkpoint_model(path)
     except ValueError as exc:
         raise RetrainError(str(exc)) from exc
-    if ckpt["classes"] != bundle.labels or ckpt["config"].get("arch") != bundle.manifest.get("architecture"):
+    # the model's own labels: a class enrolled into the bundle later is a row on its embedding, not in the checkpoint
+    if ckpt["classes"] != bundle.model_labels or ckpt["config"].get("arch") != bundle.manifest.get("architecture"):
         raise RetrainError(f"{path}: classes or architecture differ from {manifest}; it is not this version's checkpoint")
     fp32 = bundle.artifact(ROLE_FP32)
     if fp32 is not None and len(probe_inputs):
@@ -609,6 +613,7 @@ def retrain(cfg: RetrainConfig) -> RetrainResult:
     base_train = [i for i in base if str(i.path.resolve()) not in held]
     reviewed_train, reviewed_held = reviewed_split(reviewed, cfg.reviewed_holdout_fraction, seed)
     reviewed_train = [i for i in reviewed_train if str(i.path.resolve()) not in held]
+    _refuse_dropping_enrolled(cfg, current, base_train + reviewed_train)
     classes = sorted({i.label for i in base_train + reviewed_train} | set(current.labels)
                      | {i.label for i in holdout + reviewed_held})
 
@@ -678,6 +683,21 @@ def retrain(cfg: RetrainConfig) -> RetrainResult:
                                             reason=decision.summary, figures=report["figures_short"]))
     log.info("%s %s %s", name, version, decision.summary)
     return RetrainResult(decision, candidate.root, report, report_json, report_md)
+
+
+def _refuse_dropping_enrolled(cfg: RetrainConfig, current, train_items: Sequence[Item]) -> None:
+    """RetrainError naming the classes enrolled into the current version (``trainer enroll``) that no training image
+    shows: the candidate would be trained without them, and neither held-out set has their images (the current
+    run's split predates them), so the gate could not see them go and stations would lose the products."""
+    enrolled = current.labels[len(current.model_labels):]
+    trained = {item.label for item in train_items}
+    missing = [label for label in enrolled if label not in trained]
+    if missing:
+        raise RetrainError(f"--current {cfg.current}: enrolled class(es) {', '.join(map(repr, missing))} have no "
+                           f"training images in --base-data {cfg.base_data} or --reviewed {cfg.reviewed} (beyond "
+                           "its held-out share); the new version would not know them and the gate could not see it: "
+                           "add their images (a class folder, or the review page's frames of them: python -m "
+                           "central labels export)")
 
 
 def backgrounds_info(folder: str | None) -> dict[str, Any] | None:

@@ -26,9 +26,9 @@ from contract.broker import BrokerSettings
 from trainer.retrain import (
     ExportSettings,
     GateDecision,
+    Item,
     Paired,
     RetrainConfig,
-    Item,
     RetrainError,
     Score,
     gate_decision,
@@ -444,3 +444,83 @@ def test_retrain_keeps_the_current_runs_training_recipe_unless_told_otherwise():
     tuned = resolve_train_config(given, current, weights="runs/x/best.pt", current_config=recipe)
     assert tuned["augment"]["rotation"] == 10.0 and tuned["augment"]["erasing"] == 0.3      # given: kept
     assert tuned["augment"]["scale"] == [0.75, 1.0] and tuned["label_smoothing"] == 0.1     # open: the current's
+
+
+# ---------------------------------------------------------------- an enrolled current version; a spreadsheet's CSV
+
+def _enrolled_colour_bundle(tmp_path: Path) -> Path:
+    """tests/agent/agent_support.py's colour bundle with yellow enrolled (a row on its embedding, as
+    ``trainer enroll`` adds one): labels belt, red, green, blue, yellow; the model's labels the first four."""
+    from agent_support import make_open_set_bundle
+
+    return make_open_set_bundle(tmp_path / "models", enrolled=True)
+
+
+def _png_folders(root: Path, counts: dict[str, int]) -> Path:
+    """Class folders of ``counts`` 16 px grey PNG images each."""
+    import numpy as np
+    from PIL import Image
+
+    for label, count in counts.items():
+        (root / label).mkdir(parents=True)
+        for i in range(count):
+            Image.fromarray(np.full((16, 16, 3), 40 * i % 256, np.uint8)).save(root / label / f"{i}.png")
+    return root
+
+
+def test_fine_tuning_from_an_enrolled_version_takes_the_checkpoint_of_its_model(tmp_path):
+    """The checkpoint knows the model's labels; the enrolled class is a row on the embedding, never in it. Its
+    classes were compared with all the bundle's labels, and an enrolled version was 'not this version's
+    checkpoint'."""
+    import numpy as np
+    import torch
+
+    from contract.bundle import load_bundle
+    from trainer.model import build_model
+    from trainer.retrain import current_checkpoint
+
+    bundle_dir = _enrolled_colour_bundle(tmp_path)
+    bundle = load_bundle(bundle_dir)
+    assert bundle.labels[-1] == "yellow" and bundle.model_labels == bundle.labels[:-1]
+    checkpoint = tmp_path / "best.pt"
+    torch.save({"model": build_model("mobilenet_v2", len(bundle.model_labels), "none").state_dict(),
+                "classes": bundle.model_labels, "config": {"arch": "mobilenet_v2"}}, checkpoint)
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    manifest["architecture"] = "mobilenet_v2"
+    manifest["provenance"]["checkpoint"] = str(checkpoint)
+    (bundle_dir / "manifest.json").write_text(json.dumps(manifest))
+    no_probe = np.zeros((0, 3, 16, 16), np.float32)         # the outputs' check is test_fine_tuning_needs_...'s
+    assert current_checkpoint(load_bundle(bundle_dir), no_probe) == checkpoint
+
+
+def test_reviewed_frames_in_a_csv_with_a_byte_order_mark_keep_their_items(tmp_path):
+    """A spreadsheet's "CSV UTF-8" starts with a byte order mark: the first column was read as "\\ufeffpath", the
+    track column lost, and the frames of one item split onto both sides of the gate."""
+    from trainer.retrain import _read_items, item_key
+
+    _png_folders(tmp_path / "frames", {"red": 16, "blue": 16})
+    rows = [(f"frames/{label}/{i}.png", label, f"{label}-item{i // 4}") for label in ("red", "blue") for i in range(16)]
+    with open(tmp_path / "reviewed.csv", "w", newline="", encoding="utf-8-sig") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "label", "track"])
+        writer.writerows(rows)
+    items, _ = _read_items(tmp_path / "reviewed.csv", "reviewed")
+    assert len(items) == 32 and all(item.extra.get("track") for item in items)
+    train, held = reviewed_split(items, 0.3, seed=0)
+    assert held and not {item_key(i) for i in train} & {item_key(i) for i in held}
+    assert item_count(items) == 8
+
+
+def test_retraining_from_an_enrolled_version_without_images_of_its_enrolled_class_is_refused(tmp_path):
+    """The candidate trains the classes its images show; an enrolled class (its examples kept only as a row on the
+    embedding) would be dropped, and neither held-out set has its images, so the gate would not see it go."""
+    current = _enrolled_colour_bundle(tmp_path)
+    base = _png_folders(tmp_path / "base", {"belt": 10, "red": 10, "green": 10, "blue": 10})
+    reviewed = _png_folders(tmp_path / "reviewed", {"red": 6})
+    cfg = RetrainConfig(base_data=base, reviewed=reviewed, current=current, report=tmp_path / "report.json",
+                        train=train_settings(out_dir=str(tmp_path / "runs")),
+                        export=ExportSettings(models_dir=tmp_path / "models", version="2"))
+    with pytest.raises(RetrainError, match=r"enrolled class\(es\) 'yellow' have no training images in --base-data "
+                                           r".*central labels export"):
+        retrain(cfg)
+    assert not (tmp_path / "runs").exists() and sorted(p.name for p in current.parent.iterdir()) == ["1"]
