@@ -4,7 +4,8 @@ A reviewer marks frames of a product the model does not know as a new class (and
 ``POST /api/enrol {"label": ...}`` hands the stored frames of that class (item crops, as the station sent
 them) to ``trainer.enroll``, which writes a new verified bundle version beside the configured one. The next
 enrolment builds on the version just written, so several new classes accumulate. One enrolment at a time;
-enrolment needs ONNX Runtime on the review host (the central image has none unless installed).
+enrolment needs ONNX Runtime and the trainer package's enrol module on the review host (the central image has
+neither: page enrolment runs where the trainer is installed).
 """
 
 from __future__ import annotations
@@ -133,9 +134,13 @@ class ReviewEnroller:
     """Turns the store's reviewed frames of a new class into a new bundle version, one enrolment at a time."""
 
     def __init__(self, store: FrameStore, settings: EnrolSettings) -> None:
-        if importlib.util.find_spec("onnxruntime") is None:
-            raise StoreError("--enrol-bundle: enrolment runs the bundle's model and needs onnxruntime on this host "
-                             "(pip install onnxruntime)")
+        missing = [what for module, what in (("onnxruntime", "onnxruntime (pip install onnxruntime)"),
+                                             ("trainer", "the trainer package of this repository (its torch-free "
+                                                         "enrol module: pip install --no-deps . from a checkout)"))
+                   if importlib.util.find_spec(module) is None]
+        if missing:     # the central image ships neither: page enrolment runs on a review host that has both
+            raise StoreError(f"--enrol-bundle: enrolment runs the bundle's model with trainer.enroll and needs, on "
+                             f"this host, {' and '.join(missing)}; the central image has neither")
         if not (Path(settings.bundle) / "manifest.json").is_file():
             raise StoreError(f"--enrol-bundle {settings.bundle}: no manifest.json there")
         if not 0.0 < settings.max_drop_points < 100.0:          # NaN fails too

@@ -128,6 +128,29 @@ def test_enrol_requests_that_cannot_be_served_are_refused_by_field(reviewed, tmp
         plain.store.close()
 
 
+@pytest.mark.parametrize("absent", [("trainer",), ("onnxruntime",), ("trainer", "onnxruntime")])
+def test_a_host_without_the_trainer_or_onnxruntime_is_told_at_start_what_enrolment_needs(tmp_path, real_bundle,
+                                                                                       monkeypatch, absent):
+    """The central image ships neither (deploy/central/Dockerfile): a server started there with --enrol-bundle
+    said only "pip install onnxruntime", and after that failed at the first enrolment importing trainer.enroll.
+    Both are named at start (the image cannot be built here: the modules are hidden from the finder instead)."""
+    import importlib.util
+
+    import central.review.enrol as enrol_module
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(enrol_module.importlib.util, "find_spec",
+                        lambda name, *a: None if name in absent else real(name, *a))
+    store = FrameStore(tmp_path / "store", labels=LABELS)
+    try:
+        with pytest.raises(StoreError, match="--enrol-bundle: enrolment runs the bundle's model") as err:
+            ReviewEnroller(store, EnrolSettings(bundle=real_bundle))
+        assert ("trainer package" in str(err.value)) == ("trainer" in absent)
+        assert ("pip install onnxruntime" in str(err.value)) == ("onnxruntime" in absent)
+    finally:
+        store.close()
+
+
 @pytest.mark.parametrize("allowance", [0.0, -1.0, 100.0, float("nan"), float("inf")])
 def test_an_allowance_out_of_range_is_refused_when_the_server_starts(tmp_path, real_bundle, allowance):
     store = FrameStore(tmp_path / "store", labels=LABELS)
