@@ -88,8 +88,37 @@ def make_event(action: str, model: dict[str, str], *, ok: bool, reason: str | No
     validate_event(event)
     return event
 
+
+_PUBACK_CODES = "_rollout_puback_codes"      # the attribute of a paho client that holds its PUBACK reason codes
+_PUBACK_KEEP = 1024                           # codes of publishes nobody waited for are dropped past this many
+
+
+def _puback_codes(client: Any) -> dict[int, Any]:
+    """The PUBACK reason codes of this client's publishes by message id, kept by an ``on_publish`` hook installed
+    once (chaining any hook already there). paho calls ``on_publish`` before it marks the message published, so
+    a publish whose wait ended finds its code here."""
+    codes = getattr(client, _PUBACK_CODES, None)
+    if codes is None:
+        codes = {}
+        chained = client.on_publish
+
+        def on_publish(c: Any, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
+            if len(codes) >= _PUBACK_KEEP:
+                codes.pop(next(iter(codes)), None)
+            codes[mid] = reason_code
+            if chained is not None:
+                chained(c, userdata, mid, reason_code, properties)
+
+        setattr(client, _PUBACK_CODES, codes)
+        client.on_publish = on_publish
+    return codes
+
+
 def mqtt_publish(client, topic: str, payload: dict[str, Any], *, retain: bool = False, timeout_s: float = 15.0) -> None:
-    """QoS 1 and wait for the PUBACK, so "sent" means the broker has it."""
+    """QoS 1 and wait for the PUBACK, so "sent" means the broker has it; RolloutError naming the topic when the
+    broker refuses it (MQTT v5 reason code 0x80 or above, e.g. 0x87 Not authorized from its ACL): a refused
+    command reaches no station, and waiting for the station to switch would blame it for the broker."""
+    codes = _puback_codes(client)
     info = client.publish(topic, dumps_finite(payload).encode(), qos=1, retain=retain)
     try:
         info.wait_for_publish(timeout_s)
@@ -97,6 +126,10 @@ def mqtt_publish(client, topic: str, payload: dict[str, Any], *, retain: bool = 
         raise RolloutError(f"{topic}: publish failed ({exc})") from exc
     if not info.is_published():
         raise RolloutError(f"{topic}: no PUBACK from the broker within {timeout_s:.0f} s")
+    code = codes.pop(info.mid, None)
+    if code is not None and getattr(code, "is_failure", False):
+        raise RolloutError(f"{topic}: the broker refused the publish ({code}, reason code {code.value:#04x}); "
+                           "check that this MQTT user may write the topic (the broker's ACL)")
 
 
 class EventSink:

@@ -3,15 +3,46 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from contract.events import RolloutError
+
 log = logging.getLogger(__name__)
+
+MAX_SECONDS = 7 * 24 * 3600.0     # a week: longer than any watch or update; a typo (1e9) is refused, not waited out
+
+
+def seconds_problem(value: Any, *, positive: bool = False) -> str | None:
+    """What is wrong with ``value`` as seconds (None: nothing). Finite and at most a week: NaN compares false
+    with everything, so a NaN watch or timeout ends at once or never; a negative one ends before it starts."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value < 0 or value > MAX_SECONDS or (positive and value == 0):
+        return (f"expected seconds, {'above 0' if positive else '0 or more'} and at most {MAX_SECONDS:.0f} "
+                f"(a week), got {value!r}")
+    return None
+
+
+def rate_problem(value: Any) -> str | None:
+    """What is wrong with ``value`` as a rate (None: nothing): NaN switches a rate rule off (every comparison
+    with it is false), and 30 typed for 30 % can never be crossed."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        return f"expected a rate from 0 to 1 (0.05 = 5 %), got {value!r}"
+    return None
+
+
+def count_problem(value: Any) -> str | None:
+    """What is wrong with ``value`` as a count (None: nothing): a negative --min-frames accepts an idle canary."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return f"expected a whole number 0 or more, got {value!r}"
+    return None
 
 
 @dataclass(frozen=True)
 class WatchPolicy:
-    """What the canary must show on the new version before the rest get it."""
+    """What the canary must show on the new version before the rest get it. Every field is checked on
+    construction (the CLI checks its flags the same way, before anything is sent)."""
 
     watch_s: float = 120.0
     max_low_conf_rate: float | None = None       # absolute cap on the new model's rate, 0..1
@@ -19,6 +50,21 @@ class WatchPolicy:
     max_errors: int = 0                          # inference errors after the command was sent
     min_frames: int = 20                         # frames the new model must classify to be judged
     baseline_s: float = 30.0                     # stats gathered before the command, for the "before" rate
+
+    def __post_init__(self) -> None:
+        problems = {"watch_s": seconds_problem(self.watch_s), "baseline_s": seconds_problem(self.baseline_s),
+                    "max_low_conf_rate": None if self.max_low_conf_rate is None
+                    else rate_problem(self.max_low_conf_rate),
+                    "max_low_conf_increase": rate_problem(self.max_low_conf_increase),
+                    "max_errors": count_problem(self.max_errors), "min_frames": count_problem(self.min_frames)}
+        for name, problem in problems.items():
+            if problem:
+                raise RolloutError(f"watch policy field {name} (--{name.replace('_', '-')}): {problem}")
+
+    @property
+    def needs_baseline(self) -> bool:
+        """Whether the rise rule can fire: an allowance of 1 (100 points) never can, so it needs no "before"."""
+        return self.max_low_conf_increase < 1.0
 
 
 @dataclass(frozen=True)
@@ -86,6 +132,11 @@ def judge_canary(before: Sequence[dict[str, Any]], after: Sequence[dict[str, Any
     if policy.max_low_conf_rate is not None and rate_after > policy.max_low_conf_rate:
         return Verdict(False, f"low-confidence rate {rate_after:.1%} on {version} is above --max-low-conf-rate "
                               f"{policy.max_low_conf_rate:.1%}", figures)
+    if rate_before is None and policy.needs_baseline:
+        # without a "before" the rise rule cannot be judged; passing would let any rate through unnoticed
+        return Verdict(False, f"no stats before the command, so the rise of the low-confidence rate on {version} "
+                              f"({rate_after:.1%}) cannot be judged: lengthen --baseline-s (or "
+                              "--max-low-conf-increase 1 to judge by --max-low-conf-rate alone)", figures)
     if rate_before is not None and rate_after > rate_before + policy.max_low_conf_increase + 1e-12:
         return Verdict(False, f"low-confidence rate rose from {rate_before:.1%} to {rate_after:.1%} on {version} "
                               f"(+{(rate_after - rate_before) * 100:.1f} points; at most "

@@ -1,62 +1,128 @@
-"""Per-station record of the versions rolled out and the URLs they came from (the rollback's memory)."""
+"""Per-station record of the models rolled out and the URLs they came from (the rollback's memory).
+
+A model is its name and its version together: two models may both have a version "2", and a rollback
+must never switch a station to another model because a version string matched. Several rollouts may
+share one file (two operators, two groups): every record re-reads the file, adds its entry and writes it
+back under a lock, so none erases another's.
+"""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from central.rollout.remote import RemoteBundle, sibling_location
 from contract.events import RolloutError, utc_now, write_json_atomic
 
 log = logging.getLogger(__name__)
 
+SCHEMA = "rollout-history.v1"
+Model = tuple[str, str]          # (name, version)
+
 
 class RolloutHistory:
-    """Per station, every version sent and where it came from; written atomically after each change."""
+    """Per station, every model sent and where it came from; written atomically, under a lock, after each change."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        if self.path.exists():
-            try:
-                self.data = json.loads(self.path.read_text())
-            except json.JSONDecodeError as exc:
-                raise RolloutError(f"{self.path}: rollout history is not valid JSON ({exc})") from exc
-            if not isinstance(self.data, dict) or self.data.get("schema") != "rollout-history.v1":
-                raise RolloutError(f"{self.path}: field schema: expected rollout-history.v1")
-        else:
-            self.data = {"schema": "rollout-history.v1", "bundles": {}, "stations": {}}
+        self.data = self._read()
+
+    def _read(self) -> dict[str, Any]:
+        if not self.path.exists():
+            return {"schema": SCHEMA, "bundles": {}, "stations": {}}
+        try:
+            data = json.loads(self.path.read_bytes().decode("utf-8"))
+        except OSError as exc:
+            raise RolloutError(f"{self.path}: cannot read the rollout history ({exc.strerror or exc})") from exc
+        except UnicodeDecodeError as exc:
+            raise RolloutError(f"{self.path}: rollout history is not UTF-8 (byte {exc.start}: {exc.reason})") from exc
+        except json.JSONDecodeError as exc:
+            raise RolloutError(f"{self.path}: rollout history is not valid JSON ({exc})") from exc
+        if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+            raise RolloutError(f"{self.path}: field schema: expected {SCHEMA}")
+        stations, bundles = data.get("stations"), data.get("bundles")
+        if not isinstance(stations, dict) or not all(
+                isinstance(es, list) and all(isinstance(e, dict) for e in es) for es in stations.values()):
+            raise RolloutError(f"{self.path}: field stations: expected an object of lists of entries")
+        if not isinstance(bundles, dict) or not all(isinstance(b, dict) for b in bundles.values()):
+            raise RolloutError(f"{self.path}: field bundles: expected an object of bundle records")
+        return data
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The file's lock (a dot-file beside it): one writer at a time, each working on what is on disk now."""
+        lock_path = self.path.with_name(f".{self.path.name}.lock")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            lock = open(lock_path, "a")
+        except OSError as exc:
+            raise RolloutError(f"{lock_path}: cannot open the history's lock ({exc.strerror or exc})") from exc
+        with lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
 
     def record(self, station: str, *, action: str, bundle: RemoteBundle, from_version: str | None, ok: bool,
-               reason: str | None) -> None:
-        self.data["bundles"][f"{bundle.name}/{bundle.version}"] = {
-            "name": bundle.name, "version": bundle.version, "bundle": bundle.location, "sha256": bundle.sha256}
-        self.data["stations"].setdefault(station, []).append({
-            "ts": utc_now(), "action": action, "name": bundle.name, "version": bundle.version,
-            "from_version": from_version, "bundle": bundle.location, "sha256": bundle.sha256, "ok": ok,
-            "reason": reason})
-        write_json_atomic(self.path, self.data)
+               reason: str | None, from_name: str | None = None) -> None:
+        """Add one switch (``from_name``/``from_version``: the model the station ran before) to the file."""
+        entry = {"ts": utc_now(), "action": action, "name": bundle.name, "version": bundle.version,
+                 "from_name": from_name, "from_version": from_version, "bundle": bundle.location,
+                 "sha256": bundle.sha256, "ok": ok, "reason": reason}
+        with self._locked():
+            self.data = self._read()           # what other rollouts wrote since this one loaded the file
+            self.data["bundles"][f"{bundle.name}/{bundle.version}"] = {
+                "name": bundle.name, "version": bundle.version, "bundle": bundle.location, "sha256": bundle.sha256}
+            self.data["stations"].setdefault(station, []).append(entry)
+            write_json_atomic(self.path, self.data)
 
     def entries(self, station: str) -> list[dict[str, Any]]:
         return list(self.data["stations"].get(station, []))
 
-    def previous_version(self, station: str, current: str | None) -> str | None:
-        """What the station ran before ``current`` (the from_version of the switch that installed it)."""
-        for entry in reversed(self.entries(station)):
-            if entry["ok"] and entry["version"] == current and entry["from_version"] not in (None, current):
-                return entry["from_version"]
-        return None
+    def ran_before(self, station: str) -> list[Model]:
+        """The models the station ran, oldest first, ending with the one it runs now: a stack, where a rollout
+        pushes and a rollback pops back to its target. So "previous" after a rollback is what came before the
+        target, never the version just left (v3, back to v2, back again: v1)."""
+        stack: list[Model] = []
+        for entry in self.entries(station):
+            if not entry.get("ok"):
+                continue
+            model = (entry.get("name"), entry.get("version"))
+            if entry.get("action") == "rollback":
+                if model in stack:
+                    del stack[len(stack) - stack[::-1].index(model):]
+                else:      # sent back to a model not on record here: what it ran before that is not known
+                    stack = [model]
+                continue
+            # an entry written before from_name was recorded: the same model as the one it installed
+            before = (entry.get("from_name") or entry.get("name"), entry.get("from_version"))
+            if before[1] is not None and before != model and (not stack or stack[-1] != before):
+                stack.append(before)
+            if not stack or stack[-1] != model:
+                stack.append(model)
+        return stack
 
-    def location_of(self, version: str, station: str | None = None) -> str | None:
-        """Where ``version`` was published: where the station itself got it (the model it ran), else the one
-        bundle of that version recorded (None when several models have it: which one is not known), else beside
-        a version of the same tree."""
-        for entry in reversed(self.entries(station) if station else []):
-            if entry["version"] == version:
+    def previous_model(self, station: str, current: Model | None) -> Model | None:
+        """What the station ran before ``current`` (name, version), by the stack of ``ran_before``."""
+        stack = self.ran_before(station)
+        if current is None or len(stack) < 2 or stack[-1] != current:
+            return None
+        return stack[-2]
+
+    def location_of(self, name: str, version: str, station: str | None = None) -> str | None:
+        """Where model ``name`` ``version`` was published: where the station itself got it, else the bundle of
+        that name and version recorded, else beside a version of the same model (the same served tree)."""
+        own = self.entries(station) if station else []
+        for entry in reversed(own):
+            if (entry.get("name"), entry.get("version")) == (name, version):
                 return entry["bundle"]
-        found = {info["bundle"] for info in self.data["bundles"].values() if info["version"] == version}
-        if found:
-            return found.pop() if len(found) == 1 else None
-        entries = self.entries(station) if station else [e for es in self.data["stations"].values() for e in es]
-        return sibling_location(entries[-1]["bundle"], version) if entries else None
+        known = self.data["bundles"].get(f"{name}/{version}")
+        if known and (known.get("name"), known.get("version")) == (name, version):
+            return known["bundle"]
+        everyone = [e for es in self.data["stations"].values() for e in es]
+        for entry in [*reversed(own), *reversed(everyone)]:
+            if entry.get("name") == name and entry.get("bundle"):
+                return sibling_location(entry["bundle"], version)
+        return None

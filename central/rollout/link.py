@@ -31,6 +31,24 @@ class StationView:
         return ((self.status or {}).get("model") or {}).get("version")
 
     @property
+    def model_name(self) -> str | None:
+        return ((self.status or {}).get("model") or {}).get("name")
+
+    @property
+    def model(self) -> tuple[str, str] | None:
+        """(name, version) of the model the station reports: two models may share a version string."""
+        name, version = self.model_name, self.version
+        return (name, version) if name is not None and version is not None else None
+
+    def runs(self, bundle: RemoteBundle) -> bool:
+        """Whether the station reports this bundle's model: its name and its version, never the version alone."""
+        return self.model == (bundle.name, bundle.version)
+
+    def describe(self) -> str:
+        """The model as a person reads it in a reason: "shelf v2", or "no model"."""
+        return f"{self.model_name} {self.version}" if self.model else "no model"
+
+    @property
     def last_update(self) -> dict[str, Any] | None:
         return (self.status or {}).get("last_model_update")
 

@@ -75,18 +75,11 @@ def _check_publishable(bundle_dir: Path, sha: str, root: Path, name: str, baseli
 def publish_bundle(bundle_dir: str | Path, root: str | Path, *, baseline: bool = False,
                    public_key: Path | None = None) -> PublishResult:
     """Copy a verified, promoted bundle into ``root/<name>/<version>/``; nothing appears there half-copied."""
-    from contract.bundle import (
-        MANIFEST,
-        SIGNATURE,
-        BundleError,
-        check_model_runs,
-        load_bundle,
-        load_public_key,
-        partial_dir,
-        sweep_partials,
-    )
+    from contract.bundle import MANIFEST, BundleError, check_model_runs, load_bundle, load_public_key
 
     bundle_dir, root = Path(bundle_dir), Path(root)
+    if root.exists() and not root.is_dir():
+        raise RolloutError(f"--root {root}: not a folder (the served tree is a folder; a typo?)")
     try:
         bundle = load_bundle(bundle_dir, load_public_key(public_key) if public_key else None)
         if importlib.util.find_spec("onnxruntime") is not None:
@@ -111,6 +104,21 @@ def publish_bundle(bundle_dir: str | Path, root: str | Path, *, baseline: bool =
             return PublishResult(bundle.name, bundle.version, target, url_path, sha, gate["decision"], already=True)
         raise RolloutError(f"{target}: version {bundle.version} is already published with another manifest; "
                            "a published version is never replaced (export a new version)")
+    try:
+        _copy_into_place(bundle, bundle_dir, target, gate, public_key)
+        _update_index(root / bundle.name, bundle.version, sha, gate["decision"])
+    except OSError as exc:         # a read-only or full served tree: named, never a traceback
+        raise RolloutError(f"--root {root}: cannot publish {target} ({exc.strerror or exc}: "
+                           f"{exc.filename or target})") from exc
+    log.info("published %s %s at %s", bundle.name, bundle.version, target)
+    return PublishResult(bundle.name, bundle.version, target, url_path, sha, gate["decision"])
+
+
+def _copy_into_place(bundle: Any, bundle_dir: Path, target: Path, gate: dict[str, Any],
+                     public_key: Path | None) -> None:
+    """Copy the bundle's files into a hidden partial folder, check the copy, then rename it to ``target``."""
+    from contract.bundle import MANIFEST, SIGNATURE, load_bundle, load_public_key, partial_dir, sweep_partials
+
     sweep_partials(target.parent)           # what publishes killed before their clean-up left here
     partial = partial_dir(target)
     try:
@@ -130,9 +138,6 @@ def publish_bundle(bundle_dir: str | Path, root: str | Path, *, baseline: bool =
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    _update_index(root / bundle.name, bundle.version, sha, gate["decision"])
-    log.info("published %s %s at %s", bundle.name, bundle.version, target)
-    return PublishResult(bundle.name, bundle.version, target, url_path, sha, gate["decision"])
 
 
 def _update_index(model_dir: Path, version: str, sha: str, decision: str) -> None:

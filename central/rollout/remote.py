@@ -83,7 +83,8 @@ def resolve_bundle(location: str) -> RemoteBundle:
     sha = hashlib.sha256(raw).hexdigest()
     gate_raw = _read_location(location, GATE_FILE, optional=True)
     if gate_raw is None:
-        raise RolloutError(f"{location}: no {GATE_FILE}; roll out only bundles published by 'python -m central publish'")
+        raise RolloutError(f"{location}: no {GATE_FILE}; roll out only bundles published by "
+                           "'python -m central publish'")
     try:
         gate = loads_finite(gate_raw)
     except ValueError as exc:

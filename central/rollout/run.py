@@ -1,21 +1,27 @@
-"""Rollout and rollback: ``cmd/model`` to a canary, wait for its status and watch its stats, then the rest;
-back to an earlier version on request. Every step is a ``rollout-event.v1`` event."""
+"""Rollout: ``cmd/model`` to a canary, wait for its status and watch its stats, then the rest. Every step is a
+``rollout-event.v1`` event. (Back to an earlier version on request: ``central.rollout.rollback``.)
+
+A station "runs" a bundle when its status names the bundle's model name and version: two models may share
+a version string, and a station of another model is never taken as already switched.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Sequence
 
-from central.rollout.canary import Verdict, WatchPolicy, judge_canary
+from central.rollout.canary import Verdict, WatchPolicy, judge_canary, rate_over, seconds_problem
 from central.rollout.history import RolloutHistory
 from central.rollout.link import StationLink, StationView
 from central.rollout.remote import RemoteBundle, resolve_bundle, sibling_location
+from central.rollout.stations import check_station, select_stations, split_by_model
 from contract.events import EventSink, RolloutError, make_event
 
 log = logging.getLogger(__name__)
+
+__all__ = ["Rollout", "RolloutPlan", "StationOutcome", "Summary", "run_rollout", "select_stations", "split_by_model"]
 
 
 @dataclass
@@ -26,6 +32,9 @@ class StationOutcome:
     ok: bool
     reason: str | None
     role: str = "rest"     # canary | rest
+    before_name: str | None = None       # the model names, where the station reported them
+    after_name: str | None = None
+    sent: bool = True      # False: the command never went out (the rollout halted first, or the broker refused it)
 
 
 @dataclass
@@ -35,28 +44,43 @@ class Summary:
     outcomes: list[StationOutcome] = field(default_factory=list)
     halted: str | None = None
     canary: Verdict | None = None
-    skipped: dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)        # chosen but left out (offline): not on the version
+    other_model: dict[str, str] = field(default_factory=dict)    # --all stations running another model: not sent
 
     @property
     def ok(self) -> bool:
-        return self.halted is None and all(o.ok for o in self.outcomes)
+        """Every chosen station runs the target: no halt, no failure, none skipped (a station of another model
+        that ``--all`` left alone is not one of the stations chosen)."""
+        return self.halted is None and all(o.ok for o in self.outcomes) and not self.skipped
+
+    def _label(self, name: str | None, version: str | None) -> str:
+        if version is None:
+            return "-"
+        return version if name in (None, self.bundle.name) else f"{name} {version}"
 
     def table(self) -> str:
         rows = [("station", "role", "before", "now", "outcome")]
         for o in self.outcomes:
-            rows.append((o.station, o.role, o.before or "-", o.after or "-",
-                         "ok" if o.ok else f"FAILED: {o.reason}"))
+            outcome = "ok" if o.ok else (f"not sent: {o.reason}" if not o.sent else f"FAILED: {o.reason}")
+            rows.append((o.station, o.role, self._label(o.before_name, o.before), self._label(o.after_name, o.after),
+                         outcome))
         for station, why in sorted(self.skipped.items()):
             rows.append((station, "-", "-", "-", f"skipped: {why}"))
+        for station, why in sorted(self.other_model.items()):
+            rows.append((station, "-", "-", "-", f"not sent: {why}"))
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in rows]
+        state = ("done" if self.ok else "finished with failures" if not all(o.ok for o in self.outcomes)
+                 else f"done, but {len(self.skipped)} station(s) skipped")
         head = f"{self.action} {self.bundle.name} {self.bundle.version}: " + (
-            f"HALTED: {self.halted}" if self.halted else ("done" if self.ok else "finished with failures"))
+            f"HALTED: {self.halted}" if self.halted else state)
         return "\n".join([head, *lines])
 
 
 @dataclass(frozen=True)
 class RolloutPlan:
+    """What to send where; checked on construction, so a bad figure or name stops it before any command."""
+
     bundle: RemoteBundle
     stations: list[str]
     canary: str | None
@@ -64,38 +88,17 @@ class RolloutPlan:
     update_timeout_s: float = 300.0
     rollback_canary: bool = True
     action: str = "rollout"              # rollout | rollback
+    skipped: dict[str, str] = field(default_factory=dict)        # chosen (--all) but offline: reported, a failure
+    other_model: dict[str, str] = field(default_factory=dict)    # --all stations of another model: reported
 
-
-def select_stations(link: StationLink, *, stations: Sequence[str] = (), group: Path | None = None,
-                    all_stations: bool = False) -> tuple[list[str], dict[str, str]]:
-    """The stations named, listed in a group file (one <site>/<station> a line, # comments), or every
-    station with a retained status (online ones; offline ones are returned as skipped)."""
-    chosen: list[str] = list(stations)
-    if group is not None:
-        try:
-            lines = Path(group).read_text().splitlines()
-        except OSError as exc:
-            raise RolloutError(f"{group}: cannot read the station group ({exc.strerror or exc})") from exc
-        for n, line in enumerate(lines, 1):
-            line = line.split("#", 1)[0].strip()
-            if line:
-                if line.count("/") != 1:
-                    raise RolloutError(f"{group}:{n}: expected <site>/<station>, got {line!r}")
-                chosen.append(line)
-    skipped: dict[str, str] = {}
-    if all_stations:
-        for station in link.known_stations():
-            if link.snapshot(station).online:
-                chosen.append(station)
-            else:
-                skipped[station] = "offline (its retained status says so); it gets no command"
-    for station in chosen:
-        if station.count("/") != 1 or not all(station.split("/")):
-            raise RolloutError(f"station {station!r}: expected <site>/<station>")
-    seen: dict[str, None] = dict.fromkeys(chosen)
-    if not seen:
-        raise RolloutError("no stations: name them (--stations), list them (--group FILE) or use --all")
-    return list(seen), skipped
+    def __post_init__(self) -> None:
+        problem = seconds_problem(self.update_timeout_s, positive=True)
+        if problem:
+            raise RolloutError(f"update_timeout_s (--update-timeout-s): {problem}")
+        if self.canary is not None:
+            check_station(self.canary, "canary (--canary)")
+        for station in self.stations:
+            check_station(station, f"{self.action} station")
 
 
 class Rollout:
@@ -103,7 +106,9 @@ class Rollout:
 
     def __init__(self, link: StationLink, plan: RolloutPlan, history: RolloutHistory, events: EventSink) -> None:
         self.link, self.plan, self.history, self.events = link, plan, history, events
-        self.summary = Summary(plan.action, plan.bundle)
+        self.summary = Summary(plan.action, plan.bundle, skipped=dict(plan.skipped),
+                               other_model=dict(plan.other_model))
+        self._baseline: list[dict[str, Any]] = []
 
     def _emit(self, action: str, ok: bool, reason: str | None, stations: Sequence[str], figures=None,
               model: dict[str, str] | None = None) -> None:
@@ -112,41 +117,31 @@ class Rollout:
 
     def run(self) -> Summary:
         plan = self.plan
-        if plan.policy is not None and plan.canary:
-            self.link.follow_stats([plan.canary])
-            self._baseline = self._gather_baseline(plan.canary, plan.policy.baseline_s)
-        rest = [s for s in plan.stations if s != plan.canary]
-        if plan.canary:
-            if not self._canary(plan.canary):
-                return self.summary
-        outcomes = self._switch(rest, "rest")
+        if plan.canary and not self._canary(plan.canary):
+            return self.summary
+        outcomes = self._switch([s for s in plan.stations if s != plan.canary], "rest")
         failed = [o for o in outcomes if not o.ok]
         all_done = [o.station for o in self.summary.outcomes]
         figures = {"versions": {o.station: o.after for o in self.summary.outcomes},
-                   "failed": {o.station: o.reason for o in failed}}
+                   "failed": {o.station: o.reason for o in failed},
+                   "skipped": dict(plan.skipped), "other_model": dict(plan.other_model)}
         reason = (f"{len(all_done) - len(failed)} of {len(all_done)} station(s) run {plan.bundle.version}"
-                  + (f"; failed: {', '.join(o.station for o in failed)}" if failed else ""))
-        self._emit(plan.action, not failed, reason, all_done, figures)
+                  + (f"; failed: {', '.join(o.station for o in failed)}" if failed else "")
+                  + (f"; skipped (offline, no command): {', '.join(sorted(plan.skipped))}" if plan.skipped else "")
+                  + (f"; left alone (another model): {', '.join(sorted(plan.other_model))}"
+                     if plan.other_model else ""))
+        self._emit(plan.action, not failed and not plan.skipped, reason, all_done, figures)
         return self.summary
 
-    def _gather_baseline(self, canary: str, seconds: float) -> list[dict[str, Any]]:
-        if seconds > 0:
-            log.info("gathering %.0f s of %s stats before the update", seconds, canary)
-            time.sleep(seconds)
-        return [s for _, s in self.link.snapshot(canary).stats]
-
+    # -- the canary
     def _canary(self, canary: str) -> bool:
         plan = self.plan
+        if plan.policy is not None and not self._ready_to_judge(canary, plan.policy):
+            return False
         sent_at = self.link.clock()
         [outcome] = self._switch([canary], "canary")
         if not outcome.ok:
             self._halt(f"canary {canary}: {outcome.reason}", [canary])
-            return False
-        if plan.policy is not None and outcome.before == plan.bundle.version:
-            # already on it (an earlier run reached it): its stats judge the version against itself, and a
-            # failed watch would "roll back" to the same version
-            self._halt(f"canary {canary} already runs {plan.bundle.version}: its stats are no baseline for it; "
-                       f"name another canary, or roll it back first ('python -m central rollback')", [canary])
             return False
         self._emit("canary", True, f"{canary} runs {plan.bundle.version}"
                    + (f"; watching it for {plan.policy.watch_s:.0f} s" if plan.policy else ""), [canary],
@@ -156,12 +151,54 @@ class Rollout:
         verdict = self._watch(canary, sent_at)
         self.summary.canary = verdict
         if not verdict.ok:
-            reason = f"canary {canary}: {verdict.reason}"
-            rolled = self._rollback_canary(canary, outcome.before) if plan.rollback_canary else None
-            self._halt(reason + (f"; {rolled}" if rolled else ""), [canary], verdict.figures)
+            rolled = self._rollback_canary(canary, outcome) if plan.rollback_canary else None
+            why = verdict.reason + (f"; {rolled}" if rolled else "")
+            outcome.ok, outcome.reason = False, f"failed its watch: {why}"
+            self._halt(f"canary {canary}: {why}", [canary], verdict.figures)
             return False
         self._emit("canary", True, f"{canary} passed the watch: {verdict.reason}", [canary], verdict.figures)
         return True
+
+    def _ready_to_judge(self, canary: str, policy: WatchPolicy) -> bool:
+        """The canary can be judged: it does not run the version yet (its stats would judge the version against
+        itself, and a failed watch would "roll back" to it), and stats arrived for the "before" rate."""
+        bundle = self.plan.bundle
+        view = self.link.snapshot(canary)
+        if view.runs(bundle):
+            self._halt_unsent(canary, view, f"canary {canary} already runs {bundle.version}: its stats are no "
+                              f"baseline for {bundle.name} {bundle.version}; name another canary, or roll it back "
+                              "first ('python -m central rollback')")
+            return False
+        self.link.follow_stats([canary])
+        self._baseline = self._gather_baseline(canary, policy)
+        if policy.needs_baseline and rate_over(self._baseline)[0] is None:
+            view = self.link.snapshot(canary)
+            state = ("it has no retained status: unknown or never connected" if view.status is None
+                     else f"its status says {view.status.get('state')}" if not view.online
+                     else "online, but no stats message arrived; stats come every health.stats_interval_s, "
+                          "10 s by default")
+            waited = policy.baseline_s + self.plan.update_timeout_s
+            self._halt_unsent(canary, view, f"no baseline stats from {canary} in {waited:g} s ({state}): "
+                              "lengthen --baseline-s; without a rate before the update a rise cannot be judged")
+            return False
+        return True
+
+    def _gather_baseline(self, canary: str, policy: WatchPolicy) -> list[dict[str, Any]]:
+        """The canary's stats over ``baseline_s``. Where the rise rule needs a "before" and none came in that
+        time (stats are QoS 0, one every health.stats_interval_s), it waits on for the first that gives a rate,
+        for as long as a station is given to answer a command (``update_timeout_s``): a short --baseline-s on a
+        busy station is not a halt, a canary that sends no stats at all is."""
+        if policy.baseline_s > 0:
+            log.info("gathering %.0f s of %s stats before the update", policy.baseline_s, canary)
+            time.sleep(policy.baseline_s)
+        stats = [s for _, s in self.link.snapshot(canary).stats]
+        if policy.needs_baseline and rate_over(stats)[0] is None:
+            log.info("no stats from %s yet; waiting up to %.0f s more for one", canary, self.plan.update_timeout_s)
+            deadline = self.link.clock() + self.plan.update_timeout_s
+            while rate_over(stats)[0] is None and self.link.clock() < deadline:
+                time.sleep(min(0.25, max(0.0, deadline - self.link.clock())))
+                stats = [s for _, s in self.link.snapshot(canary).stats]
+        return stats
 
     def _watch(self, canary: str, sent_at: float) -> Verdict:
         policy = self.plan.policy
@@ -171,8 +208,8 @@ class Rollout:
             view = self.link.snapshot(canary)
             if not view.online:
                 return Verdict(False, "went offline during the watch", {"watch_s": policy.watch_s})
-            if view.version != self.plan.bundle.version:
-                return Verdict(False, f"reports version {view.version} during the watch", {})
+            if not view.runs(self.plan.bundle):
+                return Verdict(False, f"reports {view.describe()} during the watch", {"watch_s": policy.watch_s})
             after = [s for t, s in view.stats if t >= sent_at]
             early = judge_canary(self._baseline, after, self.plan.bundle.version,
                                  WatchPolicy(policy.watch_s, None, 1.0, policy.max_errors, 0))
@@ -182,24 +219,46 @@ class Rollout:
         after = [s for t, s in self.link.snapshot(canary).stats if t >= sent_at]
         return judge_canary(self._baseline, after, self.plan.bundle.version, policy)
 
-    def _rollback_canary(self, canary: str, before: str | None) -> str:
-        if before is None or before == self.plan.bundle.version:
-            return "its previous version is unknown: roll it back with 'python -m central rollback'"
+    def _rollback_canary(self, canary: str, outcome: StationOutcome) -> str:
+        """Send a canary that failed its watch back to the model it ran: that name and that version, found
+        where it got it (the history) or beside the new version when it is the same model."""
+        name, version, plan = outcome.before_name, outcome.before, self.plan
+        if name is None or version is None or (name, version) == (plan.bundle.name, plan.bundle.version):
+            return "its previous model is unknown: roll it back with 'python -m central rollback --to VERSION'"
+        label = version if name == plan.bundle.name else f"{name} {version}"
         try:
-            location = self.history.location_of(before, canary) or sibling_location(self.plan.bundle.location, before)
+            location = self.history.location_of(name, version, canary) or (
+                sibling_location(plan.bundle.location, version) if name == plan.bundle.name else None)
+            if location is None:
+                raise RolloutError(f"no published location of {name} {version} in {self.history.path}")
             previous = resolve_bundle(location)
-            if previous.version != before:
-                raise RolloutError(f"{location} holds {previous.version}, not {before}")
+            if (previous.name, previous.version) != (name, version):
+                raise RolloutError(f"{location} holds {previous.name} {previous.version}, not {name} {version}")
         except RolloutError as exc:
-            return f"could not roll it back to {before} ({exc}); use 'python -m central rollback --to {before}'"
+            return f"could not roll it back to {label} ({exc}); use 'python -m central rollback --to {version}'"
         back = _SwitchTo(self, previous, "rollback").run([canary], "canary")[0]
-        self._emit("rollback", back.ok, f"canary {canary} back on {before}" if back.ok else back.reason, [canary],
+        outcome.after, outcome.after_name = back.after, back.after_name
+        self._emit("rollback", back.ok, f"canary {canary} back on {label}" if back.ok else back.reason, [canary],
                    {"before": back.before, "after": back.after}, model=previous.model)
-        return f"rolled back to {before}" if back.ok else f"rollback to {before} failed: {back.reason}"
+        return f"rolled back to {label}" if back.ok else f"rollback to {label} failed: {back.reason}"
+
+    # -- halts
+    def _halt_unsent(self, canary: str, view: StationView, reason: str) -> None:
+        """Halt before the canary's command: it is listed as not sent, with why."""
+        self.summary.outcomes.append(StationOutcome(canary, view.version, view.version, False, reason, "canary",
+                                                    view.model_name, view.model_name, sent=False))
+        self._halt(reason, [canary])
 
     def _halt(self, reason: str, stations: Sequence[str], figures: dict[str, Any] | None = None) -> None:
         self.summary.halted = reason
         untouched = [s for s in self.plan.stations if s not in stations]
+        listed = {o.station for o in self.summary.outcomes}
+        for s in untouched:
+            if s not in listed:
+                view = self.link.snapshot(s)
+                self.summary.outcomes.append(StationOutcome(s, view.version, view.version, False,
+                                                            "the rollout halted before its command", "rest",
+                                                            view.model_name, view.model_name, sent=False))
         self._emit("halt", False, reason + (f"; not sent to {', '.join(untouched)}" if untouched else ""),
                    stations, {**(figures or {}), "not_sent": untouched})
 
@@ -215,6 +274,11 @@ class _SwitchTo:
     def __init__(self, rollout: Rollout, bundle: RemoteBundle, action: str) -> None:
         self.r, self.bundle, self.action = rollout, bundle, action
 
+    def _outcome(self, s: str, before: StationView, after: StationView, ok: bool, reason: str | None, role: str,
+                 sent: bool = True) -> StationOutcome:
+        return StationOutcome(s, before.version, after.version, ok, reason, role, before.model_name,
+                              after.model_name, sent)
+
     def run(self, stations: Sequence[str], role: str) -> list[StationOutcome]:
         link, version = self.r.link, self.bundle.version
         before = {s: link.snapshot(s) for s in stations}
@@ -222,34 +286,42 @@ class _SwitchTo:
         for s in stations:
             view = before[s]
             if view.status is None:
-                outcomes[s] = StationOutcome(s, None, None, False, "no retained status: unknown or never connected", role)
-            elif view.version == version:
-                outcomes[s] = StationOutcome(s, view.version, view.version, True, None, role)
-        pending = [s for s in stations if s not in outcomes]
-        for s in pending:
-            link.send_model(s, self.bundle)
-            log.info("cmd/model %s -> %s", version, s)
+                outcomes[s] = self._outcome(s, view, view, False, "no retained status: unknown or never connected",
+                                            role, sent=False)
+            elif view.runs(self.bundle):
+                outcomes[s] = self._outcome(s, view, view, True, None, role)
+            elif view.model_name != self.bundle.name:
+                log.warning("%s runs %s: it is switched to %s %s as named", s, view.describe(), self.bundle.name,
+                            version)
+        sent = []
+        for s in [s for s in stations if s not in outcomes]:
+            try:
+                link.send_model(s, self.bundle)
+            except RolloutError as exc:      # the broker refused it (its ACL) or never acknowledged it
+                outcomes[s] = self._outcome(s, before[s], before[s], False, str(exc), role, sent=False)
+                continue
+            log.info("cmd/model %s %s -> %s", self.bundle.name, version, s)
+            sent.append(s)
         deadline = link.clock() + self.r.plan.update_timeout_s
-        for s in pending:
+        for s in sent:
             answer = link.wait_until(lambda s=s: self._answer(s, before[s]), max(0.0, deadline - link.clock()))
             view = link.snapshot(s)
             if answer is None:
-                outcomes[s] = StationOutcome(s, before[s].version, view.version, False,
-                                             f"no status reporting {version} within {self.r.plan.update_timeout_s:.0f} s "
-                                             f"(state {(view.status or {}).get('state')}, version {view.version})", role)
+                outcomes[s] = self._outcome(s, before[s], view, False, f"no status reporting {self.bundle.name} "
+                                            f"{version} within {self.r.plan.update_timeout_s:g} s (state "
+                                            f"{(view.status or {}).get('state')}, {view.describe()})", role)
             else:
-                ok, reason = answer
-                outcomes[s] = StationOutcome(s, before[s].version, view.version, ok, reason, role)
+                outcomes[s] = self._outcome(s, before[s], view, *answer, role)
             o = outcomes[s]
-            self.r.history.record(s, action=self.action, bundle=self.bundle, from_version=o.before, ok=o.ok,
-                                  reason=o.reason)
+            self.r.history.record(s, action=self.action, bundle=self.bundle, from_version=o.before,
+                                  from_name=o.before_name, ok=o.ok, reason=o.reason)
         return [outcomes[s] for s in stations]
 
     def _answer(self, station: str, before: StationView) -> tuple[bool, str | None] | None:
         view = self.r.link.views.get(station)       # called under the link's lock
         if view is None or view.status is None:
             return None
-        if view.online and view.version == self.bundle.version:
+        if view.online and view.runs(self.bundle):
             return True, None
         update = view.last_update
         if update and update != before.last_update and update.get("ok") is False:
@@ -259,60 +331,3 @@ class _SwitchTo:
 
 def run_rollout(link: StationLink, plan: RolloutPlan, history: RolloutHistory, events: EventSink) -> Summary:
     return Rollout(link, plan, history, events).run()
-
-
-def rollback_targets(link: StationLink, history: RolloutHistory, stations: Sequence[str], to: str,
-                     bundle_location: str | None) -> tuple[dict[str, RemoteBundle], dict[str, str]]:
-    """Per station, the published bundle to go back to: ``to`` a version, or ``previous`` from the history."""
-    targets: dict[str, RemoteBundle] = {}
-    problems: dict[str, str] = {}
-    resolved: dict[str, RemoteBundle] = {}
-    for s in stations:
-        current = link.snapshot(s).version
-        version = history.previous_version(s, current) if to == "previous" else to
-        if version is None:
-            problems[s] = (f"the history {history.path} has no version before {current} for this station; "
-                           "name one with --to VERSION")
-            continue
-        location = bundle_location or history.location_of(version, s)
-        if location is None:
-            problems[s] = f"no published location of {version} in {history.path}; pass --bundle-url"
-            continue
-        try:
-            bundle = resolved.get(location) or resolve_bundle(location)
-        except RolloutError as exc:
-            problems[s] = str(exc)
-            continue
-        resolved[location] = bundle
-        if bundle.version != version:
-            problems[s] = f"{location} holds version {bundle.version}, not {version}"
-            continue
-        targets[s] = bundle
-    return targets, problems
-
-
-def run_rollback(link: StationLink, history: RolloutHistory, events: EventSink, stations: Sequence[str], to: str,
-                 *, bundle_location: str | None = None, update_timeout_s: float = 300.0) -> list[Summary]:
-    """Send stations back to an earlier version, one group per target bundle.
-
-    A station whose target cannot be found (no history, not published) gets no command: a halt
-    event says why, and it is listed as failed in the last summary.
-    """
-    targets, problems = rollback_targets(link, history, stations, to, bundle_location)
-    groups: dict[str, list[str]] = {}
-    for station, bundle in targets.items():
-        groups.setdefault(bundle.location, []).append(station)
-    summaries = []
-    for members in groups.values():
-        plan = RolloutPlan(targets[members[0]], members, None, None, update_timeout_s, action="rollback")
-        summaries.append(Rollout(link, plan, history, events).run())
-    if problems:
-        model = {"name": next(iter(targets.values())).name if targets else "unknown", "version": to}
-        events.emit(make_event("halt", model, ok=False, stations=sorted(problems), figures={"problems": problems},
-                               reason="rollback not sent to " + "; ".join(f"{s}: {why}" for s, why in problems.items())))
-        failed = summaries[-1] if summaries else Summary("rollback", RemoteBundle("", model["name"], to, "", {}))
-        failed.outcomes.extend(StationOutcome(s, link.snapshot(s).version, link.snapshot(s).version, False, why)
-                               for s, why in problems.items())
-        if not summaries:
-            summaries.append(failed)
-    return summaries

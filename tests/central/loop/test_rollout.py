@@ -285,20 +285,20 @@ def test_history_knows_each_stations_previous_version_and_where_it_lives(tmp_pat
     history.record("s/a", action="rollout", bundle=v2, from_version="v1", ok=True, reason=None)
     history.record("s/b", action="rollout", bundle=v2, from_version="v0", ok=False, reason="refused")
     reloaded = RolloutHistory(tmp_path / "h.json")
-    assert reloaded.previous_version("s/a", "v2") == "v1"
-    assert reloaded.previous_version("s/b", "v2") is None         # its switch failed: it never ran v2
-    assert reloaded.location_of("v2") == "http://c:8070/tiny/v2/"
-    assert reloaded.location_of("v1", "s/a") == "http://c:8070/tiny/v1/"   # same served tree
+    assert reloaded.previous_model("s/a", ("tiny", "v2")) == ("tiny", "v1")
+    assert reloaded.previous_model("s/b", ("tiny", "v2")) is None         # its switch failed: it never ran v2
+    assert reloaded.location_of("tiny", "v2") == "http://c:8070/tiny/v2/"
+    assert reloaded.location_of("tiny", "v1", "s/a") == "http://c:8070/tiny/v1/"   # same served tree
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(RolloutError, match="bad.json: rollout history is not valid JSON"):
         RolloutHistory(tmp_path / "bad.json")
-    # two models with a version of the same name: a station's own record says which one it ran; without one,
-    # which is not known, and no location is guessed
+    # two models with a version of the same name: each is found by its name, never the other's
     shelf = ro.RemoteBundle("http://c:8070/shelf/v2/", "shelf", "v2", "b" * 64, {})
-    history.record("s/c", action="rollout", bundle=shelf, from_version="v1", ok=True, reason=None)
-    assert history.location_of("v2", "s/c") == "http://c:8070/shelf/v2/"
-    assert history.location_of("v2", "s/a") == "http://c:8070/tiny/v2/"
-    assert history.location_of("v2") is None and history.location_of("v2", "s/new") is None
+    history.record("s/c", action="rollout", bundle=shelf, from_version="v1", from_name="shelf", ok=True, reason=None)
+    assert history.location_of("shelf", "v2", "s/a") == "http://c:8070/shelf/v2/"
+    assert history.location_of("tiny", "v2", "s/c") == "http://c:8070/tiny/v2/"
+    assert history.location_of("shelf", "v1", "s/new") == "http://c:8070/shelf/v1/"     # beside shelf v2
+    assert history.location_of("other", "v2") is None
 
 
 def test_a_rerun_whose_canary_already_runs_the_version_halts_instead_of_judging_it_against_itself(tmp_path):
@@ -517,7 +517,7 @@ def test_station_groups_are_read_from_a_file_and_bad_lines_are_named(tmp_path):
     stations, skipped = select_stations(link, stations=["ber1/qc-01"], group=group)
     assert stations == ["ber1/qc-01", "ber1/receiving-01", "ber1/receiving-02"] and skipped == {}
     group.write_text("ber1/receiving-01\nreceiving-02\n")
-    with pytest.raises(RolloutError, match=r"dock-stations.txt:2: expected <site>/<station>, got 'receiving-02'"):
+    with pytest.raises(RolloutError, match=r"dock-stations.txt:2: expected <site>/<station> .*got 'receiving-02'"):
         select_stations(link, group=group)
     with pytest.raises(RolloutError, match="no stations"):
         select_stations(link)

@@ -1,0 +1,70 @@
+"""Which stations a rollout or rollback addresses: named, listed in a group file, or every online station.
+
+Every name is checked against the contract's ``<site>/<station>`` form before any command goes out: a
+command to ``st-a`` or ``ber1/st.a`` reaches no station, and an event naming it breaks ``rollout-event.v1``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Sequence
+
+from central.rollout.link import StationLink
+from contract.events import RolloutError
+
+# site and station as the MQTT schemas (status.v1, stats.v1) and rollout-event.v1 allow them
+STATION_RE = re.compile(r"[A-Za-z0-9_-]{1,64}/[A-Za-z0-9_-]{1,64}")
+
+
+def check_station(station: str, where: str) -> str:
+    """``station`` when it is a ``<site>/<station>`` name, else RolloutError naming ``where`` (a flag, a file line)."""
+    if not isinstance(station, str) or not STATION_RE.fullmatch(station):
+        raise RolloutError(f"{where}: expected <site>/<station> (letters, digits, '_' and '-', at most 64 each), "
+                           f"got {station!r}")
+    return station
+
+
+def select_stations(link: StationLink, *, stations: Sequence[str] = (), group: Path | None = None,
+                    all_stations: bool = False) -> tuple[list[str], dict[str, str]]:
+    """The stations named (``--stations``), listed in a group file (one <site>/<station> a line, # comments), or
+    every station with a retained status (online ones; offline ones are returned as skipped, with why)."""
+    chosen = [check_station(s, f"--stations {s!r}") for s in stations]
+    if group is not None:
+        try:
+            lines = Path(group).read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise RolloutError(f"{group}: cannot read the station group ({why})") from exc
+        for n, line in enumerate(lines, 1):
+            line = line.split("#", 1)[0].strip()
+            if line:
+                chosen.append(check_station(line, f"{group}:{n}"))
+    skipped: dict[str, str] = {}
+    if all_stations:
+        for station in link.known_stations():
+            if not STATION_RE.fullmatch(station):
+                skipped[station] = "not a <site>/<station> name the contract allows; it gets no command"
+            elif link.snapshot(station).online:
+                chosen.append(station)
+            else:
+                skipped[station] = "offline (its retained status says so); it gets no command"
+    seen: dict[str, None] = dict.fromkeys(chosen)
+    if not seen:
+        raise RolloutError("no stations: name them (--stations), list them (--group FILE) or use --all")
+    return list(seen), skipped
+
+
+def split_by_model(link: StationLink, stations: Sequence[str], name: str) -> tuple[list[str], dict[str, str]]:
+    """The stations running model ``name``, and the others with what they run. ``--all`` sends a model only to
+    the stations that run it: a station of another model is switched only when it is named (``--stations``)."""
+    same: list[str] = []
+    others: dict[str, str] = {}
+    for station in stations:
+        view = link.snapshot(station)
+        if view.model_name == name:
+            same.append(station)
+        else:
+            others[station] = (f"runs {view.describe()}, not {name}: --all sends {name} only to stations running it "
+                               "(name it with --stations to switch its model)")
+    return same, others
