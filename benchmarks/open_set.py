@@ -264,14 +264,12 @@ def receiving(bundle, outputs: dict, known_names: list[str], rng: np.random.Gene
                           not sure.low_confidence and sure.label == (known_names[ks_y[i]] if kind != "unknown" else None))
     shipment = desk.close("sim-1")
     receipt = shipment.receipt()
-    named = {ref["decision"] for line in receipt["lines"] for ref in line["refs"]}
-    named |= {ref["decision"] for part in ("review", "unknown") for ref in receipt[part]["refs"]}
+    named = singled_out(receipt)
+    on_over_lines = {ref["decision"] for line in receipt["lines"] if line["status"] == "over" for ref in line["refs"]}
     odd = [d for d, t in truth.items() if t[0] != "expected"]
     # expected items the model decided right and sure (its probabilities alone): a discrepancy named on one of
-    # them is false (the only way: the unknown score rejecting it)
+    # them is false (the unknown score rejecting it, or a place among the first refs of a line over by k)
     sure_right = [d for d, t in truth.items() if t[0] == "expected" and t[3]]
-    flagged = {ref["decision"] for part in ("review", "unknown") for ref in receipt[part]["refs"]}
-    flagged |= {ref["decision"] for line in receipt["lines"] if line["status"] == "unexpected" for ref in line["refs"]}
     assert all(len(receipt[part]["refs"]) == receipt[part]["count"] for part in ("review", "unknown")), \
         "raise ReceivingConfig.max_refs: the receipt left refs off"
     # an over line by k: the k items a dock checks first, as the receipt ranks them (most doubtful first) and as
@@ -300,13 +298,30 @@ def receiving(bundle, outputs: dict, known_names: list[str], rng: np.random.Gene
             "threshold": threshold, "expected_unknown_keep": expected_unknown_keep, "looser_threshold": looser,
             "unexpected_reported": sum(d in named for d in odd if truth[d][0] == "unexpected"),
             "unknown_reported": sum(d in named for d in odd if truth[d][0] == "unknown"),
+            # listed on a line over by k but not among its first k refs: before 2026-12-07 counted as reported
+            "unknown_on_over_lines_not_named": sum(d in on_over_lines and d not in named for d in odd
+                                                   if truth[d][0] == "unknown"),
             "unknown_decided_unknown": sum(truth[d][2] == openset.UNKNOWN_LABEL for d in odd
                                            if truth[d][0] == "unknown"),
-            "false_discrepancies_on_confident_expected": sum(d in flagged for d in sure_right),
+            "false_discrepancies_on_confident_expected": sum(d in named for d in sure_right),
             "confident_expected_items": len(sure_right),
             "lines_misreported": sum(line["status"] in ("over", "short") for line in receipt["lines"]),
             "lines": len(counts), **ranking, **ranking_keys,
             "totals": receipt["totals"]}
+
+
+def singled_out(receipt: dict) -> set[str]:
+    """The decisions a receipt names as discrepancies, as a dock reads it: every ref of an unexpected line, the
+    first k refs of a line over by k (the receipt ranks a line's refs most doubtful first: those are the k a dock
+    checks), and the review and unknown refs. Until 2026-12-07 every ref of an over line counted as named, right
+    items and all: an unknown item decided sure as an expected product, listed after k right ones, was "reported"."""
+    named = {ref["decision"] for part in ("review", "unknown") for ref in receipt[part]["refs"]}
+    for line in receipt["lines"]:
+        if line["status"] == "unexpected":
+            named |= {ref["decision"] for ref in line["refs"]}
+        elif line["status"] == "over":
+            named |= {ref["decision"] for ref in line["refs"][:line["over"]]}
+    return named
 
 
 def reference_recall(path: Path | None, args) -> dict | None:
