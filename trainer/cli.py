@@ -183,7 +183,41 @@ def train_config_from_args(args: argparse.Namespace):
             raise
         raise ValueError(f"{flag}: {exc}") from exc
     keys = [f for f in TrainConfig.__dataclass_fields__ if f != "augment" and hasattr(args, f)]
-    return TrainConfig(**{k: getattr(args, k) for k in keys}, augment=augment)
+    try:
+        return TrainConfig(**{k: getattr(args, k) for k in keys}, augment=augment)
+    except ValueError as exc:
+        field = str(exc).split(":", 1)[0]
+        if field not in keys:
+            raise
+        raise ValueError(f"--{field.replace('_', '-')}: {exc}") from exc
+
+
+def flags_given(args: argparse.Namespace) -> list[str]:
+    """The train flags of a command line that differ from their defaults, as ``--flag value``: with ``--resume``
+    the run's config.json decides every setting, and a flag given beside it (--epochs 3 to extend a run) would
+    otherwise be dropped without a word."""
+    defaults = argparse.ArgumentParser(add_help=False)
+    _add_train_args(defaults)
+    given = []
+    for action in defaults._actions:
+        value = getattr(args, action.dest, action.default)
+        if not action.option_strings or _same(value, action.default):
+            continue
+        flag = action.option_strings[0]
+        if isinstance(value, bool):                         # --amp / --no-amp
+            given.append(flag if value else f"--no-{flag[2:]}")
+        elif isinstance(value, (list, tuple)):              # --scale LOW HIGH
+            given.append(f"{flag} {' '.join(map(str, value))}")
+        else:
+            given.append(f"{flag} {value}")
+    return given
+
+
+def _same(value: object, default: object) -> bool:
+    """A value equals its default (argparse gives a list where the default is a tuple)."""
+    if isinstance(default, tuple) and isinstance(value, (list, tuple)):
+        return list(value) == list(default)
+    return value == default
 
 
 def cmd_train(args) -> int:
@@ -195,6 +229,11 @@ def cmd_train(args) -> int:
             log.error("--resume %s: no run there (%s does not exist)", args.resume, run_dir / "config.json")
             return 2
         cfg = TrainConfig.load(run_dir / "config.json")
+        ignored = flags_given(args)
+        if ignored:
+            log.warning("--resume %s continues with the run's own settings (%s); ignoring %s. To train with other "
+                        "settings start a new run (another --name)", args.resume, run_dir / "config.json",
+                        ", ".join(ignored))
     elif args.data is None:
         log.error("--data: required (the training images), unless --resume continues a run")
         return 2
@@ -203,6 +242,10 @@ def cmd_train(args) -> int:
         run_dir = Path(cfg.out_dir) / cfg.name
         if (run_dir / "last.pt").exists():
             log.error("%s already holds a run; pass --resume %s to continue it, or another --name", run_dir, run_dir)
+            return 2
+        if (run_dir / "best.pt").exists():      # a trained model kept without last.pt: a new run would replace it
+            log.error("%s holds best.pt of an earlier run (without last.pt, it cannot be resumed); pass another "
+                      "--name, or move the folder away", run_dir)
             return 2
     result = Trainer(cfg, run_dir).fit()
     print(f"best val {cfg.metric} {result.best_metric:.4f} at epoch {result.best_epoch}; "

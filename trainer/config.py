@@ -11,6 +11,12 @@ from typing import Any
 from contract.preprocess import CROP_MODES, CropPolicy
 from trainer.augment import AugmentConfig
 
+# (field, lowest value, None allowed): the settings that count images, pixels, epochs, steps or processes
+WHOLE_NUMBER_FIELDS = (
+    ("epochs", 1, False), ("batch_size", 1, False), ("image_size", 1, False), ("resize_shorter", 1, True),
+    ("limit_per_class", 1, True), ("seed", 0, False), ("step_size", 1, False), ("station_frame_repeat", 1, False),
+    ("freeze_epochs", 0, False), ("workers", 0, False), ("patience", 1, True), ("max_steps_per_epoch", 1, True),
+)
 
 @dataclass
 class TrainConfig:
@@ -73,8 +79,7 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}: expected one of {allowed}, got {getattr(self, name)!r}")
         self.crop_policy  # noqa: B018 -- raises ValueError naming input.crop.margin when it is out of range
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("epochs and batch_size must be >= 1")
+        self._check_whole_numbers()
         # a NaN here trains "fine" and the run can then never be exported (a manifest figure not finite)
         for name, low, high in (("lr", 0.0, 10.0), ("weight_decay", 0.0, 10.0), ("momentum", 0.0, 1.0),
                                 ("warmup_epochs", 0.0, 1e6), ("gamma", 0.0, 1e6), ("label_smoothing", 0.0, 1.0),
@@ -82,15 +87,18 @@ class TrainConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and low <= value <= high):
                 raise ValueError(f"{name}: expected a finite number in [{low:g}, {high:g}], got {value!r}")
-        if self.image_size < 1 or (self.resize_shorter is not None and self.resize_shorter < 1):
-            raise ValueError(f"image_size and resize_shorter: expected >= 1 px, got {self.image_size}, "
-                             f"{self.resize_shorter}")
-        if self.limit_per_class is not None and self.limit_per_class < 1:
-            raise ValueError(f"limit_per_class: expected at least 1 image (or none for all), "
-                             f"got {self.limit_per_class}")
-        if isinstance(self.station_frame_repeat, bool) or not isinstance(self.station_frame_repeat, int) \
-                or self.station_frame_repeat < 1:
-            raise ValueError(f"station_frame_repeat: expected a whole number >= 1, got {self.station_frame_repeat!r}")
+
+    def _check_whole_numbers(self) -> None:
+        """Counts the loops divide by or count down from: a step_size of 0 divides by zero mid-run, a negative one
+        raises the rate each epoch, patience 0 stops before any epoch counts, and a max_steps_per_epoch of 0 or
+        less trains nothing yet reports a run; each is refused here, naming its field, before any work."""
+        for name, low, optional in WHOLE_NUMBER_FIELDS:
+            value = getattr(self, name)
+            if value is None and optional:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                none = " (or none)" if optional else ""
+                raise ValueError(f"{name}: expected a whole number >= {low}{none}, got {value!r}")
 
     @property
     def crop_policy(self) -> CropPolicy:

@@ -10,7 +10,8 @@ Layouts (``detect_layout`` picks one):
 Hostile or damaged input never ends in a traceback: a problem that makes the dataset wrong (a class name
 that is not UTF-8 text, a labels file of the wrong shape, a CSV that is not UTF-8, a truncated IDX file) is
 a DatasetError naming the file; a single image that cannot be used (corrupt, unreadable, a file name that
-is not UTF-8) is skipped and listed in ``Dataset.skipped`` with the reason.
+is not UTF-8, a CSV row repeating an image an earlier row gave the same label) is skipped and listed in
+``Dataset.skipped`` with the reason.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import gzip
 import hashlib
 import json
 import logging
+import os
 import random
 import re
 import struct
@@ -214,7 +216,8 @@ def read_csv(csv_path: Path, classes: Sequence[str] | None = None) -> Dataset:
     """``path,label`` rows; an optional ``view`` column says ``station`` for a frame a station sent (its item crop:
     trained as it is) and ``canvas`` or nothing for a product image (rendered as station views when they are on)."""
     base = csv_path.parent
-    pairs, seen = [], []
+    pairs, seen, repeats = [], [], []
+    first: dict[str, tuple[int, str, int]] = {}      # image -> (its first line, label, index in pairs)
     line = 1
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as fh:      # -sig: the BOM a spreadsheet writes
@@ -234,7 +237,14 @@ def read_csv(csv_path: Path, classes: Sequence[str] | None = None) -> Dataset:
                 if view not in VIEWS:
                     raise DatasetError(f"{csv_path}:{line}: field view: expected 'station' (a station's frame) or "
                                        f"'canvas' or nothing, got {view!r}")
-                pairs.append((path if path.is_absolute() else base / path, label))
+                path = path if path.is_absolute() else base / path
+                key = os.path.abspath(path)
+                if key in first:
+                    repeats.append(_repeated_row(csv_path, line, row["path"], label, first[key]))
+                    seen[first[key][2]] |= view == "station"     # a station's frame stays one, whichever row says so
+                    continue
+                first[key] = (line, label, len(pairs))
+                pairs.append((path, label))
                 seen.append(view == "station")
     except OSError as exc:
         raise DatasetError(f"{shown(csv_path)}: cannot read ({exc.strerror or exc})") from exc
@@ -242,7 +252,24 @@ def read_csv(csv_path: Path, classes: Sequence[str] | None = None) -> Dataset:
         raise DatasetError(f"{csv_path}: not UTF-8 text (near line {line + 1})") from exc
     except csv.Error as exc:
         raise DatasetError(f"{csv_path}:{line + 1}: not valid CSV ({exc})") from exc
-    return _from_pairs(base, pairs, "csv", classes, seen)
+    for row in repeats:
+        log.warning("skipping %s", row["error"])
+    dataset = _from_pairs(base, pairs, "csv", classes, seen)
+    dataset.skipped.extend(repeats)
+    return dataset
+
+
+def _repeated_row(csv_path: Path, line: int, path: str, label: str, first: tuple[int, str, int]) -> dict[str, str]:
+    """A row naming an image an earlier row named (a labels export appended twice, two CSVs merged). Kept as a
+    second sample, the split could put the image on both sides, trained on and validated on. With the same label
+    the repeat is skipped and listed; with another label it is a DatasetError naming both lines, since which of
+    the two is right cannot be known here."""
+    first_line, first_label, _ = first
+    if label != first_label:
+        raise DatasetError(f"{csv_path}:{line}: image {shown(path)} is labelled {label!r} here and {first_label!r} "
+                           f"on line {first_line}; one image takes one label")
+    return {"path": shown(path), "error": f"{csv_path}:{line}: image {shown(path)} repeats line {first_line} "
+                                         f"(same label {label!r}); the repeat is left out"}
 
 
 def detect_layout(source: Path) -> str:
@@ -355,7 +382,13 @@ def station_frames_trained(dataset: Dataset, train: Sequence[int], val: Sequence
     return sorted([*train, *seen]), [i for i in val if i not in moved]
 
 
-def save_split(path: Path, dataset: Dataset, train: Sequence[int], val: Sequence[int], seed: int) -> None:
+def save_split(path: Path, dataset: Dataset, train: Sequence[int], val: Sequence[int], seed: int, *,
+               drawn_for: dict | None = None) -> None:
+    """The split as image paths (relative to the dataset root) with labels. ``drawn_for``: the settings the
+    trainer drew it with (data, seed, val_fraction, limit_per_class), which mark a split as the trainer's own; a
+    split saved without them is one a caller placed in the run folder, which the trainer uses as it is. Written
+    to a temporary file and renamed, so a reader (another rank of a distributed run, an export) never sees half
+    of it."""
     payload = {
         "seed": seed,
         "root": str(dataset.root),
@@ -366,7 +399,27 @@ def save_split(path: Path, dataset: Dataset, train: Sequence[int], val: Sequence
     seen = sorted(dataset.relative(s.path) for s in dataset.samples if s.as_seen)
     if seen:        # a station's frames (Sample.as_seen): the export never renders them as station views again
         payload["as_seen"] = seen
-    path.write_text(json.dumps(payload))
+    if drawn_for is not None:
+        payload["drawn_for"] = drawn_for
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload))
+    os.replace(tmp, path)
+
+
+def split_drawn_for(path: Path) -> dict | None:
+    """The settings a saved split was drawn with (``save_split``'s ``drawn_for``), or None for a split a caller
+    placed in the run folder; DatasetError naming the file when it is not a saved split."""
+    try:
+        payload = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot read the saved split ({exc.strerror or exc})") from exc
+    except ValueError as exc:
+        raise DatasetError(f"{path}: not a saved split (not JSON: {exc})") from exc
+    drawn_for = payload.get("drawn_for") if isinstance(payload, dict) else None
+    if not isinstance(payload, dict) or not isinstance(drawn_for, (dict, type(None))):
+        raise DatasetError(f"{path}: not a saved split (expected a JSON object with train and val lists, and "
+                           f"drawn_for an object when present)")
+    return drawn_for
 
 
 def load_split(path: Path, dataset: Dataset) -> tuple[list[int], list[int]]:

@@ -20,6 +20,7 @@ from trainer import data as data_mod
 from trainer.augment import BatchAugment, eval_spec, load_canvas, load_eval, mask_path
 from trainer.config import TrainConfig
 from trainer.distributed import DistContext, init_distributed, shutdown
+from trainer.evaluate import macro_f1
 from trainer.model import build_model, set_backbone_frozen, train_mode
 
 log = logging.getLogger(__name__)
@@ -28,11 +29,21 @@ CACHE_LIMIT_BYTES = int(float(os.environ.get("TRAINER_CACHE_GB", "8")) * 2**30)
 
 
 def select_device(name: str = "auto") -> torch.device:
+    """The torch device ``--device`` names; a ValueError naming the flag (the CLI's one-line error, exit 2) for a
+    name that is not auto, cpu, cuda or cuda:N, or a GPU this machine does not have."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from exc
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {name}: CUDA is not available on this machine")
+        raise ValueError(f"--device {name}: CUDA is not available on this machine (use --device cpu or auto)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                         f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
     return device
 
 
@@ -205,15 +216,13 @@ def make_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_
 
 
 def accuracy_and_f1(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[float, float]:
+    """Top-1 accuracy and macro-F1 (``trainer.evaluate.macro_f1``: the same figure ``evaluate`` reports)."""
     pred = logits.argmax(1)
     acc = (pred == labels).float().mean().item() if len(labels) else 0.0
-    f1s = []
-    for c in range(num_classes):
-        tp = ((pred == c) & (labels == c)).sum().item()
-        fp = ((pred == c) & (labels != c)).sum().item()
-        fn = ((pred != c) & (labels == c)).sum().item()
-        f1s.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
-    return acc, float(np.mean(f1s))
+    tp = torch.bincount(labels[pred == labels], minlength=num_classes)
+    predicted = torch.bincount(pred, minlength=num_classes)
+    support = torch.bincount(labels, minlength=num_classes)
+    return acc, macro_f1(tp.numpy(), predicted.numpy(), support.numpy())
 
 
 @dataclass
@@ -251,19 +260,36 @@ class Trainer:
 
     # --- setup -------------------------------------------------------------------------------
 
-    def _dataset(self) -> tuple[data_mod.Dataset, list[int], list[int]]:
-        cfg = self.cfg
+    def _dataset(self, resume_classes: list[str] | None) -> tuple[data_mod.Dataset, list[int], list[int]]:
+        """The dataset and its split. Resuming (``resume_classes``: the classes of last.pt), the split the run
+        started with, read against the whole of ``data`` (a --limit-per-class draw made again from a folder that
+        has changed would miss some of its images); so is a split a caller placed in the run folder before the
+        first fit (one saved without ``drawn_for``). Otherwise a new split, saved for a resume and the export."""
+        cfg, resuming = self.cfg, resume_classes is not None
         dataset = data_mod.load_dataset(cfg.data)
-        if cfg.limit_per_class:
-            dataset = data_mod.limit_per_class(dataset, cfg.limit_per_class, cfg.seed)
+        if resuming and dataset.classes != resume_classes:
+            raise data_mod.DatasetError(
+                f"{cfg.data}: the classes {dataset.classes} differ from the classes {resume_classes} of the run "
+                f"being resumed ({self.run_dir / 'last.pt'}); its model has a row per class in that order. Restore "
+                f"the data as it was, or start a new run (another --name)")
         split_path = self.run_dir / "split.json"
-        if split_path.exists():
-            train_idx, val_idx = data_mod.load_split(split_path, dataset)
+        saved = split_path.exists()
+        drawn_for = data_mod.split_drawn_for(split_path) if saved else None
+        if saved and (resuming or drawn_for is None):
+            if resuming and drawn_for is not None:
+                self._check_split_settings(split_path, drawn_for)
+            dataset, train_idx, val_idx = _split_only(dataset, *data_mod.load_split(split_path, dataset))
         else:  # the same on every rank of a distributed run: same data, same seed
+            if cfg.limit_per_class:
+                dataset = data_mod.limit_per_class(dataset, cfg.limit_per_class, cfg.seed)
             train_idx, val_idx = data_mod.stratified_split(dataset.labels(), cfg.val_fraction, cfg.seed)
             train_idx, val_idx = data_mod.station_frames_trained(dataset, train_idx, val_idx)
-            if self.dist.is_main:
-                data_mod.save_split(split_path, dataset, train_idx, val_idx, cfg.seed)
+            if val_idx and self.dist.is_main:
+                data_mod.save_split(split_path, dataset, train_idx, val_idx, cfg.seed,
+                                    drawn_for=self._split_settings())
+        if not val_idx:
+            raise data_mod.DatasetError(f"{cfg.data}: the validation split is empty: {self._why_no_validation(dataset)}"
+                                        f"; validation needs a class with 2 or more images")
         if not self.dist.is_main:
             return dataset, train_idx, val_idx
         report = {
@@ -273,8 +299,45 @@ class Trainer:
         }
         (self.run_dir / "data_report.json").write_text(json.dumps(report, indent=1))
         if dataset.skipped:
-            log.warning("%d unreadable images skipped; listed in %s", len(dataset.skipped), self.run_dir / "data_report.json")
+            log.warning("%d images skipped (unreadable, or repeated in a CSV); listed in %s", len(dataset.skipped),
+                        self.run_dir / "data_report.json")
         return dataset, train_idx, val_idx
+
+    def _split_settings(self) -> dict:
+        """What decides the split drawn for this config: a split drawn for other settings is not this run's."""
+        cfg = self.cfg
+        return {"data": str(cfg.data), "seed": cfg.seed, "val_fraction": cfg.val_fraction,
+                "limit_per_class": cfg.limit_per_class}
+
+    def _check_split_settings(self, split_path: Path, drawn_for: dict) -> None:
+        """A resume whose config no longer matches its split (config.json edited, or a Trainer handed another
+        config for the folder) would train and validate on images the config does not describe."""
+        for name, expected in self._split_settings().items():
+            if name in drawn_for and drawn_for[name] != expected:
+                raise data_mod.DatasetError(
+                    f"{split_path}: drawn for {name} {drawn_for[name]!r}, but the config of the run being resumed says "
+                    f"{expected!r}; resume with the run's own config.json, or start a new run (another --name)")
+
+    def _why_no_validation(self, dataset: data_mod.Dataset) -> str:
+        counts = dataset.class_counts()
+        if max(counts.values(), default=0) > 1:
+            return f"{self.run_dir / 'split.json'} lists no validation image"
+        limit = f" (--limit-per-class {self.cfg.limit_per_class})" if self.cfg.limit_per_class else ""
+        return f"every class has a single image{limit}, and a class's only image is kept for training"
+
+    def _clear_leftovers(self) -> None:
+        """A new run in a folder without last.pt: what an earlier attempt left before its first checkpoint (a
+        --weights path that did not load, a crash) is not this run's. Its split.json (drawn for that attempt's
+        seed, val_fraction, data and limit) would be reused and its metrics.jsonl appended to; both go, logged. A
+        split.json without ``drawn_for`` was placed by the caller and stays."""
+        split_path, metrics = self.run_dir / "split.json", self.run_dir / "metrics.jsonl"
+        if split_path.exists() and data_mod.split_drawn_for(split_path) is not None:
+            log.warning("%s: removing the split of an earlier attempt that saved no checkpoint (last.pt); this run "
+                        "draws its own", split_path)
+            split_path.unlink()
+        if metrics.exists():
+            log.warning("%s: removing the epochs of an earlier run that left no last.pt", metrics)
+            metrics.unlink()
 
     def _checkpoint(self, name: str, model, optimizer, schedule, scaler, state: RunState, generator) -> None:
         if not self.dist.is_main:
@@ -375,18 +438,21 @@ class Trainer:
         if cfg.batch_size % self.dist.world:
             raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of the {self.dist.world} processes")
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if self.dist.is_main:
-            cfg.save(self.run_dir / "config.json")
+        last = self.run_dir / "last.pt"
+        resume = torch.load(last, map_location="cpu", weights_only=True) if last.exists() else None
+        if self.dist.is_main and resume is None:
+            self._clear_leftovers()
+        self.dist.barrier()  # no rank looks for a saved split before an earlier attempt's is gone
         # Denormal floats (near-zero activations from dark backgrounds) make CPU kernels ~20x slower.
         torch.set_flush_denormal(True)
         torch.manual_seed(cfg.seed)
         generator = torch.Generator().manual_seed(cfg.seed)
         # Built first (it draws nothing): a bad --backgrounds file stops the run before images are decoded.
         augment = BatchAugment(cfg.augment, self.spec, generator)
-        dataset, train_idx, val_idx = self._dataset()
+        dataset, train_idx, val_idx = self._dataset(resume["classes"] if resume else None)
+        if self.dist.is_main:      # after the checks: a resume refused for its data leaves the run's config as it was
+            cfg.save(self.run_dir / "config.json")
         self.classes = dataset.classes
-        last = self.run_dir / "last.pt"
-        resume = torch.load(last, map_location="cpu", weights_only=True) if last.exists() else None
         model = build_model(cfg.arch, len(self.classes), "none" if resume else cfg.weights,
                             classes=self.classes).to(self.device)
         if cfg.channels_last:
@@ -453,6 +519,15 @@ class Trainer:
         return RunResult(self.run_dir, state.best_metric, state.best_epoch, state.epoch, stopped_early)
 
 
+def _split_only(dataset: data_mod.Dataset, train: list[int],
+                val: list[int]) -> tuple[data_mod.Dataset, list[int], list[int]]:
+    """The dataset cut to the images of a saved split, with the split's indices into it: a resumed run reports
+    (data_report.json: counts, fingerprint) the images it trains on, not images added to the folder since."""
+    keep = sorted({*train, *val})
+    position = {old: new for new, old in enumerate(keep)}
+    return dataset.subset(keep), [position[i] for i in train], [position[i] for i in val]
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
@@ -464,6 +539,8 @@ def plot_curves(metrics_path: Path, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if not metrics_path.exists():      # a finished run resumed after its metrics.jsonl was removed: no epoch ran
+        return
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     if not rows:
         return

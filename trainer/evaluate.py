@@ -107,14 +107,37 @@ def flagged(probs: np.ndarray, thresholds: dict[str, float]) -> np.ndarray:
     return (conf < thresholds["min_confidence"]) | (margin < thresholds["min_margin"]) | (entropy > thresholds["max_entropy"])
 
 
+def class_f1(tp: np.ndarray, predicted: np.ndarray, support: np.ndarray) -> np.ndarray:
+    """Per-class F1, 2 TP / (predictions + images) (equal to 2PR / (P + R), and 0 where TP is 0); NaN for a class
+    with neither images nor predictions, whose F1 is undefined."""
+    tp, total = np.asarray(tp, dtype=np.float64), np.asarray(predicted) + np.asarray(support)
+    return np.divide(2 * tp, total, out=np.full(len(tp), np.nan), where=total > 0)
+
+
+def macro_f1(tp: np.ndarray, predicted: np.ndarray, support: np.ndarray) -> float:
+    """Mean F1 over the classes with images or predictions. A class absent from both (a test folder holding 3 of
+    the model's 10 classes) was neither missed nor confused: counted as 0 it pulled a model right on every image
+    down to 0.3. With every class present it is the plain mean. The training loop's val_macro_f1 (written into
+    manifests) and ``compute_metrics`` both use it, so the two figures agree."""
+    f1 = class_f1(tp, predicted, support)
+    present = ~np.isnan(f1)
+    return float(f1[present].mean()) if present.any() else 0.0
+
+
+def _figure(value: float, defined: bool) -> float | None:
+    """A per-class figure for metrics.json: None (JSON null) where it is undefined, never NaN."""
+    return float(value) if defined else None
+
+
 def compute_metrics(logits: np.ndarray, labels: np.ndarray, classes: Sequence[str], top_k: int = 5) -> dict:
     """Accuracy, top-k, macro-F1, per-class P/R/F1, confusion matrix, ECE, suggested thresholds.
 
     ``logits``: one row per label, one column per class. A row with NaN or infinity predicts no class: it counts
     as wrong (accuracy, top-k, recall), is in no column of the confusion matrix, is left out of the calibration
     figures and thresholds, and ``non_finite_images`` counts such rows (with none finite, ``ece``, ``thresholds``
-    and ``low_confidence`` are None). ValueError for no rows, a shape that does not match, or a label that is not
-    a class index."""
+    and ``low_confidence`` are None). A class with no image has recall None; one also never predicted has
+    precision and F1 None too and is left out of macro-F1 (``macro_f1``). ValueError for no rows, a shape that does
+    not match, or a label that is not a class index."""
     logits, labels = np.asarray(logits, dtype=np.float64), np.asarray(labels)
     n_cls = len(classes)
     if labels.ndim != 1 or logits.shape != (len(labels), n_cls):
@@ -131,10 +154,10 @@ def compute_metrics(logits: np.ndarray, labels: np.ndarray, classes: Sequence[st
     cm = np.zeros((n_cls, n_cls), dtype=np.int64)
     np.add.at(cm, (labels[finite], pred[finite]), 1)
     support = np.bincount(labels, minlength=n_cls)
-    tp = np.diag(cm).astype(float)
-    precision = np.divide(tp, cm.sum(0), out=np.zeros(n_cls), where=cm.sum(0) > 0)
+    tp, predicted = np.diag(cm).astype(float), cm.sum(0)
+    precision = np.divide(tp, predicted, out=np.zeros(n_cls), where=predicted > 0)
     recall = np.divide(tp, support, out=np.zeros(n_cls), where=support > 0)
-    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(n_cls), where=(precision + recall) > 0)
+    f1 = class_f1(tp, predicted, support)
     k = min(top_k, n_cls)
     topk = np.argsort(-np.where(finite[:, None], logits, 0.0), axis=1)[:, :k]
     if finite.any():
@@ -149,9 +172,10 @@ def compute_metrics(logits: np.ndarray, labels: np.ndarray, classes: Sequence[st
         "non_finite_images": int((~finite).sum()),
         "accuracy": float((pred == labels).mean()),
         f"top{k}_accuracy": float(((topk == labels[:, None]).any(axis=1) & finite).mean()),
-        "macro_f1": float(f1.mean()),
+        "macro_f1": macro_f1(tp, predicted, support),
         "per_class": {
-            c: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+            c: {"precision": _figure(precision[i], support[i] + predicted[i] > 0),
+                "recall": _figure(recall[i], support[i] > 0), "f1": _figure(f1[i], support[i] + predicted[i] > 0),
                 "support": int(support[i])}
             for i, c in enumerate(classes)
         },

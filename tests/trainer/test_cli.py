@@ -70,3 +70,35 @@ def test_cli_errors_name_the_problem(tmp_path):
     assert done.returncode == 2 and f"{tmp_path / 'missing'}: dataset path does not exist" in done.stderr
     done = trainer("verify", tmp_path / "nobundle", cwd=tmp_path)
     assert done.returncode == 1 and "bundle folder does not exist" in done.stderr
+
+
+def test_train_resume_warns_about_the_flags_its_run_config_overrides(fmnist_dir, tmp_path, caplog):
+    """`train --resume runs/x --epochs 3 --lr 0.01` (to extend a finished run) trained nothing more and said
+    nothing: the run's config.json decides, and the other flags were dropped without a word."""
+    from trainer.cli import main
+
+    common = ["--out-dir", str(tmp_path / "runs"), "--arch", "mobilenet_v2", "--weights", "none", "--image-size", "32",
+              "--resize-shorter", "32", "--epochs", "1", "--batch-size", "16", "--workers", "0",
+              "--station-view", "off", "--limit-per-class", "4"]
+    assert main(["train", "--data", str(fmnist_dir / "train"), "--name", "ext", *common]) == 0
+    run = tmp_path / "runs" / "ext"
+    caplog.clear()
+    assert main(["train", "--resume", str(run), "--epochs", "3", "--lr", "0.01", "--no-amp"]) == 0
+    assert (f"--resume {run} continues with the run's own settings ({run / 'config.json'}); ignoring --epochs 3, "
+            f"--lr 0.01, --no-amp") in caplog.text
+    assert json.loads((run / "config.json").read_text())["epochs"] == 1
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+    caplog.clear()
+    assert main(["train", "--resume", str(run)]) == 0 and "ignoring" not in caplog.text
+
+
+def test_a_new_run_refuses_a_folder_holding_a_trained_model_without_last_pt(tmp_path, caplog):
+    """best.pt kept (last.pt removed to save space): a new run of the same name would replace that model."""
+    from trainer.cli import main
+
+    run = tmp_path / "runs" / "kept"
+    run.mkdir(parents=True)
+    (run / "best.pt").write_bytes(b"a trained model")
+    assert main(["train", "--data", str(tmp_path), "--out-dir", str(tmp_path / "runs"), "--name", "kept"]) == 2
+    assert f"{run} holds best.pt of an earlier run (without last.pt, it cannot be resumed)" in caplog.text
+    assert sorted(p.name for p in run.iterdir()) == ["best.pt"]

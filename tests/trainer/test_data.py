@@ -90,8 +90,8 @@ def test_a_csv_view_column_marks_station_frames_as_seen(fmnist_dir, tmp_path):
     rendered as station views. The retrain's own training CSV marks its reviewed frames so."""
     from trainer.retrain import Item, write_training_csv
 
-    (coat,), (bag,) = _some_images(fmnist_dir, 1)["Coat"], _some_images(fmnist_dir, 1)["Bag"]
-    (tmp_path / "labels.csv").write_text(f"path,label,view\n{coat},Coat,station\n{bag},Bag,canvas\n{coat},Coat,\n")
+    (coat, coat2), (bag,) = _some_images(fmnist_dir, 2)["Coat"], _some_images(fmnist_dir, 1)["Bag"]
+    (tmp_path / "labels.csv").write_text(f"path,label,view\n{coat},Coat,station\n{bag},Bag,canvas\n{coat2},Coat,\n")
     ds = load_dataset(tmp_path / "labels.csv")
     assert [s.as_seen for s in ds.samples] == [True, False, False]
     (tmp_path / "plain.csv").write_text(f"path,label\n{coat},Coat\n{bag},Bag\n")          # no column: none
@@ -251,3 +251,28 @@ def test_bad_idx_file_is_named(tmp_path):
     (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(b"nope")
     with pytest.raises(DatasetError, match="train-images-idx3-ubyte.gz"):
         data_mod.import_fashion_mnist(tmp_path / "out", tmp_path)
+
+
+def test_an_image_a_csv_lists_twice_is_read_once_and_two_labels_for_it_are_an_error(fmnist_dir, tmp_path):
+    """A labels export appended twice: each image was two samples, the split put copies of one image on both
+    sides (trained on and validated on), and a resumed run mapped both to one row."""
+    import re
+
+    rows = [(str(p), label) for label, paths in _some_images(fmnist_dir, 4).items() for p in paths]
+    first = Path(rows[0][0])
+    respelled = f"{first.parent}/./{first.name}"                       # the same file, written another way
+    csv_rows = rows + rows[:20] + [(respelled, rows[0][1])]
+    (tmp_path / "twice.csv").write_text("path,label\n" + "".join(f"{p},{label}\n" for p, label in csv_rows))
+    ds = load_dataset(tmp_path / "twice.csv")
+    assert len(ds.samples) == 40 and len({s.path for s in ds.samples}) == 40
+    assert len(ds.skipped) == 21 and ds.skipped[0]["error"] == (f"{tmp_path / 'twice.csv'}:42: image {first} repeats "
+                                                                f"line 2 (same label {rows[0][1]!r}); the repeat is "
+                                                                f"left out")
+    assert ds.skipped[-1]["path"] == respelled and "repeats line 2" in ds.skipped[-1]["error"]
+    train, val = data_mod.stratified_split(ds.labels(), 0.25, seed=0)
+    assert not {ds.samples[i].path for i in train} & {ds.samples[i].path for i in val}
+    # the same image under another label: which one is right cannot be known here
+    (tmp_path / "clash.csv").write_text(f"path,label\n{first},Coat\n{rows[5][0]},Bag\n{first},Bag\n")
+    with pytest.raises(DatasetError, match=re.escape(f"clash.csv:4: image {first} is labelled 'Bag' here and "
+                                                     f"'Coat' on line 2; one image takes one label")):
+        load_dataset(tmp_path / "clash.csv")

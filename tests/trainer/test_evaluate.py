@@ -186,3 +186,41 @@ def test_evaluate_on_a_folder_without_a_readable_image_names_the_folder(tmp_path
     (tmp_path / "data" / "red" / "broken.png").write_bytes(b"not an image")
     with pytest.raises(DatasetError, match=r"data: no readable image of the classes .* 1 unreadable image"):
         evaluate(bundle / "model.fp32.onnx", tmp_path / "data", tmp_path / "out", workers=0)
+
+
+def test_macro_f1_leaves_out_classes_with_no_images_and_no_predictions():
+    """A test folder holding 3 of the model's 10 classes, every image right: macro-F1 was 0.3 (the 7 absent classes
+    counted as F1 0) and their recall 0 at support 0. The training loop's val_macro_f1 is the same figure."""
+    import torch
+
+    from contract.messages import dumps_finite, loads_finite
+    from trainer.engine import accuracy_and_f1
+
+    classes = [f"c{i}" for i in range(10)]
+    labels = np.random.default_rng(0).integers(0, 3, 300)
+    logits = np.eye(10)[labels] * 10
+    m = compute_metrics(logits, labels, classes)
+    assert m["accuracy"] == 1.0 and m["macro_f1"] == 1.0
+    assert m["per_class"]["c5"] == {"precision": None, "recall": None, "f1": None, "support": 0}
+    assert accuracy_and_f1(torch.tensor(logits), torch.tensor(labels), 10) == (1.0, 1.0)
+    # a class predicted but with no image is a mistake: F1 0, in the average; its recall is undefined
+    logits[0] = np.eye(10)[7] * 10
+    m = compute_metrics(logits, labels, classes)
+    assert m["per_class"]["c7"] == {"precision": 0.0, "recall": None, "f1": 0.0, "support": 0}
+    assert m["macro_f1"] == pytest.approx(np.mean([m["per_class"][c]["f1"] for c in ("c0", "c1", "c2", "c7")]))
+    assert accuracy_and_f1(torch.tensor(logits), torch.tensor(labels), 10)[1] == pytest.approx(m["macro_f1"])
+    assert loads_finite(dumps_finite(m))["per_class"]["c5"]["f1"] is None          # strict JSON: null, not NaN
+
+
+def test_with_every_class_present_the_training_and_evaluation_macro_f1_agree_with_the_plain_mean():
+    import torch
+
+    from trainer.engine import accuracy_and_f1
+
+    rng = np.random.default_rng(1)
+    labels, logits = np.arange(500) % 6, rng.normal(size=(500, 6))
+    pred = logits.argmax(1)
+    plain = np.mean([2 * ((pred == c) & (labels == c)).sum() / ((pred == c).sum() + (labels == c).sum())
+                     for c in range(6)])
+    assert compute_metrics(logits, labels, list("abcdef"))["macro_f1"] == pytest.approx(plain)
+    assert accuracy_and_f1(torch.tensor(logits), torch.tensor(labels), 6)[1] == pytest.approx(plain)

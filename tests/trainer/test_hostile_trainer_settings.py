@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import math
+import re
 import struct
 from pathlib import Path
 
@@ -22,6 +23,45 @@ from trainer.data import DatasetError, stratified_split
 def test_a_training_setting_that_is_not_finite_or_in_range_is_refused_by_name(field, value):
     with pytest.raises(ValueError, match=field):
         TrainConfig(data="d", **{field: value})
+
+
+@pytest.mark.parametrize("field, value", [("step_size", 0), ("step_size", -1), ("patience", 0), ("patience", -3),
+                                          ("max_steps_per_epoch", 0), ("max_steps_per_epoch", -1), ("workers", -1),
+                                          ("freeze_epochs", -2), ("epochs", 2.5), ("batch_size", True),
+                                          ("seed", "1"), ("image_size", 32.0)])
+def test_a_count_that_is_not_a_whole_number_in_range_is_refused_by_name(field, value):
+    """step_size 0 divided by zero mid-run and -1 raised the rate tenfold each epoch; patience 0 trained one epoch
+    and then crashed drawing curves; max_steps_per_epoch 0 or less trained nothing and reported a run."""
+    with pytest.raises(ValueError, match=rf"^{field}: expected a whole number >= \d"):
+        TrainConfig(data="d", **{field: value})
+    TrainConfig(data="d", patience=1, max_steps_per_epoch=1, workers=0, freeze_epochs=0, step_size=1)   # the edges
+
+
+def test_a_refused_count_on_the_command_line_names_its_flag(tmp_path, caplog):
+    from trainer.cli import main
+
+    rc = main(["train", "--data", str(tmp_path), "--out-dir", str(tmp_path / "runs"), "--step-size", "0"])
+    assert rc == 2 and "--step-size: step_size: expected a whole number >= 1, got 0" in caplog.text
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("device, message", [("gpu", "--device 'gpu': expected auto, cpu, cuda or cuda:N"),
+                                             ("meta", "--device 'meta': expected auto, cpu, cuda or cuda:N"),
+                                             ("cuda", "--device cuda: CUDA is not available on this machine")])
+def test_a_device_that_is_misspelt_or_absent_is_a_value_error_naming_the_flag(device, message, monkeypatch, tmp_path,
+                                                                              caplog):
+    """--device cuda on a machine without CUDA, or --device gpu, ended in a traceback (RuntimeError), not the
+    CLI's one-line error and exit 2."""
+    import torch
+
+    from trainer.cli import main
+    from trainer.engine import select_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)       # the same on a machine with a GPU
+    with pytest.raises(ValueError, match=re.escape(message)):
+        select_device(device)
+    rc = main(["train", "--data", str(tmp_path), "--out-dir", str(tmp_path / "runs"), "--device", device])
+    assert rc == 2 and message in caplog.text
 
 
 @pytest.mark.parametrize("field, value", [("hflip", math.nan), ("rotation", math.inf), ("erasing", 1.5),
@@ -67,9 +107,9 @@ def test_an_idx_file_of_zero_pixel_images_is_a_dataset_error_naming_it(tmp_path)
 
 
 def test_a_csv_with_a_byte_order_mark_reads_and_a_split_keeps_every_class_in_training(tmp_path):
-    from trainer.data import load_dataset
-
     import cv2
+
+    from trainer.data import load_dataset
 
     for i in range(4):
         cv2.imwrite(str(tmp_path / f"{i}.png"), np.full((8, 8), 40 * i, np.uint8))

@@ -210,3 +210,116 @@ def test_a_fit_leaves_the_process_with_ieee_floats(trained_run):
     for whatever runs next in the process (an export, an evaluation, property tests drawing floats)."""
     smallest = math.ulp(0.0)          # 5e-324, a subnormal: compares as zero while denormals are flushed
     assert smallest > 0.0 and smallest * 2 > smallest
+
+
+def _small_folders(fmnist_dir, root, classes=("Bag", "Coat", "Dress"), per_class=12):
+    """A few real images of a few classes, as class folders of their own (a --data that can change mid-run)."""
+    import shutil
+
+    for name in classes:
+        (root / name).mkdir(parents=True)
+        for path in sorted((fmnist_dir / "train" / name).glob("*.png"))[:per_class]:
+            shutil.copy(path, root / name / path.name)
+    return root
+
+
+def _cut_after_epoch_1(cfg, run_dir) -> None:
+    def crash(epoch, row):
+        raise KeyboardInterrupt      # preemption right after the epoch-1 checkpoint
+
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg, run_dir, on_epoch_end=crash).fit()
+
+
+def test_a_new_run_clears_what_an_attempt_without_a_checkpoint_left(fmnist_dir, tmp_path):
+    """A first attempt that failed before its first checkpoint (a --weights path that did not load) left its
+    split.json; the corrected run, with another seed and val_fraction, silently trained on that old split."""
+    from trainer.model import WeightsError
+
+    run = tmp_path / "run"
+    with pytest.raises(WeightsError):
+        Trainer(_cfg(fmnist_dir, weights=str(tmp_path / "missing.pt"), val_fraction=0.5, seed=1), run).fit()
+    assert json.loads((run / "split.json").read_text())["seed"] == 1
+    (run / "metrics.jsonl").write_text('{"epoch": 1, "stale": true}\n')       # an old run's, its last.pt removed
+    Trainer(_cfg(fmnist_dir, epochs=1, max_steps_per_epoch=1), run).fit()
+    split = json.loads((run / "split.json").read_text())
+    assert split["seed"] == 3 and len(split["val"]) == 30                     # 12 of each class, a quarter held out
+    assert split["drawn_for"] == {"data": str(fmnist_dir / "train"), "seed": 3, "val_fraction": 0.25,
+                                  "limit_per_class": 12}
+    assert [json.loads(line).get("stale") for line in (run / "metrics.jsonl").read_text().splitlines()] == [None]
+
+
+def test_a_split_placed_in_the_run_folder_before_the_first_fit_is_used_as_it_is(fmnist_dir, tmp_path):
+    """A caller (benchmarks/active_learning.py) may save the split of a new run itself (save_split without the
+    trainer's drawn_for): the new run keeps it."""
+    from trainer import data as data_mod
+
+    data = _small_folders(fmnist_dir, tmp_path / "data", per_class=6)
+    dataset = data_mod.load_dataset(data)
+    run = tmp_path / "run"
+    run.mkdir()
+    data_mod.save_split(run / "split.json", dataset, list(range(4, 18)), [0, 1, 2, 3], seed=3)
+    Trainer(_cfg(fmnist_dir, data=str(data), limit_per_class=None, epochs=1, batch_size=8), run).fit()
+    report = json.loads((run / "data_report.json").read_text())
+    assert (report["train_images"], report["val_images"]) == (14, 4)
+    assert "drawn_for" not in json.loads((run / "split.json").read_text())
+
+
+def test_a_resume_refuses_changed_classes_and_a_config_its_split_was_not_drawn_for(fmnist_dir, tmp_path):
+    """A class folder added to --data (or a display name changed in labels.json, which reorders the classes)
+    mid-run: the resume failed with a size-mismatch traceback, or trained on with every label swapped."""
+    from trainer.data import DatasetError
+
+    data = _small_folders(fmnist_dir, tmp_path / "data")
+    cfg = _cfg(fmnist_dir, data=str(data), epochs=2, batch_size=8, limit_per_class=None, max_steps_per_epoch=1)
+    _cut_after_epoch_1(cfg, tmp_path / "run")
+    _small_folders(fmnist_dir, data, classes=("Sandal",))                      # a new product arrives
+    with pytest.raises(DatasetError, match=r"the classes \['Bag', 'Coat', 'Dress', 'Sandal'\] differ from the "
+                                           r"classes \['Bag', 'Coat', 'Dress'\] of the run being resumed"):
+        Trainer(TrainConfig.load(tmp_path / "run" / "config.json"), tmp_path / "run").fit()
+    import shutil
+
+    shutil.rmtree(data / "Sandal")
+    (data / "labels.json").write_text(json.dumps({"Bag": "Tote bag"}))        # same count, another order
+    with pytest.raises(DatasetError, match=r"\['Coat', 'Dress', 'Tote bag'\] differ from the classes \['Bag'"):
+        Trainer(TrainConfig.load(tmp_path / "run" / "config.json"), tmp_path / "run").fit()
+    (data / "labels.json").unlink()
+    with pytest.raises(DatasetError, match=r"split.json: drawn for seed 3, but the config of the run being "
+                                           r"resumed says 4"):
+        Trainer(dataclasses.replace(cfg, seed=4), tmp_path / "run").fit()
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["state"]["epoch"] == 1     # nothing trained
+    assert Trainer(TrainConfig.load(tmp_path / "run" / "config.json"), tmp_path / "run").fit().epochs_run == 2
+
+
+def test_a_resume_with_limit_per_class_reads_its_split_from_a_folder_that_has_grown(fmnist_dir, tmp_path):
+    """--limit-per-class drew its subset again from the folder as it was at the resume: with new images in it,
+    the draw missed images of the saved split and the resume stopped saying one 'is no longer' there."""
+    import shutil
+
+    data = _small_folders(fmnist_dir, tmp_path / "data", per_class=20)
+    cfg = _cfg(fmnist_dir, data=str(data), epochs=2, batch_size=8, limit_per_class=12, max_steps_per_epoch=1)
+    _cut_after_epoch_1(cfg, tmp_path / "run")
+    before = json.loads((tmp_path / "run" / "data_report.json").read_text())
+    for path in sorted((fmnist_dir / "train" / "Bag").glob("*.png"))[20:25]:
+        shutil.copy(path, data / "Bag" / path.name)                            # new photos of a product
+    assert Trainer(TrainConfig.load(tmp_path / "run" / "config.json"), tmp_path / "run").fit().epochs_run == 2
+    after = json.loads((tmp_path / "run" / "data_report.json").read_text())
+    # the report describes the images the run trains on, as at its start
+    assert {k: after[k] for k in ("class_counts", "train_images", "val_images", "fingerprint")} == \
+        {k: before[k] for k in ("class_counts", "train_images", "val_images", "fingerprint")}
+
+
+def test_an_empty_validation_split_is_a_dataset_error_saying_why(fmnist_dir, tmp_path):
+    from trainer.data import DatasetError
+
+    with pytest.raises(DatasetError, match=r"the validation split is empty: every class has a single image "
+                                           r"\(--limit-per-class 1\)"):
+        Trainer(_cfg(fmnist_dir, limit_per_class=1, batch_size=4), tmp_path / "run").fit()
+    assert not (tmp_path / "run" / "split.json").exists()
+
+
+def test_curves_of_a_run_without_metrics_are_skipped(tmp_path):
+    from trainer.engine import plot_curves
+
+    plot_curves(tmp_path / "metrics.jsonl", tmp_path / "curves.png")        # a finished run whose file was removed
+    assert not (tmp_path / "curves.png").exists()
