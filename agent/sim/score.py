@@ -31,7 +31,10 @@ class FrameClock:
     """captured_at -> frame index, learnt from results (they carry both captured_at and source_ref).
 
     A time with no result of its own (a frame the station did not publish) is placed by linear
-    interpolation between its neighbours: frames are captured in order, one camera, one clock.
+    interpolation between its neighbours: frames are captured in order, one camera, one clock. A time before
+    the first result or after the last is placed only within one frame's time of it: further out nothing tells
+    which frame it was (snapped to the edge, a decision over empty frames before the first result was scored
+    against the first item instead of as unplaced).
     """
 
     times: tuple[float, ...]
@@ -50,12 +53,22 @@ class FrameClock:
         i = bisect.bisect_left(self.times, ts)
         if i < len(self.times) and self.times[i] == ts:
             return self.frames[i]
-        if i == 0:
-            return self.frames[0]
-        if i == len(self.times):
-            return self.frames[-1]
+        if i == 0 or i == len(self.times):
+            edge = 0 if i == 0 else -1
+            return self.frames[edge] if abs(ts - self.times[edge]) <= self._frame_time() else None
         t0, t1, f0, f1 = self.times[i - 1], self.times[i], self.frames[i - 1], self.frames[i]
         return int(round(f0 + (f1 - f0) * (ts - t0) / (t1 - t0)))
+
+    def _frame_time(self) -> float:
+        """The time from one frame to the next (the median over the results; 0 with a single result)."""
+        steps = [(t1 - t0) / (f1 - f0) for t0, t1, f0, f1 in zip(self.times, self.times[1:], self.frames,
+                                                                  self.frames[1:]) if f1 > f0]
+        return _median(steps)
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2] if ordered else 0.0
 
 
 def decision_spans(decisions: Sequence[dict], clock: FrameClock) -> list[tuple[int, int] | None]:

@@ -235,7 +235,10 @@ def test_decision_times_without_their_own_result_are_placed_between_neighbours(t
     # then an exact time maps to its frame and a time between two results is interpolated
     assert clock.frame_at(at(5)) == 5
     assert clock.frame_at(at(10.5)) in (10, 11)
-    assert clock.frame_at(at(0)) == 2 and clock.frame_at(at(59)) == 47
+    # and a time outside the results is placed only within one frame's time of the first or last: further out
+    # (a decision over empty frames before the first result) it is unplaced, not snapped to the edge's item
+    assert clock.frame_at(at(1)) == 2 and clock.frame_at(at(48)) == 47
+    assert clock.frame_at(at(0)) is None and clock.frame_at(at(59)) is None
 
 
 def test_frame_scores_full_partial_and_products_on_empty_frames(truth):
