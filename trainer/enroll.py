@@ -525,11 +525,22 @@ def _new_manifest(bundle: Bundle, cfg: EnrolConfig, version: str, artifacts: lis
     return m
 
 
+def _unused_version(folder: Path, stamp: str) -> str:
+    """The default version: the UTC time to the second, with ``-2``, ``-3``, ... where that is taken (two
+    enrolments from the review page within one second: the second was refused, "bundle version already exists")."""
+    version, n = stamp, 1
+    while (folder / version).exists():
+        n += 1
+        version = f"{stamp}-{n}"
+    return version
+
+
 def _write(bundle: Bundle, cfg: EnrolConfig, new_open_set: openset.OpenSet, report: dict) -> tuple[Path, dict]:
     """The new version in ``<models_dir>/<name>/<version>``: the model files linked (same bytes, same hashes),
     the new open_set.npz and manifest, signed when a key is given, verified, then moved into place."""
     models_dir = Path(cfg.models_dir) if cfg.models_dir is not None else bundle.root.parent.parent
-    version = cfg.version or dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    version = cfg.version or _unused_version(models_dir / bundle.name,
+                                             dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S"))
     final_dir = models_dir / bundle.name / version
     if final_dir.exists():
         raise EnrolError(f"{final_dir}: bundle version already exists; pass another --version")

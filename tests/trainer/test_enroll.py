@@ -641,3 +641,15 @@ def test_leave_one_out_past_the_fold_count_decides_each_example_once_on_a_row_fi
         left_out = [i for i in range(30) if i % LOO_FOLDS == fold]
         assert len(rows) == 30 - len(left_out)
         assert not any(tuple(np.round(u_new[i], 12)) in rows for i in left_out)
+
+
+def test_a_default_version_taken_within_the_same_second_gets_a_suffix(tmp_path):
+    """Two enrolments from the review page within one second: the second was refused ("bundle version already
+    exists") because the default version is the time to the second."""
+    from trainer.enroll import _unused_version
+
+    assert _unused_version(tmp_path, "20261207-010101") == "20261207-010101"
+    (tmp_path / "20261207-010101").mkdir()
+    assert _unused_version(tmp_path, "20261207-010101") == "20261207-010101-2"
+    (tmp_path / "20261207-010101-2").mkdir()
+    assert _unused_version(tmp_path, "20261207-010101") == "20261207-010101-3"
