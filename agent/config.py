@@ -38,6 +38,7 @@ class ConfigError(Exception):
 MAX_FRAME_SIDE = 16384      # pixels: larger than any camera a station has; bounds ROIs and capture sizes
 HOUR_S = 3600.0
 DAY_S = 24 * HOUR_S
+MQTT_MAX_PAYLOAD = 268_435_455 - 64 * 1024   # MQTT's largest packet, less room for topic and properties
 
 
 class _Strict(BaseModel):
@@ -316,6 +317,12 @@ class MqttConfig(_Strict):
                     "'acme/<site>/<station>'.")
     reconnect: Backoff = Field(default_factory=Backoff, title="Reconnect backoff", description="Backoff between connect attempts.")
     max_inflight: int = Field(64, ge=1, le=1000, title="In-flight window", description="QoS 1 messages awaiting PUBACK at once.")
+    max_message_bytes: int = Field(
+        4 * 1024 * 1024, ge=64 * 1024, le=MQTT_MAX_PAYLOAD, title="Largest message",
+        description="The largest message the broker takes (mosquitto's message_size_limit; deploy/central: 4 MiB). "
+                    "A message larger as published (on 3.1.1 a frame's JPEG goes in base64, 4/3 of its size; "
+                    "protocol auto counts the larger) is refused when stored and counted as dropped too-large: "
+                    "the broker would refuse it at every try (v5) or acknowledge and discard it (3.1.1).")
 
     @field_validator("topic_root")
     @classmethod

@@ -5,7 +5,19 @@ else touches the socket and no paho auto-reconnect can resend messages behind
 the outbox's back. Each connection attempt uses a fresh client: what was in
 flight when a connection died is simply re-sent from the outbox (the subscriber
 drops duplicates by id). A refused CONNACK is logged with its reason code and
-retried with backoff; only a successful CONNACK counts as connected.
+retried with backoff; only a successful CONNACK counts as connected. The backoff
+starts again from its first delay only after a session that proved itself (a
+record acknowledged, or up for ``STABLE_SESSION_S``): a message the broker
+answers by dropping the connection costs a growing pause, never a reconnect storm.
+
+A message larger than the broker takes (``mqtt.max_message_bytes``) is never
+sent: the outbox refuses it when it is stored, and one stored before (an older
+agent, another limit) is dropped when its turn comes, counted as ``too-large``
+either way. On MQTT v5 the broker would refuse it at every try (mosquitto's
+answer even ends the connection) and hold up everything behind it; on 3.1.1 it
+would acknowledge it and throw it away unseen. 3.1.1 has no failure code in a
+PUBACK at all: a publish the broker denies (an ACL) is acknowledged like any
+other, and deleted from the outbox as delivered; only v5 can see it.
 """
 
 from __future__ import annotations
@@ -36,24 +48,35 @@ log = logging.getLogger(__name__)
 
 UNSUPPORTED_PROTOCOL = (1, 132)      # 3.1.1 return code / v5 reason code
 CONNACK_TIMEOUT_S = 10.0
+STABLE_SESSION_S = 10.0              # a session up this long proved itself, acknowledged or not: the backoff resets
 REFUSED_RETRY_S = (5.0, 300.0)       # a refused message sent again after 5 s, doubling to 5 min while refusals go on
 
 
 @dataclass
 class ConnectionState:
     connected: bool = False
-    protocol: str = "v5"
+    protocol: str = "v5"                 # of the next connection attempt (and the current connection)
     v5_accepted: bool = False            # this broker has accepted a v5 CONNECT: it speaks v5
+    v311_latched: bool = False           # auto: the broker refused v5 with "unsupported protocol version"
     connects: int = 0
     refusals: int = 0
     last_error: str | None = None
     history: list[str] = field(default_factory=list)
 
 
-def frame_envelope(record: Record) -> bytes:
+def frame_envelope(record: Record, jpeg_b64: str | None = None) -> bytes:
     """MQTT 3.1.1 has no user properties: JSON with the metadata and the JPEG in base64."""
-    return json.dumps({"envelope": "frame.v1", "meta": record.body,
-                       "jpeg_b64": base64.b64encode(record.blob or b"").decode()}).encode()
+    if jpeg_b64 is None:
+        jpeg_b64 = base64.b64encode(record.blob or b"").decode()
+    return json.dumps({"envelope": "frame.v1", "meta": record.body, "jpeg_b64": jpeg_b64}).encode()
+
+
+def frame_properties(record: Record) -> Properties:
+    """A frame's v5 properties: its metadata travel beside the JPEG."""
+    props = Properties(PacketTypes.PUBLISH)
+    props.ContentType = "image/jpeg"
+    props.UserProperty = [("id", record.id), ("seq", str(record.seq)), ("meta", record.text)]
+    return props
 
 
 def encode(record: Record, v5: bool) -> tuple[bytes, Properties | None]:
@@ -62,10 +85,19 @@ def encode(record: Record, v5: bool) -> tuple[bytes, Properties | None]:
         return record.text.encode(), None     # JSON; no properties (paho builds them in Python, per message)
     if not v5:
         return frame_envelope(record), None
-    props = Properties(PacketTypes.PUBLISH)
-    props.ContentType = "image/jpeg"
-    props.UserProperty = [("id", record.id), ("seq", str(record.seq)), ("meta", record.text)]
-    return record.blob or b"", props
+    return record.blob or b"", frame_properties(record)
+
+
+def wire_bytes(record: Record, v5: bool) -> int:
+    """The size of a record as ``encode`` publishes it, against the broker's limit: the payload, and on v5 a
+    frame's properties too (the metadata; a broker limiting whole packets counts them). Without encoding the
+    JPEG: base64 is 4 characters for every 3 bytes started, none escaped in JSON."""
+    if record.kind != "frame":
+        return len(record.text.encode())
+    jpeg = len(record.blob or b"")
+    if v5:
+        return jpeg + len(frame_properties(record).pack())
+    return len(frame_envelope(record, "")) + 4 * ((jpeg + 2) // 3)
 
 
 class MqttPublisher(threading.Thread):
@@ -97,6 +129,16 @@ class MqttPublisher(threading.Thread):
         self._retry_at = 0.0
         self._retry_delay = REFUSED_RETRY_S[0]
         self._connack: Any = None
+        self._session_acked = 0              # records acknowledged in this session
+        self._session_since = 0.0            # when this session's CONNACK came (monotonic)
+        self._v5_dropped = False             # auto: the last attempt's v5 CONNECT was dropped unanswered
+        outbox.limit_messages(self.cfg.max_message_bytes, self._largest_wire_bytes)
+
+    def _largest_wire_bytes(self, record: Record) -> int:
+        """A record's size as published by this station: with ``protocol: auto``, by either protocol (which one
+        the broker will speak when it is sent is not known when it is stored)."""
+        v5_or_not = {"v5": (True,), "v311": (False,)}.get(self.cfg.protocol, (True, False))
+        return max(wire_bytes(record, v5) for v5 in v5_or_not)
 
     # ------------------------------------------------------------ API for other threads
 
@@ -132,12 +174,13 @@ class MqttPublisher(threading.Thread):
         delays = backoff_delays(self.cfg.reconnect)
         while not self._stopping:
             try:
-                connected = self._session()
+                proven = self._session()
             except Exception as exc:     # noqa: BLE001 - the outbox's disk or database: never the end of the thread
                 self.metrics.inc("mqtt_session_errors_total")
                 log.exception("mqtt: the session ended on an error (%s); reconnecting", exc)
-                connected = False
-            if connected:
+                proven = False
+            self._next_protocol()
+            if proven:
                 delays = backoff_delays(self.cfg.reconnect)
             if self._stopping:
                 break
@@ -170,7 +213,8 @@ class MqttPublisher(threading.Thread):
         return client
 
     def _session(self) -> bool:
-        """One connection, from CONNECT to its end. True when it got connected."""
+        """One connection, from CONNECT to its end. True when it proved itself: connected, and a record was
+        acknowledged or it lasted ``STABLE_SESSION_S``."""
         where = f"{self.cfg.host}:{self.cfg.port}"
         try:
             client = self._make_client()
@@ -192,7 +236,7 @@ class MqttPublisher(threading.Thread):
             self._pump(client)
         finally:
             self._disconnect(client)
-        return True
+        return self._session_acked > 0 or time.monotonic() - self._session_since >= STABLE_SESSION_S
 
     def _failed(self, message: str) -> bool:
         self.state.last_error = message
@@ -221,13 +265,31 @@ class MqttPublisher(threading.Thread):
     def _maybe_fall_back(self, code: int | None) -> None:
         """auto: a broker that does not speak v5 refuses or drops a v5 CONNECT; try 3.1.1 next.
 
-        A connection lost before the CONNACK proves nothing about a broker that has already accepted v5 (a
-        link cut mid-handshake): only a refusal code moves such a station to 3.1.1."""
-        dropped_unproven = code is None and not self.state.v5_accepted
-        if (self.cfg.protocol == "auto" and self.state.protocol == "v5"
-                and (dropped_unproven or code in UNSUPPORTED_PROTOCOL)):
-            log.warning("mqtt: broker did not accept MQTT v5; falling back to 3.1.1")
+        Only a CONNACK "unsupported protocol version" settles it for the life of the process. A connection
+        closed before the CONNACK may be anything (a proxy in front of a broker still starting, a link cut):
+        the next attempt tries 3.1.1, the one after v5 again (``_next_protocol``); a broker that has accepted
+        v5 once is not tried with 3.1.1 for a drop at all."""
+        if self.cfg.protocol != "auto" or self.state.protocol != "v5":
+            return
+        if code in UNSUPPORTED_PROTOCOL:
+            log.warning("mqtt: broker refused MQTT v5 (reason code %d); using 3.1.1 from now on", code)
+            self.state.v311_latched = True
             self.state.protocol = "v311"
+        elif code is None and not self.state.v5_accepted:
+            self._v5_dropped = True
+
+    def _next_protocol(self) -> None:
+        """auto, between two attempts: after a v5 CONNECT dropped unanswered, try 3.1.1; after an attempt with
+        3.1.1 that no refusal of v5 settled, v5 again. A station that fell back for a dropped connection does not
+        stay on 3.1.1 (where the broker's refusals of a publish cannot be seen) for the rest of its life."""
+        dropped, self._v5_dropped = self._v5_dropped, False
+        if self.cfg.protocol != "auto" or self.state.v311_latched:
+            return
+        if dropped:
+            log.warning("mqtt: connection closed before a v5 CONNACK; trying 3.1.1 next, then v5 again")
+            self.state.protocol = "v311"
+        elif self.state.protocol == "v311":
+            self.state.protocol = "v5"
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         self._connack = reason_code
@@ -238,6 +300,8 @@ class MqttPublisher(threading.Thread):
         self.state.v5_accepted = self.state.v5_accepted or self.state.protocol == "v5"
         self.state.last_error = None
         self.state.history.append("connected")
+        self._session_acked = 0
+        self._session_since = time.monotonic()
         self.connected.set()
         self.metrics.set("mqtt_connected", 1)
         log.info("mqtt: connected to %s:%d as %s (MQTT %s)", self.cfg.host, self.cfg.port, self.client_id,
@@ -293,12 +357,24 @@ class MqttPublisher(threading.Thread):
         v5 = self.state.protocol == "v5"
         for record in self.outbox.pending(after_seq=last_sent, limit=room):
             payload, props = encode(record, v5)
+            if len(payload) + (len(props.pack()) if props is not None else 0) > self.cfg.max_message_bytes:
+                self._drop_too_large(record, v5)
+                last_sent = record.seq
+                continue
             info = client.publish(self.topics.for_kind(record.kind), payload, qos=1, properties=props)
             if info.rc != paho.MQTT_ERR_SUCCESS:
                 break
             self._inflight[info.mid] = record
             last_sent = record.seq
         return last_sent
+
+    def _drop_too_large(self, record: Record, v5: bool) -> None:
+        """A stored message the broker would never take (stored before this limit applied): dropped, counted as
+        ``too-large``, so it neither holds up the rest (v5) nor is taken for delivered (3.1.1)."""
+        self.outbox.discard(record.seq, "too-large")
+        log.error("mqtt: %s seq %d dropped: %d bytes as published over MQTT %s, more than the broker takes "
+                  "(mqtt.max_message_bytes %d)", record.kind, record.seq, wire_bytes(record, v5),
+                  "v5" if v5 else "3.1.1", self.cfg.max_message_bytes)
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
         record = self._inflight.pop(mid, None)
@@ -323,6 +399,7 @@ class MqttPublisher(threading.Thread):
             return
         acked, self._acked = self._acked, []
         self.outbox.ack_many(r.seq for r in acked)
+        self._session_acked += len(acked)
         now = time.time()
         for record in acked:
             self.metrics.inc("mqtt_published_total", kind=record.kind)

@@ -56,7 +56,7 @@ from agent.localize import cut
 from agent.outbox import Message, Outbox
 from agent.prepare import camera_preparer, fed_box, load_empty_scene, model_input_image
 from agent.priority import lower_this_thread
-from agent.receiving import ReceivingDesk, receipt_body
+from agent.receiving import RECEIPT_MAX_BYTES, RECEIPT_ROOM_BYTES, ReceivingDesk, receipt_body
 from agent.sources.base import Frame
 from agent.sources.camera import FrameHub
 from contract.bundle import Bundle
@@ -230,7 +230,9 @@ class InferenceStage(threading.Thread):
                                                wait_s=fcfg.empty_scene_wait_s, spacing_s=fcfg.empty_scene_spacing_s,
                                                now=clock()) if fcfg.enabled else None)
         # the open shipment (cmd/expect): weighs item decisions, tallied into receipts (agent/receiving.py)
-        self.receiving = ReceivingDesk(cfg.decisions.receiving, clock)
+        # a receipt under the broker's limit with room for the station's fields and the MQTT packet's own
+        self.receiving = ReceivingDesk(cfg.decisions.receiving, clock,
+                                       min(RECEIPT_MAX_BYTES, cfg.mqtt.max_message_bytes - RECEIPT_ROOM_BYTES))
         self.on_receipt: Callable[[], None] | None = None    # after a receipt is stored: the agent saves its state
         self._runtime: ModelRuntime | None = None
         self.threshold_overrides: dict[str, Thresholds] = {}

@@ -46,7 +46,8 @@ MAX_LABEL_CHARS = 256          # a line's label in receipt.v1 and cmd-expect.v1
 # room for the station's fields (schema, id, seq, ts, site, station, final) under the broker's 4 MiB: refs and
 # then unexpected lines are left off until it fits (Shipment.receipt). The expected lines alone always fit: 1,000
 # labels of 256 characters outside the BMP written as escapes are about 3.2 MB.
-RECEIPT_MAX_BYTES = 4 * 1024 * 1024 - 64 * 1024
+RECEIPT_ROOM_BYTES = 64 * 1024
+RECEIPT_MAX_BYTES = 4 * 1024 * 1024 - RECEIPT_ROOM_BYTES    # a lower mqtt.max_message_bytes lowers it (the pipeline)
 
 
 class ShipmentError(ValueError):
@@ -326,9 +327,12 @@ class Shipment:
 class ReceivingDesk:
     """The station's open shipment, shared by the command thread and the decide thread."""
 
-    def __init__(self, cfg: ReceivingConfig, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, cfg: ReceivingConfig, clock: Callable[[], float] = time.time,
+                 receipt_max_bytes: int = RECEIPT_MAX_BYTES) -> None:
+        """``receipt_max_bytes``: the largest receipt body (Shipment.receipt), under what the broker takes."""
         self.cfg = cfg
         self.clock = clock
+        self.receipt_max_bytes = receipt_max_bytes
         self.shipment: Shipment | None = None
         self._lock = threading.Lock()
         # held from working out a receipt until it is in the outbox (the decide thread's, and the command
@@ -392,7 +396,7 @@ class ReceivingDesk:
     def receipt_of(self, shipment: Shipment) -> dict[str, Any]:
         """``shipment``'s receipt now (the open one's, or one just closed), read under the desk's lock."""
         with self._lock:
-            return shipment.receipt()
+            return shipment.receipt(self.receipt_max_bytes)
 
     def due_receipt(self, now: float) -> dict[str, Any] | None:
         """The open shipment's receipt when items were recorded and the interval allows one, else None."""
@@ -401,7 +405,7 @@ class ReceivingDesk:
                 return None
             self._dirty = False
             self._last_receipt = now
-            return self.shipment.receipt()
+            return self.shipment.receipt(self.receipt_max_bytes)
 
     def saved(self) -> dict[str, Any] | None:
         """What station-state.json keeps of the open shipment."""

@@ -8,6 +8,7 @@ import ipaddress
 import json
 import logging
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -299,3 +300,204 @@ def test_a_message_the_broker_refuses_is_sent_again_and_delivered_once_it_is_all
         publisher.stop(2)
     finally:
         broker.stop()
+
+
+# ---------------------------------------------------------------- poison messages, protocol choice, age at send
+
+LIMIT = 100_000      # the broker's message_size_limit in these tests (deploy/central: 4 MiB)
+
+
+def _station(port: int, **mqtt) -> AgentConfig:
+    return AgentConfig.model_validate({
+        "site": "test", "station": "st-01", "model": {"bundle": "unused"},
+        "cameras": [{"id": "cam-a", "uri": "unused"}],
+        "mqtt": {"host": "127.0.0.1", "port": port, "reconnect": {"initial_s": 0.1, "max_s": 0.3}, **mqtt}})
+
+
+def _status(state: str) -> dict:
+    return {"schema": "status.v1", "id": "x", "state": state}
+
+
+def _numbers(sub: Subscriber) -> set[int]:
+    """The test's numbers of the results and frames a subscriber got (a 3.1.1 frame: inside its envelope)."""
+    bodies = [m.json() for m in sub.of("result") + sub.of("frames")]
+    return {b["meta"]["n"] if "envelope" in b else b["n"] for b in bodies}
+
+
+def _until(predicate, timeout: float) -> bool:
+    """Wait for a condition; the timeout only bounds a failing test."""
+    deadline = time.monotonic() + timeout
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return predicate()
+
+
+@pytest.mark.parametrize("stored", ["while-running", "before-the-limit"])
+@pytest.mark.parametrize("protocol", ["v5", "v311"])
+def test_a_message_larger_than_the_broker_takes_is_dropped_once_and_counted_and_the_rest_delivered(
+        mosquitto_bin, tmp_path, protocol, stored):
+    """Over mosquitto's message_size_limit, v5: PUBACK 0x95, which paho takes for a malformed packet and drops the
+    connection; the station reconnected at once and sent the same frame again, for good, nothing behind it
+    delivered. 3.1.1: the broker acknowledges the publish it threw away; the frame was deleted as delivered,
+    counted nowhere. ``before-the-limit``: a backlog an older agent stored, dropped when its turn comes."""
+    broker = Broker(tmp_path, extra_conf=f"allow_anonymous true\nmessage_size_limit {LIMIT}",
+                    persistence=False).start()
+    sub = Subscriber(broker.host, broker.port, ROOT, v5=protocol == "v5")
+    try:
+        # given a 90 kB frame (over the limit only as a 3.1.1 base64 envelope) and a 200 kB frame between results
+        messages = [Message("result", {"n": 1}), Message("frame", {"n": 2}, b"\xff\xd8" + b"x" * 90_000),
+                    Message("frame", {"n": 3}, b"\xff\xd8" + b"x" * 200_000), Message("result", {"n": 4})]
+        outbox = Outbox(tmp_path / "ob.sqlite", max_bytes=10**8, max_age_s=3600)
+        if stored == "before-the-limit":
+            outbox.put_many(messages)
+        publisher = MqttPublisher(_station(broker.port, protocol=protocol, max_message_bytes=LIMIT), outbox,
+                                  Metrics(), _status)
+        if stored == "while-running":
+            assert len(outbox.put_many(messages)) == (3 if protocol == "v5" else 2)
+
+        # when the station publishes its outbox
+        publisher.start()
+        delivered = _until(lambda: outbox.depth() == 0 and 4 in _numbers(sub), 20)
+        publisher.stop(2)
+
+        # then the rest is delivered, and each frame too large for the broker is dropped and counted, once
+        assert delivered, (outbox.pending(), outbox.dropped(), publisher.state.history)
+        assert _numbers(sub) == ({1, 2, 4} if protocol == "v5" else {1, 4})
+        assert outbox.dropped() == {"too-large:frame": 1 if protocol == "v5" else 2}
+        assert publisher.state.connects == 1 and "too large" not in broker.log().lower()
+    finally:
+        sub.close()
+        broker.stop()
+
+
+def test_a_message_that_ends_the_connection_costs_a_growing_pause_not_a_reconnect_storm(mosquitto_bin, tmp_path,
+                                                                                         monkeypatch):
+    """A poison message the broker answers by ending the connection (here a frame over a message_size_limit the
+    station was not told of). Each session had connected, so the backoff started again from its first delay: a
+    reconnect and the same frame every 0.1 s, for good. Only a session that got a record acknowledged (or lasted
+    STABLE_SESSION_S, made long here so that no slow machine reaches it) starts the backoff again."""
+    import agent.mqtt as mqtt
+
+    monkeypatch.setattr(mqtt, "STABLE_SESSION_S", 3600.0)
+    delays: list[float] = []
+    five = threading.Event()
+    sleep = MqttPublisher._sleep
+
+    def recorded_sleep(self, seconds: float) -> None:
+        delays.append(seconds)
+        if len(delays) >= 5:
+            five.set()
+        sleep(self, 0.05)
+
+    monkeypatch.setattr(MqttPublisher, "_sleep", recorded_sleep)
+    broker = Broker(tmp_path, extra_conf=f"allow_anonymous true\nmessage_size_limit {LIMIT}",
+                    persistence=False).start()
+    try:
+        # given a frame over the broker's limit, first in the outbox, and a station that thinks the limit 4 MiB
+        outbox = Outbox(tmp_path / "ob.sqlite", max_bytes=10**8, max_age_s=3600)
+        cfg = _station(broker.port, protocol="v5", reconnect={"initial_s": 0.1, "max_s": 10.0, "factor": 2.0})
+        publisher = MqttPublisher(cfg, outbox, Metrics(), _status)
+        outbox.put_many([Message("frame", {"n": 1}, b"\xff\xd8" + b"x" * 200_000), Message("result", {"n": 2})])
+
+        # when it connects again after each session the frame ended
+        publisher.start()
+        assert five.wait(60), (delays, publisher.state.history)
+        publisher.stop(0.5)
+
+        # then every session had connected, and the pause between them grew
+        assert publisher.state.connects >= 5 and "Dropped too large PUBLISH" in broker.log()
+        assert delays[:5] == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.6]), publisher.state.history
+        assert [r.body["n"] for r in outbox.pending()] == [1, 2]
+    finally:
+        broker.stop()
+
+
+def test_auto_protocol_goes_back_to_v5_after_connections_closed_before_a_connack(mosquitto_bin, tmp_path):
+    """A proxy in front of a broker still starting accepts and closes: the station took 3.1.1 for the rest of its
+    life, where the broker acknowledges a publish it denies (an ACL) like a delivery, and the outbox deleted it.
+    Only a CONNACK "unsupported protocol version" settles 3.1.1; after a drop, 3.1.1 is tried once, then v5."""
+    import socket
+
+    acl = tmp_path / "acl"
+    acl.write_text("topic readwrite inventory/test/st-01/result\ntopic readwrite inventory/test/st-01/status\n")
+    broker = Broker(tmp_path, extra_conf=f"allow_anonymous true\nacl_file {acl}", persistence=False)
+    # given a listener on the broker's port that closes every connection before a CONNACK, until it has seen the
+    # station try 3.1.1
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("127.0.0.1", broker.port))
+    server.listen(8)
+    levels: list[int] = []
+
+    def close_until_311() -> None:
+        while 4 not in levels:
+            conn, _ = server.accept()
+            levels.append(conn.recv(1024)[8])
+            if levels[-1] == 4:
+                server.close()      # before the 3.1.1 attempt ends: no later attempt reaches this listener
+            conn.close()
+
+    closer = threading.Thread(target=close_until_311, daemon=True)
+    closer.start()
+    outbox = Outbox(tmp_path / "ob.sqlite", max_bytes=10**7, max_age_s=3600)
+    metrics = Metrics()
+    publisher = MqttPublisher(_station(broker.port), outbox, metrics, _status)
+    publisher.start()
+    try:
+        closer.join(30)
+        assert levels[:2] == [5, 4], levels
+        # when the real broker (v5) starts behind it
+        broker.start()
+        assert publisher.wait_connected(20), publisher.state.history
+
+        # then the station speaks v5 to it, and sees the broker refuse a publish its ACL denies
+        assert publisher.state.protocol == "v5", publisher.state.history
+        outbox.put_many([Message("result", {"n": 1}), Message("alert", {"n": 2}), Message("result", {"n": 3})])
+        assert _until(lambda: metrics.counter("mqtt_publish_rejected_total", kind="alert") >= 1
+                      and outbox.depth() == 1, 20), (outbox.pending(), publisher.state.history)
+        assert [r.kind for r in outbox.pending()] == ["alert"]
+    finally:
+        publisher.stop(0.5)
+        server.close()
+        broker.stop()
+
+
+def test_a_backlog_past_the_age_quota_is_not_sent_when_the_broker_comes_back(broker, tmp_path):
+    """The age quota applied only when a message was stored: a station that stopped producing while its broker was
+    away sent its stale backlog when the broker came back."""
+    # given 5 results stored, then longer than max_age_s with nothing new stored
+    wall = [1_796_000_000.0]
+    outbox = Outbox(tmp_path / "ob.sqlite", max_bytes=10**7, max_age_s=60, clock=lambda: wall[0])
+    outbox.put_many([Message("result", {"n": n}) for n in range(5)])
+    wall[0] += 61
+    sub = Subscriber(broker.host, broker.port, ROOT)
+    publisher = MqttPublisher(_station(broker.port), outbox, Metrics(), _status)
+    try:
+        # when the station connects, reads its outbox, and then stores a new result
+        publisher.start()
+        assert publisher.wait_connected(10), publisher.state.history
+        assert _until(lambda: outbox.depth() == 0, 10)
+        outbox.put(Message("result", {"n": 5}))
+        assert _until(lambda: 5 in _numbers(sub) and outbox.depth() == 0, 10), publisher.state.history
+    finally:
+        publisher.stop(1)
+        sub.close()
+
+    # then only the new one was sent: the stale ones were dropped and counted
+    assert _numbers(sub) == {5} and outbox.dropped() == {"age:result": 5}
+
+
+@pytest.mark.parametrize("jpeg_bytes", [0, 1, 2, 3, 90_001])
+def test_the_size_checked_against_the_broker_limit_is_the_size_published(jpeg_bytes):
+    """The store-time check computes a frame's size without encoding it (base64 arithmetic): exactly what
+    ``encode`` publishes, on either protocol, metadata with non-ASCII text included."""
+    from agent.mqtt import encode, wire_bytes
+    from agent.outbox import Record
+
+    text = json.dumps({"id": "3f1c", "seq": 7, "label": "Überzieher \"x\"", "n": 1}, separators=(",", ":"))
+    for kind, blob in (("frame", bytes(range(256)) * (jpeg_bytes // 256) + b"j" * (jpeg_bytes % 256)),
+                       ("result", None)):
+        record = Record(7, "3f1c", kind, text, blob, 0.0)
+        for v5 in (True, False):
+            payload, props = encode(record, v5)
+            assert wire_bytes(record, v5) == len(payload) + (len(props.pack()) if props is not None else 0)

@@ -687,3 +687,23 @@ def test_a_restored_shipment_naming_labels_the_model_lacks_is_kept_and_warned_ab
     finally:
         agent.shutdown(10)
         dash.close()
+
+
+def test_a_station_whose_broker_takes_less_holds_its_receipts_under_that(tmp_path, tiny_bundle):
+    """mqtt.max_message_bytes below the 4 MiB default (a broker with a smaller message_size_limit): the outbox
+    refuses anything larger, so receipts are worked out under it, with the same room for the station's fields."""
+    from agent_support import inference_stage
+
+    from agent.receiving import RECEIPT_ROOM_BYTES, ReceivingDesk
+
+    cfg = as_config(station_config(tmp_path, tiny_bundle, "unused", 1, mqtt={"max_message_bytes": 256 * 1024}))
+    stage, outbox, _, _ = inference_stage(cfg, tiny_bundle)
+    outbox.close()
+    assert stage.receiving.receipt_max_bytes == 256 * 1024 - RECEIPT_ROOM_BYTES
+    desk = ReceivingDesk(ReceivingConfig(), clock=lambda: 0.0, receipt_max_bytes=64 * 1024)
+    desk.open(ExpectCommand(shipment="PO-1", lines={"Coat": 1}), ["Coat", "Dress"])
+    for n in range(1, 2001):
+        desk.record(decided(n, f"OTHER-{n:05d} " + "x" * 100), f"00000000-0000-4000-8000-{n:012d}")
+    body = desk.due_receipt(1.0)
+    assert len(dumps_finite(body, separators=(",", ":"))) <= 64 * 1024 and body["lines_left_off"] > 0
+    assert body["totals"]["unexpected"] == 2000
