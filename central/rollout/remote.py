@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -71,8 +72,11 @@ def resolve_bundle(location: str) -> RemoteBundle:
     """Read a published bundle's manifest and gate record where stations will fetch it.
 
     Refuses a version the gate rejected, one without a gate record (not published by
-    ``central publish``), and one whose manifest changed after the gate.
+    ``central publish``), and one whose manifest changed after the gate. A relative path is made absolute
+    here: sent as it is, each station would look for it in its own working folder.
     """
+    if not urlparse(location).scheme:
+        location = os.path.abspath(location)
     raw = _read_location(location, "manifest.json")
     assert raw is not None
     try:

@@ -554,3 +554,10 @@ def test_a_damaged_history_is_refused_naming_the_file(tmp_path, content, why):
     path.write_bytes(content)
     with pytest.raises(RolloutError, match=f"history.json: .*{why}"):
         RolloutHistory(path)
+
+
+def test_a_relative_bundle_path_is_sent_to_stations_as_an_absolute_one(tree, monkeypatch):
+    """`--bundle-url served/tiny/v2` was sent as it is: each station looked for it in its own working folder."""
+    monkeypatch.chdir(tree["served"].parent)
+    bundle = resolve_bundle("served/tiny/v2")
+    assert bundle.location == str(tree["served"] / "tiny" / "v2") and (bundle.name, bundle.version) == ("tiny", "v2")
