@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Literal
 
-from contract.bundle import ROLE_FP32, ROLE_INT8, Artifact, Bundle, sha256_file
+from contract.bundle import ROLE_FP32, ROLE_INT8, Artifact, Bundle, process_runs, sha256_file
 from contract.events import fsync_dir
 from contract.preprocess import InputSpec
 
@@ -319,15 +319,7 @@ def prune(cache_dir: str | Path, device: DeviceInfo, keep: Iterable[EngineKey] =
 def _writer_alive(tmp: Path) -> bool:
     """Whether the process that is writing ``tmp`` (``.tmp-<entry>-<pid>``, ``write_entry``) still runs."""
     pid = tmp.name.rsplit("-", 1)[-1]
-    if not pid.isdigit() or int(pid) == os.getpid():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:         # it runs, as another user
-        return True
-    return True
+    return pid.isdigit() and int(pid) != os.getpid() and process_runs(int(pid))
 
 
 # ---------------------------------------------------------------- TensorRT (Jetson / GPU only)

@@ -359,7 +359,7 @@ def sweep_partials(parent: Path) -> list[Path]:
         pid = rest.split("-", 1)[0]
         if not (head.startswith(".") and mark and pid.isdigit()) or path.is_symlink() or not path.is_dir():
             continue
-        if int(pid) == os.getpid() or _process_runs(int(pid)):
+        if int(pid) == os.getpid() or process_runs(int(pid)):
             continue
         shutil.rmtree(path, ignore_errors=True)
         log.warning("%s: removed, left by process %s on this host, which no longer runs", path, pid)
@@ -367,7 +367,9 @@ def sweep_partials(parent: Path) -> list[Path]:
     return removed
 
 
-def _process_runs(pid: int) -> bool:
+def process_runs(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host (one of another user's included): whether a folder named after
+    it (``partial_dir``, the engine cache's builds) is still being written."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
