@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import statistics
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -63,12 +64,7 @@ class FrameClock:
         """The time from one frame to the next (the median over the results; 0 with a single result)."""
         steps = [(t1 - t0) / (f1 - f0) for t0, t1, f0, f1 in zip(self.times, self.times[1:], self.frames,
                                                                   self.frames[1:]) if f1 > f0]
-        return _median(steps)
-
-
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[len(ordered) // 2] if ordered else 0.0
+        return statistics.median_high(steps) if steps else 0.0
 
 
 def decision_spans(decisions: Sequence[dict], clock: FrameClock) -> list[tuple[int, int] | None]:
