@@ -29,7 +29,7 @@ import zlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Hashable, Iterable, Sequence
+from typing import Any, Hashable, Iterable, Sequence
 
 import numpy as np
 
@@ -409,12 +409,7 @@ def save_split(path: Path, dataset: Dataset, train: Sequence[int], val: Sequence
 def split_drawn_for(path: Path) -> dict | None:
     """The settings a saved split was drawn with (``save_split``'s ``drawn_for``), or None for a split a caller
     placed in the run folder; DatasetError naming the file when it is not a saved split."""
-    try:
-        payload = json.loads(path.read_bytes().decode("utf-8"))
-    except OSError as exc:
-        raise DatasetError(f"{path}: cannot read the saved split ({exc.strerror or exc})") from exc
-    except ValueError as exc:
-        raise DatasetError(f"{path}: not a saved split (not JSON: {exc})") from exc
+    payload = _read_split(path)
     drawn_for = payload.get("drawn_for") if isinstance(payload, dict) else None
     if not isinstance(payload, dict) or not isinstance(drawn_for, (dict, type(None))):
         raise DatasetError(f"{path}: not a saved split (expected a JSON object with train and val lists, and "
@@ -422,13 +417,21 @@ def split_drawn_for(path: Path) -> dict | None:
     return drawn_for
 
 
-def load_split(path: Path, dataset: Dataset) -> tuple[list[int], list[int]]:
-    """Indices of a saved split in ``dataset``; a resumed run must see the same split."""
+def _read_split(path: Path) -> Any:
+    """A saved split's JSON, as it was written; DatasetError naming the file when it cannot be read or parsed."""
     try:
-        payload = json.loads(path.read_bytes().decode("utf-8"))
-        rows = {part: [p for p, _ in payload[part]] for part in ("train", "val")}
+        return json.loads(path.read_bytes().decode("utf-8"))
     except OSError as exc:
         raise DatasetError(f"{path}: cannot read the saved split ({exc.strerror or exc})") from exc
+    except ValueError as exc:           # UnicodeDecodeError too
+        raise DatasetError(f"{path}: not a saved split (not JSON: {exc})") from exc
+
+
+def load_split(path: Path, dataset: Dataset) -> tuple[list[int], list[int]]:
+    """Indices of a saved split in ``dataset``; a resumed run must see the same split."""
+    payload = _read_split(path)
+    try:
+        rows = {part: [p for p, _ in payload[part]] for part in ("train", "val")}
     except (ValueError, TypeError, KeyError) as exc:
         raise DatasetError(f"{path}: not a saved split (expected JSON with train and val lists of "
                            f"[path, label]; {type(exc).__name__}: {exc})") from exc
