@@ -362,17 +362,26 @@ def test_the_bias_is_set_at_the_cap_even_above_the_fitted_one():
     assert fit_row(u_new, old_new, half, wrong, 5.0)[1:] == (fitted, fitted)
 
 
-def test_leave_one_out_leaves_an_example_out_with_its_mirror_image(monkeypatch):
-    half, caps, u_new, old_new = _toy_row_inputs()
-    fitted_on = []
+def rows_fitted(u: np.ndarray) -> set:
+    return {tuple(np.round(row, 12)) for row in u}
 
+
+def record_fits(monkeypatch, what) -> list:
+    """The rows each fit of the new class's row is given, as ``what`` makes of them, in order; the fits still run."""
+    fitted_on: list = []
     real_fit = enroll_module._fit_row
 
     def recording_fit(u, old, *args):
-        fitted_on.append({tuple(np.round(row, 12)) for row in u})
+        fitted_on.append(what(u))
         return real_fit(u, old, *args)
 
     monkeypatch.setattr(enroll_module, "_fit_row", recording_fit)
+    return fitted_on
+
+
+def test_leave_one_out_leaves_an_example_out_with_its_mirror_image(monkeypatch):
+    half, caps, u_new, old_new = _toy_row_inputs()
+    fitted_on = record_fits(monkeypatch, rows_fitted)
     views = np.vstack([u_new, u_new[:, ::-1]])               # rows 10-19: a view of examples 0-9
     recall = leave_one_out_recalls(views, np.vstack([old_new, old_new]), half, caps, (5.0,), examples=10)[0]
     assert len(fitted_on) == 10 and 0.0 <= recall <= 1.0
@@ -605,14 +614,7 @@ def test_many_examples_are_fitted_on_an_even_spread_of_them_in_folds(colours, tm
     _support, bundle, gate, _yellow = colours
     many = tmp_path / "many"
     _colour_images(many, YELLOW, 40, seed=5)
-    fitted_on = []
-    real_fit = enroll_module._fit_row
-
-    def recording_fit(u, old, *args):
-        fitted_on.append(len(u))
-        return real_fit(u, old, *args)
-
-    monkeypatch.setattr(enroll_module, "_fit_row", recording_fit)
+    fitted_on = record_fits(monkeypatch, len)
     dry = enroll(EnrolConfig(bundle=bundle, label="yellow", images=many, gate_data=gate, dry_run=True))
     assert dry.report["examples"] == 40 and dry.report["fitted_examples"] == 30
     assert len(fitted_on) == 1 + LOO_FOLDS and fitted_on[0] == 30
@@ -627,14 +629,7 @@ def test_leave_one_out_past_the_fold_count_decides_each_example_once_on_a_row_fi
     rng = np.random.default_rng(3)
     u_new = np.eye(16)[5] + 0.3 * rng.standard_normal((30, 16))
     old_new = u_new @ (5 * np.eye(16)[:3]).T
-    fitted_on = []
-    real_fit = enroll_module._fit_row
-
-    def recording_fit(u, old, *args):
-        fitted_on.append({tuple(np.round(row, 12)) for row in u})
-        return real_fit(u, old, *args)
-
-    monkeypatch.setattr(enroll_module, "_fit_row", recording_fit)
+    fitted_on = record_fits(monkeypatch, rows_fitted)
     recall = leave_one_out_recalls(u_new, old_new, half, caps, (5.0,))[0]
     assert len(fitted_on) == LOO_FOLDS == 20 and recall * 30 == round(recall * 30)
     for fold, rows in enumerate(fitted_on):
