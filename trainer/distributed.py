@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
@@ -36,6 +37,25 @@ class DistContext:
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()
+
+    def sum_over_ranks(self, values: Sequence[float]) -> list[float]:
+        """Each value summed over every rank, on every rank (float64: image counts stay exact). A figure of the
+        whole run (the train loss over every process's rows), and the same on every rank, so every rank takes the
+        same decision on it (a non-finite loss stops them all)."""
+        if not self.enabled:
+            return [float(v) for v in values]
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+        total = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+        dist.all_reduce(total)
+        return total.tolist()
+
+    def gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+        if not self.enabled:
+            return [obj]
+        parts: list = [None] * self.world
+        dist.all_gather_object(parts, obj)
+        return parts
 
     def gather_cat(self, tensor: torch.Tensor) -> list[torch.Tensor]:
         """Every rank's tensor (any length), in rank order, on every rank."""

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -225,6 +226,34 @@ def accuracy_and_f1(logits: torch.Tensor, labels: torch.Tensor, num_classes: int
     return acc, macro_f1(tp.numpy(), predicted.numpy(), support.numpy())
 
 
+RESUME_KEYS = ("model", "optimizer", "schedule", "scaler", "state", "generator", "torch_rng", "classes")
+
+
+def read_resume_checkpoint(path: Path) -> dict:
+    """``last.pt`` of a run to resume; a ValueError naming the file for one that cannot be read (a truncated copy,
+    a disk error) or is not a trainer checkpoint, which the CLI reports in one line. The file is left as it is."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError) as exc:
+        detail = str(exc).split(". ")[0] or ("the file is empty" if path.stat().st_size == 0 else type(exc).__name__)
+        raise ValueError(f"{path}: cannot be read as a checkpoint ({detail}); the run cannot resume from it. Put "
+                         f"back a good copy of the file, or start a new run (another --name)") from exc
+    missing = [key for key in RESUME_KEYS if not isinstance(ckpt, dict) or key not in ckpt]
+    if missing:
+        raise ValueError(f"{path}: not a training checkpoint to resume from (no {', '.join(missing)})")
+    return ckpt
+
+
+def resume_scaler(scaler: torch.amp.GradScaler, saved: dict, source: Path) -> None:
+    """The fp16 loss scaler's state from a checkpoint. One written with the scaler off (a run on CPU, or bf16 on
+    a GPU that has it) holds none: resumed where fp16 scaling is on (a GPU without bf16), the scale starts afresh,
+    as in a new run (GradScaler.load_state_dict refuses an empty state)."""
+    if scaler.is_enabled() and not saved:
+        log.info("%s was written without fp16 loss scaling; the loss scale starts afresh", source)
+        return
+    scaler.load_state_dict(saved)
+
+
 @dataclass
 class RunState:
     """What a checkpoint holds besides the config: enough to continue exactly."""
@@ -340,6 +369,9 @@ class Trainer:
             metrics.unlink()
 
     def _checkpoint(self, name: str, model, optimizer, schedule, scaler, state: RunState, generator) -> None:
+        # On CUDA, dropout draws from each GPU's generator: every process's states of every GPU, by rank (a
+        # collective, so every rank comes here; only rank 0 writes).
+        cuda_rng = self.dist.gather_object(torch.cuda.get_rng_state_all()) if self.device.type == "cuda" else None
         if not self.dist.is_main:
             return
         payload = {
@@ -348,9 +380,39 @@ class Trainer:
             "torch_rng": torch.get_rng_state(), "classes": self.classes, "config": self.cfg.to_dict(),
             "input": self.spec.to_manifest(),
         }
+        if cuda_rng is not None:
+            payload["cuda_rng"] = cuda_rng
         tmp = self.run_dir / f".{name}.tmp"
-        torch.save(payload, tmp)
-        os.replace(tmp, self.run_dir / name)  # a kill mid-save never leaves a half-written checkpoint
+        try:
+            torch.save(payload, tmp)
+            os.replace(tmp, self.run_dir / name)  # a kill mid-save never leaves a half-written checkpoint
+        except BaseException:   # a full disk, Ctrl-C: the partial file (up to a checkpoint's size) goes too
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def _restore_rng(self, resume: dict, source: Path) -> None:
+        """The random states of a checkpoint, so that a resumed run draws what an uninterrupted one would: torch's
+        CPU generator and, on CUDA, the GPUs' generators of this process (dropout on the GPU). The augmentation
+        draws from the run's own generator, restored beside these; numpy's and Python's global generators are
+        not drawn from in training. A checkpoint without CUDA states (written on CPU, or before 2026-12-07)
+        resumes with a warning; a GPU run's checkpoint resumes on a host without CUDA (its CUDA states unused)."""
+        torch.set_rng_state(resume["torch_rng"])
+        if self.device.type != "cuda":
+            return
+        saved = resume.get("cuda_rng")
+        if saved is None:
+            log.warning("%s holds no CUDA random state (written on CPU, or before 2026-12-07): dropout on the GPU "
+                        "draws otherwise than in an uninterrupted run", source)
+            return
+        if len(saved) != self.dist.world:
+            log.warning("%s was written by %d process(es), resumed by %d: the CUDA random states are not restored",
+                        source, len(saved), self.dist.world)
+            return
+        states, count = saved[self.dist.rank], torch.cuda.device_count()
+        if len(states) != count:
+            log.warning("%s was written on a machine with %d GPU(s), resumed on one with %d: the random states of "
+                        "the first %d are restored", source, len(states), count, min(count, len(states)))
+        torch.cuda.set_rng_state_all(states[:count])
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         """DistributedDataParallel across processes; SyncBatchNorm on GPUs (gloo CPU runs keep per-rank BN)."""
@@ -365,7 +427,9 @@ class Trainer:
 
     # --- loops -------------------------------------------------------------------------------
 
-    def _train_epoch(self, epoch, model, batches, augment, optimizer, schedule, scaler, criterion) -> dict:
+    def _train_epoch(self, epoch, model, batches, augment, optimizer, schedule, scaler,
+                     criterion) -> tuple[float, int, int, float]:
+        """One epoch on this process's rows: their loss sum (loss x rows), right answers, rows, and the seconds."""
         from tqdm import tqdm
 
         cfg = self.cfg
@@ -405,9 +469,14 @@ class Trainer:
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", img_s=f"{rate:.0f}")
             bar.update()
         bar.close()
-        elapsed = time.perf_counter() - start
+        return loss_sum, correct, seen, time.perf_counter() - start
+
+    def _train_figures(self, loss_sum: float, correct: int, seen: int, elapsed: float) -> dict:
+        """An epoch's train figures over the whole run: each process trained on its own share of the rows (the
+        progress bar shows rank 0's), so their sums are added up first, and every rank holds the same figures."""
+        loss_sum, correct, seen = self.dist.sum_over_ranks([loss_sum, correct, seen])
         return {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1),
-                "train_images_per_s": seen * world / elapsed, "train_seconds": elapsed}
+                "train_images_per_s": seen / elapsed, "train_seconds": elapsed}
 
     def _validate(self, model, val_x: torch.Tensor, val_y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits and labels of the whole val set; each rank predicts its share."""
@@ -439,7 +508,7 @@ class Trainer:
             raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of the {self.dist.world} processes")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         last = self.run_dir / "last.pt"
-        resume = torch.load(last, map_location="cpu", weights_only=True) if last.exists() else None
+        resume = read_resume_checkpoint(last) if last.exists() else None
         if self.dist.is_main and resume is None:
             self._clear_leftovers()
         self.dist.barrier()  # no rank looks for a saved split before an earlier attempt's is gone
@@ -471,10 +540,10 @@ class Trainer:
         if resume:
             optimizer.load_state_dict(resume["optimizer"])
             schedule.load_state_dict(resume["schedule"])
-            scaler.load_state_dict(resume["scaler"])
+            resume_scaler(scaler, resume["scaler"], last)
             state = RunState(**resume["state"])
             generator.set_state(resume["generator"])
-            torch.set_rng_state(resume["torch_rng"])
+            self._restore_rng(resume, last)
             log.info("resuming %s after epoch %d", self.run_dir, state.epoch)
         criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         stopped_early = cfg.patience is not None and state.epochs_without_improvement >= cfg.patience
@@ -485,7 +554,8 @@ class Trainer:
             set_backbone_frozen(_unwrap(model), cfg.arch, epoch < cfg.freeze_epochs)
             batches.set_epoch(epoch)
             row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "frozen_backbone": epoch < cfg.freeze_epochs}
-            row.update(self._train_epoch(epoch, model, batches, augment, optimizer, schedule, scaler, criterion))
+            sums = self._train_epoch(epoch, model, batches, augment, optimizer, schedule, scaler, criterion)
+            row.update(self._train_figures(*sums))
             logits, val_labels = self._validate(model, val_x, val_y)
             row["val_loss"] = nn.functional.cross_entropy(logits, val_labels).item()
             if not (math.isfinite(row["train_loss"]) and math.isfinite(row["val_loss"])):

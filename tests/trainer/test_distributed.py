@@ -58,6 +58,21 @@ def test_two_processes_equal_one_process_for_a_linear_probe(fmnist_dir, tmp_path
         torch.testing.assert_close(one[key], two[key], rtol=1e-4, atol=1e-5, msg=key)
     rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]  # written once, by rank 0
+    _assert_train_figures_are_the_whole_runs(tmp_path, loss_rtol=1e-4)
+
+
+def _assert_train_figures_are_the_whole_runs(tmp_path: Path, loss_rtol: float) -> None:
+    """The same weights on the same global batches give the same train loss and accuracy in one process as in two:
+    the two-process file held rank 0's half of the rows (another loss by percents) before the ranks' sums were
+    added up."""
+    one, two = ([json.loads(line) for line in (tmp_path / n / "metrics.jsonl").read_text().splitlines()]
+                for n in ("one", "two"))
+    assert len(one) == len(two) == 2
+    for a, b in zip(one, two):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=loss_rtol), (a, b)
+        # an image on a near tie may flip with the all-reduce's rounding: one image (an epoch has 48 or more)
+        assert abs(b["train_accuracy"] - a["train_accuracy"]) <= 1 / 48 + 1e-9, (a, b)
+        assert b["val_loss"] == pytest.approx(a["val_loss"], rel=loss_rtol)
 
 
 def test_two_processes_equal_one_process_for_a_full_fine_tune_with_frozen_batchnorm(fmnist_dir, tmp_path):
@@ -85,6 +100,7 @@ def test_two_processes_equal_one_process_for_a_full_fine_tune_with_frozen_batchn
     assert all(torch.equal(one[k], start[k]) for k in one if "running_" in k)  # statistics frozen
     rows = [[json.loads(line) for line in (tmp_path / n / "metrics.jsonl").read_text().splitlines()] for n in ("one", "two")]
     assert [(r["epoch"], r["lr"]) for r in rows[0]] == [(r["epoch"], r["lr"]) for r in rows[1]]
+    _assert_train_figures_are_the_whole_runs(tmp_path, loss_rtol=1e-3)
 
 
 def _init_state(tmp_path: Path) -> dict:
@@ -103,3 +119,37 @@ def test_batch_must_split_evenly(fmnist_dir, tmp_path):
                         "-m", "trainer", "train", *_args(fmnist_dir, tmp_path, "odd", **{"--batch-size": 15,
                         "--weights": "none", "--epochs": 1})], env=env, capture_output=True, text=True,
                        timeout=300, check=True)
+
+
+def _collectives(rank: int, init_file: str, results) -> None:
+    import torch.distributed as dist
+
+    from trainer.distributed import DistContext
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        ctx = DistContext(rank, rank, 2)
+        total = ctx.sum_over_ranks([1.5 + rank, 10 * rank, 3])
+        states = ctx.gather_object([torch.full((4,), rank, dtype=torch.uint8)])
+        results.put((rank, total, [s[0].tolist() for s in states]))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sums_and_gathers_over_two_gloo_processes(tmp_path):
+    """What the training loop sums (loss x rows, right answers, rows) and what a checkpoint gathers (each process's
+    GPU random states) over a real two-process gloo group."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_collectives, args=(r, str(tmp_path / "init"), results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = sorted(results.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    for rank, total, states in got:
+        assert total == [4.0, 10.0, 6.0]
+        assert states == [[0, 0, 0, 0], [1, 1, 1, 1]]
