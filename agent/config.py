@@ -381,7 +381,9 @@ class OutboxConfig(_Strict):
     path: Path = Field(Path("/var/lib/inventory-agent/outbox.sqlite"), title="Database file",
                        description="SQLite file of the durable outbox.")
     max_bytes: int = Field(256 * 1024 * 1024, ge=1024, le=1 << 40, title="Byte quota",
-                           description="Above this, frames then oldest messages are dropped and counted.")
+                           description="The most the outbox's files (database, -wal, -shm) take on disk, 4 MiB at the least; "
+                                       "when full, frames then the oldest messages are dropped and counted. One message "
+                                       "may take at most an eighth of it.")
     max_age_s: float = Field(7 * DAY_S, gt=0, le=366 * DAY_S, title="Age quota", description="Messages older than this are dropped and counted.")
     synchronous: Literal["normal", "full"] = Field(
         "normal", title="SQLite synchronous",

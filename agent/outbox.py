@@ -7,19 +7,30 @@ lowest-value data first (frames, then the oldest messages) and count every drop.
 
 Age is real age. The wall and boot clocks of the last put are kept in the database with the
 kernel's boot id, so a wall-clock step (NTP setting a clock that started near 2000) is measured
-and the stored times move with it, within one process or across a restart. Across a reboot
+and the stored times move with it (one offset kept in ``meta``, added to every stored time, so a
+step rewrites no row), within one process or across a restart. Across a reboot
 nothing measures it: stored times older than the age quota, or ahead of now, are then taken for a
 wrong clock, and the last put counts as just now (the time the station was off is not counted).
 The age quota applies when a message is stored and when messages are read for sending.
 
-A write that fails (a full disk, an I/O error) leaves the database, the byte total and the
-connection as they were before it, and raises its own error.
+The files on disk (the database, its -wal and -shm) stay within ``max_bytes`` (``DISK_FLOOR`` at the
+least): the quota counts the pages SQLite uses, not only the messages' bytes. ``DiskBudget`` shares it: the WAL
+is truncated once a commit leaves it over its share, and one transaction writes a bounded amount (at most one
+chunk of messages, ``DELETE_ROWS`` deletions), so room for one transaction's WAL is all that is kept aside. Room
+for a chunk is made before it is stored, in the order the quota drops, so the database file never grows past its
+share; with ``auto_vacuum=incremental`` (new files, and older ones the first time they are empty) a file over its
+share (a lowered ``max_bytes``) gives pages back, ``VACUUM_PAGES`` per write. A batch larger than one chunk is
+stored in several transactions, each committed before ``put_many`` returns.
 
-A database SQLite finds damaged when it is opened (flash wear, a power cut on an SD card) does
-not stop the station: it is set aside with its WAL as ``<name>.bad.<UTC time>`` (the newest
-``KEEP_DAMAGED`` kept), logged, counted as dropped ``corrupt:outbox-file``, and a new outbox
-starts, its sequence numbers after the damaged one's where they can still be read. A file that
-is not an SQLite database is refused as before, never touched.
+A write that fails (a full disk, an I/O error) leaves the database, the byte total and the
+connection as they were before its transaction, and raises its own error.
+
+A database SQLite finds damaged when it is opened, or later at a read or write (a page the open
+did not read; flash wear, a power cut on an SD card) does not stop the station: it is set aside
+with its WAL as ``<name>.bad.<UTC time>`` (the newest ``KEEP_DAMAGED`` kept), logged, counted as
+dropped ``corrupt:outbox-file``, and a new outbox starts, its sequence numbers after the damaged
+one's where they can still be read; a batch being stored when the damage is found is stored in the
+new one. A file that is not an SQLite database is refused as before, never touched.
 """
 
 from __future__ import annotations
@@ -31,9 +42,10 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, wraps
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -52,6 +64,8 @@ CREATE TABLE IF NOT EXISTS messages (
     size     INTEGER NOT NULL,
     captured REAL
 );
+CREATE INDEX IF NOT EXISTS messages_frames ON messages (seq) WHERE kind = 'frame';
+CREATE INDEX IF NOT EXISTS messages_created ON messages (created);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS clock (
     one      INTEGER PRIMARY KEY CHECK (one = 1),
@@ -65,6 +79,60 @@ SQLITE_MAGIC = b"SQLite format 3\x00"
 DAMAGED = (11, 26)       # SQLITE_CORRUPT, SQLITE_NOTADB: with SQLite's header, our database damaged
 KEEP_DAMAGED = 3         # damaged outbox files kept (each up to outbox.max_bytes and more)
 _PROCESS_BOOT_ID = f"process-{uuid.uuid4()}"     # where the kernel names no boot: steps measured in this process only
+
+DISK_FLOOR = 4 << 20     # the least the files are bounded by: a smaller max_bytes bounds the messages' bytes only
+CHUNK_ROWS = 16          # messages one transaction stores: a larger batch takes several
+DELETE_ROWS = 16         # rows one transaction deletes (quota, age, acks), so its WAL stays small
+VACUUM_PAGES = 16        # pages one transaction gives back to the file system
+ROW_BYTES = 80           # a stored message's columns beside its JSON and JPEG, with the record's header
+INDEX_BYTES = 110        # its entries in the indexes: of ids (random ids leave pages about 70% full), of times
+SHM_BLOCK = 32768        # the -shm file grows by this for each 4096 WAL frames
+
+
+def row_bytes(size: int, page: int) -> float:
+    """The bytes of pages one stored message of ``size`` (JSON and JPEG) takes, on the high side: its overflow
+    pages (SQLite fills them), its share of a table page (whole cells per page), its id's index entry."""
+    record, usable = size + ROW_BYTES, page
+    max_local, min_local = usable - 35, (usable - 12) * 32 // 255 - 23
+    local, overflow = record, 0
+    if record > max_local:
+        local = min_local + (record - min_local) % (usable - 4)
+        local = local if local <= max_local else min_local
+        overflow = -(-(record - local) // (usable - 4))
+    cells = max(1, (usable - 8) // (local + 16))
+    return overflow * page + (usable - 8) / cells + INDEX_BYTES
+
+
+def pages_for(sizes: Iterable[int], page: int) -> int:
+    """Pages a chunk of messages of these sizes adds to the database, with a margin for the b-trees' splits."""
+    return int(sum(row_bytes(s, page) for s in sizes) * 1.02 / page) + 2
+
+
+@dataclass(frozen=True)
+class DiskBudget:
+    """How ``max_bytes`` is shared by the database file, its WAL and the WAL's index (-shm).
+
+    The WAL is truncated after a commit that leaves it over ``wal_rest``; one transaction then adds at most one
+    chunk (``largest`` bytes of messages, ``CHUNK_ROWS`` rows), ``DELETE_ROWS`` deletions and ``VACUUM_PAGES``
+    moved pages to it. What is left is the database file's: ``db_pages``."""
+
+    page: int
+    largest: int        # the most bytes of messages one transaction stores: the largest message taken
+    wal_rest: int
+    wal: int            # the most the WAL holds: wal_rest and one transaction
+    shm: int
+    db_pages: int
+
+    @classmethod
+    def of(cls, max_bytes: int, page: int, wire_limit: int | None = None) -> DiskBudget:
+        total = max(max_bytes, DISK_FLOOR)
+        largest = min(total // 8, (wire_limit or total) + (16 << 10))     # a frame's JSON is not all on the wire
+        wal_rest = min(max(total // 32, 64 << 10), 4 << 20)
+        txn_pages = pages_for([largest], page) + 2 * CHUNK_ROWS + 3 * DELETE_ROWS + 3 * VACUUM_PAGES + 16
+        wal = wal_rest + 32 + txn_pages * (page + 24)
+        frames = wal // (page + 24)
+        shm = SHM_BLOCK * (2 + max(0, frames - 4062) // 4096)
+        return cls(page, largest, wal_rest, wal, shm, (total - wal - shm) // page)
 
 
 class OutboxError(Exception):
@@ -114,6 +182,31 @@ class Message:
     blob: bytes | None = None
 
 
+@dataclass
+class _Staged:
+    """A message checked and waiting for its transaction: its id, and its body's JSON without id and seq."""
+
+    message: Message
+    id: str
+    json: str
+    kept: bool = True       # False: dropped by the byte quota before it was stored
+
+    @property
+    def size(self) -> int:
+        """About its size as stored (with its id and seq): what chunks and the pages it takes are judged by."""
+        return len(self.json) + 60 + len(self.message.blob or b"")
+
+    def record(self, seq: int, now: float) -> Record:
+        """The record as stored: the JSON of ``{"id": ..., "seq": ..., **body}``, written around the body's."""
+        body = self.message.body
+        if "id" in body or "seq" in body:
+            text = dumps_finite({"id": self.id, "seq": seq, **body}, separators=(",", ":"))
+        else:
+            text = f'{{"id":"{self.id}","seq":{seq}' + ("}" if self.json == "{}" else "," + self.json[1:])
+        return Record(seq, body.get("id", self.id), self.message.kind, text, self.message.blob, now,
+                      body.get("captured_at"))
+
+
 STEP_S = 60.0       # the wall clock off the boot clock by more than this since the last put: a step (NTP)
 
 
@@ -140,6 +233,21 @@ def current_boot_id() -> str:
         return _PROCESS_BOOT_ID
 
 
+def _outlives_damage(method: Callable[..., Any]) -> Callable[..., Any]:
+    """An outbox method that finds the database damaged sets it aside, starts a new outbox (``_outlive_damage``)
+    and runs once more there: a batch then is stored, a read answers from the new outbox."""
+    @wraps(method)
+    def guarded(self: Outbox, *args: Any, **kwargs: Any) -> Any:
+        database = self._generation
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.DatabaseError as exc:
+            if not self._outlive_damage(exc, database):
+                raise
+            return method(self, *args, **kwargs)
+    return guarded
+
+
 class Outbox:
     def __init__(self, path: str | Path, *, max_bytes: int, max_age_s: float, synchronous: str = "normal",
                  clock: Callable[[], float] = time.time, monotonic: Callable[[], float] | None = None,
@@ -159,21 +267,33 @@ class Outbox:
         self._wire_limit: tuple[int, Callable[[Record], int]] | None = None
         self._lock = threading.Lock()
         self.changed = threading.Condition()
+        self._deletes_left = DELETE_ROWS            # what the current transaction may still delete
+        self._generation = 0                        # how many times a damaged database was replaced while running
+        self._busy_logged = False
         self._db = self._open(synchronous)
+        self._tidy()
         self._settle_clock()
+        if (disk := self.disk_bytes()) > max(max_bytes, DISK_FLOOR):
+            log.warning("outbox: %s: its files take %d bytes, more than outbox.max_bytes %d (written by an earlier "
+                        "version or under a larger max_bytes): they shrink to it as messages are stored%s", self.path,
+                        disk, max_bytes, "" if self._incremental else ", from the first time the outbox is empty")
 
     def _open(self, synchronous: str) -> sqlite3.Connection:
         """Connect and read the totals; a file that is not our database is refused, never overwritten, and our
         database damaged is set aside for a new one."""
+        self._synchronous = synchronous
         try:
             return self._connect(synchronous)
         except OutboxError as exc:
             if not self._damaged(exc.__cause__):
                 raise
-            problem = exc.__cause__
-        next_seq = self._salvage_next_seq()
+            return self._start_over(exc.__cause__, 1)
+
+    def _start_over(self, problem: BaseException, next_seq: int) -> sqlite3.Connection:
+        """Our database damaged: set aside, and a new outbox started with its sequence numbers after the old."""
+        next_seq = max(next_seq, self._salvage_next_seq())
         target = self._set_aside_damaged()
-        self._db = self._connect(synchronous)
+        self._db = self._connect(self._synchronous)
         with self._transaction():
             self._set_meta("next_seq", next_seq)
             self._count_drop("corrupt", "outbox-file", 1)
@@ -182,6 +302,26 @@ class Outbox:
                   "damaged one held are not sent (counted as dropped corrupt:outbox-file)", self.path, problem,
                   target.name, next_seq)
         return self._db
+
+    def _outlive_damage(self, exc: sqlite3.DatabaseError, database: int) -> bool:
+        """SQLite finds the database damaged while running (a page the open did not read, flash wearing out): it is
+        set aside and a new outbox started, as at open, so that the next write is stored; else every write to the
+        end of the process, and after every restart, failed. False: not damage (the caller raises its error).
+        ``database``: the outbox's generation the error came from (another thread may have replaced it since)."""
+        with self._lock:
+            if database != self._generation:
+                return True
+            if not self._damaged(exc):
+                return False
+            self._generation += 1
+            try:
+                self._db.close()
+            except sqlite3.Error:
+                pass
+            self._start_over(exc, self._last_seq + 1)
+            self._tidy()
+        self._notify()
+        return True
 
     def _damaged(self, exc: BaseException | None) -> bool:
         """SQLite says corrupt (or not a database) of a file that starts as an SQLite database does."""
@@ -244,88 +384,221 @@ class Outbox:
         db = None
         try:
             db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+            if db.execute("PRAGMA page_count").fetchone()[0] == 0:     # a new file: before its first page
+                db.execute("PRAGMA auto_vacuum=INCREMENTAL")            # (on a file written, it writes to it)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(f"PRAGMA synchronous={synchronous.upper()}")
+            # a deleted message's pages are not overwritten with zeros (Debian's and Ubuntu's SQLite do by default):
+            # that wrote every acknowledged or dropped JPEG a second time, into the WAL
+            db.execute("PRAGMA secure_delete=FAST")
             db.executescript(SCHEMA)
-            self._bytes, self._oldest, newest = db.execute(
-                "SELECT COALESCE(SUM(size), 0), MIN(created), MAX(created) FROM messages").fetchone()
+            self._page = db.execute("PRAGMA page_size").fetchone()[0]
+            self._incremental = db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2
+            self._bytes = db.execute("SELECT COALESCE(SUM(size), 0) FROM messages").fetchone()[0]
+            oldest, newest = db.execute("SELECT MIN(created), MAX(created) FROM messages").fetchone()   # by index
             row = db.execute("SELECT value FROM meta WHERE key='next_seq'").fetchone()
+            offset = db.execute("SELECT value FROM meta WHERE key='created_offset'").fetchone()
             mark = db.execute("SELECT wall, boot, boot_id FROM clock").fetchone()
         except (sqlite3.Error, OSError) as exc:
             if db is not None:
                 db.close()
             raise OutboxError(f"{self.path}: cannot open the outbox database ({exc})") from exc
         self._last_seq = (row[0] if row else 1) - 1
+        self._offset = float(offset[0]) if offset else 0.0
+        self._oldest = None if oldest is None else oldest + self._offset
         # an outbox written before the clocks were kept: its newest message stands for the last put, of no boot
-        self._mark = ClockMark(*mark) if mark else None if newest is None else ClockMark(newest, 0.0, "")
+        self._mark = ClockMark(*mark) if mark else None if newest is None else ClockMark(newest + self._offset, 0.0, "")
+        self._set_budget()
         return db
+
+    def _set_budget(self) -> None:
+        limit = self._wire_limit
+        self._budget = DiskBudget.of(self.max_bytes, self._page, limit[0] if limit is not None else None)
+
+    def disk_bytes(self) -> int:
+        """What the outbox's files (the database, its -wal and -shm) take now."""
+        total = 0
+        for f in self._files():
+            try:
+                total += os.path.getsize(f)
+            except FileNotFoundError:
+                pass
+        return total
+
+    def _files(self) -> tuple[Path, Path, Path]:
+        return self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm")
 
     def limit_messages(self, max_bytes: int, wire_bytes: Callable[[Record], int]) -> None:
         """Refuse at store time what the publisher could never deliver: a message whose ``wire_bytes`` (its size
         as published) is over ``max_bytes`` (the broker's limit). It is counted as dropped ``too-large`` and logged,
         once; stored, it would be refused by the broker at every try (MQTT v5) or acknowledged and thrown away
-        unseen (3.1.1)."""
-        self._wire_limit = (max_bytes, wire_bytes)
+        unseen (3.1.1). Nothing larger is written in one transaction, so less room is kept for the WAL."""
+        with self._lock:
+            self._wire_limit = (max_bytes, wire_bytes)
+            self._set_budget()
 
     # ------------------------------------------------------------ writing
 
     def put(self, message: Message) -> Record:
         """Store one message; ValueError when its body holds NaN or an infinity (counted as dropped, non-finite)
-        or it is larger than the whole outbox may hold or the broker takes (counted as dropped, too-large)."""
+        or it is larger than the outbox takes in one message or the broker takes (counted as dropped, too-large)."""
         stored = self.put_many([message])
         if not stored:
             raise ValueError(f"outbox: {message.kind} message refused: a non-finite number in its body, or larger "
-                             f"than the outbox's {self.max_bytes} bytes or the broker's limit")
+                             f"than the outbox's {self.max_bytes} bytes allow for one message or the broker's limit")
         return stored[0]
 
     def put_many(self, messages: Iterable[Message]) -> list[Record]:
-        """Give each message an id and the next sequence number, and store them in one transaction.
+        """Give each message an id and the next sequence number, and store them: in one transaction, or in one per
+        chunk (``CHUNK_ROWS`` messages, ``DiskBudget.largest`` bytes) for a larger batch.
 
         A message whose body holds NaN or an infinity is left out (logged, counted as dropped ``non-finite``):
         no subscriber can parse it, and it must not cost the other messages of the batch."""
-        now, mono = self.clock(), self.monotonic()
-        records: list[Record] = []
+        return self._put_list(list(messages), self.clock(), self.monotonic())
+
+    @_outlives_damage
+    def _put_list(self, messages: list[Message], now: float, mono: float) -> list[Record]:
         with self._lock:
-            with self._transaction():
-                step = self._age_out(now, mono)
-                seq = self._meta("next_seq", 1)
-                for msg in messages:
-                    body = {"id": str(uuid.uuid4()), "seq": seq, **msg.body}
-                    try:
-                        text = dumps_finite(body, separators=(",", ":"))
-                    except ValueError as exc:     # NaN or infinity: never stored, never sent; the rest are
-                        self._count_drop("non-finite", msg.kind, 1)
-                        log.error("outbox: %s message refused: %s", msg.kind, exc)
-                        continue
-                    size = len(text) + len(msg.blob or b"")
-                    record = Record(seq, body["id"], msg.kind, text, msg.blob, now, body.get("captured_at"))
-                    if self._too_large(record, size):
-                        continue
-                    self._db.execute("INSERT INTO messages VALUES (?,?,?,?,?,?,?,?)",
-                                     (seq, record.id, msg.kind, text, msg.blob, now, size, record.captured))
-                    self._bytes += size
-                    records.append(record)
-                    seq += 1
-                self._set_meta("next_seq", seq)
-                self._enforce_byte_quota()
-            self._committed(now, mono, step)
-            self._last_seq = seq - 1
-            if records and (self._oldest is None or now < self._oldest):
-                self._oldest = now
+            staged, refused = self._stage(messages, now)
+            records = self._store(staged, refused, now, mono)
         self._notify()
         return records
 
-    def _too_large(self, record: Record, size: int) -> bool:
-        """Larger than the whole outbox (stored first, it would push every other message out, then itself), or
-        than the broker takes: refused alone, counted and logged."""
+    def _stage(self, messages: Iterable[Message], now: float) -> tuple[list[_Staged], list[tuple[str, str]]]:
+        """Each message's JSON and size checked before any is stored; the refused as (reason, kind), logged."""
+        staged: list[_Staged] = []
+        refused: list[tuple[str, str]] = []
+        for msg in messages:
+            try:
+                item = _Staged(msg, str(uuid.uuid4()), dumps_finite(msg.body, separators=(",", ":")))
+            except ValueError as exc:     # NaN or infinity: never stored, never sent; the rest are
+                refused.append(("non-finite", msg.kind))
+                log.error("outbox: %s message refused: %s", msg.kind, exc)
+                continue
+            record = item.record(self._last_seq + 1 + len(staged), now)
+            if self._too_large(record):
+                refused.append(("too-large", msg.kind))
+                continue
+            staged.append(item)
+        return staged, refused
+
+    def _store(self, staged: list[_Staged], refused: list[tuple[str, str]], now: float, mono: float) -> list[Record]:
+        """The age check first (its clock mark, the refused counted), then each chunk once room is made for it; every
+        transaction deletes at most ``DELETE_ROWS`` rows, so a large age-out or eviction takes several."""
+        chunks, records = deque(self._chunks(staged)), []
+        try:
+            self._store_chunks(chunks, records, refused, now, mono)
+        except BaseException as exc:    # the chunks committed before it are stored: the caller can tell which
+            exc.stored_records = records    # type: ignore[attr-defined]
+            raise
+        return records
+
+    def _store_chunks(self, chunks: deque, records: list[Record], refused: list[tuple[str, str]], now: float,
+                      mono: float) -> None:
+        first, aging = True, True
+        while first or aging or chunks:
+            stored = None
+            with self._transaction():
+                if first:
+                    for reason, kind in refused:
+                        self._count_drop(reason, kind, 1)
+                    step, aging = self._age_out(now, mono)
+                elif aging:
+                    aging = self._delete_aged(now)
+                if not aging and chunks and self._make_room(chunks[0]):
+                    stored = self._insert(chunks[0], now)
+            if first:
+                self._committed(now, mono, step)
+                first = False
+            if stored is not None:
+                chunks.popleft()
+                records += stored
+                self._last_seq = stored[-1].seq
+                if self._oldest is None or now < self._oldest:
+                    self._oldest = now
+
+    def _chunks(self, staged: list[_Staged]) -> Iterator[list[_Staged]]:
+        chunk: list[_Staged] = []
+        size = 0
+        for item in staged:
+            if chunk and (len(chunk) == CHUNK_ROWS or size + item.size > self._budget.largest):
+                yield chunk
+                chunk, size = [], 0
+            chunk.append(item)
+            size += item.size
+        if chunk:
+            yield chunk
+
+    def _make_room(self, chunk: list[_Staged]) -> bool:
+        """In a transaction, before a chunk is stored: delete in the quota's order (the oldest frame, then a frame
+        of the chunk itself, never stored, then the oldest message) until the chunk's pages fit in the database
+        file's share, so that the file never grows past it. False: this transaction may delete no more."""
+        need = pages_for((item.size for item in chunk if item.kept), self._page)
+        while self._used_pages() + need > self._budget.db_pages:
+            seq = self._oldest_seq("kind = 'frame'")
+            if seq is None and (frame := next((i for i in chunk if i.kept and i.message.kind == "frame"), None)):
+                frame.kept = False
+                self._count_drop("bytes", "frame", 1)
+                need = pages_for((item.size for item in chunk if item.kept), self._page)
+                continue
+            if seq is None and (seq := self._oldest_seq("1")) is None:
+                break
+            if self._deletes_left <= 0:
+                return False
+            self._delete("seq = ?", (seq,), "bytes")
+        return True
+
+    def _insert(self, chunk: list[_Staged], now: float) -> list[Record]:
+        """In a transaction: the chunk with the next sequence numbers (a frame the quota dropped takes its number,
+        as one stored and dropped would), then the byte quota and the file's share."""
+        seq = self._meta("next_seq", 1)
+        records = []
+        for item in chunk:
+            record = item.record(seq, now)
+            if item.kept:
+                size = len(record.text) + len(record.blob or b"")
+                self._db.execute("INSERT INTO messages VALUES (?,?,?,?,?,?,?,?)", (seq, record.id, record.kind,
+                                 record.text, record.blob, now - self._offset, size, record.captured))
+                self._bytes += size
+            records.append(record)
+            seq += 1
+        self._set_meta("next_seq", seq)
+        self._enforce_byte_quota()
+        self._fit_file()
+        return records
+
+    def _fit_file(self) -> None:
+        """A database file over its share (pages under-estimated, a lowered max_bytes, a file from before): delete
+        in the quota's order until what is used fits, and give free pages at its end back, ``VACUUM_PAGES`` at
+        most (only a file with incremental auto-vacuum can)."""
+        over = self._page_count() - self._budget.db_pages
+        if over <= 0:
+            return
+        while self._used_pages() > self._budget.db_pages and self._deletes_left > 0:
+            seq = self._oldest_seq("kind = 'frame'") or self._oldest_seq("1")
+            if seq is None:
+                break
+            self._delete("seq = ?", (seq,), "bytes")
+        if self._incremental:
+            for _ in range(min(over, VACUUM_PAGES)):
+                self._db.execute("PRAGMA incremental_vacuum(1)")      # one page a statement, as Python steps it
+
+    def _too_large(self, record: Record) -> bool:
+        """Larger than the whole outbox (stored first, it would push every other message out, then itself), than
+        the room kept on disk to write one message (an eighth of the files' bound), or than the broker takes:
+        refused alone, logged (the caller counts it)."""
         limit = self._wire_limit
+        size = len(record.text) + len(record.blob or b"")
+        eighth = max(self.max_bytes, DISK_FLOOR) // 8
         if size > self.max_bytes:
             why = f"{size} bytes, more than the outbox's {self.max_bytes}"
+        elif size > eighth:
+            why = (f"{size} bytes, more than an eighth of the outbox's {max(self.max_bytes, DISK_FLOOR)} ({eighth}: "
+                   f"the room kept on disk to write one message)")
         elif limit is not None and (wire := limit[1](record)) > limit[0]:
             why = f"{wire} bytes as published, more than the broker takes (mqtt.max_message_bytes {limit[0]})"
         else:
             return False
-        self._count_drop("too-large", record.kind, 1)
         log.error("outbox: %s message refused: %s", record.kind, why)
         return True
 
@@ -334,13 +607,37 @@ class Outbox:
         """BEGIN IMMEDIATE ... COMMIT, rolled back on any error: a failed write never leaves the connection inside
         a transaction (every later put would fail with "cannot start a transaction within a transaction")."""
         self._db.execute("BEGIN IMMEDIATE")
-        before = self._bytes
+        before, offset = self._bytes, self._offset
+        self._deletes_left = DELETE_ROWS
         try:
             yield
             self._db.execute("COMMIT")
         except BaseException:
+            self._offset = offset
             self._recover(before)
             raise
+        self._tidy()
+
+    def _tidy(self) -> None:
+        """After a commit: the WAL truncated once over its share, and a database without incremental auto-vacuum
+        (written by an earlier version) rebuilt with it once it holds no message (cheap then). A failure is logged:
+        what was committed stands."""
+        try:
+            wal = self._files()[1]
+            if wal.exists() and wal.stat().st_size > self._budget.wal_rest:
+                busy = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+                if busy and not self._busy_logged:     # another connection reads the outbox (an operator's sqlite3)
+                    self._busy_logged = True
+                    log.warning("outbox: %s: the WAL cannot be truncated while another connection reads the outbox; "
+                                "its files may pass outbox.max_bytes until it closes", self.path)
+            if self._incremental is False and self._bytes == 0:
+                self._incremental = None        # tried once in this process, whatever comes of it
+                self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
+                self._db.execute("VACUUM")
+                self._incremental = self._db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except (sqlite3.Error, OSError) as exc:
+            log.error("outbox: %s: after a write, the WAL not truncated or the file not rebuilt (%s)", self.path, exc)
 
     def _recover(self, before: int) -> None:
         """After a failed write: out of the transaction and the byte total as stored. SQLite has already rolled
@@ -354,6 +651,7 @@ class Outbox:
         except sqlite3.Error as exc:
             log.error("outbox: after a failed write: %s", exc)
 
+    @_outlives_damage
     def next_seq(self) -> int:
         """A sequence number for a message that is not stored (status, stats): same counter."""
         with self._lock, self._transaction():
@@ -366,23 +664,27 @@ class Outbox:
         """The broker has it: delete. False when it was already gone (a duplicate PUBACK or dropped)."""
         return self.ack_many([seq]) == 1
 
+    @_outlives_damage
     def ack_many(self, seqs: Iterable[int]) -> int:
         """Delete several acknowledged messages in one transaction; returns how many were still there."""
         seqs = list(seqs)
         if not seqs:
             return 0
-        with self._lock, self._transaction():
-            gone = 0
-            for seq in seqs:
-                row = self._db.execute("DELETE FROM messages WHERE seq=? RETURNING size", (seq,)).fetchone()
-                if row:
-                    self._bytes -= row[0]
-                    gone += 1
+        gone = 0
+        with self._lock:
+            for start in range(0, len(seqs), DELETE_ROWS):     # a transaction's WAL stays small
+                with self._transaction():
+                    for seq in seqs[start:start + DELETE_ROWS]:
+                        row = self._db.execute("DELETE FROM messages WHERE seq=? RETURNING size", (seq,)).fetchone()
+                        if row:
+                            self._bytes -= row[0]
+                            gone += 1
         self._notify()
         return gone
 
     # ------------------------------------------------------------ reading
 
+    @_outlives_damage
     def pending(self, after_seq: int = 0, limit: int = 100) -> list[Record]:
         """Unacknowledged messages in sequence order; first, those past the age quota are dropped (counted), so
         a backlog that waited out a long outage with nothing new stored is not sent stale."""
@@ -391,13 +693,15 @@ class Outbox:
             rows = self._db.execute(
                 "SELECT seq, id, kind, body, blob, created, captured FROM messages WHERE seq > ? ORDER BY seq LIMIT ?",
                 (after_seq, limit)).fetchall()
-        return [Record(*r) for r in rows]
+        return [Record(seq, id_, kind, text, blob, created + self._offset, captured)
+                for seq, id_, kind, text, blob, created, captured in rows]
 
     @property
     def last_seq(self) -> int:
         """The highest sequence number handed out so far (0: none); kept in memory, cheap to poll."""
         return self._last_seq
 
+    @_outlives_damage
     def depth(self) -> int:
         with self._lock:
             return self._db.execute("SELECT COUNT(*) FROM messages").fetchone()[0]
@@ -406,6 +710,7 @@ class Outbox:
     def bytes(self) -> int:
         return self._bytes
 
+    @_outlives_damage
     def discard(self, seq: int, reason: str) -> bool:
         """Delete a stored message that can never be delivered, counted as dropped ``reason`` (the publisher's
         check, at send time, of a message stored before the limit it breaks was known). False: already gone."""
@@ -414,6 +719,7 @@ class Outbox:
         self._notify()
         return found > 0
 
+    @_outlives_damage
     def dropped(self) -> dict[str, int]:
         """Persistent drop counters by reason and kind, e.g. {'bytes:frame': 3, 'age:result': 1}."""
         with self._lock:
@@ -454,7 +760,18 @@ class Outbox:
         for kind in {r[0] for r in rows}:
             self._count_drop(reason, kind, sum(1 for r in rows if r[0] == kind))
         self._bytes -= sum(r[1] for r in rows)
+        self._deletes_left -= len(rows)
         return len(rows)
+
+    def _oldest_seq(self, where: str) -> int | None:
+        row = self._db.execute(f"SELECT seq FROM messages WHERE {where} ORDER BY seq LIMIT 1").fetchone()
+        return row[0] if row else None
+
+    def _page_count(self) -> int:
+        return self._db.execute("PRAGMA page_count").fetchone()[0]
+
+    def _used_pages(self) -> int:
+        return self._page_count() - self._db.execute("PRAGMA freelist_count").fetchone()[0]
 
     def _clock_step(self, now: float, mono: float) -> float:
         """Seconds the wall clock stepped since the last mark (0.0: none seen), the stored times to move by it.
@@ -477,20 +794,30 @@ class Outbox:
         """The last mark was taken in this boot (a boot clock that went back is another boot, whatever the id)."""
         return self._mark is not None and self._mark.boot_id == self.boot_id and mono >= self._mark.boot
 
-    def _age_out(self, now: float, mono: float) -> float:
+    def _age_out(self, now: float, mono: float) -> tuple[float, bool]:
         """In a transaction: move the stored times by a wall-clock step, drop what is past the age quota and mark
-        the clocks, so the next check measures from here. Returns the step (0.0: none)."""
+        the clocks, so the next check measures from here. Returns the step (0.0: none), and whether more past the
+        quota may be left (this transaction's deletions spent)."""
         step = self._clock_step(now, mono)
-        if step:
-            self._db.execute("UPDATE messages SET created = created + ?", (step,))
+        if step:        # one number, not every row rewritten: a full outbox's pages would all go through the WAL
+            self._offset += step
+            self._set_meta("created_offset", self._offset)
             measured = self._same_boot(mono)
             log.warning("outbox: the wall clock stepped %+.0f s (%s); the stored messages' times moved with it "
                         "(none dropped for an age they do not have)", step,
                         "measured" if measured else "across a reboot: the last put counts as just now")
-        self._delete("created < ?", (now - self.max_age_s,), "age")
+        more = self._delete_aged(now)
         self._db.execute("INSERT INTO clock VALUES (1, ?, ?, ?) ON CONFLICT(one) DO UPDATE SET wall=excluded.wall, "
                          "boot=excluded.boot, boot_id=excluded.boot_id", (now, mono, self.boot_id))
-        return step
+        return step, more
+
+    def _delete_aged(self, now: float) -> bool:
+        """In a transaction: drop what is past the age quota, as much as it may delete; True: more may be left."""
+        limit = self._deletes_left
+        if limit <= 0:
+            return True
+        return self._delete("seq IN (SELECT seq FROM messages WHERE created < ? ORDER BY created LIMIT ?)",
+                            (now - self.max_age_s - self._offset, limit), "age") >= limit
 
     def _committed(self, now: float, mono: float, step: float) -> None:
         """Once an age check has committed (a rolled-back one moved nothing): its mark, the oldest time's bound."""
@@ -516,16 +843,20 @@ class Outbox:
                 self._oldest is None or self._oldest >= now - self.max_age_s):
             return
         with self._transaction():
-            step = self._age_out(now, mono)
+            step, more = self._age_out(now, mono)
         self._committed(now, mono, step)
-        self._oldest = self._db.execute("SELECT MIN(created) FROM messages").fetchone()[0]
+        while more:
+            with self._transaction():
+                more = self._delete_aged(now)
+        oldest = self._db.execute("SELECT MIN(created) FROM messages").fetchone()[0]
+        self._oldest = None if oldest is None else oldest + self._offset
         self._notify()
 
     def _enforce_byte_quota(self) -> None:
         """Frames (largest, re-capturable) before results, oldest first."""
-        for kind_clause in ("kind = 'frame'", "1"):
+        for kind_clause in ("kind = 'frame'", "1"):     # frames: through their own index, never a scan of all
             while self._bytes > self.max_bytes:
-                row = self._db.execute(f"SELECT seq FROM messages WHERE {kind_clause} ORDER BY seq LIMIT 1").fetchone()
-                if row is None:
+                seq = self._oldest_seq(kind_clause)
+                if seq is None:
                     break
-                self._delete("seq = ?", (row[0],), "bytes")
+                self._delete("seq = ?", (seq,), "bytes")

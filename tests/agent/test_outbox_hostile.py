@@ -247,3 +247,31 @@ def test_only_the_newest_damaged_outboxes_are_kept(tmp_path):
     Outbox(path, max_bytes=10**8, max_age_s=3600).close()
     kept = [p for p in tmp_path.glob("ob.sqlite.bad.*") if not p.name.endswith(("-wal", "-shm"))]
     assert len(kept) == 3
+
+
+def test_a_damaged_page_found_while_running_sets_the_outbox_aside_and_the_batch_is_stored(tmp_path, caplog):
+    """The open reads the messages table, not every index: a damaged page of the index of ids was found only by
+    the next write. Every put failed from then on, and after every restart: the station stored nothing again."""
+    # given an outbox whose index of ids has a damaged page, opened as if nothing were wrong
+    path = tmp_path / "ob.sqlite"
+    ob = Outbox(path, max_bytes=10**8, max_age_s=3600)
+    ob.put_many([Message("result", {"n": n, "pad": "x" * 300}) for n in range(200)])
+    ob.close()
+    db = sqlite3.connect(path)
+    root = db.execute("SELECT rootpage FROM sqlite_master WHERE name = 'sqlite_autoindex_messages_1'").fetchone()[0]
+    db.close()
+    with open(path, "r+b") as f:
+        f.seek(4096 * (root - 1))
+        f.write(b"\xff" * 4096)
+    ob = Outbox(path, max_bytes=10**8, max_age_s=3600)
+
+    # when the next batch is stored
+    stored = ob.put_many([Message("result", {"n": 200}), Message("decision", {"n": 201})])
+
+    # then it is stored, in a new outbox numbered after the damaged one, and the loss is logged and counted
+    assert [r.seq for r in stored] == [201, 202] and [r.body["n"] for r in ob.pending()] == [200, 201]
+    assert ob.dropped() == {"corrupt:outbox-file": 1} and "is damaged" in caplog.text
+    assert len([p for p in tmp_path.glob("ob.sqlite.bad.*") if not p.name.endswith(("-wal", "-shm"))]) == 1
+    # and the station goes on after a restart
+    ob.close()
+    assert Outbox(path, max_bytes=10**8, max_age_s=3600).put(Message("result", {"n": 202})).seq == 203
