@@ -11,6 +11,7 @@ import math
 import os
 import queue
 import signal
+import sqlite3
 import threading
 import time
 import uuid
@@ -497,17 +498,23 @@ class Agent:
             return self._expect_result(False, _command_errors("expect", exc), None)
         except ValueError as exc:
             return self._expect_result(False, str(exc), None)
-        with desk.storing:      # no receipt the decide thread worked out before this one is stored after it
+        # under storing: no receipt the decide thread worked out before this one is stored after it, and no item
+        # is being decided meanwhile (it is counted in the shipment open before this command, or after it)
+        refused = None
+        with desk.storing:
             try:
-                shipment = desk.close(cmd.shipment) if cmd.close else desk.open(cmd, self.model.current.bundle.labels)
+                with desk.expecting(cmd, self.model.current.bundle.labels) as shipment:
+                    # the first receipt (every line short) on opening, the final one on closing
+                    body = receipt_body(desk.receipt_of(shipment), site=self.cfg.site, station=self.cfg.station,
+                                        ts=time.time(), final=cmd.close)
+                    self.outbox.put(Message("receipt", body))
             except ShipmentError as exc:
                 refused = str(exc)
-            else:
-                refused = None
-                # the first receipt (every line short) on opening, the final one on closing
-                body = receipt_body(desk.receipt_of(shipment), site=self.cfg.site, station=self.cfg.station,
-                                    ts=time.time(), final=cmd.close)
-                self.outbox.put(Message("receipt", body))
+            except (sqlite3.Error, OSError, ValueError) as exc:     # undone: the same command may be sent again
+                open_now = repr(desk.shipment.id) if desk.shipment is not None else "none"
+                refused = (f"cmd/expect: the {'final' if cmd.close else 'first'} receipt could not be stored in the "
+                           f"outbox {self.outbox.path} ({type(exc).__name__}: {exc}); nothing changed (open: "
+                           f"{open_now}), send the command again")
         if refused is not None:
             return self._expect_result(False, refused, None)
         self.metrics.inc("receipts_total")
@@ -636,6 +643,7 @@ class Agent:
             self.inference.stop()
             self.inference.join(timeout=self.inference.drain_s + 5)
         self._join_command_threads()
+        self._save_shipment()     # the items decided since the last receipt (receipt_interval_s) are kept too
         if self.publisher is not None:
             self.publisher.stop(flush_s)
         if self.prometheus is not None:

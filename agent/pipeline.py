@@ -53,7 +53,7 @@ from agent.decide import (
 from agent.empty_scene import EmptySceneCapture
 from agent.health import Metrics
 from agent.localize import cut
-from agent.outbox import Message, Outbox
+from agent.outbox import Message, Outbox, Record
 from agent.prepare import camera_preparer, fed_box, load_empty_scene, model_input_image
 from agent.priority import lower_this_thread
 from agent.receiving import RECEIPT_MAX_BYTES, RECEIPT_ROOM_BYTES, ReceivingDesk, receipt_body
@@ -288,7 +288,8 @@ class InferenceStage(threading.Thread):
             while (inferred := self._inferred.get()) is not None:
                 self._guarded(self.decide, inferred, inferred.batch)
         finally:
-            self._flush_items()
+            if self._flush_items():
+                self._receipt_stored()
 
     # ------------------------------------------------------------ one batch
 
@@ -389,23 +390,34 @@ class InferenceStage(threading.Thread):
         return [batch[i] for i in keep], [position[i] for i in chosen if i not in bad]
 
     def decide(self, inferred: Inferred) -> None:
-        """Decisions, uploads and alerts for an inferred batch, stored in the outbox in one transaction."""
+        """Decisions, uploads and alerts for an inferred batch, stored in the outbox in one transaction.
+
+        Under the desk's ``storing`` from the first frame to the outbox: the batch's items are decided, counted and
+        stored with the shipment open now, and cmd/expect opens or closes before the batch or after it is stored
+        (agent/receiving.py)."""
         t2 = time.monotonic()
+        with self.receiving.storing:
+            receipt = self._decide_batch(inferred)
+        if receipt:
+            self._receipt_stored()
+        self.metrics.observe("decide", (time.monotonic() - t2) / len(inferred.batch))
+        for stage, seconds in inferred.timings.items():
+            self.metrics.observe(stage, seconds)
+
+    def _decide_batch(self, inferred: Inferred) -> bool:
+        """``decide``'s work, under ``storing``; whether a receipt was stored with the batch."""
         batch, runtime, timings = inferred.batch, inferred.runtime, inferred.timings
-        if runtime is not self._runtime:
-            self._switch(runtime)
+        flushed = self._switch(runtime) if runtime is not self._runtime else False
         policies = [self._cameras[batch[i].camera_id].policy for i in inferred.chosen]
         classes = classify_batch(inferred.probs, runtime.bundle.labels, self.cfg.decisions.top_k, policies,
                                  inferred.unknown_scores)
         by_position = dict(zip(inferred.chosen, classes))
         messages: list[Message] = []
+        counted: list[tuple[ItemDecision, str]] = []     # the batch's decisions, counted when they are stored
         for i, frame in enumerate(batch):
             messages.extend(self._decide(frame, by_position.get(i), runtime, timings,
-                                         queue_s=inferred.started - frame.captured_mono))
-        self._store(messages)
-        self.metrics.observe("decide", (time.monotonic() - t2) / len(batch))
-        for stage, seconds in timings.items():
-            self.metrics.observe(stage, seconds)
+                                         inferred.started - frame.captured_mono, counted))
+        return self._store(messages, counted) or flushed
 
     def _needs_model(self, frame: Frame) -> bool:
         """False only for a frame the localizer saw empty, when presence comes from the localizer."""
@@ -437,7 +449,7 @@ class InferenceStage(threading.Thread):
         policy = runtime.preprocessor.spec.crop
         return runtime.preprocessor.batch([model_input_image(f, policy) for f in batch])
 
-    def _switch(self, runtime: ModelRuntime) -> None:
+    def _switch(self, runtime: ModelRuntime) -> bool:
         """A new model: new per-camera policies (built from the overrides under ``_policy_lock``, so a
         cmd/thresholds arriving meanwhile is in them or applied after), the item trackers carried over.
 
@@ -445,10 +457,12 @@ class InferenceStage(threading.Thread):
         across the swap is one item and one decision: it is decided when it leaves, by the new model's policy on
         the frames of both, and its decision names the new model (the one whose thresholds judged it; its frames'
         results name the model that classified each). With other labels the items still open are decided with
-        the old model first; item numbers go on either way (``CameraDecisions``)."""
+        the old model first; item numbers go on either way (``CameraDecisions``). Whether a receipt was stored
+        with those."""
         old = self._runtime
+        flushed = False
         if old is not None and list(old.bundle.labels) != list(runtime.bundle.labels):
-            self._flush_items()
+            flushed = self._flush_items()
         with self._policy_lock:
             self._cameras = {c.id: CameraDecisions(c, self.cfg, runtime.bundle, self.threshold_overrides.get(c.id),
                                                    self.receiving, runtime.backend.precision,
@@ -456,6 +470,7 @@ class InferenceStage(threading.Thread):
                              for c in self.cfg.cameras}
             self._runtime = runtime
         self.metrics.info.update(model_name=runtime.bundle.name, model_version=runtime.bundle.version)
+        return flushed
 
     def set_thresholds(self, camera_ids: list[str], thresholds: Thresholds) -> None:
         """cmd/thresholds: new policy objects, swapped in by reference (the inference thread reads them per frame).
@@ -477,39 +492,57 @@ class InferenceStage(threading.Thread):
                 if state.tracker is not None:
                     state.tracker.policy = policy
 
-    def _flush_items(self) -> None:
-        messages = []
+    def _flush_items(self) -> bool:
+        """Decide the items still open (end of input, or a model with other labels); whether a receipt was
+        stored with them."""
+        messages: list[Message] = []
+        counted: list[tuple[ItemDecision, str]] = []
         for state in self._cameras.values():
             if state.tracker is not None and (decision := state.tracker.flush()) is not None:
-                messages.extend(self._decision_messages(decision))
-        self._store(messages)
+                messages.extend(self._decision_messages(decision, counted))
+        return self._store(messages, counted)
 
-    def _store(self, messages: list[Message]) -> None:
-        """A batch's messages and the receipt due with them, in one outbox transaction; the receipt is worked out
-        and stored under the desk's ``storing`` lock, as cmd/expect's are (agent/receiving.py)."""
+    def _store(self, messages: list[Message], counted: list[tuple[ItemDecision, str]]) -> bool:
+        """A batch's messages, then the receipt due with them; whether a receipt was stored. The open shipment
+        counts the batch's decisions (``counted``: each decision and its message's id) that the outbox stored,
+        none when the write fails: a receipt counts only items whose decision a subscriber can get. All under the
+        desk's ``storing`` lock, as cmd/expect's receipts are (agent/receiving.py)."""
         with self.receiving.storing:
-            messages = messages + self._due_receipt()
-            if messages:
-                self.outbox.put_many(messages)
-        if messages:
-            self._receipt_stored(messages)
+            try:
+                records = self.outbox.put_many(messages) if messages else []
+            except Exception as exc:    # a batch larger than one transaction: its chunks stored before are counted
+                self._count_stored(counted, getattr(exc, "stored_records", []))
+                raise
+            self._count_stored(counted, records)
+            return self._store_receipt()
 
-    def _due_receipt(self) -> list[Message]:
-        """The open shipment's receipt, when items were decided since the last one and its interval allows."""
+    def _count_stored(self, counted: list[tuple[ItemDecision, str]], records: list[Record]) -> None:
+        """The open shipment counts the decisions among ``counted`` whose messages the outbox stored."""
+        stored = {r.id for r in records if r.kind == "decision"}
+        for decision, decision_id in counted:
+            if decision_id in stored:
+                self.receiving.record(decision, decision_id)
+
+    def _store_receipt(self) -> bool:
+        """The open shipment's receipt, when items were counted since the last one and its interval allows, stored
+        after the decisions it counts; one the outbox cannot store is due again with the next batch."""
         now = self.clock()
-        receipt = self.receiving.due_receipt(now)
-        if receipt is None:
-            return []
+        with self.receiving.receipt_due(now) as receipt:
+            if receipt is None:
+                return False
+            self.outbox.put(Message("receipt", receipt_body(receipt, site=self.cfg.site, station=self.cfg.station,
+                                                            ts=now, final=False)))
         self.metrics.inc("receipts_total")
-        return [Message("receipt", receipt_body(receipt, site=self.cfg.site, station=self.cfg.station, ts=now,
-                                                final=False))]
+        return True
 
-    def _receipt_stored(self, messages: list[Message]) -> None:
-        if self.on_receipt is not None and messages[-1].kind == "receipt":
+    def _receipt_stored(self) -> None:
+        """After a receipt is stored, outside ``storing``: the agent saves the shipment (station-state.json)."""
+        if self.on_receipt is not None:
             self.on_receipt()
 
     def _decide(self, frame: Frame, cls: Classification | None, runtime: ModelRuntime, timings: dict[str, float],
-                queue_s: float) -> list[Message]:
+                queue_s: float, counted: list[tuple[ItemDecision, str]]) -> list[Message]:
+        """One frame's messages; an item it ends is decided, and its decision added to ``counted``."""
         state = self._cameras[frame.camera_id]
         self.metrics.observe("queue", queue_s)
         empty_scene = self._maybe_empty_scene(frame, runtime)
@@ -524,7 +557,7 @@ class InferenceStage(threading.Thread):
         else:
             out = self._item_frame(frame, cls, runtime, timings, queue_s, present, track)
         if decision is not None:
-            out.extend(self._decision_messages(decision))
+            out.extend(self._decision_messages(decision, counted))
         return out + empty_scene
 
     def _item_frame(self, frame: Frame, cls: Classification, runtime: ModelRuntime, timings: dict[str, float],
@@ -607,13 +640,14 @@ class InferenceStage(threading.Thread):
         """Whether the item tracker keeps each item's best view (to upload it when the item is decided unsure)."""
         return self.cfg.frames.enabled and self.cfg.frames.item_views
 
-    def _decision_messages(self, d: ItemDecision) -> list[Message]:
+    def _decision_messages(self, d: ItemDecision, counted: list[tuple[ItemDecision, str]]) -> list[Message]:
         """The decision, its id set here (the outbox keeps it) so the shipment's tally and the item's view can
         name it; then, for an item decided unsure (review or unknown), its best view for labelling. Its ``model``
-        is the one running when the item is decided: for an item seen across a swap, the new model (``_switch``)."""
+        is the one running when the item is decided: for an item seen across a swap, the new model (``_switch``).
+        The decision joins ``counted``: the open shipment counts it when its message is stored (``_store``)."""
         runtime = self._runtime
         decision_id = str(uuid.uuid4())
-        self.receiving.record(d, decision_id)
+        counted.append((d, decision_id))
         body = {"schema": "decision.v1", "id": decision_id, "ts": round(self.clock(), 6), "site": self.cfg.site,
                 "station": self.cfg.station, "camera": d.camera_id, "item_seq": d.item_seq, "label": d.label,
                 "class_id": d.class_id, "confidence": d.confidence, "agreement": d.agreement, "frames": d.frames,

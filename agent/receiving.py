@@ -15,10 +15,18 @@ the model was least sure were that product, and in a large shipment the newest w
 
 Invariants: one shipment at a time per station (opening another closes nothing: it is refused until the
 open one is closed; reopening the same id with the same lines is a no-op). The desk is shared by the command
-thread (open, close) and the decide thread (prior, record) under one lock. Receipts go through the outbox
-(QoS 1, kept while offline), each worked out and stored under ``storing``, so they are stored in the order
-they describe (never an open receipt after the final one); the open shipment and its tally are saved in
-station-state.json with each receipt, so a restart goes on counting from the last receipt.
+thread (open, close) and the decide thread (prior, vouches, record) under one lock. An item belongs to the
+shipment open when the decide thread decides it: the decide thread holds ``storing`` from the first frame of a
+batch until the batch's messages are in the outbox, and cmd/expect holds it while it opens or closes, so an
+item's prior, its vouching, its count and its receipt all see one shipment, and a close waits for the batch
+being decided (its final receipt counts every item decided before it). An item is counted once its
+decision message is in the outbox (the decide thread records the decisions the outbox stored): a batch whose
+messages are not stored (its step raised, the outbox write failed) counts none of its items, and an open or
+close whose receipt is not stored is undone (``expecting``).
+Receipts go through the outbox (QoS 1, kept while offline), each worked out and stored under ``storing``, so
+they are stored in the order they describe (never an open receipt after the final one); the open shipment
+and its tally are saved in station-state.json with each receipt and at shutdown, so a restart goes on
+counting from there.
 """
 
 from __future__ import annotations
@@ -27,8 +35,9 @@ import math
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -335,10 +344,12 @@ class ReceivingDesk:
         self.receipt_max_bytes = receipt_max_bytes
         self.shipment: Shipment | None = None
         self._lock = threading.Lock()
-        # held from working out a receipt until it is in the outbox (the decide thread's, and the command
-        # thread's on open and close): an open receipt worked out before a close is stored before the final one
-        # or not at all, so the final receipt always has the higher seq
-        self.storing = threading.Lock()
+        # held by the decide thread from a batch's first frame until its messages and receipt are in the outbox,
+        # and by the command thread while it opens or closes and stores that receipt: an item is decided, counted
+        # and stored with one shipment, and an open receipt worked out before a close is stored before the final
+        # one or not at all, so the final receipt always has the higher seq. Reentrant: a model swap inside a
+        # batch decides the items still open and stores them (InferenceStage._flush_items).
+        self.storing = threading.RLock()
         self._dirty = False
         self._last_receipt = float("-inf")
 
@@ -368,6 +379,23 @@ class ReceivingDesk:
             closed, self.shipment = self.shipment, None
             closed.closed_at = self.clock()
             return closed
+
+    @contextmanager
+    def expecting(self, cmd: ExpectCommand, labels: Sequence[str]) -> Iterator[Shipment]:
+        """``cmd`` applied (open, or close), for a block that stores its receipt (the caller holds ``storing``);
+        undone if the block raises: a shipment whose first or final receipt was not stored is as it was, and the
+        same command can be sent again. ShipmentError as ``open`` and ``close`` raise it."""
+        with self._lock:
+            before, dirty, last = self.shipment, self._dirty, self._last_receipt
+        shipment = self.close(cmd.shipment) if cmd.close else self.open(cmd, labels)
+        try:
+            yield shipment
+        except BaseException:
+            with self._lock:
+                if cmd.close:
+                    shipment.closed_at = None
+                self.shipment, self._dirty, self._last_receipt = before, dirty, last
+            raise
 
     def restore(self, shipment: Shipment) -> None:
         with self._lock:
@@ -399,13 +427,31 @@ class ReceivingDesk:
             return shipment.receipt(self.receipt_max_bytes)
 
     def due_receipt(self, now: float) -> dict[str, Any] | None:
-        """The open shipment's receipt when items were recorded and the interval allows one, else None."""
+        """The open shipment's receipt when items were recorded and the interval allows one, else None. A clock
+        stepped back since the last receipt (NTP) allows one: the interval is counted from then on, never held
+        until the clock is back past the last receipt's time."""
         with self._lock:
-            if self.shipment is None or not self._dirty or now - self._last_receipt < self.cfg.receipt_interval_s:
+            since = now - self._last_receipt
+            if self.shipment is None or not self._dirty or 0 <= since < self.cfg.receipt_interval_s:
                 return None
             self._dirty = False
             self._last_receipt = now
             return self.shipment.receipt(self.receipt_max_bytes)
+
+    @contextmanager
+    def receipt_due(self, now: float) -> Iterator[dict[str, Any] | None]:
+        """``due_receipt(now)`` for a block that stores it (the caller holds ``storing``); due again if the block
+        raises: the items it counts are in the next receipt, whatever the interval."""
+        with self._lock:
+            dirty, last = self._dirty, self._last_receipt
+        receipt = self.due_receipt(now)
+        try:
+            yield receipt
+        except BaseException:
+            with self._lock:
+                if receipt is not None:
+                    self._dirty, self._last_receipt = dirty, last
+            raise
 
     def saved(self) -> dict[str, Any] | None:
         """What station-state.json keeps of the open shipment."""

@@ -499,6 +499,25 @@ def test_receipts_come_at_most_once_per_interval_and_only_after_new_items():
     assert closed.receipt()["state"] == "closed" and desk.due_receipt(300.0) is None and desk.prior(LABELS) is None
 
 
+def test_receipts_go_on_after_the_wall_clock_steps_back():
+    """NTP steps a clock that ran ahead back an hour: the next item's receipt is due at once and the interval is
+    counted from it. Before, no receipt was due (with the default interval 0 too) until the clock was back past
+    the last receipt's time: an hour of items with no receipt, and no station-state.json saved."""
+    for interval in (0.0, 60.0):
+        desk = ReceivingDesk(ReceivingConfig(receipt_interval_s=interval))
+        desk.open(ExpectCommand(shipment="S-1", lines={"Dress": 5}), LABELS)
+        due = []
+        for n, now in enumerate([desk.shipment.opened_at + 70, desk.shipment.opened_at - 3530], start=1):
+            desk.record(ItemDecision("cam", n, "Dress", 3, 0.9, 1.0, 1, 1.0, 1.0, "default", False, (),
+                                     (("Dress", 0.9),), (n, n)), f"00000000-0000-4000-8000-{n:012d}")
+            due.append(desk.due_receipt(now))
+        assert [r["items"] if r else None for r in due] == [1, 2], interval
+        desk.record(ItemDecision("cam", 3, "Dress", 3, 0.9, 1.0, 1, 1.0, 1.0, "default", False, (),
+                                 (("Dress", 0.9),), (3, 3)), "00000000-0000-4000-8000-000000000003")
+        after = desk.shipment.opened_at - 3520       # 10 s after the step back
+        assert (desk.due_receipt(after) is None) is (interval == 60.0)
+
+
 # ------------------------------------------------------------------ receipts and commands at the schema's limits
 
 def test_a_shipment_line_shares_a_receipt_wide_refs_budget_equally_and_never_gets_more_than_it_has():
