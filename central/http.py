@@ -7,7 +7,10 @@ bodies over a size, whatever the client claims (a ``Content-Length`` that is not
 number, or larger than the limit, is answered 400/413 before the app reads anything, and a chunked
 body is cut off as soon as it passes the limit) and cross-site writes; ``BasicAuth`` asks for a
 password. The services are authenticated unless the operator opts out: with no secret given, one is
-made at start (``generated_secret``) and written to a file only its owner can read.
+made at start (``generated_secret``) and written to a file only its owner can read. A client gets
+``HEAD_TIMEOUT_S`` to send each request's head (its request line and headers): uvicorn's only timer is the
+keep-alive one, so a client that sent half a head, or dripped it a byte at a time, held its connection
+for ever, and a few thousand of them every file descriptor the server has.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from typing import Any
 from urllib.parse import urlparse
 
 log = logging.getLogger(__name__)
+
+HEAD_TIMEOUT_S = 30.0       # to send a request's head, from the connection (or the previous answer) on
 
 
 class Guard:
@@ -193,12 +198,62 @@ class BasicAuth:
         await self.app(scope, receive, send)
 
 
+def head_deadline_protocol(timeout_s: float, name: str) -> type:
+    """uvicorn's h11 protocol with a deadline for each request's head: ``timeout_s`` from the connection, or from
+    the answer before on a kept-alive one, until the request line and headers are in; then the connection is
+    closed. A request under way (a slow answer, an event stream, a body still coming) is never cut by it."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeadDeadline(H11Protocol):
+        _head_timer: Any = None
+        _awaited: Any = None
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._arm_head_deadline()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self._head_timer is not None and self.cycle is not self._awaited:     # a request's head is in
+                self._disarm_head_deadline()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
+                self._arm_head_deadline()           # kept alive, waiting for the next request
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm_head_deadline()
+            super().connection_lost(exc)
+
+        def _arm_head_deadline(self) -> None:
+            self._disarm_head_deadline()
+            self._awaited = self.cycle
+            self._head_timer = self.loop.call_later(timeout_s, self._head_timed_out)
+
+        def _disarm_head_deadline(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_timed_out(self) -> None:
+            self._head_timer = None
+            if self.cycle is self._awaited and not self.transport.is_closing():
+                log.info("%s http: %s sent no whole request head in %.0f s; connection closed", name,
+                         "%s:%d" % self.client if self.client else "a client", timeout_s)
+                self.transport.close()
+
+    return HeadDeadline
+
+
 class Served:
     """``app`` on uvicorn at ``host:port`` (0: any free port), plain or HTTPS (``tls_cert``, ``tls_key``)."""
 
     def __init__(self, app: Any, host: str, port: int, *, name: str, tls_cert: Path | None = None,
-                 tls_key: Path | None = None, tls_flags: tuple[str, str] = ("--tls-cert", "--tls-key")) -> None:
-        """``tls_flags``: the command's own names for the two files, for its errors."""
+                 tls_key: Path | None = None, tls_flags: tuple[str, str] = ("--tls-cert", "--tls-key"),
+                 head_timeout_s: float = HEAD_TIMEOUT_S) -> None:
+        """``tls_flags``: the command's own names for the two files, for its errors. ``head_timeout_s``: how long
+        a client has to send a request's head before its connection is closed."""
         import uvicorn
 
         cert_flag, key_flag = tls_flags
@@ -227,7 +282,8 @@ class Served:
                 raise ValueError(f"{cert_flag} {tls_cert}" + (f" / {key_flag} {tls_key}" if tls_key else "")
                                  + f": cannot load the certificate and key ({exc.strerror or exc})") from None
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
-                                timeout_graceful_shutdown=2, ssl_certfile=str(tls_cert) if tls_cert else None,
+                                timeout_graceful_shutdown=2, http=head_deadline_protocol(head_timeout_s, name),
+                                ssl_certfile=str(tls_cert) if tls_cert else None,
                                 ssl_keyfile=str(tls_key) if tls_key else None, server_header=False)
         self.server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None

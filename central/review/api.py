@@ -13,9 +13,12 @@ uvicorn (``central.http``); JSON in and out, its OpenAPI schema at ``/api/openap
     GET  /api/frames/<id>/image        its JPEG
     GET  /api/frames/<id>/context      the ROI it was cut from, as the station sent it (404 when none)
     POST /api/frames/<id>/review       {"action": "label"|"skip"|"new_class"|"defect"|"undo",
-                                        "label": "...", "reviewer": "...", "note": "...", "item": false}
+                                        "label": "...", "reviewer": "...", "note": "...", "item": false,
+                                        "expect": null}
                                        item: true decides every pending frame of the frame's item too
-                                       (frame.v1 track); the answer lists them in item_frames
+                                       (frame.v1 track); the answer lists them in item_frames. expect: the
+                                       status the decision was made on ("pending" from the page): 409 and
+                                       nothing changed when another reviewer decided the frame meanwhile
     GET  /api/stats                    counts by status, station, model version and label; quota
     GET  /api/facets                   distinct sites, stations, cameras, model versions, predicted labels
     GET  /api/quarantine?limit=50&offset=0   frame messages ingest refused, newest first:
@@ -33,7 +36,8 @@ it too; the page itself (HTML, script, style) holds no data and is served to any
 the API to anyone who can reach it (local development; logged as a warning). Every JSON answer is strict
 JSON: a non-finite number that reached the store is answered as null (and logged), never as NaN.
 Errors are JSON ``{"error": "..."}`` with 400 (bad field, named), 401, 403 (a browser POST from another
-origin or site), 404 (no such frame), 405, 413 (a body over 64 KiB, whatever its Content-Length says), or 500 (the
+origin or site), 404 (no such frame), 405, 409 (a review whose ``expect`` no longer holds), 413 (a body over
+64 KiB, whatever its Content-Length says), or 500 (the
 store's database or disk failed; logged with the request). ``--tls-cert``/``--tls-key`` serve HTTPS.
 """
 
@@ -60,7 +64,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from central.http import BodyTooLarge, Guard, Served, generated_secret, too_large_response, warn_no_auth
 from central.review.enrol import EnrolBusy, EnrolRefused
-from central.review.store import FILTERS, FrameStore, StoreError, UnknownFrame
+from central.review.store import FILTERS, FrameStore, ReviewConflict, StoreError, UnknownFrame
 from contract.messages import dumps_finite, loads_finite
 
 log = logging.getLogger(__name__)
@@ -134,6 +138,9 @@ class ReviewBody(BaseModel):
     note: str | None = None
     item: bool = Field(False, description="the same decision for the other pending frames of the frame's item (its "
                                           "station, camera and track); with undo, back to pending with it")
+    expect: str | None = Field(None, description="the frame's status the decision was made on (the page sends "
+                                                 "pending): 409, nothing changed, when another reviewer has decided "
+                                                 "it meanwhile; without it a decision replaces any earlier one")
 
 
 class EnrolBody(BaseModel):
@@ -180,6 +187,10 @@ def create_app(store: FrameStore, token: str | None, enroller: Any = None) -> Fa
     @app.exception_handler(UnknownFrame)
     async def unknown(_request: Request, exc: UnknownFrame) -> JSONResponse:
         return _error(HTTPStatus.NOT_FOUND, str(exc))
+
+    @app.exception_handler(ReviewConflict)
+    async def conflict(_request: Request, exc: ReviewConflict) -> JSONResponse:
+        return _error(HTTPStatus.CONFLICT, str(exc))
 
     @app.exception_handler(StoreError)
     async def bad(_request: Request, exc: StoreError) -> JSONResponse:
@@ -273,7 +284,7 @@ def create_app(store: FrameStore, token: str | None, enroller: Any = None) -> Fa
         if not body.action:
             raise StoreError("field action: missing")
         return await run_in_threadpool(store.review, frame_id, body.action, label=body.label,
-                                       reviewer=body.reviewer, note=body.note, item=body.item)
+                                       reviewer=body.reviewer, note=body.note, item=body.item, expect=body.expect)
 
     @api.get("/enrol", summary="whether this server enrols new classes, into which bundle, at what allowance")
     def enrol_settings() -> dict[str, Any]:

@@ -7,11 +7,11 @@ after it is stored (paho's ``manual_ack``): a crash before the commit means the 
 and the store's message-id key makes that redelivery a no-op.
 
 A message refused for what it holds is quarantined: its topic, payload (the first 64 kB), user
-properties and the reason go to the store's quarantine (``FrameStore.quarantine``: the newest 1,000
-kept, every one counted as ``malformed``), it is logged, and acknowledged, so that it never comes
+properties (64 k characters of them) and the reason go to the store's quarantine (``FrameStore.quarantine``:
+the newest 1,000 kept, every one counted as ``malformed``), it is logged, and acknowledged, so that it never comes
 back. That is every exception while reading or storing one message except a storage failure: bad
-metadata (not JSON, NaN or 1e999, the schema, a ``seq`` beyond 64 bits), a payload over
-``--max-payload-bytes``, a JPEG whose header declares more than ``--max-pixels`` (refused before
+metadata (not JSON, NaN or 1e999, the schema, a ``seq`` beyond 64 bits), a payload or user properties
+over ``--max-payload-bytes``, a JPEG whose header declares more than ``--max-pixels`` (refused before
 anything decodes it) or that does not decode, topic and station disagreeing, and anything the
 parser did not foresee. ``python -m central quarantine --store DIR`` and the review API's
 ``/api/quarantine`` list them. A message refused by the storage quota is acknowledged (counted,
@@ -200,6 +200,10 @@ class IngestService:
             if len(payload) > self.max_payload_bytes:
                 raise MalformedFrame(f"the payload has {len(payload)} bytes, more than --max-payload-bytes "
                                      f"{self.max_payload_bytes}")
+            # the broker's message_size_limit bounds the payload only: the metadata (user property meta) too
+            if (size := _properties_size(properties)) > self.max_payload_bytes:
+                raise MalformedFrame(f"the user properties have {size} characters, more than --max-payload-bytes "
+                                     f"{self.max_payload_bytes}")
             meta, jpeg = parse_frame(topic, payload, properties)
             result = self.store.add(meta, jpeg)
         except Exception as exc:
@@ -232,6 +236,12 @@ class IngestService:
         client.ack(message.mid, message.qos)
 
 
+def _properties_size(properties: Properties | None) -> int:
+    """Characters of a message's MQTT user properties, keys and values."""
+    user = getattr(properties, "UserProperty", None) or [] if properties is not None else []
+    return sum(len(key) + len(value) for key, value in user)
+
+
 def _topic(message: paho.MQTTMessage) -> str:
     """The message's topic as text, whatever bytes it came with."""
     try:
@@ -251,7 +261,8 @@ def add_ingest_parser(sub: argparse._SubParsersAction) -> None:
                    help=f"refuse (quarantine) a JPEG whose header declares more pixels, before decoding it "
                         f"(default {MAX_PIXELS}: 8192x8192)")
     p.add_argument("--max-payload-bytes", type=int, default=MAX_PAYLOAD_BYTES,
-                   help=f"refuse (quarantine) a frame message larger than this (default {MAX_PAYLOAD_BYTES}); "
+                   help=f"refuse (quarantine) a frame message whose payload, or user properties, are larger than this "
+                        f"(default {MAX_PAYLOAD_BYTES}); "
                         f"its JPEG may have at most {MAX_JPEG_BYTES} bytes")
     p.add_argument("--topic", default=None,
                    help=f"subscription (default {fleet_subscription('frames')}, under --topic-root)")

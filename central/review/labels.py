@@ -14,6 +14,12 @@
 So ``<out>`` is also a class-folder dataset: ``--data <out>`` and ``--data <out>/reviewed.csv`` read
 the same images with the same labels (the CSV adds the provenance).
 
+The CSV is UTF-8 whatever the host's locale (the trainer reads it as UTF-8). People open it in a spreadsheet
+too, and its free-text provenance cells come from stations (model name and version, predicted label, why the
+frame was sent) and reviewers (name, note): such a cell that begins with ``=``, ``+``, ``-``, ``@``, a tab
+or a carriage return is written with a ``'`` before it, so that a spreadsheet shows it as text and never
+runs it as a formula. ``path``, ``label`` and the identifiers are written as they are.
+
 Labelled frames carry their label, new-class frames their new class name, defect frames their
 defect class (a defect without a class name is left out: there is nothing to learn it as). Skipped
 and pending frames are left out. The export is written to a temporary folder and renamed into place,
@@ -42,6 +48,17 @@ SUMMARY = "export.json"
 COLUMNS = ["path", "label", "frame_id", "site", "station", "camera", "model_name", "model_version", "predicted",
            "confidence", "selected_because", "status", "reviewer", "reviewed_at", "received_at", "sha256",
            "captured_at", "note", "track"]
+
+
+# free text from stations and reviewers: a spreadsheet must show it, never evaluate it
+TEXT_COLUMNS = ("site", "station", "camera", "model_name", "model_version", "predicted", "selected_because",
+                "reviewer", "note")
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def as_text_cell(value: Any) -> Any:
+    """``value`` as a spreadsheet shows it as text: a ``'`` before a string that would start a formula."""
+    return "'" + value if isinstance(value, str) and value.startswith(FORMULA_START) else value
 
 
 def training_label(frame: dict[str, Any]) -> str | None:
@@ -88,15 +105,16 @@ def export_reviewed(store: FrameStore, out: Path, *, force: bool = False) -> dic
             except OSError:
                 shutil.copy2(src, tmp / rel)
             counts[label] = counts.get(label, 0) + 1
-            rows.append({"path": rel.as_posix(), "label": label, "frame_id": frame["id"], "site": frame["site"],
-                         "station": frame["station"], "camera": frame["camera"], "model_name": frame["model_name"],
-                         "model_version": frame["model_version"], "predicted": frame["predicted"],
-                         "confidence": frame["confidence"], "selected_because": "; ".join(frame["selected_because"]),
-                         "status": frame["status"], "reviewer": frame["reviewer"] or "",
-                         "reviewed_at": _iso(frame["reviewed_at"]), "received_at": _iso(frame["received_at"]),
-                         "sha256": frame["sha256"], "captured_at": _iso(frame["captured_at"]),
-                         "note": frame["note"] or "", "track": frame["track"] or ""})
-        with open(tmp / CSV_NAME, "w", newline="") as fh:
+            row = {"path": rel.as_posix(), "label": label, "frame_id": frame["id"], "site": frame["site"],
+                   "station": frame["station"], "camera": frame["camera"], "model_name": frame["model_name"],
+                   "model_version": frame["model_version"], "predicted": frame["predicted"],
+                   "confidence": frame["confidence"], "selected_because": "; ".join(frame["selected_because"]),
+                   "status": frame["status"], "reviewer": frame["reviewer"] or "",
+                   "reviewed_at": _iso(frame["reviewed_at"]), "received_at": _iso(frame["received_at"]),
+                   "sha256": frame["sha256"], "captured_at": _iso(frame["captured_at"]),
+                   "note": frame["note"] or "", "track": frame["track"] or ""}
+            rows.append({**row, **{k: as_text_cell(row[k]) for k in TEXT_COLUMNS}})
+        with open(tmp / CSV_NAME, "w", newline="", encoding="utf-8") as fh:
             writer = csv.DictWriter(fh, fieldnames=COLUMNS)
             writer.writeheader()
             writer.writerows(rows)
@@ -164,6 +182,10 @@ def cmd_labels(args) -> int:
         summary = export_reviewed(store, args.out, force=args.force)
     finally:
         store.close()
-    print(f"exported {summary['frames']} reviewed frames to {args.out / CSV_NAME}: {summary['by_label']}"
-          + (f"; left out {summary['left_out']}" if summary["left_out"] else ""))
+    said = (f"exported {summary['frames']} reviewed frames to {args.out / CSV_NAME}: {summary['by_label']}"
+            + (f"; left out {summary['left_out']}" if summary["left_out"] else ""))
+    try:
+        print(said)
+    except UnicodeEncodeError:      # a terminal whose locale cannot show a class's name: it is escaped, not an error
+        print(said.encode("ascii", "backslashreplace").decode("ascii"))
     return 0

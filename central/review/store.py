@@ -60,6 +60,13 @@ ITEM_PENDING = ("(SELECT COUNT(*) FROM frames AS g WHERE f.track IS NOT NULL AND
 INTERNAL_COUNTERS = ("bytes_stored",)
 FILTERS = ("status", "site", "station", "camera", "model_version", "predicted")
 ORDERS = ("oldest", "newest", "least-certain", "least-certain-by-class")
+BY_MARGIN = "margin IS NULL, margin ASC, received_at ASC, id"      # least certain first; no margin last, oldest first
+# A page of the queue, the facets and the stats are read from indexes alone (the page asks for all three every
+# 3 s, at 100k frames a scan of the table each): the queue's orders (a page's ids, with the rows it skips at an
+# offset never read), and each facet's distinct values.
+QUEUE_INDEXES = (("frames_queue", "status, received_at, id"), ("frames_certainty", f"status, {BY_MARGIN}"),
+                 ("frames_class_certainty", f"status, predicted, {BY_MARGIN}"),
+                 *((f"frames_by_{c}", c) for c in ("station", "camera", "model_version", "predicted", "label")))
 EMPTY_SCENES_DIR = "empty-scenes"
 LOCK_WAIT_S = 60                   # how long an open or a write waits for another process's lock on the store
 MAX_CONTEXT_BYTES = 64 * 1024      # the ROI context JPEG (the station sends at most 160 px, a few kB)
@@ -67,6 +74,8 @@ MAX_CONTEXT_SIDE = 1024
 QUARANTINE_MAX_ROWS = 1000         # the newest refused messages kept; older ones go (the counter keeps counting)
 QUARANTINE_MAX_PAYLOAD = 64 * 1024  # bytes of each refused payload kept (its full size is recorded)
 QUARANTINE_MAX_PROPERTY = 16 * 1024  # characters of each of its MQTT user property values kept
+QUARANTINE_MAX_PROPERTIES = 64 * 1024  # characters of all its user properties kept (MQTT bounds neither count
+                                       # nor size of them)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS frames (
@@ -105,6 +114,11 @@ class StoreError(ValueError):
 
 class UnknownFrame(StoreError):
     pass
+
+
+class ReviewConflict(StoreError):
+    """A decision given for a frame as it was (``expect``) that has been decided otherwise meanwhile (another
+    reviewer); nothing was changed."""
 
 
 @dataclass(frozen=True)
@@ -228,6 +242,8 @@ class FrameStore:
                              len(values), len(rows))
             self._db.execute("CREATE INDEX IF NOT EXISTS frames_margin ON frames(status, margin)")
             self._db.execute("CREATE INDEX IF NOT EXISTS frames_track ON frames(site, station, camera, track)")
+            for name, columns in QUEUE_INDEXES:
+                self._db.execute(f"CREATE INDEX IF NOT EXISTS {name} ON frames({columns})")
 
     def _known_files(self) -> set[str]:
         """Every file a row names: frames, their context images, empty scenes."""
@@ -311,9 +327,9 @@ class FrameStore:
 
     def quarantine(self, topic: str, payload: bytes, properties: list[tuple[str, str]], reason: str) -> int:
         """Keep a refused message (its topic, the first ``QUARANTINE_MAX_PAYLOAD`` bytes of its payload, its
-        user properties, why) and count it (``malformed``); the newest ``QUARANTINE_MAX_ROWS`` are kept.
-        Returns its number in the quarantine."""
-        kept = [[_printable(k, 256), _printable(v, QUARANTINE_MAX_PROPERTY)] for k, v in properties]
+        user properties up to ``QUARANTINE_MAX_PROPERTIES`` characters in all, why) and count it (``malformed``);
+        the newest ``QUARANTINE_MAX_ROWS`` are kept. Returns its number in the quarantine."""
+        kept = _kept_properties(properties)
         with self._lock, self._write():
             seq = self._db.execute(
                 "INSERT INTO quarantine(received_at, topic, reason, bytes, payload, properties) VALUES (?,?,?,?,?,?)",
@@ -570,17 +586,24 @@ class FrameStore:
                 where.append(f"{key} = ?")
                 args.append(value)
         clause = (" WHERE " + " AND ".join(where)) if where else ""
-        by_margin = "margin IS NULL, margin ASC, received_at ASC, id"
-        sort = {"oldest": "received_at ASC, id", "newest": "received_at DESC, id", "least-certain": by_margin,
-                "least-certain-by-class": f"margin IS NULL, turn, {by_margin}"}[order]
-        # the turn is counted among the frames that match the filters (the window runs after WHERE)
-        turn = (f", ROW_NUMBER() OVER (PARTITION BY predicted ORDER BY {by_margin}) AS turn"
-                if order == "least-certain-by-class" else "")
+        if order == "least-certain-by-class":
+            # the turn is counted among the frames that match the filters (the window runs after WHERE); a frame on
+            # this page has a turn of at most offset + limit (every turn before its own is taken by a frame of its
+            # class listed before it), so only those are sorted
+            page = (f"SELECT id FROM (SELECT id, margin, received_at, ROW_NUMBER() OVER (PARTITION BY predicted "
+                    f"ORDER BY {BY_MARGIN}) AS turn FROM frames{clause}) WHERE turn <= ? "
+                    f"ORDER BY margin IS NULL, turn, {BY_MARGIN} LIMIT ? OFFSET ?")
+            page_args = [*args, offset + limit, limit, offset]
+        else:
+            sort = {"oldest": "received_at ASC, id", "newest": "received_at DESC, id",
+                    "least-certain": BY_MARGIN}[order]
+            page, page_args = f"SELECT id FROM frames{clause} ORDER BY {sort} LIMIT ? OFFSET ?", [*args, limit, offset]
         with self._lock:
             total = self._db.execute(f"SELECT COUNT(*) FROM frames{clause}", args).fetchone()[0]
-            rows = self._db.execute(f"SELECT *{turn}, {ITEM_PENDING} FROM frames AS f{clause} ORDER BY {sort} "
-                                    "LIMIT ? OFFSET ?", [*args, limit, offset]).fetchall()
-        return [_public(r) for r in rows], int(total)
+            ids = [r[0] for r in self._db.execute(page, page_args)]
+            rows = {r["id"]: r for r in self._db.execute(f"SELECT *, {ITEM_PENDING} FROM frames AS f WHERE id IN "
+                                                          f"({','.join('?' * len(ids))})", ids)}
+        return [_public(rows[i]) for i in ids], int(total)
 
     def iter_reviewed(self) -> Iterator[dict[str, Any]]:
         with self._lock:
@@ -634,15 +657,21 @@ class FrameStore:
     # ------------------------------------------------------------ review
 
     def review(self, frame_id: str, action: str, *, label: str | None = None, reviewer: str | None = None,
-               note: str | None = None, item: bool = False) -> dict[str, Any]:
+               note: str | None = None, item: bool = False, expect: str | None = None) -> dict[str, Any]:
         """Apply a reviewer's decision. ``label``: a known class (label), a new class name (new_class), or the
         defect class (defect, optional). ``undo`` puts the frame back to pending.
+
+        ``expect``: the status the decision was made on (the review page sends ``pending``); a frame with another
+        status by the time the decision arrives (another reviewer decided it) is left as it is: ReviewConflict,
+        naming who decided it. Without it, a decision replaces any earlier one (a relabel).
 
         ``item``: the same decision for every other frame of the frame's item (same station, camera and track)
         that is still pending; with ``undo``, every other frame of the item that carries the frame's decision
         goes back to pending too. The frame is returned with ``item_frames``: the other frames decided."""
         if action not in ACTIONS:
             raise StoreError(f"field action: {action!r} is not one of {', '.join(ACTIONS)}")
+        if expect is not None and expect not in STATUSES:
+            raise StoreError(f"field expect: {str(expect)[:40]!r} is not one of {', '.join(STATUSES)}")
         try:        # stored as text and exported as folder names and CSV cells: valid Unicode, bounded
             label = checks.text(label, "label", MAX_CLASS_NAME)
             reviewer, note = checks.text(reviewer, "reviewer", 256), checks.text(note, "note")
@@ -682,6 +711,8 @@ class FrameStore:
             else:
                 status, label = "pending", None
             with self._write():
+                if expect is not None:      # read again under the write lock: another process may have decided it
+                    self._check_expected(frame_id, expect, action)
                 if action == "new_class":
                     self._db.execute("INSERT OR IGNORE INTO classes(name, kind, added_at) VALUES (?, 'new_class', ?)",
                                      (label, time.time()))
@@ -700,6 +731,15 @@ class FrameStore:
                      for fid in [frame_id, *others]])
                 self._bump(f"reviews:{action}", 1 + len(others))
         return {**self.get(frame_id), "item_frames": others}
+
+    def _check_expected(self, frame_id: str, expect: str, action: str) -> None:
+        now = self._db.execute("SELECT status, label, defect, reviewer FROM frames WHERE id = ?",
+                               (frame_id,)).fetchone()
+        if now["status"] != expect:
+            what = now["label"] or now["defect"]
+            raise ReviewConflict(f"frame {frame_id}: {now['status']}" + (f" {what!r}" if what else "")
+                                 + (f" by {now['reviewer']}" if now["reviewer"] else "")
+                                 + f" meanwhile, not {expect} as this {action} expected; nothing changed")
 
     def _item_frames(self, frame: dict[str, Any], undo: bool) -> list[str]:
         """The other frames of ``frame``'s item an item-wide decision applies to: the pending ones, or for undo
@@ -759,6 +799,24 @@ def _without_context_jpeg(meta: dict[str, Any]) -> dict[str, Any]:
     return {**meta, "context": {k: v for k, v in context.items() if k != "roi_jpeg_b64"}}
 
 
+def _kept_properties(properties: list[tuple[str, str]]) -> list[list[str]]:
+    """A refused message's user properties as the quarantine keeps them: each key and value cut to its limit, and
+    no more than ``QUARANTINE_MAX_PROPERTIES`` characters in all; a last ``["(not kept)", ...]`` pair says how many
+    were left out. A message may carry thousands of them (MQTT bounds only the whole packet, and the broker's
+    ``message_size_limit`` only the payload): without the bound, a thousand refused messages would keep gigabytes."""
+    kept: list[list[str]] = []
+    budget = QUARANTINE_MAX_PROPERTIES
+    for i, (key, value) in enumerate(properties):
+        key = _printable(key, 256)
+        pair = [key, _printable(value, max(0, min(QUARANTINE_MAX_PROPERTY, budget - len(key))))]
+        budget -= len(pair[0]) + len(pair[1])
+        if budget < 0:
+            kept.append(["(not kept)", f"{len(properties) - i} more user properties"])
+            break
+        kept.append(pair)
+    return kept
+
+
 def _printable(value: str, limit: int) -> str:
     """Station-sent text kept for people to read: at most ``limit`` characters, lone surrogates escaped."""
     value = str(value)[:limit]
@@ -768,7 +826,6 @@ def _printable(value: str, limit: int) -> str:
 def _public(row: sqlite3.Row) -> dict[str, Any]:
     """A frame row as the API shows it: strict JSON whatever an older version stored (NaN becomes null)."""
     out = checks.finite(dict(row))
-    out.pop("turn", None)       # list(order="least-certain-by-class")'s sort key, not a stored field
     where = f"frame {out.get('id')}"
     out["top_k"] = checks.stored_json(out["top_k"] or "[]", [], where)
     out["selected_because"] = checks.stored_json(out["selected_because"] or "[]", [], where)

@@ -250,7 +250,7 @@ JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
     max_leaves=12)
-FIELDS = ("action", "label", "reviewer", "note")
+FIELDS = ("action", "label", "reviewer", "note", "expect")
 NON_FINITE = ("NaN", "Infinity", "-Infinity", "1e999", "-1e400")
 
 
@@ -539,3 +539,71 @@ def test_every_answer_forbids_framing_sniffing_and_the_referer(review, bundles):
         assert answer.headers["x-frame-options"] == "DENY" and "frame-ancestors 'none'" in \
             answer.headers["content-security-policy"]
         assert answer.headers["referrer-policy"] == "no-referrer"
+
+
+# ---------------------------------------------------------------- slow clients
+
+def slow_app_server(folder: Path, head_timeout_s: float):
+    """The real review app with a slow endpoint beside it, served as every central service is (``Served``)."""
+    import asyncio
+
+    from central.http import Served as Serving
+    from central.review.api import create_app
+
+    store = FrameStore(folder / "store", labels=LABELS)
+    review_app = create_app(store, TOKEN)
+
+    async def app(scope, receive, send):
+        if scope["type"] == "http" and scope["path"] == "/slow":         # an answer that takes 3 deadlines
+            await asyncio.sleep(3 * head_timeout_s)
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+            await send({"type": "http.response.body", "body": b"ok"})
+            return
+        await review_app(scope, receive, send)
+    return Serving(app, "127.0.0.1", 0, name="slow-test", head_timeout_s=head_timeout_s).start(), store
+
+
+def closed_by_server(sock: socket.socket, drip: bytes, every_s: float, within_s: float) -> bool:
+    """Whether the server closes ``sock`` while ``drip`` is sent every ``every_s`` seconds, within ``within_s``."""
+    import time
+
+    deadline = time.monotonic() + within_s
+    sock.settimeout(every_s)
+    while time.monotonic() < deadline:
+        try:
+            sock.sendall(drip)
+            if sock.recv(1) == b"":
+                return True
+        except socket.timeout:
+            continue
+        except (BrokenPipeError, ConnectionResetError):
+            return True
+    return False
+
+
+def test_a_client_that_drips_its_request_head_is_closed_and_others_are_served(tmp_path):
+    """Given a server whose clients have 1 s to send a request's head, when one client sends half a head and then
+    a header line every 0.2 s, another connects and sends nothing, and a third is kept alive after an answer and
+    drips its next head, then the server closes all three (before: they stayed open for ever, each holding a file
+    descriptor), while a request whose answer takes 3 s is answered whole and the API keeps answering."""
+    server, store = slow_app_server(tmp_path, head_timeout_s=1.0)
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as dripping, \
+                socket.create_connection(("127.0.0.1", server.port), timeout=30) as silent, \
+                socket.create_connection(("127.0.0.1", server.port), timeout=30) as kept_alive:
+            dripping.sendall(b"GET /api/stats HTTP/1.1\r\nHost: x\r\n")
+            kept_alive.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+            kept_alive.settimeout(60)
+            answer = b""
+            while not answer.endswith(b"ok"):
+                answer += kept_alive.recv(1024)
+            assert answer.startswith(b"HTTP/1.1 200 ")                # a slow answer is never cut
+            kept_alive.sendall(b"GET /api/stats HTTP/1.1\r\n")
+            assert closed_by_server(dripping, b"X-a: b\r\n", 0.2, 60)
+            assert closed_by_server(kept_alive, b"X-a: b\r\n", 0.2, 60)
+            assert closed_by_server(silent, b"", 0.2, 60)
+        response = httpx.get(f"{server.url}api/stats", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
+        assert response.status_code == 200
+    finally:
+        server.stop()
+        store.close()

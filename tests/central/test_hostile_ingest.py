@@ -292,6 +292,40 @@ def test_a_payload_over_the_limit_is_quarantined_without_being_parsed(tmp_path):
     assert entry["kept_bytes"] == 64 * 1024 and entry["bytes"] == len(big)
 
 
+def test_user_properties_over_the_limit_are_quarantined_without_being_parsed(tmp_path):
+    """The broker's message_size_limit bounds the payload only: metadata of 200 kB (in the meta user property)
+    over a 100 kB limit is refused by its size, before the JSON parser sees it."""
+    store = FrameStore(tmp_path / "store")
+    service = IngestService(store, BrokerSettings(host="127.0.0.1", port=1, client_id="hostile-unit"),
+                            max_payload_bytes=100_000)
+    meta = {**good_meta(), "source_ref": "x" * 200_000}
+    jpeg, props = v5_message(json.dumps(meta), TEMPLATE.blob)
+    assert service.handle(TOPIC, jpeg, props) == "quarantined"
+    [entry], _ = store.list_quarantine()
+    assert entry["reason"].startswith("the user properties have ") and "more than --max-payload-bytes 100000" in \
+        entry["reason"]
+    _, payload, props = good_message()
+    assert service.handle(TOPIC, payload, props) == "stored"          # and the next good one is stored
+
+
+def test_a_quarantined_message_keeps_64k_characters_of_its_user_properties_however_many_it_has(tmp_path):
+    """Given refused messages with thousands of 16 kB user properties (MQTT bounds only the whole packet), when
+    they are quarantined, then each keeps at most 64 k characters of them, with how many it left out, so that the
+    1,000 messages the quarantine keeps stay within megabytes, not gigabytes."""
+    store = FrameStore(tmp_path / "store")
+    many = [(f"k{i}", "v" * 16_000) for i in range(300)]
+    store.quarantine(TOPIC, b"junk", many, "a test")
+    store.quarantine(TOPIC, b"junk", [("meta", "{}"), ("id", "x")], "a small one")
+    (few, crowded), _ = store.list_quarantine()
+    assert few["properties"] == [["meta", "{}"], ["id", "x"]]
+    kept = crowded["properties"]
+    assert sum(len(k) + len(v) for k, v in kept) <= 64 * 1024 + 64
+    assert kept[0] == ["k0", "v" * 16_000] and kept[-1][0] == "(not kept)"
+    assert kept[-1][1] == f"{300 - (len(kept) - 1)} more user properties"
+    with sqlite3.connect(tmp_path / "store" / "frames.sqlite") as db:
+        assert db.execute("SELECT MAX(length(properties)) FROM quarantine").fetchone()[0] < 70_000
+
+
 def test_the_quarantine_keeps_the_newest_and_counts_them_all(tmp_path, monkeypatch):
     from central.review import store as store_module
 

@@ -36,7 +36,7 @@ async function api(path, options = {}) {
     if (token) { state.token = token; sessionStorage.setItem("reviewToken", token); return api(path, options); }
   }
   const body = await resp.json();
-  if (!resp.ok) throw Object.assign(new Error(body.error || `HTTP ${resp.status}`), { body });
+  if (!resp.ok) throw Object.assign(new Error(body.error || `HTTP ${resp.status}`), { body, status: resp.status });
   return body;
 }
 
@@ -174,6 +174,9 @@ async function showImage(id, what = "image", img = $("frame-image")) {
 // Decide the frame on screen when the action was given (not whichever is shown when the queue gets to it).
 // With "all pending frames of this item" ticked, a label, new class or defect decides the item's other pending
 // frames too (a skip is about this frame only: a sliver of an item says nothing of its whole views).
+// The decision is sent as made on a pending frame: one another reviewer decided meanwhile (their page showed the
+// same queue) is refused (409) and kept as they decided it, and this page goes on to the next frame. A frame this
+// page decided itself is decided again (a quick correction), as an undo and a new decision would.
 function decide(action, label) {
   const frame = current();
   if (!frame) { say("no frame to decide", false); return state.queue; }
@@ -183,19 +186,30 @@ function decide(action, label) {
     const body = { action, reviewer };
     if (label !== undefined && label !== null) body.label = label;
     if (item) body.item = true;
-    const done = await api(`/api/frames/${encodeURIComponent(frame.id)}/review`,
-                           { method: "POST", body: JSON.stringify(body) });
+    if (!state.history.some((h) => h.id === frame.id)) body.expect = "pending";
+    let done;
+    try {
+      done = await api(`/api/frames/${encodeURIComponent(frame.id)}/review`,
+                       { method: "POST", body: JSON.stringify(body) });
+    } catch (err) {
+      if (err.status === 409) { await loadFrames(nextAfter(frame.id, new Set([frame.id]))); await loadStats(); }
+      throw err;
+    }
     const also = done.item_frames || [];
     state.history.push({ id: frame.id, item });
     say(`${frame.id.slice(0, 8)}${also.length ? ` and ${also.length} more of its item` : ""}: ` +
         `${action}${label ? " " + label : ""}`);
     if (action === "new_class") await loadLabels();
-    const gone = new Set([frame.id, ...also]);
-    const at = state.frames.findIndex((f) => f.id === frame.id);
-    const next = state.frames.slice(at + 1).find((f) => !gone.has(f.id));
-    await loadFrames(next ? next.id : null);
+    await loadFrames(nextAfter(frame.id, new Set([frame.id, ...also])));
     await loadStats();
   });
+}
+
+// The id of the frame listed after ``id`` that is not ``gone``, or null.
+function nextAfter(id, gone) {
+  const at = state.frames.findIndex((f) => f.id === id);
+  const next = state.frames.slice(at + 1).find((f) => !gone.has(f.id));
+  return next ? next.id : null;
 }
 
 function undo() {

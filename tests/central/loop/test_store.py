@@ -303,7 +303,8 @@ def test_a_store_from_before_the_margin_column_gets_it_filled_on_open(tmp_path):
         store.add(with_margin(r, top, second), r.blob)
     store.close()
     db = sqlite3.connect(tmp_path / "s" / "frames.sqlite")     # the schema as it was: no margin column
-    db.execute("DROP INDEX frames_margin")
+    for index in ("frames_margin", "frames_certainty", "frames_class_certainty"):     # the indexes on margin
+        db.execute(f"DROP INDEX {index}")
     db.execute("ALTER TABLE frames DROP COLUMN margin")
     db.commit()
     db.close()
