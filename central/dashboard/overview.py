@@ -130,7 +130,7 @@ def degraded_reasons(station: Any, hour: list[int], limits: Any) -> list[dict[st
         out.append(("stale", f"no stats for over {station.stale_after_s():.0f} s"))
     update = status.get("last_model_update")
     if update and not update["ok"]:
-        out.append(("update-refused", f"model update refused: {update['reason']}"))
+        out.append(("update-refused", f"model update refused: {update['reason'] or 'the station gave no reason'}"))
     if station.state == "online":
         down = sorted(c for c, up in station.cameras_up().items() if not up)
         if down:
@@ -265,6 +265,30 @@ def models_in_fleet(rows: list[dict[str, Any]], stations: dict[str, Any], shown:
 
 
 PROGRESS_ACTIONS = ("canary", "rollout", "rollback", "halt")
+EVENT_STATIONS_SHOWN = 20      # a rollout event as the overview and a card show it (``rollout_brief``)
+EVENT_FIGURES_SHOWN = 20
+EVENT_TEXT_CHARS = 2000
+
+
+def _cut(text: str | None) -> str | None:
+    if text is None or len(text) <= EVENT_TEXT_CHARS:
+        return text
+    return f"{text[:EVENT_TEXT_CHARS]}... ({len(text)} characters in all)"
+
+
+def rollout_brief(event: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A rollout event as the page shows it: the first stations named (``stations_total`` counts them all), its
+    scalar figures (the page shows numbers and words, not per-station tables) and its reason cut to a few kB.
+
+    A rollout over a thousand stations names each one, with their versions and failures: whole, the 10 events in
+    the overview, pushed to every page at every change, were half a megabyte and the station card 50 kB.
+    ``/api/state`` keeps the events whole."""
+    if event is None:
+        return None
+    scalars = [(k, _cut(v) if isinstance(v, str) else v) for k, v in event["figures"].items()
+               if v is None or isinstance(v, (bool, int, float, str))]
+    return {**event, "reason": _cut(event["reason"]), "stations": event["stations"][:EVENT_STATIONS_SHOWN],
+            "stations_total": len(event["stations"]), "figures": dict(scalars[:EVENT_FIGURES_SHOWN])}
 
 
 def rollout_progress(events: Iterable[dict[str, Any]], rows: list[dict[str, Any]],
@@ -285,7 +309,7 @@ def rollout_progress(events: Iterable[dict[str, Any]], rows: list[dict[str, Any]
         entry[1] += 1
     on = sum(v[0] for v in sites.values())
     return {"model": {"name": name, "version": version}, "action": event["action"], "ok": event["ok"],
-            "reason": event["reason"], "ts": event["ts"], "event_id": event["id"],
+            "reason": _cut(event["reason"]), "ts": event["ts"], "event_id": event["id"],
             "stations_on_target": on, "stations_with_model": len(fleet), "share": ratio(on, len(fleet)),
             "sites": [{"site": s, "on_target": v[0], "stations": v[1]} for s, v in sorted(sites.items())]}
 
@@ -318,7 +342,8 @@ def build_overview(*, rows: list[dict[str, Any]], stations: dict[str, Any], tall
                                       for i in range(len(fleet["hours"]))]},
             "sites": sites[:limits.sites_shown], "sites_hidden": max(0, len(sites) - limits.sites_shown),
             "models": models_in_fleet(rows, stations, limits.models_shown),
-            "rollout": rollout_progress(rollout, rows, stations), "rollout_events": rollout[:limits.events_shown],
+            "rollout": rollout_progress(rollout, rows, stations),
+            "rollout_events": [rollout_brief(e) for e in rollout[:limits.events_shown]],
             "received_today": {"day_start": today, "total": sum(fleet["received"].values()),
                                "labels": [{"label": k, "count": n} for k, n in received[:limits.labels_shown]],
                                "labels_hidden": max(0, len(received) - limits.labels_shown)},

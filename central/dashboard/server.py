@@ -9,7 +9,9 @@ only what it shows and what changed: the overview, its page of the list, its ope
 (``/events?site=&state=&model=&q=&limit=&offset=&station=``) says what it shows; the page reconnects when
 that changes. One that cannot keep up is cut off and its EventSource reconnects to fresh views, so a slow
 browser never holds up the others or grows memory. A stream waits on an asyncio queue of its own (no
-thread per browser); the pusher hands it chunks with ``call_soon_threadsafe``.
+thread per browser); the pusher hands it chunks with ``call_soon_threadsafe``. Every other endpoint is a plain
+function, run on Starlette's thread pool: ``/api/state`` of a thousand stations takes a second to build and
+encode, and on the event loop it held up every stream and ``/healthz`` as long (seconds, with a few scripts).
 
 Every path but ``/healthz`` asks for a password (HTTP Basic, which the page's EventSource sends too):
 the one given, or one made at start (``web_auth``), unless ``no_auth``. Every answer is strict JSON
@@ -217,36 +219,41 @@ def missing_station(key: str, state: WarehouseState) -> dict[str, Any]:
 def create_app(state: WarehouseState, broadcaster: Broadcaster) -> Any:
     """The dashboard's ASGI app over ``state``; streams get their changes from ``broadcaster``."""
 
-    async def page(_request: Request) -> Response:
+    def page(_request: Request) -> Response:
         return _static("index.html")
 
-    async def static(request: Request) -> Response:
+    def static(request: Request) -> Response:
         return _static(request.path_params["name"])
 
-    async def api_state(_request: Request) -> Response:
-        return StrictJSONResponse(state.snapshot())
+    whole_state = threading.Lock()
 
-    async def api_overview(_request: Request) -> Response:
+    def api_state(_request: Request) -> Response:
+        # one at a time: a few scripts at once took the state's lock in turns for seconds, and the pusher (every
+        # page) and /healthz waited behind all of them
+        with whole_state:
+            return StrictJSONResponse(state.snapshot())
+
+    def api_overview(_request: Request) -> Response:
         return StrictJSONResponse(state.overview())
 
-    async def api_shipments(_request: Request) -> Response:
+    def api_shipments(_request: Request) -> Response:
         return StrictJSONResponse(state.shipment_list())
 
-    async def api_stations(request: Request) -> Response:
+    def api_stations(request: Request) -> Response:
         try:
             query = parse_query(dict(request.query_params))
         except QueryError as exc:
             return StrictJSONResponse({"error": f"{request.url.path}: {exc}"}, status_code=400)
         return StrictJSONResponse(state.station_page(query))
 
-    async def api_station(request: Request) -> Response:
+    def api_station(request: Request) -> Response:
         key = f"{request.path_params['site']}/{request.path_params['station']}"
         card = state.station_card(key)
         if card is None:
             return StrictJSONResponse({"error": missing_station(key, state)["error"]}, status_code=404)
         return StrictJSONResponse(card)
 
-    async def healthz(_request: Request) -> Response:
+    def healthz(_request: Request) -> Response:
         return StrictJSONResponse({"ok": True, **state.health(), "listeners": broadcaster.count})
 
     async def events(request: Request) -> Response:

@@ -14,6 +14,11 @@ and the newest ``open_kept`` of them in full (``/api/shipments``). A dock fleet 
 ``open_kept`` (900 docks in the fleet benchmark): the older ones then stay counted and on their station's card,
 only their refs are not listed. Over ``open_counted`` the shipment with the oldest receipt is dropped, logged
 and counted; ``closed_kept`` closed ones (the most recently closed) are kept in full.
+
+A station has one shipment open at a time (the agent refuses to open another), so an open receipt of a newer
+shipment ends the station's open one whose final receipt never came (dropped from a full outbox, or lost with
+the station's state): it is no longer counted open (``abandoned``, logged), and a late open receipt of it is
+``superseded``. Without this every lost final receipt stayed open for good.
 """
 
 from __future__ import annotations
@@ -95,6 +100,12 @@ def is_closed(body: dict[str, Any]) -> bool:
     return bool(body["final"]) or body["state"] == "closed"
 
 
+def _older(body: dict[str, Any], seq: int, ts: float) -> bool:
+    """Whether receipt ``body`` was sent before the station's receipt (``seq``, ``ts``): a lower seq and no later
+    ``ts``, both the station's own (a station whose outbox was replaced starts its seq again; newer by ``ts``)."""
+    return body["seq"] < seq and body["ts"] <= ts
+
+
 class ShipmentBook:
     """The newest receipt's view of each (station, shipment); not thread-safe (WarehouseState's lock)."""
 
@@ -113,6 +124,8 @@ class ShipmentBook:
         # an open receipt older than that (a late resend) is of a shipment already closed, kept or not
         self.station_closed: OrderedDict[str, tuple[int, float]] = OrderedDict()
         self.dropped = 0                   # open shipments dropped over open_counted
+        self.station_open: dict[str, str] = {}      # station -> the key of its open shipment (one at a time)
+        self.abandoned = 0                 # open shipments ended by a newer one of their station, never closed
 
     def on_receipt(self, body: dict[str, Any], received_at: float) -> bool:
         """Keep ``body`` (a checked receipt.v1) if it is the newest of its shipment; False when it is older."""
@@ -122,9 +135,15 @@ class ShipmentBook:
         if body["seq"] <= kept["seq"] if kept is not None else self._closed_since(station, body):
             self.superseded += 1
             return False
+        other_key = None if is_closed(body) else self.station_open.get(station)
+        if other_key is not None and other_key != key:
+            other = self.open[other_key]
+            if _older(body, other["seq"], other["ts"]):     # a late resend of a shipment the station has left
+                self.superseded += 1
+                return False
+            self._abandon(other)
         view = shipment_view(body, received_at, lines_shown=self.lines_shown, refs_shown=self.refs_shown)
-        self.open.pop(key, None)
-        self.detail.pop(key, None)
+        self._remove_open(key)
         self.closed.pop(key, None)
         if is_closed(body):
             self.closed[key] = view
@@ -137,15 +156,37 @@ class ShipmentBook:
             return True
         self.open[key] = brief_view(view)
         self.detail[key] = view
+        self.station_open[station] = key
         while len(self.detail) > self.open_kept:      # still open, counted and on its card: only its refs go
             self.detail.popitem(last=False)
         while len(self.open) > self.open_counted:
-            gone, old = self.open.popitem(last=False)
-            self.detail.pop(gone, None)
+            gone, old = next(iter(self.open.items()))
+            self._remove_open(gone)
             self.dropped += 1
             log.warning("shipment %s dropped from the dashboard: over %d open shipments (its last receipt "
                         "came at %.0f)", gone, self.open_counted, old["received_at"])
         return True
+
+    def _remove_open(self, key: str) -> dict[str, Any] | None:
+        brief = self.open.pop(key, None)
+        self.detail.pop(key, None)
+        if brief is not None and self.station_open.get(brief["station"]) == key:
+            del self.station_open[brief["station"]]
+        return brief
+
+    def _abandon(self, brief: dict[str, Any]) -> None:
+        self._remove_open(brief["key"])
+        self.abandoned += 1
+        log.warning("shipment %s no longer counted open: its station opened a newer one and its final receipt never "
+                    "came (last receipt seq %d, %d items of %d expected)", brief["key"], brief["seq"], brief["items"],
+                    brief["expected_total"])
+
+    def forget_station(self, station: str) -> str | None:
+        """Drop ``station``'s open shipment (the station is out of service); its id, or None when it had none."""
+        self.station_closed.pop(station, None)
+        key = self.station_open.get(station)
+        brief = self._remove_open(key) if key is not None else None
+        return brief["shipment"] if brief is not None else None
 
     def _closed_since(self, station: str, body: dict[str, Any]) -> bool:
         """Whether ``body``, an open receipt of a shipment the book does not hold, is older than its station's newest
@@ -153,8 +194,7 @@ class ShipmentBook:
         (at a thousand docks, within seconds). Older means a lower seq and an earlier ``ts``, both the station's
         own: a station whose outbox was replaced starts its seq again, and its receipts are newer by ``ts``."""
         last = self.station_closed.get(station)
-        return (last is not None and not is_closed(body) and body["seq"] < last[0]
-                and body["ts"] <= last[1])
+        return last is not None and not is_closed(body) and _older(body, *last)
 
     def listing(self) -> dict[str, Any]:
         """``/api/shipments``: the newest ``open_kept`` open shipments in full (newest receipt first), then the
@@ -165,8 +205,8 @@ class ShipmentBook:
     def counts(self) -> dict[str, int]:
         return {"open": len(self.open), "open_with_discrepancies": sum(v["discrepant"] for v in self.open.values()),
                 "open_listed": len(self.detail), "closed": len(self.closed), "superseded": self.superseded,
-                "dropped": self.dropped, "open_kept": self.open_kept, "open_counted": self.open_counted,
-                "closed_kept": self.closed_kept}
+                "dropped": self.dropped, "abandoned": self.abandoned, "open_kept": self.open_kept,
+                "open_counted": self.open_counted, "closed_kept": self.closed_kept}
 
     def overview(self, shown: int = 10, closed_shown: int = 5) -> dict[str, Any]:
         """The overview's figures and the page's panel (brief views, what the page shows and no more: at a

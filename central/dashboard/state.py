@@ -10,7 +10,14 @@ most parsers) is refused like any malformed one, and a view that would still
 hold a non-finite number (a sum or a gap of huge ones) shows null there, so the
 page's JSON is always valid and one station never blanks the others. Messages are
 deduplicated by their ``id`` (QoS 1 redelivers after a lost PUBACK), so a
-redelivered result is counted once.
+redelivered result is counted once; a retained status or rollout event the broker
+sends again at a reconnect is a duplicate of the one kept however many ids came
+since. A refused message's reason is kept short (it is shown on every page).
+
+A station is forgotten when its retained status is cleared (an empty retained
+message on ``.../status``, the MQTT way to take a station out of service or to drop
+the old name of a renamed one): it leaves the list, its card and the counts of
+stations, and its open shipment with it.
 
 The state is pure: the clock is an argument, so the stale rule and the views are
 exact in tests. It is thread-safe: the MQTT thread writes, HTTP threads read.
@@ -36,6 +43,7 @@ from central.dashboard.overview import (
     build_overview,
     degraded_reasons,
     model_version,
+    rollout_brief,
     row_order,
     select_rows,
     station_row,
@@ -54,6 +62,10 @@ ROLLOUT_ACTIONS = ("gate", "publish", "canary", "rollout", "rollback", "halt")
 MAX_PAYLOAD_BYTES = 1 << 20          # an alert with its thumbnail is a few KB; anything near this is wrong
 MAX_THUMBNAIL_B64 = 96 * 1024        # alert thumbnails kept for the page (128 px JPEG: ~5 KB)
 LATENCY_STAGES = ("queue", "preprocess", "inference", "decide", "publish", "capture_to_ack")
+MAX_REASON_CHARS = 500               # a refused message's reason as kept and logged (a schema engine may quote a
+#                                      whole 1 MiB value or key: 20 kept, 5 in every overview push)
+MAX_TOPIC_CHARS = 200
+STATUS_OPEN_CHARS = 4096             # last_thresholds_update.applied kept up to this much JSON (status_kept)
 
 
 class MessageError(ValueError):
@@ -162,6 +174,11 @@ def finite(value: Any, what: str) -> Any:
     return clean(value)
 
 
+def shortened(text: str, limit: int) -> str:
+    """``text``, cut to ``limit`` characters and saying so."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters in all)"
+
+
 # ---------------------------------------------------------------- per-station views
 
 def _top_k(items: list[dict[str, Any]], n: int = 3) -> list[dict[str, Any]]:
@@ -220,6 +237,27 @@ def stats_view(body: dict[str, Any]) -> dict[str, Any]:
             "inference_errors": body.get("inference_errors"), "model_version": body["model_version"]}
 
 
+def status_kept(body: dict[str, Any]) -> dict[str, Any]:
+    """What the dashboard keeps of a status: what it shows, bounded. status.v1 leaves
+    ``last_model_update.running`` and ``last_thresholds_update.applied`` open objects, and ``artifact_choice`` may
+    hold 256 skip reasons of 16 kB: kept whole, one status within the 1 MiB limit held 10 MB for its station and
+    made its card 1 MB. Kept: ``running``'s name and version (what the agent sends), ``applied`` up to
+    ``STATUS_OPEN_CHARS`` of JSON (else null, with ``applied_chars`` saying how much was left off); not kept: the
+    fields no view shows (``artifact_choice``, ``last_capture_empty``, ``last_expect_update``)."""
+    kept = {k: v for k, v in body.items() if k not in ("artifact_choice", "last_capture_empty", "last_expect_update")}
+    update = kept.get("last_model_update")
+    if update and isinstance(update.get("running"), dict):
+        running = update["running"]
+        kept["last_model_update"] = {**update, "running": {k: shortened(running[k], 256) for k in ("name", "version")
+                                                           if isinstance(running.get(k), str)}}
+    thresholds = kept.get("last_thresholds_update")
+    if thresholds and thresholds.get("applied") is not None:
+        size = len(dumps_finite(thresholds["applied"]))
+        if size > STATUS_OPEN_CHARS:
+            kept["last_thresholds_update"] = {**thresholds, "applied": None, "applied_chars": size}
+    return kept
+
+
 def rollout_view(body: dict[str, Any], received_at: float) -> dict[str, Any]:
     return {"id": body["id"], "ts": body["ts"], "received_at": received_at,
             "model": {"name": body["model"]["name"], "version": body["model"]["version"]},
@@ -232,13 +270,17 @@ def interval_counts(station: "Station", stats: dict[str, Any]) -> tuple[int, int
 
     From the station's own cumulative counters when this and the previous stats carry them (exact, even
     with ``publish_results`` off); else from the low_confidence flags of the results received in between.
-    A counter that went down means the agent restarted: that interval has no stats-based figure.
+    When a status said the agent started after the previous stats (``_apply_status``), its counters count from
+    zero. A counter that went down, or more low-confidence frames than frames, means the agent restarted
+    unseen: that interval has no stats-based figure (a difference across a restart is no count: it made a
+    low-confidence rate of 130%).
     """
     low_results, all_results = station.window
     station.window = [0, 0]
     now = (stats.get("frames_low_confidence"), stats.get("frames_classified"))
     before, station.counted = station.counted, now if None not in now else None
-    if before is not None and None not in now and now[1] >= before[1] and now[0] >= before[0]:
+    if (before is not None and None not in now and now[1] >= before[1] and now[0] >= before[0]
+            and now[0] - before[0] <= now[1] - before[1]):
         return now[0] - before[0], now[1] - before[1], "stats"
     return low_results, all_results, "results"
 
@@ -427,12 +469,14 @@ class WarehouseState:
         if len(rest) != 3 or rest[2] not in FOLLOWED_KINDS or rest[0] == CENTRAL_SITE:
             return "ignored"
         site, station_id, kind = rest
+        if kind == "status" and not payload:     # its retained status cleared: the station is out of service
+            return self._forget(f"{site}/{station_id}")
         body = parse_json(topic, payload)
         validate_station_message(topic, kind, site, station_id, body, self.engine)
         where = non_finite_at(stats_view(body)) if kind == "stats" else None
         if where:              # finite parts whose sum is not (fps 1e308 on two cameras): refused, nothing kept
             raise MessageError(f"{topic}: field {where.lstrip('/')}: not a finite number")
-        if self._seen_before(body["id"]):
+        if self._status_kept(f"{site}/{station_id}", kind, body) or self._seen_before(body["id"]):
             return "duplicate"
         station = self._station(site, station_id)
         station.last_message_at = now
@@ -452,6 +496,27 @@ class WarehouseState:
             self._seen.popitem(last=False)
         return False
 
+    def _status_kept(self, key: str, kind: str, body: dict[str, Any]) -> bool:
+        """Whether ``body`` is the status the station already shows: the broker resends the retained status at
+        every reconnect, by then long out of the dedupe window at a thousand stations (100,000 ids: seconds).
+        Applied again, it restarted the uptime and moved "offline since" to the reconnect."""
+        station = self.stations.get(key)
+        return kind == "status" and station is not None and (station.status or {}).get("id") == body["id"]
+
+    def _forget(self, key: str) -> str:
+        """Drop a station whose retained status was cleared, with its counts and open shipment; what it decided
+        stays in its site's figures."""
+        station = self.stations.pop(key, None)
+        if station is None:
+            return "ignored"
+        self.tally.stations.pop(key, None)
+        self.rollout_by_station.pop(key, None)
+        dropped = self.shipments.forget_station(key)
+        self._dirty.add(key)
+        log.info("station %s forgotten: its retained status was cleared%s", key,
+                 f" (its open shipment {dropped} no longer counted)" if dropped else "")
+        return "applied"
+
     def _station(self, site: str, station_id: str) -> Station:
         key = f"{site}/{station_id}"
         if key not in self.stations:
@@ -461,7 +526,7 @@ class WarehouseState:
 
     def _apply_status(self, station: Station, body: dict[str, Any], now: float) -> None:
         was = station.state
-        station.status = body
+        station.status = status_kept(body)
         station.state = body["state"]
         station.status_received_at = now
         if station.state == "online" and (was != "online" or station.online_since is None):
@@ -469,9 +534,14 @@ class WarehouseState:
         if station.state != "online":
             station.online_since = None
             station.stale = False
+        uptime = body.get("uptime_s")
+        if (station.state == "online" and uptime is not None and station.stats_received_at is not None
+                and 0 <= uptime < now - station.stats_received_at):      # status.v1 sets no minimum
+            station.counted = (0, 0)       # the agent started after its last stats: its counters start from zero
         update = body.get("last_model_update")
         if update and not update["ok"]:
-            log.warning("station %s rejected a model update: %s", station.key, update["reason"])
+            log.warning("station %s rejected a model update: %s", station.key,
+                        shortened(update["reason"] or "no reason given", MAX_REASON_CHARS))
         if was != station.state:
             log.info("station %s is %s", station.key, station.state)
 
@@ -510,7 +580,8 @@ class WarehouseState:
 
     def _apply_rollout(self, topic: str, body: dict[str, Any], now: float) -> str:
         validate_rollout_event(topic, body, self.engine)
-        if self._seen_before(body["id"]):
+        # the retained event comes again at every reconnect, maybe out of the dedupe window: listed once
+        if any(event["id"] == body["id"] for event in self.rollout) or self._seen_before(body["id"]):
             return "duplicate"
         event = rollout_view(body, now)
         self.rollout.appendleft(event)
@@ -520,8 +591,9 @@ class WarehouseState:
             if key in self.stations:
                 self._dirty.add(key)
         (log.info if event["ok"] else log.warning)("rollout %s %s %s: %s", event["action"],
-                                                   event["model"]["version"], "ok" if event["ok"] else "FAILED",
-                                                   event["reason"] or "-")
+                                                   shortened(event["model"]["version"], MAX_TOPIC_CHARS),
+                                                   "ok" if event["ok"] else "FAILED",
+                                                   shortened(event["reason"] or "-", MAX_REASON_CHARS))
         return "applied"
 
     def _malformed(self, topic: str, reason: str, now: float, unexpected: Exception | None = None) -> None:
@@ -529,6 +601,7 @@ class WarehouseState:
         self.counters.malformed += 1
         kind = topic.rsplit("/", 1)[-1]
         self.counters.malformed_by_kind[kind] = self.counters.malformed_by_kind.get(kind, 0) + 1
+        topic, reason = shortened(topic, MAX_TOPIC_CHARS), shortened(reason, MAX_REASON_CHARS)
         self.malformed.appendleft({"at": now, "topic": topic, "reason": reason})
         n = self.counters.malformed
         if n <= 20 or n % 100 == 0:      # a flood of bad messages must not flood the log
@@ -624,8 +697,8 @@ class WarehouseState:
             hour = tally.hour(now) if tally else [0] * 5
             reasons = degraded_reasons(station, hour, self.limits)
             view = station.view(now)
-            view.update(rollout=self.rollout_by_station.get(key), degraded=bool(reasons), reasons=reasons,
-                        model_version=model_version(station), tally=station_tally_view(tally, now),
+            view.update(rollout=rollout_brief(self.rollout_by_station.get(key)), degraded=bool(reasons),
+                        reasons=reasons, model_version=model_version(station), tally=station_tally_view(tally, now),
                         shipment=self.shipments.open_at(key))
             return finite(view, f"station {key}")
 

@@ -232,6 +232,14 @@ function rowItem(r) {
 }
 
 function renderPage(p) {
+  const limit = page.query.limit;
+  if (!p.stations.length && p.offset > 0 && p.offset === page.query.offset) {
+    // the list shrank under this page (stations recovered, or were taken out of service): go to its last page
+    // rather than show "51–50 of 30" over an empty table
+    page.query.offset = Math.max(0, Math.ceil(p.total / limit) - 1) * limit;
+    if (!page.card) reconnect();
+    return;
+  }
   page.rows = new Map(p.stations.map((r) => [r.key, r]));
   page.total = p.total;
   $("#stations").tBodies[0].replaceChildren(...p.stations.map(rowItem));
@@ -328,9 +336,10 @@ function renderUpdate(card, update) {
     return;
   }
   box.dataset.ok = String(update.ok);
-  const running = update.running ? `${update.running.version}` : "?";
+  // status.v1 lets an agent leave out what it runs (running: {}) and why it refused (reason: null)
+  const running = update.running && update.running.version ? String(update.running.version) : "?";
   text(box, update.ok ? `installed ${running} at ${clockTime(update.ts)}`
-                      : `rejected at ${clockTime(update.ts)}, still running ${running}: ${update.reason}`);
+                      : `rejected at ${clockTime(update.ts)}, still running ${running}: ${update.reason || "the station gave no reason"}`);
 }
 
 function renderRolloutFact(card, event) {
@@ -468,7 +477,9 @@ function rolloutItem(e) {
               el("span", { class: "outcome" }, e.ok ? "ok" : "FAILED"));
   li.append(head);
   if (e.reason) li.append(el("div", { class: "reason" }, e.reason));
-  if (e.stations.length) li.append(el("div", { class: "stations" }, e.stations.join(", ")));
+  // the overview names the first stations of a big rollout; stations_total counts them all
+  const more = (e.stations_total ?? e.stations.length) - e.stations.length;
+  if (e.stations.length) li.append(el("div", { class: "stations" }, e.stations.join(", ") + (more > 0 ? ` and ${more} more` : "")));
   const figures = Object.entries(e.figures || {}).filter(([, v]) => typeof v === "number" || typeof v === "string");
   if (figures.length) {
     li.append(el("div", { class: "figures" }, figures.map(([k, v]) => `${k} ${typeof v === "number" ? Number(v.toFixed(4)) : v}`).join(", ")));

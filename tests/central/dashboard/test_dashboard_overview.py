@@ -169,6 +169,37 @@ def test_rollout_progress_counts_the_stations_on_the_target_version_per_site():
     assert o["rollout_events"][0]["id"] == event["id"]
 
 
+def test_a_rollout_over_a_thousand_stations_does_not_grow_the_overview_or_the_card():
+    """central/rollout names every station of a rollout, with per-station versions and failures in its figures.
+    The overview carried its 10 newest events whole: half a megabyte pushed to every open page at every change
+    (its size is meant to be independent of the fleet's), and each station's card 50 kB of it. The page shows the
+    stations named, the scalar figures and the reason; /api/state keeps the events whole."""
+    state = fresh()
+    fleet = [FleetStation(f"site{i % 5}", f"dock-{i:04d}") for i in range(1000)]
+    for st in fleet:
+        send(state, st, "status", st.status(NOON - 100))
+    small = len(json.dumps(state.overview(NOON)))
+    keys = [st.key for st in fleet]
+    for n in range(10):
+        figures = {"versions": dict.fromkeys(keys, "2"), "failed": dict.fromkeys(keys[:100], "sha256 mismatch"),
+                   "stations_switched": 900, "note": "canary watched 600 s"}
+        reason = f"900 of 1000 station(s) run {n}; failed: " + ", ".join(keys[:100])
+        event = rollout_event("rollout", False, reason, keys, version=str(n), figures=figures)
+        assert state.ingest("inventory/_central/rollout", json.dumps(event).encode(), NOON - 50) == "applied"
+
+    overview = state.overview(NOON)
+    assert len(json.dumps(overview)) < small + 40_000
+    shown = overview["rollout_events"][0]
+    assert shown["id"] == event["id"] and shown["stations"] == event["stations"][:20]
+    assert shown["stations_total"] == 1000
+    assert shown["figures"] == {"stations_switched": 900, "note": "canary watched 600 s"}
+    assert shown["reason"].startswith("900 of 1000 station(s) run 9; failed: site0/dock-0000")
+    assert len(shown["reason"]) < 2100 and overview["rollout"]["reason"] == shown["reason"]
+    card = state.station_card(keys[500], NOON)
+    assert card["rollout"]["id"] == event["id"] and len(json.dumps(card)) < 10_000
+    assert state.snapshot(NOON)["rollout"][0]["figures"] == figures        # whole in /api/state
+
+
 def test_buckets_keep_a_fixed_size_and_refuse_what_is_older_than_they_hold():
     b = Buckets(slots=4, width_s=60, fields=1)
     for minute in range(1000):

@@ -201,6 +201,85 @@ def test_the_page_and_its_files_are_served_and_nothing_else(dashboard):
     assert get_json(url + "api/state")["topic_root"] == "inventory"
 
 
+def test_a_slow_whole_state_holds_up_neither_health_nor_the_pages_streams(monkeypatch):
+    """/api/state of a thousand stations takes a second or more to build and encode (27 MB). The endpoints ran on the
+    server's event loop: while one was built, /healthz and every open page's stream waited (7.9 s for /healthz while
+    three scripts fetched it, /tmp/dashboard/repro_event_loop_blocked.py). Here the build waits on an event, so the
+    test does not depend on how fast this machine is."""
+    import threading
+
+    from fleet_messages import FleetStation
+
+    from central.dashboard.server import Broadcaster, Pusher, create_app
+    from central.dashboard.state import WarehouseState
+    from central.http import Served
+
+    state = WarehouseState()
+    st = FleetStation("ber1", "dock-01")
+    state.ingest(*st.message("status", st.status(time.time())))
+    building, release = threading.Event(), threading.Event()
+    whole = state.snapshot
+
+    def slow_snapshot(*args, **kwargs):
+        building.set()
+        release.wait(120)
+        return whole(*args, **kwargs)
+
+    monkeypatch.setattr(state, "snapshot", slow_snapshot)
+    broadcaster = Broadcaster()
+    served = Served(create_app(state, broadcaster), "127.0.0.1", 0, name="dashboard")
+    served.start()
+    base = f"http://127.0.0.1:{served.port}"
+    script = threading.Thread(target=lambda: get_json(f"{base}/api/state", 180))
+    page = None
+    try:
+        script.start()
+        assert building.wait(60), "/api/state never started"
+        assert get_json(f"{base}/healthz", 30)["stations"] == 1
+        assert get_json(f"{base}/api/stations", 30)["total"] == 1
+        page = EventStream("127.0.0.1", served.port, timeout=30)
+        wait_until(lambda: broadcaster.count == 1, 30, "the page's stream registered")
+        Pusher(state, broadcaster, time.time).round()
+        assert page.next_event()[0] == "overview"
+        assert script.is_alive()                          # all the while, the whole state was being built
+    finally:
+        release.set()
+        script.join(60)
+        if page is not None:
+            page.close()
+        broadcaster.close()
+        served.stop()
+
+
+def test_a_station_taken_out_of_service_leaves_the_page_when_its_retained_status_is_cleared(dashboard, broker,
+                                                                                            recorded):
+    """``mosquitto_pub -r -n -t inventory/<site>/<station>/status``, the MQTT way to drop a retained message:
+    the dashboard got an empty message, counted it as malformed and kept the station, offline and degraded."""
+    status = next(m for m in recorded if m.kind == "status" and m.json()["state"] == "offline")
+    old, kept = retopic(status, "ber1", "old-dock"), retopic(status, "ber1", "dock-02")
+    publish(broker.port, [(old.topic, old.payload), (kept.topic, kept.payload)], retain=True)
+    host, port = dashboard.address
+    wait_until(lambda: get_json(f"http://{host}:{port}/api/stations")["total"] == 2, 30, "two stations listed")
+    publish(broker.port, [(old.topic, b"")], retain=True)
+    page = wait_until(lambda: (lambda p: p if p["total"] == 1 else None)(
+        get_json(f"http://{host}:{port}/api/stations")), 30, "the station gone from the list")
+    assert [r["key"] for r in page["stations"]] == ["ber1/dock-02"]
+    overview = get_json(f"http://{host}:{port}/api/overview")
+    assert overview["counters"]["malformed"] == 0 and overview["fleet"]["offline"] == 1
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(f"http://{host}:{port}/api/stations/ber1/old-dock")
+    assert err.value.code == 404
+    # a dashboard started now never sees it: the broker holds no retained status for it any more
+    late = Dashboard(BrokerSettings(port=broker.port), port=0, push_interval_s=0.1, no_auth=True)
+    late.start()
+    try:
+        host2, port2 = late.address
+        wait_until(lambda: get_json(f"http://{host2}:{port2}/api/stations")["total"] == 1, 30, "the retained one")
+        assert [r["key"] for r in get_json(f"http://{host2}:{port2}/api/stations")["stations"]] == ["ber1/dock-02"]
+    finally:
+        late.stop()
+
+
 def test_the_cli_refuses_a_missing_password_file_naming_it(tmp_path, capsys):
     missing = tmp_path / "nope.password"
     assert main(["--password-file", str(missing), "--port", "0"]) == 2

@@ -194,6 +194,38 @@ def test_a_late_open_receipt_does_not_reopen_a_shipment_whose_closing_is_no_long
     assert book.open_at(f"{SITE}/receiving-20")["shipment"] == "PO-D" and book.counts()["open"] == 2
 
 
+def test_a_shipment_whose_final_receipt_never_came_stops_counting_open_when_its_station_opens_the_next():
+    """The agent opens one shipment at a time. A final receipt dropped from a full outbox (or a station that lost
+    its state) left the shipment open on the dashboard for good: two open for one dock, the overview's count
+    creeping up by one per lost receipt, and a late resend of the old shipment's open receipt applied as well."""
+    state = WarehouseState()
+    first = Shipment("PO-A", {"Coat": 3}, opened_at=900.0)
+    state.ingest(TOPIC, payload(receipt(first, seq=5, ts=1000.0)))
+    late = payload(receipt(first, seq=6, ts=1001.0))              # resent after a reconnect, minutes later
+    # PO-A's final receipt (seq 7) never arrives; the dock opens PO-B
+    following = Shipment("PO-B", {"Dress": 1}, opened_at=2000.0)
+    assert state.ingest(TOPIC, payload(receipt(following, seq=8, ts=2000.0))) == "applied"
+    state.ingest(TOPIC, late)
+
+    listing = state.shipment_list()
+    assert [s["shipment"] for s in listing["shipments"]] == ["PO-B"]
+    assert (listing["open"], listing["abandoned"], listing["superseded"]) == (1, 1, 1)
+    assert state.overview()["shipments"]["open"] == 1
+    assert state.station_card(f"{SITE}/{STATION}")["shipment"]["shipment"] == "PO-B"
+    # other docks' shipments are their own; PO-A's final receipt, should it come after all, closes it
+    other = Shipment("PO-C", {"Bag": 1}, opened_at=2100.0)
+    state.ingest(f"inventory/{SITE}/receiving-02/receipt", payload(receipt(other, seq=1, station="receiving-02")))
+    first.closed_at = 1500.0
+    state.ingest(TOPIC, payload(receipt(first, seq=7, ts=1500.0, final=True)))
+    listing = state.shipment_list()
+    assert [(s["shipment"], s["state"]) for s in listing["shipments"]] == [("PO-C", "open"), ("PO-B", "open"),
+                                                                          ("PO-A", "closed")]
+    # the next open receipt of PO-B is not taken for a resend older than PO-A's closing
+    following.record(item("Dress", 1), decision_id(1), 100)
+    assert state.ingest(TOPIC, payload(receipt(following, seq=9, ts=2010.0))) == "applied"
+    assert state.shipment_list()["shipments"][0]["items"] == 1 and state.shipment_list()["open"] == 2
+
+
 def test_malformed_receipts_are_refused_and_counted_and_keep_nothing():
     state = WarehouseState()
     good = receipt(mixed_shipment(), seq=2)
@@ -216,8 +248,9 @@ def test_malformed_receipts_are_refused_and_counted_and_keep_nothing():
 def test_the_shipments_kept_are_bounded_and_a_huge_receipt_is_trimmed():
     state = WarehouseState(limits=StateLimits(shipments_open_kept=3, shipments_open_counted=3,
                                               shipments_closed_kept=2, shipments_shown=2))
-    for n in range(5):
-        state.ingest(TOPIC, payload(receipt(Shipment(f"open-{n}", {"Coat": 1}, 900.0), seq=n + 1)))
+    for n in range(5):             # five docks (a station has one shipment open at a time)
+        state.ingest(f"inventory/{SITE}/dock-{n}/receipt",
+                     payload(receipt(Shipment(f"open-{n}", {"Coat": 1}, 900.0), seq=n + 1, station=f"dock-{n}")))
     for n in range(4):
         closed = Shipment(f"closed-{n}", {"Coat": 1}, 900.0, closed_at=950.0)
         state.ingest(TOPIC, payload(receipt(closed, seq=100 + n, final=True)))
