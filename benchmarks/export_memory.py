@@ -13,6 +13,13 @@ trainer on Fashion-MNIST, so the model, input size and export are the real ones;
 
     OMP_NUM_THREADS=2 nice -n 10 python benchmarks/export_memory.py             # about 10 min on 2 cores
     python benchmarks/export_memory.py --counts 64 --old-count 16 --size 64     # quick look
+
+The export's images (validation, parity, calibration, open-set fit) are streamed a chunk at a time
+(trainer.evaluate.ModelInputs); before, each set was held whole. ``--train-images`` and
+``--val-fraction`` size those sets, and ``--old-count 0`` leaves the old calibration path out:
+
+    OMP_NUM_THREADS=2 nice -n 10 python benchmarks/export_memory.py --counts 512 --old-count 0 --size 128 \
+        --train-images 3000 --val-fraction 0.2 --val-limit 256 --json benchmarks/results/export_memory_streamed.json
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
-def build_checkpoint(work: Path, size: int, train_images: int) -> Path:
+def build_checkpoint(work: Path, size: int, train_images: int, val_fraction: float = 0.05) -> Path:
     """A ResNet50 checkpoint the way the trainer writes one: one training step, random initial weights."""
     from trainer.config import TrainConfig
     from trainer.data import import_fashion_mnist
@@ -43,7 +50,7 @@ def build_checkpoint(work: Path, size: int, train_images: int) -> Path:
     import_fashion_mnist(data, FMNIST, limit=train_images)
     run_dir = work / "runs" / "resnet50"
     cfg = TrainConfig(data=str(data / "train"), name="resnet50", arch="resnet50", weights="none", image_size=size,
-                      epochs=1, batch_size=8, max_steps_per_epoch=1, val_fraction=0.05, workers=0, amp=False,
+                      epochs=1, batch_size=8, max_steps_per_epoch=1, val_fraction=val_fraction, workers=0, amp=False,
                       device="cpu", seed=0)
     Trainer(cfg, run_dir).fit()
     return run_dir / "best.pt"
@@ -109,9 +116,12 @@ def run_child(path: str, images: int, checkpoint: Path, models: Path, val_limit:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--counts", type=int, nargs="+", default=[64, 512], help="calibration images, new path")
-    p.add_argument("--old-count", type=int, default=64, help="calibration images, old path (the baseline)")
+    p.add_argument("--old-count", type=int, default=64, help="calibration images, old path (the baseline); 0: not run")
     p.add_argument("--size", type=int, default=224)
-    p.add_argument("--val-limit", type=int, default=32)
+    p.add_argument("--val-limit", type=int, default=32, help="validation (and parity) images of the export")
+    p.add_argument("--train-images", type=int, default=None,
+                   help="Fashion-MNIST images the run is made of (default: enough for the largest count)")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="the run's validation share")
     p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "export_memory.json")
     p.add_argument("--child", choices=["old", "new"], help=argparse.SUPPRESS)
     p.add_argument("--images", type=int, help=argparse.SUPPRESS)
@@ -123,16 +133,21 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        checkpoint = build_checkpoint(work, args.size, train_images=max(args.counts) * 21 // 20 + 64)
-        rows = [run_child("old", args.old_count, checkpoint, work / "models", args.val_limit)]
+        train_images = args.train_images or max(args.counts) * 21 // 20 + 64
+        checkpoint = build_checkpoint(work, args.size, train_images, args.val_fraction)
+        rows = [run_child("old", args.old_count, checkpoint, work / "models", args.val_limit)] if args.old_count else []
         rows += [run_child("new", n, checkpoint, work / "models", args.val_limit) for n in args.counts]
-    base = rows[0]["peak_rss_mb"]
-    for row in rows:
-        row["ratio_to_old"] = round(row["peak_rss_mb"] / base, 3)
-        print(f"{row['path']} {row['images']:4d}: {row['ratio_to_old']:.3f} x the old path's peak with {args.old_count}")
+    if args.old_count:
+        base = rows[0]["peak_rss_mb"]
+        for row in rows:
+            row["ratio_to_old"] = round(row["peak_rss_mb"] / base, 3)
+            print(f"{row['path']} {row['images']:4d}: {row['ratio_to_old']:.3f} x the old path's peak with "
+                  f"{args.old_count}")
     calib_mb = max(args.counts) * 3 * args.size * args.size * 4 / 1e6
     report = {"model": "resnet50 (weights none, 1 training step)", "input": args.size,
-              "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "baseline": f"old path, {args.old_count} images",
+              "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+              "baseline": f"old path, {args.old_count} images" if args.old_count else None,
+              "train_images": train_images, "val_fraction": args.val_fraction,
               "calibration_array_mb_at_max_count": round(calib_mb, 1), "runs": rows,
               "command": "OMP_NUM_THREADS=2 nice -n 10 python benchmarks/export_memory.py " + " ".join(sys.argv[1:])}
     args.json.parent.mkdir(parents=True, exist_ok=True)

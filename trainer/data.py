@@ -409,7 +409,7 @@ def save_split(path: Path, dataset: Dataset, train: Sequence[int], val: Sequence
 def split_drawn_for(path: Path) -> dict | None:
     """The settings a saved split was drawn with (``save_split``'s ``drawn_for``), or None for a split a caller
     placed in the run folder; DatasetError naming the file when it is not a saved split."""
-    payload = _read_split(path)
+    payload = read_split(path)
     drawn_for = payload.get("drawn_for") if isinstance(payload, dict) else None
     if not isinstance(payload, dict) or not isinstance(drawn_for, (dict, type(None))):
         raise DatasetError(f"{path}: not a saved split (expected a JSON object with train and val lists, and "
@@ -417,7 +417,7 @@ def split_drawn_for(path: Path) -> dict | None:
     return drawn_for
 
 
-def _read_split(path: Path) -> Any:
+def read_split(path: Path) -> Any:
     """A saved split's JSON, as it was written; DatasetError naming the file when it cannot be read or parsed."""
     try:
         return json.loads(path.read_bytes().decode("utf-8"))
@@ -429,7 +429,7 @@ def _read_split(path: Path) -> Any:
 
 def load_split(path: Path, dataset: Dataset) -> tuple[list[int], list[int]]:
     """Indices of a saved split in ``dataset``; a resumed run must see the same split."""
-    payload = _read_split(path)
+    payload = read_split(path)
     try:
         rows = {part: [p for p, _ in payload[part]] for part in ("train", "val")}
     except (ValueError, TypeError, KeyError) as exc:

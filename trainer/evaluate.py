@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -289,26 +289,139 @@ def write_reports(out_dir: Path, metrics: dict, paths: Sequence[Path], logits: n
 # --- running a model ------------------------------------------------------------------------------
 
 
-def onnx_logits(onnx_path: str | Path, inputs: np.ndarray, batch_size: int = 256, threads: int | None = None) -> np.ndarray:
+CHUNK_IMAGES = 64   # images preprocessed at a time where a set is streamed (ModelInputs)
+
+
+class ModelInputs(Protocol):
+    """Model inputs (N x 3 x H x W float32) made ``chunks()`` at a time, again on every pass, never all at once:
+    what the export evaluates and calibrates on, whose whole set (thousands of images at 224 px, 0.6 MB each) need
+    not fit in memory. A numpy array is accepted wherever these are (one chunk)."""
+
+    def __len__(self) -> int: ...
+
+    def chunks(self) -> Iterator[np.ndarray]: ...
+
+
+def input_chunks(inputs: np.ndarray | ModelInputs) -> Iterator[np.ndarray]:
+    """The chunks of ``inputs``, in order; an array is one chunk."""
+    if isinstance(inputs, np.ndarray):
+        if len(inputs):
+            yield inputs
+        return
+    yield from inputs.chunks()
+
+
+def input_batches(inputs: np.ndarray | ModelInputs, batch_size: int) -> Iterator[np.ndarray]:
+    """``inputs`` in batches of ``batch_size`` rows (the last one shorter), whatever its chunks are: the batches a
+    model runs on are those of the whole array (the same figures), and only one chunk and one batch are held.
+    A batch within a chunk is a view of it; one that spans chunks is a copy."""
+    size = max(1, int(batch_size))
+    pending: list[np.ndarray] = []
+    held = 0
+    for chunk in input_chunks(inputs):
+        start = 0
+        if pending:
+            start = min(size - held, len(chunk))
+            pending.append(chunk[:start])
+            held += start
+            if held < size:
+                continue
+            yield np.concatenate(pending)
+            pending, held = [], 0
+        while len(chunk) - start >= size:
+            yield chunk[start : start + size]
+            start += size
+        if start < len(chunk):
+            pending, held = [chunk[start:]], len(chunk) - start
+    if pending:
+        yield pending[0] if len(pending) == 1 else np.concatenate(pending)
+
+
+class ChainedInputs:
+    """Several ``ModelInputs`` (or arrays) one after the other, as if concatenated."""
+
+    def __init__(self, *parts: np.ndarray | ModelInputs) -> None:
+        self.parts = parts
+
+    def __len__(self) -> int:
+        return sum(len(part) for part in self.parts)
+
+    def chunks(self) -> Iterator[np.ndarray]:
+        for part in self.parts:
+            yield from input_chunks(part)
+
+
+class ImageFileInputs:
+    """The station inputs of image files (the manifest's eval preprocessing), read and preprocessed ``chunk`` at a
+    time on every pass (``workers`` processes read ahead, at most two chunks each): what ``eval_inputs`` gives, in
+    the same order, without holding the whole set."""
+
+    def __init__(self, samples: Sequence, spec, *, workers: int = 0, chunk: int = CHUNK_IMAGES,
+                 desc: str = "preprocess images") -> None:
+        self.samples = list(samples)
+        self.spec = spec
+        self.workers = workers
+        self.chunk = max(1, int(chunk))
+        self.desc = desc
+        self.labels = np.asarray([s.label for s in self.samples], np.int64)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def chunks(self) -> Iterator[np.ndarray]:
+        import torch
+        from tqdm import tqdm
+
+        from contract.preprocess import Preprocessor
+        from trainer.augment import load_eval
+        from trainer.engine import ImageFiles
+
+        if not self.samples:
+            return
+        pre = Preprocessor(self.spec)
+        loader = torch.utils.data.DataLoader(ImageFiles(self.samples, lambda p: load_eval(p, pre)),
+                                             batch_size=self.chunk, num_workers=self.workers)
+        for x, _ in tqdm(loader, desc=self.desc, unit="chunk", leave=False):
+            yield x.numpy()
+
+
+def onnx_logits(onnx_path: str | Path, inputs: np.ndarray | ModelInputs, batch_size: int = 256,
+                threads: int | None = None) -> np.ndarray:
     """Logits from an ONNX file in ONNX Runtime (CPU), batch by batch."""
     return onnx_outputs(onnx_path, inputs, batch_size, threads)[0]
 
 
-def onnx_outputs(onnx_path: str | Path, inputs: np.ndarray, batch_size: int = 256,
-                 threads: int | None = None) -> list[np.ndarray]:
-    """Every output of an ONNX file (logits first, then the embedding where it has one), batch by batch."""
+def onnx_session(onnx_path: str | Path, threads: int | None = None):
+    """An ONNX Runtime CPU session of ``onnx_path``."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    count = len(session.get_outputs())
-    parts = [session.run(None, {name: inputs[i : i + batch_size]}) for i in range(0, len(inputs), batch_size)]
-    if not parts:
-        return [np.zeros((0, 0), np.float32)] * count
-    return [np.concatenate([p[k] for p in parts]) for k in range(count)]
+    return ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+
+
+def onnx_outputs(onnx_path: str | Path, inputs: np.ndarray | ModelInputs, batch_size: int = 256,
+                 threads: int | None = None) -> list[np.ndarray]:
+    """Every output of an ONNX file (logits first, then the embedding where it has one), batch by batch."""
+    return onnx_outputs_each([onnx_path], inputs, batch_size, threads)[0]
+
+
+def onnx_outputs_each(onnx_paths: Sequence[str | Path], inputs: np.ndarray | ModelInputs, batch_size: int = 256,
+                      threads: int | None = None) -> list[list[np.ndarray]]:
+    """``onnx_outputs`` of several ONNX files in one pass over ``inputs`` (each batch made once, run by each)."""
+    sessions = [onnx_session(path, threads) for path in onnx_paths]
+    names = [session.get_inputs()[0].name for session in sessions]
+    parts: list[list] = [[] for _ in sessions]
+    for batch in input_batches(inputs, batch_size):
+        for session, name, out in zip(sessions, names, parts):
+            out.append(session.run(None, {name: batch}))
+    results = []
+    for session, out in zip(sessions, parts):
+        count = len(session.get_outputs())
+        results.append([np.concatenate([p[k] for p in out]) for k in range(count)] if out
+                       else [np.zeros((0, 0), np.float32)] * count)
+    return results
 
 
 def evaluate(model_path: str | Path, data: str | Path, out_dir: str | Path, *, classes: Sequence[str] | None = None,

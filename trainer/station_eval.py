@@ -18,7 +18,7 @@ they are training material).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -59,6 +59,50 @@ class StationViews:
     inputs: np.ndarray          # N x 3 x H x W float32
     labels: np.ndarray          # N int64
     found: int                  # scenes where foreground_box found a box
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def chunks(self) -> Iterator[np.ndarray]:
+        """The inputs as one chunk (trainer.evaluate.ModelInputs)."""
+        if len(self.inputs):
+            yield self.inputs
+
+
+class StationViewInputs:
+    """The model inputs ``station_views`` makes, rendered again ``chunk`` scenes at a time on every pass
+    (trainer.evaluate.ModelInputs): the same scenes in the same order (each pass starts from the seed), without
+    holding the whole set (1,000 scenes at 224 px are 600 MB). ``found`` is set by each complete pass."""
+
+    def __init__(self, paths: Sequence, labels: Sequence[int], spec: InputSpec, cfg: SceneConfig = SceneConfig(),
+                 chunk: int = 64) -> None:
+        self.paths = list(paths)
+        self.labels = np.asarray(labels, np.int64)
+        self.spec = spec
+        self.cfg = cfg
+        self.chunk = max(1, int(chunk))
+        self.found: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def chunks(self) -> Iterator[np.ndarray]:
+        cfg, spec = self.cfg, self.spec
+        rng = np.random.default_rng(cfg.seed)
+        surfaces = _surfaces(256, cfg.seed)
+        preprocessor = Preprocessor(spec)
+        found = 0
+        for start in range(0, len(self.paths), self.chunk):
+            part = self.paths[start : start + self.chunk]
+            inputs = np.empty((len(part), 3, spec.height, spec.width), np.float32)
+            for i, path in enumerate(part):
+                scene, empty = render_scene(read_image(path), surfaces[rng.integers(len(surfaces))], rng, cfg)
+                box = foreground_box(scene, empty).box      # the light estimated, as a station does
+                found += box is not None
+                crop = crop_box(box, scene.shape[:2], spec.crop)
+                inputs[i] = preprocessor(model_view(scene, crop, spec.crop))
+            yield inputs
+        self.found = found
 
 
 def _surfaces(side: int, seed: int) -> np.ndarray:
@@ -152,16 +196,8 @@ def render_scene(rgb: np.ndarray, surface: np.ndarray, rng: np.random.Generator,
 
 
 def station_views(paths: Sequence, labels: Sequence[int], spec: InputSpec, cfg: SceneConfig = SceneConfig()) -> StationViews:
-    """The station's model inputs for these images seen at a station (see the module docstring)."""
-    rng = np.random.default_rng(cfg.seed)
-    surfaces = _surfaces(256, cfg.seed)
-    preprocessor = Preprocessor(spec)
-    inputs = np.empty((len(paths), 3, spec.height, spec.width), np.float32)
-    found = 0
-    for i, path in enumerate(paths):
-        scene, empty = render_scene(read_image(path), surfaces[rng.integers(len(surfaces))], rng, cfg)
-        box = foreground_box(scene, empty).box      # the light estimated, as a station does
-        found += box is not None
-        crop = crop_box(box, scene.shape[:2], spec.crop)
-        inputs[i] = preprocessor(model_view(scene, crop, spec.crop))
-    return StationViews(inputs, np.asarray(labels, np.int64), found)
+    """The station's model inputs for these images seen at a station (see the module docstring), all at once."""
+    stream = StationViewInputs(paths, labels, spec, cfg, chunk=max(1, len(paths)))
+    chunks = list(stream.chunks())      # one: the whole set
+    inputs = chunks[0] if chunks else np.empty((0, 3, spec.height, spec.width), np.float32)
+    return StationViews(inputs, stream.labels, stream.found)

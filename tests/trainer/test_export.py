@@ -146,7 +146,7 @@ def test_int8_gate_refuses_a_badly_calibrated_model(trained_run, tmp_path, monke
     the gate must catch the accuracy loss, keep the file, mark it not deployable and say why."""
     from trainer.export import bundle as bundle_mod
 
-    def blank_frames(train_samples, spec, count, workers):
+    def blank_frames(train_samples, spec, count, workers, chunk):
         return np.zeros((16, 3, spec.height, spec.width), dtype=np.float32)
 
     monkeypatch.setattr(bundle_mod, "_calibration_inputs", blank_frames)
@@ -253,22 +253,21 @@ def _two_output_onnx(path: Path, logits_op: str) -> Path:
 
 
 def test_station_view_int8_logits_that_are_not_finite_fail_the_int8_gate(tmp_path):
-    from types import SimpleNamespace
-
     from trainer.export.bundle import _station_quality
+    from trainer.station_eval import StationViews
 
     # given: station views on which the FP32 model is right everywhere, and the INT8 model (Log: NaN for a negative
     # input) is NaN on all of 3 of 8 rows, whose argmax still says class 0, the true one
     fp32, int8 = _two_output_onnx(tmp_path / "fp32.onnx", "Identity"), _two_output_onnx(tmp_path / "int8.onnx", "Log")
     inputs = np.tile(np.array([[3.0, 2.0, 1.0]], np.float32), (8, 1))
     inputs[:3] = [-1.0, -2.0, -3.0]
-    views = SimpleNamespace(inputs=inputs, labels=np.zeros(8, np.int64), found=8)
+    views = StationViews(inputs, np.zeros(8, np.int64), 8)
     quality, reason, outputs = _station_quality(views, fp32, int8, 1.0)
     # then: those count as wrong, and the INT8 model fails the gate, as on the validation images
     assert quality["val_accuracy"] == 1.0 and quality["int8_val_accuracy"] == 5 / 8 and not quality["int8_passed"]
     assert reason == "station views: INT8 model gives non-finite logits (NaN or infinity) on 3 of 8 validation images"
     # and with no view at all (every validation image a station's own frame), there is no gate to apply
-    empty = SimpleNamespace(inputs=np.zeros((0, 3), np.float32), labels=np.zeros(0, np.int64), found=0)
+    empty = StationViews(np.zeros((0, 3), np.float32), np.zeros(0, np.int64), 0)
     assert _station_quality(empty, fp32, int8, 1.0) == (None, None, None)
 
 
@@ -431,10 +430,9 @@ def test_a_model_with_non_finite_logits_is_not_deployable():
                                                  "validation images")
 
 
-def test_a_stations_own_frames_are_never_rendered_again_as_station_views(tmp_path, monkeypatch):
+def test_a_stations_own_frames_are_never_rendered_again_as_station_views(tmp_path):
     # given: a run whose split holds a station's frames (a retrain's reviewed crops, saved as_seen) among images
     from trainer import data as data_mod
-    from trainer import station_eval
     from trainer.export import bundle as bundle_mod
     from trainer.export.quantize import QuantizeConfig
 
@@ -444,15 +442,13 @@ def test_a_stations_own_frames_are_never_rendered_again_as_station_views(tmp_pat
     data_mod.save_split(tmp_path / "split.json", dataset, train, val, seed=0)
     loaded_train, loaded_val = bundle_mod._split_samples(tmp_path, ["a", "b"])
     assert [s.as_seen for s in loaded_train + loaded_val] == [samples[i].as_seen for i in train + val]
-    rendered = []
-    monkeypatch.setattr(station_eval, "station_views", lambda paths, labels, spec, cfg=None: rendered.append(paths))
     spec = type("Spec", (), {"crop": type("Crop", (), {"mode": "foreground"})()})()
     cfg = bundle_mod.ExportConfig(checkpoint=tmp_path / "best.pt", station_val_images=1000,
                                   quantize=QuantizeConfig(calibration_images=64))
-    bundle_mod._station_sets(cfg, spec, loaded_train, loaded_val)
+    sets = bundle_mod._station_sets(cfg, spec, loaded_train, loaded_val)   # streams: nothing rendered yet
     # then: the station-view validation and calibration sets render only the other images, all of them here
     seen = {str(tmp_path / f"img/{i}.png") for i in range(0, 30, 3)}
-    val_paths, calib_paths = ({str(p) for p in paths} for paths in rendered)
+    val_paths, calib_paths = ({str(p) for p in sets[part].paths} for part in ("val", "calibration"))
     assert not (val_paths | calib_paths) & seen
     assert val_paths == {str(tmp_path / f"img/{i}.png") for i in val} - seen
     assert calib_paths == {str(tmp_path / f"img/{i}.png") for i in train} - seen
@@ -463,11 +459,10 @@ def test_a_stations_own_frames_are_never_rendered_again_as_station_views(tmp_pat
     assert not any(s.as_seen for part in bundle_mod._split_samples(tmp_path, ["a", "b"]) for s in part)
 
 
-def test_the_station_view_set_is_drawn_from_every_class_of_a_split_listed_class_by_class(tmp_path, monkeypatch):
+def test_the_station_view_set_is_drawn_from_every_class_of_a_split_listed_class_by_class(tmp_path):
     # given: a split that lists its validation images class by class, as every run saves it, and a station-view
     # set of a fifth of them (the export's default: 1,000 of the recipe's 6,000)
     from trainer import data as data_mod
-    from trainer import station_eval
     from trainer.export import bundle as bundle_mod
     from trainer.export.quantize import QuantizeConfig
 
@@ -477,15 +472,12 @@ def test_the_station_view_set_is_drawn_from_every_class_of_a_split_listed_class_
     val = list(range(len(samples)))                          # class by class
     data_mod.save_split(tmp_path / "split.json", dataset, val[:5], val, seed=0)
     train, loaded_val = bundle_mod._split_samples(tmp_path, classes)
-    rendered = []
-    monkeypatch.setattr(station_eval, "station_views",
-                        lambda paths, labels, spec, cfg=None: rendered.append(list(labels)))
     spec = type("Spec", (), {"crop": type("Crop", (), {"mode": "foreground"})()})()
     cfg = bundle_mod.ExportConfig(checkpoint=tmp_path / "best.pt", station_val_images=60,
                                   quantize=QuantizeConfig(calibration_images=4))
-    bundle_mod._station_sets(cfg, spec, train, loaded_val)
+    sets = bundle_mod._station_sets(cfg, spec, train, loaded_val)
     # then: its unknown threshold, review thresholds and INT8 gate see every class, about equally, not the first one
-    counts = np.bincount(rendered[0], minlength=len(classes))
+    counts = np.bincount(sets["val"].labels, minlength=len(classes))
     assert counts.sum() == 60 and counts.min() >= 6 and counts.max() <= 20, counts
     # the same draw for the parity images and --val-limit: spread, in order, all when asked for more
     picked = data_mod.spread(len(samples), 60)
@@ -549,9 +541,12 @@ def test_an_export_with_nothing_to_render_a_fallback_graph_and_a_nan_int8_model_
     published_when_reported = []
     real_reports = bundle_mod.write_reports
 
-    def reports(out_dir, *args, **kwargs):
+    reported_logits = {}
+
+    def reports(out_dir, metrics, paths, logits, labels):
         published_when_reported.append(final_dir.exists())
-        return real_reports(out_dir, *args, **kwargs)
+        reported_logits[Path(out_dir).name] = logits
+        return real_reports(out_dir, metrics, paths, logits, labels)
 
     monkeypatch.setattr(torch.onnx, "export", no_dynamo)
     monkeypatch.setattr(bundle_mod, "onnx_outputs", int8_nan_on_first_image)
@@ -576,6 +571,11 @@ def test_an_export_with_nothing_to_render_a_fallback_graph_and_a_nan_int8_model_
     assert q["int8"]["reason"] == "INT8 model gives non-finite logits (NaN or infinity) on 1 of 40 validation images"
     assert "threshold_int8" not in result.manifest["open_set"] and bundle.open_set.int8_threshold is None
     assert set(result.manifest["open_set"]["keep_thresholds"]) == {"fp32"}
+    # its NaN image predicts no class, so it agrees with FP32 on none (its argmax, 0, was counted as a class-0
+    # prediction, agreeing with FP32's on the first validation image, of class 0)
+    fp32_top1, int8_logits = reported_logits["fp32"].argmax(1), reported_logits["int8"]
+    assert fp32_top1[0] == 0 and np.isnan(int8_logits[0]).all()
+    assert q["int8"]["top1_agreement"] == ((int8_logits.argmax(1) == fp32_top1)[1:]).sum() / 40
     # and its report counts the NaN image as a wrong one, in strict JSON
     int8_report = loads_finite((run / "export-1" / "int8" / "metrics.json").read_text())
     assert int8_report["non_finite_images"] == 1 and int8_report["images"] == 40

@@ -34,11 +34,15 @@ from contract.messages import dumps_finite
 from contract.preprocess import InputSpec
 from trainer import data as data_mod
 from trainer.data import spread
-from trainer.engine import eval_inputs, load_checkpoint_model
+from trainer.engine import load_checkpoint_model
 from trainer.evaluate import (
+    CHUNK_IMAGES,
+    ChainedInputs,
+    ImageFileInputs,
     compute_metrics,
     low_confidence_report,
     onnx_outputs,
+    onnx_outputs_each,
     softmax,
     suggest_thresholds,
     within_review_budget,
@@ -71,6 +75,8 @@ class ExportConfig:
     unknown_score: str = openset.DEFAULT_SCORE  # contract.openset.SCORES; chosen by benchmarks/open_set.py
     unknown_keep: float = openset.DEFAULT_KEEP  # share of known items the unknown threshold keeps
     open_set_images: int = 2000          # training images the class statistics are fitted on
+    chunk_images: int = CHUNK_IMAGES     # images read and preprocessed (or rendered) at a time: each set of images
+    #                                      is streamed, pass by pass, never held whole (the figures do not change)
 
 
 @dataclass
@@ -102,43 +108,76 @@ def _versions(opset: int = OPSET) -> dict:
 
 
 def _split_samples(run_dir: Path, classes: list[str]) -> tuple[list, list]:
-    """Train and val samples of the run, from its saved split (a station's frames marked ``as_seen``)."""
-    split = json.loads((run_dir / "split.json").read_text())
-    root = Path(split["root"])
-    seen = set(split.get("as_seen") or ())
-    to_samples = lambda rows: [data_mod.Sample(root / p, label, p in seen) for p, label in rows]  # noqa: E731
-    if split["classes"] != classes:
-        raise ValueError(f"{run_dir / 'split.json'}: classes differ from the checkpoint's")
-    return to_samples(split["train"]), to_samples(split["val"])
+    """Train and val samples of the run, from its saved split (a station's frames marked ``as_seen``).
+
+    Checked before any work: DatasetError naming the file when it cannot be read, is not a saved split (root,
+    classes, train and val lists of [path, class index]) or has no validation image (the export evaluates and gates
+    on them); ValueError when its classes are not the checkpoint's."""
+    path = run_dir / "split.json"
+    split = data_mod.read_split(path)
+    try:
+        root, seen = Path(split["root"]), set(split.get("as_seen") or ())
+        rows = {part: [(p, label) for p, label in split[part]] for part in ("train", "val")}
+        split_classes = split["classes"]
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise data_mod.DatasetError(f"{path}: not a saved split (expected an object with root, classes, and train "
+                                    f"and val lists of [path, label]; {type(exc).__name__}: {exc})") from exc
+    if split_classes != classes:
+        raise ValueError(f"{path}: classes differ from the checkpoint's")
+    bad = next(((part, p, label) for part in rows for p, label in rows[part]
+                 if not isinstance(p, str) or type(label) is not int or not 0 <= label < len(classes)), None)
+    if bad is not None:
+        raise data_mod.DatasetError(f"{path}: {bad[0]} row [{bad[1]!r}, {bad[2]!r}]; expected [path, class index "
+                                    f"0..{len(classes) - 1}]")
+    if not rows["val"]:
+        raise data_mod.DatasetError(f"{path}: no validation image; the export evaluates, gates and calibrates its "
+                                    "thresholds on them")
+    to_samples = lambda part: [data_mod.Sample(root / p, label, p in seen) for p, label in rows[part]]  # noqa: E731
+    return to_samples("train"), to_samples("val")
 
 
-def _calibration_inputs(train_samples: list, spec: InputSpec, count: int, workers: int) -> np.ndarray:
-    """``count`` training images spread over all classes, preprocessed like at a station.
+def _data_report(run_dir: Path) -> dict:
+    """The run's data report (the manifest's provenance: dataset, fingerprint, skipped images), read before any
+    work; DatasetError naming the file when it cannot be read or lacks those."""
+    path = run_dir / "data_report.json"
+    try:
+        report = json.loads(path.read_bytes().decode("utf-8"))
+        report["dataset"], report["fingerprint"], len(report["skipped_images"])
+    except OSError as exc:
+        raise data_mod.DatasetError(f"{path}: cannot read the run's data report ({exc.strerror or exc})") from exc
+    except (ValueError, KeyError, TypeError) as exc:     # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise data_mod.DatasetError(f"{path}: not a data report (expected a JSON object with dataset, fingerprint "
+                                    f"and skipped_images; {type(exc).__name__}: {exc})") from exc
+    return report
 
-    They are held as one N x 3 x H x W float32 array (512 images at 224 px: 308 MB), fine next to the model;
-    what grew without bound was the calibrator's intermediate outputs, now one batch at a time (quantize.py)."""
+
+def _calibration_inputs(train_samples: list, spec: InputSpec, count: int, workers: int,
+                        chunk: int = CHUNK_IMAGES) -> ImageFileInputs:
+    """``count`` training images spread over all classes, preprocessed like at a station, ``chunk`` at a time on
+    each of the calibration's passes (512 images at 224 px held at once were 308 MB)."""
     chosen = [train_samples[i] for i in spread(len(train_samples), count, seed=0)]
-    return eval_inputs(chosen, spec, workers, desc="preprocess calibration images")[0].numpy()
+    return ImageFileInputs(chosen, spec, workers=workers, chunk=chunk, desc="preprocess calibration images")
 
 
 def _station_sets(cfg: ExportConfig, spec: InputSpec, train_samples: list, val_samples: list) -> dict | None:
     """For a foreground-crop bundle: validation images and half the calibration images as a station's camera
     shows them, cropped by the station's own localizer (trainer.station_eval); None for a whole-ROI bundle.
 
+    Both are streamed (trainer.station_eval.StationViewInputs): rendered a chunk at a time on each pass.
     A station's own frames (a retrain's reviewed frames, ``as_seen``) are left out: each is already the item crop
     a camera sent, and rendering it again would paste that crop, its surface included, onto another surface."""
     if spec.crop.mode != "foreground" or cfg.station_val_images <= 0:
         return None
-    from trainer.station_eval import SceneConfig, station_views
+    from trainer.station_eval import SceneConfig, StationViewInputs
 
     rendered = [s for s in val_samples if not s.as_seen]
     val = [rendered[i] for i in spread(len(rendered), cfg.station_val_images)]
     train_samples = [s for s in train_samples if not s.as_seen]
     rng = np.random.default_rng(1)
     calib = [train_samples[i] for i in rng.permutation(len(train_samples))[: cfg.quantize.calibration_images // 2]]
-    return {"val": station_views([s.path for s in val], [s.label for s in val], spec),
-            "calibration": station_views([s.path for s in calib], [s.label for s in calib], spec,
-                                         SceneConfig(seed=4321))}
+    return {"val": StationViewInputs([s.path for s in val], [s.label for s in val], spec, chunk=cfg.chunk_images),
+            "calibration": StationViewInputs([s.path for s in calib], [s.label for s in calib], spec,
+                                             SceneConfig(seed=4321), chunk=cfg.chunk_images)}
 
 
 def _top1(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -156,8 +195,7 @@ def _station_quality(views, fp32_path: Path, int8_path: Path, margin_points: flo
     there is no station-view gate to apply, and the caller records that it was skipped."""
     if not len(views.labels):
         return None, None, None
-    fp32_logits, fp32_emb = onnx_outputs(fp32_path, views.inputs)
-    int8_logits, int8_emb = onnx_outputs(int8_path, views.inputs)
+    (fp32_logits, fp32_emb), (int8_logits, int8_emb) = onnx_outputs_each([fp32_path, int8_path], views)  # one pass
     fp32, int8 = _top1(fp32_logits, views.labels), _top1(int8_logits, views.labels)
     passed, reason = int8_gate(fp32, int8, margin_points)
     if (int8_reason := non_finite_reason("INT8", int8_logits)) is not None:
@@ -227,7 +265,8 @@ def check_export_settings(cfg: ExportConfig) -> None:
     if cfg.review_budget is not None and not 0.0 <= cfg.review_budget <= 1.0:
         raise ValueError(f"review budget: expected a share in 0..1, got {cfg.review_budget!r}")
     for flag, count in (("--calibration-images", cfg.quantize.calibration_images),
-                        ("--parity-images", cfg.parity_images), ("--open-set-images", cfg.open_set_images)):
+                        ("--parity-images", cfg.parity_images), ("--open-set-images", cfg.open_set_images),
+                        ("chunk_images", cfg.chunk_images)):
         if not (isinstance(count, int) and count >= 1):
             raise ValueError(f"{flag}: expected at least 1 image, got {count!r}")
     if not (math.isfinite(cfg.gate_margin_points) and cfg.gate_margin_points >= 0):
@@ -257,17 +296,21 @@ def export_bundle(cfg: ExportConfig) -> ExportResult:
     if final_dir.exists():
         raise FileExistsError(f"{final_dir}: bundle version already exists; pass another --version")
     train_samples, val_samples = _split_samples(run_dir, classes)
+    data_report = _data_report(run_dir)
     if cfg.val_limit:
         val_samples = [val_samples[i] for i in spread(len(val_samples), cfg.val_limit)]
-    val_x, val_y = eval_inputs(val_samples, spec, cfg.workers)
-    val_x, val_y = val_x.numpy(), val_y.numpy()
+    # read and preprocessed a chunk at a time on each pass (FP32, then INT8), never held whole
+    val_x = ImageFileInputs(val_samples, spec, workers=cfg.workers, chunk=cfg.chunk_images,
+                            desc="preprocess val images")
+    val_y = val_x.labels
     # this export's own folder: another export of the same version may be writing its own beside it
     sweep_partials(final_dir.parent)        # what exports killed before their clean-up left here
     tmp_dir = partial_dir(final_dir)
     tmp_dir.mkdir(parents=True)
     try:
         manifest, fp32_metrics, int8_metrics = _export_into(
-            cfg, tmp_dir, model, spec, classes, train_cfg, name, version, train_samples, val_samples, val_x, val_y, run_dir)
+            cfg, tmp_dir, model, spec, classes, train_cfg, name, version, train_samples, val_samples, val_x, val_y,
+            run_dir, data_report)
         try:
             text = dumps_finite(manifest, indent=1)
         except ValueError as exc:
@@ -308,11 +351,13 @@ def non_finite_reason(model: str, logits: np.ndarray) -> str | None:
 
 
 def _export_into(cfg, tmp_dir, model, spec, classes, train_cfg, name, version, train_samples, val_samples, val_x, val_y,
-                 run_dir):
+                 run_dir, data_report):
     arch = train_cfg["arch"]
     fp32_path = export_onnx(model, tmp_dir / "model.fp32.onnx", spec.height, spec.width,
                             input_name=spec.input_name, output_name=spec.output_name, arch=arch)
-    parity_stats = parity(model, fp32_path, val_x[spread(len(val_x), cfg.parity_images)], arch=arch)
+    parity_x = ImageFileInputs([val_samples[i] for i in spread(len(val_samples), cfg.parity_images)], spec,
+                               workers=cfg.workers, chunk=cfg.chunk_images, desc="preprocess parity images")
+    parity_stats = parity(model, fp32_path, parity_x, arch=arch)
     fp32_logits, fp32_emb = onnx_outputs(fp32_path, val_x)
     if (fp32_reason := non_finite_reason("FP32", fp32_logits)) is not None:
         raise ValueError(f"{cfg.checkpoint}: {fp32_reason}; not exported (a model that outputs NaN cannot be "
@@ -330,9 +375,9 @@ def _export_into(cfg, tmp_dir, model, spec, classes, train_cfg, name, version, t
     # shows them, each drawn over every class (before 2026-12-06 the dataset half was the first half of a draw
     # kept in the split's class order: the later classes were left out of it)
     calibration = _calibration_inputs(train_samples, spec, count - count // 2 if station is not None else count,
-                                      cfg.workers)
+                                      cfg.workers, cfg.chunk_images)
     if station is not None:
-        calibration = np.concatenate([calibration, station["calibration"].inputs])
+        calibration = ChainedInputs(calibration, station["calibration"])
     int8_path = tmp_dir / "model.int8.onnx"
     calib_info = quantize_qdq(fp32_path, int8_path, calibration, cfg.quantize, input_name=spec.input_name)
     int8_logits, int8_emb = onnx_outputs(int8_path, val_x)
@@ -365,7 +410,7 @@ def _export_into(cfg, tmp_dir, model, spec, classes, train_cfg, name, version, t
         review = _thresholds(softmax(fp32_logits), val_y, "val", cfg.review_budget)
     open_set, open_set_arrays, open_set_reason = _open_set(cfg, spec, fp32_path, train_samples, station,
                                                            station_outputs,
-                                                           (val_x, val_y, fp32_logits, fp32_emb, int8_logits, int8_emb),
+                                                           (val_y, fp32_logits, fp32_emb, int8_logits, int8_emb),
                                                            len(classes))
     passed, reason = passed and open_set_reason is None, reason or open_set_reason
     npz_path = tmp_dir / "open_set.npz"
@@ -382,7 +427,6 @@ def _export_into(cfg, tmp_dir, model, spec, classes, train_cfg, name, version, t
         artifacts.append(artifact_entry(engine["path"], tmp_dir, role=ROLE_ENGINE, precision=engine["precision"],
                                         deployable=True, tensorrt_version=engine["tensorrt_version"],
                                         compute_capability=engine["compute_capability"], source=engine["source"]))
-    data_report = json.loads((run_dir / "data_report.json").read_text())
     manifest = {
         "schema_version": 1,
         "name": name,
@@ -405,7 +449,9 @@ def _export_into(cfg, tmp_dir, model, spec, classes, train_cfg, name, version, t
                 "val_accuracy": int8_metrics["accuracy"],
                 "val_macro_f1": int8_metrics["macro_f1"],
                 "delta_top1_points": (int8_metrics["accuracy"] - fp32_metrics["accuracy"]) * 100,
-                "top1_agreement": float((int8_logits.argmax(1) == fp32_logits.argmax(1)).mean()),
+                # a row with NaN or infinity predicts no class (compute_metrics): it agrees with nothing
+                "top1_agreement": float(((int8_logits.argmax(1) == fp32_logits.argmax(1))
+                                         & np.isfinite(int8_logits).all(axis=1)).mean()),
                 "gate_margin_points": cfg.gate_margin_points,
                 "passed": passed,
                 "reason": reason,
@@ -438,13 +484,14 @@ def _open_set(cfg: ExportConfig, spec: InputSpec, fp32_path: Path, train_samples
     keep ``unknown_keep`` of the known items of the set a station's frames look like (station views, else val), one
     on the FP32 model's scores and one on the INT8 model's. The INT8 gate covers the embedding: its median cosine
     to the FP32 embedding on validation images must reach EMBEDDING_COSINE_GATE."""
-    val_x, val_y, fp32_logits, fp32_emb, int8_logits, int8_emb = val
+    val_y, fp32_logits, fp32_emb, int8_logits, int8_emb = val
     chosen = [train_samples[i] for i in spread(len(train_samples), cfg.open_set_images, seed=2)]
-    fit_x, fit_y = eval_inputs(chosen, spec, cfg.workers, desc="preprocess open-set images")
-    fit_emb = onnx_outputs(fp32_path, fit_x.numpy())[1]
-    fit_labels = fit_y.numpy()
+    fit_x = ImageFileInputs(chosen, spec, workers=cfg.workers, chunk=cfg.chunk_images,
+                            desc="preprocess open-set images")
+    fit_emb = onnx_outputs(fp32_path, fit_x)[1]
+    fit_labels = fit_x.labels
     if station is not None and len(station["calibration"].labels):
-        fit_emb = np.concatenate([fit_emb, onnx_outputs(fp32_path, station["calibration"].inputs)[1]])
+        fit_emb = np.concatenate([fit_emb, onnx_outputs(fp32_path, station["calibration"])[1]])
         fit_labels = np.concatenate([fit_labels, station["calibration"].labels])
     stats = openset.fit_embedding_stats(fit_emb, fit_labels, classes)
     if station is not None and station_outputs is not None and len(station["val"].labels):

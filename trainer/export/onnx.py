@@ -69,8 +69,11 @@ def _finite_rows(*arrays: np.ndarray | None) -> np.ndarray:
     return np.logical_and.reduce([np.isfinite(a.reshape(len(a), -1)).all(axis=1) for a in arrays if a is not None])
 
 
-def parity(model: nn.Module, onnx_path: Path, inputs: np.ndarray, batch_size: int = 64, arch: str | None = None) -> dict:
+def parity(model: nn.Module, onnx_path: Path, inputs, batch_size: int = 64, arch: str | None = None) -> dict:
     """ONNX Runtime vs PyTorch on ``inputs``: max absolute logit difference, top-1 agreement, and the gate.
+
+    ``inputs``: an N x 3 x H x W float32 array, or trainer.evaluate.ModelInputs (read a chunk at a time: both
+    models run on each batch as it comes, and only their outputs are kept).
 
     The gate (``passed``): every logit within ``PARITY_RELATIVE_TOLERANCE`` of the largest |logit| (float
     arithmetic in another order differs by ~1e-6 of it; a wrong graph by far more), and every top-1
@@ -78,21 +81,28 @@ def parity(model: nn.Module, onnx_path: Path, inputs: np.ndarray, batch_size: in
     max difference). A bundle that fails is not deployable. So does a PyTorch reference with NaN or infinity (no
     difference to it can be measured); the figures are then over the images where both outputs are finite.
     """
-    from trainer.evaluate import onnx_outputs
+    from trainer.evaluate import input_batches, onnx_session
 
     model = model.eval().cpu()
     if arch is not None:
         from trainer.model import WithEmbedding
 
         model = WithEmbedding(model, arch).eval()
+    session = onnx_session(onnx_path)
+    name, count = session.get_inputs()[0].name, len(session.get_outputs())
+    parts, got_parts = [], []
     with torch.no_grad():
-        parts = [model(torch.from_numpy(inputs[i : i + batch_size])) for i in range(0, len(inputs), batch_size)]
+        for batch in input_batches(inputs, batch_size):
+            parts.append(model(torch.from_numpy(batch)))
+            got_parts.append(session.run(None, {name: batch}))
+    got_all = ([np.concatenate([p[k] for p in got_parts]) for k in range(count)] if got_parts
+               else [np.zeros((0, 0), np.float32)] * count)
     if arch is not None:
         ref, ref_emb = (torch.cat([p[k] for p in parts]).numpy() for k in (0, 1))
-        got, got_emb = onnx_outputs(onnx_path, inputs, batch_size)
+        got, got_emb = got_all[0], got_all[1]
     else:
         ref, ref_emb, got_emb = torch.cat(parts).numpy(), None, None
-        got = onnx_outputs(onnx_path, inputs, batch_size)[0]
+        got = got_all[0]
     ref_finite, got_finite = _finite_rows(ref, ref_emb), _finite_rows(got, got_emb)
     both = ref_finite & got_finite        # the differences are measured here; any other row fails the gate below
     diff = float(np.abs(ref[both] - got[both]).max()) if both.any() else 0.0

@@ -18,6 +18,9 @@ at 24 GB with 512), and its ``CalibMaxIntermediateOutputs`` does not help in 1.3
 ignore it and MinMax throws the cleared batches away. So the ranges are computed here, one batch at a
 time (``calibration_ranges``), equal to ORT's one-shot ranges, and handed to quantize_static as its
 calibration cache.
+
+The images themselves are streamed too (trainer.evaluate.ModelInputs): read, preprocessed and fed a chunk at a
+time on each pass, in the same batches as one array of them would give, so the ranges are the same.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+
+from trainer.evaluate import ModelInputs, input_batches
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +58,14 @@ class QuantizeConfig:
     batch_size: int = 8
 
 
-def calibration_batches(images: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
-    """Views of ``images``, ``batch_size`` at a time; each is calibrated on its own, so a shorter last one is fine."""
-    size = max(1, batch_size)
-    for start in range(0, len(images), size):
-        yield images[start : start + size]
+def calibration_batches(images: np.ndarray | ModelInputs, batch_size: int) -> Iterator[np.ndarray]:
+    """``images``, ``batch_size`` at a time (those of the whole array, whatever the chunks of a stream); each is
+    calibrated on its own, so a shorter last one is fine. CalibrationError for a batch that is not N x 3 x H x W
+    float32 (a stream's chunks are only seen here)."""
+    for batch in input_batches(images, batch_size):
+        if batch.ndim != 4 or batch.dtype != np.float32:
+            raise CalibrationError(f"calibration images must be N x 3 x H x W float32, got {batch.shape} {batch.dtype}")
+        yield batch
 
 
 def _calibrator_options(cfg: QuantizeConfig) -> dict:
@@ -95,7 +103,7 @@ def _empty_histogram(extent: tuple, num_bins: int, absolute: bool) -> tuple:
     return np.zeros(num_bins, np.int64), edges, lo, hi, threshold
 
 
-def _stream_histograms(calibrator, input_name: str, images: np.ndarray, batch_size: int) -> None:
+def _stream_histograms(calibrator, input_name: str, images: np.ndarray | ModelInputs, batch_size: int) -> None:
     """Histogram calibration one batch at a time, in two passes: the tensors' extents, then their histograms.
 
     ORT's HistogramCalibrater.collect_data keeps every batch's intermediate outputs until the reader is empty
@@ -123,7 +131,8 @@ def _stream_histograms(calibrator, input_name: str, images: np.ndarray, batch_si
     calibrator.collector = collector
 
 
-def calibration_ranges(prepared: Path, work_dir: Path, images: np.ndarray, cfg: QuantizeConfig, input_name: str):
+def calibration_ranges(prepared: Path, work_dir: Path, images: np.ndarray | ModelInputs, cfg: QuantizeConfig,
+                       input_name: str):
     """Every activation's range (ORT TensorsData), holding one batch's intermediate outputs at a time.
 
     quantize_static with a reader keeps all of them: 9.0 GB at 64 ResNet50 images of 224 px, killed at
@@ -172,9 +181,10 @@ def _ort_prints_to_log() -> Iterator[None]:
         log.debug("onnxruntime: %s", line)
 
 
-def quantize_qdq(fp32_path: Path, out_path: Path, calibration: np.ndarray | None, cfg: QuantizeConfig,
+def quantize_qdq(fp32_path: Path, out_path: Path, calibration: np.ndarray | ModelInputs | None, cfg: QuantizeConfig,
                  input_name: str = "input") -> dict:
-    """Write a QDQ INT8 model calibrated on ``calibration`` (N x 3 x H x W float32, preprocessed)."""
+    """Write a QDQ INT8 model calibrated on ``calibration`` (N x 3 x H x W float32, preprocessed: an array, or
+    ModelInputs read a chunk at a time on each of the calibration's passes)."""
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.calibrate import save_tensors_data
@@ -182,7 +192,7 @@ def quantize_qdq(fp32_path: Path, out_path: Path, calibration: np.ndarray | None
 
     if calibration is None or len(calibration) == 0:
         raise CalibrationError("INT8 calibration needs real images: none were given (refusing to use random scales)")
-    if calibration.ndim != 4 or calibration.dtype != np.float32:
+    if isinstance(calibration, np.ndarray) and (calibration.ndim != 4 or calibration.dtype != np.float32):
         raise CalibrationError(f"calibration images must be N x 3 x H x W float32, got {calibration.shape} {calibration.dtype}")
     if cfg.method not in CALIBRATION_METHODS:
         raise CalibrationError(f"calibration method: expected one of {CALIBRATION_METHODS}, got {cfg.method!r}")
