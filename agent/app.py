@@ -198,6 +198,7 @@ class Agent:
         self.last_expect: dict[str, Any] | None = None
         self._shipment_lock = threading.Lock()      # the desk read and the state written as one step
         self.fetch_deadline_s = FETCH_DEADLINE_S        # a bundle download's whole time (agent/update.py)
+        self._previous_root: Path | None = None         # the bundle run before the running one (kept installed)
         self.state: StationState | None = None
         self.public_key = None
         self.model: ModelHolder | None = None
@@ -600,7 +601,12 @@ class Agent:
             self.model.swap(runtime)
             if self.state is not None:
                 self._save_state(lambda: self.state.set_model(bundle.root, bundle.version))
-            for gone in prune_installed(self.cfg.model.download_dir, [bundle.root, old.root]):
+            if Path(bundle.root).resolve() != Path(old.root).resolve():     # not the running bundle sent again
+                self._previous_root = Path(old.root)
+            # kept: the running bundle, the one before it (a rollback), the configured one (the fallback at a start)
+            keep = [bundle.root, old.root, Path(self.cfg.model.bundle)]
+            keep += [self._previous_root] if self._previous_root is not None else []
+            for gone in prune_installed(self.cfg.model.download_dir, keep):
                 log.info("removed %s: installed by an earlier cmd/model, no longer running", gone)
             self.metrics.info.update(model_name=bundle.name, model_version=bundle.version)
             log.info("model switched from %s to %s %s", old.version, bundle.name, bundle.version)

@@ -15,7 +15,13 @@ entry is never visible)::
       fp16-sm87-trt10.3.0-<16 hex of the key digest>/
         engine.plan     serialized engine
         key.json        the full key, the engine's sha256, bundle name/version, build time
+        used            when it was last asked for: a counter over the cache, not a clock
       .lock-<digest>    flock: two processes never build the same key at once
+
+The cache is bounded: each model update brings an engine of tens of MB, so after a lookup or a build only
+the ``MAX_ENTRIES`` engines of this device asked for last are kept (the running model's, the one before it
+for a rollback, the configured bundle's); the others go. Use is counted, not timed, so a station whose clock
+jumps (no RTC, NTP later) still keeps the engines it used last.
 
 Only the pure parts (key, layout, lookup, atomic write) run without TensorRT;
 ``build_with_tensorrt`` and ``probe_device`` import TensorRT and cuda-python
@@ -30,6 +36,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -46,7 +53,11 @@ log = logging.getLogger(__name__)
 Precision = Literal["fp16", "int8"]
 ENGINE_FILE = "engine.plan"
 KEY_FILE = "key.json"
+USED_FILE = "used"
 KEY_FORMAT = 2         # 2: the input's height and width in the key (an ONNX model with symbolic H and W)
+MAX_ENTRIES = 4        # engines kept per device: the running model's, the previous one, the configured one, one more
+KEY_FILE_MAX_BYTES = 64 * 1024      # a key.json is well under 1 kB
+_ENTRY_NAME = re.compile(r"(fp16|int8)-sm[0-9A-Za-z]+-trt.+-([0-9a-f]{16})")
 
 
 class EngineCacheError(Exception):
@@ -150,11 +161,29 @@ def lookup(cache_dir: Path, key: EngineKey) -> Path | None:
     return None
 
 
-def _entry_problem(folder: Path, key: EngineKey) -> str | None:
+def _read_meta(folder: Path) -> dict | str:
+    """An entry's key.json, or why it cannot be used: a file that flash wear or a power cut damaged may hold any
+    bytes (not UTF-8, not JSON, JSON of another shape), and none of that may stop a start."""
     try:
-        meta = json.loads((folder / KEY_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        with open(folder / KEY_FILE, "rb") as fh:
+            raw = fh.read(KEY_FILE_MAX_BYTES + 1)
+    except OSError as exc:
+        return f"{KEY_FILE} unreadable: {exc.strerror or exc}"
+    if len(raw) > KEY_FILE_MAX_BYTES:
+        return f"{KEY_FILE} unreadable: more than {KEY_FILE_MAX_BYTES} bytes"
+    try:
+        meta = json.loads(raw)
+    except (ValueError, RecursionError) as exc:        # not UTF-8 (UnicodeDecodeError), not JSON
         return f"{KEY_FILE} unreadable: {exc}"
+    if not isinstance(meta, dict) or not isinstance(meta.get("key"), dict):
+        return f"{KEY_FILE} unreadable: not a cache entry's record"
+    return meta
+
+
+def _entry_problem(folder: Path, key: EngineKey) -> str | None:
+    meta = _read_meta(folder)
+    if isinstance(meta, str):
+        return meta
     if meta.get("key") != asdict(key):
         return f"{KEY_FILE} records another key"
     engine = folder / ENGINE_FILE
@@ -235,11 +264,12 @@ def bundle_engine(bundle: Bundle, key: EngineKey) -> Path | None:
 
 def ensure_engine(bundle: Bundle, cache_dir: str | Path, precision: Literal["auto", "fp16", "int8"] = "auto", *,
                   max_batch: int = 8, device: DeviceInfo | None = None, builder: Builder | None = None,
-                  use_bundle_engines: bool = True) -> EngineResult:
+                  use_bundle_engines: bool = True, max_entries: int = MAX_ENTRIES) -> EngineResult:
     """The engine to run for this bundle on this device: from the bundle, the cache, or built now.
 
     ``device`` defaults to ``probe_device()`` and ``builder`` to ``build_with_tensorrt``
-    (both need TensorRT); tests pass their own.
+    (both need TensorRT); tests pass their own. After a cache hit or a build the cache keeps the
+    ``max_entries`` engines of this device used last (``evict``).
     """
     device = device or probe_device()
     cache_dir = Path(cache_dir)
@@ -252,8 +282,13 @@ def ensure_engine(bundle: Bundle, cache_dir: str | Path, precision: Literal["aut
     with key_lock(cache_dir, key):
         if (cached := lookup(cache_dir, key)) is not None:
             log.info("engine cache hit %s", cached)
-            return EngineResult(cached, key, "cache")
-        return _build(bundle, cache_dir, key, builder or build_with_tensorrt)
+            result = EngineResult(cached, key, "cache")
+        else:
+            result = _build(bundle, cache_dir, key, builder or build_with_tensorrt)
+        _mark_used(cache_dir, result.path.parent)
+    for gone in evict(cache_dir, device, keep=key, max_entries=max_entries):
+        log.info("engine cache: removed %s (the %d engines used last are kept)", gone, max_entries)
+    return result
 
 
 def _build(bundle: Bundle, cache_dir: Path, key: EngineKey, builder: Builder) -> EngineResult:
@@ -279,17 +314,94 @@ def _ensure_writable(cache_dir: Path) -> None:
         raise EngineCacheError(f"{cache_dir}: engine cache folder is not writable by uid {os.getuid()}")
 
 
+def _entry_folders(cache_dir: str | Path) -> list[Path]:
+    """The folders named like cache entries (``fp16-sm87-trt10.3.0-<16 hex>``), sorted."""
+    try:
+        found = sorted(Path(cache_dir).iterdir())
+    except OSError:
+        return []
+    return [p for p in found if _ENTRY_NAME.fullmatch(p.name) and p.is_dir() and not p.is_symlink()]
+
+
 def entries(cache_dir: str | Path) -> list[dict]:
-    """key.json of every complete entry (for status and pruning)."""
+    """key.json of every complete entry (for status and pruning); a damaged one is left out."""
     out = []
-    for meta_path in sorted(Path(cache_dir).glob(f"*/{KEY_FILE}")):
-        if meta_path.parent.name.startswith("."):
-            continue
-        try:
-            out.append({**json.loads(meta_path.read_text()), "folder": str(meta_path.parent)})
-        except (OSError, json.JSONDecodeError):
-            continue
+    for folder in _entry_folders(cache_dir):
+        meta = _read_meta(folder)
+        if isinstance(meta, dict):
+            out.append({**meta, "folder": str(folder)})
     return out
+
+
+def _use_count(folder: Path) -> int:
+    try:
+        text = (folder / USED_FILE).read_text(encoding="ascii").strip()
+    except (OSError, ValueError):
+        return 0
+    return int(text) if text.isdigit() and len(text) < 20 else 0
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _mark_used(cache_dir: Path, folder: Path) -> None:
+    """Number this entry's use after every other entry's: the order ``evict`` keeps by."""
+    latest = max((_use_count(f) for f in _entry_folders(cache_dir)), default=0)
+    tmp = folder / f".{USED_FILE}-{os.getpid()}"
+    try:
+        tmp.write_text(str(latest + 1), encoding="ascii")
+        os.replace(tmp, folder / USED_FILE)
+    except OSError as exc:      # a full disk: the entry still serves, it only looks older to the next evict
+        log.warning("%s: cannot record its use (%s)", folder, exc.strerror or exc)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def evict(cache_dir: str | Path, device: DeviceInfo, keep: EngineKey | None = None,
+          max_entries: int = MAX_ENTRIES) -> list[Path]:
+    """Keep at most ``max_entries`` engines of this device, those used last (and always ``keep``'s); remove the
+    rest, and entries whose key.json is damaged. An entry another process holds the lock of (a lookup or build
+    under way) is left for the next time. Entries of other devices are ``prune``'s."""
+    cache_dir = Path(cache_dir)
+    keep_name = keep.folder_name() if keep is not None else None
+    mine, damaged = [], []
+    for folder in _entry_folders(cache_dir):
+        meta = _read_meta(folder)
+        if isinstance(meta, str):
+            damaged.append(folder)
+        elif (meta["key"].get("tensorrt_version"), meta["key"].get("compute_capability")) == (
+                device.tensorrt_version, device.compute_capability) and folder.name != keep_name:
+            mine.append(folder)
+    mine.sort(key=lambda f: (_use_count(f), _mtime(f / KEY_FILE)), reverse=True)   # mtime: entries of old caches
+    room = max(0, max_entries - (keep_name is not None))
+    removed = []
+    for folder in damaged + mine[room:]:
+        if _remove_unlocked(cache_dir, folder):
+            removed.append(folder)
+    return removed
+
+
+def _remove_unlocked(cache_dir: Path, folder: Path) -> bool:
+    """Remove an entry under its key's lock, taken without waiting: False when another holds it."""
+    digest16 = _ENTRY_NAME.fullmatch(folder.name).group(2)      # type: ignore[union-attr]
+    try:
+        fh = open(Path(cache_dir) / f".lock-{digest16}", "a+")
+    except OSError:
+        return False
+    with fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False
+        try:
+            _remove(folder)
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    return not folder.exists()
 
 
 def prune(cache_dir: str | Path, device: DeviceInfo, keep: Iterable[EngineKey] = ()) -> list[Path]:
@@ -300,11 +412,16 @@ def prune(cache_dir: str | Path, device: DeviceInfo, keep: Iterable[EngineKey] =
     """
     keep_names = {k.folder_name() for k in keep}
     removed = []
-    for meta in entries(cache_dir):
-        key = meta.get("key", {})
+    for folder in _entry_folders(cache_dir):
+        meta = _read_meta(folder)
+        if isinstance(meta, str):           # damaged: no device can use it (a lookup would discard it too)
+            log.warning("%s: discarding cache entry (%s)", folder, meta)
+            _remove(folder)
+            removed.append(folder)
+            continue
+        key = meta["key"]
         other_device = (key.get("tensorrt_version") != device.tensorrt_version
                         or key.get("compute_capability") != device.compute_capability)
-        folder = Path(meta["folder"])
         if other_device or (keep_names and folder.name not in keep_names):
             _remove(folder)
             removed.append(folder)

@@ -11,6 +11,18 @@ artifact is fetched; each artifact stops at the size the manifest declares (one
 byte more and the bundle is refused); and the whole fetch has one deadline
 (``FETCH_DEADLINE_S``), so a server that drips a byte every few seconds holds the
 command thread until the deadline, not for as long as it likes.
+
+A connection that breaks off in the middle of an artifact (reset, stalled for ``FETCH_TIMEOUT_S``, closed short
+of its Content-Length) is taken up where it broke with a Range request, ``RESUME_TRIES`` times at most, within
+the one deadline; a server that ignores Range sends the file from its start again.
+
+The disk is bounded too: before the first artifact byte, the sizes the manifest declares must fit in the
+download folder's free space with ``DISK_RESERVE_BYTES`` to spare (the outbox shares that disk: a download
+that filled it would lose results); and what a download killed with the process left (``.incoming-*``) is
+removed before the next one starts, so it cannot keep every later update from finding room.
+
+An artifact's manifest path is a file path: it is quoted into the URL (a space, ``#``, ``?`` or ``%`` in a
+file name is fetched as that file, and a path never names another host).
 """
 
 from __future__ import annotations
@@ -18,9 +30,11 @@ from __future__ import annotations
 import hashlib
 import http.client
 import logging
+import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -28,7 +42,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
-from urllib.parse import unquote, urljoin, urlparse
+from urllib.parse import quote, unquote, urljoin, urlparse
 
 from contract.bundle import (
     MANIFEST,
@@ -48,6 +62,11 @@ FETCH_TIMEOUT_S = 60            # one read; a server silent this long is given u
 FETCH_DEADLINE_S = 600          # the whole bundle: manifest, signature and every artifact
 COMMAND_MAX_BYTES = 64 * 1024   # a cmd/model payload is a location, a hash and a version
 READ_CHUNK = 64 * 1024
+RESUME_TRIES = 3                # an artifact's download that breaks off is resumed (HTTP Range) this often at most
+DISK_RESERVE_BYTES = 128 << 20  # what a download leaves free on its disk for the outbox, the state file and the logs
+INCOMING = ".incoming-"         # a download being verified: .incoming-<pid>-<version>-<random>
+_fetching: set[Path] = set()    # this process's .incoming-* folders not yet installed or discarded
+_fetching_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -108,38 +127,91 @@ class _Deadline:
         return left
 
 
+class _Broken(Exception):
+    """A response whose body broke off before its end: the connection reset or stalled, or it closed short of
+    the Content-Length it announced. ``got``: the bytes of the file on disk so far."""
+
+    def __init__(self, got: int, why: BaseException | str) -> None:
+        super().__init__(str(why))
+        self.got, self.why = got, why
+
+
 def _download(url: str, dest: Path, max_bytes: int, deadline: _Deadline, *, optional: bool = False,
               exact: bool = False) -> bool:
     """``url`` into ``dest``, refused as soon as more than ``max_bytes`` arrive or the deadline passes.
 
-    ``exact``: the artifact must be exactly ``max_bytes`` long (the manifest's size)."""
-    got = 0
+    ``exact``: the artifact must be exactly ``max_bytes`` long (the manifest's size). Its download is taken up
+    where it broke off (an HTTP Range request) up to ``RESUME_TRIES`` times, within the same deadline: one reset
+    connection in the middle of a large model does not refuse the update."""
+    got, resumes = 0, 0
     try:
-        with urllib.request.urlopen(url, timeout=min(FETCH_TIMEOUT_S, deadline.left(url))) as resp, \
-                open(dest, "wb") as fh:
-            declared = resp.headers.get("Content-Length")
-            if declared is not None and declared.strip().isdigit() and int(declared) > max_bytes:
-                raise BundleError(f"{url}: server announces {int(declared)} bytes, more than the {max_bytes} expected")
+        with open(dest, "wb") as fh:
             while True:
-                deadline.left(url)
-                block = resp.read1(READ_CHUNK)
-                if not block:
+                try:
+                    got = _receive(url, fh, got, max_bytes, deadline)
                     break
-                got += len(block)
-                if got > max_bytes:
-                    raise BundleError(f"{url}: more than the {max_bytes} bytes expected; download stopped")
-                fh.write(block)
+                except _Broken as broken:
+                    got = broken.got
+                    if not exact or resumes >= RESUME_TRIES:
+                        raise broken.why if isinstance(broken.why, BaseException) else broken
+                    resumes += 1
+                    log.warning("%s: download broke off at %d of %d bytes (%s); resuming from there (%d of %d)",
+                                url, got, max_bytes, broken, resumes, RESUME_TRIES)
     except urllib.error.HTTPError as exc:
         if optional and exc.code == 404:
+            dest.unlink(missing_ok=True)        # no file: not an empty one (an unsigned bundle has no .sig)
             return False
         raise BundleError(f"{url}: download failed (HTTP {exc.code})") from exc
     except TimeoutError as exc:
         raise BundleError(f"{url}: download stalled ({exc}); {got} bytes received") from exc
+    except _Broken as exc:
+        raise BundleError(f"{url}: download broke off ({exc}); {got} bytes received") from exc
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
         raise BundleError(f"{url}: download failed ({exc})") from exc
     if exact and got != max_bytes:
         raise BundleError(f"{url}: {got} bytes received, the manifest says {max_bytes} (truncated)")
     return True
+
+
+def _receive(url: str, fh: Any, start: int, max_bytes: int, deadline: _Deadline) -> int:
+    """One request: the file from byte ``start`` (a Range request when not 0) appended to ``fh``; the bytes of the
+    file written when the response's body ended whole. ``_Broken`` when it broke off."""
+    request = urllib.request.Request(url, headers={"Range": f"bytes={start}-"} if start else {})
+    with urllib.request.urlopen(request, timeout=min(FETCH_TIMEOUT_S, deadline.left(url))) as resp:
+        got = _resume_offset(url, resp, start) if start else 0
+        fh.seek(got)
+        fh.truncate()
+        declared = resp.headers.get("Content-Length")
+        if declared is not None and declared.strip().isdigit() and got + int(declared) > max_bytes:
+            raise BundleError(f"{url}: server announces {got + int(declared)} bytes, more than the {max_bytes} "
+                              "expected")
+        while True:
+            deadline.left(url)
+            try:
+                block = resp.read1(READ_CHUNK)
+            except (http.client.IncompleteRead, ConnectionError, TimeoutError) as exc:
+                raise _Broken(got, exc) from exc
+            if not block:
+                break
+            got += len(block)
+            if got > max_bytes:
+                raise BundleError(f"{url}: more than the {max_bytes} bytes expected; download stopped")
+            fh.write(block)
+        if resp.length:         # closed before the Content-Length it announced
+            raise _Broken(got, f"the connection closed {resp.length} bytes short of the {declared} announced")
+    return got
+
+
+def _resume_offset(url: str, resp: Any, start: int) -> int:
+    """Where a resumed response's body goes in the file: ``start`` for the range asked for, 0 for a server that
+    sends the whole file again (200: Range is optional for a server)."""
+    if resp.status == 200:
+        return 0
+    found = re.fullmatch(r"bytes (\d+)-\d+/(\d+|\*)", (resp.headers.get("Content-Range") or "").strip())
+    if resp.status != 206 or found is None or int(found.group(1)) != start:
+        raise BundleError(f"{url}: asked to resume at byte {start}, the server answered {resp.status} "
+                          f"{resp.headers.get('Content-Range')!r}")
+    return start
 
 
 def fetch_bundle(location: str, download_dir: Path, version: str | None, *, sha256: str | None = None,
@@ -161,17 +233,80 @@ def fetch_bundle(location: str, download_dir: Path, version: str | None, *, sha2
     base = location if location.endswith("/") else location + "/"
     # Into a fresh folder: a bundle already installed under this version (maybe the running one) stays
     # intact until the new copy is verified (install_bundle).
-    try:
-        download_dir.mkdir(parents=True, exist_ok=True)
-        target = Path(tempfile.mkdtemp(prefix=f".incoming-{version or 'bundle'}-", dir=download_dir))
-    except OSError as exc:
-        raise BundleError(f"{download_dir}: cannot make a download folder ({exc.strerror or exc})") from exc
+    with _fetching_lock:
+        for gone in _sweep_leftovers(download_dir):
+            log.warning("removed %s: left by a download that did not finish (the process ended)", gone)
+        try:
+            download_dir.mkdir(parents=True, exist_ok=True)
+            target = Path(tempfile.mkdtemp(prefix=f"{INCOMING}{os.getpid()}-{version or 'bundle'}-",
+                                           dir=download_dir))
+        except OSError as exc:
+            raise BundleError(f"{download_dir}: cannot make a download folder ({exc.strerror or exc})") from exc
+        _fetching.add(target.resolve())
     try:
         _fetch_into(base, target, sha256, _Deadline(deadline_s))
     except BaseException:
-        shutil.rmtree(target, ignore_errors=True)
+        _drop(target)
         raise
     return target
+
+
+def _drop(incoming: Path) -> None:
+    """A download folder that is refused goes; it is no longer this process's."""
+    shutil.rmtree(incoming, ignore_errors=True)
+    _release(incoming)
+
+
+def _release(incoming: Path) -> None:
+    with _fetching_lock:
+        _fetching.discard(incoming.resolve())
+
+
+def _leftover(entry: Path) -> bool:
+    """Whether ``entry`` is what an install or a download left when its process ended: ``.old-*``, and
+    ``.incoming-*`` that is neither this process's (fetched, not yet installed or refused: ``_fetching``) nor
+    another running process's."""
+    if entry.is_symlink() or not entry.is_dir():
+        return False
+    if entry.name.startswith(".old-"):
+        return True
+    if not entry.name.startswith(INCOMING):
+        return False
+    pid = entry.name[len(INCOMING):].split("-", 1)[0]
+    if entry.resolve() in _fetching:
+        return False
+    if pid.isdigit() and int(pid) != os.getpid():
+        from contract.bundle import process_runs
+
+        return not process_runs(int(pid))
+    return True         # this process's own (none is being written: checked above), or of the older name form
+
+
+def _own_folder(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink() and not path.name.startswith(".")
+
+
+def _sweep_leftovers(download_dir: Path) -> list[Path]:
+    try:
+        found = [e for e in download_dir.iterdir() if _leftover(e)]
+    except OSError:
+        return []
+    for path in found:
+        shutil.rmtree(path, ignore_errors=True)
+    return found
+
+
+def _check_room(target: Path, manifest: dict[str, Any], manifest_url: str) -> None:
+    """The artifacts the manifest declares fit on the download disk, ``DISK_RESERVE_BYTES`` to spare."""
+    need = sum({entry["path"]: entry["size"] for entry in manifest["artifacts"]}.values()) + SIGNATURE_MAX_BYTES
+    try:
+        free = shutil.disk_usage(target).free
+    except OSError as exc:
+        raise BundleError(f"{target.parent}: cannot read its free space ({exc.strerror or exc})") from exc
+    if need + DISK_RESERVE_BYTES > free:
+        raise BundleError(f"{manifest_url}: the bundle's files need {need} bytes, and {target.parent} has {free} "
+                          f"free of which {DISK_RESERVE_BYTES} stay for the station (outbox, state, logs); "
+                          "no artifact fetched")
 
 
 def _fetch_into(base: str, target: Path, sha256: str | None, deadline: _Deadline) -> None:
@@ -182,6 +317,7 @@ def _fetch_into(base: str, target: Path, sha256: str | None, deadline: _Deadline
         raise BundleError(f"{manifest_url}: sha256 {digest} does not match the command's {sha256}; "
                           "no artifact fetched")
     manifest = parse_manifest(data, manifest_url)
+    _check_room(target, manifest, manifest_url)
     _download(urljoin(base, SIGNATURE), target / SIGNATURE, SIGNATURE_MAX_BYTES, deadline, optional=True)
     root = target.resolve()
     for i, entry in enumerate(manifest["artifacts"]):
@@ -190,7 +326,7 @@ def _fetch_into(base: str, target: Path, sha256: str | None, deadline: _Deadline
         if root not in dest.parents or "\x00" in rel or dest in (root / MANIFEST, root / SIGNATURE):
             raise BundleError(f"{manifest_url}: field artifacts/{i}/path: {rel!r} leaves the bundle")
         dest.parent.mkdir(parents=True, exist_ok=True)
-        _download(urljoin(base, rel), dest, entry["size"], deadline, exact=True)
+        _download(urljoin(base, quote(rel)), dest, entry["size"], deadline, exact=True)
 
 
 def install_bundle(incoming: Path, download_dir: Path, name: str, version: str) -> Path:
@@ -209,23 +345,29 @@ def install_bundle(incoming: Path, download_dir: Path, name: str, version: str) 
 
 def prune_installed(download_dir: Path, keep: Sequence[Path]) -> list[Path]:
     """Remove what cmd/model left in ``download_dir`` that no longer runs: installed bundles
-    (``<name>/<version>/manifest.json``) other than ``keep`` (the running one and the one before it), and the
-    ``.incoming-*`` / ``.old-*`` folders a crash left. Returns what went. Disk stays bounded by two bundles."""
-    kept = {Path(p).resolve() for p in keep}
+    (``<name>/<version>/manifest.json``) other than ``keep`` (the running one, the one before it, and the
+    configured ``model.bundle``: each a folder or its manifest.json), and the ``.incoming-*`` / ``.old-*`` folders
+    a crash left. Returns what went. Disk stays bounded by two bundles (three where the configured one is here)."""
+    kept = {(Path(p).parent if Path(p).name == MANIFEST else Path(p)).resolve() for p in keep}  # folder or manifest
     gone = []
     try:
         entries = list(download_dir.iterdir())
     except OSError:
         return gone
     for entry in entries:
-        if entry.name.startswith((".incoming-", ".old-")) and entry.is_dir() and entry.resolve() not in kept:
-            gone.append(entry)
-        elif entry.is_dir() and not entry.name.startswith("."):
-            gone += [v for v in entry.iterdir() if (v / MANIFEST).is_file() and v.resolve() not in kept]
+        if entry.name.startswith((INCOMING, ".old-")):
+            if _leftover(entry) and entry.resolve() not in kept:
+                gone.append(entry)
+        elif _own_folder(entry):        # a link is never followed: what it points at is not cmd/model's
+            try:
+                gone += [v for v in entry.iterdir()
+                         if _own_folder(v) and (v / MANIFEST).is_file() and v.resolve() not in kept]
+            except OSError:
+                continue
     for path in gone:
         shutil.rmtree(path, ignore_errors=True)
     for entry in entries:
-        if entry.is_dir() and not entry.name.startswith("."):
+        if _own_folder(entry):
             try:
                 entry.rmdir()       # a model's folder left empty
             except OSError:
@@ -248,6 +390,7 @@ class Incoming:
         name, version = self.bundle.name, self.bundle.version
         try:
             installed = install_bundle(self.bundle.root, download_dir, name, version)
+            _release(self.bundle.root)
         except OSError as exc:
             self.discard()
             raise BundleError(f"{download_dir / name / version}: cannot install the bundle "
@@ -260,7 +403,7 @@ class Incoming:
     def discard(self) -> None:
         """A refused download goes; nothing installed was touched."""
         if self.downloaded:
-            shutil.rmtree(self.bundle.root, ignore_errors=True)
+            _drop(self.bundle.root)
 
 
 def fetch_verified(cmd: ModelCommand, download_dir: Path, public_key: Any | None,
@@ -272,7 +415,7 @@ def fetch_verified(cmd: ModelCommand, download_dir: Path, public_key: Any | None
         return Incoming(_verify(cmd, root, public_key), downloaded)
     except BaseException:
         if downloaded:
-            shutil.rmtree(root, ignore_errors=True)
+            _drop(root)
         raise
 
 

@@ -21,12 +21,15 @@ def tensorrt_available() -> bool:
 
 def compatible_engines(engines: list[Artifact], tensorrt_version: str | None,
                        compute_capability: str | None = None) -> list[Artifact]:
-    """Engines built for this TensorRT major.minor (and GPU, when known): others fail to deserialize."""
+    """Engines built for this TensorRT major.minor (and GPU, when known): others fail to deserialize. Those built
+    with exactly this version come first: TensorRT deserializes an engine of another patch release only when it
+    was built version-compatible, so of two shipped engines the exact one is the one that runs."""
     if tensorrt_version is None:
         return []
     want = tensorrt_version.split(".")[:2]
-    return [e for e in engines if (e.tensorrt_version or "").split(".")[:2] == want
-            and (compute_capability is None or e.compute_capability == compute_capability)]
+    usable = [e for e in engines if (e.tensorrt_version or "").split(".")[:2] == want
+              and (compute_capability is None or e.compute_capability == compute_capability)]
+    return sorted(usable, key=lambda e: e.tensorrt_version != tensorrt_version)      # stable: manifest order next
 
 
 def _compute_capability() -> str | None:

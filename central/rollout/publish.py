@@ -88,6 +88,7 @@ def publish_bundle(bundle_dir: str | Path, root: str | Path, *, baseline: bool =
             log.info("%s: onnxruntime is not installed here; the model check is the export's", bundle_dir)
     except BundleError as exc:
         raise RolloutError(f"refusing to publish an unverifiable bundle: {exc}") from exc
+    _check_servable(bundle)
     bundle_dir = bundle.root
     sha = manifest_sha256(bundle_dir)
     gate = _check_publishable(bundle_dir, sha, root, bundle.name, baseline)
@@ -112,6 +113,17 @@ def publish_bundle(bundle_dir: str | Path, root: str | Path, *, baseline: bool =
                            f"{exc.filename or target})") from exc
     log.info("published %s %s at %s", bundle.name, bundle.version, target)
     return PublishResult(bundle.name, bundle.version, target, url_path, sha, gate["decision"])
+
+
+def _check_servable(bundle: Any) -> None:
+    """Every artifact can be fetched from the served tree: ``bundle_app`` never serves a path with a part that
+    starts with '.' (half-copied folders are hidden), so a bundle listing one would be refused by every station."""
+    for i, entry in enumerate(bundle.manifest["artifacts"]):
+        hidden = [part for part in Path(entry["path"]).parts if part.startswith(".")]
+        if hidden:
+            raise RolloutError(f"{bundle.root / 'manifest.json'}: field artifacts/{i}/path: {entry['path']!r} is in "
+                               f"a hidden file or folder ({hidden[0]!r}), which the bundle server never serves; no "
+                               "station could fetch it (rename it and export the bundle again)")
 
 
 def _copy_into_place(bundle: Any, bundle_dir: Path, target: Path, gate: dict[str, Any],

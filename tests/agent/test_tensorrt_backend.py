@@ -250,3 +250,36 @@ def test_an_onnx_model_that_fails_while_threads_are_tuned_is_skipped_and_the_oth
                                                  intra_op_threads=0, batch_size=8))
     # then: the FP32 model runs, and why INT8 was skipped is recorded, naming its file
     assert backend.precision == "fp32" and "model.int8.onnx: cannot run a batch of 8" in backend.choice.skipped["int8"]
+
+
+def test_of_two_shipped_engines_the_one_built_with_this_exact_tensorrt_runs(stand_in, tmp_path, monkeypatch):
+    import agent.backends as backends
+
+    # given: TensorRT 10.3.1 on an Orin, whose stand-in deserializes only a plan of its own exact version (as
+    # TensorRT does for engines not built version-compatible: "expecting library version ..., please rebuild"),
+    # and a bundle shipping engines for 10.3.0 and 10.3.1, listed in that order
+    trt = stand_in()
+    trt.__version__ = "10.3.1"
+    any_plan = trt.Runtime
+
+    class ExactRuntime(any_plan):
+        def deserialize_cuda_engine(self, data: bytes):
+            return super().deserialize_cuda_engine(data) if data == b"plan-" + trt.__version__.encode() else None
+
+    trt.Runtime = ExactRuntime
+    monkeypatch.setattr(backends, "_compute_capability", lambda: "8.7")     # what probe_device reads on an Orin
+    folder = make_onnx_bundle(tmp_path / "b", classes=4, size=16)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for version in ("10.3.0", "10.3.1"):
+        plan = folder / f"model.{version}.engine"
+        plan.write_bytes(b"plan-" + version.encode())
+        manifest["artifacts"].append(artifact_entry(plan, folder, role="tensorrt-engine", precision="fp16",
+                                                    deployable=True, tensorrt_version=version,
+                                                    compute_capability="8.7"))
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    bundle = load_bundle(folder)
+    for kind in ("tensorrt", "auto"):
+        # when: the agent builds its backend
+        backend = create_backend(bundle, ModelConfig(bundle=folder, backend=kind, batch_size=4, intra_op_threads=1))
+        # then: the 10.3.1 engine runs (not a refusal, nor ONNX Runtime after the 10.3.0 engine failed)
+        assert backend.name == "tensorrt:10.3.1" and backend.engine_path.name == "model.10.3.1.engine"

@@ -189,3 +189,91 @@ def test_compute_capability_falls_back_to_nvidia_smi_without_cuda_python(tmp_pat
     monkeypatch.setattr(engine_cache, "_cc_from_cuda_python", no_cuda_python)
     monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
     assert engine_cache.compute_capability() == "8.7"
+
+
+# ---------------------------------------------------------------- damaged records, a bounded cache
+
+@pytest.mark.parametrize("damage", [b"\xff\xd8\xff\xe0 flash garbage", b"[1, 2]", b'{"key": 5}', b"\0" * 300],
+                         ids=["not-utf8", "a-list", "key-not-a-record", "zeros"])
+def test_a_damaged_key_record_of_an_old_entry_never_stops_a_start(damage, tmp_path):
+    from agent.startup import main
+
+    # given: a cache holding an old model's engine whose key.json flash wear or a power cut turned into junk
+    cache, trt = tmp_path / "engines", FakeTensorRT()
+    old = ensure_engine(load_bundle(make_bundle(tmp_path / "old", version="v0", onnx_bytes=b"older")), cache, "fp16",
+                        device=ORIN, builder=trt)
+    (old.path.parent / KEY_FILE).write_bytes(damage)
+    # when: the station starts on its bundle (backend tensorrt: every engine failure would be fatal)
+    config = tmp_path / "station.yaml"
+    config.write_text(json.dumps({
+        "site": "ber1", "station": "receiving-01",
+        "model": {"bundle": str(make_bundle(tmp_path / "cur", version="v1")), "backend": "tensorrt", "batch_size": 4,
+                  "download_dir": str(tmp_path / "state" / "bundles")},
+        "cameras": [{"id": "dock-a", "uri": "rtsp://10.20.1.11:554/stream1"}],
+        "outbox": {"path": str(tmp_path / "state" / "outbox.sqlite")}}))
+    execs = []
+    rc = main(["start", "--config", str(config), "--engine-cache", str(cache)], exec_fn=lambda *a: execs.append(a),
+              device=ORIN, builder=trt, tensorrt_present=True)
+    # then: it starts, the damaged entry is gone, the cache lists the good one
+    assert rc == 0 and len(execs) == 1
+    assert not old.path.parent.exists()
+    assert [e["bundle"]["version"] for e in entries(cache)] == ["v1"]
+    # and: asked for again, the damaged key is built afresh
+    again = ensure_engine(load_bundle(make_bundle(tmp_path / "back", version="v0", onnx_bytes=b"older")), cache,
+                          "fp16", device=ORIN, builder=trt)
+    assert again.source == "built" and again.path == old.path
+
+
+def test_prune_and_entries_skip_nothing_but_damaged_records(tmp_path):
+    cache, trt = tmp_path / "engines", FakeTensorRT()
+    kept = ensure_engine(load_bundle(make_bundle(tmp_path / "a", version="v1", onnx_bytes=b"one")), cache, "fp16",
+                         device=ORIN, builder=trt)
+    bad = ensure_engine(load_bundle(make_bundle(tmp_path / "b", version="v2", onnx_bytes=b"two")), cache, "fp16",
+                        device=ORIN, builder=trt)
+    (bad.path.parent / KEY_FILE).write_bytes(b"\x80\x81")
+    (cache / "notes").mkdir()                              # not an entry: never touched
+    assert [Path(e["folder"]) for e in entries(cache)] == [kept.path.parent]
+    assert prune(cache, ORIN) == [bad.path.parent]
+    assert (cache / "notes").is_dir() and lookup(cache, kept.key) == kept.path
+
+
+def _version_bundle(tmp_path: Path, n: int):
+    """Model update n: retrained weights, so its ONNX file (and its engine's key) is new."""
+    return load_bundle(make_bundle(tmp_path / f"m{n}", version=f"v{n}", onnx_bytes=f"weights {n}".encode()))
+
+
+def test_the_cache_keeps_the_engines_used_last_and_no_more(tmp_path):
+    # given: a station that went through six model updates, then rolled back to v1
+    cache, trt = tmp_path / "engines", FakeTensorRT()
+    bundles = [_version_bundle(tmp_path, n) for n in range(1, 8)]
+    for bundle in bundles[:6]:
+        ensure_engine(bundle, cache, "fp16", device=ORIN, builder=trt, max_entries=3)
+    assert sorted(e["bundle"]["version"] for e in entries(cache)) == ["v4", "v5", "v6"]
+    assert ensure_engine(bundles[5], cache, "fp16", device=ORIN, builder=trt, max_entries=3).source == "cache"
+    ensure_engine(bundles[3], cache, "fp16", device=ORIN, builder=trt, max_entries=3)      # v4 asked for again
+    # when: the next update arrives
+    ensure_engine(bundles[6], cache, "fp16", device=ORIN, builder=trt, max_entries=3)
+    # then: the three used last stay (v5 was used before v6 and v4), engines of another device are prune's
+    assert sorted(e["bundle"]["version"] for e in entries(cache)) == ["v4", "v6", "v7"]
+    assert trt.builds == 7
+
+
+def test_the_default_bound_holds_across_many_updates_and_a_restart(tmp_path):
+    cache, trt = tmp_path / "engines", FakeTensorRT()
+    for n in range(12):
+        ensure_engine(_version_bundle(tmp_path, n), cache, "fp16", device=ORIN, builder=trt)
+    prune(cache, ORIN)
+    assert sorted(e["bundle"]["version"] for e in entries(cache)) == ["v10", "v11", "v8", "v9"]
+
+
+def test_an_entry_another_holds_the_lock_of_is_not_evicted(tmp_path):
+    from agent.engine_cache import key_lock
+
+    cache, trt = tmp_path / "engines", FakeTensorRT()
+    v2 = _version_bundle(tmp_path, 2)
+    first = ensure_engine(_version_bundle(tmp_path, 1), cache, "fp16", device=ORIN, builder=trt, max_entries=1)
+    with key_lock(cache, first.key):         # a lookup of v1 under way elsewhere (flock: another open file)
+        second = ensure_engine(v2, cache, "fp16", device=ORIN, builder=trt, max_entries=1)
+    assert first.path.is_file() and second.path.is_file()
+    ensure_engine(v2, cache, "fp16", device=ORIN, builder=trt, max_entries=1)
+    assert [Path(e["folder"]) for e in entries(cache)] == [second.path.parent]
