@@ -5,8 +5,23 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from pathlib import Path
+
+MAX_FLUSH_S = 3600.0     # shutdown_flush_s's own bound
+
+
+def flush_seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds from 0 to MAX_FLUSH_S, as shutdown_flush_s (NaN or infinity
+    would reach the shutdown only after the whole run, and end it in a traceback with the outbox not drained)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not (math.isfinite(value) and 0 <= value <= MAX_FLUSH_S):
+        raise argparse.ArgumentTypeError(f"expected seconds from 0 to {MAX_FLUSH_S:g}, got {text!r}")
+    return value
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -15,8 +30,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the station")
     run.add_argument("--config", required=True, type=Path, help="device YAML (extends the defaults)")
     run.add_argument("--exit-at-end", action="store_true", help="file/folder sources: exit once all input is processed")
-    run.add_argument("--flush-timeout", type=float, default=None,
-                     help="seconds to drain the outbox on exit (default: shutdown_flush_s from the config)")
+    run.add_argument("--flush-timeout", type=flush_seconds, default=None,
+                     help="seconds to drain the outbox on exit, 0 to 3600 (default: shutdown_flush_s from the config)")
     val = sub.add_parser("validate-config", help="check config files without starting anything")
     val.add_argument("files", nargs="+", type=Path)
     sub.add_parser("config-reference", help="print the config reference (markdown) used in docs/agent.md")

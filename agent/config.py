@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numbers
 import os
+import reprlib
 import types
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -190,6 +191,13 @@ class Backoff(_Strict):
     max_s: float = Field(30.0, gt=0, le=HOUR_S, title="Maximum delay", description="Cap of the exponential backoff, seconds.")
     factor: float = Field(2.0, ge=1, le=10, title="Factor", description="Each failed retry multiplies the delay by this.")
 
+    @model_validator(mode="after")
+    def _initial_within_max(self) -> "Backoff":
+        """The cap bounds every wait: an initial delay above it (the two swapped) would wait longer first."""
+        if self.initial_s > self.max_s:
+            raise ValueError(f"initial_s: {self.initial_s:g} is more than max_s ({self.max_s:g}), the longest wait")
+        return self
+
 
 class CameraConfig(_Strict):
     id: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$", title="Camera id",
@@ -220,12 +228,34 @@ class CameraConfig(_Strict):
     height: int | None = Field(None, gt=0, le=MAX_FRAME_SIDE, title="Capture height",
                                description="Requested capture height.")
 
+    @field_validator("uri")
+    @classmethod
+    def _a_camera_uri(cls, uri: str) -> str:
+        """The URI's form as the camera thread reads it (``agent.sources.open_source``, which opens nothing): one
+        that can never open (a misspelt scheme, usb://front, file://host/x) is a config error here, not a camera
+        thread retrying it for good while validate-config said OK."""
+        from agent.sources import SourceError, open_source  # OpenCV: only once a camera is checked
+
+        try:
+            open_source(uri, name="config")
+        except (SourceError, OSError, ValueError) as exc:
+            raise ValueError(str(exc)) from None
+        return uri
+
     @model_validator(mode="after")
     def _roi_in_frame(self) -> "CameraConfig":
-        """With the frame size known here, an ROI outside it is a config error (at run time, a refused frame)."""
-        if self.roi is not None and self.width and self.height and not self.roi.fits(self.width, self.height):
-            raise ValueError(f"roi: {self.roi.describe()} does not fit the {self.width}x{self.height} frame "
+        """With the frame size known here, an ROI outside it is a config error (at run time, a refused frame); with
+        only one side given, the ROI must fit that side."""
+        roi = self.roi
+        if roi is None:
+            return self
+        if self.width and self.height and not roi.fits(self.width, self.height):
+            raise ValueError(f"roi: {roi.describe()} does not fit the {self.width}x{self.height} frame "
                              "(width, height)")
+        if self.width and roi.x + roi.width > self.width:
+            raise ValueError(f"roi: {roi.describe()} does not fit the frame's width {self.width}")
+        if self.height and roi.y + roi.height > self.height:
+            raise ValueError(f"roi: {roi.describe()} does not fit the frame's height {self.height}")
         return self
 
 
@@ -307,7 +337,8 @@ class MqttConfig(_Strict):
     client_id: str | None = Field(None, title="Client id", description="None: agent-<site>-<station>.")
     keepalive_s: int = Field(30, ge=5, le=65535, title="Keepalive", description="MQTT keepalive, seconds.")
     username: str | None = Field(None, title="User name", description="MQTT user name.")
-    password_env: str | None = Field(None, title="Password variable", description="Environment variable holding the password.")
+    password_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", title="Password variable",
+                                     description="Environment variable holding the password.")
     password_file: Path | None = Field(None, title="Password file", description="File holding the password (first line).")
     tls: TlsConfig | None = Field(None, title="TLS", description="Enables TLS when set.")
     topic_root: str | None = Field(
@@ -344,7 +375,7 @@ class MqttConfig(_Strict):
 
     @model_validator(mode="after")
     def _one_password_source(self) -> "MqttConfig":
-        if self.password_env and self.password_file:
+        if self.password_env is not None and self.password_file is not None:     # as the start-up checks them
             raise ValueError("give password_env or password_file, not both")
         return self
 
@@ -496,6 +527,11 @@ class PresenceConfig(_Strict):
         if 0 < self.relearn_frames <= self.min_frames:     # a resting item learned into the scene before it counts
             raise ValueError(f"relearn_frames: {self.relearn_frames} must be 0 (never) or more than min_frames "
                              f"({self.min_frames}): an item at rest would become the background before it is one")
+        if self.background_noise_k > 0 and self.background_min_threshold > self.background_threshold:
+            # the threshold from the noise is clamped to [min, max]: with the two swapped it is always the maximum
+            raise ValueError(f"background_min_threshold: {self.background_min_threshold:g} is more than "
+                             f"background_threshold ({self.background_threshold:g}), the most the threshold from "
+                             f"the noise (background_noise_k) may be: it would never adapt")
         if 0 < self.regrow_split <= 1:      # a box shrinking out of view would "regrow" at once: one item split
             raise ValueError(f"regrow_split: {self.regrow_split} must be 0 (off) or more than 1 (the box grows back "
                              f"to that many times its smallest)")
@@ -662,10 +698,84 @@ class AgentConfig(_Strict):
 # ---------------------------------------------------------------- loading
 
 MAX_CONFIG_BYTES = 1 << 20      # a station config is a few kB; a larger "config" is the wrong file
+# Values (mappings, lists, scalars) one file may hold, an alias (*name) counted at every use: a station config holds
+# a few hundred (a sorting station's lanes one per label). Without the bound, 500 bytes of nested aliases ("billion
+# laughs") expand to 10^9 values that the validator walks and an error message quotes until memory runs out.
+MAX_CONFIG_VALUES = 100_000
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """``yaml.safe_load``'s reading, except that a key given twice in one mapping is an error: safe_load keeps the
+    last one silently, so a second ``cameras:`` would drop the first list and a second ``fps:`` the first value.
+    Merge keys (``<<: *base``) still override what they merge, as YAML defines."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            first: dict[Any, Any] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    mark = first.setdefault(key, key_node.start_mark)
+                except TypeError:       # an unhashable key: the base class refuses it with its own message
+                    continue
+                if mark is not key_node.start_mark:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark,
+                        f"key {printable(repr(key)[:80])} given twice (first on line {mark.line + 1})",
+                        key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+class _AliasCycle(Exception):
+    pass
+
+
+def _expanded_values(node: yaml.Node, sizes: dict[int, int], open_nodes: set[int]) -> int:
+    """How many values ``node`` holds with every alias expanded (each node's count is computed once, so this is
+    linear in the file however far the aliases expand); _AliasCycle for a value that contains itself."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_nodes:
+        raise _AliasCycle
+    open_nodes.add(key)
+    if isinstance(node, yaml.SequenceNode):
+        count = 1 + sum(_expanded_values(child, sizes, open_nodes) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        count = 1 + sum(_expanded_values(k, sizes, open_nodes) + _expanded_values(v, sizes, open_nodes)
+                        for k, v in node.value)
+    else:
+        count = 1
+    open_nodes.discard(key)
+    sizes[key] = count
+    return count
+
+
+def _parse_yaml(path: Path, text: str) -> Any:
+    """The document of ``text``: duplicate keys refused, and its size with aliases expanded bounded before any
+    value is built from it."""
+    loader = _ConfigLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        try:
+            values = _expanded_values(node, {}, set())
+        except _AliasCycle:
+            raise ConfigError(f"{path}: not valid YAML (an alias refers to a value that contains it)") from None
+        if values > MAX_CONFIG_VALUES:
+            raise ConfigError(f"{path}: holds {values} values, aliases (*name) counted at every use; more than "
+                              f"{MAX_CONFIG_VALUES} is not a station config")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    """One YAML file as a mapping; anything else (unreadable, not UTF-8, empty, a list) is a ConfigError."""
+    """One YAML file as a mapping; anything else (unreadable, not UTF-8, empty, a list, a key given twice, more
+    than MAX_CONFIG_VALUES values with its aliases expanded) is a ConfigError."""
     try:
         with open(path, "rb") as fh:
             raw = fh.read(MAX_CONFIG_BYTES + 1)
@@ -678,7 +788,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}: {raw[exc.start:exc.start + 1]!r})") from None
     try:
-        data = yaml.safe_load(text)
+        data = _parse_yaml(path, text)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
@@ -727,14 +837,65 @@ def _resolve_paths(data: dict[str, Any], base_dir: Path) -> dict[str, Any]:
     return out
 
 
-def load_layers(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """The merged raw mapping of a file and the files it ``extends`` (paths relative to each file)."""
+MAX_EXTENDS_DEPTH = 8     # fleet -> site -> line -> station is 4; a chain twice that long is a mistake
+MAX_EXTENDS_FILES = 32    # files read for one config through extends (a file two layers extend counts twice)
+
+class Origins:
+    """Which file each key path of a merged config comes from: the last layer that set it, as ``deep_merge`` keeps
+    it (a tree of key paths, so marking a layer is linear in its size)."""
+
+    def __init__(self) -> None:
+        self.file: Path | None = None
+        self.below: dict[Any, Origins] = {}
+
+    def mark(self, layer: dict[Any, Any], path: Path) -> None:
+        """``layer`` (from ``path``) merged over what this describes: below a value that is not a mapping, nothing of
+        an earlier layer is left."""
+        for key, value in layer.items():
+            node = self.below.setdefault(key, Origins())
+            node.file = path
+            if isinstance(value, dict):
+                node.mark(value, path)
+            else:
+                node.below = {}
+
+    def files(self, loc: tuple[Any, ...]) -> set[Path]:
+        """The files the value at ``loc`` comes from: the deepest key path of ``loc`` found, and when that is ``loc``
+        itself (a mapping merged from several layers), every file under it. Empty for the top level."""
+        node = self
+        for key in loc:
+            child = node.below.get(key) if isinstance(key, (str, int, float, bool)) or key is None else None
+            if child is None:
+                return {node.file} if node.file is not None else set()
+            node = child
+        if node is self:
+            return set()
+        found: set[Path] = set()
+        stack = [node]
+        while stack:
+            here = stack.pop()
+            if here.file is not None:
+                found.add(here.file)
+            stack.extend(here.below.values())
+        return found
+
+
+def load_layers(path: str | Path, _seen: tuple[Path, ...] = (), *, origins: Origins | None = None,
+                _read: list[int] | None = None) -> dict[str, Any]:
+    """The merged raw mapping of a file and the files it ``extends`` (paths relative to each file). ``origins``,
+    when given, gets the file each key path of the result comes from, so an error can name the file to fix."""
+    read = [0] if _read is None else _read
     try:
         path = Path(path).resolve()
     except (OSError, ValueError, RuntimeError) as exc:
         raise ConfigError(f"{path}: cannot read ({exc})") from exc
     if path in _seen:
         raise ConfigError(f"{path}: extends itself (cycle: {' -> '.join(map(str, _seen + (path,)))})")
+    if len(_seen) >= MAX_EXTENDS_DEPTH:
+        raise ConfigError(f"{path}: more than {MAX_EXTENDS_DEPTH} files deep in extends")
+    read[0] += 1
+    if read[0] > MAX_EXTENDS_FILES:
+        raise ConfigError(f"{path}: more than {MAX_EXTENDS_FILES} files read through extends")
     data = _read_yaml(path)
     parents = data.pop("extends", None)
     if isinstance(parents, str):
@@ -744,11 +905,14 @@ def load_layers(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any
     merged: dict[str, Any] = {}
     for parent in parents or []:
         try:
-            layer = load_layers(path.parent / parent, _seen + (path,))
+            layer = load_layers(path.parent / parent, _seen + (path,), origins=origins, _read=read)
         except ConfigError as exc:
             raise ConfigError(f"{path}: field extends: {exc}") from None
         merged = deep_merge(merged, layer)
-    return deep_merge(merged, _resolve_paths(data, path.parent))
+    own = _resolve_paths(data, path.parent)
+    if origins is not None:
+        origins.mark(own, path)
+    return deep_merge(merged, own)
 
 
 def printable(text: str) -> str:
@@ -756,53 +920,91 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
-def format_errors(path: Path, exc: ValidationError) -> list[str]:
-    """One line per problem: file, dotted field path, what was expected."""
+def _short_repr() -> reprlib.Repr:
+    """repr() cut short: an error quotes what it got, and that may be a list of 100,000 items."""
+    short = reprlib.Repr()
+    short.maxlevel, short.maxlist, short.maxtuple, short.maxdict = 3, 6, 6, 6
+    short.maxstring, short.maxlong, short.maxother = 80, 40, 80
+    return short
+
+
+_SHORT = _short_repr()
+MAX_PROBLEM_LINES = 50      # one line per problem; past this, a last line says how many more there are
+
+
+def _set_in(loc: tuple[Any, ...], origins: Origins | None, top: Path | None) -> str:
+    """`` (set in FILE)`` when the value at ``loc`` comes from a file other than ``top`` (a parent layer)."""
+    if origins is None or top is None:
+        return ""
+    files = origins.files(loc)
+    if not files or files == {top}:
+        return ""
+    return f" (set in {', '.join(sorted(map(str, files)))})"
+
+
+def format_errors(path: Path, exc: ValidationError, origins: Origins | None = None,
+                  prefix: tuple[Any, ...] = ()) -> list[str]:
+    """One line per problem: file, dotted field path (under ``prefix``), what was expected; with ``origins``
+    (``load_layers``), the layer a value comes from when it is not ``path`` itself."""
     lines = []
+    try:
+        top = Path(path).resolve() if origins is not None else None
+    except (OSError, ValueError, RuntimeError):
+        top = None
     for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        loc = prefix + tuple(err["loc"])
+        where = ".".join(str(p) for p in loc) or "(top level)"
         got = err.get("input")
-        got_text = "" if isinstance(got, dict) or err["type"] == "missing" else f" (got {got!r})"
-        lines.append(f"{path}: field {printable(where)}: {printable(err['msg'] + got_text)}")
+        got_text = "" if isinstance(got, dict) or err["type"] == "missing" else f" (got {_SHORT.repr(got)})"
+        lines.append(f"{path}: field {printable(where)}: {printable(err['msg'] + got_text)}"
+                     f"{_set_in(loc, origins, top)}")
     return lines
+
+
+def _at_most(path: Path, lines: list[str], most: int = MAX_PROBLEM_LINES) -> list[str]:
+    if len(lines) <= most:
+        return lines
+    return lines[:most] + [f"{path}: and {len(lines) - most} more problems"]
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> AgentConfig:
     """Load, merge and validate a device config; raise ConfigError listing every problem."""
     path = Path(path)
-    data = deep_merge(load_layers(path), overrides or {})
+    origins = Origins()
+    data = deep_merge(load_layers(path, origins=origins), overrides or {})
     try:
         return AgentConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError("\n".join(format_errors(path, exc))) from exc
+        raise ConfigError("\n".join(_at_most(path, format_errors(path, exc, origins)))) from exc
 
 
-DEVICE_KEYS = ("site", "station", "cameras", "extends")
+DEVICE_KEYS = ("station", "cameras")
 
 
 def is_defaults_layer(path: str | Path) -> bool:
-    """A shared defaults file: it names no site, station or cameras and extends nothing, so it is only partly
-    checkable. A file with any of those is a station's file and must be complete (cameras included)."""
+    """A layer other files extend (the fleet's defaults, a site's: ``extends`` and ``site`` allowed): it names no
+    station and no cameras, so it is only partly checkable. A file with either is a station's file and must be
+    complete (cameras included)."""
     data = _read_yaml(Path(path))
     return not any(key in data for key in DEVICE_KEYS)
 
 
 def validate_layer(path: str | Path) -> list[str]:
-    """Check a defaults file: every key it has must be a known section with valid values."""
+    """Check a layer: every key it (and what it extends) has must be a known section with valid values."""
     path = Path(path)
-    data = _resolve_paths(_read_yaml(path), path.parent)
+    origins = Origins()
+    data = load_layers(path, origins=origins)
     problems: list[str] = []
     fields = AgentConfig.model_fields
     for key, value in data.items():
         if key not in fields:
-            problems.append(f"{path}: field {printable(str(key))}: unknown key (expected one of {', '.join(fields)})")
+            problems.append(f"{path}: field {printable(str(key))}: unknown key (expected one of {', '.join(fields)})"
+                            f"{_set_in((key,), origins, Path(path).resolve())}")
             continue
         try:
             _layer_adapter(key).validate_python(value)
         except ValidationError as exc:
-            for line in format_errors(path, exc):
-                inner = line.replace(f"{path}: field (top level)", f"{path}: field {key}", 1)
-                problems.append(inner if inner != line else line.replace(f"{path}: field ", f"{path}: field {key}.", 1))
+            problems += format_errors(path, exc, origins, prefix=(key,))
     return problems
 
 
@@ -826,7 +1028,7 @@ def validate_file(path: str | Path) -> list[str]:
     path = Path(path)
     try:
         if is_defaults_layer(path):
-            return validate_layer(path)
+            return _at_most(path, validate_layer(path))
         load_config(path)
     except ConfigError as exc:
         return str(exc).splitlines()

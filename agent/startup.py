@@ -82,7 +82,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help=f"engine cache folder, on a volume (default: ${ENV_ENGINE_CACHE} or "
                             f"{DEFAULT_ENGINE_CACHE})")
     start.add_argument("--precision", choices=["auto", "fp16", "int8"], default=None,
-                       help="engine precision; default: auto when model.prefer_int8, else fp16")
+                       help="engine precision; default: fp16 when the config's ONNX precision is fp32 "
+                            "(model.precision: fp32, or prefer_int8: false without precision), else auto")
     start.add_argument("--dry-run", action="store_true", help="do the checks, print the agent command, do not exec")
     start.add_argument("agent_args", nargs=argparse.REMAINDER,
                        help="after --: extra arguments for python -m agent run")
@@ -152,7 +153,10 @@ def engine_wanted(cfg: AgentConfig, tensorrt_present: bool) -> bool:
 
 
 def engine_precision(cfg: AgentConfig, requested: str | None) -> str:
-    return requested or ("auto" if cfg.model.prefer_int8 else "fp16")
+    """The engine's precision: ``--precision``, else the config's own choice (``model.precision``, which wins over
+    the older ``prefer_int8``): FP32 pinned means no INT8 engine either (fp16), auto and int8 mean INT8 where the
+    bundle's INT8 model is deployable (the engine cache's auto), as ONNX Runtime would run."""
+    return requested or ("fp16" if cfg.model.onnx_precision == "fp32" else "auto")
 
 
 def prepare_engine(cfg: AgentConfig, bundle: Bundle, cache_dir: Path, precision: str | None, *,
