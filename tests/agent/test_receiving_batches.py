@@ -15,7 +15,8 @@ import threading
 import time
 
 import numpy as np
-from agent_support import EndedCamera, as_config, inference_stage, make_tiny_bundle, station_config
+from agent_support import as_config, inference_stage, make_tiny_bundle, station_config
+from test_receiving import start
 
 from agent.app import Agent
 from agent.config import ExpectCommand
@@ -154,17 +155,6 @@ def test_a_batch_stored_in_chunks_counts_the_decisions_of_the_chunks_stored_befo
     assert stage.receiving.shipment.received == {"Dress": len(decisions)}
     saved = stage.receiving.saved()
     assert {ref["decision"] for refs in saved["refs"].values() for ref in refs} <= decisions
-
-
-def start(cfg, dash: Subscriber) -> Agent:
-    """A station whose camera ends at once, online (it subscribed to cmd/# before it said so)."""
-    seen = len(dash.of("status"))
-    agent = Agent(cfg, source_factory=lambda cam: EndedCamera())
-    agent.start()
-    assert agent.inference.finished.wait(30), "the stage's threads did not finish after the source ended"
-    assert dash.wait_for(lambda d: any(json.loads(m.payload).get("state") == "online" for m in d.of("status")[seen:]),
-                         60), "the station never came online"
-    return agent
 
 
 def item(agent: Agent, probs: np.ndarray, seq: int) -> None:
