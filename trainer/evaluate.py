@@ -416,12 +416,15 @@ def onnx_outputs_each(onnx_paths: Sequence[str | Path], inputs: np.ndarray | Mod
     for batch in input_batches(inputs, batch_size):
         for session, name, out in zip(sessions, names, parts):
             out.append(session.run(None, {name: batch}))
-    results = []
-    for session, out in zip(sessions, parts):
-        count = len(session.get_outputs())
-        results.append([np.concatenate([p[k] for p in out]) for k in range(count)] if out
-                       else [np.zeros((0, 0), np.float32)] * count)
-    return results
+    return [joined_outputs(session, out) for session, out in zip(sessions, parts)]
+
+
+def joined_outputs(session, parts: list) -> list[np.ndarray]:
+    """A session's outputs over its batches (``parts``: each ``session.run``'s list), joined output by output."""
+    count = len(session.get_outputs())
+    if not parts:
+        return [np.zeros((0, 0), np.float32)] * count
+    return [np.concatenate([p[k] for p in parts]) for k in range(count)]
 
 
 def evaluate(model_path: str | Path, data: str | Path, out_dir: str | Path, *, classes: Sequence[str] | None = None,

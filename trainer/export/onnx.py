@@ -81,7 +81,7 @@ def parity(model: nn.Module, onnx_path: Path, inputs, batch_size: int = 64, arch
     max difference). A bundle that fails is not deployable. So does a PyTorch reference with NaN or infinity (no
     difference to it can be measured); the figures are then over the images where both outputs are finite.
     """
-    from trainer.evaluate import input_batches, onnx_session
+    from trainer.evaluate import input_batches, joined_outputs, onnx_session
 
     model = model.eval().cpu()
     if arch is not None:
@@ -89,14 +89,13 @@ def parity(model: nn.Module, onnx_path: Path, inputs, batch_size: int = 64, arch
 
         model = WithEmbedding(model, arch).eval()
     session = onnx_session(onnx_path)
-    name, count = session.get_inputs()[0].name, len(session.get_outputs())
+    name = session.get_inputs()[0].name
     parts, got_parts = [], []
     with torch.no_grad():
         for batch in input_batches(inputs, batch_size):
             parts.append(model(torch.from_numpy(batch)))
             got_parts.append(session.run(None, {name: batch}))
-    got_all = ([np.concatenate([p[k] for p in got_parts]) for k in range(count)] if got_parts
-               else [np.zeros((0, 0), np.float32)] * count)
+    got_all = joined_outputs(session, got_parts)
     if arch is not None:
         ref, ref_emb = (torch.cat([p[k] for p in parts]).numpy() for k in (0, 1))
         got, got_emb = got_all[0], got_all[1]
