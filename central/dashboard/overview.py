@@ -270,10 +270,13 @@ EVENT_FIGURES_SHOWN = 20
 EVENT_TEXT_CHARS = 2000
 
 
+def shortened(text: str, limit: int) -> str:
+    """``text``, cut to ``limit`` characters and saying so."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters in all)"
+
+
 def _cut(text: str | None) -> str | None:
-    if text is None or len(text) <= EVENT_TEXT_CHARS:
-        return text
-    return f"{text[:EVENT_TEXT_CHARS]}... ({len(text)} characters in all)"
+    return None if text is None else shortened(text, EVENT_TEXT_CHARS)
 
 
 def rollout_brief(event: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -46,6 +46,7 @@ from central.dashboard.overview import (
     rollout_brief,
     row_order,
     select_rows,
+    shortened,
     station_row,
     station_tally_view,
 )
@@ -172,11 +173,6 @@ def finite(value: Any, what: str) -> Any:
         return item
 
     return clean(value)
-
-
-def shortened(text: str, limit: int) -> str:
-    """``text``, cut to ``limit`` characters and saying so."""
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters in all)"
 
 
 # ---------------------------------------------------------------- per-station views
