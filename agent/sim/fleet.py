@@ -626,8 +626,10 @@ class FleetLoop(threading.Thread):
                 c.publish(kind, body, blob)
 
     def _finish(self, drain_s: float = 30.0) -> None:
-        """Wait for every PUBACK; then (goodbye) each connected station says offline and disconnects, as the
-        agent does on SIGTERM."""
+        """Wait for every PUBACK; then each connected station leaves as an agent does: (goodbye) it says offline
+        and disconnects, as on SIGTERM; else its connection is lost without a DISCONNECT, as when it crashes or
+        loses power, and the broker publishes its last will. A clean DISCONNECT without the offline status (what
+        no agent does) discarded the will and left the station's retained status "online" for good."""
         self._drain(drain_s)
         if self.goodbye:
             for c in self._alive():
@@ -635,6 +637,10 @@ class FleetLoop(threading.Thread):
                     c.publish_status("offline")
             self._drain(drain_s)
         for c in self._alive():
+            if not self.goodbye and c.state in ("online", "stale"):
+                self.sel.unregister(c.client.socket())
+                c.drop()
+                continue
             c.client.disconnect()
             c.client.loop_write()
             c.state = "gone"
@@ -752,7 +758,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     run.add_argument("--part", type=int, default=0, help="this process runs stations i with i %% parts == part")
     run.add_argument("--parts", type=int, default=1)
     run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--no-goodbye", action="store_true", help="at the end, leave without an offline status")
+    run.add_argument("--no-goodbye", action="store_true",
+                     help="at the end, leave as crashed stations do: no offline status, the connection lost without "
+                          "a DISCONNECT, so the broker publishes each station's last will (offline)")
     run.add_argument("--report", type=Path, default=None, help="write what was published here (JSON)")
     add_broker_args(run)
     return parser

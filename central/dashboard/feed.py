@@ -94,4 +94,6 @@ class StationFeed:
         self.state.set_broker(False, detail)
 
     def _on_message(self, client, userdata, message: paho.MQTTMessage) -> None:
-        self.state.ingest(message.topic, bytes(message.payload))
+        # retain is set only on the stored copy a subscription gets when it is made (MQTT 3.1.1 and 5 alike):
+        # a retained status is as old as it says, not as old as the (re)connect
+        self.state.ingest(message.topic, bytes(message.payload), retained=bool(message.retain))

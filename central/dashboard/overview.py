@@ -159,7 +159,7 @@ def station_row(station: Any, tally: StationTally | None, now: float, limits: An
             "low_confidence_rate_hour": ratio(hour[LOW], hour[FRAMES]), "alerts_hour": hour[ALERTS],
             "fps_total": _finite_or_none(stats["fps_total"]) if stats else None,
             "outbox_depth": stats["outbox"]["depth"] if stats else None,
-            "last_seen": max((t for t in (station.stats_received_at, station.status_received_at,
+            "last_seen": max((t for t in (station.stats_received_at, station.status_at(),
                                           station.last_message_at) if t is not None), default=None)}
 
 

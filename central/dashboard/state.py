@@ -29,11 +29,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import copy
 import datetime as dt
 import logging
 import math
 import statistics
 import threading
+from array import array
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -67,6 +69,7 @@ MAX_REASON_CHARS = 500               # a refused message's reason as kept and lo
 #                                      whole 1 MiB value or key: 20 kept, 5 in every overview push)
 MAX_TOPIC_CHARS = 200
 STATUS_OPEN_CHARS = 4096             # last_thresholds_update.applied kept up to this much JSON (status_kept)
+CLOCK_SAMPLES = 6                    # live stats whose arrival - ts gives a station's clock offset (the least)
 
 
 class MessageError(ValueError):
@@ -82,7 +85,9 @@ class StateLimits:
     history: int = 120               # stats points per station (the low-confidence chart)
     rollout_events: int = 50         # central rollout events kept
     malformed_kept: int = 20         # recent malformed messages shown on the page
-    seen_ids: int = 100_000          # message ids remembered for deduplication
+    seen_ids: int = 100_000          # message ids remembered for deduplication (the whole fleet's newest)
+    station_ids: int = 256           # ... and each station's own newest (its resends after a link cut: the agent's
+    #                                  in-flight window, mqtt.max_inflight, 64 by default)
     stale_factor: float = 3.0        # online, but no stats for this many stats intervals: stale
     stale_min_s: float = 5.0         # ... and never sooner than this
     default_stats_interval_s: float = 10.0   # the agent's default, until two stats show the real one
@@ -291,7 +296,8 @@ class Station:
     state: str = "unknown"               # online | offline | unknown (no status seen yet)
     status: dict[str, Any] | None = None
     status_received_at: float | None = None
-    online_since: float | None = None    # receipt time of the status that said online
+    online_since: float | None = None    # receipt time of the status that said online (the stale rule)
+    status_retained: bool = False        # the status came as the broker's retained copy (at a (re)subscribe)
     stats: dict[str, Any] | None = None
     stats_received_at: float | None = None
     stale: bool = False
@@ -305,12 +311,28 @@ class Station:
     counted: tuple[int, int] | None = None   # the last stats' cumulative (frames_low_confidence, frames_classified)
     empty_frames: int = 0                    # present:false results received (no item in view)
     last_message_at: float | None = None     # receipt time of its newest message of any kind
+    clock_offsets: deque = field(default_factory=lambda: deque(maxlen=CLOCK_SAMPLES))   # arrival - ts, live stats
+    recent_ids: array = field(default_factory=lambda: array("q"))   # hashes of its newest ids (limits.station_ids)
+    recent_next: int = 0                     # where the next one goes once ``recent_ids`` is full (a ring)
 
     def __post_init__(self) -> None:
         self.results = deque(maxlen=self.limits.recent)
         self.decisions = deque(maxlen=self.limits.recent)
         self.alerts = deque(maxlen=self.limits.alerts)
         self.history = deque(maxlen=self.limits.history)
+
+    def seen(self, message_id: str) -> bool:
+        return hash(message_id) in self.recent_ids        # a C scan of 256 machine words: a microsecond
+
+    def remember(self, message_id: str) -> None:
+        """Keep ``message_id`` among the station's newest: as its 64-bit hash in a flat array, 2 kB a station (a
+        set of the strings took 44 kB)."""
+        kept = self.limits.station_ids
+        if len(self.recent_ids) < kept:
+            self.recent_ids.append(hash(message_id))
+        elif kept > 0:
+            self.recent_ids[self.recent_next] = hash(message_id)
+            self.recent_next = (self.recent_next + 1) % kept
 
     @property
     def key(self) -> str:
@@ -349,10 +371,47 @@ class Station:
     def health(self) -> str:
         return "stale" if self.stale else self.state
 
+    def clock_offset_s(self) -> float | None:
+        """How far the station's clock is behind the dashboard's: arrival minus ``ts`` of its live stats, the
+        smallest of the last few (stats go out at once, QoS 0, but the agent holds its newest few while it is
+        offline and sends them late at its reconnect: lateness only adds to the difference); None before any."""
+        return min(self.clock_offsets) if self.clock_offsets else None
+
+    def status_at(self) -> float | None:
+        """When the station sent its status, on the dashboard's clock: the arrival of a live one; for the broker's
+        retained copy (the one a (re)started dashboard gets first, maybe hours old), the status's own ``ts``,
+        moved by the station's clock offset once its live stats have shown it, and never later than the copy
+        arrived (a clock ahead cannot put it in the future). The arrival time made a station up for days "up
+        since the restart" and an offline one "offline since" the restart."""
+        if self.status_received_at is None or self.status is None:
+            return self.status_received_at
+        if not self.status_retained:
+            return self.status_received_at
+        return min(self.status_received_at, self.status["ts"] + (self.clock_offset_s() or 0.0))
+
+    def status_time_from(self) -> str | None:
+        """Where ``status_at`` comes from: ``arrival``, ``station clock`` or ``station clock, offset by stats``."""
+        if self.status is None:
+            return None
+        if not self.status_retained:
+            return "arrival"
+        return "station clock, offset by stats" if self.clock_offsets else "station clock"
+
+    def copy_for_view(self) -> "Station":
+        """A copy that later messages do not change, taken under the state's lock so that ``view`` (the slow
+        part at a thousand stations) can run outside it. Shallow: the status, stats and the kept views are
+        replaced by a new message, never changed in place; the containers that are changed are copied."""
+        twin = copy.copy(self)
+        for name in ("results", "decisions", "alerts", "history", "stats_ts", "clock_offsets"):
+            setattr(twin, name, copy.copy(getattr(self, name)))
+        twin.counts, twin.window = dict(self.counts), list(self.window)
+        return twin
+
     def view(self, now: float) -> dict[str, Any]:
         status = self.status or {}
         online = self.state == "online"
         uptime = status.get("uptime_s")
+        status_at = self.status_at()
         return {
             "key": self.key, "site": self.site, "station": self.station, "role": status.get("role"),
             "health": self.health, "state": self.state, "stale": self.stale,
@@ -360,9 +419,10 @@ class Station:
             "stats_interval_s": round(self.stats_interval_s(), 3),
             "agent_version": status.get("agent_version"),
             "status_ts": status.get("ts"), "status_received_at": self.status_received_at,
+            "status_at": status_at, "status_time_from": self.status_time_from(),
             "uptime_s": uptime if online else None,
-            "uptime_now_s": round(uptime + now - self.status_received_at, 3)
-            if online and uptime is not None and self.status_received_at is not None else None,
+            "uptime_now_s": round(uptime + now - status_at, 3)
+            if online and uptime is not None and status_at is not None else None,
             "model": status.get("model"),
             "cameras": status.get("cameras", {}),
             "cameras_up": self.cameras_up(),
@@ -426,14 +486,17 @@ class WarehouseState:
 
     # ------------------------------------------------------------ input
 
-    def ingest(self, topic: str, payload: bytes, received_at: float | None = None) -> str:
-        """Apply one message; returns "applied", "duplicate", "malformed" or "ignored". Never raises on bad input."""
+    def ingest(self, topic: str, payload: bytes, received_at: float | None = None, *, retained: bool = False) -> str:
+        """Apply one message; returns "applied", "duplicate", "malformed" or "ignored". Never raises on bad input.
+
+        ``retained``: the broker sent its stored copy (the MQTT retain flag on delivery, set only for what a
+        subscription gets when it is made), so the message is older than its arrival."""
         now = self.clock() if received_at is None else received_at
         with self._lock:
             self.counters.received += 1
             self._meta_dirty = True
             try:
-                outcome = self._apply(topic, payload, now)
+                outcome = self._apply(topic, payload, now, retained)
             except MessageError as exc:
                 self._malformed(topic, str(exc), now)
                 return "malformed"
@@ -454,7 +517,7 @@ class WarehouseState:
             self.broker = {"connected": connected, "detail": detail, "since": self.clock()}
             self._meta_dirty = True
 
-    def _apply(self, topic: str, payload: bytes, now: float) -> str:
+    def _apply(self, topic: str, payload: bytes, now: float, retained: bool = False) -> str:
         parts = topic.split("/")
         root = self.topic_root.split("/")
         if parts[:len(root)] != root:
@@ -472,20 +535,29 @@ class WarehouseState:
         where = non_finite_at(stats_view(body)) if kind == "stats" else None
         if where:              # finite parts whose sum is not (fps 1e308 on two cameras): refused, nothing kept
             raise MessageError(f"{topic}: field {where.lstrip('/')}: not a finite number")
-        if self._status_kept(f"{site}/{station_id}", kind, body) or self._seen_before(body["id"]):
+        if self._status_kept(f"{site}/{station_id}", kind, body) or self._seen_before(body["id"],
+                                                                                     f"{site}/{station_id}"):
             return "duplicate"
         station = self._station(site, station_id)
-        station.last_message_at = now
+        station.remember(body["id"])
         self._dirty.add(station.key)
         if kind == RECEIPT_KIND:
             self.shipments.on_receipt(body, now)     # an older seq than the one kept changes nothing
+        elif kind in ("status", "stats"):
+            getattr(self, f"_apply_{kind}")(station, body, now, retained)
         else:
             getattr(self, f"_apply_{kind}")(station, body, now)
+        heard = station.status_at() if kind == "status" else now      # a retained status is as old as it says
+        station.last_message_at = max(station.last_message_at or heard, heard)
         station.counts[kind] += 1
         return "applied"
 
-    def _seen_before(self, message_id: str) -> bool:
-        if message_id in self._seen:
+    def _seen_before(self, message_id: str, key: str | None = None) -> bool:
+        """Whether ``message_id`` came already: among the fleet's newest ids, or among the newest of station ``key``.
+        The fleet's window alone lasts a minute or two at a thousand stations, while a station whose link was cut
+        resends its unacknowledged messages when it is back, minutes later: they were counted twice."""
+        station = self.stations.get(key) if key is not None else None
+        if message_id in self._seen or (station is not None and station.seen(message_id)):
             return True
         self._seen[message_id] = None
         if len(self._seen) > self.limits.seen_ids:
@@ -520,11 +592,13 @@ class WarehouseState:
             log.info("station %s appeared", key)
         return self.stations[key]
 
-    def _apply_status(self, station: Station, body: dict[str, Any], now: float) -> None:
+    def _apply_status(self, station: Station, body: dict[str, Any], now: float, retained: bool = False) -> None:
         was = station.state
         station.status = status_kept(body)
         station.state = body["state"]
         station.status_received_at = now
+        station.status_retained = retained
+        sent_at = station.status_at()
         if station.state == "online" and (was != "online" or station.online_since is None):
             station.online_since = now
         if station.state != "online":
@@ -532,7 +606,7 @@ class WarehouseState:
             station.stale = False
         uptime = body.get("uptime_s")
         if (station.state == "online" and uptime is not None and station.stats_received_at is not None
-                and 0 <= uptime < now - station.stats_received_at):      # status.v1 sets no minimum
+                and 0 <= uptime < sent_at - station.stats_received_at):      # status.v1 sets no minimum
             station.counted = (0, 0)       # the agent started after its last stats: its counters start from zero
         update = body.get("last_model_update")
         if update and not update["ok"]:
@@ -560,9 +634,11 @@ class WarehouseState:
         station.alerts.appendleft(alert_view(body))
         self.tally.on_alert(station.site, station.key, body, now)
 
-    def _apply_stats(self, station: Station, body: dict[str, Any], now: float) -> None:
+    def _apply_stats(self, station: Station, body: dict[str, Any], now: float, retained: bool = False) -> None:
         station.stats = stats_view(body)
         station.stats_received_at = now
+        if not retained:           # a stats message is never retained; one that is says nothing of the clock
+            station.clock_offsets.append(now - body["ts"])
         station.stats_ts.append(body["ts"])
         low, frames, source = interval_counts(station, body)
         rate = round(low / frames, 4) if frames else None
@@ -635,12 +711,19 @@ class WarehouseState:
     def snapshot(self, now: float | None = None) -> dict[str, Any]:
         """The whole state as JSON-ready data (``/api/state``)."""
         now = self.clock() if now is None else now
-        with self._lock:
-            return {"schema": "dashboard-state.v1", "server_time": now, "version": self.version,
+        with self._lock:     # copies only: building the views of a thousand stations held it for 0.2-0.5 s
+            head = {"schema": "dashboard-state.v1", "server_time": now, "version": self.version,
                     "topic_root": self.topic_root, "broker": dict(self.broker),
-                    "counters": self.counters.as_dict(), "malformed": list(self.malformed),
-                    "stations": [self.station_view(self.stations[k], now) for k in sorted(self.stations)],
-                    "rollout": list(self.rollout), "shipments": self.shipments.listing()}
+                    "counters": self.counters.as_dict(), "malformed": list(self.malformed)}
+            stations = [(self.stations[k].copy_for_view(), self.rollout_by_station.get(k))
+                        for k in sorted(self.stations)]
+            tail = {"rollout": list(self.rollout), "shipments": self.shipments.listing()}
+        views = []
+        for station, rollout in stations:
+            view = station.view(now)
+            view["rollout"] = rollout
+            views.append(finite(view, f"station {station.key}"))
+        return {**head, "stations": views, **tail}
 
     def health(self) -> dict[str, Any]:
         """The broker connection and the message counters: cheap, for /healthz and monitoring."""

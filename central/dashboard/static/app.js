@@ -390,9 +390,14 @@ function renderStats(card, view) {
 function renderUptime(card, view) {
   const box = field(card, "uptime");
   if (view.health === "offline") {
-    text(box, `offline since ${clockTime(view.status_received_at)}`);
-  } else if (view.uptime_s !== null && view.uptime_s !== undefined && view.status_received_at) {
-    text(box, duration(view.uptime_s + serverNow() - view.status_received_at));
+    // a retained offline status (what a started dashboard gets) may be a last will, which carries the time of
+    // the connect it was set at: the station went offline then or later
+    text(box, view.status_time_from && view.status_time_from !== "arrival"
+      ? `offline (last status ${clockTime(view.status_at)})`
+      : `offline since ${clockTime(view.status_at ?? view.status_received_at)}`);
+  } else if (view.uptime_s !== null && view.uptime_s !== undefined && (view.status_at ?? view.status_received_at)) {
+    // status_at: when the status was sent (a retained one after a restart is older than its arrival)
+    text(box, duration(view.uptime_s + serverNow() - (view.status_at ?? view.status_received_at)));
   } else {
     text(box, "–");
   }

@@ -137,6 +137,34 @@ def test_redelivered_messages_are_counted_once(recorded):
     assert after["counters"]["duplicates"] == len(recorded) and after["counters"]["applied"] == len(recorded)
 
 
+
+def test_a_stations_resend_after_a_long_link_cut_is_a_duplicate_however_busy_the_fleet():
+    """The agent resends what the broker did not acknowledge when its link is back, minutes later maybe; by then
+    the rest of a thousand-station fleet has pushed its ids out of the fleet-wide window (100,000 ids: a minute or
+    two; 300 here) and the resent decision, result and alert were counted twice. Each station's own newest ids
+    are remembered too (``station_ids``, a bounded ring of hashes)."""
+    from fleet_messages import LABELS, FleetStation
+
+    state = WarehouseState(limits=StateLimits(seen_ids=300, station_ids=64))
+    cut = FleetStation("site-0", "cut", role="qc")
+    sent = [cut.message("decision", cut.decision(1000.0, "Coat")), cut.message("alert", cut.alert(1000.0))]
+    assert [state.ingest(*m, received_at=1000.0) for m in sent] == ["applied", "applied"]
+    others = [FleetStation("site-1", f"st-{i:02d}") for i in range(40)]
+    for k in range(10):                                  # 400 ids of other stations
+        for st in others:
+            state.ingest(*st.message("decision", st.decision(1001.0 + k, LABELS[k])), received_at=1001.0 + k)
+    before = state.station_card(cut.key, 1200.0)
+    assert [state.ingest(*m, received_at=1200.0) for m in sent] == ["duplicate", "duplicate"]
+    after = state.station_card(cut.key, 1200.0)
+    assert after["counts"] == before["counts"] and after["tally"] == before["tally"]
+    assert after["counts"]["decision"] == 1
+    assert after["tally"]["decided_hour"] == 1 and after["tally"]["alerts_hour"] == 1
+    # bounded: after 64 newer messages of its own, the station remembers no more than 64
+    for k in range(64):
+        state.ingest(*cut.message("decision", cut.decision(1300.0 + k, LABELS[k % 10])), received_at=1300.0 + k)
+    assert len(state.stations[cut.key].recent_ids) == 64
+    assert state.ingest(*sent[0], received_at=1400.0) == "applied"     # out of both windows: counted again
+
 MUTATIONS = {
     "not json": ("not JSON",),
     "array": ("expected a JSON object",),
@@ -318,3 +346,57 @@ def test_both_schema_engines_accept_and_refuse_the_same_messages(recorded):
         verdicts[engine] = outcome
     assert verdicts["fastjsonschema"] == verdicts["jsonschema"]
     assert all(verdicts["jsonschema"][:len(bodies)]) and not any(verdicts["jsonschema"][len(bodies):])
+
+
+def test_the_whole_state_is_built_outside_the_lock_from_a_copy_taken_under_it(monkeypatch):
+    """``/api/state`` at a thousand stations held the state's lock for the whole build (0.2-0.5 s of views and
+    finite checks), holding up every message meanwhile. Given stations with every kind of message, when the
+    snapshot is built and a message comes for a station while its view is being built, then no view is built
+    and nothing is checked or encoded under the lock, the snapshot is what a build under the lock gave (the
+    message that came meanwhile is not in it, and nothing broke), and the next snapshot has that message."""
+    from fleet_messages import LABELS, FleetStation
+
+    import central.dashboard.state as state_module
+
+    state = WarehouseState()
+    fleet = [FleetStation(f"site-{i % 3}", f"st-{i:02d}", role="qc" if i % 4 == 0 else "receiving")
+             for i in range(12)]
+    for k in range(8):
+        for st in fleet:
+            ts = 1000.0 + 10 * k
+            messages = [("status", st.status(ts))] if k == 0 else []
+            messages += [("stats", st.stats(ts, frames=20, low=k % 3)), ("decision", st.decision(ts, LABELS[k]))]
+            messages += [("alert", st.alert(ts))] if st.role == "qc" else []
+            for kind, body in messages:
+                state.ingest(*st.message(kind, body), received_at=ts)
+    state.ingest("inventory/_central/rollout", json.dumps(rollout_event("rollout", True, None, [fleet[0].key]))
+                 .encode(), received_at=1050.0)
+    now = 1100.0
+    with state._lock:                       # the snapshot as it was built before: every view under the lock
+        before = {"stations": [state.station_view(state.stations[k], now) for k in sorted(state.stations)],
+                  "rollout": list(state.rollout), "shipments": state.shipments.listing()}
+    under_lock: list[str] = []
+    late = fleet[5]
+    view, check = state_module.Station.view, state_module.finite
+
+    def watched_view(station, at):
+        if state._lock.locked():
+            under_lock.append(f"view of {station.key}")
+        elif station.key == late.key:        # the MQTT thread gets in while the views are built
+            assert state.ingest(*late.message("decision", late.decision(1090.0, "Coat")), received_at=1090.0) \
+                == "applied"
+        return view(station, at)
+
+    def watched_finite(value, what):
+        if state._lock.locked():
+            under_lock.append(f"finite check of {what}")
+        return check(value, what)
+
+    monkeypatch.setattr(state_module.Station, "view", watched_view)
+    monkeypatch.setattr(state_module, "finite", watched_finite)
+    snap = state.snapshot(now)
+    assert under_lock == []
+    assert {k: snap[k] for k in before} == before
+    assert snap["version"] == state.version - 1 and len(snap["stations"]) == 12
+    after = next(v for v in state.snapshot(now)["stations"] if v["key"] == late.key)
+    assert after["decisions"][0]["label"] == "Coat" and after["counts"]["decision"] == 9
