@@ -16,7 +16,8 @@ entry is never visible)::
         engine.plan     serialized engine
         key.json        the full key, the engine's sha256, bundle name/version, build time
         used            when it was last asked for: a counter over the cache, not a clock
-      .lock-<digest>    flock: two processes never build the same key at once
+      .lock-<digest>    flock: two processes never build the same key at once (removed by its holder when done)
+      load-failures     how many cached engines TensorRT would not load (each removed and built again)
 
 The cache is bounded: each model update brings an engine of tens of MB, so after a lookup or a build only
 the ``MAX_ENTRIES`` engines of this device asked for last are kept (the running model's, the one before it
@@ -64,6 +65,10 @@ class EngineCacheError(Exception):
     """No engine can be had; the message names the file or field and what was wrong."""
 
 
+class EngineRejected(EngineCacheError):
+    """TensorRT refuses to load this engine (another TensorRT or driver built it, or its plan is unreadable)."""
+
+
 @dataclass(frozen=True)
 class DeviceInfo:
     """What an engine is tied to on this machine."""
@@ -103,6 +108,7 @@ class BuildRequest:
 
 
 Builder = Callable[[BuildRequest], bytes]
+EngineCheck = Callable[[Path], None]       # loads an engine; EngineRejected when TensorRT refuses it
 
 
 @dataclass(frozen=True)
@@ -233,14 +239,54 @@ def _remove(path: Path) -> None:
 
 @contextlib.contextmanager
 def key_lock(cache_dir: Path, key: EngineKey) -> Iterator[None]:
-    """An exclusive flock per key: a second process (or thread) waits and then finds the entry built."""
-    lock_path = Path(cache_dir) / f".lock-{key.digest()[:16]}"
-    with open(lock_path, "a+") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+    """An exclusive flock per key: a second process (or thread) waits and then finds the entry built. The lock file
+    goes when the lock is let go (``_release``), so no empty ``.lock-<digest>`` stays behind for every key built."""
+    lock_path = _lock_path(cache_dir, key.digest()[:16])
+    fd = _acquire(lock_path, wait=True)
+    assert fd is not None
+    try:
+        yield
+    finally:
+        _release(lock_path, fd)
+
+
+def _lock_path(cache_dir: Path, digest16: str) -> Path:
+    return Path(cache_dir) / f".lock-{digest16}"
+
+
+def _acquire(lock_path: Path, *, wait: bool) -> int | None:
+    """An exclusive flock on the lock file linked at ``lock_path`` now; None when another holds it and not ``wait``.
+
+    The holder unlinks the file before it lets go, so a process that opened it earlier may get the lock of a file no
+    longer linked: it then takes the one linked now (or creates it), never a lock of its own beside another's."""
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            held, linked = os.fstat(fd), os.stat(lock_path)
+            if (held.st_dev, held.st_ino) == (linked.st_dev, linked.st_ino):
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def _release(lock_path: Path, fd: int) -> None:
+    """Unlink the lock file while still holding it, then let go (closing the file ends its flock)."""
+    try:
+        os.unlink(lock_path)
+    except OSError as exc:      # gone already is fine; anything else only leaves an empty file
+        if not isinstance(exc, FileNotFoundError):
+            log.warning("%s: cannot remove the lock file (%s)", lock_path, exc.strerror or exc)
+    finally:
+        os.close(fd)
 
 
 SHIPPED_MAX_BATCH = 32      # the batch profile trainer/export/tensorrt.py builds a bundle's engines with
@@ -264,31 +310,87 @@ def bundle_engine(bundle: Bundle, key: EngineKey) -> Path | None:
 
 def ensure_engine(bundle: Bundle, cache_dir: str | Path, precision: Literal["auto", "fp16", "int8"] = "auto", *,
                   max_batch: int = 8, device: DeviceInfo | None = None, builder: Builder | None = None,
-                  use_bundle_engines: bool = True, max_entries: int = MAX_ENTRIES) -> EngineResult:
+                  use_bundle_engines: bool = True, max_entries: int = MAX_ENTRIES,
+                  check: EngineCheck | None = None) -> EngineResult:
     """The engine to run for this bundle on this device: from the bundle, the cache, or built now.
 
     ``device`` defaults to ``probe_device()`` and ``builder`` to ``build_with_tensorrt``
     (both need TensorRT); tests pass their own. After a cache hit or a build the cache keeps the
     ``max_entries`` engines of this device used last (``evict``).
+
+    Every engine is loaded once by ``check`` (default ``check_with_tensorrt``) before it is handed out: a cached
+    engine whose bytes match its record but that TensorRT rejects (built under another TensorRT or driver, a plan
+    it cannot read) is removed from the cache (logged, counted in ``load_failures``) and built again, a shipped one
+    is passed over; else a station pinned to TensorRT failed at every start with the same engine.
     """
     device = device or probe_device()
+    check = check or check_with_tensorrt
     cache_dir = Path(cache_dir)
     _ensure_writable(cache_dir)
     key = engine_key(bundle, device, resolve_precision(bundle, precision), max_batch)
     if use_bundle_engines and (shipped := bundle_engine(bundle, key)) is not None:
-        log.info("using the bundle's engine %s (TensorRT %s, sm %s)", shipped, key.tensorrt_version,
-                 key.compute_capability)
-        return EngineResult(shipped, key, "bundle")
+        if (problem := _load_problem(shipped, check)) is None:
+            log.info("using the bundle's engine %s (TensorRT %s, sm %s)", shipped, key.tensorrt_version,
+                     key.compute_capability)
+            return EngineResult(shipped, key, "bundle")
+        log.warning("%s: the bundle's engine cannot be loaded here (%s); using the engine cache", shipped, problem)
     with key_lock(cache_dir, key):
-        if (cached := lookup(cache_dir, key)) is not None:
+        cached = lookup(cache_dir, key)
+        if cached is not None and (problem := _load_problem(cached, check)) is not None:
+            _discard_unloadable(cache_dir, cached, problem)
+            cached = None
+        if cached is not None:
             log.info("engine cache hit %s", cached)
             result = EngineResult(cached, key, "cache")
         else:
             result = _build(bundle, cache_dir, key, builder or build_with_tensorrt)
+            if (problem := _load_problem(result.path, check)) is not None:
+                _discard_unloadable(cache_dir, result.path, problem, fresh=True)
+                raise EngineCacheError(f"{result.path}: TensorRT {key.tensorrt_version} cannot load the engine it "
+                                       f"has just built ({problem})")
         _mark_used(cache_dir, result.path.parent)
     for gone in evict(cache_dir, device, keep=key, max_entries=max_entries):
         log.info("engine cache: removed %s (the %d engines used last are kept)", gone, max_entries)
     return result
+
+
+LOAD_FAILURES_FILE = "load-failures"     # cached engines TensorRT could not load (removed), over the cache's life
+
+
+def load_failures(cache_dir: str | Path) -> int:
+    """How many cache entries were removed because TensorRT could not load their engine."""
+    try:
+        text = (Path(cache_dir) / LOAD_FAILURES_FILE).read_text(encoding="ascii").strip()
+    except (OSError, ValueError):
+        return 0
+    return int(text) if text.isdigit() and len(text) < 20 else 0
+
+
+def _load_problem(engine: Path, check: EngineCheck) -> str | None:
+    """Why ``check`` rejects the engine, or None when it loads. Only a rejection of the engine itself is a problem;
+    anything else (no GPU, TensorRT not starting) is raised: the engine is not to blame, so it is kept."""
+    try:
+        check(engine)
+    except EngineRejected as exc:
+        return str(exc)
+    return None
+
+
+def _discard_unloadable(cache_dir: Path, engine: Path, problem: str, *, fresh: bool = False) -> None:
+    """Remove a cache entry (the caller holds its key's lock) whose engine TensorRT cannot load; logged, counted."""
+    _remove(engine.parent)
+    count = load_failures(cache_dir) + 1
+    tmp = cache_dir / f".{LOAD_FAILURES_FILE}-{os.getpid()}"
+    try:
+        tmp.write_text(str(count), encoding="ascii")
+        os.replace(tmp, cache_dir / LOAD_FAILURES_FILE)
+    except OSError as exc:
+        log.warning("%s: cannot count the engine TensorRT rejected (%s)", cache_dir, exc.strerror or exc)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+    log.error("%s: removed from the engine cache, TensorRT cannot load its engine: %s; %s (engines rejected so far: "
+              "%d, counted in %s)", engine.parent, problem, "it was built just now" if fresh else "it is built again",
+              count, cache_dir / LOAD_FAILURES_FILE)
 
 
 def _build(bundle: Bundle, cache_dir: Path, key: EngineKey, builder: Builder) -> EngineResult:
@@ -388,20 +490,32 @@ def evict(cache_dir: str | Path, device: DeviceInfo, keep: EngineKey | None = No
 def _remove_unlocked(cache_dir: Path, folder: Path) -> bool:
     """Remove an entry under its key's lock, taken without waiting: False when another holds it."""
     digest16 = _ENTRY_NAME.fullmatch(folder.name).group(2)      # type: ignore[union-attr]
+    lock_path = _lock_path(cache_dir, digest16)
     try:
-        fh = open(Path(cache_dir) / f".lock-{digest16}", "a+")
+        fd = _acquire(lock_path, wait=False)
     except OSError:
         return False
-    with fh:
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return False
-        try:
-            _remove(folder)
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    if fd is None:
+        return False
+    try:
+        _remove(folder)
+    finally:
+        _release(lock_path, fd)
     return not folder.exists()
+
+
+def _sweep_locks(cache_dir: Path) -> list[Path]:
+    """Lock files no process holds (left by versions that never removed them): removed under their own lock."""
+    removed = []
+    for lock_path in sorted(Path(cache_dir).glob(".lock-*")):
+        try:
+            fd = _acquire(lock_path, wait=False)
+        except OSError:
+            continue
+        if fd is not None:
+            _release(lock_path, fd)
+            removed.append(lock_path)
+    return removed
 
 
 def prune(cache_dir: str | Path, device: DeviceInfo, keep: Iterable[EngineKey] = ()) -> list[Path]:
@@ -430,6 +544,8 @@ def prune(cache_dir: str | Path, device: DeviceInfo, keep: Iterable[EngineKey] =
             continue
         _remove(tmp)
         removed.append(tmp)
+    if swept := _sweep_locks(Path(cache_dir)):
+        log.info("engine cache: removed %d lock file(s) no process holds", len(swept))
     return removed
 
 
@@ -494,6 +610,29 @@ def probe_device() -> DeviceInfo:
     """TensorRT version and GPU compute capability of this machine."""
     trt = _import_tensorrt()
     return DeviceInfo(tensorrt_version=str(trt.__version__), compute_capability=compute_capability())
+
+
+def check_with_tensorrt(engine: Path) -> None:
+    """Deserialize the engine with this machine's TensorRT (no execution context, no buffers): a null engine or an
+    error of ``deserialize_cuda_engine`` is EngineRejected. Where TensorRT is not importable nothing is checked
+    (tests with a stand-in builder; the agent's backend reports it)."""
+    try:
+        import tensorrt as trt  # type: ignore[import-not-found]
+    except ImportError:
+        return
+    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))      # an error here is TensorRT's or the GPU's, raised
+    try:
+        data = Path(engine).read_bytes()
+    except OSError as exc:
+        raise EngineRejected(f"unreadable: {exc.strerror or exc}") from exc
+    try:
+        loaded = runtime.deserialize_cuda_engine(data)
+    except Exception as exc:  # noqa: BLE001 - the binding's own error types
+        raise EngineRejected(f"TensorRT {trt.__version__}: {type(exc).__name__}: {exc}") from exc
+    if loaded is None:
+        raise EngineRejected(f"TensorRT {trt.__version__} cannot deserialize it: built by another TensorRT version "
+                             f"or driver, or not a plan it can read (TensorRT's log says which)")
+    del loaded
 
 
 def build_with_tensorrt(request: BuildRequest) -> bytes:

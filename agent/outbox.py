@@ -87,6 +87,8 @@ VACUUM_PAGES = 16        # pages one transaction gives back to the file system
 ROW_BYTES = 80           # a stored message's columns beside its JSON and JPEG, with the record's header
 INDEX_BYTES = 110        # its entries in the indexes: of ids (random ids leave pages about 70% full), of times
 SHM_BLOCK = 32768        # the -shm file grows by this for each 4096 WAL frames
+NEW_FILE_PAGES = 16      # pages of a new outbox database before its first message (its tables and indexes)
+SQLITE_PAGE = 4096       # SQLite's default page size
 
 
 def row_bytes(size: int, page: int) -> float:
@@ -270,9 +272,16 @@ class Outbox:
         self._deletes_left = DELETE_ROWS            # what the current transaction may still delete
         self._generation = 0                        # how many times a damaged database was replaced while running
         self._busy_logged = False
+        self._aside: list[tuple[Path, int]] = []    # damaged outboxes set aside beside it, oldest first, with bytes
         self._db = self._open(synchronous)
         self._tidy()
         self._settle_clock()
+        self._aside = self._scan_aside()
+        try:        # damaged outboxes left from before: within the bound from the start
+            self._fit_aside(self._page_count())
+        except sqlite3.Error as exc:
+            log.error("outbox: %s: the damaged outboxes set aside not checked against outbox.max_bytes at open (%s); "
+                      "the first write checks them", self.path, exc)
         if (disk := self.disk_bytes()) > max(max_bytes, DISK_FLOOR):
             log.warning("outbox: %s: its files take %d bytes, more than outbox.max_bytes %d (written by an earlier "
                         "version or under a larger max_bytes): they shrink to it as messages are stored%s", self.path,
@@ -293,6 +302,8 @@ class Outbox:
         """Our database damaged: set aside, and a new outbox started with its sequence numbers after the old."""
         next_seq = max(next_seq, self._salvage_next_seq())
         target = self._set_aside_damaged()
+        self._aside = self._scan_aside()
+        self._fit_aside(NEW_FILE_PAGES)     # before the new files are made: the bound holds while they are
         self._db = self._connect(self._synchronous)
         with self._transaction():
             self._set_meta("next_seq", next_seq)
@@ -301,6 +312,7 @@ class Outbox:
         log.error("outbox: %s is damaged (%s); set aside as %s, a new outbox started from seq %d: the messages the "
                   "damaged one held are not sent (counted as dropped corrupt:outbox-file)", self.path, problem,
                   target.name, next_seq)
+        self._fit_aside(self._page_count())
         return self._db
 
     def _outlive_damage(self, exc: sqlite3.DatabaseError, database: int) -> bool:
@@ -373,12 +385,59 @@ class Outbox:
                     os.replace(side, Path(f"{target}{suffix}"))
         except OSError as exc:
             raise OutboxError(f"{self.path}: damaged, and cannot be set aside ({exc.strerror or exc})") from exc
-        copies = sorted(p for p in self.path.parent.glob(f"{self.path.name}.bad.*") if not p.name.endswith(
-            ("-wal", "-shm")))
-        for old in copies[:max(0, len(copies) - KEEP_DAMAGED)]:
-            for suffix in ("", "-wal", "-shm"):
-                Path(f"{old}{suffix}").unlink(missing_ok=True)
+        copies = self._scan_aside()
+        for old, _ in copies[:max(0, len(copies) - KEEP_DAMAGED)]:
+            self._remove_aside(old)
         return target
+
+    def _scan_aside(self) -> list[tuple[Path, int]]:
+        """The damaged outboxes set aside beside this one, oldest first, each with its bytes (with its -wal, -shm)."""
+        prefix = f"{self.path.name}.bad."
+        sizes: dict[str, int] = {}
+        try:
+            names = [p.name for p in self.path.parent.iterdir() if p.name.startswith(prefix)]
+        except OSError:
+            return []
+        for name in names:
+            base = name[:-4] if name.endswith(("-wal", "-shm")) else name
+            try:
+                size = os.path.getsize(self.path.parent / name)
+            except OSError:
+                continue
+            sizes[base] = sizes.get(base, 0) + size
+
+        def order(base: str) -> tuple[str, int]:      # <stamp>, then <stamp>-1, <stamp>-2, ... <stamp>-10
+            stamp, _, n = base[len(prefix):].partition("-")
+            return stamp, int(n) if n.isdigit() else 0
+        return [(self.path.parent / b, sizes[b]) for b in sorted(sizes, key=order)]
+
+    @staticmethod
+    def _remove_aside(base: Path) -> None:
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{base}{suffix}").unlink(missing_ok=True)
+
+    def _fit_aside(self, pages: int) -> None:
+        """The damaged outboxes set aside count in ``max_bytes`` too: when the database file's ``pages`` and theirs
+        pass its share, the oldest go (logged), before any message is dropped for room. Their messages were counted
+        as dropped (``corrupt:outbox-file``) when they were set aside; the files are kept only while room allows."""
+        page = getattr(self, "_page", SQLITE_PAGE)      # set aside at open, before any database was read
+        budget = getattr(self, "_budget", None) or DiskBudget.of(self.max_bytes, page)
+        if not self._aside or pages + self._aside_pages(page) <= budget.db_pages:
+            return
+        self._aside = self._scan_aside()        # an operator may have moved some away
+        while self._aside and pages + self._aside_pages(page) > budget.db_pages:
+            base, size = self._aside.pop(0)
+            try:
+                self._remove_aside(base)
+            except OSError as exc:
+                log.error("outbox: %s: cannot remove the damaged outbox set aside (%s); the files may pass "
+                          "outbox.max_bytes %d", base, exc.strerror or exc, self.max_bytes)
+                return
+            log.warning("outbox: removed the damaged outbox set aside as %s (%d bytes): the outbox's files are kept "
+                        "within outbox.max_bytes %d", base.name, size, self.max_bytes)
+
+    def _aside_pages(self, page: int) -> int:
+        return -(-sum(size for _, size in self._aside) // page)
 
     def _connect(self, synchronous: str) -> sqlite3.Connection:
         db = None
@@ -416,8 +475,8 @@ class Outbox:
         self._budget = DiskBudget.of(self.max_bytes, self._page, limit[0] if limit is not None else None)
 
     def disk_bytes(self) -> int:
-        """What the outbox's files (the database, its -wal and -shm) take now."""
-        total = 0
+        """What the outbox's files (the database, its -wal and -shm, and the damaged ones set aside) take now."""
+        total = sum(size for _, size in self._scan_aside())
         for f in self._files():
             try:
                 total += os.path.getsize(f)
@@ -534,6 +593,8 @@ class Outbox:
         of the chunk itself, never stored, then the oldest message) until the chunk's pages fit in the database
         file's share, so that the file never grows past it. False: this transaction may delete no more."""
         need = pages_for((item.size for item in chunk if item.kept), self._page)
+        if self._aside:         # damaged outboxes set aside go before any message
+            self._fit_aside(max(self._page_count(), self._used_pages() + need))
         while self._used_pages() + need > self._budget.db_pages:
             seq = self._oldest_seq("kind = 'frame'")
             if seq is None and (frame := next((i for i in chunk if i.kept and i.message.kind == "frame"), None)):
@@ -571,6 +632,8 @@ class Outbox:
         """A database file over its share (pages under-estimated, a lowered max_bytes, a file from before): delete
         in the quota's order until what is used fits, and give free pages at its end back, ``VACUUM_PAGES`` at
         most (only a file with incremental auto-vacuum can)."""
+        if self._aside:
+            self._fit_aside(self._page_count())
         over = self._page_count() - self._budget.db_pages
         if over <= 0:
             return
