@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import logging
 import queue
+import sqlite3
 import threading
 import time
 import uuid
@@ -233,7 +234,11 @@ class InferenceStage(threading.Thread):
         # a receipt under the broker's limit with room for the station's fields and the MQTT packet's own
         self.receiving = ReceivingDesk(cfg.decisions.receiving, clock,
                                        min(RECEIPT_MAX_BYTES, cfg.mqtt.max_message_bytes - RECEIPT_ROOM_BYTES))
-        self.on_receipt: Callable[[], None] | None = None    # after a receipt is stored: the agent saves its state
+        # before a receipt is stored: the agent saves the shipment (station-state.json), so a crash between the two
+        # never restores a tally older than a receipt already stored (agent/receiving.py)
+        self.on_receipt: Callable[[], None] | None = None
+        self.receiving.persist = self._save_shipment
+        self.receiving.store_final = self._store_final
         self._runtime: ModelRuntime | None = None
         self.threshold_overrides: dict[str, Thresholds] = {}
         self._cameras: dict[str, CameraDecisions] = {}
@@ -288,8 +293,7 @@ class InferenceStage(threading.Thread):
             while (inferred := self._inferred.get()) is not None:
                 self._guarded(self.decide, inferred, inferred.batch)
         finally:
-            if self._flush_items():
-                self._receipt_stored()
+            self._flush_items()
 
     # ------------------------------------------------------------ one batch
 
@@ -397,9 +401,7 @@ class InferenceStage(threading.Thread):
         (agent/receiving.py)."""
         t2 = time.monotonic()
         with self.receiving.storing:
-            receipt = self._decide_batch(inferred)
-        if receipt:
-            self._receipt_stored()
+            self._decide_batch(inferred)
         self.metrics.observe("decide", (time.monotonic() - t2) / len(inferred.batch))
         for stage, seconds in inferred.timings.items():
             self.metrics.observe(stage, seconds)
@@ -526,19 +528,37 @@ class InferenceStage(threading.Thread):
     def _store_receipt(self) -> bool:
         """The open shipment's receipt, when items were counted since the last one and its interval allows, stored
         after the decisions it counts; one the outbox cannot store is due again with the next batch."""
+        self.receiving.flush_closing()      # a final receipt a restart could not store yet goes first
         now = self.clock()
         with self.receiving.receipt_due(now) as receipt:
             if receipt is None:
                 return False
+            self._save_shipment()       # first: the saved tally is never behind a stored receipt
             self.outbox.put(Message("receipt", receipt_body(receipt, site=self.cfg.site, station=self.cfg.station,
                                                             ts=now, final=False)))
         self.metrics.inc("receipts_total")
         return True
 
-    def _receipt_stored(self) -> None:
-        """After a receipt is stored, outside ``storing``: the agent saves the shipment (station-state.json)."""
+    def _save_shipment(self) -> None:
+        """The agent saves the shipment as the desk holds it now (station-state.json), under ``storing``."""
         if self.on_receipt is not None:
             self.on_receipt()
+
+    def _store_final(self, shipment: Any) -> None:
+        """The final receipt of a shipment closed before a restart, stored again as it was saved (its id and ts):
+        either the first time (the station stopped before storing it) or a duplicate a subscriber drops by id."""
+        body = receipt_body(self.receiving.receipt_of(shipment), site=self.cfg.site, station=self.cfg.station,
+                            ts=shipment.final_ts, final=True)
+        try:
+            self.outbox.put(Message("receipt", body))
+        except sqlite3.IntegrityError as exc:      # a message of its id is in the outbox: stored, not yet sent
+            if "UNIQUE" not in str(exc):
+                raise
+            log.info("shipment %s: its final receipt %s is in the outbox already", shipment.id, body["id"])
+            return
+        self.metrics.inc("receipts_total")
+        log.warning("shipment %s: its final receipt %s, saved at its close before a restart, is stored again "
+                    "(a subscriber drops a duplicate by id)", shipment.id, body["id"])
 
     def _decide(self, frame: Frame, cls: Classification | None, runtime: ModelRuntime, timings: dict[str, float],
                 queue_s: float, counted: list[tuple[ItemDecision, str]]) -> list[Message]:

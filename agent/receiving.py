@@ -24,27 +24,35 @@ decision message is in the outbox (the decide thread records the decisions the o
 messages are not stored (its step raised, the outbox write failed) counts none of its items, and an open or
 close whose receipt is not stored is undone (``expecting``).
 Receipts go through the outbox (QoS 1, kept while offline), each worked out and stored under ``storing``, so
-they are stored in the order they describe (never an open receipt after the final one); the open shipment
-and its tally are saved in station-state.json with each receipt and at shutdown, so a restart goes on
-counting from there.
+they are stored in the order they describe (never an open receipt after the final one). The open shipment and
+its tally are saved in station-state.json (``persist``) before each receipt is stored, and at shutdown: a crash
+(kill -9, power cut) between the two leaves a saved tally at least as far as every stored receipt, so a
+receipt after a restart never counts fewer items than one before it. A close saves the closed shipment with
+its final receipt's id and time before that receipt is stored; a restart that finds it stores that final
+receipt again (the same id, ts and body: a subscriber drops the duplicate by id) and keeps no shipment open,
+so a crash never loses the final receipt nor reopens a shipment whose final receipt was sent.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
 from agent.config import ExpectCommand, ReceivingConfig
 from agent.decide import ItemDecision
-from contract.messages import dumps_finite
+from contract.messages import SchemaCheck, dumps_finite, mqtt_schema
 from contract.openset import UNKNOWN_LABEL  # the label of an item the unknown score rejects (never sorted)
+
+log = logging.getLogger(__name__)
 
 # A receipt is bounded whatever the shipment: the broker refuses a message over its message_size_limit (4 MiB,
 # deploy/central/mosquitto/mosquitto.conf), and an outbox message it refuses is never delivered.
@@ -76,6 +84,26 @@ def item_ref(decision: ItemDecision, decision_id: str) -> dict[str, Any]:
             "label": decision.label, "confidence": decision.confidence, "lane": decision.lane,
             "frames": {"first_seq": first, "last_seq": last, "count": decision.frames},
             "unknown_score": decision.unknown_score}
+
+
+@lru_cache(maxsize=1)
+def ref_check() -> SchemaCheck:
+    """receipt.v1's ref (the same for a line's, review, unknown and vouched), checked by jsonschema (what a station
+    installs): a saved ref must be one to be listed in a receipt."""
+    receipt = mqtt_schema("receipt.v1")
+    return SchemaCheck(receipt["properties"]["lines"]["items"]["properties"]["refs"]["items"], "jsonschema")
+
+
+def check_saved_refs(refs: dict[str, list[Any]], vouched_refs: list[Any]) -> None:
+    """ShipmentError naming the field when a saved ref is not one receipt.v1 takes: restored, it would make every
+    receipt of the shipment one its subscribers refuse."""
+    kept = [(f"refs[{key[:40]!r}]", kept) for key, kept in refs.items()] + [("vouched_refs", vouched_refs)]
+    for where, listed in kept:
+        for i, ref in enumerate(listed):
+            problem = ref_check().error(ref)
+            if problem is not None:
+                raise ShipmentError(f"field shipment.{where}[{i}]: not a receipt ref ({problem[0]}: "
+                                    f"{str(problem[1])[:80]})")
 
 
 def doubt(ref: dict[str, Any]) -> tuple[float, float]:
@@ -154,6 +182,8 @@ class Shipment:
     unknown: int = 0              # items decided unknown: a product the model does not know
     vouched: int = 0              # items received only because the shipment vouched for them (not discrepancies)
     vouched_refs: list[dict[str, Any]] = field(default_factory=list)   # the newest of them
+    final_id: str | None = None     # once closed: its final receipt's id and ts, saved before it is stored
+    final_ts: float | None = None
 
     def still_expected(self) -> set[str]:
         return {label for label, n in self.expected.items() if self.received.get(label, 0) < n}
@@ -280,10 +310,21 @@ class Shipment:
     def to_json(self) -> dict[str, Any]:
         """A copy to save (the desk calls it under its lock): the decide thread goes on recording into the live
         dicts while the copy is written out."""
-        return {"id": self.id, "expected": dict(self.expected), "opened_at": self.opened_at,
-                "received": dict(self.received), "review": self.review, "unknown": self.unknown,
-                "refs": {k: list(v) for k, v in self.refs.items()}, "refs_seen": dict(self.refs_seen),
-                "line_refs_ranked": True, "vouched": self.vouched, "vouched_refs": list(self.vouched_refs)}
+        saved = {"id": self.id, "expected": dict(self.expected), "opened_at": self.opened_at,
+                 "received": dict(self.received), "review": self.review, "unknown": self.unknown,
+                 "refs": {k: list(v) for k, v in self.refs.items()}, "refs_seen": dict(self.refs_seen),
+                 "line_refs_ranked": True, "vouched": self.vouched, "vouched_refs": list(self.vouched_refs)}
+        if self.closed_at is not None:      # closed, its final receipt not known to be stored (ReceivingDesk)
+            saved["closed_at"] = self.closed_at
+            saved["final_receipt"] = {"id": self.final_id, "ts": self.final_ts}
+        return saved
+
+    def final_fields(self) -> dict[str, Any]:
+        """A closed shipment's final receipt's id and ts, fixed when it was closed (empty while it is open): the
+        final receipt stored again after a crash is the same message."""
+        if self.closed_at is None or self.final_id is None or self.final_ts is None:
+            return {}
+        return {"id": self.final_id, "ts": round(self.final_ts, 6)}
 
     @classmethod
     def from_json(cls, raw: Any) -> "Shipment":
@@ -317,6 +358,7 @@ class Shipment:
         vouched, vouched_refs = raw.get("vouched", 0), raw.get("vouched_refs") or []   # absent: saved before them
         if not (is_count(vouched) and isinstance(vouched_refs, list) and len(vouched_refs) <= vouched):
             raise ShipmentError("field shipment.vouched or shipment.vouched_refs: expected a count and its refs")
+        closed_at, final_id, final_ts = closed_fields(raw, float(opened))
         refs = {k: list(v) for k, v in refs.items()}
         for key, kept in refs.items():
             if not received_line(key):
@@ -329,8 +371,30 @@ class Shipment:
                 raise ShipmentError(f"field shipment.refs.{key}: a ref without a finite confidence and unknown score")
             if not raw.get("line_refs_ranked"):    # saved before the ranking (newest last): ranked from now on
                 refs[key] = ranked(kept)
-        return cls(cmd.shipment, dict(cmd.lines or {}), float(opened), None, dict(received), review,
-                   refs, dict(seen), unknown, vouched, list(vouched_refs))
+        check_saved_refs(refs, vouched_refs)
+        return cls(cmd.shipment, dict(cmd.lines or {}), float(opened), closed_at, dict(received), review,
+                   refs, dict(seen), unknown, vouched, list(vouched_refs), final_id, final_ts)
+
+
+def closed_fields(raw: dict[str, Any], opened: float) -> tuple[float | None, str | None, float | None]:
+    """A saved shipment's closed_at and its final receipt's id and ts (all None for an open one, and for one saved
+    before they were); ShipmentError naming the field when they are not a close."""
+    closed, final = raw.get("closed_at"), raw.get("final_receipt")
+    if closed is None and final is None:
+        return None, None, None
+    if isinstance(closed, bool) or not isinstance(closed, (int, float)) or not (0 <= closed < 1e11):
+        raise ShipmentError(f"field shipment.closed_at: {str(closed)[:40]} is not a time in seconds")
+    if not isinstance(final, dict):
+        raise ShipmentError("field shipment.final_receipt: expected an object with id and ts")
+    final_id, ts = final.get("id"), final.get("ts")
+    try:
+        uuid.UUID(str(final_id))
+    except ValueError:
+        raise ShipmentError(f"field shipment.final_receipt.id: {str(final_id)[:40]} is not a uuid") from None
+    if not isinstance(final_id, str) or isinstance(ts, bool) or not isinstance(ts, (int, float)) \
+            or not (0 <= ts < 1e11):
+        raise ShipmentError("field shipment.final_receipt: expected a uuid string id and a time in seconds ts")
+    return float(closed), final_id, float(ts)
 
 
 class ReceivingDesk:
@@ -352,6 +416,13 @@ class ReceivingDesk:
         self.storing = threading.RLock()
         self._dirty = False
         self._last_receipt = float("-inf")
+        # the shipment just closed, until its final receipt is stored (saved as such: a restart stores it again)
+        self.closing: Shipment | None = None
+        # saves the desk as it is now into station-state.json (set by the inference stage): called before a
+        # receipt is stored, never under the desk's lock
+        self.persist: Callable[[], None] | None = None
+        # stores a restored closed shipment's final receipt (set by the inference stage): ``restore``
+        self.store_final: Callable[[Shipment], None] | None = None
 
     def open(self, cmd: ExpectCommand, labels: Sequence[str]) -> Shipment:
         """Open ``cmd``'s shipment; ShipmentError when another is open or a line names a label the model lacks."""
@@ -378,6 +449,7 @@ class ReceivingDesk:
                 raise ShipmentError(f"field shipment: {shipment_id!r} is not open (open: {open_now})")
             closed, self.shipment = self.shipment, None
             closed.closed_at = self.clock()
+            closed.final_id, closed.final_ts = str(uuid.uuid4()), closed.closed_at
             return closed
 
     @contextmanager
@@ -386,20 +458,57 @@ class ReceivingDesk:
         undone if the block raises: a shipment whose first or final receipt was not stored is as it was, and the
         same command can be sent again. ShipmentError as ``open`` and ``close`` raise it."""
         with self._lock:
-            before, dirty, last = self.shipment, self._dirty, self._last_receipt
+            before, dirty, last, closing = self.shipment, self._dirty, self._last_receipt, self.closing
         shipment = self.close(cmd.shipment) if cmd.close else self.open(cmd, labels)
         try:
+            if cmd.close:
+                with self._lock:
+                    self.closing = shipment     # saved as closed until its final receipt is stored
+            self._persist()         # saved first: a crash after the receipt is stored never finds the state older
             yield shipment
         except BaseException:
             with self._lock:
                 if cmd.close:
-                    shipment.closed_at = None
-                self.shipment, self._dirty, self._last_receipt = before, dirty, last
+                    shipment.closed_at = shipment.final_id = shipment.final_ts = None
+                self.shipment, self._dirty, self._last_receipt, self.closing = before, dirty, last, closing
+            self._persist()
             raise
+        with self._lock:
+            if self.closing is shipment:    # its final receipt is stored
+                self.closing = None
+
+    def _persist(self) -> None:
+        if self.persist is not None:
+            self.persist()
 
     def restore(self, shipment: Shipment) -> None:
+        """The shipment saved in station-state.json. A closed one (the station stopped after saving its close and
+        before the saved state knew its final receipt stored) is not opened again: its final receipt, the same
+        message, is stored again now (``store_final``)."""
         with self._lock:
-            self.shipment = shipment
+            if shipment.closed_at is None:
+                self.shipment = shipment
+                return
+            self.closing = shipment
+        self.flush_closing()
+
+    def flush_closing(self) -> None:
+        """Store the final receipt of a shipment closed before a restart, if one is still waiting (``restore``);
+        one the outbox cannot store waits for the next call (the inference stage calls it with each receipt)."""
+        with self.storing:
+            closing = self.closing
+            if closing is None or self.store_final is None:
+                return
+            try:
+                self.store_final(closing)
+            except Exception as exc:    # kept (and saved): the next receipt, or the next start, tries again
+                log.error("shipment %s: its final receipt could not be stored (%s: %s); tried again with the next "
+                          "receipt", closing.id, type(exc).__name__, exc)
+                return
+            with self._lock:
+                if self.closing is closing:
+                    self.closing = None
+            self._persist()
 
     def prior(self, labels: Sequence[str]) -> np.ndarray | None:
         """The weights an item decision multiplies its probabilities by; None when no shipment is open."""
@@ -422,9 +531,10 @@ class ReceivingDesk:
                 self._dirty = True
 
     def receipt_of(self, shipment: Shipment) -> dict[str, Any]:
-        """``shipment``'s receipt now (the open one's, or one just closed), read under the desk's lock."""
+        """``shipment``'s receipt now (the open one's, or one just closed: with its final receipt's id and ts, as
+        saved), read under the desk's lock."""
         with self._lock:
-            return shipment.receipt(self.receipt_max_bytes)
+            return {**shipment.receipt(self.receipt_max_bytes), **shipment.final_fields()}
 
     def due_receipt(self, now: float) -> dict[str, Any] | None:
         """The open shipment's receipt when items were recorded and the interval allows one, else None. A clock
@@ -454,12 +564,15 @@ class ReceivingDesk:
             raise
 
     def saved(self) -> dict[str, Any] | None:
-        """What station-state.json keeps of the open shipment."""
+        """What station-state.json keeps: the open shipment, else one closed whose final receipt is not stored yet
+        (a restart stores it), else nothing."""
         with self._lock:
-            return self.shipment.to_json() if self.shipment is not None else None
+            shipment = self.shipment if self.shipment is not None else self.closing
+            return shipment.to_json() if shipment is not None else None
 
 
 def receipt_body(receipt: dict[str, Any], *, site: str, station: str, ts: float, final: bool) -> dict[str, Any]:
-    """A receipt.v1 body (the outbox adds seq; id is set here so a caller can name it)."""
+    """A receipt.v1 body (the outbox adds seq; id is set here so a caller can name it, unless ``receipt`` names
+    its own id and ts: a final receipt's, ``ReceivingDesk.receipt_of``)."""
     return {"schema": "receipt.v1", "id": str(uuid.uuid4()), "ts": round(ts, 6), "site": site, "station": station,
             "final": final, **receipt}

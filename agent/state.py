@@ -10,7 +10,9 @@ when an operator deploys a config with another bundle, that config wins and the 
 aside (logged). A configured bundle whose manifest cannot be read at start (a volume not mounted yet)
 proves no change of config: the state is then used as it is and its file left untouched (logged).
 A state file that is unreadable, or a bundle that no longer verifies, is logged and the configured
-bundle runs; nothing is lost by a bad state file (it is kept as ``.bad``). A file set aside never
+bundle runs; nothing is lost by a bad state file (it is kept as ``.bad``). A saved shipment that is not one
+(agent/receiving.py ``Shipment.from_json``) is not restored, and a copy of the file is kept as ``.bad`` before
+the next save writes the state without it; its model and thresholds are used. A file set aside never
 replaces an earlier one: the newest is ``.bad`` (``.previous``), the ones before it are renamed with
 the UTC time they were displaced (``.bad.20260102T030405.678901Z``), the newest ``KEEP_SET_ASIDE`` kept.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -27,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.receiving import Shipment, ShipmentError
 from contract.events import fsync_dir
 from contract.messages import dumps_finite, loads_finite
 
@@ -84,7 +88,7 @@ class StationState:
             return fresh
         # the sha it was made for: the configured bundle's, or kept as it was when that cannot be read
         return cls(path, raw.get("configured_sha256"), raw.get("model"), dict(raw.get("thresholds") or {}),
-                   raw.get("shipment"))
+                   _restorable_shipment(path, raw.get("shipment")))
 
     def set_model(self, bundle_root: Path, version: str) -> None:
         self.model = {"bundle": str(bundle_root), "version": version, "sha256": manifest_sha256(bundle_root)}
@@ -162,9 +166,24 @@ def _problem(raw: Any) -> str | None:
     return None
 
 
-def _set_aside(path: Path, suffix: str, keep: int = KEEP_SET_ASIDE) -> None:
-    """``path`` becomes ``path<suffix>``; a copy already there is renamed ``path<suffix>.<UTC time>Z`` first,
-    and of those only the newest ``keep - 1`` stay."""
+def _restorable_shipment(path: Path, shipment: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The saved shipment, or None when it is not one: then logged naming the field, and a copy of the file kept
+    as ``.bad`` (the next save writes the state without it: its tally would be lost with no copy)."""
+    if shipment is None:
+        return None
+    try:
+        Shipment.from_json(shipment)
+    except ShipmentError as exc:
+        log.error("%s: open shipment not restored: %s; a copy of the file is kept as %s.bad (its model and "
+                  "thresholds are used)", path, exc, path.name)
+        _set_aside(path, ".bad", copy=True)
+        return None
+    return shipment
+
+
+def _set_aside(path: Path, suffix: str, keep: int = KEEP_SET_ASIDE, copy: bool = False) -> None:
+    """``path`` becomes ``path<suffix>`` (``copy``: a copy of it, ``path`` is left as it is); a copy already there
+    is renamed ``path<suffix>.<UTC time>Z`` first, and of those only the newest ``keep - 1`` stay."""
     target = path.with_name(path.name + suffix)
     try:
         if target.exists():
@@ -176,7 +195,10 @@ def _set_aside(path: Path, suffix: str, keep: int = KEEP_SET_ASIDE) -> None:
                 older = target.with_name(f"{target.name}.{stamp}-{n}")
                 n += 1
             os.replace(target, older)
-        os.replace(path, target)
+        if copy:
+            shutil.copyfile(path, target)
+        else:
+            os.replace(path, target)
     except OSError as exc:
         log.error("%s: cannot set aside (%s)", path, exc)
         return

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+
+import pytest
 
 from agent.state import KEEP_SET_ASIDE, STATE_FILE, StationState, manifest_sha256
 
@@ -71,3 +74,61 @@ def test_previous_states_are_kept_the_same_way(tmp_path):
     previous = sorted(p for p in tmp_path.iterdir() if p.name.startswith(f"{STATE_FILE}.previous"))
     versions = sorted(json.loads(p.read_text())["model"]["version"] for p in previous)
     assert versions == ["v0", "v1", "v2"]
+
+
+def saved_shipment() -> dict:
+    """An open shipment as the station saves it: 2 Trousers received, one item sent to review."""
+    from agent.config import ExpectCommand, ReceivingConfig
+    from agent.decide import ItemDecision
+    from agent.receiving import ReceivingDesk
+
+    desk = ReceivingDesk(ReceivingConfig(), clock=lambda: 1_700_000_000.0)
+    desk.open(ExpectCommand(shipment="PO-1", lines={"Trouser": 3}), ["Trouser", "Dress"])
+    for n, (label, unsure) in enumerate([("Trouser", False), ("Trouser", False), ("Dress", True)], start=1):
+        desk.record(ItemDecision(camera_id="cam-a", item_seq=n, label=label, class_id=0, confidence=0.9,
+                                 agreement=1.0, frames=1, first_seen=1.0, last_seen=1.0, lane="default",
+                                 low_confidence=unsure, reasons=("x",) if unsure else (), top_k=(),
+                                 frame_seqs=(n, n)), f"00000000-0000-4000-8000-00000000000{n}")
+    return json.loads(json.dumps(desk.saved()))
+
+
+def test_a_saved_shipment_that_is_refused_is_kept_in_a_copy_and_the_rest_of_the_state_is_used(tmp_path, caplog):
+    """Before, a shipment refused at start (here a boolean count) was logged, and the next save (the first
+    receipt, or the shutdown) wrote the state without it: its tally was gone with no copy."""
+    bundle = make_bundle(tmp_path / "bundle")
+    path = tmp_path / STATE_FILE
+    state = StationState.load(path, bundle)
+    state.set_model(tmp_path / "installed" / "v7", "v7")
+    state.set_shipment({**saved_shipment(), "review": True})
+    written = path.read_bytes()
+    with caplog.at_level(logging.ERROR):
+        loaded = StationState.load(path, bundle)
+    assert loaded.shipment is None and loaded.model is not None and loaded.model["version"] == "v7"
+    assert "open shipment not restored: field shipment.review or shipment.unknown" in caplog.text
+    assert (tmp_path / f"{STATE_FILE}.bad").read_bytes() == written
+    loaded.set_shipment(None)                       # the next save: the tally stays in the copy
+    assert json.loads((tmp_path / f"{STATE_FILE}.bad").read_text())["shipment"]["received"] == {"Trouser": 2}
+    good = StationState.load(path, bundle)
+    good.set_shipment(saved_shipment())
+    assert StationState.load(path, bundle).shipment == saved_shipment()      # a good one is restored as saved
+
+
+def test_a_saved_shipment_with_a_ref_no_receipt_takes_is_refused_by_name(tmp_path, caplog):
+    """Before, a saved review (or line, unknown, vouched) ref that receipt.v1 does not take was restored, and every
+    receipt of the shipment from then on broke the schema: its subscribers refused all of them."""
+    from agent.receiving import Shipment, ShipmentError
+
+    saved = saved_shipment()
+    Shipment.from_json(saved)
+    for where, bad in [("refs[''][0]", {**saved, "refs": {**saved["refs"], "": [{"decision": "x"}]}}),
+                       ("refs['Trouser'][1]", {**saved, "refs": {**saved["refs"], "Trouser": [
+                           saved["refs"]["Trouser"][0], {**saved["refs"]["Trouser"][1], "lane": ""}]}}),
+                       ("vouched_refs[0]", {**saved, "vouched": 1, "vouched_refs": [{"decision": 1}]})]:
+        with pytest.raises(ShipmentError, match=re.escape(f"field shipment.{where}: not a receipt ref")):
+            Shipment.from_json(bad)
+    bundle = make_bundle(tmp_path / "bundle")
+    path = tmp_path / STATE_FILE
+    StationState.load(path, bundle).set_shipment({**saved, "refs": {**saved["refs"], "": [{"decision": "x"}]}})
+    with caplog.at_level(logging.ERROR):
+        assert StationState.load(path, bundle).shipment is None
+    assert "field shipment.refs[''][0]: not a receipt ref" in caplog.text and (tmp_path / f"{STATE_FILE}.bad").exists()
