@@ -51,11 +51,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def validate_config(files: list[Path]) -> int:
-    from agent.config import validate_file
+    from agent.config import check_file
 
     failed = 0
     for path in files:
-        problems = validate_file(path)
+        problems, warnings = check_file(path)
         if problems:
             failed += 1
             for line in problems:
@@ -63,6 +63,8 @@ def validate_config(files: list[Path]) -> int:
         else:
             from agent.config import is_defaults_layer
 
+            for line in warnings:       # valid, but the station will not do what its role says (exit 0)
+                print(line, file=sys.stderr)
             print(f"{path}: OK" + (" (defaults layer: its keys checked; device files check the merge)"
                                    if is_defaults_layer(path) else ""))
     return 1 if failed else 0
@@ -81,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     logging.getLogger().setLevel(cfg.log_level)
     try:
         check_outbox_path(cfg.outbox.path)      # before the model loads: a wrong path fails at once
-        return run_agent(cfg, exit_at_end=args.exit_at_end, flush_s=args.flush_timeout)
+        return run_agent(cfg, exit_at_end=args.exit_at_end, flush_s=args.flush_timeout, config_path=args.config)
     except OutboxError as exc:
         print(f"{args.config}: field outbox.path: {exc}", file=sys.stderr)
         return 2

@@ -32,6 +32,7 @@ from agent.config import (
     Thresholds,
     ThresholdsCommand,
     format_errors,
+    role_warnings,
 )
 from agent.health import Metrics, PrometheusServer
 from agent.mqtt import MqttPublisher
@@ -39,6 +40,7 @@ from agent.outbox import Message, Outbox
 from agent.pipeline import InferenceStage, ModelHolder, ModelRuntime
 from agent.prepare import camera_preparer, load_empty_scene
 from agent.receiving import Shipment, ShipmentError, receipt_body
+from agent.sources import SourceError, check_finite_source
 from agent.sources.base import FrameSource
 from agent.sources.camera import CameraWorker, FrameHub, Watchdog
 from agent.state import STATE_FILE, StationState
@@ -77,7 +79,21 @@ RESULT_FIELD = {"thresholds": "applied", "capture-empty": "requested", "expect":
 
 
 class StartupError(Exception):
-    """The agent cannot start; the message names the file and the problem."""
+    """The agent cannot start; the message names the config field and the problem, on one line (``run`` adds the
+    config file)."""
+
+
+def startup_error(field: str, exc: BaseException) -> StartupError:
+    """``exc`` as a StartupError that starts ``field X:``: ``field`` itself, or the field under ``field``'s
+    section that the text already begins with (``mqtt.password_file: ...``); on one line (an ONNX Runtime or
+    OpenSSL message may run over several)."""
+    text = " ".join(str(exc).split())
+    section = field.split(".")[0].split("[")[0]
+    if text.startswith("field ") or any(f"field {key}{c}" in text for key in AgentConfig.model_fields for c in ".["):
+        return StartupError(text)      # names its config field already (a label the bundle lacks: check_labels)
+    if text.startswith((f"{section}.", f"{section}[")):
+        return StartupError(f"field {text}")
+    return StartupError(f"field {field}: {text}")
 
 
 def check_labels(cfg: AgentConfig, bundle: Bundle) -> None:
@@ -184,8 +200,10 @@ def _choice_json(runtime: ModelRuntime | None) -> dict[str, Any] | None:
 class Agent:
     def __init__(self, cfg: AgentConfig, *,
                  source_factory: Callable[[CameraConfig], FrameSource] | None = None,
-                 engine: DeviceEngine | None = None, engine_cache: EngineCachePolicy | None = None) -> None:
+                 engine: DeviceEngine | None = None, engine_cache: EngineCachePolicy | None = None,
+                 exit_at_end: bool = False) -> None:
         self.cfg = cfg
+        self.exit_at_end = exit_at_end      # a file or folder camera that can no longer be opened ends, not retries
         self.engine = engine
         self.engine_cache = engine_cache
         self.source_factory = source_factory
@@ -214,15 +232,22 @@ class Agent:
     # ------------------------------------------------------------ start
 
     def load_model(self) -> None:
-        """The model cmd/model last installed (station-state.json), else the configured bundle."""
+        """The model cmd/model last installed (station-state.json), else the configured bundle. StartupError
+        names the field: model.public_key, model.bundle, or the decisions' field whose label it lacks."""
         if self.cfg.model.public_key is not None:
-            self.public_key = load_public_key(self.cfg.model.public_key)
+            try:
+                self.public_key = load_public_key(self.cfg.model.public_key)
+            except BundleError as exc:
+                raise startup_error("model.public_key", exc) from exc
         self.state = StationState.load(Path(self.cfg.outbox.path).parent / STATE_FILE, Path(self.cfg.model.bundle))
         runtime = self._restore_model() if self.state.model else None
         if runtime is None:
-            bundle = load_bundle(self.cfg.model.bundle, self.public_key)
-            # The device engine belongs to the configured bundle; others get theirs from the engine cache.
-            runtime = build_runtime(self.cfg, bundle, self.engine)
+            try:
+                bundle = load_bundle(self.cfg.model.bundle, self.public_key)
+                # The device engine belongs to the configured bundle; others get theirs from the engine cache.
+                runtime = build_runtime(self.cfg, bundle, self.engine)
+            except (BundleError, BackendError, ConfigError) as exc:
+                raise startup_error("model.bundle", exc) from exc
         self.model = ModelHolder(runtime)
         bundle = runtime.bundle
         log.info("model %s %s ready on %s", bundle.name, bundle.version, self.model.current.backend.name)
@@ -250,13 +275,21 @@ class Agent:
         return runtime
 
     def start(self) -> None:
-        """Model first (a bad bundle stops here, before any camera opens), then the threads."""
+        """Model first (a bad bundle stops here, before any camera opens), then the threads. Every StartupError
+        names the config field it comes from."""
+        for text in role_warnings(self.cfg):
+            log.warning("config: %s", text)
         try:
             self.cfg.mqtt.check()             # a missing secret or TLS file is a startup error, not a retry loop
-            self.load_model()
+        except ConfigError as exc:
+            raise startup_error("mqtt", exc) from exc
+        if self.source_factory is None:       # the real sources (a test's own factory may name no real file)
+            check_finite_sources(self.cfg)
+        self.load_model()
+        try:
             scenes = {cam.id: load_empty_scene(self.cfg, cam) for cam in self.cfg.cameras}
-        except (BundleError, BackendError, ConfigError) as exc:
-            raise StartupError(str(exc)) from exc
+        except ConfigError as exc:
+            raise startup_error("decisions.presence.empty_images", exc) from exc
         assert self.model is not None
         self._listen_for_metrics()
         cv2.setNumThreads(self.cfg.model.opencv_threads or -1)        # OpenCV: -1 is its default, 0 would be 1
@@ -272,7 +305,8 @@ class Agent:
             prepare = camera_preparer(self.model, self.cfg.decisions.presence, scenes[cam.id],
                                       watch_empty=self.cfg.frames.enabled)
             self.workers.append(CameraWorker(cam, hub, self.metrics, self.stop_event, self.source_factory, keep_full,
-                                             prepare=prepare, nice=self.cfg.model.pipeline_nice))
+                                             prepare=prepare, nice=self.cfg.model.pipeline_nice,
+                                             end_when_unopenable=self.exit_at_end))
         self.hub = hub
         self.inference = InferenceStage(self.cfg, hub, self.model, self.outbox, self.metrics, self.cameras_done)
         self._restore_thresholds()
@@ -296,7 +330,7 @@ class Agent:
         try:
             self.prometheus = PrometheusServer(self.metrics, health.prometheus_host, health.prometheus_port)
         except OSError as exc:
-            raise StartupError(f"health.prometheus_port: cannot listen on {health.prometheus_host}:"
+            raise StartupError(f"field health.prometheus_port: cannot listen on {health.prometheus_host}:"
                                f"{health.prometheus_port} ({exc.strerror or exc})") from exc
 
     def _restore_thresholds(self) -> None:
@@ -633,7 +667,11 @@ class Agent:
                             "(a cmd/model not swapped in yet is lost: send it again)", thread.name, COMMAND_JOIN_S)
 
     def wait(self, exit_at_end: bool) -> None:
-        """Until stopped, or (exit_at_end) until every finite source is processed."""
+        """Until stopped, or (exit_at_end) until every finite source is processed: a file or folder camera that
+        can no longer be opened then ends too (``CameraWorker.end_when_unopenable``), else it would never be."""
+        if exit_at_end:
+            for worker in self.workers:
+                worker.end_when_unopenable = True
         while not self.stop_event.is_set():
             if exit_at_end and self.inference is not None and self.inference.finished.wait(0.2):
                 return
@@ -661,13 +699,30 @@ class Agent:
             self.outbox.close()
 
 
-def run(cfg: AgentConfig, *, exit_at_end: bool = False, flush_s: float | None = None) -> int:
-    """``python -m agent run``: start, wait for SIGTERM/SIGINT (or the end of input), shut down cleanly."""
-    agent = Agent(cfg, engine=DeviceEngine.from_env(os.environ), engine_cache=EngineCachePolicy.from_env(os.environ))
+def check_finite_sources(cfg: AgentConfig) -> None:
+    """Open and close every file and folder camera once: a video that does not exist or does not decode, a folder
+    that does not exist or holds no image, is a StartupError naming ``cameras[i].uri`` instead of a camera thread
+    retrying it for good (and ``--exit-at-end`` never ending). Live cameras are not opened here: one that is not
+    up yet (a rebooting RTSP camera, a USB camera plugged in later) is retried with backoff once running."""
+    for i, cam in enumerate(cfg.cameras):
+        try:
+            check_finite_source(cam.uri, name=cam.id)
+        except (SourceError, OSError, ValueError) as exc:
+            raise startup_error(f"cameras[{i}].uri", exc) from exc
+
+
+def run(cfg: AgentConfig, *, exit_at_end: bool = False, flush_s: float | None = None,
+        config_path: Path | None = None) -> int:
+    """``python -m agent run``: start, wait for SIGTERM/SIGINT (or the end of input), shut down cleanly.
+
+    0 after a clean stop; 2 when the agent cannot start (one line naming ``config_path`` and the field); 1 when,
+    with ``exit_at_end``, a file or folder camera could no longer be opened (its input was not all processed)."""
+    agent = Agent(cfg, engine=DeviceEngine.from_env(os.environ), engine_cache=EngineCachePolicy.from_env(os.environ),
+                  exit_at_end=exit_at_end)
     try:
         agent.start()
     except StartupError as exc:
-        log.error("cannot start: %s", exc)
+        log.error("cannot start: %s%s", f"{config_path}: " if config_path is not None else "", exc)
         return 2
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -678,7 +733,10 @@ def run(cfg: AgentConfig, *, exit_at_end: bool = False, flush_s: float | None = 
     signal.signal(signal.SIGINT, on_signal)
     agent.wait(exit_at_end)
     agent.shutdown(cfg.shutdown_flush_s if flush_s is None else flush_s)
-    return 0
+    lost = [w for w in agent.workers if w.unopenable is not None]
+    for worker in lost:
+        log.error("camera %s: its input ended early: %s", worker.cfg.id, worker.unopenable)
+    return 1 if lost else 0
 
 
 def reason_text(reason: str | None) -> str | None:

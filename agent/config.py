@@ -328,6 +328,35 @@ class TlsConfig(_Strict):
             raise ValueError("cert_file and key_file must be given together")
         return self
 
+    def check(self) -> None:
+        """Load the files as the MQTT client's TLS set-up does (ConfigError naming ``mqtt.tls.*``): a CA file
+        without a certificate, or a certificate and key that are no PEM or no pair, would otherwise fail every
+        connect for good while the station runs. An encrypted key is refused (no password is ever configured)."""
+        import ssl
+
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        if self.cert_file is not None:
+            try:
+                context.load_cert_chain(str(self.cert_file), str(self.key_file), password=_no_key_password)
+            except (ssl.SSLError, OSError, ValueError) as exc:
+                raise ConfigError(f"mqtt.tls.cert_file/key_file: {self.cert_file}, {self.key_file}: not a PEM "
+                                  f"certificate and its unencrypted key ({_ssl_reason(exc)})") from None
+        if self.ca_file is not None:
+            try:
+                context.load_verify_locations(cafile=str(self.ca_file))
+            except (ssl.SSLError, OSError, ValueError) as exc:
+                raise ConfigError(f"mqtt.tls.ca_file: {self.ca_file}: no PEM CA certificate in it "
+                                  f"({_ssl_reason(exc)})") from None
+
+
+def _no_key_password() -> bytes:
+    """Asked for only by an encrypted key: none is configured, and OpenSSL must not prompt on a terminal."""
+    raise ValueError("the key is encrypted")
+
+
+def _ssl_reason(exc: BaseException) -> str:
+    return " ".join(str(getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc).split())
+
 
 class MqttConfig(_Strict):
     host: str = Field("127.0.0.1", title="Broker host", description="MQTT broker host name or address.")
@@ -394,11 +423,15 @@ class MqttConfig(_Strict):
                    ("tls_key", "mqtt.tls.key_file")))
 
     def check(self) -> None:
-        """Every file readable and the password there: a startup error, not a retry loop (names the key)."""
+        """Every file readable, the password there, and the TLS files what they must be (a CA file with a
+        certificate, a client certificate and its key that load together): a startup error, not a retry loop
+        (names the key)."""
         try:
             self.broker_settings().check()
         except BrokerSettingsError as exc:
             raise ConfigError(str(exc)) from None
+        if self.tls is not None:
+            self.tls.check()
 
     def password(self) -> str | None:
         """The password from its variable or file, read when connecting (never stored in config)."""
@@ -686,6 +719,38 @@ class AgentConfig(_Strict):
             raise ValueError(f"camera ids must be unique, repeated: {', '.join(dupes)}")
         return cameras
 
+    @field_validator("cameras")
+    @classmethod
+    def _one_camera_per_device(cls, cameras: list[CameraConfig]) -> list[CameraConfig]:
+        """A V4L2 device or a CSI sensor serves one capture at a time: a second camera on it would never open
+        (or steal the first one's frames), retrying for good while validate-config said OK."""
+        first: dict[str, int] = {}
+        for i, cam in enumerate(cameras):
+            device = exclusive_device(cam.uri)
+            if device is None:
+                continue
+            if device in first:
+                j = first[device]
+                other = cameras[j]
+                raise ValueError(f"cameras[{j}] ({other.id}, {other.uri!r}) and cameras[{i}] ({cam.id}, {cam.uri!r}) "
+                                 f"both open {device}, which serves one capture at a time; give each camera its "
+                                 f"own device")
+            first[device] = i
+        return cameras
+
+    @model_validator(mode="after")
+    def _role_can_be_done(self) -> "AgentConfig":
+        """A role set against the decisions it needs (roles qc and sorting are never the default): a QC station
+        that names no defect class never alerts; a sorting station without presence decides no item, so gives no
+        item a lane. (role receiving with presence off is the default pair: warned about, ``role_warnings``.)"""
+        if self.role == "qc" and not self.decisions.qc.defect_classes:
+            raise ValueError("role: qc needs decisions.qc.defect_classes (the labels that raise an alert); with "
+                             "none this station never alerts")
+        if self.role == "sorting" and self.decisions.presence.mode == "off":
+            raise ValueError("role: sorting needs decisions.presence.mode background, empty_class or both; with "
+                             "presence off no item is decided, so none is given a lane")
+        return self
+
     @property
     def topic_root(self) -> str:
         return self.mqtt.topic_root or station_root(self.site, self.station)
@@ -693,6 +758,37 @@ class AgentConfig(_Strict):
     @property
     def client_id(self) -> str:
         return self.mqtt.client_id or f"agent-{self.site}-{self.station}"
+
+
+def exclusive_device(uri: str) -> str | None:
+    """The device a camera URI holds for itself, the same name for every spelling of it (``0``, ``usb://0`` and
+    ``v4l2:///dev/video0`` are one V4L2 device, a symlink such as /dev/v4l/by-id/... resolved where it exists);
+    None for sources many cameras may share (files, folders, RTSP) or cannot be told apart (``gst://``)."""
+    from urllib.parse import unquote, urlparse
+
+    if uri.isdigit():
+        return f"/dev/video{int(uri)}"
+    parsed = urlparse(uri)
+    scheme = parsed.scheme.lower()
+    number = parsed.netloc or parsed.path.strip("/") or "0"
+    if scheme == "usb" and number.isdigit():
+        return f"/dev/video{int(number)}"
+    if scheme == "v4l2":
+        return os.path.realpath(unquote(parsed.path))
+    if scheme == "csi" and number.isdigit():
+        return f"CSI sensor {int(number)}"
+    return None
+
+
+def role_warnings(cfg: AgentConfig) -> list[str]:
+    """What the station's role promises and its decisions cannot do. Not refused: ``role: receiving`` and
+    ``decisions.presence.mode: off`` are both defaults, so every config that sets neither is such a station."""
+    warnings = []
+    if cfg.role == "receiving" and cfg.decisions.presence.mode == "off":
+        warnings.append("role receiving with decisions.presence.mode off: no item is ever decided, so a shipment "
+                        "opened by cmd/expect never counts one (set decisions.presence.mode to background, "
+                        "empty_class or both)")
+    return warnings
 
 
 # ---------------------------------------------------------------- loading
@@ -1025,14 +1121,20 @@ def _layer_adapter(key: str) -> TypeAdapter:
 
 def validate_file(path: str | Path) -> list[str]:
     """Problems of one file (empty list: valid). Device files are merged with what they extend."""
+    return check_file(path)[0]
+
+
+def check_file(path: str | Path) -> tuple[list[str], list[str]]:
+    """(problems, warnings) of one file: problems as ``validate_file``; warnings (``role_warnings``, each line
+    naming the file) for a valid device file."""
     path = Path(path)
     try:
         if is_defaults_layer(path):
-            return _at_most(path, validate_layer(path))
-        load_config(path)
+            return _at_most(path, validate_layer(path)), []
+        cfg = load_config(path)
     except ConfigError as exc:
-        return str(exc).splitlines()
-    return []
+        return str(exc).splitlines(), []
+    return [], [f"{path}: warning: {text}" for text in role_warnings(cfg)]
 
 
 def _type_name(ann: Any) -> str:

@@ -4,9 +4,11 @@
 before the agent starts, so a broken station fails at once with one clear
 message (exit 2) instead of in a restart loop deep inside the pipeline:
 
-1. the config validates (the same loader as ``python -m agent run``);
+1. the config validates (the same loader as ``python -m agent run``); what the
+   station's role promises and its decisions cannot do is logged as a warning;
 2. the folders the agent writes (outbox, bundle downloads, engine cache) exist
-   and are writable by this user;
+   and are writable by this user, and every file and folder camera opens (a
+   live camera that is not up yet is retried by the agent);
 3. the bundle verifies (hashes, signature when a public key is configured);
 4. when a TensorRT engine will be used (``backend: tensorrt``, or ``auto`` on a
    machine with TensorRT) the engine for this device is found in the bundle or
@@ -38,7 +40,7 @@ import urllib.request
 from pathlib import Path
 from typing import Callable
 
-from agent.config import AgentConfig, ConfigError, load_config
+from agent.config import AgentConfig, ConfigError, load_config, role_warnings
 from agent.engine_cache import (
     Builder,
     DeviceInfo,
@@ -48,6 +50,7 @@ from agent.engine_cache import (
     prune,
 )
 from agent.outbox import OutboxError, check_outbox_path
+from agent.sources import SourceError, check_finite_source
 from contract.bundle import Bundle, BundleError, load_bundle, load_public_key
 
 log = logging.getLogger(__name__)
@@ -123,6 +126,8 @@ def load_checked(config: Path, engine_cache: Path) -> tuple[AgentConfig, Bundle]
         cfg = load_config(config)
     except ConfigError as exc:
         raise StartupError(str(exc)) from exc
+    for text in role_warnings(cfg):
+        log.warning("%s: %s", config, text)
     try:
         check_outbox_path(cfg.outbox.path)
     except OutboxError as exc:
@@ -133,6 +138,11 @@ def load_checked(config: Path, engine_cache: Path) -> tuple[AgentConfig, Bundle]
         cfg.mqtt.check()
     except ConfigError as exc:
         raise StartupError(f"{config}: {exc}") from exc
+    for i, cam in enumerate(cfg.cameras):
+        try:
+            check_finite_source(cam.uri, name=cam.id)
+        except (SourceError, OSError, ValueError) as exc:
+            raise StartupError(f"{config}: field cameras[{i}].uri: {exc}") from exc
     try:
         key = load_public_key(cfg.model.public_key) if cfg.model.public_key else None
     except BundleError as exc:

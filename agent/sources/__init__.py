@@ -9,7 +9,8 @@ from agent.sources.base import EndOfStream, Frame, FrameSource, SourceError
 from agent.sources.folder import ImageFolderSource
 from agent.sources.opencv import DEFAULT_TIMEOUT_S, OpenCVSource, csi_pipeline
 
-__all__ = ["EndOfStream", "Frame", "FrameSource", "SourceError", "open_source", "ImageFolderSource", "OpenCVSource"]
+__all__ = ["EndOfStream", "Frame", "FrameSource", "SourceError", "open_source", "check_finite_source",
+           "ImageFolderSource", "OpenCVSource"]
 
 
 def open_source(uri: str, *, name: str, loop: bool = False, width: int | None = None,
@@ -20,6 +21,27 @@ def open_source(uri: str, *, name: str, loop: bool = False, width: int | None = 
         return _source_for(uri, name=name, loop=loop, width=width, height=height, timeout_s=timeout_s)
     except ValueError as exc:     # e.g. usb://x (not a device number), a NUL in a path, a bad port
         raise SourceError(f"{uri}: not a camera URI ({exc})") from None
+
+
+def check_finite_source(uri: str, *, name: str) -> None:
+    """Open and close a file or folder source once: SourceError when the video does not exist or does not decode,
+    or the folder does not exist or holds no image. A live source is not opened (one that is not up yet is
+    retried with backoff once the station runs)."""
+    source = open_source(uri, name=name)
+    if source.finite:
+        source.open()
+        source.close()
+
+
+MAX_DEVICE_NUMBER = 2**31 - 1     # OpenCV takes a camera index as a C int: a larger one can never open
+
+
+def _device_number(text: str) -> int:
+    """A camera or sensor number (ValueError for one that is not a number OpenCV can take)."""
+    number = int(text)
+    if not -1 <= number <= MAX_DEVICE_NUMBER:      # -1: OpenCV's "the first camera found", as before
+        raise ValueError(f"device number {text[:20]} is not 0 to {MAX_DEVICE_NUMBER}")
+    return number
 
 
 def _local_path(uri: str, scheme: str, netloc: str, path: str) -> str:
@@ -34,7 +56,8 @@ def _local_path(uri: str, scheme: str, netloc: str, path: str) -> str:
 def _source_for(uri: str, *, name: str, loop: bool, width: int | None, height: int | None,
                 timeout_s: float | None) -> FrameSource:
     if uri.isdigit():       # a bare device number, the same camera as usb://N
-        return OpenCVSource(int(uri), kind="v4l2", name=name, width=width, height=height, timeout_s=timeout_s)
+        return OpenCVSource(_device_number(uri), kind="v4l2", name=name, width=width, height=height,
+                            timeout_s=timeout_s)
     parsed = urlparse(uri)
     scheme = parsed.scheme.lower()
     if scheme in ("", "file"):
@@ -43,7 +66,7 @@ def _source_for(uri: str, *, name: str, loop: bool, width: int | None, height: i
             return ImageFolderSource(path, name=name, loop=loop)
         return OpenCVSource(str(path), kind="file", name=name, loop=loop)
     if scheme == "usb":
-        return OpenCVSource(int(parsed.netloc or parsed.path.strip("/") or 0), kind="v4l2", name=name,
+        return OpenCVSource(_device_number(parsed.netloc or parsed.path.strip("/") or "0"), kind="v4l2", name=name,
                             width=width, height=height, timeout_s=timeout_s)
     if scheme == "v4l2":
         return OpenCVSource(_local_path(uri, scheme, parsed.netloc, parsed.path), kind="v4l2", name=name,
@@ -51,7 +74,7 @@ def _source_for(uri: str, *, name: str, loop: bool, width: int | None, height: i
     if scheme in ("rtsp", "rtsps"):
         return OpenCVSource(uri, kind="rtsp", name=name, timeout_s=timeout_s)
     if scheme == "csi":
-        sensor = int(parsed.netloc or parsed.path.strip("/") or 0)
+        sensor = _device_number(parsed.netloc or parsed.path.strip("/") or "0")
         return OpenCVSource(csi_pipeline(sensor, width or 1920, height or 1080), kind="gstreamer", name=name,
                             timeout_s=timeout_s)
     if scheme == "gst":

@@ -15,7 +15,9 @@ Invariants:
 - The reconnect backoff starts again from ``reconnect.initial_s`` at the first usable frame after an
   open, not at the open: a camera that opens and then fails backs off like one that does not open.
 - A finite source (file, folder) is opened again, not made anew, on a reconnect: it continues where it
-  stopped instead of replaying its input from the start.
+  stopped instead of replaying its input from the start. With ``end_when_unopenable`` (``run --exit-at-end``)
+  one that cannot be opened (its file or folder gone) ends the camera, saying why in ``unopenable``, instead of
+  being retried for good: the run it belongs to waits for the end of its input.
 """
 
 from __future__ import annotations
@@ -43,6 +45,10 @@ MAX_DISTINCT_REPORTS = 64            # distinct problems logged per camera; late
 
 class RoiError(ValueError):
     """The camera's ROI does not lie inside the frame it delivered."""
+
+
+class _Unopenable(Exception):
+    """A finite source that cannot be opened, with ``end_when_unopenable``: the camera ends."""
 
 
 class FrameHub:
@@ -165,7 +171,8 @@ class CameraWorker(threading.Thread):
 
     def __init__(self, cfg: CameraConfig, hub: FrameHub, metrics: Metrics, stop: threading.Event,
                  source_factory: Callable[[CameraConfig], FrameSource] | None = None, keep_full: bool = False,
-                 prepare: Callable[[np.ndarray], Prepared] | None = None, nice: int = 0) -> None:
+                 prepare: Callable[[np.ndarray], Prepared] | None = None, nice: int = 0,
+                 end_when_unopenable: bool = False) -> None:
         super().__init__(name=f"camera-{cfg.id}", daemon=True)
         self.nice = nice
         self.cfg = cfg
@@ -189,6 +196,8 @@ class CameraWorker(threading.Thread):
         self._bad_in_a_row = 0
         self._reported: set[tuple[str, str]] = set()
         self.last_error: str | None = None     # the newest problem, for status and tests
+        self.end_when_unopenable = end_when_unopenable
+        self.unopenable: str | None = None     # why a finite source that could not be opened ended the camera
 
     def run(self) -> None:
         lower_this_thread(self.nice)
@@ -199,6 +208,11 @@ class CameraWorker(threading.Thread):
                 self._read_loop()       # starts the backoff again at its first usable frame
             except EndOfStream:
                 log.info("camera %s: end of input after %d frames", self.cfg.id, self._seq)
+                break
+            except _Unopenable as exc:
+                self.unopenable = str(exc)
+                self.report("source", f"{exc}; the camera ends after {self._seq} frames (--exit-at-end: a file or "
+                                      "folder source is not retried)")
                 break
             except SourceError as exc:
                 self._reconnect_after(str(exc), next(self._delays))
@@ -234,7 +248,12 @@ class CameraWorker(threading.Thread):
         if hasattr(source, "on_skip") and getattr(source, "on_skip", None) is None:   # a folder's skipped files
             source.on_skip = lambda message: self.report("file", message)
         self._kicked.clear()
-        source.open()
+        try:
+            source.open()
+        except SourceError as exc:
+            if self.end_when_unopenable and getattr(source, "finite", False):
+                raise _Unopenable(str(exc)) from None
+            raise
         self._source = source
         self.live = not source.finite
         self.connected = True

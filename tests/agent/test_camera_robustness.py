@@ -6,6 +6,7 @@ hand-written fake only for a camera device (none exists on a test machine), said
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import struct
 import subprocess
@@ -26,8 +27,8 @@ from agent.sources import open_source
 from agent.sources.base import SourceError
 from agent.sources.camera import CameraWorker, FrameHub
 from agent.sources.folder import ImageFolderSource
-from contract.image_header import ImageHeaderError, image_size
 from agent.sources.opencv import OpenCVSource, ffmpeg_socket_timeout_option
+from contract.image_header import ImageHeaderError, image_size
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -449,3 +450,30 @@ def test_local_uri_forms_that_name_a_path(tmp_path):
     assert open_source("v4l2:///dev/video2", name="c").target == "/dev/video2"
     assert open_source("gst:videotestsrc ! appsink", name="c").target == "videotestsrc ! appsink"
     assert open_source("gst://videotestsrc ! appsink", name="c").target == "videotestsrc ! appsink"
+
+
+@pytest.mark.parametrize("end_when_unopenable", [True, False], ids=["exit-at-end", "running for good"])
+def test_a_file_source_that_cannot_be_opened_again_ends_the_camera_only_when_asked(tmp_path, end_when_unopenable):
+    """A looping folder whose folder is removed: its reads fail, its thread reconnects and cannot open it. Under
+    ``run --exit-at-end`` the camera ends (saying why), so the run can end; otherwise it is retried with backoff,
+    as a live camera is (the folder may come back)."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(3):
+        cv2.imwrite(str(folder / f"{i:02d}.png"), np.full((8, 8, 3), 50 * i, np.uint8))
+    worker, metrics, hub = run_worker(CameraConfig(id="cam", uri=str(folder), loop=True, queue_size=1,
+                                                   reconnect={"initial_s": 0.01, "max_s": 0.05}),
+                                      end_when_unopenable=end_when_unopenable)
+    try:
+        assert hub.get_batch(1, 0.0, wait_s=30), "no frame from the folder"
+        shutil.rmtree(folder)
+        if end_when_unopenable:
+            assert worker.ended.wait(60), "the camera is still retrying a folder that is gone"
+            assert worker.unopenable == f"{folder}: image folder does not exist"
+            assert metrics.counter("camera_errors_total", camera="cam", kind="source") == 1
+        else:
+            wait_for(lambda: metrics.counter("camera_reconnects_total", camera="cam") >= 3, what="three reconnects")
+            assert not worker.ended.is_set() and worker.unopenable is None
+    finally:
+        worker.stop_event.set()
+        worker.join(10)

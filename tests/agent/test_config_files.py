@@ -184,7 +184,11 @@ def test_the_edges_of_those_rules_are_accepted(tmp_path, body):
     ("usb://front", "usb://front: not a camera URI (invalid literal for int() with base 10: 'front')"),
     ("file://data/belt.mp4", "a file:// URI takes an absolute path after three slashes (file:///data/belt.mp4), "
                              "not a host name ('data')"),
-], ids=["misspelt scheme", "usb device that is no number", "file URI with a host"])
+    ("usb://2147483648", "usb://2147483648: not a camera URI (device number 2147483648 is not 0 to 2147483647)"),
+    ("99999999999999999999", "not a camera URI (device number 99999999999999999999 is not 0 to 2147483647)"),
+    ("csi://4294967296", "csi://4294967296: not a camera URI (device number 4294967296 is not 0 to 2147483647)"),
+], ids=["misspelt scheme", "usb device that is no number", "file URI with a host", "usb index past a C int",
+        "bare index past a C int", "CSI sensor past a C int"])
 def test_a_camera_uri_that_can_never_open_is_refused_by_validate_config_and_run(tmp_path, uri, why, capsys):
     """validate-config said OK, and the station then ran with the camera thread retrying the URI for good (a
     warning every few seconds, no frame ever); the form is checked by the sources' own reading of it."""
@@ -200,6 +204,72 @@ def test_a_camera_uri_that_can_never_open_is_refused_by_validate_config_and_run(
                                  "file://localhost/data/belt.mp4", "/data/cam:1.mp4"])
 def test_every_documented_camera_uri_form_is_accepted_without_opening_it(tmp_path, uri):
     assert validate_file(_write(tmp_path / "station.yaml", STATION + f"cameras: [{{id: a, uri: '{uri}'}}]\n")) == []
+
+
+@pytest.mark.parametrize("first, second, device", [
+    ("usb://0", "usb://0", "/dev/video0"), ("0", "v4l2:///dev/video0", "/dev/video0"),
+    ("usb://2", "2", "/dev/video2"), ("v4l2:///dev/video1", "v4l2:///dev/../dev/video1", "/dev/video1"),
+    ("csi://1", "csi://1", "CSI sensor 1"),
+], ids=["same usb index", "bare index and its v4l2 path", "usb and bare index", "two spellings of a path",
+        "same CSI sensor"])
+def test_two_cameras_on_one_exclusive_device_are_refused_naming_both(tmp_path, first, second, device, capsys):
+    """The second camera would never open (the device serves one capture) and retry for good, while validate-config
+    said OK; validate-config and run refuse the file, naming both cameras and the device."""
+    path = _write(tmp_path / "station.yaml", STATION + f"cameras: [{{id: top, uri: '{first}'}}, "
+                                                      f"{{id: side, uri: '{second}'}}]\n")
+    [line] = validate_file(path)
+    assert line.startswith(f"{path}: field cameras: Value error, cameras[0] (top, '{first}') and cameras[1] "
+                           f"(side, '{second}') both open {device}, which serves one capture at a time"), line
+    assert agent_main(["validate-config", str(path)]) == 1
+    assert agent_main(["run", "--config", str(path)]) == 2
+    assert f"both open {device}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("first, second", [
+    ("usb://0", "usb://1"), ("0", "v4l2:///dev/video1"), ("csi://0", "csi://1"), ("csi://0", "usb://0"),
+    ("rtsp://10.0.0.5/s1", "rtsp://10.0.0.5/s1"), ("x.mp4", "x.mp4"),
+    ("gst://videotestsrc ! appsink", "gst://videotestsrc ! appsink"),
+], ids=["two usb indices", "index and another path", "two sensors", "a sensor and a usb camera",
+        "one RTSP stream twice (a server serves many)", "one file twice", "one GStreamer pipeline twice (unknown)"])
+def test_cameras_that_may_share_a_source_are_accepted(tmp_path, first, second):
+    path = _write(tmp_path / "station.yaml", STATION + f"cameras: [{{id: top, uri: '{first}'}}, "
+                                                      f"{{id: side, uri: '{second}'}}]\n")
+    assert validate_file(path) == []
+
+
+def test_a_qc_station_without_defect_classes_is_refused(tmp_path):
+    """role qc is never a default: a QC station that names no defect class never raises an alert."""
+    path = _write(tmp_path / "station.yaml", STATION + CAMERA + "role: qc\n")
+    assert validate_file(path) == [f"{path}: field (top level): Value error, role: qc needs "
+                                   "decisions.qc.defect_classes (the labels that raise an alert); with none this "
+                                   "station never alerts"]
+    assert validate_file(_write(tmp_path / "ok.yaml", STATION + CAMERA + "role: qc\n"
+                                "decisions: {qc: {defect_classes: [Bag]}}\n")) == []
+
+
+def test_a_sorting_station_without_presence_is_refused(tmp_path):
+    """role sorting is never a default: without presence no item is decided, so none is given a lane."""
+    path = _write(tmp_path / "station.yaml", STATION + CAMERA + "role: sorting\n")
+    assert validate_file(path) == [f"{path}: field (top level): Value error, role: sorting needs "
+                                   "decisions.presence.mode background, empty_class or both; with presence off no "
+                                   "item is decided, so none is given a lane"]
+    assert validate_file(_write(tmp_path / "ok.yaml", STATION + CAMERA + "role: sorting\n"
+                                "decisions: {presence: {mode: background}}\n")) == []
+
+
+def test_a_receiving_station_without_presence_passes_validation_with_a_warning(tmp_path, capsys):
+    """role receiving and presence off are both defaults (refusing them would refuse every config that sets neither):
+    validate-config says OK, exit 0, and warns that such a station never decides an item."""
+    path = _write(tmp_path / "station.yaml", STATION + CAMERA + "role: receiving\n")
+    assert agent_main(["validate-config", str(path)]) == 0
+    out = capsys.readouterr()
+    assert out.out == f"{path}: OK\n"
+    assert (f"{path}: warning: role receiving with decisions.presence.mode off: no item is ever decided, so a "
+            "shipment opened by cmd/expect never counts one") in out.err
+    for quiet in ("role: sorting\ndecisions: {presence: {mode: background}}\n",
+                  "decisions: {presence: {mode: empty_class, empty_class: Bag}}\n"):
+        assert agent_main(["validate-config", str(_write(tmp_path / "q.yaml", STATION + CAMERA + quiet))]) == 0
+        assert "warning" not in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- what the start-up makes of the same file
@@ -219,8 +289,10 @@ def test_the_engine_precision_follows_the_configs_precision(tmp_path, model, eng
 def test_the_start_up_asks_for_an_fp16_engine_when_the_config_pins_fp32(tmp_path, tiny_bundle):
     """Through ``python -m agent.startup start`` with TensorRT said to be present: this machine has no GPU, so the
     engine step logs and falls back, and the precision passed on for cmd/model bundles is the config's."""
+    # a live camera: the start-up opens file and folder cameras (x.mp4 does not exist), not live ones
     path = _write(tmp_path / "station.yaml", f"site: s\nstation: t\nmodel: {{bundle: {tiny_bundle}, precision: fp32, "
-                  f"download_dir: {tmp_path / 'dl'}}}\noutbox: {{path: {tmp_path / 'o.sqlite'}}}\n" + CAMERA)
+                  f"download_dir: {tmp_path / 'dl'}}}\noutbox: {{path: {tmp_path / 'o.sqlite'}}}\n"
+                  "cameras: [{id: a, uri: 'rtsp://10.20.1.11:554/stream1'}]\n")
     calls: list[dict[str, str]] = []
     rc = startup_main(["start", "--config", str(path), "--engine-cache", str(tmp_path / "engines")],
                       exec_fn=lambda _path, _argv, env: calls.append(env), tensorrt_present=True)
