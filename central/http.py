@@ -10,7 +10,14 @@ password. The services are authenticated unless the operator opts out: with no s
 made at start (``generated_secret``) and written to a file only its owner can read. A client gets
 ``HEAD_TIMEOUT_S`` to send each request's head (its request line and headers): uvicorn's only timer is the
 keep-alive one, so a client that sent half a head, or dripped it a byte at a time, held its connection
-for ever, and a few thousand of them every file descriptor the server has.
+for ever, and a few thousand of them every file descriptor the server has. Then it gets ``BODY_TIMEOUT_S``
+from its head to send the whole body: a client that dripped its body (one byte every few seconds, each byte
+resetting no timer) held its connection and the request's task for ever too. One that is late gets a JSON 408
+and its connection closed. And a client that stops reading an answer (a bundle download, an event stream) while
+the server holds 64 KiB of it unsent is closed when it has taken no byte for ``WRITE_STALL_S``: before, it
+held its connection, the answer's task and its open file for ever. Each is logged and counted
+(``Served.timed_out``). A request without a body (every GET, the dashboard's event stream) has no body deadline,
+and an answer that the client keeps reading is never cut, however long it takes.
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ from urllib.parse import urlparse
 log = logging.getLogger(__name__)
 
 HEAD_TIMEOUT_S = 30.0       # to send a request's head, from the connection (or the previous answer) on
+BODY_TIMEOUT_S = 60.0       # to send a request's whole body, from its head on (64 KiB, the largest taken: >= 1.1 kB/s)
+WRITE_STALL_S = 120.0       # to take any byte of an answer while the server holds 64 KiB of it unsent
 
 
 class Guard:
@@ -67,15 +76,17 @@ class Guard:
                 await _error(send, 413, f"body: larger than {self.max_bytes} bytes")
                 return
         seen = 0
-        answered = False
+        answered = gone = False
 
         async def limited() -> dict[str, Any]:
-            nonlocal seen
+            nonlocal seen, gone
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
                     raise BodyTooLarge(self.max_bytes)
+            elif message["type"] == "http.disconnect":
+                gone = True
             return message
 
         async def watched_send(message: dict[str, Any]) -> None:
@@ -94,7 +105,13 @@ class Guard:
         except BodyTooLarge:
             if not answered:
                 await _error(send, 413, f"body: larger than {self.max_bytes} bytes")
-
+        except Exception as exc:
+            if not gone:
+                raise
+            # the client went away (or was cut off at a deadline) and the app failed on it: no one to answer, and
+            # no "Exception in ASGI application" traceback for what a client did
+            log.info("%s %s: the client went away; the request ended (%s)", scope["method"],
+                     scope["path"][:200], type(exc).__name__)
 
     @staticmethod
     def _cross_site(method: str, headers: dict[bytes, bytes]) -> str | None:
@@ -198,15 +215,27 @@ class BasicAuth:
         await self.app(scope, receive, send)
 
 
-def head_deadline_protocol(timeout_s: float, name: str) -> type:
+def head_deadline_protocol(timeout_s: float, name: str, body_timeout_s: float = BODY_TIMEOUT_S,
+                           timed_out: dict[str, int] | None = None, write_stall_s: float = WRITE_STALL_S) -> type:
     """uvicorn's h11 protocol with a deadline for each request's head: ``timeout_s`` from the connection, or from
     the answer before on a kept-alive one, until the request line and headers are in; then the connection is
-    closed. A request under way (a slow answer, an event stream, a body still coming) is never cut by it."""
+    closed. And one for its body: ``body_timeout_s`` from the head until the whole body is in; then a JSON 408
+    (when nothing was answered yet) and the connection closed. An answer under way (a slow one, an event stream)
+    is never cut by either; a request without a body has no body deadline. And one for a client that stopped
+    reading: ``write_stall_s`` with the answer's write buffer full (writing paused) and nothing taken from it; then
+    the connection is aborted. ``timed_out``: counts ``head``, ``body`` and ``write`` deadlines passed."""
+    import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    counts = timed_out if timed_out is not None else {}
 
     class HeadDeadline(H11Protocol):
         _head_timer: Any = None
         _awaited: Any = None
+        _body_timer: Any = None
+        _body_cycle: Any = None
+        _stall_timer: Any = None
+        _held_at_arm: tuple[int | None, int] = (None, 0)
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
@@ -216,15 +245,54 @@ def head_deadline_protocol(timeout_s: float, name: str) -> type:
             super().data_received(data)
             if self._head_timer is not None and self.cycle is not self._awaited:     # a request's head is in
                 self._disarm_head_deadline()
+            self._watch_body()
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
             if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
                 self._arm_head_deadline()           # kept alive, waiting for the next request
+            self._watch_body()
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm_head_deadline()
+            self._disarm_body_deadline()
+            self._disarm_stall()
             super().connection_lost(exc)
+
+        def pause_writing(self) -> None:            # the transport holds 64 KiB the client has not taken
+            super().pause_writing()
+            self._arm_stall()
+
+        def resume_writing(self) -> None:           # the client took some: it reads, however slowly
+            super().resume_writing()
+            self._disarm_stall()
+
+        def _arm_stall(self) -> None:
+            self._disarm_stall()
+            self._held_at_arm = (_unsent_bytes(self.transport), self.transport.get_write_buffer_size())
+            self._stall_timer = self.loop.call_later(write_stall_s, self._write_stalled)
+
+        def _disarm_stall(self) -> None:
+            if self._stall_timer is not None:
+                self._stall_timer.cancel()
+                self._stall_timer = None
+
+        def _write_stalled(self) -> None:
+            self._stall_timer = None
+            if self.transport.is_closing() and not self.transport.get_write_buffer_size():
+                return
+            (unsent, buffered), unsent_now = self._held_at_arm, _unsent_bytes(self.transport)
+            if (unsent is not None and unsent_now is not None and unsent_now < unsent) \
+                    or self.transport.get_write_buffer_size() < buffered:
+                # the client took some of what the kernel holds for it (a large socket buffer drains for a
+                # while before the transport may write again): slow, not stalled
+                self._arm_stall()
+                return
+            counts["write"] = counts.get("write", 0) + 1
+            where = f" {self.cycle.scope['method']} {self.cycle.scope['path'][:200]}" if self.cycle else ""
+            log.info("%s http: %s took none of the answer%s in %.0f s; connection aborted", name,
+                     "%s:%d" % self.client if self.client else "a client", where, write_stall_s)
+            self.transport.abort()                  # close() would wait to send what the client does not take
 
         def _arm_head_deadline(self) -> None:
             self._disarm_head_deadline()
@@ -239,11 +307,74 @@ def head_deadline_protocol(timeout_s: float, name: str) -> type:
         def _head_timed_out(self) -> None:
             self._head_timer = None
             if self.cycle is self._awaited and not self.transport.is_closing():
+                counts["head"] = counts.get("head", 0) + 1
                 log.info("%s http: %s sent no whole request head in %.0f s; connection closed", name,
                          "%s:%d" % self.client if self.client else "a client", timeout_s)
                 self.transport.close()
 
+        def _watch_body(self) -> None:
+            """Arm the body deadline when a request's head is in and its body is not; disarm it once the body is
+            in or the request is answered (a later byte of an answered request's body is the head deadline's)."""
+            cycle = self.cycle
+            waiting = (cycle is not None and cycle.more_body and not cycle.response_complete
+                       and not cycle.disconnected)
+            if waiting and self._body_cycle is not cycle:
+                self._disarm_body_deadline()
+                self._body_cycle = cycle
+                self._body_timer = self.loop.call_later(body_timeout_s, self._body_timed_out)
+            elif not waiting:
+                self._disarm_body_deadline()
+
+        def _disarm_body_deadline(self) -> None:
+            if self._body_timer is not None:
+                self._body_timer.cancel()
+                self._body_timer = None
+            self._body_cycle = None
+
+        def _body_timed_out(self) -> None:
+            cycle, self._body_timer = self._body_cycle, None
+            if cycle is not self.cycle or not cycle.more_body or cycle.response_complete or cycle.disconnected \
+                    or self.transport.is_closing():
+                return
+            counts["body"] = counts.get("body", 0) + 1
+            scope = cycle.scope
+            declared = dict(scope["headers"]).get(b"content-length", b"").decode("latin-1")[:20]
+            what = f"Content-Length {declared}" if declared else "chunked"
+            log.info("%s http: %s sent no whole request body (%s) for %s %s in %.0f s; answered 408, connection "
+                     "closed", name, "%s:%d" % self.client if self.client else "a client", what, scope["method"],
+                     scope["path"][:200], body_timeout_s)
+            answer = not cycle.response_started
+            cycle.disconnected = True        # the app's own answer, if any, goes nowhere; its receive() ends
+            cycle.message_event.set()
+            if answer:
+                message = (f"body: not received in full within {body_timeout_s:g} s of the request's head ({what}); "
+                           f"request refused")
+                body = json.dumps({"error": message}).encode()
+                headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                           (b"connection", b"close"), (b"cache-control", b"no-store"), *SECURITY_HEADERS]
+                try:
+                    for event in (h11.Response(status_code=408, headers=headers, reason=b"Request Timeout"),
+                                  h11.Data(data=body), h11.EndOfMessage()):
+                        self.transport.write(self.conn.send(event))
+                except h11.LocalProtocolError:      # the connection's state allows no answer: just close it
+                    pass
+            self.transport.close()
+
     return HeadDeadline
+
+
+def _unsent_bytes(transport: Any) -> int | None:
+    """Bytes in the connection's kernel send queue the client has not acknowledged (Linux: SIOCOUTQ), or None
+    where that cannot be asked."""
+    import fcntl
+    import struct
+    import termios
+
+    sock = transport.get_extra_info("socket")
+    try:
+        return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0])
+    except (AttributeError, OSError, ValueError):
+        return None
 
 
 class Served:
@@ -251,9 +382,17 @@ class Served:
 
     def __init__(self, app: Any, host: str, port: int, *, name: str, tls_cert: Path | None = None,
                  tls_key: Path | None = None, tls_flags: tuple[str, str] = ("--tls-cert", "--tls-key"),
-                 head_timeout_s: float = HEAD_TIMEOUT_S) -> None:
+                 head_timeout_s: float = HEAD_TIMEOUT_S, body_timeout_s: float = BODY_TIMEOUT_S,
+                 write_stall_s: float = WRITE_STALL_S) -> None:
         """``tls_flags``: the command's own names for the two files, for its errors. ``head_timeout_s``: how long
-        a client has to send a request's head before its connection is closed."""
+        a client has to send a request's head before its connection is closed; ``body_timeout_s``: how long from
+        its head to send its whole body before it is answered 408 and closed; ``write_stall_s``: how long a client
+        may leave a full buffer of its answer untaken before its connection is aborted (``timed_out`` counts
+        each)."""
+        for field, seconds in (("head_timeout_s", head_timeout_s), ("body_timeout_s", body_timeout_s),
+                               ("write_stall_s", write_stall_s)):
+            if not 0 < seconds < float("inf"):          # NaN fails too
+                raise ValueError(f"{field}: {seconds!r} is not a positive finite number of seconds")
         import uvicorn
 
         cert_flag, key_flag = tls_flags
@@ -262,6 +401,7 @@ class Served:
         if not (isinstance(port, int) and 0 <= port <= 65535):
             raise ValueError(f"--port: {port} is not a TCP port (0-65535; 0: any free port)")
         self.name = name
+        self.timed_out = {"head": 0, "body": 0, "write": 0}     # connections closed at each deadline, since start
         self.scheme = "https" if tls_cert else "http"
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)
@@ -281,8 +421,9 @@ class Served:
                 self.sock.close()
                 raise ValueError(f"{cert_flag} {tls_cert}" + (f" / {key_flag} {tls_key}" if tls_key else "")
                                  + f": cannot load the certificate and key ({exc.strerror or exc})") from None
+        protocol = head_deadline_protocol(head_timeout_s, name, body_timeout_s, self.timed_out, write_stall_s)
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
-                                timeout_graceful_shutdown=2, http=head_deadline_protocol(head_timeout_s, name),
+                                timeout_graceful_shutdown=2, http=protocol,
                                 ssl_certfile=str(tls_cert) if tls_cert else None,
                                 ssl_keyfile=str(tls_key) if tls_key else None, server_header=False)
         self.server = uvicorn.Server(config)

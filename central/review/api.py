@@ -36,7 +36,8 @@ it too; the page itself (HTML, script, style) holds no data and is served to any
 the API to anyone who can reach it (local development; logged as a warning). Every JSON answer is strict
 JSON: a non-finite number that reached the store is answered as null (and logged), never as NaN.
 Errors are JSON ``{"error": "..."}`` with 400 (bad field, named), 401, 403 (a browser POST from another
-origin or site), 404 (no such frame), 405, 409 (a review whose ``expect`` no longer holds), 413 (a body over
+origin or site), 404 (no such frame), 405, 408 (a body not in whole 60 s after its request's head; the
+connection is closed: ``central.http``), 409 (a review whose ``expect`` no longer holds), 413 (a body over
 64 KiB, whatever its Content-Length says), or 500 (the
 store's database or disk failed; logged with the request). ``--tls-cert``/``--tls-key`` serve HTTPS.
 """
@@ -61,6 +62,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from central.http import BodyTooLarge, Guard, Served, generated_secret, too_large_response, warn_no_auth
 from central.review.enrol import EnrolBusy, EnrolRefused
@@ -203,6 +205,12 @@ def create_app(store: FrameStore, token: str | None, enroller: Any = None) -> Fa
     @app.exception_handler(FileNotFoundError)
     async def missing(_request: Request, exc: FileNotFoundError) -> JSONResponse:
         return _error(HTTPStatus.NOT_FOUND, f"image file missing: {exc.filename}")
+
+    @app.exception_handler(ClientDisconnect)           # gone mid-body, or cut off by the body deadline (central.http)
+    async def gone(request: Request, _exc: ClientDisconnect) -> JSONResponse:
+        log.info("review http: %s %s: the client went away before its body was in", request.method,
+                 request.url.path[:200])
+        return _error(HTTPStatus.BAD_REQUEST, "body: the client went away before it was in")   # goes nowhere
 
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception) -> JSONResponse:

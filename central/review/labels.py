@@ -80,46 +80,20 @@ def export_reviewed(store: FrameStore, out: Path, *, force: bool = False) -> dic
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     counts: dict[str, int] = {}
     left_out: dict[str, int] = {}
-    rows = []
     folders: dict[str, str] = {}
     try:
-        for frame in store.iter_reviewed():
-            label = training_label(frame)
-            if label is None:
-                why = "defect without a class" if frame["status"] == "defect" else frame["status"]
-                left_out[why] = left_out.get(why, 0) + 1
-                continue
-            src = store.root / frame["image"]
-            if not src.is_file():
-                left_out["image file missing"] = left_out.get("image file missing", 0) + 1
-                continue
-            if label not in folders:
-                name = folder_name(label)
-                while name in folders.values() or name.startswith("."):
-                    name = "_" + name
-                folders[label] = name
-            rel = Path(folders[label]) / f"{_folder_name(frame['id'])}.jpg"
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(src, tmp / rel)
-            except OSError:
-                shutil.copy2(src, tmp / rel)
-            counts[label] = counts.get(label, 0) + 1
-            row = {"path": rel.as_posix(), "label": label, "frame_id": frame["id"], "site": frame["site"],
-                   "station": frame["station"], "camera": frame["camera"], "model_name": frame["model_name"],
-                   "model_version": frame["model_version"], "predicted": frame["predicted"],
-                   "confidence": frame["confidence"], "selected_because": "; ".join(frame["selected_because"]),
-                   "status": frame["status"], "reviewer": frame["reviewer"] or "",
-                   "reviewed_at": _iso(frame["reviewed_at"]), "received_at": _iso(frame["received_at"]),
-                   "sha256": frame["sha256"], "captured_at": _iso(frame["captured_at"]),
-                   "note": frame["note"] or "", "track": frame["track"] or ""}
-            rows.append({**row, **{k: as_text_cell(row[k]) for k in TEXT_COLUMNS}})
+        # each row written as it is read (the store hands them out a page at a time): memory stays flat at any size
         with open(tmp / CSV_NAME, "w", newline="", encoding="utf-8") as fh:
             writer = csv.DictWriter(fh, fieldnames=COLUMNS)
             writer.writeheader()
-            writer.writerows(rows)
-        summary = {"store": str(store.root.resolve()), "exported_at": _iso(time.time()), "frames": len(rows),
-                   "by_label": dict(sorted(counts.items())), "left_out": left_out, "csv": CSV_NAME}
+            for frame in store.iter_reviewed():
+                row = _exported_row(store, frame, tmp, folders, left_out)
+                if row is not None:
+                    counts[row["label"]] = counts.get(row["label"], 0) + 1
+                    writer.writerow(row)
+        summary = {"store": str(store.root.resolve()), "exported_at": _iso(time.time()),
+                   "frames": sum(counts.values()), "by_label": dict(sorted(counts.items())), "left_out": left_out,
+                   "csv": CSV_NAME}
         (tmp / SUMMARY).write_text(json.dumps(summary, indent=2))
         (tmp / LABELS_FILE).write_text(json.dumps({folder: label for label, folder in sorted(folders.items())},
                                                   indent=2))
@@ -128,6 +102,41 @@ def export_reviewed(store: FrameStore, out: Path, *, force: bool = False) -> dic
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return summary
+
+
+def _exported_row(store: FrameStore, frame: dict[str, Any], tmp: Path, folders: dict[str, str],
+                  left_out: dict[str, int]) -> dict[str, Any] | None:
+    """``frame``'s CSV row, its JPEG linked under its class folder in ``tmp``; None (counted in ``left_out``)
+    when it has nothing to learn or its image is gone. ``folders``: class -> folder, grown as classes appear."""
+    label = training_label(frame)
+    if label is None:
+        why = "defect without a class" if frame["status"] == "defect" else frame["status"]
+        left_out[why] = left_out.get(why, 0) + 1
+        return None
+    src = store.root / frame["image"]
+    if not src.is_file():
+        left_out["image file missing"] = left_out.get("image file missing", 0) + 1
+        return None
+    if label not in folders:
+        name = folder_name(label)
+        while name in folders.values() or name.startswith("."):
+            name = "_" + name
+        folders[label] = name
+    rel = Path(folders[label]) / f"{_folder_name(frame['id'])}.jpg"
+    (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, tmp / rel)
+    except OSError:
+        shutil.copy2(src, tmp / rel)
+    row = {"path": rel.as_posix(), "label": label, "frame_id": frame["id"], "site": frame["site"],
+           "station": frame["station"], "camera": frame["camera"], "model_name": frame["model_name"],
+           "model_version": frame["model_version"], "predicted": frame["predicted"],
+           "confidence": frame["confidence"], "selected_because": "; ".join(frame["selected_because"]),
+           "status": frame["status"], "reviewer": frame["reviewer"] or "",
+           "reviewed_at": _iso(frame["reviewed_at"]), "received_at": _iso(frame["received_at"]),
+           "sha256": frame["sha256"], "captured_at": _iso(frame["captured_at"]),
+           "note": frame["note"] or "", "track": frame["track"] or ""}
+    return {**row, **{k: as_text_cell(row[k]) for k in TEXT_COLUMNS}}
 
 
 def check_out(store: FrameStore, out: Path, summary: str, force: bool) -> None:

@@ -71,6 +71,7 @@ EMPTY_SCENES_DIR = "empty-scenes"
 LOCK_WAIT_S = 60                   # how long an open or a write waits for another process's lock on the store
 MAX_CONTEXT_BYTES = 64 * 1024      # the ROI context JPEG (the station sends at most 160 px, a few kB)
 MAX_CONTEXT_SIDE = 1024
+REVIEWED_PAGE = 256                # reviewed frames read at a time by iter_reviewed (an export, an enrolment)
 QUARANTINE_MAX_ROWS = 1000         # the newest refused messages kept; older ones go (the counter keeps counting)
 QUARANTINE_MAX_PAYLOAD = 64 * 1024  # bytes of each refused payload kept (its full size is recorded)
 QUARANTINE_MAX_PROPERTY = 16 * 1024  # characters of each of its MQTT user property values kept
@@ -605,12 +606,40 @@ class FrameStore:
                                                           f"({','.join('?' * len(ids))})", ids)}
         return [_public(rows[i]) for i in ids], int(total)
 
-    def iter_reviewed(self) -> Iterator[dict[str, Any]]:
-        with self._lock:
-            rows = self._db.execute("SELECT * FROM frames WHERE status != 'pending' "
-                                    "ORDER BY reviewed_at, id").fetchall()
-        for row in rows:
-            yield _public(row)
+    def iter_reviewed(self, *, label: str | None = None,
+                      statuses: tuple[str, ...] | None = None) -> Iterator[dict[str, Any]]:
+        """The reviewed frames (every status but pending) in the order they were decided; ``label``, ``statuses``:
+        only the frames with that label, in those statuses.
+
+        Read from one snapshot of the index, ``REVIEWED_PAGE`` rows at a time, on a connection of its own: an
+        export of 100k frames holds a page of rows, not the table (it held every row, ~3 kB each, at once), a
+        decision made meanwhile neither shows a frame twice nor waits for the export, and the review server's
+        own connection stays free for its other requests while an enrolment reads its examples."""
+        where, args = ["status != 'pending'"], []
+        if label is not None:
+            where.append("label = ?")
+            args.append(label)
+        if statuses is not None:
+            where.append(f"status IN ({','.join('?' * len(statuses))})")
+            args.extend(statuses)
+        reader = self._reader()
+        try:
+            reader.execute("BEGIN")         # one snapshot for all the pages (WAL: writers go on meanwhile)
+            cursor = reader.execute(f"SELECT * FROM frames WHERE {' AND '.join(where)} ORDER BY reviewed_at, id",
+                                    args)
+            while rows := cursor.fetchmany(REVIEWED_PAGE):
+                for row in rows:
+                    yield _public(row)
+        finally:
+            reader.close()
+
+    def _reader(self) -> sqlite3.Connection:
+        """A read-only connection of its own to the index (a long read never holds ``self._lock``)."""
+        reader = sqlite3.connect(self.root / DB_NAME, isolation_level=None, timeout=LOCK_WAIT_S,
+                                 check_same_thread=False)
+        reader.row_factory = sqlite3.Row
+        reader.execute("PRAGMA query_only = ON")
+        return reader
 
     def facets(self) -> dict[str, list[str]]:
         """Distinct values for the review page's filters."""

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import http.client
 import logging
 import os
+import socket
+import threading
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -19,7 +23,8 @@ from contract.messages import loads_finite
 
 log = logging.getLogger(__name__)
 
-FETCH_TIMEOUT_S = 30
+FETCH_TIMEOUT_S = 30       # each read from a bundle server
+FETCH_DEADLINE_S = 60      # a whole file (manifest, gate record) from a bundle server: connect, head and body
 
 
 @dataclass(frozen=True)
@@ -42,22 +47,13 @@ class RemoteBundle:
 
 
 def _read_location(location: str, rel: str, *, optional: bool = False) -> bytes | None:
+    """``rel`` in the bundle at ``location`` (a URL or a folder): at most ``MANIFEST_MAX_BYTES``, and from a URL
+    within ``FETCH_DEADLINE_S`` in all; None when ``optional`` and it is not there. RolloutError naming the URL
+    or file otherwise."""
     parsed = urlparse(location)
     if parsed.scheme in ("http", "https"):
         base = location if location.endswith("/") else location + "/"
-        url = urljoin(base, rel)
-        try:
-            with urllib.request.urlopen(url, timeout=FETCH_TIMEOUT_S) as resp:
-                data = resp.read(MANIFEST_MAX_BYTES + 1)     # a manifest or a gate record: never more
-            if len(data) > MANIFEST_MAX_BYTES:
-                raise RolloutError(f"{url}: more than {MANIFEST_MAX_BYTES} bytes, not a manifest or gate record")
-            return data
-        except urllib.error.HTTPError as exc:
-            if optional and exc.code == 404:
-                return None
-            raise RolloutError(f"{url}: HTTP {exc.code}") from exc
-        except (urllib.error.URLError, OSError) as exc:
-            raise RolloutError(f"{url}: cannot fetch ({exc})") from exc
+        return _fetch(urljoin(base, rel), optional, FETCH_DEADLINE_S)
     if parsed.scheme not in ("", "file"):
         raise RolloutError(f"{location}: unsupported bundle location (a path, file://, http:// or https://)")
     path = Path(unquote(parsed.path) if parsed.scheme == "file" else location) / rel
@@ -65,7 +61,127 @@ def _read_location(location: str, rel: str, *, optional: bool = False) -> bytes 
         if optional:
             return None
         raise RolloutError(f"{path}: does not exist")
-    return path.read_bytes()
+    try:
+        if not path.is_file():          # a folder, a FIFO (a read would wait for ever), a device
+            raise RolloutError(f"{path}: not a regular file")
+        with open(path, "rb") as fh:
+            data = fh.read(MANIFEST_MAX_BYTES + 1)
+    except OSError as exc:
+        raise RolloutError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if len(data) > MANIFEST_MAX_BYTES:
+        raise RolloutError(f"{path}: more than {MANIFEST_MAX_BYTES} bytes, not a manifest or gate record")
+    return data
+
+
+def _fetch(url: str, optional: bool, deadline_s: float) -> bytes | None:
+    """``url``'s body, read within ``deadline_s`` in all (connect, TLS, head and body), each read within
+    ``FETCH_TIMEOUT_S``: a server that trickles its bytes (each read in time) cannot hold a rollout for ever."""
+    limit = MANIFEST_MAX_BYTES
+    with _Deadline(deadline_s) as deadline:
+        try:
+            with _opener(deadline).open(url, timeout=min(FETCH_TIMEOUT_S, deadline_s)) as resp:
+                data = bytearray()
+                while len(data) <= limit and (chunk := resp.read1(64 * 1024)):
+                    data += chunk
+                short = len(data) <= limit and bool(resp.length)      # Content-Length not reached
+            if deadline.passed:             # the cut socket may read as the body's end
+                raise OSError("deadline passed")
+            if short:
+                raise RolloutError(f"{url}: the answer ended after {len(data)} bytes, {resp.length} short of its "
+                                   f"Content-Length")
+        except urllib.error.HTTPError as exc:
+            if deadline.passed:
+                raise deadline.error(url) from None
+            if optional and exc.code == 404:
+                return None
+            raise RolloutError(f"{url}: HTTP {exc.code}") from exc
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+            if deadline.passed:
+                raise deadline.error(url) from None
+            why = f"not an HTTP answer: {exc!r}" if isinstance(exc, http.client.HTTPException) else exc
+            raise RolloutError(f"{url}: cannot fetch ({why})") from exc
+    if len(data) > limit:
+        raise RolloutError(f"{url}: more than {limit} bytes, not a manifest or gate record")
+    return bytes(data)
+
+
+class _Deadline:
+    """Shuts the watched connection's socket down once ``seconds`` have passed, so a read blocked in it (the
+    answer's head, its body) ends then, however the server paces its bytes. (Connecting and the TLS handshake are
+    bounded by the connection's own timeout, at most ``seconds`` for each.)"""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.end = time.monotonic() + seconds
+        self._own: socket.socket | None = None      # a duplicate of the watched socket's descriptor, ours alone
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._cut)
+        self._timer.daemon = True
+
+    @property
+    def passed(self) -> bool:
+        return time.monotonic() >= self.end
+
+    def __enter__(self) -> "_Deadline":
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+        with self._lock:
+            self._release()
+
+    def watch(self, sock: socket.socket) -> None:
+        """Cut ``sock``'s connection at the deadline, plain or TLS (urllib lets go of the socket once the head is
+        in; the answer reads on through it). Through a descriptor of our own: the connection closes its own when
+        it likes, and a cut never reaches a descriptor number reused meanwhile."""
+        with self._lock:
+            self._release()
+            self._own = socket.socket(fileno=os.dup(sock.fileno()))
+        if self.passed:
+            self._cut()
+
+    def _release(self) -> None:
+        if self._own is not None:
+            self._own.close()
+            self._own = None
+
+    def _cut(self) -> None:
+        with self._lock:
+            if self._own is not None:
+                try:
+                    self._own.shutdown(socket.SHUT_RDWR)     # the TCP connection itself: a blocked read ends
+                except OSError:             # already gone
+                    pass
+
+    def error(self, url: str) -> RolloutError:
+        return RolloutError(f"{url}: not read in full within {self.seconds:g} s (the server sends too slowly or "
+                            f"has stalled)")
+
+
+def _opener(deadline: _Deadline) -> urllib.request.OpenerDirector:
+    """urllib's opener (proxies from the environment, redirects, verified TLS) whose connections ``deadline``
+    watches once connected."""
+
+    class Watched(http.client.HTTPConnection):
+        def connect(self) -> None:
+            super().connect()
+            deadline.watch(self.sock)
+
+    class WatchedTLS(http.client.HTTPSConnection):
+        def connect(self) -> None:
+            super().connect()
+            deadline.watch(self.sock)
+
+    class Plain(urllib.request.HTTPHandler):
+        def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+            return self.do_open(Watched, req)
+
+    class TLS(urllib.request.HTTPSHandler):
+        def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+            return self.do_open(WatchedTLS, req, context=self._context)
+
+    return urllib.request.build_opener(Plain, TLS)
 
 
 def resolve_bundle(location: str) -> RemoteBundle:

@@ -561,3 +561,149 @@ def test_a_relative_bundle_path_is_sent_to_stations_as_an_absolute_one(tree, mon
     monkeypatch.chdir(tree["served"].parent)
     bundle = resolve_bundle("served/tiny/v2")
     assert bundle.location == str(tree["served"] / "tiny" / "v2") and (bundle.name, bundle.version) == ("tiny", "v2")
+
+
+# ---------------------------------------------------------------- reading a bundle's location
+
+class TricklingServer:
+    """A bundle server on a real localhost port that sends what it sends one byte every ``every_s`` seconds (each
+    read of the client's comes in time; the whole never does): in the answer's head, in its body, or in the TLS
+    handshake (a record header that promises 16 kB, then its bytes one at a time)."""
+
+    def __init__(self, where: str, every_s: float = 0.2) -> None:
+        import socket
+
+        self.where, self.every_s = where, every_s
+        self.stop = threading.Event()
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn) -> None:
+        head = b"HTTP/1.1 200 OK\r\nContent-Length: 200000\r\n\r\n"
+        try:
+            if self.where == "tls-handshake":
+                conn.recv(65536)                        # the ClientHello
+                conn.sendall(b"\x16\x03\x03\x40\x00")      # a handshake record of 16 kB ...
+            else:
+                conn.recv(65536)
+                if self.where == "body":
+                    conn.sendall(head)
+            drip = head if self.where == "head" else b"\x00" * 200000
+            for byte in drip:                               # ... that never comes
+                if self.stop.wait(self.every_s):
+                    break
+                conn.sendall(bytes([byte]))
+        except OSError:                                     # the client gave up: what this test wants
+            pass
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.sock.close()
+
+
+def resolve_in_thread(location: str, within_s: float) -> dict:
+    """resolve_bundle(location) in a thread: {"error": ...} or {"bundle": ...}, or {} when it is still reading
+    after ``within_s`` (the test then fails instead of hanging)."""
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            result["bundle"] = resolve_bundle(location)
+        except Exception as exc:            # noqa: BLE001 - what it raised is what the test checks
+            result["error"] = exc
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(within_s)
+    return result
+
+
+@pytest.mark.parametrize("where", ["head", "body", "tls-handshake"])
+def test_a_bundle_server_that_trickles_its_answer_is_given_up_at_the_deadline_naming_the_url(where, monkeypatch):
+    """Given a server that sends a byte every 0.2 s (within the per-read timeout, 5 s here) and never the whole, when
+    a rollout reads a bundle's manifest from it with a 1 s deadline, then it fails with a RolloutError naming the URL
+    and the deadline, well within 60 s (before: it read for as long as the server went on, and a rollout, or a
+    canary's rollback in the middle of one, hung)."""
+    from central.rollout import remote as remote_module
+
+    monkeypatch.setattr(remote_module, "FETCH_TIMEOUT_S", 5)
+    monkeypatch.setattr(remote_module, "FETCH_DEADLINE_S", 1.0, raising=False)
+    server = TricklingServer(where)
+    scheme = "https" if where == "tls-handshake" else "http"
+    url = f"{scheme}://127.0.0.1:{server.port}/tiny/v2/"
+    try:
+        result = resolve_in_thread(url, within_s=60)
+    finally:
+        server.close()
+    assert result, "still reading after 60 s"
+    assert isinstance(result.get("error"), RolloutError), result
+    assert f"{url}manifest.json: not read in full within 1 s" in str(result["error"])
+
+
+def test_a_bundle_is_read_over_http_and_https_as_before(tree, tmp_path, monkeypatch):
+    """The deadline's connections are urllib's own: a published bundle still resolves over HTTP and over HTTPS
+    (verified against the CA the host trusts), and a certificate the host does not trust is still refused."""
+    import sys
+
+    from central.rollout import BundleServer
+
+    sys.path.append(str(Path(__file__).resolve().parents[2] / "deploy"))
+    from deploy_support import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    for tls in (False, True):
+        server = BundleServer(tree["served"], tls_cert=pki.server_cert if tls else None,
+                              tls_key=pki.server_key if tls else None).start()
+        try:
+            if tls:
+                with pytest.raises(RolloutError, match="CERTIFICATE_VERIFY_FAILED"):
+                    resolve_bundle(server.url + "tiny/v2/")
+                monkeypatch.setenv("SSL_CERT_FILE", str(pki.ca_cert))
+            bundle = resolve_bundle(server.url + "tiny/v2/")
+            assert (bundle.name, bundle.version, bundle.location) == ("tiny", "v2", server.url + "tiny/v2/")
+            assert bundle.sha256 == resolve_bundle(str(tree["served"] / "tiny" / "v2")).sha256
+        finally:
+            server.stop()
+
+
+def test_a_location_that_is_no_bundle_server_or_holds_no_readable_manifest_is_a_rollout_error(tmp_path):
+    """Before: a server that answers something other than HTTP raised http.client.BadStatusLine, a manifest.json
+    that is a folder IsADirectoryError, and a body cut short read as a broken manifest: a traceback from the CLI,
+    and a canary rollback (which catches RolloutError) that crashed the rollout. Now each names the URL or file."""
+    import socket
+
+    answers = {"ssh": b"SSH-2.0-OpenSSH_9.6\r\n",
+               "short": b'HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n{"name": "tiny"'}
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        for kind in ("ssh", "short"):
+            conn, _ = listener.accept()
+            conn.recv(65536)
+            conn.sendall(answers[kind])
+            conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        with pytest.raises(RolloutError, match=rf"127.0.0.1:{port}/a/1/manifest.json: cannot fetch \(not an HTTP "
+                                               r"answer: BadStatusLine"):
+            resolve_bundle(f"http://127.0.0.1:{port}/a/1/")
+        with pytest.raises(RolloutError, match=r"/a/1/manifest.json: the answer ended after 15 bytes, 4985 short"):
+            resolve_bundle(f"http://127.0.0.1:{port}/a/1/")
+    finally:
+        listener.close()
+    (tmp_path / "b" / "manifest.json").mkdir(parents=True)
+    with pytest.raises(RolloutError, match=r"b/manifest.json: not a regular file"):
+        resolve_bundle(str(tmp_path / "b"))
