@@ -9,10 +9,13 @@ is also shown from the receiving side: nothing denied reaches a subscriber.
 
 from __future__ import annotations
 
+import re
 import socket
+import subprocess
+import threading
 
 import pytest
-from deploy_support import TIMEOUT, connected
+from deploy_support import TIMEOUT, USERS, connected, make_probe
 
 pytestmark = pytest.mark.mqtt
 NOT_AUTHORIZED = 0x87
@@ -130,3 +133,105 @@ def test_wrong_password_and_anonymous_are_refused(connect, user, password):
     probe = connect(user, password=password)
     assert probe.connected.wait(TIMEOUT)
     assert probe.connack.is_failure and probe.connack.value in (0x86, 0x87)
+
+
+def test_what_the_patterns_let_a_one_level_user_write_reaches_no_fleet_subscription(connect):
+    """mosquitto applies `pattern` lines to every user: `dashboard` may publish on inventory/dashboard/result (the
+    docs say so). Three levels: no subscription to a leaf of every station (inventory/+/+/<leaf>) gets it."""
+    central = connected(connect("central-ingest"))
+    for leaf in ("status", "result", "frames", "receipt"):
+        assert central.subscribe(f"inventory/+/+/{leaf}") == 1
+    dash = connected(connect("dashboard"))
+    assert dash.publish("inventory/dashboard/result", b"fake") in (0x00, 0x10)
+    assert dash.publish("inventory/ber1/receiving-01/result", b"fake") == NOT_AUTHORIZED
+    station = connected(connect("ber1/receiving-01"))
+    station.publish("inventory/ber1/receiving-01/stats", b"marker")     # not subscribed: only the result below
+    station.publish("inventory/ber1/receiving-01/result", b"real")
+    assert [(m.topic, m.payload) for m in central.wait_messages(1)] == [("inventory/ber1/receiving-01/result", b"real")]
+
+
+# ---------------------------------------------------------------- what one away session may hold
+
+def conf_value(key: str) -> int:
+    from deploy_support import SHIPPED_CONF
+
+    found = re.findall(rf"(?m)^{key} (\d+)$", SHIPPED_CONF.read_text())
+    assert len(found) == 1, f"{SHIPPED_CONF}: {key} set {len(found)} times"
+    return int(found[0])
+
+
+def test_one_away_session_holds_at_most_a_gib_of_the_broker():
+    """max_queued_messages bounds a session's queue by count only: 10000 frames of up to message_size_limit
+    (4 MiB) are 40 GiB of memory and persistence file for one ingest session that is away (reproduced: each
+    queued 3.9 MiB frame adds its size to mosquitto's RSS). max_queued_bytes bounds it by size."""
+    by_count = conf_value("max_queued_messages") * conf_value("message_size_limit")
+    assert by_count > 1 << 30                                    # why the byte bound is needed
+    assert conf_value("max_queued_bytes") <= 1 << 30
+
+
+def test_the_broker_drops_what_arrives_beyond_the_byte_bound_for_an_away_session(mosquitto_bin, pki, tmp_path):
+    """The shipped max_queued_bytes line, with its value scaled down to 2.5 frames (the directive is what is
+    checked, not mosquitto's arithmetic): ingest, back from an outage, gets the oldest frames, not all six."""
+    import paho.mqtt.client as mqtt
+    from deploy_support import CentralBroker, wait_listening
+    from paho.mqtt.client import CallbackAPIVersion
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    frame = 1 << 20
+    workdir = tmp_path / "central"
+    workdir.mkdir()
+    broker = CentralBroker(workdir, pki)
+    conf = broker.write_config()
+    shipped = f"max_queued_bytes {conf_value('max_queued_bytes')}\n"
+    text = conf.read_text()
+    assert shipped in text
+    conf.write_text(text.replace(shipped, f"max_queued_bytes {frame * 5 // 2}\n"))
+    broker.proc = subprocess.Popen([mosquitto_bin, "-c", str(conf)], stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE)
+    received: list[bytes] = []
+    got = threading.Condition()
+
+    def ingest_session() -> mqtt.Client:
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="ingest-central-1", protocol=mqtt.MQTTv5)
+        client.tls_set(ca_certs=str(pki.ca_cert))
+        client.username_pw_set("central-ingest", USERS["central-ingest"])
+        connected_event = threading.Event()
+        client.on_connect = lambda c, u, f, reason, p: connected_event.set()
+
+        def on_message(c, u, msg):
+            with got:
+                received.append(msg.payload[:1])
+                got.notify_all()
+
+        client.on_message = on_message
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 3600
+        client.connect("127.0.0.1", broker.tls_port, clean_start=False, properties=props)
+        client.loop_start()
+        assert connected_event.wait(TIMEOUT)
+        return client
+
+    try:
+        wait_listening(broker.proc, broker.tls_port)
+        # given ingest's persistent session subscribed to frames, then away
+        ingest = ingest_session()
+        _, mid = ingest.subscribe("inventory/+/+/frames", qos=1)
+        ingest.disconnect()
+        ingest.loop_stop()
+        # when a station sends six 1 MiB frames (each acknowledged: the station's outbox lets them go)
+        station = connected(make_probe(broker.tls_port, "ber1/receiving-01", ca=str(pki.ca_cert)))
+        codes = [station.publish("inventory/ber1/receiving-01/frames", bytes([i]) * frame) for i in range(6)]
+        assert codes == [0] * 6
+        # then ingest, back, gets the oldest frames the bound held and not the rest
+        ingest = ingest_session()
+        station.publish("inventory/ber1/receiving-01/frames", b"\xff")            # marker, sent after it is back
+        with got:
+            assert got.wait_for(lambda: b"\xff" in received, TIMEOUT), received
+        frames = [r[0] for r in received if r != b"\xff"]
+        assert frames == list(range(len(frames))) and 1 <= len(frames) < 6, frames
+        ingest.disconnect()
+        ingest.loop_stop()
+        station.close()
+    finally:
+        broker.stop()

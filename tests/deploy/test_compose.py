@@ -18,6 +18,14 @@ def compose() -> dict:
     return yaml.safe_load(COMPOSE.read_text())
 
 
+def mount(volume: str | dict) -> tuple[str, str]:
+    """(source, target) of a service volume in the short (``src:dst[:ro]``) or the long (mapping) syntax."""
+    if isinstance(volume, dict):
+        return volume["source"], volume["target"]
+    source, target = volume.split(":")[:2]
+    return source, target
+
+
 def parse(text: str):
     compose_spec = pytest.importorskip("compose_spec", reason="pip install -e '.[test]' brings compose-spec")
     return compose_spec.PyCompose.from_yaml(text)
@@ -37,7 +45,7 @@ def test_the_parser_is_strict_enough_to_catch_a_typo():
 def test_every_reference_is_declared(compose):
     for name, svc in compose["services"].items():
         for vol in svc.get("volumes", []):
-            source = vol.split(":")[0]
+            source = mount(vol)[0]
             if not source.startswith((".", "/")):
                 assert source in compose["volumes"], f"{COMPOSE}: services.{name}.volumes: {source} not declared"
         for secret in svc.get("secrets", []):
@@ -54,7 +62,7 @@ def test_images_are_pinned(compose):
 
 def test_the_broker_runs_the_shipped_config_and_publishes_only_its_tls_listeners(compose):
     broker = compose["services"]["mosquitto"]
-    mounts = {v.split(":")[1]: v.split(":")[0] for v in broker["volumes"]}
+    mounts = {target: source for source, target in map(mount, broker["volumes"])}
     assert (COMPOSE.parent / mounts["/mosquitto/config/mosquitto.conf"]).resolve() == SHIPPED_CONF
     assert (COMPOSE.parent / mounts["/mosquitto/config/acl"]).resolve() == SHIPPED_CONF.parent / "acl"
     for path in re.findall(r"^(?:password_file|acl_file|cafile|certfile|keyfile) (\S+)", SHIPPED_CONF.read_text(), re.M):
