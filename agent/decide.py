@@ -296,6 +296,8 @@ class ItemTracker:
         self._peak: tuple[int, frozenset[str]] = (0, frozenset())   # the current item's largest box: area, edges
         self._low_area: int | None = None  # its smallest edge-cut area since it began to go out (None: it has not)
         self._best: Observation | None = None   # the current item's best view (Observation.view_rank), its view kept
+        self._last_box: tuple[int, int, int, int] | None = None    # the current item's box in its last frame
+        self._decided = False            # the current item was decided at max_frames and is still in view
         self._new_track = new_track or (lambda: str(uuid.uuid4()))
         self._track: str | None = None   # the current item's id, given at its first frame
         self.track: str | None = None    # the id of the item the last frame given to update() belongs to (None: none)
@@ -310,6 +312,12 @@ class ItemTracker:
         Each item gets an id (``track``) at its first frame; after the call, ``self.track`` is the id of the item
         this frame belongs to (None for a frame without one), so the frames a station uploads can be told apart
         by item, as the item's decision is.
+
+        An item still in view at ``max_frames`` is decided then. A localized one (its frame has a box) stays that
+        item, decided, until it ends as any item does (empty frames, a jump, a regrow): a belt stopped with an
+        item under the camera is one decision, not one every ``max_frames``. Its later frames are not kept. An
+        item without a box (no localizer) cannot be told from the next one with no empty frame between, so it
+        ends at ``max_frames`` and the next frame starts another.
         """
         self.track = None
         if present and obs is not None:
@@ -317,20 +325,26 @@ class ItemTracker:
             if self._track is None:
                 self._track = self._new_track()
             self.track = self._track
-            self._keep_view(obs)
-            self._frames.append(replace(obs, view=None) if obs.view is not None else obs)
+            self._last_box = obs.box
             self._track_area(obs)
             self._gap = 0
+            if self._decided:
+                return decision
+            self._keep_view(obs)
+            self._frames.append(replace(obs, view=None) if obs.view is not None else obs)
             if decision is None and len(self._frames) >= self.cfg.max_frames:
-                return self._close()
+                if obs.box is None:
+                    return self._close()
+                self._decided = True
+                return self._decision(*self._take())
             return decision
-        if not self._frames:
+        if self._track is None:
             return None
         self._gap += 1
         return self._close() if self._gap >= self.cfg.gap_frames else None
 
     def _another_item(self, obs: Observation) -> bool:
-        last = self._frames[-1].box if self._frames else None
+        last = self._last_box
         if last is None or obs.box is None or self.cfg.split_overlap <= 0:
             return False
         return box_overlap(last, obs.box) < self.cfg.split_overlap
@@ -372,7 +386,7 @@ class ItemTracker:
 
     def flush(self) -> ItemDecision | None:
         """End of input: decide an item still in view."""
-        return self._close() if self._frames else None
+        return self._close() if self._track is not None else None
 
     def _deciding(self, frames: list[Observation]) -> list[Observation]:
         """The frames an item is decided on: those that show all of it (``whole_views``), when there are any.
@@ -395,14 +409,27 @@ class ItemTracker:
         less_certain = sum(c < confidence for c in self._recent) / len(self._recent)
         return less_certain >= budget
 
-    def _close(self) -> ItemDecision | None:
-        frames, self._frames, self._gap = self._frames, [], 0
+    def _take(self) -> tuple[list[Observation], Observation | None, str | None]:
+        """The current item's frames, best view and track; its frames and best view are let go."""
+        frames, self._frames = self._frames, []
         best, self._best = self._best, None
-        track, self._track = self._track, None
+        return frames, best, self._track
+
+    def _close(self) -> ItemDecision | None:
+        """The current item ends: its decision, or None when it is noise or was decided at ``max_frames``."""
+        frames, best, track = self._take()
+        decided, self._decided = self._decided, False
+        self._gap, self._track, self._last_box = 0, None, None
         self._peak, self._low_area = (0, frozenset()), None
+        if decided:
+            return None
         if len(frames) < self.cfg.min_frames:
             self.noise_items += 1
             return None
+        return self._decision(frames, best, track)
+
+    def _decision(self, frames: list[Observation], best: Observation | None, track: str | None) -> ItemDecision:
+        """The consensus of an item's frames, its lane and reasons (counted as a seen item)."""
         self.items_seen += 1
         seen, frames = frames, self._deciding(frames)
         prior = self.prior(self.labels) if self.prior is not None else None

@@ -23,6 +23,10 @@ How a box is found (``foreground_box``, a pure function the trainer calls with a
 4. The box is the largest component's, joined with the components within ``join_px`` ROI px of it (an
    item the threshold cut in two). Items back to back further apart than that stay apart: the larger
    one's box is reported, the other is seen when it is the larger (documented rule: largest wins).
+   The ``Localizer`` follows the item it reported in the last frame: a component that overlaps that box
+   (``FOLLOW_OVERLAP``) and is at least ``FOLLOW_SHARE`` of the largest one's area is taken instead, so two
+   items of about one size in view together do not swap from frame to frame (each swap would be a new item
+   to the tracker); the other is seen once the followed one is gone or far the smaller.
 5. The box is mapped back to ROI pixels as ``(x0, y0, x1, y1)``, x1/y1 exclusive (slice bounds).
 
 The ``Localizer`` keeps the background: the first ``warmup_frames`` frames are taken as the empty scene
@@ -349,19 +353,27 @@ def foreground_mask(frame: np.ndarray, background: np.ndarray, gain: float, thre
     return mask
 
 
-def item_box(mask: np.ndarray, min_area_px: float, join_px: float) -> tuple[tuple[int, int, int, int] | None, int]:
+FOLLOW_OVERLAP = 0.5           # of the smaller box (decide.box_overlap): a component is the item the last frame showed
+FOLLOW_SHARE = 0.25            # ... and is followed while at least this share of the largest component's area
+
+
+def item_box(mask: np.ndarray, min_area_px: float, join_px: float,
+             follow: tuple[int, int, int, int] | None = None) -> tuple[tuple[int, int, int, int] | None, int]:
     """(box of the largest component joined with those within ``join_px``, pixels of kept components).
 
-    Boxes here are in mask pixels, x1/y1 exclusive.
+    ``follow``: the box the last frame reported; the largest component that overlaps it (``FOLLOW_OVERLAP``)
+    and is at least ``FOLLOW_SHARE`` of the largest one's area is taken instead of the largest, so two items
+    of about one size in view together do not take turns. Boxes here are in mask pixels, x1/y1 exclusive.
     """
     count, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
     parts = [stats[i] for i in range(1, count) if stats[i, cv2.CC_STAT_AREA] >= min_area_px]
     if not parts:
         return None, 0
     parts.sort(key=lambda s: -int(s[cv2.CC_STAT_AREA]))
-    x, y, w, h = (int(v) for v in parts[0][:4])
+    first = _followed(parts, follow) if follow is not None else 0
+    x, y, w, h = (int(v) for v in parts[first][:4])
     box = (x, y, x + w, y + h)
-    rest, changed = parts[1:], True
+    rest, changed = parts[:first] + parts[first + 1:], True
     while changed:                      # a joined part may bring another within reach
         changed, keep = False, []
         for part in rest:
@@ -373,6 +385,19 @@ def item_box(mask: np.ndarray, min_area_px: float, join_px: float) -> tuple[tupl
                 keep.append(part)
         rest = keep
     return box, int(sum(int(s[cv2.CC_STAT_AREA]) for s in parts))
+
+
+def _followed(parts: list[np.ndarray], follow: tuple[int, int, int, int]) -> int:
+    """Index in ``parts`` (largest first) of the component that is the followed item; 0 (the largest) when
+    none overlaps ``follow`` enough or is large enough."""
+    least = FOLLOW_SHARE * int(parts[0][cv2.CC_STAT_AREA])
+    for i, part in enumerate(parts):
+        if int(part[cv2.CC_STAT_AREA]) < least:
+            break
+        x, y, w, h = (int(v) for v in part[:4])
+        if box_overlap((x, y, x + w, y + h), follow) >= FOLLOW_OVERLAP:
+            return i
+    return 0
 
 
 def to_roi(box: tuple[int, int, int, int], scale: float, roi_hw: tuple[int, int],
@@ -414,12 +439,17 @@ def foreground_box(image: np.ndarray, background: np.ndarray, *, work_size: int 
 
 def _locate(frame: np.ndarray, back: np.ndarray, scale: float, roi_hw: tuple[int, int], *, threshold: float,
             min_area: float, join_px: float, gain: float, field: np.ndarray | None = None,
-            noise_k: float = 0.0, min_threshold: float = 8.0,
-            grow_threshold: float = 0.0, grow_relative: float = 0.0) -> tuple[Foreground, np.ndarray]:
+            noise_k: float = 0.0, min_threshold: float = 8.0, grow_threshold: float = 0.0,
+            grow_relative: float = 0.0, follow: Box | None = None) -> tuple[Foreground, np.ndarray]:
+    """``foreground_box``'s steps on working copies; ``follow``: the ROI box the last frame reported (``item_box``)."""
     mask = foreground_mask(frame, back, gain, threshold, field=field, noise_k=noise_k, min_threshold=min_threshold,
                            grow_threshold=grow_threshold, bridge_px=int(round(join_px * scale)) + 1,
                            seed_px=min_area * frame.shape[0] * frame.shape[1], grow_relative=grow_relative)
-    box, fg_pixels = item_box(mask, min_area * mask.size, join_px * scale)
+    work = None
+    if follow is not None:
+        work = (int(follow[0] * scale), int(follow[1] * scale),
+                int(np.ceil(follow[2] * scale)), int(np.ceil(follow[3] * scale)))
+    box, fg_pixels = item_box(mask, min_area * mask.size, join_px * scale, work)
     fraction = fg_pixels / float(mask.size)
     return Foreground(to_roi(box, scale, roi_hw, mask.shape[:2]) if box else None, fraction, gain), mask
 
@@ -505,7 +535,7 @@ class Localizer:
             self.background += (frame - self.background) / self._seen
             return Located(False, None, None, 0.0, settled=False)
         self.gain, self.light = self._light(frame, scale)
-        found, mask = self._find(frame, scale, roi_hw, self.gain, self.light)
+        found, mask = self._find(frame, scale, roi_hw, self.gain, self.light, self._last)
         crop = crop_box(found.box, roi_hw, policy)
         present = crop is not None
         self._learn(frame, present, found.box, scale, mask)
@@ -574,13 +604,14 @@ class Localizer:
         return (gain, light) if found.box is None else (self.gain, self.light)
 
     def _find(self, frame: np.ndarray, scale: float, roi_hw: tuple[int, int], gain: float,
-              light: np.ndarray | None) -> tuple[Foreground, np.ndarray]:
-        """``_locate`` against the learned background with these settings, under the given light."""
+              light: np.ndarray | None, follow: Box | None = None) -> tuple[Foreground, np.ndarray]:
+        """``_locate`` against the learned background with these settings, under the given light, following the
+        item at ``follow`` (the last frame's box) when it is still there."""
         s = self.settings
         assert self.background is not None
         return _locate(frame, self.background, scale, roi_hw, threshold=s.threshold, min_area=s.min_area,
                        join_px=s.join_px, gain=gain, field=light, noise_k=s.noise_k, min_threshold=s.min_threshold,
-                       grow_threshold=s.grow_threshold, grow_relative=s.grow_relative)
+                       grow_threshold=s.grow_threshold, grow_relative=s.grow_relative, follow=follow)
 
     def _grown(self, box: Box, scale: float, hw: tuple[int, int]) -> tuple[int, int, int, int]:
         """An ROI box in working-copy pixels, grown by the join distance and the blur."""

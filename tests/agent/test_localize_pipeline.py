@@ -264,3 +264,28 @@ def test_an_item_decided_unsure_sends_its_best_view_naming_its_decision(tmp_path
     uploads = [r.body for r in records if r.kind == "frame"]
     assert len(uploads) == 1 and "item" not in uploads[0]
     assert len([r for r in records if r.kind == "decision"]) == 3
+
+
+def test_an_item_resting_in_view_past_max_frames_is_one_decision(tmp_path, tiny_bundle, fmnist_test_images):
+    # given: a belt stopped with an item under the camera for 12 frames (max_frames 5), then the belt runs: empty
+    # frames, the next item for 3 frames, empty frames
+    scene = Scene(seed=23)
+    rest = make_sprite(fmnist_test_images[0][5], 200, 0.0, (0.9, 0.8, 0.7))
+    after = make_sprite(fmnist_test_images[0][6], 190, 0.0, (0.7, 0.8, 0.9))
+    images = [scene.render(t)[0] for t in range(6)] + [scene.render(6, [(rest, 50, 40)])[0]] * 12
+    images += [scene.render(t)[0] for t in range(18, 21)] + [scene.render(t, [(after, 30 + 20 * (t - 21), 30)])[0]
+                                                            for t in range(21, 24)]
+    images += [scene.render(t)[0] for t in range(24, 27)]
+    fg = crop_bundle(tiny_bundle, tmp_path / "fg", "foreground")
+    records, _, _, _ = run_stage(tmp_path, fg, images,
+                                 decisions={"presence": {**PRESENCE["presence"], "max_frames": 5}},
+                                 frames={"enabled": False})
+    # then: every frame of the resting item is published, and it is decided once, on its first max_frames frames
+    # (before: once every max_frames frames, 3 decisions); the next item is the second decision
+    results = [r.body for r in records if r.kind == "result"]
+    assert [r["frame_seq"] for r in results] == list(range(7, 19)) + [22, 23, 24]
+    decisions = [r.body for r in records if r.kind == "decision"]
+    assert [(d["item_seq"], d["frames"]) for d in decisions] == [(1, 5), (2, 3)]
+    assert decisions[0]["track"] != decisions[1]["track"]
+    for d in decisions:
+        validate_message("decision.v1", d)
