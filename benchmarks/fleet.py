@@ -198,6 +198,8 @@ def _measure(args, cfg, work, plain, broker, procs, logs, base, store, streams, 
                  "--offline", str(args.offline), "--stale", str(args.stale), "--trouble-after",
                  str(args.duration / 3), "--rollout-share", str(args.rollout_share), "--parts", str(args.procs),
                  "--shipment-items", str(args.shipment_items), "--receipt-interval", str(args.receipt_interval)]
+    for key in watch:                # only the stations whose cards are open: their result times, nobody else's
+        fleet_cmd += ["--latency-of", key]
     began = time.monotonic()
     sims = [subprocess.Popen(fleet_cmd + ["--part", str(k), "--report", str(reports[k])], cwd=REPO,
                              stdout=logs["fleet"], stderr=subprocess.STDOUT) for k in range(args.procs)]
@@ -258,7 +260,8 @@ def _measure(args, cfg, work, plain, broker, procs, logs, base, store, streams, 
         "lost_total": sum(lost["qos1"].values()) + lost["frames"],
         "latency_publish_to_events_ms": latency, "events_streams": {
             "cards_open": watch, "connects": sum(s.connects for s in streams),
-            "mib": round(sum(s.bytes for s in streams) / 2**20, 1), "ids_seen": len(first_seen)},
+            "mib": round(sum(s.bytes for s in streams) / 2**20, 1), "ids_seen": len(first_seen),
+            "result_times_kept": len(published["result_times"])},
         "cost": usage, "cost_per_1000_stations": per_1000,
         "machine": {"cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2)}, "code": _code(),
     }

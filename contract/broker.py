@@ -71,6 +71,14 @@ class BrokerSettings:
         """Raise BrokerSettingsError naming the flag when a connection with these settings cannot work."""
         if self.transport not in TRANSPORTS:
             raise BrokerSettingsError(f"{self._name('transport')}: {self.transport!r} is not tcp or websockets")
+        root = self.topic_root.rstrip("/") if isinstance(self.topic_root, str) else ""
+        if not root or len(root) > 200 or any(c in root for c in "+#\x00") or "" in root.split("/"):
+            # every topic and subscription is built under it: a wildcard made each publish a ValueError in paho and
+            # each subscription fail inside on_connect, reported as "no CONNACK" after the timeout. The rule of a
+            # station's mqtt.topic_root (agent/config.py), whose topics a central root must match
+            raise BrokerSettingsError(f"{self._name('topic_root')}: {str(self.topic_root)[:80]!r} is not a topic root "
+                                      "(levels of text between single '/', no '+', '#' or NUL, at most 200 "
+                                      "characters)")
         if not 1 <= int(self.port) <= 65535:
             raise BrokerSettingsError(f"{self._name('port')}: {self.port} is not a port number (1-65535)")
         for field in ("password_file", "tls_ca", "tls_cert", "tls_key"):

@@ -21,7 +21,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from contract.dataset import class_name_problem
-from contract.messages import _strict_patterns, loads_finite
+from contract.messages import NotTextError, _strict_patterns, loads_finite
 from contract.preprocess import InputSpec
 
 log = logging.getLogger(__name__)
@@ -188,6 +188,8 @@ def parse_manifest(data: bytes, path: str | Path) -> dict[str, Any]:
         manifest = loads_finite(data.decode("utf-8"))   # strict: json.loads would let lone surrogates through
     except UnicodeDecodeError as exc:
         raise BundleError(f"{path}: not UTF-8 (byte {exc.start}: {exc.reason})") from exc
+    except NotTextError as exc:     # valid JSON, but a string in it is no text ("\ud800")
+        raise BundleError(f"{path}: {exc}") from exc
     except (ValueError, RecursionError) as exc:
         raise BundleError(f"{path}: not valid JSON ({exc})") from exc
     _validate_schema(manifest, path)

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 GATE_FILE = "gate.json"
 GATE_LOG = "gate-log.jsonl"
+GATE_MAX_BYTES = 1 << 20      # a gate record is a few kB; more is not one (and is not read into memory)
 
 
 class RolloutError(ValueError):
@@ -178,14 +179,19 @@ def publish_event_once(options: BrokerSettings | None, event: dict[str, Any]) ->
 def read_gate(bundle_dir: Path) -> dict[str, Any] | None:
     """The gate record beside a bundle, or None where there is none; RolloutError naming the file when it
     cannot be read, is not UTF-8 JSON (NaN, infinities and nesting past the parser's depth included) or names
-    no decision."""
+    no decision, is not a regular file (a FIFO would block the read for good, a link to /dev/zero never end it) or
+    is larger than ``GATE_MAX_BYTES``."""
+    from contract.bundle import BundleError, read_small_file  # numpy and OpenCV: only once a record is read
+
     path = Path(bundle_dir) / GATE_FILE
     if not path.exists():
         return None
     try:
-        record = loads_finite(path.read_bytes().decode("utf-8"))
+        record = loads_finite(read_small_file(path, GATE_MAX_BYTES, "a gate record").decode("utf-8"))
     except OSError as exc:
         raise RolloutError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    except BundleError as exc:      # "<path>: not a regular file" / "<path>: more than a gate record's ... bytes"
+        raise RolloutError(f"{path}: cannot read ({str(exc).removeprefix(f'{path}: ')})") from None
     except UnicodeDecodeError as exc:
         raise RolloutError(f"{path}: not UTF-8 (byte {exc.start}: {exc.reason})") from exc
     except ValueError as exc:       # JSONDecodeError, NonFiniteError, NestingError

@@ -88,6 +88,8 @@ def _webp_size(head: bytes, what: str) -> tuple[int, int]:
 
 def _tiff_size(data: bytes, order: str, what: str) -> tuple[int, int]:
     """ImageWidth (256) and ImageLength (257) of the first image file directory (the page OpenCV decodes)."""
+    if len(data) < 8:                       # the offset of the first directory is cut off
+        raise ImageHeaderError(f"{what}: a TIFF of {len(data)} bytes, too short for its header (truncated)")
     ifd = struct.unpack(order + "I", data[4:8])[0]
     raw = data[ifd:ifd + 2]
     if len(raw) < 2:

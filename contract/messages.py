@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -96,6 +97,33 @@ class DuplicateKeyError(ValueError):
     meant the first, or both (``{"bundle": "a", "bundle": "b"}``, ``{"Dress": 3, "Dress": 5}``)."""
 
 
+class NotTextError(ValueError):
+    """A JSON string holding a lone UTF-16 surrogate (``"\\ud800"``, or its raw UTF-8 bytes): valid JSON syntax, but
+    no Unicode text, so every UTF-8 writer downstream (a page, a database, a log file) fails on it."""
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF]")
+
+
+def _lone_surrogate_at(value: Any, where: str = "") -> str | None:
+    """The path (``top_k/0/label``) of the first string or key in ``value`` holding a lone surrogate, or None."""
+    if isinstance(value, str):
+        return (where or "(top level)") if _SURROGATE.search(value) else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            path = f"{where}/{key[:40]}" if where else key[:40]
+            found = (f"{path} (its key)" if _SURROGATE.search(key) else None) or _lone_surrogate_at(item, path)
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _lone_surrogate_at(item, f"{where}/{i}" if where else str(i))
+            if found:
+                return found
+    return None
+
+
 def _keys_once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     obj = dict(pairs)
     if len(obj) != len(pairs):
@@ -118,19 +146,52 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def loads_finite(data: str | bytes | bytearray) -> Any:
-    """``json.loads`` that refuses ``NaN``, ``Infinity``, numbers that overflow to infinity (``1e999``) and an
-    object giving a key twice.
+def _decoded(data: bytes | bytearray) -> tuple[str, bool]:
+    """JSON bytes as ``json.loads`` decodes them (UTF-8, -16 or -32 by their first bytes; ``surrogatepass``), and
+    whether the text may hold a raw surrogate (text that strict UTF-8 decoding gave holds none)."""
+    encoding = json.detect_encoding(data)
+    if encoding == "utf-8":
+        try:
+            return data.decode("utf-8"), False
+        except UnicodeDecodeError:
+            pass
+    return data.decode(encoding, "surrogatepass"), True
 
-    Raises ValueError (NonFiniteError for the numbers, DuplicateKeyError for a key given twice,
-    json.JSONDecodeError for the syntax, UnicodeDecodeError for bytes that are not UTF-8, NestingError for arrays
-    or objects nested deeper than the parser goes): every caller already treats ValueError as "refuse this input".
+
+def loads_finite(data: str | bytes | bytearray) -> Any:
+    """``json.loads`` that refuses ``NaN``, ``Infinity``, numbers that overflow to infinity (``1e999``), an
+    object giving a key twice and a string holding a lone UTF-16 surrogate (escaped, ``"\\ud800"``, or as raw
+    bytes, which ``json.loads`` decodes with ``surrogatepass``).
+
+    Raises ValueError (NonFiniteError for the numbers, DuplicateKeyError for a key given twice, NotTextError for
+    a lone surrogate, json.JSONDecodeError for the syntax, UnicodeDecodeError for bytes that are not UTF-8,
+    NestingError for arrays or objects nested deeper than the parser goes): every caller already treats
+    ValueError as "refuse this input".
     """
+    if isinstance(data, (bytes, bytearray)):
+        text, may_hold_raw = _decoded(data)
+    else:
+        text, may_hold_raw = data, isinstance(data, str) and not data.isascii()
+    if may_hold_raw:
+        raw = _SURROGATE.search(text)
+        if raw:
+            raise NotTextError(f"character {raw.start()}: a lone UTF-16 surrogate (U+{ord(raw.group()):04X}), "
+                               "not text")
     try:
-        return json.loads(data, parse_constant=_refuse_constant, parse_float=_finite_float,
-                          object_pairs_hook=_keys_once)
+        value = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float,
+                           object_pairs_hook=_keys_once)
     except RecursionError:      # "[[[[..." in a few dozen kB: refused like any other bad input, not a crash
         raise NestingError("arrays or objects nested deeper than the JSON parser goes") from None
+    if isinstance(text, str) and "\\u" in text and _SURROGATE_ESCAPE.search(text):   # escaped: pairs are fine
+        try:
+            where = _lone_surrogate_at(value)
+        except RecursionError:
+            raise NestingError("arrays or objects nested deeper than the JSON parser goes") from None
+        if where is not None:       # the path may hold the surrogate itself (a key): written as its escape
+            where = where.encode("utf-8", "backslashreplace").decode("utf-8")
+            where = where if len(where) <= 160 else f"...{where[-150:]}"
+            raise NotTextError(f"field {where}: a lone UTF-16 surrogate (\\udXXX) in a string, not text")
+    return value
 
 
 def dumps_finite(body: Any, **kwargs: Any) -> str:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import io
 import math
+import zipfile
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
@@ -454,6 +455,12 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
         size = path.stat().st_size
         if size > NPZ_MAX_BYTES:
             raise OpenSetError(f"{path}: {size} bytes, more than {NPZ_MAX_BYTES}")
+        # the bound holds for the arrays as read, not only the file: 1 MB of deflated zeros is 1 GB of array.
+        # zipfile reads no member past the size its directory declares, so the declared sizes bound the memory
+        with zipfile.ZipFile(path) as archive:
+            inflated = sum(info.file_size for info in archive.infolist())
+        if inflated > NPZ_MAX_BYTES:
+            raise OpenSetError(f"{path}: its arrays take {inflated} bytes once inflated, more than {NPZ_MAX_BYTES}")
         with np.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
     except OpenSetError:

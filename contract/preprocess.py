@@ -86,6 +86,13 @@ class InputSpec:
     crop: CropPolicy = CropPolicy()
 
     def __post_init__(self) -> None:
+        for name in ("height", "width", "resize_shorter"):
+            value = getattr(self, name)
+            # the manifest schema's "integer" takes 224.0 too (JSON Schema counts a float without a fraction as
+            # an integer): a float side loaded, then every frame failed in cv2.resize or numpy with a TypeError
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"input.{name}: expected a whole number of pixels >= 1 (written without a "
+                                 f"fraction or exponent), got {str(value)[:40]}")
         if self.interpolation not in INTERPOLATIONS:
             raise ValueError(
                 f"input.interpolation: expected one of {sorted(INTERPOLATIONS)}, got {self.interpolation!r}"

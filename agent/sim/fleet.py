@@ -43,7 +43,7 @@ import subprocess
 import threading
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,6 +110,8 @@ class FleetConfig:
     shipment_items: int = 0               # receiving stations: items per shipment (0: no shipments)
     receipt_interval_s: float = 0.0       # decisions.receiving.receipt_interval_s (0: after every decided item)
     unexpected_share: float = 0.05        # items of a shipment whose label is not on it
+    latency_of: tuple[str, ...] = ()     # stations ("site/station") whose result publish times are kept
+    latency_keep: int = 20_000            # per such station: the newest this many (a long run stays bounded)
     loops: int = 2
     seed: int = 0
     part: int = 0
@@ -123,6 +125,12 @@ class FleetConfig:
 def station_names(cfg: FleetConfig) -> list[tuple[str, str]]:
     """Every (site, station) of the fleet, in index order: ``site-00``/``st-000``."""
     return [(f"site-{i // cfg.per_site:02d}", f"st-{i % cfg.per_site:03d}") for i in range(cfg.stations)]
+
+
+def unknown_stations(cfg: FleetConfig, keys: tuple[str, ...]) -> list[str]:
+    """The keys (``site/station``) that name no station of the fleet."""
+    known = {f"{site}/{station}" for site, station in station_names(cfg)}
+    return [key for key in keys if key not in known]
 
 
 def troubled(cfg: FleetConfig) -> dict[str, str]:
@@ -435,12 +443,15 @@ class Tally:
 class SimClient:
     """One station's paho client (MQTT v5, as the agent) and what it published."""
 
-    def __init__(self, sim: StationSim, password: str, settings: BrokerSettings, tls: ssl.SSLContext | None) -> None:
+    def __init__(self, sim: StationSim, password: str, settings: BrokerSettings, tls: ssl.SSLContext | None,
+                 keep_result_times: int = 0) -> None:
         self.sim = sim
         self.settings = settings
         self.tally = Tally()
         self.inflight: dict[int, tuple[str, str, float]] = {}     # mid -> (kind, id, handed to paho at)
-        self.result_times: list[tuple[str, float]] = []           # (result id, wall time it was published)
+        # (result id, wall time it was published): the newest ``keep_result_times``, none unless the station's
+        # latency is measured (--latency-of); one entry per result of every station grew ~0.5 GiB/h per 1,000
+        self.result_times: deque[tuple[str, float]] = deque(maxlen=max(0, keep_result_times))
         self.connack: Any = None
         self.state = "new"                   # new, online, stale, dropped, gone
         client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"agent-{sim.site}-{sim.station}",
@@ -502,7 +513,7 @@ class SimClient:
         record = self.sim.record(kind, body, blob)
         payload, props = encode(record, True)
         self._send(kind, record.id, payload, props)
-        if kind == "result":
+        if kind == "result" and self.result_times.maxlen:
             self.result_times.append((record.id, time.time()))
 
     def drop(self) -> None:
@@ -657,6 +668,9 @@ class Fleet:
     def __init__(self, cfg: FleetConfig, settings: BrokerSettings, passwords: dict[str, str],
                  images: ItemImages | None = None) -> None:
         self.cfg = cfg
+        unknown = unknown_stations(cfg, cfg.latency_of)
+        if unknown:
+            raise ValueError(f"latency_of: no such station in this fleet: {', '.join(unknown)}")
         images = images or ItemImages(cfg.labels, cfg.jpeg_side)
         tls = ssl.create_default_context(cafile=str(settings.tls_ca) if settings.tls_ca else None) \
             if settings.use_tls else None     # one context for all: a context per client costs memory and CA loads
@@ -673,7 +687,8 @@ class Fleet:
             sim = StationSim(cfg, site, station, i, images, rng)
             if sim.key not in passwords:
                 raise KeyError(f"no password for station {sim.key} in the credentials")
-            self.clients.append(SimClient(sim, passwords[sim.key], settings, tls))
+            keep = cfg.latency_keep if sim.key in cfg.latency_of else 0
+            self.clients.append(SimClient(sim, passwords[sim.key], settings, tls, keep_result_times=keep))
             sched = Schedule(next_frame=start + float(rng.uniform(0, 1.0 / max(cfg.results_per_s, 1e-3))),
                              next_stats=start + float(rng.uniform(0, cfg.stats_interval_s)),
                              trouble=trouble.get(sim.key), trouble_at=start + cfg.trouble_after_s)
@@ -706,7 +721,8 @@ class Fleet:
             loop.done.wait(timeout)
 
     def report(self) -> dict[str, Any]:
-        """Totals per kind, per station what each published (for a subscriber's loss check), result times."""
+        """Totals per kind, per station what each published (for a subscriber's loss check), result times (of the
+        ``latency_of`` stations only)."""
         sent, acked, refused = Counter(), Counter(), Counter()
         stations = {}
         for c in self.clients:
@@ -754,6 +770,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                      help="receiving stations are docks: items per shipment (default 0: no shipments)")
     run.add_argument("--receipt-interval", type=float, default=0.0,
                      help="a dock's receipts: at most one per this many seconds (default 0: after every item)")
+    run.add_argument("--latency-of", action="append", default=[], metavar="SITE/STATION",
+                     help="keep the publish time of this station's results for a latency measurement (the report's "
+                          "result_times; the newest 20,000 per station); repeatable; default: none")
     run.add_argument("--loops", type=int, default=2, help="threads, each with its share of stations (default 2)")
     run.add_argument("--part", type=int, default=0, help="this process runs stations i with i %% parts == part")
     run.add_argument("--parts", type=int, default=1)
@@ -787,7 +806,8 @@ def config_from_args(args: argparse.Namespace) -> FleetConfig:
                        offline=args.offline, stale=args.stale, trouble_after_s=args.trouble_after,
                        rollout_share=args.rollout_share, rollout_over_s=args.rollout_over or args.duration,
                        loops=args.loops, seed=args.seed, part=args.part, parts=args.parts,
-                       shipment_items=args.shipment_items, receipt_interval_s=args.receipt_interval, **extra)
+                       shipment_items=args.shipment_items, receipt_interval_s=args.receipt_interval,
+                       latency_of=tuple(dict.fromkeys(args.latency_of)), **extra)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -813,7 +833,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    unknown = unknown_stations(FleetConfig(sites=args.sites, per_site=args.per_site),
+                               tuple(getattr(args, "latency_of", ())))
+    if unknown:
+        parser.error(f"--latency-of: no such station in this fleet: {', '.join(unknown)}")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "credentials":
         extra = dict(u.split(":", 1) for u in args.user)

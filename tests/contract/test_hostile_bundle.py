@@ -210,7 +210,7 @@ def test_a_name_or_version_with_a_newline_is_refused_naming_the_field(good_bundl
     ("tab\there", "is empty or holds control characters"),
     ("line\n", "is empty or holds control characters"),
     ("   ", "is empty or holds control characters"),
-    ("\ud800", "is not valid UTF-8"),
+    ("\ud800", "a lone UTF-16 surrogate"),     # refused as it is read (contract.messages.loads_finite)
 ])
 def test_a_label_no_decision_could_carry_is_refused_naming_it(good_bundle, label, problem):
     """The class-name rule of the trainer's datasets and enrolment (contract.dataset.class_name_problem): a label
