@@ -42,6 +42,7 @@ from contract.dataset import (
     folder_name,
     is_sample_image,
 )
+from contract.events import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -402,8 +403,16 @@ def save_split(path: Path, dataset: Dataset, train: Sequence[int], val: Sequence
     if drawn_for is not None:
         payload["drawn_for"] = drawn_for
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload))
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(payload))
+            fh.flush()
+            os.fsync(fh.fileno())       # on disk before the rename: a resume needs it after a power cut
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
 
 
 def split_drawn_for(path: Path) -> dict | None:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from contract.events import fsync_dir
 from contract.preprocess import InputSpec, Preprocessor
 from trainer import data as data_mod
 from trainer.augment import BatchAugment, eval_spec, load_canvas, load_eval, mask_path
@@ -384,11 +385,15 @@ class Trainer:
             payload["cuda_rng"] = cuda_rng
         tmp = self.run_dir / f".{name}.tmp"
         try:
-            torch.save(payload, tmp)
+            with open(tmp, "wb") as fh:
+                torch.save(payload, fh)
+                fh.flush()
+                os.fsync(fh.fileno())   # on disk before the rename: a power cut then never leaves an empty last.pt
             os.replace(tmp, self.run_dir / name)  # a kill mid-save never leaves a half-written checkpoint
         except BaseException:   # a full disk, Ctrl-C: the partial file (up to a checkpoint's size) goes too
             tmp.unlink(missing_ok=True)
             raise
+        fsync_dir(self.run_dir)         # the rename itself survives a power cut only once the folder is synced
 
     def _restore_rng(self, resume: dict, source: Path) -> None:
         """The random states of a checkpoint, so that a resumed run draws what an uninterrupted one would: torch's

@@ -26,7 +26,7 @@ import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -48,6 +48,7 @@ from contract.bundle import (
 from contract.dataset import class_name_problem, is_sample_image
 from contract.messages import dumps_finite
 from contract.preprocess import ImageDecodeError, Preprocessor, read_image
+from trainer.evaluate import ChainedInputs, ModelInputs, input_batches
 
 log = logging.getLogger(__name__)
 
@@ -162,30 +163,64 @@ def image_files(images: Path | Sequence[Path]) -> list[Path]:
     return [Path(p) for p in images]
 
 
-def _read(paths: Sequence[Path], pre: Preprocessor) -> tuple[np.ndarray, list[int], list[str]]:
-    """Preprocessed inputs of the readable images, their indices, and a line per unreadable one."""
-    inputs, kept, bad = [], [], []
-    for i, path in enumerate(paths):
-        try:
-            inputs.append(pre(read_image(path)))
-            kept.append(i)
-        except (ImageDecodeError, ValueError) as exc:
-            bad.append(str(exc))
-    shape = (0, 3, pre.spec.height, pre.spec.width)
-    return (np.stack(inputs) if inputs else np.zeros(shape, np.float32)), kept, bad
+class ImageStream:
+    """The preprocessed inputs of image files (``trainer.evaluate.ModelInputs``), read ``BATCH`` readable ones at a
+    time on each pass, never all at once: the review page hands over every frame of a class, and the gate reads up
+    to ``gate_images`` (2,000 at 224 px: 1.2 GB held at once before). A pass records the files that read (``kept``:
+    their indices) and a line per one that did not (``bad``); ``mirrored()`` passes over the kept ones, mirrored."""
+
+    def __init__(self, paths: Sequence[Path], pre: Preprocessor) -> None:
+        self.paths = list(paths)
+        self.pre = pre
+        self.kept: list[int] = []
+        self.bad: list[str] = []
+
+    def __len__(self) -> int:          # the files; the rows a pass gives are those that read (``kept``)
+        return len(self.paths)
+
+    def chunks(self) -> Iterator[np.ndarray]:
+        self.kept, self.bad = [], []
+        batch = []
+        for i, path in enumerate(self.paths):
+            try:
+                batch.append(self.pre(read_image(path)))
+            except (ImageDecodeError, ValueError) as exc:
+                self.bad.append(str(exc))
+                continue
+            self.kept.append(i)
+            if len(batch) == BATCH:
+                yield np.stack(batch)
+                batch = []
+        if batch:
+            yield np.stack(batch)
+
+    def mirrored(self) -> "MirroredImages":
+        return MirroredImages(self)
 
 
-def _examples(cfg: EnrolConfig, pre: Preprocessor) -> tuple[np.ndarray, list[Path]]:
-    paths = image_files(cfg.images)
-    inputs, kept, bad = _read(paths, pre)
-    if len(kept) < cfg.min_examples:
-        source = cfg.images if isinstance(cfg.images, (str, Path)) else f"{len(paths)} files"
-        detail = f"; unreadable: {'; '.join(bad)}" if bad else ""
-        raise EnrolError(f"{source}: {len(kept)} readable image(s) of {cfg.label!r}, at least {cfg.min_examples} "
-                         f"needed{detail}")
-    if bad:
-        log.warning("%d example image(s) skipped: %s", len(bad), "; ".join(bad))
-    return inputs, [paths[i] for i in kept]
+class MirroredImages:
+    """The mirror images (NCHW: the width reversed) of the files an ``ImageStream`` pass read, in its order."""
+
+    def __init__(self, stream: ImageStream) -> None:
+        self.stream = stream
+
+    def __len__(self) -> int:
+        return len(self.stream.kept)
+
+    def chunks(self) -> Iterator[np.ndarray]:
+        batch = []
+        for i in list(self.stream.kept):
+            path = self.stream.paths[i]
+            try:
+                batch.append(np.ascontiguousarray(self.stream.pre(read_image(path))[..., ::-1]))
+            except (ImageDecodeError, ValueError) as exc:
+                raise EnrolError(f"{path}: read a moment ago, unreadable now ({exc}); was it changed? Run the "
+                                 "enrolment again") from None
+            if len(batch) == BATCH:
+                yield np.stack(batch)
+                batch = []
+        if batch:
+            yield np.stack(batch)
 
 
 def _resolve(path: str, bases: Sequence[Path]) -> Path | None:
@@ -213,10 +248,19 @@ def _split_gate_rows(bundle: Bundle) -> tuple[list[Path], list[int], str]:
         raise EnrolError(f"{split_path}: not a run's split ({exc}); {hint}") from exc
     if classes != bundle.model_labels:
         raise EnrolError(f"{split_path}: field classes {classes} differ from the bundle's model labels; {hint}")
+    # a damaged row (a label that is no class index: -1 or 99 was taken as a class the image is not, "x" stopped
+    # the enrolment with an error naming no file) would judge the gate on wrong labels
+    bad = next((row for row in (rows if isinstance(rows, list) else [rows])
+                if not (isinstance(row, list) and len(row) == 2 and isinstance(row[0], str) and type(row[1]) is int
+                        and 0 <= row[1] < len(classes))), None)
+    if bad is not None or not isinstance(root, str):
+        what = f"field val: row {bad!r}" if bad is not None else f"field root {root!r}"
+        raise EnrolError(f"{split_path}: {what}; expected rows [path, class index 0..{len(classes) - 1}] and a "
+                         f"root folder; {hint}")
     data_root = _resolve(root, [found.parent.parent, *bases])
     if data_root is None:
         raise EnrolError(f"{split_path}: field root {root!r} not found here; {hint}")
-    return [data_root / p for p, _ in rows], [int(c) for _, c in rows], str(split_path)
+    return [data_root / p for p, _ in rows], [c for _, c in rows], str(split_path)
 
 
 def _folder_names(folder: Path) -> dict[str, str]:
@@ -265,11 +309,10 @@ def _enrolled_gate_rows(cfg: EnrolConfig, bundle: Bundle) -> tuple[list[Path], l
     return paths, labels, f" (and images of classes enrolled before: {', '.join(named)})" if named else ""
 
 
-def _gate_set(cfg: EnrolConfig, bundle: Bundle, pre: Preprocessor
-              ) -> tuple[np.ndarray, np.ndarray, list[Path], str]:
-    """Up to ``gate_images`` labelled images of the bundle's classes, preprocessed, with their label indices and
-    files. Those of classes enrolled before come first: they are few, and without them the gate cannot see a new
-    class take an enrolled one's items."""
+def _gate_rows(cfg: EnrolConfig, bundle: Bundle) -> tuple[list[Path], np.ndarray, str]:
+    """Up to ``gate_images`` labelled images of the bundle's classes (files and label indices), not read yet. Those
+    of classes enrolled before come first: they are few, and without them the gate cannot see a new class take an
+    enrolled one's items."""
     paths, labels, source = (_folder_gate_rows(Path(cfg.gate_data), bundle, cfg.label) if cfg.gate_data is not None
                              else _split_gate_rows(bundle))
     more_paths, more_labels, more = _enrolled_gate_rows(cfg, bundle)
@@ -277,12 +320,7 @@ def _gate_set(cfg: EnrolConfig, bundle: Bundle, pre: Preprocessor
     enrolled = np.isin(labels, [bundle.labels.index(label) for label in bundle.open_set.enrolled.labels])
     order = np.random.default_rng(cfg.seed).permutation(len(paths))
     order = order[np.argsort(~enrolled[order], kind="stable")][: cfg.gate_images]   # unchanged without enrolled
-    inputs, kept, bad = _read([paths[i] for i in order], pre)
-    if bad:
-        log.warning("%s: %d gate image(s) unreadable, skipped (first: %s)", source, len(bad), bad[0])
-    y = np.asarray([labels[order[i]] for i in kept], np.int64)
-    _check_gate_rows(y, cfg, bundle, source)
-    return inputs, y, [paths[order[i]] for i in kept], source
+    return [paths[i] for i in order], np.asarray([labels[i] for i in order], np.int64), source
 
 
 def gate_images_needed(max_drop_points: float) -> float:
@@ -310,18 +348,21 @@ def _check_gate_rows(labels: np.ndarray, cfg: EnrolConfig, bundle: Bundle, sourc
                 f"named {label!r} or mapped to it in labels.json), or on the review page review frames as it")
 
 
-def model_outputs(model_path: Path, inputs: np.ndarray, embedding_name: str, logits_name: str
+def model_outputs(model_path: Path, inputs: np.ndarray | ModelInputs, embedding_name: str, logits_name: str
                   ) -> tuple[np.ndarray, np.ndarray]:
-    """Logits and embeddings of ``inputs`` from an ONNX model in ONNX Runtime (CPU)."""
+    """Logits and embeddings of ``inputs`` (an array, or ``ModelInputs`` read a chunk at a time) from an ONNX model
+    in ONNX Runtime (CPU), ``BATCH`` rows at a time; no rows: two empty arrays."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     logits, emb = [], []
-    for i in range(0, len(inputs), BATCH):
-        out = session.run([logits_name, embedding_name], {name: inputs[i : i + BATCH]})
+    for batch in input_batches(inputs, BATCH):
+        out = session.run([logits_name, embedding_name], {name: batch})
         logits.append(out[0])
         emb.append(out[1])
+    if not logits:
+        return np.zeros((0, 0)), np.zeros((0, 0))
     return np.concatenate(logits).astype(np.float64), np.concatenate(emb).astype(np.float64)
 
 
@@ -677,15 +718,26 @@ def _finite_rows(logits: np.ndarray, emb: np.ndarray) -> np.ndarray:
     return np.isfinite(logits).all(1) & np.isfinite(emb).all(1)
 
 
-def _example_outputs(cfg: EnrolConfig, bundle: Bundle, inputs: np.ndarray, paths: list[Path], mirror: bool
+def _example_outputs(cfg: EnrolConfig, bundle: Bundle, pre: Preprocessor, mirror: bool
                      ) -> tuple[np.ndarray, np.ndarray, list[Path]]:
-    """The model's logits and embeddings of the examples (then of their mirror images), and the examples kept: an
-    example whose outputs (or its mirror image's) are not finite is skipped and named, like an unreadable one; a
-    NaN would make the row NaN and the gate refuse for a loss the old classes never had."""
-    if mirror:                                        # NCHW: the last axis is the width
-        inputs = np.concatenate([inputs, np.ascontiguousarray(inputs[..., ::-1])])
-    logits, emb = model_outputs(bundle.artifact(ROLE_FP32).path, inputs, bundle.embedding_name,
-                                bundle.input_spec.output_name)
+    """The model's logits and embeddings of the examples (then of their mirror images), and the examples kept,
+    read and run a batch at a time (``ImageStream``). Fewer than ``min_examples`` readable: EnrolError naming the
+    unreadable ones (else they are logged). An example whose outputs (or its mirror image's) are not finite is
+    skipped and named, like an unreadable one; a NaN would make the row NaN and the gate refuse for a loss the old
+    classes never had."""
+    all_paths = image_files(cfg.images)
+    stream = ImageStream(all_paths, pre)
+    logits, emb = model_outputs(bundle.artifact(ROLE_FP32).path,
+                                ChainedInputs(stream, stream.mirrored()) if mirror else stream,
+                                bundle.embedding_name, bundle.input_spec.output_name)
+    if len(stream.kept) < cfg.min_examples:
+        source = cfg.images if isinstance(cfg.images, (str, Path)) else f"{len(all_paths)} files"
+        detail = f"; unreadable: {'; '.join(stream.bad)}" if stream.bad else ""
+        raise EnrolError(f"{source}: {len(stream.kept)} readable image(s) of {cfg.label!r}, at least "
+                         f"{cfg.min_examples} needed{detail}")
+    if stream.bad:
+        log.warning("%d example image(s) skipped: %s", len(stream.bad), "; ".join(stream.bad))
+    paths = [all_paths[i] for i in stream.kept]
     finite = _finite_rows(logits, emb).reshape(-1, len(paths)).all(0)
     if finite.all():
         return logits, emb, paths
@@ -700,12 +752,20 @@ def _example_outputs(cfg: EnrolConfig, bundle: Bundle, inputs: np.ndarray, paths
     return logits[rows], emb[rows], kept
 
 
-def _gate_outputs(cfg: EnrolConfig, bundle: Bundle, inputs: np.ndarray, labels: np.ndarray, paths: list[Path],
-                  source: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The model's logits and embeddings of the gate images, and their labels; an image whose outputs are not
-    finite is skipped and named, like an unreadable one (its NaN would take the bias cap with it)."""
-    logits, emb = model_outputs(bundle.artifact(ROLE_FP32).path, inputs, bundle.embedding_name,
+def _gate_outputs(cfg: EnrolConfig, bundle: Bundle, pre: Preprocessor, all_paths: list[Path],
+                  all_labels: np.ndarray, source: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The model's logits and embeddings of the gate images (``_gate_rows``), read and run a batch at a time
+    (``ImageStream``), and their labels. Unreadable ones are skipped (logged); too few readable, EnrolError
+    (``_check_gate_rows``). An image whose outputs are not finite is skipped and named, like an unreadable one (its
+    NaN would take the bias cap with it)."""
+    stream = ImageStream(all_paths, pre)
+    logits, emb = model_outputs(bundle.artifact(ROLE_FP32).path, stream, bundle.embedding_name,
                                 bundle.input_spec.output_name)
+    if stream.bad:
+        log.warning("%s: %d gate image(s) unreadable, skipped (first: %s)", source, len(stream.bad), stream.bad[0])
+    labels = all_labels[stream.kept]
+    paths = [all_paths[i] for i in stream.kept]
+    _check_gate_rows(labels, cfg, bundle, source)
     finite = _finite_rows(logits, emb)
     if finite.all():
         return logits, emb, labels
@@ -724,13 +784,13 @@ def enroll(cfg: EnrolConfig) -> EnrolResult:
     _check_settings(cfg)
     bundle = _source_bundle(cfg)
     pre = Preprocessor(bundle.input_spec)
-    ex_inputs, ex_paths = _examples(cfg, pre)
-    gate_inputs, y_gate, gate_paths, gate_source = _gate_set(cfg, bundle, pre)
     os_ = bundle.open_set
     mirror = _mirrors(cfg, bundle)
-    model_ex, emb_ex, ex_paths = _example_outputs(cfg, bundle, ex_inputs, ex_paths, mirror)
+    gate_paths, gate_labels, gate_source = _gate_rows(cfg, bundle)      # listed (and refused) before any is read
+    # images read and run a batch at a time: only their outputs (logits, embedding) are held
+    model_ex, emb_ex, ex_paths = _example_outputs(cfg, bundle, pre, mirror)
     n_ex = len(ex_paths)
-    model_gate, emb_gate, y_gate = _gate_outputs(cfg, bundle, gate_inputs, y_gate, gate_paths, gate_source)
+    model_gate, emb_gate, y_gate = _gate_outputs(cfg, bundle, pre, gate_paths, gate_labels, gate_source)
     old_ex, old_gate = os_.full_logits(model_ex, emb_ex), os_.full_logits(model_gate, emb_gate)
     gf = GateFit.of(os_.stats, emb_gate, model_gate, old_gate, y_gate, cfg.seed)
     if len(gf.held) == 0:       # the old classes' loss could not be measured: NaN, which no comparison refuses
@@ -788,7 +848,11 @@ def enroll(cfg: EnrolConfig) -> EnrolResult:
     new_open_set = dataclasses.replace(os_, stats=os_.stats.with_class(own.mean(0), own, scale),
                                        enrolled=os_.enrolled.with_class(cfg.label, weight, raw_bias))
     bundle_dir, manifest = _write(bundle, cfg, new_open_set, report)
-    _record_gate(bundle_dir, bundle, cfg.label, report)
+    try:
+        _record_gate(bundle_dir, bundle, cfg.label, report)
+    except BaseException:   # a full disk: a version without its gate record is never published; its number is free
+        shutil.rmtree(bundle_dir, ignore_errors=True)
+        raise
     report["seconds"] = time.monotonic() - started
     log.info("enrolled %r into %s: recall %.1f%% on its examples (leave-one-out %.1f%%), old classes %.2f%% -> "
              "%.2f%% on %d held-out images, %.1f s", cfg.label, bundle_dir, recall * 100, loo * 100,

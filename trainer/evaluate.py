@@ -427,8 +427,21 @@ def joined_outputs(session, parts: list) -> list[np.ndarray]:
     return [np.concatenate([p[k] for p in parts]) for k in range(count)]
 
 
+def torch_logits(model, inputs: np.ndarray | ModelInputs, device, batch_size: int = 256) -> np.ndarray:
+    """Logits of a torch model, batch by batch (``input_batches``: those of the whole array, so the same figures),
+    holding one chunk and one batch of ``inputs`` at a time."""
+    import torch
+
+    from trainer.engine import predict_logits
+
+    parts = [predict_logits(model, torch.from_numpy(batch), device, batch_size).numpy()
+             for batch in input_batches(inputs, batch_size)]
+    return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+
+
 def evaluate(model_path: str | Path, data: str | Path, out_dir: str | Path, *, classes: Sequence[str] | None = None,
-             spec_source: str | Path | None = None, workers: int = 2, limit: int | None = None) -> dict:
+             spec_source: str | Path | None = None, workers: int = 2, limit: int | None = None,
+             chunk_images: int = CHUNK_IMAGES) -> dict:
     """Evaluate a checkpoint (.pt) or an ONNX file (of a bundle) on a labelled dataset.
 
     The class list and preprocessing come from the checkpoint, or from the
@@ -436,18 +449,18 @@ def evaluate(model_path: str | Path, data: str | Path, out_dir: str | Path, *, c
     are scored as a station scores them: their logits from the model's embedding output, appended
     (``open_set.full_logits``). ValueError naming the model file when it gives NaN or infinite logits (nothing
     is written), DatasetError naming ``data`` when it holds no readable image of the classes.
+
+    The images are read and preprocessed ``chunk_images`` at a time and run through the model batch by batch
+    (``ImageFileInputs``): only the logits of the whole set are held, never its images (0.6 MB each at 224 px).
     """
     from contract.bundle import load_bundle
     from contract.preprocess import InputSpec
     from trainer import data as data_mod
     from trainer.data import DatasetError
-    from trainer.engine import (
-        eval_inputs,
-        load_checkpoint_model,
-        predict_logits,
-        select_device,
-    )
+    from trainer.engine import load_checkpoint_model, select_device
 
+    if not (isinstance(chunk_images, int) and chunk_images >= 1):
+        raise ValueError(f"chunk_images: expected at least 1 image, got {chunk_images!r}")
     model_path = Path(model_path)
     open_set = None
     if model_path.suffix == ".onnx":
@@ -464,9 +477,11 @@ def evaluate(model_path: str | Path, data: str | Path, out_dir: str | Path, *, c
     if not dataset.samples:
         unreadable = f"; {len(dataset.skipped)} unreadable image(s) skipped" if dataset.skipped else ""
         raise DatasetError(f"{data}: no readable image of the classes {list(classes)} to evaluate on{unreadable}")
-    x, y = eval_inputs(dataset.samples, spec, workers, desc=f"preprocess {Path(data).name}")
+    x = ImageFileInputs(dataset.samples, spec, workers=workers, chunk=chunk_images,
+                        desc=f"preprocess {Path(data).name}")
+    y = x.labels
     if model is None:
-        outputs = onnx_outputs(model_path, x.numpy())
+        outputs = onnx_outputs(model_path, x)
         logits = outputs[0]
         if open_set is not None and open_set.enrolled.labels:   # as a station: the enrolled classes' logits appended
             if len(outputs) < 2:
@@ -475,7 +490,7 @@ def evaluate(model_path: str | Path, data: str | Path, out_dir: str | Path, *, c
             logits = open_set.full_logits(logits, outputs[1])
     else:
         device = select_device("auto")
-        logits = predict_logits(model.to(device), x, device).numpy()
+        logits = torch_logits(model.to(device), x, device)
     if logits.ndim != 2 or logits.shape[1] != len(classes):
         raise ValueError(f"{model_path}: gives logits of shape {logits.shape}, expected one per class "
                          f"({len(classes)}: {list(classes)})")
@@ -484,8 +499,8 @@ def evaluate(model_path: str | Path, data: str | Path, out_dir: str | Path, *, c
         raise ValueError(f"{model_path}: gives non-finite logits (NaN or infinity) on {len(bad)} of {len(logits)} "
                          f"images of {data} (e.g. {[str(dataset.samples[i].path) for i in bad[:3]]}); "
                          "no metrics written")
-    metrics = compute_metrics(logits, y.numpy(), classes)
+    metrics = compute_metrics(logits, y, classes)
     metrics["model"] = str(model_path)
     metrics["data"] = str(data)
     metrics["skipped_images"] = dataset.skipped
-    return write_reports(Path(out_dir), metrics, [s.path for s in dataset.samples], logits, y.numpy())
+    return write_reports(Path(out_dir), metrics, [s.path for s in dataset.samples], logits, y)

@@ -209,6 +209,17 @@ def gate_decision(current_overall: Score, candidate_overall: Score, current_revi
     return GateDecision(ok, reasons, noise)
 
 
+def refuse_non_finite(decision: GateDecision, candidate: Mapping[str, "Evaluation"]) -> GateDecision:
+    """``decision``, rejected where the candidate's logits held NaN or infinity on held-out images (``candidate``:
+    its evaluations by side, overall and reviewed): counted wrong, they may still leave it ahead, and a station
+    running it would get no class for such frames."""
+    bad = [f"{e.non_finite_images} of {e.score.images} {side}" for side, e in candidate.items() if e.non_finite_images]
+    if not bad:
+        return decision
+    return GateDecision(False, [*decision.reasons, "candidate gives non-finite logits (NaN or infinity) on "
+                                + " and ".join(bad) + " held-out images: not deployable"], decision.noise)
+
+
 # ---------------------------------------------------------------- configuration
 
 @dataclass
@@ -338,8 +349,13 @@ def overall_holdout(cfg: RetrainConfig, current, base: list[Item], seed: int) ->
     if split_path.is_file():
         try:
             split = json.loads(split_path.read_text())
-            root = Path(split["root"])
-            items = [Item(root / rel, split["classes"][label], "holdout") for rel, label in split["val"]]
+            root, classes = Path(split["root"]), split["classes"]
+            # a label that is no class index (-1 read as the last class) would score the models on wrong labels
+            bad = next(((rel, label) for rel, label in split["val"] if not isinstance(rel, str)
+                        or type(label) is not int or not 0 <= label < len(classes)), None)
+            if bad is not None:
+                raise ValueError(f"row {list(bad)!r}; expected [path, class index 0..{len(classes) - 1}]")
+            items = [Item(root / rel, classes[label], "holdout") for rel, label in split["val"]]
         except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
             raise RetrainError(f"{split_path}: not the current version's split ({type(exc).__name__}: {exc}); "
                                f"pass --holdout") from None
@@ -422,36 +438,46 @@ class Evaluation:
     per_class_recall: dict[str, float]
     per_class_support: dict[str, int]
     artifact: str
-    predictions: list[str]
+    predictions: list[str | None]       # None: no class (the model's logits were not finite on that image)
+    non_finite_images: int = 0          # images whose logits hold NaN or infinity: counted wrong
 
 
 def evaluate_bundle(bundle, items: Sequence[Item], classes: Sequence[str], *, prefer_int8: bool = True,
-                    workers: int = 2) -> Evaluation:
-    """The bundle's deployable ONNX model in ONNX Runtime on ``items``, with the station's preprocessing.
+                    workers: int = 2, chunk_images: int | None = None) -> Evaluation:
+    """The bundle's deployable ONNX model in ONNX Runtime on ``items``, with the station's preprocessing, the images
+    streamed ``chunk_images`` at a time (default ``trainer.evaluate.CHUNK_IMAGES``).
 
-    Classes the bundle does not have (a class new in the reviewed frames) count as never predicted.
+    Classes the bundle does not have (a class new in the reviewed frames) count as never predicted. An image whose
+    logits hold NaN or infinity predicts no class (None) and counts as wrong, as in ``compute_metrics``: the argmax
+    of a NaN row is its first column, and the gate scored such an image right whenever its label came first.
     """
     import numpy as np
 
     from trainer.data import Sample
-    from trainer.engine import eval_inputs
-    from trainer.evaluate import compute_metrics, onnx_outputs
+    from trainer.evaluate import CHUNK_IMAGES, ImageFileInputs, compute_metrics, onnx_outputs
 
     artifact = bundle.pick_onnx(prefer_int8)
     if not items:
         return Evaluation(Score(0, 0), 0.0, {}, {}, artifact.path.name, [])
     index = {c: i for i, c in enumerate(classes)}
     samples = [Sample(item.path, index[item.label]) for item in items]
-    x, y = eval_inputs(samples, bundle.input_spec, workers, desc=f"preprocess for {bundle.version}")
-    outputs = onnx_outputs(artifact.path, x.numpy())
+    # read and preprocessed a chunk at a time, run batch by batch: the held-out set is never held whole
+    x = ImageFileInputs(samples, bundle.input_spec, workers=workers, chunk=chunk_images or CHUNK_IMAGES,
+                        desc=f"preprocess for {bundle.version}")
+    outputs = onnx_outputs(artifact.path, x)
     # one logit per label of the bundle, as a station has them: the model's, then its enrolled classes'
     logits = (bundle.open_set.full_logits(outputs[0], outputs[1] if len(outputs) > 1 else None)
               if bundle.open_set is not None else outputs[0])
     full = np.full((len(items), len(classes)), -1e9)
     full[:, [index[label] for label in bundle.labels]] = logits
-    truth = y.numpy()
+    truth = x.labels
     metrics = compute_metrics(full, truth, list(classes))
-    pred = full.argmax(1)
+    finite = np.isfinite(full).all(axis=1)
+    pred = np.where(finite, full.argmax(1), -1)          # -1: no class
+    if not finite.all():
+        log.warning("%s %s (%s): non-finite logits (NaN or infinity) on %d of %d images, counted wrong (e.g. %s)",
+                    bundle.name, bundle.version, artifact.path.name, int((~finite).sum()), len(items),
+                    [str(items[i].path) for i in np.flatnonzero(~finite)[:3]])
     present = [c for c, v in metrics["per_class"].items() if v["support"] > 0]
     return Evaluation(
         score=Score(int((pred == truth).sum()), len(items)),
@@ -459,7 +485,8 @@ def evaluate_bundle(bundle, items: Sequence[Item], classes: Sequence[str], *, pr
         per_class_recall={c: metrics["per_class"][c]["recall"] for c in present},
         per_class_support={c: metrics["per_class"][c]["support"] for c in present},
         artifact=artifact.path.name,
-        predictions=[classes[i] for i in pred],
+        predictions=[classes[i] if i >= 0 else None for i in pred],
+        non_finite_images=int((~finite).sum()),
     )
 
 
@@ -562,6 +589,33 @@ def resolve_train_config(cfg_train, current, *, weights: str | None, current_con
     return out
 
 
+def check_signing(sign_key: Path | None, public_key) -> None:
+    """RetrainError, before any training, where the candidate could not be signed, or would fail its own
+    verification against ``public_key`` (the loaded ``--public-key``) after hours of training and its export: a
+    ``--sign-key`` that cannot be read or is no unencrypted ed25519 private key, one that is not the private half of
+    ``--public-key``, or none where ``--public-key`` is given (the candidate is verified with it, and an unsigned
+    bundle is refused)."""
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    from trainer.enroll import EnrolError, check_sign_key
+    from trainer.signing import load_private_key
+
+    if sign_key is None:
+        if public_key is not None:
+            raise RetrainError("--public-key given without --sign-key: the candidate is verified with that key, and "
+                               "an unsigned one is refused (after training); pass the private key as --sign-key")
+        return
+    try:
+        check_sign_key(Path(sign_key))
+    except EnrolError as exc:
+        raise RetrainError(str(exc)) from None
+    if public_key is not None:
+        raw = (Encoding.Raw, PublicFormat.Raw)
+        if load_private_key(Path(sign_key)).public_key().public_bytes(*raw) != public_key.public_bytes(*raw):
+            raise RetrainError(f"--sign-key {sign_key}: not the private key of --public-key; the candidate would "
+                               "fail its verification with it (after training)")
+
+
 def retrain(cfg: RetrainConfig) -> RetrainResult:
     """Train, export, evaluate both, decide, record; see the module docstring."""
     from contract.bundle import BundleError, check_name_version, load_bundle, load_public_key
@@ -582,6 +636,7 @@ def retrain(cfg: RetrainConfig) -> RetrainResult:
         if not (isinstance(fraction, (int, float)) and 0.0 < fraction < 1.0):
             raise RetrainError(f"{flag}: expected a share in (0, 1), got {fraction!r}")
     key = load_public_key(cfg.public_key) if cfg.public_key else None
+    check_signing(cfg.export.sign_key, key)
     try:
         current = load_bundle(cfg.current, key)
     except BundleError as exc:
@@ -665,6 +720,7 @@ def retrain(cfg: RetrainConfig) -> RetrainResult:
                                                       ev["candidate"]["reviewed"].predictions,
                                                       [item_key(i) for i in reviewed_held]),
                              reviewed_confidence=cfg.reviewed_confidence)
+    decision = refuse_non_finite(decision, ev["candidate"])
     report = build_report(cfg, current, candidate, decision, ev, holdout=holdout, holdout_source=holdout_source,
                           reviewed=reviewed, reviewed_train=reviewed_train, reviewed_held=reviewed_held,
                           base_train=base_train, skipped=base_skipped + reviewed_skipped + holdout_skipped,
@@ -760,7 +816,7 @@ def _counts(items: Sequence[Item]) -> dict[str, int]:
 def _figures(e: Evaluation) -> dict[str, Any]:
     return {"top1": round(e.score.top1, 6), "correct": e.score.correct, "images": e.score.images,
             "macro_f1": round(e.macro_f1, 6), "per_class_recall": {c: round(v, 6) for c, v in e.per_class_recall.items()},
-            "artifact": e.artifact}
+            "artifact": e.artifact, "non_finite_images": e.non_finite_images}
 
 
 def build_report(cfg: RetrainConfig, current, candidate, decision: GateDecision, ev: dict, *, holdout, holdout_source,

@@ -648,3 +648,87 @@ def test_a_default_version_taken_within_the_same_second_gets_a_suffix(tmp_path):
     assert _unused_version(tmp_path, "20261207-010101") == "20261207-010101-2"
     (tmp_path / "20261207-010101-2").mkdir()
     assert _unused_version(tmp_path, "20261207-010101") == "20261207-010101-3"
+
+
+def test_an_enrolment_holds_a_batch_or_two_of_preprocessed_images_not_every_example_and_gate_image(
+        colours, tmp_path, monkeypatch):
+    """Every example (the review page hands over every frame of a class) and every gate image (up to 2,000: 1.2 GB
+    at 224 px) were preprocessed and held at once, the examples' mirror images copied beside them, before the model
+    ran on any. Counts the images preprocessed since ONNX Runtime last ran a batch: streamed, at most two model
+    batches (BATCH: a batch, and the rows of the next one a pass left over); before, all 900."""
+    import onnxruntime as ort
+
+    from trainer.enroll import BATCH
+
+    _support, bundle, gate, _yellow = colours
+    many = tmp_path / "many"
+    _colour_images(many, YELLOW, 300, seed=5)
+    (many / "broken.png").write_bytes(b"not an image")
+    made = {"since_run": 0, "peak": 0, "total": 0}
+    preprocess, run_batch = Preprocessor.__call__, ort.InferenceSession.run
+
+    def counted_preprocess(self, rgb):
+        made["since_run"] += 1
+        made["total"] += 1
+        made["peak"] = max(made["peak"], made["since_run"])
+        return preprocess(self, rgb)
+
+    def counted_run(self, *args, **kwargs):
+        made["since_run"] = 0
+        return run_batch(self, *args, **kwargs)
+
+    monkeypatch.setattr(Preprocessor, "__call__", counted_preprocess)
+    monkeypatch.setattr(ort.InferenceSession, "run", counted_run)
+    # when: 300 examples (and their mirror images) and 600 gate images
+    dry = enroll(EnrolConfig(bundle=bundle, label="yellow", images=many, gate_data=gate, dry_run=True, mirror=True))
+    # then: all of them went through the model, never more than two batches of them waiting for it
+    assert dry.report["examples"] == 300 and dry.report["mirrored"] and dry.report["gate"]["images"] == 600
+    assert made["total"] >= 300 + 600 and made["peak"] <= 2 * BATCH, made
+    assert dry.report["gate"]["passed"] and dry.report["recall_examples"] == 1.0
+
+
+@pytest.mark.parametrize("label", ["x", 99, -1, None, True])
+def test_a_damaged_row_of_the_runs_split_is_refused_naming_the_file_and_the_row(colours, tmp_path, label):
+    """The gate's default images are the validation rows of the bundle's run (split.json): a label of 99 or -1 was
+    taken as a class the image is not (the gate judged on wrong labels), "x" or null stopped the enrolment with a
+    ValueError or TypeError naming no file."""
+    support, bundle, gate, yellow = colours
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [[f"{name}/{i:04d}.png", k] for k, name in enumerate(support.OPEN_SET_COLOURS) for i in range(150)]
+    rows[-1][1] = label
+    (run / "split.json").write_text(json.dumps({"root": str(gate), "classes": list(support.OPEN_SET_COLOURS),
+                                                "train": [], "val": rows}))
+    manifest = json.loads((bundle / MANIFEST).read_text())
+    manifest["provenance"]["run_dir"] = str(run)
+    (bundle / MANIFEST).write_text(json.dumps(manifest))
+    _refused(EnrolConfig(bundle=bundle, label="yellow", images=yellow, version="2"), bundle.parent,
+             f"{run / 'split.json'}: field val: row ['blue/0149.png', {label!r}]", "class index 0..3")
+    rows[-1][1] = 3                                   # the row repaired: the split's gate images enrol it
+    (run / "split.json").write_text(json.dumps({"root": str(gate), "classes": list(support.OPEN_SET_COLOURS),
+                                                "train": [], "val": rows}))
+    dry = enroll(EnrolConfig(bundle=bundle, label="yellow", images=yellow, dry_run=True))
+    assert dry.report["gate"]["images"] == 600 and dry.report["gate"]["source"] == str(run / "split.json")
+
+
+def test_a_gate_record_that_cannot_be_written_leaves_no_version_behind(colours, monkeypatch):
+    """The new version was moved into place, then its gate record failed (a full disk, simulated: write_gate
+    raises ENOSPC): the version stayed without gate.json, one no publish takes, and its number was used up."""
+    import errno
+    import os
+
+    import contract.events as events
+
+    _support, bundle, gate, yellow = colours
+
+    def disk_full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "gate.json")
+
+    real_write_gate = events.write_gate
+    monkeypatch.setattr(events, "write_gate", disk_full)
+    cfg = EnrolConfig(bundle=bundle, label="yellow", images=yellow, gate_data=gate, version="2")
+    with pytest.raises(OSError, match="No space left"):
+        enroll(cfg)
+    assert sorted(p.name for p in bundle.parent.iterdir()) == ["1"]
+    monkeypatch.setattr(events, "write_gate", real_write_gate)      # room again: the same version enrols
+    assert enroll(cfg).bundle_dir == bundle.parent / "2"

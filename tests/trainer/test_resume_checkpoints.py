@@ -184,3 +184,30 @@ def test_a_checkpoint_write_that_fails_leaves_the_last_checkpoint_and_no_partial
         _checkpoint_on(trainer)
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["last.pt"]
     assert (tmp_path / "run" / "last.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("name", ["last.pt", "best.pt"])
+def test_a_checkpoint_is_synced_to_disk_before_its_rename_and_the_rename_after(tmp_path, monkeypatch, name):
+    """A power cut after an unsynced rename can leave an empty last.pt (the rename reached the disk, the data did
+    not), and the run cannot resume. A power cut cannot be simulated here: the test checks the calls, os.fsync of
+    the complete temporary file before os.replace, then os.fsync of the run folder after it."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def traced_fsync(fd):
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        events.append(("fsync", path, os.fstat(fd).st_size if os.path.isfile(path) else None))
+        return real_fsync(fd)
+
+    def traced_replace(src, dst, *args, **kwargs):
+        events.append(("replace", str(src), str(dst)))
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", traced_fsync)
+    monkeypatch.setattr(os, "replace", traced_replace)
+    run = tmp_path / "run"
+    trainer = Trainer(TrainConfig(data="x", device="cpu"), run)
+    _checkpoint_on(trainer, name)
+    tmp, final = str(run / f".{name}.tmp"), str(run / name)
+    size = (run / name).stat().st_size
+    assert events == [("fsync", tmp, size), ("replace", tmp, final), ("fsync", str(run), None)]

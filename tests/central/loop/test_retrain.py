@@ -524,3 +524,106 @@ def test_retraining_from_an_enrolled_version_without_images_of_its_enrolled_clas
                                            r".*central labels export"):
         retrain(cfg)
     assert not (tmp_path / "runs").exists() and sorted(p.name for p in current.parent.iterdir()) == ["1"]
+
+
+def test_an_image_a_model_gives_non_finite_logits_for_is_scored_wrong_and_the_candidate_rejected(tmp_path):
+    """The argmax of a NaN row is its first column: the gate scored a model right on every image it gave NaN for
+    whose label came first (4 of 4 white frames of class-0 right, top-1 100%, beside a macro-F1 of 0)."""
+    import numpy as np
+    from agent_support import make_onnx_bundle
+    from PIL import Image
+
+    from contract.bundle import load_bundle
+    from trainer.retrain import evaluate_bundle, refuse_non_finite
+
+    # given: a real ONNX model whose logits are NaN for white frames, and 4 white and 6 dark frames of class-0
+    bundle = load_bundle(make_onnx_bundle(tmp_path / "models", nan="bright"))
+    items = []
+    for i, value in enumerate([255] * 4 + [0] * 6):
+        Image.fromarray(np.full((16, 16, 3), value, np.uint8)).save(tmp_path / f"{i}.png")
+        items.append(Item(tmp_path / f"{i}.png", "class-0", "holdout"))
+    # when: scored as the gate scores it
+    ev = evaluate_bundle(bundle, items, bundle.labels, workers=0)
+    clean = evaluate_bundle(bundle, items[4:], bundle.labels, workers=0)
+    # then: the white frames predict no class and count wrong, as in the macro-F1
+    assert ev.non_finite_images == 4 and ev.predictions[:4] == [None] * 4
+    assert ev.score.correct == clean.score.correct <= 6 and clean.non_finite_images == 0
+    assert ev.predictions[4:] == clean.predictions
+    # and a candidate that gives them is rejected whatever its figures, the reason naming how many
+    promoted = GateDecision(True, ["overall ok", "reviewed ok"])
+    assert refuse_non_finite(promoted, {"overall": clean, "reviewed": clean}) is promoted
+    refused = refuse_non_finite(promoted, {"overall": ev, "reviewed": clean})
+    assert not refused.promoted and refused.reasons[:2] == promoted.reasons
+    assert "non-finite logits (NaN or infinity) on 4 of 10 overall held-out images" in refused.reasons[-1]
+
+
+@pytest.mark.parametrize("label", [-1, 4, "x", None, True])
+def test_a_damaged_row_of_the_current_versions_split_is_refused_naming_the_file(tmp_path, label):
+    """The held-out images default to the current version's validation split: a label of -1 was read as the last
+    class (a red image scored as blue), and the gate judged both models on a wrong label."""
+    from agent_support import OPEN_SET_COLOURS, make_open_set_bundle
+
+    from contract.bundle import load_bundle
+    from trainer.retrain import overall_holdout
+
+    bundle_dir = make_open_set_bundle(tmp_path / "models")
+    data = _png_folders(tmp_path / "data", {name: 3 for name in OPEN_SET_COLOURS})
+    rows = [[f"{name}/{i}.png", k] for k, name in enumerate(OPEN_SET_COLOURS) for i in range(3)]
+    rows[3][1] = label                                # red/0.png
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "split.json").write_text(json.dumps({"root": str(data), "classes": list(OPEN_SET_COLOURS), "train": [],
+                                                "val": rows}))
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    manifest["provenance"]["run_dir"] = str(run)
+    (bundle_dir / "manifest.json").write_text(json.dumps(manifest))
+    cfg = RetrainConfig(base_data=data, reviewed=data, current=bundle_dir, report=tmp_path / "r.json", train={})
+    with pytest.raises(RetrainError, match=rf"split.json: not the current version's split .*row \['red/0.png', "
+                                           rf"{label!r}\]; expected \[path, class index 0..3\]"):
+        overall_holdout(cfg, load_bundle(bundle_dir), [], 0)
+    rows[3][1] = 1
+    (run / "split.json").write_text(json.dumps({"root": str(data), "classes": list(OPEN_SET_COLOURS), "train": [],
+                                                "val": rows}))
+    items, _source, _ = overall_holdout(cfg, load_bundle(bundle_dir), [], 0)
+    assert [(i.path.parent.name, i.label) for i in items] == [(name, name) for name in OPEN_SET_COLOURS
+                                                              for _ in range(3)]
+
+
+@pytest.mark.parametrize("case", ["none", "missing", "not a key", "another key"])
+def test_a_sign_key_the_candidate_could_not_be_signed_or_verified_with_is_refused_before_training(
+        tmp_path, monkeypatch, case):
+    """With --public-key the candidate is verified with that key after its training and export: without
+    --sign-key (unsigned: refused), or with a --sign-key that is missing, no key or another key's, the retrain
+    trained for hours and then failed (a key that cannot be read also failed without --public-key, at signing)."""
+    from agent_support import OPEN_SET_COLOURS, make_open_set_bundle
+
+    import trainer.engine as engine
+    from trainer.signing import generate_keypair, sign_bundle
+
+    def no_training(_self):
+        raise AssertionError("the candidate was trained before the signing key was checked")
+
+    monkeypatch.setattr(engine.Trainer, "fit", no_training)
+    current = make_open_set_bundle(tmp_path / "models")
+    generate_keypair(tmp_path / "k.key", tmp_path / "k.pub")
+    generate_keypair(tmp_path / "other.key", tmp_path / "other.pub")
+    sign_bundle(current, tmp_path / "k.key")
+    (tmp_path / "junk.key").write_text("not a key\n")
+    base = _png_folders(tmp_path / "base", {name: 10 for name in OPEN_SET_COLOURS})
+    reviewed = _png_folders(tmp_path / "reviewed", {"red": 6})
+    sign_key, needle = {
+        "none": (None, "--public-key given without --sign-key"),
+        "missing": (tmp_path / "missing.key", "missing.key: cannot read the private key"),
+        "not a key": (tmp_path / "junk.key", "junk.key: not an unencrypted ed25519 private key"),
+        "another key": (tmp_path / "other.key", "other.key: not the private key of --public-key")}[case]
+    cfg = RetrainConfig(base_data=base, reviewed=reviewed, current=current, report=tmp_path / "report.json",
+                        train=train_settings(out_dir=str(tmp_path / "runs")),
+                        export=ExportSettings(models_dir=tmp_path / "models", version="2", sign_key=sign_key),
+                        public_key=tmp_path / "k.pub")
+    with pytest.raises(RetrainError, match=needle):
+        retrain(cfg)
+    assert not (tmp_path / "runs").exists() and sorted(p.name for p in current.parent.iterdir()) == ["1"]
+    if case in ("missing", "not a key"):            # no --public-key: the key is still checked first
+        cfg.public_key = None
+        with pytest.raises(RetrainError, match=needle.split(": ", 1)[1]):
+            retrain(cfg)
