@@ -39,7 +39,7 @@ from agent.mqtt import MqttPublisher
 from agent.outbox import Message, Outbox
 from agent.pipeline import InferenceStage, ModelHolder, ModelRuntime
 from agent.prepare import camera_preparer, load_empty_scene
-from agent.receiving import Shipment, ShipmentError, receipt_body
+from agent.receiving import AlreadyClosed, Shipment, ShipmentError, receipt_body
 from agent.sources import SourceError, check_finite_source
 from agent.sources.base import FrameSource
 from agent.sources.camera import CameraWorker, FrameHub, Watchdog
@@ -76,6 +76,11 @@ COMMAND_LIMITS = {"expect": 3 * 1024 * 1024}     # per verb where COMMAND_MAX_BY
 LAST_RESULT = {"model": "last_update", "thresholds": "last_thresholds", "capture-empty": "last_capture_empty",
                "expect": "last_expect"}
 RESULT_FIELD = {"thresholds": "applied", "capture-empty": "requested", "expect": "shipment"}  # the refused result's
+
+
+class StateSaveError(OSError):
+    """station-state.json could not be saved before a receipt: that receipt is not stored
+    (``Agent._save_for_receipt``)."""
 
 
 class StartupError(Exception):
@@ -249,8 +254,19 @@ class Agent:
             except (BundleError, BackendError, ConfigError) as exc:
                 raise startup_error("model.bundle", exc) from exc
         self.model = ModelHolder(runtime)
+        self._count_engine_load_failures()
         bundle = runtime.bundle
         log.info("model %s %s ready on %s", bundle.name, bundle.version, self.model.current.backend.name)
+
+    def _count_engine_load_failures(self) -> None:
+        """``agent_engine_cache_load_failures``: the engines TensorRT rejected and the cache removed, over the
+        cache's life (``agent.engine_cache.load_failures``); read after each engine lookup (the start-up's, a
+        restored model's, cmd/model's). Not set without an engine cache."""
+        if self.engine_cache is None:
+            return
+        from agent.engine_cache import load_failures
+
+        self.metrics.set("engine_cache_load_failures", load_failures(self.engine_cache.cache_dir))
 
     def _restore_model(self) -> ModelRuntime | None:
         assert self.state is not None and self.state.model is not None
@@ -310,8 +326,8 @@ class Agent:
         self.hub = hub
         self.inference = InferenceStage(self.cfg, hub, self.model, self.outbox, self.metrics, self.cameras_done)
         self._restore_thresholds()
+        self.inference.on_receipt = self._save_for_receipt
         self._restore_shipment()
-        self.inference.on_receipt = self._save_shipment
         self._threads = [self.publisher, self.inference, *self.workers, Watchdog(self.workers, self.stop_event),
                          threading.Thread(target=self._stats_loop, name="stats", daemon=True),
                          threading.Thread(target=self._command_loop, name="commands", daemon=True),
@@ -355,6 +371,13 @@ class Agent:
         except ShipmentError as exc:
             log.error("%s: open shipment not restored: %s", self.state.path, exc)
             return
+        if shipment.closed_at is not None:      # saved at its close, before its final receipt was known stored
+            log.info("shipment %s was closed before the restart; its final receipt is stored again", shipment.id)
+            try:
+                self.inference.receiving.restore(shipment)
+            except StateSaveError:      # stored, but still saved as closed: the next start stores it once more
+                pass
+            return
         self.inference.receiving.restore(shipment)
         log.info("shipment %s restored from cmd/expect: %d line(s), %d item(s) received so far", shipment.id,
                  len(shipment.expected), sum(shipment.received.values()) + shipment.review)
@@ -372,11 +395,29 @@ class Agent:
                         ", ".join(map(repr, lacking[:20])) + (" ..." if len(lacking) > 20 else ""))
 
     def _save_shipment(self) -> None:
-        """The open shipment (or none) into station-state.json, as the desk holds it at this moment."""
+        """The open shipment (or none) into station-state.json, as the desk holds it at this moment; a failed save
+        is logged (after a receipt was stored, at shutdown: the saved tally is older, never ahead of a receipt)."""
         if self.state is None or self.inference is None:
             return
         with self._shipment_lock:
             self._save_state(lambda: self.state.set_shipment(self.inference.receiving.saved()))
+
+    def _save_for_receipt(self) -> None:
+        """``_save_shipment`` before a receipt is stored (the desk's ``persist``). A failed save (a full disk)
+        raises StateSaveError, so that receipt is not stored: a periodic one is due again with the next batch
+        (the batch's failure is logged and counted in inference_errors_total), a cmd/expect is undone and
+        refused. Else a crash could restore a tally older than a stored receipt. Counted in
+        state_save_errors_total."""
+        if self.state is None or self.inference is None:
+            return
+        with self._shipment_lock:
+            try:
+                self.state.set_shipment(self.inference.receiving.saved())
+            except OSError as exc:
+                self.metrics.inc("state_save_errors_total")
+                log.error("%s: cannot save the shipment's tally (%s); the receipt after it is not stored (due again "
+                          "with the next batch; a cmd/expect is refused)", self.state.path, exc)
+                raise StateSaveError(f"{self.state.path}: {exc.strerror or exc}") from exc
 
     def cameras_done(self) -> bool:
         return all(w.ended.is_set() for w in self.workers)
@@ -543,13 +584,18 @@ class Agent:
                     body = receipt_body(desk.receipt_of(shipment), site=self.cfg.site, station=self.cfg.station,
                                         ts=time.time(), final=cmd.close)
                     self.outbox.put(Message("receipt", body))
+            except AlreadyClosed as exc:    # the close sent again: done already, nothing stored again
+                closed = exc.closed
+                return self._expect_result(True, str(exc), {"id": closed.id, "state": "closed", "lines": closed.lines})
             except ShipmentError as exc:
                 refused = str(exc)
             except (sqlite3.Error, OSError, ValueError) as exc:     # undone: the same command may be sent again
                 open_now = repr(desk.shipment.id) if desk.shipment is not None else "none"
-                refused = (f"cmd/expect: the {'final' if cmd.close else 'first'} receipt could not be stored in the "
-                           f"outbox {self.outbox.path} ({type(exc).__name__}: {exc}); nothing changed (open: "
-                           f"{open_now}), send the command again")
+                receipt = f"the {'final' if cmd.close else 'first'} receipt"
+                what = (f"the station state could not be saved before {receipt} ({exc})"
+                        if isinstance(exc, StateSaveError) else
+                        f"{receipt} could not be stored in the outbox {self.outbox.path} ({type(exc).__name__}: {exc})")
+                refused = f"cmd/expect: {what}; nothing changed (open: {open_now}), send the command again"
         if refused is not None:
             return self._expect_result(False, refused, None)
         self.metrics.inc("receipts_total")
@@ -559,7 +605,8 @@ class Agent:
 
     def _expect_result(self, ok: bool, reason: str | None, shipment: dict[str, Any] | None) -> bool:
         reason = reason_text(reason)
-        (log.info if ok else log.error)("cmd/expect %s: %s", "applied" if ok else "rejected", shipment or reason)
+        (log.info if ok else log.error)("cmd/expect %s: %s", "applied" if ok else "rejected",
+                                        f"{shipment} ({reason})" if shipment and reason else shipment or reason)
         self.last_expect = {"ok": ok, "reason": reason, "ts": round(time.time(), 6),
                             "shipment": shipment}
         if not ok:
@@ -647,6 +694,7 @@ class Agent:
             self.last_update = {"ok": True, "reason": None, "ts": round(time.time(), 6),
                                 "running": {"name": bundle.name, "version": bundle.version}}
             self.metrics.inc("model_updates_total")
+        self._count_engine_load_failures()      # the lookup may have removed (and counted) an engine, either way
         if self.publisher is not None:
             self.publisher.request_status()
         return bool(self.last_update["ok"])

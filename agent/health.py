@@ -221,5 +221,8 @@ class PrometheusServer:
         log.info("prometheus metrics on port %d", self.port)
 
     def stop(self) -> None:
-        self._server.shutdown()
+        """Stop serving and close the socket; safe when ``start`` never ran (a start that failed after the port
+        was bound: ``shutdown`` would wait for a serve loop that never began) and when called twice."""
+        if self._thread.ident is not None:      # started: its loop ends at once, also one not yet running
+            self._server.shutdown()
         self._server.server_close()

@@ -30,7 +30,9 @@ its tally are saved in station-state.json (``persist``) before each receipt is s
 receipt after a restart never counts fewer items than one before it. A close saves the closed shipment with
 its final receipt's id and time before that receipt is stored; a restart that finds it stores that final
 receipt again (the same id, ts and body: a subscriber drops the duplicate by id) and keeps no shipment open,
-so a crash never loses the final receipt nor reopens a shipment whose final receipt was sent.
+so a crash never loses the final receipt nor reopens a shipment whose final receipt was sent. A close of the
+shipment closed last (sent again: QoS 1 may redeliver it) is done already (``AlreadyClosed``): nothing is stored
+again, and a close of a shipment neither open nor closed last is refused.
 """
 
 from __future__ import annotations
@@ -69,6 +71,25 @@ RECEIPT_MAX_BYTES = 4 * 1024 * 1024 - RECEIPT_ROOM_BYTES    # a lower mqtt.max_m
 
 class ShipmentError(ValueError):
     """A cmd/expect that cannot be applied; the text names the field."""
+
+
+@dataclass(frozen=True)
+class ClosedShipment:
+    """What the desk remembers of the shipment it closed last: enough to answer its close sent again."""
+
+    id: str
+    final_id: str | None
+    lines: int
+
+
+class AlreadyClosed(ShipmentError):
+    """A close of the shipment the station closed last (QoS 1 redelivered it, an operator sent it again): done
+    already, nothing to store again. ``closed``: that shipment."""
+
+    def __init__(self, closed: ClosedShipment) -> None:
+        super().__init__(f"shipment {closed.id!r} was already closed (final receipt {closed.final_id}); nothing "
+                         f"stored again")
+        self.closed = closed
 
 
 def is_review(decision: ItemDecision) -> bool:
@@ -423,6 +444,8 @@ class ReceivingDesk:
         self.persist: Callable[[], None] | None = None
         # stores a restored closed shipment's final receipt (set by the inference stage): ``restore``
         self.store_final: Callable[[Shipment], None] | None = None
+        # the shipment closed last, once its final receipt is stored: its close sent again is done already
+        self.last_closed: ClosedShipment | None = None
 
     def open(self, cmd: ExpectCommand, labels: Sequence[str]) -> Shipment:
         """Open ``cmd``'s shipment; ShipmentError when another is open or a line names a label the model lacks."""
@@ -442,9 +465,13 @@ class ReceivingDesk:
             return self.shipment
 
     def close(self, shipment_id: str) -> Shipment:
-        """Close the open shipment ``shipment_id``; ShipmentError when it is not the one open."""
+        """Close the open shipment ``shipment_id``; AlreadyClosed when it is the one closed last (and not opened
+        again since), ShipmentError when it is neither."""
         with self._lock:
             if self.shipment is None or self.shipment.id != shipment_id:
+                last = self.last_closed if self.closing is None else _closed(self.closing)
+                if last is not None and last.id == shipment_id:
+                    raise AlreadyClosed(last)
                 open_now = repr(self.shipment.id) if self.shipment else "none"
                 raise ShipmentError(f"field shipment: {shipment_id!r} is not open (open: {open_now})")
             closed, self.shipment = self.shipment, None
@@ -476,6 +503,8 @@ class ReceivingDesk:
         with self._lock:
             if self.closing is shipment:    # its final receipt is stored
                 self.closing = None
+            if cmd.close:
+                self.last_closed = _closed(shipment)
 
     def _persist(self) -> None:
         if self.persist is not None:
@@ -508,6 +537,7 @@ class ReceivingDesk:
             with self._lock:
                 if self.closing is closing:
                     self.closing = None
+                self.last_closed = _closed(closing)
             self._persist()
 
     def prior(self, labels: Sequence[str]) -> np.ndarray | None:
@@ -569,6 +599,10 @@ class ReceivingDesk:
         with self._lock:
             shipment = self.shipment if self.shipment is not None else self.closing
             return shipment.to_json() if shipment is not None else None
+
+
+def _closed(shipment: Shipment) -> ClosedShipment:
+    return ClosedShipment(shipment.id, shipment.final_id, len(shipment.expected))
 
 
 def receipt_body(receipt: dict[str, Any], *, site: str, station: str, ts: float, final: bool) -> dict[str, Any]:

@@ -93,3 +93,29 @@ def test_a_client_error_on_the_metrics_server_is_logged_at_debug_not_printed(cap
         server.stop()
     assert capsys.readouterr().err == ""
     assert "metrics: client ('127.0.0.1', 40000): timed out" in caplog.text
+
+
+def test_stop_returns_for_a_server_that_never_started_and_frees_its_port():
+    """A start that failed after the port was bound (Agent.start) left stop() waiting for a serve loop that never
+    began: Agent.shutdown() hung. Now stop() closes the socket and returns, and a second stop() does too."""
+    import socket
+    import threading
+
+    server = PrometheusServer(Metrics(), "127.0.0.1", 0)
+    port = server.port
+    stopping = threading.Thread(target=lambda: (server.stop(), server.stop()), daemon=True)
+    stopping.start()
+    stopping.join(60)       # a hang detector, not a timing: stop() returns at once or never
+    assert not stopping.is_alive(), "PrometheusServer.stop() hangs when start() never ran"
+    with socket.socket() as again:      # the port is free again: the socket was closed
+        again.bind(("127.0.0.1", port))
+
+
+def test_stop_after_start_still_ends_the_serve_loop():
+    server = PrometheusServer(Metrics(), "127.0.0.1", 0)
+    server.start()
+    assert "agent_model_info" in _scrape(server.port)
+    server.stop()
+    server.stop()
+    server._thread.join(60)     # its loop has returned (stop() waited for that); the thread ends right after
+    assert not server._thread.is_alive()

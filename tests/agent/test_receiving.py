@@ -35,6 +35,7 @@ from agent.pipeline import Inferred
 from agent.receiving import (
     MAX_RECEIPT_LINE_REFS,
     MAX_RECEIPT_LINES,
+    AlreadyClosed,
     ReceivingDesk,
     Shipment,
     ShipmentError,
@@ -377,6 +378,35 @@ def test_a_saved_shipment_is_a_copy_and_a_bad_one_is_refused_by_name():
                        ({"refs": {**good["refs"], "Coat": [{**ref, "confidence": 10 ** 400}]}}, "refs.Coat")):
         with pytest.raises(ShipmentError, match=f"field shipment.{field}"):
             Shipment.from_json({**good, **bad})
+
+
+def test_a_close_delivered_twice_is_done_already_and_one_never_opened_is_refused():
+    """A close delivered twice (QoS 1) was refused as "not open"; the desk now knows the shipment it closed last,
+    also one closed before a restart whose final receipt it stores again."""
+    desk = ReceivingDesk(ReceivingConfig())
+    desk.open(ExpectCommand(shipment="S-1", lines={"Shirt": 1}), LABELS)
+    with desk.expecting(ExpectCommand(shipment="S-1", close=True), LABELS) as closed:
+        pass
+    with pytest.raises(AlreadyClosed, match="'S-1' was already closed") as again:
+        desk.close("S-1")
+    assert (again.value.closed.id, again.value.closed.final_id, again.value.closed.lines) == ("S-1", closed.final_id, 1)
+    assert desk.shipment is None and desk.saved() is None        # nothing changed, nothing to save
+    with pytest.raises(ShipmentError, match="'S-9' is not open") as never:
+        desk.close("S-9")
+    assert not isinstance(never.value, AlreadyClosed)
+    # a close whose final receipt could not be stored is undone: not closed, so a close of it is no repeat
+    desk.open(ExpectCommand(shipment="S-2", lines={"Shirt": 1}), LABELS)
+    with pytest.raises(OSError):
+        with desk.expecting(ExpectCommand(shipment="S-2", close=True), LABELS):
+            raise OSError("the outbox's disk is full")
+    assert desk.shipment.id == "S-2" and desk.last_closed.id == "S-1"
+    # restored as closed (saved at its close before a restart): its final receipt stored again, then done already
+    restarted, finals = ReceivingDesk(ReceivingConfig()), []
+    restarted.store_final = finals.append
+    restarted.restore(Shipment.from_json(closed.to_json()))
+    assert [s.final_id for s in finals] == [closed.final_id]
+    with pytest.raises(AlreadyClosed):
+        restarted.close("S-1")
 
 
 def test_a_receipt_lists_at_most_max_refs_per_line_and_counts_the_rest():
