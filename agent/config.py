@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -40,6 +41,22 @@ MAX_FRAME_SIDE = 16384      # pixels: larger than any camera a station has; boun
 HOUR_S = 3600.0
 DAY_S = 24 * HOUR_S
 MQTT_MAX_PAYLOAD = 268_435_455 - 64 * 1024   # MQTT's largest packet, less room for topic and properties
+# One station is one Jetson with 1 to 8 cameras. Each camera is a capture thread, a decoder session and a bounded
+# frame queue, and all of them share the one model: 32 is four times the largest station and more 1080p30 streams
+# than the largest Jetson decodes in hardware (a couple of dozen), so more is a damaged or generated file, not a
+# station (the stats and status schemas take at most 256 cameras).
+MAX_CAMERAS = 32
+MQTT_MAX_STRING = 65535     # bytes of UTF-8 in one MQTT string (client id, user name)
+MAX_ID_CHARS = 64           # site, station and camera ids: the MQTT payload schemas' maxLength (contract/schemas/mqtt)
+MAX_LANE_CHARS = 256        # a sort lane: decision.v1's and receipt.v1's lane, 1 to 256 characters
+
+
+def _no_nul(path: Path | None) -> Path | None:
+    """A path the operating system can open: a NUL character (``"\\0"`` in YAML) is accepted by ``Path`` and then
+    fails every open with a ValueError, a traceback at start or a bundle update that can never be stored."""
+    if path is not None and "\x00" in str(path):
+        raise ValueError(f"{printable(str(path))[:120]}: a path cannot hold a NUL character")
+    return path
 
 
 class _Strict(BaseModel):
@@ -200,11 +217,12 @@ class Backoff(_Strict):
 
 
 class CameraConfig(_Strict):
-    id: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$", title="Camera id",
-                    description="Short unique name, used in topics, payloads and metrics.")
+    id: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$", max_length=MAX_ID_CHARS, title="Camera id",
+                    description="Short unique name (at most 64 characters), used in topics, payloads and metrics.")
     uri: str = Field(..., min_length=1, title="Source URI", description=(
         "file:///path.mp4 or a plain path (video), a folder of images, v4l2:///dev/video0, usb://0 or a bare "
-        "integer, rtsp://..., csi://0 (Jetson GStreamer nvarguscamerasrc), or gst://<pipeline>."))
+        "integer, rtsp://..., csi://0 (Jetson GStreamer nvarguscamerasrc), or gst://<pipeline>. A relative file "
+        "or folder path (a plain one or file:name) is relative to the config file that sets it."))
     loop: bool = Field(False, title="Loop", description="File and folder sources: start again at the end.")
     fps: float | None = Field(None, gt=0, le=1000, title="Target frame rate",
                               description="Frames per second handed to the model; None: as fast as the source.")
@@ -300,6 +318,28 @@ class ModelConfig(_Strict):
     download_dir: Path = Field(Path("/tmp/agent-bundles"), title="Download folder",
                                description="Where bundles named by a cmd/model URL are fetched to.")
 
+    _paths_open = field_validator("bundle", "public_key", "download_dir")(_no_nul)
+
+    def check_download_dir(self) -> None:
+        """ConfigError naming ``model.download_dir`` when the folder cannot be made or written by this user (a file
+        in its way, a parent this user cannot write, a read-only file system): the station would start and then
+        refuse every cmd/model. Creates nothing: it finds the nearest part of the path that exists and asks of it
+        what ``mkdir -p`` would need (``agent.startup`` makes the folder)."""
+        path = Path(os.path.abspath(self.download_dir))
+        uid = os.getuid()
+        if path.is_dir():
+            if not os.access(path, os.W_OK | os.X_OK):
+                raise ConfigError(f"model.download_dir: {path} is not writable by uid {uid}")
+            return
+        here = path
+        while not os.path.lexists(here):       # a dangling symlink is in the way too: mkdir cannot replace it
+            here = here.parent
+        if not here.is_dir():
+            what = "a dangling link" if here.is_symlink() and not here.exists() else "not a folder"
+            raise ConfigError(f"model.download_dir: cannot create {path} ({here} is {what})")
+        if not os.access(here, os.W_OK | os.X_OK):
+            raise ConfigError(f"model.download_dir: cannot create {path} ({here} is not writable by uid {uid})")
+
     @property
     def onnx_precision(self) -> Literal["auto", "int8", "fp32"]:
         """precision, or what the older prefer_int8 meant: INT8 where it helps (auto), or FP32."""
@@ -321,6 +361,8 @@ class TlsConfig(_Strict):
     cert_file: Path | None = Field(None, title="Client certificate", description="Client certificate for mutual TLS.")
     key_file: Path | None = Field(None, title="Client key", description="Client private key file (a path, never the key).")
     insecure: bool = Field(False, title="Skip hostname check", description="Do not check the broker's hostname. Lab use only.")
+
+    _paths_open = field_validator("ca_file", "cert_file", "key_file")(_no_nul)
 
     @model_validator(mode="after")
     def _pair(self) -> "TlsConfig":
@@ -359,7 +401,7 @@ def _ssl_reason(exc: BaseException) -> str:
 
 
 class MqttConfig(_Strict):
-    host: str = Field("127.0.0.1", title="Broker host", description="MQTT broker host name or address.")
+    host: str = Field("127.0.0.1", min_length=1, title="Broker host", description="MQTT broker host name or address.")
     port: int = Field(1883, ge=1, le=65535, title="Broker port", description="1883 plain, 8883 usually TLS.")
     protocol: Literal["auto", "v5", "v311"] = Field(
         "auto", title="Protocol", description="auto: MQTT v5, falling back to 3.1.1 when the broker refuses v5.")
@@ -383,6 +425,25 @@ class MqttConfig(_Strict):
                     "A message larger as published (on 3.1.1 a frame's JPEG goes in base64, 4/3 of its size; "
                     "protocol auto counts the larger) is refused when stored and counted as dropped too-large: "
                     "the broker would refuse it at every try (v5) or acknowledge and discard it (3.1.1).")
+
+    _paths_open = field_validator("password_file")(_no_nul)
+
+    @field_validator("client_id", "username")
+    @classmethod
+    def _an_mqtt_string(cls, text: str | None) -> str | None:
+        """What CONNECT can carry (MQTT: UTF-8 of at most 65535 bytes, no U+0000): a broker closes the connection on
+        a NUL and paho cannot pack a longer string, so the station would retry the connect for good."""
+        if text is None:
+            return text
+        try:
+            size = len(text.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise ValueError("not UTF-8 text (a lone surrogate)") from None
+        if "\x00" in text:
+            raise ValueError("MQTT strings cannot hold a NUL character")
+        if size > MQTT_MAX_STRING:
+            raise ValueError(f"{size} bytes as UTF-8; MQTT takes at most {MQTT_MAX_STRING}")
+        return text
 
     @field_validator("topic_root")
     @classmethod
@@ -452,6 +513,8 @@ class OutboxConfig(_Strict):
     synchronous: Literal["normal", "full"] = Field(
         "normal", title="SQLite synchronous",
         description="normal: survives process crash (kill -9); full: also power loss, slower.")
+
+    _paths_open = field_validator("path")(_no_nul)
 
 
 def _finite(default: Any, **kw: Any) -> Any:
@@ -526,7 +589,7 @@ class PresenceConfig(_Strict):
     relearn_frames: int = Field(1800, ge=0, le=10_000_000, title="Relearn after",
                                 description="An item in view this many frames in a row is taken as a changed scene: the "
                                             "background restarts from the current frame (0: never).")
-    empty_images: dict[str, Path] = Field(
+    empty_images: dict[str, Annotated[Path, AfterValidator(_no_nul)]] = Field(
         default_factory=dict, title="Empty-scene images",
         description="Camera id -> an image of that camera's empty ROI (or whole frame, cropped by the ROI); "
                     "replaces the warm-up frames.")
@@ -576,10 +639,16 @@ class PresenceConfig(_Strict):
         return self.mode in ("background", "both")
 
 
+Lane = Annotated[str, Field(min_length=1, max_length=MAX_LANE_CHARS)]
+
+
 class SortingConfig(_Strict):
-    lanes: dict[str, str] = Field(default_factory=dict, title="Lanes by label", description="Label -> sort lane/bin.")
-    default_lane: str = Field("default", title="Default lane", description="Lane for labels not listed.")
-    review_lane: str = Field("manual-review", title="Review lane", description="Lane for items decided with low confidence.")
+    lanes: dict[str, Lane] = Field(default_factory=dict, title="Lanes by label",
+                                   description="Label -> sort lane/bin (1 to 256 characters, as every lane).")
+    default_lane: str = Field("default", min_length=1, max_length=MAX_LANE_CHARS, title="Default lane",
+                              description="Lane for labels not listed.")
+    review_lane: str = Field("manual-review", min_length=1, max_length=MAX_LANE_CHARS, title="Review lane",
+                             description="Lane for items decided with low confidence.")
     min_agreement: float = Field(0.5, ge=0, le=1, title="Minimum agreement",
                                  description="Share of an item's frames that must agree with its decision, else review.")
     review_budget: float | None = _finite(
@@ -690,11 +759,14 @@ class HealthConfig(_Strict):
 
 
 class AgentConfig(_Strict):
-    site: str = Field(..., pattern=r"^[A-Za-z0-9_-]+$", title="Site", description="Warehouse site id.")
-    station: str = Field(..., pattern=r"^[A-Za-z0-9_-]+$", title="Station", description="Station id, unique per site.")
+    site: str = Field(..., pattern=r"^[A-Za-z0-9_-]+$", max_length=MAX_ID_CHARS, title="Site",
+                      description="Warehouse site id (at most 64 characters).")
+    station: str = Field(..., pattern=r"^[A-Za-z0-9_-]+$", max_length=MAX_ID_CHARS, title="Station",
+                         description="Station id, unique per site (at most 64 characters).")
     role: Literal["receiving", "sorting", "qc"] = Field("receiving", title="Role", description="What this station does.")
     model: ModelConfig = Field(..., title="Model", description="Bundle and backend.")
-    cameras: list[CameraConfig] = Field(..., min_length=1, title="Cameras", description="One or more camera sources.")
+    cameras: list[CameraConfig] = Field(..., min_length=1, max_length=MAX_CAMERAS, title="Cameras",
+                                        description="One or more camera sources, at most 32 (one station).")
     mqtt: MqttConfig = Field(default_factory=MqttConfig, title="MQTT", description="Broker connection.")
     outbox: OutboxConfig = Field(default_factory=OutboxConfig, title="Outbox", description="Durable queue.")
     decisions: DecisionsConfig = Field(default_factory=DecisionsConfig, title="Decisions", description="Per-item logic.")
@@ -709,6 +781,15 @@ class AgentConfig(_Strict):
         if unknown:
             raise ValueError(f"decisions.presence.empty_images: no camera with id {', '.join(unknown)}")
         return self
+
+    @field_validator("cameras", mode="before")
+    @classmethod
+    def _at_most_max_cameras(cls, cameras: Any) -> Any:
+        """Counted before any camera is checked: a file of thousands is refused in one line, not one per camera."""
+        if isinstance(cameras, list) and len(cameras) > MAX_CAMERAS:
+            raise ValueError(f"{len(cameras)} cameras; one station runs at most {MAX_CAMERAS} (each is a capture "
+                             f"thread and a decoder on the one device)")
+        return cameras
 
     @field_validator("cameras")
     @classmethod
@@ -930,7 +1011,32 @@ def _resolve_paths(data: dict[str, Any], base_dir: Path) -> dict[str, Any]:
         fixed = {k: str(base_dir / v) if k.endswith("_file") and isinstance(v, str) and not Path(v).is_absolute() else v
                  for k, v in tls.items()}
         out["mqtt"] = {**out["mqtt"], "tls": fixed}
+    if isinstance(out.get("cameras"), list):
+        out["cameras"] = [{**cam, "uri": camera_uri_from(cam["uri"], base_dir)}
+                          if isinstance(cam, dict) and isinstance(cam.get("uri"), str) else cam
+                          for cam in out["cameras"]]
     return out
+
+
+def camera_uri_from(uri: str, base_dir: Path) -> str:
+    """``uri`` with a relative file or folder path (``belt.mp4``, ``frames/``, ``file:belt.mp4``) made absolute under
+    ``base_dir`` (the config file's folder), as every other path of the file is; anything else (a device number, an
+    absolute path, a live camera, a URI the validator will refuse) as it is."""
+    from urllib.parse import quote, urlparse, urlunparse
+
+    if not uri or uri.isdigit():        # a bare device number (usb://N)
+        return uri
+    try:
+        parsed = urlparse(uri)
+    except ValueError:                  # e.g. an unclosed [ in a host: refused by the URI check, naming it
+        return uri
+    scheme = parsed.scheme.lower()
+    if scheme == "" and not Path(uri).is_absolute():
+        return str(base_dir / uri)
+    if scheme == "file" and not parsed.netloc and parsed.path and not parsed.path.startswith("/"):
+        path = f"{quote(str(base_dir))}/{parsed.path}"
+        return urlunparse((parsed.scheme, "", path, parsed.params, parsed.query, parsed.fragment))
+    return uri
 
 
 MAX_EXTENDS_DEPTH = 8     # fleet -> site -> line -> station is 4; a chain twice that long is a mistake

@@ -61,7 +61,10 @@ def _source_for(uri: str, *, name: str, loop: bool, width: int | None, height: i
     parsed = urlparse(uri)
     scheme = parsed.scheme.lower()
     if scheme in ("", "file"):
-        path = Path(_local_path(uri, scheme, parsed.netloc, parsed.path) if scheme == "file" else uri)
+        local = _local_path(uri, scheme, parsed.netloc, parsed.path) if scheme == "file" else uri
+        if not local:       # file:// alone would read the working folder's images
+            raise SourceError(f"{uri}: names no file or folder (file:///data/belt.mp4)")
+        path = Path(local)
         if path.is_dir():
             return ImageFolderSource(path, name=name, loop=loop)
         return OpenCVSource(str(path), kind="file", name=name, loop=loop)
@@ -69,9 +72,13 @@ def _source_for(uri: str, *, name: str, loop: bool, width: int | None, height: i
         return OpenCVSource(_device_number(parsed.netloc or parsed.path.strip("/") or "0"), kind="v4l2", name=name,
                             width=width, height=height, timeout_s=timeout_s)
     if scheme == "v4l2":
+        if not parsed.path.strip("/"):
+            raise SourceError(f"{uri}: names no device (v4l2:///dev/video0)")
         return OpenCVSource(_local_path(uri, scheme, parsed.netloc, parsed.path), kind="v4l2", name=name,
                             width=width, height=height, timeout_s=timeout_s)
     if scheme in ("rtsp", "rtsps"):
+        if not parsed.hostname:
+            raise SourceError(f"{uri}: names no host ({scheme}://<host>[:port]/<path>)")
         return OpenCVSource(uri, kind="rtsp", name=name, timeout_s=timeout_s)
     if scheme == "csi":
         sensor = _device_number(parsed.netloc or parsed.path.strip("/") or "0")
@@ -80,5 +87,7 @@ def _source_for(uri: str, *, name: str, loop: bool, width: int | None, height: i
     if scheme == "gst":
         pipeline = uri[len(parsed.scheme) + 1:]        # gst://<pipeline>, also gst:<pipeline>
         pipeline = pipeline[2:] if pipeline.startswith("//") else pipeline
+        if not pipeline.strip():
+            raise SourceError(f"{uri}: names no GStreamer pipeline (gst://<pipeline> ! appsink)")
         return OpenCVSource(pipeline, kind="gstreamer", name=name, timeout_s=timeout_s)
     raise SourceError(f"{uri}: unknown camera URI scheme {scheme!r} (file, v4l2, usb, rtsp, csi, gst)")

@@ -80,16 +80,18 @@ def test_an_alias_used_within_the_bound_is_read_as_written(tmp_path):
 
 
 def test_many_problems_give_a_bounded_report(tmp_path, capsys):
-    """5,000 wrong camera entries and a 20 kB wrong value: one line per problem up to a limit, each line short,
-    then how many more (it was one line per problem, each quoting the whole value: 12 MB for a 600 kB file)."""
+    """32 camera entries with 4 wrong values each and a 20 kB wrong value: one line per problem up to a limit, each
+    line short, then how many more (it was one line per problem, each quoting the whole value: 12 MB for a 600 kB
+    file)."""
+    wrong = "{id: '!', uri: '', fps: -1, queue_size: 0, colour: " + "x" * 20_000 + "}"
     path = _write(tmp_path / "station.yaml", STATION.replace("site: s", "site: " + "x!" * 10_000)
-                  + "cameras: [" + ", ".join(["1"] * 5000) + "]\n")
+                  + "cameras: [" + ", ".join([wrong] * 32) + "]\n")
     lines = validate_file(path)
     assert len(lines) == MAX_PROBLEM_LINES + 1
-    assert lines[-1] == f"{path}: and {5001 - MAX_PROBLEM_LINES} more problems"
+    assert lines[-1] == f"{path}: and {1 + 5 * 32 - MAX_PROBLEM_LINES} more problems"
     assert all(line.startswith(f"{path}: ") and len(line) < len(str(path)) + 300 for line in lines), \
         max(lines, key=len)[:400]
-    assert lines[0].startswith(f"{path}: field site: String should match pattern")
+    assert lines[0].startswith(f"{path}: field site: String should have at most 64 characters")
     assert agent_main(["validate-config", str(path)]) == 1
     assert len(capsys.readouterr().err) < 100 * 300
 
@@ -187,8 +189,17 @@ def test_the_edges_of_those_rules_are_accepted(tmp_path, body):
     ("usb://2147483648", "usb://2147483648: not a camera URI (device number 2147483648 is not 0 to 2147483647)"),
     ("99999999999999999999", "not a camera URI (device number 99999999999999999999 is not 0 to 2147483647)"),
     ("csi://4294967296", "csi://4294967296: not a camera URI (device number 4294967296 is not 0 to 2147483647)"),
+    ("rtsp:///stream1", "rtsp:///stream1: names no host"),
+    ("rtsps://", "rtsps://: names no host"),
+    ("gst://", "gst://: names no GStreamer pipeline"),
+    ("gst:  ", "gst:  : names no GStreamer pipeline"),
+    ("v4l2:///", "v4l2:///: names no device"),
+    ("file://", "file://: names no file or folder"),
+    ("file://localhost", "file://localhost: names no file or folder"),
 ], ids=["misspelt scheme", "usb device that is no number", "file URI with a host", "usb index past a C int",
-        "bare index past a C int", "CSI sensor past a C int"])
+        "bare index past a C int", "CSI sensor past a C int", "RTSP without a host", "RTSPS without anything",
+        "empty GStreamer pipeline", "blank GStreamer pipeline", "v4l2 without a device",
+        "file URI without a path (was the working folder)", "file URI of localhost without a path"])
 def test_a_camera_uri_that_can_never_open_is_refused_by_validate_config_and_run(tmp_path, uri, why, capsys):
     """validate-config said OK, and the station then ran with the camera thread retrying the URI for good (a
     warning every few seconds, no frame ever); the form is checked by the sources' own reading of it."""

@@ -180,6 +180,128 @@ def test_an_roi_outside_the_configured_frame_or_of_no_area_is_refused(tmp_path, 
     assert any(line.startswith(f"{path}: field cameras.0") and "roi" in line for line in _refused(path))
 
 
+def _cameras(n: int) -> str:
+    return "cameras:\n" + "".join(f"  - {{id: c{i}, uri: 'rtsp://10.20.1.11:554/{i}'}}\n" for i in range(n))
+
+
+def test_a_station_runs_at_most_max_cameras_and_more_is_refused_in_one_line(tmp_path):
+    """Each camera is a capture thread and a decoder on one Jetson (1 to 8 of them at a station): a damaged or
+    generated file with thousands is refused naming the field and the count, once, not per camera."""
+    from agent.config import MAX_CAMERAS
+
+    ok = tmp_path / "ok.yaml"
+    ok.write_text("site: s\nstation: t\nmodel: {bundle: b}\n" + _cameras(MAX_CAMERAS))
+    assert len(load_config(ok).cameras) == MAX_CAMERAS == 32
+    for n in (MAX_CAMERAS + 1, 5000):
+        path = tmp_path / f"dev{n}.yaml"
+        path.write_text("site: s\nstation: t\nmodel: {bundle: b}\n" + _cameras(n))
+        (line,) = _refused(path)
+        assert line.startswith(f"{path}: field cameras: Value error, {n} cameras; one station runs at most 32 "), line
+        assert len(line) < len(str(path)) + 1000      # the input quoted cut short (six entries)
+
+
+def test_the_camera_bound_stays_within_what_the_stats_and_status_schemas_take():
+    from agent.config import MAX_CAMERAS
+    from contract.messages import mqtt_schema
+
+    for name, key in [("stats.v1", "fps"), ("stats.v1", "latency"), ("status.v1", "cameras")]:
+        assert MAX_CAMERAS <= mqtt_schema(name)["properties"][key]["maxProperties"]
+
+
+@pytest.mark.parametrize("head, cam, field", [
+    ("site: " + "s" * 65 + "\nstation: t\n", "a", "site"),
+    ("site: s\nstation: " + "t" * 65 + "\n", "a", "station"),
+    ("site: s\nstation: t\n", "c" * 65, "cameras.0.id"),
+], ids=["site", "station", "camera"])
+def test_ids_longer_than_every_payload_schema_takes_are_refused(tmp_path, head, cam, field):
+    """site, station and camera go into every message; the payload schemas (and so the dashboard, ingest and the
+    rollout link) take at most 64 characters: a longer id made a station whose every message is refused."""
+    path = tmp_path / "dev.yaml"
+    path.write_text(head + f"model: {{bundle: b}}\ncameras: [{{id: {cam}, uri: 'rtsp://10.0.0.1/x'}}]\n")
+    (line,) = _refused(path)
+    assert line.startswith(f"{path}: field {field}: String should have at most 64 characters"), line
+    path.write_text(path.read_text().replace("s" * 65, "s" * 64).replace("t" * 65, "t" * 64)
+                    .replace("c" * 65, "c" * 64))
+    assert validate_file(path) == []
+
+
+def test_the_id_bounds_are_the_payload_schemas():
+    from agent.config import MAX_ID_CHARS, MAX_LANE_CHARS
+    from contract.messages import mqtt_schema
+
+    for name in ("result.v1", "decision.v1", "alert.v1", "frame.v1"):
+        props = mqtt_schema(name)["properties"]
+        assert props["site"]["maxLength"] == props["station"]["maxLength"] == props["camera"]["maxLength"] \
+            == MAX_ID_CHARS
+    lane = mqtt_schema("decision.v1")["properties"]["lane"]
+    assert (lane["minLength"], lane["maxLength"]) == (1, MAX_LANE_CHARS)
+
+
+@pytest.mark.parametrize("sorting, field, why", [
+    ("{review_lane: ''}", "decisions.sorting.review_lane", "at least 1 character"),
+    ("{default_lane: ''}", "decisions.sorting.default_lane", "at least 1 character"),
+    ("{default_lane: " + "x" * 257 + "}", "decisions.sorting.default_lane", "at most 256 characters"),
+    ("{lanes: {Bag: ''}}", "decisions.sorting.lanes.Bag", "at least 1 character"),
+    ("{lanes: {Bag: " + "x" * 257 + "}}", "decisions.sorting.lanes.Bag", "at most 256 characters"),
+], ids=["review-empty", "default-empty", "default-long", "lane-empty", "lane-long"])
+def test_a_lane_the_decision_schema_refuses_is_refused(tmp_path, sorting, field, why):
+    """decision.v1 and receipt.v1 take a lane of 1 to 256 characters: an empty review lane made every unsure item's
+    decision one the dashboard refuses, and a saved shipment one the station cannot restore."""
+    path = _device(tmp_path, f"decisions: {{sorting: {sorting}}}\n")
+    (line,) = _refused(path)
+    assert line.startswith(f"{path}: field {field}: String should have {why}"), line
+
+
+def test_an_empty_broker_host_is_refused(tmp_path):
+    """paho refuses to connect to '' (Invalid host.): the station logged a traceback and retried it for good."""
+    path = _device(tmp_path, "mqtt: {host: ''}\n")
+    assert _refused(path) == [f"{path}: field mqtt.host: String should have at least 1 character (got '')"]
+
+
+@pytest.mark.parametrize("field", ["client_id", "username"])
+@pytest.mark.parametrize("value, why", [
+    ("a\x00b", "MQTT strings cannot hold a NUL character"),
+    ("\u00e9" * 32768, "65536 bytes as UTF-8; MQTT takes at most 65535"),
+    ("a\ud800", "not UTF-8 text"),
+], ids=["nul", "too-long", "lone-surrogate"])
+def test_an_mqtt_string_connect_cannot_carry_is_refused(tmp_path, field, value, why):
+    """mosquitto closes the connection on a NUL in the client id or user name (no CONNACK) and paho cannot pack one
+    of more than 65535 bytes (struct.error): the station retried its connect for good."""
+    data = station_config(tmp_path, tmp_path / "bundle", "rtsp://10.0.0.1/x", 1883)
+    data["mqtt"][field] = value
+    path = tmp_path / "dev.yaml"
+    path.write_text(yaml.safe_dump(data, allow_unicode=False))
+    (line,) = _refused(path)
+    assert line.startswith(f"{path}: field mqtt.{field}: Value error, {why}"), line[:300]
+    data["mqtt"][field] = "\u00e9" * 32767 + "a"      # 65535 bytes
+    path.write_text(yaml.safe_dump(data, allow_unicode=False))
+    assert validate_file(path) == []
+
+
+NUL_PATHS = ["model.bundle", "model.public_key", "model.download_dir", "outbox.path", "mqtt.password_file",
+             "mqtt.tls.ca_file", "decisions.presence.empty_images.cam-a"]
+
+
+@pytest.mark.parametrize("field", NUL_PATHS)
+def test_a_path_with_a_nul_character_is_refused_naming_the_field(tmp_path, field):
+    """Path takes a NUL ("\\0" in YAML) and every open of it then raises ValueError: a traceback at start."""
+    data = station_config(tmp_path, tmp_path / "bundle", "rtsp://10.0.0.1/x", 1883)
+    _set(data, tuple(field.split(".")), "a\x00b")
+    path = write_yaml(tmp_path / "dev.yaml", data)
+    (line,) = _refused(path)
+    assert line.startswith(f"{path}: field {field}: Value error, ") and "a path cannot hold a NUL character" in line
+
+
+def test_run_with_a_nul_in_the_bundle_path_exits_2_naming_the_field(tmp_path):
+    """It was a ValueError traceback (embedded null byte) and exit 1."""
+    path = write_yaml(tmp_path / "dev.yaml", station_config(tmp_path, "b\x00x", "rtsp://10.0.0.1/x", 1))
+    proc = subprocess.run([sys.executable, "-m", "agent", "run", "--config", str(path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"{path}: field model.bundle: Value error, ") and "NUL" in line
+
+
 def test_run_with_a_non_finite_interval_exits_2_with_one_line_naming_file_and_field(tmp_path):
     path = _device(tmp_path, "health: {stats_interval_s: .inf}\n")
     proc = subprocess.run([sys.executable, "-m", "agent", "run", "--config", str(path)], cwd=REPO,
