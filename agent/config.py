@@ -417,7 +417,9 @@ class MqttConfig(_Strict):
         description="The whole prefix of the station's topics. None: inventory/<site>/<station>. Central services "
                     "take a root before <site>/<station> (--topic-root): with theirs at 'acme', set "
                     "'acme/<site>/<station>'.")
-    reconnect: Backoff = Field(default_factory=Backoff, title="Reconnect backoff", description="Backoff between connect attempts.")
+    reconnect: Backoff = Field(default_factory=Backoff, title="Reconnect backoff",
+                               description="Backoff between connect attempts; each wait is drawn between half the "
+                                           "delay and the delay, so stations do not reconnect in step.")
     max_inflight: int = Field(64, ge=1, le=1000, title="In-flight window", description="QoS 1 messages awaiting PUBACK at once.")
     max_message_bytes: int = Field(
         4 * 1024 * 1024, ge=64 * 1024, le=MQTT_MAX_PAYLOAD, title="Largest message",

@@ -8,7 +8,10 @@ drops duplicates by id). A refused CONNACK is logged with its reason code and
 retried with backoff; only a successful CONNACK counts as connected. The backoff
 starts again from its first delay only after a session that proved itself (a
 record acknowledged, or up for ``STABLE_SESSION_S``): a message the broker
-answers by dropping the connection costs a growing pause, never a reconnect storm.
+answers by dropping the connection costs a growing pause, never a reconnect storm. Each pause is drawn between
+half the backoff's delay and the delay, so a fleet that lost one broker (a restart) does not come back in step.
+No more QoS 1 messages, the status included, wait for a PUBACK than ``mqtt.max_inflight`` and than the Receive
+Maximum a v5 broker announces in its CONNACK.
 
 A message larger than the broker takes (``mqtt.max_message_bytes``) is never
 sent: the outbox refuses it when it is stored, and one stored before (an older
@@ -25,12 +28,15 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import math
+import random
+import socket
 import ssl
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
@@ -62,6 +68,26 @@ class ConnectionState:
     refusals: int = 0
     last_error: str | None = None
     history: list[str] = field(default_factory=list)
+
+
+def jittered(delays: Iterator[float], rng: random.Random) -> Iterator[float]:
+    """Each exponential delay drawn between its half and itself: stations that lost one broker at the same moment
+    (a restart) do not all come back in the same millisecond, again at every step of their backoff."""
+    for delay in delays:
+        yield rng.uniform(delay / 2, delay)
+
+
+def nulled_non_finite(value: Any, where: str = "") -> tuple[Any, list[str]]:
+    """``value`` with each NaN or infinity replaced by None, and the paths (``/uptime_s``) where that was done."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None, [where or "/"]
+    if isinstance(value, dict):
+        pairs = [(k, nulled_non_finite(v, f"{where}/{k}")) for k, v in value.items()]
+        return {k: v for k, (v, _) in pairs}, [w for _, (_, ws) in pairs for w in ws]
+    if isinstance(value, (list, tuple)):
+        items = [nulled_non_finite(v, f"{where}/{i}") for i, v in enumerate(value)]
+        return [v for v, _ in items], [w for _, ws in items for w in ws]
+    return value, []
 
 
 def frame_envelope(record: Record, jpeg_b64: str | None = None) -> bytes:
@@ -129,9 +155,13 @@ class MqttPublisher(threading.Thread):
         self._retry_at = 0.0
         self._retry_delay = REFUSED_RETRY_S[0]
         self._connack: Any = None
+        self._receive_maximum: int | None = None     # the v5 broker's Receive Maximum, from its CONNACK
+        self._window = self.cfg.max_inflight         # QoS 1 publishes unacknowledged at once, the status included
+        self._status_info: paho.MQTTMessageInfo | None = None     # the newest status, until its PUBACK
         self._session_acked = 0              # records acknowledged in this session
         self._session_since = 0.0            # when this session's CONNACK came (monotonic)
         self._v5_dropped = False             # auto: the last attempt's v5 CONNECT was dropped unanswered
+        self._rng = random.Random()          # the reconnect jitter: its own, so stations never draw in step
         outbox.limit_messages(self.cfg.max_message_bytes, self._largest_wire_bytes)
 
     def _largest_wire_bytes(self, record: Record) -> int:
@@ -171,7 +201,7 @@ class MqttPublisher(threading.Thread):
 
     def run(self) -> None:
         lower_this_thread(self.nice)
-        delays = backoff_delays(self.cfg.reconnect)
+        delays = jittered(backoff_delays(self.cfg.reconnect), self._rng)
         while not self._stopping:
             try:
                 proven = self._session()
@@ -181,7 +211,7 @@ class MqttPublisher(threading.Thread):
                 proven = False
             self._next_protocol()
             if proven:
-                delays = backoff_delays(self.cfg.reconnect)
+                delays = jittered(backoff_delays(self.cfg.reconnect), self._rng)
             if self._stopping:
                 break
             delay = next(delays)
@@ -205,8 +235,7 @@ class MqttPublisher(threading.Thread):
             self.cfg.broker_settings().check().configure(client)
         except BrokerSettingsError as exc:
             raise ConfigError(str(exc)) from None
-        will = dict(self.status_body("offline"), seq=self.outbox.next_seq())
-        client.will_set(self.topics.status, json.dumps(will), qos=1, retain=True)
+        client.will_set(self.topics.status, self._status_json("offline"), qos=1, retain=True)
         client.on_connect = self._on_connect
         client.on_publish = self._on_publish
         client.on_message = self._on_message
@@ -223,6 +252,7 @@ class MqttPublisher(threading.Thread):
         except (OSError, ValueError) as exc:      # e.g. a TLS file that is missing or not PEM
             return self._failed(f"cannot set up the connection to {where}: {exc}")
         self._connack = None
+        self._receive_maximum = None
         try:
             client.connect(self.cfg.host, self.cfg.port, self.cfg.keepalive_s)
         except ssl.SSLError as exc:
@@ -231,8 +261,8 @@ class MqttPublisher(threading.Thread):
             return self._failed(f"cannot reach broker {where}: {exc.strerror or exc}")
         if not self._await_connack(client, where):
             return False
-        self._on_connected(client)
         try:
+            self._on_connected(client)
             self._pump(client)
         finally:
             self._disconnect(client)
@@ -293,6 +323,7 @@ class MqttPublisher(threading.Thread):
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         self._connack = reason_code
+        self._receive_maximum = getattr(properties, "ReceiveMaximum", None) if properties is not None else None
 
     def _on_connected(self, client: paho.Client) -> None:
         self.state.connected = True
@@ -304,6 +335,13 @@ class MqttPublisher(threading.Thread):
         self._session_since = time.monotonic()
         self.connected.set()
         self.metrics.set("mqtt_connected", 1)
+        # MQTT 5: never more unacknowledged QoS 1 publishes (the status included) than the broker's Receive Maximum;
+        # a broker that enforces it ends the connection (0x93), at every try while a backlog lasts
+        self._window = min(self.cfg.max_inflight, self._receive_maximum or self.cfg.max_inflight)
+        self._status_info = None
+        if self._window < self.cfg.max_inflight:
+            log.info("mqtt: the broker takes %d unacknowledged messages at once (its Receive Maximum), fewer than "
+                     "mqtt.max_inflight %d", self._window, self.cfg.max_inflight)
         log.info("mqtt: connected to %s:%d as %s (MQTT %s)", self.cfg.host, self.cfg.port, self.client_id,
                  self.state.protocol)
         client.subscribe(self.topics.cmd(), qos=1)
@@ -323,8 +361,28 @@ class MqttPublisher(threading.Thread):
 
     def _publish_status(self, client: paho.Client, state: str) -> paho.MQTTMessageInfo:
         self._status_dirty = False
+        self._status_info = client.publish(self.topics.status, self._status_json(state), qos=1, retain=True)
+        return self._status_info
+
+    def _room(self) -> int:
+        """How many more QoS 1 publishes the window takes now: the records in flight and a status not yet
+        acknowledged count."""
+        status = self._status_info is not None and self._status_info.rc == paho.MQTT_ERR_SUCCESS \
+            and not self._status_info.is_published()
+        return self._window - len(self._inflight) - int(status)
+
+    def _status_json(self, state: str) -> str:
+        """The status (or the will) as JSON, with the next sequence number. A NaN or an infinity in it is sent as
+        null, logged with where it was and counted: neither invalid JSON on the wire nor, raised here, a session
+        ended right after every connect with nothing of the outbox delivered."""
         body = dict(self.status_body(state), seq=self.outbox.next_seq())
-        return client.publish(self.topics.status, dumps_finite(body), qos=1, retain=True)
+        try:
+            return dumps_finite(body)
+        except ValueError:
+            body, where = nulled_non_finite(body)
+        self.metrics.inc("mqtt_status_non_finite_total")
+        log.error("mqtt: the %s status had a non-finite number at %s; sent as null", state, ", ".join(where))
+        return dumps_finite(body)
 
     # ------------------------------------------------------------ the drain loop
 
@@ -341,17 +399,17 @@ class MqttPublisher(threading.Thread):
             if self._refused_seq is not None and not self._inflight and time.monotonic() >= self._retry_at:
                 last_sent = min(last_sent, self._refused_seq - 1)       # the refused ones, and on from there
                 self._refused_seq = None
+            if self._status_dirty and self._room() > 0:      # before the records: a full window never starves it
+                self._publish_status(client, "online")
             last_sent = self._fill_window(client, last_sent)
             while self._stats:
                 client.publish(self.topics.stats, self._stats.popleft(), qos=0)
-            if self._status_dirty:
-                self._publish_status(client, "online")
 
     def _flush_done(self) -> bool:
         return time.monotonic() >= (self._stop_at or 0) or (not self._inflight and self.outbox.depth() == 0)
 
     def _fill_window(self, client: paho.Client, last_sent: int) -> int:
-        room = self.cfg.max_inflight - len(self._inflight)
+        room = self._room()
         if room <= 0 or self.outbox.last_seq <= last_sent:
             return last_sent
         v5 = self.state.protocol == "v5"
@@ -419,12 +477,36 @@ class MqttPublisher(threading.Thread):
             log.exception("mqtt: message on %r not handed to the command thread", message._topic[:200])
 
     def _go_offline(self, client: paho.Client) -> None:
-        """Retained offline status, then a clean disconnect (so the broker does not also send the will)."""
-        info = self._publish_status(client, "offline")
+        """Retained offline status, then a clean disconnect (so the broker does not also send the will).
+
+        The status waits for room in the window. When none comes before the deadline (a broker that stopped
+        acknowledging), it could not be sent, and a clean DISCONNECT would discard the will and leave the retained
+        status ``online`` for good: the connection is ended without one instead, and the broker sends the will."""
         deadline = time.monotonic() + 2.0
+        while self._room() <= 0 and time.monotonic() < deadline:
+            if client.loop(0.05) != paho.MQTT_ERR_SUCCESS:
+                return
+            self._commit_acks()
+        if self._room() <= 0:
+            self._end_with_will(client)
+            return
+        info = self._publish_status(client, "offline")
         while not info.is_published() and time.monotonic() < deadline:
             rc = client.loop(0.05)
             self._commit_acks()
             if rc != paho.MQTT_ERR_SUCCESS:
                 break
+        if not info.is_published():
+            self._end_with_will(client)
+            return
         log.info("mqtt: published offline status; outbox depth %d", self.outbox.depth())
+
+    def _end_with_will(self, client: paho.Client) -> None:
+        log.warning("mqtt: the broker did not acknowledge in time; leaving without a DISCONNECT, so that it "
+                    "publishes the will (offline status); outbox depth %d", self.outbox.depth())
+        sock = client.socket()
+        try:
+            if sock is not None:
+                sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass

@@ -404,9 +404,10 @@ def test_a_message_that_ends_the_connection_costs_a_growing_pause_not_a_reconnec
         assert five.wait(60), (delays, publisher.state.history)
         publisher.stop(0.5)
 
-        # then every session had connected, and the pause between them grew
+        # then every session had connected, and the pause between them grew (each drawn between half the
+        # exponential delay and the delay, test_mqtt_review.py)
         assert publisher.state.connects >= 5 and "Dropped too large PUBLISH" in broker.log()
-        assert delays[:5] == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.6]), publisher.state.history
+        assert all(b / 2 <= d <= b for d, b in zip(delays[:5], [0.1, 0.2, 0.4, 0.8, 1.6])), delays
         assert [r.body["n"] for r in outbox.pending()] == [1, 2]
     finally:
         broker.stop()
