@@ -36,10 +36,10 @@ from agent.config import (
 )
 from agent.health import Metrics, PrometheusServer
 from agent.mqtt import MqttPublisher
-from agent.outbox import Message, Outbox
+from agent.outbox import Message, Outbox, OutboxError
 from agent.pipeline import InferenceStage, ModelHolder, ModelRuntime
 from agent.prepare import camera_preparer, load_empty_scene
-from agent.receiving import AlreadyClosed, Shipment, ShipmentError, receipt_body
+from agent.receiving import AlreadyClosed, ClosedShipment, ReceiptSaveError, Shipment, ShipmentError, receipt_body
 from agent.sources import SourceError, check_finite_source
 from agent.sources.base import FrameSource
 from agent.sources.camera import CameraWorker, FrameHub, Watchdog
@@ -78,7 +78,7 @@ LAST_RESULT = {"model": "last_update", "thresholds": "last_thresholds", "capture
 RESULT_FIELD = {"thresholds": "applied", "capture-empty": "requested", "expect": "shipment"}  # the refused result's
 
 
-class StateSaveError(OSError):
+class StateSaveError(ReceiptSaveError):
     """station-state.json could not be saved before a receipt: that receipt is not stored
     (``Agent._save_for_receipt``)."""
 
@@ -292,13 +292,25 @@ class Agent:
 
     def start(self) -> None:
         """Model first (a bad bundle stops here, before any camera opens), then the threads. Every StartupError
-        names the config field it comes from."""
+        names the config field it comes from. A start that fails, whatever the error, first stops what it had
+        started (``_stop_started``), so the caller gets the error with nothing left running."""
+        try:
+            self._start()
+        except BaseException:
+            self._stop_started()
+            raise
+
+    def _start(self) -> None:
         for text in role_warnings(self.cfg):
             log.warning("config: %s", text)
         try:
             self.cfg.mqtt.check()             # a missing secret or TLS file is a startup error, not a retry loop
         except ConfigError as exc:
             raise startup_error("mqtt", exc) from exc
+        try:
+            self.cfg.model.check_download_dir()   # cmd/model's folder: a startup error, not every update refused
+        except ConfigError as exc:
+            raise startup_error("model.download_dir", exc) from exc
         if self.source_factory is None:       # the real sources (a test's own factory may name no real file)
             check_finite_sources(self.cfg)
         self.load_model()
@@ -312,7 +324,11 @@ class Agent:
         self.metrics.info.update(model_name=self.model.current.bundle.name,
                                  model_version=self.model.current.bundle.version)
         ocfg = self.cfg.outbox
-        self.outbox = Outbox(ocfg.path, max_bytes=ocfg.max_bytes, max_age_s=ocfg.max_age_s, synchronous=ocfg.synchronous)
+        try:
+            self.outbox = Outbox(ocfg.path, max_bytes=ocfg.max_bytes, max_age_s=ocfg.max_age_s,
+                                 synchronous=ocfg.synchronous)
+        except OutboxError as exc:
+            raise startup_error("outbox.path", exc) from exc
         self.publisher = MqttPublisher(self.cfg, self.outbox, self.metrics, self.status_body, self._enqueue_command)
         hub = FrameHub(self.metrics)
         keep_full = self.cfg.frames.enabled and not self.cfg.frames.crop_roi
@@ -327,6 +343,9 @@ class Agent:
         self.inference = InferenceStage(self.cfg, hub, self.model, self.outbox, self.metrics, self.cameras_done)
         self._restore_thresholds()
         self.inference.on_receipt = self._save_for_receipt
+        if self.state.last_closed is not None:      # before a closed shipment's restore, which closes a later one
+            self.inference.receiving.last_closed = ClosedShipment.from_json(self.state.last_closed)
+        self.state.closed_source = self.inference.receiving.saved_closed    # saved with the shipment from now on
         self._restore_shipment()
         self._threads = [self.publisher, self.inference, *self.workers, Watchdog(self.workers, self.stop_event),
                          threading.Thread(target=self._stats_loop, name="stats", daemon=True),
@@ -336,6 +355,30 @@ class Agent:
             thread.start()
         if self.prometheus is not None:
             self.prometheus.start()
+
+    def _stop_started(self) -> None:
+        """After a failed start: the threads it started stopped (as ``shutdown`` stops them), the metrics server and
+        the outbox closed, none of them left for ``shutdown`` (which then does nothing more). The shipment is saved
+        only when the inference stage started (it was restored by then): a desk not restored yet would overwrite
+        the saved one."""
+        self.stop_event.set()
+        started = [thread for thread in self._threads if thread.ident is not None]
+        for worker in self.workers:
+            if worker.ident is not None:
+                worker.join(timeout=5)
+        if self.inference is not None and self.inference.ident is not None:
+            self.inference.stop()
+            self.inference.join(timeout=self.inference.drain_s + 5)
+            self._save_shipment()
+        self._threads = started
+        self._join_command_threads()
+        if self.publisher is not None and self.publisher.ident is not None:
+            self.publisher.stop(0)
+        if self.prometheus is not None:
+            self.prometheus.stop()
+        if self.outbox is not None:
+            self.outbox.close()
+        self.workers, self._threads, self.inference, self.publisher, self.outbox = [], [], None, None, None
 
     def _listen_for_metrics(self) -> None:
         """Bind the metrics port before any thread starts: a port another process holds is a startup error
@@ -405,7 +448,7 @@ class Agent:
     def _save_for_receipt(self) -> None:
         """``_save_shipment`` before a receipt is stored (the desk's ``persist``). A failed save (a full disk)
         raises StateSaveError, so that receipt is not stored: a periodic one is due again with the next batch
-        (the batch's failure is logged and counted in inference_errors_total), a cmd/expect is undone and
+        (the batch's decisions are stored and counted; the inference stage goes on), a cmd/expect is undone and
         refused. Else a crash could restore a tally older than a stored receipt. Counted in
         state_save_errors_total."""
         if self.state is None or self.inference is None:
@@ -764,7 +807,9 @@ def run(cfg: AgentConfig, *, exit_at_end: bool = False, flush_s: float | None = 
     """``python -m agent run``: start, wait for SIGTERM/SIGINT (or the end of input), shut down cleanly.
 
     0 after a clean stop; 2 when the agent cannot start (one line naming ``config_path`` and the field); 1 when,
-    with ``exit_at_end``, a file or folder camera could no longer be opened (its input was not all processed)."""
+    with ``exit_at_end``, a file or folder camera could no longer be opened (its input was not all processed).
+    A start that fails stops what it had started first (``Agent.start``); an unexpected error then goes up with
+    its traceback."""
     agent = Agent(cfg, engine=DeviceEngine.from_env(os.environ), engine_cache=EngineCachePolicy.from_env(os.environ),
                   exit_at_end=exit_at_end)
     try:

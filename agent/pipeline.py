@@ -57,7 +57,7 @@ from agent.localize import cut
 from agent.outbox import Message, Outbox, Record
 from agent.prepare import camera_preparer, fed_box, load_empty_scene, model_input_image
 from agent.priority import lower_this_thread
-from agent.receiving import RECEIPT_MAX_BYTES, RECEIPT_ROOM_BYTES, ReceivingDesk, receipt_body
+from agent.receiving import RECEIPT_MAX_BYTES, RECEIPT_ROOM_BYTES, ReceiptSaveError, ReceivingDesk, receipt_body
 from agent.sources.base import Frame
 from agent.sources.camera import FrameHub
 from contract.bundle import Bundle
@@ -293,7 +293,12 @@ class InferenceStage(threading.Thread):
             while (inferred := self._inferred.get()) is not None:
                 self._guarded(self.decide, inferred, inferred.batch)
         finally:
-            self._flush_items()
+            try:
+                self._flush_items()
+            except Exception:   # logged and counted as a failed batch is, not a traceback that ends the thread
+                self.metrics.inc("inference_errors_total")
+                log.exception("deciding the items still open at the end of the input failed; their decisions are "
+                              "not stored")
 
     # ------------------------------------------------------------ one batch
 
@@ -508,7 +513,8 @@ class InferenceStage(threading.Thread):
         """A batch's messages, then the receipt due with them; whether a receipt was stored. The open shipment
         counts the batch's decisions (``counted``: each decision and its message's id) that the outbox stored,
         none when the write fails: a receipt counts only items whose decision a subscriber can get. All under the
-        desk's ``storing`` lock, as cmd/expect's receipts are (agent/receiving.py)."""
+        desk's ``storing`` lock, as cmd/expect's receipts are (agent/receiving.py). A receipt whose state cannot
+        be saved first is not stored and stays due (the saver logs and counts it): the batch itself is stored."""
         with self.receiving.storing:
             try:
                 records = self.outbox.put_many(messages) if messages else []
@@ -516,7 +522,10 @@ class InferenceStage(threading.Thread):
                 self._count_stored(counted, getattr(exc, "stored_records", []))
                 raise
             self._count_stored(counted, records)
-            return self._store_receipt()
+            try:
+                return self._store_receipt()
+            except ReceiptSaveError:
+                return False
 
     def _count_stored(self, counted: list[tuple[ItemDecision, str]], records: list[Record]) -> None:
         """The open shipment counts the decisions among ``counted`` whose messages the outbox stored."""

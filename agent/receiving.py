@@ -30,9 +30,13 @@ its tally are saved in station-state.json (``persist``) before each receipt is s
 receipt after a restart never counts fewer items than one before it. A close saves the closed shipment with
 its final receipt's id and time before that receipt is stored; a restart that finds it stores that final
 receipt again (the same id, ts and body: a subscriber drops the duplicate by id) and keeps no shipment open,
-so a crash never loses the final receipt nor reopens a shipment whose final receipt was sent. A close of the
-shipment closed last (sent again: QoS 1 may redeliver it) is done already (``AlreadyClosed``): nothing is stored
-again, and a close of a shipment neither open nor closed last is refused.
+so a crash never loses the final receipt nor reopens a shipment whose final receipt was sent. A save that fails
+(``ReceiptSaveError``: a full disk) keeps the receipt after it out of the outbox: a periodic one stays due (its
+batch's decisions are stored and counted), an open or close is undone; a save after a final receipt was stored
+that fails is logged (the next start stores that receipt again). A close of the shipment closed last (sent
+again: QoS 1 may redeliver it) is done already (``AlreadyClosed``): nothing is stored again, and a close of a
+shipment neither open nor closed last is refused. The shipment closed last is saved too (``saved_closed``), so a
+close sent again after a restart is done already as well.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from agent.config import ExpectCommand, ReceivingConfig
+from agent.config import MAX_SHIPMENT_LINES, ExpectCommand, ReceivingConfig
 from agent.decide import ItemDecision
 from contract.messages import SchemaCheck, dumps_finite, mqtt_schema
 from contract.openset import UNKNOWN_LABEL  # the label of an item the unknown score rejects (never sorted)
@@ -73,13 +77,45 @@ class ShipmentError(ValueError):
     """A cmd/expect that cannot be applied; the text names the field."""
 
 
+class ReceiptSaveError(OSError):
+    """The desk's state could not be saved (``ReceivingDesk.persist``) before a receipt, so that receipt is not
+    stored: a periodic one stays due (the batch's decisions are stored and counted all the same), an open or a
+    close is undone. Whoever saves logs and counts it (agent/app.py ``StateSaveError`` derives from it)."""
+
+
 @dataclass(frozen=True)
 class ClosedShipment:
-    """What the desk remembers of the shipment it closed last: enough to answer its close sent again."""
+    """What the desk remembers of the shipment it closed last: enough to answer its close sent again, also after
+    a restart (saved in station-state.json: ``ReceivingDesk.saved_closed``)."""
 
     id: str
     final_id: str | None
     lines: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "final_receipt": self.final_id, "lines": self.lines}
+
+    @classmethod
+    def from_json(cls, raw: Any) -> "ClosedShipment":
+        """A closed shipment saved in station-state.json; ShipmentError naming the field when it is not one."""
+        if not isinstance(raw, dict):
+            raise ShipmentError("field last_closed: expected an object with id, final_receipt and lines")
+        try:
+            ExpectCommand.model_validate({"shipment": raw.get("id"), "close": True})
+        except ValueError:
+            raise ShipmentError(f"field last_closed.id: {str(raw.get('id'))[:40]!r} is not a shipment id") from None
+        final_id, lines = raw.get("final_receipt"), raw.get("lines")
+        if final_id is not None:
+            try:
+                if not isinstance(final_id, str) or str(uuid.UUID(final_id)) != final_id.lower():
+                    raise ValueError
+            except ValueError:
+                raise ShipmentError(f"field last_closed.final_receipt: {str(final_id)[:40]!r} is not a uuid "
+                                    f"string or null") from None
+        if not is_count(lines) or lines > MAX_SHIPMENT_LINES:
+            raise ShipmentError(f"field last_closed.lines: {str(lines)[:40]} is not a count of lines (0 to "
+                                f"{MAX_SHIPMENT_LINES})")
+        return cls(raw["id"], final_id, lines)
 
 
 class AlreadyClosed(ShipmentError):
@@ -538,7 +574,12 @@ class ReceivingDesk:
                 if self.closing is closing:
                     self.closing = None
                 self.last_closed = _closed(closing)
-            self._persist()
+            try:
+                self._persist()
+            except ReceiptSaveError as exc:     # stored already: the state still names it closed, not stored
+                log.error("shipment %s: its final receipt is stored, but the station state could not be saved "
+                          "after it (%s); the next start stores that receipt once more (a duplicate a subscriber "
+                          "drops by id)", closing.id, exc)
 
     def prior(self, labels: Sequence[str]) -> np.ndarray | None:
         """The weights an item decision multiplies its probabilities by; None when no shipment is open."""
@@ -599,6 +640,12 @@ class ReceivingDesk:
         with self._lock:
             shipment = self.shipment if self.shipment is not None else self.closing
             return shipment.to_json() if shipment is not None else None
+
+    def saved_closed(self) -> dict[str, Any] | None:
+        """What station-state.json keeps of the shipment closed last (its close sent again after a restart is done
+        already), None when there is none."""
+        with self._lock:
+            return self.last_closed.to_json() if self.last_closed is not None else None
 
 
 def _closed(shipment: Shipment) -> ClosedShipment:

@@ -12,7 +12,10 @@ proves no change of config: the state is then used as it is and its file left un
 A state file that is unreadable, or a bundle that no longer verifies, is logged and the configured
 bundle runs; nothing is lost by a bad state file (it is kept as ``.bad``). A saved shipment that is not one
 (agent/receiving.py ``Shipment.from_json``) is not restored, and a copy of the file is kept as ``.bad`` before
-the next save writes the state without it; its model and thresholds are used. A file set aside never
+the next save writes the state without it; its model and thresholds are used. The shipment closed last
+(``last_closed``: its id, final receipt id and number of lines) is kept so a close sent again after a restart is
+done already; one that is not one is dropped the same way (logged, ``.bad`` copy), and a state saved before it
+was kept loads without it. A file set aside never
 replaces an earlier one: the newest is ``.bad`` (``.previous``), the ones before it are renamed with
 the UTC time they were displaced (``.bad.20260102T030405.678901Z``), the newest ``KEEP_SET_ASIDE`` kept.
 """
@@ -28,9 +31,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from agent.receiving import Shipment, ShipmentError
+from agent.receiving import ClosedShipment, Shipment, ShipmentError
 from contract.events import fsync_dir
 from contract.messages import dumps_finite, loads_finite
 
@@ -56,6 +59,10 @@ class StationState:
     model: dict[str, Any] | None = None            # {"bundle": path, "version": ..., "sha256": ...}
     thresholds: dict[str, dict[str, Any]] = field(default_factory=dict)   # camera id -> cmd/thresholds overrides
     shipment: dict[str, Any] | None = None         # the open shipment (agent/receiving.py Shipment.to_json)
+    last_closed: dict[str, Any] | None = None      # the shipment closed last (agent/receiving.py ClosedShipment)
+    # where each save reads the shipment closed last from (the agent sets the receiving desk's ``saved_closed``
+    # once it holds the restored one); until then ``last_closed`` is saved as it was loaded
+    closed_source: Callable[[], dict[str, Any] | None] | None = field(default=None, repr=False, compare=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @classmethod
@@ -88,7 +95,7 @@ class StationState:
             return fresh
         # the sha it was made for: the configured bundle's, or kept as it was when that cannot be read
         return cls(path, raw.get("configured_sha256"), raw.get("model"), dict(raw.get("thresholds") or {}),
-                   _restorable_shipment(path, raw.get("shipment")))
+                   _restorable_shipment(path, raw.get("shipment")), _restorable_closed(path, raw.get("last_closed")))
 
     def set_model(self, bundle_root: Path, version: str) -> None:
         self.model = {"bundle": str(bundle_root), "version": version, "sha256": manifest_sha256(bundle_root)}
@@ -107,8 +114,10 @@ class StationState:
     def save(self) -> None:
         """Atomically; one writer at a time, each writing every field as it is now (none undoes another's)."""
         with self._lock:
+            if self.closed_source is not None:
+                self.last_closed = self.closed_source()
             self._write({"schema": SCHEMA, "configured_sha256": self.configured_sha256, "model": self.model,
-                         "thresholds": self.thresholds, "shipment": self.shipment})
+                         "thresholds": self.thresholds, "shipment": self.shipment, "last_closed": self.last_closed})
 
     def _write(self, body: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -179,6 +188,21 @@ def _restorable_shipment(path: Path, shipment: dict[str, Any] | None) -> dict[st
         _set_aside(path, ".bad", copy=True)
         return None
     return shipment
+
+
+def _restorable_closed(path: Path, closed: Any) -> dict[str, Any] | None:
+    """The saved shipment closed last, or None when there is none (a state saved before it was kept) or it is not
+    one: then logged naming the field, and a copy of the file kept as ``.bad``."""
+    if closed is None:
+        return None
+    try:
+        ClosedShipment.from_json(closed)
+    except ShipmentError as exc:
+        log.error("%s: the shipment closed last is not restored: %s (its close sent again is refused as not open); "
+                  "a copy of the file is kept as %s.bad", path, exc, path.name)
+        _set_aside(path, ".bad", copy=True)
+        return None
+    return closed
 
 
 def _set_aside(path: Path, suffix: str, keep: int = KEEP_SET_ASIDE, copy: bool = False) -> None:

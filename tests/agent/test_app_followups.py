@@ -5,7 +5,8 @@
   has its tally saved;
 - a close sent twice is answered as done, a close of a shipment never opened is still refused;
 - /metrics carries the engine cache's count of engines TensorRT rejected;
-- a start that fails after the metrics port was bound does not hang the shutdown.
+- a start that fails after the metrics port was bound does not hang the shutdown;
+- a close sent again after a restart is done already (the shipment closed last is saved in station-state.json).
 
 Real parts: the Agent on the tiny ONNX bundle (ONNX Runtime), its SQLite outbox and state file, its Prometheus
 server scraped over HTTP, the engine cache. Stand-ins: items are decided from probability rows handed to the
@@ -288,3 +289,70 @@ def test_shutdown_after_a_start_that_failed_past_the_metrics_port_returns_and_fr
     assert not stopping.is_alive(), "Agent.shutdown() hangs after a start that failed past the metrics port"
     with socket.socket() as again:
         again.bind(("127.0.0.1", port))
+
+
+# ------------------------------------------------------------------ a close sent again after a restart
+
+def test_a_close_sent_again_after_a_restart_is_done_already(tiny_bundle, tmp_path):
+    """The shipment closed last was kept in memory only: after a restart its close, sent again (a QoS 1
+    redelivery, an operator resending it), was refused as "'PO-1' is not open" and counted as rejected."""
+    cfg = station(tmp_path, tiny_bundle)
+    path = Path(cfg.outbox.path).parent / STATE_FILE
+    agent = start(cfg)
+    try:
+        assert expect(agent, shipment="PO-1", lines={"Trouser": 2, "Dress": 1})
+        item(agent, "Trouser", 1)
+        assert expect(agent, shipment="PO-1", close=True)
+        final_id = agent.inference.receiving.last_closed.final_id
+    finally:
+        agent.shutdown(0)
+    assert json.loads(path.read_text())["last_closed"] == {"id": "PO-1", "final_receipt": final_id, "lines": 2}
+
+    # when: the station starts again and the close arrives again
+    agent = start(cfg)
+    try:
+        assert expect(agent, shipment="PO-1", close=True), agent.last_expect
+        # then: done already, as before the restart; nothing stored again
+        last = status(agent)["last_expect_update"]
+        assert last["shipment"] == {"id": "PO-1", "state": "closed", "lines": 2}
+        assert f"'PO-1' was already closed (final receipt {final_id})" in last["reason"]
+        assert agent.metrics.counter("commands_rejected_total", command="expect") == 0
+        # and: with the next shipment open and saved, still so after another restart
+        assert expect(agent, shipment="PO-2", lines={"Dress": 1})
+    finally:
+        agent.shutdown(0)
+    agent = start(cfg)
+    try:
+        assert expect(agent, shipment="PO-1", close=True) and agent.inference.receiving.shipment.id == "PO-2"
+        assert expect(agent, shipment="PO-2", close=True) and agent.last_expect["reason"] is None
+        assert not expect(agent, shipment="PO-1", close=True)       # no longer the one closed last
+    finally:
+        agent.shutdown(0)
+    receipts, _ = stored(cfg)
+    assert [r["shipment"] for r in receipts if r["final"]] == ["PO-1", "PO-2"]
+
+
+def test_a_shipment_closed_before_a_restart_whose_final_receipt_was_stored_again_is_remembered_after_the_next(
+        tiny_bundle, tmp_path):
+    """A close saved before its final receipt was known stored: the restart stores that receipt again, and the
+    shipment is then the one closed last, saved as such for the start after."""
+    cfg = station(tmp_path, tiny_bundle)
+    agent = start(cfg)
+    try:
+        assert expect(agent, shipment="PO-1", lines={"Trouser": 2})
+    finally:
+        agent.shutdown(0)
+    path = Path(cfg.outbox.path).parent / STATE_FILE
+    state = json.loads(path.read_text())
+    final_id, closed_at = str(uuid.uuid4()), time.time()
+    state["shipment"].update(closed_at=closed_at, final_receipt={"id": final_id, "ts": closed_at})
+    path.write_text(json.dumps(state))
+    for _ in range(2):
+        agent = start(cfg)
+        try:
+            assert expect(agent, shipment="PO-1", close=True), agent.last_expect
+            assert final_id in agent.last_expect["reason"]
+        finally:
+            agent.shutdown(0)
+    receipts, _ = stored(cfg)
+    assert [r["id"] for r in receipts if r["final"]] == [final_id]

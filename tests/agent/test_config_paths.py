@@ -181,3 +181,17 @@ def test_a_download_folder_this_user_cannot_write_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=f"cannot create {folder / 'bundles'} \\({folder} is not writable"):
         ModelConfig(bundle="b", download_dir=folder / "bundles").check_download_dir()
 
+
+def test_run_refuses_a_download_folder_that_cannot_be_made_as_the_startup_does(tmp_path, tiny_bundle):
+    """``agent.startup`` refused it; ``run`` started, and refused every cmd/model after."""
+    (tmp_path / "a-file").write_text("in the way\n")
+    dl = tmp_path / "a-file" / "bundles"
+    images = _images(tmp_path / "images")
+    config = write_yaml(tmp_path / "station.yaml", station_config(tmp_path, tiny_bundle, str(images), NO_BROKER,
+                                                                  model={"download_dir": str(dl)}))
+    proc = subprocess.run([sys.executable, "-m", "agent", "run", "--config", str(config), "--exit-at-end",
+                           "--flush-timeout", "0"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert (f"cannot start: {config}: field model.download_dir: cannot create {dl} ({tmp_path / 'a-file'} is not "
+            f"a folder)") in proc.stderr
+    assert not dl.exists()

@@ -132,3 +132,39 @@ def test_a_saved_shipment_with_a_ref_no_receipt_takes_is_refused_by_name(tmp_pat
     with caplog.at_level(logging.ERROR):
         assert StationState.load(path, bundle).shipment is None
     assert "field shipment.refs[''][0]: not a receipt ref" in caplog.text and (tmp_path / f"{STATE_FILE}.bad").exists()
+
+
+def test_the_shipment_closed_last_is_kept_and_a_bad_one_is_refused_by_name(tmp_path, caplog):
+    """The shipment closed last (its close sent again after a restart is done already) is saved with the state; one
+    that is not one is dropped naming the field, a copy of the file kept, the rest used; an older state file
+    without it loads as before."""
+    from agent.receiving import ClosedShipment, ShipmentError
+
+    bundle = make_bundle(tmp_path / "bundle")
+    path = tmp_path / STATE_FILE
+    closed = {"id": "PO-1", "final_receipt": "6f1c1e4e-6c8c-4f0a-9d55-0f6c1c3a2b10", "lines": 2}
+    state = StationState.load(path, bundle)
+    state.closed_source = lambda: closed
+    state.set_model(tmp_path / "installed" / "v7", "v7")
+    assert StationState.load(path, bundle).last_closed == closed
+    assert ClosedShipment.from_json(closed) == ClosedShipment("PO-1", closed["final_receipt"], 2)
+    for bad, field in [("PO-1", "last_closed"), ({**closed, "id": "x" * 65}, "last_closed.id"),
+                       ({**closed, "id": None}, "last_closed.id"),
+                       ({**closed, "final_receipt": "not-a-uuid"}, "last_closed.final_receipt"),
+                       ({**closed, "final_receipt": 7}, "last_closed.final_receipt"),
+                       ({**closed, "lines": True}, "last_closed.lines"),
+                       ({**closed, "lines": 1001}, "last_closed.lines")]:
+        with pytest.raises(ShipmentError, match=f"field {re.escape(field)}: "):
+            ClosedShipment.from_json(bad)
+    raw = json.loads(path.read_text())
+    path.write_text(json.dumps({**raw, "last_closed": {**closed, "lines": -1}}))
+    written = path.read_bytes()
+    with caplog.at_level(logging.ERROR):
+        loaded = StationState.load(path, bundle)
+    assert loaded.last_closed is None and loaded.model is not None and loaded.model["version"] == "v7"
+    assert "the shipment closed last is not restored: field last_closed.lines" in caplog.text
+    assert (tmp_path / f"{STATE_FILE}.bad").read_bytes() == written
+    # a state saved before the shipment closed last was kept: loads, without it
+    path.write_text(json.dumps({k: v for k, v in raw.items() if k != "last_closed"}))
+    older = StationState.load(path, bundle)
+    assert older.last_closed is None and older.model["version"] == "v7"
