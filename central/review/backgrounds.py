@@ -4,13 +4,15 @@
 [--per-camera N] [--force]`` writes::
 
     <out>/<site>/<station>/<camera>/<frame_id>.jpg   the empty-scene JPEGs as stations sent them (hard links
-                                                     where the file system allows)
+                                                     where the file system allows; an id that is not a plain
+                                                     name: ``store.file_stem``, so two ids never share a file)
     <out>/backgrounds.json                           counts per camera, the filters, the store
 
 ``trainer.backgrounds.folder_tiles`` walks the folder recursively and cuts random square crops of every
 image; it reads at most 64 files, drawn at random over the folder (before 2026-12-06 the first 64 by path,
 the first cameras' only). ``--per-camera`` keeps each camera's newest, so old scenes do not outnumber the
-current ones. Written beside ``--out`` and renamed into place, like
+current ones. The scenes are read a page at a time (``FrameStore.iter_empty_scenes``): thousands of them
+hold one page of rows, never all. Written beside ``--out`` and renamed into place, like
 ``labels export``: an interrupted export leaves the previous one whole; an existing ``--out`` is replaced
 only with ``--force``.
 """
@@ -18,28 +20,20 @@ only with ``--force``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
 import tempfile
 import time
+from contextlib import closing
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from central.review.labels import _iso, check_out, replace_folder
-from central.review.store import FrameStore, StoreError, _safe
+from central.review.store import FrameStore, StoreError, _safe, file_stem
 
 SUMMARY = "backgrounds.json"
-
-
-def _newest(scenes: list[dict[str, Any]], per_camera: int | None) -> list[dict[str, Any]]:
-    """At most ``per_camera`` of each camera's scenes, the newest (the scene as it is now)."""
-    if not per_camera:
-        return scenes
-    by_camera: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
-    for scene in scenes:
-        by_camera.setdefault((scene["site"], scene["station"], scene["camera"]), []).append(scene)
-    return [s for group in by_camera.values() for s in group[-per_camera:]]
 
 
 def export_backgrounds(store: FrameStore, out: Path, *, site: str | None = None, station: str | None = None,
@@ -53,38 +47,54 @@ def export_backgrounds(store: FrameStore, out: Path, *, site: str | None = None,
     check_out(store, out, SUMMARY, force)
     if per_camera is not None and per_camera < 1:
         raise StoreError(f"--per-camera {per_camera}: must be at least 1")
-    scenes = _newest(store.list_empty_scenes(site=site, station=station, camera=camera), per_camera)
     filters = {k: v for k, v in (("site", site), ("station", station), ("camera", camera)) if v}
-    if not scenes:
-        raise StoreError(f"--store {store.root}: no empty scenes stored" + (f" for {filters}" if filters else "")
-                         + " (stations send them on cmd/capture-empty and every frames.empty_scene_interval_s)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    with closing(store.iter_empty_scenes(site=site, station=station, camera=camera, per_camera=per_camera)) as scenes:
+        first = next(scenes, None)
+        if first is None:
+            raise StoreError(f"--store {store.root}: no empty scenes stored" + (f" for {filters}" if filters else "")
+                             + " (stations send them on cmd/capture-empty and every frames.empty_scene_interval_s)")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        try:
+            counts, missing = _link_scenes(store, itertools.chain([first], scenes), tmp)
+            summary = {"store": str(store.root.resolve()), "exported_at": _iso(time.time()),
+                       "images": sum(counts.values()), "by_camera": dict(sorted(counts.items())), "filters": filters,
+                       "per_camera": per_camera, "image_file_missing": missing}
+            (tmp / SUMMARY).write_text(json.dumps(summary, indent=2))
+            replace_folder(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return summary
+
+
+def _link_scenes(store: FrameStore, scenes: Iterator[dict[str, Any]], tmp: Path) -> tuple[dict[str, int], int]:
+    """Each scene's JPEG under ``tmp``, one at a time: (scenes per camera, scenes whose image file is gone)."""
     counts: dict[str, int] = {}
     missing = 0
+    for scene in scenes:
+        src = store.root / scene["image"]
+        if not src.is_file():
+            missing += 1
+            continue
+        folder = Path(_safe(scene["site"])) / _safe(scene["station"]) / _safe(scene["camera"])
+        _place(src, tmp / folder / f"{file_stem(scene['id'])}.jpg")
+        key = f"{scene['site']}/{scene['station']}/{scene['camera']}"
+        counts[key] = counts.get(key, 0) + 1
+    return counts, missing
+
+
+def _place(src: Path, dst: Path) -> None:
+    """``src`` at ``dst``: a hard link, or a copy where the file system has none; never over a file there."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
     try:
-        for scene in scenes:
-            src = store.root / scene["image"]
-            if not src.is_file():
-                missing += 1
-                continue
-            rel = Path(_safe(scene["site"])) / _safe(scene["station"]) / _safe(scene["camera"]) / f"{_safe(scene['id'])}.jpg"
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(src, tmp / rel)
-            except OSError:
-                shutil.copy2(src, tmp / rel)
-            key = f"{scene['site']}/{scene['station']}/{scene['camera']}"
-            counts[key] = counts.get(key, 0) + 1
-        summary = {"store": str(store.root.resolve()), "exported_at": _iso(time.time()),
-                   "images": sum(counts.values()), "by_camera": dict(sorted(counts.items())), "filters": filters,
-                   "per_camera": per_camera, "image_file_missing": missing}
-        (tmp / SUMMARY).write_text(json.dumps(summary, indent=2))
-        replace_folder(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return summary
+        os.link(src, dst)
+    except FileExistsError:
+        raise StoreError(f"{dst}: two empty scenes would be exported under one name") from None
+    except OSError:
+        with open(src, "rb") as fin, open(dst, "xb") as fout:
+            shutil.copyfileobj(fin, fout)
+        shutil.copystat(src, dst)
 
 
 def add_backgrounds_parser(sub: argparse._SubParsersAction) -> None:

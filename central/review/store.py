@@ -7,6 +7,10 @@ Layout under the store folder::
     images/<site>/<station>/<YYYYMMDD>/<id>.context.jpg   its ROI context, when the station sent one
     empty-scenes/<site>/<station>/<camera>/<YYYYMMDD>/<id>.jpg   an empty scene (a background, never reviewed)
 
+``<id>`` is ``file_stem(id)``: the id itself where it is a plain name (every UUID), else a plain form and a
+hash of it, so that two ids never share a file. Each row keeps its file's path: a file is found by its row,
+never by computing its name again (stores written before the hash was added keep their names).
+
 A frame is written inside one write transaction (``BEGIN IMMEDIATE``: SQLite's write lock, held
 across processes): the duplicate and quota checks, the JPEG to a temporary name, fsync, rename, then
 the row, commit. A crash in between leaves at most an image without a row; ``FrameStore`` removes such
@@ -34,6 +38,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import sqlite3
 import tempfile
 import threading
@@ -72,11 +77,14 @@ LOCK_WAIT_S = 60                   # how long an open or a write waits for anoth
 MAX_CONTEXT_BYTES = 64 * 1024      # the ROI context JPEG (the station sends at most 160 px, a few kB)
 MAX_CONTEXT_SIDE = 1024
 REVIEWED_PAGE = 256                # reviewed frames read at a time by iter_reviewed (an export, an enrolment)
+EMPTY_SCENES_PAGE = 256            # empty scenes read at a time by iter_empty_scenes (a backgrounds export)
 QUARANTINE_MAX_ROWS = 1000         # the newest refused messages kept; older ones go (the counter keeps counting)
 QUARANTINE_MAX_PAYLOAD = 64 * 1024  # bytes of each refused payload kept (its full size is recorded)
 QUARANTINE_MAX_PROPERTY = 16 * 1024  # characters of each of its MQTT user property values kept
 QUARANTINE_MAX_PROPERTIES = 64 * 1024  # characters of all its user properties kept (MQTT bounds neither count
                                        # nor size of them)
+NAME_PART_BYTES = 120              # a folder named after a site, station or camera (file systems: 255 at most)
+PLAIN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")   # a frame id that names its files as it is (``file_stem``)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS frames (
@@ -152,9 +160,26 @@ def context_jpeg(meta: dict[str, Any]) -> tuple[bytes | None, str | None]:
 
 
 def _safe(part: str) -> str:
-    """A path component from station-supplied text: no separators, no dot names."""
-    cleaned = "".join(c if c.isalnum() or c in "-_." else "_" for c in part).strip(".")
+    """A folder name from station-supplied text: no separators, no dot names, at most ``NAME_PART_BYTES`` bytes
+    (a file system refuses a name over 255). Two values may share one (``cam:1``, ``cam_1``); the files in it do
+    not (``file_stem``)."""
+    cleaned = "".join(c if c.isalnum() or c in "-_." else "_" for c in part)
+    cleaned = cleaned.encode("utf-8")[:NAME_PART_BYTES].decode("utf-8", "ignore").strip(".")
     return cleaned or "_"
+
+
+def file_stem(frame_id: str) -> str:
+    """The name of a frame's files (``<stem>.jpg``, ``<stem>.context.jpg``) and of its exported copy: the id itself
+    when it is a plain name (letters, digits, ``-``, ``_``; at most 64: every UUID a station sends), else its
+    first 64 characters made plain, ``~`` and 16 hex digits of the id's SHA-256. Two ids never share a name
+    (until 2026-12-07 ``frame:1`` and ``frame_1`` did, and the second frame's JPEG replaced the first's), and no
+    stem holds a dot, so a frame's image is never another frame's context image."""
+    return frame_id if PLAIN_ID.fullmatch(frame_id) else _hashed_stem(frame_id)
+
+
+def _hashed_stem(frame_id: str) -> str:
+    plain = "".join(c if c.isascii() and (c.isalnum() or c in "-_") else "_" for c in frame_id[:64])
+    return f"{plain}~{hashlib.sha256(frame_id.encode('utf-8', 'surrogatepass')).hexdigest()[:16]}"
 
 
 class FrameStore:
@@ -181,11 +206,22 @@ class FrameStore:
         self._db = sqlite3.connect(self.root / DB_NAME, check_same_thread=False, isolation_level=None,
                                    timeout=LOCK_WAIT_S)
         self._db.row_factory = sqlite3.Row
+        self._warned = False
+        try:
+            self._open(max_bytes, warn_fraction)
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            if isinstance(exc, sqlite3.OperationalError):      # locked, disk, permissions: not the file's content
+                raise
+            # "file is not a database", "database disk image is malformed": said with the file, which is kept
+            raise StoreError(f"{self.root / DB_NAME}: not a readable frame store index ({exc}); nothing was changed "
+                             f"in it (restore it from a backup, or move it away to start an empty store)") from None
+
+    def _open(self, max_bytes: int | None, warn_fraction: float | None) -> None:
         self._wal(deadline=time.monotonic() + LOCK_WAIT_S)
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
         self._add_columns()
-        self._warned = False
         self.max_bytes, self.warn_fraction = self._quota_settings(max_bytes, warn_fraction)
         self.reconciled = self._reconcile()
         self._check_quota(self.used_bytes())
@@ -395,19 +431,19 @@ class FrameStore:
         except FrameCheckError as exc:
             raise StoreError(f"frame {frame_id}: {exc}") from None
         day = time.strftime("%Y%m%d", time.gmtime())
-        rel = Path("images") / _safe(meta["site"]) / _safe(meta["station"]) / day / f"{_safe(frame_id)}.jpg"
+        folder = Path("images") / _safe(meta["site"]) / _safe(meta["station"]) / day
         context, problem = context_jpeg(meta)
         if problem:
             log.warning("frame %s from %s/%s: ROI context refused, the frame is stored without it: %s", frame_id,
                         meta["site"], meta["station"], problem)
-        context_rel = rel.with_name(f"{_safe(frame_id)}.context.jpg") if context is not None else None
         try:
             kept = checks.json_text(_without_context_jpeg(meta), "meta")
         except FrameCheckError as exc:
             raise StoreError(f"frame {frame_id}: {exc}") from None
         seq, frame_seq, captured_at, ts, model_name, model_version, source_ref = common
 
-        def insert() -> None:
+        def insert(files: list[tuple[Path, bytes]]) -> None:
+            rel, context_rel = files[0][0], files[1][0] if len(files) > 1 else None
             self._db.execute(
                 "INSERT INTO frames(id, seq, site, station, camera, frame_seq, captured_at, ts, model_name, "
                 "model_version, predicted, confidence, top_k, selected_because, source_ref, meta, "
@@ -422,7 +458,10 @@ class FrameStore:
             if problem:
                 self._bump("context_refused")
 
-        files = [(rel, jpeg)] + ([(context_rel, context)] if context_rel is not None and context is not None else [])
+        def files(stem: str) -> list[tuple[Path, bytes]]:
+            return [(folder / f"{stem}.jpg", jpeg)] + ([(folder / f"{stem}.context.jpg", context)]
+                                                       if context is not None else [])
+
         return self._add_files("frames", frame_id, meta, files, insert)
 
     def _checked_jpeg(self, meta: dict[str, Any], jpeg: bytes) -> tuple[int, int]:
@@ -456,10 +495,10 @@ class FrameStore:
             raise StoreError(f"frame {frame_id}: {exc}") from None
         seq, frame_seq, captured_at, ts, model_name, model_version, source_ref = common
         day = time.strftime("%Y%m%d", time.gmtime())
-        rel = (Path(EMPTY_SCENES_DIR) / _safe(meta["site"]) / _safe(meta["station"]) / _safe(meta["camera"]) / day
-               / f"{_safe(frame_id)}.jpg")
+        folder = Path(EMPTY_SCENES_DIR) / _safe(meta["site"]) / _safe(meta["station"]) / _safe(meta["camera"]) / day
 
-        def insert() -> None:
+        def insert(files: list[tuple[Path, bytes]]) -> None:
+            rel = files[0][0]
             self._db.execute(
                 "INSERT INTO empty_scenes(id, seq, site, station, camera, frame_seq, captured_at, ts, model_name, "
                 "model_version, trigger, source_ref, meta, received_at, image, bytes, sha256, width, height) "
@@ -469,11 +508,14 @@ class FrameStore:
                  hashlib.sha256(jpeg).hexdigest(), shape[1], shape[0]))
             self._bump("empty_scenes_stored")
 
-        return self._add_files("empty_scenes", frame_id, meta, [(rel, jpeg)], insert)
+        return self._add_files("empty_scenes", frame_id, meta, lambda stem: [(folder / f"{stem}.jpg", jpeg)], insert)
 
-    def _add_files(self, table: str, frame_id: str, meta: dict[str, Any], files: list[tuple[Path, bytes]],
-                   insert: Callable[[], None]) -> AddResult:
-        """Duplicate and quota checks, the files (fsynced, renamed) and the row, in one write transaction."""
+    def _add_files(self, table: str, frame_id: str, meta: dict[str, Any],
+                   named: Callable[[str], list[tuple[Path, bytes]]],
+                   insert: Callable[[list[tuple[Path, bytes]]], None]) -> AddResult:
+        """Duplicate and quota checks, the files (fsynced, renamed) and the row, in one write transaction.
+        ``named``: the files (relative path, bytes) under a stem; ``insert``: the row, given the files written."""
+        files = named(file_stem(frame_id))
         size = sum(len(data) for _, data in files)
         written: list[Path] = []
         with self._lock:
@@ -491,10 +533,11 @@ class FrameStore:
                                   f"export frames, or raise --max-bytes")
                         log.error(reason)
                         return AddResult("refused", frame_id, reason)
+                    files = self._free_names(frame_id, files, named)
                     for rel, data in files:
                         self._write_atomic(self.root / rel, data)
                         written.append(rel)
-                    insert()
+                    insert(files)
                     self._bump("bytes_stored", size)
             except BaseException:
                 for rel in written:     # still under our lock: nobody else has committed a row for this file
@@ -502,6 +545,24 @@ class FrameStore:
                 raise
             self._check_quota(used + size)
             return AddResult("stored", frame_id)
+
+    def _free_names(self, frame_id: str, files: list[tuple[Path, bytes]],
+                    named: Callable[[str], list[tuple[Path, bytes]]]) -> list[tuple[Path, bytes]]:
+        """``files``, or where a stored frame's file already has one of their names (a store written before
+        ``file_stem``: its ``frame:1`` is ``frame_1.jpg``), the same files under the id's hashed stem. Never
+        replaces a stored frame's file: StoreError when both are taken. Called under the write lock, so a file
+        without a row is a crash's leftover, free to replace."""
+        for candidate in (files, named(_hashed_stem(frame_id))):
+            if not any((self.root / rel).exists() and self._names_file(rel) for rel, _ in candidate):
+                return candidate
+        raise StoreError(f"frame {frame_id}: its image file {files[0][0].as_posix()} already holds another frame's "
+                         f"image; refused, nothing stored was replaced")
+
+    def _names_file(self, rel: Path) -> bool:
+        """Whether a stored row names the file ``rel`` (relative to the store)."""
+        return self._db.execute("SELECT 1 FROM frames WHERE image = ?1 OR context_image = ?1 UNION ALL "
+                                "SELECT 1 FROM empty_scenes WHERE image = ?1 LIMIT 1",
+                                (rel.as_posix(),)).fetchone() is not None
 
     def _stored_bytes(self) -> int:
         row = self._db.execute("SELECT value FROM counters WHERE name = 'bytes_stored'").fetchone()
@@ -551,16 +612,36 @@ class FrameStore:
     def list_empty_scenes(self, *, site: str | None = None, station: str | None = None,
                           camera: str | None = None) -> list[dict[str, Any]]:
         """The stored empty scenes (backgrounds), oldest capture first, optionally of one site/station/camera."""
+        return list(self.iter_empty_scenes(site=site, station=station, camera=camera))
+
+    def iter_empty_scenes(self, *, site: str | None = None, station: str | None = None, camera: str | None = None,
+                          per_camera: int | None = None) -> Iterator[dict[str, Any]]:
+        """``list_empty_scenes``, read ``EMPTY_SCENES_PAGE`` rows at a time from one snapshot on a connection of
+        its own (a backgrounds export of thousands of scenes holds a page, not every row). ``per_camera``: only
+        each camera's newest that many (latest capture)."""
         where, args = [], []
         for key, value in (("site", site), ("station", station), ("camera", camera)):
             if value not in (None, ""):
                 where.append(f"{key} = ?")
                 args.append(value)
         clause = (" WHERE " + " AND ".join(where)) if where else ""
-        with self._lock:
-            rows = self._db.execute(f"SELECT * FROM empty_scenes{clause} ORDER BY captured_at, id", args).fetchall()
-        return [checks.finite(dict(row, meta=checks.stored_json(row["meta"], {}, f"empty scene {row['id']}")))
-                for row in rows]
+        query = f"SELECT * FROM empty_scenes{clause} ORDER BY captured_at, id"
+        if per_camera:
+            query = (f"SELECT * FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY site, station, camera "
+                     f"ORDER BY captured_at DESC, id DESC) AS newest FROM empty_scenes{clause}) "
+                     f"WHERE newest <= ? ORDER BY captured_at, id")
+            args.append(per_camera)
+        reader = self._reader()
+        try:
+            reader.execute("BEGIN")         # one snapshot for all the pages (WAL: writers go on meanwhile)
+            cursor = reader.execute(query, args)
+            while rows := cursor.fetchmany(EMPTY_SCENES_PAGE):
+                for row in rows:
+                    scene = {k: row[k] for k in row.keys() if k != "newest"}
+                    yield checks.finite({**scene, "meta": checks.stored_json(row["meta"], {},
+                                                                             f"empty scene {row['id']}")})
+        finally:
+            reader.close()
 
     def list(self, *, limit: int = 50, offset: int = 0, order: str = "oldest",
              **filters: Any) -> tuple[list[dict], int]:

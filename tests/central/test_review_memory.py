@@ -94,8 +94,10 @@ def test_reviewed_frames_are_read_a_page_at_a_time_and_all_of_them_in_order(tmp_
 
 def test_the_export_memory_stays_flat_and_the_dataset_is_whole(tmp_path, monkeypatch):
     """Given 6,000 reviewed frames with 4,000-character notes (24 MB of notes), when they are exported, then the
-    export allocates at most a quarter of that at its peak (a page of 32 rows, ~0.6 MB, and Python's own tables:
-    before, every row twice over, 44 MB), and every frame is in the CSV and the folders with its label."""
+    export allocates at most half of that at its peak (a page of 32 rows, ~0.6 MB, and Python's own tables, which
+    grow by megabytes at a time after other tests ran in the same process: 2.5 MB alone, 8.3 MB seen after the
+    review API tests; before, every row twice over, 44 MB), and every frame is in the CSV and the folders with
+    its label."""
     monkeypatch.setattr(store_module, "REVIEWED_PAGE", 32, raising=False)
     store = grown_store(tmp_path / "store", 6000)
     try:
@@ -107,7 +109,7 @@ def test_the_export_memory_stays_flat_and_the_dataset_is_whole(tmp_path, monkeyp
             tracemalloc.stop()
     finally:
         store.close()
-    assert peak < 6000 * NOTE / 4, f"peak {peak / 1e6:.1f} MB"
+    assert peak < 6000 * NOTE / 2, f"peak {peak / 1e6:.1f} MB"
     assert summary["frames"] == 6002 and summary["by_label"] == {LABELS[0]: 5990, LABELS[1]: 1, "Tote": 11}
     with open(tmp_path / "out" / CSV_NAME, newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))

@@ -114,3 +114,54 @@ def test_train_draws_on_the_exported_backgrounds(scene_store, fmnist_dir, tmp_pa
     config = json.loads((tmp_path / "runs" / "bg" / "config.json").read_text())
     assert config["augment"]["station_view"]["backgrounds"] == str(tmp_path / "bg")
     assert f"crops from 9 frames in {tmp_path / 'bg'}" in run.stdout + run.stderr
+
+
+def _grown(store: FrameStore, n: int, *, ref_chars: int = 4000) -> None:
+    """``n`` more scenes of the store's first one (its image, a later capture each, a long source_ref), copied in
+    SQL: a store of thousands of empty scenes without thousands of fsync'd writes."""
+    cols = [r[1] for r in store._db.execute("PRAGMA table_info(empty_scenes)")]
+    values = ", ".join({"id": "s.id || '-copy-' || n.i", "source_ref": f"printf('%.{ref_chars}c', 'x')",
+                        "captured_at": "s.captured_at + 100 + n.i"}.get(c, f"s.{c}") for c in cols)
+    first = store._db.execute("SELECT id FROM empty_scenes ORDER BY captured_at, id LIMIT 1").fetchone()[0]
+    store._db.execute(f"WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {n}) "
+                      f"INSERT INTO empty_scenes({', '.join(cols)}) SELECT {values} FROM empty_scenes AS s, n "
+                      f"WHERE s.id = ?", (first,))
+
+
+def test_the_export_holds_a_page_of_scenes_not_all_of_them(scene_store, tmp_path, monkeypatch):
+    """1,000 stored scenes whose rows hold 40 kB each (40 MB in all): the export reads them 8 at a time, so it
+    holds about 1 MB of them at once (it held every row at once: a peak of 46 MB), and it still writes every
+    scene. The bound, half the rows, leaves room for what else allocates meanwhile (pathlib interns every file
+    name, and its table grows by megabytes at a time in a long test session)."""
+    import tracemalloc
+
+    import central.review.store as store_module
+
+    monkeypatch.setattr(store_module, "EMPTY_SCENES_PAGE", 8)
+    store, records = scene_store
+    _grown(store, 1000, ref_chars=40_000)
+    tracemalloc.start()
+    try:
+        summary = export_backgrounds(store, tmp_path / "bg")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert summary["images"] == 1009 and summary["by_camera"]["ber1/receiving-01/dock-a"] == 1004
+    assert len(list((tmp_path / "bg").rglob("*.jpg"))) == 1009
+    assert peak < 1000 * 40_000 / 2, f"peak {peak} bytes while exporting 1000 scenes of 40 kB"
+    newest = export_backgrounds(store, tmp_path / "newest", per_camera=2)      # the newest, chosen in the query
+    assert sorted(p.stem for p in (tmp_path / "newest" / "ber1" / "receiving-01" / "dock-a").glob("*.jpg")) == [
+        f"{records[0].id}-copy-1000", f"{records[0].id}-copy-999"]
+    assert newest["by_camera"] == {"ber1/qc-02/belt": 2, "ber1/receiving-01/dock-a": 2, "ber1/receiving-01/dock-b": 2}
+
+
+def test_scene_ids_that_share_a_folder_name_are_both_exported(tmp_path):
+    """``scene:1`` and ``scene_1`` of one camera: two files in the export (one replaced the other before)."""
+    store = FrameStore(tmp_path / "store")
+    a, b = empty_scene_records(2)
+    assert store.add({**a.body, "id": "scene:1"}, a.blob).outcome == "stored"
+    assert store.add({**b.body, "id": "scene_1"}, b.blob).outcome == "stored"
+    summary = export_backgrounds(store, tmp_path / "bg")
+    files = sorted(p.read_bytes() for p in (tmp_path / "bg").rglob("*.jpg"))
+    assert summary["images"] == 2 and files == sorted([a.blob, b.blob])
+    store.close()
