@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -30,7 +29,7 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any, Iterator
 
-from central.review.labels import _iso, check_out, replace_folder
+from central.review.labels import _iso, check_out, place_new, replace_folder
 from central.review.store import FrameStore, StoreError, _safe, file_stem
 
 SUMMARY = "backgrounds.json"
@@ -78,23 +77,10 @@ def _link_scenes(store: FrameStore, scenes: Iterator[dict[str, Any]], tmp: Path)
             missing += 1
             continue
         folder = Path(_safe(scene["site"])) / _safe(scene["station"]) / _safe(scene["camera"])
-        _place(src, tmp / folder / f"{file_stem(scene['id'])}.jpg")
+        place_new(src, tmp / folder / f"{file_stem(scene['id'])}.jpg", "two empty scenes")
         key = f"{scene['site']}/{scene['station']}/{scene['camera']}"
         counts[key] = counts.get(key, 0) + 1
     return counts, missing
-
-
-def _place(src: Path, dst: Path) -> None:
-    """``src`` at ``dst``: a hard link, or a copy where the file system has none; never over a file there."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dst)
-    except FileExistsError:
-        raise StoreError(f"{dst}: two empty scenes would be exported under one name") from None
-    except OSError:
-        with open(src, "rb") as fin, open(dst, "xb") as fout:
-            shutil.copyfileobj(fin, fout)
-        shutil.copystat(src, dst)
 
 
 def add_backgrounds_parser(sub: argparse._SubParsersAction) -> None:

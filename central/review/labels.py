@@ -40,7 +40,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from central.review.store import FrameStore, StoreError
+from central.review.store import FrameStore, StoreError, file_stem
 from contract.dataset import LABELS_FILE, folder_name
 
 CSV_NAME = "reviewed.csv"
@@ -67,10 +67,6 @@ def training_label(frame: dict[str, Any]) -> str | None:
     if frame["status"] == "defect" and frame.get("defect") and frame["defect"] != "defect":
         return frame["defect"]
     return None
-
-
-def _folder_name(label: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in label).strip(".") or "_"
 
 
 def export_reviewed(store: FrameStore, out: Path, *, force: bool = False) -> dict[str, Any]:
@@ -122,12 +118,8 @@ def _exported_row(store: FrameStore, frame: dict[str, Any], tmp: Path, folders: 
         while name in folders.values() or name.startswith("."):
             name = "_" + name
         folders[label] = name
-    rel = Path(folders[label]) / f"{_folder_name(frame['id'])}.jpg"
-    (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, tmp / rel)
-    except OSError:
-        shutil.copy2(src, tmp / rel)
+    rel = Path(folders[label]) / f"{file_stem(frame['id'])}.jpg"      # one file per id (frame:1 and frame_1)
+    place_new(src, tmp / rel, "two reviewed frames")
     row = {"path": rel.as_posix(), "label": label, "frame_id": frame["id"], "site": frame["site"],
            "station": frame["station"], "camera": frame["camera"], "model_name": frame["model_name"],
            "model_version": frame["model_version"], "predicted": frame["predicted"],
@@ -137,6 +129,20 @@ def _exported_row(store: FrameStore, frame: dict[str, Any], tmp: Path, folders: 
            "sha256": frame["sha256"], "captured_at": _iso(frame["captured_at"]),
            "note": frame["note"] or "", "track": frame["track"] or ""}
     return {**row, **{k: as_text_cell(row[k]) for k in TEXT_COLUMNS}}
+
+
+def place_new(src: Path, dst: Path, what: str) -> None:
+    """``src`` at ``dst``: a hard link, or a copy where the file system has none; never over a file there
+    (StoreError naming ``dst``: ``what`` would be exported under one name)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        raise StoreError(f"{dst}: {what} would be exported under one name") from None
+    except OSError:
+        with open(src, "rb") as fin, open(dst, "xb") as fout:
+            shutil.copyfileobj(fin, fout)
+        shutil.copystat(src, dst)
 
 
 def check_out(store: FrameStore, out: Path, summary: str, force: bool) -> None:

@@ -69,3 +69,24 @@ def test_no_cell_from_a_station_or_a_reviewer_starts_a_formula_and_path_and_labe
     assert plain["reviewer"] == "Zoë" and plain["note"] == "crème" and plain["model_name"] == "fashion-mnist"
     dataset = read_csv(tmp_path / "out" / CSV_NAME)
     assert sorted(dataset.classes) == sorted(["Bag", "Müsli 寿司"]) and len(dataset.samples) == 2
+
+
+def test_frame_ids_that_share_a_plain_name_are_exported_as_two_images_under_one_label(tmp_path):
+    """Given two reviewed frames of one label whose ids differ only in a character a file name cannot hold
+    (``frame:1`` and ``frame_1``: only a direct ``FrameStore.add`` stores such ids, ingest takes UUIDs), when they
+    are exported, then each CSV row names its own file holding its own JPEG (before, both rows named
+    ``Bag/frame_1.jpg`` and the first frame's image was lost)."""
+    store = FrameStore(tmp_path / "store", labels=["Bag"])
+    try:
+        for frame, frame_id in zip(real_frames(2), ("frame:1", "frame_1")):
+            store.add({**frame.body, "id": frame_id}, frame.blob)
+            store.review(frame_id, "label", label="Bag", reviewer="r")
+        export_reviewed(store, tmp_path / "out")
+        with open(tmp_path / "out" / CSV_NAME, newline="", encoding="utf-8") as fh:
+            rows = {row["frame_id"]: row for row in csv.DictReader(fh)}
+        assert len({row["path"] for row in rows.values()}) == 2
+        for frame_id, row in rows.items():
+            assert (tmp_path / "out" / row["path"]).read_bytes() == store.image_path(frame_id).read_bytes()
+        assert rows["frame_1"]["path"] == "Bag/frame_1.jpg"      # a plain id keeps its name
+    finally:
+        store.close()
