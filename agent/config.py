@@ -590,7 +590,8 @@ class PresenceConfig(_Strict):
                                            "the belt empty), unless an empty-scene image is given.")
     relearn_frames: int = Field(1800, ge=0, le=10_000_000, title="Relearn after",
                                 description="An item in view this many frames in a row is taken as a changed scene: the "
-                                            "background restarts from the current frame (0: never).")
+                                            "background restarts from the current frame; the replaced one is "
+                                            "restored when the view shows it again (the item taken away) (0: never).")
     empty_images: dict[str, Annotated[Path, AfterValidator(_no_nul)]] = Field(
         default_factory=dict, title="Empty-scene images",
         description="Camera id -> an image of that camera's empty ROI (or whole frame, cropped by the ROI); "

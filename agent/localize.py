@@ -34,7 +34,12 @@ The ``Localizer`` keeps the background: the first ``warmup_frames`` frames are t
 background learns at ``alpha`` while the scene is empty and at ``busy_alpha`` outside the item's grown box
 while an item is in view, so slow changes are followed without learning the item. An item in view for
 ``relearn_frames`` frames in a row is taken as a changed scene (something left on the belt, or a start
-with an item in view): the background restarts from the current frame.
+with an item in view): the background restarts from the current frame. The background it replaced is
+kept (one working copy) until the next relearn: while an item is in view where the relearned one stood
+and the view is closer there to the replaced background than to the current one, the frame is also
+localized against the replaced one, and if that shows nothing at all (the thing left was taken away: the
+view is the old empty scene again) the replaced background is restored and the frame is empty. Without
+that the empty scene read as an item, where the thing had stood, until the next relearn.
 """
 
 from __future__ import annotations
@@ -455,6 +460,8 @@ def _locate(frame: np.ndarray, back: np.ndarray, scale: float, roi_hw: tuple[int
 
 
 STANDING_OVERLAP = 0.5         # of the run's first box (decide.box_overlap): an item standing still, not riding by
+REPLACED_CLOSER = 0.5          # where the relearned item stood, the view's mean difference from the replaced
+                               # background under this share of that from the current one: check the replaced one
 BLANK_SPREAD = 6.0             # working-copy max - min under which a dark or saturated view shows nothing
 BLANK_DARK, BLANK_BRIGHT = 12.0, 243.0     # (0..255) the darkest scene the benchmarks light is 17 at gain 0.4
 
@@ -514,7 +521,11 @@ class Localizer:
         self._last: Box | None = None
         self._empty_scene = empty_scene
         self._blank = False
+        self._replaced: np.ndarray | None = None    # the background the last relearn replaced (restorable)
+        self._replaced_at: tuple[int, int, int, int] = (0, 0, 0, 0)   # where the relearned item stood (work px)
+        self._replaced_rest = 0.0       # the replaced background's sum outside ``_replaced_at`` (0: none there)
         self.relearned = 0
+        self.restored = 0               # relearns undone: the view showed the replaced background again
         self.blank_frames = 0           # frames that showed nothing (blank_view), counted
 
     def update(self, roi_image: np.ndarray, policy: CropPolicy | None = None) -> Located:
@@ -538,6 +549,10 @@ class Localizer:
         found, mask = self._find(frame, scale, roi_hw, self.gain, self.light, self._last)
         crop = crop_box(found.box, roi_hw, policy)
         present = crop is not None
+        if present and self._replaced is not None and self._shows_replaced(frame):
+            restored = self._restore(frame, scale, roi_hw)
+            if restored is not None:
+                return restored
         self._learn(frame, present, found.box, scale, mask)
         self._last = found.box if present else None
         return Located(present, found.box if present else None, crop, found.fg_fraction)
@@ -577,6 +592,7 @@ class Localizer:
             self.background = np.zeros_like(frame)
             self._seen = 0
         self._busy, self._busy_box, self._last, self.gain, self.light = 0, None, None, 1.0, None
+        self._replaced = None
 
     def _light(self, frame: np.ndarray, scale: float) -> tuple[float, np.ndarray | None]:
         """Light change (global gain, field), from the pixels away from the last item; kept when too few
@@ -604,14 +620,53 @@ class Localizer:
         return (gain, light) if found.box is None else (self.gain, self.light)
 
     def _find(self, frame: np.ndarray, scale: float, roi_hw: tuple[int, int], gain: float,
-              light: np.ndarray | None, follow: Box | None = None) -> tuple[Foreground, np.ndarray]:
-        """``_locate`` against the learned background with these settings, under the given light, following the
-        item at ``follow`` (the last frame's box) when it is still there."""
+              light: np.ndarray | None, follow: Box | None = None,
+              background: np.ndarray | None = None) -> tuple[Foreground, np.ndarray]:
+        """``_locate`` against the learned background (or ``background``) with these settings, under the given
+        light, following the item at ``follow`` (the last frame's box) when it is still there."""
         s = self.settings
-        assert self.background is not None
-        return _locate(frame, self.background, scale, roi_hw, threshold=s.threshold, min_area=s.min_area,
+        back = self.background if background is None else background
+        assert back is not None
+        return _locate(frame, back, scale, roi_hw, threshold=s.threshold, min_area=s.min_area,
                        join_px=s.join_px, gain=gain, field=light, noise_k=s.noise_k, min_threshold=s.min_threshold,
                        grow_threshold=s.grow_threshold, grow_relative=s.grow_relative, follow=follow)
+
+    def _shows_replaced(self, frame: np.ndarray) -> bool:
+        """Cheap test before localizing against the replaced background: where the relearned item stood, the
+        view differs from the replaced background by well under what it differs from the current one (the
+        thing left there is gone, or something like the old scene covers it). The current background under
+        the current light, the replaced one under the light the view's mean brightness elsewhere gives it
+        (the replaced background learned nothing since, the light may have changed)."""
+        assert self.background is not None and self._replaced is not None
+        x0, y0, x1, y1 = self._replaced_at
+        view = frame[y0:y1, x0:x1]
+        old_gain = self.gain
+        if self._replaced_rest > 0:
+            old_gain = (float(frame.sum()) - float(view.sum())) / self._replaced_rest
+            old_gain = min(max(old_gain, 1.0 / self.settings.max_gain), self.settings.max_gain)
+        old = float(cv2.absdiff(view, self._replaced[y0:y1, x0:x1] * np.float32(old_gain)).mean())
+        new = float(cv2.absdiff(view, self.background[y0:y1, x0:x1] * np.float32(self.gain)).mean())
+        return old < REPLACED_CLOSER * new
+
+    def _restore(self, frame: np.ndarray, scale: float, roi_hw: tuple[int, int]) -> Located | None:
+        """The replaced background back, when the frame localized against it (under its own light) shows
+        nothing at all: the frame is then empty and learned from. None (nothing changed) when it shows
+        anything: an item, or a part too small to be one."""
+        s = self.settings
+        back = self._replaced
+        assert back is not None
+        gain, light = estimate_light(frame, back, s.max_gain, s.max_local_gain)
+        found, mask = self._find(frame, scale, roi_hw, gain, light, background=back)
+        if found.box is not None:
+            return None
+        log.info("localizer: the view shows the background the last relearn replaced (what was left in view "
+                 "has been taken away); restoring it")
+        self.background, self._replaced = back, None
+        self.gain, self.light = gain, light
+        self.restored += 1
+        self._learn(frame, False, None, scale, mask)
+        self._last = None
+        return Located(False, None, None, found.fg_fraction)
 
     def _grown(self, box: Box, scale: float, hw: tuple[int, int]) -> tuple[int, int, int, int]:
         """An ROI box in working-copy pixels, grown by the join distance and the blur."""
@@ -650,6 +705,11 @@ class Localizer:
         if s.relearn_frames and self._busy >= s.relearn_frames:
             log.warning("localizer: an item has been in view for %d frames; taking the scene as the new empty "
                         "background", self._busy)
+            # the scene before is kept: if the item is taken away, the view is that scene again (``_restore``)
+            at = self._grown(box, scale, frame.shape[:2]) if box is not None else (0, 0, frame.shape[1], frame.shape[0])
+            self._replaced, self._replaced_at = self.background, at
+            rest = float(self.background.sum()) - float(self.background[at[1]:at[3], at[0]:at[2]].sum())
+            self._replaced_rest = rest if rest > 1.0 else 0.0
             self.background = frame.copy()
             self._busy, self._busy_box, self._last, self.gain, self.light = 0, None, None, 1.0, None
             self.relearned += 1
