@@ -108,10 +108,17 @@ def summarize(kind: str, body: dict) -> str:
 
 
 def demo(args: argparse.Namespace) -> int:
-    from agent.demo import run_scene_demo, summary_lines
+    from agent.demo import DemoError, run_scene_demo, summary_lines
 
-    run = run_scene_demo(args.bundle, host=args.host, port=args.port, items=args.items, seed=args.seed,
-                         scene_dir=args.scene_dir)
+    try:
+        run = run_scene_demo(args.bundle, host=args.host, port=args.port, items=args.items, seed=args.seed,
+                             scene_dir=args.scene_dir)
+    except DemoError as exc:        # a wrong bundle or argument, no broker: one line, no traceback
+        print(f"python -m agent demo: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:       # run_scene_demo shut the station down and stopped its broker
+        print("python -m agent demo: interrupted; the station was shut down", file=sys.stderr)
+        return 130
     counts: dict[str, int] = {}
     for msg in run.messages:
         kind = msg.topic.rsplit("/", 1)[-1]

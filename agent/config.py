@@ -143,7 +143,7 @@ class ThresholdsCommand(Thresholds):
 class CaptureEmptyCommand(_Strict):
     """Payload of cmd/capture-empty: send empty-scene frames (the ROI with nothing in view) for training."""
 
-    count: int = Field(1, ge=1, le=50, title="Frames per camera",
+    count: int = Field(1, ge=1, le=50, strict=True, title="Frames per camera",   # as the schema: not true, not "3"
                        description="Empty-scene frames to send from each camera named.")
     cameras: list[str] | None = Field(None, min_length=1, title="Cameras",
                                       description="Camera ids; None: every camera.")
@@ -594,8 +594,8 @@ class PresenceConfig(_Strict):
                                             "restored when the view shows it again (the item taken away) (0: never).")
     empty_images: dict[str, Annotated[Path, AfterValidator(_no_nul)]] = Field(
         default_factory=dict, title="Empty-scene images",
-        description="Camera id -> an image of that camera's empty ROI (or whole frame, cropped by the ROI); "
-                    "replaces the warm-up frames.")
+        description="Camera id -> an image of that camera's empty ROI (or a whole frame that holds the ROI, "
+                    "cropped by it; any other size is refused at the start); replaces the warm-up frames.")
     min_frames: int = Field(2, ge=1, le=10_000, title="Minimum frames", description="Frames an item must be seen to count as an item.")
     gap_frames: int = Field(2, ge=1, le=10_000, title="Gap frames", description="Empty frames that end an item.")
     max_frames: int = Field(300, ge=1, le=100_000, title="Maximum frames", description="An item seen longer is decided anyway.")

@@ -6,6 +6,11 @@ a local mosquitto when no broker is given, runs the agent over the scene's frame
 semantics and background presence (the station localizes the item before classifying it), and returns
 what a dashboard subscribed to the station's topics received, scored against the scene's truth
 (agent/sim/score.py): the figures a station's owner would ask for, per item and per frame.
+
+What a new user gets wrong (a bundle path that is not a bundle, a bundle not trained on Fashion-MNIST, no
+mosquitto, a broker that cannot be reached, a station that cannot start) is a ``DemoError`` naming the option and
+what was wrong, before anything is rendered where it can be. Whatever ends the run (Ctrl-C included), the agent
+is shut down and the broker the demo started is stopped before the scene's folder goes.
 """
 
 from __future__ import annotations
@@ -34,6 +39,11 @@ log = logging.getLogger(__name__)
 
 DEMO_SCENE = "belt"
 DEMO_CAMERA = "dock-a"
+INTERRUPTED_FLUSH_S = 2.0       # after Ctrl-C: the outbox is not waited for (the demo's results are not kept)
+
+
+class DemoError(RuntimeError):
+    """Why the demo cannot run, in one line naming the option or file at fault."""
 
 
 def fashion_mnist_test(root: Path = FASHION_MNIST_DIR, n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -78,23 +88,30 @@ def local_mosquitto(workdir: Path, extra_conf: str = "") -> Iterator[int]:
     """A throwaway mosquitto on 127.0.0.1 (anonymous, persistence off; ``extra_conf``: more config lines)."""
     binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     if not Path(binary).exists():
-        raise RuntimeError("no broker given and mosquitto is not installed (apt-get install mosquitto)")
+        raise DemoError("no broker given (--host) and mosquitto is not installed (apt-get install mosquitto)")
     port = free_port()
     conf = workdir / "mosquitto.conf"
     conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n{extra_conf}")
     proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
+        while True:
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
                 break
             except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise DemoError(f"{binary} -c {conf}: the local broker did not start on port {port} "
+                                    f"(exit status {proc.poll()}); give one with --host") from None
                 time.sleep(0.05)
         yield port
     finally:
         proc.terminate()
-        proc.wait(5)
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 @dataclass
@@ -201,9 +218,45 @@ def bodies(messages: list[Received], kind: str) -> list[dict]:
     return out
 
 
+def check_demo_bundle(bundle: Path) -> None:
+    """The bundle the demo runs: a verified bundle that knows Fashion-MNIST's classes (the scene's items); else
+    DemoError naming ``--bundle``. Checked before the scene is rendered and a broker started."""
+    from contract.bundle import MANIFEST, BundleError, load_bundle
+    from contract.dataset import FASHION_MNIST_CLASSES
+
+    try:
+        loaded = load_bundle(bundle)
+    except BundleError as exc:
+        versions = sorted(p.parent.name for p in Path(bundle).glob(f"*/{MANIFEST}")) if Path(bundle).is_dir() else []
+        hint = (f"it holds the versions {', '.join(versions[:5])}: give one of them" if versions else
+                "give a bundle folder such as models/fashion-mnist/<version> (python -m trainer train writes one)")
+        raise DemoError(f"--bundle {bundle}: not a model bundle ({exc}); {hint}") from exc
+    known = set(FASHION_MNIST_CLASSES)
+    if not known.intersection(loaded.labels):
+        shown = ", ".join(map(repr, loaded.labels[:5])) + (" ..." if len(loaded.labels) > 5 else "")
+        raise DemoError(f"--bundle {bundle}: bundle {loaded.name} {loaded.version} has none of the Fashion-MNIST "
+                        f"classes the demo scene shows (its labels: {shown}); every item would be scored wrong. "
+                        "Give a bundle trained on Fashion-MNIST")
+
+
+def _check_demo_args(items: int, port: int) -> None:
+    if not 1 <= items <= 10_000:
+        raise DemoError(f"--items {items}: expected 1 to 10000 items on the belt")
+    if not 1 <= port <= 65535:
+        raise DemoError(f"--port {port}: expected a TCP port, 1 to 65535")
+
+
 def run_scene_demo(bundle: Path, *, host: str | None = None, port: int = 1883, items: int = 20, seed: int = 0,
                    scene_dir: Path | None = None) -> DemoRun:
-    """Render the belt scene (into ``scene_dir`` when given, kept), run the agent on it, score what arrived."""
+    """Render the belt scene (into ``scene_dir`` when given, kept), run the agent on it, score what arrived.
+
+    DemoError (one line naming the option at fault) when the demo cannot run: checked before rendering where it
+    can be (the bundle, Fashion-MNIST, the arguments)."""
+    _check_demo_args(items, port)
+    check_demo_bundle(bundle)
+    if not (FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists():
+        raise DemoError(f"{FASHION_MNIST_DIR}: the Fashion-MNIST test split (t10k-*-idx*-ubyte.gz) is not installed; "
+                        "the demo scene is made of its items")
     with tempfile.TemporaryDirectory(prefix="agent-demo-") as tmp:
         workdir = Path(tmp)
         root = scene_dir or workdir
@@ -224,19 +277,32 @@ def run_demo(bundle: Path, *, host: str | None = None, port: int = 1883, items: 
 
 def _run_agent(bundle: Path, scene_dir: Path, truth: dict, workdir: Path, host: str | None,
                port: int) -> list[Received]:
-    from agent.app import Agent
+    from agent.app import Agent, StartupError
     from agent.config import AgentConfig
 
     with (local_mosquitto(workdir) if host is None else _given(port)) as broker_port:
         broker_host = host or "127.0.0.1"
         cfg = AgentConfig.model_validate(demo_config(bundle, scene_dir, truth, workdir, broker_host, broker_port))
-        dashboard = Subscriber(broker_host, broker_port, cfg.topic_root)
+        try:
+            dashboard = Subscriber(broker_host, broker_port, cfg.topic_root)
+        except (OSError, RuntimeError) as exc:
+            raise DemoError(f"--host {broker_host} --port {broker_port}: cannot subscribe to the broker "
+                            f"({exc})") from exc
         agent = Agent(cfg)
-        agent.start()
-        agent.wait(exit_at_end=True)
-        agent.shutdown(cfg.shutdown_flush_s)
-        time.sleep(0.5)
-        dashboard.close()
+        flush_s = INTERRUPTED_FLUSH_S       # any way out but the end of the scene: do not wait on the outbox
+        try:
+            try:
+                agent.start()
+            except StartupError as exc:
+                raise DemoError(f"the demo station cannot start: {exc}") from exc
+            agent.wait(exit_at_end=True)
+            flush_s = cfg.shutdown_flush_s
+        finally:
+            # Ctrl-C, an error: the cameras, the model and the MQTT threads stop before the scene's folder and the
+            # broker go (else the camera threads report every vanished frame, and the process may not end)
+            agent.shutdown(flush_s)
+            time.sleep(0.5 if flush_s == cfg.shutdown_flush_s else 0)
+            dashboard.close()
         return dashboard.messages
 
 

@@ -13,7 +13,8 @@ this decides which frames of a camera go back as those backgrounds. Rules:
   after the start; any empty-scene frame sent restarts that camera's interval.
 
 The decide thread calls ``offer`` for every frame; the command thread calls ``request``. Time is the
-caller's clock (the inference stage's), so tests can drive it.
+caller's clock (the inference stage's), so tests can drive it. A frame ``offer`` took that could not be stored
+(the outbox's disk full) is handed back with ``unsent``: it is wanted again, not lost with the request counted done.
 """
 
 from __future__ import annotations
@@ -54,11 +55,27 @@ class EmptySceneCapture:
 
     def request(self, camera_ids: Iterable[str], count: int, now: float) -> None:
         """cmd/capture-empty: ``count`` more frames from each camera, each waiting at most ``wait_s``."""
+        if count < 1:       # a negative count left wanted below 0: truthy, every empty frame would be sent
+            raise ValueError(f"empty-scene frames requested: {count}, expected at least 1")
         with self._lock:
             for cid in camera_ids:
                 cam = self._cams[cid]
                 cam.wanted = min(MAX_PENDING, cam.wanted + count)
                 cam.wanted_until = now + self.wait_s
+
+    def unsent(self, camera_id: str, trigger: str, now: float) -> None:
+        """A frame ``offer`` took (``trigger``) was not stored: wanted again from the next empty frame, with a wait
+        of its own (a full disk is not a busy scene)."""
+        with self._lock:
+            cam = self._cams.get(camera_id)
+            if cam is None:
+                return
+            if trigger == "command":
+                cam.wanted = min(MAX_PENDING, cam.wanted + 1)
+                cam.wanted_until = max(cam.wanted_until, now + self.wait_s)
+                cam.not_before = min(cam.not_before, now)
+            elif trigger == "schedule" and cam.due is not None:
+                cam.due = min(cam.due, now)
 
     def pending(self, camera_id: str) -> int:
         with self._lock:

@@ -520,12 +520,28 @@ class InferenceStage(threading.Thread):
                 records = self.outbox.put_many(messages) if messages else []
             except Exception as exc:    # a batch larger than one transaction: its chunks stored before are counted
                 self._count_stored(counted, getattr(exc, "stored_records", []))
+                self._empty_scenes_unsent(messages, getattr(exc, "stored_records", []))
                 raise
             self._count_stored(counted, records)
             try:
                 return self._store_receipt()
             except ReceiptSaveError:
                 return False
+
+    def _empty_scenes_unsent(self, messages: list[Message], stored: list[Record]) -> None:
+        """The empty-scene frames of a batch the outbox did not store are wanted again (agent/empty_scene.py): a
+        full disk lost a frame an operator asked for by cmd/capture-empty, which still counted as sent."""
+        if self.empty_scenes is None:
+            return
+        kept = {(r.body.get("camera"), r.body.get("frame_seq")) for r in stored if r.kind == "frame"}
+        for m in messages:
+            body = m.body
+            if m.kind == "frame" and body.get("kind") == "empty-scene" and \
+                    (body.get("camera"), body.get("frame_seq")) not in kept:
+                self.empty_scenes.unsent(body["camera"], body["trigger"], self.clock())
+                self.metrics.inc("empty_scenes_unsent_total", camera=body["camera"], trigger=body["trigger"])
+                log.warning("camera %s: empty-scene frame %d not stored; wanted again", body["camera"],
+                            body["frame_seq"])
 
     def _count_stored(self, counted: list[tuple[ItemDecision, str]], records: list[Record]) -> None:
         """The open shipment counts the decisions among ``counted`` whose messages the outbox stored."""

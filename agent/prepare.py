@@ -9,6 +9,10 @@ Invariants:
   again when a swap brought a model with another crop policy.
 - With presence by the localizer (``decisions.presence.mode`` background or both) a frame in which it sees
   no item gets no model input at all (``Prepared.input`` None): the model never runs on an empty belt.
+- ``Prepared.scene_empty`` is True only where the background is known to be the empty scene (``EmptySceneWitness``):
+  a captured empty-scene image, or a background learned from frames that has since seen an item come into view.
+  A background learned while an item stood in view (a start, a relearn) holds that item, and every later frame
+  that still shows it would look empty: such frames must not go back as the station's empty scene.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from agent.config import AgentConfig, CameraConfig, ConfigError, PresenceConfig
-from agent.localize import Box, Localizer, LocalizerSettings, crop_box, cut, model_view
+from agent.localize import Box, Localizer, LocalizerSettings, Located, crop_box, cut, model_view
 from agent.sources.base import Frame, Prepared
 from contract.preprocess import CropPolicy, ImageDecodeError, read_image
 
@@ -54,7 +58,39 @@ def load_empty_scene(cfg: AgentConfig, cam: CameraConfig) -> np.ndarray | None:
     roi = cam.roi
     if roi is not None and image.shape[0] >= roi.y + roi.height and image.shape[1] >= roi.x + roi.width:
         image = image[roi.y : roi.y + roi.height, roi.x : roi.x + roi.width]
+    elif roi is not None and image.shape[:2] != (roi.height, roi.width):
+        # neither the ROI nor a whole frame holding it: the localizer could only drop it at the first frame
+        raise ConfigError(f"decisions.presence.empty_images.{cam.id}: {path}: the image is {image.shape[1]}x"
+                          f"{image.shape[0]} px; expected the camera's ROI ({roi.width}x{roi.height}) or a whole frame "
+                          f"that holds the ROI {roi.describe()} (capture it at the camera's resolution)")
     return np.ascontiguousarray(image)
+
+
+class EmptySceneWitness:
+    """Whether one camera's localizer may be believed when it says the scene is empty.
+
+    A background the localizer learned from frames (its warm-up at a start or after the ROI's size changed, a
+    relearn after an item stood in view too long) may hold an item that stood there meanwhile; it is trusted once an
+    item has been seen in front of it since (the belt moved: what was learned is the belt). A background from a
+    captured empty-scene image (``decisions.presence.empty_images``: no warm-up) is trusted at once. A blank view
+    (lights off) changes nothing: the background is kept through it."""
+
+    def __init__(self) -> None:
+        self.learned_from_frames = False
+        self.item_seen = False
+        self._relearned = 0
+        self._blank_frames = 0
+
+    def scene_empty(self, localizer: Localizer, located: Located) -> bool:
+        blank = localizer.blank_frames != self._blank_frames
+        self._blank_frames = localizer.blank_frames
+        relearned = localizer.relearned != self._relearned
+        self._relearned = localizer.relearned
+        if relearned or (not located.settled and not blank):   # the background is (re)learned from frames
+            self.learned_from_frames, self.item_seen = True, False
+        elif located.present:
+            self.item_seen = True
+        return located.scene_empty and (self.item_seen or not self.learned_from_frames)
 
 
 def camera_preparer(model: "ModelHolder", presence: PresenceConfig | None = None,
@@ -68,6 +104,7 @@ def camera_preparer(model: "ModelHolder", presence: PresenceConfig | None = None
     settings = LocalizerSettings.from_config(presence) if presence is not None else LocalizerSettings()
     skip_empty = presence is not None and presence.by_localizer
     localizer: Localizer | None = None
+    witness = EmptySceneWitness()
     needed = False
 
     def prepare(image: np.ndarray) -> Prepared:
@@ -81,7 +118,7 @@ def camera_preparer(model: "ModelHolder", presence: PresenceConfig | None = None
         if localizer is not None or needed or watch_empty:
             localizer = localizer or Localizer(settings, policy, empty_scene)
             located = localizer.update(image, policy)
-        scene_empty = located.scene_empty if located is not None else None
+        scene_empty = witness.scene_empty(localizer, located) if localizer is not None and located is not None else None
         if not needed:
             located = None
         if skip_empty and located is not None and not located.present:

@@ -16,6 +16,9 @@ A connection that breaks off in the middle of an artifact (reset, stalled for ``
 of its Content-Length) is taken up where it broke with a Range request, ``RESUME_TRIES`` times at most, within
 the one deadline; a server that ignores Range sends the file from its start again.
 
+With a public key configured (``model.public_key``), manifest.json.sig is fetched and checked right after the
+manifest, before any artifact: an unsigned bundle, or one signed by another key, costs two small files.
+
 The disk is bounded too: before the first artifact byte, the sizes the manifest declares must fit in the
 download folder's free space with ``DISK_RESERVE_BYTES`` to spare (the outbox shares that disk: a download
 that filled it would lose results); and what a download killed with the process left (``.incoming-*``) is
@@ -41,7 +44,7 @@ import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 from urllib.parse import quote, unquote, urljoin, urlparse
 
 from contract.bundle import (
@@ -67,6 +70,9 @@ DISK_RESERVE_BYTES = 128 << 20  # what a download leaves free on its disk for th
 INCOMING = ".incoming-"         # a download being verified: .incoming-<pid>-<version>-<random>
 _fetching: set[Path] = set()    # this process's .incoming-* folders not yet installed or discarded
 _fetching_lock = threading.Lock()
+# the station's own checks of a downloaded manifest (parsed, its URL), run before any artifact is fetched: raises
+# BundleError or ConfigError naming the URL and the field (e.g. labels that no longer cover the config's lanes)
+ManifestCheck = Callable[[dict[str, Any], str], None]
 
 
 @dataclass(frozen=True)
@@ -215,11 +221,13 @@ def _resume_offset(url: str, resp: Any, start: int) -> int:
 
 
 def fetch_bundle(location: str, download_dir: Path, version: str | None, *, sha256: str | None = None,
-                 deadline_s: float = FETCH_DEADLINE_S) -> Path:
+                 deadline_s: float = FETCH_DEADLINE_S, public_key: Any | None = None,
+                 check_manifest: ManifestCheck | None = None) -> Path:
     """A local bundle folder for a path, file:// URL or http(s):// URL.
 
-    For a URL: ``sha256`` (of manifest.json) is checked before any artifact is fetched, and the whole
-    download must finish within ``deadline_s``."""
+    For a URL: ``sha256`` (of manifest.json), with ``public_key`` the manifest's signature, and ``check_manifest``
+    (the station's own checks of a manifest, e.g. that its labels cover the config's decisions) are checked before
+    any artifact is fetched, and the whole download must finish within ``deadline_s``."""
     try:
         parsed = urlparse(location)
     except ValueError as exc:
@@ -244,7 +252,7 @@ def fetch_bundle(location: str, download_dir: Path, version: str | None, *, sha2
             raise BundleError(f"{download_dir}: cannot make a download folder ({exc.strerror or exc})") from exc
         _fetching.add(target.resolve())
     try:
-        _fetch_into(base, target, sha256, _Deadline(deadline_s))
+        _fetch_into(base, target, sha256, _Deadline(deadline_s), public_key, check_manifest)
     except BaseException:
         _drop(target)
         raise
@@ -309,7 +317,29 @@ def _check_room(target: Path, manifest: dict[str, Any], manifest_url: str) -> No
                           "no artifact fetched")
 
 
-def _fetch_into(base: str, target: Path, sha256: str | None, deadline: _Deadline) -> None:
+def _check_signature(signature: Path | None, manifest: bytes, public_key: Any | None, signature_url: str,
+                     manifest_url: str) -> None:
+    """With a public key, the manifest's signature is checked as soon as both are here: a bundle that is unsigned or
+    signed by another key is refused before any artifact byte (else the station fetches, and on a Jetson builds an
+    engine for, a bundle of any size from whoever can publish a cmd/model). ``load_bundle`` checks it again."""
+    if public_key is None:
+        return
+    from cryptography.exceptions import InvalidSignature
+
+    if signature is None:
+        raise BundleError(f"{signature_url}: missing, and a public key is configured (unsigned bundles are refused); "
+                          "no artifact fetched")
+    try:
+        public_key.verify(signature.read_bytes(), manifest)
+    except OSError as exc:
+        raise BundleError(f"{signature}: cannot read ({exc.strerror or exc})") from exc
+    except InvalidSignature as exc:
+        raise BundleError(f"{signature_url}: signature does not match {manifest_url} (model.public_key); "
+                          "no artifact fetched") from exc
+
+
+def _fetch_into(base: str, target: Path, sha256: str | None, deadline: _Deadline, public_key: Any | None,
+                check_manifest: ManifestCheck | None = None) -> None:
     manifest_url = urljoin(base, MANIFEST)
     _download(manifest_url, target / MANIFEST, MANIFEST_MAX_BYTES, deadline)
     data = (target / MANIFEST).read_bytes()
@@ -318,7 +348,11 @@ def _fetch_into(base: str, target: Path, sha256: str | None, deadline: _Deadline
                           "no artifact fetched")
     manifest = parse_manifest(data, manifest_url)
     _check_room(target, manifest, manifest_url)
-    _download(urljoin(base, SIGNATURE), target / SIGNATURE, SIGNATURE_MAX_BYTES, deadline, optional=True)
+    signature_url = urljoin(base, SIGNATURE)
+    served = _download(signature_url, target / SIGNATURE, SIGNATURE_MAX_BYTES, deadline, optional=True)
+    _check_signature(target / SIGNATURE if served else None, data, public_key, signature_url, manifest_url)
+    if check_manifest is not None:
+        check_manifest(manifest, manifest_url)
     root = target.resolve()
     for i, entry in enumerate(manifest["artifacts"]):
         rel = entry["path"]
@@ -407,12 +441,25 @@ class Incoming:
 
 
 def fetch_verified(cmd: ModelCommand, download_dir: Path, public_key: Any | None,
-                   deadline_s: float = FETCH_DEADLINE_S) -> Incoming:
-    """Fetch and fully verify the bundle a command names, without installing it; BundleError says why not."""
+                   deadline_s: float = FETCH_DEADLINE_S, *, check_manifest: ManifestCheck | None = None) -> Incoming:
+    """Fetch and fully verify the bundle a command names, without installing it; BundleError says why not.
+
+    ``check_manifest``: the station's own checks of the manifest (``ManifestCheck``); for a download they run
+    before any artifact is fetched, for a local bundle once it is verified."""
     downloaded = urlparse(cmd.bundle).scheme in ("http", "https")
-    root = fetch_bundle(cmd.bundle, download_dir, cmd.version, sha256=cmd.sha256, deadline_s=deadline_s)
+    root = fetch_bundle(cmd.bundle, download_dir, cmd.version, sha256=cmd.sha256, deadline_s=deadline_s,
+                        public_key=public_key, check_manifest=check_manifest)
     try:
-        return Incoming(_verify(cmd, root, public_key), downloaded)
+        bundle = _verify(cmd, root, public_key)
+        if check_manifest is not None and not downloaded:
+            check_manifest(bundle.manifest, str(bundle.root / MANIFEST))
+        return Incoming(bundle, downloaded)
+    except BundleError as exc:
+        if not downloaded:
+            raise
+        _drop(root)
+        # the reason names the URL the operator sent, not the download folder that is removed with the refusal
+        raise BundleError(str(exc).replace(str(root), cmd.bundle.rstrip("/"))) from exc
     except BaseException:
         if downloaded:
             _drop(root)

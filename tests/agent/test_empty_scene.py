@@ -169,6 +169,18 @@ def test_the_capture_rules_on_their_own():
     assert capture.pending("a") == 1 and capture.pending("b") == 1
 
 
+
+@pytest.mark.parametrize("count", [True, "3", 2.0])
+def test_capture_empty_takes_the_count_as_the_schema_types_it(count):
+    """cmd-capture-empty.v1 says integer; pydantic's lax reading took ``true`` as 1 and ``"3"`` as 3."""
+    from pydantic import ValidationError
+
+    from agent.config import CaptureEmptyCommand
+
+    with pytest.raises(ValidationError, match="count"):
+        CaptureEmptyCommand.model_validate({"count": count})
+
+
 def send(broker, verb: str, payload: bytes) -> None:
     import paho.mqtt.client as paho
 
@@ -263,3 +275,108 @@ def wait_until(predicate, timeout: float) -> bool:
             return True
         time.sleep(0.1)
     return predicate()
+
+
+def parked_then_gone(images: np.ndarray, parked: int, gone: int, passing: int = 0, after: int = 0,
+                     seed: int = 31) -> list[tuple[str, np.ndarray]]:
+    """An item standing still in view for ``parked`` frames (there when the station starts), then ``gone`` frames of
+    the belt without it; then another item riding through for ``passing`` frames and ``after`` frames of empty belt."""
+    scene = Scene(seed=seed)
+    still = make_sprite(images[0], 200, 5.0, (0.9, 0.8, 0.7))
+    rider = make_sprite(images[1], 200, -10.0, (0.9, 0.8, 0.7))
+    views = [(ITEM, [(still, 60, 30)])] * parked + [(EMPTY, [])] * gone
+    views += [(ITEM, [(rider, 10 + 6 * k, 30)]) for k in range(passing)] + [(EMPTY, [])] * after
+    return [(kind, scene.render(t, sprites)[0]) for t, (kind, sprites) in enumerate(views)]
+
+
+def test_an_item_in_view_when_the_station_starts_is_never_sent_as_its_empty_scene(tmp_path, tiny_bundle,
+                                                                                  fmnist_test_images):
+    # given: a station started with an item standing in view (its localizer learns the first frame as the scene)
+    frames = parked_then_gone(fmnist_test_images[0], parked=12, gone=20, passing=12, after=8)
+    station = Station(tmp_path, tiny_bundle, frames={"empty_scene_interval_s": 0, "empty_scene_spacing_s": 0,
+                                                     "empty_scene_wait_s": 600},
+                      decisions={"presence": {"relearn_frames": 15}})
+    # when: empty-scene frames are asked for while the item still stands there; it is taken away (the localizer
+    # relearns the belt where it stood), then another item rides through
+    for seq, (_, image) in enumerate(frames, start=1):
+        if seq == 5:
+            station.stage.empty_scenes.request(["cam-a"], 2, station.clock())
+        station.feed(image)
+    # then: no frame showing the parked item went back as the empty scene: the first ones are of the empty belt
+    # after an item was seen in front of the background (the background is then known to be the belt)
+    sent = [r.body["frame_seq"] for r in station.empty_scenes()]
+    assert len(sent) == 2 and all(seq > 12 + 20 + 12 for seq in sent), sent
+
+
+def test_a_captured_empty_scene_image_is_trusted_from_the_first_frame(tmp_path, tiny_bundle, fmnist_test_images):
+    # given: a station whose background is a captured empty-scene image (decisions.presence.empty_images)
+    frames = parked_then_gone(fmnist_test_images[0], parked=0, gone=6)
+    station = Station(tmp_path, tiny_bundle, frames={"empty_scene_interval_s": 0, "empty_scene_spacing_s": 0})
+    station.prepare = camera_preparer(station.holder, station.cfg.decisions.presence, frames[0][1].copy(),
+                                      watch_empty=True)
+    # when: empty-scene frames are asked for at once
+    station.stage.empty_scenes.request(["cam-a"], 2, station.clock())
+    for _, image in frames:
+        station.feed(image)
+    # then: the first two frames go (no item has to pass first)
+    assert [r.body["frame_seq"] for r in station.empty_scenes()] == [1, 2]
+
+
+def test_a_frame_that_could_not_be_stored_is_wanted_again():
+    # given: a requested frame and a scheduled one, each taken by offer, whose batch the outbox could not store
+    capture = EmptySceneCapture(["cam-a"], interval_s=60, wait_s=30, spacing_s=5, now=0.0)
+    capture.request(["cam-a"], 1, now=1.0)
+    assert capture.offer("cam-a", True, now=2.0).trigger == "command"
+    assert capture.pending("cam-a") == 0
+    # when: the pipeline hands it back (the outbox's disk was full)
+    capture.unsent("cam-a", "command", now=2.5)
+    # then: it is wanted again, from the very next empty frame (the spacing does not hold it back), and only once
+    assert capture.pending("cam-a") == 1
+    assert capture.offer("cam-a", True, now=3.0).trigger == "command"
+    assert capture.offer("cam-a", True, now=30.0).trigger is None
+    # and: a scheduled frame handed back goes with the next empty frame, not an interval later
+    assert capture.offer("cam-a", True, now=70.0).trigger == "schedule"
+    capture.unsent("cam-a", "schedule", now=70.5)
+    assert capture.offer("cam-a", True, now=71.0).trigger == "schedule"
+    assert capture.offer("cam-a", True, now=72.0).trigger is None
+
+
+
+def test_a_requested_empty_scene_whose_batch_the_outbox_could_not_store_is_sent_with_the_next_empty_frame(
+        tmp_path, tiny_bundle, fmnist_test_images):
+    """A full disk lost the frame an operator asked for by cmd/capture-empty, and the request was used up. The
+    outbox here is the real one; only its write is made to fail once, as a full disk fails it."""
+    import sqlite3
+
+    frames = scene_frames(fmnist_test_images[0], [(EMPTY, 4), (ITEM, 12), (EMPTY, 8)])
+    station = Station(tmp_path, tiny_bundle, frames={"empty_scene_interval_s": 0, "empty_scene_spacing_s": 0})
+    real, full = station.outbox.put_many, {"on": False}
+
+    def put_many(messages):
+        if full["on"]:
+            raise sqlite3.OperationalError("database or disk is full")
+        return real(messages)
+
+    station.outbox.put_many = put_many
+    failed = []
+    for seq, (_, image) in enumerate(frames, start=1):
+        if seq == 6:
+            station.stage.empty_scenes.request(["cam-a"], 1, station.clock())
+        full["on"] = seq == 17              # the first empty frame after the item: its batch is not stored
+        try:
+            station.feed(image)
+        except sqlite3.OperationalError:
+            failed.append(seq)
+            station.clock.t += 1
+    assert failed == [17]
+    assert [r.body["frame_seq"] for r in station.empty_scenes()] == [18]
+    assert station.metrics.counter("empty_scenes_unsent_total", camera="cam-a", trigger="command") == 1
+    assert station.stage.empty_scenes.pending("cam-a") == 0
+
+
+@pytest.mark.parametrize("count", [0, -3])
+def test_a_request_for_no_frames_is_refused(count):
+    capture = EmptySceneCapture(["cam-a"], interval_s=0, wait_s=30, spacing_s=0, now=0.0)
+    with pytest.raises(ValueError, match=f"empty-scene frames requested: {count}, expected at least 1"):
+        capture.request(["cam-a"], count, now=1.0)
+    assert capture.pending("cam-a") == 0 and capture.offer("cam-a", True, now=2.0).trigger is None

@@ -163,11 +163,13 @@ def test_thresholds_command_changes_the_policy_live_and_bad_ones_are_rejected(li
 
 
 class RecordingEnginePolicy:
-    """Stands for the start-up's engine cache (TensorRT cannot run here): records what reload_model asks for."""
+    """Stands for the start-up's engine cache (TensorRT cannot run here): records what reload_model asks for.
+    ``cache_dir``: the cache's folder, as the real policy has one (the station reads its load-failure count there)."""
 
-    def __init__(self, fail: Exception | None = None) -> None:
+    def __init__(self, cache_dir: Path, fail: Exception | None = None) -> None:
         self.asked: list[str] = []
         self.fail = fail
+        self.cache_dir = cache_dir
 
     def engine_for(self, cfg, bundle):
         self.asked.append(bundle.version)
@@ -182,7 +184,7 @@ def test_cmd_model_asks_the_engine_cache_before_the_swap(tiny_bundle, fmnist_vid
 
     cfg = as_config(station_config(tmp_path, tiny_bundle, str(fmnist_video), 1,
                                    model={"download_dir": str(tmp_path / "downloads")}))
-    policy = RecordingEnginePolicy(BackendError(fail) if fail else None)
+    policy = RecordingEnginePolicy(tmp_path / "engines", BackendError(fail) if fail else None)
     agent = Agent(cfg, engine_cache=policy)
     agent.load_model()
     v2 = bundle_version(tiny_bundle, tmp_path / "v2", "tiny-2")

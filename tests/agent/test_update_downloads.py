@@ -375,3 +375,63 @@ def test_prune_installed_never_follows_a_link_out_of_the_download_folder(tmp_pat
     gone = prune_installed(downloads, [running])
     # then: nothing behind a link is touched
     assert gone == [] and (shipped / MANIFEST).is_file() and running.is_dir()
+
+
+@pytest.mark.parametrize("signature", ["forged", "unsigned"])
+def test_a_bad_signature_is_refused_before_any_artifact_byte(signature, tmp_path, plain_server):
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    # given: a station with a public key, and a bundle signed by another key (or not at all), no sha256 in the command
+    key = Ed25519PrivateKey.generate()
+    folder = make_onnx_bundle(tmp_path / "www", version="v2")
+    if signature == "forged":
+        (folder / "manifest.json.sig").write_bytes(Ed25519PrivateKey.generate().sign((folder / MANIFEST).read_bytes()))
+    base, asked = plain_server(tmp_path / "www")
+    # when: it is sent
+    with pytest.raises(BundleError) as refused:
+        fetch_verified(command(f"{base}/onnx-tiny/v2/"), tmp_path / "downloads", key.public_key(), deadline_s=30)
+    # then: refused on the manifest's signature, naming its URL, and no artifact was asked for
+    assert re.search(r"http://127\.0\.0\.1:\d+/onnx-tiny/v2/manifest\.json\.sig: "
+                     + ("signature does not match" if signature == "forged" else "missing"), str(refused.value))
+    assert "no artifact fetched" in str(refused.value)
+    assert [p for p in asked if p.endswith(".onnx")] == []
+    assert list((tmp_path / "downloads").iterdir()) == []
+
+
+def test_a_refused_download_names_its_url_not_the_removed_download_folder(tmp_path, plain_server):
+    # given: a served bundle whose version is not the one the command expects
+    make_onnx_bundle(tmp_path / "www", version="v2")
+    base, _ = plain_server(tmp_path / "www")
+    # when: it is sent
+    with pytest.raises(BundleError) as refused:
+        fetch_verified(command(f"{base}/onnx-tiny/v2/", version="v3"), tmp_path / "downloads", None, deadline_s=30)
+    # then: the reason names the bundle's URL (what the operator sent), not the .incoming-* folder that is gone
+    assert str(refused.value).startswith(f"{base}/onnx-tiny/v2/manifest.json: field version: 'v2', the command "
+                                         "expects 'v3'")
+    assert ".incoming-" not in str(refused.value)
+
+
+def test_the_stations_manifest_check_refuses_before_any_artifact_byte(tmp_path, plain_server):
+    # given: a station whose config sorts "class-7" to a lane, and a served bundle whose labels no longer have it
+    make_onnx_bundle(tmp_path / "www", classes=4, version="v2")
+    base, asked = plain_server(tmp_path / "www")
+    seen = []
+
+    def lanes_covered(manifest: dict, where: str) -> None:
+        seen.append(where)
+        if "class-7" not in manifest["labels"]:
+            raise BundleError(f"{where}: field labels: label 'class-7' (decisions.sorting.lanes) is not in the bundle")
+
+    # when: it is sent
+    with pytest.raises(BundleError) as refused:
+        fetch_verified(command(f"{base}/onnx-tiny/v2/"), tmp_path / "downloads", None, deadline_s=30,
+                       check_manifest=lanes_covered)
+    # then: refused on the manifest, naming its URL, with no artifact fetched and nothing left on the disk
+    assert str(refused.value).startswith(f"{base}/onnx-tiny/v2/manifest.json: field labels: label 'class-7'")
+    assert [p for p in asked if p.endswith(".onnx")] == []
+    assert list((tmp_path / "downloads").iterdir()) == []
+    # and: the same check runs on a bundle named by its local path (once verified)
+    local = make_onnx_bundle(tmp_path / "local", classes=4, version="v3")
+    with pytest.raises(BundleError, match=r"label 'class-7'"):
+        fetch_verified(command(str(local)), tmp_path / "downloads", None, check_manifest=lanes_covered)
+    assert seen == [f"{base}/onnx-tiny/v2/manifest.json", str(local / MANIFEST)]
