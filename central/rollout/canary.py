@@ -76,9 +76,47 @@ class Verdict:
 
 def _counts(stats: dict[str, Any]) -> tuple[int, int, int] | None:
     keys = ("frames_classified", "frames_low_confidence", "inference_errors")
-    if not all(isinstance(stats.get(k), int) for k in keys):
+    if not all(isinstance(stats.get(k), int) and not isinstance(stats.get(k), bool) for k in keys):
         return None
     return stats["frames_classified"], stats["frames_low_confidence"], stats["inference_errors"]
+
+
+def _counter_break(a: tuple[int, int, int] | None, b: tuple[int, int, int]) -> str | None:
+    """Why ``b`` cannot follow ``a`` as the same agent's cumulative counters (None: it can). A rate from such a
+    pair would be negative or above 100 %, or a difference of errors would hide errors: never judged on."""
+    frames, low, errors = b
+    if low > frames:
+        return f"frames_low_confidence {low} is more than frames_classified {frames}"
+    if a is None:
+        return None
+    if frames < a[0]:
+        return f"frames_classified went back from {a[0]} to {frames}"
+    for key, was, now in (("frames_low_confidence", a[1], low), ("inference_errors", a[2], errors)):
+        if now < was:
+            return (f"{key} went back from {was} to {now} while frames_classified rose from {a[0]} to {frames} "
+                    "(cumulative counters never go back)")
+    if low - a[1] > frames - a[0]:
+        return (f"frames_low_confidence rose by {low - a[1]}, more than the {frames - a[0]} frames classified "
+                "meanwhile")
+    return None
+
+
+def _consistent_tail(stats: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The stats from the last break in the counters on (a restart, a message no agent sends): the rate before
+    the update is taken over the stretch one running agent counted."""
+    tail: list[dict[str, Any]] = []
+    previous = None
+    for s in stats:
+        counts = _counts(s)
+        if counts is None:
+            tail.append(s)
+            continue
+        if _counter_break(previous, counts) is not None:
+            tail = [] if counts[1] > counts[0] else [s]
+        else:
+            tail.append(s)
+        previous = counts if counts[1] <= counts[0] else None
+    return tail
 
 
 def rate_over(stats: Sequence[dict[str, Any]]) -> tuple[float | None, int]:
@@ -86,6 +124,7 @@ def rate_over(stats: Sequence[dict[str, Any]]) -> tuple[float | None, int]:
 
     With one message (or an agent without the counters) it is the rate since the agent started.
     """
+    stats = _consistent_tail(stats)
     if not stats:
         return None, 0
     first, last = _counts(stats[0]), _counts(stats[-1])
@@ -104,9 +143,21 @@ def judge_canary(before: Sequence[dict[str, Any]], after: Sequence[dict[str, Any
     ``after``: stats received since. Counters are cumulative since the agent started."""
     new = [s for s in after if s.get("model_version") == version]
     counted = [c for c in map(_counts, new) if c is not None]
-    if len(counted) >= 2 and any(b[0] < a[0] for a, b in zip(counted, counted[1:])):
-        return Verdict(False, "the canary's counters went back during the watch (the agent restarted)",
-                       {"stats_messages": len(new)})
+    # From the last stats before the command through every one since (any version): one agent's cumulative
+    # counters. A restart (counters from 0) or a message no agent sends would make a negative rate, a rate above
+    # 100 % or a negative count of errors: the canary is not judged on them, it fails.
+    previous = None
+    for s in [*before[-1:], *after]:
+        counts = _counts(s)
+        if counts is None:
+            continue
+        why = _counter_break(previous, counts)
+        if why is not None:
+            restarted = why.startswith("frames_classified went back")
+            return Verdict(False, ("the canary's counters went back during the watch (the agent restarted): "
+                                   if restarted else "the canary's stats do not add up during the watch: ") + why,
+                           {"stats_messages": len(new)})
+        previous = counts
     rate_before, frames_before = rate_over(before)
     if len(counted) >= 2:
         frames = counted[-1][0] - counted[0][0]

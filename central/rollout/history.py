@@ -21,6 +21,8 @@ from contract.events import RolloutError, utc_now, write_json_atomic
 log = logging.getLogger(__name__)
 
 SCHEMA = "rollout-history.v1"
+MAX_ENTRIES = 200     # per station, the newest kept: 'previous' walks back at most this far; the file stays bounded
+MAX_BUNDLES = 2000    # bundle locations by name/version, the most recently sent kept
 Model = tuple[str, str]          # (name, version)
 
 
@@ -30,6 +32,7 @@ class RolloutHistory:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.data = self._read()
+        self.unwritten: list[tuple[str, dict[str, Any], dict[str, str]]] = []   # records a failed write still holds
 
     def _read(self) -> dict[str, Any]:
         if not self.path.exists():
@@ -71,12 +74,40 @@ class RolloutHistory:
         entry = {"ts": utc_now(), "action": action, "name": bundle.name, "version": bundle.version,
                  "from_name": from_name, "from_version": from_version, "bundle": bundle.location,
                  "sha256": bundle.sha256, "ok": ok, "reason": reason}
-        with self._locked():
-            self.data = self._read()           # what other rollouts wrote since this one loaded the file
-            self.data["bundles"][f"{bundle.name}/{bundle.version}"] = {
-                "name": bundle.name, "version": bundle.version, "bundle": bundle.location, "sha256": bundle.sha256}
-            self.data["stations"].setdefault(station, []).append(entry)
-            write_json_atomic(self.path, self.data)
+        known = {"name": bundle.name, "version": bundle.version, "bundle": bundle.location, "sha256": bundle.sha256}
+        self.unwritten.append((station, entry, known))
+        self.flush()
+
+    def flush(self) -> None:
+        """Write the records not yet in the file. RolloutError naming the file when it cannot be (a full disk, a
+        file another program damaged meanwhile): they stay held here, and the next record writes them too, so a
+        rollout goes on and a short failure loses none."""
+        if not self.unwritten:
+            return
+        try:
+            with self._locked():
+                data = self._read()           # what other rollouts wrote since this one loaded the file
+                for station, entry, known in self.unwritten:
+                    key = f"{known['name']}/{known['version']}"
+                    data["bundles"].pop(key, None)          # to the end: the most recently sent
+                    data["bundles"][key] = known
+                    entries = data["stations"].setdefault(station, [])
+                    entries.append(entry)
+                    del entries[:-MAX_ENTRIES]             # rewritten whole at every record: bounded
+                for key in list(data["bundles"])[:-MAX_BUNDLES]:
+                    del data["bundles"][key]
+                try:
+                    write_json_atomic(self.path, data)
+                except OSError:
+                    for tmp in self.path.parent.glob(f".{self.path.name}.*.tmp"):   # what the failed write left
+                        tmp.unlink(missing_ok=True)             # (the lock is held: no other writer's file)
+                    raise
+        except OSError as exc:
+            raise RolloutError(f"{self.path}: cannot write the rollout history ({exc.strerror or exc}); "
+                               f"{len(self.unwritten)} record(s) not in it") from exc
+        except RolloutError as exc:
+            raise RolloutError(f"{exc}; {len(self.unwritten)} record(s) not in it") from exc
+        self.data, self.unwritten = data, []
 
     def entries(self, station: str) -> list[dict[str, Any]]:
         return list(self.data["stations"].get(station, []))
@@ -114,15 +145,18 @@ class RolloutHistory:
     def location_of(self, name: str, version: str, station: str | None = None) -> str | None:
         """Where model ``name`` ``version`` was published: where the station itself got it, else the bundle of
         that name and version recorded, else beside a version of the same model (the same served tree)."""
+        def url(record: dict[str, Any]) -> str | None:     # a hand-edited record may lack it: passed over
+            return record.get("bundle") if isinstance(record.get("bundle"), str) and record["bundle"] else None
+
         own = self.entries(station) if station else []
         for entry in reversed(own):
-            if (entry.get("name"), entry.get("version")) == (name, version):
-                return entry["bundle"]
+            if (entry.get("name"), entry.get("version")) == (name, version) and url(entry):
+                return url(entry)
         known = self.data["bundles"].get(f"{name}/{version}")
-        if known and (known.get("name"), known.get("version")) == (name, version):
-            return known["bundle"]
+        if known and (known.get("name"), known.get("version")) == (name, version) and url(known):
+            return url(known)
         everyone = [e for es in self.data["stations"].values() for e in es]
         for entry in [*reversed(own), *reversed(everyone)]:
-            if entry.get("name") == name and entry.get("bundle"):
-                return sibling_location(entry["bundle"], version)
+            if entry.get("name") == name and url(entry):
+                return sibling_location(url(entry), version)
         return None

@@ -15,6 +15,14 @@ from contract.messages import CENTRAL_SITE, checker, loads_finite, station_topic
 
 log = logging.getLogger(__name__)
 
+RECONNECT_WAIT_S = 30.0     # how long a command waits for a lost broker connection to come back before it is not sent
+RECONNECT_MAX_DELAY_S = 5   # paho's retry delay doubles up to this (its default, 120 s, outlasts an update's wait)
+
+
+class CommandPending(RolloutError):
+    """``cmd/model`` handed to the MQTT client but not acknowledged: the connection dropped, and the client sends
+    it again once it reconnects. The station may still get it: it is waited for as one that was sent."""
+
 
 @dataclass
 class StationView:
@@ -66,14 +74,39 @@ class StationLink:
         self._subscribed_at = 0.0
         self.client = None
         self.refused = 0         # station messages refused: not strict JSON, against the schema, or misaddressed
+        self.disconnects = 0     # broker connections lost since connect(): what was seen meanwhile may be stale
 
     # -- connection
     def connect(self) -> "StationLink":
         self.client = mqtt_connect(self.options, "rollout", on_connect=self._subscribe, on_message=self._on_message)
+        self.client.reconnect_delay_set(1, RECONNECT_MAX_DELAY_S)
+        self.client.on_disconnect = self._on_disconnect
         return self
+
+    def _on_disconnect(self, _client, _userdata, _flags, reason_code, _properties=None) -> None:
+        self.disconnects += 1
+        log.warning("MQTT broker %s: connection lost (%s); reconnecting", self.options.where(), reason_code)
+
+    @property
+    def lost(self) -> bool:
+        """The connection was made and is down now: every station's status and stats seen are the last ones."""
+        return self.client is not None and not self.client.is_connected()
+
+    def connected(self) -> bool:
+        return self.client is not None and self.client.is_connected()
+
+    def wait_connected(self, timeout_s: float) -> bool:
+        """Whether the broker connection is up, waiting up to ``timeout_s`` for paho to bring a lost one back."""
+        deadline = self.clock() + timeout_s
+        while not self.connected():
+            if self.clock() >= deadline:
+                return False
+            time.sleep(0.1)
+        return True
 
     def close(self) -> None:
         if self.client is not None:
+            self.client.on_disconnect = None      # our own disconnect: not a lost connection
             self.client.disconnect()
             self.client.loop_stop()
 
@@ -99,6 +132,12 @@ class StationLink:
             return
         station, leaf = f"{parts[-3]}/{parts[-2]}", parts[-1]
         if not msg.payload:          # a cleared retained status
+            return
+        if leaf == "stats" and getattr(msg, "retain", False):
+            # stats are never retained (stats.v1); one the broker kept is from whenever it was sent, and given a
+            # time of now (on subscribing, and again on every reconnect) it would read as the newest counters
+            self.refused += 1
+            log.warning("%s: retained stats message refused (stats are never retained: it is stale)", msg.topic)
             return
         try:
             body = loads_finite(msg.payload)       # NaN, Infinity, 1e999 and non-UTF-8 refused too
@@ -156,7 +195,21 @@ class StationLink:
                 self._cond.wait(min(left, 0.5))
 
     # -- commands
-    def send_model(self, station: str, bundle: RemoteBundle) -> None:
+    def send_model(self, station: str, bundle: RemoteBundle, reconnect_wait_s: float = RECONNECT_WAIT_S) -> None:
+        """Publish ``cmd/model`` and wait for its PUBACK. With the broker connection lost, it waits up to
+        ``reconnect_wait_s`` for it to come back, and when it does not, the command is not handed to the client at
+        all (a queued one would go out after the rollout reported it not sent). CommandPending when the connection
+        dropped after the hand-over; RolloutError when it was never sent or the broker refused it."""
         payload = bundle.command()
+        topic = station_topic(station, "cmd/model", self.options.topic_root)
         checker("cmd-model.v1").check(f"cmd/model for {station}", payload, RolloutError)
-        mqtt_publish(self.client, station_topic(station, "cmd/model", self.options.topic_root), payload)
+        if not self.wait_connected(reconnect_wait_s):
+            raise RolloutError(f"{topic}: not sent: no connection to the MQTT broker {self.options.where()} "
+                               f"(lost, and not back within {reconnect_wait_s:g} s)")
+        try:
+            mqtt_publish(self.client, topic, payload)
+        except RolloutError as exc:
+            if self.connected():       # refused by the broker (its ACL): that command is done with, never resent
+                raise
+            raise CommandPending(f"{topic}: the connection to the MQTT broker {self.options.where()} dropped before "
+                                 f"its PUBACK ({exc}); the command goes out again when it reconnects") from exc

@@ -34,6 +34,7 @@ from contract.events import (
 log = logging.getLogger(__name__)
 
 INDEX_FILE = "index.json"
+PUBLISH_LOCK = ".index.lock"        # in <root>/<name>/: one publish of a model at a time (hidden: never served)
 PUBLISHABLE = ("promoted", "baseline")
 
 
@@ -75,7 +76,7 @@ def _check_publishable(bundle_dir: Path, sha: str, root: Path, name: str, baseli
 def publish_bundle(bundle_dir: str | Path, root: str | Path, *, baseline: bool = False,
                    public_key: Path | None = None) -> PublishResult:
     """Copy a verified, promoted bundle into ``root/<name>/<version>/``; nothing appears there half-copied."""
-    from contract.bundle import MANIFEST, BundleError, check_model_runs, load_bundle, load_public_key
+    from contract.bundle import BundleError, check_model_runs, load_bundle, load_public_key
 
     bundle_dir, root = Path(bundle_dir), Path(root)
     if root.exists() and not root.is_dir():
@@ -89,6 +90,27 @@ def publish_bundle(bundle_dir: str | Path, root: str | Path, *, baseline: bool =
     except BundleError as exc:
         raise RolloutError(f"refusing to publish an unverifiable bundle: {exc}") from exc
     _check_servable(bundle)
+    _check_publishable(bundle.root, manifest_sha256(bundle.root), root, bundle.name, baseline)   # refused: no folder
+    model_dir = root / bundle.name
+    try:
+        model_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(model_dir / PUBLISH_LOCK, "a")
+    except OSError as exc:         # a read-only served tree, or a --root under a file: named, never a traceback
+        raise RolloutError(f"--root {root}: cannot publish {model_dir / bundle.version} ({exc.strerror or exc}: "
+                           f"{exc.filename or model_dir})") from exc
+    with lock:      # two publishes of one model at once: the second waits, then finds the first's copy
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("%s: another publish of %s is under way; waiting for it to finish", model_dir, bundle.name)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        return _publish_locked(bundle, root, baseline, public_key)
+
+
+def _publish_locked(bundle: Any, root: Path, baseline: bool, public_key: Path | None) -> PublishResult:
+    """The gate check and the copy of a verified bundle, under the model's publish lock."""
+    from contract.bundle import MANIFEST, BundleError, load_bundle, load_public_key
+
     bundle_dir = bundle.root
     sha = manifest_sha256(bundle_dir)
     gate = _check_publishable(bundle_dir, sha, root, bundle.name, baseline)
@@ -153,22 +175,21 @@ def _copy_into_place(bundle: Any, bundle_dir: Path, target: Path, gate: dict[str
 
 
 def _update_index(model_dir: Path, version: str, sha: str, decision: str) -> None:
-    """Add ``version`` to the model's index.json, under a lock: two publishes at once both stay listed."""
+    """Add ``version`` to the model's index.json; the caller holds the model's lock (``PUBLISH_LOCK``), so two
+    publishes at once both stay listed."""
     path = model_dir / INDEX_FILE
-    with open(model_dir / ".index.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            index = json.loads(path.read_text()) if path.exists() else {"versions": {}}
-            if not isinstance(index, dict) or not isinstance(index.get("versions"), dict):
-                raise ValueError("expected {\"versions\": {...}}")
-        except ValueError as exc:
-            raise RolloutError(f"{path}: not a published index ({exc}); move it aside and publish again") from None
-        known = index["versions"].get(version)
-        if known and known.get("manifest_sha256") == sha:
-            return
-        index["versions"][version] = {"path": f"{version}/", "manifest_sha256": sha, "decision": decision,
-                                      "published_at": utc_now()}
-        write_json_atomic(path, index)
+    try:
+        index = json.loads(path.read_text()) if path.exists() else {"versions": {}}
+        if not isinstance(index, dict) or not isinstance(index.get("versions"), dict):
+            raise ValueError("expected {\"versions\": {...}}")
+    except ValueError as exc:
+        raise RolloutError(f"{path}: not a published index ({exc}); move it aside and publish again") from None
+    known = index["versions"].get(version)
+    if known and known.get("manifest_sha256") == sha:
+        return
+    index["versions"][version] = {"path": f"{version}/", "manifest_sha256": sha, "decision": decision,
+                                  "published_at": utc_now()}
+    write_json_atomic(path, index)
 
 
 # ---------------------------------------------------------------- serve

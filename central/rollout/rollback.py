@@ -86,10 +86,13 @@ def run_rollback(link: StationLink, history: RolloutHistory, events: EventSink, 
     if problems:
         model = {"name": next(iter(targets.values())).name if targets else "unknown", "version": to}
         reason = "rollback not sent to " + "; ".join(f"{s}: {why}" for s, why in problems.items())
-        events.emit(make_event("halt", model, ok=False, stations=sorted(problems), figures={"problems": problems},
-                               reason=reason))
         failed = summaries[-1] if summaries else Summary("rollback", RemoteBundle("", model["name"], to, "", {}),
                                                          skipped=dict(skipped or {}))
+        try:
+            events.emit(make_event("halt", model, ok=False, stations=sorted(problems),
+                                   figures={"problems": problems}, reason=reason))
+        except RolloutError as exc:      # the broker connection dropped: the summary still says who got nothing
+            failed.undelivered.append(f"the halt event did not reach the dashboard ({exc})")
         for s, why in problems.items():
             view = link.snapshot(s)
             failed.outcomes.append(StationOutcome(s, view.version, view.version, False, why, "rest", view.model_name,

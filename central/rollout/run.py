@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 from central.rollout.canary import Verdict, WatchPolicy, judge_canary, rate_over, seconds_problem
 from central.rollout.history import RolloutHistory
-from central.rollout.link import StationLink, StationView
+from central.rollout.link import CommandPending, StationLink, StationView
 from central.rollout.remote import RemoteBundle, resolve_bundle, sibling_location
 from central.rollout.stations import check_station, select_stations, split_by_model
 from contract.events import EventSink, RolloutError, make_event
@@ -46,12 +46,15 @@ class Summary:
     canary: Verdict | None = None
     skipped: dict[str, str] = field(default_factory=dict)        # chosen but left out (offline): not on the version
     other_model: dict[str, str] = field(default_factory=dict)    # --all stations running another model: not sent
+    undelivered: list[str] = field(default_factory=list)   # events the broker did not take (listed, not a failure)
+    unrecorded: str | None = None        # why records are missing from --history at the end (a failure: exit 1)
 
     @property
     def ok(self) -> bool:
         """Every chosen station runs the target: no halt, no failure, none skipped (a station of another model
         that ``--all`` left alone is not one of the stations chosen)."""
-        return self.halted is None and all(o.ok for o in self.outcomes) and not self.skipped
+        return (self.halted is None and all(o.ok for o in self.outcomes) and not self.skipped
+                and self.unrecorded is None)
 
     def _label(self, name: str | None, version: str | None) -> str:
         if version is None:
@@ -71,10 +74,15 @@ class Summary:
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in rows]
         state = ("done" if self.ok else "finished with failures" if not all(o.ok for o in self.outcomes)
-                 else f"done, but {len(self.skipped)} station(s) skipped")
+                 else f"done, but {len(self.skipped)} station(s) skipped" if self.skipped
+                 else "done, but the history is incomplete")
         head = f"{self.action} {self.bundle.name} {self.bundle.version}: " + (
             f"HALTED: {self.halted}" if self.halted else state)
-        return "\n".join([head, *lines])
+        notes = [f"NOT RECORDED: {why}" for why in self.undelivered]
+        if self.unrecorded:
+            notes.append(f"NOT RECORDED: {self.unrecorded}; a later 'rollback --to previous' cannot see these "
+                         "switches (name the version with --to)")
+        return "\n".join([head, *lines, *notes])
 
 
 @dataclass(frozen=True)
@@ -112,8 +120,15 @@ class Rollout:
 
     def _emit(self, action: str, ok: bool, reason: str | None, stations: Sequence[str], figures=None,
               model: dict[str, str] | None = None) -> None:
-        self.events.emit(make_event(action, model or self.plan.bundle.model, ok=ok, reason=reason,
-                                    stations=stations, figures=figures))
+        """Publish an event; one the broker does not take (the connection dropped) is listed in the summary and the
+        rollout goes on: what the stations were sent and run matters more than the dashboard's copy of it."""
+        event = make_event(action, model or self.plan.bundle.model, ok=ok, reason=reason, stations=stations,
+                           figures=figures)
+        try:
+            self.events.emit(event)
+        except RolloutError as exc:
+            log.warning("event %s not delivered: %s", action, exc)
+            self.summary.undelivered.append(f"the {action} event did not reach the dashboard ({exc})")
 
     def run(self) -> Summary:
         plan = self.plan
@@ -169,6 +184,12 @@ class Rollout:
                               f"baseline for {bundle.name} {bundle.version}; name another canary, or roll it back "
                               "first ('python -m central rollback')")
             return False
+        if not view.online:       # cmd/model is not kept for a station that is not connected: it would never come
+            why = ("has no retained status: unknown or never connected" if view.status is None
+                   else "is offline (its retained status says so)")
+            self._halt_unsent(canary, view, f"canary {canary} {why}: it would neither send stats nor get the "
+                              "command; name an online canary")
+            return False
         self.link.follow_stats([canary])
         self._baseline = self._gather_baseline(canary, policy)
         if policy.needs_baseline and rate_over(self._baseline)[0] is None:
@@ -203,6 +224,14 @@ class Rollout:
     def _watch(self, canary: str, sent_at: float) -> Verdict:
         policy = self.plan.policy
         assert policy is not None
+        lost_before = self.link.disconnects
+        verdict = self._judge_watch(canary, sent_at, policy)
+        if self.link.disconnects != lost_before and not verdict.ok:
+            return Verdict(False, f"{verdict.reason}; the connection to the MQTT broker was lost during the watch "
+                                  "(stats are QoS 0: those sent meanwhile never came)", verdict.figures)
+        return verdict
+
+    def _judge_watch(self, canary: str, sent_at: float, policy: WatchPolicy) -> Verdict:
         deadline = self.link.clock() + policy.watch_s
         while self.link.clock() < deadline:
             view = self.link.snapshot(canary)
@@ -290,17 +319,26 @@ class _SwitchTo:
                                             role, sent=False)
             elif view.runs(self.bundle):
                 outcomes[s] = self._outcome(s, view, view, True, None, role)
+            elif not view.online:     # the agent's session ends with its connection: a command now is lost
+                outcomes[s] = self._outcome(s, view, view, False, "offline (its retained status says so): "
+                                            "cmd/model is not kept for a station that is not connected", role,
+                                            sent=False)
             elif view.model_name != self.bundle.name:
                 log.warning("%s runs %s: it is switched to %s %s as named", s, view.describe(), self.bundle.name,
                             version)
-        sent = []
+        sent: list[str] = []
+        pending: dict[str, str] = {}         # handed to the client, no PUBACK: it may still reach the station
         for s in [s for s in stations if s not in outcomes]:
             try:
                 link.send_model(s, self.bundle)
-            except RolloutError as exc:      # the broker refused it (its ACL) or never acknowledged it
+            except CommandPending as exc:    # the connection dropped: paho sends it again once it is back
+                log.warning("%s; waiting for %s as for a station that got it", exc, s)
+                pending[s] = str(exc)
+            except RolloutError as exc:      # the broker refused it (its ACL), or no connection to send it on
                 outcomes[s] = self._outcome(s, before[s], before[s], False, str(exc), role, sent=False)
                 continue
-            log.info("cmd/model %s %s -> %s", self.bundle.name, version, s)
+            else:
+                log.info("cmd/model %s %s -> %s", self.bundle.name, version, s)
             sent.append(s)
         deadline = link.clock() + self.r.plan.update_timeout_s
         for s in sent:
@@ -309,13 +347,29 @@ class _SwitchTo:
             if answer is None:
                 outcomes[s] = self._outcome(s, before[s], view, False, f"no status reporting {self.bundle.name} "
                                             f"{version} within {self.r.plan.update_timeout_s:g} s (state "
-                                            f"{(view.status or {}).get('state')}, {view.describe()})", role)
+                                            f"{(view.status or {}).get('state')}, {view.describe()})"
+                                            + (f"; the command may not have reached the broker: {pending[s]}"
+                                               if s in pending else "")
+                                            + ("; the connection to the MQTT broker is down: that state is the "
+                                               "last one received" if link.lost else ""), role)
             else:
                 outcomes[s] = self._outcome(s, before[s], view, *answer, role)
             o = outcomes[s]
-            self.r.history.record(s, action=self.action, bundle=self.bundle, from_version=o.before,
-                                  from_name=o.before_name, ok=o.ok, reason=o.reason)
+            self._record(s, o)
         return [outcomes[s] for s in stations]
+
+    def _record(self, station: str, o: StationOutcome) -> None:
+        """The switch into the history; a history that cannot be written (a full disk) stops nothing: the summary
+        says what is missing, and the records are written with the next one that can be."""
+        history, summary = self.r.history, self.r.summary
+        try:
+            history.record(station, action=self.action, bundle=self.bundle, from_version=o.before,
+                           from_name=o.before_name, ok=o.ok, reason=o.reason)
+        except RolloutError as exc:
+            log.error("%s", exc)
+            summary.unrecorded = str(exc)
+        else:
+            summary.unrecorded = None
 
     def _answer(self, station: str, before: StationView) -> tuple[bool, str | None] | None:
         view = self.r.link.views.get(station)       # called under the link's lock

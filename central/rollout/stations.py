@@ -25,17 +25,33 @@ def check_station(station: str, where: str) -> str:
     return station
 
 
+GROUP_MAX_BYTES = 1 << 20     # a station a line: far more than any fleet; a larger file is not a group
+
+
+def _group_lines(group: Path) -> list[str]:
+    """The group file's lines: UTF-8, a byte order mark (Windows editors write one) dropped; RolloutError naming
+    the file when it is not a regular file (a FIFO would block the read for good) or not text of a sane size."""
+    try:
+        if group.exists() and not group.is_file():
+            raise RolloutError(f"{group}: cannot read the station group (not a regular file)")
+        with open(group, "rb") as fh:
+            data = fh.read(GROUP_MAX_BYTES + 1)
+        if len(data) > GROUP_MAX_BYTES:
+            raise RolloutError(f"{group}: more than {GROUP_MAX_BYTES} bytes, not a station group (one "
+                               "<site>/<station> a line)")
+        return data.decode("utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise RolloutError(f"{group}: cannot read the station group ({why})") from exc
+
+
 def select_stations(link: StationLink, *, stations: Sequence[str] = (), group: Path | None = None,
                     all_stations: bool = False) -> tuple[list[str], dict[str, str]]:
     """The stations named (``--stations``), listed in a group file (one <site>/<station> a line, # comments), or
     every station with a retained status (online ones; offline ones are returned as skipped, with why)."""
     chosen = [check_station(s, f"--stations {s!r}") for s in stations]
     if group is not None:
-        try:
-            lines = Path(group).read_text().splitlines()
-        except (OSError, UnicodeDecodeError) as exc:
-            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-            raise RolloutError(f"{group}: cannot read the station group ({why})") from exc
+        lines = _group_lines(Path(group))
         for n, line in enumerate(lines, 1):
             line = line.split("#", 1)[0].strip()
             if line:
