@@ -458,7 +458,13 @@ def _add_enroll_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--images", type=Path, required=True, help="folder of its images (item crops, as a station sees them)")
     p.add_argument("--models-dir", type=Path, default=None, help="default: the bundle's own models dir")
     p.add_argument("--version", default=None, help="the new bundle version (default: UTC timestamp)")
-    p.add_argument("--sign-key", type=Path, default=None, help="ed25519 private key to sign the new manifest")
+    signing = p.add_mutually_exclusive_group()
+    signing.add_argument("--sign-key", type=Path, default=None,
+                         help="ed25519 private key to sign the new manifest (needed when the source bundle is signed; "
+                              "the private half of --public-key when that is given)")
+    signing.add_argument("--unsigned", action="store_true",
+                         help="write the new version unsigned although the source bundle is signed (stations "
+                              "configured with a public key refuse it)")
     p.add_argument("--public-key", type=Path, default=None, help="check the source bundle's signature")
     p.add_argument("--gate-data", type=Path, default=None,
                    help="class folders of the old classes' images for the gate (default: the validation split of the "
@@ -480,7 +486,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 
     started = time.monotonic()
     cfg = EnrolConfig(bundle=args.bundle, label=args.label, images=args.images, models_dir=args.models_dir,
-                      version=args.version, sign_key=args.sign_key, public_key=args.public_key,
+                      version=args.version, sign_key=args.sign_key, public_key=args.public_key, unsigned=args.unsigned,
                       gate_data=args.gate_data, gate_images=args.gate_images, max_drop_points=args.max_drop,
                       min_examples=args.min_examples, mirror={"auto": None, "on": True, "off": False}[args.mirror],
                       dry_run=args.dry_run)

@@ -35,6 +35,7 @@ from contract.bundle import (
     MANIFEST,
     ROLE_FP32,
     ROLE_OPEN_SET,
+    SIGNATURE,
     Bundle,
     BundleError,
     artifact_entry,
@@ -87,6 +88,8 @@ class EnrolConfig:
     version: str | None = None         # default: a UTC timestamp
     sign_key: Path | None = None
     public_key: Path | None = None     # verify the source bundle's signature
+    unsigned: bool = False             # from a signed source, an unsigned version on purpose (--unsigned): stations
+    #                                    configured with a public key refuse it; without, such an enrolment is refused
     gate_data: Path | None = None      # labelled images of the old classes (class folders); default: the validation
     #                                    rows of the run named in the bundle's provenance (run_dir/split.json)
     gate_images: int = 2000
@@ -683,8 +686,52 @@ def _check_settings(cfg: EnrolConfig) -> None:
         check_name_version("x", cfg.version)
     except ValueError as exc:
         raise EnrolError(str(exc)) from None
-    if cfg.sign_key:
-        check_sign_key(Path(cfg.sign_key))
+    check_signing(Path(cfg.bundle), cfg.sign_key, cfg.public_key, unsigned=cfg.unsigned)
+
+
+def check_signing(source: Path, sign_key: Path | None, public_key: Path | None, *, unsigned: bool = False,
+                  sign_flag: str = "--sign-key", public_flag: str = "--public-key",
+                  unsigned_flag: str | None = "--unsigned") -> None:
+    """EnrolError naming the flags, before anything is read or computed (and when the review server starts), where
+    the new version would be refused by the stations that take the source (``source``: its folder): retrain's rule
+    (``trainer.retrain.check_signing``: a key that cannot sign, or is not the private half of ``public_key``), and a
+    signed source with no ``sign_key`` (also where ``public_key`` is given: it verifies only the source, and
+    ``load_bundle`` refuses an unsigned source with it), unless ``unsigned`` (``unsigned_flag``; None: the caller has
+    no such flag) asks for an unsigned version on purpose. Until 2026-12-07 both wrote a version every station
+    configured with a public key refused, seen only when the canary failed."""
+    from trainer.retrain import RetrainError
+    from trainer.retrain import check_signing as check_retrain_signing
+
+    if unsigned and sign_key is not None:
+        raise EnrolError(f"{unsigned_flag} and {sign_flag} {sign_key}: an unsigned version and a signed one asked "
+                         f"for; pass one of them")
+    if sign_key is not None:
+        check_sign_key(Path(sign_key), sign_flag)
+        if public_key is None:
+            return
+        try:
+            key = load_public_key(public_key)
+        except BundleError as exc:
+            raise EnrolError(f"{public_flag}: {exc}") from None
+        try:        # the key itself passed check_sign_key: what retrain's rule still refuses is the pair
+            check_retrain_signing(Path(sign_key), key)
+        except RetrainError:
+            raise EnrolError(f"{sign_flag} {sign_key}: not the private key of {public_flag} {public_key}; the new "
+                             f"version would be signed with a key the stations that trust {public_flag} do not trust, "
+                             f"and refused at rollout: pass the private key of {public_flag} as {sign_flag}") from None
+        return
+    signature = Path(source) / SIGNATURE
+    if not signature.exists():
+        return                 # an unsigned source (with public_key given, load_bundle refuses it by name)
+    if unsigned:
+        log.warning("%s: the source bundle is signed; the new version is written unsigned (%s): stations configured "
+                    "with a public key refuse it", signature, unsigned_flag)
+        return
+    only_source = f" ({public_flag} {public_key} checks only the source)" if public_key is not None else ""
+    opt_out = f", or {unsigned_flag} for an unsigned version on purpose" if unsigned_flag else ""
+    raise EnrolError(f"source bundle {source} is signed ({signature}) and no {sign_flag} is given{only_source}: the "
+                     f"new version would be unsigned, and every station configured with a public key refuses it at "
+                     f"rollout; pass the private key as {sign_flag}{opt_out}")
 
 
 def check_sign_key(path: Path, flag: str = "--sign-key") -> None:

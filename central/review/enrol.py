@@ -130,6 +130,22 @@ def latest_enrolled(configured: Path, models_dir: Path | None) -> Path:
     return found
 
 
+def _check_signing(settings: EnrolSettings, bundle: Path) -> None:
+    """StoreError naming the server's flags, at start (not after the first enrolment has computed everything), where
+    the versions it enrols would be refused by the stations: trainer enroll's rule (``trainer.enroll.check_signing``:
+    a key that cannot sign, one that is not the private half of --enrol-public-key, a signed bundle and no key). The
+    source is ``bundle`` (the newest enrolled version), or --enrol-bundle where only that one is signed."""
+    from contract.bundle import SIGNATURE
+    from trainer.enroll import EnrolError, check_signing
+
+    source = next((b for b in (bundle, Path(settings.bundle)) if (b / SIGNATURE).exists()), bundle)
+    try:
+        check_signing(source, settings.sign_key, settings.public_key, sign_flag="--enrol-sign-key",
+                      public_flag="--enrol-public-key", unsigned_flag=None)
+    except EnrolError as exc:
+        raise StoreError(str(exc)) from None
+
+
 class ReviewEnroller:
     """Turns the store's reviewed frames of a new class into a new bundle version, one enrolment at a time."""
 
@@ -148,16 +164,11 @@ class ReviewEnroller:
         if not settings.max_drop_points <= settings.limit < 100.0:
             raise StoreError(f"--enrol-max-drop-limit: expected points in [--enrol-max-drop "
                              f"{settings.max_drop_points:g}, 100), got {settings.max_drop_limit!r}")
-        if settings.sign_key is not None:      # at start, not after the first enrolment has computed everything
-            from trainer.enroll import EnrolError, check_sign_key
-
-            try:
-                check_sign_key(Path(settings.sign_key), "--enrol-sign-key")
-            except EnrolError as exc:
-                raise StoreError(str(exc)) from None
+        bundle = latest_enrolled(Path(settings.bundle), settings.models_dir)
+        _check_signing(settings, bundle)
         self.store = store
         self.settings = settings
-        self.bundle = latest_enrolled(Path(settings.bundle), settings.models_dir)
+        self.bundle = bundle
         self._lock = threading.Lock()
 
     def describe(self) -> dict[str, Any]:

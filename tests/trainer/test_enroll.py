@@ -227,15 +227,21 @@ def test_settings_that_could_not_judge_an_enrolment_are_refused_and_nothing_is_w
 
 
 def test_a_second_class_enrols_on_top_of_an_enrolled_one(enrolled, fmnist_dir, gate8, tmp_path):
-    result, _ = enrolled
+    result, work = enrolled
     images = _examples(fmnist_dir, "Bag", 8, tmp_path / "bag")
-    # the gate needs images of Trouser, enrolled before: the old classes' images alone cannot show Bag taking it
+    # the enrolled version is signed: without the key the next one would be unsigned, refused by the stations
     _refused(EnrolConfig(bundle=result.bundle_dir, label="Bag", images=images, version="3", gate_data=gate8),
+             result.bundle_dir.parent, "is signed", "no --sign-key is given")
+    # the gate needs images of Trouser, enrolled before: the old classes' images alone cannot show Bag taking it
+    _refused(EnrolConfig(bundle=result.bundle_dir, label="Bag", images=images, version="3", gate_data=gate8,
+                         sign_key=work / "k.key"),
              result.bundle_dir.parent, "0 gate image(s) of 'Trouser', a class enrolled before", "--gate-data")
     gate = _class_folders(gate8, tmp_path / "gate", ())
     (gate / "Trouser").symlink_to(fmnist_dir / "test" / "Trouser", target_is_directory=True)
-    second = enroll(EnrolConfig(bundle=result.bundle_dir, label="Bag", images=images, version="3", gate_data=gate))
-    bundle = load_bundle(second.bundle_dir)
+    second = enroll(EnrolConfig(bundle=result.bundle_dir, label="Bag", images=images, version="3", gate_data=gate,
+                                sign_key=work / "k.key", public_key=work / "k.pub"))
+    bundle = load_bundle(second.bundle_dir, load_public_key(work / "k.pub"))
+    assert bundle.signed
     check_model_runs(bundle)
     assert bundle.labels[-2:] == ["Trouser", "Bag"]
     assert bundle.manifest["open_set"]["enrolled"] == ["Trouser", "Bag"]

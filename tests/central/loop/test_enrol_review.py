@@ -362,3 +362,31 @@ def test_a_signing_key_that_cannot_sign_stops_the_server_at_start(colours, tmp_p
                        (not_a_key, "--enrol-sign-key: .*not.key: not an unencrypted ed25519 private key")):
         with pytest.raises(StoreError, match=match):
             ReviewEnroller(store, EnrolSettings(bundle=bundle, gate_data=gate, sign_key=key))
+
+
+def test_a_key_pair_that_would_sign_versions_stations_refuse_stops_the_server_at_start(colours, tmp_path):
+    """The page enrolled with an --enrol-sign-key that is not the private half of --enrol-public-key, and onto a
+    signed bundle without any key: every version it wrote was refused by the stations configured with the public
+    key, at rollout. Now the server does not start, naming the flags; with the site's key pair it enrols a version
+    a station takes."""
+    from contract.bundle import load_public_key
+    from trainer.signing import generate_keypair, sign_bundle
+
+    bundle, gate, frames, store = colours
+    generate_keypair(tmp_path / "site.key", tmp_path / "site.pub")
+    generate_keypair(tmp_path / "other.key", tmp_path / "other.pub")
+    sign_bundle(bundle, tmp_path / "site.key")
+    for settings, match in (
+            (dict(sign_key=tmp_path / "other.key", public_key=tmp_path / "site.pub"),
+             "--enrol-sign-key .*other.key: not the private key of --enrol-public-key .*site.pub"),
+            (dict(), "source bundle .* is signed .* no --enrol-sign-key is given"),
+            (dict(public_key=tmp_path / "site.pub"), "is signed .* no --enrol-sign-key is given"),
+            (dict(sign_key=tmp_path / "site.key", public_key=tmp_path / "missing.pub"),
+             "--enrol-public-key: .*missing.pub: cannot read public key")):
+        with pytest.raises(StoreError, match=match):
+            ReviewEnroller(store, EnrolSettings(bundle=bundle, gate_data=gate, **settings))
+
+    enroller = FolderEnroller(store, EnrolSettings(bundle=bundle, gate_data=gate, sign_key=tmp_path / "site.key",
+                                                   public_key=tmp_path / "site.pub"), frames)
+    written = enroller.enrol("yellow", "ana")
+    assert load_bundle(written["bundle"], load_public_key(tmp_path / "site.pub")).signed
