@@ -103,14 +103,21 @@ def startup_error(field: str, exc: BaseException) -> StartupError:
 
 def check_labels(cfg: AgentConfig, bundle: Bundle) -> None:
     """Labels the config refers to must exist in the bundle, else decisions would silently never fire."""
-    labels = set(bundle.labels)
+    check_config_labels(cfg, bundle.labels, str(bundle.root))
+
+
+def check_config_labels(cfg: AgentConfig, bundle_labels: Any, where: str) -> None:
+    """``check_labels`` on a bundle's labels before it is loaded (a manifest just fetched, ``where`` its URL or
+    file): a bundle that cannot serve the config's decisions is refused before any artifact is fetched or any
+    engine built. ConfigError names ``where`` and each field whose label is missing."""
+    labels = set(bundle_labels) if isinstance(bundle_labels, (list, tuple)) else set()
     refs = [(f"decisions.sorting.lanes.{k}", k) for k in cfg.decisions.sorting.lanes]
     refs += [(f"decisions.qc.defect_classes[{i}]", k) for i, k in enumerate(cfg.decisions.qc.defect_classes)]
     if cfg.decisions.presence.empty_class:
         refs.append(("decisions.presence.empty_class", cfg.decisions.presence.empty_class))
     missing = [f"field {where}: label {label!r} is not in the bundle" for where, label in refs if label not in labels]
     if missing:
-        raise ConfigError(f"{bundle.root}: config and bundle disagree: " + "; ".join(missing))
+        raise ConfigError(f"{where}: config and bundle disagree: " + "; ".join(missing))
 
 
 ENV_ENGINE = "INVENTORY_AGENT_ENGINE"                    # set by agent.startup: engine for this device
@@ -278,6 +285,7 @@ class Agent:
             pinned = self.state.model.get("sha256")
             if pinned and bundle.manifest_sha256 != pinned:     # its folder was replaced since it was installed
                 raise BundleError(f"{where}: manifest sha256 {bundle.manifest_sha256}, installed as {pinned}")
+            check_labels(self.cfg, bundle)      # before the engine cache: no engine built for a bundle refused anyway
             engine = self.engine_cache.engine_for(self.cfg, bundle) if self.engine_cache is not None else None
             runtime = build_runtime(self.cfg, bundle, engine)
         except Exception as exc:   # whatever is wrong with it, the configured bundle runs instead
@@ -703,7 +711,12 @@ class Agent:
         incoming = None
         try:
             cmd = ModelCommand.parse(payload)
-            incoming = fetch_verified(cmd, self.cfg.model.download_dir, self.public_key, self.fetch_deadline_s)
+            if cmd.sha256 is not None and cmd.sha256 == old.manifest_sha256:
+                return self._already_running(old)
+            # the config's labels are checked on the manifest: for a download before any artifact is fetched, for a
+            # local bundle once verified; either way before an engine is looked up or built (minutes on a Jetson)
+            incoming = fetch_verified(cmd, self.cfg.model.download_dir, self.public_key, self.fetch_deadline_s,
+                                      check_manifest=self._check_manifest_labels)
             engine = (self.engine_cache.engine_for(self.cfg, incoming.bundle) if self.engine_cache is not None
                       else None)
             runtime = build_runtime(self.cfg, incoming.bundle, engine)
@@ -741,6 +754,21 @@ class Agent:
         if self.publisher is not None:
             self.publisher.request_status()
         return bool(self.last_update["ok"])
+
+    def _check_manifest_labels(self, manifest: dict[str, Any], where: str) -> None:
+        """The ``check_manifest`` hook of ``fetch_verified``: the config's labels against a manifest's."""
+        check_config_labels(self.cfg, manifest.get("labels"), where)
+
+    def _already_running(self, running: Bundle) -> bool:
+        """A cmd/model whose sha256 is the running bundle's manifest's: nothing to fetch, build or swap (a rollout
+        sent twice, a retained command seen again); answered ok, naming the bundle that runs."""
+        reason = f"already running {running.name} {running.version}"
+        log.info("cmd/model: %s (sha256 %s); nothing fetched", reason, running.manifest_sha256)
+        self.last_update = {"ok": True, "reason": reason, "ts": round(time.time(), 6),
+                            "running": {"name": running.name, "version": running.version}}
+        if self.publisher is not None:
+            self.publisher.request_status()
+        return True
 
     # ------------------------------------------------------------ stop
 

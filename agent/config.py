@@ -730,7 +730,9 @@ class FramesConfig(_Strict):
     enabled: bool = Field(True, title="Upload frames", description="Send low-confidence frames back for retraining.")
     jpeg_quality: int = Field(90, ge=10, le=100, title="JPEG quality", description="Encoder quality 10..100.")
     crop_roi: bool = Field(True, title="Crop to ROI", description="Send the ROI crop (True) or the full frame.")
-    min_interval_s: float = Field(2.0, ge=0, le=DAY_S, title="Rate limit", description="Per camera, at most one frame per this many seconds.")
+    min_interval_s: float = Field(2.0, ge=0, le=DAY_S, title="Rate limit",
+                                  description="Per camera, at most one frame per this many seconds: the least certain "
+                                              "of each interval, sent when it ends.")
     dedupe_bits: int = Field(6, ge=0, le=64, title="Duplicate distance",
                              description="dHash Hamming distance at or below which a frame counts as a near-duplicate.")
     dedupe_window: int = Field(32, ge=0, le=4096, title="Duplicate memory", description="Recent hashes per camera compared against.")

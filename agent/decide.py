@@ -505,8 +505,41 @@ def hamming(a: int, b: int) -> int:
     return (a ^ b).bit_count() if hasattr(int, "bit_count") else bin(a ^ b).count("1")
 
 
+@dataclass(frozen=True)
+class HeldFrame:
+    """The one low-confidence frame a camera holds in its current interval (``UploadGate.offer``): the least
+    certain so far. ``frame``: what the caller sends when it is released (the gate never looks inside it)."""
+
+    confidence: float
+    frame_hash: int
+    since: float            # when the interval began: its first candidate
+    frame: Any
+
+
+@dataclass(frozen=True)
+class GateOutcome:
+    """What an offer or a sweep decided: the held frames now due to be sent (``send``, the callers' objects), and
+    one reason per frame held back for good (``held_back``: 'rate' or 'duplicate'), for the counters."""
+
+    send: tuple[Any, ...] = ()
+    held_back: tuple[str, ...] = ()
+
+    def __add__(self, other: "GateOutcome") -> "GateOutcome":
+        return GateOutcome(self.send + other.send, self.held_back + other.held_back)
+
+
 class UploadGate:
-    """Per camera: a rate limit and near-duplicate suppression, so a stuck item does not flood the uplink."""
+    """Per camera: a rate limit and near-duplicate suppression, so a stuck item does not flood the uplink.
+
+    Low-confidence frames (``offer``): per camera, at most one per ``min_interval_s``, and the one sent is the
+    least certain (lowest confidence) of its interval, not the first: the first candidate opens an interval, each
+    candidate less certain than the one held replaces it (one slot per camera: memory bounded by the cameras),
+    and the held one is sent once the interval has ended (``offer`` or ``sweep`` at or after its end; ``flush``
+    at the end of the input). A candidate within ``dedupe_bits`` of one of the last ``window`` uploads is held
+    back as a duplicate, checked when it would take the slot and again when it is released. Cameras never share
+    a slot or an interval. ``admit``: an item's one best view (only the duplicate check), and the first-come
+    rate limit this gate had before (kept for callers that send at once).
+    """
 
     def __init__(self, min_interval_s: float, dedupe_bits: int, window: int) -> None:
         self.min_interval_s = min_interval_s
@@ -514,6 +547,7 @@ class UploadGate:
         self.window = window
         self._last: dict[str, float] = {}
         self._hashes: dict[str, list[int]] = {}
+        self._held: dict[str, HeldFrame] = {}
 
     def admit(self, camera_id: str, frame_hash: int | Callable[[], int], now: float,
               rate_limited: bool = True) -> str | None:
@@ -528,11 +562,57 @@ class UploadGate:
             return "rate"
         if callable(frame_hash):
             frame_hash = frame_hash()
-        recent = self._hashes.setdefault(camera_id, [])
-        if self.window and any(hamming(frame_hash, h) <= self.dedupe_bits for h in recent):
+        if self._duplicate(camera_id, frame_hash):
             return "duplicate"
         if rate_limited:
             self._last[camera_id] = now
+        self._remember(camera_id, frame_hash)
+        return None
+
+    def offer(self, camera_id: str, confidence: float, frame_hash: int | Callable[[], int], now: float,
+              frame: Any) -> GateOutcome:
+        """A low-confidence frame: held when it is the least certain of its camera's interval (the one it replaces
+        is held back, 'rate'), else held back ('rate', or 'duplicate' of a recent upload). What the camera held
+        from an interval that has ended is released first; with ``min_interval_s`` 0 every frame goes at once.
+        ``frame_hash`` may be a callable: computed only for a frame that would take the slot."""
+        outcome = self._release(camera_id, now, due_only=True)
+        held = self._held.get(camera_id)
+        if held is not None and not confidence < held.confidence:     # the held one is as uncertain: it stays
+            return outcome + GateOutcome(held_back=("rate",))
+        if callable(frame_hash):
+            frame_hash = frame_hash()
+        if self._duplicate(camera_id, frame_hash):
+            return outcome + GateOutcome(held_back=("duplicate",))
+        self._held[camera_id] = HeldFrame(confidence, frame_hash, held.since if held else now, frame)
+        displaced = GateOutcome(held_back=("rate",)) if held is not None else GateOutcome()
+        return outcome + displaced + self._release(camera_id, now, due_only=True)
+
+    def sweep(self, camera_id: str, now: float) -> GateOutcome:
+        """The camera's held frame when its interval has ended (the caller runs it with each batch, so a camera
+        that sees no more low-confidence frames still sends the one it holds)."""
+        return self._release(camera_id, now, due_only=True)
+
+    def flush(self, camera_id: str) -> GateOutcome:
+        """The camera's held frame, its interval ended or not (the end of the input: none is lost)."""
+        return self._release(camera_id, 0.0, due_only=False)
+
+    def _release(self, camera_id: str, now: float, *, due_only: bool) -> GateOutcome:
+        held = self._held.get(camera_id)
+        if held is None:
+            return GateOutcome()
+        if due_only and 0 <= now - held.since < self.min_interval_s:      # < 0: the clock stepped back: due
+            return GateOutcome()
+        del self._held[camera_id]
+        if self._duplicate(camera_id, held.frame_hash):     # an item's view like it went meanwhile
+            return GateOutcome(held_back=("duplicate",))
+        self._remember(camera_id, held.frame_hash)
+        return GateOutcome(send=(held.frame,))
+
+    def _duplicate(self, camera_id: str, frame_hash: int) -> bool:
+        recent = self._hashes.get(camera_id, [])
+        return bool(self.window) and any(hamming(frame_hash, h) <= self.dedupe_bits for h in recent)
+
+    def _remember(self, camera_id: str, frame_hash: int) -> None:
+        recent = self._hashes.setdefault(camera_id, [])
         recent.append(frame_hash)
         del recent[:-self.window or None]
-        return None

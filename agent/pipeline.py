@@ -21,6 +21,7 @@ publishes it anyway). A bundle without ``open_set`` has no score, and decides as
 from __future__ import annotations
 
 import base64
+import functools
 import logging
 import queue
 import sqlite3
@@ -37,6 +38,7 @@ from agent.backends import Backend, outputs_of
 from agent.config import AgentConfig, CameraConfig, Thresholds, merge_thresholds
 from agent.decide import (
     Classification,
+    GateOutcome,
     ItemDecision,
     ItemTracker,
     LaneMap,
@@ -424,6 +426,7 @@ class InferenceStage(threading.Thread):
         for i, frame in enumerate(batch):
             messages.extend(self._decide(frame, by_position.get(i), runtime, timings,
                                          inferred.started - frame.captured_mono, counted))
+        messages.extend(self._held_uploads())       # a camera's interval ended without another candidate
         return self._store(messages, counted) or flushed
 
     def _needs_model(self, frame: Frame) -> bool:
@@ -500,13 +503,15 @@ class InferenceStage(threading.Thread):
                     state.tracker.policy = policy
 
     def _flush_items(self) -> bool:
-        """Decide the items still open (end of input, or a model with other labels); whether a receipt was
-        stored with them."""
+        """Decide the items still open (end of input, or a model with other labels), and send the low-confidence
+        frame each camera holds (``UploadGate.flush``: none is lost at the end); whether a receipt was stored
+        with them."""
         messages: list[Message] = []
         counted: list[tuple[ItemDecision, str]] = []
         for state in self._cameras.values():
             if state.tracker is not None and (decision := state.tracker.flush()) is not None:
                 messages.extend(self._decision_messages(decision, counted))
+        messages.extend(self._held_uploads(everything=True))
         return self._store(messages, counted)
 
     def _store(self, messages: list[Message], counted: list[tuple[ItemDecision, str]]) -> bool:
@@ -741,10 +746,40 @@ class InferenceStage(threading.Thread):
             image = cut(frame.image, box)
         else:
             image = frame.image if fcfg.crop_roi or frame.full_image is None else frame.full_image
-        held = self.uploads.admit(frame.camera_id, lambda: dhash(image), self.clock(), rate_limited=item is None)
-        if held is not None:
-            self.metrics.inc("frames_upload_suppressed_total", camera=frame.camera_id, why=held)
-            return []
+        send = functools.partial(self._frame_message, frame, runtime, image, box, item_crop, label, confidence,
+                                 top_k, reasons, unknown_score, item, track)
+        if item is not None:
+            held = self.uploads.admit(frame.camera_id, lambda: dhash(image), self.clock(), rate_limited=False)
+            if held is not None:
+                self.metrics.inc("frames_upload_suppressed_total", camera=frame.camera_id, why=held)
+                return []
+            return [send()]
+        # the least certain frame of the camera's interval goes when the interval ends (UploadGate.offer)
+        return self._gated(frame.camera_id, self.uploads.offer(frame.camera_id, confidence, lambda: dhash(image),
+                                                               self.clock(), send))
+
+    def _gated(self, camera_id: str, outcome: GateOutcome) -> list[Message]:
+        """The frames the upload gate released, built now; those it held back for good, counted."""
+        for why in outcome.held_back:
+            self.metrics.inc("frames_upload_suppressed_total", camera=camera_id, why=why)
+        return [send() for send in outcome.send]
+
+    def _held_uploads(self, *, everything: bool = False) -> list[Message]:
+        """The low-confidence frames held by cameras whose interval has ended (each batch), or all (the end)."""
+        out: list[Message] = []
+        if self.cfg.frames.enabled:
+            now = self.clock()
+            for cam in self.cfg.cameras:
+                out += self._gated(cam.id, self.uploads.flush(cam.id) if everything
+                                   else self.uploads.sweep(cam.id, now))
+        return out
+
+    def _frame_message(self, frame: Frame, runtime: ModelRuntime, image: np.ndarray, box: tuple[int, int, int, int],
+                       item_crop: bool, label: str, confidence: float, top_k: Sequence[tuple[str, float]],
+                       reasons: Sequence[str], unknown_score: float | None, item: dict[str, Any] | None,
+                       track: str | None) -> Message:
+        """The frame.v1 message of an upload the gate let through (at once, or at the end of its interval)."""
+        fcfg = self.cfg.frames
         jpeg = encode_jpeg(image, fcfg.jpeg_quality)
         self.metrics.inc("frames_uploaded_total", camera=frame.camera_id)
         if item is not None:
@@ -766,7 +801,7 @@ class InferenceStage(threading.Thread):
             body["context"] = {"crop_box": list(box), "roi_width": int(frame.image.shape[1]),
                                "roi_height": int(frame.image.shape[0]),
                                "roi_jpeg_b64": thumbnail_b64(frame.image, CONTEXT_SIDE, CONTEXT_QUALITY)}
-        return [Message("frame", body, jpeg)]
+        return Message("frame", body, jpeg)
 
     def _maybe_empty_scene(self, frame: Frame, runtime: ModelRuntime) -> list[Message]:
         """The ROI as an empty-scene frame, when one is wanted (command or schedule) and the localizer sees

@@ -79,7 +79,7 @@ class HeldFetch:
         self._lock = threading.Lock()
         monkeypatch.setattr(app, "fetch_verified", self.fetch)
 
-    def fetch(self, cmd, *_args):
+    def fetch(self, cmd, *_args, **_kwargs):
         with self._lock:
             self.asked.append(cmd.bundle)
             if self._busy:

@@ -253,7 +253,10 @@ def test_an_item_decided_unsure_sends_its_best_view_naming_its_decision(tmp_path
         assert meta["item"]["decision"] == d["id"] and jpeg == view.blob
     assert metrics.counter("item_views_uploaded_total", camera="cam-a") == 3
     per_frame = [r for r in records if r.kind == "frame" and "item" not in r.body]
-    assert len(per_frame) == 1 and metrics.counter("frames_upload_suppressed_total", camera="cam-a", why="rate") > 0
+    # the least certain frame of an interval may be the image an item view already sent: then held back as a duplicate
+    duplicate = metrics.counter("frames_upload_suppressed_total", camera="cam-a", why="duplicate")
+    assert len(per_frame) + duplicate == 1
+    assert metrics.counter("frames_upload_suppressed_total", camera="cam-a", why="rate") > 0
 
     assert len({d["track"] for d in decisions}) == 3 and all(v.body["track"] == d["track"]
                                                              for v, d in zip(views, decisions))

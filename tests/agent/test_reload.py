@@ -195,3 +195,99 @@ def test_cmd_model_asks_the_engine_cache_before_the_swap(tiny_bundle, fmnist_vid
         assert not ok and running != "tiny-2" and fail in agent.last_update["reason"]
     else:
         assert ok and running == "tiny-2"
+
+
+class Recorded(SimpleHTTPRequestHandler):
+    """Serves a folder and records each path asked for (which files a refused update cost)."""
+
+    asked: list[str] = []
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        self.asked.append(self.path.rsplit("/", 1)[-1])
+        super().do_GET()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def served(tmp_path):
+    """(folder served over HTTP, its URL, the file names asked for)."""
+    www = tmp_path / "www"
+    www.mkdir()
+    asked: list[str] = []
+    handler = type("RecordedHere", (Recorded,), {"asked": asked})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(www)))
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield www, f"http://127.0.0.1:{server.server_address[1]}", asked
+    server.shutdown()
+    server.server_close()
+
+
+def renamed_class(src: Path, dest: Path, version: str) -> Path:
+    """A bundle whose class 'Trouser' was renamed (its labels no longer cover a lane that names it)."""
+    bundle = bundle_version(src, dest, version)
+    manifest = json.loads((bundle / MANIFEST).read_text())
+    manifest["labels"] = ["Trousers" if label == "Trouser" else label for label in manifest["labels"]]
+    (bundle / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return bundle
+
+
+def lane_station(tmp_path, tiny_bundle, fmnist_video, policy=None) -> Agent:
+    cfg = as_config(station_config(tmp_path, tiny_bundle, str(fmnist_video), 1,
+                                   model={"download_dir": str(tmp_path / "downloads")},
+                                   decisions={"sorting": {"lanes": {"Trouser": "lane-2"}}}))
+    agent = Agent(cfg, engine_cache=policy)
+    agent.load_model()
+    return agent
+
+
+def test_a_download_whose_labels_miss_a_lane_is_refused_on_its_manifest(tiny_bundle, fmnist_video, tmp_path,
+                                                                        served):
+    # given: a station sorting 'Trouser' to a lane, and a served bundle that renamed that class
+    www, base, asked = served
+    v2 = renamed_class(tiny_bundle, www / "tiny-2", "tiny-2")
+    policy = RecordingEnginePolicy(tmp_path / "engines")
+    agent = lane_station(tmp_path, tiny_bundle, fmnist_video, policy)
+    # when: it is sent by URL
+    ok = agent.reload_model(json.dumps({"bundle": f"{base}/tiny-2/", "sha256": sha(v2)}).encode())
+    # then: refused from its manifest, naming the URL and the field, before any artifact byte or engine lookup
+    reason = agent.last_update["reason"]
+    assert not ok and reason.startswith(f"{base}/tiny-2/manifest.json: config and bundle disagree: "
+                                        "field decisions.sorting.lanes.Trouser: label 'Trouser' is not in the bundle")
+    assert [name for name in asked if name.endswith(".onnx")] == [] and policy.asked == []
+    assert agent.model.current.bundle.version == "tiny-1"
+    assert [p.name for p in (tmp_path / "downloads").iterdir()] == []
+
+
+def test_a_local_bundle_whose_labels_miss_a_lane_is_refused_before_the_engine_cache(tiny_bundle, fmnist_video,
+                                                                                    tmp_path):
+    # given: the same station, and the renamed bundle on its disk (on a Jetson the lookup builds an engine: minutes)
+    policy = RecordingEnginePolicy(tmp_path / "engines")
+    agent = lane_station(tmp_path, tiny_bundle, fmnist_video, policy)
+    v2 = renamed_class(tiny_bundle, tmp_path / "v2", "tiny-2")
+    # when: it is sent by path
+    ok = agent.reload_model(json.dumps({"bundle": str(v2), "sha256": sha(v2), "version": "tiny-2"}).encode())
+    # then: refused naming its manifest and the field, and the engine cache was never asked
+    assert not ok and "field decisions.sorting.lanes.Trouser: label 'Trouser'" in agent.last_update["reason"]
+    assert str(v2 / MANIFEST) in agent.last_update["reason"]
+    assert policy.asked == [] and agent.model.current.bundle.version == "tiny-1"
+
+
+def test_the_running_bundle_sent_again_is_answered_without_fetching_or_building(tiny_bundle, fmnist_video, tmp_path,
+                                                                              served):
+    # given: a station running tiny-1, and the same bundle served by URL
+    www, base, asked = served
+    bundle_version(tiny_bundle, www / "tiny-1", "tiny-1")
+    policy = RecordingEnginePolicy(tmp_path / "engines")
+    agent = lane_station(tmp_path, tiny_bundle, fmnist_video, policy)
+    running = agent.model.current
+    # when: a cmd/model names it with the running manifest's sha256 (a rollout sent twice)
+    ok = agent.reload_model(json.dumps({"bundle": f"{base}/tiny-1/", "sha256": sha(tiny_bundle),
+                                        "version": "tiny-1"}).encode())
+    # then: ok, said so, and nothing fetched, built or swapped
+    assert ok and agent.last_update["reason"] == "already running tiny tiny-1"
+    assert agent.last_update["running"] == {"name": "tiny", "version": "tiny-1"}
+    validate_message("status.v1", {**agent.status_body("online"), "seq": 1})
+    assert asked == [] and policy.asked == [] and agent.model.current is running
