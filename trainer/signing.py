@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 from contract.bundle import MANIFEST, SIGNATURE
@@ -21,7 +23,21 @@ def generate_keypair(private_path: Path, public_path: Path) -> None:
                                                           serialization.PublicFormat.SubjectPublicKeyInfo))
 
 
+def check_private_key_mode(path: Path) -> None:
+    """ValueError naming the file when every user of this host may read or write the private key (like ssh, which
+    ignores such a key): whoever reads it can sign a bundle every station accepts. Group access is allowed (a
+    service group, as for the broker's TLS key); keygen writes mode 600."""
+    if os.name != "posix":
+        return
+    mode = stat.S_IMODE(Path(path).stat().st_mode)
+    if mode & 0o007:
+        raise ValueError(f"{path}: private key open to every user of this host (mode {mode:04o}); anyone could sign "
+                         f"bundles with it: chmod 600 {path}")
+
+
 def load_private_key(path: Path):
+    """The ed25519 private key in ``path`` (PEM PKCS8 or raw 32 bytes); ValueError naming the file when it is no
+    such key or every user of this host may read it (check_private_key_mode)."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -33,6 +49,7 @@ def load_private_key(path: Path):
         raise ValueError(f"{path}: not an unencrypted ed25519 private key ({exc})") from exc
     if not isinstance(key, Ed25519PrivateKey):
         raise ValueError(f"{path}: not an ed25519 private key")
+    check_private_key_mode(Path(path))
     return key
 
 

@@ -28,6 +28,7 @@ from contract.bundle import (
     load_bundle,
     load_public_key,
     partial_dir,
+    process_runs,
     sweep_partials,
 )
 from contract.messages import dumps_finite
@@ -274,6 +275,26 @@ def check_export_settings(cfg: ExportConfig) -> None:
     if not 0.0 < cfg.unknown_keep <= 1.0:
         raise ValueError(f"--unknown-keep: expected a share in (0, 1], got {cfg.unknown_keep!r}")
     check_name_version(cfg.name, cfg.version)
+    if cfg.sign_key is not None:
+        check_sign_key(Path(cfg.sign_key))
+
+
+def check_sign_key(path: Path) -> None:
+    """ValueError naming --sign-key and the file, before any work, unless it holds an unencrypted ed25519 private
+    key that not every user of this host can read: the bundle is signed last, and a key found wrong only then
+    threw the whole export away."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+
+    from trainer.signing import load_private_key
+
+    try:
+        load_private_key(path)
+    except OSError as exc:
+        raise ValueError(f"--sign-key {path}: cannot read the private key ({exc.strerror or exc})") from None
+    except ValueError as exc:       # load_private_key names the file
+        raise ValueError(f"--sign-key: {exc}") from None
+    except (TypeError, UnsupportedAlgorithm) as exc:     # TypeError: an encrypted key (no password given)
+        raise ValueError(f"--sign-key {path}: not an unencrypted ed25519 private key ({exc})") from None
 
 
 def export_bundle(cfg: ExportConfig) -> ExportResult:
@@ -308,6 +329,7 @@ def export_bundle(cfg: ExportConfig) -> ExportResult:
     tmp_dir = partial_dir(final_dir)
     tmp_dir.mkdir(parents=True)
     try:
+        _refuse_concurrent_export(final_dir, tmp_dir)
         manifest, fp32_metrics, int8_metrics = _export_into(
             cfg, tmp_dir, model, spec, classes, train_cfg, name, version, train_samples, val_samples, val_x, val_y,
             run_dir, data_report)
@@ -338,6 +360,18 @@ def export_bundle(cfg: ExportConfig) -> ExportResult:
         raise
     log.info("bundle %s written", final_dir)
     return ExportResult(final_dir, manifest, fp32_metrics, int8_metrics)
+
+
+def _refuse_concurrent_export(final_dir: Path, own: Path) -> None:
+    """FileExistsError, before any work, while another export of this version runs on this host (its partial folder
+    beside ``own``, its process alive): only one of them could publish, after both had run to the end, and the
+    loser's reports replaced the winner's in the run's ``export-<version>`` folder."""
+    prefix = own.name.rsplit("-", 2)[0] + "-"      # .<version>.partial-<host>-  (partial_dir; the host has no "-")
+    for path in sorted(final_dir.parent.iterdir()):
+        pid = path.name[len(prefix):].split("-", 1)[0] if path.name.startswith(prefix) else ""
+        if path != own and pid.isdigit() and (int(pid) == os.getpid() or process_runs(int(pid))):
+            raise FileExistsError(f"{final_dir}: another export of this version is running (process {pid}, "
+                                  f"writing {path}); wait for it to finish, or pass another --version")
 
 
 def non_finite_reason(model: str, logits: np.ndarray) -> str | None:
