@@ -15,6 +15,7 @@ validation figures are the figures a station will see.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,6 +36,8 @@ from contract.preprocess import (
     resized_size,
 )
 from trainer.station_view import StationView, StationViewConfig
+
+log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -134,13 +137,33 @@ def load_canvas(path, spec: InputSpec, with_mask: bool = False) -> np.ndarray:
         mask_file = mask_path(path)
         mask = np.zeros(rgb.shape[:2], np.uint8)
         if mask_file.exists():
-            raw = read_image(mask_file)
-            if raw.shape[:2] != full.shape[:2]:
-                raise ValueError(f"{mask_file}: mask is {raw.shape[1]}x{raw.shape[0]}, "
-                                 f"its image {full.shape[1]}x{full.shape[0]}")
-            mask = _square(np.where(raw.max(2) > 0, 255, 0).astype(np.uint8), spec, cv2.INTER_LINEAR)
+            raw = _read_mask(mask_file, full.shape[:2])
+            if raw is not None:
+                mask = _square(np.where(raw.max(2) > 0, 255, 0).astype(np.uint8), spec, cv2.INTER_LINEAR)
         planes.append(mask[None])
     return np.ascontiguousarray(np.concatenate(planes))
+
+
+_MASKS_WARNED: set[str] = set()     # mask files already reported (one line each, not one per epoch)
+
+
+def _read_mask(mask_file: Path, image_hw: tuple[int, int]) -> np.ndarray | None:
+    """A mask file's pixels, or None with a warning naming it when it cannot be used (does not decode, or is not
+    its image's size): the image is still a good sample, and the renderer then finds its mask as for an image
+    without one. One damaged mask among thousands must not stop a training run (in the middle of an epoch when the
+    images stream from disk)."""
+    try:
+        raw = read_image(mask_file)
+        problem = None if raw.shape[:2] == image_hw else (
+            f"mask is {raw.shape[1]}x{raw.shape[0]}, its image {image_hw[1]}x{image_hw[0]}")
+    except ValueError as exc:           # ImageDecodeError: names the file and what is wrong
+        raw, problem = None, str(exc).removeprefix(f"{mask_file}: ")
+    if problem is None:
+        return raw
+    if str(mask_file) not in _MASKS_WARNED:
+        _MASKS_WARNED.add(str(mask_file))
+        log.warning("%s: %s; mask file ignored, the item's mask is found from the image", mask_file, problem)
+    return None
 
 
 def load_eval(path, preprocessor: Preprocessor) -> np.ndarray:

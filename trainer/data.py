@@ -440,15 +440,30 @@ def load_split(path: Path, dataset: Dataset) -> tuple[list[int], list[int]]:
     """Indices of a saved split in ``dataset``; a resumed run must see the same split."""
     payload = read_split(path)
     try:
-        rows = {part: [p for p, _ in payload[part]] for part in ("train", "val")}
+        rows = {part: [(p, label) for p, label in payload[part]] for part in ("train", "val")}
     except (ValueError, TypeError, KeyError) as exc:
         raise DatasetError(f"{path}: not a saved split (expected JSON with train and val lists of "
                            f"[path, label]; {type(exc).__name__}: {exc})") from exc
     where = {dataset.relative(s.path): i for i, s in enumerate(dataset.samples)}
     try:
-        return [where[p] for p in rows["train"]], [where[p] for p in rows["val"]]
+        found = {part: [where[p] for p, _ in rows[part]] for part in ("train", "val")}
     except (KeyError, TypeError) as exc:
         raise DatasetError(f"{path}: image {exc.args[0]} of the saved split is no longer in {dataset.root}") from exc
+    for part in ("train", "val"):
+        for (rel, saved), i in zip(rows[part], found[part]):
+            _check_split_label(path, dataset, rel, saved, dataset.samples[i].label)
+    return found["train"], found["val"]
+
+
+def _check_split_label(path: Path, dataset: Dataset, rel: str, saved: Any, now: int) -> None:
+    """A saved split's image must still carry the label it was saved with (a CSV row relabelled since): a resumed
+    run would otherwise train on, and report, labels its checkpoint and split were not made with, without a word."""
+    if isinstance(saved, int) and not isinstance(saved, bool) and saved == now:
+        return
+    was = repr(dataset.classes[saved]) if isinstance(saved, int) and 0 <= saved < len(dataset.classes) else repr(saved)
+    raise DatasetError(f"{path}: image {rel} is labelled {dataset.classes[now]!r} in {dataset.root} now, {was} in "
+                       f"this saved split; a run keeps the labels it started with: restore the label, or start a new "
+                       f"run (another --name) to train on the new labels")
 
 
 def spread(count: int, take: int | None, seed: int = 3) -> list[int]:
@@ -503,13 +518,26 @@ def _read_idx(path: Path, ndim_expected: int) -> "tuple[tuple[int, ...], bytes]"
     return dims, body
 
 
+IMPORT_COMPLETE = ".import-complete.json"     # written by import_fashion_mnist after its last image
+
+
+def fashion_mnist_imported(out_dir: str | Path) -> bool:
+    """Whether ``out_dir`` holds a finished import of all of Fashion-MNIST (not one that was interrupted, or one
+    of its first N images)."""
+    try:
+        done = json.loads((Path(out_dir) / IMPORT_COMPLETE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(done, dict) and "limit" in done and done["limit"] is None
+
+
 def import_fashion_mnist(out_dir: str | Path, source: str | Path = FASHION_MNIST_DIR, limit: int | None = None) -> dict[str, int]:
     """Write Fashion-MNIST as PNG class folders ``out/train/<class>/`` and ``out/test/<class>/``.
 
-    Returns the number of images written per split. Idempotent: existing files are kept.
+    Returns the number of images written per split. Idempotent: existing files are kept, so an interrupted import
+    run again completes; ``out/.import-complete.json`` (``fashion_mnist_imported``) marks one that finished.
     """
     import cv2
-    import numpy as np
 
     source, out_dir = Path(source), Path(out_dir)
     if not source.is_dir():
@@ -544,4 +572,8 @@ def import_fashion_mnist(out_dir: str | Path, source: str | Path = FASHION_MNIST
             written += 1
         counts[split] = written
         log.info("Fashion-MNIST %s: %d images in %s", split, written, root)
+    try:
+        (out_dir / IMPORT_COMPLETE).write_text(json.dumps({"counts": counts, "limit": limit}), encoding="utf-8")
+    except OSError as exc:
+        raise DatasetError(f"{out_dir}: cannot write the imported images here ({exc.strerror or exc})") from exc
     return counts

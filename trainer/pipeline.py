@@ -20,6 +20,7 @@ class DemoConfig:
     image_size: int = 48
     arch: str = "mobilenet_v2"
     name: str = "fashion-mnist"
+    source: Path | None = None          # the Fashion-MNIST IDX files (None: contract.dataset.FASHION_MNIST_DIR)
 
 
 def demo_train_config(cfg: DemoConfig, run_name: str):
@@ -40,16 +41,43 @@ def demo_train_config(cfg: DemoConfig, run_name: str):
     )
 
 
+def import_demo_data(data_dir: Path, source: Path | None = None) -> None:
+    """Fashion-MNIST in ``data_dir``, imported unless an import there finished: a ``train`` folder alone may be
+    what an interrupted first run left (a few hundred images, no ``test``), which the demo would train on as if
+    it were the data set. A ``train`` folder that is not an import (its labels.json does not name Fashion-MNIST's
+    classes), or one the source is not installed to complete, is used as it is."""
+    import json
+
+    from contract.dataset import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, LABELS_FILE, folder_name
+    from trainer.data import fashion_mnist_imported, import_fashion_mnist
+
+    source = Path(source or FASHION_MNIST_DIR)
+    train = data_dir / "train"
+    if fashion_mnist_imported(data_dir):
+        return
+    if train.is_dir():
+        try:
+            ours = json.loads((train / LABELS_FILE).read_text(encoding="utf-8")) == {
+                folder_name(c): c for c in FASHION_MNIST_CLASSES}
+        except (OSError, ValueError):
+            ours = False
+        why = None if ours and source.is_dir() else f"{source} is not installed" if ours else \
+            f"{train / LABELS_FILE} does not name Fashion-MNIST's classes: not an import"
+        if why is not None:
+            log.warning("%s: no record that a Fashion-MNIST import finished here (%s); training on the images it "
+                        "holds", data_dir, why)
+            return
+    import_fashion_mnist(data_dir, source)      # idempotent: completes an interrupted import, keeps what it wrote
+
+
 def run_demo(cfg: DemoConfig):
     """Import Fashion-MNIST, fine-tune ImageNet MobileNetV2, export and verify a bundle; print the figures."""
     from trainer.cli import print_export_summary
-    from trainer.data import import_fashion_mnist
     from trainer.engine import Trainer
     from trainer.export.bundle import ExportConfig, export_bundle
 
     start = time.perf_counter()
-    if not (cfg.data_dir / "train").is_dir():
-        import_fashion_mnist(cfg.data_dir)
+    import_demo_data(cfg.data_dir, cfg.source)
     run_name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     train_cfg = demo_train_config(cfg, run_name)
     result = Trainer(train_cfg, cfg.out_dir / run_name).fit()
