@@ -205,3 +205,41 @@ def test_a_page_turned_away_retries_until_it_is_let_in_and_a_mangled_link_still_
     monkeypatch.setattr(server, "MAX_LISTENERS", 256)
     wait_css(browser, '#overview[data-ready="true"]', "the overview once a page may open", timeout=60)
     assert text_of(browser.find_element(By.ID, "stream-status")) == "live"
+
+
+def test_a_search_being_typed_keeps_its_spaces(browser, fleet_dashboard):
+    """A pause after a space (the list follows the search meanwhile) must not eat the space the user typed."""
+    dash, _fleet = fleet_dashboard
+    browser.get(dash.url)
+    wait(browser, lambda d: d.find_element(By.ID, "page-info").get_attribute("data-total") == "1000", "the list")
+    box = browser.find_element(By.ID, "filter-q")
+    box.send_keys("site-1 ")
+    wait(browser, lambda d: d.find_element(By.ID, "page-info").get_attribute("data-total") == "200",
+         "the list to follow the search")
+    assert box.get_attribute("value") == "site-1 "
+    box.send_keys("st-0001")          # what the user goes on typing stays as typed
+    assert box.get_attribute("value") == "site-1 st-0001"
+
+
+def test_the_page_runs_under_a_strict_content_security_policy(browser, fleet_dashboard):
+    """Only the page's own files run (no inline script, handler or style attribute), and the page still draws
+    everything: the hour bars' heights, the search on Enter."""
+    import urllib.request
+
+    from selenium.webdriver.common.keys import Keys
+
+    dash, _fleet = fleet_dashboard
+    for path in ("", "static/app.js"):
+        with urllib.request.urlopen(dash.url + path, timeout=30) as resp:
+            policy = resp.headers["Content-Security-Policy"]
+        assert "script-src 'self'" in policy and "style-src 'self'" in policy and "unsafe" not in policy, policy
+        assert "default-src 'none'" in policy and "frame-ancestors 'none'" in policy, policy
+    browser.get(dash.url)
+    wait_css(browser, '#overview[data-ready="true"]', "the overview")
+    bar = wait_css(browser, "#hours-today .bar", "an hour with decisions",
+                   where=lambda e: int(e.get_attribute("data-decided")) > 0)
+    assert bar.find_element(By.CSS_SELECTOR, ".fill").size["height"] > 10      # the busiest hour: a full bar
+    box = browser.find_element(By.ID, "filter-q")
+    box.send_keys("st-0777" + Keys.ENTER)
+    wait(browser, lambda d: d.find_element(By.ID, "page-info").get_attribute("data-total") == "1", "the search")
+    assert browser.execute_script("return location.pathname + location.search") == "/"

@@ -163,7 +163,9 @@ function renderHours(decided, review, starts) {
     const hour = new Date(starts[i] * 1000).getHours();
     const bar = el("div", { class: "bar", "data-hour": hour, "data-decided": n,
                             title: `${hour}:00 ${n} decided, ${review[i]} to review` });
-    bar.append(el("span", { class: "fill", style: `height:${(100 * n / top).toFixed(0)}%` }), el("span", { class: "tick" }, hour));
+    const fill = el("span", { class: "fill" });
+    fill.style.height = `${(100 * n / top).toFixed(0)}%`;      // CSSOM: the page's CSP refuses style attributes
+    bar.append(fill, el("span", { class: "tick" }, hour));
     return bar;
   }));
 }
@@ -263,7 +265,8 @@ function renderRows(changed) {
 
 function setQuery(change) {
   Object.assign(page.query, change);
-  $("#filter-q").value = page.query.q;
+  // the box keeps what is being typed (a trailing space before the next word) when it searches for the same
+  if ($("#filter-q").value.trim() !== page.query.q) $("#filter-q").value = page.query.q;
   $("#filter-site").value = page.query.site;
   $("#filter-state").value = page.query.state;
   $("#filter-model").value = page.query.model;
@@ -622,6 +625,12 @@ function reconnect() {
   on("station", renderCard);
 }
 
+// Enter in the search box searches at once (the page's CSP runs no inline handler: the form is held here)
+$("#filters").addEventListener("submit", (e) => {
+  e.preventDefault();
+  clearTimeout(typing);
+  setQuery({ q: $("#filter-q").value.trim(), offset: 0 });
+});
 let typing = null;
 $("#filter-q").addEventListener("input", (e) => {
   clearTimeout(typing);

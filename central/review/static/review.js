@@ -70,8 +70,11 @@ async function loadFacets() {
   fillSelect("filter-predicted", facets.predicted);
 }
 
+// Also at every refresh: a first load that failed (server restarting, slow) is made good, and a new class another
+// reviewer named appears here too; the buttons are rebuilt only when the labels changed.
 async function loadLabels() {
   const body = await api("/api/labels");
+  if (JSON.stringify([body.labels, body.new_classes]) === JSON.stringify([state.labels, state.newClasses])) return;
   state.labels = body.labels;
   state.newClasses = body.new_classes;
   const box = $("labels");
@@ -112,7 +115,9 @@ function show(frame) {
   state.shownId = frame ? frame.id : null;
   for (const id of ["topk", "why", "meta"]) $(id).replaceChildren();
   $("context").hidden = true;
-  if (!frame) { $("frame-id").textContent = ""; $("frame-image").removeAttribute("src"); return; }
+  // the last frame's image goes at once: a slow or failed image never stands for the frame that is decided now
+  clearImage($("frame-image"));
+  if (!frame) { $("frame-id").textContent = ""; return; }
   showImage(frame.id).catch((err) => say(err.message, false));
   showContext(frame).catch((err) => say(err.message, false));
   $("frame-id").textContent = frame.id;
@@ -165,9 +170,17 @@ async function showImage(id, what = "image", img = $("frame-image")) {
   const url = `/api/frames/${encodeURIComponent(id)}/${what}`;
   if (!state.token) { img.src = url; return; }
   const resp = await fetch(url, { headers: { Authorization: `Bearer ${state.token}` } });
-  if (!resp.ok || state.shownId !== id) return;
-  const old = img.src;
-  img.src = URL.createObjectURL(await resp.blob());
+  if (state.shownId !== id) return;
+  if (!resp.ok) throw new Error(`${id.slice(0, 8)}: its ${what} did not load (HTTP ${resp.status}); not shown`);
+  const blob = await resp.blob();
+  if (state.shownId !== id) return;
+  clearImage(img);
+  img.src = URL.createObjectURL(blob);
+}
+
+function clearImage(img) {
+  const old = img.getAttribute("src") || "";
+  img.removeAttribute("src");
   if (old.startsWith("blob:")) URL.revokeObjectURL(old);
 }
 
@@ -333,8 +346,24 @@ async function loadStats() {
   }
 }
 
+// The first load and every refresh: one that fails (server down or restarting, an error) says so and the next one
+// tries again, so a page opened while the server was away fills in once it answers.
 function refresh() {
-  return enqueue(async () => { await loadFacets(); await loadFrames(); await loadStats(); });
+  return enqueue(async () => {
+    try {
+      if (!state.loaded) await loadEnrolment();
+      await loadLabels();
+      await loadFacets();
+      await loadFrames();
+      await loadStats();
+    } catch (err) {
+      state.refreshFailed = true;
+      throw new Error(`cannot reach the review server (${err.message}); retrying every 3 s`);
+    }
+    if (!state.loaded || state.refreshFailed) say(state.loaded ? "server answering again" : "ready");
+    state.loaded = true;
+    state.refreshFailed = false;
+  });
 }
 
 document.addEventListener("keydown", (ev) => {
@@ -386,12 +415,7 @@ async function loadEnrolment() {
   $("enrol").hidden = !(await api("/api/enrol")).enabled;
 }
 
-enqueue(async () => {
-  await Promise.all([loadLabels(), loadFacets(), loadEnrolment()]);
-  await loadFrames();
-  await loadStats();
-  say("ready");
-});
+refresh();
 // New frames keep arriving from ingest: refresh the queue and the filters every few seconds; never a second
 // refresh queued behind one still waiting (a slow store would pile them up ahead of the reviewer's decisions).
 let refreshing = false;
