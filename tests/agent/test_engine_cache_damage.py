@@ -9,7 +9,6 @@ ONNX Runtime, the start-up and the flock locks between real processes are real.
 
 from __future__ import annotations
 
-import ctypes
 import importlib.machinery
 import json
 import subprocess
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from agent_support import make_onnx_bundle
+from test_tensorrt_backend import _cuda_runtime
 
 from agent.backends import BackendError, create_backend
 from agent.config import ModelConfig
@@ -85,21 +85,7 @@ def tensorrt(monkeypatch):
             return _Engine() if trt.readable(bytes(data)) else None
 
     trt.Runtime = Runtime
-    rt = types.ModuleType("cuda.bindings.runtime")
-    buffers: dict[int, ctypes.Array] = {}
-
-    def malloc(n: int) -> tuple[int, int]:
-        buf = ctypes.create_string_buffer(n)
-        buffers[ctypes.addressof(buf)] = buf
-        return 0, ctypes.addressof(buf)
-
-    rt.cudaMalloc = malloc
-    rt.cudaFree = lambda ptr: (buffers.pop(ptr, None), (0,))[1]
-    rt.cudaStreamCreate = lambda: (0, 1234)
-    rt.cudaStreamDestroy = lambda stream: (0,)
-    rt.cudaStreamSynchronize = lambda stream: (0,)
-    rt.cudaMemcpyKind = types.SimpleNamespace(cudaMemcpyHostToDevice=1, cudaMemcpyDeviceToHost=2)
-    rt.cudaMemcpyAsync = lambda dst, src, n, kind, stream: (ctypes.memmove(dst, src, n), (0,))[1]
+    rt = _cuda_runtime()        # the CUDA runtime stand-in the TensorRT backend tests use
     cuda, bindings = types.ModuleType("cuda"), types.ModuleType("cuda.bindings")
     bindings.runtime, cuda.bindings = rt, bindings
     for name, module in (("tensorrt", trt), ("cuda", cuda), ("cuda.bindings", bindings),

@@ -11,6 +11,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from trainer_support import trace_fsync_and_replace
 
 from contract.preprocess import decode_image, read_image
 from trainer import data as data_mod
@@ -231,22 +232,9 @@ def test_the_split_is_synced_to_disk_before_its_rename_and_the_folder_after(fmni
     the folder after it."""
     import os
 
-    events = []
-    real_fsync, real_replace = os.fsync, os.replace
-
-    def traced_fsync(fd):
-        path = os.readlink(f"/proc/self/fd/{fd}")
-        events.append(("fsync", path, os.fstat(fd).st_size if os.path.isfile(path) else None))
-        return real_fsync(fd)
-
-    def traced_replace(src, dst, *args, **kwargs):
-        events.append(("replace", str(src), str(dst)))
-        return real_replace(src, dst, *args, **kwargs)
-
     ds = load_dataset(fmnist_dir / "train")
     train, val = data_mod.stratified_split(ds.labels(), 0.2, seed=7)
-    monkeypatch.setattr(os, "fsync", traced_fsync)
-    monkeypatch.setattr(os, "replace", traced_replace)
+    events = trace_fsync_and_replace(monkeypatch)
     data_mod.save_split(tmp_path / "split.json", ds, train, val, seed=7)
     tmp = str(tmp_path / f".split.json.{os.getpid()}.tmp")
     size = (tmp_path / "split.json").stat().st_size

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from trainer_support import count_waiting_images
 
 import trainer.enroll as enroll_module
 from contract.bundle import MANIFEST, ROLE_OPEN_SET, check_model_runs, load_bundle, load_public_key, partial_dir
@@ -662,29 +663,13 @@ def test_an_enrolment_holds_a_batch_or_two_of_preprocessed_images_not_every_exam
     at 224 px) were preprocessed and held at once, the examples' mirror images copied beside them, before the model
     ran on any. Counts the images preprocessed since ONNX Runtime last ran a batch: streamed, at most two model
     batches (BATCH: a batch, and the rows of the next one a pass left over); before, all 900."""
-    import onnxruntime as ort
-
     from trainer.enroll import BATCH
 
     _support, bundle, gate, _yellow = colours
     many = tmp_path / "many"
     _colour_images(many, YELLOW, 300, seed=5)
     (many / "broken.png").write_bytes(b"not an image")
-    made = {"since_run": 0, "peak": 0, "total": 0}
-    preprocess, run_batch = Preprocessor.__call__, ort.InferenceSession.run
-
-    def counted_preprocess(self, rgb):
-        made["since_run"] += 1
-        made["total"] += 1
-        made["peak"] = max(made["peak"], made["since_run"])
-        return preprocess(self, rgb)
-
-    def counted_run(self, *args, **kwargs):
-        made["since_run"] = 0
-        return run_batch(self, *args, **kwargs)
-
-    monkeypatch.setattr(Preprocessor, "__call__", counted_preprocess)
-    monkeypatch.setattr(ort.InferenceSession, "run", counted_run)
+    made = count_waiting_images(monkeypatch)
     # when: 300 examples (and their mirror images) and 600 gate images
     dry = enroll(EnrolConfig(bundle=bundle, label="yellow", images=many, gate_data=gate, dry_run=True, mirror=True))
     # then: all of them went through the model, never more than two batches of them waiting for it

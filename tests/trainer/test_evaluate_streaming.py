@@ -9,12 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import pytest
+from trainer_support import count_waiting_images
 
-import trainer.engine as engine
 from contract.bundle import load_bundle
-from contract.preprocess import Preprocessor
 from trainer.evaluate import evaluate
 from trainer.retrain import _read_items, evaluate_bundle
 
@@ -27,31 +25,7 @@ def preprocessed_since_a_model_ran(monkeypatch):
     (an ONNX Runtime run, or a forward of a checkpoint's torch model): what waits in memory for a model. Streamed,
     at most a chunk plus one model batch (256); an evaluation that preprocesses its whole set first counts it all.
     Only with workers=0 are the images made in this process, where they are counted."""
-    made = {"since_run": 0, "peak": 0, "total": 0}
-    preprocess, run_batch, load = Preprocessor.__call__, ort.InferenceSession.run, engine.load_checkpoint_model
-
-    def counted_preprocess(self, rgb):
-        made["since_run"] += 1
-        made["total"] += 1
-        made["peak"] = max(made["peak"], made["since_run"])
-        return preprocess(self, rgb)
-
-    def ran(*_):
-        made["since_run"] = 0
-
-    def counted_run(self, *args, **kwargs):
-        ran()
-        return run_batch(self, *args, **kwargs)
-
-    def counted_load(*args, **kwargs):
-        model, ckpt = load(*args, **kwargs)
-        model.register_forward_pre_hook(ran)
-        return model, ckpt
-
-    monkeypatch.setattr(Preprocessor, "__call__", counted_preprocess)
-    monkeypatch.setattr(ort.InferenceSession, "run", counted_run)
-    monkeypatch.setattr(engine, "load_checkpoint_model", counted_load)
-    return made
+    return count_waiting_images(monkeypatch, torch_models=True)
 
 
 def _models(trained_run: Path, real_bundle: Path) -> dict[str, Path]:

@@ -12,12 +12,12 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
+from trainer_support import count_waiting_images
 
 from contract.bundle import load_bundle
-from contract.preprocess import CropPolicy, InputSpec, Preprocessor
+from contract.preprocess import CropPolicy, InputSpec
 from trainer.evaluate import ChainedInputs, input_batches
 from trainer.export.bundle import ExportConfig, export_bundle
 from trainer.export.quantize import QuantizeConfig
@@ -106,21 +106,7 @@ def test_an_export_holds_a_chunk_and_a_model_batch_of_preprocessed_images_not_wh
     images a set). workers=0: the images are made in this process, where they are counted."""
     # given: a foreground-crop run with about 600 validation images, and every set larger than a chunk and a batch
     run = _foreground_run(trained_run, tmp_path / "run", extra_val=400)
-    made = {"since_run": 0, "peak": 0, "total": 0}
-    preprocess, run_batch = Preprocessor.__call__, ort.InferenceSession.run
-
-    def counted_preprocess(self, rgb):
-        made["since_run"] += 1
-        made["total"] += 1
-        made["peak"] = max(made["peak"], made["since_run"])
-        return preprocess(self, rgb)
-
-    def counted_run(self, *args, **kwargs):
-        made["since_run"] = 0
-        return run_batch(self, *args, **kwargs)
-
-    monkeypatch.setattr(Preprocessor, "__call__", counted_preprocess)
-    monkeypatch.setattr(ort.InferenceSession, "run", counted_run)
+    made = count_waiting_images(monkeypatch)
     chunk = 32
     result = export_bundle(ExportConfig(
         checkpoint=run / "best.pt", models_dir=tmp_path / "models", name="fg", version="1", tensorrt="off",

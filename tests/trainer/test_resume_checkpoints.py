@@ -16,6 +16,7 @@ import os
 import pytest
 import torch
 from torch import nn
+from trainer_support import trace_fsync_and_replace
 
 from trainer.config import TrainConfig
 from trainer.engine import RunState, Trainer, make_schedule, resume_scaler
@@ -191,20 +192,7 @@ def test_a_checkpoint_is_synced_to_disk_before_its_rename_and_the_rename_after(t
     """A power cut after an unsynced rename can leave an empty last.pt (the rename reached the disk, the data did
     not), and the run cannot resume. A power cut cannot be simulated here: the test checks the calls, os.fsync of
     the complete temporary file before os.replace, then os.fsync of the run folder after it."""
-    events = []
-    real_fsync, real_replace = os.fsync, os.replace
-
-    def traced_fsync(fd):
-        path = os.readlink(f"/proc/self/fd/{fd}")
-        events.append(("fsync", path, os.fstat(fd).st_size if os.path.isfile(path) else None))
-        return real_fsync(fd)
-
-    def traced_replace(src, dst, *args, **kwargs):
-        events.append(("replace", str(src), str(dst)))
-        return real_replace(src, dst, *args, **kwargs)
-
-    monkeypatch.setattr(os, "fsync", traced_fsync)
-    monkeypatch.setattr(os, "replace", traced_replace)
+    events = trace_fsync_and_replace(monkeypatch)
     run = tmp_path / "run"
     trainer = Trainer(TrainConfig(data="x", device="cpu"), run)
     _checkpoint_on(trainer, name)
