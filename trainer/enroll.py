@@ -737,18 +737,12 @@ def check_signing(source: Path, sign_key: Path | None, public_key: Path | None, 
 def check_sign_key(path: Path, flag: str = "--sign-key") -> None:
     """EnrolError naming ``flag`` and the file unless it holds an unencrypted ed25519 private key: checked before
     an enrolment computes anything (and when the review server starts), not when the new version is signed."""
-    from cryptography.exceptions import UnsupportedAlgorithm
-
-    from trainer.signing import load_private_key
+    from trainer.signing import check_private_key
 
     try:
-        load_private_key(Path(path))
-    except OSError as exc:
-        raise EnrolError(f"{flag} {path}: cannot read the private key ({exc.strerror or exc})") from None
-    except ValueError as exc:       # load_private_key names the file
-        raise EnrolError(f"{flag}: {exc}") from None
-    except (TypeError, UnsupportedAlgorithm) as exc:     # TypeError: an encrypted key (no password given)
-        raise EnrolError(f"{flag} {path}: not an unencrypted ed25519 private key ({exc})") from None
+        check_private_key(path, flag)
+    except ValueError as exc:
+        raise EnrolError(str(exc)) from None
 
 
 def _fit_rows(examples: int, views: int) -> tuple[np.ndarray, int]:

@@ -597,8 +597,7 @@ def check_signing(sign_key: Path | None, public_key) -> None:
     bundle is refused)."""
     from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-    from trainer.enroll import EnrolError, check_sign_key
-    from trainer.signing import load_private_key
+    from trainer.signing import check_private_key
 
     if sign_key is None:
         if public_key is not None:
@@ -606,12 +605,12 @@ def check_signing(sign_key: Path | None, public_key) -> None:
                                "an unsigned one is refused (after training); pass the private key as --sign-key")
         return
     try:
-        check_sign_key(Path(sign_key))
-    except EnrolError as exc:
+        key = check_private_key(sign_key, "--sign-key")
+    except ValueError as exc:
         raise RetrainError(str(exc)) from None
     if public_key is not None:
         raw = (Encoding.Raw, PublicFormat.Raw)
-        if load_private_key(Path(sign_key)).public_key().public_bytes(*raw) != public_key.public_bytes(*raw):
+        if key.public_key().public_bytes(*raw) != public_key.public_bytes(*raw):
             raise RetrainError(f"--sign-key {sign_key}: not the private key of --public-key; the candidate would "
                                "fail its verification with it (after training)")
 

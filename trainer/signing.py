@@ -53,6 +53,22 @@ def load_private_key(path: Path):
     return key
 
 
+def check_private_key(path: Path, flag: str = "--sign-key"):
+    """The key in ``path`` (load_private_key), or ValueError naming ``flag`` and the file and why it cannot sign:
+    unreadable, no unencrypted ed25519 private key, or open to every user of this host. Export, enrolment and
+    retraining call it before any work, not when their bundle is signed at the end."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+
+    try:
+        return load_private_key(Path(path))
+    except OSError as exc:
+        raise ValueError(f"{flag} {path}: cannot read the private key ({exc.strerror or exc})") from None
+    except ValueError as exc:       # load_private_key names the file
+        raise ValueError(f"{flag}: {exc}") from None
+    except (TypeError, UnsupportedAlgorithm) as exc:     # TypeError: an encrypted key (no password given)
+        raise ValueError(f"{flag} {path}: not an unencrypted ed25519 private key ({exc})") from None
+
+
 def sign_bundle(bundle_dir: Path, private_key_path: Path) -> Path:
     """Sign the exact bytes of the bundle's manifest.json; returns the signature file."""
     key = load_private_key(private_key_path)

@@ -283,18 +283,9 @@ def check_sign_key(path: Path) -> None:
     """ValueError naming --sign-key and the file, before any work, unless it holds an unencrypted ed25519 private
     key that not every user of this host can read: the bundle is signed last, and a key found wrong only then
     threw the whole export away."""
-    from cryptography.exceptions import UnsupportedAlgorithm
+    from trainer.signing import check_private_key
 
-    from trainer.signing import load_private_key
-
-    try:
-        load_private_key(path)
-    except OSError as exc:
-        raise ValueError(f"--sign-key {path}: cannot read the private key ({exc.strerror or exc})") from None
-    except ValueError as exc:       # load_private_key names the file
-        raise ValueError(f"--sign-key: {exc}") from None
-    except (TypeError, UnsupportedAlgorithm) as exc:     # TypeError: an encrypted key (no password given)
-        raise ValueError(f"--sign-key {path}: not an unencrypted ed25519 private key ({exc})") from None
+    check_private_key(path, "--sign-key")
 
 
 def export_bundle(cfg: ExportConfig) -> ExportResult:
