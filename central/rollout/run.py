@@ -144,8 +144,12 @@ class Rollout:
                   + (f"; failed: {', '.join(o.station for o in failed)}" if failed else "")
                   + (f"; skipped (offline, no command): {', '.join(sorted(plan.skipped))}" if plan.skipped else "")
                   + (f"; left alone (another model): {', '.join(sorted(plan.other_model))}"
-                     if plan.other_model else ""))
-        self._emit(plan.action, not failed and not plan.skipped, reason, all_done, figures)
+                     if plan.other_model else "")
+                  + (f"; not in the rollout history: {self.summary.unrecorded}" if self.summary.unrecorded else ""))
+        if self.summary.unrecorded:         # a later "rollback --to previous" cannot see these switches
+            figures["unrecorded"] = self.summary.unrecorded
+        self._emit(plan.action, not failed and not plan.skipped and not self.summary.unrecorded, reason, all_done,
+                   figures)
         return self.summary
 
     # -- the canary

@@ -450,6 +450,30 @@ def test_a_bad_hash_halts_the_rollout_and_changes_nothing(fleet_factory, bundles
     assert RolloutHistory(fleet.history).entries(canary)[-1]["ok"] is False
 
 
+def test_a_rollout_whose_history_cannot_be_written_is_not_reported_ok_to_the_dashboard(fleet_factory, bundles):
+    """Given a history that refuses every record (a full disk), when both stations switch, then the summary says the
+    history is incomplete and so does the final event: ok false, the reason and figures naming what is missing
+    (before: the event said ok while a later "rollback --to previous" could not see these switches)."""
+
+    class FullDisk(RolloutHistory):
+        def record(self, *args, **kwargs):
+            raise RolloutError(f"{self.path}: cannot write the rollout history (No space left on device)")
+
+    fleet = fleet_factory(bundles)
+    link = fleet.link()
+    events = EventSink(link.client, "inventory/_central/rollout")
+    try:
+        plan = RolloutPlan(resolve_bundle(fleet.url["v2"]), fleet.keys, None, None, update_timeout_s=60)
+        summary = run_rollout(link, plan, FullDisk(fleet.history), events)
+    finally:
+        link.close()
+    assert all(o.ok for o in summary.outcomes) and not summary.ok
+    assert summary.table().startswith("rollout tiny v2: done, but the history is incomplete")
+    final = events.sent[-1]
+    assert final["action"] == "rollout" and final["ok"] is False
+    assert "not in the rollout history" in final["reason"] and "No space left" in final["figures"]["unrecorded"]
+
+
 def test_a_canary_whose_low_confidence_rate_rises_is_halted_and_rolled_back(fleet_factory, tmp_path):
     never = {"min_confidence": 0.0, "min_margin": 0.0, "max_entropy": 100.0}
     always = {"min_confidence": 1.0, "min_margin": 0.0, "max_entropy": 100.0}
