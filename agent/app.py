@@ -292,7 +292,11 @@ class Agent:
             log.error("the model installed by cmd/model (%s %s) cannot run: %s; running the configured bundle %s",
                       version, where, exc, self.cfg.model.bundle)
             self.state.model = None
-            self.state.save()
+            try:
+                self.state.save()
+            except OSError as save_exc:     # a full disk: the configured bundle runs all the same
+                log.error("%s: cannot record that the configured bundle runs (%s); the next start tries %s again",
+                          self.state.path, save_exc.strerror or save_exc, where)
             return None
         log.info("running %s %s, installed by cmd/model before the restart (%s)", bundle.name, bundle.version,
                  self.state.path)
@@ -725,7 +729,10 @@ class Agent:
             runtime = replace(runtime, bundle=bundle)
         except Exception as exc:  # whatever the payload or the bundle does, the old model stays and the status says why
             expected = isinstance(exc, (BundleError, BackendError, ConfigError))
-            reason = reason_text(str(exc) if expected else f"cmd/model: {type(exc).__name__}: {exc}")
+            text = str(exc) if expected else f"cmd/model: {type(exc).__name__}: {exc}"
+            if incoming is not None and incoming.downloaded:     # its download folder goes with the refusal
+                text = text.replace(str(incoming.bundle.root), cmd.bundle.rstrip("/"))
+            reason = reason_text(text)
             (log.error if expected else log.exception)("model update rejected, keeping %s %s: %s", old.name,
                                                         old.version, reason)
             if incoming is not None:

@@ -10,7 +10,9 @@ A download is bounded, whatever the server does: the manifest is at most
 artifact is fetched; each artifact stops at the size the manifest declares (one
 byte more and the bundle is refused); and the whole fetch has one deadline
 (``FETCH_DEADLINE_S``), so a server that drips a byte every few seconds holds the
-command thread until the deadline, not for as long as it likes.
+command thread until the deadline, not for as long as it likes. A connection still open at the deadline is shut
+down whatever it is reading (``_Cutoff``): header lines sent one at a time, or ``100 Continue`` answers without end,
+are cut off there too.
 
 A connection that breaks off in the middle of an artifact (reset, stalled for ``FETCH_TIMEOUT_S``, closed short
 of its Content-Length) is taken up where it broke with a Range request, ``RESUME_TRIES`` times at most, within
@@ -24,6 +26,12 @@ download folder's free space with ``DISK_RESERVE_BYTES`` to spare (the outbox sh
 that filled it would lose results); and what a download killed with the process left (``.incoming-*``) is
 removed before the next one starts, so it cannot keep every later update from finding room.
 
+A power cut at any step leaves the running bundle and the one before it whole: every file of a download is
+synced to disk before it is installed (one rename), so the state file never names a bundle whose bytes are still
+in the page cache; the running bundle sent again is not reinstalled over itself (its folder is never moved away);
+and an installed bundle that is cleaned up is first renamed to ``.old-*`` (removed by the next download or
+clean-up), so a clean-up cut short never leaves a version folder that lost its manifest.json but kept its model.
+
 An artifact's manifest path is a file path: it is quoted into the URL (a space, ``#``, ``?`` or ``%`` in a
 file name is fetched as that file, and a path never names another host).
 """
@@ -36,6 +44,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -58,6 +67,7 @@ from contract.bundle import (
     load_bundle,
     parse_manifest,
 )
+from contract.events import fsync_dir
 from contract.messages import loads_finite
 
 log = logging.getLogger(__name__)
@@ -133,6 +143,76 @@ class _Deadline:
         return left
 
 
+class _Cutoff:
+    """Shuts one request's connections down when the fetch's deadline passes. A read timeout bounds each read only,
+    and http.client reads a response's header lines, and any number of ``100 Continue`` answers before it, one
+    read at a time: a server that sends them slowly would hold the command thread far past the deadline."""
+
+    def __init__(self, deadline: _Deadline) -> None:
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._cut = False
+        self._timer = threading.Timer(max(0.0, deadline.at - time.monotonic()), self._shut)
+        self._timer.daemon = True
+        self.opener = urllib.request.build_opener(_CutHTTPHandler(self), _CutHTTPSHandler(self))
+
+    def watch(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.append(sock)
+            cut = self._cut
+        if cut:
+            _shut_down(sock)
+
+    def _shut(self) -> None:
+        with self._lock:
+            self._cut = True
+            sockets = list(self._sockets)
+        for sock in sockets:
+            _shut_down(sock)
+
+    def __enter__(self) -> "_Cutoff":
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+
+
+def _shut_down(sock: socket.socket) -> None:
+    """A read blocked on ``sock`` returns at once (end of stream)."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def _watched(connection: type[http.client.HTTPConnection], cutoff: _Cutoff) -> type[http.client.HTTPConnection]:
+    class Watched(connection):       # type: ignore[valid-type, misc]
+        def connect(self) -> None:
+            super().connect()
+            cutoff.watch(self.sock)
+
+    return Watched
+
+
+class _CutHTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, cutoff: _Cutoff) -> None:
+        super().__init__()
+        self._cutoff = cutoff
+
+    def do_open(self, http_class: Any, req: Any, **kwargs: Any) -> Any:
+        return super().do_open(_watched(http_class, self._cutoff), req, **kwargs)
+
+
+class _CutHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, cutoff: _Cutoff) -> None:
+        super().__init__()
+        self._cutoff = cutoff
+
+    def do_open(self, http_class: Any, req: Any, **kwargs: Any) -> Any:
+        return super().do_open(_watched(http_class, self._cutoff), req, **kwargs)
+
+
 class _Broken(Exception):
     """A response whose body broke off before its end: the connection reset or stalled, or it closed short of
     the Content-Length it announced. ``got``: the bytes of the file on disk so far."""
@@ -163,6 +243,8 @@ def _download(url: str, dest: Path, max_bytes: int, deadline: _Deadline, *, opti
                     resumes += 1
                     log.warning("%s: download broke off at %d of %d bytes (%s); resuming from there (%d of %d)",
                                 url, got, max_bytes, broken, resumes, RESUME_TRIES)
+            fh.flush()
+            os.fsync(fh.fileno())       # on disk before the bundle is installed and the state file names it
     except urllib.error.HTTPError as exc:
         if optional and exc.code == 404:
             dest.unlink(missing_ok=True)        # no file: not an empty one (an unsigned bundle has no .sig)
@@ -173,6 +255,7 @@ def _download(url: str, dest: Path, max_bytes: int, deadline: _Deadline, *, opti
     except _Broken as exc:
         raise BundleError(f"{url}: download broke off ({exc}); {got} bytes received") from exc
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
+        deadline.left(url)      # what the cut-off at the deadline ended (_Cutoff) is refused as that
         raise BundleError(f"{url}: download failed ({exc})") from exc
     if exact and got != max_bytes:
         raise BundleError(f"{url}: {got} bytes received, the manifest says {max_bytes} (truncated)")
@@ -183,7 +266,8 @@ def _receive(url: str, fh: Any, start: int, max_bytes: int, deadline: _Deadline)
     """One request: the file from byte ``start`` (a Range request when not 0) appended to ``fh``; the bytes of the
     file written when the response's body ended whole. ``_Broken`` when it broke off."""
     request = urllib.request.Request(url, headers={"Range": f"bytes={start}-"} if start else {})
-    with urllib.request.urlopen(request, timeout=min(FETCH_TIMEOUT_S, deadline.left(url))) as resp:
+    timeout = min(FETCH_TIMEOUT_S, deadline.left(url))
+    with _Cutoff(deadline) as cutoff, cutoff.opener.open(request, timeout=timeout) as resp:
         got = _resume_offset(url, resp, start) if start else 0
         fh.seek(got)
         fh.truncate()
@@ -367,14 +451,41 @@ def install_bundle(incoming: Path, download_dir: Path, name: str, version: str) 
     """Move a verified download to ``download_dir/<name>/<version>``, replacing an older copy in one rename."""
     target = download_dir / name / version
     target.parent.mkdir(parents=True, exist_ok=True)
+    for folder in {incoming, *(p for p in incoming.rglob("*") if p.is_dir() and not p.is_symlink())}:
+        fsync_dir(folder)       # its files' names on disk before it is installed (their bytes are: _download)
     old = None
     if target.exists():
-        old = download_dir / f".old-{name}-{version}-{uuid.uuid4().hex[:8]}"
+        old = _old_name(download_dir, f"{name}-{version}")
         target.rename(old)
-    incoming.rename(target)
+    try:
+        incoming.rename(target)
+    except OSError:
+        if old is not None:     # the copy that was there goes back: an install that fails changes nothing
+            old.rename(target)
+        raise
+    fsync_dir(target.parent)    # the rename survives a power cut before the state file names the bundle
+    fsync_dir(download_dir)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def _old_name(download_dir: Path, what: str) -> Path:
+    """A fresh ``.old-*`` name for a folder on its way out (a name and a version of 128 characters each would make
+    a file name longer than a file system takes)."""
+    return download_dir / f".old-{what[:200]}-{uuid.uuid4().hex[:8]}"
+
+
+def _remove_installed(path: Path, download_dir: Path) -> None:
+    """An installed bundle removed as one step: renamed to ``.old-*`` first (what a power cut leaves of it is removed
+    by the next download or clean-up), else a removal cut short could leave its model without its manifest.json,
+    a folder no clean-up recognises as a bundle."""
+    doomed = _old_name(download_dir, f"{path.parent.name}-{path.name}")
+    try:
+        path.rename(doomed)
+    except OSError:
+        doomed = path
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def prune_installed(download_dir: Path, keep: Sequence[Path]) -> list[Path]:
@@ -399,7 +510,10 @@ def prune_installed(download_dir: Path, keep: Sequence[Path]) -> list[Path]:
             except OSError:
                 continue
     for path in gone:
-        shutil.rmtree(path, ignore_errors=True)
+        if path.parent == download_dir:     # .incoming-* / .old-*: a leftover already
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            _remove_installed(path, download_dir)
     for entry in entries:
         if _own_folder(entry):
             try:
@@ -422,6 +536,10 @@ class Incoming:
         if not self.downloaded:
             return self.bundle
         name, version = self.bundle.name, self.bundle.version
+        same = _same_installed(download_dir / name / version, self.bundle, public_key)
+        if same is not None:
+            self.discard()
+            return same
         try:
             installed = install_bundle(self.bundle.root, download_dir, name, version)
             _release(self.bundle.root)
@@ -438,6 +556,22 @@ class Incoming:
         """A refused download goes; nothing installed was touched."""
         if self.downloaded:
             _drop(self.bundle.root)
+
+
+def _same_installed(target: Path, incoming: Bundle, public_key: Any | None) -> Bundle | None:
+    """The copy at ``target`` when it is the very bundle ``incoming`` is (the same manifest) and still verifies.
+    It is kept, not replaced: the running bundle sent again (a resend without sha256, a QoS 1 redelivery) would
+    otherwise be renamed away for the instant before the new copy's rename, and a power cut then would leave the
+    state file naming a folder that is gone (the next start runs the configured bundle)."""
+    if target.is_symlink() or not (target / MANIFEST).is_file():
+        return None
+    try:
+        if hashlib.sha256((target / MANIFEST).read_bytes()).hexdigest() != incoming.manifest_sha256:
+            return None
+        installed = load_bundle(target, public_key)
+    except (OSError, BundleError):
+        return None         # a damaged copy is replaced by the new one
+    return installed if installed.manifest_sha256 == incoming.manifest_sha256 else None
 
 
 def fetch_verified(cmd: ModelCommand, download_dir: Path, public_key: Any | None,
