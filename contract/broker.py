@@ -8,6 +8,13 @@ set up in one place. ``connect`` is the blocking variant for short-lived tools (
 it returns a connected client with its network loop running, or raises ``BrokerError`` naming the
 broker and the reason.
 
+Every client ``new_client`` builds runs its callbacks guarded (``guard_hooks``): an exception in one (a
+subscription list that cannot be built, a message a service cannot take) is logged with its traceback and
+counted in ``client.hook_errors``, and paho's network thread goes on, where it would otherwise end, leaving a
+client that reads as connected but receives nothing, acknowledges nothing and never reconnects. ``connect``
+reports an ``on_connect`` hook that fails on the first connection as that (BrokerError), not as a missing
+CONNACK.
+
 ``BrokerSettings.check`` is the strictest of the checks the parts used to make on their own: every
 file exists and can be read, a client certificate comes with its key, the password can be read,
 and each error names the flag (or config key) and the file.
@@ -16,10 +23,13 @@ and each error names the flag (or config key) and the file.
 from __future__ import annotations
 
 import argparse
+import functools
+import logging
 import os
 import ssl
 import threading
 import uuid
+from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -28,6 +38,8 @@ from contract.messages import TOPIC_ROOT
 from contract.secrets import SecretFileError, first_line
 
 TRANSPORTS = ("tcp", "websockets")
+
+log = logging.getLogger(__name__)
 
 
 class BrokerSettingsError(ValueError):
@@ -138,10 +150,60 @@ class BrokerSettings:
         paho_kwargs.setdefault("protocol", paho.MQTTv5)
         client = make(paho.CallbackAPIVersion.VERSION2, client_id=self.client_id or default_id or f"{purpose}-{uuid.uuid4().hex[:8]}",
                       transport=self.transport, **paho_kwargs)
-        return self.configure(client)
+        return self.configure(guard_hooks(client, purpose))
 
     def with_(self, **changes: Any) -> "BrokerSettings":
         return replace(self, **changes)
+
+
+# ---------------------------------------------------------------- callbacks that never end paho's thread
+
+def _hook_failed(client: Any, hook: str, purpose: str) -> None:
+    """Log the exception being handled (with its traceback) as raised by ``hook`` and count it."""
+    with client._hook_lock:
+        client.hook_errors[hook] += 1
+    log.exception("MQTT client %s: its %s callback raised; logged and counted (hook_errors), paho's network "
+                  "thread goes on", purpose, hook)
+
+
+def _guarded_hook(client: Any, hook: str, func: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(func)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except Exception:
+            _hook_failed(client, hook, client._hook_purpose)
+            return None
+
+    return guarded
+
+
+@functools.lru_cache(maxsize=None)
+def _guarded_class(cls: type) -> type:
+    """``cls`` with each ``on_*`` callback property wrapping what is assigned to it in ``_guarded_hook``."""
+
+    def guarded_property(hook: str, base: property) -> property:
+        def fset(client: Any, func: Callable[..., Any] | None) -> None:
+            base.fset(client, None if func is None else _guarded_hook(client, hook, func))
+
+        return property(base.fget, fset, doc=base.__doc__)
+
+    hooks = {name: guarded_property(name, attr) for name in dir(cls) if name.startswith("on_")
+             and isinstance(attr := getattr(cls, name, None), property) and attr.fset is not None}
+    return type(f"Guarded{cls.__name__}", (cls,), hooks)
+
+
+def guard_hooks(client: Any, purpose: str) -> Any:
+    """Make every callback assigned to ``client`` from now on (``on_connect``, ``on_message`` ...) log an
+    exception with its traceback and count it in ``client.hook_errors`` (a Counter by callback name) instead of
+    raising it into paho, whose network thread ends on it (``suppress_exceptions`` would hide it: paho logs the
+    text only, and only to a logger it was given). Returns ``client``."""
+    if not hasattr(client, "hook_errors"):
+        client.hook_errors = Counter()
+        client._hook_lock = threading.Lock()
+        client._hook_purpose = purpose
+        client.__class__ = _guarded_class(type(client))
+    return client
 
 
 def add_broker_args(parser: argparse.ArgumentParser, *, required: bool = False, default_host: str | None = "127.0.0.1",
@@ -188,7 +250,10 @@ def connect(settings: BrokerSettings, purpose: str, *, on_connect: Callable[[Any
             on_message: Callable[[Any, Any], None] | None = None, factory: Callable[..., Any] | None = None) -> Any:
     """A connected paho client (MQTT v5) with its network loop running; BrokerError when refused or unreachable.
 
-    ``on_connect(client)`` runs on every (re)connect, so subscriptions come back after a broker restart.
+    ``on_connect(client)`` runs on every (re)connect, so subscriptions come back after a broker restart. When it
+    raises on the first connection, BrokerError says so (the connection is closed: what it set up is missing);
+    on a reconnect, the exception is logged with its traceback, counted in ``client.hook_errors["on_connect"]``
+    and the connection kept.
     """
     try:
         client = settings.check().new_client(purpose, factory=factory)
@@ -198,10 +263,17 @@ def connect(settings: BrokerSettings, purpose: str, *, on_connect: Callable[[Any
     outcome: dict[str, Any] = {}
 
     def connected(c: Any, _userdata: Any, _flags: Any, reason_code: Any, _props: Any) -> None:
-        outcome["rc"] = reason_code
-        if not reason_code.is_failure and on_connect is not None:
-            on_connect(c)
-        answered.set()
+        if not answered.is_set():
+            outcome["rc"] = reason_code
+        try:
+            if not reason_code.is_failure and on_connect is not None:
+                on_connect(c)
+        except Exception as exc:
+            _hook_failed(c, "on_connect", purpose)
+            if not answered.is_set():
+                outcome["hook_error"] = exc
+        finally:
+            answered.set()
 
     client.on_connect = connected
     if on_message is not None:
@@ -218,4 +290,10 @@ def connect(settings: BrokerSettings, purpose: str, *, on_connect: Callable[[Any
     if outcome["rc"].is_failure:
         client.loop_stop()
         raise BrokerError(f"MQTT broker {where}: connection refused ({outcome['rc']})")
+    if "hook_error" in outcome:
+        client.disconnect()
+        client.loop_stop()
+        exc = outcome["hook_error"]
+        raise BrokerError(f"MQTT broker {where}: connected, but setting up the connection failed in {purpose}'s "
+                          f"on_connect ({type(exc).__name__}: {exc}); the traceback is in the log") from exc
     return client

@@ -27,8 +27,11 @@ def is_sample_image(path: Path) -> bool:
 
 
 def folder_name(label: str) -> str:
-    """A class folder name for ``label``: characters a file system may refuse become ``_``."""
-    return re.sub(r"[^A-Za-z0-9._ -]+", "_", label).strip() or "class"
+    """A class folder name for ``label``: characters a file system may refuse become ``_``. Never empty, never
+    ``.`` or ``..`` (the folder itself, its parent), never a hidden name (the trainer skips dot folders): a name
+    that would start with ``.`` gets a ``_`` in front."""
+    name = re.sub(r"[^A-Za-z0-9._ -]+", "_", label).strip() or "class"
+    return "_" + name if name.startswith(".") else name
 
 
 CLASS_NAME_MAX = 128    # the review page's label limit; decision payloads allow 256

@@ -122,3 +122,32 @@ def test_a_folder_that_cannot_be_synced_raises_only_when_strict(tmp_path):
     fsync_dir(missing)
     with pytest.raises(FileNotFoundError):
         fsync_dir(missing, strict=True)
+
+
+@pytest.mark.parametrize("label", [".", "..", " .. ", "...", ".hidden", "", "   ", "a/b", "../etc", "..\\x",
+                                   "\x00", "/", "T-shirt/top"])
+def test_a_class_folder_name_stays_one_visible_folder_inside_its_parent(tmp_path, label):
+    """``folder_name("..")`` was ``..``: a class folder written there is the dataset root's parent, and ``.``
+    the root itself. Dot names (hidden: the trainer skips them) get a ``_`` in front, as the labels export did."""
+    from contract.dataset import folder_name
+
+    name = folder_name(label)
+    assert name and name not in (".", "..") and not name.startswith("."), (label, name)
+    assert "/" not in name and "\\" not in name and "\x00" not in name, (label, name)
+    (tmp_path / name).mkdir()
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
+def test_class_folder_names_of_any_text_are_safe():
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    from contract.dataset import folder_name
+
+    @given(st.text(alphabet=st.sampled_from(". /\\\x00a_-"), max_size=8) | st.text(max_size=20))
+    def check(label: str) -> None:
+        name = folder_name(label)
+        assert name and name not in (".", "..") and not name.startswith("."), (label, name)
+        assert not set(name) & {"/", "\\", "\x00"}, (label, name)
+
+    check()
