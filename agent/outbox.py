@@ -268,6 +268,9 @@ class Outbox:
         self._oldest: float | None = None           # at most the oldest stored message's time: when an age check is due
         self._wire_limit: tuple[int, Callable[[Record], int]] | None = None
         self._lock = threading.Lock()
+        # held by a writer that predicted the seqs its next put will give (agent/receiving.py ReceivingDesk.stage)
+        # until that put returns: a status or stats seq (next_seq) taken meanwhile would shift them
+        self.seq_hold = threading.RLock()
         self.changed = threading.Condition()
         self._deletes_left = DELETE_ROWS            # what the current transaction may still delete
         self._generation = 0                        # how many times a damaged database was replaced while running
@@ -716,8 +719,9 @@ class Outbox:
 
     @_outlives_damage
     def next_seq(self) -> int:
-        """A sequence number for a message that is not stored (status, stats): same counter."""
-        with self._lock, self._transaction():
+        """A sequence number for a message that is not stored (status, stats): same counter. Waits while a writer
+        holds ``seq_hold``."""
+        with self.seq_hold, self._lock, self._transaction():
             seq = self._meta("next_seq", 1)
             self._set_meta("next_seq", seq + 1)
             self._last_seq = seq

@@ -241,6 +241,8 @@ class InferenceStage(threading.Thread):
         self.on_receipt: Callable[[], None] | None = None
         self.receiving.persist = self._save_shipment
         self.receiving.store_final = self._store_final
+        # a batch's decisions are saved with the seq each can get before it is stored (ReceivingDesk.stage)
+        self.receiving.next_seq = lambda: self.outbox.last_seq + 1
         self._runtime: ModelRuntime | None = None
         self.threshold_overrides: dict[str, Thresholds] = {}
         self._cameras: dict[str, CameraDecisions] = {}
@@ -522,7 +524,11 @@ class InferenceStage(threading.Thread):
         be saved first is not stored and stays due (the saver logs and counts it): the batch itself is stored."""
         with self.receiving.storing:
             try:
-                records = self.outbox.put_many(messages) if messages else []
+                # saved first with the decisions it counts and the seqs they get: a crash once the batch is stored
+                # neither loses nor doubles them; no status or stats seq is taken in between (seq_hold)
+                with self.outbox.seq_hold:
+                    self.receiving.stage(counted, [m.body.get("id") for m in messages])
+                    records = self.outbox.put_many(messages) if messages else []
             except Exception as exc:    # a batch larger than one transaction: its chunks stored before are counted
                 self._count_stored(counted, getattr(exc, "stored_records", []))
                 self._empty_scenes_unsent(messages, getattr(exc, "stored_records", []))
@@ -550,22 +556,35 @@ class InferenceStage(threading.Thread):
 
     def _count_stored(self, counted: list[tuple[ItemDecision, str]], records: list[Record]) -> None:
         """The open shipment counts the decisions among ``counted`` whose messages the outbox stored."""
-        stored = {r.id for r in records if r.kind == "decision"}
+        stored = {r.id: r.seq for r in records if r.kind == "decision"}
         for decision, decision_id in counted:
             if decision_id in stored:
-                self.receiving.record(decision, decision_id)
+                self.receiving.record(decision, decision_id, stored[decision_id])
+        self.receiving.settle()
 
     def _store_receipt(self) -> bool:
         """The open shipment's receipt, when items were counted since the last one and its interval allows, stored
         after the decisions it counts; one the outbox cannot store is due again with the next batch."""
         self.receiving.flush_closing()      # a final receipt a restart could not store yet goes first
         now = self.clock()
-        with self.receiving.receipt_due(now) as receipt:
+        receipt = None
+        try:
+            with self.receiving.receipt_due(now) as receipt:
+                if receipt is None:
+                    return False
+                self.receiving.save_for_receipt()   # first: the saved tally is never behind a stored receipt
+                self.outbox.put(Message("receipt", receipt_body(receipt, site=self.cfg.site,
+                                                                station=self.cfg.station, ts=now, final=False)))
+        except ReceiptSaveError:
+            raise       # logged and counted by the saver (state_save_errors_total)
+        except Exception as exc:    # not a failed batch: its decisions are stored and counted
             if receipt is None:
-                return False
-            self._save_shipment()       # first: the saved tally is never behind a stored receipt
-            self.outbox.put(Message("receipt", receipt_body(receipt, site=self.cfg.site, station=self.cfg.station,
-                                                            ts=now, final=False)))
+                raise
+            self.metrics.inc("receipt_store_errors_total")
+            log.error("shipment %s: its receipt could not be stored in the outbox %s (%s: %s); due again with the "
+                      "next batch (the items it counts are stored and counted)", receipt["shipment"],
+                      self.outbox.path, type(exc).__name__, exc)
+            return False
         self.metrics.inc("receipts_total")
         return True
 

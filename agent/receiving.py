@@ -27,9 +27,16 @@ Receipts go through the outbox (QoS 1, kept while offline), each worked out and 
 they are stored in the order they describe (never an open receipt after the final one). The open shipment and
 its tally are saved in station-state.json (``persist``) before each receipt is stored, and at shutdown: a crash
 (kill -9, power cut) between the two leaves a saved tally at least as far as every stored receipt, so a
-receipt after a restart never counts fewer items than one before it. A close saves the closed shipment with
-its final receipt's id and time before that receipt is stored; a restart that finds it stores that final
-receipt again (the same id, ts and body: a subscriber drops the duplicate by id) and keeps no shipment open,
+receipt after a restart never counts fewer items than one before it. Before a batch whose decisions it counts
+is stored, the tally is saved with them pending (``stage``), each with the outbox seq its message gets (the
+outbox takes seqs in order, in the transaction that stores the messages): a restart counts those whose seq the
+outbox has handed out since (``restore``), so a crash after the outbox stored the batch and before the next
+save neither loses its items nor counts them twice, and one before it counts none. A batch stored as saved needs
+no save before its receipt (``save_for_receipt``); one stored otherwise (a write failed, a message refused) is
+saved again at once (``settle``), before a later message moves the outbox's seq past the decisions it lacks.
+A close saves the closed shipment with its final receipt's id and time before that receipt is stored; a restart
+that finds it stores that final receipt again (the same id, ts and body: a subscriber drops the duplicate by id)
+and keeps no shipment open,
 so a crash never loses the final receipt nor reopens a shipment whose final receipt was sent. A save that fails
 (``ReceiptSaveError``: a full disk) keeps the receipt after it out of the outbox: a periodic one stays due (its
 batch's decisions are stored and counted), an open or close is undone; a save after a final receipt was stored
@@ -241,19 +248,26 @@ class Shipment:
     vouched_refs: list[dict[str, Any]] = field(default_factory=list)   # the newest of them
     final_id: str | None = None     # once closed: its final receipt's id and ts, saved before it is stored
     final_ts: float | None = None
+    # the batch being stored (ReceivingDesk.stage), saved with the tally before its messages are: each decision it
+    # counts once stored ({"seq", "review", "vouched", "ref"}: the highest outbox seq its message can get); emptied
+    # when the batch is stored, and counted at a restart as far as the outbox's seq shows it stored
+    pending: list[dict[str, Any]] = field(default_factory=list)
 
     def still_expected(self) -> set[str]:
         return {label for label, n in self.expected.items() if self.received.get(label, 0) < n}
 
     def record(self, decision: ItemDecision, decision_id: str, max_refs: int) -> None:
-        key = "" if is_review(decision) else decision.label
+        self.count(is_review(decision), item_ref(decision, decision_id), decision.vouched, max_refs)
+
+    def count(self, review: bool, ref: dict[str, Any], vouched: bool, max_refs: int) -> None:
+        """One item: on the review lane (``review``), else on its label's line (``unknown`` counted apart)."""
+        key = "" if review else ref["label"]
         if key == UNKNOWN_LABEL:
             self.unknown += 1
         elif key:
             self.received[key] = self.received.get(key, 0) + 1
         else:
             self.review += 1
-        ref = item_ref(decision, decision_id)
         refs = self.refs.setdefault(key, [])
         if received_line(key):
             add_ranked(refs, ref, max_refs)
@@ -261,7 +275,7 @@ class Shipment:
             refs.append(ref)
             del refs[:-max_refs]
         self.refs_seen[key] = self.refs_seen.get(key, 0) + 1
-        if decision.vouched:
+        if vouched:
             self.vouched += 1
             self.vouched_refs.append(ref)
             del self.vouched_refs[:-max_refs]
@@ -374,6 +388,8 @@ class Shipment:
         if self.closed_at is not None:      # closed, its final receipt not known to be stored (ReceivingDesk)
             saved["closed_at"] = self.closed_at
             saved["final_receipt"] = {"id": self.final_id, "ts": self.final_ts}
+        if self.pending:        # saved before its batch is stored (ReceivingDesk.stage)
+            saved["pending"] = list(self.pending)
         return saved
 
     def final_fields(self) -> dict[str, Any]:
@@ -429,8 +445,35 @@ class Shipment:
             if not raw.get("line_refs_ranked"):    # saved before the ranking (newest last): ranked from now on
                 refs[key] = ranked(kept)
         check_saved_refs(refs, vouched_refs)
+        pending = pending_decisions(raw.get("pending"), closed_at is not None)
         return cls(cmd.shipment, dict(cmd.lines or {}), float(opened), closed_at, dict(received), review,
-                   refs, dict(seen), unknown, vouched, list(vouched_refs), final_id, final_ts)
+                   refs, dict(seen), unknown, vouched, list(vouched_refs), final_id, final_ts, pending)
+
+
+MAX_PENDING = 100_000       # decisions of one batch being stored: far above any batch's (a frame decides one item)
+
+
+def pending_decisions(raw: Any, closed: bool) -> list[dict[str, Any]]:
+    """A saved shipment's batch being stored (``Shipment.pending``; absent: none, or saved before it was kept);
+    ShipmentError naming the field when it is not one. A closed shipment has none: it is closed between batches."""
+    if raw is None:
+        return []
+    if not isinstance(raw, list) or len(raw) > MAX_PENDING or (raw and closed):
+        raise ShipmentError(f"field shipment.pending: expected a list of at most {MAX_PENDING} decisions, and none "
+                            f"for a closed shipment")
+    for i, item in enumerate(raw):
+        if not (isinstance(item, dict) and is_count(item.get("seq")) and isinstance(item.get("review"), bool)
+                and isinstance(item.get("vouched"), bool)):
+            raise ShipmentError(f"field shipment.pending[{i}]: expected seq (a count), review and vouched (booleans) "
+                                f"and ref")
+        ref = item.get("ref")
+        problem = ref_check().error(ref)
+        if problem is not None:
+            raise ShipmentError(f"field shipment.pending[{i}].ref: not a receipt ref ({problem[0]}: "
+                                f"{str(problem[1])[:80]})")
+        if not item["review"] and not ref["label"]:     # the schema bounds its length, numbers and their range
+            raise ShipmentError(f"field shipment.pending[{i}].ref.label: empty (a received item has its label)")
+    return [{"seq": p["seq"], "review": p["review"], "vouched": p["vouched"], "ref": p["ref"]} for p in raw]
 
 
 def closed_fields(raw: dict[str, Any], opened: float) -> tuple[float | None, str | None, float | None]:
@@ -482,6 +525,18 @@ class ReceivingDesk:
         self.store_final: Callable[[Shipment], None] | None = None
         # the shipment closed last, once its final receipt is stored: its close sent again is done already
         self.last_closed: ClosedShipment | None = None
+        # the outbox's next sequence number (set by the inference stage): a batch's decisions are saved with the
+        # highest seq each can get before it is stored (``stage``), and a restart counts those below it (``restore``)
+        self.next_seq: Callable[[], int] | None = None
+        self._staged: Shipment | None = None    # the shipment whose pending batch is being stored, and
+        self._staged_saved = False              # whether it was saved with it
+        self._stored: dict[str, int | None] = {}    # its decisions stored so far: id -> the seq they got
+        # the saved pending batch is not what its batch stored (a write failed, a message was refused) and saving
+        # the tally after it failed: saved before the next batch however few decisions it has
+        self._stale = False
+        # the state saved last gives the tally as it is now at a restart (its pending batch stored as saved): a
+        # periodic receipt needs no save of its own (``save_for_receipt``)
+        self._current = False
 
     def open(self, cmd: ExpectCommand, labels: Sequence[str]) -> Shipment:
         """Open ``cmd``'s shipment; ShipmentError when another is open or a line names a label the model lacks."""
@@ -497,6 +552,7 @@ class ReceivingDesk:
                 raise ShipmentError(f"field shipment: {self.shipment.id!r} is open; close it before opening "
                                     f"{cmd.shipment!r}")
             self.shipment = Shipment(cmd.shipment, lines, self.clock())
+            self._current = False
             self._dirty, self._last_receipt = False, self.shipment.opened_at   # its first receipt: Agent.expect
             return self.shipment
 
@@ -511,6 +567,7 @@ class ReceivingDesk:
                 open_now = repr(self.shipment.id) if self.shipment else "none"
                 raise ShipmentError(f"field shipment: {shipment_id!r} is not open (open: {open_now})")
             closed, self.shipment = self.shipment, None
+            self._current = False
             closed.closed_at = self.clock()
             closed.final_id, closed.final_ts = str(uuid.uuid4()), closed.closed_at
             return closed
@@ -545,17 +602,120 @@ class ReceivingDesk:
     def _persist(self) -> None:
         if self.persist is not None:
             self.persist()
+            self._stale = False
 
     def restore(self, shipment: Shipment) -> None:
-        """The shipment saved in station-state.json. A closed one (the station stopped after saving its close and
-        before the saved state knew its final receipt stored) is not opened again: its final receipt, the same
-        message, is stored again now (``store_final``)."""
+        """The shipment saved in station-state.json. An open one saved with a batch being stored (the station
+        stopped while it stored one, or before the save after it) counts the batch's decisions the outbox stored
+        (``settle_restored``). A closed one (the station stopped after saving its close and before the saved state
+        knew its final receipt stored) is not opened again: its final receipt, the same message, is stored again
+        now (``store_final``)."""
+        counted = -1
         with self._lock:
-            if shipment.closed_at is None:
+            self._current = False
+            if shipment.closed_at is not None:
+                self.closing = shipment
+            else:
                 self.shipment = shipment
+                counted = self._settle_restored(shipment)
+                self._dirty = self._dirty or counted > 0
+        if shipment.closed_at is not None:
+            self.flush_closing()
+        elif counted >= 0:
+            self._save_settled(shipment)
+
+    def stage(self, counted: Sequence[tuple[ItemDecision, str]], batch_ids: Sequence[str | None]) -> None:
+        """Before a batch's messages are stored (the caller holds ``storing``): the decisions the open shipment
+        counts once they are stored (``counted``: each decision and its message's id; ``batch_ids``: the batch's
+        message ids in order) are saved with its tally as its pending batch, each with the highest seq its message
+        can get (the outbox's next seq plus its place in the batch). So a crash after the outbox stored the batch
+        and before the next save neither loses its items nor counts them twice: a restart counts those whose seq
+        the outbox has handed out since (``restore``). ``record`` each decision stored with its seq, then
+        ``settle``. A save that fails is logged (the saver counts it): the batch is stored and counted all the
+        same, and only a crash before the next save leaves its items out of the tally."""
+        if self.next_seq is None or not (counted or self._stale):
+            return
+        self._current = False
+        first = self.next_seq()
+        place = {message_id: i for i, message_id in enumerate(batch_ids)}
+        with self._lock:
+            shipment = self.shipment
+            if shipment is None:
                 return
-            self.closing = shipment
-        self.flush_closing()
+            shipment.pending = [{"seq": first + place[decision_id], "review": is_review(decision),
+                                 "vouched": decision.vouched, "ref": item_ref(decision, decision_id)}
+                                for decision, decision_id in counted if decision_id in place]
+            self._staged, self._staged_saved, self._stored = shipment, False, {}
+        try:
+            self._persist()
+        except ReceiptSaveError as exc:
+            log.error("shipment %s: the tally with the batch being stored could not be saved first (%s); the batch is "
+                      "stored and counted all the same, but a crash before the next save leaves its %d item(s) out of "
+                      "the tally", shipment.id, exc, len(shipment.pending))
+            return
+        with self._lock:
+            self._staged_saved = self._staged is shipment
+
+    def save_for_receipt(self) -> None:
+        """Before a periodic receipt is stored: the tally saved (ReceiptSaveError as ``persist`` raises it), unless
+        the state saved with the batch just stored gives that tally at a restart already (``stage``, ``settle``):
+        one save per batch, as before the batch was saved with it."""
+        if self._current:
+            return
+        self._persist()
+        self._current = True
+
+    def settle(self) -> None:
+        """The batch ``stage`` saved is stored (or its write failed): it is no longer pending. When the saved
+        pending batch is not what the outbox stored (a decision not stored: the write failed, the outbox refused
+        it; one stored under another seq than saved: a message before it was refused), the tally is saved again
+        now, before anything else is stored: a restart would judge that batch by a seq later messages move on."""
+        with self._lock:
+            shipment, saved, stored = self._staged, self._staged_saved, self._stored
+            self._staged, self._staged_saved, self._stored = None, False, {}
+            if shipment is None:
+                return
+            pending, shipment.pending = shipment.pending, []
+            exact = all(stored.get(p["ref"]["decision"], -1) == p["seq"] for p in pending)
+            self._current = saved and exact and len(stored) == len(pending)
+        if not saved or exact:      # not saved: the state file is the one before, behind the tally, never ahead
+            return
+        try:
+            self._persist()
+            self._current = True
+        except ReceiptSaveError as exc:
+            self._stale = True
+            log.error("shipment %s: the tally could not be saved after a batch the outbox did not store as saved (%s); "
+                      "saved again before the next batch", shipment.id, exc)
+
+    def _settle_restored(self, shipment: Shipment) -> int:
+        """A restored shipment's pending batch: each decision whose seq the outbox has handed out is stored (the
+        outbox takes a seq in the transaction that stores its message, and a batch's messages in order) and
+        counted, the others never were. How many were counted; -1 when none was pending. Under the lock."""
+        pending, shipment.pending = shipment.pending, []
+        if not pending:
+            return -1
+        if self.next_seq is None:
+            log.error("shipment %s: %d decision(s) of the batch being stored when the station stopped are not counted: "
+                      "the outbox's seq cannot be read", shipment.id, len(pending))
+            return 0
+        below = self.next_seq()
+        stored = [p for p in pending if p["seq"] < below]
+        for p in stored:
+            shipment.count(p["review"], p["ref"], p["vouched"], self.cfg.max_refs)
+        log.warning("shipment %s: the station stopped while it stored a batch; %d of its %d decision(s) are in the "
+                    "outbox (seq below %d) and counted, %d never were stored", shipment.id, len(stored), len(pending),
+                    below, len(pending) - len(stored))
+        return len(stored)
+
+    def _save_settled(self, shipment: Shipment) -> None:
+        """The restored tally saved without its pending batch, before anything else is stored: the seq a restart
+        judges that batch by moves on with new messages."""
+        try:
+            self._persist()
+        except ReceiptSaveError as exc:
+            log.error("shipment %s: the restored tally could not be saved (%s); saved with the next receipt",
+                      shipment.id, exc)
 
     def flush_closing(self) -> None:
         """Store the final receipt of a shipment closed before a restart, if one is still waiting (``restore``);
@@ -574,6 +734,7 @@ class ReceivingDesk:
                 if self.closing is closing:
                     self.closing = None
                 self.last_closed = _closed(closing)
+                self._current = False
             try:
                 self._persist()
             except ReceiptSaveError as exc:     # stored already: the state still names it closed, not stored
@@ -595,11 +756,16 @@ class ReceivingDesk:
             return (self.shipment is not None and self.cfg.expected_unknown_keep is not None
                     and label in self.shipment.still_expected())
 
-    def record(self, decision: ItemDecision, decision_id: str) -> None:
+    def record(self, decision: ItemDecision, decision_id: str, seq: int | None = None) -> None:
+        """Count a decision the outbox stored (``seq``: the seq its message got; None: not known)."""
         with self._lock:
             if self.shipment is not None:
                 self.shipment.record(decision, decision_id, self.cfg.max_refs)
                 self._dirty = True
+                if self._staged is self.shipment:
+                    self._stored[decision_id] = seq
+                else:
+                    self._current = False
 
     def receipt_of(self, shipment: Shipment) -> dict[str, Any]:
         """``shipment``'s receipt now (the open one's, or one just closed: with its final receipt's id and ts, as

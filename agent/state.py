@@ -1,8 +1,8 @@
 """What a station was told at run time and must keep across restarts.
 
 ``cmd/model`` installs a verified bundle, ``cmd/thresholds`` tunes the low-confidence policy and
-``cmd/expect`` opens a shipment (its tally is saved with each receipt, agent/receiving.py) while the
-agent runs. All are written to ``station-state.json`` beside the outbox database (the
+``cmd/expect`` opens a shipment (its tally is saved with each receipt and before each batch it counts,
+agent/receiving.py) while the agent runs. All are written to ``station-state.json`` beside the outbox database (the
 folder a station keeps on a volume), atomically, after they took effect; the next start applies
 them again, so a reboot or a container restart does not put a rolled-out station back on the
 config's bundle. The state records the sha256 of the configured bundle's manifest it was made on:
@@ -95,7 +95,8 @@ class StationState:
             return fresh
         # the sha it was made for: the configured bundle's, or kept as it was when that cannot be read
         return cls(path, raw.get("configured_sha256"), raw.get("model"), dict(raw.get("thresholds") or {}),
-                   _restorable_shipment(path, raw.get("shipment")), _restorable_closed(path, raw.get("last_closed")))
+                   _restorable(path, raw.get("shipment"), Shipment.from_json, SHIPMENT_NOT_RESTORED),
+                   _restorable(path, raw.get("last_closed"), ClosedShipment.from_json, CLOSED_NOT_RESTORED))
 
     def set_model(self, bundle_root: Path, version: str) -> None:
         self.model = {"bundle": str(bundle_root), "version": version, "sha256": manifest_sha256(bundle_root)}
@@ -175,34 +176,27 @@ def _problem(raw: Any) -> str | None:
     return None
 
 
-def _restorable_shipment(path: Path, shipment: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The saved shipment, or None when it is not one: then logged naming the field, and a copy of the file kept
-    as ``.bad`` (the next save writes the state without it: its tally would be lost with no copy)."""
-    if shipment is None:
-        return None
-    try:
-        Shipment.from_json(shipment)
-    except ShipmentError as exc:
-        log.error("%s: open shipment not restored: %s; a copy of the file is kept as %s.bad (its model and "
-                  "thresholds are used)", path, exc, path.name)
-        _set_aside(path, ".bad", copy=True)
-        return None
-    return shipment
+# what is logged when a saved record is not restored (``_restorable``): the error, then the file's name
+SHIPMENT_NOT_RESTORED = "open shipment not restored: {}; a copy of the file is kept as {}.bad (its model and " \
+                        "thresholds are used)"
+CLOSED_NOT_RESTORED = "the shipment closed last is not restored: {} (its close sent again is refused as not open); " \
+                      "a copy of the file is kept as {}.bad"
 
 
-def _restorable_closed(path: Path, closed: Any) -> dict[str, Any] | None:
-    """The saved shipment closed last, or None when there is none (a state saved before it was kept) or it is not
-    one: then logged naming the field, and a copy of the file kept as ``.bad``."""
-    if closed is None:
+def _restorable(path: Path, raw: Any, parse: Callable[[Any], Any], what: str) -> Any:
+    """A saved record (the open shipment, the shipment closed last) as saved, or None when there is none (a state
+    saved before it was kept) or ``parse`` refuses it (ShipmentError naming the field): then logged (``what``, with
+    the error and the file's name) and a copy of the file kept as ``.bad``: the next save writes the state without
+    it, and a tally would be lost with no copy."""
+    if raw is None:
         return None
     try:
-        ClosedShipment.from_json(closed)
+        parse(raw)
     except ShipmentError as exc:
-        log.error("%s: the shipment closed last is not restored: %s (its close sent again is refused as not open); "
-                  "a copy of the file is kept as %s.bad", path, exc, path.name)
+        log.error("%s: %s", path, what.format(exc, path.name))
         _set_aside(path, ".bad", copy=True)
         return None
-    return closed
+    return raw
 
 
 def _set_aside(path: Path, suffix: str, keep: int = KEEP_SET_ASIDE, copy: bool = False) -> None:
