@@ -54,10 +54,11 @@ def _installed_tensorrt_version() -> str | None:
 
 def _engine_backend(path: Path, bundle: Bundle, cfg: ModelConfig, precision: str) -> Backend:
     """A TensorRT engine backend, run once on the bundle's sample batch as every ONNX candidate is; any failure of
-    the binding (a null context, an AttributeError, a RuntimeError) or outputs that are not finite (an FP16 engine
-    whose activations overflow) is a BackendError, which ``backend: auto`` answers with ONNX Runtime. Left to the
-    warm-up after the choice, such an engine stopped the start under ``auto`` too, at every restart."""
-    from agent.backends.artifact_choice import check_finite
+    the binding (a null context, an AttributeError, a RuntimeError), outputs that are not finite (an FP16 engine
+    whose activations overflow) or not of the manifest's size is a BackendError, which ``backend: auto`` answers
+    with ONNX Runtime. Left to the warm-up after the choice, such an engine stopped the start under ``auto`` too,
+    at every restart."""
+    from agent.backends.artifact_choice import check_candidate
     from agent.backends.tensorrt import TensorRTBackend
 
     try:
@@ -68,7 +69,7 @@ def _engine_backend(path: Path, bundle: Bundle, cfg: ModelConfig, precision: str
     except Exception as exc:  # noqa: BLE001 - a binding's own error (AttributeError, RuntimeError, ...)
         raise BackendError(f"{path}: TensorRT cannot run the engine ({type(exc).__name__}: {exc})") from exc
     try:
-        check_finite(backend, sample_input(bundle.input_spec, cfg.batch_size))
+        check_candidate(bundle, backend, sample_input(bundle.input_spec, cfg.batch_size), path.name)
     except BackendError as exc:
         raise BackendError(f"{path}: {exc}") from exc
     return backend

@@ -19,6 +19,8 @@ from contract.preprocess import InputSpec
 
 log = logging.getLogger(__name__)
 
+CPU = "CPUExecutionProvider"
+
 
 def _available_providers() -> list[str]:
     import onnxruntime as ort
@@ -62,31 +64,57 @@ class OnnxRuntimeBackend:
         self.chosen = pick_providers(providers, _available_providers())
         self.tuning: dict[int, float] = {}
         self.choice: Any = None  # set by artifact_choice: the ArtifactChoice that picked this model
-        cpus = cpus or available_cpus()
-        if intra_op_threads or self.chosen[0] != "CPUExecutionProvider" or cpus == 1:
-            self.session = self._session(intra_op_threads)
-        else:
-            sessions: dict[int, Any] = {}
-
-            def seconds_per_run(threads: int) -> float:
-                sessions[threads] = self._session(threads)
-                try:
-                    return self._time(sessions[threads], tune_batch)
-                except Exception as exc:  # noqa: BLE001 - ONNX Runtime's own errors: this model cannot run here
-                    raise BackendError(f"{model_path}: cannot run a batch of {tune_batch} "
-                                       f"({type(exc).__name__}: {exc})") from exc
-
-            best, self.tuning = pick_fastest(thread_candidates(cpus), seconds_per_run)
-            self.session = sessions[best]
-            log.info("%s: %s ms per batch of %d with %s intra-op threads; using %d", model_path.name,
-                     "/".join(f"{1000 * t:.2f}" for t in self.tuning.values()), tune_batch,
-                     "/".join(str(n) for n in self.tuning), best)
+        self.session = self._accelerated_session(intra_op_threads) if self.chosen[0] != CPU else None
+        if self.session is None:
+            self.session = self._cpu_session(intra_op_threads, tune_batch, cpus or available_cpus())
         self.threads = self.session.get_session_options().intra_op_num_threads
         self.name = f"onnxruntime:{self.session.get_providers()[0]}"
         log.info("%s: %s (%s), providers %s, %d intra-op thread(s)", model_path.name, self.name, precision,
                  self.session.get_providers(), self.threads)
 
-    def _session(self, intra_op_threads: int):
+    def _accelerated_session(self, intra_op_threads: int):
+        """A session on the preferred GPU providers, or None where ONNX Runtime could not start them: it raised
+        (no GPU visible, its own fallback failed too) or quietly came up on the CPU alone (a provider library
+        that does not load). The CPU session is then made as for the CPU provider (threads tuned), with a
+        warning: a station on a GPU build must not stop, nor run on the CPU unannounced."""
+        wanted = "/".join(p for p in self.chosen if p != CPU)
+        try:
+            session = self._open(intra_op_threads, self.chosen)
+        except BackendError as exc:
+            log.warning("%s: ONNX Runtime cannot start %s (%s); trying the CPU alone", self.model_path.name,
+                        wanted, exc)
+            return None
+        if session.get_providers()[0] == CPU:
+            log.warning("%s: ONNX Runtime did not start %s (a provider library or the GPU is missing; ONNX "
+                        "Runtime's own log says which); running on the CPU", self.model_path.name, wanted)
+            return None
+        return self._bind(session)
+
+    def _cpu_session(self, intra_op_threads: int, tune_batch: int, cpus: int):
+        """A CPU session with ``intra_op_threads``, or with 0 (auto) the fastest of 1, half and all ``cpus``."""
+        if intra_op_threads or cpus == 1:
+            return self._session(intra_op_threads, [CPU])
+        sessions: dict[int, Any] = {}
+
+        def seconds_per_run(threads: int) -> float:
+            sessions[threads] = self._session(threads, [CPU])
+            try:
+                return self._time(sessions[threads], tune_batch)
+            except Exception as exc:  # noqa: BLE001 - ONNX Runtime's own errors: this model cannot run here
+                raise BackendError(f"{self.model_path}: cannot run a batch of {tune_batch} "
+                                   f"({type(exc).__name__}: {exc})") from exc
+
+        best, self.tuning = pick_fastest(thread_candidates(cpus), seconds_per_run)
+        log.info("%s: %s ms per batch of %d with %s intra-op threads; using %d", self.model_path.name,
+                 "/".join(f"{1000 * t:.2f}" for t in self.tuning.values()), tune_batch,
+                 "/".join(str(n) for n in self.tuning), best)
+        return sessions[best]
+
+    def _session(self, intra_op_threads: int, providers: Sequence[str]):
+        return self._bind(self._open(intra_op_threads, providers))
+
+    def _open(self, intra_op_threads: int, providers: Sequence[str]):
+        """An ONNX Runtime session on ``providers``; BackendError naming the file where it cannot load."""
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -97,9 +125,13 @@ class OnnxRuntimeBackend:
         # cores the camera, decision and MQTT threads need.
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spinning else "0")
         try:
-            session = ort.InferenceSession(str(self.model_path), sess_options=options, providers=self.chosen)
+            session = ort.InferenceSession(str(self.model_path), sess_options=options, providers=list(providers))
         except Exception as exc:  # onnxruntime raises its own exception types
             raise BackendError(f"{self.model_path}: ONNX Runtime cannot load the model ({exc})") from exc
+        return session
+
+    def _bind(self, session):
+        """``session`` with its input and output names resolved and its input checked against the manifest."""
         inputs = {i.name: i for i in session.get_inputs()}
         self.input_name = self.spec.input_name if self.spec.input_name in inputs else next(iter(inputs))
         outputs = [o.name for o in session.get_outputs()]
@@ -142,11 +174,12 @@ class OnnxRuntimeBackend:
         return outputs[0], outputs[1] if len(outputs) > 1 else None
 
     def _run(self, names: list[str], batch: np.ndarray) -> list[np.ndarray]:
-        """The named outputs for a batch; a model exported with a fixed batch size is fed in chunks."""
+        """The named outputs for a batch; a model exported with a fixed batch size is fed in chunks (an empty
+        batch as one chunk of padding, so its outputs have zero rows, as a model with a free batch size gives)."""
         if self.fixed_batch is None or len(batch) == self.fixed_batch:
             return self.session.run(names, {self.input_name: batch})
         parts: list[list[np.ndarray]] = []
-        for start in range(0, len(batch), self.fixed_batch):
+        for start in range(0, max(1, len(batch)), self.fixed_batch):
             chunk = batch[start:start + self.fixed_batch]
             pad = self.fixed_batch - len(chunk)
             if pad:

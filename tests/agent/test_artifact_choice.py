@@ -50,7 +50,8 @@ def int8_refused(real_bundle, tmp_path_factory) -> Path:
 def _builder(bundle, built: list[str]):
     def build(artifact):
         built.append(artifact.precision)
-        return OnnxRuntimeBackend(artifact.path, bundle.input_spec, precision=artifact.precision, intra_op_threads=1)
+        return OnnxRuntimeBackend(artifact.path, bundle.input_spec, precision=artifact.precision, intra_op_threads=1,
+                                  embedding_name=bundle.embedding_name)     # as create_backend builds it
     return build
 
 
@@ -169,3 +170,107 @@ def test_the_status_says_which_artifact_runs_and_both_timings(both_deployable, t
     assert status["model"]["precision"] == choice["precision"]
     agent.model = None
     validate_message("status.v1", {**agent.status_body("offline"), "seq": 2})
+
+
+# ---------------------------------------------------------------- candidates whose outputs do not fit the manifest
+
+def _with_int8(folder: Path, int8_model: Path) -> Path:
+    """``folder``'s bundle with ``int8_model`` added as its deployable onnx-int8 artifact."""
+    from contract.bundle import artifact_entry
+
+    shutil.copy(int8_model, folder / "model.int8.onnx")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["artifacts"].append(artifact_entry(folder / "model.int8.onnx", folder, role="onnx-int8",
+                                                precision="int8", deployable=True))
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def _wider_embedding(model_path: Path, out: Path) -> Path:
+    """The open-set bundle's model with an embedding twice the manifest's ``embedding_dim`` (the colour, twice)."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(model_path))
+    graph = model.graph
+    identity = next(n for n in graph.node if n.output[0] == "embedding")
+    graph.node.remove(identity)
+    graph.node.append(helper.make_node("Concat", ["flat", "flat"], ["embedding"], axis=1))
+    emb = next(o for o in graph.output if o.name == "embedding")
+    emb.type.tensor_type.shape.dim[1].dim_value = 6
+    onnx.checker.check_model(model)
+    onnx.save(model, str(out))
+    return out
+
+
+@pytest.mark.parametrize("precision", ["int8", "auto"])
+def test_an_int8_whose_logits_do_not_fit_the_labels_is_passed_over_for_fp32(tmp_path, precision):
+    """Checked only after the choice, it made the station refuse a bundle whose FP32 model runs."""
+    from agent_support import as_config, make_onnx_bundle, station_config
+
+    from agent.app import build_runtime
+
+    # given: a 4-label bundle whose deployable INT8 model gives 5 outputs (an export gone wrong)
+    five = make_onnx_bundle(tmp_path / "five", classes=5) / "model.fp32.onnx"
+    folder = _with_int8(make_onnx_bundle(tmp_path / "bundle", classes=4), five)
+    cfg = as_config(station_config(tmp_path, folder, "unused.avi", 1883,
+                                   model={"precision": precision, "intra_op_threads": 1}))
+    # when: the station builds its runtime, pinned to INT8 or choosing
+    runtime = build_runtime(cfg, load_bundle(folder))
+    # then: FP32 runs, and the status says why INT8 does not
+    assert runtime.backend.precision == "fp32" and set(runtime.backend.choice.ms_per_batch) == {"fp32"}
+    assert "model.int8.onnx: 5 outputs per image but field labels has 4" in runtime.backend.choice.skipped["int8"]
+
+
+def test_an_int8_whose_embedding_is_not_the_manifests_size_is_passed_over_for_fp32(tmp_path):
+    from agent_support import make_open_set_bundle
+
+    folder = make_open_set_bundle(tmp_path / "bundle")
+    folder = _with_int8(folder, _wider_embedding(folder / "model.fp32.onnx", tmp_path / "wide.onnx"))
+    bundle = load_bundle(folder)
+
+    def build(artifact):
+        return OnnxRuntimeBackend(artifact.path, bundle.input_spec, precision=artifact.precision, intra_op_threads=1,
+                                  embedding_name=bundle.embedding_name)
+
+    backend = choose_onnx_backend(bundle, "int8", 4, build, _timings(fp32=9.0, int8=0.1))
+    assert backend.precision == "fp32"
+    assert "model.int8.onnx: embedding shape (4, 6) on a batch of 4, expected (4, 3)" in backend.choice.skipped["int8"]
+
+
+def test_a_candidate_that_fails_while_timed_is_passed_over_and_the_other_runs(tmp_path, caplog):
+    """No GPU here: the INT8 session is real, and a subclass fails its runs from the third on, as a GPU provider
+    running out of memory does. Before, the runtime's own exception stopped the choice (and the start)."""
+    from agent_support import make_onnx_bundle
+
+    folder = make_onnx_bundle(tmp_path / "bundle")
+    folder = _with_int8(folder, folder / "model.fp32.onnx")
+    bundle = load_bundle(folder)
+
+    class FailsLater(OnnxRuntimeBackend):
+        runs = 0
+
+        def run_outputs(self, batch):
+            FailsLater.runs += 1
+            if FailsLater.runs > 2:                 # the check on the sample and the untimed warm-up pass
+                raise RuntimeError("CUDA failure 2: out of memory")
+            return super().run_outputs(batch)
+
+    def build(artifact):
+        kind = FailsLater if artifact.precision == "int8" else OnnxRuntimeBackend
+        return kind(artifact.path, bundle.input_spec, precision=artifact.precision, intra_op_threads=1)
+
+    backend = choose_onnx_backend(bundle, "auto", 4, build)
+    assert backend.precision == "fp32" and set(backend.choice.ms_per_batch) == {"fp32"}
+    assert backend.choice.ms_per_batch["fp32"] > 0
+    assert backend.choice.skipped["int8"].startswith("no finite time per batch when timed")
+    assert "(int8): a run failed while it was timed (RuntimeError: CUDA failure 2: out of memory)" in caplog.text
+
+
+def test_a_timing_that_is_not_finite_leaves_the_other_candidate(both_deployable):
+    bundle = load_bundle(both_deployable)
+    backend = choose_onnx_backend(bundle, "auto", 4, _builder(bundle, []), _timings(fp32=math.nan, int8=2.0))
+    assert backend.precision == "int8" and backend.choice.ms_per_batch == {"int8": 2.0}
+    assert "no finite time per batch when timed (nan ms)" in backend.choice.skipped["fp32"]
+    with pytest.raises(BackendError, match=r"gave a timing .*fp32: no finite time.*int8: no finite time"):
+        choose_onnx_backend(bundle, "auto", 4, _builder(bundle, []), _timings(fp32=math.inf, int8=-1.0))

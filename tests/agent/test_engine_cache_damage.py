@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from agent_support import make_onnx_bundle
-from test_tensorrt_backend import _cuda_runtime
+from test_tensorrt_backend import _cuda_runtime, _Engine
 
 from agent.backends import BackendError, create_backend
 from agent.config import ModelConfig
@@ -39,30 +39,6 @@ ORIN = DeviceInfo(tensorrt_version="10.3.0", compute_capability="8.7")
 REPO = Path(__file__).resolve().parents[2]
 
 
-class _Engine:
-    io = [("input", "in", (-1, 3, 16, 16)), ("logits", "out", (-1, 4))]
-    num_io_tensors = 2
-
-    def get_tensor_name(self, i: int) -> str:
-        return self.io[i][0]
-
-    def get_tensor_mode(self, name: str) -> str:
-        return {n: m for n, m, _ in self.io}[name]
-
-    def get_tensor_shape(self, name: str) -> tuple[int, ...]:
-        return {n: s for n, _, s in self.io}[name]
-
-    def get_tensor_dtype(self, name: str) -> str:
-        return "float"
-
-    def get_tensor_profile_shape(self, name: str, profile: int) -> list[tuple[int, ...]]:
-        return [(1, 3, 16, 16), (8, 3, 16, 16), (32, 3, 16, 16)]
-
-    def create_execution_context(self):
-        return types.SimpleNamespace(set_tensor_address=lambda n, p: True, set_input_shape=lambda n, s: True,
-                                     execute_async_v3=lambda stream: True)
-
-
 @pytest.fixture
 def tensorrt(monkeypatch):
     """Installs the stand-ins; ``trt.readable(data)`` says which plans this "TensorRT" deserializes (default: the
@@ -71,6 +47,9 @@ def tensorrt(monkeypatch):
     trt.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)
     trt.__version__ = "10.3.0"
     trt.readable, trt.loads, trt.runtime_error = (lambda data: data.startswith(b"plan")), [], None
+    # what the TensorRT backend tests' engine reads from its TensorRT: an engine that deserializes gets a context,
+    # its optimization profile takes batches of 1 to 32, and it gives finite (zero) logits
+    trt.profile_max, trt.no_context, trt.nan_outputs = 32, False, False
     trt.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level=2: None})
     trt.TensorIOMode = types.SimpleNamespace(INPUT="in", OUTPUT="out")
     trt.nptype = lambda dtype: np.float32
@@ -82,7 +61,7 @@ def tensorrt(monkeypatch):
 
         def deserialize_cuda_engine(self, data: bytes) -> _Engine | None:
             trt.loads.append(bytes(data))
-            return _Engine() if trt.readable(bytes(data)) else None
+            return _Engine(trt) if trt.readable(bytes(data)) else None
 
     trt.Runtime = Runtime
     rt = _cuda_runtime()        # the CUDA runtime stand-in the TensorRT backend tests use

@@ -167,6 +167,22 @@ def test_auto_runs_onnx_runtime_when_the_devices_engine_cannot_run(stand_in, eng
         create_backend(bundle, ModelConfig(bundle=bundle.root, backend="tensorrt", batch_size=8), engine)
 
 
+def test_auto_runs_onnx_runtime_when_the_engines_logits_do_not_fit_the_labels(stand_in, tmp_path):
+    """Checked only after the choice, such an engine made the station refuse a bundle whose ONNX model runs."""
+    # given: a 5-label bundle and an engine that gives 4 logits per image (built from another model)
+    stand_in()
+    folder = make_onnx_bundle(tmp_path / "b", classes=5, size=16)
+    engine = tmp_path / "model.fp16.engine"
+    engine.write_bytes(b"plan")
+    bundle = load_bundle(folder)
+    # when / then: backend auto runs ONNX Runtime; pinned to TensorRT, the engine is refused naming the mismatch
+    backend = create_backend(bundle, ModelConfig(bundle=folder, backend="auto", batch_size=4, intra_op_threads=1),
+                             engine)
+    assert backend.name.startswith("onnxruntime") and backend.run(np.zeros((2, 3, 16, 16), np.float32)).shape == (2, 5)
+    with pytest.raises(BackendError, match="model.fp16.engine: 4 outputs per image but field labels has 5"):
+        create_backend(bundle, ModelConfig(bundle=folder, backend="tensorrt", batch_size=4), engine)
+
+
 def test_a_batch_larger_than_the_engines_profile_runs_in_chunks_of_the_profile(stand_in, engine_bundle):
     # given: an engine built for batches of 1..32 (the shipped profile) and a station batch of 64
     trt = stand_in(profile_max=32)
