@@ -8,6 +8,7 @@ All of the trainer's argparse lives here; library modules take typed configs. Th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -22,6 +23,10 @@ from trainer.station_view import StationViewConfig
 log = logging.getLogger("trainer")
 
 BOOL = argparse.BooleanOptionalAction
+
+# The train flags a resume takes from its command line: where and how fast the run computes (another machine, a
+# GPU it lacks, more decoding processes), never what (trainer.engine.RESUME_MAY_CHANGE).
+RESUME_RUNTIME_FLAGS = ("device", "workers", "cache_images")
 
 
 def _add_train_args(p: argparse.ArgumentParser, *, data: bool = True) -> None:
@@ -62,8 +67,9 @@ def _add_train_args(p: argparse.ArgumentParser, *, data: bool = True) -> None:
     p.add_argument("--amp", action=BOOL, default=True, help="mixed precision on CUDA")
     p.add_argument("--channels-last", action=BOOL, default=True, help="channels_last memory format")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--workers", type=int, default=2, help="image decoding processes")
-    p.add_argument("--cache-images", action=BOOL, default=True, help="decode training images once into memory")
+    p.add_argument("--workers", type=int, default=2, help="image decoding processes (default 2)")
+    p.add_argument("--cache-images", action=BOOL, default=True,
+                   help="decode training images once into memory (default on)")
     p.add_argument("--patience", type=int, default=None, help="early stop after N epochs without improvement")
     p.add_argument("--metric", default="accuracy", choices=["accuracy", "macro_f1"], help="selects best.pt")
     p.add_argument("--max-steps-per-epoch", type=int, default=None)
@@ -123,7 +129,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="fine-tune a model on labelled images")
     _add_train_args(p)
-    p.add_argument("--resume", type=Path, default=None, help="continue the run in this folder (its config wins)")
+    p.add_argument("--resume", type=Path, default=None, help="continue the run in this folder (its config wins, but "
+                                                               "for --device, --workers and --cache-images)")
+    # None: not given. A resume takes these from its command line when given, else from the run's config
+    p.set_defaults(**{name: None for name in RESUME_RUNTIME_FLAGS})
 
     p = sub.add_parser("evaluate", help="metrics and plots for a checkpoint or an ONNX file of a bundle")
     p.add_argument("model", type=Path, help="best.pt/last.pt, or a bundle's .onnx")
@@ -182,7 +191,8 @@ def train_config_from_args(args: argparse.Namespace):
         if flag is None:
             raise
         raise ValueError(f"{flag}: {exc}") from exc
-    keys = [f for f in TrainConfig.__dataclass_fields__ if f != "augment" and hasattr(args, f)]
+    keys = [f for f in TrainConfig.__dataclass_fields__ if f != "augment" and hasattr(args, f)
+            and not (f in RESUME_RUNTIME_FLAGS and getattr(args, f) is None)]     # not given: TrainConfig's default
     try:
         return TrainConfig(**{k: getattr(args, k) for k in keys}, augment=augment)
     except ValueError as exc:
@@ -192,16 +202,16 @@ def train_config_from_args(args: argparse.Namespace):
         raise ValueError(f"--{field.replace('_', '-')}: {exc}") from exc
 
 
-def flags_given(args: argparse.Namespace) -> list[str]:
-    """The train flags of a command line that differ from their defaults, as ``--flag value``: with ``--resume``
-    the run's config.json decides every setting, and a flag given beside it (--epochs 3 to extend a run) would
-    otherwise be dropped without a word."""
+def flags_given(args: argparse.Namespace, leave_out: tuple[str, ...] = ()) -> list[str]:
+    """The train flags of a command line that differ from their defaults, as ``--flag value``, but those of the
+    settings in ``leave_out``: with ``--resume`` the run's config.json decides every other setting, and a flag given
+    beside it (--epochs 3 to extend a run) would otherwise be dropped without a word."""
     defaults = argparse.ArgumentParser(add_help=False)
     _add_train_args(defaults)
     given = []
     for action in defaults._actions:
         value = getattr(args, action.dest, action.default)
-        if not action.option_strings or _same(value, action.default):
+        if not action.option_strings or action.dest in leave_out or value is None or _same(value, action.default):
             continue
         flag = action.option_strings[0]
         if isinstance(value, bool):                         # --amp / --no-amp
@@ -220,6 +230,22 @@ def _same(value: object, default: object) -> bool:
     return value == default
 
 
+def resume_config(args: argparse.Namespace, path: Path) -> TrainConfig:
+    """The config of a run to resume, with the runtime flags given on the command line (--device, --workers,
+    --cache-images): a run started with --device cuda resumed on a host without CUDA was told to use --device cpu,
+    and --device cpu given with --resume was ignored."""
+    cfg = TrainConfig.load(path)
+    runtime = {name: getattr(args, name) for name in RESUME_RUNTIME_FLAGS if getattr(args, name, None) is not None}
+    if runtime:
+        log.info("--resume %s: this resume runs with %s", path.parent,
+                 ", ".join(f"{name} {value!r}" for name, value in runtime.items()))
+        try:
+            cfg = dataclasses.replace(cfg, **runtime)
+        except ValueError as exc:      # --workers -1: the flag, then the field and what it expects
+            raise ValueError(f"--{str(exc).split(':', 1)[0].replace('_', '-')}: {exc}") from exc
+    return cfg
+
+
 def cmd_train(args) -> int:
     from trainer.engine import Trainer
 
@@ -228,8 +254,8 @@ def cmd_train(args) -> int:
         if not (run_dir / "config.json").is_file():
             log.error("--resume %s: no run there (%s does not exist)", args.resume, run_dir / "config.json")
             return 2
-        cfg = TrainConfig.load(run_dir / "config.json")
-        ignored = flags_given(args)
+        cfg = resume_config(args, run_dir / "config.json")
+        ignored = flags_given(args, leave_out=RESUME_RUNTIME_FLAGS)
         if ignored:
             log.warning("--resume %s continues with the run's own settings (%s); ignoring %s. To train with other "
                         "settings start a new run (another --name)", args.resume, run_dir / "config.json",

@@ -8,6 +8,7 @@ import math
 import os
 import pickle
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -233,6 +234,11 @@ RESUME_KEYS = ("model", "optimizer", "schedule", "scaler", "state", "generator",
 def read_resume_checkpoint(path: Path) -> dict:
     """``last.pt`` of a run to resume; a ValueError naming the file for one that cannot be read (a truncated copy,
     a disk error) or is not a trainer checkpoint, which the CLI reports in one line. The file is left as it is."""
+    damaged = _damaged_record(path)
+    if damaged is not None:
+        raise ValueError(f"{path}: damaged: the bytes of its record {damaged} do not match their checksum (a disk or "
+                         f"copy error); the run cannot resume from it. Put back a good copy of the file, or start a "
+                         f"new run (another --name)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError) as exc:
@@ -243,6 +249,45 @@ def read_resume_checkpoint(path: Path) -> dict:
     if missing:
         raise ValueError(f"{path}: not a training checkpoint to resume from (no {', '.join(missing)})")
     return ckpt
+
+
+def _damaged_record(path: Path) -> str | None:
+    """The first record of a checkpoint (a zip archive) whose bytes do not match the CRC-32 stored beside them, or
+    None. torch.load does not check them: a flipped bit in a weight or an optimizer moment loaded without a word and
+    the resumed run trained on from it. A file that is no zip archive is left to torch.load to judge."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return None
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip()
+    except (zipfile.BadZipFile, EOFError, ValueError):
+        return None
+
+
+# Settings that say where and how fast a run computes, not what: a resume may run with others (another machine or
+# GPU, more decoding processes, the run folder moved; the initial weights are not read again). Every other setting
+# of a resumed run must be the one it was trained with.
+RESUME_MAY_CHANGE = ("device", "workers", "cache_images", "out_dir", "name", "weights")
+
+
+def changed_settings(trained: dict, now: dict, prefix: str = "") -> list[str]:
+    """The settings (``augment.station_view.rotation``) of ``now`` that differ from those a checkpoint was
+    ``trained`` with, as ``name old -> new``. Only settings both hold are compared: a setting added since the
+    checkpoint was written loads with the value that keeps the old behaviour."""
+    changed = []
+    for key in sorted(trained.keys() & now.keys()):
+        name, was, is_ = prefix + key, trained[key], now[key]
+        if name in RESUME_MAY_CHANGE:
+            continue
+        if isinstance(was, dict) and isinstance(is_, dict):
+            changed += changed_settings(was, is_, name + ".")
+        elif _plain(was) != _plain(is_):   # a tuple and its list are the same, and 1 and 1.0
+            changed.append(f"{name} {json.dumps(was, default=str)} -> {json.dumps(is_, default=str)}")
+    return changed
+
+
+def _plain(value: object) -> object:
+    return json.loads(json.dumps(value, default=str))
 
 
 def resume_scaler(scaler: torch.amp.GradScaler, saved: dict, source: Path) -> None:
@@ -347,6 +392,42 @@ class Trainer:
                 raise data_mod.DatasetError(
                     f"{split_path}: drawn for {name} {drawn_for[name]!r}, but the config of the run being resumed says "
                     f"{expected!r}; resume with the run's own config.json, or start a new run (another --name)")
+
+    def _check_resume_settings(self, resume: dict, source: Path) -> None:
+        """A resume continues the run it was: its schedule spans the epochs, steps and rate it started with, and its
+        optimizer, model and split are theirs. A config.json edited since (more epochs, another lr, batch size,
+        arch, image size or optimizer), or a Trainer handed another config for the folder, silently trained on
+        with the old rate and batch while the checkpoint recorded the new ones, bent the cosine mid-run, or died
+        on a traceback (a state dict of another arch, another optimizer's state)."""
+        trained = resume.get("config")
+        if not isinstance(trained, dict):
+            return
+        try:        # read as config.json is read: a setting added since takes its default, None its resolved value
+            known = {k: v for k, v in trained.items() if k in TrainConfig.__dataclass_fields__}
+            trained = TrainConfig(**known).to_dict()
+        except (TypeError, ValueError):
+            pass    # refused by today's checks: compared as it was written
+        changed = changed_settings(trained, self.cfg.to_dict())
+        if changed:
+            raise ValueError(
+                f"{source}: the run was trained with other settings than its config now gives ({'; '.join(changed)}"
+                f"); a resume continues a run with the settings it started with. Put them back in "
+                f"{self.run_dir / 'config.json'}, or start a new run (another --name; --weights {source} starts it "
+                f"from this run's weights)")
+
+    def _diverged(self, epoch: int, row: dict, state: RunState) -> str:
+        """What a run whose loss went NaN or infinite is told: what is saved, and what to do. The epoch is not
+        saved; a --resume would train it again with the same settings (the run's config decides) and diverge again,
+        so the advice is a new run."""
+        if state.epoch:
+            saved = (f"last.pt holds epoch {state.epoch}, best.pt epoch {state.best_epoch} (val {self.cfg.metric} "
+                     f"{state.best_metric:.4f}); --resume would diverge again with the run's own settings, so start "
+                     f"a new run (another --name)")
+        else:
+            saved = "no epoch finished, no checkpoint was written; run again"
+        return (f"{self.run_dir}: epoch {epoch + 1}: the loss is not finite (train {row['train_loss']}, val "
+                f"{row['val_loss']}): the weights diverged and the epoch is not saved; {saved} with a lower --lr "
+                f"(now {self.cfg.lr:g}) or --weight-decay (now {self.cfg.weight_decay:g})")
 
     def _why_no_validation(self, dataset: data_mod.Dataset) -> str:
         counts = dataset.class_counts()
@@ -524,6 +605,8 @@ class Trainer:
         # Built first (it draws nothing): a bad --backgrounds file stops the run before images are decoded.
         augment = BatchAugment(cfg.augment, self.spec, generator)
         dataset, train_idx, val_idx = self._dataset(resume["classes"] if resume else None)
+        if resume:
+            self._check_resume_settings(resume, last)
         if self.dist.is_main:      # after the checks: a resume refused for its data leaves the run's config as it was
             cfg.save(self.run_dir / "config.json")
         self.classes = dataset.classes
@@ -564,9 +647,7 @@ class Trainer:
             logits, val_labels = self._validate(model, val_x, val_y)
             row["val_loss"] = nn.functional.cross_entropy(logits, val_labels).item()
             if not (math.isfinite(row["train_loss"]) and math.isfinite(row["val_loss"])):
-                raise ValueError(f"{self.run_dir}: epoch {epoch + 1}: the loss is not finite (train "
-                                 f"{row['train_loss']}, val {row['val_loss']}): the weights diverged; lower --lr or "
-                                 f"--weight-decay. best.pt keeps the last finite epoch")
+                raise ValueError(self._diverged(epoch, row, state))
             row["val_accuracy"], row["val_macro_f1"] = accuracy_and_f1(logits, val_labels, len(self.classes))
             metric = row["val_" + cfg.metric]
             state.epoch = epoch + 1
