@@ -317,12 +317,13 @@ def summary_lines(run: DemoRun) -> list[str]:
     return [
         f"scene {truth['scene']} (seed {truth['seed']}): {it['items']} Fashion-MNIST test items, "
         f"{truth['n_frames']} frames, ROI {roi['width']}x{roi['height']} at ({roi['x']},{roi['y']})",
-        f"items decided right   {it['correct']} of {it['items']} ({_pct(it['item_accuracy'])})",
+        f"items decided right   {it['correct']} of {it['items'] - it['never_visible']} ({_pct(it['item_accuracy'])})"
+        + (f"; {it['never_visible']} never in view" if it['never_visible'] else ""),
         f"missed / split        {it['missed']} / {it['split']}   (merged decisions, one over two items: "
         f"{it['merged_decisions']})",
         f"phantom decisions     {it['phantom_decisions']} of {it['decisions']} decisions",
         f"sent to review        {it['review']} of {it['items']} items ({_pct(it['review_share'])}); "
-        f"auto-sorted {it['auto_sorted']}, {it['auto_wrong']} of them wrong",
+        f"auto-sorted {it['auto_sorted_decisions']}, {it['auto_wrong_decisions']} of them wrong",
         f"frame accuracy, item fully in view  {_pct(fr['full']['accuracy'])} "
         f"({fr['full']['correct']} of {fr['full']['frames']} frames, {fr['full']['results']} published)",
         f"empty frames published as products  {fr['empty']['products']} of {fr['empty']['frames']}",

@@ -1,8 +1,11 @@
 """Agent throughput vs the bare model, in one run, with the same batch size and ONNX artifact.
 
-1. bare: ONNX Runtime on the bundle's deployable model (what the agent picks), pre-made batches.
+1. bare: ONNX Runtime on the bundle's deployable model, pre-made batches of ``--batch-size``; the artifact
+   (INT8 or FP32) chosen as the agent's ``model.precision: auto`` chooses it, timed at that batch size.
 2. agent: the full station (video file camera -> preprocess -> model -> decisions -> SQLite outbox ->
-   MQTT QoS 1 -> PUBACK) against a local mosquitto; counted as PUBACK'd results per second.
+   MQTT QoS 1 -> PUBACK) against a local mosquitto; counted as PUBACK'd results per second. Its
+   ``model.precision`` is pinned to the artifact the bare baseline ran, so both run the same model; the
+   precision and threads the agent's backend ran with are printed and written to the JSON.
 
 Prints images/s of both (the bare model before and after the agent run; the fastest bare figure is
 the baseline), their ratio, p50/p95 capture->PUBACK latency and resident memory growth
@@ -27,6 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -52,11 +56,25 @@ def cpu_s() -> float:
     return t.user + t.system
 
 
-def bare_throughput(bundle_dir: Path, batch_size: int, seconds: float, threads: int) -> tuple[float, str, float]:
+class Bare(NamedTuple):
+    ips: float
+    backend: str            # name and precision, e.g. "onnxruntime:CPUExecutionProvider fp32"
+    cpu_ms: float           # CPU per image, this process, all threads
+    precision: str          # the artifact that ran (int8, fp32)
+    choice: dict | None     # what the backend measured when it chose the artifact (its batch among them)
+
+
+def bare_model_config(bundle_dir: Path, batch_size: int, threads: int, precision: str = "auto") -> ModelConfig:
+    """The bare model's settings: the agent's batch size (the artifact choice is timed at it) and threads."""
+    return ModelConfig(bundle=bundle_dir, backend="onnxruntime", intra_op_threads=threads, batch_size=batch_size,
+                       precision=precision)
+
+
+def bare_throughput(bundle_dir: Path, batch_size: int, seconds: float, threads: int,
+                    precision: str = "auto") -> Bare:
     """Images/s of the deployable model on real preprocessed images, nothing else."""
     bundle = load_bundle(bundle_dir)
-    backend = create_backend(bundle, ModelConfig(bundle=bundle_dir, backend="onnxruntime",
-                                                 intra_op_threads=threads))
+    backend = create_backend(bundle, bare_model_config(bundle_dir, batch_size, threads, precision))
     images, _ = fashion_mnist_test(n=batch_size)
     batch = Preprocessor(bundle.input_spec).batch([np.repeat(i[:, :, None], 3, axis=2) for i in images])
     backend.warmup(batch_size, 5)
@@ -64,18 +82,21 @@ def bare_throughput(bundle_dir: Path, batch_size: int, seconds: float, threads: 
     while time.perf_counter() - start < seconds:
         backend.run(batch)
         n += batch_size
-    return n / (time.perf_counter() - start), f"{backend.name} {backend.precision}", 1000 * (cpu_s() - cpu0) / n
+    choice = getattr(backend, "choice", None)
+    return Bare(n / (time.perf_counter() - start), f"{backend.name} {backend.precision}", 1000 * (cpu_s() - cpu0) / n,
+                backend.precision, choice.as_json() if choice is not None else None)
 
 
 def agent_config(bundle: Path, video: Path, workdir: Path, port: int, batch_size: int, threads: int,
                  cameras: int = 1, queue_size: int | None = None, pipeline_nice: int = 10,
-                 localize: bool = False, flip_average: bool = False) -> AgentConfig:
+                 localize: bool = False, flip_average: bool = False, precision: str = "auto") -> AgentConfig:
     # block: no frame is dropped, the agent runs flat out; each camera may read ahead by queue_size frames.
+    # precision: the artifact the bare baseline ran, so the ratio compares one model with itself.
     return AgentConfig.model_validate({
         "site": "bench", "station": "st-01",
         "model": {"bundle": str(bundle), "backend": "onnxruntime", "batch_size": batch_size,
                   "batch_timeout_ms": 5, "intra_op_threads": threads, "pipeline_nice": pipeline_nice,
-                  "flip_average": flip_average},
+                  "flip_average": flip_average, "precision": precision},
         "cameras": [{"id": f"cam-{i + 1}", "uri": str(video), "loop": True, "backpressure": "block",
                      "queue_size": queue_size or 2 * batch_size} for i in range(cameras)],
         "mqtt": {"host": "127.0.0.1", "port": port},
@@ -111,7 +132,8 @@ def process_cpu_s(pid: int) -> float:
 def agent_throughput(cfg: AgentConfig, seconds: float, warmup_s: float, broker_pid: int | None = None) -> dict[str, float]:
     agent = Agent(cfg)
     agent.start()
-    threads = getattr(agent.model.current.backend, "threads", 0)
+    backend = agent.model.current.backend
+    threads = getattr(backend, "threads", 0)
     try:
         agent.publisher.wait_connected(10)
         time.sleep(warmup_s)
@@ -132,7 +154,7 @@ def agent_throughput(cfg: AgentConfig, seconds: float, warmup_s: float, broker_p
         agent.shutdown(10)
     return {"ips": acked / elapsed, "p50": lat["p50_ms"], "p95": lat["p95_ms"], "rss0": rss0, "rss1": rss1,
             "dropped": dropped, "outbox_depth": depth, "acked": acked, "cpu_ms": cpu_ms, "broker_ms": broker_ms,
-            "threads": threads}
+            "threads": threads, "backend": backend.name, "precision": backend.precision}
 
 
 def broker_pid(workdir: Path) -> int | None:
@@ -182,8 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     # (and --threads), so the ratio never flatters the agent.
     counts = sorted(set(thread_candidates(available_cpus())) | ({args.threads} if args.threads else set()))
     bare = {t: bare_throughput(bundle, args.batch_size, args.bare_seconds, t) for t in counts}
-    best = max(bare, key=lambda t: bare[t][0])
-    bare_ips, backend, bare_cpu_ms = bare[best]
+    best = max(bare, key=lambda t: bare[t].ips)
+    bare_ips, backend, bare_cpu_ms, precision = bare[best].ips, bare[best].backend, bare[best].cpu_ms, \
+        bare[best].precision
     with tempfile.TemporaryDirectory(prefix="agent-bench-") as tmp:
         workdir = Path(tmp)
         images, _ = fashion_mnist_test(n=args.images)
@@ -193,22 +216,24 @@ def main(argv: list[str] | None = None) -> int:
         write_video(images, video, size=112, lead_blank=2 if localize else 0)
         with local_mosquitto(workdir) as port:
             cfg = agent_config(station_bundle, video, workdir, port, args.batch_size, args.threads, args.cameras,
-                               args.queue_size, args.pipeline_nice, localize, args.flip_average)
+                               args.queue_size, args.pipeline_nice, localize, args.flip_average, precision)
             res = agent_throughput(cfg, args.duration, args.warmup, broker_pid(workdir))
     # The bare model once more after the agent run: a machine whose speed drifted during the run shows,
     # and the faster of the two bare figures is the baseline.
-    after_ips = bare_throughput(bundle, args.batch_size, args.bare_seconds, best)[0]
+    after_ips = bare_throughput(bundle, args.batch_size, args.bare_seconds, best, precision).ips
     bare_ips = max(bare_ips, after_ips)
     agent_threads = res["threads"]
     growth = 100.0 * (res["rss1"] - res["rss0"]) / res["rss0"]
     print(f"bundle            {bundle} ({backend}), batch size {args.batch_size}, {os.cpu_count()} CPUs, "
           f"crop {'foreground (localizer on every frame)' if localize else 'roi (whole frame)'}")
-    for t, (ips, _, cpu) in bare.items():
-        print(f"bare ORT          {ips:10.1f} images/s with {t} intra-op thread(s), before the agent run")
+    for t, b in bare.items():
+        print(f"bare ORT          {b.ips:10.1f} images/s with {t} intra-op thread(s), {b.precision}, "
+              "before the agent run")
     print(f"bare ORT          {after_ips:10.1f} images/s with {best} intra-op thread(s), after it")
     print(f"baseline          {bare_ips:10.1f} images/s (the fastest bare figure)")
     print(f"agent end-to-end  {res['ips']:10.1f} results/s acknowledged by the broker (PUBACK) over {args.duration:g}s, "
-          f"{args.cameras} camera(s), {agent_threads} intra-op thread(s), pipeline nice {args.pipeline_nice}"
+          f"{args.cameras} camera(s), {res['precision']}, {agent_threads} intra-op thread(s), "
+          f"pipeline nice {args.pipeline_nice}"
           + (", flip average" if args.flip_average else ""))
     print(f"ratio agent/bare  {res['ips'] / bare_ips:10.3f}")
     print(f"CPU per image     bare {bare_cpu_ms:.3f} ms, agent {res['cpu_ms']:.3f} ms (agent process, all threads), "
@@ -223,7 +248,9 @@ def main(argv: list[str] | None = None) -> int:
             "command": "python " + " ".join(sys.argv), "bundle": str(bundle), "backend": backend,
             "crop": "foreground" if localize else "roi", "flip_average": args.flip_average,
             "batch_size": args.batch_size, "duration_s": args.duration,
-            "bare_images_per_s": {str(t): ips for t, (ips, _, _) in bare.items()}, "bare_after": after_ips,
+            "bare_images_per_s": {str(t): b.ips for t, b in bare.items()}, "bare_after": after_ips,
+            "bare_precision": {str(t): b.precision for t, b in bare.items()}, "baseline_precision": precision,
+            "agent_backend": {"name": res["backend"], "precision": res["precision"], "threads": agent_threads},
             "baseline_images_per_s": bare_ips, "agent_results_per_s": res["ips"], "ratio": res["ips"] / bare_ips,
             "cpu_ms_per_image": {"bare": bare_cpu_ms, "agent": res["cpu_ms"], "broker": res["broker_ms"]},
             "capture_to_puback_ms": {"p50": res["p50"], "p95": res["p95"]}, "rss_mib": [res["rss0"], res["rss1"]],

@@ -32,6 +32,7 @@ import os
 import shutil
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -147,12 +148,25 @@ def score_table(bundle, known: tuple, unknown: tuple, unknown_y: np.ndarray, kee
 
 
 def fold_outputs(fold: int, bundle, known_names: list[str], held_names: list[str], args) -> dict:
-    """The bundle's outputs on the test split (known and held-out classes), clean and as a station sees them."""
+    """The bundle's outputs on the test split (known and held-out classes), clean and as a station sees them.
+
+    Kept in ``<work>/fold<N>/outputs.npz`` with the sha256 of the bundle's manifest they came from, and used
+    again only for that bundle: a fold exported afresh (another --score, a new export) is run again."""
+    from contract.bundle import MANIFEST, sha256_file
     from trainer.station_eval import station_views
 
     cache = args.work / f"fold{fold}" / "outputs.npz"
+    manifest = sha256_file(bundle.root / MANIFEST)
     if cache.exists():
-        return dict(np.load(cache))
+        try:
+            with np.load(cache, allow_pickle=False) as saved:
+                kept = {k: saved[k] for k in saved.files}
+        except (OSError, ValueError, zipfile.BadZipFile) as exc:     # a run killed while writing it
+            log.warning("%s: unreadable (%s); computing again", cache, exc)
+            kept = {}
+        if str(kept.pop("manifest_sha256", "")) == manifest:
+            return kept
+        log.info("%s: not computed for the bundle %s (its manifest); computing again", cache, bundle.root)
     spec = bundle.input_spec
     k_paths, k_y = test_samples(args.data, known_names, args.test_per_class)
     u_paths, u_y = test_samples(args.data, held_names, args.test_per_class)
@@ -165,7 +179,7 @@ def fold_outputs(fold: int, bundle, known_names: list[str], held_names: list[str
     out["ks_y"], out["us_y"] = ks.labels, us.labels
     out["ks_logits"], out["ks_emb"] = bundle_outputs(bundle, ks.inputs)
     out["us_logits"], out["us_emb"] = bundle_outputs(bundle, us.inputs)
-    np.savez(cache, **out)
+    np.savez(cache, **out, manifest_sha256=np.array(manifest))
     return out
 
 
@@ -288,6 +302,7 @@ def receiving(bundle, outputs: dict, known_names: list[str], rng: np.random.Gene
                     "wrong_first_auroc_confidence": round(openset.auroc(doubt_conf[~is_wrong], doubt_conf[is_wrong]),
                                                           4)}
     order = {d: n for n, d in enumerate(truth)}       # decided in this order: the newest last
+    shipment_items, receipt_lines = shipment_record(shipment, receipt, truth)
     ranking = {"over_lines": len(over), "over_items": sum(line["over"] for line in over),
                "wrong_on_over_lines": sum(r["decision"] in wrong for line in over for r in line["refs"]),
                "wrong_in_first_over_refs": sum(r["decision"] in wrong for line in over
@@ -307,7 +322,24 @@ def receiving(bundle, outputs: dict, known_names: list[str], rng: np.random.Gene
             "confident_expected_items": len(sure_right),
             "lines_misreported": sum(line["status"] in ("over", "short") for line in receipt["lines"]),
             "lines": len(counts), **ranking, **ranking_keys,
-            "totals": receipt["totals"]}
+            "totals": receipt["totals"], "receipt_lines": receipt_lines, "shipment_items": shipment_items}
+
+
+def shipment_record(shipment, receipt: dict, truth: dict[str, tuple]) -> tuple[list[dict], list[dict]]:
+    """Each shipment item (in decision order) and each receipt line, enough to recompute what a receipt names
+    under another rule from the committed JSON: the item's kind (expected, unexpected, unknown), its true label
+    (None: unknown), the decided label, whether the model was right and sure (``sure_right``), and where the
+    station listed it: ``line`` (a label, ``review`` or ``unknown``) and ``rank`` (0: first, the station keeps a
+    line's refs most doubtful first); per line its status, expected, received and over."""
+    where = {}
+    for key, refs in shipment.refs.items():
+        for rank, ref in enumerate(refs):
+            where[ref["decision"]] = ("review" if key == "" else key, rank)
+    items = [{"ref": ref, "kind": kind, "label": label, "decided": decided, "sure_right": bool(sure),
+              "line": where.get(ref, (None, None))[0], "rank": where.get(ref, (None, None))[1]}
+             for ref, (kind, label, decided, sure) in truth.items()]
+    lines = [{k: line[k] for k in ("label", "status", "expected", "received", "over")} for line in receipt["lines"]]
+    return items, lines
 
 
 def singled_out(receipt: dict) -> set[str]:

@@ -7,11 +7,14 @@ messages, and scores them against the scene's truth.json (agent/sim/score.py):
 
 * items: decided correctly (exactly one decision, with the item's label), missed (no decision),
   split (more than one), merged decisions (one decision over two items), phantom decisions (over no
-  item's frames), share sent to manual review, confident-and-wrong (auto-sorted to a wrong lane);
+  item's frames), share sent to manual review, decisions auto-sorted and wrong (every decision not sent to
+  review, a split item's each and phantoms included: wrong when not its item's label or over no item);
 * frames: accuracy where the item is fully inside the ROI, where it is partly in, and results on
   frames with no item that still name a product (an empty belt reported as a product);
 * the camera: frames captured, dropped by the hub, classified (the folder camera is run with
-  ``backpressure: block`` so every frame is classified; drops are counted, not assumed away).
+  ``backpressure: block`` so the hub waits for the pipeline instead of dropping). The counts are the last
+  stats message's, which the agent may have sent before the scene's end (``camera.last_stats_stale``): then
+  no drop count for the whole scene is printed.
 
 Decisions are matched to items by frame span: a decision's first_seen/last_seen are the captured_at
 of its first/last frame, results map captured_at -> source_ref (the file name) -> frame -> item.
@@ -333,22 +336,43 @@ def table(doc: dict[str, Any]) -> str:
     rows = [
         f"scene {doc['scene']['name']}: {it['items']} items, {doc['scene']['frames']} frames   "
         f"bundle {b['name']}/{b['version']} (val acc {pct(b['val_accuracy'])}, crop {(b['crop'] or {}).get('mode')})",
-        f"  item accuracy          {pct(it['item_accuracy'])}  ({it['correct']}/{it['items']}"
+        f"  item accuracy          {pct(it['item_accuracy'])}  ({it['correct']}/{it['items'] - it['never_visible']}"
+        + (f" visible; {it['never_visible']} never in view" if it["never_visible"] else "")
         + (f"; 95% CI {pct(it['item_accuracy_ci95'][0]).strip()}-{pct(it['item_accuracy_ci95'][1]).strip()})"
            if it.get("item_accuracy_ci95") else ")"),
         f"  missed / split         {it['missed']} / {it['split']}    merged decisions {it['merged_decisions']}",
         f"  phantom decisions      {it['phantom_decisions']} of {it['decisions']} decisions",
-        f"  sent to review         {pct(it['review_share'])}    auto-sorted accuracy {pct(it['auto_sorted_accuracy'])} "
-        f"({it['auto_wrong']} wrong of {it['auto_sorted']})",
+        f"  sent to review         {pct(it['review_share'])}    {auto_sorted(it)}",
         f"  frame acc, fully in    {pct(fr['full']['accuracy'])}  ({fr['full']['correct']}/{fr['full']['frames']}, "
         f"{fr['full']['results']} published)",
         f"  frame acc, partly in   {pct(fr['partial']['accuracy'])}  ({fr['partial']['correct']}/{fr['partial']['frames']})",
         f"  empty frames as product {fr['empty']['products']}/{fr['empty']['frames']} ({pct(fr['empty']['product_rate'])})",
-        f"  camera: captured {cam['frames_captured_last_stats']}, dropped {cam['frames_dropped_last_stats']}, "
+        f"  camera: {camera_counts(cam)}, "
         f"results {cam['results_received']}/{cam['frames_in_scene']}; agent rc {doc['agent']['returncode']}, "
         f"{doc['agent']['wall_s']} s, outbox left {doc['agent']['outbox_left']}",
     ]
     return "\n".join(rows)
+
+
+def auto_sorted(it: dict[str, Any]) -> str:
+    """Decisions auto-sorted and wrong (a split item's each and phantoms included); a document written before
+    2026-12-07 has only the items with exactly one decision, named as such."""
+    pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+    if "auto_sorted_decisions" in it:
+        return (f"auto-sorted decisions {it['auto_wrong_decisions']} wrong of {it['auto_sorted_decisions']} "
+                f"(accuracy {pct(it['auto_sorted_decision_accuracy'])})")
+    return (f"auto-sorted items with one decision {it['auto_wrong']} wrong of {it['auto_sorted']} "
+            f"(accuracy {pct(it['auto_sorted_accuracy'])}; split items and phantoms not counted)")
+
+
+def camera_counts(cam: dict[str, Any]) -> str:
+    """Captured and dropped frames as the last stats message counted them; a message sent before the scene's end
+    (fewer frames captured than the scene has) says nothing of the drops after it, so no drop figure is given."""
+    captured, frames = cam["frames_captured_last_stats"], cam["frames_in_scene"]
+    stale = cam.get("last_stats_stale", captured is None or captured < frames)
+    if stale:
+        return f"last stats before the scene's end (captured {captured} of {frames} frames then): drops not known"
+    return f"captured {captured}, dropped {cam['frames_dropped_last_stats']}"
 
 
 def result_path(out: Path, scene: str, tag: str | None) -> Path:

@@ -262,10 +262,22 @@ def keep_curve(known_scores: np.ndarray, keeps: Sequence[float] = KEEP_CURVE) ->
     return tuple((float(k), threshold_for_keep(known_scores, k)) for k in keeps)
 
 
+def _finite_scores(scores: np.ndarray, what: str) -> np.ndarray:
+    """``scores`` as float64, or OpenSetError naming ``what`` and how many are not finite: a NaN would sort as
+    the most unknown and flatter the figure, an infinity is no score a bundle carries (``carried_score``)."""
+    out = np.asarray(scores, np.float64)
+    bad = ~np.isfinite(out)
+    if bad.any():
+        raise OpenSetError(f"{what}: {int(bad.sum())} of {out.size} scores are not finite "
+                           f"(first at index {int(np.flatnonzero(bad.ravel())[0])}: {out.ravel()[bad.ravel()][0]})")
+    return out
+
+
 def auroc(known_scores: np.ndarray, unknown_scores_: np.ndarray) -> float:
-    """Probability that an unknown item scores above a known one (ties count half)."""
-    known = np.asarray(known_scores, np.float64)
-    unknown = np.asarray(unknown_scores_, np.float64)
+    """Probability that an unknown item scores above a known one (ties count half); NaN when either side is
+    empty. A score that is not finite is refused (OpenSetError naming the side), never ranked."""
+    known = _finite_scores(known_scores, "known-item scores")
+    unknown = _finite_scores(unknown_scores_, "unknown-item scores")
     if not len(known) or not len(unknown):
         return float("nan")
     both = np.concatenate([known, unknown])
@@ -281,9 +293,10 @@ def auroc(known_scores: np.ndarray, unknown_scores_: np.ndarray) -> float:
 
 
 def false_accept_rate(known_scores: np.ndarray, unknown_scores_: np.ndarray, keep: float = DEFAULT_KEEP) -> float:
-    """Share of unknown items scoring below the threshold that keeps ``keep`` of the known ones."""
-    t = threshold_for_keep(known_scores, keep)
-    return float((np.asarray(unknown_scores_) <= t).mean())
+    """Share of unknown items scoring below the threshold that keeps ``keep`` of the known ones. A score that is
+    not finite is refused (OpenSetError naming the side): a NaN unknown score would count as rejected."""
+    t = threshold_for_keep(_finite_scores(known_scores, "known-item scores"), keep)
+    return float((_finite_scores(unknown_scores_, "unknown-item scores") <= t).mean())
 
 
 @dataclass(frozen=True)

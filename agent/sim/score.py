@@ -6,11 +6,17 @@ nothing here touches a broker, a model or torch.
 * items: decided correctly (exactly one decision, with the item's label), wrong (exactly one, with
   another label, auto-sorted or sent to review), missed (no decision), split (more than one) or never
   visible (no frame shows it): these five outcomes partition the items; besides them, merged decisions
-  (one decision over two items), phantom decisions (over no item's frames), share sent to manual review,
-  confident-and-wrong (auto-sorted to a wrong lane, a part of wrong);
+  (one decision over two items), phantom decisions (over no item's frames), share sent to manual review;
+* decisions auto-sorted and wrong (``auto_sorted_decisions``, ``auto_wrong_decisions``): every decision not sent
+  to review, each decision of a split item and each phantom among them; wrong when its item's label differs or
+  it has no item (a phantom sorted as a product). ``auto_sorted``/``auto_wrong`` (kept: the JSON of runs before
+  2026-12-07 and ``agent demo`` read them) count only items with exactly one decision, so a split item's
+  decision sorted to a wrong lane and a sorted phantom were left out;
 * frames: accuracy where the item is fully inside the ROI, where it is partly in, and results on
   frames with no item that still name a product (an empty belt reported as a product);
-* the camera: frames captured, dropped by the hub, classified (from the last stats message).
+* the camera: frames captured, dropped by the hub, classified, from the last stats message: the agent sends
+  one every ``health.stats_interval_s``, so the last may predate the scene's end (``last_stats_stale``: it
+  counted fewer frames captured than the scene has); its drop count then says nothing of the frames after it.
 
 Decisions are matched to items by frame span: a decision's first_seen/last_seen are the captured_at
 of its first/last frame, results map captured_at -> source_ref (the file name) -> frame -> item.
@@ -106,9 +112,15 @@ def score_items(items: Sequence[dict], decisions: Sequence[dict], spans: Sequenc
                 review_lane: str = "manual-review", merge_min_frames: int = 3) -> dict[str, Any]:
     """Per-item figures from truth items (item, label_name, visible_frames) and matched decisions.
 
-    Each item has exactly one outcome: correct + wrong + missed + split + never_visible == items."""
+    Each item has exactly one outcome: correct + wrong + missed + split + never_visible == items.
+    ``auto_sorted_decisions``/``auto_wrong_decisions``: decisions not sent to review, and those of them with
+    another label than their item's or with no item (a phantom); ``auto_sorted``/``auto_wrong``: the items
+    with exactly one decision, auto-sorted, and those of them wrong (a part of ``wrong``)."""
     visible = {it["item"]: frozenset(it["visible_frames"]) for it in items}
     owner = match_decisions(spans, visible)
+    label_of = {it["item"]: it["label_name"] for it in items}
+    sorted_decisions = [(d, o) for d, o in zip(decisions, owner) if not is_review(d, review_lane)]
+    sorted_wrong = sum(1 for d, o in sorted_decisions if o is None or d["label"] != label_of[o])
     by_item: dict[int, list[dict]] = {it["item"]: [] for it in items}
     for d, item in zip(decisions, owner):
         if item is not None:
@@ -138,7 +150,9 @@ def score_items(items: Sequence[dict], decisions: Sequence[dict], spans: Sequenc
             "review_share": _ratio(counts["review"], n),
             "missed_share": _ratio(counts["missed"], n), "split_share": _ratio(counts["split"], n),
             "wrong_share": _ratio(counts["wrong"], n),
-            "auto_sorted_accuracy": _ratio(counts["auto_sorted"] - counts["auto_wrong"], counts["auto_sorted"])}
+            "auto_sorted_accuracy": _ratio(counts["auto_sorted"] - counts["auto_wrong"], counts["auto_sorted"]),
+            "auto_sorted_decisions": len(sorted_decisions), "auto_wrong_decisions": sorted_wrong,
+            "auto_sorted_decision_accuracy": _ratio(len(sorted_decisions) - sorted_wrong, len(sorted_decisions))}
 
 
 def score_frames(truth_frames: Sequence[dict], items: Sequence[dict], results: Sequence[dict],
@@ -190,14 +204,19 @@ def wilson(successes: int, n: int, z: float = 1.96) -> list[float] | None:
 
 
 def camera_counts(truth: dict, results: Sequence[dict], stats: Sequence[dict], camera: str) -> dict[str, Any]:
-    """Frames in the scene vs captured, dropped and classified (last stats message) and results received."""
+    """Frames in the scene vs captured, dropped and classified (last stats message) and results received.
+
+    ``last_stats_stale``: the last stats message counted fewer frames captured than the scene has (or none came):
+    it was sent before the scene's end, and its drop count covers only the frames captured until then."""
     last = max(stats, key=lambda s: s.get("seq", 0)) if stats else {}
     seqs = sorted({int(r["frame_seq"]) for r in results})
+    captured = (last.get("frames_captured") or {}).get(camera)
     return {"frames_in_scene": truth["n_frames"], "results_received": len(results),
             "max_frame_seq": seqs[-1] if seqs else 0,
-            "frames_captured_last_stats": (last.get("frames_captured") or {}).get(camera),
+            "frames_captured_last_stats": captured,
             "frames_dropped_last_stats": (last.get("frames_dropped") or {}).get(camera, 0) if last else None,
-            "frames_classified_last_stats": last.get("frames_classified")}
+            "frames_classified_last_stats": last.get("frames_classified"),
+            "last_stats_stale": captured is None or captured < truth["n_frames"]}
 
 
 def item_details(items: Sequence[dict], decisions: Sequence[dict], spans: Sequence[tuple[int, int] | None]

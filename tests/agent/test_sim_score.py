@@ -43,3 +43,6 @@ def test_the_outcomes_partition_the_items_whatever_the_decisions():
         s = score_items(items, decisions, spans)
         assert sum(s[o] for o in OUTCOMES) == s["items"] == len(items), (items, decisions, spans, s)
         assert s["auto_wrong"] <= s["wrong"]
+        # per decision: every decision not in review, a split item's each and phantoms included
+        assert s["auto_wrong"] <= s["auto_wrong_decisions"] <= s["auto_sorted_decisions"]
+        assert s["auto_sorted_decisions"] == sum(not d["low_confidence"] for d in decisions)

@@ -64,6 +64,25 @@ def test_auroc_matches_the_pairwise_definition_with_ties():
     assert openset.auroc(k, u) == pytest.approx(pairs)
 
 
+@pytest.mark.parametrize("side", ["known", "unknown"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_auroc_and_false_accepts_refuse_a_score_that_is_not_finite_naming_the_side(side, bad):
+    """A NaN unknown score ranked as the most unknown (auroc 0.75 where the finite scores give 0.5) and counted
+    as rejected at any threshold: a model's NaN would flatter the figures. Refused, naming which scores."""
+    k, u = np.array([0.0, 0.15, 0.3]), np.array([0.1, 0.2])
+    if side == "known":
+        k = np.append(k, bad)
+    else:
+        u = np.append(u, [bad, bad])
+    for figure in (lambda: openset.auroc(k, u), lambda: openset.false_accept_rate(k, u, 0.95)):
+        with pytest.raises(openset.OpenSetError, match=f"{side}-item scores: .* not finite"):
+            figure()
+
+
+def test_auroc_of_an_empty_side_is_nan_as_before():
+    assert np.isnan(openset.auroc(np.array([]), np.array([1.0])))
+
+
 def test_threshold_keeps_at_least_the_share_asked_for():
     scores = np.random.default_rng(4).normal(size=1001)
     for keep in (0.5, 0.9, 0.95, 1.0):
