@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -27,15 +27,19 @@ import torch
 import torch.nn.functional as F
 
 from contract.dataset import MASK_SUFFIX
+from contract.image_header import ImageHeaderError, image_size
 from contract.preprocess import (
     INTERPOLATIONS,
+    MAX_IMAGE_BYTES,
+    MAX_IMAGE_SIDE,
     CropPolicy,
+    ImageDecodeError,
     InputSpec,
     Preprocessor,
     read_image,
     resized_size,
 )
-from trainer.station_view import StationView, StationViewConfig
+from trainer.station_view import StationView, StationViewConfig, _is_number, _is_pair
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +76,11 @@ class AugmentConfig:
         for name, low, high in (("hflip", 0.0, 1.0), ("rotation", 0.0, 180.0), ("brightness", 0.0, 1.0),
                                 ("contrast", 0.0, 1.0), ("saturation", 0.0, 1.0), ("erasing", 0.0, 1.0)):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and low <= value <= high):
+            if not (_is_number(value) and low <= value <= high):
                 raise ValueError(f"augment.{name}: expected a finite number in [{low:g}, {high:g}], got {value!r}")
         for name in ("scale", "ratio"):
-            pair = getattr(self, name)
-            if not (len(pair) == 2 and all(math.isfinite(v) and v > 0 for v in pair) and pair[0] <= pair[1]):
+            pair = getattr(self, name)  # a config.json's "scale": 0.5 or ["a", 1] must be named, not a TypeError
+            if not (_is_pair(pair) and all(_is_number(v) and v > 0 for v in pair) and pair[0] <= pair[1]):
                 raise ValueError(f"augment.{name}: expected two finite numbers > 0, low first, got {pair!r}")
 
     def to_dict(self) -> dict:
@@ -84,10 +88,14 @@ class AugmentConfig:
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> "AugmentConfig":
-        """From config.json: lists back to tuples; a config from before station views trains without them."""
+        """From config.json: lists back to tuples; a config from before station views trains without them.
+        Unknown keys are an error naming them (as ``StationViewConfig.from_dict``)."""
+        unknown = sorted(set(raw) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"augment: unknown field(s) {unknown}")
         aug = dict(raw)
         for key in ("scale", "ratio"):
-            if key in aug:
+            if isinstance(aug.get(key), list):
                 aug[key] = tuple(aug[key])
         station = aug.get("station_view")
         aug["station_view"] = StationViewConfig.from_dict(station) if isinstance(station, Mapping) else (
@@ -137,9 +145,9 @@ def load_canvas(path, spec: InputSpec, with_mask: bool = False) -> np.ndarray:
         mask_file = mask_path(path)
         mask = np.zeros(rgb.shape[:2], np.uint8)
         if mask_file.exists():
-            raw = _read_mask(mask_file, full.shape[:2])
-            if raw is not None:
-                mask = _square(np.where(raw.max(2) > 0, 255, 0).astype(np.uint8), spec, cv2.INTER_LINEAR)
+            item = _read_mask(mask_file, full.shape[:2])
+            if item is not None:
+                mask = _square(np.where(item, 255, 0).astype(np.uint8), spec, cv2.INTER_LINEAR)
         planes.append(mask[None])
     return np.ascontiguousarray(np.concatenate(planes))
 
@@ -147,19 +155,52 @@ def load_canvas(path, spec: InputSpec, with_mask: bool = False) -> np.ndarray:
 _MASKS_WARNED: set[str] = set()     # mask files already reported (one line each, not one per epoch)
 
 
-def _read_mask(mask_file: Path, image_hw: tuple[int, int]) -> np.ndarray | None:
-    """A mask file's pixels, or None with a warning naming it when it cannot be used (does not decode, or is not
-    its image's size): the image is still a good sample, and the renderer then finds its mask as for an image
-    without one. One damaged mask among thousands must not stop a training run (in the middle of an epoch when the
-    images stream from disk)."""
+def _mask_pixels(mask_file: Path) -> np.ndarray:
+    """HxW bool, the item's pixels in a mask file: non-zero at the file's own bit depth (a 16-bit mask of 0 and 1
+    is a mask; read as 8-bit RGB, as read_image gives it, it was all zero), and never where an alpha channel is
+    transparent (a cut-out's background). ImageDecodeError naming the file, with read_image's checks before
+    decoding (size, header, sides)."""
     try:
-        raw = read_image(mask_file)
-        problem = None if raw.shape[:2] == image_hw else (
-            f"mask is {raw.shape[1]}x{raw.shape[0]}, its image {image_hw[1]}x{image_hw[0]}")
+        with open(mask_file, "rb") as fh:
+            data = fh.read(MAX_IMAGE_BYTES + 1)
+    except OSError as exc:
+        raise ImageDecodeError(f"{mask_file}: cannot read ({exc.strerror or exc})") from exc
+    if not data or len(data) > MAX_IMAGE_BYTES:
+        raise ImageDecodeError(f"{mask_file}: " + ("empty file" if not data else f"more than {MAX_IMAGE_BYTES} bytes"))
+    try:
+        width, height = image_size(data, str(mask_file))
+    except ImageHeaderError as exc:
+        raise ImageDecodeError(str(exc)) from None
+    if not (1 <= width <= MAX_IMAGE_SIDE and 1 <= height <= MAX_IMAGE_SIDE):
+        raise ImageDecodeError(f"{mask_file}: its header declares {width}x{height} pixels; expected sides of 1 to "
+                               f"{MAX_IMAGE_SIDE} (refused before decoding)")
+    try:
+        raw = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error:
+        raw = None
+    if raw is None:
+        raise ImageDecodeError(f"{mask_file}: not a decodable image (corrupt or unsupported format)")
+    raw = raw.reshape(raw.shape[0], raw.shape[1], -1)
+    with_alpha = raw.shape[2] in (2, 4)
+    item = (raw[..., :-1] if with_alpha else raw).any(axis=2)
+    return item & (raw[..., -1] != 0) if with_alpha else item
+
+
+def _read_mask(mask_file: Path, image_hw: tuple[int, int]) -> np.ndarray | None:
+    """A mask file's item pixels (``_mask_pixels``), or None with a warning naming it when it cannot be used (does
+    not decode, is not its image's size, or marks no pixel): the image is still a good sample, and the renderer
+    then finds its mask as for an image without one. One damaged mask among thousands must not stop a training run
+    (in the middle of an epoch when the images stream from disk)."""
+    try:
+        item = _mask_pixels(mask_file)
+        problem = None if item.shape == image_hw else (
+            f"mask is {item.shape[1]}x{item.shape[0]}, its image {image_hw[1]}x{image_hw[0]}")
+        if problem is None and not item.any():
+            problem = "mask marks no pixel as the item (every pixel zero or transparent)"
     except ValueError as exc:           # ImageDecodeError: names the file and what is wrong
-        raw, problem = None, str(exc).removeprefix(f"{mask_file}: ")
+        item, problem = None, str(exc).removeprefix(f"{mask_file}: ")
     if problem is None:
-        return raw
+        return item
     if str(mask_file) not in _MASKS_WARNED:
         _MASKS_WARNED.add(str(mask_file))
         log.warning("%s: %s; mask file ignored, the item's mask is found from the image", mask_file, problem)

@@ -87,13 +87,15 @@ def _check_number(name: str, value: Any, low: float, high: float, *, what: str, 
                          f" ({what}), got {value!r}")
 
 
-def _check_range(name: str, pair: Any, low: float, high: float, *, low_open: bool = False) -> None:
+def _check_range(name: str, pair: Any, low: float, high: float, *, low_open: bool = False, high_open: bool = False,
+                 what: str = "") -> None:
     """ValueError naming ``station_view.<name>`` unless ``pair`` is (lo, hi), finite, lo <= hi, both in the interval."""
     inside = _is_pair(pair) and all(_is_number(v) for v in pair) and pair[0] <= pair[1] \
-        and (low < pair[0] if low_open else low <= pair[0]) and pair[1] <= high
+        and (low < pair[0] if low_open else low <= pair[0]) and (pair[1] < high if high_open else pair[1] <= high)
     if not inside:
-        bound = f"{low:g} {'<' if low_open else '<='} low <= high" + (f" <= {high:g}" if math.isfinite(high) else "")
-        raise ValueError(f"station_view.{name}: expected two finite numbers, {bound}, got {pair!r}")
+        bound = f"{low:g} {'<' if low_open else '<='} low <= high" + (
+            f" {'<' if high_open else '<='} {high:g}" if math.isfinite(high) else "")
+        raise ValueError(f"station_view.{name}: expected two finite numbers, {bound}{what}, got {pair!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -195,7 +197,8 @@ class StationViewConfig:
         _check_number("gradient", self.gradient, 0.0, 1.0, high_open=True,
                       what="a brightness change centre to edge (1 would make an edge black)")
         _check_number("noise", self.noise, 0.0, 1.0, what="a std in 0..1 pixel units")
-        _check_range("out_of_view_fraction", self.out_of_view_fraction, 0.0, 1.0)
+        _check_range("out_of_view_fraction", self.out_of_view_fraction, 0.0, 1.0, high_open=True,
+                     what=" (1 would move the whole item out of view: a label with no item)")
         _check_range("gain", self.gain, 0.0, math.inf, low_open=True)
         _check_range("item_gain", self.item_gain, 0.0, math.inf, low_open=True)
         _check_range("shadow_strength", self.shadow_strength, 0.0, 1.0)

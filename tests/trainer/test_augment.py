@@ -787,7 +787,8 @@ def test_train_stops_before_decoding_when_a_background_frame_is_corrupt(fmnist_d
     ("rotation", math.nan), ("rotation", math.inf), ("rotation", 181.0), ("rotation", -1.0), ("rotation", "20"),
     ("scale_jitter", math.nan), ("scale_jitter", -1.0), ("position_jitter", math.nan), ("position_jitter", 0.6),
     ("out_of_view_fraction", (0.5, 0.1)), ("out_of_view_fraction", (math.nan, 0.3)),
-    ("out_of_view_fraction", (0.1, 1.5)), ("tilt", math.nan), ("tilt", 0.5), ("tilt", 5.0), ("tilt", -0.1),
+    ("out_of_view_fraction", (0.1, 1.5)), ("out_of_view_fraction", (0.1, 1.0)),  # 1: the whole item out of view
+    ("tilt", math.nan), ("tilt", 0.5), ("tilt", 5.0), ("tilt", -0.1),
     ("gain", (0.0, 1.0)), ("gain", (-1.0, 1.0)), ("gain", (math.nan, 1.0)), ("gain", (1.4, 0.6)),
     ("gain", (0.6, math.inf)), ("gain", (1.0,)), ("white_balance", math.nan), ("white_balance", 1.0),
     ("item_colour", math.nan), ("item_colour", 1.0), ("item_gain", (1.0, math.inf)), ("item_gain", (0.0, 1.0)),
@@ -813,7 +814,7 @@ def test_every_station_view_setting_the_repo_uses_is_accepted():
     for settings in ({}, STILL, CUSTOM, {"enabled": False}, {"share": 1.0, "jpeg": 0.0}, {"supersample": 2.0}):
         StationViewConfig(**settings)
     StationViewConfig(rotation=180.0, scale_jitter=1.0, position_jitter=0.5, tilt=0.49, gain=(1e-3, 100.0),
-                      white_balance=0.99, item_colour=0.99, gradient=0.99, noise=1.0, out_of_view_fraction=(0.0, 1.0),
+                      white_balance=0.99, item_colour=0.99, gradient=0.99, noise=1.0, out_of_view_fraction=(0.0, 0.99),
                       motion_blur_px=250.0, defocus_px=0.0, supersample=0.5, jpeg_quality=(1, 100), tiles_per_kind=1)
     parse = get_args_parser().parse_args
     recipe = ["--scale", "0.75", "1.0", "--plain-rotation", "0", "--jitter", "0.1", "--erasing", "0.2",

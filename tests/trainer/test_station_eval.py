@@ -71,6 +71,19 @@ def test_station_views_are_model_inputs_of_the_item_crop(images):
     assert not np.array_equal(views.inputs[0], Preprocessor(spec)(rgbs[0]))
 
 
+def test_a_scene_where_the_localizer_finds_nothing_keeps_its_place_and_is_counted(images):
+    """No light (the scene is as dark as its empty twin): foreground_box finds no item. The scene stays in the
+    set, as the whole ROI (what ``model_view`` gives without a box), so the set keeps the size the export
+    records, and ``found`` (the manifest's ``item_found``) counts it as missed."""
+    paths, _ = images
+    spec = InputSpec(32, 32, 32, crop=POLICY)
+    dark = SceneConfig(gain=(0.0, 0.0), noise=0.0)
+    views = station_views(paths[:6], list(range(6)), spec, dark)
+    assert len(views) == views.inputs.shape[0] == 6 and views.found == 0
+    assert np.isfinite(views.inputs).all() and views.labels.tolist() == list(range(6))
+    assert station_views(paths[:6], list(range(6)), spec).found == 6        # lit: every item found
+
+
 @pytest.mark.parametrize("chunk", [1, 5, 24])
 def test_station_views_rendered_chunk_by_chunk_are_the_scenes_of_the_whole_set(images, chunk):
     """The export renders its station views a chunk at a time, on each pass again (1,000 scenes at 224 px held at

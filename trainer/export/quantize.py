@@ -61,11 +61,33 @@ class QuantizeConfig:
 def calibration_batches(images: np.ndarray | ModelInputs, batch_size: int) -> Iterator[np.ndarray]:
     """``images``, ``batch_size`` at a time (those of the whole array, whatever the chunks of a stream); each is
     calibrated on its own, so a shorter last one is fine. CalibrationError for a batch that is not N x 3 x H x W
-    float32 (a stream's chunks are only seen here)."""
+    float32, or an image holding NaN or infinity (a stream's chunks are only seen here): an infinite input gave the
+    input tensor an infinite scale (MinMax) or a numpy error naming nothing (the histogram methods), and NaN was
+    left out of the ranges without a word."""
+    start = 0
     for batch in input_batches(images, batch_size):
         if batch.ndim != 4 or batch.dtype != np.float32:
             raise CalibrationError(f"calibration images must be N x 3 x H x W float32, got {batch.shape} {batch.dtype}")
+        finite = np.isfinite(batch).reshape(len(batch), -1).all(axis=1)
+        if not finite.all():
+            first = start + int(np.flatnonzero(~finite)[0])
+            raise CalibrationError(f"calibration image {first + 1} of {len(images)} holds NaN or infinity "
+                                   f"({int((~finite).sum())} such among images {start + 1}-{start + len(batch)}); "
+                                   "not calibrated on (the INT8 ranges must be finite)")
+        start += len(batch)
         yield batch
+
+
+def _check_finite_ranges(ranges, method: str):
+    """``ranges`` (ORT TensorsData), or CalibrationError naming the first tensor whose range is not finite: finite
+    images whose activations overflow (or turn NaN) in the FP32 model would give that tensor an infinite or NaN
+    scale in the INT8 model."""
+    for name, data in ranges.data.items():
+        if not all(np.isfinite(np.asarray(v, np.float64)).all() for v in data.range_value):
+            raise CalibrationError(f"activation {name!r}: its calibrated range ({method}) is not finite "
+                                   f"({', '.join(str(v) for v in data.range_value)}): the FP32 model gives NaN or "
+                                   "infinity on the calibration images; no INT8 model is written")
+    return ranges
 
 
 def _calibrator_options(cfg: QuantizeConfig) -> dict:
@@ -78,9 +100,9 @@ def _tensor_extent(outputs: dict[str, np.ndarray], extent: dict[str, tuple]) -> 
     for name, arr in outputs.items():
         if arr.size == 0:
             continue
-        lo, hi = np.nanmin(arr), np.nanmax(arr)
+        lo, hi = np.min(arr), np.max(arr)     # NaN kept: _stream_histograms refuses a non-finite extent
         absolute = np.abs(arr)
-        alo, ahi = np.nanmin(absolute), np.nanmax(absolute)
+        alo, ahi = np.min(absolute), np.max(absolute)
         if name in extent:
             old = extent[name]
             lo, hi, alo, ahi = min(old[0], lo), max(old[1], hi), min(old[2], alo), max(old[3], ahi)
@@ -121,6 +143,11 @@ def _stream_histograms(calibrator, input_name: str, images: np.ndarray | ModelIn
     extent: dict[str, tuple] = {}
     for batch in calibration_batches(images, batch_size):
         _tensor_extent(outputs(batch), extent)
+    for name, (lo, hi, _, _) in extent.items():
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            raise CalibrationError(f"activation {name!r}: the FP32 model gives NaN or infinity on the calibration "
+                                   f"images (range {lo} to {hi}); its INT8 range cannot be calibrated, no INT8 model "
+                                   "is written")
     collector = HistogramCollector(method=calibrator.method, symmetric=calibrator.symmetric,
                                    num_bins=calibrator.num_bins, num_quantized_bins=calibrator.num_quantized_bins,
                                    percentile=calibrator.percentile, scenario=calibrator.scenario)
@@ -149,7 +176,7 @@ def calibration_ranges(prepared: Path, work_dir: Path, images: np.ndarray | Mode
                 calibrator.collect_data(_OneBatch(input_name, batch))
         else:
             _stream_histograms(calibrator, input_name, images, cfg.batch_size)
-        return calibrator.compute_data()
+        return _check_finite_ranges(calibrator.compute_data(), cfg.method)
 
 
 class _OneBatch:
