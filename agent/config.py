@@ -295,7 +295,10 @@ class ModelConfig(_Strict):
     providers: list[Literal["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]] = Field(
         default_factory=lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
         min_length=1, title="ONNX Runtime providers",
-        description="Preference order; the ones this onnxruntime build has are used.")
+        description="Preference order; the ones this onnxruntime build has are used. Where ONNX Runtime cannot "
+                    "start the TensorRT/CUDA providers (it raises, or comes up on the CPU alone because a provider "
+                    "library or the GPU is missing), the model runs on the CPU provider with a warning naming them, "
+                    "its threads chosen as for the CPU.")
     batch_size: int = Field(8, ge=1, le=256, title="Batch size", description="Most frames per inference call, across cameras.")
     batch_timeout_ms: float = Field(5.0, ge=0, le=10_000, title="Batch timeout",
                                     description="How long to wait for a batch to fill once one frame is ready, ms.")
