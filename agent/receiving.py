@@ -174,7 +174,8 @@ def doubt(ref: dict[str, Any]) -> tuple[float, float]:
     """How doubtful a received item is, for ranking a line's refs (higher: more): one minus its confidence, then
     its unknown score (None: below every score). Confidence first, by measurement: among the items that reach a
     line (sure, and under the unknown threshold) it puts the wrongly decided ones, unknown products included,
-    first far better than the unknown score does (docs/benchmarks.md, "Which received items a receipt lists")."""
+    first far better than the unknown score does (docs/notes/benchmark-history.md, "Which received items a receipt
+    lists")."""
     score = ref.get("unknown_score")
     return (1.0 - float(ref["confidence"]), -math.inf if score is None else float(score))
 

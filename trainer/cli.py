@@ -414,7 +414,7 @@ def _add_retrain_parser(sub: argparse._SubParsersAction) -> None:
                    scale=None, hflip=None, rotation=None, jitter=None, erasing=None, station_view_share=None,
                    label_smoothing=None,
                    # a few hundred reviewed frames among thousands of base images: drawn once an epoch they barely
-                   # teach (docs/benchmarks.md, "A bench round with its labels")
+                   # teach (docs/notes/benchmark-history.md, "A bench round with its labels")
                    station_frame_repeat=RETRAIN_STATION_FRAME_REPEAT)
     _add_export_args(p)
     add_broker_args(p, default_host=None, title="broker (the gate event is published when --mqtt-host is given)")

@@ -60,7 +60,7 @@ class TrainConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     crop_margin: float = 0.0           # the station's item crop: foreground box grown by this x its longer side
     #                                    (0: the box itself, squared; a tighter crop gives the item more of the
-    #                                    model's pixels, docs/benchmarks.md "The crop's margin")
+    #                                    model's pixels, docs/notes/benchmark-history.md "The crop's margin")
     crop_mode: str | None = None       # None: "foreground" with station views, "roi" without (resolved on load)
 
     def __post_init__(self) -> None:

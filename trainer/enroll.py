@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 FIT_STEPS = 300
 FIT_L2 = 5e-4            # pull of the fitted row towards the imprinted one (on unit-scale embeddings); 0.05 kept
 #                          the row so near the imprint that most of what the examples teach went unused
-#                          (docs/benchmarks.md, "Enrolment fitted, not imprinted")
+#                          (docs/notes/benchmark-history.md, "Enrolment fitted, not imprinted")
 CAP_SHARE = 0.4          # the bias is set where the gate images lose this share of max_drop_points
 ALLOWANCE_CURVE = (0.5, 1.0, 2.0, 5.0)   # allowances (points) the report also gives recall and loss at: for a
 #                          product like a trained one the allowance decides the recall more than the examples do
@@ -64,7 +64,7 @@ ALLOWANCE_CURVE = (0.5, 1.0, 2.0, 5.0)   # allowances (points) the report also g
 BATCH = 256
 MAX_FIT_EXAMPLES = 256   # examples the row is fitted on (more: that many, evenly spread): a fit costs FIT_STEPS x
 #                          (views + gate images / 2)^2, and the review page hands over every frame of a class; 256
-#                          keeps the 250 examples of docs/benchmarks.md ("The allowance binds") whole
+#                          keeps the 250 examples of docs/notes/benchmark-history.md ("The allowance binds") whole
 LOO_FOLDS = 20           # up to this many fitted examples, leave-one-out; more: this many folds, each example decided
 #                          by a row fitted without its fold. One fit per example took 300 examples to 95 s
 MIN_GATE_ROWS_ENROLLED = 2   # gate images of each class enrolled before: one in each half (fit and gate)

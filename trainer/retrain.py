@@ -940,7 +940,7 @@ FINETUNE_LR = 1e-4
 """The learning rate left open with --finetune-from-current: a tenth of training's. The current model has
 converged (its schedule ended near zero); at the training rate, 2 epochs on a tenth of the base data lost
 2.6 points of it and the gate refused the round, at this rate they lost 0.2 (within the noise) while the
-reviewed frames gained 12 points (docs/benchmarks.md, the retraining loop)."""
+reviewed frames gained 12 points (docs/notes/benchmark-history.md, the retraining loop)."""
 
 
 __all__ = ["RetrainConfig", "RetrainError", "RetrainResult", "Score", "GateDecision", "gate_decision", "retrain",
