@@ -20,7 +20,9 @@ uvicorn (``central.http``); JSON in and out, its OpenAPI schema at ``/api/openap
                                        status the decision was made on ("pending" from the page): 409 and
                                        nothing changed when another reviewer decided the frame meanwhile
     GET  /api/stats                    counts by status, station, model version and label; quota
-    GET  /api/facets                   distinct sites, stations, cameras, model versions, predicted labels
+    GET  /api/facets?limit=200         distinct sites, stations, cameras, model versions, predicted labels: of each
+                                       the ``limit`` (1..1000) with the most frames, in value order, and
+                                       ``more``: {facet: how many other values it has, not listed}
     GET  /api/quarantine?limit=50&offset=0   frame messages ingest refused, newest first:
                                        {"messages": [{seq, received_at, topic, reason, bytes, ...}], "kept", "refused"}
     GET  /api/enrol                    {"enabled": bool, "bundle", "min_examples", "allowance": {"default", "limit"}}
@@ -32,9 +34,11 @@ Every /api request needs ``Authorization: Bearer <token>``: ``--token-file F`` (
 it; without either, a random token is made at start and written to ``<store>/review.token`` (mode 0600),
 and the URL printed to open carries it after ``#token=`` (a fragment: never sent to the server or logged).
 The page reads it there, or asks once, keeps it in the browser's session storage, and fetches images with
-it too; the page itself (HTML, script, style) holds no data and is served to anyone. ``--no-auth`` serves
-the API to anyone who can reach it (local development; logged as a warning). Every JSON answer is strict
-JSON: a non-finite number that reached the store is answered as null (and logged), never as NaN.
+it too; the page itself (HTML, script, style) holds no data and is served to anyone, under a strict
+Content-Security-Policy (``PAGE_CSP``: only its own script and style run, images from this server or the blobs
+it fetched). ``--no-auth`` serves the API to anyone who can reach it (local development; logged as a
+warning). Every JSON answer is strict JSON: a non-finite number that reached the store is answered as null
+(and logged), never as NaN.
 Errors are JSON ``{"error": "..."}`` with 400 (bad field, named), 401, 403 (a browser POST from another
 origin or site), 404 (no such frame), 405, 408 (a body not in whole 60 s after its request's head; the
 connection is closed: ``central.http``), 409 (a review whose ``expect`` no longer holds), 413 (a body over
@@ -76,6 +80,12 @@ STATIC_FILES = frozenset(p.name for p in STATIC.iterdir() if p.is_file())
 MAX_BODY = 64 * 1024
 TOKEN_FILE = "review.token"          # in the store folder: the token made at start when none is given
 MAX_OFFSET = 2 ** 62                 # SQLite's integers are 64-bit
+# The page runs only its own files: no inline script, event handler or style attribute, so station-sent text that
+# ever reached the page as markup could not run or restyle it. blob: is for the frames' JPEGs, which the page
+# fetches with the API token and shows from a blob (an <img> cannot send the header). The same policy as the
+# dashboard's (central/dashboard/server.py PAGE_CSP), less its data: images.
+PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob:; connect-src 'self'; "
+            "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 
 class FiniteJSONResponse(JSONResponse):
@@ -235,9 +245,10 @@ def create_app(store: FrameStore, token: str | None, enroller: Any = None) -> Fa
     def stats() -> dict[str, Any]:
         return store.stats()
 
-    @api.get("/facets", summary="distinct sites, stations, cameras, model versions, predicted labels")
-    def facets() -> dict[str, Any]:
-        return store.facets()
+    @api.get("/facets", summary="distinct sites, stations, cameras, model versions, predicted labels: of each the "
+                                "ones with the most frames (at most limit), and how many more there are")
+    def facets(limit: str | None = None) -> dict[str, Any]:
+        return store.facets(limit=None if limit is None else _integer("limit", limit))
 
     @api.get("/quarantine", summary="the frame messages ingest refused (newest first) and why; read-only")
     def quarantine(limit: str = "50", offset: str = "0") -> dict[str, Any]:
@@ -362,7 +373,9 @@ def _static(name: str) -> Response:
         return _error(HTTPStatus.NOT_FOUND, f"/static/{name[:64]!r}: not found")
     kind = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
     text = kind.startswith("text/") or kind.endswith("javascript")
-    return Response(path.read_bytes(), media_type=f"{kind}; charset=utf-8" if text else kind)
+    # with the Guard's X-Content-Type-Options, X-Frame-Options and Referrer-Policy (central.http.SECURITY_HEADERS)
+    return Response(path.read_bytes(), media_type=f"{kind}; charset=utf-8" if text else kind,
+                    headers={"Content-Security-Policy": PAGE_CSP})
 
 
 class ReviewServer(Served):

@@ -90,3 +90,25 @@ def review_server(args: list[str], log: Path, port: int) -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+# Installed by the browser before any script of each page loaded runs (the page's own policy does not apply to it).
+CSP_RECORDER = """
+window.cspViolations = [];
+document.addEventListener("securitypolicyviolation", (e) => {
+  window.cspViolations.push({directive: e.effectiveDirective || e.violatedDirective, blocked: e.blockedURI,
+                             source: e.sourceFile, line: e.lineNumber, sample: e.sample});
+}, true);
+"""
+
+
+@contextmanager
+def csp_violations(driver: WebDriver) -> Iterator[Callable[[], list[dict[str, Any]]]]:
+    """While open, every page loaded records its Content-Security-Policy violations from its first byte on (an
+    inline script or handler, a style attribute, an image from elsewhere): the function yielded returns the current
+    page's, as ``{directive, blocked, source, line, sample}``."""
+    added = driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": CSP_RECORDER})
+    try:
+        yield lambda: driver.execute_script("return window.cspViolations")
+    finally:
+        driver.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", {"identifier": added["identifier"]})

@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from browser_support import alert, review_server, text_of, wait
+from browser_support import alert, csp_violations, review_server, text_of, wait
 from selenium.webdriver.common.by import By
 
 sys.path.append(str(Path(__file__).resolve().parents[1] / "central" / "loop"))
@@ -62,6 +62,13 @@ def enrol_page(tmp_path, real_bundle, fmnist_dir):
         yield url, source, bags
 
 
+@pytest.fixture
+def page_csp_violations(browser):
+    """The enrolment panel (its table, its buttons) keeps to the page's Content-Security-Policy too."""
+    with csp_violations(browser) as violations:
+        yield violations
+
+
 def _versions(source: Path) -> list[str]:
     return sorted(p.name for p in source.parent.iterdir() if p.is_dir())
 
@@ -72,7 +79,7 @@ def _rows(browser) -> dict[float, object]:
 
 
 def test_the_page_shows_a_new_products_figures_then_enrols_it_at_the_allowance_chosen(browser, artifacts,
-                                                                                       enrol_page):
+                                                                                       enrol_page, page_csp_violations):
     url, source, bags = enrol_page
     versions = _versions(source)
     browser.get(url + f"#token={TOKEN}")
@@ -127,3 +134,4 @@ def test_the_page_shows_a_new_products_figures_then_enrols_it_at_the_allowance_c
     assert used == [2.0]
     assert not browser.find_elements(By.CSS_SELECTOR, "#enrol-curve button.enrol-at")   # written: no more choices
     assert "Tote enrolled from 8 frames at 2 points" in text_of(browser.find_element(By.ID, "status"))
+    assert page_csp_violations() == []

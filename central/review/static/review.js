@@ -54,20 +54,32 @@ function filters() {
   return q;
 }
 
-function fillSelect(id, values) {
+// A filter's values as the server lists them: the ones with the most frames, at most its limit (/api/facets), and
+// a last entry, never chosen, saying how many more there are. The value chosen stays listed while it is chosen
+// (it may fall out of the busiest meanwhile). Rebuilt only when the list changed: an open list stays open.
+function fillSelect(id, values, more = 0) {
   const select = $(id), keep = select.value;
-  const now = [...select.options].map((o) => o.value).slice(1);
-  if (now.length === values.length && now.every((v, i) => v === values[i])) return;
+  const shown = keep && !values.includes(keep) ? [...values, keep] : values;
+  const key = JSON.stringify([shown, more]);
+  if (select.dataset.values === key) return;
+  select.dataset.values = key;
+  select.dataset.more = String(more);
   select.replaceChildren(new Option("all", ""));
-  for (const v of values) select.add(new Option(v, v));
-  select.value = values.includes(keep) ? keep : "";
+  for (const v of shown) select.add(new Option(v, v));
+  if (more > 0) {
+    const note = new Option(`\u2026 ${more} more, not listed (the ${values.length} with the most frames are)`, "");
+    note.disabled = true;
+    note.className = "more";
+    select.add(note);
+  }
+  select.value = keep;
 }
 
 async function loadFacets() {
-  const facets = await api("/api/facets");
-  fillSelect("filter-station", facets.station);
-  fillSelect("filter-model", facets.model_version);
-  fillSelect("filter-predicted", facets.predicted);
+  const facets = await api("/api/facets"), more = facets.more || {};
+  fillSelect("filter-station", facets.station, more.station);
+  fillSelect("filter-model", facets.model_version, more.model_version);
+  fillSelect("filter-predicted", facets.predicted, more.predicted);
 }
 
 // Also at every refresh: a first load that failed (server restarting, slow) is made good, and a new class another
