@@ -718,8 +718,15 @@ def plot_curves(metrics_path: Path, out: Path) -> None:
 
 
 def load_checkpoint_model(path: str | Path, device: torch.device | None = None) -> tuple[nn.Module, dict]:
-    """A trained model and its checkpoint metadata (classes, config, input spec) from best.pt/last.pt."""
+    """A trained model and its checkpoint metadata (classes, config, input spec) from best.pt/last.pt.
+
+    A ValueError naming the file and the record for a checkpoint whose bytes do not match the CRC-32s it holds:
+    torch.load does not check them, so a best.pt damaged on disk or in a copy exported a damaged model unnoticed."""
     path = Path(path)
+    damaged = _damaged_record(path)
+    if damaged is not None:
+        raise ValueError(f"{path}: damaged: the bytes of its record {damaged} do not match their checksum (a disk or "
+                         f"copy error); no model is loaded from it. Put back a good copy of the file")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "classes" not in ckpt:
         raise ValueError(f"{path}: not a trainer checkpoint (expected keys 'model' and 'classes')")

@@ -17,8 +17,9 @@ they are training material).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -48,8 +49,67 @@ class SceneConfig:
     shadow_softness: float = 6.0                      # Gaussian sigma, px
     blur: float = 0.1                                 # probability of a motion-blurred frame
     blur_px: tuple[int, int] = (7, 15)                # its length, px
-    jpeg_quality: tuple[int, int] = (75, 95)          # the camera stream's JPEG (scene and twin); 0: none
+    jpeg_quality: tuple[int, int] = (75, 95)          # the camera stream's JPEG (scene and twin); (0, 0): none
     seed: int = 1234
+
+    def __post_init__(self) -> None:
+        """ValueError naming ``SceneConfig.<field>`` for a value that is not finite, of the wrong kind or out of
+        range: a NaN renders every scene as NaN, an item larger than the ROI is no longer all in view, a zero
+        blur length divides by zero, and each would otherwise surface mid-export, unnamed."""
+        if not (_is_int(self.roi) and self.roi > 0):
+            raise ValueError(f"SceneConfig.roi: expected a whole number of pixels > 0, got {self.roi!r}")
+        _check_range("item_fraction", self.item_fraction, 0.0, 1.0, low_open=True,
+                     what=" (the item's longer side over the ROI side: the item lies in the ROI)")
+        _check_number("rotation", self.rotation, 0.0, 180.0, what="degrees either way")
+        _check_range("gain", self.gain, 0.0, math.inf)
+        _check_number("gradient", self.gradient, 0.0, 1.0, what="a light change across the ROI, either way")
+        _check_number("noise", self.noise, 0.0, 255.0, what="a std in 0..255 pixel units")
+        _check_range("item_gain", self.item_gain, 0.0, math.inf, low_open=True)
+        _check_number("item_colour", self.item_colour, 0.0, 1.0, what="a saturation")
+        for name in ("shadow", "blur"):
+            _check_number(name, getattr(self, name), 0.0, 1.0, what="a probability")
+        _check_range("shadow_offset", self.shadow_offset, 0.0, float(self.roi), what=" (px, at most roi)")
+        _check_range("shadow_strength", self.shadow_strength, 0.0, 1.0)
+        _check_number("shadow_softness", self.shadow_softness, 0.0, float(self.roi), what="px, at most roi")
+        b = self.blur_px
+        if not (_is_pair(b) and all(_is_int(v) for v in b) and 1 <= b[0] <= b[1] <= self.roi):
+            raise ValueError(f"SceneConfig.blur_px: expected two whole numbers, 1 <= low <= high <= roi "
+                             f"({self.roi}), got {b!r}")
+        q = self.jpeg_quality
+        if not (_is_pair(q) and all(_is_int(v) for v in q) and (tuple(q) == (0, 0) or 1 <= q[0] <= q[1] <= 100)):
+            raise ValueError(f"SceneConfig.jpeg_quality: expected two whole numbers, 1 <= low <= high <= 100, or "
+                             f"(0, 0) for no JPEG, got {q!r}")
+        if not (_is_int(self.seed) and self.seed >= 0):
+            raise ValueError(f"SceneConfig.seed: expected a whole number >= 0, got {self.seed!r}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) \
+        and math.isfinite(value)
+
+
+def _is_pair(value: Any) -> bool:
+    return isinstance(value, (tuple, list)) and len(value) == 2
+
+
+def _check_number(name: str, value: Any, low: float, high: float, *, what: str) -> None:
+    """ValueError naming ``SceneConfig.<name>`` unless ``value`` is a finite number in [low, high]."""
+    if not (_is_number(value) and low <= value <= high):
+        raise ValueError(f"SceneConfig.{name}: expected a finite number in [{low:g}, {high:g}] ({what}), "
+                         f"got {value!r}")
+
+
+def _check_range(name: str, pair: Any, low: float, high: float, *, low_open: bool = False, what: str = "") -> None:
+    """ValueError naming ``SceneConfig.<name>`` unless ``pair`` is (lo, hi), finite, lo <= hi, both in the bounds."""
+    inside = _is_pair(pair) and all(_is_number(v) for v in pair) and pair[0] <= pair[1] \
+        and (low < pair[0] if low_open else low <= pair[0]) and pair[1] <= high
+    if not inside:
+        bound = f"{low:g} {'<' if low_open else '<='} low <= high" + (f" <= {high:g}" if math.isfinite(high) else "")
+        raise ValueError(f"SceneConfig.{name}: expected two finite numbers, {bound}{what}, got {pair!r}")
 
 
 @dataclass(frozen=True)
@@ -58,7 +118,7 @@ class StationViews:
 
     inputs: np.ndarray          # N x 3 x H x W float32
     labels: np.ndarray          # N int64
-    found: int                  # scenes where foreground_box found a box
+    found: int                  # scenes where the station would see an item (a crop_box under the crop policy)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -98,8 +158,8 @@ class StationViewInputs:
             for i, path in enumerate(part):
                 scene, empty = render_scene(read_image(path), surfaces[rng.integers(len(surfaces))], rng, cfg)
                 box = foreground_box(scene, empty).box      # the light estimated, as a station does
-                found += box is not None
                 crop = crop_box(box, scene.shape[:2], spec.crop)
+                found += crop is not None        # a box under the policy's min_size is no item at a station
                 inputs[i] = preprocessor(model_view(scene, crop, spec.crop))
             yield inputs
         self.found = found
@@ -119,7 +179,12 @@ def _light(side: int, rng: np.random.Generator, cfg: SceneConfig) -> np.ndarray:
 
 
 def _placed_item(rgb: np.ndarray, rng: np.random.Generator, cfg: SceneConfig) -> tuple[np.ndarray, np.ndarray, int, int]:
-    """The item scaled and rotated, its alpha, and its top-left corner in the ROI (fully inside)."""
+    """The item scaled and rotated, its alpha, and its top-left corner in the ROI (fully inside).
+
+    The rotated item's window is the image's diagonal (any angle fits), so it can be larger than the ROI (with a
+    square image, for items over ~70% of the ROI side: a third of the default draws). It is then cut to the ROI
+    around its centre, where the item is: what does not fit is lost evenly on every side, and the item stays
+    centred (until 2026-12-07 it was cut at its right and bottom and moved towards the bottom-right)."""
     canvas = torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255.0
     alpha = item_mask(canvas)[0, 0].numpy()
     longer = cfg.roi * rng.uniform(*cfg.item_fraction)
@@ -131,8 +196,11 @@ def _placed_item(rgb: np.ndarray, rng: np.random.Generator, cfg: SceneConfig) ->
     matrix[:, 2] += (side / 2 - w / 2, side / 2 - h / 2)
     item = cv2.warpAffine(rgb, matrix, (side, side), flags=cv2.INTER_LINEAR, borderValue=(0, 0, 0))
     alpha = cv2.warpAffine(alpha, matrix, (side, side), flags=cv2.INTER_LINEAR, borderValue=0)
-    side = min(side, cfg.roi)
-    item, alpha = item[:side, :side], alpha[:side, :side]
+    if side > cfg.roi:
+        start = (side - cfg.roi) // 2
+        side = cfg.roi
+        window = (slice(start, start + side), slice(start, start + side))
+        item, alpha = item[window], alpha[window]
     top, left = (int(rng.integers(0, cfg.roi - side + 1)) for _ in range(2))
     return item, alpha, top, left
 

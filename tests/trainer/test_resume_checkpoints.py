@@ -12,6 +12,9 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
+import struct
+import zipfile
 
 import pytest
 import torch
@@ -199,3 +202,41 @@ def test_a_checkpoint_is_synced_to_disk_before_its_rename_and_the_rename_after(t
     tmp, final = str(run / f".{name}.tmp"), str(run / name)
     size = (run / name).stat().st_size
     assert events == [("fsync", tmp, size), ("replace", tmp, final), ("fsync", str(run), None)]
+
+
+def _flip_bytes_in_largest_record(path) -> str:
+    """Inverts 64 bytes inside the data of the checkpoint's largest record (a tensor), as a disk error would."""
+    raw = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        record = max(archive.infolist(), key=lambda i: i.file_size)
+    name_len, extra_len = struct.unpack("<HH", raw[record.header_offset + 26 : record.header_offset + 30])
+    start = record.header_offset + 30 + name_len + extra_len + record.file_size // 2
+    raw[start : start + 64] = bytes(b ^ 0xFF for b in raw[start : start + 64])
+    path.write_bytes(bytes(raw))
+    return record.filename
+
+
+def test_a_best_pt_whose_bytes_were_damaged_is_refused_by_export_naming_the_file_and_record(fmnist_dir, tmp_path,
+                                                                                          caplog):
+    """load_checkpoint_model (export, evaluate, retrain's --finetune-from-current) read best.pt with torch.load,
+    which does not check the CRC-32 the file holds for each record: a best.pt with flipped bytes in a weight loaded
+    without a word and was exported as a damaged model."""
+    from trainer.cli import main
+    from trainer.engine import load_checkpoint_model
+
+    run = tmp_path / "run"
+    Trainer(_cfg(fmnist_dir, epochs=1), run).fit()
+    best = run / "best.pt"
+    load_checkpoint_model(best)                                     # intact: it loads
+    record = _flip_bytes_in_largest_record(best)
+    torch.load(best, map_location="cpu", weights_only=True)         # damaged: torch reads it all the same
+    damaged = best.read_bytes()
+    with pytest.raises(ValueError, match=re.escape(f"{best}: damaged: the bytes of its record {record} do not match "
+                                                   "their checksum")):
+        load_checkpoint_model(best)
+    models = tmp_path / "models"
+    with caplog.at_level(logging.ERROR):
+        assert main(["export", str(best), "--models-dir", str(models), "--tensorrt", "off"]) == 2
+    assert f"{best}: damaged: the bytes of its record {record}" in caplog.text
+    assert best.read_bytes() == damaged                             # left as it was
+    assert not models.exists() or not any(models.rglob("manifest.json"))   # no bundle of the damaged model
