@@ -292,3 +292,28 @@ def test_an_image_a_csv_lists_twice_is_read_once_and_two_labels_for_it_are_an_er
     with pytest.raises(DatasetError, match=re.escape(f"clash.csv:4: image {first} is labelled 'Bag' here and "
                                                      f"'Coat' on line 2; one image takes one label")):
         load_dataset(tmp_path / "clash.csv")
+
+
+# ---------------------------------------------------------------- draws that hold every class
+
+def test_a_draw_from_a_small_split_holds_every_class_it_can():
+    """10 of 30 images over 10 classes: spread's plain random draw reached 8 classes (the export's station-view
+    and calibration sets then never saw two classes); the covering draw reaches all 10, still ``take`` images."""
+    labels = [c for c in range(10) for _ in range(3)]
+    assert len({labels[i] for i in data_mod.spread(30, 10)}) < 10        # the defect, as the seed draws it
+    for take in (10, 12, 15):
+        chosen = data_mod.spread_classes(labels, take)
+        assert len(chosen) == len(set(chosen)) == take and chosen == sorted(chosen)
+        assert {labels[i] for i in chosen} == set(range(10))
+    assert data_mod.spread_classes(labels, 5) == data_mod.spread(30, 5)    # fewer than the classes: as drawn
+    assert data_mod.spread_classes(labels, None) == list(range(30))
+
+
+@pytest.mark.parametrize("count, take, seed", [(6000, 1000, 3), (12000, 1000, 3), (54000, 512, 0), (48000, 2000, 2)])
+def test_a_draw_that_holds_every_class_already_is_spreads_exactly(count, take, seed):
+    """The recipe's draws (validation and training splits listed class by class) are unchanged: bundles exported
+    before keep their station-view set, calibration images and open-set fit images."""
+    labels = [c for c in range(10) for _ in range(count // 10)]
+    assert data_mod.spread_classes(labels, take, seed) == data_mod.spread(count, take, seed)
+    order = np.random.default_rng(1).permutation(count)
+    assert data_mod.spread_classes(labels, take // 2, order=order, keep_order=True) == order[: take // 2].tolist()

@@ -34,7 +34,7 @@ from contract.bundle import (
 from contract.messages import dumps_finite
 from contract.preprocess import InputSpec
 from trainer import data as data_mod
-from trainer.data import spread
+from trainer.data import spread, spread_classes
 from trainer.engine import load_checkpoint_model
 from trainer.evaluate import (
     CHUNK_IMAGES,
@@ -156,7 +156,7 @@ def _calibration_inputs(train_samples: list, spec: InputSpec, count: int, worker
                         chunk: int = CHUNK_IMAGES) -> ImageFileInputs:
     """``count`` training images spread over all classes, preprocessed like at a station, ``chunk`` at a time on
     each of the calibration's passes (512 images at 224 px held at once were 308 MB)."""
-    chosen = [train_samples[i] for i in spread(len(train_samples), count, seed=0)]
+    chosen = [train_samples[i] for i in spread_classes([s.label for s in train_samples], count, seed=0)]
     return ImageFileInputs(chosen, spec, workers=workers, chunk=chunk, desc="preprocess calibration images")
 
 
@@ -172,10 +172,12 @@ def _station_sets(cfg: ExportConfig, spec: InputSpec, train_samples: list, val_s
     from trainer.station_eval import SceneConfig, StationViewInputs
 
     rendered = [s for s in val_samples if not s.as_seen]
-    val = [rendered[i] for i in spread(len(rendered), cfg.station_val_images)]
+    val = [rendered[i] for i in spread_classes([s.label for s in rendered], cfg.station_val_images)]
     train_samples = [s for s in train_samples if not s.as_seen]
     rng = np.random.default_rng(1)
-    calib = [train_samples[i] for i in rng.permutation(len(train_samples))[: cfg.quantize.calibration_images // 2]]
+    calib = [train_samples[i] for i in spread_classes([s.label for s in train_samples],
+                                                      cfg.quantize.calibration_images // 2,
+                                                      order=rng.permutation(len(train_samples)), keep_order=True)]
     return {"val": StationViewInputs([s.path for s in val], [s.label for s in val], spec, chunk=cfg.chunk_images),
             "calibration": StationViewInputs([s.path for s in calib], [s.label for s in calib], spec,
                                              SceneConfig(seed=4321), chunk=cfg.chunk_images)}
@@ -310,7 +312,7 @@ def export_bundle(cfg: ExportConfig) -> ExportResult:
     train_samples, val_samples = _split_samples(run_dir, classes)
     data_report = _data_report(run_dir)
     if cfg.val_limit:
-        val_samples = [val_samples[i] for i in spread(len(val_samples), cfg.val_limit)]
+        val_samples = [val_samples[i] for i in spread_classes([s.label for s in val_samples], cfg.val_limit)]
     # read and preprocessed a chunk at a time on each pass (FP32, then INT8), never held whole
     val_x = ImageFileInputs(val_samples, spec, workers=cfg.workers, chunk=cfg.chunk_images,
                             desc="preprocess val images")
@@ -510,7 +512,7 @@ def _open_set(cfg: ExportConfig, spec: InputSpec, fp32_path: Path, train_samples
     on the FP32 model's scores and one on the INT8 model's. The INT8 gate covers the embedding: its median cosine
     to the FP32 embedding on validation images must reach EMBEDDING_COSINE_GATE."""
     val_y, fp32_logits, fp32_emb, int8_logits, int8_emb = val
-    chosen = [train_samples[i] for i in spread(len(train_samples), cfg.open_set_images, seed=2)]
+    chosen = [train_samples[i] for i in spread_classes([s.label for s in train_samples], cfg.open_set_images, seed=2)]
     fit_x = ImageFileInputs(chosen, spec, workers=cfg.workers, chunk=cfg.chunk_images,
                             desc="preprocess open-set images")
     fit_emb = onnx_outputs(fp32_path, fit_x)[1]
