@@ -236,9 +236,13 @@ class CameraConfig(_Strict):
         description="drop_oldest: latest-frame semantics for live cameras; block: file sources wait (no drops).",
     )
     stall_timeout_s: float = Field(5.0, gt=0, le=HOUR_S, title="Stall timeout",
-                                   description="No frame for this long: the watchdog reconnects the camera.")
+                                   description="No frame for this long: the watchdog reports the camera down and reconnects it; a "
+                                               "read still running 15 s later is given up and the camera opened "
+                                               "anew.")
     reconnect: Backoff = Field(default_factory=Backoff, title="Reconnect backoff",
-                               description="Backoff between reconnect attempts of a lost camera.")
+                               description="Backoff between reconnect attempts of a lost camera; each wait is drawn between "
+                                           "half the delay and the delay, so cameras (and stations) do not "
+                                           "reconnect in step.")
     thresholds: Thresholds = Field(default_factory=Thresholds, title="Threshold overrides",
                                    description="Per-camera low-confidence thresholds; unset ones come from the bundle.")
     width: int | None = Field(None, gt=0, le=MAX_FRAME_SIDE, title="Capture width",
@@ -1165,6 +1169,10 @@ def format_errors(path: Path, exc: ValidationError, origins: Origins | None = No
         loc = prefix + tuple(err["loc"])
         where = ".".join(str(p) for p in loc) or "(top level)"
         got = err.get("input")
+        if isinstance(got, str):
+            from agent.sources.base import redact_uri     # here: agent.sources imports agent.config
+
+            got = redact_uri(got)      # a camera URI's password is not echoed into a log or a terminal
         got_text = "" if isinstance(got, dict) or err["type"] == "missing" else f" (got {_SHORT.repr(got)})"
         lines.append(f"{path}: field {printable(where)}: {printable(err['msg'] + got_text)}"
                      f"{_set_in(loc, origins, top)}")

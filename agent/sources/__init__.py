@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from agent.sources.base import EndOfStream, Frame, FrameSource, SourceError
+from agent.sources.base import EndOfStream, Frame, FrameSource, SourceError, redact_uri
 from agent.sources.folder import ImageFolderSource
 from agent.sources.opencv import DEFAULT_TIMEOUT_S, OpenCVSource, csi_pipeline
 
 __all__ = ["EndOfStream", "Frame", "FrameSource", "SourceError", "open_source", "check_finite_source",
-           "ImageFolderSource", "OpenCVSource"]
+           "ImageFolderSource", "OpenCVSource", "redact_uri"]
 
 
 def open_source(uri: str, *, name: str, loop: bool = False, width: int | None = None,
@@ -20,7 +20,7 @@ def open_source(uri: str, *, name: str, loop: bool = False, width: int | None = 
     try:
         return _source_for(uri, name=name, loop=loop, width=width, height=height, timeout_s=timeout_s)
     except ValueError as exc:     # e.g. usb://x (not a device number), a NUL in a path, a bad port
-        raise SourceError(f"{uri}: not a camera URI ({exc})") from None
+        raise SourceError(f"{redact_uri(uri)}: not a camera URI ({redact_uri(str(exc))})") from None
 
 
 def check_finite_source(uri: str, *, name: str) -> None:
@@ -78,7 +78,7 @@ def _source_for(uri: str, *, name: str, loop: bool, width: int | None, height: i
                             width=width, height=height, timeout_s=timeout_s)
     if scheme in ("rtsp", "rtsps"):
         if not parsed.hostname:
-            raise SourceError(f"{uri}: names no host ({scheme}://<host>[:port]/<path>)")
+            raise SourceError(f"{redact_uri(uri)}: names no host ({scheme}://<host>[:port]/<path>)")
         return OpenCVSource(uri, kind="rtsp", name=name, timeout_s=timeout_s)
     if scheme == "csi":
         sensor = _device_number(parsed.netloc or parsed.path.strip("/") or "0")
@@ -88,6 +88,6 @@ def _source_for(uri: str, *, name: str, loop: bool, width: int | None, height: i
         pipeline = uri[len(parsed.scheme) + 1:]        # gst://<pipeline>, also gst:<pipeline>
         pipeline = pipeline[2:] if pipeline.startswith("//") else pipeline
         if not pipeline.strip():
-            raise SourceError(f"{uri}: names no GStreamer pipeline (gst://<pipeline> ! appsink)")
+            raise SourceError(f"{redact_uri(uri)}: names no GStreamer pipeline (gst://<pipeline> ! appsink)")
         return OpenCVSource(pipeline, kind="gstreamer", name=name, timeout_s=timeout_s)
-    raise SourceError(f"{uri}: unknown camera URI scheme {scheme!r} (file, v4l2, usb, rtsp, csi, gst)")
+    raise SourceError(f"{redact_uri(uri)}: unknown camera URI scheme {scheme!r} (file, v4l2, usb, rtsp, csi, gst)")

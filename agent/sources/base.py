@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -9,6 +10,21 @@ import numpy as np
 
 if TYPE_CHECKING:
     from agent.localize import Located
+
+
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)([^/\s]*)@")      # scheme://user:password@ (up to the last @)
+_SECRET_FIELD = re.compile(r"(?i)(\b(?:user-pw|password|passwd|pwd|pw|token|secret|auth)\s*=\s*)[^&\s!]+")
+
+
+def redact_uri(text: str) -> str:
+    """A camera URI (or a GStreamer pipeline holding one) fit for logs and errors: the password of a
+    ``scheme://user:password@host`` (a whole ``token@`` without a colon) and the values of password/token query
+    fields and ``user-pw=`` properties replaced by ``***``. An RTSP camera's credentials can only be given in its
+    URI; they must not reach the journal or a message."""
+    def userinfo(match: re.Match[str]) -> str:
+        user, colon, _ = match.group(2).partition(":")
+        return f"{match.group(1)}{user}:***@" if colon else f"{match.group(1)}***@"
+    return _SECRET_FIELD.sub(r"\1***", _USERINFO.sub(userinfo, text))
 
 
 class SourceError(Exception):

@@ -1,8 +1,11 @@
 """Camera threads: read, crop, pace, and hand frames to a bounded latest-frame hub.
 
 Each camera runs in its own thread so a lost or slow camera never stalls the
-others; a watchdog flags a stalled camera, and its thread reconnects with backoff once its read
-returns (the capture's own read timeout bounds that read; see agent/sources/opencv.py).
+others; a watchdog flags a stalled camera (reported down: ``connected`` false, ``camera_connected`` 0), and its
+thread reconnects with backoff once its read returns (the capture's own read timeout bounds that read; see
+agent/sources/opencv.py). A live source is read on a thread of its own (``LiveReader``): a read that has not
+returned ``READ_GRACE_S`` after the stall timeout (a capture without a read timeout, such as a GStreamer pipeline
+on an OpenCV whose backend takes none) is given up, and the camera opens a new source meanwhile.
 
 Invariants:
 - A camera thread ends only when stopped or at the end of a finite source. Whatever a source does
@@ -10,8 +13,10 @@ Invariants:
   counted in ``camera_errors_total{camera,kind}``, logged (the first time per distinct problem), and
   the thread skips the frame or reconnects with backoff.
 - A frame the ROI does not fit in is refused and counted (kind ``roi``), never classified whole.
-- A source is opened, read and closed by its camera thread only: a capture released by another thread
-  while its read runs crashes the process. ``kick`` (the watchdog) only sets a flag.
+- A source is never closed while it is read: a capture released by another thread while its read runs
+  crashes the process. The camera thread opens and closes it; a live source is read by its ``LiveReader``
+  thread, which closes it itself only when its read was given up (after that read returns). ``kick`` (the
+  watchdog) only sets a flag. At most ``MAX_ABANDONED_READS`` given-up reads per camera are outstanding.
 - The reconnect backoff starts again from ``reconnect.initial_s`` at the first usable frame after an
   open, not at the open: a camera that opens and then fails backs off like one that does not open.
 - A finite source (file, folder) is opened again, not made anew, on a reconnect: it continues where it
@@ -23,6 +28,7 @@ Invariants:
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from collections import deque
@@ -34,7 +40,7 @@ from agent.config import Backoff, CameraConfig, Roi
 from agent.health import Metrics
 from agent.priority import lower_this_thread
 from agent.sources import open_source
-from agent.sources.base import EndOfStream, Frame, FrameSource, Prepared, SourceError
+from agent.sources.base import EndOfStream, Frame, FrameSource, Prepared, SourceError, redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +49,16 @@ BAD_FRAMES_BEFORE_RECONNECT = 50     # a source that returns only bad frames is 
 MAX_DISTINCT_REPORTS = 64            # distinct problems logged per camera; later ones only counted
 
 
+READ_GRACE_S = 15.0      # a live read still running this long past stall_timeout_s is given up (its capture's own
+                         # timeouts, V4L2's 10 s select among them, would have ended it by then)
+MAX_ABANDONED_READS = 1  # per camera: reads given up and not returned yet; past it the camera waits, as before
+
+
 class RoiError(ValueError):
     """The camera's ROI does not lie inside the frame it delivered."""
+
+
+_STOPPED = object()      # a live read given up because the camera stops
 
 
 class _Unopenable(Exception):
@@ -158,6 +172,80 @@ def frame_problem(image: object) -> str | None:
     return None
 
 
+class LiveReader:
+    """Reads one live source on a thread of its own, one read at a time as the camera thread asks.
+
+    A read that never returns (a GStreamer pipeline such as the Jetson's ``nvarguscamerasrc`` opened by an
+    OpenCV whose GStreamer backend takes no read timeout, a wedged driver) then holds only this thread: the camera
+    thread gives the source up (``abandon``) and opens a new one. This thread then releases the old source itself,
+    once its read returns: a capture is never released while it is read."""
+
+    def __init__(self, source: FrameSource, name: str, nice: int = 0) -> None:
+        self.source = source
+        self._nice = nice
+        self._lock = threading.Lock()
+        self._go = threading.Event()
+        self._done = threading.Event()
+        self._result: tuple[object, BaseException | None] = (None, None)
+        self._quit = False
+        self._abandoned = False
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        lower_this_thread(self._nice)
+        while True:
+            self._go.wait()
+            self._go.clear()
+            if self._quit:
+                return
+            try:
+                result: tuple[object, BaseException | None] = (self.source.read(), None)
+            except BaseException as exc:  # noqa: BLE001 (handed to the camera thread, which counts it)
+                result = (None, exc)
+            with self._lock:
+                self._result = result
+                self._done.set()
+                if not self._abandoned:
+                    continue
+            try:
+                self.source.close()
+            except Exception:  # noqa: BLE001 (nobody left to tell but the log)
+                log.exception("closing the abandoned source %s failed", getattr(self.source, "name", "?"))
+            return
+
+    def start_read(self) -> None:
+        self._done.clear()
+        self._go.set()
+
+    def wait(self, timeout_s: float) -> bool:
+        return self._done.wait(timeout_s)
+
+    def result(self) -> object:
+        """The read's (image, name), or what it raised, raised again here."""
+        value, exc = self._result
+        self._result = (None, None)
+        if exc is not None:
+            raise exc
+        return value
+
+    def abandon(self) -> None:
+        """Give up the read in progress: this thread closes the source when (if) it returns."""
+        with self._lock:
+            self._abandoned = True
+            returned = self._done.is_set()
+        if returned:        # it returned meanwhile: nothing reads it, close it here
+            self._quit = True
+            self._go.set()
+            self.source.close()
+
+    def stop(self) -> None:
+        """End the (idle) thread; the caller closes the source."""
+        self._quit = True
+        self._go.set()
+        self.thread.join(5)
+
+
 def backoff_delays(cfg: Backoff):
     """initial, initial*factor, ... capped at max: the waits between retries."""
     delay = cfg.initial_s
@@ -172,8 +260,9 @@ class CameraWorker(threading.Thread):
     def __init__(self, cfg: CameraConfig, hub: FrameHub, metrics: Metrics, stop: threading.Event,
                  source_factory: Callable[[CameraConfig], FrameSource] | None = None, keep_full: bool = False,
                  prepare: Callable[[np.ndarray], Prepared] | None = None, nice: int = 0,
-                 end_when_unopenable: bool = False) -> None:
+                 end_when_unopenable: bool = False, rng: random.Random | None = None) -> None:
         super().__init__(name=f"camera-{cfg.id}", daemon=True)
+        self._rng = rng or random.Random()     # the reconnect jitter: cameras (and stations) never retry in step
         self.nice = nice
         self.cfg = cfg
         self.hub = hub
@@ -188,6 +277,9 @@ class CameraWorker(threading.Thread):
         self.connected = False
         self.live = False
         self._source: FrameSource | None = None
+        self._reader: LiveReader | None = None             # reads a live source off this thread
+        self._abandoned: list[LiveReader] = []              # given up, their reads not returned yet
+        self.read_grace_s = READ_GRACE_S
         self._finite_source: FrameSource | None = None     # kept across reconnects: it resumes where it stopped
         self._kicked = threading.Event()                    # set by the watchdog; this thread reconnects
         self._delays = backoff_delays(cfg.reconnect)
@@ -215,16 +307,25 @@ class CameraWorker(threading.Thread):
                                       "folder source is not retried)")
                 break
             except SourceError as exc:
-                self._reconnect_after(str(exc), next(self._delays))
+                self._close()       # released (and reported down) before the wait, not after it
+                self._reconnect_after(str(exc), self._next_delay())
             except Exception as exc:  # noqa: BLE001 (a source's own bug must not end the camera thread)
                 self.report("source", f"{type(exc).__name__}: {exc}", exc)
-                self._reconnect_after(f"{type(exc).__name__}: {exc}", next(self._delays))
+                self._close()
+                self._reconnect_after(f"{type(exc).__name__}: {exc}", self._next_delay())
             finally:
                 self._close()
         self.ended.set()
         self.hub.wake()
 
+    def _next_delay(self) -> float:
+        """The next backoff delay, drawn between half of it and all of it: cameras that lost one RTSP server (an
+        NVR restarting) together, on one station or many, do not reconnect in step."""
+        delay = next(self._delays)
+        return self._rng.uniform(delay / 2, delay)
+
     def _reconnect_after(self, why: str, delay: float) -> None:
+        why = redact_uri(why)       # a source's own error text may quote its URI
         self.metrics.inc("camera_reconnects_total", camera=self.cfg.id)
         log.warning("camera %s: %s; reconnecting in %.1fs", self.cfg.id, why, delay)
         self.stop_event.wait(delay)
@@ -232,6 +333,7 @@ class CameraWorker(threading.Thread):
     def report(self, kind: str, message: str, exc: BaseException | None = None) -> None:
         """Count a problem (camera_errors_total{camera,kind}); log it the first time it is seen on this camera."""
         self.metrics.inc("camera_errors_total", camera=self.cfg.id, kind=kind)
+        message = redact_uri(message)
         self.last_error = f"{kind}: {message}"
         key = (kind, message)
         if key in self._reported or len(self._reported) >= MAX_DISTINCT_REPORTS:
@@ -256,15 +358,20 @@ class CameraWorker(threading.Thread):
             raise
         self._source = source
         self.live = not source.finite
+        if self.live:
+            self._reader = LiveReader(source, f"camera-{self.cfg.id}-read", self.nice)
         self.connected = True
         self.last_frame_mono = time.monotonic()
         self.metrics.set("camera_connected", 1, camera=self.cfg.id)
-        log.info("camera %s: opened %s", self.cfg.id, self.cfg.uri)
+        log.info("camera %s: opened %s", self.cfg.id, redact_uri(self.cfg.uri))
 
     def _close(self) -> None:
         source, self._source = self._source, None
+        reader, self._reader = self._reader, None
         self.connected = False
         self.metrics.set("camera_connected", 0, camera=self.cfg.id)
+        if reader is not None:
+            reader.stop()
         if source is not None:
             try:
                 source.close()
@@ -310,7 +417,9 @@ class CameraWorker(threading.Thread):
 
     def _read(self, source: FrameSource) -> tuple[np.ndarray | None, str | None]:
         """The next usable frame, or (None, None) for one that is not (counted); many in a row: reconnect."""
-        result = source.read()
+        result = source.read() if self._reader is None else self._read_live(self._reader)
+        if result is _STOPPED:
+            return None, None
         try:
             image, ref = result
         except (TypeError, ValueError):
@@ -327,6 +436,31 @@ class CameraWorker(threading.Thread):
             self._bad_in_a_row = 0
             raise SourceError(f"{self.cfg.id}: {BAD_FRAMES_BEFORE_RECONNECT} unusable frames in a row ({problem})")
         return None, None
+
+    def _read_live(self, reader: LiveReader) -> object:
+        """The live source's next read, waited for until the stall timeout plus ``read_grace_s``: one still running
+        then is given up (SourceError: the camera reconnects with a new source) while fewer than
+        ``MAX_ABANDONED_READS`` given up earlier are still running; at a stop it is given up at once."""
+        reader.start_read()
+        started = time.monotonic()
+        limit = self.cfg.stall_timeout_s + self.read_grace_s
+        while not reader.wait(0.2):
+            waited = time.monotonic() - started
+            stopping = self.stop_event.is_set()
+            if not stopping and waited <= limit:
+                continue
+            self._abandoned = [r for r in self._abandoned if r.thread.is_alive()]
+            if not stopping and len(self._abandoned) >= MAX_ABANDONED_READS:
+                continue        # an earlier stuck read still holds the device: opening another would not help
+            self._abandoned.append(reader)
+            self._reader, self._source = None, None     # its own thread closes it once its read returns
+            reader.abandon()
+            if stopping:
+                return _STOPPED
+            self.report("source", f"a read did not return within {limit:g}s (stall_timeout_s + {self.read_grace_s:g}"
+                                  "s); the source is given up (released when its read returns) and opened anew")
+            raise SourceError(f"{self.cfg.id}: read did not return within {limit:g}s")
+        return reader.result()
 
     def _due(self, now: float, finite: bool) -> bool:
         """Target fps: a finite source is paced (sleep), a live one skips frames that come too early."""
@@ -376,6 +510,9 @@ class Watchdog(threading.Thread):
             silent = now - worker.last_frame_mono
             worker.metrics.inc("camera_stalls_total", camera=worker.cfg.id)
             worker.last_frame_mono = now
+            # reported down (status cameras, camera_connected) until its reconnect opens it again
+            worker.connected = False
+            worker.metrics.set("camera_connected", 0, camera=worker.cfg.id)
             if worker.kick():
                 log.warning("camera %s: no frame for %.1fs, reconnecting", worker.cfg.id, silent)
             else:

@@ -20,7 +20,7 @@ import threading
 import cv2
 import numpy as np
 
-from agent.sources.base import EndOfStream, SourceError
+from agent.sources.base import EndOfStream, SourceError, redact_uri
 from contract.preprocess import to_rgb
 
 log = logging.getLogger(__name__)
@@ -91,6 +91,11 @@ class OpenCVSource:
         self._resume_at = 0                 # file: the frame to continue from when opened again
         self._lock = threading.Lock()       # held across each read and the release: never one during the other
 
+    @property
+    def shown(self) -> str:
+        """The target as logs and errors show it: an RTSP URI's password replaced by ``***``."""
+        return redact_uri(str(self.target))
+
     def open(self) -> None:
         if self.kind == "file" and not os.path.isfile(str(self.target)):
             raise SourceError(f"{self.target}: video file does not exist")
@@ -110,10 +115,10 @@ class OpenCVSource:
                     log.warning("camera %s: this OpenCV's GStreamer backend takes no read timeout; a stalled "
                                 "pipeline is reconnected only once its read returns", self.name)
         except cv2.error as exc:
-            raise SourceError(f"{self.name}: cannot open {self.kind} source {self.target} ({exc.msg})") from None
+            raise SourceError(f"{self.name}: cannot open {self.kind} source {self.shown} ({exc.msg})") from None
         if not cap.isOpened():
             cap.release()
-            raise SourceError(f"{self.name}: cannot open {self.kind} source {self.target}")
+            raise SourceError(f"{self.name}: cannot open {self.kind} source {self.shown}")
         width, height = self.size
         if width and height and self.kind == "v4l2":
             cap.set(cv2.CAP_PROP_FRAME_WIDTH, width)

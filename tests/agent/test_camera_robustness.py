@@ -6,6 +6,7 @@ hand-written fake only for a camera device (none exists on a test machine), said
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import struct
@@ -406,12 +407,19 @@ class OpensThenFails:
         pass
 
 
-def _backoff_delays(fake: OpensThenFails) -> list[float]:
+class NoJitter(random.Random):
+    """Every backoff delay drawn at its top (the jitter is tested in test_sources_review.py)."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return b
+
+
+def _backoff_delays(fake: OpensThenFails, rng: random.Random | None = None) -> list[float]:
     cfg = CameraConfig(id="cam", uri="rtsp://cam/x", reconnect={"initial_s": 0.001, "max_s": 10, "factor": 2})
     metrics, stop = Metrics(), threading.Event()
     hub = FrameHub(metrics)
     hub.add_camera("cam", 64, "drop_oldest")
-    worker = CameraWorker(cfg, hub, metrics, stop, source_factory=lambda c: fake)
+    worker = CameraWorker(cfg, hub, metrics, stop, source_factory=lambda c: fake, rng=rng or NoJitter())
     delays: list[float] = []
     real = worker._reconnect_after
     worker._reconnect_after = lambda why, delay: (delays.append(delay), real(why, delay))
