@@ -43,6 +43,12 @@ class StationFeed:
                                           factory=client_factory)
         self.client.reconnect_delay_set(0.5, 30)
         self._configure()
+        state.counters.mqtt_callback_errors = self.callback_errors      # /healthz shows them
+
+    def callback_errors(self) -> dict[str, int]:
+        """Exceptions in this feed's MQTT callbacks, by callback name (``contract.broker.guard_hooks``: each logged
+        with its traceback, paho's network thread went on)."""
+        return dict(self.client.hook_errors)      # one copy in C, under the GIL: no lock needed
 
     def _configure(self) -> None:
         client = self.client
@@ -61,6 +67,9 @@ class StationFeed:
         self._stopping = True
         self.client.disconnect()
         self.client.loop_stop()
+        if errors := self.callback_errors():
+            log.warning("dashboard: %d exception(s) in MQTT callbacks while running, by callback: %s (each logged "
+                        "with its traceback when it happened)", sum(errors.values()), errors)
 
     # ------------------------------------------------------------ paho callbacks (paho's network thread)
 

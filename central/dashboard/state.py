@@ -445,6 +445,9 @@ class Counters:
     malformed: int = 0
     ignored: int = 0
     malformed_by_kind: dict[str, int] = field(default_factory=dict)
+    # exceptions in the MQTT client's callbacks by callback name (contract.broker.guard_hooks logs and counts each,
+    # and paho's network thread goes on): read from the client when asked, the feed hands over how (/healthz)
+    mqtt_callback_errors: Callable[[], dict[str, int]] = dict
 
     def as_dict(self) -> dict[str, Any]:
         return {"received": self.received, "applied": self.applied, "duplicates": self.duplicates,
@@ -727,9 +730,10 @@ class WarehouseState:
 
     def health(self) -> dict[str, Any]:
         """The broker connection and the message counters: cheap, for /healthz and monitoring."""
+        callback_errors = self.counters.mqtt_callback_errors()      # the client's counter: not under our lock
         with self._lock:
             return {"broker_connected": self.broker["connected"], "stations": len(self.stations),
-                    "counters": self.counters.as_dict()}
+                    "counters": {**self.counters.as_dict(), "mqtt_callback_errors": callback_errors}}
 
     def rows(self, now: float | None = None) -> list[dict[str, Any]]:
         """Every station's list row, degraded first (``overview.row_order``)."""

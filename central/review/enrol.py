@@ -171,11 +171,18 @@ class ReviewEnroller:
         self.bundle = bundle
         self._lock = threading.Lock()
 
+    def current_bundle(self) -> Path:
+        """The version the next class goes onto: the newest enrolled onto the one this server enrolled last, so that
+        a class enrolled meanwhile with ``trainer enroll`` (or by another review server) on the same models dir is
+        built on, not dropped from the chain; where that version was removed, the newest from --enrol-bundle."""
+        start = self.bundle if (Path(self.bundle) / "manifest.json").is_file() else Path(self.settings.bundle)
+        return latest_enrolled(start, self.settings.models_dir)
+
     def describe(self) -> dict[str, Any]:
         """What the page needs to offer enrolment: the bundle new classes go into, the examples needed, the
         allowance."""
         s = self.settings
-        return {"enabled": True, "bundle": str(self.bundle), "min_examples": s.min_examples,
+        return {"enabled": True, "bundle": str(self.current_bundle()), "min_examples": s.min_examples,
                 "allowance": {"default": s.max_drop_points, "limit": s.limit}}
 
     def examples(self, label: str) -> list[Path]:
@@ -208,6 +215,7 @@ class ReviewEnroller:
         if not self._lock.acquire(blocking=False):
             raise EnrolBusy("another enrolment is running; try again when it has finished")
         try:
+            self.bundle = self.current_bundle()
             paths = self.examples(label)
             if len(paths) < s.min_examples:
                 raise StoreError(f"field label: {label!r} has {len(paths)} reviewed frame(s), at least "

@@ -67,6 +67,29 @@ class MalformedFrame(ValueError):
     pass
 
 
+class SubscriptionError(ValueError):
+    """A --topic or --shared-group the broker cannot take as this service's subscription; names the flag."""
+
+
+def check_subscription(topic: str, shared_group: str | None) -> None:
+    """SubscriptionError naming the flag, before anything connects, where ``topic`` is no MQTT topic filter or
+    ``shared_group`` no share name. Both failed unseen: paho refused the filter inside on_connect (an exception
+    counted in hook_errors, the service subscribed to nothing and stored nothing, and said nothing more), and a
+    share name with a '/' made another subscription (``$share/a/b/...``: share ``a``, topic ``b/...``)."""
+    if shared_group is not None and (not shared_group or any(c in shared_group for c in "/+#\x00")):
+        raise SubscriptionError(f"--shared-group {shared_group[:200]!r}: a share name is one topic level: not "
+                                "empty, no '/', '+', '#' or NUL")
+    try:
+        size = len(topic.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise SubscriptionError(f"--topic {topic[:200]!r}: not UTF-8") from None
+    levels = topic.split("/")
+    if (not topic or size > 65535 or "\x00" in topic or "#" in levels[:-1]
+            or any(("+" in level and level != "+") or ("#" in level and level != "#") for level in levels)):
+        raise SubscriptionError(f"--topic {topic[:200]!r}: not an MQTT topic filter ('+' stands alone in its "
+                                "level, '#' alone in the last one; no NUL; at most 65,535 bytes)")
+
+
 def is_storage_failure(exc: BaseException) -> bool:
     """The store could not write (disk, permissions, the database itself): the message is not to blame.
     SQLite's errors about the values bound (DataError, IntegrityError, InterfaceError) are the message's."""
@@ -137,6 +160,7 @@ class IngestService:
         self.broker = broker.check()
         self.host, self.port, self.keepalive_s = broker.host, broker.port, broker.keepalive_s
         topic = topic or fleet_subscription("frames", broker.topic_root)
+        check_subscription(topic, shared_group)
         self.subscription = f"$share/{shared_group}/{topic}" if shared_group else topic
         self.connected = threading.Event()
         self.stopped = threading.Event()
@@ -162,6 +186,20 @@ class IngestService:
         self.stopped.set()
         self.client.disconnect()
         self.client.loop_stop()
+        if errors := self.callback_errors():
+            log.warning("ingest: %d exception(s) in MQTT callbacks while running, by callback: %s (each logged with "
+                        "its traceback when it happened)", sum(errors.values()), errors)
+
+    def callback_errors(self) -> dict[str, int]:
+        """Exceptions raised in this service's MQTT callbacks, by callback name (``contract.broker.guard_hooks``
+        logged each with its traceback and paho's network thread went on): each is a defect to report."""
+        return dict(self.client.hook_errors)      # one copy in C, under the GIL: no lock needed
+
+    def stats(self) -> dict[str, Any]:
+        """This process's view, beside the store's counters (``FrameStore.stats``): subscribed or not, why it
+        stopped, and ``mqtt_callback_errors``."""
+        return {"connected": self.connected.is_set(), "failure": self.failure,
+                "mqtt_callback_errors": self.callback_errors()}
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
@@ -288,6 +326,10 @@ def cmd_ingest(args) -> int:
         raise SystemExit(str(exc)) from None
     if args.max_bytes is not None and not 0 <= args.max_bytes < 2 ** 63:    # SQLite's integers
         raise SystemExit(f"--max-bytes {args.max_bytes}: expected bytes from 0 to 2^63 - 1")
+    try:
+        check_subscription(args.topic or fleet_subscription("frames", broker.topic_root), args.shared_group)
+    except SubscriptionError as exc:
+        raise SystemExit(str(exc)) from None
     if args.max_pixels < 1 or args.max_payload_bytes < 1:
         raise SystemExit(f"--max-pixels {args.max_pixels}, --max-payload-bytes {args.max_payload_bytes}: "
                          f"must be positive")
@@ -304,7 +346,8 @@ def cmd_ingest(args) -> int:
         pass
     service.stop()
     stats = store.stats()
-    print(f"ingest: stopped; {stats['frames']} frames stored, counters {stats['counters']}", flush=True)
+    print(f"ingest: stopped; {stats['frames']} frames stored, counters {stats['counters']}, MQTT callback errors "
+          f"{service.callback_errors()}", flush=True)
     store.close()
     if service.failed.is_set():
         print(f"ingest: {service.failure}; exiting with status 1 (the frame stays with the broker)", file=sys.stderr,

@@ -54,6 +54,7 @@ COLUMNS = ["path", "label", "frame_id", "site", "station", "camera", "model_name
 TEXT_COLUMNS = ("site", "station", "camera", "model_name", "model_version", "predicted", "selected_because",
                 "reviewer", "note")
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+RESERVED_NAMES = {name.lower() for name in (CSV_NAME, SUMMARY, LABELS_FILE)}    # no class folder takes these
 
 
 def as_text_cell(value: Any) -> Any:
@@ -70,8 +71,18 @@ def training_label(frame: dict[str, Any]) -> str | None:
 
 
 def export_reviewed(store: FrameStore, out: Path, *, force: bool = False) -> dict[str, Any]:
+    """Write the export (module docstring). StoreError naming ``--out`` when it cannot be written (a full disk, no
+    permission): nothing half-written is left, and an earlier export there is kept as it was."""
     out = Path(out)
     check_out(store, out, SUMMARY, force)
+    try:
+        return _write_export(store, out)
+    except OSError as exc:      # ENOSPC while writing names no file: say which export failed, not a traceback
+        raise StoreError(f"--out {out}: the export could not be written ({exc}); nothing of it was left there"
+                         + (", and the earlier export is kept as it was" if out.exists() else "")) from exc
+
+
+def _write_export(store: FrameStore, out: Path) -> dict[str, Any]:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     counts: dict[str, int] = {}
@@ -115,7 +126,8 @@ def _exported_row(store: FrameStore, frame: dict[str, Any], tmp: Path, folders: 
         return None
     if label not in folders:
         name = folder_name(label)
-        while name in folders.values() or name.startswith("."):
+        # a class named like the export's own files ("labels.json") would take their place: every export failed
+        while name in folders.values() or name.startswith(".") or name.lower() in RESERVED_NAMES:
             name = "_" + name
         folders[label] = name
     rel = Path(folders[label]) / f"{file_stem(frame['id'])}.jpg"      # one file per id (frame:1 and frame_1)

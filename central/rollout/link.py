@@ -104,11 +104,25 @@ class StationLink:
             time.sleep(0.1)
         return True
 
+    @property
+    def callback_errors(self) -> dict[str, int]:
+        """Exceptions in this link's MQTT callbacks by callback name (``contract.broker.guard_hooks`` logged each
+        with its traceback, and paho's network thread went on): reported beside ``refused``."""
+        return dict(self.client.hook_errors) if self.client is not None else {}    # one copy in C, under the GIL
+
+    def counts(self) -> dict[str, Any]:
+        """What went wrong on this link: station messages refused, MQTT callback errors, connections lost."""
+        return {"refused": self.refused, "mqtt_callback_errors": self.callback_errors,
+                "disconnects": self.disconnects}
+
     def close(self) -> None:
         if self.client is not None:
             self.client.on_disconnect = None      # our own disconnect: not a lost connection
             self.client.disconnect()
             self.client.loop_stop()
+            if self.refused or self.callback_errors:
+                log.warning("MQTT broker %s: %d station message(s) refused, MQTT callback errors %s (each logged "
+                            "when it happened)", self.options.where(), self.refused, self.callback_errors)
 
     def _subscribe(self, client) -> None:
         topics = [(station_topic("+/+", "status", self.options.topic_root), 1)]

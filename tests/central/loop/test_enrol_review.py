@@ -390,3 +390,32 @@ def test_a_key_pair_that_would_sign_versions_stations_refuse_stops_the_server_at
                                                    public_key=tmp_path / "site.pub"), frames)
     written = enroller.enrol("yellow", "ana")
     assert load_bundle(written["bundle"], load_public_key(tmp_path / "site.pub")).signed
+
+
+def test_a_class_enrolled_meanwhile_with_trainer_enroll_is_built_on_and_a_removed_version_is_stepped_over(colours):
+    """The server kept the version it enrolled last in memory: a class enrolled onto that version meanwhile with
+    ``trainer enroll`` (same models dir) was left out of the page's next version, and out of the chain a restarted
+    server follows; and once an operator removed the version it enrolled last, every enrolment was refused
+    ("bundle folder does not exist") until a restart. /tmp/central-ingest/repro_enrol_chain.py."""
+    import shutil
+    from pathlib import Path
+
+    from central.review.enrol import latest_enrolled
+    from trainer.enroll import EnrolConfig, enroll
+
+    bundle, gate, frames, store = colours
+    _colour_frames(frames / "magenta", (220, 40, 220), 10, seed=7)
+    _colour_frames(frames / "cyan", (40, 220, 220), 10, seed=5)
+    page = FolderEnroller(store, EnrolSettings(bundle=bundle, gate_data=gate, max_drop_points=3.0), frames)
+    yellow = page.enrol("yellow", "ana")
+    cli = enroll(EnrolConfig(bundle=yellow["bundle"], label="magenta", images=frames / "magenta", gate_data=gate,
+                             max_drop_points=3.0,
+                             enrolled_gate={"yellow": sorted((frames / "yellow").glob("*.png"))}))
+    assert page.describe()["bundle"] == str(cli.bundle_dir)              # the page offers the newest version
+    cyan = page.enrol("cyan", "ana")
+    assert cyan["labels"][-3:] == ["yellow", "magenta", "cyan"]
+    assert str(latest_enrolled(bundle, None)) == cyan["bundle"]          # and a restarted server goes on from it
+
+    shutil.rmtree(cyan["bundle"])              # a bad class: its version removed by hand, the server still running
+    again = page.enrol("cyan", "ana")
+    assert again["labels"][-3:] == ["yellow", "magenta", "cyan"] and Path(again["bundle"]).is_dir()
