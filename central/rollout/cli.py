@@ -50,6 +50,33 @@ RATE = _checked(float, rate_problem, "a rate from 0 to 1")
 COUNT = _checked(int, count_problem, "a whole number")
 
 
+def _version_problem(text: str) -> str | None:
+    from contract.bundle import NAME_PATTERN
+
+    if text == "previous" or NAME_PATTERN.fullmatch(text):
+        return None
+    return (f"expected 'previous' or a bundle version (letters, digits, '.', '_', '-'; first a letter or digit; "
+            f"at most 128), got {text[:140]!r}")
+
+
+def _base_url_problem(text: str) -> str | None:
+    from urllib.parse import urlparse
+
+    try:
+        parsed = urlparse(text)
+        parsed.port                 # noqa: B018 (a port that is not a number raises here)
+    except ValueError as exc:
+        return f"{text[:200]!r} is not a URL ({exc})"
+    if parsed.scheme not in ("http", "https") or not parsed.hostname or parsed.query or parsed.fragment:
+        return (f"expected the served root's http(s)://HOST[:PORT][/PATH] (what serve-bundles serves), "
+                f"got {text[:200]!r}")
+    return None
+
+
+VERSION = _checked(str, _version_problem, "a version")
+BASE_URL = _checked(str, _base_url_problem, "a URL")
+
+
 def add_rollout_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("publish", help="copy a promoted bundle into the served tree stations fetch from")
     p.add_argument("bundle", type=Path, help="models/<name>/<version>")
@@ -57,7 +84,8 @@ def add_rollout_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--baseline", action="store_true",
                    help="the first version of a model, exported by 'trainer export' (never gated)")
     p.add_argument("--public-key", type=Path, default=None, help="check the bundle's signature with this key")
-    p.add_argument("--base-url", default=None, help="URL of the served root, to print the bundle's URL")
+    p.add_argument("--base-url", type=BASE_URL, default=None,
+                   help="URL of the served root, to print the bundle's URL")
     add_mqtt_args(p, required=False)
 
     p = sub.add_parser("serve-bundles", help="serve the published tree over HTTP for cmd/model")
@@ -96,7 +124,8 @@ def add_rollout_parsers(sub: argparse._SubParsersAction) -> None:
             p.add_argument("--rollback-canary", action=argparse.BooleanOptionalAction, default=True,
                            help="send a canary that failed its watch back to its previous version")
         else:
-            p.add_argument("--to", default="previous", help="VERSION, or 'previous' (per station, from the history)")
+            p.add_argument("--to", type=VERSION, default="previous",
+                           help="VERSION, or 'previous' (per station, from the history)")
             p.add_argument("--bundle-url", default=None, help="where that version is published (default: history)")
         p.add_argument("--update-timeout-s", type=POSITIVE_SECONDS, default=300.0,
                        help="how long a station may take to fetch, verify and switch")

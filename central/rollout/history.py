@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 SCHEMA = "rollout-history.v1"
 MAX_ENTRIES = 200     # per station, the newest kept: 'previous' walks back at most this far; the file stays bounded
 MAX_BUNDLES = 2000    # bundle locations by name/version, the most recently sent kept
+# a station's reason may be 16 KiB (status.v1): 200 of those per station made 3 MB per station, all re-read and
+# rewritten at every record; the summary and the event carry the whole reason, the history its beginning
+MAX_REASON_CHARS = 2000
 Model = tuple[str, str]          # (name, version)
 
 
@@ -71,6 +74,8 @@ class RolloutHistory:
     def record(self, station: str, *, action: str, bundle: RemoteBundle, from_version: str | None, ok: bool,
                reason: str | None, from_name: str | None = None) -> None:
         """Add one switch (``from_name``/``from_version``: the model the station ran before) to the file."""
+        if reason is not None and len(reason) > MAX_REASON_CHARS:
+            reason = f"{reason[:MAX_REASON_CHARS]}... ({len(reason) - MAX_REASON_CHARS} more characters not kept)"
         entry = {"ts": utc_now(), "action": action, "name": bundle.name, "version": bundle.version,
                  "from_name": from_name, "from_version": from_version, "bundle": bundle.location,
                  "sha256": bundle.sha256, "ok": ok, "reason": reason}

@@ -109,12 +109,22 @@ def publish_bundle(bundle_dir: str | Path, root: str | Path, *, baseline: bool =
 
 def _publish_locked(bundle: Any, root: Path, baseline: bool, public_key: Path | None) -> PublishResult:
     """The gate check and the copy of a verified bundle, under the model's publish lock."""
-    from contract.bundle import MANIFEST, BundleError, load_bundle, load_public_key
-
     bundle_dir = bundle.root
     sha = manifest_sha256(bundle_dir)
     gate = _check_publishable(bundle_dir, sha, root, bundle.name, baseline)
     target = root / bundle.name / bundle.version
+    try:
+        return _publish_or_complete(bundle, root, target, sha, gate, public_key)
+    except OSError as exc:         # a read-only or full served tree: named, never a traceback
+        raise RolloutError(f"--root {root}: cannot publish {target} ({exc.strerror or exc}: "
+                           f"{exc.filename or target})") from exc
+
+
+def _publish_or_complete(bundle: Any, root: Path, target: Path, sha: str, gate: dict[str, Any],
+                         public_key: Path | None) -> PublishResult:
+    """Copy the bundle to ``target`` and list it, or, published before, check the copy and complete its index."""
+    from contract.bundle import MANIFEST, BundleError, load_bundle, load_public_key
+
     url_path = f"{bundle.name}/{bundle.version}/"
     if target.exists():
         if (target / MANIFEST).exists() and manifest_sha256(target) == sha:
@@ -127,12 +137,8 @@ def _publish_locked(bundle: Any, root: Path, baseline: bool, public_key: Path | 
             return PublishResult(bundle.name, bundle.version, target, url_path, sha, gate["decision"], already=True)
         raise RolloutError(f"{target}: version {bundle.version} is already published with another manifest; "
                            "a published version is never replaced (export a new version)")
-    try:
-        _copy_into_place(bundle, bundle_dir, target, gate, public_key)
-        _update_index(root / bundle.name, bundle.version, sha, gate["decision"])
-    except OSError as exc:         # a read-only or full served tree: named, never a traceback
-        raise RolloutError(f"--root {root}: cannot publish {target} ({exc.strerror or exc}: "
-                           f"{exc.filename or target})") from exc
+    _copy_into_place(bundle, bundle.root, target, gate, public_key)
+    _update_index(root / bundle.name, bundle.version, sha, gate["decision"])
     log.info("published %s %s at %s", bundle.name, bundle.version, target)
     return PublishResult(bundle.name, bundle.version, target, url_path, sha, gate["decision"])
 
@@ -166,7 +172,9 @@ def _copy_into_place(bundle: Any, bundle_dir: Path, target: Path, gate: dict[str
                 os.fsync(fh.fileno())
         write_json_atomic(partial / GATE_FILE, gate)
         load_bundle(partial, load_public_key(public_key) if public_key else None)   # the copy, checked again
-        fsync_dir(partial)
+        folders = {partial / parent for rel in files for parent in Path(rel).parents}
+        for folder in sorted(folders, key=lambda f: -len(f.parts)):
+            fsync_dir(folder)       # an artifact in a sub-folder: its name on disk too (partial itself, last)
         os.replace(partial, target)
         fsync_dir(target.parent)
     except BaseException:
@@ -189,7 +197,15 @@ def _update_index(model_dir: Path, version: str, sha: str, decision: str) -> Non
         return
     index["versions"][version] = {"path": f"{version}/", "manifest_sha256": sha, "decision": decision,
                                   "published_at": utc_now()}
-    write_json_atomic(path, index)
+    # what a killed or failed write left (a full disk): the lock is held, so no other publish's file
+    for tmp in model_dir.glob(f".{INDEX_FILE}.*.tmp"):
+        tmp.unlink(missing_ok=True)
+    try:
+        write_json_atomic(path, index)
+    except OSError:
+        for tmp in model_dir.glob(f".{INDEX_FILE}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+        raise
 
 
 # ---------------------------------------------------------------- serve
@@ -208,7 +224,6 @@ def bundle_app(root: Path) -> Any:
     from starlette.exceptions import HTTPException
     from starlette.responses import JSONResponse
     from starlette.routing import Mount
-    from starlette.staticfiles import StaticFiles
 
     def error(status: int, message: str, headers: dict[str, str] | None = None) -> Any:
         return JSONResponse({"error": message}, status, headers={"Cache-Control": "no-store", **(headers or {})})
@@ -220,8 +235,7 @@ def bundle_app(root: Path) -> Any:
         return error(exc.status_code, f"{path}: header Range: {exc.detail}" if exc.status_code in (400, 416)
                      else f"{path}: {exc.detail}", exc.headers)
 
-    files = Starlette(routes=[Mount("/", app=StaticFiles(directory=str(root)))],
-                      exception_handlers={HTTPException: http_error})
+    files = Starlette(routes=[Mount("/", app=_published_files(root))], exception_handlers={HTTPException: http_error})
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http":
@@ -242,6 +256,76 @@ def bundle_app(root: Path) -> Any:
         await files(scope, receive, send)
 
     return Guard(app, max_bytes=0, no_store=False)
+
+
+def _published_files(root: Path) -> Any:
+    """Starlette's static files, with two changes for a tree that publishes rewrite while it is served:
+
+    - each answer is read from the file as it was opened when the request came in (its size and ETag from that
+      open file, ``os.fstat``): a file renamed over meanwhile (``index.json`` at every publish) is sent whole,
+      old or new, never the new bytes under the old Content-Length (a torn body, or an h11 error and a
+      traceback) nor a mix of two files' bytes;
+    - a path the server cannot look up (a symlink loop, a folder it may not read) is a JSON 404 or 403 naming
+      the path, never a 500 with a traceback.
+    """
+    import errno
+    import stat
+    from contextlib import asynccontextmanager
+    from mimetypes import guess_type
+
+    import anyio
+    from starlette.datastructures import Headers
+    from starlette.exceptions import HTTPException
+    from starlette.responses import FileResponse
+    from starlette.staticfiles import NotModifiedResponse, StaticFiles
+
+    class OpenedFile(FileResponse):
+        def __init__(self, fh: Any, path: str) -> None:
+            self.fh = fh
+            super().__init__(path, stat_result=os.fstat(fh.fileno()), media_type=guess_type(path)[0])
+
+        @asynccontextmanager
+        async def _open_file(self) -> Any:          # every body handler (whole, one range, several) reads it
+            yield anyio.wrap_file(self.fh)
+
+        async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+            extensions = {k: v for k, v in (scope.get("extensions") or {}).items() if k != "http.response.pathsend"}
+            try:            # (pathsend would have the server open the path again: not this file)
+                await super().__call__({**scope, "extensions": extensions}, receive, send)
+            finally:
+                self.fh.close()
+
+    class PublishedFiles(StaticFiles):
+        def lookup_path(self, path: str) -> tuple[str, os.stat_result | None]:
+            try:
+                return super().lookup_path(path)
+            except PermissionError as exc:
+                log.warning("bundle server: %s: %s", exc.filename or path, exc.strerror)
+                raise HTTPException(403, "not readable by the server") from None
+            except OSError as exc:
+                if exc.errno == errno.ENAMETOOLONG:
+                    raise
+                log.warning("bundle server: %s: %s", exc.filename or path, exc.strerror or exc)
+                raise HTTPException(404) from None
+
+        def file_response(self, full_path: Any, stat_result: os.stat_result, scope: Any,
+                          status_code: int = 200) -> Any:
+            try:
+                fh = open(os.open(full_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb")
+            except PermissionError:
+                raise HTTPException(403, "not readable by the server") from None
+            except OSError:         # removed or replaced by a link since it was looked up
+                raise HTTPException(404) from None
+            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                fh.close()
+                raise HTTPException(404)
+            response = OpenedFile(fh, str(full_path))
+            if self.is_not_modified(response.headers, Headers(scope=scope)):
+                fh.close()
+                return NotModifiedResponse(response.headers)
+            return response
+
+    return PublishedFiles(directory=str(root))
 
 
 def _json_errors(send: Any, path: str) -> Any:
@@ -275,5 +359,7 @@ class BundleServer(Served):
                  tls_cert: Path | None = None, tls_key: Path | None = None) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
-            raise RolloutError(f"{self.root}: served folder does not exist (publish a bundle into it first)")
+            raise RolloutError(f"--root {self.root}: " + ("not a folder (the served tree is a folder; a typo?)"
+                               if self.root.exists() else "served folder does not exist (publish a bundle into "
+                               "it first)"))
         super().__init__(bundle_app(self.root), host, port, name="bundles", tls_cert=tls_cert, tls_key=tls_key)
