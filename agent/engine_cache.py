@@ -637,26 +637,36 @@ def check_with_tensorrt(engine: Path) -> None:
 
 def build_with_tensorrt(request: BuildRequest) -> bytes:
     """Parse the ONNX model and serialize an engine with a dynamic batch profile 1..max_batch (TensorRT 10)."""
-    trt = _import_tensorrt()
+    key, spec = request.key, request.input_spec
+    return serialize_engine(_import_tensorrt(), request.onnx_path, key.precision, spec.height, spec.width,
+                            opt_batch=min(key.max_batch, max(1, key.max_batch // 2)), max_batch=key.max_batch,
+                            workspace_mib=request.workspace_mib)
+
+
+def serialize_engine(trt, onnx_path: Path, precision: str, height: int, width: int, *, opt_batch: int,
+                     max_batch: int, workspace_mib: int) -> bytes:
+    """The one TensorRT build of this project (the station's engine cache and ``trainer export`` both call it): the
+    ONNX model parsed into an explicit-batch network, FP16 on (INT8 engines keep their unquantized layers in FP16),
+    INT8 on for ``precision`` int8 (scales from the model's Q/DQ nodes, no calibrator), one optimization profile
+    of batch 1..``max_batch`` on the network's input. EngineCacheError naming the file when TensorRT cannot parse
+    the model or build the engine."""
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(explicit_batch_flags(trt))
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(request.onnx_path)):
+    if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise EngineCacheError(f"{request.onnx_path}: TensorRT could not parse the model: {errors}")
+        raise EngineCacheError(f"{onnx_path}: TensorRT could not parse the model: {errors}")
     config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, request.workspace_mib << 20)
-    config.set_flag(trt.BuilderFlag.FP16)  # INT8 engines keep unquantized layers in FP16
-    if request.key.precision == "int8":
-        config.set_flag(trt.BuilderFlag.INT8)  # scales come from the model's Q/DQ nodes
-    spec, key = request.input_spec, request.key
-    shape = lambda b: (b, 3, spec.height, spec.width)  # noqa: E731
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
+    config.set_flag(trt.BuilderFlag.FP16)
+    if precision == "int8":
+        config.set_flag(trt.BuilderFlag.INT8)
+    shape = lambda b: (b, 3, height, width)  # noqa: E731
     profile = builder.create_optimization_profile()
-    opt = min(key.max_batch, max(1, key.max_batch // 2))
-    profile.set_shape(network.get_input(0).name, shape(1), shape(opt), shape(key.max_batch))
+    profile.set_shape(network.get_input(0).name, shape(1), shape(opt_batch), shape(max_batch))
     config.add_optimization_profile(profile)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise EngineCacheError(f"{request.onnx_path}: TensorRT failed to build a {key.precision} engine (see its log)")
+        raise EngineCacheError(f"{onnx_path}: TensorRT failed to build a {precision} engine (see its log)")
     return bytes(serialized)

@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.engine_cache import explicit_batch_flags
+from agent.engine_cache import EngineCacheError, serialize_engine
 
 log = logging.getLogger(__name__)
 
@@ -73,30 +73,19 @@ def engine_filename(precision: str, cc: str, trt_version: str) -> str:
 
 
 def build_engine(onnx_path: Path, out_dir: Path, spec: EngineSpec, input_name: str = "input") -> dict:
-    """Parse ``onnx_path`` and serialize an engine; returns the manifest fields for it."""
+    """Parse ``onnx_path`` and serialize an engine (the station's own build, ``agent.engine_cache.serialize_engine``);
+    returns the manifest fields for it. The profile is set on the network's input (``input_name`` is its name in
+    the manifest, kept for callers)."""
     trt = _trt()
     cc = compute_capability()
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network = builder.create_network(explicit_batch_flags(trt))
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise RuntimeError(f"{onnx_path}: TensorRT could not parse the model: {errors}")
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, spec.workspace_mib << 20)
-    config.set_flag(trt.BuilderFlag.FP16)  # also lets INT8 engines keep unquantized layers in FP16
-    if spec.precision == "int8":
-        config.set_flag(trt.BuilderFlag.INT8)  # scales come from the model's Q/DQ nodes, no calibrator
-    profile = builder.create_optimization_profile()
-    shape = lambda b: (b, 3, spec.height, spec.width)  # noqa: E731
-    profile.set_shape(input_name, shape(1), shape(spec.opt_batch), shape(spec.max_batch))
-    config.add_optimization_profile(profile)
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise RuntimeError(f"{onnx_path}: TensorRT failed to build a {spec.precision} engine (see its log)")
+    try:
+        serialized = serialize_engine(trt, onnx_path, spec.precision, spec.height, spec.width,
+                                      opt_batch=spec.opt_batch, max_batch=spec.max_batch,
+                                      workspace_mib=spec.workspace_mib)
+    except EngineCacheError as exc:
+        raise RuntimeError(str(exc)) from None
     out = out_dir / engine_filename(spec.precision, cc, trt.__version__)
-    out.write_bytes(bytes(serialized))
+    out.write_bytes(serialized)
     log.info("TensorRT %s engine %s (TensorRT %s, sm %s)", spec.precision, out, trt.__version__, cc)
     return {"path": out, "precision": spec.precision, "tensorrt_version": trt.__version__, "compute_capability": cc,
             "max_batch": spec.max_batch}
