@@ -512,6 +512,22 @@ class Agent:
                 self.metrics.inc("stats_errors_total")
                 log.exception("stats round failed; the stats thread goes on")
 
+    def _publish_final_stats(self) -> None:
+        """At a clean stop, once the cameras, the inference stage and the commands have stopped (the counters are
+        final): one last stats message, handed to the publisher before its flush, so a subscriber's last stats
+        counts every frame of the run (a periodic one may predate the end by up to ``stats_interval_s``). The stats
+        thread is joined first, so a round it had under way cannot arrive after this one."""
+        for thread in self._threads:
+            if thread.name == "stats":
+                thread.join(timeout=COMMAND_JOIN_S)
+        if self.publisher is None or self.outbox is None:
+            return
+        try:
+            self.publisher.publish_stats(self.stats_body())
+        except Exception:      # a full disk, a bug: the stop goes on (the outbox flush, the offline status)
+            self.metrics.inc("stats_errors_total")
+            log.exception("final stats message failed; shutting down without it")
+
     # ------------------------------------------------------------ commands
 
     def _enqueue_command(self, verb: str, payload: bytes) -> None:
@@ -814,6 +830,7 @@ class Agent:
             self.inference.join(timeout=self.inference.drain_s + 5)
         self._join_command_threads()
         self._save_shipment()     # the items decided since the last receipt (receipt_interval_s) are kept too
+        self._publish_final_stats()
         if self.publisher is not None:
             self.publisher.stop(flush_s)
         if self.prometheus is not None:

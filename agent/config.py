@@ -763,7 +763,7 @@ class FramesConfig(_Strict):
 
 class HealthConfig(_Strict):
     stats_interval_s: float = Field(10.0, ge=0.1, le=HOUR_S, title="Stats interval",
-                                    description="Seconds between stats messages.")
+                                    description="Seconds between stats messages (one more is sent at a clean stop).")
     prometheus_port: int | None = Field(None, ge=0, le=65535, title="Prometheus port",
                                         description="Serve /metrics on this port; None: off; 0: any free port.")
     prometheus_host: str = Field("127.0.0.1", title="Prometheus address", description="Address the endpoint binds to.")

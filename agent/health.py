@@ -3,13 +3,21 @@
 One ``Metrics`` object is shared by all threads; every update takes a short lock. A value that is not a
 finite number (NaN, an infinity, a non-number, a sum that would overflow) is refused: counted in
 ``metrics_refused_total{metric}`` and logged the first time per metric, never stored, so neither
-/metrics nor the stats payload ever carries NaN or Inf.
+/metrics nor the stats payload ever carries NaN or Inf. A stats payload is built from one copy of the tables,
+taken under the lock at once, so its numbers agree with each other (never more low-confidence frames than
+classified ones).
+
+The /metrics server gives a client at most ``HTTP_DEADLINE_S`` for its whole request (a client that sends a
+byte now and then is cut off too) and serves at most ``HTTP_MAX_CONNECTIONS`` at once; one more is closed at
+once. Both are counted in ``metrics_http_refused_total{reason}``: a flood of clients holds a bounded number of
+threads, and each slot frees within the deadline.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import socket
 import sys
 import threading
 import time
@@ -21,7 +29,11 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 Labels = tuple[tuple[str, str], ...]
+Table = dict[tuple[str, Labels], float]
 STAGES = ("queue", "preprocess", "inference", "decide", "publish", "capture_to_ack")
+MIN_RATE_SPAN_S = 1.0       # fps over a shorter span (a final stats message just after a periodic one) is noise
+HTTP_DEADLINE_S = 10.0      # a /metrics client's whole request, from its connect
+HTTP_MAX_CONNECTIONS = 16   # /metrics clients served at once (a Prometheus scrape is one, and takes milliseconds)
 
 
 class Metrics:
@@ -31,7 +43,9 @@ class Metrics:
         self._gauges: dict[tuple[str, Labels], float] = {}
         self._latency: dict[str, deque[float]] = {}
         self._window = window
-        self._rate_base: tuple[float, dict[str, float]] = (time.monotonic(), {})
+        # (when, frames captured per camera) of the last two fps() calls: the rate is taken since the newer one
+        # at least MIN_RATE_SPAN_S back
+        self._rate_bases: deque[tuple[float, dict[str, float]]] = deque([(time.monotonic(), {})], maxlen=2)
         self.info: dict[str, str] = {}
 
     def inc(self, name: str, value: float = 1.0, **labels: str) -> None:
@@ -76,11 +90,11 @@ class Metrics:
 
     def counters_by(self, name: str, label: str) -> dict[str, float]:
         with self._lock:
-            return {dict(k[1]).get(label, ""): v for k, v in self._counters.items() if k[0] == name}
+            return _by(self._counters, name, label)
 
     def gauges_by(self, name: str, label: str) -> dict[str, float]:
         with self._lock:
-            return {dict(k[1]).get(label, ""): v for k, v in self._gauges.items() if k[0] == name}
+            return _by(self._gauges, name, label)
 
     def percentiles(self, stage: str) -> dict[str, float] | None:
         with self._lock:
@@ -92,42 +106,51 @@ class Metrics:
                 "n": len(values)}
 
     def fps(self) -> dict[str, float]:
-        """Frames/s per camera since the previous call."""
+        """Frames/s per camera since the previous call (since the one before it when that was less than
+        MIN_RATE_SPAN_S ago: a few frames in a few milliseconds are not thousands of frames per second)."""
+        return self._fps(self.counters_by("frames_captured_total", "camera"))
+
+    def _fps(self, counts: dict[str, float]) -> dict[str, float]:
         now = time.monotonic()
-        counts = self.counters_by("frames_captured_total", "camera")
-        then, before = self._rate_base
-        self._rate_base = (now, counts)
+        with self._lock:
+            bases = list(self._rate_bases)
+            self._rate_bases.append((now, counts))
+        then, before = next((b for b in reversed(bases) if now - b[0] >= MIN_RATE_SPAN_S), bases[0])
         span = max(now - then, 1e-6)
-        return {cam: round((n - before.get(cam, 0.0)) / span, 2) for cam, n in counts.items()}
+        return {cam: round(max(0.0, n - before.get(cam, 0.0)) / span, 2) for cam, n in counts.items()}
 
     def snapshot(self) -> dict[str, Any]:
-        """The body of a stats message (schema contract/schemas/mqtt/stats.v1.json)."""
-        classified = sum(self.counters_by("frames_classified_total", "camera").values())
-        low = sum(self.counters_by("frames_low_confidence_total", "camera").values())
+        """The body of a stats message (schema contract/schemas/mqtt/stats.v1.json), from one copy of the tables:
+        counters read one by one while frames are counted disagreed (more low-confidence frames than classified
+        ones, a low_confidence_rate above 1)."""
+        with self._lock:
+            counters, gauges = dict(self._counters), dict(self._gauges)
+        per_camera = lambda name: _by(counters, name, "camera")             # noqa: E731
+        total = lambda name: int(sum(per_camera(name).values()))            # noqa: E731
+        classified = sum(per_camera("frames_classified_total").values())
+        low = sum(per_camera("frames_low_confidence_total").values())
+        captured = per_camera("frames_captured_total")
         return {
-            "fps": self.fps(),
-            "frames_captured": self.counters_by("frames_captured_total", "camera"),
-            "frames_dropped": self.counters_by("frames_dropped_total", "camera"),
-            "camera_reconnects": self.counters_by("camera_reconnects_total", "camera"),
+            "fps": self._fps(captured),
+            "frames_captured": captured,
+            "frames_dropped": per_camera("frames_dropped_total"),
+            "camera_reconnects": per_camera("camera_reconnects_total"),
             "latency": {s: p for s in STAGES if (p := self.percentiles(s)) is not None},
-            "queue_depths": {k: int(v) for k, v in self.gauges_by("queue_depth", "queue").items()},
-            "outbox": {"depth": int(self._gauge("outbox_depth")), "bytes": int(self._gauge("outbox_bytes")),
-                       "dropped": {k: int(v) for k, v in self.gauges_by("outbox_dropped", "reason").items()}},
+            "queue_depths": {k: int(v) for k, v in _by(gauges, "queue_depth", "queue").items()},
+            "outbox": {"depth": int(gauges.get(("outbox_depth", ()), 0.0)),
+                       "bytes": int(gauges.get(("outbox_bytes", ()), 0.0)),
+                       "dropped": {k: int(v) for k, v in _by(gauges, "outbox_dropped", "reason").items()}},
             "low_confidence_rate": round(low / classified, 4) if classified else 0.0,
             # Cumulative since start: a watcher (the rollout canary) takes differences for its own window.
             "frames_classified": int(classified),
             "frames_low_confidence": int(low),
-            "frames_empty": int(sum(self.counters_by("frames_empty_total", "camera").values())),
-            "inference_errors": int(self.counter("inference_errors_total")),
-            "frames_uploaded": int(sum(self.counters_by("frames_uploaded_total", "camera").values())),
-            "empty_scenes_sent": int(sum(self.counters_by("empty_scenes_sent_total", "camera").values())),
-            "empty_scenes_given_up": int(sum(self.counters_by("empty_scenes_given_up_total", "camera").values())),
+            "frames_empty": total("frames_empty_total"),
+            "inference_errors": int(counters.get(("inference_errors_total", ()), 0.0)),
+            "frames_uploaded": total("frames_uploaded_total"),
+            "empty_scenes_sent": total("empty_scenes_sent_total"),
+            "empty_scenes_given_up": total("empty_scenes_given_up_total"),
             "model_version": self.info.get("model_version", ""),
         }
-
-    def _gauge(self, name: str) -> float:
-        with self._lock:
-            return self._gauges.get((name, ()), 0.0)
 
     def collect(self) -> Iterator[Any]:
         """Metric families for ``prometheus_client`` (a custom collector: our tables are the source of truth)."""
@@ -165,6 +188,11 @@ class Metrics:
         return registry
 
 
+def _by(table: Table, name: str, label: str) -> dict[str, float]:
+    """The rows of one metric in ``table``, keyed by the value of ``label``."""
+    return {dict(k[1]).get(label, ""): v for k, v in table.items() if k[0] == name}
+
+
 def _finite(value: object) -> float | None:
     """``value`` as a finite float (a bool is 0 or 1), or None: NaN, an infinity, a string, an int beyond
     float's range, anything else."""
@@ -196,7 +224,54 @@ class PrometheusServer:
             return exposition(environ, start_response)
 
         class Server(ThreadingMixIn, WSGIServer):
+            """At most HTTP_MAX_CONNECTIONS clients at once, each cut off HTTP_DEADLINE_S after it connected (the
+            read timeout alone let a client that sends a byte every few seconds keep its thread for good)."""
             daemon_threads = True
+
+            def server_activate(self) -> None:
+                self.slots = threading.BoundedSemaphore(HTTP_MAX_CONNECTIONS)
+                self.deadlines: dict[socket.socket, float] = {}
+                self.deadlines_lock = threading.Lock()
+                super().server_activate()
+
+            def process_request(self, request: Any, client_address: Any) -> None:
+                if not self.slots.acquire(blocking=False):
+                    refused("busy", client_address)
+                    self.shutdown_request(request)
+                    return
+                with self.deadlines_lock:
+                    self.deadlines[request] = time.monotonic() + HTTP_DEADLINE_S
+                try:
+                    super().process_request(request, client_address)
+                except BaseException:       # no thread started (none left): the slot is not taken
+                    self.request_done(request)
+                    raise
+
+            def process_request_thread(self, request: Any, client_address: Any) -> None:
+                try:
+                    super().process_request_thread(request, client_address)
+                finally:
+                    self.request_done(request)
+
+            def request_done(self, request: Any) -> None:
+                with self.deadlines_lock:
+                    self.deadlines.pop(request, None)
+                self.slots.release()
+
+            def service_actions(self) -> None:
+                """Called by the serve loop about every half second: cut off the clients past their deadline
+                (their thread's read or write then ends)."""
+                now = time.monotonic()
+                with self.deadlines_lock:
+                    late = [r for r, deadline in self.deadlines.items() if deadline <= now]
+                    for request in late:
+                        self.deadlines[request] = math.inf       # cut once; its thread removes it
+                for request in late:
+                    refused("deadline", None)
+                    try:
+                        request.shutdown(socket.SHUT_RDWR)
+                    except OSError:     # already closed by its thread
+                        pass
 
             def handle_error(self, request: Any, client_address: Any) -> None:
                 # A client that connects and sends nothing (its read times out), or hangs up mid-request: not
@@ -208,6 +283,10 @@ class PrometheusServer:
 
             def log_message(self, fmt: str, *args: Any) -> None:
                 log.debug("metrics: " + fmt, *args)
+
+        def refused(reason: str, client_address: Any) -> None:
+            metrics.inc("metrics_http_refused_total", reason=reason)
+            log.debug("metrics: client %s refused: %s", client_address, reason)
 
         self._server = make_server(host, port, app, Server, handler_class=Quiet)
         self._thread = threading.Thread(target=self._server.serve_forever, name="prometheus", daemon=True)

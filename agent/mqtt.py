@@ -394,6 +394,7 @@ class MqttPublisher(threading.Thread):
             if rc != paho.MQTT_ERR_SUCCESS:
                 return
             if self._stopping and self._flush_done():
+                self._send_stats(client)     # the final stats, handed over just before the stop: before offline
                 self._go_offline(client)
                 return
             if self._refused_seq is not None and not self._inflight and time.monotonic() >= self._retry_at:
@@ -402,8 +403,11 @@ class MqttPublisher(threading.Thread):
             if self._status_dirty and self._room() > 0:      # before the records: a full window never starves it
                 self._publish_status(client, "online")
             last_sent = self._fill_window(client, last_sent)
-            while self._stats:
-                client.publish(self.topics.stats, self._stats.popleft(), qos=0)
+            self._send_stats(client)
+
+    def _send_stats(self, client: paho.Client) -> None:
+        while self._stats:
+            client.publish(self.topics.stats, self._stats.popleft(), qos=0)
 
     def _flush_done(self) -> bool:
         return time.monotonic() >= (self._stop_at or 0) or (not self._inflight and self.outbox.depth() == 0)

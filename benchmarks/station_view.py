@@ -13,8 +13,9 @@ messages, and scores them against the scene's truth.json (agent/sim/score.py):
   frames with no item that still name a product (an empty belt reported as a product);
 * the camera: frames captured, dropped by the hub, classified (the folder camera is run with
   ``backpressure: block`` so the hub waits for the pipeline instead of dropping). The counts are the last
-  stats message's, which the agent may have sent before the scene's end (``camera.last_stats_stale``): then
-  no drop count for the whole scene is printed.
+  stats message's: the agent sends a final one at its stop with the final counts; ``camera.last_stats_stale``
+  flags a run where none arrived or it predates the scene's end (runs before 2026-12-07), and then no drop
+  count for the whole scene is printed.
 
 Decisions are matched to items by frame span: a decision's first_seen/last_seen are the captured_at
 of its first/last frame, results map captured_at -> source_ref (the file name) -> frame -> item.

@@ -212,6 +212,9 @@ def run_loop(args, scenes_root: Path) -> dict[str, Any]:
         split = reviewed_split(gate)            # the split file lives in this temporary folder
         before = measure(truth_b, root_b / scene_b, args.bundle, args.set, port)
         after = measure(truth_b, root_b / scene_b, new_bundle, args.set, port)
+    # uploaded_last_stats: frames_uploaded of the agent's last stats on scene A, the final one it sends at a clean
+    # stop (after its cameras and inference stopped), so it counts every upload of the run. Results written before
+    # 2026-12-07 took the last periodic stats instead, which could predate the scene's end and undercount.
     return {"benchmark": "station_view_loop", "teach_scene": scene_a, "measure_scene": scene_b,
             "uploads": {"uploaded_last_stats": on_a["agent"]["frames_uploaded_last_stats"], "stored": stored,
                         "labelled": labelled, "skipped": skipped,

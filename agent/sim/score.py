@@ -15,8 +15,10 @@ nothing here touches a broker, a model or torch.
 * frames: accuracy where the item is fully inside the ROI, where it is partly in, and results on
   frames with no item that still name a product (an empty belt reported as a product);
 * the camera: frames captured, dropped by the hub, classified, from the last stats message: the agent sends
-  one every ``health.stats_interval_s``, so the last may predate the scene's end (``last_stats_stale``: it
-  counted fewer frames captured than the scene has); its drop count then says nothing of the frames after it.
+  one every ``health.stats_interval_s`` and a final one at a clean stop; a run where that final one did not
+  arrive (or one before 2026-12-07, when there was none) may end on one that predates the scene's end
+  (``last_stats_stale``: it counted fewer frames captured than the scene has); its drop count then says nothing
+  of the frames after it.
 
 Decisions are matched to items by frame span: a decision's first_seen/last_seen are the captured_at
 of its first/last frame, results map captured_at -> source_ref (the file name) -> frame -> item.

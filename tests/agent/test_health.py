@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import socket
+import threading
+import time
 import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -119,3 +122,119 @@ def test_stop_after_start_still_ends_the_serve_loop():
     server.stop()
     server._thread.join(60)     # its loop has returned (stop() waited for that); the thread ends right after
     assert not server._thread.is_alive()
+
+
+class CountingWhileReading:
+    """The metrics lock, taken by the reader; each time it is taken, one more low-confidence frame has been counted
+    (captured, classified, low), as the camera and inference threads do between two reads of a stats round."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.inner = threading.Lock()
+        self.table = metrics._counters
+
+    def __enter__(self) -> "CountingWhileReading":
+        self.inner.acquire()
+        for name in ("frames_captured_total", "frames_classified_total", "frames_low_confidence_total"):
+            key = (name, (("camera", "a"),))
+            self.table[key] = self.table.get(key, 0.0) + 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.inner.release()
+
+
+def test_a_stats_snapshot_taken_while_frames_are_counted_agrees_with_itself():
+    """Each counter used to be read under its own lock: frames counted between the reads gave more low-confidence
+    frames than classified ones, a low_confidence_rate of 1.5 (stats.v1 allows at most 1)."""
+    metrics = Metrics()
+    metrics._lock = CountingWhileReading(metrics)      # type: ignore[assignment]
+    snap = metrics.snapshot()
+    assert snap["frames_low_confidence"] <= snap["frames_classified"] <= sum(snap["frames_captured"].values())
+    assert 0 <= snap["low_confidence_rate"] <= 1
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def test_fps_over_a_span_of_milliseconds_is_not_thousands_of_frames_per_second(monkeypatch):
+    """The final stats message at a stop comes a few ms after a periodic one: one frame in 5 ms read as 200 fps."""
+    clock = Clock()
+    monkeypatch.setattr("agent.health.time", clock)
+    metrics = Metrics()
+    for second in (1, 2):           # periodic rounds of 1 s, 30 frames each
+        metrics.inc("frames_captured_total", 30, camera="a")
+        clock.now += 1.0
+        assert metrics.snapshot()["fps"] == {"a": 30.0}
+    metrics.inc("frames_captured_total", 1, camera="a")
+    clock.now += 0.005
+    assert metrics.snapshot()["fps"] == {"a": round(31 / 1.005, 2)}      # since the round before: 30.85
+    clock.now += 1.0
+    assert metrics.snapshot()["fps"] == {"a": 0.0}
+
+
+def _cut_off(sock: socket.socket, limit_s: float, drip: bool) -> bool:
+    """Whether the server closes ``sock`` within ``limit_s`` (a hang detector), the client sending a byte every
+    half second when ``drip``."""
+    sock.settimeout(0.5)
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        try:
+            if drip:
+                sock.sendall(b"X")
+            if sock.recv(1024) == b"":
+                return True
+        except TimeoutError:
+            continue
+        except OSError:             # reset or broken pipe: closed by the server too
+            return True
+    return False
+
+
+def test_a_slow_client_is_cut_off_at_the_deadline_and_the_next_scrape_is_served(monkeypatch):
+    """A client that sends a header byte now and then kept its thread for good: the read timeout never fired."""
+    monkeypatch.setattr("agent.health.HTTP_DEADLINE_S", 1.0)
+    metrics = Metrics()
+    server = PrometheusServer(metrics, "127.0.0.1", 0)
+    server.start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port)) as slow:
+            slow.sendall(b"GET /metrics HTTP/1.0\r\n")
+            assert _cut_off(slow, 30, drip=True), "a slow-drip client held its connection for 30 s"
+        families = _scrape(server.port)
+    finally:
+        server.stop()
+    refused = {s.labels["reason"]: s.value for s in families["agent_metrics_http_refused"].samples
+               if s.name.endswith("_total")}
+    assert refused == {"deadline": 1.0}
+
+
+def test_clients_beyond_the_connection_limit_are_closed_at_once_and_slots_come_back(monkeypatch):
+    """Every connection got a thread of its own, without a bound: a flood of idle clients, a flood of threads."""
+    monkeypatch.setattr("agent.health.HTTP_MAX_CONNECTIONS", 2)
+    metrics = Metrics()
+    server = PrometheusServer(metrics, "127.0.0.1", 0)
+    server.start()
+    try:
+        idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(2)]
+        with socket.create_connection(("127.0.0.1", server.port)) as third:
+            # closed at once, not after the handler's 10 s read timeout
+            assert _cut_off(third, 5, drip=False), "a third client was served beyond the limit of two"
+        assert metrics.counter("metrics_http_refused_total", reason="busy") == 1
+        for sock in idle:
+            sock.close()
+        deadline = time.monotonic() + 30            # a hang detector: their threads end as soon as they see EOF
+        while time.monotonic() < deadline:
+            try:
+                assert "agent_model_info" in _scrape(server.port)
+                break
+            except OSError:                         # a slot not back yet: refused
+                time.sleep(0.1)
+        else:
+            raise AssertionError("no scrape served after the idle clients left")
+    finally:
+        server.stop()
