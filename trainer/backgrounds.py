@@ -104,7 +104,8 @@ def procedural_tiles(side: int, per_kind: int, seed: int, kinds: tuple[str, ...]
 
 def folder_tiles(folder: str | Path, side: int, per_file: int, seed: int, limit: int = 64) -> np.ndarray:
     """Random square crops (30-100% of the shorter side) of the jpg/png frames in ``folder`` (at most ``limit`` of
-    them, drawn at random over all its subfolders).
+    them, drawn at random over all its subfolders). Hidden names (``._frame.jpg``, the resource forks a Mac
+    leaves on a copy; a ``.thumbnails`` folder) are not frames.
 
     Raises ValueError naming the folder when it holds no such image, and ImageDecodeError naming
     the file when one cannot be decoded (a half-copied frame should stop a run, not thin the bank).
@@ -112,7 +113,8 @@ def folder_tiles(folder: str | Path, side: int, per_file: int, seed: int, limit:
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"--backgrounds {folder}: not a folder")
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in BACKGROUND_EXTENSIONS)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in BACKGROUND_EXTENSIONS
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))   # a Mac's ._frame.jpg
     if not files:
         raise ValueError(f"--backgrounds {folder}: no {'/'.join(sorted(BACKGROUND_EXTENSIONS))} images in it")
     files = [files[i] for i in spread(len(files), limit, seed + 1)]     # sorted by path, the first are one camera's

@@ -11,7 +11,8 @@ Hostile or damaged input never ends in a traceback: a problem that makes the dat
 that is not UTF-8 text, a labels file of the wrong shape, a CSV that is not UTF-8, a truncated IDX file) is
 a DatasetError naming the file; a single image that cannot be used (corrupt, unreadable, a file name that
 is not UTF-8, a CSV row repeating an image an earlier row gave the same label) is skipped and listed in
-``Dataset.skipped`` with the reason.
+``Dataset.skipped`` with the reason, as is any other file in a class folder (another type, a folder link, a
+broken link). Hidden names (a Mac's ``._x.jpg``, ``.DS_Store``) are not samples; class names compare in NFC.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import os
 import random
 import re
 import struct
+import unicodedata
 import zlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -38,6 +40,7 @@ from contract.dataset import (
     FASHION_MNIST_DIR,
     IMAGE_EXTENSIONS,
     LABELS_FILE,
+    MASK_SUFFIX,
     class_name_problem,
     folder_name,
     is_sample_image,
@@ -67,6 +70,7 @@ class Dataset:
     samples: list[Sample]
     layout: str
     skipped: list[dict[str, str]] = field(default_factory=list)
+    duplicates: list[dict[str, Any]] = field(default_factory=list)   # images of the same bytes (drop_unreadable)
 
     def labels(self) -> list[int]:
         return [s.label for s in self.samples]
@@ -90,7 +94,8 @@ class Dataset:
         return digest.hexdigest()
 
     def subset(self, indices: Sequence[int]) -> "Dataset":
-        return Dataset(self.root, self.classes, [self.samples[i] for i in indices], self.layout, self.skipped)
+        return Dataset(self.root, self.classes, [self.samples[i] for i in indices], self.layout, self.skipped,
+                       self.duplicates)
 
 
 def shown(path: Path | str) -> str:
@@ -139,17 +144,24 @@ def _display_names(root: Path) -> dict[str, str]:
                            f"got {type(names).__name__}")
     for folder, name in names.items():
         check_class_name(name, f"{shown(path)}: field {folder}")
-    return names
+    return {_nfc(folder): name for folder, name in names.items()}
+
+
+def _nfc(name: str) -> str:
+    """A name in Unicode NFC: a folder named on a Mac (decomposed, NFD: ``e`` + combining accent) and the same
+    name typed on Linux (composed) are one class, not two that print alike."""
+    return unicodedata.normalize("NFC", name)
 
 
 def _from_pairs(root: Path, pairs: Iterable[tuple[Path, str]], layout: str, classes: Sequence[str] | None,
                 seen: Sequence[bool] | None = None) -> Dataset:
-    pairs = list(pairs)
+    pairs = [(path, _nfc(label)) for path, label in pairs]
     seen = list(seen) if seen is not None else [False] * len(pairs)
     names = list(classes) if classes is not None else sorted({label for _, label in pairs})
     for name in names:
         check_class_name(name, root)
     index = {name: i for i, name in enumerate(names)}
+    index.update({_nfc(name): i for i, name in reversed(list(enumerate(names)))})   # given classes keep their spelling
     unknown = sorted({label for _, label in pairs if label not in index})
     if unknown:
         raise DatasetError(f"{root}: labels {unknown} are not among the expected classes {names}")
@@ -171,11 +183,41 @@ def _usable_names(files: list[Path], root: Path) -> tuple[list[Path], list[dict[
     return kept, skipped
 
 
-def _images_under(folder: Path) -> list[Path]:
+SYSTEM_FILES = {"thumbs.db", "desktop.ini"}     # what Windows Explorer leaves in a folder of pictures
+
+
+def _hidden(path: Path, folder: Path) -> bool:
+    """A name starting with ``.`` at or below ``folder``: what a Mac leaves on a copy (``._name.jpg`` resource
+    forks, ``.DS_Store``), a thumbnail cache, a ``.git``; or Windows' ``Thumbs.db``: never a sample, never listed."""
+    parts = path.relative_to(folder).parts
+    return any(part.startswith(".") for part in parts) or parts[-1].lower() in SYSTEM_FILES
+
+
+def _images_under(folder: Path) -> tuple[list[Path], list[dict[str, str]]]:
+    """The sample images at any depth below a class folder, and the other files there as skipped rows: a file of
+    another type (``.heic``, ``.gif``, ``.txt``), a link to a folder (not followed), a broken link or a link loop.
+    Hidden names are left out and not listed; so are item masks (``<stem>.mask.png``), which are not samples."""
     try:
-        return sorted(p for p in folder.rglob("*") if is_sample_image(p))
+        entries = sorted(p for p in folder.rglob("*") if not _hidden(p, folder))
     except OSError as exc:
         raise DatasetError(f"{shown(folder)}: cannot list ({exc.strerror or exc})") from exc
+    images, skipped = [], []
+    for path in entries:
+        if is_sample_image(path):
+            images.append(path)
+        elif path.is_symlink() and path.is_dir():
+            skipped.append(_skipped_row(path, "a link to a folder, not followed (link the files, or copy the folder)"))
+        elif path.is_symlink() and not path.exists():
+            skipped.append(_skipped_row(path, "a broken link or a link loop"))
+        elif path.is_file() and not path.name.lower().endswith(MASK_SUFFIX):
+            skipped.append(_skipped_row(path, f"not an image file this trainer reads ({path.suffix or 'no extension'}; "
+                                              f"reads {', '.join(sorted(IMAGE_EXTENSIONS))})"))
+    return images, skipped
+
+
+def _skipped_row(path: Path, why: str) -> dict[str, str]:
+    log.warning("skipping %s: %s", shown(path), why)
+    return {"path": shown(path), "error": f"{shown(path)}: {why}"}
 
 
 def scan_class_folders(root: Path, classes: Sequence[str] | None = None) -> Dataset:
@@ -183,9 +225,10 @@ def scan_class_folders(root: Path, classes: Sequence[str] | None = None) -> Data
     pairs, skipped = [], []
     folders = [p for p in _listdir(root) if p.is_dir() and not p.name.startswith(".")]
     for folder in folders:
-        label = check_class_name(display.get(folder.name, folder.name), folder)
-        files, bad = _usable_names(_images_under(folder), root)
-        skipped.extend(bad)
+        label = check_class_name(display.get(_nfc(folder.name), folder.name), folder)
+        images, others = _images_under(folder)
+        files, bad = _usable_names(images, root)
+        skipped.extend(others + bad)
         if not files and classes is None:
             raise DatasetError(f"{folder}: class folder holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
         pairs.extend((p, label) for p in files)
@@ -199,7 +242,8 @@ _PREFIX = re.compile(r"^(?P<label>[^_]+)_.+$")
 
 def scan_prefixed_files(root: Path, classes: Sequence[str] | None = None) -> Dataset:
     pairs = []
-    files, skipped = _usable_names([p for p in _listdir(root) if is_sample_image(p)], root)
+    files, skipped = _usable_names([p for p in _listdir(root) if is_sample_image(p) and not p.name.startswith(".")],
+                                   root)
     for path in files:
         match = _PREFIX.match(path.stem)
         if not match:
@@ -283,7 +327,7 @@ def detect_layout(source: Path) -> str:
     entries = _listdir(source)
     if any(p.is_dir() and not p.name.startswith(".") for p in entries):
         return "folders"
-    if any(is_sample_image(p) for p in entries):
+    if any(is_sample_image(p) and not p.name.startswith(".") for p in entries):
         return "prefixed"
     raise DatasetError(f"{source}: no class folders, no images and not a CSV")
 
@@ -314,27 +358,61 @@ def _check_classes(dataset: Dataset) -> None:
 
 
 def drop_unreadable(dataset: Dataset, workers: int = 4) -> Dataset:
-    """Decode the header of every image; keep what decodes, list the rest by path with the reason."""
+    """Decode the header of every image; keep what decodes, list the rest by path with the reason. Images of the
+    same bytes are listed in ``duplicates`` (``find_duplicates``)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from contract.preprocess import ImageDecodeError, read_image
 
-    def probe(sample: Sample) -> str | None:
+    def probe(sample: Sample) -> tuple[str | None, str | None]:
         try:
             read_image(sample.path)
+            with open(sample.path, "rb") as fh:
+                return None, hashlib.file_digest(fh, "sha256").hexdigest()
         except ImageDecodeError as exc:
-            return shown(str(exc))
+            return shown(str(exc)), None
         except Exception as exc:  # noqa: BLE001 (any file the decoder chokes on is skipped and listed, not fatal)
-            return f"{shown(sample.path)}: cannot decode ({type(exc).__name__}: {shown(str(exc))})"
-        return None
+            return f"{shown(sample.path)}: cannot decode ({type(exc).__name__}: {shown(str(exc))})", None
 
     with ThreadPoolExecutor(workers) as pool:
-        errors = list(pool.map(probe, dataset.samples, chunksize=256))
-    kept = [s for s, err in zip(dataset.samples, errors) if err is None]
-    skipped = [{"path": shown(s.path), "error": err} for s, err in zip(dataset.samples, errors) if err is not None]
+        probed = list(pool.map(probe, dataset.samples, chunksize=256))
+    kept = [s for s, (err, _) in zip(dataset.samples, probed) if err is None]
+    skipped = [{"path": shown(s.path), "error": err} for s, (err, _) in zip(dataset.samples, probed) if err is not None]
     for row in skipped:
         log.warning("skipping unreadable image %s", row["error"])
-    return Dataset(dataset.root, dataset.classes, kept, dataset.layout, dataset.skipped + skipped)
+    result = Dataset(dataset.root, dataset.classes, kept, dataset.layout, dataset.skipped + skipped)
+    result.duplicates = find_duplicates(result, [digest for err, digest in probed if err is None])
+    return result
+
+
+def find_duplicates(dataset: Dataset, digests: Sequence[str]) -> list[dict[str, Any]]:
+    """Groups of samples with the same bytes (``digests``, one per sample), each ``{"images": [...], "labels":
+    [...], "conflict": bool}``, and a warning naming them. The same photo under two classes (copied into both, a
+    class folder linking to the root) is a label conflict: the model is taught both; the same photo twice in one
+    class can land on both sides of the split. Reported, not dropped: which copy is right is the user's call."""
+    members: dict[str, list[int]] = defaultdict(list)
+    for i, digest in enumerate(digests):
+        members[digest].append(i)
+    groups = []
+    for idx in members.values():
+        if len(idx) > 1:
+            labels = sorted({dataset.classes[dataset.samples[i].label] for i in idx})
+            groups.append({"images": [dataset.relative(dataset.samples[i].path) for i in idx], "labels": labels,
+                           "conflict": len(labels) > 1})
+    conflicts = [g for g in groups if g["conflict"]]
+    if conflicts:
+        log.warning("%s: %d image(s) of the same bytes under more than one class, a label conflict (listed in "
+                    "Dataset.duplicates): %s", dataset.root, len(conflicts),
+                    "; ".join(_duplicate_text(g) for g in conflicts[:5]))
+    if len(groups) > len(conflicts):
+        log.warning("%s: %d image(s) of the same bytes more than once in one class: %s", dataset.root,
+                    len(groups) - len(conflicts),
+                    "; ".join(_duplicate_text(g) for g in [g for g in groups if not g["conflict"]][:5]))
+    return groups
+
+
+def _duplicate_text(group: dict[str, Any]) -> str:
+    return " = ".join(shown(p) for p in group["images"][:4]) + f" ({', '.join(map(repr, group['labels']))})"
 
 
 def stratified_split(labels: Sequence[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -444,11 +522,17 @@ def load_split(path: Path, dataset: Dataset) -> tuple[list[int], list[int]]:
     except (ValueError, TypeError, KeyError) as exc:
         raise DatasetError(f"{path}: not a saved split (expected JSON with train and val lists of "
                            f"[path, label]; {type(exc).__name__}: {exc})") from exc
-    where = {dataset.relative(s.path): i for i, s in enumerate(dataset.samples)}
-    try:
-        found = {part: [where[p] for p, _ in rows[part]] for part in ("train", "val")}
-    except (KeyError, TypeError) as exc:
-        raise DatasetError(f"{path}: image {exc.args[0]} of the saved split is no longer in {dataset.root}") from exc
+    where = {_nfc(dataset.relative(s.path)): i for i, s in enumerate(dataset.samples)}
+    listed = [p for part in ("train", "val") for p, _ in rows[part]]
+    if not all(isinstance(p, str) for p in listed):
+        raise DatasetError(f"{path}: not a saved split (an image path that is not text)")
+    missing = [p for p in listed if _nfc(p) not in where]
+    if missing:
+        raise DatasetError(f"{path}: {len(missing)} of the {len(listed)} images of the saved split are no longer in "
+                           f"{dataset.root} (moved, renamed, deleted or now unreadable): {', '.join(missing[:10])}"
+                           f"{', ...' if len(missing) > 10 else ''}; restore them, or start a new run (another "
+                           f"--name) to draw a split of the data as it is")
+    found = {part: [where[_nfc(p)] for p, _ in rows[part]] for part in ("train", "val")}
     for part in ("train", "val"):
         for (rel, saved), i in zip(rows[part], found[part]):
             _check_split_label(path, dataset, rel, saved, dataset.samples[i].label)
@@ -519,29 +603,42 @@ def limit_per_class(dataset: Dataset, limit: int, seed: int) -> Dataset:
 # --- Fashion-MNIST --------------------------------------------------------------------------------
 
 
+MAX_IDX_BYTES = 1 << 30     # an IDX body (Fashion-MNIST's train images: 47 MB); a header may declare 4 GiB^3
+
+
 def _read_idx(path: Path, ndim_expected: int) -> "tuple[tuple[int, ...], bytes]":
+    """An IDX file's dims and body, read no further than its header says (a small gzip file can inflate to
+    gigabytes): a body longer or shorter than the header's dims, or over MAX_IDX_BYTES, is a DatasetError."""
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as fh:
-            data = fh.read()
+            return _read_idx_stream(path, fh, ndim_expected)
     except (OSError, EOFError, zlib.error) as exc:
         raise DatasetError(f"{path}: cannot read IDX file ({exc})") from exc
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+
+
+def _read_idx_stream(path: Path, fh: Any, ndim_expected: int) -> "tuple[tuple[int, ...], bytes]":
+    head = fh.read(4)
+    if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] != 0x08:
         raise DatasetError(f"{path}: not an unsigned-byte IDX file")
-    ndim = data[3]
+    ndim = head[3]
     if ndim != ndim_expected:
         raise DatasetError(f"{path}: IDX header says {ndim} dimensions, expected {ndim_expected}")
-    if len(data) < 4 + 4 * ndim:
-        raise DatasetError(f"{path}: truncated IDX header ({len(data)} bytes)")
-    dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
-    body = data[4 + 4 * ndim :]
+    raw_dims = fh.read(4 * ndim)
+    if len(raw_dims) < 4 * ndim:
+        raise DatasetError(f"{path}: truncated IDX header ({4 + len(raw_dims)} bytes)")
+    dims = struct.unpack(f">{ndim}I", raw_dims)
     if ndim > 1 and 0 in dims[1:]:      # images of 0 px: nothing to write, and an encoder's assertion if tried
         raise DatasetError(f"{path}: IDX header says images of {' x '.join(map(str, dims[1:]))} px")
     expected = 1
     for d in dims:
         expected *= d
+    if expected > MAX_IDX_BYTES:
+        raise DatasetError(f"{path}: header says {dims} ({expected} bytes), more than {MAX_IDX_BYTES} (not read)")
+    body = fh.read(expected + 1)
     if len(body) != expected:
-        raise DatasetError(f"{path}: header says {dims} ({expected} bytes) but the body has {len(body)} bytes")
+        has = f"{len(body)} bytes" if len(body) < expected else "more (not read)"
+        raise DatasetError(f"{path}: header says {dims} ({expected} bytes) but the body has {has}")
     return dims, body
 
 

@@ -371,10 +371,12 @@ class Trainer:
             "dataset": str(dataset.root), "layout": dataset.layout, "classes": dataset.classes,
             "class_counts": dataset.class_counts(), "train_images": len(train_idx), "val_images": len(val_idx),
             "skipped_images": dataset.skipped, "fingerprint": dataset.fingerprint(),
+            "duplicates": dataset.duplicates,
         }
         (self.run_dir / "data_report.json").write_text(json.dumps(report, indent=1))
         if dataset.skipped:
-            log.warning("%d images skipped (unreadable, or repeated in a CSV); listed in %s", len(dataset.skipped),
+            log.warning("%d files skipped (unreadable images, other files in class folders, or repeated in a CSV); "
+                        "listed in %s", len(dataset.skipped),
                         self.run_dir / "data_report.json")
         return dataset, train_idx, val_idx
 
