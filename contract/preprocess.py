@@ -208,6 +208,12 @@ def read_image(path: str | Path, max_side: int = MAX_IMAGE_SIDE) -> np.ndarray:
     declare 60000 x 60000 pixels, 10 GB once decoded); raises ImageDecodeError naming the file for a file that
     cannot be read, is over MAX_IMAGE_BYTES, has no JPEG/PNG/BMP/WebP/TIFF header, declares a side of 0 or more
     than ``max_side`` pixels, or does not decode."""
+    return decode_image(read_image_bytes(path, max_side), name=str(path))
+
+
+def read_image_bytes(path: str | Path, max_side: int = MAX_IMAGE_SIDE) -> bytes:
+    """An image file's bytes, with ``read_image``'s checks before anything is decoded (size, header, sides), for a
+    reader that decodes them its own way (a mask at its own bit depth)."""
     path = Path(path)
     try:
         with open(path, "rb") as fh:
@@ -226,7 +232,7 @@ def read_image(path: str | Path, max_side: int = MAX_IMAGE_SIDE) -> np.ndarray:
     if not (1 <= width <= max_side and 1 <= height <= max_side):
         raise ImageDecodeError(f"{path}: its header declares {width}x{height} pixels; expected sides of 1 to "
                                f"{max_side} (refused before decoding)")
-    return decode_image(data, name=str(path))
+    return data
 
 
 def resized_size(height: int, width: int, shorter: int) -> tuple[int, int]:

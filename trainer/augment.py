@@ -27,16 +27,14 @@ import torch
 import torch.nn.functional as F
 
 from contract.dataset import MASK_SUFFIX
-from contract.image_header import ImageHeaderError, image_size
 from contract.preprocess import (
     INTERPOLATIONS,
-    MAX_IMAGE_BYTES,
-    MAX_IMAGE_SIDE,
     CropPolicy,
     ImageDecodeError,
     InputSpec,
     Preprocessor,
     read_image,
+    read_image_bytes,
     resized_size,
 )
 from trainer.station_view import StationView, StationViewConfig, _is_number, _is_pair
@@ -160,20 +158,7 @@ def _mask_pixels(mask_file: Path) -> np.ndarray:
     is a mask; read as 8-bit RGB, as read_image gives it, it was all zero), and never where an alpha channel is
     transparent (a cut-out's background). ImageDecodeError naming the file, with read_image's checks before
     decoding (size, header, sides)."""
-    try:
-        with open(mask_file, "rb") as fh:
-            data = fh.read(MAX_IMAGE_BYTES + 1)
-    except OSError as exc:
-        raise ImageDecodeError(f"{mask_file}: cannot read ({exc.strerror or exc})") from exc
-    if not data or len(data) > MAX_IMAGE_BYTES:
-        raise ImageDecodeError(f"{mask_file}: " + ("empty file" if not data else f"more than {MAX_IMAGE_BYTES} bytes"))
-    try:
-        width, height = image_size(data, str(mask_file))
-    except ImageHeaderError as exc:
-        raise ImageDecodeError(str(exc)) from None
-    if not (1 <= width <= MAX_IMAGE_SIDE and 1 <= height <= MAX_IMAGE_SIDE):
-        raise ImageDecodeError(f"{mask_file}: its header declares {width}x{height} pixels; expected sides of 1 to "
-                               f"{MAX_IMAGE_SIDE} (refused before decoding)")
+    data = read_image_bytes(mask_file)
     try:
         raw = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     except cv2.error:

@@ -28,7 +28,7 @@ import torch
 from agent.localize import crop_box, foreground_box, model_view
 from contract.preprocess import InputSpec, Preprocessor, read_image
 from trainer.backgrounds import procedural_tiles
-from trainer.station_view import item_mask
+from trainer.station_view import _is_int, _is_number, _is_pair, item_mask
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -81,19 +81,6 @@ class SceneConfig:
                              f"(0, 0) for no JPEG, got {q!r}")
         if not (_is_int(self.seed) and self.seed >= 0):
             raise ValueError(f"SceneConfig.seed: expected a whole number >= 0, got {self.seed!r}")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) \
-        and math.isfinite(value)
-
-
-def _is_pair(value: Any) -> bool:
-    return isinstance(value, (tuple, list)) and len(value) == 2
 
 
 def _check_number(name: str, value: Any, low: float, high: float, *, what: str) -> None:
