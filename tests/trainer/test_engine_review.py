@@ -8,11 +8,10 @@ import dataclasses
 import json
 import logging
 import re
-import struct
-import zipfile
 
 import pytest
 import torch
+from trainer_support import flip_bytes_in_largest_record
 
 from trainer.config import TrainConfig
 from trainer.engine import Trainer, read_resume_checkpoint
@@ -76,18 +75,6 @@ def test_an_edited_config_json_stops_the_cli_resume_in_one_line(fmnist_dir, tmp_
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
 
 
-def _flip_bytes_in_largest_record(path) -> str:
-    """Inverts 64 bytes inside the data of the checkpoint's largest record (a tensor), as a disk error would."""
-    raw = bytearray(path.read_bytes())
-    with zipfile.ZipFile(path) as archive:
-        record = max(archive.infolist(), key=lambda i: i.file_size)
-    name_len, extra_len = struct.unpack("<HH", raw[record.header_offset + 26 : record.header_offset + 30])
-    start = record.header_offset + 30 + name_len + extra_len + record.file_size // 2
-    raw[start : start + 64] = bytes(b ^ 0xFF for b in raw[start : start + 64])
-    path.write_bytes(bytes(raw))
-    return record.filename
-
-
 def test_a_checkpoint_whose_bytes_were_damaged_stops_the_resume_naming_the_file_and_record(fmnist_dir, tmp_path,
                                                                                           caplog):
     """torch.load does not check the CRC-32 the file holds for each record: a last.pt with flipped bytes in a
@@ -97,7 +84,7 @@ def test_a_checkpoint_whose_bytes_were_damaged_stops_the_resume_naming_the_file_
     run = tmp_path / "run"
     _cut_after_epoch_1(_cfg(fmnist_dir), run)
     torch.load(run / "last.pt", weights_only=True)              # intact: it reads
-    record = _flip_bytes_in_largest_record(run / "last.pt")
+    record = flip_bytes_in_largest_record(run / "last.pt")
     torch.load(run / "last.pt", weights_only=True)              # damaged: torch reads it all the same
     damaged = (run / "last.pt").read_bytes()
     with pytest.raises(ValueError, match=re.escape(f"{run / 'last.pt'}: damaged: the bytes of its record {record} "

@@ -13,13 +13,11 @@ import errno
 import logging
 import os
 import re
-import struct
-import zipfile
 
 import pytest
 import torch
 from torch import nn
-from trainer_support import trace_fsync_and_replace
+from trainer_support import flip_bytes_in_largest_record, trace_fsync_and_replace
 
 from trainer.config import TrainConfig
 from trainer.engine import RunState, Trainer, make_schedule, resume_scaler
@@ -204,18 +202,6 @@ def test_a_checkpoint_is_synced_to_disk_before_its_rename_and_the_rename_after(t
     assert events == [("fsync", tmp, size), ("replace", tmp, final), ("fsync", str(run), None)]
 
 
-def _flip_bytes_in_largest_record(path) -> str:
-    """Inverts 64 bytes inside the data of the checkpoint's largest record (a tensor), as a disk error would."""
-    raw = bytearray(path.read_bytes())
-    with zipfile.ZipFile(path) as archive:
-        record = max(archive.infolist(), key=lambda i: i.file_size)
-    name_len, extra_len = struct.unpack("<HH", raw[record.header_offset + 26 : record.header_offset + 30])
-    start = record.header_offset + 30 + name_len + extra_len + record.file_size // 2
-    raw[start : start + 64] = bytes(b ^ 0xFF for b in raw[start : start + 64])
-    path.write_bytes(bytes(raw))
-    return record.filename
-
-
 def test_a_best_pt_whose_bytes_were_damaged_is_refused_by_export_naming_the_file_and_record(fmnist_dir, tmp_path,
                                                                                           caplog):
     """load_checkpoint_model (export, evaluate, retrain's --finetune-from-current) read best.pt with torch.load,
@@ -228,7 +214,7 @@ def test_a_best_pt_whose_bytes_were_damaged_is_refused_by_export_naming_the_file
     Trainer(_cfg(fmnist_dir, epochs=1), run).fit()
     best = run / "best.pt"
     load_checkpoint_model(best)                                     # intact: it loads
-    record = _flip_bytes_in_largest_record(best)
+    record = flip_bytes_in_largest_record(best)
     torch.load(best, map_location="cpu", weights_only=True)         # damaged: torch reads it all the same
     damaged = best.read_bytes()
     with pytest.raises(ValueError, match=re.escape(f"{best}: damaged: the bytes of its record {record} do not match "

@@ -4,6 +4,8 @@ enrolment stream their images) and the calls that put a file on disk for good (f
 from __future__ import annotations
 
 import os
+import struct
+import zipfile
 
 import onnxruntime as ort
 
@@ -65,3 +67,15 @@ def trace_fsync_and_replace(monkeypatch) -> list[tuple]:
     monkeypatch.setattr(os, "fsync", traced_fsync)
     monkeypatch.setattr(os, "replace", traced_replace)
     return events
+
+
+def flip_bytes_in_largest_record(path) -> str:
+    """Inverts 64 bytes inside the data of the checkpoint's largest record (a tensor), as a disk error would."""
+    raw = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        record = max(archive.infolist(), key=lambda i: i.file_size)
+    name_len, extra_len = struct.unpack("<HH", raw[record.header_offset + 26 : record.header_offset + 30])
+    start = record.header_offset + 30 + name_len + extra_len + record.file_size // 2
+    raw[start : start + 64] = bytes(b ^ 0xFF for b in raw[start : start + 64])
+    path.write_bytes(bytes(raw))
+    return record.filename
