@@ -49,9 +49,11 @@ function duration(s) {
   if (h) return `${h}h ${m}m ${s % 60}s`;
   return `${m}m ${s % 60}s`;
 }
+// A time of today as the time of day; an older one (a retained status days old) with its day, not read as today's
 function clockTime(epoch) {
   if (!epoch) return "";
-  return new Date(epoch * 1000).toLocaleTimeString();
+  const at = new Date(epoch * 1000);
+  return at.toDateString() === new Date().toDateString() ? at.toLocaleTimeString() : at.toLocaleString();
 }
 function serverNow() { return Date.now() / 1000 + page.clockOffset; }
 
@@ -585,6 +587,47 @@ function streamUrl() {
   return `/events?${params}`;
 }
 
+// EventSource does not tell what an HTTP error answered: ask the stream's URL once more and say it. The server's
+// own errors are JSON ({"error": ...}); anything else came from something in between (nginx's HTML 502 or 504
+// page while the dashboard is down or slow), said as its status and the start of its text, never as markup.
+// "" when it streams now (the next try will open) or cannot be reached at all.
+async function whyRefused(url) {
+  const abort = new AbortController();
+  const timer = setTimeout(() => abort.abort(), 10000);
+  try {
+    const resp = await fetch(url, { headers: { Accept: "text/event-stream" }, cache: "no-store",
+                                    signal: abort.signal });
+    if (resp.ok) return "";
+    const said = await startOf(resp, 20000);
+    if (/^application\/json\b/i.test(resp.headers.get("Content-Type") || "")) {
+      let error = null;
+      try { error = JSON.parse(said).error; } catch (err) { /* cut short: said as text below */ }
+      if (typeof error === "string") return `HTTP ${resp.status}: ${error.slice(0, 300)}`;
+    }
+    const plain = said.replace(/<(script|style)\b[\s\S]*?<\/\1\s*>/gi, " ").replace(/<[^>]*>?/g, " ")
+      .replace(/\s+/g, " ").trim().slice(0, 200);
+    return `HTTP ${resp.status} from a proxy or server in between${plain ? `: ${plain}` : ""}`;
+  } catch (err) {
+    return "";
+  } finally {
+    clearTimeout(timer);
+    abort.abort();          // a stream that opened meanwhile is let go at once
+  }
+}
+
+// The first ``limit`` characters of an answer's body, read no further.
+async function startOf(resp, limit) {
+  const reader = resp.body.getReader(), decoder = new TextDecoder();
+  let said = "";
+  while (said.length < limit) {
+    const { done, value } = await reader.read();
+    if (done) break;
+    said += decoder.decode(value, { stream: true });
+  }
+  reader.cancel().catch(() => {});
+  return said.slice(0, limit);
+}
+
 let retryDelay = 2000;          // after an HTTP error the browser gives up on the stream: the page retries itself
 let retryTimer = null;
 
@@ -616,8 +659,12 @@ function reconnect() {
     // an HTTP answer (503: too many pages open, 401 after a restart, a proxy's 502): the browser will not retry
     const wait = retryDelay * (0.75 + Math.random() / 2);
     retryDelay = Math.min(retryDelay * 2, 30000);
-    text(status, `live: disconnected, retrying in ${Math.round(wait / 1000)} s`);
+    const retrying = `retrying in ${Math.round(wait / 1000)} s`;
+    text(status, `live: disconnected, ${retrying}`);
     retryTimer = setTimeout(reconnect, wait);
+    whyRefused(stream.url).then((why) => {
+      if (why && page.stream === stream) text(status, `live: disconnected (${why}), ${retrying}`);
+    });
   };
   on("overview", renderOverview);
   on("stations", renderPage);

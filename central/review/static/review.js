@@ -35,9 +35,22 @@ async function api(path, options = {}) {
     const token = prompt("API token (--token-file, or the review.token file in the store folder)");
     if (token) { state.token = token; sessionStorage.setItem("reviewToken", token); return api(path, options); }
   }
+  if (!/^application\/json\b/i.test(resp.headers.get("Content-Type") || "")) {
+    throw Object.assign(new Error(await notTheServers(resp)), { status: resp.status });
+  }
   const body = await resp.json();
   if (!resp.ok) throw Object.assign(new Error(body.error || `HTTP ${resp.status}`), { body, status: resp.status });
   return body;
+}
+
+// This server answers JSON, errors too: anything else came from something in between (nginx's HTML 502 or 504
+// page while the server is down or slow). Say so with the status and the start of its text, never as markup.
+async function notTheServers(resp) {
+  let said = "";
+  try { said = (await resp.text()).slice(0, 20000); } catch (err) { said = ""; }
+  said = said.replace(/<(script|style)\b[\s\S]*?<\/\1\s*>/gi, " ").replace(/<[^>]*>?/g, " ")
+    .replace(/\s+/g, " ").trim().slice(0, 200);
+  return `HTTP ${resp.status} from a proxy or server in between${said ? `: ${said}` : ""}`;
 }
 
 function say(text, ok = true) {
