@@ -13,8 +13,9 @@ image; it reads at most 64 files, drawn at random over the folder (before 2026-1
 the first cameras' only). ``--per-camera`` keeps each camera's newest, so old scenes do not outnumber the
 current ones. The scenes are read a page at a time (``FrameStore.iter_empty_scenes``): thousands of them
 hold one page of rows, never all. Written beside ``--out`` and renamed into place, like
-``labels export``: an interrupted export leaves the previous one whole; an existing ``--out`` is replaced
-only with ``--force``.
+``labels export`` (and synced like it: once it says it is done, a power cut leaves the whole folder; ``--out``
+resolved, never the current folder): an interrupted export leaves the previous one whole; an existing
+``--out`` is replaced only with ``--force``.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any, Iterator
 
-from central.review.labels import _iso, check_out, place_new, replace_folder
-from central.review.store import FrameStore, StoreError, _safe, file_stem
+from central.review.labels import _iso, check_out, place_new, replace_folder, write_synced
+from central.review.store import FrameStore, StoreError, _safe, file_stem, make_folders
 
 SUMMARY = "backgrounds.json"
 
@@ -40,10 +41,10 @@ def export_backgrounds(store: FrameStore, out: Path, *, site: str | None = None,
                        force: bool = False) -> dict[str, Any]:
     """Write the store's empty scenes as a backgrounds folder; returns the ``backgrounds.json`` summary.
 
-    Raises StoreError when ``out`` exists without ``force`` or when no stored scene matches the filters
-    (an empty folder would only fail the training run later)."""
-    out = Path(out)
-    check_out(store, out, SUMMARY, force)
+    Raises StoreError when ``out`` exists without ``force``, when no stored scene matches the filters (an empty
+    folder would only fail the training run later), or when ``out`` cannot be written (a full disk, no permission:
+    nothing half-written is left, an earlier export there is kept as it was)."""
+    out = check_out(store, Path(out), SUMMARY, force)
     if per_camera is not None and per_camera < 1:
         raise StoreError(f"--per-camera {per_camera}: must be at least 1")
     filters = {k: v for k, v in (("site", site), ("station", station), ("camera", camera)) if v}
@@ -52,18 +53,27 @@ def export_backgrounds(store: FrameStore, out: Path, *, site: str | None = None,
         if first is None:
             raise StoreError(f"--store {store.root}: no empty scenes stored" + (f" for {filters}" if filters else "")
                              + " (stations send them on cmd/capture-empty and every frames.empty_scene_interval_s)")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         try:
-            counts, missing = _link_scenes(store, itertools.chain([first], scenes), tmp)
-            summary = {"store": str(store.root.resolve()), "exported_at": _iso(time.time()),
-                       "images": sum(counts.values()), "by_camera": dict(sorted(counts.items())), "filters": filters,
-                       "per_camera": per_camera, "image_file_missing": missing}
-            (tmp / SUMMARY).write_text(json.dumps(summary, indent=2))
-            replace_folder(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            return _write_backgrounds(store, itertools.chain([first], scenes), out, filters, per_camera)
+        except OSError as exc:      # a full disk, no permission: which export failed, in one line, not a traceback
+            raise StoreError(f"--out {out}: the export could not be written ({exc}); nothing of it was left there"
+                             + (", and the earlier export is kept as it was" if out.exists() else "")) from exc
+
+
+def _write_backgrounds(store: FrameStore, scenes: Iterator[dict[str, Any]], out: Path, filters: dict[str, str],
+                       per_camera: int | None) -> dict[str, Any]:
+    make_folders(out.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        counts, missing = _link_scenes(store, scenes, tmp)
+        summary = {"store": str(store.root.resolve()), "exported_at": _iso(time.time()),
+                   "images": sum(counts.values()), "by_camera": dict(sorted(counts.items())), "filters": filters,
+                   "per_camera": per_camera, "image_file_missing": missing}
+        write_synced(tmp / SUMMARY, json.dumps(summary, indent=2))
+        replace_folder(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return summary
 
 

@@ -24,7 +24,11 @@ Labelled frames carry their label, new-class frames their new class name, defect
 defect class (a defect without a class name is left out: there is nothing to learn it as). Skipped
 and pending frames are left out. The export is written to a temporary folder and renamed into place,
 so an interrupted export never leaves a half-written dataset; an existing ``--out`` is replaced only
-with ``--force``.
+with ``--force``. Before the rename every file written or copied, every folder and the temporary folder are
+fsynced, and after it the folder holding ``--out``: once the export says it is done, a power cut leaves the
+whole export (before 2026-12-07 it could leave only ``.<out>.old``, or an export with entries missing).
+``--out`` is resolved first (``sub/``, ``sub/..`` name the folder they lead to); a ``--out`` that is the current
+folder or holds it is refused: replacing it would leave the shell in a deleted folder.
 """
 
 from __future__ import annotations
@@ -40,8 +44,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from central.review.store import FrameStore, StoreError, file_stem
+from central.review.store import FrameStore, StoreError, file_stem, make_folders
 from contract.dataset import LABELS_FILE, folder_name
+from contract.events import fsync_dir
 
 CSV_NAME = "reviewed.csv"
 SUMMARY = "export.json"
@@ -73,8 +78,7 @@ def training_label(frame: dict[str, Any]) -> str | None:
 def export_reviewed(store: FrameStore, out: Path, *, force: bool = False) -> dict[str, Any]:
     """Write the export (module docstring). StoreError naming ``--out`` when it cannot be written (a full disk, no
     permission): nothing half-written is left, and an earlier export there is kept as it was."""
-    out = Path(out)
-    check_out(store, out, SUMMARY, force)
+    out = check_out(store, Path(out), SUMMARY, force)
     try:
         return _write_export(store, out)
     except OSError as exc:      # ENOSPC while writing names no file: say which export failed, not a traceback
@@ -83,7 +87,7 @@ def export_reviewed(store: FrameStore, out: Path, *, force: bool = False) -> dic
 
 
 def _write_export(store: FrameStore, out: Path) -> dict[str, Any]:
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_folders(out.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     counts: dict[str, int] = {}
     left_out: dict[str, int] = {}
@@ -98,12 +102,13 @@ def _write_export(store: FrameStore, out: Path) -> dict[str, Any]:
                 if row is not None:
                     counts[row["label"]] = counts.get(row["label"], 0) + 1
                     writer.writerow(row)
+            sync_file(fh)
         summary = {"store": str(store.root.resolve()), "exported_at": _iso(time.time()),
                    "frames": sum(counts.values()), "by_label": dict(sorted(counts.items())), "left_out": left_out,
                    "csv": CSV_NAME}
-        (tmp / SUMMARY).write_text(json.dumps(summary, indent=2))
-        (tmp / LABELS_FILE).write_text(json.dumps({folder: label for label, folder in sorted(folders.items())},
-                                                  indent=2))
+        write_synced(tmp / SUMMARY, json.dumps(summary, indent=2))
+        write_synced(tmp / LABELS_FILE, json.dumps({folder: label for label, folder in sorted(folders.items())},
+                                                   indent=2))
         replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -145,7 +150,8 @@ def _exported_row(store: FrameStore, frame: dict[str, Any], tmp: Path, folders: 
 
 def place_new(src: Path, dst: Path, what: str) -> None:
     """``src`` at ``dst``: a hard link, or a copy where the file system has none; never over a file there
-    (StoreError naming ``dst``: ``what`` would be exported under one name)."""
+    (StoreError naming ``dst``: ``what`` would be exported under one name). A copy is fsynced (a link's data is
+    the store's, synced when it was stored); the new entry is synced with its folder by ``replace_folder``."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.link(src, dst)
@@ -154,36 +160,76 @@ def place_new(src: Path, dst: Path, what: str) -> None:
     except OSError:
         with open(src, "rb") as fin, open(dst, "xb") as fout:
             shutil.copyfileobj(fin, fout)
+            sync_file(fout)
         shutil.copystat(src, dst)
 
 
-def check_out(store: FrameStore, out: Path, summary: str, force: bool) -> None:
-    """An export may write ``out`` only away from the store, and replace (``force``) only an earlier export of its
-    kind (``summary`` in it) or an empty folder: a mistyped ``--out`` must never delete the frames or a folder
-    of someone else's."""
+def sync_file(fh) -> None:
+    """``fh``'s data on disk before the export that holds it is renamed into place."""
+    fh.flush()
+    os.fsync(fh.fileno())
+
+
+def write_synced(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        sync_file(fh)
+
+
+def check_out(store: FrameStore, out: Path, summary: str, force: bool) -> Path:
+    """``out`` resolved (the folder to write): an export may write it only away from the store and the current
+    folder, and replace (``force``) only an earlier export of its kind (``summary`` in it) or an empty folder:
+    a mistyped ``--out`` must never delete the frames or a folder of someone else's."""
+    given = out
+    # ``.``, ``sub/..`` have no name to rename; the last part stays unresolved, so a symlink there is seen as one
+    out = out.resolve() if out.name in ("", "..") else out.parent.resolve() / out.name
+    cwd = Path.cwd().resolve()
+    if out == cwd or out in cwd.parents:
+        where = "the current folder" if out == cwd else "a folder that holds the current folder"
+        hint = f": run it from outside (e.g. cd {out.parent} and --out {out.name})" if out.name else ""
+        raise StoreError(f"--out {given}: is {out}, {where}; an export replaces its --out folder, which would leave "
+                         f"this shell in a deleted folder{hint}")
     target, root = out.resolve(), store.root.resolve()
     if target == root or target in root.parents or root in target.parents:
         raise StoreError(f"--out {out}: is, holds or lies inside the frame store {store.root}; write the export to a "
                          f"folder of its own")
     if not out.exists() and not out.is_symlink():
-        return
+        return out
     if not force:
         raise StoreError(f"--out {out}: already exists (pass --force to replace it)")
     if not out.is_dir() or out.is_symlink() or (any(out.iterdir()) and not (out / summary).is_file()):
         raise StoreError(f"--out {out}: exists and is not an earlier export (no {summary} in it); --force replaces "
                          f"only an earlier export or an empty folder")
+    return out
 
 
 def replace_folder(tmp: Path, out: Path) -> None:
-    """Put a finished export ``tmp`` where ``out`` was: the old export goes only once the new one is in place."""
+    """Put a finished export ``tmp`` (its files synced) where ``out`` was, durably: every folder in ``tmp`` synced
+    (deepest first, so each entry is on disk before the rename), the rename(s), then ``out``'s parent synced; the
+    old export goes only once the new one is in place and on disk."""
+    for folder in reversed(_folders(tmp)):
+        fsync_dir(folder)
     if out.exists():
         old = out.with_name(f".{out.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         out.rename(old)
         tmp.rename(out)
+        fsync_dir(out.parent)
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(out)
+        fsync_dir(out.parent)
+
+
+def _folders(top: Path) -> list[Path]:
+    """``top`` and every folder under it, parents before their children (only folders are held: a class folder
+    of 100k files is walked, not listed)."""
+    found, i = [top], 0
+    while i < len(found):
+        with os.scandir(found[i]) as entries:
+            found.extend(Path(e.path) for e in entries if e.is_dir(follow_symlinks=False))
+        i += 1
+    return found
 
 
 def _iso(ts: float | None) -> str:

@@ -217,24 +217,35 @@ class FrameStore:
             raise StoreError(f"max_pixels and max_jpeg_bytes must be positive, got {max_pixels}, {max_jpeg_bytes}")
         self.max_pixels, self.max_jpeg_bytes = max_pixels, max_jpeg_bytes
         self.root = Path(root)
-        make_folders(self.root)
         self.images = self.root / "images"
         self.base_labels = list(labels or [])
         self._lock = threading.RLock()
-        # timeout: how long to wait for another process's write lock (a busy store shared by several workers)
-        self._db = sqlite3.connect(self.root / DB_NAME, check_same_thread=False, isolation_level=None,
-                                   timeout=LOCK_WAIT_S)
-        self._db.row_factory = sqlite3.Row
         self._warned = False
         try:
+            make_folders(self.root)
+            # timeout: how long to wait for another process's write lock (a busy store shared by several workers)
+            self._db = sqlite3.connect(self.root / DB_NAME, check_same_thread=False, isolation_level=None,
+                                       timeout=LOCK_WAIT_S)
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(self._cannot_open(exc)) from exc
+        self._db.row_factory = sqlite3.Row
+        try:
             self._open(max_bytes, warn_fraction)
-        except sqlite3.DatabaseError as exc:
+        except (OSError, sqlite3.Error) as exc:
             self._db.close()
-            if isinstance(exc, sqlite3.OperationalError):      # locked, disk, permissions: not the file's content
-                raise
+            if not isinstance(exc, sqlite3.DatabaseError) or isinstance(exc, sqlite3.OperationalError):
+                raise StoreError(self._cannot_open(exc)) from exc      # locked, disk, permissions: not the content
             # "file is not a database", "database disk image is malformed": said with the file, which is kept
             raise StoreError(f"{self.root / DB_NAME}: not a readable frame store index ({exc}); nothing was changed "
                              f"in it (restore it from a backup, or move it away to start an empty store)") from None
+
+    def _cannot_open(self, exc: BaseException) -> str:
+        """Why the store could not be opened, in one line: SQLite's own words ("disk I/O error", "unable to open
+        database file", "attempt to write a readonly database") name neither the store nor what to check."""
+        cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        hint = (f"another process held its write lock for {LOCK_WAIT_S} s" if "locked" in cause else
+                "it needs a folder it can write in, room on its disk and a file-size limit (ulimit -f) above its files")
+        return f"{self.root}: the frame store cannot be opened ({type(exc).__name__}: {cause}); {hint}"
 
     def _open(self, max_bytes: int | None, warn_fraction: float | None) -> None:
         self._wal(deadline=time.monotonic() + LOCK_WAIT_S)
