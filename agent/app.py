@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import queue
+import re
 import signal
 import sqlite3
 import threading
@@ -44,8 +45,10 @@ from agent.sources import SourceError, check_finite_source
 from agent.sources.base import FrameSource
 from agent.sources.camera import CameraWorker, FrameHub, Watchdog
 from agent.state import STATE_FILE, StationState
+from agent.update import COMMAND_MAX_BYTES as MODEL_COMMAND_MAX_BYTES
 from agent.update import FETCH_DEADLINE_S, ModelCommand, fetch_verified, prune_installed
 from contract.bundle import (
+    NAME_PATTERN,
     Bundle,
     BundleError,
     check_embedding,
@@ -54,6 +57,7 @@ from contract.bundle import (
     load_public_key,
     sample_input,
 )
+from contract.messages import loads_finite
 from contract.preprocess import Preprocessor
 
 log = logging.getLogger(__name__)
@@ -63,6 +67,8 @@ COMMAND_QUEUE = 16              # commands waiting for the command thread; more 
 MODEL_UPDATE_QUEUE = COMMAND_QUEUE  # cmd/model waiting behind the one being installed; more are refused (and say so)
 REASON_MAX_CHARS = 2000         # a refusal's reason in the status (status.v1 allows 16384); longer ones are cut
 ECHO_MAX_CHARS = 64             # a value from the payload (a camera id) quoted in a reason
+MODEL_BUNDLE_MAX_CHARS = 2048   # cmd/model's bundle, echoed in last_model_update.request (cmd-model.v1, status.v1)
+SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 COMMAND_JOIN_S = 5.0            # at shutdown: how long the command threads get to finish what they are doing
 COMMAND_MAX_BYTES = 64 * 1024   # cmd/thresholds and cmd/capture-empty: a few fields
 # cmd/expect: the largest command the schema allows (contract/schemas/mqtt/cmd-expect.v1.json), as a sender writes
@@ -537,7 +543,8 @@ class Agent:
             self._commands.put_nowait((verb, payload))
         except queue.Full:
             self.metrics.inc("commands_dropped_total")
-            self._command_failed(verb, f"cmd/{verb}: dropped, {COMMAND_QUEUE} commands already waiting; send it again")
+            self._command_failed(verb, f"cmd/{verb}: dropped, {COMMAND_QUEUE} commands already waiting; send it again",
+                                 payload)
 
     def _command_loop(self) -> None:
         self._serve(self._commands, self._run_command)
@@ -558,7 +565,7 @@ class Agent:
                 run(verb, payload)
             except Exception as exc:  # a bug in one command must not end the thread that runs them all
                 log.exception("command cmd/%s failed; thread %s goes on", verb, threading.current_thread().name)
-                self._command_failed(verb, f"cmd/{verb}: failed ({type(exc).__name__}: {exc})")
+                self._command_failed(verb, f"cmd/{verb}: failed ({type(exc).__name__}: {exc})", payload)
 
     def _queue_model_update(self, payload: bytes) -> None:
         """Hand cmd/model to the model-update thread. An update that arrives while one is being installed waits
@@ -572,10 +579,11 @@ class Agent:
             self.metrics.inc("commands_dropped_total")
             self._command_failed("model", f"cmd/model: dropped, {MODEL_UPDATE_QUEUE} model updates already waiting "
                                           "behind the one being installed; send it again once last_model_update "
-                                          "shows their outcome")
+                                          "shows their outcome", payload)
 
-    def _command_failed(self, verb: str, reason: str) -> None:
-        """A command refused outside its own handler: the status says so under the command's own field."""
+    def _command_failed(self, verb: str, reason: str, payload: bytes | None = None) -> None:
+        """A command refused outside its own handler: the status says so under the command's own field (for
+        cmd/model with the ``request`` it answers, read from ``payload``)."""
         reason = reason_text(reason)
         log.error("%s", reason)
         self.metrics.inc("commands_rejected_total", command=verb if verb in LAST_RESULT else "unknown")
@@ -585,6 +593,7 @@ class Agent:
         if verb == "model":
             running = self.model.current.bundle if self.model else None
             result["running"] = {"name": running.name, "version": running.version} if running else None
+            result["request"] = model_request(payload)
         else:
             result[RESULT_FIELD[verb]] = None
         setattr(self, LAST_RESULT[verb], result)
@@ -732,7 +741,7 @@ class Agent:
         try:
             cmd = ModelCommand.parse(payload)
             if cmd.sha256 is not None and cmd.sha256 == old.manifest_sha256:
-                return self._already_running(old)
+                return self._already_running(old, payload)
             # the config's labels are checked on the manifest: for a download before any artifact is fetched, for a
             # local bundle once verified; either way before an engine is looked up or built (minutes on a Jetson)
             incoming = fetch_verified(cmd, self.cfg.model.download_dir, self.public_key, self.fetch_deadline_s,
@@ -754,7 +763,8 @@ class Agent:
             if incoming is not None:
                 incoming.discard()
             self.last_update = {"ok": False, "reason": reason, "ts": round(time.time(), 6),
-                                "running": {"name": old.name, "version": old.version}}
+                                "running": {"name": old.name, "version": old.version},
+                                "request": model_request(payload)}
             self.metrics.inc("model_updates_rejected_total")
             self.metrics.inc("commands_rejected_total", command="model")
         else:
@@ -771,7 +781,8 @@ class Agent:
             self.metrics.info.update(model_name=bundle.name, model_version=bundle.version)
             log.info("model switched from %s to %s %s", old.version, bundle.name, bundle.version)
             self.last_update = {"ok": True, "reason": None, "ts": round(time.time(), 6),
-                                "running": {"name": bundle.name, "version": bundle.version}}
+                                "running": {"name": bundle.name, "version": bundle.version},
+                                "request": model_request(payload)}
             self.metrics.inc("model_updates_total")
         self._count_engine_load_failures()      # the lookup may have removed (and counted) an engine, either way
         if self.publisher is not None:
@@ -782,13 +793,14 @@ class Agent:
         """The ``check_manifest`` hook of ``fetch_verified``: the config's labels against a manifest's."""
         check_config_labels(self.cfg, manifest.get("labels"), where)
 
-    def _already_running(self, running: Bundle) -> bool:
+    def _already_running(self, running: Bundle, payload: bytes) -> bool:
         """A cmd/model whose sha256 is the running bundle's manifest's: nothing to fetch, build or swap (a rollout
         sent twice, a retained command seen again); answered ok, naming the bundle that runs."""
         reason = f"already running {running.name} {running.version}"
         log.info("cmd/model: %s (sha256 %s); nothing fetched", reason, running.manifest_sha256)
         self.last_update = {"ok": True, "reason": reason, "ts": round(time.time(), 6),
-                            "running": {"name": running.name, "version": running.version}}
+                            "running": {"name": running.name, "version": running.version},
+                            "request": model_request(payload)}
         if self.publisher is not None:
             self.publisher.request_status()
         return True
@@ -882,6 +894,26 @@ def run(cfg: AgentConfig, *, exit_at_end: bool = False, flush_s: float | None = 
     for worker in lost:
         log.error("camera %s: its input ended early: %s", worker.cfg.id, worker.unopenable)
     return 1 if lost else 0
+
+
+def model_request(payload: bytes | None) -> dict[str, Any] | None:
+    """The cmd/model a ``last_model_update`` answers (status.v1 ``request``), read from the payload as it came, so
+    that a rollout judges the answer to its own command and not a late one to an earlier command. None when the
+    payload names no bundle (not JSON, not an object, no bundle string of cmd-model.v1's length); a sha256 or a
+    version not of cmd-model.v1's form is null (the command was refused for it)."""
+    if payload is None or len(payload) > MODEL_COMMAND_MAX_BYTES:
+        return None
+    try:
+        data = loads_finite(payload)        # NaN, lone surrogates and non-UTF-8 refused: nothing unsendable echoed
+    except (ValueError, RecursionError):
+        return None
+    bundle = data.get("bundle") if isinstance(data, dict) else None
+    if not isinstance(bundle, str) or not 1 <= len(bundle) <= MODEL_BUNDLE_MAX_CHARS:
+        return None
+    sha, version = data.get("sha256"), data.get("version")
+    return {"bundle": bundle,
+            "sha256": sha.lower() if isinstance(sha, str) and SHA256_HEX.fullmatch(sha) else None,
+            "version": version if isinstance(version, str) and NAME_PATTERN.fullmatch(version) else None}
 
 
 def reason_text(reason: str | None) -> str | None:

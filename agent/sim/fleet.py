@@ -262,15 +262,17 @@ class StationSim:
     def update_model(self, refuse: bool) -> None:
         """The outcome of a ``cmd/model`` as ``Agent.reload_model`` records it."""
         now = round(time.time(), 6)
+        request = {"bundle": f"models/{self.cfg.model_name}/{self.cfg.model_to}", "sha256": None,
+                   "version": self.cfg.model_to}      # the command it answers, as a station says (status.v1)
         if refuse:
             reason = (f"models/{self.cfg.model_name}/{self.cfg.model_to}/manifest.json: sha256 does not match "
                       "the command's")
-            self.last_update = {"ok": False, "reason": reason, "ts": now,
+            self.last_update = {"ok": False, "reason": reason, "ts": now, "request": request,
                                 "running": {"name": self.cfg.model_name, "version": self.version}}
             return
         self.version = self.cfg.model_to
         self.metrics.info.update(model_version=self.version)
-        self.last_update = {"ok": True, "reason": None, "ts": now,
+        self.last_update = {"ok": True, "reason": None, "ts": now, "request": request,
                             "running": {"name": self.cfg.model_name, "version": self.version}}
 
     # ------------------------------------------------------------ frames

@@ -60,6 +60,20 @@ class StationView:
     def last_update(self) -> dict[str, Any] | None:
         return (self.status or {}).get("last_model_update")
 
+    def update_answers(self, command: dict[str, Any]) -> bool | None:
+        """Whether the station's ``last_model_update`` answers ``command`` (a cmd/model payload), by the ``request``
+        it names: the same bundle, sha256 (in any case) and version. None when it names none (a station before
+        2026-12-07): then it cannot tell. A null request answers a command whose bundle the station could not read,
+        never one a rollout sent (each is checked against cmd-model.v1 before it goes)."""
+        update = self.last_update
+        if not isinstance(update, dict) or "request" not in update:
+            return None
+        request, sha = update["request"], command.get("sha256")
+        if not isinstance(request, dict):
+            return False
+        return (request.get("bundle") == command.get("bundle") and request.get("version") == command.get("version")
+                and request.get("sha256") == (sha.lower() if isinstance(sha, str) else None))
+
 
 class StationLink:
     """One MQTT connection: every station's retained status, the chosen stations' stats, commands out."""

@@ -306,6 +306,8 @@ class _SwitchTo:
 
     def __init__(self, rollout: Rollout, bundle: RemoteBundle, action: str) -> None:
         self.r, self.bundle, self.action = rollout, bundle, action
+        self.command = bundle.command()
+        self._ignored: set[tuple[str, Any]] = set()     # (station, ts) of answers to other commands, logged once
 
     def _outcome(self, s: str, before: StationView, after: StationView, ok: bool, reason: str | None, role: str,
                  sent: bool = True) -> StationOutcome:
@@ -376,6 +378,10 @@ class _SwitchTo:
             summary.unrecorded = None
 
     def _answer(self, station: str, before: StationView) -> tuple[bool, str | None] | None:
+        """The station's answer to this command: it reports the bundle, or a new ``last_model_update`` refuses it.
+        A refusal whose ``request`` names another command (one queued before this, a QoS 1 redelivery, another
+        rollout's) is no answer: waited past, logged once. One with no ``request`` (a station before 2026-12-07)
+        is taken as the answer, as it always was."""
         view = self.r.link.views.get(station)       # called under the link's lock
         if view is None or view.status is None:
             return None
@@ -383,8 +389,24 @@ class _SwitchTo:
             return True, None
         update = view.last_update
         if update and update != before.last_update and update.get("ok") is False:
+            if view.update_answers(self.command) is False:
+                self._log_other_answer(station, update)
+                return None
             return False, f"the station refused {self.bundle.version}: {update.get('reason')}"
         return None
+
+    def _log_other_answer(self, station: str, update: dict[str, Any]) -> None:
+        key = (station, update.get("ts"))
+        if key in self._ignored:
+            return
+        self._ignored.add(key)
+        request = update.get("request")
+        other = ("one it could not read" if not isinstance(request, dict) else
+                 f"{str(request.get('bundle'))[:300]}, version {request.get('version')}, sha256 "
+                 f"{request.get('sha256')}")
+        log.info("%s: last_model_update answers another cmd/model (%s), not %s %s sent by this %s: not taken as its "
+                 "answer (refused: %s); still waiting", station, other, self.bundle.name, self.bundle.version,
+                 self.action, str(update.get("reason"))[:300])
 
 
 def run_rollout(link: StationLink, plan: RolloutPlan, history: RolloutHistory, events: EventSink) -> Summary:

@@ -192,3 +192,63 @@ def test_shutdown_does_not_wait_for_a_model_update_still_downloading(station, mo
         assert station.model.current.bundle.version == "1"
     finally:
         fetch.release.set()
+
+
+# ------------------------------------------------------------------ last_model_update names the command it answers
+
+def sha256_of(bundle) -> str:
+    from contract.events import manifest_sha256
+
+    return manifest_sha256(bundle)
+
+
+def test_every_model_update_outcome_names_the_command_it_answers(station, tmp_path):
+    """Given cmd/model commands that switch, refuse, find the bundle running, then when each is done the status's
+    last_model_update.request names that command (bundle, sha256 in lower case, version), valid by status.v1: a
+    rollout tells its own command's answer from a late one to an earlier command (before: no request)."""
+    v2 = make_onnx_bundle(tmp_path / "m2", version="2")
+    switch = {"bundle": str(v2), "sha256": sha256_of(v2).upper(), "version": "2"}
+    assert station.reload_model(json.dumps(switch).encode())
+    switched = status(station)["last_model_update"]
+    assert switched["ok"] is True and switched["running"]["version"] == "2"
+    assert switched["request"] == {"bundle": str(v2), "sha256": sha256_of(v2), "version": "2"}
+
+    again = {"bundle": "http://central.example/elsewhere/2/", "sha256": sha256_of(v2), "version": "2"}
+    assert station.reload_model(json.dumps(again).encode())
+    running = status(station)["last_model_update"]
+    assert running["reason"] == f"already running {station.model.current.bundle.name} 2"
+    assert running["request"] == again
+
+    missing = {"bundle": str(tmp_path / "nowhere" / "3"), "version": "3"}
+    assert not station.reload_model(json.dumps(missing).encode())
+    refused = status(station)["last_model_update"]
+    assert refused["ok"] is False and refused["request"] == {**missing, "sha256": None}
+
+
+@pytest.mark.parametrize("payload, named", [
+    (b"not json", None),
+    (b'["a list"]', None),
+    (json.dumps({"bundle": "x" * 3000}).encode(), None),                  # longer than cmd-model.v1 allows
+    (json.dumps({"bundle": "/b/1", "sha256": "xyz", "version": "1 2"}).encode(),
+     {"bundle": "/b/1", "sha256": None, "version": None}),                # refused for those: null, never echoed
+    (json.dumps({"bundle": "/b/1", "extra": True}).encode(), {"bundle": "/b/1", "sha256": None, "version": None}),
+])
+def test_a_model_update_refused_as_unreadable_names_what_could_be_read_and_the_status_stays_valid(station, payload,
+                                                                                                  named):
+    assert not station.reload_model(payload)
+    refused = status(station)["last_model_update"]
+    assert refused["ok"] is False and refused["request"] == named
+
+
+def test_a_dropped_model_update_names_the_command_dropped(station, monkeypatch):
+    fetch = HeldFetch(monkeypatch)
+    station._enqueue_command("model", model_command(0))
+    try:
+        assert fetch.fetching.wait(30)
+        for n in range(1, MODEL_UPDATE_QUEUE + 2):
+            station._run_command("model", model_command(n))
+        refused = status(station)["last_model_update"]
+        assert refused["ok"] is False and "dropped" in refused["reason"]
+        assert refused["request"] == {"bundle": bundle_url(MODEL_UPDATE_QUEUE + 1), "sha256": None, "version": None}
+    finally:
+        fetch.release.set()

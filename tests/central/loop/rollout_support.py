@@ -273,3 +273,58 @@ def class_recall(bundle: Path, folder: Path, label: str) -> tuple[float, int]:
     loaded = load_bundle(bundle)
     ev = evaluate_bundle(loaded, items, sorted(set(loaded.labels) | {label}), workers=0)
     return ev.score.top1, ev.score.images
+
+
+# ---------------------------------------------------------------- a stand-in station the test answers for
+
+class CommandedStation:
+    """A stand-in station on a real broker: a retained status.v1, the ``cmd/model`` commands it receives, and a new
+    retained status each time the test calls ``report`` (what an agent publishes after a model update). The test
+    decides what it answers and when: an answer to an earlier command after this one, no ``request`` (an agent
+    before 2026-12-07), or nothing at all."""
+
+    def __init__(self, port: int, key: str, name: str, version: str) -> None:
+        import paho.mqtt.client as paho
+
+        self.key, self.model = key, {"name": name, "version": version, "backend": "onnxruntime", "precision": "fp32"}
+        self.commands: list[dict[str, Any]] = []
+        self._seq = 0
+        self._lock = threading.Lock()
+        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"stand-in-{uuid.uuid4().hex[:8]}",
+                                  protocol=paho.MQTTv5)
+        subscribed = threading.Event()
+        self.client.on_connect = lambda c, *_: c.subscribe(f"inventory/{key}/cmd/model", qos=1)
+        self.client.on_subscribe = lambda *_: subscribed.set()
+        self.client.on_message = self._on_command
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        assert subscribed.wait(10), "stand-in station: no SUBACK"
+        self.report(None)
+
+    def _on_command(self, _c, _u, msg) -> None:
+        with self._lock:
+            self.commands.append(json.loads(msg.payload))
+
+    def received(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return list(self.commands)
+
+    def report(self, last_model_update: dict[str, Any] | None, model: tuple[str, str] | None = None) -> dict:
+        """Publish a retained status (QoS 1, waited for) with this ``last_model_update``; ``model``: (name, version)
+        it runs from now on. The body is checked against status.v1 first, as a real agent's would be."""
+        from contract.messages import checker
+
+        if model is not None:
+            self.model = {**self.model, "name": model[0], "version": model[1]}
+        self._seq += 1
+        site, station = self.key.split("/")
+        body = {"schema": "status.v1", "id": str(uuid.uuid4()), "seq": self._seq, "ts": time.time(), "site": site,
+                "station": station, "state": "online", "model": dict(self.model),
+                "last_model_update": last_model_update}
+        checker("status.v1").check(f"stand-in status of {self.key}", body)
+        self.client.publish(f"inventory/{self.key}/status", json.dumps(body), qos=1, retain=True).wait_for_publish(10)
+        return body
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
