@@ -540,6 +540,13 @@ def _print_enrolment(report: dict) -> None:
     print(f"old classes   {gate['accuracy_before'] * 100:.2f}% -> {gate['accuracy_after'] * 100:.2f}% on "
           f"{gate['held_out_images']} held-out gate images ({gate['drop_points']:+.2f} points lost, at most "
           f"{gate['max_drop_points']}): {'passed' if gate['passed'] else 'FAILED'}")
+    int8 = report.get("int8")
+    if int8:        # what a station with VNNI or an INT8 TensorRT engine runs
+        g8 = int8["gate"]
+        print(f"on INT8       {g8['accuracy_before'] * 100:.2f}% -> {g8['accuracy_after'] * 100:.2f}% on "
+              f"{g8['held_out_images']} held-out gate images ({g8['drop_points']:+.2f} points lost, at most "
+              f"{g8['max_drop_points']}): {'passed' if g8['passed'] else 'FAILED'}; new class leave-one-out "
+              f"{int8['recall_leave_one_out'] * 100:.1f}% ({int8['model']})")
     curve = report.get("allowances") or []
     if curve:      # for a product like a trained one, the allowance decides its recall (docs/enrol.md)
         print("by --max-drop  " + "; ".join(

@@ -8,8 +8,11 @@ softmax cross-entropy over [old logits, new logit] with the examples (and their 
 with flips) and half of the gate images (labelled images of the old classes), pulled lightly towards the imprint.
 Its bias is then set at the cap: the largest at which the gate images lose at most ``CAP_SHARE`` of
 ``max_drop_points`` of accuracy to the new class. The gate: the old classes' accuracy on the half the row was not
-fitted on may drop by at most ``max_drop_points``, else nothing is written. Classes enrolled before are old classes
-too: without gate images of them the enrolment is refused (the run's validation split has none).
+fitted on may drop by at most ``max_drop_points``, else nothing is written; where the bundle has a deployable INT8
+model (what a station with VNNI runs, and INT8 TensorRT engines are built from), the same holds for the old classes'
+accuracy on it, the row's logit computed from the INT8 model's embedding as such a station computes it. Classes
+enrolled before are old classes too: without gate images of them the enrolment is refused (the run's validation
+split has none).
 
 Torch-free (numpy, OpenCV, ONNX Runtime and ``contract``) so the central side can enrol from reviewed frames.
 """
@@ -34,6 +37,7 @@ from contract import openset
 from contract.bundle import (
     MANIFEST,
     ROLE_FP32,
+    ROLE_INT8,
     ROLE_OPEN_SET,
     SIGNATURE,
     Bundle,
@@ -369,6 +373,13 @@ def model_outputs(model_path: Path, inputs: np.ndarray | ModelInputs, embedding_
     return np.concatenate(logits).astype(np.float64), np.concatenate(emb).astype(np.float64)
 
 
+def int8_model(bundle: Bundle) -> Path | None:
+    """The bundle's deployable INT8 ONNX model, the one a station on a CPU with VNNI runs (and INT8 TensorRT engines
+    are built from), or None: the gate measures the enrolment on it too."""
+    art = bundle.artifact(ROLE_INT8)
+    return art.path if art is not None and art.deployable else None
+
+
 # ---------------------------------------------------------------- the new row
 
 @dataclass(frozen=True)
@@ -507,18 +518,36 @@ def leave_one_out_recalls(u_new: np.ndarray, old_new: np.ndarray, half: FitHalf,
     With ``examples`` = n, the rows are n examples followed by views of them (row ``k`` is a view of example
     ``k % n``): each example is left out with its views, and decided on its own row."""
     n = len(u_new) if examples is None else examples
+    hits = _leave_one_out_hits(u_new, old_new, half, caps, allowances, n, [(u_new[:n], old_new[:n])])[0]
+    return [float(h) / n for h in hits]
+
+
+def _leave_one_out_hits(u_new: np.ndarray, old_new: np.ndarray, half: FitHalf, caps: CapSet,
+                        allowances: Sequence[float], n: int, judged: Sequence[tuple[np.ndarray, np.ndarray]]
+                        ) -> list[np.ndarray]:
+    """``leave_one_out_recalls``' hits (examples decided as the new class, per allowance), for each of ``judged``:
+    the ``n`` examples as one model gives them (whitened embeddings and full old logits; the FP32 model's, the INT8
+    model's), each decided by the rows fitted without it. A row that is not finite is no hit."""
     of = np.arange(len(u_new)) % n
     folds = min(n, LOO_FOLDS)
-    hits = np.zeros(len(allowances), np.int64)
+    hits = [np.zeros(len(allowances), np.int64) for _ in judged]
     for fold in range(folds):
         rest = of % folds != fold
         own = np.flatnonzero(np.arange(n) % folds == fold)        # the fold's examples as taken, not their views
         w, fitted = _fit_row(u_new[rest], old_new[rest], half)
-        z_caps, z_own = caps.u @ w, u_new[own] @ w
-        for j, allowance in enumerate(allowances):
-            bias = _capped_bias(z_caps, fitted, caps, allowance)
-            hits[j] += int((_decide(old_new[own], z_own + bias) == old_new.shape[1]).sum())
-    return [float(h) / n for h in hits]
+        z_caps = caps.u @ w
+        biases = [_capped_bias(z_caps, fitted, caps, allowance) for allowance in allowances]
+        for (u, old), got in zip(judged, hits):
+            z_own = u[own] @ w
+            for j, bias in enumerate(biases):
+                got[j] += _new_class_hits(old[own], z_own + bias)
+    return hits
+
+
+def _new_class_hits(old_logits: np.ndarray, new_logit: np.ndarray) -> int:
+    """Rows decided as the new class (the last logit): a row with a logit that is not finite is none."""
+    finite = np.isfinite(old_logits).all(1) & np.isfinite(new_logit)
+    return int(((_decide(old_logits, new_logit) == old_logits.shape[1]) & finite).sum())
 
 
 def _accuracy(old: np.ndarray, new_logit: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
@@ -551,6 +580,41 @@ class GateFit:
         image without bias) is added."""
         h = self.held
         return _accuracy(self.caps.old[h], z[h] + bias, self.caps.labels[h])
+
+
+def _int8_report(bundle: Bundle, model: Path, gf: GateFit, w: np.ndarray, bias: float, fitted_bias: float,
+                 allowances: Sequence[float], max_drop_points: float, source: str, *, old_int8_gate: np.ndarray,
+                 u_int8_gate: np.ndarray, recall: float, loos: list[float]) -> dict:
+    """The enrolment's figures on the bundle's INT8 model, as the FP32 ones (``report["int8"]``): the same gate
+    images, halves and row (its bias set on the FP32 model), the old logits and the embedding the INT8 model gives.
+    Gate images whose INT8 outputs are not finite are left out of its figures (counted in ``images``); none left
+    in the held half: EnrolError, the gate could not judge the INT8 model."""
+    finite = np.isfinite(old_int8_gate).all(1) & np.isfinite(u_int8_gate).all(1)
+    held = gf.held[finite[gf.held]]
+    name = str(model.relative_to(bundle.root))
+    if len(held) == 0:
+        raise EnrolError(f"{bundle.root / name}: the INT8 model's outputs are not finite on any held-out gate image; "
+                         f"the gate cannot judge what stations running it would decide")
+    labels, z = gf.caps.labels, u_int8_gate @ w
+
+    def held_accuracy(at_bias: float) -> tuple[float, float]:
+        return _accuracy(old_int8_gate[held], z[held] + at_bias, labels[held])
+
+    before, after = held_accuracy(bias)
+    all_before, all_after = _accuracy(old_int8_gate[finite], z[finite] + bias, labels[finite])
+    drop = round((before - after) * 100.0, 9)
+    z_caps = gf.caps.u @ w
+    curve = [{"max_drop_points": allowance, "recall_leave_one_out": recall_at,
+              "drop_points": round((before - held_accuracy(_capped_bias(z_caps, fitted_bias, gf.caps, allowance))[1])
+                                   * 100.0, 9)}
+             for allowance, recall_at in zip(allowances, loos)]
+    loo = loos[list(allowances).index(max_drop_points)]
+    return {"model": name, "recall_examples": recall, "recall_leave_one_out": loo,
+            "gate": {"source": source, "images": int(finite.sum()), "held_out_images": int(len(held)),
+                     "accuracy_before": before, "accuracy_after": after, "drop_points": drop,
+                     "all_accuracy_before": all_before, "all_accuracy_after": all_after,
+                     "max_drop_points": max_drop_points, "passed": bool(drop <= max_drop_points)},
+            "allowances": curve}
 
 
 # ---------------------------------------------------------------- writing the new version
@@ -632,15 +696,19 @@ def _record_gate(bundle_dir: Path, source: Bundle, label: str, report: dict) -> 
     only a version with a promoted gate record, and the canary rollout takes it from there (docs/enrol.md)."""
     from contract.events import manifest_sha256, utc_now, write_gate
 
-    gate = report["gate"]
+    gate, int8 = report["gate"], report.get("int8")
+    on_int8 = (f"; on the INT8 model {int8['gate']['accuracy_before']:.2%} -> {int8['gate']['accuracy_after']:.2%}"
+               if int8 else "")
     write_gate(bundle_dir, {
         "decision": "promoted", "name": source.name, "version": bundle_dir.name,
         "manifest_sha256": manifest_sha256(bundle_dir),
         "reason": f"enrolled {label!r}: old classes {gate['accuracy_before']:.2%} -> {gate['accuracy_after']:.2%} "
-                  f"on {gate['held_out_images']} held-out gate images (at most {gate['max_drop_points']} points lost)",
+                  f"on {gate['held_out_images']} held-out gate images{on_int8} (at most {gate['max_drop_points']} "
+                  f"points lost)",
         "current": {"name": source.name, "version": source.version}, "report": None,
         "figures": {"enrolled": label, "examples": report["examples"],
-                    "recall_leave_one_out": report["recall_leave_one_out"], "old_drop_points": gate["drop_points"]},
+                    "recall_leave_one_out": report["recall_leave_one_out"], "old_drop_points": gate["drop_points"],
+                    "old_drop_points_int8": int8["gate"]["drop_points"] if int8 else None},
         "ts": utc_now()})
 
 
@@ -794,9 +862,9 @@ def _example_outputs(cfg: EnrolConfig, bundle: Bundle, pre: Preprocessor, mirror
 
 
 def _gate_outputs(cfg: EnrolConfig, bundle: Bundle, pre: Preprocessor, all_paths: list[Path],
-                  all_labels: np.ndarray, source: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  all_labels: np.ndarray, source: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[Path]]:
     """The model's logits and embeddings of the gate images (``_gate_rows``), read and run a batch at a time
-    (``ImageStream``), and their labels. Unreadable ones are skipped (logged); too few readable, EnrolError
+    (``ImageStream``), their labels and files. Unreadable ones are skipped (logged); too few readable, EnrolError
     (``_check_gate_rows``). An image whose outputs are not finite is skipped and named, like an unreadable one (its
     NaN would take the bias cap with it)."""
     stream = ImageStream(all_paths, pre)
@@ -809,18 +877,30 @@ def _gate_outputs(cfg: EnrolConfig, bundle: Bundle, pre: Preprocessor, all_paths
     _check_gate_rows(labels, cfg, bundle, source)
     finite = _finite_rows(logits, emb)
     if finite.all():
-        return logits, emb, labels
+        return logits, emb, labels, paths
     first = paths[int(np.flatnonzero(~finite)[0])]
     log.warning("%s: %d gate image(s) skipped: the model's embedding or logits are not finite (first: %s)", source,
                 int((~finite).sum()), first)
     _check_gate_rows(labels[finite], cfg, bundle, source)
-    return logits[finite], emb[finite], labels[finite]
+    return logits[finite], emb[finite], labels[finite], [p for p, ok in zip(paths, finite) if ok]
+
+
+def _int8_outputs(model: Path, bundle: Bundle, pre: Preprocessor, paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
+    """The INT8 model's logits and embeddings of ``paths`` (examples or gate images the FP32 model has just run on),
+    a batch at a time, row for row. A file unreadable since: EnrolError (the rows would no longer match)."""
+    stream = ImageStream(paths, pre)
+    logits, emb = model_outputs(model, stream, bundle.embedding_name, bundle.input_spec.output_name)
+    if stream.bad:
+        raise EnrolError(f"{stream.bad[0]}: read a moment ago, unreadable now; was it changed? Run the enrolment "
+                         "again")
+    return logits, emb
 
 
 def enroll(cfg: EnrolConfig) -> EnrolResult:
     """Add ``cfg.label`` to a bundle from a few images of it; the new bundle version, or EnrolError (nothing
-    written). With ``cfg.dry_run``: the report alone (the gate's verdict in ``report["gate"]["passed"]``), nothing
-    written; the figures are those the real enrolment at the same allowance gives."""
+    written). With ``cfg.dry_run``: the report alone (the gate's verdict in ``report["gate"]["passed"]``, and on the
+    INT8 model in ``report["int8"]["gate"]["passed"]``; ``report["int8"]`` is None for a bundle without a
+    deployable one), nothing written; the figures are those the real enrolment at the same allowance gives."""
     started = time.monotonic()
     _check_settings(cfg)
     bundle = _source_bundle(cfg)
@@ -831,7 +911,10 @@ def enroll(cfg: EnrolConfig) -> EnrolResult:
     # images read and run a batch at a time: only their outputs (logits, embedding) are held
     model_ex, emb_ex, ex_paths = _example_outputs(cfg, bundle, pre, mirror)
     n_ex = len(ex_paths)
-    model_gate, emb_gate, y_gate = _gate_outputs(cfg, bundle, pre, gate_paths, gate_labels, gate_source)
+    model_gate, emb_gate, y_gate, gate_kept = _gate_outputs(cfg, bundle, pre, gate_paths, gate_labels, gate_source)
+    int8_path = int8_model(bundle)          # what a station with VNNI (or an INT8 engine) runs: measured too
+    int8 = (None if int8_path is None else
+            (_int8_outputs(int8_path, bundle, pre, ex_paths), _int8_outputs(int8_path, bundle, pre, gate_kept)))
     old_ex, old_gate = os_.full_logits(model_ex, emb_ex), os_.full_logits(model_gate, emb_gate)
     gf = GateFit.of(os_.stats, emb_gate, model_gate, old_gate, y_gate, cfg.seed)
     if len(gf.held) == 0:       # the old classes' loss could not be measured: NaN, which no comparison refuses
@@ -845,7 +928,13 @@ def enroll(cfg: EnrolConfig) -> EnrolResult:
     new_index = len(bundle.labels)
     recall = float((_decide(old_ex[:n_ex], u_ex[:n_ex] @ w + bias) == new_index).mean())
     allowances = sorted({*ALLOWANCE_CURVE, cfg.max_drop_points})
-    loos = leave_one_out_recalls(u_fit, old_fit, gf.half, gf.caps, allowances, examples=fitted_examples)
+    judged = [(u_fit[:fitted_examples], old_fit[:fitted_examples])]     # the fitted examples as taken
+    if int8 is not None:                    # ... and as the INT8 model gives them: decided by the same rows
+        u8_ex, old8_ex = gf.white(int8[0][1]), os_.full_logits(*int8[0])
+        picked = fit_rows[:fitted_examples]
+        judged.append((u8_ex[picked], old8_ex[picked]))
+    hits = _leave_one_out_hits(u_fit, old_fit, gf.half, gf.caps, allowances, fitted_examples, judged)
+    loos = [float(h) / fitted_examples for h in hits[0]]
     loo = loos[allowances.index(cfg.max_drop_points)]
     z_gate = gf.caps.u @ w
     before, after = gf.held_accuracy(z_gate, bias)
@@ -872,12 +961,23 @@ def enroll(cfg: EnrolConfig) -> EnrolResult:
                f"held out){' and the examples mirrored' if mirror else ''}; bias set at the cap on all gate images, "
                f"{CAP_SHARE:g} of the allowance (trainer/enroll.py, docs/enrol.md)",
     }
+    report["int8"] = None if int8 is None else _int8_report(
+        bundle, int8_path, gf, w, bias, fitted_bias, allowances, cfg.max_drop_points, gate_source,
+        old_int8_gate=os_.full_logits(*int8[1]), u_int8_gate=gf.white(int8[1][1]),
+        recall=_new_class_hits(old8_ex[:n_ex], u8_ex[:n_ex] @ w + bias) / n_ex,
+        loos=[float(h) / fitted_examples for h in hits[1]])
     if cfg.dry_run:                         # a preview: the same figures, nothing written (the review page's)
         report["seconds"] = time.monotonic() - started
         return EnrolResult(None, None, report)
     if not drop <= cfg.max_drop_points:
         raise EnrolError(f"{gate_source}: the old classes lose {drop:.2f} points on the {len(gf.held)} held-out gate "
                          f"images (at most {cfg.max_drop_points} allowed); {cfg.label!r} not enrolled", report)
+    if report["int8"] is not None and not report["int8"]["gate"]["passed"]:
+        g8 = report["int8"]["gate"]
+        raise EnrolError(f"{gate_source}: on the bundle's INT8 model ({report['int8']['model']}, what stations with "
+                         f"VNNI or an INT8 TensorRT engine run) the old classes lose {g8['drop_points']:.2f} points on "
+                         f"the {g8['held_out_images']} held-out gate images (at most {cfg.max_drop_points} allowed; "
+                         f"the FP32 model: {drop:.2f}); {cfg.label!r} not enrolled", report)
     if loo < 0.5:
         log.warning("%r is recognised in only %.0f%% of its examples (leave-one-out) within the old classes' "
                     "allowance; before enrolment they were mostly decided as %r: it may look like that class, or "

@@ -723,3 +723,32 @@ def test_a_gate_record_that_cannot_be_written_leaves_no_version_behind(colours, 
     assert sorted(p.name for p in bundle.parent.iterdir()) == ["1"]
     monkeypatch.setattr(events, "write_gate", real_write_gate)      # room again: the same version enrols
     assert enroll(cfg).bundle_dir == bundle.parent / "2"
+
+
+def test_the_gate_measures_the_bundles_int8_model_as_a_station_running_it_decides(bundle8, enrolled, gate8):
+    """The exported bundle has a deployable INT8 model (what a station with VNNI runs): the enrolment measured the
+    old classes on it too, on the same gate images, and its figures are those of the INT8 model's own decisions
+    with the enrolled logit computed from its embedding (tests/trainer/test_enroll_int8.py: refused when it loses
+    more than the allowance)."""
+    from contract.bundle import ROLE_INT8
+
+    result, _work = enrolled
+    new = load_bundle(result.bundle_dir)
+    assert new.artifact(ROLE_INT8) is not None and new.artifact(ROLE_INT8).deployable
+    int8, fp32 = result.report["int8"], result.report["gate"]
+    assert new.manifest["quality"]["enrolment"]["Trouser"]["int8"] == int8
+    assert int8["model"] == "model.int8.onnx" and int8["gate"]["passed"] and int8["gate"]["drop_points"] <= 0.5
+    assert int8["gate"]["images"] == fp32["images"] and int8["gate"]["held_out_images"] == fp32["held_out_images"]
+    assert 0.0 <= int8["recall_examples"] <= 1.0 and 0.0 <= int8["recall_leave_one_out"] <= 1.0
+
+    old_paths = sorted(p for d in gate8.iterdir() for p in d.iterdir())
+    truth = np.array([new.labels.index(p.parent.name) for p in old_paths])
+    inputs = Preprocessor(new.input_spec).batch([read_image(p) for p in old_paths])
+    right = []
+    for bundle_dir in (bundle8, result.bundle_dir):
+        bundle = load_bundle(bundle_dir)
+        logits, emb = model_outputs(bundle.artifact(ROLE_INT8).path, inputs, bundle.embedding_name, "logits")
+        right.append(int((bundle.open_set.full_logits(logits, emb).argmax(1) == truth).sum()))
+    assert right[0] / len(old_paths) == pytest.approx(int8["gate"]["all_accuracy_before"])
+    # the station's arithmetic (the row stored as float32) agrees within one image
+    assert abs(right[1] / len(old_paths) - int8["gate"]["all_accuracy_after"]) <= 1 / len(old_paths)
