@@ -88,6 +88,11 @@ class Metrics:
         with self._lock:
             return self._counters.get((name, tuple(sorted(labels.items()))), 0.0)
 
+    def gauge(self, name: str, **labels: str) -> float | None:
+        """A gauge's value; None when it was never set."""
+        with self._lock:
+            return self._gauges.get((name, tuple(sorted(labels.items()))))
+
     def counters_by(self, name: str, label: str) -> dict[str, float]:
         with self._lock:
             return _by(self._counters, name, label)

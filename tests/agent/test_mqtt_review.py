@@ -108,7 +108,7 @@ def test_a_status_that_fails_right_after_connect_leaves_the_station_shown_discon
         # then, while it waits to try again, it is not taken for connected
         assert publisher.state.connects == 1
         assert not publisher.connected.is_set() and not publisher.state.connected
-        assert metrics._gauge("mqtt_connected") == 0
+        assert metrics.gauge("mqtt_connected") == 0
     finally:
         publisher.stop(0.1)
     assert not publisher.is_alive()
