@@ -9,10 +9,11 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import cv2
 import numpy as np
+import pytest
 
 from agent.config import AgentConfig
 from agent.demo import free_port
@@ -61,6 +62,24 @@ class Broker:
     def log(self) -> str:
         path = self.workdir / "mosquitto.log"
         return path.read_text() if path.exists() else ""
+
+
+@pytest.fixture(scope="session")
+def mosquitto_bin() -> str:
+    """The real broker's program; the test is skipped where it is not installed."""
+    if not Path(MOSQUITTO).exists():
+        pytest.skip("mosquitto is not installed (apt-get install mosquitto); these tests need a real broker")
+    return MOSQUITTO
+
+
+@pytest.fixture
+def broker(mosquitto_bin, tmp_path) -> Iterator[Broker]:
+    """A real mosquitto per test (every test folder's conftest imports this one fixture by name)."""
+    workdir = tmp_path / "broker"
+    workdir.mkdir()
+    b = Broker(workdir).start()
+    yield b
+    b.stop()
 
 
 def video_frames(path: Path) -> list[np.ndarray]:

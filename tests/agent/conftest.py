@@ -6,29 +6,12 @@ Helpers live in agent_support.py (tests import them from there, never from conft
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
-from agent_support import MOSQUITTO, Broker, make_tiny_bundle
+from agent_support import broker, make_tiny_bundle, mosquitto_bin  # noqa: F401
 
 from agent.demo import FASHION_MNIST_DIR, fashion_mnist_test, write_video
-
-
-@pytest.fixture
-def mosquitto_bin() -> str:
-    if not Path(MOSQUITTO).exists():
-        pytest.skip("mosquitto is not installed (apt-get install mosquitto); MQTT tests need a real broker")
-    return MOSQUITTO
-
-
-@pytest.fixture
-def broker(mosquitto_bin, tmp_path) -> Iterator[Broker]:
-    workdir = tmp_path / "broker"
-    workdir.mkdir()
-    b = Broker(workdir).start()
-    yield b
-    b.stop()
 
 
 @pytest.fixture(scope="session")

@@ -438,6 +438,15 @@ def test_the_backoff_starts_again_once_a_camera_delivered_a_frame():
     assert _backoff_delays(OpensThenFails(good=1)) == [0.001] * 5
 
 
+def test_reconnect_delays_are_jittered_between_half_and_all_of_the_backoff():
+    """Before: every camera waited exactly initial_s, initial_s * factor, ...: the cameras of a site that lost one
+    RTSP server (an NVR restarting) together all reconnected at the same instants."""
+    delays = _backoff_delays(OpensThenFails(good=0, opens_wanted=8), rng=random.Random(7))
+    tops = [0.001 * 2**i for i in range(7)]
+    assert len(delays) == 7 and all(top / 2 <= d <= top for d, top in zip(delays, tops))
+    assert len({round(d / top, 6) for d, top in zip(delays, tops)}) == 7       # drawn, not one fixed share
+
+
 # ---------------------------------------------------------------- finding 10: URI forms
 
 

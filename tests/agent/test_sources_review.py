@@ -11,7 +11,6 @@ a stalled Argus pipeline does (it pulls from the appsink without a timeout).
 from __future__ import annotations
 
 import logging
-import random
 import threading
 import time
 from pathlib import Path
@@ -384,52 +383,6 @@ def test_a_lost_camera_is_released_and_reported_down_during_its_backoff_wait():
     finally:
         stop.set()
         worker.join(10)
-
-
-class NeverOpens:
-    """A live camera (a fake: none exists here) that is refused at every open, as an RTSP server that is down."""
-
-    finite = False
-    name = "cam"
-
-    def __init__(self, opens_wanted: int) -> None:
-        self.opens = 0
-        self.opens_wanted = opens_wanted
-        self.done = threading.Event()
-
-    def open(self) -> None:
-        self.opens += 1
-        if self.opens >= self.opens_wanted:
-            self.done.set()
-        raise SourceError("cam: cannot open rtsp source rtsp://cam/x")
-
-    def read(self):
-        raise AssertionError("never opened")
-
-    def close(self) -> None:
-        pass
-
-
-def test_reconnect_delays_are_jittered_between_half_and_all_of_the_backoff():
-    """Before: every camera waited exactly initial_s, initial_s * factor, ...: the cameras of a site that lost one
-    RTSP server (an NVR restarting) together all reconnected at the same instants."""
-    fake = NeverOpens(opens_wanted=8)
-    cfg = CameraConfig(id="cam", uri="rtsp://cam/x", reconnect={"initial_s": 0.001, "max_s": 10, "factor": 2})
-    metrics, stop = Metrics(), threading.Event()
-    hub = FrameHub(metrics)
-    hub.add_camera("cam", 2, "drop_oldest")
-    worker = CameraWorker(cfg, hub, metrics, stop, lambda c: fake, rng=random.Random(7))
-    delays: list[float] = []
-    real = worker._reconnect_after
-    worker._reconnect_after = lambda why, delay: (delays.append(delay), real(why, delay))
-    worker.start()
-    assert fake.done.wait(60)
-    stop.set()
-    worker.join(10)
-    tops = [0.001 * 2**i for i in range(7)]
-    delays = delays[:7]
-    assert len(delays) == 7 and all(top / 2 <= d <= top for d, top in zip(delays, tops))
-    assert len({round(d / top, 6) for d, top in zip(delays, tops)}) == 7       # drawn, not one fixed share
 
 
 def test_validate_config_never_echoes_a_camera_uris_password(tmp_path):

@@ -11,24 +11,13 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import paho.mqtt.client as paho
 import pytest
-from agent_support import MOSQUITTO, Broker
+from agent_support import Broker
 
 from contract.broker import BrokerError, BrokerSettings, connect
-
-
-@pytest.fixture
-def broker(tmp_path) -> Iterator[Broker]:
-    if not Path(MOSQUITTO).exists():
-        pytest.skip("mosquitto is not installed (apt-get install mosquitto); these tests need a real broker")
-    (tmp_path / "broker").mkdir()
-    b = Broker(tmp_path / "broker").start()
-    yield b
-    b.stop()
 
 
 def wait_until(probe: Callable[[], Any], what: str, timeout: float = 60.0) -> None:

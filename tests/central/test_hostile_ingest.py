@@ -22,7 +22,6 @@ from pathlib import Path
 
 import paho.mqtt.client as paho
 import pytest
-from agent_support import MOSQUITTO, Broker
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 from loop_support import REPO, ingest_process, real_frames
@@ -133,16 +132,6 @@ def good_message() -> tuple[str, bytes, Properties]:
 
 
 # ---------------------------------------------------------------- fixtures
-
-@pytest.fixture
-def broker(tmp_path):
-    if not Path(MOSQUITTO).exists():
-        pytest.skip("mosquitto is not installed (apt-get install mosquitto); ingest tests need a real broker")
-    (tmp_path / "broker").mkdir()
-    b = Broker(tmp_path / "broker").start()
-    yield b
-    b.stop()
-
 
 def station(broker) -> paho.Client:
     client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"hostile-station-{time.time_ns()}",

@@ -13,11 +13,9 @@ import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import paho.mqtt.client as paho
 import pytest
-from agent_support import MOSQUITTO, Broker
 from loop_support import REPO, real_frames
 
 from agent.mqtt import encode
@@ -27,16 +25,6 @@ from central.review.store import FrameStore
 from contract.broker import BrokerSettings
 
 TOPIC = "inventory/ber1/receiving-01/frames"
-
-
-@pytest.fixture
-def broker(tmp_path):
-    if not Path(MOSQUITTO).exists():
-        pytest.skip("mosquitto is not installed (apt-get install mosquitto); these tests need a real broker")
-    (tmp_path / "broker").mkdir()
-    b = Broker(tmp_path / "broker").start()
-    yield b
-    b.stop()
 
 
 def wait_for(predicate, timeout: float = 60.0) -> bool:

@@ -496,16 +496,22 @@ def _colour_images(folder: Path, rgb: tuple[int, int, int], count: int, seed: in
     return paths
 
 
+def colour_setup(root: Path, **bundle_options):
+    """The colour bundle (belt, red, green, blue) under root/models, 150 gate images of each class under root/gate,
+    10 yellow examples under root/yellow: (agent_support, bundle, gate, yellow)."""
+    support = _agent_support()
+    bundle = support.make_open_set_bundle(root / "models", **bundle_options)
+    gate = root / "gate"
+    for k, (name, rgb) in enumerate(support.OPEN_SET_COLOURS.items()):
+        _colour_images(gate / name, rgb, 150, seed=k + 10)
+    yellow = _colour_images(root / "yellow", YELLOW, 10, seed=99)[0].parent
+    return support, bundle, gate, yellow
+
+
 @pytest.fixture
 def colours(tmp_path):
     """The colour bundle (belt, red, green, blue), 150 gate images of each class, 10 yellow examples."""
-    support = _agent_support()
-    bundle = support.make_open_set_bundle(tmp_path / "models")
-    gate = tmp_path / "gate"
-    for k, (name, rgb) in enumerate(support.OPEN_SET_COLOURS.items()):
-        _colour_images(gate / name, rgb, 150, seed=k + 10)
-    _colour_images(tmp_path / "yellow", YELLOW, 10, seed=99)
-    return support, bundle, gate, tmp_path / "yellow"
+    return colour_setup(tmp_path)
 
 
 def test_a_version_the_retrain_gate_rejected_is_not_enrolled_onto(colours):
@@ -556,13 +562,7 @@ def test_an_enrolled_class_is_in_the_gate_of_the_next_enrolment(colours, tmp_pat
 def test_an_image_the_model_gives_no_finite_outputs_for_is_skipped_and_named(tmp_path, caplog):
     """A NaN embedding made the row (or the bias cap) NaN and the gate refused for 100 points the old classes never
     lost; such an image is skipped and named like an unreadable one."""
-    support = _agent_support()
-    bundle = support.make_open_set_bundle(tmp_path / "models", nan_embedding_when_bright=True)
-    gate = tmp_path / "gate"
-    for k, (name, rgb) in enumerate(support.OPEN_SET_COLOURS.items()):
-        _colour_images(gate / name, rgb, 150, seed=k + 10)
-    examples = tmp_path / "yellow"
-    _colour_images(examples, YELLOW, 10, seed=99)
+    _, bundle, gate, examples = colour_setup(tmp_path, nan_embedding_when_bright=True)
     _colour_images(tmp_path / "white", (255, 255, 255), 1, seed=0)[0].rename(examples / "white.png")
     caplog.set_level("WARNING", logger="trainer.enroll")
     result = enroll(EnrolConfig(bundle=bundle, label="yellow", images=examples, gate_data=gate, version="2"))

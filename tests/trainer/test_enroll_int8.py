@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_enroll import YELLOW, _agent_support, _colour_images, _refused, _tree
+from test_enroll import _agent_support, _colour_images, _refused, _tree, colour_setup
 
 import trainer.enroll as enroll_module
 from contract.bundle import MANIFEST, ROLE_INT8, artifact_entry, load_bundle
@@ -69,12 +69,7 @@ def _add_int8_model(bundle: Path, green_from: float | None = None, deployable: b
 def colour_int8(tmp_path):
     """The colour bundle (belt, red, green, blue), 150 gate images of each class, 10 yellow examples, 50 red
     frames the enrolment never sees."""
-    support = _agent_support()
-    bundle = support.make_open_set_bundle(tmp_path / "models")
-    gate = tmp_path / "gate"
-    for k, (name, rgb) in enumerate(support.OPEN_SET_COLOURS.items()):
-        _colour_images(gate / name, rgb, 150, seed=k + 10)
-    yellow = _colour_images(tmp_path / "yellow", YELLOW, 10, seed=99)[0].parent
+    support, bundle, gate, yellow = colour_setup(tmp_path)
     red = _colour_images(tmp_path / "red_test", support.OPEN_SET_COLOURS["red"], 50, seed=3)
     return bundle, gate, yellow, red
 
@@ -113,7 +108,7 @@ def test_an_enrolment_whose_int8_model_loses_the_old_classes_is_refused_naming_i
     with pytest.raises(EnrolError) as info:
         enroll(cfg)
     assert info.value.report["int8"]["gate"] == int8["gate"], message
-    from trainer.cli import _print_enrolment       # the CLI prints both verdicts
+    from trainer.cli import _print_enrolment  # the CLI prints both verdicts
 
     _print_enrolment(dry)
     printed = capsys.readouterr().out

@@ -12,8 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from test_enroll import YELLOW, _agent_support, _colour_images
 from test_enroll import _refused as refused
+from test_enroll import colour_setup
 
 import trainer.enroll as enroll_module
 from contract.bundle import SIGNATURE, BundleError, load_bundle, load_public_key
@@ -25,16 +25,12 @@ from trainer.signing import generate_keypair, sign_bundle
 def signed(tmp_path):
     """The colour bundle signed with the site's key (site.key / site.pub), another key pair, gate images of its four
     classes and 10 yellow examples."""
-    support = _agent_support()
-    bundle = support.make_open_set_bundle(tmp_path / "models")
+    _, bundle, gate, yellow = colour_setup(tmp_path)
     generate_keypair(tmp_path / "site.key", tmp_path / "site.pub")
     generate_keypair(tmp_path / "other.key", tmp_path / "other.pub")
     sign_bundle(bundle, tmp_path / "site.key")
     load_bundle(bundle, load_public_key(tmp_path / "site.pub"))         # a station with the site's key takes it
-    gate = tmp_path / "gate"
-    for k, (name, rgb) in enumerate(support.OPEN_SET_COLOURS.items()):
-        _colour_images(gate / name, rgb, 150, seed=k + 10)
-    return bundle, gate, _colour_images(tmp_path / "yellow", YELLOW, 10, seed=99)[0].parent, tmp_path
+    return bundle, gate, yellow, tmp_path
 
 
 @pytest.fixture
@@ -105,12 +101,7 @@ def test_an_unsigned_version_is_written_only_when_asked_for_and_said(signed, cap
 
 def test_an_unsigned_source_still_enrols_without_a_key(tmp_path):
     """The rule is about signed sources: a site without signing enrols as before."""
-    support = _agent_support()
-    bundle = support.make_open_set_bundle(tmp_path / "models")
-    gate = tmp_path / "gate"
-    for k, (name, rgb) in enumerate(support.OPEN_SET_COLOURS.items()):
-        _colour_images(gate / name, rgb, 150, seed=k + 10)
-    yellow = _colour_images(tmp_path / "yellow", YELLOW, 10, seed=99)[0].parent
+    _, bundle, gate, yellow = colour_setup(tmp_path)
     result = enroll(EnrolConfig(bundle=bundle, label="yellow", images=yellow, gate_data=gate, version="2"))
     assert load_bundle(result.bundle_dir).labels[-1] == "yellow"
 

@@ -3,29 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
 
 import pytest
-from agent_support import MOSQUITTO, Broker, make_tiny_bundle
+from agent_support import broker, make_tiny_bundle, mosquitto_bin  # noqa: F401 (re-exported)
 from dashboard_support import Recorded, fmnist_video, record_agent_session
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
-
-
-@pytest.fixture(scope="session")
-def mosquitto_bin() -> str:
-    if not Path(MOSQUITTO).exists():
-        pytest.skip("mosquitto is not installed (apt-get install mosquitto); the dashboard tests need a real broker")
-    return MOSQUITTO
-
-
-@pytest.fixture
-def broker(mosquitto_bin, tmp_path) -> Iterator[Broker]:
-    workdir = tmp_path / "broker"
-    workdir.mkdir()
-    b = Broker(workdir).start()
-    yield b
-    b.stop()
 
 
 @pytest.fixture(scope="session")
@@ -51,7 +34,7 @@ def video(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def recorded(mosquitto_bin, tiny_bundle, video, tmp_path_factory) -> list[Recorded]:
+def recorded(mosquitto_bin, tiny_bundle, video, tmp_path_factory) -> list[Recorded]:  # noqa: F811 (the imported fixture)
     """What the real agent sent over a real broker: statuses (online, a rejected update, offline), results,
     decisions, QC alerts and stats, in arrival order."""
     return record_agent_session(tmp_path_factory.mktemp("dash-record"), tiny_bundle, video)

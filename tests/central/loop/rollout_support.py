@@ -17,9 +17,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
-
-import pytest
+from typing import Any, Callable, TypeVar
 
 TESTS = Path(__file__).resolve().parents[2]
 REPO = TESTS.parent
@@ -27,8 +25,6 @@ if str(TESTS / "agent") not in sys.path:
     sys.path.append(str(TESTS / "agent"))
 
 from agent_support import (  # noqa: E402
-    MOSQUITTO,
-    Broker,
     make_tiny_bundle,
     station_config,
     write_yaml,
@@ -49,17 +45,6 @@ def wait_until(probe: Callable[[], T], timeout: float, what: str, interval: floa
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(interval)
-
-
-@pytest.fixture
-def broker(tmp_path) -> Iterator[Broker]:
-    if not Path(MOSQUITTO).exists():
-        pytest.skip("mosquitto is not installed (apt-get install mosquitto); rollout tests need a real broker")
-    workdir = tmp_path / "broker"
-    workdir.mkdir()
-    b = Broker(workdir).start()
-    yield b
-    b.stop()
 
 
 # ---------------------------------------------------------------- MQTT recorder

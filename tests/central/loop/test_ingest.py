@@ -10,7 +10,6 @@ from pathlib import Path
 
 import paho.mqtt.client as paho
 import pytest
-from agent_support import MOSQUITTO, Broker
 from loop_support import ingest_process, real_frames
 
 from agent.mqtt import encode
@@ -20,16 +19,6 @@ from contract.broker import BrokerSettings
 
 TOPIC = "inventory/ber1/receiving-01/frames"
 pytestmark = pytest.mark.mqtt
-
-
-@pytest.fixture
-def broker(tmp_path):
-    if not Path(MOSQUITTO).exists():
-        pytest.skip("mosquitto is not installed (apt-get install mosquitto); ingest tests need a real broker")
-    (tmp_path / "broker").mkdir()
-    b = Broker(tmp_path / "broker").start()
-    yield b
-    b.stop()
 
 
 def station(broker, v5: bool = True) -> paho.Client:

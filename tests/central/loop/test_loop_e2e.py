@@ -26,7 +26,6 @@ from rollout_support import (  # noqa: F401
     WEAK_CLASS,
     Recorder,
     Station,
-    broker,
     class_recall,
     cli,
     wait_online,

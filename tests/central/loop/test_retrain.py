@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from rollout_support import WEAK_CLASS, Recorder, broker, class_recall, weak_base  # noqa: F401
+from rollout_support import WEAK_CLASS, Recorder, class_recall, weak_base  # noqa: F401
 
 from central.rollout import (
     RolloutError,

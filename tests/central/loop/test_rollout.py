@@ -21,7 +21,6 @@ from hypothesis import strategies as st
 from rollout_support import (  # noqa: F401
     Recorder,
     Station,
-    broker,
     cli,
     image_folder,
     promote,

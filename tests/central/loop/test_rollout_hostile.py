@@ -20,9 +20,8 @@ import uuid
 from pathlib import Path
 
 import pytest
+from agent_support import MOSQUITTO, Broker
 from rollout_support import (
-    MOSQUITTO,
-    Broker,
     Recorder,
     cli,
     promote,
@@ -206,17 +205,6 @@ def test_a_canary_reporting_another_model_of_the_version_is_not_taken_as_switche
 # ---------------------------------------------------------------- 3. a publish the broker refuses
 
 ACL_USERS = {"rollout": "rollout-pw", "s/a": "station-pw"}
-
-
-@pytest.fixture
-def open_broker(tmp_path):
-    """A real mosquitto that lets anyone in (the rollout's own tests: test_rollout.py's ``broker``)."""
-    if not Path(MOSQUITTO).exists():
-        pytest.skip("mosquitto is not installed; this test needs a real broker")
-    (tmp_path / "open-broker").mkdir()
-    b = Broker(tmp_path / "open-broker").start()
-    yield b
-    b.stop()
 
 
 @pytest.fixture
@@ -438,8 +426,7 @@ def test_a_station_skipped_by_all_makes_the_rollout_not_ok_and_is_named_in_the_e
 
 @pytest.mark.mqtt
 def test_rollout_all_through_the_cli_exits_1_for_an_offline_station_and_0_past_other_models(tree, tmp_path,
-                                                                                           open_broker):
-    broker = open_broker
+                                                                                           broker):
     stations = MqttStations(broker.port, {"s/a": ("tiny", "v1", "online"), "s/c": ("shelf", "v1", "online"),
                                           "s/d": ("shelf", "v1", "offline")})
     recorder = Recorder(broker.port, ["inventory/_central/rollout"])
@@ -512,16 +499,16 @@ def test_two_processes_recording_at_once_lose_nothing(tmp_path):
 # ---------------------------------------------------------------- 11. a publish event is never lost for good
 
 @pytest.mark.mqtt
-def test_publishing_an_already_published_bundle_sends_its_event(tmp_path, open_broker):
+def test_publishing_an_already_published_bundle_sends_its_event(tmp_path, broker):
     """A first publish whose broker was down copied the bundle and lost its event; running it again used to print
     'already published' and send nothing, so the dashboard never heard of the version."""
     served = tmp_path / "served"
     bundle = tiny_versions(tmp_path / "models", ["v1"])["v1"]
     publish_bundle(bundle, served, baseline=True)                # the first run: its event never left
-    recorder = Recorder(open_broker.port, ["inventory/_central/rollout"])
+    recorder = Recorder(broker.port, ["inventory/_central/rollout"])
     try:
         again = cli("publish", str(bundle), "--root", str(served), "--baseline", "--mqtt-host", "127.0.0.1",
-                    "--mqtt-port", str(open_broker.port))
+                    "--mqtt-port", str(broker.port))
         assert again.returncode == 0 and "already published" in again.stdout, again.stdout + again.stderr
         [event] = wait_until(lambda: [m.json() for m in recorder.of("rollout")], 30, "the publish event")
     finally:

@@ -23,8 +23,6 @@ from typing import Any
 
 import pytest
 from rollout_support import (
-    MOSQUITTO,
-    Broker,
     CommandedStation,
     Recorder,
     Station,
@@ -53,16 +51,6 @@ from contract.messages import checker
 pytestmark = pytest.mark.mqtt
 
 STATION = "s/a"
-
-
-@pytest.fixture
-def mosquitto(tmp_path):
-    if not Path(MOSQUITTO).exists():
-        pytest.skip("mosquitto is not installed (apt-get install mosquitto); these tests need a real broker")
-    (tmp_path / "mosquitto").mkdir()
-    b = Broker(tmp_path / "mosquitto").start()
-    yield b
-    b.stop()
 
 
 @pytest.fixture(scope="module")
@@ -140,15 +128,15 @@ def other_commands(served) -> dict[str, Any]:
 
 @pytest.mark.parametrize("other", ["another version", "the same version, another manifest",
                                    "the same bundle from another location", "a command the station could not read"])
-def test_a_late_refusal_of_another_command_does_not_halt_the_rollout(served, mosquitto, tmp_path, caplog, other):
+def test_a_late_refusal_of_another_command_does_not_halt_the_rollout(served, broker, tmp_path, caplog, other):
     """Given a station on v1, when after the rollout's cmd/model it publishes a refusal naming another command
     (the rollout judges it), then its success for v2, then the rollout succeeds and logs the other answer at info
     (before: it halted with 'the station refused v2: <the other command's reason>')."""
     bundle = resolve_bundle(str(served["tree"] / "tiny" / "v2"))
-    station = CommandedStation(mosquitto.port, STATION, "tiny", "v1")
+    station = CommandedStation(broker.port, STATION, "tiny", "v1")
     try:
         with caplog.at_level(logging.INFO, logger="central.rollout.run"):
-            rollout = RolloutInThread(mosquitto.port, bundle, tmp_path)
+            rollout = RolloutInThread(broker.port, bundle, tmp_path)
             try:
                 wait_until(station.received, 60, "the rollout's cmd/model")
                 late = station.report(answer(False, "earlier command: sha256 does not match (tampered)",
@@ -167,11 +155,11 @@ def test_a_late_refusal_of_another_command_does_not_halt_the_rollout(served, mos
         in caplog.text
 
 
-def test_a_refusal_naming_this_command_halts_with_the_station_s_reason(served, mosquitto, tmp_path):
+def test_a_refusal_naming_this_command_halts_with_the_station_s_reason(served, broker, tmp_path):
     bundle = resolve_bundle(str(served["tree"] / "tiny" / "v2"))
-    station = CommandedStation(mosquitto.port, STATION, "tiny", "v1")
+    station = CommandedStation(broker.port, STATION, "tiny", "v1")
     try:
-        rollout = RolloutInThread(mosquitto.port, bundle, tmp_path)
+        rollout = RolloutInThread(broker.port, bundle, tmp_path)
         try:
             [command] = wait_until(station.received, 60, "the rollout's cmd/model")
             station.report(answer(False, "model.fp32.onnx: sha256 does not match (tampered)", ("tiny", "v1"),
@@ -185,12 +173,12 @@ def test_a_refusal_naming_this_command_halts_with_the_station_s_reason(served, m
     assert outcome.reason == "the station refused v2: model.fp32.onnx: sha256 does not match (tampered)"
 
 
-def test_only_another_command_s_refusal_ends_in_the_usual_timeout(served, mosquitto, tmp_path):
+def test_only_another_command_s_refusal_ends_in_the_usual_timeout(served, broker, tmp_path):
     """The timeout is kept: a station that answers only another command is 'no status reporting' after it."""
     bundle = resolve_bundle(str(served["tree"] / "tiny" / "v2"))
-    station = CommandedStation(mosquitto.port, STATION, "tiny", "v1")
+    station = CommandedStation(broker.port, STATION, "tiny", "v1")
     try:
-        rollout = RolloutInThread(mosquitto.port, bundle, tmp_path, timeout_s=3.0)
+        rollout = RolloutInThread(broker.port, bundle, tmp_path, timeout_s=3.0)
         try:
             wait_until(station.received, 60, "the rollout's cmd/model")
             station.report(answer(False, "earlier command refused", ("tiny", "v1"), other_commands(served)[
@@ -204,13 +192,13 @@ def test_only_another_command_s_refusal_ends_in_the_usual_timeout(served, mosqui
 
 
 @pytest.mark.parametrize("ok", [True, False])
-def test_an_answer_without_a_request_is_judged_as_before(served, mosquitto, tmp_path, ok):
+def test_an_answer_without_a_request_is_judged_as_before(served, broker, tmp_path, ok):
     """A station before 2026-12-07 names no request: its switch is a success and its new refusal halts, as
     always."""
     bundle = resolve_bundle(str(served["tree"] / "tiny" / "v2"))
-    station = CommandedStation(mosquitto.port, STATION, "tiny", "v1")
+    station = CommandedStation(broker.port, STATION, "tiny", "v1")
     try:
-        rollout = RolloutInThread(mosquitto.port, bundle, tmp_path)
+        rollout = RolloutInThread(broker.port, bundle, tmp_path)
         try:
             wait_until(station.received, 60, "the rollout's cmd/model")
             if ok:
@@ -226,19 +214,19 @@ def test_an_answer_without_a_request_is_judged_as_before(served, mosquitto, tmp_
     assert outcome.reason == (None if ok else "the station refused v2: download failed")
 
 
-def test_a_real_station_s_status_names_the_rollout_s_command(served, mosquitto, tmp_path):
+def test_a_real_station_s_status_names_the_rollout_s_command(served, broker, tmp_path):
     """A real agent updated through the CLI: its retained status's last_model_update.request is the cmd/model
     the rollout sent (bundle, sha256, version), and the rollout judged it."""
     server = BundleServer(served["tree"]).start()
     url = f"{server.url}tiny/v2/"
-    recorder = Recorder(mosquitto.port, ["inventory/#"])
+    recorder = Recorder(broker.port, ["inventory/#"])
     station = Station(tmp_path / "stations", served["bundles"]["v1"], image_folder(tmp_path / "camera", count=5),
-                      mosquitto.port)
+                      broker.port)
     try:
         wait_online(recorder, station, "v1")
         done = cli("rollout", "--bundle-url", url, "--stations", station.key, "--no-canary",
                    "--update-timeout-s", "120", "--history", str(tmp_path / "h.json"), "--mqtt-host", "127.0.0.1",
-                   "--mqtt-port", str(mosquitto.port))
+                   "--mqtt-port", str(broker.port))
         assert done.returncode == 0, done.stdout + done.stderr
         [sent] = [m.json() for m in recorder.of(f"/{station.key}/cmd/model")]
         update = wait_until(lambda: (recorder.status(station.key) or {}).get("last_model_update"), 60,

@@ -16,7 +16,8 @@ import threading
 from pathlib import Path
 
 import pytest
-from rollout_support import MOSQUITTO, REPO, Broker, cli, promote, tiny_versions, wait_until
+from agent_support import Broker
+from rollout_support import REPO, cli, promote, tiny_versions, wait_until
 from test_rollout_hostile import MqttStations, remote, stats
 
 from central.rollout import (
@@ -66,16 +67,6 @@ def test_the_rate_before_is_taken_after_a_restart_in_the_baseline():
 
 # ---------------------------------------------------------------- 2. a broker that goes away mid-rollout
 
-@pytest.fixture
-def mosquitto(tmp_path):
-    if not Path(MOSQUITTO).exists():
-        pytest.skip("mosquitto is not installed; this test needs a real broker")
-    (tmp_path / "mosquitto").mkdir()
-    b = Broker(tmp_path / "mosquitto").start()
-    yield b
-    b.stop()
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("served-tree")
@@ -100,22 +91,22 @@ class AnswersOnly(MqttStations):
 
 
 @pytest.mark.mqtt
-def test_a_broker_that_goes_away_mid_rollout_still_leaves_the_summary(served, tmp_path, mosquitto):
+def test_a_broker_that_goes_away_mid_rollout_still_leaves_the_summary(served, tmp_path, broker):
     """Given s/a that switches and s/b that never answers, when the broker stops while the rollout waits for s/b
     and is still down at its end, then the rollout prints who runs what and exits 1, listing the event it could not
     send (before: the event's publish raised, the CLI printed only 'publish failed' and exited 2, no summary)."""
-    stations = AnswersOnly(mosquitto.port, {"s/a": ("tiny", "v1", "online"), "s/b": ("tiny", "v1", "online")})
+    stations = AnswersOnly(broker.port, {"s/a": ("tiny", "v1", "online"), "s/b": ("tiny", "v1", "online")})
 
     def stop_once_sent() -> None:
         wait_until(lambda: [k for k, _ in stations.commands] == ["s/a", "s/b"], 60, "both commands")
-        mosquitto.stop()
+        broker.stop()
 
     stopper = threading.Thread(target=stop_once_sent)
     stopper.start()
     try:
         done = cli("rollout", "--bundle-url", str(served / "tiny" / "v2"), "--stations", "s/a,s/b", "--no-canary",
                    "--update-timeout-s", "20", "--history", str(tmp_path / "h.json"), "--mqtt-host", "127.0.0.1",
-                   "--mqtt-port", str(mosquitto.port), timeout=300)
+                   "--mqtt-port", str(broker.port), timeout=300)
     finally:
         stopper.join()
         stations.close()
@@ -157,7 +148,7 @@ def test_a_command_reported_not_sent_during_an_outage_is_never_sent_later(tmp_pa
 
 # ---------------------------------------------------------------- 3. a history that cannot be written
 
-def test_a_history_on_a_full_disk_stops_nothing_and_the_summary_says_what_is_missing(served, tmp_path, mosquitto):
+def test_a_history_on_a_full_disk_stops_nothing_and_the_summary_says_what_is_missing(served, tmp_path, broker):
     """Given a history file the process cannot grow (RLIMIT_FSIZE: a real EFBIG from write(2)), when a rollout
     switches two stations, then both are switched and listed, the summary says the history misses them, the exit
     code is 1, and no half-written file is left beside it (before: a traceback after the first station, no summary,
@@ -168,7 +159,7 @@ def test_a_history_on_a_full_disk_stops_nothing_and_the_summary_says_what_is_mis
         history.record(f"old/st{n}", action="rollout", bundle=remote("tiny", "v1"), from_version="v0", ok=True,
                        reason=None)
     limit = path.stat().st_size + 200
-    stations = MqttStations(mosquitto.port, {"s/a": ("tiny", "v1", "online"), "s/b": ("tiny", "v1", "online")})
+    stations = MqttStations(broker.port, {"s/a": ("tiny", "v1", "online"), "s/b": ("tiny", "v1", "online")})
     full_disk = ("import resource, runpy, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
                  f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); "
                  "sys.argv = ['central', *sys.argv[1:]]; runpy.run_module('central', run_name='__main__')")
@@ -176,7 +167,7 @@ def test_a_history_on_a_full_disk_stops_nothing_and_the_summary_says_what_is_mis
         done = subprocess.run([sys.executable, "-c", full_disk, "rollout", "--bundle-url",
                                str(served / "tiny" / "v2"), "--stations", "s/a,s/b", "--no-canary",
                                "--update-timeout-s", "60", "--history", str(path), "--mqtt-host", "127.0.0.1",
-                               "--mqtt-port", str(mosquitto.port)], cwd=REPO, capture_output=True, text=True,
+                               "--mqtt-port", str(broker.port)], cwd=REPO, capture_output=True, text=True,
                               timeout=300)
     finally:
         stations.close()
@@ -206,16 +197,16 @@ def test_records_a_failed_write_held_are_written_with_the_next_one(tmp_path):
 
 @pytest.mark.mqtt
 def test_an_offline_canary_halts_at_once_and_an_offline_station_is_not_sent_a_lost_command(served, tmp_path,
-                                                                                          mosquitto):
+                                                                                          broker):
     """An agent's MQTT session ends with its connection, so a cmd/model sent to an offline station is lost.
     Given a canary whose retained status says offline, the rollout halts before gathering stats (before: it
     waited --baseline-s plus --update-timeout-s, 330 s by default, for stats that could not come); given an offline
     station named without a canary, it is listed 'not sent: offline' and gets no command."""
-    stations = AnswersOnly(mosquitto.port, {"s/a": ("tiny", "v1", "offline"), "s/b": ("tiny", "v1", "online"),
+    stations = AnswersOnly(broker.port, {"s/a": ("tiny", "v1", "offline"), "s/b": ("tiny", "v1", "online"),
                                               "s/c": ("tiny", "v1", "offline")})
     stations.answering = ("s/a", "s/b", "s/c")
     common = ["--bundle-url", str(served / "tiny" / "v2"), "--update-timeout-s", "600", "--history",
-              str(tmp_path / "h.json"), "--mqtt-host", "127.0.0.1", "--mqtt-port", str(mosquitto.port)]
+              str(tmp_path / "h.json"), "--mqtt-host", "127.0.0.1", "--mqtt-port", str(broker.port)]
     try:
         canary = cli("rollout", *common, "--stations", "s/a,s/b", "--canary", "s/a", "--baseline-s", "600",
                      timeout=300)
@@ -313,7 +304,7 @@ def test_a_history_record_without_a_bundle_url_is_passed_over_not_a_crash(tmp_pa
 # ---------------------------------------------------------------- 8. a stats message the broker kept
 
 @pytest.mark.mqtt
-def test_a_retained_stats_message_is_refused_as_stale(mosquitto):
+def test_a_retained_stats_message_is_refused_as_stale(broker):
     """Stats are never retained (stats.v1). One a broker kept (an old tool, a bridge) was delivered on subscribing
     and again after every reconnect with a time of now: old counters read as the newest, in the middle of a watch a
     'restart'. Given such a message, when the rollout follows the station's stats, then it is refused and counted,
@@ -327,9 +318,9 @@ def test_a_retained_stats_message_is_refused_as_stale(mosquitto):
     live = {**stale, "id": "00000000-0000-4000-8000-000000000002", "seq": 2, "frames_classified": 5000,
             "frames_low_confidence": 500, "low_confidence_rate": 0.1}
     client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="stale-stats", protocol=paho.MQTTv5)
-    client.connect("127.0.0.1", mosquitto.port)
+    client.connect("127.0.0.1", broker.port)
     client.loop_start()
-    link = StationLink(BrokerSettings("127.0.0.1", mosquitto.port)).connect()
+    link = StationLink(BrokerSettings("127.0.0.1", broker.port)).connect()
     try:
         client.publish("inventory/s/a/stats", json.dumps(stale), qos=1, retain=True).wait_for_publish(10)
         link.settle()
