@@ -7,11 +7,13 @@ import logging
 import math
 import os
 import pickle
+import shutil
 import time
+import unicodedata
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import IO, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -343,10 +345,7 @@ class Trainer:
         cfg, resuming = self.cfg, resume_classes is not None
         dataset = data_mod.load_dataset(cfg.data)
         if resuming and dataset.classes != resume_classes:
-            raise data_mod.DatasetError(
-                f"{cfg.data}: the classes {dataset.classes} differ from the classes {resume_classes} of the run "
-                f"being resumed ({self.run_dir / 'last.pt'}); its model has a row per class in that order. Restore "
-                f"the data as it was, or start a new run (another --name)")
+            dataset = self._in_resumed_classes(dataset, resume_classes)
         split_path = self.run_dir / "split.json"
         saved = split_path.exists()
         drawn_for = data_mod.split_drawn_for(split_path) if saved else None
@@ -379,6 +378,31 @@ class Trainer:
                         "listed in %s", len(dataset.skipped),
                         self.run_dir / "data_report.json")
         return dataset, train_idx, val_idx
+
+    def _in_resumed_classes(self, dataset: data_mod.Dataset, classes: list[str]) -> data_mod.Dataset:
+        """``dataset`` labelled by the classes of the run being resumed when they are its classes spelled in another
+        Unicode normal form: a run started before class names were read in NFC, on folders a Mac copy named
+        (decomposed: ``e`` + combining accent), holds them so, perhaps in another order (NFC sorts otherwise). As
+        ``load_dataset(classes=...)`` does, the run's names keep their spelling and order (its model's rows, its
+        split's labels). Any other difference is a DatasetError naming the classes that differ."""
+        in_nfc = [unicodedata.normalize("NFC", name) for name in classes]
+        if sorted(in_nfc) == sorted(dataset.classes) and len(set(in_nfc)) == len(in_nfc):
+            row = {name: i for i, name in enumerate(in_nfc)}
+            relabel = [row[name] for name in dataset.classes]
+            log.info("%s: the classes of %s are the data's classes in another Unicode normal form; they keep the "
+                     "run's spelling and order", self.cfg.data, self.run_dir / "last.pt")
+            return replace(dataset, classes=list(classes),
+                           samples=[replace(s, label=relabel[s.label]) for s in dataset.samples])
+        added = [name for name in dataset.classes if name not in in_nfc]
+        gone = [name for name, nfc in zip(classes, in_nfc) if nfc not in dataset.classes]
+        detail = f"new in the data: {added}; of the run, not in the data: {gone}"
+        if any(name != nfc for name, nfc in zip(classes, in_nfc)):
+            detail += (f"; the run's names {', '.join(ascii(n) for n, nfc in zip(classes, in_nfc) if n != nfc)} are "
+                       f"not in Unicode NFC, in which the data's names are read: names that print alike may differ")
+        raise data_mod.DatasetError(
+            f"{self.cfg.data}: the classes {dataset.classes} differ from the classes {classes} of the run being "
+            f"resumed ({self.run_dir / 'last.pt'}) ({detail}); its model has a row per class in that order. "
+            f"Restore the data as it was, or start a new run (another --name)")
 
     def _split_settings(self) -> dict:
         """What decides the split drawn for this config: a split drawn for other settings is not this run's."""
@@ -452,7 +476,10 @@ class Trainer:
             log.warning("%s: removing the epochs of an earlier run that left no last.pt", metrics)
             metrics.unlink()
 
-    def _checkpoint(self, name: str, model, optimizer, schedule, scaler, state: RunState, generator) -> None:
+    def _checkpoint(self, name: str, model, optimizer, schedule, scaler, state: RunState, generator,
+                    metrics: dict | None = None) -> None:
+        """``name`` in the run folder, written whole or not at all. ``metrics``: the figures of the epoch it ends
+        (its metrics.jsonl line), which a resume writes there when a kill came before the line."""
         # On CUDA, dropout draws from each GPU's generator: every process's states of every GPU, by rank (a
         # collective, so every rank comes here; only rank 0 writes).
         cuda_rng = self.dist.gather_object(torch.cuda.get_rng_state_all()) if self.device.type == "cuda" else None
@@ -466,17 +493,67 @@ class Trainer:
         }
         if cuda_rng is not None:
             payload["cuda_rng"] = cuda_rng
-        tmp = self.run_dir / f".{name}.tmp"
-        try:
-            with open(tmp, "wb") as fh:
-                torch.save(payload, fh)
-                fh.flush()
-                os.fsync(fh.fileno())   # on disk before the rename: a power cut then never leaves an empty last.pt
-            os.replace(tmp, self.run_dir / name)  # a kill mid-save never leaves a half-written checkpoint
-        except BaseException:   # a full disk, Ctrl-C: the partial file (up to a checkpoint's size) goes too
-            tmp.unlink(missing_ok=True)
-            raise
-        fsync_dir(self.run_dir)         # the rename itself survives a power cut only once the folder is synced
+        if metrics is not None:
+            payload["metrics"] = metrics
+        _write_durably(self.run_dir / name, lambda fh: torch.save(payload, fh))
+
+    def _settle_epoch_end(self, last: Path) -> None:
+        """The run folder as an uninterrupted run leaves it, after a kill at the end of an epoch. An epoch ends by
+        writing best.pt (when it improved), last.pt, then its metrics.jsonl line, each whole or not at all:
+
+        - killed after best.pt, before last.pt: best.pt holds the finished epoch, one past last.pt, with all a
+          resume needs (both are written from the same state). It becomes last.pt, so the run continues after
+          it, and best.pt, last.pt and metrics.jsonl tell of the same best epoch. (Resumed from the older last.pt,
+          the epoch was trained again; scoring lower there, as another machine or a GPU may, the run recorded an
+          older best while best.pt kept the lost attempt's model.)
+        - killed after last.pt, before the line: the line is written from the figures last.pt holds.
+        - killed mid-write: the partial ``.<name>.tmp`` (up to a checkpoint's size) is removed.
+        """
+        for name in ("best.pt", "last.pt"):
+            partial = self.run_dir / f".{name}.tmp"
+            if partial.exists():
+                log.warning("%s: removing the partial checkpoint of a write that was cut off", partial)
+                partial.unlink()
+        saved = _peek_checkpoint(last)
+        if saved is None:   # no run to resume (epoch 1 writes best.pt again), or last.pt cannot be read (named later)
+            return
+        best_path = self.run_dir / "best.pt"
+        best = _peek_checkpoint(best_path)
+        if best is not None and best["state"].get("epoch", 0) > saved["state"].get("epoch", 0):
+            if self._rolls_forward(best, saved, best_path):
+                log.warning("%s holds epoch %d, one past %s (the run was stopped between writing the two): the run "
+                            "continues after it", best_path, best["state"]["epoch"], last)
+                with open(best_path, "rb") as src:
+                    _write_durably(last, lambda fh: shutil.copyfileobj(src, fh, 2**24))
+                saved = best
+        self._complete_metrics(saved, last)
+
+    def _rolls_forward(self, best: dict, saved: dict, best_path: Path) -> bool:
+        """Whether best.pt is the checkpoint of the epoch after last.pt's, written by this run, intact: only a kill
+        between the two writes leaves one so. Any other newer best.pt (put there by hand) is named and left."""
+        fits = (best["state"].get("epoch") == saved["state"].get("epoch", 0) + 1
+                and all(key in best for key in RESUME_KEYS) and best.get("classes") == saved.get("classes")
+                and isinstance(best.get("config"), dict) and isinstance(saved.get("config"), dict)
+                and not changed_settings(saved["config"], best["config"]))
+        if not fits or _damaged_record(best_path) is not None:
+            log.warning("%s holds epoch %s, past the epoch %s of last.pt, but is not the next checkpoint of this "
+                        "run (or is damaged); the run resumes from last.pt", best_path, best["state"].get("epoch"),
+                        saved["state"].get("epoch"))
+            return False
+        return True
+
+    def _complete_metrics(self, saved: dict, last: Path) -> None:
+        """The metrics.jsonl line of last.pt's epoch, from the figures last.pt holds, when a kill came before it."""
+        path, epoch = self.run_dir / "metrics.jsonl", saved["state"].get("epoch")
+        if epoch in _metrics_epochs(path):
+            return
+        row = saved.get("metrics")
+        if not isinstance(row, dict) or row.get("epoch") != epoch:
+            log.warning("%s has no line for epoch %s, and %s holds no figures to restore it from (written before "
+                        "2026-12-07)", path, epoch, last)
+            return
+        log.warning("%s: writing the line of epoch %s from %s (the run was stopped before it)", path, epoch, last)
+        _append_metrics(path, row)
 
     def _restore_rng(self, resume: dict, source: Path) -> None:
         """The random states of a checkpoint, so that a resumed run draws what an uninterrupted one would: torch's
@@ -596,6 +673,9 @@ class Trainer:
             raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of the {self.dist.world} processes")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         last = self.run_dir / "last.pt"
+        if self.dist.is_main:
+            self._settle_epoch_end(last)
+        self.dist.barrier()         # every rank reads last.pt as settled
         resume = read_resume_checkpoint(last) if last.exists() else None
         if self.dist.is_main and resume is None:
             self._clear_leftovers()
@@ -653,15 +733,16 @@ class Trainer:
             row["val_accuracy"], row["val_macro_f1"] = accuracy_and_f1(logits, val_labels, len(self.classes))
             metric = row["val_" + cfg.metric]
             state.epoch = epoch + 1
+            # best.pt, last.pt, then the metrics line: a kill between two of them leaves what a resume completes
+            # (_settle_epoch_end), each checkpoint carrying the epoch's figures
             if metric > state.best_metric:
                 state.best_metric, state.best_epoch, state.epochs_without_improvement = metric, epoch + 1, 0
-                self._checkpoint("best.pt", model, optimizer, schedule, scaler, state, generator)
+                self._checkpoint("best.pt", model, optimizer, schedule, scaler, state, generator, row)
             else:
                 state.epochs_without_improvement += 1
-            self._checkpoint("last.pt", model, optimizer, schedule, scaler, state, generator)
+            self._checkpoint("last.pt", model, optimizer, schedule, scaler, state, generator, row)
             if self.dist.is_main:
-                with open(self.run_dir / "metrics.jsonl", "a") as fh:
-                    fh.write(json.dumps(row) + "\n")
+                _append_metrics(self.run_dir / "metrics.jsonl", row)
             self.dist.barrier()  # nobody starts the next epoch (or a resume) before the checkpoint is on disk
             log.info("epoch %d: loss %.4f, train acc %.4f, val acc %.4f, val F1 %.4f, %.0f img/s",
                      epoch + 1, row["train_loss"], row["train_accuracy"], row["val_accuracy"],
@@ -677,6 +758,32 @@ class Trainer:
         return RunResult(self.run_dir, state.best_metric, state.best_epoch, state.epoch, stopped_early)
 
 
+def _write_durably(target: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """``target`` as ``write`` fills it, whole or not at all: written to ``.<name>.tmp`` beside it, synced, renamed
+    over it, and the folder synced."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())   # on disk before the rename: a power cut then never leaves an empty last.pt
+        os.replace(tmp, target)     # a kill mid-save never leaves a half-written checkpoint
+    except BaseException:   # a full disk, Ctrl-C: the partial file (up to a checkpoint's size) goes too
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(target.parent)        # the rename itself survives a power cut only once the folder is synced
+
+
+def _peek_checkpoint(path: Path) -> dict | None:
+    """A checkpoint's keys with its tensors left on disk (memory-mapped, not read), or None when there is no
+    file or it cannot be read so (the resume's own read then names what is wrong with it)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:   # missing, truncated, another format: the caller's own read of it judges
+        return None
+    return ckpt if isinstance(ckpt, dict) and isinstance(ckpt.get("state"), dict) else None
+
+
 def _split_only(dataset: data_mod.Dataset, train: list[int],
                 val: list[int]) -> tuple[data_mod.Dataset, list[int], list[int]]:
     """The dataset cut to the images of a saved split, with the split's indices into it: a resumed run reports
@@ -688,6 +795,26 @@ def _split_only(dataset: data_mod.Dataset, train: list[int],
 
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _append_metrics(path: Path, row: dict) -> None:
+    with open(path, "a") as fh:
+        fh.write(json.dumps(row) + "\n")
+
+
+def _metrics_epochs(path: Path) -> set:
+    """The epochs metrics.jsonl has a line for (none when there is no file)."""
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return set()
+    epochs = set()
+    for line in lines:
+        try:
+            epochs.add(json.loads(line).get("epoch"))
+        except (ValueError, AttributeError):
+            continue
+    return epochs
 
 
 def plot_curves(metrics_path: Path, out: Path) -> None:
