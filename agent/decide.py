@@ -271,6 +271,23 @@ class LaneMap:
 REVIEW_BUDGET_MIN_ITEMS = 10     # recent items the review budget needs before it ranks
 
 
+@dataclass(frozen=True)
+class _Verdict:
+    """What an item's frames say (ItemTracker._verdict): its label (UNKNOWN_LABEL when ``unknown``), the consensus,
+    and the reasons to review it before the review budget."""
+
+    label: str
+    class_id: int
+    confidence: float
+    agreement: float
+    top_k: tuple[tuple[str, float], ...]
+    reasons: tuple[str, ...]
+    score: float | None
+    unknown: str | None
+    vouched: bool
+    prior: bool
+
+
 class ItemTracker:
     """Groups one camera's frames into items and decides each item once, when it leaves."""
 
@@ -298,6 +315,7 @@ class ItemTracker:
         self._best: Observation | None = None   # the current item's best view (Observation.view_rank), its view kept
         self._last_box: tuple[int, int, int, int] | None = None    # the current item's box in its last frame
         self._decided = False            # the current item was decided at max_frames and is still in view
+        self._stay_label: str | None = None   # that item's label when it has no box and presence is by label alone
         self._new_track = new_track or (lambda: str(uuid.uuid4()))
         self._track: str | None = None   # the current item's id, given at its first frame
         self.track: str | None = None    # the id of the item the last frame given to update() belongs to (None: none)
@@ -315,9 +333,16 @@ class ItemTracker:
 
         An item still in view at ``max_frames`` is decided then. A localized one (its frame has a box) stays that
         item, decided, until it ends as any item does (empty frames, a jump, a regrow): a belt stopped with an
-        item under the camera is one decision, not one every ``max_frames``. Its later frames are not kept. An
-        item without a box (no localizer) cannot be told from the next one with no empty frame between, so it
-        ends at ``max_frames`` and the next frame starts another.
+        item under the camera is one decision, not one every ``max_frames``. Its later frames are not kept.
+
+        An item without a box seen by its label alone (presence ``empty_class``, ``max_frames`` over 1) cannot be
+        told from the next one with no empty frame between but by its label: it stays that item, decided once,
+        while each later run of ``max_frames`` frames comes to the same label; a run that comes to another label
+        is another item, decided then with a track of its own (the run's earlier frames were given the one before:
+        nothing tells where in the run it changed), and so is the rest of the stay at its end (``min_frames`` at
+        least). Only ``max_frames`` frames are kept. With ``max_frames`` 1 every frame is an item (a camera
+        triggered once per item). Without a box in another mode, the item ends at ``max_frames`` and the next
+        frame starts another.
         """
         self.track = None
         if present and obs is not None:
@@ -328,11 +353,13 @@ class ItemTracker:
             self._last_box = obs.box
             self._track_area(obs)
             self._gap = 0
-            if self._decided:
+            if self._decided and self._stay_label is None:
                 return decision
             self._keep_view(obs)
             self._frames.append(replace(obs, view=None) if obs.view is not None else obs)
             if decision is None and len(self._frames) >= self.cfg.max_frames:
+                if self._stay_label is not None or (obs.box is None and self._stays_by_label()):
+                    return self._decide_stay()
                 if obs.box is None:
                     return self._close()
                 self._decided = True
@@ -342,6 +369,23 @@ class ItemTracker:
             return None
         self._gap += 1
         return self._close() if self._gap >= self.cfg.gap_frames else None
+
+    def _stays_by_label(self) -> bool:
+        """An item without a box stays one item, decided once, while its label does not change (update)."""
+        return self.cfg.mode == "empty_class" and self.cfg.max_frames > 1
+
+    def _decide_stay(self) -> ItemDecision | None:
+        """``max_frames`` frames of an item known by its label alone: decided at the first run; a later run that
+        comes to the stay's label adds nothing, one that comes to another is the next item."""
+        frames, best, track = self._take()
+        if self._stay_label is not None:
+            if self._verdict(frames).label == self._stay_label:
+                return None
+            track = self._track = self.track = self._new_track()
+        self._decided = True
+        decision = self._decision(frames, best, track)
+        self._stay_label = decision.label
+        return decision
 
     def _another_item(self, obs: Observation) -> bool:
         last = self._last_box
@@ -419,8 +463,13 @@ class ItemTracker:
         """The current item ends: its decision, or None when it is noise or was decided at ``max_frames``."""
         frames, best, track = self._take()
         decided, self._decided = self._decided, False
+        stay, self._stay_label = self._stay_label, None
         self._gap, self._track, self._last_box = 0, None, None
         self._peak, self._low_area = (0, frozenset()), None
+        if stay is not None:        # the rest of an item known by its label: another item only by another label
+            if len(frames) < self.cfg.min_frames or self._verdict(frames).label == stay:
+                return None
+            return self._decision(frames, best, self._new_track())
         if decided:
             return None
         if len(frames) < self.cfg.min_frames:
@@ -428,10 +477,9 @@ class ItemTracker:
             return None
         return self._decision(frames, best, track)
 
-    def _decision(self, frames: list[Observation], best: Observation | None, track: str | None) -> ItemDecision:
-        """The consensus of an item's frames, its lane and reasons (counted as a seen item)."""
-        self.items_seen += 1
-        seen, frames = frames, self._deciding(frames)
+    def _verdict(self, frames: list[Observation]) -> _Verdict:
+        """What an item's frames say, before the review budget; nothing is counted or remembered."""
+        frames = self._deciding(frames)
         prior = self.prior(self.labels) if self.prior is not None else None
         class_id, confidence, agreement, top_k = consensus(frames, self.labels, self.top_k, prior)
         mean = weighted(np.array([o.classification.probs for o in frames]), prior).mean(axis=0)
@@ -445,22 +493,32 @@ class ItemTracker:
                     if self.vouched_threshold is not None and not reasons else None)
         unknown = self.policy.unknown(score, f" (median of {len(frames)} frames)", at_least)
         vouched = unknown is None and at_least is not None and self.policy.unknown(score) is not None
+        label = UNKNOWN_LABEL if unknown is not None else self.labels[class_id]
+        return _Verdict(label, class_id, confidence, agreement, top_k, reasons, score, unknown, vouched,
+                        prior is not None)
+
+    def _decision(self, frames: list[Observation], best: Observation | None, track: str | None) -> ItemDecision:
+        """The consensus of an item's frames, its lane and reasons (counted as a seen item)."""
+        self.items_seen += 1
+        verdict = self._verdict(frames)
+        confidence, reasons, unknown = verdict.confidence, verdict.reasons, verdict.unknown
         if unknown is not None:
             reasons = (unknown, *reasons)       # never spared by the review budget: no label's lane fits it
         elif reasons and self._over_budget(confidence):
             self.spared += 1
             reasons = ()
         self._recent.append(confidence)
-        label, decided_id = (UNKNOWN_LABEL, None) if unknown is not None else (self.labels[class_id], class_id)
+        label, score = verdict.label, verdict.score
         return ItemDecision(
-            camera_id=self.camera_id, item_seq=self.items_seen, label=label, class_id=decided_id,
-            confidence=round(confidence, 6), agreement=round(agreement, 4), frames=len(seen),
-            first_seen=seen[0].captured_at, last_seen=seen[-1].captured_at,
-            lane=self.lanes.lane_for(label, bool(reasons)), low_confidence=bool(reasons), reasons=reasons, top_k=top_k,
-            frame_seqs=(seen[0].frame_seq, seen[-1].frame_seq), prior=prior is not None,
+            camera_id=self.camera_id, item_seq=self.items_seen, label=label,
+            class_id=None if unknown is not None else verdict.class_id,
+            confidence=round(confidence, 6), agreement=round(verdict.agreement, 4), frames=len(frames),
+            first_seen=frames[0].captured_at, last_seen=frames[-1].captured_at,
+            lane=self.lanes.lane_for(label, bool(reasons)), low_confidence=bool(reasons), reasons=reasons,
+            top_k=verdict.top_k, frame_seqs=(frames[0].frame_seq, frames[-1].frame_seq), prior=verdict.prior,
             unknown_score=carried_score(score) if score is not None else None,
             view=best.view if best is not None else None, view_seq=best.frame_seq if best is not None else None,
-            vouched=vouched, track=track,
+            vouched=verdict.vouched, track=track,
         )
 
 

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from agent.config import MAX_FRAME_SIDE
+
 if TYPE_CHECKING:
     from agent.localize import Located
 
@@ -25,6 +27,22 @@ def redact_uri(text: str) -> str:
         user, colon, _ = match.group(2).partition(":")
         return f"{match.group(1)}{user}:***@" if colon else f"{match.group(1)}***@"
     return _SECRET_FIELD.sub(r"\1***", _USERINFO.sub(userinfo, text))
+
+
+# Pixels in one frame a source may hand on: 64 Mpx, 192 MB as 8-bit RGB. More than the largest picture H.264, H.265
+# and AV1 can code (8192 x 4352) and three times an 8K frame, so only a damaged or crafted file comes near it; a
+# 16000 x 16000 frame (under MAX_FRAME_SIDE on each side) would take 768 MB, and its RGB copy as much again.
+MAX_FRAME_PIXELS = 8192 * 8192
+
+
+def frame_size_problem(width: float, height: float) -> str | None:
+    """Why a frame of ``width`` x ``height`` pixels is too large to decode or hand on (a side over
+    ``MAX_FRAME_SIDE``, or more than ``MAX_FRAME_PIXELS`` in all), or None when it is not."""
+    if width > MAX_FRAME_SIDE or height > MAX_FRAME_SIDE:
+        return f"{width:.0f}x{height:.0f} pixels, a side over {MAX_FRAME_SIDE}"
+    if width * height > MAX_FRAME_PIXELS:
+        return f"{width:.0f}x{height:.0f} pixels, more than {MAX_FRAME_PIXELS} ({MAX_FRAME_PIXELS / 1e6:.0f} Mpx)"
+    return None
 
 
 class SourceError(Exception):

@@ -1,10 +1,10 @@
 """A folder of images, read in sorted name order: a camera for tests and replays.
 
 Each file is taken as it comes: one that cannot be read, is not an image, declares more than
-``MAX_FRAME_SIDE`` pixels on a side in its header (checked before anything is decoded: a 1 MB PNG can
-declare 20000 x 20000 pixels, 1.2 GB once decoded) or fails to decode in any way is skipped, logged and
-counted (``on_skip``: the camera thread counts it in ``camera_errors_total{kind="file"}``), and the next
-file is served. The position is kept across a reconnect (``open`` again): the folder is never replayed
+``MAX_FRAME_SIDE`` pixels on a side or ``MAX_FRAME_PIXELS`` in all in its header (checked before anything is
+decoded: a 1 MB PNG can declare 16000 x 16000 pixels, 768 MB once decoded) or fails to decode in any way is
+skipped, logged and counted (``on_skip``: the camera thread counts it in ``camera_errors_total{kind="file"}``),
+and the next file is served. The position is kept across a reconnect (``open`` again): the folder is never replayed
 from its start because something went wrong in the middle.
 """
 
@@ -18,11 +18,23 @@ from typing import Callable
 import numpy as np
 
 from agent.config import MAX_FRAME_SIDE
-from agent.sources.base import EndOfStream, SourceError
+from agent.sources.base import EndOfStream, SourceError, frame_size_problem
 from contract.dataset import IMAGE_EXTENSIONS
-from contract.preprocess import read_image
+from contract.image_header import image_size
+from contract.preprocess import ImageDecodeError, decode_image, read_image_bytes
 
 log = logging.getLogger(__name__)
+
+
+def read_frame(path: Path) -> np.ndarray:
+    """An image file as an RGB frame, its declared size checked against the frame bounds before it is decoded
+    (ImageDecodeError naming the file otherwise)."""
+    data = read_image_bytes(path, MAX_FRAME_SIDE)
+    problem = frame_size_problem(*image_size(data, str(path)))
+    if problem is not None:
+        raise ImageDecodeError(f"{path}: its header declares {problem} (refused before decoding)")
+    return decode_image(data, name=str(path))
+
 
 class ImageFolderSource:
     def __init__(self, folder: str | Path, *, name: str, loop: bool = False,
@@ -62,7 +74,7 @@ class ImageFolderSource:
             self._index += 1
             self._last = path.name
             try:
-                return read_image(path, MAX_FRAME_SIDE), path.name
+                return read_frame(path), path.name
             except Exception as exc:  # noqa: BLE001 (one file, whatever the decoder raises: skipped, counted)
                 skipped += 1
                 self._skip(path, exc)

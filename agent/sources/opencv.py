@@ -8,11 +8,17 @@ timeouts (``CAP_PROP_OPEN_TIMEOUT_MSEC``/``CAP_PROP_READ_TIMEOUT_MSEC`` for the 
 GStreamer backends; the V4L2 backend gives up a read after its own 10 s select timeout), and the
 watchdog only asks the camera thread to reconnect once its read has returned
 (``agent.sources.camera.CameraWorker.kick``).
+
+A capture whose stream declares frames over ``MAX_FRAME_SIDE`` on a side or ``MAX_FRAME_PIXELS`` in all
+(agent/sources/base.py) is refused at open, before a frame is decoded: an 8 MB video can hold 16000 x 16000
+frames, 768 MB each once decoded and as much again as RGB. A decoded frame over the bounds (a container that
+declared less, or nothing) is refused too (SourceError: a file continues at its next frame when reopened).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import threading
@@ -20,7 +26,7 @@ import threading
 import cv2
 import numpy as np
 
-from agent.sources.base import EndOfStream, SourceError, redact_uri
+from agent.sources.base import EndOfStream, SourceError, frame_size_problem, redact_uri
 from contract.preprocess import to_rgb
 
 log = logging.getLogger(__name__)
@@ -68,6 +74,18 @@ def csi_pipeline(sensor_id: int, width: int = 1920, height: int = 1080, fps: int
         "nvvidconv ! video/x-raw, format=BGRx ! videoconvert ! video/x-raw, format=BGR ! "
         "appsink drop=true max-buffers=1 sync=false"
     )
+
+
+def declared_size_problem(cap: cv2.VideoCapture) -> str | None:
+    """Why the frames an opened capture declares are too large (``frame_size_problem``); None when they are not,
+    or when it declares no size (0, or not a number: a live pipeline before its first frame)."""
+    try:
+        width, height = cap.get(cv2.CAP_PROP_FRAME_WIDTH), cap.get(cv2.CAP_PROP_FRAME_HEIGHT)
+    except cv2.error:
+        return None
+    if not (math.isfinite(width) and math.isfinite(height)):
+        return None
+    return frame_size_problem(width, height)
 
 
 class OpenCVSource:
@@ -123,6 +141,11 @@ class OpenCVSource:
         if width and height and self.kind == "v4l2":
             cap.set(cv2.CAP_PROP_FRAME_WIDTH, width)
             cap.set(cv2.CAP_PROP_FRAME_HEIGHT, height)
+        problem = declared_size_problem(cap)
+        if problem is not None:
+            cap.release()
+            raise SourceError(f"{self.name}: {self.kind} source {self.shown} declares frames of {problem}; refused "
+                              "before decoding")
         if self.finite and self._resume_at > 0:
             cap.set(cv2.CAP_PROP_POS_FRAMES, self._resume_at)
         with self._lock:
@@ -144,6 +167,11 @@ class OpenCVSource:
                 raise EndOfStream(self.name)
             raise SourceError(f"{self.name}: read failed (camera lost, stream ended or no frame within "
                               f"{self.timeout_s}s)")
+        problem = frame_size_problem(image.shape[1], image.shape[0]) if image is not None and image.ndim >= 2 else None
+        if problem is not None:
+            del image       # not converted nor handed on
+            raise SourceError(f"{self.name}: {self.kind} source {self.shown} delivered a frame of {problem}; refused "
+                              "(its stream declared less, or no size, at open)")
         return to_rgb(image, bgr=True), None
 
     def close(self) -> None:

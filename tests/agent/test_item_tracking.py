@@ -82,12 +82,16 @@ def test_a_decided_item_still_ends_when_the_next_one_takes_its_place(after):
     assert decisions[1].frames == 3 and decisions[1].track != decisions[0].track
 
 
-def test_an_item_without_a_box_is_still_cut_at_max_frames():
-    """Without a localizer nothing tells the item in view from the next one with no empty frame between: the
-    documented cut at max_frames stays (one frame one item with max_frames 1, as the receiving tests use)."""
+def test_an_item_without_a_box_stays_one_item_while_its_label_does():
+    """Without a localizer only the label tells the item in view from the next one with no empty frame between:
+    it is decided once while its runs of max_frames come to its label (tests/agent/test_empty_class_stay.py);
+    with max_frames 1 every frame is an item, as the receiving tests use."""
     t = tracker(mode="empty_class", empty_class="c", max_frames=3, min_frames=1)
     decisions, tracks = feed(t, [("a", None)] * 7)
-    assert [d.frames for d in decisions] == [3, 3] and tracks == ["track-1"] * 3 + ["track-2"] * 3 + ["track-3"]
+    assert [d.frames for d in decisions] == [3] and tracks == ["track-1"] * 7 and t.flush() is None
+    one = tracker(mode="empty_class", empty_class="c", max_frames=1, min_frames=1)
+    decisions, tracks = feed(one, [("a", None)] * 3)
+    assert [d.frames for d in decisions] == [1, 1, 1] and tracks == ["track-1", "track-2", "track-3"]
 
 
 # ---------------------------------------------------------------- two items in view together
