@@ -264,36 +264,18 @@ def _published_files(root: Path) -> Any:
     - each answer is read from the file as it was opened when the request came in (its size and ETag from that
       open file, ``os.fstat``): a file renamed over meanwhile (``index.json`` at every publish) is sent whole,
       old or new, never the new bytes under the old Content-Length (a torn body, or an h11 error and a
-      traceback) nor a mix of two files' bytes;
+      traceback) nor a mix of two files' bytes (``OpenedFile``, built on Starlette's public ``Response``);
     - a path the server cannot look up (a symlink loop, a folder it may not read) is a JSON 404 or 403 naming
       the path, never a 500 with a traceback.
     """
     import errno
     import stat
-    from contextlib import asynccontextmanager
-    from mimetypes import guess_type
 
-    import anyio
     from starlette.datastructures import Headers
     from starlette.exceptions import HTTPException
-    from starlette.responses import FileResponse
     from starlette.staticfiles import NotModifiedResponse, StaticFiles
 
-    class OpenedFile(FileResponse):
-        def __init__(self, fh: Any, path: str) -> None:
-            self.fh = fh
-            super().__init__(path, stat_result=os.fstat(fh.fileno()), media_type=guess_type(path)[0])
-
-        @asynccontextmanager
-        async def _open_file(self) -> Any:          # every body handler (whole, one range, several) reads it
-            yield anyio.wrap_file(self.fh)
-
-        async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-            extensions = {k: v for k, v in (scope.get("extensions") or {}).items() if k != "http.response.pathsend"}
-            try:            # (pathsend would have the server open the path again: not this file)
-                await super().__call__({**scope, "extensions": extensions}, receive, send)
-            finally:
-                self.fh.close()
+    opened_file = _opened_file_class()
 
     class PublishedFiles(StaticFiles):
         def lookup_path(self, path: str) -> tuple[str, os.stat_result | None]:
@@ -311,25 +293,165 @@ def _published_files(root: Path) -> Any:
         def file_response(self, full_path: Any, stat_result: os.stat_result, scope: Any,
                           status_code: int = 200) -> Any:
             try:
-                fh = open(os.open(full_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb")
+                fd = os.open(full_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             except PermissionError:
                 raise HTTPException(403, "not readable by the server") from None
             except OSError:         # removed or replaced by a link since it was looked up
                 raise HTTPException(404) from None
-            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
-                fh.close()
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
                 raise HTTPException(404)
-            response = OpenedFile(fh, str(full_path))
+            response = opened_file(fd, str(full_path))
             if self.is_not_modified(response.headers, Headers(scope=scope)):
-                fh.close()
+                os.close(fd)
                 return NotModifiedResponse(response.headers)
             return response
 
     return PublishedFiles(directory=str(root))
 
 
+CHUNK_BYTES = 64 * 1024     # read and sent at a time
+
+
+class _RangeRefused(Exception):
+    """A ``Range`` header that is answered 400 (malformed) or 416 (past the end) instead of a file."""
+
+    def __init__(self, status: int, detail: str, size: int | None = None) -> None:
+        super().__init__(detail)
+        self.status, self.detail = status, detail
+        self.headers = {"Content-Range": f"bytes */{size}"} if size is not None else None
+
+
+def _byte_ranges(value: str, size: int) -> list[tuple[int, int]]:
+    """The byte ranges ``[start, end)`` of a file of ``size`` bytes that a ``Range`` header asks for, read as
+    Starlette's FileResponse reads them: ``a-b``, ``a-`` and ``-n`` (the last n bytes); a part that is none of
+    these is skipped; an end past the file is its end; overlapping or touching ranges are merged, in order.
+    [] (the whole file, RFC 9110 14.2) when it lists more than ``MAX_RANGES``. ``_RangeRefused`` 400 for another
+    unit, no range or one that ends before it starts, 416 for one that starts past the end."""
+    import re
+
+    unit, equals, spec = value.partition("=")
+    shown = repr(value[:80])
+    if not equals or unit.strip().lower() != "bytes":
+        raise _RangeRefused(400, f"{shown}: only byte ranges are served (bytes=START-END)")
+    if spec.count(",") >= MAX_RANGES:
+        return []
+    spans = []
+    for part in spec.split(","):
+        found = re.fullmatch(r"\s*(\d*)\s*-\s*(\d*)\s*", part, re.ASCII)
+        if found is None or found.group(1) == found.group(2) == "":
+            continue
+        try:
+            first, last = (int(n) if n else None for n in found.groups())
+        except ValueError:          # more digits than int() reads (4300): no file has such an offset
+            continue
+        if first is None:
+            spans.append((max(size - last, 0), size))
+        else:
+            spans.append((first, size if last is None else min(last + 1, size)))
+    if not spans:
+        raise _RangeRefused(400, f"{shown}: asks for no byte range (bytes=START-END)")
+    if any(start >= size for start, _ in spans):
+        raise _RangeRefused(416, f"{shown}: starts past the end of the file ({size} bytes)", size)
+    if any(start >= end for start, end in spans):
+        raise _RangeRefused(400, f"{shown}: a range ends before it starts")
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(spans):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+class _FileShrank(Exception):
+    """The open file is shorter than when its answer began (it was truncated in place, which publishes never do)."""
+
+
+def _opened_file_class() -> type:
+    """``OpenedFile``: the answer for one file, from a descriptor opened when the request came in. Built on
+    Starlette's public ``Response``/``StreamingResponse`` (imported here: publishing needs no Starlette)."""
+    import hashlib
+    from email.utils import formatdate
+    from mimetypes import guess_type
+    from secrets import token_hex
+
+    import anyio.to_thread
+    from starlette.datastructures import Headers
+    from starlette.exceptions import HTTPException
+    from starlette.responses import Response, StreamingResponse
+
+    class OpenedFile(Response):
+        """GET and HEAD of the whole file, one byte range or several (multipart/byteranges), with ``If-Range``;
+        Content-Length, Last-Modified and ETag (Starlette's formula) from ``os.fstat`` of the descriptor, every
+        byte read from it (``os.pread``: no shared offset). The descriptor is closed when the answer ends."""
+
+        def __init__(self, fd: int, path: str) -> None:
+            info = os.fstat(fd)
+            self.fd, self.path, self.size = fd, path, info.st_size
+            tag = hashlib.md5(f"{info.st_mtime}-{info.st_size}".encode(), usedforsecurity=False).hexdigest()
+            super().__init__(headers={"accept-ranges": "bytes", "content-length": str(info.st_size),
+                                      "last-modified": formatdate(info.st_mtime, usegmt=True), "etag": f'"{tag}"'},
+                             media_type=guess_type(path)[0] or "application/octet-stream")
+
+        async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+            try:
+                await self._answer(Headers(scope=scope), scope["method"] == "HEAD")(scope, receive, send)
+            except _FileShrank:     # the answer cannot be completed: the server closes its connection
+                log.warning("bundle server: %s: shorter than its Content-Length; changed in place while served "
+                            "(a published file is replaced by a rename, never rewritten)", self.path)
+            finally:
+                os.close(self.fd)
+
+        def _answer(self, request: Headers, head: bool) -> Response:
+            wanted, if_range = request.get("range"), request.get("if-range")
+            spans: list[tuple[int, int]] = []
+            if wanted is not None and if_range in (None, self.headers["etag"], self.headers["last-modified"]):
+                try:
+                    spans = _byte_ranges(wanted, self.size)
+                except _RangeRefused as exc:
+                    raise HTTPException(exc.status, exc.detail, exc.headers) from None
+            headers = dict(self.headers)
+            if not spans:
+                return self._body(200, headers, [(b"", 0, self.size)], b"", head)
+            if len(spans) == 1:
+                [(start, end)] = spans
+                headers.update({"content-range": f"bytes {start}-{end - 1}/{self.size}",
+                                "content-length": str(end - start)})
+                return self._body(206, headers, [(b"", start, end)], b"", head)
+            boundary = token_hex(13)
+            parts = [((b"\r\n" if i else b"") + f"--{boundary}\r\nContent-Type: {headers['content-type']}\r\n"
+                      f"Content-Range: bytes {start}-{end - 1}/{self.size}\r\n\r\n".encode("latin-1"), start, end)
+                     for i, (start, end) in enumerate(spans)]
+            tail = f"\r\n--{boundary}--".encode()
+            headers.update({"content-type": f"multipart/byteranges; boundary={boundary}",
+                            "content-length": str(sum(len(p) + end - start for p, start, end in parts) + len(tail))})
+            return self._body(206, headers, parts, tail, head)
+
+        def _body(self, status: int, headers: dict[str, str], parts: list[tuple[bytes, int, int]], tail: bytes,
+                  head: bool) -> Response:
+            if head:
+                return Response(status_code=status, headers=headers)
+            return StreamingResponse(self._read(parts, tail), status, headers)
+
+        async def _read(self, parts: list[tuple[bytes, int, int]], tail: bytes) -> Any:
+            for prefix, start, end in parts:
+                if prefix:
+                    yield prefix
+                while start < end:
+                    chunk = await anyio.to_thread.run_sync(os.pread, self.fd, min(CHUNK_BYTES, end - start), start)
+                    if not chunk:
+                        raise _FileShrank(self.path)
+                    start += len(chunk)
+                    yield chunk
+            if tail:
+                yield tail
+
+    return OpenedFile
+
+
 def _json_errors(send: Any, path: str) -> Any:
-    """``send`` with StaticFiles' own plain-text errors (416 for a range past the end) rewritten as JSON."""
+    """``send`` with a plain-text error (Starlette's own, e.g. a 500 from its error middleware) rewritten as JSON."""
     held: dict[str, Any] = {}
 
     async def wrapped(message: dict[str, Any]) -> None:
@@ -363,3 +485,48 @@ class BundleServer(Served):
                                if self.root.exists() else "served folder does not exist (publish a bundle into "
                                "it first)"))
         super().__init__(bundle_app(self.root), host, port, name="bundles", tls_cert=tls_cert, tls_key=tls_key)
+        self.cut_at_shutdown = {"downloads": 0}      # since start
+        self.server = _server_cutting_at_shutdown(self.server.config, self.cut_at_shutdown)
+
+
+def _server_cutting_at_shutdown(config: Any, cut: dict[str, int]) -> Any:
+    """uvicorn's server on ``config``, which at shutdown cuts each download under way whose client is not taking
+    it as fast as it is sent (the connection's write buffer full: at once, or as soon as it fills again), counted
+    in ``cut["downloads"]`` and logged in one line. Before, uvicorn waited 2 s for them and then cancelled their
+    tasks: a CancelledError traceback per download (a station that stopped reading never ends its own). A cut one
+    ends as a client that went away does, quietly; an answer that completes without filling its buffer is sent
+    whole. The station resumes a cut download with a Range request."""
+    import uvicorn
+
+    protocol = config.http          # Served's: uvicorn's h11 protocol with the head, body and write deadlines
+
+    class CutAtShutdown(protocol):  # type: ignore[misc,valid-type]
+        _stopping = False
+
+        def shutdown(self) -> None:
+            if self.flow.write_paused:          # its write buffer is full: the client is not taking the answer
+                self._cut()
+            else:
+                self._stopping = self.cycle is not None and not self.cycle.response_complete
+                super().shutdown()
+
+        def pause_writing(self) -> None:
+            super().pause_writing()
+            if self._stopping:
+                self._cut()
+
+        def _cut(self) -> None:
+            if not self.transport.is_closing():
+                cut["downloads"] += 1
+            self.transport.abort()          # close() would wait to send what the client does not take
+
+    class CutsAtShutdown(uvicorn.Server):
+        async def shutdown(self, sockets: Any = None) -> None:
+            before = cut["downloads"]
+            await super().shutdown(sockets)
+            if cut["downloads"] > before:
+                log.info("bundle server stopped: %d download(s) under way cut (a station resumes its download with "
+                         "a Range request)", cut["downloads"] - before)
+
+    config.http = CutAtShutdown
+    return CutsAtShutdown(config)
