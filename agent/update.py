@@ -12,7 +12,12 @@ byte more and the bundle is refused); and the whole fetch has one deadline
 (``FETCH_DEADLINE_S``), so a server that drips a byte every few seconds holds the
 command thread until the deadline, not for as long as it likes. A connection still open at the deadline is shut
 down whatever it is reading (``_Cutoff``): header lines sent one at a time, or ``100 Continue`` answers without end,
-are cut off there too.
+are cut off there too, and so are a TLS handshake sent a few bytes at a time and an HTTPS proxy's slow answer to
+CONNECT (the connection is watched from the moment it is made).
+The host's name is looked up within the same deadline (``_resolve``): a resolver that does not answer (no DNS
+server reachable) refuses the command at the deadline, naming the URL, instead of holding the command thread for as
+long as the lookup takes. The connection then goes to the address found, while the request's Host header and, for
+HTTPS, the TLS server name and the certificate check stay on the URL's name.
 
 A connection that breaks off in the middle of an artifact (reset, stalled for ``FETCH_TIMEOUT_S``, closed short
 of its Content-Length) is taken up where it broke with a Range request, ``RESUME_TRIES`` times at most, within
@@ -75,11 +80,15 @@ FETCH_TIMEOUT_S = 60            # one read; a server silent this long is given u
 FETCH_DEADLINE_S = 600          # the whole bundle: manifest, signature and every artifact
 COMMAND_MAX_BYTES = 64 * 1024   # a cmd/model payload is a location, a hash and a version
 READ_CHUNK = 64 * 1024
+RESOLVE_MAX_PENDING = 4         # host name lookups past their deadline that may still run (a thread each) before a
+                                # download of a named host is refused without another lookup; IP addresses still work
 RESUME_TRIES = 3                # an artifact's download that breaks off is resumed (HTTP Range) this often at most
 DISK_RESERVE_BYTES = 128 << 20  # what a download leaves free on its disk for the outbox, the state file and the logs
 INCOMING = ".incoming-"         # a download being verified: .incoming-<pid>-<version>-<random>
 _fetching: set[Path] = set()    # this process's .incoming-* folders not yet installed or discarded
 _fetching_lock = threading.Lock()
+_resolving = 0                  # lookups left running past their deadline (_resolve), a thread each
+_resolving_lock = threading.Lock()
 # the station's own checks of a downloaded manifest (parsed, its URL), run before any artifact is fetched: raises
 # BundleError or ConfigError naming the URL and the field (e.g. labels that no longer cover the config's lanes)
 ManifestCheck = Callable[[dict[str, Any], str], None]
@@ -146,15 +155,54 @@ class _Deadline:
 class _Cutoff:
     """Shuts one request's connections down when the fetch's deadline passes. A read timeout bounds each read only,
     and http.client reads a response's header lines, and any number of ``100 Continue`` answers before it, one
-    read at a time: a server that sends them slowly would hold the command thread far past the deadline."""
+    read at a time: a server that sends them slowly would hold the command thread far past the deadline.
+    Its connections are opened by ``connect``: the host's name looked up, and each address tried, within the
+    deadline too, and each connection is watched from the moment it is made, through a copy of its socket
+    (``_watch_copy``): what is read before http.client hands the connection over, a proxy's answer to CONNECT and
+    the TLS handshake (on the socket ``wrap_socket`` makes of it), is cut at the deadline as well."""
 
-    def __init__(self, deadline: _Deadline) -> None:
+    def __init__(self, deadline: _Deadline, url: str) -> None:
+        self._deadline, self._url = deadline, url
         self._sockets: list[socket.socket] = []
+        self._copies: list[socket.socket] = []      # connect's copies of its sockets: ours to close (__exit__)
         self._lock = threading.Lock()
         self._cut = False
         self._timer = threading.Timer(max(0.0, deadline.at - time.monotonic()), self._shut)
         self._timer.daemon = True
         self.opener = urllib.request.build_opener(_CutHTTPHandler(self), _CutHTTPSHandler(self))
+
+    def connect(self, address: tuple[str, int], timeout: Any = None, source_address: Any = None) -> socket.socket:
+        """``socket.create_connection`` (what http.client calls, for the URL's host or a proxy) within the deadline:
+        http.client keeps the name it was given for the Host header, the TLS server name and the certificate check."""
+        host, port = address
+        error: OSError | None = None
+        for family, kind, proto, _, addr in _resolve(host, port, self._deadline, self._url):
+            sock = socket.socket(family, kind, proto)
+            try:
+                left = self._deadline.left(self._url)
+                sock.settimeout(min(left, timeout) if isinstance(timeout, (int, float)) else left)
+                if source_address:
+                    sock.bind(source_address)
+                sock.connect(addr)
+                sock.settimeout(timeout if isinstance(timeout, (int, float)) else socket.getdefaulttimeout())
+                self._watch_copy(sock)
+                return sock
+            except OSError as exc:      # the next address (an IPv6 one that is unreachable, then IPv4)
+                error = exc
+                sock.close()
+            except BaseException:
+                sock.close()
+                raise
+        raise error or OSError(f"{host}: the name resolved to no address")
+
+    def _watch_copy(self, sock: socket.socket) -> None:
+        """Watch the connection through a descriptor of our own: a shutdown acts on the connection itself, so it ends
+        a read blocked on any socket of it (the TLS one that ``wrap_socket`` makes of ``sock``), and our copy's number
+        is never one the connection closed and the process reused meanwhile."""
+        copy = socket.socket(fileno=os.dup(sock.fileno()))
+        with self._lock:
+            self._copies.append(copy)
+        self.watch(copy)
 
     def watch(self, sock: socket.socket) -> None:
         with self._lock:
@@ -164,11 +212,10 @@ class _Cutoff:
             _shut_down(sock)
 
     def _shut(self) -> None:
-        with self._lock:
+        with self._lock:        # held: a copy is not closed (its number reused) while it is shut down
             self._cut = True
-            sockets = list(self._sockets)
-        for sock in sockets:
-            _shut_down(sock)
+            for sock in self._sockets:
+                _shut_down(sock)
 
     def __enter__(self) -> "_Cutoff":
         self._timer.start()
@@ -176,6 +223,53 @@ class _Cutoff:
 
     def __exit__(self, *exc: object) -> None:
         self._timer.cancel()
+        with self._lock:
+            for copy in self._copies:
+                copy.close()
+            self._copies.clear()
+
+
+def _resolve(host: str, port: int, deadline: _Deadline, url: str) -> list[tuple[Any, ...]]:
+    """``socket.getaddrinfo`` for ``host`` within the deadline. A lookup cannot be interrupted: it runs in a daemon
+    thread, left behind when the deadline passes first (it ends when the resolver gives up); while
+    ``RESOLVE_MAX_PENDING`` are left behind, a name is refused without a lookup. An IP address is read as one,
+    without a thread or a resolver."""
+    global _resolving
+    try:
+        return socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST)
+    except (socket.gaierror, UnicodeError):
+        pass        # a name (or no valid one: the lookup below says so as urllib would)
+    wait = deadline.left(url)
+    with _resolving_lock:
+        if _resolving >= RESOLVE_MAX_PENDING:
+            raise BundleError(f"{url}: host {host!r} not looked up: {_resolving} earlier lookups still have no "
+                              "answer from the name resolver (an IP address in the URL does not need one)")
+    box: dict[str, Any] = {}
+
+    def lookup() -> None:
+        global _resolving
+        try:
+            found: Any = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+        except BaseException as exc:        # gaierror, UnicodeError for a label too long, ...
+            found = exc
+        with _resolving_lock:
+            box["found"] = found
+            if box.get("left behind"):
+                _resolving -= 1
+
+    thread = threading.Thread(target=lookup, name=f"resolve {host[:60]}", daemon=True)
+    thread.start()
+    thread.join(wait)
+    with _resolving_lock:
+        if "found" not in box:          # still looking: the thread is left to end when the resolver gives up
+            box["left behind"] = True
+            _resolving += 1
+    if box.get("left behind"):
+        raise BundleError(f"{url}: host {host!r} did not resolve in time: no answer from the name resolver within "
+                          f"the download's {deadline.seconds:g} s deadline")
+    if isinstance(box["found"], BaseException):
+        raise box["found"]
+    return box["found"]
 
 
 def _shut_down(sock: socket.socket) -> None:
@@ -188,6 +282,10 @@ def _shut_down(sock: socket.socket) -> None:
 
 def _watched(connection: type[http.client.HTTPConnection], cutoff: _Cutoff) -> type[http.client.HTTPConnection]:
     class Watched(connection):       # type: ignore[valid-type, misc]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._create_connection = cutoff.connect        # the name looked up within the deadline too
+
         def connect(self) -> None:
             super().connect()
             cutoff.watch(self.sock)
@@ -267,7 +365,7 @@ def _receive(url: str, fh: Any, start: int, max_bytes: int, deadline: _Deadline)
     file written when the response's body ended whole. ``_Broken`` when it broke off."""
     request = urllib.request.Request(url, headers={"Range": f"bytes={start}-"} if start else {})
     timeout = min(FETCH_TIMEOUT_S, deadline.left(url))
-    with _Cutoff(deadline) as cutoff, cutoff.opener.open(request, timeout=timeout) as resp:
+    with _Cutoff(deadline, url) as cutoff, cutoff.opener.open(request, timeout=timeout) as resp:
         got = _resume_offset(url, resp, start) if start else 0
         fh.seek(got)
         fh.truncate()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import http.client
 import logging
@@ -74,12 +75,13 @@ def _read_location(location: str, rel: str, *, optional: bool = False) -> bytes 
 
 
 def _fetch(url: str, optional: bool, deadline_s: float) -> bytes | None:
-    """``url``'s body, read within ``deadline_s`` in all (connect, TLS, head and body), each read within
-    ``FETCH_TIMEOUT_S``: a server that trickles its bytes (each read in time) cannot hold a rollout for ever."""
+    """``url``'s body, read within ``deadline_s`` in all (name lookup, connect, TLS, head and body), each read within
+    ``FETCH_TIMEOUT_S``: a server that trickles its bytes (each read in time), or a name resolver that does not
+    answer, cannot hold a rollout for ever."""
     limit = MANIFEST_MAX_BYTES
     with _Deadline(deadline_s) as deadline:
         try:
-            with _opener(deadline).open(url, timeout=min(FETCH_TIMEOUT_S, deadline_s)) as resp:
+            with _opener(deadline, url).open(url, timeout=min(FETCH_TIMEOUT_S, deadline_s)) as resp:
                 data = bytearray()
                 while len(data) <= limit and (chunk := resp.read1(64 * 1024)):
                     data += chunk
@@ -106,9 +108,9 @@ def _fetch(url: str, optional: bool, deadline_s: float) -> bytes | None:
 
 
 class _Deadline:
-    """Shuts the watched connection's socket down once ``seconds`` have passed, so a read blocked in it (the
-    answer's head, its body) ends then, however the server paces its bytes. (Connecting and the TLS handshake are
-    bounded by the connection's own timeout, at most ``seconds`` for each.)"""
+    """Shuts the watched connection's socket down once ``seconds`` have passed, so a read blocked in it (the TLS
+    handshake, a proxy's answer to CONNECT, the answer's head, its body) ends then, however the server paces its
+    bytes. The name lookup and the connect are bounded by what is left of ``seconds`` too (``_connect``)."""
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
@@ -159,19 +161,78 @@ class _Deadline:
                             f"has stalled)")
 
 
-def _opener(deadline: _Deadline) -> urllib.request.OpenerDirector:
-    """urllib's opener (proxies from the environment, redirects, verified TLS) whose connections ``deadline``
-    watches once connected."""
+def _connect(deadline: _Deadline, url: str, address: tuple[str, int], timeout: Any = None,
+             source_address: Any = None) -> socket.socket:
+    """``socket.create_connection`` (what http.client calls, for the URL's host or a proxy) within ``deadline``: the
+    name looked up (``_lookup``) and each address tried for what is left of it, and the connection watched from the
+    moment it is made. http.client keeps the name it was given for the Host header, the TLS server name and the
+    certificate check."""
+    host, port = address
+    error: OSError | None = None
+    for family, kind, proto, _, addr in _lookup(host, port, deadline, url):
+        left = deadline.end - time.monotonic()
+        if left <= 0:
+            raise deadline.error(url)
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(min(left, timeout) if isinstance(timeout, (int, float)) else left)
+            if source_address:
+                sock.bind(source_address)
+            sock.connect(addr)
+            sock.settimeout(timeout if isinstance(timeout, (int, float)) else socket.getdefaulttimeout())
+            deadline.watch(sock)
+            return sock
+        except OSError as exc:      # the next address (an IPv6 one that is unreachable, then IPv4)
+            error = exc
+            sock.close()
+        except BaseException:
+            sock.close()
+            raise
+    raise error or OSError(f"{host}: the name resolved to no address")
+
+
+def _lookup(host: str, port: int, deadline: _Deadline, url: str) -> list[tuple[Any, ...]]:
+    """``socket.getaddrinfo`` for ``host`` within ``deadline``. A lookup cannot be interrupted: it runs in a daemon
+    thread, left behind when the deadline passes first (it ends when the resolver gives up; a rollout makes a few
+    lookups at most). An IP address is read as one, without a thread or a resolver."""
+    try:
+        return socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST)
+    except (socket.gaierror, UnicodeError):
+        pass        # a name (or no valid one: the lookup below says so as urllib would)
+    box: dict[str, Any] = {}
+
+    def lookup() -> None:
+        try:
+            box["found"] = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+        except BaseException as exc:        # gaierror, UnicodeError for a label too long, ...
+            box["found"] = exc
+
+    thread = threading.Thread(target=lookup, name=f"resolve {host[:60]}", daemon=True)
+    thread.start()
+    thread.join(max(0.0, deadline.end - time.monotonic()))
+    found = box.get("found")
+    if found is None:
+        raise RolloutError(f"{url}: host {host!r} did not resolve in time: no answer from the name resolver within "
+                           f"{deadline.seconds:g} s")
+    if isinstance(found, BaseException):
+        raise found
+    return found
+
+
+def _opener(deadline: _Deadline, url: str) -> urllib.request.OpenerDirector:
+    """urllib's opener (proxies from the environment, redirects, verified TLS) whose connections are made within
+    ``deadline`` and watched by it from the moment they are made (``_connect``)."""
+    connect = functools.partial(_connect, deadline, url)
 
     class Watched(http.client.HTTPConnection):
-        def connect(self) -> None:
-            super().connect()
-            deadline.watch(self.sock)
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._create_connection = connect
 
     class WatchedTLS(http.client.HTTPSConnection):
-        def connect(self) -> None:
-            super().connect()
-            deadline.watch(self.sock)
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._create_connection = connect
 
     class Plain(urllib.request.HTTPHandler):
         def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
