@@ -18,6 +18,15 @@ the server holds 64 KiB of it unsent is closed when it has taken no byte for ``W
 held its connection, the answer's task and its open file for ever. Each is logged and counted
 (``Served.timed_out``). A request without a body (every GET, the dashboard's event stream) has no body deadline,
 and an answer that the client keeps reading is never cut, however long it takes.
+
+A stop (``Served.stop``; SIGINT or SIGTERM in ``serve_forever``) cuts at once each answer whose client is not taking
+it (its write buffer full; one whose buffer fills later, as soon as it does) and gives the others
+``SHUTDOWN_GRACE_S`` to end; what is still under way then (an event stream, a slow answer) is cut too. A cut answer
+ends as one whose client went away, quietly; they are counted (``Served.cut_at_shutdown``) and logged in one line.
+Before, uvicorn waited 2 s for them and then cancelled their tasks: an ERROR line and a CancelledError traceback per
+answer. ``serve_forever`` handles SIGINT and SIGTERM itself and returns: uvicorn re-raised the signal it had handled,
+so Ctrl-C ended in a KeyboardInterrupt traceback (status 130) and SIGTERM killed the process before the command's own
+clean-up (closing the review store) ran.
 """
 
 from __future__ import annotations
@@ -26,12 +35,13 @@ import json
 import logging
 import os
 import secrets
+import signal
 import socket
 import ssl
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import urlparse
 
 log = logging.getLogger(__name__)
@@ -39,6 +49,8 @@ log = logging.getLogger(__name__)
 HEAD_TIMEOUT_S = 30.0       # to send a request's head, from the connection (or the previous answer) on
 BODY_TIMEOUT_S = 60.0       # to send a request's whole body, from its head on (64 KiB, the largest taken: >= 1.1 kB/s)
 WRITE_STALL_S = 120.0       # to take any byte of an answer while the server holds 64 KiB of it unsent
+SHUTDOWN_GRACE_S = 2.0      # at a stop, for the answers under way whose clients take them to end, before they are cut
+CUT_ENDS_S = 5.0            # then for a cut answer's task to end, before uvicorn cancels it (a traceback each)
 
 
 class Guard:
@@ -216,14 +228,17 @@ class BasicAuth:
 
 
 def head_deadline_protocol(timeout_s: float, name: str, body_timeout_s: float = BODY_TIMEOUT_S,
-                           timed_out: dict[str, int] | None = None, write_stall_s: float = WRITE_STALL_S) -> type:
+                           timed_out: dict[str, int] | None = None, write_stall_s: float = WRITE_STALL_S,
+                           on_cut: Callable[[], None] = lambda: None) -> type:
     """uvicorn's h11 protocol with a deadline for each request's head: ``timeout_s`` from the connection, or from
     the answer before on a kept-alive one, until the request line and headers are in; then the connection is
     closed. And one for its body: ``body_timeout_s`` from the head until the whole body is in; then a JSON 408
     (when nothing was answered yet) and the connection closed. An answer under way (a slow one, an event stream)
     is never cut by either; a request without a body has no body deadline. And one for a client that stopped
     reading: ``write_stall_s`` with the answer's write buffer full (writing paused) and nothing taken from it; then
-    the connection is aborted. ``timed_out``: counts ``head``, ``body`` and ``write`` deadlines passed."""
+    the connection is aborted. ``timed_out``: counts ``head``, ``body`` and ``write`` deadlines passed. At the server's
+    stop (``shutdown``), a connection whose client is not taking its answer is cut (``cut_off``: ``on_cut`` is called)
+    at once, or as soon as its write buffer fills."""
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -236,6 +251,7 @@ def head_deadline_protocol(timeout_s: float, name: str, body_timeout_s: float = 
         _body_cycle: Any = None
         _stall_timer: Any = None
         _held_at_arm: tuple[int | None, int] = (None, 0)
+        _stopping = False
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
@@ -261,7 +277,24 @@ def head_deadline_protocol(timeout_s: float, name: str, body_timeout_s: float = 
 
         def pause_writing(self) -> None:            # the transport holds 64 KiB the client has not taken
             super().pause_writing()
-            self._arm_stall()
+            if self._stopping:
+                self.cut_off()
+            else:
+                self._arm_stall()
+
+        def shutdown(self) -> None:                 # the server stops
+            if self.flow.write_paused:              # its client is not taking the answer
+                self.cut_off()
+            else:
+                self._stopping = self.cycle is not None and not self.cycle.response_complete
+                super().shutdown()                  # uvicorn's: closed now if idle, else after its answer
+
+        def cut_off(self) -> None:
+            """At a stop: abort the connection, its answer under way or unsent; the app sees a client that went
+            away."""
+            if not self.transport.is_closing() or self.transport.get_write_buffer_size():
+                on_cut()
+            self.transport.abort()                  # close() would wait to send what the client does not take
 
         def resume_writing(self) -> None:           # the client took some: it reads, however slowly
             super().resume_writing()
@@ -378,7 +411,12 @@ def _unsent_bytes(transport: Any) -> int | None:
 
 
 class Served:
-    """``app`` on uvicorn at ``host:port`` (0: any free port), plain or HTTPS (``tls_cert``, ``tls_key``)."""
+    """``app`` on uvicorn at ``host:port`` (0: any free port), plain or HTTPS (``tls_cert``, ``tls_key``).
+
+    ``cut_at_shutdown[cut_what]`` counts the answers a stop cut (see the module's docstring); ``said_cut`` logs them.
+    """
+
+    cut_what = "answers"
 
     def __init__(self, app: Any, host: str, port: int, *, name: str, tls_cert: Path | None = None,
                  tls_key: Path | None = None, tls_flags: tuple[str, str] = ("--tls-cert", "--tls-key"),
@@ -421,13 +459,24 @@ class Served:
                 self.sock.close()
                 raise ValueError(f"{cert_flag} {tls_cert}" + (f" / {key_flag} {tls_key}" if tls_key else "")
                                  + f": cannot load the certificate and key ({exc.strerror or exc})") from None
-        protocol = head_deadline_protocol(head_timeout_s, name, body_timeout_s, self.timed_out, write_stall_s)
+        self.cut_at_shutdown = {self.cut_what: 0}      # answers cut by a stop, since start
+
+        def count_cut() -> None:
+            self.cut_at_shutdown[self.cut_what] += 1
+
+        protocol = head_deadline_protocol(head_timeout_s, name, body_timeout_s, self.timed_out, write_stall_s,
+                                          count_cut)
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
-                                timeout_graceful_shutdown=2, http=protocol,
+                                timeout_graceful_shutdown=SHUTDOWN_GRACE_S + CUT_ENDS_S, http=protocol,
                                 ssl_certfile=str(tls_cert) if tls_cert else None,
                                 ssl_keyfile=str(tls_key) if tls_key else None, server_header=False)
-        self.server = uvicorn.Server(config)
+        self.server = _server_cutting_at_shutdown(config, self.cut_at_shutdown, self.cut_what, self.said_cut)
         self._thread: threading.Thread | None = None
+
+    def said_cut(self, count: int) -> None:
+        """Log that a stop cut ``count`` answers (a service says what they were to it: ``BundleServer``)."""
+        log.info("%s stopped: %d answer(s) under way cut (their clients were not taking them, or they had not ended "
+                 "%g s after the stop)", self.name, count, SHUTDOWN_GRACE_S)
 
     @property
     def port(self) -> int:
@@ -442,24 +491,79 @@ class Served:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
         return f"{self.scheme}://{host}:{self.port}/"
 
-    def start(self, timeout_s: float = 15.0) -> "Served":
-        """Serve in a daemon thread; returns once uvicorn accepts connections."""
+    def start(self, timeout_s: float | None = 15.0) -> "Served":
+        """Serve in a daemon thread; returns once uvicorn accepts connections (``timeout_s`` None: no deadline)."""
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                         name=f"{self.name}-http", daemon=True)
         self._thread.start()
-        deadline = time.monotonic() + timeout_s
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while not self.server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
+            if not self._thread.is_alive() or (deadline is not None and time.monotonic() > deadline):
                 raise RuntimeError(f"{self.name}: the HTTP server at {self.url} did not start (see the log)")
             time.sleep(0.02)
         return self
 
     def serve_forever(self) -> None:
-        """Serve in this thread until SIGINT or SIGTERM (uvicorn's handlers)."""
-        self.server.run(sockets=[self.sock])
+        """Serve until SIGINT or SIGTERM, then stop (logged in one line) and return, for the command to clean up
+        and exit 0. uvicorn serves in a thread, where it installs no signal handler: in the main thread it
+        re-raised the signal it had handled (Ctrl-C: a KeyboardInterrupt traceback; SIGTERM: killed before the
+        command's clean-up). A second Ctrl-C while stopping stops waiting for answers under way; a third
+        interrupts. Without a signal to wait for (not the main thread), it serves until ``stop``."""
+        if threading.current_thread() is not threading.main_thread():
+            self.start(timeout_s=None)._thread.join()
+            return
+        received: list[int] = []
+        stopping = threading.Event()
+
+        def on_signal(signum: int, _frame: Any) -> None:
+            received.append(signum)
+            if not stopping.is_set():
+                stopping.set()
+            elif signum == signal.SIGINT:       # Ctrl-C again: do not wait; once more: KeyboardInterrupt
+                self.server.force_exit = True
+                signal.signal(signal.SIGINT, previous[signal.SIGINT])
+
+        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            self.start(timeout_s=None)
+            while not stopping.wait(0.5):
+                if not self._thread.is_alive():
+                    raise RuntimeError(f"{self.name}: the HTTP server at {self.url} stopped (see the log)")
+            log.info("%s: %s received; stopping", self.name, signal.Signals(received[0]).name)
+            self.server.should_exit = True
+            self._thread.join()                 # every answer ended or cut (see the module's docstring)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def stop(self) -> None:
         self.server.should_exit = True
         if self._thread is not None:
             self._thread.join(10)
         self.sock.close()
+
+
+def _server_cutting_at_shutdown(config: Any, cut: dict[str, int], key: str, said_cut: Callable[[int], None]) -> Any:
+    """uvicorn's server on ``config`` (whose protocol is ``head_deadline_protocol``'s), which at shutdown cuts the
+    answers under way whose clients are not taking them (the protocol's ``shutdown``), and ``SHUTDOWN_GRACE_S``
+    later each one still under way or unsent (``cut_off``); ``said_cut`` is told how many, when any were."""
+    import asyncio
+
+    import uvicorn
+
+    class CutsAtShutdown(uvicorn.Server):
+        async def shutdown(self, sockets: Any = None) -> None:
+            before = cut[key]
+            late = asyncio.get_running_loop().call_later(SHUTDOWN_GRACE_S, self._cut_the_rest)
+            try:
+                await super().shutdown(sockets)
+            finally:
+                late.cancel()
+            if cut[key] > before:
+                said_cut(cut[key] - before)
+
+        def _cut_the_rest(self) -> None:
+            for connection in list(self.server_state.connections):
+                connection.cut_off()
+
+    return CutsAtShutdown(config)

@@ -475,7 +475,13 @@ def _json_errors(send: Any, path: str) -> Any:
 
 
 class BundleServer(Served):
-    """The served tree over HTTP(S) (Starlette's static files on uvicorn), in a background thread (``start``)."""
+    """The served tree over HTTP(S) (Starlette's static files on uvicorn), in a background thread (``start``).
+
+    A stop cuts each download under way whose station is not taking it (``Served``: at once, or as soon as its
+    write buffer fills; one still under way after the grace too), counted in ``cut_at_shutdown["downloads"]``; the
+    station resumes a cut download with a Range request."""
+
+    cut_what = "downloads"
 
     def __init__(self, root: str | Path, host: str = "127.0.0.1", port: int = 0, *,
                  tls_cert: Path | None = None, tls_key: Path | None = None) -> None:
@@ -485,48 +491,7 @@ class BundleServer(Served):
                                if self.root.exists() else "served folder does not exist (publish a bundle into "
                                "it first)"))
         super().__init__(bundle_app(self.root), host, port, name="bundles", tls_cert=tls_cert, tls_key=tls_key)
-        self.cut_at_shutdown = {"downloads": 0}      # since start
-        self.server = _server_cutting_at_shutdown(self.server.config, self.cut_at_shutdown)
 
-
-def _server_cutting_at_shutdown(config: Any, cut: dict[str, int]) -> Any:
-    """uvicorn's server on ``config``, which at shutdown cuts each download under way whose client is not taking
-    it as fast as it is sent (the connection's write buffer full: at once, or as soon as it fills again), counted
-    in ``cut["downloads"]`` and logged in one line. Before, uvicorn waited 2 s for them and then cancelled their
-    tasks: a CancelledError traceback per download (a station that stopped reading never ends its own). A cut one
-    ends as a client that went away does, quietly; an answer that completes without filling its buffer is sent
-    whole. The station resumes a cut download with a Range request."""
-    import uvicorn
-
-    protocol = config.http          # Served's: uvicorn's h11 protocol with the head, body and write deadlines
-
-    class CutAtShutdown(protocol):  # type: ignore[misc,valid-type]
-        _stopping = False
-
-        def shutdown(self) -> None:
-            if self.flow.write_paused:          # its write buffer is full: the client is not taking the answer
-                self._cut()
-            else:
-                self._stopping = self.cycle is not None and not self.cycle.response_complete
-                super().shutdown()
-
-        def pause_writing(self) -> None:
-            super().pause_writing()
-            if self._stopping:
-                self._cut()
-
-        def _cut(self) -> None:
-            if not self.transport.is_closing():
-                cut["downloads"] += 1
-            self.transport.abort()          # close() would wait to send what the client does not take
-
-    class CutsAtShutdown(uvicorn.Server):
-        async def shutdown(self, sockets: Any = None) -> None:
-            before = cut["downloads"]
-            await super().shutdown(sockets)
-            if cut["downloads"] > before:
-                log.info("bundle server stopped: %d download(s) under way cut (a station resumes its download with "
-                         "a Range request)", cut["downloads"] - before)
-
-    config.http = CutAtShutdown
-    return CutsAtShutdown(config)
+    def said_cut(self, count: int) -> None:
+        log.info("bundle server stopped: %d download(s) under way cut (a station resumes its download with a Range "
+                 "request)", count)
