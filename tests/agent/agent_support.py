@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -20,12 +21,32 @@ from agent.demo import free_port
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 
+def broker_port() -> int:
+    """A free 127.0.0.1 port for a test broker. Under pytest-xdist (bin/test runs two workers) each worker draws
+    from its own 2,000 ports below the kernel's ephemeral range (32768 and up), so a broker a test stops and starts
+    again on its port never finds it taken by another worker's bind(0) or an outgoing connection meanwhile."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.startswith("gw"):
+        return free_port()
+    base = 12000 + 2000 * (int(worker[2:]) % 10)
+    rng = random.Random(f"{worker}-{os.getpid()}-{time.monotonic_ns()}")
+    for _ in range(200):
+        port = rng.randrange(base, base + 2000)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    return free_port()
+
+
 class Broker:
     """A mosquitto process on a fixed 127.0.0.1 port that tests can stop and start again."""
 
     def __init__(self, workdir: Path, extra_conf: str = "", persistence: bool = True) -> None:
         self.workdir = workdir
-        self.port = free_port()
+        self.port = broker_port()
         self.host = "127.0.0.1"
         self.conf = workdir / "mosquitto.conf"
         (workdir / "mosq-data").mkdir(exist_ok=True)
