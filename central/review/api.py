@@ -19,7 +19,9 @@ uvicorn (``central.http``); JSON in and out, its OpenAPI schema at ``/api/openap
                                        (frame.v1 track); the answer lists them in item_frames. expect: the
                                        status the decision was made on ("pending" from the page): 409 and
                                        nothing changed when another reviewer decided the frame meanwhile
-    GET  /api/stats                    counts by status, station, model version and label; quota
+    GET  /api/stats                    counts by status, station, model version and label; quota; the store's
+                                       counters; ``mqtt_callback_errors``: the ingest service's MQTT callback
+                                       errors {"total", "by_callback", "last_at"} (the page warns for a day)
     GET  /api/facets?limit=200         distinct sites, stations, cameras, model versions, predicted labels: of each
                                        the ``limit`` (1..1000) with the most frames, in value order, and
                                        ``more``: {facet: how many other values it has, not listed}
@@ -241,7 +243,8 @@ def create_app(store: FrameStore, token: str | None, enroller: Any = None) -> Fa
     def labels() -> dict[str, Any]:
         return store.labels()
 
-    @api.get("/stats", summary="counts by status, station, model version and label; the storage quota")
+    @api.get("/stats", summary="counts by status, station, model version and label; the storage quota; the ingest "
+                               "service's MQTT callback errors")
     def stats() -> dict[str, Any]:
         return store.stats()
 

@@ -3,29 +3,36 @@
 A reviewer marks frames of a product the model does not know as a new class (and labels more frames with it);
 ``POST /api/enrol {"label": ...}`` hands the stored frames of that class (item crops, as the station sent
 them) to ``trainer.enroll``, which writes a new verified bundle version beside the configured one. The next
-enrolment builds on the version just written, so several new classes accumulate. One enrolment at a time;
-enrolment needs ONNX Runtime and the trainer package's enrol module on the review host (the central image has
+enrolment builds on the version just written, so several new classes accumulate. One enrolment at a time, per
+models folder: an enrolment that writes holds ``<models dir>/.enrol.lock`` (``flock``) from choosing the version
+it builds on until its version is in place, so two review servers on one models folder never both build on the
+same version (the chain follows one of them and the other's class was lost); the second is answered 409 (busy).
+Enrolment needs ONNX Runtime and the trainer package's enrol module on the review host (the central image has
 neither: page enrolment runs where the trainer is installed).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import importlib.util
 import json
 import logging
 import math
+import os
 import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from central.review.store import FrameStore, StoreError
 
 log = logging.getLogger(__name__)
 
 EXAMPLE_STATUSES = ("labelled", "new_class")
+LOCK_FILE = ".enrol.lock"      # in the models folder: held by the enrolment writing into it (any review server)
 
 
 class EnrolBusy(RuntimeError):
@@ -146,6 +153,29 @@ def _check_signing(settings: EnrolSettings, bundle: Path) -> None:
         raise StoreError(str(exc)) from None
 
 
+@contextlib.contextmanager
+def models_dir_lock(models_dir: Path) -> Iterator[None]:
+    """Hold ``models_dir``'s enrolment lock (``flock`` on ``LOCK_FILE``: released by the kernel when the process
+    ends, however it ends), or EnrolBusy at once where another enrolment (another review server, another thread)
+    holds it; StoreError naming the file where it cannot be opened."""
+    path = Path(models_dir) / LOCK_FILE
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise StoreError(f"{path}: cannot open the enrolment lock ({exc.strerror or exc}); enrolment writes into "
+                         f"{path.parent} and needs to write there") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise EnrolBusy(f"another enrolment is writing into {path.parent} (another review server on this models "
+                            f"folder); try again when it has finished") from None
+        yield
+    finally:
+        os.close(fd)        # releases the lock
+
+
 class ReviewEnroller:
     """Turns the store's reviewed frames of a new class into a new bundle version, one enrolment at a time."""
 
@@ -214,7 +244,10 @@ class ReviewEnroller:
                              f"--enrol-max-drop-limit), got {max_drop_points!r}")
         if not self._lock.acquire(blocking=False):
             raise EnrolBusy("another enrolment is running; try again when it has finished")
+        held = contextlib.ExitStack()
         try:
+            if not dry_run:     # a dry run writes nothing: it neither waits for nor holds up another server's
+                held.enter_context(models_dir_lock(self.models_dir()))
             self.bundle = self.current_bundle()
             paths = self.examples(label)
             if len(paths) < s.min_examples:
@@ -240,7 +273,14 @@ class ReviewEnroller:
                     "version": result.manifest["version"], "labels": result.manifest["labels"], "label": label,
                     **answer}
         finally:
+            held.close()
             self._lock.release()
+
+    def models_dir(self) -> Path:
+        """The models folder enrolments write into (``<name>/<version>`` under it): ``settings.models_dir``, else
+        the configured bundle's (where ``trainer.enroll`` writes a version enrolled onto any of its versions)."""
+        s = self.settings
+        return Path(s.models_dir) if s.models_dir is not None else Path(s.bundle).parent.parent
 
     def _allowance(self, used: float) -> dict:
         """The allowance used, and what this server lets a request ask for (the page offers those)."""

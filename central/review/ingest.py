@@ -167,6 +167,10 @@ class IngestService:
         self.failed = threading.Event()          # a frame could not be stored: stop, it stays unacknowledged
         self.failure: str | None = None
         self._last_connect_fail = float("-inf")
+        self._errors_counted: dict[str, int] = {}     # callback errors already added to the store's counters
+        self._count_failed = False
+        self._counting = threading.Thread(target=self._count_errors_every_second, name="ingest-callback-errors",
+                                          daemon=True)
         self.client = broker.new_client("central-ingest", default_id="central-ingest", manual_ack=True)
         self.client.reconnect_delay_set(0.5, 30)
         self.client.on_connect = self._on_connect
@@ -181,11 +185,15 @@ class IngestService:
         log.info("ingest: connecting to %s:%d, storing into %s", self.host, self.port, self.store.root)
         self.client.connect_async(self.host, self.port, self.keepalive_s, clean_start=False, properties=props)
         self.client.loop_start()
+        self._counting.start()
 
     def stop(self) -> None:
         self.stopped.set()
         self.client.disconnect()
         self.client.loop_stop()
+        if self._counting.is_alive():
+            self._counting.join()
+        self.count_callback_errors()
         if errors := self.callback_errors():
             log.warning("ingest: %d exception(s) in MQTT callbacks while running, by callback: %s (each logged with "
                         "its traceback when it happened)", sum(errors.values()), errors)
@@ -194,6 +202,31 @@ class IngestService:
         """Exceptions raised in this service's MQTT callbacks, by callback name (``contract.broker.guard_hooks``
         logged each with its traceback and paho's network thread went on): each is a defect to report."""
         return dict(self.client.hook_errors)      # one copy in C, under the GIL: no lock needed
+
+    def count_callback_errors(self) -> None:
+        """Add the callback errors not yet counted to the store's counters (``FrameStore.count_callback_errors``):
+        the review server reads the store, not this process, and its page says so when ingest's callbacks fail.
+        Runs every second on the service's own thread and when it stops; a store that cannot take the count is
+        logged (once until it can again), never raised: the count is tried again."""
+        errors = self.callback_errors()
+        new = {hook: n - self._errors_counted.get(hook, 0) for hook, n in errors.items()
+               if n > self._errors_counted.get(hook, 0)}
+        if not new:
+            return
+        try:
+            self.store.count_callback_errors(new)
+        except Exception as exc:
+            if not self._count_failed:
+                log.warning("ingest: %d MQTT callback error(s) not counted in the store (%s: %s); tried again",
+                            sum(new.values()), type(exc).__name__, exc)
+            self._count_failed = True
+            return
+        self._count_failed = False
+        self._errors_counted.update({hook: errors[hook] for hook in new})
+
+    def _count_errors_every_second(self) -> None:
+        while not self.stopped.wait(1.0):
+            self.count_callback_errors()
 
     def stats(self) -> dict[str, Any]:
         """This process's view, beside the store's counters (``FrameStore.stats``): subscribed or not, why it

@@ -248,9 +248,7 @@ def add_labels_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_labels(args) -> int:
-    if not (args.store / "frames.sqlite").is_file():
-        raise StoreError(f"--store {args.store}: no frames.sqlite (not a frame store)")
-    store = FrameStore(args.store)
+    store = FrameStore.open_read_only(args.store)   # an export never writes into the store (another user's, read-only)
     try:
         summary = export_reviewed(store, args.out, force=args.force)
     finally:

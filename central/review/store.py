@@ -44,6 +44,7 @@ import sqlite3
 import tempfile
 import threading
 import time
+import urllib.parse
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +66,9 @@ ITEM_PENDING = ("(SELECT COUNT(*) FROM frames AS g WHERE f.track IS NOT NULL AND
                 "g.station = f.station AND g.camera = f.camera AND g.track = f.track AND g.status = 'pending') "
                 "AS item_pending")
 INTERNAL_COUNTERS = ("bytes_stored",)
+# the ingest service's MQTT callback errors (``contract.broker.guard_hooks``), one counter per callback:
+# ``mqtt_callback_errors:on_message``; the time of the last one recorded in settings
+CALLBACK_ERRORS = "mqtt_callback_errors"
 FILTERS = ("status", "site", "station", "camera", "model_version", "predicted")
 FACETS = ("site", "station", "camera", "model_version", "predicted")   # the filters ``facets()`` lists values of
 FACET_LIMIT = 200                  # values listed per facet, the busiest (a list a reviewer can still read)
@@ -221,6 +225,7 @@ class FrameStore:
         self.base_labels = list(labels or [])
         self._lock = threading.RLock()
         self._warned = False
+        self.read_only, self._read_only_uri = False, ""
         try:
             make_folders(self.root)
             # timeout: how long to wait for another process's write lock (a busy store shared by several workers)
@@ -238,6 +243,78 @@ class FrameStore:
             # "file is not a database", "database disk image is malformed": said with the file, which is kept
             raise StoreError(f"{self.root / DB_NAME}: not a readable frame store index ({exc}); nothing was changed "
                              f"in it (restore it from a backup, or move it away to start an empty store)") from None
+
+    @classmethod
+    def open_read_only(cls, root: str | Path) -> "FrameStore":
+        """The store opened to read it only (``labels export``): nothing in its folder is created, migrated,
+        reconciled or checkpointed, so a folder this user cannot write (the ingest service's, a read-only mount, a
+        backup) can be read, and every file in it is left as it was. SQLite's ``mode=ro``: a writer's committed
+        frames still in its WAL are read; where the folder cannot be written and no writer has the store open
+        (no ``frames.sqlite-wal`` to read), the index is read as the file holds it (``immutable``). StoreError
+        naming the file where there is no store, or one written before a column it reads (open it once with
+        ingest or review, which add it). Any write on it fails ("attempt to write a readonly database")."""
+        self = cls.__new__(cls)
+        self.max_pixels, self.max_jpeg_bytes = MAX_PIXELS, MAX_JPEG_BYTES
+        self.root = Path(root)
+        self.images = self.root / "images"
+        self.base_labels, self._lock, self._warned, self.read_only = [], threading.RLock(), False, True
+        self.reconciled = {"orphan_images_removed": 0, "rows_without_image": 0}     # a reader reconciles nothing
+        db = self.root / DB_NAME
+        if not db.is_file():
+            raise StoreError(f"{db}: no such file; {self.root} is not a frame store (the --store folder of "
+                             f"'python -m central ingest')")
+        self._read_only_uri = f"file:{urllib.parse.quote(str(db.absolute()))}?mode=ro"
+        try:
+            try:
+                self._db = self._read_only_connection(probe=True)
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorname not in ("SQLITE_READONLY_DIRECTORY", "SQLITE_CANTOPEN") \
+                        or db.with_name(DB_NAME + "-wal").exists():
+                    raise
+                # a folder we cannot write and no writer's WAL in it: the index file is the whole store
+                self._read_only_uri += "&immutable=1"
+                self._db = self._read_only_connection(probe=True)
+        except sqlite3.OperationalError as exc:
+            raise StoreError(f"{self.root}: the frame store cannot be opened to read ({type(exc).__name__}: {exc}); "
+                             f"it needs read permission on {DB_NAME} (and, while a writer has the store open, on "
+                             f"{DB_NAME}-wal and -shm) and a file-size limit (ulimit -f) above the 32 kB of "
+                             f"{DB_NAME}-shm") from exc
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{db}: not a readable frame store index ({exc}); nothing was changed in it") from None
+        try:
+            self._check_columns(db)
+            self._read_quota()
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            raise StoreError(f"{db}: not a readable frame store index ({exc}); nothing was changed in it") from None
+        except BaseException:
+            self._db.close()
+            raise
+        return self
+
+    def _read_only_connection(self, probe: bool = False) -> sqlite3.Connection:
+        """A connection of ``open_read_only``'s; ``probe``: read the schema once (SQLite opens lazily), closing it
+        again where that fails."""
+        db = sqlite3.connect(self._read_only_uri, uri=True, check_same_thread=False, isolation_level=None,
+                             timeout=LOCK_WAIT_S)
+        db.row_factory = sqlite3.Row
+        if probe:
+            try:
+                db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+            except BaseException:
+                db.close()
+                raise
+        return db
+
+    def _check_columns(self, db: Path) -> None:
+        """StoreError naming ``db`` where the index lacks a column this version reads (a read-only open adds none)."""
+        columns = {r["name"] for r in self._db.execute("PRAGMA table_info(frames)")}
+        if not columns:
+            raise StoreError(f"{db}: not a frame store index (it has no frames table)")
+        missing = [c for c in ("margin", "context_image", "context_bytes", "track") if c not in columns]
+        if missing:
+            raise StoreError(f"{db}: written by an older version (no column {', '.join(missing)}); open it once with "
+                             f"'python -m central ingest' or 'review' (which add it), then read it again")
 
     def _cannot_open(self, exc: BaseException) -> str:
         """Why the store could not be opened, in one line: SQLite's own words ("disk I/O error", "unable to open
@@ -389,6 +466,27 @@ class FrameStore:
         """Count an event outside ``add``."""
         with self._lock, self._write():
             self._bump(name, by)
+
+    def count_callback_errors(self, new: dict[str, int]) -> None:
+        """Add the ingest service's new MQTT callback errors (callback name -> how many since it last counted) and
+        note when: the review server, another process, shows them (``stats()["mqtt_callback_errors"]``)."""
+        with self._lock, self._write():
+            for hook, n in new.items():
+                self._bump(f"{CALLBACK_ERRORS}:{hook}", n)
+            self._db.execute("INSERT OR REPLACE INTO settings(name, value) VALUES (?, ?)",
+                             (f"{CALLBACK_ERRORS}_at", time.time()))
+
+    def callback_errors(self) -> dict[str, Any]:
+        """The ingest service's MQTT callback errors counted in this store: ``total``, ``by_callback`` and
+        ``last_at`` (Unix seconds of the last count, None when none). Each is a defect (logged with its traceback
+        in ingest's log): a message callback that raised left its message unstored and unacknowledged."""
+        prefix = f"{CALLBACK_ERRORS}:"
+        with self._lock:
+            by_callback = {r["name"][len(prefix):]: r["value"] for r in self._db.execute(
+                "SELECT name, value FROM counters WHERE substr(name, 1, ?) = ? ORDER BY name", (len(prefix), prefix))}
+            last = self._db.execute("SELECT value FROM settings WHERE name = ?", (f"{CALLBACK_ERRORS}_at",)).fetchone()
+        return {"total": sum(by_callback.values()), "by_callback": by_callback,
+                "last_at": float(last[0]) if last is not None else None}
 
     # ------------------------------------------------------------ quarantine
 
@@ -750,6 +848,8 @@ class FrameStore:
 
     def _reader(self) -> sqlite3.Connection:
         """A read-only connection of its own to the index (a long read never holds ``self._lock``)."""
+        if self.read_only:
+            return self._read_only_connection()
         reader = sqlite3.connect(self.root / DB_NAME, isolation_level=None, timeout=LOCK_WAIT_S,
                                  check_same_thread=False)
         reader.row_factory = sqlite3.Row
@@ -810,7 +910,8 @@ class FrameStore:
         return {"frames": sum(by_status.values()), "by_status": by_status, "by_station": by_station,
                 "by_model_version": by_model, "by_label": by_label, "bytes": used, "quota": quota,
                 "empty_scenes": {"total": sum(by_camera.values()), "by_camera": by_camera},
-                "counters": self.counters(), "reconciled": self.reconciled}
+                "counters": self.counters(), "reconciled": self.reconciled,
+                CALLBACK_ERRORS: self.callback_errors()}
 
     # ------------------------------------------------------------ review
 

@@ -15,7 +15,7 @@ from central.rollout.publish import BundleServer, publish_bundle
 from central.rollout.remote import resolve_bundle
 from central.rollout.rollback import run_rollback
 from central.rollout.run import RolloutPlan, run_rollout
-from central.rollout.stations import check_station, select_stations, split_by_model
+from central.rollout.stations import check_station, read_group, select_stations, split_by_model
 from contract.broker import add_broker_args, settings_from_args
 from contract.events import EventSink, RolloutError, make_event, publish_event_once
 from contract.messages import rollout_topic
@@ -178,11 +178,12 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     policy = None if args.no_canary else WatchPolicy(args.watch_s, args.max_low_conf_rate,
                                                      args.max_low_conf_increase, args.max_errors,
                                                      args.min_frames, args.baseline_s)
+    named += read_group(args.group) if args.group is not None else []     # a bad file is named before connecting
     history = RolloutHistory(args.history)          # a damaged history is named before anything is sent
     bundle = resolve_bundle(args.bundle_url)
     link, events = _connect_link(args)
     try:
-        stations, skipped = select_stations(link, stations=named, group=args.group, all_stations=args.all_stations)
+        stations, skipped = select_stations(link, stations=named, all_stations=args.all_stations)
         others: dict[str, str] = {}
         if args.all_stations:
             stations, others = split_by_model(link, stations, bundle.name)
@@ -208,10 +209,11 @@ def cmd_rollout(args: argparse.Namespace) -> int:
 
 def cmd_rollback(args: argparse.Namespace) -> int:
     named = [check_station(s, "--stations") for s in _split(args.stations)]
+    named += read_group(args.group) if args.group is not None else []     # a bad file is named before connecting
     history = RolloutHistory(args.history)
     link, events = _connect_link(args)
     try:
-        stations, skipped = select_stations(link, stations=named, group=args.group, all_stations=args.all_stations)
+        stations, skipped = select_stations(link, stations=named, all_stations=args.all_stations)
         summaries = run_rollback(link, history, events, stations, args.to, bundle_location=args.bundle_url,
                                  update_timeout_s=args.update_timeout_s, skipped=skipped)
     finally:

@@ -45,17 +45,27 @@ def _group_lines(group: Path) -> list[str]:
         raise RolloutError(f"{group}: cannot read the station group ({why})") from exc
 
 
+def read_group(group: Path) -> list[str]:
+    """The stations a group file lists (one <site>/<station> a line, # comments), each checked; RolloutError naming
+    the file (and the line) when it cannot be read, a line is no station name, or it lists none. The CLI reads it
+    before connecting to the broker: a mistyped --group is refused without touching the fleet."""
+    chosen = []
+    for n, line in enumerate(_group_lines(Path(group)), 1):
+        line = line.split("#", 1)[0].strip()
+        if line:
+            chosen.append(check_station(line, f"{group}:{n}"))
+    if not chosen:
+        raise RolloutError(f"{group}: lists no stations (one <site>/<station> a line, '#' starts a comment)")
+    return chosen
+
+
 def select_stations(link: StationLink, *, stations: Sequence[str] = (), group: Path | None = None,
                     all_stations: bool = False) -> tuple[list[str], dict[str, str]]:
-    """The stations named (``--stations``), listed in a group file (one <site>/<station> a line, # comments), or
-    every station with a retained status (online ones; offline ones are returned as skipped, with why)."""
+    """The stations named (``--stations``), listed in a group file (``read_group``), or every station with a
+    retained status (online ones; offline ones are returned as skipped, with why)."""
     chosen = [check_station(s, f"--stations {s!r}") for s in stations]
     if group is not None:
-        lines = _group_lines(Path(group))
-        for n, line in enumerate(lines, 1):
-            line = line.split("#", 1)[0].strip()
-            if line:
-                chosen.append(check_station(line, f"{group}:{n}"))
+        chosen.extend(read_group(Path(group)))
     skipped: dict[str, str] = {}
     if all_stations:
         for station in link.known_stations():

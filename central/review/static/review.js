@@ -369,6 +369,19 @@ async function loadStats() {
     banner.textContent = `Frame storage at ${(100 * quota.fraction).toFixed(0)}% of its quota` +
       (quota.full ? ": new frames are being refused." : ".");
   }
+  showIngestErrors(stats.mqtt_callback_errors);
+}
+
+// The ingest service's MQTT callback errors (counted in the store): each left a message unstored. Shown for a day
+// after the last one, with the callbacks that failed; the ingest service's log has each with its traceback.
+function showIngestErrors(errors) {
+  const banner = $("ingest-warning");
+  const recent = errors && errors.total > 0 && errors.last_at !== null && Date.now() / 1000 - errors.last_at < 86400;
+  banner.hidden = !recent;
+  if (!recent) return;
+  const which = Object.entries(errors.by_callback).map(([hook, n]) => `${hook} ${n}`).join(", ");
+  banner.textContent = `The ingest service is failing: ${errors.total} error(s) in its MQTT callbacks (${which}), ` +
+    `the last at ${new Date(errors.last_at * 1000).toLocaleString()}. Frames may be missing: see its log.`;
 }
 
 // The first load and every refresh: one that fails (server down or restarting, an error) says so and the next one
