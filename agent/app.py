@@ -19,6 +19,7 @@ import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
+from urllib.parse import urljoin
 
 import cv2
 from pydantic import ValidationError
@@ -48,6 +49,7 @@ from agent.state import STATE_FILE, StationState
 from agent.update import COMMAND_MAX_BYTES as MODEL_COMMAND_MAX_BYTES
 from agent.update import FETCH_DEADLINE_S, ModelCommand, fetch_verified, prune_installed
 from contract.bundle import (
+    MANIFEST,
     NAME_PATTERN,
     Bundle,
     BundleError,
@@ -749,9 +751,13 @@ class Agent:
             engine = (self.engine_cache.engine_for(self.cfg, incoming.bundle) if self.engine_cache is not None
                       else None)
             runtime = build_runtime(self.cfg, incoming.bundle, engine)
+            # a shipment opened while it downloaded or built: refused before it is installed
+            where = manifest_location(cmd.bundle, incoming.bundle.root, incoming.downloaded)
+            self._check_shipment_labels(incoming.bundle.labels, where)
             # installed only once it runs: a refused bundle never replaces an installed (or the running) copy
             bundle = incoming.install(self.cfg.model.download_dir, self.public_key)
             runtime = replace(runtime, bundle=bundle)
+            self._swap_checked(runtime, where)
         except Exception as exc:  # whatever the payload or the bundle does, the old model stays and the status says why
             expected = isinstance(exc, (BundleError, BackendError, ConfigError))
             text = str(exc) if expected else f"cmd/model: {type(exc).__name__}: {exc}"
@@ -768,7 +774,6 @@ class Agent:
             self.metrics.inc("model_updates_rejected_total")
             self.metrics.inc("commands_rejected_total", command="model")
         else:
-            self.model.swap(runtime)
             if self.state is not None:
                 self._save_state(lambda: self.state.set_model(bundle.root, bundle.version))
             if Path(bundle.root).resolve() != Path(old.root).resolve():     # not the running bundle sent again
@@ -790,8 +795,35 @@ class Agent:
         return bool(self.last_update["ok"])
 
     def _check_manifest_labels(self, manifest: dict[str, Any], where: str) -> None:
-        """The ``check_manifest`` hook of ``fetch_verified``: the config's labels against a manifest's."""
+        """The ``check_manifest`` hook of ``fetch_verified``: the config's labels, and the open shipment's expected
+        lines, against a manifest's."""
         check_config_labels(self.cfg, manifest.get("labels"), where)
+        labels = manifest.get("labels")
+        self._check_shipment_labels(labels if isinstance(labels, list) else [], where)
+
+    def _check_shipment_labels(self, labels: Any, where: str) -> None:
+        """BundleError naming ``where`` (the manifest's URL or file), the open shipment and its expected lines whose
+        label ``labels`` (a bundle about to run) lacks: receiving could never match those lines."""
+        desk = self.inference.receiving if self.inference is not None else None
+        lacking = desk.lacking([label for label in labels if isinstance(label, str)]) if desk is not None else None
+        if lacking is None:
+            return
+        shipment, missing = lacking
+        raise BundleError(f"{where}: open shipment {echo(shipment)} expects {len(missing)} label(s) the bundle "
+                          f"lacks: {echo_list(missing)}; receiving could never match those lines: close the shipment "
+                          "(cmd/expect close) first, or send a bundle with those labels")
+
+    def _swap_checked(self, runtime: ModelRuntime, where: str) -> None:
+        """The swap, under the desk's ``storing`` (held by cmd/expect while it opens a shipment against the running
+        model's labels), after the open shipment's lines are checked once more against the new model's labels: a
+        shipment opened while the update was installed is never left with lines the new model cannot decide."""
+        desk = self.inference.receiving if self.inference is not None else None
+        if desk is None:
+            self.model.swap(runtime)
+            return
+        with desk.storing:
+            self._check_shipment_labels(runtime.bundle.labels, where)
+            self.model.swap(runtime)
 
     def _already_running(self, running: Bundle, payload: bytes) -> bool:
         """A cmd/model whose sha256 is the running bundle's manifest's: nothing to fetch, build or swap (a rollout
@@ -894,6 +926,13 @@ def run(cfg: AgentConfig, *, exit_at_end: bool = False, flush_s: float | None = 
     for worker in lost:
         log.error("camera %s: its input ended early: %s", worker.cfg.id, worker.unopenable)
     return 1 if lost else 0
+
+
+def manifest_location(location: str, root: Path, downloaded: bool) -> str:
+    """Where a cmd/model's manifest came from, as a refusal names it: the URL sent (a download), or the file."""
+    if downloaded:
+        return urljoin(location if location.endswith("/") else location + "/", MANIFEST)   # as fetch_bundle's
+    return str(Path(root) / MANIFEST)
 
 
 def model_request(payload: bytes | None) -> dict[str, Any] | None:

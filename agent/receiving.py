@@ -13,6 +13,10 @@ decided ``unknown``). A line's refs are its most doubtful decisions, most doubtf
 confidence, then the highest unknown score): when a line is over, the items a dock should check are the ones
 the model was least sure were that product, and in a large shipment the newest would leave them off.
 
+While a shipment is open, cmd/model refuses a bundle whose labels lack one of its expected lines (``lacking``):
+on its manifest, before any artifact is fetched, and once more right before the swap (under ``storing``, so a
+shipment opened while the update downloaded is checked too).
+
 Invariants: one shipment at a time per station (opening another closes nothing: it is refused until the
 open one is closed; reopening the same id with the same lines is a no-op). The desk is shared by the command
 thread (open, close) and the decide thread (prior, vouches, record) under one lock. An item belongs to the
@@ -556,6 +560,17 @@ class ReceivingDesk:
             self._current = False
             self._dirty, self._last_receipt = False, self.shipment.opened_at   # its first receipt: Agent.expect
             return self.shipment
+
+    def lacking(self, labels: Sequence[str]) -> tuple[str, list[str]] | None:
+        """The open shipment's id and its expected lines (in the command's order) whose label is not in ``labels``
+        (a model about to run: cmd/model refuses it, else receiving could never match those lines); None when no
+        shipment is open or every line's label is there."""
+        known = set(labels)
+        with self._lock:
+            if self.shipment is None:
+                return None
+            missing = [label for label in self.shipment.expected if label not in known]
+            return (self.shipment.id, missing) if missing else None
 
     def close(self, shipment_id: str) -> Shipment:
         """Close the open shipment ``shipment_id``; AlreadyClosed when it is the one closed last (and not opened

@@ -37,6 +37,14 @@ in the page cache; the running bundle sent again is not reinstalled over itself 
 and an installed bundle that is cleaned up is first renamed to ``.old-*`` (removed by the next download or
 clean-up), so a clean-up cut short never leaves a version folder that lost its manifest.json but kept its model.
 
+Only what cmd/model installed is ever removed: each version it installs carries ``INSTALLED_MARK`` (the sha256
+of its manifest.json), written before the rename that publishes the folder, and the clean-up after a swap
+(``prune_installed``) removes a ``<name>/<version>/`` folder only when its mark names its manifest. Anything else
+in the download folder (bundles copied there by hand, versions installed before the mark existed, a folder whose
+manifest was replaced by hand) is left alone and logged once, naming it; cmd/model does not install over such a
+folder either. Disk stays bounded: what cmd/model installs is marked and pruned to the kept bundles, and what it
+leaves alone it never adds to.
+
 An artifact's manifest path is a file path: it is quoted into the URL (a space, ``#``, ``?`` or ``%`` in a
 file name is fetched as that file, and a path never names another host).
 """
@@ -45,6 +53,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import json
 import logging
 import os
 import re
@@ -85,6 +94,11 @@ RESOLVE_MAX_PENDING = 4         # host name lookups past their deadline that may
 RESUME_TRIES = 3                # an artifact's download that breaks off is resumed (HTTP Range) this often at most
 DISK_RESERVE_BYTES = 128 << 20  # what a download leaves free on its disk for the outbox, the state file and the logs
 INCOMING = ".incoming-"         # a download being verified: .incoming-<pid>-<version>-<random>
+INSTALLED_MARK = ".installed-by-cmd-model"  # in each version folder cmd/model installed: {"manifest_sha256": ...}
+INSTALLED_MARK_MAX_BYTES = 4096
+LEFT_ALONE_MAX = 4096           # folders whose "left alone" was logged (once each), remembered at most
+_left_alone: set[Path] = set()  # installed-looking folders prune_installed found that are not cmd/model's (logged)
+_left_alone_lock = threading.Lock()
 _fetching: set[Path] = set()    # this process's .incoming-* folders not yet installed or discarded
 _fetching_lock = threading.Lock()
 _resolving = 0                  # lookups left running past their deadline (_resolve), a thread each
@@ -539,16 +553,54 @@ def _fetch_into(base: str, target: Path, sha256: str | None, deadline: _Deadline
     for i, entry in enumerate(manifest["artifacts"]):
         rel = entry["path"]
         dest = (target / rel).resolve()
-        if root not in dest.parents or "\x00" in rel or dest in (root / MANIFEST, root / SIGNATURE):
+        if root not in dest.parents or "\x00" in rel or dest in (root / MANIFEST, root / SIGNATURE,
+                                                                 root / INSTALLED_MARK):
             raise BundleError(f"{manifest_url}: field artifacts/{i}/path: {rel!r} leaves the bundle")
         dest.parent.mkdir(parents=True, exist_ok=True)
         _download(urljoin(base, quote(rel)), dest, entry["size"], deadline, exact=True)
 
 
+def mark_installed(folder: Path, installed_as: Path | None = None) -> None:
+    """Write ``INSTALLED_MARK`` into a bundle folder cmd/model is about to install as ``installed_as`` (default: where
+    it lies), synced: it is published with the folder's rename. Only a folder marked so, where it lies and for the
+    manifest.json it holds, is ever removed by a clean-up."""
+    digest = hashlib.sha256((folder / MANIFEST).read_bytes()).hexdigest()
+    mark = {"installed_by": "cmd/model", "folder": str((installed_as or folder).resolve()), "manifest_sha256": digest}
+    with open(folder / INSTALLED_MARK, "w", encoding="utf-8") as fh:
+        fh.write(json.dumps(mark) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def installed_by_cmd_model(folder: Path) -> bool:
+    """Whether cmd/model installed ``folder`` (``INSTALLED_MARK``) there, and its manifest.json is still the one it
+    installed; False for anything else (no mark, a link, a mark unreadable, for another folder (a copy made by hand
+    elsewhere) or for another manifest)."""
+    mark = folder / INSTALLED_MARK
+    try:
+        if mark.is_symlink() or not mark.is_file() or mark.stat().st_size > INSTALLED_MARK_MAX_BYTES:
+            return False
+        data = loads_finite(mark.read_text(encoding="utf-8"))
+        manifest = (folder / MANIFEST).read_bytes() if (folder / MANIFEST).stat().st_size <= MANIFEST_MAX_BYTES \
+            else b""
+        here = str(folder.resolve())
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and bool(manifest) and data.get("folder") == here and \
+        data.get("manifest_sha256") == hashlib.sha256(manifest).hexdigest()
+
+
 def install_bundle(incoming: Path, download_dir: Path, name: str, version: str) -> Path:
-    """Move a verified download to ``download_dir/<name>/<version>``, replacing an older copy in one rename."""
+    """Move a verified download to ``download_dir/<name>/<version>``, marked as cmd/model's (``mark_installed``),
+    replacing an older copy in one rename. A folder there that cmd/model did not install (a bundle copied by hand)
+    is never replaced: BundleError, and nothing is touched."""
     target = download_dir / name / version
+    if (target.exists() or target.is_symlink()) and not installed_by_cmd_model(target):
+        raise BundleError(f"{target}: holds a bundle cmd/model did not install (no {INSTALLED_MARK} for its "
+                          "manifest.json: copied there by hand, or installed before the mark existed); it is left "
+                          "alone: move it away, or send the bundle under another version")
     target.parent.mkdir(parents=True, exist_ok=True)
+    mark_installed(incoming, target)
     for folder in {incoming, *(p for p in incoming.rglob("*") if p.is_dir() and not p.is_symlink())}:
         fsync_dir(folder)       # its files' names on disk before it is installed (their bytes are: _download)
     old = None
@@ -587,10 +639,12 @@ def _remove_installed(path: Path, download_dir: Path) -> None:
 
 
 def prune_installed(download_dir: Path, keep: Sequence[Path]) -> list[Path]:
-    """Remove what cmd/model left in ``download_dir`` that no longer runs: installed bundles
-    (``<name>/<version>/manifest.json``) other than ``keep`` (the running one, the one before it, and the
-    configured ``model.bundle``: each a folder or its manifest.json), and the ``.incoming-*`` / ``.old-*`` folders
-    a crash left. Returns what went. Disk stays bounded by two bundles (three where the configured one is here)."""
+    """Remove what cmd/model left in ``download_dir`` that no longer runs: bundles it installed
+    (``<name>/<version>/`` marked ``INSTALLED_MARK``) other than ``keep`` (the running one, the one before it, and
+    the configured ``model.bundle``: each a folder or its manifest.json), and the ``.incoming-*`` / ``.old-*``
+    folders a crash left. Returns what went. A bundle folder without the mark (copied by hand, or installed before
+    the mark existed) is left alone, logged once. Disk stays bounded: what cmd/model installs is kept to two bundles
+    (three where the configured one is here), and what it leaves alone it never adds to."""
     kept = {(Path(p).parent if Path(p).name == MANIFEST else Path(p)).resolve() for p in keep}  # folder or manifest
     gone = []
     try:
@@ -603,22 +657,35 @@ def prune_installed(download_dir: Path, keep: Sequence[Path]) -> list[Path]:
                 gone.append(entry)
         elif _own_folder(entry):        # a link is never followed: what it points at is not cmd/model's
             try:
-                gone += [v for v in entry.iterdir()
+                found = [v for v in entry.iterdir()
                          if _own_folder(v) and (v / MANIFEST).is_file() and v.resolve() not in kept]
             except OSError:
                 continue
+            gone += [v for v in found if installed_by_cmd_model(v)]
+            _log_left_alone([v for v in found if v not in gone])
     for path in gone:
         if path.parent == download_dir:     # .incoming-* / .old-*: a leftover already
             shutil.rmtree(path, ignore_errors=True)
         else:
             _remove_installed(path, download_dir)
-    for entry in entries:
-        if _own_folder(entry):
-            try:
-                entry.rmdir()       # a model's folder left empty
-            except OSError:
-                pass
+    for model in {path.parent for path in gone if path.parent != download_dir}:
+        try:
+            model.rmdir()       # a model's folder this clean-up left empty (one it found empty is not its own)
+        except OSError:
+            pass
     return gone
+
+
+def _log_left_alone(folders: list[Path]) -> None:
+    """Each bundle folder the clean-up leaves alone (not cmd/model's), logged once per process."""
+    with _left_alone_lock:
+        new = [f for f in folders if f not in _left_alone]
+        if len(_left_alone) < LEFT_ALONE_MAX:
+            _left_alone.update(new)
+    for folder in new:
+        log.warning("left alone: %s is a bundle cmd/model did not install (no %s for its manifest.json: copied there "
+                    "by hand, or installed before the mark existed); the clean-up after cmd/model never removes it "
+                    "(remove it by hand when it is no longer needed)", folder, INSTALLED_MARK)
 
 
 @dataclass(frozen=True)
@@ -641,6 +708,9 @@ class Incoming:
         try:
             installed = install_bundle(self.bundle.root, download_dir, name, version)
             _release(self.bundle.root)
+        except BundleError:         # a folder there that is not cmd/model's: left alone
+            self.discard()
+            raise
         except OSError as exc:
             self.discard()
             raise BundleError(f"{download_dir / name / version}: cannot install the bundle "

@@ -196,6 +196,7 @@ def test_a_bundle_with_the_longest_name_and_version_is_installed_over_its_copy(t
     name, version = "n" * 128, "v" * 128
     (tmp_path / name / version).mkdir(parents=True)
     (tmp_path / name / version / MANIFEST).write_text("old")
+    update.mark_installed(tmp_path / name / version)        # installed by cmd/model (a hand copy is never replaced)
     incoming = tmp_path / f"{update.INCOMING}1-x"
     incoming.mkdir()
     (incoming / MANIFEST).write_text("new")
@@ -211,7 +212,7 @@ def test_a_clean_up_cut_short_leaves_nothing_the_next_clean_up_misses(tmp_path, 
     # given: three installed bundles; 1 is no longer kept
     downloads = tmp_path / "downloads"
     for v in ("1", "2", "3"):
-        make_onnx_bundle(downloads, version=v)
+        update.mark_installed(make_onnx_bundle(downloads, version=v))     # installed by cmd/model
     keep = [downloads / "onnx-tiny" / "2", downloads / "onnx-tiny" / "3"]
     # when: the power goes while its folder is being removed, right after its manifest.json (the order of a removal
     # is the directory's, file system by file system)
@@ -229,7 +230,8 @@ def test_a_clean_up_cut_short_leaves_nothing_the_next_clean_up_misses(tmp_path, 
     prune_installed(downloads, keep)
     # then: nothing of 1 is left (before: its model stayed for good, a folder no clean-up took for a bundle)
     left = sorted(str(p.relative_to(downloads)) for p in downloads.rglob("*") if p.is_file())
-    assert left == [f"onnx-tiny/{v}/{f}" for v in ("2", "3") for f in (MANIFEST, "model.fp32.onnx")]
+    assert left == [f"onnx-tiny/{v}/{f}" for v in ("2", "3") for f in (update.INSTALLED_MARK, MANIFEST,
+                                                                    "model.fp32.onnx")]
 
 
 # ---------------------------------------------------------------- through the station (agent/app.py)
