@@ -14,22 +14,31 @@ accuracy on it, the row's logit computed from the INT8 model's embedding as such
 enrolled before are old classes too: without gate images of them the enrolment is refused (the run's validation
 split has none).
 
+One enrolment at a time per models folder: an enrolment that writes holds ``<models dir>/.enrol.lock`` (``flock``,
+``models_dir_lock``) from loading the version it builds on until its version is in place, whether it runs from the
+CLI or from a review server's page; a second one is refused at once, naming the lock file (two enrolments onto one
+version: the chain follows one of them and the other's class is lost). The new version is verified with the key the
+stations check it with (``--public-key``, else the public half of ``--sign-key``) before it is reported enrolled.
+
 Torch-free (numpy, OpenCV, ONNX Runtime and ``contract``) so the central side can enrol from reviewed frames.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
+import fcntl
 import json
 import logging
 import math
 import os
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -72,6 +81,7 @@ MAX_FIT_EXAMPLES = 256   # examples the row is fitted on (more: that many, evenl
 LOO_FOLDS = 20           # up to this many fitted examples, leave-one-out; more: this many folds, each example decided
 #                          by a row fitted without its fold. One fit per example took 300 examples to 95 s
 MIN_GATE_ROWS_ENROLLED = 2   # gate images of each class enrolled before: one in each half (fit and gate)
+LOCK_FILE = ".enrol.lock"    # in the models folder: held by the enrolment writing into it (CLI or review server)
 
 
 class EnrolError(ValueError):
@@ -81,6 +91,10 @@ class EnrolError(ValueError):
     def __init__(self, message: str, report: dict | None = None) -> None:
         super().__init__(message)
         self.report = report
+
+
+class EnrolBusy(EnrolError):
+    """Another enrolment (another process, or another thread of this one) holds the models folder's lock."""
 
 
 @dataclass
@@ -617,6 +631,105 @@ def _int8_report(bundle: Bundle, model: Path, gf: GateFit, w: np.ndarray, bias: 
             "allowances": curve}
 
 
+# ---------------------------------------------------------------- one enrolment at a time per models folder
+
+_held: dict[tuple[int, int], int] = {}      # (st_dev, st_ino) of a lock file held here -> the holding thread
+_held_guard = threading.Lock()
+
+
+@contextlib.contextmanager
+def models_dir_lock(models_dir: Path) -> Iterator[Path]:
+    """Hold ``models_dir``'s enrolment lock (``flock`` on ``LOCK_FILE``: released by the kernel when the process
+    ends, however it ends; yields the lock file), or EnrolBusy at once naming the file where another enrolment holds
+    it (another process, another thread); EnrolError naming the file where it cannot be opened. The thread that
+    holds it may take it again (a review server holds it from choosing the version it builds on, then calls
+    ``enroll``, which takes it too). On release the lock file (and a models folder made for it) is removed again: a
+    refused enrolment leaves nothing behind."""
+    path = Path(models_dir) / LOCK_FILE
+    made = _missing_folders(path.parent)
+    fd, key = _open_lock(path, made)
+    if fd is None:                      # this thread holds it already
+        yield path
+        return
+    try:
+        yield path
+    finally:
+        with _held_guard:
+            _held.pop(key, None)
+        with contextlib.suppress(OSError):
+            os.unlink(path)             # while held: whoever opened this file meanwhile sees it gone and opens anew
+        os.close(fd)                    # releases the lock
+        _remove_empty(made)
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and its parents that do not exist yet, innermost first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:              # innermost first; one that another enrolment wrote into is kept
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def _open_lock(path: Path, made: list[Path]) -> tuple[int | None, tuple[int, int] | None]:
+    """(descriptor holding the lock on ``path``, its key), or (None, None) where this thread holds it already."""
+    me = threading.get_ident()
+    while True:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            _remove_empty(made)
+            raise EnrolError(f"{path}: cannot open the enrolment lock ({exc.strerror or exc}); enrolment writes into "
+                             f"{path.parent} and needs to write there") from None
+        info = os.fstat(fd)
+        key = (info.st_dev, info.st_ino)
+        with _held_guard:
+            again = _held.get(key) == me
+        if again:
+            os.close(fd)                # another descriptor: closing it leaves this thread's lock held
+            return None, None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise EnrolBusy(f"another enrolment is writing into {path.parent} (it holds {path}: a review server's "
+                            f"page or another trainer enroll); two enrolments onto one version keep only one of "
+                            f"their classes in the chain: try again when it has finished, onto the newest "
+                            f"version") from None
+        except OSError as exc:          # a file system without locks
+            os.close(fd)
+            _remove_empty(made)
+            raise EnrolError(f"{path}: cannot lock it ({exc.strerror or exc}); one enrolment at a time per models "
+                             f"folder needs a file system with flock") from None
+        try:
+            now = os.stat(path)
+        except FileNotFoundError:
+            now = None
+        if now is not None and (now.st_dev, now.st_ino) == key:
+            with _held_guard:
+                _held[key] = me
+            return fd, key
+        os.close(fd)                    # removed by the enrolment that held it before: lock the file there now
+
+
+def enrol_models_dir(cfg: EnrolConfig) -> Path:
+    """The models folder the new version goes into (``<name>/<version>`` under it): ``cfg.models_dir``, else the
+    source bundle's own."""
+    if cfg.models_dir is not None:
+        return Path(cfg.models_dir)
+    source = Path(cfg.bundle)
+    return (source.parent if source.name == MANIFEST else source).parent.parent
+
+
 # ---------------------------------------------------------------- writing the new version
 
 def _new_manifest(bundle: Bundle, cfg: EnrolConfig, version: str, artifacts: list[dict], report: dict) -> dict:
@@ -643,9 +756,11 @@ def _unused_version(folder: Path, stamp: str) -> str:
     return version
 
 
-def _write(bundle: Bundle, cfg: EnrolConfig, new_open_set: openset.OpenSet, report: dict) -> tuple[Path, dict]:
+def _write(bundle: Bundle, cfg: EnrolConfig, new_open_set: openset.OpenSet, report: dict, station_key: Any
+           ) -> tuple[Path, dict]:
     """The new version in ``<models_dir>/<name>/<version>``: the model files linked (same bytes, same hashes),
-    the new open_set.npz and manifest, signed when a key is given, verified, then moved into place."""
+    the new open_set.npz and manifest, signed when a key is given, verified (its signature with ``station_key``, the
+    key stations check it with: ``check_signing``), then moved into place."""
     models_dir = Path(cfg.models_dir) if cfg.models_dir is not None else bundle.root.parent.parent
     version = cfg.version or _unused_version(models_dir / bundle.name,
                                              dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S"))
@@ -679,7 +794,12 @@ def _write(bundle: Bundle, cfg: EnrolConfig, new_open_set: openset.OpenSet, repo
                 sign_bundle(tmp_dir, cfg.sign_key)
             except (OSError, ValueError, TypeError) as exc:     # checked at the start; changed since
                 raise EnrolError(f"--sign-key {cfg.sign_key}: cannot sign with it ({exc})") from None
-        check_model_runs(load_bundle(tmp_dir))
+        try:        # as a station checks it: a signature its key refuses is never reported as enrolled
+            check_model_runs(load_bundle(tmp_dir, station_key))
+        except BundleError as exc:
+            raise EnrolError(f"{final_dir}: the new version does not verify ({exc}); not enrolled"
+                             + (f" (signed with --sign-key {cfg.sign_key}: changed since the enrolment began?)"
+                                if cfg.sign_key and SIGNATURE in str(exc) else "")) from None
         try:
             os.rename(tmp_dir, final_dir)      # never onto a version another enrolment wrote meanwhile
         except OSError as exc:
@@ -735,9 +855,10 @@ def _halves(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return np.flatnonzero(fit), np.flatnonzero(~fit)
 
 
-def _check_settings(cfg: EnrolConfig) -> None:
+def _check_settings(cfg: EnrolConfig) -> Any:
     """EnrolError naming the field or flag for settings no enrolment could be judged or written with: checked
-    before anything is read or computed."""
+    before anything is read or computed. Returns the public key the new version is verified with
+    (``check_signing``)."""
     if not 0.0 < cfg.max_drop_points < 100.0:
         raise EnrolError(f"max_drop_points: expected points in (0, 100), got {cfg.max_drop_points!r}")
     if cfg.min_examples < 2:        # leave-one-out needs one example left to fit on
@@ -754,19 +875,25 @@ def _check_settings(cfg: EnrolConfig) -> None:
         check_name_version("x", cfg.version)
     except ValueError as exc:
         raise EnrolError(str(exc)) from None
-    check_signing(Path(cfg.bundle), cfg.sign_key, cfg.public_key, unsigned=cfg.unsigned)
+    return check_signing(Path(cfg.bundle), cfg.sign_key, cfg.public_key, unsigned=cfg.unsigned)
 
 
 def check_signing(source: Path, sign_key: Path | None, public_key: Path | None, *, unsigned: bool = False,
                   sign_flag: str = "--sign-key", public_flag: str = "--public-key",
-                  unsigned_flag: str | None = "--unsigned") -> None:
+                  unsigned_flag: str | None = "--unsigned") -> Any:
     """EnrolError naming the flags, before anything is read or computed (and when the review server starts), where
     the new version would be refused by the stations that take the source (``source``: its folder): retrain's rule
     (``trainer.retrain.check_signing``: a key that cannot sign, or is not the private half of ``public_key``), and a
     signed source with no ``sign_key`` (also where ``public_key`` is given: it verifies only the source, and
     ``load_bundle`` refuses an unsigned source with it), unless ``unsigned`` (``unsigned_flag``; None: the caller has
     no such flag) asks for an unsigned version on purpose. Until 2026-12-07 both wrote a version every station
-    configured with a public key refused, seen only when the canary failed."""
+    configured with a public key refused, seen only when the canary failed. Without ``public_key``, a signed source
+    whose signature the sign key's public half does not verify is refused too: the stations that take the source
+    trust another key (until 2026-12-07 such a version was written and reported "verified, signed").
+
+    Returns the public key the new version is verified with before it is reported enrolled, as a station checks
+    it: ``public_key``'s, else the sign key's public half (read now: a key file changed before the version is signed
+    fails that check); None for an unsigned version."""
     from trainer.retrain import RetrainError
     from trainer.retrain import check_signing as check_retrain_signing
 
@@ -774,9 +901,9 @@ def check_signing(source: Path, sign_key: Path | None, public_key: Path | None, 
         raise EnrolError(f"{unsigned_flag} and {sign_flag} {sign_key}: an unsigned version and a signed one asked "
                          f"for; pass one of them")
     if sign_key is not None:
-        check_sign_key(Path(sign_key), sign_flag)
+        signing_key = check_sign_key(Path(sign_key), sign_flag)
         if public_key is None:
-            return
+            return _signed_by(source, signing_key.public_key(), sign_key, sign_flag, public_flag)
         try:
             key = load_public_key(public_key)
         except BundleError as exc:
@@ -787,14 +914,14 @@ def check_signing(source: Path, sign_key: Path | None, public_key: Path | None, 
             raise EnrolError(f"{sign_flag} {sign_key}: not the private key of {public_flag} {public_key}; the new "
                              f"version would be signed with a key the stations that trust {public_flag} do not trust, "
                              f"and refused at rollout: pass the private key of {public_flag} as {sign_flag}") from None
-        return
+        return key
     signature = Path(source) / SIGNATURE
     if not signature.exists():
-        return                 # an unsigned source (with public_key given, load_bundle refuses it by name)
+        return None            # an unsigned source (with public_key given, load_bundle refuses it by name)
     if unsigned:
         log.warning("%s: the source bundle is signed; the new version is written unsigned (%s): stations configured "
                     "with a public key refuse it", signature, unsigned_flag)
-        return
+        return None
     only_source = f" ({public_flag} {public_key} checks only the source)" if public_key is not None else ""
     opt_out = f", or {unsigned_flag} for an unsigned version on purpose" if unsigned_flag else ""
     raise EnrolError(f"source bundle {source} is signed ({signature}) and no {sign_flag} is given{only_source}: the "
@@ -802,13 +929,36 @@ def check_signing(source: Path, sign_key: Path | None, public_key: Path | None, 
                      f"rollout; pass the private key as {sign_flag}{opt_out}")
 
 
-def check_sign_key(path: Path, flag: str = "--sign-key") -> None:
-    """EnrolError naming ``flag`` and the file unless it holds an unencrypted ed25519 private key: checked before
-    an enrolment computes anything (and when the review server starts), not when the new version is signed."""
+def _signed_by(source: Path, key: Any, sign_key: Path, sign_flag: str, public_flag: str) -> Any:
+    """``key`` (the sign key's public half), or EnrolError naming the files where the source is signed and ``key``
+    does not verify its signature: the stations that take the source trust the key it was signed with, and would
+    refuse a version signed with another."""
+    from cryptography.exceptions import InvalidSignature
+
+    root = Path(source).parent if Path(source).name == MANIFEST else Path(source)
+    signature = root / SIGNATURE
+    if not signature.exists():
+        return key             # an unsigned source: the stations' key is not known; the new version is signed
+    try:
+        key.verify(signature.read_bytes(), (root / MANIFEST).read_bytes())
+    except OSError as exc:
+        raise EnrolError(f"source bundle {root}: cannot read its signature ({exc.strerror or exc})") from None
+    except InvalidSignature:
+        raise EnrolError(f"{sign_flag} {sign_key}: the source bundle's signature ({signature}) was not made with this "
+                         f"key: the stations that take the source trust another key and would refuse the new version "
+                         f"at rollout; pass the site's private key as {sign_flag} (and its public key as "
+                         f"{public_flag})") from None
+    return key
+
+
+def check_sign_key(path: Path, flag: str = "--sign-key") -> Any:
+    """The private key in ``path``, or EnrolError naming ``flag`` and the file unless it holds an unencrypted
+    ed25519 private key: checked before an enrolment computes anything (and when the review server starts), not
+    when the new version is signed."""
     from trainer.signing import check_private_key
 
     try:
-        check_private_key(path, flag)
+        return check_private_key(path, flag)
     except ValueError as exc:
         raise EnrolError(str(exc)) from None
 
@@ -902,7 +1052,15 @@ def enroll(cfg: EnrolConfig) -> EnrolResult:
     INT8 model in ``report["int8"]["gate"]["passed"]``; ``report["int8"]`` is None for a bundle without a
     deployable one), nothing written; the figures are those the real enrolment at the same allowance gives."""
     started = time.monotonic()
-    _check_settings(cfg)
+    station_key = _check_settings(cfg)
+    if cfg.dry_run:         # writes nothing: neither waits for nor holds up an enrolment that writes
+        return _enroll(cfg, station_key, started)
+    with models_dir_lock(enrol_models_dir(cfg)):        # from loading the source until its version is in place
+        return _enroll(cfg, station_key, started)
+
+
+def _enroll(cfg: EnrolConfig, station_key: Any, started: float) -> EnrolResult:
+    """``enroll`` once its settings are checked (and, where it writes, the models folder's lock is held)."""
     bundle = _source_bundle(cfg)
     pre = Preprocessor(bundle.input_spec)
     os_ = bundle.open_set
@@ -988,7 +1146,7 @@ def enroll(cfg: EnrolConfig) -> EnrolResult:
     report["mahalanobis_scale"] = scale
     new_open_set = dataclasses.replace(os_, stats=os_.stats.with_class(own.mean(0), own, scale),
                                        enrolled=os_.enrolled.with_class(cfg.label, weight, raw_bias))
-    bundle_dir, manifest = _write(bundle, cfg, new_open_set, report)
+    bundle_dir, manifest = _write(bundle, cfg, new_open_set, report, station_key)
     try:
         _record_gate(bundle_dir, bundle, cfg.label, report)
     except BaseException:   # a full disk: a version without its gate record is never published; its number is free

@@ -110,7 +110,7 @@ def add_backgrounds_parser(sub: argparse._SubParsersAction) -> None:
 def cmd_backgrounds(args: argparse.Namespace) -> int:
     if not (args.store / "frames.sqlite").is_file():
         raise StoreError(f"--store {args.store}: no frames.sqlite (not a frame store)")
-    store = FrameStore(args.store)
+    store = FrameStore.open_read_only(args.store)   # an export never writes into the store (another user's, read-only)
     try:
         summary = export_backgrounds(store, args.out, site=args.site, station=args.station, camera=args.camera,
                                      per_camera=args.per_camera, force=args.force)

@@ -7,6 +7,8 @@ enrolment builds on the version just written, so several new classes accumulate.
 models folder: an enrolment that writes holds ``<models dir>/.enrol.lock`` (``flock``) from choosing the version
 it builds on until its version is in place, so two review servers on one models folder never both build on the
 same version (the chain follows one of them and the other's class was lost); the second is answered 409 (busy).
+The lock is ``trainer.enroll.models_dir_lock``'s, which ``python -m trainer enroll`` holds over the same span: a
+CLI enrolment and a page enrolment on one models folder are serialised the same way (the second is refused).
 Enrolment needs ONNX Runtime and the trainer package's enrol module on the review host (the central image has
 neither: page enrolment runs where the trainer is installed).
 """
@@ -15,12 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import fcntl
 import importlib.util
 import json
 import logging
 import math
-import os
 import re
 import threading
 from dataclasses import dataclass
@@ -32,7 +32,7 @@ from central.review.store import FrameStore, StoreError
 log = logging.getLogger(__name__)
 
 EXAMPLE_STATUSES = ("labelled", "new_class")
-LOCK_FILE = ".enrol.lock"      # in the models folder: held by the enrolment writing into it (any review server)
+LOCK_FILE = ".enrol.lock"      # in the models folder: trainer.enroll.LOCK_FILE (held by the enrolment writing there)
 
 
 class EnrolBusy(RuntimeError):
@@ -155,25 +155,24 @@ def _check_signing(settings: EnrolSettings, bundle: Path) -> None:
 
 @contextlib.contextmanager
 def models_dir_lock(models_dir: Path) -> Iterator[None]:
-    """Hold ``models_dir``'s enrolment lock (``flock`` on ``LOCK_FILE``: released by the kernel when the process
-    ends, however it ends), or EnrolBusy at once where another enrolment (another review server, another thread)
-    holds it; StoreError naming the file where it cannot be opened."""
-    path = Path(models_dir) / LOCK_FILE
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        raise StoreError(f"{path}: cannot open the enrolment lock ({exc.strerror or exc}); enrolment writes into "
-                         f"{path.parent} and needs to write there") from None
-    try:
+    """Hold ``models_dir``'s enrolment lock (``trainer.enroll.models_dir_lock``: ``flock`` on ``LOCK_FILE``,
+    released by the kernel when the process ends, however it ends; the one ``python -m trainer enroll`` holds), or
+    EnrolBusy at once where another enrolment (another review server, a CLI enrolment, another thread) holds it;
+    StoreError naming the file where it cannot be opened."""
+    from trainer.enroll import EnrolBusy as TrainerBusy
+    from trainer.enroll import EnrolError
+    from trainer.enroll import models_dir_lock as trainer_lock
+
+    with contextlib.ExitStack() as held:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise EnrolBusy(f"another enrolment is writing into {path.parent} (another review server on this models "
-                            f"folder); try again when it has finished") from None
+            held.enter_context(trainer_lock(Path(models_dir)))
+        except TrainerBusy:
+            path = Path(models_dir) / LOCK_FILE
+            raise EnrolBusy(f"another enrolment is writing into {path.parent} (another review server or a trainer "
+                            f"enroll on this models folder: it holds {path}); try again when it has finished") from None
+        except EnrolError as exc:
+            raise StoreError(str(exc)) from None
         yield
-    finally:
-        os.close(fd)        # releases the lock
 
 
 class ReviewEnroller:

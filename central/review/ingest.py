@@ -399,7 +399,7 @@ def add_quarantine_parser(sub: argparse._SubParsersAction) -> None:
 def cmd_quarantine(args) -> int:
     if not (args.store / "frames.sqlite").is_file():
         raise StoreError(f"--store {args.store}: no frames.sqlite (not a frame store)")
-    store = FrameStore(args.store)
+    store = FrameStore.open_read_only(args.store)   # listing writes nothing (a store folder of another user, read-only)
     try:
         entries, kept = store.list_quarantine(limit=args.limit, payload=args.json)
         refused = store.counters().get("malformed", 0)
