@@ -29,7 +29,7 @@ import struct
 import unicodedata
 import zlib
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Hashable, Iterable, Sequence
 
@@ -59,6 +59,16 @@ class Sample:
     label: int
     as_seen: bool = False   # already a station's view (an item crop it sent back): trained as it is, never rendered
     #                         onto a surface again as a station view (a CSV row with view=station)
+    digest: str | None = field(default=None, compare=False, repr=False)   # sha256 of the file's bytes, where
+    #                         drop_unreadable read them (the fingerprint's; read again when None)
+
+
+FINGERPRINT_PREFIX = "content-sha256:"   # Dataset.fingerprint since 2026-12-07; before it, 64 hex digits over sizes
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 @dataclass
@@ -86,12 +96,37 @@ class Dataset:
             return str(path)
 
     def fingerprint(self) -> str:
-        """sha256 over sorted (relative path, label, size): changes when any image or label does."""
+        """``content-sha256:`` and the sha256 over the sorted (relative path, label, sha256 of the image's bytes):
+        changes when any image, name or label does, an image replaced by another of the same size included (the
+        size was hashed before 2026-12-07, not the bytes: ``legacy_fingerprint``), and not when a file is only
+        touched or copied. The images' digests are those drop_unreadable took while reading each image; only the
+        images of a dataset loaded without that check are read again here."""
+        digest = hashlib.sha256()
+        rows = sorted((_nfc(self.relative(s.path)), self.classes[s.label], s.digest or file_sha256(s.path))
+                      for s in self.samples)      # NFC: the path as load_split finds it after a Mac copy
+        for rel, label, content in rows:
+            digest.update(f"{rel}\t{label}\t{content}\n".encode())
+        return FINGERPRINT_PREFIX + digest.hexdigest()
+
+    def legacy_fingerprint(self) -> str:
+        """The fingerprint as written before 2026-12-07: sha256 over sorted (relative path, label, size); blind to
+        an image replaced by another of the same size. Only to compare with one saved then."""
         digest = hashlib.sha256()
         rows = sorted((self.relative(s.path), self.classes[s.label], s.path.stat().st_size) for s in self.samples)
         for rel, label, size in rows:
             digest.update(f"{rel}\t{label}\t{size}\n".encode())
         return digest.hexdigest()
+
+    def matches_fingerprint(self, saved: object) -> bool | None:
+        """Whether ``saved``, a fingerprint of this dataset's images written by this or an earlier version, is
+        still theirs: a current one is compared with ``fingerprint``, one of 64 hex digits (before 2026-12-07) with
+        ``legacy_fingerprint`` (which cannot see an image replaced by one of the same size). None for anything
+        else: a fingerprint of a form this version does not know is not held against the data."""
+        if isinstance(saved, str) and saved.startswith(FINGERPRINT_PREFIX):
+            return saved == self.fingerprint()
+        if isinstance(saved, str) and re.fullmatch(r"[0-9a-f]{64}", saved):
+            return saved == self.legacy_fingerprint()
+        return None
 
     def subset(self, indices: Sequence[int]) -> "Dataset":
         return Dataset(self.root, self.classes, [self.samples[i] for i in indices], self.layout, self.skipped,
@@ -367,8 +402,7 @@ def drop_unreadable(dataset: Dataset, workers: int = 4) -> Dataset:
     def probe(sample: Sample) -> tuple[str | None, str | None]:
         try:
             read_image(sample.path)
-            with open(sample.path, "rb") as fh:
-                return None, hashlib.file_digest(fh, "sha256").hexdigest()
+            return None, file_sha256(sample.path)
         except ImageDecodeError as exc:
             return shown(str(exc)), None
         except Exception as exc:  # noqa: BLE001 (any file the decoder chokes on is skipped and listed, not fatal)
@@ -376,7 +410,7 @@ def drop_unreadable(dataset: Dataset, workers: int = 4) -> Dataset:
 
     with ThreadPoolExecutor(workers) as pool:
         probed = list(pool.map(probe, dataset.samples, chunksize=256))
-    kept = [s for s, (err, _) in zip(dataset.samples, probed) if err is None]
+    kept = [replace(s, digest=digest) for s, (err, digest) in zip(dataset.samples, probed) if err is None]
     skipped = [{"path": shown(s.path), "error": err} for s, (err, _) in zip(dataset.samples, probed) if err is not None]
     for row in skipped:
         log.warning("skipping unreadable image %s", row["error"])
@@ -465,9 +499,11 @@ def save_split(path: Path, dataset: Dataset, train: Sequence[int], val: Sequence
                drawn_for: dict | None = None) -> None:
     """The split as image paths (relative to the dataset root) with labels. ``drawn_for``: the settings the
     trainer drew it with (data, seed, val_fraction, limit_per_class), which mark a split as the trainer's own; a
-    split saved without them is one a caller placed in the run folder, which the trainer uses as it is. Written
-    to a temporary file and renamed, so a reader (another rank of a distributed run, an export) never sees half
-    of it."""
+    split saved without them is one a caller placed in the run folder, which the trainer uses as it is. The
+    fingerprint of its images (``Dataset.fingerprint``, where drop_unreadable took their digests, as for every
+    dataset the trainer loads) lets a resume see an image replaced since (load_split).
+    Written to a temporary file and renamed, so a reader (another rank of a distributed run, an export) never sees
+    half of it."""
     payload = {
         "seed": seed,
         "root": str(dataset.root),
@@ -475,6 +511,9 @@ def save_split(path: Path, dataset: Dataset, train: Sequence[int], val: Sequence
         "train": [[dataset.relative(dataset.samples[i].path), dataset.samples[i].label] for i in train],
         "val": [[dataset.relative(dataset.samples[i].path), dataset.samples[i].label] for i in val],
     }
+    images = dataset.subset(sorted({*train, *val}))
+    if all(s.digest for s in images.samples):       # read by drop_unreadable (the trainer's); no file is read here
+        payload["fingerprint"] = images.fingerprint()
     seen = sorted(dataset.relative(s.path) for s in dataset.samples if s.as_seen)
     if seen:        # a station's frames (Sample.as_seen): the export never renders them as station views again
         payload["as_seen"] = seen
@@ -536,7 +575,27 @@ def load_split(path: Path, dataset: Dataset) -> tuple[list[int], list[int]]:
     for part in ("train", "val"):
         for (rel, saved), i in zip(rows[part], found[part]):
             _check_split_label(path, dataset, rel, saved, dataset.samples[i].label)
+    _check_split_fingerprint(path, dataset.subset(sorted({*found["train"], *found["val"]})), payload.get("fingerprint"))
     return found["train"], found["val"]
+
+
+def _check_split_fingerprint(path: Path, images: Dataset, saved: Any) -> None:
+    """The split's images must still be the images it was saved with: one replaced by another under the same name
+    (a photo exported again, a relabelled copy put in its place) would be trained on and validated on by a resumed
+    run, and described by its reports, as if it were the one the run started with. A split saved without a
+    fingerprint (before 2026-12-07, or placed by a caller) is not checked; one saved before 2026-12-07 with the
+    fingerprint of sizes is checked by sizes (``Dataset.matches_fingerprint``)."""
+    if saved is None:
+        return
+    matches = images.matches_fingerprint(saved)
+    if matches is None:
+        log.warning("%s: fingerprint %r is of a form this version does not read; the images are not checked",
+                    path, shown(str(saved))[:80])
+    elif not matches:
+        raise DatasetError(f"{path}: the {len(images.samples)} images of this saved split are not all the images it "
+                           f"was saved with: an image in {images.root} was replaced by another under the same name "
+                           f"(the dataset's fingerprint differs); a run keeps the images it started with: restore "
+                           f"them, or start a new run (another --name) to train on the images as they are")
 
 
 def _check_split_label(path: Path, dataset: Dataset, rel: str, saved: Any, now: int) -> None:

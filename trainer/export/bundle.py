@@ -319,8 +319,10 @@ def export_bundle(cfg: ExportConfig) -> ExportResult:
     val_y = val_x.labels
     # this export's own folder: another export of the same version may be writing its own beside it
     sweep_partials(final_dir.parent)        # what exports killed before their clean-up left here
+    sweep_partials(run_dir)                 # and the reports such exports left in the run folder
     tmp_dir = partial_dir(final_dir)
     tmp_dir.mkdir(parents=True)
+    reports_tmp = partial_dir(run_dir / f"export-{version}")     # the reports, until the bundle is published
     try:
         _refuse_concurrent_export(final_dir, tmp_dir)
         manifest, fp32_metrics, int8_metrics = _export_into(
@@ -337,22 +339,47 @@ def export_bundle(cfg: ExportConfig) -> ExportResult:
 
             sign_bundle(tmp_dir, cfg.sign_key)
         check_model_runs(load_bundle(tmp_dir))  # the agent's own verification, before anything is published
-        # the reports before the bundle is published: a report that cannot be written (a full disk) fails the
-        # export with nothing under models/, and a rerun with the same version works
-        reports = run_dir / f"export-{version}"
+        # the reports before the bundle is published, in a folder of their own: a report that cannot be written (a
+        # full disk) fails the export with nothing under models/, and a rerun with the same version works
         paths = [s.path for s in val_samples]
-        write_reports(reports / "fp32", fp32_metrics, paths, fp32_metrics.pop("_logits"), val_y)
+        write_reports(reports_tmp / "fp32", fp32_metrics, paths, fp32_metrics.pop("_logits"), val_y)
         if int8_metrics is not None:
-            write_reports(reports / "int8", int8_metrics, paths, int8_metrics.pop("_logits"), val_y)
+            write_reports(reports_tmp / "int8", int8_metrics, paths, int8_metrics.pop("_logits"), val_y)
         if final_dir.exists():    # another export of this version finished first (os.replace: "not empty")
             raise FileExistsError(f"{final_dir}: bundle version already exists (written by another export while "
                                   "this one ran); pass another --version")
-        os.replace(tmp_dir, final_dir)
+        _publish(tmp_dir, final_dir, reports_tmp, run_dir / f"export-{version}")
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+        shutil.rmtree(reports_tmp, ignore_errors=True)
         raise
     log.info("bundle %s written", final_dir)
     return ExportResult(final_dir, manifest, fp32_metrics, int8_metrics)
+
+
+def _publish(tmp_dir: Path, final_dir: Path, reports_tmp: Path, reports: Path) -> None:
+    """The bundle into ``final_dir`` and its reports into the run's ``reports`` folder, both or neither.
+
+    The reports go in place first (those of an earlier export of this version set aside) and the bundle is renamed
+    last; when that rename fails (the version published by another export meanwhile, a models folder this user may
+    not write to) the new reports are taken back and the earlier ones put back: the run folder never shows reports
+    of an export that did not happen. The earlier reports are deleted only once the bundle is out."""
+    earlier = partial_dir(reports) if reports.exists() else None
+    if earlier is not None:
+        os.replace(reports, earlier)
+    try:
+        os.replace(reports_tmp, reports)
+        try:
+            os.replace(tmp_dir, final_dir)
+        except BaseException:
+            os.replace(reports, reports_tmp)     # removed by the caller with the rest of this export's work
+            raise
+    except BaseException:
+        if earlier is not None:
+            os.replace(earlier, reports)
+        raise
+    if earlier is not None:
+        shutil.rmtree(earlier, ignore_errors=True)
 
 
 def _refuse_concurrent_export(final_dir: Path, own: Path) -> None:
