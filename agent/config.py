@@ -323,7 +323,8 @@ class ModelConfig(_Strict):
                                description="Nice value the camera, decide and MQTT threads add to their own, so on a "
                                            "busy CPU the model's thread runs first; 0: all threads equal.")
     download_dir: Path = Field(Path("/tmp/agent-bundles"), title="Download folder",
-                               description="Where bundles named by a cmd/model URL are fetched to.")
+                               description="Where bundles named by a cmd/model URL are fetched to. Only the versions "
+                                           "cmd/model installed here (marked) are ever removed.")
 
     _paths_open = field_validator("bundle", "public_key", "download_dir")(_no_nul)
 
