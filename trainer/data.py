@@ -102,8 +102,8 @@ class Dataset:
         touched or copied. The images' digests are those drop_unreadable took while reading each image; only the
         images of a dataset loaded without that check are read again here."""
         digest = hashlib.sha256()
-        rows = sorted((_nfc(self.relative(s.path)), self.classes[s.label], s.digest or file_sha256(s.path))
-                      for s in self.samples)      # NFC: the path as load_split finds it after a Mac copy
+        rows = sorted((_nfc(self.relative(s.path)), _nfc(self.classes[s.label]), s.digest or file_sha256(s.path))
+                      for s in self.samples)      # NFC: path and class as load_split finds them after a Mac copy
         for rel, label, content in rows:
             digest.update(f"{rel}\t{label}\t{content}\n".encode())
         return FINGERPRINT_PREFIX + digest.hexdigest()
