@@ -34,7 +34,9 @@ removed before the next one starts, so it cannot keep every later update from fi
 A power cut at any step leaves the running bundle and the one before it whole: every file of a download is
 synced to disk before it is installed (one rename), so the state file never names a bundle whose bytes are still
 in the page cache; the running bundle sent again is not reinstalled over itself (its folder is never moved away);
-and an installed bundle that is cleaned up is first renamed to ``.old-*`` (removed by the next download or
+another bundle of the same name and version replaces the installed one in one step (``renameat2`` with
+``RENAME_EXCHANGE``; two renames, logged, where the file system refuses it), so ``<name>/<version>`` is never
+missing; and an installed bundle that is cleaned up is first renamed to ``.old-*`` (removed by the next download or
 clean-up), so a clean-up cut short never leaves a version folder that lost its manifest.json but kept its model.
 
 Only what cmd/model installed is ever removed: each version it installs carries ``INSTALLED_MARK`` (the sha256
@@ -51,6 +53,7 @@ file name is fetched as that file, and a path never names another host).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import http.client
 import json
@@ -96,6 +99,8 @@ DISK_RESERVE_BYTES = 128 << 20  # what a download leaves free on its disk for th
 INCOMING = ".incoming-"         # a download being verified: .incoming-<pid>-<version>-<random>
 INSTALLED_MARK = ".installed-by-cmd-model"  # in each version folder cmd/model installed: {"manifest_sha256": ...}
 INSTALLED_MARK_MAX_BYTES = 4096
+AT_FDCWD = -100                 # renameat2: paths relative to the working directory (absolute ones: as they are)
+RENAME_EXCHANGE = 2             # renameat2: swap two existing paths in one step (Linux 3.15+, glibc 2.28+)
 LEFT_ALONE_MAX = 4096           # folders whose "left alone" was logged (once each), remembered at most
 _left_alone: set[Path] = set()  # installed-looking folders prune_installed found that are not cmd/model's (logged)
 _left_alone_lock = threading.Lock()
@@ -591,9 +596,12 @@ def installed_by_cmd_model(folder: Path) -> bool:
 
 
 def install_bundle(incoming: Path, download_dir: Path, name: str, version: str) -> Path:
-    """Move a verified download to ``download_dir/<name>/<version>``, marked as cmd/model's (``mark_installed``),
-    replacing an older copy in one rename. A folder there that cmd/model did not install (a bundle copied by hand)
-    is never replaced: BundleError, and nothing is touched."""
+    """Move a verified download to ``download_dir/<name>/<version>``, marked as cmd/model's (``mark_installed``).
+    An older copy there (same name and version, other content) is swapped with it in one step (``_exchange``), so
+    at every instant the folder holds the old bundle or the new one whole; the old one then goes to ``.old-*`` and
+    is removed. Where the file system refuses the exchange it is two renames (logged: not atomic there). A folder
+    there that cmd/model did not install (a bundle copied by hand) is never replaced: BundleError, and nothing is
+    touched."""
     target = download_dir / name / version
     if (target.exists() or target.is_symlink()) and not installed_by_cmd_model(target):
         raise BundleError(f"{target}: holds a bundle cmd/model did not install (no {INSTALLED_MARK} for its "
@@ -604,20 +612,78 @@ def install_bundle(incoming: Path, download_dir: Path, name: str, version: str) 
     for folder in {incoming, *(p for p in incoming.rglob("*") if p.is_dir() and not p.is_symlink())}:
         fsync_dir(folder)       # its files' names on disk before it is installed (their bytes are: _download)
     old = None
-    if target.exists():
+    if target.exists() and _exchange(incoming, target):
+        fsync_dir(target.parent)    # the new bundle is at target, the old one at incoming's name: both on disk
+        fsync_dir(incoming.parent)
         old = _old_name(download_dir, f"{name}-{version}")
-        target.rename(old)
-    try:
-        incoming.rename(target)
-    except OSError:
-        if old is not None:     # the copy that was there goes back: an install that fails changes nothing
-            old.rename(target)
-        raise
+        try:
+            incoming.rename(old)    # the old copy on its way out (a power cut before: an .incoming-* leftover)
+        except OSError:
+            old = incoming
+    else:
+        if target.exists():     # no atomic exchange here: for an instant <name>/<version> is not there
+            old = _old_name(download_dir, f"{name}-{version}")
+            target.rename(old)
+        try:
+            incoming.rename(target)
+        except OSError:
+            if old is not None:     # the copy that was there goes back: an install that fails changes nothing
+                old.rename(target)
+            raise
     fsync_dir(target.parent)    # the rename survives a power cut before the state file names the bundle
     fsync_dir(download_dir)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def _load_renameat2() -> Callable[[bytes, bytes, int], int] | None:
+    """glibc's ``renameat2`` (2.28+), or None where the C library has none."""
+    try:
+        import ctypes
+
+        func = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    except (OSError, AttributeError, ImportError):
+        return None
+    if func is None:
+        return None
+    func.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+    func.restype = ctypes.c_int
+
+    def call(old: bytes, new: bytes, flags: int) -> int:
+        if func(AT_FDCWD, old, AT_FDCWD, new, flags) == 0:
+            return 0
+        return ctypes.get_errno() or errno.EIO
+
+    return call
+
+
+def _renameat2(old: Path, new: Path, flags: int) -> None:
+    """``renameat2(2)``: OSError with the call's errno (ENOSYS where the C library has no such call)."""
+    if _renameat2_call is None:
+        raise OSError(errno.ENOSYS, "renameat2 is not in this C library", str(old))
+    err = _renameat2_call(os.fsencode(old), os.fsencode(new), flags)
+    if err:
+        raise OSError(err, os.strerror(err), str(old), None, str(new))
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (``RENAME_EXCHANGE``): True when done; False, logged, where the kernel, the C
+    library or the file system does not offer it (ENOSYS, EINVAL, EOPNOTSUPP; nothing moved). Any other OSError is
+    raised, nothing moved."""
+    try:
+        _renameat2(a, b, RENAME_EXCHANGE)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+        log.warning("%s: replaced by two renames, not atomically (renameat2 RENAME_EXCHANGE refused: %s): a power "
+                    "cut between them leaves no folder there, and the next start runs the configured bundle",
+                    b, exc.strerror or exc)
+        return False
+    return True
+
+
+_renameat2_call = _load_renameat2()
 
 
 def _old_name(download_dir: Path, what: str) -> Path:

@@ -8,6 +8,7 @@ step it cuts (the process ends there: nothing after it runs) and then looks at w
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import json
@@ -159,6 +160,7 @@ def test_an_install_that_fails_puts_the_installed_copy_back(tmp_path, served, mo
         return real(self, target)
 
     monkeypatch.setattr(Path, "rename", rename)
+    monkeypatch.setattr(update, "_renameat2_call", lambda old, new, flags: errno.EINVAL)  # no exchange: two renames
     with pytest.raises(BundleError, match="cannot install the bundle"):
         verify_command_bundle(command(url), tmp_path / "downloads", None, deadline_s=30)
     # then: the copy that was installed is where it was, whole (before: left as .old-*, removed at the next download)
