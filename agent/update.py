@@ -73,6 +73,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 from urllib.parse import quote, unquote, urljoin, urlparse
 
+from contract import net
 from contract.bundle import (
     MANIFEST,
     MANIFEST_MAX_BYTES,
@@ -106,8 +107,7 @@ _left_alone: set[Path] = set()  # installed-looking folders prune_installed foun
 _left_alone_lock = threading.Lock()
 _fetching: set[Path] = set()    # this process's .incoming-* folders not yet installed or discarded
 _fetching_lock = threading.Lock()
-_resolving = 0                  # lookups left running past their deadline (_resolve), a thread each
-_resolving_lock = threading.Lock()
+_LOOKUPS = net.Lookups(RESOLVE_MAX_PENDING)     # lookups left running past their deadline (_resolve), a thread each
 # the station's own checks of a downloaded manifest (parsed, its URL), run before any artifact is fetched: raises
 # BundleError or ConfigError naming the URL and the field (e.g. labels that no longer cover the config's lanes)
 ManifestCheck = Callable[[dict[str, Any], str], None]
@@ -194,25 +194,8 @@ class _Cutoff:
         """``socket.create_connection`` (what http.client calls, for the URL's host or a proxy) within the deadline:
         http.client keeps the name it was given for the Host header, the TLS server name and the certificate check."""
         host, port = address
-        error: OSError | None = None
-        for family, kind, proto, _, addr in _resolve(host, port, self._deadline, self._url):
-            sock = socket.socket(family, kind, proto)
-            try:
-                left = self._deadline.left(self._url)
-                sock.settimeout(min(left, timeout) if isinstance(timeout, (int, float)) else left)
-                if source_address:
-                    sock.bind(source_address)
-                sock.connect(addr)
-                sock.settimeout(timeout if isinstance(timeout, (int, float)) else socket.getdefaulttimeout())
-                self._watch_copy(sock)
-                return sock
-            except OSError as exc:      # the next address (an IPv6 one that is unreachable, then IPv4)
-                error = exc
-                sock.close()
-            except BaseException:
-                sock.close()
-                raise
-        raise error or OSError(f"{host}: the name resolved to no address")
+        return net.connect_within(host, _resolve(host, port, self._deadline, self._url),
+                                  lambda: self._deadline.left(self._url), timeout, source_address, self._watch_copy)
 
     def _watch_copy(self, sock: socket.socket) -> None:
         """Watch the connection through a descriptor of our own: a shutdown acts on the connection itself, so it ends
@@ -249,46 +232,17 @@ class _Cutoff:
 
 
 def _resolve(host: str, port: int, deadline: _Deadline, url: str) -> list[tuple[Any, ...]]:
-    """``socket.getaddrinfo`` for ``host`` within the deadline. A lookup cannot be interrupted: it runs in a daemon
-    thread, left behind when the deadline passes first (it ends when the resolver gives up); while
-    ``RESOLVE_MAX_PENDING`` are left behind, a name is refused without a lookup. An IP address is read as one,
-    without a thread or a resolver."""
-    global _resolving
+    """``socket.getaddrinfo`` for ``host`` within the deadline (``contract.net.resolve_within``): a lookup left
+    behind when the deadline passes first ends when the resolver gives up; while ``RESOLVE_MAX_PENDING`` are left
+    behind, a name is refused without a lookup. An IP address is read as one, without a thread or a resolver."""
     try:
-        return socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST)
-    except (socket.gaierror, UnicodeError):
-        pass        # a name (or no valid one: the lookup below says so as urllib would)
-    wait = deadline.left(url)
-    with _resolving_lock:
-        if _resolving >= RESOLVE_MAX_PENDING:
-            raise BundleError(f"{url}: host {host!r} not looked up: {_resolving} earlier lookups still have no "
-                              "answer from the name resolver (an IP address in the URL does not need one)")
-    box: dict[str, Any] = {}
-
-    def lookup() -> None:
-        global _resolving
-        try:
-            found: Any = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
-        except BaseException as exc:        # gaierror, UnicodeError for a label too long, ...
-            found = exc
-        with _resolving_lock:
-            box["found"] = found
-            if box.get("left behind"):
-                _resolving -= 1
-
-    thread = threading.Thread(target=lookup, name=f"resolve {host[:60]}", daemon=True)
-    thread.start()
-    thread.join(wait)
-    with _resolving_lock:
-        if "found" not in box:          # still looking: the thread is left to end when the resolver gives up
-            box["left behind"] = True
-            _resolving += 1
-    if box.get("left behind"):
+        return net.resolve_within(host, port, deadline.left(url), _LOOKUPS)
+    except net.LookupBacklog as exc:
+        raise BundleError(f"{url}: host {host!r} not looked up: {exc} (an IP address in the URL does not need "
+                          "one)") from None
+    except net.LookupTimeout:
         raise BundleError(f"{url}: host {host!r} did not resolve in time: no answer from the name resolver within "
-                          f"the download's {deadline.seconds:g} s deadline")
-    if isinstance(box["found"], BaseException):
-        raise box["found"]
-    return box["found"]
+                          f"the download's {deadline.seconds:g} s deadline") from None
 
 
 def _shut_down(sock: socket.socket) -> None:

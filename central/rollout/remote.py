@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import unquote, urljoin, urlparse
 
 from central.rollout.publish import PUBLISHABLE
+from contract import net
 from contract.bundle import MANIFEST_MAX_BYTES, BundleError, parse_manifest
 from contract.events import GATE_FILE, RolloutError
 from contract.messages import loads_finite
@@ -168,55 +169,25 @@ def _connect(deadline: _Deadline, url: str, address: tuple[str, int], timeout: A
     moment it is made. http.client keeps the name it was given for the Host header, the TLS server name and the
     certificate check."""
     host, port = address
-    error: OSError | None = None
-    for family, kind, proto, _, addr in _lookup(host, port, deadline, url):
-        left = deadline.end - time.monotonic()
-        if left <= 0:
+
+    def left() -> float:
+        wait = deadline.end - time.monotonic()
+        if wait <= 0:
             raise deadline.error(url)
-        sock = socket.socket(family, kind, proto)
-        try:
-            sock.settimeout(min(left, timeout) if isinstance(timeout, (int, float)) else left)
-            if source_address:
-                sock.bind(source_address)
-            sock.connect(addr)
-            sock.settimeout(timeout if isinstance(timeout, (int, float)) else socket.getdefaulttimeout())
-            deadline.watch(sock)
-            return sock
-        except OSError as exc:      # the next address (an IPv6 one that is unreachable, then IPv4)
-            error = exc
-            sock.close()
-        except BaseException:
-            sock.close()
-            raise
-    raise error or OSError(f"{host}: the name resolved to no address")
+        return wait
+
+    return net.connect_within(host, _lookup(host, port, deadline, url), left, timeout, source_address,
+                              deadline.watch)
 
 
 def _lookup(host: str, port: int, deadline: _Deadline, url: str) -> list[tuple[Any, ...]]:
-    """``socket.getaddrinfo`` for ``host`` within ``deadline``. A lookup cannot be interrupted: it runs in a daemon
-    thread, left behind when the deadline passes first (it ends when the resolver gives up; a rollout makes a few
-    lookups at most). An IP address is read as one, without a thread or a resolver."""
+    """``socket.getaddrinfo`` for ``host`` within ``deadline`` (``contract.net.resolve_within``: a lookup left behind
+    ends when the resolver gives up; a rollout makes a few lookups at most). An IP address is read as one."""
     try:
-        return socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST)
-    except (socket.gaierror, UnicodeError):
-        pass        # a name (or no valid one: the lookup below says so as urllib would)
-    box: dict[str, Any] = {}
-
-    def lookup() -> None:
-        try:
-            box["found"] = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
-        except BaseException as exc:        # gaierror, UnicodeError for a label too long, ...
-            box["found"] = exc
-
-    thread = threading.Thread(target=lookup, name=f"resolve {host[:60]}", daemon=True)
-    thread.start()
-    thread.join(max(0.0, deadline.end - time.monotonic()))
-    found = box.get("found")
-    if found is None:
+        return net.resolve_within(host, port, deadline.end - time.monotonic())
+    except net.LookupTimeout:
         raise RolloutError(f"{url}: host {host!r} did not resolve in time: no answer from the name resolver within "
-                           f"{deadline.seconds:g} s")
-    if isinstance(found, BaseException):
-        raise found
-    return found
+                           f"{deadline.seconds:g} s") from None
 
 
 def _opener(deadline: _Deadline, url: str) -> urllib.request.OpenerDirector:

@@ -75,9 +75,9 @@ def resolver(monkeypatch):
     yield fake
     fake.answer.set()       # the lookups left behind end; the next test starts with none pending
     until = time.monotonic() + 30
-    while update._resolving and time.monotonic() < until:
+    while update._LOOKUPS.pending and time.monotonic() < until:
         time.sleep(0.05)
-    assert update._resolving == 0, "lookups still pending after the resolver answered"
+    assert update._LOOKUPS.pending == 0, "lookups still pending after the resolver answered"
 
 
 @pytest.fixture
@@ -182,14 +182,14 @@ def test_lookups_left_behind_are_bounded_and_ip_addresses_need_none(tmp_path, ht
     assert outcome is not None and isinstance(outcome[1], BundleError), outcome
     assert str(outcome[1]).startswith(f"http://{SITE}:{port}/onnx-tiny/v2/{MANIFEST}: host '{SITE}' not looked up: "
                                       f"{RESOLVE_MAX_PENDING} earlier lookups still have no answer"), str(outcome[1])
-    assert update._resolving == RESOLVE_MAX_PENDING
+    assert update._LOOKUPS.pending == RESOLVE_MAX_PENDING
     # and: a bundle named by an IP address needs no lookup and installs
     bundle = verify_command_bundle(command(f"{base}/onnx-tiny/v2/"), downloads, None, deadline_s=30)
     assert bundle.version == "v2"
     # and: once the resolver answers (and gives up on the dead name), named hosts are looked up again
     resolver.answer.set()
     until = time.monotonic() + 30
-    while update._resolving and time.monotonic() < until:
+    while update._LOOKUPS.pending and time.monotonic() < until:
         time.sleep(0.05)
     incoming = fetch_verified(command(f"http://{SITE}:{port}/onnx-tiny/v2/"), downloads, None, deadline_s=30)
     incoming.discard()
