@@ -113,7 +113,8 @@ def _split_samples(run_dir: Path, classes: list[str]) -> tuple[list, list]:
 
     Checked before any work: DatasetError naming the file when it cannot be read, is not a saved split (root,
     classes, train and val lists of [path, class index]) or has no validation image (the export evaluates and gates
-    on them); ValueError when its classes are not the checkpoint's."""
+    on them), or when its images are not the ones the run was trained and split with (its fingerprint:
+    ``_check_split_images``); ValueError when its classes are not the checkpoint's."""
     path = run_dir / "split.json"
     split = data_mod.read_split(path)
     try:
@@ -134,7 +135,37 @@ def _split_samples(run_dir: Path, classes: list[str]) -> tuple[list, list]:
         raise data_mod.DatasetError(f"{path}: no validation image; the export evaluates, gates and calibrates its "
                                     "thresholds on them")
     to_samples = lambda part: [data_mod.Sample(root / p, label, p in seen) for p, label in rows[part]]  # noqa: E731
-    return to_samples("train"), to_samples("val")
+    train, val = to_samples("train"), to_samples("val")
+    _check_split_images(path, root, classes, train + val, split.get("fingerprint"))
+    return train, val
+
+
+def _check_split_images(path: Path, root: Path, classes: list[str], samples: list, saved: object) -> None:
+    """The split's images must still be the ones the run was trained and split with (split.json's fingerprint,
+    ``Dataset.fingerprint``): an image replaced since by another under the same name would be calibrated on,
+    evaluated and gated on, and described by the bundle's figures, as if it were the run's. Read before any work
+    (each image's bytes hashed once); a split saved without a fingerprint (before 2026-12-07, or placed by a caller)
+    is not checked, one of a form this version does not know is only logged."""
+    if saved is None:
+        return
+    unique = list({s.path: s for s in samples}.values())     # the split's images, as save_split fingerprinted them
+    images = data_mod.Dataset(root, classes, unique, "split")
+    try:
+        matches = images.matches_fingerprint(saved)
+    except OSError as exc:
+        name = data_mod.shown(images.relative(Path(exc.filename))) if exc.filename else "an image"
+        raise data_mod.DatasetError(
+            f"{path}: cannot read {name} of this run's split in {root} ({exc.strerror or exc}); restore the "
+            f"images the run was trained with, or re-train") from exc
+    if matches is None:
+        log.warning("%s: fingerprint %r is of a form this version does not read; the images are not checked",
+                    path, data_mod.shown(str(saved))[:80])
+    elif not matches:
+        raise data_mod.DatasetError(
+            f"{path}: the {len(unique)} images of this run's split are not all the images it was trained and split "
+            f"with: an image in {root} was replaced since the run (the fingerprint differs), so the bundle's "
+            f"calibration, figures and gates would describe other images; restore them, or re-train on the images "
+            f"as they are")
 
 
 def _data_report(run_dir: Path) -> dict:
