@@ -283,6 +283,11 @@ class FrameStore:
             raise StoreError(f"{db}: not a readable frame store index ({exc}); nothing was changed in it") from None
         try:
             self._check_columns(db)
+            # a damaged page may answer some queries with nothing rather than an error (the writable open reads
+            # every row as it reconciles and so meets it); SQLite's quick check reads every page once
+            checked = self._db.execute("PRAGMA quick_check(1)").fetchone()
+            if checked is None or checked[0] != "ok":
+                raise sqlite3.DatabaseError(f"quick_check: {checked[0] if checked else 'no answer'}")
             self._read_quota()
         except sqlite3.DatabaseError as exc:
             self._db.close()
