@@ -22,43 +22,10 @@ from typing import Any, Callable
 
 import pytest
 from rollout_support import promote, tiny_versions
-from test_update_dns import SlowConnectProxy
+from test_update_dns import DEAD, SITE, Resolver, SlowConnectProxy
 
 from central.rollout import BundleServer, RolloutError, publish_bundle, resolve_bundle
 from central.rollout import remote as remote_module
-
-SITE = "bundles.site.test"      # a name only the fake resolver knows (.test is never a real domain)
-DEAD = "bundles.dead.test"      # a name the fake resolver never answers for
-
-
-class Resolver:
-    """The host's resolver as a test sets it up (see the module docstring)."""
-
-    def __init__(self) -> None:
-        self.real = socket.getaddrinfo
-        self.names: dict[str, list[str]] = {SITE: ["127.0.0.1"]}
-        self.answer = threading.Event()     # set: the dead name fails at last (EAI_AGAIN), as a resolver gives up
-        self.asked: list[str] = []          # the names looked up
-
-    def getaddrinfo(self, host: Any, port: Any, family: int = 0, type: int = 0, proto: int = 0,
-                    flags: int = 0) -> list:
-        if flags & socket.AI_NUMERICHOST or host == "localhost" or _is_ip(host):
-            return self.real(host, port, family, type, proto, flags)
-        self.asked.append(host)
-        if host in self.names:
-            return [found for address in self.names[host]
-                    for found in self.real(address, port, family, type, proto, flags | socket.AI_NUMERICHOST)]
-        if host == DEAD:
-            self.answer.wait()
-        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
-
-
-def _is_ip(host: Any) -> bool:
-    try:
-        socket.inet_pton(socket.AF_INET6 if ":" in str(host) else socket.AF_INET, str(host).split("%")[0])
-        return True
-    except OSError:
-        return False
 
 
 @pytest.fixture
